@@ -1,0 +1,495 @@
+//! `google.pubsub.v1` Publisher and Subscriber over gRPC.
+//!
+//! [`PubSub`] holds the logic on protobuf types; the tonic traits below and
+//! the REST transcoder in `rest.rs` both call it, so the two surfaces cannot
+//! drift apart.
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::Stream;
+use pubrun_broker::{Broker, Delivered, SubscriptionUpdate, TopicUpdate};
+use pubrun_core::{
+    Error, OutgoingMessage, ProjectName, Result, SubscriptionConfig, SubscriptionName, TopicConfig, TopicName,
+};
+use tokio::sync::{mpsc, watch};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::pb;
+use crate::pubsub_server::{publisher_server, subscriber_server};
+use crate::status::to_status;
+
+/// Longest a unary Pull waits for a first message before answering empty.
+const PULL_WAIT: Duration = Duration::from_secs(5);
+/// Most messages sent in one StreamingPullResponse.
+const STREAM_BATCH: usize = 1000;
+
+#[derive(Clone)]
+pub struct PubSub {
+    pub broker: Arc<Broker>,
+    /// Flips to true on server shutdown so that long-lived streams end.
+    pub shutdown: watch::Receiver<bool>,
+}
+
+fn hash_to_btree(m: std::collections::HashMap<String, String>) -> BTreeMap<String, String> {
+    m.into_iter().collect()
+}
+
+fn unsupported(what: &str) -> Error {
+    Error::invalid(format!("{what} is not supported by this pubrun version; leave it unset"))
+}
+
+pub fn topic_to_pb(t: &TopicConfig) -> pb::Topic {
+    pb::Topic {
+        name: t.name.clone(),
+        labels: t.labels.clone().into_iter().collect(),
+        state: pb::topic::State::Active as i32,
+        ..Default::default()
+    }
+}
+
+pub fn topic_from_pb(t: pb::Topic) -> Result<TopicConfig> {
+    if t.message_retention_duration.is_some() {
+        return Err(unsupported("message_retention_duration"));
+    }
+    if t.schema_settings.is_some() {
+        return Err(unsupported("schema_settings"));
+    }
+    if !t.kms_key_name.is_empty() {
+        return Err(unsupported("kms_key_name"));
+    }
+    Ok(TopicConfig { name: t.name, labels: hash_to_btree(t.labels) })
+}
+
+pub fn sub_to_pb(s: &SubscriptionConfig) -> pb::Subscription {
+    pb::Subscription {
+        name: s.name.clone(),
+        topic: s.topic.clone(),
+        ack_deadline_seconds: s.ack_deadline_seconds,
+        labels: s.labels.clone().into_iter().collect(),
+        // Google's defaults, reported so clients that read them see real values.
+        message_retention_duration: Some(prost_types::Duration { seconds: 7 * 24 * 3600, nanos: 0 }),
+        state: pb::subscription::State::Active as i32,
+        ..Default::default()
+    }
+}
+
+pub fn sub_from_pb(s: pb::Subscription) -> Result<SubscriptionConfig> {
+    if s.push_config.as_ref().is_some_and(|p| !p.push_endpoint.is_empty()) {
+        return Err(unsupported("push_config.push_endpoint (push delivery)"));
+    }
+    if !s.filter.is_empty() {
+        return Err(unsupported("filter"));
+    }
+    if s.dead_letter_policy.is_some() {
+        return Err(unsupported("dead_letter_policy"));
+    }
+    if s.retry_policy.is_some() {
+        return Err(unsupported("retry_policy"));
+    }
+    if s.enable_message_ordering {
+        return Err(unsupported("enable_message_ordering"));
+    }
+    if s.enable_exactly_once_delivery {
+        return Err(unsupported("enable_exactly_once_delivery"));
+    }
+    if s.bigquery_config.is_some() || s.cloud_storage_config.is_some() {
+        return Err(unsupported("export subscriptions (bigquery_config / cloud_storage_config)"));
+    }
+    Ok(SubscriptionConfig {
+        name: s.name,
+        topic: s.topic,
+        labels: hash_to_btree(s.labels),
+        ack_deadline_seconds: s.ack_deadline_seconds,
+    })
+}
+
+fn timestamp(nanos: i64) -> prost_types::Timestamp {
+    prost_types::Timestamp { seconds: nanos.div_euclid(1_000_000_000), nanos: nanos.rem_euclid(1_000_000_000) as i32 }
+}
+
+pub fn received_to_pb(d: Delivered) -> pb::ReceivedMessage {
+    let m = &d.message;
+    pb::ReceivedMessage {
+        ack_id: d.ack_id,
+        message: Some(pb::PubsubMessage {
+            data: m.data.clone(),
+            attributes: m.attributes.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            message_id: m.id(),
+            publish_time: Some(timestamp(m.publish_time_nanos)),
+            ordering_key: m.ordering_key.clone(),
+        }),
+        // Google sets delivery_attempt only with a dead-letter policy.
+        delivery_attempt: 0,
+    }
+}
+
+fn mask_paths(mask: Option<prost_types::FieldMask>) -> Result<Vec<String>> {
+    let paths = mask.map(|m| m.paths).unwrap_or_default();
+    if paths.is_empty() {
+        return Err(Error::invalid("update_mask must name at least one field to update"));
+    }
+    Ok(paths)
+}
+
+impl PubSub {
+    pub fn new(broker: Arc<Broker>, shutdown: watch::Receiver<bool>) -> Self {
+        PubSub { broker, shutdown }
+    }
+
+    pub async fn create_topic(&self, t: pb::Topic) -> Result<pb::Topic> {
+        TopicName::parse(&t.name)?;
+        let created = self.broker.create_topic(topic_from_pb(t)?).await?;
+        Ok(topic_to_pb(&created))
+    }
+
+    pub async fn update_topic(&self, r: pb::UpdateTopicRequest) -> Result<pb::Topic> {
+        let topic = r.topic.ok_or_else(|| Error::invalid("topic must be set"))?;
+        let name = TopicName::parse(&topic.name)?;
+        let mut update = TopicUpdate::default();
+        for path in mask_paths(r.update_mask)? {
+            match path.as_str() {
+                "labels" => update.labels = Some(hash_to_btree(topic.labels.clone())),
+                other => return Err(Error::invalid(format!("cannot update field \"{other}\" of a topic; supported: labels"))),
+            }
+        }
+        Ok(topic_to_pb(&self.broker.update_topic(&name, update).await?))
+    }
+
+    pub async fn publish(&self, r: pb::PublishRequest) -> Result<pb::PublishResponse> {
+        let name = TopicName::parse(&r.topic)?;
+        let messages = r
+            .messages
+            .into_iter()
+            .map(|m| OutgoingMessage { data: m.data, attributes: hash_to_btree(m.attributes), ordering_key: m.ordering_key })
+            .collect();
+        let message_ids = self.broker.publish(&name, messages).await?;
+        Ok(pb::PublishResponse { message_ids })
+    }
+
+    pub fn get_topic(&self, r: pb::GetTopicRequest) -> Result<pb::Topic> {
+        Ok(topic_to_pb(&self.broker.get_topic(&TopicName::parse(&r.topic)?)?))
+    }
+
+    pub fn list_topics(&self, r: pb::ListTopicsRequest) -> Result<pb::ListTopicsResponse> {
+        let page = self.broker.list_topics(&ProjectName::parse(&r.project)?, r.page_size, &r.page_token)?;
+        Ok(pb::ListTopicsResponse { topics: page.items.iter().map(topic_to_pb).collect(), next_page_token: page.next_page_token })
+    }
+
+    pub fn list_topic_subscriptions(&self, r: pb::ListTopicSubscriptionsRequest) -> Result<pb::ListTopicSubscriptionsResponse> {
+        let page = self.broker.list_topic_subscriptions(&TopicName::parse(&r.topic)?, r.page_size, &r.page_token)?;
+        Ok(pb::ListTopicSubscriptionsResponse { subscriptions: page.items, next_page_token: page.next_page_token })
+    }
+
+    pub async fn delete_topic(&self, r: pb::DeleteTopicRequest) -> Result<()> {
+        self.broker.delete_topic(&TopicName::parse(&r.topic)?).await
+    }
+
+    pub async fn create_subscription(&self, s: pb::Subscription) -> Result<pb::Subscription> {
+        SubscriptionName::parse(&s.name)?;
+        let created = self.broker.create_subscription(sub_from_pb(s)?).await?;
+        Ok(sub_to_pb(&created))
+    }
+
+    pub fn get_subscription(&self, r: pb::GetSubscriptionRequest) -> Result<pb::Subscription> {
+        Ok(sub_to_pb(&self.broker.get_subscription(&SubscriptionName::parse(&r.subscription)?)?))
+    }
+
+    pub async fn update_subscription(&self, r: pb::UpdateSubscriptionRequest) -> Result<pb::Subscription> {
+        let sub = r.subscription.ok_or_else(|| Error::invalid("subscription must be set"))?;
+        let name = SubscriptionName::parse(&sub.name)?;
+        let mut update = SubscriptionUpdate::default();
+        for path in mask_paths(r.update_mask)? {
+            match path.as_str() {
+                "ack_deadline_seconds" => update.ack_deadline_seconds = Some(sub.ack_deadline_seconds),
+                "labels" => update.labels = Some(hash_to_btree(sub.labels.clone())),
+                other => {
+                    return Err(Error::invalid(format!(
+                        "cannot update field \"{other}\" of a subscription; supported: ack_deadline_seconds, labels"
+                    )))
+                }
+            }
+        }
+        Ok(sub_to_pb(&self.broker.update_subscription(&name, update).await?))
+    }
+
+    pub fn list_subscriptions(&self, r: pb::ListSubscriptionsRequest) -> Result<pb::ListSubscriptionsResponse> {
+        let page = self.broker.list_subscriptions(&ProjectName::parse(&r.project)?, r.page_size, &r.page_token)?;
+        Ok(pb::ListSubscriptionsResponse {
+            subscriptions: page.items.iter().map(sub_to_pb).collect(),
+            next_page_token: page.next_page_token,
+        })
+    }
+
+    pub async fn delete_subscription(&self, r: pb::DeleteSubscriptionRequest) -> Result<()> {
+        self.broker.delete_subscription(&SubscriptionName::parse(&r.subscription)?).await
+    }
+
+    pub fn modify_ack_deadline(&self, r: pb::ModifyAckDeadlineRequest) -> Result<()> {
+        self.broker.modify_ack_deadline(&SubscriptionName::parse(&r.subscription)?, &r.ack_ids, r.ack_deadline_seconds)
+    }
+
+    pub async fn acknowledge(&self, r: pb::AcknowledgeRequest) -> Result<()> {
+        self.broker.acknowledge(&SubscriptionName::parse(&r.subscription)?, &r.ack_ids).await
+    }
+
+    /// `client_deadline` is what is left of the caller's gRPC timeout.
+    #[allow(deprecated)]
+    pub async fn pull(&self, r: pb::PullRequest, client_deadline: Option<Duration>) -> Result<pb::PullResponse> {
+        let name = SubscriptionName::parse(&r.subscription)?;
+        let wait = if r.return_immediately {
+            None
+        } else {
+            // Answer (possibly empty) a little before the caller gives up.
+            let cap = client_deadline.map(|d| d.saturating_sub(d / 10)).unwrap_or(PULL_WAIT);
+            Some(cap.min(PULL_WAIT))
+        };
+        let got = self.broker.pull(&name, r.max_messages, wait).await?;
+        Ok(pb::PullResponse { received_messages: got.into_iter().map(received_to_pb).collect() })
+    }
+}
+
+/// Parses gRPC's `grpc-timeout` header (e.g. `9999990u`).
+fn grpc_timeout<T>(req: &Request<T>) -> Option<Duration> {
+    let v = req.metadata().get("grpc-timeout")?.to_str().ok()?;
+    let (num, unit) = v.split_at(v.len().checked_sub(1)?);
+    let n: u64 = num.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+type GrpcResult<T> = std::result::Result<Response<T>, Status>;
+
+fn reply<T>(r: Result<T>) -> GrpcResult<T> {
+    r.map(Response::new).map_err(to_status)
+}
+
+fn snapshots_unimplemented() -> Status {
+    Status::unimplemented("snapshots and seek are not supported by this pubrun version")
+}
+
+#[tonic::async_trait]
+impl publisher_server::Publisher for PubSub {
+    async fn create_topic(&self, r: Request<pb::Topic>) -> GrpcResult<pb::Topic> {
+        reply(PubSub::create_topic(self, r.into_inner()).await)
+    }
+    async fn update_topic(&self, r: Request<pb::UpdateTopicRequest>) -> GrpcResult<pb::Topic> {
+        reply(PubSub::update_topic(self, r.into_inner()).await)
+    }
+    async fn publish(&self, r: Request<pb::PublishRequest>) -> GrpcResult<pb::PublishResponse> {
+        reply(PubSub::publish(self, r.into_inner()).await)
+    }
+    async fn get_topic(&self, r: Request<pb::GetTopicRequest>) -> GrpcResult<pb::Topic> {
+        reply(PubSub::get_topic(self, r.into_inner()))
+    }
+    async fn list_topics(&self, r: Request<pb::ListTopicsRequest>) -> GrpcResult<pb::ListTopicsResponse> {
+        reply(PubSub::list_topics(self, r.into_inner()))
+    }
+    async fn list_topic_subscriptions(
+        &self,
+        r: Request<pb::ListTopicSubscriptionsRequest>,
+    ) -> GrpcResult<pb::ListTopicSubscriptionsResponse> {
+        reply(PubSub::list_topic_subscriptions(self, r.into_inner()))
+    }
+    async fn list_topic_snapshots(
+        &self,
+        r: Request<pb::ListTopicSnapshotsRequest>,
+    ) -> GrpcResult<pb::ListTopicSnapshotsResponse> {
+        // No snapshots exist in this version; the topic must still exist.
+        let name = TopicName::parse(&r.get_ref().topic).map_err(to_status)?;
+        self.broker.get_topic(&name).map_err(to_status)?;
+        Ok(Response::new(pb::ListTopicSnapshotsResponse::default()))
+    }
+    async fn delete_topic(&self, r: Request<pb::DeleteTopicRequest>) -> GrpcResult<()> {
+        reply(PubSub::delete_topic(self, r.into_inner()).await)
+    }
+    async fn detach_subscription(
+        &self,
+        _r: Request<pb::DetachSubscriptionRequest>,
+    ) -> GrpcResult<pb::DetachSubscriptionResponse> {
+        Err(Status::unimplemented("DetachSubscription is not supported by this pubrun version"))
+    }
+}
+
+#[tonic::async_trait]
+impl subscriber_server::Subscriber for PubSub {
+    async fn create_subscription(&self, r: Request<pb::Subscription>) -> GrpcResult<pb::Subscription> {
+        reply(PubSub::create_subscription(self, r.into_inner()).await)
+    }
+    async fn get_subscription(&self, r: Request<pb::GetSubscriptionRequest>) -> GrpcResult<pb::Subscription> {
+        reply(PubSub::get_subscription(self, r.into_inner()))
+    }
+    async fn update_subscription(&self, r: Request<pb::UpdateSubscriptionRequest>) -> GrpcResult<pb::Subscription> {
+        reply(PubSub::update_subscription(self, r.into_inner()).await)
+    }
+    async fn list_subscriptions(&self, r: Request<pb::ListSubscriptionsRequest>) -> GrpcResult<pb::ListSubscriptionsResponse> {
+        reply(PubSub::list_subscriptions(self, r.into_inner()))
+    }
+    async fn delete_subscription(&self, r: Request<pb::DeleteSubscriptionRequest>) -> GrpcResult<()> {
+        reply(PubSub::delete_subscription(self, r.into_inner()).await)
+    }
+    async fn modify_ack_deadline(&self, r: Request<pb::ModifyAckDeadlineRequest>) -> GrpcResult<()> {
+        reply(PubSub::modify_ack_deadline(self, r.into_inner()))
+    }
+    async fn acknowledge(&self, r: Request<pb::AcknowledgeRequest>) -> GrpcResult<()> {
+        reply(PubSub::acknowledge(self, r.into_inner()).await)
+    }
+    async fn pull(&self, r: Request<pb::PullRequest>) -> GrpcResult<pb::PullResponse> {
+        let deadline = grpc_timeout(&r);
+        reply(PubSub::pull(self, r.into_inner(), deadline).await)
+    }
+
+    type StreamingPullStream = Pin<Box<dyn Stream<Item = std::result::Result<pb::StreamingPullResponse, Status>> + Send>>;
+
+    async fn streaming_pull(
+        &self,
+        r: Request<Streaming<pb::StreamingPullRequest>>,
+    ) -> GrpcResult<Self::StreamingPullStream> {
+        let mut input = r.into_inner();
+        let first = match input.message().await? {
+            Some(m) => m,
+            None => return Err(Status::invalid_argument("the first StreamingPullRequest must name a subscription")),
+        };
+        let name = SubscriptionName::parse(&first.subscription).map_err(to_status)?;
+        if !(0..=600).contains(&first.stream_ack_deadline_seconds) || (1..10).contains(&first.stream_ack_deadline_seconds) {
+            return Err(Status::invalid_argument(format!(
+                "stream_ack_deadline_seconds is {}; it must be between 10 and 600",
+                first.stream_ack_deadline_seconds
+            )));
+        }
+        let handle = self
+            .broker
+            .open_stream(&name, first.stream_ack_deadline_seconds, first.max_outstanding_messages, first.max_outstanding_bytes)
+            .map_err(to_status)?;
+        let (tx, rx) = mpsc::channel(4);
+        let this = self.clone();
+        tokio::spawn(async move { run_stream(this, handle, first, input, tx).await });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+
+    async fn modify_push_config(&self, _r: Request<pb::ModifyPushConfigRequest>) -> GrpcResult<()> {
+        Err(Status::unimplemented("push delivery is not supported by this pubrun version"))
+    }
+    async fn get_snapshot(&self, _r: Request<pb::GetSnapshotRequest>) -> GrpcResult<pb::Snapshot> {
+        Err(snapshots_unimplemented())
+    }
+    async fn list_snapshots(&self, _r: Request<pb::ListSnapshotsRequest>) -> GrpcResult<pb::ListSnapshotsResponse> {
+        Err(snapshots_unimplemented())
+    }
+    async fn create_snapshot(&self, _r: Request<pb::CreateSnapshotRequest>) -> GrpcResult<pb::Snapshot> {
+        Err(snapshots_unimplemented())
+    }
+    async fn update_snapshot(&self, _r: Request<pb::UpdateSnapshotRequest>) -> GrpcResult<pb::Snapshot> {
+        Err(snapshots_unimplemented())
+    }
+    async fn delete_snapshot(&self, _r: Request<pb::DeleteSnapshotRequest>) -> GrpcResult<()> {
+        Err(snapshots_unimplemented())
+    }
+    async fn seek(&self, _r: Request<pb::SeekRequest>) -> GrpcResult<pb::SeekResponse> {
+        Err(snapshots_unimplemented())
+    }
+}
+
+/// Applies the ack / modack parts of one StreamingPullRequest.
+async fn apply_stream_request(ps: &PubSub, sub: &SubscriptionName, req: &pb::StreamingPullRequest) -> Result<()> {
+    if req.modify_deadline_seconds.len() != req.modify_deadline_ack_ids.len() {
+        return Err(Error::invalid("modify_deadline_seconds and modify_deadline_ack_ids must have the same length"));
+    }
+    if !req.ack_ids.is_empty() {
+        ps.broker.acknowledge(sub, &req.ack_ids).await?;
+    }
+    // Group ack ids by deadline so each distinct deadline is one call.
+    let mut by_deadline: BTreeMap<i32, Vec<String>> = BTreeMap::new();
+    for (secs, id) in req.modify_deadline_seconds.iter().zip(&req.modify_deadline_ack_ids) {
+        by_deadline.entry(*secs).or_default().push(id.clone());
+    }
+    for (secs, ids) in by_deadline {
+        ps.broker.modify_ack_deadline(sub, &ids, secs)?;
+    }
+    Ok(())
+}
+
+/// Drives one StreamingPull: a reader applies acks and modacks as they come,
+/// the writer sends messages whenever the flow-control quota has room.
+async fn run_stream(
+    ps: PubSub,
+    mut handle: pubrun_broker::StreamHandle,
+    first: pb::StreamingPullRequest,
+    mut input: Streaming<pb::StreamingPullRequest>,
+    tx: mpsc::Sender<std::result::Result<pb::StreamingPullResponse, Status>>,
+) {
+    let sub = handle.subscription().clone();
+    if let Err(e) = apply_stream_request(&ps, &sub, &first).await {
+        let _ = tx.send(Err(to_status(e))).await;
+        return;
+    }
+    let mut shutdown = ps.shutdown.clone();
+    let (req_tx, mut req_rx) = mpsc::channel::<pb::StreamingPullRequest>(16);
+    // Reading is its own task so that a slow ack never stalls delivery.
+    let reader = tokio::spawn(async move {
+        loop {
+            match input.message().await {
+                Ok(Some(m)) => {
+                    if req_tx.send(m).await.is_err() {
+                        break;
+                    }
+                }
+                Ok(None) | Err(_) => break,
+            }
+        }
+    });
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.changed() => {
+                let _ = tx.send(Err(Status::unavailable("server is shutting down; reconnect"))).await;
+                break;
+            }
+            _ = tx.closed() => break,
+            req = req_rx.recv() => {
+                let Some(req) = req else { break };
+                if req.stream_ack_deadline_seconds != 0 {
+                    if let Err(e) = handle.set_ack_deadline(req.stream_ack_deadline_seconds) {
+                        let _ = tx.send(Err(to_status(e))).await;
+                        break;
+                    }
+                }
+                if let Err(e) = apply_stream_request(&ps, &sub, &req).await {
+                    let _ = tx.send(Err(to_status(e))).await;
+                    break;
+                }
+            }
+            got = handle.next(STREAM_BATCH) => {
+                match got {
+                    Ok(msgs) => {
+                        let resp = pb::StreamingPullResponse {
+                            received_messages: msgs.into_iter().map(received_to_pb).collect(),
+                            subscription_properties: Some(pb::streaming_pull_response::SubscriptionProperties {
+                                exactly_once_delivery_enabled: false,
+                                message_ordering_enabled: false,
+                            }),
+                            ..Default::default()
+                        };
+                        if tx.send(Ok(resp)).await.is_err() {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(to_status(e))).await;
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    reader.abort();
+}

@@ -1,0 +1,121 @@
+//! Serving: one listener, gRPC and HTTP/1.1 multiplexed, auth, health,
+//! graceful shutdown.
+
+use std::future::{Future, IntoFuture};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use pubrun_broker::Broker;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::grpc::PubSub;
+use crate::pubsub_server::{publisher_server::PublisherServer, subscriber_server::SubscriberServer};
+
+/// gRPC and REST bodies may carry a 10 MB publish plus framing / base64.
+const MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
+/// How long shutdown waits for open connections before giving up on them.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Clone, Default)]
+pub struct ServeOptions {
+    /// When set, every request except `/healthz` must carry `Authorization: Bearer <token>`.
+    pub token: Option<String>,
+}
+
+/// Builds the single router that answers both protocols.
+pub fn router(broker: Arc<Broker>, opts: &ServeOptions, shutdown: watch::Receiver<bool>) -> Router {
+    let pubsub = PubSub::new(broker, shutdown);
+    let grpc = tonic::service::Routes::new(
+        PublisherServer::new(pubsub.clone()).max_decoding_message_size(MAX_BODY_BYTES),
+    )
+    .add_service(SubscriberServer::new(pubsub.clone()).max_decoding_message_size(MAX_BODY_BYTES))
+    .into_axum_router();
+    let app = grpc
+        .merge(crate::rest::router(pubsub))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES));
+    let app = match &opts.token {
+        Some(t) => app.layer(axum::middleware::from_fn_with_state(Arc::new(t.clone()), require_token)),
+        None => app,
+    };
+    // Health is outside the auth layer: load balancers and `pubrun` itself probe it.
+    app.route("/healthz", get(|| async { "ok\n" }))
+}
+
+async fn require_token(State(token): State<Arc<String>>, req: Request, next: Next) -> Response {
+    let ok = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|given| constant_time_eq(given.as_bytes(), token.as_bytes()));
+    if ok {
+        return next.run(req).await;
+    }
+    let is_grpc = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    let msg = "missing or wrong bearer token: send Authorization: Bearer <token> (the server's --token / PUBRUN_TOKEN)";
+    if is_grpc {
+        // gRPC clients read the status from trailers-only responses.
+        let mut resp = StatusCode::OK.into_response();
+        let h = resp.headers_mut();
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        h.insert("grpc-status", HeaderValue::from(tonic::Code::Unauthenticated as i32));
+        h.insert("grpc-message", HeaderValue::from_str(&msg.replace(' ', "%20")).unwrap());
+        return resp;
+    }
+    crate::status::HttpError(pubrun_core::Error::new(pubrun_core::Code::Unauthenticated, msg)).into_response()
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Serves until `signal` resolves, then stops accepting, ends streams and
+/// drains open connections for a bounded time.
+pub async fn serve(
+    listener: TcpListener,
+    broker: Arc<Broker>,
+    opts: ServeOptions,
+    signal: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let app = router(broker.clone(), &opts, stop_rx);
+    let maintenance = broker.spawn_maintenance();
+    let (fired_tx, fired_rx) = tokio::sync::oneshot::channel::<()>();
+    let stop_tx = Arc::new(stop_tx);
+    let stopper = stop_tx.clone();
+    let on_signal = async move {
+        signal.await;
+        tracing::info!("shutting down: no new connections, ending streams");
+        let _ = stopper.send(true);
+        let _ = fired_tx.send(());
+    };
+    let server = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+        .with_graceful_shutdown(on_signal)
+        .into_future();
+    tokio::pin!(server);
+    tokio::select! {
+        r = &mut server => r?,
+        _ = async {
+            match fired_rx.await {
+                Ok(()) => tokio::time::sleep(DRAIN_TIMEOUT).await,
+                Err(_) => std::future::pending().await,
+            }
+        } => {
+            tracing::warn!("connections still open after {DRAIN_TIMEOUT:?}; closing them");
+        }
+    }
+    drop(stop_tx);
+    maintenance.abort();
+    Ok(())
+}

@@ -1,0 +1,95 @@
+//! Options shared by every client command and the value parsers behind them.
+
+/// Where the server is, how to authenticate, which project, which output.
+#[derive(clap::Args, Debug, Clone)]
+#[command(next_help_heading = "Connection and output")]
+pub struct ConnArgs {
+    /// Server address: http://HOST:PORT or just HOST:PORT.
+    #[arg(long, env = "PUBRUN_ADDR", default_value = "http://127.0.0.1:8085", value_parser = parse_addr)]
+    pub addr: String,
+    /// Bearer token, when the server was started with --token.
+    #[arg(long, env = "PUBRUN_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Project that short topic and subscription ids belong to.
+    #[arg(long, env = "PUBRUN_PROJECT", default_value = "demo", value_parser = parse_project)]
+    pub project: String,
+    /// Print the server's JSON response (pretty) instead of the human view.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Accepts `http://host:port[/prefix]` or `host:port`; returns the base URL
+/// without a trailing slash.
+pub fn parse_addr(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    if s.is_empty() {
+        return Err("the address is empty; expected HOST:PORT or http://HOST:PORT".into());
+    }
+    let full = if s.contains("://") { s.to_string() } else { format!("http://{s}") };
+    let url = reqwest::Url::parse(&full)
+        .map_err(|e| format!("`{s}` is not a valid address ({e}); expected HOST:PORT or http://HOST:PORT"))?;
+    match url.scheme() {
+        "http" => {}
+        "https" => {
+            return Err(format!(
+                "`{s}`: https is not supported by this pubrun client yet; use http://HOST:PORT"
+            ))
+        }
+        other => return Err(format!("`{s}`: unsupported scheme `{other}`; expected http://HOST:PORT")),
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(format!("`{s}` has no host; expected HOST:PORT or http://HOST:PORT"));
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(format!("`{s}` must not contain a query or fragment"));
+    }
+    Ok(full.trim_end_matches('/').to_string())
+}
+
+pub fn parse_project(s: &str) -> Result<String, String> {
+    let id = s.strip_prefix("projects/").unwrap_or(s);
+    pubrun_core::ProjectName::from_id(id).map_err(|e| e.message.to_string())?;
+    Ok(id.to_string())
+}
+
+/// `KEY=VALUE` for --attr and --label. The value may contain `=` and be empty.
+pub fn parse_key_value(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some(("", _)) => Err(format!("`{s}` has an empty key; expected KEY=VALUE, e.g. color=red")),
+        Some((k, v)) => Ok((k.to_string(), v.to_string())),
+        None => Err(format!("`{s}` has no '='; expected KEY=VALUE, e.g. color=red")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addr_accepts_host_port_and_urls() {
+        assert_eq!(parse_addr("127.0.0.1:8085").unwrap(), "http://127.0.0.1:8085");
+        assert_eq!(parse_addr("localhost:9").unwrap(), "http://localhost:9");
+        assert_eq!(parse_addr("http://h:1/").unwrap(), "http://h:1");
+        assert_eq!(parse_addr("http://h:1/pre/").unwrap(), "http://h:1/pre");
+        assert!(parse_addr("https://h:1").unwrap_err().contains("https"));
+        assert!(parse_addr("ftp://h:1").is_err());
+        assert!(parse_addr("").is_err());
+        assert!(parse_addr("h:notaport").is_err());
+    }
+
+    #[test]
+    fn key_value() {
+        assert_eq!(parse_key_value("a=b=c").unwrap(), ("a".into(), "b=c".into()));
+        assert_eq!(parse_key_value("a=").unwrap(), ("a".into(), "".into()));
+        assert!(parse_key_value("nokey").unwrap_err().contains("`nokey`"));
+        assert!(parse_key_value("=v").is_err());
+    }
+
+    #[test]
+    fn project() {
+        assert_eq!(parse_project("demo").unwrap(), "demo");
+        assert_eq!(parse_project("projects/p1").unwrap(), "p1");
+        assert!(parse_project("a/b").is_err());
+        assert!(parse_project("").is_err());
+    }
+}

@@ -1,0 +1,167 @@
+//! `kill -9` under publish load: every acknowledged publish survives, and no
+//! acknowledged ack comes back. Drives the real binary over gRPC.
+
+use std::collections::{HashMap, HashSet};
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use googleapis_tonic_google_pubsub_v1::google::pubsub::v1 as pb;
+use pb::publisher_client::PublisherClient;
+use pb::subscriber_client::SubscriberClient;
+use tonic::transport::Channel;
+
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+async fn start(data: &Path) -> (Server, Channel) {
+    let port = free_port();
+    let child = Command::new(env!("CARGO_BIN_EXE_pubrun"))
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
+        .arg(data)
+        .env("PUBRUN_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start pubrun");
+    let server = Server(child);
+    let url = format!("http://127.0.0.1:{port}");
+    for _ in 0..600 {
+        if let Ok(ch) = Channel::from_shared(url.clone()).unwrap().connect().await {
+            return (server, ch);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("pubrun did not start listening on {url} within 60 s");
+}
+
+const TOPIC: &str = "projects/crash/topics/load";
+const SUB: &str = "projects/crash/subscriptions/load-sub";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkill_under_load_loses_no_acknowledged_publish() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut server, ch) = start(dir.path()).await;
+    let mut admin_p = PublisherClient::new(ch.clone());
+    let mut admin_s = SubscriberClient::new(ch.clone());
+    admin_p.create_topic(pb::Topic { name: TOPIC.into(), ..Default::default() }).await.unwrap();
+    admin_s
+        .create_subscription(pb::Subscription {
+            name: SUB.into(),
+            topic: TOPIC.into(),
+            ack_deadline_seconds: 600,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+
+    // id → payload of every publish the server acknowledged.
+    let published: Arc<Mutex<HashMap<String, Vec<u8>>>> = Arc::default();
+    // ids whose Acknowledge call returned OK.
+    let acked: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let mut tasks = Vec::new();
+    for w in 0..8 {
+        let mut client = PublisherClient::new(ch.clone());
+        let published = published.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0u64.. {
+                let batch: Vec<pb::PubsubMessage> = (0..10)
+                    .map(|j| pb::PubsubMessage { data: format!("w{w}-{i}-{j}").into_bytes().into(), ..Default::default() })
+                    .collect();
+                let datas: Vec<Vec<u8>> = batch.iter().map(|m| m.data.to_vec()).collect();
+                match client.publish(pb::PublishRequest { topic: TOPIC.into(), messages: batch }).await {
+                    Ok(r) => {
+                        let mut p = published.lock().unwrap();
+                        for (id, d) in r.into_inner().message_ids.into_iter().zip(datas) {
+                            p.insert(id, d);
+                        }
+                    }
+                    Err(_) => break, // the server died
+                }
+            }
+        }));
+    }
+    {
+        let mut sub = SubscriberClient::new(ch.clone());
+        let acked = acked.clone();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                #[allow(deprecated)]
+                let req = pb::PullRequest { subscription: SUB.into(), max_messages: 50, return_immediately: true };
+                let Ok(r) = sub.pull(req).await else { break };
+                let msgs = r.into_inner().received_messages;
+                if msgs.is_empty() {
+                    continue;
+                }
+                let ack_ids = msgs.iter().map(|m| m.ack_id.clone()).collect();
+                let ids: Vec<String> = msgs.iter().map(|m| m.message.as_ref().unwrap().message_id.clone()).collect();
+                match sub.acknowledge(pb::AcknowledgeRequest { subscription: SUB.into(), ack_ids }).await {
+                    Ok(_) => acked.lock().unwrap().extend(ids),
+                    Err(_) => break,
+                }
+            }
+        }));
+    }
+
+    // Kill once real load has been acknowledged on both paths.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let (p, a) = (published.lock().unwrap().len(), acked.lock().unwrap().len());
+        if p >= 5_000 && a >= 500 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "load did not build up: {p} published, {a} acked");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    server.0.kill().expect("SIGKILL pubrun");
+    server.0.wait().unwrap();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let published = published.lock().unwrap().clone();
+    let acked = acked.lock().unwrap().clone();
+    drop(server);
+
+    let (_server, ch) = start(dir.path()).await;
+    let mut sub = SubscriberClient::new(ch);
+    let mut delivered: HashMap<String, Vec<u8>> = HashMap::new();
+    loop {
+        #[allow(deprecated)]
+        let req = pb::PullRequest { subscription: SUB.into(), max_messages: 1000, return_immediately: true };
+        let msgs = sub.pull(req).await.expect("pull after restart").into_inner().received_messages;
+        if msgs.is_empty() {
+            break;
+        }
+        for m in msgs {
+            let m = m.message.unwrap();
+            assert!(delivered.insert(m.message_id.clone(), m.data.to_vec()).is_none(), "duplicate in one drain");
+        }
+    }
+
+    let lost: Vec<&String> = published.keys().filter(|id| !acked.contains(*id) && !delivered.contains_key(*id)).collect();
+    assert!(lost.is_empty(), "{} acknowledged publishes lost after kill -9, e.g. {:?}", lost.len(), &lost[..lost.len().min(5)]);
+    let resurrected: Vec<&String> = acked.iter().filter(|id| delivered.contains_key(*id)).collect();
+    assert!(resurrected.is_empty(), "{} acked messages came back, e.g. {:?}", resurrected.len(), &resurrected[..resurrected.len().min(5)]);
+    for (id, data) in &delivered {
+        if let Some(want) = published.get(id) {
+            assert_eq!(data, want, "payload of message {id} changed across the crash");
+        }
+    }
+    eprintln!(
+        "crash test: {} publishes acknowledged, {} acked before kill, {} redelivered after restart",
+        published.len(),
+        acked.len(),
+        delivered.len()
+    );
+}

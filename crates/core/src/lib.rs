@@ -1,0 +1,18 @@
+//! The I/O-free core of pubrun.
+//!
+//! Everything here is plain data and pure functions: resource names and their
+//! validation rules, Pub/Sub limits, the message type, resource configs and the
+//! single error type that every API layer maps to gRPC and HTTP codes. No
+//! file, socket or clock access happens in this crate, so it is unit-testable
+//! without setup.
+
+pub mod config;
+pub mod error;
+pub mod limits;
+pub mod message;
+pub mod names;
+
+pub use config::{SubscriptionConfig, TopicConfig};
+pub use error::{Code, Error, Result};
+pub use message::{Message, OutgoingMessage};
+pub use names::{ProjectName, SubscriptionName, TopicName};

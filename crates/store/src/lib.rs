@@ -1,0 +1,77 @@
+//! Durable storage for pubrun, behind the [`Store`] trait.
+//!
+//! A store keeps two things:
+//! - the **catalog**: topics and subscriptions (small, rewritten whole on change);
+//! - the **log**: an ordered sequence of [`Record`]s — published message batches
+//!   and acknowledgements — from which the broker rebuilds every subscription's
+//!   backlog at start.
+//!
+//! The broker assigns sequence numbers; the store only promises that records
+//! are durable, in the order `append` was called, when the returned future
+//! resolves. `embedded` is the default single-node engine (segment files with
+//! group commit); a PostgreSQL engine will implement the same trait.
+
+pub mod catalog;
+pub mod embedded;
+pub mod record;
+
+use std::future::Future;
+use std::pin::Pin;
+
+pub use catalog::{Catalog, SubscriptionEntry, TopicEntry};
+pub use embedded::EmbeddedStore;
+pub use record::Record;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("i/o error on {path}: {source}")]
+    Io { path: String, source: std::io::Error },
+    #[error("data directory {0} is in use by another pubrun process")]
+    Locked(String),
+    #[error("corrupt data in {path}: {detail}")]
+    Corrupt { path: String, detail: String },
+    #[error("the store is shut down")]
+    Closed,
+}
+
+impl StoreError {
+    pub(crate) fn io(path: impl AsRef<std::path::Path>, source: std::io::Error) -> Self {
+        StoreError::Io { path: path.as_ref().display().to_string(), source }
+    }
+}
+
+impl From<StoreError> for pubrun_core::Error {
+    fn from(e: StoreError) -> Self {
+        // A full disk or a failed fsync is an outage of this server, not bad
+        // input: clients retry UNAVAILABLE, and nothing was acknowledged.
+        pubrun_core::Error::unavailable(format!("storage failure: {e}"))
+    }
+}
+
+pub type AppendFuture = Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send>>;
+
+#[async_trait::async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Loads the durable catalog (empty on a new store).
+    fn load_catalog(&self) -> Result<Catalog, StoreError>;
+
+    /// Calls `visit` for every record in log order and returns the next
+    /// sequence number to assign (above every seq ever handed out). Called
+    /// once, after `load_catalog` and before any `append`.
+    fn replay(&self, visit: &mut dyn FnMut(Record)) -> Result<u64, StoreError>;
+
+    /// Durably replaces the catalog.
+    async fn save_catalog(&self, catalog: &Catalog) -> Result<(), StoreError>;
+
+    /// Enqueues records for the log. Enqueue order is log order, so callers
+    /// that need an order call this under their own lock; the returned future
+    /// resolves once the records are durable.
+    fn append(&self, records: Vec<Record>) -> AppendFuture;
+
+    /// Drops log data whose messages all have `seq < lowest_live_seq`
+    /// (acknowledged everywhere). Returns bytes reclaimed.
+    fn reclaim(&self, lowest_live_seq: u64) -> Result<u64, StoreError>;
+
+    /// Bytes the log occupies now.
+    fn log_bytes(&self) -> u64;
+}

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The whole test suite: Rust unit + integration tests, then the official
+# Google client tests against the real binary. README and .ci/run call this.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+echo "== cargo build"
+cargo build --workspace --locked
+echo "== cargo test"
+cargo test --workspace --locked
+if [ -f tests/python/run.sh ]; then
+  echo "== official Google client tests (python)"
+  bash scripts/python-venv.sh
+  PUBRUN_BIN="$PWD/target/debug/pubrun" bash tests/python/run.sh
+fi

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -102,17 +103,19 @@ def _stop(proc: subprocess.Popen) -> int | None:
         return None
 
 
-def _start_server(binary: Path, workdir: Path) -> PubrunServer:
+def _start_server(binary: Path, workdir: Path, data_dir: Path | None = None) -> PubrunServer:
     last_error = ""
+    fixed_data_dir = data_dir
     for attempt in range(3):  # a freshly picked free port can be taken in between
         port = _free_port()
-        data_dir = workdir / f"data-{attempt}"
+        data_dir = fixed_data_dir or workdir / f"data-{attempt}"
         data_dir.mkdir(parents=True, exist_ok=True)
-        log_path = workdir / f"pubrun-{attempt}.log"
+        log_path = workdir / f"pubrun-{time.strftime('%H%M%S')}-{port}.log"
         argv = [str(binary), "serve", "--listen", f"127.0.0.1:{port}", "--data-dir", str(data_dir)]
         env = dict(os.environ)
         env.setdefault("RUST_BACKTRACE", "1")
         env.setdefault("RUST_LOG", "info")
+        env.setdefault("NO_COLOR", "1")  # plain log file
         env.pop("PUBSUB_EMULATOR_HOST", None)
         log = open(log_path, "wb")
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
@@ -141,24 +144,39 @@ def _start_server(binary: Path, workdir: Path) -> PubrunServer:
         )
         if "in use" not in log_text.lower():
             break
-    sys.stderr.write(last_error + "\n")
     pytest.fail(last_error, pytrace=False)
 
 
 _SERVER: PubrunServer | None = None
 
 
-@pytest.fixture(scope="session")
-def pubrun_server():
-    """The running pubrun server (one per test session)."""
-    global _SERVER
+def pubrun_binary() -> Path:
     binary = Path(os.environ.get("PUBRUN_BIN", str(DEFAULT_BIN)))
     if not (binary.is_file() and os.access(binary, os.X_OK)):
         pytest.fail(
-            f"pubrun binary not found at {binary}: build it first (cargo build -p pubrun-cli) "
-            f"or set PUBRUN_BIN",
+            f"pubrun binary not found at {binary}: build it first (cargo build) or set PUBRUN_BIN",
             pytrace=False,
         )
+    return binary
+
+
+def start_pubrun(workdir: Path, data_dir: Path | None = None) -> PubrunServer:
+    """Start a separate pubrun server (for tests that kill or restart it)."""
+    return _start_server(pubrun_binary(), workdir, data_dir)
+
+
+def stop_pubrun(server: PubrunServer, kill: bool = False) -> int | None:
+    if kill:
+        server.proc.kill()
+        return server.proc.wait(timeout=10)
+    return _stop(server.proc)
+
+
+@pytest.fixture(scope="session")
+def pubrun_server(request):
+    """The running pubrun server (one per test session)."""
+    global _SERVER
+    binary = pubrun_binary()
     workdir = Path(tempfile.mkdtemp(prefix="pubrun-pytest-"))
     server = _start_server(binary, workdir)
     _SERVER = server
@@ -180,6 +198,8 @@ def pubrun_server():
                 f"\npubrun server {how} (exit code {code}); log {server.log_path}:\n"
                 f"{server.log_text(limit=LOG_TAIL_BYTES)}\n"
             )
+        elif request.session.testsfailed == 0:
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _project_id_for(nodeid: str) -> str:

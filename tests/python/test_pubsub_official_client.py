@@ -250,8 +250,8 @@ def test_list_topic_subscriptions(publisher, subscriber, project):
 
 
 def test_subscription_lifecycle(publisher, subscriber, project):
-    topic = make_topic(publisher, project, "t")
-    sub_path = subscriber.subscription_path(project, "s")
+    topic = make_topic(publisher, project, "topic1")
+    sub_path = subscriber.subscription_path(project, "sub1")
     created = subscriber.create_subscription(
         request={"name": sub_path, "topic": topic, "ack_deadline_seconds": 30}, timeout=RPC_TIMEOUT
     )
@@ -328,11 +328,11 @@ def test_ack_deadline_out_of_range_is_invalid_argument(publisher, subscriber, pr
     topic = make_topic(publisher, project)
     with pytest.raises(gexc.InvalidArgument):
         subscriber.create_subscription(
-            request={"name": subscriber.subscription_path(project, "s"), "topic": topic, "ack_deadline_seconds": deadline},
+            request={"name": subscriber.subscription_path(project, "sub1"), "topic": topic, "ack_deadline_seconds": deadline},
             timeout=RPC_TIMEOUT,
         )
     # Also on update.
-    sub = make_sub(subscriber, project, topic, "ok")
+    sub = make_sub(subscriber, project, topic, "okay")
     with pytest.raises(gexc.InvalidArgument):
         subscriber.update_subscription(
             request={"subscription": {"name": sub, "ack_deadline_seconds": deadline}, "update_mask": {"paths": ["ack_deadline_seconds"]}},
@@ -560,8 +560,8 @@ def test_pull_only_sees_messages_published_after_subscription(publisher, subscri
 
 def test_each_subscription_gets_a_copy(publisher, subscriber, project):
     topic = make_topic(publisher, project)
-    a = make_sub(subscriber, project, topic, "a")
-    b = make_sub(subscriber, project, topic, "b")
+    a = make_sub(subscriber, project, topic, "sub-a")
+    b = make_sub(subscriber, project, topic, "sub-b")
     mid = publisher.publish(topic, b"fan", k="v").result(timeout=30)
     for sub in (a, b):
         [rm] = pull_until(subscriber, sub, 1)
@@ -764,3 +764,181 @@ def test_streaming_pull_flow_control_limits_outstanding(publisher, subscriber, p
     assert state["max"] == 2
     assert [m.message_id for m in delivered] and {m.message_id for m in delivered} == ids
     assert len(delivered) == total, "a held (lease-extended) message was redelivered"
+
+
+def test_two_streaming_subscribers_share_one_subscription(publisher, subscriber, project):
+    """Two workers on one subscription split the messages: none lost, none twice."""
+    topic = make_topic(publisher, project)
+    sub = make_sub(subscriber, project, topic)
+    ids = set(publish_all(publisher, topic, [f"work-{i}".encode() for i in range(300)]))
+
+    lock = threading.Lock()
+    per_worker = [collections.Counter(), collections.Counter()]
+
+    def make_callback(n):
+        def callback(message):
+            with lock:
+                per_worker[n][message.message_id] += 1
+            message.ack()
+
+        return callback
+
+    second = pubsub_v1.SubscriberClient()
+    futures = [
+        subscriber.subscribe(sub, make_callback(0), flow_control=FlowControl(max_messages=10)),
+        second.subscribe(sub, make_callback(1), flow_control=FlowControl(max_messages=10)),
+    ]
+
+    def all_seen():
+        with lock:
+            return ids <= set(per_worker[0]) | set(per_worker[1])
+
+    try:
+        assert wait_for(all_seen, 60), "not all messages were delivered"
+        time.sleep(0.5)
+    finally:
+        for f in futures:
+            stop_streaming(f)
+        second.close()
+    total = per_worker[0] + per_worker[1]
+    assert set(total) == ids
+    dupes = {m: n for m, n in total.items() if n > 1}
+    assert not dupes, f"{len(dupes)} acked messages delivered twice"
+
+
+# --- request validation (Google's limits) -------------------------------------
+
+
+def test_publish_request_limits_are_invalid_argument(publisher, project):
+    from google.pubsub_v1 import PublisherClient as GapicPublisher
+
+    topic = make_topic(publisher, project)
+    raw = GapicPublisher()
+
+    def publish(messages):
+        return raw.publish(request={"topic": topic, "messages": messages}, retry=None, timeout=RPC_TIMEOUT)
+
+    try:
+        assert len(publish([{"data": b"x"}] * 1000).message_ids) == 1000
+        bad = {
+            "1001 messages": [{"data": b"x"}] * 1001,
+            "101 attributes": [{"data": b"x", "attributes": {f"k{i}": "v" for i in range(101)}}],
+            "257-byte key": [{"attributes": {"k" * 257: "v"}}],
+            "1025-byte value": [{"attributes": {"k": "v" * 1025}}],
+            "reserved goog key": [{"attributes": {"googfoo": "v"}}],
+            "empty key": [{"attributes": {"": "v"}}],
+        }
+        for what, messages in bad.items():
+            with pytest.raises(gexc.InvalidArgument):
+                publish(messages)
+                pytest.fail(f"{what} was accepted")
+    finally:
+        raw.transport.close()
+
+
+def test_invalid_ack_ids_and_pull_sizes_are_invalid_argument(publisher, subscriber, project):
+    topic = make_topic(publisher, project)
+    sub = make_sub(subscriber, project, topic)
+    with pytest.raises(gexc.InvalidArgument):
+        subscriber.acknowledge(request={"subscription": sub, "ack_ids": ["not-an-ack-id"]}, timeout=RPC_TIMEOUT)
+    with pytest.raises(gexc.InvalidArgument):
+        subscriber.modify_ack_deadline(
+            request={"subscription": sub, "ack_ids": ["not-an-ack-id"], "ack_deadline_seconds": 10}, timeout=RPC_TIMEOUT
+        )
+    with pytest.raises(gexc.InvalidArgument):
+        subscriber.pull(request={"subscription": sub, "max_messages": 0, "return_immediately": True}, timeout=RPC_TIMEOUT)
+
+
+def test_invalid_labels_are_invalid_argument(publisher, project):
+    with pytest.raises(gexc.InvalidArgument):
+        publisher.create_topic(request={"name": publisher.topic_path(project, "labels"), "labels": {"Bad": "x"}}, timeout=RPC_TIMEOUT)
+
+
+def test_update_subscription_topic_is_invalid_argument(publisher, subscriber, project):
+    topic = make_topic(publisher, project)
+    other = make_topic(publisher, project, "other")
+    sub = make_sub(subscriber, project, topic)
+    with pytest.raises(gexc.InvalidArgument):
+        subscriber.update_subscription(
+            request={"subscription": {"name": sub, "topic": other}, "update_mask": {"paths": ["topic"]}}, timeout=RPC_TIMEOUT
+        )
+    assert subscriber.get_subscription(request={"subscription": sub}, timeout=RPC_TIMEOUT).topic == topic
+
+
+def test_streaming_pull_on_missing_subscription_is_not_found(subscriber, project):
+    future = subscriber.subscribe(subscriber.subscription_path(project, "missing"), lambda m: m.ack())
+    try:
+        with pytest.raises(gexc.NotFound):
+            future.result(timeout=30)
+    finally:
+        future.cancel()
+
+
+def test_waiting_pull_ends_when_subscription_is_deleted(publisher, subscriber, project):
+    topic = make_topic(publisher, project)
+    sub = make_sub(subscriber, project, topic)
+    result = {}
+
+    def puller():
+        start = time.monotonic()
+        try:
+            result["value"] = subscriber.pull(request={"subscription": sub, "max_messages": 1}, timeout=30)
+        except Exception as e:
+            result["value"] = e
+        result["elapsed"] = time.monotonic() - start
+
+    t = threading.Thread(target=puller)
+    t.start()
+    time.sleep(1.0)
+    subscriber.delete_subscription(request={"subscription": sub}, timeout=RPC_TIMEOUT)
+    t.join(timeout=40)
+    assert result["elapsed"] < 10, f"waiting pull lasted {result['elapsed']:.1f}s after the delete"
+    value = result["value"]
+    assert isinstance(value, gexc.NotFound) or not value.received_messages, repr(value)
+
+
+def test_detached_subscription_keeps_backlog_and_ignores_recreated_topic(publisher, subscriber, project):
+    topic = make_topic(publisher, project)
+    sub = make_sub(subscriber, project, topic)
+    mid = publisher.publish(topic, b"before delete").result(timeout=30)
+    publisher.delete_topic(request={"topic": topic}, timeout=RPC_TIMEOUT)
+    make_topic(publisher, project)  # same name again
+    publisher.publish(topic, b"after recreate").result(timeout=30)
+    got = pull_until(subscriber, sub, 2, timeout=3)
+    assert [rm.message.message_id for rm in got] == [mid]
+    assert list(publisher.list_topic_subscriptions(request={"topic": topic}, timeout=RPC_TIMEOUT)) == []
+
+
+# --- settings are honored or refused, never silently changed ------------------
+
+
+@pytest.mark.parametrize(
+    "field,value,check",
+    [
+        ("message_retention_duration", {"seconds": 3600}, lambda s: s.message_retention_duration == dt.timedelta(hours=1)),
+        ("retain_acked_messages", True, lambda s: s.retain_acked_messages is True),
+        ("expiration_policy", {"ttl": {"seconds": 86400}}, lambda s: s.expiration_policy.ttl == dt.timedelta(days=1)),
+    ],
+    ids=["retention-1h", "retain-acked", "expiration-1d"],
+)
+def test_subscription_setting_is_honored_or_refused(publisher, subscriber, project, field, value, check):
+    """Real Pub/Sub stores and echoes these; a server that does not support one
+    must say so (INVALID_ARGUMENT), as pubrun does for push, filter, dead letter…"""
+    topic = make_topic(publisher, project)
+    name = subscriber.subscription_path(project, "setting")
+    try:
+        created = subscriber.create_subscription(request={"name": name, "topic": topic, field: value}, timeout=RPC_TIMEOUT)
+    except gexc.InvalidArgument:
+        return  # refused with a message: acceptable
+    got = subscriber.get_subscription(request={"subscription": name}, timeout=RPC_TIMEOUT)
+    assert check(created), f"{field}={value} silently changed on create: {created}"
+    assert check(got), f"{field}={value} silently changed: {got}"
+
+
+def test_retention_below_10_minutes_is_invalid_argument(publisher, subscriber, project):
+    topic = make_topic(publisher, project)
+    with pytest.raises(gexc.InvalidArgument):
+        subscriber.create_subscription(
+            request={"name": subscriber.subscription_path(project, "short"), "topic": topic, "message_retention_duration": {"seconds": 5}},
+            timeout=RPC_TIMEOUT,
+        )

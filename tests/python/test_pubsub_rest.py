@@ -180,7 +180,7 @@ def test_rest_publish_pull_modack_ack(rest):
 
 
 def test_rest_update_subscription(rest):
-    topic, sub = rest.topic("t"), rest.sub("s")
+    topic, sub = rest.topic("topic1"), rest.sub("sub1")
     rest.ok("PUT", topic, {})
     rest.ok("PUT", sub, {"topic": topic})
     assert rest.ok("GET", sub)["ackDeadlineSeconds"] == 10
@@ -230,3 +230,11 @@ def test_rest_and_grpc_interoperate(rest, publisher, subscriber):
     assert got["message"]["attributes"] == {"from": "grpc"}
     rest.ok("POST", f"{sub}:acknowledge", {"ackIds": [got["ackId"]]})
     assert rest.pull_now(sub) == []
+
+
+def test_unknown_paths_are_404(base_url):
+    """Plain HTTP requests to paths nobody serves get a 404, not a gRPC answer."""
+    for path in ["/v1/projects/p/unknown", "/no-such-page", "/v2/projects/p/topics/abc"]:
+        r = requests.get(f"{base_url}{path}", timeout=TIMEOUT)
+        assert r.status_code == 404, f"GET {path} -> {r.status_code} {dict(r.headers)}"
+        assert not r.headers.get("content-type", "").startswith("application/grpc"), f"GET {path} -> {dict(r.headers)}"

@@ -60,6 +60,12 @@ pub fn topic_from_pb(t: pb::Topic) -> Result<TopicConfig> {
     if !t.kms_key_name.is_empty() {
         return Err(unsupported("kms_key_name"));
     }
+    if t.ingestion_data_source_settings.is_some() {
+        return Err(unsupported("ingestion_data_source_settings"));
+    }
+    if !t.message_transforms.is_empty() {
+        return Err(unsupported("message_transforms"));
+    }
     Ok(TopicConfig { name: t.name, labels: hash_to_btree(t.labels) })
 }
 
@@ -71,6 +77,7 @@ pub fn sub_to_pb(s: &SubscriptionConfig) -> pb::Subscription {
         labels: s.labels.clone().into_iter().collect(),
         // Google's defaults, reported so clients that read them see real values.
         message_retention_duration: Some(prost_types::Duration { seconds: 7 * 24 * 3600, nanos: 0 }),
+        push_config: Some(pb::PushConfig::default()),
         state: pb::subscription::State::Active as i32,
         ..Default::default()
     }
@@ -94,6 +101,21 @@ pub fn sub_from_pb(s: pb::Subscription) -> Result<SubscriptionConfig> {
     }
     if s.enable_exactly_once_delivery {
         return Err(unsupported("enable_exactly_once_delivery"));
+    }
+    if s.message_retention_duration.as_ref().is_some_and(|d| d.seconds != 7 * 24 * 3600 || d.nanos != 0) {
+        return Err(unsupported("message_retention_duration other than the default 7 days"));
+    }
+    if s.retain_acked_messages {
+        return Err(unsupported("retain_acked_messages"));
+    }
+    if s.expiration_policy.as_ref().is_some_and(|p| p.ttl.is_some()) {
+        return Err(unsupported("expiration_policy.ttl (subscriptions never expire here)"));
+    }
+    if s.bigtable_config.is_some() {
+        return Err(unsupported("bigtable_config"));
+    }
+    if !s.message_transforms.is_empty() {
+        return Err(unsupported("message_transforms"));
     }
     if s.bigquery_config.is_some() || s.cloud_storage_config.is_some() {
         return Err(unsupported("export subscriptions (bigquery_config / cloud_storage_config)"));

@@ -40,6 +40,7 @@ pub fn router(broker: Arc<Broker>, opts: &ServeOptions, shutdown: watch::Receive
     .into_axum_router();
     let app = grpc
         .merge(crate::rest::router(pubsub))
+        .fallback(unknown_route)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES));
     let app = match &opts.token {
         Some(t) => app.layer(axum::middleware::from_fn_with_state(Arc::new(t.clone()), require_token)),
@@ -47,6 +48,39 @@ pub fn router(broker: Arc<Broker>, opts: &ServeOptions, shutdown: watch::Receive
     };
     // Health is outside the auth layer: load balancers and `pubrun` itself probe it.
     app.route("/healthz", get(|| async { "ok\n" }))
+}
+
+/// Unknown gRPC methods get UNIMPLEMENTED, unknown HTTP paths a JSON 404.
+async fn unknown_route(req: Request) -> Response {
+    if is_grpc(&req) {
+        return grpc_error(tonic::Code::Unimplemented, &format!("method {} is not implemented by pubrun", req.uri().path()));
+    }
+    crate::status::HttpError(pubrun_core::Error::not_found(format!(
+        "no such endpoint: {} {}",
+        req.method(),
+        req.uri().path()
+    )))
+    .into_response()
+}
+
+fn is_grpc(req: &Request) -> bool {
+    req.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// A trailers-only gRPC error response.
+fn grpc_error(code: tonic::Code, msg: &str) -> Response {
+    let mut resp = StatusCode::OK.into_response();
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    h.insert("grpc-status", HeaderValue::from(code as i32));
+    let encoded: String = msg
+        .bytes()
+        .map(|b| if b.is_ascii_graphic() && b != b'%' { (b as char).to_string() } else { format!("%{b:02X}") })
+        .collect();
+    if let Ok(v) = HeaderValue::from_str(&encoded) {
+        h.insert("grpc-message", v);
+    }
+    resp
 }
 
 async fn require_token(State(token): State<Arc<String>>, req: Request, next: Next) -> Response {
@@ -59,19 +93,9 @@ async fn require_token(State(token): State<Arc<String>>, req: Request, next: Nex
     if ok {
         return next.run(req).await;
     }
-    let is_grpc = req
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
     let msg = "missing or wrong bearer token: send Authorization: Bearer <token> (the server's --token / PUBRUN_TOKEN)";
-    if is_grpc {
-        // gRPC clients read the status from trailers-only responses.
-        let mut resp = StatusCode::OK.into_response();
-        let h = resp.headers_mut();
-        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
-        h.insert("grpc-status", HeaderValue::from(tonic::Code::Unauthenticated as i32));
-        h.insert("grpc-message", HeaderValue::from_str(&msg.replace(' ', "%20")).unwrap());
-        return resp;
+    if is_grpc(&req) {
+        return grpc_error(tonic::Code::Unauthenticated, msg);
     }
     crate::status::HttpError(pubrun_core::Error::new(pubrun_core::Code::Unauthenticated, msg)).into_response()
 }

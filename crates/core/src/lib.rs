@@ -8,9 +8,13 @@
 
 pub mod config;
 pub mod error;
+pub mod job;
 pub mod limits;
+pub mod manifest;
 pub mod message;
 pub mod names;
+pub mod run;
+pub mod template;
 
 pub use config::{SubscriptionConfig, TopicConfig};
 pub use error::{Code, Error, Result};

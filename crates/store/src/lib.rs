@@ -60,7 +60,8 @@ pub trait Store: Send + Sync + 'static {
     /// once, after `load_catalog` and before any `append`.
     fn replay(&self, visit: &mut dyn FnMut(Record)) -> Result<u64, StoreError>;
 
-    /// Durably replaces the catalog.
+    /// Durably replaces the catalog. Callers serialise saves (the broker
+    /// holds its admin lock), so engines need not order concurrent saves.
     async fn save_catalog(&self, catalog: &Catalog) -> Result<(), StoreError>;
 
     /// Enqueues records for the log. Enqueue order is log order, so callers

@@ -31,7 +31,12 @@ fn sample_catalog(n_topics: u64) -> Catalog {
         .unwrap();
         c.subscriptions.insert(
             sub_name,
-            SubscriptionEntry { uid: sub_uid, topic_uid: if t % 2 == 0 { Some(uid) } else { None }, start_seq: 7 * t, config },
+            SubscriptionEntry {
+                uid: sub_uid,
+                topic_uid: if t % 2 == 0 { Some(uid) } else { None },
+                start_seq: 7 * t,
+                config,
+            },
         );
     }
     c
@@ -67,12 +72,19 @@ async fn saved_catalog_survives_reopen_and_replacement() {
         }
         {
             let store = EmbeddedStore::open(dir.path()).unwrap();
-            assert_eq!(store.load_catalog().unwrap(), first, "durable across reopen");
+            assert_eq!(
+                store.load_catalog().unwrap(),
+                first,
+                "durable across reopen"
+            );
             store.save_catalog(&second).await.unwrap();
         }
         let store = EmbeddedStore::open(dir.path()).unwrap();
         assert_eq!(store.load_catalog().unwrap(), second, "replaced whole");
-        assert!(!dir.path().join("catalog.json.tmp").exists(), "the temp file is renamed into place");
+        assert!(
+            !dir.path().join("catalog.json.tmp").exists(),
+            "the temp file is renamed into place"
+        );
         // Saving the catalog does not touch the log.
         let mut n = 0;
         assert_eq!(store.replay(&mut |_| n += 1).unwrap(), 1);
@@ -94,7 +106,11 @@ async fn leftover_temp_catalog_is_ignored_and_overwritten() {
         let tmp = dir.path().join("catalog.json.tmp");
         std::fs::write(&tmp, b"{\"version\": 1, \"next_uid\": 99, \"topi").unwrap();
         let store = EmbeddedStore::open(dir.path()).unwrap();
-        assert_eq!(store.load_catalog().unwrap(), good, "the half-written temp file is not the catalog");
+        assert_eq!(
+            store.load_catalog().unwrap(),
+            good,
+            "the half-written temp file is not the catalog"
+        );
 
         // A longer leftover must not leak into the next save (truncation).
         std::fs::write(&tmp, vec![b' '; 100_000]).unwrap();
@@ -117,7 +133,10 @@ async fn leftover_temp_catalog_is_ignored_and_overwritten() {
 async fn corrupt_catalog_is_reported_with_its_path() {
     bounded(async {
         for (what, bytes) in [
-            ("truncated json", b"{\"version\": 1, \"next_uid\": 3, \"topics\": {".to_vec()),
+            (
+                "truncated json",
+                b"{\"version\": 1, \"next_uid\": 3, \"topics\": {".to_vec(),
+            ),
             ("not json", b"\x00\x01\x02garbage".to_vec()),
             ("empty file", Vec::new()),
             ("wrong shape", b"[1, 2, 3]".to_vec()),
@@ -134,9 +153,16 @@ async fn corrupt_catalog_is_reported_with_its_path() {
                 }
                 other => panic!("{what}: expected Corrupt, got {other:?}"),
             }
-            assert!(err.to_string().contains(&want), "{what}: message must name the file: {err}");
+            assert!(
+                err.to_string().contains(&want),
+                "{what}: message must name the file: {err}"
+            );
             // Not silently replaced by an empty catalog either.
-            assert_eq!(std::fs::read(catalog_path(dir.path())).unwrap(), bytes, "{what}");
+            assert_eq!(
+                std::fs::read(catalog_path(dir.path())).unwrap(),
+                bytes,
+                "{what}"
+            );
         }
     })
     .await
@@ -159,8 +185,13 @@ async fn the_data_directory_is_locked_while_open() {
         }
         // From another thread too (the lock is not per thread).
         let d = dir.path().to_path_buf();
-        let other_thread = std::thread::spawn(move || EmbeddedStore::open(&d).err()).join().unwrap();
-        assert!(matches!(other_thread, Some(StoreError::Locked(_))), "{other_thread:?}");
+        let other_thread = std::thread::spawn(move || EmbeddedStore::open(&d).err())
+            .join()
+            .unwrap();
+        assert!(
+            matches!(other_thread, Some(StoreError::Locked(_))),
+            "{other_thread:?}"
+        );
 
         // The failed opens disturbed nothing: the first store keeps working.
         let r2 = publish(1, [2], "still-first");
@@ -172,7 +203,10 @@ async fn the_data_directory_is_locked_while_open() {
         let (second, replayed, next) = open_replay(dir.path());
         assert_eq!(replayed, vec![r, r2]);
         assert_eq!(next, 3);
-        assert!(matches!(EmbeddedStore::open(dir.path()), Err(StoreError::Locked(_))));
+        assert!(matches!(
+            EmbeddedStore::open(dir.path()),
+            Err(StoreError::Locked(_))
+        ));
         drop(second);
         // And again after a drop without close.
         EmbeddedStore::open(dir.path()).expect("lock released on drop");

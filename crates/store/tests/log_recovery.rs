@@ -19,7 +19,11 @@ async fn build_log(dir: &Path, n: u64) -> (Vec<Record>, Vec<u64>) {
     let mut ends = Vec::new();
     let mut end = 0;
     for s in 1..=n {
-        let r = if s % 4 == 0 { ack(2, vec![s - 1, s - 3]) } else { publish(1, [s], "built") };
+        let r = if s % 4 == 0 {
+            ack(2, vec![s - 1, s - 3])
+        } else {
+            publish(1, [s], "built")
+        };
         append_ok(&store, vec![r.clone()]).await;
         end += frame_len(&r);
         ends.push(end);
@@ -37,19 +41,33 @@ async fn build_log(dir: &Path, n: u64) -> (Vec<Record>, Vec<u64>) {
 async fn check_recovers(dir: &Path, expect: &[Record], good_len: u64, what: &str) {
     let seg = seg_path(dir, 1);
     let (store, replayed, next) = open_replay(dir);
-    assert_eq!(replayed, expect, "{what}: replay must return exactly the complete records");
+    assert_eq!(
+        replayed, expect,
+        "{what}: replay must return exactly the complete records"
+    );
     assert_eq!(next, expected_next_seq(expect, 1), "{what}: next_seq");
-    assert_eq!(file_len(&seg), good_len, "{what}: the torn tail must be cut off at recovery");
+    assert_eq!(
+        file_len(&seg),
+        good_len,
+        "{what}: the torn tail must be cut off at recovery"
+    );
     assert_eq!(store.log_bytes(), good_len, "{what}: log_bytes");
 
     let after = publish(1, [next], "after-recovery");
     append_ok(&store, vec![after.clone()]).await;
     drop(store);
-    assert_eq!(file_len(&seg), good_len + frame_len(&after), "{what}: new frame must follow the good data directly");
+    assert_eq!(
+        file_len(&seg),
+        good_len + frame_len(&after),
+        "{what}: new frame must follow the good data directly"
+    );
     let (_store, replayed, next2) = open_replay(dir);
     let mut want = expect.to_vec();
     want.push(after);
-    assert_eq!(replayed, want, "{what}: records after recovery + one append");
+    assert_eq!(
+        replayed, want,
+        "{what}: records after recovery + one append"
+    );
     assert_eq!(next2, next + 1, "{what}");
 }
 
@@ -69,8 +87,13 @@ async fn cut_inside_the_last_frame_drops_only_that_frame() {
             assert_eq!(recs, records);
             assert_eq!(ends2, ends);
             truncate(&seg_path(dir.path(), 1), ends[n - 2] + cut);
-            check_recovers(dir.path(), &records[..n - 1], ends[n - 2], &format!("cut {cut} bytes into last frame"))
-                .await;
+            check_recovers(
+                dir.path(),
+                &records[..n - 1],
+                ends[n - 2],
+                &format!("cut {cut} bytes into last frame"),
+            )
+            .await;
         }
     })
     .await
@@ -96,7 +119,10 @@ async fn garbage_after_the_last_frame_is_discarded() {
             ("partial header", rng.bytes(7)),
             ("random header-sized", rng.bytes(8)),
             ("random kilobytes", rng.bytes(5000)),
-            ("prefix of a real frame", unacked_frame[..unacked_frame.len() - 3].to_vec()),
+            (
+                "prefix of a real frame",
+                unacked_frame[..unacked_frame.len() - 3].to_vec(),
+            ),
             ("header of a real frame only", unacked_frame[..8].to_vec()),
             ("real frame with a bad checksum", bad_crc),
             ("header claiming 4 GiB", huge_len),
@@ -104,7 +130,10 @@ async fn garbage_after_the_last_frame_is_discarded() {
             // extended but the data blocks were never written.
             ("8 zero bytes", vec![0; 8]),
             ("a zero-filled page", vec![0; 4096]),
-            ("zeros then garbage", [vec![0u8; 16], rng.bytes(40)].concat()),
+            (
+                "zeros then garbage",
+                [vec![0u8; 16], rng.bytes(40)].concat(),
+            ),
         ];
         for (what, tail) in cases {
             let dir = tempfile::tempdir().unwrap();
@@ -137,7 +166,10 @@ async fn torn_tail_only_in_the_newest_segment() {
         let new: Vec<Record> = vec![publish(1, [6, 7], "new"), ack(2, vec![1, 6])];
         write_segment(dir.path(), 1, &old);
         let new_len = write_segment(dir.path(), 6, &new);
-        append_raw(&seg_path(dir.path(), 6), &frames(&[publish(1, [8], "torn")])[..20]);
+        append_raw(
+            &seg_path(dir.path(), 6),
+            &frames(&[publish(1, [8], "torn")])[..20],
+        );
 
         let (store, replayed, next) = open_replay(dir.path());
         assert_eq!(replayed, [old.clone(), new.clone()].concat());
@@ -149,7 +181,11 @@ async fn torn_tail_only_in_the_newest_segment() {
         let (_s, replayed, next) = open_replay(dir.path());
         assert_eq!(replayed, [old, new, vec![r]].concat());
         assert_eq!(next, 9);
-        assert_eq!(segment_files(dir.path()).len(), 2, "appends go to the newest segment");
+        assert_eq!(
+            segment_files(dir.path()).len(),
+            2,
+            "appends go to the newest segment"
+        );
     })
     .await
 }
@@ -166,11 +202,18 @@ fn two_segments(dir: &Path) -> (Vec<Record>, Vec<Record>) {
 fn assert_corrupt_in(err: StoreError, seg: &Path, what: &str) {
     match &err {
         StoreError::Corrupt { path, .. } => {
-            assert_eq!(Path::new(path), seg, "{what}: the error must name the damaged segment")
+            assert_eq!(
+                Path::new(path),
+                seg,
+                "{what}: the error must name the damaged segment"
+            )
         }
         other => panic!("{what}: expected StoreError::Corrupt, got {other:?}"),
     }
-    assert!(err.to_string().contains(&seg.display().to_string()), "{what}: message names the file: {err}");
+    assert!(
+        err.to_string().contains(&seg.display().to_string()),
+        "{what}: message names the file: {err}"
+    );
 }
 
 #[tokio::test]
@@ -186,7 +229,13 @@ async fn damage_in_a_closed_segment_is_corruption() {
         }
         // Frame end offsets in the closed segment (frames differ in size).
         let old: Vec<Record> = (1..=5).map(|s| publish(1, [s], "closed")).collect();
-        let ends: Vec<u64> = old.iter().scan(0, |e, r| { *e += frame_len(r); Some(*e) }).collect();
+        let ends: Vec<u64> = old
+            .iter()
+            .scan(0, |e, r| {
+                *e += frame_len(r);
+                Some(*e)
+            })
+            .collect();
         let ends: [u64; 5] = ends.try_into().unwrap();
         type Damage = Box<dyn Fn(&Path)>;
         let cases: Vec<(&str, Damage)> = vec![
@@ -206,10 +255,22 @@ async fn damage_in_a_closed_segment_is_corruption() {
                     std::fs::write(p, b).unwrap();
                 }),
             ),
-            ("truncated last frame", Box::new(move |p: &Path| truncate(p, ends[4] - 2))),
-            ("cut inside a header", Box::new(move |p: &Path| truncate(p, ends[3] + 3))),
-            ("trailing garbage", Box::new(|p: &Path| append_raw(p, &[0xAB; 11]))),
-            ("trailing zeros", Box::new(|p: &Path| append_raw(p, &[0; 64]))),
+            (
+                "truncated last frame",
+                Box::new(move |p: &Path| truncate(p, ends[4] - 2)),
+            ),
+            (
+                "cut inside a header",
+                Box::new(move |p: &Path| truncate(p, ends[3] + 3)),
+            ),
+            (
+                "trailing garbage",
+                Box::new(|p: &Path| append_raw(p, &[0xAB; 11])),
+            ),
+            (
+                "trailing zeros",
+                Box::new(|p: &Path| append_raw(p, &[0; 64])),
+            ),
         ];
         for (what, damage) in cases {
             let dir = tempfile::tempdir().unwrap();
@@ -220,7 +281,11 @@ async fn damage_in_a_closed_segment_is_corruption() {
             let err = replay_err(dir.path());
             assert_corrupt_in(err, &closed, what);
             // Reporting corruption must not "repair" (truncate) the evidence.
-            assert_eq!(std::fs::read(&closed).unwrap(), before, "{what}: closed segment was modified");
+            assert_eq!(
+                std::fs::read(&closed).unwrap(),
+                before,
+                "{what}: closed segment was modified"
+            );
             // And it keeps failing: nothing was silently skipped for next time.
             assert_corrupt_in(replay_err(dir.path()), &closed, what);
         }
@@ -243,7 +308,11 @@ async fn checksummed_but_undecodable_frame_is_corruption() {
             two_segments(dir.path());
             let seg = seg_path(dir.path(), if in_closed { 1 } else { 6 });
             append_raw(&seg, &frame);
-            assert_corrupt_in(replay_err(dir.path()), &seg, &format!("unknown kind, closed={in_closed}"));
+            assert_corrupt_in(
+                replay_err(dir.path()),
+                &seg,
+                &format!("unknown kind, closed={in_closed}"),
+            );
         }
     })
     .await

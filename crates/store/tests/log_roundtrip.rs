@@ -27,7 +27,10 @@ fn owner(r: &Record) -> u64 {
 /// Runs TASKS tasks that each append APPENDS_PER_TASK calls. Seqs are assigned
 /// and `append` called under one lock, as the broker does, so log order must
 /// also be seq order. Returns each task's records in its append order.
-async fn concurrent_appends(store: Arc<EmbeddedStore>, first_seq: u64) -> BTreeMap<u64, Vec<Record>> {
+async fn concurrent_appends(
+    store: Arc<EmbeddedStore>,
+    first_seq: u64,
+) -> BTreeMap<u64, Vec<Record>> {
     let next_seq = Arc::new(Mutex::new(first_seq));
     let mut handles = Vec::new();
     for task in 0..TASKS {
@@ -92,11 +95,18 @@ fn check_log(replayed: &[Record], next: u64, expected: &[BTreeMap<u64, Vec<Recor
             want.entry(*task).or_default().extend(recs.iter().cloned());
         }
     }
-    assert_eq!(got.len(), want.len(), "records from unexpected or missing tasks");
+    assert_eq!(
+        got.len(),
+        want.len(),
+        "records from unexpected or missing tasks"
+    );
     for (task, w) in &want {
         let g = got.get(task).map(Vec::as_slice).unwrap_or(&[]);
         assert_eq!(g.len(), w.len(), "task {task}: record count");
-        assert!(g == w.as_slice(), "task {task}: records differ or are out of order");
+        assert!(
+            g == w.as_slice(),
+            "task {task}: records differ or are out of order"
+        );
     }
     // Enqueue order is log order: seqs were handed out under the same lock
     // as append was called, so they must be strictly ascending in the log
@@ -108,9 +118,16 @@ fn check_log(replayed: &[Record], next: u64, expected: &[BTreeMap<u64, Vec<Recor
             Record::Ack { .. } => vec![],
         })
         .collect();
-    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "publish seqs are not in log order");
+    assert!(
+        seqs.windows(2).all(|w| w[0] < w[1]),
+        "publish seqs are not in log order"
+    );
     assert_eq!(seqs.first().copied(), Some(1));
-    assert_eq!(*seqs.last().unwrap() + 1, next, "next_seq must be just above every seq");
+    assert_eq!(
+        *seqs.last().unwrap() + 1,
+        next,
+        "next_seq must be just above every seq"
+    );
     assert_eq!(seqs.len() as u64, next - 1, "seqs must be contiguous");
 }
 
@@ -126,14 +143,21 @@ async fn concurrent_appends_round_trip_through_reopen() {
 
         let round1 = concurrent_appends(store.clone(), 1).await;
         let total_bytes: u64 = round1.values().flatten().map(frame_len).sum();
-        assert_eq!(store.log_bytes(), total_bytes, "log_bytes counts every durable frame");
+        assert_eq!(
+            store.log_bytes(),
+            total_bytes,
+            "log_bytes counts every durable frame"
+        );
         store.close();
         drop(store);
 
         let (store, replayed, next) = open_replay(dir.path());
         check_log(&replayed, next, std::slice::from_ref(&round1));
         assert_eq!(store.log_bytes(), total_bytes);
-        assert_eq!(segment_files(dir.path()).iter().map(|s| s.1).sum::<u64>(), total_bytes);
+        assert_eq!(
+            segment_files(dir.path()).iter().map(|s| s.1).sum::<u64>(),
+            total_bytes
+        );
 
         // Recovery leaves the tail ready for more: a second round continues
         // the same log, and this time the store is only dropped, not closed.
@@ -164,21 +188,32 @@ async fn close_writes_everything_enqueued_then_refuses_appends() {
         let mut expected = Vec::new();
         let mut futs = Vec::new();
         for s in 1..=200u64 {
-            let r = if s % 5 == 0 { ack(9, vec![s - 1, s - 2]) } else { publish(7, [s], "pre-close") };
+            let r = if s % 5 == 0 {
+                ack(9, vec![s - 1, s - 2])
+            } else {
+                publish(7, [s], "pre-close")
+            };
             expected.push(r.clone());
             futs.push(store.append(vec![r]));
         }
         store.close();
         for f in futs {
-            f.await.expect("an append enqueued before close must complete");
+            f.await
+                .expect("an append enqueued before close must complete");
         }
-        assert!(matches!(store.append(vec![publish(7, [1000], "late")]).await, Err(StoreError::Closed)));
+        assert!(matches!(
+            store.append(vec![publish(7, [1000], "late")]).await,
+            Err(StoreError::Closed)
+        ));
         store.close(); // idempotent
         drop(store);
 
         let (_store, replayed, next) = open_replay(dir.path());
         assert_eq!(replayed, expected);
-        assert_eq!(next, 200, "seq 200 was an ack, so the last published seq is 199");
+        assert_eq!(
+            next, 200,
+            "seq 200 was an ack, so the last published seq is 199"
+        );
     })
     .await
 }
@@ -188,7 +223,10 @@ async fn append_before_replay_is_refused() {
     bounded(async {
         let dir = tempfile::tempdir().unwrap();
         let store = EmbeddedStore::open(dir.path()).unwrap();
-        assert!(matches!(store.append(vec![publish(1, [1], "early")]).await, Err(StoreError::Closed)));
+        assert!(matches!(
+            store.append(vec![publish(1, [1], "early")]).await,
+            Err(StoreError::Closed)
+        ));
         let mut n = 0;
         assert_eq!(store.replay(&mut |_| n += 1).unwrap(), 1);
         assert_eq!(n, 0, "the refused append must not have reached the log");
@@ -210,7 +248,13 @@ async fn large_records_round_trip() {
         let big = Record::Publish {
             topic_uid: 3,
             messages: (1..=4u64)
-                .map(|s| message(s, "big", bytes::Bytes::from(rng.bytes(3 * 1024 * 1024 + s as usize))))
+                .map(|s| {
+                    message(
+                        s,
+                        "big",
+                        bytes::Bytes::from(rng.bytes(3 * 1024 * 1024 + s as usize)),
+                    )
+                })
                 .collect(),
         };
         let empty_data = Record::Publish {

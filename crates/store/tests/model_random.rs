@@ -29,7 +29,9 @@ impl Model {
     fn gen_record(&mut self, rng: &mut Rng) -> Record {
         if !self.published.is_empty() && rng.chance(30) {
             let n = rng.range(1, 6) as usize;
-            let seqs = (0..n).map(|_| self.published[rng.below(self.published.len())]).collect();
+            let seqs = (0..n)
+                .map(|_| self.published[rng.below(self.published.len())])
+                .collect();
             return ack(rng.range(1, 4), seqs);
         }
         let n = rng.range(1, 5);
@@ -38,11 +40,22 @@ impl Model {
                 let seq = self.next_seq;
                 self.next_seq += 1;
                 self.published.push(seq);
-                let size = if rng.chance(3) { rng.range(50_000, 200_000) } else { rng.range(0, 600) };
-                message(seq, &format!("m{seq}"), Bytes::from(rng.bytes(size as usize)))
+                let size = if rng.chance(3) {
+                    rng.range(50_000, 200_000)
+                } else {
+                    rng.range(0, 600)
+                };
+                message(
+                    seq,
+                    &format!("m{seq}"),
+                    Bytes::from(rng.bytes(size as usize)),
+                )
             })
             .collect();
-        Record::Publish { topic_uid: rng.range(1, 4), messages }
+        Record::Publish {
+            topic_uid: rng.range(1, 4),
+            messages,
+        }
     }
 
     fn gen_call(&mut self, rng: &mut Rng) -> Vec<Record> {
@@ -56,11 +69,22 @@ fn reopen_and_check(dir: &Path, model: &mut Model, ctx: &str) -> EmbeddedStore {
     let (store, replayed, next) = open_replay(dir);
     assert_eq!(replayed.len(), model.records.len(), "{ctx}: record count");
     for (i, (got, want)) in replayed.iter().zip(&model.records).enumerate() {
-        assert!(got == want, "{ctx}: record {i} differs:\n got {got:?}\nwant {want:?}");
+        assert!(
+            got == want,
+            "{ctx}: record {i} differs:\n got {got:?}\nwant {want:?}"
+        );
     }
-    assert_eq!(next, expected_next_seq(&model.records, 1), "{ctx}: next_seq");
+    assert_eq!(
+        next,
+        expected_next_seq(&model.records, 1),
+        "{ctx}: next_seq"
+    );
     assert_eq!(store.log_bytes(), model.bytes(), "{ctx}: log_bytes");
-    assert_eq!(file_len(&last_segment(dir)), model.bytes(), "{ctx}: segment cut to its good length");
+    assert_eq!(
+        file_len(&last_segment(dir)),
+        model.bytes(),
+        "{ctx}: segment cut to its good length"
+    );
     // Like the broker: seqs of torn, never-acknowledged publishes are reused.
     model.next_seq = next;
     let live: std::collections::BTreeSet<u64> = model
@@ -78,7 +102,11 @@ fn reopen_and_check(dir: &Path, model: &mut Model, ctx: &str) -> EmbeddedStore {
 async fn run(seed: u64, steps: usize) {
     let mut rng = Rng::new(seed);
     let dir = tempfile::tempdir().unwrap();
-    let mut model = Model { records: Vec::new(), published: Vec::new(), next_seq: 1 };
+    let mut model = Model {
+        records: Vec::new(),
+        published: Vec::new(),
+        next_seq: 1,
+    };
     let mut store = reopen_and_check(dir.path(), &mut model, &format!("seed {seed} initial"));
     let (mut appends, mut reopens, mut crashes) = (0, 0, 0);
     for step in 0..steps {
@@ -95,10 +123,16 @@ async fn run(seed: u64, steps: usize) {
                 model.records.extend(call);
             }
             for f in futs {
-                bounded(f).await.unwrap_or_else(|e| panic!("{ctx}: append failed: {e}"));
+                bounded(f)
+                    .await
+                    .unwrap_or_else(|e| panic!("{ctx}: append failed: {e}"));
             }
             appends += k;
-            assert_eq!(store.log_bytes(), model.bytes(), "{ctx}: log_bytes after appends");
+            assert_eq!(
+                store.log_bytes(),
+                model.bytes(),
+                "{ctx}: log_bytes after appends"
+            );
         } else if roll < 70 {
             // Clean restart, sometimes with appends still in flight: shutdown
             // writes everything already enqueued.
@@ -160,13 +194,20 @@ async fn run(seed: u64, steps: usize) {
             // One segment only (no roll at these sizes): nothing to reclaim,
             // whatever the watermark, and nothing may be lost.
             let lowest = rng.range(0, model.next_seq + 10);
-            assert_eq!(store.reclaim(lowest).unwrap(), 0, "{ctx}: the active segment is never reclaimed");
+            assert_eq!(
+                store.reclaim(lowest).unwrap(),
+                0,
+                "{ctx}: the active segment is never reclaimed"
+            );
             assert_eq!(store.log_bytes(), model.bytes(), "{ctx}");
         }
     }
     drop(store);
     let _ = reopen_and_check(dir.path(), &mut model, &format!("seed {seed} final"));
-    assert!(appends > 0 && reopens > 0 && crashes > 0, "seed {seed}: every operation was exercised");
+    assert!(
+        appends > 0 && reopens > 0 && crashes > 0,
+        "seed {seed}: every operation was exercised"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -22,7 +22,10 @@ struct Crafted {
 
 impl Crafted {
     fn all_from(&self, first_seg: usize) -> Vec<Record> {
-        self.segs[first_seg..].iter().flat_map(|s| s.1.clone()).collect()
+        self.segs[first_seg..]
+            .iter()
+            .flat_map(|s| s.1.clone())
+            .collect()
     }
     fn bytes_from(&self, first_seg: usize) -> u64 {
         self.segs[first_seg..].iter().map(|s| s.2).sum()
@@ -60,7 +63,10 @@ fn bases(dir: &Path) -> Vec<u64> {
 async fn reclaim_deletes_only_a_dead_prefix_of_closed_segments() {
     bounded(async {
         let dir = tempfile::tempdir().unwrap();
-        let c = craft(dir.path(), vec![publish(1, 31..=35, "active"), ack(5, vec![1, 31])]);
+        let c = craft(
+            dir.path(),
+            vec![publish(1, 31..=35, "active"), ack(5, vec![1, 31])],
+        );
         let (store, replayed, next) = open_replay(dir.path());
         assert_eq!(replayed, c.all_from(0));
         assert_eq!(next, 36);
@@ -102,7 +108,10 @@ async fn reclaim_deletes_only_a_dead_prefix_of_closed_segments() {
         let (store, replayed, next) = open_replay(dir.path());
         let mut want = c.all_from(3);
         want.push(more);
-        assert_eq!(replayed, want, "the active segment's records survive reclaim");
+        assert_eq!(
+            replayed, want,
+            "the active segment's records survive reclaim"
+        );
         assert_eq!(next, 37);
         assert_eq!(store.log_bytes(), disk_bytes(dir.path()));
     })
@@ -115,7 +124,11 @@ async fn reclaim_after_reopen_sees_the_same_segments() {
         let dir = tempfile::tempdir().unwrap();
         let c = craft(dir.path(), vec![publish(1, [31], "active")]);
         let (store, _, _) = open_replay(dir.path());
-        assert_eq!(store.reclaim(21).unwrap(), c.segs[0].2 + c.segs[1].2, "two segments at once");
+        assert_eq!(
+            store.reclaim(21).unwrap(),
+            c.segs[0].2 + c.segs[1].2,
+            "two segments at once"
+        );
         drop(store);
         // A reopened store knows the remaining closed segment.
         let (store, replayed, next) = open_replay(dir.path());
@@ -140,12 +153,19 @@ async fn next_seq_never_goes_backwards_when_only_an_empty_active_segment_is_left
         assert_eq!(next, 31);
         assert_eq!(store.reclaim(u64::MAX).unwrap(), c.bytes_from(0));
         assert_eq!(store.log_bytes(), 0);
-        assert_eq!(bases(dir.path()), vec![31], "the empty active segment must stay: it carries next_seq");
+        assert_eq!(
+            bases(dir.path()),
+            vec![31],
+            "the empty active segment must stay: it carries next_seq"
+        );
         drop(store);
 
         let (store, replayed, next) = open_replay(dir.path());
         assert!(replayed.is_empty());
-        assert_eq!(next, 31, "seqs 1..=30 were handed out; they must never be reused");
+        assert_eq!(
+            next, 31,
+            "seqs 1..=30 were handed out; they must never be reused"
+        );
         let r = publish(1, [31], "reused?");
         append_ok(&store, vec![r.clone()]).await;
         drop(store);
@@ -159,8 +179,12 @@ async fn next_seq_never_goes_backwards_when_only_an_empty_active_segment_is_left
 /// ~64 MiB of publishes in hand-made segment 1: seqs 1..=64, 1 MiB each.
 fn craft_full_segment(dir: &Path) -> (Vec<Record>, u64) {
     let data = Bytes::from(vec![0x5Au8; 1024 * 1024]);
-    let recs: Vec<Record> =
-        (1..=64u64).map(|s| Record::Publish { topic_uid: 1, messages: vec![message(s, "full", data.clone())] }).collect();
+    let recs: Vec<Record> = (1..=64u64)
+        .map(|s| Record::Publish {
+            topic_uid: 1,
+            messages: vec![message(s, "full", data.clone())],
+        })
+        .collect();
     let bytes = write_segment(dir, 1, &recs);
     assert!(bytes >= SEGMENT_BYTES);
     (recs, bytes)
@@ -182,13 +206,21 @@ async fn writer_rolls_a_full_segment_and_reclaims_it() {
         let r66 = publish(1, [66], "first-in-seg66");
         let a = ack(2, vec![1, 65, 66]);
         append_ok(&store, vec![r66.clone(), a.clone()]).await;
-        assert_eq!(bases(dir.path()), vec![1, 66], "the writer must have rolled to a new segment");
+        assert_eq!(
+            bases(dir.path()),
+            vec![1, 66],
+            "the writer must have rolled to a new segment"
+        );
         let seg1 = seg1_bytes + frame_len(&r65);
         assert_eq!(file_len(&seg_path(dir.path(), 1)), seg1);
         assert_eq!(store.log_bytes(), disk_bytes(dir.path()));
 
         // The rolled segment is known to reclaim without a reopen.
-        assert_eq!(store.reclaim(65).unwrap(), 0, "seq 65 is in segment 1 and still live");
+        assert_eq!(
+            store.reclaim(65).unwrap(),
+            0,
+            "seq 65 is in segment 1 and still live"
+        );
         assert_eq!(store.reclaim(66).unwrap(), seg1);
         assert_eq!(bases(dir.path()), vec![66]);
         assert_eq!(store.log_bytes(), frame_len(&r66) + frame_len(&a));
@@ -229,7 +261,11 @@ async fn roll_of_a_segment_without_publishes_keeps_the_active_segment_safe() {
         append_ok(&store, vec![a.clone()]).await;
         let p6 = publish(1, [6], "new");
         append_ok(&store, vec![p6.clone()]).await;
-        assert_eq!(store.log_bytes(), disk_bytes(dir.path()), "log_bytes must match the files on disk");
+        assert_eq!(
+            store.log_bytes(),
+            disk_bytes(dir.path()),
+            "log_bytes must match the files on disk"
+        );
 
         // The broker reclaims with lowest = next_seq (7) when nothing is
         // pending: segment 1 is dead, but the segment holding seq 6 is not.
@@ -239,7 +275,10 @@ async fn roll_of_a_segment_without_publishes_keeps_the_active_segment_safe() {
         drop(store);
 
         let (_s, replayed, next) = open_replay(dir.path());
-        assert_eq!(next, 7, "seq 6 was acknowledged as durable; next_seq must stay above it");
+        assert_eq!(
+            next, 7,
+            "seq 6 was acknowledged as durable; next_seq must stay above it"
+        );
         assert_eq!(replayed.len() as u64, ack_frames + 2);
         assert_eq!(&replayed[replayed.len() - 2..], &[a, p6]);
     })

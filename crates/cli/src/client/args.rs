@@ -25,7 +25,11 @@ pub fn parse_addr(s: &str) -> Result<String, String> {
     if s.is_empty() {
         return Err("the address is empty; expected HOST:PORT or http://HOST:PORT".into());
     }
-    let full = if s.contains("://") { s.to_string() } else { format!("http://{s}") };
+    let full = if s.contains("://") {
+        s.to_string()
+    } else {
+        format!("http://{s}")
+    };
     let url = reqwest::Url::parse(&full)
         .map_err(|e| format!("`{s}` is not a valid address ({e}); expected HOST:PORT or http://HOST:PORT"))?;
     match url.scheme() {
@@ -35,7 +39,11 @@ pub fn parse_addr(s: &str) -> Result<String, String> {
                 "`{s}`: https is not supported by this pubrun client yet; use http://HOST:PORT"
             ))
         }
-        other => return Err(format!("`{s}`: unsupported scheme `{other}`; expected http://HOST:PORT")),
+        other => {
+            return Err(format!(
+                "`{s}`: unsupported scheme `{other}`; expected http://HOST:PORT"
+            ))
+        }
     }
     if url.host_str().is_none_or(str::is_empty) {
         return Err(format!("`{s}` has no host; expected HOST:PORT or http://HOST:PORT"));

@@ -38,7 +38,11 @@ pub fn topic_path(t: &TopicName) -> String {
 }
 
 pub fn subscription_path(s: &SubscriptionName) -> String {
-    format!("/v1/projects/{}/subscriptions/{}", segment(s.project().id()), segment(s.id()))
+    format!(
+        "/v1/projects/{}/subscriptions/{}",
+        segment(s.project().id()),
+        segment(s.id())
+    )
 }
 
 pub fn project_path(project: &str, collection: &str) -> String {
@@ -75,11 +79,23 @@ mod tests {
 
     #[test]
     fn resolves_short_and_full_names() {
-        assert_eq!(topic("demo", "orders").unwrap().to_string(), "projects/demo/topics/orders");
-        assert_eq!(topic("demo", "projects/p2/topics/orders").unwrap().to_string(), "projects/p2/topics/orders");
+        assert_eq!(
+            topic("demo", "orders").unwrap().to_string(),
+            "projects/demo/topics/orders"
+        );
+        assert_eq!(
+            topic("demo", "projects/p2/topics/orders").unwrap().to_string(),
+            "projects/p2/topics/orders"
+        );
         assert!(topic("demo", "projects/p2/subscriptions/orders").is_err());
-        assert!(topic("demo", "a/b").unwrap_err().to_string().contains("expected a topic id"));
-        assert!(topic("demo", "9lives").unwrap_err().to_string().contains("must start with a letter"));
+        assert!(topic("demo", "a/b")
+            .unwrap_err()
+            .to_string()
+            .contains("expected a topic id"));
+        assert!(topic("demo", "9lives")
+            .unwrap_err()
+            .to_string()
+            .contains("must start with a letter"));
         assert_eq!(
             subscription("demo", "work").unwrap().to_string(),
             "projects/demo/subscriptions/work"
@@ -95,8 +111,14 @@ mod tests {
     #[test]
     fn short_names() {
         assert_eq!(short("projects/demo/topics/t1", "demo", "topics"), "t1");
-        assert_eq!(short("projects/other/topics/t1", "demo", "topics"), "projects/other/topics/t1");
-        assert_eq!(short("projects/demo2/topics/t1", "demo", "topics"), "projects/demo2/topics/t1");
+        assert_eq!(
+            short("projects/other/topics/t1", "demo", "topics"),
+            "projects/other/topics/t1"
+        );
+        assert_eq!(
+            short("projects/demo2/topics/t1", "demo", "topics"),
+            "projects/demo2/topics/t1"
+        );
         assert_eq!(short("_deleted-topic_", "demo", "topics"), "_deleted-topic_");
     }
 }

@@ -16,7 +16,9 @@ use pubrun_store::{EmbeddedStore, Record, Store, StoreError};
 pub const TEST_TIMEOUT: Duration = Duration::from_secs(120);
 
 pub async fn bounded<F: Future>(f: F) -> F::Output {
-    tokio::time::timeout(TEST_TIMEOUT, f).await.expect("test timed out (an append future never resolved?)")
+    tokio::time::timeout(TEST_TIMEOUT, f)
+        .await
+        .expect("test timed out (an append future never resolved?)")
 }
 
 /// Small deterministic PRNG (splitmix64): no extra dependencies, reproducible by seed.
@@ -53,14 +55,18 @@ impl Rng {
 pub fn message(seq: u64, tag: &str, data: Bytes) -> Message {
     let mut attributes = BTreeMap::new();
     attributes.insert("tag".to_string(), tag.to_string());
-    if seq % 2 == 0 {
+    if seq.is_multiple_of(2) {
         attributes.insert("even".to_string(), "yes".to_string());
     }
     Message {
         seq,
         data,
         attributes,
-        ordering_key: if seq % 3 == 0 { format!("key-{}", seq % 7) } else { String::new() },
+        ordering_key: if seq.is_multiple_of(3) {
+            format!("key-{}", seq % 7)
+        } else {
+            String::new()
+        },
         publish_time_nanos: 1_700_000_000_000_000_000 + seq as i64,
     }
 }
@@ -160,7 +166,9 @@ pub fn replay_err(dir: &Path) -> StoreError {
     let store = EmbeddedStore::open(dir).expect("open store");
     let mut n = 0usize;
     match store.replay(&mut |_| n += 1) {
-        Ok(next) => panic!("replay succeeded ({n} records, next_seq {next}) but corruption was expected"),
+        Ok(next) => {
+            panic!("replay succeeded ({n} records, next_seq {next}) but corruption was expected")
+        }
         Err(e) => e,
     }
 }
@@ -168,7 +176,13 @@ pub fn replay_err(dir: &Path) -> StoreError {
 /// The next seq a correct replay must return for `records` in a log whose
 /// newest segment starts at `floor`.
 pub fn expected_next_seq(records: &[Record], floor: u64) -> u64 {
-    records.iter().filter_map(|r| r.last_seq()).map(|s| s + 1).max().unwrap_or(1).max(floor)
+    records
+        .iter()
+        .filter_map(|r| r.last_seq())
+        .map(|s| s + 1)
+        .max()
+        .unwrap_or(1)
+        .max(floor)
 }
 
 pub async fn append_ok(store: &EmbeddedStore, records: Vec<Record>) {

@@ -1,0 +1,193 @@
+//! `pubrun topics …` and `pubrun subscriptions …`.
+
+use anyhow::{bail, Result};
+use serde_json::{json, Map, Value};
+
+use super::api::Api;
+use super::args::ConnArgs;
+use super::{names, output, SubscriptionsCommand, TopicsCommand};
+
+pub async fn topics(cmd: TopicsCommand) -> Result<()> {
+    match cmd {
+        TopicsCommand::Create { name, labels, conn } => {
+            let api = Api::new(&conn)?;
+            let topic = names::topic(&conn.project, &name)?;
+            let mut body = Map::new();
+            if !labels.is_empty() {
+                body.insert("labels".into(), string_map("label", &labels)?);
+            }
+            let resp = api.put(&names::topic_path(&topic), &Value::Object(body)).await?;
+            done(&conn, &resp, &format!("created topic {topic}"))
+        }
+        TopicsCommand::List { conn } => {
+            let api = Api::new(&conn)?;
+            let topics = api
+                .list_all(&names::project_path(&conn.project, "topics"), "topics")
+                .await?;
+            if conn.json {
+                return output::json(&json!({ "topics": topics }));
+            }
+            if topics.is_empty() {
+                eprintln!("no topics in projects/{}", conn.project);
+                return Ok(());
+            }
+            let rows: Vec<Vec<String>> = topics
+                .iter()
+                .map(|t| {
+                    let name = str_field(t, "name");
+                    vec![
+                        names::short(name, &conn.project, "topics").to_string(),
+                        output::map_pairs(t.get("labels").unwrap_or(&Value::Null)),
+                    ]
+                })
+                .collect();
+            output::out(&output::table(&["TOPIC", "LABELS"], &rows))
+        }
+        TopicsCommand::Get { name, conn } => {
+            let api = Api::new(&conn)?;
+            let topic = names::topic(&conn.project, &name)?;
+            let resp = api.get(&names::topic_path(&topic)).await?;
+            show(&conn, &resp)
+        }
+        TopicsCommand::Delete { name, conn } => {
+            let api = Api::new(&conn)?;
+            let topic = names::topic(&conn.project, &name)?;
+            let resp = api.delete(&names::topic_path(&topic)).await?;
+            done(&conn, &resp, &format!("deleted topic {topic}"))
+        }
+    }
+}
+
+pub async fn subscriptions(cmd: SubscriptionsCommand) -> Result<()> {
+    match cmd {
+        SubscriptionsCommand::Create {
+            name,
+            topic,
+            ack_deadline,
+            filter,
+            enable_message_ordering,
+            labels,
+            conn,
+        } => {
+            let api = Api::new(&conn)?;
+            let sub = names::subscription(&conn.project, &name)?;
+            let topic = names::topic(&conn.project, &topic)?;
+            let mut body = Map::new();
+            body.insert("topic".into(), json!(topic.to_string()));
+            if let Some(secs) = ack_deadline {
+                body.insert("ackDeadlineSeconds".into(), json!(secs));
+            }
+            if let Some(f) = filter {
+                body.insert("filter".into(), json!(f));
+            }
+            if enable_message_ordering {
+                body.insert("enableMessageOrdering".into(), json!(true));
+            }
+            if !labels.is_empty() {
+                body.insert("labels".into(), string_map("label", &labels)?);
+            }
+            let resp = api.put(&names::subscription_path(&sub), &Value::Object(body)).await?;
+            done(&conn, &resp, &format!("created subscription {sub} on {topic}"))
+        }
+        SubscriptionsCommand::List {
+            topic: Some(topic),
+            conn,
+        } => {
+            let api = Api::new(&conn)?;
+            let topic = names::topic(&conn.project, &topic)?;
+            let path = format!("{}/subscriptions", names::topic_path(&topic));
+            // Google answers this one with names only.
+            let subs = api.list_all(&path, "subscriptions").await?;
+            if conn.json {
+                return output::json(&json!({ "subscriptions": subs }));
+            }
+            if subs.is_empty() {
+                eprintln!("no subscriptions on {topic}");
+                return Ok(());
+            }
+            let rows: Vec<Vec<String>> = subs
+                .iter()
+                .map(|s| {
+                    let name = s.as_str().unwrap_or_else(|| str_field(s, "name"));
+                    vec![names::short(name, &conn.project, "subscriptions").to_string()]
+                })
+                .collect();
+            output::out(&output::table(&["SUBSCRIPTION"], &rows))
+        }
+        SubscriptionsCommand::List { topic: None, conn } => {
+            let api = Api::new(&conn)?;
+            let path = names::project_path(&conn.project, "subscriptions");
+            let subs = api.list_all(&path, "subscriptions").await?;
+            if conn.json {
+                return output::json(&json!({ "subscriptions": subs }));
+            }
+            if subs.is_empty() {
+                eprintln!("no subscriptions in projects/{}", conn.project);
+                return Ok(());
+            }
+            let rows: Vec<Vec<String>> = subs
+                .iter()
+                .map(|s| {
+                    let ack = match s.get("ackDeadlineSeconds") {
+                        Some(Value::Number(n)) => format!("{n}s"),
+                        Some(Value::String(n)) if !n.is_empty() => format!("{n}s"),
+                        _ => "-".into(),
+                    };
+                    vec![
+                        names::short(str_field(s, "name"), &conn.project, "subscriptions").to_string(),
+                        names::short(str_field(s, "topic"), &conn.project, "topics").to_string(),
+                        ack,
+                        output::map_pairs(s.get("labels").unwrap_or(&Value::Null)),
+                    ]
+                })
+                .collect();
+            output::out(&output::table(
+                &["SUBSCRIPTION", "TOPIC", "ACK DEADLINE", "LABELS"],
+                &rows,
+            ))
+        }
+        SubscriptionsCommand::Get { name, conn } => {
+            let api = Api::new(&conn)?;
+            let sub = names::subscription(&conn.project, &name)?;
+            let resp = api.get(&names::subscription_path(&sub)).await?;
+            show(&conn, &resp)
+        }
+        SubscriptionsCommand::Delete { name, conn } => {
+            let api = Api::new(&conn)?;
+            let sub = names::subscription(&conn.project, &name)?;
+            let resp = api.delete(&names::subscription_path(&sub)).await?;
+            done(&conn, &resp, &format!("deleted subscription {sub}"))
+        }
+    }
+}
+
+/// `KEY=VALUE` pairs as a JSON object; a key given twice is an error.
+pub fn string_map(what: &str, pairs: &[(String, String)]) -> Result<Value> {
+    let mut m = Map::new();
+    for (k, v) in pairs {
+        if m.insert(k.clone(), json!(v)).is_some() {
+            bail!("{what} `{k}` is given more than once");
+        }
+    }
+    Ok(Value::Object(m))
+}
+
+fn str_field<'a>(v: &'a Value, key: &str) -> &'a str {
+    v.get(key).and_then(Value::as_str).unwrap_or("-")
+}
+
+fn done(conn: &ConnArgs, resp: &Value, message: &str) -> Result<()> {
+    if conn.json {
+        output::json(resp)
+    } else {
+        output::out(&format!("{message}\n"))
+    }
+}
+
+fn show(conn: &ConnArgs, resp: &Value) -> Result<()> {
+    if conn.json {
+        output::json(resp)
+    } else {
+        output::out(&output::fields(resp))
+    }
+}

@@ -1,0 +1,182 @@
+//! Jobs: what to run for every message of a topic, and how.
+//!
+//! A [`JobSpec`] is the validated form of a `[[job]]` table in `pubrun.toml`
+//! (see `manifest.rs`); it is what the dispatcher executes and what the REST
+//! API shows. String fields marked "template" are rendered per message.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobSpec {
+    /// Job id: same rules as a topic id.
+    pub name: String,
+    /// Full topic name the job listens to.
+    pub topic: String,
+    /// Pub/Sub filter on attributes (empty = every message). Parsed by the broker.
+    #[serde(default)]
+    pub filter: String,
+    pub executor: ExecutorSpec,
+    #[serde(with = "humantime_serde_secs")]
+    pub timeout: Duration,
+    /// Time between SIGTERM (`docker stop`) and SIGKILL on timeout or cancel.
+    #[serde(with = "humantime_serde_secs")]
+    pub grace_period: Duration,
+    pub retries: RetryPolicy,
+    /// Runs of this job at the same time.
+    pub concurrency: u32,
+    /// Template; a second message with the same key inside `dedup_window`
+    /// creates no run. Default: the message id.
+    #[serde(default)]
+    pub dedup_key: String,
+    #[serde(with = "humantime_serde_secs")]
+    pub dedup_window: Duration,
+    /// Full topic name that receives one message per finished run.
+    #[serde(default)]
+    pub result_topic: String,
+    /// Bytes of stdout+stderr kept per run; the rest is dropped (and counted).
+    pub log_limit_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ExecutorSpec {
+    Process(ProcessSpec),
+    Docker(DockerSpec),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct ProcessSpec {
+    /// Template.
+    pub command: String,
+    /// Templates.
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// Values are templates.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Working directory; default a fresh per-run directory.
+    #[serde(default)]
+    pub working_dir: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct DockerSpec {
+    pub image: String,
+    /// Overrides the image's entrypoint+cmd when non-empty. Templates.
+    #[serde(default)]
+    pub command: Vec<String>,
+    /// Values are templates.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub mounts: Vec<Mount>,
+    /// CPUs, e.g. 1.5.
+    #[serde(default)]
+    pub cpus: Option<f64>,
+    #[serde(default)]
+    pub memory_bytes: Option<u64>,
+    /// Docker network name (default: the engine's default bridge).
+    #[serde(default)]
+    pub network: String,
+    #[serde(default)]
+    pub pull: PullPolicy,
+    #[serde(default)]
+    pub auth: Option<RegistryAuth>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Mount {
+    /// Host path.
+    pub source: String,
+    /// Path in the container.
+    pub target: String,
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum PullPolicy {
+    /// Pull only when the image is not present locally.
+    #[default]
+    IfNotPresent,
+    Always,
+    Never,
+}
+
+/// Registry credentials. The password is never stored in the spec: it is
+/// read from the named environment variable of the server when pulling.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RegistryAuth {
+    pub username: String,
+    pub password_env: String,
+    /// Registry host, default the image's registry.
+    #[serde(default)]
+    pub server: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RetryPolicy {
+    /// Attempts in total, including the first (1 = no retry).
+    pub max_attempts: u32,
+    #[serde(with = "humantime_serde_secs")]
+    pub initial_backoff: Duration,
+    #[serde(with = "humantime_serde_secs")]
+    pub max_backoff: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy { max_attempts: 1, initial_backoff: Duration::from_secs(10), max_backoff: Duration::from_secs(300) }
+    }
+}
+
+impl RetryPolicy {
+    /// Delay before attempt `next_attempt` (2 = first retry): exponential,
+    /// capped, with "full jitter" scaled by `jitter` in [0, 1) so that
+    /// retries of many runs spread out. Pure: the caller supplies randomness.
+    pub fn backoff(&self, next_attempt: u32, jitter: f64) -> Duration {
+        let exp = next_attempt.saturating_sub(2).min(30);
+        let base = self.initial_backoff.as_secs_f64() * 2f64.powi(exp as i32);
+        let capped = base.min(self.max_backoff.as_secs_f64());
+        // Half fixed, half random: never retries instantly, still spreads.
+        Duration::from_secs_f64(capped * (0.5 + 0.5 * jitter.clamp(0.0, 1.0)))
+    }
+}
+
+/// Durations as seconds (with fractions) in JSON, readable and unambiguous.
+mod humantime_serde_secs {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(d.as_secs_f64())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let secs = f64::deserialize(d)?;
+        if !(0.0..=1e12).contains(&secs) {
+            return Err(serde::de::Error::custom("duration out of range"));
+        }
+        Ok(Duration::from_secs_f64(secs))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_caps() {
+        let p = RetryPolicy { max_attempts: 5, initial_backoff: Duration::from_secs(10), max_backoff: Duration::from_secs(35) };
+        assert_eq!(p.backoff(2, 1.0), Duration::from_secs(10));
+        assert_eq!(p.backoff(3, 1.0), Duration::from_secs(20));
+        assert_eq!(p.backoff(4, 1.0), Duration::from_secs(35));
+        assert_eq!(p.backoff(2, 0.0), Duration::from_secs(5));
+        assert_eq!(p.backoff(40, 1.0), Duration::from_secs(35));
+    }
+}

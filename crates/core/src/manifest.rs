@@ -1,0 +1,489 @@
+//! `pubrun.toml`: the declarative manifest, parsed in two steps — raw TOML
+//! (unknown keys rejected) → validated resources — with every error pointing
+//! at `file:line:column`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Range;
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::config::{normalize_ack_deadline, validate_labels, Labels, SubscriptionConfig, TopicConfig};
+use crate::job::{DockerSpec, ExecutorSpec, JobSpec, Mount, ProcessSpec, PullPolicy, RegistryAuth, RetryPolicy};
+use crate::names::{validate_resource_id, ProjectName, SubscriptionName, TopicName};
+use crate::template;
+
+/// Everything a manifest declares, validated and with full resource names.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Manifest {
+    pub project: String,
+    pub topics: Vec<TopicConfig>,
+    pub subscriptions: Vec<SubscriptionConfig>,
+    pub jobs: Vec<JobSpec>,
+}
+
+/// A manifest error with its location.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{file}:{line}:{column}: {message}")]
+pub struct ManifestError {
+    pub file: String,
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawManifest {
+    project: Option<Spanned<String>>,
+    #[serde(default)]
+    topic: Vec<RawTopic>,
+    #[serde(default)]
+    subscription: Vec<RawSubscription>,
+    #[serde(default)]
+    job: Vec<RawJob>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTopic {
+    name: Spanned<String>,
+    labels: Option<Spanned<Labels>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSubscription {
+    name: Spanned<String>,
+    topic: Spanned<String>,
+    #[serde(default)]
+    ack_deadline_seconds: Option<Spanned<i32>>,
+    labels: Option<Spanned<Labels>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawJob {
+    name: Spanned<String>,
+    topic: Spanned<String>,
+    #[serde(default)]
+    filter: Option<Spanned<String>>,
+    process: Option<Spanned<RawProcess>>,
+    docker: Option<Spanned<RawDocker>>,
+    timeout: Option<Spanned<String>>,
+    grace_period: Option<Spanned<String>>,
+    retries: Option<Spanned<RawRetries>>,
+    concurrency: Option<Spanned<u32>>,
+    dedup_key: Option<Spanned<String>>,
+    dedup_window: Option<Spanned<String>>,
+    result_topic: Option<Spanned<String>>,
+    log_limit: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProcess {
+    command: String,
+    #[serde(default)]
+    args: Vec<String>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    #[serde(default)]
+    working_dir: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDocker {
+    image: String,
+    #[serde(default)]
+    command: Vec<String>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    #[serde(default)]
+    mounts: Vec<RawMount>,
+    cpus: Option<f64>,
+    memory: Option<String>,
+    #[serde(default)]
+    network: String,
+    #[serde(default)]
+    pull: Option<String>,
+    auth: Option<RawAuth>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMount {
+    source: String,
+    target: String,
+    #[serde(default)]
+    read_only: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAuth {
+    username: String,
+    password_env: String,
+    #[serde(default)]
+    server: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRetries {
+    max_attempts: u32,
+    initial_backoff: Option<String>,
+    max_backoff: Option<String>,
+}
+
+struct Ctx<'a> {
+    file: &'a str,
+    src: &'a str,
+}
+
+impl Ctx<'_> {
+    fn err(&self, span: Range<usize>, message: impl Into<String>) -> ManifestError {
+        let upto = &self.src[..span.start.min(self.src.len())];
+        let line = upto.matches('\n').count() + 1;
+        let column = upto.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+        ManifestError { file: self.file.to_string(), line, column, message: message.into() }
+    }
+
+    fn duration(&self, v: &Option<Spanned<String>>, default: Duration, what: &str) -> Result<Duration, ManifestError> {
+        match v {
+            None => Ok(default),
+            Some(s) => humantime::parse_duration(s.get_ref()).map_err(|e| {
+                self.err(s.span(), format!("{what}: \"{}\" is not a duration ({e}); write e.g. \"90s\", \"30m\", \"2h\"", s.get_ref()))
+            }),
+        }
+    }
+}
+
+fn labels_of(cx: &Ctx<'_>, l: &Option<Spanned<Labels>>) -> Result<Labels, ManifestError> {
+    match l {
+        None => Ok(Labels::new()),
+        Some(l) => {
+            validate_labels(l.get_ref()).map_err(|e| cx.err(l.span(), e.message))?;
+            Ok(l.get_ref().clone())
+        }
+    }
+}
+
+/// Parses a size such as `512m`, `2g`, `1GiB`, `100000` into bytes.
+pub fn parse_bytes(s: &str) -> Option<u64> {
+    let t = s.trim().to_ascii_lowercase();
+    let split = t.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num.parse().ok()?;
+    let mult: u64 = match unit.trim() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        _ => return None,
+    };
+    Some((n * mult as f64) as u64)
+}
+
+fn resolve_topic(project: &ProjectName, s: &str) -> crate::Result<TopicName> {
+    if s.starts_with("projects/") {
+        TopicName::parse(s)
+    } else {
+        TopicName::new(project.clone(), s)
+    }
+}
+
+/// Name of the subscription pubrun creates for a job.
+pub fn job_subscription(project: &str, job: &str) -> String {
+    format!("projects/{project}/subscriptions/pubrun-job-{job}")
+}
+
+/// Parses and validates a manifest. `file` is only used in messages.
+pub fn parse(file: &str, src: &str) -> Result<Manifest, ManifestError> {
+    let cx = Ctx { file, src };
+    let raw: RawManifest = toml::from_str(src).map_err(|e| {
+        let span = e.span().unwrap_or(0..0);
+        cx.err(span, e.message().trim().to_string())
+    })?;
+    let project_str = raw.project.as_ref().map(|p| p.get_ref().clone()).unwrap_or_else(|| "demo".to_string());
+    let project = ProjectName::from_id(&project_str)
+        .map_err(|e| cx.err(raw.project.as_ref().map_or(0..0, |p| p.span()), e.message))?;
+    let mut m = Manifest { project: project_str.clone(), ..Default::default() };
+
+    let mut seen = BTreeSet::new();
+    for t in &raw.topic {
+        let name = resolve_topic(&project, t.name.get_ref()).map_err(|e| cx.err(t.name.span(), e.message))?;
+        if !seen.insert(name.to_string()) {
+            return Err(cx.err(t.name.span(), format!("topic \"{}\" is declared twice", t.name.get_ref())));
+        }
+        let labels = labels_of(&cx, &t.labels)?;
+        m.topics.push(TopicConfig { name: name.to_string(), labels });
+    }
+    let declared = seen.clone();
+    let topic_ref = |s: &Spanned<String>| -> Result<TopicName, ManifestError> {
+        let name = resolve_topic(&project, s.get_ref()).map_err(|e| cx.err(s.span(), e.message))?;
+        if !declared.contains(&name.to_string()) {
+            // Topics may also exist on the server already; apply checks those.
+            // Declaring them keeps a manifest self-contained, so we ask for it.
+            return Err(cx.err(
+                s.span(),
+                format!("topic \"{}\" is not declared; add a [[topic]] with name = \"{}\"", s.get_ref(), name.id()),
+            ));
+        }
+        Ok(name)
+    };
+
+    let mut sub_names = BTreeSet::new();
+    for s in &raw.subscription {
+        let name = SubscriptionName::new(project.clone(), s.name.get_ref())
+            .or_else(|_| SubscriptionName::parse(s.name.get_ref()))
+            .map_err(|e| cx.err(s.name.span(), e.message))?;
+        if !sub_names.insert(name.to_string()) {
+            return Err(cx.err(s.name.span(), format!("subscription \"{}\" is declared twice", s.name.get_ref())));
+        }
+        let topic = topic_ref(&s.topic)?;
+        let ack = match &s.ack_deadline_seconds {
+            Some(a) => normalize_ack_deadline(*a.get_ref()).map_err(|e| cx.err(a.span(), e.message))?,
+            None => normalize_ack_deadline(0).unwrap(),
+        };
+        let labels = labels_of(&cx, &s.labels)?;
+        m.subscriptions.push(SubscriptionConfig {
+            name: name.to_string(),
+            topic: topic.to_string(),
+            labels,
+            ack_deadline_seconds: ack,
+        });
+    }
+
+    let mut job_names = BTreeSet::new();
+    for j in &raw.job {
+        let name = j.name.get_ref();
+        validate_resource_id("job", name).map_err(|e| cx.err(j.name.span(), e.message))?;
+        if !job_names.insert(name.clone()) {
+            return Err(cx.err(j.name.span(), format!("job \"{name}\" is declared twice")));
+        }
+        let topic = topic_ref(&j.topic)?;
+        let check_tmpl = |span: Range<usize>, s: &str| -> Result<(), ManifestError> {
+            template::validate(s).map_err(|e| cx.err(span, e.message))
+        };
+        let executor = match (&j.process, &j.docker) {
+            (Some(p), None) => {
+                let r = p.get_ref();
+                if r.command.is_empty() {
+                    return Err(cx.err(p.span(), "process.command must not be empty"));
+                }
+                for s in std::iter::once(&r.command).chain(&r.args).chain(r.env.values()) {
+                    check_tmpl(p.span(), s)?;
+                }
+                ExecutorSpec::Process(ProcessSpec {
+                    command: r.command.clone(),
+                    args: r.args.clone(),
+                    env: r.env.clone(),
+                    working_dir: r.working_dir.clone(),
+                })
+            }
+            (None, Some(d)) => {
+                let r = d.get_ref();
+                if r.image.trim().is_empty() {
+                    return Err(cx.err(d.span(), "docker.image must not be empty"));
+                }
+                for s in r.command.iter().chain(r.env.values()) {
+                    check_tmpl(d.span(), s)?;
+                }
+                let memory_bytes = match &r.memory {
+                    Some(s) => Some(parse_bytes(s).ok_or_else(|| {
+                        cx.err(d.span(), format!("docker.memory: \"{s}\" is not a size; write e.g. \"512m\" or \"2g\""))
+                    })?),
+                    None => None,
+                };
+                if let Some(c) = r.cpus {
+                    if !(c > 0.0 && c <= 1024.0) {
+                        return Err(cx.err(d.span(), format!("docker.cpus is {c}; it must be above 0")));
+                    }
+                }
+                let pull = match r.pull.as_deref() {
+                    None | Some("if-not-present") => PullPolicy::IfNotPresent,
+                    Some("always") => PullPolicy::Always,
+                    Some("never") => PullPolicy::Never,
+                    Some(other) => {
+                        return Err(cx.err(
+                            d.span(),
+                            format!("docker.pull is \"{other}\"; one of \"if-not-present\", \"always\", \"never\""),
+                        ))
+                    }
+                };
+                for mnt in &r.mounts {
+                    if !mnt.target.starts_with('/') {
+                        return Err(cx.err(d.span(), format!("mount target \"{}\" must be an absolute path", mnt.target)));
+                    }
+                }
+                ExecutorSpec::Docker(DockerSpec {
+                    image: r.image.clone(),
+                    command: r.command.clone(),
+                    env: r.env.clone(),
+                    mounts: r
+                        .mounts
+                        .iter()
+                        .map(|x| Mount { source: x.source.clone(), target: x.target.clone(), read_only: x.read_only })
+                        .collect(),
+                    cpus: r.cpus,
+                    memory_bytes,
+                    network: r.network.clone(),
+                    pull,
+                    auth: r.auth.as_ref().map(|a| RegistryAuth {
+                        username: a.username.clone(),
+                        password_env: a.password_env.clone(),
+                        server: a.server.clone(),
+                    }),
+                })
+            }
+            (Some(_), Some(d)) => return Err(cx.err(d.span(), "a job has either `process` or `docker`, not both")),
+            (None, None) => {
+                return Err(cx.err(j.name.span(), format!("job \"{name}\" needs `process = {{ command = … }}` or `docker = {{ image = … }}`")))
+            }
+        };
+        let retries = match &j.retries {
+            None => RetryPolicy::default(),
+            Some(r) => {
+                let raw = r.get_ref();
+                if raw.max_attempts == 0 {
+                    return Err(cx.err(r.span(), "retries.max_attempts counts the first attempt too; it must be at least 1"));
+                }
+                let d = RetryPolicy::default();
+                let parse = |v: &Option<String>, dflt: Duration, what: &str| match v {
+                    None => Ok(dflt),
+                    Some(s) => humantime::parse_duration(s).map_err(|e| cx.err(r.span(), format!("retries.{what}: \"{s}\" ({e})"))),
+                };
+                let initial = parse(&raw.initial_backoff, d.initial_backoff, "initial_backoff")?;
+                let max = parse(&raw.max_backoff, d.max_backoff, "max_backoff")?;
+                if max < initial {
+                    return Err(cx.err(r.span(), "retries.max_backoff must not be below initial_backoff"));
+                }
+                RetryPolicy { max_attempts: raw.max_attempts, initial_backoff: initial, max_backoff: max }
+            }
+        };
+        let concurrency = match &j.concurrency {
+            Some(c) if *c.get_ref() == 0 => return Err(cx.err(c.span(), "concurrency must be at least 1")),
+            Some(c) => *c.get_ref(),
+            None => 1,
+        };
+        let timeout = cx.duration(&j.timeout, Duration::from_secs(3600), "timeout")?;
+        if timeout.is_zero() {
+            return Err(cx.err(j.timeout.as_ref().unwrap().span(), "timeout must be above 0"));
+        }
+        let dedup_key = match &j.dedup_key {
+            Some(k) => {
+                check_tmpl(k.span(), k.get_ref())?;
+                k.get_ref().clone()
+            }
+            None => String::new(),
+        };
+        let result_topic = match &j.result_topic {
+            Some(t) => topic_ref(t)?.to_string(),
+            None => String::new(),
+        };
+        let log_limit_bytes = match &j.log_limit {
+            Some(s) => parse_bytes(s.get_ref())
+                .ok_or_else(|| cx.err(s.span(), format!("log_limit: \"{}\" is not a size; e.g. \"10m\"", s.get_ref())))?,
+            None => 10 << 20,
+        };
+        m.jobs.push(JobSpec {
+            name: name.clone(),
+            topic: topic.to_string(),
+            filter: j.filter.as_ref().map(|f| f.get_ref().clone()).unwrap_or_default(),
+            executor,
+            timeout,
+            grace_period: cx.duration(&j.grace_period, Duration::from_secs(10), "grace_period")?,
+            retries,
+            concurrency,
+            dedup_key,
+            dedup_window: cx.duration(&j.dedup_window, Duration::from_secs(24 * 3600), "dedup_window")?,
+            result_topic,
+            log_limit_bytes,
+        });
+    }
+    Ok(m)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+project = "demo"
+
+[[topic]]
+name = "uploads"
+[[topic]]
+name = "results"
+
+[[job]]
+name = "fit-model"
+topic = "uploads"
+process = { command = "python3", args = ["fit.py", "{{ attributes.objectId }}"] }
+timeout = "30m"
+retries = { max_attempts = 3, initial_backoff = "10s", max_backoff = "5m" }
+concurrency = 4
+result_topic = "results"
+dedup_key = "{{ publish_time | date }}"
+"#;
+
+    #[test]
+    fn parses_the_design_example() {
+        let m = parse("pubrun.toml", GOOD).unwrap();
+        assert_eq!(m.topics.len(), 2);
+        let j = &m.jobs[0];
+        assert_eq!(j.topic, "projects/demo/topics/uploads");
+        assert_eq!(j.result_topic, "projects/demo/topics/results");
+        assert_eq!(j.timeout, Duration::from_secs(1800));
+        assert_eq!(j.retries.max_attempts, 3);
+        assert_eq!(j.concurrency, 4);
+        assert!(matches!(&j.executor, ExecutorSpec::Process(p) if p.args[1] == "{{ attributes.objectId }}"));
+    }
+
+    fn err(src: &str) -> ManifestError {
+        parse("pubrun.toml", src).unwrap_err()
+    }
+
+    #[test]
+    fn unknown_keys_point_at_their_line() {
+        let e = err("project = \"demo\"\n[[topic]]\nname = \"abc\"\ncolour = \"red\"\n");
+        assert_eq!((e.line, e.file.as_str()), (4, "pubrun.toml"));
+        assert!(e.message.contains("colour"), "{e}");
+        assert!(e.to_string().starts_with("pubrun.toml:4:"), "{e}");
+    }
+
+    #[test]
+    fn semantic_errors_point_at_the_value() {
+        let e = err("[[topic]]\nname = \"uploads\"\n[[job]]\nname = \"j1x\"\ntopic = \"upload\"\nprocess = { command = \"true\" }\n");
+        assert_eq!(e.line, 5);
+        assert!(e.message.contains("not declared"), "{e}");
+        let e = err("[[topic]]\nname = \"uploads\"\n[[job]]\nname = \"j1x\"\ntopic = \"uploads\"\nprocess = { command = \"echo\", args = [\"{{ atributes.x }}\"] }\n");
+        assert_eq!(e.line, 6);
+        assert!(e.message.contains("atributes"), "{e}");
+        let e = err("[[topic]]\nname = \"uploads\"\n[[job]]\nname = \"j1x\"\ntopic = \"uploads\"\nprocess = { command = \"x\" }\ntimeout = \"soon\"\n");
+        assert_eq!(e.line, 7);
+        let e = err("[[topic]]\nname = \"up\"\n");
+        assert!(e.message.contains("between 3 and 255"), "{e}");
+        let e = err("[[topic]]\nname = \"uploads\"\n[[job]]\nname = \"j1x\"\ntopic = \"uploads\"\n");
+        assert!(e.message.contains("needs `process"), "{e}");
+        let e = err("[[topic]]\nname = \"uploads\"\n[[job]]\nname = \"j1x\"\ntopic = \"uploads\"\ndocker = { image = \"x\", memory = \"lots\" }\n");
+        assert!(e.message.contains("memory"), "{e}");
+    }
+
+    #[test]
+    fn syntax_error_has_position() {
+        let e = err("project = \"demo\"\n[[topic]\nname = 1\n");
+        assert_eq!(e.line, 2, "{e}");
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_bytes("512m"), Some(512 << 20));
+        assert_eq!(parse_bytes("1GiB"), Some(1 << 30));
+        assert_eq!(parse_bytes("100"), Some(100));
+        assert_eq!(parse_bytes("lots"), None);
+    }
+}

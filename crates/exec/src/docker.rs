@@ -1,0 +1,3 @@
+//! Runs an attempt as a container through the Docker Engine API.
+
+pub struct DockerExecutor;

@@ -1,0 +1,3 @@
+//! Runs an attempt as a local child process.
+
+pub struct ProcessExecutor;

@@ -1,0 +1,604 @@
+//! The dispatcher: intake, scheduler, execution, recovery, results.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use pubrun_broker::{Broker, Delivered};
+use pubrun_core::job::{ExecutorSpec, JobSpec};
+use pubrun_core::manifest::job_subscription;
+use pubrun_core::run::{Exit, RunStatus};
+use pubrun_core::template::{self, TemplateContext};
+use pubrun_core::{Error, OutgoingMessage, Result, SubscriptionConfig, SubscriptionName, TopicName};
+use pubrun_exec::{CancellationToken, Executor, LogSink, RunRequest};
+use tokio::sync::Notify;
+
+use crate::runstore::{Enqueued, RunRecord, RunStore, SourceMessage};
+
+/// Executors by kind. Docker is optional: without an engine, docker runs
+/// fail with an infrastructure error and wait.
+#[derive(Clone)]
+pub struct Executors {
+    pub process: Arc<dyn Executor>,
+    pub docker: Arc<dyn Executor>,
+}
+
+pub struct Dispatcher {
+    broker: Arc<Broker>,
+    store: Arc<RunStore>,
+    data_dir: PathBuf,
+    executors: Executors,
+    slots: usize,
+    state: Mutex<State>,
+    wake: Notify,
+}
+
+#[derive(Default)]
+struct State {
+    jobs: HashMap<String, JobState>,
+    /// Runs executing in this process, with their cancel switches.
+    active: HashMap<i64, (String, CancellationToken)>,
+}
+
+struct JobState {
+    spec: JobSpec,
+    intake: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for JobState {
+    fn drop(&mut self) {
+        self.intake.abort();
+    }
+}
+
+pub fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+fn rfc3339(nanos: i64) -> String {
+    let secs = nanos.div_euclid(1_000_000_000);
+    let sub = nanos.rem_euclid(1_000_000_000) as u32;
+    chrono_like(secs, sub)
+}
+
+/// RFC 3339 in UTC without pulling a date crate into this crate: civil-from-days.
+fn chrono_like(secs: i64, nanos: u32) -> String {
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    let (h, m, s) = (rem / 3600, rem % 3600 / 60, rem % 60);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let mo = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + if mo <= 2 { 1 } else { 0 };
+    format!("{y:04}-{mo:02}-{d:02}T{h:02}:{m:02}:{s:02}.{:09}Z", nanos)
+}
+
+fn jitter() -> f64 {
+    // Not cryptographic: spreads retries. Nanosecond clock noise is enough.
+    let n = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    (n % 1000) as f64 / 1000.0
+}
+
+/// Renders every template of an executor spec for one run attempt.
+fn render_spec(spec: &ExecutorSpec, ctx: &TemplateContext) -> Result<ExecutorSpec> {
+    let r = |s: &String| template::render(s, ctx);
+    let env = |m: &BTreeMap<String, String>| -> Result<BTreeMap<String, String>> {
+        m.iter().map(|(k, v)| Ok((k.clone(), r(v)?))).collect()
+    };
+    Ok(match spec {
+        ExecutorSpec::Process(p) => {
+            let mut p = p.clone();
+            p.command = r(&p.command)?;
+            p.args = p.args.iter().map(r).collect::<Result<_>>()?;
+            p.env = env(&p.env)?;
+            ExecutorSpec::Process(p)
+        }
+        ExecutorSpec::Docker(d) => {
+            let mut d = d.clone();
+            d.command = d.command.iter().map(r).collect::<Result<_>>()?;
+            d.env = env(&d.env)?;
+            ExecutorSpec::Docker(d)
+        }
+    })
+}
+
+fn context(run: &RunRecord) -> TemplateContext {
+    let m = &run.message;
+    let mut ctx = TemplateContext::from_message(
+        &m.data,
+        m.attributes.clone(),
+        m.id.clone(),
+        m.publish_time.clone(),
+        m.ordering_key.clone(),
+    );
+    ctx.run.id = run.id.to_string();
+    ctx.run.attempt = run.attempt;
+    ctx.job.name = run.job.clone();
+    ctx
+}
+
+impl Dispatcher {
+    pub fn new(broker: Arc<Broker>, store: Arc<RunStore>, data_dir: PathBuf, executors: Executors, slots: usize) -> Arc<Self> {
+        Arc::new(Dispatcher {
+            broker,
+            store,
+            data_dir,
+            executors,
+            slots: slots.max(1),
+            state: Mutex::new(State::default()),
+            wake: Notify::new(),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn store(&self) -> &Arc<RunStore> {
+        &self.store
+    }
+
+    /// Recovers and starts every loop: job intakes, runs that were in flight,
+    /// unpublished results, the scheduler.
+    pub async fn start(self: &Arc<Self>) -> Result<()> {
+        for spec in self.store.jobs()? {
+            self.start_intake(spec)?;
+        }
+        for run in self.store.with_status(&[RunStatus::Starting, RunStatus::Running])? {
+            let this = self.clone();
+            let spec = self.lock().jobs.get(&run.job).map(|j| j.spec.clone());
+            match spec {
+                Some(spec) => {
+                    let token = CancellationToken::new();
+                    self.lock().active.insert(run.id, (run.job.clone(), token.clone()));
+                    tokio::spawn(async move { this.recover_run(run, spec, token).await });
+                }
+                None => {
+                    let exit = Exit { error: Some("job was deleted while the run was in flight".into()), ..Default::default() };
+                    let _ = self.store.finish(run.id, &Exit { cancelled: true, ..exit }, now_ms(), false);
+                }
+            }
+        }
+        self.publish_pending_results().await;
+        let this = self.clone();
+        tokio::spawn(async move { this.scheduler().await });
+        Ok(())
+    }
+
+    // ---- jobs ----
+
+    /// Creates or replaces a job: its subscription, its record, its intake.
+    pub async fn put_job(self: &Arc<Self>, spec: JobSpec) -> Result<()> {
+        if !spec.filter.is_empty() {
+            return Err(Error::invalid("job filters are not supported by this pubrun version; remove `filter`"));
+        }
+        let topic = TopicName::parse(&spec.topic)?;
+        self.broker.get_topic(&topic)?;
+        if !spec.result_topic.is_empty() {
+            self.broker.get_topic(&TopicName::parse(&spec.result_topic)?)?;
+        }
+        let project = topic.project().id().to_string();
+        let sub_name = SubscriptionName::parse(&job_subscription(&project, &spec.name))?;
+        match self.broker.get_subscription(&sub_name) {
+            Ok(existing) if existing.topic == spec.topic => {}
+            Ok(_) => {
+                self.broker.delete_subscription(&sub_name).await?;
+                self.create_job_sub(&sub_name, &spec).await?;
+            }
+            Err(e) if e.code == pubrun_core::Code::NotFound => self.create_job_sub(&sub_name, &spec).await?,
+            Err(e) => return Err(e),
+        }
+        let store = self.store.clone();
+        let s2 = spec.clone();
+        tokio::task::spawn_blocking(move || store.put_job(&s2)).await.map_err(|e| Error::internal(e.to_string()))??;
+        self.start_intake(spec)?;
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    async fn create_job_sub(&self, name: &SubscriptionName, spec: &JobSpec) -> Result<()> {
+        self.broker
+            .create_subscription(SubscriptionConfig {
+                name: name.to_string(),
+                topic: spec.topic.clone(),
+                labels: [("pubrun-job".to_string(), spec.name.clone())].into_iter().collect(),
+                ack_deadline_seconds: 60,
+            })
+            .await
+            .map(|_| ())
+    }
+
+    pub async fn delete_job(&self, name: &str) -> Result<()> {
+        let spec = self.lock().jobs.remove(name).map(|j| j.spec.clone());
+        let Some(spec) = spec else { return Err(Error::not_found(format!("job {name} not found"))) };
+        self.store.delete_job(name)?;
+        let topic = TopicName::parse(&spec.topic)?;
+        let sub = SubscriptionName::parse(&job_subscription(topic.project().id(), name))?;
+        match self.broker.delete_subscription(&sub).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.code == pubrun_core::Code::NotFound => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub fn jobs(&self) -> Vec<JobSpec> {
+        let mut v: Vec<JobSpec> = self.lock().jobs.values().map(|j| j.spec.clone()).collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    pub fn job(&self, name: &str) -> Result<JobSpec> {
+        self.lock().jobs.get(name).map(|j| j.spec.clone()).ok_or_else(|| Error::not_found(format!("job {name} not found")))
+    }
+
+    fn start_intake(self: &Arc<Self>, spec: JobSpec) -> Result<()> {
+        let topic = TopicName::parse(&spec.topic)?;
+        let sub = SubscriptionName::parse(&job_subscription(topic.project().id(), &spec.name))?;
+        let this = self.clone();
+        let name = spec.name.clone();
+        let intake = tokio::spawn(async move { this.intake(name, sub).await });
+        self.lock().jobs.insert(spec.name.clone(), JobState { spec, intake });
+        Ok(())
+    }
+
+    /// Streams the job's subscription; queues a run per message, then acks.
+    async fn intake(self: Arc<Self>, job: String, sub: SubscriptionName) {
+        let stream = match self.broker.open_stream(&sub, 60, 1000, 0) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(job, error = %e, "job intake cannot open its subscription");
+                return;
+            }
+        };
+        loop {
+            let batch = match stream.next(500).await {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::warn!(job, error = %e, "job intake stopped");
+                    return;
+                }
+            };
+            let Ok(spec) = self.job(&job) else { return };
+            let store = self.store.clone();
+            let queued = tokio::task::spawn_blocking(move || {
+                let mut acks = Vec::new();
+                for d in batch {
+                    match queue_one(&store, &spec, &d) {
+                        Ok(_) => acks.push(d.ack_id),
+                        // Not acked: the message comes back after its lease.
+                        Err(e) => tracing::error!(job = spec.name, error = %e, "could not queue a run"),
+                    }
+                }
+                acks
+            })
+            .await
+            .unwrap_or_default();
+            if !queued.is_empty() {
+                if let Err(e) = self.broker.acknowledge(&sub, &queued).await {
+                    tracing::warn!(job, error = %e, "ack after queueing failed; duplicates will be caught by dedup");
+                }
+                self.wake.notify_one();
+            }
+        }
+    }
+
+    /// Queues a run for a message given by hand (`pubrun jobs trigger`).
+    pub async fn trigger(&self, job: &str, data: Vec<u8>, attributes: BTreeMap<String, String>) -> Result<i64> {
+        let spec = self.job(job)?;
+        let now = now_ms();
+        let msg = SourceMessage {
+            id: format!("manual-{now}-{}", (jitter() * 1e6) as u64),
+            data,
+            attributes,
+            publish_time: rfc3339(now * 1_000_000),
+            ordering_key: String::new(),
+        };
+        let key = msg.id.clone();
+        let store = self.store.clone();
+        let r = tokio::task::spawn_blocking(move || store.enqueue(&spec, &msg, &key, now))
+            .await
+            .map_err(|e| Error::internal(e.to_string()))??;
+        self.wake.notify_one();
+        match r {
+            Enqueued::New(id) | Enqueued::Duplicate(id) => Ok(id),
+        }
+    }
+
+    /// Cancels a run: a queued one at once, a running one via its executor.
+    pub fn cancel(&self, id: i64) -> Result<RunRecord> {
+        let run = self.store.request_cancel(id)?;
+        if run.status == RunStatus::Queued {
+            self.store.finish(id, &Exit { cancelled: true, ..Default::default() }, now_ms(), false)?;
+        } else if let Some((_, token)) = self.lock().active.get(&id) {
+            token.cancel();
+        }
+        self.store.get(id)
+    }
+
+    // ---- scheduling and execution ----
+
+    async fn scheduler(self: Arc<Self>) {
+        let mut prune_at = 0i64;
+        loop {
+            let mut next_wake = Duration::from_secs(1);
+            match self.store.with_status(&[RunStatus::Queued]) {
+                Ok(queued) => {
+                    let now = now_ms();
+                    for run in queued {
+                        if run.not_before_ms > now {
+                            next_wake = next_wake.min(Duration::from_millis((run.not_before_ms - now) as u64));
+                            continue;
+                        }
+                        let (spec, running_job, running_all) = {
+                            let st = self.lock();
+                            let Some(j) = st.jobs.get(&run.job) else { continue };
+                            let n = st.active.values().filter(|(job, _)| job == &run.job).count();
+                            (j.spec.clone(), n, st.active.len())
+                        };
+                        if running_all >= self.slots {
+                            break;
+                        }
+                        if running_job >= spec.concurrency as usize {
+                            continue;
+                        }
+                        if let Err(e) = self.store.mark_starting(run.id) {
+                            tracing::warn!(run = run.id, error = %e, "cannot start run");
+                            continue;
+                        }
+                        let token = CancellationToken::new();
+                        self.lock().active.insert(run.id, (run.job.clone(), token.clone()));
+                        let this = self.clone();
+                        tokio::spawn(async move { this.execute(run, spec, token, false).await });
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "scheduler cannot read queued runs"),
+            }
+            let now = now_ms();
+            if now >= prune_at {
+                let _ = self.store.prune_dedup(now);
+                prune_at = now + 60_000;
+            }
+            let _ = tokio::time::timeout(next_wake, self.wake.notified()).await;
+        }
+    }
+
+    fn request(&self, run: &RunRecord, spec: &JobSpec, rendered: ExecutorSpec) -> std::io::Result<RunRequest> {
+        let dir = self.data_dir.join("runs").join(run.id.to_string());
+        let workdir = dir.join("work");
+        std::fs::create_dir_all(&workdir)?;
+        let env = [
+            ("PUBRUN_RUN_ID".to_string(), run.id.to_string()),
+            ("PUBRUN_JOB".to_string(), run.job.clone()),
+            ("PUBRUN_ATTEMPT".to_string(), run.attempt.to_string()),
+            ("PUBRUN_MESSAGE_ID".to_string(), run.message.id.clone()),
+        ]
+        .into_iter()
+        .collect();
+        Ok(RunRequest {
+            run_id: run.id.to_string(),
+            job: run.job.clone(),
+            attempt: run.attempt,
+            spec: rendered,
+            workdir,
+            timeout: spec.timeout,
+            grace_period: spec.grace_period,
+            env,
+        })
+    }
+
+    pub fn log_path(&self, id: i64) -> PathBuf {
+        self.data_dir.join("runs").join(id.to_string()).join("log")
+    }
+
+    fn executor_for(&self, spec: &ExecutorSpec) -> Arc<dyn Executor> {
+        match spec {
+            ExecutorSpec::Process(_) => self.executors.process.clone(),
+            ExecutorSpec::Docker(_) => self.executors.docker.clone(),
+        }
+    }
+
+    async fn execute(self: Arc<Self>, run: RunRecord, spec: JobSpec, token: CancellationToken, _reattached: bool) {
+        let exit = self.attempt(&run, &spec, token).await;
+        self.settle(run, &spec, exit).await;
+    }
+
+    async fn attempt(&self, run: &RunRecord, spec: &JobSpec, token: CancellationToken) -> Exit {
+        let ctx = context(run);
+        let rendered = match render_spec(&spec.executor, &ctx) {
+            Ok(r) => r,
+            Err(e) => return Exit { error: Some(format!("parameters: {}", e.message)), ..Default::default() },
+        };
+        let req = match self.request(run, spec, rendered) {
+            Ok(r) => r,
+            Err(e) => return Exit { error: Some(format!("cannot prepare run directory: {e}")), infra_error: true, ..Default::default() },
+        };
+        let log = match LogSink::create(self.log_path(run.id), spec.log_limit_bytes).await {
+            Ok(l) => Arc::new(l),
+            Err(e) => return Exit { error: Some(format!("cannot open run log: {e}")), infra_error: true, ..Default::default() },
+        };
+        log.note(&format!("attempt {} of {} starting", run.attempt, run.max_attempts)).await;
+        let store = self.store.clone();
+        let id = run.id;
+        let on_started = Box::new(move |s: pubrun_exec::Started| {
+            if let Err(e) = store.mark_running(id, &s.machine, &s.handle, now_ms()) {
+                tracing::warn!(run = id, error = %e, "could not record running state");
+            }
+        });
+        let exit = self.executor_for(&spec.executor).run(req, log.clone(), token, on_started).await;
+        log.note(&describe(&exit)).await;
+        log.flush().await;
+        exit
+    }
+
+    async fn recover_run(self: Arc<Self>, run: RunRecord, spec: JobSpec, token: CancellationToken) {
+        let ctx = context(&run);
+        let exit = match (render_spec(&spec.executor, &ctx), LogSink::create(self.log_path(run.id), spec.log_limit_bytes).await) {
+            (Ok(rendered), Ok(log)) => {
+                let log = Arc::new(log);
+                match self.request(&run, &spec, rendered) {
+                    Ok(req) => {
+                        log.note("server restarted; looking for the running attempt").await;
+                        let found = self.executor_for(&spec.executor).reattach(req, log.clone(), token).await;
+                        let exit = found.unwrap_or_else(|| Exit {
+                            error: Some("lost: pubrun restarted while this attempt ran".into()),
+                            ..Default::default()
+                        });
+                        log.note(&describe(&exit)).await;
+                        log.flush().await;
+                        exit
+                    }
+                    Err(e) => Exit { error: Some(format!("lost: {e}")), ..Default::default() },
+                }
+            }
+            _ => Exit { error: Some("lost: pubrun restarted while this attempt ran".into()), ..Default::default() },
+        };
+        // A recovered run may still be `starting`; both can end or requeue.
+        self.settle(run, &spec, exit).await;
+    }
+
+    /// Records how an attempt ended: retry, or terminal state + result.
+    async fn settle(&self, run: RunRecord, spec: &JobSpec, exit: Exit) {
+        let id = run.id;
+        self.lock().active.remove(&id);
+        let now = now_ms();
+        let cancelled = exit.cancelled || self.store.get(id).map(|r| r.cancel_requested).unwrap_or(false);
+        let exit = Exit { cancelled, ..exit };
+        let status = exit.status();
+        let result = if !cancelled && exit.infra_error {
+            // Not the job's fault: wait and try the same attempt again.
+            let delay = spec.retries.backoff(2, jitter()).min(Duration::from_secs(30));
+            self.store.requeue(id, run.attempt, now + delay.as_millis() as i64, &exit)
+        } else if matches!(status, RunStatus::Failed | RunStatus::TimedOut)
+            && run.attempt < spec.retries.max_attempts
+            && !exit.error.as_deref().is_some_and(|e| e.starts_with("parameters:"))
+        {
+            let next = run.attempt + 1;
+            let delay = spec.retries.backoff(next, jitter());
+            self.store.requeue(id, next, now + delay.as_millis() as i64, &exit)
+        } else {
+            self.store.finish(id, &exit, now, !spec.result_topic.is_empty()).map(|_| ())
+        };
+        if let Err(e) = result {
+            tracing::error!(run = id, error = %e, "could not record the end of an attempt");
+        }
+        self.wake.notify_one();
+        self.publish_pending_results().await;
+    }
+
+    /// Publishes the result message of every finished run not yet published.
+    async fn publish_pending_results(&self) {
+        let pending = match self.store.unpublished_results() {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read pending results");
+                return;
+            }
+        };
+        for run in pending {
+            let topic = match self.lock().jobs.get(&run.job).map(|j| j.spec.result_topic.clone()) {
+                Some(t) if !t.is_empty() => t,
+                _ => {
+                    let _ = self.store.mark_result_published(run.id);
+                    continue;
+                }
+            };
+            let msg = self.result_message(&run).await;
+            let published = match TopicName::parse(&topic) {
+                Ok(t) => self.broker.publish(&t, vec![msg]).await,
+                Err(e) => Err(e),
+            };
+            match published {
+                Ok(_) => {
+                    let _ = self.store.mark_result_published(run.id);
+                }
+                Err(e) => tracing::warn!(run = run.id, topic, error = %e, "result not published yet; will retry"),
+            }
+        }
+    }
+
+    async fn result_message(&self, run: &RunRecord) -> OutgoingMessage {
+        let exit = run.exit.clone().unwrap_or_default();
+        let tail = pubrun_exec::log::tail(&self.log_path(run.id), 4096).await;
+        let mut attributes = BTreeMap::new();
+        attributes.insert("job".to_string(), run.job.clone());
+        attributes.insert("run_id".to_string(), run.id.to_string());
+        attributes.insert("status".to_string(), run.status.as_str().to_string());
+        attributes.insert("exit_code".to_string(), exit.exit_code.map(|c| c.to_string()).unwrap_or_default());
+        attributes.insert("attempt".to_string(), run.attempt.to_string());
+        attributes.insert("source_message_id".to_string(), run.message.id.clone());
+        let summary = serde_json::json!({
+            "run_id": run.id,
+            "job": run.job,
+            "status": run.status.as_str(),
+            "attempt": run.attempt,
+            "exit_code": exit.exit_code,
+            "signal": exit.signal,
+            "oom_killed": exit.oom_killed,
+            "error": exit.error,
+            "source_message_id": run.message.id,
+            "created_at": rfc3339(run.created_at_ms * 1_000_000),
+            "started_at": run.started_at_ms.map(|t| rfc3339(t * 1_000_000)),
+            "ended_at": run.ended_at_ms.map(|t| rfc3339(t * 1_000_000)),
+            "duration_ms": run.started_at_ms.zip(run.ended_at_ms).map(|(s, e)| e - s),
+            "machine": run.machine,
+            "log_tail": tail,
+        });
+        OutgoingMessage { data: serde_json::to_vec(&summary).unwrap().into(), attributes, ordering_key: String::new() }
+    }
+}
+
+fn describe(exit: &Exit) -> String {
+    let mut s = format!("attempt ended: {}", exit.status());
+    if let Some(c) = exit.exit_code {
+        s += &format!(", exit code {c}");
+    }
+    if let Some(sig) = exit.signal {
+        s += &format!(", signal {sig}");
+    }
+    if exit.oom_killed {
+        s += ", killed: out of memory";
+    }
+    if let Some(e) = &exit.error {
+        s += &format!(", {e}");
+    }
+    s
+}
+
+/// Queues one delivered message as a run (or recognises a duplicate).
+fn queue_one(store: &RunStore, spec: &JobSpec, d: &Delivered) -> Result<Enqueued> {
+    let m = &d.message;
+    let msg = SourceMessage {
+        id: m.id(),
+        data: m.data.to_vec(),
+        attributes: m.attributes.clone(),
+        publish_time: rfc3339(m.publish_time_nanos),
+        ordering_key: m.ordering_key.clone(),
+    };
+    let key = if spec.dedup_key.is_empty() {
+        msg.id.clone()
+    } else {
+        let ctx = TemplateContext::from_message(&msg.data, msg.attributes.clone(), msg.id.clone(), msg.publish_time.clone(), msg.ordering_key.clone());
+        // A key that cannot be rendered falls back to the message id: the
+        // run is still created and its failure will say what is missing.
+        template::render(&spec.dedup_key, &ctx).unwrap_or_else(|_| msg.id.clone())
+    };
+    store.enqueue(spec, &msg, &key, now_ms())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_formats_known_instants() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000000000Z");
+        assert_eq!(rfc3339(1_764_040_000_123_000_000), "2025-11-25T03:06:40.123000000Z");
+        assert_eq!(rfc3339(951_782_400_000_000_000), "2000-02-29T00:00:00.000000000Z");
+    }
+}

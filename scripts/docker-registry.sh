@@ -85,7 +85,8 @@ auth:
     path: $dir/htpasswd
 EOF
 
-setsid docker-registry serve "$dir/config.yml" >"$dir/registry.log" 2>&1 </dev/null &
+# fd 9 holds the lock: the long-lived registry must not inherit it.
+setsid docker-registry serve "$dir/config.yml" >"$dir/registry.log" 2>&1 </dev/null 9>&- &
 echo $! > "$dir/pid"
 echo "$port" > "$dir/port"
 

@@ -11,5 +11,5 @@ cargo test --workspace --locked
 if [ -f tests/python/run.sh ]; then
   echo "== official Google client tests (python)"
   bash scripts/python-venv.sh
-  PUBRUN_BIN="$PWD/target/debug/pubrun" bash tests/python/run.sh
+  PUBRUN_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug/pubrun" bash tests/python/run.sh
 fi

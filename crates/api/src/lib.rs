@@ -6,6 +6,7 @@
 //! in exactly one place each (`status.rs`).
 
 pub mod grpc;
+pub mod jobs_api;
 pub mod rest;
 pub mod server;
 pub mod status;

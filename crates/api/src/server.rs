@@ -28,18 +28,24 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct ServeOptions {
     /// When set, every request except `/healthz` must carry `Authorization: Bearer <token>`.
     pub token: Option<String>,
+    /// Jobs and runs; without it only the Pub/Sub APIs are served.
+    pub dispatcher: Option<Arc<pubrun_jobs::Dispatcher>>,
 }
 
 /// Builds the single router that answers both protocols.
 pub fn router(broker: Arc<Broker>, opts: &ServeOptions, shutdown: watch::Receiver<bool>) -> Router {
+    let broker_for_jobs = broker.clone();
     let pubsub = PubSub::new(broker, shutdown);
     let grpc = tonic::service::Routes::new(
         PublisherServer::new(pubsub.clone()).max_decoding_message_size(MAX_BODY_BYTES),
     )
     .add_service(SubscriberServer::new(pubsub.clone()).max_decoding_message_size(MAX_BODY_BYTES))
     .into_axum_router();
-    let app = grpc
-        .merge(crate::rest::router(pubsub))
+    let mut app = grpc.merge(crate::rest::router(pubsub));
+    if let Some(d) = &opts.dispatcher {
+        app = app.merge(crate::jobs_api::router(broker_for_jobs.clone(), d.clone()));
+    }
+    let app = app
         .fallback(unknown_route)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES));
     let app = match &opts.token {

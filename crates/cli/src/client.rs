@@ -1,16 +1,20 @@
-//! Client commands: thin wrappers over the server's Pub/Sub REST v1 API.
+//! Client commands: thin wrappers over the server's REST APIs — Google's
+//! Pub/Sub REST v1 (`topics`, `subscriptions`, `publish`, `pull`) and
+//! pubrun's own `/api/v1` (`apply`, `jobs`, `runs`, `logs`).
 //!
 //! Every command takes the same connection options ([`ConnArgs`]: `--addr`,
-//! `--token`, `--project`, `--json`), talks HTTP/JSON to `pubrun serve` and
+//! `--token`, `--project`, `--json`), talks HTTP to `pubrun serve` and
 //! prints either a human view (aligned columns, one block per message) or,
 //! with `--json`, the server's JSON response for scripts.
 
 mod api;
 mod args;
+mod jobs;
 mod messages;
 mod names;
 mod output;
 mod resources;
+mod runs;
 
 pub use args::ConnArgs;
 
@@ -28,6 +32,143 @@ pub enum ClientCommand {
     Publish(PublishArgs),
     /// Pull messages from a subscription and print them (acknowledge with --ack).
     Pull(PullArgs),
+    /// Declare topics, subscriptions and jobs from a manifest: print the plan, then apply it.
+    Apply(ApplyArgs),
+    /// List, show and trigger jobs.
+    #[command(subcommand, visible_alias = "job")]
+    Jobs(JobsCommand),
+    /// List runs (newest first); `runs show ID`, `runs cancel ID`.
+    #[command(visible_alias = "run")]
+    Runs(RunsArgs),
+    /// Print a run's output (stdout and stderr); --follow until the run ends.
+    Logs(LogsArgs),
+}
+
+#[derive(clap::Args)]
+pub struct ApplyArgs {
+    /// Manifest to apply, e.g. pubrun.toml ("-" reads standard input).
+    #[arg(short = 'f', long = "file", value_name = "FILE")]
+    pub file: std::path::PathBuf,
+    /// Only print the plan; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    #[command(flatten)]
+    pub conn: ConnArgs,
+}
+
+#[derive(clap::Subcommand)]
+pub enum JobsCommand {
+    /// List all jobs.
+    #[command(visible_alias = "ls")]
+    List {
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Show one job: trigger, what it runs, limits, its subscription and backlog.
+    #[command(visible_aliases = ["get", "describe"])]
+    Show {
+        /// Job name.
+        name: String,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Run a job now for a message given here (not published to the topic); prints the run id.
+    Trigger(TriggerArgs),
+}
+
+#[derive(clap::Args)]
+pub struct TriggerArgs {
+    /// Job name.
+    pub name: String,
+    /// Message data as text (templates see it as `data`).
+    #[arg(long, conflicts_with = "data_file")]
+    pub data: Option<String>,
+    /// Read the message data from a file ("-" reads standard input).
+    #[arg(long, value_name = "FILE")]
+    pub data_file: Option<std::path::PathBuf>,
+    /// Message attribute (repeatable).
+    #[arg(long = "attr", value_name = "KEY=VALUE", value_parser = parse_key_value)]
+    pub attrs: Vec<(String, String)>,
+    #[command(flatten)]
+    pub conn: ConnArgs,
+}
+
+/// Run states a list can be filtered by.
+pub const RUN_STATUSES: [&str; 7] = [
+    "queued",
+    "starting",
+    "running",
+    "succeeded",
+    "failed",
+    "timed_out",
+    "cancelled",
+];
+
+/// `pubrun runs [--job J] [--status S] [--limit N]` lists; `runs show ID`
+/// and `runs cancel ID` act on one run.
+#[derive(clap::Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_value_name = "COMMAND")]
+pub struct RunsArgs {
+    #[command(subcommand)]
+    pub command: Option<RunsCommand>,
+    #[command(flatten)]
+    pub list: RunsListArgs,
+}
+
+#[derive(clap::Args)]
+pub struct RunsListArgs {
+    /// Only runs of this job.
+    #[arg(long)]
+    pub job: Option<String>,
+    /// Only runs in this state.
+    #[arg(long, value_parser = RUN_STATUSES)]
+    pub status: Option<String>,
+    /// At most this many runs (the server's default is 100).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub limit: Option<u32>,
+    #[command(flatten)]
+    pub conn: ConnArgs,
+}
+
+#[derive(clap::Subcommand)]
+pub enum RunsCommand {
+    /// List runs (the same as `pubrun runs` with flags).
+    #[command(visible_alias = "ls")]
+    List(RunsListArgs),
+    /// Show everything about one run: state, attempts, exit, error, message, times.
+    #[command(visible_aliases = ["get", "describe"])]
+    Show {
+        /// Run id.
+        id: String,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Cancel a queued or running run (a running one gets SIGTERM, then SIGKILL after the grace period).
+    Cancel {
+        /// Run id.
+        id: String,
+        /// Wait until the run has ended and print its final state.
+        #[arg(long)]
+        wait: bool,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+}
+
+#[derive(clap::Args)]
+#[command(after_help = "With --follow the command polls about three times a second and exits 0 once the run has \
+ended (succeeded, failed, timed_out or cancelled) and its whole log is printed — whatever the run's result; \
+the final state is reported on standard error, and `pubrun runs show ID` tells it to scripts. \
+With --json the log comes as JSON objects {\"run\", \"status\", \"offset\", \"size\", \"log\"} \
+(one per line when following).")]
+pub struct LogsArgs {
+    /// Run id.
+    pub id: String,
+    /// Keep printing new output until the run ends.
+    #[arg(short = 'f', long)]
+    pub follow: bool,
+    #[command(flatten)]
+    pub conn: ConnArgs,
 }
 
 #[derive(clap::Subcommand)]
@@ -157,5 +298,9 @@ pub async fn run(cmd: ClientCommand) -> anyhow::Result<()> {
         ClientCommand::Subscriptions(cmd) => resources::subscriptions(cmd).await,
         ClientCommand::Publish(args) => messages::publish(args).await,
         ClientCommand::Pull(args) => messages::pull(args).await,
+        ClientCommand::Apply(args) => jobs::apply(args).await,
+        ClientCommand::Jobs(cmd) => jobs::jobs(cmd).await,
+        ClientCommand::Runs(args) => runs::runs(args).await,
+        ClientCommand::Logs(args) => runs::logs(args).await,
     }
 }

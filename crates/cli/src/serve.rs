@@ -7,6 +7,8 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use pubrun_api::ServeOptions;
 use pubrun_broker::Broker;
+use pubrun_exec::{CancellationToken, Executor, Exit, LogSink, OnStarted, RunRequest};
+use pubrun_jobs::{Dispatcher, Executors, RunStore};
 use pubrun_store::EmbeddedStore;
 
 #[derive(clap::Args)]
@@ -20,6 +22,31 @@ pub struct ServeArgs {
     /// Bearer token every request must carry. Required to listen beyond loopback.
     #[arg(long, env = "PUBRUN_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// Manifest to apply at start (same as `pubrun apply -f FILE` once serving).
+    #[arg(long, env = "PUBRUN_CONFIG")]
+    config: Option<PathBuf>,
+    /// Runs executing at the same time, across all jobs.
+    #[arg(long, env = "PUBRUN_SLOTS", default_value_t = default_slots())]
+    slots: usize,
+}
+
+fn default_slots() -> usize {
+    std::thread::available_parallelism().map(|n| n.get() * 2).unwrap_or(4).max(4)
+}
+
+/// Stands in for the Docker executor when no engine answers at start: every
+/// docker run fails with an infrastructure error and waits to be retried.
+struct NoDocker(String);
+
+#[async_trait::async_trait]
+impl Executor for NoDocker {
+    async fn run(&self, _req: RunRequest, log: Arc<LogSink>, _c: CancellationToken, _s: OnStarted) -> Exit {
+        log.note(&self.0).await;
+        Exit { error: Some(self.0.clone()), infra_error: true, ..Default::default() }
+    }
+    async fn reattach(&self, _req: RunRequest, _log: Arc<LogSink>, _c: CancellationToken) -> Option<Exit> {
+        None
+    }
 }
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
@@ -43,12 +70,37 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         .with_context(|| format!("opening data directory {}", args.data_dir.display()))?;
     let store = Arc::new(store);
     let broker = Broker::open(store.clone()).context("recovering broker state")?;
+    // Read the manifest before binding so a bad file fails fast, with its line.
+    let manifest = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            Some(pubrun_core::manifest::parse(&path.display().to_string(), &text)?)
+        }
+        None => None,
+    };
+    let runs = RunStore::open(&args.data_dir.join("runs.db")).context("opening the run store")?;
+    let docker: Arc<dyn Executor> = match pubrun_exec::docker::DockerExecutor::connect() {
+        Ok(d) => Arc::new(d),
+        Err(e) => {
+            tracing::warn!(error = %e, "no Docker engine: docker jobs will wait until one answers (restart pubrun then)");
+            Arc::new(NoDocker(format!("docker engine unreachable: {e}")))
+        }
+    };
+    let executors = Executors { process: Arc::new(pubrun_exec::process::ProcessExecutor::new()), docker };
+    let dispatcher = Dispatcher::new(broker.clone(), Arc::new(runs), args.data_dir.clone(), executors, args.slots);
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding {} (is another pubrun or emulator running there?)", args.listen))?;
     let addr = listener.local_addr()?;
+    dispatcher.start().await.context("starting the dispatcher")?;
+    if let Some(m) = &manifest {
+        let changes = pubrun_jobs::apply::apply(&broker, &dispatcher, m, false).await.context("applying --config")?;
+        let changed = changes.iter().filter(|c| c.action != pubrun_jobs::apply::Action::Unchanged).count();
+        tracing::info!(changed, total = changes.len(), "applied manifest");
+    }
     tracing::info!(%addr, data_dir = %args.data_dir.display(), auth = token.is_some(), "pubrun serving gRPC and HTTP");
-    pubrun_api::serve(listener, broker.clone(), ServeOptions { token }, shutdown_signal()).await?;
+    pubrun_api::serve(listener, broker.clone(), ServeOptions { token, dispatcher: Some(dispatcher.clone()) }, shutdown_signal()).await?;
+    drop(dispatcher);
     drop(broker);
     store.close();
     tracing::info!("stopped");

@@ -1,3 +1,590 @@
-//! Runs an attempt as a container through the Docker Engine API.
+//! Runs an attempt as a container through the Docker Engine API (bollard).
+//!
+//! One attempt is one container named `pubrun-<run_id>-<attempt>` and
+//! labelled `pubrun.run_id`, `pubrun.job` and `pubrun.attempt`, so a restarted
+//! server finds it again ([`Executor::reattach`]).
+//!
+//! What the container gets:
+//! * the image's entrypoint, with `spec.command` as its cmd when non-empty;
+//! * `spec.env`, then `req.env` (later wins), as `KEY=VALUE`;
+//! * the run's directory bound at `/workspace`, and `spec.mounts` as binds (a
+//!   relative host path is taken relative to the run's directory);
+//! * `memory_bytes` as the memory limit *and* the memory+swap limit, so the
+//!   limit cannot be dodged by swapping; `cpus` as nano-CPUs; `network` as
+//!   the network mode when set; `grace_period` as its stop timeout.
+//! * The working directory is the image's own `WORKDIR`, deliberately not
+//!   `/workspace`: images that run `python app.py` from their `WORKDIR` keep
+//!   working, and a job that wants the run's files uses `/workspace/...` or
+//!   `cd /workspace` itself.
+//!
+//! Exit codes are Docker's: a container killed by SIGKILL (timeout after the
+//! grace period, OOM) ends with 137; `Exit::signal` stays `None` because
+//! 128+n is only a convention. `oom_killed` comes from `State.OOMKilled`.
+//!
+//! Errors: anything Docker answers (image missing, pull refused, bad
+//! command) is the job's error; no answer at all (socket missing, connection
+//! refused, request timed out) is `infra_error` with "docker engine
+//! unreachable at …", so the run waits and tries the same attempt again.
+//!
+//! The connection is made lazily: [`DockerExecutor::connect`] only checks
+//! that `DOCKER_HOST` is a usable address, and each run connects (and
+//! negotiates the API version) until the engine answers once. A server
+//! started while the engine is down therefore runs docker jobs once it
+//! comes up.
 
-pub struct DockerExecutor;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bollard::auth::DockerCredentials;
+use bollard::container::LogOutput;
+use bollard::errors::Error as DockerError;
+use bollard::models::{ContainerCreateBody, ContainerStateStatusEnum, HostConfig};
+use bollard::query_parameters::{
+    CreateContainerOptionsBuilder, CreateImageOptionsBuilder, InspectContainerOptions, ListContainersOptionsBuilder,
+    LogsOptionsBuilder, RemoveContainerOptionsBuilder, StopContainerOptionsBuilder, WaitContainerOptionsBuilder,
+};
+use bollard::Docker;
+use futures::StreamExt;
+use pubrun_core::job::{DockerSpec, ExecutorSpec, PullPolicy};
+use tokio::sync::OnceCell;
+
+use crate::{CancellationToken, Executor, Exit, LogSink, OnStarted, RunRequest, Started};
+
+/// Where Docker listens when `DOCKER_HOST` is not set.
+pub const DEFAULT_DOCKER_HOST: &str = "unix:///var/run/docker.sock";
+
+/// How long the log stream may take to end after the container stopped.
+const LOG_DRAIN_LIMIT: Duration = Duration::from_secs(10);
+
+/// Ordinary requests; a pull's progress stream answers quickly too.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
+
+pub struct DockerExecutor {
+    endpoint: String,
+    client: OnceCell<Docker>,
+}
+
+/// Why an attempt could not run, before it has an exit code.
+enum Fail {
+    /// Docker answered no: the job's fault (image, command, limits).
+    Job(String),
+    /// Docker did not answer: retry the same attempt later.
+    Infra(String),
+}
+
+impl Fail {
+    fn into_exit(self) -> Exit {
+        match self {
+            Fail::Job(m) => Exit { error: Some(m), ..Default::default() },
+            Fail::Infra(m) => Exit { error: Some(m), infra_error: true, ..Default::default() },
+        }
+    }
+}
+
+/// No answer from the engine at all, as opposed to an answer that says no.
+fn is_unreachable(e: &DockerError) -> bool {
+    matches!(
+        e,
+        DockerError::SocketNotFoundError(_)
+            | DockerError::HyperLegacyError { .. }
+            | DockerError::HyperResponseError { .. }
+            | DockerError::IOError { .. }
+            | DockerError::RequestTimeoutError
+    )
+}
+
+fn is_status(e: &DockerError, code: u16) -> bool {
+    matches!(e, DockerError::DockerResponseServerError { status_code, .. } if *status_code == code)
+}
+
+/// The error and its causes on one line ("client error (Connect): Connection
+/// refused (os error 111)") — hyper's top-level message alone says little.
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        let msg = s.to_string();
+        if !out.contains(&msg) {
+            out.push_str(": ");
+            out.push_str(&msg);
+        }
+        cur = s.source();
+    }
+    out
+}
+
+/// The message Docker sent, without bollard's "Docker responded with …".
+fn docker_message(e: &DockerError) -> String {
+    match e {
+        DockerError::DockerResponseServerError { message, .. } => message.clone(),
+        DockerError::DockerStreamError { error } => error.clone(),
+        other => chain(other),
+    }
+}
+
+/// `image` with an explicit tag: pulling a reference without tag or digest
+/// would pull every tag.
+fn with_tag(image: &str) -> String {
+    let last = image.rsplit('/').next().unwrap_or(image);
+    if last.contains(':') || last.contains('@') {
+        image.to_string()
+    } else {
+        format!("{image}:latest")
+    }
+}
+
+/// The registry host an image reference names (Docker's rule: a first path
+/// component with a dot or a colon, or `localhost`), else Docker Hub.
+fn registry_of(image: &str) -> String {
+    match image.split_once('/') {
+        Some((first, _)) if first.contains('.') || first.contains(':') || first == "localhost" => first.to_string(),
+        _ => "https://index.docker.io/v1/".to_string(),
+    }
+}
+
+/// `pubrun-<run_id>-<attempt>`, with anything Docker does not allow in a
+/// container name replaced by `-`.
+pub fn container_name(run_id: &str, attempt: u32) -> String {
+    let clean: String =
+        run_id.chars().map(|c| if c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-') { c } else { '-' }).collect();
+    format!("pubrun-{clean}-{attempt}")
+}
+
+fn label_filters(run_id: &str, attempt: u32) -> HashMap<String, Vec<String>> {
+    HashMap::from([(
+        "label".to_string(),
+        vec![format!("pubrun.run_id={run_id}"), format!("pubrun.attempt={attempt}")],
+    )])
+}
+
+fn now_unix() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+impl DockerExecutor {
+    /// Uses `DOCKER_HOST` (default `unix:///var/run/docker.sock`). Fails only
+    /// for an address bollard cannot use (unknown scheme); an engine that is
+    /// not running is reported per run, as an infrastructure error.
+    pub fn connect() -> Result<Self, String> {
+        let host = std::env::var("DOCKER_HOST").ok().filter(|h| !h.is_empty());
+        Self::with_host(host.as_deref().unwrap_or(DEFAULT_DOCKER_HOST))
+    }
+
+    /// Uses the engine at `host` (`unix://…`, `tcp://…`, `http://…`).
+    pub fn with_host(host: &str) -> Result<Self, String> {
+        match Docker::connect_with_host(host) {
+            Ok(_) | Err(DockerError::SocketNotFoundError(_)) => {
+                Ok(DockerExecutor { endpoint: host.to_string(), client: OnceCell::new() })
+            }
+            Err(e) => Err(format!("cannot use docker host {host}: {}", chain(&e))),
+        }
+    }
+
+    /// The engine's address, as reported in [`Started::machine`].
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    fn unreachable(&self, e: &DockerError) -> Fail {
+        Fail::Infra(format!("docker engine unreachable at {}: {}", self.endpoint, chain(e)))
+    }
+
+    /// `Infra` when the engine did not answer, else `Job` with `what` first.
+    fn classify(&self, what: &str, e: &DockerError) -> Fail {
+        if is_unreachable(e) {
+            self.unreachable(e)
+        } else {
+            Fail::Job(format!("{what}: {}", docker_message(e)))
+        }
+    }
+
+    /// A client that has talked to the engine once (API version negotiated:
+    /// bollard speaks a newer API than e.g. Debian's Docker 20.10).
+    async fn client(&self) -> Result<Docker, Fail> {
+        self.client
+            .get_or_try_init(|| async {
+                let docker = Docker::connect_with_host(&self.endpoint)
+                    .map_err(|e| self.unreachable(&e))?
+                    .with_timeout(REQUEST_TIMEOUT);
+                docker.negotiate_version().await.map_err(|e| self.classify("docker engine", &e))
+            })
+            .await
+            .cloned()
+    }
+
+    async fn ensure_image(&self, docker: &Docker, spec: &DockerSpec, log: &LogSink) -> Result<(), Fail> {
+        let image = &spec.image;
+        if image.is_empty() {
+            return Err(Fail::Job("no image given".into()));
+        }
+        if spec.pull != PullPolicy::Always {
+            match docker.inspect_image(image).await {
+                Ok(_) => return Ok(()),
+                Err(e) if is_status(&e, 404) => {
+                    if spec.pull == PullPolicy::Never {
+                        return Err(Fail::Job(format!(
+                            "image {image}: not present on the docker host {} and pull = \"never\"",
+                            self.endpoint
+                        )));
+                    }
+                }
+                Err(e) => return Err(self.classify(&format!("image {image}"), &e)),
+            }
+        }
+        self.pull(docker, spec, log).await
+    }
+
+    async fn pull(&self, docker: &Docker, spec: &DockerSpec, log: &LogSink) -> Result<(), Fail> {
+        let image = &spec.image;
+        let credentials = match &spec.auth {
+            None => None,
+            Some(auth) => {
+                let password = std::env::var(&auth.password_env).map_err(|_| {
+                    Fail::Job(format!(
+                        "image {image}: the registry password is read from the environment variable {}, which is not set on the pubrun server",
+                        auth.password_env
+                    ))
+                })?;
+                let server = if auth.server.is_empty() { registry_of(image) } else { auth.server.clone() };
+                Some(DockerCredentials {
+                    username: Some(auth.username.clone()),
+                    password: Some(password),
+                    serveraddress: Some(server),
+                    ..Default::default()
+                })
+            }
+        };
+        log.note(&format!("pulling image {image}")).await;
+        let reference = with_tag(image);
+        let options = CreateImageOptionsBuilder::new().from_image(&reference).build();
+        let mut progress = docker.create_image(Some(options), None, credentials);
+        while let Some(item) = progress.next().await {
+            if let Err(e) = item {
+                return Err(self.classify(&format!("image {image}: pull failed"), &e));
+            }
+        }
+        log.note(&format!("pulled image {image}")).await;
+        Ok(())
+    }
+
+    fn container_body(&self, req: &RunRequest, spec: &DockerSpec) -> Result<ContainerCreateBody, Fail> {
+        let workdir = std::path::absolute(&req.workdir)
+            .map_err(|e| Fail::Infra(format!("run directory {}: {e}", req.workdir.display())))?;
+        let mut binds = Vec::with_capacity(spec.mounts.len() + 1);
+        binds.push(format!("{}:/workspace", workdir.display()));
+        for m in &spec.mounts {
+            let source = workdir.join(&m.source);
+            binds.push(format!("{}:{}{}", source.display(), m.target, if m.read_only { ":ro" } else { "" }));
+        }
+        let mut env: BTreeMap<&str, &str> = BTreeMap::new();
+        for (k, v) in spec.env.iter().chain(req.env.iter()) {
+            env.insert(k, v);
+        }
+        let labels = HashMap::from([
+            ("pubrun.run_id".to_string(), req.run_id.clone()),
+            ("pubrun.job".to_string(), req.job.clone()),
+            ("pubrun.attempt".to_string(), req.attempt.to_string()),
+        ]);
+        let memory = spec.memory_bytes.map(|m| m.min(i64::MAX as u64) as i64);
+        let host_config = HostConfig {
+            binds: Some(binds),
+            memory,
+            memory_swap: memory,
+            nano_cpus: spec.cpus.map(|c| (c * 1e9).round() as i64),
+            network_mode: (!spec.network.is_empty()).then(|| spec.network.clone()),
+            ..Default::default()
+        };
+        Ok(ContainerCreateBody {
+            image: Some(spec.image.clone()),
+            cmd: (!spec.command.is_empty()).then(|| spec.command.clone()),
+            env: Some(env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
+            labels: Some(labels),
+            stop_timeout: Some(req.grace_period.as_secs().min(i64::MAX as u64) as i64),
+            attach_stdout: Some(true),
+            attach_stderr: Some(true),
+            tty: Some(false),
+            host_config: Some(host_config),
+            ..Default::default()
+        })
+    }
+
+    /// Creates the attempt's container. A container of the same name left
+    /// from an earlier try of this attempt is removed first, unless it is
+    /// running: then it is followed instead (`Ok((id, true))`).
+    async fn create(&self, docker: &Docker, req: &RunRequest, spec: &DockerSpec, log: &LogSink) -> Result<(String, bool), Fail> {
+        let name = container_name(&req.run_id, req.attempt);
+        let body = self.container_body(req, spec)?;
+        let options = || Some(CreateContainerOptionsBuilder::new().name(&name).build());
+        match docker.create_container(options(), body.clone()).await {
+            Ok(r) => return Ok((r.id, false)),
+            Err(e) if is_status(&e, 409) => {}
+            Err(e) => return Err(self.classify(&format!("cannot create a container from image {}", spec.image), &e)),
+        }
+        match docker.inspect_container(&name, None::<InspectContainerOptions>).await {
+            Ok(c) if c.state.as_ref().and_then(|s| s.running) == Some(true) => {
+                log.note(&format!("container {name} of this attempt is already running; following it")).await;
+                return Ok((c.id.unwrap_or(name), true));
+            }
+            Ok(_) | Err(_) => {}
+        }
+        log.note(&format!("removing the stale container {name} left by an earlier try")).await;
+        if let Err(e) = docker.remove_container(&name, Some(RemoveContainerOptionsBuilder::new().force(true).build())).await {
+            if !is_status(&e, 404) {
+                return Err(self.classify(&format!("cannot remove the stale container {name}"), &e));
+            }
+        }
+        docker
+            .create_container(options(), body)
+            .await
+            .map(|r| (r.id, false))
+            .map_err(|e| self.classify(&format!("cannot create a container from image {}", spec.image), &e))
+    }
+
+    async fn remove(&self, docker: &Docker, id: &str) {
+        let options = RemoveContainerOptionsBuilder::new().force(true).v(true).build();
+        if let Err(e) = docker.remove_container(id, Some(options)).await {
+            if !is_status(&e, 404) {
+                tracing::warn!(container = id, error = %chain(&e), "could not remove container");
+            }
+        }
+    }
+
+    /// Streams the container's logs (from `since`, a Unix time, or from the
+    /// start) into `log`, waits for it to end — stopping it on timeout or
+    /// cancel — then reads its exit state and removes it.
+    async fn follow(
+        &self,
+        docker: &Docker,
+        id: &str,
+        req: &RunRequest,
+        log: &Arc<LogSink>,
+        cancel: &CancellationToken,
+        since: Option<i64>,
+    ) -> Exit {
+        let mut logs_opts = LogsOptionsBuilder::new().follow(true).stdout(true).stderr(true);
+        if let Some(t) = since {
+            logs_opts = logs_opts.since(t.clamp(0, i32::MAX as i64) as i32);
+        }
+        let mut stream = docker.logs(id, Some(logs_opts.build()));
+        let sink = log.clone();
+        let mut pump = tokio::spawn(async move {
+            while let Some(item) = stream.next().await {
+                match item {
+                    Ok(out) => sink.write(&out.into_bytes()).await,
+                    Err(_) => break,
+                }
+            }
+        });
+
+        let mut wait = docker.wait_container(id, Some(WaitContainerOptionsBuilder::new().condition("not-running").build()));
+        let limit = async {
+            if req.timeout.is_zero() {
+                std::future::pending::<()>().await
+            } else {
+                tokio::time::sleep(req.timeout).await
+            }
+        };
+        let mut timed_out = false;
+        let mut cancelled = false;
+        let waited = tokio::select! {
+            w = wait.next() => w,
+            _ = limit => {
+                timed_out = true;
+                log.note(&format!("timed out after {}s: docker stop with {}s grace", req.timeout.as_secs_f64(), req.grace_period.as_secs())).await;
+                self.stop(docker, id, req.grace_period).await;
+                wait.next().await
+            }
+            _ = cancel.cancelled() => {
+                cancelled = true;
+                log.note(&format!("cancelled: docker stop with {}s grace", req.grace_period.as_secs())).await;
+                self.stop(docker, id, req.grace_period).await;
+                wait.next().await
+            }
+        };
+        let mut exit = Exit { timed_out, cancelled, ..Default::default() };
+        let mut wait_code = None;
+        match waited {
+            Some(Ok(r)) => wait_code = Some(r.status_code),
+            Some(Err(DockerError::DockerContainerWaitError { code, .. })) => wait_code = Some(code),
+            Some(Err(e)) if is_unreachable(&e) => {
+                pump.abort();
+                exit.error = Some(format!("docker engine unreachable at {} while the container ran: {}", self.endpoint, chain(&e)));
+                exit.infra_error = true;
+                return exit;
+            }
+            Some(Err(e)) => exit.error = Some(format!("waiting for container {id}: {}", docker_message(&e))),
+            None => {}
+        }
+
+        if tokio::time::timeout(LOG_DRAIN_LIMIT, &mut pump).await.is_err() {
+            pump.abort();
+            log.note("the container's log stream did not end after it stopped; no longer reading it").await;
+        }
+
+        match docker.inspect_container(id, None::<InspectContainerOptions>).await {
+            Ok(c) => {
+                let state = c.state.unwrap_or_default();
+                exit.exit_code = state.exit_code.map(|c| c as i32).or(wait_code.map(|c| c as i32));
+                exit.oom_killed = state.oom_killed.unwrap_or(false);
+                if let Some(err) = state.error.filter(|e| !e.is_empty()) {
+                    exit.error.get_or_insert(format!("container: {err}"));
+                }
+            }
+            Err(e) if is_unreachable(&e) => {
+                exit.exit_code = wait_code.map(|c| c as i32);
+                if exit.exit_code.is_none() {
+                    exit.error = Some(format!("docker engine unreachable at {}: {}", self.endpoint, chain(&e)));
+                    exit.infra_error = true;
+                }
+            }
+            Err(_) => exit.exit_code = wait_code.map(|c| c as i32),
+        }
+        if exit.oom_killed {
+            log.note("the container ran out of memory and was killed (OOMKilled)").await;
+        }
+        self.remove(docker, id).await;
+        exit
+    }
+
+    /// `docker stop -t grace`: SIGTERM (or the image's stop signal), then
+    /// SIGKILL after `grace`. The request lasts as long as the stop does.
+    async fn stop(&self, docker: &Docker, id: &str, grace: Duration) {
+        let t = grace.as_secs().min(i32::MAX as u64) as i32;
+        let patient = docker.clone().with_timeout(grace + REQUEST_TIMEOUT);
+        if let Err(e) = patient.stop_container(id, Some(StopContainerOptionsBuilder::new().t(t).build())).await {
+            if !is_status(&e, 404) && !is_status(&e, 304) {
+                tracing::warn!(container = id, error = %chain(&e), "docker stop failed");
+            }
+        }
+    }
+
+    async fn start_and_follow(
+        &self,
+        req: &RunRequest,
+        spec: &DockerSpec,
+        log: &Arc<LogSink>,
+        cancel: &CancellationToken,
+        on_started: OnStarted,
+    ) -> Result<Exit, Fail> {
+        let docker = self.client().await?;
+        self.ensure_image(&docker, spec, log).await?;
+        if cancel.is_cancelled() {
+            return Ok(Exit { cancelled: true, error: Some("cancelled before it started".into()), ..Default::default() });
+        }
+        let (id, already_running) = self.create(&docker, req, spec, log).await?;
+        if !already_running {
+            if let Err(e) = docker.start_container(&id, None).await {
+                let fail = self.classify(&format!("cannot start the container from image {}", spec.image), &e);
+                if matches!(fail, Fail::Job(_)) {
+                    self.remove(&docker, &id).await;
+                }
+                return Err(fail);
+            }
+        }
+        on_started(Started { machine: self.endpoint.clone(), handle: id.clone() });
+        Ok(self.follow(&docker, &id, req, log, cancel, None).await)
+    }
+}
+
+#[async_trait::async_trait]
+impl Executor for DockerExecutor {
+    async fn run(&self, req: RunRequest, log: Arc<LogSink>, cancel: CancellationToken, on_started: OnStarted) -> Exit {
+        let spec = match &req.spec {
+            ExecutorSpec::Docker(d) => d.clone(),
+            ExecutorSpec::Process(p) => {
+                return Exit {
+                    error: Some(format!("the docker executor cannot run a process job (command {})", p.command)),
+                    ..Default::default()
+                };
+            }
+        };
+        if cancel.is_cancelled() {
+            return Exit { cancelled: true, error: Some("cancelled before it started".into()), ..Default::default() };
+        }
+        match self.start_and_follow(&req, &spec, &log, &cancel, on_started).await {
+            Ok(exit) => exit,
+            Err(fail) => fail.into_exit(),
+        }
+    }
+
+    /// Finds the attempt's container by its labels. Running: its logs are
+    /// followed from now on (what it printed while pubrun was down is not
+    /// copied) and the timeout counts from now, not from its start. Exited:
+    /// its whole log is copied once (lines captured before the restart
+    /// appear again). Created but never started: removed, `None` (nothing
+    /// ran). Either way the container is removed at the end. An engine that
+    /// does not answer gives `Some` infra error, so the attempt is retried.
+    async fn reattach(&self, req: RunRequest, log: Arc<LogSink>, cancel: CancellationToken) -> Option<Exit> {
+        if !matches!(req.spec, ExecutorSpec::Docker(_)) {
+            return None;
+        }
+        let docker = match self.client().await {
+            Ok(d) => d,
+            Err(f) => return Some(f.into_exit()),
+        };
+        let list = ListContainersOptionsBuilder::new().all(true).filters(&label_filters(&req.run_id, req.attempt)).build();
+        let found = match docker.list_containers(Some(list)).await {
+            Ok(l) => l,
+            Err(e) => return Some(self.classify("listing containers", &e).into_exit()),
+        };
+        let id = found.into_iter().find_map(|c| c.id)?;
+        let state = match docker.inspect_container(&id, None::<InspectContainerOptions>).await {
+            Ok(c) => c.state.unwrap_or_default(),
+            Err(e) if is_status(&e, 404) => return None,
+            Err(e) => return Some(self.classify(&format!("inspecting container {id}"), &e).into_exit()),
+        };
+        match state.status {
+            Some(ContainerStateStatusEnum::CREATED) | Some(ContainerStateStatusEnum::EMPTY) | None => {
+                log.note(&format!("container {id} was created but never started; removing it")).await;
+                self.remove(&docker, &id).await;
+                None
+            }
+            _ if state.running == Some(true) => {
+                let since = now_unix();
+                log.note(&format!("reattached to running container {id}; following its output from now on")).await;
+                Some(self.follow(&docker, &id, &req, &log, &cancel, Some(since)).await)
+            }
+            _ => {
+                log.note(&format!("container {id} ended while pubrun was down; its output follows")).await;
+                let mut stream = docker.logs(&id, Some(LogsOptionsBuilder::new().stdout(true).stderr(true).build()));
+                while let Some(Ok(out)) = stream.next().await {
+                    log.write(LogOutput::into_bytes(out).as_ref()).await;
+                }
+                let exit = Exit {
+                    exit_code: state.exit_code.map(|c| c as i32),
+                    oom_killed: state.oom_killed.unwrap_or(false),
+                    error: state.error.filter(|e| !e.is_empty()).map(|e| format!("container: {e}")),
+                    ..Default::default()
+                };
+                self.remove(&docker, &id).await;
+                Some(exit)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_references() {
+        assert_eq!(container_name("42", 1), "pubrun-42-1");
+        assert_eq!(container_name("a/b c", 3), "pubrun-a-b-c-3");
+        assert_eq!(with_tag("busybox"), "busybox:latest");
+        assert_eq!(with_tag("127.0.0.1:5000/x/y"), "127.0.0.1:5000/x/y:latest");
+        assert_eq!(with_tag("127.0.0.1:5000/x/y:auth"), "127.0.0.1:5000/x/y:auth");
+        assert_eq!(with_tag("x@sha256:abc"), "x@sha256:abc");
+        assert_eq!(registry_of("127.0.0.1:5000/x/y:auth"), "127.0.0.1:5000");
+        assert_eq!(registry_of("registry.example.com/importer:latest"), "registry.example.com");
+        assert_eq!(registry_of("library/busybox"), "https://index.docker.io/v1/");
+        assert_eq!(registry_of("busybox"), "https://index.docker.io/v1/");
+    }
+
+    #[test]
+    fn unsupported_host_is_refused_and_missing_socket_is_not() {
+        assert!(DockerExecutor::with_host("ftp://nowhere").is_err());
+        assert!(DockerExecutor::with_host("unix:///nonexistent.sock").is_ok());
+    }
+}

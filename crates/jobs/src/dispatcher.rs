@@ -2,6 +2,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -31,7 +32,12 @@ pub struct Dispatcher {
     executors: Executors,
     slots: usize,
     state: Mutex<State>,
+    /// Wakes the scheduler (a run was queued, a slot was freed).
     wake: Notify,
+    /// Wakes the result publisher (a run ended).
+    results_wake: Notify,
+    /// Makes ids of manually triggered messages unique.
+    trigger_seq: AtomicU64,
 }
 
 #[derive(Default)]
@@ -133,6 +139,8 @@ impl Dispatcher {
             slots: slots.max(1),
             state: Mutex::new(State::default()),
             wake: Notify::new(),
+            results_wake: Notify::new(),
+            trigger_seq: AtomicU64::new(0),
         })
     }
 
@@ -150,6 +158,8 @@ impl Dispatcher {
         for spec in self.store.jobs()? {
             self.start_intake(spec)?;
         }
+        // Only attempts that were in flight when the previous server stopped
+        // are looked for; queued runs simply wait for the scheduler.
         for run in self.store.with_status(&[RunStatus::Starting, RunStatus::Running])? {
             let this = self.clone();
             let spec = self.lock().jobs.get(&run.job).map(|j| j.spec.clone());
@@ -165,7 +175,8 @@ impl Dispatcher {
                 }
             }
         }
-        self.publish_pending_results().await;
+        let this = self.clone();
+        tokio::spawn(async move { this.result_publisher().await });
         let this = self.clone();
         tokio::spawn(async move { this.scheduler().await });
         Ok(())
@@ -242,8 +253,15 @@ impl Dispatcher {
         let sub = SubscriptionName::parse(&job_subscription(topic.project().id(), &spec.name))?;
         let this = self.clone();
         let name = spec.name.clone();
+        // Spawned under the lock: the new intake must not look its job up
+        // before the job is installed (it would find nothing, or the old
+        // spec, and stop). Replacing the entry drops the old JobState, which
+        // aborts the old intake.
+        let mut st = self.lock();
         let intake = tokio::spawn(async move { this.intake(name, sub).await });
-        self.lock().jobs.insert(spec.name.clone(), JobState { spec, intake });
+        let old = st.jobs.insert(spec.name.clone(), JobState { spec, intake });
+        drop(st);
+        drop(old);
         Ok(())
     }
 
@@ -293,7 +311,7 @@ impl Dispatcher {
         let spec = self.job(job)?;
         let now = now_ms();
         let msg = SourceMessage {
-            id: format!("manual-{now}-{}", (jitter() * 1e6) as u64),
+            id: format!("manual-{now}-{}", self.trigger_seq.fetch_add(1, Ordering::Relaxed)),
             data,
             attributes,
             publish_time: rfc3339(now * 1_000_000),
@@ -310,11 +328,21 @@ impl Dispatcher {
         }
     }
 
-    /// Cancels a run: a queued one at once, a running one via its executor.
+    /// Cancels a run: a queued one (also one waiting for a retry) at once,
+    /// a starting or running one via its executor. FAILED_PRECONDITION when
+    /// the run has already ended.
+    ///
+    /// Races with the scheduler are settled in the run store: the cancel flag
+    /// is set first, and [`RunStore::mark_starting`] refuses a flagged run, so
+    /// either the run is still queued (and ends here) or it was claimed — and
+    /// then its cancel switch is already in `active`, because the scheduler
+    /// registers it before claiming.
     pub fn cancel(&self, id: i64) -> Result<RunRecord> {
         let run = self.store.request_cancel(id)?;
-        if run.status == RunStatus::Queued {
-            self.store.finish(id, &Exit { cancelled: true, ..Default::default() }, now_ms(), false)?;
+        let has_result = self.lock().jobs.get(&run.job).is_some_and(|j| !j.spec.result_topic.is_empty());
+        let exit = Exit { cancelled: true, error: Some("cancelled before it started".into()), ..Default::default() };
+        if self.store.cancel_if_queued(id, &exit, now_ms(), has_result)? {
+            self.results_wake.notify_one();
         } else if let Some((_, token)) = self.lock().active.get(&id) {
             token.cancel();
         }
@@ -331,30 +359,45 @@ impl Dispatcher {
                 Ok(queued) => {
                     let now = now_ms();
                     for run in queued {
+                        if run.cancel_requested || !self.lock().jobs.contains_key(&run.job) {
+                            // Cancel requested between two attempts, or its job is gone.
+                            self.drop_queued(&run);
+                            continue;
+                        }
                         if run.not_before_ms > now {
                             next_wake = next_wake.min(Duration::from_millis((run.not_before_ms - now) as u64));
                             continue;
                         }
-                        let (spec, running_job, running_all) = {
-                            let st = self.lock();
-                            let Some(j) = st.jobs.get(&run.job) else { continue };
-                            let n = st.active.values().filter(|(job, _)| job == &run.job).count();
-                            (j.spec.clone(), n, st.active.len())
-                        };
-                        if running_all >= self.slots {
-                            break;
-                        }
-                        if running_job >= spec.concurrency as usize {
-                            continue;
-                        }
-                        if let Err(e) = self.store.mark_starting(run.id) {
-                            tracing::warn!(run = run.id, error = %e, "cannot start run");
-                            continue;
-                        }
                         let token = CancellationToken::new();
-                        self.lock().active.insert(run.id, (run.job.clone(), token.clone()));
+                        let spec = {
+                            let mut st = self.lock();
+                            if st.active.contains_key(&run.id) {
+                                // Its previous attempt is still being recorded.
+                                continue;
+                            }
+                            if st.active.len() >= self.slots {
+                                break;
+                            }
+                            let Some(j) = st.jobs.get(&run.job) else { continue };
+                            let spec = j.spec.clone();
+                            let n = st.active.values().filter(|(job, _)| job == &run.job).count();
+                            if n >= spec.concurrency as usize {
+                                continue;
+                            }
+                            // Registered before it is claimed, so that a cancel
+                            // that finds the run claimed also finds its switch.
+                            st.active.insert(run.id, (run.job.clone(), token.clone()));
+                            spec
+                        };
+                        if let Err(e) = self.store.mark_starting(run.id) {
+                            self.lock().active.remove(&run.id);
+                            tracing::debug!(run = run.id, error = %e, "run not started");
+                            continue;
+                        }
+                        let mut run = run;
+                        run.status = RunStatus::Starting;
                         let this = self.clone();
-                        tokio::spawn(async move { this.execute(run, spec, token, false).await });
+                        tokio::spawn(async move { this.execute(run, spec, token).await });
                     }
                 }
                 Err(e) => tracing::error!(error = %e, "scheduler cannot read queued runs"),
@@ -365,6 +408,22 @@ impl Dispatcher {
                 prune_at = now + 60_000;
             }
             let _ = tokio::time::timeout(next_wake, self.wake.notified()).await;
+        }
+    }
+
+    /// Ends a queued run that must not start: cancelled, or its job deleted.
+    fn drop_queued(&self, run: &RunRecord) {
+        let job = self.lock().jobs.get(&run.job).map(|j| j.spec.result_topic.clone());
+        let error = match &job {
+            Some(_) => "cancelled before it started".to_string(),
+            None => format!("job {} was deleted before this run started", run.job),
+        };
+        let has_result = job.is_some_and(|t| !t.is_empty());
+        let exit = Exit { cancelled: true, error: Some(error), ..Default::default() };
+        match self.store.cancel_if_queued(run.id, &exit, now_ms(), has_result) {
+            Ok(true) => self.results_wake.notify_one(),
+            Ok(false) => {}
+            Err(e) => tracing::warn!(run = run.id, error = %e, "cannot cancel queued run"),
         }
     }
 
@@ -403,7 +462,7 @@ impl Dispatcher {
         }
     }
 
-    async fn execute(self: Arc<Self>, run: RunRecord, spec: JobSpec, token: CancellationToken, _reattached: bool) {
+    async fn execute(self: Arc<Self>, run: RunRecord, spec: JobSpec, token: CancellationToken) {
         let exit = self.attempt(&run, &spec, token).await;
         self.settle(run, &spec, exit).await;
     }
@@ -422,7 +481,14 @@ impl Dispatcher {
             Ok(l) => Arc::new(l),
             Err(e) => return Exit { error: Some(format!("cannot open run log: {e}")), infra_error: true, ..Default::default() },
         };
-        log.note(&format!("attempt {} of {} starting", run.attempt, run.max_attempts)).await;
+        log.note(&format!("attempt {} of {} starting", run.attempt, spec.retries.max_attempts)).await;
+        if token.is_cancelled() {
+            // Cancelled between being claimed and here: never start it.
+            let exit = Exit { cancelled: true, error: Some("cancelled before it started".into()), ..Default::default() };
+            log.note(&describe(&exit)).await;
+            log.flush().await;
+            return exit;
+        }
         let store = self.store.clone();
         let id = run.id;
         let on_started = Box::new(move |s: pubrun_exec::Started| {
@@ -445,9 +511,15 @@ impl Dispatcher {
                     Ok(req) => {
                         log.note("server restarted; looking for the running attempt").await;
                         let found = self.executor_for(&spec.executor).reattach(req, log.clone(), token).await;
-                        let exit = found.unwrap_or_else(|| Exit {
-                            error: Some("lost: pubrun restarted while this attempt ran".into()),
-                            ..Default::default()
+                        let exit = found.unwrap_or_else(|| match run.status {
+                            // Never recorded as running: as far as pubrun knows
+                            // nothing ran, so the same attempt is tried again.
+                            RunStatus::Starting => Exit {
+                                error: Some("lost: pubrun restarted while this attempt was starting".into()),
+                                infra_error: true,
+                                ..Default::default()
+                            },
+                            _ => Exit { error: Some("lost: pubrun restarted while this attempt ran".into()), ..Default::default() },
                         });
                         log.note(&describe(&exit)).await;
                         log.flush().await;
@@ -465,14 +537,17 @@ impl Dispatcher {
     /// Records how an attempt ended: retry, or terminal state + result.
     async fn settle(&self, run: RunRecord, spec: &JobSpec, exit: Exit) {
         let id = run.id;
-        self.lock().active.remove(&id);
         let now = now_ms();
         let cancelled = exit.cancelled || self.store.get(id).map(|r| r.cancel_requested).unwrap_or(false);
         let exit = Exit { cancelled, ..exit };
         let status = exit.status();
         let result = if !cancelled && exit.infra_error {
             // Not the job's fault: wait and try the same attempt again.
-            let delay = spec.retries.backoff(2, jitter()).min(Duration::from_secs(30));
+            let delay = if run.status == RunStatus::Starting && exit.error.as_deref().is_some_and(|e| e.starts_with("lost:")) {
+                Duration::ZERO
+            } else {
+                spec.retries.backoff(2, jitter()).min(Duration::from_secs(30))
+            };
             self.store.requeue(id, run.attempt, now + delay.as_millis() as i64, &exit)
         } else if matches!(status, RunStatus::Failed | RunStatus::TimedOut)
             && run.attempt < spec.retries.max_attempts
@@ -487,19 +562,36 @@ impl Dispatcher {
         if let Err(e) = result {
             tracing::error!(run = id, error = %e, "could not record the end of an attempt");
         }
+        // The slot is freed only once the run's new state is recorded.
+        self.lock().active.remove(&id);
         self.wake.notify_one();
-        self.publish_pending_results().await;
+        self.results_wake.notify_one();
+    }
+
+    /// The one task that publishes results, so that two runs ending at the
+    /// same time never publish the same result twice. Failed publishes are
+    /// retried every few seconds (outbox: at least once).
+    async fn result_publisher(self: Arc<Self>) {
+        loop {
+            let retry = self.publish_pending_results().await;
+            let wait = if retry { Duration::from_secs(2) } else { Duration::from_secs(60) };
+            let _ = tokio::time::timeout(wait, self.results_wake.notified()).await;
+        }
     }
 
     /// Publishes the result message of every finished run not yet published.
-    async fn publish_pending_results(&self) {
-        let pending = match self.store.unpublished_results() {
-            Ok(p) => p,
-            Err(e) => {
+    /// Returns whether some are left to retry.
+    async fn publish_pending_results(&self) -> bool {
+        let store = self.store.clone();
+        let pending = match tokio::task::spawn_blocking(move || store.unpublished_results()).await {
+            Ok(Ok(p)) => p,
+            Ok(Err(e)) => {
                 tracing::warn!(error = %e, "cannot read pending results");
-                return;
+                return true;
             }
+            Err(_) => return true,
         };
+        let mut retry = false;
         for run in pending {
             let topic = match self.lock().jobs.get(&run.job).map(|j| j.spec.result_topic.clone()) {
                 Some(t) if !t.is_empty() => t,
@@ -517,9 +609,19 @@ impl Dispatcher {
                 Ok(_) => {
                     let _ = self.store.mark_result_published(run.id);
                 }
-                Err(e) => tracing::warn!(run = run.id, topic, error = %e, "result not published yet; will retry"),
+                Err(e) if e.code == pubrun_core::Code::NotFound => {
+                    // Retrying cannot help until someone creates the topic;
+                    // dropping it beats warning forever.
+                    tracing::warn!(run = run.id, topic, error = %e, "result topic does not exist; result dropped");
+                    let _ = self.store.mark_result_published(run.id);
+                }
+                Err(e) => {
+                    tracing::warn!(run = run.id, topic, error = %e, "result not published yet; will retry");
+                    retry = true;
+                }
             }
         }
+        retry
     }
 
     async fn result_message(&self, run: &RunRecord) -> OutgoingMessage {

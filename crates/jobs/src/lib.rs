@@ -16,6 +16,7 @@
 //! result message is published at least once for every finished run of a
 //! job with a `result_topic`.
 
+pub mod apply;
 pub mod dispatcher;
 pub mod runstore;
 

@@ -55,7 +55,7 @@ pub struct RunRecord {
     pub result_published: bool,
 }
 
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 const MIGRATION_1: &str = r#"
 CREATE TABLE jobs (
@@ -97,6 +97,11 @@ CREATE TABLE meta (
 );
 "#;
 
+/// Finding unpublished results must not scan every run ever made.
+const MIGRATION_2: &str = r#"
+CREATE INDEX runs_unpublished ON runs(id) WHERE result_published = 0;
+"#;
+
 pub struct RunStore {
     conn: Mutex<Connection>,
 }
@@ -128,6 +133,11 @@ impl RunStore {
         }
         if version < 1 {
             conn.execute_batch(MIGRATION_1).map_err(db_err)?;
+        }
+        if version < 2 {
+            conn.execute_batch(MIGRATION_2).map_err(db_err)?;
+        }
+        if version < SCHEMA_VERSION {
             conn.pragma_update(None, "user_version", SCHEMA_VERSION).map_err(db_err)?;
         }
         Ok(RunStore { conn: Mutex::new(conn) })
@@ -300,8 +310,43 @@ impl RunStore {
         tx.commit().map_err(db_err)
     }
 
+    /// Claims a queued run for execution. Atomic: fails (FAILED_PRECONDITION)
+    /// unless the run is queued *and* no cancel was requested, so a run is
+    /// never started twice and a cancelled queued run never starts.
     pub fn mark_starting(&self, id: i64) -> Result<()> {
-        self.transition(id, RunStatus::Starting, |_| Ok(()))
+        let n = self
+            .conn()
+            .execute(
+                "UPDATE runs SET status = 'starting' WHERE id = ?1 AND status = 'queued' AND cancel_requested = 0",
+                params![id],
+            )
+            .map_err(db_err)?;
+        if n == 1 {
+            return Ok(());
+        }
+        let run = self.get(id)?;
+        if run.cancel_requested && run.status == RunStatus::Queued {
+            return Err(Error::precondition(format!("run {id} is being cancelled")));
+        }
+        run.status.check_transition(RunStatus::Starting)?;
+        Err(Error::precondition(format!("run {id} could not be claimed")))
+    }
+
+    /// Ends a run that is still queued as cancelled, in one statement (so it
+    /// cannot race with [`mark_starting`](Self::mark_starting)). Returns
+    /// whether the run was queued.
+    pub fn cancel_if_queued(&self, id: i64, exit: &Exit, now_ms: i64, has_result_topic: bool) -> Result<bool> {
+        debug_assert_eq!(exit.status(), RunStatus::Cancelled);
+        let json = serde_json::to_string(exit).expect("exit serializes");
+        let n = self
+            .conn()
+            .execute(
+                "UPDATE runs SET status = 'cancelled', cancel_requested = 1, exit = ?2, ended_at_ms = ?3, result_published = ?4
+                 WHERE id = ?1 AND status = 'queued'",
+                params![id, json, now_ms, if has_result_topic { 0 } else { 1 }],
+            )
+            .map_err(db_err)?;
+        Ok(n == 1)
     }
 
     pub fn mark_running(&self, id: i64, machine: &str, handle: &str, now_ms: i64) -> Result<()> {

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Result};
+use reqwest::header::HeaderMap;
 use reqwest::{Method, StatusCode};
 use serde_json::{Map, Value};
 
@@ -93,6 +94,37 @@ impl Api {
         query: &[(&str, &str)],
         body: Option<&Value>,
     ) -> Result<Value> {
+        let body = match body {
+            Some(b) => Some(Body {
+                content_type: "application/json",
+                bytes: serde_json::to_vec(b)?,
+            }),
+            None => None,
+        };
+        let (_, bytes) = self.call_raw(method.clone(), path, query, body).await?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(Value::Object(Map::new()));
+        }
+        serde_json::from_slice(&bytes).map_err(|e| {
+            anyhow!(
+                "server at {} sent a response to {method} {path} that is not JSON ({e}): {}",
+                self.base,
+                snippet(&bytes)
+            )
+        })
+    }
+
+    /// One request with any body; a success answer comes back as headers +
+    /// bytes, anything else as the same errors [`Api::call`] gives (a
+    /// [`ServerError`] when the server answered, a [`TransportError`] when it
+    /// could not be reached).
+    pub async fn call_raw(
+        &self,
+        method: Method,
+        path: &str,
+        query: &[(&str, &str)],
+        body: Option<Body>,
+    ) -> Result<(HeaderMap, Vec<u8>)> {
         let url = format!("{}{path}", self.base);
         let mut req = self
             .http
@@ -105,46 +137,39 @@ impl Api {
             req = req.bearer_auth(t);
         }
         if let Some(b) = body {
-            req = req.json(b);
+            req = req.header("content-type", b.content_type).body(b.bytes);
         }
         let resp = req.send().await.map_err(|e| self.transport_error(&method, path, &e))?;
         let status = resp.status();
+        let headers = resp.headers().clone();
         let bytes = resp
             .bytes()
             .await
             .map_err(|e| self.transport_error(&method, path, &e))?;
         if status.is_success() {
-            if bytes.iter().all(u8::is_ascii_whitespace) {
-                return Ok(Value::Object(Map::new()));
-            }
-            return serde_json::from_slice(&bytes).map_err(|e| {
-                anyhow!(
-                    "server at {} sent a response to {method} {path} that is not JSON ({e}): {}",
-                    self.base,
-                    snippet(&bytes)
-                )
-            });
+            return Ok((headers, Vec::from(bytes)));
         }
         Err(self.status_error(&method, path, status, &bytes))
     }
 
     fn transport_error(&self, method: &Method, path: &str, e: &reqwest::Error) -> anyhow::Error {
         let hint = "start it with `pubrun serve` or set --addr/PUBRUN_ADDR";
-        if e.is_connect() {
-            return anyhow!("cannot reach pubrun at {}: {} — {hint}", self.base, root_cause(e));
-        }
-        if e.is_timeout() {
-            return anyhow!(
+        let message = if e.is_connect() {
+            format!("cannot reach pubrun at {}: {} — {hint}", self.base, root_cause(e))
+        } else if e.is_timeout() {
+            format!(
                 "pubrun at {} did not answer {method} {path} within {}s — is the server overloaded or stuck?",
                 self.base,
                 REQUEST_TIMEOUT.as_secs()
-            );
-        }
-        anyhow!(
-            "request {method} {path} to pubrun at {} failed: {}",
-            self.base,
-            root_cause(e)
-        )
+            )
+        } else {
+            format!(
+                "request {method} {path} to pubrun at {} failed: {}",
+                self.base,
+                root_cause(e)
+            )
+        };
+        anyhow::Error::new(TransportError(message))
     }
 
     fn status_error(&self, method: &Method, path: &str, status: StatusCode, body: &[u8]) -> anyhow::Error {
@@ -171,11 +196,16 @@ impl Api {
         match google {
             Some((code, message)) => {
                 let code = code.unwrap_or_else(|| status.as_str().to_string());
-                if message.is_empty() {
-                    anyhow!("{code}: {method} {path} failed with HTTP {status}")
+                let display = if message.is_empty() {
+                    format!("{code}: {method} {path} failed with HTTP {status}")
                 } else {
-                    anyhow!("{code}: {message}")
-                }
+                    format!("{code}: {message}")
+                };
+                anyhow::Error::new(ServerError {
+                    code,
+                    message,
+                    display,
+                })
             }
             None if status == StatusCode::NOT_FOUND || status == StatusCode::METHOD_NOT_ALLOWED => anyhow!(
                 "server at {} answered {method} {path} with HTTP {status} and no Pub/Sub error: it does not \
@@ -196,6 +226,42 @@ impl Api {
         }
     }
 }
+
+/// A request body that is not JSON (a manifest, say).
+pub struct Body {
+    pub content_type: &'static str,
+    pub bytes: Vec<u8>,
+}
+
+/// The server answered with an error in Google's JSON shape.
+#[derive(Debug)]
+pub struct ServerError {
+    /// Google's status name, e.g. `INVALID_ARGUMENT`.
+    pub code: String,
+    /// The server's message, unprefixed.
+    pub message: String,
+    display: String,
+}
+
+impl std::fmt::Display for ServerError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.display)
+    }
+}
+
+impl std::error::Error for ServerError {}
+
+/// The server could not be reached or did not answer in time.
+#[derive(Debug)]
+pub struct TransportError(String);
+
+impl std::fmt::Display for TransportError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for TransportError {}
 
 fn is_loopback(addr: &str) -> bool {
     let Some(host) = reqwest::Url::parse(addr)

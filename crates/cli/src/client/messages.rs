@@ -15,20 +15,7 @@ const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STA
 pub async fn publish(args: PublishArgs) -> Result<()> {
     let conn = &args.conn;
     let topic = names::topic(&conn.project, &args.topic)?;
-    let data = match (&args.data, &args.data_file) {
-        (Some(text), _) => text.clone().into_bytes(),
-        (None, Some(path)) if path.as_os_str() == "-" => {
-            let mut buf = Vec::new();
-            std::io::stdin()
-                .read_to_end(&mut buf)
-                .context("reading message data from standard input")?;
-            buf
-        }
-        (None, Some(path)) => {
-            std::fs::read(path).with_context(|| format!("reading message data from {}", path.display()))?
-        }
-        (None, None) => Vec::new(),
-    };
+    let data = read_data(args.data.as_deref(), args.data_file.as_deref())?;
     if data.is_empty() && args.attrs.is_empty() {
         bail!("nothing to publish: give --data TEXT, --data-file FILE (- for stdin) or at least one --attr KEY=VALUE");
     }
@@ -53,6 +40,25 @@ pub async fn publish(args: PublishArgs) -> Result<()> {
         .map(output::display)
         .ok_or_else(|| anyhow!("server accepted the publish to {topic} but returned no message id: {resp}"))?;
     output::out(&format!("{id}\n"))
+}
+
+/// Message data from `--data TEXT` or `--data-file FILE` ("-" = stdin);
+/// empty when neither is given.
+pub fn read_data(text: Option<&str>, file: Option<&std::path::Path>) -> Result<Vec<u8>> {
+    Ok(match (text, file) {
+        (Some(text), _) => text.as_bytes().to_vec(),
+        (None, Some(path)) if path.as_os_str() == "-" => {
+            let mut buf = Vec::new();
+            std::io::stdin()
+                .read_to_end(&mut buf)
+                .context("reading message data from standard input")?;
+            buf
+        }
+        (None, Some(path)) => {
+            std::fs::read(path).with_context(|| format!("reading message data from {}", path.display()))?
+        }
+        (None, None) => Vec::new(),
+    })
 }
 
 pub async fn pull(args: PullArgs) -> Result<()> {

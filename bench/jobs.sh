@@ -1,0 +1,126 @@
+#!/usr/bin/env bash
+# Job benchmark for pubrun (issue 3, item 7). A report, not a test: it asserts
+# nothing about speed. Run from the repository root:
+#
+#   bash bench/jobs.sh
+#
+# Builds `cargo build --release -p pubrun`, starts `pubrun serve` on a free
+# 127.0.0.1 port with a temporary data directory and a generated manifest,
+# then (bench/jobs.py) measures and prints one markdown table:
+#   (a) message → process start latency p50/p99 (200 messages, 20 ms apart);
+#   (b) trivial `true` jobs per second (2000 messages, concurrency nproc*2)
+#       next to this machine's fork+exec rate of /bin/true from bash loops;
+#   (c) a container job's wall time vs plain `docker run --rm` of the same
+#       image and command (10 each, interleaved), as a ratio.
+# Everything is bounded in count and time; the server, its data directory and
+# temp files are removed on exit (KEEP=1 keeps the temp directory).
+#
+# Knobs (environment): LATENCY_N=200 TPUT_N=2000 DOCKER_N=10 CONC=nproc*2
+#   IMAGE=pubrun-test/busybox:latest NO_BUILD=1 (use the existing binary)
+#   PROFILE=release|debug
+set -euo pipefail
+
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$repo"
+profile="${PROFILE:-release}"
+nproc="$(nproc)"
+conc="${CONC:-$((nproc * 2))}"
+image="${IMAGE:-pubrun-test/busybox:latest}"
+
+if [ "${NO_BUILD:-0}" != 1 ]; then
+  if [ "$profile" = release ]; then
+    echo "[bench] cargo build --release -p pubrun" >&2
+    cargo build --release -p pubrun >&2
+  else
+    echo "[bench] cargo build -p pubrun" >&2
+    cargo build -p pubrun >&2
+  fi
+fi
+pubrun="${CARGO_TARGET_DIR:-$repo/target}/$profile/pubrun"
+[ -x "$pubrun" ] || { echo "no binary at $pubrun" >&2; exit 1; }
+
+tmp="$(mktemp -d "${TMPDIR:-/tmp}/pubrun-bench.XXXXXX")"
+server_pid=""
+cleanup() {
+  if [ -n "$server_pid" ] && kill -0 "$server_pid" 2>/dev/null; then
+    kill -TERM "$server_pid" 2>/dev/null || true
+    for _ in $(seq 1 100); do kill -0 "$server_pid" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$server_pid" 2>/dev/null || true
+    wait "$server_pid" 2>/dev/null || true
+  fi
+  if [ "${KEEP:-0}" = 1 ]; then echo "[bench] kept $tmp" >&2; else rm -rf "$tmp"; fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# Container phase prerequisites: an engine and the test image.
+no_docker=""
+if ! docker version >/dev/null 2>&1; then
+  no_docker="no Docker engine answers"
+elif ! docker image inspect "$image" >/dev/null 2>&1; then
+  if [ "$image" = pubrun-test/busybox:latest ] && [ -f scripts/docker-test-image.sh ]; then
+    echo "[bench] building $image with scripts/docker-test-image.sh" >&2
+    bash scripts/docker-test-image.sh >&2 || no_docker="could not build $image"
+  else
+    no_docker="image $image is not present"
+  fi
+fi
+
+cat > "$tmp/bench.toml" <<TOML
+project = "bench"
+
+[[topic]]
+name = "bench-latency"
+[[topic]]
+name = "bench-tput"
+[[topic]]
+name = "bench-docker"
+
+# (a) prints its own start time; stdout goes to the run's log.
+[[job]]
+name = "latency"
+topic = "bench-latency"
+process = { command = "date", args = ["+%s%N"] }
+concurrency = $conc
+retries = { max_attempts = 1 }
+
+# (b) the cheapest possible job.
+[[job]]
+name = "tput"
+topic = "bench-tput"
+process = { command = "true" }
+concurrency = $conc
+retries = { max_attempts = 1 }
+
+# (c) the same image and command as the docker run baseline.
+[[job]]
+name = "ctr"
+topic = "bench-docker"
+docker = { image = "$image", command = ["sh", "-c", "echo hi"], pull = "never" }
+concurrency = 1
+retries = { max_attempts = 1 }
+TOML
+
+port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+echo "[bench] pubrun serve on 127.0.0.1:$port, slots $conc, data in $tmp/data" >&2
+PUBRUN_LOG="${PUBRUN_LOG:-warn}" "$pubrun" serve --listen "127.0.0.1:$port" --data-dir "$tmp/data" \
+  --config "$tmp/bench.toml" --slots "$conc" 2>"$tmp/server.log" &
+server_pid=$!
+for _ in $(seq 1 200); do
+  curl -fsS "http://127.0.0.1:$port/healthz" >/dev/null 2>&1 && break
+  kill -0 "$server_pid" 2>/dev/null || { echo "pubrun serve exited:" >&2; cat "$tmp/server.log" >&2; exit 1; }
+  sleep 0.1
+done
+curl -fsS "http://127.0.0.1:$port/healthz" >/dev/null || { echo "pubrun serve did not answer" >&2; exit 1; }
+
+set +e
+timeout 1800 python3 "$repo/bench/jobs.py" --addr "127.0.0.1:$port" --project bench --conc "$conc" \
+  --latency-n "${LATENCY_N:-200}" --tput-n "${TPUT_N:-2000}" --docker-n "${DOCKER_N:-10}" \
+  --image "$image" --no-docker "$no_docker" --profile "$profile"
+rc=$?
+set -e
+if [ "$rc" != 0 ]; then
+  echo "[bench] failed (exit $rc); last server log lines:" >&2
+  tail -n 30 "$tmp/server.log" >&2
+fi
+exit "$rc"

@@ -1,0 +1,185 @@
+//! pubrun's own REST API for jobs, runs, logs and apply (`/api/v1/...`).
+//!
+//! | method | path | what |
+//! |---|---|---|
+//! | GET | `/api/v1/jobs` | `{"jobs": [JobSpec]}` |
+//! | GET | `/api/v1/jobs/{name}` | `{"job": JobSpec, "subscription": .., "backlog": n}` |
+//! | POST | `/api/v1/jobs/{name}/trigger` | body `{"data": "text"}` or `{"data_base64": ".."}`, `"attributes"` → `{"run": Run}` |
+//! | GET | `/api/v1/runs?job=&status=&limit=` | `{"runs": [Run]}`, newest first |
+//! | GET | `/api/v1/runs/{id}` | `{"run": Run}` |
+//! | POST | `/api/v1/runs/{id}/cancel` | `{"run": Run}` |
+//! | GET | `/api/v1/runs/{id}/log?offset=N` | log bytes from `offset`; headers `x-pubrun-log-size`, `x-pubrun-run-status` |
+//! | POST | `/api/v1/apply?dry_run=true&file=NAME` | body: manifest TOML → `{"changes": [..], "applied": bool}` |
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::Engine as _;
+use pubrun_broker::Broker;
+use pubrun_core::manifest::job_subscription;
+use pubrun_core::run::RunStatus;
+use pubrun_core::{Error, SubscriptionName, TopicName};
+use pubrun_jobs::Dispatcher;
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::status::HttpError;
+
+#[derive(Clone)]
+struct Api {
+    broker: Arc<Broker>,
+    dispatcher: Arc<Dispatcher>,
+}
+
+type ApiResult = Result<Response, HttpError>;
+
+pub fn router(broker: Arc<Broker>, dispatcher: Arc<Dispatcher>) -> Router {
+    Router::new()
+        .route("/api/v1/jobs", get(list_jobs))
+        .route("/api/v1/jobs/{name}", get(get_job))
+        .route("/api/v1/jobs/{name}/trigger", post(trigger))
+        .route("/api/v1/runs", get(list_runs))
+        .route("/api/v1/runs/{id}", get(get_run))
+        .route("/api/v1/runs/{id}/cancel", post(cancel_run))
+        .route("/api/v1/runs/{id}/log", get(run_log))
+        .route("/api/v1/apply", post(apply))
+        .with_state(Api { broker, dispatcher })
+}
+
+fn ok(v: serde_json::Value) -> ApiResult {
+    Ok((StatusCode::OK, Json(v)).into_response())
+}
+
+/// Runs use the database; keep the blocking calls off the async workers.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> pubrun_core::Result<T> + Send + 'static) -> Result<T, HttpError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| HttpError(Error::internal(e.to_string())))?.map_err(HttpError)
+}
+
+fn parse_id(id: &str) -> Result<i64, HttpError> {
+    id.parse().map_err(|_| HttpError(Error::invalid(format!("\"{id}\" is not a run id (run ids are numbers)"))))
+}
+
+async fn list_jobs(State(api): State<Api>) -> ApiResult {
+    ok(json!({ "jobs": api.dispatcher.jobs() }))
+}
+
+async fn get_job(State(api): State<Api>, Path(name): Path<String>) -> ApiResult {
+    let spec = api.dispatcher.job(&name)?;
+    let topic = TopicName::parse(&spec.topic)?;
+    let sub = job_subscription(topic.project().id(), &name);
+    let backlog = SubscriptionName::parse(&sub).and_then(|s| api.broker.backlog(&s)).unwrap_or(0);
+    ok(json!({ "job": spec, "subscription": sub, "backlog": backlog }))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct TriggerBody {
+    #[serde(default)]
+    data: Option<String>,
+    #[serde(default)]
+    data_base64: Option<String>,
+    #[serde(default)]
+    attributes: BTreeMap<String, String>,
+}
+
+fn json_body<T: serde::de::DeserializeOwned + Default>(body: &Bytes) -> Result<T, HttpError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(body).map_err(|e| HttpError(Error::invalid(format!("invalid JSON body: {e}"))))
+}
+
+async fn trigger(State(api): State<Api>, Path(name): Path<String>, body: Bytes) -> ApiResult {
+    let b: TriggerBody = json_body(&body)?;
+    let data = match (b.data, b.data_base64) {
+        (Some(_), Some(_)) => return Err(HttpError(Error::invalid("give either data or data_base64, not both"))),
+        (Some(t), None) => t.into_bytes(),
+        (None, Some(b64)) => base64::engine::general_purpose::STANDARD
+            .decode(b64.trim())
+            .map_err(|e| HttpError(Error::invalid(format!("data_base64 is not base64: {e}"))))?,
+        (None, None) => Vec::new(),
+    };
+    let id = api.dispatcher.trigger(&name, data, b.attributes).await?;
+    let store = api.dispatcher.store().clone();
+    let run = blocking(move || store.get(id)).await?;
+    ok(json!({ "run": run }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RunsQuery {
+    job: Option<String>,
+    status: Option<String>,
+    limit: Option<usize>,
+}
+
+async fn list_runs(State(api): State<Api>, q: Result<Query<RunsQuery>, axum::extract::rejection::QueryRejection>) -> ApiResult {
+    let Query(q) = q.map_err(|e| HttpError(Error::invalid(format!("bad query: {}", e.body_text()))))?;
+    let status = q.status.as_deref().map(RunStatus::parse).transpose()?;
+    let limit = q.limit.unwrap_or(100).clamp(1, 10_000);
+    let store = api.dispatcher.store().clone();
+    let runs = blocking(move || store.list(q.job.as_deref(), status, limit)).await?;
+    ok(json!({ "runs": runs }))
+}
+
+async fn get_run(State(api): State<Api>, Path(id): Path<String>) -> ApiResult {
+    let id = parse_id(&id)?;
+    let store = api.dispatcher.store().clone();
+    let run = blocking(move || store.get(id)).await?;
+    ok(json!({ "run": run }))
+}
+
+async fn cancel_run(State(api): State<Api>, Path(id): Path<String>) -> ApiResult {
+    let id = parse_id(&id)?;
+    let d = api.dispatcher.clone();
+    let run = blocking(move || d.cancel(id)).await?;
+    ok(json!({ "run": run }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LogQuery {
+    offset: Option<u64>,
+}
+
+async fn run_log(State(api): State<Api>, Path(id): Path<String>, Query(q): Query<LogQuery>) -> ApiResult {
+    let id = parse_id(&id)?;
+    let store = api.dispatcher.store().clone();
+    let run = blocking(move || store.get(id)).await?;
+    let path = api.dispatcher.log_path(id);
+    let bytes = match tokio::fs::read(&path).await {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(HttpError(Error::internal(format!("reading log: {e}")))),
+    };
+    let size = bytes.len() as u64;
+    let from = q.offset.unwrap_or(0).min(size) as usize;
+    let mut resp = (StatusCode::OK, bytes[from..].to_vec()).into_response();
+    let h = resp.headers_mut();
+    h.insert("content-type", HeaderValue::from_static("text/plain; charset=utf-8"));
+    h.insert("x-pubrun-log-size", HeaderValue::from(size));
+    h.insert("x-pubrun-run-status", HeaderValue::from_static(run.status.as_str()));
+    Ok(resp)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ApplyQuery {
+    dry_run: Option<bool>,
+    file: Option<String>,
+}
+
+async fn apply(State(api): State<Api>, Query(q): Query<ApplyQuery>, body: Bytes) -> ApiResult {
+    let text = std::str::from_utf8(&body).map_err(|_| HttpError(Error::invalid("the manifest must be UTF-8 text")))?;
+    let file = q.file.unwrap_or_else(|| "pubrun.toml".to_string());
+    let manifest = pubrun_jobs::apply::parse_manifest(&file, text)?;
+    let dry_run = q.dry_run.unwrap_or(false);
+    let changes = pubrun_jobs::apply::apply(&api.broker, &api.dispatcher, &manifest, dry_run).await?;
+    ok(json!({ "changes": changes, "applied": !dry_run }))
+}

@@ -1,0 +1,178 @@
+//! Shared helpers for the executor tests: requests in a temporary run
+//! directory, a log sink next to it, and waiting for conditions by polling
+//! (never sleeping to synchronise).
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use pubrun_core::job::{DockerSpec, ExecutorSpec, ProcessSpec};
+use pubrun_exec::{LogSink, OnStarted, RunRequest, Started};
+use tokio::sync::oneshot;
+
+/// How long any awaited event may take before a test fails.
+pub const WAIT: Duration = Duration::from_secs(60);
+
+pub struct Fixture {
+    pub dir: tempfile::TempDir,
+    pub workdir: PathBuf,
+    pub log: Arc<LogSink>,
+}
+
+impl Fixture {
+    pub async fn new(log_limit: u64) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let workdir = dir.path().join("work");
+        std::fs::create_dir(&workdir).unwrap();
+        let log = Arc::new(LogSink::create(dir.path().join("run.log"), log_limit).await.unwrap());
+        Fixture { dir, workdir, log }
+    }
+
+    pub fn request(&self, run_id: &str, spec: ExecutorSpec) -> RunRequest {
+        RunRequest {
+            run_id: run_id.to_string(),
+            job: "test-job".to_string(),
+            attempt: 1,
+            spec,
+            workdir: self.workdir.clone(),
+            timeout: Duration::from_secs(60),
+            grace_period: Duration::from_secs(10),
+            env: BTreeMap::from([("PUBRUN_RUN_ID".to_string(), run_id.to_string())]),
+        }
+    }
+
+    /// The log as written so far.
+    pub async fn log_text(&self) -> String {
+        self.log.flush().await;
+        std::fs::read_to_string(self.log.path()).unwrap_or_default()
+    }
+
+    /// Polls the log until it contains `needle`.
+    pub async fn wait_for_log(&self, needle: &str) {
+        let start = Instant::now();
+        loop {
+            if self.log_text().await.contains(needle) {
+                return;
+            }
+            assert!(start.elapsed() < WAIT, "log never showed {needle:?}; it has:\n{}", self.log_text().await);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Creates `name` in the run directory (the signal a test container or
+    /// process waits for).
+    pub fn release(&self, name: &str) {
+        std::fs::write(self.workdir.join(name), b"go").unwrap();
+    }
+}
+
+pub fn process(command: &str, args: &[&str]) -> ExecutorSpec {
+    ExecutorSpec::Process(ProcessSpec {
+        command: command.to_string(),
+        args: args.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    })
+}
+
+pub fn sh(script: &str) -> ExecutorSpec {
+    process("sh", &["-c", script])
+}
+
+pub fn docker(image: &str, command: &[&str]) -> DockerSpec {
+    DockerSpec {
+        image: image.to_string(),
+        command: command.iter().map(|s| s.to_string()).collect(),
+        pull: pubrun_core::job::PullPolicy::Never,
+        ..Default::default()
+    }
+}
+
+/// An `OnStarted` that reports through a channel.
+pub fn started_channel() -> (OnStarted, oneshot::Receiver<Started>) {
+    let (tx, rx) = oneshot::channel();
+    (Box::new(move |s| drop(tx.send(s))), rx)
+}
+
+pub fn ignore_started() -> OnStarted {
+    Box::new(|_| {})
+}
+
+pub async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
+    tokio::time::timeout(WAIT, f).await.unwrap_or_else(|_| panic!("{what}: took longer than {WAIT:?}"))
+}
+
+pub fn scripts_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts")
+}
+
+pub const TEST_IMAGE: &str = "pubrun-test/busybox:latest";
+
+fn run_script(name: &str) -> Result<String, String> {
+    let script = scripts_dir().join(name);
+    let out = Command::new("bash").arg(&script).output().map_err(|e| format!("running {}: {e}", script.display()))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    } else {
+        Err(format!(
+            "{} failed ({}):\n{}{}",
+            script.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+fn engine_answers() -> bool {
+    Command::new("docker")
+        .args(["version", "--format", "{{.Server.Version}}"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+/// Whether the Docker tests can run: an engine answers and the test image is
+/// built. Without an engine a test is SKIPPED, except under `CI=true`, where
+/// it fails loudly.
+pub fn docker_ready(test: &str) -> bool {
+    static READY: OnceLock<Result<(), String>> = OnceLock::new();
+    let ready = READY.get_or_init(|| {
+        if !engine_answers() {
+            return Err("no Docker engine answers (`docker version` failed)".into());
+        }
+        run_script("docker-test-image.sh").map(|_| ())
+    });
+    match ready {
+        Ok(()) => true,
+        Err(e) if e.starts_with("no Docker engine") => {
+            if std::env::var("CI").is_ok_and(|v| v == "true") {
+                panic!("{test}: CI=true but {e}; start dockerd or set DOCKER_HOST");
+            }
+            eprintln!("SKIPPED {test}: {e}");
+            false
+        }
+        Err(e) => panic!("{test}: {e}"),
+    }
+}
+
+/// The port of the password-protected test registry (scripts/docker-registry.sh).
+pub fn registry_port(test: &str) -> Option<u16> {
+    if !docker_ready(test) {
+        return None;
+    }
+    static PORT: OnceLock<Result<u16, String>> = OnceLock::new();
+    let port = PORT.get_or_init(|| {
+        let out = run_script("docker-registry.sh")?;
+        let last = out.lines().last().unwrap_or_default();
+        last.parse::<u16>().map_err(|e| format!("docker-registry.sh printed {out:?}, not a port: {e}"))
+    });
+    match port {
+        Ok(p) => Some(*p),
+        Err(e) => panic!("{test}: {e}"),
+    }
+}

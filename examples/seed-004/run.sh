@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# Seed 004 on pubrun, end to end, in one command (from anywhere):
+#
+#   bash examples/seed-004/run.sh [CSV_FILE]
+#
+# Starts `pubrun serve --config examples/seed-004/pubrun.toml` on a free
+# 127.0.0.1 port with a fresh temporary data directory, publishes the CSV
+# (default: sample.csv) to `uploads` with attribute name=<file name>, waits
+# for the fit-model run to end, prints its log, its model.json and the result
+# message from `results`, then stops the server and removes the data
+# directory (KEEP=1 keeps it). Builds target/debug/pubrun first if missing.
+# Exits with the run's exit code (2 for malformed CSV).
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+repo="$(cd "$here/../.." && pwd)"
+csv="$(cd "$(dirname "${1:-$here/sample.csv}")" && pwd)/$(basename "${1:-$here/sample.csv}")"
+[ -f "$csv" ] || { echo "run.sh: no such file: $csv" >&2; exit 1; }
+
+pubrun="${PUBRUN_BIN:-${CARGO_TARGET_DIR:-$repo/target}/debug/pubrun}"
+if [ ! -x "$pubrun" ]; then
+  echo "== building pubrun (cargo build -p pubrun)"
+  (cd "$repo" && cargo build -p pubrun)
+fi
+
+data="$(mktemp -d "${TMPDIR:-/tmp}/pubrun-seed004.XXXXXX")"
+server_pid=""
+cleanup() {
+  if [ -n "$server_pid" ] && kill -0 "$server_pid" 2>/dev/null; then
+    kill -TERM "$server_pid" 2>/dev/null || true
+    wait "$server_pid" 2>/dev/null || true
+  fi
+  if [ "${KEEP:-0}" = 1 ]; then
+    echo "== data directory kept: $data"
+  else
+    rm -rf "$data"
+  fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+export PUBRUN_ADDR="http://127.0.0.1:$port" PUBRUN_PROJECT=demo
+api="$PUBRUN_ADDR/api/v1"
+
+echo "== pubrun serve --listen 127.0.0.1:$port --config $here/pubrun.toml"
+# This directory goes on the server's PATH so the job's `command = "fit.py"` resolves.
+PATH="$here:$PATH" "$pubrun" serve --listen "127.0.0.1:$port" --data-dir "$data/pubrun-data" \
+  --config "$here/pubrun.toml" 2>"$data/server.log" &
+server_pid=$!
+for _ in $(seq 1 150); do
+  curl -fsS "$PUBRUN_ADDR/healthz" >/dev/null 2>&1 && break
+  kill -0 "$server_pid" 2>/dev/null || { echo "pubrun serve exited:" >&2; cat "$data/server.log" >&2; exit 1; }
+  sleep 0.1
+done
+curl -fsS "$PUBRUN_ADDR/healthz" >/dev/null || { echo "pubrun serve did not answer" >&2; cat "$data/server.log" >&2; exit 1; }
+
+name="$(basename "$csv")"
+echo "== pubrun publish uploads --data-file $name --attr name=$name"
+msg_id="$("$pubrun" publish uploads --data-file "$csv" --attr "name=$name" | tr -d '[:space:]')"
+echo "message id: $msg_id"
+
+# The run for our message: wait until it exists and is terminal.
+run_json=""
+for _ in $(seq 1 600); do
+  run_json="$(curl -fsS "$api/runs?job=fit-model&limit=100" | python3 -c '
+import json, sys
+want = sys.argv[1]
+for r in json.load(sys.stdin)["runs"]:
+    if want in (r["message"]["id"], r["message"]["id"].split("/")[-1]):
+        print(json.dumps(r))
+        break
+' "$msg_id")"
+  if [ -n "$run_json" ] && python3 -c 'import json,sys; sys.exit(0 if json.loads(sys.argv[1])["status"] in ("succeeded","failed","timed_out","cancelled") else 1)' "$run_json"; then
+    break
+  fi
+  sleep 0.2
+done
+[ -n "$run_json" ] || { echo "no run appeared for message $msg_id" >&2; cat "$data/server.log" >&2; exit 1; }
+read -r run_id status exit_code < <(python3 -c '
+import json, sys
+r = json.loads(sys.argv[1]); e = r.get("exit") or {}
+code = e.get("exit_code")
+print(r["id"], r["status"], "" if code is None else code)' "$run_json")
+echo "== run $run_id: $status (exit code ${exit_code:-none})"
+
+echo "== log of run $run_id (GET /api/v1/runs/$run_id/log)"
+curl -fsS "$api/runs/$run_id/log"
+
+model="$data/pubrun-data/runs/$run_id/work/model.json"
+if [ -f "$model" ]; then
+  echo "== $model"
+  cat "$model"
+fi
+
+echo "== pubrun pull results-watch --ack"
+for _ in $(seq 1 50); do
+  out="$("$pubrun" pull results-watch --max 10 --ack)"
+  if [ -n "$out" ]; then echo "$out"; break; fi
+  sleep 0.2
+done
+
+case "$status" in
+  succeeded) exit 0 ;;
+  *) exit "${exit_code:-1}" ;;
+esac

@@ -40,7 +40,12 @@ ready() {
     "http://127.0.0.1:$port/v2/$repo/manifests/$tag"
 }
 
-if [ -f "$dir/port" ] && [ -f "$dir/pid" ] && kill -0 "$(cat "$dir/pid")" 2>/dev/null; then
+# Whether the pid file names a live registry process (not a reused pid).
+ours() {
+  [ -f "$dir/pid" ] && grep -qa docker-registry "/proc/$(cat "$dir/pid")/cmdline" 2>/dev/null
+}
+
+if [ -f "$dir/port" ] && ours; then
   port="$(cat "$dir/port")"
   if ready "$port"; then
     echo "$port"
@@ -93,7 +98,7 @@ echo "$port" > "$dir/port"
 for _ in $(seq 1 100); do
   code="$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$port/v2/" || true)"
   [ "$code" = 401 ] && break
-  kill -0 "$(cat "$dir/pid")" 2>/dev/null || { cat "$dir/registry.log" >&2; log "registry died"; exit 1; }
+  ours || { cat "$dir/registry.log" >&2; log "registry died"; exit 1; }
   sleep 0.1
 done
 [ "$code" = 401 ] || { cat "$dir/registry.log" >&2; log "registry did not answer on port $port"; exit 1; }

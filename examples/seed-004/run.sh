@@ -41,7 +41,6 @@ trap 'exit 130' INT TERM
 
 port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
 export PUBRUN_ADDR="http://127.0.0.1:$port" PUBRUN_PROJECT=demo
-api="$PUBRUN_ADDR/api/v1"
 
 echo "== pubrun serve --listen 127.0.0.1:$port --config $here/pubrun.toml"
 # This directory goes on the server's PATH so the job's `command = "fit.py"` resolves.
@@ -63,7 +62,7 @@ echo "message id: $msg_id"
 # The run for our message: wait until it exists and is terminal.
 run_json=""
 for _ in $(seq 1 600); do
-  run_json="$(curl -fsS "$api/runs?job=fit-model&limit=100" | python3 -c '
+  run_json="$("$pubrun" runs --job fit-model --limit 100 --json | python3 -c '
 import json, sys
 want = sys.argv[1]
 for r in json.load(sys.stdin)["runs"]:
@@ -84,8 +83,11 @@ code = e.get("exit_code")
 print(r["id"], r["status"], "" if code is None else code)' "$run_json")
 echo "== run $run_id: $status (exit code ${exit_code:-none})"
 
-echo "== log of run $run_id (GET /api/v1/runs/$run_id/log)"
-curl -fsS "$api/runs/$run_id/log"
+echo "== pubrun runs show $run_id"
+"$pubrun" runs show "$run_id"
+
+echo "== pubrun logs $run_id"
+"$pubrun" logs "$run_id"
 
 model="$data/pubrun-data/runs/$run_id/work/model.json"
 if [ -f "$model" ]; then
@@ -95,7 +97,7 @@ fi
 
 echo "== pubrun pull results-watch --ack"
 for _ in $(seq 1 50); do
-  out="$("$pubrun" pull results-watch --max 10 --ack)"
+  out="$("$pubrun" pull results-watch --max 10 --ack 2>/dev/null)"
   if [ -n "$out" ]; then echo "$out"; break; fi
   sleep 0.2
 done

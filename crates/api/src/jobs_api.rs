@@ -4,17 +4,18 @@
 //! |---|---|---|
 //! | GET | `/api/v1/jobs` | `{"jobs": [JobSpec]}` |
 //! | GET | `/api/v1/jobs/{name}` | `{"job": JobSpec, "subscription": .., "backlog": n}` |
-//! | POST | `/api/v1/jobs/{name}/trigger` | body `{"data": "text"}` or `{"data_base64": ".."}`, `"attributes"` → `{"run": Run}` |
+//! | POST | `/api/v1/jobs/{name}/trigger` | body `{"data": "text"}` or `{"data_base64": ".."}`, `"attributes"` → `{"run": Run}`; always a new run (an explicit trigger bypasses `dedup_key`) |
 //! | GET | `/api/v1/runs?job=&status=&limit=` | `{"runs": [Run]}`, newest first |
 //! | GET | `/api/v1/runs/{id}` | `{"run": Run}` |
 //! | POST | `/api/v1/runs/{id}/cancel` | `{"run": Run}` |
-//! | GET | `/api/v1/runs/{id}/log?offset=N` | log bytes from `offset`; headers `x-pubrun-log-size`, `x-pubrun-run-status` |
+//! | GET | `/api/v1/runs/{id}/log?offset=N` | up to 4 MiB of log from `offset`; headers `x-pubrun-log-size`, `x-pubrun-run-status` |
 //! | POST | `/api/v1/apply?dry_run=true&file=NAME` | body: manifest TOML → `{"changes": [..], "applied": bool}` |
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::body::Bytes;
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -49,6 +50,11 @@ pub fn router(broker: Arc<Broker>, dispatcher: Arc<Dispatcher>) -> Router {
         .route("/api/v1/runs/{id}/cancel", post(cancel_run))
         .route("/api/v1/runs/{id}/log", get(run_log))
         .route("/api/v1/apply", post(apply))
+        .method_not_allowed_fallback(|req: axum::extract::Request| async move {
+            let msg = format!("HTTP method {} is not allowed on {}", req.method(), req.uri().path());
+            let body = json!({"error": {"code": 405, "message": msg, "status": "UNIMPLEMENTED"}});
+            (StatusCode::METHOD_NOT_ALLOWED, Json(body))
+        })
         .with_state(Api { broker, dispatcher })
 }
 
@@ -119,8 +125,8 @@ struct RunsQuery {
     limit: Option<usize>,
 }
 
-async fn list_runs(State(api): State<Api>, q: Result<Query<RunsQuery>, axum::extract::rejection::QueryRejection>) -> ApiResult {
-    let Query(q) = q.map_err(|e| HttpError(Error::invalid(format!("bad query: {}", e.body_text()))))?;
+async fn list_runs(State(api): State<Api>, q: Result<Query<RunsQuery>, QueryRejection>) -> ApiResult {
+    let q = query(q)?;
     let status = q.status.as_deref().map(RunStatus::parse).transpose()?;
     let limit = q.limit.unwrap_or(100).clamp(1, 10_000);
     let store = api.dispatcher.store().clone();
@@ -148,19 +154,36 @@ struct LogQuery {
     offset: Option<u64>,
 }
 
-async fn run_log(State(api): State<Api>, Path(id): Path<String>, Query(q): Query<LogQuery>) -> ApiResult {
+/// Query strings with errors in Google's JSON shape, not axum's plain text.
+fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, HttpError> {
+    q.map(|Query(v)| v).map_err(|e| HttpError(Error::invalid(format!("bad query string: {}", e.body_text()))))
+}
+
+/// Most bytes one log request returns; followers come back for the rest.
+const LOG_CHUNK: u64 = 4 << 20;
+
+async fn run_log(State(api): State<Api>, Path(id): Path<String>, q: Result<Query<LogQuery>, QueryRejection>) -> ApiResult {
+    use tokio::io::{AsyncReadExt, AsyncSeekExt};
+    let q = query(q)?;
     let id = parse_id(&id)?;
     let store = api.dispatcher.store().clone();
     let run = blocking(move || store.get(id)).await?;
     let path = api.dispatcher.log_path(id);
-    let bytes = match tokio::fs::read(&path).await {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-        Err(e) => return Err(HttpError(Error::internal(format!("reading log: {e}")))),
+    let read_err = |e: std::io::Error| HttpError(Error::internal(format!("reading log: {e}")));
+    // Seek to the offset: followers poll often and logs can be large.
+    let (size, chunk) = match tokio::fs::File::open(&path).await {
+        Ok(mut f) => {
+            let size = f.metadata().await.map_err(read_err)?.len();
+            let from = q.offset.unwrap_or(0).min(size);
+            f.seek(std::io::SeekFrom::Start(from)).await.map_err(read_err)?;
+            let mut buf = Vec::new();
+            f.take(LOG_CHUNK).read_to_end(&mut buf).await.map_err(read_err)?;
+            (size, buf)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => (0, Vec::new()),
+        Err(e) => return Err(read_err(e)),
     };
-    let size = bytes.len() as u64;
-    let from = q.offset.unwrap_or(0).min(size) as usize;
-    let mut resp = (StatusCode::OK, bytes[from..].to_vec()).into_response();
+    let mut resp = (StatusCode::OK, chunk).into_response();
     let h = resp.headers_mut();
     h.insert("content-type", HeaderValue::from_static("text/plain; charset=utf-8"));
     h.insert("x-pubrun-log-size", HeaderValue::from(size));
@@ -175,7 +198,8 @@ struct ApplyQuery {
     file: Option<String>,
 }
 
-async fn apply(State(api): State<Api>, Query(q): Query<ApplyQuery>, body: Bytes) -> ApiResult {
+async fn apply(State(api): State<Api>, q: Result<Query<ApplyQuery>, QueryRejection>, body: Bytes) -> ApiResult {
+    let q = query(q)?;
     let text = std::str::from_utf8(&body).map_err(|_| HttpError(Error::invalid("the manifest must be UTF-8 text")))?;
     let file = q.file.unwrap_or_else(|| "pubrun.toml".to_string());
     let manifest = pubrun_jobs::apply::parse_manifest(&file, text)?;

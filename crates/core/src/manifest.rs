@@ -265,6 +265,9 @@ pub fn parse(file: &str, src: &str) -> Result<Manifest, ManifestError> {
             return Err(cx.err(j.name.span(), format!("job \"{name}\" is declared twice")));
         }
         let topic = topic_ref(&j.topic)?;
+        if let Some(f) = j.filter.as_ref().filter(|f| !f.get_ref().trim().is_empty()) {
+            return Err(cx.err(f.span(), "job filters are not supported by this pubrun version yet; remove `filter`"));
+        }
         let check_tmpl = |span: Range<usize>, s: &str| -> Result<(), ManifestError> {
             template::validate(s).map_err(|e| cx.err(span, e.message))
         };
@@ -485,5 +488,18 @@ dedup_key = "{{ publish_time | date }}"
         assert_eq!(parse_bytes("1GiB"), Some(1 << 30));
         assert_eq!(parse_bytes("100"), Some(100));
         assert_eq!(parse_bytes("lots"), None);
+    }
+}
+
+#[cfg(test)]
+mod readme {
+    /// The manifest shown in README.md must stay valid.
+    #[test]
+    fn readme_manifest_parses() {
+        let readme = include_str!("../../../README.md");
+        let start = readme.find("```toml\n").expect("README has a toml block") + 8;
+        let end = start + readme[start..].find("```").unwrap();
+        let m = super::parse("README.md", &readme[start..end]).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(m.jobs.len(), 2);
     }
 }

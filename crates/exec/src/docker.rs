@@ -146,16 +146,15 @@ fn registry_of(image: &str) -> String {
 /// `pubrun-<run_id>-<attempt>`, with anything Docker does not allow in a
 /// container name replaced by `-`.
 pub fn container_name(run_id: &str, attempt: u32) -> String {
-    let clean: String =
-        run_id.chars().map(|c| if c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-') { c } else { '-' }).collect();
+    let clean: String = run_id
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-') { c } else { '-' })
+        .collect();
     format!("pubrun-{clean}-{attempt}")
 }
 
 fn label_filters(run_id: &str, attempt: u32) -> HashMap<String, Vec<String>> {
-    HashMap::from([(
-        "label".to_string(),
-        vec![format!("pubrun.run_id={run_id}"), format!("pubrun.attempt={attempt}")],
-    )])
+    HashMap::from([("label".to_string(), vec![format!("pubrun.run_id={run_id}"), format!("pubrun.attempt={attempt}")])])
 }
 
 fn now_unix() -> i64 {
@@ -207,7 +206,14 @@ impl DockerExecutor {
                 let docker = Docker::connect_with_host(&self.endpoint)
                     .map_err(|e| self.unreachable(&e))?
                     .with_timeout(REQUEST_TIMEOUT);
-                docker.negotiate_version().await.map_err(|e| self.classify("docker engine", &e))
+                docker.negotiate_version().await.map_err(|e| match self.classify("", &e) {
+                    Fail::Job(_) => Fail::Infra(format!(
+                        "docker engine at {} did not tell its API version: {}",
+                        self.endpoint,
+                        docker_message(&e)
+                    )),
+                    infra => infra,
+                })
             })
             .await
             .cloned()
@@ -312,7 +318,13 @@ impl DockerExecutor {
     /// Creates the attempt's container. A container of the same name left
     /// from an earlier try of this attempt is removed first, unless it is
     /// running: then it is followed instead (`Ok((id, true))`).
-    async fn create(&self, docker: &Docker, req: &RunRequest, spec: &DockerSpec, log: &LogSink) -> Result<(String, bool), Fail> {
+    async fn create(
+        &self,
+        docker: &Docker,
+        req: &RunRequest,
+        spec: &DockerSpec,
+        log: &LogSink,
+    ) -> Result<(String, bool), Fail> {
         let name = container_name(&req.run_id, req.attempt);
         let body = self.container_body(req, spec)?;
         let options = || Some(CreateContainerOptionsBuilder::new().name(&name).build());
@@ -329,7 +341,9 @@ impl DockerExecutor {
             Ok(_) | Err(_) => {}
         }
         log.note(&format!("removing the stale container {name} left by an earlier try")).await;
-        if let Err(e) = docker.remove_container(&name, Some(RemoveContainerOptionsBuilder::new().force(true).build())).await {
+        if let Err(e) =
+            docker.remove_container(&name, Some(RemoveContainerOptionsBuilder::new().force(true).build())).await
+        {
             if !is_status(&e, 404) {
                 return Err(self.classify(&format!("cannot remove the stale container {name}"), &e));
             }
@@ -377,7 +391,8 @@ impl DockerExecutor {
             }
         });
 
-        let mut wait = docker.wait_container(id, Some(WaitContainerOptionsBuilder::new().condition("not-running").build()));
+        let mut wait =
+            docker.wait_container(id, Some(WaitContainerOptionsBuilder::new().condition("not-running").build()));
         let limit = async {
             if req.timeout.is_zero() {
                 std::future::pending::<()>().await
@@ -409,7 +424,11 @@ impl DockerExecutor {
             Some(Err(DockerError::DockerContainerWaitError { code, .. })) => wait_code = Some(code),
             Some(Err(e)) if is_unreachable(&e) => {
                 pump.abort();
-                exit.error = Some(format!("docker engine unreachable at {} while the container ran: {}", self.endpoint, chain(&e)));
+                exit.error = Some(format!(
+                    "docker engine unreachable at {} while the container ran: {}",
+                    self.endpoint,
+                    chain(&e)
+                ));
                 exit.infra_error = true;
                 return exit;
             }
@@ -470,7 +489,11 @@ impl DockerExecutor {
         let docker = self.client().await?;
         self.ensure_image(&docker, spec, log).await?;
         if cancel.is_cancelled() {
-            return Ok(Exit { cancelled: true, error: Some("cancelled before it started".into()), ..Default::default() });
+            return Ok(Exit {
+                cancelled: true,
+                error: Some("cancelled before it started".into()),
+                ..Default::default()
+            });
         }
         let (id, already_running) = self.create(&docker, req, spec, log).await?;
         if !already_running {
@@ -523,7 +546,8 @@ impl Executor for DockerExecutor {
             Ok(d) => d,
             Err(f) => return Some(f.into_exit()),
         };
-        let list = ListContainersOptionsBuilder::new().all(true).filters(&label_filters(&req.run_id, req.attempt)).build();
+        let list =
+            ListContainersOptionsBuilder::new().all(true).filters(&label_filters(&req.run_id, req.attempt)).build();
         let found = match docker.list_containers(Some(list)).await {
             Ok(l) => l,
             Err(e) => return Some(self.classify("listing containers", &e).into_exit()),

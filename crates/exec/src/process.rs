@@ -104,12 +104,18 @@ fn pump<R: AsyncRead + Unpin + Send + 'static>(mut from: R, log: Arc<LogSink>) -
 
 /// SIGTERM to the group, up to `grace` for the main process to end, then
 /// SIGKILL to the group.
-async fn terminate(child: &mut Child, pgid: i32, grace: Duration, log: &LogSink) -> std::io::Result<std::process::ExitStatus> {
+async fn terminate(
+    child: &mut Child,
+    pgid: i32,
+    grace: Duration,
+    log: &LogSink,
+) -> std::io::Result<std::process::ExitStatus> {
     signal_group(pgid, libc::SIGTERM);
     match tokio::time::timeout(grace, child.wait()).await {
         Ok(status) => status,
         Err(_) => {
-            log.note(&format!("still running {} after SIGTERM: sending SIGKILL to process group {pgid}", secs(grace))).await;
+            log.note(&format!("still running {} after SIGTERM: sending SIGKILL to process group {pgid}", secs(grace)))
+                .await;
             signal_group(pgid, libc::SIGKILL);
             child.wait().await
         }

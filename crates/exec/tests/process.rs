@@ -54,11 +54,12 @@ async fn output_is_streamed_while_the_process_runs() {
     let script = "echo early-line; while [ ! -e go ]; do sleep 0.05; done; echo late-line";
     let ex = ProcessExecutor::new();
     let req = fx.request("r", sh(script));
-    let (exit, ()) = tokio::join!(within("run", ex.run(req, fx.log.clone(), CancellationToken::new(), ignore_started())), async {
-        fx.wait_for_log("early-line").await;
-        assert!(!fx.log_text().await.contains("late-line"));
-        fx.release("go");
-    });
+    let (exit, ()) =
+        tokio::join!(within("run", ex.run(req, fx.log.clone(), CancellationToken::new(), ignore_started())), async {
+            fx.wait_for_log("early-line").await;
+            assert!(!fx.log_text().await.contains("late-line"));
+            fx.release("go");
+        });
     assert_eq!(exit.exit_code, Some(0), "{exit:?}");
     assert!(fx.log_text().await.contains("late-line"));
 }
@@ -101,12 +102,24 @@ async fn args_env_and_working_directory_reach_the_process() {
 async fn on_started_reports_host_and_pid() {
     let fx = Fixture::new(1 << 20).await;
     let (on_started, rx) = started_channel();
-    let exit = within("run", ProcessExecutor::new().run(fx.request("r", sh("echo pid=$$")), fx.log.clone(), CancellationToken::new(), on_started))
-        .await;
+    let exit = within(
+        "run",
+        ProcessExecutor::new().run(
+            fx.request("r", sh("echo pid=$$")),
+            fx.log.clone(),
+            CancellationToken::new(),
+            on_started,
+        ),
+    )
+    .await;
     assert_eq!(exit.exit_code, Some(0));
     let started = rx.await.expect("on_started was not called");
     assert!(!started.machine.is_empty());
-    assert!(fx.log_text().await.contains(&format!("pid={}\n", started.handle)), "handle {:?} is not the pid", started.handle);
+    assert!(
+        fx.log_text().await.contains(&format!("pid={}\n", started.handle)),
+        "handle {:?} is not the pid",
+        started.handle
+    );
 }
 
 #[tokio::test]
@@ -120,7 +133,11 @@ async fn timeout_sends_sigterm_to_the_group_and_a_handler_can_finish() {
     assert!(exit.timed_out, "{exit:?}");
     assert_eq!(exit.exit_code, Some(0), "the TERM handler's exit code: {exit:?}");
     assert_eq!(exit.status(), RunStatus::TimedOut);
-    assert!(t0.elapsed() < Duration::from_secs(20), "the handler ended it well before the grace period: {:?}", t0.elapsed());
+    assert!(
+        t0.elapsed() < Duration::from_secs(20),
+        "the handler ended it well before the grace period: {:?}",
+        t0.elapsed()
+    );
     let log = fx.log_text().await;
     assert!(log.contains("ready\n") && log.contains("bye\n"), "{log}");
     assert!(log.contains("timed out"), "a note says why it ended:\n{log}");
@@ -220,8 +237,10 @@ async fn background_leftovers_do_not_hold_the_run() {
 #[tokio::test]
 async fn docker_spec_is_refused_and_nothing_is_reattached() {
     let fx = Fixture::new(1 << 20).await;
-    let exit = run(&fx, fx.request("r", ExecutorSpec::Docker(DockerSpec { image: "x".into(), ..Default::default() }))).await;
+    let exit =
+        run(&fx, fx.request("r", ExecutorSpec::Docker(DockerSpec { image: "x".into(), ..Default::default() }))).await;
     assert!(exit.error.unwrap().contains("cannot run a docker job"));
-    let found = ProcessExecutor::new().reattach(fx.request("r", sh("true")), fx.log.clone(), CancellationToken::new()).await;
+    let found =
+        ProcessExecutor::new().reattach(fx.request("r", sh("true")), fx.log.clone(), CancellationToken::new()).await;
     assert!(found.is_none());
 }

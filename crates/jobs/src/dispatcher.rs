@@ -502,35 +502,37 @@ impl Dispatcher {
         exit
     }
 
+    /// After a restart: follows an attempt that was in flight, or declares
+    /// it lost. A lost `running` attempt counts (retried per policy); a lost
+    /// `starting` one never reported running, so as far as pubrun knows
+    /// nothing ran and the same attempt is tried again.
     async fn recover_run(self: Arc<Self>, run: RunRecord, spec: JobSpec, token: CancellationToken) {
-        let ctx = context(&run);
-        let exit = match (render_spec(&spec.executor, &ctx), LogSink::create(self.log_path(run.id), spec.log_limit_bytes).await) {
-            (Ok(rendered), Ok(log)) => {
-                let log = Arc::new(log);
-                match self.request(&run, &spec, rendered) {
-                    Ok(req) => {
-                        log.note("server restarted; looking for the running attempt").await;
-                        let found = self.executor_for(&spec.executor).reattach(req, log.clone(), token).await;
-                        let exit = found.unwrap_or_else(|| match run.status {
-                            // Never recorded as running: as far as pubrun knows
-                            // nothing ran, so the same attempt is tried again.
-                            RunStatus::Starting => Exit {
-                                error: Some("lost: pubrun restarted while this attempt was starting".into()),
-                                infra_error: true,
-                                ..Default::default()
-                            },
-                            _ => Exit { error: Some("lost: pubrun restarted while this attempt ran".into()), ..Default::default() },
-                        });
-                        log.note(&describe(&exit)).await;
-                        log.flush().await;
-                        exit
-                    }
-                    Err(e) => Exit { error: Some(format!("lost: {e}")), ..Default::default() },
-                }
-            }
-            _ => Exit { error: Some("lost: pubrun restarted while this attempt ran".into()), ..Default::default() },
+        let log = match tokio::fs::create_dir_all(self.data_dir.join("runs").join(run.id.to_string())).await {
+            Ok(()) => LogSink::create(self.log_path(run.id), spec.log_limit_bytes).await.ok().map(Arc::new),
+            Err(_) => None,
         };
-        // A recovered run may still be `starting`; both can end or requeue.
+        if let Some(log) = &log {
+            log.note(&format!("server restarted; looking for attempt {} ({})", run.attempt, run.status)).await;
+        }
+        let found = match (render_spec(&spec.executor, &context(&run)), &log) {
+            (Ok(rendered), Some(log)) => match self.request(&run, &spec, rendered) {
+                Ok(req) => self.executor_for(&spec.executor).reattach(req, log.clone(), token).await,
+                Err(_) => None,
+            },
+            _ => None,
+        };
+        let exit = found.unwrap_or_else(|| match run.status {
+            RunStatus::Starting => Exit {
+                error: Some("lost: pubrun restarted while this attempt was starting".into()),
+                infra_error: true,
+                ..Default::default()
+            },
+            _ => Exit { error: Some("lost: pubrun restarted while this attempt ran".into()), ..Default::default() },
+        });
+        if let Some(log) = &log {
+            log.note(&describe(&exit)).await;
+            log.flush().await;
+        }
         self.settle(run, &spec, exit).await;
     }
 

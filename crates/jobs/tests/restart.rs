@@ -50,11 +50,30 @@ fn queued_runs_proceed_after_a_restart() {
     crash(rt);
     assert!(!trace.exists(), "nothing ran before the crash");
 
+    // Messages that arrive while no dispatcher runs wait in the job's
+    // subscription and are taken as soon as it starts.
+    let rt = runtime();
+    let late_ids = rt.block_on(async {
+        let store = pubrun_store::EmbeddedStore::open(dir.path()).unwrap();
+        let broker = pubrun_broker::Broker::open(Arc::new(store)).unwrap();
+        let mut late = Vec::new();
+        for i in 0..2 {
+            let msg = pubrun_core::OutgoingMessage { data: format!("late{i}").into_bytes().into(), ..Default::default() };
+            late.extend(broker.publish(&pubrun_core::TopicName::parse(&topic_name("backlog")).unwrap(), vec![msg]).await.unwrap());
+        }
+        assert_eq!(broker.backlog(&job_sub("later")).unwrap(), 2);
+        late
+    });
+    crash(rt);
+    let ids: Vec<String> = ids.into_iter().chain(late_ids).collect();
+
     let rt = runtime();
     rt.block_on(async {
         let env = env_in(dir.path(), 4).await;
-        let runs = env.runs("later");
-        assert_eq!(runs.len(), 3, "acked messages are not delivered again: {runs:#?}");
+        let runs = env.wait_runs("later", 5).await;
+        env.wait_acked("later").await;
+        let runs_now = env.runs("later");
+        assert_eq!(runs_now.len(), 5, "acked messages are not delivered again: {runs_now:#?}");
         for r in &runs {
             let r = env.wait_end(r.id).await;
             assert_eq!(r.status, RunStatus::Succeeded, "{}", env.log(r.id));
@@ -134,6 +153,32 @@ fn lost_process_runs_are_retried_per_policy() {
             assert_eq!(s.attempt, 1);
             assert_eq!(env.runs(name).len(), 2);
         }
+    });
+}
+
+#[test]
+fn a_run_caught_starting_is_tried_again_without_using_an_attempt() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime();
+    let id = rt.block_on(async {
+        let env = open_env_unstarted(dir.path(), 4, process_executors()).await;
+        env.job("name = \"caught\"\ntopic = \"caught-in\"\nprocess = { command = \"echo\", args = [\"ran\"] }\n", "caught-in").await;
+        env.publish("caught-in", &[], "x").await;
+        let run = env.wait_runs("caught", 1).await.remove(0);
+        // The crash comes after the scheduler claimed the run and before
+        // the executor reported it running.
+        env.store.mark_starting(run.id).unwrap();
+        run.id
+    });
+    crash(rt);
+    let rt = runtime();
+    rt.block_on(async {
+        let env = env_in(dir.path(), 4).await;
+        let run = env.wait_end(id).await;
+        let log = env.log(id);
+        assert_eq!(run.status, RunStatus::Succeeded, "max_attempts = 1, yet nothing had run: {run:#?}\n{log}");
+        assert_eq!(run.attempt, 1);
+        assert!(log.contains("ran"), "{log}");
     });
 }
 

@@ -148,7 +148,13 @@ pub async fn logs(args: LogsArgs) -> Result<()> {
             .and_then(|v| v.parse::<u64>().ok());
         let chunk_at = offset;
         offset += body.len() as u64;
-        let done = !args.follow || (is_terminal(&status) && body.is_empty());
+        // The server sends logs in chunks: without --follow, read up to the
+        // size it reported; with it, until the run ended and nothing is left.
+        let done = if args.follow {
+            is_terminal(&status) && body.is_empty()
+        } else {
+            body.is_empty() || size.is_none_or(|s| offset >= s)
+        };
 
         if conn.json {
             pending.extend_from_slice(&body);

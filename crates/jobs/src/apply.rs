@@ -270,6 +270,7 @@ process = { command = "echo" }
             topic: "projects/p/topics/in-topic".into(),
             labels: Default::default(),
             ack_deadline_seconds: 10,
+            ..Default::default()
         });
         let changes = plan(&cur2, &applied, &changed);
         assert!(!changes.iter().any(|c| c.name.ends_with("by-hand")));

@@ -58,6 +58,10 @@ impl Drop for JobState {
     }
 }
 
+/// First wait before asking an unreachable engine again about an attempt
+/// found in flight at startup.
+const REATTACH_FIRST_DELAY: Duration = Duration::from_millis(250);
+
 pub fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
@@ -220,6 +224,7 @@ impl Dispatcher {
                 topic: spec.topic.clone(),
                 labels: [("pubrun-job".to_string(), spec.name.clone())].into_iter().collect(),
                 ack_deadline_seconds: 60,
+                ..Default::default()
             })
             .await
             .map(|_| ())
@@ -516,7 +521,7 @@ impl Dispatcher {
         }
         let found = match (render_spec(&spec.executor, &context(&run)), &log) {
             (Ok(rendered), Some(log)) => match self.request(&run, &spec, rendered) {
-                Ok(req) => self.executor_for(&spec.executor).reattach(req, log.clone(), token).await,
+                Ok(req) => self.reattach(req, &spec, log, &token).await,
                 Err(_) => None,
             },
             _ => None,
@@ -534,6 +539,31 @@ impl Dispatcher {
             log.flush().await;
         }
         self.settle(run, &spec, exit).await;
+    }
+
+    /// Asks the executor for the attempt until it can answer. An engine that
+    /// does not answer (Docker daemon down) is asked again with backoff: the
+    /// attempt may still be alive, and starting it anew could run it twice.
+    async fn reattach(&self, req: RunRequest, spec: &JobSpec, log: &Arc<LogSink>, token: &CancellationToken) -> Option<Exit> {
+        let executor = self.executor_for(&spec.executor);
+        let mut delay = REATTACH_FIRST_DELAY;
+        loop {
+            match executor.reattach(req.clone(), log.clone(), token.clone()).await {
+                Some(exit) if exit.infra_error && !exit.cancelled => {
+                    let why = exit.error.unwrap_or_default();
+                    log.note(&format!("cannot look for the attempt yet ({why}); asking again in {delay:?}")).await;
+                    tracing::warn!(run = req.run_id, error = why, "reattach failed; will retry");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = token.cancelled() => {
+                            return Some(Exit { cancelled: true, error: Some(format!("cancelled while the engine did not answer ({why})")), ..Default::default() });
+                        }
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(30));
+                }
+                other => return other,
+            }
+        }
     }
 
     /// Records how an attempt ended: retry, or terminal state + result.

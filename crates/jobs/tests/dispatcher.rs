@@ -379,6 +379,28 @@ async fn cancelled_queued_run_publishes_a_result() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_that_cannot_start_fails_the_run() {
+    let dir = tempdir();
+    let env = env_in(dir.path(), 8).await;
+    env.job(
+        "name = \"no-binary\"\ntopic = \"nb-in\"\nretries = { max_attempts = 2, initial_backoff = \"100ms\" }\nprocess = { command = \"/nonexistent/pubrun-test-binary\" }\n",
+        "nb-in",
+    )
+    .await;
+    env.publish("nb-in", &[], "x").await;
+    let run = env.wait_runs("no-binary", 1).await.remove(0);
+    // The executor fails before it reports the process running: the run
+    // goes from `starting` to the retry, then to `failed`.
+    let run = env.wait_end(run.id).await;
+    assert_eq!(run.status, RunStatus::Failed, "{run:#?}");
+    assert_eq!(run.attempt, 2);
+    assert_eq!(run.started_at_ms, None, "never ran: {run:#?}");
+    assert!(run.ended_at_ms.is_some());
+    let err = run.exit.as_ref().unwrap().error.clone().unwrap_or_default();
+    assert!(err.contains("pubrun-test-binary"), "the error names the command: {err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_template_at_run_time_fails_without_retry() {
     let dir = tempdir();
     let env = env_in(dir.path(), 8).await;

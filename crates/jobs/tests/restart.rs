@@ -182,6 +182,82 @@ fn a_run_caught_starting_is_tried_again_without_using_an_attempt() {
     });
 }
 
+/// An engine that does not answer twice, then reports the attempt ended.
+struct FlakyEngine {
+    reattaches: std::sync::atomic::AtomicUsize,
+    runs: std::sync::atomic::AtomicUsize,
+}
+
+// `Executor` is an `async_trait`; this is what the macro would write.
+type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
+impl Executor for FlakyEngine {
+    fn run<'a, 'b>(
+        &'a self,
+        _req: pubrun_exec::RunRequest,
+        _log: Arc<pubrun_exec::LogSink>,
+        _cancel: pubrun_exec::CancellationToken,
+        _on_started: pubrun_exec::OnStarted,
+    ) -> BoxFuture<'b, pubrun_exec::Exit>
+    where
+        'a: 'b,
+        Self: 'b,
+    {
+        self.runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Box::pin(async { pubrun_exec::Exit { error: Some("a recovered attempt must not be started again".into()), ..Default::default() } })
+    }
+
+    fn reattach<'a, 'b>(
+        &'a self,
+        _req: pubrun_exec::RunRequest,
+        _log: Arc<pubrun_exec::LogSink>,
+        _cancel: pubrun_exec::CancellationToken,
+    ) -> BoxFuture<'b, Option<pubrun_exec::Exit>>
+    where
+        'a: 'b,
+        Self: 'b,
+    {
+        let n = self.reattaches.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Box::pin(async move {
+            Some(if n < 2 {
+                pubrun_exec::Exit { error: Some("docker engine unreachable".into()), infra_error: true, ..Default::default() }
+            } else {
+                pubrun_exec::Exit { exit_code: Some(0), ..Default::default() }
+            })
+        })
+    }
+}
+
+#[test]
+fn reattach_waits_for_an_engine_that_does_not_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime();
+    let id = rt.block_on(async {
+        let env = open_env_unstarted(dir.path(), 4, process_executors()).await;
+        env.job("name = \"patient\"\ntopic = \"patient-in\"\ndocker = { image = \"pubrun-test/none:latest\" }\n", "patient-in").await;
+        env.publish("patient-in", &[], "x").await;
+        let run = env.wait_runs("patient", 1).await.remove(0);
+        // As if a container had been started and reported running.
+        env.store.mark_starting(run.id).unwrap();
+        env.store.mark_running(run.id, "engine", "container-1", pubrun_jobs::dispatcher::now_ms()).unwrap();
+        run.id
+    });
+    crash(rt);
+    let engine = Arc::new(FlakyEngine { reattaches: Default::default(), runs: Default::default() });
+    let rt = runtime();
+    rt.block_on(async {
+        let executors = Executors { process: Arc::new(pubrun_exec::process::ProcessExecutor::new()), docker: engine.clone() };
+        let env = open_env(dir.path(), 4, executors).await;
+        let run = env.wait_end(id).await;
+        let log = env.log(id);
+        assert_eq!(run.status, RunStatus::Succeeded, "{run:#?}\n{log}");
+        assert_eq!(run.attempt, 1);
+        assert!(log.contains("asking again"), "{log}");
+    });
+    assert_eq!(engine.reattaches.load(std::sync::atomic::Ordering::SeqCst), 3);
+    assert_eq!(engine.runs.load(std::sync::atomic::Ordering::SeqCst), 0, "the attempt was followed, not started anew");
+}
+
 /// Whether a Docker engine answers; panics under CI when none does.
 fn docker_available(test: &str) -> bool {
     let answers = Command::new("docker")

@@ -105,6 +105,7 @@ impl Env {
                 topic: topic_name(topic),
                 labels: Default::default(),
                 ack_deadline_seconds: 60,
+                ..Default::default()
             })
             .await
             .unwrap();

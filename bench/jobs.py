@@ -120,8 +120,13 @@ def bench_tput(api, n, batch):
     ok = [r for r in runs if r["status"] == "succeeded"]
     last_end_ms = max(r["ended_at_ms"] for r in runs if r.get("ended_at_ms"))
     span = last_end_ms / 1000.0 - t_first
+    own = [r["ended_at_ms"] - r["started_at_ms"] for r in runs if r.get("started_at_ms") and r.get("ended_at_ms")]
+    starts = sorted(r["started_at_ms"] for r in runs if r.get("started_at_ms"))
+    q = max(2, len(starts) // 4)
+    rate = lambda xs: (len(xs) - 1) / max(1e-3, (xs[-1] - xs[0]) / 1000.0)
     return {"n": len(runs), "ok": len(ok), "span": span, "rate": len(runs) / span,
-            "publish_s": t_published - t_first}
+            "publish_s": t_published - t_first, "own": own,
+            "rate_first": rate(starts[:q]), "rate_last": rate(starts[-q:])}
 
 
 def forkexec(total, parallel):
@@ -134,6 +139,24 @@ def forkexec(total, parallel):
         if p.wait() != 0:
             raise RuntimeError("bash loop failed")
     return per * parallel / (time.perf_counter() - t)
+
+
+def fsync_ms(directory, n=50):
+    """Write 4 KiB + fdatasync on the data directory's filesystem: what every
+    durable step (publish, run state change) costs at least."""
+    path = os.path.join(directory, "fsync-probe")
+    out = []
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        for _ in range(n):
+            t = time.perf_counter()
+            os.write(fd, b"x" * 4096)
+            os.fdatasync(fd)
+            out.append((time.perf_counter() - t) * 1000)
+    finally:
+        os.close(fd)
+        os.unlink(path)
+    return out
 
 
 def bench_docker(api, image, n):
@@ -185,6 +208,7 @@ def main():
     ap.add_argument("--image", default="pubrun-test/busybox:latest")
     ap.add_argument("--no-docker", default="", help="reason to skip the container phase")
     ap.add_argument("--profile", default="release")
+    ap.add_argument("--fsync-dir", default="", help="directory on the data dir's filesystem")
     a = ap.parse_args()
     api = Api(a.addr, a.project)
     log = lambda m: print(f"[bench] {m}", file=sys.stderr, flush=True)
@@ -207,6 +231,8 @@ def main():
             a.no_docker = f"failed: {e}"
             log(f"(c) {a.no_docker}")
 
+    fs = fsync_ms(a.fsync_dir) if a.fsync_dir else []
+
     nproc = os.cpu_count()
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
     ms = lambda v: f"{v:.1f} ms"
@@ -228,6 +254,11 @@ def main():
                  f"{tp['rate']:.0f} /s", f"{fe_par:.0f} /s fork+exec of /bin/true ({a.conc} parallel bash loops)",
                  f"{tp['rate'] / fe_par:.3f}"))
     rows.append(("(b) same, against one sequential bash loop", f"{tp['rate']:.0f} /s", f"{fe_seq:.0f} /s", f"{tp['rate'] / fe_seq:.3f}"))
+    if tp["own"]:
+        rows.append(("(b) … one `true` run's own time (`started_at_ms` → `ended_at_ms`), p50 / p90",
+                     f"{pct(tp['own'], 50):.0f} / {pct(tp['own'], 90):.0f} ms", "", ""))
+    rows.append(("(b) … start rate, first vs last quarter of the runs (deep vs shallow queue)",
+                 f"{tp['rate_first']:.0f} /s vs {tp['rate_last']:.0f} /s", "", ""))
     if tp["ok"] != tp["n"]:
         rows.append(("(b) runs not succeeded", str(tp["n"] - tp["ok"]), "", ""))
     if dk:
@@ -240,6 +271,10 @@ def main():
                      f"{min(dk['docker']):.0f} / {max(dk['docker']):.0f} ms", ""))
     else:
         rows.append(("(c) container job wall time vs `docker run --rm`", f"n/a ({a.no_docker})", "", ""))
+
+    if fs:
+        rows.append(("(context) 4 KiB write + fdatasync on the data directory's filesystem, p50 / p99",
+                     "", f"{pct(fs, 50):.2f} / {pct(fs, 99):.2f} ms", ""))
 
     docker_v = ""
     try:

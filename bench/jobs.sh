@@ -116,7 +116,7 @@ curl -fsS "http://127.0.0.1:$port/healthz" >/dev/null || { echo "pubrun serve di
 set +e
 timeout 1800 python3 "$repo/bench/jobs.py" --addr "127.0.0.1:$port" --project bench --conc "$conc" \
   --latency-n "${LATENCY_N:-200}" --tput-n "${TPUT_N:-2000}" --docker-n "${DOCKER_N:-10}" \
-  --image "$image" --no-docker "$no_docker" --profile "$profile"
+  --image "$image" --no-docker "$no_docker" --profile "$profile" --fsync-dir "$tmp"
 rc=$?
 set -e
 if [ "$rc" != 0 ]; then

@@ -10,7 +10,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::Stream;
-use pubrun_broker::{Broker, Delivered, SubscriptionUpdate, TopicUpdate};
+use pubrun_broker::{AckResult, Broker, Delivered, DeliveryUpdate, SubscriptionUpdate, TopicUpdate};
+use pubrun_core::config::{DeadLetterPolicy, RetryPolicy};
 use pubrun_core::{
     Error, OutgoingMessage, ProjectName, Result, SubscriptionConfig, SubscriptionName, TopicConfig, TopicName,
 };
@@ -69,12 +70,38 @@ pub fn topic_from_pb(t: pb::Topic) -> Result<TopicConfig> {
     Ok(TopicConfig { name: t.name, labels: hash_to_btree(t.labels) })
 }
 
+fn duration_to_pb(d: Duration) -> prost_types::Duration {
+    prost_types::Duration { seconds: d.as_secs() as i64, nanos: d.subsec_nanos() as i32 }
+}
+
+/// A `google.protobuf.Duration` field as a std `Duration`; negative is invalid.
+fn duration_from_pb(field: &str, d: Option<prost_types::Duration>) -> Result<Option<Duration>> {
+    match d {
+        None => Ok(None),
+        Some(d) if d.seconds < 0 || d.nanos < 0 || d.nanos >= 1_000_000_000 => {
+            Err(Error::invalid(format!("{field} must be a non-negative duration")))
+        }
+        Some(d) => Ok(Some(Duration::new(d.seconds as u64, d.nanos as u32))),
+    }
+}
+
 pub fn sub_to_pb(s: &SubscriptionConfig) -> pb::Subscription {
     pb::Subscription {
         name: s.name.clone(),
         topic: s.topic.clone(),
         ack_deadline_seconds: s.ack_deadline_seconds,
         labels: s.labels.clone().into_iter().collect(),
+        retry_policy: s.retry_policy.map(|r| pb::RetryPolicy {
+            minimum_backoff: Some(duration_to_pb(r.minimum_backoff)),
+            maximum_backoff: Some(duration_to_pb(r.maximum_backoff)),
+        }),
+        dead_letter_policy: s.dead_letter_policy.as_ref().map(|d| pb::DeadLetterPolicy {
+            dead_letter_topic: d.dead_letter_topic.clone(),
+            max_delivery_attempts: d.max_delivery_attempts,
+        }),
+        enable_message_ordering: s.enable_message_ordering,
+        filter: s.filter.clone(),
+        enable_exactly_once_delivery: s.enable_exactly_once_delivery,
         // Google's defaults, reported so clients that read them see real values.
         message_retention_duration: Some(prost_types::Duration { seconds: 7 * 24 * 3600, nanos: 0 }),
         push_config: Some(pb::PushConfig::default()),
@@ -86,21 +113,6 @@ pub fn sub_to_pb(s: &SubscriptionConfig) -> pb::Subscription {
 pub fn sub_from_pb(s: pb::Subscription) -> Result<SubscriptionConfig> {
     if s.push_config.as_ref().is_some_and(|p| !p.push_endpoint.is_empty()) {
         return Err(unsupported("push_config.push_endpoint (push delivery)"));
-    }
-    if !s.filter.is_empty() {
-        return Err(unsupported("filter"));
-    }
-    if s.dead_letter_policy.is_some() {
-        return Err(unsupported("dead_letter_policy"));
-    }
-    if s.retry_policy.is_some() {
-        return Err(unsupported("retry_policy"));
-    }
-    if s.enable_message_ordering {
-        return Err(unsupported("enable_message_ordering"));
-    }
-    if s.enable_exactly_once_delivery {
-        return Err(unsupported("enable_exactly_once_delivery"));
     }
     if s.message_retention_duration.as_ref().is_some_and(|d| d.seconds != 7 * 24 * 3600 || d.nanos != 0) {
         return Err(unsupported("message_retention_duration other than the default 7 days"));
@@ -125,7 +137,86 @@ pub fn sub_from_pb(s: pb::Subscription) -> Result<SubscriptionConfig> {
         topic: s.topic,
         labels: hash_to_btree(s.labels),
         ack_deadline_seconds: s.ack_deadline_seconds,
+        retry_policy: retry_policy_from_pb(s.retry_policy)?,
+        dead_letter_policy: dead_letter_policy_from_pb(s.dead_letter_policy)?,
+        enable_message_ordering: s.enable_message_ordering,
+        filter: s.filter,
+        enable_exactly_once_delivery: s.enable_exactly_once_delivery,
     })
+}
+
+/// Google's defaults (10 s, 600 s) for unset backoffs; bounds are checked.
+fn retry_policy_from_pb(r: Option<pb::RetryPolicy>) -> Result<Option<RetryPolicy>> {
+    let Some(r) = r else { return Ok(None) };
+    let min = duration_from_pb("retry_policy.minimum_backoff", r.minimum_backoff)?;
+    let max = duration_from_pb("retry_policy.maximum_backoff", r.maximum_backoff)?;
+    RetryPolicy::new(min, max).map(Some)
+}
+
+/// An empty policy (no topic) means none; 0 attempts means Google's 5.
+fn dead_letter_policy_from_pb(d: Option<pb::DeadLetterPolicy>) -> Result<Option<DeadLetterPolicy>> {
+    match d {
+        None => Ok(None),
+        Some(d) => DeadLetterPolicy::new(&d.dead_letter_topic, d.max_delivery_attempts),
+    }
+}
+
+/// What Google answers when exactly-once acks or modacks name ack ids that
+/// expired, were superseded by a redelivery or are malformed.
+pub const ACK_ID_FAILURE_MESSAGE: &str = "Some acknowledgement ids in the request were invalid. This could be because the acknowledgement ids have expired or the acknowledgement ids were malformed.";
+pub const ACK_ID_FAILURE_REASON: &str = "EXACTLY_ONCE_ACKID_FAILURE";
+pub const INVALID_ACK_ID: &str = "PERMANENT_FAILURE_INVALID_ACK_ID";
+pub const PUBSUB_DOMAIN: &str = "pubsub.googleapis.com";
+
+/// `google.rpc.Status`, for the `grpc-status-details-bin` trailer.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RpcStatus {
+    #[prost(int32, tag = "1")]
+    code: i32,
+    #[prost(string, tag = "2")]
+    message: String,
+    #[prost(message, repeated, tag = "3")]
+    details: Vec<prost_types::Any>,
+}
+
+/// `google.rpc.ErrorInfo`.
+#[derive(Clone, PartialEq, prost::Message)]
+struct ErrorInfo {
+    #[prost(string, tag = "1")]
+    reason: String,
+    #[prost(string, tag = "2")]
+    domain: String,
+    #[prost(map = "string, string", tag = "3")]
+    metadata: std::collections::HashMap<String, String>,
+}
+
+/// INVALID_ARGUMENT with an `ErrorInfo` detail whose metadata maps each
+/// failed ack id to `PERMANENT_FAILURE_INVALID_ACK_ID`: what the official
+/// clients read to fail exactly those acks (Python: `_get_ack_errors`).
+pub fn ack_id_failure_status(invalid: &[String]) -> Status {
+    use prost::Message as _;
+    let info = ErrorInfo {
+        reason: ACK_ID_FAILURE_REASON.to_string(),
+        domain: PUBSUB_DOMAIN.to_string(),
+        metadata: invalid.iter().map(|id| (id.clone(), INVALID_ACK_ID.to_string())).collect(),
+    };
+    let status = RpcStatus {
+        code: tonic::Code::InvalidArgument as i32,
+        message: ACK_ID_FAILURE_MESSAGE.to_string(),
+        details: vec![prost_types::Any {
+            type_url: "type.googleapis.com/google.rpc.ErrorInfo".to_string(),
+            value: info.encode_to_vec(),
+        }],
+    };
+    Status::with_details(tonic::Code::InvalidArgument, ACK_ID_FAILURE_MESSAGE, status.encode_to_vec().into())
+}
+
+fn ack_reply(r: Result<AckResult>) -> GrpcResult<()> {
+    match r {
+        Ok(r) if !r.invalid.is_empty() => Err(ack_id_failure_status(&r.invalid)),
+        Ok(_) => Ok(Response::new(())),
+        Err(e) => Err(to_status(e)),
+    }
 }
 
 fn timestamp(nanos: i64) -> prost_types::Timestamp {
@@ -143,8 +234,9 @@ pub fn received_to_pb(d: Delivered) -> pb::ReceivedMessage {
             publish_time: Some(timestamp(m.publish_time_nanos)),
             ordering_key: m.ordering_key.clone(),
         }),
-        // Google sets delivery_attempt only with a dead-letter policy.
-        delivery_attempt: 0,
+        // Google sets delivery_attempt only with a dead-letter policy; the
+        // broker reports 0 otherwise.
+        delivery_attempt: d.delivery_attempt.min(i32::MAX as u32) as i32,
     }
 }
 
@@ -223,18 +315,31 @@ impl PubSub {
         let sub = r.subscription.ok_or_else(|| Error::invalid("subscription must be set"))?;
         let name = SubscriptionName::parse(&sub.name)?;
         let mut update = SubscriptionUpdate::default();
+        let mut delivery = DeliveryUpdate::default();
         for path in mask_paths(r.update_mask)? {
             match path.as_str() {
                 "ack_deadline_seconds" => update.ack_deadline_seconds = Some(sub.ack_deadline_seconds),
                 "labels" => update.labels = Some(hash_to_btree(sub.labels.clone())),
+                "retry_policy" => delivery.retry_policy = Some(retry_policy_from_pb(sub.retry_policy)?),
+                "dead_letter_policy" => {
+                    delivery.dead_letter_policy = Some(dead_letter_policy_from_pb(sub.dead_letter_policy.clone())?)
+                }
+                "enable_exactly_once_delivery" => {
+                    delivery.enable_exactly_once_delivery = Some(sub.enable_exactly_once_delivery)
+                }
+                "filter" | "enable_message_ordering" => {
+                    return Err(Error::invalid(format!(
+                        "{path} cannot be changed after the subscription is created; create a new subscription instead"
+                    )))
+                }
                 other => {
                     return Err(Error::invalid(format!(
-                        "cannot update field \"{other}\" of a subscription; supported: ack_deadline_seconds, labels"
+                        "cannot update field \"{other}\" of a subscription; supported: ack_deadline_seconds, labels, retry_policy, dead_letter_policy, enable_exactly_once_delivery"
                     )))
                 }
             }
         }
-        Ok(sub_to_pb(&self.broker.update_subscription(&name, update).await?))
+        Ok(sub_to_pb(&self.broker.update_subscription_with(&name, update, delivery).await?))
     }
 
     pub fn list_subscriptions(&self, r: pb::ListSubscriptionsRequest) -> Result<pb::ListSubscriptionsResponse> {
@@ -249,12 +354,19 @@ impl PubSub {
         self.broker.delete_subscription(&SubscriptionName::parse(&r.subscription)?).await
     }
 
-    pub fn modify_ack_deadline(&self, r: pb::ModifyAckDeadlineRequest) -> Result<()> {
-        self.broker.modify_ack_deadline(&SubscriptionName::parse(&r.subscription)?, &r.ack_ids, r.ack_deadline_seconds)
+    /// With exactly-once delivery, `invalid` lists the ack ids that failed;
+    /// the surfaces turn a non-empty list into Google's error with details.
+    pub fn modify_ack_deadline(&self, r: pb::ModifyAckDeadlineRequest) -> Result<AckResult> {
+        self.broker.modify_ack_deadline_confirmed(
+            &SubscriptionName::parse(&r.subscription)?,
+            &r.ack_ids,
+            r.ack_deadline_seconds,
+        )
     }
 
-    pub async fn acknowledge(&self, r: pb::AcknowledgeRequest) -> Result<()> {
-        self.broker.acknowledge(&SubscriptionName::parse(&r.subscription)?, &r.ack_ids).await
+    /// As `modify_ack_deadline`.
+    pub async fn acknowledge(&self, r: pb::AcknowledgeRequest) -> Result<AckResult> {
+        self.broker.acknowledge_confirmed(&SubscriptionName::parse(&r.subscription)?, &r.ack_ids).await
     }
 
     /// `client_deadline` is what is left of the caller's gRPC timeout.
@@ -360,10 +472,10 @@ impl subscriber_server::Subscriber for PubSub {
         reply(PubSub::delete_subscription(self, r.into_inner()).await)
     }
     async fn modify_ack_deadline(&self, r: Request<pb::ModifyAckDeadlineRequest>) -> GrpcResult<()> {
-        reply(PubSub::modify_ack_deadline(self, r.into_inner()))
+        ack_reply(PubSub::modify_ack_deadline(self, r.into_inner()))
     }
     async fn acknowledge(&self, r: Request<pb::AcknowledgeRequest>) -> GrpcResult<()> {
-        reply(PubSub::acknowledge(self, r.into_inner()).await)
+        ack_reply(PubSub::acknowledge(self, r.into_inner()).await)
     }
     async fn pull(&self, r: Request<pb::PullRequest>) -> GrpcResult<pb::PullResponse> {
         let deadline = grpc_timeout(&r);
@@ -421,23 +533,72 @@ impl subscriber_server::Subscriber for PubSub {
     }
 }
 
-/// Applies the ack / modack parts of one StreamingPullRequest.
-async fn apply_stream_request(ps: &PubSub, sub: &SubscriptionName, req: &pb::StreamingPullRequest) -> Result<()> {
+/// Applies the ack / modack parts of one StreamingPullRequest. With
+/// exactly-once delivery the outcome is confirmed on the stream (the
+/// returned response) instead of failing the stream.
+async fn apply_stream_request(
+    ps: &PubSub,
+    handle: &pubrun_broker::StreamHandle,
+    req: &pb::StreamingPullRequest,
+) -> Result<Option<pb::StreamingPullResponse>> {
+    use pb::streaming_pull_response::{AcknowledgeConfirmation, ModifyAckDeadlineConfirmation};
+    let sub = handle.subscription();
     if req.modify_deadline_seconds.len() != req.modify_deadline_ack_ids.len() {
         return Err(Error::invalid("modify_deadline_seconds and modify_deadline_ack_ids must have the same length"));
     }
+    if req.ack_ids.is_empty() && req.modify_deadline_ack_ids.is_empty() {
+        return Ok(None);
+    }
+    let props = handle.properties();
+    let eod = props.exactly_once_delivery;
+    // A write that could not be made durable is a temporary failure of those
+    // ack ids with exactly-once (the client retries them); without it the
+    // stream fails as before.
+    let temporary = |e: Error, ids: &[String], failed: &mut Vec<String>| -> Result<()> {
+        if eod && e.code == pubrun_core::Code::Unavailable {
+            failed.extend_from_slice(ids);
+            Ok(())
+        } else {
+            Err(e)
+        }
+    };
+    let mut ack_conf = AcknowledgeConfirmation::default();
     if !req.ack_ids.is_empty() {
-        ps.broker.acknowledge(sub, &req.ack_ids).await?;
+        match ps.broker.acknowledge_confirmed(sub, &req.ack_ids).await {
+            Ok(r) => {
+                ack_conf.ack_ids = r.succeeded;
+                ack_conf.invalid_ack_ids = r.invalid;
+            }
+            Err(e) => temporary(e, &req.ack_ids, &mut ack_conf.temporary_failed_ack_ids)?,
+        }
     }
     // Group ack ids by deadline so each distinct deadline is one call.
     let mut by_deadline: BTreeMap<i32, Vec<String>> = BTreeMap::new();
     for (secs, id) in req.modify_deadline_seconds.iter().zip(&req.modify_deadline_ack_ids) {
         by_deadline.entry(*secs).or_default().push(id.clone());
     }
+    let mut mod_conf = ModifyAckDeadlineConfirmation::default();
     for (secs, ids) in by_deadline {
-        ps.broker.modify_ack_deadline(sub, &ids, secs)?;
+        let r = ps.broker.modify_ack_deadline_confirmed(sub, &ids, secs)?;
+        mod_conf.ack_ids.extend(r.succeeded);
+        mod_conf.invalid_ack_ids.extend(r.invalid);
     }
-    Ok(())
+    if !eod {
+        return Ok(None);
+    }
+    Ok(Some(pb::StreamingPullResponse {
+        acknowledge_confirmation: (!req.ack_ids.is_empty()).then_some(ack_conf),
+        modify_ack_deadline_confirmation: (!req.modify_deadline_ack_ids.is_empty()).then_some(mod_conf),
+        subscription_properties: Some(subscription_properties(props)),
+        ..Default::default()
+    }))
+}
+
+fn subscription_properties(p: pubrun_broker::DeliveryProperties) -> pb::streaming_pull_response::SubscriptionProperties {
+    pb::streaming_pull_response::SubscriptionProperties {
+        exactly_once_delivery_enabled: p.exactly_once_delivery,
+        message_ordering_enabled: p.message_ordering,
+    }
 }
 
 /// Drives one StreamingPull: a reader applies acks and modacks as they come,
@@ -449,10 +610,17 @@ async fn run_stream(
     mut input: Streaming<pb::StreamingPullRequest>,
     tx: mpsc::Sender<std::result::Result<pb::StreamingPullResponse, Status>>,
 ) {
-    let sub = handle.subscription().clone();
-    if let Err(e) = apply_stream_request(&ps, &sub, &first).await {
-        let _ = tx.send(Err(to_status(e))).await;
-        return;
+    match apply_stream_request(&ps, &handle, &first).await {
+        Ok(None) => {}
+        Ok(Some(confirmation)) => {
+            if tx.send(Ok(confirmation)).await.is_err() {
+                return;
+            }
+        }
+        Err(e) => {
+            let _ = tx.send(Err(to_status(e))).await;
+            return;
+        }
     }
     let mut shutdown = ps.shutdown.clone();
     let (req_tx, mut req_rx) = mpsc::channel::<pb::StreamingPullRequest>(16);
@@ -485,9 +653,17 @@ async fn run_stream(
                         break;
                     }
                 }
-                if let Err(e) = apply_stream_request(&ps, &sub, &req).await {
-                    let _ = tx.send(Err(to_status(e))).await;
-                    break;
+                match apply_stream_request(&ps, &handle, &req).await {
+                    Ok(None) => {}
+                    Ok(Some(confirmation)) => {
+                        if tx.send(Ok(confirmation)).await.is_err() {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(to_status(e))).await;
+                        break;
+                    }
                 }
             }
             got = handle.next(STREAM_BATCH) => {
@@ -495,10 +671,7 @@ async fn run_stream(
                     Ok(msgs) => {
                         let resp = pb::StreamingPullResponse {
                             received_messages: msgs.into_iter().map(received_to_pb).collect(),
-                            subscription_properties: Some(pb::streaming_pull_response::SubscriptionProperties {
-                                exactly_once_delivery_enabled: false,
-                                message_ordering_enabled: false,
-                            }),
+                            subscription_properties: Some(subscription_properties(handle.properties())),
                             ..Default::default()
                         };
                         if tx.send(Ok(resp)).await.is_err() {

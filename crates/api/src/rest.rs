@@ -963,6 +963,31 @@ fn received_json(r: &pb::ReceivedMessage) -> Value {
     Value::Object(m)
 }
 
+/// `{}`, or with exactly-once delivery and failed ack ids Google's error:
+/// 400 INVALID_ARGUMENT whose `details` hold an `ErrorInfo` mapping each
+/// failed ack id to `PERMANENT_FAILURE_INVALID_ACK_ID`.
+fn ack_outcome(r: pubrun_broker::AckResult) -> Outcome {
+    if r.invalid.is_empty() {
+        return Ok(empty());
+    }
+    let metadata: Map<String, Value> =
+        r.invalid.into_iter().map(|id| (id, Value::String(crate::grpc::INVALID_ACK_ID.into()))).collect();
+    let body = serde_json::json!({
+        "error": {
+            "code": 400,
+            "message": crate::grpc::ACK_ID_FAILURE_MESSAGE,
+            "status": "INVALID_ARGUMENT",
+            "details": [{
+                "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                "reason": crate::grpc::ACK_ID_FAILURE_REASON,
+                "domain": crate::grpc::PUBSUB_DOMAIN,
+                "metadata": metadata,
+            }],
+        }
+    });
+    Err(Fail(Box::new((StatusCode::BAD_REQUEST, axum::Json(body)).into_response())))
+}
+
 fn list_json(key: &str, items: Vec<Value>, next_page_token: &str) -> Value {
     let mut m = Map::new();
     if !items.is_empty() {
@@ -1222,17 +1247,17 @@ async fn subscription_resource(
                 }
                 "acknowledge" => {
                     let a: AcknowledgeJson = parse_body(body)?;
-                    ps.acknowledge(pb::AcknowledgeRequest { subscription: name, ack_ids: a.ack_ids }).await?;
-                    Ok(empty())
+                    let r = ps.acknowledge(pb::AcknowledgeRequest { subscription: name, ack_ids: a.ack_ids }).await?;
+                    ack_outcome(r)
                 }
                 "modifyAckDeadline" => {
                     let m: ModifyAckDeadlineJson = parse_body(body)?;
-                    ps.modify_ack_deadline(pb::ModifyAckDeadlineRequest {
+                    let r = ps.modify_ack_deadline(pb::ModifyAckDeadlineRequest {
                         subscription: name,
                         ack_ids: m.ack_ids,
                         ack_deadline_seconds: int32("ack_deadline_seconds", &m.ack_deadline_seconds)?,
                     })?;
-                    Ok(empty())
+                    ack_outcome(r)
                 }
                 "modifyPushConfig" => Err(unimplemented("push delivery (modifyPushConfig)")),
                 "seek" => Err(unimplemented("snapshots and seek")),

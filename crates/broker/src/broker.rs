@@ -5,7 +5,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use pubrun_core::config::{normalize_ack_deadline, validate_labels, Labels};
+use pubrun_core::config::{normalize_ack_deadline, validate_labels, DeadLetterPolicy, Labels, RetryPolicy};
+use pubrun_core::filter::{self, Filter};
 use pubrun_core::limits::{DEFAULT_PAGE_SIZE, MAX_ACK_DEADLINE_SECS, MAX_PAGE_SIZE};
 use pubrun_core::message::validate_publish;
 use pubrun_core::names::DELETED_TOPIC;
@@ -13,17 +14,47 @@ use pubrun_core::{
     Error, Message, OutgoingMessage, ProjectName, Result, SubscriptionConfig, SubscriptionName, TopicConfig,
     TopicName,
 };
-use pubrun_store::{Catalog, Record, Store, SubscriptionEntry, TopicEntry};
+use pubrun_store::{AppendFuture, Catalog, Record, Store, SubscriptionEntry, TopicEntry};
 
-use crate::subscription::{StreamQuota, SubState};
+use crate::subscription::{Handout, Pending, Policy, StreamQuota, SubState};
+
+/// How long a dead letter waits before forwarding is tried again after it
+/// failed (the dead-letter topic was deleted, the disk is full, ...).
+const DEAD_LETTER_RETRY: Duration = Duration::from_secs(10);
 
 /// A message handed to a subscriber, with the ack id that settles it.
 #[derive(Debug, Clone)]
 pub struct Delivered {
     pub ack_id: String,
     pub message: Arc<Message>,
-    /// 1 on first delivery.
+    /// Google's `delivery_attempt`: 1 on first delivery, counting nacks and
+    /// expired leases, and 0 (unset) unless the subscription has a
+    /// dead-letter policy, as Google reports it.
     pub delivery_attempt: u32,
+    /// The delivery count whatever the policy (1 on first delivery).
+    pub attempt: u32,
+}
+
+/// Outcome of an Acknowledge or ModifyAckDeadline. Without exactly-once
+/// delivery every well-formed ack id is accepted (acks of expired leases
+/// still count; unknown ones are ignored, as Google does). With it, ack ids
+/// whose lease expired or that were superseded by a redelivery fail.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AckResult {
+    pub exactly_once: bool,
+    /// Ack ids that were applied (with exactly-once: confirmed).
+    pub succeeded: Vec<String>,
+    /// With exactly-once only: ack ids rejected as
+    /// `PERMANENT_FAILURE_INVALID_ACK_ID` (expired, superseded, already
+    /// acked, malformed or of another subscription).
+    pub invalid: Vec<String>,
+}
+
+/// A subscription's delivery settings that streaming pull reports.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DeliveryProperties {
+    pub exactly_once_delivery: bool,
+    pub message_ordering: bool,
 }
 
 /// One page of a List call.
@@ -45,6 +76,17 @@ pub struct TopicUpdate {
 pub struct SubscriptionUpdate {
     pub ack_deadline_seconds: Option<i32>,
     pub labels: Option<Labels>,
+}
+
+/// Delivery settings an UpdateSubscription may change; `None` leaves a field
+/// alone. (`filter` and `enable_message_ordering` are fixed at creation.)
+#[derive(Debug, Default, Clone)]
+pub struct DeliveryUpdate {
+    /// `Some(None)` removes the policy.
+    pub retry_policy: Option<Option<RetryPolicy>>,
+    /// `Some(None)` removes the policy.
+    pub dead_letter_policy: Option<Option<DeadLetterPolicy>>,
+    pub enable_exactly_once_delivery: Option<bool>,
 }
 
 pub struct Broker {
@@ -94,6 +136,23 @@ impl State {
             }
             let st = self.subs.entry(s.uid).or_insert_with(|| SubState::new(s.uid, s.config.ack_deadline_seconds));
             st.ack_deadline = Duration::from_secs(s.config.ack_deadline_seconds as u64);
+            st.start_seq = s.start_seq;
+            let filter = if st.policy.filter.is_all() && !s.config.filter.is_empty() {
+                // Validated at creation and immutable: parsed once.
+                filter::parse(&s.config.filter).unwrap_or_else(|e| {
+                    tracing::error!(subscription = %s.config.name, error = %e, "stored filter does not parse; delivering every message");
+                    Filter::all()
+                })
+            } else {
+                st.policy.filter.clone()
+            };
+            st.policy = Policy {
+                ordered: s.config.enable_message_ordering,
+                retry: s.config.retry_policy,
+                max_attempts: s.config.dead_letter_policy.as_ref().map(|d| d.max_delivery_attempts.max(1) as u32),
+                exactly_once: s.config.enable_exactly_once_delivery,
+                filter,
+            };
         }
         let live: std::collections::HashSet<u64> = cat.subscriptions.values().map(|s| s.uid).collect();
         self.subs.retain(|uid, st| {
@@ -106,16 +165,18 @@ impl State {
         });
     }
 
+    /// Adds messages to every subscription of the topic that was created
+    /// before them and whose filter they match. Publish and log replay both
+    /// come here, so a filter is applied identically to both.
     fn distribute(&mut self, topic_uid: u64, messages: &[Arc<Message>]) {
         let Some(subs) = self.topic_subs.get(&topic_uid) else { return };
+        let now = Instant::now();
         for uid in subs {
-            let Some(entry) = self.catalog.subscriptions.values().find(|s| s.uid == *uid) else { continue };
-            let start = entry.start_seq;
             let st = self.subs.get_mut(uid).expect("runtime has every catalog sub");
+            let start = st.start_seq;
             let mut added = false;
             for m in messages.iter().filter(|m| m.seq >= start) {
-                st.add(m.clone());
-                added = true;
+                added |= st.add(m.clone(), now);
             }
             if added {
                 st.notify.notify_waiters();
@@ -128,20 +189,65 @@ fn now_nanos() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
 }
 
+/// An ack id names the subscription, the message and the delivery attempt,
+/// so that exactly-once delivery can tell a superseded delivery's ack id.
 fn ack_id(sub_uid: u64, seq: u64, attempt: u32) -> String {
     format!("{sub_uid}-{seq}-{attempt}")
 }
 
-/// Returns (sub uid, seq) of a well-formed ack id.
-fn parse_ack_id(id: &str) -> Result<(u64, u64)> {
+/// Returns (sub uid, seq, attempt) of a well-formed ack id.
+fn parse_ack_id(id: &str) -> Result<(u64, u64, u32)> {
     let mut parts = id.split('-');
     let parsed = (|| {
         let sub = parts.next()?.parse().ok()?;
         let seq = parts.next()?.parse().ok()?;
-        parts.next()?.parse::<u32>().ok()?;
-        parts.next().is_none().then_some((sub, seq))
+        let attempt = parts.next()?.parse::<u32>().ok()?;
+        parts.next().is_none().then_some((sub, seq, attempt))
     })();
     parsed.ok_or_else(|| Error::invalid(format!("invalid ack id \"{id}\": pass ack ids exactly as received")))
+}
+
+fn delivered(uid: u64, policy: &Policy, h: Handout) -> Delivered {
+    Delivered {
+        ack_id: ack_id(uid, h.seq, h.attempt),
+        message: h.msg,
+        delivery_attempt: if policy.max_attempts.is_some() { h.attempt } else { 0 },
+        attempt: h.attempt,
+    }
+}
+
+/// RFC 3339, as the `CloudPubSubDeadLetterSourceTopicPublishTime` attribute.
+fn rfc3339(nanos: i64) -> String {
+    chrono::DateTime::from_timestamp(nanos.div_euclid(1_000_000_000), nanos.rem_euclid(1_000_000_000) as u32)
+        .unwrap_or_default()
+        .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
+}
+
+/// Re-checks a retry policy's bounds (the API layer applies the defaults).
+fn check_retry_policy(p: Option<RetryPolicy>) -> Result<Option<RetryPolicy>> {
+    p.map(|p| RetryPolicy::new(Some(p.minimum_backoff), Some(p.maximum_backoff))).transpose()
+}
+
+/// Checks a dead-letter policy's topic name and attempts (5..=100; 0 means 5).
+fn check_dead_letter_policy(p: Option<DeadLetterPolicy>) -> Result<Option<DeadLetterPolicy>> {
+    let Some(p) = p else { return Ok(None) };
+    let checked = DeadLetterPolicy::new(&p.dead_letter_topic, p.max_delivery_attempts)?;
+    if let Some(d) = &checked {
+        TopicName::parse(&d.dead_letter_topic)
+            .map_err(|e| Error::invalid(format!("dead_letter_policy.dead_letter_topic: {}", e.message)))?;
+    }
+    Ok(checked)
+}
+
+/// "The operation will fail if the topic does not exist."
+fn dead_letter_topic_exists(c: &Catalog, p: &Option<DeadLetterPolicy>) -> Result<()> {
+    match p {
+        Some(d) if !c.topics.contains_key(&d.dead_letter_topic) => Err(Error::not_found(format!(
+            "dead_letter_policy.dead_letter_topic: topic {} not found; create it first",
+            d.dead_letter_topic
+        ))),
+        _ => Ok(()),
+    }
 }
 
 fn page<T: Clone>(all: impl Iterator<Item = (String, T)>, page_size: i32, token: &str) -> Result<Page<T>> {
@@ -186,8 +292,9 @@ impl Broker {
                 }
                 Record::Ack { sub_uid, seqs } => {
                     if let Some(st) = state.subs.get_mut(&sub_uid) {
+                        let now = Instant::now();
                         for s in seqs {
-                            st.remove(s);
+                            st.remove(s, now);
                         }
                     }
                 }
@@ -208,9 +315,11 @@ impl Broker {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Runs lease expiry and space reclaim until the broker is dropped.
+    /// Runs lease expiry, retry backoffs, dead-letter forwarding and space
+    /// reclaim until the broker is dropped.
     pub fn spawn_maintenance(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
         let weak = Arc::downgrade(self);
+        let forwarding = Arc::new(std::sync::atomic::AtomicBool::new(false));
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(100));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -219,6 +328,15 @@ impl Broker {
                 tick.tick().await;
                 let Some(broker) = weak.upgrade() else { break };
                 broker.expire_leases(Instant::now());
+                // Forwarding awaits durable writes: its own task, one at a time,
+                // so a slow disk never holds up lease expiry.
+                if broker.has_dead_letters() && !forwarding.swap(true, Ordering::AcqRel) {
+                    let (b, flag) = (broker.clone(), forwarding.clone());
+                    tokio::spawn(async move {
+                        b.forward_dead_letters().await;
+                        flag.store(false, Ordering::Release);
+                    });
+                }
                 n += 1;
                 if n % 50 == 0 {
                     let b = broker.clone();
@@ -228,7 +346,9 @@ impl Broker {
         })
     }
 
-    /// Returns expired leases to their subscriptions' ready queues.
+    /// Returns expired leases to their subscriptions (after the retry
+    /// policy's backoff, or to the dead-letter queue) and makes messages
+    /// whose backoff has passed ready.
     pub fn expire_leases(&self, now: Instant) {
         let mut st = self.lock();
         for sub in st.subs.values_mut() {
@@ -353,10 +473,21 @@ impl Broker {
     /// Durably appends the messages and returns their ids.
     pub async fn publish(&self, topic: &TopicName, messages: Vec<OutgoingMessage>) -> Result<Vec<String>> {
         validate_publish(&messages)?;
+        self.append(&topic.to_string(), messages).await
+    }
+
+    /// Publishes without the client-facing limits: dead letters carry four
+    /// more attributes than their publisher may have been allowed.
+    async fn append(&self, topic: &str, messages: Vec<OutgoingMessage>) -> Result<Vec<String>> {
         let publish_time_nanos = now_nanos();
         let (topic_uid, msgs, durable) = {
             let mut st = self.lock();
-            let topic_uid = st.topic(topic)?.uid;
+            let topic_uid = st
+                .catalog
+                .topics
+                .get(topic)
+                .ok_or_else(|| Error::not_found(format!("topic {topic} not found")))?
+                .uid;
             let first = st.next_seq;
             st.next_seq += messages.len() as u64;
             let msgs: Vec<Message> = messages
@@ -398,11 +529,15 @@ impl Broker {
         let topic = TopicName::parse(&config.topic)?;
         validate_labels(&config.labels)?;
         config.ack_deadline_seconds = normalize_ack_deadline(config.ack_deadline_seconds)?;
+        filter::parse(&config.filter)?;
+        config.retry_policy = check_retry_policy(config.retry_policy)?;
+        config.dead_letter_policy = check_dead_letter_policy(config.dead_letter_policy)?;
         self.change_catalog(|c, next_seq| {
             if c.subscriptions.contains_key(&config.name) {
                 return Err(Error::already_exists(format!("subscription {} already exists", config.name)));
             }
             let topic_uid = c.topics.get(&config.topic).ok_or_else(|| Error::not_found(format!("topic {topic} not found")))?.uid;
+            dead_letter_topic_exists(c, &config.dead_letter_policy)?;
             let uid = c.allocate_uid();
             c.subscriptions.insert(
                 config.name.clone(),
@@ -418,18 +553,42 @@ impl Broker {
     }
 
     pub async fn update_subscription(&self, name: &SubscriptionName, update: SubscriptionUpdate) -> Result<SubscriptionConfig> {
+        self.update_subscription_with(name, update, DeliveryUpdate::default()).await
+    }
+
+    /// `update_subscription` that may also change delivery settings.
+    pub async fn update_subscription_with(
+        &self,
+        name: &SubscriptionName,
+        update: SubscriptionUpdate,
+        delivery: DeliveryUpdate,
+    ) -> Result<SubscriptionConfig> {
         if let Some(l) = &update.labels {
             validate_labels(l)?;
         }
         let deadline = update.ack_deadline_seconds.map(normalize_ack_deadline).transpose()?;
+        let retry = delivery.retry_policy.map(check_retry_policy).transpose()?;
+        let dead_letter = delivery.dead_letter_policy.map(check_dead_letter_policy).transpose()?;
         let key = name.to_string();
         self.change_catalog(|c, _| {
+            if let Some(d) = &dead_letter {
+                dead_letter_topic_exists(c, d)?;
+            }
             let s = c.subscriptions.get_mut(&key).ok_or_else(|| Error::not_found(format!("subscription {key} not found")))?;
             if let Some(d) = deadline {
                 s.config.ack_deadline_seconds = d;
             }
             if let Some(l) = update.labels {
                 s.config.labels = l;
+            }
+            if let Some(r) = retry {
+                s.config.retry_policy = r;
+            }
+            if let Some(d) = dead_letter {
+                s.config.dead_letter_policy = d;
+            }
+            if let Some(e) = delivery.enable_exactly_once_delivery {
+                s.config.enable_exactly_once_delivery = e;
             }
             Ok(s.config.clone())
         })
@@ -479,11 +638,7 @@ impl Broker {
                 let sub = st.sub_mut(name)?;
                 let got = sub.take(max, Instant::now(), sub.ack_deadline, None);
                 if !got.is_empty() || until.is_none() {
-                    let uid = sub.uid;
-                    return Ok(got
-                        .into_iter()
-                        .map(|h| Delivered { ack_id: ack_id(uid, h.seq, h.attempt), message: h.msg, delivery_attempt: h.attempt })
-                        .collect());
+                    return Ok(got.into_iter().map(|h| delivered(sub.uid, &sub.policy, h)).collect());
                 }
                 sub.notify.clone()
             };
@@ -504,38 +659,82 @@ impl Broker {
         }
     }
 
+    /// `pull` without waiting, as of `now`: the clock-injected form for tests
+    /// of backoffs and deadlines.
+    pub fn pull_at(&self, name: &SubscriptionName, max: usize, now: Instant) -> Result<Vec<Delivered>> {
+        let mut st = self.lock();
+        let sub = st.sub_mut(name)?;
+        let got = sub.take(max, now, sub.ack_deadline, None);
+        Ok(got.into_iter().map(|h| delivered(sub.uid, &sub.policy, h)).collect())
+    }
+
     /// Acknowledges messages; returns once the acks are durable. Unknown or
-    /// already-acked ids are ignored, as in at-least-once Pub/Sub.
+    /// already-acked ids are ignored, as in at-least-once Pub/Sub; with
+    /// exactly-once delivery, use [`Broker::acknowledge_confirmed`] to learn
+    /// which ids failed.
     pub async fn acknowledge(&self, name: &SubscriptionName, ack_ids: &[String]) -> Result<()> {
+        self.acknowledge_confirmed(name, ack_ids).await.map(|_| ())
+    }
+
+    /// Acknowledges messages and says which ack ids took effect; returns
+    /// once the acks are durable.
+    pub async fn acknowledge_confirmed(&self, name: &SubscriptionName, ack_ids: &[String]) -> Result<AckResult> {
         if ack_ids.is_empty() {
             return Err(Error::invalid("ack_ids must not be empty"));
         }
-        let parsed: Vec<(u64, u64)> = ack_ids.iter().map(|a| parse_ack_id(a)).collect::<Result<_>>()?;
-        let (uid, removed, durable) = {
+        let now = Instant::now();
+        let (uid, removed, durable, result) = {
             let mut st = self.lock();
             let sub = st.sub_mut(name)?;
             let uid = sub.uid;
+            let mut result = AckResult { exactly_once: sub.policy.exactly_once, ..Default::default() };
             let mut removed = Vec::new();
-            for (s_uid, seq) in parsed {
-                if s_uid == uid {
-                    if let Some(p) = sub.remove(seq) {
-                        removed.push((seq, p));
+            if sub.policy.exactly_once {
+                let mut acked = std::collections::HashSet::new();
+                for id in ack_ids {
+                    match parse_ack_id(id) {
+                        Ok((s, seq, attempt)) if s == uid && sub.holds_lease(seq, attempt, now) => {
+                            removed.push((seq, sub.remove(seq, now).expect("leased implies backlog")));
+                            acked.insert((seq, attempt));
+                            result.succeeded.push(id.clone());
+                        }
+                        // The same ack id twice in one request.
+                        Ok((s, seq, attempt)) if s == uid && acked.contains(&(seq, attempt)) => result.succeeded.push(id.clone()),
+                        _ => result.invalid.push(id.clone()),
                     }
                 }
+            } else {
+                let parsed: Vec<(u64, u64, u32)> = ack_ids.iter().map(|a| parse_ack_id(a)).collect::<Result<_>>()?;
+                for (s, seq, _) in parsed {
+                    if s == uid {
+                        if let Some(p) = sub.remove(seq, now) {
+                            removed.push((seq, p));
+                        }
+                    }
+                }
+                result.succeeded = ack_ids.to_vec();
             }
             if removed.is_empty() {
-                return Ok(());
+                return Ok(result);
             }
             sub.notify.notify_waiters(); // stream quotas may have room now
             let seqs = removed.iter().map(|(s, _)| *s).collect();
             let durable = self.store.append(vec![Record::Ack { sub_uid: uid, seqs }]);
-            (uid, removed, durable)
+            (uid, removed, durable, result)
         };
+        self.persist_acks(uid, removed, durable).await?;
+        Ok(result)
+    }
+
+    /// Awaits the Ack record of messages already removed under the lock; if
+    /// it fails, puts them back (leases included) and returns UNAVAILABLE.
+    async fn persist_acks(&self, uid: u64, removed: Vec<(u64, Pending)>, durable: AppendFuture) -> Result<()> {
         if let Err(e) = durable.await {
             let mut st = self.lock();
             if let Some(sub) = st.subs.get_mut(&uid) {
+                let now = Instant::now();
                 for (seq, p) in removed {
-                    sub.restore(seq, p);
+                    sub.restore(seq, p, now);
                 }
                 sub.notify.notify_waiters();
             }
@@ -544,8 +743,25 @@ impl Broker {
         Ok(())
     }
 
-    /// Extends or shortens leases; 0 seconds nacks (redeliver now).
+    /// Extends or shortens leases; 0 seconds nacks (redeliver, after the
+    /// retry policy's backoff if there is one).
     pub fn modify_ack_deadline(&self, name: &SubscriptionName, ack_ids: &[String], seconds: i32) -> Result<()> {
+        self.modify_ack_deadline_at(name, ack_ids, seconds, Instant::now()).map(|_| ())
+    }
+
+    /// `modify_ack_deadline`, saying which ack ids took effect.
+    pub fn modify_ack_deadline_confirmed(&self, name: &SubscriptionName, ack_ids: &[String], seconds: i32) -> Result<AckResult> {
+        self.modify_ack_deadline_at(name, ack_ids, seconds, Instant::now())
+    }
+
+    /// `modify_ack_deadline_confirmed` as of `now` (clock-injected, for tests).
+    pub fn modify_ack_deadline_at(
+        &self,
+        name: &SubscriptionName,
+        ack_ids: &[String],
+        seconds: i32,
+        now: Instant,
+    ) -> Result<AckResult> {
         if !(0..=MAX_ACK_DEADLINE_SECS).contains(&seconds) {
             return Err(Error::invalid(format!(
                 "ack_deadline_seconds is {seconds}; it must be between 0 and {MAX_ACK_DEADLINE_SECS}"
@@ -554,21 +770,149 @@ impl Broker {
         if ack_ids.is_empty() {
             return Err(Error::invalid("ack_ids must not be empty"));
         }
-        let parsed: Vec<(u64, u64)> = ack_ids.iter().map(|a| parse_ack_id(a)).collect::<Result<_>>()?;
         let mut st = self.lock();
         let sub = st.sub_mut(name)?;
         let uid = sub.uid;
-        let deadline = (seconds > 0).then(|| Instant::now() + Duration::from_secs(seconds as u64));
+        let deadline = (seconds > 0).then(|| now + Duration::from_secs(seconds as u64));
+        let mut result = AckResult { exactly_once: sub.policy.exactly_once, ..Default::default() };
         let mut nacked = false;
-        for (s_uid, seq) in parsed {
-            if s_uid == uid && sub.modify(seq, deadline) && deadline.is_none() {
-                nacked = true;
+        if sub.policy.exactly_once {
+            for id in ack_ids {
+                match parse_ack_id(id) {
+                    Ok((s, seq, attempt)) if s == uid && sub.holds_lease(seq, attempt, now) => {
+                        sub.modify(seq, deadline, now);
+                        nacked |= deadline.is_none();
+                        result.succeeded.push(id.clone());
+                    }
+                    _ => result.invalid.push(id.clone()),
+                }
             }
+        } else {
+            let parsed: Vec<(u64, u64, u32)> = ack_ids.iter().map(|a| parse_ack_id(a)).collect::<Result<_>>()?;
+            for (s, seq, _) in parsed {
+                if s == uid && sub.modify(seq, deadline, now) && deadline.is_none() {
+                    nacked = true;
+                }
+            }
+            result.succeeded = ack_ids.to_vec();
         }
         if nacked {
             sub.notify.notify_waiters();
         }
-        Ok(())
+        Ok(result)
+    }
+
+    fn has_dead_letters(&self) -> bool {
+        self.lock().subs.values().any(|s| !s.dead_letters.is_empty())
+    }
+
+    /// Forwards messages that used up their delivery attempts to their
+    /// subscription's dead-letter topic, with the attributes Google adds, then
+    /// acks them on the subscription (durably). Forwarding that fails (the
+    /// topic was deleted, the disk is full) is retried later; a crash between
+    /// the two steps may forward a message twice, which Google's best-effort
+    /// dead lettering allows too. Returns how many were forwarded. The
+    /// maintenance task calls this; tests may call it directly.
+    pub async fn forward_dead_letters(&self) -> usize {
+        struct Batch {
+            uid: u64,
+            sub_id: String,
+            project: String,
+            topic: String,
+            letters: Vec<crate::subscription::DeadLetter>,
+        }
+        let batches = {
+            let mut st = self.lock();
+            let State { catalog, subs, .. } = &mut *st;
+            let now = Instant::now();
+            let mut out = Vec::new();
+            for entry in catalog.subscriptions.values() {
+                let Some(sub) = subs.get_mut(&entry.uid) else { continue };
+                if sub.dead_letters.is_empty() {
+                    continue;
+                }
+                let letters = sub.take_dead_letters();
+                match &entry.config.dead_letter_policy {
+                    Some(p) if !letters.is_empty() => {
+                        let name = SubscriptionName::parse(&entry.config.name).ok();
+                        out.push(Batch {
+                            uid: entry.uid,
+                            sub_id: name.as_ref().map(|n| n.id().to_string()).unwrap_or_default(),
+                            project: name.as_ref().map(|n| n.project().id().to_string()).unwrap_or_default(),
+                            topic: p.dead_letter_topic.clone(),
+                            letters,
+                        });
+                    }
+                    Some(_) => {}
+                    None => {
+                        // The policy was removed meanwhile: deliver them again.
+                        for l in letters {
+                            sub.return_dead_letter(l.seq, now, Duration::ZERO);
+                        }
+                        sub.notify.notify_waiters();
+                    }
+                }
+            }
+            out
+        };
+        let mut forwarded = 0;
+        for b in batches {
+            for chunk in b.letters.chunks(100) {
+                let messages = chunk
+                    .iter()
+                    .map(|l| {
+                        let mut attributes = l.msg.attributes.clone();
+                        attributes.insert("CloudPubSubDeadLetterSourceDeliveryCount".into(), l.attempts.to_string());
+                        attributes.insert("CloudPubSubDeadLetterSourceSubscription".into(), b.sub_id.clone());
+                        attributes.insert("CloudPubSubDeadLetterSourceSubscriptionProject".into(), b.project.clone());
+                        attributes.insert(
+                            "CloudPubSubDeadLetterSourceTopicPublishTime".into(),
+                            rfc3339(l.msg.publish_time_nanos),
+                        );
+                        OutgoingMessage { data: l.msg.data.clone(), attributes, ordering_key: l.msg.ordering_key.clone() }
+                    })
+                    .collect();
+                let seqs: Vec<u64> = chunk.iter().map(|l| l.seq).collect();
+                let result = match self.append(&b.topic, messages).await {
+                    Ok(_) => self.ack_forwarded(b.uid, &seqs).await,
+                    Err(e) => Err(e),
+                };
+                match result {
+                    Ok(()) => forwarded += seqs.len(),
+                    Err(e) => {
+                        tracing::warn!(
+                            subscription = %b.sub_id, dead_letter_topic = %b.topic, messages = seqs.len(), error = %e,
+                            "forwarding to the dead-letter topic failed; will retry"
+                        );
+                        let mut st = self.lock();
+                        if let Some(sub) = st.subs.get_mut(&b.uid) {
+                            let now = Instant::now();
+                            for s in seqs {
+                                sub.return_dead_letter(s, now, DEAD_LETTER_RETRY);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        forwarded
+    }
+
+    /// Acks forwarded dead letters on their source subscription.
+    async fn ack_forwarded(&self, uid: u64, seqs: &[u64]) -> Result<()> {
+        let (removed, durable) = {
+            let mut st = self.lock();
+            let Some(sub) = st.subs.get_mut(&uid) else { return Ok(()) };
+            let now = Instant::now();
+            let removed: Vec<(u64, Pending)> = seqs.iter().filter_map(|&s| sub.remove(s, now).map(|p| (s, p))).collect();
+            if removed.is_empty() {
+                return Ok(());
+            }
+            sub.notify.notify_waiters();
+            let durable = self.store.append(vec![Record::Ack { sub_uid: uid, seqs: removed.iter().map(|(s, _)| *s).collect() }]);
+            (removed, durable)
+        };
+        self.persist_acks(uid, removed, durable).await
     }
 
     /// Opens a streaming-pull session with its own flow-control quota.
@@ -619,6 +963,18 @@ impl StreamHandle {
         Ok(())
     }
 
+    /// The subscription's current exactly-once and ordering settings.
+    pub fn properties(&self) -> DeliveryProperties {
+        let st = self.broker.lock();
+        st.subs
+            .get(&self.sub_uid)
+            .map(|s| DeliveryProperties {
+                exactly_once_delivery: s.policy.exactly_once,
+                message_ordering: s.policy.ordered,
+            })
+            .unwrap_or_default()
+    }
+
     /// Waits until messages are ready and the quota has room, then leases up
     /// to `max` of them. Fails with NOT_FOUND if the subscription is deleted.
     pub async fn next(&self, max: usize) -> Result<Vec<Delivered>> {
@@ -634,11 +990,7 @@ impl StreamHandle {
                 };
                 let got = sub.take(max, Instant::now(), self.deadline, Some(self.id));
                 if !got.is_empty() {
-                    let uid = self.sub_uid;
-                    return Ok(got
-                        .into_iter()
-                        .map(|h| Delivered { ack_id: ack_id(uid, h.seq, h.attempt), message: h.msg, delivery_attempt: h.attempt })
-                        .collect());
+                    return Ok(got.into_iter().map(|h| delivered(self.sub_uid, &sub.policy, h)).collect());
                 }
             }
             notified.await;
@@ -650,13 +1002,7 @@ impl Drop for StreamHandle {
     fn drop(&mut self) {
         let mut st = self.broker.lock();
         if let Some(sub) = st.subs.get_mut(&self.sub_uid) {
-            sub.streams.remove(&self.id);
-            // Leases taken on this stream no longer count against any quota.
-            for p in sub.backlog.values_mut() {
-                if let Some(l) = p.lease.as_mut().filter(|l| l.stream == Some(self.id)) {
-                    l.stream = None;
-                }
-            }
+            sub.forget_stream(self.id);
         }
     }
 }

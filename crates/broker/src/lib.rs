@@ -10,10 +10,24 @@
 //! - an ack is answered only after its record is durable;
 //! - leases are deliberately *not* durable: after a restart every unacked
 //!   message is ready again, which is what at-least-once delivery allows.
+//!   Delivery attempts (what dead-lettering counts and retry backoff grows
+//!   with) and pending backoffs are in memory too, so a restart starts every
+//!   message again at attempt 1 — Google documents its count as best effort;
+//! - a subscription's filter is applied when messages are added to it, on
+//!   publish and on log replay alike, so non-matching messages never become
+//!   backlog;
+//! - a dead letter is published to the dead-letter topic (durably) before it
+//!   is acked on its subscription (durably), so a crash in between forwards it
+//!   twice rather than losing it.
+//!
+//! The semantics per subscription (retry backoff, dead letters, ordering
+//! keys, exactly-once ack checks) are in `subscription.rs`.
 //!
 //! [`Store`]: pubrun_store::Store
 
 mod broker;
 mod subscription;
 
-pub use broker::{Broker, Delivered, Page, StreamHandle, SubscriptionUpdate, TopicUpdate};
+pub use broker::{
+    AckResult, Broker, Delivered, DeliveryProperties, DeliveryUpdate, Page, StreamHandle, SubscriptionUpdate, TopicUpdate,
+};

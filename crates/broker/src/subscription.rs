@@ -1,25 +1,63 @@
 //! One subscription's backlog and lease table.
 //!
 //! Pure bookkeeping with the clock passed in, so it is tested without time
-//! passing. Invariants:
-//! - every backlog message is in exactly one of `ready` or `leases`;
-//! - `expiries` holds exactly one `(deadline, seq)` per leased message;
-//! - a stream's `outstanding` counts the leased messages delivered on it.
+//! passing. Every backlog message sits in exactly one [`Slot`]:
+//!
+//! | slot | meaning | index |
+//! |---|---|---|
+//! | `Ready` | may be handed out now | `ready` |
+//! | `Leased` | handed out until a deadline | `expiries` (one `(deadline, seq)` each) |
+//! | `Delayed` | retry-policy backoff after a nack or an expired lease | `delayed` (one `(until, seq)` each) |
+//! | `Waiting` | ordering: behind an earlier message of its ordering key | — |
+//! | `DeadLetter` | to be forwarded to the dead-letter topic, then acked | `dead_letters` |
+//!
+//! With message ordering, `keys[k]` holds every backlog message with the
+//! non-empty ordering key `k` except those in `DeadLetter` (forwarding is best
+//! effort and, as Google documents, not ordered). The leased messages of a key
+//! form a prefix of its queue; when none is leased the first one is `Ready` or
+//! `Delayed` and the others wait; when some are leased all others wait. So the
+//! next message of a key is never handed out while an earlier one is
+//! outstanding, except several in one [`SubState::take`] (one response), in
+//! order — which is how Google batches them too. A nack or expiry of one
+//! returns it and every later leased message of its key, so they are
+//! redelivered after it, in order.
+//!
+//! Delivery attempts (`Pending::attempts`) live in memory only, like leases:
+//! after a restart every message starts again at attempt 1. Google documents
+//! its own count as best effort as well.
+//!
+//! A stream's `outstanding` counts the leased messages delivered on it.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use pubrun_core::config::RetryPolicy;
+use pubrun_core::filter::Filter;
 use pubrun_core::Message;
 
 pub(crate) struct Pending {
     pub msg: Arc<Message>,
     /// Deliveries so far (1 after the first delivery).
     pub attempts: u32,
-    pub lease: Option<Lease>,
+    pub slot: Slot,
+    /// Earliest redelivery earned by the last failed delivery (retry policy);
+    /// applied when the message next becomes eligible.
+    pub not_before: Option<Instant>,
 }
 
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Slot {
+    Ready,
+    Leased(Lease),
+    Delayed(Instant),
+    Waiting,
+    /// `forwarding`: handed to the broker's forwarder, which will ack it or
+    /// give it back.
+    DeadLetter { forwarding: bool },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Lease {
     pub deadline: Instant,
     pub stream: Option<u64>,
@@ -44,12 +82,31 @@ impl StreamQuota {
     }
 }
 
+/// The delivery settings of a subscription, from its catalog entry.
+#[derive(Default, Clone)]
+pub(crate) struct Policy {
+    pub ordered: bool,
+    pub retry: Option<RetryPolicy>,
+    /// `max_delivery_attempts` of the dead-letter policy, if there is one.
+    pub max_attempts: Option<u32>,
+    pub exactly_once: bool,
+    /// Applied when messages are added (publish and replay alike).
+    pub filter: Filter,
+}
+
 pub(crate) struct SubState {
     pub uid: u64,
+    /// Receives messages with `seq >= start_seq` (from the catalog entry).
+    pub start_seq: u64,
     pub ack_deadline: Duration,
+    pub policy: Policy,
     pub backlog: BTreeMap<u64, Pending>,
     pub ready: BTreeSet<u64>,
     pub expiries: BTreeSet<(Instant, u64)>,
+    pub delayed: BTreeSet<(Instant, u64)>,
+    pub dead_letters: BTreeSet<u64>,
+    /// Ordering only: the queue of each non-empty ordering key.
+    pub keys: HashMap<String, BTreeSet<u64>>,
     pub streams: HashMap<u64, StreamQuota>,
     pub notify: Arc<tokio::sync::Notify>,
 }
@@ -61,116 +118,457 @@ pub(crate) struct Handout {
     pub attempt: u32,
 }
 
+/// A message to forward to the dead-letter topic.
+pub(crate) struct DeadLetter {
+    pub seq: u64,
+    pub msg: Arc<Message>,
+    pub attempts: u32,
+}
+
+enum Leasing {
+    Done(Handout),
+    NoRoom,
+    DeadLettered,
+}
+
 impl SubState {
     pub fn new(uid: u64, ack_deadline_secs: i32) -> Self {
         SubState {
             uid,
+            start_seq: 0,
             ack_deadline: Duration::from_secs(ack_deadline_secs as u64),
+            policy: Policy::default(),
             backlog: BTreeMap::new(),
             ready: BTreeSet::new(),
             expiries: BTreeSet::new(),
+            delayed: BTreeSet::new(),
+            dead_letters: BTreeSet::new(),
+            keys: HashMap::new(),
             streams: HashMap::new(),
             notify: Arc::new(tokio::sync::Notify::new()),
         }
     }
 
-    pub fn add(&mut self, msg: Arc<Message>) {
+    /// The ordering key that orders this message here, if any.
+    fn key_of(&self, msg: &Message) -> Option<String> {
+        (self.policy.ordered && !msg.ordering_key.is_empty()).then(|| msg.ordering_key.clone())
+    }
+
+    /// Adds a newly published (or replayed) message. Returns false when the
+    /// filter does not match: such a message is never part of the backlog.
+    pub fn add(&mut self, msg: Arc<Message>, now: Instant) -> bool {
+        if !self.policy.filter.matches(&msg.attributes) {
+            return false;
+        }
         let seq = msg.seq;
-        self.backlog.insert(seq, Pending { msg, attempts: 0, lease: None });
-        self.ready.insert(seq);
-    }
-
-    /// Removes an acked message from the backlog, wherever it is.
-    pub fn remove(&mut self, seq: u64) -> Option<Pending> {
-        let p = self.backlog.remove(&seq)?;
-        self.ready.remove(&seq);
-        if let Some(l) = p.lease {
-            self.expiries.remove(&(l.deadline, seq));
-            self.release_quota(l.stream, p.msg.size());
-        }
-        Some(p)
-    }
-
-    /// Puts back a message that `remove` took out (an ack that failed to persist).
-    pub fn restore(&mut self, seq: u64, p: Pending) {
-        self.backlog.insert(seq, Pending { lease: None, ..p });
-        self.ready.insert(seq);
-    }
-
-    fn release_quota(&mut self, stream: Option<u64>, size: usize) {
-        if let Some(q) = stream.and_then(|s| self.streams.get_mut(&s)) {
-            q.messages = q.messages.saturating_sub(1);
-            q.bytes = q.bytes.saturating_sub(size as u64);
-        }
-    }
-
-    /// Leases up to `max` ready messages until `now + deadline`, in seq order,
-    /// respecting the stream's flow-control quota.
-    pub fn take(&mut self, max: usize, now: Instant, deadline: Duration, stream: Option<u64>) -> Vec<Handout> {
-        let mut out = Vec::new();
-        while out.len() < max {
-            let Some(&seq) = self.ready.first() else { break };
-            let size = self.backlog[&seq].msg.size() as u64;
-            if let Some(q) = stream.and_then(|s| self.streams.get_mut(&s)) {
-                if !q.room(size) {
-                    break;
-                }
-                q.messages += 1;
-                q.bytes += size;
-            }
-            self.ready.pop_first();
-            let p = self.backlog.get_mut(&seq).expect("ready implies backlog");
-            p.attempts += 1;
-            let d = now + deadline;
-            p.lease = Some(Lease { deadline: d, stream });
-            self.expiries.insert((d, seq));
-            out.push(Handout { seq, msg: p.msg.clone(), attempt: p.attempts });
-        }
-        out
-    }
-
-    /// Sets a new deadline for a leased message; `None` nacks it. Returns
-    /// false when the message is no longer leased (acked or expired).
-    pub fn modify(&mut self, seq: u64, new_deadline: Option<Instant>) -> bool {
-        let Some(p) = self.backlog.get_mut(&seq) else { return false };
-        let Some(lease) = p.lease else { return false };
-        self.expiries.remove(&(lease.deadline, seq));
-        match new_deadline {
-            Some(d) => {
-                p.lease = Some(Lease { deadline: d, ..lease });
-                self.expiries.insert((d, seq));
+        match self.key_of(&msg) {
+            Some(k) => {
+                self.backlog.insert(seq, Pending { msg, attempts: 0, slot: Slot::Waiting, not_before: None });
+                self.enqueue_keyed(&k, seq, now);
             }
             None => {
-                p.lease = None;
-                let size = p.msg.size();
+                self.backlog.insert(seq, Pending { msg, attempts: 0, slot: Slot::Ready, not_before: None });
                 self.ready.insert(seq);
-                self.release_quota(lease.stream, size);
             }
         }
         true
     }
 
-    /// Returns every lease whose deadline passed to `ready`. Returns how many.
+    /// Puts a waiting message into its key's queue and restores the key's
+    /// invariant. Normally it is the newest and just waits its turn; one that
+    /// lands before others (concurrent publishes of one key completing out of
+    /// order, a failed ack or forward giving a message back) sends every later
+    /// message of the key back to waiting, so they are redelivered after it.
+    fn enqueue_keyed(&mut self, key: &str, seq: u64, now: Instant) {
+        let set = self.keys.entry(key.to_string()).or_default();
+        set.insert(seq);
+        let later: Vec<u64> = set.range(seq + 1..).copied().collect();
+        for s in later {
+            if matches!(self.backlog[&s].slot, Slot::Ready | Slot::Leased(_) | Slot::Delayed(_)) {
+                self.detach(s);
+            }
+        }
+        self.fix_key(key, now);
+    }
+
+    /// Makes the first message of a key eligible when nothing of the key is
+    /// outstanding.
+    fn fix_key(&mut self, key: &str, now: Instant) {
+        let Some(set) = self.keys.get(key) else { return };
+        let Some(&first) = set.first() else {
+            self.keys.remove(key);
+            return;
+        };
+        if self.backlog[&first].slot == Slot::Waiting {
+            self.make_eligible(first, now);
+        }
+    }
+
+    /// Waiting → Ready, or Delayed while its backoff runs.
+    fn make_eligible(&mut self, seq: u64, now: Instant) {
+        let p = self.backlog.get_mut(&seq).expect("eligible message is in the backlog");
+        debug_assert_eq!(p.slot, Slot::Waiting);
+        match p.not_before {
+            Some(t) if t > now => {
+                p.slot = Slot::Delayed(t);
+                self.delayed.insert((t, seq));
+            }
+            _ => {
+                p.not_before = None;
+                p.slot = Slot::Ready;
+                self.ready.insert(seq);
+            }
+        }
+    }
+
+    /// Takes a message out of whatever index its slot puts it in (releasing
+    /// its lease and quota) and leaves it `Waiting`. Returns the old slot.
+    fn detach(&mut self, seq: u64) -> Slot {
+        let Some(p) = self.backlog.get_mut(&seq) else { return Slot::Waiting };
+        let old = std::mem::replace(&mut p.slot, Slot::Waiting);
+        let size = p.msg.size() as u64;
+        self.unindex(seq, old, size);
+        old
+    }
+
+    /// Removes `seq` from the index of `slot`, releasing a lease's quota.
+    fn unindex(&mut self, seq: u64, slot: Slot, size: u64) {
+        match slot {
+            Slot::Ready => {
+                self.ready.remove(&seq);
+            }
+            Slot::Leased(l) => {
+                self.expiries.remove(&(l.deadline, seq));
+                if let Some(q) = l.stream.and_then(|s| self.streams.get_mut(&s)) {
+                    q.messages = q.messages.saturating_sub(1);
+                    q.bytes = q.bytes.saturating_sub(size);
+                }
+            }
+            Slot::Delayed(t) => {
+                self.delayed.remove(&(t, seq));
+            }
+            Slot::Waiting => {}
+            Slot::DeadLetter { .. } => {
+                self.dead_letters.remove(&seq);
+            }
+        }
+    }
+
+    /// Removes an acked message from the backlog, wherever it is. The
+    /// returned `Pending` carries the slot it had.
+    pub fn remove(&mut self, seq: u64, now: Instant) -> Option<Pending> {
+        let p = self.backlog.remove(&seq)?;
+        self.unindex(seq, p.slot, p.msg.size() as u64);
+        if self.policy.ordered && !p.msg.ordering_key.is_empty() {
+            let k = p.msg.ordering_key.as_str();
+            if let Some(set) = self.keys.get_mut(k) {
+                set.remove(&seq);
+            }
+            self.fix_key(k, now);
+        }
+        Some(p)
+    }
+
+    /// Puts back a message that `remove` took out (an ack that failed to
+    /// persist): still leased if its lease has not run out (and, with
+    /// ordering, everything before it in its key is leased too), else eligible.
+    pub fn restore(&mut self, seq: u64, p: Pending, now: Instant) {
+        if self.backlog.contains_key(&seq) {
+            return;
+        }
+        let key = self.key_of(&p.msg);
+        let lease = match p.slot {
+            Slot::Leased(l) if l.deadline > now => Some(l),
+            _ => None,
+        };
+        let lease = lease.filter(|_| {
+            key.as_ref().is_none_or(|k| {
+                self.keys.get(k).is_none_or(|set| set.range(..seq).all(|s| matches!(self.backlog[s].slot, Slot::Leased(_))))
+            })
+        });
+        let size = p.msg.size() as u64;
+        self.backlog.insert(seq, Pending { slot: Slot::Waiting, ..p });
+        match (lease, key) {
+            (Some(l), key) => {
+                let l = Lease { stream: l.stream.filter(|s| self.streams.contains_key(s)), ..l };
+                if let Some(q) = l.stream.and_then(|s| self.streams.get_mut(&s)) {
+                    q.messages += 1;
+                    q.bytes += size;
+                }
+                self.backlog.get_mut(&seq).unwrap().slot = Slot::Leased(l);
+                self.expiries.insert((l.deadline, seq));
+                if let Some(k) = key {
+                    let set = self.keys.entry(k).or_default();
+                    set.insert(seq);
+                    // A successor made eligible meanwhile waits again.
+                    let later: Vec<u64> = set.range(seq + 1..).copied().collect();
+                    for s in later {
+                        if matches!(self.backlog[&s].slot, Slot::Ready | Slot::Delayed(_)) {
+                            self.detach(s);
+                        }
+                    }
+                }
+            }
+            (None, Some(k)) => self.enqueue_keyed(&k, seq, now),
+            (None, None) => self.make_eligible(seq, now),
+        }
+    }
+
+    /// Moves messages whose backoff has passed to `ready`. Returns how many.
+    pub fn release_due(&mut self, now: Instant) -> usize {
+        let mut n = 0;
+        while let Some(&(t, seq)) = self.delayed.first() {
+            if t > now {
+                break;
+            }
+            self.delayed.pop_first();
+            let p = self.backlog.get_mut(&seq).expect("delayed implies backlog");
+            p.slot = Slot::Ready;
+            p.not_before = None;
+            self.ready.insert(seq);
+            n += 1;
+        }
+        n
+    }
+
+    /// Leases one eligible (`Ready`, or `Waiting` next in its key) message.
+    fn lease(&mut self, seq: u64, now: Instant, deadline: Duration, stream: Option<u64>) -> Leasing {
+        let p = &self.backlog[&seq];
+        if self.policy.max_attempts.is_some_and(|max| p.attempts >= max) {
+            // Redelivered without failing itself (it followed an earlier
+            // message of its key) and out of attempts: forward instead.
+            self.move_to_dead_letters(seq, now);
+            return Leasing::DeadLettered;
+        }
+        let size = p.msg.size() as u64;
+        if let Some(q) = stream.and_then(|s| self.streams.get_mut(&s)) {
+            if !q.room(size) {
+                return Leasing::NoRoom;
+            }
+            q.messages += 1;
+            q.bytes += size;
+        }
+        if p.slot == Slot::Ready {
+            self.ready.remove(&seq);
+        }
+        let p = self.backlog.get_mut(&seq).unwrap();
+        p.attempts += 1;
+        let d = now + deadline;
+        p.slot = Slot::Leased(Lease { deadline: d, stream });
+        self.expiries.insert((d, seq));
+        Leasing::Done(Handout { seq, msg: p.msg.clone(), attempt: p.attempts })
+    }
+
+    /// Leases up to `max` ready messages until `now + deadline`, in seq order,
+    /// respecting the stream's flow-control quota. With ordering, a message's
+    /// successors of the same key follow it in the same batch.
+    pub fn take(&mut self, max: usize, now: Instant, deadline: Duration, stream: Option<u64>) -> Vec<Handout> {
+        self.release_due(now);
+        let mut out = Vec::new();
+        while out.len() < max {
+            let Some(&seq) = self.ready.first() else { break };
+            let h = match self.lease(seq, now, deadline, stream) {
+                Leasing::Done(h) => h,
+                Leasing::NoRoom => break,
+                Leasing::DeadLettered => continue,
+            };
+            let key = self.key_of(&h.msg);
+            out.push(h);
+            let Some(key) = key else { continue };
+            let mut cur = seq;
+            while out.len() < max {
+                let Some(next) = self.keys.get(&key).and_then(|s| s.range(cur + 1..).next().copied()) else { break };
+                let p = &self.backlog[&next];
+                if p.slot != Slot::Waiting || p.not_before.is_some_and(|t| t > now) {
+                    break;
+                }
+                match self.lease(next, now, deadline, stream) {
+                    Leasing::Done(h) => {
+                        out.push(h);
+                        cur = next;
+                    }
+                    Leasing::NoRoom | Leasing::DeadLettered => break,
+                }
+            }
+        }
+        out
+    }
+
+    /// A delivery failed (nack or expired lease): back off, or dead-letter
+    /// when the attempts are used up. With ordering, the later leased
+    /// messages of its key are returned too, to be redelivered after it.
+    fn fail(&mut self, seq: u64, now: Instant) {
+        if !matches!(self.backlog.get(&seq).map(|p| p.slot), Some(Slot::Leased(_))) {
+            return;
+        }
+        self.detach(seq);
+        let key = self.key_of(&self.backlog[&seq].msg);
+        if let Some(k) = &key {
+            let later: Vec<u64> = self.keys.get(k).map(|s| s.range(seq + 1..).copied().collect()).unwrap_or_default();
+            for s in later {
+                if matches!(self.backlog[&s].slot, Slot::Leased(_)) {
+                    self.detach(s);
+                }
+            }
+        }
+        let p = self.backlog.get_mut(&seq).unwrap();
+        if self.policy.max_attempts.is_some_and(|max| p.attempts >= max) {
+            self.move_to_dead_letters(seq, now);
+            return;
+        }
+        p.not_before = self.policy.retry.map(|r| now + r.backoff(p.attempts));
+        match key {
+            Some(k) => self.fix_key(&k, now),
+            None => self.make_eligible(seq, now),
+        }
+    }
+
+    fn move_to_dead_letters(&mut self, seq: u64, now: Instant) {
+        self.detach(seq);
+        self.backlog.get_mut(&seq).unwrap().slot = Slot::DeadLetter { forwarding: false };
+        self.dead_letters.insert(seq);
+        if let Some(k) = self.key_of(&self.backlog[&seq].msg) {
+            if let Some(set) = self.keys.get_mut(&k) {
+                set.remove(&seq);
+            }
+            self.fix_key(&k, now);
+        }
+    }
+
+    /// Hands the messages awaiting dead-lettering to the forwarder; they
+    /// stay in the backlog (and out of delivery) until acked or given back.
+    pub fn take_dead_letters(&mut self) -> Vec<DeadLetter> {
+        let mut out = Vec::new();
+        for &seq in &self.dead_letters {
+            let p = self.backlog.get_mut(&seq).expect("dead letter is in the backlog");
+            if p.slot == (Slot::DeadLetter { forwarding: false }) {
+                p.slot = Slot::DeadLetter { forwarding: true };
+                out.push(DeadLetter { seq, msg: p.msg.clone(), attempts: p.attempts });
+            }
+        }
+        out
+    }
+
+    /// Gives back a dead letter that could not be forwarded (or whose policy
+    /// was removed meanwhile): eligible again after `delay`.
+    pub fn return_dead_letter(&mut self, seq: u64, now: Instant, delay: Duration) {
+        if !matches!(self.backlog.get(&seq).map(|p| p.slot), Some(Slot::DeadLetter { .. })) {
+            return;
+        }
+        self.detach(seq);
+        let p = self.backlog.get_mut(&seq).unwrap();
+        p.not_before = (!delay.is_zero()).then(|| now + delay);
+        let key = self.key_of(&self.backlog[&seq].msg);
+        match key {
+            Some(k) => self.enqueue_keyed(&k, seq, now),
+            None => self.make_eligible(seq, now),
+        }
+    }
+
+    /// True when `seq` is leased, unexpired, by delivery `attempt`: what an
+    /// exactly-once ack or modack must name.
+    pub fn holds_lease(&self, seq: u64, attempt: u32, now: Instant) -> bool {
+        self.backlog
+            .get(&seq)
+            .is_some_and(|p| p.attempts == attempt && matches!(p.slot, Slot::Leased(l) if l.deadline > now))
+    }
+
+    /// Sets a new deadline for a leased message; `None` nacks it. Returns
+    /// false when the message is no longer leased (acked or expired).
+    pub fn modify(&mut self, seq: u64, new_deadline: Option<Instant>, now: Instant) -> bool {
+        let Some(p) = self.backlog.get_mut(&seq) else { return false };
+        let Slot::Leased(lease) = p.slot else { return false };
+        match new_deadline {
+            Some(d) => {
+                p.slot = Slot::Leased(Lease { deadline: d, ..lease });
+                self.expiries.remove(&(lease.deadline, seq));
+                self.expiries.insert((d, seq));
+            }
+            None => self.fail(seq, now),
+        }
+        true
+    }
+
+    /// Fails every lease whose deadline passed and releases due backoffs.
+    /// Returns how many messages became ready or were dead-lettered.
     pub fn expire(&mut self, now: Instant) -> usize {
         let mut n = 0;
         while let Some(&(d, seq)) = self.expiries.first() {
             if d > now {
                 break;
             }
-            self.expiries.pop_first();
-            if let Some(p) = self.backlog.get_mut(&seq) {
-                let stream = p.lease.take().and_then(|l| l.stream);
-                let size = p.msg.size();
-                self.ready.insert(seq);
-                self.release_quota(stream, size);
-                n += 1;
+            self.fail(seq, now);
+            n += 1;
+        }
+        n + self.release_due(now)
+    }
+
+    /// Leases taken on a closed stream no longer count against any quota.
+    pub fn forget_stream(&mut self, id: u64) {
+        self.streams.remove(&id);
+        for p in self.backlog.values_mut() {
+            if let Slot::Leased(l) = &mut p.slot {
+                if l.stream == Some(id) {
+                    l.stream = None;
+                }
             }
         }
-        n
     }
 
     pub fn oldest_seq(&self) -> Option<u64> {
         self.backlog.keys().next().copied()
+    }
+
+    /// Checks every invariant in the module docs; for tests.
+    #[cfg(test)]
+    pub fn check_invariants(&self) {
+        let mut counts = [0usize; 5];
+        for (&seq, p) in &self.backlog {
+            match p.slot {
+                Slot::Ready => {
+                    counts[0] += 1;
+                    assert!(self.ready.contains(&seq));
+                }
+                Slot::Leased(l) => {
+                    counts[1] += 1;
+                    assert!(self.expiries.contains(&(l.deadline, seq)));
+                }
+                Slot::Delayed(t) => {
+                    counts[2] += 1;
+                    assert!(self.delayed.contains(&(t, seq)));
+                }
+                Slot::Waiting => {
+                    counts[3] += 1;
+                    assert!(self.key_of(&p.msg).is_some(), "only ordered messages wait: {seq}");
+                }
+                Slot::DeadLetter { .. } => {
+                    counts[4] += 1;
+                    assert!(self.dead_letters.contains(&seq));
+                }
+            }
+            if let Some(k) = self.key_of(&p.msg) {
+                let queued = self.keys.get(&k).is_some_and(|s| s.contains(&seq));
+                assert_eq!(queued, !matches!(p.slot, Slot::DeadLetter { .. }), "key queue membership of {seq}");
+            }
+        }
+        assert_eq!(counts[0], self.ready.len());
+        assert_eq!(counts[1], self.expiries.len());
+        assert_eq!(counts[2], self.delayed.len());
+        assert_eq!(counts[4], self.dead_letters.len());
+        for (k, set) in &self.keys {
+            assert!(!set.is_empty(), "empty queue for key {k}");
+            let slots: Vec<Slot> = set.iter().map(|s| self.backlog[s].slot).collect();
+            let leased = slots.iter().take_while(|s| matches!(s, Slot::Leased(_))).count();
+            let rest = &slots[leased..];
+            assert!(!rest.iter().any(|s| matches!(s, Slot::Leased(_))), "leased messages of {k} are a prefix: {slots:?}");
+            match rest.split_first() {
+                Some((first, others)) if leased == 0 => {
+                    assert!(matches!(first, Slot::Ready | Slot::Delayed(_)), "head of {k} is eligible: {slots:?}");
+                    assert!(others.iter().all(|s| *s == Slot::Waiting), "the rest of {k} waits: {slots:?}");
+                }
+                _ => assert!(rest.iter().all(|s| *s == Slot::Waiting), "behind outstanding messages of {k}: {slots:?}"),
+            }
+        }
     }
 }
 
@@ -180,53 +578,57 @@ mod tests {
     use bytes::Bytes;
 
     fn msg(seq: u64, len: usize) -> Arc<Message> {
+        keyed(seq, len, "")
+    }
+
+    fn keyed(seq: u64, len: usize, key: &str) -> Arc<Message> {
         Arc::new(Message {
             seq,
             data: Bytes::from(vec![b'x'; len]),
             attributes: Default::default(),
-            ordering_key: String::new(),
+            ordering_key: key.to_string(),
             publish_time_nanos: 0,
         })
     }
 
-    fn check_invariants(s: &SubState) {
-        let leased = s.backlog.values().filter(|p| p.lease.is_some()).count();
-        assert_eq!(leased + s.ready.len(), s.backlog.len());
-        assert_eq!(leased, s.expiries.len());
+    fn seqs(h: &[Handout]) -> Vec<u64> {
+        h.iter().map(|h| h.seq).collect()
     }
+
+    const S10: Duration = Duration::from_secs(10);
 
     #[test]
     fn lease_expire_and_redeliver() {
         let t0 = Instant::now();
         let mut s = SubState::new(1, 10);
         for i in 1..=3 {
-            s.add(msg(i, 1));
+            s.add(msg(i, 1), t0);
         }
-        let got = s.take(2, t0, Duration::from_secs(10), None);
-        assert_eq!(got.iter().map(|h| h.seq).collect::<Vec<_>>(), vec![1, 2]);
-        check_invariants(&s);
+        let got = s.take(2, t0, S10, None);
+        assert_eq!(seqs(&got), vec![1, 2]);
+        s.check_invariants();
         assert_eq!(s.expire(t0 + Duration::from_secs(9)), 0);
-        assert!(s.modify(2, Some(t0 + Duration::from_secs(60))));
+        assert!(s.modify(2, Some(t0 + Duration::from_secs(60)), t0));
         assert_eq!(s.expire(t0 + Duration::from_secs(10)), 1);
-        check_invariants(&s);
+        s.check_invariants();
         // Message 1 comes back first, with its attempt counted.
-        let again = s.take(1, t0 + Duration::from_secs(11), Duration::from_secs(10), None);
+        let again = s.take(1, t0 + Duration::from_secs(11), S10, None);
         assert_eq!((again[0].seq, again[0].attempt), (1, 2));
-        assert!(s.remove(2).is_some());
-        assert!(!s.modify(2, None), "acked message cannot be nacked");
-        check_invariants(&s);
+        assert!(s.remove(2, t0).is_some());
+        assert!(!s.modify(2, None, t0), "acked message cannot be nacked");
+        s.check_invariants();
     }
 
     #[test]
     fn nack_makes_ready_now() {
         let t0 = Instant::now();
         let mut s = SubState::new(1, 10);
-        s.add(msg(1, 1));
-        s.take(1, t0, Duration::from_secs(10), None);
-        assert!(s.take(1, t0, Duration::from_secs(10), None).is_empty());
-        assert!(s.modify(1, None));
-        assert_eq!(s.take(1, t0, Duration::from_secs(10), None).len(), 1);
-        check_invariants(&s);
+        s.add(msg(1, 1), t0);
+        s.take(1, t0, S10, None);
+        assert!(s.take(1, t0, S10, None).is_empty());
+        assert!(s.modify(1, None, t0));
+        assert_eq!(s.take(1, t0, S10, None).len(), 1);
+        s.check_invariants();
     }
 
     #[test]
@@ -234,19 +636,262 @@ mod tests {
         let t0 = Instant::now();
         let mut s = SubState::new(1, 10);
         for i in 1..=10 {
-            s.add(msg(i, 100));
+            s.add(msg(i, 100), t0);
         }
         s.streams.insert(7, StreamQuota { max_messages: 3, max_bytes: 0, ..Default::default() });
-        assert_eq!(s.take(100, t0, Duration::from_secs(10), Some(7)).len(), 3);
-        assert!(s.take(100, t0, Duration::from_secs(10), Some(7)).is_empty());
-        s.remove(1);
-        assert_eq!(s.take(100, t0, Duration::from_secs(10), Some(7)).len(), 1);
+        assert_eq!(s.take(100, t0, S10, Some(7)).len(), 3);
+        assert!(s.take(100, t0, S10, Some(7)).is_empty());
+        s.remove(1, t0);
+        assert_eq!(s.take(100, t0, S10, Some(7)).len(), 1);
         s.streams.insert(8, StreamQuota { max_messages: 0, max_bytes: 250, ..Default::default() });
-        assert_eq!(s.take(100, t0, Duration::from_secs(10), Some(8)).len(), 2);
+        assert_eq!(s.take(100, t0, S10, Some(8)).len(), 2);
         // An expired lease frees its quota.
         s.expire(t0 + Duration::from_secs(11));
         assert_eq!(s.streams[&7].messages, 0);
         assert_eq!(s.streams[&8].bytes, 0);
-        check_invariants(&s);
+        s.check_invariants();
+    }
+
+    #[test]
+    fn retry_policy_delays_redelivery_exponentially() {
+        let t0 = Instant::now();
+        let mut s = SubState::new(1, 10);
+        s.policy.retry = Some(RetryPolicy::new(Some(Duration::from_secs(2)), Some(Duration::from_secs(5))).unwrap());
+        s.add(msg(1, 1), t0);
+        s.add(msg(2, 1), t0);
+        assert_eq!(seqs(&s.take(1, t0, S10, None)), [1]);
+        // Nacked after its first delivery: back after 2 s, not before.
+        s.modify(1, None, t0);
+        s.check_invariants();
+        assert_eq!(seqs(&s.take(10, t0, S10, None)), [2], "the delayed message is not handed out");
+        assert!(s.take(10, t0 + Duration::from_millis(1999), S10, None).is_empty());
+        let t1 = t0 + Duration::from_secs(2);
+        assert_eq!(seqs(&s.take(10, t1, S10, None)), [1]);
+        // The second failure is an expiry: 4 s.
+        let t2 = t1 + S10;
+        assert_eq!(s.expire(t2), 2, "both leases ran out");
+        s.check_invariants();
+        assert!(s.take(10, t2 + Duration::from_millis(3999), S10, None).iter().all(|h| h.seq == 2));
+        // The maintenance path releases due messages too.
+        assert_eq!(s.expire(t2 + Duration::from_secs(4)), 1);
+        assert_eq!(s.ready.len(), 1);
+        let h = s.take(10, t2 + Duration::from_secs(4), S10, None);
+        assert_eq!((h[0].seq, h[0].attempt), (1, 3));
+        // Third failure: 8 s capped at the 5 s maximum.
+        let t3 = t2 + Duration::from_secs(4);
+        s.modify(1, None, t3);
+        assert_eq!(s.delayed.first().unwrap().0, t3 + Duration::from_secs(5));
+        s.check_invariants();
+    }
+
+    #[test]
+    fn dead_letter_after_max_attempts() {
+        let t0 = Instant::now();
+        let mut s = SubState::new(1, 10);
+        s.policy.max_attempts = Some(5);
+        s.add(msg(1, 1), t0);
+        for attempt in 1..=5 {
+            let h = s.take(1, t0, S10, None);
+            assert_eq!((h[0].seq, h[0].attempt), (1, attempt));
+            if attempt % 2 == 0 {
+                s.modify(1, None, t0);
+            } else {
+                s.expire(t0 + Duration::from_secs(60));
+            }
+            s.check_invariants();
+        }
+        assert!(s.take(1, t0, S10, None).is_empty(), "no sixth delivery");
+        let dl = s.take_dead_letters();
+        assert_eq!((dl.len(), dl[0].seq, dl[0].attempts), (1, 1, 5));
+        assert!(s.take_dead_letters().is_empty(), "handed to the forwarder once");
+        s.check_invariants();
+        // Forwarding failed: the message comes back after the delay and is
+        // dead-lettered again instead of being delivered.
+        s.return_dead_letter(1, t0, Duration::from_secs(1));
+        s.check_invariants();
+        assert!(s.take(1, t0 + Duration::from_secs(1), S10, None).is_empty());
+        assert_eq!(s.take_dead_letters().len(), 1);
+        assert!(s.remove(1, t0).is_some());
+        s.check_invariants();
+        assert!(s.backlog.is_empty());
+    }
+
+    #[test]
+    fn ordering_key_blocks_until_earlier_settled() {
+        let t0 = Instant::now();
+        let mut s = SubState::new(1, 10);
+        s.policy.ordered = true;
+        for (i, k) in [(1, "a"), (2, "b"), (3, "a"), (4, ""), (5, "a"), (6, "b")] {
+            s.add(keyed(i, 1, k), t0);
+        }
+        s.check_invariants();
+        // One batch: each key's queue in order, unkeyed messages as usual.
+        let got = s.take(2, t0, S10, None);
+        assert_eq!(seqs(&got), [1, 3], "a's successors follow it in the same batch");
+        s.check_invariants();
+        // 5 is not handed out in a later batch while 1 and 3 are outstanding.
+        assert_eq!(seqs(&s.take(10, t0, S10, None)), [2, 6, 4]);
+        s.check_invariants();
+        s.remove(1, t0);
+        assert!(s.take(10, t0, S10, None).is_empty(), "3 is still outstanding");
+        s.add(keyed(8, 1, "a"), t0);
+        s.remove(3, t0);
+        assert_eq!(seqs(&s.take(10, t0, S10, None)), [5, 8]);
+        s.check_invariants();
+        // Restart the scenario for "a": 1 and 3 outstanding, 5 waiting.
+        let mut s = SubState::new(1, 10);
+        s.policy.ordered = true;
+        for (i, k) in [(1, "a"), (2, "b"), (3, "a"), (4, ""), (5, "a"), (6, "b")] {
+            s.add(keyed(i, 1, k), t0);
+        }
+        assert_eq!(seqs(&s.take(10, t0, S10, None)), [1, 3, 5, 2, 6, 4]);
+        s.check_invariants();
+        // Nack of 3: 3 and 5 (later, outstanding) return; 1 stays leased, so
+        // they wait behind it.
+        s.modify(3, None, t0);
+        s.check_invariants();
+        assert!(s.take(10, t0, S10, None).is_empty());
+        s.remove(1, t0);
+        s.check_invariants();
+        let again = s.take(10, t0, S10, None);
+        assert_eq!(seqs(&again), [3, 5]);
+        assert_eq!(again.iter().map(|h| h.attempt).collect::<Vec<_>>(), [2, 2]);
+        // A message published while its key is outstanding waits.
+        s.add(keyed(7, 1, "b"), t0);
+        assert!(s.take(10, t0, S10, None).is_empty());
+        s.remove(2, t0);
+        s.remove(6, t0);
+        assert_eq!(seqs(&s.take(10, t0, S10, None)), [7]);
+        // Expiry of the head returns the whole outstanding tail of its key.
+        s.expire(t0 + Duration::from_secs(11));
+        s.check_invariants();
+        assert_eq!(seqs(&s.take(10, t0 + Duration::from_secs(11), S10, None)), [3, 5, 4, 7], "4 (unkeyed) expired too");
+        s.check_invariants();
+    }
+
+    #[test]
+    fn ordering_with_backoff_and_dead_letters() {
+        let t0 = Instant::now();
+        let mut s = SubState::new(1, 10);
+        s.policy.ordered = true;
+        s.policy.max_attempts = Some(5);
+        s.policy.retry = Some(RetryPolicy::new(Some(Duration::from_secs(1)), Some(Duration::from_secs(1))).unwrap());
+        for i in 1..=3 {
+            s.add(keyed(i, 1, "k"), t0);
+        }
+        let mut t = t0;
+        // The head fails five times; its successors never overtake it.
+        for attempt in 1..=5 {
+            let got = s.take(1, t, S10, None);
+            assert_eq!(seqs(&got), [1]);
+            s.modify(1, None, t);
+            s.check_invariants();
+            if attempt < 5 {
+                assert!(s.take(10, t, S10, None).is_empty(), "2 and 3 wait behind the delayed head");
+            }
+            t += Duration::from_secs(1);
+        }
+        // Dead-lettered: it leaves the key, and the next one goes.
+        assert_eq!(s.dead_letters.len(), 1);
+        s.check_invariants();
+        assert_eq!(seqs(&s.take(10, t, S10, None)), [2, 3]);
+        assert_eq!(s.take_dead_letters()[0].seq, 1);
+        s.remove(1, t);
+        s.check_invariants();
+    }
+
+    #[test]
+    fn filter_keeps_non_matching_messages_out() {
+        let t0 = Instant::now();
+        let mut s = SubState::new(1, 10);
+        s.policy.filter = pubrun_core::filter::parse("attributes:keep").unwrap();
+        let mut m = (*msg(1, 1)).clone();
+        assert!(!s.add(Arc::new(m.clone()), t0));
+        m.seq = 2;
+        m.attributes.insert("keep".into(), "".into());
+        assert!(s.add(Arc::new(m), t0));
+        assert_eq!(s.backlog.keys().copied().collect::<Vec<_>>(), [2]);
+    }
+
+    #[test]
+    fn exactly_once_lease_check_and_failed_ack_restore() {
+        let t0 = Instant::now();
+        let mut s = SubState::new(1, 10);
+        s.add(msg(1, 1), t0);
+        let h = s.take(1, t0, S10, None);
+        assert!(s.holds_lease(1, h[0].attempt, t0));
+        assert!(!s.holds_lease(1, h[0].attempt + 1, t0));
+        assert!(!s.holds_lease(1, h[0].attempt, t0 + S10), "expired at the deadline");
+        // An ack that fails to persist keeps the lease it had.
+        let p = s.remove(1, t0).unwrap();
+        s.restore(1, p, t0);
+        s.check_invariants();
+        assert!(s.holds_lease(1, 1, t0));
+        // Nacked and redelivered: the old delivery no longer holds it.
+        s.modify(1, None, t0);
+        s.take(1, t0, S10, None);
+        assert!(!s.holds_lease(1, 1, t0) && s.holds_lease(1, 2, t0));
+    }
+
+    /// Random operations keep every invariant.
+    #[test]
+    fn random_operations_keep_invariants() {
+        let mut rng = 0x2545F4914F6CDD1Du64;
+        let mut next = move |n: u64| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng % n
+        };
+        for round in 0..20 {
+            let t0 = Instant::now();
+            let mut s = SubState::new(1, 10);
+            s.policy.ordered = round % 2 == 0;
+            s.policy.max_attempts = (round % 3 == 0).then_some(5);
+            s.policy.retry = (round % 4 < 2).then(|| RetryPolicy::new(Some(Duration::from_secs(1)), Some(Duration::from_secs(4))).unwrap());
+            s.streams.insert(1, StreamQuota { max_messages: 5, ..Default::default() });
+            let mut seq = 0;
+            let mut t = t0;
+            for _ in 0..2000 {
+                match next(8) {
+                    0 | 1 => {
+                        seq += 1;
+                        let key = ["", "a", "b", "c"][next(4) as usize];
+                        s.add(keyed(seq, 1, key), t);
+                    }
+                    2 => {
+                        s.take(next(4) as usize + 1, t, S10, if next(2) == 0 { Some(1) } else { None });
+                    }
+                    3 => {
+                        if let Some(&(_, q)) = s.expiries.iter().nth(next(s.expiries.len() as u64 + 1) as usize) {
+                            s.modify(q, None, t);
+                        }
+                    }
+                    4 => {
+                        if let Some(&q) = s.backlog.keys().nth(next(s.backlog.len() as u64 + 1) as usize) {
+                            if let Some(p) = s.remove(q, t) {
+                                if next(4) == 0 {
+                                    s.restore(q, p, t);
+                                }
+                            }
+                        }
+                    }
+                    5 => t += Duration::from_millis(next(5000)),
+                    6 => {
+                        s.expire(t);
+                    }
+                    _ => {
+                        for d in s.take_dead_letters() {
+                            if next(2) == 0 {
+                                s.remove(d.seq, t);
+                            } else {
+                                s.return_dead_letter(d.seq, t, Duration::from_secs(1));
+                            }
+                        }
+                    }
+                }
+                s.check_invariants();
+            }
+        }
     }
 }

@@ -28,6 +28,7 @@ async fn setup(b: &Broker, t: &str, subs: &[&str]) {
             topic: topic(t).to_string(),
             labels: Default::default(),
             ack_deadline_seconds: 10,
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -60,6 +61,7 @@ async fn setup_sub_only(b: &Broker, s: &str, t: &str) {
         topic: topic(t).to_string(),
         labels: Default::default(),
         ack_deadline_seconds: 0,
+        ..Default::default()
     })
     .await
     .unwrap();
@@ -78,7 +80,8 @@ async fn expired_lease_is_redelivered_and_acked_message_is_not() {
     b.expire_leases(Instant::now() + Duration::from_secs(11));
     let again = b.pull(&subn("s-lease"), 10, None).await.unwrap();
     assert_eq!(datas(&again), ["m1"]);
-    assert_eq!(again[0].delivery_attempt, 2);
+    assert_eq!(again[0].attempt, 2);
+    assert_eq!(again[0].delivery_attempt, 0, "Google reports delivery_attempt only with a dead-letter policy");
     assert_eq!(again[0].message.id(), got[1].message.id(), "same message id on redelivery");
 }
 
@@ -177,6 +180,7 @@ async fn errors_carry_google_codes() {
             topic: topic("t-err").to_string(),
             labels: Default::default(),
             ack_deadline_seconds: 601,
+            ..Default::default()
         })
         .await;
     assert_eq!(bad_deadline.unwrap_err().code, Code::InvalidArgument);
@@ -186,6 +190,7 @@ async fn errors_carry_google_codes() {
             topic: topic("nope").to_string(),
             labels: Default::default(),
             ack_deadline_seconds: 10,
+            ..Default::default()
         })
         .await;
     assert_eq!(no_topic.unwrap_err().code, Code::NotFound);

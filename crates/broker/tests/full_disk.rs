@@ -57,6 +57,7 @@ async fn full_disk_loses_nothing_and_recovers() {
             topic: topic.to_string(),
             labels: Default::default(),
             ack_deadline_seconds: 600,
+            ..Default::default()
         })
         .await
         .unwrap();

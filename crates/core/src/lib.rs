@@ -8,6 +8,7 @@
 
 pub mod config;
 pub mod error;
+pub mod filter;
 pub mod job;
 pub mod limits;
 pub mod manifest;

@@ -254,6 +254,7 @@ pub fn parse(file: &str, src: &str) -> Result<Manifest, ManifestError> {
             topic: topic.to_string(),
             labels,
             ack_deadline_seconds: ack,
+            ..Default::default()
         });
     }
 
@@ -265,8 +266,17 @@ pub fn parse(file: &str, src: &str) -> Result<Manifest, ManifestError> {
             return Err(cx.err(j.name.span(), format!("job \"{name}\" is declared twice")));
         }
         let topic = topic_ref(&j.topic)?;
-        if let Some(f) = j.filter.as_ref().filter(|f| !f.get_ref().trim().is_empty()) {
-            return Err(cx.err(f.span(), "job filters are not supported by this pubrun version yet; remove `filter`"));
+        if let Some(f) = &j.filter {
+            if let Err(e) = crate::filter::parse(f.get_ref()) {
+                // Point at the offending character when the value is written
+                // without escapes; otherwise at the start of the string.
+                let span = f.span();
+                let raw = cx.src.get(span.clone()).unwrap_or("");
+                let quote = if raw.starts_with("'''") || raw.starts_with("\"\"\"") { 3 } else { 1 };
+                let exact = raw.get(quote..).is_some_and(|r| r.starts_with(f.get_ref().as_str()));
+                let at = if exact { span.start + quote + e.position } else { span.start };
+                return Err(cx.err(at..at, format!("invalid filter: {} (at position {})", e.message, e.position)));
+            }
         }
         let check_tmpl = |span: Range<usize>, s: &str| -> Result<(), ManifestError> {
             template::validate(s).map_err(|e| cx.err(span, e.message))
@@ -474,6 +484,22 @@ dedup_key = "{{ publish_time | date }}"
         assert!(e.message.contains("needs `process"), "{e}");
         let e = err("[[topic]]\nname = \"uploads\"\n[[job]]\nname = \"j1x\"\ntopic = \"uploads\"\ndocker = { image = \"x\", memory = \"lots\" }\n");
         assert!(e.message.contains("memory"), "{e}");
+    }
+
+    #[test]
+    fn job_filters_are_validated_with_the_error_position() {
+        let job = |filter: &str| {
+            format!("[[topic]]\nname = \"uploads\"\n[[job]]\nname = \"j1x\"\ntopic = \"uploads\"\nprocess = {{ command = \"true\" }}\nfilter = {filter}\n")
+        };
+        let m = parse("pubrun.toml", &job(r#"'attributes.eventType = "OBJECT_FINALIZE"'"#)).unwrap();
+        assert_eq!(m.jobs[0].filter, r#"attributes.eventType = "OBJECT_FINALIZE""#);
+        // `filter = '` is 10 characters, so position 15 of the filter is column 26.
+        let e = err(&job("'attributes.x = '"));
+        assert_eq!((e.line, e.column), (7, 26), "{e}");
+        assert!(e.message.starts_with("invalid filter:") && e.message.contains("position 15"), "{e}");
+        let e = err(&job("'''attributes.x AND'''"));
+        assert_eq!(e.line, 7, "{e}");
+        assert!(e.message.contains("invalid filter"), "{e}");
     }
 
     #[test]

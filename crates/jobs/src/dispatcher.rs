@@ -15,7 +15,7 @@ use pubrun_core::{Error, OutgoingMessage, Result, SubscriptionConfig, Subscripti
 use pubrun_exec::{CancellationToken, Executor, LogSink, RunRequest};
 use tokio::sync::Notify;
 
-use crate::runstore::{Enqueued, RunRecord, RunStore, SourceMessage};
+use crate::runstore::{Enqueued, QueuedRun, RunRecord, RunStore, SourceMessage};
 
 /// Executors by kind. Docker is optional: without an engine, docker runs
 /// fail with an infrastructure error and wait.
@@ -234,6 +234,11 @@ impl Dispatcher {
         let spec = self.lock().jobs.remove(name).map(|j| j.spec.clone());
         let Some(spec) = spec else { return Err(Error::not_found(format!("job {name} not found"))) };
         self.store.delete_job(name)?;
+        // Its waiting runs end now rather than at the next sweep.
+        let jobs: Vec<String> = self.lock().jobs.keys().cloned().collect();
+        for q in self.store.queued_orphans(&jobs)? {
+            self.drop_queued(&q);
+        }
         let topic = TopicName::parse(&spec.topic)?;
         let sub = SubscriptionName::parse(&job_subscription(topic.project().id(), name))?;
         match self.broker.delete_subscription(&sub).await {
@@ -290,15 +295,15 @@ impl Dispatcher {
             let Ok(spec) = self.job(&job) else { return };
             let store = self.store.clone();
             let queued = tokio::task::spawn_blocking(move || {
-                let mut acks = Vec::new();
-                for d in batch {
-                    match queue_one(&store, &spec, &d) {
-                        Ok(_) => acks.push(d.ack_id),
-                        // Not acked: the message comes back after its lease.
-                        Err(e) => tracing::error!(job = spec.name, error = %e, "could not queue a run"),
+                let items: Vec<(SourceMessage, String)> = batch.iter().map(|d| source_and_key(&spec, d)).collect();
+                match store.enqueue_batch(&spec, &items, now_ms()) {
+                    Ok(_) => batch.into_iter().map(|d| d.ack_id).collect(),
+                    Err(e) => {
+                        // Not acked: the messages come back after their lease.
+                        tracing::error!(job = spec.name, error = %e, "could not queue runs");
+                        Vec::new()
                     }
                 }
-                acks
             })
             .await
             .unwrap_or_default();
@@ -357,67 +362,107 @@ impl Dispatcher {
     // ---- scheduling and execution ----
 
     async fn scheduler(self: Arc<Self>) {
-        let mut prune_at = 0i64;
+        let mut sweep_at = 0i64;
         loop {
-            let mut next_wake = Duration::from_secs(1);
-            match self.store.with_status(&[RunStatus::Queued]) {
-                Ok(queued) => {
-                    let now = now_ms();
-                    for run in queued {
-                        if run.cancel_requested || !self.lock().jobs.contains_key(&run.job) {
-                            // Cancel requested between two attempts, or its job is gone.
-                            self.drop_queued(&run);
-                            continue;
-                        }
-                        if run.not_before_ms > now {
-                            next_wake = next_wake.min(Duration::from_millis((run.not_before_ms - now) as u64));
-                            continue;
-                        }
-                        let token = CancellationToken::new();
-                        let spec = {
-                            let mut st = self.lock();
-                            if st.active.contains_key(&run.id) {
-                                // Its previous attempt is still being recorded.
-                                continue;
-                            }
-                            if st.active.len() >= self.slots {
-                                break;
-                            }
-                            let Some(j) = st.jobs.get(&run.job) else { continue };
-                            let spec = j.spec.clone();
-                            let n = st.active.values().filter(|(job, _)| job == &run.job).count();
-                            if n >= spec.concurrency as usize {
-                                continue;
-                            }
-                            // Registered before it is claimed, so that a cancel
-                            // that finds the run claimed also finds its switch.
-                            st.active.insert(run.id, (run.job.clone(), token.clone()));
-                            spec
-                        };
-                        if let Err(e) = self.store.mark_starting(run.id) {
-                            self.lock().active.remove(&run.id);
-                            tracing::debug!(run = run.id, error = %e, "run not started");
-                            continue;
-                        }
-                        let mut run = run;
-                        run.status = RunStatus::Starting;
-                        let this = self.clone();
-                        tokio::spawn(async move { this.execute(run, spec, token).await });
+            let now = now_ms();
+            if now >= sweep_at {
+                // Rare work: expired dedup keys, runs whose job was deleted.
+                let _ = self.store.prune_dedup(now);
+                let jobs: Vec<String> = self.lock().jobs.keys().cloned().collect();
+                if let Ok(orphans) = self.store.queued_orphans(&jobs) {
+                    for q in orphans {
+                        self.drop_queued(&q);
                     }
                 }
-                Err(e) => tracing::error!(error = %e, "scheduler cannot read queued runs"),
+                sweep_at = now + 60_000;
             }
-            let now = now_ms();
-            if now >= prune_at {
-                let _ = self.store.prune_dedup(now);
-                prune_at = now + 60_000;
-            }
+            self.start_due_runs(now);
+            let next_wake = match self.store.next_due_ms(now) {
+                Ok(Some(due)) => Duration::from_millis((due - now).clamp(1, 1000) as u64),
+                _ => Duration::from_secs(1),
+            };
             let _ = tokio::time::timeout(next_wake, self.wake.notified()).await;
         }
     }
 
+    /// Starts queued runs that are due, oldest first per job, within each
+    /// job's concurrency and the global slots. Reads only as many queued
+    /// runs as could start, so a deep queue costs nothing per wake.
+    fn start_due_runs(self: &Arc<Self>, now: i64) {
+        let mut capacity: Vec<(String, usize)> = {
+            let st = self.lock();
+            st.jobs
+                .values()
+                .map(|j| {
+                    let running = st.active.values().filter(|(job, _)| job == &j.spec.name).count();
+                    (j.spec.name.clone(), (j.spec.concurrency as usize).saturating_sub(running))
+                })
+                .filter(|(_, free)| *free > 0)
+                .collect()
+        };
+        // Oldest waiting job first would need a join; name order is stable and fair enough.
+        capacity.sort();
+        for (job, free) in capacity {
+            let slots_left = self.slots.saturating_sub(self.lock().active.len());
+            if slots_left == 0 {
+                return;
+            }
+            let queued = match self.store.startable(&job, now, free.min(slots_left) + 8) {
+                Ok(q) => q,
+                Err(e) => {
+                    tracing::error!(job, error = %e, "scheduler cannot read queued runs");
+                    continue;
+                }
+            };
+            let mut started = 0;
+            for q in queued {
+                if started >= free {
+                    break;
+                }
+                if q.cancel_requested {
+                    // Cancel requested between two attempts.
+                    self.drop_queued(&q);
+                    continue;
+                }
+                let token = CancellationToken::new();
+                let spec = {
+                    let mut st = self.lock();
+                    if st.active.contains_key(&q.id) {
+                        // Its previous attempt is still being recorded.
+                        continue;
+                    }
+                    if st.active.len() >= self.slots {
+                        return;
+                    }
+                    let Some(j) = st.jobs.get(&q.job) else { break };
+                    let spec = j.spec.clone();
+                    // Registered before it is claimed, so that a cancel
+                    // that finds the run claimed also finds its switch.
+                    st.active.insert(q.id, (q.job.clone(), token.clone()));
+                    spec
+                };
+                if let Err(e) = self.store.mark_starting(q.id) {
+                    self.lock().active.remove(&q.id);
+                    tracing::debug!(run = q.id, error = %e, "run not started");
+                    continue;
+                }
+                let run = match self.store.get(q.id) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        self.lock().active.remove(&q.id);
+                        tracing::error!(run = q.id, error = %e, "claimed run cannot be read");
+                        continue;
+                    }
+                };
+                started += 1;
+                let this = self.clone();
+                tokio::spawn(async move { this.execute(run, spec, token).await });
+            }
+        }
+    }
+
     /// Ends a queued run that must not start: cancelled, or its job deleted.
-    fn drop_queued(&self, run: &RunRecord) {
+    fn drop_queued(&self, run: &QueuedRun) {
         let job = self.lock().jobs.get(&run.job).map(|j| j.spec.result_topic.clone());
         let error = match &job {
             Some(_) => "cancelled before it started".to_string(),
@@ -435,12 +480,23 @@ impl Dispatcher {
     fn request(&self, run: &RunRecord, spec: &JobSpec, rendered: ExecutorSpec) -> std::io::Result<RunRequest> {
         let dir = self.data_dir.join("runs").join(run.id.to_string());
         let workdir = dir.join("work");
-        std::fs::create_dir_all(&workdir)?;
+        // The message itself, as files: data of any size (argv and env are
+        // limited to ~128 KiB per string) and attributes as JSON.
+        let msg_dir = workdir.join(".pubrun");
+        std::fs::create_dir_all(&msg_dir)?;
+        std::fs::write(msg_dir.join("data"), &run.message.data)?;
+        std::fs::write(msg_dir.join("attributes.json"), serde_json::to_vec(&run.message.attributes).unwrap_or_default())?;
+        let seen_as = match &rendered {
+            ExecutorSpec::Docker(_) => PathBuf::from("/workspace/.pubrun"),
+            ExecutorSpec::Process(_) => msg_dir.clone(),
+        };
         let env = [
             ("PUBRUN_RUN_ID".to_string(), run.id.to_string()),
             ("PUBRUN_JOB".to_string(), run.job.clone()),
             ("PUBRUN_ATTEMPT".to_string(), run.attempt.to_string()),
             ("PUBRUN_MESSAGE_ID".to_string(), run.message.id.clone()),
+            ("PUBRUN_DATA_FILE".to_string(), seen_as.join("data").display().to_string()),
+            ("PUBRUN_ATTRIBUTES_FILE".to_string(), seen_as.join("attributes.json").display().to_string()),
         ]
         .into_iter()
         .collect();
@@ -704,8 +760,8 @@ fn describe(exit: &Exit) -> String {
     s
 }
 
-/// Queues one delivered message as a run (or recognises a duplicate).
-fn queue_one(store: &RunStore, spec: &JobSpec, d: &Delivered) -> Result<Enqueued> {
+/// The run-store view of a delivered message and its dedup key.
+fn source_and_key(spec: &JobSpec, d: &Delivered) -> (SourceMessage, String) {
     let m = &d.message;
     let msg = SourceMessage {
         id: m.id(),
@@ -722,7 +778,7 @@ fn queue_one(store: &RunStore, spec: &JobSpec, d: &Delivered) -> Result<Enqueued
         // run is still created and its failure will say what is missing.
         template::render(&spec.dedup_key, &ctx).unwrap_or_else(|_| msg.id.clone())
     };
-    store.enqueue(spec, &msg, &key, now_ms())
+    (msg, key)
 }
 
 #[cfg(test)]

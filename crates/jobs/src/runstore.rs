@@ -55,7 +55,7 @@ pub struct RunRecord {
     pub result_published: bool,
 }
 
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
 const MIGRATION_1: &str = r#"
 CREATE TABLE jobs (
@@ -102,12 +102,25 @@ const MIGRATION_2: &str = r#"
 CREATE INDEX runs_unpublished ON runs(id) WHERE result_published = 0;
 "#;
 
+/// The scheduler asks "oldest queued runs of job J" on every wake.
+const MIGRATION_3: &str = r#"
+CREATE INDEX runs_queued_by_job ON runs(job, id) WHERE status = 'queued';
+"#;
+
 pub struct RunStore {
     conn: Mutex<Connection>,
 }
 
 fn db_err(e: rusqlite::Error) -> Error {
     Error::unavailable(format!("run store: {e}"))
+}
+
+/// A queued run as the scheduler sees it (no message data).
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueuedRun {
+    pub id: i64,
+    pub job: String,
+    pub cancel_requested: bool,
 }
 
 /// Outcome of trying to queue a run for a message.
@@ -136,6 +149,9 @@ impl RunStore {
         }
         if version < 2 {
             conn.execute_batch(MIGRATION_2).map_err(db_err)?;
+        }
+        if version < 3 {
+            conn.execute_batch(MIGRATION_3).map_err(db_err)?;
         }
         if version < SCHEMA_VERSION {
             conn.pragma_update(None, "user_version", SCHEMA_VERSION).map_err(db_err)?;
@@ -190,45 +206,87 @@ impl RunStore {
     // ---- runs ----
 
     /// Queues a run unless the dedup key is taken inside its window.
-    pub fn enqueue(
-        &self,
-        job: &JobSpec,
-        message: &SourceMessage,
-        dedup_key: &str,
-        now_ms: i64,
-    ) -> Result<Enqueued> {
+    pub fn enqueue(&self, job: &JobSpec, message: &SourceMessage, dedup_key: &str, now_ms: i64) -> Result<Enqueued> {
+        let mut out = self.enqueue_batch(job, &[(message.clone(), dedup_key.to_string())], now_ms)?;
+        Ok(out.pop().expect("one result per message"))
+    }
+
+    /// Queues runs for several messages in ONE transaction (one fsync): the
+    /// intake's hot path. Later messages see the dedup keys of earlier ones.
+    pub fn enqueue_batch(&self, job: &JobSpec, messages: &[(SourceMessage, String)], now_ms: i64) -> Result<Vec<Enqueued>> {
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(db_err)?;
-        let existing: Option<(i64, i64)> = tx
-            .query_row(
-                "SELECT run_id, expires_at_ms FROM dedup WHERE job = ?1 AND key = ?2",
-                params![job.name, dedup_key],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()
-            .map_err(db_err)?;
-        if let Some((run_id, expires)) = existing {
-            if expires > now_ms {
-                return Ok(Enqueued::Duplicate(run_id));
+        let mut out = Vec::with_capacity(messages.len());
+        for (message, dedup_key) in messages {
+            let existing: Option<(i64, i64)> = tx
+                .query_row(
+                    "SELECT run_id, expires_at_ms FROM dedup WHERE job = ?1 AND key = ?2",
+                    params![job.name, dedup_key],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()
+                .map_err(db_err)?;
+            if let Some((run_id, expires)) = existing {
+                if expires > now_ms {
+                    out.push(Enqueued::Duplicate(run_id));
+                    continue;
+                }
             }
+            let meta = serde_json::to_string(message).expect("message serializes");
+            tx.execute(
+                "INSERT INTO runs(job, status, attempt, max_attempts, message_id, message_meta, message_data, dedup_key, created_at_ms, not_before_ms)
+                 VALUES (?1, 'queued', 1, ?2, ?3, ?4, ?5, ?6, ?7, ?7)",
+                params![job.name, job.retries.max_attempts, message.id, meta, message.data, dedup_key, now_ms],
+            )
+            .map_err(db_err)?;
+            let id = tx.last_insert_rowid();
+            let expires = now_ms.saturating_add(job.dedup_window.as_millis() as i64);
+            tx.execute(
+                "INSERT INTO dedup(job, key, run_id, expires_at_ms) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT(job, key) DO UPDATE SET run_id = excluded.run_id, expires_at_ms = excluded.expires_at_ms",
+                params![job.name, dedup_key, id, expires],
+            )
+            .map_err(db_err)?;
+            out.push(Enqueued::New(id));
         }
-        let meta = serde_json::to_string(message).expect("message serializes");
-        tx.execute(
-            "INSERT INTO runs(job, status, attempt, max_attempts, message_id, message_meta, message_data, dedup_key, created_at_ms, not_before_ms)
-             VALUES (?1, 'queued', 1, ?2, ?3, ?4, ?5, ?6, ?7, ?7)",
-            params![job.name, job.retries.max_attempts, message.id, meta, message.data, dedup_key, now_ms],
-        )
-        .map_err(db_err)?;
-        let id = tx.last_insert_rowid();
-        let expires = now_ms.saturating_add(job.dedup_window.as_millis() as i64);
-        tx.execute(
-            "INSERT INTO dedup(job, key, run_id, expires_at_ms) VALUES (?1, ?2, ?3, ?4)
-             ON CONFLICT(job, key) DO UPDATE SET run_id = excluded.run_id, expires_at_ms = excluded.expires_at_ms",
-            params![job.name, dedup_key, id, expires],
-        )
-        .map_err(db_err)?;
         tx.commit().map_err(db_err)?;
-        Ok(Enqueued::New(id))
+        Ok(out)
+    }
+
+    /// The queued runs of a job that may start now (oldest first, at most
+    /// `limit`), without their message data: the scheduler's hot query.
+    pub fn startable(&self, job: &str, now_ms: i64, limit: usize) -> Result<Vec<QueuedRun>> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT id, cancel_requested FROM runs WHERE status = 'queued' AND job = ?1 AND not_before_ms <= ?2
+                 ORDER BY id LIMIT ?3",
+            )
+            .map_err(db_err)?;
+        let rows = stmt
+            .query_map(params![job, now_ms, limit as i64], |r| {
+                Ok(QueuedRun { id: r.get(0)?, job: job.to_string(), cancel_requested: r.get::<_, i64>(1)? != 0 })
+            })
+            .map_err(db_err)?;
+        rows.collect::<rusqlite::Result<Vec<_>>>().map_err(db_err)
+    }
+
+    /// When the earliest queued run waiting for its backoff becomes due.
+    pub fn next_due_ms(&self, now_ms: i64) -> Result<Option<i64>> {
+        self.conn()
+            .query_row("SELECT MIN(not_before_ms) FROM runs WHERE status = 'queued' AND not_before_ms > ?1", params![now_ms], |r| r.get(0))
+            .map_err(db_err)
+    }
+
+    /// Queued runs whose job is not in `jobs` (deleted while they waited).
+    pub fn queued_orphans(&self, jobs: &[String]) -> Result<Vec<QueuedRun>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT id, job, cancel_requested FROM runs WHERE status = 'queued'").map_err(db_err)?;
+        let rows = stmt
+            .query_map([], |r| Ok(QueuedRun { id: r.get(0)?, job: r.get(1)?, cancel_requested: r.get::<_, i64>(2)? != 0 }))
+            .map_err(db_err)?;
+        let all = rows.collect::<rusqlite::Result<Vec<_>>>().map_err(db_err)?;
+        Ok(all.into_iter().filter(|q| !jobs.contains(&q.job)).collect())
     }
 
     /// Drops dedup entries whose window has passed.

@@ -574,3 +574,43 @@ async fn queued_runs_of_a_deleted_job_are_cancelled() {
     let err = run.exit.unwrap().error.unwrap();
     assert!(err.contains("deleted"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn message_data_of_any_size_reaches_the_process_as_a_file() {
+    let dir = tempdir();
+    let env = env_in(dir.path(), 4).await;
+    env.job(
+        r#"name = "big-data"
+topic = "big-in"
+process = { command = "sh", args = ["-c", 'wc -c < "$PUBRUN_DATA_FILE"; cat "$PUBRUN_ATTRIBUTES_FILE"'] }
+"#,
+        "big-in",
+    )
+    .await;
+    // 300 KB: far above what one argv/env string may carry.
+    let data = "x".repeat(300_000);
+    env.publish("big-in", &[("name", "big.csv")], &data).await;
+    let run = env.wait_runs("big-data", 1).await.remove(0);
+    let run = env.wait_end(run.id).await;
+    assert_eq!(run.status, RunStatus::Succeeded, "{run:?}");
+    let log = env.log(run.id);
+    assert!(log.contains("300000"), "{log}");
+    assert!(log.contains(r#"{"name":"big.csv"}"#), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deep_queue_of_one_job_does_not_starve_another() {
+    let dir = tempdir();
+    let env = env_in(dir.path(), 2).await;
+    env.job("name = \"slow-job\"\ntopic = \"slow-in\"\nconcurrency = 1\nprocess = { command = \"sleep\", args = [\"0.2\"] }\n", "slow-in")
+        .await;
+    env.job("name = \"quick-job\"\ntopic = \"quick-in\"\nprocess = { command = \"true\" }\n", "quick-in").await;
+    publish_many(&env, "slow-in", 200).await;
+    env.wait_runs("slow-job", 200).await;
+    env.publish("quick-in", &[], "go").await;
+    let quick = env.wait_runs("quick-job", 1).await.remove(0);
+    let quick = env.wait_end(quick.id).await;
+    assert_eq!(quick.status, RunStatus::Succeeded);
+    let slow_done = env.runs("slow-job").iter().filter(|r| r.status.is_terminal()).count();
+    assert!(slow_done < 150, "quick job had to wait for the slow queue ({slow_done} slow runs ended first)");
+}

@@ -1,0 +1,177 @@
+//! The same workloads over NATS JetStream (file storage, one replica).
+
+use std::collections::HashSet;
+use std::future::IntoFuture;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use async_nats::jetstream::{self, consumer, stream};
+use futures::stream::{FuturesUnordered, StreamExt};
+
+use crate::{age_nanos, payload, percentile, rss_kib, CpuMeter, Opts, Sink};
+
+type Consumer = consumer::Consumer<consumer::pull::Config>;
+
+/// A file-backed stream on subject `bench.NAME` and a durable pull consumer
+/// with explicit acks: the JetStream counterpart of a topic + subscription.
+async fn setup(js: &jetstream::Context, name: &str, o: &Opts) -> Result<(String, Consumer)> {
+    let name = format!("{name}_{}", std::process::id());
+    let subject = format!("bench.{name}");
+    let s = js
+        .create_stream(stream::Config {
+            name: format!("BENCH_{}", name.to_uppercase()),
+            subjects: vec![subject.clone()],
+            storage: stream::StorageType::File,
+            num_replicas: 1,
+            ..Default::default()
+        })
+        .await
+        .context("creating stream")?;
+    let c = s
+        .create_consumer(consumer::pull::Config {
+            durable_name: Some(format!("c_{name}")),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait: Duration::from_secs(60),
+            max_ack_pending: o.consume_window as i64,
+            ..Default::default()
+        })
+        .await
+        .context("creating consumer")?;
+    Ok((subject, c))
+}
+
+/// Async JetStream publishes with at most `window` acks outstanding; msg/s
+/// over the time until the last PubAck arrived.
+async fn publish(js: &jetstream::Context, subject: &str, o: &Opts, count: usize) -> Result<f64> {
+    let mut pending = FuturesUnordered::new();
+    let (mut sent, mut acked) = (0usize, 0usize);
+    let start = Instant::now();
+    while acked < count {
+        while pending.len() < o.window && sent < count {
+            let ack = js.publish(subject.to_string(), payload(o.size)).await.context("publish")?;
+            pending.push(ack.into_future());
+            sent += 1;
+        }
+        let r = tokio::time::timeout(o.phase_timeout, pending.next()).await.context("publish timed out")?;
+        r.expect("pending is not empty").context("PubAck")?;
+        acked += 1;
+        if start.elapsed() > o.phase_timeout {
+            bail!("publish phase exceeded {:?}", o.phase_timeout);
+        }
+    }
+    Ok(count as f64 / start.elapsed().as_secs_f64())
+}
+
+/// Receives `expect` distinct messages from the pull consumer (client's
+/// default continuous-pull settings), acking each; done when the server
+/// reports no ack pending.
+async fn consume(c: &mut Consumer, o: &Opts, expect: usize, mut latencies: Option<&mut Vec<u64>>) -> Result<f64> {
+    let start = Instant::now();
+    let deadline = start + o.phase_timeout;
+    let mut msgs = c.messages().await.context("pull subscribe")?;
+    let mut seen = HashSet::with_capacity(expect);
+    while seen.len() < expect {
+        let m = tokio::time::timeout_at(deadline.into(), msgs.next())
+            .await
+            .with_context(|| format!("consume timed out after {} of {expect}", seen.len()))?
+            .context("message stream ended")?
+            .map_err(|e| anyhow::anyhow!("pull: {e}"))?;
+        let seq = m.info().map_err(|e| anyhow::anyhow!("message info: {e}"))?.stream_sequence;
+        if seen.insert(seq) {
+            if let Some(l) = latencies.as_deref_mut() {
+                l.push(age_nanos(&m.payload).unwrap_or(0));
+            }
+        }
+        m.ack().await.map_err(|e| anyhow::anyhow!("ack: {e}"))?;
+    }
+    drop(msgs);
+    // Acks are fire-and-forget in NATS: wait until the server applied them.
+    loop {
+        let info = c.info().await.context("consumer info")?;
+        if info.num_ack_pending == 0 {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("{} acks still pending at the deadline", info.num_ack_pending);
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    Ok(expect as f64 / start.elapsed().as_secs_f64())
+}
+
+async fn latency(js: &jetstream::Context, o: &Opts, s: &mut Sink) -> Result<()> {
+    let (subject, mut c) = setup(js, "latency", o).await?;
+    let total = o.rate * o.secs as usize;
+    let o2 = o.clone();
+    let subscriber = tokio::spawn(async move {
+        let mut lat = Vec::with_capacity(total);
+        consume(&mut c, &o2, total, Some(&mut lat)).await?;
+        anyhow::Ok(lat)
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut pending = FuturesUnordered::new();
+    let start = tokio::time::Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    let mut sent = 0usize;
+    while sent < total {
+        tokio::select! {
+            _ = tick.tick() => {
+                let due = ((start.elapsed().as_secs_f64() * o.rate as f64) as usize).min(total);
+                while sent < due {
+                    let ack = js.publish(subject.clone(), payload(o.size)).await.context("publish")?;
+                    pending.push(ack.into_future());
+                    sent += 1;
+                }
+            }
+            Some(r) = pending.next(), if !pending.is_empty() => { r.context("PubAck")?; }
+        }
+    }
+    while let Some(r) = pending.next().await {
+        r.context("PubAck")?;
+    }
+    let send_secs = start.elapsed().as_secs_f64();
+    let mut lat = subscriber.await??;
+    lat.sort_unstable();
+    let ms = |ns: u64| ns as f64 / 1e6;
+    let note = format!("{total} msgs, async JetStream publish, sent in {send_secs:.2} s");
+    s.put("latency_p50", ms(percentile(&lat, 50.0)), "ms", &note)?;
+    s.put("latency_p99", ms(percentile(&lat, 99.0)), "ms", &note)?;
+    s.put("latency_p999", ms(percentile(&lat, 99.9)), "ms", &note)?;
+    s.put("latency_max", ms(*lat.last().unwrap_or(&0)), "ms", &note)?;
+    Ok(())
+}
+
+pub async fn run(addr: &str, pid: u32, phases: &str, o: &Opts, s: &mut Sink) -> Result<()> {
+    let client = async_nats::connect(addr).await.context("connecting to nats-server")?;
+    let js = jetstream::new(client);
+    if phases.contains('a') || phases.contains('b') {
+        let (subject, mut c) = setup(&js, "a", o).await?;
+        let cpu = CpuMeter::start(pid);
+        let r = publish(&js, &subject, o, o.count).await?;
+        cpu.put(s, "publish", o.count)?;
+        s.put("publish", r, "msg/s", &format!("async publish, {} PubAcks outstanding", o.window))?;
+        if phases.contains('b') {
+            let cpu = CpuMeter::start(pid);
+            let r = consume(&mut c, o, o.count, None).await?;
+            cpu.put(s, "consume", o.count)?;
+            s.put("consume", r, "msg/s", &format!("pull consumer, explicit ack, max_ack_pending {}", o.consume_window))?;
+        }
+    }
+    if phases.contains('c') {
+        let cpu = CpuMeter::start(pid);
+        latency(&js, o, s).await?;
+        cpu.put(s, "latency", o.rate * o.secs as usize)?;
+    }
+    if phases.contains('d') {
+        let (subject, _c) = setup(&js, "backlog", o).await?;
+        let (idle, _) = rss_kib(pid)?;
+        s.put("rss_idle", idle as f64 / 1024.0, "MiB", "before the backlog publish")?;
+        let r = publish(&js, &subject, o, o.backlog).await?;
+        s.put("backlog_publish", r, "msg/s", &format!("{} msgs, {} PubAcks outstanding", o.backlog, o.window))?;
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        let (rss, hwm) = rss_kib(pid)?;
+        s.put("rss_backlog", rss as f64 / 1024.0, "MiB", &format!("{} msgs in the stream, durable consumer idle", o.backlog))?;
+        s.put("hwm_backlog", hwm as f64 / 1024.0, "MiB", "VmHWM")?;
+    }
+    Ok(())
+}

@@ -1,0 +1,243 @@
+//! The workloads over Pub/Sub v1 gRPC (pubrun).
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use futures::stream::{FuturesUnordered, StreamExt};
+use googleapis_tonic_google_pubsub_v1::google::pubsub::v1 as pb;
+use pb::publisher_client::PublisherClient;
+use pb::subscriber_client::SubscriberClient;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::{age_nanos, payload, percentile, rss_kib, CpuMeter, Opts, Sink};
+
+const PROJECT: &str = "projects/bench";
+
+struct Pair {
+    topic: String,
+    sub: String,
+}
+
+async fn setup(ch: &Channel, name: &str) -> Result<Pair> {
+    // Unique per driver run, so runs against one server do not collide.
+    let name = format!("{name}-{}", std::process::id());
+    let p = Pair { topic: format!("{PROJECT}/topics/{name}"), sub: format!("{PROJECT}/subscriptions/{name}") };
+    PublisherClient::new(ch.clone())
+        .create_topic(pb::Topic { name: p.topic.clone(), ..Default::default() })
+        .await
+        .context("CreateTopic")?;
+    SubscriberClient::new(ch.clone())
+        .create_subscription(pb::Subscription {
+            name: p.sub.clone(),
+            topic: p.topic.clone(),
+            ack_deadline_seconds: 60,
+            ..Default::default()
+        })
+        .await
+        .context("CreateSubscription")?;
+    Ok(p)
+}
+
+/// Publishes `count` messages, `batch` per request, `inflight` requests
+/// outstanding; returns msg/s over the time until the last id came back.
+async fn publish(ch: &Channel, topic: &str, o: &Opts, count: usize, batch: usize, inflight: usize) -> Result<f64> {
+    let client = PublisherClient::new(ch.clone());
+    let mut pending = FuturesUnordered::new();
+    let (mut sent, mut acked) = (0usize, 0usize);
+    let start = Instant::now();
+    while acked < count {
+        while pending.len() < inflight && sent < count {
+            let n = batch.min(count - sent);
+            let req = pb::PublishRequest {
+                topic: topic.to_string(),
+                messages: (0..n).map(|_| pb::PubsubMessage { data: payload(o.size), ..Default::default() }).collect(),
+            };
+            let mut c = client.clone();
+            pending.push(async move { c.publish(req).await });
+            sent += n;
+        }
+        let r = tokio::time::timeout(o.phase_timeout, pending.next()).await.context("publish timed out")?;
+        acked += r.expect("pending is not empty")?.into_inner().message_ids.len();
+        if start.elapsed() > o.phase_timeout {
+            bail!("publish phase exceeded {:?}", o.phase_timeout);
+        }
+    }
+    Ok(count as f64 / start.elapsed().as_secs_f64())
+}
+
+/// Receives `expect` distinct messages over one StreamingPull, acking each
+/// response on the stream; then half-closes and waits for the server to end
+/// the stream, which it does only after applying (durably) every queued ack.
+/// With `latencies`, records the age of each first delivery.
+async fn consume_stream(ch: &Channel, sub: &str, o: &Opts, expect: usize, mut latencies: Option<&mut Vec<u64>>) -> Result<f64> {
+    let (tx, rx) = mpsc::channel::<pb::StreamingPullRequest>(64);
+    tx.send(pb::StreamingPullRequest {
+        subscription: sub.to_string(),
+        stream_ack_deadline_seconds: 60,
+        max_outstanding_messages: o.consume_window as i64,
+        client_id: "broker-bench".into(),
+        ..Default::default()
+    })
+    .await?;
+    let mut client = SubscriberClient::new(ch.clone()).max_decoding_message_size(64 << 20);
+    let start = Instant::now();
+    let deadline = start + o.phase_timeout;
+    let mut stream = client.streaming_pull(ReceiverStream::new(rx)).await.context("StreamingPull")?.into_inner();
+    let mut seen = HashSet::with_capacity(expect);
+    while seen.len() < expect {
+        let resp = tokio::time::timeout_at(deadline.into(), stream.message())
+            .await
+            .with_context(|| format!("consume timed out after {} of {expect}", seen.len()))??
+            .context("server ended the stream early")?;
+        let mut ack_ids = Vec::with_capacity(resp.received_messages.len());
+        for r in resp.received_messages {
+            let m = r.message.context("received message without a message")?;
+            if seen.insert(m.message_id) {
+                if let Some(l) = latencies.as_deref_mut() {
+                    l.push(age_nanos(&m.data).unwrap_or(0));
+                }
+            }
+            ack_ids.push(r.ack_id);
+        }
+        tx.send(pb::StreamingPullRequest { ack_ids, ..Default::default() }).await?;
+    }
+    drop(tx);
+    while tokio::time::timeout_at(deadline.into(), stream.message()).await.context("waiting for the stream to close")??.is_some() {}
+    Ok(expect as f64 / start.elapsed().as_secs_f64())
+}
+
+/// `workers` loops of Pull(max) + Acknowledge (which returns once durable).
+async fn consume_pull(ch: &Channel, sub: &str, o: &Opts, expect: usize, workers: usize) -> Result<f64> {
+    let done = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..workers {
+        let (mut c, sub, done, stop) = (SubscriberClient::new(ch.clone()), sub.to_string(), done.clone(), stop.clone());
+        let max = o.consume_window as i32;
+        tasks.push(tokio::spawn(async move {
+            while done.load(Ordering::Relaxed) < expect {
+                #[allow(deprecated)]
+                let req = pb::PullRequest { subscription: sub.clone(), max_messages: max, return_immediately: false };
+                let got = tokio::select! {
+                    r = c.pull(req) => r?.into_inner().received_messages,
+                    _ = stop.notified() => break,
+                };
+                if got.is_empty() {
+                    continue;
+                }
+                let n = got.len();
+                let ack_ids = got.into_iter().map(|r| r.ack_id).collect();
+                c.acknowledge(pb::AcknowledgeRequest { subscription: sub.clone(), ack_ids }).await?;
+                if done.fetch_add(n, Ordering::Relaxed) + n >= expect {
+                    stop.notify_waiters();
+                }
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for t in tasks {
+        tokio::time::timeout(o.phase_timeout, t).await.context("pull consumer timed out")???;
+    }
+    Ok(done.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64())
+}
+
+/// Publishes one message per Publish call at `rate` msg/s for `secs` while a
+/// StreamingPull subscriber measures publish→receive time.
+async fn latency(ch: &Channel, p: &Pair, o: &Opts, s: &mut Sink) -> Result<()> {
+    let total = o.rate * o.secs as usize;
+    let (ch2, sub, o2) = (ch.clone(), p.sub.clone(), o.clone());
+    let subscriber = tokio::spawn(async move {
+        let mut lat = Vec::with_capacity(total);
+        consume_stream(&ch2, &sub, &o2, total, Some(&mut lat)).await?;
+        anyhow::Ok(lat)
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await; // let the stream open
+    let client = PublisherClient::new(ch.clone());
+    let mut pending = FuturesUnordered::new();
+    let start = tokio::time::Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    let mut sent = 0usize;
+    while sent < total {
+        tokio::select! {
+            _ = tick.tick() => {
+                let due = ((start.elapsed().as_secs_f64() * o.rate as f64) as usize).min(total);
+                while sent < due {
+                    let mut c = client.clone();
+                    let req = pb::PublishRequest {
+                        topic: p.topic.clone(),
+                        messages: vec![pb::PubsubMessage { data: payload(o.size), ..Default::default() }],
+                    };
+                    pending.push(async move { c.publish(req).await });
+                    sent += 1;
+                }
+            }
+            Some(r) = pending.next(), if !pending.is_empty() => { r?; }
+        }
+    }
+    while let Some(r) = pending.next().await {
+        r?;
+    }
+    let send_secs = start.elapsed().as_secs_f64();
+    let mut lat = subscriber.await??;
+    lat.sort_unstable();
+    let ms = |ns: u64| ns as f64 / 1e6;
+    let note = format!("{total} msgs, single-message Publish calls, sent in {send_secs:.2} s");
+    s.put("latency_p50", ms(percentile(&lat, 50.0)), "ms", &note)?;
+    s.put("latency_p99", ms(percentile(&lat, 99.0)), "ms", &note)?;
+    s.put("latency_p999", ms(percentile(&lat, 99.9)), "ms", &note)?;
+    s.put("latency_max", ms(*lat.last().unwrap_or(&0)), "ms", &note)?;
+    Ok(())
+}
+
+pub async fn run(addr: &str, pid: u32, phases: &str, o: &Opts, s: &mut Sink) -> Result<()> {
+    let ch = Endpoint::from_shared(addr.to_string())?.tcp_nodelay(true).connect().await.context("connecting to pubrun")?;
+    if phases.contains('a') || phases.contains('b') {
+        // a, then b on the messages a left in the subscription.
+        let p = setup(&ch, "batched").await?;
+        let cpu = CpuMeter::start(pid);
+        let r = publish(&ch, &p.topic, o, o.count, o.batch, o.batch_inflight).await?;
+        cpu.put(s, "publish_batched", o.count)?;
+        s.put("publish_batched", r, "msg/s", &format!("{} msgs/request, {} requests in flight", o.batch, o.batch_inflight))?;
+        if phases.contains('b') {
+            let cpu = CpuMeter::start(pid);
+            let r = consume_stream(&ch, &p.sub, o, o.count, None).await?;
+            cpu.put(s, "consume_stream", o.count)?;
+            s.put("consume_stream", r, "msg/s", &format!("StreamingPull, max_outstanding_messages {}", o.consume_window))?;
+        }
+        let p = setup(&ch, "single").await?;
+        let cpu = CpuMeter::start(pid);
+        let r = publish(&ch, &p.topic, o, o.count, 1, o.window).await?;
+        cpu.put(s, "publish_single", o.count)?;
+        s.put("publish_single", r, "msg/s", &format!("1 msg/request, {} requests in flight", o.window))?;
+        if phases.contains('b') {
+            let cpu = CpuMeter::start(pid);
+            let r = consume_pull(&ch, &p.sub, o, o.count, 4).await?;
+            cpu.put(s, "consume_pull", o.count)?;
+            s.put("consume_pull", r, "msg/s", &format!("4 × (Pull max {} + Acknowledge)", o.consume_window))?;
+        }
+    }
+    if phases.contains('c') {
+        let p = setup(&ch, "latency").await?;
+        let cpu = CpuMeter::start(pid);
+        latency(&ch, &p, o, s).await?;
+        cpu.put(s, "latency", o.rate * o.secs as usize)?;
+    }
+    if phases.contains('d') {
+        let p = setup(&ch, "backlog").await?;
+        let (idle, _) = rss_kib(pid)?;
+        s.put("rss_idle", idle as f64 / 1024.0, "MiB", "before the backlog publish")?;
+        let r = publish(&ch, &p.topic, o, o.backlog, o.batch, o.batch_inflight).await?;
+        s.put("backlog_publish", r, "msg/s", &format!("{} msgs, {} msgs/request, {} in flight", o.backlog, o.batch, o.batch_inflight))?;
+        tokio::time::sleep(Duration::from_secs(6)).await; // past one reclaim/maintenance cycle
+        let (rss, hwm) = rss_kib(pid)?;
+        s.put("rss_backlog", rss as f64 / 1024.0, "MiB", &format!("{} msgs unconsumed in 1 subscription", o.backlog))?;
+        s.put("hwm_backlog", hwm as f64 / 1024.0, "MiB", "VmHWM")?;
+    }
+    Ok(())
+}

@@ -1,0 +1,109 @@
+//! Errors in the shape the Cloud Storage JSON API returns them:
+//!
+//! ```json
+//! {"error": {"code": 404, "message": "...",
+//!            "errors": [{"message": "...", "domain": "global", "reason": "notFound"}]}}
+//! ```
+//!
+//! The official clients map the HTTP status to their exception classes
+//! (`NotFound`, `Conflict`, `PreconditionFailed`, …) and show `message`.
+
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GcsError {
+    pub status: u16,
+    pub reason: &'static str,
+    pub message: String,
+}
+
+pub type GcsResult<T> = Result<T, GcsError>;
+
+impl GcsError {
+    pub fn new(status: u16, reason: &'static str, message: impl Into<String>) -> Self {
+        GcsError { status, reason, message: message.into() }
+    }
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Self::new(400, "invalid", message)
+    }
+    pub fn required(message: impl Into<String>) -> Self {
+        Self::new(400, "required", message)
+    }
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(400, "badRequest", message)
+    }
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(404, "notFound", message)
+    }
+    pub fn conflict(message: impl Into<String>) -> Self {
+        Self::new(409, "conflict", message)
+    }
+    pub fn precondition(message: impl Into<String>) -> Self {
+        Self::new(412, "conditionNotMet", message)
+    }
+    pub fn not_modified() -> Self {
+        Self::new(304, "notModified", "")
+    }
+    pub fn range_not_satisfiable(message: impl Into<String>) -> Self {
+        Self::new(416, "requestedRangeNotSatisfiable", message)
+    }
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(500, "backendError", message)
+    }
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(503, "backendError", message)
+    }
+
+    pub fn no_bucket(bucket: &str) -> Self {
+        Self::not_found(format!("The specified bucket does not exist: {bucket}"))
+    }
+    pub fn no_object(bucket: &str, name: &str) -> Self {
+        Self::not_found(format!("No such object: {bucket}/{name}"))
+    }
+
+    pub fn body(&self) -> serde_json::Value {
+        serde_json::json!({
+            "error": {
+                "code": self.status,
+                "message": self.message,
+                "errors": [{"message": self.message, "domain": "global", "reason": self.reason}],
+            }
+        })
+    }
+}
+
+impl std::fmt::Display for GcsError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}: {}", self.status, self.reason, self.message)
+    }
+}
+
+impl std::error::Error for GcsError {}
+
+impl From<rusqlite::Error> for GcsError {
+    fn from(e: rusqlite::Error) -> Self {
+        tracing::error!(error = %e, "bucket index error");
+        GcsError::internal(format!("bucket index error: {e}"))
+    }
+}
+
+impl From<std::io::Error> for GcsError {
+    fn from(e: std::io::Error) -> Self {
+        tracing::error!(error = %e, "bucket storage I/O error");
+        GcsError::unavailable(format!("storage I/O error: {e}"))
+    }
+}
+
+impl IntoResponse for GcsError {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        if status == StatusCode::NOT_MODIFIED {
+            return status.into_response();
+        }
+        let mut resp = (status, self.body().to_string()).into_response();
+        resp.headers_mut()
+            .insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json; charset=UTF-8"));
+        resp
+    }
+}

@@ -1,0 +1,147 @@
+//! Buckets and objects behind the Cloud Storage JSON API v1 subset, with
+//! Pub/Sub notifications published through the broker.
+//!
+//! - [`Buckets::open`] opens (or creates) `<data_dir>/buckets/` and starts the
+//!   notification publisher; call it inside a Tokio runtime.
+//! - [`router`] serves the HTTP API (`/storage/v1/...`, `/upload/storage/v1/...`,
+//!   `/download/storage/v1/...`) so that the official clients work with
+//!   `STORAGE_EMULATOR_HOST=http://HOST:PORT`. It has no fallback, so it can be
+//!   merged into another router.
+//! - The `Buckets` methods (create buckets, put/open/list objects, add
+//!   notifications) are the same operations for Rust callers such as job
+//!   input/output staging and manifest apply.
+//!
+//! Storage layout and crash behaviour: see [`blob`] and [`notify`].
+
+pub mod blob;
+pub mod conditions;
+pub mod db;
+pub mod error;
+pub mod hash;
+mod http;
+pub mod model;
+mod multipart;
+pub mod names;
+pub mod notify;
+mod service;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use anyhow::Context;
+use pubrun_broker::Broker;
+use rusqlite::Connection;
+use tokio::sync::Notify;
+
+pub use conditions::Conditions;
+pub use error::{GcsError, GcsResult};
+pub use http::router;
+pub use model::{BucketRow, NotificationConfig, ObjectMeta, ObjectRow};
+pub use service::{ListPage, ListParams, NotificationSpec};
+
+use blob::BlobStore;
+use hash::Hasher;
+
+/// The bucket service. Cheap to clone.
+#[derive(Clone)]
+pub struct Buckets {
+    pub(crate) inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) blobs: BlobStore,
+    db: Mutex<Connection>,
+    pub(crate) broker: Arc<Broker>,
+    pub(crate) wake: Arc<Notify>,
+    /// Per resumable session: a lock serialising its requests, and the
+    /// running hash of the bytes received so far (rebuilt from the file
+    /// after a restart).
+    pub(crate) sessions: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<Hasher>>>>>,
+    /// Base URL for links in resources built outside an HTTP request
+    /// (Rust callers); requests use their own `Host`.
+    pub(crate) default_base: Mutex<String>,
+}
+
+impl Inner {
+    pub(crate) fn lock_db(&self) -> MutexGuard<'_, Connection> {
+        self.db.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Uploads sessions are kept this long, as Google keeps them (a week).
+const SESSION_LIFETIME_US: i64 = 7 * 24 * 3600 * 1_000_000;
+
+impl Buckets {
+    /// Opens `<data_dir>/buckets/`: migrates the index, removes temp files,
+    /// blobs no object refers to and expired upload sessions, and starts
+    /// publishing pending notifications. Must be called inside a Tokio runtime.
+    pub fn open(data_dir: &Path, broker: Arc<Broker>) -> anyhow::Result<Self> {
+        let root = data_dir.join("buckets");
+        std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
+        let blobs = BlobStore::open(&root).with_context(|| format!("opening blob storage in {}", root.display()))?;
+        let conn = db::open(&root.join("index.db")).context("opening the bucket index (buckets/index.db)")?;
+
+        // Sessions past their lifetime go, with their files.
+        let expired = db::expire_uploads(&conn, model::now_us() - SESSION_LIFETIME_US)?;
+        for id in expired.iter().filter(|id| blob::is_id(id)) {
+            let _ = std::fs::remove_file(blobs.upload_path(id));
+        }
+        let active: std::collections::HashSet<String> = db::active_uploads(&conn)?.into_iter().collect();
+        for id in blobs.list_uploads()? {
+            if !active.contains(&id) {
+                let _ = std::fs::remove_file(blobs.upload_path(&id));
+            }
+        }
+        // Blobs written but never committed, or replaced just before a crash.
+        let mut orphans = 0;
+        for id in blobs.list()? {
+            if !db::blob_referenced(&conn, &id)? {
+                blobs.remove(&id);
+                orphans += 1;
+            }
+        }
+        let pending = db::outbox_len(&conn)?;
+        tracing::info!(orphans, pending_notifications = pending, dir = %root.display(), "opened bucket storage");
+
+        let inner = Arc::new(Inner {
+            blobs,
+            db: Mutex::new(conn),
+            broker,
+            wake: Arc::new(Notify::new()),
+            sessions: Mutex::new(HashMap::new()),
+            default_base: Mutex::new("http://127.0.0.1:8085".to_string()),
+        });
+        let handle = tokio::runtime::Handle::try_current()
+            .context("Buckets::open must be called inside a Tokio runtime (it starts the notification publisher)")?;
+        handle.spawn(notify::run_publisher(Arc::downgrade(&inner)));
+        Ok(Buckets { inner })
+    }
+
+    /// Sets the base URL (`http://host:port`) used in `selfLink`/`mediaLink`
+    /// of resources created through the Rust API (HTTP requests use their
+    /// own `Host` header).
+    pub fn set_base_url(&self, base: &str) {
+        *self.inner.default_base.lock().unwrap_or_else(|p| p.into_inner()) = base.trim_end_matches('/').to_string();
+    }
+
+    pub(crate) fn base_url(&self) -> String {
+        self.inner.default_base.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Notifications committed but not yet published.
+    pub async fn pending_notifications(&self) -> GcsResult<i64> {
+        self.db(|c| Ok(db::outbox_len(c)?)).await
+    }
+
+    /// Runs `f` on the index connection on the blocking pool.
+    pub(crate) async fn db<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> GcsResult<T> + Send + 'static,
+    ) -> GcsResult<T> {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || f(&mut inner.lock_db()))
+            .await
+            .map_err(|e| GcsError::internal(format!("index task failed: {e}")))?
+    }
+}

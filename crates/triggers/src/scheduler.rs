@@ -1,0 +1,362 @@
+//! The scheduler: a background loop that claims due ticks in `triggers.db`
+//! and publishes them to the broker.
+//!
+//! # One pass
+//!
+//! At time `now` (from the injected [`Clock`]), for every schedule:
+//!
+//! 1. A pending claim whose lease ([`CLAIM_LEASE`]) has expired — its
+//!    publisher crashed, or its publish failed — is taken over by
+//!    compare-and-set and published again.
+//! 2. Unless paused, [`due`] decides which tick (at most one) fires, given
+//!    the durable cursor; the tick is **claimed first** (compare-and-set of
+//!    the cursor, committed), **then published**, then the claim is cleared.
+//!
+//! Then the loop sleeps until the earliest next tick or lease expiry, or
+//! until woken by a change (schedules set, pause/resume, stop, or a manual
+//! clock being moved).
+//!
+//! # At least once
+//!
+//! A crash between the claim and the publish leaves the claim pending; after
+//! the lease (60 s) any scheduler sharing the database takes it over and
+//! publishes the tick. A crash after the publish but before the claim is
+//! cleared publishes the tick twice. We chose at-least-once over
+//! at-most-once because a silently lost nightly run is worse than a duplicate
+//! one, and duplicates are cheap to remove downstream: both copies carry the
+//! same `schedule` and `scheduledTime` attributes, so a job's
+//! `dedup_key = "{{ attributes.schedule }}/{{ attributes.scheduledTime }}"`
+//! collapses them, and the rest of pubrun is at-least-once anyway.
+//! A failed publish (e.g. the topic does not exist yet) is retried every
+//! lease period until it succeeds or a newer tick of the same schedule is
+//! claimed (which supersedes it, like any missed tick).
+//!
+//! # Several servers
+//!
+//! The claim is a compare-and-set on the row's cursor, so any number of
+//! schedulers sharing the database fire each tick once: all of them compute
+//! the same tick from the same cursor, one `UPDATE … WHERE cursor = read`
+//! wins, the others change no row and move on. Two [`Scheduler`]s on one
+//! `triggers.db` do exactly this today (tested); a future PostgreSQL store
+//! shared by several servers runs the same statements.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use chrono::{DateTime, TimeDelta, Utc};
+use pubrun_broker::Broker;
+use pubrun_core::{Error, Result};
+use tokio::sync::{watch, Notify};
+
+use crate::clock::Clock;
+use crate::db::{ScheduleState, TriggerDb};
+use crate::schedule::{due, format_time, MissedPolicy, Schedule, ScheduleSpec, ScheduleStatus};
+
+/// How long a claim is held before another scheduler (or a retry) may take
+/// it over and publish the tick again.
+pub const CLAIM_LEASE: Duration = Duration::from_secs(60);
+
+/// After a database error the loop looks again this soon.
+const ERROR_RETRY: Duration = Duration::from_secs(5);
+
+/// Runs schedules. Cheap to clone (a handle).
+#[derive(Clone)]
+pub struct Scheduler {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: TriggerDb,
+    broker: Arc<Broker>,
+    clock: Arc<dyn Clock>,
+    schedules: RwLock<BTreeMap<String, Schedule>>,
+    wake: Arc<Notify>,
+    evaluated: watch::Sender<Option<DateTime<Utc>>>,
+    stopped: AtomicBool,
+    spawned: AtomicBool,
+    owner: String,
+}
+
+fn owner_id() -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    format!("pid{}-{:x}-{}", std::process::id(), nanos, N.fetch_add(1, Ordering::Relaxed))
+}
+
+fn lease() -> TimeDelta {
+    TimeDelta::from_std(CLAIM_LEASE).expect("lease in range")
+}
+
+impl Scheduler {
+    /// Opens the schedule database at `db_path` (normally
+    /// `<data_dir>/triggers.db`). No schedule runs until
+    /// [`Scheduler::set_schedules`] and [`Scheduler::spawn`].
+    pub fn open(db_path: &Path, broker: Arc<Broker>, clock: Arc<dyn Clock>) -> Result<Self> {
+        let db = TriggerDb::open(db_path)?;
+        let (evaluated, _) = watch::channel(None);
+        Ok(Scheduler {
+            inner: Arc::new(Inner {
+                db,
+                broker,
+                clock,
+                schedules: RwLock::new(BTreeMap::new()),
+                wake: Arc::new(Notify::new()),
+                evaluated,
+                stopped: AtomicBool::new(false),
+                spawned: AtomicBool::new(false),
+                owner: owner_id(),
+            }),
+        })
+    }
+
+    /// Replaces the declared schedules (all validated first; nothing changes
+    /// on an error). A new schedule starts now: earlier ticks never fire.
+    /// For an existing schedule the run-time pause state (from
+    /// [`Scheduler::pause`]/[`Scheduler::resume`]) is kept unless the declared
+    /// `paused` value changed since it was last set, in which case the
+    /// declaration wins. Schedules no longer declared are forgotten.
+    pub fn set_schedules(&self, specs: Vec<ScheduleSpec>) -> Result<()> {
+        let mut compiled = BTreeMap::new();
+        for spec in specs {
+            let s = spec.validate()?;
+            if compiled.insert(s.spec.name.clone(), s).is_some() {
+                return Err(Error::invalid(format!("schedule \"{}\" is declared twice", spec.name)));
+            }
+        }
+        let declared: Vec<(String, bool)> = compiled.values().map(|s| (s.spec.name.clone(), s.spec.paused)).collect();
+        self.inner.db.reconcile(&declared, self.inner.clock.now())?;
+        *self.inner.schedules.write().unwrap_or_else(|p| p.into_inner()) = compiled;
+        self.inner.wake.notify_one();
+        Ok(())
+    }
+
+    /// The declared specs.
+    pub fn specs(&self) -> Vec<ScheduleSpec> {
+        self.inner.schedules.read().unwrap_or_else(|p| p.into_inner()).values().map(|s| s.spec.clone()).collect()
+    }
+
+    fn schedule(&self, name: &str) -> Result<Schedule> {
+        self.inner
+            .schedules
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
+            .ok_or_else(|| Error::not_found(format!("schedule \"{name}\" not found")))
+    }
+
+    /// Every schedule with its state, by name.
+    pub fn list(&self) -> Result<Vec<ScheduleStatus>> {
+        let schedules: Vec<Schedule> = self.inner.schedules.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
+        let states: BTreeMap<String, ScheduleState> = self.inner.db.list()?.into_iter().map(|s| (s.name.clone(), s)).collect();
+        let now = self.inner.clock.now();
+        Ok(schedules.iter().map(|s| status(s, states.get(s.name()), now)).collect())
+    }
+
+    pub fn get(&self, name: &str) -> Result<ScheduleStatus> {
+        let s = self.schedule(name)?;
+        let st = self.inner.db.get(name)?;
+        Ok(status(&s, st.as_ref(), self.inner.clock.now()))
+    }
+
+    /// Pauses a schedule (durably; survives restarts and re-applies of an
+    /// unchanged manifest). Ticks while paused never fire.
+    pub fn pause(&self, name: &str) -> Result<ScheduleStatus> {
+        self.set_paused(name, true)
+    }
+
+    /// Resumes a schedule; the next tick after now is the first to fire
+    /// (ticks that passed while paused are not caught up).
+    pub fn resume(&self, name: &str) -> Result<ScheduleStatus> {
+        self.set_paused(name, false)
+    }
+
+    fn set_paused(&self, name: &str, paused: bool) -> Result<ScheduleStatus> {
+        self.schedule(name)?;
+        if !self.inner.db.set_paused(name, paused, self.inner.clock.now())? {
+            return Err(Error::not_found(format!("schedule \"{name}\" not found")));
+        }
+        self.inner.wake.notify_one();
+        self.get(name)
+    }
+
+    /// Publishes the schedule's message now, with `scheduledTime` = now and
+    /// `runNow = "true"`, whether or not the schedule is paused. Does not
+    /// move the schedule's cursor. Returns the message id.
+    pub async fn run_now(&self, name: &str) -> Result<String> {
+        let s = self.schedule(name)?;
+        let now = self.inner.clock.now();
+        let ids = self.inner.broker.publish(&s.topic, vec![s.message(now, true)]).await?;
+        let id = ids.into_iter().next().ok_or_else(|| Error::internal("publish returned no id"))?;
+        self.inner.db.record_run_now(name, &id, self.inner.clock.now())?;
+        tracing::info!(schedule = name, message_id = %id, "schedule run now");
+        Ok(id)
+    }
+
+    /// Starts the loop (once per handle); it runs until [`Scheduler::stop`].
+    pub fn spawn(&self) -> tokio::task::JoinHandle<()> {
+        let inner = self.inner.clone();
+        if inner.spawned.swap(true, Ordering::SeqCst) {
+            return tokio::spawn(async {});
+        }
+        inner.stopped.store(false, Ordering::SeqCst);
+        inner.clock.subscribe(inner.wake.clone());
+        tokio::spawn(async move { inner.run().await })
+    }
+
+    /// Stops the loop after its current pass (a publish in progress
+    /// completes).
+    pub fn stop(&self) {
+        self.inner.stopped.store(true, Ordering::SeqCst);
+        self.inner.wake.notify_one();
+    }
+
+    /// One pass at the clock's current time, without the loop: returns the
+    /// time the next pass is needed.
+    pub async fn evaluate_now(&self) -> Option<DateTime<Utc>> {
+        let now = self.inner.clock.now();
+        let next = self.inner.evaluate(now).await;
+        self.inner.evaluated.send_replace(Some(now));
+        next
+    }
+
+    /// Waits until a pass at or after `t` has finished (publishes included).
+    /// For tests with a manual clock: `clock.set(t); sched.wait_evaluated(t)`.
+    pub async fn wait_evaluated(&self, t: DateTime<Utc>) {
+        let mut rx = self.inner.evaluated.subscribe();
+        let _ = rx.wait_for(|v| v.is_some_and(|v| v >= t)).await;
+    }
+}
+
+impl Inner {
+    async fn run(self: Arc<Self>) {
+        tracing::debug!(owner = %self.owner, "scheduler started");
+        while !self.stopped.load(Ordering::SeqCst) {
+            let now = self.clock.now();
+            let next = self.evaluate(now).await;
+            self.evaluated.send_replace(Some(now));
+            if self.stopped.load(Ordering::SeqCst) {
+                break;
+            }
+            let sleep = match next {
+                Some(t) => self.clock.sleep_until(t),
+                None => Box::pin(std::future::pending()),
+            };
+            tokio::select! {
+                _ = self.wake.notified() => {}
+                _ = sleep => {}
+            }
+        }
+        self.spawned.store(false, Ordering::SeqCst);
+        tracing::debug!(owner = %self.owner, "scheduler stopped");
+    }
+
+    /// One pass; returns when the next one is needed.
+    async fn evaluate(&self, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        let schedules: Vec<Schedule> = self.schedules.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
+        let mut next: Option<DateTime<Utc>> = None;
+        for s in &schedules {
+            let wake = match self.evaluate_one(s, now).await {
+                Ok(w) => w,
+                Err(e) => {
+                    tracing::warn!(schedule = s.name(), error = %e, "schedule evaluation failed");
+                    Some(now + TimeDelta::from_std(ERROR_RETRY).unwrap())
+                }
+            };
+            next = match (next, wake) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+        }
+        next
+    }
+
+    async fn evaluate_one(&self, s: &Schedule, now: DateTime<Utc>) -> Result<Option<DateTime<Utc>>> {
+        let name = s.name();
+        let Some(st) = self.db.get(name)? else { return Ok(None) };
+        let mut wake: Option<DateTime<Utc>> = None;
+        let mut wake_at = |t: DateTime<Utc>| wake = Some(wake.map_or(t, |w: DateTime<Utc>| w.min(t)));
+
+        // 1. An expired claim is published again (at least once).
+        if let Some(claim) = &st.pending {
+            let expires = claim.claimed_at + lease();
+            if expires <= now {
+                if self.db.take_over(name, claim, &self.owner, now)? {
+                    tracing::info!(schedule = name, tick = %format_time(claim.tick), previous_owner = %claim.owner, "publishing a claimed tick again");
+                    if !self.publish_tick(s, claim.tick, now).await {
+                        wake_at(now + lease());
+                    }
+                }
+            } else {
+                wake_at(expires);
+            }
+        }
+
+        // 2. The tick that is due now, if any: claim, then publish.
+        if !st.paused {
+            let mut live = s.clone();
+            live.spec.paused = false;
+            if let Some(&tick) = due(&live, st.cursor, now).first() {
+                if self.db.claim(name, st.cursor, tick, &self.owner, now)? {
+                    if !self.publish_tick(s, tick, now).await {
+                        wake_at(now + lease());
+                    }
+                } else {
+                    tracing::debug!(schedule = name, tick = %format_time(tick), "tick claimed elsewhere");
+                }
+            }
+            if let Some(t) = s.next_fire(now) {
+                wake_at(t);
+            }
+        }
+        Ok(wake)
+    }
+
+    /// Publishes a claimed tick and clears the claim; false if the publish
+    /// failed (the claim stays pending and is retried after its lease).
+    async fn publish_tick(&self, s: &Schedule, tick: DateTime<Utc>, now: DateTime<Utc>) -> bool {
+        let name = s.name();
+        match self.broker.publish(&s.topic, vec![s.message(tick, false)]).await {
+            Ok(ids) => {
+                let id = ids.into_iter().next().unwrap_or_default();
+                tracing::info!(schedule = name, tick = %format_time(tick), message_id = %id, "schedule fired");
+                if let Err(e) = self.db.complete(name, tick, &self.owner, &id, self.clock.now()) {
+                    // Published but not recorded: the claim expires and the
+                    // tick is published again (at least once).
+                    tracing::warn!(schedule = name, error = %e, "could not record a published tick");
+                }
+                true
+            }
+            Err(e) => {
+                tracing::warn!(schedule = name, tick = %format_time(tick), error = %e, "schedule publish failed; retrying after the claim lease");
+                let _ = self.db.record_error(name, &e.to_string(), now);
+                false
+            }
+        }
+    }
+}
+
+fn status(s: &Schedule, st: Option<&ScheduleState>, now: DateTime<Utc>) -> ScheduleStatus {
+    let paused = st.map_or(s.spec.paused, |st| st.paused);
+    let after = st.map_or(now, |st| st.cursor.max(now));
+    ScheduleStatus {
+        name: s.spec.name.clone(),
+        cron: s.cron.as_str().to_string(),
+        time_zone: s.tz.name().to_string(),
+        topic: s.topic.to_string(),
+        paused,
+        missed: s.spec.missed.name().to_string(),
+        missed_max_age: match s.spec.missed {
+            MissedPolicy::RunOnce { max_age } => Some(humantime::format_duration(max_age).to_string()),
+            MissedPolicy::Skip => None,
+        },
+        next_fire_time: if paused { None } else { s.next_fire(after).map(format_time) },
+        last_fire_time: st.and_then(|st| st.last_fired).map(format_time),
+        last_message_id: st.and_then(|st| st.last_message_id.clone()),
+        pending_tick: st.and_then(|st| st.pending.as_ref()).map(|c| format_time(c.tick)),
+        last_error: st.and_then(|st| st.last_error.clone()),
+    }
+}

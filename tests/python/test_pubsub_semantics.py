@@ -325,9 +325,12 @@ def test_exactly_once_ack_with_response_reports_invalid_ack_id_for_an_expired_le
     publisher.publish(topic, b"late").result(timeout=30)
     outcome = []
     done = threading.Event()
+    claimed = threading.Lock()
 
     def callback(message):
-        if outcome:
+        # The redelivery (after the nack below) may arrive while the first
+        # callback still waits for its ack: only the first one runs the check.
+        if not claimed.acquire(blocking=False):
             message.ack()
             return
         # Someone else gives the lease up (a nack through a second client)...

@@ -190,9 +190,8 @@ impl Dispatcher {
 
     /// Creates or replaces a job: its subscription, its record, its intake.
     pub async fn put_job(self: &Arc<Self>, spec: JobSpec) -> Result<()> {
-        if !spec.filter.is_empty() {
-            return Err(Error::invalid("job filters are not supported by this pubrun version; remove `filter`"));
-        }
+        // A spec from JSON has not been through the manifest parser.
+        pubrun_core::filter::parse(&spec.filter).map_err(Error::from)?;
         let topic = TopicName::parse(&spec.topic)?;
         self.broker.get_topic(&topic)?;
         if !spec.result_topic.is_empty() {
@@ -201,7 +200,9 @@ impl Dispatcher {
         let project = topic.project().id().to_string();
         let sub_name = SubscriptionName::parse(&job_subscription(&project, &spec.name))?;
         match self.broker.get_subscription(&sub_name) {
-            Ok(existing) if existing.topic == spec.topic => {}
+            // Topic and filter are fixed at creation: a change replaces the
+            // subscription (its unacked backlog goes with it).
+            Ok(existing) if existing.topic == spec.topic && existing.filter == spec.filter => {}
             Ok(_) => {
                 self.broker.delete_subscription(&sub_name).await?;
                 self.create_job_sub(&sub_name, &spec).await?;
@@ -224,6 +225,7 @@ impl Dispatcher {
                 topic: spec.topic.clone(),
                 labels: [("pubrun-job".to_string(), spec.name.clone())].into_iter().collect(),
                 ack_deadline_seconds: 60,
+                filter: spec.filter.clone(),
                 ..Default::default()
             })
             .await

@@ -429,10 +429,10 @@ async fn put_job_rejects_a_missing_topic_and_filters() {
     assert!(e.message.contains("nowhere"), "{e:?}");
 
     env.topic("somewhere").await;
-    // The manifest refuses filters already; the API path (a JobSpec from
-    // JSON) must refuse them too.
+    // A spec that did not come through the manifest parser gets its filter
+    // checked too.
     let mut spec = job("name = \"filtered\"\ntopic = \"somewhere\"\nprocess = { command = \"true\" }\n", &["somewhere"]);
-    spec.filter = r#"attributes.x = "1""#.into();
+    spec.filter = r#"attributes.x = "1" AND"#.into();
     let e = env.dispatcher.put_job(spec).await.unwrap_err();
     assert_eq!(e.code, Code::InvalidArgument, "{e:?}");
     assert!(env.dispatcher.jobs().is_empty());
@@ -613,4 +613,24 @@ async fn a_deep_queue_of_one_job_does_not_starve_another() {
     assert_eq!(quick.status, RunStatus::Succeeded);
     let slow_done = env.runs("slow-job").iter().filter(|r| r.status.is_terminal()).count();
     assert!(slow_done < 150, "quick job had to wait for the slow queue ({slow_done} slow runs ended first)");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_filter_selects_its_messages() {
+    let dir = tempdir();
+    let env = env_in(dir.path(), 4).await;
+    env.job(
+        "name = \"csv-only\"\ntopic = \"files-in\"\nfilter = 'attributes.kind = \"csv\"'\nprocess = { command = \"true\" }\n",
+        "files-in",
+    )
+    .await;
+    env.publish("files-in", &[("kind", "png")], "a").await;
+    env.publish("files-in", &[("kind", "csv")], "b").await;
+    env.publish("files-in", &[], "c").await;
+    let run = env.wait_runs("csv-only", 1).await.remove(0);
+    env.wait_end(run.id).await;
+    env.wait_acked("csv-only").await;
+    let runs = env.runs("csv-only");
+    assert_eq!(runs.len(), 1, "only the csv message makes a run: {runs:?}");
+    assert_eq!(runs[0].message.attributes.get("kind").map(String::as_str), Some("csv"));
 }

@@ -36,11 +36,12 @@ use crate::status::HttpError;
 struct Api {
     broker: Arc<Broker>,
     dispatcher: Arc<Dispatcher>,
+    triggers: Option<Arc<pubrun_triggers::Triggers>>,
 }
 
 type ApiResult = Result<Response, HttpError>;
 
-pub fn router(broker: Arc<Broker>, dispatcher: Arc<Dispatcher>) -> Router {
+pub fn router(broker: Arc<Broker>, dispatcher: Arc<Dispatcher>, triggers: Option<Arc<pubrun_triggers::Triggers>>) -> Router {
     Router::new()
         .route("/api/v1/jobs", get(list_jobs))
         .route("/api/v1/jobs/{name}", get(get_job))
@@ -55,7 +56,7 @@ pub fn router(broker: Arc<Broker>, dispatcher: Arc<Dispatcher>) -> Router {
             let body = json!({"error": {"code": 405, "message": msg, "status": "UNIMPLEMENTED"}});
             (StatusCode::METHOD_NOT_ALLOWED, Json(body))
         })
-        .with_state(Api { broker, dispatcher })
+        .with_state(Api { broker, dispatcher, triggers })
 }
 
 fn ok(v: serde_json::Value) -> ApiResult {
@@ -204,6 +205,7 @@ async fn apply(State(api): State<Api>, q: Result<Query<ApplyQuery>, QueryRejecti
     let file = q.file.unwrap_or_else(|| "pubrun.toml".to_string());
     let manifest = pubrun_jobs::apply::parse_manifest(&file, text)?;
     let dry_run = q.dry_run.unwrap_or(false);
-    let changes = pubrun_jobs::apply::apply(&api.broker, &api.dispatcher, &manifest, dry_run).await?;
+    let changes =
+        crate::apply::apply_manifest(&api.broker, &api.dispatcher, api.triggers.as_deref(), &manifest, dry_run).await?;
     ok(json!({ "changes": changes, "applied": !dry_run }))
 }

@@ -5,6 +5,7 @@
 //! and map [`pubrun_core::Error`] to gRPC status or Google's JSON error body
 //! in exactly one place each (`status.rs`).
 
+pub mod apply;
 pub mod grpc;
 pub mod jobs_api;
 pub mod rest;

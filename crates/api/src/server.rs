@@ -30,6 +30,10 @@ pub struct ServeOptions {
     pub token: Option<String>,
     /// Jobs and runs; without it only the Pub/Sub APIs are served.
     pub dispatcher: Option<Arc<pubrun_jobs::Dispatcher>>,
+    /// Schedules (REST) and webhooks (`/hooks/NAME`).
+    pub triggers: Option<Arc<pubrun_triggers::Triggers>>,
+    /// The Cloud Storage JSON API.
+    pub buckets: Option<pubrun_buckets::Buckets>,
 }
 
 /// Builds the single router that answers both protocols.
@@ -43,7 +47,13 @@ pub fn router(broker: Arc<Broker>, opts: &ServeOptions, shutdown: watch::Receive
     .into_axum_router();
     let mut app = grpc.merge(crate::rest::router(pubsub));
     if let Some(d) = &opts.dispatcher {
-        app = app.merge(crate::jobs_api::router(broker_for_jobs.clone(), d.clone()));
+        app = app.merge(crate::jobs_api::router(broker_for_jobs.clone(), d.clone(), opts.triggers.clone()));
+    }
+    if let Some(t) = &opts.triggers {
+        app = app.merge(pubrun_triggers::schedules_router(t.scheduler().clone()));
+    }
+    if let Some(b) = &opts.buckets {
+        app = app.merge(pubrun_buckets::router(b.clone()));
     }
     let app = app
         .fallback(unknown_route)
@@ -53,7 +63,13 @@ pub fn router(broker: Arc<Broker>, opts: &ServeOptions, shutdown: watch::Receive
         None => app,
     };
     // Health is outside the auth layer: load balancers and `pubrun` itself probe it.
-    app.route("/healthz", get(|| async { "ok\n" }))
+    let mut app = app.route("/healthz", get(|| async { "ok\n" }));
+    // So are webhooks: GitHub cannot send our token; each hook has its own
+    // secret (HMAC signature or bearer) and body limit.
+    if let Some(t) = &opts.triggers {
+        app = app.merge(pubrun_triggers::router(t.webhooks().clone()));
+    }
+    app
 }
 
 /// Unknown gRPC methods get UNIMPLEMENTED, unknown HTTP paths a JSON 404.
@@ -130,6 +146,13 @@ pub async fn serve(
         let _ = stopper.send(true);
         let _ = fired_tx.send(());
     };
+    // Without TCP_NODELAY, Nagle holds a gRPC response's small trailer frame
+    // until the client's delayed ACK: ~40 ms per call (see bench/broker-results.md).
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "could not set TCP_NODELAY");
+        }
+    });
     let server = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
         .with_graceful_shutdown(on_signal)
         .into_future();

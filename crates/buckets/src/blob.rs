@@ -27,7 +27,10 @@ pub struct BlobStore {
 
 /// 32 lowercase hex characters: the only strings turned into file names.
 pub fn is_id(id: &str) -> bool {
-    id.len() == 32 && id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    id.len() == 32
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 pub fn new_id() -> String {
@@ -44,7 +47,9 @@ impl BlobStore {
             let entry = entry?;
             let _ = std::fs::remove_file(entry.path());
         }
-        Ok(BlobStore { root: root.to_path_buf() })
+        Ok(BlobStore {
+            root: root.to_path_buf(),
+        })
     }
 
     pub fn root(&self) -> &Path {
@@ -57,14 +62,21 @@ impl BlobStore {
     }
 
     pub fn upload_path(&self, upload_id: &str) -> PathBuf {
-        assert!(is_id(upload_id), "upload id {upload_id:?} is not 32 hex characters");
+        assert!(
+            is_id(upload_id),
+            "upload id {upload_id:?} is not 32 hex characters"
+        );
         self.root.join("uploads").join(upload_id)
     }
 
     /// A new temp file that hashes what is written to it.
     pub async fn writer(&self) -> io::Result<BlobWriter> {
         let path = self.root.join("tmp").join(new_id());
-        let file = tokio::fs::OpenOptions::new().write(true).create_new(true).open(&path).await?;
+        let file = tokio::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .await?;
         Ok(BlobWriter {
             file: Some(tokio::io::BufWriter::with_capacity(1 << 20, file)),
             path: Some(path),
@@ -171,10 +183,15 @@ pub struct BlobWriter {
 impl BlobWriter {
     pub async fn write(&mut self, data: &[u8]) -> io::Result<()> {
         self.hasher.update(data);
-        self.file.as_mut().expect("writer used after finish").write_all(data).await
+        self.file
+            .as_mut()
+            .expect("writer used after finish")
+            .write_all(data)
+            .await
     }
 
-    pub fn len(&self) -> u64 {
+    /// Bytes written so far.
+    pub fn written(&self) -> u64 {
         self.hasher.len()
     }
 
@@ -185,7 +202,10 @@ impl BlobWriter {
         file.get_mut().sync_all().await?;
         drop(file);
         let path = self.path.take().expect("finish once");
-        Ok(TempBlob { path: Some(path), digests: std::mem::take(&mut self.hasher).finish() })
+        Ok(TempBlob {
+            path: Some(path),
+            digests: std::mem::take(&mut self.hasher).finish(),
+        })
     }
 }
 
@@ -206,7 +226,10 @@ pub struct TempBlob {
 
 impl TempBlob {
     pub fn new(path: PathBuf, digests: Digests) -> Self {
-        TempBlob { path: Some(path), digests }
+        TempBlob {
+            path: Some(path),
+            digests,
+        }
     }
     pub fn path(&self) -> &Path {
         self.path.as_deref().expect("temp blob path taken")

@@ -15,7 +15,8 @@ pub struct Conditions {
     pub if_metageneration_not_match: Option<i64>,
 }
 
-pub const PRECONDITION_FAILED: &str = "At least one of the pre-conditions you specified did not hold.";
+pub const PRECONDITION_FAILED: &str =
+    "At least one of the pre-conditions you specified did not hold.";
 
 impl Conditions {
     /// Reads the four parameters, each with an optional prefix (`ifSource…`).
@@ -27,7 +28,9 @@ impl Conditions {
                 None => Ok(None),
                 Some(v) if v.is_empty() => Ok(None),
                 Some(v) => v.parse::<i64>().map(Some).map_err(|_| {
-                    GcsError::invalid(format!("Invalid value for parameter '{key}': '{v}' is not an integer"))
+                    GcsError::invalid(format!(
+                        "Invalid value for parameter '{key}': '{v}' is not an integer"
+                    ))
                 }),
             }
         };
@@ -62,7 +65,11 @@ impl Conditions {
         }
         if let Some(g) = self.if_generation_not_match {
             if g == gen {
-                return if read { Err(GcsError::not_modified()) } else { fail() };
+                return if read {
+                    Err(GcsError::not_modified())
+                } else {
+                    fail()
+                };
             }
         }
         if let Some(m) = self.if_metageneration_not_match {
@@ -100,13 +107,49 @@ mod tests {
     fn match_and_not_match() {
         let live = Some((7, 2));
         c(Some(7), None, Some(2), None).check(live, false).unwrap();
-        assert_eq!(c(Some(8), None, None, None).check(live, false).unwrap_err().status, 412);
-        assert_eq!(c(None, None, Some(3), None).check(live, false).unwrap_err().status, 412);
-        assert_eq!(c(None, Some(7), None, None).check(live, false).unwrap_err().status, 412);
-        assert_eq!(c(None, Some(7), None, None).check(live, true).unwrap_err().status, 304);
-        assert_eq!(c(None, None, None, Some(2)).check(live, true).unwrap_err().status, 304);
+        assert_eq!(
+            c(Some(8), None, None, None)
+                .check(live, false)
+                .unwrap_err()
+                .status,
+            412
+        );
+        assert_eq!(
+            c(None, None, Some(3), None)
+                .check(live, false)
+                .unwrap_err()
+                .status,
+            412
+        );
+        assert_eq!(
+            c(None, Some(7), None, None)
+                .check(live, false)
+                .unwrap_err()
+                .status,
+            412
+        );
+        assert_eq!(
+            c(None, Some(7), None, None)
+                .check(live, true)
+                .unwrap_err()
+                .status,
+            304
+        );
+        assert_eq!(
+            c(None, None, None, Some(2))
+                .check(live, true)
+                .unwrap_err()
+                .status,
+            304
+        );
         c(None, Some(6), None, Some(1)).check(live, false).unwrap();
-        assert_eq!(c(Some(7), None, None, None).check(None, false).unwrap_err().status, 412);
+        assert_eq!(
+            c(Some(7), None, None, None)
+                .check(None, false)
+                .unwrap_err()
+                .status,
+            412
+        );
     }
 
     #[test]
@@ -116,8 +159,18 @@ mod tests {
             "ifSourceMetagenerationMatch" => Some("3".to_string()),
             _ => None,
         };
-        assert_eq!(Conditions::from_query(&q, false).unwrap().if_generation_match, Some(0));
-        assert_eq!(Conditions::from_query(&q, true).unwrap().if_metageneration_match, Some(3));
+        assert_eq!(
+            Conditions::from_query(&q, false)
+                .unwrap()
+                .if_generation_match,
+            Some(0)
+        );
+        assert_eq!(
+            Conditions::from_query(&q, true)
+                .unwrap()
+                .if_metageneration_match,
+            Some(3)
+        );
         let bad = |_: &str| Some("x".to_string());
         assert!(Conditions::from_query(&bad, false).is_err());
     }

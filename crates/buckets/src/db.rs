@@ -54,11 +54,18 @@ pub fn open(path: &Path) -> rusqlite::Result<Connection> {
 }
 
 fn counter(c: &Connection, k: &str) -> rusqlite::Result<i64> {
-    Ok(c.query_row("SELECT v FROM counters WHERE k = ?1", [k], |r| r.get(0)).optional()?.unwrap_or(0))
+    Ok(
+        c.query_row("SELECT v FROM counters WHERE k = ?1", [k], |r| r.get(0))
+            .optional()?
+            .unwrap_or(0),
+    )
 }
 
 fn set_counter(c: &Connection, k: &str, v: i64) -> rusqlite::Result<()> {
-    c.execute("INSERT INTO counters(k, v) VALUES (?1, ?2) ON CONFLICT(k) DO UPDATE SET v = excluded.v", params![k, v])?;
+    c.execute(
+        "INSERT INTO counters(k, v) VALUES (?1, ?2) ON CONFLICT(k) DO UPDATE SET v = excluded.v",
+        params![k, v],
+    )?;
     Ok(())
 }
 
@@ -94,15 +101,23 @@ fn bucket_row(r: &Row) -> rusqlite::Result<BucketRow> {
     })
 }
 
-const BUCKET_COLS: &str = "name, project, created_us, updated_us, metageneration, location, storage_class, labels";
+const BUCKET_COLS: &str =
+    "name, project, created_us, updated_us, metageneration, location, storage_class, labels";
 
 pub fn get_bucket(c: &Connection, name: &str) -> rusqlite::Result<Option<BucketRow>> {
-    c.query_row(&format!("SELECT {BUCKET_COLS} FROM buckets WHERE name = ?1"), [name], bucket_row).optional()
+    c.query_row(
+        &format!("SELECT {BUCKET_COLS} FROM buckets WHERE name = ?1"),
+        [name],
+        bucket_row,
+    )
+    .optional()
 }
 
 pub fn put_bucket(c: &Connection, b: &BucketRow) -> rusqlite::Result<()> {
     c.execute(
-        &format!("INSERT OR REPLACE INTO buckets({BUCKET_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"),
+        &format!(
+            "INSERT OR REPLACE INTO buckets({BUCKET_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
+        ),
         params![
             b.name,
             b.project,
@@ -134,7 +149,13 @@ pub fn list_buckets(
 }
 
 pub fn bucket_is_empty(c: &Connection, name: &str) -> rusqlite::Result<bool> {
-    Ok(c.query_row("SELECT 1 FROM objects WHERE bucket = ?1 LIMIT 1", [name], |_| Ok(())).optional()?.is_none())
+    Ok(c.query_row(
+        "SELECT 1 FROM objects WHERE bucket = ?1 LIMIT 1",
+        [name],
+        |_| Ok(()),
+    )
+    .optional()?
+    .is_none())
 }
 
 /// Removes a bucket with its notification configs and upload sessions;
@@ -163,7 +184,9 @@ fn object_row(r: &Row) -> rusqlite::Result<ObjectRow> {
     let crc: i64 = r.get(7)?;
     Ok(ObjectRow {
         bucket: r.get(0)?,
-        name: String::from_utf8(name).map_err(|e| rusqlite::Error::FromSqlConversionFailure(1, rusqlite::types::Type::Blob, Box::new(e)))?,
+        name: String::from_utf8(name).map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(1, rusqlite::types::Type::Blob, Box::new(e))
+        })?,
         generation: r.get(2)?,
         metageneration: r.get(3)?,
         size: r.get::<_, i64>(4)? as u64,
@@ -208,7 +231,10 @@ pub fn put_object(c: &Connection, o: &ObjectRow) -> rusqlite::Result<()> {
 }
 
 pub fn delete_object(c: &Connection, bucket: &str, name: &str) -> rusqlite::Result<()> {
-    c.execute("DELETE FROM objects WHERE bucket = ?1 AND name = ?2", params![bucket, name.as_bytes()])?;
+    c.execute(
+        "DELETE FROM objects WHERE bucket = ?1 AND name = ?2",
+        params![bucket, name.as_bytes()],
+    )?;
     Ok(())
 }
 
@@ -229,13 +255,20 @@ pub fn scan_objects(
 }
 
 pub fn blob_referenced(c: &Connection, blob: &str) -> rusqlite::Result<bool> {
-    Ok(c.query_row("SELECT 1 FROM objects WHERE blob = ?1 LIMIT 1", [blob], |_| Ok(())).optional()?.is_some())
+    Ok(c.query_row(
+        "SELECT 1 FROM objects WHERE blob = ?1 LIMIT 1",
+        [blob],
+        |_| Ok(()),
+    )
+    .optional()?
+    .is_some())
 }
 
 // ---- notifications ----
 
 pub fn notifications(c: &Connection, bucket: &str) -> rusqlite::Result<Vec<NotificationConfig>> {
-    let mut st = c.prepare_cached("SELECT config FROM notifications WHERE bucket = ?1 ORDER BY id")?;
+    let mut st =
+        c.prepare_cached("SELECT config FROM notifications WHERE bucket = ?1 ORDER BY id")?;
     let rows = st.query_map([bucket], |r| r.get::<_, String>(0))?;
     let mut out = Vec::new();
     for r in rows {
@@ -249,13 +282,20 @@ pub fn notifications(c: &Connection, bucket: &str) -> rusqlite::Result<Vec<Notif
 pub fn put_notification(c: &Connection, n: &NotificationConfig) -> rusqlite::Result<()> {
     c.execute(
         "INSERT OR REPLACE INTO notifications(bucket, id, config) VALUES (?1, ?2, ?3)",
-        params![n.bucket, n.id, serde_json::to_string(n).expect("config serializes")],
+        params![
+            n.bucket,
+            n.id,
+            serde_json::to_string(n).expect("config serializes")
+        ],
     )?;
     Ok(())
 }
 
 pub fn delete_notification(c: &Connection, bucket: &str, id: i64) -> rusqlite::Result<bool> {
-    Ok(c.execute("DELETE FROM notifications WHERE bucket = ?1 AND id = ?2", params![bucket, id])? > 0)
+    Ok(c.execute(
+        "DELETE FROM notifications WHERE bucket = ?1 AND id = ?2",
+        params![bucket, id],
+    )? > 0)
 }
 
 // ---- outbox ----
@@ -268,19 +308,35 @@ pub struct OutboxRow {
     pub data: Vec<u8>,
 }
 
-pub fn insert_outbox(c: &Connection, topic: &str, attributes: &BTreeMap<String, String>, data: &[u8]) -> rusqlite::Result<()> {
+pub fn insert_outbox(
+    c: &Connection,
+    topic: &str,
+    attributes: &BTreeMap<String, String>,
+    data: &[u8],
+) -> rusqlite::Result<()> {
     c.execute(
         "INSERT INTO outbox(topic, attributes, data, created_us) VALUES (?1, ?2, ?3, ?4)",
-        params![topic, serde_json::to_string(attributes).expect("attributes serialize"), data, now_us()],
+        params![
+            topic,
+            serde_json::to_string(attributes).expect("attributes serialize"),
+            data,
+            now_us()
+        ],
     )?;
     Ok(())
 }
 
 pub fn pending_outbox(c: &Connection, limit: usize) -> rusqlite::Result<Vec<OutboxRow>> {
-    let mut st = c.prepare_cached("SELECT id, topic, attributes, data FROM outbox ORDER BY id LIMIT ?1")?;
+    let mut st =
+        c.prepare_cached("SELECT id, topic, attributes, data FROM outbox ORDER BY id LIMIT ?1")?;
     let rows = st.query_map([limit as i64], |r| {
         let attrs: String = r.get(2)?;
-        Ok(OutboxRow { id: r.get(0)?, topic: r.get(1)?, attributes: serde_json::from_str(&attrs).unwrap_or_default(), data: r.get(3)? })
+        Ok(OutboxRow {
+            id: r.get(0)?,
+            topic: r.get(1)?,
+            attributes: serde_json::from_str(&attrs).unwrap_or_default(),
+            data: r.get(3)?,
+        })
     })?;
     rows.collect()
 }
@@ -310,7 +366,10 @@ pub struct UploadSpec {
 
 impl UploadSpec {
     pub fn expected(&self) -> Expected {
-        Expected { md5: self.expected_md5.clone(), crc32c: self.expected_crc32c.clone() }
+        Expected {
+            md5: self.expected_md5.clone(),
+            crc32c: self.expected_crc32c.clone(),
+        }
     }
 }
 
@@ -366,7 +425,12 @@ pub fn get_upload(c: &Connection, id: &str) -> rusqlite::Result<Option<UploadRow
     .optional()
 }
 
-pub fn set_upload_progress(c: &Connection, id: &str, received: u64, total: Option<u64>) -> rusqlite::Result<()> {
+pub fn set_upload_progress(
+    c: &Connection,
+    id: &str,
+    received: u64,
+    total: Option<u64>,
+) -> rusqlite::Result<()> {
     c.execute(
         "UPDATE uploads SET received = ?2, total = COALESCE(?3, total) WHERE id = ?1",
         params![id, received as i64, total.map(|t| t as i64)],
@@ -375,7 +439,10 @@ pub fn set_upload_progress(c: &Connection, id: &str, received: u64, total: Optio
 }
 
 pub fn finish_upload(c: &Connection, id: &str, resource: &str) -> rusqlite::Result<()> {
-    c.execute("UPDATE uploads SET done = ?2 WHERE id = ?1", params![id, resource])?;
+    c.execute(
+        "UPDATE uploads SET done = ?2 WHERE id = ?1",
+        params![id, resource],
+    )?;
     Ok(())
 }
 

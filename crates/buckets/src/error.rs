@@ -22,7 +22,11 @@ pub type GcsResult<T> = Result<T, GcsError>;
 
 impl GcsError {
     pub fn new(status: u16, reason: &'static str, message: impl Into<String>) -> Self {
-        GcsError { status, reason, message: message.into() }
+        GcsError {
+            status,
+            reason,
+            message: message.into(),
+        }
     }
     pub fn invalid(message: impl Into<String>) -> Self {
         Self::new(400, "invalid", message)
@@ -102,8 +106,10 @@ impl IntoResponse for GcsError {
             return status.into_response();
         }
         let mut resp = (status, self.body().to_string()).into_response();
-        resp.headers_mut()
-            .insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json; charset=UTF-8"));
+        resp.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json; charset=UTF-8"),
+        );
         resp
     }
 }

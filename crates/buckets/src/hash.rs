@@ -27,8 +27,15 @@ impl Hasher {
     pub fn len(&self) -> u64 {
         self.len
     }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
     pub fn finish(self) -> Digests {
-        Digests { md5: Some(self.md5.finalize().into()), crc32c: self.crc, size: self.len }
+        Digests {
+            md5: Some(self.md5.finalize().into()),
+            crc32c: self.crc,
+            size: self.len,
+        }
     }
 }
 
@@ -70,11 +77,9 @@ impl Expected {
             match k.trim().to_ascii_lowercase().as_str() {
                 "md5" => self.md5 = Some(v.trim().to_string()),
                 "crc32c" => self.crc32c = Some(v.trim().to_string()),
-                other => {
-                    return Err(GcsError::invalid(format!(
-                        "Invalid x-goog-hash header: unknown hash type '{other}' (use crc32c or md5)"
-                    )))
-                }
+                other => return Err(GcsError::invalid(format!(
+                    "Invalid x-goog-hash header: unknown hash type '{other}' (use crc32c or md5)"
+                ))),
             }
         }
         Ok(())
@@ -85,7 +90,11 @@ impl Expected {
         if let Some(m) = &self.md5 {
             match B64.decode(m) {
                 Ok(b) if b.len() == 16 => {}
-                _ => return Err(GcsError::invalid(format!("Invalid MD5 hash '{m}': expected base64 of 16 bytes"))),
+                _ => {
+                    return Err(GcsError::invalid(format!(
+                        "Invalid MD5 hash '{m}': expected base64 of 16 bytes"
+                    )))
+                }
             }
         }
         if let Some(c) = &self.crc32c {
@@ -142,7 +151,8 @@ mod tests {
     #[test]
     fn goog_hash_header() {
         let mut e = Expected::default();
-        e.add_goog_hash_header("crc32c=yZRlqg==, md5=XrY7u+Ae7tCTyyK7j1rNww==").unwrap();
+        e.add_goog_hash_header("crc32c=yZRlqg==, md5=XrY7u+Ae7tCTyyK7j1rNww==")
+            .unwrap();
         e.validate_format().unwrap();
         let mut h = Hasher::new();
         h.update(b"hello world");
@@ -150,8 +160,13 @@ mod tests {
         let mut h2 = Hasher::new();
         h2.update(b"hello world!");
         assert_eq!(e.verify(&h2.finish()).unwrap_err().status, 400);
-        assert!(Expected::default().add_goog_hash_header("sha1=abc").is_err());
-        let bad = Expected { md5: Some("short".into()), crc32c: None };
+        assert!(Expected::default()
+            .add_goog_hash_header("sha1=abc")
+            .is_err());
+        let bad = Expected {
+            md5: Some("short".into()),
+            crc32c: None,
+        };
         assert!(bad.validate_format().is_err());
     }
 }

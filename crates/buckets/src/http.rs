@@ -86,10 +86,11 @@ impl Ctx {
     fn q_i64(&self, k: &str) -> GcsResult<Option<i64>> {
         match self.query.get(k).filter(|v| !v.is_empty()) {
             None => Ok(None),
-            Some(v) => v
-                .parse()
-                .map(Some)
-                .map_err(|_| GcsError::invalid(format!("Invalid value for parameter '{k}': '{v}' is not an integer"))),
+            Some(v) => v.parse().map(Some).map_err(|_| {
+                GcsError::invalid(format!(
+                    "Invalid value for parameter '{k}': '{v}' is not an integer"
+                ))
+            }),
         }
     }
 
@@ -102,14 +103,19 @@ impl Ctx {
     }
 
     fn header(&self, k: &str) -> Option<String> {
-        self.headers.get(k).and_then(|v| v.to_str().ok()).map(str::to_string)
+        self.headers
+            .get(k)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
     }
 
     /// Checksums from `x-goog-hash` headers.
     fn goog_hash(&self) -> GcsResult<Expected> {
         let mut e = Expected::default();
         for v in self.headers.get_all("x-goog-hash") {
-            let v = v.to_str().map_err(|_| GcsError::invalid("x-goog-hash header is not ASCII"))?;
+            let v = v
+                .to_str()
+                .map_err(|_| GcsError::invalid("x-goog-hash header is not ASCII"))?;
             e.add_goog_hash_header(v)?;
         }
         e.validate_format()?;
@@ -124,7 +130,11 @@ impl Ctx {
                 percent_decode_str(s)
                     .decode_utf8()
                     .map(|c| c.into_owned())
-                    .map_err(|_| GcsError::invalid("the request path is not valid UTF-8 after percent-decoding"))
+                    .map_err(|_| {
+                        GcsError::invalid(
+                            "the request path is not valid UTF-8 after percent-decoding",
+                        )
+                    })
             })
             .collect()
     }
@@ -132,7 +142,10 @@ impl Ctx {
 
 fn json_response(status: StatusCode, v: &Value) -> Response {
     let mut resp = (status, v.to_string()).into_response();
-    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json; charset=UTF-8"));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json; charset=UTF-8"),
+    );
     resp
 }
 
@@ -145,7 +158,10 @@ fn no_content() -> GcsResult<Response> {
 }
 
 fn no_endpoint(ctx: &Ctx) -> GcsError {
-    GcsError::not_found(format!("no such Cloud Storage endpoint in pubrun: {} {}", ctx.method, ctx.path))
+    GcsError::not_found(format!(
+        "no such Cloud Storage endpoint in pubrun: {} {}",
+        ctx.method, ctx.path
+    ))
 }
 
 fn finish(r: GcsResult<Response>) -> Response {
@@ -163,7 +179,9 @@ async fn read_json(body: Body) -> GcsResult<Map<String, Value>> {
     match serde_json::from_slice::<Value>(&bytes) {
         Ok(Value::Object(m)) => Ok(m),
         Ok(_) => Err(GcsError::invalid("the request body must be a JSON object")),
-        Err(e) => Err(GcsError::invalid(format!("the request body is not valid JSON: {e}"))),
+        Err(e) => Err(GcsError::invalid(format!(
+            "the request body is not valid JSON: {e}"
+        ))),
     }
 }
 
@@ -171,30 +189,45 @@ fn str_field(m: &Map<String, Value>, k: &str) -> GcsResult<Option<String>> {
     match m.get(k) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s.clone())),
-        Some(other) => Err(GcsError::invalid(format!("Invalid value for field '{k}': {other}: expected a string"))),
+        Some(other) => Err(GcsError::invalid(format!(
+            "Invalid value for field '{k}': {other}: expected a string"
+        ))),
     }
 }
 
 fn int_field(v: Option<&Value>, what: &str) -> GcsResult<Option<i64>> {
     match v {
         None | Some(Value::Null) => Ok(None),
-        Some(Value::Number(n)) => n.as_i64().map(Some).ok_or_else(|| GcsError::invalid(format!("Invalid {what}: {n}"))),
-        Some(Value::String(s)) => s.parse().map(Some).map_err(|_| GcsError::invalid(format!("Invalid {what}: '{s}'"))),
+        Some(Value::Number(n)) => n
+            .as_i64()
+            .map(Some)
+            .ok_or_else(|| GcsError::invalid(format!("Invalid {what}: {n}"))),
+        Some(Value::String(s)) => s
+            .parse()
+            .map(Some)
+            .map_err(|_| GcsError::invalid(format!("Invalid {what}: '{s}'"))),
         Some(other) => Err(GcsError::invalid(format!("Invalid {what}: {other}"))),
     }
 }
 
-fn string_map(v: Option<&Value>, what: &str) -> GcsResult<std::collections::BTreeMap<String, String>> {
+fn string_map(
+    v: Option<&Value>,
+    what: &str,
+) -> GcsResult<std::collections::BTreeMap<String, String>> {
     match v {
         None | Some(Value::Null) => Ok(Default::default()),
         Some(Value::Object(m)) => m
             .iter()
             .map(|(k, v)| match v {
                 Value::String(s) => Ok((k.clone(), s.clone())),
-                other => Err(GcsError::invalid(format!("Invalid value in {what} for '{k}': {other}: expected a string"))),
+                other => Err(GcsError::invalid(format!(
+                    "Invalid value in {what} for '{k}': {other}: expected a string"
+                ))),
             })
             .collect(),
-        Some(other) => Err(GcsError::invalid(format!("Invalid {what}: {other}: expected an object"))),
+        Some(other) => Err(GcsError::invalid(format!(
+            "Invalid {what}: {other}: expected an object"
+        ))),
     }
 }
 
@@ -219,8 +252,14 @@ async fn buckets_root_inner(b: Buckets, ctx: Ctx, body: Body) -> GcsResult<Respo
         Method::GET => {
             let project = project_filter(&ctx)?;
             let max = ctx.q_i64("maxResults")?.unwrap_or(0).max(0) as usize;
-            let (rows, next) =
-                b.list_buckets(project, ctx.q("prefix").unwrap_or_default(), ctx.q("pageToken"), max).await?;
+            let (rows, next) = b
+                .list_buckets(
+                    project,
+                    ctx.q("prefix").unwrap_or_default(),
+                    ctx.q("pageToken"),
+                    max,
+                )
+                .await?;
             let mut v = json!({"kind": "storage#buckets"});
             if !rows.is_empty() {
                 v["items"] = rows.iter().map(|r| r.to_json(&ctx.base)).collect();
@@ -231,12 +270,22 @@ async fn buckets_root_inner(b: Buckets, ctx: Ctx, body: Body) -> GcsResult<Respo
             ok(v)
         }
         Method::POST => {
-            let project = ctx.q("project").filter(|p| !p.is_empty()).unwrap_or_else(|| "_".into());
+            let project = ctx
+                .q("project")
+                .filter(|p| !p.is_empty())
+                .unwrap_or_else(|| "_".into());
             let body = read_json(body).await?;
-            let name = str_field(&body, "name")?.ok_or_else(|| GcsError::required("Required field: name"))?;
+            let name = str_field(&body, "name")?
+                .ok_or_else(|| GcsError::required("Required field: name"))?;
             let labels = string_map(body.get("labels"), "labels")?;
             let row = b
-                .create_bucket(&name, &project, str_field(&body, "location")?, str_field(&body, "storageClass")?, labels)
+                .create_bucket(
+                    &name,
+                    &project,
+                    str_field(&body, "location")?,
+                    str_field(&body, "storageClass")?,
+                    labels,
+                )
                 .await?;
             ok(row.to_json(&ctx.base))
         }
@@ -422,7 +471,13 @@ async fn copy(
     }
 }
 
-async fn compose(b: &Buckets, ctx: &Ctx, bucket: &str, dst: &str, body: Body) -> GcsResult<Response> {
+async fn compose(
+    b: &Buckets,
+    ctx: &Ctx,
+    bucket: &str,
+    dst: &str,
+    body: Body,
+) -> GcsResult<Response> {
     let body = read_json(body).await?;
     let sources = match body.get("sourceObjects") {
         Some(Value::Array(a)) => a
@@ -435,10 +490,15 @@ async fn compose(b: &Buckets, ctx: &Ctx, bucket: &str, dst: &str, body: Body) ->
                     .to_string();
                 let generation = int_field(s.get("generation"), "sourceObjects[].generation")?;
                 let if_generation_match = int_field(
-                    s.get("objectPreconditions").and_then(|p| p.get("ifGenerationMatch")),
+                    s.get("objectPreconditions")
+                        .and_then(|p| p.get("ifGenerationMatch")),
                     "sourceObjects[].objectPreconditions.ifGenerationMatch",
                 )?;
-                Ok(ComposeSource { name, generation, if_generation_match })
+                Ok(ComposeSource {
+                    name,
+                    generation,
+                    if_generation_match,
+                })
             })
             .collect::<GcsResult<Vec<_>>>()?,
         _ => return Err(GcsError::required("Required field: sourceObjects")),
@@ -447,7 +507,16 @@ async fn compose(b: &Buckets, ctx: &Ctx, bucket: &str, dst: &str, body: Body) ->
         Some(Value::Object(m)) => m.clone(),
         _ => Map::new(),
     };
-    let row = b.compose(bucket, dst, sources, dest, ctx.conds(false)?, ctx.base.clone()).await?;
+    let row = b
+        .compose(
+            bucket,
+            dst,
+            sources,
+            dest,
+            ctx.conds(false)?,
+            ctx.base.clone(),
+        )
+        .await?;
     ok(row.to_json(&ctx.base))
 }
 
@@ -476,21 +545,33 @@ async fn download_api(State(b): State<Buckets>, req: Request) -> Response {
 /// the whole object (no header, several ranges, or a form we ignore as
 /// RFC 9110 allows).
 fn parse_range(h: Option<&str>, size: u64) -> GcsResult<Option<(u64, u64)>> {
-    let Some(spec) = h.and_then(|h| h.trim().strip_prefix("bytes=")) else { return Ok(None) };
+    let Some(spec) = h.and_then(|h| h.trim().strip_prefix("bytes=")) else {
+        return Ok(None);
+    };
     if spec.contains(',') || size == 0 {
         return Ok(None);
     }
-    let Some((a, z)) = spec.split_once('-') else { return Ok(None) };
+    let Some((a, z)) = spec.split_once('-') else {
+        return Ok(None);
+    };
     let (a, z) = (a.trim(), z.trim());
-    let unsatisfiable = || Err(GcsError::range_not_satisfiable(format!("Request range not satisfiable: bytes={spec} of an object of {size} bytes")));
+    let unsatisfiable = || {
+        Err(GcsError::range_not_satisfiable(format!(
+            "Request range not satisfiable: bytes={spec} of an object of {size} bytes"
+        )))
+    };
     if a.is_empty() {
-        let Ok(n) = z.parse::<u64>() else { return Ok(None) };
+        let Ok(n) = z.parse::<u64>() else {
+            return Ok(None);
+        };
         if n == 0 {
             return unsatisfiable();
         }
         return Ok(Some((size.saturating_sub(n), size - 1)));
     }
-    let Ok(start) = a.parse::<u64>() else { return Ok(None) };
+    let Ok(start) = a.parse::<u64>() else {
+        return Ok(None);
+    };
     let end = if z.is_empty() {
         size - 1
     } else {
@@ -506,13 +587,17 @@ fn parse_range(h: Option<&str>, size: u64) -> GcsResult<Option<(u64, u64)>> {
 }
 
 async fn download(b: &Buckets, ctx: &Ctx, bucket: &str, name: &str) -> GcsResult<Response> {
-    let (row, mut file) = b.open_object(bucket, name, ctx.q_i64("generation")?, ctx.conds(false)?).await?;
+    let (row, mut file) = b
+        .open_object(bucket, name, ctx.q_i64("generation")?, ctx.conds(false)?)
+        .await?;
     let size = row.size;
     let range = match parse_range(ctx.header("range").as_deref(), size) {
         Err(e) => {
             let mut r = e.into_response();
-            r.headers_mut()
-                .insert(header::CONTENT_RANGE, HeaderValue::from_str(&format!("bytes */{size}")).expect("ascii"));
+            r.headers_mut().insert(
+                header::CONTENT_RANGE,
+                HeaderValue::from_str(&format!("bytes */{size}")).expect("ascii"),
+            );
             return Ok(r);
         }
         Ok(r) => r,
@@ -546,7 +631,13 @@ async fn download(b: &Buckets, ctx: &Ctx, bucket: &str, name: &str) -> GcsResult
     set("x-goog-metageneration", row.metageneration.to_string());
     set("x-goog-hash", row.goog_hash());
     set("x-goog-stored-content-length", size.to_string());
-    set("x-goog-stored-content-encoding", row.meta.content_encoding.clone().unwrap_or_else(|| "identity".into()));
+    set(
+        "x-goog-stored-content-encoding",
+        row.meta
+            .content_encoding
+            .clone()
+            .unwrap_or_else(|| "identity".into()),
+    );
     set("x-goog-storage-class", "STANDARD".into());
     if let Some((s, e)) = range {
         set("content-range", format!("bytes {s}-{e}/{size}"));
@@ -575,7 +666,10 @@ async fn download(b: &Buckets, ctx: &Ctx, bucket: &str, name: &str) -> GcsResult
 }
 
 fn httpdate(us: i64) -> String {
-    chrono::DateTime::from_timestamp_micros(us).unwrap_or_default().format("%a, %d %b %Y %H:%M:%S GMT").to_string()
+    chrono::DateTime::from_timestamp_micros(us)
+        .unwrap_or_default()
+        .format("%a, %d %b %Y %H:%M:%S GMT")
+        .to_string()
 }
 
 // ------------------------------------------------------------------ uploads
@@ -617,7 +711,9 @@ fn content_type_header(ctx: &Ctx) -> Option<String> {
 }
 
 async fn simple_upload(b: &Buckets, ctx: &Ctx, bucket: &str, body: Body) -> GcsResult<Response> {
-    let name = ctx.q("name").ok_or_else(|| GcsError::required("Required parameter: name"))?;
+    let name = ctx
+        .q("name")
+        .ok_or_else(|| GcsError::required("Required parameter: name"))?;
     validate_object_name(&name)?;
     let conds = ctx.conds(false)?;
     let expected = ctx.goog_hash()?;
@@ -664,7 +760,8 @@ async fn multipart_upload(b: &Buckets, ctx: &Ctx, bucket: &str, body: Body) -> G
     let parsed = multipart::parse(&mut reader, &boundary, &mut w).await?;
     let name = match ctx.q("name") {
         Some(n) => n,
-        None => str_field(&parsed.metadata, "name")?.ok_or_else(|| GcsError::required("Required parameter: name"))?,
+        None => str_field(&parsed.metadata, "name")?
+            .ok_or_else(|| GcsError::required("Required parameter: name"))?,
     };
     validate_object_name(&name)?;
     let from_meta = expected_from_resource(&parsed.metadata)?;
@@ -698,7 +795,8 @@ async fn start_resumable(b: &Buckets, ctx: &Ctx, bucket: &str, body: Body) -> Gc
     let metadata = read_json(body).await?;
     let name = match ctx.q("name") {
         Some(n) => n,
-        None => str_field(&metadata, "name")?.ok_or_else(|| GcsError::required("Required parameter: name"))?,
+        None => str_field(&metadata, "name")?
+            .ok_or_else(|| GcsError::required("Required parameter: name"))?,
     };
     validate_object_name(&name)?;
     let conds = ctx.conds(false)?;
@@ -706,7 +804,9 @@ async fn start_resumable(b: &Buckets, ctx: &Ctx, bucket: &str, body: Body) -> Gc
     let expected = expected_from_resource(&metadata)?;
     let mut meta = ObjectMeta::from_resource(&metadata)?;
     if meta.content_type.is_none() {
-        meta.content_type = ctx.header("x-upload-content-type").filter(|c| !c.is_empty());
+        meta.content_type = ctx
+            .header("x-upload-content-type")
+            .filter(|c| !c.is_empty());
     }
     if meta.content_encoding.is_none() {
         meta.content_encoding = ctx.q("contentEncoding");
@@ -714,7 +814,9 @@ async fn start_resumable(b: &Buckets, ctx: &Ctx, bucket: &str, body: Body) -> Gc
     let total = match ctx.header("x-upload-content-length") {
         None => None,
         Some(v) => Some(v.trim().parse::<u64>().map_err(|_| {
-            GcsError::invalid(format!("Invalid X-Upload-Content-Length '{v}': expected a byte count"))
+            GcsError::invalid(format!(
+                "Invalid X-Upload-Content-Length '{v}': expected a byte count"
+            ))
         })?),
     };
     let id = blob::new_id();
@@ -722,7 +824,12 @@ async fn start_resumable(b: &Buckets, ctx: &Ctx, bucket: &str, body: Body) -> Gc
         id: id.clone(),
         bucket: bucket.to_string(),
         name: name.clone(),
-        spec: UploadSpec { meta, conditions: conds, expected_md5: expected.md5, expected_crc32c: expected.crc32c },
+        spec: UploadSpec {
+            meta,
+            conditions: conds,
+            expected_md5: expected.md5,
+            expected_crc32c: expected.crc32c,
+        },
         total,
         received: 0,
         done: None,
@@ -745,8 +852,14 @@ async fn start_resumable(b: &Buckets, ctx: &Ctx, bucket: &str, body: Body) -> Gc
     );
     let mut resp = StatusCode::OK.into_response();
     let h = resp.headers_mut();
-    h.insert(header::LOCATION, HeaderValue::from_str(&location).map_err(|e| GcsError::internal(e.to_string()))?);
-    h.insert("x-guploader-uploadid", HeaderValue::from_str(&id).expect("hex id"));
+    h.insert(
+        header::LOCATION,
+        HeaderValue::from_str(&location).map_err(|e| GcsError::internal(e.to_string()))?,
+    );
+    h.insert(
+        "x-guploader-uploadid",
+        HeaderValue::from_str(&id).expect("hex id"),
+    );
     h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
     Ok(resp)
 }
@@ -757,15 +870,27 @@ enum ChunkRange {
     /// `bytes */T` or `bytes */*`: a status query (or a zero-byte finish).
     Query { total: Option<u64> },
     /// `bytes S-E/T` or `bytes S-E/*`.
-    Data { start: u64, end: u64, total: Option<u64> },
+    Data {
+        start: u64,
+        end: u64,
+        total: Option<u64>,
+    },
     /// No header: the body is the whole object.
     Whole,
 }
 
 fn parse_content_range(h: Option<&str>) -> GcsResult<ChunkRange> {
-    let Some(h) = h else { return Ok(ChunkRange::Whole) };
-    let bad = || GcsError::invalid(format!("Invalid Content-Range '{h}': expected 'bytes S-E/TOTAL', 'bytes S-E/*' or 'bytes */TOTAL'"));
-    let spec = h.trim().strip_prefix("bytes").ok_or_else(bad)?.trim_start_matches([' ', '=']);
+    let Some(h) = h else {
+        return Ok(ChunkRange::Whole);
+    };
+    let bad = || {
+        GcsError::invalid(format!("Invalid Content-Range '{h}': expected 'bytes S-E/TOTAL', 'bytes S-E/*' or 'bytes */TOTAL'"))
+    };
+    let spec = h
+        .trim()
+        .strip_prefix("bytes")
+        .ok_or_else(bad)?
+        .trim_start_matches([' ', '=']);
     let (range, total) = spec.split_once('/').ok_or_else(bad)?;
     let total = match total.trim() {
         "*" => None,
@@ -788,7 +913,10 @@ fn resume_incomplete(received: u64) -> Response {
     *resp.status_mut() = StatusCode::PERMANENT_REDIRECT;
     let h = resp.headers_mut();
     if received > 0 {
-        h.insert(header::RANGE, HeaderValue::from_str(&format!("bytes=0-{}", received - 1)).expect("ascii"));
+        h.insert(
+            header::RANGE,
+            HeaderValue::from_str(&format!("bytes=0-{}", received - 1)).expect("ascii"),
+        );
     }
     h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
     resp
@@ -803,7 +931,13 @@ fn no_session(id: &str) -> GcsError {
 
 impl Buckets {
     fn session_lock(&self, id: &str) -> std::sync::Arc<tokio::sync::Mutex<Option<Hasher>>> {
-        self.inner.sessions.lock().unwrap_or_else(|p| p.into_inner()).entry(id.to_string()).or_default().clone()
+        self.inner
+            .sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(id.to_string())
+            .or_default()
+            .clone()
     }
 }
 
@@ -814,7 +948,10 @@ async fn resumable_put(b: &Buckets, ctx: &Ctx, id: &str, body: Body) -> GcsResul
     let lock = b.session_lock(id);
     let mut hasher = lock.lock().await;
     let idc = id.to_string();
-    let session = b.db(move |c| Ok(db::get_upload(c, &idc)?)).await?.ok_or_else(|| no_session(id))?;
+    let session = b
+        .db(move |c| Ok(db::get_upload(c, &idc)?))
+        .await?
+        .ok_or_else(|| no_session(id))?;
     if let Some(done) = &session.done {
         // Completed before: answer as the completing request did.
         let v: Value = serde_json::from_str(done).unwrap_or(Value::Null);
@@ -843,11 +980,15 @@ async fn resumable_put(b: &Buckets, ctx: &Ctx, id: &str, body: Body) -> GcsResul
                 return finalize(b, ctx, session, &mut hasher, extra).await;
             }
             if total.is_some_and(|t| received > t) {
-                return Err(GcsError::invalid(format!("the session already holds {received} bytes, more than {}", total.unwrap_or_default())));
+                return Err(GcsError::invalid(format!(
+                    "the session already holds {received} bytes, more than {}",
+                    total.unwrap_or_default()
+                )));
             }
             if total != session.total {
                 let idc = id.to_string();
-                b.db(move |c| Ok(db::set_upload_progress(c, &idc, received, total)?)).await?;
+                b.db(move |c| Ok(db::set_upload_progress(c, &idc, received, total)?))
+                    .await?;
             }
             return Ok(resume_incomplete(received));
         }
@@ -861,13 +1002,17 @@ async fn resumable_put(b: &Buckets, ctx: &Ctx, id: &str, body: Body) -> GcsResul
         )));
     }
     let path = b.inner.blobs.upload_path(id);
-    let mut file = tokio::fs::OpenOptions::new().write(true).open(&path).await.map_err(|e| {
-        if e.kind() == std::io::ErrorKind::NotFound {
-            no_session(id)
-        } else {
-            e.into()
-        }
-    })?;
+    let mut file = tokio::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .await
+        .map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                no_session(id)
+            } else {
+                e.into()
+            }
+        })?;
     // Bytes beyond `received` were never acknowledged (a crash mid-chunk): cut them.
     file.set_len(received).await?;
     file.seek(std::io::SeekFrom::Start(received)).await?;
@@ -945,7 +1090,8 @@ async fn resumable_put(b: &Buckets, ctx: &Ctx, id: &str, body: Body) -> GcsResul
         total = Some(new_received);
     }
     let idc = id.to_string();
-    b.db(move |c| Ok(db::set_upload_progress(c, &idc, new_received, total)?)).await?;
+    b.db(move |c| Ok(db::set_upload_progress(c, &idc, new_received, total)?))
+        .await?;
     if let Some(e) = failure {
         return Err(e);
     }
@@ -967,7 +1113,9 @@ async fn rehash(path: &std::path::Path, len: u64) -> GcsResult<Hasher> {
     while left > 0 {
         let n = f.read(&mut buf[..(left.min(1 << 20) as usize)]).await?;
         if n == 0 {
-            return Err(GcsError::internal("an upload session file is shorter than recorded"));
+            return Err(GcsError::internal(
+                "an upload session file is shorter than recorded",
+            ));
         }
         h.update(&buf[..n]);
         left -= n as u64;
@@ -1018,7 +1166,11 @@ async fn finalize(
         .await;
     match res {
         Ok(row) => {
-            b.inner.sessions.lock().unwrap_or_else(|p| p.into_inner()).remove(&session.id);
+            b.inner
+                .sessions
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&session.id);
             ok(row.to_json(&ctx.base))
         }
         Err(e) => {
@@ -1047,7 +1199,10 @@ async fn cancel_upload(b: &Buckets, id: &str) -> GcsResult<Response> {
         return Err(no_session(id));
     }
     // Google answers a cancelled session with 499 Client Closed Request.
-    Ok(Response::builder().status(499).body(Body::empty()).expect("valid response"))
+    Ok(Response::builder()
+        .status(499)
+        .body(Body::empty())
+        .expect("valid response"))
 }
 
 #[cfg(test)]
@@ -1071,13 +1226,30 @@ mod tests {
     #[test]
     fn content_ranges() {
         assert_eq!(parse_content_range(None).unwrap(), ChunkRange::Whole);
-        assert_eq!(parse_content_range(Some("bytes */*")).unwrap(), ChunkRange::Query { total: None });
-        assert_eq!(parse_content_range(Some("bytes */100")).unwrap(), ChunkRange::Query { total: Some(100) });
+        assert_eq!(
+            parse_content_range(Some("bytes */*")).unwrap(),
+            ChunkRange::Query { total: None }
+        );
+        assert_eq!(
+            parse_content_range(Some("bytes */100")).unwrap(),
+            ChunkRange::Query { total: Some(100) }
+        );
         assert_eq!(
             parse_content_range(Some("bytes 0-9/100")).unwrap(),
-            ChunkRange::Data { start: 0, end: 9, total: Some(100) }
+            ChunkRange::Data {
+                start: 0,
+                end: 9,
+                total: Some(100)
+            }
         );
-        assert_eq!(parse_content_range(Some("bytes 10-19/*")).unwrap(), ChunkRange::Data { start: 10, end: 19, total: None });
+        assert_eq!(
+            parse_content_range(Some("bytes 10-19/*")).unwrap(),
+            ChunkRange::Data {
+                start: 10,
+                end: 19,
+                total: None
+            }
+        );
         assert!(parse_content_range(Some("bytes 9-0/100")).is_err());
         assert!(parse_content_range(Some("bytes 0-100/100")).is_err());
         assert!(parse_content_range(Some("0-1/2")).is_err());

@@ -79,15 +79,18 @@ impl Buckets {
     pub fn open(data_dir: &Path, broker: Arc<Broker>) -> anyhow::Result<Self> {
         let root = data_dir.join("buckets");
         std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
-        let blobs = BlobStore::open(&root).with_context(|| format!("opening blob storage in {}", root.display()))?;
-        let conn = db::open(&root.join("index.db")).context("opening the bucket index (buckets/index.db)")?;
+        let blobs = BlobStore::open(&root)
+            .with_context(|| format!("opening blob storage in {}", root.display()))?;
+        let conn = db::open(&root.join("index.db"))
+            .context("opening the bucket index (buckets/index.db)")?;
 
         // Sessions past their lifetime go, with their files.
         let expired = db::expire_uploads(&conn, model::now_us() - SESSION_LIFETIME_US)?;
         for id in expired.iter().filter(|id| blob::is_id(id)) {
             let _ = std::fs::remove_file(blobs.upload_path(id));
         }
-        let active: std::collections::HashSet<String> = db::active_uploads(&conn)?.into_iter().collect();
+        let active: std::collections::HashSet<String> =
+            db::active_uploads(&conn)?.into_iter().collect();
         for id in blobs.list_uploads()? {
             if !active.contains(&id) {
                 let _ = std::fs::remove_file(blobs.upload_path(&id));
@@ -122,11 +125,19 @@ impl Buckets {
     /// of resources created through the Rust API (HTTP requests use their
     /// own `Host` header).
     pub fn set_base_url(&self, base: &str) {
-        *self.inner.default_base.lock().unwrap_or_else(|p| p.into_inner()) = base.trim_end_matches('/').to_string();
+        *self
+            .inner
+            .default_base
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = base.trim_end_matches('/').to_string();
     }
 
     pub(crate) fn base_url(&self) -> String {
-        self.inner.default_base.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.inner
+            .default_base
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Notifications committed but not yet published.

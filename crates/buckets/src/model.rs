@@ -13,7 +13,11 @@ use crate::hash::{crc32c_b64, md5_b64, Expected};
 
 /// Characters left alone when a name goes into a URL path segment
 /// (RFC 3986 unreserved); `/` is encoded, as the official clients do.
-const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~');
+const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
 
 pub fn enc(s: &str) -> String {
     utf8_percent_encode(s, SEGMENT).to_string()
@@ -98,8 +102,14 @@ pub struct ObjectMeta {
     pub metadata: BTreeMap<String, String>,
 }
 
-const STRING_FIELDS: [&str; 6] =
-    ["contentType", "contentEncoding", "contentDisposition", "contentLanguage", "cacheControl", "customTime"];
+const STRING_FIELDS: [&str; 6] = [
+    "contentType",
+    "contentEncoding",
+    "contentDisposition",
+    "contentLanguage",
+    "cacheControl",
+    "customTime",
+];
 
 impl ObjectMeta {
     fn field(&mut self, key: &str) -> &mut Option<String> {
@@ -137,13 +147,17 @@ impl ObjectMeta {
                 Some(Value::String(s)) => {
                     if key == "customTime" {
                         chrono::DateTime::parse_from_rfc3339(s).map_err(|_| {
-                            GcsError::invalid(format!("Invalid customTime '{s}': expected an RFC 3339 timestamp"))
+                            GcsError::invalid(format!(
+                                "Invalid customTime '{s}': expected an RFC 3339 timestamp"
+                            ))
                         })?;
                     }
                     *self.field(key) = Some(s.clone())
                 }
                 Some(other) => {
-                    return Err(GcsError::invalid(format!("Invalid value for field '{key}': {other}: expected a string")))
+                    return Err(GcsError::invalid(format!(
+                        "Invalid value for field '{key}': {other}: expected a string"
+                    )))
                 }
             }
         }
@@ -177,7 +191,9 @@ impl ObjectMeta {
                 }
             }
             Some(other) => {
-                return Err(GcsError::invalid(format!("Invalid value for field 'metadata': {other}: expected an object")))
+                return Err(GcsError::invalid(format!(
+                    "Invalid value for field 'metadata': {other}: expected an object"
+                )))
             }
         }
         Ok(())
@@ -190,10 +206,15 @@ pub fn expected_from_resource(body: &Map<String, Value>) -> GcsResult<Expected> 
         match body.get(k) {
             None | Some(Value::Null) => Ok(None),
             Some(Value::String(s)) => Ok(Some(s.clone())),
-            Some(other) => Err(GcsError::invalid(format!("Invalid value for field '{k}': {other}: expected a string"))),
+            Some(other) => Err(GcsError::invalid(format!(
+                "Invalid value for field '{k}': {other}: expected a string"
+            ))),
         }
     };
-    let e = Expected { md5: get("md5Hash")?, crc32c: get("crc32c")? };
+    let e = Expected {
+        md5: get("md5Hash")?,
+        crc32c: get("crc32c")?,
+    };
     e.validate_format()?;
     Ok(e)
 }
@@ -218,7 +239,10 @@ pub struct ObjectRow {
 
 impl ObjectRow {
     pub fn content_type(&self) -> &str {
-        self.meta.content_type.as_deref().unwrap_or("application/octet-stream")
+        self.meta
+            .content_type
+            .as_deref()
+            .unwrap_or("application/octet-stream")
     }
 
     pub fn etag(&self) -> String {
@@ -278,7 +302,12 @@ impl ObjectRow {
 
 // ---- notifications ----
 
-pub const EVENT_TYPES: [&str; 4] = ["OBJECT_FINALIZE", "OBJECT_METADATA_UPDATE", "OBJECT_DELETE", "OBJECT_ARCHIVE"];
+pub const EVENT_TYPES: [&str; 4] = [
+    "OBJECT_FINALIZE",
+    "OBJECT_METADATA_UPDATE",
+    "OBJECT_DELETE",
+    "OBJECT_ARCHIVE",
+];
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NotificationConfig {
@@ -334,13 +363,25 @@ mod tests {
                 .unwrap(),
         )
         .unwrap();
-        m.patch(json!({"cacheControl": null, "metadata": {"a": null, "c": "3"}}).as_object().unwrap()).unwrap();
+        m.patch(
+            json!({"cacheControl": null, "metadata": {"a": null, "c": "3"}})
+                .as_object()
+                .unwrap(),
+        )
+        .unwrap();
         assert_eq!(m.content_type.as_deref(), Some("text/plain"));
         assert_eq!(m.cache_control, None);
-        assert_eq!(m.metadata.into_iter().collect::<Vec<_>>(), [("b".into(), "2".into()), ("c".into(), "3".into())]);
+        assert_eq!(
+            m.metadata.into_iter().collect::<Vec<_>>(),
+            [("b".into(), "2".into()), ("c".into(), "3".into())]
+        );
         let mut m = ObjectMeta::default();
-        assert!(m.patch(json!({"contentType": 5}).as_object().unwrap()).is_err());
-        assert!(m.patch(json!({"customTime": "yesterday"}).as_object().unwrap()).is_err());
+        assert!(m
+            .patch(json!({"contentType": 5}).as_object().unwrap())
+            .is_err());
+        assert!(m
+            .patch(json!({"customTime": "yesterday"}).as_object().unwrap())
+            .is_err());
     }
 
     #[test]

@@ -22,7 +22,11 @@ fn body_error(e: impl std::fmt::Display) -> GcsError {
 
 impl BodyReader {
     pub fn new(body: Body) -> Self {
-        BodyReader { stream: body.into_data_stream(), buf: BytesMut::new(), eof: false }
+        BodyReader {
+            stream: body.into_data_stream(),
+            buf: BytesMut::new(),
+            eof: false,
+        }
     }
 
     /// Appends the next chunk of the body to the buffer; false at the end.
@@ -73,10 +77,14 @@ impl BodyReader {
             }
             searched = self.buf.len().saturating_sub(pat.len() - 1);
             if self.buf.len() > max + pat.len() {
-                return Err(GcsError::bad_request(format!("{what} is larger than {max} bytes")));
+                return Err(GcsError::bad_request(format!(
+                    "{what} is larger than {max} bytes"
+                )));
             }
             if !self.fill().await? {
-                return Err(GcsError::bad_request(format!("malformed multipart body: {what} is not terminated")));
+                return Err(GcsError::bad_request(format!(
+                    "malformed multipart body: {what} is not terminated"
+                )));
             }
         }
     }
@@ -96,7 +104,9 @@ impl BodyReader {
                 self.buf.advance(safe);
             }
             if !self.fill().await? {
-                return Err(GcsError::bad_request("malformed multipart body: the media part has no closing boundary"));
+                return Err(GcsError::bad_request(
+                    "malformed multipart body: the media part has no closing boundary",
+                ));
             }
         }
     }
@@ -130,14 +140,20 @@ pub fn boundary(content_type: &str) -> GcsResult<String> {
             }
         }
     }
-    Err(GcsError::invalid("multipart Content-Type has no boundary parameter"))
+    Err(GcsError::invalid(
+        "multipart Content-Type has no boundary parameter",
+    ))
 }
 
 fn content_type_of(headers: &[u8]) -> Option<String> {
-    String::from_utf8_lossy(headers).split("\r\n").find_map(|line| {
-        let (k, v) = line.split_once(':')?;
-        k.trim().eq_ignore_ascii_case("content-type").then(|| v.trim().to_string())
-    })
+    String::from_utf8_lossy(headers)
+        .split("\r\n")
+        .find_map(|line| {
+            let (k, v) = line.split_once(':')?;
+            k.trim()
+                .eq_ignore_ascii_case("content-type")
+                .then(|| v.trim().to_string())
+        })
 }
 
 /// Parsed metadata of a multipart upload; the media went into the writer.
@@ -147,12 +163,20 @@ pub struct Multipart {
 }
 
 /// Reads `--B CRLF headers CRLF CRLF {json} CRLF --B CRLF headers CRLF CRLF media CRLF --B--`.
-pub async fn parse(reader: &mut BodyReader, boundary: &str, sink: &mut BlobWriter) -> GcsResult<Multipart> {
+pub async fn parse(
+    reader: &mut BodyReader,
+    boundary: &str,
+    sink: &mut BlobWriter,
+) -> GcsResult<Multipart> {
     let dash = format!("--{boundary}").into_bytes();
     let delim = format!("\r\n--{boundary}").into_bytes();
     // Preamble (normally empty) up to the first boundary.
-    reader.read_until(&dash, 64 * 1024, "multipart preamble").await?;
-    let h1 = reader.read_until(b"\r\n\r\n", 64 * 1024, "metadata part headers").await?;
+    reader
+        .read_until(&dash, 64 * 1024, "multipart preamble")
+        .await?;
+    let h1 = reader
+        .read_until(b"\r\n\r\n", 64 * 1024, "metadata part headers")
+        .await?;
     if let Some(ct) = content_type_of(&h1) {
         if !ct.to_ascii_lowercase().starts_with("application/json") {
             return Err(GcsError::invalid(format!(
@@ -167,18 +191,31 @@ pub async fn parse(reader: &mut BodyReader, boundary: &str, sink: &mut BlobWrite
         match serde_json::from_slice::<Value>(&json) {
             Ok(Value::Object(m)) => m,
             Ok(_) => return Err(GcsError::invalid("the metadata part must be a JSON object")),
-            Err(e) => return Err(GcsError::invalid(format!("the metadata part is not valid JSON: {e}"))),
+            Err(e) => {
+                return Err(GcsError::invalid(format!(
+                    "the metadata part is not valid JSON: {e}"
+                )))
+            }
         }
     };
     if reader.peek(2).await? == b"--" {
-        return Err(GcsError::invalid("multipart upload has no media part (expected metadata, then media)"));
+        return Err(GcsError::invalid(
+            "multipart upload has no media part (expected metadata, then media)",
+        ));
     }
-    let h2 = reader.read_until(b"\r\n\r\n", 64 * 1024, "media part headers").await?;
+    let h2 = reader
+        .read_until(b"\r\n\r\n", 64 * 1024, "media part headers")
+        .await?;
     reader.stream_until(&delim, sink).await?;
     if reader.peek(2).await? != b"--" {
-        return Err(GcsError::invalid("multipart upload has more than two parts (expected metadata, then media)"));
+        return Err(GcsError::invalid(
+            "multipart upload has more than two parts (expected metadata, then media)",
+        ));
     }
-    Ok(Multipart { metadata, media_content_type: content_type_of(&h2) })
+    Ok(Multipart {
+        metadata,
+        media_content_type: content_type_of(&h2),
+    })
 }
 
 #[cfg(test)]
@@ -187,7 +224,10 @@ mod tests {
 
     #[test]
     fn boundaries() {
-        assert_eq!(boundary("multipart/related; boundary=\"===abc==\"").unwrap(), "===abc==");
+        assert_eq!(
+            boundary("multipart/related; boundary=\"===abc==\"").unwrap(),
+            "===abc=="
+        );
         assert_eq!(boundary("multipart/related;boundary=xyz").unwrap(), "xyz");
         assert!(boundary("application/json").is_err());
         assert!(boundary("multipart/related").is_err());
@@ -196,8 +236,10 @@ mod tests {
     async fn run(body: Vec<u8>, chunk: usize) -> GcsResult<(Multipart, Vec<u8>)> {
         let dir = tempfile::tempdir().unwrap();
         let store = crate::blob::BlobStore::open(dir.path()).unwrap();
-        let chunks: Vec<Result<Bytes, std::io::Error>> =
-            body.chunks(chunk).map(|c| Ok(Bytes::copy_from_slice(c))).collect();
+        let chunks: Vec<Result<Bytes, std::io::Error>> = body
+            .chunks(chunk)
+            .map(|c| Ok(Bytes::copy_from_slice(c)))
+            .collect();
         let mut r = BodyReader::new(Body::from_stream(futures::stream::iter(chunks)));
         let mut w = store.writer().await.unwrap();
         let m = parse(&mut r, "BB", &mut w).await?;
@@ -208,7 +250,10 @@ mod tests {
 
     #[tokio::test]
     async fn parses_in_any_chunking() {
-        let media: Vec<u8> = (0..5000u32).map(|i| (i % 251) as u8).chain(b"\r\n--B".iter().copied()).collect();
+        let media: Vec<u8> = (0..5000u32)
+            .map(|i| (i % 251) as u8)
+            .chain(b"\r\n--B".iter().copied())
+            .collect();
         let mut body = b"--BB\r\ncontent-type: application/json; charset=UTF-8\r\n\r\n{\"name\":\"x\",\"metadata\":{\"k\":\"v\"}}\r\n--BB\r\ncontent-type: text/csv\r\n\r\n".to_vec();
         body.extend_from_slice(&media);
         body.extend_from_slice(b"\r\n--BB--");

@@ -9,13 +9,22 @@ use crate::error::{GcsError, GcsResult};
 /// starting with `goog` nor containing `google`.
 pub fn validate_bucket_name(name: &str) -> GcsResult<()> {
     let bad = |why: &str| {
-        Err(GcsError::invalid(format!("Invalid bucket name: '{}': {why}", shorten(name))))
+        Err(GcsError::invalid(format!(
+            "Invalid bucket name: '{}': {why}",
+            shorten(name)
+        )))
     };
     let max = if name.contains('.') { 222 } else { 63 };
     if name.len() < 3 || name.len() > max {
-        return bad(&format!("bucket names must be 3 to 63 characters long (up to 222 with dots), not {}", name.len()));
+        return bad(&format!(
+            "bucket names must be 3 to 63 characters long (up to 222 with dots), not {}",
+            name.len()
+        ));
     }
-    if let Some(c) = name.chars().find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || "-_.".contains(*c))) {
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || "-_.".contains(*c)))
+    {
         return bad(&format!(
             "character {c:?} is not allowed; use lowercase letters, digits, '-', '_' and '.'"
         ));
@@ -28,7 +37,11 @@ pub fn validate_bucket_name(name: &str) -> GcsResult<()> {
     if name.split('.').any(|p| p.is_empty() || p.len() > 63) {
         return bad("each dot-separated part must be 1 to 63 characters long");
     }
-    if name.split('.').count() == 4 && name.split('.').all(|p| !p.is_empty() && p.bytes().all(|c| c.is_ascii_digit())) {
+    if name.split('.').count() == 4
+        && name
+            .split('.')
+            .all(|p| !p.is_empty() && p.bytes().all(|c| c.is_ascii_digit()))
+    {
         return bad("bucket names cannot be IP addresses in dotted-decimal notation");
     }
     if name.starts_with("goog") {
@@ -45,7 +58,9 @@ pub fn validate_bucket_name(name: &str) -> GcsResult<()> {
 /// Anything else — `../x`, `/abs`, NUL, unicode — is a valid, opaque name.
 pub fn validate_object_name(name: &str) -> GcsResult<()> {
     if name.is_empty() {
-        return Err(GcsError::required("Required object name: the object name must not be empty"));
+        return Err(GcsError::required(
+            "Required object name: the object name must not be empty",
+        ));
     }
     if name.len() > 1024 {
         return Err(GcsError::invalid(format!(
@@ -60,10 +75,14 @@ pub fn validate_object_name(name: &str) -> GcsResult<()> {
         )));
     }
     if name == "." || name == ".." {
-        return Err(GcsError::invalid(format!("Object name '{name}' is not allowed")));
+        return Err(GcsError::invalid(format!(
+            "Object name '{name}' is not allowed"
+        )));
     }
     if name.starts_with(".well-known/acme-challenge/") {
-        return Err(GcsError::invalid("Object names cannot start with '.well-known/acme-challenge/'"));
+        return Err(GcsError::invalid(
+            "Object names cannot start with '.well-known/acme-challenge/'",
+        ));
     }
     Ok(())
 }
@@ -85,14 +104,35 @@ mod tests {
 
     #[test]
     fn bucket_names() {
-        for ok in ["abc", "my-bucket_1", "a.b.c", "0ab", &"a".repeat(63), "ab.cd-ef"] {
+        for ok in [
+            "abc",
+            "my-bucket_1",
+            "a.b.c",
+            "0ab",
+            &"a".repeat(63),
+            "ab.cd-ef",
+        ] {
             validate_bucket_name(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
         }
         for bad in [
-            "ab", "Abc", "-abc", "abc-", "ab c", "a/b", &"a".repeat(64), "192.168.5.4", "goog-x", "my-google-b",
-            "a..b", "ab_", "äbc",
+            "ab",
+            "Abc",
+            "-abc",
+            "abc-",
+            "ab c",
+            "a/b",
+            &"a".repeat(64),
+            "192.168.5.4",
+            "goog-x",
+            "my-google-b",
+            "a..b",
+            "ab_",
+            "äbc",
         ] {
-            assert!(validate_bucket_name(bad).is_err(), "{bad} should be rejected");
+            assert!(
+                validate_bucket_name(bad).is_err(),
+                "{bad} should be rejected"
+            );
         }
         // Long dotted names are allowed when each part is short enough.
         let dotted = format!("{}.{}.{}", "a".repeat(63), "b".repeat(63), "c".repeat(63));
@@ -101,11 +141,31 @@ mod tests {
 
     #[test]
     fn object_names() {
-        for ok in ["a", "../../etc/passwd", "/abs/path", "nul\0byte", "ünï/cødé", "a//b", &"x".repeat(1024), "..."] {
+        for ok in [
+            "a",
+            "../../etc/passwd",
+            "/abs/path",
+            "nul\0byte",
+            "ünï/cødé",
+            "a//b",
+            &"x".repeat(1024),
+            "...",
+        ] {
             validate_object_name(ok).unwrap_or_else(|e| panic!("{ok:?}: {e}"));
         }
-        for bad in ["", "a\nb", "a\rb", ".", "..", &"x".repeat(1025), ".well-known/acme-challenge/x"] {
-            assert!(validate_object_name(bad).is_err(), "{bad:?} should be rejected");
+        for bad in [
+            "",
+            "a\nb",
+            "a\rb",
+            ".",
+            "..",
+            &"x".repeat(1025),
+            ".well-known/acme-challenge/x",
+        ] {
+            assert!(
+                validate_object_name(bad).is_err(),
+                "{bad:?} should be rejected"
+            );
         }
         // 1024 bytes counts bytes, not characters.
         assert!(validate_object_name(&"é".repeat(513)).is_err());

@@ -42,9 +42,18 @@ pub fn messages_for(
 ) -> Vec<(String, BTreeMap<String, String>, Vec<u8>)> {
     let mut out = Vec::new();
     let mut payload: Option<Vec<u8>> = None;
-    for n in configs.iter().filter(|n| n.matches(ev.kind, &ev.object.name)) {
+    for n in configs
+        .iter()
+        .filter(|n| n.matches(ev.kind, &ev.object.name))
+    {
         let mut a = n.custom_attributes.clone();
-        a.insert("notificationConfig".into(), format!("projects/_/buckets/{}/notificationConfigs/{}", n.bucket, n.id));
+        a.insert(
+            "notificationConfig".into(),
+            format!(
+                "projects/_/buckets/{}/notificationConfigs/{}",
+                n.bucket, n.id
+            ),
+        );
         a.insert("eventType".into(), ev.kind.into());
         a.insert("payloadFormat".into(), n.payload_format.clone());
         a.insert("bucketId".into(), ev.object.bucket.clone());
@@ -59,7 +68,10 @@ pub fn messages_for(
         }
         let data = if n.payload_format == "JSON_API_V1" {
             payload
-                .get_or_insert_with(|| serde_json::to_vec_pretty(&ev.object.to_json(base)).expect("resource serializes"))
+                .get_or_insert_with(|| {
+                    serde_json::to_vec_pretty(&ev.object.to_json(base))
+                        .expect("resource serializes")
+                })
                 .clone()
         } else {
             Vec::new()
@@ -71,7 +83,12 @@ pub fn messages_for(
 
 /// Stores the events' messages in the outbox (inside the caller's
 /// transaction). Returns how many were stored.
-pub fn enqueue(c: &Connection, bucket: &str, events: &[Event], base: &str) -> rusqlite::Result<usize> {
+pub fn enqueue(
+    c: &Connection,
+    bucket: &str,
+    events: &[Event],
+    base: &str,
+) -> rusqlite::Result<usize> {
     let configs = db::notifications(c, bucket)?;
     if configs.is_empty() {
         return Ok(0);
@@ -118,7 +135,11 @@ pub(crate) async fn run_publisher(inner: Weak<Inner>) {
             // Consecutive rows for one topic go in one publish call.
             let mut j = i + 1;
             let mut bytes = rows[i].data.len();
-            while j < rows.len() && rows[j].topic == rows[i].topic && j - i < 100 && bytes + rows[j].data.len() < 8 << 20 {
+            while j < rows.len()
+                && rows[j].topic == rows[i].topic
+                && j - i < 100
+                && bytes + rows[j].data.len() < 8 << 20
+            {
                 bytes += rows[j].data.len();
                 j += 1;
             }
@@ -156,9 +177,12 @@ pub(crate) async fn run_publisher(inner: Weak<Inner>) {
                 break;
             }
             let me2 = me.clone();
-            let res = tokio::task::spawn_blocking(move || db::delete_outbox(&me2.lock_db(), &ids)).await;
+            let res =
+                tokio::task::spawn_blocking(move || db::delete_outbox(&me2.lock_db(), &ids)).await;
             if !matches!(res, Ok(Ok(()))) {
-                tracing::warn!("could not mark notifications as published; they may be published again");
+                tracing::warn!(
+                    "could not mark notifications as published; they may be published again"
+                );
                 failed = true;
                 break;
             }
@@ -213,12 +237,21 @@ mod tests {
             custom_attributes: [("team".to_string(), "ml".to_string())].into(),
         };
         let o = obj();
-        let ev = Event { kind: FINALIZE, object: &o, overwrote_generation: Some(5), overwritten_by_generation: None, time_us: o.created_us };
+        let ev = Event {
+            kind: FINALIZE,
+            object: &o,
+            overwrote_generation: Some(5),
+            overwritten_by_generation: None,
+            time_us: o.created_us,
+        };
         let msgs = messages_for(std::slice::from_ref(&cfg), &ev, "http://h");
         assert_eq!(msgs.len(), 1);
         let (topic, a, data) = &msgs[0];
         assert_eq!(topic, "projects/demo/topics/uploads");
-        assert_eq!(a["notificationConfig"], "projects/_/buckets/in/notificationConfigs/7");
+        assert_eq!(
+            a["notificationConfig"],
+            "projects/_/buckets/in/notificationConfigs/7"
+        );
         assert_eq!(a["eventType"], "OBJECT_FINALIZE");
         assert_eq!(a["payloadFormat"], "JSON_API_V1");
         assert_eq!(a["bucketId"], "in");
@@ -231,11 +264,20 @@ mod tests {
         assert_eq!(v["name"], "csv/a.csv");
         assert_eq!(v["kind"], "storage#object");
 
-        let none = NotificationConfig { payload_format: "NONE".into(), ..cfg.clone() };
+        let none = NotificationConfig {
+            payload_format: "NONE".into(),
+            ..cfg.clone()
+        };
         assert!(messages_for(&[none], &ev, "http://h")[0].2.is_empty());
         let other = obj();
-        let other = ObjectRow { name: "txt/b".into(), ..other };
-        let ev2 = Event { object: &other, ..ev };
+        let other = ObjectRow {
+            name: "txt/b".into(),
+            ..other
+        };
+        let ev2 = Event {
+            object: &other,
+            ..ev
+        };
         assert!(messages_for(&[cfg], &ev2, "http://h").is_empty());
     }
 }

@@ -108,7 +108,9 @@ impl Buckets {
             updated_us: now,
             metageneration: 1,
             location: location.unwrap_or_else(|| "US".into()).to_ascii_uppercase(),
-            storage_class: storage_class.unwrap_or_else(|| "STANDARD".into()).to_ascii_uppercase(),
+            storage_class: storage_class
+                .unwrap_or_else(|| "STANDARD".into())
+                .to_ascii_uppercase(),
             labels,
         };
         self.db(move |c| {
@@ -130,7 +132,10 @@ impl Buckets {
     pub async fn ensure_bucket(&self, name: &str, project: &str) -> GcsResult<BucketRow> {
         match self.get_bucket(name).await {
             Ok(b) => Ok(b),
-            Err(e) if e.status == 404 => match self.create_bucket(name, project, None, None, BTreeMap::new()).await {
+            Err(e) if e.status == 404 => match self
+                .create_bucket(name, project, None, None, BTreeMap::new())
+                .await
+            {
                 Err(e) if e.status == 409 => self.get_bucket(name).await,
                 r => r,
             },
@@ -140,7 +145,8 @@ impl Buckets {
 
     pub async fn get_bucket(&self, name: &str) -> GcsResult<BucketRow> {
         let name = name.to_string();
-        self.db(move |c| db::get_bucket(c, &name)?.ok_or_else(|| GcsError::no_bucket(&name))).await
+        self.db(move |c| db::get_bucket(c, &name)?.ok_or_else(|| GcsError::no_bucket(&name)))
+            .await
     }
 
     /// One page of buckets; `project = None` lists every project's.
@@ -151,10 +157,18 @@ impl Buckets {
         page_token: Option<String>,
         max_results: usize,
     ) -> GcsResult<(Vec<BucketRow>, Option<String>)> {
-        let max = if max_results == 0 { 1000 } else { max_results.min(1000) };
+        let max = if max_results == 0 {
+            1000
+        } else {
+            max_results.min(1000)
+        };
         let after = match page_token.filter(|t| !t.is_empty()) {
-            Some(t) => String::from_utf8(B64URL.decode(&t).map_err(|_| GcsError::invalid("Invalid pageToken"))?)
-                .map_err(|_| GcsError::invalid("Invalid pageToken"))?,
+            Some(t) => String::from_utf8(
+                B64URL
+                    .decode(&t)
+                    .map_err(|_| GcsError::invalid("Invalid pageToken"))?,
+            )
+            .map_err(|_| GcsError::invalid("Invalid pageToken"))?,
             None => String::new(),
         };
         self.db(move |c| {
@@ -180,7 +194,9 @@ impl Buckets {
                     return Err(GcsError::no_bucket(&name));
                 }
                 if !db::bucket_is_empty(&tx, &name)? {
-                    return Err(GcsError::conflict(format!("The bucket you tried to delete is not empty: {name}")));
+                    return Err(GcsError::conflict(format!(
+                        "The bucket you tried to delete is not empty: {name}"
+                    )));
                 }
                 let uploads = db::delete_bucket(&tx, &name)?;
                 tx.commit()?;
@@ -194,7 +210,12 @@ impl Buckets {
     }
 
     /// PATCH of a bucket: only `labels` (merged; `null` values remove) is writable here.
-    pub async fn patch_bucket(&self, name: &str, body: Map<String, Value>, replace: bool) -> GcsResult<BucketRow> {
+    pub async fn patch_bucket(
+        &self,
+        name: &str,
+        body: Map<String, Value>,
+        replace: bool,
+    ) -> GcsResult<BucketRow> {
         let name = name.to_string();
         self.db(move |c| {
             let tx = c.transaction()?;
@@ -218,11 +239,19 @@ impl Buckets {
                             Value::String(s) => {
                                 b.labels.insert(k.clone(), s.clone());
                             }
-                            other => return Err(GcsError::invalid(format!("Invalid label value for '{k}': {other}"))),
+                            other => {
+                                return Err(GcsError::invalid(format!(
+                                    "Invalid label value for '{k}': {other}"
+                                )))
+                            }
                         }
                     }
                 }
-                Some(other) => return Err(GcsError::invalid(format!("Invalid value for field 'labels': {other}"))),
+                Some(other) => {
+                    return Err(GcsError::invalid(format!(
+                        "Invalid value for field 'labels': {other}"
+                    )))
+                }
             }
             b.metageneration += 1;
             b.updated_us = now_us();
@@ -240,83 +269,88 @@ impl Buckets {
     /// notification events in one transaction, then removes the replaced blob.
     pub(crate) async fn commit(&self, w: Write) -> GcsResult<ObjectRow> {
         let inner = self.inner.clone();
-        let (row, events) = tokio::task::spawn_blocking(move || -> GcsResult<(ObjectRow, usize)> {
-            let (blob_id, digests) = match w.source {
-                Source::Temp(t) => (inner.blobs.install(t.path())?, t.digests),
-                Source::File(p, d) => (inner.blobs.install(&p)?, d),
-                Source::Duplicate(b, d) => match inner.blobs.duplicate(&b) {
-                    Ok(id) => (id, d),
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                        return Err(GcsError::new(404, SOURCE_CHANGED, "the source object changed during the copy"))
-                    }
-                    Err(e) => return Err(e.into()),
-                },
-            };
-            let mut conn = inner.lock_db();
-            let result = (|| -> GcsResult<(ObjectRow, Option<ObjectRow>, usize)> {
-                let tx = conn.transaction()?;
-                if db::get_bucket(&tx, &w.bucket)?.is_none() {
-                    return Err(GcsError::no_bucket(&w.bucket));
-                }
-                let old = db::get_object(&tx, &w.bucket, &w.name)?;
-                w.conds.check(live(&old), false)?;
-                let generation = db::next_generation(&tx)?;
-                let now = now_us();
-                let row = ObjectRow {
-                    bucket: w.bucket.clone(),
-                    name: w.name.clone(),
-                    generation,
-                    metageneration: 1,
-                    size: digests.size,
-                    blob: blob_id.clone(),
-                    md5: digests.md5,
-                    crc32c: digests.crc32c,
-                    component_count: w.component_count,
-                    meta: w.meta.clone(),
-                    created_us: now,
-                    updated_us: now,
+        let (row, events) =
+            tokio::task::spawn_blocking(move || -> GcsResult<(ObjectRow, usize)> {
+                let (blob_id, digests) = match w.source {
+                    Source::Temp(t) => (inner.blobs.install(t.path())?, t.digests),
+                    Source::File(p, d) => (inner.blobs.install(&p)?, d),
+                    Source::Duplicate(b, d) => match inner.blobs.duplicate(&b) {
+                        Ok(id) => (id, d),
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                            return Err(GcsError::new(
+                                404,
+                                SOURCE_CHANGED,
+                                "the source object changed during the copy",
+                            ))
+                        }
+                        Err(e) => return Err(e.into()),
+                    },
                 };
-                db::put_object(&tx, &row)?;
-                let mut events = vec![Event {
-                    kind: notify::FINALIZE,
-                    object: &row,
-                    overwrote_generation: old.as_ref().map(|o| o.generation),
-                    overwritten_by_generation: None,
-                    time_us: now,
-                }];
-                if let Some(o) = &old {
-                    events.push(Event {
-                        kind: notify::DELETE,
-                        object: o,
-                        overwrote_generation: None,
-                        overwritten_by_generation: Some(generation),
-                        time_us: now,
-                    });
-                }
-                let n = notify::enqueue(&tx, &w.bucket, &events, &w.base)?;
-                drop(events);
-                if let Some(u) = &w.upload_id {
-                    db::finish_upload(&tx, u, &row.to_json(&w.base).to_string())?;
-                }
-                tx.commit()?;
-                Ok((row, old, n))
-            })();
-            drop(conn);
-            match result {
-                Err(e) => {
-                    inner.blobs.remove(&blob_id);
-                    Err(e)
-                }
-                Ok((row, old, n)) => {
-                    if let Some(o) = old {
-                        inner.blobs.remove(&o.blob);
+                let mut conn = inner.lock_db();
+                let result = (|| -> GcsResult<(ObjectRow, Option<ObjectRow>, usize)> {
+                    let tx = conn.transaction()?;
+                    if db::get_bucket(&tx, &w.bucket)?.is_none() {
+                        return Err(GcsError::no_bucket(&w.bucket));
                     }
-                    Ok((row, n))
+                    let old = db::get_object(&tx, &w.bucket, &w.name)?;
+                    w.conds.check(live(&old), false)?;
+                    let generation = db::next_generation(&tx)?;
+                    let now = now_us();
+                    let row = ObjectRow {
+                        bucket: w.bucket.clone(),
+                        name: w.name.clone(),
+                        generation,
+                        metageneration: 1,
+                        size: digests.size,
+                        blob: blob_id.clone(),
+                        md5: digests.md5,
+                        crc32c: digests.crc32c,
+                        component_count: w.component_count,
+                        meta: w.meta.clone(),
+                        created_us: now,
+                        updated_us: now,
+                    };
+                    db::put_object(&tx, &row)?;
+                    let mut events = vec![Event {
+                        kind: notify::FINALIZE,
+                        object: &row,
+                        overwrote_generation: old.as_ref().map(|o| o.generation),
+                        overwritten_by_generation: None,
+                        time_us: now,
+                    }];
+                    if let Some(o) = &old {
+                        events.push(Event {
+                            kind: notify::DELETE,
+                            object: o,
+                            overwrote_generation: None,
+                            overwritten_by_generation: Some(generation),
+                            time_us: now,
+                        });
+                    }
+                    let n = notify::enqueue(&tx, &w.bucket, &events, &w.base)?;
+                    drop(events);
+                    if let Some(u) = &w.upload_id {
+                        db::finish_upload(&tx, u, &row.to_json(&w.base).to_string())?;
+                    }
+                    tx.commit()?;
+                    Ok((row, old, n))
+                })();
+                drop(conn);
+                match result {
+                    Err(e) => {
+                        inner.blobs.remove(&blob_id);
+                        Err(e)
+                    }
+                    Ok((row, old, n)) => {
+                        if let Some(o) = old {
+                            inner.blobs.remove(&o.blob);
+                        }
+                        Ok((row, n))
+                    }
                 }
-            }
-        })
-        .await
-        .map_err(|e| GcsError::internal(format!("commit task failed: {e}")))??;
+            })
+            .await
+            .map_err(|e| GcsError::internal(format!("commit task failed: {e}")))??;
         if events > 0 {
             notify::wake(&self.inner);
         }
@@ -325,7 +359,12 @@ impl Buckets {
 
     /// Fails fast (before receiving a body) when the bucket is missing or a
     /// precondition already fails. The commit checks again.
-    pub(crate) async fn precheck_write(&self, bucket: &str, name: &str, conds: Conditions) -> GcsResult<()> {
+    pub(crate) async fn precheck_write(
+        &self,
+        bucket: &str,
+        name: &str,
+        conds: Conditions,
+    ) -> GcsResult<()> {
         let (bucket, name) = (bucket.to_string(), name.to_string());
         self.db(move |c| {
             if db::get_bucket(c, &bucket)?.is_none() {
@@ -387,7 +426,8 @@ impl Buckets {
             if db::get_bucket(c, &bucket)?.is_none() {
                 return Err(GcsError::no_bucket(&bucket));
             }
-            let o = db::get_object(c, &bucket, &name)?.ok_or_else(|| GcsError::no_object(&bucket, &name))?;
+            let o = db::get_object(c, &bucket, &name)?
+                .ok_or_else(|| GcsError::no_object(&bucket, &name))?;
             if generation.is_some_and(|g| g != o.generation) {
                 return Err(GcsError::no_object(&bucket, &name));
             }
@@ -415,10 +455,13 @@ impl Buckets {
                 Err(e) => return Err(e.into()),
             }
         }
-        Err(GcsError::unavailable(format!("object {bucket}/{name} kept changing while being opened; retry")))
+        Err(GcsError::unavailable(format!(
+            "object {bucket}/{name} kept changing while being opened; retry"
+        )))
     }
 
     /// PATCH (`replace = false`) or PUT (`replace = true`) of an object's metadata.
+    #[allow(clippy::too_many_arguments)]
     pub async fn update_object(
         &self,
         bucket: &str,
@@ -436,7 +479,8 @@ impl Buckets {
                 if db::get_bucket(&tx, &bucket)?.is_none() {
                     return Err(GcsError::no_bucket(&bucket));
                 }
-                let mut o = db::get_object(&tx, &bucket, &name)?.ok_or_else(|| GcsError::no_object(&bucket, &name))?;
+                let mut o = db::get_object(&tx, &bucket, &name)?
+                    .ok_or_else(|| GcsError::no_object(&bucket, &name))?;
                 if generation.is_some_and(|g| g != o.generation) {
                     return Err(GcsError::no_object(&bucket, &name));
                 }
@@ -483,7 +527,8 @@ impl Buckets {
                 if db::get_bucket(&tx, &bucket)?.is_none() {
                     return Err(GcsError::no_bucket(&bucket));
                 }
-                let o = db::get_object(&tx, &bucket, &name)?.ok_or_else(|| GcsError::no_object(&bucket, &name))?;
+                let o = db::get_object(&tx, &bucket, &name)?
+                    .ok_or_else(|| GcsError::no_object(&bucket, &name))?;
                 if generation.is_some_and(|g| g != o.generation) {
                     return Err(GcsError::no_object(&bucket, &name));
                 }
@@ -513,14 +558,20 @@ impl Buckets {
     /// counts items and prefixes together.
     pub async fn list_objects(&self, bucket: &str, p: ListParams) -> GcsResult<ListPage> {
         let bucket = bucket.to_string();
-        let max = if p.max_results == 0 { 1000 } else { p.max_results.min(1000) };
+        let max = if p.max_results == 0 {
+            1000
+        } else {
+            p.max_results.min(1000)
+        };
         let prefix = p.prefix.as_bytes().to_vec();
         let mut lower = prefix.clone();
         if let Some(so) = &p.start_offset {
             lower = lower.max(so.as_bytes().to_vec());
         }
         if let Some(t) = p.page_token.as_ref().filter(|t| !t.is_empty()) {
-            let t = B64URL.decode(t).map_err(|_| GcsError::invalid(format!("Invalid pageToken '{}'", shorten(t))))?;
+            let t = B64URL
+                .decode(t)
+                .map_err(|_| GcsError::invalid(format!("Invalid pageToken '{}'", shorten(t))))?;
             lower = lower.max(t);
         }
         let mut upper: Option<Vec<u8>> = if prefix.is_empty() {
@@ -537,7 +588,11 @@ impl Buckets {
                 None => eo,
             });
         }
-        let delim = p.delimiter.clone().filter(|d| !d.is_empty()).map(String::into_bytes);
+        let delim = p
+            .delimiter
+            .clone()
+            .filter(|d| !d.is_empty())
+            .map(String::into_bytes);
         let trailing = p.include_trailing_delimiter;
         self.db(move |c| {
             if db::get_bucket(c, &bucket)?.is_none() {
@@ -593,7 +648,14 @@ impl Buckets {
         let mut token = None;
         loop {
             let page = self
-                .list_objects(bucket, ListParams { prefix: prefix.into(), page_token: token, ..Default::default() })
+                .list_objects(
+                    bucket,
+                    ListParams {
+                        prefix: prefix.into(),
+                        page_token: token,
+                        ..Default::default()
+                    },
+                )
                 .await?;
             out.extend(page.items);
             match page.next_page_token {
@@ -620,7 +682,9 @@ impl Buckets {
     ) -> GcsResult<ObjectRow> {
         validate_object_name(dst_name)?;
         for _ in 0..5 {
-            let src = self.get_object(src_bucket, src_name, src_generation, Conditions::default()).await?;
+            let src = self
+                .get_object(src_bucket, src_name, src_generation, Conditions::default())
+                .await?;
             src_conds.check(Some((src.generation, src.metageneration)), false)?;
             let mut meta = src.meta.clone();
             if let Some(b) = &body {
@@ -629,7 +693,11 @@ impl Buckets {
                 }
                 meta.patch(b)?;
             }
-            let digests = Digests { md5: src.md5, crc32c: src.crc32c, size: src.size };
+            let digests = Digests {
+                md5: src.md5,
+                crc32c: src.crc32c,
+                size: src.size,
+            };
             let res = self
                 .commit(Write {
                     bucket: dst_bucket.into(),
@@ -647,7 +715,9 @@ impl Buckets {
                 r => return r,
             }
         }
-        Err(GcsError::unavailable(format!("source {src_bucket}/{src_name} kept changing during the copy; retry")))
+        Err(GcsError::unavailable(format!(
+            "source {src_bucket}/{src_name} kept changing during the copy; retry"
+        )))
     }
 
     /// compose: concatenates up to 32 objects of one bucket into `dst`.
@@ -663,7 +733,9 @@ impl Buckets {
     ) -> GcsResult<ObjectRow> {
         validate_object_name(dst)?;
         if sources.is_empty() {
-            return Err(GcsError::required("Required field: sourceObjects (at least one source object)"));
+            return Err(GcsError::required(
+                "Required field: sourceObjects (at least one source object)",
+            ));
         }
         if sources.len() > 32 {
             return Err(GcsError::invalid(format!(
@@ -674,16 +746,22 @@ impl Buckets {
         let meta = ObjectMeta::from_resource(&dest)?;
         let expected = crate::model::expected_from_resource(&dest)?;
         if expected.md5.is_some() {
-            return Err(GcsError::invalid("md5Hash cannot be specified for a composite object; use crc32c"));
+            return Err(GcsError::invalid(
+                "md5Hash cannot be specified for a composite object; use crc32c",
+            ));
         }
         self.precheck_write(bucket, dst, conds).await?;
         let mut opened = Vec::new();
         let mut components = 0i64;
         for s in &sources {
             validate_object_name(&s.name)?;
-            let (row, file) = self.open_object(bucket, &s.name, s.generation, Conditions::default()).await?;
+            let (row, file) = self
+                .open_object(bucket, &s.name, s.generation, Conditions::default())
+                .await?;
             if s.if_generation_match.is_some_and(|g| g != row.generation) {
-                return Err(GcsError::precondition(crate::conditions::PRECONDITION_FAILED));
+                return Err(GcsError::precondition(
+                    crate::conditions::PRECONDITION_FAILED,
+                ));
             }
             components += row.component_count.unwrap_or(1);
             opened.push(file);
@@ -706,7 +784,11 @@ impl Buckets {
         }
         let mut temp = w.finish().await?;
         temp.digests.md5 = None;
-        Expected { md5: None, crc32c: expected.crc32c }.verify(&temp.digests)?;
+        Expected {
+            md5: None,
+            crc32c: expected.crc32c,
+        }
+        .verify(&temp.digests)?;
         self.commit(Write {
             bucket: bucket.into(),
             name: dst.into(),
@@ -722,9 +804,15 @@ impl Buckets {
 
     // ---------------------------------------------------------- notifications
 
-    pub async fn create_notification(&self, bucket: &str, spec: NotificationSpec) -> GcsResult<NotificationConfig> {
+    pub async fn create_notification(
+        &self,
+        bucket: &str,
+        spec: NotificationSpec,
+    ) -> GcsResult<NotificationConfig> {
         let full = spec.topic.trim();
-        let short = full.strip_prefix("//pubsub.googleapis.com/").unwrap_or(full);
+        let short = full
+            .strip_prefix("//pubsub.googleapis.com/")
+            .unwrap_or(full);
         let topic = TopicName::parse(short).map_err(|e| {
             GcsError::invalid(format!(
                 "Invalid Cloud Pub/Sub topic '{full}': {}. It should look like \
@@ -741,7 +829,10 @@ impl Buckets {
             }
             Err(e) => return Err(GcsError::unavailable(e.message)),
         }
-        let payload_format = spec.payload_format.filter(|p| !p.is_empty()).unwrap_or_else(|| "JSON_API_V1".into());
+        let payload_format = spec
+            .payload_format
+            .filter(|p| !p.is_empty())
+            .unwrap_or_else(|| "JSON_API_V1".into());
         if payload_format != "JSON_API_V1" && payload_format != "NONE" {
             return Err(GcsError::invalid(format!(
                 "Invalid payload_format '{payload_format}': use JSON_API_V1 or NONE"
@@ -756,7 +847,9 @@ impl Buckets {
             }
         }
         if spec.custom_attributes.len() > 90 {
-            return Err(GcsError::invalid("At most 90 custom_attributes are allowed"));
+            return Err(GcsError::invalid(
+                "At most 90 custom_attributes are allowed",
+            ));
         }
         for (k, v) in &spec.custom_attributes {
             if k.is_empty() || k.len() > 256 || k.starts_with("goog") {
@@ -766,7 +859,10 @@ impl Buckets {
                 )));
             }
             if v.len() > 1024 {
-                return Err(GcsError::invalid(format!("Custom attribute '{}' is longer than 1024 bytes", shorten(k))));
+                return Err(GcsError::invalid(format!(
+                    "Custom attribute '{}' is longer than 1024 bytes",
+                    shorten(k)
+                )));
             }
         }
         let bucket = bucket.to_string();
@@ -785,7 +881,9 @@ impl Buckets {
                 return Err(GcsError::no_bucket(&bucket));
             }
             if db::notifications(&tx, &bucket)?.len() >= 100 {
-                return Err(GcsError::invalid("A bucket can have at most 100 notification configurations"));
+                return Err(GcsError::invalid(
+                    "A bucket can have at most 100 notification configurations",
+                ));
             }
             cfg.id = db::next_notification_id(&tx)?;
             db::put_notification(&tx, &cfg)?;
@@ -807,9 +905,14 @@ impl Buckets {
     }
 
     pub async fn get_notification(&self, bucket: &str, id: &str) -> GcsResult<NotificationConfig> {
-        let not_found = || GcsError::not_found(format!("No such notification config: {bucket}/{id}"));
+        let not_found =
+            || GcsError::not_found(format!("No such notification config: {bucket}/{id}"));
         let n: i64 = id.parse().map_err(|_| not_found())?;
-        self.list_notifications(bucket).await?.into_iter().find(|c| c.id == n).ok_or_else(not_found)
+        self.list_notifications(bucket)
+            .await?
+            .into_iter()
+            .find(|c| c.id == n)
+            .ok_or_else(not_found)
     }
 
     pub async fn delete_notification(&self, bucket: &str, id: &str) -> GcsResult<()> {
@@ -832,6 +935,10 @@ impl Buckets {
         if crate::blob::is_id(id) {
             let _ = std::fs::remove_file(self.inner.blobs.upload_path(id));
         }
-        self.inner.sessions.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+        self.inner
+            .sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
     }
 }

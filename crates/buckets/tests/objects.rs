@@ -12,7 +12,13 @@ async fn bucket_lifecycle() {
     let dir = tempfile::tempdir().unwrap();
     let s = start(dir.path(), open_broker(dir.path())).await;
 
-    let r = s.http.post(s.url("/storage/v1/b?project=proj1")).json(&json!({"name": "my-bucket", "labels": {"env": "test"}})).send().await.unwrap();
+    let r = s
+        .http
+        .post(s.url("/storage/v1/b?project=proj1"))
+        .json(&json!({"name": "my-bucket", "labels": {"env": "test"}}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     let b: Value = r.json().await.unwrap();
     assert_eq!(b["kind"], "storage#bucket");
@@ -20,47 +26,100 @@ async fn bucket_lifecycle() {
     assert_eq!(b["labels"]["env"], "test");
     assert_eq!(b["metageneration"], "1");
 
-    let r = s.http.post(s.url("/storage/v1/b?project=proj1")).json(&json!({"name": "my-bucket"})).send().await.unwrap();
+    let r = s
+        .http
+        .post(s.url("/storage/v1/b?project=proj1"))
+        .json(&json!({"name": "my-bucket"}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(error_of(r).await.0, 409);
     for bad in ["ab", "Upper", "-dash", "has space", "goog-x", "192.168.1.1"] {
-        let r = s.http.post(s.url("/storage/v1/b?project=proj1")).json(&json!({"name": bad})).send().await.unwrap();
+        let r = s
+            .http
+            .post(s.url("/storage/v1/b?project=proj1"))
+            .json(&json!({"name": bad}))
+            .send()
+            .await
+            .unwrap();
         let (status, reason, msg) = error_of(r).await;
         assert_eq!((status, reason.as_str()), (400, "invalid"), "{bad}: {msg}");
     }
-    let r = s.http.post(s.url("/storage/v1/b?project=proj2")).json(&json!({"name": "other-bucket"})).send().await.unwrap();
+    let r = s
+        .http
+        .post(s.url("/storage/v1/b?project=proj2"))
+        .json(&json!({"name": "other-bucket"}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
 
     let (st, v) = s.get_json("/storage/v1/b/my-bucket").await;
     assert_eq!((st, v["name"].as_str()), (200, Some("my-bucket")));
     let (_, v) = s.get_json("/storage/v1/b?project=proj1").await;
-    let names: Vec<&str> = v["items"].as_array().unwrap().iter().map(|b| b["name"].as_str().unwrap()).collect();
+    let names: Vec<&str> = v["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["name"].as_str().unwrap())
+        .collect();
     assert_eq!(names, ["my-bucket"]);
     let (_, v) = s.get_json("/storage/v1/b?project=_").await;
     assert_eq!(v["items"].as_array().unwrap().len(), 2);
     let (_, v) = s.get_json("/storage/v1/b?project=_&maxResults=1").await;
     assert_eq!(v["items"].as_array().unwrap().len(), 1);
     let tok = v["nextPageToken"].as_str().unwrap().to_string();
-    let (_, v2) = s.get_json(&format!("/storage/v1/b?project=_&maxResults=1&pageToken={tok}")).await;
+    let (_, v2) = s
+        .get_json(&format!(
+            "/storage/v1/b?project=_&maxResults=1&pageToken={tok}"
+        ))
+        .await;
     assert_ne!(v2["items"][0]["name"], v["items"][0]["name"]);
     assert!(v2.get("nextPageToken").is_none());
     let r = s.http.get(s.url("/storage/v1/b")).send().await.unwrap();
     assert_eq!(error_of(r).await.0, 400, "project is required");
 
     // Labels patch bumps metageneration.
-    let r = s.http.patch(s.url("/storage/v1/b/my-bucket")).json(&json!({"labels": {"env": null, "team": "a"}})).send().await.unwrap();
+    let r = s
+        .http
+        .patch(s.url("/storage/v1/b/my-bucket"))
+        .json(&json!({"labels": {"env": null, "team": "a"}}))
+        .send()
+        .await
+        .unwrap();
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["labels"], json!({"team": "a"}));
     assert_eq!(v["metageneration"], "2");
 
     s.put("my-bucket", "x", "data").await;
-    let r = s.http.delete(s.url("/storage/v1/b/my-bucket")).send().await.unwrap();
+    let r = s
+        .http
+        .delete(s.url("/storage/v1/b/my-bucket"))
+        .send()
+        .await
+        .unwrap();
     let (status, reason, _) = error_of(r).await;
     assert_eq!((status, reason.as_str()), (409, "conflict"));
-    let r = s.http.delete(s.url("/storage/v1/b/my-bucket/o/x")).send().await.unwrap();
+    let r = s
+        .http
+        .delete(s.url("/storage/v1/b/my-bucket/o/x"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 204);
-    let r = s.http.delete(s.url("/storage/v1/b/my-bucket")).send().await.unwrap();
+    let r = s
+        .http
+        .delete(s.url("/storage/v1/b/my-bucket"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 204);
-    let r = s.http.get(s.url("/storage/v1/b/my-bucket")).send().await.unwrap();
+    let r = s
+        .http
+        .get(s.url("/storage/v1/b/my-bucket"))
+        .send()
+        .await
+        .unwrap();
     let (status, reason, _) = error_of(r).await;
     assert_eq!((status, reason.as_str()), (404, "notFound"));
     s.stop().await;
@@ -90,19 +149,35 @@ async fn upload_download_ranges_and_headers() {
     assert_eq!(st, 200);
     assert_eq!(m["md5Hash"], md5.as_str());
     assert_eq!(s.get_bytes("bkt", "dir/file.bin").await, d);
-    let r = s.http.get(s.url("/download/storage/v1/b/bkt/o/dir%2Ffile.bin?alt=media")).send().await.unwrap();
+    let r = s
+        .http
+        .get(s.url("/download/storage/v1/b/bkt/o/dir%2Ffile.bin?alt=media"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["x-goog-generation"], gen.as_str());
-    assert_eq!(r.headers()["x-goog-hash"], format!("crc32c={crc},md5={md5}").as_str());
+    assert_eq!(
+        r.headers()["x-goog-hash"],
+        format!("crc32c={crc},md5={md5}").as_str()
+    );
     assert_eq!(r.headers()["content-length"], "100000");
     assert_eq!(r.headers()["content-type"], "text/plain");
     assert_eq!(r.bytes().await.unwrap().as_ref(), d.as_slice());
-    let r = s.http.get(o["mediaLink"].as_str().unwrap()).send().await.unwrap();
+    let r = s
+        .http
+        .get(o["mediaLink"].as_str().unwrap())
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.bytes().await.unwrap().as_ref(), d.as_slice());
 
     // Ranges.
     let get_range = |range: &'static str| {
-        let req = s.http.get(s.url("/storage/v1/b/bkt/o/dir%2Ffile.bin?alt=media")).header("range", range);
+        let req = s
+            .http
+            .get(s.url("/storage/v1/b/bkt/o/dir%2Ffile.bin?alt=media"))
+            .header("range", range);
         async move { req.send().await.unwrap() }
     };
     let r = get_range("bytes=10-19").await;
@@ -123,9 +198,21 @@ async fn upload_download_ranges_and_headers() {
     assert_eq!(r.headers()["content-range"], "bytes */100000");
 
     // Generation selection: the live one works, another one is 404.
-    let r = s.http.get(s.url(&format!("/storage/v1/b/bkt/o/dir%2Ffile.bin?alt=media&generation={gen}"))).send().await.unwrap();
+    let r = s
+        .http
+        .get(s.url(&format!(
+            "/storage/v1/b/bkt/o/dir%2Ffile.bin?alt=media&generation={gen}"
+        )))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
-    let r = s.http.get(s.url("/storage/v1/b/bkt/o/dir%2Ffile.bin?alt=media&generation=1")).send().await.unwrap();
+    let r = s
+        .http
+        .get(s.url("/storage/v1/b/bkt/o/dir%2Ffile.bin?alt=media&generation=1"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(error_of(r).await.0, 404);
 
     // An unencoded slash in the path also names the object.
@@ -140,18 +227,39 @@ async fn upload_download_ranges_and_headers() {
     assert!(s.get_bytes("bkt", "empty").await.is_empty());
 
     // Missing things.
-    let r = s.http.get(s.url("/storage/v1/b/bkt/o/nope")).send().await.unwrap();
+    let r = s
+        .http
+        .get(s.url("/storage/v1/b/bkt/o/nope"))
+        .send()
+        .await
+        .unwrap();
     let (status, reason, msg) = error_of(r).await;
     assert_eq!((status, reason.as_str()), (404, "notFound"));
     assert!(msg.contains("bkt/nope"), "{msg}");
-    let r = s.http.get(s.url("/storage/v1/b/nobucket/o/x?alt=media")).send().await.unwrap();
+    let r = s
+        .http
+        .get(s.url("/storage/v1/b/nobucket/o/x?alt=media"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(error_of(r).await.0, 404);
     let r = s.put_raw("nobucket", "x", "d", "").await;
     assert_eq!(error_of(r).await.0, 404);
-    let r = s.http.post(s.url("/upload/storage/v1/b/bkt/o?uploadType=media")).body("x").send().await.unwrap();
+    let r = s
+        .http
+        .post(s.url("/upload/storage/v1/b/bkt/o?uploadType=media"))
+        .body("x")
+        .send()
+        .await
+        .unwrap();
     let (status, reason, _) = error_of(r).await;
     assert_eq!((status, reason.as_str()), (400, "required"));
-    let r = s.http.get(s.url("/storage/v1/b/bkt/iam")).send().await.unwrap();
+    let r = s
+        .http
+        .get(s.url("/storage/v1/b/bkt/iam"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(error_of(r).await.0, 404);
     s.stop().await;
 }
@@ -181,64 +289,173 @@ async fn metadata_patch_update_and_generations() {
     assert_eq!(v["generation"], g2.to_string());
     assert_eq!(v["metadata"], json!({"a": "1", "b": "2"}));
     assert_eq!(v["contentType"], "application/json");
-    let r = s.http.patch(s.url("/storage/v1/b/bkt/o/obj")).json(&json!({"metadata": {"a": null, "c": "3"}})).send().await.unwrap();
+    let r = s
+        .http
+        .patch(s.url("/storage/v1/b/bkt/o/obj"))
+        .json(&json!({"metadata": {"a": null, "c": "3"}}))
+        .send()
+        .await
+        .unwrap();
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["metadata"], json!({"b": "2", "c": "3"}));
     assert_eq!(v["metageneration"], "3");
     assert_eq!(v["cacheControl"], "no-cache");
     // PUT replaces all writable metadata.
-    let r = s.http.put(s.url("/storage/v1/b/bkt/o/obj")).json(&json!({"contentType": "text/csv"})).send().await.unwrap();
+    let r = s
+        .http
+        .put(s.url("/storage/v1/b/bkt/o/obj"))
+        .json(&json!({"contentType": "text/csv"}))
+        .send()
+        .await
+        .unwrap();
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["contentType"], "text/csv");
-    assert!(v.get("metadata").is_none() && v.get("cacheControl").is_none(), "{v}");
+    assert!(
+        v.get("metadata").is_none() && v.get("cacheControl").is_none(),
+        "{v}"
+    );
     assert_eq!(v["metageneration"], "4");
-    let r = s.http.get(s.url("/storage/v1/b/bkt/o/obj?alt=media")).send().await.unwrap();
+    let r = s
+        .http
+        .get(s.url("/storage/v1/b/bkt/o/obj?alt=media"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.headers()["content-type"], "text/csv");
     assert_eq!(r.headers()["x-goog-metageneration"], "4");
-    let r = s.http.patch(s.url("/storage/v1/b/bkt/o/obj")).json(&json!({"contentType": 12})).send().await.unwrap();
+    let r = s
+        .http
+        .patch(s.url("/storage/v1/b/bkt/o/obj"))
+        .json(&json!({"contentType": 12}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(error_of(r).await.0, 400);
 
     // Preconditions on writes → 412.
-    let r = s.put_raw("bkt", "obj", "three", "&ifGenerationMatch=0").await;
+    let r = s
+        .put_raw("bkt", "obj", "three", "&ifGenerationMatch=0")
+        .await;
     let (status, reason, _) = error_of(r).await;
     assert_eq!((status, reason.as_str()), (412, "conditionNotMet"));
-    let r = s.put_raw("bkt", "new-obj", "x", "&ifGenerationMatch=0").await;
-    assert_eq!(r.status(), 200, "ifGenerationMatch=0 creates an absent object");
-    let r = s.put_raw("bkt", "obj", "three", &format!("&ifGenerationMatch={g1}")).await;
+    let r = s
+        .put_raw("bkt", "new-obj", "x", "&ifGenerationMatch=0")
+        .await;
+    assert_eq!(
+        r.status(),
+        200,
+        "ifGenerationMatch=0 creates an absent object"
+    );
+    let r = s
+        .put_raw("bkt", "obj", "three", &format!("&ifGenerationMatch={g1}"))
+        .await;
     assert_eq!(error_of(r).await.0, 412);
-    let r = s.put_raw("bkt", "obj", "three", &format!("&ifGenerationNotMatch={g2}")).await;
+    let r = s
+        .put_raw(
+            "bkt",
+            "obj",
+            "three",
+            &format!("&ifGenerationNotMatch={g2}"),
+        )
+        .await;
     assert_eq!(error_of(r).await.0, 412);
-    let r = s.put_raw("bkt", "obj", "three", "&ifMetagenerationMatch=1").await;
+    let r = s
+        .put_raw("bkt", "obj", "three", "&ifMetagenerationMatch=1")
+        .await;
     assert_eq!(error_of(r).await.0, 412);
-    let r = s.put_raw("bkt", "absent", "x", "&ifMetagenerationMatch=1").await;
+    let r = s
+        .put_raw("bkt", "absent", "x", "&ifMetagenerationMatch=1")
+        .await;
     assert_eq!(error_of(r).await.0, 412);
-    assert_eq!(s.get_bytes("bkt", "obj").await, b"two", "failed preconditions change nothing");
-    let r = s.put_raw("bkt", "obj", "three", &format!("&ifGenerationMatch={g2}&ifMetagenerationMatch=4")).await;
+    assert_eq!(
+        s.get_bytes("bkt", "obj").await,
+        b"two",
+        "failed preconditions change nothing"
+    );
+    let r = s
+        .put_raw(
+            "bkt",
+            "obj",
+            "three",
+            &format!("&ifGenerationMatch={g2}&ifMetagenerationMatch=4"),
+        )
+        .await;
     assert_eq!(r.status(), 200);
     let o3: Value = r.json().await.unwrap();
     let g3 = o3["generation"].as_str().unwrap().to_string();
     assert_eq!(o3["metageneration"], "1");
 
     // On reads: match failures 412, not-match failures 304.
-    let r = s.http.get(s.url(&format!("/storage/v1/b/bkt/o/obj?ifGenerationMatch={g2}"))).send().await.unwrap();
+    let r = s
+        .http
+        .get(s.url(&format!("/storage/v1/b/bkt/o/obj?ifGenerationMatch={g2}")))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 412);
-    let r = s.http.get(s.url(&format!("/storage/v1/b/bkt/o/obj?alt=media&ifGenerationNotMatch={g3}"))).send().await.unwrap();
+    let r = s
+        .http
+        .get(s.url(&format!(
+            "/storage/v1/b/bkt/o/obj?alt=media&ifGenerationNotMatch={g3}"
+        )))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 304);
-    let r = s.http.get(s.url(&format!("/storage/v1/b/bkt/o/obj?alt=media&ifGenerationMatch={g3}"))).send().await.unwrap();
+    let r = s
+        .http
+        .get(s.url(&format!(
+            "/storage/v1/b/bkt/o/obj?alt=media&ifGenerationMatch={g3}"
+        )))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
 
     // Patch and delete preconditions.
-    let r = s.http.patch(s.url("/storage/v1/b/bkt/o/obj?ifMetagenerationMatch=7")).json(&json!({"metadata": {"x": "y"}})).send().await.unwrap();
+    let r = s
+        .http
+        .patch(s.url("/storage/v1/b/bkt/o/obj?ifMetagenerationMatch=7"))
+        .json(&json!({"metadata": {"x": "y"}}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(error_of(r).await.0, 412);
-    let r = s.http.patch(s.url("/storage/v1/b/bkt/o/obj?ifMetagenerationNotMatch=1")).json(&json!({"metadata": {"x": "y"}})).send().await.unwrap();
+    let r = s
+        .http
+        .patch(s.url("/storage/v1/b/bkt/o/obj?ifMetagenerationNotMatch=1"))
+        .json(&json!({"metadata": {"x": "y"}}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(error_of(r).await.0, 412);
-    let r = s.http.delete(s.url(&format!("/storage/v1/b/bkt/o/obj?ifGenerationMatch={g2}"))).send().await.unwrap();
+    let r = s
+        .http
+        .delete(s.url(&format!("/storage/v1/b/bkt/o/obj?ifGenerationMatch={g2}")))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(error_of(r).await.0, 412);
-    let r = s.http.delete(s.url("/storage/v1/b/bkt/o/obj?generation=5")).send().await.unwrap();
+    let r = s
+        .http
+        .delete(s.url("/storage/v1/b/bkt/o/obj?generation=5"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(error_of(r).await.0, 404);
-    let r = s.http.delete(s.url(&format!("/storage/v1/b/bkt/o/obj?ifGenerationMatch={g3}"))).send().await.unwrap();
+    let r = s
+        .http
+        .delete(s.url(&format!("/storage/v1/b/bkt/o/obj?ifGenerationMatch={g3}")))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 204);
-    let r = s.http.delete(s.url("/storage/v1/b/bkt/o/obj")).send().await.unwrap();
+    let r = s
+        .http
+        .delete(s.url("/storage/v1/b/bkt/o/obj"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(error_of(r).await.0, 404);
     s.stop().await;
 }
@@ -275,23 +492,41 @@ async fn hostile_names_stay_inside_the_data_dir() {
         assert_eq!(o["name"].as_str().unwrap(), n.as_str());
     }
     for (i, n) in names.iter().enumerate() {
-        assert_eq!(s.get_bytes("bkt", n).await, format!("content {i}").as_bytes(), "{n:?}");
+        assert_eq!(
+            s.get_bytes("bkt", n).await,
+            format!("content {i}").as_bytes(),
+            "{n:?}"
+        );
         let (st, v) = s.get_json(&format!("/storage/v1/b/bkt/o/{}", enc(n))).await;
         assert_eq!((st, v["name"].as_str()), (200, Some(n.as_str())));
     }
     let (_, v) = s.get_json("/storage/v1/b/bkt/o").await;
-    let mut listed: Vec<&str> = v["items"].as_array().unwrap().iter().map(|o| o["name"].as_str().unwrap()).collect();
+    let mut listed: Vec<&str> = v["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["name"].as_str().unwrap())
+        .collect();
     let mut expected: Vec<&str> = names.iter().map(String::as_str).collect();
     listed.sort();
     expected.sort();
     assert_eq!(listed, expected, "no two names collide");
 
-    for bad in [long.clone() + "z", "a\nb".into(), "a\rb".into(), ".".into(), "..".into()] {
+    for bad in [
+        long.clone() + "z",
+        "a\nb".into(),
+        "a\rb".into(),
+        ".".into(),
+        "..".into(),
+    ] {
         let r = s.put_raw("bkt", &bad, "x", "").await;
         assert_eq!(error_of(r).await.0, 400, "{bad:?}");
     }
     // Nothing was written outside the data dir, and every file inside has a name we chose.
-    let outside: Vec<_> = std::fs::read_dir(root.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let outside: Vec<_> = std::fs::read_dir(root.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     assert_eq!(outside, [std::ffi::OsString::from("data")]);
     fn walk(p: &std::path::Path, out: &mut Vec<String>) {
         for e in std::fs::read_dir(p).unwrap() {
@@ -308,11 +543,15 @@ async fn hostile_names_stay_inside_the_data_dir() {
     for f in &files {
         let name = f.rsplit('/').next().unwrap();
         assert!(
-            name.starts_with("index.db") || (name.len() == 32 && name.bytes().all(|b| b.is_ascii_hexdigit())),
+            name.starts_with("index.db")
+                || (name.len() == 32 && name.bytes().all(|b| b.is_ascii_hexdigit())),
             "unexpected file {f}"
         );
     }
-    assert_eq!(files.iter().filter(|f| f.contains("/blobs/")).count(), names.len());
+    assert_eq!(
+        files.iter().filter(|f| f.contains("/blobs/")).count(),
+        names.len()
+    );
     s.stop().await;
 }
 
@@ -321,7 +560,9 @@ async fn listing_with_prefix_delimiter_and_pages() {
     let dir = tempfile::tempdir().unwrap();
     let s = start(dir.path(), open_broker(dir.path())).await;
     s.create_bucket("bkt").await;
-    let names = ["a/1", "a/2", "a/b/3", "a/b/4", "b/5", "c", "d/", "d/6", "e", "f/g/h"];
+    let names = [
+        "a/1", "a/2", "a/b/3", "a/b/4", "b/5", "c", "d/", "d/6", "e", "f/g/h",
+    ];
     for n in names {
         s.put("bkt", n, n).await;
     }
@@ -355,7 +596,10 @@ async fn listing_with_prefix_delimiter_and_pages() {
             let (mut items, mut prefixes) = (Vec::new(), Vec::new());
             let mut token: Option<String> = None;
             for _ in 0..50 {
-                let tq = token.as_ref().map(|t| format!("&pageToken={t}")).unwrap_or_default();
+                let tq = token
+                    .as_ref()
+                    .map(|t| format!("&pageToken={t}"))
+                    .unwrap_or_default();
                 let (i, p, next) = list(&format!("{q}&maxResults={size}{tq}")).await;
                 assert!(i.len() + p.len() <= size);
                 items.extend(i);
@@ -369,9 +613,19 @@ async fn listing_with_prefix_delimiter_and_pages() {
             assert_eq!(prefixes, all_prefixes, "q={q} size={size}");
         }
     }
-    let r = s.http.get(s.url("/storage/v1/b/bkt/o?pageToken=***")).send().await.unwrap();
+    let r = s
+        .http
+        .get(s.url("/storage/v1/b/bkt/o?pageToken=***"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(error_of(r).await.0, 400);
-    let r = s.http.get(s.url("/storage/v1/b/nobucket/o")).send().await.unwrap();
+    let r = s
+        .http
+        .get(s.url("/storage/v1/b/nobucket/o"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(error_of(r).await.0, 404);
     s.stop().await;
 }
@@ -385,10 +639,20 @@ async fn copy_rewrite_and_compose() {
     let d = data(300_000, 7);
     let (md5, crc) = hashes(&d);
     let src = s.put("src", "in/file", d.clone()).await;
-    s.http.patch(s.url("/storage/v1/b/src/o/in%2Ffile")).json(&json!({"metadata": {"k": "v"}})).send().await.unwrap();
+    s.http
+        .patch(s.url("/storage/v1/b/src/o/in%2Ffile"))
+        .json(&json!({"metadata": {"k": "v"}}))
+        .send()
+        .await
+        .unwrap();
 
     // copy keeps bytes and metadata.
-    let r = s.http.post(s.url("/storage/v1/b/src/o/in%2Ffile/copyTo/b/dst/o/out%2Fcopy")).send().await.unwrap();
+    let r = s
+        .http
+        .post(s.url("/storage/v1/b/src/o/in%2Ffile/copyTo/b/dst/o/out%2Fcopy"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     let c: Value = r.json().await.unwrap();
     assert_eq!(c["bucket"], "dst");
@@ -424,7 +688,12 @@ async fn copy_rewrite_and_compose() {
     let c: Value = r.json().await.unwrap();
     assert_eq!(c["contentType"], "image/png");
     assert_eq!(c["metadata"], json!({"n": "m"}));
-    let r = s.http.post(s.url("/storage/v1/b/src/o/missing/copyTo/b/dst/o/x")).send().await.unwrap();
+    let r = s
+        .http
+        .post(s.url("/storage/v1/b/src/o/missing/copyTo/b/dst/o/x"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(error_of(r).await.0, 404);
 
     // Overwriting or deleting the source leaves the copy intact (blobs are not shared by name).
@@ -432,7 +701,13 @@ async fn copy_rewrite_and_compose() {
     assert_eq!(s.get_bytes("dst", "out/copy").await, d);
 
     // rewrite answers with a rewriteResponse, done in one call.
-    let r = s.http.post(s.url("/storage/v1/b/dst/o/out%2Fcopy/rewriteTo/b/src/o/rewritten")).json(&json!({})).send().await.unwrap();
+    let r = s
+        .http
+        .post(s.url("/storage/v1/b/dst/o/out%2Fcopy/rewriteTo/b/src/o/rewritten"))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     let rw: Value = r.json().await.unwrap();
     assert_eq!(rw["kind"], "storage#rewriteResponse");
@@ -450,7 +725,13 @@ async fn copy_rewrite_and_compose() {
         "sourceObjects": [{"name": "p1"}, {"name": "p2"}, {"name": "p3", "generation": p3["generation"], "objectPreconditions": {"ifGenerationMatch": p3["generation"]}}],
         "destination": {"contentType": "text/plain", "metadata": {"composed": "yes"}},
     });
-    let r = s.http.post(s.url("/storage/v1/b/src/o/whole/compose")).json(&body).send().await.unwrap();
+    let r = s
+        .http
+        .post(s.url("/storage/v1/b/src/o/whole/compose"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     let w: Value = r.json().await.unwrap();
     assert_eq!(s.get_bytes("src", "whole").await, b"hello composed world");
@@ -469,7 +750,10 @@ async fn copy_rewrite_and_compose() {
         .unwrap();
     let w2: Value = r.json().await.unwrap();
     assert_eq!(w2["componentCount"], 4);
-    assert_eq!(s.get_bytes("src", "whole2").await, b"hello composed worldhello ");
+    assert_eq!(
+        s.get_bytes("src", "whole2").await,
+        b"hello composed worldhello "
+    );
     let r = s
         .http
         .post(s.url("/storage/v1/b/src/o/bad/compose"))
@@ -478,14 +762,38 @@ async fn copy_rewrite_and_compose() {
         .await
         .unwrap();
     assert_eq!(error_of(r).await.0, 412);
-    let r = s.http.post(s.url("/storage/v1/b/src/o/bad/compose")).json(&json!({"sourceObjects": [{"name": "nope"}]})).send().await.unwrap();
+    let r = s
+        .http
+        .post(s.url("/storage/v1/b/src/o/bad/compose"))
+        .json(&json!({"sourceObjects": [{"name": "nope"}]}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(error_of(r).await.0, 404);
-    let r = s.http.post(s.url("/storage/v1/b/src/o/bad/compose")).json(&json!({"sourceObjects": []})).send().await.unwrap();
+    let r = s
+        .http
+        .post(s.url("/storage/v1/b/src/o/bad/compose"))
+        .json(&json!({"sourceObjects": []}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(error_of(r).await.0, 400);
     let many: Vec<Value> = (0..33).map(|_| json!({"name": "p1"})).collect();
-    let r = s.http.post(s.url("/storage/v1/b/src/o/bad/compose")).json(&json!({"sourceObjects": many})).send().await.unwrap();
+    let r = s
+        .http
+        .post(s.url("/storage/v1/b/src/o/bad/compose"))
+        .json(&json!({"sourceObjects": many}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(error_of(r).await.0, 400);
-    let r = s.http.post(s.url("/storage/v1/b/src/o/whole/compose?ifGenerationMatch=0")).json(&body).send().await.unwrap();
+    let r = s
+        .http
+        .post(s.url("/storage/v1/b/src/o/whole/compose?ifGenerationMatch=0"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(error_of(r).await.0, 412);
     s.stop().await;
 }
@@ -497,26 +805,63 @@ async fn rust_api_round_trip() {
     let b = s.buckets().clone();
     b.ensure_bucket("rust-side", "demo").await.unwrap();
     b.ensure_bucket("rust-side", "demo").await.unwrap();
-    let meta = pubrun_buckets::ObjectMeta { content_type: Some("text/csv".into()), ..Default::default() };
-    let row = b.put_object("rust-side", "results/run-1/out.csv", &b"a,b\n1,2\n"[..], meta, Default::default()).await.unwrap();
+    let meta = pubrun_buckets::ObjectMeta {
+        content_type: Some("text/csv".into()),
+        ..Default::default()
+    };
+    let row = b
+        .put_object(
+            "rust-side",
+            "results/run-1/out.csv",
+            &b"a,b\n1,2\n"[..],
+            meta,
+            Default::default(),
+        )
+        .await
+        .unwrap();
     assert_eq!(row.size, 8);
-    let (_, mut f) = b.open_object("rust-side", "results/run-1/out.csv", None, Default::default()).await.unwrap();
+    let (_, mut f) = b
+        .open_object(
+            "rust-side",
+            "results/run-1/out.csv",
+            None,
+            Default::default(),
+        )
+        .await
+        .unwrap();
     let mut got = String::new();
-    tokio::io::AsyncReadExt::read_to_string(&mut f, &mut got).await.unwrap();
+    tokio::io::AsyncReadExt::read_to_string(&mut f, &mut got)
+        .await
+        .unwrap();
     assert_eq!(got, "a,b\n1,2\n");
     let all = b.list_all_objects("rust-side", "results/").await.unwrap();
     assert_eq!(all.len(), 1);
     // Visible over HTTP too.
-    assert_eq!(s.get_bytes("rust-side", "results/run-1/out.csv").await, b"a,b\n1,2\n");
+    assert_eq!(
+        s.get_bytes("rust-side", "results/run-1/out.csv").await,
+        b"a,b\n1,2\n"
+    );
     s.stop().await;
 }
 
 async fn list_page(s: &Server, q: String) -> (Vec<String>, Vec<String>, Option<String>) {
     let (st, v) = s.get_json(&format!("/storage/v1/b/bkt/o?{q}")).await;
     assert_eq!(st, 200, "{v}");
-    let items: Vec<String> =
-        v["items"].as_array().map(|a| a.iter().map(|o| o["name"].as_str().unwrap().to_string()).collect()).unwrap_or_default();
-    let prefixes: Vec<String> =
-        v["prefixes"].as_array().map(|a| a.iter().map(|p| p.as_str().unwrap().to_string()).collect()).unwrap_or_default();
-    (items, prefixes, v["nextPageToken"].as_str().map(str::to_string))
+    let items: Vec<String> = v["items"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|o| o["name"].as_str().unwrap().to_string())
+                .collect()
+        })
+        .unwrap_or_default();
+    let prefixes: Vec<String> = v["prefixes"]
+        .as_array()
+        .map(|a| a.iter().map(|p| p.as_str().unwrap().to_string()).collect())
+        .unwrap_or_default();
+    (
+        items,
+        prefixes,
+        v["nextPageToken"].as_str().map(str::to_string),
+    )
 }

@@ -33,14 +33,23 @@ async fn multipart_uploads_and_integrity_checks() {
 
     let post = |meta: Value, data: Vec<u8>, query: &'static str| {
         let (ct, body) = multipart_body(&meta, "application/x-thing", &data);
-        let req = s.http.post(s.url(&format!("/upload/storage/v1/b/bkt/o?uploadType=multipart{query}"))).header("content-type", ct).body(body);
+        let req = s
+            .http
+            .post(s.url(&format!(
+                "/upload/storage/v1/b/bkt/o?uploadType=multipart{query}"
+            )))
+            .header("content-type", ct)
+            .body(body);
         async move { req.send().await.unwrap() }
     };
     let r = post(json!({"name": "m/one", "metadata": {"who": "me"}, "md5Hash": md5, "crc32c": crc, "cacheControl": "private"}), d.clone(), "").await;
     assert_eq!(r.status(), 200);
     let o: Value = r.json().await.unwrap();
     assert_eq!(o["name"], "m/one");
-    assert_eq!(o["contentType"], "application/x-thing", "media part type is used when metadata has none");
+    assert_eq!(
+        o["contentType"], "application/x-thing",
+        "media part type is used when metadata has none"
+    );
     assert_eq!(o["metadata"]["who"], "me");
     assert_eq!(o["cacheControl"], "private");
     assert_eq!(o["md5Hash"], md5.as_str());
@@ -48,20 +57,43 @@ async fn multipart_uploads_and_integrity_checks() {
     assert_eq!(s.get_bytes("bkt", "m/one").await, d);
 
     // Name in the query wins; contentType in metadata wins.
-    let r = post(json!({"name": "ignored", "contentType": "text/csv"}), b"a,b".to_vec(), "&name=m%2Ftwo").await;
+    let r = post(
+        json!({"name": "ignored", "contentType": "text/csv"}),
+        b"a,b".to_vec(),
+        "&name=m%2Ftwo",
+    )
+    .await;
     let o: Value = r.json().await.unwrap();
-    assert_eq!((o["name"].as_str(), o["contentType"].as_str()), (Some("m/two"), Some("text/csv")));
+    assert_eq!(
+        (o["name"].as_str(), o["contentType"].as_str()),
+        (Some("m/two"), Some("text/csv"))
+    );
 
     // Wrong checksums → 400, nothing stored.
-    let r = post(json!({"name": "bad-md5", "md5Hash": hashes(b"other").0}), d.clone(), "").await;
+    let r = post(
+        json!({"name": "bad-md5", "md5Hash": hashes(b"other").0}),
+        d.clone(),
+        "",
+    )
+    .await;
     let (status, _, msg) = error_of(r).await;
     assert_eq!(status, 400);
     assert!(msg.contains("MD5"), "{msg}");
-    let r = post(json!({"name": "bad-crc", "crc32c": hashes(b"other").1}), d.clone(), "").await;
+    let r = post(
+        json!({"name": "bad-crc", "crc32c": hashes(b"other").1}),
+        d.clone(),
+        "",
+    )
+    .await;
     let (status, _, msg) = error_of(r).await;
     assert_eq!(status, 400);
     assert!(msg.contains("CRC32C"), "{msg}");
-    let r = post(json!({"name": "bad-format", "md5Hash": "not base64!"}), d.clone(), "").await;
+    let r = post(
+        json!({"name": "bad-format", "md5Hash": "not base64!"}),
+        d.clone(),
+        "",
+    )
+    .await;
     assert_eq!(error_of(r).await.0, 400);
     for n in ["bad-md5", "bad-crc", "bad-format"] {
         let (st, _) = s.get_json(&format!("/storage/v1/b/bkt/o/{n}")).await;
@@ -108,15 +140,29 @@ async fn multipart_uploads_and_integrity_checks() {
     assert_eq!(error_of(r).await.0, 400);
     let r = post(json!({"name": "a\nb"}), b"x".to_vec(), "").await;
     assert_eq!(error_of(r).await.0, 400);
-    let r = post(json!({"name": "m/one"}), b"x".to_vec(), "&ifGenerationMatch=0").await;
+    let r = post(
+        json!({"name": "m/one"}),
+        b"x".to_vec(),
+        "&ifGenerationMatch=0",
+    )
+    .await;
     assert_eq!(error_of(r).await.0, 412);
     s.stop().await;
 }
 
-async fn initiate(s: &Server, name: &str, total: Option<usize>, meta: Value, query: &str) -> reqwest::Response {
+async fn initiate(
+    s: &Server,
+    name: &str,
+    total: Option<usize>,
+    meta: Value,
+    query: &str,
+) -> reqwest::Response {
     let mut req = s
         .http
-        .post(s.url(&format!("/upload/storage/v1/b/bkt/o?uploadType=resumable&name={}{query}", enc(name))))
+        .post(s.url(&format!(
+            "/upload/storage/v1/b/bkt/o?uploadType=resumable&name={}{query}",
+            enc(name)
+        )))
         .header("x-upload-content-type", "application/octet-stream")
         .json(&meta);
     if let Some(t) = total {
@@ -126,16 +172,33 @@ async fn initiate(s: &Server, name: &str, total: Option<usize>, meta: Value, que
 }
 
 async fn session(s: &Server, name: &str, total: usize) -> String {
-    let r = initiate(s, name, Some(total), json!({"metadata": {"kind": "big"}}), "").await;
+    let r = initiate(
+        s,
+        name,
+        Some(total),
+        json!({"metadata": {"kind": "big"}}),
+        "",
+    )
+    .await;
     assert_eq!(r.status(), 200);
     r.headers()["location"].to_str().unwrap().to_string()
 }
 
-async fn put_chunk(s: &Server, url: &str, d: &[u8], start: usize, end: usize, total: Option<usize>) -> reqwest::Response {
+async fn put_chunk(
+    s: &Server,
+    url: &str,
+    d: &[u8],
+    start: usize,
+    end: usize,
+    total: Option<usize>,
+) -> reqwest::Response {
     let total = total.map(|t| t.to_string()).unwrap_or_else(|| "*".into());
     s.http
         .put(url)
-        .header("content-range", format!("bytes {start}-{}/{total}", end - 1))
+        .header(
+            "content-range",
+            format!("bytes {start}-{}/{total}", end - 1),
+        )
         .body(d[start..end].to_vec())
         .send()
         .await
@@ -145,10 +208,24 @@ async fn put_chunk(s: &Server, url: &str, d: &[u8], start: usize, end: usize, to
 /// The persisted offset: 308 with `Range: bytes=0-N` → N+1 (no header → 0).
 async fn status(s: &Server, url: &str, total: Option<usize>) -> (u16, usize) {
     let total = total.map(|t| t.to_string()).unwrap_or_else(|| "*".into());
-    let r = s.http.put(url).header("content-range", format!("bytes */{total}")).send().await.unwrap();
+    let r = s
+        .http
+        .put(url)
+        .header("content-range", format!("bytes */{total}"))
+        .send()
+        .await
+        .unwrap();
     let code = r.status().as_u16();
     let n = match r.headers().get("range") {
-        Some(v) => v.to_str().unwrap().strip_prefix("bytes=0-").unwrap().parse::<usize>().unwrap() + 1,
+        Some(v) => {
+            v.to_str()
+                .unwrap()
+                .strip_prefix("bytes=0-")
+                .unwrap()
+                .parse::<usize>()
+                .unwrap()
+                + 1
+        }
         None => 0,
     };
     (code, n)
@@ -163,7 +240,10 @@ async fn resumable_upload_of_30_mib_with_an_interrupted_chunk() {
     let d = data(total, 11);
     let (md5, crc) = hashes(&d);
     let url = session(&s, "big/file.bin", total).await;
-    assert!(url.starts_with(&s.base) && url.contains("upload_id="), "{url}");
+    assert!(
+        url.starts_with(&s.base) && url.contains("upload_id="),
+        "{url}"
+    );
     assert_eq!(status(&s, &url, None).await, (308, 0));
 
     let chunk = 4 * 1024 * 1024;
@@ -173,18 +253,27 @@ async fn resumable_upload_of_30_mib_with_an_interrupted_chunk() {
         let r = put_chunk(&s, &url, &d, off, off + chunk, Some(total)).await;
         assert_eq!(r.status(), 308);
         off += chunk;
-        assert_eq!(r.headers()["range"].to_str().unwrap(), format!("bytes=0-{}", off - 1));
+        assert_eq!(
+            r.headers()["range"].to_str().unwrap(),
+            format!("bytes=0-{}", off - 1)
+        );
     }
     // A chunk whose request dies after 1 MiB.
     let part = Bytes::copy_from_slice(&d[off..off + 1024 * 1024]);
     let stream = futures::stream::iter(vec![
         Ok::<Bytes, std::io::Error>(part),
-        Err(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "client died")),
+        Err(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "client died",
+        )),
     ]);
     let r = s
         .http
         .put(&url)
-        .header("content-range", format!("bytes {off}-{}/{total}", off + chunk - 1))
+        .header(
+            "content-range",
+            format!("bytes {off}-{}/{total}", off + chunk - 1),
+        )
         .body(reqwest::Body::wrap_stream(stream))
         .send()
         .await;
@@ -193,7 +282,11 @@ async fn resumable_upload_of_30_mib_with_an_interrupted_chunk() {
     // Ask where we are, resume from exactly there.
     let (code, persisted) = status(&s, &url, Some(total)).await;
     assert_eq!(code, 308);
-    assert!(persisted >= off && persisted <= off + 1024 * 1024, "persisted {persisted}, sent through {}", off + 1024 * 1024);
+    assert!(
+        persisted >= off && persisted <= off + 1024 * 1024,
+        "persisted {persisted}, sent through {}",
+        off + 1024 * 1024
+    );
     off = persisted;
     // Re-sending bytes the server already has is harmless (they are skipped).
     let back = off.saturating_sub(1000).max(3 * chunk);
@@ -219,16 +312,40 @@ async fn resumable_upload_of_30_mib_with_an_interrupted_chunk() {
         off = end;
     }
     // The finished session answers with the object again.
-    let r = s.http.put(&url).header("content-range", format!("bytes */{total}")).send().await.unwrap();
+    let r = s
+        .http
+        .put(&url)
+        .header("content-range", format!("bytes */{total}"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
-    let r = s.http.get(s.url("/storage/v1/b/bkt/o/big%2Ffile.bin?alt=media")).send().await.unwrap();
-    assert_eq!(r.headers()["x-goog-hash"].to_str().unwrap(), format!("crc32c={crc},md5={md5}"));
+    let r = s
+        .http
+        .get(s.url("/storage/v1/b/bkt/o/big%2Ffile.bin?alt=media"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.headers()["x-goog-hash"].to_str().unwrap(),
+        format!("crc32c={crc},md5={md5}")
+    );
     let got = r.bytes().await.unwrap();
     assert_eq!(got.len(), total);
     assert!(got.as_ref() == d.as_slice());
     // Nothing is left in uploads/ or tmp/.
-    assert_eq!(std::fs::read_dir(dir.path().join("buckets/uploads")).unwrap().count(), 0);
-    assert_eq!(std::fs::read_dir(dir.path().join("buckets/tmp")).unwrap().count(), 0);
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("buckets/uploads"))
+            .unwrap()
+            .count(),
+        0
+    );
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("buckets/tmp"))
+            .unwrap()
+            .count(),
+        0
+    );
     s.stop().await;
 }
 
@@ -253,7 +370,11 @@ async fn resumable_upload_survives_a_restart() {
     assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
     let (st, o) = s.get_json("/storage/v1/b/bkt/o/survivor").await;
     assert_eq!(st, 200);
-    assert_eq!(o["md5Hash"], hashes(&d).0.as_str(), "the hash was rebuilt from the persisted bytes");
+    assert_eq!(
+        o["md5Hash"],
+        hashes(&d).0.as_str(),
+        "the hash was rebuilt from the persisted bytes"
+    );
     assert_eq!(s.get_bytes("bkt", "survivor").await, d);
     s.stop().await;
 }
@@ -265,11 +386,24 @@ async fn resumable_edge_cases() {
     s.create_bucket("bkt").await;
 
     // Unknown total until the last chunk; finish with `bytes */TOTAL`.
-    let r = initiate(&s, "unknown-size", None, json!({"contentType": "text/plain"}), "").await;
+    let r = initiate(
+        &s,
+        "unknown-size",
+        None,
+        json!({"contentType": "text/plain"}),
+        "",
+    )
+    .await;
     let url = r.headers()["location"].to_str().unwrap().to_string();
     let d = data(1000, 9);
     assert_eq!(put_chunk(&s, &url, &d, 0, 1000, None).await.status(), 308);
-    let r = s.http.put(&url).header("content-range", "bytes */1000").send().await.unwrap();
+    let r = s
+        .http
+        .put(&url)
+        .header("content-range", "bytes */1000")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     let o: Value = r.json().await.unwrap();
     assert_eq!(o["contentType"], "text/plain");
@@ -285,11 +419,24 @@ async fn resumable_edge_cases() {
     // Zero-byte object.
     let r = initiate(&s, "zero", Some(0), json!({}), "").await;
     let url = r.headers()["location"].to_str().unwrap().to_string();
-    let r = s.http.put(&url).header("content-range", "bytes */0").send().await.unwrap();
+    let r = s
+        .http
+        .put(&url)
+        .header("content-range", "bytes */0")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
 
     // Checksum in the initiating metadata, checked at the end.
-    let r = initiate(&s, "checked", Some(1000), json!({"md5Hash": hashes(b"nope").0}), "").await;
+    let r = initiate(
+        &s,
+        "checked",
+        Some(1000),
+        json!({"md5Hash": hashes(b"nope").0}),
+        "",
+    )
+    .await;
     let url = r.headers()["location"].to_str().unwrap().to_string();
     let r = put_chunk(&s, &url, &d, 0, 1000, Some(1000)).await;
     assert_eq!(error_of(r).await.0, 400);
@@ -316,7 +463,14 @@ async fn resumable_edge_cases() {
     let r = initiate(&s, "race", Some(3), json!({}), "&ifGenerationMatch=0").await;
     let url = r.headers()["location"].to_str().unwrap().to_string();
     s.put("bkt", "race", "someone else").await;
-    let r = s.http.put(&url).header("content-range", "bytes 0-2/3").body("abc").send().await.unwrap();
+    let r = s
+        .http
+        .put(&url)
+        .header("content-range", "bytes 0-2/3")
+        .body("abc")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(error_of(r).await.0, 412);
     assert_eq!(s.get_bytes("bkt", "race").await, b"someone else");
 
@@ -325,22 +479,65 @@ async fn resumable_edge_cases() {
     let url = r.headers()["location"].to_str().unwrap().to_string();
     let r = s.http.delete(&url).send().await.unwrap();
     assert_eq!(r.status().as_u16(), 499);
-    let r = s.http.put(&url).header("content-range", "bytes */10").send().await.unwrap();
+    let r = s
+        .http
+        .put(&url)
+        .header("content-range", "bytes */10")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(error_of(r).await.0, 404);
-    let r = s.http.put(s.url("/upload/storage/v1/b/bkt/o?uploadType=resumable&upload_id=../../etc")).send().await.unwrap();
+    let r = s
+        .http
+        .put(s.url("/upload/storage/v1/b/bkt/o?uploadType=resumable&upload_id=../../etc"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(error_of(r).await.0, 404);
 
     // Bad Content-Range, size mismatch, too many bytes.
     let r = initiate(&s, "strict", Some(10), json!({}), "").await;
     let url = r.headers()["location"].to_str().unwrap().to_string();
-    let r = s.http.put(&url).header("content-range", "bytes 0-9").body("0123456789").send().await.unwrap();
+    let r = s
+        .http
+        .put(&url)
+        .header("content-range", "bytes 0-9")
+        .body("0123456789")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(error_of(r).await.0, 400);
-    let r = s.http.put(&url).header("content-range", "bytes 0-9/11").body("0123456789").send().await.unwrap();
+    let r = s
+        .http
+        .put(&url)
+        .header("content-range", "bytes 0-9/11")
+        .body("0123456789")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(error_of(r).await.0, 400);
-    let r = s.http.put(&url).header("content-range", "bytes 0-4/10").body("0123456789").send().await.unwrap();
+    let r = s
+        .http
+        .put(&url)
+        .header("content-range", "bytes 0-4/10")
+        .body("0123456789")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(error_of(r).await.0, 400);
-    assert_eq!(status(&s, &url, None).await, (308, 0), "a refused chunk stores nothing");
-    let r = s.http.put(&url).header("content-range", "bytes 0-9/10").body("0123456789").send().await.unwrap();
+    assert_eq!(
+        status(&s, &url, None).await,
+        (308, 0),
+        "a refused chunk stores nothing"
+    );
+    let r = s
+        .http
+        .put(&url)
+        .header("content-range", "bytes 0-9/10")
+        .body("0123456789")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     s.stop().await;
 }

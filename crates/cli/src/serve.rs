@@ -78,6 +78,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
+    let buckets =
+        pubrun_buckets::Buckets::open(&args.data_dir, broker.clone()).context("opening bucket storage")?;
+    let triggers = Arc::new(
+        pubrun_triggers::Triggers::open(&args.data_dir, broker.clone()).context("opening schedules and webhooks")?,
+    );
     let runs = RunStore::open(&args.data_dir.join("runs.db")).context("opening the run store")?;
     let docker: Arc<dyn Executor> = match pubrun_exec::docker::DockerExecutor::connect() {
         Ok(d) => Arc::new(d),
@@ -93,13 +98,23 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         .with_context(|| format!("binding {} (is another pubrun or emulator running there?)", args.listen))?;
     let addr = listener.local_addr()?;
     dispatcher.start().await.context("starting the dispatcher")?;
+    triggers.spawn();
+    buckets.set_base_url(&format!("http://{addr}"));
     if let Some(m) = &manifest {
-        let changes = pubrun_jobs::apply::apply(&broker, &dispatcher, m, false).await.context("applying --config")?;
+        let changes = pubrun_api::apply::apply_manifest(&broker, &dispatcher, Some(&triggers), m, false)
+            .await
+            .context("applying --config")?;
         let changed = changes.iter().filter(|c| c.action != pubrun_jobs::apply::Action::Unchanged).count();
         tracing::info!(changed, total = changes.len(), "applied manifest");
     }
     tracing::info!(%addr, data_dir = %args.data_dir.display(), auth = token.is_some(), "pubrun serving gRPC and HTTP");
-    pubrun_api::serve(listener, broker.clone(), ServeOptions { token, dispatcher: Some(dispatcher.clone()) }, shutdown_signal()).await?;
+    pubrun_api::serve(listener, broker.clone(), ServeOptions {
+        token,
+        dispatcher: Some(dispatcher.clone()),
+        triggers: Some(triggers.clone()),
+        buckets: Some(buckets.clone()),
+    }, shutdown_signal()).await?;
+    triggers.stop();
     drop(dispatcher);
     drop(broker);
     store.close();

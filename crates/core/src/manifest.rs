@@ -21,6 +21,38 @@ pub struct Manifest {
     pub topics: Vec<TopicConfig>,
     pub subscriptions: Vec<SubscriptionConfig>,
     pub jobs: Vec<JobSpec>,
+    pub schedules: Vec<ScheduleDecl>,
+    pub webhooks: Vec<WebhookDecl>,
+}
+
+/// A `[[schedule]]` table: checked for shape here (unknown keys, declared
+/// topic); cron expression, time zone and policy are validated by the
+/// triggers crate when applied, with messages naming the schedule.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ScheduleDecl {
+    pub name: String,
+    pub cron: String,
+    pub time_zone: String,
+    /// Full topic name.
+    pub topic: String,
+    pub data: String,
+    pub attributes: BTreeMap<String, String>,
+    pub missed: Option<String>,
+    pub missed_max_age: Option<String>,
+    pub paused: bool,
+}
+
+/// A `[[webhook]]` table: `POST /hooks/NAME` publishes to `topic`.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct WebhookDecl {
+    pub name: String,
+    /// Full topic name.
+    pub topic: String,
+    pub secret_env: Option<String>,
+    pub bearer_secret_env: Option<String>,
+    pub headers_as_attributes: Vec<String>,
+    pub query_as_attributes: bool,
+    pub max_body_bytes: Option<u64>,
 }
 
 /// A manifest error with its location.
@@ -43,6 +75,41 @@ struct RawManifest {
     subscription: Vec<RawSubscription>,
     #[serde(default)]
     job: Vec<RawJob>,
+    #[serde(default)]
+    schedule: Vec<RawSchedule>,
+    #[serde(default)]
+    webhook: Vec<RawWebhook>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSchedule {
+    name: Spanned<String>,
+    cron: String,
+    time_zone: Option<String>,
+    topic: Spanned<String>,
+    #[serde(default)]
+    data: String,
+    #[serde(default)]
+    attributes: BTreeMap<String, String>,
+    missed: Option<String>,
+    missed_max_age: Option<String>,
+    #[serde(default)]
+    paused: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWebhook {
+    name: Spanned<String>,
+    topic: Spanned<String>,
+    secret_env: Option<String>,
+    bearer_secret_env: Option<String>,
+    #[serde(default)]
+    headers_as_attributes: Vec<String>,
+    #[serde(default)]
+    query_as_attributes: bool,
+    max_body_bytes: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -417,6 +484,38 @@ pub fn parse(file: &str, src: &str) -> Result<Manifest, ManifestError> {
             log_limit_bytes,
         });
     }
+    let mut names = BTreeSet::new();
+    for sc in &raw.schedule {
+        if !names.insert(sc.name.get_ref().clone()) {
+            return Err(cx.err(sc.name.span(), format!("schedule \"{}\" is declared twice", sc.name.get_ref())));
+        }
+        m.schedules.push(ScheduleDecl {
+            name: sc.name.get_ref().clone(),
+            cron: sc.cron.clone(),
+            time_zone: sc.time_zone.clone().unwrap_or_else(|| "UTC".to_string()),
+            topic: topic_ref(&sc.topic)?.to_string(),
+            data: sc.data.clone(),
+            attributes: sc.attributes.clone(),
+            missed: sc.missed.clone(),
+            missed_max_age: sc.missed_max_age.clone(),
+            paused: sc.paused,
+        });
+    }
+    let mut names = BTreeSet::new();
+    for w in &raw.webhook {
+        if !names.insert(w.name.get_ref().clone()) {
+            return Err(cx.err(w.name.span(), format!("webhook \"{}\" is declared twice", w.name.get_ref())));
+        }
+        m.webhooks.push(WebhookDecl {
+            name: w.name.get_ref().clone(),
+            topic: topic_ref(&w.topic)?.to_string(),
+            secret_env: w.secret_env.clone(),
+            bearer_secret_env: w.bearer_secret_env.clone(),
+            headers_as_attributes: w.headers_as_attributes.clone(),
+            query_as_attributes: w.query_as_attributes,
+            max_body_bytes: w.max_body_bytes,
+        });
+    }
     Ok(m)
 }
 
@@ -500,6 +599,22 @@ dedup_key = "{{ publish_time | date }}"
         let e = err(&job("'''attributes.x AND'''"));
         assert_eq!(e.line, 7, "{e}");
         assert!(e.message.contains("invalid filter"), "{e}");
+    }
+
+    #[test]
+    fn schedules_and_webhooks() {
+        let m = parse(
+            "t.toml",
+            "[[topic]]\nname = \"imports\"\n[[schedule]]\nname = \"nightly\"\ncron = \"0 3 * * *\"\ntime_zone = \"Europe/Berlin\"\ntopic = \"imports\"\ndata = '{\"full\": true}'\n[[webhook]]\nname = \"start-import\"\ntopic = \"imports\"\nsecret_env = \"HOOK_SECRET\"\n",
+        )
+        .unwrap();
+        assert_eq!(m.schedules[0].topic, "projects/demo/topics/imports");
+        assert_eq!(m.schedules[0].time_zone, "Europe/Berlin");
+        assert_eq!(m.webhooks[0].secret_env.as_deref(), Some("HOOK_SECRET"));
+        let e = err("[[topic]]\nname = \"imports\"\n[[schedule]]\nname = \"n\"\ncron = \"0 3 * * *\"\ntopic = \"imports\"\nwhen = 1\n");
+        assert_eq!(e.line, 7, "{e}");
+        let e = err("[[webhook]]\nname = \"w\"\ntopic = \"nope\"\n");
+        assert!(e.message.contains("not declared"), "{e}");
     }
 
     #[test]

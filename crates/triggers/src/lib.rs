@@ -21,6 +21,37 @@
 //! let app = app.merge(triggers.router());        // /hooks/{name} + /api/v1/schedules…
 //! // on shutdown: triggers.stop();
 //! ```
+//!
+//! `/hooks/{name}` authenticates with each hook's own secret (a sender such
+//! as GitHub cannot present pubrun's API token), so the server's token layer
+//! should let `/hooks/` through; `/api/v1/schedules…` stays behind it.
+//!
+//! # Manifest keys (`pubrun.toml`)
+//!
+//! ```toml
+//! [[schedule]]
+//! name = "nightly-import"          # required; [A-Za-z0-9][A-Za-z0-9._-]*, ≤ 128
+//! cron = "0 3 * * *"               # required; 5 fields or @daily/@hourly/…
+//! time_zone = "Europe/Berlin"      # IANA name; default "UTC"
+//! topic = "imports"                # required; topic id in the manifest's project
+//! data = '{"full": true}'          # default ""
+//! attributes = { kind = "import" } # default {}; not schedule/scheduledTime/runNow
+//! missed = "run_once"              # "run_once" (default) | "skip"
+//! missed_max_age = "24h"           # humantime, run_once only; default 24h
+//! paused = false                   # default false
+//!
+//! [[webhook]]
+//! name = "start-import"            # required; POST /hooks/start-import
+//! topic = "imports"                # required
+//! secret_env = "IMPORT_HOOK_SECRET"        # optional: HMAC-SHA256, X-Hub-Signature-256
+//! bearer_secret_env = "IMPORT_HOOK_TOKEN"  # optional: Authorization: Bearer …
+//! headers_as_attributes = ["X-GitHub-Event"] # default []
+//! query_as_attributes = false      # default false
+//! max_body_bytes = 1048576         # default 1 MiB, at most 10 MiB
+//! ```
+//!
+//! `missed`/`missed_max_age` map through [`MissedPolicy::from_config`]; the
+//! topic id becomes `projects/PROJECT/topics/ID` in the specs.
 
 pub mod clock;
 pub mod db;

@@ -235,6 +235,14 @@ impl fmt::Display for CronExpr {
     }
 }
 
+const FIELDS: [(&str, &str); 5] = [
+    ("minute", "0-59"),
+    ("hour", "0-23"),
+    ("day-of-month", "1-31, L or W"),
+    ("month", "1-12 or JAN-DEC"),
+    ("day-of-week", "0-7 or SUN-SAT, 0 and 7 being Sunday, L or #"),
+];
+
 const CRON_HELP: &str = "expected 5 fields \"MINUTE HOUR DAY-OF-MONTH MONTH DAY-OF-WEEK\" (e.g. \"0 3 * * *\" = 03:00 every day) or @hourly/@daily/@weekly/@monthly/@yearly";
 
 impl CronExpr {
@@ -262,12 +270,31 @@ impl CronExpr {
             }
         }
         let parser = CronParser::builder().seconds(Seconds::Disallowed).year(Year::Disallowed).build();
-        let cron = parser.parse(trimmed).map_err(|e| bad(describe_cron_error(&e)))?;
+        let cron = parser.parse(trimmed).map_err(|e| {
+            // Name the field at fault: parse each one alone.
+            let fields: Vec<&str> = trimmed.split_whitespace().collect();
+            if !trimmed.starts_with('@') && fields.len() == 5 {
+                for (i, (field, range)) in FIELDS.iter().enumerate() {
+                    let mut probe = ["*"; 5];
+                    probe[i] = fields[i];
+                    if let Err(fe) = parser.parse(&probe.join(" ")) {
+                        return Error::invalid(format!(
+                            "invalid cron expression \"{source}\": {field} field \"{}\": {} ({field} takes {range})",
+                            fields[i],
+                            describe_cron_error(&fe)
+                        ));
+                    }
+                }
+            }
+            bad(describe_cron_error(&e))
+        })?;
         let expr = CronExpr { source: trimmed.to_string(), cron };
         // Reject expressions that can never match (e.g. "0 0 30 2 *").
         let probe = DateTime::<Utc>::from_timestamp(946_684_800, 0).expect("2000-01-01"); // 2000-01-01
         if next_fire(&expr, Tz::UTC, probe).is_none() {
-            return Err(bad("it never matches any date".into()));
+            return Err(Error::invalid(format!(
+                "invalid cron expression \"{source}\": it never matches a real date (like February 30)"
+            )));
         }
         Ok(expr)
     }
@@ -287,7 +314,11 @@ fn describe_cron_error(e: &croner::errors::CronError) -> String {
     use croner::errors::CronError as E;
     match e {
         E::EmptyPattern => "it is empty".into(),
-        E::IllegalCharacters(m) | E::InvalidPattern(m) | E::ComponentError(m) => m.trim_end_matches('.').to_string(),
+        E::IllegalCharacters(m) | E::InvalidPattern(m) | E::ComponentError(m) => {
+            let m = m.trim_end_matches('.').replace("CronPattern contains", "contains");
+            let mut c = m.chars();
+            c.next().map(|f| f.to_lowercase().chain(c).collect()).unwrap_or_default()
+        }
         other => other.to_string().trim_end_matches('.').to_string(),
     }
 }
@@ -551,9 +582,13 @@ mod tests {
         assert!(err("0 3 * *").contains("4 fields"), "{}", err("0 3 * *"));
         assert!(err("0 0 3 * * *").contains("seconds and years are not supported"));
         let e = err("61 3 * * *");
-        assert!(e.contains("61 3 * * *") && e.contains("MINUTE HOUR"), "{e}");
-        assert!(err("0 25 * * *").contains("0 25 * * *"));
-        assert!(err("0 3 * * FOO").contains("0 3 * * FOO"));
+        assert!(e.contains("\"61 3 * * *\": minute field \"61\": number out of bounds (minute takes 0-59)"), "{e}");
+        assert!(err("0 25 * * *").contains("hour field \"25\""));
+        assert!(err("0 3 32 * *").contains("day-of-month field \"32\""));
+        assert!(err("0 3 * 13 *").contains("month field \"13\""));
+        assert!(err("0 3 * * FOO").contains("day-of-week field \"FOO\""), "{}", err("0 3 * * FOO"));
+        assert!(err("*/0 * * * *").contains("step cannot be zero"), "{}", err("*/0 * * * *"));
+        assert!(err("0 3 * *").contains("MINUTE HOUR DAY-OF-MONTH MONTH DAY-OF-WEEK"));
         assert!(err("@reboot").contains("unknown nickname"), "{}", err("@reboot"));
         assert!(err("0 0 30 2 *").contains("never matches"), "{}", err("0 0 30 2 *"));
         assert!(CronExpr::parse("@daily").is_ok());
@@ -681,3 +716,5 @@ mod tests {
         assert_eq!(s.message(utc("2026-03-29T01:00:00.250Z"), true).attributes["runNow"], "true");
     }
 }
+
+

@@ -303,7 +303,7 @@ pub fn verify_bearer(secret: &[u8], presented: &[u8]) -> bool {
 }
 
 fn decode_hex(s: &[u8]) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    if s.len() & 1 == 1 {
         return None;
     }
     let nib = |c: u8| match c {

@@ -70,10 +70,14 @@ async fn publish(ch: &Channel, topic: &str, o: &Opts, count: usize, batch: usize
     Ok(count as f64 / start.elapsed().as_secs_f64())
 }
 
-/// Receives `expect` distinct messages over one StreamingPull, acking each
-/// response on the stream; then half-closes and waits for the server to end
-/// the stream, which it does only after applying (durably) every queued ack.
-/// With `latencies`, records the age of each first delivery.
+/// Receives `expect` distinct messages over one StreamingPull. Acks go out
+/// as the official clients send them: one unary Acknowledge per received
+/// batch, without waiting (they return once the acks are durable; the
+/// workload ends when all have returned). With `o.stream_acks` the ack ids
+/// ride on the stream instead; then the client half-closes at the end and
+/// waits for the server to close the stream, which it does only after
+/// applying every queued ack. With `latencies`, records the age of each first
+/// delivery.
 async fn consume_stream(ch: &Channel, sub: &str, o: &Opts, expect: usize, mut latencies: Option<&mut Vec<u64>>) -> Result<f64> {
     let (tx, rx) = mpsc::channel::<pb::StreamingPullRequest>(64);
     tx.send(pb::StreamingPullRequest {
@@ -89,6 +93,7 @@ async fn consume_stream(ch: &Channel, sub: &str, o: &Opts, expect: usize, mut la
     let deadline = start + o.phase_timeout;
     let mut stream = client.streaming_pull(ReceiverStream::new(rx)).await.context("StreamingPull")?.into_inner();
     let mut seen = HashSet::with_capacity(expect);
+    let mut acks = Vec::new();
     while seen.len() < expect {
         let resp = tokio::time::timeout_at(deadline.into(), stream.message())
             .await
@@ -104,10 +109,20 @@ async fn consume_stream(ch: &Channel, sub: &str, o: &Opts, expect: usize, mut la
             }
             ack_ids.push(r.ack_id);
         }
-        tx.send(pb::StreamingPullRequest { ack_ids, ..Default::default() }).await?;
+        if o.stream_acks {
+            tx.send(pb::StreamingPullRequest { ack_ids, ..Default::default() }).await?;
+        } else {
+            let (mut c, sub) = (client.clone(), sub.to_string());
+            acks.push(tokio::spawn(async move { c.acknowledge(pb::AcknowledgeRequest { subscription: sub, ack_ids }).await }));
+        }
+    }
+    for a in acks {
+        tokio::time::timeout_at(deadline.into(), a).await.context("Acknowledge timed out")???;
     }
     drop(tx);
-    while tokio::time::timeout_at(deadline.into(), stream.message()).await.context("waiting for the stream to close")??.is_some() {}
+    if o.stream_acks {
+        while tokio::time::timeout_at(deadline.into(), stream.message()).await.context("waiting for the stream to close")??.is_some() {}
+    }
     Ok(expect as f64 / start.elapsed().as_secs_f64())
 }
 
@@ -208,7 +223,7 @@ pub async fn run(addr: &str, pid: u32, phases: &str, o: &Opts, s: &mut Sink) -> 
             let cpu = CpuMeter::start(pid);
             let r = consume_stream(&ch, &p.sub, o, o.count, None).await?;
             cpu.put(s, "consume_stream", o.count)?;
-            s.put("consume_stream", r, "msg/s", &format!("StreamingPull, max_outstanding_messages {}", o.consume_window))?;
+            s.put("consume_stream", r, "msg/s", &format!("StreamingPull, max_outstanding_messages {}, acks {}", o.consume_window, if o.stream_acks { "on the stream" } else { "unary" }))?;
         }
         let p = setup(&ch, "single").await?;
         let cpu = CpuMeter::start(pid);

@@ -43,7 +43,10 @@ pub async fn start(dir: &Path, broker: Arc<Broker>) -> Server {
     });
     Server {
         base: format!("http://{addr}"),
-        http: reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap(),
+        http: reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap(),
         buckets: Some(buckets),
         stop: Some(tx),
         task: Some(task),
@@ -56,7 +59,10 @@ impl Server {
     pub async fn stop(mut self) {
         self.http = reqwest::Client::new();
         let _ = self.stop.take().unwrap().send(());
-        tokio::time::timeout(Duration::from_secs(10), self.task.take().unwrap()).await.unwrap().unwrap();
+        tokio::time::timeout(Duration::from_secs(10), self.task.take().unwrap())
+            .await
+            .unwrap()
+            .unwrap();
         self.buckets.take();
         // Let the publisher task notice that its service is gone.
         tokio::time::sleep(Duration::from_millis(1200)).await;
@@ -90,9 +96,18 @@ impl Server {
         body
     }
 
-    pub async fn put_raw(&self, bucket: &str, name: &str, data: impl Into<reqwest::Body>, query: &str) -> reqwest::Response {
+    pub async fn put_raw(
+        &self,
+        bucket: &str,
+        name: &str,
+        data: impl Into<reqwest::Body>,
+        query: &str,
+    ) -> reqwest::Response {
         self.http
-            .post(self.url(&format!("/upload/storage/v1/b/{bucket}/o?uploadType=media&name={}{query}", enc(name))))
+            .post(self.url(&format!(
+                "/upload/storage/v1/b/{bucket}/o?uploadType=media&name={}{query}",
+                enc(name)
+            )))
             .header("content-type", "text/plain")
             .body(data)
             .send()
@@ -101,7 +116,12 @@ impl Server {
     }
 
     pub async fn get_bytes(&self, bucket: &str, name: &str) -> Vec<u8> {
-        let r = self.http.get(self.url(&format!("/storage/v1/b/{bucket}/o/{}?alt=media", enc(name)))).send().await.unwrap();
+        let r = self
+            .http
+            .get(self.url(&format!("/storage/v1/b/{bucket}/o/{}?alt=media", enc(name))))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 200);
         r.bytes().await.unwrap().to_vec()
     }
@@ -147,12 +167,21 @@ pub async fn error_of(r: reqwest::Response) -> (u16, String, String) {
     assert_eq!(e["code"], status, "{v}");
     assert_eq!(e["errors"][0]["domain"], "global", "{v}");
     assert_eq!(e["errors"][0]["message"], e["message"], "{v}");
-    (status, e["errors"][0]["reason"].as_str().unwrap().to_string(), e["message"].as_str().unwrap().to_string())
+    (
+        status,
+        e["errors"][0]["reason"].as_str().unwrap().to_string(),
+        e["message"].as_str().unwrap().to_string(),
+    )
 }
 
 pub async fn topic_with_sub(broker: &Broker, topic: &str, sub: &str) -> SubscriptionName {
     let t = TopicName::parse(&format!("projects/p/topics/{topic}")).unwrap();
-    let _ = broker.create_topic(TopicConfig { name: t.to_string(), labels: Default::default() }).await;
+    let _ = broker
+        .create_topic(TopicConfig {
+            name: t.to_string(),
+            labels: Default::default(),
+        })
+        .await;
     let s = SubscriptionName::parse(&format!("projects/p/subscriptions/{sub}")).unwrap();
     broker
         .create_subscription(SubscriptionConfig {
@@ -167,7 +196,12 @@ pub async fn topic_with_sub(broker: &Broker, topic: &str, sub: &str) -> Subscrip
 }
 
 /// Pulls and acks until `n` messages arrived or `wait` passed.
-pub async fn pull_n(broker: &Broker, sub: &SubscriptionName, n: usize, wait: Duration) -> Vec<pubrun_broker::Delivered> {
+pub async fn pull_n(
+    broker: &Broker,
+    sub: &SubscriptionName,
+    n: usize,
+    wait: Duration,
+) -> Vec<pubrun_broker::Delivered> {
     let deadline = tokio::time::Instant::now() + wait;
     let mut out = Vec::new();
     while out.len() < n {
@@ -175,7 +209,10 @@ pub async fn pull_n(broker: &Broker, sub: &SubscriptionName, n: usize, wait: Dur
         if left.is_zero() {
             break;
         }
-        let got = broker.pull(sub, 100, Some(left.min(Duration::from_millis(500)))).await.unwrap();
+        let got = broker
+            .pull(sub, 100, Some(left.min(Duration::from_millis(500))))
+            .await
+            .unwrap();
         let ids: Vec<String> = got.iter().map(|d| d.ack_id.clone()).collect();
         if !ids.is_empty() {
             broker.acknowledge(sub, &ids).await.unwrap();

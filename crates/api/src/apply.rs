@@ -1,0 +1,107 @@
+//! Applying a whole manifest: topics, subscriptions and jobs (through
+//! `pubrun_jobs::apply`), then schedules and webhooks (through the triggers
+//! crate). Everything that can be checked is checked before anything
+//! changes, so a bad schedule never leaves a half-applied manifest.
+//! `pubrun apply` and `pubrun serve --config` both come here.
+
+use std::sync::Arc;
+
+use pubrun_broker::Broker;
+use pubrun_core::manifest::Manifest;
+use pubrun_core::{Error, Result};
+use pubrun_jobs::apply::{Action, Change};
+use pubrun_jobs::Dispatcher;
+use pubrun_triggers::{MissedPolicy, ScheduleSpec, Triggers, WebhookSpec};
+
+fn schedule_specs(m: &Manifest) -> Result<Vec<ScheduleSpec>> {
+    m.schedules
+        .iter()
+        .map(|d| {
+            let missed = MissedPolicy::from_config(d.missed.as_deref(), d.missed_max_age.as_deref())
+                .map_err(|e| Error::invalid(format!("schedule \"{}\": {}", d.name, e.message)))?;
+            let spec = ScheduleSpec {
+                name: d.name.clone(),
+                cron: d.cron.clone(),
+                time_zone: d.time_zone.clone(),
+                topic: d.topic.clone(),
+                data: d.data.clone(),
+                attributes: d.attributes.clone(),
+                missed,
+                paused: d.paused,
+            };
+            spec.validate()?;
+            Ok(spec)
+        })
+        .collect()
+}
+
+fn webhook_specs(m: &Manifest) -> Result<Vec<WebhookSpec>> {
+    m.webhooks
+        .iter()
+        .map(|d| {
+            let mut spec = WebhookSpec::new(d.name.clone(), d.topic.clone());
+            spec.secret_env = d.secret_env.clone();
+            spec.bearer_secret_env = d.bearer_secret_env.clone();
+            spec.headers_as_attributes = d.headers_as_attributes.clone();
+            spec.query_as_attributes = d.query_as_attributes;
+            if let Some(n) = d.max_body_bytes {
+                spec.max_body_bytes = n;
+            }
+            spec.validate()?;
+            for var in [&spec.secret_env, &spec.bearer_secret_env].into_iter().flatten() {
+                if std::env::var(var).map_or(true, |v| v.is_empty()) {
+                    return Err(Error::precondition(format!(
+                        "webhook \"{}\": environment variable {var} is not set for the server; set it or remove the secret",
+                        spec.name
+                    )));
+                }
+            }
+            Ok(spec)
+        })
+        .collect()
+}
+
+/// Plans the named things in `desired` against `current`.
+fn plan_named<T: PartialEq>(kind: &'static str, current: &[(String, T)], desired: &[(String, T)]) -> Vec<Change> {
+    let mut out = Vec::new();
+    for (name, want) in desired {
+        let action = match current.iter().find(|(n, _)| n == name) {
+            None => Action::Create,
+            Some((_, have)) if have != want => Action::Update,
+            Some(_) => Action::Unchanged,
+        };
+        out.push(Change { kind, name: name.clone(), action });
+    }
+    for (name, _) in current {
+        if !desired.iter().any(|(n, _)| n == name) {
+            out.push(Change { kind, name: name.clone(), action: Action::Delete });
+        }
+    }
+    out
+}
+
+pub async fn apply_manifest(
+    broker: &Arc<Broker>,
+    dispatcher: &Arc<Dispatcher>,
+    triggers: Option<&Triggers>,
+    m: &Manifest,
+    dry_run: bool,
+) -> Result<Vec<Change>> {
+    let schedules = schedule_specs(m)?;
+    let webhooks = webhook_specs(m)?;
+    if triggers.is_none() && (!schedules.is_empty() || !webhooks.is_empty()) {
+        return Err(Error::precondition("this server does not run schedules and webhooks"));
+    }
+    let mut changes = pubrun_jobs::apply::apply(broker, dispatcher, m, dry_run).await?;
+    if let Some(t) = triggers {
+        let named_s = |v: Vec<ScheduleSpec>| v.into_iter().map(|s| (s.name.clone(), s)).collect::<Vec<_>>();
+        let named_w = |v: Vec<WebhookSpec>| v.into_iter().map(|w| (w.name.clone(), w)).collect::<Vec<_>>();
+        changes.extend(plan_named("schedule", &named_s(t.scheduler().specs()), &named_s(schedules.clone())));
+        changes.extend(plan_named("webhook", &named_w(t.list_webhooks()), &named_w(webhooks.clone())));
+        if !dry_run {
+            t.set_schedules(schedules)?;
+            t.set_webhooks(webhooks)?;
+        }
+    }
+    Ok(changes)
+}

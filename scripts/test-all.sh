@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 echo "== cargo build"
 cargo build --workspace --locked
 echo "== cargo test"
-cargo test --workspace --locked
+cargo test --workspace --locked --no-fail-fast
 if [ -f tests/python/run.sh ]; then
   echo "== official Google client tests (python)"
   bash scripts/python-venv.sh

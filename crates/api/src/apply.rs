@@ -80,19 +80,83 @@ fn plan_named<T: PartialEq>(kind: &'static str, current: &[(String, T)], desired
     out
 }
 
+fn gcs(e: pubrun_buckets::GcsError) -> Error {
+    match e.status {
+        400 => Error::invalid(e.message),
+        404 => Error::not_found(e.message),
+        409 => Error::already_exists(e.message),
+        412 => Error::precondition(e.message),
+        _ => Error::unavailable(e.message),
+    }
+}
+
+/// Buckets are created and notification configs added; apply never deletes
+/// a bucket (it holds data) nor a notification made through the API.
+async fn apply_buckets(b: &pubrun_buckets::Buckets, m: &Manifest, dry_run: bool) -> Result<Vec<Change>> {
+    let mut changes = Vec::new();
+    for decl in &m.buckets {
+        let exists = match b.get_bucket(&decl.name).await {
+            Ok(_) => true,
+            Err(e) if e.status == 404 => false,
+            Err(e) => return Err(gcs(e)),
+        };
+        changes.push(Change { kind: "bucket", name: decl.name.clone(), action: if exists { Action::Unchanged } else { Action::Create } });
+        if !dry_run && !exists {
+            b.ensure_bucket(&decl.name, &m.project).await.map_err(gcs)?;
+        }
+        let current = if exists || !dry_run { b.list_notifications(&decl.name).await.map_err(gcs)? } else { Vec::new() };
+        for n in &decl.notifications {
+            let same = |c: &pubrun_buckets::NotificationConfig| {
+                c.topic == n.topic
+                    && c.event_types == n.event_types
+                    && c.object_name_prefix == n.object_name_prefix
+                    && c.custom_attributes == n.custom_attributes
+                    && c.payload_format == n.payload_format
+            };
+            let name = format!("{} → {}", decl.name, n.topic);
+            if current.iter().any(same) {
+                changes.push(Change { kind: "notification", name, action: Action::Unchanged });
+                continue;
+            }
+            changes.push(Change { kind: "notification", name, action: Action::Create });
+            if !dry_run {
+                let spec = pubrun_buckets::NotificationSpec {
+                    topic: n.topic.clone(),
+                    payload_format: Some(n.payload_format.clone()),
+                    event_types: n.event_types.clone(),
+                    object_name_prefix: n.object_name_prefix.clone(),
+                    custom_attributes: n.custom_attributes.clone(),
+                };
+                b.create_notification(&decl.name, spec).await.map_err(gcs)?;
+            }
+        }
+    }
+    Ok(changes)
+}
+
 pub async fn apply_manifest(
     broker: &Arc<Broker>,
     dispatcher: &Arc<Dispatcher>,
     triggers: Option<&Triggers>,
+    buckets: Option<&pubrun_buckets::Buckets>,
     m: &Manifest,
     dry_run: bool,
 ) -> Result<Vec<Change>> {
     let schedules = schedule_specs(m)?;
     let webhooks = webhook_specs(m)?;
+    for decl in &m.buckets {
+        pubrun_buckets::names::validate_bucket_name(&decl.name).map_err(gcs)?;
+    }
+    if buckets.is_none() && !m.buckets.is_empty() {
+        return Err(Error::precondition("this server does not serve buckets"));
+    }
     if triggers.is_none() && (!schedules.is_empty() || !webhooks.is_empty()) {
         return Err(Error::precondition("this server does not run schedules and webhooks"));
     }
     let mut changes = pubrun_jobs::apply::apply(broker, dispatcher, m, dry_run).await?;
+    if let Some(b) = buckets {
+        changes.extend(apply_buckets(b, m, dry_run).await?);
+    }
     if let Some(t) = triggers {
         let named_s = |v: Vec<ScheduleSpec>| v.into_iter().map(|s| (s.name.clone(), s)).collect::<Vec<_>>();
         let named_w = |v: Vec<WebhookSpec>| v.into_iter().map(|w| (w.name.clone(), w)).collect::<Vec<_>>();

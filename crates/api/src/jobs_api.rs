@@ -37,11 +37,17 @@ struct Api {
     broker: Arc<Broker>,
     dispatcher: Arc<Dispatcher>,
     triggers: Option<Arc<pubrun_triggers::Triggers>>,
+    buckets: Option<pubrun_buckets::Buckets>,
 }
 
 type ApiResult = Result<Response, HttpError>;
 
-pub fn router(broker: Arc<Broker>, dispatcher: Arc<Dispatcher>, triggers: Option<Arc<pubrun_triggers::Triggers>>) -> Router {
+pub fn router(
+    broker: Arc<Broker>,
+    dispatcher: Arc<Dispatcher>,
+    triggers: Option<Arc<pubrun_triggers::Triggers>>,
+    buckets: Option<pubrun_buckets::Buckets>,
+) -> Router {
     Router::new()
         .route("/api/v1/jobs", get(list_jobs))
         .route("/api/v1/jobs/{name}", get(get_job))
@@ -56,7 +62,7 @@ pub fn router(broker: Arc<Broker>, dispatcher: Arc<Dispatcher>, triggers: Option
             let body = json!({"error": {"code": 405, "message": msg, "status": "UNIMPLEMENTED"}});
             (StatusCode::METHOD_NOT_ALLOWED, Json(body))
         })
-        .with_state(Api { broker, dispatcher, triggers })
+        .with_state(Api { broker, dispatcher, triggers, buckets })
 }
 
 fn ok(v: serde_json::Value) -> ApiResult {
@@ -206,6 +212,14 @@ async fn apply(State(api): State<Api>, q: Result<Query<ApplyQuery>, QueryRejecti
     let manifest = pubrun_jobs::apply::parse_manifest(&file, text)?;
     let dry_run = q.dry_run.unwrap_or(false);
     let changes =
-        crate::apply::apply_manifest(&api.broker, &api.dispatcher, api.triggers.as_deref(), &manifest, dry_run).await?;
+        crate::apply::apply_manifest(
+        &api.broker,
+        &api.dispatcher,
+        api.triggers.as_deref(),
+        api.buckets.as_ref(),
+        &manifest,
+        dry_run,
+    )
+    .await?;
     ok(json!({ "changes": changes, "applied": !dry_run }))
 }

@@ -1005,6 +1005,22 @@ type Body = std::result::Result<Bytes, BytesRejection>;
 type OneParam = std::result::Result<Path<String>, PathRejection>;
 type TwoParams = std::result::Result<Path<(String, String)>, PathRejection>;
 
+/// The checks every GET-only list endpoint makes, in order: the path
+/// parameters, the method, then `pageSize`/`pageToken`.
+fn list_params<T>(
+    method: &Method,
+    uri: &Uri,
+    path: std::result::Result<Path<T>, PathRejection>,
+    q: Option<String>,
+) -> std::result::Result<(T, i32, String), Fail> {
+    let params = path_params(path)?;
+    if method != Method::GET {
+        return Err(method_not_allowed(method, uri, "GET"));
+    }
+    let (page_size, page_token) = page_params(q)?;
+    Ok((params, page_size, page_token))
+}
+
 fn topic_name(project: &str, id: &str) -> String {
     format!("projects/{project}/topics/{id}")
 }
@@ -1022,11 +1038,7 @@ async fn topics_collection(
 ) -> Response {
     finish(
         async {
-            let project = path_params(path)?;
-            if method != Method::GET {
-                return Err(method_not_allowed(&method, &uri, "GET"));
-            }
-            let (page_size, page_token) = page_params(q)?;
+            let (project, page_size, page_token) = list_params(&method, &uri, path, q)?;
             let r = ps.list_topics(pb::ListTopicsRequest {
                 project: format!("projects/{project}"),
                 page_size,
@@ -1121,11 +1133,7 @@ async fn topic_subscriptions(
 ) -> Response {
     finish(
         async {
-            let (project, topic) = path_params(path)?;
-            if method != Method::GET {
-                return Err(method_not_allowed(&method, &uri, "GET"));
-            }
-            let (page_size, page_token) = page_params(q)?;
+            let ((project, topic), page_size, page_token) = list_params(&method, &uri, path, q)?;
             let r = ps.list_topic_subscriptions(pb::ListTopicSubscriptionsRequest {
                 topic: topic_name(&project, &topic),
                 page_size,
@@ -1146,11 +1154,7 @@ async fn topic_snapshots(
 ) -> Response {
     finish(
         async {
-            let (project, topic) = path_params(path)?;
-            if method != Method::GET {
-                return Err(method_not_allowed(&method, &uri, "GET"));
-            }
-            page_params(q)?;
+            let ((project, topic), _, _) = list_params(&method, &uri, path, q)?;
             // No snapshots exist in this version (as over gRPC); the topic must.
             ps.get_topic(pb::GetTopicRequest { topic: topic_name(&project, &topic) })?;
             Ok(empty())
@@ -1168,11 +1172,7 @@ async fn subscriptions_collection(
 ) -> Response {
     finish(
         async {
-            let project = path_params(path)?;
-            if method != Method::GET {
-                return Err(method_not_allowed(&method, &uri, "GET"));
-            }
-            let (page_size, page_token) = page_params(q)?;
+            let (project, page_size, page_token) = list_params(&method, &uri, path, q)?;
             let r = ps.list_subscriptions(pb::ListSubscriptionsRequest {
                 project: format!("projects/{project}"),
                 page_size,

@@ -47,7 +47,7 @@ pub fn router(broker: Arc<Broker>, opts: &ServeOptions, shutdown: watch::Receive
     .into_axum_router();
     let mut app = grpc.merge(crate::rest::router(pubsub));
     if let Some(d) = &opts.dispatcher {
-        app = app.merge(crate::jobs_api::router(broker_for_jobs.clone(), d.clone(), opts.triggers.clone()));
+        app = app.merge(crate::jobs_api::router(broker_for_jobs.clone(), d.clone(), opts.triggers.clone(), opts.buckets.clone()));
     }
     if let Some(t) = &opts.triggers {
         app = app.merge(pubrun_triggers::schedules_router(t.scheduler().clone()));

@@ -41,18 +41,17 @@ async fn notifications_carry_googles_attributes_and_payload() {
 
     // Config 1: finalize events under csv/, JSON payload, custom attributes.
     let r = s
-        .http
-        .post(s.url("/storage/v1/b/inbox/notificationConfigs"))
-        .json(&json!({
-            "topic": "//pubsub.googleapis.com/projects/p/topics/uploads",
-            "payload_format": "JSON_API_V1",
-            "event_types": ["OBJECT_FINALIZE"],
-            "object_name_prefix": "csv/",
-            "custom_attributes": {"team": "ml"},
-        }))
-        .send()
-        .await
-        .unwrap();
+        .post_json(
+            "/storage/v1/b/inbox/notificationConfigs",
+            &json!({
+                "topic": "//pubsub.googleapis.com/projects/p/topics/uploads",
+                "payload_format": "JSON_API_V1",
+                "event_types": ["OBJECT_FINALIZE"],
+                "object_name_prefix": "csv/",
+                "custom_attributes": {"team": "ml"},
+            }),
+        )
+        .await;
     assert_eq!(r.status(), 200);
     let n1: Value = r.json().await.unwrap();
     assert_eq!(n1["kind"], "storage#notification");
@@ -66,12 +65,11 @@ async fn notifications_carry_googles_attributes_and_payload() {
     let id1 = n1["id"].as_str().unwrap().to_string();
     // Config 2: every event, no payload, short topic form.
     let r = s
-        .http
-        .post(s.url("/storage/v1/b/inbox/notificationConfigs"))
-        .json(&json!({"topic": "projects/p/topics/all", "payload_format": "NONE"}))
-        .send()
-        .await
-        .unwrap();
+        .post_json(
+            "/storage/v1/b/inbox/notificationConfigs",
+            &json!({"topic": "projects/p/topics/all", "payload_format": "NONE"}),
+        )
+        .await;
     let n2: Value = r.json().await.unwrap();
     let id2 = n2["id"].as_str().unwrap().to_string();
     assert_ne!(id1, id2);
@@ -156,20 +154,15 @@ async fn notifications_carry_googles_attributes_and_payload() {
     assert_eq!(attrs(&m[1])["overwrittenByGeneration"], g2);
 
     // Metadata update and delete reach config 2 only.
-    s.http
-        .patch(s.url("/storage/v1/b/inbox/o/csv%2Fa.csv"))
-        .json(&json!({"metadata": {"k": "v"}}))
-        .send()
-        .await
-        .unwrap();
+    s.patch_json(
+        "/storage/v1/b/inbox/o/csv%2Fa.csv",
+        &json!({"metadata": {"k": "v"}}),
+    )
+    .await;
     let m = pull_n(&broker, &all, 1, Duration::from_secs(5)).await;
     assert_eq!(attrs(&m[0])["eventType"], "OBJECT_METADATA_UPDATE");
     assert_eq!(attrs(&m[0])["objectGeneration"], g2);
-    s.http
-        .delete(s.url("/storage/v1/b/inbox/o/csv%2Fa.csv"))
-        .send()
-        .await
-        .unwrap();
+    s.delete("/storage/v1/b/inbox/o/csv%2Fa.csv").await;
     let m = pull_n(&broker, &all, 1, Duration::from_secs(5)).await;
     assert_eq!(attrs(&m[0])["eventType"], "OBJECT_DELETE");
     assert!(!attrs(&m[0]).contains_key("overwrittenByGeneration"));
@@ -182,12 +175,11 @@ async fn notifications_carry_googles_attributes_and_payload() {
         .unwrap();
     let m = pull_n(&broker, &uploads, 1, Duration::from_secs(5)).await;
     assert_eq!(attrs(&m[0])["objectId"], "csv/copied.csv");
-    s.http
-        .post(s.url("/storage/v1/b/inbox/o/csv%2Fcomposed.csv/compose"))
-        .json(&json!({"sourceObjects": [{"name": "txt/b.txt"}, {"name": "csv/copied.csv"}]}))
-        .send()
-        .await
-        .unwrap();
+    s.post_json(
+        "/storage/v1/b/inbox/o/csv%2Fcomposed.csv/compose",
+        &json!({"sourceObjects": [{"name": "txt/b.txt"}, {"name": "csv/copied.csv"}]}),
+    )
+    .await;
     let m = pull_n(&broker, &uploads, 1, Duration::from_secs(5)).await;
     assert_eq!(attrs(&m[0])["objectId"], "csv/composed.csv");
     assert_eq!(payload(&m[0])["componentCount"], 2);
@@ -208,11 +200,8 @@ async fn notifications_carry_googles_attributes_and_payload() {
 
     // Deleting a config stops its messages.
     let r = s
-        .http
-        .delete(s.url(&format!("/storage/v1/b/inbox/notificationConfigs/{id2}")))
-        .send()
-        .await
-        .unwrap();
+        .delete(&format!("/storage/v1/b/inbox/notificationConfigs/{id2}"))
+        .await;
     assert_eq!(r.status(), 204);
     s.put("inbox", "csv/later.csv", "l").await;
     assert_eq!(
@@ -226,18 +215,12 @@ async fn notifications_carry_googles_attributes_and_payload() {
         .await
         .is_empty());
     let r = s
-        .http
-        .get(s.url(&format!("/storage/v1/b/inbox/notificationConfigs/{id2}")))
-        .send()
-        .await
-        .unwrap();
+        .get(&format!("/storage/v1/b/inbox/notificationConfigs/{id2}"))
+        .await;
     assert_eq!(error_of(r).await.0, 404);
     let r = s
-        .http
-        .delete(s.url(&format!("/storage/v1/b/inbox/notificationConfigs/{id2}")))
-        .send()
-        .await
-        .unwrap();
+        .delete(&format!("/storage/v1/b/inbox/notificationConfigs/{id2}"))
+        .await;
     assert_eq!(error_of(r).await.0, 404);
     s.stop().await;
 }
@@ -286,26 +269,15 @@ async fn notification_config_validation() {
         400
     );
     let r = s
-        .http
-        .post(s.url("/storage/v1/b/nobucket/notificationConfigs"))
-        .json(&json!({"topic": "projects/p/topics/topic1"}))
-        .send()
-        .await
-        .unwrap();
+        .post_json(
+            "/storage/v1/b/nobucket/notificationConfigs",
+            &json!({"topic": "projects/p/topics/topic1"}),
+        )
+        .await;
     assert_eq!(error_of(r).await.0, 404);
-    let r = s
-        .http
-        .get(s.url("/storage/v1/b/bkt/notificationConfigs/999"))
-        .send()
-        .await
-        .unwrap();
+    let r = s.get("/storage/v1/b/bkt/notificationConfigs/999").await;
     assert_eq!(error_of(r).await.0, 404);
-    let r = s
-        .http
-        .get(s.url("/storage/v1/b/bkt/notificationConfigs/abc"))
-        .send()
-        .await
-        .unwrap();
+    let r = s.get("/storage/v1/b/bkt/notificationConfigs/abc").await;
     assert_eq!(error_of(r).await.0, 404);
     s.stop().await;
 }

@@ -13,12 +13,11 @@ async fn bucket_lifecycle() {
     let s = start(dir.path(), open_broker(dir.path())).await;
 
     let r = s
-        .http
-        .post(s.url("/storage/v1/b?project=proj1"))
-        .json(&json!({"name": "my-bucket", "labels": {"env": "test"}}))
-        .send()
-        .await
-        .unwrap();
+        .post_json(
+            "/storage/v1/b?project=proj1",
+            &json!({"name": "my-bucket", "labels": {"env": "test"}}),
+        )
+        .await;
     assert_eq!(r.status(), 200);
     let b: Value = r.json().await.unwrap();
     assert_eq!(b["kind"], "storage#bucket");
@@ -27,31 +26,22 @@ async fn bucket_lifecycle() {
     assert_eq!(b["metageneration"], "1");
 
     let r = s
-        .http
-        .post(s.url("/storage/v1/b?project=proj1"))
-        .json(&json!({"name": "my-bucket"}))
-        .send()
-        .await
-        .unwrap();
+        .post_json("/storage/v1/b?project=proj1", &json!({"name": "my-bucket"}))
+        .await;
     assert_eq!(error_of(r).await.0, 409);
     for bad in ["ab", "Upper", "-dash", "has space", "goog-x", "192.168.1.1"] {
         let r = s
-            .http
-            .post(s.url("/storage/v1/b?project=proj1"))
-            .json(&json!({"name": bad}))
-            .send()
-            .await
-            .unwrap();
+            .post_json("/storage/v1/b?project=proj1", &json!({"name": bad}))
+            .await;
         let (status, reason, msg) = error_of(r).await;
         assert_eq!((status, reason.as_str()), (400, "invalid"), "{bad}: {msg}");
     }
     let r = s
-        .http
-        .post(s.url("/storage/v1/b?project=proj2"))
-        .json(&json!({"name": "other-bucket"}))
-        .send()
-        .await
-        .unwrap();
+        .post_json(
+            "/storage/v1/b?project=proj2",
+            &json!({"name": "other-bucket"}),
+        )
+        .await;
     assert_eq!(r.status(), 200);
 
     let (st, v) = s.get_json("/storage/v1/b/my-bucket").await;
@@ -76,50 +66,29 @@ async fn bucket_lifecycle() {
         .await;
     assert_ne!(v2["items"][0]["name"], v["items"][0]["name"]);
     assert!(v2.get("nextPageToken").is_none());
-    let r = s.http.get(s.url("/storage/v1/b")).send().await.unwrap();
+    let r = s.get("/storage/v1/b").await;
     assert_eq!(error_of(r).await.0, 400, "project is required");
 
     // Labels patch bumps metageneration.
     let r = s
-        .http
-        .patch(s.url("/storage/v1/b/my-bucket"))
-        .json(&json!({"labels": {"env": null, "team": "a"}}))
-        .send()
-        .await
-        .unwrap();
+        .patch_json(
+            "/storage/v1/b/my-bucket",
+            &json!({"labels": {"env": null, "team": "a"}}),
+        )
+        .await;
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["labels"], json!({"team": "a"}));
     assert_eq!(v["metageneration"], "2");
 
     s.put("my-bucket", "x", "data").await;
-    let r = s
-        .http
-        .delete(s.url("/storage/v1/b/my-bucket"))
-        .send()
-        .await
-        .unwrap();
+    let r = s.delete("/storage/v1/b/my-bucket").await;
     let (status, reason, _) = error_of(r).await;
     assert_eq!((status, reason.as_str()), (409, "conflict"));
-    let r = s
-        .http
-        .delete(s.url("/storage/v1/b/my-bucket/o/x"))
-        .send()
-        .await
-        .unwrap();
+    let r = s.delete("/storage/v1/b/my-bucket/o/x").await;
     assert_eq!(r.status(), 204);
-    let r = s
-        .http
-        .delete(s.url("/storage/v1/b/my-bucket"))
-        .send()
-        .await
-        .unwrap();
+    let r = s.delete("/storage/v1/b/my-bucket").await;
     assert_eq!(r.status(), 204);
-    let r = s
-        .http
-        .get(s.url("/storage/v1/b/my-bucket"))
-        .send()
-        .await
-        .unwrap();
+    let r = s.get("/storage/v1/b/my-bucket").await;
     let (status, reason, _) = error_of(r).await;
     assert_eq!((status, reason.as_str()), (404, "notFound"));
     s.stop().await;
@@ -150,11 +119,8 @@ async fn upload_download_ranges_and_headers() {
     assert_eq!(m["md5Hash"], md5.as_str());
     assert_eq!(s.get_bytes("bkt", "dir/file.bin").await, d);
     let r = s
-        .http
-        .get(s.url("/download/storage/v1/b/bkt/o/dir%2Ffile.bin?alt=media"))
-        .send()
-        .await
-        .unwrap();
+        .get("/download/storage/v1/b/bkt/o/dir%2Ffile.bin?alt=media")
+        .await;
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["x-goog-generation"], gen.as_str());
     assert_eq!(
@@ -199,20 +165,14 @@ async fn upload_download_ranges_and_headers() {
 
     // Generation selection: the live one works, another one is 404.
     let r = s
-        .http
-        .get(s.url(&format!(
+        .get(&format!(
             "/storage/v1/b/bkt/o/dir%2Ffile.bin?alt=media&generation={gen}"
-        )))
-        .send()
-        .await
-        .unwrap();
+        ))
+        .await;
     assert_eq!(r.status(), 200);
     let r = s
-        .http
-        .get(s.url("/storage/v1/b/bkt/o/dir%2Ffile.bin?alt=media&generation=1"))
-        .send()
-        .await
-        .unwrap();
+        .get("/storage/v1/b/bkt/o/dir%2Ffile.bin?alt=media&generation=1")
+        .await;
     assert_eq!(error_of(r).await.0, 404);
 
     // An unencoded slash in the path also names the object.
@@ -227,21 +187,11 @@ async fn upload_download_ranges_and_headers() {
     assert!(s.get_bytes("bkt", "empty").await.is_empty());
 
     // Missing things.
-    let r = s
-        .http
-        .get(s.url("/storage/v1/b/bkt/o/nope"))
-        .send()
-        .await
-        .unwrap();
+    let r = s.get("/storage/v1/b/bkt/o/nope").await;
     let (status, reason, msg) = error_of(r).await;
     assert_eq!((status, reason.as_str()), (404, "notFound"));
     assert!(msg.contains("bkt/nope"), "{msg}");
-    let r = s
-        .http
-        .get(s.url("/storage/v1/b/nobucket/o/x?alt=media"))
-        .send()
-        .await
-        .unwrap();
+    let r = s.get("/storage/v1/b/nobucket/o/x?alt=media").await;
     assert_eq!(error_of(r).await.0, 404);
     let r = s.put_raw("nobucket", "x", "d", "").await;
     assert_eq!(error_of(r).await.0, 404);
@@ -254,12 +204,7 @@ async fn upload_download_ranges_and_headers() {
         .unwrap();
     let (status, reason, _) = error_of(r).await;
     assert_eq!((status, reason.as_str()), (400, "required"));
-    let r = s
-        .http
-        .get(s.url("/storage/v1/b/bkt/iam"))
-        .send()
-        .await
-        .unwrap();
+    let r = s.get("/storage/v1/b/bkt/iam").await;
     assert_eq!(error_of(r).await.0, 404);
     s.stop().await;
 }
@@ -277,37 +222,29 @@ async fn metadata_patch_update_and_generations() {
     assert_eq!(s.get_bytes("bkt", "obj").await, b"two");
 
     // PATCH merges metadata and bumps metageneration.
-    let r = s
-        .http
-        .patch(s.url("/storage/v1/b/bkt/o/obj"))
-        .json(&json!({"metadata": {"a": "1", "b": "2"}, "contentType": "application/json", "cacheControl": "no-cache"}))
-        .send()
-        .await
-        .unwrap();
+    let r = s.patch_json("/storage/v1/b/bkt/o/obj", &json!({"metadata": {"a": "1", "b": "2"}, "contentType": "application/json", "cacheControl": "no-cache"})).await;
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["metageneration"], "2");
     assert_eq!(v["generation"], g2.to_string());
     assert_eq!(v["metadata"], json!({"a": "1", "b": "2"}));
     assert_eq!(v["contentType"], "application/json");
     let r = s
-        .http
-        .patch(s.url("/storage/v1/b/bkt/o/obj"))
-        .json(&json!({"metadata": {"a": null, "c": "3"}}))
-        .send()
-        .await
-        .unwrap();
+        .patch_json(
+            "/storage/v1/b/bkt/o/obj",
+            &json!({"metadata": {"a": null, "c": "3"}}),
+        )
+        .await;
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["metadata"], json!({"b": "2", "c": "3"}));
     assert_eq!(v["metageneration"], "3");
     assert_eq!(v["cacheControl"], "no-cache");
     // PUT replaces all writable metadata.
     let r = s
-        .http
-        .put(s.url("/storage/v1/b/bkt/o/obj"))
-        .json(&json!({"contentType": "text/csv"}))
-        .send()
-        .await
-        .unwrap();
+        .put_json(
+            "/storage/v1/b/bkt/o/obj",
+            &json!({"contentType": "text/csv"}),
+        )
+        .await;
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["contentType"], "text/csv");
     assert!(
@@ -315,21 +252,12 @@ async fn metadata_patch_update_and_generations() {
         "{v}"
     );
     assert_eq!(v["metageneration"], "4");
-    let r = s
-        .http
-        .get(s.url("/storage/v1/b/bkt/o/obj?alt=media"))
-        .send()
-        .await
-        .unwrap();
+    let r = s.get("/storage/v1/b/bkt/o/obj?alt=media").await;
     assert_eq!(r.headers()["content-type"], "text/csv");
     assert_eq!(r.headers()["x-goog-metageneration"], "4");
     let r = s
-        .http
-        .patch(s.url("/storage/v1/b/bkt/o/obj"))
-        .json(&json!({"contentType": 12}))
-        .send()
-        .await
-        .unwrap();
+        .patch_json("/storage/v1/b/bkt/o/obj", &json!({"contentType": 12}))
+        .await;
     assert_eq!(error_of(r).await.0, 400);
 
     // Preconditions on writes → 412.
@@ -387,75 +315,48 @@ async fn metadata_patch_update_and_generations() {
 
     // On reads: match failures 412, not-match failures 304.
     let r = s
-        .http
-        .get(s.url(&format!("/storage/v1/b/bkt/o/obj?ifGenerationMatch={g2}")))
-        .send()
-        .await
-        .unwrap();
+        .get(&format!("/storage/v1/b/bkt/o/obj?ifGenerationMatch={g2}"))
+        .await;
     assert_eq!(r.status(), 412);
     let r = s
-        .http
-        .get(s.url(&format!(
+        .get(&format!(
             "/storage/v1/b/bkt/o/obj?alt=media&ifGenerationNotMatch={g3}"
-        )))
-        .send()
-        .await
-        .unwrap();
+        ))
+        .await;
     assert_eq!(r.status(), 304);
     let r = s
-        .http
-        .get(s.url(&format!(
+        .get(&format!(
             "/storage/v1/b/bkt/o/obj?alt=media&ifGenerationMatch={g3}"
-        )))
-        .send()
-        .await
-        .unwrap();
+        ))
+        .await;
     assert_eq!(r.status(), 200);
 
     // Patch and delete preconditions.
     let r = s
-        .http
-        .patch(s.url("/storage/v1/b/bkt/o/obj?ifMetagenerationMatch=7"))
-        .json(&json!({"metadata": {"x": "y"}}))
-        .send()
-        .await
-        .unwrap();
+        .patch_json(
+            "/storage/v1/b/bkt/o/obj?ifMetagenerationMatch=7",
+            &json!({"metadata": {"x": "y"}}),
+        )
+        .await;
     assert_eq!(error_of(r).await.0, 412);
     let r = s
-        .http
-        .patch(s.url("/storage/v1/b/bkt/o/obj?ifMetagenerationNotMatch=1"))
-        .json(&json!({"metadata": {"x": "y"}}))
-        .send()
-        .await
-        .unwrap();
+        .patch_json(
+            "/storage/v1/b/bkt/o/obj?ifMetagenerationNotMatch=1",
+            &json!({"metadata": {"x": "y"}}),
+        )
+        .await;
     assert_eq!(error_of(r).await.0, 412);
     let r = s
-        .http
-        .delete(s.url(&format!("/storage/v1/b/bkt/o/obj?ifGenerationMatch={g2}")))
-        .send()
-        .await
-        .unwrap();
+        .delete(&format!("/storage/v1/b/bkt/o/obj?ifGenerationMatch={g2}"))
+        .await;
     assert_eq!(error_of(r).await.0, 412);
-    let r = s
-        .http
-        .delete(s.url("/storage/v1/b/bkt/o/obj?generation=5"))
-        .send()
-        .await
-        .unwrap();
+    let r = s.delete("/storage/v1/b/bkt/o/obj?generation=5").await;
     assert_eq!(error_of(r).await.0, 404);
     let r = s
-        .http
-        .delete(s.url(&format!("/storage/v1/b/bkt/o/obj?ifGenerationMatch={g3}")))
-        .send()
-        .await
-        .unwrap();
+        .delete(&format!("/storage/v1/b/bkt/o/obj?ifGenerationMatch={g3}"))
+        .await;
     assert_eq!(r.status(), 204);
-    let r = s
-        .http
-        .delete(s.url("/storage/v1/b/bkt/o/obj"))
-        .send()
-        .await
-        .unwrap();
+    let r = s.delete("/storage/v1/b/bkt/o/obj").await;
     assert_eq!(error_of(r).await.0, 404);
     s.stop().await;
 }
@@ -613,19 +514,9 @@ async fn listing_with_prefix_delimiter_and_pages() {
             assert_eq!(prefixes, all_prefixes, "q={q} size={size}");
         }
     }
-    let r = s
-        .http
-        .get(s.url("/storage/v1/b/bkt/o?pageToken=***"))
-        .send()
-        .await
-        .unwrap();
+    let r = s.get("/storage/v1/b/bkt/o?pageToken=***").await;
     assert_eq!(error_of(r).await.0, 400);
-    let r = s
-        .http
-        .get(s.url("/storage/v1/b/nobucket/o"))
-        .send()
-        .await
-        .unwrap();
+    let r = s.get("/storage/v1/b/nobucket/o").await;
     assert_eq!(error_of(r).await.0, 404);
     s.stop().await;
 }
@@ -639,12 +530,11 @@ async fn copy_rewrite_and_compose() {
     let d = data(300_000, 7);
     let (md5, crc) = hashes(&d);
     let src = s.put("src", "in/file", d.clone()).await;
-    s.http
-        .patch(s.url("/storage/v1/b/src/o/in%2Ffile"))
-        .json(&json!({"metadata": {"k": "v"}}))
-        .send()
-        .await
-        .unwrap();
+    s.patch_json(
+        "/storage/v1/b/src/o/in%2Ffile",
+        &json!({"metadata": {"k": "v"}}),
+    )
+    .await;
 
     // copy keeps bytes and metadata.
     let r = s
@@ -664,12 +554,11 @@ async fn copy_rewrite_and_compose() {
     assert_eq!(s.get_bytes("dst", "out/copy").await, d);
     // copy with metadata in the body overrides; destination preconditions apply.
     let r = s
-        .http
-        .post(s.url("/storage/v1/b/src/o/in%2Ffile/copyTo/b/dst/o/out%2Fcopy?ifGenerationMatch=0"))
-        .json(&json!({"contentType": "image/png"}))
-        .send()
-        .await
-        .unwrap();
+        .post_json(
+            "/storage/v1/b/src/o/in%2Ffile/copyTo/b/dst/o/out%2Fcopy?ifGenerationMatch=0",
+            &json!({"contentType": "image/png"}),
+        )
+        .await;
     assert_eq!(error_of(r).await.0, 412);
     let r = s
         .http
@@ -679,12 +568,11 @@ async fn copy_rewrite_and_compose() {
         .unwrap();
     assert_eq!(error_of(r).await.0, 412);
     let r = s
-        .http
-        .post(s.url("/storage/v1/b/src/o/in%2Ffile/copyTo/b/dst/o/copy2"))
-        .json(&json!({"contentType": "image/png", "metadata": {"n": "m"}}))
-        .send()
-        .await
-        .unwrap();
+        .post_json(
+            "/storage/v1/b/src/o/in%2Ffile/copyTo/b/dst/o/copy2",
+            &json!({"contentType": "image/png", "metadata": {"n": "m"}}),
+        )
+        .await;
     let c: Value = r.json().await.unwrap();
     assert_eq!(c["contentType"], "image/png");
     assert_eq!(c["metadata"], json!({"n": "m"}));
@@ -702,12 +590,11 @@ async fn copy_rewrite_and_compose() {
 
     // rewrite answers with a rewriteResponse, done in one call.
     let r = s
-        .http
-        .post(s.url("/storage/v1/b/dst/o/out%2Fcopy/rewriteTo/b/src/o/rewritten"))
-        .json(&json!({}))
-        .send()
-        .await
-        .unwrap();
+        .post_json(
+            "/storage/v1/b/dst/o/out%2Fcopy/rewriteTo/b/src/o/rewritten",
+            &json!({}),
+        )
+        .await;
     assert_eq!(r.status(), 200);
     let rw: Value = r.json().await.unwrap();
     assert_eq!(rw["kind"], "storage#rewriteResponse");
@@ -726,12 +613,8 @@ async fn copy_rewrite_and_compose() {
         "destination": {"contentType": "text/plain", "metadata": {"composed": "yes"}},
     });
     let r = s
-        .http
-        .post(s.url("/storage/v1/b/src/o/whole/compose"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+        .post_json("/storage/v1/b/src/o/whole/compose", &body)
+        .await;
     assert_eq!(r.status(), 200);
     let w: Value = r.json().await.unwrap();
     assert_eq!(s.get_bytes("src", "whole").await, b"hello composed world");
@@ -742,58 +625,47 @@ async fn copy_rewrite_and_compose() {
     assert_eq!(w["contentType"], "text/plain");
     // Composing a composite counts its components.
     let r = s
-        .http
-        .post(s.url("/storage/v1/b/src/o/whole2/compose"))
-        .json(&json!({"sourceObjects": [{"name": "whole"}, {"name": "p1"}]}))
-        .send()
-        .await
-        .unwrap();
+        .post_json(
+            "/storage/v1/b/src/o/whole2/compose",
+            &json!({"sourceObjects": [{"name": "whole"}, {"name": "p1"}]}),
+        )
+        .await;
     let w2: Value = r.json().await.unwrap();
     assert_eq!(w2["componentCount"], 4);
     assert_eq!(
         s.get_bytes("src", "whole2").await,
         b"hello composed worldhello "
     );
-    let r = s
-        .http
-        .post(s.url("/storage/v1/b/src/o/bad/compose"))
-        .json(&json!({"sourceObjects": [{"name": "p1", "objectPreconditions": {"ifGenerationMatch": 1}}]}))
-        .send()
-        .await
-        .unwrap();
+    let r = s.post_json("/storage/v1/b/src/o/bad/compose", &json!({"sourceObjects": [{"name": "p1", "objectPreconditions": {"ifGenerationMatch": 1}}]})).await;
     assert_eq!(error_of(r).await.0, 412);
     let r = s
-        .http
-        .post(s.url("/storage/v1/b/src/o/bad/compose"))
-        .json(&json!({"sourceObjects": [{"name": "nope"}]}))
-        .send()
-        .await
-        .unwrap();
+        .post_json(
+            "/storage/v1/b/src/o/bad/compose",
+            &json!({"sourceObjects": [{"name": "nope"}]}),
+        )
+        .await;
     assert_eq!(error_of(r).await.0, 404);
     let r = s
-        .http
-        .post(s.url("/storage/v1/b/src/o/bad/compose"))
-        .json(&json!({"sourceObjects": []}))
-        .send()
-        .await
-        .unwrap();
+        .post_json(
+            "/storage/v1/b/src/o/bad/compose",
+            &json!({"sourceObjects": []}),
+        )
+        .await;
     assert_eq!(error_of(r).await.0, 400);
     let many: Vec<Value> = (0..33).map(|_| json!({"name": "p1"})).collect();
     let r = s
-        .http
-        .post(s.url("/storage/v1/b/src/o/bad/compose"))
-        .json(&json!({"sourceObjects": many}))
-        .send()
-        .await
-        .unwrap();
+        .post_json(
+            "/storage/v1/b/src/o/bad/compose",
+            &json!({"sourceObjects": many}),
+        )
+        .await;
     assert_eq!(error_of(r).await.0, 400);
     let r = s
-        .http
-        .post(s.url("/storage/v1/b/src/o/whole/compose?ifGenerationMatch=0"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+        .post_json(
+            "/storage/v1/b/src/o/whole/compose?ifGenerationMatch=0",
+            &body,
+        )
+        .await;
     assert_eq!(error_of(r).await.0, 412);
     s.stop().await;
 }

@@ -184,6 +184,22 @@ async fn session(s: &Server, name: &str, total: usize) -> String {
     r.headers()["location"].to_str().unwrap().to_string()
 }
 
+/// A PUT of `body` to a resumable session with the given `Content-Range`.
+async fn put_range(
+    s: &Server,
+    url: &str,
+    range: impl AsRef<str>,
+    body: impl Into<reqwest::Body>,
+) -> reqwest::Response {
+    s.http
+        .put(url)
+        .header("content-range", range.as_ref())
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+}
+
 async fn put_chunk(
     s: &Server,
     url: &str,
@@ -193,16 +209,13 @@ async fn put_chunk(
     total: Option<usize>,
 ) -> reqwest::Response {
     let total = total.map(|t| t.to_string()).unwrap_or_else(|| "*".into());
-    s.http
-        .put(url)
-        .header(
-            "content-range",
-            format!("bytes {start}-{}/{total}", end - 1),
-        )
-        .body(d[start..end].to_vec())
-        .send()
-        .await
-        .unwrap()
+    put_range(
+        s,
+        url,
+        format!("bytes {start}-{}/{total}", end - 1),
+        d[start..end].to_vec(),
+    )
+    .await
 }
 
 /// The persisted offset: 308 with `Range: bytes=0-N` → N+1 (no header → 0).
@@ -320,12 +333,7 @@ async fn resumable_upload_of_30_mib_with_an_interrupted_chunk() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    let r = s
-        .http
-        .get(s.url("/storage/v1/b/bkt/o/big%2Ffile.bin?alt=media"))
-        .send()
-        .await
-        .unwrap();
+    let r = s.get("/storage/v1/b/bkt/o/big%2Ffile.bin?alt=media").await;
     assert_eq!(
         r.headers()["x-goog-hash"].to_str().unwrap(),
         format!("crc32c={crc},md5={md5}")
@@ -463,14 +471,7 @@ async fn resumable_edge_cases() {
     let r = initiate(&s, "race", Some(3), json!({}), "&ifGenerationMatch=0").await;
     let url = r.headers()["location"].to_str().unwrap().to_string();
     s.put("bkt", "race", "someone else").await;
-    let r = s
-        .http
-        .put(&url)
-        .header("content-range", "bytes 0-2/3")
-        .body("abc")
-        .send()
-        .await
-        .unwrap();
+    let r = put_range(&s, &url, "bytes 0-2/3", "abc").await;
     assert_eq!(error_of(r).await.0, 412);
     assert_eq!(s.get_bytes("bkt", "race").await, b"someone else");
 
@@ -498,46 +499,18 @@ async fn resumable_edge_cases() {
     // Bad Content-Range, size mismatch, too many bytes.
     let r = initiate(&s, "strict", Some(10), json!({}), "").await;
     let url = r.headers()["location"].to_str().unwrap().to_string();
-    let r = s
-        .http
-        .put(&url)
-        .header("content-range", "bytes 0-9")
-        .body("0123456789")
-        .send()
-        .await
-        .unwrap();
+    let r = put_range(&s, &url, "bytes 0-9", "0123456789").await;
     assert_eq!(error_of(r).await.0, 400);
-    let r = s
-        .http
-        .put(&url)
-        .header("content-range", "bytes 0-9/11")
-        .body("0123456789")
-        .send()
-        .await
-        .unwrap();
+    let r = put_range(&s, &url, "bytes 0-9/11", "0123456789").await;
     assert_eq!(error_of(r).await.0, 400);
-    let r = s
-        .http
-        .put(&url)
-        .header("content-range", "bytes 0-4/10")
-        .body("0123456789")
-        .send()
-        .await
-        .unwrap();
+    let r = put_range(&s, &url, "bytes 0-4/10", "0123456789").await;
     assert_eq!(error_of(r).await.0, 400);
     assert_eq!(
         status(&s, &url, None).await,
         (308, 0),
         "a refused chunk stores nothing"
     );
-    let r = s
-        .http
-        .put(&url)
-        .header("content-range", "bytes 0-9/10")
-        .body("0123456789")
-        .send()
-        .await
-        .unwrap();
+    let r = put_range(&s, &url, "bytes 0-9/10", "0123456789").await;
     assert_eq!(r.status(), 200);
     s.stop().await;
 }

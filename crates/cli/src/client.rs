@@ -1,6 +1,6 @@
 //! Client commands: thin wrappers over the server's REST APIs — Google's
 //! Pub/Sub REST v1 (`topics`, `subscriptions`, `publish`, `pull`) and
-//! pubrun's own `/api/v1` (`apply`, `jobs`, `runs`, `logs`).
+//! pubrun's own `/api/v1` (`apply`, `jobs`, `runs`, `logs`, `schedules`).
 //!
 //! Every command takes the same connection options ([`ConnArgs`]: `--addr`,
 //! `--token`, `--project`, `--json`), talks HTTP to `pubrun serve` and
@@ -15,6 +15,7 @@ mod names;
 mod output;
 mod resources;
 mod runs;
+mod schedules;
 
 pub use args::ConnArgs;
 
@@ -42,6 +43,37 @@ pub enum ClientCommand {
     Runs(RunsArgs),
     /// Print a run's output (stdout and stderr); --follow until the run ends.
     Logs(LogsArgs),
+    /// List schedules; pause, resume or fire one now.
+    #[command(subcommand, visible_alias = "schedule")]
+    Schedules(SchedulesCommand),
+}
+
+#[derive(clap::Subcommand)]
+pub enum SchedulesCommand {
+    /// List schedules with their next and last fire times.
+    #[command(visible_alias = "ls")]
+    List {
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Stop a schedule from firing until resumed (survives restarts).
+    Pause {
+        name: String,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Let a paused schedule fire again (ticks missed while paused are not caught up).
+    Resume {
+        name: String,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Publish the schedule's message now, once (also when paused).
+    RunNow {
+        name: String,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
 }
 
 #[derive(clap::Args)]
@@ -302,5 +334,6 @@ pub async fn run(cmd: ClientCommand) -> anyhow::Result<()> {
         ClientCommand::Jobs(cmd) => jobs::jobs(cmd).await,
         ClientCommand::Runs(args) => runs::runs(args).await,
         ClientCommand::Logs(args) => runs::logs(args).await,
+        ClientCommand::Schedules(cmd) => schedules::schedules(cmd).await,
     }
 }

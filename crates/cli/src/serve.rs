@@ -93,6 +93,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     };
     let executors = Executors { process: Arc::new(pubrun_exec::process::ProcessExecutor::new()), docker };
     let dispatcher = Dispatcher::new(broker.clone(), Arc::new(runs), args.data_dir.clone(), executors, args.slots);
+    dispatcher.set_buckets(buckets.clone());
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding {} (is another pubrun or emulator running there?)", args.listen))?;
@@ -101,7 +102,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     triggers.spawn();
     buckets.set_base_url(&format!("http://{addr}"));
     if let Some(m) = &manifest {
-        let changes = pubrun_api::apply::apply_manifest(&broker, &dispatcher, Some(&triggers), m, false)
+        let changes = pubrun_api::apply::apply_manifest(&broker, &dispatcher, Some(&triggers), Some(&buckets), m, false)
             .await
             .context("applying --config")?;
         let changed = changes.iter().filter(|c| c.action != pubrun_jobs::apply::Action::Unchanged).count();

@@ -1,27 +1,22 @@
 //! The client commands as a user runs them: the real `pubrun` binary against a
 //! real `pubrun serve` child process, asserting on stdout, stderr and exit codes.
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+mod common;
 
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use common::free_port;
 use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_pubrun");
 
 /// A `pubrun serve` child, killed when dropped (also when a test panics).
 struct Server {
-    child: Child,
+    child: common::Server,
     port: u16,
     _dir: tempfile::TempDir,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 impl Server {
@@ -41,7 +36,7 @@ impl Server {
             cmd.args(["--token", t]);
         }
         let mut server = Server {
-            child: cmd.spawn().expect("spawn pubrun serve"),
+            child: common::Server(cmd.spawn().expect("spawn pubrun serve")),
             port,
             _dir: dir,
         };
@@ -54,21 +49,7 @@ impl Server {
     }
 
     fn wait_healthy(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                panic!("pubrun serve exited before becoming healthy: {status}");
-            }
-            if healthz(self.port) {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "pubrun serve not healthy on port {} within 60 s",
-                self.port
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        common::wait_healthy(&mut self.child.0, self.port, Duration::from_secs(60), String::new);
     }
 
     /// Runs a client command against this server (address via PUBRUN_ADDR).
@@ -127,25 +108,6 @@ fn run(cmd: &mut Command, stdin: Option<&[u8]>) -> Run {
         stdout: String::from_utf8_lossy(&stdout).into_owned(),
         stderr: String::from_utf8_lossy(&stderr).into_owned(),
     }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn healthz(port: u16) -> bool {
-    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
-        return false;
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-    if s.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .is_err()
-    {
-        return false;
-    }
-    let mut resp = String::new();
-    let _ = s.read_to_string(&mut resp);
-    resp.starts_with("HTTP/1.1 200")
 }
 
 #[test]

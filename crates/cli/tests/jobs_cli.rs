@@ -2,12 +2,14 @@
 //! binary against a real `pubrun serve --config pubrun.toml` child process
 //! running real process jobs, asserting on stdout, stderr and exit codes.
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+mod common;
+
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::free_port;
 use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_pubrun");
@@ -56,16 +58,9 @@ process = {{ command = "sh", args = ["-c", "echo one; sleep 2; echo two"] }}
 
 /// A `pubrun serve` child, killed when dropped (also when a test panics).
 struct Server {
-    child: Child,
+    child: common::Server,
     port: u16,
     dir: tempfile::TempDir,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 impl Server {
@@ -91,7 +86,7 @@ impl Server {
             .stderr(log)
             .spawn()
             .expect("spawn pubrun serve");
-        let mut server = Server { child, port, dir };
+        let mut server = Server { child: common::Server(child), port, dir };
         server.wait_healthy();
         server
     }
@@ -110,22 +105,10 @@ impl Server {
     }
 
     fn wait_healthy(&mut self) {
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                panic!("pubrun serve exited before becoming healthy: {status}\n{}", self.log());
-            }
-            if healthz(self.port) {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "pubrun serve not healthy on port {} within {PATIENCE:?}\n{}",
-                self.port,
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let log = self.path("serve.log");
+        common::wait_healthy(&mut self.child.0, self.port, PATIENCE, || {
+            std::fs::read_to_string(&log).unwrap_or_default()
+        });
     }
 
     fn command(&self, args: &[&str]) -> Command {
@@ -301,25 +284,6 @@ impl Drop for Background {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn healthz(port: u16) -> bool {
-    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
-        return false;
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-    if s.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .is_err()
-    {
-        return false;
-    }
-    let mut resp = String::new();
-    let _ = s.read_to_string(&mut resp);
-    resp.starts_with("HTTP/1.1 200")
 }
 
 fn write(path: &Path, text: &str) -> String {

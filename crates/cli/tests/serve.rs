@@ -1,26 +1,15 @@
 //! `pubrun serve` as a process: safe defaults, auth on gRPC, graceful stop.
 
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
+mod common;
+
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use googleapis_tonic_google_pubsub_v1::google::pubsub::v1 as pb;
 use pb::publisher_client::PublisherClient;
 use pb::subscriber_client::SubscriberClient;
-use tonic::transport::Channel;
 
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
+use common::{connect, free_port, Server};
 
 fn pubrun(args: &[&str], data: &std::path::Path) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_pubrun"));
@@ -28,16 +17,6 @@ fn pubrun(args: &[&str], data: &std::path::Path) -> Command {
     c
 }
 
-async fn connect(port: u16) -> Channel {
-    let url = format!("http://127.0.0.1:{port}");
-    for _ in 0..600 {
-        if let Ok(ch) = Channel::from_shared(url.clone()).unwrap().connect().await {
-            return ch;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("pubrun did not listen on {url} within 60 s");
-}
 
 #[test]
 fn non_loopback_listen_requires_a_token() {

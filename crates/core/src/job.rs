@@ -38,6 +38,77 @@ pub struct JobSpec {
     pub result_topic: String,
     /// Bytes of stdout+stderr kept per run; the rest is dropped (and counted).
     pub log_limit_bytes: u64,
+    /// Objects placed into the run's working directory before each attempt.
+    #[serde(default)]
+    pub inputs: Vec<InputSpec>,
+    /// Directories uploaded to a bucket after each attempt.
+    #[serde(default)]
+    pub outputs: Vec<OutputSpec>,
+}
+
+/// `{ from = "trigger" | "gs://BUCKET/PREFIX", to = "relative/dir/" }`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InputSpec {
+    /// `trigger` (the object named by the message attributes `bucketId` and
+    /// `objectId`) or `gs://BUCKET/PREFIX` (template).
+    pub from: String,
+    /// Directory relative to the run's working directory.
+    pub to: String,
+}
+
+/// `{ from = "relative/dir/", to = "gs://BUCKET/PREFIX" }`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutputSpec {
+    /// Directory relative to the run's working directory.
+    pub from: String,
+    /// `gs://BUCKET/PREFIX` (template); files go to `PREFIX` + relative path.
+    pub to: String,
+}
+
+/// The value of an input's `from` that names the triggering object.
+pub const TRIGGER_INPUT: &str = "trigger";
+
+/// Splits `gs://BUCKET/PREFIX` (PREFIX may be empty). The bucket name must
+/// be 3–63 characters of `a-z 0-9 . _ -`, starting and ending with a letter
+/// or digit.
+pub fn parse_gs_url(s: &str) -> std::result::Result<(String, String), String> {
+    let rest = s
+        .strip_prefix("gs://")
+        .ok_or_else(|| format!("\"{s}\" is not a gs://BUCKET/PREFIX address"))?;
+    let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+    let ok_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-');
+    let edge = |c: Option<char>| c.is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    if !(3..=63).contains(&bucket.len())
+        || !bucket.chars().all(ok_char)
+        || !edge(bucket.chars().next())
+        || !edge(bucket.chars().last())
+    {
+        return Err(format!(
+            "\"{s}\": bucket name \"{bucket}\" must be 3-63 characters of a-z, 0-9, '.', '_', '-'"
+        ));
+    }
+    if prefix.contains('\0') {
+        return Err(format!("\"{s}\": the prefix contains NUL"));
+    }
+    Ok((bucket.to_string(), prefix.to_string()))
+}
+
+/// Checks a path meant to stay inside a run's working directory: relative,
+/// not empty, no `..` component, no NUL.
+pub fn check_relative_path(p: &str) -> std::result::Result<(), String> {
+    if p.is_empty() {
+        return Err("must not be empty (use \"./\" for the working directory itself)".into());
+    }
+    if p.contains('\0') {
+        return Err(format!("\"{}\" contains NUL", p.escape_debug()));
+    }
+    if p.starts_with('/') || p.starts_with('\\') || std::path::Path::new(p).is_absolute() {
+        return Err(format!("\"{p}\" must be relative to the run's working directory"));
+    }
+    if p.split(['/', '\\']).any(|c| c == "..") {
+        return Err(format!("\"{p}\" must not contain \"..\""));
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -178,5 +249,19 @@ mod tests {
         assert_eq!(p.backoff(4, 1.0), Duration::from_secs(35));
         assert_eq!(p.backoff(2, 0.0), Duration::from_secs(5));
         assert_eq!(p.backoff(40, 1.0), Duration::from_secs(35));
+    }
+
+    #[test]
+    fn gs_urls_and_relative_paths() {
+        assert_eq!(parse_gs_url("gs://output/results/x/").unwrap(), ("output".into(), "results/x/".into()));
+        assert_eq!(parse_gs_url("gs://shared").unwrap(), ("shared".into(), "".into()));
+        assert!(parse_gs_url("s3://x/y").is_err());
+        assert!(parse_gs_url("gs://Up/x").is_err());
+        assert!(parse_gs_url("gs:///x").is_err());
+        assert!(check_relative_path("in/").is_ok());
+        assert!(check_relative_path("./").is_ok());
+        assert!(check_relative_path("/etc").is_err());
+        assert!(check_relative_path("a/../../b").is_err());
+        assert!(check_relative_path("").is_err());
     }
 }

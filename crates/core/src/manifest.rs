@@ -10,7 +10,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::config::{normalize_ack_deadline, validate_labels, Labels, SubscriptionConfig, TopicConfig};
-use crate::job::{DockerSpec, ExecutorSpec, JobSpec, Mount, ProcessSpec, PullPolicy, RegistryAuth, RetryPolicy};
+use crate::job::{check_relative_path, parse_gs_url, DockerSpec, ExecutorSpec, InputSpec, JobSpec, OutputSpec, TRIGGER_INPUT, Mount, ProcessSpec, PullPolicy, RegistryAuth, RetryPolicy};
 use crate::names::{validate_resource_id, ProjectName, SubscriptionName, TopicName};
 use crate::template;
 
@@ -23,6 +23,27 @@ pub struct Manifest {
     pub jobs: Vec<JobSpec>,
     pub schedules: Vec<ScheduleDecl>,
     pub webhooks: Vec<WebhookDecl>,
+    pub buckets: Vec<BucketDecl>,
+}
+
+/// A `[[bucket]]` table. The bucket name is checked by the buckets crate
+/// when applied; notification topics must be declared here.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct BucketDecl {
+    pub name: String,
+    pub notifications: Vec<NotificationDecl>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct NotificationDecl {
+    /// Full topic name.
+    pub topic: String,
+    /// Empty: every event type.
+    pub event_types: Vec<String>,
+    pub object_name_prefix: String,
+    pub custom_attributes: BTreeMap<String, String>,
+    /// `JSON_API_V1` (default) or `NONE`.
+    pub payload_format: String,
 }
 
 /// A `[[schedule]]` table: checked for shape here (unknown keys, declared
@@ -79,6 +100,29 @@ struct RawManifest {
     schedule: Vec<RawSchedule>,
     #[serde(default)]
     webhook: Vec<RawWebhook>,
+    #[serde(default)]
+    bucket: Vec<RawBucket>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBucket {
+    name: Spanned<String>,
+    #[serde(default)]
+    notifications: Vec<Spanned<RawNotification>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNotification {
+    topic: String,
+    #[serde(default)]
+    event_types: Vec<String>,
+    #[serde(default)]
+    object_name_prefix: String,
+    #[serde(default)]
+    custom_attributes: BTreeMap<String, String>,
+    payload_format: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -146,6 +190,17 @@ struct RawJob {
     dedup_window: Option<Spanned<String>>,
     result_topic: Option<Spanned<String>>,
     log_limit: Option<Spanned<String>>,
+    #[serde(default)]
+    inputs: Vec<Spanned<RawStaging>>,
+    #[serde(default)]
+    outputs: Vec<Spanned<RawStaging>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStaging {
+    from: Spanned<String>,
+    to: Spanned<String>,
 }
 
 #[derive(Deserialize)]
@@ -469,6 +524,31 @@ pub fn parse(file: &str, src: &str) -> Result<Manifest, ManifestError> {
                 .ok_or_else(|| cx.err(s.span(), format!("log_limit: \"{}\" is not a size; e.g. \"10m\"", s.get_ref())))?,
             None => 10 << 20,
         };
+        // Staging: local sides relative and inside the working directory,
+        // bucket sides `gs://BUCKET/PREFIX` (the prefix may be a template).
+        let check_local = |v: &Spanned<String>, what: &str| -> Result<(), ManifestError> {
+            check_relative_path(v.get_ref()).map_err(|e| cx.err(v.span(), format!("{what}: {e}")))
+        };
+        let check_gs = |v: &Spanned<String>, what: &str| -> Result<(), ManifestError> {
+            parse_gs_url(v.get_ref()).map_err(|e| cx.err(v.span(), format!("{what}: {e}")))?;
+            check_tmpl(v.span(), v.get_ref())
+        };
+        let mut inputs = Vec::new();
+        for i in &j.inputs {
+            let r = i.get_ref();
+            if r.from.get_ref() != TRIGGER_INPUT {
+                check_gs(&r.from, "inputs.from (\"trigger\" or gs://BUCKET/PREFIX)")?;
+            }
+            check_local(&r.to, "inputs.to")?;
+            inputs.push(InputSpec { from: r.from.get_ref().clone(), to: r.to.get_ref().clone() });
+        }
+        let mut outputs = Vec::new();
+        for o in &j.outputs {
+            let r = o.get_ref();
+            check_local(&r.from, "outputs.from")?;
+            check_gs(&r.to, "outputs.to")?;
+            outputs.push(OutputSpec { from: r.from.get_ref().clone(), to: r.to.get_ref().clone() });
+        }
         m.jobs.push(JobSpec {
             name: name.clone(),
             topic: topic.to_string(),
@@ -482,7 +562,36 @@ pub fn parse(file: &str, src: &str) -> Result<Manifest, ManifestError> {
             dedup_window: cx.duration(&j.dedup_window, Duration::from_secs(24 * 3600), "dedup_window")?,
             result_topic,
             log_limit_bytes,
+            inputs,
+            outputs,
         });
+    }
+    let mut names = BTreeSet::new();
+    for b in &raw.bucket {
+        if !names.insert(b.name.get_ref().clone()) {
+            return Err(cx.err(b.name.span(), format!("bucket \"{}\" is declared twice", b.name.get_ref())));
+        }
+        let mut notifications = Vec::new();
+        for n in &b.notifications {
+            let r = n.get_ref();
+            let topic = topic_ref(&Spanned::new(n.span(), r.topic.clone()))?;
+            const EVENTS: [&str; 4] = ["OBJECT_FINALIZE", "OBJECT_DELETE", "OBJECT_METADATA_UPDATE", "OBJECT_ARCHIVE"];
+            if let Some(bad) = r.event_types.iter().find(|e| !EVENTS.contains(&e.as_str())) {
+                return Err(cx.err(n.span(), format!("unknown event type \"{bad}\"; one of {}", EVENTS.join(", "))));
+            }
+            let payload_format = r.payload_format.clone().unwrap_or_else(|| "JSON_API_V1".to_string());
+            if payload_format != "JSON_API_V1" && payload_format != "NONE" {
+                return Err(cx.err(n.span(), format!("payload_format is \"{payload_format}\"; one of JSON_API_V1, NONE")));
+            }
+            notifications.push(NotificationDecl {
+                topic: topic.to_string(),
+                event_types: r.event_types.clone(),
+                object_name_prefix: r.object_name_prefix.clone(),
+                custom_attributes: r.custom_attributes.clone(),
+                payload_format,
+            });
+        }
+        m.buckets.push(BucketDecl { name: b.name.get_ref().clone(), notifications });
     }
     let mut names = BTreeSet::new();
     for sc in &raw.schedule {
@@ -602,6 +711,20 @@ dedup_key = "{{ publish_time | date }}"
     }
 
     #[test]
+    fn buckets_with_notifications() {
+        let m = parse(
+            "t.toml",
+            "[[topic]]\nname = \"uploads\"\n[[bucket]]\nname = \"input\"\nnotifications = [{ topic = \"uploads\", event_types = [\"OBJECT_FINALIZE\"], object_name_prefix = \"csv/\" }]\n",
+        )
+        .unwrap();
+        assert_eq!(m.buckets[0].notifications[0].topic, "projects/demo/topics/uploads");
+        assert_eq!(m.buckets[0].notifications[0].payload_format, "JSON_API_V1");
+        let e = err("[[topic]]\nname = \"uploads\"\n[[bucket]]\nname = \"input\"\nnotifications = [{ topic = \"uploads\", event_types = [\"OBJECT_MADE\"] }]\n");
+        assert_eq!(e.line, 5, "{e}");
+        assert!(e.message.contains("OBJECT_MADE"), "{e}");
+    }
+
+    #[test]
     fn schedules_and_webhooks() {
         let m = parse(
             "t.toml",
@@ -615,6 +738,44 @@ dedup_key = "{{ publish_time | date }}"
         assert_eq!(e.line, 7, "{e}");
         let e = err("[[webhook]]\nname = \"w\"\ntopic = \"nope\"\n");
         assert!(e.message.contains("not declared"), "{e}");
+    }
+
+    #[test]
+    fn job_inputs_and_outputs() {
+        let job = |extra: &str| {
+            format!("[[topic]]\nname = \"uploads\"\n[[job]]\nname = \"j1x\"\ntopic = \"uploads\"\nprocess = {{ command = \"true\" }}\n{extra}\n")
+        };
+        let m = parse(
+            "pubrun.toml",
+            &job("inputs = [{ from = \"trigger\", to = \"in/\" }, { from = \"gs://shared-bucket/some/prefix/\", to = \"shared/\" }]\noutputs = [{ from = \"out/\", to = \"gs://output/results/{{ run.id }}/\" }]"),
+        )
+        .unwrap();
+        let j = &m.jobs[0];
+        assert_eq!(j.inputs.len(), 2);
+        assert_eq!(j.inputs[0], InputSpec { from: "trigger".into(), to: "in/".into() });
+        assert_eq!(j.inputs[1].from, "gs://shared-bucket/some/prefix/");
+        assert_eq!(j.outputs[0], OutputSpec { from: "out/".into(), to: "gs://output/results/{{ run.id }}/".into() });
+        // Without them: empty.
+        assert!(parse("pubrun.toml", &job("")).unwrap().jobs[0].inputs.is_empty());
+
+        let e = err(&job("inputs = [{ from = \"trigger\", to = \"../in\" }]"));
+        assert_eq!((e.line, e.column), (7, 36), "{e}");
+        assert!(e.message.contains("inputs.to") && e.message.contains(".."), "{e}");
+        let e = err(&job("inputs = [{ from = \"trigger\", to = \"/abs\" }]"));
+        assert!(e.message.contains("relative"), "{e}");
+        let e = err(&job("inputs = [{ from = \"s3://x/y\", to = \"in\" }]"));
+        assert_eq!((e.line, e.column), (7, 20), "{e}");
+        assert!(e.message.contains("gs://"), "{e}");
+        let e = err(&job("outputs = [{ from = \"out/\", to = \"gs://Bad_Bucket!/x\" }]"));
+        assert_eq!(e.line, 7, "{e}");
+        assert!(e.message.contains("bucket name"), "{e}");
+        let e = err(&job("outputs = [{ from = \"out/\", to = \"gs://output/{{ runn.id }}/\" }]"));
+        assert_eq!(e.line, 7, "{e}");
+        assert!(e.message.contains("runn"), "{e}");
+        let e = err(&job("outputs = [{ from = \"a/../../b\", to = \"gs://output/x/\" }]"));
+        assert!(e.message.contains("outputs.from"), "{e}");
+        let e = err(&job("outputs = [{ from = \"out/\", to = \"gs://output/x/\", mode = 1 }]"));
+        assert!(e.message.contains("mode"), "{e}");
     }
 
     #[test]

@@ -1,13 +1,13 @@
 //! The dispatcher: intake, scheduler, execution, recovery, results.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use pubrun_broker::{Broker, Delivered};
-use pubrun_core::job::{ExecutorSpec, JobSpec};
+use pubrun_core::job::{check_relative_path, parse_gs_url, ExecutorSpec, JobSpec, TRIGGER_INPUT};
 use pubrun_core::manifest::job_subscription;
 use pubrun_core::run::{Exit, RunStatus};
 use pubrun_core::template::{self, TemplateContext};
@@ -38,6 +38,8 @@ pub struct Dispatcher {
     results_wake: Notify,
     /// Makes ids of manually triggered messages unique.
     trigger_seq: AtomicU64,
+    /// Bucket storage for job inputs and outputs (set once by the server).
+    buckets: OnceLock<pubrun_buckets::Buckets>,
 }
 
 #[derive(Default)]
@@ -145,7 +147,15 @@ impl Dispatcher {
             wake: Notify::new(),
             results_wake: Notify::new(),
             trigger_seq: AtomicU64::new(0),
+            buckets: OnceLock::new(),
         })
+    }
+
+    /// Gives the dispatcher the bucket storage that job `inputs` are read
+    /// from and `outputs` written to. Without it, a run of a job that
+    /// declares inputs or outputs fails. Only the first call has an effect.
+    pub fn set_buckets(&self, b: pubrun_buckets::Buckets) {
+        let _ = self.buckets.set(b);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -559,10 +569,142 @@ impl Dispatcher {
                 tracing::warn!(run = id, error = %e, "could not record running state");
             }
         });
-        let exit = self.executor_for(&spec.executor).run(req, log.clone(), token, on_started).await;
+        let workdir = req.workdir.clone();
+        if !spec.inputs.is_empty() {
+            if let Err(error) = self.stage_inputs(run, spec, &ctx, &workdir, &log).await {
+                let exit = Exit { error: Some(error), ..Default::default() };
+                log.note(&describe(&exit)).await;
+                log.flush().await;
+                return exit;
+            }
+        }
+        let mut exit = self.executor_for(&spec.executor).run(req, log.clone(), token, on_started).await;
+        // Outputs are uploaded whatever the attempt's status (partial results
+        // of a failed or timed-out attempt are often what one needs), but not
+        // when the attempt never started for an infrastructure reason.
+        if !spec.outputs.is_empty() && !exit.infra_error {
+            if let Err(e) = self.stage_outputs(run, spec, &ctx, &workdir, &log).await {
+                let e = format!("outputs: {e}");
+                log.note(&e).await;
+                exit.error = Some(match exit.error.take() {
+                    Some(prev) => format!("{prev}; {e}"),
+                    None => e,
+                });
+            }
+        }
         log.note(&describe(&exit)).await;
         log.flush().await;
         exit
+    }
+
+    fn bucket_storage(&self) -> std::result::Result<&pubrun_buckets::Buckets, String> {
+        self.buckets.get().ok_or_else(|| "bucket storage is not available in this server".to_string())
+    }
+
+    /// Downloads the job's inputs into the working directory. Errors are
+    /// the attempt's error (`parameters: …` when the message cannot name
+    /// the input: not retried).
+    async fn stage_inputs(
+        &self,
+        run: &RunRecord,
+        spec: &JobSpec,
+        ctx: &TemplateContext,
+        workdir: &Path,
+        log: &Arc<LogSink>,
+    ) -> std::result::Result<(), String> {
+        for input in &spec.inputs {
+            check_relative_path(&input.to).map_err(|e| format!("parameters: inputs.to: {e}"))?;
+            let dest = workdir.join(&input.to);
+            if input.from == TRIGGER_INPUT {
+                let attr = |k: &str| run.message.attributes.get(k).filter(|v| !v.is_empty());
+                let (Some(bucket), Some(object)) = (attr("bucketId"), attr("objectId")) else {
+                    return Err("parameters: input \"trigger\" needs the message attributes bucketId and objectId \
+                                (sent by bucket notifications); this message has none"
+                        .to_string());
+                };
+                let base = object.rsplit('/').next().unwrap_or("");
+                if safe_relative(base).is_none() {
+                    return Err(format!("parameters: input \"trigger\": object name \"{}\" has no usable file name", object.escape_debug()));
+                }
+                let buckets = self.bucket_storage().map_err(|e| format!("inputs: {e}"))?;
+                let n = download(buckets, bucket, object, workdir, &dest.join(base))
+                    .await
+                    .map_err(|e| format!("inputs: gs://{bucket}/{object}: {e}"))?;
+                log.note(&format!("input gs://{bucket}/{object} ({n} bytes) -> {}{base}", slash(&input.to))).await;
+            } else {
+                let url = template::render(&input.from, ctx).map_err(|e| format!("parameters: inputs.from: {}", e.message))?;
+                let (bucket, prefix) = parse_gs_url(&url).map_err(|e| format!("parameters: inputs.from: {e}"))?;
+                let buckets = self.bucket_storage().map_err(|e| format!("inputs: {e}"))?;
+                let objects = buckets.list_all_objects(&bucket, &prefix).await.map_err(|e| format!("inputs: {url}: {e}"))?;
+                tokio::fs::create_dir_all(&dest).await.map_err(|e| format!("inputs: {}: {e}", input.to))?;
+                let (mut files, mut bytes) = (0u64, 0u64);
+                for o in objects {
+                    let rel = &o.name[prefix.len()..];
+                    let Some(rel) = safe_relative(rel) else {
+                        if !o.name.ends_with('/') {
+                            log.note(&format!("input {url}: skipped object \"{}\": its name would leave {}", o.name.escape_debug(), input.to)).await;
+                        }
+                        continue;
+                    };
+                    bytes += download(buckets, &bucket, &o.name, workdir, &dest.join(&rel))
+                        .await
+                        .map_err(|e| format!("inputs: gs://{bucket}/{}: {e}", o.name))?;
+                    files += 1;
+                }
+                log.note(&format!("input {url}: {files} objects ({bytes} bytes) -> {}", slash(&input.to))).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Uploads every regular file under each output directory. The first
+    /// failing upload ends the staging with its error.
+    async fn stage_outputs(
+        &self,
+        run: &RunRecord,
+        spec: &JobSpec,
+        ctx: &TemplateContext,
+        workdir: &Path,
+        log: &Arc<LogSink>,
+    ) -> std::result::Result<(), String> {
+        for output in &spec.outputs {
+            check_relative_path(&output.from).map_err(|e| format!("outputs.from: {e}"))?;
+            let url = template::render(&output.to, ctx).map_err(|e| format!("outputs.to: {}", e.message))?;
+            let (bucket, prefix) = parse_gs_url(&url).map_err(|e| format!("outputs.to: {e}"))?;
+            let src = workdir.join(&output.from);
+            check_no_symlink(workdir, &src).map_err(|e| format!("{}: {e}", output.from))?;
+            match tokio::fs::symlink_metadata(&src).await {
+                Ok(m) if m.is_dir() => {}
+                _ => {
+                    log.note(&format!("output {}: no such directory; nothing uploaded", output.from)).await;
+                    continue;
+                }
+            }
+            let buckets = self.bucket_storage()?;
+            let files = walk_files(src.clone()).await.map_err(|e| format!("{}: {e}", output.from))?;
+            let meta = pubrun_buckets::ObjectMeta {
+                metadata: [
+                    ("pubrun-run-id".to_string(), run.id.to_string()),
+                    ("pubrun-job".to_string(), spec.name.clone()),
+                    ("pubrun-attempt".to_string(), run.attempt.to_string()),
+                ]
+                .into_iter()
+                .collect(),
+                ..Default::default()
+            };
+            let mut bytes = 0u64;
+            for rel in &files {
+                let name = format!("{prefix}{rel}");
+                let file = tokio::fs::File::open(src.join(rel)).await.map_err(|e| format!("{}{rel}: {e}", slash(&output.from)))?;
+                let row = buckets
+                    .put_object(&bucket, &name, file, meta.clone(), Default::default())
+                    .await
+                    .map_err(|e| format!("gs://{bucket}/{name}: {e}"))?;
+                bytes += row.size;
+            }
+            log.note(&format!("output {}: {} files ({bytes} bytes) -> {url}", slash(&output.from), files.len())).await;
+        }
+        Ok(())
     }
 
     /// After a restart: follows an attempt that was in flight, or declares
@@ -762,6 +904,87 @@ fn describe(exit: &Exit) -> String {
     s
 }
 
+fn slash(dir: &str) -> String {
+    if dir.ends_with('/') { dir.to_string() } else { format!("{dir}/") }
+}
+
+/// An object name (or the part after an input's prefix) as a relative path
+/// that stays below its directory; `None` for names that would escape it
+/// (`..`, absolute, NUL, backslashes) or name a directory (`a/`, empty).
+fn safe_relative(name: &str) -> Option<PathBuf> {
+    if name.is_empty() || name.ends_with('/') || name.starts_with('/') || name.contains(['\0', '\\']) {
+        return None;
+    }
+    let mut p = PathBuf::new();
+    for c in name.split('/') {
+        match c {
+            "" | "." => continue,
+            ".." => return None,
+            c => p.push(c),
+        }
+    }
+    (!p.as_os_str().is_empty()).then_some(p)
+}
+
+/// Refuses a path below `root` whose existing components include a
+/// symbolic link (a previous attempt could have planted one to make
+/// pubrun read or write outside the working directory).
+fn check_no_symlink(root: &Path, path: &Path) -> std::io::Result<()> {
+    let rel = path.strip_prefix(root).map_err(|_| std::io::Error::other("outside the working directory"))?;
+    let mut cur = root.to_path_buf();
+    for c in rel.components() {
+        cur.push(c);
+        match std::fs::symlink_metadata(&cur) {
+            Ok(m) if m.file_type().is_symlink() => {
+                return Err(std::io::Error::other(format!("{} is a symbolic link", cur.display())))
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Streams one object into `dest` (below `root`); returns its size.
+async fn download(buckets: &pubrun_buckets::Buckets, bucket: &str, object: &str, root: &Path, dest: &Path) -> std::result::Result<u64, String> {
+    check_no_symlink(root, dest).map_err(|e| e.to_string())?;
+    let (_, mut src) = buckets.open_object(bucket, object, None, Default::default()).await.map_err(|e| e.to_string())?;
+    if let Some(parent) = dest.parent() {
+        tokio::fs::create_dir_all(parent).await.map_err(|e| e.to_string())?;
+    }
+    let mut out = tokio::fs::File::create(dest).await.map_err(|e| format!("{}: {e}", dest.display()))?;
+    let n = tokio::io::copy(&mut src, &mut out).await.map_err(|e| format!("{}: {e}", dest.display()))?;
+    tokio::io::AsyncWriteExt::flush(&mut out).await.map_err(|e| e.to_string())?;
+    Ok(n)
+}
+
+/// Relative paths (with `/`) of the regular files below `dir`, sorted;
+/// symbolic links are not followed.
+async fn walk_files(dir: PathBuf) -> std::io::Result<Vec<String>> {
+    tokio::task::spawn_blocking(move || {
+        let mut out = Vec::new();
+        let mut stack = vec![(dir, String::new())];
+        while let Some((d, rel)) = stack.pop() {
+            for entry in std::fs::read_dir(&d)? {
+                let entry = entry?;
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let ty = entry.file_type()?;
+                let r = format!("{rel}{name}");
+                if ty.is_dir() {
+                    stack.push((entry.path(), format!("{r}/")));
+                } else if ty.is_file() {
+                    out.push(r);
+                }
+            }
+        }
+        out.sort();
+        Ok(out)
+    })
+    .await
+    .map_err(|e| std::io::Error::other(e.to_string()))?
+}
+
 /// The run-store view of a delivered message and its dedup key.
 fn source_and_key(spec: &JobSpec, d: &Delivered) -> (SourceMessage, String) {
     let m = &d.message;
@@ -786,6 +1009,15 @@ fn source_and_key(spec: &JobSpec, d: &Delivered) -> (SourceMessage, String) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn safe_relative_names() {
+        assert_eq!(safe_relative("a/b.csv"), Some(PathBuf::from("a/b.csv")));
+        assert_eq!(safe_relative("./a//b"), Some(PathBuf::from("a/b")));
+        for bad in ["", "../evil", "a/../../b", "/etc/passwd", "dir/", "a\0b", "a\\..\\b", "."] {
+            assert_eq!(safe_relative(bad), None, "{bad:?}");
+        }
+    }
 
     #[test]
     fn rfc3339_formats_known_instants() {

@@ -72,6 +72,41 @@ impl Server {
         format!("{}{}", self.base, path)
     }
 
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.http.get(self.url(path)).send().await.unwrap()
+    }
+
+    pub async fn delete(&self, path: &str) -> reqwest::Response {
+        self.http.delete(self.url(path)).send().await.unwrap()
+    }
+
+    pub async fn post_json(&self, path: &str, body: &impl serde::Serialize) -> reqwest::Response {
+        self.http
+            .post(self.url(path))
+            .json(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn patch_json(&self, path: &str, body: &impl serde::Serialize) -> reqwest::Response {
+        self.http
+            .patch(self.url(path))
+            .json(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn put_json(&self, path: &str, body: &impl serde::Serialize) -> reqwest::Response {
+        self.http
+            .put(self.url(path))
+            .json(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
     pub fn buckets(&self) -> &Buckets {
         self.buckets.as_ref().unwrap()
     }

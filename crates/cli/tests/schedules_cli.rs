@@ -1,0 +1,151 @@
+//! Schedules and webhooks declared in a manifest, driven through the CLI and
+//! plain HTTP against the real binary.
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_pubrun");
+
+struct Server {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+const MANIFEST: &str = r#"
+project = "demo"
+[[topic]]
+name = "imports"
+[[subscription]]
+name = "imports-watch"
+topic = "imports"
+[[schedule]]
+name = "nightly-import"
+cron = "0 3 * * *"
+time_zone = "Europe/Berlin"
+topic = "imports"
+data = '{"full": true}'
+[[webhook]]
+name = "start-import"
+topic = "imports"
+secret_env = "TEST_HOOK_SECRET"
+headers_as_attributes = ["X-GitHub-Event"]
+[[bucket]]
+name = "input"
+notifications = [{ topic = "imports", event_types = ["OBJECT_FINALIZE"], object_name_prefix = "csv/" }]
+"#;
+
+fn start() -> Server {
+    start_with(MANIFEST)
+}
+
+fn start_with(manifest_text: &str) -> Server {
+    let dir = tempfile::tempdir().unwrap();
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let manifest = dir.path().join("pubrun.toml");
+    std::fs::write(&manifest, manifest_text).unwrap();
+    let child = Command::new(BIN)
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
+        .arg(dir.path().join("data"))
+        .arg("--config")
+        .arg(&manifest)
+        .env("PUBRUN_LOG", "warn")
+        .env("TEST_HOOK_SECRET", "s3cret-hook")
+        .env_remove("PUBRUN_TOKEN")
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let server = Server { child, port, _dir: dir };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "pubrun did not listen within 60 s");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    server
+}
+
+fn cli(server: &Server, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .args(["--addr", &format!("127.0.0.1:{}", server.port)])
+        .env_remove("PUBRUN_TOKEN")
+        .env_remove("PUBRUN_PROJECT")
+        .output()
+        .unwrap()
+}
+
+fn ok(o: &Output) -> String {
+    assert!(o.status.success(), "stdout: {}\nstderr: {}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+#[test]
+fn schedules_list_pause_resume_run_now() {
+    let s = start();
+    let list = ok(&cli(&s, &["schedules", "list"]));
+    assert!(list.contains("nightly-import") && list.contains("Europe/Berlin") && list.contains("active"), "{list}");
+    let paused = ok(&cli(&s, &["schedules", "pause", "nightly-import"]));
+    assert!(paused.contains("paused"), "{paused}");
+    let fired = ok(&cli(&s, &["schedules", "run-now", "nightly-import"]));
+    assert!(fired.contains("fired now"), "{fired}");
+    let pulled = ok(&cli(&s, &["pull", "imports-watch", "--ack"]));
+    assert!(pulled.contains(r#"{"full": true}"#) && pulled.contains("schedule=nightly-import"), "{pulled}");
+    let resumed = ok(&cli(&s, &["schedules", "resume", "nightly-import"]));
+    assert!(resumed.contains("active"), "{resumed}");
+    let missing = cli(&s, &["schedules", "pause", "nope"]);
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("NOT_FOUND"), "{missing:?}");
+}
+
+#[tokio::test]
+async fn webhook_checks_the_signature_and_publishes_the_body() {
+    let s = start();
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let url = format!("http://127.0.0.1:{}/hooks/start-import", s.port);
+    let body = r#"{"ref": "main"}"#;
+    let bad = http.post(&url).header("x-hub-signature-256", "sha256=00").body(body).send().await.unwrap();
+    assert_eq!(bad.status(), 401);
+    let sig = pubrun_triggers::github_signature(b"s3cret-hook", body.as_bytes());
+    let good = http
+        .post(&url)
+        .header("x-hub-signature-256", sig)
+        .header("x-github-event", "push")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(good.status(), 200);
+    let v: serde_json::Value = good.json().await.unwrap();
+    assert!(v["messageId"].as_str().is_some_and(|id| !id.is_empty()), "{v}");
+    let pulled = ok(&cli(&s, &["pull", "imports-watch", "--ack", "--max", "10"]));
+    assert!(pulled.contains(r#"{"ref": "main"}"#) && pulled.contains("x-github-event=push"), "{pulled}");
+    // Only the signed request was published.
+    assert_eq!(pulled.matches("message id:").count(), 1, "{pulled}");
+}
+
+#[tokio::test]
+async fn declared_buckets_notify_their_topic_and_reapply_is_unchanged() {
+    let s = start();
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = dir.path().join("pubrun.toml");
+    std::fs::write(&manifest, MANIFEST).unwrap();
+    let plan = ok(&cli(&s, &["apply", "-f", manifest.to_str().unwrap(), "--dry-run"]));
+    for line in ["bucket", "notification", "schedule", "webhook"] {
+        assert!(plan.lines().any(|l| l.contains(line) && l.contains("unchanged")), "{line} not unchanged:\n{plan}");
+    }
+    // An upload under csv/ notifies `imports` with Google's attributes.
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let url = format!("http://127.0.0.1:{}/upload/storage/v1/b/input/o?uploadType=media&name=csv/a.csv", s.port);
+    let up = http.post(&url).body("x,y\n1,2\n").send().await.unwrap();
+    assert_eq!(up.status(), 200);
+    let pulled = ok(&cli(&s, &["pull", "imports-watch", "--ack", "--max", "10"]));
+    assert!(pulled.contains("eventType=OBJECT_FINALIZE") && pulled.contains("objectId=csv/a.csv"), "{pulled}");
+}

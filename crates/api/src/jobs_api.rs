@@ -57,6 +57,7 @@ pub fn router(
         .route("/api/v1/runs/{id}/cancel", post(cancel_run))
         .route("/api/v1/runs/{id}/log", get(run_log))
         .route("/api/v1/apply", post(apply))
+        .route("/api/v1/webhooks", get(list_webhooks))
         .method_not_allowed_fallback(|req: axum::extract::Request| async move {
             let msg = format!("HTTP method {} is not allowed on {}", req.method(), req.uri().path());
             let body = json!({"error": {"code": 405, "message": msg, "status": "UNIMPLEMENTED"}});
@@ -222,4 +223,29 @@ async fn apply(State(api): State<Api>, q: Result<Query<ApplyQuery>, QueryRejecti
     )
     .await?;
     ok(json!({ "changes": changes, "applied": !dry_run }))
+}
+
+/// The declared webhooks, with how each authenticates (never the secret).
+async fn list_webhooks(State(api): State<Api>) -> ApiResult {
+    let hooks = api.triggers.as_ref().map(|t| t.list_webhooks()).unwrap_or_default();
+    let list: Vec<serde_json::Value> = hooks
+        .iter()
+        .map(|w| {
+            let auth = match (&w.secret_env, &w.bearer_secret_env) {
+                (Some(_), Some(_)) => "hmac-sha256 or bearer",
+                (Some(_), None) => "hmac-sha256",
+                (None, Some(_)) => "bearer",
+                (None, None) => "none",
+            };
+            json!({
+                "name": w.name,
+                "topic": w.topic,
+                "auth": auth,
+                "headersAsAttributes": w.headers_as_attributes,
+                "queryAsAttributes": w.query_as_attributes,
+                "maxBodyBytes": w.max_body_bytes,
+            })
+        })
+        .collect();
+    ok(json!({ "webhooks": list }))
 }

@@ -8,6 +8,7 @@
 //! with `--json`, the server's JSON response for scripts.
 
 mod api;
+mod buckets;
 mod args;
 mod jobs;
 mod messages;
@@ -46,6 +47,57 @@ pub enum ClientCommand {
     /// List schedules; pause, resume or fire one now.
     #[command(subcommand, visible_alias = "schedule")]
     Schedules(SchedulesCommand),
+    /// List, create and delete buckets (Cloud Storage JSON API).
+    #[command(subcommand, visible_alias = "bucket")]
+    Buckets(BucketsCommand),
+    /// List the objects of a bucket.
+    #[command(subcommand, visible_alias = "object")]
+    Objects(ObjectsCommand),
+    /// List the webhooks (`POST /hooks/NAME`) the manifest declared.
+    #[command(subcommand, visible_alias = "webhook")]
+    Webhooks(WebhooksCommand),
+}
+
+#[derive(clap::Subcommand)]
+pub enum BucketsCommand {
+    #[command(visible_alias = "ls")]
+    List {
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    Create {
+        name: String,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Delete an empty bucket.
+    Delete {
+        name: String,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+}
+
+#[derive(clap::Subcommand)]
+pub enum ObjectsCommand {
+    #[command(visible_alias = "ls")]
+    List {
+        bucket: String,
+        /// Only objects whose name starts with this.
+        #[arg(long, default_value = "")]
+        prefix: String,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+}
+
+#[derive(clap::Subcommand)]
+pub enum WebhooksCommand {
+    #[command(visible_alias = "ls")]
+    List {
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
 }
 
 #[derive(clap::Subcommand)]
@@ -335,5 +387,8 @@ pub async fn run(cmd: ClientCommand) -> anyhow::Result<()> {
         ClientCommand::Runs(args) => runs::runs(args).await,
         ClientCommand::Logs(args) => runs::logs(args).await,
         ClientCommand::Schedules(cmd) => schedules::schedules(cmd).await,
+        ClientCommand::Buckets(cmd) => buckets::buckets(cmd).await,
+        ClientCommand::Objects(cmd) => buckets::objects(cmd).await,
+        ClientCommand::Webhooks(WebhooksCommand::List { conn }) => buckets::webhooks(conn).await,
     }
 }

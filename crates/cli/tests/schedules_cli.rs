@@ -148,4 +148,18 @@ async fn declared_buckets_notify_their_topic_and_reapply_is_unchanged() {
     assert_eq!(up.status(), 200);
     let pulled = ok(&cli(&s, &["pull", "imports-watch", "--ack", "--max", "10"]));
     assert!(pulled.contains("eventType=OBJECT_FINALIZE") && pulled.contains("objectId=csv/a.csv"), "{pulled}");
+
+    // The same resources through the CLI.
+    let buckets = ok(&cli(&s, &["buckets", "list"]));
+    assert!(buckets.contains("input"), "{buckets}");
+    let objects = ok(&cli(&s, &["objects", "list", "input", "--prefix", "csv/"]));
+    assert!(objects.contains("csv/a.csv") && objects.contains("8"), "{objects}");
+    let hooks = ok(&cli(&s, &["webhooks", "list"]));
+    assert!(hooks.contains("/hooks/start-import") && hooks.contains("hmac-sha256"), "{hooks}");
+    assert!(!hooks.contains("s3cret"), "secrets are never shown: {hooks}");
+    ok(&cli(&s, &["buckets", "create", "scratch-bucket"]));
+    assert!(ok(&cli(&s, &["buckets", "list"])).contains("scratch-bucket"));
+    ok(&cli(&s, &["buckets", "delete", "scratch-bucket"]));
+    let not_empty = cli(&s, &["buckets", "delete", "input"]);
+    assert!(!not_empty.status.success(), "deleting a non-empty bucket must fail");
 }

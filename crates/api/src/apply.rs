@@ -17,8 +17,11 @@ fn schedule_specs(m: &Manifest) -> Result<Vec<ScheduleSpec>> {
     m.schedules
         .iter()
         .map(|d| {
-            let missed = MissedPolicy::from_config(d.missed.as_deref(), d.missed_max_age.as_deref())
-                .map_err(|e| Error::invalid(format!("schedule \"{}\": {}", d.name, e.message)))?;
+            let missed =
+                MissedPolicy::from_config(d.missed.as_deref(), d.missed_max_age.as_deref())
+                    .map_err(|e| {
+                        Error::invalid(format!("schedule \"{}\": {}", d.name, e.message))
+                    })?;
             let spec = ScheduleSpec {
                 name: d.name.clone(),
                 cron: d.cron.clone(),
@@ -62,7 +65,11 @@ fn webhook_specs(m: &Manifest) -> Result<Vec<WebhookSpec>> {
 }
 
 /// Plans the named things in `desired` against `current`.
-fn plan_named<T: PartialEq>(kind: &'static str, current: &[(String, T)], desired: &[(String, T)]) -> Vec<Change> {
+fn plan_named<T: PartialEq>(
+    kind: &'static str,
+    current: &[(String, T)],
+    desired: &[(String, T)],
+) -> Vec<Change> {
     let mut out = Vec::new();
     for (name, want) in desired {
         let action = match current.iter().find(|(n, _)| n == name) {
@@ -70,11 +77,19 @@ fn plan_named<T: PartialEq>(kind: &'static str, current: &[(String, T)], desired
             Some((_, have)) if have != want => Action::Update,
             Some(_) => Action::Unchanged,
         };
-        out.push(Change { kind, name: name.clone(), action });
+        out.push(Change {
+            kind,
+            name: name.clone(),
+            action,
+        });
     }
     for (name, _) in current {
         if !desired.iter().any(|(n, _)| n == name) {
-            out.push(Change { kind, name: name.clone(), action: Action::Delete });
+            out.push(Change {
+                kind,
+                name: name.clone(),
+                action: Action::Delete,
+            });
         }
     }
     out
@@ -92,7 +107,11 @@ fn gcs(e: pubrun_buckets::GcsError) -> Error {
 
 /// Buckets are created and notification configs added; apply never deletes
 /// a bucket (it holds data) nor a notification made through the API.
-async fn apply_buckets(b: &pubrun_buckets::Buckets, m: &Manifest, dry_run: bool) -> Result<Vec<Change>> {
+async fn apply_buckets(
+    b: &pubrun_buckets::Buckets,
+    m: &Manifest,
+    dry_run: bool,
+) -> Result<Vec<Change>> {
     let mut changes = Vec::new();
     for decl in &m.buckets {
         let exists = match b.get_bucket(&decl.name).await {
@@ -100,11 +119,23 @@ async fn apply_buckets(b: &pubrun_buckets::Buckets, m: &Manifest, dry_run: bool)
             Err(e) if e.status == 404 => false,
             Err(e) => return Err(gcs(e)),
         };
-        changes.push(Change { kind: "bucket", name: decl.name.clone(), action: if exists { Action::Unchanged } else { Action::Create } });
+        changes.push(Change {
+            kind: "bucket",
+            name: decl.name.clone(),
+            action: if exists {
+                Action::Unchanged
+            } else {
+                Action::Create
+            },
+        });
         if !dry_run && !exists {
             b.ensure_bucket(&decl.name, &m.project).await.map_err(gcs)?;
         }
-        let current = if exists || !dry_run { b.list_notifications(&decl.name).await.map_err(gcs)? } else { Vec::new() };
+        let current = if exists || !dry_run {
+            b.list_notifications(&decl.name).await.map_err(gcs)?
+        } else {
+            Vec::new()
+        };
         for n in &decl.notifications {
             let same = |c: &pubrun_buckets::NotificationConfig| {
                 c.topic == n.topic
@@ -115,10 +146,18 @@ async fn apply_buckets(b: &pubrun_buckets::Buckets, m: &Manifest, dry_run: bool)
             };
             let name = format!("{} → {}", decl.name, n.topic);
             if current.iter().any(same) {
-                changes.push(Change { kind: "notification", name, action: Action::Unchanged });
+                changes.push(Change {
+                    kind: "notification",
+                    name,
+                    action: Action::Unchanged,
+                });
                 continue;
             }
-            changes.push(Change { kind: "notification", name, action: Action::Create });
+            changes.push(Change {
+                kind: "notification",
+                name,
+                action: Action::Create,
+            });
             if !dry_run {
                 let spec = pubrun_buckets::NotificationSpec {
                     topic: n.topic.clone(),
@@ -151,17 +190,35 @@ pub async fn apply_manifest(
         return Err(Error::precondition("this server does not serve buckets"));
     }
     if triggers.is_none() && (!schedules.is_empty() || !webhooks.is_empty()) {
-        return Err(Error::precondition("this server does not run schedules and webhooks"));
+        return Err(Error::precondition(
+            "this server does not run schedules and webhooks",
+        ));
     }
     let mut changes = pubrun_jobs::apply::apply(broker, dispatcher, m, dry_run).await?;
     if let Some(b) = buckets {
         changes.extend(apply_buckets(b, m, dry_run).await?);
     }
     if let Some(t) = triggers {
-        let named_s = |v: Vec<ScheduleSpec>| v.into_iter().map(|s| (s.name.clone(), s)).collect::<Vec<_>>();
-        let named_w = |v: Vec<WebhookSpec>| v.into_iter().map(|w| (w.name.clone(), w)).collect::<Vec<_>>();
-        changes.extend(plan_named("schedule", &named_s(t.scheduler().specs()), &named_s(schedules.clone())));
-        changes.extend(plan_named("webhook", &named_w(t.list_webhooks()), &named_w(webhooks.clone())));
+        let named_s = |v: Vec<ScheduleSpec>| {
+            v.into_iter()
+                .map(|s| (s.name.clone(), s))
+                .collect::<Vec<_>>()
+        };
+        let named_w = |v: Vec<WebhookSpec>| {
+            v.into_iter()
+                .map(|w| (w.name.clone(), w))
+                .collect::<Vec<_>>()
+        };
+        changes.extend(plan_named(
+            "schedule",
+            &named_s(t.scheduler().specs()),
+            &named_s(schedules.clone()),
+        ));
+        changes.extend(plan_named(
+            "webhook",
+            &named_w(t.list_webhooks()),
+            &named_w(webhooks.clone()),
+        ));
         if !dry_run {
             t.set_schedules(schedules)?;
             t.set_webhooks(webhooks)?;

@@ -10,10 +10,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::Stream;
-use pubrun_broker::{AckResult, Broker, Delivered, DeliveryUpdate, SubscriptionUpdate, TopicUpdate};
+use pubrun_broker::{
+    AckResult, Broker, Delivered, DeliveryUpdate, SubscriptionUpdate, TopicUpdate,
+};
 use pubrun_core::config::{DeadLetterPolicy, RetryPolicy};
 use pubrun_core::{
-    Error, OutgoingMessage, ProjectName, Result, SubscriptionConfig, SubscriptionName, TopicConfig, TopicName,
+    Error, OutgoingMessage, ProjectName, Result, SubscriptionConfig, SubscriptionName, TopicConfig,
+    TopicName,
 };
 use tokio::sync::{mpsc, watch};
 use tonic::{Request, Response, Status, Streaming};
@@ -39,7 +42,9 @@ fn hash_to_btree(m: std::collections::HashMap<String, String>) -> BTreeMap<Strin
 }
 
 fn unsupported(what: &str) -> Error {
-    Error::invalid(format!("{what} is not supported by this pubrun version; leave it unset"))
+    Error::invalid(format!(
+        "{what} is not supported by this pubrun version; leave it unset"
+    ))
 }
 
 pub fn topic_to_pb(t: &TopicConfig) -> pb::Topic {
@@ -67,20 +72,26 @@ pub fn topic_from_pb(t: pb::Topic) -> Result<TopicConfig> {
     if !t.message_transforms.is_empty() {
         return Err(unsupported("message_transforms"));
     }
-    Ok(TopicConfig { name: t.name, labels: hash_to_btree(t.labels) })
+    Ok(TopicConfig {
+        name: t.name,
+        labels: hash_to_btree(t.labels),
+    })
 }
 
 fn duration_to_pb(d: Duration) -> prost_types::Duration {
-    prost_types::Duration { seconds: d.as_secs() as i64, nanos: d.subsec_nanos() as i32 }
+    prost_types::Duration {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
+    }
 }
 
 /// A `google.protobuf.Duration` field as a std `Duration`; negative is invalid.
 fn duration_from_pb(field: &str, d: Option<prost_types::Duration>) -> Result<Option<Duration>> {
     match d {
         None => Ok(None),
-        Some(d) if d.seconds < 0 || d.nanos < 0 || d.nanos >= 1_000_000_000 => {
-            Err(Error::invalid(format!("{field} must be a non-negative duration")))
-        }
+        Some(d) if d.seconds < 0 || d.nanos < 0 || d.nanos >= 1_000_000_000 => Err(Error::invalid(
+            format!("{field} must be a non-negative duration"),
+        )),
         Some(d) => Ok(Some(Duration::new(d.seconds as u64, d.nanos as u32))),
     }
 }
@@ -103,7 +114,10 @@ pub fn sub_to_pb(s: &SubscriptionConfig) -> pb::Subscription {
         filter: s.filter.clone(),
         enable_exactly_once_delivery: s.enable_exactly_once_delivery,
         // Google's defaults, reported so clients that read them see real values.
-        message_retention_duration: Some(prost_types::Duration { seconds: 7 * 24 * 3600, nanos: 0 }),
+        message_retention_duration: Some(prost_types::Duration {
+            seconds: 7 * 24 * 3600,
+            nanos: 0,
+        }),
         push_config: Some(pb::PushConfig::default()),
         state: pb::subscription::State::Active as i32,
         ..Default::default()
@@ -111,17 +125,30 @@ pub fn sub_to_pb(s: &SubscriptionConfig) -> pb::Subscription {
 }
 
 pub fn sub_from_pb(s: pb::Subscription) -> Result<SubscriptionConfig> {
-    if s.push_config.as_ref().is_some_and(|p| !p.push_endpoint.is_empty()) {
+    if s.push_config
+        .as_ref()
+        .is_some_and(|p| !p.push_endpoint.is_empty())
+    {
         return Err(unsupported("push_config.push_endpoint (push delivery)"));
     }
-    if s.message_retention_duration.as_ref().is_some_and(|d| d.seconds != 7 * 24 * 3600 || d.nanos != 0) {
-        return Err(unsupported("message_retention_duration other than the default 7 days"));
+    if s.message_retention_duration
+        .as_ref()
+        .is_some_and(|d| d.seconds != 7 * 24 * 3600 || d.nanos != 0)
+    {
+        return Err(unsupported(
+            "message_retention_duration other than the default 7 days",
+        ));
     }
     if s.retain_acked_messages {
         return Err(unsupported("retain_acked_messages"));
     }
-    if s.expiration_policy.as_ref().is_some_and(|p| p.ttl.is_some()) {
-        return Err(unsupported("expiration_policy.ttl (subscriptions never expire here)"));
+    if s.expiration_policy
+        .as_ref()
+        .is_some_and(|p| p.ttl.is_some())
+    {
+        return Err(unsupported(
+            "expiration_policy.ttl (subscriptions never expire here)",
+        ));
     }
     if s.bigtable_config.is_some() {
         return Err(unsupported("bigtable_config"));
@@ -130,7 +157,9 @@ pub fn sub_from_pb(s: pb::Subscription) -> Result<SubscriptionConfig> {
         return Err(unsupported("message_transforms"));
     }
     if s.bigquery_config.is_some() || s.cloud_storage_config.is_some() {
-        return Err(unsupported("export subscriptions (bigquery_config / cloud_storage_config)"));
+        return Err(unsupported(
+            "export subscriptions (bigquery_config / cloud_storage_config)",
+        ));
     }
     Ok(SubscriptionConfig {
         name: s.name,
@@ -198,7 +227,10 @@ pub fn ack_id_failure_status(invalid: &[String]) -> Status {
     let info = ErrorInfo {
         reason: ACK_ID_FAILURE_REASON.to_string(),
         domain: PUBSUB_DOMAIN.to_string(),
-        metadata: invalid.iter().map(|id| (id.clone(), INVALID_ACK_ID.to_string())).collect(),
+        metadata: invalid
+            .iter()
+            .map(|id| (id.clone(), INVALID_ACK_ID.to_string()))
+            .collect(),
     };
     let status = RpcStatus {
         code: tonic::Code::InvalidArgument as i32,
@@ -208,7 +240,11 @@ pub fn ack_id_failure_status(invalid: &[String]) -> Status {
             value: info.encode_to_vec(),
         }],
     };
-    Status::with_details(tonic::Code::InvalidArgument, ACK_ID_FAILURE_MESSAGE, status.encode_to_vec().into())
+    Status::with_details(
+        tonic::Code::InvalidArgument,
+        ACK_ID_FAILURE_MESSAGE,
+        status.encode_to_vec().into(),
+    )
 }
 
 fn ack_reply(r: Result<AckResult>) -> GrpcResult<()> {
@@ -220,7 +256,10 @@ fn ack_reply(r: Result<AckResult>) -> GrpcResult<()> {
 }
 
 fn timestamp(nanos: i64) -> prost_types::Timestamp {
-    prost_types::Timestamp { seconds: nanos.div_euclid(1_000_000_000), nanos: nanos.rem_euclid(1_000_000_000) as i32 }
+    prost_types::Timestamp {
+        seconds: nanos.div_euclid(1_000_000_000),
+        nanos: nanos.rem_euclid(1_000_000_000) as i32,
+    }
 }
 
 pub fn received_to_pb(d: Delivered) -> pb::ReceivedMessage {
@@ -229,7 +268,11 @@ pub fn received_to_pb(d: Delivered) -> pb::ReceivedMessage {
         ack_id: d.ack_id,
         message: Some(pb::PubsubMessage {
             data: m.data.clone(),
-            attributes: m.attributes.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            attributes: m
+                .attributes
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
             message_id: m.id(),
             publish_time: Some(timestamp(m.publish_time_nanos)),
             ordering_key: m.ordering_key.clone(),
@@ -243,7 +286,9 @@ pub fn received_to_pb(d: Delivered) -> pb::ReceivedMessage {
 fn mask_paths(mask: Option<prost_types::FieldMask>) -> Result<Vec<String>> {
     let paths = mask.map(|m| m.paths).unwrap_or_default();
     if paths.is_empty() {
-        return Err(Error::invalid("update_mask must name at least one field to update"));
+        return Err(Error::invalid(
+            "update_mask must name at least one field to update",
+        ));
     }
     Ok(paths)
 }
@@ -266,7 +311,11 @@ impl PubSub {
         for path in mask_paths(r.update_mask)? {
             match path.as_str() {
                 "labels" => update.labels = Some(hash_to_btree(topic.labels.clone())),
-                other => return Err(Error::invalid(format!("cannot update field \"{other}\" of a topic; supported: labels"))),
+                other => {
+                    return Err(Error::invalid(format!(
+                        "cannot update field \"{other}\" of a topic; supported: labels"
+                    )))
+                }
             }
         }
         Ok(topic_to_pb(&self.broker.update_topic(&name, update).await?))
@@ -277,24 +326,47 @@ impl PubSub {
         let messages = r
             .messages
             .into_iter()
-            .map(|m| OutgoingMessage { data: m.data, attributes: hash_to_btree(m.attributes), ordering_key: m.ordering_key })
+            .map(|m| OutgoingMessage {
+                data: m.data,
+                attributes: hash_to_btree(m.attributes),
+                ordering_key: m.ordering_key,
+            })
             .collect();
         let message_ids = self.broker.publish(&name, messages).await?;
         Ok(pb::PublishResponse { message_ids })
     }
 
     pub fn get_topic(&self, r: pb::GetTopicRequest) -> Result<pb::Topic> {
-        Ok(topic_to_pb(&self.broker.get_topic(&TopicName::parse(&r.topic)?)?))
+        Ok(topic_to_pb(
+            &self.broker.get_topic(&TopicName::parse(&r.topic)?)?,
+        ))
     }
 
     pub fn list_topics(&self, r: pb::ListTopicsRequest) -> Result<pb::ListTopicsResponse> {
-        let page = self.broker.list_topics(&ProjectName::parse(&r.project)?, r.page_size, &r.page_token)?;
-        Ok(pb::ListTopicsResponse { topics: page.items.iter().map(topic_to_pb).collect(), next_page_token: page.next_page_token })
+        let page = self.broker.list_topics(
+            &ProjectName::parse(&r.project)?,
+            r.page_size,
+            &r.page_token,
+        )?;
+        Ok(pb::ListTopicsResponse {
+            topics: page.items.iter().map(topic_to_pb).collect(),
+            next_page_token: page.next_page_token,
+        })
     }
 
-    pub fn list_topic_subscriptions(&self, r: pb::ListTopicSubscriptionsRequest) -> Result<pb::ListTopicSubscriptionsResponse> {
-        let page = self.broker.list_topic_subscriptions(&TopicName::parse(&r.topic)?, r.page_size, &r.page_token)?;
-        Ok(pb::ListTopicSubscriptionsResponse { subscriptions: page.items, next_page_token: page.next_page_token })
+    pub fn list_topic_subscriptions(
+        &self,
+        r: pb::ListTopicSubscriptionsRequest,
+    ) -> Result<pb::ListTopicSubscriptionsResponse> {
+        let page = self.broker.list_topic_subscriptions(
+            &TopicName::parse(&r.topic)?,
+            r.page_size,
+            &r.page_token,
+        )?;
+        Ok(pb::ListTopicSubscriptionsResponse {
+            subscriptions: page.items,
+            next_page_token: page.next_page_token,
+        })
     }
 
     pub async fn delete_topic(&self, r: pb::DeleteTopicRequest) -> Result<()> {
@@ -308,11 +380,18 @@ impl PubSub {
     }
 
     pub fn get_subscription(&self, r: pb::GetSubscriptionRequest) -> Result<pb::Subscription> {
-        Ok(sub_to_pb(&self.broker.get_subscription(&SubscriptionName::parse(&r.subscription)?)?))
+        Ok(sub_to_pb(&self.broker.get_subscription(
+            &SubscriptionName::parse(&r.subscription)?,
+        )?))
     }
 
-    pub async fn update_subscription(&self, r: pb::UpdateSubscriptionRequest) -> Result<pb::Subscription> {
-        let sub = r.subscription.ok_or_else(|| Error::invalid("subscription must be set"))?;
+    pub async fn update_subscription(
+        &self,
+        r: pb::UpdateSubscriptionRequest,
+    ) -> Result<pb::Subscription> {
+        let sub = r
+            .subscription
+            .ok_or_else(|| Error::invalid("subscription must be set"))?;
         let name = SubscriptionName::parse(&sub.name)?;
         let mut update = SubscriptionUpdate::default();
         let mut delivery = DeliveryUpdate::default();
@@ -339,11 +418,23 @@ impl PubSub {
                 }
             }
         }
-        Ok(sub_to_pb(&self.broker.update_subscription_with(&name, update, delivery).await?))
+        Ok(sub_to_pb(
+            &self
+                .broker
+                .update_subscription_with(&name, update, delivery)
+                .await?,
+        ))
     }
 
-    pub fn list_subscriptions(&self, r: pb::ListSubscriptionsRequest) -> Result<pb::ListSubscriptionsResponse> {
-        let page = self.broker.list_subscriptions(&ProjectName::parse(&r.project)?, r.page_size, &r.page_token)?;
+    pub fn list_subscriptions(
+        &self,
+        r: pb::ListSubscriptionsRequest,
+    ) -> Result<pb::ListSubscriptionsResponse> {
+        let page = self.broker.list_subscriptions(
+            &ProjectName::parse(&r.project)?,
+            r.page_size,
+            &r.page_token,
+        )?;
         Ok(pb::ListSubscriptionsResponse {
             subscriptions: page.items.iter().map(sub_to_pb).collect(),
             next_page_token: page.next_page_token,
@@ -351,7 +442,9 @@ impl PubSub {
     }
 
     pub async fn delete_subscription(&self, r: pb::DeleteSubscriptionRequest) -> Result<()> {
-        self.broker.delete_subscription(&SubscriptionName::parse(&r.subscription)?).await
+        self.broker
+            .delete_subscription(&SubscriptionName::parse(&r.subscription)?)
+            .await
     }
 
     /// With exactly-once delivery, `invalid` lists the ack ids that failed;
@@ -366,22 +459,32 @@ impl PubSub {
 
     /// As `modify_ack_deadline`.
     pub async fn acknowledge(&self, r: pb::AcknowledgeRequest) -> Result<AckResult> {
-        self.broker.acknowledge_confirmed(&SubscriptionName::parse(&r.subscription)?, &r.ack_ids).await
+        self.broker
+            .acknowledge_confirmed(&SubscriptionName::parse(&r.subscription)?, &r.ack_ids)
+            .await
     }
 
     /// `client_deadline` is what is left of the caller's gRPC timeout.
     #[allow(deprecated)]
-    pub async fn pull(&self, r: pb::PullRequest, client_deadline: Option<Duration>) -> Result<pb::PullResponse> {
+    pub async fn pull(
+        &self,
+        r: pb::PullRequest,
+        client_deadline: Option<Duration>,
+    ) -> Result<pb::PullResponse> {
         let name = SubscriptionName::parse(&r.subscription)?;
         let wait = if r.return_immediately {
             None
         } else {
             // Answer (possibly empty) a little before the caller gives up.
-            let cap = client_deadline.map(|d| d.saturating_sub(d / 10)).unwrap_or(PULL_WAIT);
+            let cap = client_deadline
+                .map(|d| d.saturating_sub(d / 10))
+                .unwrap_or(PULL_WAIT);
             Some(cap.min(PULL_WAIT))
         };
         let got = self.broker.pull(&name, r.max_messages, wait).await?;
-        Ok(pb::PullResponse { received_messages: got.into_iter().map(received_to_pb).collect() })
+        Ok(pb::PullResponse {
+            received_messages: got.into_iter().map(received_to_pb).collect(),
+        })
     }
 }
 
@@ -425,7 +528,10 @@ impl publisher_server::Publisher for PubSub {
     async fn get_topic(&self, r: Request<pb::GetTopicRequest>) -> GrpcResult<pb::Topic> {
         reply(PubSub::get_topic(self, r.into_inner()))
     }
-    async fn list_topics(&self, r: Request<pb::ListTopicsRequest>) -> GrpcResult<pb::ListTopicsResponse> {
+    async fn list_topics(
+        &self,
+        r: Request<pb::ListTopicsRequest>,
+    ) -> GrpcResult<pb::ListTopicsResponse> {
         reply(PubSub::list_topics(self, r.into_inner()))
     }
     async fn list_topic_subscriptions(
@@ -450,28 +556,48 @@ impl publisher_server::Publisher for PubSub {
         &self,
         _r: Request<pb::DetachSubscriptionRequest>,
     ) -> GrpcResult<pb::DetachSubscriptionResponse> {
-        Err(Status::unimplemented("DetachSubscription is not supported by this pubrun version"))
+        Err(Status::unimplemented(
+            "DetachSubscription is not supported by this pubrun version",
+        ))
     }
 }
 
 #[tonic::async_trait]
 impl subscriber_server::Subscriber for PubSub {
-    async fn create_subscription(&self, r: Request<pb::Subscription>) -> GrpcResult<pb::Subscription> {
+    async fn create_subscription(
+        &self,
+        r: Request<pb::Subscription>,
+    ) -> GrpcResult<pb::Subscription> {
         reply(PubSub::create_subscription(self, r.into_inner()).await)
     }
-    async fn get_subscription(&self, r: Request<pb::GetSubscriptionRequest>) -> GrpcResult<pb::Subscription> {
+    async fn get_subscription(
+        &self,
+        r: Request<pb::GetSubscriptionRequest>,
+    ) -> GrpcResult<pb::Subscription> {
         reply(PubSub::get_subscription(self, r.into_inner()))
     }
-    async fn update_subscription(&self, r: Request<pb::UpdateSubscriptionRequest>) -> GrpcResult<pb::Subscription> {
+    async fn update_subscription(
+        &self,
+        r: Request<pb::UpdateSubscriptionRequest>,
+    ) -> GrpcResult<pb::Subscription> {
         reply(PubSub::update_subscription(self, r.into_inner()).await)
     }
-    async fn list_subscriptions(&self, r: Request<pb::ListSubscriptionsRequest>) -> GrpcResult<pb::ListSubscriptionsResponse> {
+    async fn list_subscriptions(
+        &self,
+        r: Request<pb::ListSubscriptionsRequest>,
+    ) -> GrpcResult<pb::ListSubscriptionsResponse> {
         reply(PubSub::list_subscriptions(self, r.into_inner()))
     }
-    async fn delete_subscription(&self, r: Request<pb::DeleteSubscriptionRequest>) -> GrpcResult<()> {
+    async fn delete_subscription(
+        &self,
+        r: Request<pb::DeleteSubscriptionRequest>,
+    ) -> GrpcResult<()> {
         reply(PubSub::delete_subscription(self, r.into_inner()).await)
     }
-    async fn modify_ack_deadline(&self, r: Request<pb::ModifyAckDeadlineRequest>) -> GrpcResult<()> {
+    async fn modify_ack_deadline(
+        &self,
+        r: Request<pb::ModifyAckDeadlineRequest>,
+    ) -> GrpcResult<()> {
         ack_reply(PubSub::modify_ack_deadline(self, r.into_inner()))
     }
     async fn acknowledge(&self, r: Request<pb::AcknowledgeRequest>) -> GrpcResult<()> {
@@ -482,7 +608,8 @@ impl subscriber_server::Subscriber for PubSub {
         reply(PubSub::pull(self, r.into_inner(), deadline).await)
     }
 
-    type StreamingPullStream = Pin<Box<dyn Stream<Item = std::result::Result<pb::StreamingPullResponse, Status>> + Send>>;
+    type StreamingPullStream =
+        Pin<Box<dyn Stream<Item = std::result::Result<pb::StreamingPullResponse, Status>> + Send>>;
 
     async fn streaming_pull(
         &self,
@@ -491,10 +618,16 @@ impl subscriber_server::Subscriber for PubSub {
         let mut input = r.into_inner();
         let first = match input.message().await? {
             Some(m) => m,
-            None => return Err(Status::invalid_argument("the first StreamingPullRequest must name a subscription")),
+            None => {
+                return Err(Status::invalid_argument(
+                    "the first StreamingPullRequest must name a subscription",
+                ))
+            }
         };
         let name = SubscriptionName::parse(&first.subscription).map_err(to_status)?;
-        if !(0..=600).contains(&first.stream_ack_deadline_seconds) || (1..10).contains(&first.stream_ack_deadline_seconds) {
+        if !(0..=600).contains(&first.stream_ack_deadline_seconds)
+            || (1..10).contains(&first.stream_ack_deadline_seconds)
+        {
             return Err(Status::invalid_argument(format!(
                 "stream_ack_deadline_seconds is {}; it must be between 10 and 600",
                 first.stream_ack_deadline_seconds
@@ -502,27 +635,45 @@ impl subscriber_server::Subscriber for PubSub {
         }
         let handle = self
             .broker
-            .open_stream(&name, first.stream_ack_deadline_seconds, first.max_outstanding_messages, first.max_outstanding_bytes)
+            .open_stream(
+                &name,
+                first.stream_ack_deadline_seconds,
+                first.max_outstanding_messages,
+                first.max_outstanding_bytes,
+            )
             .map_err(to_status)?;
         let (tx, rx) = mpsc::channel(4);
         let this = self.clone();
         tokio::spawn(async move { run_stream(this, handle, first, input, tx).await });
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
     async fn modify_push_config(&self, _r: Request<pb::ModifyPushConfigRequest>) -> GrpcResult<()> {
-        Err(Status::unimplemented("push delivery is not supported by this pubrun version"))
+        Err(Status::unimplemented(
+            "push delivery is not supported by this pubrun version",
+        ))
     }
     async fn get_snapshot(&self, _r: Request<pb::GetSnapshotRequest>) -> GrpcResult<pb::Snapshot> {
         Err(snapshots_unimplemented())
     }
-    async fn list_snapshots(&self, _r: Request<pb::ListSnapshotsRequest>) -> GrpcResult<pb::ListSnapshotsResponse> {
+    async fn list_snapshots(
+        &self,
+        _r: Request<pb::ListSnapshotsRequest>,
+    ) -> GrpcResult<pb::ListSnapshotsResponse> {
         Err(snapshots_unimplemented())
     }
-    async fn create_snapshot(&self, _r: Request<pb::CreateSnapshotRequest>) -> GrpcResult<pb::Snapshot> {
+    async fn create_snapshot(
+        &self,
+        _r: Request<pb::CreateSnapshotRequest>,
+    ) -> GrpcResult<pb::Snapshot> {
         Err(snapshots_unimplemented())
     }
-    async fn update_snapshot(&self, _r: Request<pb::UpdateSnapshotRequest>) -> GrpcResult<pb::Snapshot> {
+    async fn update_snapshot(
+        &self,
+        _r: Request<pb::UpdateSnapshotRequest>,
+    ) -> GrpcResult<pb::Snapshot> {
         Err(snapshots_unimplemented())
     }
     async fn delete_snapshot(&self, _r: Request<pb::DeleteSnapshotRequest>) -> GrpcResult<()> {
@@ -544,7 +695,9 @@ async fn apply_stream_request(
     use pb::streaming_pull_response::{AcknowledgeConfirmation, ModifyAckDeadlineConfirmation};
     let sub = handle.subscription();
     if req.modify_deadline_seconds.len() != req.modify_deadline_ack_ids.len() {
-        return Err(Error::invalid("modify_deadline_seconds and modify_deadline_ack_ids must have the same length"));
+        return Err(Error::invalid(
+            "modify_deadline_seconds and modify_deadline_ack_ids must have the same length",
+        ));
     }
     if req.ack_ids.is_empty() && req.modify_deadline_ack_ids.is_empty() {
         return Ok(None);
@@ -574,7 +727,11 @@ async fn apply_stream_request(
     }
     // Group ack ids by deadline so each distinct deadline is one call.
     let mut by_deadline: BTreeMap<i32, Vec<String>> = BTreeMap::new();
-    for (secs, id) in req.modify_deadline_seconds.iter().zip(&req.modify_deadline_ack_ids) {
+    for (secs, id) in req
+        .modify_deadline_seconds
+        .iter()
+        .zip(&req.modify_deadline_ack_ids)
+    {
         by_deadline.entry(*secs).or_default().push(id.clone());
     }
     let mut mod_conf = ModifyAckDeadlineConfirmation::default();
@@ -588,13 +745,16 @@ async fn apply_stream_request(
     }
     Ok(Some(pb::StreamingPullResponse {
         acknowledge_confirmation: (!req.ack_ids.is_empty()).then_some(ack_conf),
-        modify_ack_deadline_confirmation: (!req.modify_deadline_ack_ids.is_empty()).then_some(mod_conf),
+        modify_ack_deadline_confirmation: (!req.modify_deadline_ack_ids.is_empty())
+            .then_some(mod_conf),
         subscription_properties: Some(subscription_properties(props)),
         ..Default::default()
     }))
 }
 
-fn subscription_properties(p: pubrun_broker::DeliveryProperties) -> pb::streaming_pull_response::SubscriptionProperties {
+fn subscription_properties(
+    p: pubrun_broker::DeliveryProperties,
+) -> pb::streaming_pull_response::SubscriptionProperties {
     pb::streaming_pull_response::SubscriptionProperties {
         exactly_once_delivery_enabled: p.exactly_once_delivery,
         message_ordering_enabled: p.message_ordering,

@@ -59,11 +59,20 @@ pub fn router(
         .route("/api/v1/apply", post(apply))
         .route("/api/v1/webhooks", get(list_webhooks))
         .method_not_allowed_fallback(|req: axum::extract::Request| async move {
-            let msg = format!("HTTP method {} is not allowed on {}", req.method(), req.uri().path());
+            let msg = format!(
+                "HTTP method {} is not allowed on {}",
+                req.method(),
+                req.uri().path()
+            );
             let body = json!({"error": {"code": 405, "message": msg, "status": "UNIMPLEMENTED"}});
             (StatusCode::METHOD_NOT_ALLOWED, Json(body))
         })
-        .with_state(Api { broker, dispatcher, triggers, buckets })
+        .with_state(Api {
+            broker,
+            dispatcher,
+            triggers,
+            buckets,
+        })
 }
 
 fn ok(v: serde_json::Value) -> ApiResult {
@@ -71,12 +80,21 @@ fn ok(v: serde_json::Value) -> ApiResult {
 }
 
 /// Runs use the database; keep the blocking calls off the async workers.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> pubrun_core::Result<T> + Send + 'static) -> Result<T, HttpError> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| HttpError(Error::internal(e.to_string())))?.map_err(HttpError)
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> pubrun_core::Result<T> + Send + 'static,
+) -> Result<T, HttpError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| HttpError(Error::internal(e.to_string())))?
+        .map_err(HttpError)
 }
 
 fn parse_id(id: &str) -> Result<i64, HttpError> {
-    id.parse().map_err(|_| HttpError(Error::invalid(format!("\"{id}\" is not a run id (run ids are numbers)"))))
+    id.parse().map_err(|_| {
+        HttpError(Error::invalid(format!(
+            "\"{id}\" is not a run id (run ids are numbers)"
+        )))
+    })
 }
 
 async fn list_jobs(State(api): State<Api>) -> ApiResult {
@@ -87,7 +105,9 @@ async fn get_job(State(api): State<Api>, Path(name): Path<String>) -> ApiResult 
     let spec = api.dispatcher.job(&name)?;
     let topic = TopicName::parse(&spec.topic)?;
     let sub = job_subscription(topic.project().id(), &name);
-    let backlog = SubscriptionName::parse(&sub).and_then(|s| api.broker.backlog(&s)).unwrap_or(0);
+    let backlog = SubscriptionName::parse(&sub)
+        .and_then(|s| api.broker.backlog(&s))
+        .unwrap_or(0);
     ok(json!({ "job": spec, "subscription": sub, "backlog": backlog }))
 }
 
@@ -106,13 +126,18 @@ fn json_body<T: serde::de::DeserializeOwned + Default>(body: &Bytes) -> Result<T
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
     }
-    serde_json::from_slice(body).map_err(|e| HttpError(Error::invalid(format!("invalid JSON body: {e}"))))
+    serde_json::from_slice(body)
+        .map_err(|e| HttpError(Error::invalid(format!("invalid JSON body: {e}"))))
 }
 
 async fn trigger(State(api): State<Api>, Path(name): Path<String>, body: Bytes) -> ApiResult {
     let b: TriggerBody = json_body(&body)?;
     let data = match (b.data, b.data_base64) {
-        (Some(_), Some(_)) => return Err(HttpError(Error::invalid("give either data or data_base64, not both"))),
+        (Some(_), Some(_)) => {
+            return Err(HttpError(Error::invalid(
+                "give either data or data_base64, not both",
+            )))
+        }
         (Some(t), None) => t.into_bytes(),
         (None, Some(b64)) => base64::engine::general_purpose::STANDARD
             .decode(b64.trim())
@@ -133,7 +158,10 @@ struct RunsQuery {
     limit: Option<usize>,
 }
 
-async fn list_runs(State(api): State<Api>, q: Result<Query<RunsQuery>, QueryRejection>) -> ApiResult {
+async fn list_runs(
+    State(api): State<Api>,
+    q: Result<Query<RunsQuery>, QueryRejection>,
+) -> ApiResult {
     let q = query(q)?;
     let status = q.status.as_deref().map(RunStatus::parse).transpose()?;
     let limit = q.limit.unwrap_or(100).clamp(1, 10_000);
@@ -164,13 +192,22 @@ struct LogQuery {
 
 /// Query strings with errors in Google's JSON shape, not axum's plain text.
 fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, HttpError> {
-    q.map(|Query(v)| v).map_err(|e| HttpError(Error::invalid(format!("bad query string: {}", e.body_text()))))
+    q.map(|Query(v)| v).map_err(|e| {
+        HttpError(Error::invalid(format!(
+            "bad query string: {}",
+            e.body_text()
+        )))
+    })
 }
 
 /// Most bytes one log request returns; followers come back for the rest.
 const LOG_CHUNK: u64 = 4 << 20;
 
-async fn run_log(State(api): State<Api>, Path(id): Path<String>, q: Result<Query<LogQuery>, QueryRejection>) -> ApiResult {
+async fn run_log(
+    State(api): State<Api>,
+    Path(id): Path<String>,
+    q: Result<Query<LogQuery>, QueryRejection>,
+) -> ApiResult {
     use tokio::io::{AsyncReadExt, AsyncSeekExt};
     let q = query(q)?;
     let id = parse_id(&id)?;
@@ -183,9 +220,14 @@ async fn run_log(State(api): State<Api>, Path(id): Path<String>, q: Result<Query
         Ok(mut f) => {
             let size = f.metadata().await.map_err(read_err)?.len();
             let from = q.offset.unwrap_or(0).min(size);
-            f.seek(std::io::SeekFrom::Start(from)).await.map_err(read_err)?;
+            f.seek(std::io::SeekFrom::Start(from))
+                .await
+                .map_err(read_err)?;
             let mut buf = Vec::new();
-            f.take(LOG_CHUNK).read_to_end(&mut buf).await.map_err(read_err)?;
+            f.take(LOG_CHUNK)
+                .read_to_end(&mut buf)
+                .await
+                .map_err(read_err)?;
             (size, buf)
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => (0, Vec::new()),
@@ -193,9 +235,15 @@ async fn run_log(State(api): State<Api>, Path(id): Path<String>, q: Result<Query
     };
     let mut resp = (StatusCode::OK, chunk).into_response();
     let h = resp.headers_mut();
-    h.insert("content-type", HeaderValue::from_static("text/plain; charset=utf-8"));
+    h.insert(
+        "content-type",
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     h.insert("x-pubrun-log-size", HeaderValue::from(size));
-    h.insert("x-pubrun-run-status", HeaderValue::from_static(run.status.as_str()));
+    h.insert(
+        "x-pubrun-run-status",
+        HeaderValue::from_static(run.status.as_str()),
+    );
     Ok(resp)
 }
 
@@ -206,14 +254,18 @@ struct ApplyQuery {
     file: Option<String>,
 }
 
-async fn apply(State(api): State<Api>, q: Result<Query<ApplyQuery>, QueryRejection>, body: Bytes) -> ApiResult {
+async fn apply(
+    State(api): State<Api>,
+    q: Result<Query<ApplyQuery>, QueryRejection>,
+    body: Bytes,
+) -> ApiResult {
     let q = query(q)?;
-    let text = std::str::from_utf8(&body).map_err(|_| HttpError(Error::invalid("the manifest must be UTF-8 text")))?;
+    let text = std::str::from_utf8(&body)
+        .map_err(|_| HttpError(Error::invalid("the manifest must be UTF-8 text")))?;
     let file = q.file.unwrap_or_else(|| "pubrun.toml".to_string());
     let manifest = pubrun_jobs::apply::parse_manifest(&file, text)?;
     let dry_run = q.dry_run.unwrap_or(false);
-    let changes =
-        crate::apply::apply_manifest(
+    let changes = crate::apply::apply_manifest(
         &api.broker,
         &api.dispatcher,
         api.triggers.as_deref(),
@@ -227,7 +279,11 @@ async fn apply(State(api): State<Api>, q: Result<Query<ApplyQuery>, QueryRejecti
 
 /// The declared webhooks, with how each authenticates (never the secret).
 async fn list_webhooks(State(api): State<Api>) -> ApiResult {
-    let hooks = api.triggers.as_ref().map(|t| t.list_webhooks()).unwrap_or_default();
+    let hooks = api
+        .triggers
+        .as_ref()
+        .map(|t| t.list_webhooks())
+        .unwrap_or_default();
     let list: Vec<serde_json::Value> = hooks
         .iter()
         .map(|w| {

@@ -49,10 +49,16 @@ pub fn router(pubsub: PubSub) -> Router {
     let projects = Router::new()
         .route("/{project}/topics", any(topics_collection))
         .route("/{project}/topics/{topic}", any(topic_resource))
-        .route("/{project}/topics/{topic}/subscriptions", any(topic_subscriptions))
+        .route(
+            "/{project}/topics/{topic}/subscriptions",
+            any(topic_subscriptions),
+        )
         .route("/{project}/topics/{topic}/snapshots", any(topic_snapshots))
         .route("/{project}/subscriptions", any(subscriptions_collection))
-        .route("/{project}/subscriptions/{subscription}", any(subscription_resource))
+        .route(
+            "/{project}/subscriptions/{subscription}",
+            any(subscription_resource),
+        )
         // Anything else under /v1/projects gets Google's error shape instead
         // of the gRPC router's fallback. Nesting keeps this fallback local.
         .fallback(unknown_path)
@@ -98,9 +104,13 @@ fn method_not_allowed(method: &Method, uri: &Uri, allowed: &'static str) -> Fail
     let mut r = google_error(
         StatusCode::METHOD_NOT_ALLOWED,
         "UNIMPLEMENTED",
-        format!("HTTP method {method} is not allowed on {}; allowed: {allowed}", uri.path()),
+        format!(
+            "HTTP method {method} is not allowed on {}; allowed: {allowed}",
+            uri.path()
+        ),
     );
-    r.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allowed));
+    r.headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static(allowed));
     Fail(Box::new(r))
 }
 
@@ -168,9 +178,13 @@ fn parse_body<T: DeserializeOwned + Default>(
             .into()),
             Err(r) => return Err(Error::invalid(format!("could not read the request body: {}", r.body_text())).into()),
         };
-    let text: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) { b"{}" } else { &bytes };
-    let v: Value =
-        serde_json::from_slice(text).map_err(|e| Error::invalid(format!("Invalid JSON payload received. {e}")))?;
+    let text: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
+        b"{}"
+    } else {
+        &bytes
+    };
+    let v: Value = serde_json::from_slice(text)
+        .map_err(|e| Error::invalid(format!("Invalid JSON payload received. {e}")))?;
     if !v.is_object() {
         return Err(Error::invalid(format!(
             "Invalid JSON payload received. The request body must be a JSON object, not {}",
@@ -184,7 +198,11 @@ fn parse_body<T: DeserializeOwned + Default>(
 /// Deserializes a message-typed value. Only objects (or null) are accepted:
 /// serde would otherwise also read a struct from a JSON array.
 fn from_object<T: DeserializeOwned + Default>(at: &str, v: Value) -> pubrun_core::Result<T> {
-    let at_msg = if at.is_empty() { String::new() } else { format!(" (at '{at}')") };
+    let at_msg = if at.is_empty() {
+        String::new()
+    } else {
+        format!(" (at '{at}')")
+    };
     match v {
         Value::Null => Ok(T::default()),
         Value::Object(_) => serde_json::from_value(v).map_err(|e| {
@@ -235,9 +253,17 @@ const SYSTEM_PARAMS: &[&str] = &[
 
 /// Parses the query string; `allowed` are the camelCase request fields that may
 /// be bound from it (snake_case spellings are accepted too).
-fn parse_query(q: Option<String>, allowed: &[&str]) -> std::result::Result<HashMap<String, String>, Fail> {
+fn parse_query(
+    q: Option<String>,
+    allowed: &[&str],
+) -> std::result::Result<HashMap<String, String>, Fail> {
     let mut out = HashMap::new();
-    for pair in q.as_deref().unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+    for pair in q
+        .as_deref()
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         let (k, v) = (percent_decode(k)?, percent_decode(v)?);
         if SYSTEM_PARAMS.contains(&k.as_str()) {
@@ -256,7 +282,11 @@ fn parse_query(q: Option<String>, allowed: &[&str]) -> std::result::Result<HashM
 }
 
 fn percent_decode(s: &str) -> std::result::Result<String, Fail> {
-    let bad = || Fail::from(Error::invalid(format!("invalid percent-encoding in query string: \"{s}\"")));
+    let bad = || {
+        Fail::from(Error::invalid(format!(
+            "invalid percent-encoding in query string: \"{s}\""
+        )))
+    };
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
@@ -314,14 +344,18 @@ fn page_params(q: Option<String>) -> std::result::Result<(i32, String), Fail> {
     let size = match q.remove("pageSize") {
         None => 0,
         Some(s) => s.trim().parse::<i32>().map_err(|_| {
-            Error::invalid(format!("Invalid value at 'page_size' (TYPE_INT32), \"{s}\": expected an integer"))
+            Error::invalid(format!(
+                "Invalid value at 'page_size' (TYPE_INT32), \"{s}\": expected an integer"
+            ))
         })?,
     };
     Ok((size, q.remove("pageToken").unwrap_or_default()))
 }
 
 /// `null` means the field's default, as in proto3 JSON.
-fn nullable<'de, D: Deserializer<'de>, T: Deserialize<'de> + Default>(d: D) -> std::result::Result<T, D::Error> {
+fn nullable<'de, D: Deserializer<'de>, T: Deserialize<'de> + Default>(
+    d: D,
+) -> std::result::Result<T, D::Error> {
     Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
 }
 
@@ -329,9 +363,11 @@ fn nullable<'de, D: Deserializer<'de>, T: Deserialize<'de> + Default>(d: D) -> s
 fn int32(field: &str, v: &Option<Value>) -> pubrun_core::Result<i32> {
     let n = match v {
         None | Some(Value::Null) => return Ok(0),
-        Some(Value::Number(n)) => {
-            n.as_i64().or_else(|| n.as_f64().filter(|f| f.fract() == 0.0 && f.abs() < 1e15).map(|f| f as i64))
-        }
+        Some(Value::Number(n)) => n.as_i64().or_else(|| {
+            n.as_f64()
+                .filter(|f| f.fract() == 0.0 && f.abs() < 1e15)
+                .map(|f| f as i64)
+        }),
         Some(Value::String(s)) => s.trim().parse::<i64>().ok(),
         _ => None,
     };
@@ -374,9 +410,16 @@ fn parse_duration(s: &str) -> Option<prost_types::Duration> {
         return None;
     }
     let seconds: i64 = secs.parse().ok().filter(|s| *s <= 315_576_000_000)?;
-    let nanos: i32 = if frac.is_empty() { 0 } else { format!("{frac:0<9}").parse().ok()? };
+    let nanos: i32 = if frac.is_empty() {
+        0
+    } else {
+        format!("{frac:0<9}").parse().ok()?
+    };
     Some(if neg {
-        prost_types::Duration { seconds: -seconds, nanos: -nanos }
+        prost_types::Duration {
+            seconds: -seconds,
+            nanos: -nanos,
+        }
     } else {
         prost_types::Duration { seconds, nanos }
     })
@@ -384,8 +427,16 @@ fn parse_duration(s: &str) -> Option<prost_types::Duration> {
 
 /// Proto3 JSON: 0, 3, 6 or 9 fractional digits and the suffix `s`.
 fn format_duration(d: &prost_types::Duration) -> String {
-    let sign = if d.seconds < 0 || d.nanos < 0 { "-" } else { "" };
-    format!("{sign}{}{}s", d.seconds.unsigned_abs(), fraction(d.nanos.unsigned_abs()))
+    let sign = if d.seconds < 0 || d.nanos < 0 {
+        "-"
+    } else {
+        ""
+    };
+    format!(
+        "{sign}{}{}s",
+        d.seconds.unsigned_abs(),
+        fraction(d.nanos.unsigned_abs())
+    )
 }
 
 #[allow(clippy::manual_is_multiple_of)] // u32::is_multiple_of needs Rust 1.87; MSRV is 1.85
@@ -402,7 +453,10 @@ fn fraction(nanos: u32) -> String {
 }
 
 /// A `google.protobuf.Timestamp` field: RFC 3339.
-fn timestamp(field: &str, v: &Option<Value>) -> pubrun_core::Result<Option<prost_types::Timestamp>> {
+fn timestamp(
+    field: &str,
+    v: &Option<Value>,
+) -> pubrun_core::Result<Option<prost_types::Timestamp>> {
     let bad = |shown: String| {
         Error::invalid(format!(
             "Invalid value at '{field}' (type.googleapis.com/google.protobuf.Timestamp), {shown}: expected RFC 3339, e.g. \"2024-01-02T03:04:05.123Z\""
@@ -412,7 +466,10 @@ fn timestamp(field: &str, v: &Option<Value>) -> pubrun_core::Result<Option<prost
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => {
             let t = chrono::DateTime::parse_from_rfc3339(s).map_err(|_| bad(format!("\"{s}\"")))?;
-            Ok(Some(prost_types::Timestamp { seconds: t.timestamp(), nanos: t.timestamp_subsec_nanos() as i32 }))
+            Ok(Some(prost_types::Timestamp {
+                seconds: t.timestamp(),
+                nanos: t.timestamp_subsec_nanos() as i32,
+            }))
         }
         Some(other) => Err(bad(other.to_string())),
     }
@@ -451,23 +508,39 @@ fn present<T: Default>(v: &Option<Value>) -> Option<T> {
 }
 
 /// A nested message field, parsed with its own unknown-field checks.
-fn nested<T: DeserializeOwned + Default>(at: &str, v: Option<Value>) -> pubrun_core::Result<Option<T>> {
+fn nested<T: DeserializeOwned + Default>(
+    at: &str,
+    v: Option<Value>,
+) -> pubrun_core::Result<Option<T>> {
     match v {
         None | Some(Value::Null) => Ok(None),
         Some(v) => from_object(at, v).map(Some),
     }
 }
 
-fn enum_i32(field: &str, v: &Option<Value>, from_name: impl Fn(&str) -> Option<i32>) -> pubrun_core::Result<i32> {
+fn enum_i32(
+    field: &str,
+    v: &Option<Value>,
+    from_name: impl Fn(&str) -> Option<i32>,
+) -> pubrun_core::Result<i32> {
     match v {
         None | Some(Value::Null) => Ok(0),
-        Some(Value::String(s)) => from_name(s)
-            .ok_or_else(|| Error::invalid(format!("Invalid value at '{field}', \"{s}\": not a valid enum value name"))),
+        Some(Value::String(s)) => from_name(s).ok_or_else(|| {
+            Error::invalid(format!(
+                "Invalid value at '{field}', \"{s}\": not a valid enum value name"
+            ))
+        }),
         Some(Value::Number(n)) => n
             .as_i64()
             .and_then(|n| i32::try_from(n).ok())
-            .ok_or_else(|| Error::invalid(format!("Invalid value at '{field}', {n}: not a valid enum value"))),
-        Some(other) => Err(Error::invalid(format!("Invalid value at '{field}', {other}: not a valid enum value"))),
+            .ok_or_else(|| {
+                Error::invalid(format!(
+                    "Invalid value at '{field}', {n}: not a valid enum value"
+                ))
+            }),
+        Some(other) => Err(Error::invalid(format!(
+            "Invalid value at '{field}', {other}: not a valid enum value"
+        ))),
     }
 }
 
@@ -478,7 +551,12 @@ fn field_mask(mask: Option<String>) -> Option<prost_types::FieldMask> {
             .split(',')
             .map(str::trim)
             .filter(|p| !p.is_empty())
-            .map(|p| p.split('.').map(camel_to_snake).collect::<Vec<_>>().join("."))
+            .map(|p| {
+                p.split('.')
+                    .map(camel_to_snake)
+                    .collect::<Vec<_>>()
+                    .join(".")
+            })
             .collect(),
     })
 }
@@ -533,9 +611,11 @@ impl TopicJson {
                 None => None,
                 Some(s) => Some(pb::SchemaSettings {
                     schema: s.schema.unwrap_or_default(),
-                    encoding: enum_i32(&format!("{field}schema_settings.encoding"), &s.encoding, |n| {
-                        pb::Encoding::from_str_name(n).map(|e| e as i32)
-                    })?,
+                    encoding: enum_i32(
+                        &format!("{field}schema_settings.encoding"),
+                        &s.encoding,
+                        |n| pb::Encoding::from_str_name(n).map(|e| e as i32),
+                    )?,
                     first_revision_id: s.first_revision_id.unwrap_or_default(),
                     last_revision_id: s.last_revision_id.unwrap_or_default(),
                 }),
@@ -549,7 +629,11 @@ impl TopicJson {
                 pb::topic::State::from_str_name(s).map(|s| s as i32)
             })?,
             ingestion_data_source_settings: present(&self.ingestion_data_source_settings),
-            message_transforms: self.message_transforms.iter().map(|_| Default::default()).collect(),
+            message_transforms: self
+                .message_transforms
+                .iter()
+                .map(|_| Default::default())
+                .collect(),
             tags: self.tags,
         })
     }
@@ -679,12 +763,16 @@ struct SubscriptionJson {
 
 impl SubscriptionJson {
     fn into_pb(self, field: &str, name: String) -> pubrun_core::Result<pb::Subscription> {
-        let push_config = match nested::<PushConfigJson>(&format!("{field}push_config"), self.push_config)? {
+        let push_config = match nested::<PushConfigJson>(
+            &format!("{field}push_config"),
+            self.push_config,
+        )? {
             None => None,
             Some(p) => {
                 let at = |f: &str| format!("{field}push_config.{f}");
                 let oidc = nested::<OidcTokenJson>(&at("oidc_token"), p.oidc_token)?;
-                let pubsub_wrapper = nested::<PubsubWrapperJson>(&at("pubsub_wrapper"), p.pubsub_wrapper)?;
+                let pubsub_wrapper =
+                    nested::<PubsubWrapperJson>(&at("pubsub_wrapper"), p.pubsub_wrapper)?;
                 let no_wrapper = nested::<NoWrapperJson>(&at("no_wrapper"), p.no_wrapper)?;
                 if pubsub_wrapper.is_some() && no_wrapper.is_some() {
                     return Err(Error::invalid(format!(
@@ -695,48 +783,63 @@ impl SubscriptionJson {
                     push_endpoint: p.push_endpoint.unwrap_or_default(),
                     attributes: p.attributes,
                     authentication_method: oidc.map(|o| {
-                        pb::push_config::AuthenticationMethod::OidcToken(pb::push_config::OidcToken {
-                            service_account_email: o.service_account_email.unwrap_or_default(),
-                            audience: o.audience.unwrap_or_default(),
-                        })
+                        pb::push_config::AuthenticationMethod::OidcToken(
+                            pb::push_config::OidcToken {
+                                service_account_email: o.service_account_email.unwrap_or_default(),
+                                audience: o.audience.unwrap_or_default(),
+                            },
+                        )
                     }),
                     wrapper: match (pubsub_wrapper, no_wrapper) {
-                        (Some(_), _) => {
-                            Some(pb::push_config::Wrapper::PubsubWrapper(pb::push_config::PubsubWrapper {}))
-                        }
-                        (_, Some(n)) => Some(pb::push_config::Wrapper::NoWrapper(pb::push_config::NoWrapper {
-                            write_metadata: n.write_metadata.unwrap_or_default(),
-                        })),
+                        (Some(_), _) => Some(pb::push_config::Wrapper::PubsubWrapper(
+                            pb::push_config::PubsubWrapper {},
+                        )),
+                        (_, Some(n)) => Some(pb::push_config::Wrapper::NoWrapper(
+                            pb::push_config::NoWrapper {
+                                write_metadata: n.write_metadata.unwrap_or_default(),
+                            },
+                        )),
                         _ => None,
                     },
                 })
             }
         };
-        let expiration_policy =
-            match nested::<ExpirationPolicyJson>(&format!("{field}expiration_policy"), self.expiration_policy)? {
+        let expiration_policy = match nested::<ExpirationPolicyJson>(
+            &format!("{field}expiration_policy"),
+            self.expiration_policy,
+        )? {
+            None => None,
+            Some(e) => Some(pb::ExpirationPolicy {
+                ttl: duration(&format!("{field}expiration_policy.ttl"), &e.ttl)?,
+            }),
+        };
+        let dead_letter_policy = match nested::<DeadLetterPolicyJson>(
+            &format!("{field}dead_letter_policy"),
+            self.dead_letter_policy,
+        )? {
+            None => None,
+            Some(d) => Some(pb::DeadLetterPolicy {
+                dead_letter_topic: d.dead_letter_topic.unwrap_or_default(),
+                max_delivery_attempts: int32(
+                    &format!("{field}dead_letter_policy.max_delivery_attempts"),
+                    &d.max_delivery_attempts,
+                )?,
+            }),
+        };
+        let retry_policy =
+            match nested::<RetryPolicyJson>(&format!("{field}retry_policy"), self.retry_policy)? {
                 None => None,
-                Some(e) => {
-                    Some(pb::ExpirationPolicy { ttl: duration(&format!("{field}expiration_policy.ttl"), &e.ttl)? })
-                }
-            };
-        let dead_letter_policy =
-            match nested::<DeadLetterPolicyJson>(&format!("{field}dead_letter_policy"), self.dead_letter_policy)? {
-                None => None,
-                Some(d) => Some(pb::DeadLetterPolicy {
-                    dead_letter_topic: d.dead_letter_topic.unwrap_or_default(),
-                    max_delivery_attempts: int32(
-                        &format!("{field}dead_letter_policy.max_delivery_attempts"),
-                        &d.max_delivery_attempts,
+                Some(r) => Some(pb::RetryPolicy {
+                    minimum_backoff: duration(
+                        &format!("{field}retry_policy.minimum_backoff"),
+                        &r.minimum_backoff,
+                    )?,
+                    maximum_backoff: duration(
+                        &format!("{field}retry_policy.maximum_backoff"),
+                        &r.maximum_backoff,
                     )?,
                 }),
             };
-        let retry_policy = match nested::<RetryPolicyJson>(&format!("{field}retry_policy"), self.retry_policy)? {
-            None => None,
-            Some(r) => Some(pb::RetryPolicy {
-                minimum_backoff: duration(&format!("{field}retry_policy.minimum_backoff"), &r.minimum_backoff)?,
-                maximum_backoff: duration(&format!("{field}retry_policy.maximum_backoff"), &r.maximum_backoff)?,
-            }),
-        };
         Ok(pb::Subscription {
             name,
             topic: self.topic.unwrap_or_default(),
@@ -744,7 +847,10 @@ impl SubscriptionJson {
             bigquery_config: present(&self.bigquery_config),
             cloud_storage_config: present(&self.cloud_storage_config),
             bigtable_config: present(&self.bigtable_config),
-            ack_deadline_seconds: int32(&format!("{field}ack_deadline_seconds"), &self.ack_deadline_seconds)?,
+            ack_deadline_seconds: int32(
+                &format!("{field}ack_deadline_seconds"),
+                &self.ack_deadline_seconds,
+            )?,
             retain_acked_messages: self.retain_acked_messages.unwrap_or_default(),
             message_retention_duration: duration(
                 &format!("{field}message_retention_duration"),
@@ -766,7 +872,11 @@ impl SubscriptionJson {
                 pb::subscription::State::from_str_name(s).map(|s| s as i32)
             })?,
             analytics_hub_subscription_info: present(&self.analytics_hub_subscription_info),
-            message_transforms: self.message_transforms.iter().map(|_| Default::default()).collect(),
+            message_transforms: self
+                .message_transforms
+                .iter()
+                .map(|_| Default::default())
+                .collect(),
             tags: self.tags,
         })
     }
@@ -861,7 +971,10 @@ fn put_bool(m: &mut Map<String, Value>, key: &str, v: bool) {
 
 fn put_map(m: &mut Map<String, Value>, key: &str, v: &HashMap<String, String>) {
     if !v.is_empty() {
-        let obj = v.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect();
+        let obj = v
+            .iter()
+            .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+            .collect();
         m.insert(key.to_string(), Value::Object(obj));
     }
 }
@@ -878,7 +991,11 @@ fn topic_json(t: &pb::Topic) -> Value {
     put_map(&mut m, "labels", &t.labels);
     put_str(&mut m, "kmsKeyName", &t.kms_key_name);
     put_bool(&mut m, "satisfiesPzs", t.satisfies_pzs);
-    put_duration(&mut m, "messageRetentionDuration", &t.message_retention_duration);
+    put_duration(
+        &mut m,
+        "messageRetentionDuration",
+        &t.message_retention_duration,
+    );
     if let Ok(s) = pb::topic::State::try_from(t.state) {
         if s != pb::topic::State::Unspecified {
             m.insert("state".into(), s.as_str_name().into());
@@ -902,7 +1019,11 @@ fn subscription_json(s: &pb::Subscription) -> Value {
         m.insert("ackDeadlineSeconds".into(), s.ack_deadline_seconds.into());
     }
     put_bool(&mut m, "retainAckedMessages", s.retain_acked_messages);
-    put_duration(&mut m, "messageRetentionDuration", &s.message_retention_duration);
+    put_duration(
+        &mut m,
+        "messageRetentionDuration",
+        &s.message_retention_duration,
+    );
     put_map(&mut m, "labels", &s.labels);
     put_bool(&mut m, "enableMessageOrdering", s.enable_message_ordering);
     if let Some(e) = &s.expiration_policy {
@@ -926,8 +1047,16 @@ fn subscription_json(s: &pb::Subscription) -> Value {
         m.insert("retryPolicy".into(), Value::Object(rm));
     }
     put_bool(&mut m, "detached", s.detached);
-    put_bool(&mut m, "enableExactlyOnceDelivery", s.enable_exactly_once_delivery);
-    put_duration(&mut m, "topicMessageRetentionDuration", &s.topic_message_retention_duration);
+    put_bool(
+        &mut m,
+        "enableExactlyOnceDelivery",
+        s.enable_exactly_once_delivery,
+    );
+    put_duration(
+        &mut m,
+        "topicMessageRetentionDuration",
+        &s.topic_message_retention_duration,
+    );
     if let Ok(st) = pb::subscription::State::try_from(s.state) {
         if st != pb::subscription::State::Unspecified {
             m.insert("state".into(), st.as_str_name().into());
@@ -970,8 +1099,11 @@ fn ack_outcome(r: pubrun_broker::AckResult) -> Outcome {
     if r.invalid.is_empty() {
         return Ok(empty());
     }
-    let metadata: Map<String, Value> =
-        r.invalid.into_iter().map(|id| (id, Value::String(crate::grpc::INVALID_ACK_ID.into()))).collect();
+    let metadata: Map<String, Value> = r
+        .invalid
+        .into_iter()
+        .map(|id| (id, Value::String(crate::grpc::INVALID_ACK_ID.into())))
+        .collect();
     let body = serde_json::json!({
         "error": {
             "code": 400,
@@ -985,7 +1117,9 @@ fn ack_outcome(r: pubrun_broker::AckResult) -> Outcome {
             }],
         }
     });
-    Err(Fail(Box::new((StatusCode::BAD_REQUEST, axum::Json(body)).into_response())))
+    Err(Fail(Box::new(
+        (StatusCode::BAD_REQUEST, axum::Json(body)).into_response(),
+    )))
 }
 
 fn list_json(key: &str, items: Vec<Value>, next_page_token: &str) -> Value {
@@ -1044,7 +1178,11 @@ async fn topics_collection(
                 page_size,
                 page_token,
             })?;
-            Ok(list_json("topics", r.topics.iter().map(topic_json).collect(), &r.next_page_token))
+            Ok(list_json(
+                "topics",
+                r.topics.iter().map(topic_json).collect(),
+                &r.next_page_token,
+            ))
         }
         .await,
     )
@@ -1139,7 +1277,11 @@ async fn topic_subscriptions(
                 page_size,
                 page_token,
             })?;
-            Ok(list_json("subscriptions", r.subscriptions.into_iter().map(Value::String).collect(), &r.next_page_token))
+            Ok(list_json(
+                "subscriptions",
+                r.subscriptions.into_iter().map(Value::String).collect(),
+                &r.next_page_token,
+            ))
         }
         .await,
     )
@@ -1156,7 +1298,9 @@ async fn topic_snapshots(
         async {
             let ((project, topic), _, _) = list_params(&method, &uri, path, q)?;
             // No snapshots exist in this version (as over gRPC); the topic must.
-            ps.get_topic(pb::GetTopicRequest { topic: topic_name(&project, &topic) })?;
+            ps.get_topic(pb::GetTopicRequest {
+                topic: topic_name(&project, &topic),
+            })?;
             Ok(empty())
         }
         .await,
@@ -1178,13 +1322,18 @@ async fn subscriptions_collection(
                 page_size,
                 page_token,
             })?;
-            Ok(list_json("subscriptions", r.subscriptions.iter().map(subscription_json).collect(), &r.next_page_token))
+            Ok(list_json(
+                "subscriptions",
+                r.subscriptions.iter().map(subscription_json).collect(),
+                &r.next_page_token,
+            ))
         }
         .await,
     )
 }
 
-const SUBSCRIPTION_VERBS: &str = "pull, acknowledge, modifyAckDeadline, modifyPushConfig, seek, detach";
+const SUBSCRIPTION_VERBS: &str =
+    "pull, acknowledge, modifyAckDeadline, modifyPushConfig, seek, detach";
 
 #[allow(deprecated)] // PullRequest.return_immediately
 async fn subscription_resource(
@@ -1205,14 +1354,19 @@ async fn subscription_resource(
                 return match method {
                     Method::PUT => {
                         let s: SubscriptionJson = parse_body(body)?;
-                        Ok(subscription_json(&ps.create_subscription(s.into_pb("", name)?).await?))
+                        Ok(subscription_json(
+                            &ps.create_subscription(s.into_pb("", name)?).await?,
+                        ))
                     }
-                    Method::GET => {
-                        Ok(subscription_json(&ps.get_subscription(pb::GetSubscriptionRequest { subscription: name })?))
-                    }
+                    Method::GET => Ok(subscription_json(
+                        &ps.get_subscription(pb::GetSubscriptionRequest { subscription: name })?,
+                    )),
                     Method::PATCH => {
                         let u: UpdateSubscriptionJson = parse_body(body)?;
-                        let sub = from_object::<SubscriptionJson>("subscription", u.subscription.unwrap_or_default())?;
+                        let sub = from_object::<SubscriptionJson>(
+                            "subscription",
+                            u.subscription.unwrap_or_default(),
+                        )?;
                         let sub = sub.into_pb("subscription.", name)?;
                         let r = pb::UpdateSubscriptionRequest {
                             subscription: Some(sub),
@@ -1221,14 +1375,22 @@ async fn subscription_resource(
                         Ok(subscription_json(&ps.update_subscription(r).await?))
                     }
                     Method::DELETE => {
-                        ps.delete_subscription(pb::DeleteSubscriptionRequest { subscription: name }).await?;
+                        ps.delete_subscription(pb::DeleteSubscriptionRequest {
+                            subscription: name,
+                        })
+                        .await?;
                         Ok(empty())
                     }
                     _ => Err(method_not_allowed(&method, &uri, "GET, PUT, PATCH, DELETE")),
                 };
             };
             if !SUBSCRIPTION_VERBS.split(", ").any(|v| v == verb) {
-                return Err(unknown_verb(&uri, "subscriptions", verb, SUBSCRIPTION_VERBS));
+                return Err(unknown_verb(
+                    &uri,
+                    "subscriptions",
+                    verb,
+                    SUBSCRIPTION_VERBS,
+                ));
             }
             if method != Method::POST {
                 return Err(method_not_allowed(&method, &uri, "POST"));
@@ -1243,11 +1405,20 @@ async fn subscription_resource(
                         max_messages: int32("max_messages", &p.max_messages)?,
                     };
                     let got = ps.pull(r, None).await?;
-                    Ok(list_json("receivedMessages", got.received_messages.iter().map(received_json).collect(), ""))
+                    Ok(list_json(
+                        "receivedMessages",
+                        got.received_messages.iter().map(received_json).collect(),
+                        "",
+                    ))
                 }
                 "acknowledge" => {
                     let a: AcknowledgeJson = parse_body(body)?;
-                    let r = ps.acknowledge(pb::AcknowledgeRequest { subscription: name, ack_ids: a.ack_ids }).await?;
+                    let r = ps
+                        .acknowledge(pb::AcknowledgeRequest {
+                            subscription: name,
+                            ack_ids: a.ack_ids,
+                        })
+                        .await?;
                     ack_outcome(r)
                 }
                 "modifyAckDeadline" => {
@@ -1255,7 +1426,10 @@ async fn subscription_resource(
                     let r = ps.modify_ack_deadline(pb::ModifyAckDeadlineRequest {
                         subscription: name,
                         ack_ids: m.ack_ids,
-                        ack_deadline_seconds: int32("ack_deadline_seconds", &m.ack_deadline_seconds)?,
+                        ack_deadline_seconds: int32(
+                            "ack_deadline_seconds",
+                            &m.ack_deadline_seconds,
+                        )?,
                     })?;
                     ack_outcome(r)
                 }
@@ -1274,15 +1448,39 @@ mod tests {
 
     #[test]
     fn durations_round_trip_in_proto3_json_form() {
-        for (text, secs, nanos) in
-            [("604800s", 604800, 0), ("3.5s", 3, 500_000_000), ("0.000001s", 0, 1000), ("-1.000000001s", -1, -1)]
-        {
+        for (text, secs, nanos) in [
+            ("604800s", 604800, 0),
+            ("3.5s", 3, 500_000_000),
+            ("0.000001s", 0, 1000),
+            ("-1.000000001s", -1, -1),
+        ] {
             let d = parse_duration(text).unwrap();
             assert_eq!((d.seconds, d.nanos), (secs, nanos), "{text}");
         }
-        assert_eq!(format_duration(&prost_types::Duration { seconds: 3, nanos: 500_000_000 }), "3.500s");
-        assert_eq!(format_duration(&prost_types::Duration { seconds: 604800, nanos: 0 }), "604800s");
-        for bad in ["", "s", "10", "1.s", "1.0000000001s", "abc s", "1e3s", "+1s"] {
+        assert_eq!(
+            format_duration(&prost_types::Duration {
+                seconds: 3,
+                nanos: 500_000_000
+            }),
+            "3.500s"
+        );
+        assert_eq!(
+            format_duration(&prost_types::Duration {
+                seconds: 604800,
+                nanos: 0
+            }),
+            "604800s"
+        );
+        for bad in [
+            "",
+            "s",
+            "10",
+            "1.s",
+            "1.0000000001s",
+            "abc s",
+            "1e3s",
+            "+1s",
+        ] {
             assert!(parse_duration(bad).is_none(), "{bad}");
         }
     }
@@ -1292,7 +1490,10 @@ mod tests {
         let t = |seconds, nanos| format_timestamp(&prost_types::Timestamp { seconds, nanos });
         assert_eq!(t(0, 0), "1970-01-01T00:00:00Z");
         assert_eq!(t(1_700_000_000, 120_000_000), "2023-11-14T22:13:20.120Z");
-        assert_eq!(t(1_700_000_000, 123_456_789), "2023-11-14T22:13:20.123456789Z");
+        assert_eq!(
+            t(1_700_000_000, 123_456_789),
+            "2023-11-14T22:13:20.123456789Z"
+        );
     }
 
     #[test]
@@ -1306,10 +1507,23 @@ mod tests {
 
     #[test]
     fn masks_and_query_names_convert_case() {
-        let m = field_mask(Some("ackDeadlineSeconds, labels,message_retention_duration".into())).unwrap();
-        assert_eq!(m.paths, ["ack_deadline_seconds", "labels", "message_retention_duration"]);
+        let m = field_mask(Some(
+            "ackDeadlineSeconds, labels,message_retention_duration".into(),
+        ))
+        .unwrap();
+        assert_eq!(
+            m.paths,
+            [
+                "ack_deadline_seconds",
+                "labels",
+                "message_retention_duration"
+            ]
+        );
         assert_eq!(snake_to_camel("page_token"), "pageToken");
-        assert_eq!(percent_decode("projects%2Fp+x").ok().unwrap(), "projects/p x");
+        assert_eq!(
+            percent_decode("projects%2Fp+x").ok().unwrap(),
+            "projects/p x"
+        );
         assert!(percent_decode("%zz").is_err());
     }
 }

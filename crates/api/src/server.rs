@@ -17,7 +17,9 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::grpc::PubSub;
-use crate::pubsub_server::{publisher_server::PublisherServer, subscriber_server::SubscriberServer};
+use crate::pubsub_server::{
+    publisher_server::PublisherServer, subscriber_server::SubscriberServer,
+};
 
 /// gRPC and REST bodies may carry a 10 MB publish plus framing / base64.
 const MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
@@ -47,7 +49,12 @@ pub fn router(broker: Arc<Broker>, opts: &ServeOptions, shutdown: watch::Receive
     .into_axum_router();
     let mut app = grpc.merge(crate::rest::router(pubsub));
     if let Some(d) = &opts.dispatcher {
-        app = app.merge(crate::jobs_api::router(broker_for_jobs.clone(), d.clone(), opts.triggers.clone(), opts.buckets.clone()));
+        app = app.merge(crate::jobs_api::router(
+            broker_for_jobs.clone(),
+            d.clone(),
+            opts.triggers.clone(),
+            opts.buckets.clone(),
+        ));
     }
     if let Some(t) = &opts.triggers {
         app = app.merge(pubrun_triggers::schedules_router(t.scheduler().clone()));
@@ -59,7 +66,10 @@ pub fn router(broker: Arc<Broker>, opts: &ServeOptions, shutdown: watch::Receive
         .fallback(unknown_route)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES));
     let app = match &opts.token {
-        Some(t) => app.layer(axum::middleware::from_fn_with_state(Arc::new(t.clone()), require_token)),
+        Some(t) => app.layer(axum::middleware::from_fn_with_state(
+            Arc::new(t.clone()),
+            require_token,
+        )),
         None => app,
     };
     // Health is outside the auth layer: load balancers and `pubrun` itself probe it.
@@ -75,7 +85,10 @@ pub fn router(broker: Arc<Broker>, opts: &ServeOptions, shutdown: watch::Receive
 /// Unknown gRPC methods get UNIMPLEMENTED, unknown HTTP paths a JSON 404.
 async fn unknown_route(req: Request) -> Response {
     if is_grpc(&req) {
-        return grpc_error(tonic::Code::Unimplemented, &format!("method {} is not implemented by pubrun", req.uri().path()));
+        return grpc_error(
+            tonic::Code::Unimplemented,
+            &format!("method {} is not implemented by pubrun", req.uri().path()),
+        );
     }
     crate::status::HttpError(pubrun_core::Error::not_found(format!(
         "no such endpoint: {} {}",
@@ -86,18 +99,29 @@ async fn unknown_route(req: Request) -> Response {
 }
 
 fn is_grpc(req: &Request) -> bool {
-    req.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+    req.headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }
 
 /// A trailers-only gRPC error response.
 fn grpc_error(code: tonic::Code, msg: &str) -> Response {
     let mut resp = StatusCode::OK.into_response();
     let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
     h.insert("grpc-status", HeaderValue::from(code as i32));
     let encoded: String = msg
         .bytes()
-        .map(|b| if b.is_ascii_graphic() && b != b'%' { (b as char).to_string() } else { format!("%{b:02X}") })
+        .map(|b| {
+            if b.is_ascii_graphic() && b != b'%' {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
         .collect();
     if let Ok(v) = HeaderValue::from_str(&encoded) {
         h.insert("grpc-message", v);
@@ -119,7 +143,11 @@ async fn require_token(State(token): State<Arc<String>>, req: Request, next: Nex
     if is_grpc(&req) {
         return grpc_error(tonic::Code::Unauthenticated, msg);
     }
-    crate::status::HttpError(pubrun_core::Error::new(pubrun_core::Code::Unauthenticated, msg)).into_response()
+    crate::status::HttpError(pubrun_core::Error::new(
+        pubrun_core::Code::Unauthenticated,
+        msg,
+    ))
+    .into_response()
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -153,9 +181,12 @@ pub async fn serve(
             tracing::debug!(error = %e, "could not set TCP_NODELAY");
         }
     });
-    let server = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
-        .with_graceful_shutdown(on_signal)
-        .into_future();
+    let server = axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(on_signal)
+    .into_future();
     tokio::pin!(server);
     tokio::select! {
         r = &mut server => r?,

@@ -35,7 +35,8 @@ impl IntoResponse for HttpError {
         let body = serde_json::json!({
             "error": { "code": status, "message": self.0.message, "status": self.0.code.as_str() }
         });
-        let code = http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
+        let code =
+            http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
         (code, axum::Json(body)).into_response()
     }
 }

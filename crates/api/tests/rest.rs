@@ -38,19 +38,32 @@ struct Reply {
 
 impl Reply {
     fn ok(&self) -> &Value {
-        assert_eq!(self.status, 200, "expected 200, got {}: {}", self.status, self.body);
+        assert_eq!(
+            self.status, 200,
+            "expected 200, got {}: {}",
+            self.status, self.body
+        );
         &self.body
     }
 
     /// Asserts Google's error shape: `{"error": {"code", "message", "status"}}`.
     fn error(&self, code: u16, status: &str, message_contains: &str) {
         assert_eq!(self.status, code, "body: {}", self.body);
-        assert!(self.content_type.starts_with("application/json"), "content-type {}", self.content_type);
+        assert!(
+            self.content_type.starts_with("application/json"),
+            "content-type {}",
+            self.content_type
+        );
         let e = &self.body["error"];
         assert_eq!(e["code"], json!(code), "body: {}", self.body);
         assert_eq!(e["status"], json!(status), "body: {}", self.body);
-        let msg = e["message"].as_str().unwrap_or_else(|| panic!("no message in {}", self.body));
-        assert!(msg.contains(message_contains), "message {msg:?} should mention {message_contains:?}");
+        let msg = e["message"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no message in {}", self.body));
+        assert!(
+            msg.contains(message_contains),
+            "message {msg:?} should mention {message_contains:?}"
+        );
     }
 }
 
@@ -61,10 +74,20 @@ async fn start() -> Server {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = oneshot::channel::<()>();
-    tokio::spawn(pubrun_api::serve(listener, broker, ServeOptions::default(), async move {
-        let _ = rx.await;
-    }));
-    Server { base: format!("http://{addr}"), http: reqwest::Client::new(), stop: Some(tx), _dir: dir }
+    tokio::spawn(pubrun_api::serve(
+        listener,
+        broker,
+        ServeOptions::default(),
+        async move {
+            let _ = rx.await;
+        },
+    ));
+    Server {
+        base: format!("http://{addr}"),
+        http: reqwest::Client::new(),
+        stop: Some(tx),
+        _dir: dir,
+    }
 }
 
 impl Server {
@@ -75,17 +98,28 @@ impl Server {
         }
         let resp = req.send().await.unwrap();
         let status = resp.status().as_u16();
-        let header = |name: &str| resp.headers().get(name).map(|v| v.to_str().unwrap().to_string());
+        let header = |name: &str| {
+            resp.headers()
+                .get(name)
+                .map(|v| v.to_str().unwrap().to_string())
+        };
         let content_type = header("content-type").unwrap_or_default();
         let allow = header("allow");
         let text = resp.text().await.unwrap();
-        let body = serde_json::from_str(&text)
-            .unwrap_or_else(|e| panic!("{path}: response is not JSON ({e}), status {status}: {text:?}"));
-        Reply { status, content_type, allow, body }
+        let body = serde_json::from_str(&text).unwrap_or_else(|e| {
+            panic!("{path}: response is not JSON ({e}), status {status}: {text:?}")
+        });
+        Reply {
+            status,
+            content_type,
+            allow,
+            body,
+        }
     }
 
     async fn call(&self, method: Method, path: &str, body: Value) -> Reply {
-        self.raw(method, path, Some(serde_json::to_vec(&body).unwrap())).await
+        self.raw(method, path, Some(serde_json::to_vec(&body).unwrap()))
+            .await
     }
 
     async fn get(&self, path: &str) -> Reply {
@@ -109,21 +143,34 @@ impl Server {
     }
 
     async fn topic(&self, project: &str, id: &str) {
-        self.put(&format!("/v1/projects/{project}/topics/{id}"), json!({})).await.ok();
+        self.put(&format!("/v1/projects/{project}/topics/{id}"), json!({}))
+            .await
+            .ok();
     }
 
     async fn subscription(&self, project: &str, id: &str, topic: &str) {
         let body = json!({ "topic": format!("projects/{project}/topics/{topic}") });
-        self.put(&format!("/v1/projects/{project}/subscriptions/{id}"), body).await.ok();
+        self.put(&format!("/v1/projects/{project}/subscriptions/{id}"), body)
+            .await
+            .ok();
     }
 
     async fn pull_now(&self, sub: &str) -> Value {
-        self.post(&format!("/v1/{sub}:pull"), json!({"maxMessages": 100, "returnImmediately": true})).await.ok().clone()
+        self.post(
+            &format!("/v1/{sub}:pull"),
+            json!({"maxMessages": 100, "returnImmediately": true}),
+        )
+        .await
+        .ok()
+        .clone()
     }
 }
 
 fn received(pull: &Value) -> Vec<Value> {
-    pull["receivedMessages"].as_array().cloned().unwrap_or_default()
+    pull["receivedMessages"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
 }
 
 #[tokio::test]
@@ -167,35 +214,72 @@ async fn create_publish_pull_ack_round_trip() {
         .await;
     let ids: Vec<String> = serde_json::from_value(published.ok()["messageIds"].clone()).unwrap();
     assert_eq!(ids.len(), 3);
-    assert_eq!(ids.iter().collect::<BTreeSet<_>>().len(), 3, "ids are distinct: {ids:?}");
+    assert_eq!(
+        ids.iter().collect::<BTreeSet<_>>().len(),
+        3,
+        "ids are distinct: {ids:?}"
+    );
 
-    let pulled = s.post("/v1/projects/demo/subscriptions/fit:pull", json!({"maxMessages": 10})).await;
+    let pulled = s
+        .post(
+            "/v1/projects/demo/subscriptions/fit:pull",
+            json!({"maxMessages": 10}),
+        )
+        .await;
     let mut got = received(pulled.ok());
     assert_eq!(got.len(), 3, "{}", pulled.body);
-    got.sort_by_key(|r| r["message"]["messageId"].as_str().unwrap().parse::<u64>().unwrap());
+    got.sort_by_key(|r| {
+        r["message"]["messageId"]
+            .as_str()
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+    });
     for (r, id) in got.iter().zip(&ids) {
         assert_eq!(r["message"]["messageId"], json!(id));
         assert!(!r["ackId"].as_str().unwrap().is_empty());
-        assert!(r.get("deliveryAttempt").is_none(), "no dead-letter policy, no deliveryAttempt: {r}");
+        assert!(
+            r.get("deliveryAttempt").is_none(),
+            "no dead-letter policy, no deliveryAttempt: {r}"
+        );
         let pt = r["message"]["publishTime"].as_str().unwrap();
         assert!(pt.ends_with('Z'), "publishTime is Z-normalized: {pt}");
-        let parsed = chrono::DateTime::parse_from_rfc3339(pt).unwrap_or_else(|e| panic!("{pt} is not RFC 3339: {e}"));
+        let parsed = chrono::DateTime::parse_from_rfc3339(pt)
+            .unwrap_or_else(|e| panic!("{pt} is not RFC 3339: {e}"));
         let drift = (parsed.with_timezone(&chrono::Utc) - before).num_seconds();
-        assert!((0..60).contains(&drift) || drift == -1, "publishTime {pt} is now-ish");
+        assert!(
+            (0..60).contains(&drift) || drift == -1,
+            "publishTime {pt} is now-ish"
+        );
     }
     let m0 = &got[0]["message"];
     assert_eq!(STANDARD.decode(m0["data"].as_str().unwrap()).unwrap(), bin);
-    assert_eq!(m0["attributes"], json!({"objectId": "csv/a.csv", "eventType": "OBJECT_FINALIZE"}));
+    assert_eq!(
+        m0["attributes"],
+        json!({"objectId": "csv/a.csv", "eventType": "OBJECT_FINALIZE"})
+    );
     assert_eq!(m0["orderingKey"], "k1");
     let m1 = &got[1]["message"];
-    assert_eq!(STANDARD.decode(m1["data"].as_str().unwrap()).unwrap(), bin, "URL-safe input decodes to the same bytes");
-    assert!(m1.get("attributes").is_none() && m1.get("orderingKey").is_none(), "empty fields are omitted: {m1}");
+    assert_eq!(
+        STANDARD.decode(m1["data"].as_str().unwrap()).unwrap(),
+        bin,
+        "URL-safe input decodes to the same bytes"
+    );
+    assert!(
+        m1.get("attributes").is_none() && m1.get("orderingKey").is_none(),
+        "empty fields are omitted: {m1}"
+    );
     let m2 = &got[2]["message"];
     assert!(m2.get("data").is_none(), "empty data is omitted: {m2}");
     assert_eq!(m2["attributes"], json!({"only": "attrs"}));
 
     let ack_ids: Vec<Value> = got.iter().map(|r| r["ackId"].clone()).collect();
-    let acked = s.post("/v1/projects/demo/subscriptions/fit:acknowledge", json!({"ackIds": ack_ids})).await;
+    let acked = s
+        .post(
+            "/v1/projects/demo/subscriptions/fit:acknowledge",
+            json!({"ackIds": ack_ids}),
+        )
+        .await;
     assert_eq!(acked.ok(), &json!({}));
 
     // Acked messages do not come back, even after the 20 s deadline would matter.
@@ -216,11 +300,25 @@ async fn pull_waits_for_a_message_published_meanwhile() {
     s.subscription("p", "waiter", "events").await;
     let puller = {
         let s = s.clone();
-        tokio::spawn(async move { s.post("/v1/projects/p/subscriptions/waiter:pull", json!({"maxMessages": 1})).await })
+        tokio::spawn(async move {
+            s.post(
+                "/v1/projects/p/subscriptions/waiter:pull",
+                json!({"maxMessages": 1}),
+            )
+            .await
+        })
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(!puller.is_finished(), "pull without returnImmediately waits");
-    s.post("/v1/projects/p/topics/events:publish", json!({"messages": [{"data": "aGk="}]})).await.ok();
+    assert!(
+        !puller.is_finished(),
+        "pull without returnImmediately waits"
+    );
+    s.post(
+        "/v1/projects/p/topics/events:publish",
+        json!({"messages": [{"data": "aGk="}]}),
+    )
+    .await
+    .ok();
     let r = tokio::time::timeout(Duration::from_secs(4), puller)
         .await
         .expect("pull answers once a message arrives")
@@ -236,7 +334,12 @@ async fn modify_ack_deadline_zero_redelivers_and_longer_keeps_leased() {
     s.topic("p", "jobs").await;
     s.subscription("p", "worker", "jobs").await;
     let sub = "projects/p/subscriptions/worker";
-    let ids = s.post("/v1/projects/p/topics/jobs:publish", json!({"messages": [{"data": "b25l"}]})).await;
+    let ids = s
+        .post(
+            "/v1/projects/p/topics/jobs:publish",
+            json!({"messages": [{"data": "b25l"}]}),
+        )
+        .await;
     let id = ids.ok()["messageIds"][0].clone();
 
     let first = received(&s.pull_now(sub).await);
@@ -246,43 +349,70 @@ async fn modify_ack_deadline_zero_redelivers_and_longer_keeps_leased() {
 
     // Leased: nothing to pull. Extending keeps it leased.
     assert_eq!(s.pull_now(sub).await, json!({}));
-    let ext =
-        s.post(&format!("/v1/{sub}:modifyAckDeadline"), json!({"ackIds": [ack1], "ackDeadlineSeconds": "60"})).await;
+    let ext = s
+        .post(
+            &format!("/v1/{sub}:modifyAckDeadline"),
+            json!({"ackIds": [ack1], "ackDeadlineSeconds": "60"}),
+        )
+        .await;
     assert_eq!(ext.ok(), &json!({}));
     assert_eq!(s.pull_now(sub).await, json!({}));
 
     // Nack: redelivered at once.
-    let nack =
-        s.post(&format!("/v1/{sub}:modifyAckDeadline"), json!({"ackIds": [ack1], "ackDeadlineSeconds": 0})).await;
+    let nack = s
+        .post(
+            &format!("/v1/{sub}:modifyAckDeadline"),
+            json!({"ackIds": [ack1], "ackDeadlineSeconds": 0}),
+        )
+        .await;
     assert_eq!(nack.ok(), &json!({}));
     let again = received(&s.pull_now(sub).await);
     assert_eq!(again.len(), 1, "nacked message is redelivered");
     assert_eq!(again[0]["message"]["messageId"], id);
     assert_eq!(again[0]["message"]["data"], "b25l");
 
-    s.post(&format!("/v1/{sub}:acknowledge"), json!({"ackIds": [again[0]["ackId"]]})).await.ok();
-    s.post(&format!("/v1/{sub}:modifyAckDeadline"), json!({"ackIds": [again[0]["ackId"]], "ackDeadlineSeconds": 0}))
-        .await
-        .ok();
-    assert_eq!(s.pull_now(sub).await, json!({}), "acked message stays acked");
+    s.post(
+        &format!("/v1/{sub}:acknowledge"),
+        json!({"ackIds": [again[0]["ackId"]]}),
+    )
+    .await
+    .ok();
+    s.post(
+        &format!("/v1/{sub}:modifyAckDeadline"),
+        json!({"ackIds": [again[0]["ackId"]], "ackDeadlineSeconds": 0}),
+    )
+    .await
+    .ok();
+    assert_eq!(
+        s.pull_now(sub).await,
+        json!({}),
+        "acked message stays acked"
+    );
 
-    s.post(&format!("/v1/{sub}:modifyAckDeadline"), json!({"ackIds": [ack1], "ackDeadlineSeconds": 601})).await.error(
-        400,
-        "INVALID_ARGUMENT",
-        "601",
-    );
-    s.post(&format!("/v1/{sub}:acknowledge"), json!({"ackIds": []})).await.error(400, "INVALID_ARGUMENT", "ack_ids");
-    s.post(&format!("/v1/{sub}:acknowledge"), json!({"ackIds": ["garbage"]})).await.error(
-        400,
-        "INVALID_ARGUMENT",
-        "garbage",
-    );
-    s.post(&format!("/v1/{sub}:pull"), json!({"maxMessages": 0})).await.error(400, "INVALID_ARGUMENT", "max_messages");
-    s.post("/v1/projects/p/subscriptions/nope:pull", json!({"maxMessages": 1, "returnImmediately": true})).await.error(
-        404,
-        "NOT_FOUND",
-        "projects/p/subscriptions/nope",
-    );
+    s.post(
+        &format!("/v1/{sub}:modifyAckDeadline"),
+        json!({"ackIds": [ack1], "ackDeadlineSeconds": 601}),
+    )
+    .await
+    .error(400, "INVALID_ARGUMENT", "601");
+    s.post(&format!("/v1/{sub}:acknowledge"), json!({"ackIds": []}))
+        .await
+        .error(400, "INVALID_ARGUMENT", "ack_ids");
+    s.post(
+        &format!("/v1/{sub}:acknowledge"),
+        json!({"ackIds": ["garbage"]}),
+    )
+    .await
+    .error(400, "INVALID_ARGUMENT", "garbage");
+    s.post(&format!("/v1/{sub}:pull"), json!({"maxMessages": 0}))
+        .await
+        .error(400, "INVALID_ARGUMENT", "max_messages");
+    s.post(
+        "/v1/projects/p/subscriptions/nope:pull",
+        json!({"maxMessages": 1, "returnImmediately": true}),
+    )
+    .await
+    .error(404, "NOT_FOUND", "projects/p/subscriptions/nope");
 }
 
 /// Follows nextPageToken until the end; returns every item and the page sizes.
@@ -292,7 +422,9 @@ async fn walk(s: &Server, path: &str, key: &str, page_size: usize) -> (Vec<Value
     let mut token = String::new();
     loop {
         let enc: String = token.replace('/', "%2F");
-        let r = s.get(&format!("{path}?pageSize={page_size}&pageToken={enc}")).await;
+        let r = s
+            .get(&format!("{path}?pageSize={page_size}&pageToken={enc}"))
+            .await;
         let body = r.ok().clone();
         let page = body[key].as_array().cloned().unwrap_or_default();
         sizes.push(page.len());
@@ -324,8 +456,10 @@ async fn lists_page_through_everything_once() {
     let (topics, sizes) = walk(&s, "/v1/projects/paging/topics", "topics", 2).await;
     assert_eq!(sizes, [2, 2, 1]);
     let names: Vec<&str> = topics.iter().map(|t| t["name"].as_str().unwrap()).collect();
-    let want: Vec<String> =
-        ["t-a", "t-b", "t-c", "t-d", "t-e"].iter().map(|t| format!("projects/paging/topics/{t}")).collect();
+    let want: Vec<String> = ["t-a", "t-b", "t-c", "t-d", "t-e"]
+        .iter()
+        .map(|t| format!("projects/paging/topics/{t}"))
+        .collect();
     assert_eq!(names, want);
     assert!(topics.iter().all(|t| t["state"] == "ACTIVE"));
 
@@ -333,18 +467,37 @@ async fn lists_page_through_everything_once() {
     let all = s.get("/v1/projects/paging/topics").await;
     assert_eq!(all.ok()["topics"].as_array().unwrap().len(), 5);
     assert!(all.body.get("nextPageToken").is_none());
-    let rest = s.get("/v1/projects/paging/topics?page_size=10&page_token=projects/paging/topics/t-c").await;
-    let rest: Vec<&str> = rest.ok()["topics"].as_array().unwrap().iter().map(|t| t["name"].as_str().unwrap()).collect();
-    assert_eq!(rest, ["projects/paging/topics/t-d", "projects/paging/topics/t-e"]);
+    let rest = s
+        .get("/v1/projects/paging/topics?page_size=10&page_token=projects/paging/topics/t-c")
+        .await;
+    let rest: Vec<&str> = rest.ok()["topics"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        rest,
+        ["projects/paging/topics/t-d", "projects/paging/topics/t-e"]
+    );
 
     let (subs, sizes) = walk(&s, "/v1/projects/paging/subscriptions", "subscriptions", 3).await;
     assert_eq!(sizes, [3, 1]);
     assert_eq!(subs.len(), 4);
     assert_eq!(subs[3]["name"], "projects/paging/subscriptions/s-4");
     assert_eq!(subs[3]["topic"], "projects/paging/topics/t-b");
-    assert_eq!(subs[0]["ackDeadlineSeconds"], 10, "default ack deadline is reported");
+    assert_eq!(
+        subs[0]["ackDeadlineSeconds"], 10,
+        "default ack deadline is reported"
+    );
 
-    let (names, sizes) = walk(&s, "/v1/projects/paging/topics/t-a/subscriptions", "subscriptions", 2).await;
+    let (names, sizes) = walk(
+        &s,
+        "/v1/projects/paging/topics/t-a/subscriptions",
+        "subscriptions",
+        2,
+    )
+    .await;
     assert_eq!(sizes, [2, 1]);
     assert_eq!(
         names,
@@ -356,15 +509,38 @@ async fn lists_page_through_everything_once() {
     );
 
     assert_eq!(s.get("/v1/projects/empty/topics").await.ok(), &json!({}));
-    assert_eq!(s.get("/v1/projects/paging/topics/t-c/subscriptions").await.ok(), &json!({}));
-    assert_eq!(s.get("/v1/projects/paging/topics/t-c/snapshots").await.ok(), &json!({}));
-    s.get("/v1/projects/paging/topics/missing/subscriptions").await.error(404, "NOT_FOUND", "missing");
-    s.get("/v1/projects/paging/topics?pageSize=abc").await.error(400, "INVALID_ARGUMENT", "page_size");
-    s.get("/v1/projects/paging/topics?pageSize=-1").await.error(400, "INVALID_ARGUMENT", "page_size");
-    s.get("/v1/projects/paging/topics?color=red").await.error(400, "INVALID_ARGUMENT", "color");
+    assert_eq!(
+        s.get("/v1/projects/paging/topics/t-c/subscriptions")
+            .await
+            .ok(),
+        &json!({})
+    );
+    assert_eq!(
+        s.get("/v1/projects/paging/topics/t-c/snapshots").await.ok(),
+        &json!({})
+    );
+    s.get("/v1/projects/paging/topics/missing/subscriptions")
+        .await
+        .error(404, "NOT_FOUND", "missing");
+    s.get("/v1/projects/paging/topics?pageSize=abc")
+        .await
+        .error(400, "INVALID_ARGUMENT", "page_size");
+    s.get("/v1/projects/paging/topics?pageSize=-1").await.error(
+        400,
+        "INVALID_ARGUMENT",
+        "page_size",
+    );
+    s.get("/v1/projects/paging/topics?color=red")
+        .await
+        .error(400, "INVALID_ARGUMENT", "color");
     // System parameters are accepted and ignored.
     assert_eq!(
-        s.get("/v1/projects/paging/topics?alt=json&prettyPrint=false").await.ok()["topics"].as_array().unwrap().len(),
+        s.get("/v1/projects/paging/topics?alt=json&prettyPrint=false")
+            .await
+            .ok()["topics"]
+            .as_array()
+            .unwrap()
+            .len(),
         5
     );
 }
@@ -372,31 +548,54 @@ async fn lists_page_through_everything_once() {
 #[tokio::test]
 async fn patch_updates_labels_and_ack_deadline() {
     let s = start().await;
-    let t = s.put("/v1/projects/p/topics/labelled", json!({"labels": {"env": "dev", "team": "a"}})).await;
+    let t = s
+        .put(
+            "/v1/projects/p/topics/labelled",
+            json!({"labels": {"env": "dev", "team": "a"}}),
+        )
+        .await;
     assert_eq!(t.ok()["labels"], json!({"env": "dev", "team": "a"}));
 
     let r = s
-        .patch("/v1/projects/p/topics/labelled", json!({"topic": {"labels": {"env": "prod"}}, "updateMask": "labels"}))
+        .patch(
+            "/v1/projects/p/topics/labelled",
+            json!({"topic": {"labels": {"env": "prod"}}, "updateMask": "labels"}),
+        )
         .await;
     assert_eq!(r.ok()["labels"], json!({"env": "prod"}));
     assert_eq!(r.body["name"], "projects/p/topics/labelled");
-    assert_eq!(s.get("/v1/projects/p/topics/labelled").await.ok()["labels"], json!({"env": "prod"}));
+    assert_eq!(
+        s.get("/v1/projects/p/topics/labelled").await.ok()["labels"],
+        json!({"env": "prod"})
+    );
 
     // Clearing labels omits them.
-    let r = s.patch("/v1/projects/p/topics/labelled", json!({"topic": {}, "updateMask": "labels"})).await;
+    let r = s
+        .patch(
+            "/v1/projects/p/topics/labelled",
+            json!({"topic": {}, "updateMask": "labels"}),
+        )
+        .await;
     assert!(r.ok().get("labels").is_none(), "{}", r.body);
 
-    s.patch("/v1/projects/p/topics/labelled", json!({"topic": {"labels": {"a": "b"}}})).await.error(
-        400,
-        "INVALID_ARGUMENT",
-        "update_mask",
-    );
-    s.patch("/v1/projects/p/topics/labelled", json!({"topic": {"kmsKeyName": "k"}, "updateMask": "kmsKeyName"}))
-        .await
-        .error(400, "INVALID_ARGUMENT", "kms_key_name");
-    s.patch("/v1/projects/p/topics/ghost", json!({"topic": {"labels": {"a": "b"}}, "updateMask": "labels"}))
-        .await
-        .error(404, "NOT_FOUND", "projects/p/topics/ghost");
+    s.patch(
+        "/v1/projects/p/topics/labelled",
+        json!({"topic": {"labels": {"a": "b"}}}),
+    )
+    .await
+    .error(400, "INVALID_ARGUMENT", "update_mask");
+    s.patch(
+        "/v1/projects/p/topics/labelled",
+        json!({"topic": {"kmsKeyName": "k"}, "updateMask": "kmsKeyName"}),
+    )
+    .await
+    .error(400, "INVALID_ARGUMENT", "kms_key_name");
+    s.patch(
+        "/v1/projects/p/topics/ghost",
+        json!({"topic": {"labels": {"a": "b"}}, "updateMask": "labels"}),
+    )
+    .await
+    .error(404, "NOT_FOUND", "projects/p/topics/ghost");
 
     s.subscription("p", "worker", "labelled").await;
     let r = s
@@ -415,13 +614,20 @@ async fn patch_updates_labels_and_ack_deadline() {
         )
         .await;
     assert_eq!(r.ok()["ackDeadlineSeconds"], 45);
-    assert_eq!(r.body["labels"], json!({"tier": "gold"}), "labels not in the mask are unchanged");
+    assert_eq!(
+        r.body["labels"],
+        json!({"tier": "gold"}),
+        "labels not in the mask are unchanged"
+    );
     let got = s.get("/v1/projects/p/subscriptions/worker").await;
     assert_eq!(got.ok()["ackDeadlineSeconds"], 45);
 
-    s.patch("/v1/projects/p/subscriptions/worker", json!({"subscription": {"filter": "x"}, "updateMask": "filter"}))
-        .await
-        .error(400, "INVALID_ARGUMENT", "filter");
+    s.patch(
+        "/v1/projects/p/subscriptions/worker",
+        json!({"subscription": {"filter": "x"}, "updateMask": "filter"}),
+    )
+    .await
+    .error(400, "INVALID_ARGUMENT", "filter");
     s.patch(
         "/v1/projects/p/subscriptions/worker",
         json!({"subscription": {"ackDeadlineSeconds": 9000}, "updateMask": "ackDeadlineSeconds"}),
@@ -435,68 +641,123 @@ async fn delete_topic_and_subscription() {
     let s = start().await;
     s.topic("p", "doomed").await;
     s.subscription("p", "orphan", "doomed").await;
-    assert_eq!(s.delete("/v1/projects/p/topics/doomed").await.ok(), &json!({}));
-    s.get("/v1/projects/p/topics/doomed").await.error(404, "NOT_FOUND", "projects/p/topics/doomed");
-    s.delete("/v1/projects/p/topics/doomed").await.error(404, "NOT_FOUND", "doomed");
-    s.post("/v1/projects/p/topics/doomed:publish", json!({"messages": [{"data": "eA=="}]})).await.error(
-        404,
-        "NOT_FOUND",
-        "doomed",
+    assert_eq!(
+        s.delete("/v1/projects/p/topics/doomed").await.ok(),
+        &json!({})
     );
+    s.get("/v1/projects/p/topics/doomed")
+        .await
+        .error(404, "NOT_FOUND", "projects/p/topics/doomed");
+    s.delete("/v1/projects/p/topics/doomed")
+        .await
+        .error(404, "NOT_FOUND", "doomed");
+    s.post(
+        "/v1/projects/p/topics/doomed:publish",
+        json!({"messages": [{"data": "eA=="}]}),
+    )
+    .await
+    .error(404, "NOT_FOUND", "doomed");
     // As in Google Pub/Sub, the subscription outlives its topic.
-    assert_eq!(s.get("/v1/projects/p/subscriptions/orphan").await.ok()["topic"], "_deleted-topic_");
-    assert_eq!(s.delete("/v1/projects/p/subscriptions/orphan").await.ok(), &json!({}));
-    s.get("/v1/projects/p/subscriptions/orphan").await.error(404, "NOT_FOUND", "orphan");
-    s.delete("/v1/projects/p/subscriptions/orphan").await.error(404, "NOT_FOUND", "orphan");
+    assert_eq!(
+        s.get("/v1/projects/p/subscriptions/orphan").await.ok()["topic"],
+        "_deleted-topic_"
+    );
+    assert_eq!(
+        s.delete("/v1/projects/p/subscriptions/orphan").await.ok(),
+        &json!({})
+    );
+    s.get("/v1/projects/p/subscriptions/orphan")
+        .await
+        .error(404, "NOT_FOUND", "orphan");
+    s.delete("/v1/projects/p/subscriptions/orphan")
+        .await
+        .error(404, "NOT_FOUND", "orphan");
 }
 
 #[tokio::test]
 async fn errors_use_googles_shape_and_codes() {
     let s = start().await;
-    s.get("/v1/projects/p/topics/missing").await.error(404, "NOT_FOUND", "projects/p/topics/missing");
-    s.put("/v1/projects/p/subscriptions/sub", json!({"topic": "projects/p/topics/missing"})).await.error(
+    s.get("/v1/projects/p/topics/missing").await.error(
         404,
         "NOT_FOUND",
         "projects/p/topics/missing",
     );
+    s.put(
+        "/v1/projects/p/subscriptions/sub",
+        json!({"topic": "projects/p/topics/missing"}),
+    )
+    .await
+    .error(404, "NOT_FOUND", "projects/p/topics/missing");
 
     s.topic("p", "dup").await;
-    s.put("/v1/projects/p/topics/dup", json!({})).await.error(409, "ALREADY_EXISTS", "projects/p/topics/dup");
-    s.subscription("p", "dup-sub", "dup").await;
-    s.put("/v1/projects/p/subscriptions/dup-sub", json!({"topic": "projects/p/topics/dup"})).await.error(
+    s.put("/v1/projects/p/topics/dup", json!({})).await.error(
         409,
         "ALREADY_EXISTS",
-        "dup-sub",
+        "projects/p/topics/dup",
     );
+    s.subscription("p", "dup-sub", "dup").await;
+    s.put(
+        "/v1/projects/p/subscriptions/dup-sub",
+        json!({"topic": "projects/p/topics/dup"}),
+    )
+    .await
+    .error(409, "ALREADY_EXISTS", "dup-sub");
 
     // Bad names.
-    s.put("/v1/projects/p/topics/ab", json!({})).await.error(400, "INVALID_ARGUMENT", "between 3 and 255");
-    s.put("/v1/projects/p/topics/9lives", json!({})).await.error(400, "INVALID_ARGUMENT", "must start with a letter");
-    s.put("/v1/projects/p/topics/googly", json!({})).await.error(400, "INVALID_ARGUMENT", "goog");
-    s.put("/v1/projects/p/topics/a%2Fbcd", json!({})).await.error(400, "INVALID_ARGUMENT", "'/'");
-    s.put("/v1/projects/p/subscriptions/s1", json!({"topic": "projects/p/topics/dup"})).await.error(
+    s.put("/v1/projects/p/topics/ab", json!({})).await.error(
         400,
         "INVALID_ARGUMENT",
-        "s1",
+        "between 3 and 255",
     );
-    s.put("/v1/projects/p/subscriptions/okname", json!({"topic": "topics/dup"})).await.error(
-        400,
-        "INVALID_ARGUMENT",
-        "topics/dup",
-    );
+    s.put("/v1/projects/p/topics/9lives", json!({}))
+        .await
+        .error(400, "INVALID_ARGUMENT", "must start with a letter");
+    s.put("/v1/projects/p/topics/googly", json!({}))
+        .await
+        .error(400, "INVALID_ARGUMENT", "goog");
+    s.put("/v1/projects/p/topics/a%2Fbcd", json!({}))
+        .await
+        .error(400, "INVALID_ARGUMENT", "'/'");
+    s.put(
+        "/v1/projects/p/subscriptions/s1",
+        json!({"topic": "projects/p/topics/dup"}),
+    )
+    .await
+    .error(400, "INVALID_ARGUMENT", "s1");
+    s.put(
+        "/v1/projects/p/subscriptions/okname",
+        json!({"topic": "topics/dup"}),
+    )
+    .await
+    .error(400, "INVALID_ARGUMENT", "topics/dup");
 
     // Unknown fields, at the top level and nested.
-    s.put("/v1/projects/p/topics/fresh", json!({"labelz": {"a": "b"}})).await.error(400, "INVALID_ARGUMENT", "labelz");
-    s.put("/v1/projects/p/subscriptions/fresh", json!({"topic": "projects/p/topics/dup", "ackDeadline": 10}))
+    s.put("/v1/projects/p/topics/fresh", json!({"labelz": {"a": "b"}}))
         .await
-        .error(400, "INVALID_ARGUMENT", "ackDeadline");
-    s.post("/v1/projects/p/topics/dup:publish", json!({"messages": [{"data": "eA==", "attrs": {}}]})).await.error(
-        400,
-        "INVALID_ARGUMENT",
-        "attrs",
+        .error(400, "INVALID_ARGUMENT", "labelz");
+    s.put(
+        "/v1/projects/p/subscriptions/fresh",
+        json!({"topic": "projects/p/topics/dup", "ackDeadline": 10}),
+    )
+    .await
+    .error(400, "INVALID_ARGUMENT", "ackDeadline");
+    s.post(
+        "/v1/projects/p/topics/dup:publish",
+        json!({"messages": [{"data": "eA==", "attrs": {}}]}),
+    )
+    .await
+    .error(400, "INVALID_ARGUMENT", "attrs");
+    s.post(
+        "/v1/projects/p/subscriptions/dup-sub:pull",
+        json!({"max": 1}),
+    )
+    .await
+    .error(400, "INVALID_ARGUMENT", "max");
+    assert_eq!(
+        s.get("/v1/projects/p/topics/fresh").await.status,
+        404,
+        "rejected creates create nothing"
     );
-    s.post("/v1/projects/p/subscriptions/dup-sub:pull", json!({"max": 1})).await.error(400, "INVALID_ARGUMENT", "max");
-    assert_eq!(s.get("/v1/projects/p/topics/fresh").await.status, 404, "rejected creates create nothing");
 
     // snake_case field names are accepted, as proto3 JSON parsers must.
     let r = s
@@ -508,54 +769,73 @@ async fn errors_use_googles_shape_and_codes() {
     assert_eq!(r.ok()["ackDeadlineSeconds"], 33);
 
     // Malformed JSON and wrong JSON types.
-    for bad in [&b"{"[..], b"{\"labels\": }", b"not json", b"[]", b"{\"labels\": 5}"] {
-        s.raw(Method::PUT, "/v1/projects/p/topics/broken", Some(bad.to_vec())).await.error(
-            400,
-            "INVALID_ARGUMENT",
-            "Invalid JSON payload",
-        );
-    }
-    s.raw(Method::POST, "/v1/projects/p/topics/dup:publish", Some(b"{\"messages\": [".to_vec())).await.error(
-        400,
-        "INVALID_ARGUMENT",
-        "Invalid JSON payload",
-    );
-    s.put("/v1/projects/p/subscriptions/s-int", json!({"topic": "projects/p/topics/dup", "ackDeadlineSeconds": "ten"}))
+    for bad in [
+        &b"{"[..],
+        b"{\"labels\": }",
+        b"not json",
+        b"[]",
+        b"{\"labels\": 5}",
+    ] {
+        s.raw(
+            Method::PUT,
+            "/v1/projects/p/topics/broken",
+            Some(bad.to_vec()),
+        )
         .await
-        .error(400, "INVALID_ARGUMENT", "ack_deadline_seconds");
+        .error(400, "INVALID_ARGUMENT", "Invalid JSON payload");
+    }
+    s.raw(
+        Method::POST,
+        "/v1/projects/p/topics/dup:publish",
+        Some(b"{\"messages\": [".to_vec()),
+    )
+    .await
+    .error(400, "INVALID_ARGUMENT", "Invalid JSON payload");
+    s.put(
+        "/v1/projects/p/subscriptions/s-int",
+        json!({"topic": "projects/p/topics/dup", "ackDeadlineSeconds": "ten"}),
+    )
+    .await
+    .error(400, "INVALID_ARGUMENT", "ack_deadline_seconds");
 
     // An empty body on PUT means an empty Topic.
-    let r = s.raw(Method::PUT, "/v1/projects/p/topics/bodiless", None).await;
+    let r = s
+        .raw(Method::PUT, "/v1/projects/p/topics/bodiless", None)
+        .await;
     assert_eq!(r.ok()["name"], "projects/p/topics/bodiless");
 
     // Bad base64 names the message.
-    s.post("/v1/projects/p/topics/dup:publish", json!({"messages": [{"data": "eA=="}, {"data": "%%%not-base64"}]}))
-        .await
-        .error(400, "INVALID_ARGUMENT", "messages[1].data");
+    s.post(
+        "/v1/projects/p/topics/dup:publish",
+        json!({"messages": [{"data": "eA=="}, {"data": "%%%not-base64"}]}),
+    )
+    .await
+    .error(400, "INVALID_ARGUMENT", "messages[1].data");
 
     // Publish validation comes from the broker, through the same path as gRPC.
-    s.post("/v1/projects/p/topics/dup:publish", json!({"messages": []})).await.error(
-        400,
-        "INVALID_ARGUMENT",
-        "at least one message",
-    );
-    s.post("/v1/projects/p/topics/dup:publish", json!({"messages": [{}]})).await.error(
-        400,
-        "INVALID_ARGUMENT",
-        "message 0",
-    );
+    s.post("/v1/projects/p/topics/dup:publish", json!({"messages": []}))
+        .await
+        .error(400, "INVALID_ARGUMENT", "at least one message");
+    s.post(
+        "/v1/projects/p/topics/dup:publish",
+        json!({"messages": [{}]}),
+    )
+    .await
+    .error(400, "INVALID_ARGUMENT", "message 0");
 
     // Durations parse; unsupported settings are refused by the shared logic.
-    s.put("/v1/projects/p/topics/retained", json!({"messageRetentionDuration": "600s"})).await.error(
-        400,
-        "INVALID_ARGUMENT",
-        "message_retention_duration",
-    );
-    s.put("/v1/projects/p/topics/retained", json!({"messageRetentionDuration": "ten minutes"})).await.error(
-        400,
-        "INVALID_ARGUMENT",
-        "Duration",
-    );
+    s.put(
+        "/v1/projects/p/topics/retained",
+        json!({"messageRetentionDuration": "600s"}),
+    )
+    .await
+    .error(400, "INVALID_ARGUMENT", "message_retention_duration");
+    s.put(
+        "/v1/projects/p/topics/retained",
+        json!({"messageRetentionDuration": "ten minutes"}),
+    )
+    .await
+    .error(400, "INVALID_ARGUMENT", "Duration");
     s.put(
         "/v1/projects/p/subscriptions/dead-letters",
         json!({"topic": "projects/p/topics/dup", "deadLetterPolicy": {"deadLetterTopic": "x"}}),
@@ -593,25 +873,43 @@ async fn errors_use_googles_shape_and_codes() {
         "topic": "projects/p/topics/dup", "pushConfig": {}, "ackDeadlineSeconds": 10,
         "messageRetentionDuration": "604800s", "expirationPolicy": {}, "state": "ACTIVE"
     });
-    assert_eq!(s.put("/v1/projects/p/subscriptions/echoed", echoed).await.ok()["state"], "ACTIVE");
+    assert_eq!(
+        s.put("/v1/projects/p/subscriptions/echoed", echoed)
+            .await
+            .ok()["state"],
+        "ACTIVE"
+    );
 
     // Unknown custom verb, unknown path, wrong method, unsupported feature.
-    s.post("/v1/projects/p/topics/dup:frobnicate", json!({})).await.error(404, "NOT_FOUND", "frobnicate");
-    s.post("/v1/projects/p/subscriptions/dup-sub:publish", json!({})).await.error(404, "NOT_FOUND", "publish");
-    s.get("/v1/projects/p/widgets").await.error(404, "NOT_FOUND", "/v1/projects/p/widgets");
-    s.get("/v1/projects/p/topics/dup/extra/segments").await.error(404, "NOT_FOUND", "extra");
+    s.post("/v1/projects/p/topics/dup:frobnicate", json!({}))
+        .await
+        .error(404, "NOT_FOUND", "frobnicate");
+    s.post("/v1/projects/p/subscriptions/dup-sub:publish", json!({}))
+        .await
+        .error(404, "NOT_FOUND", "publish");
+    s.get("/v1/projects/p/widgets")
+        .await
+        .error(404, "NOT_FOUND", "/v1/projects/p/widgets");
+    s.get("/v1/projects/p/topics/dup/extra/segments")
+        .await
+        .error(404, "NOT_FOUND", "extra");
     let r = s.get("/v1/projects/p/topics/dup:publish").await;
     r.error(405, "UNIMPLEMENTED", "POST");
     assert_eq!(r.allow.as_deref(), Some("POST"));
     let r = s.post("/v1/projects/p/topics/dup", json!({})).await;
     r.error(405, "UNIMPLEMENTED", "GET, PUT, PATCH, DELETE");
-    s.call(Method::DELETE, "/v1/projects/p/topics", json!({})).await.error(405, "UNIMPLEMENTED", "GET");
-    s.post("/v1/projects/p/subscriptions/dup-sub:seek", json!({"time": "2024-01-01T00:00:00Z"})).await.error(
-        501,
-        "UNIMPLEMENTED",
-        "seek",
-    );
-    s.get("/v1/projects/p/snapshots").await.error(501, "UNIMPLEMENTED", "snapshots");
+    s.call(Method::DELETE, "/v1/projects/p/topics", json!({}))
+        .await
+        .error(405, "UNIMPLEMENTED", "GET");
+    s.post(
+        "/v1/projects/p/subscriptions/dup-sub:seek",
+        json!({"time": "2024-01-01T00:00:00Z"}),
+    )
+    .await
+    .error(501, "UNIMPLEMENTED", "seek");
+    s.get("/v1/projects/p/snapshots")
+        .await
+        .error(501, "UNIMPLEMENTED", "snapshots");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -620,10 +918,17 @@ async fn oversized_message_is_rejected() {
     s.topic("p", "big").await;
     s.subscription("p", "big-sub", "big").await;
     let too_big = vec![b'x'; 10 * 1024 * 1024 + 1];
-    s.post("/v1/projects/p/topics/big:publish", json!({"messages": [{"data": STANDARD.encode(&too_big)}]}))
-        .await
-        .error(400, "INVALID_ARGUMENT", "10 MB");
-    assert_eq!(s.pull_now("projects/p/subscriptions/big-sub").await, json!({}), "nothing was published");
+    s.post(
+        "/v1/projects/p/topics/big:publish",
+        json!({"messages": [{"data": STANDARD.encode(&too_big)}]}),
+    )
+    .await
+    .error(400, "INVALID_ARGUMENT", "10 MB");
+    assert_eq!(
+        s.pull_now("projects/p/subscriptions/big-sub").await,
+        json!({}),
+        "nothing was published"
+    );
 
     // Just under the limit (data + attribute) goes through intact.
     let fits = vec![0xabu8; 10 * 1024 * 1024 - 10];
@@ -635,5 +940,10 @@ async fn oversized_message_is_rejected() {
     .ok();
     let got = received(&s.pull_now("projects/p/subscriptions/big-sub").await);
     assert_eq!(got.len(), 1);
-    assert_eq!(STANDARD.decode(got[0]["message"]["data"].as_str().unwrap()).unwrap(), fits);
+    assert_eq!(
+        STANDARD
+            .decode(got[0]["message"]["data"].as_str().unwrap())
+            .unwrap(),
+        fits
+    );
 }

@@ -40,10 +40,19 @@ async fn start() -> Server {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = oneshot::channel::<()>();
-    tokio::spawn(pubrun_api::serve(listener, broker, ServeOptions::default(), async move {
-        let _ = rx.await;
-    }));
-    let channel = Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+    tokio::spawn(pubrun_api::serve(
+        listener,
+        broker,
+        ServeOptions::default(),
+        async move {
+            let _ = rx.await;
+        },
+    ));
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
     Server {
         base: format!("http://{addr}"),
         http: reqwest::Client::new(),
@@ -66,21 +75,46 @@ fn sub(id: &str) -> String {
 
 impl Server {
     async fn rest(&self, method: reqwest::Method, path: &str, body: Value) -> (u16, Value) {
-        let resp = self.http.request(method, format!("{}{path}", self.base)).json(&body).send().await.unwrap();
+        let resp = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
         let status = resp.status().as_u16();
         (status, resp.json().await.unwrap())
     }
 
     async fn create_topic(&self, id: &str) {
-        self.publisher.clone().create_topic(pb::Topic { name: topic(id), ..Default::default() }).await.unwrap();
+        self.publisher
+            .clone()
+            .create_topic(pb::Topic {
+                name: topic(id),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
     }
 
     async fn create_sub(&self, s: pb::Subscription) -> Result<pb::Subscription, tonic::Status> {
-        self.subscriber.clone().create_subscription(s).await.map(|r| r.into_inner())
+        self.subscriber
+            .clone()
+            .create_subscription(s)
+            .await
+            .map(|r| r.into_inner())
     }
 
     async fn publish(&self, t: &str, messages: Vec<pb::PubsubMessage>) -> Vec<String> {
-        let r = self.publisher.clone().publish(pb::PublishRequest { topic: topic(t), messages }).await.unwrap();
+        let r = self
+            .publisher
+            .clone()
+            .publish(pb::PublishRequest {
+                topic: topic(t),
+                messages,
+            })
+            .await
+            .unwrap();
         r.into_inner().message_ids
     }
 
@@ -89,7 +123,11 @@ impl Server {
         let r = self
             .subscriber
             .clone()
-            .pull(pb::PullRequest { subscription: sub(s), max_messages: max, return_immediately: true })
+            .pull(pb::PullRequest {
+                subscription: sub(s),
+                max_messages: max,
+                return_immediately: true,
+            })
             .await
             .unwrap();
         r.into_inner().received_messages
@@ -109,23 +147,44 @@ impl Server {
     }
 
     async fn modack(&self, s: &str, ack_ids: Vec<String>, secs: i32) -> Result<(), tonic::Status> {
-        let r = pb::ModifyAckDeadlineRequest { subscription: sub(s), ack_ids, ack_deadline_seconds: secs };
-        self.subscriber.clone().modify_ack_deadline(r).await.map(|_| ())
+        let r = pb::ModifyAckDeadlineRequest {
+            subscription: sub(s),
+            ack_ids,
+            ack_deadline_seconds: secs,
+        };
+        self.subscriber
+            .clone()
+            .modify_ack_deadline(r)
+            .await
+            .map(|_| ())
     }
 
     async fn ack(&self, s: &str, ack_ids: Vec<String>) -> Result<(), tonic::Status> {
-        self.subscriber.clone().acknowledge(pb::AcknowledgeRequest { subscription: sub(s), ack_ids }).await.map(|_| ())
+        self.subscriber
+            .clone()
+            .acknowledge(pb::AcknowledgeRequest {
+                subscription: sub(s),
+                ack_ids,
+            })
+            .await
+            .map(|_| ())
     }
 }
 
 fn data(m: &str) -> pb::PubsubMessage {
-    pb::PubsubMessage { data: m.to_string().into(), ..Default::default() }
+    pb::PubsubMessage {
+        data: m.to_string().into(),
+        ..Default::default()
+    }
 }
 
 fn attrs(m: &str, a: &[(&str, &str)]) -> pb::PubsubMessage {
     pb::PubsubMessage {
         data: m.to_string().into(),
-        attributes: a.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        attributes: a
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
         ..Default::default()
     }
 }
@@ -135,7 +194,11 @@ fn text(r: &pb::ReceivedMessage) -> String {
 }
 
 fn plain_sub(id: &str, t: &str) -> pb::Subscription {
-    pb::Subscription { name: sub(id), topic: topic(t), ..Default::default() }
+    pb::Subscription {
+        name: sub(id),
+        topic: topic(t),
+        ..Default::default()
+    }
 }
 
 /// `google.rpc.Status` and `google.rpc.ErrorInfo`, to read the details the
@@ -162,9 +225,16 @@ struct ErrorInfo {
 
 fn error_info(s: &tonic::Status) -> ErrorInfo {
     use prost::Message as _;
-    let st = RpcStatus::decode(s.details()).expect("grpc-status-details-bin is a google.rpc.Status");
-    assert_eq!((st.code, st.message.as_str()), (tonic::Code::InvalidArgument as i32, s.message()));
-    assert_eq!(st.details[0].type_url, "type.googleapis.com/google.rpc.ErrorInfo");
+    let st =
+        RpcStatus::decode(s.details()).expect("grpc-status-details-bin is a google.rpc.Status");
+    assert_eq!(
+        (st.code, st.message.as_str()),
+        (tonic::Code::InvalidArgument as i32, s.message())
+    );
+    assert_eq!(
+        st.details[0].type_url,
+        "type.googleapis.com/google.rpc.ErrorInfo"
+    );
     ErrorInfo::decode(&st.details[0].value[..]).unwrap()
 }
 
@@ -176,10 +246,16 @@ async fn grpc_subscription_settings_round_trip_with_googles_defaults() {
     let created = s
         .create_sub(pb::Subscription {
             retry_policy: Some(pb::RetryPolicy {
-                minimum_backoff: Some(prost_types::Duration { seconds: 1, nanos: 500_000_000 }),
+                minimum_backoff: Some(prost_types::Duration {
+                    seconds: 1,
+                    nanos: 500_000_000,
+                }),
                 maximum_backoff: None,
             }),
-            dead_letter_policy: Some(pb::DeadLetterPolicy { dead_letter_topic: topic("dead"), max_delivery_attempts: 0 }),
+            dead_letter_policy: Some(pb::DeadLetterPolicy {
+                dead_letter_topic: topic("dead"),
+                max_delivery_attempts: 0,
+            }),
             enable_message_ordering: true,
             filter: "attributes:k".into(),
             enable_exactly_once_delivery: true,
@@ -187,13 +263,35 @@ async fn grpc_subscription_settings_round_trip_with_googles_defaults() {
         })
         .await
         .unwrap();
-    let got = s.subscriber.clone().get_subscription(pb::GetSubscriptionRequest { subscription: sub("all-settings") }).await;
+    let got = s
+        .subscriber
+        .clone()
+        .get_subscription(pb::GetSubscriptionRequest {
+            subscription: sub("all-settings"),
+        })
+        .await;
     for x in [created, got.unwrap().into_inner()] {
         let r = x.retry_policy.unwrap();
-        assert_eq!(r.minimum_backoff, Some(prost_types::Duration { seconds: 1, nanos: 500_000_000 }));
-        assert_eq!(r.maximum_backoff, Some(prost_types::Duration { seconds: 600, nanos: 0 }), "Google's default");
+        assert_eq!(
+            r.minimum_backoff,
+            Some(prost_types::Duration {
+                seconds: 1,
+                nanos: 500_000_000
+            })
+        );
+        assert_eq!(
+            r.maximum_backoff,
+            Some(prost_types::Duration {
+                seconds: 600,
+                nanos: 0
+            }),
+            "Google's default"
+        );
         let d = x.dead_letter_policy.unwrap();
-        assert_eq!((d.dead_letter_topic.as_str(), d.max_delivery_attempts), (topic("dead").as_str(), 5));
+        assert_eq!(
+            (d.dead_letter_topic.as_str(), d.max_delivery_attempts),
+            (topic("dead").as_str(), 5)
+        );
         assert!(x.enable_message_ordering && x.enable_exactly_once_delivery);
         assert_eq!(x.filter, "attributes:k");
     }
@@ -205,17 +303,26 @@ async fn grpc_subscription_settings_round_trip_with_googles_defaults() {
     };
     for (x, says) in [
         (bad(|x| x.filter = "attributes.k = ".into()), "position 15"),
-        (bad(|x| x.filter = "attributes.k = 'v' AND attributes.j = 'w' OR attributes:z".into()), "position"),
+        (
+            bad(|x| x.filter = "attributes.k = 'v' AND attributes.j = 'w' OR attributes:z".into()),
+            "position",
+        ),
         (
             bad(|x| {
-                x.dead_letter_policy = Some(pb::DeadLetterPolicy { dead_letter_topic: topic("dead"), max_delivery_attempts: 3 })
+                x.dead_letter_policy = Some(pb::DeadLetterPolicy {
+                    dead_letter_topic: topic("dead"),
+                    max_delivery_attempts: 3,
+                })
             }),
             "between 5 and 100",
         ),
         (
             bad(|x| {
                 x.retry_policy = Some(pb::RetryPolicy {
-                    minimum_backoff: Some(prost_types::Duration { seconds: 601, nanos: 0 }),
+                    minimum_backoff: Some(prost_types::Duration {
+                        seconds: 601,
+                        nanos: 0,
+                    }),
                     maximum_backoff: None,
                 })
             }),
@@ -224,11 +331,18 @@ async fn grpc_subscription_settings_round_trip_with_googles_defaults() {
     ] {
         let e = s.create_sub(x).await.unwrap_err();
         assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
-        assert!(e.message().contains(says), "{} should say {says}", e.message());
+        assert!(
+            e.message().contains(says),
+            "{} should say {says}",
+            e.message()
+        );
     }
     let e = s
         .create_sub(bad(|x| {
-            x.dead_letter_policy = Some(pb::DeadLetterPolicy { dead_letter_topic: topic("nope"), max_delivery_attempts: 5 })
+            x.dead_letter_policy = Some(pb::DeadLetterPolicy {
+                dead_letter_topic: topic("nope"),
+                max_delivery_attempts: 5,
+            })
         }))
         .await
         .unwrap_err();
@@ -236,10 +350,16 @@ async fn grpc_subscription_settings_round_trip_with_googles_defaults() {
     // Filter and ordering cannot be updated; retry policy, dead letters and exactly-once can.
     let update = |paths: &[&str], x: pb::Subscription| pb::UpdateSubscriptionRequest {
         subscription: Some(x),
-        update_mask: Some(prost_types::FieldMask { paths: paths.iter().map(|p| p.to_string()).collect() }),
+        update_mask: Some(prost_types::FieldMask {
+            paths: paths.iter().map(|p| p.to_string()).collect(),
+        }),
     };
     for path in ["filter", "enable_message_ordering"] {
-        let e = s.subscriber.clone().update_subscription(update(&[path], plain_sub("all-settings", "work"))).await;
+        let e = s
+            .subscriber
+            .clone()
+            .update_subscription(update(&[path], plain_sub("all-settings", "work")))
+            .await;
         let e = e.unwrap_err();
         assert_eq!(e.code(), tonic::Code::InvalidArgument);
         assert!(e.message().contains("cannot be changed"), "{}", e.message());
@@ -248,14 +368,25 @@ async fn grpc_subscription_settings_round_trip_with_googles_defaults() {
         .subscriber
         .clone()
         .update_subscription(update(
-            &["retry_policy", "dead_letter_policy", "enable_exactly_once_delivery"],
+            &[
+                "retry_policy",
+                "dead_letter_policy",
+                "enable_exactly_once_delivery",
+            ],
             plain_sub("all-settings", "work"),
         ))
         .await
         .unwrap()
         .into_inner();
-    assert!(u.retry_policy.is_none() && u.dead_letter_policy.is_none() && !u.enable_exactly_once_delivery);
-    assert!(u.enable_message_ordering && u.filter == "attributes:k", "unchanged");
+    assert!(
+        u.retry_policy.is_none()
+            && u.dead_letter_policy.is_none()
+            && !u.enable_exactly_once_delivery
+    );
+    assert!(
+        u.enable_message_ordering && u.filter == "attributes:k",
+        "unchanged"
+    );
 }
 
 #[tokio::test]
@@ -265,29 +396,53 @@ async fn grpc_dead_letters_arrive_with_attributes_and_delivery_attempt_counts() 
     s.create_topic("dead").await;
     s.create_sub(plain_sub("dead-sub", "dead")).await.unwrap();
     s.create_sub(pb::Subscription {
-        dead_letter_policy: Some(pb::DeadLetterPolicy { dead_letter_topic: topic("dead"), max_delivery_attempts: 5 }),
+        dead_letter_policy: Some(pb::DeadLetterPolicy {
+            dead_letter_topic: topic("dead"),
+            max_delivery_attempts: 5,
+        }),
         ..plain_sub("worker", "work")
     })
     .await
     .unwrap();
-    let ids = s.publish("work", vec![attrs("poison", &[("origin", "test")])]).await;
+    let ids = s
+        .publish("work", vec![attrs("poison", &[("origin", "test")])])
+        .await;
     for attempt in 1..=5 {
         let got = s.pull_n("worker", 1, Duration::from_secs(10)).await;
         assert_eq!(got.len(), 1, "attempt {attempt}");
         assert_eq!(got[0].delivery_attempt, attempt);
-        s.modack("worker", vec![got[0].ack_id.clone()], 0).await.unwrap();
+        s.modack("worker", vec![got[0].ack_id.clone()], 0)
+            .await
+            .unwrap();
     }
     let dead = s.pull_n("dead-sub", 1, Duration::from_secs(10)).await;
     assert_eq!(dead.len(), 1, "forwarded by the maintenance task");
     let m = dead[0].message.as_ref().unwrap();
     assert_eq!(text(&dead[0]), "poison");
-    assert_ne!(m.message_id, ids[0], "a new message on the dead-letter topic");
+    assert_ne!(
+        m.message_id, ids[0],
+        "a new message on the dead-letter topic"
+    );
     assert_eq!(m.attributes["origin"], "test");
-    assert_eq!(m.attributes["CloudPubSubDeadLetterSourceDeliveryCount"], "5");
-    assert_eq!(m.attributes["CloudPubSubDeadLetterSourceSubscription"], "worker");
-    assert_eq!(m.attributes["CloudPubSubDeadLetterSourceSubscriptionProject"], "sem");
-    assert!(m.attributes.contains_key("CloudPubSubDeadLetterSourceTopicPublishTime"));
-    assert_eq!(dead[0].delivery_attempt, 0, "no dead-letter policy on dead-sub: unset");
+    assert_eq!(
+        m.attributes["CloudPubSubDeadLetterSourceDeliveryCount"],
+        "5"
+    );
+    assert_eq!(
+        m.attributes["CloudPubSubDeadLetterSourceSubscription"],
+        "worker"
+    );
+    assert_eq!(
+        m.attributes["CloudPubSubDeadLetterSourceSubscriptionProject"],
+        "sem"
+    );
+    assert!(m
+        .attributes
+        .contains_key("CloudPubSubDeadLetterSourceTopicPublishTime"));
+    assert_eq!(
+        dead[0].delivery_attempt, 0,
+        "no dead-letter policy on dead-sub: unset"
+    );
     assert!(s.pull("worker", 10).await.is_empty(), "acked on the source");
 }
 
@@ -295,7 +450,12 @@ async fn grpc_dead_letters_arrive_with_attributes_and_delivery_attempt_counts() 
 async fn grpc_exactly_once_ack_errors_carry_error_info_and_streams_confirm() {
     let s = start().await;
     s.create_topic("work").await;
-    s.create_sub(pb::Subscription { enable_exactly_once_delivery: true, ..plain_sub("eod", "work") }).await.unwrap();
+    s.create_sub(pb::Subscription {
+        enable_exactly_once_delivery: true,
+        ..plain_sub("eod", "work")
+    })
+    .await
+    .unwrap();
     s.publish("work", vec![data("a"), data("b")]).await;
     let got = s.pull_n("eod", 2, Duration::from_secs(10)).await;
     let (a, b) = (got[0].ack_id.clone(), got[1].ack_id.clone());
@@ -306,16 +466,23 @@ async fn grpc_exactly_once_ack_errors_carry_error_info_and_streams_confirm() {
     let info = error_info(&e);
     assert_eq!(info.reason, "EXACTLY_ONCE_ACKID_FAILURE");
     assert_eq!(info.domain, "pubsub.googleapis.com");
-    assert_eq!(info.metadata, HashMap::from([(a.clone(), "PERMANENT_FAILURE_INVALID_ACK_ID".to_string())]));
+    assert_eq!(
+        info.metadata,
+        HashMap::from([(a.clone(), "PERMANENT_FAILURE_INVALID_ACK_ID".to_string())])
+    );
     // b was acked in the same request.
     let e = s.modack("eod", vec![b.clone()], 30).await.unwrap_err();
     assert!(error_info(&e).metadata.contains_key(&b));
 
     // StreamingPull: properties say exactly-once; acks are confirmed on the stream.
     let (tx, rx) = tokio::sync::mpsc::channel(8);
-    tx.send(pb::StreamingPullRequest { subscription: sub("eod"), stream_ack_deadline_seconds: 60, ..Default::default() })
-        .await
-        .unwrap();
+    tx.send(pb::StreamingPullRequest {
+        subscription: sub("eod"),
+        stream_ack_deadline_seconds: 60,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     let mut stream = s
         .subscriber
         .clone()
@@ -323,7 +490,11 @@ async fn grpc_exactly_once_ack_errors_carry_error_info_and_streams_confirm() {
         .await
         .unwrap()
         .into_inner();
-    let first = tokio::time::timeout(Duration::from_secs(10), stream.message()).await.unwrap().unwrap().unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     let props = first.subscription_properties.unwrap();
     assert!(props.exactly_once_delivery_enabled && !props.message_ordering_enabled);
     let redelivered = first.received_messages[0].ack_id.clone();
@@ -335,9 +506,16 @@ async fn grpc_exactly_once_ack_errors_carry_error_info_and_streams_confirm() {
     })
     .await
     .unwrap();
-    let conf = tokio::time::timeout(Duration::from_secs(10), stream.message()).await.unwrap().unwrap().unwrap();
+    let conf = tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     let ack = conf.acknowledge_confirmation.unwrap();
-    assert_eq!((ack.ack_ids, ack.invalid_ack_ids), (vec![redelivered], vec![a]));
+    assert_eq!(
+        (ack.ack_ids, ack.invalid_ack_ids),
+        (vec![redelivered], vec![a])
+    );
     let modack = conf.modify_ack_deadline_confirmation.unwrap();
     assert_eq!((modack.ack_ids, modack.invalid_ack_ids), (vec![], vec![b]));
     drop(tx);
@@ -347,22 +525,44 @@ async fn grpc_exactly_once_ack_errors_carry_error_info_and_streams_confirm() {
 async fn grpc_ordered_stream_reports_ordering_and_delivers_each_key_in_order() {
     let s = start().await;
     s.create_topic("work").await;
-    s.create_sub(pb::Subscription { enable_message_ordering: true, ..plain_sub("ordered", "work") }).await.unwrap();
-    let keyed = |d: &str, k: &str| pb::PubsubMessage { data: d.to_string().into(), ordering_key: k.into(), ..Default::default() };
+    s.create_sub(pb::Subscription {
+        enable_message_ordering: true,
+        ..plain_sub("ordered", "work")
+    })
+    .await
+    .unwrap();
+    let keyed = |d: &str, k: &str| pb::PubsubMessage {
+        data: d.to_string().into(),
+        ordering_key: k.into(),
+        ..Default::default()
+    };
     for i in 0..5 {
         s.publish("work", vec![keyed(&format!("x{i}"), "x")]).await;
         s.publish("work", vec![keyed(&format!("y{i}"), "y")]).await;
     }
     let (tx, rx) = tokio::sync::mpsc::channel(8);
-    tx.send(pb::StreamingPullRequest { subscription: sub("ordered"), stream_ack_deadline_seconds: 60, ..Default::default() })
+    tx.send(pb::StreamingPullRequest {
+        subscription: sub("ordered"),
+        stream_ack_deadline_seconds: 60,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut stream = s
+        .subscriber
+        .clone()
+        .streaming_pull(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await
-        .unwrap();
-    let mut stream =
-        s.subscriber.clone().streaming_pull(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
+        .unwrap()
+        .into_inner();
     let mut seen: Vec<String> = Vec::new();
     let mut nacked = false;
     while seen.len() < 10 {
-        let r = tokio::time::timeout(Duration::from_secs(10), stream.message()).await.unwrap().unwrap().unwrap();
+        let r = tokio::time::timeout(Duration::from_secs(10), stream.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
         assert!(r.subscription_properties.unwrap().message_ordering_enabled);
         let mut acks = Vec::new();
         let mut skip_x = false;
@@ -388,13 +588,22 @@ async fn grpc_ordered_stream_reports_ordering_and_delivers_each_key_in_order() {
             acks.push(m.ack_id.clone());
         }
         if !acks.is_empty() {
-            tx.send(pb::StreamingPullRequest { ack_ids: acks, ..Default::default() }).await.unwrap();
+            tx.send(pb::StreamingPullRequest {
+                ack_ids: acks,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
         }
     }
     for key in ["x", "y"] {
         let order: Vec<&String> = seen.iter().filter(|t| t.starts_with(key)).collect();
         let want: Vec<String> = (0..5).map(|i| format!("{key}{i}")).collect();
-        assert_eq!(order, want.iter().collect::<Vec<_>>(), "key {key} in publish order");
+        assert_eq!(
+            order,
+            want.iter().collect::<Vec<_>>(),
+            "key {key} in publish order"
+        );
     }
 }
 
@@ -418,17 +627,37 @@ async fn rest_settings_filters_retry_and_exactly_once() {
         )
         .await;
     assert_eq!(code, 200, "{body}");
-    assert_eq!(body["retryPolicy"], json!({"minimumBackoff": "1s", "maximumBackoff": "2.500s"}));
-    assert_eq!(body["deadLetterPolicy"], json!({"deadLetterTopic": topic("dead"), "maxDeliveryAttempts": 7}));
+    assert_eq!(
+        body["retryPolicy"],
+        json!({"minimumBackoff": "1s", "maximumBackoff": "2.500s"})
+    );
+    assert_eq!(
+        body["deadLetterPolicy"],
+        json!({"deadLetterTopic": topic("dead"), "maxDeliveryAttempts": 7})
+    );
     assert_eq!(body["filter"], "attributes.kind = \"keep\"");
     assert_eq!(body["enableExactlyOnceDelivery"], true);
     assert!(body.get("enableMessageOrdering").is_none());
 
     let (code, body) = s
-        .rest(Method::PUT, "/v1/projects/sem/subscriptions/bad-filter", json!({"topic": topic("work"), "filter": "attributes."}))
+        .rest(
+            Method::PUT,
+            "/v1/projects/sem/subscriptions/bad-filter",
+            json!({"topic": topic("work"), "filter": "attributes."}),
+        )
         .await;
-    assert_eq!((code, body["error"]["status"].as_str()), (400, Some("INVALID_ARGUMENT")), "{body}");
-    assert!(body["error"]["message"].as_str().unwrap().contains("position 11"), "{body}");
+    assert_eq!(
+        (code, body["error"]["status"].as_str()),
+        (400, Some("INVALID_ARGUMENT")),
+        "{body}"
+    );
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("position 11"),
+        "{body}"
+    );
     let (code, body) = s
         .rest(
             Method::PATCH,
@@ -438,10 +667,20 @@ async fn rest_settings_filters_retry_and_exactly_once() {
         .await;
     assert_eq!(code, 400, "{body}");
 
-    s.publish("work", vec![attrs("drop", &[("kind", "other")]), attrs("keep", &[("kind", "keep")])]).await;
+    s.publish(
+        "work",
+        vec![
+            attrs("drop", &[("kind", "other")]),
+            attrs("keep", &[("kind", "keep")]),
+        ],
+    )
+    .await;
     let got = rest_pull(&s).await;
     assert_eq!(got.len(), 1, "the filter drops the other message: {got:?}");
-    assert_eq!(got[0]["deliveryAttempt"], 1, "dead-letter policy: deliveryAttempt is set");
+    assert_eq!(
+        got[0]["deliveryAttempt"], 1,
+        "dead-letter policy: deliveryAttempt is set"
+    );
     let first_ack = got[0]["ackId"].as_str().unwrap().to_string();
 
     // Nack; with minimumBackoff 1s it is not back at once, but within a few seconds.
@@ -454,29 +693,49 @@ async fn rest_settings_filters_retry_and_exactly_once() {
         )
         .await;
     assert_eq!(code, 200);
-    assert!(rest_pull(&s).await.is_empty(), "backoff: not redelivered immediately");
+    assert!(
+        rest_pull(&s).await.is_empty(),
+        "backoff: not redelivered immediately"
+    );
     let mut again = Vec::new();
     while again.is_empty() && nacked_at.elapsed() < Duration::from_secs(20) {
         tokio::time::sleep(Duration::from_millis(100)).await;
         again = rest_pull(&s).await;
     }
     let waited = nacked_at.elapsed();
-    assert!(waited >= Duration::from_millis(950), "redelivered after {waited:?}, before minimumBackoff");
+    assert!(
+        waited >= Duration::from_millis(950),
+        "redelivered after {waited:?}, before minimumBackoff"
+    );
     assert_eq!(again.len(), 1, "redelivered after the backoff");
     assert_eq!(again[0]["deliveryAttempt"], 2);
 
     // Exactly-once: the superseded ack id fails with Google's details; the new one succeeds.
     let (code, body) = s
-        .rest(Method::POST, "/v1/projects/sem/subscriptions/rest-sub:acknowledge", json!({"ackIds": [first_ack.clone()]}))
+        .rest(
+            Method::POST,
+            "/v1/projects/sem/subscriptions/rest-sub:acknowledge",
+            json!({"ackIds": [first_ack.clone()]}),
+        )
         .await;
     assert_eq!(code, 400, "{body}");
     let e = &body["error"];
     assert_eq!(e["status"], "INVALID_ARGUMENT");
-    assert_eq!(e["details"][0]["@type"], "type.googleapis.com/google.rpc.ErrorInfo");
+    assert_eq!(
+        e["details"][0]["@type"],
+        "type.googleapis.com/google.rpc.ErrorInfo"
+    );
     assert_eq!(e["details"][0]["reason"], "EXACTLY_ONCE_ACKID_FAILURE");
-    assert_eq!(e["details"][0]["metadata"][&first_ack], "PERMANENT_FAILURE_INVALID_ACK_ID");
+    assert_eq!(
+        e["details"][0]["metadata"][&first_ack],
+        "PERMANENT_FAILURE_INVALID_ACK_ID"
+    );
     let (code, body) = s
-        .rest(Method::POST, "/v1/projects/sem/subscriptions/rest-sub:acknowledge", json!({"ackIds": [again[0]["ackId"]]}))
+        .rest(
+            Method::POST,
+            "/v1/projects/sem/subscriptions/rest-sub:acknowledge",
+            json!({"ackIds": [again[0]["ackId"]]}),
+        )
         .await;
     assert_eq!((code, body), (200, json!({})));
 }
@@ -490,5 +749,8 @@ async fn rest_pull(s: &Server) -> Vec<Value> {
         )
         .await;
     assert_eq!(code, 200, "{body}");
-    body["receivedMessages"].as_array().cloned().unwrap_or_default()
+    body["receivedMessages"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
 }

@@ -5,14 +5,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use pubrun_core::config::{normalize_ack_deadline, validate_labels, DeadLetterPolicy, Labels, RetryPolicy};
+use pubrun_core::config::{
+    normalize_ack_deadline, validate_labels, DeadLetterPolicy, Labels, RetryPolicy,
+};
 use pubrun_core::filter::{self, Filter};
 use pubrun_core::limits::{DEFAULT_PAGE_SIZE, MAX_ACK_DEADLINE_SECS, MAX_PAGE_SIZE};
 use pubrun_core::message::validate_publish;
 use pubrun_core::names::DELETED_TOPIC;
 use pubrun_core::{
-    Error, Message, OutgoingMessage, ProjectName, Result, SubscriptionConfig, SubscriptionName, TopicConfig,
-    TopicName,
+    Error, Message, OutgoingMessage, ProjectName, Result, SubscriptionConfig, SubscriptionName,
+    TopicConfig, TopicName,
 };
 use pubrun_store::{AppendFuture, Catalog, Record, Store, SubscriptionEntry, TopicEntry};
 
@@ -111,7 +113,10 @@ struct State {
 
 impl State {
     fn topic(&self, name: &TopicName) -> Result<&TopicEntry> {
-        self.catalog.topics.get(&name.to_string()).ok_or_else(|| Error::not_found(format!("topic {name} not found")))
+        self.catalog
+            .topics
+            .get(&name.to_string())
+            .ok_or_else(|| Error::not_found(format!("topic {name} not found")))
     }
 
     fn sub_entry(&self, name: &SubscriptionName) -> Result<&SubscriptionEntry> {
@@ -134,7 +139,10 @@ impl State {
             if let Some(t) = s.topic_uid {
                 self.topic_subs.entry(t).or_default().push(s.uid);
             }
-            let st = self.subs.entry(s.uid).or_insert_with(|| SubState::new(s.uid, s.config.ack_deadline_seconds));
+            let st = self
+                .subs
+                .entry(s.uid)
+                .or_insert_with(|| SubState::new(s.uid, s.config.ack_deadline_seconds));
             st.ack_deadline = Duration::from_secs(s.config.ack_deadline_seconds as u64);
             st.start_seq = s.start_seq;
             let filter = if st.policy.filter.is_all() && !s.config.filter.is_empty() {
@@ -149,12 +157,17 @@ impl State {
             st.policy = Policy {
                 ordered: s.config.enable_message_ordering,
                 retry: s.config.retry_policy,
-                max_attempts: s.config.dead_letter_policy.as_ref().map(|d| d.max_delivery_attempts.max(1) as u32),
+                max_attempts: s
+                    .config
+                    .dead_letter_policy
+                    .as_ref()
+                    .map(|d| d.max_delivery_attempts.max(1) as u32),
                 exactly_once: s.config.enable_exactly_once_delivery,
                 filter,
             };
         }
-        let live: std::collections::HashSet<u64> = cat.subscriptions.values().map(|s| s.uid).collect();
+        let live: std::collections::HashSet<u64> =
+            cat.subscriptions.values().map(|s| s.uid).collect();
         self.subs.retain(|uid, st| {
             let keep = live.contains(uid);
             if !keep {
@@ -169,10 +182,15 @@ impl State {
     /// before them and whose filter they match. Publish and log replay both
     /// come here, so a filter is applied identically to both.
     fn distribute(&mut self, topic_uid: u64, messages: &[Arc<Message>]) {
-        let Some(subs) = self.topic_subs.get(&topic_uid) else { return };
+        let Some(subs) = self.topic_subs.get(&topic_uid) else {
+            return;
+        };
         let now = Instant::now();
         for uid in subs {
-            let st = self.subs.get_mut(uid).expect("runtime has every catalog sub");
+            let st = self
+                .subs
+                .get_mut(uid)
+                .expect("runtime has every catalog sub");
             let start = st.start_seq;
             let mut added = false;
             for m in messages.iter().filter(|m| m.seq >= start) {
@@ -186,7 +204,10 @@ impl State {
 }
 
 fn now_nanos() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
 }
 
 /// An ack id names the subscription, the message and the delivery attempt,
@@ -204,28 +225,40 @@ fn parse_ack_id(id: &str) -> Result<(u64, u64, u32)> {
         let attempt = parts.next()?.parse::<u32>().ok()?;
         parts.next().is_none().then_some((sub, seq, attempt))
     })();
-    parsed.ok_or_else(|| Error::invalid(format!("invalid ack id \"{id}\": pass ack ids exactly as received")))
+    parsed.ok_or_else(|| {
+        Error::invalid(format!(
+            "invalid ack id \"{id}\": pass ack ids exactly as received"
+        ))
+    })
 }
 
 fn delivered(uid: u64, policy: &Policy, h: Handout) -> Delivered {
     Delivered {
         ack_id: ack_id(uid, h.seq, h.attempt),
         message: h.msg,
-        delivery_attempt: if policy.max_attempts.is_some() { h.attempt } else { 0 },
+        delivery_attempt: if policy.max_attempts.is_some() {
+            h.attempt
+        } else {
+            0
+        },
         attempt: h.attempt,
     }
 }
 
 /// RFC 3339, as the `CloudPubSubDeadLetterSourceTopicPublishTime` attribute.
 fn rfc3339(nanos: i64) -> String {
-    chrono::DateTime::from_timestamp(nanos.div_euclid(1_000_000_000), nanos.rem_euclid(1_000_000_000) as u32)
-        .unwrap_or_default()
-        .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
+    chrono::DateTime::from_timestamp(
+        nanos.div_euclid(1_000_000_000),
+        nanos.rem_euclid(1_000_000_000) as u32,
+    )
+    .unwrap_or_default()
+    .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
 }
 
 /// Re-checks a retry policy's bounds (the API layer applies the defaults).
 fn check_retry_policy(p: Option<RetryPolicy>) -> Result<Option<RetryPolicy>> {
-    p.map(|p| RetryPolicy::new(Some(p.minimum_backoff), Some(p.maximum_backoff))).transpose()
+    p.map(|p| RetryPolicy::new(Some(p.minimum_backoff), Some(p.maximum_backoff)))
+        .transpose()
 }
 
 /// Checks a dead-letter policy's topic name and attempts (5..=100; 0 means 5).
@@ -233,8 +266,12 @@ fn check_dead_letter_policy(p: Option<DeadLetterPolicy>) -> Result<Option<DeadLe
     let Some(p) = p else { return Ok(None) };
     let checked = DeadLetterPolicy::new(&p.dead_letter_topic, p.max_delivery_attempts)?;
     if let Some(d) = &checked {
-        TopicName::parse(&d.dead_letter_topic)
-            .map_err(|e| Error::invalid(format!("dead_letter_policy.dead_letter_topic: {}", e.message)))?;
+        TopicName::parse(&d.dead_letter_topic).map_err(|e| {
+            Error::invalid(format!(
+                "dead_letter_policy.dead_letter_topic: {}",
+                e.message
+            ))
+        })?;
     }
     Ok(checked)
 }
@@ -250,11 +287,19 @@ fn dead_letter_topic_exists(c: &Catalog, p: &Option<DeadLetterPolicy>) -> Result
     }
 }
 
-fn page<T: Clone>(all: impl Iterator<Item = (String, T)>, page_size: i32, token: &str) -> Result<Page<T>> {
+fn page<T: Clone>(
+    all: impl Iterator<Item = (String, T)>,
+    page_size: i32,
+    token: &str,
+) -> Result<Page<T>> {
     if page_size < 0 {
         return Err(Error::invalid("page_size must not be negative"));
     }
-    let size = if page_size == 0 { DEFAULT_PAGE_SIZE } else { (page_size as usize).min(MAX_PAGE_SIZE) };
+    let size = if page_size == 0 {
+        DEFAULT_PAGE_SIZE
+    } else {
+        (page_size as usize).min(MAX_PAGE_SIZE)
+    };
     let mut items = Vec::new();
     let mut last = String::new();
     let mut more = false;
@@ -266,7 +311,10 @@ fn page<T: Clone>(all: impl Iterator<Item = (String, T)>, page_size: i32, token:
         last = key;
         items.push(item);
     }
-    Ok(Page { items, next_page_token: if more { last } else { String::new() } })
+    Ok(Page {
+        items,
+        next_page_token: if more { last } else { String::new() },
+    })
 }
 
 impl Broker {
@@ -286,7 +334,10 @@ impl Broker {
         let next_seq = store.replay(&mut |rec| {
             records += 1;
             match rec {
-                Record::Publish { topic_uid, messages } => {
+                Record::Publish {
+                    topic_uid,
+                    messages,
+                } => {
                     let msgs: Vec<Arc<Message>> = messages.into_iter().map(Arc::new).collect();
                     state.distribute(topic_uid, &msgs);
                 }
@@ -302,7 +353,13 @@ impl Broker {
         })?;
         state.next_seq = next_seq;
         let backlog: usize = state.subs.values().map(|s| s.backlog.len()).sum();
-        tracing::info!(records, backlog, next_seq, elapsed_ms = started.elapsed().as_millis() as u64, "recovered broker state");
+        tracing::info!(
+            records,
+            backlog,
+            next_seq,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "recovered broker state"
+        );
         Ok(Arc::new(Broker {
             state: Mutex::new(state),
             store,
@@ -364,7 +421,11 @@ impl Broker {
             let st = self.lock();
             let backlog_min = st.subs.values().filter_map(|s| s.oldest_seq()).min();
             let inflight_min = st.inflight.keys().next().copied();
-            [Some(st.next_seq), backlog_min, inflight_min].into_iter().flatten().min().unwrap()
+            [Some(st.next_seq), backlog_min, inflight_min]
+                .into_iter()
+                .flatten()
+                .min()
+                .unwrap()
         };
         match self.store.reclaim(lowest) {
             Ok(freed) => {
@@ -385,7 +446,10 @@ impl Broker {
     }
 
     /// Applies `change` to a copy of the catalog, saves it, then installs it.
-    async fn change_catalog<R>(&self, change: impl FnOnce(&mut Catalog, u64) -> Result<R>) -> Result<R> {
+    async fn change_catalog<R>(
+        &self,
+        change: impl FnOnce(&mut Catalog, u64) -> Result<R>,
+    ) -> Result<R> {
         let _guard = self.admin.lock().await;
         let (catalog, result) = {
             let st = self.lock();
@@ -407,10 +471,19 @@ impl Broker {
         validate_labels(&config.labels)?;
         self.change_catalog(|c, _| {
             if c.topics.contains_key(&config.name) {
-                return Err(Error::already_exists(format!("topic {} already exists", config.name)));
+                return Err(Error::already_exists(format!(
+                    "topic {} already exists",
+                    config.name
+                )));
             }
             let uid = c.allocate_uid();
-            c.topics.insert(config.name.clone(), TopicEntry { uid, config: config.clone() });
+            c.topics.insert(
+                config.name.clone(),
+                TopicEntry {
+                    uid,
+                    config: config.clone(),
+                },
+            );
             Ok(config)
         })
         .await
@@ -426,7 +499,10 @@ impl Broker {
         }
         let key = name.to_string();
         self.change_catalog(|c, _| {
-            let t = c.topics.get_mut(&key).ok_or_else(|| Error::not_found(format!("topic {key} not found")))?;
+            let t = c
+                .topics
+                .get_mut(&key)
+                .ok_or_else(|| Error::not_found(format!("topic {key} not found")))?;
             if let Some(l) = update.labels {
                 t.config.labels = l;
             }
@@ -435,11 +511,20 @@ impl Broker {
         .await
     }
 
-    pub fn list_topics(&self, project: &ProjectName, page_size: i32, token: &str) -> Result<Page<TopicConfig>> {
+    pub fn list_topics(
+        &self,
+        project: &ProjectName,
+        page_size: i32,
+        token: &str,
+    ) -> Result<Page<TopicConfig>> {
         let st = self.lock();
         let prefix = format!("{project}/topics/");
         page(
-            st.catalog.topics.iter().filter(|(k, _)| k.starts_with(&prefix)).map(|(k, t)| (k.clone(), t.config.clone())),
+            st.catalog
+                .topics
+                .iter()
+                .filter(|(k, _)| k.starts_with(&prefix))
+                .map(|(k, t)| (k.clone(), t.config.clone())),
             page_size,
             token,
         )
@@ -448,10 +533,17 @@ impl Broker {
     pub async fn delete_topic(&self, name: &TopicName) -> Result<()> {
         let key = name.to_string();
         self.change_catalog(|c, _| {
-            let t = c.topics.remove(&key).ok_or_else(|| Error::not_found(format!("topic {key} not found")))?;
+            let t = c
+                .topics
+                .remove(&key)
+                .ok_or_else(|| Error::not_found(format!("topic {key} not found")))?;
             // As in Google Pub/Sub, subscriptions outlive their topic and keep
             // their backlog; they just stop receiving.
-            for s in c.subscriptions.values_mut().filter(|s| s.topic_uid == Some(t.uid)) {
+            for s in c
+                .subscriptions
+                .values_mut()
+                .filter(|s| s.topic_uid == Some(t.uid))
+            {
                 s.topic_uid = None;
                 s.config.topic = DELETED_TOPIC.to_string();
             }
@@ -460,18 +552,31 @@ impl Broker {
         .await
     }
 
-    pub fn list_topic_subscriptions(&self, topic: &TopicName, page_size: i32, token: &str) -> Result<Page<String>> {
+    pub fn list_topic_subscriptions(
+        &self,
+        topic: &TopicName,
+        page_size: i32,
+        token: &str,
+    ) -> Result<Page<String>> {
         let st = self.lock();
         let uid = st.topic(topic)?.uid;
         page(
-            st.catalog.subscriptions.iter().filter(|(_, s)| s.topic_uid == Some(uid)).map(|(k, _)| (k.clone(), k.clone())),
+            st.catalog
+                .subscriptions
+                .iter()
+                .filter(|(_, s)| s.topic_uid == Some(uid))
+                .map(|(k, _)| (k.clone(), k.clone())),
             page_size,
             token,
         )
     }
 
     /// Durably appends the messages and returns their ids.
-    pub async fn publish(&self, topic: &TopicName, messages: Vec<OutgoingMessage>) -> Result<Vec<String>> {
+    pub async fn publish(
+        &self,
+        topic: &TopicName,
+        messages: Vec<OutgoingMessage>,
+    ) -> Result<Vec<String>> {
         validate_publish(&messages)?;
         self.append(&topic.to_string(), messages).await
     }
@@ -503,7 +608,10 @@ impl Broker {
                 .collect();
             *st.inflight.entry(first).or_default() += 1;
             // Enqueue under the lock: log order is seq order.
-            let durable = self.store.append(vec![Record::Publish { topic_uid, messages: msgs.clone() }]);
+            let durable = self.store.append(vec![Record::Publish {
+                topic_uid,
+                messages: msgs.clone(),
+            }]);
             (topic_uid, msgs, durable)
         };
         let first = msgs[0].seq;
@@ -524,7 +632,10 @@ impl Broker {
 
     // ---- subscriptions ----
 
-    pub async fn create_subscription(&self, mut config: SubscriptionConfig) -> Result<SubscriptionConfig> {
+    pub async fn create_subscription(
+        &self,
+        mut config: SubscriptionConfig,
+    ) -> Result<SubscriptionConfig> {
         SubscriptionName::parse(&config.name)?;
         let topic = TopicName::parse(&config.topic)?;
         validate_labels(&config.labels)?;
@@ -534,14 +645,26 @@ impl Broker {
         config.dead_letter_policy = check_dead_letter_policy(config.dead_letter_policy)?;
         self.change_catalog(|c, next_seq| {
             if c.subscriptions.contains_key(&config.name) {
-                return Err(Error::already_exists(format!("subscription {} already exists", config.name)));
+                return Err(Error::already_exists(format!(
+                    "subscription {} already exists",
+                    config.name
+                )));
             }
-            let topic_uid = c.topics.get(&config.topic).ok_or_else(|| Error::not_found(format!("topic {topic} not found")))?.uid;
+            let topic_uid = c
+                .topics
+                .get(&config.topic)
+                .ok_or_else(|| Error::not_found(format!("topic {topic} not found")))?
+                .uid;
             dead_letter_topic_exists(c, &config.dead_letter_policy)?;
             let uid = c.allocate_uid();
             c.subscriptions.insert(
                 config.name.clone(),
-                SubscriptionEntry { uid, topic_uid: Some(topic_uid), start_seq: next_seq, config: config.clone() },
+                SubscriptionEntry {
+                    uid,
+                    topic_uid: Some(topic_uid),
+                    start_seq: next_seq,
+                    config: config.clone(),
+                },
             );
             Ok(config)
         })
@@ -552,8 +675,13 @@ impl Broker {
         Ok(self.lock().sub_entry(name)?.config.clone())
     }
 
-    pub async fn update_subscription(&self, name: &SubscriptionName, update: SubscriptionUpdate) -> Result<SubscriptionConfig> {
-        self.update_subscription_with(name, update, DeliveryUpdate::default()).await
+    pub async fn update_subscription(
+        &self,
+        name: &SubscriptionName,
+        update: SubscriptionUpdate,
+    ) -> Result<SubscriptionConfig> {
+        self.update_subscription_with(name, update, DeliveryUpdate::default())
+            .await
     }
 
     /// `update_subscription` that may also change delivery settings.
@@ -566,15 +694,24 @@ impl Broker {
         if let Some(l) = &update.labels {
             validate_labels(l)?;
         }
-        let deadline = update.ack_deadline_seconds.map(normalize_ack_deadline).transpose()?;
+        let deadline = update
+            .ack_deadline_seconds
+            .map(normalize_ack_deadline)
+            .transpose()?;
         let retry = delivery.retry_policy.map(check_retry_policy).transpose()?;
-        let dead_letter = delivery.dead_letter_policy.map(check_dead_letter_policy).transpose()?;
+        let dead_letter = delivery
+            .dead_letter_policy
+            .map(check_dead_letter_policy)
+            .transpose()?;
         let key = name.to_string();
         self.change_catalog(|c, _| {
             if let Some(d) = &dead_letter {
                 dead_letter_topic_exists(c, d)?;
             }
-            let s = c.subscriptions.get_mut(&key).ok_or_else(|| Error::not_found(format!("subscription {key} not found")))?;
+            let s = c
+                .subscriptions
+                .get_mut(&key)
+                .ok_or_else(|| Error::not_found(format!("subscription {key} not found")))?;
             if let Some(d) = deadline {
                 s.config.ack_deadline_seconds = d;
             }
@@ -595,7 +732,12 @@ impl Broker {
         .await
     }
 
-    pub fn list_subscriptions(&self, project: &ProjectName, page_size: i32, token: &str) -> Result<Page<SubscriptionConfig>> {
+    pub fn list_subscriptions(
+        &self,
+        project: &ProjectName,
+        page_size: i32,
+        token: &str,
+    ) -> Result<Page<SubscriptionConfig>> {
         let st = self.lock();
         let prefix = format!("{project}/subscriptions/");
         page(
@@ -612,7 +754,9 @@ impl Broker {
     pub async fn delete_subscription(&self, name: &SubscriptionName) -> Result<()> {
         let key = name.to_string();
         self.change_catalog(|c, _| {
-            c.subscriptions.remove(&key).ok_or_else(|| Error::not_found(format!("subscription {key} not found")))?;
+            c.subscriptions
+                .remove(&key)
+                .ok_or_else(|| Error::not_found(format!("subscription {key} not found")))?;
             Ok(())
         })
         .await
@@ -626,7 +770,12 @@ impl Broker {
 
     /// Leases up to `max` messages. With `wait`, blocks up to that long for
     /// the first message to arrive.
-    pub async fn pull(&self, name: &SubscriptionName, max: i32, wait: Option<Duration>) -> Result<Vec<Delivered>> {
+    pub async fn pull(
+        &self,
+        name: &SubscriptionName,
+        max: i32,
+        wait: Option<Duration>,
+    ) -> Result<Vec<Delivered>> {
         if max <= 0 {
             return Err(Error::invalid("max_messages must be greater than 0"));
         }
@@ -638,7 +787,10 @@ impl Broker {
                 let sub = st.sub_mut(name)?;
                 let got = sub.take(max, Instant::now(), sub.ack_deadline, None);
                 if !got.is_empty() || until.is_none() {
-                    return Ok(got.into_iter().map(|h| delivered(sub.uid, &sub.policy, h)).collect());
+                    return Ok(got
+                        .into_iter()
+                        .map(|h| delivered(sub.uid, &sub.policy, h))
+                        .collect());
                 }
                 sub.notify.clone()
             };
@@ -653,7 +805,10 @@ impl Broker {
                     continue;
                 }
             }
-            if tokio::time::timeout_at(until.unwrap(), notified).await.is_err() {
+            if tokio::time::timeout_at(until.unwrap(), notified)
+                .await
+                .is_err()
+            {
                 return Ok(Vec::new());
             }
         }
@@ -661,11 +816,19 @@ impl Broker {
 
     /// `pull` without waiting, as of `now`: the clock-injected form for tests
     /// of backoffs and deadlines.
-    pub fn pull_at(&self, name: &SubscriptionName, max: usize, now: Instant) -> Result<Vec<Delivered>> {
+    pub fn pull_at(
+        &self,
+        name: &SubscriptionName,
+        max: usize,
+        now: Instant,
+    ) -> Result<Vec<Delivered>> {
         let mut st = self.lock();
         let sub = st.sub_mut(name)?;
         let got = sub.take(max, now, sub.ack_deadline, None);
-        Ok(got.into_iter().map(|h| delivered(sub.uid, &sub.policy, h)).collect())
+        Ok(got
+            .into_iter()
+            .map(|h| delivered(sub.uid, &sub.policy, h))
+            .collect())
     }
 
     /// Acknowledges messages; returns once the acks are durable. Unknown or
@@ -678,7 +841,11 @@ impl Broker {
 
     /// Acknowledges messages and says which ack ids took effect; returns
     /// once the acks are durable.
-    pub async fn acknowledge_confirmed(&self, name: &SubscriptionName, ack_ids: &[String]) -> Result<AckResult> {
+    pub async fn acknowledge_confirmed(
+        &self,
+        name: &SubscriptionName,
+        ack_ids: &[String],
+    ) -> Result<AckResult> {
         if ack_ids.is_empty() {
             return Err(Error::invalid("ack_ids must not be empty"));
         }
@@ -687,24 +854,33 @@ impl Broker {
             let mut st = self.lock();
             let sub = st.sub_mut(name)?;
             let uid = sub.uid;
-            let mut result = AckResult { exactly_once: sub.policy.exactly_once, ..Default::default() };
+            let mut result = AckResult {
+                exactly_once: sub.policy.exactly_once,
+                ..Default::default()
+            };
             let mut removed = Vec::new();
             if sub.policy.exactly_once {
                 let mut acked = std::collections::HashSet::new();
                 for id in ack_ids {
                     match parse_ack_id(id) {
                         Ok((s, seq, attempt)) if s == uid && sub.holds_lease(seq, attempt, now) => {
-                            removed.push((seq, sub.remove(seq, now).expect("leased implies backlog")));
+                            removed
+                                .push((seq, sub.remove(seq, now).expect("leased implies backlog")));
                             acked.insert((seq, attempt));
                             result.succeeded.push(id.clone());
                         }
                         // The same ack id twice in one request.
-                        Ok((s, seq, attempt)) if s == uid && acked.contains(&(seq, attempt)) => result.succeeded.push(id.clone()),
+                        Ok((s, seq, attempt)) if s == uid && acked.contains(&(seq, attempt)) => {
+                            result.succeeded.push(id.clone())
+                        }
                         _ => result.invalid.push(id.clone()),
                     }
                 }
             } else {
-                let parsed: Vec<(u64, u64, u32)> = ack_ids.iter().map(|a| parse_ack_id(a)).collect::<Result<_>>()?;
+                let parsed: Vec<(u64, u64, u32)> = ack_ids
+                    .iter()
+                    .map(|a| parse_ack_id(a))
+                    .collect::<Result<_>>()?;
                 for (s, seq, _) in parsed {
                     if s == uid {
                         if let Some(p) = sub.remove(seq, now) {
@@ -728,7 +904,12 @@ impl Broker {
 
     /// Awaits the Ack record of messages already removed under the lock; if
     /// it fails, puts them back (leases included) and returns UNAVAILABLE.
-    async fn persist_acks(&self, uid: u64, removed: Vec<(u64, Pending)>, durable: AppendFuture) -> Result<()> {
+    async fn persist_acks(
+        &self,
+        uid: u64,
+        removed: Vec<(u64, Pending)>,
+        durable: AppendFuture,
+    ) -> Result<()> {
         if let Err(e) = durable.await {
             let mut st = self.lock();
             if let Some(sub) = st.subs.get_mut(&uid) {
@@ -745,12 +926,23 @@ impl Broker {
 
     /// Extends or shortens leases; 0 seconds nacks (redeliver, after the
     /// retry policy's backoff if there is one).
-    pub fn modify_ack_deadline(&self, name: &SubscriptionName, ack_ids: &[String], seconds: i32) -> Result<()> {
-        self.modify_ack_deadline_at(name, ack_ids, seconds, Instant::now()).map(|_| ())
+    pub fn modify_ack_deadline(
+        &self,
+        name: &SubscriptionName,
+        ack_ids: &[String],
+        seconds: i32,
+    ) -> Result<()> {
+        self.modify_ack_deadline_at(name, ack_ids, seconds, Instant::now())
+            .map(|_| ())
     }
 
     /// `modify_ack_deadline`, saying which ack ids took effect.
-    pub fn modify_ack_deadline_confirmed(&self, name: &SubscriptionName, ack_ids: &[String], seconds: i32) -> Result<AckResult> {
+    pub fn modify_ack_deadline_confirmed(
+        &self,
+        name: &SubscriptionName,
+        ack_ids: &[String],
+        seconds: i32,
+    ) -> Result<AckResult> {
         self.modify_ack_deadline_at(name, ack_ids, seconds, Instant::now())
     }
 
@@ -774,7 +966,10 @@ impl Broker {
         let sub = st.sub_mut(name)?;
         let uid = sub.uid;
         let deadline = (seconds > 0).then(|| now + Duration::from_secs(seconds as u64));
-        let mut result = AckResult { exactly_once: sub.policy.exactly_once, ..Default::default() };
+        let mut result = AckResult {
+            exactly_once: sub.policy.exactly_once,
+            ..Default::default()
+        };
         let mut nacked = false;
         if sub.policy.exactly_once {
             for id in ack_ids {
@@ -788,7 +983,10 @@ impl Broker {
                 }
             }
         } else {
-            let parsed: Vec<(u64, u64, u32)> = ack_ids.iter().map(|a| parse_ack_id(a)).collect::<Result<_>>()?;
+            let parsed: Vec<(u64, u64, u32)> = ack_ids
+                .iter()
+                .map(|a| parse_ack_id(a))
+                .collect::<Result<_>>()?;
             for (s, seq, _) in parsed {
                 if s == uid && sub.modify(seq, deadline, now) && deadline.is_none() {
                     nacked = true;
@@ -803,7 +1001,10 @@ impl Broker {
     }
 
     fn has_dead_letters(&self) -> bool {
-        self.lock().subs.values().any(|s| !s.dead_letters.is_empty())
+        self.lock()
+            .subs
+            .values()
+            .any(|s| !s.dead_letters.is_empty())
     }
 
     /// Forwards messages that used up their delivery attempts to their
@@ -827,7 +1028,9 @@ impl Broker {
             let now = Instant::now();
             let mut out = Vec::new();
             for entry in catalog.subscriptions.values() {
-                let Some(sub) = subs.get_mut(&entry.uid) else { continue };
+                let Some(sub) = subs.get_mut(&entry.uid) else {
+                    continue;
+                };
                 if sub.dead_letters.is_empty() {
                     continue;
                 }
@@ -837,8 +1040,14 @@ impl Broker {
                         let name = SubscriptionName::parse(&entry.config.name).ok();
                         out.push(Batch {
                             uid: entry.uid,
-                            sub_id: name.as_ref().map(|n| n.id().to_string()).unwrap_or_default(),
-                            project: name.as_ref().map(|n| n.project().id().to_string()).unwrap_or_default(),
+                            sub_id: name
+                                .as_ref()
+                                .map(|n| n.id().to_string())
+                                .unwrap_or_default(),
+                            project: name
+                                .as_ref()
+                                .map(|n| n.project().id().to_string())
+                                .unwrap_or_default(),
                             topic: p.dead_letter_topic.clone(),
                             letters,
                         });
@@ -862,14 +1071,27 @@ impl Broker {
                     .iter()
                     .map(|l| {
                         let mut attributes = l.msg.attributes.clone();
-                        attributes.insert("CloudPubSubDeadLetterSourceDeliveryCount".into(), l.attempts.to_string());
-                        attributes.insert("CloudPubSubDeadLetterSourceSubscription".into(), b.sub_id.clone());
-                        attributes.insert("CloudPubSubDeadLetterSourceSubscriptionProject".into(), b.project.clone());
+                        attributes.insert(
+                            "CloudPubSubDeadLetterSourceDeliveryCount".into(),
+                            l.attempts.to_string(),
+                        );
+                        attributes.insert(
+                            "CloudPubSubDeadLetterSourceSubscription".into(),
+                            b.sub_id.clone(),
+                        );
+                        attributes.insert(
+                            "CloudPubSubDeadLetterSourceSubscriptionProject".into(),
+                            b.project.clone(),
+                        );
                         attributes.insert(
                             "CloudPubSubDeadLetterSourceTopicPublishTime".into(),
                             rfc3339(l.msg.publish_time_nanos),
                         );
-                        OutgoingMessage { data: l.msg.data.clone(), attributes, ordering_key: l.msg.ordering_key.clone() }
+                        OutgoingMessage {
+                            data: l.msg.data.clone(),
+                            attributes,
+                            ordering_key: l.msg.ordering_key.clone(),
+                        }
                     })
                     .collect();
                 let seqs: Vec<u64> = chunk.iter().map(|l| l.seq).collect();
@@ -902,14 +1124,22 @@ impl Broker {
     async fn ack_forwarded(&self, uid: u64, seqs: &[u64]) -> Result<()> {
         let (removed, durable) = {
             let mut st = self.lock();
-            let Some(sub) = st.subs.get_mut(&uid) else { return Ok(()) };
+            let Some(sub) = st.subs.get_mut(&uid) else {
+                return Ok(());
+            };
             let now = Instant::now();
-            let removed: Vec<(u64, Pending)> = seqs.iter().filter_map(|&s| sub.remove(s, now).map(|p| (s, p))).collect();
+            let removed: Vec<(u64, Pending)> = seqs
+                .iter()
+                .filter_map(|&s| sub.remove(s, now).map(|p| (s, p)))
+                .collect();
             if removed.is_empty() {
                 return Ok(());
             }
             sub.notify.notify_waiters();
-            let durable = self.store.append(vec![Record::Ack { sub_uid: uid, seqs: removed.iter().map(|(s, _)| *s).collect() }]);
+            let durable = self.store.append(vec![Record::Ack {
+                sub_uid: uid,
+                seqs: removed.iter().map(|(s, _)| *s).collect(),
+            }]);
             (removed, durable)
         };
         self.persist_acks(uid, removed, durable).await
@@ -929,7 +1159,11 @@ impl Broker {
         let sub = st.sub_mut(name)?;
         sub.streams.insert(
             id,
-            StreamQuota { max_messages: max_messages.max(0) as u64, max_bytes: max_bytes.max(0) as u64, ..Default::default() },
+            StreamQuota {
+                max_messages: max_messages.max(0) as u64,
+                max_bytes: max_bytes.max(0) as u64,
+                ..Default::default()
+            },
         );
         Ok(StreamHandle {
             broker: self.clone(),
@@ -986,11 +1220,19 @@ impl StreamHandle {
                 let mut st = self.broker.lock();
                 let sub = match st.subs.get_mut(&self.sub_uid) {
                     Some(s) => s,
-                    None => return Err(Error::not_found(format!("subscription {} not found", self.sub))),
+                    None => {
+                        return Err(Error::not_found(format!(
+                            "subscription {} not found",
+                            self.sub
+                        )))
+                    }
                 };
                 let got = sub.take(max, Instant::now(), self.deadline, Some(self.id));
                 if !got.is_empty() {
-                    return Ok(got.into_iter().map(|h| delivered(self.sub_uid, &sub.policy, h)).collect());
+                    return Ok(got
+                        .into_iter()
+                        .map(|h| delivered(self.sub_uid, &sub.policy, h))
+                        .collect());
                 }
             }
             notified.await;

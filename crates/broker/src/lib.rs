@@ -29,5 +29,6 @@ mod broker;
 mod subscription;
 
 pub use broker::{
-    AckResult, Broker, Delivered, DeliveryProperties, DeliveryUpdate, Page, StreamHandle, SubscriptionUpdate, TopicUpdate,
+    AckResult, Broker, Delivered, DeliveryProperties, DeliveryUpdate, Page, StreamHandle,
+    SubscriptionUpdate, TopicUpdate,
 };

@@ -54,7 +54,9 @@ pub(crate) enum Slot {
     Waiting,
     /// `forwarding`: handed to the broker's forwarder, which will ack it or
     /// give it back.
-    DeadLetter { forwarding: bool },
+    DeadLetter {
+        forwarding: bool,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -77,7 +79,8 @@ impl StreamQuota {
         let msgs_ok = self.max_messages == 0 || self.messages < self.max_messages;
         // Like the real service, a single message larger than the byte budget
         // is still delivered when nothing else is outstanding.
-        let bytes_ok = self.max_bytes == 0 || self.bytes == 0 || self.bytes + next_size <= self.max_bytes;
+        let bytes_ok =
+            self.max_bytes == 0 || self.bytes == 0 || self.bytes + next_size <= self.max_bytes;
         msgs_ok && bytes_ok
     }
 }
@@ -163,11 +166,27 @@ impl SubState {
         let seq = msg.seq;
         match self.key_of(&msg) {
             Some(k) => {
-                self.backlog.insert(seq, Pending { msg, attempts: 0, slot: Slot::Waiting, not_before: None });
+                self.backlog.insert(
+                    seq,
+                    Pending {
+                        msg,
+                        attempts: 0,
+                        slot: Slot::Waiting,
+                        not_before: None,
+                    },
+                );
                 self.enqueue_keyed(&k, seq, now);
             }
             None => {
-                self.backlog.insert(seq, Pending { msg, attempts: 0, slot: Slot::Ready, not_before: None });
+                self.backlog.insert(
+                    seq,
+                    Pending {
+                        msg,
+                        attempts: 0,
+                        slot: Slot::Ready,
+                        not_before: None,
+                    },
+                );
                 self.ready.insert(seq);
             }
         }
@@ -184,7 +203,10 @@ impl SubState {
         set.insert(seq);
         let later: Vec<u64> = set.range(seq + 1..).copied().collect();
         for s in later {
-            if matches!(self.backlog[&s].slot, Slot::Ready | Slot::Leased(_) | Slot::Delayed(_)) {
+            if matches!(
+                self.backlog[&s].slot,
+                Slot::Ready | Slot::Leased(_) | Slot::Delayed(_)
+            ) {
                 self.detach(s);
             }
         }
@@ -194,7 +216,9 @@ impl SubState {
     /// Makes the first message of a key eligible when nothing of the key is
     /// outstanding.
     fn fix_key(&mut self, key: &str, now: Instant) {
-        let Some(set) = self.keys.get(key) else { return };
+        let Some(set) = self.keys.get(key) else {
+            return;
+        };
         let Some(&first) = set.first() else {
             self.keys.remove(key);
             return;
@@ -206,7 +230,10 @@ impl SubState {
 
     /// Waiting → Ready, or Delayed while its backoff runs.
     fn make_eligible(&mut self, seq: u64, now: Instant) {
-        let p = self.backlog.get_mut(&seq).expect("eligible message is in the backlog");
+        let p = self
+            .backlog
+            .get_mut(&seq)
+            .expect("eligible message is in the backlog");
         debug_assert_eq!(p.slot, Slot::Waiting);
         match p.not_before {
             Some(t) if t > now => {
@@ -224,7 +251,9 @@ impl SubState {
     /// Takes a message out of whatever index its slot puts it in (releasing
     /// its lease and quota) and leaves it `Waiting`. Returns the old slot.
     fn detach(&mut self, seq: u64) -> Slot {
-        let Some(p) = self.backlog.get_mut(&seq) else { return Slot::Waiting };
+        let Some(p) = self.backlog.get_mut(&seq) else {
+            return Slot::Waiting;
+        };
         let old = std::mem::replace(&mut p.slot, Slot::Waiting);
         let size = p.msg.size() as u64;
         self.unindex(seq, old, size);
@@ -283,14 +312,26 @@ impl SubState {
         };
         let lease = lease.filter(|_| {
             key.as_ref().is_none_or(|k| {
-                self.keys.get(k).is_none_or(|set| set.range(..seq).all(|s| matches!(self.backlog[s].slot, Slot::Leased(_))))
+                self.keys.get(k).is_none_or(|set| {
+                    set.range(..seq)
+                        .all(|s| matches!(self.backlog[s].slot, Slot::Leased(_)))
+                })
             })
         });
         let size = p.msg.size() as u64;
-        self.backlog.insert(seq, Pending { slot: Slot::Waiting, ..p });
+        self.backlog.insert(
+            seq,
+            Pending {
+                slot: Slot::Waiting,
+                ..p
+            },
+        );
         match (lease, key) {
             (Some(l), key) => {
-                let l = Lease { stream: l.stream.filter(|s| self.streams.contains_key(s)), ..l };
+                let l = Lease {
+                    stream: l.stream.filter(|s| self.streams.contains_key(s)),
+                    ..l
+                };
                 if let Some(q) = l.stream.and_then(|s| self.streams.get_mut(&s)) {
                     q.messages += 1;
                     q.bytes += size;
@@ -332,9 +373,19 @@ impl SubState {
     }
 
     /// Leases one eligible (`Ready`, or `Waiting` next in its key) message.
-    fn lease(&mut self, seq: u64, now: Instant, deadline: Duration, stream: Option<u64>) -> Leasing {
+    fn lease(
+        &mut self,
+        seq: u64,
+        now: Instant,
+        deadline: Duration,
+        stream: Option<u64>,
+    ) -> Leasing {
         let p = &self.backlog[&seq];
-        if self.policy.max_attempts.is_some_and(|max| p.attempts >= max) {
+        if self
+            .policy
+            .max_attempts
+            .is_some_and(|max| p.attempts >= max)
+        {
             // Redelivered without failing itself (it followed an earlier
             // message of its key) and out of attempts: forward instead.
             self.move_to_dead_letters(seq, now);
@@ -354,19 +405,34 @@ impl SubState {
         let p = self.backlog.get_mut(&seq).unwrap();
         p.attempts += 1;
         let d = now + deadline;
-        p.slot = Slot::Leased(Lease { deadline: d, stream });
+        p.slot = Slot::Leased(Lease {
+            deadline: d,
+            stream,
+        });
         self.expiries.insert((d, seq));
-        Leasing::Done(Handout { seq, msg: p.msg.clone(), attempt: p.attempts })
+        Leasing::Done(Handout {
+            seq,
+            msg: p.msg.clone(),
+            attempt: p.attempts,
+        })
     }
 
     /// Leases up to `max` ready messages until `now + deadline`, in seq order,
     /// respecting the stream's flow-control quota. With ordering, a message's
     /// successors of the same key follow it in the same batch.
-    pub fn take(&mut self, max: usize, now: Instant, deadline: Duration, stream: Option<u64>) -> Vec<Handout> {
+    pub fn take(
+        &mut self,
+        max: usize,
+        now: Instant,
+        deadline: Duration,
+        stream: Option<u64>,
+    ) -> Vec<Handout> {
         self.release_due(now);
         let mut out = Vec::new();
         while out.len() < max {
-            let Some(&seq) = self.ready.first() else { break };
+            let Some(&seq) = self.ready.first() else {
+                break;
+            };
             let h = match self.lease(seq, now, deadline, stream) {
                 Leasing::Done(h) => h,
                 Leasing::NoRoom => break,
@@ -377,7 +443,13 @@ impl SubState {
             let Some(key) = key else { continue };
             let mut cur = seq;
             while out.len() < max {
-                let Some(next) = self.keys.get(&key).and_then(|s| s.range(cur + 1..).next().copied()) else { break };
+                let Some(next) = self
+                    .keys
+                    .get(&key)
+                    .and_then(|s| s.range(cur + 1..).next().copied())
+                else {
+                    break;
+                };
                 let p = &self.backlog[&next];
                 if p.slot != Slot::Waiting || p.not_before.is_some_and(|t| t > now) {
                     break;
@@ -398,13 +470,20 @@ impl SubState {
     /// when the attempts are used up. With ordering, the later leased
     /// messages of its key are returned too, to be redelivered after it.
     fn fail(&mut self, seq: u64, now: Instant) {
-        if !matches!(self.backlog.get(&seq).map(|p| p.slot), Some(Slot::Leased(_))) {
+        if !matches!(
+            self.backlog.get(&seq).map(|p| p.slot),
+            Some(Slot::Leased(_))
+        ) {
             return;
         }
         self.detach(seq);
         let key = self.key_of(&self.backlog[&seq].msg);
         if let Some(k) = &key {
-            let later: Vec<u64> = self.keys.get(k).map(|s| s.range(seq + 1..).copied().collect()).unwrap_or_default();
+            let later: Vec<u64> = self
+                .keys
+                .get(k)
+                .map(|s| s.range(seq + 1..).copied().collect())
+                .unwrap_or_default();
             for s in later {
                 if matches!(self.backlog[&s].slot, Slot::Leased(_)) {
                     self.detach(s);
@@ -412,7 +491,11 @@ impl SubState {
             }
         }
         let p = self.backlog.get_mut(&seq).unwrap();
-        if self.policy.max_attempts.is_some_and(|max| p.attempts >= max) {
+        if self
+            .policy
+            .max_attempts
+            .is_some_and(|max| p.attempts >= max)
+        {
             self.move_to_dead_letters(seq, now);
             return;
         }
@@ -440,10 +523,17 @@ impl SubState {
     pub fn take_dead_letters(&mut self) -> Vec<DeadLetter> {
         let mut out = Vec::new();
         for &seq in &self.dead_letters {
-            let p = self.backlog.get_mut(&seq).expect("dead letter is in the backlog");
+            let p = self
+                .backlog
+                .get_mut(&seq)
+                .expect("dead letter is in the backlog");
             if p.slot == (Slot::DeadLetter { forwarding: false }) {
                 p.slot = Slot::DeadLetter { forwarding: true };
-                out.push(DeadLetter { seq, msg: p.msg.clone(), attempts: p.attempts });
+                out.push(DeadLetter {
+                    seq,
+                    msg: p.msg.clone(),
+                    attempts: p.attempts,
+                });
             }
         }
         out
@@ -452,7 +542,10 @@ impl SubState {
     /// Gives back a dead letter that could not be forwarded (or whose policy
     /// was removed meanwhile): eligible again after `delay`.
     pub fn return_dead_letter(&mut self, seq: u64, now: Instant, delay: Duration) {
-        if !matches!(self.backlog.get(&seq).map(|p| p.slot), Some(Slot::DeadLetter { .. })) {
+        if !matches!(
+            self.backlog.get(&seq).map(|p| p.slot),
+            Some(Slot::DeadLetter { .. })
+        ) {
             return;
         }
         self.detach(seq);
@@ -468,19 +561,26 @@ impl SubState {
     /// True when `seq` is leased, unexpired, by delivery `attempt`: what an
     /// exactly-once ack or modack must name.
     pub fn holds_lease(&self, seq: u64, attempt: u32, now: Instant) -> bool {
-        self.backlog
-            .get(&seq)
-            .is_some_and(|p| p.attempts == attempt && matches!(p.slot, Slot::Leased(l) if l.deadline > now))
+        self.backlog.get(&seq).is_some_and(|p| {
+            p.attempts == attempt && matches!(p.slot, Slot::Leased(l) if l.deadline > now)
+        })
     }
 
     /// Sets a new deadline for a leased message; `None` nacks it. Returns
     /// false when the message is no longer leased (acked or expired).
     pub fn modify(&mut self, seq: u64, new_deadline: Option<Instant>, now: Instant) -> bool {
-        let Some(p) = self.backlog.get_mut(&seq) else { return false };
-        let Slot::Leased(lease) = p.slot else { return false };
+        let Some(p) = self.backlog.get_mut(&seq) else {
+            return false;
+        };
+        let Slot::Leased(lease) = p.slot else {
+            return false;
+        };
         match new_deadline {
             Some(d) => {
-                p.slot = Slot::Leased(Lease { deadline: d, ..lease });
+                p.slot = Slot::Leased(Lease {
+                    deadline: d,
+                    ..lease
+                });
                 self.expiries.remove(&(lease.deadline, seq));
                 self.expiries.insert((d, seq));
             }
@@ -539,7 +639,10 @@ impl SubState {
                 }
                 Slot::Waiting => {
                     counts[3] += 1;
-                    assert!(self.key_of(&p.msg).is_some(), "only ordered messages wait: {seq}");
+                    assert!(
+                        self.key_of(&p.msg).is_some(),
+                        "only ordered messages wait: {seq}"
+                    );
                 }
                 Slot::DeadLetter { .. } => {
                     counts[4] += 1;
@@ -548,7 +651,11 @@ impl SubState {
             }
             if let Some(k) = self.key_of(&p.msg) {
                 let queued = self.keys.get(&k).is_some_and(|s| s.contains(&seq));
-                assert_eq!(queued, !matches!(p.slot, Slot::DeadLetter { .. }), "key queue membership of {seq}");
+                assert_eq!(
+                    queued,
+                    !matches!(p.slot, Slot::DeadLetter { .. }),
+                    "key queue membership of {seq}"
+                );
             }
         }
         assert_eq!(counts[0], self.ready.len());
@@ -558,15 +665,30 @@ impl SubState {
         for (k, set) in &self.keys {
             assert!(!set.is_empty(), "empty queue for key {k}");
             let slots: Vec<Slot> = set.iter().map(|s| self.backlog[s].slot).collect();
-            let leased = slots.iter().take_while(|s| matches!(s, Slot::Leased(_))).count();
+            let leased = slots
+                .iter()
+                .take_while(|s| matches!(s, Slot::Leased(_)))
+                .count();
             let rest = &slots[leased..];
-            assert!(!rest.iter().any(|s| matches!(s, Slot::Leased(_))), "leased messages of {k} are a prefix: {slots:?}");
+            assert!(
+                !rest.iter().any(|s| matches!(s, Slot::Leased(_))),
+                "leased messages of {k} are a prefix: {slots:?}"
+            );
             match rest.split_first() {
                 Some((first, others)) if leased == 0 => {
-                    assert!(matches!(first, Slot::Ready | Slot::Delayed(_)), "head of {k} is eligible: {slots:?}");
-                    assert!(others.iter().all(|s| *s == Slot::Waiting), "the rest of {k} waits: {slots:?}");
+                    assert!(
+                        matches!(first, Slot::Ready | Slot::Delayed(_)),
+                        "head of {k} is eligible: {slots:?}"
+                    );
+                    assert!(
+                        others.iter().all(|s| *s == Slot::Waiting),
+                        "the rest of {k} waits: {slots:?}"
+                    );
                 }
-                _ => assert!(rest.iter().all(|s| *s == Slot::Waiting), "behind outstanding messages of {k}: {slots:?}"),
+                _ => assert!(
+                    rest.iter().all(|s| *s == Slot::Waiting),
+                    "behind outstanding messages of {k}: {slots:?}"
+                ),
             }
         }
     }
@@ -638,12 +760,26 @@ mod tests {
         for i in 1..=10 {
             s.add(msg(i, 100), t0);
         }
-        s.streams.insert(7, StreamQuota { max_messages: 3, max_bytes: 0, ..Default::default() });
+        s.streams.insert(
+            7,
+            StreamQuota {
+                max_messages: 3,
+                max_bytes: 0,
+                ..Default::default()
+            },
+        );
         assert_eq!(s.take(100, t0, S10, Some(7)).len(), 3);
         assert!(s.take(100, t0, S10, Some(7)).is_empty());
         s.remove(1, t0);
         assert_eq!(s.take(100, t0, S10, Some(7)).len(), 1);
-        s.streams.insert(8, StreamQuota { max_messages: 0, max_bytes: 250, ..Default::default() });
+        s.streams.insert(
+            8,
+            StreamQuota {
+                max_messages: 0,
+                max_bytes: 250,
+                ..Default::default()
+            },
+        );
         assert_eq!(s.take(100, t0, S10, Some(8)).len(), 2);
         // An expired lease frees its quota.
         s.expire(t0 + Duration::from_secs(11));
@@ -656,22 +792,33 @@ mod tests {
     fn retry_policy_delays_redelivery_exponentially() {
         let t0 = Instant::now();
         let mut s = SubState::new(1, 10);
-        s.policy.retry = Some(RetryPolicy::new(Some(Duration::from_secs(2)), Some(Duration::from_secs(5))).unwrap());
+        s.policy.retry = Some(
+            RetryPolicy::new(Some(Duration::from_secs(2)), Some(Duration::from_secs(5))).unwrap(),
+        );
         s.add(msg(1, 1), t0);
         s.add(msg(2, 1), t0);
         assert_eq!(seqs(&s.take(1, t0, S10, None)), [1]);
         // Nacked after its first delivery: back after 2 s, not before.
         s.modify(1, None, t0);
         s.check_invariants();
-        assert_eq!(seqs(&s.take(10, t0, S10, None)), [2], "the delayed message is not handed out");
-        assert!(s.take(10, t0 + Duration::from_millis(1999), S10, None).is_empty());
+        assert_eq!(
+            seqs(&s.take(10, t0, S10, None)),
+            [2],
+            "the delayed message is not handed out"
+        );
+        assert!(s
+            .take(10, t0 + Duration::from_millis(1999), S10, None)
+            .is_empty());
         let t1 = t0 + Duration::from_secs(2);
         assert_eq!(seqs(&s.take(10, t1, S10, None)), [1]);
         // The second failure is an expiry: 4 s.
         let t2 = t1 + S10;
         assert_eq!(s.expire(t2), 2, "both leases ran out");
         s.check_invariants();
-        assert!(s.take(10, t2 + Duration::from_millis(3999), S10, None).iter().all(|h| h.seq == 2));
+        assert!(s
+            .take(10, t2 + Duration::from_millis(3999), S10, None)
+            .iter()
+            .all(|h| h.seq == 2));
         // The maintenance path releases due messages too.
         assert_eq!(s.expire(t2 + Duration::from_secs(4)), 1);
         assert_eq!(s.ready.len(), 1);
@@ -703,7 +850,10 @@ mod tests {
         assert!(s.take(1, t0, S10, None).is_empty(), "no sixth delivery");
         let dl = s.take_dead_letters();
         assert_eq!((dl.len(), dl[0].seq, dl[0].attempts), (1, 1, 5));
-        assert!(s.take_dead_letters().is_empty(), "handed to the forwarder once");
+        assert!(
+            s.take_dead_letters().is_empty(),
+            "handed to the forwarder once"
+        );
         s.check_invariants();
         // Forwarding failed: the message comes back after the delay and is
         // dead-lettered again instead of being delivered.
@@ -727,13 +877,20 @@ mod tests {
         s.check_invariants();
         // One batch: each key's queue in order, unkeyed messages as usual.
         let got = s.take(2, t0, S10, None);
-        assert_eq!(seqs(&got), [1, 3], "a's successors follow it in the same batch");
+        assert_eq!(
+            seqs(&got),
+            [1, 3],
+            "a's successors follow it in the same batch"
+        );
         s.check_invariants();
         // 5 is not handed out in a later batch while 1 and 3 are outstanding.
         assert_eq!(seqs(&s.take(10, t0, S10, None)), [2, 6, 4]);
         s.check_invariants();
         s.remove(1, t0);
-        assert!(s.take(10, t0, S10, None).is_empty(), "3 is still outstanding");
+        assert!(
+            s.take(10, t0, S10, None).is_empty(),
+            "3 is still outstanding"
+        );
         s.add(keyed(8, 1, "a"), t0);
         s.remove(3, t0);
         assert_eq!(seqs(&s.take(10, t0, S10, None)), [5, 8]);
@@ -765,7 +922,11 @@ mod tests {
         // Expiry of the head returns the whole outstanding tail of its key.
         s.expire(t0 + Duration::from_secs(11));
         s.check_invariants();
-        assert_eq!(seqs(&s.take(10, t0 + Duration::from_secs(11), S10, None)), [3, 5, 4, 7], "4 (unkeyed) expired too");
+        assert_eq!(
+            seqs(&s.take(10, t0 + Duration::from_secs(11), S10, None)),
+            [3, 5, 4, 7],
+            "4 (unkeyed) expired too"
+        );
         s.check_invariants();
     }
 
@@ -775,7 +936,9 @@ mod tests {
         let mut s = SubState::new(1, 10);
         s.policy.ordered = true;
         s.policy.max_attempts = Some(5);
-        s.policy.retry = Some(RetryPolicy::new(Some(Duration::from_secs(1)), Some(Duration::from_secs(1))).unwrap());
+        s.policy.retry = Some(
+            RetryPolicy::new(Some(Duration::from_secs(1)), Some(Duration::from_secs(1))).unwrap(),
+        );
         for i in 1..=3 {
             s.add(keyed(i, 1, "k"), t0);
         }
@@ -787,7 +950,10 @@ mod tests {
             s.modify(1, None, t);
             s.check_invariants();
             if attempt < 5 {
-                assert!(s.take(10, t, S10, None).is_empty(), "2 and 3 wait behind the delayed head");
+                assert!(
+                    s.take(10, t, S10, None).is_empty(),
+                    "2 and 3 wait behind the delayed head"
+                );
             }
             t += Duration::from_secs(1);
         }
@@ -821,7 +987,10 @@ mod tests {
         let h = s.take(1, t0, S10, None);
         assert!(s.holds_lease(1, h[0].attempt, t0));
         assert!(!s.holds_lease(1, h[0].attempt + 1, t0));
-        assert!(!s.holds_lease(1, h[0].attempt, t0 + S10), "expired at the deadline");
+        assert!(
+            !s.holds_lease(1, h[0].attempt, t0 + S10),
+            "expired at the deadline"
+        );
         // An ack that fails to persist keeps the lease it had.
         let p = s.remove(1, t0).unwrap();
         s.restore(1, p, t0);
@@ -848,8 +1017,17 @@ mod tests {
             let mut s = SubState::new(1, 10);
             s.policy.ordered = round % 2 == 0;
             s.policy.max_attempts = (round % 3 == 0).then_some(5);
-            s.policy.retry = (round % 4 < 2).then(|| RetryPolicy::new(Some(Duration::from_secs(1)), Some(Duration::from_secs(4))).unwrap());
-            s.streams.insert(1, StreamQuota { max_messages: 5, ..Default::default() });
+            s.policy.retry = (round % 4 < 2).then(|| {
+                RetryPolicy::new(Some(Duration::from_secs(1)), Some(Duration::from_secs(4)))
+                    .unwrap()
+            });
+            s.streams.insert(
+                1,
+                StreamQuota {
+                    max_messages: 5,
+                    ..Default::default()
+                },
+            );
             let mut seq = 0;
             let mut t = t0;
             for _ in 0..2000 {
@@ -860,15 +1038,28 @@ mod tests {
                         s.add(keyed(seq, 1, key), t);
                     }
                     2 => {
-                        s.take(next(4) as usize + 1, t, S10, if next(2) == 0 { Some(1) } else { None });
+                        s.take(
+                            next(4) as usize + 1,
+                            t,
+                            S10,
+                            if next(2) == 0 { Some(1) } else { None },
+                        );
                     }
                     3 => {
-                        if let Some(&(_, q)) = s.expiries.iter().nth(next(s.expiries.len() as u64 + 1) as usize) {
+                        if let Some(&(_, q)) = s
+                            .expiries
+                            .iter()
+                            .nth(next(s.expiries.len() as u64 + 1) as usize)
+                        {
                             s.modify(q, None, t);
                         }
                     }
                     4 => {
-                        if let Some(&q) = s.backlog.keys().nth(next(s.backlog.len() as u64 + 1) as usize) {
+                        if let Some(&q) = s
+                            .backlog
+                            .keys()
+                            .nth(next(s.backlog.len() as u64 + 1) as usize)
+                        {
                             if let Some(p) = s.remove(q, t) {
                                 if next(4) == 0 {
                                     s.restore(q, p, t);

@@ -5,7 +5,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pubrun_broker::{Broker, SubscriptionUpdate};
-use pubrun_core::{Code, OutgoingMessage, SubscriptionConfig, SubscriptionName, TopicConfig, TopicName};
+use pubrun_core::{
+    Code, OutgoingMessage, SubscriptionConfig, SubscriptionName, TopicConfig, TopicName,
+};
 use pubrun_store::EmbeddedStore;
 
 fn open(dir: &std::path::Path) -> Arc<Broker> {
@@ -21,7 +23,12 @@ fn subn(id: &str) -> SubscriptionName {
 }
 
 async fn setup(b: &Broker, t: &str, subs: &[&str]) {
-    b.create_topic(TopicConfig { name: topic(t).to_string(), labels: Default::default() }).await.unwrap();
+    b.create_topic(TopicConfig {
+        name: topic(t).to_string(),
+        labels: Default::default(),
+    })
+    .await
+    .unwrap();
     for s in subs {
         b.create_subscription(SubscriptionConfig {
             name: subn(s).to_string(),
@@ -36,11 +43,18 @@ async fn setup(b: &Broker, t: &str, subs: &[&str]) {
 }
 
 fn msgs(prefix: &str, n: usize) -> Vec<OutgoingMessage> {
-    (0..n).map(|i| OutgoingMessage { data: format!("{prefix}{i}").into(), ..Default::default() }).collect()
+    (0..n)
+        .map(|i| OutgoingMessage {
+            data: format!("{prefix}{i}").into(),
+            ..Default::default()
+        })
+        .collect()
 }
 
 fn datas(d: &[pubrun_broker::Delivered]) -> Vec<String> {
-    d.iter().map(|m| String::from_utf8(m.message.data.to_vec()).unwrap()).collect()
+    d.iter()
+        .map(|m| String::from_utf8(m.message.data.to_vec()).unwrap())
+        .collect()
 }
 
 #[tokio::test]
@@ -51,8 +65,14 @@ async fn every_subscription_gets_every_message_published_after_it() {
     b.publish(&topic("events"), msgs("a", 3)).await.unwrap();
     setup_sub_only(&b, "late", "events").await;
     b.publish(&topic("events"), msgs("b", 2)).await.unwrap();
-    assert_eq!(datas(&b.pull(&subn("early"), 100, None).await.unwrap()), ["a0", "a1", "a2", "b0", "b1"]);
-    assert_eq!(datas(&b.pull(&subn("late"), 100, None).await.unwrap()), ["b0", "b1"]);
+    assert_eq!(
+        datas(&b.pull(&subn("early"), 100, None).await.unwrap()),
+        ["a0", "a1", "a2", "b0", "b1"]
+    );
+    assert_eq!(
+        datas(&b.pull(&subn("late"), 100, None).await.unwrap()),
+        ["b0", "b1"]
+    );
 }
 
 async fn setup_sub_only(b: &Broker, s: &str, t: &str) {
@@ -75,14 +95,26 @@ async fn expired_lease_is_redelivered_and_acked_message_is_not() {
     b.publish(&topic("t-lease"), msgs("m", 2)).await.unwrap();
     let got = b.pull(&subn("s-lease"), 10, None).await.unwrap();
     assert_eq!(got.len(), 2);
-    assert!(b.pull(&subn("s-lease"), 10, None).await.unwrap().is_empty(), "leased messages are not handed out twice");
-    b.acknowledge(&subn("s-lease"), &[got[0].ack_id.clone()]).await.unwrap();
+    assert!(
+        b.pull(&subn("s-lease"), 10, None).await.unwrap().is_empty(),
+        "leased messages are not handed out twice"
+    );
+    b.acknowledge(&subn("s-lease"), &[got[0].ack_id.clone()])
+        .await
+        .unwrap();
     b.expire_leases(Instant::now() + Duration::from_secs(11));
     let again = b.pull(&subn("s-lease"), 10, None).await.unwrap();
     assert_eq!(datas(&again), ["m1"]);
     assert_eq!(again[0].attempt, 2);
-    assert_eq!(again[0].delivery_attempt, 0, "Google reports delivery_attempt only with a dead-letter policy");
-    assert_eq!(again[0].message.id(), got[1].message.id(), "same message id on redelivery");
+    assert_eq!(
+        again[0].delivery_attempt, 0,
+        "Google reports delivery_attempt only with a dead-letter policy"
+    );
+    assert_eq!(
+        again[0].message.id(),
+        got[1].message.id(),
+        "same message id on redelivery"
+    );
 }
 
 #[tokio::test]
@@ -92,14 +124,21 @@ async fn extended_lease_is_not_redelivered_and_nack_is_immediate() {
     setup(&b, "t-mod", &["s-mod"]).await;
     b.publish(&topic("t-mod"), msgs("m", 1)).await.unwrap();
     let got = b.pull(&subn("s-mod"), 10, None).await.unwrap();
-    b.modify_ack_deadline(&subn("s-mod"), &[got[0].ack_id.clone()], 60).unwrap();
+    b.modify_ack_deadline(&subn("s-mod"), &[got[0].ack_id.clone()], 60)
+        .unwrap();
     b.expire_leases(Instant::now() + Duration::from_secs(30));
     assert!(b.pull(&subn("s-mod"), 10, None).await.unwrap().is_empty());
-    b.modify_ack_deadline(&subn("s-mod"), &[got[0].ack_id.clone()], 0).unwrap();
+    b.modify_ack_deadline(&subn("s-mod"), &[got[0].ack_id.clone()], 0)
+        .unwrap();
     assert_eq!(b.pull(&subn("s-mod"), 10, None).await.unwrap().len(), 1);
-    let err = b.modify_ack_deadline(&subn("s-mod"), &[got[0].ack_id.clone()], 601).unwrap_err();
+    let err = b
+        .modify_ack_deadline(&subn("s-mod"), &[got[0].ack_id.clone()], 601)
+        .unwrap_err();
     assert_eq!(err.code, Code::InvalidArgument);
-    let err = b.acknowledge(&subn("s-mod"), &["garbage".into()]).await.unwrap_err();
+    let err = b
+        .acknowledge(&subn("s-mod"), &["garbage".into()])
+        .await
+        .unwrap_err();
     assert_eq!(err.code, Code::InvalidArgument);
 }
 
@@ -109,10 +148,17 @@ async fn waiting_pull_wakes_on_publish() {
     let b = open(dir.path());
     setup(&b, "t-wait", &["s-wait"]).await;
     let b2 = b.clone();
-    let waiter = tokio::spawn(async move { b2.pull(&subn("s-wait"), 10, Some(Duration::from_secs(60))).await });
+    let waiter = tokio::spawn(async move {
+        b2.pull(&subn("s-wait"), 10, Some(Duration::from_secs(60)))
+            .await
+    });
     tokio::task::yield_now().await;
     b.publish(&topic("t-wait"), msgs("x", 1)).await.unwrap();
-    let got = tokio::time::timeout(Duration::from_secs(30), waiter).await.expect("pull woke up").unwrap().unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(30), waiter)
+        .await
+        .expect("pull woke up")
+        .unwrap()
+        .unwrap();
     assert_eq!(datas(&got), ["x0"]);
 }
 
@@ -124,15 +170,34 @@ async fn state_survives_restart_and_acks_stay_acked() {
         setup(&b, "t-restart", &["s-restart"]).await;
         b.publish(&topic("t-restart"), msgs("r", 5)).await.unwrap();
         let got = b.pull(&subn("s-restart"), 2, None).await.unwrap();
-        b.acknowledge(&subn("s-restart"), &got.iter().map(|d| d.ack_id.clone()).collect::<Vec<_>>()).await.unwrap();
-        b.update_subscription(&subn("s-restart"), SubscriptionUpdate { ack_deadline_seconds: Some(42), labels: None })
-            .await
-            .unwrap();
+        b.acknowledge(
+            &subn("s-restart"),
+            &got.iter().map(|d| d.ack_id.clone()).collect::<Vec<_>>(),
+        )
+        .await
+        .unwrap();
+        b.update_subscription(
+            &subn("s-restart"),
+            SubscriptionUpdate {
+                ack_deadline_seconds: Some(42),
+                labels: None,
+            },
+        )
+        .await
+        .unwrap();
     }
     let b = open(dir.path());
-    assert_eq!(b.get_subscription(&subn("s-restart")).unwrap().ack_deadline_seconds, 42);
+    assert_eq!(
+        b.get_subscription(&subn("s-restart"))
+            .unwrap()
+            .ack_deadline_seconds,
+        42
+    );
     // Leases are not durable: the leased-but-unacked ones come back too.
-    assert_eq!(datas(&b.pull(&subn("s-restart"), 100, None).await.unwrap()), ["r2", "r3", "r4"]);
+    assert_eq!(
+        datas(&b.pull(&subn("s-restart"), 100, None).await.unwrap()),
+        ["r2", "r3", "r4"]
+    );
     // Ids keep increasing after a restart.
     let ids = b.publish(&topic("t-restart"), msgs("n", 1)).await.unwrap();
     assert!(ids[0].parse::<u64>().unwrap() > 5);
@@ -149,8 +214,13 @@ async fn stream_respects_flow_control_and_ends_when_subscription_is_deleted() {
     assert_eq!(first.len(), 2, "max_outstanding_messages = 2");
     let blocked = tokio::time::timeout(Duration::from_millis(200), stream.next(100)).await;
     assert!(blocked.is_err(), "no more while 2 are outstanding");
-    b.acknowledge(&subn("s-stream"), &[first[0].ack_id.clone()]).await.unwrap();
-    let next = tokio::time::timeout(Duration::from_secs(30), stream.next(100)).await.unwrap().unwrap();
+    b.acknowledge(&subn("s-stream"), &[first[0].ack_id.clone()])
+        .await
+        .unwrap();
+    let next = tokio::time::timeout(Duration::from_secs(30), stream.next(100))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(next.len(), 1);
     let b2 = b.clone();
     let waiter = tokio::spawn(async move {
@@ -160,7 +230,10 @@ async fn stream_respects_flow_control_and_ends_when_subscription_is_deleted() {
         s.next(1).await
     });
     b.delete_subscription(&subn("s-stream")).await.unwrap();
-    let ended = tokio::time::timeout(Duration::from_secs(30), waiter).await.unwrap().unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(30), waiter)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(ended.unwrap_err().code, Code::NotFound);
 }
 
@@ -169,11 +242,28 @@ async fn errors_carry_google_codes() {
     let dir = tempfile::tempdir().unwrap();
     let b = open(dir.path());
     setup(&b, "t-err", &["s-err"]).await;
-    let dup = b.create_topic(TopicConfig { name: topic("t-err").to_string(), labels: Default::default() }).await;
+    let dup = b
+        .create_topic(TopicConfig {
+            name: topic("t-err").to_string(),
+            labels: Default::default(),
+        })
+        .await;
     assert_eq!(dup.unwrap_err().code, Code::AlreadyExists);
-    assert_eq!(b.publish(&topic("missing"), msgs("x", 1)).await.unwrap_err().code, Code::NotFound);
-    assert_eq!(b.pull(&subn("missing"), 1, None).await.unwrap_err().code, Code::NotFound);
-    assert_eq!(b.pull(&subn("s-err"), 0, None).await.unwrap_err().code, Code::InvalidArgument);
+    assert_eq!(
+        b.publish(&topic("missing"), msgs("x", 1))
+            .await
+            .unwrap_err()
+            .code,
+        Code::NotFound
+    );
+    assert_eq!(
+        b.pull(&subn("missing"), 1, None).await.unwrap_err().code,
+        Code::NotFound
+    );
+    assert_eq!(
+        b.pull(&subn("s-err"), 0, None).await.unwrap_err().code,
+        Code::InvalidArgument
+    );
     let bad_deadline = b
         .create_subscription(SubscriptionConfig {
             name: subn("s-err2").to_string(),
@@ -194,7 +284,13 @@ async fn errors_carry_google_codes() {
         })
         .await;
     assert_eq!(no_topic.unwrap_err().code, Code::NotFound);
-    assert_eq!(b.publish(&topic("t-err"), vec![OutgoingMessage::default()]).await.unwrap_err().code, Code::InvalidArgument);
+    assert_eq!(
+        b.publish(&topic("t-err"), vec![OutgoingMessage::default()])
+            .await
+            .unwrap_err()
+            .code,
+        Code::InvalidArgument
+    );
 }
 
 #[tokio::test]
@@ -204,13 +300,19 @@ async fn deleting_a_topic_keeps_its_subscriptions_and_backlog() {
     setup(&b, "t-del", &["s-del"]).await;
     b.publish(&topic("t-del"), msgs("d", 2)).await.unwrap();
     b.delete_topic(&topic("t-del")).await.unwrap();
-    assert_eq!(b.get_subscription(&subn("s-del")).unwrap().topic, "_deleted-topic_");
+    assert_eq!(
+        b.get_subscription(&subn("s-del")).unwrap().topic,
+        "_deleted-topic_"
+    );
     assert_eq!(b.pull(&subn("s-del"), 10, None).await.unwrap().len(), 2);
     // A re-created topic of the same name does not feed the old subscription.
     setup(&b, "t-del", &[]).await;
     b.publish(&topic("t-del"), msgs("e", 1)).await.unwrap();
     b.expire_leases(Instant::now() + Duration::from_secs(11));
-    assert_eq!(datas(&b.pull(&subn("s-del"), 10, None).await.unwrap()), ["d0", "d1"]);
+    assert_eq!(
+        datas(&b.pull(&subn("s-del"), 10, None).await.unwrap()),
+        ["d0", "d1"]
+    );
 }
 
 #[tokio::test]

@@ -7,7 +7,9 @@ use std::process::Command;
 use std::sync::Arc;
 
 use pubrun_broker::Broker;
-use pubrun_core::{Code, OutgoingMessage, SubscriptionConfig, SubscriptionName, TopicConfig, TopicName};
+use pubrun_core::{
+    Code, OutgoingMessage, SubscriptionConfig, SubscriptionName, TopicConfig, TopicName,
+};
 use pubrun_store::EmbeddedStore;
 
 struct Tmpfs(PathBuf);
@@ -15,7 +17,10 @@ struct Tmpfs(PathBuf);
 impl Tmpfs {
     fn mount(dir: &Path, size: &str) -> Option<Tmpfs> {
         std::fs::create_dir_all(dir).unwrap();
-        let ok = Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]).arg(dir).status();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status();
         match ok {
             Ok(s) if s.success() => Some(Tmpfs(dir.to_path_buf())),
             _ => None,
@@ -38,7 +43,10 @@ async fn full_disk_loses_nothing_and_recovers() {
     let tmp = tempfile::tempdir().unwrap();
     let mnt = tmp.path().join("mnt");
     let Some(_fs) = Tmpfs::mount(&mnt, "4m") else {
-        assert!(std::env::var("CI").is_err(), "CI must run as root so that this test can mount a tmpfs");
+        assert!(
+            std::env::var("CI").is_err(),
+            "CI must run as root so that this test can mount a tmpfs"
+        );
         eprintln!("SKIPPED full_disk test: cannot mount tmpfs (not root?)");
         return;
     };
@@ -51,7 +59,12 @@ async fn full_disk_loses_nothing_and_recovers() {
     let mut acknowledged = Vec::new();
     {
         let b = open(&data);
-        b.create_topic(TopicConfig { name: topic.to_string(), labels: Default::default() }).await.unwrap();
+        b.create_topic(TopicConfig {
+            name: topic.to_string(),
+            labels: Default::default(),
+        })
+        .await
+        .unwrap();
         b.create_subscription(SubscriptionConfig {
             name: sub.to_string(),
             topic: topic.to_string(),
@@ -63,7 +76,10 @@ async fn full_disk_loses_nothing_and_recovers() {
         .unwrap();
         let mut failed = None;
         for i in 0..100 {
-            let m = OutgoingMessage { data: vec![b'a' + (i % 26) as u8; 100 * 1024].into(), ..Default::default() };
+            let m = OutgoingMessage {
+                data: vec![b'a' + (i % 26) as u8; 100 * 1024].into(),
+                ..Default::default()
+            };
             match b.publish(&topic, vec![m]).await {
                 Ok(ids) => acknowledged.push(ids[0].clone()),
                 Err(e) => {
@@ -84,12 +100,24 @@ async fn full_disk_loses_nothing_and_recovers() {
 
         // Free space: publishing works again without a restart.
         std::fs::remove_file(&ballast).unwrap();
-        let ids = b.publish(&topic, vec![OutgoingMessage { data: "after".into(), ..Default::default() }]).await.unwrap();
+        let ids = b
+            .publish(
+                &topic,
+                vec![OutgoingMessage {
+                    data: "after".into(),
+                    ..Default::default()
+                }],
+            )
+            .await
+            .unwrap();
         acknowledged.push(ids[0].clone());
     }
     let b = open(&data);
     let got = b.pull(&sub, 1000, None).await.unwrap();
     let ids: Vec<String> = got.iter().map(|d| d.message.id()).collect();
-    assert_eq!(ids, acknowledged, "after restart: exactly the acknowledged publishes, in order");
+    assert_eq!(
+        ids, acknowledged,
+        "after restart: exactly the acknowledged publishes, in order"
+    );
     assert_eq!(&got.last().unwrap().message.data[..], b"after");
 }

@@ -77,9 +77,11 @@ impl Expected {
             match k.trim().to_ascii_lowercase().as_str() {
                 "md5" => self.md5 = Some(v.trim().to_string()),
                 "crc32c" => self.crc32c = Some(v.trim().to_string()),
-                other => return Err(GcsError::invalid(format!(
+                other => {
+                    return Err(GcsError::invalid(format!(
                     "Invalid x-goog-hash header: unknown hash type '{other}' (use crc32c or md5)"
-                ))),
+                )))
+                }
             }
         }
         Ok(())

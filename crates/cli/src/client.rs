@@ -8,8 +8,8 @@
 //! with `--json`, the server's JSON response for scripts.
 
 mod api;
-mod buckets;
 mod args;
+mod buckets;
 mod jobs;
 mod messages;
 mod names;
@@ -191,7 +191,10 @@ pub const RUN_STATUSES: [&str; 7] = [
 /// `pubrun runs [--job J] [--status S] [--limit N]` lists; `runs show ID`
 /// and `runs cancel ID` act on one run.
 #[derive(clap::Args)]
-#[command(args_conflicts_with_subcommands = true, subcommand_value_name = "COMMAND")]
+#[command(
+    args_conflicts_with_subcommands = true,
+    subcommand_value_name = "COMMAND"
+)]
 pub struct RunsArgs {
     #[command(subcommand)]
     pub command: Option<RunsCommand>,
@@ -240,11 +243,13 @@ pub enum RunsCommand {
 }
 
 #[derive(clap::Args)]
-#[command(after_help = "With --follow the command polls about three times a second and exits 0 once the run has \
+#[command(
+    after_help = "With --follow the command polls about three times a second and exits 0 once the run has \
 ended (succeeded, failed, timed_out or cancelled) and its whole log is printed — whatever the run's result; \
 the final state is reported on standard error, and `pubrun runs show ID` tells it to scripts. \
 With --json the log comes as JSON objects {\"run\", \"status\", \"offset\", \"size\", \"log\"} \
-(one per line when following).")]
+(one per line when following)."
+)]
 pub struct LogsArgs {
     /// Run id.
     pub id: String,

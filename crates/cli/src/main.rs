@@ -7,7 +7,11 @@ mod serve;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "pubrun", version, about = "Run containerized batch jobs when something happens.")]
+#[command(
+    name = "pubrun",
+    version,
+    about = "Run containerized batch jobs when something happens."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -31,7 +31,10 @@ pub struct ServeArgs {
 }
 
 fn default_slots() -> usize {
-    std::thread::available_parallelism().map(|n| n.get() * 2).unwrap_or(4).max(4)
+    std::thread::available_parallelism()
+        .map(|n| n.get() * 2)
+        .unwrap_or(4)
+        .max(4)
 }
 
 /// Stands in for the Docker executor when no engine answers at start: every
@@ -40,11 +43,26 @@ struct NoDocker(String);
 
 #[async_trait::async_trait]
 impl Executor for NoDocker {
-    async fn run(&self, _req: RunRequest, log: Arc<LogSink>, _c: CancellationToken, _s: OnStarted) -> Exit {
+    async fn run(
+        &self,
+        _req: RunRequest,
+        log: Arc<LogSink>,
+        _c: CancellationToken,
+        _s: OnStarted,
+    ) -> Exit {
         log.note(&self.0).await;
-        Exit { error: Some(self.0.clone()), infra_error: true, ..Default::default() }
+        Exit {
+            error: Some(self.0.clone()),
+            infra_error: true,
+            ..Default::default()
+        }
     }
-    async fn reattach(&self, _req: RunRequest, _log: Arc<LogSink>, _c: CancellationToken) -> Option<Exit> {
+    async fn reattach(
+        &self,
+        _req: RunRequest,
+        _log: Arc<LogSink>,
+        _c: CancellationToken,
+    ) -> Option<Exit> {
         None
     }
 }
@@ -52,7 +70,8 @@ impl Executor for NoDocker {
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("PUBRUN_LOG").unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_env("PUBRUN_LOG")
+                .unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -73,15 +92,20 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     // Read the manifest before binding so a bad file fails fast, with its line.
     let manifest = match &args.config {
         Some(path) => {
-            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-            Some(pubrun_core::manifest::parse(&path.display().to_string(), &text)?)
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            Some(pubrun_core::manifest::parse(
+                &path.display().to_string(),
+                &text,
+            )?)
         }
         None => None,
     };
-    let buckets =
-        pubrun_buckets::Buckets::open(&args.data_dir, broker.clone()).context("opening bucket storage")?;
+    let buckets = pubrun_buckets::Buckets::open(&args.data_dir, broker.clone())
+        .context("opening bucket storage")?;
     let triggers = Arc::new(
-        pubrun_triggers::Triggers::open(&args.data_dir, broker.clone()).context("opening schedules and webhooks")?,
+        pubrun_triggers::Triggers::open(&args.data_dir, broker.clone())
+            .context("opening schedules and webhooks")?,
     );
     let runs = RunStore::open(&args.data_dir.join("runs.db")).context("opening the run store")?;
     let docker: Arc<dyn Executor> = match pubrun_exec::docker::DockerExecutor::connect() {
@@ -91,30 +115,63 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             Arc::new(NoDocker(format!("docker engine unreachable: {e}")))
         }
     };
-    let executors = Executors { process: Arc::new(pubrun_exec::process::ProcessExecutor::new()), docker };
-    let dispatcher = Dispatcher::new(broker.clone(), Arc::new(runs), args.data_dir.clone(), executors, args.slots);
+    let executors = Executors {
+        process: Arc::new(pubrun_exec::process::ProcessExecutor::new()),
+        docker,
+    };
+    let dispatcher = Dispatcher::new(
+        broker.clone(),
+        Arc::new(runs),
+        args.data_dir.clone(),
+        executors,
+        args.slots,
+    );
     dispatcher.set_buckets(buckets.clone());
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
-        .with_context(|| format!("binding {} (is another pubrun or emulator running there?)", args.listen))?;
+        .with_context(|| {
+            format!(
+                "binding {} (is another pubrun or emulator running there?)",
+                args.listen
+            )
+        })?;
     let addr = listener.local_addr()?;
-    dispatcher.start().await.context("starting the dispatcher")?;
+    dispatcher
+        .start()
+        .await
+        .context("starting the dispatcher")?;
     triggers.spawn();
     buckets.set_base_url(&format!("http://{addr}"));
     if let Some(m) = &manifest {
-        let changes = pubrun_api::apply::apply_manifest(&broker, &dispatcher, Some(&triggers), Some(&buckets), m, false)
-            .await
-            .context("applying --config")?;
-        let changed = changes.iter().filter(|c| c.action != pubrun_jobs::apply::Action::Unchanged).count();
+        let changes = pubrun_api::apply::apply_manifest(
+            &broker,
+            &dispatcher,
+            Some(&triggers),
+            Some(&buckets),
+            m,
+            false,
+        )
+        .await
+        .context("applying --config")?;
+        let changed = changes
+            .iter()
+            .filter(|c| c.action != pubrun_jobs::apply::Action::Unchanged)
+            .count();
         tracing::info!(changed, total = changes.len(), "applied manifest");
     }
     tracing::info!(%addr, data_dir = %args.data_dir.display(), auth = token.is_some(), "pubrun serving gRPC and HTTP");
-    pubrun_api::serve(listener, broker.clone(), ServeOptions {
-        token,
-        dispatcher: Some(dispatcher.clone()),
-        triggers: Some(triggers.clone()),
-        buckets: Some(buckets.clone()),
-    }, shutdown_signal()).await?;
+    pubrun_api::serve(
+        listener,
+        broker.clone(),
+        ServeOptions {
+            token,
+            dispatcher: Some(dispatcher.clone()),
+            triggers: Some(triggers.clone()),
+            buckets: Some(buckets.clone()),
+        },
+        shutdown_signal(),
+    )
+    .await?;
     triggers.stop();
     drop(dispatcher);
     drop(broker);

@@ -24,14 +24,19 @@ impl Server {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let mut cmd = Command::new(BIN);
-        cmd.args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
-            .arg(dir.path().join("data"))
-            .env("PUBRUN_LOG", "warn")
-            .env_remove("PUBRUN_TOKEN")
-            .env_remove("PUBRUN_LISTEN")
-            .env_remove("PUBRUN_DATA_DIR")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null());
+        cmd.args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--data-dir",
+        ])
+        .arg(dir.path().join("data"))
+        .env("PUBRUN_LOG", "warn")
+        .env_remove("PUBRUN_TOKEN")
+        .env_remove("PUBRUN_LISTEN")
+        .env_remove("PUBRUN_DATA_DIR")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
         if let Some(t) = token {
             cmd.args(["--token", t]);
         }
@@ -49,12 +54,20 @@ impl Server {
     }
 
     fn wait_healthy(&mut self) {
-        common::wait_healthy(&mut self.child.0, self.port, Duration::from_secs(60), String::new);
+        common::wait_healthy(
+            &mut self.child.0,
+            self.port,
+            Duration::from_secs(60),
+            String::new,
+        );
     }
 
     /// Runs a client command against this server (address via PUBRUN_ADDR).
     fn run(&self, args: &[&str]) -> Run {
-        run(Command::new(BIN).args(args).env("PUBRUN_ADDR", self.addr()), None)
+        run(
+            Command::new(BIN).args(args).env("PUBRUN_ADDR", self.addr()),
+            None,
+        )
     }
 
     fn run_stdin(&self, args: &[&str], stdin: &[u8]) -> Run {
@@ -81,8 +94,12 @@ impl Server {
         let mut a = args.to_vec();
         a.push("--json");
         let out = self.ok(&a);
-        serde_json::from_str(&out)
-            .unwrap_or_else(|e| panic!("`pubrun {}` printed invalid JSON ({e}):\n{out}", a.join(" ")))
+        serde_json::from_str(&out).unwrap_or_else(|e| {
+            panic!(
+                "`pubrun {}` printed invalid JSON ({e}):\n{out}",
+                a.join(" ")
+            )
+        })
     }
 }
 
@@ -97,12 +114,20 @@ fn run(cmd: &mut Command, stdin: Option<&[u8]>) -> Run {
         .env_remove("PUBRUN_PROJECT")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() });
+    cmd.stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    });
     let mut child = cmd.spawn().expect("spawn pubrun");
     if let Some(input) = stdin {
         child.stdin.take().unwrap().write_all(input).unwrap();
     }
-    let Output { status, stdout, stderr } = child.wait_with_output().unwrap();
+    let Output {
+        status,
+        stdout,
+        stderr,
+    } = child.wait_with_output().unwrap();
     Run {
         code: status.code().unwrap_or(-1),
         stdout: String::from_utf8_lossy(&stdout).into_owned(),
@@ -115,7 +140,10 @@ fn create_publish_pull_ack_list_and_delete() {
     let server = Server::start(None);
 
     let out = server.ok(&["topics", "create", "orders", "--label", "team=data"]);
-    assert!(out.contains("created topic projects/demo/topics/orders"), "{out}");
+    assert!(
+        out.contains("created topic projects/demo/topics/orders"),
+        "{out}"
+    );
     let out = server.ok(&[
         "subscriptions",
         "create",
@@ -133,7 +161,10 @@ fn create_publish_pull_ack_list_and_delete() {
     // Lists show what was created, in aligned columns.
     let out = server.ok(&["topics", "list"]);
     let lines: Vec<&str> = out.lines().collect();
-    assert!(lines[0].starts_with("TOPIC") && lines[0].contains("LABELS"), "{out}");
+    assert!(
+        lines[0].starts_with("TOPIC") && lines[0].contains("LABELS"),
+        "{out}"
+    );
     assert!(
         lines
             .iter()
@@ -155,7 +186,11 @@ fn create_publish_pull_ack_list_and_delete() {
         out.starts_with("name:") && out.contains("projects/demo/topics/orders"),
         "{out}"
     );
-    let sub = server.json(&["subscriptions", "get", "projects/demo/subscriptions/workers"]);
+    let sub = server.json(&[
+        "subscriptions",
+        "get",
+        "projects/demo/subscriptions/workers",
+    ]);
     assert_eq!(sub["topic"], "projects/demo/topics/orders", "{sub}");
     assert_eq!(sub["ackDeadlineSeconds"].as_i64(), Some(30), "{sub}");
 
@@ -171,7 +206,10 @@ fn create_publish_pull_ack_list_and_delete() {
         "size=L",
     ]);
     let id = out.trim().to_string();
-    assert!(!id.is_empty() && !id.contains('\n'), "one message id expected: {out:?}");
+    assert!(
+        !id.is_empty() && !id.contains('\n'),
+        "one message id expected: {out:?}"
+    );
 
     // Pull --ack shows it; a second pull shows nothing.
     let out = server.ok(&["pull", "workers", "--ack"]);
@@ -197,12 +235,23 @@ fn create_publish_pull_ack_list_and_delete() {
         b"keyed",
     );
     assert_eq!(r.code, 0, "{}", r.stderr);
-    let published: Value = serde_json::from_str(&r.stdout).unwrap_or_else(|e| panic!("{e}: {}", r.stdout));
-    assert_eq!(published["messageIds"].as_array().map(Vec::len), Some(1), "{published}");
-    let r = server.run_stdin(&["publish", "orders", "--data-file", "-"], &[0xff, 0x00, 0xfe]);
+    let published: Value =
+        serde_json::from_str(&r.stdout).unwrap_or_else(|e| panic!("{e}: {}", r.stdout));
+    assert_eq!(
+        published["messageIds"].as_array().map(Vec::len),
+        Some(1),
+        "{published}"
+    );
+    let r = server.run_stdin(
+        &["publish", "orders", "--data-file", "-"],
+        &[0xff, 0x00, 0xfe],
+    );
     assert_eq!(r.code, 0, "{}", r.stderr);
     let out = server.ok(&["pull", "workers", "--max", "10", "--ack"]);
-    assert!(out.contains("keyed") && out.contains("ordering key:"), "{out}");
+    assert!(
+        out.contains("keyed") && out.contains("ordering key:"),
+        "{out}"
+    );
     assert!(out.contains("data (base64): /wD+"), "{out}");
     let pulled = server.json(&["pull", "workers", "--ack"]);
     assert!(pulled.is_object(), "{pulled}");
@@ -228,10 +277,17 @@ fn create_publish_pull_ack_list_and_delete() {
         "{out}"
     );
     let out = server.ok(&["topics", "delete", "orders"]);
-    assert!(out.contains("deleted topic projects/demo/topics/orders"), "{out}");
+    assert!(
+        out.contains("deleted topic projects/demo/topics/orders"),
+        "{out}"
+    );
     let r = server.run(&["topics", "list"]);
     assert_eq!((r.code, r.stdout.as_str()), (0, ""), "{}", r.stderr);
-    assert!(r.stderr.contains("no topics in projects/demo"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("no topics in projects/demo"),
+        "{}",
+        r.stderr
+    );
 }
 
 #[test]
@@ -246,7 +302,15 @@ fn publish_reads_stdin_and_pull_json_round_trips() {
         "projects/demo/topics/inbox",
     ]);
     let r = server.run_stdin(
-        &["publish", "inbox", "--data-file", "-", "--attr", "a=1=2", "--json"],
+        &[
+            "publish",
+            "inbox",
+            "--data-file",
+            "-",
+            "--attr",
+            "a=1=2",
+            "--json",
+        ],
         b"from stdin\n",
     );
     assert_eq!(r.code, 0, "{}", r.stderr);
@@ -263,7 +327,10 @@ fn publish_reads_stdin_and_pull_json_round_trips() {
     assert_eq!(msgs.len(), 1, "{pulled}");
     let m = &msgs[0]["message"];
     assert_eq!(m["messageId"], id.as_str(), "{pulled}");
-    assert_eq!(m["data"], "ZnJvbSBzdGRpbgo=", "base64 of \"from stdin\\n\": {pulled}");
+    assert_eq!(
+        m["data"], "ZnJvbSBzdGRpbgo=",
+        "base64 of \"from stdin\\n\": {pulled}"
+    );
     assert_eq!(m["attributes"]["a"], "1=2", "{pulled}");
     assert!(msgs[0]["ackId"].is_string(), "{pulled}");
 
@@ -281,7 +348,12 @@ fn projects_scope_short_names() {
     server.ok(&["topics", "create", "shared", "--project", "other"]);
     server.ok(&["topics", "create", "projects/third/topics/full"]);
     let r = server.run(&["topics", "list"]);
-    assert_eq!((r.code, r.stdout.as_str()), (0, ""), "demo is empty: {}", r.stderr);
+    assert_eq!(
+        (r.code, r.stdout.as_str()),
+        (0, ""),
+        "demo is empty: {}",
+        r.stderr
+    );
     let out = server.ok(&["topics", "list", "--project", "other"]);
     assert!(out.lines().any(|l| l.starts_with("shared")), "{out}");
     let t = server.json(&["topics", "get", "full", "--project", "third"]);
@@ -346,10 +418,21 @@ fn invalid_names_fail_before_any_request() {
         None,
     );
     assert_eq!(r.code, 1);
-    assert!(r.stderr.contains("must start with a letter"), "{}", r.stderr);
-    let r = run(Command::new(BIN).args(["topics", "get", "a/b", "--addr", &addr]), None);
+    assert!(
+        r.stderr.contains("must start with a letter"),
+        "{}",
+        r.stderr
+    );
+    let r = run(
+        Command::new(BIN).args(["topics", "get", "a/b", "--addr", &addr]),
+        None,
+    );
     assert_eq!(r.code, 1);
-    assert!(r.stderr.contains("projects/PROJECT/topics/ID"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("projects/PROJECT/topics/ID"),
+        "{}",
+        r.stderr
+    );
 }
 
 #[test]
@@ -366,7 +449,10 @@ fn unreachable_server_says_how_to_fix_it() {
         "{err}"
     );
     assert!(err.contains("connection refused"), "{err}");
-    assert!(err.contains("pubrun serve") && err.contains("PUBRUN_ADDR"), "{err}");
+    assert!(
+        err.contains("pubrun serve") && err.contains("PUBRUN_ADDR"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -427,5 +513,9 @@ fn token_is_required_when_the_server_has_one() {
         .env("PUBRUN_TOKEN", "s3cret")
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

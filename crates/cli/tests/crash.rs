@@ -19,7 +19,12 @@ use common::{connect, free_port, Server};
 async fn start(data: &Path) -> (Server, Channel) {
     let port = free_port();
     let child = Command::new(env!("CARGO_BIN_EXE_pubrun"))
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
+        .args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--data-dir",
+        ])
         .arg(data)
         .env("PUBRUN_LOG", "warn")
         .stdout(Stdio::null())
@@ -38,7 +43,13 @@ async fn sigkill_under_load_loses_no_acknowledged_publish() {
     let (mut server, ch) = start(dir.path()).await;
     let mut admin_p = PublisherClient::new(ch.clone());
     let mut admin_s = SubscriberClient::new(ch.clone());
-    admin_p.create_topic(pb::Topic { name: TOPIC.into(), ..Default::default() }).await.unwrap();
+    admin_p
+        .create_topic(pb::Topic {
+            name: TOPIC.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
     admin_s
         .create_subscription(pb::Subscription {
             name: SUB.into(),
@@ -63,10 +74,19 @@ async fn sigkill_under_load_loses_no_acknowledged_publish() {
         tasks.push(tokio::spawn(async move {
             for i in 0u64.. {
                 let batch: Vec<pb::PubsubMessage> = (0..10)
-                    .map(|j| pb::PubsubMessage { data: format!("w{w}-{i}-{j}").into_bytes().into(), ..Default::default() })
+                    .map(|j| pb::PubsubMessage {
+                        data: format!("w{w}-{i}-{j}").into_bytes().into(),
+                        ..Default::default()
+                    })
                     .collect();
                 let datas: Vec<Vec<u8>> = batch.iter().map(|m| m.data.to_vec()).collect();
-                match client.publish(pb::PublishRequest { topic: TOPIC.into(), messages: batch }).await {
+                match client
+                    .publish(pb::PublishRequest {
+                        topic: TOPIC.into(),
+                        messages: batch,
+                    })
+                    .await
+                {
                     Ok(r) => {
                         let mut p = published.lock().unwrap();
                         for (id, d) in r.into_inner().message_ids.into_iter().zip(datas) {
@@ -85,16 +105,29 @@ async fn sigkill_under_load_loses_no_acknowledged_publish() {
         tasks.push(tokio::spawn(async move {
             loop {
                 #[allow(deprecated)]
-                let req = pb::PullRequest { subscription: SUB.into(), max_messages: 50, return_immediately: true };
+                let req = pb::PullRequest {
+                    subscription: SUB.into(),
+                    max_messages: 50,
+                    return_immediately: true,
+                };
                 let Ok(r) = sub.pull(req).await else { break };
                 let msgs = r.into_inner().received_messages;
                 if msgs.is_empty() {
                     continue;
                 }
                 let ack_ids = msgs.iter().map(|m| m.ack_id.clone()).collect();
-                let ids: Vec<String> = msgs.iter().map(|m| m.message.as_ref().unwrap().message_id.clone()).collect();
+                let ids: Vec<String> = msgs
+                    .iter()
+                    .map(|m| m.message.as_ref().unwrap().message_id.clone())
+                    .collect();
                 in_flight.lock().unwrap().extend(ids.iter().cloned());
-                match sub.acknowledge(pb::AcknowledgeRequest { subscription: SUB.into(), ack_ids }).await {
+                match sub
+                    .acknowledge(pb::AcknowledgeRequest {
+                        subscription: SUB.into(),
+                        ack_ids,
+                    })
+                    .await
+                {
                     Ok(_) => {
                         let mut f = in_flight.lock().unwrap();
                         for id in &ids {
@@ -115,7 +148,10 @@ async fn sigkill_under_load_loses_no_acknowledged_publish() {
         if p >= 5_000 && a >= 500 {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "load did not build up: {p} published, {a} acked");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "load did not build up: {p} published, {a} acked"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     server.0.kill().expect("SIGKILL pubrun");
@@ -133,27 +169,59 @@ async fn sigkill_under_load_loses_no_acknowledged_publish() {
     let mut delivered: HashMap<String, Vec<u8>> = HashMap::new();
     loop {
         #[allow(deprecated)]
-        let req = pb::PullRequest { subscription: SUB.into(), max_messages: 1000, return_immediately: true };
-        let msgs = sub.pull(req).await.expect("pull after restart").into_inner().received_messages;
+        let req = pb::PullRequest {
+            subscription: SUB.into(),
+            max_messages: 1000,
+            return_immediately: true,
+        };
+        let msgs = sub
+            .pull(req)
+            .await
+            .expect("pull after restart")
+            .into_inner()
+            .received_messages;
         if msgs.is_empty() {
             break;
         }
         for m in msgs {
             let m = m.message.unwrap();
-            assert!(delivered.insert(m.message_id.clone(), m.data.to_vec()).is_none(), "duplicate in one drain");
+            assert!(
+                delivered
+                    .insert(m.message_id.clone(), m.data.to_vec())
+                    .is_none(),
+                "duplicate in one drain"
+            );
         }
     }
 
     let lost: Vec<&String> = published
         .keys()
-        .filter(|id| !acked.contains(*id) && !ack_in_flight.contains(*id) && !delivered.contains_key(*id))
+        .filter(|id| {
+            !acked.contains(*id) && !ack_in_flight.contains(*id) && !delivered.contains_key(*id)
+        })
         .collect();
-    assert!(lost.is_empty(), "{} acknowledged publishes lost after kill -9, e.g. {:?}", lost.len(), &lost[..lost.len().min(5)]);
-    let resurrected: Vec<&String> = acked.iter().filter(|id| delivered.contains_key(*id)).collect();
-    assert!(resurrected.is_empty(), "{} acked messages came back, e.g. {:?}", resurrected.len(), &resurrected[..resurrected.len().min(5)]);
+    assert!(
+        lost.is_empty(),
+        "{} acknowledged publishes lost after kill -9, e.g. {:?}",
+        lost.len(),
+        &lost[..lost.len().min(5)]
+    );
+    let resurrected: Vec<&String> = acked
+        .iter()
+        .filter(|id| delivered.contains_key(*id))
+        .collect();
+    assert!(
+        resurrected.is_empty(),
+        "{} acked messages came back, e.g. {:?}",
+        resurrected.len(),
+        &resurrected[..resurrected.len().min(5)]
+    );
     for (id, data) in &delivered {
         if let Some(want) = published.get(id) {
-            assert_eq!(data, want, "payload of message {id} changed across the crash");
+            assert_eq!(
+                data, want,
+                "payload of message {id} changed across the crash"
+            );
         }
     }
     eprintln!(

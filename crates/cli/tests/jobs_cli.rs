@@ -72,7 +72,12 @@ impl Server {
         let port = free_port();
         let log = std::fs::File::create(dir.path().join("serve.log")).unwrap();
         let child = Command::new(BIN)
-            .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
+            .args([
+                "serve",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--data-dir",
+            ])
             .arg(dir.path().join("data"))
             .arg("--config")
             .arg(&config)
@@ -86,7 +91,11 @@ impl Server {
             .stderr(log)
             .spawn()
             .expect("spawn pubrun serve");
-        let mut server = Server { child: common::Server(child), port, dir };
+        let mut server = Server {
+            child: common::Server(child),
+            port,
+            dir,
+        };
         server.wait_healthy();
         server
     }
@@ -142,8 +151,12 @@ impl Server {
         let mut a = args.to_vec();
         a.push("--json");
         let out = self.ok(&a);
-        serde_json::from_str(&out)
-            .unwrap_or_else(|e| panic!("`pubrun {}` printed invalid JSON ({e}):\n{out}", a.join(" ")))
+        serde_json::from_str(&out).unwrap_or_else(|e| {
+            panic!(
+                "`pubrun {}` printed invalid JSON ({e}):\n{out}",
+                a.join(" ")
+            )
+        })
     }
 
     /// The run as `pubrun runs show ID --json` has it.
@@ -307,12 +320,18 @@ fn a_published_message_runs_the_job_and_its_log_and_exit_are_shown() {
     let out = server.ok(&["jobs", "list"]);
     assert!(out.starts_with("JOB "), "{out}");
     let hello = row(&out, "hello");
-    assert!(hello.contains("uploads") && hello.contains("process: sh -c"), "{out}");
+    assert!(
+        hello.contains("uploads") && hello.contains("process: sh -c"),
+        "{out}"
+    );
     row(&out, "sleeper");
     let jobs = server.json(&["jobs", "list"]);
     assert_eq!(jobs["jobs"].as_array().map(Vec::len), Some(3), "{jobs}");
     let out = server.ok(&["jobs", "show", "hello"]);
-    assert!(out.contains("topic:") && out.contains("projects/demo/topics/uploads"), "{out}");
+    assert!(
+        out.contains("topic:") && out.contains("projects/demo/topics/uploads"),
+        "{out}"
+    );
     assert!(out.contains("echo hello {{ attributes.who }}"), "{out}");
     assert!(out.contains("timeout:") && out.contains("30s"), "{out}");
     let job = server.json(&["jobs", "show", "hello"]);
@@ -320,7 +339,14 @@ fn a_published_message_runs_the_job_and_its_log_and_exit_are_shown() {
 
     // A published message becomes a run that succeeds.
     let msg_id = server
-        .ok(&["publish", "uploads", "--data", r#"{"code": 0}"#, "--attr", "who=world"])
+        .ok(&[
+            "publish",
+            "uploads",
+            "--data",
+            r#"{"code": 0}"#,
+            "--attr",
+            "who=world",
+        ])
         .trim()
         .to_string();
     let id = server.wait_first_run_of("hello");
@@ -330,10 +356,24 @@ fn a_published_message_runs_the_job_and_its_log_and_exit_are_shown() {
     assert_eq!(run["exit"]["exit_code"], 0, "{run:#}");
 
     let out = server.ok(&["runs"]);
-    assert!(out.starts_with("ID ") && out.contains("STATUS") && out.contains("DURATION"), "{out}");
+    assert!(
+        out.starts_with("ID ") && out.contains("STATUS") && out.contains("DURATION"),
+        "{out}"
+    );
     let line = row(&out, &id);
-    assert!(line.contains("hello") && line.contains("succeeded") && line.contains("1/1"), "{out}");
-    let runs = server.json(&["runs", "--job", "hello", "--status", "succeeded", "--limit", "5"]);
+    assert!(
+        line.contains("hello") && line.contains("succeeded") && line.contains("1/1"),
+        "{out}"
+    );
+    let runs = server.json(&[
+        "runs",
+        "--job",
+        "hello",
+        "--status",
+        "succeeded",
+        "--limit",
+        "5",
+    ]);
     assert_eq!(runs["runs"][0]["id"].to_string(), id, "{runs}");
 
     // Its log holds the job's output.
@@ -341,36 +381,74 @@ fn a_published_message_runs_the_job_and_its_log_and_exit_are_shown() {
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(r.stdout.contains("hello world\n"), "{}", r.stdout);
     let log = server.json(&["logs", &id]);
-    assert!(log["log"].as_str().unwrap().contains("hello world"), "{log}");
+    assert!(
+        log["log"].as_str().unwrap().contains("hello world"),
+        "{log}"
+    );
     assert_eq!(log["status"], "succeeded", "{log}");
 
     // A manual trigger creates a run; `runs show` tells its exit code.
-    let out = server.ok(&["jobs", "trigger", "hello", "--data", r#"{"code": 3}"#, "--attr", "who=trigger"]);
+    let out = server.ok(&[
+        "jobs",
+        "trigger",
+        "hello",
+        "--data",
+        r#"{"code": 3}"#,
+        "--attr",
+        "who=trigger",
+    ]);
     let trig = out.trim().to_string();
-    assert!(trig.parse::<i64>().is_ok(), "the run id alone on stdout: {out:?}");
+    assert!(
+        trig.parse::<i64>().is_ok(),
+        "the run id alone on stdout: {out:?}"
+    );
     assert_ne!(trig, id);
     let run = server.wait_terminal(&trig);
     assert_eq!(run["status"], "failed", "{run:#}");
     assert_eq!(run["exit"]["exit_code"], 3, "{run:#}");
     let out = server.ok(&["runs", "show", &trig]);
-    for want in ["job:", "hello", "status:", "failed", "exit code:", "message id:", "who=trigger", "started:", "duration:"] {
+    for want in [
+        "job:",
+        "hello",
+        "status:",
+        "failed",
+        "exit code:",
+        "message id:",
+        "who=trigger",
+        "started:",
+        "duration:",
+    ] {
         assert!(out.contains(want), "{want:?} missing from:\n{out}");
     }
     let exit_line = out.lines().find(|l| l.starts_with("exit code:")).unwrap();
     assert_eq!(exit_line.split_whitespace().last(), Some("3"), "{out}");
     assert!(
-        out.lines().any(|l| l.starts_with("started:") && l.trim_end().ends_with('Z')),
+        out.lines()
+            .any(|l| l.starts_with("started:") && l.trim_end().ends_with('Z')),
         "times are RFC 3339 UTC:\n{out}"
     );
     assert!(server.ok(&["logs", &trig]).contains("hello trigger\n"));
     let failed = server.json(&["runs", "--status", "failed"]);
-    let ids: Vec<String> = failed["runs"].as_array().unwrap().iter().map(|r| r["id"].to_string()).collect();
+    let ids: Vec<String> = failed["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].to_string())
+        .collect();
     assert_eq!(ids, std::slice::from_ref(&trig), "{failed}");
 
     // Data from a file; --json gives the whole run.
     let data = server.path("data.json");
     std::fs::write(&data, r#"{"code": 0}"#).unwrap();
-    let resp = server.json(&["jobs", "trigger", "hello", "--data-file", data.to_str().unwrap(), "--attr", "who=file"]);
+    let resp = server.json(&[
+        "jobs",
+        "trigger",
+        "hello",
+        "--data-file",
+        data.to_str().unwrap(),
+        "--attr",
+        "who=file",
+    ]);
     let from_file = resp["run"]["id"].to_string();
     assert_eq!(resp["run"]["job"], "hello", "{resp}");
     assert_eq!(server.wait_terminal(&from_file)["status"], "succeeded");
@@ -392,10 +470,21 @@ fn cancel_stops_a_long_run_and_logs_follow_returns_when_a_run_ends() {
     let follower = Background::spawn(server.command(&["logs", &tick, "--follow"]));
     let r = follower.finish(PATIENCE);
     assert_eq!(r.code, 0, "{}", r.stderr);
-    assert!(r.stdout.contains("one\n") && r.stdout.contains("two\n"), "{}", r.stdout);
-    assert!(r.stderr.contains(&format!("run {tick} succeeded")), "{}", r.stderr);
+    assert!(
+        r.stdout.contains("one\n") && r.stdout.contains("two\n"),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        r.stderr.contains(&format!("run {tick} succeeded")),
+        "{}",
+        r.stderr
+    );
     let run = server.run_record(&tick);
-    assert_eq!(run["status"], "succeeded", "follow returned before the end: {run:#}");
+    assert_eq!(
+        run["status"], "succeeded",
+        "follow returned before the end: {run:#}"
+    );
 
     // A minute-long run: follow it, cancel it, the follower returns.
     server.ok(&["publish", "slow", "--data", "x"]);
@@ -403,10 +492,16 @@ fn cancel_stops_a_long_run_and_logs_follow_returns_when_a_run_ends() {
     server.wait_run(&long, "running", |r| r["status"] == "running");
     let mut follower = Background::spawn(server.command(&["logs", "-f", &long]));
     std::thread::sleep(Duration::from_millis(700));
-    assert!(follower.running(), "logs -f must keep following a running run");
+    assert!(
+        follower.running(),
+        "logs -f must keep following a running run"
+    );
 
     // A second run of the job queues behind it (concurrency 1); cancel that one first.
-    let queued = server.ok(&["jobs", "trigger", "sleeper"]).trim().to_string();
+    let queued = server
+        .ok(&["jobs", "trigger", "sleeper"])
+        .trim()
+        .to_string();
     let out = server.ok(&["runs", "cancel", &queued]);
     assert!(out.contains(&format!("run {queued}")), "{out}");
     assert_eq!(server.wait_terminal(&queued)["status"], "cancelled");
@@ -423,14 +518,25 @@ fn cancel_stops_a_long_run_and_logs_follow_returns_when_a_run_ends() {
     );
     assert_eq!(run["exit"]["cancelled"], true, "{run:#}");
     let r = follower.finish(PATIENCE);
-    assert_eq!(r.code, 0, "logs -f exits 0 whatever the run's end: {}", r.stderr);
+    assert_eq!(
+        r.code, 0,
+        "logs -f exits 0 whatever the run's end: {}",
+        r.stderr
+    );
     assert!(r.stdout.contains("started\n"), "{}", r.stdout);
     assert!(r.stderr.contains("was cancelled"), "{}", r.stderr);
     let out = server.ok(&["runs", "show", &long]);
-    assert!(out.lines().any(|l| l.starts_with("status:") && l.contains("cancelled")), "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("status:") && l.contains("cancelled")),
+        "{out}"
+    );
 
     // --wait returns once the run has ended.
-    let third = server.ok(&["jobs", "trigger", "sleeper"]).trim().to_string();
+    let third = server
+        .ok(&["jobs", "trigger", "sleeper"])
+        .trim()
+        .to_string();
     server.wait_run(&third, "running", |r| r["status"] == "running");
     let done = server.json(&["runs", "cancel", &third, "--wait"]);
     assert_eq!(done["run"]["status"], "cancelled", "{done}");
@@ -438,7 +544,11 @@ fn cancel_stops_a_long_run_and_logs_follow_returns_when_a_run_ends() {
     // Cancelling a run that already ended is refused.
     let r = server.run(&["runs", "cancel", &tick]);
     assert_eq!(r.code, 1, "{}", r.stdout);
-    assert!(r.stderr.starts_with("error: FAILED_PRECONDITION: "), "{}", r.stderr);
+    assert!(
+        r.stderr.starts_with("error: FAILED_PRECONDITION: "),
+        "{}",
+        r.stderr
+    );
     assert!(r.stderr.contains("already ended"), "{}", r.stderr);
 }
 
@@ -451,8 +561,14 @@ fn apply_prints_the_plan_and_changes_only_without_dry_run() {
     let out = server.ok(&["apply", "-f", &same]);
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines.len(), 7, "{out}");
-    assert!(lines[..6].iter().all(|l| l.starts_with("= unchanged ")), "{out}");
-    assert!(out.contains("topic  ") && out.contains("projects/demo/topics/uploads"), "{out}");
+    assert!(
+        lines[..6].iter().all(|l| l.starts_with("= unchanged ")),
+        "{out}"
+    );
+    assert!(
+        out.contains("topic  ") && out.contains("projects/demo/topics/uploads"),
+        "{out}"
+    );
     assert!(lines[6].starts_with("applied"), "{out}");
 
     // An edited manifest: a changed job and a new topic.
@@ -471,8 +587,17 @@ fn apply_prints_the_plan_and_changes_only_without_dry_run() {
     assert!(l.starts_with("~ update") && l.contains(" job "), "{out}");
     let l = plan_line(&out, "projects/demo/topics/extra");
     assert!(l.starts_with("+ create") && l.contains(" topic "), "{out}");
-    assert!(plan_line(&out, "sleeper").starts_with("= unchanged"), "{out}");
-    assert!(out.lines().last().unwrap().starts_with("dry run: nothing changed"), "{out}");
+    assert!(
+        plan_line(&out, "sleeper").starts_with("= unchanged"),
+        "{out}"
+    );
+    assert!(
+        out.lines()
+            .last()
+            .unwrap()
+            .starts_with("dry run: nothing changed"),
+        "{out}"
+    );
     // … and nothing changed.
     let job = server.json(&["jobs", "show", "hello"]);
     assert_eq!(job["job"]["timeout"].as_f64(), Some(30.0), "{job}");
@@ -511,13 +636,22 @@ fn apply_prints_the_plan_and_changes_only_without_dry_run() {
         assert!(r.stderr.contains(&format!("{bad}:4:")), "{}", r.stderr);
         assert!(r.stderr.contains("bogus"), "{}", r.stderr);
     }
-    assert_eq!(server.json(&["jobs", "list"])["jobs"].as_array().map(Vec::len), Some(3));
+    assert_eq!(
+        server.json(&["jobs", "list"])["jobs"]
+            .as_array()
+            .map(Vec::len),
+        Some(3)
+    );
 
     // A file that is not there.
     let missing = server.path("nope.toml").display().to_string();
     let r = server.run(&["apply", "-f", &missing]);
     assert_eq!(r.code, 1);
-    assert!(r.stderr.contains(&missing) && r.stderr.contains("no such file"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains(&missing) && r.stderr.contains("no such file"),
+        "{}",
+        r.stderr
+    );
     // -f is required.
     let r = server.run(&["apply"]);
     assert_eq!(r.code, 2, "{}", r.stderr);
@@ -551,8 +685,20 @@ fn unknown_runs_and_jobs_are_errors_with_exit_code_1() {
     assert_eq!(r.code, 2, "{}", r.stderr);
     let r = server.run(&["runs", "--status", "done"]);
     assert_eq!(r.code, 2, "{}", r.stderr);
-    assert!(r.stderr.contains("succeeded"), "lists the valid states: {}", r.stderr);
-    let r = server.run(&["jobs", "trigger", "hello", "--data", "x", "--data-file", "f"]);
+    assert!(
+        r.stderr.contains("succeeded"),
+        "lists the valid states: {}",
+        r.stderr
+    );
+    let r = server.run(&[
+        "jobs",
+        "trigger",
+        "hello",
+        "--data",
+        "x",
+        "--data-file",
+        "f",
+    ]);
     assert_eq!(r.code, 2, "{}", r.stderr);
 }
 
@@ -561,12 +707,17 @@ fn serve_with_an_invalid_config_exits_1_naming_file_and_line() {
     let dir = tempfile::tempdir().unwrap();
     let bad = write(&dir.path().join("bad.toml"), BAD_MANIFEST);
     let mut cmd = Command::new(BIN);
-    cmd.args(["serve", "--listen", &format!("127.0.0.1:{}", free_port()), "--data-dir"])
-        .arg(dir.path().join("data"))
-        .args(["--config", &bad])
-        .env("PUBRUN_LOG", "warn")
-        .env_remove("PUBRUN_TOKEN")
-        .env_remove("PUBRUN_CONFIG");
+    cmd.args([
+        "serve",
+        "--listen",
+        &format!("127.0.0.1:{}", free_port()),
+        "--data-dir",
+    ])
+    .arg(dir.path().join("data"))
+    .args(["--config", &bad])
+    .env("PUBRUN_LOG", "warn")
+    .env_remove("PUBRUN_TOKEN")
+    .env_remove("PUBRUN_CONFIG");
     let r = Background::spawn(cmd).finish(PATIENCE);
     assert_eq!(r.code, 1, "{}", r.stderr);
     assert!(r.stderr.contains("bad.toml:4:"), "{}", r.stderr);
@@ -575,12 +726,17 @@ fn serve_with_an_invalid_config_exits_1_naming_file_and_line() {
     // A config file that does not exist is named too.
     let missing = dir.path().join("missing.toml").display().to_string();
     let mut cmd = Command::new(BIN);
-    cmd.args(["serve", "--listen", &format!("127.0.0.1:{}", free_port()), "--data-dir"])
-        .arg(dir.path().join("data2"))
-        .args(["--config", &missing])
-        .env("PUBRUN_LOG", "warn")
-        .env_remove("PUBRUN_TOKEN")
-        .env_remove("PUBRUN_CONFIG");
+    cmd.args([
+        "serve",
+        "--listen",
+        &format!("127.0.0.1:{}", free_port()),
+        "--data-dir",
+    ])
+    .arg(dir.path().join("data2"))
+    .args(["--config", &missing])
+    .env("PUBRUN_LOG", "warn")
+    .env_remove("PUBRUN_TOKEN")
+    .env_remove("PUBRUN_CONFIG");
     let r = Background::spawn(cmd).finish(PATIENCE);
     assert_eq!(r.code, 1, "{}", r.stderr);
     assert!(r.stderr.contains("missing.toml"), "{}", r.stderr);

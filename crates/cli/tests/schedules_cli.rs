@@ -49,11 +49,20 @@ fn start() -> Server {
 
 fn start_with(manifest_text: &str) -> Server {
     let dir = tempfile::tempdir().unwrap();
-    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let manifest = dir.path().join("pubrun.toml");
     std::fs::write(&manifest, manifest_text).unwrap();
     let child = Command::new(BIN)
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
+        .args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--data-dir",
+        ])
         .arg(dir.path().join("data"))
         .arg("--config")
         .arg(&manifest)
@@ -63,10 +72,17 @@ fn start_with(manifest_text: &str) -> Server {
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
-    let server = Server { child, port, _dir: dir };
+    let server = Server {
+        child,
+        port,
+        _dir: dir,
+    };
     let deadline = Instant::now() + Duration::from_secs(60);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "pubrun did not listen within 60 s");
+        assert!(
+            Instant::now() < deadline,
+            "pubrun did not listen within 60 s"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     server
@@ -83,7 +99,12 @@ fn cli(server: &Server, args: &[&str]) -> Output {
 }
 
 fn ok(o: &Output) -> String {
-    assert!(o.status.success(), "stdout: {}\nstderr: {}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "stdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
@@ -91,18 +112,29 @@ fn ok(o: &Output) -> String {
 fn schedules_list_pause_resume_run_now() {
     let s = start();
     let list = ok(&cli(&s, &["schedules", "list"]));
-    assert!(list.contains("nightly-import") && list.contains("Europe/Berlin") && list.contains("active"), "{list}");
+    assert!(
+        list.contains("nightly-import")
+            && list.contains("Europe/Berlin")
+            && list.contains("active"),
+        "{list}"
+    );
     let paused = ok(&cli(&s, &["schedules", "pause", "nightly-import"]));
     assert!(paused.contains("paused"), "{paused}");
     let fired = ok(&cli(&s, &["schedules", "run-now", "nightly-import"]));
     assert!(fired.contains("fired now"), "{fired}");
     let pulled = ok(&cli(&s, &["pull", "imports-watch", "--ack"]));
-    assert!(pulled.contains(r#"{"full": true}"#) && pulled.contains("schedule=nightly-import"), "{pulled}");
+    assert!(
+        pulled.contains(r#"{"full": true}"#) && pulled.contains("schedule=nightly-import"),
+        "{pulled}"
+    );
     let resumed = ok(&cli(&s, &["schedules", "resume", "nightly-import"]));
     assert!(resumed.contains("active"), "{resumed}");
     let missing = cli(&s, &["schedules", "pause", "nope"]);
     assert!(!missing.status.success());
-    assert!(String::from_utf8_lossy(&missing.stderr).contains("NOT_FOUND"), "{missing:?}");
+    assert!(
+        String::from_utf8_lossy(&missing.stderr).contains("NOT_FOUND"),
+        "{missing:?}"
+    );
 }
 
 #[tokio::test]
@@ -111,7 +143,13 @@ async fn webhook_checks_the_signature_and_publishes_the_body() {
     let http = reqwest::Client::builder().no_proxy().build().unwrap();
     let url = format!("http://127.0.0.1:{}/hooks/start-import", s.port);
     let body = r#"{"ref": "main"}"#;
-    let bad = http.post(&url).header("x-hub-signature-256", "sha256=00").body(body).send().await.unwrap();
+    let bad = http
+        .post(&url)
+        .header("x-hub-signature-256", "sha256=00")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(bad.status(), 401);
     let sig = pubrun_triggers::github_signature(b"s3cret-hook", body.as_bytes());
     let good = http
@@ -124,9 +162,15 @@ async fn webhook_checks_the_signature_and_publishes_the_body() {
         .unwrap();
     assert_eq!(good.status(), 200);
     let v: serde_json::Value = good.json().await.unwrap();
-    assert!(v["messageId"].as_str().is_some_and(|id| !id.is_empty()), "{v}");
+    assert!(
+        v["messageId"].as_str().is_some_and(|id| !id.is_empty()),
+        "{v}"
+    );
     let pulled = ok(&cli(&s, &["pull", "imports-watch", "--ack", "--max", "10"]));
-    assert!(pulled.contains(r#"{"ref": "main"}"#) && pulled.contains("x-github-event=push"), "{pulled}");
+    assert!(
+        pulled.contains(r#"{"ref": "main"}"#) && pulled.contains("x-github-event=push"),
+        "{pulled}"
+    );
     // Only the signed request was published.
     assert_eq!(pulled.matches("message id:").count(), 1, "{pulled}");
 }
@@ -137,29 +181,54 @@ async fn declared_buckets_notify_their_topic_and_reapply_is_unchanged() {
     let dir = tempfile::tempdir().unwrap();
     let manifest = dir.path().join("pubrun.toml");
     std::fs::write(&manifest, MANIFEST).unwrap();
-    let plan = ok(&cli(&s, &["apply", "-f", manifest.to_str().unwrap(), "--dry-run"]));
+    let plan = ok(&cli(
+        &s,
+        &["apply", "-f", manifest.to_str().unwrap(), "--dry-run"],
+    ));
     for line in ["bucket", "notification", "schedule", "webhook"] {
-        assert!(plan.lines().any(|l| l.contains(line) && l.contains("unchanged")), "{line} not unchanged:\n{plan}");
+        assert!(
+            plan.lines()
+                .any(|l| l.contains(line) && l.contains("unchanged")),
+            "{line} not unchanged:\n{plan}"
+        );
     }
     // An upload under csv/ notifies `imports` with Google's attributes.
     let http = reqwest::Client::builder().no_proxy().build().unwrap();
-    let url = format!("http://127.0.0.1:{}/upload/storage/v1/b/input/o?uploadType=media&name=csv/a.csv", s.port);
+    let url = format!(
+        "http://127.0.0.1:{}/upload/storage/v1/b/input/o?uploadType=media&name=csv/a.csv",
+        s.port
+    );
     let up = http.post(&url).body("x,y\n1,2\n").send().await.unwrap();
     assert_eq!(up.status(), 200);
     let pulled = ok(&cli(&s, &["pull", "imports-watch", "--ack", "--max", "10"]));
-    assert!(pulled.contains("eventType=OBJECT_FINALIZE") && pulled.contains("objectId=csv/a.csv"), "{pulled}");
+    assert!(
+        pulled.contains("eventType=OBJECT_FINALIZE") && pulled.contains("objectId=csv/a.csv"),
+        "{pulled}"
+    );
 
     // The same resources through the CLI.
     let buckets = ok(&cli(&s, &["buckets", "list"]));
     assert!(buckets.contains("input"), "{buckets}");
     let objects = ok(&cli(&s, &["objects", "list", "input", "--prefix", "csv/"]));
-    assert!(objects.contains("csv/a.csv") && objects.contains("8"), "{objects}");
+    assert!(
+        objects.contains("csv/a.csv") && objects.contains("8"),
+        "{objects}"
+    );
     let hooks = ok(&cli(&s, &["webhooks", "list"]));
-    assert!(hooks.contains("/hooks/start-import") && hooks.contains("hmac-sha256"), "{hooks}");
-    assert!(!hooks.contains("s3cret"), "secrets are never shown: {hooks}");
+    assert!(
+        hooks.contains("/hooks/start-import") && hooks.contains("hmac-sha256"),
+        "{hooks}"
+    );
+    assert!(
+        !hooks.contains("s3cret"),
+        "secrets are never shown: {hooks}"
+    );
     ok(&cli(&s, &["buckets", "create", "scratch-bucket"]));
     assert!(ok(&cli(&s, &["buckets", "list"])).contains("scratch-bucket"));
     ok(&cli(&s, &["buckets", "delete", "scratch-bucket"]));
     let not_empty = cli(&s, &["buckets", "delete", "input"]);
-    assert!(!not_empty.status.success(), "deleting a non-empty bucket must fail");
+    assert!(
+        !not_empty.status.success(),
+        "deleting a non-empty bucket must fail"
+    );
 }

@@ -13,32 +13,55 @@ use common::{connect, free_port, Server};
 
 fn pubrun(args: &[&str], data: &std::path::Path) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_pubrun"));
-    c.args(args).arg("--data-dir").arg(data).env("PUBRUN_LOG", "warn").env_remove("PUBRUN_TOKEN");
+    c.args(args)
+        .arg("--data-dir")
+        .arg(data)
+        .env("PUBRUN_LOG", "warn")
+        .env_remove("PUBRUN_TOKEN");
     c
 }
-
 
 #[test]
 fn non_loopback_listen_requires_a_token() {
     let dir = tempfile::tempdir().unwrap();
-    let out = pubrun(&["serve", "--listen", "0.0.0.0:0"], dir.path()).output().unwrap();
+    let out = pubrun(&["serve", "--listen", "0.0.0.0:0"], dir.path())
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("refusing to listen on 0.0.0.0:0") && err.contains("--token"), "{err}");
+    assert!(
+        err.contains("refusing to listen on 0.0.0.0:0") && err.contains("--token"),
+        "{err}"
+    );
 }
 
 #[test]
 fn second_server_on_same_data_dir_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let mut first = Server(pubrun(&["serve", "--listen", &format!("127.0.0.1:{port}")], dir.path()).spawn().unwrap());
+    let mut first = Server(
+        pubrun(
+            &["serve", "--listen", &format!("127.0.0.1:{port}")],
+            dir.path(),
+        )
+        .spawn()
+        .unwrap(),
+    );
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(connect(port));
-    let out = pubrun(&["serve", "--listen", &format!("127.0.0.1:{}", free_port())], dir.path()).output().unwrap();
+    let out = pubrun(
+        &["serve", "--listen", &format!("127.0.0.1:{}", free_port())],
+        dir.path(),
+    )
+    .output()
+    .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("in use by another pubrun process"), "{err}");
-    assert!(first.0.try_wait().unwrap().is_none(), "the first server keeps running");
+    assert!(
+        first.0.try_wait().unwrap().is_none(),
+        "the first server keeps running"
+    );
 }
 
 #[tokio::test]
@@ -46,29 +69,65 @@ async fn grpc_requires_the_bearer_token_when_configured() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let _server = Server(
-        pubrun(&["serve", "--listen", &format!("127.0.0.1:{port}"), "--token", "s3cret"], dir.path()).spawn().unwrap(),
+        pubrun(
+            &[
+                "serve",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--token",
+                "s3cret",
+            ],
+            dir.path(),
+        )
+        .spawn()
+        .unwrap(),
     );
     let ch = connect(port).await;
-    let topic = pb::Topic { name: "projects/p/topics/auth-topic".into(), ..Default::default() };
-    let err = PublisherClient::new(ch.clone()).create_topic(topic.clone()).await.unwrap_err();
+    let topic = pb::Topic {
+        name: "projects/p/topics/auth-topic".into(),
+        ..Default::default()
+    };
+    let err = PublisherClient::new(ch.clone())
+        .create_topic(topic.clone())
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err}");
     assert!(err.message().contains("bearer token"), "{}", err.message());
 
     let mut wrong = tonic::Request::new(topic.clone());
-    wrong.metadata_mut().insert("authorization", "Bearer nope".parse().unwrap());
-    let err = PublisherClient::new(ch.clone()).create_topic(wrong).await.unwrap_err();
+    wrong
+        .metadata_mut()
+        .insert("authorization", "Bearer nope".parse().unwrap());
+    let err = PublisherClient::new(ch.clone())
+        .create_topic(wrong)
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unauthenticated);
 
     let mut right = tonic::Request::new(topic);
-    right.metadata_mut().insert("authorization", "Bearer s3cret".parse().unwrap());
-    let created = PublisherClient::new(ch).create_topic(right).await.unwrap().into_inner();
+    right
+        .metadata_mut()
+        .insert("authorization", "Bearer s3cret".parse().unwrap());
+    let created = PublisherClient::new(ch)
+        .create_topic(right)
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(created.name, "projects/p/topics/auth-topic");
 
     // Health stays open for probes.
     let http = reqwest::Client::builder().no_proxy().build().unwrap();
-    let health = http.get(format!("http://127.0.0.1:{port}/healthz")).send().await.unwrap();
+    let health = http
+        .get(format!("http://127.0.0.1:{port}/healthz"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(health.status(), 200);
-    let denied = http.get(format!("http://127.0.0.1:{port}/v1/projects/p/topics")).send().await.unwrap();
+    let denied = http
+        .get(format!("http://127.0.0.1:{port}/v1/projects/p/topics"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(denied.status(), 401);
 }
 
@@ -77,11 +136,20 @@ async fn sigterm_ends_open_streams_and_exits_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let mut server = Server(
-        pubrun(&["serve", "--listen", &format!("127.0.0.1:{port}")], dir.path()).stderr(Stdio::piped()).spawn().unwrap(),
+        pubrun(
+            &["serve", "--listen", &format!("127.0.0.1:{port}")],
+            dir.path(),
+        )
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap(),
     );
     let ch = connect(port).await;
     PublisherClient::new(ch.clone())
-        .create_topic(pb::Topic { name: "projects/p/topics/term".into(), ..Default::default() })
+        .create_topic(pb::Topic {
+            name: "projects/p/topics/term".into(),
+            ..Default::default()
+        })
         .await
         .unwrap();
     SubscriberClient::new(ch.clone())
@@ -107,9 +175,15 @@ async fn sigterm_ends_open_streams_and_exits_cleanly() {
         .into_inner();
 
     let pid = server.0.id().to_string();
-    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
     // The open stream ends with UNAVAILABLE (clients reconnect) instead of hanging.
-    let end = tokio::time::timeout(Duration::from_secs(30), stream.message()).await.expect("stream ended");
+    let end = tokio::time::timeout(Duration::from_secs(30), stream.message())
+        .await
+        .expect("stream ended");
     match end {
         Err(status) => assert_eq!(status.code(), tonic::Code::Unavailable, "{status}"),
         Ok(None) => {}
@@ -121,6 +195,9 @@ async fn sigterm_ends_open_streams_and_exits_cleanly() {
         std::mem::forget(server);
         s
     });
-    let status = tokio::time::timeout(Duration::from_secs(30), status).await.expect("server exited").unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(30), status)
+        .await
+        .expect("server exited")
+        .unwrap();
     assert!(status.success(), "graceful exit code, got {status}");
 }

@@ -74,14 +74,20 @@ pub struct RetryPolicy {
 
 impl Default for RetryPolicy {
     fn default() -> Self {
-        RetryPolicy { minimum_backoff: DEFAULT_MINIMUM_BACKOFF, maximum_backoff: DEFAULT_MAXIMUM_BACKOFF }
+        RetryPolicy {
+            minimum_backoff: DEFAULT_MINIMUM_BACKOFF,
+            maximum_backoff: DEFAULT_MAXIMUM_BACKOFF,
+        }
     }
 }
 
 impl RetryPolicy {
     /// Applies Google's defaults (10 s, 600 s) to unset values and checks the
     /// bounds: each 0..=600 s, and minimum <= maximum.
-    pub fn new(minimum_backoff: Option<Duration>, maximum_backoff: Option<Duration>) -> Result<Self> {
+    pub fn new(
+        minimum_backoff: Option<Duration>,
+        maximum_backoff: Option<Duration>,
+    ) -> Result<Self> {
         let min = minimum_backoff.unwrap_or(DEFAULT_MINIMUM_BACKOFF);
         let max = maximum_backoff.unwrap_or(DEFAULT_MAXIMUM_BACKOFF);
         for (field, d) in [("minimum_backoff", min), ("maximum_backoff", max)] {
@@ -99,14 +105,20 @@ impl RetryPolicy {
                 fmt_secs(max)
             )));
         }
-        Ok(RetryPolicy { minimum_backoff: min, maximum_backoff: max })
+        Ok(RetryPolicy {
+            minimum_backoff: min,
+            maximum_backoff: max,
+        })
     }
 
     /// Delay before redelivering a message whose `failures`-th delivery
     /// failed (1 = the first delivery was nacked or expired).
     pub fn backoff(&self, failures: u32) -> Duration {
         let shift = failures.saturating_sub(1).min(32);
-        let d = self.minimum_backoff.checked_mul(1u32 << shift.min(31)).unwrap_or(self.maximum_backoff);
+        let d = self
+            .minimum_backoff
+            .checked_mul(1u32 << shift.min(31))
+            .unwrap_or(self.maximum_backoff);
         d.min(self.maximum_backoff)
     }
 }
@@ -155,7 +167,10 @@ impl DeadLetterPolicy {
                 )))
             }
         };
-        Ok(Some(DeadLetterPolicy { dead_letter_topic: dead_letter_topic.to_string(), max_delivery_attempts: attempts }))
+        Ok(Some(DeadLetterPolicy {
+            dead_letter_topic: dead_letter_topic.to_string(),
+            max_delivery_attempts: attempts,
+        }))
     }
 }
 
@@ -173,9 +188,18 @@ pub fn normalize_ack_deadline(secs: i32) -> Result<i32> {
 /// Checks labels as Google documents them for Pub/Sub resources.
 pub fn validate_labels(labels: &Labels) -> Result<()> {
     if labels.len() > MAX_LABELS {
-        return Err(Error::invalid(format!("{} labels given; the limit is {MAX_LABELS}", labels.len())));
+        return Err(Error::invalid(format!(
+            "{} labels given; the limit is {MAX_LABELS}",
+            labels.len()
+        )));
     }
-    let ok_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-' || (!c.is_ascii() && c.is_lowercase());
+    let ok_char = |c: char| {
+        c.is_ascii_lowercase()
+            || c.is_ascii_digit()
+            || c == '_'
+            || c == '-'
+            || (!c.is_ascii() && c.is_lowercase())
+    };
     for (k, v) in labels {
         let starts_lower = k.chars().next().is_some_and(|c| c.is_lowercase());
         if k.is_empty() || k.chars().count() > 63 || !starts_lower || !k.chars().all(ok_char) {
@@ -208,29 +232,62 @@ mod tests {
     fn retry_policy_defaults_bounds_and_backoff() {
         let p = RetryPolicy::new(None, None).unwrap();
         assert_eq!(p, RetryPolicy::default());
-        assert_eq!((p.minimum_backoff, p.maximum_backoff), (Duration::from_secs(10), Duration::from_secs(600)));
+        assert_eq!(
+            (p.minimum_backoff, p.maximum_backoff),
+            (Duration::from_secs(10), Duration::from_secs(600))
+        );
         let s = Duration::from_secs;
         let p = RetryPolicy::new(Some(s(1)), Some(s(5))).unwrap();
         let got: Vec<u64> = (1..=5).map(|n| p.backoff(n).as_secs()).collect();
         assert_eq!(got, [1, 2, 4, 5, 5]);
         assert_eq!(p.backoff(0), s(1));
         assert_eq!(p.backoff(u32::MAX), s(5));
-        assert_eq!(RetryPolicy::new(Some(s(0)), Some(s(0))).unwrap().backoff(7), s(0));
-        assert!(RetryPolicy::new(Some(s(601)), None).unwrap_err().message.contains("minimum_backoff"));
-        assert!(RetryPolicy::new(None, Some(s(601))).unwrap_err().message.contains("maximum_backoff"));
-        assert!(RetryPolicy::new(Some(s(20)), Some(s(10))).unwrap_err().message.contains("greater"));
+        assert_eq!(
+            RetryPolicy::new(Some(s(0)), Some(s(0))).unwrap().backoff(7),
+            s(0)
+        );
+        assert!(RetryPolicy::new(Some(s(601)), None)
+            .unwrap_err()
+            .message
+            .contains("minimum_backoff"));
+        assert!(RetryPolicy::new(None, Some(s(601)))
+            .unwrap_err()
+            .message
+            .contains("maximum_backoff"));
+        assert!(RetryPolicy::new(Some(s(20)), Some(s(10)))
+            .unwrap_err()
+            .message
+            .contains("greater"));
         // Only the minimum given: the maximum is Google's default.
-        assert_eq!(RetryPolicy::new(Some(s(30)), None).unwrap().maximum_backoff, s(600));
+        assert_eq!(
+            RetryPolicy::new(Some(s(30)), None).unwrap().maximum_backoff,
+            s(600)
+        );
     }
 
     #[test]
     fn dead_letter_policy_bounds() {
         assert_eq!(DeadLetterPolicy::new("", 0).unwrap(), None);
         assert!(DeadLetterPolicy::new("", 7).is_err());
-        assert_eq!(DeadLetterPolicy::new("projects/p/topics/d", 0).unwrap().unwrap().max_delivery_attempts, 5);
-        assert_eq!(DeadLetterPolicy::new("projects/p/topics/d", 100).unwrap().unwrap().max_delivery_attempts, 100);
+        assert_eq!(
+            DeadLetterPolicy::new("projects/p/topics/d", 0)
+                .unwrap()
+                .unwrap()
+                .max_delivery_attempts,
+            5
+        );
+        assert_eq!(
+            DeadLetterPolicy::new("projects/p/topics/d", 100)
+                .unwrap()
+                .unwrap()
+                .max_delivery_attempts,
+            100
+        );
         for bad in [4, 101, -1] {
-            assert!(DeadLetterPolicy::new("projects/p/topics/d", bad).unwrap_err().message.contains("between 5 and 100"));
+            assert!(DeadLetterPolicy::new("projects/p/topics/d", bad)
+                .unwrap_err()
+                .message
+                .contains("between 5 and 100"));
         }
     }
 
@@ -238,7 +295,14 @@ mod tests {
     fn old_catalog_entries_load_and_plain_configs_serialize_as_before() {
         let old = r#"{"name":"projects/p/subscriptions/s","topic":"projects/p/topics/t","labels":{},"ack_deadline_seconds":10}"#;
         let c: SubscriptionConfig = serde_json::from_str(old).unwrap();
-        assert_eq!((c.retry_policy, c.dead_letter_policy.clone(), c.filter.as_str()), (None, None, ""));
+        assert_eq!(
+            (
+                c.retry_policy,
+                c.dead_letter_policy.clone(),
+                c.filter.as_str()
+            ),
+            (None, None, "")
+        );
         assert!(!c.enable_message_ordering && !c.enable_exactly_once_delivery);
         assert_eq!(serde_json::to_string(&c).unwrap(), old);
         let full = SubscriptionConfig {
@@ -249,7 +313,8 @@ mod tests {
             enable_exactly_once_delivery: true,
             ..c
         };
-        let back: SubscriptionConfig = serde_json::from_str(&serde_json::to_string(&full).unwrap()).unwrap();
+        let back: SubscriptionConfig =
+            serde_json::from_str(&serde_json::to_string(&full).unwrap()).unwrap();
         assert_eq!(back, full);
     }
 

@@ -154,7 +154,11 @@ pub struct FilterError {
 
 impl fmt::Display for FilterError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "filter error at position {}: {}", self.position, self.message)
+        write!(
+            f,
+            "filter error at position {}: {}",
+            self.position, self.message
+        )
     }
 }
 
@@ -165,12 +169,21 @@ impl FilterError {
     /// windowed around the error) and a caret under the error position.
     pub fn excerpt(&self) -> String {
         const WIDTH: usize = 72;
-        let chars: Vec<char> = self.filter.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
-        let col = self.filter.get(..self.position).map_or(chars.len(), |s| s.chars().count());
+        let chars: Vec<char> = self
+            .filter
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .collect();
+        let col = self
+            .filter
+            .get(..self.position)
+            .map_or(chars.len(), |s| s.chars().count());
         let (start, end) = if chars.len() <= WIDTH {
             (0, chars.len())
         } else {
-            let start = col.saturating_sub(WIDTH / 2).min(chars.len().saturating_sub(WIDTH));
+            let start = col
+                .saturating_sub(WIDTH / 2)
+                .min(chars.len().saturating_sub(WIDTH));
             (start, (start + WIDTH).min(chars.len()))
         };
         let mut line = String::new();
@@ -189,7 +202,12 @@ impl FilterError {
 
 impl From<FilterError> for Error {
     fn from(e: FilterError) -> Self {
-        Error::invalid(format!("invalid filter: {} (at position {})\n{}", e.message, e.position, e.excerpt()))
+        Error::invalid(format!(
+            "invalid filter: {} (at position {})\n{}",
+            e.message,
+            e.position,
+            e.excerpt()
+        ))
     }
 }
 
@@ -205,7 +223,13 @@ fn parse_with_limit(src: &str, max_bytes: usize) -> Result<Filter, FilterError> 
         while !src.is_char_boundary(at) {
             at -= 1;
         }
-        return Err(p.err(at, format!("filter is {} bytes long; the maximum is {max_bytes} bytes", src.len())));
+        return Err(p.err(
+            at,
+            format!(
+                "filter is {} bytes long; the maximum is {max_bytes} bytes",
+                src.len()
+            ),
+        ));
     }
     p.skip_ws();
     if p.at_end() {
@@ -258,7 +282,11 @@ fn is_word_start(c: char) -> bool {
 
 impl<'a> Parser<'a> {
     fn err(&self, position: usize, message: impl Into<String>) -> FilterError {
-        FilterError { position, message: message.into(), filter: self.src.to_string() }
+        FilterError {
+            position,
+            message: message.into(),
+            filter: self.src.to_string(),
+        }
     }
 
     fn rest(&self) -> &'a str {
@@ -356,7 +384,10 @@ impl<'a> Parser<'a> {
                 }
             };
             if !had_ws {
-                return Err(self.err(at, format!("{} must be preceded by white space", next.as_str())));
+                return Err(self.err(
+                    at,
+                    format!("{} must be preceded by white space", next.as_str()),
+                ));
             }
             if let Some(prev) = op {
                 if prev != next {
@@ -376,7 +407,10 @@ impl<'a> Parser<'a> {
             if !self.skip_ws() {
                 return Err(match self.peek() {
                     None => self.err(after, format!("missing operand after {}", next.as_str())),
-                    Some(_) => self.err(after, format!("{} must be followed by white space", next.as_str())),
+                    Some(_) => self.err(
+                        after,
+                        format!("{} must be followed by white space", next.as_str()),
+                    ),
                 });
             }
             if matches!(self.peek(), None | Some(')')) {
@@ -508,17 +542,31 @@ impl<'a> Parser<'a> {
     fn unknown_name(&self, at: usize, word: &str) -> FilterError {
         let next = self.src[at + word.len()..].chars().next();
         if next == Some('(') {
-            let hint = if word.eq_ignore_ascii_case("hasprefix") { " (function names are case-sensitive)" } else { "" };
-            self.err(at, format!("unknown function `{word}`: hasPrefix is the only supported function{hint}"))
+            let hint = if word.eq_ignore_ascii_case("hasprefix") {
+                " (function names are case-sensitive)"
+            } else {
+                ""
+            };
+            self.err(
+                at,
+                format!(
+                    "unknown function `{word}`: hasPrefix is the only supported function{hint}"
+                ),
+            )
         } else {
-            let hint = if word.eq_ignore_ascii_case("attributes") || word.eq_ignore_ascii_case("attribute") {
+            let hint = if word.eq_ignore_ascii_case("attributes")
+                || word.eq_ignore_ascii_case("attribute")
+            {
                 " (field names are case-sensitive: write `attributes`)"
             } else if word == "data" || word == "body" {
                 " (filters can select on message attributes, not on message data)"
             } else {
                 ""
             };
-            self.err(at, format!("unknown field `{word}`: only `attributes` can be filtered on{hint}"))
+            self.err(
+                at,
+                format!("unknown field `{word}`: only `attributes` can be filtered on{hint}"),
+            )
         }
     }
 
@@ -566,7 +614,11 @@ impl<'a> Parser<'a> {
             let op = if ne { "!=" } else { "=" };
             self.skip_ws();
             let value = self.value(op)?;
-            Ok(if ne { Expr::Ne(key, value) } else { Expr::Eq(key, value) })
+            Ok(if ne {
+                Expr::Ne(key, value)
+            } else {
+                Expr::Eq(key, value)
+            })
         } else {
             let had_ws = self.skip_ws();
             match self.peek() {
@@ -657,12 +709,18 @@ impl<'a> Parser<'a> {
                 self.bump();
             }
             Some(c) if c.is_whitespace() => {
-                return Err(self.err(self.pos, "no white space is allowed between hasPrefix and `(`"))
+                return Err(self.err(
+                    self.pos,
+                    "no white space is allowed between hasPrefix and `(`",
+                ))
             }
             _ => {
                 return Err(self.err(
                     self.pos,
-                    format!("expected `(` after hasPrefix, found {}: {HAS_PREFIX_USAGE}", self.describe_next()),
+                    format!(
+                        "expected `(` after hasPrefix, found {}: {HAS_PREFIX_USAGE}",
+                        self.describe_next()
+                    ),
                 ))
             }
         }
@@ -704,7 +762,10 @@ impl<'a> Parser<'a> {
             _ => {
                 return Err(self.err(
                     self.pos,
-                    format!("expected `,` after the first argument of hasPrefix, found {}", self.describe_next()),
+                    format!(
+                        "expected `,` after the first argument of hasPrefix, found {}",
+                        self.describe_next()
+                    ),
                 ))
             }
         }
@@ -732,7 +793,10 @@ impl<'a> Parser<'a> {
             None => Err(self.err(self.pos, "missing `)` to close hasPrefix(")),
             _ => Err(self.err(
                 self.pos,
-                format!("expected `)` after the arguments of hasPrefix, found {}", self.describe_next()),
+                format!(
+                    "expected `)` after the arguments of hasPrefix, found {}",
+                    self.describe_next()
+                ),
             )),
         }
     }
@@ -744,7 +808,10 @@ impl<'a> Parser<'a> {
         let mut out = String::new();
         loop {
             let Some(c) = self.bump() else {
-                return Err(self.err(open, format!("unterminated string literal: missing closing `{quote}`")));
+                return Err(self.err(
+                    open,
+                    format!("unterminated string literal: missing closing `{quote}`"),
+                ));
             };
             if c == quote {
                 return Ok(out);
@@ -755,7 +822,10 @@ impl<'a> Parser<'a> {
             }
             let esc = self.pos - 1;
             let Some(e) = self.bump() else {
-                return Err(self.err(open, format!("unterminated string literal: missing closing `{quote}`")));
+                return Err(self.err(
+                    open,
+                    format!("unterminated string literal: missing closing `{quote}`"),
+                ));
             };
             let decoded = match e {
                 'a' => '\u{07}',
@@ -797,7 +867,10 @@ impl<'a> Parser<'a> {
     fn hex_escape(&mut self, esc: usize, kind: char, n: usize) -> Result<char, FilterError> {
         let digits: String = self.rest().chars().take(n).collect();
         if digits.chars().count() != n || !digits.chars().all(|d| d.is_ascii_hexdigit()) {
-            return Err(self.err(esc, format!("`\\{kind}` must be followed by exactly {n} hex digits")));
+            return Err(self.err(
+                esc,
+                format!("`\\{kind}` must be followed by exactly {n} hex digits"),
+            ));
         }
         self.pos += n;
         let v = u32::from_str_radix(&digits, 16).expect("hex digits");
@@ -811,7 +884,11 @@ impl<'a> Parser<'a> {
 // Printing: canonical syntax that `parse` maps back to the same tree.
 
 fn write_key(f: &mut fmt::Formatter<'_>, key: &str) -> fmt::Result {
-    let bare = key.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_') && key.chars().all(is_word_char);
+    let bare = key
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && key.chars().all(is_word_char);
     if bare {
         f.write_str(key)
     } else {
@@ -862,7 +939,11 @@ impl fmt::Display for Expr {
             Expr::Eq(k, v) | Expr::Ne(k, v) => {
                 f.write_str("attributes.")?;
                 write_key(f, k)?;
-                f.write_str(if matches!(self, Expr::Eq(..)) { " = " } else { " != " })?;
+                f.write_str(if matches!(self, Expr::Eq(..)) {
+                    " = "
+                } else {
+                    " != "
+                })?;
                 write_string(f, v)
             }
             Expr::HasPrefix(k, p) => {
@@ -877,7 +958,11 @@ impl fmt::Display for Expr {
                 child(f, e, true)
             }
             Expr::And(es) | Expr::Or(es) => {
-                let sep = if matches!(self, Expr::And(_)) { " AND " } else { " OR " };
+                let sep = if matches!(self, Expr::And(_)) {
+                    " AND "
+                } else {
+                    " OR "
+                };
                 for (i, e) in es.iter().enumerate() {
                     if i > 0 {
                         f.write_str(sep)?;
@@ -906,7 +991,10 @@ mod tests {
     use crate::error::Code;
 
     fn attrs(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     fn has(k: &str) -> Expr {
@@ -926,16 +1014,29 @@ mod tests {
     }
 
     fn ast(src: &str) -> Expr {
-        parse(src).unwrap_or_else(|e| panic!("{src:?}: {e}")).into_expr().expect("non-empty")
+        parse(src)
+            .unwrap_or_else(|e| panic!("{src:?}: {e}"))
+            .into_expr()
+            .expect("non-empty")
     }
 
     #[track_caller]
     fn bad(src: &str, position: usize, needle: &str) {
         match parse(src) {
-            Ok(f) => panic!("{src:?} parsed as {f:?}, expected an error at {position} containing {needle:?}"),
+            Ok(f) => panic!(
+                "{src:?} parsed as {f:?}, expected an error at {position} containing {needle:?}"
+            ),
             Err(e) => {
-                assert!(e.message.contains(needle), "{src:?}: message {:?} does not contain {needle:?}", e.message);
-                assert_eq!(e.position, position, "{src:?}: wrong position for {:?}", e.message);
+                assert!(
+                    e.message.contains(needle),
+                    "{src:?}: message {:?} does not contain {needle:?}",
+                    e.message
+                );
+                assert_eq!(
+                    e.position, position,
+                    "{src:?}: wrong position for {:?}",
+                    e.message
+                );
                 assert_eq!(e.filter, src);
             }
         }
@@ -944,23 +1045,28 @@ mod tests {
     /// A message set like the one in Google's docs: name/lang/a non-ASCII key.
     fn corpus() -> Vec<BTreeMap<String, String>> {
         vec![
-            attrs(&[("name", "com"), ("lang", "en")]),                   // 0
-            attrs(&[("name", "net"), ("lang", "en")]),                   // 1
-            attrs(&[("name", "org"), ("lang", "cn")]),                   // 2
-            attrs(&[("name", "co"), ("lang", "jp")]),                    // 3
-            attrs(&[("lang", "jp")]),                                    // 4
-            attrs(&[("name", "com")]),                                   // 5
+            attrs(&[("name", "com"), ("lang", "en")]), // 0
+            attrs(&[("name", "net"), ("lang", "en")]), // 1
+            attrs(&[("name", "org"), ("lang", "cn")]), // 2
+            attrs(&[("name", "co"), ("lang", "jp")]),  // 3
+            attrs(&[("lang", "jp")]),                  // 4
+            attrs(&[("name", "com")]),                 // 5
             attrs(&[("\u{307F}\u{3093}\u{306A}", "x"), ("lang", "jp")]), // 6
-            attrs(&[("iana.org/language_tag", "en"), ("name", "com")]),  // 7
-            attrs(&[("iana.org/language_tag", "de"), ("name", "net")]),  // 8
-            attrs(&[]),                                                  // 9
+            attrs(&[("iana.org/language_tag", "en"), ("name", "com")]), // 7
+            attrs(&[("iana.org/language_tag", "de"), ("name", "net")]), // 8
+            attrs(&[]),                                // 9
         ]
     }
 
     #[track_caller]
     fn selects(src: &str, want: &[usize]) {
         let f = parse(src).unwrap_or_else(|e| panic!("{src:?}: {e}"));
-        let got: Vec<usize> = corpus().iter().enumerate().filter(|(_, a)| f.matches(a)).map(|(i, _)| i).collect();
+        let got: Vec<usize> = corpus()
+            .iter()
+            .enumerate()
+            .filter(|(_, a)| f.matches(a))
+            .map(|(i, _)| i)
+            .collect();
         assert_eq!(got, want, "{src:?}");
     }
 
@@ -979,28 +1085,55 @@ mod tests {
         // "Messages with the name attribute and a value that starts with co"
         selects("hasPrefix(attributes.name, \"co\")", &[0, 3, 5, 7]);
         // "Messages without the name attribute and a value that starts with co"
-        selects("NOT hasPrefix(attributes.name, \"co\")", &[1, 2, 4, 6, 8, 9]);
+        selects(
+            "NOT hasPrefix(attributes.name, \"co\")",
+            &[1, 2, 4, 6, 8, 9],
+        );
     }
 
     #[test]
     fn filter_doc_syntax_examples() {
         assert_eq!(ast("attributes.name = \"com\""), eq("name", "com"));
-        assert_eq!(ast("attributes.\"iana.org/language_tag\" = \"en\""), eq("iana.org/language_tag", "en"));
-        assert_eq!(ast("attributes:\"\\u307F\\u3093\\u306A\""), has("\u{307F}\u{3093}\u{306A}"));
+        assert_eq!(
+            ast("attributes.\"iana.org/language_tag\" = \"en\""),
+            eq("iana.org/language_tag", "en")
+        );
+        assert_eq!(
+            ast("attributes:\"\\u307F\\u3093\\u306A\""),
+            has("\u{307F}\u{3093}\u{306A}")
+        );
         selects("attributes:\"\\u307F\\u3093\\u306A\"", &[6]);
         let e = ast("attributes:\"iana.org/language_tag\" AND NOT attributes.name = \"com\"");
-        assert_eq!(e, Expr::And(vec![has("iana.org/language_tag"), not(eq("name", "com"))]));
-        selects("attributes:\"iana.org/language_tag\" AND NOT attributes.name = \"com\"", &[8]);
+        assert_eq!(
+            e,
+            Expr::And(vec![has("iana.org/language_tag"), not(eq("name", "com"))])
+        );
+        selects(
+            "attributes:\"iana.org/language_tag\" AND NOT attributes.name = \"com\"",
+            &[8],
+        );
         selects(
             "attributes:\"iana.org/language_tag\" AND (attributes.name = \"net\" OR attributes.name = \"org\")",
             &[8],
         );
         let minus = ast("attributes.name = \"com\" AND -attributes:\"iana.org/language_tag\"");
-        assert_eq!(minus, Expr::And(vec![eq("name", "com"), not(has("iana.org/language_tag"))]));
-        selects("attributes.name = \"com\" AND -attributes:\"iana.org/language_tag\"", &[0, 5]);
+        assert_eq!(
+            minus,
+            Expr::And(vec![eq("name", "com"), not(has("iana.org/language_tag"))])
+        );
+        selects(
+            "attributes.name = \"com\" AND -attributes:\"iana.org/language_tag\"",
+            &[0, 5],
+        );
         // Client-library samples use no spaces around `=`; the C++ sample uses a dash in the key.
-        assert_eq!(ast("attributes.author=\"unknown\""), eq("author", "unknown"));
-        assert_eq!(ast("attributes.is-even = \"false\""), eq("is-even", "false"));
+        assert_eq!(
+            ast("attributes.author=\"unknown\""),
+            eq("author", "unknown")
+        );
+        assert_eq!(
+            ast("attributes.is-even = \"false\""),
+            eq("is-even", "false")
+        );
         assert_eq!(
             ast("attributes.ce-type=\"dev.chainguard.bar\" AND hasPrefix(attributes.ce-source, \"baz/\")"),
             Expr::And(vec![eq("ce-type", "dev.chainguard.bar"), pre("ce-source", "baz/")])
@@ -1012,9 +1145,17 @@ mod tests {
         // "Invalid: The left-hand side of the filter is a value"
         bad("\"com\" = attributes.name", 0, "not a string literal");
         // "Invalid: Filter compares two keys"
-        bad("attributes.name = attributes.website", 18, "cannot compare two attributes");
+        bad(
+            "attributes.name = attributes.website",
+            18,
+            "cannot compare two attributes",
+        );
         // "Invalid: Filter escapes characters without a string literal"
-        bad("attributes:\\u307F\\u3093\\u306A", 11, "only allowed inside a string literal");
+        bad(
+            "attributes:\\u307F\\u3093\\u306A",
+            11,
+            "only allowed inside a string literal",
+        );
         bad("attributes:\u{307F}\u{3093}\u{306A}", 11, "must be quoted");
         // "Invalid: AND and OR operators without parentheses"
         bad(
@@ -1023,7 +1164,11 @@ mod tests {
             "cannot be mixed",
         );
         // "Invalid: AND and OR operators combine incomplete expressions"
-        bad("attributes.name = \"com\" AND (\"net\" OR \"org\")", 29, "not a string literal");
+        bad(
+            "attributes.name = \"com\" AND (\"net\" OR \"org\")",
+            29,
+            "not a string literal",
+        );
     }
 
     // -- tricky but valid --
@@ -1047,14 +1192,22 @@ mod tests {
         assert_eq!(ast("attributes.k   !=\t'v'"), ne("k", "v"));
         assert_eq!(ast("hasPrefix( attributes.k ,\"p\" )"), pre("k", "p"));
         assert_eq!(ast("( attributes:a )"), has("a"));
-        assert_eq!(ast("attributes.'my key' = 'it''s'".replace("''", "\\'").as_str()), eq("my key", "it's"));
+        assert_eq!(
+            ast("attributes.'my key' = 'it''s'"
+                .replace("''", "\\'")
+                .as_str()),
+            eq("my key", "it's")
+        );
         assert_eq!(ast("attributes.AND = \"OR\""), eq("AND", "OR"));
         assert_eq!(ast("attributes:NOT"), has("NOT"));
         assert_eq!(ast("attributes:123"), has("123"));
         assert_eq!(ast("attributes:_a-b_c"), has("_a-b_c"));
         assert_eq!(ast("attributes.k = \"\""), eq("k", ""));
         assert_eq!(ast("hasPrefix(attributes.\"a.b\", \"\")"), pre("a.b", ""));
-        assert_eq!(ast("attributes:a\nAND\nattributes:b"), Expr::And(vec![has("a"), has("b")]));
+        assert_eq!(
+            ast("attributes:a\nAND\nattributes:b"),
+            Expr::And(vec![has("a"), has("b")])
+        );
     }
 
     #[test]
@@ -1081,13 +1234,25 @@ mod tests {
     #[test]
     fn filter_precedence_and_grouping() {
         // NOT binds tightest.
-        assert_eq!(ast("NOT attributes:a AND attributes:b"), Expr::And(vec![not(has("a")), has("b")]));
-        assert_eq!(ast("-attributes:a OR attributes:b"), Expr::Or(vec![not(has("a")), has("b")]));
-        assert_eq!(ast("NOT (attributes:a AND attributes:b)"), not(Expr::And(vec![has("a"), has("b")])));
+        assert_eq!(
+            ast("NOT attributes:a AND attributes:b"),
+            Expr::And(vec![not(has("a")), has("b")])
+        );
+        assert_eq!(
+            ast("-attributes:a OR attributes:b"),
+            Expr::Or(vec![not(has("a")), has("b")])
+        );
+        assert_eq!(
+            ast("NOT (attributes:a AND attributes:b)"),
+            not(Expr::And(vec![has("a"), has("b")]))
+        );
         assert_eq!(ast("NOT (NOT attributes:a)"), not(not(has("a"))));
         assert_eq!(ast("-(-attributes:a)"), not(not(has("a"))));
         // Chains of one operator are n-ary; explicit grouping is kept.
-        assert_eq!(ast("attributes:a OR attributes:b OR attributes:c"), Expr::Or(vec![has("a"), has("b"), has("c")]));
+        assert_eq!(
+            ast("attributes:a OR attributes:b OR attributes:c"),
+            Expr::Or(vec![has("a"), has("b"), has("c")])
+        );
         assert_eq!(
             ast("(attributes:a AND attributes:b) AND attributes:c"),
             Expr::And(vec![Expr::And(vec![has("a"), has("b")]), has("c")])
@@ -1100,7 +1265,14 @@ mod tests {
         assert_eq!(ast(&deep), has("a"));
         // Mixed operators are fine once grouped.
         let e = ast("attributes:a AND (attributes:b OR attributes:c) AND NOT attributes:d");
-        assert_eq!(e, Expr::And(vec![has("a"), Expr::Or(vec![has("b"), has("c")]), not(has("d"))]));
+        assert_eq!(
+            e,
+            Expr::And(vec![
+                has("a"),
+                Expr::Or(vec![has("b"), has("c")]),
+                not(has("d"))
+            ])
+        );
         let f = Filter::from_expr(e);
         assert!(f.matches(&attrs(&[("a", ""), ("c", "")])));
         assert!(!f.matches(&attrs(&[("a", ""), ("c", ""), ("d", "")])));
@@ -1113,13 +1285,19 @@ mod tests {
         assert!(!parse("attributes:k").unwrap().matches(&missing));
         assert!(!parse("attributes.k = \"v\"").unwrap().matches(&missing));
         assert!(parse("attributes.k != \"v\"").unwrap().matches(&missing));
-        assert!(!parse("hasPrefix(attributes.k, \"\")").unwrap().matches(&missing));
-        assert!(parse("NOT hasPrefix(attributes.k, \"v\")").unwrap().matches(&missing));
+        assert!(!parse("hasPrefix(attributes.k, \"\")")
+            .unwrap()
+            .matches(&missing));
+        assert!(parse("NOT hasPrefix(attributes.k, \"v\")")
+            .unwrap()
+            .matches(&missing));
         // `!=` is exactly NOT `=`.
         let present = attrs(&[("k", "v")]);
         assert!(!parse("attributes.k != \"v\"").unwrap().matches(&present));
         assert!(parse("attributes.k != \"w\"").unwrap().matches(&present));
-        assert!(parse("hasPrefix(attributes.k, \"\")").unwrap().matches(&present));
+        assert!(parse("hasPrefix(attributes.k, \"\")")
+            .unwrap()
+            .matches(&present));
         // Case-sensitive keys and values.
         assert!(!parse("attributes.K = \"v\"").unwrap().matches(&present));
         assert!(!parse("attributes.k = \"V\"").unwrap().matches(&present));
@@ -1134,17 +1312,37 @@ mod tests {
         bad("attributes.k = 'abc\\'", 15, "unterminated string literal");
         bad("attributes:\"k", 11, "unterminated string literal");
         // bad escapes: position of the backslash
-        bad("attributes.k = \"a\\qb\"", 17, "invalid escape sequence `\\q`");
+        bad(
+            "attributes.k = \"a\\qb\"",
+            17,
+            "invalid escape sequence `\\q`",
+        );
         bad("attributes.k = \"\\u12\"", 16, "exactly 4 hex digits");
         bad("attributes.k = \"\\xZZ\"", 16, "exactly 2 hex digits");
-        bad("attributes.k = \"\\uD800\"", 16, "not a Unicode scalar value");
-        bad("attributes.k = \"\\U00110000\"", 16, "not a Unicode scalar value");
+        bad(
+            "attributes.k = \"\\uD800\"",
+            16,
+            "not a Unicode scalar value",
+        );
+        bad(
+            "attributes.k = \"\\U00110000\"",
+            16,
+            "not a Unicode scalar value",
+        );
         bad("attributes.k = \"\\400\"", 16, "invalid escape sequence");
         bad("attributes.k = \"\\08\"", 16, "3 octal digits");
         // unknown functions and fields
-        bad("hasSuffix(attributes.k, \"x\")", 0, "unknown function `hasSuffix`");
+        bad(
+            "hasSuffix(attributes.k, \"x\")",
+            0,
+            "unknown function `hasSuffix`",
+        );
         bad("hasprefix(attributes.k, \"x\")", 0, "case-sensitive");
-        bad("attributes:a AND matches(attributes.k, \"x\")", 17, "unknown function `matches`");
+        bad(
+            "attributes:a AND matches(attributes.k, \"x\")",
+            17,
+            "unknown function `matches`",
+        );
         bad("data.k = \"v\"", 0, "unknown field `data`");
         bad("Attributes.k = \"v\"", 0, "unknown field `Attributes`");
         bad("attribute:k", 0, "unknown field `attribute`");
@@ -1167,53 +1365,149 @@ mod tests {
         bad("attributes.", 11, "missing attribute key");
         bad("attributes", 10, "expected `.KEY` or `:KEY`");
         bad("attributes = \"v\"", 11, "expected `.KEY` or `:KEY`");
-        bad("attributes.k", 12, "expected `=` or `!=` after attributes.k");
-        bad("attributes.k AND attributes:b", 13, "to test that the key exists write attributes:k");
+        bad(
+            "attributes.k",
+            12,
+            "expected `=` or `!=` after attributes.k",
+        );
+        bad(
+            "attributes.k AND attributes:b",
+            13,
+            "to test that the key exists write attributes:k",
+        );
         // trailing input
-        bad("attributes:a attributes:b", 13, "join conditions with AND or OR");
+        bad(
+            "attributes:a attributes:b",
+            13,
+            "join conditions with AND or OR",
+        );
         bad("attributes:a)", 12, "unbalanced `)`");
-        bad("(attributes:a", 13, "missing `)` to close the `(` at position 0");
-        bad("attributes:a = \"v\"", 13, "to compare its value write attributes.KEY");
+        bad(
+            "(attributes:a",
+            13,
+            "missing `)` to close the `(` at position 0",
+        );
+        bad(
+            "attributes:a = \"v\"",
+            13,
+            "to compare its value write attributes.KEY",
+        );
         bad("attributes.k = \"v\" \"w\"", 19, "unexpected `\"`");
         bad("attributes:a -attributes:b", 13, "unexpected `-`");
         // mixed AND/OR: position of the operator that switches
-        bad("attributes:a AND attributes:b OR attributes:c", 30, "AND and OR cannot be mixed");
-        bad("attributes:a OR attributes:b AND attributes:c", 29, "AND and OR cannot be mixed");
-        bad("(attributes:a OR attributes:b OR attributes:c AND attributes:d)", 46, "cannot be mixed");
+        bad(
+            "attributes:a AND attributes:b OR attributes:c",
+            30,
+            "AND and OR cannot be mixed",
+        );
+        bad(
+            "attributes:a OR attributes:b AND attributes:c",
+            29,
+            "AND and OR cannot be mixed",
+        );
+        bad(
+            "(attributes:a OR attributes:b OR attributes:c AND attributes:d)",
+            46,
+            "cannot be mixed",
+        );
         // operator spelling
-        bad("attributes:a and attributes:b", 13, "write `AND` instead of `and`");
-        bad("attributes:a Or attributes:b", 13, "write `OR` instead of `Or`");
+        bad(
+            "attributes:a and attributes:b",
+            13,
+            "write `AND` instead of `and`",
+        );
+        bad(
+            "attributes:a Or attributes:b",
+            13,
+            "write `OR` instead of `Or`",
+        );
         bad("not attributes:a", 0, "write `NOT` instead of `not`");
-        bad("attributes:a AND(attributes:b)", 16, "AND must be followed by white space");
-        bad("(attributes:a)AND attributes:b", 14, "AND must be preceded by white space");
-        bad("NOT(attributes:a)", 3, "NOT must be followed by white space");
+        bad(
+            "attributes:a AND(attributes:b)",
+            16,
+            "AND must be followed by white space",
+        );
+        bad(
+            "(attributes:a)AND attributes:b",
+            14,
+            "AND must be preceded by white space",
+        );
+        bad(
+            "NOT(attributes:a)",
+            3,
+            "NOT must be followed by white space",
+        );
         bad("- attributes:a", 1, "no space");
         bad("NOT NOT attributes:a", 4, "negated only once");
         bad("NOT -attributes:a", 4, "negated only once");
         bad("--attributes:a", 1, "negated only once");
         // keys and values
-        bad("attributes.iana.org/language_tag = \"en\"", 15, "must be quoted");
+        bad(
+            "attributes.iana.org/language_tag = \"en\"",
+            15,
+            "must be quoted",
+        );
         bad("attributes:a/b", 12, "must be quoted");
         bad("attributes.\"\" = \"v\"", 11, "must not be empty");
-        bad("attributes. k = \"v\"", 11, "no white space is allowed after the `.`");
-        bad("attributes .k = \"v\"", 11, "no white space is allowed before the `.`");
+        bad(
+            "attributes. k = \"v\"",
+            11,
+            "no white space is allowed after the `.`",
+        );
+        bad(
+            "attributes .k = \"v\"",
+            11,
+            "no white space is allowed before the `.`",
+        );
         bad("attributes.k = v", 15, "must be a string literal in quotes");
         bad("attributes.k = 1", 15, "must be a string literal in quotes");
         bad("attributes.k < \"v\"", 13, "unsupported operator `<`");
         bad("attributes.k >= \"v\"", 13, "unsupported operator `>=`");
-        bad("attributes.k:\"v\"", 12, "to test that a key exists write attributes:KEY");
+        bad(
+            "attributes.k:\"v\"",
+            12,
+            "to test that a key exists write attributes:KEY",
+        );
         bad("attributes.k == \"v\"", 14, "must be a string literal");
         // hasPrefix shape
-        bad("hasPrefix (attributes.k, \"p\")", 9, "between hasPrefix and `(`");
+        bad(
+            "hasPrefix (attributes.k, \"p\")",
+            9,
+            "between hasPrefix and `(`",
+        );
         bad("hasPrefix", 9, "expected `(` after hasPrefix");
         bad("hasPrefix()", 10, "hasPrefix takes 2 arguments");
         bad("hasPrefix(attributes.k)", 22, "hasPrefix takes 2 arguments");
-        bad("hasPrefix(attributes.k, )", 24, "hasPrefix takes 2 arguments");
-        bad("hasPrefix(attributes.k, \"p\", \"q\")", 27, "hasPrefix takes 2 arguments");
-        bad("hasPrefix(attributes.k, \"p\"", 27, "missing `)` to close hasPrefix(");
-        bad("hasPrefix(attributes:k, \"p\")", 20, "must be attributes.KEY");
-        bad("hasPrefix(\"p\", attributes.k)", 10, "must be attributes.KEY");
-        bad("hasPrefix(attributes.k, attributes.j)", 24, "must be a string literal");
+        bad(
+            "hasPrefix(attributes.k, )",
+            24,
+            "hasPrefix takes 2 arguments",
+        );
+        bad(
+            "hasPrefix(attributes.k, \"p\", \"q\")",
+            27,
+            "hasPrefix takes 2 arguments",
+        );
+        bad(
+            "hasPrefix(attributes.k, \"p\"",
+            27,
+            "missing `)` to close hasPrefix(",
+        );
+        bad(
+            "hasPrefix(attributes:k, \"p\")",
+            20,
+            "must be attributes.KEY",
+        );
+        bad(
+            "hasPrefix(\"p\", attributes.k)",
+            10,
+            "must be attributes.KEY",
+        );
+        bad(
+            "hasPrefix(attributes.k, attributes.j)",
+            24,
+            "must be a string literal",
+        );
         bad("hasPrefix(attributes.k \"p\")", 23, "expected `,`");
         // stray characters
         bad("attributes:a AND !attributes:b", 17, "unexpected `!`");
@@ -1227,7 +1521,11 @@ mod tests {
         assert_eq!(ok.len(), MAX_FILTER_BYTES);
         assert_eq!(ast(&ok), has(&key));
         let long = format!("{ok}k");
-        bad(&long, MAX_FILTER_BYTES, "257 bytes long; the maximum is 256 bytes");
+        bad(
+            &long,
+            MAX_FILTER_BYTES,
+            "257 bytes long; the maximum is 256 bytes",
+        );
         // White space counts too; the position stays on a char boundary.
         bad(&" ".repeat(300), 256, "300 bytes long");
         let multibyte = format!("attributes.k = \"{}\"", "é".repeat(130));
@@ -1238,7 +1536,10 @@ mod tests {
     #[test]
     fn filter_error_display_and_conversion() {
         let e = parse("attributes:a AND").unwrap_err();
-        assert_eq!(e.to_string(), "filter error at position 16: missing operand after AND");
+        assert_eq!(
+            e.to_string(),
+            "filter error at position 16: missing operand after AND"
+        );
         assert_eq!(e.excerpt(), "  attributes:a AND\n                  ^");
         let err: Error = e.into();
         assert_eq!(err.code, Code::InvalidArgument);
@@ -1257,7 +1558,10 @@ mod tests {
         let ex = e.excerpt();
         let lines: Vec<&str> = ex.lines().collect();
         assert_eq!(lines.len(), 2);
-        assert!(lines[0].starts_with("  …") && lines[0].chars().count() <= 2 + 72 + 2, "{ex}");
+        assert!(
+            lines[0].starts_with("  …") && lines[0].chars().count() <= 2 + 72 + 2,
+            "{ex}"
+        );
         let caret = lines[1].chars().count() - 1;
         assert_eq!(lines[0].chars().nth(caret), Some('O'), "{ex}");
     }
@@ -1270,19 +1574,34 @@ mod tests {
             ("attributes.\"my key\"='v'", "attributes.\"my key\" = \"v\""),
             ("attributes:\"1st\"", "attributes:\"1st\""),
             ("attributes:1st", "attributes:\"1st\""),
-            ("attributes.k != \"a\\\"b\\\\c\\n\\x01\"", "attributes.k != \"a\\\"b\\\\c\\n\\x01\""),
+            (
+                "attributes.k != \"a\\\"b\\\\c\\n\\x01\"",
+                "attributes.k != \"a\\\"b\\\\c\\n\\x01\"",
+            ),
             ("-attributes:k", "NOT attributes:k"),
             ("NOT (NOT attributes:k)", "NOT (NOT attributes:k)"),
-            ("NOT ((attributes:a) OR attributes:b)", "NOT (attributes:a OR attributes:b)"),
-            ("hasPrefix( attributes.k,'p' )", "hasPrefix(attributes.k, \"p\")"),
-            ("(attributes:a AND attributes:b) AND attributes:c", "(attributes:a AND attributes:b) AND attributes:c"),
+            (
+                "NOT ((attributes:a) OR attributes:b)",
+                "NOT (attributes:a OR attributes:b)",
+            ),
+            (
+                "hasPrefix( attributes.k,'p' )",
+                "hasPrefix(attributes.k, \"p\")",
+            ),
+            (
+                "(attributes:a AND attributes:b) AND attributes:c",
+                "(attributes:a AND attributes:b) AND attributes:c",
+            ),
         ];
         for (src, want) in cases {
             let f = parse(src).unwrap();
             assert_eq!(f.to_string(), want, "{src}");
             assert_eq!(parse(&f.to_string()).unwrap(), f, "{src}");
         }
-        assert_eq!("attributes:k".parse::<Filter>().unwrap(), Filter::from_expr(has("k")));
+        assert_eq!(
+            "attributes:k".parse::<Filter>().unwrap(),
+            Filter::from_expr(has("k"))
+        );
     }
 
     // -- deterministic random round trip: AST -> text -> AST, same matches --
@@ -1321,7 +1640,20 @@ mod tests {
         "back\\slash",
         "tab\tnl\n",
     ];
-    const VALUES: &[&str] = &["", "v", "va", "val", "com", "co", "x y", "\"", "\\", "é😀", "\u{1}\u{7f}", "'"];
+    const VALUES: &[&str] = &[
+        "",
+        "v",
+        "va",
+        "val",
+        "com",
+        "co",
+        "x y",
+        "\"",
+        "\\",
+        "é😀",
+        "\u{1}\u{7f}",
+        "'",
+    ];
 
     fn random_expr(rng: &mut Rng, depth: usize) -> Expr {
         let leaf = depth == 0 || rng.below(3) == 0;
@@ -1338,7 +1670,9 @@ mod tests {
         match rng.below(3) {
             0 => Expr::Not(Box::new(random_expr(rng, depth - 1))),
             n => {
-                let children = (0..2 + rng.below(2)).map(|_| random_expr(rng, depth - 1)).collect();
+                let children = (0..2 + rng.below(2))
+                    .map(|_| random_expr(rng, depth - 1))
+                    .collect();
                 if n == 1 {
                     Expr::And(children)
                 } else {
@@ -1379,12 +1713,18 @@ mod tests {
                 }
                 Err(e) => {
                     over_limit += 1;
-                    assert!(text.len() > MAX_FILTER_BYTES && e.message.contains("maximum is 256"), "{e}");
+                    assert!(
+                        text.len() > MAX_FILTER_BYTES && e.message.contains("maximum is 256"),
+                        "{e}"
+                    );
                 }
             }
         }
         eprintln!("random roundtrip: {within_limit} within the limit, {over_limit} over");
-        assert!(within_limit > 500 && over_limit > 0, "{within_limit} / {over_limit}");
+        assert!(
+            within_limit > 500 && over_limit > 0,
+            "{within_limit} / {over_limit}"
+        );
     }
 
     /// Mutated filter text never panics; errors point inside the text at a char
@@ -1441,7 +1781,10 @@ mod tests {
                     assert_eq!(again, f, "{s:?}");
                 }
                 Err(e) => {
-                    assert!(e.position <= s.len() && s.is_char_boundary(e.position), "{s:?}: {e}");
+                    assert!(
+                        e.position <= s.len() && s.is_char_boundary(e.position),
+                        "{s:?}: {e}"
+                    );
                     assert!(!e.message.is_empty());
                     let _ = e.excerpt();
                 }

@@ -76,7 +76,8 @@ pub fn parse_gs_url(s: &str) -> std::result::Result<(String, String), String> {
         .strip_prefix("gs://")
         .ok_or_else(|| format!("\"{s}\" is not a gs://BUCKET/PREFIX address"))?;
     let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
-    let ok_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-');
+    let ok_char =
+        |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-');
     let edge = |c: Option<char>| c.is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
     if !(3..=63).contains(&bucket.len())
         || !bucket.chars().all(ok_char)
@@ -103,7 +104,9 @@ pub fn check_relative_path(p: &str) -> std::result::Result<(), String> {
         return Err(format!("\"{}\" contains NUL", p.escape_debug()));
     }
     if p.starts_with('/') || p.starts_with('\\') || std::path::Path::new(p).is_absolute() {
-        return Err(format!("\"{p}\" must be relative to the run's working directory"));
+        return Err(format!(
+            "\"{p}\" must be relative to the run's working directory"
+        ));
     }
     if p.split(['/', '\\']).any(|c| c == "..") {
         return Err(format!("\"{p}\" must not contain \"..\""));
@@ -201,7 +204,11 @@ pub struct RetryPolicy {
 
 impl Default for RetryPolicy {
     fn default() -> Self {
-        RetryPolicy { max_attempts: 1, initial_backoff: Duration::from_secs(10), max_backoff: Duration::from_secs(300) }
+        RetryPolicy {
+            max_attempts: 1,
+            initial_backoff: Duration::from_secs(10),
+            max_backoff: Duration::from_secs(300),
+        }
     }
 }
 
@@ -243,7 +250,11 @@ mod tests {
 
     #[test]
     fn backoff_grows_and_caps() {
-        let p = RetryPolicy { max_attempts: 5, initial_backoff: Duration::from_secs(10), max_backoff: Duration::from_secs(35) };
+        let p = RetryPolicy {
+            max_attempts: 5,
+            initial_backoff: Duration::from_secs(10),
+            max_backoff: Duration::from_secs(35),
+        };
         assert_eq!(p.backoff(2, 1.0), Duration::from_secs(10));
         assert_eq!(p.backoff(3, 1.0), Duration::from_secs(20));
         assert_eq!(p.backoff(4, 1.0), Duration::from_secs(35));
@@ -253,8 +264,14 @@ mod tests {
 
     #[test]
     fn gs_urls_and_relative_paths() {
-        assert_eq!(parse_gs_url("gs://output/results/x/").unwrap(), ("output".into(), "results/x/".into()));
-        assert_eq!(parse_gs_url("gs://shared").unwrap(), ("shared".into(), "".into()));
+        assert_eq!(
+            parse_gs_url("gs://output/results/x/").unwrap(),
+            ("output".into(), "results/x/".into())
+        );
+        assert_eq!(
+            parse_gs_url("gs://shared").unwrap(),
+            ("shared".into(), "".into())
+        );
         assert!(parse_gs_url("s3://x/y").is_err());
         assert!(parse_gs_url("gs://Up/x").is_err());
         assert!(parse_gs_url("gs:///x").is_err());

@@ -9,8 +9,13 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::config::{normalize_ack_deadline, validate_labels, Labels, SubscriptionConfig, TopicConfig};
-use crate::job::{check_relative_path, parse_gs_url, DockerSpec, ExecutorSpec, InputSpec, JobSpec, OutputSpec, TRIGGER_INPUT, Mount, ProcessSpec, PullPolicy, RegistryAuth, RetryPolicy};
+use crate::config::{
+    normalize_ack_deadline, validate_labels, Labels, SubscriptionConfig, TopicConfig,
+};
+use crate::job::{
+    check_relative_path, parse_gs_url, DockerSpec, ExecutorSpec, InputSpec, JobSpec, Mount,
+    OutputSpec, ProcessSpec, PullPolicy, RegistryAuth, RetryPolicy, TRIGGER_INPUT,
+};
 use crate::names::{validate_resource_id, ProjectName, SubscriptionName, TopicName};
 use crate::template;
 
@@ -270,10 +275,20 @@ impl Ctx<'_> {
         let upto = &self.src[..span.start.min(self.src.len())];
         let line = upto.matches('\n').count() + 1;
         let column = upto.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
-        ManifestError { file: self.file.to_string(), line, column, message: message.into() }
+        ManifestError {
+            file: self.file.to_string(),
+            line,
+            column,
+            message: message.into(),
+        }
     }
 
-    fn duration(&self, v: &Option<Spanned<String>>, default: Duration, what: &str) -> Result<Duration, ManifestError> {
+    fn duration(
+        &self,
+        v: &Option<Spanned<String>>,
+        default: Duration,
+        what: &str,
+    ) -> Result<Duration, ManifestError> {
         match v {
             None => Ok(default),
             Some(s) => humantime::parse_duration(s.get_ref()).map_err(|e| {
@@ -296,7 +311,9 @@ fn labels_of(cx: &Ctx<'_>, l: &Option<Spanned<Labels>>) -> Result<Labels, Manife
 /// Parses a size such as `512m`, `2g`, `1GiB`, `100000` into bytes.
 pub fn parse_bytes(s: &str) -> Option<u64> {
     let t = s.trim().to_ascii_lowercase();
-    let split = t.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(t.len());
+    let split = t
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
     let n: f64 = num.parse().ok()?;
     let mult: u64 = match unit.trim() {
@@ -329,19 +346,33 @@ pub fn parse(file: &str, src: &str) -> Result<Manifest, ManifestError> {
         let span = e.span().unwrap_or(0..0);
         cx.err(span, e.message().trim().to_string())
     })?;
-    let project_str = raw.project.as_ref().map(|p| p.get_ref().clone()).unwrap_or_else(|| "demo".to_string());
+    let project_str = raw
+        .project
+        .as_ref()
+        .map(|p| p.get_ref().clone())
+        .unwrap_or_else(|| "demo".to_string());
     let project = ProjectName::from_id(&project_str)
         .map_err(|e| cx.err(raw.project.as_ref().map_or(0..0, |p| p.span()), e.message))?;
-    let mut m = Manifest { project: project_str.clone(), ..Default::default() };
+    let mut m = Manifest {
+        project: project_str.clone(),
+        ..Default::default()
+    };
 
     let mut seen = BTreeSet::new();
     for t in &raw.topic {
-        let name = resolve_topic(&project, t.name.get_ref()).map_err(|e| cx.err(t.name.span(), e.message))?;
+        let name = resolve_topic(&project, t.name.get_ref())
+            .map_err(|e| cx.err(t.name.span(), e.message))?;
         if !seen.insert(name.to_string()) {
-            return Err(cx.err(t.name.span(), format!("topic \"{}\" is declared twice", t.name.get_ref())));
+            return Err(cx.err(
+                t.name.span(),
+                format!("topic \"{}\" is declared twice", t.name.get_ref()),
+            ));
         }
         let labels = labels_of(&cx, &t.labels)?;
-        m.topics.push(TopicConfig { name: name.to_string(), labels });
+        m.topics.push(TopicConfig {
+            name: name.to_string(),
+            labels,
+        });
     }
     let declared = seen.clone();
     let topic_ref = |s: &Spanned<String>| -> Result<TopicName, ManifestError> {
@@ -351,7 +382,11 @@ pub fn parse(file: &str, src: &str) -> Result<Manifest, ManifestError> {
             // Declaring them keeps a manifest self-contained, so we ask for it.
             return Err(cx.err(
                 s.span(),
-                format!("topic \"{}\" is not declared; add a [[topic]] with name = \"{}\"", s.get_ref(), name.id()),
+                format!(
+                    "topic \"{}\" is not declared; add a [[topic]] with name = \"{}\"",
+                    s.get_ref(),
+                    name.id()
+                ),
             ));
         }
         Ok(name)
@@ -363,11 +398,16 @@ pub fn parse(file: &str, src: &str) -> Result<Manifest, ManifestError> {
             .or_else(|_| SubscriptionName::parse(s.name.get_ref()))
             .map_err(|e| cx.err(s.name.span(), e.message))?;
         if !sub_names.insert(name.to_string()) {
-            return Err(cx.err(s.name.span(), format!("subscription \"{}\" is declared twice", s.name.get_ref())));
+            return Err(cx.err(
+                s.name.span(),
+                format!("subscription \"{}\" is declared twice", s.name.get_ref()),
+            ));
         }
         let topic = topic_ref(&s.topic)?;
         let ack = match &s.ack_deadline_seconds {
-            Some(a) => normalize_ack_deadline(*a.get_ref()).map_err(|e| cx.err(a.span(), e.message))?,
+            Some(a) => {
+                normalize_ack_deadline(*a.get_ref()).map_err(|e| cx.err(a.span(), e.message))?
+            }
             None => normalize_ack_deadline(0).unwrap(),
         };
         let labels = labels_of(&cx, &s.labels)?;
@@ -394,10 +434,23 @@ pub fn parse(file: &str, src: &str) -> Result<Manifest, ManifestError> {
                 // without escapes; otherwise at the start of the string.
                 let span = f.span();
                 let raw = cx.src.get(span.clone()).unwrap_or("");
-                let quote = if raw.starts_with("'''") || raw.starts_with("\"\"\"") { 3 } else { 1 };
-                let exact = raw.get(quote..).is_some_and(|r| r.starts_with(f.get_ref().as_str()));
-                let at = if exact { span.start + quote + e.position } else { span.start };
-                return Err(cx.err(at..at, format!("invalid filter: {} (at position {})", e.message, e.position)));
+                let quote = if raw.starts_with("'''") || raw.starts_with("\"\"\"") {
+                    3
+                } else {
+                    1
+                };
+                let exact = raw
+                    .get(quote..)
+                    .is_some_and(|r| r.starts_with(f.get_ref().as_str()));
+                let at = if exact {
+                    span.start + quote + e.position
+                } else {
+                    span.start
+                };
+                return Err(cx.err(
+                    at..at,
+                    format!("invalid filter: {} (at position {})", e.message, e.position),
+                ));
             }
         }
         let check_tmpl = |span: Range<usize>, s: &str| -> Result<(), ManifestError> {
@@ -484,29 +537,45 @@ pub fn parse(file: &str, src: &str) -> Result<Manifest, ManifestError> {
             Some(r) => {
                 let raw = r.get_ref();
                 if raw.max_attempts == 0 {
-                    return Err(cx.err(r.span(), "retries.max_attempts counts the first attempt too; it must be at least 1"));
+                    return Err(cx.err(
+                        r.span(),
+                        "retries.max_attempts counts the first attempt too; it must be at least 1",
+                    ));
                 }
                 let d = RetryPolicy::default();
                 let parse = |v: &Option<String>, dflt: Duration, what: &str| match v {
                     None => Ok(dflt),
-                    Some(s) => humantime::parse_duration(s).map_err(|e| cx.err(r.span(), format!("retries.{what}: \"{s}\" ({e})"))),
+                    Some(s) => humantime::parse_duration(s)
+                        .map_err(|e| cx.err(r.span(), format!("retries.{what}: \"{s}\" ({e})"))),
                 };
                 let initial = parse(&raw.initial_backoff, d.initial_backoff, "initial_backoff")?;
                 let max = parse(&raw.max_backoff, d.max_backoff, "max_backoff")?;
                 if max < initial {
-                    return Err(cx.err(r.span(), "retries.max_backoff must not be below initial_backoff"));
+                    return Err(cx.err(
+                        r.span(),
+                        "retries.max_backoff must not be below initial_backoff",
+                    ));
                 }
-                RetryPolicy { max_attempts: raw.max_attempts, initial_backoff: initial, max_backoff: max }
+                RetryPolicy {
+                    max_attempts: raw.max_attempts,
+                    initial_backoff: initial,
+                    max_backoff: max,
+                }
             }
         };
         let concurrency = match &j.concurrency {
-            Some(c) if *c.get_ref() == 0 => return Err(cx.err(c.span(), "concurrency must be at least 1")),
+            Some(c) if *c.get_ref() == 0 => {
+                return Err(cx.err(c.span(), "concurrency must be at least 1"))
+            }
             Some(c) => *c.get_ref(),
             None => 1,
         };
         let timeout = cx.duration(&j.timeout, Duration::from_secs(3600), "timeout")?;
         if timeout.is_zero() {
-            return Err(cx.err(j.timeout.as_ref().unwrap().span(), "timeout must be above 0"));
+            return Err(cx.err(
+                j.timeout.as_ref().unwrap().span(),
+                "timeout must be above 0",
+            ));
         }
         let dedup_key = match &j.dedup_key {
             Some(k) => {
@@ -520,8 +589,12 @@ pub fn parse(file: &str, src: &str) -> Result<Manifest, ManifestError> {
             None => String::new(),
         };
         let log_limit_bytes = match &j.log_limit {
-            Some(s) => parse_bytes(s.get_ref())
-                .ok_or_else(|| cx.err(s.span(), format!("log_limit: \"{}\" is not a size; e.g. \"10m\"", s.get_ref())))?,
+            Some(s) => parse_bytes(s.get_ref()).ok_or_else(|| {
+                cx.err(
+                    s.span(),
+                    format!("log_limit: \"{}\" is not a size; e.g. \"10m\"", s.get_ref()),
+                )
+            })?,
             None => 10 << 20,
         };
         // Staging: local sides relative and inside the working directory,
@@ -540,26 +613,40 @@ pub fn parse(file: &str, src: &str) -> Result<Manifest, ManifestError> {
                 check_gs(&r.from, "inputs.from (\"trigger\" or gs://BUCKET/PREFIX)")?;
             }
             check_local(&r.to, "inputs.to")?;
-            inputs.push(InputSpec { from: r.from.get_ref().clone(), to: r.to.get_ref().clone() });
+            inputs.push(InputSpec {
+                from: r.from.get_ref().clone(),
+                to: r.to.get_ref().clone(),
+            });
         }
         let mut outputs = Vec::new();
         for o in &j.outputs {
             let r = o.get_ref();
             check_local(&r.from, "outputs.from")?;
             check_gs(&r.to, "outputs.to")?;
-            outputs.push(OutputSpec { from: r.from.get_ref().clone(), to: r.to.get_ref().clone() });
+            outputs.push(OutputSpec {
+                from: r.from.get_ref().clone(),
+                to: r.to.get_ref().clone(),
+            });
         }
         m.jobs.push(JobSpec {
             name: name.clone(),
             topic: topic.to_string(),
-            filter: j.filter.as_ref().map(|f| f.get_ref().clone()).unwrap_or_default(),
+            filter: j
+                .filter
+                .as_ref()
+                .map(|f| f.get_ref().clone())
+                .unwrap_or_default(),
             executor,
             timeout,
             grace_period: cx.duration(&j.grace_period, Duration::from_secs(10), "grace_period")?,
             retries,
             concurrency,
             dedup_key,
-            dedup_window: cx.duration(&j.dedup_window, Duration::from_secs(24 * 3600), "dedup_window")?,
+            dedup_window: cx.duration(
+                &j.dedup_window,
+                Duration::from_secs(24 * 3600),
+                "dedup_window",
+            )?,
             result_topic,
             log_limit_bytes,
             inputs,
@@ -569,19 +656,36 @@ pub fn parse(file: &str, src: &str) -> Result<Manifest, ManifestError> {
     let mut names = BTreeSet::new();
     for b in &raw.bucket {
         if !names.insert(b.name.get_ref().clone()) {
-            return Err(cx.err(b.name.span(), format!("bucket \"{}\" is declared twice", b.name.get_ref())));
+            return Err(cx.err(
+                b.name.span(),
+                format!("bucket \"{}\" is declared twice", b.name.get_ref()),
+            ));
         }
         let mut notifications = Vec::new();
         for n in &b.notifications {
             let r = n.get_ref();
             let topic = topic_ref(&Spanned::new(n.span(), r.topic.clone()))?;
-            const EVENTS: [&str; 4] = ["OBJECT_FINALIZE", "OBJECT_DELETE", "OBJECT_METADATA_UPDATE", "OBJECT_ARCHIVE"];
+            const EVENTS: [&str; 4] = [
+                "OBJECT_FINALIZE",
+                "OBJECT_DELETE",
+                "OBJECT_METADATA_UPDATE",
+                "OBJECT_ARCHIVE",
+            ];
             if let Some(bad) = r.event_types.iter().find(|e| !EVENTS.contains(&e.as_str())) {
-                return Err(cx.err(n.span(), format!("unknown event type \"{bad}\"; one of {}", EVENTS.join(", "))));
+                return Err(cx.err(
+                    n.span(),
+                    format!("unknown event type \"{bad}\"; one of {}", EVENTS.join(", ")),
+                ));
             }
-            let payload_format = r.payload_format.clone().unwrap_or_else(|| "JSON_API_V1".to_string());
+            let payload_format = r
+                .payload_format
+                .clone()
+                .unwrap_or_else(|| "JSON_API_V1".to_string());
             if payload_format != "JSON_API_V1" && payload_format != "NONE" {
-                return Err(cx.err(n.span(), format!("payload_format is \"{payload_format}\"; one of JSON_API_V1, NONE")));
+                return Err(cx.err(
+                    n.span(),
+                    format!("payload_format is \"{payload_format}\"; one of JSON_API_V1, NONE"),
+                ));
             }
             notifications.push(NotificationDecl {
                 topic: topic.to_string(),
@@ -591,12 +695,18 @@ pub fn parse(file: &str, src: &str) -> Result<Manifest, ManifestError> {
                 payload_format,
             });
         }
-        m.buckets.push(BucketDecl { name: b.name.get_ref().clone(), notifications });
+        m.buckets.push(BucketDecl {
+            name: b.name.get_ref().clone(),
+            notifications,
+        });
     }
     let mut names = BTreeSet::new();
     for sc in &raw.schedule {
         if !names.insert(sc.name.get_ref().clone()) {
-            return Err(cx.err(sc.name.span(), format!("schedule \"{}\" is declared twice", sc.name.get_ref())));
+            return Err(cx.err(
+                sc.name.span(),
+                format!("schedule \"{}\" is declared twice", sc.name.get_ref()),
+            ));
         }
         m.schedules.push(ScheduleDecl {
             name: sc.name.get_ref().clone(),
@@ -613,7 +723,10 @@ pub fn parse(file: &str, src: &str) -> Result<Manifest, ManifestError> {
     let mut names = BTreeSet::new();
     for w in &raw.webhook {
         if !names.insert(w.name.get_ref().clone()) {
-            return Err(cx.err(w.name.span(), format!("webhook \"{}\" is declared twice", w.name.get_ref())));
+            return Err(cx.err(
+                w.name.span(),
+                format!("webhook \"{}\" is declared twice", w.name.get_ref()),
+            ));
         }
         m.webhooks.push(WebhookDecl {
             name: w.name.get_ref().clone(),
@@ -661,7 +774,9 @@ dedup_key = "{{ publish_time | date }}"
         assert_eq!(j.timeout, Duration::from_secs(1800));
         assert_eq!(j.retries.max_attempts, 3);
         assert_eq!(j.concurrency, 4);
-        assert!(matches!(&j.executor, ExecutorSpec::Process(p) if p.args[1] == "{{ attributes.objectId }}"));
+        assert!(
+            matches!(&j.executor, ExecutorSpec::Process(p) if p.args[1] == "{{ attributes.objectId }}")
+        );
     }
 
     fn err(src: &str) -> ManifestError {
@@ -688,7 +803,8 @@ dedup_key = "{{ publish_time | date }}"
         assert_eq!(e.line, 7);
         let e = err("[[topic]]\nname = \"up\"\n");
         assert!(e.message.contains("between 3 and 255"), "{e}");
-        let e = err("[[topic]]\nname = \"uploads\"\n[[job]]\nname = \"j1x\"\ntopic = \"uploads\"\n");
+        let e =
+            err("[[topic]]\nname = \"uploads\"\n[[job]]\nname = \"j1x\"\ntopic = \"uploads\"\n");
         assert!(e.message.contains("needs `process"), "{e}");
         let e = err("[[topic]]\nname = \"uploads\"\n[[job]]\nname = \"j1x\"\ntopic = \"uploads\"\ndocker = { image = \"x\", memory = \"lots\" }\n");
         assert!(e.message.contains("memory"), "{e}");
@@ -699,12 +815,22 @@ dedup_key = "{{ publish_time | date }}"
         let job = |filter: &str| {
             format!("[[topic]]\nname = \"uploads\"\n[[job]]\nname = \"j1x\"\ntopic = \"uploads\"\nprocess = {{ command = \"true\" }}\nfilter = {filter}\n")
         };
-        let m = parse("pubrun.toml", &job(r#"'attributes.eventType = "OBJECT_FINALIZE"'"#)).unwrap();
-        assert_eq!(m.jobs[0].filter, r#"attributes.eventType = "OBJECT_FINALIZE""#);
+        let m = parse(
+            "pubrun.toml",
+            &job(r#"'attributes.eventType = "OBJECT_FINALIZE"'"#),
+        )
+        .unwrap();
+        assert_eq!(
+            m.jobs[0].filter,
+            r#"attributes.eventType = "OBJECT_FINALIZE""#
+        );
         // `filter = '` is 10 characters, so position 15 of the filter is column 26.
         let e = err(&job("'attributes.x = '"));
         assert_eq!((e.line, e.column), (7, 26), "{e}");
-        assert!(e.message.starts_with("invalid filter:") && e.message.contains("position 15"), "{e}");
+        assert!(
+            e.message.starts_with("invalid filter:") && e.message.contains("position 15"),
+            "{e}"
+        );
         let e = err(&job("'''attributes.x AND'''"));
         assert_eq!(e.line, 7, "{e}");
         assert!(e.message.contains("invalid filter"), "{e}");
@@ -717,7 +843,10 @@ dedup_key = "{{ publish_time | date }}"
             "[[topic]]\nname = \"uploads\"\n[[bucket]]\nname = \"input\"\nnotifications = [{ topic = \"uploads\", event_types = [\"OBJECT_FINALIZE\"], object_name_prefix = \"csv/\" }]\n",
         )
         .unwrap();
-        assert_eq!(m.buckets[0].notifications[0].topic, "projects/demo/topics/uploads");
+        assert_eq!(
+            m.buckets[0].notifications[0].topic,
+            "projects/demo/topics/uploads"
+        );
         assert_eq!(m.buckets[0].notifications[0].payload_format, "JSON_API_V1");
         let e = err("[[topic]]\nname = \"uploads\"\n[[bucket]]\nname = \"input\"\nnotifications = [{ topic = \"uploads\", event_types = [\"OBJECT_MADE\"] }]\n");
         assert_eq!(e.line, 5, "{e}");
@@ -752,29 +881,54 @@ dedup_key = "{{ publish_time | date }}"
         .unwrap();
         let j = &m.jobs[0];
         assert_eq!(j.inputs.len(), 2);
-        assert_eq!(j.inputs[0], InputSpec { from: "trigger".into(), to: "in/".into() });
+        assert_eq!(
+            j.inputs[0],
+            InputSpec {
+                from: "trigger".into(),
+                to: "in/".into()
+            }
+        );
         assert_eq!(j.inputs[1].from, "gs://shared-bucket/some/prefix/");
-        assert_eq!(j.outputs[0], OutputSpec { from: "out/".into(), to: "gs://output/results/{{ run.id }}/".into() });
+        assert_eq!(
+            j.outputs[0],
+            OutputSpec {
+                from: "out/".into(),
+                to: "gs://output/results/{{ run.id }}/".into()
+            }
+        );
         // Without them: empty.
-        assert!(parse("pubrun.toml", &job("")).unwrap().jobs[0].inputs.is_empty());
+        assert!(parse("pubrun.toml", &job("")).unwrap().jobs[0]
+            .inputs
+            .is_empty());
 
         let e = err(&job("inputs = [{ from = \"trigger\", to = \"../in\" }]"));
         assert_eq!((e.line, e.column), (7, 36), "{e}");
-        assert!(e.message.contains("inputs.to") && e.message.contains(".."), "{e}");
+        assert!(
+            e.message.contains("inputs.to") && e.message.contains(".."),
+            "{e}"
+        );
         let e = err(&job("inputs = [{ from = \"trigger\", to = \"/abs\" }]"));
         assert!(e.message.contains("relative"), "{e}");
         let e = err(&job("inputs = [{ from = \"s3://x/y\", to = \"in\" }]"));
         assert_eq!((e.line, e.column), (7, 20), "{e}");
         assert!(e.message.contains("gs://"), "{e}");
-        let e = err(&job("outputs = [{ from = \"out/\", to = \"gs://Bad_Bucket!/x\" }]"));
+        let e = err(&job(
+            "outputs = [{ from = \"out/\", to = \"gs://Bad_Bucket!/x\" }]",
+        ));
         assert_eq!(e.line, 7, "{e}");
         assert!(e.message.contains("bucket name"), "{e}");
-        let e = err(&job("outputs = [{ from = \"out/\", to = \"gs://output/{{ runn.id }}/\" }]"));
+        let e = err(&job(
+            "outputs = [{ from = \"out/\", to = \"gs://output/{{ runn.id }}/\" }]",
+        ));
         assert_eq!(e.line, 7, "{e}");
         assert!(e.message.contains("runn"), "{e}");
-        let e = err(&job("outputs = [{ from = \"a/../../b\", to = \"gs://output/x/\" }]"));
+        let e = err(&job(
+            "outputs = [{ from = \"a/../../b\", to = \"gs://output/x/\" }]",
+        ));
         assert!(e.message.contains("outputs.from"), "{e}");
-        let e = err(&job("outputs = [{ from = \"out/\", to = \"gs://output/x/\", mode = 1 }]"));
+        let e = err(&job(
+            "outputs = [{ from = \"out/\", to = \"gs://output/x/\", mode = 1 }]",
+        ));
         assert!(e.message.contains("mode"), "{e}");
     }
 

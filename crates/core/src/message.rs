@@ -20,7 +20,11 @@ impl OutgoingMessage {
     pub fn size(&self) -> usize {
         self.data.len()
             + self.ordering_key.len()
-            + self.attributes.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
+            + self
+                .attributes
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>()
     }
 
     /// Checks the per-message limits Google enforces on Publish.
@@ -77,7 +81,9 @@ impl OutgoingMessage {
 /// Validates a whole Publish request: message count, total size, each message.
 pub fn validate_publish(messages: &[OutgoingMessage]) -> Result<()> {
     if messages.is_empty() {
-        return Err(Error::invalid("publish request must contain at least one message"));
+        return Err(Error::invalid(
+            "publish request must contain at least one message",
+        ));
     }
     if messages.len() > MAX_MESSAGES_PER_PUBLISH {
         return Err(Error::invalid(format!(
@@ -92,7 +98,8 @@ pub fn validate_publish(messages: &[OutgoingMessage]) -> Result<()> {
         )));
     }
     for (i, m) in messages.iter().enumerate() {
-        m.validate().map_err(|e| Error::invalid(format!("message {i}: {}", e.message)))?;
+        m.validate()
+            .map_err(|e| Error::invalid(format!("message {i}: {}", e.message)))?;
     }
     Ok(())
 }
@@ -117,7 +124,11 @@ impl Message {
     pub fn size(&self) -> usize {
         self.data.len()
             + self.ordering_key.len()
-            + self.attributes.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
+            + self
+                .attributes
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>()
     }
 }
 
@@ -126,7 +137,10 @@ mod tests {
     use super::*;
 
     fn msg(data: &[u8]) -> OutgoingMessage {
-        OutgoingMessage { data: Bytes::copy_from_slice(data), ..Default::default() }
+        OutgoingMessage {
+            data: Bytes::copy_from_slice(data),
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -159,6 +173,9 @@ mod tests {
         assert!(validate_publish(&vec![msg(b"x"); 1000]).is_ok());
         assert!(validate_publish(&[]).is_err());
         let big = msg(&vec![0; 6 * 1024 * 1024]);
-        assert!(validate_publish(&[big.clone(), big]).unwrap_err().message.contains("publish request"));
+        assert!(validate_publish(&[big.clone(), big])
+            .unwrap_err()
+            .message
+            .contains("publish request"));
     }
 }

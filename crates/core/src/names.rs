@@ -15,7 +15,9 @@ impl ProjectName {
     /// Parses `projects/P`.
     pub fn parse(full: &str) -> Result<Self> {
         let id = full.strip_prefix("projects/").ok_or_else(|| {
-            Error::invalid(format!("invalid project name \"{full}\": expected projects/PROJECT_ID"))
+            Error::invalid(format!(
+                "invalid project name \"{full}\": expected projects/PROJECT_ID"
+            ))
         })?;
         Self::from_id(id)
     }
@@ -23,7 +25,11 @@ impl ProjectName {
     pub fn from_id(id: &str) -> Result<Self> {
         // Google's project IDs are stricter; emulators accept any non-empty id
         // without a slash, and so do we so that test projects like "test_1" work.
-        if id.is_empty() || id.len() > 100 || id.contains('/') || id.chars().any(char::is_whitespace) {
+        if id.is_empty()
+            || id.len() > 100
+            || id.contains('/')
+            || id.chars().any(char::is_whitespace)
+        {
             return Err(Error::invalid(format!(
                 "invalid project id \"{id}\": must be 1 to 100 characters without '/' or spaces"
             )));
@@ -46,14 +52,22 @@ impl fmt::Display for ProjectName {
 /// 3..=255 characters, starts with a letter, then letters, digits and
 /// `- . _ ~ % +`; must not start with `goog`.
 pub fn validate_resource_id(kind: &str, id: &str) -> Result<()> {
-    let bad = |why: &str| Err(Error::invalid(format!("invalid {kind} id \"{}\": {why}", truncate(id))));
+    let bad = |why: &str| {
+        Err(Error::invalid(format!(
+            "invalid {kind} id \"{}\": {why}",
+            truncate(id)
+        )))
+    };
     if id.len() < 3 || id.len() > 255 {
         return bad("must be between 3 and 255 characters long");
     }
     if !id.as_bytes()[0].is_ascii_alphabetic() {
         return bad("must start with a letter");
     }
-    if let Some(c) = id.chars().find(|c| !(c.is_ascii_alphanumeric() || "-._~%+".contains(*c))) {
+    if let Some(c) = id
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || "-._~%+".contains(*c)))
+    {
         return bad(&format!(
             "character {c:?} is not allowed; use letters, digits, '-', '.', '_', '~', '%' or '+'"
         ));
@@ -87,25 +101,46 @@ macro_rules! resource_name {
         impl $ty {
             /// Parses the full name `projects/P/<collection>/ID`.
             pub fn parse(full: &str) -> Result<Self> {
-                let rest = full.strip_prefix("projects/").and_then(|r| r.split_once('/'));
+                let rest = full
+                    .strip_prefix("projects/")
+                    .and_then(|r| r.split_once('/'));
                 let (project, tail) = rest.ok_or_else(|| {
                     Error::invalid(format!(
-                        concat!("invalid ", $kind, " name \"{}\": expected projects/PROJECT_ID/", $collection, "/", "ID"),
+                        concat!(
+                            "invalid ",
+                            $kind,
+                            " name \"{}\": expected projects/PROJECT_ID/",
+                            $collection,
+                            "/",
+                            "ID"
+                        ),
                         truncate(full)
                     ))
                 })?;
-                let id = tail.strip_prefix(concat!($collection, "/")).ok_or_else(|| {
-                    Error::invalid(format!(
-                        concat!("invalid ", $kind, " name \"{}\": expected projects/PROJECT_ID/", $collection, "/", "ID"),
-                        truncate(full)
-                    ))
-                })?;
+                let id = tail
+                    .strip_prefix(concat!($collection, "/"))
+                    .ok_or_else(|| {
+                        Error::invalid(format!(
+                            concat!(
+                                "invalid ",
+                                $kind,
+                                " name \"{}\": expected projects/PROJECT_ID/",
+                                $collection,
+                                "/",
+                                "ID"
+                            ),
+                            truncate(full)
+                        ))
+                    })?;
                 Self::new(ProjectName::from_id(project)?, id)
             }
 
             pub fn new(project: ProjectName, id: &str) -> Result<Self> {
                 validate_resource_id($kind, id)?;
-                Ok($ty { project, id: id.to_string() })
+                Ok($ty {
+                    project,
+                    id: id.to_string(),
+                })
             }
 
             pub fn project(&self) -> &ProjectName {
@@ -167,7 +202,11 @@ mod tests {
     #[test]
     fn error_says_what_to_fix() {
         let err = TopicName::parse("projects/p/topics/9lives").unwrap_err();
-        assert!(err.message.contains("must start with a letter"), "{}", err.message);
+        assert!(
+            err.message.contains("must start with a letter"),
+            "{}",
+            err.message
+        );
         let err = TopicName::parse("projects/p/topics/a*b").unwrap_err();
         assert!(err.message.contains("'*'"), "{}", err.message);
     }

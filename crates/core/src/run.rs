@@ -51,7 +51,10 @@ impl RunStatus {
     }
 
     pub fn is_terminal(self) -> bool {
-        matches!(self, RunStatus::Succeeded | RunStatus::Failed | RunStatus::TimedOut | RunStatus::Cancelled)
+        matches!(
+            self,
+            RunStatus::Succeeded | RunStatus::Failed | RunStatus::TimedOut | RunStatus::Cancelled
+        )
     }
 
     /// Whether the state machine allows `self → to`.
@@ -73,7 +76,11 @@ impl RunStatus {
         if self.can_become(to) {
             Ok(())
         } else {
-            Err(Error::precondition(format!("a {} run cannot become {}", self.as_str(), to.as_str())))
+            Err(Error::precondition(format!(
+                "a {} run cannot become {}",
+                self.as_str(),
+                to.as_str()
+            )))
         }
     }
 }
@@ -128,18 +135,60 @@ mod tests {
         assert!(!Succeeded.can_become(Running));
         assert!(!Cancelled.can_become(Queued));
         assert!(!Queued.can_become(Succeeded));
-        assert_eq!(Succeeded.check_transition(Failed).unwrap_err().code, crate::Code::FailedPrecondition);
-        for s in [Queued, Starting, Running, Succeeded, Failed, TimedOut, Cancelled] {
+        assert_eq!(
+            Succeeded.check_transition(Failed).unwrap_err().code,
+            crate::Code::FailedPrecondition
+        );
+        for s in [
+            Queued, Starting, Running, Succeeded, Failed, TimedOut, Cancelled,
+        ] {
             assert_eq!(RunStatus::parse(s.as_str()).unwrap(), s);
         }
     }
 
     #[test]
     fn exit_status() {
-        assert_eq!(Exit { exit_code: Some(0), ..Default::default() }.status(), RunStatus::Succeeded);
-        assert_eq!(Exit { exit_code: Some(3), ..Default::default() }.status(), RunStatus::Failed);
-        assert_eq!(Exit { exit_code: Some(137), oom_killed: true, ..Default::default() }.status(), RunStatus::Failed);
-        assert_eq!(Exit { timed_out: true, signal: Some(9), ..Default::default() }.status(), RunStatus::TimedOut);
-        assert_eq!(Exit { error: Some("no image".into()), ..Default::default() }.status(), RunStatus::Failed);
+        assert_eq!(
+            Exit {
+                exit_code: Some(0),
+                ..Default::default()
+            }
+            .status(),
+            RunStatus::Succeeded
+        );
+        assert_eq!(
+            Exit {
+                exit_code: Some(3),
+                ..Default::default()
+            }
+            .status(),
+            RunStatus::Failed
+        );
+        assert_eq!(
+            Exit {
+                exit_code: Some(137),
+                oom_killed: true,
+                ..Default::default()
+            }
+            .status(),
+            RunStatus::Failed
+        );
+        assert_eq!(
+            Exit {
+                timed_out: true,
+                signal: Some(9),
+                ..Default::default()
+            }
+            .status(),
+            RunStatus::TimedOut
+        );
+        assert_eq!(
+            Exit {
+                error: Some("no image".into()),
+                ..Default::default()
+            }
+            .status(),
+            RunStatus::Failed
+        );
     }
 }

@@ -19,7 +19,16 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 
-const ROOTS: &[&str] = &["data", "text", "attributes", "message_id", "publish_time", "ordering_key", "run", "job"];
+const ROOTS: &[&str] = &[
+    "data",
+    "text",
+    "attributes",
+    "message_id",
+    "publish_time",
+    "ordering_key",
+    "run",
+    "job",
+];
 
 /// What a template sees.
 #[derive(Debug, Clone, Serialize, Default)]
@@ -55,8 +64,17 @@ impl TemplateContext {
         ordering_key: String,
     ) -> Self {
         let text = String::from_utf8_lossy(data).into_owned();
-        let parsed = serde_json::from_slice(data).unwrap_or_else(|_| serde_json::Value::String(text.clone()));
-        TemplateContext { data: parsed, text, attributes, message_id, publish_time, ordering_key, ..Default::default() }
+        let parsed = serde_json::from_slice(data)
+            .unwrap_or_else(|_| serde_json::Value::String(text.clone()));
+        TemplateContext {
+            data: parsed,
+            text,
+            attributes,
+            message_id,
+            publish_time,
+            ordering_key,
+            ..Default::default()
+        }
     }
 }
 
@@ -78,22 +96,33 @@ fn env() -> Environment<'static> {
         }
     });
     // `date`: the calendar day (YYYY-MM-DD) of an RFC 3339 timestamp.
-    env.add_filter("date", |v: String| -> std::result::Result<String, minijinja::Error> {
-        if v.len() >= 10 && v.as_bytes()[4] == b'-' && v.as_bytes()[7] == b'-' {
-            Ok(v[..10].to_string())
-        } else {
-            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, format!("\"{v}\" is not an RFC 3339 time")))
-        }
-    });
+    env.add_filter(
+        "date",
+        |v: String| -> std::result::Result<String, minijinja::Error> {
+            if v.len() >= 10 && v.as_bytes()[4] == b'-' && v.as_bytes()[7] == b'-' {
+                Ok(v[..10].to_string())
+            } else {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    format!("\"{v}\" is not an RFC 3339 time"),
+                ))
+            }
+        },
+    );
     env
 }
 
 /// Checks syntax and that every variable is one a template may use.
 pub fn validate(source: &str) -> Result<()> {
     let env = env();
-    let tmpl = env.template_from_str(source).map_err(|e| Error::invalid(format!("template {source:?}: {}", detail(&e))))?;
-    let mut unknown: Vec<String> =
-        tmpl.undeclared_variables(false).into_iter().filter(|v| !ROOTS.contains(&v.as_str())).collect();
+    let tmpl = env
+        .template_from_str(source)
+        .map_err(|e| Error::invalid(format!("template {source:?}: {}", detail(&e))))?;
+    let mut unknown: Vec<String> = tmpl
+        .undeclared_variables(false)
+        .into_iter()
+        .filter(|v| !ROOTS.contains(&v.as_str()))
+        .collect();
     unknown.sort();
     if let Some(v) = unknown.first() {
         return Err(Error::invalid(format!(
@@ -110,7 +139,8 @@ pub fn render(source: &str, ctx: &TemplateContext) -> Result<String> {
         return Ok(source.to_string());
     }
     let env = env();
-    env.render_str(source, Value::from(minijinja::value::Serde(ctx))).map_err(|e| Error::invalid(format!("template {source:?}: {}", detail(&e))))
+    env.render_str(source, Value::from(minijinja::value::Serde(ctx)))
+        .map_err(|e| Error::invalid(format!("template {source:?}: {}", detail(&e))))
 }
 
 fn detail(e: &minijinja::Error) -> String {
@@ -141,10 +171,16 @@ mod tests {
     #[test]
     fn renders_message_fields() {
         let c = ctx();
-        assert_eq!(render("{{ attributes.objectId }}", &c).unwrap(), "csv/a.csv");
+        assert_eq!(
+            render("{{ attributes.objectId }}", &c).unwrap(),
+            "csv/a.csv"
+        );
         assert_eq!(render("{{ data.full }}", &c).unwrap(), "true");
         assert_eq!(render("{{ data }}", &c).unwrap(), r#"{"full":true,"n":3}"#);
-        assert_eq!(render("{{ publish_time | date }}", &c).unwrap(), "2026-11-25");
+        assert_eq!(
+            render("{{ publish_time | date }}", &c).unwrap(),
+            "2026-11-25"
+        );
         assert_eq!(render("out/{{ run.id }}/", &c).unwrap(), "out/run-1/");
         assert_eq!(render("plain", &c).unwrap(), "plain");
     }
@@ -158,14 +194,23 @@ mod tests {
     #[test]
     fn validation_catches_syntax_and_unknown_variables() {
         assert!(validate("{{ attributes.x }}").is_ok());
-        assert!(validate("{{ attributes.x ").unwrap_err().message.contains("syntax"));
+        assert!(validate("{{ attributes.x ")
+            .unwrap_err()
+            .message
+            .contains("syntax"));
         let e = validate("{{ atributes.x }}").unwrap_err();
         assert!(e.message.contains("`atributes`"), "{}", e.message);
     }
 
     #[test]
     fn non_json_data_is_text() {
-        let c = TemplateContext::from_message(b"hello", BTreeMap::new(), "1".into(), String::new(), String::new());
+        let c = TemplateContext::from_message(
+            b"hello",
+            BTreeMap::new(),
+            "1".into(),
+            String::new(),
+            String::new(),
+        );
         assert_eq!(render("{{ data }} {{ text }}", &c).unwrap(), "hello hello");
     }
 }

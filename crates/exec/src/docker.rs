@@ -41,8 +41,9 @@ use bollard::container::LogOutput;
 use bollard::errors::Error as DockerError;
 use bollard::models::{ContainerCreateBody, ContainerStateStatusEnum, HostConfig};
 use bollard::query_parameters::{
-    CreateContainerOptionsBuilder, CreateImageOptionsBuilder, InspectContainerOptions, ListContainersOptionsBuilder,
-    LogsOptionsBuilder, RemoveContainerOptionsBuilder, StopContainerOptionsBuilder, WaitContainerOptionsBuilder,
+    CreateContainerOptionsBuilder, CreateImageOptionsBuilder, InspectContainerOptions,
+    ListContainersOptionsBuilder, LogsOptionsBuilder, RemoveContainerOptionsBuilder,
+    StopContainerOptionsBuilder, WaitContainerOptionsBuilder,
 };
 use bollard::Docker;
 use futures::StreamExt;
@@ -76,8 +77,15 @@ enum Fail {
 impl Fail {
     fn into_exit(self) -> Exit {
         match self {
-            Fail::Job(m) => Exit { error: Some(m), ..Default::default() },
-            Fail::Infra(m) => Exit { error: Some(m), infra_error: true, ..Default::default() },
+            Fail::Job(m) => Exit {
+                error: Some(m),
+                ..Default::default()
+            },
+            Fail::Infra(m) => Exit {
+                error: Some(m),
+                infra_error: true,
+                ..Default::default()
+            },
         }
     }
 }
@@ -138,7 +146,9 @@ fn with_tag(image: &str) -> String {
 /// component with a dot or a colon, or `localhost`), else Docker Hub.
 fn registry_of(image: &str) -> String {
     match image.split_once('/') {
-        Some((first, _)) if first.contains('.') || first.contains(':') || first == "localhost" => first.to_string(),
+        Some((first, _)) if first.contains('.') || first.contains(':') || first == "localhost" => {
+            first.to_string()
+        }
         _ => "https://index.docker.io/v1/".to_string(),
     }
 }
@@ -148,17 +158,32 @@ fn registry_of(image: &str) -> String {
 pub fn container_name(run_id: &str, attempt: u32) -> String {
     let clean: String = run_id
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-') { c } else { '-' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-') {
+                c
+            } else {
+                '-'
+            }
+        })
         .collect();
     format!("pubrun-{clean}-{attempt}")
 }
 
 fn label_filters(run_id: &str, attempt: u32) -> HashMap<String, Vec<String>> {
-    HashMap::from([("label".to_string(), vec![format!("pubrun.run_id={run_id}"), format!("pubrun.attempt={attempt}")])])
+    HashMap::from([(
+        "label".to_string(),
+        vec![
+            format!("pubrun.run_id={run_id}"),
+            format!("pubrun.attempt={attempt}"),
+        ],
+    )])
 }
 
 fn now_unix() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
 }
 
 impl DockerExecutor {
@@ -173,9 +198,10 @@ impl DockerExecutor {
     /// Uses the engine at `host` (`unix://…`, `tcp://…`, `http://…`).
     pub fn with_host(host: &str) -> Result<Self, String> {
         match Docker::connect_with_host(host) {
-            Ok(_) | Err(DockerError::SocketNotFoundError(_)) => {
-                Ok(DockerExecutor { endpoint: host.to_string(), client: OnceCell::new() })
-            }
+            Ok(_) | Err(DockerError::SocketNotFoundError(_)) => Ok(DockerExecutor {
+                endpoint: host.to_string(),
+                client: OnceCell::new(),
+            }),
             Err(e) => Err(format!("cannot use docker host {host}: {}", chain(&e))),
         }
     }
@@ -186,7 +212,11 @@ impl DockerExecutor {
     }
 
     fn unreachable(&self, e: &DockerError) -> Fail {
-        Fail::Infra(format!("docker engine unreachable at {}: {}", self.endpoint, chain(e)))
+        Fail::Infra(format!(
+            "docker engine unreachable at {}: {}",
+            self.endpoint,
+            chain(e)
+        ))
     }
 
     /// `Infra` when the engine did not answer, else `Job` with `what` first.
@@ -206,20 +236,28 @@ impl DockerExecutor {
                 let docker = Docker::connect_with_host(&self.endpoint)
                     .map_err(|e| self.unreachable(&e))?
                     .with_timeout(REQUEST_TIMEOUT);
-                docker.negotiate_version().await.map_err(|e| match self.classify("", &e) {
-                    Fail::Job(_) => Fail::Infra(format!(
-                        "docker engine at {} did not tell its API version: {}",
-                        self.endpoint,
-                        docker_message(&e)
-                    )),
-                    infra => infra,
-                })
+                docker
+                    .negotiate_version()
+                    .await
+                    .map_err(|e| match self.classify("", &e) {
+                        Fail::Job(_) => Fail::Infra(format!(
+                            "docker engine at {} did not tell its API version: {}",
+                            self.endpoint,
+                            docker_message(&e)
+                        )),
+                        infra => infra,
+                    })
             })
             .await
             .cloned()
     }
 
-    async fn ensure_image(&self, docker: &Docker, spec: &DockerSpec, log: &LogSink) -> Result<(), Fail> {
+    async fn ensure_image(
+        &self,
+        docker: &Docker,
+        spec: &DockerSpec,
+        log: &LogSink,
+    ) -> Result<(), Fail> {
         let image = &spec.image;
         if image.is_empty() {
             return Err(Fail::Job("no image given".into()));
@@ -252,7 +290,11 @@ impl DockerExecutor {
                         auth.password_env
                     ))
                 })?;
-                let server = if auth.server.is_empty() { registry_of(image) } else { auth.server.clone() };
+                let server = if auth.server.is_empty() {
+                    registry_of(image)
+                } else {
+                    auth.server.clone()
+                };
                 Some(DockerCredentials {
                     username: Some(auth.username.clone()),
                     password: Some(password),
@@ -263,7 +305,9 @@ impl DockerExecutor {
         };
         log.note(&format!("pulling image {image}")).await;
         let reference = with_tag(image);
-        let options = CreateImageOptionsBuilder::new().from_image(&reference).build();
+        let options = CreateImageOptionsBuilder::new()
+            .from_image(&reference)
+            .build();
         let mut progress = docker.create_image(Some(options), None, credentials);
         while let Some(item) = progress.next().await {
             if let Err(e) = item {
@@ -274,14 +318,23 @@ impl DockerExecutor {
         Ok(())
     }
 
-    fn container_body(&self, req: &RunRequest, spec: &DockerSpec) -> Result<ContainerCreateBody, Fail> {
+    fn container_body(
+        &self,
+        req: &RunRequest,
+        spec: &DockerSpec,
+    ) -> Result<ContainerCreateBody, Fail> {
         let workdir = std::path::absolute(&req.workdir)
             .map_err(|e| Fail::Infra(format!("run directory {}: {e}", req.workdir.display())))?;
         let mut binds = Vec::with_capacity(spec.mounts.len() + 1);
         binds.push(format!("{}:/workspace", workdir.display()));
         for m in &spec.mounts {
             let source = workdir.join(&m.source);
-            binds.push(format!("{}:{}{}", source.display(), m.target, if m.read_only { ":ro" } else { "" }));
+            binds.push(format!(
+                "{}:{}{}",
+                source.display(),
+                m.target,
+                if m.read_only { ":ro" } else { "" }
+            ));
         }
         let mut env: BTreeMap<&str, &str> = BTreeMap::new();
         for (k, v) in spec.env.iter().chain(req.env.iter()) {
@@ -331,18 +384,36 @@ impl DockerExecutor {
         match docker.create_container(options(), body.clone()).await {
             Ok(r) => return Ok((r.id, false)),
             Err(e) if is_status(&e, 409) => {}
-            Err(e) => return Err(self.classify(&format!("cannot create a container from image {}", spec.image), &e)),
+            Err(e) => {
+                return Err(self.classify(
+                    &format!("cannot create a container from image {}", spec.image),
+                    &e,
+                ))
+            }
         }
-        match docker.inspect_container(&name, None::<InspectContainerOptions>).await {
+        match docker
+            .inspect_container(&name, None::<InspectContainerOptions>)
+            .await
+        {
             Ok(c) if c.state.as_ref().and_then(|s| s.running) == Some(true) => {
-                log.note(&format!("container {name} of this attempt is already running; following it")).await;
+                log.note(&format!(
+                    "container {name} of this attempt is already running; following it"
+                ))
+                .await;
                 return Ok((c.id.unwrap_or(name), true));
             }
             Ok(_) | Err(_) => {}
         }
-        log.note(&format!("removing the stale container {name} left by an earlier try")).await;
-        if let Err(e) =
-            docker.remove_container(&name, Some(RemoveContainerOptionsBuilder::new().force(true).build())).await
+        log.note(&format!(
+            "removing the stale container {name} left by an earlier try"
+        ))
+        .await;
+        if let Err(e) = docker
+            .remove_container(
+                &name,
+                Some(RemoveContainerOptionsBuilder::new().force(true).build()),
+            )
+            .await
         {
             if !is_status(&e, 404) {
                 return Err(self.classify(&format!("cannot remove the stale container {name}"), &e));
@@ -352,11 +423,19 @@ impl DockerExecutor {
             .create_container(options(), body)
             .await
             .map(|r| (r.id, false))
-            .map_err(|e| self.classify(&format!("cannot create a container from image {}", spec.image), &e))
+            .map_err(|e| {
+                self.classify(
+                    &format!("cannot create a container from image {}", spec.image),
+                    &e,
+                )
+            })
     }
 
     async fn remove(&self, docker: &Docker, id: &str) {
-        let options = RemoveContainerOptionsBuilder::new().force(true).v(true).build();
+        let options = RemoveContainerOptionsBuilder::new()
+            .force(true)
+            .v(true)
+            .build();
         if let Err(e) = docker.remove_container(id, Some(options)).await {
             if !is_status(&e, 404) {
                 tracing::warn!(container = id, error = %chain(&e), "could not remove container");
@@ -376,7 +455,10 @@ impl DockerExecutor {
         cancel: &CancellationToken,
         since: Option<i64>,
     ) -> Exit {
-        let mut logs_opts = LogsOptionsBuilder::new().follow(true).stdout(true).stderr(true);
+        let mut logs_opts = LogsOptionsBuilder::new()
+            .follow(true)
+            .stdout(true)
+            .stderr(true);
         if let Some(t) = since {
             logs_opts = logs_opts.since(t.clamp(0, i32::MAX as i64) as i32);
         }
@@ -391,8 +473,14 @@ impl DockerExecutor {
             }
         });
 
-        let mut wait =
-            docker.wait_container(id, Some(WaitContainerOptionsBuilder::new().condition("not-running").build()));
+        let mut wait = docker.wait_container(
+            id,
+            Some(
+                WaitContainerOptionsBuilder::new()
+                    .condition("not-running")
+                    .build(),
+            ),
+        );
         let limit = async {
             if req.timeout.is_zero() {
                 std::future::pending::<()>().await
@@ -417,7 +505,11 @@ impl DockerExecutor {
                 wait.next().await
             }
         };
-        let mut exit = Exit { timed_out, cancelled, ..Default::default() };
+        let mut exit = Exit {
+            timed_out,
+            cancelled,
+            ..Default::default()
+        };
         let mut wait_code = None;
         match waited {
             Some(Ok(r)) => wait_code = Some(r.status_code),
@@ -432,19 +524,36 @@ impl DockerExecutor {
                 exit.infra_error = true;
                 return exit;
             }
-            Some(Err(e)) => exit.error = Some(format!("waiting for container {id}: {}", docker_message(&e))),
+            Some(Err(e)) => {
+                exit.error = Some(format!(
+                    "waiting for container {id}: {}",
+                    docker_message(&e)
+                ))
+            }
             None => {}
         }
 
-        if tokio::time::timeout(LOG_DRAIN_LIMIT, &mut pump).await.is_err() {
+        if tokio::time::timeout(LOG_DRAIN_LIMIT, &mut pump)
+            .await
+            .is_err()
+        {
             pump.abort();
-            log.note("the container's log stream did not end after it stopped; no longer reading it").await;
+            log.note(
+                "the container's log stream did not end after it stopped; no longer reading it",
+            )
+            .await;
         }
 
-        match docker.inspect_container(id, None::<InspectContainerOptions>).await {
+        match docker
+            .inspect_container(id, None::<InspectContainerOptions>)
+            .await
+        {
             Ok(c) => {
                 let state = c.state.unwrap_or_default();
-                exit.exit_code = state.exit_code.map(|c| c as i32).or(wait_code.map(|c| c as i32));
+                exit.exit_code = state
+                    .exit_code
+                    .map(|c| c as i32)
+                    .or(wait_code.map(|c| c as i32));
                 exit.oom_killed = state.oom_killed.unwrap_or(false);
                 if let Some(err) = state.error.filter(|e| !e.is_empty()) {
                     exit.error.get_or_insert(format!("container: {err}"));
@@ -453,14 +562,19 @@ impl DockerExecutor {
             Err(e) if is_unreachable(&e) => {
                 exit.exit_code = wait_code.map(|c| c as i32);
                 if exit.exit_code.is_none() {
-                    exit.error = Some(format!("docker engine unreachable at {}: {}", self.endpoint, chain(&e)));
+                    exit.error = Some(format!(
+                        "docker engine unreachable at {}: {}",
+                        self.endpoint,
+                        chain(&e)
+                    ));
                     exit.infra_error = true;
                 }
             }
             Err(_) => exit.exit_code = wait_code.map(|c| c as i32),
         }
         if exit.oom_killed {
-            log.note("the container ran out of memory and was killed (OOMKilled)").await;
+            log.note("the container ran out of memory and was killed (OOMKilled)")
+                .await;
         }
         self.remove(docker, id).await;
         exit
@@ -471,7 +585,10 @@ impl DockerExecutor {
     async fn stop(&self, docker: &Docker, id: &str, grace: Duration) {
         let t = grace.as_secs().min(i32::MAX as u64) as i32;
         let patient = docker.clone().with_timeout(grace + REQUEST_TIMEOUT);
-        if let Err(e) = patient.stop_container(id, Some(StopContainerOptionsBuilder::new().t(t).build())).await {
+        if let Err(e) = patient
+            .stop_container(id, Some(StopContainerOptionsBuilder::new().t(t).build()))
+            .await
+        {
             if !is_status(&e, 404) && !is_status(&e, 304) {
                 tracing::warn!(container = id, error = %chain(&e), "docker stop failed");
             }
@@ -498,34 +615,56 @@ impl DockerExecutor {
         let (id, already_running) = self.create(&docker, req, spec, log).await?;
         if !already_running {
             if let Err(e) = docker.start_container(&id, None).await {
-                let fail = self.classify(&format!("cannot start the container from image {}", spec.image), &e);
+                let fail = self.classify(
+                    &format!("cannot start the container from image {}", spec.image),
+                    &e,
+                );
                 if matches!(fail, Fail::Job(_)) {
                     self.remove(&docker, &id).await;
                 }
                 return Err(fail);
             }
         }
-        on_started(Started { machine: self.endpoint.clone(), handle: id.clone() });
+        on_started(Started {
+            machine: self.endpoint.clone(),
+            handle: id.clone(),
+        });
         Ok(self.follow(&docker, &id, req, log, cancel, None).await)
     }
 }
 
 #[async_trait::async_trait]
 impl Executor for DockerExecutor {
-    async fn run(&self, req: RunRequest, log: Arc<LogSink>, cancel: CancellationToken, on_started: OnStarted) -> Exit {
+    async fn run(
+        &self,
+        req: RunRequest,
+        log: Arc<LogSink>,
+        cancel: CancellationToken,
+        on_started: OnStarted,
+    ) -> Exit {
         let spec = match &req.spec {
             ExecutorSpec::Docker(d) => d.clone(),
             ExecutorSpec::Process(p) => {
                 return Exit {
-                    error: Some(format!("the docker executor cannot run a process job (command {})", p.command)),
+                    error: Some(format!(
+                        "the docker executor cannot run a process job (command {})",
+                        p.command
+                    )),
                     ..Default::default()
                 };
             }
         };
         if cancel.is_cancelled() {
-            return Exit { cancelled: true, error: Some("cancelled before it started".into()), ..Default::default() };
+            return Exit {
+                cancelled: true,
+                error: Some("cancelled before it started".into()),
+                ..Default::default()
+            };
         }
-        match self.start_and_follow(&req, &spec, &log, &cancel, on_started).await {
+        match self
+            .start_and_follow(&req, &spec, &log, &cancel, on_started)
+            .await
+        {
             Ok(exit) => exit,
             Err(fail) => fail.into_exit(),
         }
@@ -538,7 +677,12 @@ impl Executor for DockerExecutor {
     /// appear again). Created but never started: removed, `None` (nothing
     /// ran). Either way the container is removed at the end. An engine that
     /// does not answer gives `Some` infra error, so the attempt is retried.
-    async fn reattach(&self, req: RunRequest, log: Arc<LogSink>, cancel: CancellationToken) -> Option<Exit> {
+    async fn reattach(
+        &self,
+        req: RunRequest,
+        log: Arc<LogSink>,
+        cancel: CancellationToken,
+    ) -> Option<Exit> {
         if !matches!(req.spec, ExecutorSpec::Docker(_)) {
             return None;
         }
@@ -546,39 +690,69 @@ impl Executor for DockerExecutor {
             Ok(d) => d,
             Err(f) => return Some(f.into_exit()),
         };
-        let list =
-            ListContainersOptionsBuilder::new().all(true).filters(&label_filters(&req.run_id, req.attempt)).build();
+        let list = ListContainersOptionsBuilder::new()
+            .all(true)
+            .filters(&label_filters(&req.run_id, req.attempt))
+            .build();
         let found = match docker.list_containers(Some(list)).await {
             Ok(l) => l,
             Err(e) => return Some(self.classify("listing containers", &e).into_exit()),
         };
         let id = found.into_iter().find_map(|c| c.id)?;
-        let state = match docker.inspect_container(&id, None::<InspectContainerOptions>).await {
+        let state = match docker
+            .inspect_container(&id, None::<InspectContainerOptions>)
+            .await
+        {
             Ok(c) => c.state.unwrap_or_default(),
             Err(e) if is_status(&e, 404) => return None,
-            Err(e) => return Some(self.classify(&format!("inspecting container {id}"), &e).into_exit()),
+            Err(e) => {
+                return Some(
+                    self.classify(&format!("inspecting container {id}"), &e)
+                        .into_exit(),
+                )
+            }
         };
         match state.status {
-            Some(ContainerStateStatusEnum::CREATED) | Some(ContainerStateStatusEnum::EMPTY) | None => {
-                log.note(&format!("container {id} was created but never started; removing it")).await;
+            Some(ContainerStateStatusEnum::CREATED)
+            | Some(ContainerStateStatusEnum::EMPTY)
+            | None => {
+                log.note(&format!(
+                    "container {id} was created but never started; removing it"
+                ))
+                .await;
                 self.remove(&docker, &id).await;
                 None
             }
             _ if state.running == Some(true) => {
                 let since = now_unix();
-                log.note(&format!("reattached to running container {id}; following its output from now on")).await;
-                Some(self.follow(&docker, &id, &req, &log, &cancel, Some(since)).await)
+                log.note(&format!(
+                    "reattached to running container {id}; following its output from now on"
+                ))
+                .await;
+                Some(
+                    self.follow(&docker, &id, &req, &log, &cancel, Some(since))
+                        .await,
+                )
             }
             _ => {
-                log.note(&format!("container {id} ended while pubrun was down; its output follows")).await;
-                let mut stream = docker.logs(&id, Some(LogsOptionsBuilder::new().stdout(true).stderr(true).build()));
+                log.note(&format!(
+                    "container {id} ended while pubrun was down; its output follows"
+                ))
+                .await;
+                let mut stream = docker.logs(
+                    &id,
+                    Some(LogsOptionsBuilder::new().stdout(true).stderr(true).build()),
+                );
                 while let Some(Ok(out)) = stream.next().await {
                     log.write(LogOutput::into_bytes(out).as_ref()).await;
                 }
                 let exit = Exit {
                     exit_code: state.exit_code.map(|c| c as i32),
                     oom_killed: state.oom_killed.unwrap_or(false),
-                    error: state.error.filter(|e| !e.is_empty()).map(|e| format!("container: {e}")),
+                    error: state
+                        .error
+                        .filter(|e| !e.is_empty())
+                        .map(|e| format!("container: {e}")),
                     ..Default::default()
                 };
                 self.remove(&docker, &id).await;
@@ -598,11 +772,20 @@ mod tests {
         assert_eq!(container_name("a/b c", 3), "pubrun-a-b-c-3");
         assert_eq!(with_tag("busybox"), "busybox:latest");
         assert_eq!(with_tag("127.0.0.1:5000/x/y"), "127.0.0.1:5000/x/y:latest");
-        assert_eq!(with_tag("127.0.0.1:5000/x/y:auth"), "127.0.0.1:5000/x/y:auth");
+        assert_eq!(
+            with_tag("127.0.0.1:5000/x/y:auth"),
+            "127.0.0.1:5000/x/y:auth"
+        );
         assert_eq!(with_tag("x@sha256:abc"), "x@sha256:abc");
         assert_eq!(registry_of("127.0.0.1:5000/x/y:auth"), "127.0.0.1:5000");
-        assert_eq!(registry_of("registry.example.com/importer:latest"), "registry.example.com");
-        assert_eq!(registry_of("library/busybox"), "https://index.docker.io/v1/");
+        assert_eq!(
+            registry_of("registry.example.com/importer:latest"),
+            "registry.example.com"
+        );
+        assert_eq!(
+            registry_of("library/busybox"),
+            "https://index.docker.io/v1/"
+        );
         assert_eq!(registry_of("busybox"), "https://index.docker.io/v1/");
     }
 

@@ -53,10 +53,21 @@ pub type OnStarted = Box<dyn FnOnce(Started) + Send>;
 pub trait Executor: Send + Sync + 'static {
     /// Runs the attempt to its end. Cancelling `cancel` stops it like a
     /// timeout does (graceful, then forced) and yields `cancelled = true`.
-    async fn run(&self, req: RunRequest, log: Arc<LogSink>, cancel: CancellationToken, on_started: OnStarted) -> Exit;
+    async fn run(
+        &self,
+        req: RunRequest,
+        log: Arc<LogSink>,
+        cancel: CancellationToken,
+        on_started: OnStarted,
+    ) -> Exit;
 
     /// After a server restart: if the attempt is still known to the engine
     /// (a container with label `pubrun.run_id`), follow it to its end and
     /// return how it ended. `None` when nothing survived (a lost process).
-    async fn reattach(&self, req: RunRequest, log: Arc<LogSink>, cancel: CancellationToken) -> Option<Exit>;
+    async fn reattach(
+        &self,
+        req: RunRequest,
+        log: Arc<LogSink>,
+        cancel: CancellationToken,
+    ) -> Option<Exit>;
 }

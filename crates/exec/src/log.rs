@@ -22,9 +22,21 @@ struct State {
 impl LogSink {
     pub async fn create(path: impl AsRef<Path>, limit: u64) -> std::io::Result<Self> {
         let path = path.as_ref().to_path_buf();
-        let file = tokio::fs::OpenOptions::new().create(true).append(true).open(&path).await?;
+        let file = tokio::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .await?;
         let written = file.metadata().await?.len();
-        Ok(LogSink { path, limit, state: Mutex::new(State { file: Some(file), written, dropped: 0 }) })
+        Ok(LogSink {
+            path,
+            limit,
+            state: Mutex::new(State {
+                file: Some(file),
+                written,
+                dropped: 0,
+            }),
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -49,7 +61,9 @@ impl LogSink {
             st.dropped += (bytes.len() - keep) as u64;
             if first_drop {
                 if let Some(f) = st.file.as_mut() {
-                    let _ = f.write_all(b"\n[pubrun: log limit reached; further output is dropped]\n").await;
+                    let _ = f
+                        .write_all(b"\n[pubrun: log limit reached; further output is dropped]\n")
+                        .await;
                 }
             }
         }

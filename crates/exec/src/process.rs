@@ -42,7 +42,9 @@ pub struct ProcessExecutor {
 
 impl ProcessExecutor {
     pub fn new() -> Self {
-        ProcessExecutor { hostname: hostname() }
+        ProcessExecutor {
+            hostname: hostname(),
+        }
     }
 }
 
@@ -65,7 +67,10 @@ fn hostname() -> String {
 }
 
 fn failed(msg: String) -> Exit {
-    Exit { error: Some(msg), ..Default::default() }
+    Exit {
+        error: Some(msg),
+        ..Default::default()
+    }
 }
 
 /// Sends `sig` to process group `pgid`; a group that is already gone is fine.
@@ -114,8 +119,11 @@ async fn terminate(
     match tokio::time::timeout(grace, child.wait()).await {
         Ok(status) => status,
         Err(_) => {
-            log.note(&format!("still running {} after SIGTERM: sending SIGKILL to process group {pgid}", secs(grace)))
-                .await;
+            log.note(&format!(
+                "still running {} after SIGTERM: sending SIGKILL to process group {pgid}",
+                secs(grace)
+            ))
+            .await;
             signal_group(pgid, libc::SIGKILL);
             child.wait().await
         }
@@ -137,11 +145,20 @@ fn resolve_cwd(spec_dir: &str, workdir: &Path) -> PathBuf {
 
 #[async_trait::async_trait]
 impl Executor for ProcessExecutor {
-    async fn run(&self, req: RunRequest, log: Arc<LogSink>, cancel: CancellationToken, on_started: OnStarted) -> Exit {
+    async fn run(
+        &self,
+        req: RunRequest,
+        log: Arc<LogSink>,
+        cancel: CancellationToken,
+        on_started: OnStarted,
+    ) -> Exit {
         let spec = match &req.spec {
             ExecutorSpec::Process(p) => p,
             ExecutorSpec::Docker(d) => {
-                return failed(format!("the process executor cannot run a docker job (image {})", d.image));
+                return failed(format!(
+                    "the process executor cannot run a docker job (image {})",
+                    d.image
+                ));
             }
         };
         if spec.command.is_empty() {
@@ -156,7 +173,11 @@ impl Executor for ProcessExecutor {
             ));
         }
         if cancel.is_cancelled() {
-            return Exit { cancelled: true, error: Some("cancelled before it started".into()), ..Default::default() };
+            return Exit {
+                cancelled: true,
+                error: Some("cancelled before it started".into()),
+                ..Default::default()
+            };
         }
 
         let mut cmd = tokio::process::Command::new(&spec.command);
@@ -172,7 +193,9 @@ impl Executor for ProcessExecutor {
             Ok(c) => c,
             Err(e) => {
                 let hint = match e.kind() {
-                    std::io::ErrorKind::NotFound if !spec.command.contains('/') => " (not found on PATH)",
+                    std::io::ErrorKind::NotFound if !spec.command.contains('/') => {
+                        " (not found on PATH)"
+                    }
                     std::io::ErrorKind::PermissionDenied => " (is it executable?)",
                     _ => "",
                 };
@@ -180,7 +203,10 @@ impl Executor for ProcessExecutor {
             }
         };
         let Some(pid) = child.id() else {
-            return failed(format!("cannot start `{}`: it ended before it could be observed", spec.command));
+            return failed(format!(
+                "cannot start `{}`: it ended before it could be observed",
+                spec.command
+            ));
         };
         let pgid = pid as i32;
         let mut guard = GroupGuard { pgid, armed: true };
@@ -191,7 +217,10 @@ impl Executor for ProcessExecutor {
         if let Some(err) = child.stderr.take() {
             pumps.push(pump(err, log.clone()));
         }
-        on_started(Started { machine: self.hostname.clone(), handle: pid.to_string() });
+        on_started(Started {
+            machine: self.hostname.clone(),
+            handle: pid.to_string(),
+        });
 
         let limit = async {
             if req.timeout.is_zero() {
@@ -230,7 +259,13 @@ impl Executor for ProcessExecutor {
         }
 
         match status {
-            Ok(st) => Exit { exit_code: st.code(), signal: st.signal(), timed_out, cancelled, ..Default::default() },
+            Ok(st) => Exit {
+                exit_code: st.code(),
+                signal: st.signal(),
+                timed_out,
+                cancelled,
+                ..Default::default()
+            },
             Err(e) => Exit {
                 timed_out,
                 cancelled,
@@ -240,7 +275,12 @@ impl Executor for ProcessExecutor {
         }
     }
 
-    async fn reattach(&self, _req: RunRequest, _log: Arc<LogSink>, _cancel: CancellationToken) -> Option<Exit> {
+    async fn reattach(
+        &self,
+        _req: RunRequest,
+        _log: Arc<LogSink>,
+        _cancel: CancellationToken,
+    ) -> Option<Exit> {
         // A child process does not survive the server that started it.
         None
     }

@@ -10,7 +10,8 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use bollard::query_parameters::{
-    InspectContainerOptions, ListContainersOptionsBuilder, RemoveImageOptionsBuilder, WaitContainerOptionsBuilder,
+    InspectContainerOptions, ListContainersOptionsBuilder, RemoveImageOptionsBuilder,
+    WaitContainerOptionsBuilder,
 };
 use bollard::Docker;
 use common::*;
@@ -21,7 +22,11 @@ use pubrun_exec::docker::{container_name, DockerExecutor};
 use pubrun_exec::{CancellationToken, Executor, Exit, RunRequest};
 
 async fn client() -> Docker {
-    Docker::connect_with_defaults().unwrap().negotiate_version().await.expect("docker engine")
+    Docker::connect_with_defaults()
+        .unwrap()
+        .negotiate_version()
+        .await
+        .expect("docker engine")
 }
 
 fn executor() -> DockerExecutor {
@@ -33,7 +38,10 @@ fn unique(name: &str) -> String {
     format!(
         "{name}-{}-{}",
         std::process::id(),
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
     )
 }
 
@@ -42,26 +50,58 @@ fn req(fx: &Fixture, name: &str, spec: DockerSpec) -> RunRequest {
 }
 
 async fn run(fx: &Fixture, req: RunRequest) -> Exit {
-    within("docker run", executor().run(req, fx.log.clone(), CancellationToken::new(), ignore_started())).await
+    within(
+        "docker run",
+        executor().run(
+            req,
+            fx.log.clone(),
+            CancellationToken::new(),
+            ignore_started(),
+        ),
+    )
+    .await
 }
 
 /// Containers of this run id and attempt, stopped ones included.
-async fn containers_of(docker: &Docker, run_id: &str, attempt: u32) -> Vec<bollard::models::ContainerSummary> {
+async fn containers_of(
+    docker: &Docker,
+    run_id: &str,
+    attempt: u32,
+) -> Vec<bollard::models::ContainerSummary> {
     let filters = HashMap::from([(
         "label".to_string(),
-        vec![format!("pubrun.run_id={run_id}"), format!("pubrun.attempt={attempt}")],
+        vec![
+            format!("pubrun.run_id={run_id}"),
+            format!("pubrun.attempt={attempt}"),
+        ],
     )]);
-    docker.list_containers(Some(ListContainersOptionsBuilder::new().all(true).filters(&filters).build())).await.unwrap()
+    docker
+        .list_containers(Some(
+            ListContainersOptionsBuilder::new()
+                .all(true)
+                .filters(&filters)
+                .build(),
+        ))
+        .await
+        .unwrap()
 }
 
 async fn assert_removed(docker: &Docker, req: &RunRequest) {
     assert!(
-        containers_of(docker, &req.run_id, req.attempt).await.is_empty(),
+        containers_of(docker, &req.run_id, req.attempt)
+            .await
+            .is_empty(),
         "container of {} was not removed",
         req.run_id
     );
     let name = container_name(&req.run_id, req.attempt);
-    assert!(docker.inspect_container(&name, None::<InspectContainerOptions>).await.is_err(), "{name} still exists");
+    assert!(
+        docker
+            .inspect_container(&name, None::<InspectContainerOptions>)
+            .await
+            .is_err(),
+        "{name} still exists"
+    );
 }
 
 /// A container that prints `waiting`, then waits for the test to create
@@ -96,13 +136,24 @@ async fn exit_code_logs_env_and_workspace() {
     let run_id = r.run_id.clone();
     let exit = run(&fx, r.clone()).await;
     assert_eq!(exit.exit_code, Some(7), "{exit:?}\n{}", fx.log_text().await);
-    assert!(exit.error.is_none() && !exit.oom_killed && !exit.timed_out && !exit.infra_error, "{exit:?}");
+    assert!(
+        exit.error.is_none() && !exit.oom_killed && !exit.timed_out && !exit.infra_error,
+        "{exit:?}"
+    );
     assert_eq!(exit.status(), RunStatus::Failed);
     let log = fx.log_text().await;
-    for line in ["to-stdout\n", "to-stderr\n", &format!("FOO=a b BOTH=request RUN={run_id}\n"), "from the host\n"] {
+    for line in [
+        "to-stdout\n",
+        "to-stderr\n",
+        &format!("FOO=a b BOTH=request RUN={run_id}\n"),
+        "from the host\n",
+    ] {
         assert!(log.contains(line), "missing {line:?} in:\n{log}");
     }
-    assert_eq!(std::fs::read_to_string(fx.workdir.join("output.txt")).unwrap(), "made\n");
+    assert_eq!(
+        std::fs::read_to_string(fx.workdir.join("output.txt")).unwrap(),
+        "made\n"
+    );
     assert_removed(&client().await, &r).await;
 }
 
@@ -123,27 +174,53 @@ async fn labels_and_name_while_running_and_removed_after() {
     };
     let docker = client().await;
     let (on_started, started) = started_channel();
-    let (exit, ()) =
-        tokio::join!(within("run", ex.run(r.clone(), fx.log.clone(), CancellationToken::new(), on_started)), async {
+    let (exit, ()) = tokio::join!(
+        within(
+            "run",
+            ex.run(
+                r.clone(),
+                fx.log.clone(),
+                CancellationToken::new(),
+                on_started
+            )
+        ),
+        async {
             let started = started.await.expect("on_started");
             assert_eq!(started.machine, ex.endpoint());
             let found = containers_of(&docker, &r.run_id, 1).await;
             assert_eq!(found.len(), 1, "{found:?}");
             let c = &found[0];
-            assert_eq!(c.id.as_deref(), Some(started.handle.as_str()), "handle is the container id");
-            assert_eq!(c.names.as_deref(), Some(&[format!("/pubrun-{}-1", r.run_id)][..]));
+            assert_eq!(
+                c.id.as_deref(),
+                Some(started.handle.as_str()),
+                "handle is the container id"
+            );
+            assert_eq!(
+                c.names.as_deref(),
+                Some(&[format!("/pubrun-{}-1", r.run_id)][..])
+            );
             let labels = c.labels.clone().unwrap_or_default();
             assert_eq!(labels.get("pubrun.run_id"), Some(&r.run_id));
-            assert_eq!(labels.get("pubrun.job").map(String::as_str), Some("test-job"));
+            assert_eq!(
+                labels.get("pubrun.job").map(String::as_str),
+                Some("test-job")
+            );
             assert_eq!(labels.get("pubrun.attempt").map(String::as_str), Some("1"));
-            assert_eq!(c.state, Some(bollard::models::ContainerSummaryStateEnum::RUNNING));
+            assert_eq!(
+                c.state,
+                Some(bollard::models::ContainerSummaryStateEnum::RUNNING)
+            );
             // Output reaches the log while the container still runs.
             fx.wait_for_log("waiting\n").await;
             fx.release("go");
-        });
+        }
+    );
     assert_eq!(exit.exit_code, Some(0), "{exit:?}");
     let log = fx.log_text().await;
-    assert!(log.contains("waiting\n") && log.contains("released\n"), "{log}");
+    assert!(
+        log.contains("waiting\n") && log.contains("released\n"),
+        "{log}"
+    );
     assert_removed(&docker, &r).await;
 }
 
@@ -156,16 +233,32 @@ async fn timeout_stops_the_container_and_its_term_handler_runs() {
     let mut r = req(
         &fx,
         "timeout",
-        docker(TEST_IMAGE, &["sh", "-c", r#"trap "echo bye; exit 0" TERM; echo ready; sleep 60 & wait"#]),
+        docker(
+            TEST_IMAGE,
+            &[
+                "sh",
+                "-c",
+                r#"trap "echo bye; exit 0" TERM; echo ready; sleep 60 & wait"#,
+            ],
+        ),
     );
     r.timeout = Duration::from_secs(2);
     r.grace_period = Duration::from_secs(30);
     let t0 = Instant::now();
     let exit = run(&fx, r.clone()).await;
     assert!(exit.timed_out, "{exit:?}");
-    assert_eq!(exit.exit_code, Some(0), "the TERM handler's exit code: {exit:?}\n{}", fx.log_text().await);
+    assert_eq!(
+        exit.exit_code,
+        Some(0),
+        "the TERM handler's exit code: {exit:?}\n{}",
+        fx.log_text().await
+    );
     assert_eq!(exit.status(), RunStatus::TimedOut);
-    assert!(t0.elapsed() < Duration::from_secs(25), "ended by the handler, not the grace period: {:?}", t0.elapsed());
+    assert!(
+        t0.elapsed() < Duration::from_secs(25),
+        "ended by the handler, not the grace period: {:?}",
+        t0.elapsed()
+    );
     let log = fx.log_text().await;
     assert!(log.contains("ready\n") && log.contains("bye\n"), "{log}");
     assert_removed(&client().await, &r).await;
@@ -183,13 +276,22 @@ async fn cancel_kills_a_container_that_ignores_sigterm_after_the_grace_period() 
     let cancel = CancellationToken::new();
     let (on_started, started) = started_channel();
     let ex = executor();
-    let (exit, ()) =
-        tokio::join!(within("run", ex.run(r.clone(), fx.log.clone(), cancel.clone(), on_started)), async {
+    let (exit, ()) = tokio::join!(
+        within(
+            "run",
+            ex.run(r.clone(), fx.log.clone(), cancel.clone(), on_started)
+        ),
+        async {
             started.await.expect("on_started");
             cancel.cancel();
-        });
+        }
+    );
     assert!(exit.cancelled, "{exit:?}");
-    assert_eq!(exit.exit_code, Some(137), "SIGKILL after the grace period: {exit:?}");
+    assert_eq!(
+        exit.exit_code,
+        Some(137),
+        "SIGKILL after the grace period: {exit:?}"
+    );
     assert_eq!(exit.status(), RunStatus::Cancelled);
     assert_removed(&client().await, &r).await;
 }
@@ -201,7 +303,10 @@ async fn out_of_memory_is_reported() {
     }
     let fx = Fixture::new(1 << 20).await;
     // dd's 64 MiB block buffer is filled by the read: far over the 8 MiB limit.
-    let mut spec = docker(TEST_IMAGE, &["dd", "if=/dev/zero", "of=/dev/null", "bs=64M", "count=1"]);
+    let mut spec = docker(
+        TEST_IMAGE,
+        &["dd", "if=/dev/zero", "of=/dev/null", "bs=64M", "count=1"],
+    );
     spec.memory_bytes = Some(8 << 20);
     spec.cpus = Some(0.5);
     let r = req(&fx, "oom", spec);
@@ -218,10 +323,17 @@ async fn missing_image_is_a_job_error() {
         return;
     }
     let fx = Fixture::new(1 << 20).await;
-    let exit = run(&fx, req(&fx, "never", docker("pubrun-test/not-there:latest", &[]))).await;
+    let exit = run(
+        &fx,
+        req(&fx, "never", docker("pubrun-test/not-there:latest", &[])),
+    )
+    .await;
     let err = exit.error.clone().expect("an error");
     eprintln!("error: {err}");
-    assert!(err.starts_with("image pubrun-test/not-there:latest: not present"), "{err}");
+    assert!(
+        err.starts_with("image pubrun-test/not-there:latest: not present"),
+        "{err}"
+    );
     assert!(err.contains("pull = \"never\""), "{err}");
     assert!(!exit.infra_error);
     assert_eq!(exit.status(), RunStatus::Failed);
@@ -232,7 +344,10 @@ async fn missing_image_is_a_job_error() {
     let exit = run(&fx, req(&fx, "ifnotpresent", spec)).await;
     let err = exit.error.clone().expect("an error");
     eprintln!("error: {err}");
-    assert!(err.starts_with("image 127.0.0.1:9/pubrun/not-there:latest: pull failed: "), "{err}");
+    assert!(
+        err.starts_with("image 127.0.0.1:9/pubrun/not-there:latest: pull failed: "),
+        "{err}"
+    );
     assert!(!exit.infra_error, "{exit:?}");
 }
 
@@ -246,7 +361,10 @@ async fn a_bad_command_is_a_job_error() {
     let exit = run(&fx, r.clone()).await;
     let err = exit.error.clone().unwrap_or_default();
     eprintln!("error: {err}");
-    assert!(err.starts_with("cannot start the container from image pubrun-test/busybox:latest"), "{exit:?}");
+    assert!(
+        err.starts_with("cannot start the container from image pubrun-test/busybox:latest"),
+        "{exit:?}"
+    );
     assert!(!exit.infra_error);
     assert_removed(&client().await, &r).await;
 }
@@ -255,11 +373,15 @@ async fn a_bad_command_is_a_job_error() {
 fn registry_env() -> (&'static str, &'static str) {
     static SET: OnceLock<()> = OnceLock::new();
     SET.get_or_init(|| {
-        let good = std::env::var("PUBRUN_TEST_REGISTRY_PASSWORD").unwrap_or_else(|_| "pubrun-test-secret".into());
+        let good = std::env::var("PUBRUN_TEST_REGISTRY_PASSWORD")
+            .unwrap_or_else(|_| "pubrun-test-secret".into());
         std::env::set_var("PUBRUN_EXEC_TEST_GOOD_PASSWORD", good);
         std::env::set_var("PUBRUN_EXEC_TEST_BAD_PASSWORD", "not-the-password");
     });
-    ("PUBRUN_EXEC_TEST_GOOD_PASSWORD", "PUBRUN_EXEC_TEST_BAD_PASSWORD")
+    (
+        "PUBRUN_EXEC_TEST_GOOD_PASSWORD",
+        "PUBRUN_EXEC_TEST_BAD_PASSWORD",
+    )
 }
 
 fn registry_spec(port: u16, password_env: &str) -> DockerSpec {
@@ -268,14 +390,20 @@ fn registry_spec(port: u16, password_env: &str) -> DockerSpec {
         image: format!("127.0.0.1:{port}/pubrun/busybox:auth"),
         command: vec!["echo".into(), "from-the-registry".into()],
         pull: PullPolicy::Always,
-        auth: Some(RegistryAuth { username: user, password_env: password_env.into(), server: String::new() }),
+        auth: Some(RegistryAuth {
+            username: user,
+            password_env: password_env.into(),
+            server: String::new(),
+        }),
         ..Default::default()
     }
 }
 
 #[tokio::test]
 async fn private_registry_pull_with_the_right_password() {
-    let Some(port) = registry_port("private_registry_pull_with_the_right_password") else { return };
+    let Some(port) = registry_port("private_registry_pull_with_the_right_password") else {
+        return;
+    };
     let (good, _) = registry_env();
     let fx = Fixture::new(1 << 20).await;
     let spec = registry_spec(port, good);
@@ -284,12 +412,21 @@ async fn private_registry_pull_with_the_right_password() {
     assert_eq!(exit.exit_code, Some(0), "{exit:?}\n{}", fx.log_text().await);
     assert!(fx.log_text().await.contains("from-the-registry\n"));
     // Leave no copy behind: the next run must authenticate again.
-    let _ = client().await.remove_image(&image, Some(RemoveImageOptionsBuilder::new().force(true).build()), None).await;
+    let _ = client()
+        .await
+        .remove_image(
+            &image,
+            Some(RemoveImageOptionsBuilder::new().force(true).build()),
+            None,
+        )
+        .await;
 }
 
 #[tokio::test]
 async fn private_registry_refuses_a_wrong_or_missing_password() {
-    let Some(port) = registry_port("private_registry_refuses_a_wrong_or_missing_password") else { return };
+    let Some(port) = registry_port("private_registry_refuses_a_wrong_or_missing_password") else {
+        return;
+    };
     let (_, bad) = registry_env();
     let fx = Fixture::new(1 << 20).await;
 
@@ -297,14 +434,31 @@ async fn private_registry_refuses_a_wrong_or_missing_password() {
     let err = exit.error.clone().expect("an error");
     eprintln!("error: {err}");
     let image = format!("127.0.0.1:{port}/pubrun/busybox:auth");
-    assert!(err.starts_with(&format!("image {image}: pull failed: ")), "{err}");
-    assert!(err.contains("unauthorized") || err.contains("authentication required"), "{err}");
+    assert!(
+        err.starts_with(&format!("image {image}: pull failed: ")),
+        "{err}"
+    );
+    assert!(
+        err.contains("unauthorized") || err.contains("authentication required"),
+        "{err}"
+    );
     assert!(!exit.infra_error, "{exit:?}");
 
-    let exit = run(&fx, req(&fx, "pull-noenv", registry_spec(port, "PUBRUN_EXEC_TEST_UNSET_PASSWORD"))).await;
+    let exit = run(
+        &fx,
+        req(
+            &fx,
+            "pull-noenv",
+            registry_spec(port, "PUBRUN_EXEC_TEST_UNSET_PASSWORD"),
+        ),
+    )
+    .await;
     let err = exit.error.clone().expect("an error");
     eprintln!("error: {err}");
-    assert!(err.contains("environment variable PUBRUN_EXEC_TEST_UNSET_PASSWORD, which is not set"), "{err}");
+    assert!(
+        err.contains("environment variable PUBRUN_EXEC_TEST_UNSET_PASSWORD, which is not set"),
+        "{err}"
+    );
     assert!(!exit.infra_error);
 
     let mut anonymous = registry_spec(port, bad);
@@ -312,7 +466,10 @@ async fn private_registry_refuses_a_wrong_or_missing_password() {
     let exit = run(&fx, req(&fx, "pull-anon", anonymous)).await;
     let err = exit.error.clone().expect("an error");
     eprintln!("error: {err}");
-    assert!(err.starts_with(&format!("image {image}: pull failed: ")), "{err}");
+    assert!(
+        err.starts_with(&format!("image {image}: pull failed: ")),
+        "{err}"
+    );
 }
 
 /// Starts a run in a task, waits until it is running, then aborts the task
@@ -320,7 +477,11 @@ async fn private_registry_refuses_a_wrong_or_missing_password() {
 async fn start_and_crash(fx: &Fixture, r: RunRequest) -> pubrun_exec::Started {
     let (on_started, started) = started_channel();
     let log = fx.log.clone();
-    let task = tokio::spawn(async move { executor().run(r, log, CancellationToken::new(), on_started).await });
+    let task = tokio::spawn(async move {
+        executor()
+            .run(r, log, CancellationToken::new(), on_started)
+            .await
+    });
     let started = within("start", started).await.expect("on_started");
     task.abort();
     assert!(task.await.unwrap_err().is_cancelled());
@@ -340,19 +501,36 @@ async fn reattach_follows_a_running_container_to_its_end() {
     });
     let started = start_and_crash(&fx, r.clone()).await;
     let docker = client().await;
-    let state =
-        docker.inspect_container(&started.handle, None::<InspectContainerOptions>).await.unwrap().state.unwrap();
-    assert_eq!(state.running, Some(true), "the container outlives the dropped run");
+    let state = docker
+        .inspect_container(&started.handle, None::<InspectContainerOptions>)
+        .await
+        .unwrap()
+        .state
+        .unwrap();
+    assert_eq!(
+        state.running,
+        Some(true),
+        "the container outlives the dropped run"
+    );
 
     let ex = executor();
-    let (found, ()) =
-        tokio::join!(within("reattach", ex.reattach(r.clone(), fx.log.clone(), CancellationToken::new())), async {
+    let (found, ()) = tokio::join!(
+        within(
+            "reattach",
+            ex.reattach(r.clone(), fx.log.clone(), CancellationToken::new())
+        ),
+        async {
             fx.wait_for_log("reattached to running container").await;
             fx.release("go");
-        });
+        }
+    );
     let exit = found.expect("the running container is found");
     assert_eq!(exit.exit_code, Some(5), "{exit:?}\n{}", fx.log_text().await);
-    assert!(fx.log_text().await.contains("after-reattach\n"), "{}", fx.log_text().await);
+    assert!(
+        fx.log_text().await.contains("after-reattach\n"),
+        "{}",
+        fx.log_text().await
+    );
     assert_removed(&docker, &r).await;
 }
 
@@ -369,22 +547,37 @@ async fn reattach_collects_a_container_that_ended_meanwhile() {
     });
     let started = start_and_crash(&fx, r.clone()).await;
     let docker = client().await;
-    let mut wait = docker
-        .wait_container(&started.handle, Some(WaitContainerOptionsBuilder::new().condition("not-running").build()));
+    let mut wait = docker.wait_container(
+        &started.handle,
+        Some(
+            WaitContainerOptionsBuilder::new()
+                .condition("not-running")
+                .build(),
+        ),
+    );
     fx.release("go");
     within("container end", wait.next()).await;
 
     let fresh = Fixture::new(1 << 20).await; // the restarted server's log
-    let exit = within("reattach", executor().reattach(r.clone(), fresh.log.clone(), CancellationToken::new()))
-        .await
-        .expect("the exited container is found");
+    let exit = within(
+        "reattach",
+        executor().reattach(r.clone(), fresh.log.clone(), CancellationToken::new()),
+    )
+    .await
+    .expect("the exited container is found");
     assert_eq!(exit.exit_code, Some(4), "{exit:?}");
     assert!(!exit.timed_out && !exit.cancelled && exit.error.is_none());
-    assert!(fresh.log_text().await.contains("ended-alone\n"), "{}", fresh.log_text().await);
+    assert!(
+        fresh.log_text().await.contains("ended-alone\n"),
+        "{}",
+        fresh.log_text().await
+    );
     assert_removed(&docker, &r).await;
 
     // Nothing left: nothing to reattach to.
-    let none = executor().reattach(r.clone(), fresh.log.clone(), CancellationToken::new()).await;
+    let none = executor()
+        .reattach(r.clone(), fresh.log.clone(), CancellationToken::new())
+        .await;
     assert!(none.is_none(), "{none:?}");
 }
 
@@ -394,7 +587,11 @@ async fn a_stale_container_of_the_same_attempt_is_replaced() {
         return;
     }
     let fx = Fixture::new(1 << 20).await;
-    let r = req(&fx, "stale", docker(TEST_IMAGE, &["sh", "-c", "echo second-try"]));
+    let r = req(
+        &fx,
+        "stale",
+        docker(TEST_IMAGE, &["sh", "-c", "echo second-try"]),
+    );
     // A container left by an earlier try of this attempt (created, never started).
     let docker = client().await;
     let body = bollard::models::ContainerCreateBody {
@@ -405,7 +602,11 @@ async fn a_stale_container_of_the_same_attempt_is_replaced() {
     let name = container_name(&r.run_id, r.attempt);
     docker
         .create_container(
-            Some(bollard::query_parameters::CreateContainerOptionsBuilder::new().name(&name).build()),
+            Some(
+                bollard::query_parameters::CreateContainerOptionsBuilder::new()
+                    .name(&name)
+                    .build(),
+            ),
             body,
         )
         .await

@@ -15,20 +15,37 @@ use pubrun_exec::{CancellationToken, Executor};
 async fn dead_docker_host_is_an_infra_error() {
     // The only test in this binary: nothing else reads the environment now.
     std::env::set_var("DOCKER_HOST", "unix:///nonexistent.sock");
-    let ex = DockerExecutor::connect().expect("a missing socket is reported per run, not at connect");
+    let ex =
+        DockerExecutor::connect().expect("a missing socket is reported per run, not at connect");
     assert_eq!(ex.endpoint(), "unix:///nonexistent.sock");
 
     let fx = Fixture::new(1 << 20).await;
     let req = fx.request("dead", ExecutorSpec::Docker(docker(TEST_IMAGE, &["true"])));
     let (on_started, started) = started_channel();
-    let exit = within("run", ex.run(req.clone(), fx.log.clone(), CancellationToken::new(), on_started)).await;
+    let exit = within(
+        "run",
+        ex.run(
+            req.clone(),
+            fx.log.clone(),
+            CancellationToken::new(),
+            on_started,
+        ),
+    )
+    .await;
     assert!(exit.infra_error, "{exit:?}");
     let err = exit.error.clone().unwrap_or_default();
     eprintln!("error: {err}");
-    assert!(err.starts_with("docker engine unreachable at unix:///nonexistent.sock: "), "{err}");
+    assert!(
+        err.starts_with("docker engine unreachable at unix:///nonexistent.sock: "),
+        "{err}"
+    );
     assert!(started.await.is_err(), "nothing started");
 
-    let found = within("reattach", ex.reattach(req.clone(), fx.log.clone(), CancellationToken::new())).await;
+    let found = within(
+        "reattach",
+        ex.reattach(req.clone(), fx.log.clone(), CancellationToken::new()),
+    )
+    .await;
     let exit = found.expect("unknown is not 'nothing survived'");
     assert!(exit.infra_error, "{exit:?}");
 
@@ -36,10 +53,25 @@ async fn dead_docker_host_is_an_infra_error() {
     let ex = DockerExecutor::with_host("tcp://127.0.0.1:9").unwrap();
     let mut req = req;
     req.timeout = Duration::from_secs(5);
-    let exit = within("run", ex.run(req, fx.log.clone(), CancellationToken::new(), ignore_started())).await;
+    let exit = within(
+        "run",
+        ex.run(
+            req,
+            fx.log.clone(),
+            CancellationToken::new(),
+            ignore_started(),
+        ),
+    )
+    .await;
     assert!(exit.infra_error, "{exit:?}");
     let err = exit.error.unwrap_or_default();
     eprintln!("error: {err}");
-    assert!(err.starts_with("docker engine unreachable at tcp://127.0.0.1:9: "), "{err}");
-    assert!(err.to_lowercase().contains("refused"), "the cause is named: {err}");
+    assert!(
+        err.starts_with("docker engine unreachable at tcp://127.0.0.1:9: "),
+        "{err}"
+    );
+    assert!(
+        err.to_lowercase().contains("refused"),
+        "the cause is named: {err}"
+    );
 }

@@ -13,7 +13,16 @@ use pubrun_exec::process::ProcessExecutor;
 use pubrun_exec::{CancellationToken, Executor};
 
 async fn run(fx: &Fixture, req: pubrun_exec::RunRequest) -> pubrun_exec::Exit {
-    within("run", ProcessExecutor::new().run(req, fx.log.clone(), CancellationToken::new(), ignore_started())).await
+    within(
+        "run",
+        ProcessExecutor::new().run(
+            req,
+            fx.log.clone(),
+            CancellationToken::new(),
+            ignore_started(),
+        ),
+    )
+    .await
 }
 
 #[tokio::test]
@@ -33,13 +42,20 @@ async fn exit_codes_are_reported() {
 #[tokio::test]
 async fn stdout_and_stderr_are_both_captured() {
     let fx = Fixture::new(1 << 20).await;
-    let script = "for i in 1 2 3; do echo out-$i; echo err-$i >&2; done; seq 1 2000 | sed 's/^/line-/'";
+    let script =
+        "for i in 1 2 3; do echo out-$i; echo err-$i >&2; done; seq 1 2000 | sed 's/^/line-/'";
     let exit = run(&fx, fx.request("r", sh(script))).await;
     assert_eq!(exit.exit_code, Some(0), "{exit:?}");
     let log = fx.log_text().await;
     for i in 1..=3 {
-        assert!(log.contains(&format!("out-{i}\n")), "stdout line {i} missing:\n{log}");
-        assert!(log.contains(&format!("err-{i}\n")), "stderr line {i} missing:\n{log}");
+        assert!(
+            log.contains(&format!("out-{i}\n")),
+            "stdout line {i} missing:\n{log}"
+        );
+        assert!(
+            log.contains(&format!("err-{i}\n")),
+            "stderr line {i} missing:\n{log}"
+        );
     }
     for i in 1..=2000 {
         assert!(log.contains(&format!("line-{i}\n")), "line-{i} missing");
@@ -54,12 +70,22 @@ async fn output_is_streamed_while_the_process_runs() {
     let script = "echo early-line; while [ ! -e go ]; do sleep 0.05; done; echo late-line";
     let ex = ProcessExecutor::new();
     let req = fx.request("r", sh(script));
-    let (exit, ()) =
-        tokio::join!(within("run", ex.run(req, fx.log.clone(), CancellationToken::new(), ignore_started())), async {
+    let (exit, ()) = tokio::join!(
+        within(
+            "run",
+            ex.run(
+                req,
+                fx.log.clone(),
+                CancellationToken::new(),
+                ignore_started()
+            )
+        ),
+        async {
             fx.wait_for_log("early-line").await;
             assert!(!fx.log_text().await.contains("late-line"));
             fx.release("go");
-        });
+        }
+    );
     assert_eq!(exit.exit_code, Some(0), "{exit:?}");
     assert!(fx.log_text().await.contains("late-line"));
 }
@@ -86,16 +112,26 @@ async fn args_env_and_working_directory_reach_the_process() {
     assert_eq!(exit.exit_code, Some(0), "{exit:?}");
     let log = fx.log_text().await;
     assert!(log.contains("[two words][{{ not-a-template }}]\n"), "{log}");
-    assert!(log.contains("FROM_SPEC=s p e c BOTH=request RUN=run-42 PATH_SET=yes\n"), "{log}");
+    assert!(
+        log.contains("FROM_SPEC=s p e c BOTH=request RUN=run-42 PATH_SET=yes\n"),
+        "{log}"
+    );
     let sub = fx.workdir.join("sub").canonicalize().unwrap();
-    assert!(log.contains(&format!("{}\n", sub.display())), "cwd should be {}:\n{log}", sub.display());
+    assert!(
+        log.contains(&format!("{}\n", sub.display())),
+        "cwd should be {}:\n{log}",
+        sub.display()
+    );
 
     // Without working_dir the run directory is the cwd.
     let fx2 = Fixture::new(1 << 20).await;
     let exit = run(&fx2, fx2.request("r", sh("pwd"))).await;
     assert_eq!(exit.exit_code, Some(0));
     let wd = fx2.workdir.canonicalize().unwrap();
-    assert!(fx2.log_text().await.contains(&format!("{}\n", wd.display())));
+    assert!(fx2
+        .log_text()
+        .await
+        .contains(&format!("{}\n", wd.display())));
 }
 
 #[tokio::test]
@@ -116,7 +152,9 @@ async fn on_started_reports_host_and_pid() {
     let started = rx.await.expect("on_started was not called");
     assert!(!started.machine.is_empty());
     assert!(
-        fx.log_text().await.contains(&format!("pid={}\n", started.handle)),
+        fx.log_text()
+            .await
+            .contains(&format!("pid={}\n", started.handle)),
         "handle {:?} is not the pid",
         started.handle
     );
@@ -125,13 +163,20 @@ async fn on_started_reports_host_and_pid() {
 #[tokio::test]
 async fn timeout_sends_sigterm_to_the_group_and_a_handler_can_finish() {
     let fx = Fixture::new(1 << 20).await;
-    let mut req = fx.request("r", sh(r#"trap "echo bye; exit 0" TERM; echo ready; sleep 60 & wait"#));
+    let mut req = fx.request(
+        "r",
+        sh(r#"trap "echo bye; exit 0" TERM; echo ready; sleep 60 & wait"#),
+    );
     req.timeout = Duration::from_secs(2);
     req.grace_period = Duration::from_secs(30);
     let t0 = Instant::now();
     let exit = run(&fx, req).await;
     assert!(exit.timed_out, "{exit:?}");
-    assert_eq!(exit.exit_code, Some(0), "the TERM handler's exit code: {exit:?}");
+    assert_eq!(
+        exit.exit_code,
+        Some(0),
+        "the TERM handler's exit code: {exit:?}"
+    );
     assert_eq!(exit.status(), RunStatus::TimedOut);
     assert!(
         t0.elapsed() < Duration::from_secs(20),
@@ -140,7 +185,10 @@ async fn timeout_sends_sigterm_to_the_group_and_a_handler_can_finish() {
     );
     let log = fx.log_text().await;
     assert!(log.contains("ready\n") && log.contains("bye\n"), "{log}");
-    assert!(log.contains("timed out"), "a note says why it ended:\n{log}");
+    assert!(
+        log.contains("timed out"),
+        "a note says why it ended:\n{log}"
+    );
 }
 
 #[tokio::test]
@@ -154,7 +202,10 @@ async fn sigterm_ignored_means_sigkill_after_the_grace_period() {
     assert!(exit.timed_out, "{exit:?}");
     assert_eq!(exit.signal, Some(libc::SIGKILL), "{exit:?}");
     assert_eq!(exit.exit_code, None);
-    assert!(t0.elapsed() >= Duration::from_secs(2), "SIGKILL only after the grace period");
+    assert!(
+        t0.elapsed() >= Duration::from_secs(2),
+        "SIGKILL only after the grace period"
+    );
     assert!(fx.log_text().await.contains("SIGKILL"));
 }
 
@@ -165,10 +216,16 @@ async fn cancel_stops_the_process() {
     let (on_started, started) = started_channel();
     let ex = ProcessExecutor::new();
     let req = fx.request("r", process("sleep", &["60"]));
-    let (exit, ()) = tokio::join!(within("run", ex.run(req, fx.log.clone(), cancel.clone(), on_started)), async {
-        started.await.expect("started");
-        cancel.cancel();
-    });
+    let (exit, ()) = tokio::join!(
+        within(
+            "run",
+            ex.run(req, fx.log.clone(), cancel.clone(), on_started)
+        ),
+        async {
+            started.await.expect("started");
+            cancel.cancel();
+        }
+    );
     assert!(exit.cancelled, "{exit:?}");
     assert!(!exit.timed_out);
     assert_eq!(exit.signal, Some(libc::SIGTERM), "{exit:?}");
@@ -181,7 +238,14 @@ async fn already_cancelled_never_starts() {
     let cancel = CancellationToken::new();
     cancel.cancel();
     let (on_started, started) = started_channel();
-    let exit = ProcessExecutor::new().run(fx.request("r", sh("touch ran")), fx.log.clone(), cancel, on_started).await;
+    let exit = ProcessExecutor::new()
+        .run(
+            fx.request("r", sh("touch ran")),
+            fx.log.clone(),
+            cancel,
+            on_started,
+        )
+        .await;
     assert!(exit.cancelled);
     assert!(started.await.is_err(), "on_started must not be called");
     assert!(!fx.workdir.join("ran").exists());
@@ -192,7 +256,10 @@ async fn a_missing_or_unexecutable_command_is_a_clear_error() {
     let fx = Fixture::new(1 << 20).await;
     let exit = run(&fx, fx.request("r", process("pubrun-no-such-command", &[]))).await;
     let err = exit.error.clone().expect("an error");
-    assert!(err.starts_with("cannot start `pubrun-no-such-command`: No such file or directory"), "{err}");
+    assert!(
+        err.starts_with("cannot start `pubrun-no-such-command`: No such file or directory"),
+        "{err}"
+    );
     assert_eq!(exit.exit_code, None);
     assert!(!exit.infra_error);
     assert_eq!(exit.status(), RunStatus::Failed);
@@ -202,26 +269,48 @@ async fn a_missing_or_unexecutable_command_is_a_clear_error() {
     std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o644)).unwrap();
     let exit = run(&fx, fx.request("r", process(script.to_str().unwrap(), &[]))).await;
     let err = exit.error.expect("an error");
-    assert!(err.contains("cannot start") && err.contains("Permission denied"), "{err}");
+    assert!(
+        err.contains("cannot start") && err.contains("Permission denied"),
+        "{err}"
+    );
 
-    let mut spec = ProcessSpec { command: "true".into(), ..Default::default() };
+    let mut spec = ProcessSpec {
+        command: "true".into(),
+        ..Default::default()
+    };
     spec.working_dir = "/nonexistent/dir".into();
     let exit = run(&fx, fx.request("r", ExecutorSpec::Process(spec))).await;
     let err = exit.error.expect("an error");
-    assert!(err.contains("working directory /nonexistent/dir does not exist"), "{err}");
+    assert!(
+        err.contains("working directory /nonexistent/dir does not exist"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
 async fn log_limit_truncates_and_marks() {
     let fx = Fixture::new(100).await;
-    let exit = run(&fx, fx.request("r", sh("head -c 1000 /dev/zero | tr '\\0' x; echo; echo tail-end >&2"))).await;
+    let exit = run(
+        &fx,
+        fx.request(
+            "r",
+            sh("head -c 1000 /dev/zero | tr '\\0' x; echo; echo tail-end >&2"),
+        ),
+    )
+    .await;
     assert_eq!(exit.exit_code, Some(0), "{exit:?}");
     let log = fx.log_text().await;
     assert!(log.starts_with(&"x".repeat(100)), "{log}");
-    assert!(!log.contains(&"x".repeat(101)), "more than the limit was kept");
+    assert!(
+        !log.contains(&"x".repeat(101)),
+        "more than the limit was kept"
+    );
     assert!(log.contains("log limit reached"), "{log}");
     assert!(!log.contains("tail-end"));
-    assert_eq!(fx.log.dropped().await, 1000 + 1 + "tail-end\n".len() as u64 - 100);
+    assert_eq!(
+        fx.log.dropped().await,
+        1000 + 1 + "tail-end\n".len() as u64 - 100
+    );
 }
 
 #[tokio::test]
@@ -230,17 +319,35 @@ async fn background_leftovers_do_not_hold_the_run() {
     let t0 = Instant::now();
     let exit = run(&fx, fx.request("r", sh("sleep 60 & echo main-done"))).await;
     assert_eq!(exit.exit_code, Some(0), "{exit:?}");
-    assert!(t0.elapsed() < Duration::from_secs(30), "waited for the background sleep: {:?}", t0.elapsed());
+    assert!(
+        t0.elapsed() < Duration::from_secs(30),
+        "waited for the background sleep: {:?}",
+        t0.elapsed()
+    );
     assert!(fx.log_text().await.contains("main-done"));
 }
 
 #[tokio::test]
 async fn docker_spec_is_refused_and_nothing_is_reattached() {
     let fx = Fixture::new(1 << 20).await;
-    let exit =
-        run(&fx, fx.request("r", ExecutorSpec::Docker(DockerSpec { image: "x".into(), ..Default::default() }))).await;
+    let exit = run(
+        &fx,
+        fx.request(
+            "r",
+            ExecutorSpec::Docker(DockerSpec {
+                image: "x".into(),
+                ..Default::default()
+            }),
+        ),
+    )
+    .await;
     assert!(exit.error.unwrap().contains("cannot run a docker job"));
-    let found =
-        ProcessExecutor::new().reattach(fx.request("r", sh("true")), fx.log.clone(), CancellationToken::new()).await;
+    let found = ProcessExecutor::new()
+        .reattach(
+            fx.request("r", sh("true")),
+            fx.log.clone(),
+            CancellationToken::new(),
+        )
+        .await;
     assert!(found.is_none());
 }

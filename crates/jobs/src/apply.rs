@@ -11,7 +11,9 @@ use std::sync::Arc;
 use pubrun_broker::{Broker, SubscriptionUpdate, TopicUpdate};
 use pubrun_core::job::JobSpec;
 use pubrun_core::manifest::Manifest;
-use pubrun_core::{Code, Error, ProjectName, Result, SubscriptionConfig, SubscriptionName, TopicConfig, TopicName};
+use pubrun_core::{
+    Code, Error, ProjectName, Result, SubscriptionConfig, SubscriptionName, TopicConfig, TopicName,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::Dispatcher;
@@ -62,16 +64,26 @@ pub fn plan(current: &Current, applied: &Applied, desired: &Manifest) -> Vec<Cha
             Some(c) if c.labels != t.labels => Action::Update,
             Some(_) => Action::Unchanged,
         };
-        out.push(Change { kind: "topic", name: t.name.clone(), action });
+        out.push(Change {
+            kind: "topic",
+            name: t.name.clone(),
+            action,
+        });
     }
     for s in &desired.subscriptions {
         let action = match current.subscriptions.iter().find(|c| c.name == s.name) {
             None => Action::Create,
             Some(c) if c.topic != s.topic => Action::Replace,
-            Some(c) if c.ack_deadline_seconds != s.ack_deadline_seconds || c.labels != s.labels => Action::Update,
+            Some(c) if c.ack_deadline_seconds != s.ack_deadline_seconds || c.labels != s.labels => {
+                Action::Update
+            }
             Some(_) => Action::Unchanged,
         };
-        out.push(Change { kind: "subscription", name: s.name.clone(), action });
+        out.push(Change {
+            kind: "subscription",
+            name: s.name.clone(),
+            action,
+        });
     }
     for j in &desired.jobs {
         let action = match current.jobs.iter().find(|c| c.name == j.name) {
@@ -79,31 +91,58 @@ pub fn plan(current: &Current, applied: &Applied, desired: &Manifest) -> Vec<Cha
             Some(c) if c != j => Action::Update,
             Some(_) => Action::Unchanged,
         };
-        out.push(Change { kind: "job", name: j.name.clone(), action });
+        out.push(Change {
+            kind: "job",
+            name: j.name.clone(),
+            action,
+        });
     }
     // Deletions: jobs exist only through manifests, so every job not declared
     // goes; topics and subscriptions only if the last apply declared them.
     for j in &current.jobs {
         if !desired.jobs.iter().any(|d| d.name == j.name) {
-            out.push(Change { kind: "job", name: j.name.clone(), action: Action::Delete });
+            out.push(Change {
+                kind: "job",
+                name: j.name.clone(),
+                action: Action::Delete,
+            });
         }
     }
-    let want_subs: BTreeSet<&str> = desired.subscriptions.iter().map(|s| s.name.as_str()).collect();
+    let want_subs: BTreeSet<&str> = desired
+        .subscriptions
+        .iter()
+        .map(|s| s.name.as_str())
+        .collect();
     for s in &applied.subscriptions {
         if !want_subs.contains(s.as_str()) && current.subscriptions.iter().any(|c| &c.name == s) {
-            out.push(Change { kind: "subscription", name: s.clone(), action: Action::Delete });
+            out.push(Change {
+                kind: "subscription",
+                name: s.clone(),
+                action: Action::Delete,
+            });
         }
     }
     for t in &applied.topics {
         if !want_topics.contains(t.as_str()) && current.topics.iter().any(|c| &c.name == t) {
-            out.push(Change { kind: "topic", name: t.clone(), action: Action::Delete });
+            out.push(Change {
+                kind: "topic",
+                name: t.clone(),
+                action: Action::Delete,
+            });
         }
     }
     out
 }
 
-async fn current(broker: &Broker, dispatcher: &Dispatcher, project: &ProjectName) -> Result<Current> {
-    let mut cur = Current { jobs: dispatcher.jobs(), ..Default::default() };
+async fn current(
+    broker: &Broker,
+    dispatcher: &Dispatcher,
+    project: &ProjectName,
+) -> Result<Current> {
+    let mut cur = Current {
+        jobs: dispatcher.jobs(),
+        ..Default::default()
+    };
     let mut token = String::new();
     loop {
         let p = broker.list_topics(project, 1000, &token)?;
@@ -127,7 +166,12 @@ async fn current(broker: &Broker, dispatcher: &Dispatcher, project: &ProjectName
 
 /// Plans and, unless `dry_run`, applies a manifest. Order: topics, then
 /// subscriptions and jobs (which need topics), then deletions in reverse.
-pub async fn apply(broker: &Arc<Broker>, dispatcher: &Arc<Dispatcher>, desired: &Manifest, dry_run: bool) -> Result<Vec<Change>> {
+pub async fn apply(
+    broker: &Arc<Broker>,
+    dispatcher: &Arc<Dispatcher>,
+    desired: &Manifest,
+    dry_run: bool,
+) -> Result<Vec<Change>> {
     let project = ProjectName::from_id(&desired.project)?;
     let cur = current(broker, dispatcher, &project).await?;
     let applied: Applied = dispatcher
@@ -139,21 +183,44 @@ pub async fn apply(broker: &Arc<Broker>, dispatcher: &Arc<Dispatcher>, desired: 
     if dry_run {
         return Ok(changes);
     }
-    for c in changes.iter().filter(|c| c.kind == "topic" && c.action != Action::Delete) {
-        let t = desired.topics.iter().find(|t| t.name == c.name).expect("planned from desired");
+    for c in changes
+        .iter()
+        .filter(|c| c.kind == "topic" && c.action != Action::Delete)
+    {
+        let t = desired
+            .topics
+            .iter()
+            .find(|t| t.name == c.name)
+            .expect("planned from desired");
         match c.action {
             Action::Create => ignore_exists(broker.create_topic(t.clone()).await.map(|_| ()))?,
             Action::Update => {
-                broker.update_topic(&TopicName::parse(&t.name)?, TopicUpdate { labels: Some(t.labels.clone()) }).await?;
+                broker
+                    .update_topic(
+                        &TopicName::parse(&t.name)?,
+                        TopicUpdate {
+                            labels: Some(t.labels.clone()),
+                        },
+                    )
+                    .await?;
             }
             _ => {}
         }
     }
-    for c in changes.iter().filter(|c| c.kind == "subscription" && c.action != Action::Delete) {
-        let s = desired.subscriptions.iter().find(|s| s.name == c.name).expect("planned from desired");
+    for c in changes
+        .iter()
+        .filter(|c| c.kind == "subscription" && c.action != Action::Delete)
+    {
+        let s = desired
+            .subscriptions
+            .iter()
+            .find(|s| s.name == c.name)
+            .expect("planned from desired");
         let name = SubscriptionName::parse(&s.name)?;
         match c.action {
-            Action::Create => ignore_exists(broker.create_subscription(s.clone()).await.map(|_| ()))?,
+            Action::Create => {
+                ignore_exists(broker.create_subscription(s.clone()).await.map(|_| ()))?
+            }
             Action::Replace => {
                 broker.delete_subscription(&name).await?;
                 broker.create_subscription(s.clone()).await?;
@@ -171,7 +238,11 @@ pub async fn apply(broker: &Arc<Broker>, dispatcher: &Arc<Dispatcher>, desired: 
     for c in changes.iter().filter(|c| c.kind == "job") {
         match c.action {
             Action::Create | Action::Update | Action::Replace => {
-                let j = desired.jobs.iter().find(|j| j.name == c.name).expect("planned from desired");
+                let j = desired
+                    .jobs
+                    .iter()
+                    .find(|j| j.name == c.name)
+                    .expect("planned from desired");
                 dispatcher.put_job(j.clone()).await?;
             }
             Action::Delete => dispatcher.delete_job(&c.name).await?,
@@ -180,16 +251,26 @@ pub async fn apply(broker: &Arc<Broker>, dispatcher: &Arc<Dispatcher>, desired: 
     }
     for c in changes.iter().filter(|c| c.action == Action::Delete) {
         match c.kind {
-            "subscription" => ignore_missing(broker.delete_subscription(&SubscriptionName::parse(&c.name)?).await)?,
+            "subscription" => ignore_missing(
+                broker
+                    .delete_subscription(&SubscriptionName::parse(&c.name)?)
+                    .await,
+            )?,
             "topic" => ignore_missing(broker.delete_topic(&TopicName::parse(&c.name)?).await)?,
             _ => {}
         }
     }
     let now_applied = Applied {
         topics: desired.topics.iter().map(|t| t.name.clone()).collect(),
-        subscriptions: desired.subscriptions.iter().map(|s| s.name.clone()).collect(),
+        subscriptions: desired
+            .subscriptions
+            .iter()
+            .map(|s| s.name.clone())
+            .collect(),
     };
-    dispatcher.store().set_meta(APPLIED_KEY, &serde_json::to_string(&now_applied).unwrap())?;
+    dispatcher
+        .store()
+        .set_meta(APPLIED_KEY, &serde_json::to_string(&now_applied).unwrap())?;
     Ok(changes)
 }
 
@@ -237,27 +318,49 @@ process = { command = "echo" }
     fn first_apply_creates_everything_second_changes_nothing() {
         let m = manifest(BASE);
         let changes = plan(&Current::default(), &Applied::default(), &m);
-        assert!(changes.iter().all(|c| c.action == Action::Create), "{changes:?}");
+        assert!(
+            changes.iter().all(|c| c.action == Action::Create),
+            "{changes:?}"
+        );
         assert_eq!(changes.len(), 3);
-        let cur = Current { topics: m.topics.clone(), subscriptions: m.subscriptions.clone(), jobs: m.jobs.clone() };
+        let cur = Current {
+            topics: m.topics.clone(),
+            subscriptions: m.subscriptions.clone(),
+            jobs: m.jobs.clone(),
+        };
         let again = plan(&cur, &Applied::default(), &m);
-        assert!(again.iter().all(|c| c.action == Action::Unchanged), "{again:?}");
+        assert!(
+            again.iter().all(|c| c.action == Action::Unchanged),
+            "{again:?}"
+        );
     }
 
     #[test]
     fn changes_and_deletions() {
         let m = manifest(BASE);
-        let cur = Current { topics: m.topics.clone(), subscriptions: m.subscriptions.clone(), jobs: m.jobs.clone() };
+        let cur = Current {
+            topics: m.topics.clone(),
+            subscriptions: m.subscriptions.clone(),
+            jobs: m.jobs.clone(),
+        };
         let applied = Applied {
             topics: m.topics.iter().map(|t| t.name.clone()).collect(),
             subscriptions: m.subscriptions.iter().map(|s| s.name.clone()).collect(),
         };
-        let changed = manifest(&BASE.replace("command = \"echo\"", "command = \"true\"").replace(
-            "[[subscription]]\nname = \"watch\"\ntopic = \"in-topic\"\n",
-            "",
-        ));
+        let changed = manifest(
+            &BASE
+                .replace("command = \"echo\"", "command = \"true\"")
+                .replace(
+                    "[[subscription]]\nname = \"watch\"\ntopic = \"in-topic\"\n",
+                    "",
+                ),
+        );
         let changes = plan(&cur, &applied, &changed);
-        assert!(changes.contains(&Change { kind: "job", name: "echo-job".into(), action: Action::Update }));
+        assert!(changes.contains(&Change {
+            kind: "job",
+            name: "echo-job".into(),
+            action: Action::Update
+        }));
         assert!(changes.contains(&Change {
             kind: "subscription",
             name: "projects/p/subscriptions/watch".into(),

@@ -11,7 +11,9 @@ use pubrun_core::job::{check_relative_path, parse_gs_url, ExecutorSpec, JobSpec,
 use pubrun_core::manifest::job_subscription;
 use pubrun_core::run::{Exit, RunStatus};
 use pubrun_core::template::{self, TemplateContext};
-use pubrun_core::{Error, OutgoingMessage, Result, SubscriptionConfig, SubscriptionName, TopicName};
+use pubrun_core::{
+    Error, OutgoingMessage, Result, SubscriptionConfig, SubscriptionName, TopicName,
+};
 use pubrun_exec::{CancellationToken, Executor, LogSink, RunRequest};
 use tokio::sync::Notify;
 
@@ -65,7 +67,10 @@ impl Drop for JobState {
 const REATTACH_FIRST_DELAY: Duration = Duration::from_millis(250);
 
 pub fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 fn rfc3339(nanos: i64) -> String {
@@ -93,7 +98,10 @@ fn chrono_like(secs: i64, nanos: u32) -> String {
 
 fn jitter() -> f64 {
     // Not cryptographic: spreads retries. Nanosecond clock noise is enough.
-    let n = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    let n = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
     (n % 1000) as f64 / 1000.0
 }
 
@@ -136,7 +144,13 @@ fn context(run: &RunRecord) -> TemplateContext {
 }
 
 impl Dispatcher {
-    pub fn new(broker: Arc<Broker>, store: Arc<RunStore>, data_dir: PathBuf, executors: Executors, slots: usize) -> Arc<Self> {
+    pub fn new(
+        broker: Arc<Broker>,
+        store: Arc<RunStore>,
+        data_dir: PathBuf,
+        executors: Executors,
+        slots: usize,
+    ) -> Arc<Self> {
         Arc::new(Dispatcher {
             broker,
             store,
@@ -174,18 +188,34 @@ impl Dispatcher {
         }
         // Only attempts that were in flight when the previous server stopped
         // are looked for; queued runs simply wait for the scheduler.
-        for run in self.store.with_status(&[RunStatus::Starting, RunStatus::Running])? {
+        for run in self
+            .store
+            .with_status(&[RunStatus::Starting, RunStatus::Running])?
+        {
             let this = self.clone();
             let spec = self.lock().jobs.get(&run.job).map(|j| j.spec.clone());
             match spec {
                 Some(spec) => {
                     let token = CancellationToken::new();
-                    self.lock().active.insert(run.id, (run.job.clone(), token.clone()));
+                    self.lock()
+                        .active
+                        .insert(run.id, (run.job.clone(), token.clone()));
                     tokio::spawn(async move { this.recover_run(run, spec, token).await });
                 }
                 None => {
-                    let exit = Exit { error: Some("job was deleted while the run was in flight".into()), ..Default::default() };
-                    let _ = self.store.finish(run.id, &Exit { cancelled: true, ..exit }, now_ms(), false);
+                    let exit = Exit {
+                        error: Some("job was deleted while the run was in flight".into()),
+                        ..Default::default()
+                    };
+                    let _ = self.store.finish(
+                        run.id,
+                        &Exit {
+                            cancelled: true,
+                            ..exit
+                        },
+                        now_ms(),
+                        false,
+                    );
                 }
             }
         }
@@ -205,7 +235,8 @@ impl Dispatcher {
         let topic = TopicName::parse(&spec.topic)?;
         self.broker.get_topic(&topic)?;
         if !spec.result_topic.is_empty() {
-            self.broker.get_topic(&TopicName::parse(&spec.result_topic)?)?;
+            self.broker
+                .get_topic(&TopicName::parse(&spec.result_topic)?)?;
         }
         let project = topic.project().id().to_string();
         let sub_name = SubscriptionName::parse(&job_subscription(&project, &spec.name))?;
@@ -217,12 +248,16 @@ impl Dispatcher {
                 self.broker.delete_subscription(&sub_name).await?;
                 self.create_job_sub(&sub_name, &spec).await?;
             }
-            Err(e) if e.code == pubrun_core::Code::NotFound => self.create_job_sub(&sub_name, &spec).await?,
+            Err(e) if e.code == pubrun_core::Code::NotFound => {
+                self.create_job_sub(&sub_name, &spec).await?
+            }
             Err(e) => return Err(e),
         }
         let store = self.store.clone();
         let s2 = spec.clone();
-        tokio::task::spawn_blocking(move || store.put_job(&s2)).await.map_err(|e| Error::internal(e.to_string()))??;
+        tokio::task::spawn_blocking(move || store.put_job(&s2))
+            .await
+            .map_err(|e| Error::internal(e.to_string()))??;
         self.start_intake(spec)?;
         self.wake.notify_one();
         Ok(())
@@ -233,7 +268,9 @@ impl Dispatcher {
             .create_subscription(SubscriptionConfig {
                 name: name.to_string(),
                 topic: spec.topic.clone(),
-                labels: [("pubrun-job".to_string(), spec.name.clone())].into_iter().collect(),
+                labels: [("pubrun-job".to_string(), spec.name.clone())]
+                    .into_iter()
+                    .collect(),
                 ack_deadline_seconds: 60,
                 filter: spec.filter.clone(),
                 ..Default::default()
@@ -244,7 +281,9 @@ impl Dispatcher {
 
     pub async fn delete_job(&self, name: &str) -> Result<()> {
         let spec = self.lock().jobs.remove(name).map(|j| j.spec.clone());
-        let Some(spec) = spec else { return Err(Error::not_found(format!("job {name} not found"))) };
+        let Some(spec) = spec else {
+            return Err(Error::not_found(format!("job {name} not found")));
+        };
         self.store.delete_job(name)?;
         // Its waiting runs end now rather than at the next sweep.
         let jobs: Vec<String> = self.lock().jobs.keys().cloned().collect();
@@ -267,7 +306,11 @@ impl Dispatcher {
     }
 
     pub fn job(&self, name: &str) -> Result<JobSpec> {
-        self.lock().jobs.get(name).map(|j| j.spec.clone()).ok_or_else(|| Error::not_found(format!("job {name} not found")))
+        self.lock()
+            .jobs
+            .get(name)
+            .map(|j| j.spec.clone())
+            .ok_or_else(|| Error::not_found(format!("job {name} not found")))
     }
 
     fn start_intake(self: &Arc<Self>, spec: JobSpec) -> Result<()> {
@@ -307,7 +350,8 @@ impl Dispatcher {
             let Ok(spec) = self.job(&job) else { return };
             let store = self.store.clone();
             let queued = tokio::task::spawn_blocking(move || {
-                let items: Vec<(SourceMessage, String)> = batch.iter().map(|d| source_and_key(&spec, d)).collect();
+                let items: Vec<(SourceMessage, String)> =
+                    batch.iter().map(|d| source_and_key(&spec, d)).collect();
                 match store.enqueue_batch(&spec, &items, now_ms()) {
                     Ok(_) => batch.into_iter().map(|d| d.ack_id).collect(),
                     Err(e) => {
@@ -329,11 +373,19 @@ impl Dispatcher {
     }
 
     /// Queues a run for a message given by hand (`pubrun jobs trigger`).
-    pub async fn trigger(&self, job: &str, data: Vec<u8>, attributes: BTreeMap<String, String>) -> Result<i64> {
+    pub async fn trigger(
+        &self,
+        job: &str,
+        data: Vec<u8>,
+        attributes: BTreeMap<String, String>,
+    ) -> Result<i64> {
         let spec = self.job(job)?;
         let now = now_ms();
         let msg = SourceMessage {
-            id: format!("manual-{now}-{}", self.trigger_seq.fetch_add(1, Ordering::Relaxed)),
+            id: format!(
+                "manual-{now}-{}",
+                self.trigger_seq.fetch_add(1, Ordering::Relaxed)
+            ),
             data,
             attributes,
             publish_time: rfc3339(now * 1_000_000),
@@ -361,9 +413,20 @@ impl Dispatcher {
     /// registers it before claiming.
     pub fn cancel(&self, id: i64) -> Result<RunRecord> {
         let run = self.store.request_cancel(id)?;
-        let has_result = self.lock().jobs.get(&run.job).is_some_and(|j| !j.spec.result_topic.is_empty());
-        let exit = Exit { cancelled: true, error: Some("cancelled before it started".into()), ..Default::default() };
-        if self.store.cancel_if_queued(id, &exit, now_ms(), has_result)? {
+        let has_result = self
+            .lock()
+            .jobs
+            .get(&run.job)
+            .is_some_and(|j| !j.spec.result_topic.is_empty());
+        let exit = Exit {
+            cancelled: true,
+            error: Some("cancelled before it started".into()),
+            ..Default::default()
+        };
+        if self
+            .store
+            .cancel_if_queued(id, &exit, now_ms(), has_result)?
+        {
             self.results_wake.notify_one();
         } else if let Some((_, token)) = self.lock().active.get(&id) {
             token.cancel();
@@ -406,8 +469,15 @@ impl Dispatcher {
             st.jobs
                 .values()
                 .map(|j| {
-                    let running = st.active.values().filter(|(job, _)| job == &j.spec.name).count();
-                    (j.spec.name.clone(), (j.spec.concurrency as usize).saturating_sub(running))
+                    let running = st
+                        .active
+                        .values()
+                        .filter(|(job, _)| job == &j.spec.name)
+                        .count();
+                    (
+                        j.spec.name.clone(),
+                        (j.spec.concurrency as usize).saturating_sub(running),
+                    )
                 })
                 .filter(|(_, free)| *free > 0)
                 .collect()
@@ -475,21 +545,37 @@ impl Dispatcher {
 
     /// Ends a queued run that must not start: cancelled, or its job deleted.
     fn drop_queued(&self, run: &QueuedRun) {
-        let job = self.lock().jobs.get(&run.job).map(|j| j.spec.result_topic.clone());
+        let job = self
+            .lock()
+            .jobs
+            .get(&run.job)
+            .map(|j| j.spec.result_topic.clone());
         let error = match &job {
             Some(_) => "cancelled before it started".to_string(),
             None => format!("job {} was deleted before this run started", run.job),
         };
         let has_result = job.is_some_and(|t| !t.is_empty());
-        let exit = Exit { cancelled: true, error: Some(error), ..Default::default() };
-        match self.store.cancel_if_queued(run.id, &exit, now_ms(), has_result) {
+        let exit = Exit {
+            cancelled: true,
+            error: Some(error),
+            ..Default::default()
+        };
+        match self
+            .store
+            .cancel_if_queued(run.id, &exit, now_ms(), has_result)
+        {
             Ok(true) => self.results_wake.notify_one(),
             Ok(false) => {}
             Err(e) => tracing::warn!(run = run.id, error = %e, "cannot cancel queued run"),
         }
     }
 
-    fn request(&self, run: &RunRecord, spec: &JobSpec, rendered: ExecutorSpec) -> std::io::Result<RunRequest> {
+    fn request(
+        &self,
+        run: &RunRecord,
+        spec: &JobSpec,
+        rendered: ExecutorSpec,
+    ) -> std::io::Result<RunRequest> {
         let dir = self.data_dir.join("runs").join(run.id.to_string());
         let workdir = dir.join("work");
         // The message itself, as files: data of any size (argv and env are
@@ -497,7 +583,10 @@ impl Dispatcher {
         let msg_dir = workdir.join(".pubrun");
         std::fs::create_dir_all(&msg_dir)?;
         std::fs::write(msg_dir.join("data"), &run.message.data)?;
-        std::fs::write(msg_dir.join("attributes.json"), serde_json::to_vec(&run.message.attributes).unwrap_or_default())?;
+        std::fs::write(
+            msg_dir.join("attributes.json"),
+            serde_json::to_vec(&run.message.attributes).unwrap_or_default(),
+        )?;
         let seen_as = match &rendered {
             ExecutorSpec::Docker(_) => PathBuf::from("/workspace/.pubrun"),
             ExecutorSpec::Process(_) => msg_dir.clone(),
@@ -507,8 +596,14 @@ impl Dispatcher {
             ("PUBRUN_JOB".to_string(), run.job.clone()),
             ("PUBRUN_ATTEMPT".to_string(), run.attempt.to_string()),
             ("PUBRUN_MESSAGE_ID".to_string(), run.message.id.clone()),
-            ("PUBRUN_DATA_FILE".to_string(), seen_as.join("data").display().to_string()),
-            ("PUBRUN_ATTRIBUTES_FILE".to_string(), seen_as.join("attributes.json").display().to_string()),
+            (
+                "PUBRUN_DATA_FILE".to_string(),
+                seen_as.join("data").display().to_string(),
+            ),
+            (
+                "PUBRUN_ATTRIBUTES_FILE".to_string(),
+                seen_as.join("attributes.json").display().to_string(),
+            ),
         ]
         .into_iter()
         .collect();
@@ -544,20 +639,45 @@ impl Dispatcher {
         let ctx = context(run);
         let rendered = match render_spec(&spec.executor, &ctx) {
             Ok(r) => r,
-            Err(e) => return Exit { error: Some(format!("parameters: {}", e.message)), ..Default::default() },
+            Err(e) => {
+                return Exit {
+                    error: Some(format!("parameters: {}", e.message)),
+                    ..Default::default()
+                }
+            }
         };
         let req = match self.request(run, spec, rendered) {
             Ok(r) => r,
-            Err(e) => return Exit { error: Some(format!("cannot prepare run directory: {e}")), infra_error: true, ..Default::default() },
+            Err(e) => {
+                return Exit {
+                    error: Some(format!("cannot prepare run directory: {e}")),
+                    infra_error: true,
+                    ..Default::default()
+                }
+            }
         };
         let log = match LogSink::create(self.log_path(run.id), spec.log_limit_bytes).await {
             Ok(l) => Arc::new(l),
-            Err(e) => return Exit { error: Some(format!("cannot open run log: {e}")), infra_error: true, ..Default::default() },
+            Err(e) => {
+                return Exit {
+                    error: Some(format!("cannot open run log: {e}")),
+                    infra_error: true,
+                    ..Default::default()
+                }
+            }
         };
-        log.note(&format!("attempt {} of {} starting", run.attempt, spec.retries.max_attempts)).await;
+        log.note(&format!(
+            "attempt {} of {} starting",
+            run.attempt, spec.retries.max_attempts
+        ))
+        .await;
         if token.is_cancelled() {
             // Cancelled between being claimed and here: never start it.
-            let exit = Exit { cancelled: true, error: Some("cancelled before it started".into()), ..Default::default() };
+            let exit = Exit {
+                cancelled: true,
+                error: Some("cancelled before it started".into()),
+                ..Default::default()
+            };
             log.note(&describe(&exit)).await;
             log.flush().await;
             return exit;
@@ -572,13 +692,19 @@ impl Dispatcher {
         let workdir = req.workdir.clone();
         if !spec.inputs.is_empty() {
             if let Err(error) = self.stage_inputs(run, spec, &ctx, &workdir, &log).await {
-                let exit = Exit { error: Some(error), ..Default::default() };
+                let exit = Exit {
+                    error: Some(error),
+                    ..Default::default()
+                };
                 log.note(&describe(&exit)).await;
                 log.flush().await;
                 return exit;
             }
         }
-        let mut exit = self.executor_for(&spec.executor).run(req, log.clone(), token, on_started).await;
+        let mut exit = self
+            .executor_for(&spec.executor)
+            .run(req, log.clone(), token, on_started)
+            .await;
         // Outputs are uploaded whatever the attempt's status (partial results
         // of a failed or timed-out attempt are often what one needs), but not
         // when the attempt never started for an infrastructure reason.
@@ -598,7 +724,9 @@ impl Dispatcher {
     }
 
     fn bucket_storage(&self) -> std::result::Result<&pubrun_buckets::Buckets, String> {
-        self.buckets.get().ok_or_else(|| "bucket storage is not available in this server".to_string())
+        self.buckets
+            .get()
+            .ok_or_else(|| "bucket storage is not available in this server".to_string())
     }
 
     /// Downloads the job's inputs into the working directory. Errors are
@@ -624,25 +752,44 @@ impl Dispatcher {
                 };
                 let base = object.rsplit('/').next().unwrap_or("");
                 if safe_relative(base).is_none() {
-                    return Err(format!("parameters: input \"trigger\": object name \"{}\" has no usable file name", object.escape_debug()));
+                    return Err(format!(
+                        "parameters: input \"trigger\": object name \"{}\" has no usable file name",
+                        object.escape_debug()
+                    ));
                 }
                 let buckets = self.bucket_storage().map_err(|e| format!("inputs: {e}"))?;
                 let n = download(buckets, bucket, object, workdir, &dest.join(base))
                     .await
                     .map_err(|e| format!("inputs: gs://{bucket}/{object}: {e}"))?;
-                log.note(&format!("input gs://{bucket}/{object} ({n} bytes) -> {}{base}", slash(&input.to))).await;
+                log.note(&format!(
+                    "input gs://{bucket}/{object} ({n} bytes) -> {}{base}",
+                    slash(&input.to)
+                ))
+                .await;
             } else {
-                let url = template::render(&input.from, ctx).map_err(|e| format!("parameters: inputs.from: {}", e.message))?;
-                let (bucket, prefix) = parse_gs_url(&url).map_err(|e| format!("parameters: inputs.from: {e}"))?;
+                let url = template::render(&input.from, ctx)
+                    .map_err(|e| format!("parameters: inputs.from: {}", e.message))?;
+                let (bucket, prefix) =
+                    parse_gs_url(&url).map_err(|e| format!("parameters: inputs.from: {e}"))?;
                 let buckets = self.bucket_storage().map_err(|e| format!("inputs: {e}"))?;
-                let objects = buckets.list_all_objects(&bucket, &prefix).await.map_err(|e| format!("inputs: {url}: {e}"))?;
-                tokio::fs::create_dir_all(&dest).await.map_err(|e| format!("inputs: {}: {e}", input.to))?;
+                let objects = buckets
+                    .list_all_objects(&bucket, &prefix)
+                    .await
+                    .map_err(|e| format!("inputs: {url}: {e}"))?;
+                tokio::fs::create_dir_all(&dest)
+                    .await
+                    .map_err(|e| format!("inputs: {}: {e}", input.to))?;
                 let (mut files, mut bytes) = (0u64, 0u64);
                 for o in objects {
                     let rel = &o.name[prefix.len()..];
                     let Some(rel) = safe_relative(rel) else {
                         if !o.name.ends_with('/') {
-                            log.note(&format!("input {url}: skipped object \"{}\": its name would leave {}", o.name.escape_debug(), input.to)).await;
+                            log.note(&format!(
+                                "input {url}: skipped object \"{}\": its name would leave {}",
+                                o.name.escape_debug(),
+                                input.to
+                            ))
+                            .await;
                         }
                         continue;
                     };
@@ -651,7 +798,11 @@ impl Dispatcher {
                         .map_err(|e| format!("inputs: gs://{bucket}/{}: {e}", o.name))?;
                     files += 1;
                 }
-                log.note(&format!("input {url}: {files} objects ({bytes} bytes) -> {}", slash(&input.to))).await;
+                log.note(&format!(
+                    "input {url}: {files} objects ({bytes} bytes) -> {}",
+                    slash(&input.to)
+                ))
+                .await;
             }
         }
         Ok(())
@@ -669,19 +820,26 @@ impl Dispatcher {
     ) -> std::result::Result<(), String> {
         for output in &spec.outputs {
             check_relative_path(&output.from).map_err(|e| format!("outputs.from: {e}"))?;
-            let url = template::render(&output.to, ctx).map_err(|e| format!("outputs.to: {}", e.message))?;
+            let url = template::render(&output.to, ctx)
+                .map_err(|e| format!("outputs.to: {}", e.message))?;
             let (bucket, prefix) = parse_gs_url(&url).map_err(|e| format!("outputs.to: {e}"))?;
             let src = workdir.join(&output.from);
             check_no_symlink(workdir, &src).map_err(|e| format!("{}: {e}", output.from))?;
             match tokio::fs::symlink_metadata(&src).await {
                 Ok(m) if m.is_dir() => {}
                 _ => {
-                    log.note(&format!("output {}: no such directory; nothing uploaded", output.from)).await;
+                    log.note(&format!(
+                        "output {}: no such directory; nothing uploaded",
+                        output.from
+                    ))
+                    .await;
                     continue;
                 }
             }
             let buckets = self.bucket_storage()?;
-            let files = walk_files(src.clone()).await.map_err(|e| format!("{}: {e}", output.from))?;
+            let files = walk_files(src.clone())
+                .await
+                .map_err(|e| format!("{}: {e}", output.from))?;
             let meta = pubrun_buckets::ObjectMeta {
                 metadata: [
                     ("pubrun-run-id".to_string(), run.id.to_string()),
@@ -695,14 +853,21 @@ impl Dispatcher {
             let mut bytes = 0u64;
             for rel in &files {
                 let name = format!("{prefix}{rel}");
-                let file = tokio::fs::File::open(src.join(rel)).await.map_err(|e| format!("{}{rel}: {e}", slash(&output.from)))?;
+                let file = tokio::fs::File::open(src.join(rel))
+                    .await
+                    .map_err(|e| format!("{}{rel}: {e}", slash(&output.from)))?;
                 let row = buckets
                     .put_object(&bucket, &name, file, meta.clone(), Default::default())
                     .await
                     .map_err(|e| format!("gs://{bucket}/{name}: {e}"))?;
                 bytes += row.size;
             }
-            log.note(&format!("output {}: {} files ({bytes} bytes) -> {url}", slash(&output.from), files.len())).await;
+            log.note(&format!(
+                "output {}: {} files ({bytes} bytes) -> {url}",
+                slash(&output.from),
+                files.len()
+            ))
+            .await;
         }
         Ok(())
     }
@@ -712,12 +877,22 @@ impl Dispatcher {
     /// `starting` one never reported running, so as far as pubrun knows
     /// nothing ran and the same attempt is tried again.
     async fn recover_run(self: Arc<Self>, run: RunRecord, spec: JobSpec, token: CancellationToken) {
-        let log = match tokio::fs::create_dir_all(self.data_dir.join("runs").join(run.id.to_string())).await {
-            Ok(()) => LogSink::create(self.log_path(run.id), spec.log_limit_bytes).await.ok().map(Arc::new),
-            Err(_) => None,
-        };
+        let log =
+            match tokio::fs::create_dir_all(self.data_dir.join("runs").join(run.id.to_string()))
+                .await
+            {
+                Ok(()) => LogSink::create(self.log_path(run.id), spec.log_limit_bytes)
+                    .await
+                    .ok()
+                    .map(Arc::new),
+                Err(_) => None,
+            };
         if let Some(log) = &log {
-            log.note(&format!("server restarted; looking for attempt {} ({})", run.attempt, run.status)).await;
+            log.note(&format!(
+                "server restarted; looking for attempt {} ({})",
+                run.attempt, run.status
+            ))
+            .await;
         }
         let found = match (render_spec(&spec.executor, &context(&run)), &log) {
             (Ok(rendered), Some(log)) => match self.request(&run, &spec, rendered) {
@@ -732,7 +907,10 @@ impl Dispatcher {
                 infra_error: true,
                 ..Default::default()
             },
-            _ => Exit { error: Some("lost: pubrun restarted while this attempt ran".into()), ..Default::default() },
+            _ => Exit {
+                error: Some("lost: pubrun restarted while this attempt ran".into()),
+                ..Default::default()
+            },
         });
         if let Some(log) = &log {
             log.note(&describe(&exit)).await;
@@ -744,14 +922,26 @@ impl Dispatcher {
     /// Asks the executor for the attempt until it can answer. An engine that
     /// does not answer (Docker daemon down) is asked again with backoff: the
     /// attempt may still be alive, and starting it anew could run it twice.
-    async fn reattach(&self, req: RunRequest, spec: &JobSpec, log: &Arc<LogSink>, token: &CancellationToken) -> Option<Exit> {
+    async fn reattach(
+        &self,
+        req: RunRequest,
+        spec: &JobSpec,
+        log: &Arc<LogSink>,
+        token: &CancellationToken,
+    ) -> Option<Exit> {
         let executor = self.executor_for(&spec.executor);
         let mut delay = REATTACH_FIRST_DELAY;
         loop {
-            match executor.reattach(req.clone(), log.clone(), token.clone()).await {
+            match executor
+                .reattach(req.clone(), log.clone(), token.clone())
+                .await
+            {
                 Some(exit) if exit.infra_error && !exit.cancelled => {
                     let why = exit.error.unwrap_or_default();
-                    log.note(&format!("cannot look for the attempt yet ({why}); asking again in {delay:?}")).await;
+                    log.note(&format!(
+                        "cannot look for the attempt yet ({why}); asking again in {delay:?}"
+                    ))
+                    .await;
                     tracing::warn!(run = req.run_id, error = why, "reattach failed; will retry");
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
@@ -770,26 +960,45 @@ impl Dispatcher {
     async fn settle(&self, run: RunRecord, spec: &JobSpec, exit: Exit) {
         let id = run.id;
         let now = now_ms();
-        let cancelled = exit.cancelled || self.store.get(id).map(|r| r.cancel_requested).unwrap_or(false);
+        let cancelled = exit.cancelled
+            || self
+                .store
+                .get(id)
+                .map(|r| r.cancel_requested)
+                .unwrap_or(false);
         let exit = Exit { cancelled, ..exit };
         let status = exit.status();
         let result = if !cancelled && exit.infra_error {
             // Not the job's fault: wait and try the same attempt again.
-            let delay = if run.status == RunStatus::Starting && exit.error.as_deref().is_some_and(|e| e.starts_with("lost:")) {
+            let delay = if run.status == RunStatus::Starting
+                && exit
+                    .error
+                    .as_deref()
+                    .is_some_and(|e| e.starts_with("lost:"))
+            {
                 Duration::ZERO
             } else {
-                spec.retries.backoff(2, jitter()).min(Duration::from_secs(30))
+                spec.retries
+                    .backoff(2, jitter())
+                    .min(Duration::from_secs(30))
             };
-            self.store.requeue(id, run.attempt, now + delay.as_millis() as i64, &exit)
+            self.store
+                .requeue(id, run.attempt, now + delay.as_millis() as i64, &exit)
         } else if matches!(status, RunStatus::Failed | RunStatus::TimedOut)
             && run.attempt < spec.retries.max_attempts
-            && !exit.error.as_deref().is_some_and(|e| e.starts_with("parameters:"))
+            && !exit
+                .error
+                .as_deref()
+                .is_some_and(|e| e.starts_with("parameters:"))
         {
             let next = run.attempt + 1;
             let delay = spec.retries.backoff(next, jitter());
-            self.store.requeue(id, next, now + delay.as_millis() as i64, &exit)
+            self.store
+                .requeue(id, next, now + delay.as_millis() as i64, &exit)
         } else {
-            self.store.finish(id, &exit, now, !spec.result_topic.is_empty()).map(|_| ())
+            self.store
+                .finish(id, &exit, now, !spec.result_topic.is_empty())
+                .map(|_| ())
         };
         if let Err(e) = result {
             tracing::error!(run = id, error = %e, "could not record the end of an attempt");
@@ -806,7 +1015,11 @@ impl Dispatcher {
     async fn result_publisher(self: Arc<Self>) {
         loop {
             let retry = self.publish_pending_results().await;
-            let wait = if retry { Duration::from_secs(2) } else { Duration::from_secs(60) };
+            let wait = if retry {
+                Duration::from_secs(2)
+            } else {
+                Duration::from_secs(60)
+            };
             let _ = tokio::time::timeout(wait, self.results_wake.notified()).await;
         }
     }
@@ -825,7 +1038,12 @@ impl Dispatcher {
         };
         let mut retry = false;
         for run in pending {
-            let topic = match self.lock().jobs.get(&run.job).map(|j| j.spec.result_topic.clone()) {
+            let topic = match self
+                .lock()
+                .jobs
+                .get(&run.job)
+                .map(|j| j.spec.result_topic.clone())
+            {
                 Some(t) if !t.is_empty() => t,
                 _ => {
                     let _ = self.store.mark_result_published(run.id);
@@ -863,7 +1081,10 @@ impl Dispatcher {
         attributes.insert("job".to_string(), run.job.clone());
         attributes.insert("run_id".to_string(), run.id.to_string());
         attributes.insert("status".to_string(), run.status.as_str().to_string());
-        attributes.insert("exit_code".to_string(), exit.exit_code.map(|c| c.to_string()).unwrap_or_default());
+        attributes.insert(
+            "exit_code".to_string(),
+            exit.exit_code.map(|c| c.to_string()).unwrap_or_default(),
+        );
         attributes.insert("attempt".to_string(), run.attempt.to_string());
         attributes.insert("source_message_id".to_string(), run.message.id.clone());
         let summary = serde_json::json!({
@@ -883,7 +1104,11 @@ impl Dispatcher {
             "machine": run.machine,
             "log_tail": tail,
         });
-        OutgoingMessage { data: serde_json::to_vec(&summary).unwrap().into(), attributes, ordering_key: String::new() }
+        OutgoingMessage {
+            data: serde_json::to_vec(&summary).unwrap().into(),
+            attributes,
+            ordering_key: String::new(),
+        }
     }
 }
 
@@ -905,14 +1130,22 @@ fn describe(exit: &Exit) -> String {
 }
 
 fn slash(dir: &str) -> String {
-    if dir.ends_with('/') { dir.to_string() } else { format!("{dir}/") }
+    if dir.ends_with('/') {
+        dir.to_string()
+    } else {
+        format!("{dir}/")
+    }
 }
 
 /// An object name (or the part after an input's prefix) as a relative path
 /// that stays below its directory; `None` for names that would escape it
 /// (`..`, absolute, NUL, backslashes) or name a directory (`a/`, empty).
 fn safe_relative(name: &str) -> Option<PathBuf> {
-    if name.is_empty() || name.ends_with('/') || name.starts_with('/') || name.contains(['\0', '\\']) {
+    if name.is_empty()
+        || name.ends_with('/')
+        || name.starts_with('/')
+        || name.contains(['\0', '\\'])
+    {
         return None;
     }
     let mut p = PathBuf::new();
@@ -930,13 +1163,18 @@ fn safe_relative(name: &str) -> Option<PathBuf> {
 /// symbolic link (a previous attempt could have planted one to make
 /// pubrun read or write outside the working directory).
 fn check_no_symlink(root: &Path, path: &Path) -> std::io::Result<()> {
-    let rel = path.strip_prefix(root).map_err(|_| std::io::Error::other("outside the working directory"))?;
+    let rel = path
+        .strip_prefix(root)
+        .map_err(|_| std::io::Error::other("outside the working directory"))?;
     let mut cur = root.to_path_buf();
     for c in rel.components() {
         cur.push(c);
         match std::fs::symlink_metadata(&cur) {
             Ok(m) if m.file_type().is_symlink() => {
-                return Err(std::io::Error::other(format!("{} is a symbolic link", cur.display())))
+                return Err(std::io::Error::other(format!(
+                    "{} is a symbolic link",
+                    cur.display()
+                )))
             }
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
@@ -947,15 +1185,32 @@ fn check_no_symlink(root: &Path, path: &Path) -> std::io::Result<()> {
 }
 
 /// Streams one object into `dest` (below `root`); returns its size.
-async fn download(buckets: &pubrun_buckets::Buckets, bucket: &str, object: &str, root: &Path, dest: &Path) -> std::result::Result<u64, String> {
+async fn download(
+    buckets: &pubrun_buckets::Buckets,
+    bucket: &str,
+    object: &str,
+    root: &Path,
+    dest: &Path,
+) -> std::result::Result<u64, String> {
     check_no_symlink(root, dest).map_err(|e| e.to_string())?;
-    let (_, mut src) = buckets.open_object(bucket, object, None, Default::default()).await.map_err(|e| e.to_string())?;
+    let (_, mut src) = buckets
+        .open_object(bucket, object, None, Default::default())
+        .await
+        .map_err(|e| e.to_string())?;
     if let Some(parent) = dest.parent() {
-        tokio::fs::create_dir_all(parent).await.map_err(|e| e.to_string())?;
+        tokio::fs::create_dir_all(parent)
+            .await
+            .map_err(|e| e.to_string())?;
     }
-    let mut out = tokio::fs::File::create(dest).await.map_err(|e| format!("{}: {e}", dest.display()))?;
-    let n = tokio::io::copy(&mut src, &mut out).await.map_err(|e| format!("{}: {e}", dest.display()))?;
-    tokio::io::AsyncWriteExt::flush(&mut out).await.map_err(|e| e.to_string())?;
+    let mut out = tokio::fs::File::create(dest)
+        .await
+        .map_err(|e| format!("{}: {e}", dest.display()))?;
+    let n = tokio::io::copy(&mut src, &mut out)
+        .await
+        .map_err(|e| format!("{}: {e}", dest.display()))?;
+    tokio::io::AsyncWriteExt::flush(&mut out)
+        .await
+        .map_err(|e| e.to_string())?;
     Ok(n)
 }
 
@@ -998,7 +1253,13 @@ fn source_and_key(spec: &JobSpec, d: &Delivered) -> (SourceMessage, String) {
     let key = if spec.dedup_key.is_empty() {
         msg.id.clone()
     } else {
-        let ctx = TemplateContext::from_message(&msg.data, msg.attributes.clone(), msg.id.clone(), msg.publish_time.clone(), msg.ordering_key.clone());
+        let ctx = TemplateContext::from_message(
+            &msg.data,
+            msg.attributes.clone(),
+            msg.id.clone(),
+            msg.publish_time.clone(),
+            msg.ordering_key.clone(),
+        );
         // A key that cannot be rendered falls back to the message id: the
         // run is still created and its failure will say what is missing.
         template::render(&spec.dedup_key, &ctx).unwrap_or_else(|_| msg.id.clone())
@@ -1014,7 +1275,16 @@ mod tests {
     fn safe_relative_names() {
         assert_eq!(safe_relative("a/b.csv"), Some(PathBuf::from("a/b.csv")));
         assert_eq!(safe_relative("./a//b"), Some(PathBuf::from("a/b")));
-        for bad in ["", "../evil", "a/../../b", "/etc/passwd", "dir/", "a\0b", "a\\..\\b", "."] {
+        for bad in [
+            "",
+            "../evil",
+            "a/../../b",
+            "/etc/passwd",
+            "dir/",
+            "a\0b",
+            "a\\..\\b",
+            ".",
+        ] {
             assert_eq!(safe_relative(bad), None, "{bad:?}");
         }
     }
@@ -1022,7 +1292,13 @@ mod tests {
     #[test]
     fn rfc3339_formats_known_instants() {
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000000000Z");
-        assert_eq!(rfc3339(1_764_040_000_123_000_000), "2025-11-25T03:06:40.123000000Z");
-        assert_eq!(rfc3339(951_782_400_000_000_000), "2000-02-29T00:00:00.000000000Z");
+        assert_eq!(
+            rfc3339(1_764_040_000_123_000_000),
+            "2025-11-25T03:06:40.123000000Z"
+        );
+        assert_eq!(
+            rfc3339(951_782_400_000_000_000),
+            "2000-02-29T00:00:00.000000000Z"
+        );
     }
 }

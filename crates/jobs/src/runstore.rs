@@ -134,10 +134,15 @@ pub enum Enqueued {
 impl RunStore {
     pub fn open(path: &Path) -> Result<Self> {
         let conn = Connection::open(path).map_err(db_err)?;
-        conn.pragma_update(None, "journal_mode", "WAL").map_err(db_err)?;
-        conn.pragma_update(None, "synchronous", "FULL").map_err(db_err)?;
-        conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(db_err)?;
-        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0)).map_err(db_err)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(db_err)?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(db_err)?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))
+            .map_err(db_err)?;
+        let version: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(db_err)?;
         if version > SCHEMA_VERSION {
             return Err(Error::precondition(format!(
                 "{} was written by a newer pubrun (schema {version}); upgrade pubrun",
@@ -154,9 +159,12 @@ impl RunStore {
             conn.execute_batch(MIGRATION_3).map_err(db_err)?;
         }
         if version < SCHEMA_VERSION {
-            conn.pragma_update(None, "user_version", SCHEMA_VERSION).map_err(db_err)?;
+            conn.pragma_update(None, "user_version", SCHEMA_VERSION)
+                .map_err(db_err)?;
         }
-        Ok(RunStore { conn: Mutex::new(conn) })
+        Ok(RunStore {
+            conn: Mutex::new(conn),
+        })
     }
 
     fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
@@ -174,24 +182,37 @@ impl RunStore {
     }
 
     pub fn delete_job(&self, name: &str) -> Result<bool> {
-        Ok(self.conn().execute("DELETE FROM jobs WHERE name = ?1", params![name]).map_err(db_err)? > 0)
+        Ok(self
+            .conn()
+            .execute("DELETE FROM jobs WHERE name = ?1", params![name])
+            .map_err(db_err)?
+            > 0)
     }
 
     pub fn jobs(&self) -> Result<Vec<JobSpec>> {
         let conn = self.conn();
-        let mut stmt = conn.prepare("SELECT spec FROM jobs ORDER BY name").map_err(db_err)?;
-        let rows = stmt.query_map([], |r| r.get::<_, String>(0)).map_err(db_err)?;
+        let mut stmt = conn
+            .prepare("SELECT spec FROM jobs ORDER BY name")
+            .map_err(db_err)?;
+        let rows = stmt
+            .query_map([], |r| r.get::<_, String>(0))
+            .map_err(db_err)?;
         let mut out = Vec::new();
         for r in rows {
             let s = r.map_err(db_err)?;
-            out.push(serde_json::from_str(&s).map_err(|e| Error::internal(format!("stored job spec: {e}")))?);
+            out.push(
+                serde_json::from_str(&s)
+                    .map_err(|e| Error::internal(format!("stored job spec: {e}")))?,
+            );
         }
         Ok(out)
     }
 
     pub fn meta(&self, key: &str) -> Result<Option<String>> {
         self.conn()
-            .query_row("SELECT value FROM meta WHERE key = ?1", params![key], |r| r.get(0))
+            .query_row("SELECT value FROM meta WHERE key = ?1", params![key], |r| {
+                r.get(0)
+            })
             .optional()
             .map_err(db_err)
     }
@@ -206,14 +227,26 @@ impl RunStore {
     // ---- runs ----
 
     /// Queues a run unless the dedup key is taken inside its window.
-    pub fn enqueue(&self, job: &JobSpec, message: &SourceMessage, dedup_key: &str, now_ms: i64) -> Result<Enqueued> {
-        let mut out = self.enqueue_batch(job, &[(message.clone(), dedup_key.to_string())], now_ms)?;
+    pub fn enqueue(
+        &self,
+        job: &JobSpec,
+        message: &SourceMessage,
+        dedup_key: &str,
+        now_ms: i64,
+    ) -> Result<Enqueued> {
+        let mut out =
+            self.enqueue_batch(job, &[(message.clone(), dedup_key.to_string())], now_ms)?;
         Ok(out.pop().expect("one result per message"))
     }
 
     /// Queues runs for several messages in ONE transaction (one fsync): the
     /// intake's hot path. Later messages see the dedup keys of earlier ones.
-    pub fn enqueue_batch(&self, job: &JobSpec, messages: &[(SourceMessage, String)], now_ms: i64) -> Result<Vec<Enqueued>> {
+    pub fn enqueue_batch(
+        &self,
+        job: &JobSpec,
+        messages: &[(SourceMessage, String)],
+        now_ms: i64,
+    ) -> Result<Vec<Enqueued>> {
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(db_err)?;
         let mut out = Vec::with_capacity(messages.len());
@@ -265,7 +298,11 @@ impl RunStore {
             .map_err(db_err)?;
         let rows = stmt
             .query_map(params![job, now_ms, limit as i64], |r| {
-                Ok(QueuedRun { id: r.get(0)?, job: job.to_string(), cancel_requested: r.get::<_, i64>(1)? != 0 })
+                Ok(QueuedRun {
+                    id: r.get(0)?,
+                    job: job.to_string(),
+                    cancel_requested: r.get::<_, i64>(1)? != 0,
+                })
             })
             .map_err(db_err)?;
         rows.collect::<rusqlite::Result<Vec<_>>>().map_err(db_err)
@@ -281,9 +318,17 @@ impl RunStore {
     /// Queued runs whose job is not in `jobs` (deleted while they waited).
     pub fn queued_orphans(&self, jobs: &[String]) -> Result<Vec<QueuedRun>> {
         let conn = self.conn();
-        let mut stmt = conn.prepare("SELECT id, job, cancel_requested FROM runs WHERE status = 'queued'").map_err(db_err)?;
+        let mut stmt = conn
+            .prepare("SELECT id, job, cancel_requested FROM runs WHERE status = 'queued'")
+            .map_err(db_err)?;
         let rows = stmt
-            .query_map([], |r| Ok(QueuedRun { id: r.get(0)?, job: r.get(1)?, cancel_requested: r.get::<_, i64>(2)? != 0 }))
+            .query_map([], |r| {
+                Ok(QueuedRun {
+                    id: r.get(0)?,
+                    job: r.get(1)?,
+                    cancel_requested: r.get::<_, i64>(2)? != 0,
+                })
+            })
             .map_err(db_err)?;
         let all = rows.collect::<rusqlite::Result<Vec<_>>>().map_err(db_err)?;
         Ok(all.into_iter().filter(|q| !jobs.contains(&q.job)).collect())
@@ -291,7 +336,12 @@ impl RunStore {
 
     /// Drops dedup entries whose window has passed.
     pub fn prune_dedup(&self, now_ms: i64) -> Result<usize> {
-        self.conn().execute("DELETE FROM dedup WHERE expires_at_ms <= ?1", params![now_ms]).map_err(db_err)
+        self.conn()
+            .execute(
+                "DELETE FROM dedup WHERE expires_at_ms <= ?1",
+                params![now_ms],
+            )
+            .map_err(db_err)
     }
 
     fn row_to_run(r: &rusqlite::Row<'_>) -> rusqlite::Result<RunRecord> {
@@ -322,14 +372,23 @@ impl RunStore {
 
     pub fn get(&self, id: i64) -> Result<RunRecord> {
         self.conn()
-            .query_row("SELECT * FROM runs WHERE id = ?1", params![id], Self::row_to_run)
+            .query_row(
+                "SELECT * FROM runs WHERE id = ?1",
+                params![id],
+                Self::row_to_run,
+            )
             .optional()
             .map_err(db_err)?
             .ok_or_else(|| Error::not_found(format!("run {id} not found")))
     }
 
     /// Newest first.
-    pub fn list(&self, job: Option<&str>, status: Option<RunStatus>, limit: usize) -> Result<Vec<RunRecord>> {
+    pub fn list(
+        &self,
+        job: Option<&str>,
+        status: Option<RunStatus>,
+        limit: usize,
+    ) -> Result<Vec<RunRecord>> {
         let conn = self.conn();
         let mut stmt = conn
             .prepare(
@@ -337,7 +396,10 @@ impl RunStore {
             )
             .map_err(db_err)?;
         let rows = stmt
-            .query_map(params![job, status.map(|s| s.as_str()), limit as i64], Self::row_to_run)
+            .query_map(
+                params![job, status.map(|s| s.as_str()), limit as i64],
+                Self::row_to_run,
+            )
             .map_err(db_err)?;
         rows.collect::<rusqlite::Result<Vec<_>>>().map_err(db_err)
     }
@@ -346,24 +408,39 @@ impl RunStore {
         let mut out = Vec::new();
         for s in statuses {
             let conn = self.conn();
-            let mut stmt = conn.prepare("SELECT * FROM runs WHERE status = ?1 ORDER BY id").map_err(db_err)?;
-            let rows = stmt.query_map(params![s.as_str()], Self::row_to_run).map_err(db_err)?;
+            let mut stmt = conn
+                .prepare("SELECT * FROM runs WHERE status = ?1 ORDER BY id")
+                .map_err(db_err)?;
+            let rows = stmt
+                .query_map(params![s.as_str()], Self::row_to_run)
+                .map_err(db_err)?;
             out.extend(rows.collect::<rusqlite::Result<Vec<_>>>().map_err(db_err)?);
         }
         Ok(out)
     }
 
     /// Moves a run along the state machine, checking the transition.
-    fn transition(&self, id: i64, to: RunStatus, update: impl FnOnce(&rusqlite::Transaction<'_>) -> rusqlite::Result<()>) -> Result<()> {
+    fn transition(
+        &self,
+        id: i64,
+        to: RunStatus,
+        update: impl FnOnce(&rusqlite::Transaction<'_>) -> rusqlite::Result<()>,
+    ) -> Result<()> {
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(db_err)?;
         let status: String = tx
-            .query_row("SELECT status FROM runs WHERE id = ?1", params![id], |r| r.get(0))
+            .query_row("SELECT status FROM runs WHERE id = ?1", params![id], |r| {
+                r.get(0)
+            })
             .optional()
             .map_err(db_err)?
             .ok_or_else(|| Error::not_found(format!("run {id} not found")))?;
         RunStatus::parse(&status)?.check_transition(to)?;
-        tx.execute("UPDATE runs SET status = ?2 WHERE id = ?1", params![id, to.as_str()]).map_err(db_err)?;
+        tx.execute(
+            "UPDATE runs SET status = ?2 WHERE id = ?1",
+            params![id, to.as_str()],
+        )
+        .map_err(db_err)?;
         update(&tx).map_err(db_err)?;
         tx.commit().map_err(db_err)
     }
@@ -387,13 +464,21 @@ impl RunStore {
             return Err(Error::precondition(format!("run {id} is being cancelled")));
         }
         run.status.check_transition(RunStatus::Starting)?;
-        Err(Error::precondition(format!("run {id} could not be claimed")))
+        Err(Error::precondition(format!(
+            "run {id} could not be claimed"
+        )))
     }
 
     /// Ends a run that is still queued as cancelled, in one statement (so it
     /// cannot race with [`mark_starting`](Self::mark_starting)). Returns
     /// whether the run was queued.
-    pub fn cancel_if_queued(&self, id: i64, exit: &Exit, now_ms: i64, has_result_topic: bool) -> Result<bool> {
+    pub fn cancel_if_queued(
+        &self,
+        id: i64,
+        exit: &Exit,
+        now_ms: i64,
+        has_result_topic: bool,
+    ) -> Result<bool> {
         debug_assert_eq!(exit.status(), RunStatus::Cancelled);
         let json = serde_json::to_string(exit).expect("exit serializes");
         let n = self
@@ -418,7 +503,13 @@ impl RunStore {
     }
 
     /// Back to the queue for another attempt (or the same one after an infra error).
-    pub fn requeue(&self, id: i64, next_attempt: u32, not_before_ms: i64, last_exit: &Exit) -> Result<()> {
+    pub fn requeue(
+        &self,
+        id: i64,
+        next_attempt: u32,
+        not_before_ms: i64,
+        last_exit: &Exit,
+    ) -> Result<()> {
         let exit = serde_json::to_string(last_exit).expect("exit serializes");
         self.transition(id, RunStatus::Queued, |tx| {
             tx.execute(
@@ -430,7 +521,13 @@ impl RunStore {
     }
 
     /// Terminal state plus the outbox flag, in one commit.
-    pub fn finish(&self, id: i64, exit: &Exit, now_ms: i64, has_result_topic: bool) -> Result<RunStatus> {
+    pub fn finish(
+        &self,
+        id: i64,
+        exit: &Exit,
+        now_ms: i64,
+        has_result_topic: bool,
+    ) -> Result<RunStatus> {
         let status = exit.status();
         let json = serde_json::to_string(exit).expect("exit serializes");
         self.transition(id, status, |tx| {
@@ -446,21 +543,36 @@ impl RunStore {
     pub fn request_cancel(&self, id: i64) -> Result<RunRecord> {
         let run = self.get(id)?;
         if run.status.is_terminal() {
-            return Err(Error::precondition(format!("run {id} already ended ({})", run.status)));
+            return Err(Error::precondition(format!(
+                "run {id} already ended ({})",
+                run.status
+            )));
         }
-        self.conn().execute("UPDATE runs SET cancel_requested = 1 WHERE id = ?1", params![id]).map_err(db_err)?;
+        self.conn()
+            .execute(
+                "UPDATE runs SET cancel_requested = 1 WHERE id = ?1",
+                params![id],
+            )
+            .map_err(db_err)?;
         self.get(id)
     }
 
     pub fn unpublished_results(&self) -> Result<Vec<RunRecord>> {
         let conn = self.conn();
-        let mut stmt = conn.prepare("SELECT * FROM runs WHERE result_published = 0 ORDER BY id").map_err(db_err)?;
+        let mut stmt = conn
+            .prepare("SELECT * FROM runs WHERE result_published = 0 ORDER BY id")
+            .map_err(db_err)?;
         let rows = stmt.query_map([], Self::row_to_run).map_err(db_err)?;
         rows.collect::<rusqlite::Result<Vec<_>>>().map_err(db_err)
     }
 
     pub fn mark_result_published(&self, id: i64) -> Result<()> {
-        self.conn().execute("UPDATE runs SET result_published = 1 WHERE id = ?1", params![id]).map_err(db_err)?;
+        self.conn()
+            .execute(
+                "UPDATE runs SET result_published = 1 WHERE id = ?1",
+                params![id],
+            )
+            .map_err(db_err)?;
         Ok(())
     }
 }

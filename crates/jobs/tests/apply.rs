@@ -26,7 +26,11 @@ process = { command = "echo", args = ["shipping v1 {{ attributes.order }}"] }
 "#;
 
 fn change(kind: &'static str, name: &str, action: Action) -> Change {
-    Change { kind, name: name.to_string(), action }
+    Change {
+        kind,
+        name: name.to_string(),
+        action,
+    }
 }
 
 fn sorted(mut v: Vec<Change>) -> Vec<Change> {
@@ -41,62 +45,114 @@ async fn apply_creates_then_changes_nothing_then_updates_and_deletes() {
     let v1 = parse_manifest("v1.toml", V1).unwrap();
 
     // Dry run of the first apply: the plan, and nothing done.
-    let plan = apply(&env.broker, &env.dispatcher, &v1, true).await.unwrap();
+    let plan = apply(&env.broker, &env.dispatcher, &v1, true)
+        .await
+        .unwrap();
     assert!(plan.iter().all(|c| c.action == Action::Create), "{plan:?}");
     assert_eq!(plan.len(), 4, "{plan:?}");
-    assert_eq!(env.broker.get_topic(&TopicName::parse(&topic_name("orders")).unwrap()).unwrap_err().code, Code::NotFound);
+    assert_eq!(
+        env.broker
+            .get_topic(&TopicName::parse(&topic_name("orders")).unwrap())
+            .unwrap_err()
+            .code,
+        Code::NotFound
+    );
     assert!(env.dispatcher.jobs().is_empty());
 
-    let changes = apply(&env.broker, &env.dispatcher, &v1, false).await.unwrap();
+    let changes = apply(&env.broker, &env.dispatcher, &v1, false)
+        .await
+        .unwrap();
     assert_eq!(
         sorted(changes),
         sorted(vec![
             change("topic", &topic_name("orders"), Action::Create),
             change("topic", &topic_name("audit"), Action::Create),
-            change("subscription", "projects/p/subscriptions/audit-watch", Action::Create),
+            change(
+                "subscription",
+                "projects/p/subscriptions/audit-watch",
+                Action::Create
+            ),
             change("job", "ship", Action::Create),
         ])
     );
-    assert!(env.broker.get_topic(&TopicName::parse(&topic_name("audit")).unwrap()).is_ok());
-    assert_eq!(env.broker.get_subscription(&job_sub("ship")).unwrap().topic, topic_name("orders"));
+    assert!(env
+        .broker
+        .get_topic(&TopicName::parse(&topic_name("audit")).unwrap())
+        .is_ok());
+    assert_eq!(
+        env.broker.get_subscription(&job_sub("ship")).unwrap().topic,
+        topic_name("orders")
+    );
     assert_eq!(env.dispatcher.jobs().len(), 1);
 
     // The job works.
     env.publish("orders", &[("order", "A1")], "").await;
     let r1 = env.wait_runs("ship", 1).await.remove(0);
     assert_eq!(env.wait_end(r1.id).await.status, RunStatus::Succeeded);
-    assert!(env.log(r1.id).contains("shipping v1 A1"), "{}", env.log(r1.id));
+    assert!(
+        env.log(r1.id).contains("shipping v1 A1"),
+        "{}",
+        env.log(r1.id)
+    );
 
     // Same manifest again: nothing to do.
-    let again = apply(&env.broker, &env.dispatcher, &v1, false).await.unwrap();
-    assert!(again.iter().all(|c| c.action == Action::Unchanged), "{again:?}");
+    let again = apply(&env.broker, &env.dispatcher, &v1, false)
+        .await
+        .unwrap();
+    assert!(
+        again.iter().all(|c| c.action == Action::Unchanged),
+        "{again:?}"
+    );
     assert_eq!(again.len(), 4);
 
     // v2: the job changes, the audit topic and its subscription are removed.
     let v2_text = V1
         .replace("shipping v1", "shipping v2")
         .replace("[[topic]]\nname = \"audit\"\n", "")
-        .replace("[[subscription]]\nname = \"audit-watch\"\ntopic = \"audit\"\n", "");
+        .replace(
+            "[[subscription]]\nname = \"audit-watch\"\ntopic = \"audit\"\n",
+            "",
+        );
     let v2 = parse_manifest("v2.toml", &v2_text).unwrap();
 
     // Dry run: the plan, and nothing changes.
-    let plan = apply(&env.broker, &env.dispatcher, &v2, true).await.unwrap();
+    let plan = apply(&env.broker, &env.dispatcher, &v2, true)
+        .await
+        .unwrap();
     let want = sorted(vec![
         change("topic", &topic_name("orders"), Action::Unchanged),
         change("topic", &topic_name("audit"), Action::Delete),
-        change("subscription", "projects/p/subscriptions/audit-watch", Action::Delete),
+        change(
+            "subscription",
+            "projects/p/subscriptions/audit-watch",
+            Action::Delete,
+        ),
         change("job", "ship", Action::Update),
     ]);
     assert_eq!(sorted(plan), want);
-    assert!(env.broker.get_topic(&TopicName::parse(&topic_name("audit")).unwrap()).is_ok());
+    assert!(env
+        .broker
+        .get_topic(&TopicName::parse(&topic_name("audit")).unwrap())
+        .is_ok());
     assert_eq!(env.dispatcher.job("ship").unwrap(), v1.jobs[0]);
 
-    let changes = apply(&env.broker, &env.dispatcher, &v2, false).await.unwrap();
+    let changes = apply(&env.broker, &env.dispatcher, &v2, false)
+        .await
+        .unwrap();
     assert_eq!(sorted(changes), want);
-    assert_eq!(env.broker.get_topic(&TopicName::parse(&topic_name("audit")).unwrap()).unwrap_err().code, Code::NotFound);
     assert_eq!(
         env.broker
-            .get_subscription(&pubrun_core::SubscriptionName::parse("projects/p/subscriptions/audit-watch").unwrap())
+            .get_topic(&TopicName::parse(&topic_name("audit")).unwrap())
+            .unwrap_err()
+            .code,
+        Code::NotFound
+    );
+    assert_eq!(
+        env.broker
+            .get_subscription(
+                &pubrun_core::SubscriptionName::parse("projects/p/subscriptions/audit-watch")
+                    .unwrap()
+            )
             .unwrap_err()
             .code,
         Code::NotFound
@@ -107,28 +163,56 @@ async fn apply_creates_then_changes_nothing_then_updates_and_deletes() {
     env.publish("orders", &[("order", "B2")], "").await;
     let r2 = env.wait_runs("ship", 2).await.remove(1);
     assert_eq!(env.wait_end(r2.id).await.status, RunStatus::Succeeded);
-    assert!(env.log(r2.id).contains("shipping v2 B2"), "{}", env.log(r2.id));
+    assert!(
+        env.log(r2.id).contains("shipping v2 B2"),
+        "{}",
+        env.log(r2.id)
+    );
 
-    let again = apply(&env.broker, &env.dispatcher, &v2, false).await.unwrap();
-    assert!(again.iter().all(|c| c.action == Action::Unchanged), "{again:?}");
+    let again = apply(&env.broker, &env.dispatcher, &v2, false)
+        .await
+        .unwrap();
+    assert!(
+        again.iter().all(|c| c.action == Action::Unchanged),
+        "{again:?}"
+    );
 
     // Removing the job from the manifest deletes it and its subscription.
     let v3 = parse_manifest("v3.toml", "project = \"p\"\n[[topic]]\nname = \"orders\"\n").unwrap();
-    let changes = apply(&env.broker, &env.dispatcher, &v3, false).await.unwrap();
-    assert!(changes.contains(&change("job", "ship", Action::Delete)), "{changes:?}");
+    let changes = apply(&env.broker, &env.dispatcher, &v3, false)
+        .await
+        .unwrap();
+    assert!(
+        changes.contains(&change("job", "ship", Action::Delete)),
+        "{changes:?}"
+    );
     assert!(env.dispatcher.jobs().is_empty());
-    assert_eq!(env.broker.get_subscription(&job_sub("ship")).unwrap_err().code, Code::NotFound);
+    assert_eq!(
+        env.broker
+            .get_subscription(&job_sub("ship"))
+            .unwrap_err()
+            .code,
+        Code::NotFound
+    );
 }
 
 #[test]
 fn reapplying_after_a_restart_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let v1 = parse_manifest("v1.toml", V1).unwrap();
-    let runtime = || tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let runtime = || {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap()
+    };
     let rt = runtime();
     rt.block_on(async {
         let env = env_in(dir.path(), 4).await;
-        apply(&env.broker, &env.dispatcher, &v1, false).await.unwrap();
+        apply(&env.broker, &env.dispatcher, &v1, false)
+            .await
+            .unwrap();
     });
     rt.shutdown_timeout(std::time::Duration::from_secs(10));
     let rt = runtime();
@@ -136,8 +220,13 @@ fn reapplying_after_a_restart_changes_nothing() {
         let env = env_in(dir.path(), 4).await;
         // Job specs come back from the run store (a JSON round trip).
         assert_eq!(env.dispatcher.jobs(), v1.jobs);
-        let again = apply(&env.broker, &env.dispatcher, &v1, false).await.unwrap();
-        assert!(again.iter().all(|c| c.action == Action::Unchanged), "{again:?}");
+        let again = apply(&env.broker, &env.dispatcher, &v1, false)
+            .await
+            .unwrap();
+        assert!(
+            again.iter().all(|c| c.action == Action::Unchanged),
+            "{again:?}"
+        );
         // The recovered job still takes messages.
         env.publish("orders", &[("order", "C3")], "").await;
         let r = env.wait_runs("ship", 1).await.remove(0);

@@ -18,8 +18,16 @@ fn tempdir() -> tempfile::TempDir {
 
 /// Publishes `n` messages in one batch (so the intake sees them together).
 async fn publish_many(env: &Env, topic: &str, n: usize) -> Vec<String> {
-    let msgs = (0..n).map(|i| OutgoingMessage { data: format!("{i}").into_bytes().into(), ..Default::default() }).collect();
-    env.broker.publish(&TopicName::parse(&topic_name(topic)).unwrap(), msgs).await.unwrap()
+    let msgs = (0..n)
+        .map(|i| OutgoingMessage {
+            data: format!("{i}").into_bytes().into(),
+            ..Default::default()
+        })
+        .collect();
+    env.broker
+        .publish(&TopicName::parse(&topic_name(topic)).unwrap(), msgs)
+        .await
+        .unwrap()
 }
 
 /// Most `start` lines not yet matched by an `end` line: the peak number of
@@ -54,7 +62,9 @@ process = { command = "sh", args = ["-c", 'echo "X is $X"; echo "$X" > out.txt; 
     )
     .await;
     let before = now_ms();
-    let msg_id = env.publish("work-in", &[("k", "hello")], r#"{"n": 42}"#).await;
+    let msg_id = env
+        .publish("work-in", &[("k", "hello")], r#"{"n": 42}"#)
+        .await;
     let run = env.wait_runs("echo-job", 1).await.remove(0);
     let run = env.wait_end(run.id).await;
     let log = env.log(run.id);
@@ -68,11 +78,30 @@ process = { command = "sh", args = ["-c", 'echo "X is $X"; echo "$X" > out.txt; 
     assert!(started >= before && ended >= started, "{run:#?}");
     assert!(!run.machine.is_empty(), "machine set: {run:#?}");
     assert_eq!(run.message.id, msg_id);
-    assert_eq!(run.message.attributes.get("k").map(String::as_str), Some("hello"));
-    assert!(log.contains("X is hello-42"), "env templated from attributes and JSON data:\n{log}");
-    assert!(log.contains(&format!("arg {msg_id}")), "args templated:\n{log}");
-    let out = std::fs::read_to_string(dir.path().join("runs").join(run.id.to_string()).join("work").join("out.txt")).unwrap();
-    assert_eq!(out, "hello-42\n", "the command runs in its per-run directory");
+    assert_eq!(
+        run.message.attributes.get("k").map(String::as_str),
+        Some("hello")
+    );
+    assert!(
+        log.contains("X is hello-42"),
+        "env templated from attributes and JSON data:\n{log}"
+    );
+    assert!(
+        log.contains(&format!("arg {msg_id}")),
+        "args templated:\n{log}"
+    );
+    let out = std::fs::read_to_string(
+        dir.path()
+            .join("runs")
+            .join(run.id.to_string())
+            .join("work")
+            .join("out.txt"),
+    )
+    .unwrap();
+    assert_eq!(
+        out, "hello-42\n",
+        "the command runs in its per-run directory"
+    );
     env.wait_acked("echo-job").await;
     assert_eq!(env.runs("echo-job").len(), 1);
 }
@@ -84,8 +113,16 @@ async fn exit_codes_and_retries() {
     env.topic("codes").await;
     for (name, cmd, retries) in [
         ("exit-three", "exit 3", "max_attempts = 1"),
-        ("always-fails", "exit 3", r#"max_attempts = 3, initial_backoff = "100ms", max_backoff = "200ms""#),
-        ("second-time", r#"echo "attempt $PUBRUN_ATTEMPT"; [ "$PUBRUN_ATTEMPT" -ge 2 ]"#, r#"max_attempts = 3, initial_backoff = "100ms""#),
+        (
+            "always-fails",
+            "exit 3",
+            r#"max_attempts = 3, initial_backoff = "100ms", max_backoff = "200ms""#,
+        ),
+        (
+            "second-time",
+            r#"echo "attempt $PUBRUN_ATTEMPT"; [ "$PUBRUN_ATTEMPT" -ge 2 ]"#,
+            r#"max_attempts = 3, initial_backoff = "100ms""#,
+        ),
     ] {
         let spec = job(
             &format!("name = \"{name}\"\ntopic = \"codes\"\nprocess = {{ command = \"sh\", args = [\"-c\", {}] }}\nretries = {{ {retries} }}\n", toml_str(cmd)),
@@ -118,7 +155,10 @@ async fn exit_codes_and_retries() {
     let log = env.log(second.id);
     assert_eq!(second.status, RunStatus::Succeeded, "{log}");
     assert_eq!(second.attempt, 2, "{log}");
-    assert!(log.contains("attempt 1\n") && log.contains("attempt 2\n"), "{log}");
+    assert!(
+        log.contains("attempt 1\n") && log.contains("attempt 2\n"),
+        "{log}"
+    );
 }
 
 fn toml_str(s: &str) -> String {
@@ -139,9 +179,17 @@ async fn timeout_stops_the_process_promptly() {
     let run = env.wait_runs("sleepy", 1).await.remove(0);
     let run = env.wait_end(run.id).await;
     let took = t0.elapsed();
-    assert_eq!(run.status, RunStatus::TimedOut, "{run:#?}\n{}", env.log(run.id));
+    assert_eq!(
+        run.status,
+        RunStatus::TimedOut,
+        "{run:#?}\n{}",
+        env.log(run.id)
+    );
     assert!(run.exit.as_ref().unwrap().timed_out);
-    assert!(took < Duration::from_secs(20), "a 1 s timeout took {took:?}");
+    assert!(
+        took < Duration::from_secs(20),
+        "a 1 s timeout took {took:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -225,22 +273,45 @@ fn run_store_dedup_window() {
     let dir = tempdir();
     let store = pubrun_jobs::RunStore::open(&dir.path().join("runs.db")).unwrap();
     let spec = job("name = \"dedup-job\"\ntopic = \"t-dd\"\ndedup_window = \"10s\"\nprocess = { command = \"true\" }\n", &["t-dd"]);
-    let msg = SourceMessage { id: "7".into(), data: b"x".to_vec(), ..Default::default() };
+    let msg = SourceMessage {
+        id: "7".into(),
+        data: b"x".to_vec(),
+        ..Default::default()
+    };
     let t = 1_000_000;
     // The same message delivered twice (ack lost, redelivered): one run.
-    let Enqueued::New(id) = store.enqueue(&spec, &msg, "7", t).unwrap() else { panic!("first is new") };
-    assert_eq!(store.enqueue(&spec, &msg, "7", t + 5).unwrap(), Enqueued::Duplicate(id));
-    assert_eq!(store.enqueue(&spec, &msg, "7", t + 9_999).unwrap(), Enqueued::Duplicate(id));
+    let Enqueued::New(id) = store.enqueue(&spec, &msg, "7", t).unwrap() else {
+        panic!("first is new")
+    };
+    assert_eq!(
+        store.enqueue(&spec, &msg, "7", t + 5).unwrap(),
+        Enqueued::Duplicate(id)
+    );
+    assert_eq!(
+        store.enqueue(&spec, &msg, "7", t + 9_999).unwrap(),
+        Enqueued::Duplicate(id)
+    );
     // Another job may use the same key.
     let mut other = spec.clone();
     other.name = "dedup-other".into();
-    assert!(matches!(store.enqueue(&other, &msg, "7", t).unwrap(), Enqueued::New(_)));
+    assert!(matches!(
+        store.enqueue(&other, &msg, "7", t).unwrap(),
+        Enqueued::New(_)
+    ));
     // After the window the key is free again, with or without pruning.
-    let Enqueued::New(id2) = store.enqueue(&spec, &msg, "7", t + 10_000).unwrap() else { panic!("window passed") };
+    let Enqueued::New(id2) = store.enqueue(&spec, &msg, "7", t + 10_000).unwrap() else {
+        panic!("window passed")
+    };
     assert_ne!(id, id2);
-    assert_eq!(store.enqueue(&spec, &msg, "7", t + 10_001).unwrap(), Enqueued::Duplicate(id2));
+    assert_eq!(
+        store.enqueue(&spec, &msg, "7", t + 10_001).unwrap(),
+        Enqueued::Duplicate(id2)
+    );
     assert_eq!(store.prune_dedup(t + 20_000).unwrap(), 2);
-    assert!(matches!(store.enqueue(&spec, &msg, "7", t + 20_001).unwrap(), Enqueued::New(_)));
+    assert!(matches!(
+        store.enqueue(&spec, &msg, "7", t + 20_001).unwrap(),
+        Enqueued::New(_)
+    ));
     assert_eq!(store.list(Some("dedup-job"), None, 100).unwrap().len(), 3);
 }
 
@@ -258,7 +329,11 @@ async fn cancel_running_queued_and_finished_runs() {
     let runs = env.wait_runs("sleeper", 2).await;
     let (first, second) = (runs[0].id, runs[1].id);
     env.wait_status(first, RunStatus::Running).await;
-    assert_eq!(env.store.get(second).unwrap().status, RunStatus::Queued, "concurrency 1 holds the second back");
+    assert_eq!(
+        env.store.get(second).unwrap().status,
+        RunStatus::Queued,
+        "concurrency 1 holds the second back"
+    );
 
     // A queued run ends at once and never starts.
     let c = env.dispatcher.cancel(second).unwrap();
@@ -268,7 +343,11 @@ async fn cancel_running_queued_and_finished_runs() {
     env.dispatcher.cancel(first).unwrap();
     let first_run = env.wait_end(first).await;
     assert_eq!(first_run.status, RunStatus::Cancelled, "{}", env.log(first));
-    assert!(t0.elapsed() < Duration::from_secs(20), "cancel took {:?}", t0.elapsed());
+    assert!(
+        t0.elapsed() < Duration::from_secs(20),
+        "cancel took {:?}",
+        t0.elapsed()
+    );
     assert!(first_run.exit.as_ref().unwrap().cancelled);
 
     // The slot is free now; the cancelled second run must still not start.
@@ -279,7 +358,11 @@ async fn cancel_running_queued_and_finished_runs() {
     assert_eq!(second_run.status, RunStatus::Cancelled);
     assert_eq!(second_run.started_at_ms, None, "{second_run:#?}");
     assert!(second_run.machine.is_empty(), "{second_run:#?}");
-    assert!(!env.dispatcher.log_path(second).exists(), "a cancelled queued run has no log: {}", env.log(second));
+    assert!(
+        !env.dispatcher.log_path(second).exists(),
+        "a cancelled queued run has no log: {}",
+        env.log(second)
+    );
     env.dispatcher.cancel(third).unwrap();
     env.wait_end(third).await;
 
@@ -316,14 +399,22 @@ process = { command = "sh", args = ["-c", 'echo "output for $MODE"; [ "$MODE" = 
     }
     // Every result is published once its flag is set; then count exactly.
     for r in &runs {
-        env.wait_run(r.id, "result published", |r| r.result_published).await;
+        env.wait_run(r.id, "result published", |r| r.result_published)
+            .await;
     }
-    assert_eq!(env.broker.backlog(&results).unwrap(), 2, "one result per run end");
+    assert_eq!(
+        env.broker.backlog(&results).unwrap(),
+        2,
+        "one result per run end"
+    );
     let got = env.broker.pull(&results, 10, Some(WAIT)).await.unwrap();
     assert_eq!(got.len(), 2);
     for d in &got {
         let a = &d.message.attributes;
-        let run = ended.iter().find(|r| r.id.to_string() == a["run_id"]).expect("run_id names a run");
+        let run = ended
+            .iter()
+            .find(|r| r.id.to_string() == a["run_id"])
+            .expect("run_id names a run");
         assert_eq!(a["job"], "reporter");
         assert_eq!(a["status"], run.status.as_str());
         assert_eq!(a["attempt"], run.attempt.to_string());
@@ -334,19 +425,35 @@ process = { command = "sh", args = ["-c", 'echo "output for $MODE"; [ "$MODE" = 
             assert_eq!(a["exit_code"], "0");
             assert_eq!(a["attempt"], "1");
             assert_eq!(data["exit_code"], 0);
-            assert!(data["log_tail"].as_str().unwrap().contains("output for good"), "{data}");
+            assert!(
+                data["log_tail"]
+                    .as_str()
+                    .unwrap()
+                    .contains("output for good"),
+                "{data}"
+            );
         } else {
             assert_eq!(a["source_message_id"], bad_id);
             assert_eq!(a["status"], "failed");
             assert_eq!(a["exit_code"], "5");
             assert_eq!(a["attempt"], "2");
             assert_eq!(data["exit_code"], 5);
-            assert!(data["log_tail"].as_str().unwrap().contains("output for bad"), "{data}");
+            assert!(
+                data["log_tail"]
+                    .as_str()
+                    .unwrap()
+                    .contains("output for bad"),
+                "{data}"
+            );
         }
     }
     let acks: Vec<String> = got.iter().map(|d| d.ack_id.clone()).collect();
     env.broker.acknowledge(&results, &acks).await.unwrap();
-    assert_eq!(env.broker.backlog(&results).unwrap(), 0, "no duplicate results");
+    assert_eq!(
+        env.broker.backlog(&results).unwrap(),
+        0,
+        "no duplicate results"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -368,12 +475,26 @@ async fn cancelled_queued_run_publishes_a_result() {
     env.dispatcher.cancel(runs[1].id).unwrap();
     env.dispatcher.cancel(runs[0].id).unwrap();
     for r in &runs {
-        env.wait_run(r.id, "result published", |r| r.status == RunStatus::Cancelled && r.result_published).await;
+        env.wait_run(r.id, "result published", |r| {
+            r.status == RunStatus::Cancelled && r.result_published
+        })
+        .await;
     }
     let got = env.broker.pull(&results, 10, Some(WAIT)).await.unwrap();
-    let mut statuses: Vec<_> = got.iter().map(|d| (d.message.attributes["run_id"].clone(), d.message.attributes["status"].clone())).collect();
+    let mut statuses: Vec<_> = got
+        .iter()
+        .map(|d| {
+            (
+                d.message.attributes["run_id"].clone(),
+                d.message.attributes["status"].clone(),
+            )
+        })
+        .collect();
     statuses.sort();
-    let mut want = vec![(runs[0].id.to_string(), "cancelled".to_string()), (runs[1].id.to_string(), "cancelled".to_string())];
+    let mut want = vec![
+        (runs[0].id.to_string(), "cancelled".to_string()),
+        (runs[1].id.to_string(), "cancelled".to_string()),
+    ];
     want.sort();
     assert_eq!(statuses, want);
 }
@@ -397,7 +518,10 @@ async fn a_command_that_cannot_start_fails_the_run() {
     assert_eq!(run.started_at_ms, None, "never ran: {run:#?}");
     assert!(run.ended_at_ms.is_some());
     let err = run.exit.as_ref().unwrap().error.clone().unwrap_or_default();
-    assert!(err.contains("pubrun-test-binary"), "the error names the command: {err}");
+    assert!(
+        err.contains("pubrun-test-binary"),
+        "the error names the command: {err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -423,7 +547,10 @@ async fn bad_template_at_run_time_fails_without_retry() {
 async fn put_job_rejects_a_missing_topic_and_filters() {
     let dir = tempdir();
     let env = env_in(dir.path(), 8).await;
-    let spec = job("name = \"orphan\"\ntopic = \"nowhere\"\nprocess = { command = \"true\" }\n", &["nowhere"]);
+    let spec = job(
+        "name = \"orphan\"\ntopic = \"nowhere\"\nprocess = { command = \"true\" }\n",
+        &["nowhere"],
+    );
     let e = env.dispatcher.put_job(spec).await.unwrap_err();
     assert_eq!(e.code, Code::NotFound, "{e:?}");
     assert!(e.message.contains("nowhere"), "{e:?}");
@@ -431,7 +558,10 @@ async fn put_job_rejects_a_missing_topic_and_filters() {
     env.topic("somewhere").await;
     // A spec that did not come through the manifest parser gets its filter
     // checked too.
-    let mut spec = job("name = \"filtered\"\ntopic = \"somewhere\"\nprocess = { command = \"true\" }\n", &["somewhere"]);
+    let mut spec = job(
+        "name = \"filtered\"\ntopic = \"somewhere\"\nprocess = { command = \"true\" }\n",
+        &["somewhere"],
+    );
     spec.filter = r#"attributes.x = "1" AND"#.into();
     let e = env.dispatcher.put_job(spec).await.unwrap_err();
     assert_eq!(e.code, Code::InvalidArgument, "{e:?}");
@@ -478,9 +608,22 @@ async fn replacing_a_job_keeps_its_intake_running() {
 
     // Deleted: its subscription goes, its runs stay.
     env.dispatcher.delete_job("changing").await.unwrap();
-    assert_eq!(env.broker.get_subscription(&job_sub("changing")).unwrap_err().code, Code::NotFound);
+    assert_eq!(
+        env.broker
+            .get_subscription(&job_sub("changing"))
+            .unwrap_err()
+            .code,
+        Code::NotFound
+    );
     assert_eq!(env.runs("changing").len(), 3);
-    assert_eq!(env.dispatcher.delete_job("changing").await.unwrap_err().code, Code::NotFound);
+    assert_eq!(
+        env.dispatcher
+            .delete_job("changing")
+            .await
+            .unwrap_err()
+            .code,
+        Code::NotFound
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -498,10 +641,18 @@ async fn one_result_per_run_when_runs_end_together() {
     publish_many(&env, "burst-in", 8).await;
     let runs = env.wait_runs("burst", 8).await;
     for r in &runs {
-        let r = env.wait_run(r.id, "ended, result published", |r| r.status.is_terminal() && r.result_published).await;
+        let r = env
+            .wait_run(r.id, "ended, result published", |r| {
+                r.status.is_terminal() && r.result_published
+            })
+            .await;
         assert_eq!(r.status, RunStatus::Succeeded);
     }
-    assert_eq!(env.broker.backlog(&results).unwrap(), 8, "exactly one result per run");
+    assert_eq!(
+        env.broker.backlog(&results).unwrap(),
+        8,
+        "exactly one result per run"
+    );
     let mut ids = Vec::new();
     while ids.len() < 8 {
         for d in env.broker.pull(&results, 100, Some(WAIT)).await.unwrap() {
@@ -532,7 +683,11 @@ async fn cancel_races_with_the_scheduler() {
     .await;
     let mut ids = Vec::new();
     for i in 0..60 {
-        let id = env.dispatcher.trigger("racer", format!("{i}").into_bytes(), Default::default()).await.unwrap();
+        let id = env
+            .dispatcher
+            .trigger("racer", format!("{i}").into_bytes(), Default::default())
+            .await
+            .unwrap();
         match env.dispatcher.cancel(id) {
             Ok(_) => {}
             Err(e) => assert_eq!(e.code, Code::FailedPrecondition, "{e:?}"),
@@ -548,7 +703,10 @@ async fn cancel_races_with_the_scheduler() {
         let r = env.wait_end(id).await;
         let ran = marks.join(id.to_string()).exists();
         if ran {
-            assert!(r.started_at_ms.is_some(), "run {id} executed but was never recorded as started: {r:#?}");
+            assert!(
+                r.started_at_ms.is_some(),
+                "run {id} executed but was never recorded as started: {r:#?}"
+            );
         }
         if r.status == RunStatus::Cancelled && r.started_at_ms.is_none() {
             assert!(!ran, "{r:#?}");
@@ -562,7 +720,11 @@ async fn cancel_races_with_the_scheduler() {
 async fn queued_runs_of_a_deleted_job_are_cancelled() {
     let dir = tempdir();
     let env = open_env_unstarted(dir.path(), 8, process_executors()).await;
-    env.job("name = \"doomed\"\ntopic = \"doomed-in\"\nprocess = { command = \"true\" }\n", "doomed-in").await;
+    env.job(
+        "name = \"doomed\"\ntopic = \"doomed-in\"\nprocess = { command = \"true\" }\n",
+        "doomed-in",
+    )
+    .await;
     env.publish("doomed-in", &[], "x").await;
     let run = env.wait_runs("doomed", 1).await.remove(0);
     env.wait_acked("doomed").await;
@@ -604,15 +766,26 @@ async fn a_deep_queue_of_one_job_does_not_starve_another() {
     let env = env_in(dir.path(), 2).await;
     env.job("name = \"slow-job\"\ntopic = \"slow-in\"\nconcurrency = 1\nprocess = { command = \"sleep\", args = [\"0.2\"] }\n", "slow-in")
         .await;
-    env.job("name = \"quick-job\"\ntopic = \"quick-in\"\nprocess = { command = \"true\" }\n", "quick-in").await;
+    env.job(
+        "name = \"quick-job\"\ntopic = \"quick-in\"\nprocess = { command = \"true\" }\n",
+        "quick-in",
+    )
+    .await;
     publish_many(&env, "slow-in", 200).await;
     env.wait_runs("slow-job", 200).await;
     env.publish("quick-in", &[], "go").await;
     let quick = env.wait_runs("quick-job", 1).await.remove(0);
     let quick = env.wait_end(quick.id).await;
     assert_eq!(quick.status, RunStatus::Succeeded);
-    let slow_done = env.runs("slow-job").iter().filter(|r| r.status.is_terminal()).count();
-    assert!(slow_done < 150, "quick job had to wait for the slow queue ({slow_done} slow runs ended first)");
+    let slow_done = env
+        .runs("slow-job")
+        .iter()
+        .filter(|r| r.status.is_terminal())
+        .count();
+    assert!(
+        slow_done < 150,
+        "quick job had to wait for the slow queue ({slow_done} slow runs ended first)"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -632,5 +805,8 @@ async fn a_job_filter_selects_its_messages() {
     env.wait_acked("csv-only").await;
     let runs = env.runs("csv-only");
     assert_eq!(runs.len(), 1, "only the csv message makes a run: {runs:?}");
-    assert_eq!(runs[0].message.attributes.get("kind").map(String::as_str), Some("csv"));
+    assert_eq!(
+        runs[0].message.attributes.get("kind").map(String::as_str),
+        Some("csv")
+    );
 }

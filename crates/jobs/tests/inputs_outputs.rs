@@ -21,11 +21,22 @@ async fn with_buckets(dir: &Path) -> (Env, Buckets) {
 }
 
 async fn put(b: &Buckets, bucket: &str, name: &str, data: &str) {
-    b.put_object(bucket, name, data.as_bytes(), ObjectMeta::default(), Default::default()).await.unwrap();
+    b.put_object(
+        bucket,
+        name,
+        data.as_bytes(),
+        ObjectMeta::default(),
+        Default::default(),
+    )
+    .await
+    .unwrap();
 }
 
 async fn read(b: &Buckets, bucket: &str, name: &str) -> (String, ObjectMeta) {
-    let (row, mut f) = b.open_object(bucket, name, None, Default::default()).await.unwrap();
+    let (row, mut f) = b
+        .open_object(bucket, name, None, Default::default())
+        .await
+        .unwrap();
     let mut s = String::new();
     f.read_to_string(&mut s).await.unwrap();
     (s, row.meta)
@@ -64,11 +75,25 @@ async fn trigger_and_prefix_inputs_then_outputs_uploaded() {
     assert_eq!(run.status, RunStatus::Succeeded, "{run:#?}\n{log}");
     assert!(log.contains("SHARED-CONTENT"), "{log}");
     assert!(log.contains("a,b"), "{log}");
-    let (content, meta) = read(&buckets, "output", &format!("results/{}/result.txt", run.id)).await;
+    let (content, meta) = read(
+        &buckets,
+        "output",
+        &format!("results/{}/result.txt", run.id),
+    )
+    .await;
     assert_eq!(content.trim(), "8 in/data.csv", "{log}");
-    assert_eq!(meta.metadata.get("pubrun-run-id"), Some(&run.id.to_string()));
-    assert_eq!(meta.metadata.get("pubrun-job").map(String::as_str), Some("stage"));
-    assert_eq!(meta.metadata.get("pubrun-attempt").map(String::as_str), Some("1"));
+    assert_eq!(
+        meta.metadata.get("pubrun-run-id"),
+        Some(&run.id.to_string())
+    );
+    assert_eq!(
+        meta.metadata.get("pubrun-job").map(String::as_str),
+        Some("stage")
+    );
+    assert_eq!(
+        meta.metadata.get("pubrun-attempt").map(String::as_str),
+        Some("1")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -76,13 +101,21 @@ async fn trigger_input_without_attributes_fails_without_retry() {
     let dir = tempfile::tempdir().unwrap();
     let (env, _buckets) = with_buckets(dir.path()).await;
     env.job(JOB, "uploads").await;
-    env.publish("uploads", &[("eventType", "OBJECT_FINALIZE")], "{}").await;
+    env.publish("uploads", &[("eventType", "OBJECT_FINALIZE")], "{}")
+        .await;
     let run = env.wait_runs("stage", 1).await.remove(0);
     let run = env.wait_end(run.id).await;
     assert_eq!(run.status, RunStatus::Failed);
     assert_eq!(run.attempt, 1, "not retried: {run:#?}");
-    let error = run.exit.as_ref().and_then(|e| e.error.clone()).unwrap_or_default();
-    assert!(error.starts_with("parameters:") && error.contains("bucketId"), "{error}");
+    let error = run
+        .exit
+        .as_ref()
+        .and_then(|e| e.error.clone())
+        .unwrap_or_default();
+    assert!(
+        error.starts_with("parameters:") && error.contains("bucketId"),
+        "{error}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -109,7 +142,10 @@ inputs = [{ from = "gs://shared/", to = "shared/" }]
     assert_eq!(run.status, RunStatus::Succeeded, "{log}");
     assert!(log.contains("shared/ok/file.txt"), "{log}");
     assert!(log.contains("skipped object \"../evil\""), "{log}");
-    assert!(log.contains("skipped object \"a/../../../../evil2\""), "{log}");
+    assert!(
+        log.contains("skipped object \"a/../../../../evil2\""),
+        "{log}"
+    );
     assert!(log.contains("skipped object \"/evil3\""), "{log}");
     // Nothing named evil* anywhere in the data directory (blobs are stored by id).
     fn walk(d: &Path, found: &mut Vec<String>) {
@@ -145,7 +181,14 @@ outputs = [{ from = "out/", to = "gs://missing-bucket/r/" }]
     let run = env.wait_runs("nobucket", 1).await.remove(0);
     let run = env.wait_end(run.id).await;
     assert_eq!(run.status, RunStatus::Failed);
-    let error = run.exit.as_ref().and_then(|e| e.error.clone()).unwrap_or_default();
-    assert!(error.starts_with("outputs:") && error.contains("missing-bucket"), "{error}");
+    let error = run
+        .exit
+        .as_ref()
+        .and_then(|e| e.error.clone())
+        .unwrap_or_default();
+    assert!(
+        error.starts_with("outputs:") && error.contains("missing-bucket"),
+        "{error}"
+    );
     assert!(env.log(run.id).contains("outputs:"), "{}", env.log(run.id));
 }

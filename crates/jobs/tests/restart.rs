@@ -17,7 +17,11 @@ use pubrun_exec::Executor;
 use pubrun_jobs::Executors;
 
 fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
 }
 
 /// Kills the first server: every task is dropped where it stands.
@@ -58,8 +62,19 @@ fn queued_runs_proceed_after_a_restart() {
         let broker = pubrun_broker::Broker::open(Arc::new(store)).unwrap();
         let mut late = Vec::new();
         for i in 0..2 {
-            let msg = pubrun_core::OutgoingMessage { data: format!("late{i}").into_bytes().into(), ..Default::default() };
-            late.extend(broker.publish(&pubrun_core::TopicName::parse(&topic_name("backlog")).unwrap(), vec![msg]).await.unwrap());
+            let msg = pubrun_core::OutgoingMessage {
+                data: format!("late{i}").into_bytes().into(),
+                ..Default::default()
+            };
+            late.extend(
+                broker
+                    .publish(
+                        &pubrun_core::TopicName::parse(&topic_name("backlog")).unwrap(),
+                        vec![msg],
+                    )
+                    .await
+                    .unwrap(),
+            );
         }
         assert_eq!(broker.backlog(&job_sub("later")).unwrap(), 2);
         late
@@ -73,7 +88,11 @@ fn queued_runs_proceed_after_a_restart() {
         let runs = env.wait_runs("later", 5).await;
         env.wait_acked("later").await;
         let runs_now = env.runs("later");
-        assert_eq!(runs_now.len(), 5, "acked messages are not delivered again: {runs_now:#?}");
+        assert_eq!(
+            runs_now.len(),
+            5,
+            "acked messages are not delivered again: {runs_now:#?}"
+        );
         for r in &runs {
             let r = env.wait_end(r.id).await;
             assert_eq!(r.status, RunStatus::Succeeded, "{}", env.log(r.id));
@@ -134,7 +153,10 @@ fn lost_process_runs_are_retried_per_policy() {
         for (name, first, second) in before {
             let f = env.wait_end(first).await;
             let log = env.log(first);
-            assert!(log.contains("lost"), "{name}: the log says what happened:\n{log}");
+            assert!(
+                log.contains("lost"),
+                "{name}: the log says what happened:\n{log}"
+            );
             match name {
                 "retried" => {
                     assert_eq!(f.status, RunStatus::Succeeded, "{f:#?}\n{log}");
@@ -144,12 +166,21 @@ fn lost_process_runs_are_retried_per_policy() {
                 _ => {
                     assert_eq!(f.status, RunStatus::Failed, "{f:#?}\n{log}");
                     assert_eq!(f.attempt, 1);
-                    let err = f.exit.as_ref().and_then(|e| e.error.clone()).unwrap_or_default();
+                    let err = f
+                        .exit
+                        .as_ref()
+                        .and_then(|e| e.error.clone())
+                        .unwrap_or_default();
                     assert!(err.contains("lost"), "{err}");
                 }
             }
             let s = env.wait_end(second).await;
-            assert_eq!(s.status, RunStatus::Succeeded, "{name}: the queued run proceeds: {}", env.log(second));
+            assert_eq!(
+                s.status,
+                RunStatus::Succeeded,
+                "{name}: the queued run proceeds: {}",
+                env.log(second)
+            );
             assert_eq!(s.attempt, 1);
             assert_eq!(env.runs(name).len(), 2);
         }
@@ -176,7 +207,11 @@ fn a_run_caught_starting_is_tried_again_without_using_an_attempt() {
         let env = env_in(dir.path(), 4).await;
         let run = env.wait_end(id).await;
         let log = env.log(id);
-        assert_eq!(run.status, RunStatus::Succeeded, "max_attempts = 1, yet nothing had run: {run:#?}\n{log}");
+        assert_eq!(
+            run.status,
+            RunStatus::Succeeded,
+            "max_attempts = 1, yet nothing had run: {run:#?}\n{log}"
+        );
         assert_eq!(run.attempt, 1);
         assert!(log.contains("ran"), "{log}");
     });
@@ -204,7 +239,12 @@ impl Executor for FlakyEngine {
         Self: 'b,
     {
         self.runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        Box::pin(async { pubrun_exec::Exit { error: Some("a recovered attempt must not be started again".into()), ..Default::default() } })
+        Box::pin(async {
+            pubrun_exec::Exit {
+                error: Some("a recovered attempt must not be started again".into()),
+                ..Default::default()
+            }
+        })
     }
 
     fn reattach<'a, 'b>(
@@ -217,12 +257,21 @@ impl Executor for FlakyEngine {
         'a: 'b,
         Self: 'b,
     {
-        let n = self.reattaches.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let n = self
+            .reattaches
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         Box::pin(async move {
             Some(if n < 2 {
-                pubrun_exec::Exit { error: Some("docker engine unreachable".into()), infra_error: true, ..Default::default() }
+                pubrun_exec::Exit {
+                    error: Some("docker engine unreachable".into()),
+                    infra_error: true,
+                    ..Default::default()
+                }
             } else {
-                pubrun_exec::Exit { exit_code: Some(0), ..Default::default() }
+                pubrun_exec::Exit {
+                    exit_code: Some(0),
+                    ..Default::default()
+                }
             })
         })
     }
@@ -243,10 +292,16 @@ fn reattach_waits_for_an_engine_that_does_not_answer() {
         run.id
     });
     crash(rt);
-    let engine = Arc::new(FlakyEngine { reattaches: Default::default(), runs: Default::default() });
+    let engine = Arc::new(FlakyEngine {
+        reattaches: Default::default(),
+        runs: Default::default(),
+    });
     let rt = runtime();
     rt.block_on(async {
-        let executors = Executors { process: Arc::new(pubrun_exec::process::ProcessExecutor::new()), docker: engine.clone() };
+        let executors = Executors {
+            process: Arc::new(pubrun_exec::process::ProcessExecutor::new()),
+            docker: engine.clone(),
+        };
         let env = open_env(dir.path(), 4, executors).await;
         let run = env.wait_end(id).await;
         let log = env.log(id);
@@ -254,8 +309,15 @@ fn reattach_waits_for_an_engine_that_does_not_answer() {
         assert_eq!(run.attempt, 1);
         assert!(log.contains("asking again"), "{log}");
     });
-    assert_eq!(engine.reattaches.load(std::sync::atomic::Ordering::SeqCst), 3);
-    assert_eq!(engine.runs.load(std::sync::atomic::Ordering::SeqCst), 0, "the attempt was followed, not started anew");
+    assert_eq!(
+        engine.reattaches.load(std::sync::atomic::Ordering::SeqCst),
+        3
+    );
+    assert_eq!(
+        engine.runs.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "the attempt was followed, not started anew"
+    );
 }
 
 /// Whether a Docker engine answers; panics under CI when none does.
@@ -273,7 +335,10 @@ fn docker_available(test: &str) -> bool {
         return false;
     }
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/docker-test-image.sh");
-    let out = Command::new("bash").arg(&script).output().unwrap_or_else(|e| panic!("{test}: running {}: {e}", script.display()));
+    let out = Command::new("bash")
+        .arg(&script)
+        .output()
+        .unwrap_or_else(|e| panic!("{test}: running {}: {e}", script.display()));
     assert!(
         out.status.success(),
         "{test}: {} failed:\n{}{}",
@@ -285,9 +350,14 @@ fn docker_available(test: &str) -> bool {
 }
 
 fn docker_executors() -> Executors {
-    let docker: Arc<dyn Executor> =
-        Arc::new(pubrun_exec::docker::DockerExecutor::connect().unwrap_or_else(|e| panic!("docker engine: {e}")));
-    Executors { process: Arc::new(pubrun_exec::process::ProcessExecutor::new()), docker }
+    let docker: Arc<dyn Executor> = Arc::new(
+        pubrun_exec::docker::DockerExecutor::connect()
+            .unwrap_or_else(|e| panic!("docker engine: {e}")),
+    );
+    Executors {
+        process: Arc::new(pubrun_exec::process::ProcessExecutor::new()),
+        docker,
+    }
 }
 
 #[test]
@@ -307,7 +377,10 @@ docker = { image = "pubrun-test/busybox:latest", pull = "never", command = ["sh"
         env.publish("containers", &[], "").await;
         let run = env.wait_runs("boxed", 1).await.remove(0);
         let run = env.wait_status(run.id, RunStatus::Running).await;
-        assert!(!run.handle.is_empty(), "the container id is recorded: {run:#?}");
+        assert!(
+            !run.handle.is_empty(),
+            "the container id is recorded: {run:#?}"
+        );
         run.id
     });
     crash(rt);
@@ -319,7 +392,11 @@ docker = { image = "pubrun-test/busybox:latest", pull = "never", command = ["sh"
         let log = env.log(id);
         assert_eq!(run.status, RunStatus::Failed, "{run:#?}\n{log}");
         let exit = run.exit.clone().unwrap();
-        assert_eq!(exit.exit_code, Some(7), "the container's real exit code: {run:#?}\n{log}");
+        assert_eq!(
+            exit.exit_code,
+            Some(7),
+            "the container's real exit code: {run:#?}\n{log}"
+        );
         // Followed, not given up: a lost attempt would end with an error.
         assert!(exit.error.is_none(), "not lost: {run:#?}\n{log}");
         assert_eq!(run.attempt, 1);

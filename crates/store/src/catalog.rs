@@ -40,7 +40,11 @@ pub struct SubscriptionEntry {
 
 impl Catalog {
     pub fn new() -> Self {
-        Catalog { version: CATALOG_VERSION, next_uid: 1, ..Default::default() }
+        Catalog {
+            version: CATALOG_VERSION,
+            next_uid: 1,
+            ..Default::default()
+        }
     }
 
     pub fn allocate_uid(&mut self) -> u64 {

@@ -70,7 +70,8 @@ impl EmbeddedStore {
             .write(true)
             .open(&lock_path)
             .map_err(|e| StoreError::io(&lock_path, e))?;
-        lock.try_lock().map_err(|_| StoreError::Locked(dir.display().to_string()))?;
+        lock.try_lock()
+            .map_err(|_| StoreError::Locked(dir.display().to_string()))?;
         Ok(EmbeddedStore {
             dir,
             _lock: lock,
@@ -92,8 +93,10 @@ impl EmbeddedStore {
     fn read_catalog(&self) -> Result<Catalog, StoreError> {
         let path = self.catalog_path();
         match fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map_err(|e| StoreError::Corrupt { path: path.display().to_string(), detail: e.to_string() }),
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt {
+                path: path.display().to_string(),
+                detail: e.to_string(),
+            }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Catalog::new()),
             Err(e) => Err(StoreError::io(&path, e)),
         }
@@ -132,7 +135,9 @@ fn segment_path(log_dir: &Path, base: u64) -> PathBuf {
 }
 
 fn sync_dir(dir: &Path) -> Result<(), StoreError> {
-    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| StoreError::io(dir, e))
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| StoreError::io(dir, e))
 }
 
 fn writer_loop(
@@ -179,7 +184,10 @@ fn writer_loop(
                 let _ = tail.file.seek(SeekFrom::Start(tail.len));
                 tracing::error!(error = %e, path = %path.display(), "log write failed");
                 for req in batch.drain(..) {
-                    let _ = req.done.send(Err(StoreError::io(&path, std::io::Error::new(e.kind(), e.to_string()))));
+                    let _ = req.done.send(Err(StoreError::io(
+                        &path,
+                        std::io::Error::new(e.kind(), e.to_string()),
+                    )));
                 }
             }
         }
@@ -193,11 +201,23 @@ fn writer_loop(
                 Ok(file) => {
                     segments.lock().unwrap().insert(
                         tail.base,
-                        SegmentInfo { path: path.clone(), max_seq: tail.max_seq, bytes: tail.len },
+                        SegmentInfo {
+                            path: path.clone(),
+                            max_seq: tail.max_seq,
+                            bytes: tail.len,
+                        },
                     );
-                    tail = Tail { base: tail.next_seq, file, len: 0, max_seq: None, next_seq: tail.next_seq };
+                    tail = Tail {
+                        base: tail.next_seq,
+                        file,
+                        len: 0,
+                        max_seq: None,
+                        next_seq: tail.next_seq,
+                    };
                 }
-                Err(e) => tracing::error!(error = %e, "could not start a new log segment; continuing in the old one"),
+                Err(e) => {
+                    tracing::error!(error = %e, "could not start a new log segment; continuing in the old one")
+                }
             }
         }
     }
@@ -213,7 +233,11 @@ fn write_batch(file: &mut File, batch: &[WriteReq]) -> std::io::Result<()> {
 
 fn roll_segment(log_dir: &Path, tail: &Tail) -> Result<File, StoreError> {
     let path = segment_path(log_dir, tail.next_seq);
-    let file = OpenOptions::new().create(true).append(true).open(&path).map_err(|e| StoreError::io(&path, e))?;
+    let file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .map_err(|e| StoreError::io(&path, e))?;
     sync_dir(log_dir)?;
     Ok(file)
 }
@@ -252,8 +276,11 @@ impl Store for EmbeddedStore {
             let mut pos = 0;
             let mut max_seq = None;
             while pos < buf.len() {
-                let (frame, next) = read_frame(&buf, pos)
-                    .map_err(|detail| StoreError::Corrupt { path: path.display().to_string(), detail })?;
+                let (frame, next) =
+                    read_frame(&buf, pos).map_err(|detail| StoreError::Corrupt {
+                        path: path.display().to_string(),
+                        detail,
+                    })?;
                 match frame {
                     Frame::Record(rec) => {
                         if let Some(s) = rec.last_seq() {
@@ -284,13 +311,28 @@ impl Store for EmbeddedStore {
                     .truncate(false)
                     .open(&path)
                     .map_err(|e| StoreError::io(&path, e))?;
-                file.set_len(pos as u64).map_err(|e| StoreError::io(&path, e))?;
+                file.set_len(pos as u64)
+                    .map_err(|e| StoreError::io(&path, e))?;
                 let mut file = file;
-                file.seek(SeekFrom::Start(pos as u64)).map_err(|e| StoreError::io(&path, e))?;
+                file.seek(SeekFrom::Start(pos as u64))
+                    .map_err(|e| StoreError::io(&path, e))?;
                 file.sync_all().map_err(|e| StoreError::io(&path, e))?;
-                tail = Some(Tail { base, file, len: pos as u64, max_seq, next_seq });
+                tail = Some(Tail {
+                    base,
+                    file,
+                    len: pos as u64,
+                    max_seq,
+                    next_seq,
+                });
             } else {
-                segs.insert(base, SegmentInfo { path, max_seq, bytes: pos as u64 });
+                segs.insert(
+                    base,
+                    SegmentInfo {
+                        path,
+                        max_seq,
+                        bytes: pos as u64,
+                    },
+                );
             }
         }
         sync_dir(&log_dir)?;
@@ -309,7 +351,9 @@ impl Store for EmbeddedStore {
         tokio::task::spawn_blocking(move || {
             let tmp = dir.join("catalog.json.tmp");
             let mut f = File::create(&tmp).map_err(|e| StoreError::io(&tmp, e))?;
-            f.write_all(&bytes).and_then(|()| f.sync_all()).map_err(|e| StoreError::io(&tmp, e))?;
+            f.write_all(&bytes)
+                .and_then(|()| f.sync_all())
+                .map_err(|e| StoreError::io(&tmp, e))?;
             fs::rename(&tmp, &path).map_err(|e| StoreError::io(&path, e))?;
             sync_dir(&dir)
         })
@@ -328,7 +372,13 @@ impl Store for EmbeddedStore {
         }
         let (done, rx) = oneshot::channel();
         let sent = match &*self.tx.lock().unwrap() {
-            Some(tx) => tx.send(WriteReq { frames, last_seq, done }).is_ok(),
+            Some(tx) => tx
+                .send(WriteReq {
+                    frames,
+                    last_seq,
+                    done,
+                })
+                .is_ok(),
             None => false,
         };
         Box::pin(async move {

@@ -25,7 +25,10 @@ pub use record::Record;
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("i/o error on {path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("data directory {0} is in use by another pubrun process")]
     Locked(String),
     #[error("corrupt data in {path}: {detail}")]
@@ -36,7 +39,10 @@ pub enum StoreError {
 
 impl StoreError {
     pub(crate) fn io(path: impl AsRef<std::path::Path>, source: std::io::Error) -> Self {
-        StoreError::Io { path: path.as_ref().display().to_string(), source }
+        StoreError::Io {
+            path: path.as_ref().display().to_string(),
+            source,
+        }
     }
 }
 

@@ -13,7 +13,10 @@ use pubrun_core::Message;
 #[derive(Debug, Clone, PartialEq)]
 pub enum Record {
     /// Messages published to a topic in one call; seqs ascending.
-    Publish { topic_uid: u64, messages: Vec<Message> },
+    Publish {
+        topic_uid: u64,
+        messages: Vec<Message>,
+    },
     /// Messages acknowledged on a subscription.
     Ack { sub_uid: u64, seqs: Vec<u64> },
 }
@@ -66,7 +69,10 @@ impl Record {
         let start = out.len();
         out.extend_from_slice(&[0u8; FRAME_HEADER]);
         match self {
-            Record::Publish { topic_uid, messages } => {
+            Record::Publish {
+                topic_uid,
+                messages,
+            } => {
                 out.push(KIND_PUBLISH);
                 let body = PublishBody {
                     topic_uid: *topic_uid,
@@ -85,7 +91,12 @@ impl Record {
             }
             Record::Ack { sub_uid, seqs } => {
                 out.push(KIND_ACK);
-                AckBody { sub_uid: *sub_uid, seqs: seqs.clone() }.encode(out).expect("Vec<u8> grows as needed");
+                AckBody {
+                    sub_uid: *sub_uid,
+                    seqs: seqs.clone(),
+                }
+                .encode(out)
+                .expect("Vec<u8> grows as needed");
             }
         }
         let payload_len = (out.len() - start - FRAME_HEADER) as u32;
@@ -118,7 +129,10 @@ impl Record {
             }
             KIND_ACK => {
                 let b = AckBody::decode(body).map_err(|e| e.to_string())?;
-                Ok(Record::Ack { sub_uid: b.sub_uid, seqs: b.seqs })
+                Ok(Record::Ack {
+                    sub_uid: b.sub_uid,
+                    seqs: b.seqs,
+                })
             }
             other => Err(format!("unknown record kind {other}")),
         }
@@ -169,15 +183,22 @@ mod tests {
                     publish_time_nanos: 123,
                 }],
             },
-            Record::Ack { sub_uid: 4, seqs: vec![7, 9] },
+            Record::Ack {
+                sub_uid: 4,
+                seqs: vec![7, 9],
+            },
         ];
         let mut buf = Vec::new();
         for r in &recs {
             r.encode_frame(&mut buf);
         }
         let bytes = Bytes::from(buf.clone());
-        let (Frame::Record(a), p) = read_frame(&bytes, 0).unwrap() else { panic!() };
-        let (Frame::Record(b), p2) = read_frame(&bytes, p).unwrap() else { panic!() };
+        let (Frame::Record(a), p) = read_frame(&bytes, 0).unwrap() else {
+            panic!()
+        };
+        let (Frame::Record(b), p2) = read_frame(&bytes, p).unwrap() else {
+            panic!()
+        };
         assert_eq!(vec![a, b], recs);
         assert_eq!(p2, bytes.len());
         // Any cut inside the second frame reads as torn, never as a record.
@@ -189,6 +210,9 @@ mod tests {
         let mut bad = buf.clone();
         let last = bad.len() - 1;
         bad[last] ^= 1;
-        assert!(matches!(read_frame(&Bytes::from(bad), p).unwrap().0, Frame::Torn));
+        assert!(matches!(
+            read_frame(&Bytes::from(bad), p).unwrap().0,
+            Frame::Torn
+        ));
     }
 }

@@ -57,13 +57,24 @@ struct ManualInner {
 
 impl ManualClock {
     pub fn new(start: DateTime<Utc>) -> Self {
-        ManualClock { inner: Arc::new(ManualInner { now: Mutex::new(start), subscribers: Mutex::new(Vec::new()) }) }
+        ManualClock {
+            inner: Arc::new(ManualInner {
+                now: Mutex::new(start),
+                subscribers: Mutex::new(Vec::new()),
+            }),
+        }
     }
 
     /// Sets the time (it may also move backwards) and wakes the schedulers.
     pub fn set(&self, t: DateTime<Utc>) {
         *self.inner.now.lock().unwrap_or_else(|p| p.into_inner()) = t;
-        for n in self.inner.subscribers.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+        for n in self
+            .inner
+            .subscribers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
             // notify_one stores a permit when nobody waits: no lost wake-ups.
             n.notify_one();
         }
@@ -91,6 +102,10 @@ impl Clock for ManualClock {
     }
 
     fn subscribe(&self, wake: Arc<Notify>) {
-        self.inner.subscribers.lock().unwrap_or_else(|p| p.into_inner()).push(wake);
+        self.inner
+            .subscribers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(wake);
     }
 }

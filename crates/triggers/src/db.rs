@@ -111,18 +111,27 @@ impl TriggerDb {
     /// handles may open the same file.
     pub fn open(path: &Path) -> Result<Self> {
         let conn = Connection::open(path).map_err(db_err)?;
-        conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(db_err)?;
-        conn.pragma_update(None, "journal_mode", "WAL").map_err(db_err)?;
-        conn.pragma_update(None, "synchronous", "FULL").map_err(db_err)?;
-        let mut db = TriggerDb { conn: Mutex::new(conn) };
+        conn.busy_timeout(std::time::Duration::from_secs(10))
+            .map_err(db_err)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(db_err)?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(db_err)?;
+        let mut db = TriggerDb {
+            conn: Mutex::new(conn),
+        };
         db.migrate()?;
         Ok(db)
     }
 
     fn migrate(&mut self) -> Result<()> {
         let conn = self.conn.get_mut().unwrap_or_else(|p| p.into_inner());
-        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(db_err)?;
-        let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(db_err)?;
+        let tx = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(db_err)?;
+        let version: i64 = tx
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(db_err)?;
         if version > SCHEMA_VERSION {
             return Err(Error::precondition(format!(
                 "triggers.db has schema version {version}, newer than this pubrun understands ({SCHEMA_VERSION}); upgrade pubrun"
@@ -131,7 +140,8 @@ impl TriggerDb {
         if version < 1 {
             tx.execute_batch(MIGRATION_1).map_err(db_err)?;
         }
-        tx.pragma_update(None, "user_version", SCHEMA_VERSION).map_err(db_err)?;
+        tx.pragma_update(None, "user_version", SCHEMA_VERSION)
+            .map_err(db_err)?;
         tx.commit().map_err(db_err)
     }
 
@@ -146,7 +156,9 @@ impl TriggerDb {
     /// declared are deleted.
     pub fn reconcile(&self, declared: &[(String, bool)], now: DateTime<Utc>) -> Result<()> {
         let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(db_err)?;
+        let tx = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(db_err)?;
         for (name, paused) in declared {
             tx.execute(
                 "INSERT INTO schedules (name, cursor_ms, paused, config_paused, updated_ms) VALUES (?1, ?2, ?3, ?3, ?2)
@@ -160,28 +172,38 @@ impl TriggerDb {
             )
             .map_err(db_err)?;
         }
-        let keep: std::collections::HashSet<&str> = declared.iter().map(|(n, _)| n.as_str()).collect();
+        let keep: std::collections::HashSet<&str> =
+            declared.iter().map(|(n, _)| n.as_str()).collect();
         let existing: Vec<String> = {
             let mut st = tx.prepare("SELECT name FROM schedules").map_err(db_err)?;
-            let rows = st.query_map([], |r| r.get::<_, String>(0)).map_err(db_err)?;
+            let rows = st
+                .query_map([], |r| r.get::<_, String>(0))
+                .map_err(db_err)?;
             rows.collect::<rusqlite::Result<_>>().map_err(db_err)?
         };
         for name in existing.iter().filter(|n| !keep.contains(n.as_str())) {
-            tx.execute("DELETE FROM schedules WHERE name = ?1", params![name]).map_err(db_err)?;
+            tx.execute("DELETE FROM schedules WHERE name = ?1", params![name])
+                .map_err(db_err)?;
         }
         tx.commit().map_err(db_err)
     }
 
     pub fn get(&self, name: &str) -> Result<Option<ScheduleState>> {
         self.conn()
-            .query_row(&format!("SELECT {COLUMNS} FROM schedules WHERE name = ?1"), params![name], row_to_state)
+            .query_row(
+                &format!("SELECT {COLUMNS} FROM schedules WHERE name = ?1"),
+                params![name],
+                row_to_state,
+            )
             .optional()
             .map_err(db_err)
     }
 
     pub fn list(&self) -> Result<Vec<ScheduleState>> {
         let conn = self.conn();
-        let mut st = conn.prepare(&format!("SELECT {COLUMNS} FROM schedules ORDER BY name")).map_err(db_err)?;
+        let mut st = conn
+            .prepare(&format!("SELECT {COLUMNS} FROM schedules ORDER BY name"))
+            .map_err(db_err)?;
         let rows = st.query_map([], row_to_state).map_err(db_err)?;
         rows.collect::<rusqlite::Result<_>>().map_err(db_err)
     }
@@ -189,7 +211,14 @@ impl TriggerDb {
     /// Claims `tick` if the cursor is still `expected_cursor`. True if this
     /// caller won. A claim supersedes an older pending claim (the older tick
     /// then counts as missed).
-    pub fn claim(&self, name: &str, expected_cursor: DateTime<Utc>, tick: DateTime<Utc>, owner: &str, now: DateTime<Utc>) -> Result<bool> {
+    pub fn claim(
+        &self,
+        name: &str,
+        expected_cursor: DateTime<Utc>,
+        tick: DateTime<Utc>,
+        owner: &str,
+        now: DateTime<Utc>,
+    ) -> Result<bool> {
         let n = self
             .conn()
             .execute(
@@ -203,7 +232,13 @@ impl TriggerDb {
 
     /// Takes over the pending claim `claim` (expired lease, or this owner
     /// retrying). True if this caller won.
-    pub fn take_over(&self, name: &str, claim: &Claim, owner: &str, now: DateTime<Utc>) -> Result<bool> {
+    pub fn take_over(
+        &self,
+        name: &str,
+        claim: &Claim,
+        owner: &str,
+        now: DateTime<Utc>,
+    ) -> Result<bool> {
         let n = self
             .conn()
             .execute(
@@ -216,7 +251,14 @@ impl TriggerDb {
     }
 
     /// Records a published tick and clears its claim (if still ours).
-    pub fn complete(&self, name: &str, tick: DateTime<Utc>, owner: &str, message_id: &str, now: DateTime<Utc>) -> Result<bool> {
+    pub fn complete(
+        &self,
+        name: &str,
+        tick: DateTime<Utc>,
+        owner: &str,
+        message_id: &str,
+        now: DateTime<Utc>,
+    ) -> Result<bool> {
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(db_err)?;
         let n = tx
@@ -240,7 +282,10 @@ impl TriggerDb {
     /// its lease.
     pub fn record_error(&self, name: &str, error: &str, now: DateTime<Utc>) -> Result<()> {
         self.conn()
-            .execute("UPDATE schedules SET last_error = ?2, updated_ms = ?3 WHERE name = ?1", params![name, error, ms(now)])
+            .execute(
+                "UPDATE schedules SET last_error = ?2, updated_ms = ?3 WHERE name = ?1",
+                params![name, error, ms(now)],
+            )
             .map_err(db_err)?;
         Ok(())
     }
@@ -264,7 +309,10 @@ impl TriggerDb {
         } else {
             "UPDATE schedules SET cursor_ms = CASE WHEN paused = 1 THEN MAX(cursor_ms, ?2) ELSE cursor_ms END, paused = 0, updated_ms = ?2 WHERE name = ?1"
         };
-        let n = self.conn().execute(sql, params![name, ms(now)]).map_err(db_err)?;
+        let n = self
+            .conn()
+            .execute(sql, params![name, ms(now)])
+            .map_err(db_err)?;
         Ok(n == 1)
     }
 }
@@ -288,7 +336,14 @@ mod tests {
         assert!(a.claim("s", st.cursor, t(60), "a", t(60)).unwrap());
         assert!(!b.claim("s", st.cursor, t(60), "b", t(60)).unwrap());
         let st = b.get("s").unwrap().unwrap();
-        assert_eq!(st.pending, Some(Claim { tick: t(60), owner: "a".into(), claimed_at: t(60) }));
+        assert_eq!(
+            st.pending,
+            Some(Claim {
+                tick: t(60),
+                owner: "a".into(),
+                claimed_at: t(60)
+            })
+        );
         // Only the owner completes; then the claim is gone.
         assert!(!b.complete("s", t(60), "b", "7", t(61)).unwrap());
         assert!(a.complete("s", t(60), "a", "7", t(61)).unwrap());
@@ -314,9 +369,13 @@ mod tests {
     fn pause_resume_and_reconcile() {
         let dir = tempfile::tempdir().unwrap();
         let db = TriggerDb::open(&dir.path().join("triggers.db")).unwrap();
-        db.reconcile(&[("s".into(), false), ("gone".into(), false)], t(0)).unwrap();
+        db.reconcile(&[("s".into(), false), ("gone".into(), false)], t(0))
+            .unwrap();
         assert!(db.set_paused("s", true, t(10)).unwrap());
-        assert!(!db.claim("s", t(0), t(60), "a", t(60)).unwrap(), "no claim while paused");
+        assert!(
+            !db.claim("s", t(0), t(60), "a", t(60)).unwrap(),
+            "no claim while paused"
+        );
         // Re-applying the same declaration keeps the run-time pause.
         db.reconcile(&[("s".into(), false)], t(20)).unwrap();
         let st = db.get("s").unwrap().unwrap();

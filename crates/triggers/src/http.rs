@@ -43,7 +43,12 @@ struct WebhooksInner {
 
 impl Webhooks {
     pub fn new(broker: Arc<Broker>) -> Self {
-        Webhooks { inner: Arc::new(WebhooksInner { broker, hooks: RwLock::new(BTreeMap::new()) }) }
+        Webhooks {
+            inner: Arc::new(WebhooksInner {
+                broker,
+                hooks: RwLock::new(BTreeMap::new()),
+            }),
+        }
     }
 
     /// Replaces the hooks, reading secrets from the process environment.
@@ -59,7 +64,9 @@ impl Webhooks {
             let name = spec.name.clone();
             let hook = Hook::resolve(spec, env)?;
             if hooks.insert(name.clone(), Arc::new(hook)).is_some() {
-                return Err(Error::invalid(format!("webhook \"{name}\" is declared twice")));
+                return Err(Error::invalid(format!(
+                    "webhook \"{name}\" is declared twice"
+                )));
             }
         }
         *self.inner.hooks.write().unwrap_or_else(|p| p.into_inner()) = hooks;
@@ -67,32 +74,52 @@ impl Webhooks {
     }
 
     pub fn get(&self, name: &str) -> Option<Arc<Hook>> {
-        self.inner.hooks.read().unwrap_or_else(|p| p.into_inner()).get(name).cloned()
+        self.inner
+            .hooks
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
     }
 
     /// The declared specs (no secrets: only the names of their variables).
     pub fn specs(&self) -> Vec<WebhookSpec> {
-        self.inner.hooks.read().unwrap_or_else(|p| p.into_inner()).values().map(|h| h.spec.clone()).collect()
+        self.inner
+            .hooks
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .map(|h| h.spec.clone())
+            .collect()
     }
 }
 
 /// An error response in Google's JSON shape.
 fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
-    let body = json!({ "error": { "code": status.as_u16(), "message": message.into(), "status": code } });
+    let body =
+        json!({ "error": { "code": status.as_u16(), "message": message.into(), "status": code } });
     (status, Json(body)).into_response()
 }
 
 fn from_error(e: Error) -> Response {
-    let status = StatusCode::from_u16(e.code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let status =
+        StatusCode::from_u16(e.code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     error(status, e.code.as_str(), e.message)
 }
 
 fn unauthenticated(hook: &Hook, message: &str) -> Response {
-    let mut r = error(StatusCode::UNAUTHORIZED, Code::Unauthenticated.as_str(), format!("webhook \"{}\": {message}", hook.spec.name));
+    let mut r = error(
+        StatusCode::UNAUTHORIZED,
+        Code::Unauthenticated.as_str(),
+        format!("webhook \"{}\": {message}", hook.spec.name),
+    );
     if !hook.accepts_bearer() {
         return r;
     }
-    r.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer realm=\"pubrun\""));
+    r.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        header::HeaderValue::from_static("Bearer realm=\"pubrun\""),
+    );
     r
 }
 
@@ -100,18 +127,33 @@ fn too_large(hook: &Hook) -> Response {
     error(
         StatusCode::PAYLOAD_TOO_LARGE,
         Code::InvalidArgument.as_str(),
-        format!("webhook \"{}\": request body is larger than max_body_bytes = {}", hook.spec.name, hook.spec.max_body_bytes),
+        format!(
+            "webhook \"{}\": request body is larger than max_body_bytes = {}",
+            hook.spec.name, hook.spec.max_body_bytes
+        ),
     )
 }
 
 /// `POST /hooks/{name}` for the hooks in `state`.
 pub fn router(state: Webhooks) -> Router {
-    Router::new().route("/hooks/{name}", post(receive)).with_state(state)
+    Router::new()
+        .route("/hooks/{name}", post(receive))
+        .with_state(state)
 }
 
-async fn receive(State(hooks): State<Webhooks>, Path(name): Path<String>, uri: Uri, headers: HeaderMap, body: Body) -> Response {
+async fn receive(
+    State(hooks): State<Webhooks>,
+    Path(name): Path<String>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     let Some(hook) = hooks.get(&name) else {
-        return error(StatusCode::NOT_FOUND, Code::NotFound.as_str(), format!("webhook \"{name}\" not found"));
+        return error(
+            StatusCode::NOT_FOUND,
+            Code::NotFound.as_str(),
+            format!("webhook \"{name}\" not found"),
+        );
     };
     let authorization = headers.get(header::AUTHORIZATION).map(|v| v.as_bytes());
     // A bearer secret can be checked before reading the body.
@@ -121,7 +163,10 @@ async fn receive(State(hooks): State<Webhooks>, Path(name): Path<String>, uri: U
         }
     }
     let limit = hook.spec.max_body_bytes;
-    let declared_len = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    let declared_len = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
     if declared_len.is_some_and(|n| n > limit) {
         return too_large(&hook);
     }
@@ -135,7 +180,13 @@ async fn receive(State(hooks): State<Webhooks>, Path(name): Path<String>, uri: U
                 }
                 data.extend_from_slice(&c);
             }
-            Err(e) => return error(StatusCode::BAD_REQUEST, Code::InvalidArgument.as_str(), format!("could not read the request body: {e}")),
+            Err(e) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    Code::InvalidArgument.as_str(),
+                    format!("could not read the request body: {e}"),
+                )
+            }
         }
     }
     let signature = headers.get(SIGNATURE_HEADER).map(|v| v.as_bytes());
@@ -143,8 +194,15 @@ async fn receive(State(hooks): State<Webhooks>, Path(name): Path<String>, uri: U
         tracing::warn!(webhook = %name, reason = e.message(), "webhook request refused");
         return unauthenticated(&hook, e.message());
     }
-    let attributes = hook.attributes(headers.iter().map(|(k, v)| (k.as_str(), v.as_bytes())), uri.query());
-    let message = OutgoingMessage { data: data.into(), attributes, ordering_key: String::new() };
+    let attributes = hook.attributes(
+        headers.iter().map(|(k, v)| (k.as_str(), v.as_bytes())),
+        uri.query(),
+    );
+    let message = OutgoingMessage {
+        data: data.into(),
+        attributes,
+        ordering_key: String::new(),
+    };
     match hooks.inner.broker.publish(&hook.topic, vec![message]).await {
         Ok(ids) => {
             let id = ids.into_iter().next().unwrap_or_default();

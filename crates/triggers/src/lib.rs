@@ -69,8 +69,8 @@ use pubrun_core::{Error, Result};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use http::{router, schedules_router, Webhooks};
 pub use schedule::{
-    due, format_time, next_fire, parse_time_zone, CronExpr, MissedPolicy, Schedule, ScheduleSpec, ScheduleStatus,
-    DEFAULT_MISSED_MAX_AGE, ON_TIME_GRACE,
+    due, format_time, next_fire, parse_time_zone, CronExpr, MissedPolicy, Schedule, ScheduleSpec,
+    ScheduleStatus, DEFAULT_MISSED_MAX_AGE, ON_TIME_GRACE,
 };
 pub use scheduler::{Scheduler, CLAIM_LEASE};
 pub use webhook::{github_signature, verify_github_signature, WebhookSpec, DEFAULT_MAX_BODY_BYTES};
@@ -92,11 +92,22 @@ impl Triggers {
     }
 
     /// As [`Triggers::open`], with another clock (tests: [`ManualClock`]).
-    pub fn open_with_clock(data_dir: &Path, broker: Arc<Broker>, clock: Arc<dyn Clock>) -> Result<Self> {
-        std::fs::create_dir_all(data_dir)
-            .map_err(|e| Error::unavailable(format!("cannot create data directory {}: {e}", data_dir.display())))?;
+    pub fn open_with_clock(
+        data_dir: &Path,
+        broker: Arc<Broker>,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self> {
+        std::fs::create_dir_all(data_dir).map_err(|e| {
+            Error::unavailable(format!(
+                "cannot create data directory {}: {e}",
+                data_dir.display()
+            ))
+        })?;
         let scheduler = Scheduler::open(&data_dir.join(DB_FILE), broker.clone(), clock)?;
-        Ok(Triggers { scheduler, webhooks: Webhooks::new(broker) })
+        Ok(Triggers {
+            scheduler,
+            webhooks: Webhooks::new(broker),
+        })
     }
 
     /// Replaces the declared schedules (see [`Scheduler::set_schedules`]).
@@ -111,7 +122,11 @@ impl Triggers {
     }
 
     /// As [`Triggers::set_webhooks`], reading secrets through `env`.
-    pub fn set_webhooks_with_env(&self, specs: Vec<WebhookSpec>, env: &dyn Fn(&str) -> Option<String>) -> Result<()> {
+    pub fn set_webhooks_with_env(
+        &self,
+        specs: Vec<WebhookSpec>,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<()> {
         self.webhooks.set(specs, env)
     }
 

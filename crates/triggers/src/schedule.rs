@@ -93,7 +93,9 @@ pub enum MissedPolicy {
 
 impl Default for MissedPolicy {
     fn default() -> Self {
-        MissedPolicy::RunOnce { max_age: DEFAULT_MISSED_MAX_AGE }
+        MissedPolicy::RunOnce {
+            max_age: DEFAULT_MISSED_MAX_AGE,
+        }
     }
 }
 
@@ -104,19 +106,28 @@ impl MissedPolicy {
     pub fn from_config(missed: Option<&str>, max_age: Option<&str>) -> Result<Self> {
         let max_age = max_age
             .map(|s| {
-                humantime::parse_duration(s)
-                    .map_err(|e| Error::invalid(format!("missed_max_age: \"{s}\" is not a duration like \"24h\" or \"90m\" ({e})")))
+                humantime::parse_duration(s).map_err(|e| {
+                    Error::invalid(format!(
+                        "missed_max_age: \"{s}\" is not a duration like \"24h\" or \"90m\" ({e})"
+                    ))
+                })
             })
             .transpose()?;
         match missed.unwrap_or("run_once") {
-            "run_once" => Ok(MissedPolicy::RunOnce { max_age: max_age.unwrap_or(DEFAULT_MISSED_MAX_AGE) }),
+            "run_once" => Ok(MissedPolicy::RunOnce {
+                max_age: max_age.unwrap_or(DEFAULT_MISSED_MAX_AGE),
+            }),
             "skip" => {
                 if max_age.is_some() {
-                    return Err(Error::invalid("missed_max_age only applies to missed = \"run_once\""));
+                    return Err(Error::invalid(
+                        "missed_max_age only applies to missed = \"run_once\"",
+                    ));
                 }
                 Ok(MissedPolicy::Skip)
             }
-            other => Err(Error::invalid(format!("missed: \"{other}\" is not a policy; use \"run_once\" or \"skip\""))),
+            other => Err(Error::invalid(format!(
+                "missed: \"{other}\" is not a policy; use \"run_once\" or \"skip\""
+            ))),
         }
     }
 
@@ -177,11 +188,13 @@ impl ScheduleSpec {
     /// Checks every field and compiles the expression. Errors name the
     /// schedule and the field.
     pub fn validate(&self) -> Result<Schedule> {
-        let ctx = |e: Error| Error::new(e.code, format!("schedule \"{}\": {}", self.name, e.message));
+        let ctx =
+            |e: Error| Error::new(e.code, format!("schedule \"{}\": {}", self.name, e.message));
         validate_trigger_name("schedule", &self.name)?;
         let cron = CronExpr::parse(&self.cron).map_err(ctx)?;
         let tz = parse_time_zone(&self.time_zone).map_err(ctx)?;
-        let topic = TopicName::parse(&self.topic).map_err(|e| ctx(Error::invalid(format!("topic: {}", e.message))))?;
+        let topic = TopicName::parse(&self.topic)
+            .map_err(|e| ctx(Error::invalid(format!("topic: {}", e.message))))?;
         for reserved in [ATTR_SCHEDULE, ATTR_SCHEDULED_TIME, ATTR_RUN_NOW] {
             if self.attributes.contains_key(reserved) {
                 return Err(ctx(Error::invalid(format!(
@@ -195,7 +208,12 @@ impl ScheduleSpec {
             }
         }
         // The message must be publishable (attribute limits, size…).
-        let schedule = Schedule { spec: self.clone(), cron, tz, topic };
+        let schedule = Schedule {
+            spec: self.clone(),
+            cron,
+            tz,
+            topic,
+        };
         schedule
             .message(DateTime::<Utc>::UNIX_EPOCH, false)
             .validate()
@@ -206,8 +224,13 @@ impl ScheduleSpec {
 
 /// Names of schedules and webhooks: they appear in URL paths.
 pub(crate) fn validate_trigger_name(kind: &str, name: &str) -> Result<()> {
-    let ok_start = name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric());
-    let ok_chars = name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    let ok_start = name
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphanumeric());
+    let ok_chars = name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
     if name.is_empty() || name.len() > 128 || !ok_start || !ok_chars {
         return Err(Error::invalid(format!(
             "invalid {kind} name \"{name}\": use 1 to 128 letters, digits, '-', '_' or '.', starting with a letter or digit"
@@ -240,7 +263,10 @@ const FIELDS: [(&str, &str); 5] = [
     ("hour", "0-23"),
     ("day-of-month", "1-31, L or W"),
     ("month", "1-12 or JAN-DEC"),
-    ("day-of-week", "0-7 or SUN-SAT, 0 and 7 being Sunday, L or #"),
+    (
+        "day-of-week",
+        "0-7 or SUN-SAT, 0 and 7 being Sunday, L or #",
+    ),
 ];
 
 const CRON_HELP: &str = "expected 5 fields \"MINUTE HOUR DAY-OF-MONTH MONTH DAY-OF-WEEK\" (e.g. \"0 3 * * *\" = 03:00 every day) or @hourly/@daily/@weekly/@monthly/@yearly";
@@ -250,12 +276,24 @@ impl CronExpr {
     /// is expected.
     pub fn parse(source: &str) -> Result<Self> {
         let trimmed = source.trim();
-        let bad = |why: String| Error::invalid(format!("invalid cron expression \"{source}\": {why}; {CRON_HELP}"));
+        let bad = |why: String| {
+            Error::invalid(format!(
+                "invalid cron expression \"{source}\": {why}; {CRON_HELP}"
+            ))
+        };
         if trimmed.is_empty() {
             return Err(bad("it is empty".into()));
         }
         if trimmed.starts_with('@') {
-            let ok = ["@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly"];
+            let ok = [
+                "@yearly",
+                "@annually",
+                "@monthly",
+                "@weekly",
+                "@daily",
+                "@midnight",
+                "@hourly",
+            ];
             if !ok.contains(&trimmed.to_ascii_lowercase().as_str()) {
                 return Err(bad(format!("unknown nickname {trimmed}")));
             }
@@ -265,11 +303,18 @@ impl CronExpr {
                 return Err(bad(format!(
                     "it has {n} field{}{}",
                     if n == 1 { "" } else { "s" },
-                    if n == 6 || n == 7 { " (seconds and years are not supported)" } else { "" }
+                    if n == 6 || n == 7 {
+                        " (seconds and years are not supported)"
+                    } else {
+                        ""
+                    }
                 )));
             }
         }
-        let parser = CronParser::builder().seconds(Seconds::Disallowed).year(Year::Disallowed).build();
+        let parser = CronParser::builder()
+            .seconds(Seconds::Disallowed)
+            .year(Year::Disallowed)
+            .build();
         let cron = parser.parse(trimmed).map_err(|e| {
             // Name the field at fault: parse each one alone.
             let fields: Vec<&str> = trimmed.split_whitespace().collect();
@@ -288,7 +333,10 @@ impl CronExpr {
             }
             bad(describe_cron_error(&e))
         })?;
-        let expr = CronExpr { source: trimmed.to_string(), cron };
+        let expr = CronExpr {
+            source: trimmed.to_string(),
+            cron,
+        };
         // Reject expressions that can never match (e.g. "0 0 30 2 *").
         let probe = DateTime::<Utc>::from_timestamp(946_684_800, 0).expect("2000-01-01"); // 2000-01-01
         if next_fire(&expr, Tz::UTC, probe).is_none() {
@@ -315,9 +363,13 @@ fn describe_cron_error(e: &croner::errors::CronError) -> String {
     match e {
         E::EmptyPattern => "it is empty".into(),
         E::IllegalCharacters(m) | E::InvalidPattern(m) | E::ComponentError(m) => {
-            let m = m.trim_end_matches('.').replace("CronPattern contains", "contains");
+            let m = m
+                .trim_end_matches('.')
+                .replace("CronPattern contains", "contains");
             let mut c = m.chars();
-            c.next().map(|f| f.to_lowercase().chain(c).collect()).unwrap_or_default()
+            c.next()
+                .map(|f| f.to_lowercase().chain(c).collect())
+                .unwrap_or_default()
         }
         other => other.to_string().trim_end_matches('.').to_string(),
     }
@@ -340,7 +392,11 @@ pub fn next_fire(cron: &CronExpr, tz: Tz, after: DateTime<Utc>) -> Option<DateTi
     // croner works in whole seconds; guard against an answer at or before
     // `after` when `after` has a fractional second.
     for _ in 0..3 {
-        let t = cron.cron.find_next_occurrence(&from.with_timezone(&tz), false).ok()?.with_timezone(&Utc);
+        let t = cron
+            .cron
+            .find_next_occurrence(&from.with_timezone(&tz), false)
+            .ok()?
+            .with_timezone(&Utc);
         if t > after {
             return Some(t);
         }
@@ -350,11 +406,19 @@ pub fn next_fire(cron: &CronExpr, tz: Tz, after: DateTime<Utc>) -> Option<DateTi
 }
 
 /// The latest tick at or before `now`.
-pub fn last_fire_at_or_before(cron: &CronExpr, tz: Tz, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+pub fn last_fire_at_or_before(
+    cron: &CronExpr,
+    tz: Tz,
+    now: DateTime<Utc>,
+) -> Option<DateTime<Utc>> {
     // Find a candidate with a backward search, then settle it with forward
     // searches so both directions agree on DST rules: a forward walk from a
     // few hours earlier (wider than any DST shift) is the reference.
-    let candidate = cron.cron.find_previous_occurrence(&now.with_timezone(&tz), true).ok()?.with_timezone(&Utc);
+    let candidate = cron
+        .cron
+        .find_previous_occurrence(&now.with_timezone(&tz), true)
+        .ok()?
+        .with_timezone(&Utc);
     let mut from = candidate.min(now) - TimeDelta::hours(3);
     let mut latest = None;
     while let Some(t) = next_fire(cron, tz, from) {
@@ -396,7 +460,11 @@ impl Schedule {
         if run_now {
             attributes.insert(ATTR_RUN_NOW.into(), "true".into());
         }
-        OutgoingMessage { data: self.spec.data.clone().into_bytes().into(), attributes, ordering_key: String::new() }
+        OutgoingMessage {
+            data: self.spec.data.clone().into_bytes().into(),
+            attributes,
+            ordering_key: String::new(),
+        }
     }
 }
 
@@ -408,7 +476,11 @@ pub fn format_time(t: DateTime<Utc>) -> String {
 /// What should fire at `now`, given that every tick at or before
 /// `last_fired` is settled: at most one tick (see the module docs on missed
 /// ticks). A paused spec has nothing due. Pure: the clock is an argument.
-pub fn due(schedule: &Schedule, last_fired: DateTime<Utc>, now: DateTime<Utc>) -> Vec<DateTime<Utc>> {
+pub fn due(
+    schedule: &Schedule,
+    last_fired: DateTime<Utc>,
+    now: DateTime<Utc>,
+) -> Vec<DateTime<Utc>> {
     if schedule.spec.paused || now <= last_fired {
         return Vec::new();
     }
@@ -490,19 +562,40 @@ mod tests {
     #[test]
     fn next_fire_is_strictly_after() {
         let c = cron("0 3 * * *");
-        assert_eq!(next_fire(&c, Tz::UTC, utc("2026-01-01T02:59:59Z")), Some(utc("2026-01-01T03:00:00Z")));
-        assert_eq!(next_fire(&c, Tz::UTC, utc("2026-01-01T03:00:00Z")), Some(utc("2026-01-02T03:00:00Z")));
-        assert_eq!(next_fire(&c, Tz::UTC, utc("2026-01-01T03:00:00.500Z")), Some(utc("2026-01-02T03:00:00Z")));
-        assert_eq!(next_fire(&c, Tz::UTC, utc("2026-01-01T02:59:59.999Z")), Some(utc("2026-01-01T03:00:00Z")));
+        assert_eq!(
+            next_fire(&c, Tz::UTC, utc("2026-01-01T02:59:59Z")),
+            Some(utc("2026-01-01T03:00:00Z"))
+        );
+        assert_eq!(
+            next_fire(&c, Tz::UTC, utc("2026-01-01T03:00:00Z")),
+            Some(utc("2026-01-02T03:00:00Z"))
+        );
+        assert_eq!(
+            next_fire(&c, Tz::UTC, utc("2026-01-01T03:00:00.500Z")),
+            Some(utc("2026-01-02T03:00:00Z"))
+        );
+        assert_eq!(
+            next_fire(&c, Tz::UTC, utc("2026-01-01T02:59:59.999Z")),
+            Some(utc("2026-01-01T03:00:00Z"))
+        );
         let every = cron("* * * * *");
-        assert_eq!(next_fire(&every, Tz::UTC, utc("2026-01-01T03:00:00.999Z")), Some(utc("2026-01-01T03:01:00Z")));
+        assert_eq!(
+            next_fire(&every, Tz::UTC, utc("2026-01-01T03:00:00.999Z")),
+            Some(utc("2026-01-01T03:01:00Z"))
+        );
     }
 
     #[test]
     fn time_zone_shifts_ticks() {
         // 03:00 in Berlin is 02:00 UTC in winter, 01:00 UTC in summer.
-        assert_eq!(ticks("0 3 * * *", "Europe/Berlin", "2026-01-10T00:00:00Z", 1), ["2026-01-10T02:00:00Z"]);
-        assert_eq!(ticks("0 3 * * *", "Europe/Berlin", "2026-07-10T00:00:00Z", 1), ["2026-07-10T01:00:00Z"]);
+        assert_eq!(
+            ticks("0 3 * * *", "Europe/Berlin", "2026-01-10T00:00:00Z", 1),
+            ["2026-01-10T02:00:00Z"]
+        );
+        assert_eq!(
+            ticks("0 3 * * *", "Europe/Berlin", "2026-07-10T00:00:00Z", 1),
+            ["2026-07-10T01:00:00Z"]
+        );
     }
 
     #[test]
@@ -511,22 +604,41 @@ mod tests {
         // A fixed time inside the gap fires once, right after the gap.
         assert_eq!(
             ticks("30 2 * * *", "Europe/Berlin", "2026-03-28T12:00:00Z", 3),
-            ["2026-03-29T01:00:00Z", "2026-03-30T00:30:00Z", "2026-03-31T00:30:00Z"]
+            [
+                "2026-03-29T01:00:00Z",
+                "2026-03-30T00:30:00Z",
+                "2026-03-31T00:30:00Z"
+            ]
         );
         // The day before it was 02:30 CET = 01:30 UTC.
-        assert_eq!(ticks("30 2 * * *", "Europe/Berlin", "2026-03-27T12:00:00Z", 1), ["2026-03-28T01:30:00Z"]);
+        assert_eq!(
+            ticks("30 2 * * *", "Europe/Berlin", "2026-03-27T12:00:00Z", 1),
+            ["2026-03-28T01:30:00Z"]
+        );
         // A daily 03:00 is not disturbed: 03:00 CEST = 01:00 UTC.
-        assert_eq!(ticks("0 3 * * *", "Europe/Berlin", "2026-03-28T12:00:00Z", 1), ["2026-03-29T01:00:00Z"]);
+        assert_eq!(
+            ticks("0 3 * * *", "Europe/Berlin", "2026-03-28T12:00:00Z", 1),
+            ["2026-03-29T01:00:00Z"]
+        );
         // Interval expressions have no ticks inside the gap.
         assert_eq!(
             ticks("*/30 * * * *", "Europe/Berlin", "2026-03-29T00:00:00Z", 4),
             // 01:30 CET, 03:00 CEST, 03:30 CEST, 04:00 CEST
-            ["2026-03-29T00:30:00Z", "2026-03-29T01:00:00Z", "2026-03-29T01:30:00Z", "2026-03-29T02:00:00Z"]
+            [
+                "2026-03-29T00:30:00Z",
+                "2026-03-29T01:00:00Z",
+                "2026-03-29T01:30:00Z",
+                "2026-03-29T02:00:00Z"
+            ]
         );
         assert_eq!(
             ticks("0 * * * *", "Europe/Berlin", "2026-03-28T23:30:00Z", 3),
             // 01:00 CET, 03:00 CEST, 04:00 CEST: one real hour apart
-            ["2026-03-29T00:00:00Z", "2026-03-29T01:00:00Z", "2026-03-29T02:00:00Z"]
+            [
+                "2026-03-29T00:00:00Z",
+                "2026-03-29T01:00:00Z",
+                "2026-03-29T02:00:00Z"
+            ]
         );
     }
 
@@ -551,15 +663,29 @@ mod tests {
             ]
         );
         // "0 2 * * *" is fixed: once, at 02:00 CEST.
-        assert_eq!(ticks("0 2 * * *", "Europe/Berlin", "2026-10-24T12:00:00Z", 2), ["2026-10-25T00:00:00Z", "2026-10-26T01:00:00Z"]);
+        assert_eq!(
+            ticks("0 2 * * *", "Europe/Berlin", "2026-10-24T12:00:00Z", 2),
+            ["2026-10-25T00:00:00Z", "2026-10-26T01:00:00Z"]
+        );
         assert!(cron("30 2 * * *").is_fixed_time());
         assert!(!cron("*/30 * * * *").is_fixed_time());
     }
 
     #[test]
     fn last_fire_agrees_with_next_fire_across_dst() {
-        for (c, tz) in [("30 2 * * *", "Europe/Berlin"), ("*/30 * * * *", "Europe/Berlin"), ("0 * * * *", "Europe/Berlin"), ("*/7 1-3 * * *", "Europe/Berlin"), ("0 3 * * *", "America/New_York")] {
-            for start in ["2026-03-28T20:00:00Z", "2026-10-24T20:00:00Z", "2026-03-08T00:00:00Z", "2026-11-01T00:00:00Z"] {
+        for (c, tz) in [
+            ("30 2 * * *", "Europe/Berlin"),
+            ("*/30 * * * *", "Europe/Berlin"),
+            ("0 * * * *", "Europe/Berlin"),
+            ("*/7 1-3 * * *", "Europe/Berlin"),
+            ("0 3 * * *", "America/New_York"),
+        ] {
+            for start in [
+                "2026-03-28T20:00:00Z",
+                "2026-10-24T20:00:00Z",
+                "2026-03-08T00:00:00Z",
+                "2026-11-01T00:00:00Z",
+            ] {
                 let e = cron(c);
                 let tz = parse_time_zone(tz).unwrap();
                 let mut t = utc(start);
@@ -568,7 +694,10 @@ mod tests {
                     // Just before the tick the latest is the previous tick; at the tick, it is the tick.
                     assert_eq!(last_fire_at_or_before(&e, tz, n), Some(n), "{c} at {n}");
                     let before = last_fire_at_or_before(&e, tz, n - TimeDelta::seconds(1)).unwrap();
-                    assert!(before <= t && before < n, "{c}: latest before {n} was {before}, previous tick {t}");
+                    assert!(
+                        before <= t && before < n,
+                        "{c}: latest before {n} was {before}, previous tick {t}"
+                    );
                     t = n;
                 }
             }
@@ -582,15 +711,36 @@ mod tests {
         assert!(err("0 3 * *").contains("4 fields"), "{}", err("0 3 * *"));
         assert!(err("0 0 3 * * *").contains("seconds and years are not supported"));
         let e = err("61 3 * * *");
-        assert!(e.contains("\"61 3 * * *\": minute field \"61\": number out of bounds (minute takes 0-59)"), "{e}");
+        assert!(
+            e.contains(
+                "\"61 3 * * *\": minute field \"61\": number out of bounds (minute takes 0-59)"
+            ),
+            "{e}"
+        );
         assert!(err("0 25 * * *").contains("hour field \"25\""));
         assert!(err("0 3 32 * *").contains("day-of-month field \"32\""));
         assert!(err("0 3 * 13 *").contains("month field \"13\""));
-        assert!(err("0 3 * * FOO").contains("day-of-week field \"FOO\""), "{}", err("0 3 * * FOO"));
-        assert!(err("*/0 * * * *").contains("step cannot be zero"), "{}", err("*/0 * * * *"));
+        assert!(
+            err("0 3 * * FOO").contains("day-of-week field \"FOO\""),
+            "{}",
+            err("0 3 * * FOO")
+        );
+        assert!(
+            err("*/0 * * * *").contains("step cannot be zero"),
+            "{}",
+            err("*/0 * * * *")
+        );
         assert!(err("0 3 * *").contains("MINUTE HOUR DAY-OF-MONTH MONTH DAY-OF-WEEK"));
-        assert!(err("@reboot").contains("unknown nickname"), "{}", err("@reboot"));
-        assert!(err("0 0 30 2 *").contains("never matches"), "{}", err("0 0 30 2 *"));
+        assert!(
+            err("@reboot").contains("unknown nickname"),
+            "{}",
+            err("@reboot")
+        );
+        assert!(
+            err("0 0 30 2 *").contains("never matches"),
+            "{}",
+            err("0 0 30 2 *")
+        );
         assert!(CronExpr::parse("@daily").is_ok());
         assert!(CronExpr::parse("0 9 * * MON-FRI").is_ok());
         assert!(CronExpr::parse("  */5 * * * *  ").is_ok());
@@ -605,42 +755,77 @@ mod tests {
         let mut s = ScheduleSpec::new("x", "0 3 * * *", "projects/demo/topics/t");
         s.time_zone = "Mars/Olympus".into();
         let e = s.validate().unwrap_err();
-        assert!(e.message.contains("schedule \"x\"") && e.message.contains("Mars/Olympus"), "{}", e.message);
+        assert!(
+            e.message.contains("schedule \"x\"") && e.message.contains("Mars/Olympus"),
+            "{}",
+            e.message
+        );
     }
 
     #[test]
     fn spec_validation() {
-        let ok = ScheduleSpec::new("nightly-import", "0 3 * * *", "projects/demo/topics/imports");
+        let ok = ScheduleSpec::new(
+            "nightly-import",
+            "0 3 * * *",
+            "projects/demo/topics/imports",
+        );
         ok.validate().unwrap();
         let mut bad = ok.clone();
         bad.name = "has space".into();
-        assert!(bad.validate().unwrap_err().message.contains("invalid schedule name"));
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .message
+            .contains("invalid schedule name"));
         let mut bad = ok.clone();
         bad.topic = "imports".into();
         assert!(bad.validate().unwrap_err().message.contains("topic"));
         let mut bad = ok.clone();
         bad.attributes.insert("schedule".into(), "x".into());
-        assert!(bad.validate().unwrap_err().message.contains("set by the scheduler"));
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .message
+            .contains("set by the scheduler"));
         let mut bad = ok.clone();
         bad.attributes.insert("googx".into(), "x".into());
         assert!(bad.validate().is_err());
         let mut bad = ok.clone();
         bad.cron = "0 3 * *".into();
         let m = bad.validate().unwrap_err().message;
-        assert!(m.starts_with("schedule \"nightly-import\": invalid cron expression"), "{m}");
+        assert!(
+            m.starts_with("schedule \"nightly-import\": invalid cron expression"),
+            "{m}"
+        );
     }
 
     #[test]
     fn missed_policy_config() {
-        assert_eq!(MissedPolicy::from_config(None, None).unwrap(), MissedPolicy::RunOnce { max_age: DEFAULT_MISSED_MAX_AGE });
-        assert_eq!(MissedPolicy::from_config(Some("skip"), None).unwrap(), MissedPolicy::Skip);
+        assert_eq!(
+            MissedPolicy::from_config(None, None).unwrap(),
+            MissedPolicy::RunOnce {
+                max_age: DEFAULT_MISSED_MAX_AGE
+            }
+        );
+        assert_eq!(
+            MissedPolicy::from_config(Some("skip"), None).unwrap(),
+            MissedPolicy::Skip
+        );
         assert_eq!(
             MissedPolicy::from_config(Some("run_once"), Some("2h")).unwrap(),
-            MissedPolicy::RunOnce { max_age: Duration::from_secs(7200) }
+            MissedPolicy::RunOnce {
+                max_age: Duration::from_secs(7200)
+            }
         );
-        assert!(MissedPolicy::from_config(Some("all"), None).unwrap_err().message.contains("\"all\""));
+        assert!(MissedPolicy::from_config(Some("all"), None)
+            .unwrap_err()
+            .message
+            .contains("\"all\""));
         assert!(MissedPolicy::from_config(Some("skip"), Some("1h")).is_err());
-        assert!(MissedPolicy::from_config(None, Some("soon")).unwrap_err().message.contains("soon"));
+        assert!(MissedPolicy::from_config(None, Some("soon"))
+            .unwrap_err()
+            .message
+            .contains("soon"));
     }
 
     #[test]
@@ -648,8 +833,14 @@ mod tests {
         let s = spec("0 * * * *", "UTC");
         let last = utc("2026-05-01T09:00:00Z");
         assert!(due(&s, last, utc("2026-05-01T09:59:59Z")).is_empty());
-        assert_eq!(due(&s, last, utc("2026-05-01T10:00:00Z")), [utc("2026-05-01T10:00:00Z")]);
-        assert_eq!(due(&s, last, utc("2026-05-01T10:00:30Z")), [utc("2026-05-01T10:00:00Z")]);
+        assert_eq!(
+            due(&s, last, utc("2026-05-01T10:00:00Z")),
+            [utc("2026-05-01T10:00:00Z")]
+        );
+        assert_eq!(
+            due(&s, last, utc("2026-05-01T10:00:30Z")),
+            [utc("2026-05-01T10:00:00Z")]
+        );
         // Once settled, nothing more until the next tick.
         assert!(due(&s, utc("2026-05-01T10:00:00Z"), utc("2026-05-01T10:59:00Z")).is_empty());
     }
@@ -659,13 +850,21 @@ mod tests {
         let s = spec("0 * * * *", "UTC");
         let last = utc("2026-05-01T09:00:00Z");
         // Down from 09:30 to 14:20: 10..14 missed → one fire, as 14:00.
-        assert_eq!(due(&s, last, utc("2026-05-01T14:20:00Z")), [utc("2026-05-01T14:00:00Z")]);
+        assert_eq!(
+            due(&s, last, utc("2026-05-01T14:20:00Z")),
+            [utc("2026-05-01T14:00:00Z")]
+        );
         // Too old for max_age: nothing.
         let mut sp = s.spec.clone();
-        sp.missed = MissedPolicy::RunOnce { max_age: Duration::from_secs(600) };
+        sp.missed = MissedPolicy::RunOnce {
+            max_age: Duration::from_secs(600),
+        };
         let s2 = sp.validate().unwrap();
         assert!(due(&s2, last, utc("2026-05-01T14:20:00Z")).is_empty());
-        assert_eq!(due(&s2, last, utc("2026-05-01T14:05:00Z")), [utc("2026-05-01T14:00:00Z")]);
+        assert_eq!(
+            due(&s2, last, utc("2026-05-01T14:05:00Z")),
+            [utc("2026-05-01T14:00:00Z")]
+        );
     }
 
     #[test]
@@ -676,7 +875,10 @@ mod tests {
         let last = utc("2026-05-01T09:00:00Z");
         assert!(due(&s, last, utc("2026-05-01T14:20:00Z")).is_empty());
         // A tick less than ON_TIME_GRACE late still fires.
-        assert_eq!(due(&s, last, utc("2026-05-01T14:00:59Z")), [utc("2026-05-01T14:00:00Z")]);
+        assert_eq!(
+            due(&s, last, utc("2026-05-01T14:00:59Z")),
+            [utc("2026-05-01T14:00:00Z")]
+        );
         assert!(due(&s, last, utc("2026-05-01T14:01:01Z")).is_empty());
     }
 
@@ -694,7 +896,10 @@ mod tests {
         // Spring: the 02:30 tick happens at 03:00 CEST = 01:00 UTC.
         let last = utc("2026-03-28T01:30:00Z");
         assert!(due(&s, last, utc("2026-03-29T00:59:59Z")).is_empty());
-        assert_eq!(due(&s, last, utc("2026-03-29T01:00:00Z")), [utc("2026-03-29T01:00:00Z")]);
+        assert_eq!(
+            due(&s, last, utc("2026-03-29T01:00:00Z")),
+            [utc("2026-03-29T01:00:00Z")]
+        );
         // Autumn: once at 02:30 CEST = 00:30 UTC, not at 02:30 CET.
         let last = utc("2026-10-25T00:30:00Z");
         assert!(due(&s, last, utc("2026-10-25T01:30:00Z")).is_empty());
@@ -713,8 +918,9 @@ mod tests {
         assert_eq!(m.attributes["scheduledTime"], "2026-03-29T01:00:00Z");
         assert_eq!(m.attributes["kind"], "import");
         assert!(!m.attributes.contains_key("runNow"));
-        assert_eq!(s.message(utc("2026-03-29T01:00:00.250Z"), true).attributes["runNow"], "true");
+        assert_eq!(
+            s.message(utc("2026-03-29T01:00:00.250Z"), true).attributes["runNow"],
+            "true"
+        );
     }
 }
-
-

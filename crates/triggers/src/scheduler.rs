@@ -82,8 +82,16 @@ struct Inner {
 
 fn owner_id() -> String {
     static N: AtomicU64 = AtomicU64::new(0);
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
-    format!("pid{}-{:x}-{}", std::process::id(), nanos, N.fetch_add(1, Ordering::Relaxed))
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!(
+        "pid{}-{:x}-{}",
+        std::process::id(),
+        nanos,
+        N.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 fn lease() -> TimeDelta {
@@ -123,19 +131,35 @@ impl Scheduler {
         for spec in specs {
             let s = spec.validate()?;
             if compiled.insert(s.spec.name.clone(), s).is_some() {
-                return Err(Error::invalid(format!("schedule \"{}\" is declared twice", spec.name)));
+                return Err(Error::invalid(format!(
+                    "schedule \"{}\" is declared twice",
+                    spec.name
+                )));
             }
         }
-        let declared: Vec<(String, bool)> = compiled.values().map(|s| (s.spec.name.clone(), s.spec.paused)).collect();
+        let declared: Vec<(String, bool)> = compiled
+            .values()
+            .map(|s| (s.spec.name.clone(), s.spec.paused))
+            .collect();
         self.inner.db.reconcile(&declared, self.inner.clock.now())?;
-        *self.inner.schedules.write().unwrap_or_else(|p| p.into_inner()) = compiled;
+        *self
+            .inner
+            .schedules
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = compiled;
         self.inner.wake.notify_one();
         Ok(())
     }
 
     /// The declared specs.
     pub fn specs(&self) -> Vec<ScheduleSpec> {
-        self.inner.schedules.read().unwrap_or_else(|p| p.into_inner()).values().map(|s| s.spec.clone()).collect()
+        self.inner
+            .schedules
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .map(|s| s.spec.clone())
+            .collect()
     }
 
     fn schedule(&self, name: &str) -> Result<Schedule> {
@@ -150,10 +174,26 @@ impl Scheduler {
 
     /// Every schedule with its state, by name.
     pub fn list(&self) -> Result<Vec<ScheduleStatus>> {
-        let schedules: Vec<Schedule> = self.inner.schedules.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
-        let states: BTreeMap<String, ScheduleState> = self.inner.db.list()?.into_iter().map(|s| (s.name.clone(), s)).collect();
+        let schedules: Vec<Schedule> = self
+            .inner
+            .schedules
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        let states: BTreeMap<String, ScheduleState> = self
+            .inner
+            .db
+            .list()?
+            .into_iter()
+            .map(|s| (s.name.clone(), s))
+            .collect();
         let now = self.inner.clock.now();
-        Ok(schedules.iter().map(|s| status(s, states.get(s.name()), now)).collect())
+        Ok(schedules
+            .iter()
+            .map(|s| status(s, states.get(s.name()), now))
+            .collect())
     }
 
     pub fn get(&self, name: &str) -> Result<ScheduleStatus> {
@@ -176,7 +216,11 @@ impl Scheduler {
 
     fn set_paused(&self, name: &str, paused: bool) -> Result<ScheduleStatus> {
         self.schedule(name)?;
-        if !self.inner.db.set_paused(name, paused, self.inner.clock.now())? {
+        if !self
+            .inner
+            .db
+            .set_paused(name, paused, self.inner.clock.now())?
+        {
             return Err(Error::not_found(format!("schedule \"{name}\" not found")));
         }
         self.inner.wake.notify_one();
@@ -189,9 +233,18 @@ impl Scheduler {
     pub async fn run_now(&self, name: &str) -> Result<String> {
         let s = self.schedule(name)?;
         let now = self.inner.clock.now();
-        let ids = self.inner.broker.publish(&s.topic, vec![s.message(now, true)]).await?;
-        let id = ids.into_iter().next().ok_or_else(|| Error::internal("publish returned no id"))?;
-        self.inner.db.record_run_now(name, &id, self.inner.clock.now())?;
+        let ids = self
+            .inner
+            .broker
+            .publish(&s.topic, vec![s.message(now, true)])
+            .await?;
+        let id = ids
+            .into_iter()
+            .next()
+            .ok_or_else(|| Error::internal("publish returned no id"))?;
+        self.inner
+            .db
+            .record_run_now(name, &id, self.inner.clock.now())?;
         tracing::info!(schedule = name, message_id = %id, "schedule run now");
         Ok(id)
     }
@@ -256,7 +309,13 @@ impl Inner {
 
     /// One pass; returns when the next one is needed.
     async fn evaluate(&self, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
-        let schedules: Vec<Schedule> = self.schedules.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
+        let schedules: Vec<Schedule> = self
+            .schedules
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
         let mut next: Option<DateTime<Utc>> = None;
         for s in &schedules {
             let wake = match self.evaluate_one(s, now).await {
@@ -274,11 +333,18 @@ impl Inner {
         next
     }
 
-    async fn evaluate_one(&self, s: &Schedule, now: DateTime<Utc>) -> Result<Option<DateTime<Utc>>> {
+    async fn evaluate_one(
+        &self,
+        s: &Schedule,
+        now: DateTime<Utc>,
+    ) -> Result<Option<DateTime<Utc>>> {
         let name = s.name();
-        let Some(st) = self.db.get(name)? else { return Ok(None) };
+        let Some(st) = self.db.get(name)? else {
+            return Ok(None);
+        };
         let mut wake: Option<DateTime<Utc>> = None;
-        let mut wake_at = |t: DateTime<Utc>| wake = Some(wake.map_or(t, |w: DateTime<Utc>| w.min(t)));
+        let mut wake_at =
+            |t: DateTime<Utc>| wake = Some(wake.map_or(t, |w: DateTime<Utc>| w.min(t)));
 
         // 1. An expired claim is published again (at least once).
         if let Some(claim) = &st.pending {
@@ -319,11 +385,18 @@ impl Inner {
     /// failed (the claim stays pending and is retried after its lease).
     async fn publish_tick(&self, s: &Schedule, tick: DateTime<Utc>, now: DateTime<Utc>) -> bool {
         let name = s.name();
-        match self.broker.publish(&s.topic, vec![s.message(tick, false)]).await {
+        match self
+            .broker
+            .publish(&s.topic, vec![s.message(tick, false)])
+            .await
+        {
             Ok(ids) => {
                 let id = ids.into_iter().next().unwrap_or_default();
                 tracing::info!(schedule = name, tick = %format_time(tick), message_id = %id, "schedule fired");
-                if let Err(e) = self.db.complete(name, tick, &self.owner, &id, self.clock.now()) {
+                if let Err(e) = self
+                    .db
+                    .complete(name, tick, &self.owner, &id, self.clock.now())
+                {
                     // Published but not recorded: the claim expires and the
                     // tick is published again (at least once).
                     tracing::warn!(schedule = name, error = %e, "could not record a published tick");
@@ -350,13 +423,21 @@ fn status(s: &Schedule, st: Option<&ScheduleState>, now: DateTime<Utc>) -> Sched
         paused,
         missed: s.spec.missed.name().to_string(),
         missed_max_age: match s.spec.missed {
-            MissedPolicy::RunOnce { max_age } => Some(humantime::format_duration(max_age).to_string()),
+            MissedPolicy::RunOnce { max_age } => {
+                Some(humantime::format_duration(max_age).to_string())
+            }
             MissedPolicy::Skip => None,
         },
-        next_fire_time: if paused { None } else { s.next_fire(after).map(format_time) },
+        next_fire_time: if paused {
+            None
+        } else {
+            s.next_fire(after).map(format_time)
+        },
         last_fire_time: st.and_then(|st| st.last_fired).map(format_time),
         last_message_id: st.and_then(|st| st.last_message_id.clone()),
-        pending_tick: st.and_then(|st| st.pending.as_ref()).map(|c| format_time(c.tick)),
+        pending_tick: st
+            .and_then(|st| st.pending.as_ref())
+            .map(|c| format_time(c.tick)),
         last_error: st.and_then(|st| st.last_error.clone()),
     }
 }

@@ -81,10 +81,17 @@ impl WebhookSpec {
     pub fn validate(&self) -> Result<TopicName> {
         let ctx = |m: String| Error::invalid(format!("webhook \"{}\": {m}", self.name));
         validate_trigger_name("webhook", &self.name)?;
-        let topic = TopicName::parse(&self.topic).map_err(|e| ctx(format!("topic: {}", e.message)))?;
-        for (key, var) in [("secret_env", &self.secret_env), ("bearer_secret_env", &self.bearer_secret_env)] {
+        let topic =
+            TopicName::parse(&self.topic).map_err(|e| ctx(format!("topic: {}", e.message)))?;
+        for (key, var) in [
+            ("secret_env", &self.secret_env),
+            ("bearer_secret_env", &self.bearer_secret_env),
+        ] {
             if let Some(v) = var {
-                let ok = v.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                let ok = v
+                    .chars()
+                    .next()
+                    .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
                     && v.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
                 if !ok {
                     return Err(ctx(format!(
@@ -95,11 +102,18 @@ impl WebhookSpec {
         }
         for h in &self.headers_as_attributes {
             if http::HeaderName::from_bytes(h.as_bytes()).is_err() {
-                return Err(ctx(format!("headers_as_attributes: \"{h}\" is not a valid HTTP header name")));
+                return Err(ctx(format!(
+                    "headers_as_attributes: \"{h}\" is not a valid HTTP header name"
+                )));
             }
             let lower = h.to_ascii_lowercase();
-            if lower.starts_with("goog") || lower == ATTR_WEBHOOK || lower.len() > pubrun_core::limits::MAX_ATTRIBUTE_KEY_BYTES {
-                return Err(ctx(format!("headers_as_attributes: \"{h}\" cannot be an attribute name")));
+            if lower.starts_with("goog")
+                || lower == ATTR_WEBHOOK
+                || lower.len() > pubrun_core::limits::MAX_ATTRIBUTE_KEY_BYTES
+            {
+                return Err(ctx(format!(
+                    "headers_as_attributes: \"{h}\" cannot be an attribute name"
+                )));
             }
         }
         if self.max_body_bytes == 0 || self.max_body_bytes > MAX_MESSAGE_BYTES as u64 {
@@ -125,7 +139,10 @@ pub struct Hook {
 impl std::fmt::Debug for Hook {
     // Never print secrets.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Hook").field("spec", &self.spec).field("topic", &self.topic).finish_non_exhaustive()
+        f.debug_struct("Hook")
+            .field("spec", &self.spec)
+            .field("topic", &self.topic)
+            .finish_non_exhaustive()
     }
 }
 
@@ -168,8 +185,18 @@ impl Hook {
         };
         let hmac_secret = read("secret_env", &spec.secret_env)?;
         let bearer_secret = read("bearer_secret_env", &spec.bearer_secret_env)?;
-        let headers = spec.headers_as_attributes.iter().map(|h| h.to_ascii_lowercase()).collect();
-        Ok(Hook { spec, topic, hmac_secret, bearer_secret, headers })
+        let headers = spec
+            .headers_as_attributes
+            .iter()
+            .map(|h| h.to_ascii_lowercase())
+            .collect();
+        Ok(Hook {
+            spec,
+            topic,
+            hmac_secret,
+            bearer_secret,
+            headers,
+        })
     }
 
     /// True when a bearer secret is configured and HMAC is not: the check can
@@ -189,7 +216,9 @@ impl Hook {
 
     /// Checks the `Authorization` header against the bearer secret, if any.
     pub fn check_bearer(&self, authorization: Option<&[u8]>) -> Result<(), AuthError> {
-        let Some(secret) = &self.bearer_secret else { return Err(AuthError::MissingBearer) };
+        let Some(secret) = &self.bearer_secret else {
+            return Err(AuthError::MissingBearer);
+        };
         let token = authorization.and_then(|a| {
             let (scheme, rest) = split_scheme(a)?;
             scheme.eq_ignore_ascii_case(b"bearer").then_some(rest)
@@ -203,7 +232,12 @@ impl Hook {
 
     /// Authenticates a request: either a valid bearer secret or a valid
     /// signature over `body`, among the methods configured.
-    pub fn authenticate(&self, authorization: Option<&[u8]>, signature: Option<&[u8]>, body: &[u8]) -> Result<(), AuthError> {
+    pub fn authenticate(
+        &self,
+        authorization: Option<&[u8]>,
+        signature: Option<&[u8]>,
+        body: &[u8],
+    ) -> Result<(), AuthError> {
         if self.is_open() {
             return Ok(());
         }
@@ -216,7 +250,11 @@ impl Hook {
         }
         if let Some(secret) = &self.hmac_secret {
             return match signature {
-                None => Err(if authorization.is_some() { err.unwrap_or(AuthError::MissingSignature) } else { AuthError::MissingSignature }),
+                None => Err(if authorization.is_some() {
+                    err.unwrap_or(AuthError::MissingSignature)
+                } else {
+                    AuthError::MissingSignature
+                }),
                 Some(sig) if verify_github_signature(secret, body, sig) => Ok(()),
                 Some(_) => Err(AuthError::BadSignature),
             };
@@ -245,7 +283,11 @@ impl Hook {
         for (name, value) in headers {
             let lower = name.to_ascii_lowercase();
             if self.headers.contains(&lower) {
-                join_into(&mut from_headers, lower, String::from_utf8_lossy(value).into_owned());
+                join_into(
+                    &mut from_headers,
+                    lower,
+                    String::from_utf8_lossy(value).into_owned(),
+                );
             }
         }
         attrs.extend(from_headers);
@@ -287,8 +329,12 @@ pub fn github_signature(secret: &[u8], body: &[u8]) -> String {
 /// time.
 pub fn verify_github_signature(secret: &[u8], body: &[u8], header: &[u8]) -> bool {
     let header = header.trim_ascii();
-    let Some(hex) = header.strip_prefix(b"sha256=") else { return false };
-    let Some(tag) = decode_hex(hex) else { return false };
+    let Some(hex) = header.strip_prefix(b"sha256=") else {
+        return false;
+    };
+    let Some(tag) = decode_hex(hex) else {
+        return false;
+    };
     let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes any key length");
     mac.update(body);
     mac.verify_slice(&tag).is_ok()
@@ -312,7 +358,9 @@ fn decode_hex(s: &[u8]) -> Option<Vec<u8>> {
         b'A'..=b'F' => Some(c - b'A' + 10),
         _ => None,
     };
-    s.chunks(2).map(|p| Some(nib(p[0])? << 4 | nib(p[1])?)).collect()
+    s.chunks(2)
+        .map(|p| Some(nib(p[0])? << 4 | nib(p[1])?))
+        .collect()
 }
 
 /// `application/x-www-form-urlencoded` pairs, percent- and `+`-decoded.
@@ -333,16 +381,14 @@ fn percent_decode(s: &str) -> String {
     while i < b.len() {
         match b[i] {
             b'+' => out.push(b' '),
-            b'%' if i + 2 < b.len() => {
-                match decode_hex(&b[i + 1..i + 3]) {
-                    Some(v) => {
-                        out.push(v[0]);
-                        i += 3;
-                        continue;
-                    }
-                    None => out.push(b'%'),
+            b'%' if i + 2 < b.len() => match decode_hex(&b[i + 1..i + 3]) {
+                Some(v) => {
+                    out.push(v[0]);
+                    i += 3;
+                    continue;
                 }
-            }
+                None => out.push(b'%'),
+            },
             c => out.push(c),
         }
         i += 1;
@@ -373,14 +419,45 @@ mod tests {
     fn github_documented_example() {
         // The example from GitHub's "Validating webhook deliveries" page.
         let sig = github_signature(b"It's a Secret to Everybody", b"Hello, World!");
-        assert_eq!(sig, "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17");
-        assert!(verify_github_signature(b"It's a Secret to Everybody", b"Hello, World!", sig.as_bytes()));
-        assert!(verify_github_signature(b"It's a Secret to Everybody", b"Hello, World!", sig.to_uppercase().replace("SHA256", "sha256").as_bytes()));
-        assert!(!verify_github_signature(b"It's a Secret to Everybody", b"Hello, World?", sig.as_bytes()));
-        assert!(!verify_github_signature(b"wrong", b"Hello, World!", sig.as_bytes()));
-        assert!(!verify_github_signature(b"It's a Secret to Everybody", b"Hello, World!", &sig.as_bytes()[7..]));
-        assert!(!verify_github_signature(b"It's a Secret to Everybody", b"Hello, World!", b"sha256=zz"));
-        assert!(!verify_github_signature(b"It's a Secret to Everybody", b"Hello, World!", b"sha1=abc"));
+        assert_eq!(
+            sig,
+            "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17"
+        );
+        assert!(verify_github_signature(
+            b"It's a Secret to Everybody",
+            b"Hello, World!",
+            sig.as_bytes()
+        ));
+        assert!(verify_github_signature(
+            b"It's a Secret to Everybody",
+            b"Hello, World!",
+            sig.to_uppercase().replace("SHA256", "sha256").as_bytes()
+        ));
+        assert!(!verify_github_signature(
+            b"It's a Secret to Everybody",
+            b"Hello, World?",
+            sig.as_bytes()
+        ));
+        assert!(!verify_github_signature(
+            b"wrong",
+            b"Hello, World!",
+            sig.as_bytes()
+        ));
+        assert!(!verify_github_signature(
+            b"It's a Secret to Everybody",
+            b"Hello, World!",
+            &sig.as_bytes()[7..]
+        ));
+        assert!(!verify_github_signature(
+            b"It's a Secret to Everybody",
+            b"Hello, World!",
+            b"sha256=zz"
+        ));
+        assert!(!verify_github_signature(
+            b"It's a Secret to Everybody",
+            b"Hello, World!",
+            b"sha1=abc"
+        ));
     }
 
     #[test]
@@ -389,16 +466,34 @@ mod tests {
         let body = b"{}";
         let sig = github_signature(b"It's a Secret to Everybody", body);
         assert_eq!(h.authenticate(None, Some(sig.as_bytes()), body), Ok(()));
-        assert_eq!(h.authenticate(None, None, body), Err(AuthError::MissingSignature));
-        assert_eq!(h.authenticate(None, Some(b"sha256=00"), body), Err(AuthError::BadSignature));
+        assert_eq!(
+            h.authenticate(None, None, body),
+            Err(AuthError::MissingSignature)
+        );
+        assert_eq!(
+            h.authenticate(None, Some(b"sha256=00"), body),
+            Err(AuthError::BadSignature)
+        );
 
         let h = hook(|s| s.bearer_secret_env = Some("BEARER".into())).unwrap();
         assert!(h.bearer_only());
         assert_eq!(h.authenticate(Some(b"Bearer tok-123"), None, body), Ok(()));
-        assert_eq!(h.authenticate(Some(b"bearer  tok-123 "), None, body), Ok(()));
-        assert_eq!(h.authenticate(Some(b"Bearer tok-124"), None, body), Err(AuthError::BadBearer));
-        assert_eq!(h.authenticate(Some(b"Basic tok-123"), None, body), Err(AuthError::MissingBearer));
-        assert_eq!(h.authenticate(None, None, body), Err(AuthError::MissingBearer));
+        assert_eq!(
+            h.authenticate(Some(b"bearer  tok-123 "), None, body),
+            Ok(())
+        );
+        assert_eq!(
+            h.authenticate(Some(b"Bearer tok-124"), None, body),
+            Err(AuthError::BadBearer)
+        );
+        assert_eq!(
+            h.authenticate(Some(b"Basic tok-123"), None, body),
+            Err(AuthError::MissingBearer)
+        );
+        assert_eq!(
+            h.authenticate(None, None, body),
+            Err(AuthError::MissingBearer)
+        );
 
         let h = hook(|s| {
             s.secret_env = Some("HOOK_SECRET".into());
@@ -407,7 +502,9 @@ mod tests {
         .unwrap();
         assert_eq!(h.authenticate(Some(b"Bearer tok-123"), None, body), Ok(()));
         assert_eq!(h.authenticate(None, Some(sig.as_bytes()), body), Ok(()));
-        assert!(h.authenticate(Some(b"Bearer nope"), Some(b"sha256=00"), body).is_err());
+        assert!(h
+            .authenticate(Some(b"Bearer nope"), Some(b"sha256=00"), body)
+            .is_err());
         assert!(h.authenticate(None, None, body).is_err());
 
         let open = hook(|_| {}).unwrap();
@@ -418,19 +515,41 @@ mod tests {
     #[test]
     fn missing_secret_env_is_an_error() {
         let e = hook(|s| s.secret_env = Some("NOT_SET_ANYWHERE".into())).unwrap_err();
-        assert!(e.message.contains("NOT_SET_ANYWHERE") && e.message.contains("secret_env"), "{}", e.message);
+        assert!(
+            e.message.contains("NOT_SET_ANYWHERE") && e.message.contains("secret_env"),
+            "{}",
+            e.message
+        );
         assert!(hook(|s| s.bearer_secret_env = Some("EMPTY".into())).is_err());
         let e = hook(|s| s.secret_env = Some("my secret value".into())).unwrap_err();
-        assert!(e.message.contains("not an environment variable name"), "{}", e.message);
+        assert!(
+            e.message.contains("not an environment variable name"),
+            "{}",
+            e.message
+        );
     }
 
     #[test]
     fn validation() {
-        assert!(hook(|s| s.name = "a/b".into()).unwrap_err().message.contains("invalid webhook name"));
-        assert!(hook(|s| s.topic = "imports".into()).unwrap_err().message.contains("topic"));
-        assert!(hook(|s| s.max_body_bytes = 0).unwrap_err().message.contains("max_body_bytes"));
+        assert!(hook(|s| s.name = "a/b".into())
+            .unwrap_err()
+            .message
+            .contains("invalid webhook name"));
+        assert!(hook(|s| s.topic = "imports".into())
+            .unwrap_err()
+            .message
+            .contains("topic"));
+        assert!(hook(|s| s.max_body_bytes = 0)
+            .unwrap_err()
+            .message
+            .contains("max_body_bytes"));
         assert!(hook(|s| s.max_body_bytes = 11 * 1024 * 1024).is_err());
-        assert!(hook(|s| s.headers_as_attributes = vec!["bad header".into()]).unwrap_err().message.contains("bad header"));
+        assert!(
+            hook(|s| s.headers_as_attributes = vec!["bad header".into()])
+                .unwrap_err()
+                .message
+                .contains("bad header")
+        );
         assert!(hook(|s| s.headers_as_attributes = vec!["goog-x".into()]).is_err());
         assert!(hook(|s| s.headers_as_attributes = vec!["X-GitHub-Event".into()]).is_ok());
     }
@@ -438,7 +557,8 @@ mod tests {
     #[test]
     fn attributes_from_headers_and_query() {
         let h = hook(|s| {
-            s.headers_as_attributes = vec!["X-GitHub-Event".into(), "x-multi".into(), "x-absent".into()];
+            s.headers_as_attributes =
+                vec!["X-GitHub-Event".into(), "x-multi".into(), "x-absent".into()];
             s.query_as_attributes = true;
         })
         .unwrap();
@@ -448,7 +568,10 @@ mod tests {
             ("x-multi", b"b"),
             ("content-type", b"application/json"),
         ];
-        let a = h.attributes(headers, Some("env=prod&tag=a+b&tag=c%2Fd&x-github-event=q&webhook=evil&&=x"));
+        let a = h.attributes(
+            headers,
+            Some("env=prod&tag=a+b&tag=c%2Fd&x-github-event=q&webhook=evil&&=x"),
+        );
         let want: BTreeMap<String, String> = [
             ("env", "prod"),
             ("tag", "a b,c/d"),

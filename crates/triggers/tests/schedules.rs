@@ -29,13 +29,27 @@ struct Env {
 
 async fn env(start: &str) -> Env {
     let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::open(Arc::new(EmbeddedStore::open(dir.path().join("broker")).unwrap())).unwrap();
+    let broker = Broker::open(Arc::new(
+        EmbeddedStore::open(dir.path().join("broker")).unwrap(),
+    ))
+    .unwrap();
     create_topic(&broker).await;
-    Env { data: dir.path().join("data"), _dir: dir, broker, clock: ManualClock::new(utc(start)) }
+    Env {
+        data: dir.path().join("data"),
+        _dir: dir,
+        broker,
+        clock: ManualClock::new(utc(start)),
+    }
 }
 
 async fn create_topic(broker: &Broker) {
-    broker.create_topic(TopicConfig { name: TOPIC.into(), labels: Default::default() }).await.unwrap();
+    broker
+        .create_topic(TopicConfig {
+            name: TOPIC.into(),
+            labels: Default::default(),
+        })
+        .await
+        .unwrap();
     broker
         .create_subscription(SubscriptionConfig {
             name: SUB.into(),
@@ -58,7 +72,9 @@ impl Env {
         let t = utc(t);
         self.clock.set(t);
         for tr in triggers {
-            tokio::time::timeout(Duration::from_secs(10), tr.scheduler().wait_evaluated(t)).await.expect("scheduler evaluated");
+            tokio::time::timeout(Duration::from_secs(10), tr.scheduler().wait_evaluated(t))
+                .await
+                .expect("scheduler evaluated");
         }
     }
 
@@ -80,7 +96,11 @@ impl Env {
     }
 
     async fn fired(&self) -> Vec<String> {
-        self.drain().await.iter().map(|m| m.attributes["scheduledTime"].clone()).collect()
+        self.drain()
+            .await
+            .iter()
+            .map(|m| m.attributes["scheduledTime"].clone())
+            .collect()
     }
 }
 
@@ -100,7 +120,8 @@ fn spec(name: &str, cron: &str, tz: &str) -> ScheduleSpec {
 async fn fires_exactly_at_ticks() {
     let e = env("2026-05-01T09:58:00Z").await;
     let t = e.triggers();
-    t.set_schedules(vec![spec("hourly", "0 * * * *", "UTC")]).unwrap();
+    t.set_schedules(vec![spec("hourly", "0 * * * *", "UTC")])
+        .unwrap();
     let _h = t.spawn();
     e.set("2026-05-01T09:58:00Z", &[&t]).await;
     e.set("2026-05-01T09:59:59Z", &[&t]).await;
@@ -125,8 +146,14 @@ async fn fires_exactly_at_ticks() {
 
     let list = t.list_schedules().unwrap();
     assert_eq!(list.len(), 1);
-    assert_eq!(list[0].last_fire_time.as_deref(), Some("2026-05-01T11:00:00Z"));
-    assert_eq!(list[0].next_fire_time.as_deref(), Some("2026-05-01T12:00:00Z"));
+    assert_eq!(
+        list[0].last_fire_time.as_deref(),
+        Some("2026-05-01T11:00:00Z")
+    );
+    assert_eq!(
+        list[0].next_fire_time.as_deref(),
+        Some("2026-05-01T12:00:00Z")
+    );
     assert!(list[0].last_message_id.is_some());
     assert_eq!(list[0].pending_tick, None);
     t.stop();
@@ -138,8 +165,11 @@ async fn dst_spring_forward_berlin() {
     // after the gap, at 03:00 CEST = 01:00 UTC; on normal days at 02:30.
     let e = env("2026-03-28T12:00:00Z").await;
     let t = e.triggers();
-    t.set_schedules(vec![spec("nightly", "30 2 * * *", "Europe/Berlin"), spec("half-hourly", "*/30 * * * *", "Europe/Berlin")])
-        .unwrap();
+    t.set_schedules(vec![
+        spec("nightly", "30 2 * * *", "Europe/Berlin"),
+        spec("half-hourly", "*/30 * * * *", "Europe/Berlin"),
+    ])
+    .unwrap();
     let _h = t.spawn();
     e.set("2026-03-28T12:00:00Z", &[&t]).await;
     e.drain().await;
@@ -149,7 +179,10 @@ async fn dst_spring_forward_berlin() {
     while now <= utc("2026-03-29T02:00:00Z") {
         e.set(&now.to_rfc3339(), &[&t]).await;
         for m in e.drain().await {
-            fired.push(format!("{} {}", m.attributes["schedule"], m.attributes["scheduledTime"]));
+            fired.push(format!(
+                "{} {}",
+                m.attributes["schedule"], m.attributes["scheduledTime"]
+            ));
         }
         now += chrono::TimeDelta::minutes(10);
     }
@@ -171,8 +204,24 @@ async fn dst_spring_forward_berlin() {
     e.set("2026-03-30T00:29:59Z", &[&t]).await;
     e.drain().await;
     e.set("2026-03-30T00:30:00Z", &[&t]).await;
-    let next: Vec<_> = e.drain().await.iter().map(|m| format!("{} {}", m.attributes["schedule"], m.attributes["scheduledTime"])).collect();
-    assert_eq!(next, ["half-hourly 2026-03-30T00:30:00Z", "nightly 2026-03-30T00:30:00Z"]);
+    let next: Vec<_> = e
+        .drain()
+        .await
+        .iter()
+        .map(|m| {
+            format!(
+                "{} {}",
+                m.attributes["schedule"], m.attributes["scheduledTime"]
+            )
+        })
+        .collect();
+    assert_eq!(
+        next,
+        [
+            "half-hourly 2026-03-30T00:30:00Z",
+            "nightly 2026-03-30T00:30:00Z"
+        ]
+    );
     t.stop();
 }
 
@@ -182,8 +231,11 @@ async fn dst_fall_back_berlin() {
     // twice. "30 2 * * *" fires once (first pass); "*/30" fires in both.
     let e = env("2026-10-24T12:00:00Z").await;
     let t = e.triggers();
-    t.set_schedules(vec![spec("nightly", "30 2 * * *", "Europe/Berlin"), spec("half-hourly", "*/30 * * * *", "Europe/Berlin")])
-        .unwrap();
+    t.set_schedules(vec![
+        spec("nightly", "30 2 * * *", "Europe/Berlin"),
+        spec("half-hourly", "*/30 * * * *", "Europe/Berlin"),
+    ])
+    .unwrap();
     let _h = t.spawn();
     e.set("2026-10-24T12:00:00Z", &[&t]).await;
     e.set("2026-10-24T23:50:00Z", &[&t]).await;
@@ -193,7 +245,10 @@ async fn dst_fall_back_berlin() {
     while now <= utc("2026-10-25T02:00:00Z") {
         e.set(&now.to_rfc3339(), &[&t]).await;
         for m in e.drain().await {
-            fired.push(format!("{} {}", m.attributes["schedule"], m.attributes["scheduledTime"]));
+            fired.push(format!(
+                "{} {}",
+                m.attributes["schedule"], m.attributes["scheduledTime"]
+            ));
         }
         now += chrono::TimeDelta::minutes(15);
     }
@@ -250,9 +305,14 @@ async fn missed_run_once_fires_once_after_downtime() {
 
 #[tokio::test]
 async fn missed_run_once_respects_max_age() {
-    let policy = MissedPolicy::RunOnce { max_age: Duration::from_secs(30 * 60) };
+    let policy = MissedPolicy::RunOnce {
+        max_age: Duration::from_secs(30 * 60),
+    };
     let (at_restart, later) = downtime(policy, "2026-05-01T15:40:00Z").await;
-    assert!(at_restart.is_empty(), "15:00 is 40 min old, max_age 30 min: {at_restart:?}");
+    assert!(
+        at_restart.is_empty(),
+        "15:00 is 40 min old, max_age 30 min: {at_restart:?}"
+    );
     assert_eq!(later, ["2026-05-01T16:00:00Z"]);
 }
 
@@ -267,7 +327,8 @@ async fn missed_skip_fires_nothing_after_downtime() {
 async fn pause_resume_run_now() {
     let e = env("2026-05-01T09:30:00Z").await;
     let t = e.triggers();
-    t.set_schedules(vec![spec("hourly", "0 * * * *", "UTC")]).unwrap();
+    t.set_schedules(vec![spec("hourly", "0 * * * *", "UTC")])
+        .unwrap();
     let h = t.spawn();
     e.set("2026-05-01T10:00:00Z", &[&t]).await;
     assert_eq!(e.fired().await, ["2026-05-01T10:00:00Z"]);
@@ -286,15 +347,22 @@ async fn pause_resume_run_now() {
     assert_eq!(msgs.len(), 1);
     assert_eq!(msgs[0].id(), id);
     assert_eq!(msgs[0].attributes["runNow"], "true");
-    assert_eq!(msgs[0].attributes["scheduledTime"], "2026-05-01T12:10:00.250Z");
-    assert_eq!(t.list_schedules().unwrap()[0].last_message_id.as_deref(), Some(id.as_str()));
+    assert_eq!(
+        msgs[0].attributes["scheduledTime"],
+        "2026-05-01T12:10:00.250Z"
+    );
+    assert_eq!(
+        t.list_schedules().unwrap()[0].last_message_id.as_deref(),
+        Some(id.as_str())
+    );
 
     // The pause survives a restart and a re-apply of the same declaration.
     t.stop();
     h.await.unwrap();
     drop(t);
     let t = e.triggers();
-    t.set_schedules(vec![spec("hourly", "0 * * * *", "UTC")]).unwrap();
+    t.set_schedules(vec![spec("hourly", "0 * * * *", "UTC")])
+        .unwrap();
     assert!(t.list_schedules().unwrap()[0].paused);
     let _h = t.spawn();
     e.set("2026-05-01T12:30:00Z", &[&t]).await;
@@ -308,8 +376,14 @@ async fn pause_resume_run_now() {
     e.set("2026-05-01T13:00:00Z", &[&t]).await;
     assert_eq!(e.fired().await, ["2026-05-01T13:00:00Z"]);
 
-    assert_eq!(t.pause("nope").unwrap_err().code, pubrun_core::Code::NotFound);
-    assert_eq!(t.run_now("nope").await.unwrap_err().code, pubrun_core::Code::NotFound);
+    assert_eq!(
+        t.pause("nope").unwrap_err().code,
+        pubrun_core::Code::NotFound
+    );
+    assert_eq!(
+        t.run_now("nope").await.unwrap_err().code,
+        pubrun_core::Code::NotFound
+    );
     t.stop();
 }
 
@@ -326,7 +400,10 @@ async fn declared_paused_starts_paused_and_wins_when_changed() {
     s.paused = false;
     t.set_schedules(vec![s]).unwrap();
     e.set("2026-05-01T10:00:01Z", &[&t]).await;
-    assert!(e.drain().await.is_empty(), "the 10:00 tick passed while paused");
+    assert!(
+        e.drain().await.is_empty(),
+        "the 10:00 tick passed while paused"
+    );
     e.set("2026-05-01T11:00:00Z", &[&t]).await;
     assert_eq!(e.fired().await, ["2026-05-01T11:00:00Z"]);
     // A removed schedule stops.
@@ -342,8 +419,10 @@ async fn two_schedulers_on_one_database_fire_each_tick_once() {
     let e = env("2026-05-01T09:30:00Z").await;
     let a = e.triggers();
     let b = e.triggers();
-    a.set_schedules(vec![spec("every-minute", "* * * * *", "UTC")]).unwrap();
-    b.set_schedules(vec![spec("every-minute", "* * * * *", "UTC")]).unwrap();
+    a.set_schedules(vec![spec("every-minute", "* * * * *", "UTC")])
+        .unwrap();
+    b.set_schedules(vec![spec("every-minute", "* * * * *", "UTC")])
+        .unwrap();
     let _ha = a.spawn();
     let _hb = b.spawn();
     let mut now = utc("2026-05-01T09:30:00Z");
@@ -362,15 +441,27 @@ async fn two_schedulers_on_one_database_fire_each_tick_once() {
 async fn failed_publish_stays_claimed_and_is_retried() {
     // The topic does not exist yet: the claimed tick stays pending.
     let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::open(Arc::new(EmbeddedStore::open(dir.path().join("broker")).unwrap())).unwrap();
-    let e = Env { data: dir.path().join("data"), _dir: dir, broker, clock: ManualClock::new(utc("2026-05-01T09:30:00Z")) };
+    let broker = Broker::open(Arc::new(
+        EmbeddedStore::open(dir.path().join("broker")).unwrap(),
+    ))
+    .unwrap();
+    let e = Env {
+        data: dir.path().join("data"),
+        _dir: dir,
+        broker,
+        clock: ManualClock::new(utc("2026-05-01T09:30:00Z")),
+    };
     let t = e.triggers();
-    t.set_schedules(vec![spec("hourly", "0 * * * *", "UTC")]).unwrap();
+    t.set_schedules(vec![spec("hourly", "0 * * * *", "UTC")])
+        .unwrap();
     let _h = t.spawn();
     e.set("2026-05-01T10:00:00Z", &[&t]).await;
     let st = &t.list_schedules().unwrap()[0];
     assert_eq!(st.pending_tick.as_deref(), Some("2026-05-01T10:00:00Z"));
-    assert!(st.last_error.as_deref().unwrap().contains("not found"), "{st:?}");
+    assert!(
+        st.last_error.as_deref().unwrap().contains("not found"),
+        "{st:?}"
+    );
 
     create_topic(&e.broker).await;
     // Within the claim lease nothing is retried…
@@ -390,18 +481,31 @@ async fn failed_publish_stays_claimed_and_is_retried() {
 async fn crash_between_claim_and_publish_publishes_once_after_the_lease() {
     let e = env("2026-05-01T09:30:00Z").await;
     let t = e.triggers();
-    t.set_schedules(vec![spec("hourly", "0 * * * *", "UTC")]).unwrap();
+    t.set_schedules(vec![spec("hourly", "0 * * * *", "UTC")])
+        .unwrap();
     drop(t);
     // Another server claimed 10:00 and died before publishing.
     let db = TriggerDb::open(&e.data.join("triggers.db")).unwrap();
     let cursor = db.get("hourly").unwrap().unwrap().cursor;
-    assert!(db.claim("hourly", cursor, utc("2026-05-01T10:00:00Z"), "dead-server", utc("2026-05-01T10:00:00Z")).unwrap());
+    assert!(db
+        .claim(
+            "hourly",
+            cursor,
+            utc("2026-05-01T10:00:00Z"),
+            "dead-server",
+            utc("2026-05-01T10:00:00Z")
+        )
+        .unwrap());
 
     let t = e.triggers();
-    t.set_schedules(vec![spec("hourly", "0 * * * *", "UTC")]).unwrap();
+    t.set_schedules(vec![spec("hourly", "0 * * * *", "UTC")])
+        .unwrap();
     let _h = t.spawn();
     e.set("2026-05-01T10:00:20Z", &[&t]).await;
-    assert!(e.drain().await.is_empty(), "the claim is still within its lease");
+    assert!(
+        e.drain().await.is_empty(),
+        "the claim is still within its lease"
+    );
     e.set("2026-05-01T10:01:00Z", &[&t]).await;
     assert_eq!(e.fired().await, ["2026-05-01T10:00:00Z"]);
     e.set("2026-05-01T10:05:00Z", &[&t]).await;
@@ -413,14 +517,36 @@ async fn crash_between_claim_and_publish_publishes_once_after_the_lease() {
 async fn bad_specs_are_rejected_whole() {
     let e = env("2026-05-01T09:30:00Z").await;
     let t = e.triggers();
-    t.set_schedules(vec![spec("ok", "0 * * * *", "UTC")]).unwrap();
-    let err = t.set_schedules(vec![spec("ok", "0 * * * *", "UTC"), spec("bad", "0 3 * *", "UTC")]).unwrap_err();
-    assert!(err.message.contains("schedule \"bad\"") && err.message.contains("cron"), "{}", err.message);
-    let err = t.set_schedules(vec![spec("tz", "0 3 * * *", "Europe/Berln")]).unwrap_err();
+    t.set_schedules(vec![spec("ok", "0 * * * *", "UTC")])
+        .unwrap();
+    let err = t
+        .set_schedules(vec![
+            spec("ok", "0 * * * *", "UTC"),
+            spec("bad", "0 3 * *", "UTC"),
+        ])
+        .unwrap_err();
+    assert!(
+        err.message.contains("schedule \"bad\"") && err.message.contains("cron"),
+        "{}",
+        err.message
+    );
+    let err = t
+        .set_schedules(vec![spec("tz", "0 3 * * *", "Europe/Berln")])
+        .unwrap_err();
     assert!(err.message.contains("Europe/Berln"), "{}", err.message);
-    let err = t.set_schedules(vec![spec("d", "0 3 * * *", "UTC"), spec("d", "0 4 * * *", "UTC")]).unwrap_err();
+    let err = t
+        .set_schedules(vec![
+            spec("d", "0 3 * * *", "UTC"),
+            spec("d", "0 4 * * *", "UTC"),
+        ])
+        .unwrap_err();
     assert!(err.message.contains("declared twice"));
-    let names: Vec<_> = t.list_schedules().unwrap().into_iter().map(|s| s.name).collect();
+    let names: Vec<_> = t
+        .list_schedules()
+        .unwrap()
+        .into_iter()
+        .map(|s| s.name)
+        .collect();
     assert_eq!(names, ["ok"]);
 }
 
@@ -428,13 +554,21 @@ async fn bad_specs_are_rejected_whole() {
 async fn schedules_rest_api() {
     let e = env("2026-05-01T09:30:00Z").await;
     let t = e.triggers();
-    t.set_schedules(vec![spec("hourly", "0 * * * *", "Europe/Berlin")]).unwrap();
+    t.set_schedules(vec![spec("hourly", "0 * * * *", "Europe/Berlin")])
+        .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(axum::serve(listener, t.router()).into_future());
     let http = reqwest::Client::new();
 
-    let v: serde_json::Value = http.get(format!("{base}/api/v1/schedules")).send().await.unwrap().json().await.unwrap();
+    let v: serde_json::Value = http
+        .get(format!("{base}/api/v1/schedules"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     let s = &v["schedules"][0];
     assert_eq!(s["name"], "hourly");
     assert_eq!(s["cron"], "0 * * * *");
@@ -445,13 +579,21 @@ async fn schedules_rest_api() {
     assert_eq!(s["missedMaxAge"], "1day");
     assert_eq!(s["nextFireTime"], "2026-05-01T10:00:00Z");
 
-    let r = http.post(format!("{base}/api/v1/schedules/hourly/pause")).send().await.unwrap();
+    let r = http
+        .post(format!("{base}/api/v1/schedules/hourly/pause"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     let v: serde_json::Value = r.json().await.unwrap();
     assert_eq!(v["schedule"]["paused"], true);
     assert!(v["schedule"].get("nextFireTime").is_none());
 
-    let r = http.post(format!("{base}/api/v1/schedules/hourly/run-now")).send().await.unwrap();
+    let r = http
+        .post(format!("{base}/api/v1/schedules/hourly/run-now"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     let v: serde_json::Value = r.json().await.unwrap();
     let id = v["messageId"].as_str().unwrap().to_string();
@@ -459,14 +601,26 @@ async fn schedules_rest_api() {
     assert_eq!(msgs.len(), 1);
     assert_eq!(msgs[0].id(), id);
 
-    let r = http.post(format!("{base}/api/v1/schedules/hourly/resume")).send().await.unwrap();
+    let r = http
+        .post(format!("{base}/api/v1/schedules/hourly/resume"))
+        .send()
+        .await
+        .unwrap();
     let v: serde_json::Value = r.json().await.unwrap();
     assert_eq!(v["schedule"]["paused"], false);
 
-    let r = http.get(format!("{base}/api/v1/schedules/hourly")).send().await.unwrap();
+    let r = http
+        .get(format!("{base}/api/v1/schedules/hourly"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
 
-    let r = http.post(format!("{base}/api/v1/schedules/nope/pause")).send().await.unwrap();
+    let r = http
+        .post(format!("{base}/api/v1/schedules/nope/pause"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 404);
     let v: serde_json::Value = r.json().await.unwrap();
     assert_eq!(v["error"]["code"], 404);

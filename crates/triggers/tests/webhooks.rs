@@ -32,10 +32,24 @@ fn env_lookup(k: &str) -> Option<String> {
 
 async fn env(hooks: Vec<WebhookSpec>) -> Env {
     let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::open(Arc::new(EmbeddedStore::open(dir.path().join("broker")).unwrap())).unwrap();
-    broker.create_topic(TopicConfig { name: TOPIC.into(), labels: Default::default() }).await.unwrap();
+    let broker = Broker::open(Arc::new(
+        EmbeddedStore::open(dir.path().join("broker")).unwrap(),
+    ))
+    .unwrap();
     broker
-        .create_subscription(SubscriptionConfig { name: SUB.into(), topic: TOPIC.into(), ack_deadline_seconds: 60, ..Default::default() })
+        .create_topic(TopicConfig {
+            name: TOPIC.into(),
+            labels: Default::default(),
+        })
+        .await
+        .unwrap();
+    broker
+        .create_subscription(SubscriptionConfig {
+            name: SUB.into(),
+            topic: TOPIC.into(),
+            ack_deadline_seconds: 60,
+            ..Default::default()
+        })
         .await
         .unwrap();
     let triggers = Arc::new(Triggers::open(&dir.path().join("data"), broker.clone()).unwrap());
@@ -43,7 +57,14 @@ async fn env(hooks: Vec<WebhookSpec>) -> Env {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(axum::serve(listener, triggers.router()).into_future());
-    Env { _dir: dir, broker, triggers, base: format!("http://{addr}"), addr, http: reqwest::Client::new() }
+    Env {
+        _dir: dir,
+        broker,
+        triggers,
+        base: format!("http://{addr}"),
+        addr,
+        http: reqwest::Client::new(),
+    }
 }
 
 impl Env {
@@ -81,7 +102,10 @@ async fn valid_github_signature_publishes_body_and_headers() {
     let r = e
         .http
         .post(format!("{}/hooks/start-import", e.base))
-        .header("X-Hub-Signature-256", github_signature(SECRET.as_bytes(), body.as_bytes()))
+        .header(
+            "X-Hub-Signature-256",
+            github_signature(SECRET.as_bytes(), body.as_bytes()),
+        )
         .header("X-GitHub-Event", "push")
         .header("X-GitHub-Delivery", "72d3162e-cc78-11e3-81ab-4c9367dc0958")
         .header("X-Other", "not copied")
@@ -100,7 +124,10 @@ async fn valid_github_signature_publishes_body_and_headers() {
     assert_eq!(m.id(), id);
     assert_eq!(&m.data[..], body.as_bytes());
     assert_eq!(m.attributes["x-github-event"], "push");
-    assert_eq!(m.attributes["x-github-delivery"], "72d3162e-cc78-11e3-81ab-4c9367dc0958");
+    assert_eq!(
+        m.attributes["x-github-delivery"],
+        "72d3162e-cc78-11e3-81ab-4c9367dc0958"
+    );
     assert_eq!(m.attributes["webhook"], "start-import");
     assert!(!m.attributes.contains_key("x-other"));
     assert!(!m.attributes.contains_key("content-type"));
@@ -115,7 +142,10 @@ async fn wrong_or_missing_signature_is_401_and_publishes_nothing() {
     let r = e
         .http
         .post(&url)
-        .header("X-Hub-Signature-256", github_signature(b"another secret", body.as_bytes()))
+        .header(
+            "X-Hub-Signature-256",
+            github_signature(b"another secret", body.as_bytes()),
+        )
         .body(body)
         .send()
         .await
@@ -127,7 +157,10 @@ async fn wrong_or_missing_signature_is_401_and_publishes_nothing() {
     let r = e
         .http
         .post(&url)
-        .header("X-Hub-Signature-256", github_signature(SECRET.as_bytes(), b"{}"))
+        .header(
+            "X-Hub-Signature-256",
+            github_signature(SECRET.as_bytes(), b"{}"),
+        )
         .body(body)
         .send()
         .await
@@ -138,7 +171,14 @@ async fn wrong_or_missing_signature_is_401_and_publishes_nothing() {
     let msg = assert_google_error(r, 401, "UNAUTHENTICATED").await;
     assert!(msg.contains("missing X-Hub-Signature-256"), "{msg}");
 
-    let r = e.http.post(&url).header("X-Hub-Signature-256", "sha256=nothex").body(body).send().await.unwrap();
+    let r = e
+        .http
+        .post(&url)
+        .header("X-Hub-Signature-256", "sha256=nothex")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
     assert_google_error(r, 401, "UNAUTHENTICATED").await;
 
     assert!(e.drain().await.is_empty(), "nothing may be published");
@@ -151,7 +191,10 @@ async fn oversized_body_is_413() {
     let r = e
         .http
         .post(format!("{}/hooks/start-import", e.base))
-        .header("X-Hub-Signature-256", github_signature(SECRET.as_bytes(), &body))
+        .header(
+            "X-Hub-Signature-256",
+            github_signature(SECRET.as_bytes(), &body),
+        )
         .body(body)
         .send()
         .await
@@ -164,7 +207,10 @@ async fn oversized_body_is_413() {
     let r = e
         .http
         .post(format!("{}/hooks/start-import", e.base))
-        .header("X-Hub-Signature-256", github_signature(SECRET.as_bytes(), &body))
+        .header(
+            "X-Hub-Signature-256",
+            github_signature(SECRET.as_bytes(), &body),
+        )
         .body(body)
         .send()
         .await
@@ -200,9 +246,23 @@ async fn bearer_secret_alternative() {
     let e = env(vec![h]).await;
     let url = format!("{}/hooks/bearer", e.base);
 
-    let r = e.http.post(&url).bearer_auth("bearer-token-1").body("hello").send().await.unwrap();
+    let r = e
+        .http
+        .post(&url)
+        .bearer_auth("bearer-token-1")
+        .body("hello")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
-    let r = e.http.post(&url).bearer_auth("bearer-token-2").body("hello").send().await.unwrap();
+    let r = e
+        .http
+        .post(&url)
+        .bearer_auth("bearer-token-2")
+        .body("hello")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.headers()["www-authenticate"], "Bearer realm=\"pubrun\"");
     let msg = assert_google_error(r, 401, "UNAUTHENTICATED").await;
     assert!(msg.contains("wrong bearer secret"), "{msg}");
@@ -220,11 +280,35 @@ async fn either_secret_when_both_are_configured() {
     h.bearer_secret_env = Some("IMPORT_BEARER".into());
     let e = env(vec![h]).await;
     let url = format!("{}/hooks/start-import", e.base);
-    let r = e.http.post(&url).bearer_auth("bearer-token-1").body("a").send().await.unwrap();
+    let r = e
+        .http
+        .post(&url)
+        .bearer_auth("bearer-token-1")
+        .body("a")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
-    let r = e.http.post(&url).header("X-Hub-Signature-256", github_signature(SECRET.as_bytes(), b"b")).body("b").send().await.unwrap();
+    let r = e
+        .http
+        .post(&url)
+        .header(
+            "X-Hub-Signature-256",
+            github_signature(SECRET.as_bytes(), b"b"),
+        )
+        .body("b")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
-    let r = e.http.post(&url).bearer_auth("nope").body("c").send().await.unwrap();
+    let r = e
+        .http
+        .post(&url)
+        .bearer_auth("nope")
+        .body("c")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 401);
     assert_eq!(e.drain().await.len(), 2);
 }
@@ -234,7 +318,15 @@ async fn query_parameters_as_attributes_and_open_hook() {
     let mut h = WebhookSpec::new("open", TOPIC);
     h.query_as_attributes = true;
     let e = env(vec![h]).await;
-    let r = e.http.post(format!("{}/hooks/open?env=prod&file=a%20b.csv&tag=x&tag=y", e.base)).send().await.unwrap();
+    let r = e
+        .http
+        .post(format!(
+            "{}/hooks/open?env=prod&file=a%20b.csv&tag=x&tag=y",
+            e.base
+        ))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     let msgs = e.drain().await;
     assert_eq!(msgs.len(), 1);
@@ -249,31 +341,73 @@ async fn query_parameters_as_attributes_and_open_hook() {
 #[tokio::test]
 async fn unknown_hook_is_404_and_other_methods_405() {
     let e = env(vec![github_hook()]).await;
-    let r = e.http.post(format!("{}/hooks/nope", e.base)).body("x").send().await.unwrap();
+    let r = e
+        .http
+        .post(format!("{}/hooks/nope", e.base))
+        .body("x")
+        .send()
+        .await
+        .unwrap();
     let msg = assert_google_error(r, 404, "NOT_FOUND").await;
     assert!(msg.contains("\"nope\""), "{msg}");
-    let r = e.http.get(format!("{}/hooks/start-import", e.base)).send().await.unwrap();
+    let r = e
+        .http
+        .get(format!("{}/hooks/start-import", e.base))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 405);
     assert!(e.drain().await.is_empty());
 }
 
 #[tokio::test]
 async fn missing_topic_is_reported_and_hooks_can_be_replaced() {
-    let e = env(vec![WebhookSpec::new("lost", "projects/demo/topics/missing")]).await;
-    let r = e.http.post(format!("{}/hooks/lost", e.base)).body("x").send().await.unwrap();
+    let e = env(vec![WebhookSpec::new(
+        "lost",
+        "projects/demo/topics/missing",
+    )])
+    .await;
+    let r = e
+        .http
+        .post(format!("{}/hooks/lost", e.base))
+        .body("x")
+        .send()
+        .await
+        .unwrap();
     let msg = assert_google_error(r, 404, "NOT_FOUND").await;
     assert!(msg.contains("topic"), "{msg}");
 
     // Replacing the hooks takes effect at once; a bad set changes nothing.
     let mut bad = WebhookSpec::new("new", TOPIC);
     bad.secret_env = Some("UNSET_VARIABLE_FOR_TEST".into());
-    let err = e.triggers.set_webhooks_with_env(vec![bad], &env_lookup).unwrap_err();
-    assert!(err.message.contains("UNSET_VARIABLE_FOR_TEST"), "{}", err.message);
+    let err = e
+        .triggers
+        .set_webhooks_with_env(vec![bad], &env_lookup)
+        .unwrap_err();
+    assert!(
+        err.message.contains("UNSET_VARIABLE_FOR_TEST"),
+        "{}",
+        err.message
+    );
     assert_eq!(e.triggers.list_webhooks().len(), 1);
 
-    e.triggers.set_webhooks_with_env(vec![WebhookSpec::new("new", TOPIC)], &env_lookup).unwrap();
-    let r = e.http.post(format!("{}/hooks/lost", e.base)).body("x").send().await.unwrap();
+    e.triggers
+        .set_webhooks_with_env(vec![WebhookSpec::new("new", TOPIC)], &env_lookup)
+        .unwrap();
+    let r = e
+        .http
+        .post(format!("{}/hooks/lost", e.base))
+        .body("x")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 404);
-    let r = e.http.post(format!("{}/hooks/new", e.base)).body("x").send().await.unwrap();
+    let r = e
+        .http
+        .post(format!("{}/hooks/new", e.base))
+        .body("x")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
 }

@@ -74,9 +74,14 @@ impl Api {
             match page.get(key) {
                 None | Some(Value::Null) => {}
                 Some(Value::Array(a)) => items.extend(a.iter().cloned()),
-                Some(other) => bail!("server sent an unexpected list response for GET {path}: `{key}` is {other}"),
+                Some(other) => bail!(
+                    "server sent an unexpected list response for GET {path}: `{key}` is {other}"
+                ),
             }
-            let next = page.get("nextPageToken").and_then(Value::as_str).unwrap_or("");
+            let next = page
+                .get("nextPageToken")
+                .and_then(Value::as_str)
+                .unwrap_or("");
             if next.is_empty() {
                 return Ok(items);
             }
@@ -139,7 +144,10 @@ impl Api {
         if let Some(b) = body {
             req = req.header("content-type", b.content_type).body(b.bytes);
         }
-        let resp = req.send().await.map_err(|e| self.transport_error(&method, path, &e))?;
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| self.transport_error(&method, path, &e))?;
         let status = resp.status();
         let headers = resp.headers().clone();
         let bytes = resp
@@ -155,7 +163,11 @@ impl Api {
     fn transport_error(&self, method: &Method, path: &str, e: &reqwest::Error) -> anyhow::Error {
         let hint = "start it with `pubrun serve` or set --addr/PUBRUN_ADDR";
         let message = if e.is_connect() {
-            format!("cannot reach pubrun at {}: {} — {hint}", self.base, root_cause(e))
+            format!(
+                "cannot reach pubrun at {}: {} — {hint}",
+                self.base,
+                root_cause(e)
+            )
         } else if e.is_timeout() {
             format!(
                 "pubrun at {} did not answer {method} {path} within {}s — is the server overloaded or stuck?",
@@ -172,11 +184,24 @@ impl Api {
         anyhow::Error::new(TransportError(message))
     }
 
-    fn status_error(&self, method: &Method, path: &str, status: StatusCode, body: &[u8]) -> anyhow::Error {
+    fn status_error(
+        &self,
+        method: &Method,
+        path: &str,
+        status: StatusCode,
+        body: &[u8],
+    ) -> anyhow::Error {
         let google = serde_json::from_slice::<Value>(body).ok().and_then(|v| {
             let err = v.get("error")?;
-            let message = err.get("message").and_then(Value::as_str).unwrap_or("").to_string();
-            let code = err.get("status").and_then(Value::as_str).map(str::to_string);
+            let message = err
+                .get("message")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string();
+            let code = err
+                .get("status")
+                .and_then(Value::as_str)
+                .map(str::to_string);
             Some((code, message))
         });
         if status == StatusCode::UNAUTHORIZED {
@@ -271,7 +296,10 @@ fn is_loopback(addr: &str) -> bool {
         return false;
     };
     let host = host.trim_start_matches('[').trim_end_matches(']');
-    host.eq_ignore_ascii_case("localhost") || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// The innermost cause, in words a person recognizes ("connection refused").
@@ -324,7 +352,9 @@ mod tests {
 
     /// Answers each connection with the next canned (status line, body) and
     /// records the request lines it saw.
-    async fn fake_server(replies: Vec<(&'static str, &'static str)>) -> (String, tokio::task::JoinHandle<Vec<String>>) {
+    async fn fake_server(
+        replies: Vec<(&'static str, &'static str)>,
+    ) -> (String, tokio::task::JoinHandle<Vec<String>>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = format!("http://{}", listener.local_addr().unwrap());
         let task = tokio::spawn(async move {
@@ -384,7 +414,10 @@ mod tests {
                 "200 OK",
                 r#"{"topics":[{"name":"projects/demo/topics/b"}],"nextPageToken":"p3"}"#,
             ),
-            ("200 OK", r#"{"topics":[{"name":"projects/demo/topics/c"}]}"#),
+            (
+                "200 OK",
+                r#"{"topics":[{"name":"projects/demo/topics/c"}]}"#,
+            ),
         ])
         .await;
         let items = api(&addr, None)
@@ -401,7 +434,10 @@ mod tests {
             ]
         );
         let seen = task.await.unwrap();
-        assert_eq!(seen[0], "GET /v1/projects/demo/topics?pageSize=1000 HTTP/1.1");
+        assert_eq!(
+            seen[0],
+            "GET /v1/projects/demo/topics?pageSize=1000 HTTP/1.1"
+        );
         assert_eq!(
             seen[1],
             "GET /v1/projects/demo/topics?pageSize=1000&pageToken=p+2 HTTP/1.1"
@@ -415,7 +451,8 @@ mod tests {
     #[tokio::test]
     async fn list_all_stops_on_a_repeated_token() {
         let page = r#"{"topics":[],"nextPageToken":"same"}"#;
-        let (addr, _task) = fake_server(vec![("200 OK", page), ("200 OK", page), ("200 OK", page)]).await;
+        let (addr, _task) =
+            fake_server(vec![("200 OK", page), ("200 OK", page), ("200 OK", page)]).await;
         let err = api(&addr, None)
             .list_all("/v1/projects/demo/topics", "topics")
             .await
@@ -444,11 +481,17 @@ mod tests {
         let e = a.get("/v1/x").await.unwrap_err().to_string();
         assert_eq!(e, "NOT_FOUND: topic projects/demo/topics/x not found");
         let e = a.get("/v1/x").await.unwrap_err().to_string();
-        assert!(e.contains("404") && e.contains("does not serve this REST route"), "{e}");
+        assert!(
+            e.contains("404") && e.contains("does not serve this REST route"),
+            "{e}"
+        );
         let e = a.get("/v1/x").await.unwrap_err().to_string();
         assert!(e.contains("500") && e.contains("boom"), "{e}");
         let e = a.get("/v1/x").await.unwrap_err().to_string();
-        assert!(e.contains("requires a token") && e.contains("PUBRUN_TOKEN"), "{e}");
+        assert!(
+            e.contains("requires a token") && e.contains("PUBRUN_TOKEN"),
+            "{e}"
+        );
         let e = a.get("/v1/x").await.unwrap_err().to_string();
         assert!(e.contains("not JSON"), "{e}");
         assert_eq!(a.delete("/v1/x").await.unwrap(), serde_json::json!({}));

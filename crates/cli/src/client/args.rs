@@ -30,8 +30,9 @@ pub fn parse_addr(s: &str) -> Result<String, String> {
     } else {
         format!("http://{s}")
     };
-    let url = reqwest::Url::parse(&full)
-        .map_err(|e| format!("`{s}` is not a valid address ({e}); expected HOST:PORT or http://HOST:PORT"))?;
+    let url = reqwest::Url::parse(&full).map_err(|e| {
+        format!("`{s}` is not a valid address ({e}); expected HOST:PORT or http://HOST:PORT")
+    })?;
     match url.scheme() {
         "http" => {}
         "https" => {
@@ -46,7 +47,9 @@ pub fn parse_addr(s: &str) -> Result<String, String> {
         }
     }
     if url.host_str().is_none_or(str::is_empty) {
-        return Err(format!("`{s}` has no host; expected HOST:PORT or http://HOST:PORT"));
+        return Err(format!(
+            "`{s}` has no host; expected HOST:PORT or http://HOST:PORT"
+        ));
     }
     if url.query().is_some() || url.fragment().is_some() {
         return Err(format!("`{s}` must not contain a query or fragment"));
@@ -63,9 +66,13 @@ pub fn parse_project(s: &str) -> Result<String, String> {
 /// `KEY=VALUE` for --attr and --label. The value may contain `=` and be empty.
 pub fn parse_key_value(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
-        Some(("", _)) => Err(format!("`{s}` has an empty key; expected KEY=VALUE, e.g. color=red")),
+        Some(("", _)) => Err(format!(
+            "`{s}` has an empty key; expected KEY=VALUE, e.g. color=red"
+        )),
         Some((k, v)) => Ok((k.to_string(), v.to_string())),
-        None => Err(format!("`{s}` has no '='; expected KEY=VALUE, e.g. color=red")),
+        None => Err(format!(
+            "`{s}` has no '='; expected KEY=VALUE, e.g. color=red"
+        )),
     }
 }
 
@@ -75,7 +82,10 @@ mod tests {
 
     #[test]
     fn addr_accepts_host_port_and_urls() {
-        assert_eq!(parse_addr("127.0.0.1:8085").unwrap(), "http://127.0.0.1:8085");
+        assert_eq!(
+            parse_addr("127.0.0.1:8085").unwrap(),
+            "http://127.0.0.1:8085"
+        );
         assert_eq!(parse_addr("localhost:9").unwrap(), "http://localhost:9");
         assert_eq!(parse_addr("http://h:1/").unwrap(), "http://h:1");
         assert_eq!(parse_addr("http://h:1/pre/").unwrap(), "http://h:1/pre");
@@ -87,7 +97,10 @@ mod tests {
 
     #[test]
     fn key_value() {
-        assert_eq!(parse_key_value("a=b=c").unwrap(), ("a".into(), "b=c".into()));
+        assert_eq!(
+            parse_key_value("a=b=c").unwrap(),
+            ("a".into(), "b=c".into())
+        );
         assert_eq!(parse_key_value("a=").unwrap(), ("a".into(), "".into()));
         assert!(parse_key_value("nokey").unwrap_err().contains("`nokey`"));
         assert!(parse_key_value("=v").is_err());

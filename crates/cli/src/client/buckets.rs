@@ -19,7 +19,13 @@ fn s(v: &Value, key: &str) -> String {
 /// Path segment encoding (object names may hold '/', spaces, unicode).
 fn seg(x: &str) -> String {
     x.bytes()
-        .map(|b| if b.is_ascii_alphanumeric() || b"-._~".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") })
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
         .collect()
 }
 
@@ -27,19 +33,37 @@ pub async fn buckets(cmd: BucketsCommand) -> Result<()> {
     match cmd {
         BucketsCommand::List { conn } => {
             let api = Api::new(&conn)?;
-            let resp = api.call(Method::GET, "/storage/v1/b", &[("project", conn.project.as_str())], None).await?;
+            let resp = api
+                .call(
+                    Method::GET,
+                    "/storage/v1/b",
+                    &[("project", conn.project.as_str())],
+                    None,
+                )
+                .await?;
             if conn.json {
                 return output::json(&resp);
             }
-            let items = resp.get("items").and_then(Value::as_array).cloned().unwrap_or_default();
-            let rows: Vec<Vec<String>> =
-                items.iter().map(|b| vec![s(b, "name"), s(b, "location"), s(b, "timeCreated")]).collect();
+            let items = resp
+                .get("items")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default();
+            let rows: Vec<Vec<String>> = items
+                .iter()
+                .map(|b| vec![s(b, "name"), s(b, "location"), s(b, "timeCreated")])
+                .collect();
             output::out(&output::table(&["NAME", "LOCATION", "CREATED"], &rows))
         }
         BucketsCommand::Create { name, conn } => {
             let api = Api::new(&conn)?;
             let resp = api
-                .call(Method::POST, "/storage/v1/b", &[("project", conn.project.as_str())], Some(&json!({ "name": name })))
+                .call(
+                    Method::POST,
+                    "/storage/v1/b",
+                    &[("project", conn.project.as_str())],
+                    Some(&json!({ "name": name })),
+                )
                 .await?;
             if conn.json {
                 return output::json(&resp);
@@ -48,7 +72,13 @@ pub async fn buckets(cmd: BucketsCommand) -> Result<()> {
         }
         BucketsCommand::Delete { name, conn } => {
             let api = Api::new(&conn)?;
-            api.call(Method::DELETE, &format!("/storage/v1/b/{}", seg(&name)), &[], None).await?;
+            api.call(
+                Method::DELETE,
+                &format!("/storage/v1/b/{}", seg(&name)),
+                &[],
+                None,
+            )
+            .await?;
             if conn.json {
                 return output::json(&json!({}));
             }
@@ -59,7 +89,11 @@ pub async fn buckets(cmd: BucketsCommand) -> Result<()> {
 
 pub async fn objects(cmd: ObjectsCommand) -> Result<()> {
     match cmd {
-        ObjectsCommand::List { bucket, prefix, conn } => {
+        ObjectsCommand::List {
+            bucket,
+            prefix,
+            conn,
+        } => {
             let api = Api::new(&conn)?;
             let path = format!("/storage/v1/b/{}/o", seg(&bucket));
             let mut items = Vec::new();
@@ -70,7 +104,12 @@ pub async fn objects(cmd: ObjectsCommand) -> Result<()> {
                     q.push(("pageToken", token.as_str()));
                 }
                 let resp = api.call(Method::GET, &path, &q, None).await?;
-                items.extend(resp.get("items").and_then(Value::as_array).cloned().unwrap_or_default());
+                items.extend(
+                    resp.get("items")
+                        .and_then(Value::as_array)
+                        .cloned()
+                        .unwrap_or_default(),
+                );
                 match resp.get("nextPageToken").and_then(Value::as_str) {
                     Some(t) if !t.is_empty() && t != token => token = t.to_string(),
                     _ => break,
@@ -79,9 +118,21 @@ pub async fn objects(cmd: ObjectsCommand) -> Result<()> {
             if conn.json {
                 return output::json(&json!({ "items": items }));
             }
-            let rows: Vec<Vec<String>> =
-                items.iter().map(|o| vec![s(o, "name"), s(o, "size"), s(o, "generation"), s(o, "updated")]).collect();
-            output::out(&output::table(&["NAME", "SIZE", "GENERATION", "UPDATED"], &rows))
+            let rows: Vec<Vec<String>> = items
+                .iter()
+                .map(|o| {
+                    vec![
+                        s(o, "name"),
+                        s(o, "size"),
+                        s(o, "generation"),
+                        s(o, "updated"),
+                    ]
+                })
+                .collect();
+            output::out(&output::table(
+                &["NAME", "SIZE", "GENERATION", "UPDATED"],
+                &rows,
+            ))
         }
     }
 }
@@ -92,10 +143,21 @@ pub async fn webhooks(conn: ConnArgs) -> Result<()> {
     if conn.json {
         return output::json(&resp);
     }
-    let list = resp.get("webhooks").and_then(Value::as_array).cloned().unwrap_or_default();
+    let list = resp
+        .get("webhooks")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
     let rows: Vec<Vec<String>> = list
         .iter()
-        .map(|w| vec![s(w, "name"), format!("/hooks/{}", s(w, "name")), s(w, "auth"), s(w, "topic")])
+        .map(|w| {
+            vec![
+                s(w, "name"),
+                format!("/hooks/{}", s(w, "name")),
+                s(w, "auth"),
+                s(w, "topic"),
+            ]
+        })
         .collect();
     output::out(&output::table(&["NAME", "PATH", "AUTH", "TOPIC"], &rows))
 }

@@ -48,7 +48,10 @@ pub async fn apply(args: ApplyArgs) -> Result<()> {
         content_type: "application/toml",
         bytes,
     };
-    let resp = match api.call_raw(Method::POST, "/api/v1/apply", &query, Some(body)).await {
+    let resp = match api
+        .call_raw(Method::POST, "/api/v1/apply", &query, Some(body))
+        .await
+    {
         Ok((_, bytes)) => serde_json::from_slice::<Value>(&bytes)
             .map_err(|e| anyhow!("server sent an apply response that is not JSON ({e})"))?,
         Err(e) => return Err(manifest_error(e, &file)),
@@ -60,7 +63,10 @@ pub async fn apply(args: ApplyArgs) -> Result<()> {
         .get("changes")
         .and_then(Value::as_array)
         .map_or(&[], Vec::as_slice);
-    let applied = resp.get("applied").and_then(Value::as_bool).unwrap_or(!args.dry_run);
+    let applied = resp
+        .get("applied")
+        .and_then(Value::as_bool)
+        .unwrap_or(!args.dry_run);
     output::out(&render_plan(changes, applied))
 }
 
@@ -68,7 +74,9 @@ pub async fn apply(args: ApplyArgs) -> Result<()> {
 /// as the server wrote it, without the status code in front.
 fn manifest_error(e: anyhow::Error, file: &str) -> anyhow::Error {
     match e.downcast_ref::<ServerError>() {
-        Some(se) if se.code == "INVALID_ARGUMENT" && se.message.starts_with(&format!("{file}:")) => {
+        Some(se)
+            if se.code == "INVALID_ARGUMENT" && se.message.starts_with(&format!("{file}:")) =>
+        {
             anyhow!("{}", se.message)
         }
         _ => e,
@@ -138,9 +146,14 @@ pub async fn jobs(cmd: JobsCommand) -> Result<()> {
             if conn.json {
                 return output::json(&resp);
             }
-            let jobs: &[Value] = resp.get("jobs").and_then(Value::as_array).map_or(&[], Vec::as_slice);
+            let jobs: &[Value] = resp
+                .get("jobs")
+                .and_then(Value::as_array)
+                .map_or(&[], Vec::as_slice);
             if jobs.is_empty() {
-                eprintln!("no jobs: declare them in a manifest and run `pubrun apply -f pubrun.toml`");
+                eprintln!(
+                    "no jobs: declare them in a manifest and run `pubrun apply -f pubrun.toml`"
+                );
                 return Ok(());
             }
             let rows: Vec<Vec<String>> = jobs
@@ -149,10 +162,15 @@ pub async fn jobs(cmd: JobsCommand) -> Result<()> {
                     vec![
                         str_of(j, "name"),
                         names::short(&str_of(j, "topic"), &conn.project, "topics").to_string(),
-                        truncate(&executor_summary(j.get("executor").unwrap_or(&Value::Null)), 48),
+                        truncate(
+                            &executor_summary(j.get("executor").unwrap_or(&Value::Null)),
+                            48,
+                        ),
                         num_of(j, "concurrency"),
                         secs_of(j, "timeout"),
-                        j.pointer("/retries/max_attempts").map(output::display).unwrap_or("-".into()),
+                        j.pointer("/retries/max_attempts")
+                            .map(output::display)
+                            .unwrap_or("-".into()),
                     ]
                 })
                 .collect();
@@ -186,17 +204,25 @@ async fn trigger(args: TriggerArgs) -> Result<()> {
     body.insert("attributes".into(), string_map("attribute", &args.attrs)?);
     let api = Api::new(conn)?;
     let resp = api
-        .post(&format!("{}/trigger", job_path(&args.name)), &Value::Object(body))
+        .post(
+            &format!("{}/trigger", job_path(&args.name)),
+            &Value::Object(body),
+        )
         .await?;
     if conn.json {
         return output::json(&resp);
     }
     let run = resp.get("run").unwrap_or(&Value::Null);
-    let id = run
-        .get("id")
+    let id = run.get("id").map(output::display).ok_or_else(|| {
+        anyhow!(
+            "server accepted the trigger of job {} but returned no run: {resp}",
+            args.name
+        )
+    })?;
+    let status = run
+        .get("status")
         .map(output::display)
-        .ok_or_else(|| anyhow!("server accepted the trigger of job {} but returned no run: {resp}", args.name))?;
-    let status = run.get("status").map(output::display).unwrap_or_else(|| "?".into());
+        .unwrap_or_else(|| "?".into());
     eprintln!(
         "run {id} of job {} is {status}; follow it with `pubrun logs {id} -f`",
         args.name
@@ -211,7 +237,8 @@ fn job_path(name: &str) -> String {
 /// `{"job": JobSpec, "subscription": .., "backlog": n}` as a block.
 pub fn render_job(resp: &Value) -> String {
     let j = resp.get("job").unwrap_or(resp);
-    let mut rows: Vec<(&str, String)> = vec![("name", str_of(j, "name")), ("topic", str_of(j, "topic"))];
+    let mut rows: Vec<(&str, String)> =
+        vec![("name", str_of(j, "name")), ("topic", str_of(j, "topic"))];
     let filter = str_of(j, "filter");
     if filter != "-" {
         rows.push(("filter", filter));
@@ -220,7 +247,10 @@ pub fn render_job(resp: &Value) -> String {
         rows.push(("subscription", sub.to_string()));
     }
     if let Some(b) = resp.get("backlog") {
-        rows.push(("backlog", format!("{} message(s) waiting", output::display(b))));
+        rows.push((
+            "backlog",
+            format!("{} message(s) waiting", output::display(b)),
+        ));
     }
     let ex = j.get("executor").unwrap_or(&Value::Null);
     let kind = ex.get("kind").and_then(Value::as_str).unwrap_or("?");
@@ -231,7 +261,11 @@ pub fn render_job(resp: &Value) -> String {
             let wd = str_of(ex, "working_dir");
             rows.push((
                 "working dir",
-                if wd == "-" { "a fresh directory per run".into() } else { wd },
+                if wd == "-" {
+                    "a fresh directory per run".into()
+                } else {
+                    wd
+                },
             ));
         }
         "docker" => {
@@ -239,13 +273,25 @@ pub fn render_job(resp: &Value) -> String {
             let cmd = words(ex.get("command"));
             rows.push((
                 "command",
-                if cmd.is_empty() { "the image's default".into() } else { cmd },
+                if cmd.is_empty() {
+                    "the image's default".into()
+                } else {
+                    cmd
+                },
             ));
-            if let Some(m) = ex.get("mounts").and_then(Value::as_array).filter(|m| !m.is_empty()) {
+            if let Some(m) = ex
+                .get("mounts")
+                .and_then(Value::as_array)
+                .filter(|m| !m.is_empty())
+            {
                 let mounts: Vec<String> = m
                     .iter()
                     .map(|m| {
-                        let ro = if m.get("read_only").and_then(Value::as_bool) == Some(true) { " (read-only)" } else { "" };
+                        let ro = if m.get("read_only").and_then(Value::as_bool) == Some(true) {
+                            " (read-only)"
+                        } else {
+                            ""
+                        };
                         format!("{} -> {}{ro}", str_of(m, "source"), str_of(m, "target"))
                     })
                     .collect();
@@ -262,7 +308,11 @@ pub fn render_job(resp: &Value) -> String {
             rows.push(("pull", str_of(ex, "pull")));
             if let Some(a) = ex.get("auth").filter(|v| !v.is_null()) {
                 let server = str_of(a, "server");
-                let at = if server == "-" { String::new() } else { format!(" at {server}") };
+                let at = if server == "-" {
+                    String::new()
+                } else {
+                    format!(" at {server}")
+                };
                 rows.push((
                     "registry auth",
                     format!(
@@ -275,8 +325,15 @@ pub fn render_job(resp: &Value) -> String {
         }
         _ => rows.push(("spec", ex.to_string())),
     }
-    if let Some(env) = ex.get("env").and_then(Value::as_object).filter(|e| !e.is_empty()) {
-        let mut pairs: Vec<String> = env.iter().map(|(k, v)| format!("{k}={}", output::display(v))).collect();
+    if let Some(env) = ex
+        .get("env")
+        .and_then(Value::as_object)
+        .filter(|e| !e.is_empty())
+    {
+        let mut pairs: Vec<String> = env
+            .iter()
+            .map(|(k, v)| format!("{k}={}", output::display(v)))
+            .collect();
         pairs.sort();
         rows.push(("env", pairs.join("\n")));
     }
@@ -300,11 +357,18 @@ pub fn render_job(resp: &Value) -> String {
     let dedup = str_of(j, "dedup_key");
     rows.push((
         "dedup key",
-        if dedup == "-" { "the message id".into() } else { dedup },
+        if dedup == "-" {
+            "the message id".into()
+        } else {
+            dedup
+        },
     ));
     rows.push(("dedup window", secs_of(j, "dedup_window")));
     let result = str_of(j, "result_topic");
-    rows.push(("result topic", if result == "-" { "none".into() } else { result }));
+    rows.push((
+        "result topic",
+        if result == "-" { "none".into() } else { result },
+    ));
     if let Some(n) = j.get("log_limit_bytes").and_then(Value::as_u64) {
         rows.push(("log limit", output::bytes(n)));
     }
@@ -322,7 +386,9 @@ fn executor_summary(ex: &Value) -> String {
 }
 
 fn command_line(ex: &Value) -> String {
-    let mut w = vec![output::shell_word(ex.get("command").and_then(Value::as_str).unwrap_or(""))];
+    let mut w = vec![output::shell_word(
+        ex.get("command").and_then(Value::as_str).unwrap_or(""),
+    )];
     if let Some(args) = ex.get("args").and_then(Value::as_array) {
         w.extend(args.iter().map(|a| output::shell_word(&output::display(a))));
     }
@@ -331,7 +397,12 @@ fn command_line(ex: &Value) -> String {
 
 fn words(v: Option<&Value>) -> String {
     v.and_then(Value::as_array)
-        .map(|a| a.iter().map(|w| output::shell_word(&output::display(w))).collect::<Vec<_>>().join(" "))
+        .map(|a| {
+            a.iter()
+                .map(|w| output::shell_word(&output::display(w)))
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
         .unwrap_or_default()
 }
 
@@ -353,7 +424,10 @@ fn str_of(v: &Value, key: &str) -> String {
 }
 
 fn num_of(v: &Value, key: &str) -> String {
-    v.get(key).filter(|v| !v.is_null()).map(output::display).unwrap_or_else(|| "-".into())
+    v.get(key)
+        .filter(|v| !v.is_null())
+        .map(output::display)
+        .unwrap_or_else(|| "-".into())
 }
 
 /// A duration field the server sends as seconds.
@@ -386,7 +460,10 @@ mod tests {
              applied (1 created, 1 updated, 1 deleted, 1 unchanged)\n"
         );
         let s = render_plan(&changes[..1], false);
-        assert!(s.ends_with("dry run: nothing changed (1 to create)\n"), "{s}");
+        assert!(
+            s.ends_with("dry run: nothing changed (1 to create)\n"),
+            "{s}"
+        );
     }
 
     #[test]
@@ -406,7 +483,10 @@ mod tests {
         let s = render_job(&resp);
         assert!(s.contains("command:      sh -c 'echo {{ data }}'\n"), "{s}");
         assert!(s.contains("timeout:      30m\n"), "{s}");
-        assert!(s.contains("retries:      up to 3 attempts, backoff 10s doubling to 5m\n"), "{s}");
+        assert!(
+            s.contains("retries:      up to 3 attempts, backoff 10s doubling to 5m\n"),
+            "{s}"
+        );
         assert!(s.contains("dedup key:    the message id\n"), "{s}");
         assert!(s.contains("log limit:    10 MiB\n"), "{s}");
         assert!(s.contains("env:          A=1\n"), "{s}");

@@ -38,7 +38,9 @@ pub async fn publish(args: PublishArgs) -> Result<()> {
         .and_then(Value::as_array)
         .and_then(|ids| ids.first())
         .map(output::display)
-        .ok_or_else(|| anyhow!("server accepted the publish to {topic} but returned no message id: {resp}"))?;
+        .ok_or_else(|| {
+            anyhow!("server accepted the publish to {topic} but returned no message id: {resp}")
+        })?;
     output::out(&format!("{id}\n"))
 }
 
@@ -54,9 +56,8 @@ pub fn read_data(text: Option<&str>, file: Option<&std::path::Path>) -> Result<V
                 .context("reading message data from standard input")?;
             buf
         }
-        (None, Some(path)) => {
-            std::fs::read(path).with_context(|| format!("reading message data from {}", path.display()))?
-        }
+        (None, Some(path)) => std::fs::read(path)
+            .with_context(|| format!("reading message data from {}", path.display()))?,
         (None, None) => Vec::new(),
     })
 }
@@ -119,7 +120,10 @@ fn render(received: &Value) -> String {
     let get = |k: &str| msg.get(k).map(output::display).filter(|s| !s.is_empty());
     let mut rows: Vec<(&str, String)> = Vec::new();
     rows.push(("message id", get("messageId").unwrap_or_else(|| "-".into())));
-    rows.push(("published", get("publishTime").unwrap_or_else(|| "-".into())));
+    rows.push((
+        "published",
+        get("publishTime").unwrap_or_else(|| "-".into()),
+    ));
     if let Some(k) = get("orderingKey") {
         rows.push(("ordering key", k));
     }
@@ -138,7 +142,9 @@ fn render(received: &Value) -> String {
     for (k, v) in rows {
         let key = format!("{k}:");
         // Continuation lines of multi-line data stay in the value column.
-        let v = v.trim_end_matches('\n').replace('\n', &format!("\n{:width$} ", ""));
+        let v = v
+            .trim_end_matches('\n')
+            .replace('\n', &format!("\n{:width$} ", ""));
         s.push_str(&format!("{key:<width$} {v}\n"));
     }
     s

@@ -34,7 +34,11 @@ pub fn subscription(project: &str, arg: &str) -> Result<SubscriptionName> {
 }
 
 pub fn topic_path(t: &TopicName) -> String {
-    format!("/v1/projects/{}/topics/{}", segment(t.project().id()), segment(t.id()))
+    format!(
+        "/v1/projects/{}/topics/{}",
+        segment(t.project().id()),
+        segment(t.id())
+    )
 }
 
 pub fn subscription_path(s: &SubscriptionName) -> String {
@@ -84,7 +88,9 @@ mod tests {
             "projects/demo/topics/orders"
         );
         assert_eq!(
-            topic("demo", "projects/p2/topics/orders").unwrap().to_string(),
+            topic("demo", "projects/p2/topics/orders")
+                .unwrap()
+                .to_string(),
             "projects/p2/topics/orders"
         );
         assert!(topic("demo", "projects/p2/subscriptions/orders").is_err());
@@ -119,6 +125,9 @@ mod tests {
             short("projects/demo2/topics/t1", "demo", "topics"),
             "projects/demo2/topics/t1"
         );
-        assert_eq!(short("_deleted-topic_", "demo", "topics"), "_deleted-topic_");
+        assert_eq!(
+            short("_deleted-topic_", "demo", "topics"),
+            "_deleted-topic_"
+        );
     }
 }

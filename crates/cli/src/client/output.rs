@@ -9,7 +9,10 @@ use serde_json::Value;
 /// Writes `text` to stdout as is.
 pub fn out(text: &str) -> Result<()> {
     let mut stdout = std::io::stdout().lock();
-    match stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush()) {
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
         Err(e) => Err(anyhow::anyhow!("writing to standard output: {e}")),
@@ -61,7 +64,10 @@ pub fn columns(rows: &[Vec<String>]) -> String {
         for (i, cell) in cells.enumerate() {
             if i + 1 < widths.len() {
                 l.push_str(cell);
-                l.extend(std::iter::repeat_n(' ', widths[i] - cell.chars().count() + 2));
+                l.extend(std::iter::repeat_n(
+                    ' ',
+                    widths[i] - cell.chars().count() + 2,
+                ));
             } else {
                 l.push_str(cell);
             }
@@ -77,12 +83,18 @@ pub fn columns(rows: &[Vec<String>]) -> String {
 
 /// `label: value` lines with the values aligned (labels in the given order).
 pub fn block(rows: &[(&str, String)]) -> String {
-    let width = rows.iter().map(|(k, _)| k.chars().count() + 1).max().unwrap_or(0);
+    let width = rows
+        .iter()
+        .map(|(k, _)| k.chars().count() + 1)
+        .max()
+        .unwrap_or(0);
     let mut s = String::new();
     for (k, v) in rows {
         let key = format!("{k}:");
         // Continuation lines of multi-line values stay in the value column.
-        let v = v.trim_end_matches('\n').replace('\n', &format!("\n{:width$} ", ""));
+        let v = v
+            .trim_end_matches('\n')
+            .replace('\n', &format!("\n{:width$} ", ""));
         s.push_str(format!("{key:<width$} {v}").trim_end());
         s.push('\n');
     }
@@ -187,9 +199,10 @@ pub fn bytes(n: u64) -> String {
 /// A word for shell use: quoted only when needed (`'it''s'` style escaping).
 pub fn shell_word(w: &str) -> String {
     let plain = !w.is_empty()
-        && w
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/' | ':' | '=' | ',' | '+' | '@' | '%'));
+        && w.chars().all(|c| {
+            c.is_ascii_alphanumeric()
+                || matches!(c, '-' | '_' | '.' | '/' | ':' | '=' | ',' | '+' | '@' | '%')
+        });
     if plain {
         w.to_string()
     } else {
@@ -209,7 +222,11 @@ pub fn fields(v: &Value) -> String {
         .map(|(k, v)| (format!("{k}:"), display(v)))
         .collect();
     rows.sort_by_key(|(k, _)| k != "name:");
-    let width = rows.iter().map(|(k, _)| k.chars().count()).max().unwrap_or(0);
+    let width = rows
+        .iter()
+        .map(|(k, _)| k.chars().count())
+        .max()
+        .unwrap_or(0);
     let mut s = String::new();
     for (k, v) in rows {
         s.push_str(&format!("{k:<width$} {v}\n"));
@@ -229,11 +246,16 @@ pub fn display(v: &Value) -> String {
 
 /// `k=v, k2=v2` (sorted by key) for a JSON object; `-` when empty or absent.
 pub fn map_pairs(v: &Value) -> String {
-    let Some(m) = v.as_object() else { return "-".into() };
+    let Some(m) = v.as_object() else {
+        return "-".into();
+    };
     if m.is_empty() {
         return "-".into();
     }
-    let mut pairs: Vec<String> = m.iter().map(|(k, v)| format!("{k}={}", display(v))).collect();
+    let mut pairs: Vec<String> = m
+        .iter()
+        .map(|(k, v)| format!("{k}={}", display(v)))
+        .collect();
     pairs.sort();
     pairs.join(", ")
 }
@@ -257,7 +279,10 @@ mod tests {
     fn table_aligns_columns() {
         let t = table(
             &["NAME", "TOPIC"],
-            &[vec!["a".into(), "t".into()], vec!["long-name".into(), "u".into()]],
+            &[
+                vec!["a".into(), "t".into()],
+                vec!["long-name".into(), "u".into()],
+            ],
         );
         assert_eq!(t, "NAME       TOPIC\na          t\nlong-name  u\n");
     }
@@ -265,7 +290,11 @@ mod tests {
     #[test]
     fn columns_without_header() {
         let c = columns(&[
-            vec!["+ create".into(), "topic".into(), "projects/demo/topics/a".into()],
+            vec![
+                "+ create".into(),
+                "topic".into(),
+                "projects/demo/topics/a".into(),
+            ],
             vec!["= unchanged".into(), "job".into(), "j".into()],
         ]);
         assert_eq!(
@@ -277,7 +306,10 @@ mod tests {
     #[test]
     fn times_and_durations() {
         assert_eq!(rfc3339_ms(0, false), "1970-01-01T00:00:00Z");
-        assert_eq!(rfc3339_ms(1_714_564_803_250, true), "2024-05-01T12:00:03.250Z");
+        assert_eq!(
+            rfc3339_ms(1_714_564_803_250, true),
+            "2024-05-01T12:00:03.250Z"
+        );
         assert_eq!(rfc3339_ms(951_782_400_000, false), "2000-02-29T00:00:00Z");
         assert_eq!(rfc3339_ms(-1, true), "1969-12-31T23:59:59.999Z");
         assert_eq!(duration_ms(850), "850ms");
@@ -302,12 +334,17 @@ mod tests {
 
     #[test]
     fn block_aligns_multiline_values() {
-        assert_eq!(block(&[("a", "1".into()), ("long", "x\ny".into())]), "a:    1\nlong: x\n      y\n");
+        assert_eq!(
+            block(&[("a", "1".into()), ("long", "x\ny".into())]),
+            "a:    1\nlong: x\n      y\n"
+        );
     }
 
     #[test]
     fn fields_align_and_skip_empty() {
-        let f = fields(&json!({"name": "n", "labels": {"b": "2", "a": "1"}, "ackDeadlineSeconds": 10, "x": ""}));
+        let f = fields(
+            &json!({"name": "n", "labels": {"b": "2", "a": "1"}, "ackDeadlineSeconds": 10, "x": ""}),
+        );
         assert!(f.starts_with("name:               n\n"), "{f}");
         assert!(f.contains("\nlabels:             a=1, b=2\n"), "{f}");
         assert!(f.contains("ackDeadlineSeconds: 10\n"), "{f}");

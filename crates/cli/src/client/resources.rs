@@ -16,7 +16,9 @@ pub async fn topics(cmd: TopicsCommand) -> Result<()> {
             if !labels.is_empty() {
                 body.insert("labels".into(), string_map("label", &labels)?);
             }
-            let resp = api.put(&names::topic_path(&topic), &Value::Object(body)).await?;
+            let resp = api
+                .put(&names::topic_path(&topic), &Value::Object(body))
+                .await?;
             done(&conn, &resp, &format!("created topic {topic}"))
         }
         TopicsCommand::List { conn } => {
@@ -86,8 +88,14 @@ pub async fn subscriptions(cmd: SubscriptionsCommand) -> Result<()> {
             if !labels.is_empty() {
                 body.insert("labels".into(), string_map("label", &labels)?);
             }
-            let resp = api.put(&names::subscription_path(&sub), &Value::Object(body)).await?;
-            done(&conn, &resp, &format!("created subscription {sub} on {topic}"))
+            let resp = api
+                .put(&names::subscription_path(&sub), &Value::Object(body))
+                .await?;
+            done(
+                &conn,
+                &resp,
+                &format!("created subscription {sub} on {topic}"),
+            )
         }
         SubscriptionsCommand::List {
             topic: Some(topic),
@@ -134,7 +142,8 @@ pub async fn subscriptions(cmd: SubscriptionsCommand) -> Result<()> {
                         _ => "-".into(),
                     };
                     vec![
-                        names::short(str_field(s, "name"), &conn.project, "subscriptions").to_string(),
+                        names::short(str_field(s, "name"), &conn.project, "subscriptions")
+                            .to_string(),
                         names::short(str_field(s, "topic"), &conn.project, "topics").to_string(),
                         ack,
                         output::map_pairs(s.get("labels").unwrap_or(&Value::Null)),

@@ -50,7 +50,10 @@ async fn list(args: RunsListArgs) -> Result<()> {
     if conn.json {
         return output::json(&resp);
     }
-    let runs: &[Value] = resp.get("runs").and_then(Value::as_array).map_or(&[], Vec::as_slice);
+    let runs: &[Value] = resp
+        .get("runs")
+        .and_then(Value::as_array)
+        .map_or(&[], Vec::as_slice);
     if runs.is_empty() {
         let mut what = String::from("no runs");
         if let Some(j) = &args.job {
@@ -65,7 +68,9 @@ async fn list(args: RunsListArgs) -> Result<()> {
     let now = now_ms();
     let rows: Vec<Vec<String>> = runs.iter().map(|r| run_row(r, now)).collect();
     output::out(&output::table(
-        &["ID", "JOB", "STATUS", "ATTEMPT", "EXIT", "STARTED", "DURATION", "MACHINE"],
+        &[
+            "ID", "JOB", "STATUS", "ATTEMPT", "EXIT", "STARTED", "DURATION", "MACHINE",
+        ],
         &rows,
     ))
 }
@@ -112,7 +117,9 @@ pub async fn logs(args: LogsArgs) -> Result<()> {
     let mut unreachable_since: Option<Instant> = None;
     loop {
         let off = offset.to_string();
-        let result = api.call_raw(Method::GET, &path, &[("offset", &off)], None).await;
+        let result = api
+            .call_raw(Method::GET, &path, &[("offset", &off)], None)
+            .await;
         let (headers, body) = match result {
             Ok(r) => {
                 unreachable_since = None;
@@ -134,7 +141,10 @@ pub async fn logs(args: LogsArgs) -> Result<()> {
             }
             Err(e) => return Err(e),
         };
-        let status = match headers.get("x-pubrun-run-status").and_then(|v| v.to_str().ok()) {
+        let status = match headers
+            .get("x-pubrun-run-status")
+            .and_then(|v| v.to_str().ok())
+        {
             Some(s) => s.to_string(),
             None => {
                 // A server without the header: ask for the run.
@@ -186,7 +196,10 @@ pub async fn logs(args: LogsArgs) -> Result<()> {
                 if !args.follow && !is_terminal(&status) {
                     eprintln!("(run {id} is {status}; `pubrun logs {id} --follow` prints the rest as it comes)");
                 } else if args.follow {
-                    let resp = api.get(&run_path(id)).await.context("reading the run's final state")?;
+                    let resp = api
+                        .get(&run_path(id))
+                        .await
+                        .context("reading the run's final state")?;
                     let run = resp.get("run").unwrap_or(&Value::Null);
                     eprintln!("run {id} {}", ended_words(run));
                 }
@@ -241,7 +254,9 @@ fn run_path(id: &str) -> String {
 
 /// The run id as a JSON number when it is one.
 fn id_value(id: &str) -> Value {
-    id.trim().parse::<i64>().map_or_else(|_| json!(id), |n| json!(n))
+    id.trim()
+        .parse::<i64>()
+        .map_or_else(|_| json!(id), |n| json!(n))
 }
 
 fn now_ms() -> i64 {
@@ -251,7 +266,10 @@ fn now_ms() -> i64 {
 }
 
 fn status_of(run: &Value) -> String {
-    run.get("status").and_then(Value::as_str).unwrap_or("unknown").to_string()
+    run.get("status")
+        .and_then(Value::as_str)
+        .unwrap_or("unknown")
+        .to_string()
 }
 
 fn is_terminal(status: &str) -> bool {
@@ -272,8 +290,12 @@ fn run_row(r: &Value, now: i64) -> Vec<String> {
         _ => "-".into(),
     };
     vec![
-        r.get("id").map(output::display).unwrap_or_else(|| "?".into()),
-        r.get("job").map(output::display).unwrap_or_else(|| "?".into()),
+        r.get("id")
+            .map(output::display)
+            .unwrap_or_else(|| "?".into()),
+        r.get("job")
+            .map(output::display)
+            .unwrap_or_else(|| "?".into()),
         status_of(r),
         attempt(r),
         exit_short(r),
@@ -288,7 +310,10 @@ fn run_row(r: &Value, now: i64) -> Vec<String> {
 }
 
 fn attempt(r: &Value) -> String {
-    let a = r.get("attempt").map(output::display).unwrap_or_else(|| "?".into());
+    let a = r
+        .get("attempt")
+        .map(output::display)
+        .unwrap_or_else(|| "?".into());
     match r.get("max_attempts") {
         Some(m) if !m.is_null() => format!("{a}/{}", output::display(m)),
         _ => a,
@@ -368,7 +393,11 @@ fn exit_detail(run: &Value) -> Option<String> {
     if exit.get("oom_killed").and_then(Value::as_bool) == Some(true) {
         parts.push("out of memory".into());
     }
-    if let Some(e) = exit.get("error").and_then(Value::as_str).filter(|e| !e.is_empty()) {
+    if let Some(e) = exit
+        .get("error")
+        .and_then(Value::as_str)
+        .filter(|e| !e.is_empty())
+    {
         parts.push(e.to_string());
     }
     (!parts.is_empty()).then(|| parts.join(", "))
@@ -382,8 +411,18 @@ fn yes(v: &Value, key: &str) -> bool {
 pub fn render_run(r: &Value, now: i64) -> String {
     let status = status_of(r);
     let mut rows: Vec<(&str, String)> = Vec::new();
-    rows.push(("run", r.get("id").map(output::display).unwrap_or_else(|| "?".into())));
-    rows.push(("job", r.get("job").map(output::display).unwrap_or_else(|| "?".into())));
+    rows.push((
+        "run",
+        r.get("id")
+            .map(output::display)
+            .unwrap_or_else(|| "?".into()),
+    ));
+    rows.push((
+        "job",
+        r.get("job")
+            .map(output::display)
+            .unwrap_or_else(|| "?".into()),
+    ));
     let mut status_text = status.clone();
     if status == "queued" {
         if let Some(nb) = ms(r, "not_before_ms").filter(|&nb| nb > now) {
@@ -397,12 +436,23 @@ pub fn render_run(r: &Value, now: i64) -> String {
     rows.push(("attempt", attempt(r).replace('/', " of ")));
 
     if let Some(exit) = r.get("exit").filter(|e| e.is_object()) {
-        let label = if is_terminal(&status) { "" } else { "last attempt " };
+        let label = if is_terminal(&status) {
+            ""
+        } else {
+            "last attempt "
+        };
         let code = exit
             .get("exit_code")
             .and_then(Value::as_i64)
             .map_or_else(|| "-".into(), |c| c.to_string());
-        rows.push((if label.is_empty() { "exit code" } else { "last exit code" }, code));
+        rows.push((
+            if label.is_empty() {
+                "exit code"
+            } else {
+                "last exit code"
+            },
+            code,
+        ));
         if let Some(s) = exit.get("signal").and_then(Value::as_i64) {
             rows.push(("signal", format!("{s} ({})", signal_name(s))));
         }
@@ -422,7 +472,11 @@ pub fn render_run(r: &Value, now: i64) -> String {
         if !flags.is_empty() {
             rows.push(("end reason", flags.join(", ")));
         }
-        if let Some(e) = exit.get("error").and_then(Value::as_str).filter(|e| !e.is_empty()) {
+        if let Some(e) = exit
+            .get("error")
+            .and_then(Value::as_str)
+            .filter(|e| !e.is_empty())
+        {
             rows.push(("error", e.to_string()));
         }
     } else {
@@ -437,7 +491,10 @@ pub fn render_run(r: &Value, now: i64) -> String {
             .map(str::to_string)
     };
     rows.push(("message id", get("id").unwrap_or_else(|| "-".into())));
-    rows.push(("published", get("publish_time").unwrap_or_else(|| "-".into())));
+    rows.push((
+        "published",
+        get("publish_time").unwrap_or_else(|| "-".into()),
+    ));
     rows.push((
         "attributes",
         output::map_pairs(msg.get("attributes").unwrap_or(&Value::Null)),
@@ -445,7 +502,11 @@ pub fn render_run(r: &Value, now: i64) -> String {
     if let Some(k) = get("ordering_key") {
         rows.push(("ordering key", k));
     }
-    if let Some(k) = r.get("dedup_key").and_then(Value::as_str).filter(|s| !s.is_empty()) {
+    if let Some(k) = r
+        .get("dedup_key")
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+    {
         rows.push(("dedup key", k.to_string()));
     }
 
@@ -461,14 +522,22 @@ pub fn render_run(r: &Value, now: i64) -> String {
     }
     match (started, ended) {
         (Some(s), Some(e)) => rows.push(("duration", output::duration_ms(e - s))),
-        (Some(s), None) if !is_terminal(&status) => {
-            rows.push(("duration", format!("{} so far", output::duration_ms(now - s))))
-        }
+        (Some(s), None) if !is_terminal(&status) => rows.push((
+            "duration",
+            format!("{} so far", output::duration_ms(now - s)),
+        )),
         _ => {}
     }
-    let machine = r.get("machine").and_then(Value::as_str).filter(|s| !s.is_empty());
+    let machine = r
+        .get("machine")
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty());
     rows.push(("machine", machine.unwrap_or("-").to_string()));
-    if let Some(h) = r.get("handle").and_then(Value::as_str).filter(|s| !s.is_empty()) {
+    if let Some(h) = r
+        .get("handle")
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+    {
         rows.push(("handle", h.to_string()));
     }
     if is_terminal(&status) && r.get("result_published").and_then(Value::as_bool) == Some(false) {
@@ -497,7 +566,16 @@ mod tests {
         let r = sample();
         assert_eq!(
             run_row(&r, 0),
-            ["7", "echo", "failed", "2/3", "3", "2024-05-01T12:00:01Z", "2.5s", "local"]
+            [
+                "7",
+                "echo",
+                "failed",
+                "2/3",
+                "3",
+                "2024-05-01T12:00:01Z",
+                "2.5s",
+                "local"
+            ]
         );
         let b = render_run(&r, 0);
         assert!(b.contains("exit code:  3\n"), "{b}");

@@ -16,7 +16,11 @@ fn text(v: &Value, key: &str) -> String {
 }
 
 fn row(s: &Value) -> Vec<String> {
-    let state = if s.get("paused").and_then(Value::as_bool).unwrap_or(false) { "paused" } else { "active" };
+    let state = if s.get("paused").and_then(Value::as_bool).unwrap_or(false) {
+        "paused"
+    } else {
+        "active"
+    };
     vec![
         text(s, "name"),
         text(s, "cron"),
@@ -28,7 +32,15 @@ fn row(s: &Value) -> Vec<String> {
     ]
 }
 
-const HEADERS: [&str; 7] = ["NAME", "CRON", "TIME ZONE", "STATE", "NEXT", "LAST", "TOPIC"];
+const HEADERS: [&str; 7] = [
+    "NAME",
+    "CRON",
+    "TIME ZONE",
+    "STATE",
+    "NEXT",
+    "LAST",
+    "TOPIC",
+];
 
 pub async fn schedules(cmd: SchedulesCommand) -> Result<()> {
     match cmd {
@@ -38,9 +50,15 @@ pub async fn schedules(cmd: SchedulesCommand) -> Result<()> {
             if conn.json {
                 return output::json(&resp);
             }
-            let list = resp.get("schedules").and_then(Value::as_array).cloned().unwrap_or_default();
+            let list = resp
+                .get("schedules")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default();
             if list.is_empty() {
-                eprintln!("no schedules (declare [[schedule]] tables in the manifest and `pubrun apply`)");
+                eprintln!(
+                    "no schedules (declare [[schedule]] tables in the manifest and `pubrun apply`)"
+                );
                 return Ok(());
             }
             let rows: Vec<Vec<String>> = list.iter().map(row).collect();
@@ -61,7 +79,10 @@ async fn change(name: &str, verb: &str, conn: &super::ConnArgs) -> Result<()> {
     }
     match verb {
         "run-now" => {
-            let id = resp.get("messageId").map(|v| text(&json!({"v": v}), "v")).unwrap_or_else(|| "-".into());
+            let id = resp
+                .get("messageId")
+                .map(|v| text(&json!({"v": v}), "v"))
+                .unwrap_or_else(|| "-".into());
             output::out(&format!("schedule {name} fired now: message {id}\n"))
         }
         _ => {
@@ -73,6 +94,12 @@ async fn change(name: &str, verb: &str, conn: &super::ConnArgs) -> Result<()> {
 
 fn urlencode(s: &str) -> String {
     s.bytes()
-        .map(|b| if b.is_ascii_alphanumeric() || b"-._~".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") })
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
         .collect()
 }

@@ -21,7 +21,11 @@ impl Drop for Server {
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Whether `GET /healthz` on the port answers 200.
@@ -46,7 +50,10 @@ pub fn wait_healthy(child: &mut Child, port: u16, patience: Duration, log: impl 
     let deadline = Instant::now() + patience;
     loop {
         if let Some(status) = child.try_wait().unwrap() {
-            panic!("pubrun serve exited before becoming healthy: {status}\n{}", log());
+            panic!(
+                "pubrun serve exited before becoming healthy: {status}\n{}",
+                log()
+            );
         }
         if healthz(port) {
             return;

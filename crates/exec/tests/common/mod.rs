@@ -29,7 +29,11 @@ impl Fixture {
         let dir = tempfile::tempdir().unwrap();
         let workdir = dir.path().join("work");
         std::fs::create_dir(&workdir).unwrap();
-        let log = Arc::new(LogSink::create(dir.path().join("run.log"), log_limit).await.unwrap());
+        let log = Arc::new(
+            LogSink::create(dir.path().join("run.log"), log_limit)
+                .await
+                .unwrap(),
+        );
         Fixture { dir, workdir, log }
     }
 
@@ -59,7 +63,11 @@ impl Fixture {
             if self.log_text().await.contains(needle) {
                 return;
             }
-            assert!(start.elapsed() < WAIT, "log never showed {needle:?}; it has:\n{}", self.log_text().await);
+            assert!(
+                start.elapsed() < WAIT,
+                "log never showed {needle:?}; it has:\n{}",
+                self.log_text().await
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -103,7 +111,9 @@ pub fn ignore_started() -> OnStarted {
 }
 
 pub async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
-    tokio::time::timeout(WAIT, f).await.unwrap_or_else(|_| panic!("{what}: took longer than {WAIT:?}"))
+    tokio::time::timeout(WAIT, f)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: took longer than {WAIT:?}"))
 }
 
 pub fn scripts_dir() -> PathBuf {
@@ -114,7 +124,10 @@ pub const TEST_IMAGE: &str = "pubrun-test/busybox:latest";
 
 fn run_script(name: &str) -> Result<String, String> {
     let script = scripts_dir().join(name);
-    let out = Command::new("bash").arg(&script).output().map_err(|e| format!("running {}: {e}", script.display()))?;
+    let out = Command::new("bash")
+        .arg(&script)
+        .output()
+        .map_err(|e| format!("running {}: {e}", script.display()))?;
     if out.status.success() {
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     } else {
@@ -169,7 +182,8 @@ pub fn registry_port(test: &str) -> Option<u16> {
     let port = PORT.get_or_init(|| {
         let out = run_script("docker-registry.sh")?;
         let last = out.lines().last().unwrap_or_default();
-        last.parse::<u16>().map_err(|e| format!("docker-registry.sh printed {out:?}, not a port: {e}"))
+        last.parse::<u16>()
+            .map_err(|e| format!("docker-registry.sh printed {out:?}, not a port: {e}"))
     });
     match port {
         Ok(p) => Some(*p),

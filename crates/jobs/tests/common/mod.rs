@@ -43,7 +43,10 @@ pub struct Env {
 pub fn process_executors() -> Executors {
     let process: Arc<dyn Executor> = Arc::new(pubrun_exec::process::ProcessExecutor::new());
     // Process-only tests never hand a run to the docker slot.
-    Executors { process: process.clone(), docker: process }
+    Executors {
+        process: process.clone(),
+        docker: process,
+    }
 }
 
 /// Opens the store, broker and run store of `dir` (retrying while a
@@ -72,8 +75,19 @@ pub async fn open_env_unstarted(dir: &Path, slots: usize, executors: Executors) 
     let broker = Broker::open(Arc::new(store)).unwrap();
     broker.spawn_maintenance();
     let store = Arc::new(RunStore::open(&dir.join("runs.db")).unwrap());
-    let dispatcher = Dispatcher::new(broker.clone(), store.clone(), dir.to_path_buf(), executors, slots);
-    Env { dir: dir.to_path_buf(), broker, store, dispatcher }
+    let dispatcher = Dispatcher::new(
+        broker.clone(),
+        store.clone(),
+        dir.to_path_buf(),
+        executors,
+        slots,
+    );
+    Env {
+        dir: dir.to_path_buf(),
+        broker,
+        store,
+        dispatcher,
+    }
 }
 
 pub async fn env_in(dir: &Path, slots: usize) -> Env {
@@ -88,13 +102,20 @@ pub fn job(toml_job: &str, topics: &[&str]) -> JobSpec {
     }
     src += "[[job]]\n";
     src += toml_job;
-    let m = pubrun_core::manifest::parse("test.toml", &src).unwrap_or_else(|e| panic!("bad test job: {e}\n{src}"));
+    let m = pubrun_core::manifest::parse("test.toml", &src)
+        .unwrap_or_else(|e| panic!("bad test job: {e}\n{src}"));
     m.jobs.into_iter().next().unwrap()
 }
 
 impl Env {
     pub async fn topic(&self, id: &str) {
-        self.broker.create_topic(TopicConfig { name: topic_name(id), labels: Default::default() }).await.unwrap();
+        self.broker
+            .create_topic(TopicConfig {
+                name: topic_name(id),
+                labels: Default::default(),
+            })
+            .await
+            .unwrap();
     }
 
     pub async fn subscription(&self, id: &str, topic: &str) -> SubscriptionName {
@@ -123,10 +144,25 @@ impl Env {
     /// Publishes one message; returns its id. (Pub/Sub refuses a message
     /// with neither data nor attributes, so empty data becomes "-" then.)
     pub async fn publish(&self, topic: &str, attrs: &[(&str, &str)], data: &str) -> String {
-        let data = if data.is_empty() && attrs.is_empty() { "-" } else { data };
-        let attributes: BTreeMap<String, String> = attrs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        let msg = OutgoingMessage { data: data.to_string().into_bytes().into(), attributes, ordering_key: String::new() };
-        self.broker.publish(&TopicName::parse(&topic_name(topic)).unwrap(), vec![msg]).await.unwrap().remove(0)
+        let data = if data.is_empty() && attrs.is_empty() {
+            "-"
+        } else {
+            data
+        };
+        let attributes: BTreeMap<String, String> = attrs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let msg = OutgoingMessage {
+            data: data.to_string().into_bytes().into(),
+            attributes,
+            ordering_key: String::new(),
+        };
+        self.broker
+            .publish(&TopicName::parse(&topic_name(topic)).unwrap(), vec![msg])
+            .await
+            .unwrap()
+            .remove(0)
     }
 
     /// Runs of a job, oldest first.
@@ -147,7 +183,12 @@ impl Env {
     }
 
     /// Waits until the run's status satisfies `pred`.
-    pub async fn wait_run(&self, id: i64, what: &str, pred: impl Fn(&RunRecord) -> bool) -> RunRecord {
+    pub async fn wait_run(
+        &self,
+        id: i64,
+        what: &str,
+        pred: impl Fn(&RunRecord) -> bool,
+    ) -> RunRecord {
         let last = std::sync::Mutex::new(None);
         let r = wait_for_or(&format!("run {id}: {what}"), || {
             let r = self.store.get(id).unwrap();
@@ -167,12 +208,14 @@ impl Env {
     }
 
     pub async fn wait_status(&self, id: i64, status: RunStatus) -> RunRecord {
-        self.wait_run(id, &format!("status {status}"), |r| r.status == status).await
+        self.wait_run(id, &format!("status {status}"), |r| r.status == status)
+            .await
     }
 
     /// Waits for the run to end (any terminal status).
     pub async fn wait_end(&self, id: i64) -> RunRecord {
-        self.wait_run(id, "terminal status", |r| r.status.is_terminal()).await
+        self.wait_run(id, "terminal status", |r| r.status.is_terminal())
+            .await
     }
 
     /// Waits until every message of the job's subscription is acked.

@@ -178,6 +178,7 @@ pub async fn apply_manifest(
     dispatcher: &Arc<Dispatcher>,
     triggers: Option<&Triggers>,
     buckets: Option<&pubrun_buckets::Buckets>,
+    pools: Option<&pubrun_pools::Pools>,
     m: &Manifest,
     dry_run: bool,
 ) -> Result<Vec<Change>> {
@@ -194,7 +195,31 @@ pub async fn apply_manifest(
             "this server does not run schedules and webhooks",
         ));
     }
-    let mut changes = pubrun_jobs::apply::apply(broker, dispatcher, m, dry_run).await?;
+    // Pools before jobs: a job's first run may already need its pool.
+    let declared: Vec<_> = m
+        .pools
+        .iter()
+        .filter(|p| p.name != pubrun_core::pool::LOCAL_POOL)
+        .map(|p| (p.name.clone(), p.clone()))
+        .collect();
+    let mut changes = Vec::new();
+    match pools {
+        Some(p) => {
+            let current: Vec<_> = p.specs().into_iter().map(|s| (s.name.clone(), s)).collect();
+            changes.extend(plan_named("pool", &current, &declared));
+            if !dry_run {
+                p.set_pools(declared.into_iter().map(|(_, s)| s).collect())
+                    .map_err(Error::invalid)?;
+            }
+        }
+        None if !declared.is_empty() => {
+            return Err(Error::precondition(
+                "this server does not run machine pools",
+            ));
+        }
+        None => {}
+    }
+    changes.extend(pubrun_jobs::apply::apply(broker, dispatcher, m, dry_run).await?);
     if let Some(b) = buckets {
         changes.extend(apply_buckets(b, m, dry_run).await?);
     }

@@ -13,7 +13,7 @@ use futures::Stream;
 use pubrun_broker::{
     AckResult, Broker, Delivered, DeliveryUpdate, SubscriptionUpdate, TopicUpdate,
 };
-use pubrun_core::config::{DeadLetterPolicy, RetryPolicy};
+use pubrun_core::config::{DeadLetterPolicy, NoWrapper, PushConfig, RetryPolicy};
 use pubrun_core::{
     Error, OutgoingMessage, ProjectName, Result, SubscriptionConfig, SubscriptionName, TopicConfig,
     TopicName,
@@ -37,7 +37,9 @@ pub struct PubSub {
     pub shutdown: watch::Receiver<bool>,
 }
 
-fn hash_to_btree(m: std::collections::HashMap<String, String>) -> BTreeMap<String, String> {
+pub(crate) fn hash_to_btree(
+    m: std::collections::HashMap<String, String>,
+) -> BTreeMap<String, String> {
     m.into_iter().collect()
 }
 
@@ -56,10 +58,9 @@ pub fn topic_to_pb(t: &TopicConfig) -> pb::Topic {
     }
 }
 
+/// `message_retention_duration` is not part of `TopicConfig`: see
+/// `snapshots::topic_retention_from_pb`.
 pub fn topic_from_pb(t: pb::Topic) -> Result<TopicConfig> {
-    if t.message_retention_duration.is_some() {
-        return Err(unsupported("message_retention_duration"));
-    }
     if t.schema_settings.is_some() {
         return Err(unsupported("schema_settings"));
     }
@@ -78,7 +79,7 @@ pub fn topic_from_pb(t: pb::Topic) -> Result<TopicConfig> {
     })
 }
 
-fn duration_to_pb(d: Duration) -> prost_types::Duration {
+pub(crate) fn duration_to_pb(d: Duration) -> prost_types::Duration {
     prost_types::Duration {
         seconds: d.as_secs() as i64,
         nanos: d.subsec_nanos() as i32,
@@ -86,7 +87,10 @@ fn duration_to_pb(d: Duration) -> prost_types::Duration {
 }
 
 /// A `google.protobuf.Duration` field as a std `Duration`; negative is invalid.
-fn duration_from_pb(field: &str, d: Option<prost_types::Duration>) -> Result<Option<Duration>> {
+pub(crate) fn duration_from_pb(
+    field: &str,
+    d: Option<prost_types::Duration>,
+) -> Result<Option<Duration>> {
     match d {
         None => Ok(None),
         Some(d) if d.seconds < 0 || d.nanos < 0 || d.nanos >= 1_000_000_000 => Err(Error::invalid(
@@ -113,35 +117,57 @@ pub fn sub_to_pb(s: &SubscriptionConfig) -> pb::Subscription {
         enable_message_ordering: s.enable_message_ordering,
         filter: s.filter.clone(),
         enable_exactly_once_delivery: s.enable_exactly_once_delivery,
-        // Google's defaults, reported so clients that read them see real values.
-        message_retention_duration: Some(prost_types::Duration {
-            seconds: 7 * 24 * 3600,
-            nanos: 0,
-        }),
-        push_config: Some(pb::PushConfig::default()),
+        // The default (7 days) is reported too, as Google does.
+        message_retention_duration: Some(duration_to_pb(s.retention())),
+        retain_acked_messages: s.retain_acked_messages,
+        push_config: Some(push_config_to_pb(s.push_config.as_ref())),
         state: pb::subscription::State::Active as i32,
         ..Default::default()
     }
 }
 
+/// A pull subscription reports an empty push config, as Google does.
+fn push_config_to_pb(p: Option<&PushConfig>) -> pb::PushConfig {
+    let Some(p) = p else {
+        return pb::PushConfig::default();
+    };
+    pb::PushConfig {
+        push_endpoint: p.push_endpoint.clone(),
+        attributes: p.attributes.clone().into_iter().collect(),
+        authentication_method: None,
+        wrapper: p.no_wrapper.map(|n| {
+            pb::push_config::Wrapper::NoWrapper(pb::push_config::NoWrapper {
+                write_metadata: n.write_metadata,
+            })
+        }),
+    }
+}
+
+/// `None` (or an empty endpoint) is pull delivery. Authenticated push is
+/// refused by name; the endpoint and attributes are checked by the broker.
+pub fn push_config_from_pb(p: Option<pb::PushConfig>) -> Result<Option<PushConfig>> {
+    let Some(p) = p else { return Ok(None) };
+    if p.authentication_method.is_some() {
+        return Err(unsupported("push_config.oidc_token (authenticated push)"));
+    }
+    let no_wrapper = match p.wrapper {
+        Some(pb::push_config::Wrapper::NoWrapper(n)) => Some(NoWrapper {
+            write_metadata: n.write_metadata,
+        }),
+        Some(pb::push_config::Wrapper::PubsubWrapper(_)) | None => None,
+    };
+    PushConfig {
+        push_endpoint: p.push_endpoint,
+        attributes: hash_to_btree(p.attributes),
+        no_wrapper,
+    }
+    .check()
+}
+
 pub fn sub_from_pb(s: pb::Subscription) -> Result<SubscriptionConfig> {
-    if s.push_config
-        .as_ref()
-        .is_some_and(|p| !p.push_endpoint.is_empty())
-    {
-        return Err(unsupported("push_config.push_endpoint (push delivery)"));
-    }
-    if s.message_retention_duration
-        .as_ref()
-        .is_some_and(|d| d.seconds != 7 * 24 * 3600 || d.nanos != 0)
-    {
-        return Err(unsupported(
-            "message_retention_duration other than the default 7 days",
-        ));
-    }
-    if s.retain_acked_messages {
-        return Err(unsupported("retain_acked_messages"));
-    }
+    let push_config = push_config_from_pb(s.push_config)?;
+    let message_retention_duration =
+        duration_from_pb("message_retention_duration", s.message_retention_duration)?;
     if s.expiration_policy
         .as_ref()
         .is_some_and(|p| p.ttl.is_some())
@@ -171,6 +197,9 @@ pub fn sub_from_pb(s: pb::Subscription) -> Result<SubscriptionConfig> {
         enable_message_ordering: s.enable_message_ordering,
         filter: s.filter,
         enable_exactly_once_delivery: s.enable_exactly_once_delivery,
+        push_config,
+        message_retention_duration,
+        retain_acked_messages: s.retain_acked_messages,
     })
 }
 
@@ -255,7 +284,7 @@ fn ack_reply(r: Result<AckResult>) -> GrpcResult<()> {
     }
 }
 
-fn timestamp(nanos: i64) -> prost_types::Timestamp {
+pub(crate) fn timestamp(nanos: i64) -> prost_types::Timestamp {
     prost_types::Timestamp {
         seconds: nanos.div_euclid(1_000_000_000),
         nanos: nanos.rem_euclid(1_000_000_000) as i32,
@@ -283,7 +312,7 @@ pub fn received_to_pb(d: Delivered) -> pb::ReceivedMessage {
     }
 }
 
-fn mask_paths(mask: Option<prost_types::FieldMask>) -> Result<Vec<String>> {
+pub(crate) fn mask_paths(mask: Option<prost_types::FieldMask>) -> Result<Vec<String>> {
     let paths = mask.map(|m| m.paths).unwrap_or_default();
     if paths.is_empty() {
         return Err(Error::invalid(
@@ -300,25 +329,37 @@ impl PubSub {
 
     pub async fn create_topic(&self, t: pb::Topic) -> Result<pb::Topic> {
         TopicName::parse(&t.name)?;
-        let created = self.broker.create_topic(topic_from_pb(t)?).await?;
-        Ok(topic_to_pb(&created))
+        let retention = crate::snapshots::topic_retention_from_pb(&t)?;
+        let created = self
+            .broker
+            .create_topic_with_retention(topic_from_pb(t)?, retention)
+            .await?;
+        Ok(self.topic_pb(&created))
     }
 
     pub async fn update_topic(&self, r: pb::UpdateTopicRequest) -> Result<pb::Topic> {
         let topic = r.topic.ok_or_else(|| Error::invalid("topic must be set"))?;
         let name = TopicName::parse(&topic.name)?;
         let mut update = TopicUpdate::default();
+        let mut retention = None;
         for path in mask_paths(r.update_mask)? {
             match path.as_str() {
                 "labels" => update.labels = Some(hash_to_btree(topic.labels.clone())),
+                "message_retention_duration" => {
+                    retention = Some(crate::snapshots::topic_retention_from_pb(&topic)?)
+                }
                 other => {
                     return Err(Error::invalid(format!(
-                        "cannot update field \"{other}\" of a topic; supported: labels"
+                        "cannot update field \"{other}\" of a topic; supported: labels, message_retention_duration"
                     )))
                 }
             }
         }
-        Ok(topic_to_pb(&self.broker.update_topic(&name, update).await?))
+        let updated = self
+            .broker
+            .update_topic_with(&name, update, retention)
+            .await?;
+        Ok(self.topic_pb(&updated))
     }
 
     pub async fn publish(&self, r: pb::PublishRequest) -> Result<pb::PublishResponse> {
@@ -337,9 +378,7 @@ impl PubSub {
     }
 
     pub fn get_topic(&self, r: pb::GetTopicRequest) -> Result<pb::Topic> {
-        Ok(topic_to_pb(
-            &self.broker.get_topic(&TopicName::parse(&r.topic)?)?,
-        ))
+        Ok(self.topic_pb(&self.broker.get_topic(&TopicName::parse(&r.topic)?)?))
     }
 
     pub fn list_topics(&self, r: pb::ListTopicsRequest) -> Result<pb::ListTopicsResponse> {
@@ -349,7 +388,7 @@ impl PubSub {
             &r.page_token,
         )?;
         Ok(pb::ListTopicsResponse {
-            topics: page.items.iter().map(topic_to_pb).collect(),
+            topics: page.items.iter().map(|t| self.topic_pb(t)).collect(),
             next_page_token: page.next_page_token,
         })
     }
@@ -376,13 +415,15 @@ impl PubSub {
     pub async fn create_subscription(&self, s: pb::Subscription) -> Result<pb::Subscription> {
         SubscriptionName::parse(&s.name)?;
         let created = self.broker.create_subscription(sub_from_pb(s)?).await?;
-        Ok(sub_to_pb(&created))
+        Ok(self.sub_pb(&created))
     }
 
     pub fn get_subscription(&self, r: pb::GetSubscriptionRequest) -> Result<pb::Subscription> {
-        Ok(sub_to_pb(&self.broker.get_subscription(
-            &SubscriptionName::parse(&r.subscription)?,
-        )?))
+        Ok(self.sub_pb(
+            &self
+                .broker
+                .get_subscription(&SubscriptionName::parse(&r.subscription)?)?,
+        ))
     }
 
     pub async fn update_subscription(
@@ -406,6 +447,18 @@ impl PubSub {
                 "enable_exactly_once_delivery" => {
                     delivery.enable_exactly_once_delivery = Some(sub.enable_exactly_once_delivery)
                 }
+                "push_config" => {
+                    delivery.push_config = Some(push_config_from_pb(sub.push_config.clone())?)
+                }
+                "message_retention_duration" => {
+                    delivery.message_retention_duration = Some(duration_from_pb(
+                        "message_retention_duration",
+                        sub.message_retention_duration,
+                    )?)
+                }
+                "retain_acked_messages" => {
+                    delivery.retain_acked_messages = Some(sub.retain_acked_messages)
+                }
                 "filter" | "enable_message_ordering" => {
                     return Err(Error::invalid(format!(
                         "{path} cannot be changed after the subscription is created; create a new subscription instead"
@@ -413,12 +466,12 @@ impl PubSub {
                 }
                 other => {
                     return Err(Error::invalid(format!(
-                        "cannot update field \"{other}\" of a subscription; supported: ack_deadline_seconds, labels, retry_policy, dead_letter_policy, enable_exactly_once_delivery"
+                        "cannot update field \"{other}\" of a subscription; supported: ack_deadline_seconds, labels, retry_policy, dead_letter_policy, enable_exactly_once_delivery, push_config, message_retention_duration, retain_acked_messages"
                     )))
                 }
             }
         }
-        Ok(sub_to_pb(
+        Ok(self.sub_pb(
             &self
                 .broker
                 .update_subscription_with(&name, update, delivery)
@@ -436,9 +489,33 @@ impl PubSub {
             &r.page_token,
         )?;
         Ok(pb::ListSubscriptionsResponse {
-            subscriptions: page.items.iter().map(sub_to_pb).collect(),
+            subscriptions: page.items.iter().map(|s| self.sub_pb(s)).collect(),
             next_page_token: page.next_page_token,
         })
+    }
+
+    /// Switches between push (an endpoint) and pull (an empty or unset
+    /// push config); the backlog is kept either way.
+    pub async fn modify_push_config(&self, r: pb::ModifyPushConfigRequest) -> Result<()> {
+        let name = SubscriptionName::parse(&r.subscription)?;
+        let delivery = DeliveryUpdate {
+            push_config: Some(push_config_from_pb(r.push_config)?),
+            ..Default::default()
+        };
+        self.broker
+            .update_subscription_with(&name, SubscriptionUpdate::default(), delivery)
+            .await?;
+        Ok(())
+    }
+
+    /// Pull and StreamingPull on a push subscription fail as Google's do.
+    pub fn refuse_push(&self, name: &SubscriptionName) -> Result<()> {
+        if self.broker.get_subscription(name)?.push_config.is_some() {
+            return Err(Error::precondition(
+                "This method is not supported for push subscriptions; switch it to pull with ModifyPushConfig first",
+            ));
+        }
+        Ok(())
     }
 
     pub async fn delete_subscription(&self, r: pb::DeleteSubscriptionRequest) -> Result<()> {
@@ -472,6 +549,7 @@ impl PubSub {
         client_deadline: Option<Duration>,
     ) -> Result<pb::PullResponse> {
         let name = SubscriptionName::parse(&r.subscription)?;
+        self.refuse_push(&name)?;
         let wait = if r.return_immediately {
             None
         } else {
@@ -510,10 +588,6 @@ fn reply<T>(r: Result<T>) -> GrpcResult<T> {
     r.map(Response::new).map_err(to_status)
 }
 
-fn snapshots_unimplemented() -> Status {
-    Status::unimplemented("snapshots and seek are not supported by this pubrun version")
-}
-
 #[tonic::async_trait]
 impl publisher_server::Publisher for PubSub {
     async fn create_topic(&self, r: Request<pb::Topic>) -> GrpcResult<pb::Topic> {
@@ -544,10 +618,7 @@ impl publisher_server::Publisher for PubSub {
         &self,
         r: Request<pb::ListTopicSnapshotsRequest>,
     ) -> GrpcResult<pb::ListTopicSnapshotsResponse> {
-        // No snapshots exist in this version; the topic must still exist.
-        let name = TopicName::parse(&r.get_ref().topic).map_err(to_status)?;
-        self.broker.get_topic(&name).map_err(to_status)?;
-        Ok(Response::new(pb::ListTopicSnapshotsResponse::default()))
+        reply(PubSub::list_topic_snapshots(self, r.into_inner()))
     }
     async fn delete_topic(&self, r: Request<pb::DeleteTopicRequest>) -> GrpcResult<()> {
         reply(PubSub::delete_topic(self, r.into_inner()).await)
@@ -625,6 +696,7 @@ impl subscriber_server::Subscriber for PubSub {
             }
         };
         let name = SubscriptionName::parse(&first.subscription).map_err(to_status)?;
+        self.refuse_push(&name).map_err(to_status)?;
         if !(0..=600).contains(&first.stream_ack_deadline_seconds)
             || (1..10).contains(&first.stream_ack_deadline_seconds)
         {
@@ -650,37 +722,36 @@ impl subscriber_server::Subscriber for PubSub {
         )))
     }
 
-    async fn modify_push_config(&self, _r: Request<pb::ModifyPushConfigRequest>) -> GrpcResult<()> {
-        Err(Status::unimplemented(
-            "push delivery is not supported by this pubrun version",
-        ))
+    async fn modify_push_config(&self, r: Request<pb::ModifyPushConfigRequest>) -> GrpcResult<()> {
+        reply(PubSub::modify_push_config(self, r.into_inner()).await)
     }
-    async fn get_snapshot(&self, _r: Request<pb::GetSnapshotRequest>) -> GrpcResult<pb::Snapshot> {
-        Err(snapshots_unimplemented())
+    // Snapshots and seek: `snapshots.rs`.
+    async fn get_snapshot(&self, r: Request<pb::GetSnapshotRequest>) -> GrpcResult<pb::Snapshot> {
+        reply(PubSub::get_snapshot(self, r.into_inner()))
     }
     async fn list_snapshots(
         &self,
-        _r: Request<pb::ListSnapshotsRequest>,
+        r: Request<pb::ListSnapshotsRequest>,
     ) -> GrpcResult<pb::ListSnapshotsResponse> {
-        Err(snapshots_unimplemented())
+        reply(PubSub::list_snapshots(self, r.into_inner()))
     }
     async fn create_snapshot(
         &self,
-        _r: Request<pb::CreateSnapshotRequest>,
+        r: Request<pb::CreateSnapshotRequest>,
     ) -> GrpcResult<pb::Snapshot> {
-        Err(snapshots_unimplemented())
+        reply(PubSub::create_snapshot(self, r.into_inner()).await)
     }
     async fn update_snapshot(
         &self,
-        _r: Request<pb::UpdateSnapshotRequest>,
+        r: Request<pb::UpdateSnapshotRequest>,
     ) -> GrpcResult<pb::Snapshot> {
-        Err(snapshots_unimplemented())
+        reply(PubSub::update_snapshot(self, r.into_inner()).await)
     }
-    async fn delete_snapshot(&self, _r: Request<pb::DeleteSnapshotRequest>) -> GrpcResult<()> {
-        Err(snapshots_unimplemented())
+    async fn delete_snapshot(&self, r: Request<pb::DeleteSnapshotRequest>) -> GrpcResult<()> {
+        reply(PubSub::delete_snapshot(self, r.into_inner()).await)
     }
-    async fn seek(&self, _r: Request<pb::SeekRequest>) -> GrpcResult<pb::SeekResponse> {
-        Err(snapshots_unimplemented())
+    async fn seek(&self, r: Request<pb::SeekRequest>) -> GrpcResult<pb::SeekResponse> {
+        reply(PubSub::seek(self, r.into_inner()).await)
     }
 }
 

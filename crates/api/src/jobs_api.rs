@@ -38,6 +38,7 @@ struct Api {
     dispatcher: Arc<Dispatcher>,
     triggers: Option<Arc<pubrun_triggers::Triggers>>,
     buckets: Option<pubrun_buckets::Buckets>,
+    pools: Option<pubrun_pools::Pools>,
 }
 
 type ApiResult = Result<Response, HttpError>;
@@ -47,6 +48,7 @@ pub fn router(
     dispatcher: Arc<Dispatcher>,
     triggers: Option<Arc<pubrun_triggers::Triggers>>,
     buckets: Option<pubrun_buckets::Buckets>,
+    pools: Option<pubrun_pools::Pools>,
 ) -> Router {
     Router::new()
         .route("/api/v1/jobs", get(list_jobs))
@@ -72,6 +74,7 @@ pub fn router(
             dispatcher,
             triggers,
             buckets,
+            pools,
         })
 }
 
@@ -270,6 +273,7 @@ async fn apply(
         &api.dispatcher,
         api.triggers.as_deref(),
         api.buckets.as_ref(),
+        api.pools.as_ref(),
         &manifest,
         dry_run,
     )

@@ -10,6 +10,7 @@ pub mod grpc;
 pub mod jobs_api;
 pub mod rest;
 pub mod server;
+pub mod snapshots;
 pub mod status;
 
 /// Generated server stubs for `google.pubsub.v1.Publisher` / `Subscriber`.

@@ -18,6 +18,8 @@
 //! | PUT / GET / PATCH / DELETE | `/v1/projects/P/subscriptions/S` | Create / Get / Update / DeleteSubscription |
 //! | GET | `/v1/projects/P/subscriptions` | ListSubscriptions |
 //! | POST | `/v1/projects/P/subscriptions/S:pull` / `:acknowledge` / `:modifyAckDeadline` | Pull / Acknowledge / ModifyAckDeadline |
+//! | PUT / GET / PATCH / DELETE, GET | `/v1/projects/P/snapshots/S`, `/v1/projects/P/snapshots` | snapshots (`rest/snapshots.rs`) |
+//! | POST | `/v1/projects/P/subscriptions/S:seek` | Seek |
 //!
 //! Errors, including malformed JSON, unknown fields, unknown custom verbs and
 //! wrong HTTP methods, are answered in Google's JSON error shape.
@@ -44,6 +46,8 @@ use crate::grpc::PubSub;
 use crate::pb;
 use crate::status::HttpError;
 
+mod snapshots;
+
 /// Routes for `/v1/projects/{project}/topics/...` and `/subscriptions/...`.
 pub fn router(pubsub: PubSub) -> Router {
     let projects = Router::new()
@@ -54,6 +58,11 @@ pub fn router(pubsub: PubSub) -> Router {
             any(topic_subscriptions),
         )
         .route("/{project}/topics/{topic}/snapshots", any(topic_snapshots))
+        .route("/{project}/snapshots", any(snapshots::snapshots_collection))
+        .route(
+            "/{project}/snapshots/{snapshot}",
+            any(snapshots::snapshot_resource),
+        )
         .route("/{project}/subscriptions", any(subscriptions_collection))
         .route(
             "/{project}/subscriptions/{subscription}",
@@ -132,12 +141,8 @@ fn unknown_verb(uri: &Uri, collection: &str, verb: &str, supported: &str) -> Fai
 
 async fn unknown_path(OriginalUri(uri): OriginalUri) -> Response {
     let segs: Vec<&str> = uri.path().trim_start_matches('/').split('/').collect();
-    if let ["v1", "projects", _, kind, ..] = segs.as_slice() {
-        match *kind {
-            "snapshots" => return *unimplemented("snapshots and seek").0,
-            "schemas" => return *unimplemented("schemas").0,
-            _ => {}
-        }
+    if let ["v1", "projects", _, "schemas", ..] = segs.as_slice() {
+        return *unimplemented("schemas").0;
     }
     HttpError(Error::not_found(format!(
         "{} is not a Pub/Sub v1 REST resource (expected /v1/projects/PROJECT/topics/... or /v1/projects/PROJECT/subscriptions/...)",
@@ -763,47 +768,7 @@ struct SubscriptionJson {
 
 impl SubscriptionJson {
     fn into_pb(self, field: &str, name: String) -> pubrun_core::Result<pb::Subscription> {
-        let push_config = match nested::<PushConfigJson>(
-            &format!("{field}push_config"),
-            self.push_config,
-        )? {
-            None => None,
-            Some(p) => {
-                let at = |f: &str| format!("{field}push_config.{f}");
-                let oidc = nested::<OidcTokenJson>(&at("oidc_token"), p.oidc_token)?;
-                let pubsub_wrapper =
-                    nested::<PubsubWrapperJson>(&at("pubsub_wrapper"), p.pubsub_wrapper)?;
-                let no_wrapper = nested::<NoWrapperJson>(&at("no_wrapper"), p.no_wrapper)?;
-                if pubsub_wrapper.is_some() && no_wrapper.is_some() {
-                    return Err(Error::invalid(format!(
-                        "{field}push_config: set at most one of pubsub_wrapper and no_wrapper (they are a oneof)"
-                    )));
-                }
-                Some(pb::PushConfig {
-                    push_endpoint: p.push_endpoint.unwrap_or_default(),
-                    attributes: p.attributes,
-                    authentication_method: oidc.map(|o| {
-                        pb::push_config::AuthenticationMethod::OidcToken(
-                            pb::push_config::OidcToken {
-                                service_account_email: o.service_account_email.unwrap_or_default(),
-                                audience: o.audience.unwrap_or_default(),
-                            },
-                        )
-                    }),
-                    wrapper: match (pubsub_wrapper, no_wrapper) {
-                        (Some(_), _) => Some(pb::push_config::Wrapper::PubsubWrapper(
-                            pb::push_config::PubsubWrapper {},
-                        )),
-                        (_, Some(n)) => Some(pb::push_config::Wrapper::NoWrapper(
-                            pb::push_config::NoWrapper {
-                                write_metadata: n.write_metadata.unwrap_or_default(),
-                            },
-                        )),
-                        _ => None,
-                    },
-                })
-            }
-        };
+        let push_config = push_config_json(&format!("{field}push_config"), self.push_config)?;
         let expiration_policy = match nested::<ExpirationPolicyJson>(
             &format!("{field}expiration_policy"),
             self.expiration_policy,
@@ -933,6 +898,53 @@ struct PullJson {
     max_messages: Option<Value>,
 }
 
+/// A `PushConfig` JSON object (`field` names it in errors).
+fn push_config_json(field: &str, v: Option<Value>) -> pubrun_core::Result<Option<pb::PushConfig>> {
+    Ok(match nested::<PushConfigJson>(field, v)? {
+        None => None,
+        Some(p) => {
+            let at = |f: &str| format!("{field}.{f}");
+            let oidc = nested::<OidcTokenJson>(&at("oidc_token"), p.oidc_token)?;
+            let pubsub_wrapper =
+                nested::<PubsubWrapperJson>(&at("pubsub_wrapper"), p.pubsub_wrapper)?;
+            let no_wrapper = nested::<NoWrapperJson>(&at("no_wrapper"), p.no_wrapper)?;
+            if pubsub_wrapper.is_some() && no_wrapper.is_some() {
+                return Err(Error::invalid(format!(
+                    "{field}: set at most one of pubsub_wrapper and no_wrapper (they are a oneof)"
+                )));
+            }
+            Some(pb::PushConfig {
+                push_endpoint: p.push_endpoint.unwrap_or_default(),
+                attributes: p.attributes,
+                authentication_method: oidc.map(|o| {
+                    pb::push_config::AuthenticationMethod::OidcToken(pb::push_config::OidcToken {
+                        service_account_email: o.service_account_email.unwrap_or_default(),
+                        audience: o.audience.unwrap_or_default(),
+                    })
+                }),
+                wrapper: match (pubsub_wrapper, no_wrapper) {
+                    (Some(_), _) => Some(pb::push_config::Wrapper::PubsubWrapper(
+                        pb::push_config::PubsubWrapper {},
+                    )),
+                    (_, Some(n)) => Some(pb::push_config::Wrapper::NoWrapper(
+                        pb::push_config::NoWrapper {
+                            write_metadata: n.write_metadata.unwrap_or_default(),
+                        },
+                    )),
+                    _ => None,
+                },
+            })
+        }
+    })
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+struct ModifyPushConfigJson {
+    #[serde(alias = "push_config")]
+    push_config: Option<Value>,
+}
+
 #[derive(Deserialize, Default)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 struct AcknowledgeJson {
@@ -1013,6 +1025,11 @@ fn subscription_json(s: &pb::Subscription) -> Value {
         let mut pm = Map::new();
         put_str(&mut pm, "pushEndpoint", &p.push_endpoint);
         put_map(&mut pm, "attributes", &p.attributes);
+        if let Some(pb::push_config::Wrapper::NoWrapper(n)) = &p.wrapper {
+            let mut nm = Map::new();
+            put_bool(&mut nm, "writeMetadata", n.write_metadata);
+            pm.insert("noWrapper".into(), Value::Object(nm));
+        }
         m.insert("pushConfig".into(), Value::Object(pm));
     }
     if s.ack_deadline_seconds != 0 {
@@ -1296,12 +1313,8 @@ async fn topic_snapshots(
 ) -> Response {
     finish(
         async {
-            let ((project, topic), _, _) = list_params(&method, &uri, path, q)?;
-            // No snapshots exist in this version (as over gRPC); the topic must.
-            ps.get_topic(pb::GetTopicRequest {
-                topic: topic_name(&project, &topic),
-            })?;
-            Ok(empty())
+            let ((project, topic), page_size, page_token) = list_params(&method, &uri, path, q)?;
+            snapshots::topic_snapshots(&ps, topic_name(&project, &topic), page_size, page_token)
         }
         .await,
     )
@@ -1433,8 +1446,16 @@ async fn subscription_resource(
                     })?;
                     ack_outcome(r)
                 }
-                "modifyPushConfig" => Err(unimplemented("push delivery (modifyPushConfig)")),
-                "seek" => Err(unimplemented("snapshots and seek")),
+                "modifyPushConfig" => {
+                    let m: ModifyPushConfigJson = parse_body(body)?;
+                    ps.modify_push_config(pb::ModifyPushConfigRequest {
+                        subscription: name,
+                        push_config: push_config_json("push_config", m.push_config)?,
+                    })
+                    .await?;
+                    Ok(empty())
+                }
+                "seek" => snapshots::seek(&ps, name, body).await,
                 _ => Err(unimplemented("DetachSubscription")),
             }
         }

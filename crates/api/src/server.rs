@@ -36,6 +36,8 @@ pub struct ServeOptions {
     pub triggers: Option<Arc<pubrun_triggers::Triggers>>,
     /// The Cloud Storage JSON API.
     pub buckets: Option<pubrun_buckets::Buckets>,
+    /// Machine pools: the pools/machines/cost REST API and the agent protocol.
+    pub pools: Option<pubrun_pools::Pools>,
 }
 
 /// Builds the single router that answers both protocols.
@@ -54,6 +56,7 @@ pub fn router(broker: Arc<Broker>, opts: &ServeOptions, shutdown: watch::Receive
             d.clone(),
             opts.triggers.clone(),
             opts.buckets.clone(),
+            opts.pools.clone(),
         ));
     }
     if let Some(t) = &opts.triggers {
@@ -61,6 +64,9 @@ pub fn router(broker: Arc<Broker>, opts: &ServeOptions, shutdown: watch::Receive
     }
     if let Some(b) = &opts.buckets {
         app = app.merge(pubrun_buckets::router(b.clone()));
+    }
+    if let Some(p) = &opts.pools {
+        app = app.merge(pubrun_pools::http::admin_router(p.clone()));
     }
     let app = app
         .fallback(unknown_route)
@@ -78,6 +84,14 @@ pub fn router(broker: Arc<Broker>, opts: &ServeOptions, shutdown: watch::Receive
     // secret (HMAC signature or bearer) and body limit.
     if let Some(t) = &opts.triggers {
         app = app.merge(pubrun_triggers::router(t.webhooks().clone()));
+    }
+    // And agents: they hold a pool's token, not the server's. Work
+    // directories and outputs travel as tar bodies, so no small body limit.
+    if let Some(p) = &opts.pools {
+        app = app.merge(
+            pubrun_pools::http::agent_router(p.clone())
+                .layer(axum::extract::DefaultBodyLimit::disable()),
+        );
     }
     app
 }
@@ -165,6 +179,8 @@ pub async fn serve(
     let (stop_tx, stop_rx) = watch::channel(false);
     let app = router(broker.clone(), &opts, stop_rx);
     let maintenance = broker.spawn_maintenance();
+    // Push subscriptions' workers follow the catalog from here on.
+    let pusher = pubrun_broker::push::spawn(&broker);
     let (fired_tx, fired_rx) = tokio::sync::oneshot::channel::<()>();
     let stop_tx = Arc::new(stop_tx);
     let stopper = stop_tx.clone();
@@ -201,5 +217,6 @@ pub async fn serve(
     }
     drop(stop_tx);
     maintenance.abort();
+    pusher.abort();
     Ok(())
 }

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use pubrun_core::config::{
-    normalize_ack_deadline, validate_labels, DeadLetterPolicy, Labels, RetryPolicy,
+    normalize_ack_deadline, validate_labels, DeadLetterPolicy, Labels, PushConfig, RetryPolicy,
 };
 use pubrun_core::filter::{self, Filter};
 use pubrun_core::limits::{DEFAULT_PAGE_SIZE, MAX_ACK_DEADLINE_SECS, MAX_PAGE_SIZE};
@@ -19,6 +19,9 @@ use pubrun_core::{
 use pubrun_store::{AppendFuture, Catalog, Record, Store, SubscriptionEntry, TopicEntry};
 
 use crate::subscription::{Handout, Pending, Policy, StreamQuota, SubState};
+
+mod retention;
+pub use retention::{Clock, ManualClock, SnapshotInfo, SystemClock};
 
 /// How long a dead letter waits before forwarding is tried again after it
 /// failed (the dead-letter topic was deleted, the disk is full, ...).
@@ -89,6 +92,11 @@ pub struct DeliveryUpdate {
     /// `Some(None)` removes the policy.
     pub dead_letter_policy: Option<Option<DeadLetterPolicy>>,
     pub enable_exactly_once_delivery: Option<bool>,
+    /// `Some(None)` goes back to the default (7 days).
+    pub message_retention_duration: Option<Option<Duration>>,
+    pub retain_acked_messages: Option<bool>,
+    /// `Some(None)` switches to pull delivery.
+    pub push_config: Option<Option<PushConfig>>,
 }
 
 pub struct Broker {
@@ -98,6 +106,10 @@ pub struct Broker {
     /// ordered catalog.
     admin: tokio::sync::Mutex<()>,
     next_stream_id: AtomicU64,
+    /// Wall clock for publish times and retention (injectable for tests).
+    clock: Arc<dyn Clock>,
+    /// Bumped after every catalog change, so push workers follow it.
+    catalog_version: tokio::sync::watch::Sender<u64>,
 }
 
 struct State {
@@ -109,6 +121,8 @@ struct State {
     /// First seqs of publishes that are assigned but not yet distributed,
     /// so that reclaim never drops their segment.
     inflight: BTreeMap<u64, usize>,
+    /// Retained messages, seek marks (`retention.rs`).
+    ret: retention::Retention,
 }
 
 impl State {
@@ -156,7 +170,13 @@ impl State {
             };
             st.policy = Policy {
                 ordered: s.config.enable_message_ordering,
-                retry: s.config.retry_policy,
+                // Push without a retry policy backs off as Google's push does.
+                retry: s.config.retry_policy.or_else(|| {
+                    s.config
+                        .push_config
+                        .as_ref()
+                        .map(|_| crate::push::PUSH_BACKOFF)
+                }),
                 max_attempts: s
                     .config
                     .dead_letter_policy
@@ -176,12 +196,14 @@ impl State {
             }
             keep
         });
+        self.ret.sync(&self.catalog);
     }
 
     /// Adds messages to every subscription of the topic that was created
     /// before them and whose filter they match. Publish and log replay both
     /// come here, so a filter is applied identically to both.
     fn distribute(&mut self, topic_uid: u64, messages: &[Arc<Message>]) {
+        self.ret.keep(topic_uid, messages);
         let Some(subs) = self.topic_subs.get(&topic_uid) else {
             return;
         };
@@ -193,7 +215,11 @@ impl State {
                 .expect("runtime has every catalog sub");
             let start = st.start_seq;
             let mut added = false;
-            for m in messages.iter().filter(|m| m.seq >= start) {
+            let ret = &self.ret;
+            for m in messages
+                .iter()
+                .filter(|m| m.seq >= start && ret.admits(*uid, m))
+            {
                 added |= st.add(m.clone(), now);
             }
             if added {
@@ -320,6 +346,11 @@ fn page<T: Clone>(
 impl Broker {
     /// Recovers state from `store` and returns a broker ready to serve.
     pub fn open(store: Arc<dyn Store>) -> Result<Arc<Self>> {
+        Self::open_with_clock(store, Arc::new(SystemClock))
+    }
+
+    /// `open` with another wall clock (tests move it days ahead).
+    pub fn open_with_clock(store: Arc<dyn Store>, clock: Arc<dyn Clock>) -> Result<Arc<Self>> {
         let catalog = store.load_catalog()?;
         let mut state = State {
             catalog,
@@ -327,6 +358,7 @@ impl Broker {
             topic_subs: HashMap::new(),
             subs: HashMap::new(),
             inflight: BTreeMap::new(),
+            ret: retention::Retention::new(clock.clone()),
         };
         state.sync_runtime();
         let started = Instant::now();
@@ -349,9 +381,13 @@ impl Broker {
                         }
                     }
                 }
+                Record::Seek { sub_uid, target } => {
+                    retention::apply_seek(&mut state, sub_uid, target, Instant::now());
+                }
             }
         })?;
         state.next_seq = next_seq;
+        retention::expire(&mut state, Instant::now());
         let backlog: usize = state.subs.values().map(|s| s.backlog.len()).sum();
         tracing::info!(
             records,
@@ -365,6 +401,8 @@ impl Broker {
             store,
             admin: tokio::sync::Mutex::new(()),
             next_stream_id: AtomicU64::new(1),
+            clock,
+            catalog_version: tokio::sync::watch::channel(0).0,
         }))
     }
 
@@ -395,6 +433,11 @@ impl Broker {
                     });
                 }
                 n += 1;
+                if n % 10 == 0 {
+                    if let Err(e) = broker.run_retention().await {
+                        tracing::warn!(error = %e, "expiring snapshots failed");
+                    }
+                }
                 if n % 50 == 0 {
                     let b = broker.clone();
                     let _ = tokio::task::spawn_blocking(move || b.reclaim()).await;
@@ -421,11 +464,16 @@ impl Broker {
             let st = self.lock();
             let backlog_min = st.subs.values().filter_map(|s| s.oldest_seq()).min();
             let inflight_min = st.inflight.keys().next().copied();
-            [Some(st.next_seq), backlog_min, inflight_min]
-                .into_iter()
-                .flatten()
-                .min()
-                .unwrap()
+            [
+                Some(st.next_seq),
+                backlog_min,
+                inflight_min,
+                st.ret.lowest_kept(),
+            ]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap()
         };
         match self.store.reclaim(lowest) {
             Ok(freed) => {
@@ -458,10 +506,29 @@ impl Broker {
             (c, r)
         };
         self.store.save_catalog(&catalog).await?;
-        let mut st = self.lock();
-        st.catalog = catalog;
-        st.sync_runtime();
+        {
+            let mut st = self.lock();
+            st.catalog = catalog;
+            st.sync_runtime();
+        }
+        self.catalog_version.send_modify(|v| *v += 1);
         Ok(result)
+    }
+
+    /// Changes whenever the catalog does (push workers watch it).
+    pub(crate) fn catalog_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.catalog_version.subscribe()
+    }
+
+    /// Every push subscription: (uid, config).
+    pub(crate) fn push_subscriptions(&self) -> Vec<(u64, SubscriptionConfig)> {
+        self.lock()
+            .catalog
+            .subscriptions
+            .values()
+            .filter(|s| s.config.push_config.is_some())
+            .map(|s| (s.uid, s.config.clone()))
+            .collect()
     }
 
     // ---- topics ----
@@ -482,6 +549,7 @@ impl Broker {
                 TopicEntry {
                     uid,
                     config: config.clone(),
+                    message_retention_duration: None,
                 },
             );
             Ok(config)
@@ -547,6 +615,7 @@ impl Broker {
                 s.topic_uid = None;
                 s.config.topic = DELETED_TOPIC.to_string();
             }
+            retention::detach_snapshots(c, t.uid);
             Ok(())
         })
         .await
@@ -584,7 +653,7 @@ impl Broker {
     /// Publishes without the client-facing limits: dead letters carry four
     /// more attributes than their publisher may have been allowed.
     async fn append(&self, topic: &str, messages: Vec<OutgoingMessage>) -> Result<Vec<String>> {
-        let publish_time_nanos = now_nanos();
+        let publish_time_nanos = self.clock.now_nanos();
         let (topic_uid, msgs, durable) = {
             let mut st = self.lock();
             let topic_uid = st
@@ -643,6 +712,12 @@ impl Broker {
         filter::parse(&config.filter)?;
         config.retry_policy = check_retry_policy(config.retry_policy)?;
         config.dead_letter_policy = check_dead_letter_policy(config.dead_letter_policy)?;
+        retention::check_subscription(&config)?;
+        config.push_config = config
+            .push_config
+            .map(PushConfig::check)
+            .transpose()?
+            .flatten();
         self.change_catalog(|c, next_seq| {
             if c.subscriptions.contains_key(&config.name) {
                 return Err(Error::already_exists(format!(
@@ -703,6 +778,10 @@ impl Broker {
             .dead_letter_policy
             .map(check_dead_letter_policy)
             .transpose()?;
+        let push = delivery
+            .push_config
+            .map(|p| p.map(PushConfig::check).transpose().map(Option::flatten))
+            .transpose()?;
         let key = name.to_string();
         self.change_catalog(|c, _| {
             if let Some(d) = &dead_letter {
@@ -726,6 +805,16 @@ impl Broker {
             }
             if let Some(e) = delivery.enable_exactly_once_delivery {
                 s.config.enable_exactly_once_delivery = e;
+            }
+            if let Some(r) = delivery.message_retention_duration {
+                s.config.message_retention_duration = r;
+            }
+            if let Some(r) = delivery.retain_acked_messages {
+                s.config.retain_acked_messages = r;
+            }
+            retention::check_subscription(&s.config)?;
+            if let Some(p) = push {
+                s.config.push_config = p;
             }
             Ok(s.config.clone())
         })

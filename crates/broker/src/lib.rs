@@ -21,14 +21,18 @@
 //!   twice rather than losing it.
 //!
 //! The semantics per subscription (retry backoff, dead letters, ordering
-//! keys, exactly-once ack checks) are in `subscription.rs`.
+//! keys, exactly-once ack checks) are in `subscription.rs`; retention,
+//! snapshots and Seek in `broker/retention.rs`.
 //!
 //! [`Store`]: pubrun_store::Store
 
 mod broker;
+pub mod push;
 mod subscription;
 
 pub use broker::{
     AckResult, Broker, Delivered, DeliveryProperties, DeliveryUpdate, Page, StreamHandle,
     SubscriptionUpdate, TopicUpdate,
 };
+// Retention, snapshots and seek: `broker/retention.rs`.
+pub use broker::{Clock, ManualClock, SnapshotInfo, SystemClock};

@@ -17,6 +17,7 @@ mod output;
 mod resources;
 mod runs;
 mod schedules;
+mod snapshots;
 
 pub use args::ConnArgs;
 
@@ -56,6 +57,9 @@ pub enum ClientCommand {
     /// List the webhooks (`POST /hooks/NAME`) the manifest declared.
     #[command(subcommand, visible_alias = "webhook")]
     Webhooks(WebhooksCommand),
+    /// Create, list, show and delete snapshots (for `subscriptions seek`).
+    #[command(subcommand, visible_alias = "snapshot")]
+    Snapshots(snapshots::SnapshotsCommand),
 }
 
 #[derive(clap::Subcommand)]
@@ -298,7 +302,7 @@ pub enum TopicsCommand {
 
 #[derive(clap::Subcommand)]
 pub enum SubscriptionsCommand {
-    /// Create a pull subscription on a topic.
+    /// Create a subscription on a topic (pull, or push with --push-endpoint).
     Create {
         /// Subscription id (in --project) or full name projects/P/subscriptions/S.
         name: String,
@@ -314,9 +318,22 @@ pub enum SubscriptionsCommand {
         /// Deliver messages with the same ordering key in publish order.
         #[arg(long)]
         enable_message_ordering: bool,
+        /// Push delivery: POST each message to this http:// URL instead of waiting for pulls.
+        #[arg(long, value_name = "URL")]
+        push_endpoint: Option<String>,
         /// Label to set on the subscription (repeatable).
         #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_key_value)]
         labels: Vec<(String, String)>,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Switch a subscription to push (--push-endpoint URL) or back to pull (no endpoint).
+    ModifyPush {
+        /// Subscription id (in --project) or full name projects/P/subscriptions/S.
+        name: String,
+        /// Endpoint to push to; leave it out to switch to pull.
+        #[arg(long, value_name = "URL")]
+        push_endpoint: Option<String>,
         #[command(flatten)]
         conn: ConnArgs,
     },
@@ -345,6 +362,8 @@ pub enum SubscriptionsCommand {
         #[command(flatten)]
         conn: ConnArgs,
     },
+    /// Seek to a time or a snapshot: set which messages are acknowledged.
+    Seek(snapshots::SeekArgs),
 }
 
 #[derive(clap::Args)]
@@ -395,5 +414,6 @@ pub async fn run(cmd: ClientCommand) -> anyhow::Result<()> {
         ClientCommand::Buckets(cmd) => buckets::buckets(cmd).await,
         ClientCommand::Objects(cmd) => buckets::objects(cmd).await,
         ClientCommand::Webhooks(WebhooksCommand::List { conn }) => buckets::webhooks(conn).await,
+        ClientCommand::Snapshots(cmd) => snapshots::snapshots(cmd).await,
     }
 }

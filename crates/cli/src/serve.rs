@@ -7,7 +7,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use pubrun_api::ServeOptions;
 use pubrun_broker::Broker;
-use pubrun_exec::{CancellationToken, Executor, Exit, LogSink, OnStarted, RunRequest};
+use pubrun_exec::Executor;
 use pubrun_jobs::{Dispatcher, Executors, RunStore};
 use pubrun_store::EmbeddedStore;
 
@@ -37,37 +37,7 @@ fn default_slots() -> usize {
         .max(4)
 }
 
-/// Stands in for the Docker executor when no engine answers at start: every
-/// docker run fails with an infrastructure error and waits to be retried.
-struct NoDocker(String);
-
-#[async_trait::async_trait]
-impl Executor for NoDocker {
-    async fn run(
-        &self,
-        _req: RunRequest,
-        log: Arc<LogSink>,
-        _c: CancellationToken,
-        _s: OnStarted,
-    ) -> Exit {
-        log.note(&self.0).await;
-        Exit {
-            error: Some(self.0.clone()),
-            infra_error: true,
-            ..Default::default()
-        }
-    }
-    async fn reattach(
-        &self,
-        _req: RunRequest,
-        _log: Arc<LogSink>,
-        _c: CancellationToken,
-    ) -> Option<Exit> {
-        None
-    }
-}
-
-pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+pub(crate) fn init_tracing() {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("PUBRUN_LOG")
@@ -76,6 +46,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+}
+
+pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    init_tracing();
 
     let token = args.token.filter(|t| !t.is_empty());
     if !args.listen.ip().is_loopback() && token.is_none() {
@@ -112,7 +86,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         Ok(d) => Arc::new(d),
         Err(e) => {
             tracing::warn!(error = %e, "no Docker engine: docker jobs will wait until one answers (restart pubrun then)");
-            Arc::new(NoDocker(format!("docker engine unreachable: {e}")))
+            Arc::new(pubrun_exec::Unavailable(format!(
+                "docker engine unreachable: {e}"
+            )))
         }
     };
     let executors = Executors {
@@ -127,6 +103,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         args.slots,
     );
     dispatcher.set_buckets(buckets.clone());
+    let pools = pubrun_pools::Pools::open(&args.data_dir)
+        .map_err(anyhow::Error::msg)
+        .context("opening the pools database")?;
+    dispatcher.set_pools(Arc::new(pools.clone()));
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| {
@@ -141,6 +121,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         .await
         .context("starting the dispatcher")?;
     triggers.spawn();
+    let pools_stop = pubrun_exec::CancellationToken::new();
     buckets.set_base_url(&format!("http://{addr}"));
     if let Some(m) = &manifest {
         let changes = pubrun_api::apply::apply_manifest(
@@ -148,6 +129,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             &dispatcher,
             Some(&triggers),
             Some(&buckets),
+            Some(&pools),
             m,
             false,
         )
@@ -159,6 +141,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             .count();
         tracing::info!(changed, total = changes.len(), "applied manifest");
     }
+    // Find machines a previous server started, then scale from there.
+    pools.reconcile().await;
+    pools.spawn(pools_stop.clone());
     tracing::info!(%addr, data_dir = %args.data_dir.display(), auth = token.is_some(), "pubrun serving gRPC and HTTP");
     pubrun_api::serve(
         listener,
@@ -168,11 +153,14 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             dispatcher: Some(dispatcher.clone()),
             triggers: Some(triggers.clone()),
             buckets: Some(buckets.clone()),
+            pools: Some(pools.clone()),
         },
         shutdown_signal(),
     )
     .await?;
     triggers.stop();
+    // Machines keep running: the next server adopts them (reconcile).
+    pools_stop.cancel();
     drop(dispatcher);
     drop(broker);
     store.close();
@@ -180,7 +168,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
     tokio::select! {

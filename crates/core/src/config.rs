@@ -51,10 +51,120 @@ pub struct SubscriptionConfig {
     /// ignored, and successful ones are confirmed.
     #[serde(default, skip_serializing_if = "is_false")]
     pub enable_exactly_once_delivery: bool,
+    /// Push delivery to an HTTP endpoint; `None` is a pull subscription.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub push_config: Option<PushConfig>,
+    /// How long a message stays in the backlog after it was published (and,
+    /// with `retain_acked_messages`, after it was acked). `None`: Google's
+    /// default of 7 days.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message_retention_duration: Option<Duration>,
+    /// Keep acked messages for `message_retention_duration` so that a Seek
+    /// to an earlier time can deliver them again.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub retain_acked_messages: bool,
+}
+
+impl SubscriptionConfig {
+    /// The backlog retention in effect (the default when unset).
+    pub fn retention(&self) -> Duration {
+        self.message_retention_duration
+            .unwrap_or(DEFAULT_SUBSCRIPTION_RETENTION)
+    }
+}
+
+/// Google's bounds for `message_retention_duration`.
+pub const MIN_RETENTION: Duration = Duration::from_secs(10 * 60);
+pub const DEFAULT_SUBSCRIPTION_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+pub const MAX_SUBSCRIPTION_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+pub const MAX_TOPIC_RETENTION: Duration = Duration::from_secs(31 * 24 * 3600);
+
+/// Checks a `message_retention_duration` against 10 minutes..=`max`.
+pub fn check_retention(field: &str, d: Duration, max: Duration) -> Result<Duration> {
+    if d < MIN_RETENTION || d > max {
+        return Err(Error::invalid(format!(
+            "{field} is {}; it must be between {}s (10 minutes) and {}s ({} days)",
+            fmt_secs(d),
+            MIN_RETENTION.as_secs(),
+            max.as_secs(),
+            max.as_secs() / 86400
+        )));
+    }
+    Ok(d)
 }
 
 fn is_false(b: &bool) -> bool {
     !*b
+}
+
+/// Where and how a push subscription delivers, as Google's `PushConfig`
+/// without authentication (`oidc_token` is refused by the API layer).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PushConfig {
+    /// `http://` URL the messages are POSTed to.
+    pub push_endpoint: String,
+    /// Only `x-goog-version` (`v1` or `v1beta2`, the same envelope).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub attributes: BTreeMap<String, String>,
+    /// `Some`: payload unwrapping — the body is the raw message data; with
+    /// `write_metadata` the metadata and attributes go into headers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub no_wrapper: Option<NoWrapper>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NoWrapper {
+    #[serde(default)]
+    pub write_metadata: bool,
+}
+
+impl PushConfig {
+    /// Checks a push config as given by a client. An empty endpoint means
+    /// pull delivery (`None`), which is how clients switch back to pull.
+    pub fn check(self) -> Result<Option<PushConfig>> {
+        if self.push_endpoint.is_empty() {
+            if !self.attributes.is_empty() || self.no_wrapper.is_some() {
+                return Err(Error::invalid(
+                    "push_config.push_endpoint must be set when other push_config fields are",
+                ));
+            }
+            return Ok(None);
+        }
+        let ep = &self.push_endpoint;
+        if ep.starts_with("https://") {
+            // The bundled HTTP client has no TLS: refuse rather than fail every delivery.
+            return Err(Error::invalid(format!(
+                "push_config.push_endpoint {ep:?}: https endpoints are not supported by this pubrun version; use an http:// endpoint"
+            )));
+        }
+        let rest = ep.strip_prefix("http://").ok_or_else(|| {
+            Error::invalid(format!(
+                "push_config.push_endpoint {ep:?} must be an absolute http:// URL"
+            ))
+        })?;
+        let host = rest.split(['/', '?', '#']).next().unwrap_or("");
+        if host.is_empty() || ep.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(Error::invalid(format!(
+                "push_config.push_endpoint {ep:?} must be an absolute http:// URL with a host"
+            )));
+        }
+        for (k, v) in &self.attributes {
+            match (k.as_str(), v.as_str()) {
+                ("x-goog-version", "v1" | "v1beta2") => {}
+                ("x-goog-version", other) => {
+                    return Err(Error::invalid(format!(
+                        "push_config.attributes[\"x-goog-version\"] is {other:?}; supported: v1, v1beta2 (the v1beta1 format is not)"
+                    )))
+                }
+                (other, _) => {
+                    return Err(Error::invalid(format!(
+                        "push_config.attributes: unknown attribute {other:?}; the only supported one is x-goog-version"
+                    )))
+                }
+            }
+        }
+        Ok(Some(self))
+    }
 }
 
 /// Google's defaults and bounds for [`RetryPolicy`].

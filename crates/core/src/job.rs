@@ -44,6 +44,13 @@ pub struct JobSpec {
     /// Directories uploaded to a bucket after each attempt.
     #[serde(default)]
     pub outputs: Vec<OutputSpec>,
+    /// Pool the runs execute in; default `local` (inside the server).
+    #[serde(default = "default_pool")]
+    pub pool: String,
+}
+
+fn default_pool() -> String {
+    crate::pool::LOCAL_POOL.to_string()
 }
 
 /// `{ from = "trigger" | "gs://BUCKET/PREFIX", to = "relative/dir/" }`.

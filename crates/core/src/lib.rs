@@ -7,6 +7,7 @@
 //! without setup.
 
 pub mod config;
+pub mod cost;
 pub mod error;
 pub mod filter;
 pub mod job;
@@ -14,10 +15,13 @@ pub mod limits;
 pub mod manifest;
 pub mod message;
 pub mod names;
+pub mod pool;
 pub mod run;
 pub mod template;
 
 pub use config::{SubscriptionConfig, TopicConfig};
+pub use cost::{cost, share_machine_time, Span};
 pub use error::{Code, Error, Result};
 pub use message::{Message, OutgoingMessage};
 pub use names::{ProjectName, SubscriptionName, TopicName};
+pub use pool::{autoscale, MachineState, MachineView, PoolSpec, ProviderSpec, ScaleAction};

@@ -17,6 +17,7 @@ use crate::job::{
     OutputSpec, ProcessSpec, PullPolicy, RegistryAuth, RetryPolicy, TRIGGER_INPUT,
 };
 use crate::names::{validate_resource_id, ProjectName, SubscriptionName, TopicName};
+use crate::pool::{DockerProviderSpec, GceProviderSpec, PoolSpec, ProviderSpec, LOCAL_POOL};
 use crate::template;
 
 /// Everything a manifest declares, validated and with full resource names.
@@ -29,6 +30,8 @@ pub struct Manifest {
     pub schedules: Vec<ScheduleDecl>,
     pub webhooks: Vec<WebhookDecl>,
     pub buckets: Vec<BucketDecl>,
+    /// Declared pools; `local` is implicit and only listed when declared.
+    pub pools: Vec<PoolSpec>,
 }
 
 /// A `[[bucket]]` table. The bucket name is checked by the buckets crate
@@ -107,6 +110,41 @@ struct RawManifest {
     webhook: Vec<RawWebhook>,
     #[serde(default)]
     bucket: Vec<RawBucket>,
+    #[serde(default)]
+    pool: Vec<RawPool>,
+}
+
+/// Every key any provider takes; which ones a provider accepts is checked
+/// after parsing, so a misplaced key gets a message naming the provider.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPool {
+    name: Spanned<String>,
+    provider: Spanned<String>,
+    min_machines: Option<Spanned<u32>>,
+    max_machines: Option<Spanned<u32>>,
+    runs_per_machine: Option<Spanned<u32>>,
+    idle_timeout: Option<Spanned<String>>,
+    when_idle: Option<Spanned<String>>,
+    price_per_hour: Option<Spanned<f64>>,
+    token_env: Option<Spanned<String>>,
+    lease_timeout: Option<Spanned<String>>,
+    boot_timeout: Option<Spanned<String>>,
+    server_url: Option<Spanned<String>>,
+    // docker
+    docker_host: Option<Spanned<String>>,
+    image: Option<Spanned<String>>,
+    network: Option<Spanned<String>>,
+    memory: Option<Spanned<String>>,
+    cpus: Option<Spanned<f64>>,
+    // gce
+    project: Option<Spanned<String>>,
+    zone: Option<Spanned<String>>,
+    machine_type: Option<Spanned<String>>,
+    source_image: Option<Spanned<String>>,
+    api_base: Option<Spanned<String>>,
+    access_token_env: Option<Spanned<String>>,
+    name_prefix: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -199,6 +237,7 @@ struct RawJob {
     inputs: Vec<Spanned<RawStaging>>,
     #[serde(default)]
     outputs: Vec<Spanned<RawStaging>>,
+    pool: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -296,6 +335,390 @@ impl Ctx<'_> {
             }),
         }
     }
+}
+
+impl Ctx<'_> {
+    /// Points at `key` when it is written on the line of its value (`key =
+    /// value`, also inside inline tables); otherwise at the value.
+    fn key_err(&self, key: &str, value: Range<usize>, message: impl Into<String>) -> ManifestError {
+        let before = &self.src[..value.start.min(self.src.len())];
+        let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+        let at = before[line_start..]
+            .rfind(key)
+            .map_or(value.start, |i| line_start + i);
+        self.err(at..at, message)
+    }
+}
+
+/// The keys each provider accepts besides `name` and `provider`.
+const ON_DEMAND_KEYS: [&str; 10] = [
+    "min_machines",
+    "max_machines",
+    "runs_per_machine",
+    "idle_timeout",
+    "when_idle",
+    "price_per_hour",
+    "token_env",
+    "lease_timeout",
+    "boot_timeout",
+    "server_url",
+];
+const DOCKER_KEYS: [&str; 5] = ["docker_host", "image", "network", "memory", "cpus"];
+const GCE_KEYS: [&str; 7] = [
+    "project",
+    "zone",
+    "machine_type",
+    "source_image",
+    "api_base",
+    "access_token_env",
+    "name_prefix",
+];
+
+fn is_env_name(s: &str) -> bool {
+    let mut c = s.chars();
+    c.next()
+        .is_some_and(|f| f.is_ascii_alphabetic() || f == '_')
+        && c.all(|x| x.is_ascii_alphanumeric() || x == '_')
+}
+
+fn parse_pool(cx: &Ctx<'_>, r: &RawPool) -> Result<PoolSpec, ManifestError> {
+    let name = r.name.get_ref();
+    validate_resource_id("pool", name).map_err(|e| cx.err(r.name.span(), e.message))?;
+    let kind = r.provider.get_ref().as_str();
+    let allowed: Vec<&str> = match kind {
+        "local" => vec!["price_per_hour"],
+        "agents" => vec!["price_per_hour", "token_env", "lease_timeout"],
+        "docker" => ON_DEMAND_KEYS.iter().chain(&DOCKER_KEYS).copied().collect(),
+        "gce" => ON_DEMAND_KEYS.iter().chain(&GCE_KEYS).copied().collect(),
+        other => {
+            return Err(cx.err(
+                r.provider.span(),
+                format!(
+                    "provider is \"{other}\"; one of \"local\", \"agents\", \"docker\", \"gce\""
+                ),
+            ))
+        }
+    };
+    if (name == LOCAL_POOL) != (kind == "local") {
+        let why = if name == LOCAL_POOL {
+            "the pool \"local\" is the server itself; its provider can only be \"local\" (give this pool another name)"
+        } else {
+            "provider \"local\" is the server itself and belongs to the pool named \"local\""
+        };
+        return Err(cx.err(r.provider.span(), why));
+    }
+
+    // Keys of another provider (or of no provider) point at themselves.
+    let given: [(&str, Option<Range<usize>>); 22] = [
+        ("min_machines", r.min_machines.as_ref().map(|v| v.span())),
+        ("max_machines", r.max_machines.as_ref().map(|v| v.span())),
+        (
+            "runs_per_machine",
+            r.runs_per_machine.as_ref().map(|v| v.span()),
+        ),
+        ("idle_timeout", r.idle_timeout.as_ref().map(|v| v.span())),
+        ("when_idle", r.when_idle.as_ref().map(|v| v.span())),
+        (
+            "price_per_hour",
+            r.price_per_hour.as_ref().map(|v| v.span()),
+        ),
+        ("token_env", r.token_env.as_ref().map(|v| v.span())),
+        ("lease_timeout", r.lease_timeout.as_ref().map(|v| v.span())),
+        ("boot_timeout", r.boot_timeout.as_ref().map(|v| v.span())),
+        ("server_url", r.server_url.as_ref().map(|v| v.span())),
+        ("docker_host", r.docker_host.as_ref().map(|v| v.span())),
+        ("image", r.image.as_ref().map(|v| v.span())),
+        ("network", r.network.as_ref().map(|v| v.span())),
+        ("memory", r.memory.as_ref().map(|v| v.span())),
+        ("cpus", r.cpus.as_ref().map(|v| v.span())),
+        ("project", r.project.as_ref().map(|v| v.span())),
+        ("zone", r.zone.as_ref().map(|v| v.span())),
+        ("machine_type", r.machine_type.as_ref().map(|v| v.span())),
+        ("source_image", r.source_image.as_ref().map(|v| v.span())),
+        ("api_base", r.api_base.as_ref().map(|v| v.span())),
+        (
+            "access_token_env",
+            r.access_token_env.as_ref().map(|v| v.span()),
+        ),
+        ("name_prefix", r.name_prefix.as_ref().map(|v| v.span())),
+    ];
+    for (key, at) in &given {
+        if let Some(at) = at {
+            if !allowed.contains(key) {
+                let hint = match (kind, *key) {
+                    ("agents", "runs_per_machine") => {
+                        "; agents say how many runs they take with `pubrun agent --slots N`"
+                    }
+                    _ => "",
+                };
+                return Err(cx.key_err(
+                    key,
+                    at.clone(),
+                    format!(
+                        "`{key}` does not apply to provider \"{kind}\"; it takes {}{hint}",
+                        if allowed.is_empty() {
+                            "no other keys".to_string()
+                        } else {
+                            allowed.join(", ")
+                        }
+                    ),
+                ));
+            }
+        }
+    }
+
+    let on_demand = matches!(kind, "docker" | "gce");
+    let min_machines = r.min_machines.as_ref().map_or(0, |v| *v.get_ref());
+    let max_machines = match &r.max_machines {
+        Some(v) if *v.get_ref() == 0 => {
+            return Err(cx.err(v.span(), "max_machines must be at least 1"))
+        }
+        Some(v) => *v.get_ref(),
+        None if on_demand => 1,
+        None => 0,
+    };
+    if on_demand && min_machines > max_machines {
+        let (at, dflt) = match (&r.max_machines, &r.min_machines) {
+            (Some(v), _) => (v.span(), ""),
+            (None, Some(v)) => (v.span(), ", the default"),
+            (None, None) => unreachable!("min 0 is never above max"),
+        };
+        return Err(cx.err(
+            at,
+            format!("min_machines ({min_machines}) is above max_machines ({max_machines}{dflt})"),
+        ));
+    }
+    let runs_per_machine = match &r.runs_per_machine {
+        Some(v) if !(1..=1000).contains(v.get_ref()) => {
+            return Err(cx.err(
+                v.span(),
+                format!("runs_per_machine is {}; it must be 1 to 1000", v.get_ref()),
+            ))
+        }
+        Some(v) => *v.get_ref(),
+        None => 1,
+    };
+    let idle_timeout = cx.duration(&r.idle_timeout, Duration::from_secs(300), "idle_timeout")?;
+    let delete_when_idle = match &r.when_idle {
+        None => kind == "docker",
+        Some(v) => match v.get_ref().as_str() {
+            "stop" => false,
+            "delete" => true,
+            other => {
+                return Err(cx.err(
+                    v.span(),
+                    format!("when_idle is \"{other}\"; one of \"stop\", \"delete\""),
+                ))
+            }
+        },
+    };
+    let price_per_hour = match &r.price_per_hour {
+        Some(v) if !(v.get_ref().is_finite() && *v.get_ref() >= 0.0) => {
+            return Err(cx.err(v.span(), "price_per_hour must be a number ≥ 0"))
+        }
+        v => v.as_ref().map(|v| *v.get_ref()),
+    };
+    let env_name = |v: &Option<Spanned<String>>, what: &str| -> Result<String, ManifestError> {
+        match v {
+            None => Ok(String::new()),
+            Some(v) if is_env_name(v.get_ref()) => Ok(v.get_ref().clone()),
+            Some(v) => Err(cx.err(
+                v.span(),
+                format!(
+                    "{what} names an environment variable (letters, digits, '_'), not \"{}\"",
+                    v.get_ref()
+                ),
+            )),
+        }
+    };
+    let token_env = env_name(&r.token_env, "token_env")?;
+    let lease_timeout = cx.duration(&r.lease_timeout, Duration::from_secs(30), "lease_timeout")?;
+    if !(Duration::from_secs(5)..=Duration::from_secs(3600)).contains(&lease_timeout) {
+        let at = r.lease_timeout.as_ref().unwrap().span();
+        return Err(cx.err(at, "lease_timeout must be between 5s and 1h"));
+    }
+    let boot_timeout = cx.duration(&r.boot_timeout, Duration::from_secs(300), "boot_timeout")?;
+    if boot_timeout < Duration::from_secs(1) {
+        let at = r.boot_timeout.as_ref().unwrap().span();
+        return Err(cx.err(at, "boot_timeout must be at least 1s"));
+    }
+
+    let required =
+        |v: &Option<Spanned<String>>, key: &str, example: &str| -> Result<String, ManifestError> {
+            match v {
+                Some(v) if !v.get_ref().trim().is_empty() => Ok(v.get_ref().clone()),
+                Some(v) => Err(cx.err(v.span(), format!("{key} must not be empty"))),
+                None => Err(cx.err(
+                    r.provider.span(),
+                    format!("provider \"{kind}\" needs {key} = \"{example}\""),
+                )),
+            }
+        };
+    let http_url = |v: &Spanned<String>, key: &str| -> Result<(), ManifestError> {
+        let u = v.get_ref();
+        let rest = u
+            .strip_prefix("http://")
+            .or_else(|| u.strip_prefix("https://"));
+        if rest.is_none_or(|h| h.is_empty() || h.starts_with('/')) {
+            return Err(cx.err(
+                v.span(),
+                format!("{key}: \"{u}\" is not an http:// or https:// URL"),
+            ));
+        }
+        Ok(())
+    };
+    let server_url = if on_demand {
+        // Machines run `pubrun agent --server URL`: only the user knows how
+        // they reach this server (127.0.0.1 inside a container is not it).
+        let url = required(&r.server_url, "server_url", "http://HOST:8085")?;
+        http_url(r.server_url.as_ref().unwrap(), "server_url")?;
+        url
+    } else {
+        String::new()
+    };
+
+    let provider = match kind {
+        "local" => ProviderSpec::Local,
+        "agents" => ProviderSpec::Agents,
+        "docker" => {
+            // Machine containers are named after the pool.
+            if let Some(c) = name
+                .chars()
+                .find(|c| !(c.is_ascii_alphanumeric() || "-._".contains(*c)))
+            {
+                return Err(cx.err(
+                    r.name.span(),
+                    format!("a docker pool's name is part of container names; {c:?} is not allowed there (letters, digits, '-', '.', '_')"),
+                ));
+            }
+            let memory_bytes = match &r.memory {
+                Some(v) => Some(parse_bytes(v.get_ref()).ok_or_else(|| {
+                    cx.err(
+                        v.span(),
+                        format!(
+                            "memory: \"{}\" is not a size; write e.g. \"2GiB\" or \"512m\"",
+                            v.get_ref()
+                        ),
+                    )
+                })?),
+                None => None,
+            };
+            if let Some(c) = &r.cpus {
+                if !(*c.get_ref() > 0.0 && *c.get_ref() <= 1024.0) {
+                    return Err(cx.err(
+                        c.span(),
+                        format!(
+                            "cpus is {}; it must be above 0 (and at most 1024)",
+                            c.get_ref()
+                        ),
+                    ));
+                }
+            }
+            if let Some(h) = &r.docker_host {
+                if !h.get_ref().contains("://") {
+                    return Err(cx.err(
+                        h.span(),
+                        format!("docker_host: \"{}\" needs a scheme, e.g. unix:///var/run/docker.sock or tcp://HOST:2376", h.get_ref()),
+                    ));
+                }
+            }
+            let image = match &r.image {
+                Some(v) if v.get_ref().trim().is_empty() => {
+                    return Err(cx.err(v.span(), "image must not be empty"))
+                }
+                Some(v) => v.get_ref().clone(),
+                None => "pubrun-agent:dev".to_string(),
+            };
+            ProviderSpec::Docker(DockerProviderSpec {
+                docker_host: r
+                    .docker_host
+                    .as_ref()
+                    .map(|v| v.get_ref().clone())
+                    .unwrap_or_default(),
+                image,
+                network: r
+                    .network
+                    .as_ref()
+                    .map(|v| v.get_ref().clone())
+                    .unwrap_or_default(),
+                server_url,
+                memory_bytes,
+                cpus: r.cpus.as_ref().map(|v| *v.get_ref()),
+            })
+        }
+        _ => {
+            let project = required(&r.project, "project", "my-project")?;
+            let zone = required(&r.zone, "zone", "europe-west1-b")?;
+            let machine_type = required(&r.machine_type, "machine_type", "n2-standard-4")?;
+            let source_image = required(
+                &r.source_image,
+                "source_image",
+                "projects/cos-cloud/global/images/family/cos-stable",
+            )?;
+            let mut api_base = "https://compute.googleapis.com/compute/v1/".to_string();
+            if let Some(v) = &r.api_base {
+                http_url(v, "api_base")?;
+                api_base = v.get_ref().clone();
+                if !api_base.ends_with('/') {
+                    api_base.push('/');
+                }
+            }
+            let access_token_env = env_name(&r.access_token_env, "access_token_env")?;
+            let name_prefix = match &r.name_prefix {
+                Some(v) => v.get_ref().clone(),
+                None => "pubrun".to_string(),
+            };
+            // Instances are PREFIX-POOL-N; Compute Engine wants
+            // [a-z]([-a-z0-9]*[a-z0-9])?, at most 63 characters.
+            let gce_part = |s: &str| {
+                s.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+            };
+            if let Some(v) = &r.name_prefix {
+                if !(v.get_ref().starts_with(|c: char| c.is_ascii_lowercase())
+                    && gce_part(v.get_ref()))
+                {
+                    return Err(cx.err(v.span(), format!("name_prefix \"{}\" must start with a lowercase letter and hold only a-z, 0-9, '-'", v.get_ref())));
+                }
+            }
+            if !gce_part(name) || name.ends_with('-') {
+                return Err(cx.err(
+                    r.name.span(),
+                    "a gce pool's name is part of instance names; use only a-z, 0-9 and '-' (not at the end)",
+                ));
+            }
+            // Room for "-" + up to 6 digits of machine number.
+            if name_prefix.len() + 1 + name.len() + 7 > 63 {
+                return Err(cx.err(
+                    r.name.span(),
+                    format!("instance names \"{name_prefix}-{name}-N\" would exceed Compute Engine's 63 characters; shorten the pool name or name_prefix"),
+                ));
+            }
+            ProviderSpec::Gce(GceProviderSpec {
+                project,
+                zone,
+                machine_type,
+                source_image,
+                api_base,
+                access_token_env,
+                server_url,
+                name_prefix,
+            })
+        }
+    };
+    Ok(PoolSpec {
+        name: name.clone(),
+        provider,
+        min_machines,
+        max_machines,
+        runs_per_machine,
+        idle_timeout,
+        delete_when_idle,
+        price_per_hour,
+        token_env,
+        lease_timeout,
+        boot_timeout,
+    })
 }
 
 fn labels_of(cx: &Ctx<'_>, l: &Option<Spanned<Labels>>) -> Result<Labels, ManifestError> {
@@ -418,6 +841,17 @@ pub fn parse(file: &str, src: &str) -> Result<Manifest, ManifestError> {
             ack_deadline_seconds: ack,
             ..Default::default()
         });
+    }
+
+    let mut pool_names = BTreeSet::new();
+    for p in &raw.pool {
+        if !pool_names.insert(p.name.get_ref().clone()) {
+            return Err(cx.err(
+                p.name.span(),
+                format!("pool \"{}\" is declared twice", p.name.get_ref()),
+            ));
+        }
+        m.pools.push(parse_pool(&cx, p)?);
     }
 
     let mut job_names = BTreeSet::new();
@@ -628,8 +1062,25 @@ pub fn parse(file: &str, src: &str) -> Result<Manifest, ManifestError> {
                 to: r.to.get_ref().clone(),
             });
         }
+        let pool = match &j.pool {
+            None => LOCAL_POOL.to_string(),
+            Some(p) if p.get_ref() == LOCAL_POOL || pool_names.contains(p.get_ref()) => {
+                p.get_ref().clone()
+            }
+            Some(p) => {
+                return Err(cx.err(
+                    p.span(),
+                    format!(
+                        "pool \"{}\" is not declared; add a [[pool]] with name = \"{}\" (or leave `pool` out to run on \"local\")",
+                        p.get_ref(),
+                        p.get_ref()
+                    ),
+                ))
+            }
+        };
         m.jobs.push(JobSpec {
             name: name.clone(),
+            pool,
             topic: topic.to_string(),
             filter: j
                 .filter
@@ -932,6 +1383,196 @@ dedup_key = "{{ publish_time | date }}"
         assert!(e.message.contains("mode"), "{e}");
     }
 
+    const POOLS: &str = r#"[[topic]]
+name = "imports"
+
+[[pool]]
+name = "big"
+provider = "docker"
+docker_host = "unix:///var/run/docker.sock"
+server_url = "http://host.docker.internal:8085"
+min_machines = 0
+max_machines = 2
+runs_per_machine = 2
+idle_timeout = "10m"
+price_per_hour = 3.20
+memory = "2GiB"
+cpus = 2
+
+[[pool]]
+name = "gpu"
+provider = "gce"
+project = "my-project"
+zone = "europe-west1-b"
+machine_type = "n2-highmem-8"
+source_image = "projects/cos-cloud/global/images/family/cos-stable"
+server_url = "https://pubrun.example.com"
+access_token_env = "GCE_TOKEN"
+
+[[pool]]
+name = "laptops"
+provider = "agents"
+token_env = "LAPTOP_TOKEN"
+lease_timeout = "1m"
+
+[[job]]
+name = "es-import"
+topic = "imports"
+docker = { image = "importer:latest" }
+pool = "big"
+
+[[job]]
+name = "quick"
+topic = "imports"
+process = { command = "true" }
+"#;
+
+    #[test]
+    fn pools_parse_with_defaults() {
+        use crate::pool::{ProviderSpec, LOCAL_POOL};
+        let m = parse("pubrun.toml", POOLS).unwrap();
+        assert_eq!(m.pools.len(), 3);
+        let big = &m.pools[0];
+        assert_eq!(
+            (big.min_machines, big.max_machines, big.runs_per_machine),
+            (0, 2, 2)
+        );
+        assert_eq!(big.idle_timeout, Duration::from_secs(600));
+        assert_eq!(big.lease_timeout, Duration::from_secs(30));
+        assert_eq!(big.boot_timeout, Duration::from_secs(300));
+        assert!(
+            big.delete_when_idle,
+            "docker machines are deleted by default"
+        );
+        assert_eq!(big.price_per_hour, Some(3.2));
+        let ProviderSpec::Docker(d) = &big.provider else {
+            panic!("{big:?}")
+        };
+        assert_eq!(d.image, "pubrun-agent:dev");
+        assert_eq!(d.memory_bytes, Some(2 << 30));
+        assert_eq!(d.cpus, Some(2.0));
+        assert_eq!(d.server_url, "http://host.docker.internal:8085");
+
+        let gpu = &m.pools[1];
+        assert_eq!((gpu.min_machines, gpu.max_machines), (0, 1));
+        assert!(!gpu.delete_when_idle, "gce machines are stopped by default");
+        let ProviderSpec::Gce(g) = &gpu.provider else {
+            panic!("{gpu:?}")
+        };
+        assert_eq!(g.api_base, "https://compute.googleapis.com/compute/v1/");
+        assert_eq!(g.name_prefix, "pubrun");
+        assert_eq!(g.access_token_env, "GCE_TOKEN");
+
+        let laptops = &m.pools[2];
+        assert_eq!(laptops.provider, ProviderSpec::Agents);
+        assert_eq!(laptops.token_env, "LAPTOP_TOKEN");
+        assert_eq!(laptops.lease_timeout, Duration::from_secs(60));
+
+        assert_eq!(m.jobs[0].pool, "big");
+        assert_eq!(m.jobs[1].pool, LOCAL_POOL);
+        // "local" needs no declaration; declaring it with provider "local" is fine.
+        let m = parse(
+            "t.toml",
+            &POOLS.replace("pool = \"big\"", "pool = \"local\""),
+        )
+        .unwrap();
+        assert_eq!(m.jobs[0].pool, "local");
+        let m = parse(
+            "t.toml",
+            "[[pool]]\nname = \"local\"\nprovider = \"local\"\nprice_per_hour = 0.5\n",
+        )
+        .unwrap();
+        assert_eq!(m.pools[0].provider, ProviderSpec::Local);
+    }
+
+    #[test]
+    fn job_pool_must_be_declared() {
+        let e = err(&POOLS.replace("pool = \"big\"", "pool = \"bigg\""));
+        assert_eq!((e.line, e.column), (37, 8), "{e}");
+        assert!(e.message.contains("\"bigg\" is not declared"), "{e}");
+    }
+
+    /// `src` with `line` (1-based) of POOLS replaced.
+    fn pools_with(line: usize, text: &str) -> String {
+        let mut lines: Vec<&str> = POOLS.lines().collect();
+        lines[line - 1] = text;
+        lines.join("\n")
+    }
+
+    #[test]
+    fn bad_pools_point_at_the_key_or_value() {
+        // Line 10 is `max_machines = 2` of the docker pool.
+        let cases: &[(usize, &str, (usize, usize), &str)] = &[
+            (
+                10,
+                "project = \"p\"",
+                (10, 1),
+                "`project` does not apply to provider \"docker\"",
+            ),
+            (10, "max_machines = 0", (10, 16), "at least 1"),
+            (9, "min_machines = 3", (10, 16), "above max_machines (2)"),
+            (10, "colour = 1", (10, 1), "colour"),
+            (10, "when_idle = \"sleep\"", (10, 13), "when_idle"),
+            (11, "runs_per_machine = 0", (11, 20), "1 to 1000"),
+            (12, "idle_timeout = \"soon\"", (12, 16), "idle_timeout"),
+            (10, "lease_timeout = \"1s\"", (10, 17), "between 5s and 1h"),
+            (13, "price_per_hour = -1.0", (13, 18), "≥ 0"),
+            (
+                10,
+                "token_env = \"my token\"",
+                (10, 13),
+                "environment variable",
+            ),
+            (14, "memory = \"lots\"", (14, 10), "not a size"),
+            (15, "cpus = 0", (15, 8), "above 0"),
+            (
+                7,
+                "docker_host = \"/var/run/docker.sock\"",
+                (7, 15),
+                "scheme",
+            ),
+            (8, "# no server_url", (6, 12), "needs server_url"),
+            (8, "server_url = \"host:8085\"", (8, 14), "http://"),
+            (6, "provider = \"kubernetes\"", (6, 12), "one of"),
+            (5, "name = \"gpu\"", (18, 8), "declared twice"),
+            (5, "name = \"local\"", (6, 12), "can only be \"local\""),
+            (5, "name = \"b~g\"", (5, 8), "container names"),
+            (21, "# no zone", (19, 12), "needs zone"),
+            (
+                21,
+                "image = \"x\"",
+                (21, 1),
+                "`image` does not apply to provider \"gce\"",
+            ),
+            (18, "name = \"GPU\"", (18, 8), "instance names"),
+            (28, "name = \"l\"", (28, 8), "between 3 and 255"),
+            (30, "runs_per_machine = 4", (30, 1), "--slots"),
+            (
+                30,
+                "idle_timeout = \"1m\"",
+                (30, 1),
+                "does not apply to provider \"agents\"",
+            ),
+        ];
+        for (line, text, at, msg) in cases {
+            let e = err(&pools_with(*line, text));
+            assert_eq!((e.line, e.column), *at, "{text}: {e}");
+            assert!(e.message.contains(msg), "{text}: {e}");
+        }
+        // Above the default max (1): the error points at min_machines.
+        let e = err(&pools_with(10, "min_machines = 3").replacen("min_machines = 0\n", "", 1));
+        assert_eq!((e.line, e.column), (9, 16), "{e}");
+        assert!(e.message.contains("max_machines (1, the default)"), "{e}");
+        // Keys inside a provider-less pool: only price_per_hour.
+        let e = err("[[pool]]\nname = \"local\"\nprovider = \"local\"\n  max_machines = 3\n");
+        assert_eq!((e.line, e.column), (4, 3), "{e}");
+        let e = err("[[pool]]\nname = \"cpu\"\nprovider = \"local\"\n");
+        assert!(
+            e.message.contains("belongs to the pool named \"local\""),
+            "{e}"
+        );
+    }
+
     #[test]
     fn syntax_error_has_position() {
         let e = err("project = \"demo\"\n[[topic]\nname = 1\n");
@@ -957,5 +1598,17 @@ mod readme {
         let end = start + readme[start..].find("```").unwrap();
         let m = super::parse("README.md", &readme[start..end]).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(m.jobs.len(), 2);
+    }
+
+    /// So does the `[[pool]]` example of its Pools section.
+    #[test]
+    fn readme_pools_parse() {
+        let readme = include_str!("../../../README.md");
+        let section = &readme[readme.find("## Pools").expect("README has a Pools section")..];
+        let start = section.find("```\n").unwrap() + 4;
+        let end = start + section[start..].find("```").unwrap();
+        let m = super::parse("README.md", &section[start..end]).unwrap_or_else(|e| panic!("{e}"));
+        let kinds: Vec<&str> = m.pools.iter().map(|p| p.provider.kind()).collect();
+        assert_eq!(kinds, ["docker", "gce", "agents"]);
     }
 }

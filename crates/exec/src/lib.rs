@@ -35,6 +35,9 @@ pub struct RunRequest {
     pub grace_period: Duration,
     /// Extra environment (PUBRUN_RUN_ID, PUBRUN_JOB, PUBRUN_ATTEMPT, …).
     pub env: BTreeMap<String, String>,
+    /// Directories (relative to `workdir`) the job's outputs come from. A
+    /// remote executor brings them back into `workdir` before it returns.
+    pub outputs: Vec<String>,
 }
 
 /// Where an attempt is running, reported once it has started.
@@ -70,4 +73,43 @@ pub trait Executor: Send + Sync + 'static {
         log: Arc<LogSink>,
         cancel: CancellationToken,
     ) -> Option<Exit>;
+}
+
+/// Executors of the pools other than `local`, by pool name. The dispatcher
+/// sends a run of a job with `pool = "P"` to `executor("P")`; it does not
+/// know about agents or machines.
+pub trait PoolRouter: Send + Sync + 'static {
+    fn executor(&self, pool: &str) -> Option<Arc<dyn Executor>>;
+}
+
+/// Stands in for an executor that cannot work here (no Docker engine at
+/// start, an undeclared pool): every attempt ends with an infrastructure
+/// error, so the run waits and is tried again without using up attempts.
+pub struct Unavailable(pub String);
+
+#[async_trait::async_trait]
+impl Executor for Unavailable {
+    async fn run(
+        &self,
+        _req: RunRequest,
+        log: Arc<LogSink>,
+        _cancel: CancellationToken,
+        _on_started: OnStarted,
+    ) -> Exit {
+        log.note(&self.0).await;
+        Exit {
+            error: Some(self.0.clone()),
+            infra_error: true,
+            ..Default::default()
+        }
+    }
+
+    async fn reattach(
+        &self,
+        _req: RunRequest,
+        _log: Arc<LogSink>,
+        _cancel: CancellationToken,
+    ) -> Option<Exit> {
+        None
+    }
 }

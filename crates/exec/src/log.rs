@@ -39,6 +39,11 @@ impl LogSink {
         })
     }
 
+    /// Bytes kept at most.
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }

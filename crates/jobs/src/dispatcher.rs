@@ -9,12 +9,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use pubrun_broker::{Broker, Delivered};
 use pubrun_core::job::{check_relative_path, parse_gs_url, ExecutorSpec, JobSpec, TRIGGER_INPUT};
 use pubrun_core::manifest::job_subscription;
+use pubrun_core::pool::LOCAL_POOL;
 use pubrun_core::run::{Exit, RunStatus};
 use pubrun_core::template::{self, TemplateContext};
 use pubrun_core::{
     Error, OutgoingMessage, Result, SubscriptionConfig, SubscriptionName, TopicName,
 };
-use pubrun_exec::{CancellationToken, Executor, LogSink, RunRequest};
+use pubrun_exec::{CancellationToken, Executor, LogSink, PoolRouter, RunRequest};
 use tokio::sync::Notify;
 
 use crate::runstore::{Enqueued, QueuedRun, RunRecord, RunStore, SourceMessage};
@@ -42,13 +43,16 @@ pub struct Dispatcher {
     trigger_seq: AtomicU64,
     /// Bucket storage for job inputs and outputs (set once by the server).
     buckets: OnceLock<pubrun_buckets::Buckets>,
+    /// Executors of remote pools (set once by the server).
+    pools: OnceLock<Arc<dyn PoolRouter>>,
 }
 
 #[derive(Default)]
 struct State {
     jobs: HashMap<String, JobState>,
-    /// Runs executing in this process, with their cancel switches.
-    active: HashMap<i64, (String, CancellationToken)>,
+    /// Runs in flight, with their cancel switches and whether they use a
+    /// local slot (runs of a remote pool do not).
+    active: HashMap<i64, (String, CancellationToken, bool)>,
 }
 
 struct JobState {
@@ -162,12 +166,17 @@ impl Dispatcher {
             results_wake: Notify::new(),
             trigger_seq: AtomicU64::new(0),
             buckets: OnceLock::new(),
+            pools: OnceLock::new(),
         })
     }
 
     /// Gives the dispatcher the bucket storage that job `inputs` are read
     /// from and `outputs` written to. Without it, a run of a job that
     /// declares inputs or outputs fails. Only the first call has an effect.
+    pub fn set_pools(&self, p: Arc<dyn PoolRouter>) {
+        let _ = self.pools.set(p);
+    }
+
     pub fn set_buckets(&self, b: pubrun_buckets::Buckets) {
         let _ = self.buckets.set(b);
     }
@@ -197,9 +206,10 @@ impl Dispatcher {
             match spec {
                 Some(spec) => {
                     let token = CancellationToken::new();
+                    let local = spec.pool == LOCAL_POOL;
                     self.lock()
                         .active
-                        .insert(run.id, (run.job.clone(), token.clone()));
+                        .insert(run.id, (run.job.clone(), token.clone(), local));
                     tokio::spawn(async move { this.recover_run(run, spec, token).await });
                 }
                 None => {
@@ -428,7 +438,7 @@ impl Dispatcher {
             .cancel_if_queued(id, &exit, now_ms(), has_result)?
         {
             self.results_wake.notify_one();
-        } else if let Some((_, token)) = self.lock().active.get(&id) {
+        } else if let Some((_, token, _)) = self.lock().active.get(&id) {
             token.cancel();
         }
         self.store.get(id)
@@ -472,7 +482,7 @@ impl Dispatcher {
                     let running = st
                         .active
                         .values()
-                        .filter(|(job, _)| job == &j.spec.name)
+                        .filter(|(job, _, _)| job == &j.spec.name)
                         .count();
                     (
                         j.spec.name.clone(),
@@ -485,17 +495,31 @@ impl Dispatcher {
         // Oldest waiting job first would need a join; name order is stable and fair enough.
         capacity.sort();
         for (job, free) in capacity {
-            let slots_left = self.slots.saturating_sub(self.lock().active.len());
-            if slots_left == 0 {
-                return;
-            }
-            let queued = match self.store.startable(&job, now, free.min(slots_left) + 8) {
-                Ok(q) => q,
-                Err(e) => {
-                    tracing::error!(job, error = %e, "scheduler cannot read queued runs");
-                    continue;
-                }
+            let remote = self
+                .lock()
+                .jobs
+                .get(&job)
+                .is_some_and(|j| j.spec.pool != LOCAL_POOL);
+            // Runs of a remote pool wait for a machine, not for a local slot.
+            let slots_left = if remote {
+                usize::MAX
+            } else {
+                self.slots.saturating_sub(self.local_active())
             };
+            if slots_left == 0 {
+                continue;
+            }
+            let queued =
+                match self
+                    .store
+                    .startable(&job, now, free.min(slots_left).saturating_add(8))
+                {
+                    Ok(q) => q,
+                    Err(e) => {
+                        tracing::error!(job, error = %e, "scheduler cannot read queued runs");
+                        continue;
+                    }
+                };
             let mut started = 0;
             for q in queued {
                 if started >= free {
@@ -513,14 +537,15 @@ impl Dispatcher {
                         // Its previous attempt is still being recorded.
                         continue;
                     }
-                    if st.active.len() >= self.slots {
-                        return;
+                    if !remote && st.active.values().filter(|a| a.2).count() >= self.slots {
+                        break;
                     }
                     let Some(j) = st.jobs.get(&q.job) else { break };
                     let spec = j.spec.clone();
                     // Registered before it is claimed, so that a cancel
                     // that finds the run claimed also finds its switch.
-                    st.active.insert(q.id, (q.job.clone(), token.clone()));
+                    st.active
+                        .insert(q.id, (q.job.clone(), token.clone(), !remote));
                     spec
                 };
                 if let Err(e) = self.store.mark_starting(q.id) {
@@ -616,6 +641,7 @@ impl Dispatcher {
             timeout: spec.timeout,
             grace_period: spec.grace_period,
             env,
+            outputs: spec.outputs.iter().map(|o| o.from.clone()).collect(),
         })
     }
 
@@ -623,8 +649,23 @@ impl Dispatcher {
         self.data_dir.join("runs").join(id.to_string()).join("log")
     }
 
-    fn executor_for(&self, spec: &ExecutorSpec) -> Arc<dyn Executor> {
-        match spec {
+    fn local_active(&self) -> usize {
+        self.lock().active.values().filter(|a| a.2).count()
+    }
+
+    /// The executor of the job's pool: the server's own for `local`, the
+    /// pool's (agents, machines) otherwise.
+    fn executor_for(&self, spec: &JobSpec) -> Arc<dyn Executor> {
+        if spec.pool != LOCAL_POOL {
+            return match self.pools.get().and_then(|p| p.executor(&spec.pool)) {
+                Some(e) => e,
+                None => Arc::new(pubrun_exec::Unavailable(format!(
+                    "pool {} is not declared on this server; the run waits until it is",
+                    spec.pool
+                ))),
+            };
+        }
+        match spec.executor {
             ExecutorSpec::Process(_) => self.executors.process.clone(),
             ExecutorSpec::Docker(_) => self.executors.docker.clone(),
         }
@@ -702,7 +743,7 @@ impl Dispatcher {
             }
         }
         let mut exit = self
-            .executor_for(&spec.executor)
+            .executor_for(spec)
             .run(req, log.clone(), token, on_started)
             .await;
         // Outputs are uploaded whatever the attempt's status (partial results
@@ -929,7 +970,7 @@ impl Dispatcher {
         log: &Arc<LogSink>,
         token: &CancellationToken,
     ) -> Option<Exit> {
-        let executor = self.executor_for(&spec.executor);
+        let executor = self.executor_for(spec);
         let mut delay = REATTACH_FIRST_DELAY;
         loop {
             match executor

@@ -28,6 +28,8 @@ const MAX_BATCH_BYTES: usize = 32 * 1024 * 1024;
 
 pub struct EmbeddedStore {
     dir: PathBuf,
+    /// Size past which the active segment is closed (tests use small ones).
+    segment_bytes: u64,
     _lock: File,
     tx: Mutex<Option<mpsc::Sender<WriteReq>>>,
     /// Closed segments: base seq → (path, highest seq in it, bytes).
@@ -61,6 +63,15 @@ struct WriteReq {
 impl EmbeddedStore {
     /// Opens (creating if needed) the data directory and takes its lock.
     pub fn open(dir: impl AsRef<Path>) -> Result<Self, StoreError> {
+        Self::open_with_segment_bytes(dir, SEGMENT_BYTES)
+    }
+
+    /// `open` with another segment size, so that tests can show space being
+    /// reclaimed without writing 64 MiB.
+    pub fn open_with_segment_bytes(
+        dir: impl AsRef<Path>,
+        segment_bytes: u64,
+    ) -> Result<Self, StoreError> {
         let dir = dir.as_ref().to_path_buf();
         fs::create_dir_all(dir.join("log")).map_err(|e| StoreError::io(&dir, e))?;
         let lock_path = dir.join("LOCK");
@@ -74,6 +85,7 @@ impl EmbeddedStore {
             .map_err(|_| StoreError::Locked(dir.display().to_string()))?;
         Ok(EmbeddedStore {
             dir,
+            segment_bytes: segment_bytes.max(1),
             _lock: lock,
             tx: Mutex::new(None),
             segments: Arc::new(Mutex::new(BTreeMap::new())),
@@ -107,9 +119,10 @@ impl EmbeddedStore {
         let log_dir = self.log_dir();
         let segments = self.segments.clone();
         let log_bytes = self.log_bytes.clone();
+        let segment_bytes = self.segment_bytes;
         let handle = std::thread::Builder::new()
             .name("pubrun-log-writer".into())
-            .spawn(move || writer_loop(rx, tail, log_dir, segments, log_bytes))
+            .spawn(move || writer_loop(rx, tail, log_dir, segments, log_bytes, segment_bytes))
             .expect("spawn log writer thread");
         *self.tx.lock().unwrap() = Some(tx);
         *self.writer.lock().unwrap() = Some(handle);
@@ -146,6 +159,7 @@ fn writer_loop(
     log_dir: PathBuf,
     segments: Arc<Mutex<BTreeMap<u64, SegmentInfo>>>,
     log_bytes: Arc<AtomicU64>,
+    segment_bytes: u64,
 ) {
     let mut batch: Vec<WriteReq> = Vec::new();
     while let Ok(first) = rx.recv() {
@@ -196,7 +210,7 @@ fn writer_loop(
         // name, i.e. be the same file, and `reclaim` would then delete the
         // active segment as a dead closed one. It keeps growing (acks only)
         // until a publish arrives.
-        if tail.len >= SEGMENT_BYTES && tail.next_seq > tail.base {
+        if tail.len >= segment_bytes && tail.next_seq > tail.base {
             match roll_segment(&log_dir, &tail) {
                 Ok(file) => {
                     segments.lock().unwrap().insert(

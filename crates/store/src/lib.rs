@@ -2,8 +2,8 @@
 //!
 //! A store keeps two things:
 //! - the **catalog**: topics and subscriptions (small, rewritten whole on change);
-//! - the **log**: an ordered sequence of [`Record`]s — published message batches
-//!   and acknowledgements — from which the broker rebuilds every subscription's
+//! - the **log**: an ordered sequence of [`Record`]s — published message batches,
+//!   acknowledgements and seeks — from which the broker rebuilds every subscription's
 //!   backlog at start.
 //!
 //! The broker assigns sequence numbers; the store only promises that records
@@ -18,9 +18,9 @@ pub mod record;
 use std::future::Future;
 use std::pin::Pin;
 
-pub use catalog::{Catalog, SubscriptionEntry, TopicEntry};
+pub use catalog::{Catalog, SnapshotEntry, SubscriptionEntry, TopicEntry};
 pub use embedded::EmbeddedStore;
-pub use record::Record;
+pub use record::{Record, SeekTarget};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

@@ -19,10 +19,39 @@ pub enum Record {
     },
     /// Messages acknowledged on a subscription.
     Ack { sub_uid: u64, seqs: Vec<u64> },
+    /// A Seek: from here on the subscription owes exactly the messages the
+    /// target keeps (of those it can still get), and none other.
+    Seek { sub_uid: u64, target: SeekTarget },
+}
+
+/// Where a Seek moves a subscription's ack state to.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SeekTarget {
+    /// Messages published at or after this time are unacked, earlier ones acked.
+    Time { nanos: i64 },
+    /// A snapshot's state: unacked are the seqs in `seqs` (inclusive ranges)
+    /// and every seq from `from_seq` on.
+    Snapshot {
+        from_seq: u64,
+        seqs: Vec<(u64, u64)>,
+    },
+}
+
+impl SeekTarget {
+    /// Whether a message is unacked after seeking here.
+    pub fn keeps(&self, m: &Message) -> bool {
+        match self {
+            SeekTarget::Time { nanos } => m.publish_time_nanos >= *nanos,
+            SeekTarget::Snapshot { from_seq, seqs } => {
+                m.seq >= *from_seq || crate::catalog::ranges_contain(seqs, m.seq)
+            }
+        }
+    }
 }
 
 const KIND_PUBLISH: u8 = 1;
 const KIND_ACK: u8 = 2;
+const KIND_SEEK: u8 = 3;
 pub const FRAME_HEADER: usize = 8;
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -48,6 +77,20 @@ struct MessageBody {
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
+struct SeekBody {
+    #[prost(uint64, tag = "1")]
+    sub_uid: u64,
+    /// Set for a seek to a time.
+    #[prost(int64, optional, tag = "2")]
+    time_nanos: Option<i64>,
+    #[prost(uint64, tag = "3")]
+    from_seq: u64,
+    /// Snapshot ranges flattened: lo, hi, lo, hi, ...
+    #[prost(uint64, repeated, tag = "4")]
+    ranges: Vec<u64>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
 struct AckBody {
     #[prost(uint64, tag = "1")]
     sub_uid: u64,
@@ -60,7 +103,7 @@ impl Record {
     pub fn last_seq(&self) -> Option<u64> {
         match self {
             Record::Publish { messages, .. } => messages.last().map(|m| m.seq),
-            Record::Ack { .. } => None,
+            Record::Ack { .. } | Record::Seek { .. } => None,
         }
     }
 
@@ -98,6 +141,23 @@ impl Record {
                 .encode(out)
                 .expect("Vec<u8> grows as needed");
             }
+            Record::Seek { sub_uid, target } => {
+                out.push(KIND_SEEK);
+                let body = match target {
+                    SeekTarget::Time { nanos } => SeekBody {
+                        sub_uid: *sub_uid,
+                        time_nanos: Some(*nanos),
+                        ..Default::default()
+                    },
+                    SeekTarget::Snapshot { from_seq, seqs } => SeekBody {
+                        sub_uid: *sub_uid,
+                        time_nanos: None,
+                        from_seq: *from_seq,
+                        ranges: seqs.iter().flat_map(|(a, b)| [*a, *b]).collect(),
+                    },
+                };
+                body.encode(out).expect("Vec<u8> grows as needed");
+            }
         }
         let payload_len = (out.len() - start - FRAME_HEADER) as u32;
         let crc = crc32c::crc32c(&out[start + FRAME_HEADER..]);
@@ -132,6 +192,25 @@ impl Record {
                 Ok(Record::Ack {
                     sub_uid: b.sub_uid,
                     seqs: b.seqs,
+                })
+            }
+            KIND_SEEK => {
+                let b = SeekBody::decode(body).map_err(|e| e.to_string())?;
+                let target = match b.time_nanos {
+                    Some(nanos) => SeekTarget::Time { nanos },
+                    None => {
+                        if b.ranges.len() % 2 != 0 {
+                            return Err("seek record with an odd number of range bounds".into());
+                        }
+                        SeekTarget::Snapshot {
+                            from_seq: b.from_seq,
+                            seqs: b.ranges.chunks(2).map(|c| (c[0], c[1])).collect(),
+                        }
+                    }
+                };
+                Ok(Record::Seek {
+                    sub_uid: b.sub_uid,
+                    target,
                 })
             }
             other => Err(format!("unknown record kind {other}")),
@@ -214,5 +293,37 @@ mod tests {
             read_frame(&Bytes::from(bad), p).unwrap().0,
             Frame::Torn
         ));
+    }
+
+    #[test]
+    fn seek_records_round_trip() {
+        let recs = vec![
+            Record::Seek {
+                sub_uid: 4,
+                target: SeekTarget::Time { nanos: -5 },
+            },
+            Record::Seek {
+                sub_uid: 4,
+                target: SeekTarget::Snapshot {
+                    from_seq: 30,
+                    seqs: vec![(1, 3), (7, 7)],
+                },
+            },
+        ];
+        let mut buf = Vec::new();
+        for r in &recs {
+            r.encode_frame(&mut buf);
+        }
+        let bytes = Bytes::from(buf);
+        let mut pos = 0;
+        let mut got = Vec::new();
+        while pos < bytes.len() {
+            let (Frame::Record(r), next) = read_frame(&bytes, pos).unwrap() else {
+                panic!("torn")
+            };
+            got.push(r);
+            pos = next;
+        }
+        assert_eq!(got, recs);
     }
 }

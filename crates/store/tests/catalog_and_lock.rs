@@ -20,7 +20,14 @@ fn sample_catalog(n_topics: u64) -> Catalog {
             "labels": {"team": "ünïcode-☃", "n": t.to_string()},
         }))
         .unwrap();
-        c.topics.insert(name.clone(), TopicEntry { uid, config });
+        c.topics.insert(
+            name.clone(),
+            TopicEntry {
+                uid,
+                config,
+                message_retention_duration: None,
+            },
+        );
         let sub_uid = c.allocate_uid();
         let sub_name = format!("projects/p/subscriptions/s{t}");
         let config = serde_json::from_value(serde_json::json!({

@@ -21,6 +21,7 @@ fn owner(r: &Record) -> u64 {
     match r {
         Record::Publish { topic_uid, .. } => *topic_uid,
         Record::Ack { sub_uid, .. } => sub_uid - 1000,
+        Record::Seek { sub_uid, .. } => sub_uid - 1000,
     }
 }
 
@@ -115,7 +116,7 @@ fn check_log(replayed: &[Record], next: u64, expected: &[BTreeMap<u64, Vec<Recor
         .iter()
         .flat_map(|r| match r {
             Record::Publish { messages, .. } => messages.iter().map(|m| m.seq).collect(),
-            Record::Ack { .. } => vec![],
+            Record::Ack { .. } | Record::Seek { .. } => vec![],
         })
         .collect();
     assert!(

@@ -92,7 +92,7 @@ fn reopen_and_check(dir: &Path, model: &mut Model, ctx: &str) -> EmbeddedStore {
         .iter()
         .flat_map(|r| match r {
             Record::Publish { messages, .. } => messages.iter().map(|m| m.seq).collect(),
-            Record::Ack { .. } => vec![],
+            Record::Ack { .. } | Record::Seek { .. } => vec![],
         })
         .collect();
     model.published.retain(|s| live.contains(s));

@@ -68,6 +68,7 @@ pub async fn subscriptions(cmd: SubscriptionsCommand) -> Result<()> {
             ack_deadline,
             filter,
             enable_message_ordering,
+            push_endpoint,
             labels,
             conn,
         } => {
@@ -84,6 +85,9 @@ pub async fn subscriptions(cmd: SubscriptionsCommand) -> Result<()> {
             }
             if enable_message_ordering {
                 body.insert("enableMessageOrdering".into(), json!(true));
+            }
+            if let Some(url) = push_endpoint {
+                body.insert("pushConfig".into(), json!({ "pushEndpoint": url }));
             }
             if !labels.is_empty() {
                 body.insert("labels".into(), string_map("label", &labels)?);
@@ -161,6 +165,26 @@ pub async fn subscriptions(cmd: SubscriptionsCommand) -> Result<()> {
             let resp = api.get(&names::subscription_path(&sub)).await?;
             show(&conn, &resp)
         }
+        SubscriptionsCommand::ModifyPush {
+            name,
+            push_endpoint,
+            conn,
+        } => {
+            let api = Api::new(&conn)?;
+            let sub = names::subscription(&conn.project, &name)?;
+            let config = match &push_endpoint {
+                Some(url) => json!({ "pushEndpoint": url }),
+                None => json!({}),
+            };
+            let path = format!("{}:modifyPushConfig", names::subscription_path(&sub));
+            let resp = api.post(&path, &json!({ "pushConfig": config })).await?;
+            let message = match push_endpoint {
+                Some(url) => format!("subscription {sub} now pushes to {url}"),
+                None => format!("subscription {sub} is now a pull subscription"),
+            };
+            done(&conn, &resp, &message)
+        }
+        SubscriptionsCommand::Seek(args) => super::snapshots::seek(args).await,
         SubscriptionsCommand::Delete { name, conn } => {
             let api = Api::new(&conn)?;
             let sub = names::subscription(&conn.project, &name)?;

@@ -47,6 +47,7 @@ impl Fixture {
             timeout: Duration::from_secs(60),
             grace_period: Duration::from_secs(10),
             env: BTreeMap::from([("PUBRUN_RUN_ID".to_string(), run_id.to_string())]),
+            outputs: Vec::new(),
         }
     }
 

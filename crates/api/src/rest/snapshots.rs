@@ -1,0 +1,204 @@
+//! REST v1 for snapshots and seek, as Google's `http` annotations define them:
+//!
+//! | method | path | rpc |
+//! |---|---|---|
+//! | PUT / GET / PATCH / DELETE | `/v1/projects/P/snapshots/S` | Create / Get / Update / DeleteSnapshot |
+//! | GET | `/v1/projects/P/snapshots` | ListSnapshots |
+//! | POST | `/v1/projects/P/subscriptions/S:seek` | Seek |
+
+use std::collections::HashMap;
+
+use axum::extract::{OriginalUri, RawQuery, State};
+use axum::http::Method;
+use axum::response::Response;
+use pubrun_core::Error;
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use super::{
+    empty, field_mask, finish, format_timestamp, from_object, list_json, list_params,
+    method_not_allowed, nullable, parse_body, parse_query, path_params, put_map, put_str,
+    timestamp, Body, Fail, OneParam, Outcome, TwoParams,
+};
+use crate::grpc::PubSub;
+use crate::pb;
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+struct CreateSnapshotJson {
+    subscription: Option<String>,
+    #[serde(deserialize_with = "nullable")]
+    labels: HashMap<String, String>,
+    #[serde(deserialize_with = "nullable")]
+    tags: HashMap<String, String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+struct SnapshotJson {
+    name: Option<String>,
+    topic: Option<String>,
+    #[serde(alias = "expire_time")]
+    expire_time: Option<Value>,
+    #[serde(deserialize_with = "nullable")]
+    labels: HashMap<String, String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+struct UpdateSnapshotJson {
+    snapshot: Option<Value>,
+    #[serde(alias = "update_mask")]
+    update_mask: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+struct SeekJson {
+    #[allow(dead_code)]
+    subscription: Option<String>,
+    time: Option<Value>,
+    snapshot: Option<String>,
+}
+
+pub(super) fn snapshot_json(s: &pb::Snapshot) -> Value {
+    let mut m = Map::new();
+    put_str(&mut m, "name", &s.name);
+    put_str(&mut m, "topic", &s.topic);
+    if let Some(t) = &s.expire_time {
+        m.insert("expireTime".into(), format_timestamp(t).into());
+    }
+    let labels: HashMap<String, String> = s.labels.clone().into_iter().collect();
+    put_map(&mut m, "labels", &labels);
+    Value::Object(m)
+}
+
+fn snapshot_name(project: &str, id: &str) -> String {
+    format!("projects/{project}/snapshots/{id}")
+}
+
+pub(super) async fn snapshots_collection(
+    State(ps): State<PubSub>,
+    method: Method,
+    OriginalUri(uri): OriginalUri,
+    path: OneParam,
+    RawQuery(q): RawQuery,
+) -> Response {
+    finish(
+        async {
+            let (project, page_size, page_token) = list_params(&method, &uri, path, q)?;
+            let r = ps.list_snapshots(pb::ListSnapshotsRequest {
+                project: format!("projects/{project}"),
+                page_size,
+                page_token,
+            })?;
+            Ok(list_json(
+                "snapshots",
+                r.snapshots.iter().map(snapshot_json).collect(),
+                &r.next_page_token,
+            ))
+        }
+        .await,
+    )
+}
+
+pub(super) async fn snapshot_resource(
+    State(ps): State<PubSub>,
+    method: Method,
+    OriginalUri(uri): OriginalUri,
+    path: TwoParams,
+    RawQuery(q): RawQuery,
+    body: Body,
+) -> Response {
+    finish(
+        async {
+            let (project, id) = path_params(path)?;
+            if id.contains(':') {
+                return Err(
+                    Error::not_found(format!("{} has no custom methods", uri.path())).into(),
+                );
+            }
+            let name = snapshot_name(&project, &id);
+            parse_query(q, &[])?;
+            match method {
+                Method::PUT => {
+                    let c: CreateSnapshotJson = parse_body(body)?;
+                    let r = pb::CreateSnapshotRequest {
+                        name,
+                        subscription: c.subscription.unwrap_or_default(),
+                        labels: c.labels.into_iter().collect(),
+                        tags: c.tags.into_iter().collect(),
+                    };
+                    Ok(snapshot_json(&ps.create_snapshot(r).await?))
+                }
+                Method::GET => Ok(snapshot_json(
+                    &ps.get_snapshot(pb::GetSnapshotRequest { snapshot: name })?,
+                )),
+                Method::PATCH => {
+                    let u: UpdateSnapshotJson = parse_body(body)?;
+                    let s: SnapshotJson = from_object("snapshot", u.snapshot.unwrap_or_default())?;
+                    let snapshot = pb::Snapshot {
+                        name,
+                        topic: s.topic.unwrap_or_default(),
+                        expire_time: timestamp("snapshot.expire_time", &s.expire_time)?,
+                        labels: s.labels.into_iter().collect(),
+                    };
+                    let _ = s.name; // the path names the snapshot
+                    let r = pb::UpdateSnapshotRequest {
+                        snapshot: Some(snapshot),
+                        update_mask: field_mask(u.update_mask),
+                    };
+                    Ok(snapshot_json(&ps.update_snapshot(r).await?))
+                }
+                Method::DELETE => {
+                    ps.delete_snapshot(pb::DeleteSnapshotRequest { snapshot: name })
+                        .await?;
+                    Ok(empty())
+                }
+                _ => Err(method_not_allowed(&method, &uri, "GET, PUT, PATCH, DELETE")),
+            }
+        }
+        .await,
+    )
+}
+
+/// `POST /v1/projects/P/subscriptions/S:seek` with `{"time": ...}` or `{"snapshot": ...}`.
+pub(super) async fn seek(ps: &PubSub, subscription: String, body: Body) -> Outcome {
+    let s: SeekJson = parse_body(body)?;
+    let target = match (timestamp("time", &s.time)?, s.snapshot) {
+        (Some(t), None) => Some(pb::seek_request::Target::Time(t)),
+        (None, Some(n)) => Some(pb::seek_request::Target::Snapshot(n)),
+        (None, None) => None,
+        (Some(_), Some(_)) => {
+            return Err(
+                Error::invalid("set only one of time and snapshot (they are a oneof)").into(),
+            )
+        }
+    };
+    ps.seek(pb::SeekRequest {
+        subscription,
+        target,
+    })
+    .await
+    .map_err(Fail::from)?;
+    Ok(empty())
+}
+
+/// `GET /v1/projects/P/topics/T/snapshots`: snapshot names.
+pub(super) fn topic_snapshots(
+    ps: &PubSub,
+    topic: String,
+    page_size: i32,
+    page_token: String,
+) -> Outcome {
+    let r = ps.list_topic_snapshots(pb::ListTopicSnapshotsRequest {
+        topic,
+        page_size,
+        page_token,
+    })?;
+    Ok(list_json(
+        "snapshots",
+        r.snapshots.into_iter().map(Value::String).collect(),
+        &r.next_page_token,
+    ))
+}

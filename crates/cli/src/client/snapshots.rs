@@ -1,0 +1,198 @@
+//! `pubrun snapshots …` and `pubrun subscriptions seek …` over Google's
+//! REST v1 (`/v1/projects/P/snapshots/S`, `/v1/…/subscriptions/S:seek`).
+
+use anyhow::{anyhow, Result};
+use pubrun_core::names::SnapshotName;
+use pubrun_core::ProjectName;
+use serde_json::{json, Map, Value};
+
+use super::api::Api;
+use super::args::{parse_key_value, ConnArgs};
+use super::resources::string_map;
+use super::{names, output};
+
+#[derive(clap::Subcommand)]
+pub enum SnapshotsCommand {
+    /// Capture a subscription's acknowledgement state (its unacked messages and
+    /// everything published after now) for a later `subscriptions seek --snapshot`.
+    Create {
+        /// Snapshot id (in --project) or full name projects/P/snapshots/S.
+        name: String,
+        /// Subscription to capture: id (in --project) or full name.
+        #[arg(long)]
+        subscription: String,
+        /// Label to set on the snapshot (repeatable).
+        #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_key_value)]
+        labels: Vec<(String, String)>,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// List the project's snapshots.
+    #[command(visible_alias = "ls")]
+    List {
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Show one snapshot.
+    #[command(visible_alias = "describe")]
+    Get {
+        /// Snapshot id (in --project) or full name projects/P/snapshots/S.
+        name: String,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Delete a snapshot.
+    #[command(visible_alias = "rm")]
+    Delete {
+        /// Snapshot id (in --project) or full name projects/P/snapshots/S.
+        name: String,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+}
+
+#[derive(clap::Args)]
+#[command(group(clap::ArgGroup::new("target").required(true).args(["time", "snapshot"])))]
+pub struct SeekArgs {
+    /// Subscription id (in --project) or full name projects/P/subscriptions/S.
+    pub subscription: String,
+    /// Messages published before this RFC 3339 time become acked, later ones
+    /// unacked (acked ones only if retained), e.g. 2024-05-01T12:00:00Z.
+    #[arg(long, value_name = "RFC3339")]
+    pub time: Option<String>,
+    /// Restore the acknowledgement state a snapshot captured (id or full name).
+    #[arg(long, value_name = "NAME")]
+    pub snapshot: Option<String>,
+    #[command(flatten)]
+    pub conn: ConnArgs,
+}
+
+/// `nightly` (in `project`) or `projects/P/snapshots/nightly`.
+fn snapshot(project: &str, arg: &str) -> Result<SnapshotName> {
+    let parsed = if arg.starts_with("projects/") {
+        SnapshotName::parse(arg)
+    } else if arg.contains('/') {
+        return Err(anyhow!(
+            "invalid snapshot \"{arg}\": expected a snapshot id like `nightly` or a full name projects/PROJECT/snapshots/ID"
+        ));
+    } else {
+        ProjectName::from_id(project).and_then(|p| SnapshotName::new(p, arg))
+    };
+    parsed.map_err(|e| anyhow!("{}", e.message))
+}
+
+fn snapshot_path(s: &SnapshotName) -> String {
+    format!(
+        "/v1/projects/{}/snapshots/{}",
+        names::segment(s.project().id()),
+        names::segment(s.id())
+    )
+}
+
+fn text(v: &Value, key: &str) -> String {
+    v.get(key)
+        .and_then(Value::as_str)
+        .unwrap_or("-")
+        .to_string()
+}
+
+fn done(conn: &ConnArgs, resp: &Value, message: &str) -> Result<()> {
+    if conn.json {
+        output::json(resp)
+    } else {
+        output::out(&format!("{message}\n"))
+    }
+}
+
+pub async fn snapshots(cmd: SnapshotsCommand) -> Result<()> {
+    match cmd {
+        SnapshotsCommand::Create {
+            name,
+            subscription,
+            labels,
+            conn,
+        } => {
+            let api = Api::new(&conn)?;
+            let snap = snapshot(&conn.project, &name)?;
+            let sub = names::subscription(&conn.project, &subscription)?;
+            let mut body = Map::new();
+            body.insert("subscription".into(), json!(sub.to_string()));
+            if !labels.is_empty() {
+                body.insert("labels".into(), string_map("label", &labels)?);
+            }
+            let resp = api.put(&snapshot_path(&snap), &Value::Object(body)).await?;
+            done(
+                &conn,
+                &resp,
+                &format!(
+                    "created snapshot {snap} of {sub} (expires {})",
+                    text(&resp, "expireTime")
+                ),
+            )
+        }
+        SnapshotsCommand::List { conn } => {
+            let api = Api::new(&conn)?;
+            let path = names::project_path(&conn.project, "snapshots");
+            let snaps = api.list_all(&path, "snapshots").await?;
+            if conn.json {
+                return output::json(&json!({ "snapshots": snaps }));
+            }
+            if snaps.is_empty() {
+                eprintln!("no snapshots in projects/{}", conn.project);
+                return Ok(());
+            }
+            let rows: Vec<Vec<String>> = snaps
+                .iter()
+                .map(|s| {
+                    vec![
+                        names::short(&text(s, "name"), &conn.project, "snapshots").to_string(),
+                        names::short(&text(s, "topic"), &conn.project, "topics").to_string(),
+                        text(s, "expireTime"),
+                        output::map_pairs(s.get("labels").unwrap_or(&Value::Null)),
+                    ]
+                })
+                .collect();
+            output::out(&output::table(
+                &["SNAPSHOT", "TOPIC", "EXPIRES", "LABELS"],
+                &rows,
+            ))
+        }
+        SnapshotsCommand::Get { name, conn } => {
+            let api = Api::new(&conn)?;
+            let snap = snapshot(&conn.project, &name)?;
+            let resp = api.get(&snapshot_path(&snap)).await?;
+            if conn.json {
+                output::json(&resp)
+            } else {
+                output::out(&output::fields(&resp))
+            }
+        }
+        SnapshotsCommand::Delete { name, conn } => {
+            let api = Api::new(&conn)?;
+            let snap = snapshot(&conn.project, &name)?;
+            let resp = api.delete(&snapshot_path(&snap)).await?;
+            done(&conn, &resp, &format!("deleted snapshot {snap}"))
+        }
+    }
+}
+
+pub async fn seek(args: SeekArgs) -> Result<()> {
+    let conn = &args.conn;
+    let api = Api::new(conn)?;
+    let sub = names::subscription(&conn.project, &args.subscription)?;
+    let (body, what) = match (&args.time, &args.snapshot) {
+        // The server checks the format and says what it expects.
+        (Some(t), None) => (json!({ "time": t }), format!("time {t}")),
+        (None, Some(s)) => {
+            let snap = snapshot(&conn.project, s)?;
+            (
+                json!({ "snapshot": snap.to_string() }),
+                format!("snapshot {snap}"),
+            )
+        }
+        _ => unreachable!("clap requires exactly one of --time and --snapshot"),
+    };
+    let path = format!("{}:seek", names::subscription_path(&sub));
+    let resp = api.post(&path, &body).await?;
+    done(conn, &resp, &format!("subscription {sub} sought to {what}"))
+}

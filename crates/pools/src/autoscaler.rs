@@ -1,0 +1,289 @@
+//! The autoscaler: once a second, per on-demand pool, compares runs waiting
+//! with machines up (the pure decision is `pubrun_core::pool::autoscale`)
+//! and asks the pool's provider to start or stop machines. Every machine
+//! state change is written to `pools.db` before and after the provider call,
+//! so a restarted server knows what it started.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use pubrun_core::pool::{autoscale, MachineState, MachineView, PoolSpec, ScaleAction};
+
+use crate::db::MachineRow;
+use crate::provider::{MachineLaunch, MachineProvider, ProviderError, ProviderStatus};
+use crate::remote::{now_ms, Pools};
+
+/// A machine in `stopping` this long is asked to stop again.
+const STOP_RETRY_MS: i64 = 30_000;
+
+impl Pools {
+    /// Starts the lease sweeper and the autoscaler (both once a second).
+    pub fn spawn(&self, shutdown: tokio_util::sync::CancellationToken) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = shutdown.cancelled() => return,
+                }
+                let now = now_ms();
+                this.sweep(now);
+                for spec in this.specs() {
+                    if let Some(provider) = this.provider(&spec.name) {
+                        this.scale(&spec, provider, now).await;
+                    }
+                }
+            }
+        });
+    }
+
+    /// One autoscaling step for one pool.
+    pub async fn scale(&self, spec: &PoolSpec, provider: Arc<dyn MachineProvider>, now: i64) {
+        let machines: Vec<MachineRow> = match self.db().machines() {
+            Ok(m) => m.into_iter().filter(|m| m.pool == spec.name).collect(),
+            Err(e) => {
+                tracing::error!(pool = spec.name, error = %e, "autoscaler cannot read machines");
+                return;
+            }
+        };
+        let runs = self.runs_by_machine();
+        let views: Vec<MachineView> = machines
+            .iter()
+            .map(|m| MachineView {
+                name: m.name.clone(),
+                state: m.state,
+                runs: runs.get(&m.name).copied().unwrap_or(0),
+                cordoned: m.cordoned,
+                state_since_ms: m.state_since_ms,
+                idle_since_ms: m.idle_since_ms,
+            })
+            .collect();
+        // Machines stuck in `stopping` (the provider failed) are asked again;
+        // failed machines are stopped so they stop costing.
+        for m in &machines {
+            let stuck = m.state == MachineState::Stopping && now - m.state_since_ms > STOP_RETRY_MS;
+            let failed_unstopped =
+                m.state == MachineState::Failed && m.last_error.ends_with("[not stopped]");
+            if stuck || failed_unstopped {
+                self.stop_machine(
+                    m.clone(),
+                    provider.clone(),
+                    spec.delete_when_idle,
+                    "retry".into(),
+                );
+            }
+        }
+        let waiting = self.waiting(&spec.name) as u32;
+        for action in autoscale(spec, &views, waiting, now) {
+            match action {
+                ScaleAction::Start { count } => {
+                    for _ in 0..count {
+                        self.start_machine(spec, provider.clone(), &machines, now);
+                    }
+                }
+                ScaleAction::Stop {
+                    name,
+                    delete,
+                    reason,
+                } => {
+                    if let Some(m) = machines.iter().find(|m| m.name == name) {
+                        let mut m = m.clone();
+                        if m.state == MachineState::Provisioning {
+                            // Did not join in time: failed, and stopped.
+                            m.last_error = reason.clone();
+                        }
+                        self.stop_machine(m, provider.clone(), delete, reason);
+                    }
+                }
+            }
+        }
+    }
+
+    fn start_machine(
+        &self,
+        spec: &PoolSpec,
+        provider: Arc<dyn MachineProvider>,
+        known: &[MachineRow],
+        now: i64,
+    ) {
+        let Some(token) = self.token(&spec.name) else {
+            return;
+        };
+        // Reuse a stopped machine (its disk and image are warm), else a new name.
+        let reuse = known
+            .iter()
+            .find(|m| m.state == MachineState::Stopped && !m.cordoned)
+            .cloned();
+        let all = self.db().machines().unwrap_or_default();
+        let name = match &reuse {
+            Some(m) => m.name.clone(),
+            None => {
+                let mut n = all.iter().filter(|m| m.pool == spec.name).count() + 1;
+                loop {
+                    let candidate = format!("pubrun-{}-{n}", spec.name);
+                    if !all.iter().any(|m| m.name == candidate) {
+                        break candidate;
+                    }
+                    n += 1;
+                }
+            }
+        };
+        let row = MachineRow {
+            name: name.clone(),
+            pool: spec.name.clone(),
+            provider: provider.kind().to_string(),
+            provider_id: reuse
+                .as_ref()
+                .map(|m| m.provider_id.clone())
+                .unwrap_or_default(),
+            state: MachineState::Provisioning,
+            state_since_ms: now,
+            idle_since_ms: None,
+            created_ms: reuse.as_ref().map_or(now, |m| m.created_ms),
+            cordoned: false,
+            slots: spec.runs_per_machine,
+            last_error: String::new(),
+        };
+        // Recorded before the provider is asked, so a crash in between
+        // leaves a machine the next server finds (and times out if it never joins).
+        if let Err(e) = self.db().upsert_machine(&row) {
+            tracing::error!(machine = name, error = %e, "cannot record new machine");
+            return;
+        }
+        let _ = self.db().span_open(&name, &spec.name, now);
+        tracing::info!(pool = spec.name, machine = name, "starting machine");
+        let launch = MachineLaunch {
+            pool: spec.name.clone(),
+            name: name.clone(),
+            server_url: server_url(spec),
+            token,
+            slots: spec.runs_per_machine,
+            labels: BTreeMap::from([("pubrun-pool".to_string(), spec.name.clone())]),
+        };
+        let this = self.clone();
+        tokio::spawn(async move {
+            match provider.start(&launch).await {
+                Ok(id) => {
+                    if let Ok(Some(mut m)) = this.db().machine(&launch.name) {
+                        m.provider_id = id;
+                        let _ = this.db().upsert_machine(&m);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(machine = launch.name, error = %e, "machine did not start");
+                    if let Ok(Some(mut m)) = this.db().machine(&launch.name) {
+                        let now = now_ms();
+                        m.state = MachineState::Failed;
+                        m.state_since_ms = now;
+                        m.last_error = e.to_string();
+                        let _ = this.db().upsert_machine(&m);
+                        // Nothing started, so nothing costs.
+                        if matches!(e, ProviderError::Refused(_)) {
+                            let _ = this.db().span_close(&launch.name, now);
+                        } else {
+                            m.last_error.push_str(" [not stopped]");
+                            let _ = this.db().upsert_machine(&m);
+                        }
+                    }
+                }
+            }
+        });
+    }
+
+    fn stop_machine(
+        &self,
+        mut m: MachineRow,
+        provider: Arc<dyn MachineProvider>,
+        delete: bool,
+        reason: String,
+    ) {
+        let now = now_ms();
+        let failed = m.state == MachineState::Provisioning || m.state == MachineState::Failed;
+        if m.state != MachineState::Stopping {
+            m.state = MachineState::Stopping;
+            m.state_since_ms = now;
+            let _ = self.db().upsert_machine(&m);
+        }
+        tracing::info!(machine = m.name, reason, delete, "stopping machine");
+        let this = self.clone();
+        tokio::spawn(async move {
+            match provider.stop(&m.name, delete).await {
+                Ok(()) => {
+                    let now = now_ms();
+                    let mut m = this.db().machine(&m.name).ok().flatten().unwrap_or(m);
+                    m.state = if failed {
+                        MachineState::Failed
+                    } else {
+                        MachineState::Stopped
+                    };
+                    m.state_since_ms = now;
+                    m.idle_since_ms = None;
+                    m.last_error = m.last_error.replace(" [not stopped]", "");
+                    if !failed {
+                        m.cordoned = false;
+                    }
+                    let _ = this.db().upsert_machine(&m);
+                    let _ = this.db().span_close(&m.name, now);
+                }
+                Err(e) => {
+                    tracing::warn!(machine = m.name, error = %e, "machine did not stop; will retry");
+                    if let Ok(Some(mut m)) = this.db().machine(&m.name) {
+                        m.last_error = e.to_string();
+                        let _ = this.db().upsert_machine(&m);
+                    }
+                }
+            }
+        });
+    }
+
+    /// Drain: no new runs; the autoscaler stops the machine once it is empty
+    /// (an agent of an `agents` pool just stops getting work).
+    pub fn drain(&self, name: &str) -> Result<MachineRow, String> {
+        self.cordon(name, true)
+    }
+
+    /// At boot: machines the provider no longer has are marked stopped or
+    /// failed, so the autoscaler does not count them.
+    pub async fn reconcile(&self) {
+        for spec in self.specs() {
+            let Some(provider) = self.provider(&spec.name) else {
+                continue;
+            };
+            let Ok(machines) = self.db().machines() else {
+                return;
+            };
+            for mut m in machines
+                .into_iter()
+                .filter(|m| m.pool == spec.name && m.state.is_up())
+            {
+                match provider.status(&m.name).await {
+                    Ok(ProviderStatus::Gone | ProviderStatus::Stopped) => {
+                        let now = now_ms();
+                        m.state = if m.state == MachineState::Stopping {
+                            MachineState::Stopped
+                        } else {
+                            MachineState::Failed
+                        };
+                        m.state_since_ms = now;
+                        m.last_error = "gone while the server was down".into();
+                        let _ = self.db().upsert_machine(&m);
+                        let _ = self.db().span_close(&m.name, now);
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(machine = m.name, error = %e, "cannot check machine"),
+                }
+            }
+        }
+    }
+}
+
+fn server_url(spec: &PoolSpec) -> String {
+    match &spec.provider {
+        pubrun_core::pool::ProviderSpec::Docker(d) => d.server_url.clone(),
+        pubrun_core::pool::ProviderSpec::Gce(g) => g.server_url.clone(),
+        _ => String::new(),
+    }
+}

@@ -1,0 +1,498 @@
+//! Machines as containers on a Docker host.
+//!
+//! A machine is one container named after the machine, from the pool's
+//! agent image (see `scripts/agent-image.sh`), running
+//! `/usr/local/bin/pubrun agent --server URL --pool POOL --name NAME --slots N`.
+//! The token travels in the environment (`PUBRUN_TOKEN`), never in argv, so
+//! `ps` and `docker inspect …Cmd` do not show it. Containers carry the labels
+//! `pubrun.pool` and `pubrun.machine`, by which a restarted server finds them.
+//! They run with Docker's init (`--init`) as PID 1, so the agent gets
+//! `docker stop`'s SIGTERM and orphaned job processes are reaped.
+//!
+//! Errors: no answer from the engine (socket missing, connection refused,
+//! timeout) is [`ProviderError::Unavailable`]; an answer that says no
+//! (image missing, bad network, bad limits) is [`ProviderError::Refused`].
+//! The engine is contacted lazily and the API version negotiated once it
+//! answers, so a provider made while the engine is down works once it is up.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use bollard::errors::Error as DockerError;
+use bollard::models::{
+    ContainerCreateBody, ContainerInspectResponse, ContainerStateStatusEnum,
+    ContainerSummaryStateEnum, HostConfig,
+};
+use bollard::query_parameters::{
+    CreateContainerOptionsBuilder, InspectContainerOptions, ListContainersOptionsBuilder,
+    RemoveContainerOptionsBuilder, StopContainerOptionsBuilder,
+};
+use bollard::Docker;
+use pubrun_core::pool::DockerProviderSpec;
+use tokio::sync::OnceCell;
+
+use super::{MachineLaunch, MachineProvider, ProviderError, ProviderStatus};
+
+/// Where Docker listens when neither the spec nor `DOCKER_HOST` say.
+pub const DEFAULT_DOCKER_HOST: &str = "unix:///var/run/docker.sock";
+/// Label holding the pool name.
+pub const POOL_LABEL: &str = "pubrun.pool";
+/// Label holding the machine name.
+pub const MACHINE_LABEL: &str = "pubrun.machine";
+/// Where the agent image keeps the binary.
+pub const AGENT_BINARY: &str = "/usr/local/bin/pubrun";
+
+/// `docker stop` grace: the agent hands its runs back on SIGTERM quickly.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+pub struct DockerProvider {
+    spec: DockerProviderSpec,
+    endpoint: String,
+    client: OnceCell<Docker>,
+}
+
+fn is_unreachable(e: &DockerError) -> bool {
+    matches!(
+        e,
+        DockerError::SocketNotFoundError(_)
+            | DockerError::HyperLegacyError { .. }
+            | DockerError::HyperResponseError { .. }
+            | DockerError::IOError { .. }
+            | DockerError::RequestTimeoutError
+    )
+}
+
+fn is_status(e: &DockerError, code: u16) -> bool {
+    matches!(e, DockerError::DockerResponseServerError { status_code, .. } if *status_code == code)
+}
+
+/// The error with its causes: hyper's top-level message alone says little.
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        let msg = s.to_string();
+        if !out.contains(&msg) {
+            out.push_str(": ");
+            out.push_str(&msg);
+        }
+        cur = s.source();
+    }
+    out
+}
+
+fn docker_message(e: &DockerError) -> String {
+    match e {
+        DockerError::DockerResponseServerError { message, .. } => message.clone(),
+        other => chain(other),
+    }
+}
+
+fn from_state(s: Option<ContainerStateStatusEnum>) -> ProviderStatus {
+    use ContainerStateStatusEnum as S;
+    match s {
+        Some(S::RUNNING) | Some(S::PAUSED) => ProviderStatus::Running,
+        Some(S::REMOVING) | Some(S::STOPPING) => ProviderStatus::Stopping,
+        Some(S::EXITED) | Some(S::DEAD) => ProviderStatus::Stopped,
+        Some(S::CREATED) | Some(S::RESTARTING) | Some(S::EMPTY) | None => ProviderStatus::Pending,
+    }
+}
+
+fn from_summary_state(s: Option<ContainerSummaryStateEnum>) -> ProviderStatus {
+    use ContainerSummaryStateEnum as S;
+    match s {
+        Some(S::RUNNING) | Some(S::PAUSED) => ProviderStatus::Running,
+        Some(S::REMOVING) | Some(S::STOPPING) => ProviderStatus::Stopping,
+        Some(S::EXITED) | Some(S::DEAD) => ProviderStatus::Stopped,
+        Some(S::CREATED) | Some(S::RESTARTING) | Some(S::EMPTY) | None => ProviderStatus::Pending,
+    }
+}
+
+impl DockerProvider {
+    /// Checks the spec and the engine address; does not contact the engine.
+    pub fn new(spec: &DockerProviderSpec) -> Result<Self, ProviderError> {
+        if spec.image.is_empty() {
+            return Err(ProviderError::Refused(
+                "docker pool: no image given (build one with scripts/agent-image.sh)".into(),
+            ));
+        }
+        if spec.server_url.is_empty() {
+            return Err(ProviderError::Refused(
+                "docker pool: no server_url for the agents to reach the server".into(),
+            ));
+        }
+        if let Some(c) = spec.cpus {
+            if !(c > 0.0 && c.is_finite()) {
+                return Err(ProviderError::Refused(format!(
+                    "docker pool: cpus must be positive, not {c}"
+                )));
+            }
+        }
+        let endpoint = if !spec.docker_host.is_empty() {
+            spec.docker_host.clone()
+        } else {
+            std::env::var("DOCKER_HOST")
+                .ok()
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| DEFAULT_DOCKER_HOST.to_string())
+        };
+        match Docker::connect_with_host(&endpoint) {
+            Ok(_) | Err(DockerError::SocketNotFoundError(_)) => {}
+            Err(e) => {
+                return Err(ProviderError::Refused(format!(
+                    "cannot use docker host {endpoint}: {}",
+                    chain(&e)
+                )))
+            }
+        }
+        Ok(DockerProvider {
+            spec: spec.clone(),
+            endpoint,
+            client: OnceCell::new(),
+        })
+    }
+
+    /// The engine address in use.
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    fn unavailable(&self, e: &DockerError) -> ProviderError {
+        ProviderError::Unavailable(format!(
+            "docker engine unreachable at {}: {}",
+            self.endpoint,
+            chain(e)
+        ))
+    }
+
+    fn classify(&self, what: &str, e: &DockerError) -> ProviderError {
+        if is_unreachable(e) {
+            self.unavailable(e)
+        } else {
+            ProviderError::Refused(format!("{what}: {}", docker_message(e)))
+        }
+    }
+
+    /// A client that has negotiated the API version (bollard speaks a newer
+    /// API than e.g. Debian's Docker 20.10); retried until the engine answers.
+    async fn client(&self) -> Result<Docker, ProviderError> {
+        self.client
+            .get_or_try_init(|| async {
+                let docker = Docker::connect_with_host(&self.endpoint)
+                    .map_err(|e| self.unavailable(&e))?
+                    .with_timeout(REQUEST_TIMEOUT);
+                docker.negotiate_version().await.map_err(|e| {
+                    if is_unreachable(&e) {
+                        self.unavailable(&e)
+                    } else {
+                        ProviderError::Unavailable(format!(
+                            "docker engine at {} did not tell its API version: {}",
+                            self.endpoint,
+                            docker_message(&e)
+                        ))
+                    }
+                })
+            })
+            .await
+            .cloned()
+    }
+
+    fn command(&self, launch: &MachineLaunch) -> Vec<String> {
+        [
+            AGENT_BINARY,
+            "agent",
+            "--server",
+            &launch.server_url,
+            "--pool",
+            &launch.pool,
+            "--name",
+            &launch.name,
+            "--slots",
+            &launch.slots.to_string(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    }
+
+    fn body(&self, launch: &MachineLaunch) -> ContainerCreateBody {
+        // Our two labels last, so launch labels cannot hide a machine from list().
+        let mut labels: HashMap<String, String> = launch.labels.clone().into_iter().collect();
+        labels.insert(POOL_LABEL.into(), launch.pool.clone());
+        labels.insert(MACHINE_LABEL.into(), launch.name.clone());
+        let memory = self
+            .spec
+            .memory_bytes
+            .map(|m| m.min(i64::MAX as u64) as i64);
+        ContainerCreateBody {
+            image: Some(self.spec.image.clone()),
+            cmd: Some(self.command(launch)),
+            env: Some(vec![
+                format!("PUBRUN_TOKEN={}", launch.token),
+                "PATH=/usr/local/bin:/bin:/usr/bin".into(),
+            ]),
+            labels: Some(labels),
+            stop_timeout: Some(STOP_GRACE.as_secs() as i64),
+            host_config: Some(HostConfig {
+                // docker-init as PID 1: forwards `docker stop`'s SIGTERM to the
+                // agent and reaps the orphans of the jobs it runs.
+                init: Some(true),
+                memory,
+                memory_swap: memory,
+                nano_cpus: self.spec.cpus.map(|c| (c * 1e9).round() as i64),
+                network_mode: (!self.spec.network.is_empty()).then(|| self.spec.network.clone()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// Whether an existing container would start the agent we want now:
+    /// same command and token, and the image the tag names *now* (a rebuilt
+    /// agent image is picked up); otherwise it is replaced.
+    async fn matches(
+        &self,
+        docker: &Docker,
+        c: &ContainerInspectResponse,
+        launch: &MachineLaunch,
+    ) -> Result<bool, ProviderError> {
+        let Some(config) = &c.config else {
+            return Ok(false);
+        };
+        let token = format!("PUBRUN_TOKEN={}", launch.token);
+        if config.cmd.as_ref() != Some(&self.command(launch))
+            || !config.env.as_ref().is_some_and(|e| e.contains(&token))
+        {
+            return Ok(false);
+        }
+        match docker.inspect_image(&self.spec.image).await {
+            Ok(image) => Ok(image.id.is_some() && image.id == c.image),
+            // Gone: creating anew reports the missing image.
+            Err(e) if is_status(&e, 404) => Ok(false),
+            Err(e) => Err(self.classify(&format!("image {}", self.spec.image), &e)),
+        }
+    }
+
+    async fn inspect(
+        &self,
+        docker: &Docker,
+        name: &str,
+    ) -> Result<Option<ContainerInspectResponse>, ProviderError> {
+        match docker
+            .inspect_container(name, None::<InspectContainerOptions>)
+            .await
+        {
+            Ok(c) => Ok(Some(c)),
+            Err(e) if is_status(&e, 404) => Ok(None),
+            Err(e) => Err(self.classify(&format!("inspecting container {name}"), &e)),
+        }
+    }
+
+    async fn remove(&self, docker: &Docker, name: &str) -> Result<(), ProviderError> {
+        let opts = RemoveContainerOptionsBuilder::new()
+            .force(true)
+            .v(true)
+            .build();
+        match docker.remove_container(name, Some(opts)).await {
+            Ok(()) => Ok(()),
+            Err(e) if is_status(&e, 404) => Ok(()),
+            // 409: removal already in progress.
+            Err(e) if is_status(&e, 409) => Ok(()),
+            Err(e) => Err(self.classify(&format!("removing container {name}"), &e)),
+        }
+    }
+
+    /// Creates the machine's container; `None` when one of that name
+    /// appeared meanwhile (409).
+    async fn create(
+        &self,
+        docker: &Docker,
+        launch: &MachineLaunch,
+    ) -> Result<Option<String>, ProviderError> {
+        let opts = CreateContainerOptionsBuilder::new()
+            .name(&launch.name)
+            .build();
+        match docker.create_container(Some(opts), self.body(launch)).await {
+            Ok(r) => Ok(Some(r.id)),
+            Err(e) if is_status(&e, 409) => Ok(None),
+            Err(e) if is_status(&e, 404) => Err(ProviderError::Refused(format!(
+                "image {} is not present on the docker host {} (build it with scripts/agent-image.sh): {}",
+                self.spec.image,
+                self.endpoint,
+                docker_message(&e)
+            ))),
+            Err(e) => Err(self.classify(
+                &format!("cannot create container {} from image {}", launch.name, self.spec.image),
+                &e,
+            )),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl MachineProvider for DockerProvider {
+    fn kind(&self) -> &'static str {
+        "docker"
+    }
+
+    async fn start(&self, launch: &MachineLaunch) -> Result<String, ProviderError> {
+        let docker = self.client().await?;
+        let id = match self.inspect(&docker, &launch.name).await? {
+            Some(c) if c.state.as_ref().and_then(|s| s.running) == Some(true) => {
+                return Ok(c.id.unwrap_or_else(|| launch.name.clone()));
+            }
+            Some(c) if self.matches(&docker, &c, launch).await? => {
+                c.id.unwrap_or_else(|| launch.name.clone())
+            }
+            Some(_) => {
+                // Stopped, but made for another image, server or token.
+                self.remove(&docker, &launch.name).await?;
+                self.create(&docker, launch)
+                    .await?
+                    .unwrap_or_else(|| launch.name.clone())
+            }
+            // `None`: created concurrently by another call; start that one.
+            None => self
+                .create(&docker, launch)
+                .await?
+                .unwrap_or_else(|| launch.name.clone()),
+        };
+        match docker.start_container(&id, None).await {
+            // 304: already started.
+            Ok(()) => Ok(id),
+            Err(e) if is_status(&e, 304) => Ok(id),
+            Err(e) => Err(self.classify(
+                &format!(
+                    "cannot start container {} from image {}",
+                    launch.name, self.spec.image
+                ),
+                &e,
+            )),
+        }
+    }
+
+    async fn stop(&self, name: &str, delete: bool) -> Result<(), ProviderError> {
+        let docker = self.client().await?;
+        // The request lasts as long as the stop does.
+        let patient = docker.clone().with_timeout(STOP_GRACE + REQUEST_TIMEOUT);
+        let opts = StopContainerOptionsBuilder::new()
+            .t(STOP_GRACE.as_secs() as i32)
+            .build();
+        match patient.stop_container(name, Some(opts)).await {
+            Ok(()) => {}
+            Err(e) if is_status(&e, 304) => {} // not running
+            Err(e) if is_status(&e, 404) => return Ok(()),
+            Err(e) => return Err(self.classify(&format!("stopping container {name}"), &e)),
+        }
+        if delete {
+            self.remove(&docker, name).await?;
+        }
+        Ok(())
+    }
+
+    async fn status(&self, name: &str) -> Result<ProviderStatus, ProviderError> {
+        let docker = self.client().await?;
+        Ok(match self.inspect(&docker, name).await? {
+            None => ProviderStatus::Gone,
+            Some(c) => from_state(c.state.and_then(|s| s.status)),
+        })
+    }
+
+    async fn list(&self, pool: &str) -> Result<Vec<(String, ProviderStatus)>, ProviderError> {
+        let docker = self.client().await?;
+        let filters = HashMap::from([("label".to_string(), vec![format!("{POOL_LABEL}={pool}")])]);
+        let opts = ListContainersOptionsBuilder::new()
+            .all(true)
+            .filters(&filters)
+            .build();
+        let found = docker
+            .list_containers(Some(opts))
+            .await
+            .map_err(|e| self.classify(&format!("listing containers of pool {pool}"), &e))?;
+        let mut out: Vec<(String, ProviderStatus)> = found
+            .into_iter()
+            .filter_map(|c| {
+                let labels = c.labels.unwrap_or_default();
+                // The machine label names it; the container name is the fallback.
+                let name = labels.get(MACHINE_LABEL).cloned().or_else(|| {
+                    c.names
+                        .and_then(|n| n.into_iter().next())
+                        .map(|n| n.trim_start_matches('/').to_string())
+                })?;
+                Some((name, from_summary_state(c.state)))
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> DockerProviderSpec {
+        DockerProviderSpec {
+            image: "pubrun-agent:dev".into(),
+            server_url: "http://172.17.0.1:8085".into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn token_is_in_env_not_argv() {
+        let p = DockerProvider::new(&DockerProviderSpec {
+            docker_host: "unix:///nonexistent.sock".into(),
+            memory_bytes: Some(1 << 30),
+            cpus: Some(1.5),
+            network: "pubrun-net".into(),
+            ..spec()
+        })
+        .unwrap();
+        let launch = MachineLaunch {
+            pool: "big".into(),
+            name: "pubrun-big-1".into(),
+            server_url: "http://172.17.0.1:8085".into(),
+            token: "s3cret".into(),
+            slots: 4,
+            labels: [("pubrun.pool".to_string(), "spoof".to_string())].into(),
+        };
+        let body = p.body(&launch);
+        let cmd = body.cmd.unwrap();
+        assert!(!cmd.iter().any(|a| a.contains("s3cret")), "{cmd:?}");
+        assert_eq!(cmd[0], AGENT_BINARY);
+        assert_eq!(&cmd[cmd.len() - 2..], ["--slots", "4"]);
+        assert!(body
+            .env
+            .unwrap()
+            .contains(&"PUBRUN_TOKEN=s3cret".to_string()));
+        let labels = body.labels.unwrap();
+        assert_eq!(labels[POOL_LABEL], "big");
+        assert_eq!(labels[MACHINE_LABEL], "pubrun-big-1");
+        let hc = body.host_config.unwrap();
+        assert_eq!(hc.memory, Some(1 << 30));
+        assert_eq!(hc.nano_cpus, Some(1_500_000_000));
+        assert_eq!(hc.network_mode.as_deref(), Some("pubrun-net"));
+    }
+
+    #[test]
+    fn bad_specs_are_refused() {
+        let no_image = DockerProviderSpec {
+            image: String::new(),
+            ..spec()
+        };
+        assert!(matches!(
+            DockerProvider::new(&no_image),
+            Err(ProviderError::Refused(_))
+        ));
+        let bad_host = DockerProviderSpec {
+            docker_host: "ftp://nowhere".into(),
+            ..spec()
+        };
+        assert!(matches!(
+            DockerProvider::new(&bad_host),
+            Err(ProviderError::Refused(_))
+        ));
+    }
+}

@@ -1,0 +1,672 @@
+//! Machines as Compute Engine instances, through the Compute Engine REST API
+//! v1 (`instances.insert/get/list/start/stop/delete`, `zoneOperations.wait`).
+//!
+//! **Tested only against [`super::gce_fake`], never against real GCP.** The
+//! request and response shapes follow Google's published reference.
+//!
+//! An instance carries the labels `pubrun-pool` and `pubrun-machine` (values
+//! reduced to what label values allow) and the metadata items
+//! `pubrun-server`, `pubrun-pool`, `pubrun-name`, `pubrun-slots`,
+//! `pubrun-token` and a `startup-script` that reads them back from the
+//! metadata server and runs `pubrun agent` (the token in its environment,
+//! not argv). The boot image must have `pubrun` on `PATH` or at
+//! `/usr/local/bin/pubrun`. Metadata is set at insert only: an existing
+//! stopped instance is started with the metadata it has.
+//!
+//! Every mutating call returns a zone operation, which is followed to `DONE`
+//! (`operations/NAME/wait`); errors recorded in the operation are
+//! [`ProviderError::Refused`]. HTTP errors use Google's JSON error body:
+//! 404 is "gone", 409 `alreadyExists` on insert means "start the stopped
+//! instance instead", 429/5xx and connection failures are
+//! [`ProviderError::Unavailable`], other 4xx are [`ProviderError::Refused`].
+//!
+//! Auth: `Authorization: Bearer` with the token in the environment variable
+//! `access_token_env` (read at every call, so it can be refreshed from
+//! outside), or, when that is empty, a token of the instance's service
+//! account from the metadata server (cached until shortly before it expires).
+//!
+//! This build's HTTP client has no TLS: an `https://` API base is refused at
+//! construction, so the default `https://compute.googleapis.com` base needs a
+//! TLS-enabled reqwest first.
+
+use std::time::{Duration, Instant};
+
+use pubrun_core::pool::GceProviderSpec;
+use reqwest::Method;
+use serde_json::{json, Value};
+use tokio::sync::Mutex;
+
+use super::{MachineLaunch, MachineProvider, ProviderError, ProviderStatus};
+
+pub const DEFAULT_API_BASE: &str = "https://compute.googleapis.com/compute/v1/";
+pub const METADATA_TOKEN_URL: &str =
+    "http://metadata.google.internal/computeMetadata/v1/instance/service-accounts/default/token";
+pub const POOL_LABEL: &str = "pubrun-pool";
+pub const MACHINE_LABEL: &str = "pubrun-machine";
+
+/// Run at every boot of an instance: reads the agent's settings from the
+/// metadata server and starts `pubrun agent` in the background (a startup
+/// script that never ends would keep the guest agent's unit activating).
+pub const STARTUP_SCRIPT: &str = r#"#!/bin/sh
+# Written by pubrun: joins this instance to its pool as a `pubrun agent`.
+md() {
+  u="http://metadata.google.internal/computeMetadata/v1/instance/attributes/$1"
+  if command -v curl >/dev/null 2>&1; then
+    curl -fsS -H 'Metadata-Flavor: Google' "$u"
+  else
+    wget -q -O - --header 'Metadata-Flavor: Google' "$u"
+  fi
+}
+server="$(md pubrun-server)" && pool="$(md pubrun-pool)" && name="$(md pubrun-name)" && slots="$(md pubrun-slots)" || exit 1
+PUBRUN_TOKEN="$(md pubrun-token)" || exit 1
+export PUBRUN_TOKEN
+bin="$(command -v pubrun || echo /usr/local/bin/pubrun)"
+nohup "$bin" agent --server "$server" --pool "$pool" --name "$name" --slots "$slots" \
+  >>/var/log/pubrun-agent.log 2>&1 </dev/null &
+"#;
+
+/// Longest a single insert/start/stop/delete is followed.
+const DEFAULT_OPERATION_TIMEOUT: Duration = Duration::from_secs(300);
+/// `operations.wait` answers within 2 minutes; leave room for that.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(150);
+
+pub struct GceProvider {
+    spec: GceProviderSpec,
+    /// Ends with `/`.
+    base: String,
+    token_url: String,
+    http: reqwest::Client,
+    /// Metadata-server token and when to fetch a new one.
+    cached: Mutex<Option<(String, Instant)>>,
+    op_timeout: Duration,
+}
+
+/// A failed API call, before it becomes a [`ProviderError`].
+enum CallError {
+    /// Google answered with an error status.
+    Status {
+        code: u16,
+        reason: String,
+        message: String,
+    },
+    /// Anything else, already classified.
+    Provider(ProviderError),
+}
+
+impl CallError {
+    fn into_provider(self, what: &str) -> ProviderError {
+        match self {
+            CallError::Status {
+                code,
+                reason,
+                message,
+            } => {
+                let text = format!("{what}: {code} {reason}: {message}");
+                if code == 429 || code >= 500 {
+                    ProviderError::Unavailable(text)
+                } else {
+                    ProviderError::Refused(text)
+                }
+            }
+            CallError::Provider(p) => p,
+        }
+    }
+
+    fn is(&self, status: u16) -> bool {
+        matches!(self, CallError::Status { code, .. } if *code == status)
+    }
+}
+
+/// A label value as Compute Engine allows it: lowercase letters, digits,
+/// `_` and `-`, at most 63 characters.
+pub fn label_value(v: &str) -> String {
+    v.chars()
+        .map(|c| {
+            let c = c.to_ascii_lowercase();
+            if c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(63)
+        .collect()
+}
+
+/// A label key: like a value, but non-empty and starting with a letter.
+fn label_key(k: &str) -> Option<String> {
+    let v = label_value(k);
+    if v.is_empty() {
+        None
+    } else if v.starts_with(|c: char| c.is_ascii_lowercase()) {
+        Some(v)
+    } else {
+        Some(format!("l-{v}").chars().take(63).collect())
+    }
+}
+
+pub fn status_of(gce_status: &str) -> ProviderStatus {
+    match gce_status {
+        "RUNNING" => ProviderStatus::Running,
+        "STOPPING" | "SUSPENDING" | "PENDING_STOP" | "DEPROVISIONING" => ProviderStatus::Stopping,
+        "TERMINATED" | "STOPPED" | "SUSPENDED" => ProviderStatus::Stopped,
+        // PROVISIONING, STAGING, REPAIRING, and whatever Google adds.
+        _ => ProviderStatus::Pending,
+    }
+}
+
+fn metadata_item<'a>(instance: &'a Value, key: &str) -> Option<&'a str> {
+    instance["metadata"]["items"]
+        .as_array()?
+        .iter()
+        .find(|i| i["key"] == key)?["value"]
+        .as_str()
+}
+
+impl GceProvider {
+    /// Checks the spec; contacts nothing.
+    pub fn new(spec: &GceProviderSpec) -> Result<Self, ProviderError> {
+        for (field, v) in [
+            ("project", &spec.project),
+            ("zone", &spec.zone),
+            ("machine_type", &spec.machine_type),
+            ("source_image", &spec.source_image),
+            ("server_url", &spec.server_url),
+        ] {
+            if v.is_empty() {
+                return Err(ProviderError::Refused(format!(
+                    "gce pool: {field} is required"
+                )));
+            }
+        }
+        let mut base = if spec.api_base.is_empty() {
+            DEFAULT_API_BASE.to_string()
+        } else {
+            spec.api_base.clone()
+        };
+        if !base.ends_with('/') {
+            base.push('/');
+        }
+        if base.starts_with("https://") {
+            return Err(ProviderError::Refused(format!(
+                "gce pool: api_base {base} needs TLS, which this build of pubrun's HTTP client lacks"
+            )));
+        }
+        if !base.starts_with("http://") {
+            return Err(ProviderError::Refused(format!(
+                "gce pool: api_base {base} is not an http URL"
+            )));
+        }
+        let http = reqwest::Client::builder()
+            .timeout(REQUEST_TIMEOUT)
+            .connect_timeout(Duration::from_secs(10))
+            .build()
+            .map_err(|e| ProviderError::Refused(format!("gce pool: HTTP client: {e}")))?;
+        Ok(GceProvider {
+            spec: spec.clone(),
+            base,
+            token_url: METADATA_TOKEN_URL.to_string(),
+            http,
+            cached: Mutex::new(None),
+            op_timeout: DEFAULT_OPERATION_TIMEOUT,
+        })
+    }
+
+    /// Where to get a token when `access_token_env` is empty (tests point
+    /// this at the fake).
+    pub fn with_metadata_token_url(mut self, url: &str) -> Self {
+        self.token_url = url.to_string();
+        self
+    }
+
+    /// How long one operation is followed before giving up (Unavailable).
+    pub fn with_operation_timeout(mut self, timeout: Duration) -> Self {
+        self.op_timeout = timeout;
+        self
+    }
+
+    fn zone_url(&self) -> String {
+        format!(
+            "{}projects/{}/zones/{}",
+            self.base, self.spec.project, self.spec.zone
+        )
+    }
+
+    fn instance_url(&self, name: &str) -> String {
+        format!("{}/instances/{name}", self.zone_url())
+    }
+
+    async fn token(&self) -> Result<String, ProviderError> {
+        let env = &self.spec.access_token_env;
+        if !env.is_empty() {
+            return match std::env::var(env) {
+                Ok(t) if !t.is_empty() => Ok(t),
+                _ => Err(ProviderError::Refused(format!(
+                    "gce pool: the environment variable {env} (access_token_env) is not set"
+                ))),
+            };
+        }
+        let mut cached = self.cached.lock().await;
+        if let Some((t, until)) = &*cached {
+            if Instant::now() < *until {
+                return Ok(t.clone());
+            }
+        }
+        let resp = self
+            .http
+            .get(&self.token_url)
+            .header("Metadata-Flavor", "Google")
+            .send()
+            .await
+            .map_err(|e| {
+                ProviderError::Unavailable(format!(
+                    "gce pool: no access token from the metadata server {}: {e}",
+                    self.token_url
+                ))
+            })?;
+        let status = resp.status();
+        let body: Value = resp.json().await.unwrap_or(Value::Null);
+        let token = body["access_token"].as_str().unwrap_or_default();
+        if !status.is_success() || token.is_empty() {
+            return Err(ProviderError::Unavailable(format!(
+                "gce pool: the metadata server {} gave no access token ({status})",
+                self.token_url
+            )));
+        }
+        // Refresh a minute early so a token never expires mid-call.
+        let life = body["expires_in"]
+            .as_u64()
+            .unwrap_or(300)
+            .saturating_sub(60);
+        *cached = Some((
+            token.to_string(),
+            Instant::now() + Duration::from_secs(life),
+        ));
+        Ok(token.to_string())
+    }
+
+    async fn call(
+        &self,
+        method: Method,
+        url: &str,
+        query: &[(&str, &str)],
+        body: Option<&Value>,
+    ) -> Result<Value, CallError> {
+        let token = self.token().await.map_err(CallError::Provider)?;
+        let mut req = self
+            .http
+            .request(method, url)
+            .bearer_auth(token)
+            .query(query);
+        req = match body {
+            Some(b) => req.json(b),
+            // Google wants a length on bodiless POSTs (411 otherwise).
+            None => req.header(http::header::CONTENT_LENGTH, "0"),
+        };
+        let resp = req.send().await.map_err(|e| {
+            CallError::Provider(if e.is_builder() {
+                ProviderError::Refused(format!("gce: bad request to {url}: {e}"))
+            } else {
+                ProviderError::Unavailable(format!("gce: no answer from {url}: {e}"))
+            })
+        })?;
+        let status = resp.status();
+        let text = resp.text().await.map_err(|e| {
+            CallError::Provider(ProviderError::Unavailable(format!(
+                "gce: reading the answer of {url}: {e}"
+            )))
+        })?;
+        let json: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+        if status.is_success() {
+            return Ok(json);
+        }
+        let err = &json["error"];
+        Err(CallError::Status {
+            code: status.as_u16(),
+            reason: err["errors"][0]["reason"]
+                .as_str()
+                .or(err["status"].as_str())
+                .unwrap_or("")
+                .to_string(),
+            message: err["message"]
+                .as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| text.chars().take(300).collect()),
+        })
+    }
+
+    async fn get(&self, name: &str) -> Result<Option<Value>, ProviderError> {
+        match self
+            .call(Method::GET, &self.instance_url(name), &[], None)
+            .await
+        {
+            Ok(v) => Ok(Some(v)),
+            Err(e) if e.is(404) => Ok(None),
+            Err(e) => Err(e.into_provider(&format!("getting instance {name}"))),
+        }
+    }
+
+    /// Follows a zone operation until it is `DONE`; its recorded errors
+    /// become `Refused`.
+    async fn wait(&self, mut op: Value, what: &str) -> Result<Value, ProviderError> {
+        let deadline = Instant::now() + self.op_timeout;
+        loop {
+            if op["status"] == "DONE" {
+                if let Some(errors) = op["error"]["errors"].as_array() {
+                    let text: Vec<String> = errors
+                        .iter()
+                        .map(|e| {
+                            format!(
+                                "{}: {}",
+                                e["code"].as_str().unwrap_or("ERROR"),
+                                e["message"].as_str().unwrap_or("")
+                            )
+                        })
+                        .collect();
+                    if !text.is_empty() {
+                        return Err(ProviderError::Refused(format!(
+                            "{what}: {}",
+                            text.join("; ")
+                        )));
+                    }
+                }
+                return Ok(op);
+            }
+            if Instant::now() >= deadline {
+                return Err(ProviderError::Unavailable(format!(
+                    "{what}: operation {} not done after {:?}",
+                    op["name"].as_str().unwrap_or("?"),
+                    self.op_timeout
+                )));
+            }
+            let Some(name) = op["name"].as_str() else {
+                return Err(ProviderError::Refused(format!(
+                    "{what}: the answer is not an operation: {op}"
+                )));
+            };
+            let url = format!("{}/operations/{name}/wait", self.zone_url());
+            op = self
+                .call(Method::POST, &url, &[], None)
+                .await
+                .map_err(|e| e.into_provider(&format!("{what}: waiting for {name}")))?;
+        }
+    }
+
+    fn insert_body(&self, launch: &MachineLaunch) -> Value {
+        let machine_type = if self.spec.machine_type.contains('/') {
+            self.spec.machine_type.clone()
+        } else {
+            format!(
+                "zones/{}/machineTypes/{}",
+                self.spec.zone, self.spec.machine_type
+            )
+        };
+        let mut labels = serde_json::Map::new();
+        for (k, v) in &launch.labels {
+            if let Some(k) = label_key(k) {
+                labels.insert(k, json!(label_value(v)));
+            }
+        }
+        labels.insert(POOL_LABEL.into(), json!(label_value(&launch.pool)));
+        labels.insert(MACHINE_LABEL.into(), json!(label_value(&launch.name)));
+        let items: Vec<Value> = [
+            ("pubrun-server", launch.server_url.as_str()),
+            ("pubrun-pool", &launch.pool),
+            ("pubrun-name", &launch.name),
+            ("pubrun-slots", &launch.slots.to_string()),
+            ("pubrun-token", &launch.token),
+            ("startup-script", STARTUP_SCRIPT),
+        ]
+        .iter()
+        .map(|(k, v)| json!({"key": k, "value": v}))
+        .collect();
+        json!({
+            "name": launch.name,
+            "machineType": machine_type,
+            "disks": [{
+                "boot": true,
+                "autoDelete": true,
+                "initializeParams": {"sourceImage": self.spec.source_image},
+            }],
+            "networkInterfaces": [{
+                "network": "global/networks/default",
+                "accessConfigs": [{"type": "ONE_TO_ONE_NAT", "name": "External NAT"}],
+            }],
+            "labels": labels,
+            "metadata": {"items": items},
+        })
+    }
+
+    /// Starts an existing instance of the pool that is not running.
+    async fn start_existing(
+        &self,
+        launch: &MachineLaunch,
+        mut instance: Value,
+    ) -> Result<String, ProviderError> {
+        let name = &launch.name;
+        let owner = metadata_item(&instance, "pubrun-pool");
+        if owner != Some(launch.pool.as_str()) {
+            return Err(ProviderError::Refused(format!(
+                "instance {name} exists and is not a machine of pool {}",
+                launch.pool
+            )));
+        }
+        let deadline = Instant::now() + self.op_timeout;
+        loop {
+            let status = instance["status"].as_str().unwrap_or("").to_string();
+            let link = instance["selfLink"].as_str().unwrap_or(name).to_string();
+            match status_of(&status) {
+                ProviderStatus::Running | ProviderStatus::Pending => return Ok(link),
+                ProviderStatus::Stopped if status == "SUSPENDED" => {
+                    return Err(ProviderError::Refused(format!(
+                        "instance {name} is suspended; pubrun does not resume instances"
+                    )))
+                }
+                ProviderStatus::Stopped => {
+                    let op = self
+                        .call(
+                            Method::POST,
+                            &format!("{}/start", self.instance_url(name)),
+                            &[],
+                            None,
+                        )
+                        .await
+                        .map_err(|e| e.into_provider(&format!("starting instance {name}")))?;
+                    self.wait(op, &format!("starting instance {name}")).await?;
+                    return Ok(link);
+                }
+                // Still stopping: it can be started once it has stopped.
+                ProviderStatus::Stopping | ProviderStatus::Gone => {}
+            }
+            if Instant::now() >= deadline {
+                return Err(ProviderError::Unavailable(format!(
+                    "instance {name} still {status} after {:?}",
+                    self.op_timeout
+                )));
+            }
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            instance = match self.get(name).await? {
+                Some(i) => i,
+                None => {
+                    return Err(ProviderError::Unavailable(format!(
+                        "instance {name} vanished while stopping; start it again"
+                    )))
+                }
+            };
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl MachineProvider for GceProvider {
+    fn kind(&self) -> &'static str {
+        "gce"
+    }
+
+    async fn start(&self, launch: &MachineLaunch) -> Result<String, ProviderError> {
+        let what = format!("creating instance {}", launch.name);
+        let url = format!("{}/instances", self.zone_url());
+        match self
+            .call(Method::POST, &url, &[], Some(&self.insert_body(launch)))
+            .await
+        {
+            Ok(op) => {
+                let op = self.wait(op, &what).await?;
+                Ok(op["targetLink"]
+                    .as_str()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| self.instance_url(&launch.name)))
+            }
+            Err(e) if e.is(409) => match self.get(&launch.name).await? {
+                Some(instance) => self.start_existing(launch, instance).await,
+                None => Err(ProviderError::Unavailable(format!(
+                    "{what}: it exists and does not; try again"
+                ))),
+            },
+            Err(e) => Err(e.into_provider(&what)),
+        }
+    }
+
+    async fn stop(&self, name: &str, delete: bool) -> Result<(), ProviderError> {
+        let (method, url, what) = if delete {
+            (
+                Method::DELETE,
+                self.instance_url(name),
+                format!("deleting instance {name}"),
+            )
+        } else {
+            match self.get(name).await? {
+                None => return Ok(()),
+                Some(i)
+                    if status_of(i["status"].as_str().unwrap_or("")) == ProviderStatus::Stopped =>
+                {
+                    return Ok(())
+                }
+                Some(_) => {}
+            }
+            (
+                Method::POST,
+                format!("{}/stop", self.instance_url(name)),
+                format!("stopping instance {name}"),
+            )
+        };
+        match self.call(method, &url, &[], None).await {
+            Ok(op) => self.wait(op, &what).await.map(drop),
+            Err(e) if e.is(404) => Ok(()),
+            Err(e) => Err(e.into_provider(&what)),
+        }
+    }
+
+    async fn status(&self, name: &str) -> Result<ProviderStatus, ProviderError> {
+        Ok(match self.get(name).await? {
+            None => ProviderStatus::Gone,
+            Some(i) => status_of(i["status"].as_str().unwrap_or("")),
+        })
+    }
+
+    async fn list(&self, pool: &str) -> Result<Vec<(String, ProviderStatus)>, ProviderError> {
+        let url = format!("{}/instances", self.zone_url());
+        let filter = format!("labels.{POOL_LABEL}={}", label_value(pool));
+        let mut out = Vec::new();
+        let mut page = String::new();
+        loop {
+            let mut query = vec![("filter", filter.as_str())];
+            if !page.is_empty() {
+                query.push(("pageToken", page.as_str()));
+            }
+            let list = self
+                .call(Method::GET, &url, &query, None)
+                .await
+                .map_err(|e| e.into_provider(&format!("listing instances of pool {pool}")))?;
+            for i in list["items"].as_array().into_iter().flatten() {
+                // Label values are lossy ("Big" and "big" agree): the metadata
+                // holds the exact pool and machine names.
+                if metadata_item(i, "pubrun-pool") != Some(pool) {
+                    continue;
+                }
+                let name = metadata_item(i, "pubrun-name")
+                    .or(i["name"].as_str())
+                    .unwrap_or_default();
+                out.push((
+                    name.to_string(),
+                    status_of(i["status"].as_str().unwrap_or("")),
+                ));
+            }
+            match list["nextPageToken"].as_str() {
+                Some(t) if !t.is_empty() => page = t.to_string(),
+                _ => break,
+            }
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_are_made_valid() {
+        assert_eq!(label_value("Big.Pool~1"), "big-pool-1");
+        assert_eq!(label_value(&"x".repeat(70)).len(), 63);
+        assert_eq!(label_key("pubrun.job").as_deref(), Some("pubrun-job"));
+        assert_eq!(label_key("9x").as_deref(), Some("l-9x"));
+        assert_eq!(label_key(""), None);
+    }
+
+    #[test]
+    fn statuses() {
+        assert_eq!(status_of("PROVISIONING"), ProviderStatus::Pending);
+        assert_eq!(status_of("STAGING"), ProviderStatus::Pending);
+        assert_eq!(status_of("RUNNING"), ProviderStatus::Running);
+        assert_eq!(status_of("STOPPING"), ProviderStatus::Stopping);
+        assert_eq!(status_of("TERMINATED"), ProviderStatus::Stopped);
+        assert_eq!(status_of("SUSPENDED"), ProviderStatus::Stopped);
+    }
+
+    #[test]
+    fn https_is_refused_without_tls_and_fields_are_required() {
+        let spec = GceProviderSpec {
+            project: "p".into(),
+            zone: "us-central1-a".into(),
+            machine_type: "e2-small".into(),
+            source_image: "projects/debian-cloud/global/images/family/debian-12".into(),
+            server_url: "http://10.0.0.2:8085".into(),
+            ..Default::default()
+        };
+        assert!(matches!(
+            GceProvider::new(&spec),
+            Err(ProviderError::Refused(_))
+        ));
+        let ok = GceProviderSpec {
+            api_base: "http://127.0.0.1:1/compute/v1".into(),
+            ..spec.clone()
+        };
+        let p = GceProvider::new(&ok).unwrap();
+        assert_eq!(p.base, "http://127.0.0.1:1/compute/v1/");
+        let body = p.insert_body(&MachineLaunch {
+            pool: "Big".into(),
+            name: "pubrun-big-1".into(),
+            server_url: "http://10.0.0.2:8085".into(),
+            token: "t".into(),
+            slots: 2,
+            labels: Default::default(),
+        });
+        assert_eq!(
+            body["machineType"],
+            "zones/us-central1-a/machineTypes/e2-small"
+        );
+        assert_eq!(body["labels"][POOL_LABEL], "big");
+        assert_eq!(metadata_item(&body, "pubrun-pool"), Some("Big"));
+        assert_eq!(metadata_item(&body, "pubrun-slots"), Some("2"));
+        let missing = GceProviderSpec {
+            zone: String::new(),
+            ..ok
+        };
+        assert!(matches!(
+            GceProvider::new(&missing),
+            Err(ProviderError::Refused(_))
+        ));
+    }
+}

@@ -1,0 +1,1002 @@
+//! The server side of remote pools: attempts waiting for a machine, agents,
+//! live leases, and the [`Executor`] the dispatcher uses for a pool.
+//!
+//! An attempt handed to [`PoolExecutor::run`] waits in its pool's queue
+//! until an agent of that pool polls with a free slot. The poll takes it,
+//! writes a lease (fresh fencing token) to `pools.db` and returns it. From
+//! then on the agent drives the lease through HTTP calls (see
+//! `protocol.rs`); `run` follows the lease's events and returns the exit the
+//! agent reported, or an infrastructure error when the lease expired — the
+//! dispatcher then queues the attempt again and another machine takes it.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use pubrun_core::pool::{MachineState, PoolSpec};
+use pubrun_core::run::Exit;
+use pubrun_exec::{CancellationToken, Executor, LogSink, OnStarted, RunRequest};
+use tokio::sync::{mpsc, Notify};
+
+use crate::db::{LeaseState, MachineRow, PoolsDb};
+use crate::protocol::{Assignment, Poll, PollReply, Register, Registered};
+use crate::provider::MachineProvider;
+
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// How long a poll is held open when there is nothing to do.
+const POLL_HOLD: Duration = Duration::from_secs(10);
+
+pub(crate) enum Event {
+    Assigned { token: u64, machine: String },
+    Started { handle: String },
+    Ended(Exit),
+}
+
+/// An attempt waiting for a machine.
+struct Pending {
+    seq: u64,
+    req: RunRequest,
+    log: Arc<LogSink>,
+    events: mpsc::UnboundedSender<Event>,
+}
+
+/// A lease this server process is following.
+pub(crate) struct LiveLease {
+    pub pool: String,
+    pub machine: String,
+    pub workdir: PathBuf,
+    pub outputs: Vec<String>,
+    pub log: Arc<LogSink>,
+    /// Log bytes received so far (the agent's next offset).
+    pub log_received: u64,
+    /// After a restart the count is unknown: take the agent's next offset.
+    pub log_resync: bool,
+    pub events: mpsc::UnboundedSender<Event>,
+    pub cancel_requested: bool,
+    pub cancel_sent: bool,
+}
+
+pub(crate) struct AgentEntry {
+    pub pool: String,
+    pub slots: u32,
+    pub labels: BTreeMap<String, String>,
+    pub last_seen_ms: i64,
+    /// Polls open right now (a held poll proves the agent is alive).
+    pub polling: u32,
+    pub registered_ms: i64,
+    pub version: String,
+}
+
+#[derive(Clone)]
+pub(crate) struct PoolEntry {
+    pub spec: PoolSpec,
+    pub token: String,
+}
+
+#[derive(Default)]
+pub(crate) struct State {
+    pub pools: HashMap<String, PoolEntry>,
+    waiting: HashMap<String, VecDeque<Pending>>,
+    pub leases: HashMap<u64, LiveLease>,
+    pub agents: HashMap<String, AgentEntry>,
+}
+
+pub(crate) struct Inner {
+    pub db: PoolsDb,
+    pub state: Mutex<State>,
+    /// Wakes held polls (work queued, a cancel to deliver).
+    pub work: Notify,
+    pub seq: AtomicU64,
+    pub providers: Mutex<HashMap<String, Arc<dyn MachineProvider>>>,
+    /// Leases found active at boot get this long for their agent to return.
+    pub boot_ms: i64,
+}
+
+/// Pools service: owned by the server, shared by the HTTP handlers, the
+/// pool executors, the lease sweeper and the autoscaler.
+#[derive(Clone)]
+pub struct Pools {
+    pub(crate) inner: Arc<Inner>,
+}
+
+impl Inner {
+    pub fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Why an error reply: mapped to HTTP statuses by `http.rs`.
+#[derive(Debug)]
+pub enum AgentError {
+    /// 401: wrong token for this pool.
+    Unauthorized(String),
+    /// 404: unknown agent (server restarted): register again.
+    UnknownAgent(String),
+    /// 409: the lease is no longer honoured (fenced).
+    Fenced(String),
+    /// 503: the server is not ready to take this yet; retry.
+    NotReady(String),
+    /// 400
+    Invalid(String),
+    /// 500
+    Internal(String),
+}
+
+impl Pools {
+    pub fn open(data_dir: &std::path::Path) -> Result<Pools, String> {
+        std::fs::create_dir_all(data_dir).map_err(|e| format!("{}: {e}", data_dir.display()))?;
+        let db = PoolsDb::open(&data_dir.join("pools.db"))?;
+        let mut state = State::default();
+        for (spec, token) in db.pools()? {
+            state
+                .pools
+                .insert(spec.name.clone(), PoolEntry { spec, token });
+        }
+        Ok(Pools {
+            inner: Arc::new(Inner {
+                db,
+                state: Mutex::new(state),
+                work: Notify::new(),
+                seq: AtomicU64::new(1),
+                providers: Mutex::new(HashMap::new()),
+                boot_ms: now_ms(),
+            }),
+        })
+    }
+
+    pub fn db(&self) -> &PoolsDb {
+        &self.inner.db
+    }
+
+    pub fn specs(&self) -> Vec<PoolSpec> {
+        let mut v: Vec<PoolSpec> = self
+            .inner
+            .lock()
+            .pools
+            .values()
+            .map(|p| p.spec.clone())
+            .collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    /// The agent token of a pool (a secret).
+    pub fn token(&self, pool: &str) -> Option<String> {
+        self.inner.lock().pools.get(pool).map(|p| p.token.clone())
+    }
+
+    /// Runs waiting for a machine in `pool`.
+    pub fn waiting(&self, pool: &str) -> usize {
+        self.inner.lock().waiting.get(pool).map_or(0, |q| q.len())
+    }
+
+    /// Live leases per machine.
+    pub fn runs_by_machine(&self) -> HashMap<String, u32> {
+        let st = self.inner.lock();
+        let mut m = HashMap::new();
+        for l in st.leases.values() {
+            *m.entry(l.machine.clone()).or_insert(0) += 1;
+        }
+        m
+    }
+
+    // ---- agent protocol (called by http.rs) ----
+
+    fn check_token(&self, pool: &str, token: &str) -> Result<PoolSpec, AgentError> {
+        let st = self.inner.lock();
+        let Some(p) = st.pools.get(pool) else {
+            return Err(AgentError::Unauthorized(format!(
+                "pool {pool} is not declared on this server"
+            )));
+        };
+        if !p.spec.provider.on_demand()
+            && !matches!(p.spec.provider, pubrun_core::pool::ProviderSpec::Agents)
+        {
+            return Err(AgentError::Invalid(format!(
+                "pool {pool} is a {} pool: agents cannot join it",
+                p.spec.provider.kind()
+            )));
+        }
+        if !constant_time_eq(p.token.as_bytes(), token.as_bytes()) {
+            return Err(AgentError::Unauthorized(format!(
+                "wrong token for pool {pool}"
+            )));
+        }
+        Ok(p.spec.clone())
+    }
+
+    /// The agent named `name`, if it was registered with this token.
+    fn agent_pool(&self, name: &str, token: &str) -> Result<String, AgentError> {
+        let pool = self
+            .inner
+            .lock()
+            .agents
+            .get(name)
+            .map(|a| a.pool.clone())
+            .ok_or_else(|| AgentError::UnknownAgent(format!("agent {name} is not registered")))?;
+        self.check_token(&pool, token)?;
+        Ok(pool)
+    }
+
+    pub fn register(&self, r: Register, token: &str) -> Result<Registered, AgentError> {
+        if r.name.is_empty() || r.name.len() > 63 {
+            return Err(AgentError::Invalid(
+                "agent name must be 1-63 characters".into(),
+            ));
+        }
+        if r.slots == 0 || r.slots > 1000 {
+            return Err(AgentError::Invalid("slots must be 1..1000".into()));
+        }
+        let spec = self.check_token(&r.pool, token)?;
+        let now = now_ms();
+        let db = &self.inner.db;
+        let existing = db.machine(&r.name).map_err(AgentError::Internal)?;
+        if let Some(m) = &existing {
+            if m.pool != r.pool {
+                return Err(AgentError::Invalid(format!(
+                    "machine {} belongs to pool {}, not {}",
+                    r.name, m.pool, r.pool
+                )));
+            }
+        }
+        if spec.provider.on_demand() && existing.is_none() {
+            return Err(AgentError::Invalid(format!(
+                "pool {} starts its own machines; {} is not one of them",
+                r.pool, r.name
+            )));
+        }
+        let mut m = existing.unwrap_or(MachineRow {
+            name: r.name.clone(),
+            pool: r.pool.clone(),
+            provider: spec.provider.kind().to_string(),
+            provider_id: String::new(),
+            state: MachineState::Provisioning,
+            state_since_ms: now,
+            idle_since_ms: None,
+            created_ms: now,
+            cordoned: false,
+            slots: r.slots,
+            last_error: String::new(),
+        });
+        m.slots = r.slots;
+        if !matches!(
+            m.state,
+            MachineState::Ready | MachineState::Busy | MachineState::Idle
+        ) {
+            m.state = MachineState::Ready;
+            m.state_since_ms = now;
+            m.idle_since_ms = Some(now);
+            m.last_error.clear();
+        }
+        db.upsert_machine(&m).map_err(AgentError::Internal)?;
+        db.span_open(&m.name, &m.pool, now)
+            .map_err(AgentError::Internal)?;
+        self.inner.lock().agents.insert(
+            r.name.clone(),
+            AgentEntry {
+                pool: r.pool.clone(),
+                slots: r.slots,
+                labels: r.labels,
+                last_seen_ms: now,
+                polling: 0,
+                registered_ms: now,
+                version: r.version,
+            },
+        );
+        tracing::info!(
+            agent = r.name,
+            pool = r.pool,
+            slots = r.slots,
+            "agent registered"
+        );
+        self.refresh_machine(&r.name);
+        Ok(Registered {
+            lease_timeout_secs: spec.lease_timeout.as_secs_f64(),
+            poll_secs: poll_hold(&spec).as_secs_f64(),
+        })
+    }
+
+    pub async fn poll(&self, p: Poll, token: &str) -> Result<PollReply, AgentError> {
+        let pool = self.agent_pool(&p.name, token)?;
+        let hold = {
+            let st = self.inner.lock();
+            st.pools
+                .get(&pool)
+                .map(|e| poll_hold(&e.spec))
+                .unwrap_or(POLL_HOLD)
+        };
+        let _open = OpenPoll::new(self.clone(), p.name.clone());
+        let deadline = tokio::time::Instant::now() + hold;
+        loop {
+            // Register interest before looking, so a wake in between is kept.
+            let notified = self.inner.work.notified();
+            let reply = self.poll_once(&p, &pool)?;
+            if !reply.assign.is_empty() || !reply.cancel.is_empty() || !reply.revoked.is_empty() {
+                return Ok(reply);
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Ok(reply);
+            }
+        }
+    }
+
+    fn poll_once(&self, p: &Poll, pool: &str) -> Result<PollReply, AgentError> {
+        let now = now_ms();
+        let db = &self.inner.db;
+        let cordoned = db
+            .machine(&p.name)
+            .map_err(AgentError::Internal)?
+            .is_some_and(|m| m.cordoned || !m.state.is_up() || m.state == MachineState::Stopping);
+        let mut reply = PollReply {
+            cordoned,
+            ..Default::default()
+        };
+        let mut assigned_events = Vec::new();
+        {
+            let mut st = self.inner.lock();
+            if let Some(a) = st.agents.get_mut(&p.name) {
+                a.last_seen_ms = now;
+            }
+            for &token in &p.leases {
+                match st.leases.get(&token) {
+                    Some(l) if l.machine == p.name => {}
+                    Some(_) => reply.revoked.push(token),
+                    None => {
+                        // Not followed in memory: after a restart it may be
+                        // waiting to be re-attached; only the database knows.
+                        match db.lease(token) {
+                            Ok(Some(row)) if row.state.is_active() && row.machine == p.name => {}
+                            Ok(_) => reply.revoked.push(token),
+                            Err(e) => return Err(AgentError::Internal(e)),
+                        }
+                    }
+                }
+            }
+            for (token, l) in st.leases.iter_mut() {
+                if l.machine == p.name && l.cancel_requested && !l.cancel_sent {
+                    l.cancel_sent = true;
+                    reply.cancel.push(*token);
+                }
+            }
+            let mut free = p.free_slots;
+            while free > 0 && !cordoned {
+                let Some(pending) = st.waiting.get_mut(pool).and_then(|q| q.pop_front()) else {
+                    break;
+                };
+                if pending.events.is_closed() {
+                    continue; // its run was cancelled or the server is stopping
+                }
+                let req = &pending.req;
+                let token = db
+                    .new_lease(&req.run_id, &req.job, req.attempt, pool, &p.name, now)
+                    .map_err(AgentError::Internal)?;
+                reply.assign.push(Assignment {
+                    lease: token,
+                    run_id: req.run_id.clone(),
+                    job: req.job.clone(),
+                    attempt: req.attempt,
+                    spec: req.spec.clone(),
+                    timeout_secs: req.timeout.as_secs_f64(),
+                    grace_secs: req.grace_period.as_secs_f64(),
+                    env: req.env.clone(),
+                    server_workdir: req.workdir.display().to_string(),
+                    outputs: req.outputs.clone(),
+                    log_limit: pending.log.limit(),
+                });
+                assigned_events.push((token, pending));
+                free -= 1;
+            }
+            for (token, pending) in assigned_events.drain(..) {
+                let _ = pending.events.send(Event::Assigned {
+                    token,
+                    machine: p.name.clone(),
+                });
+                st.leases.insert(
+                    token,
+                    LiveLease {
+                        pool: pool.to_string(),
+                        machine: p.name.clone(),
+                        workdir: pending.req.workdir.clone(),
+                        outputs: pending.req.outputs.clone(),
+                        log: pending.log,
+                        log_received: 0,
+                        log_resync: false,
+                        events: pending.events,
+                        cancel_requested: false,
+                        cancel_sent: false,
+                    },
+                );
+            }
+        }
+        if !reply.assign.is_empty() {
+            self.refresh_machine(&p.name);
+        }
+        Ok(reply)
+    }
+
+    /// The live lease `token` held by agent `name`, checked against the
+    /// database: `Fenced` when it is no longer honoured.
+    pub(crate) fn live<T>(
+        &self,
+        name: &str,
+        token_str: &str,
+        lease: u64,
+        f: impl FnOnce(&mut LiveLease) -> T,
+    ) -> Result<T, AgentError> {
+        let _pool = self.agent_pool(name, token_str)?;
+        {
+            let mut st = self.inner.lock();
+            if let Some(l) = st.leases.get_mut(&lease) {
+                if l.machine != name {
+                    return Err(AgentError::Fenced(format!(
+                        "lease {lease} belongs to {}",
+                        l.machine
+                    )));
+                }
+                return Ok(f(l));
+            }
+        }
+        match self.inner.db.lease(lease).map_err(AgentError::Internal)? {
+            Some(row) if row.state.is_active() && row.machine == name => Err(AgentError::NotReady(
+                format!("lease {lease} is being recovered after a server restart; try again"),
+            )),
+            Some(row) => Err(AgentError::Fenced(format!(
+                "lease {lease} is {} ({}); the run is no longer yours",
+                match row.state {
+                    LeaseState::Done => "already reported",
+                    _ => "revoked",
+                },
+                if row.reason.is_empty() {
+                    "-"
+                } else {
+                    &row.reason
+                }
+            ))),
+            None => Err(AgentError::Fenced(format!("no lease {lease}"))),
+        }
+    }
+
+    pub fn started(
+        &self,
+        name: &str,
+        token: &str,
+        lease: u64,
+        handle: String,
+    ) -> Result<(), AgentError> {
+        self.live(name, token, lease, |_| ())?;
+        self.inner
+            .db
+            .lease_started(lease, now_ms())
+            .map_err(AgentError::Internal)?;
+        self.live(name, token, lease, |l| {
+            let _ = l.events.send(Event::Started { handle });
+        })
+    }
+
+    /// Appends log bytes starting at `offset`; returns the new total. Bytes
+    /// already received (a retried call) are skipped.
+    pub async fn log(
+        &self,
+        name: &str,
+        token: &str,
+        lease: u64,
+        offset: u64,
+        bytes: &[u8],
+    ) -> Result<u64, AgentError> {
+        let (log, received) = self.live(name, token, lease, |l| {
+            if l.log_resync {
+                l.log_resync = false;
+                l.log_received = offset;
+            }
+            (l.log.clone(), l.log_received)
+        })?;
+        if offset > received {
+            return Err(AgentError::Invalid(format!(
+                "log offset {offset} is past the {received} bytes received; resend from {received}"
+            )));
+        }
+        let skip = (received - offset) as usize;
+        if skip < bytes.len() {
+            log.write(&bytes[skip..]).await;
+        }
+        let total = offset.max(received) + bytes.len().saturating_sub(skip) as u64;
+        let total = total.max(received);
+        self.live(name, token, lease, |l| {
+            l.log_received = l.log_received.max(total);
+            l.log_received
+        })
+    }
+
+    pub fn report(
+        &self,
+        name: &str,
+        token: &str,
+        lease: u64,
+        exit: Exit,
+    ) -> Result<(), AgentError> {
+        self.live(name, token, lease, |_| ())?;
+        let ok = self
+            .inner
+            .db
+            .lease_end(lease, LeaseState::Done, Some(&exit), "", now_ms())
+            .map_err(AgentError::Internal)?;
+        if !ok {
+            return Err(AgentError::Fenced(format!("lease {lease} was revoked")));
+        }
+        let l = self.inner.lock().leases.remove(&lease);
+        if let Some(l) = l {
+            let _ = l.events.send(Event::Ended(exit));
+        }
+        self.refresh_machine(name);
+        Ok(())
+    }
+
+    /// Takes back leases whose agent has not been heard of for the pool's
+    /// lease timeout, and forgets silent agents. Called every second.
+    pub fn sweep(&self, now: i64) {
+        let mut expired = Vec::new();
+        let mut lost_agents = Vec::new();
+        {
+            let st = self.inner.lock();
+            for (name, a) in &st.agents {
+                let Some(p) = st.pools.get(&a.pool) else {
+                    continue;
+                };
+                let timeout = p.spec.lease_timeout.as_millis() as i64;
+                if a.polling == 0 && now - a.last_seen_ms > timeout {
+                    lost_agents.push((name.clone(), now - a.last_seen_ms));
+                }
+            }
+            for (token, l) in &st.leases {
+                let seen = st
+                    .agents
+                    .get(&l.machine)
+                    .map(|a| (a.polling, a.last_seen_ms));
+                let timeout = st
+                    .pools
+                    .get(&l.pool)
+                    .map_or(30_000, |p| p.spec.lease_timeout.as_millis() as i64);
+                let silent = match seen {
+                    Some((polling, last)) => polling == 0 && now - last > timeout,
+                    // Unknown agent (server restarted and it did not come back).
+                    None => now - self.inner.boot_ms > timeout,
+                };
+                if silent {
+                    expired.push((*token, l.machine.clone(), timeout));
+                }
+            }
+        }
+        for (token, machine, timeout) in expired {
+            let reason = format!("machine {machine} not heard from for {} s", timeout / 1000);
+            match self
+                .inner
+                .db
+                .lease_end(token, LeaseState::Revoked, None, &reason, now)
+            {
+                Ok(true) => {
+                    tracing::warn!(
+                        lease = token,
+                        machine,
+                        "lease expired; the run goes back to the queue"
+                    );
+                    let l = self.inner.lock().leases.remove(&token);
+                    if let Some(l) = l {
+                        let exit = if l.cancel_requested {
+                            Exit {
+                                cancelled: true,
+                                error: Some(format!("cancelled; {reason}")),
+                                ..Default::default()
+                            }
+                        } else {
+                            Exit {
+                                error: Some(format!("lost: {reason}; retrying on another machine")),
+                                infra_error: true,
+                                ..Default::default()
+                            }
+                        };
+                        let _ = l.events.send(Event::Ended(exit));
+                    }
+                }
+                Ok(false) => {
+                    self.inner.lock().leases.remove(&token);
+                }
+                Err(e) => tracing::error!(lease = token, error = %e, "cannot revoke lease"),
+            }
+        }
+        for (name, silent_ms) in lost_agents {
+            self.inner.lock().agents.remove(&name);
+            tracing::warn!(agent = name, silent_ms, "agent lost");
+            if let Ok(Some(mut m)) = self.inner.db.machine(&name) {
+                if m.state.is_up() && m.state != MachineState::Stopping {
+                    m.state = MachineState::Failed;
+                    m.state_since_ms = now;
+                    m.last_error = format!("agent not heard from for {} s", silent_ms / 1000);
+                    if self.provider(&m.pool).is_some() {
+                        // Still up as far as we know (a partition): the
+                        // autoscaler stops it, and the cost span ends then.
+                        m.last_error.push_str(" [not stopped]");
+                        let _ = self.inner.db.upsert_machine(&m);
+                    } else {
+                        let _ = self.inner.db.upsert_machine(&m);
+                        let _ = self.inner.db.span_close(&name, now);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Keeps a machine's busy/idle state in line with its live leases.
+    pub(crate) fn refresh_machine(&self, name: &str) {
+        let runs = self
+            .inner
+            .lock()
+            .leases
+            .values()
+            .filter(|l| l.machine == name)
+            .count();
+        let Ok(Some(mut m)) = self.inner.db.machine(name) else {
+            return;
+        };
+        let want = if runs > 0 {
+            MachineState::Busy
+        } else {
+            MachineState::Idle
+        };
+        if matches!(
+            m.state,
+            MachineState::Ready | MachineState::Busy | MachineState::Idle
+        ) && m.state != want
+        {
+            let now = now_ms();
+            m.state = want;
+            m.state_since_ms = now;
+            m.idle_since_ms = (runs == 0).then_some(now);
+            if let Err(e) = self.inner.db.upsert_machine(&m) {
+                tracing::warn!(machine = name, error = %e, "cannot record machine state");
+            }
+        }
+    }
+
+    /// Sets cordon (no new runs) on a machine.
+    pub fn cordon(&self, name: &str, on: bool) -> Result<MachineRow, String> {
+        let mut m = self
+            .inner
+            .db
+            .machine(name)?
+            .ok_or_else(|| format!("no machine {name}"))?;
+        m.cordoned = on;
+        self.inner.db.upsert_machine(&m)?;
+        Ok(m)
+    }
+
+    pub fn executor(&self, pool: &str) -> Option<Arc<dyn Executor>> {
+        let st = self.inner.lock();
+        let p = st.pools.get(pool)?;
+        if matches!(p.spec.provider, pubrun_core::pool::ProviderSpec::Local) {
+            return None;
+        }
+        Some(Arc::new(PoolExecutor {
+            pools: self.clone(),
+            pool: pool.to_string(),
+        }))
+    }
+
+    pub fn set_provider(&self, pool: &str, p: Option<Arc<dyn MachineProvider>>) {
+        let mut m = self
+            .inner
+            .providers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        match p {
+            Some(p) => m.insert(pool.to_string(), p),
+            None => m.remove(pool),
+        };
+    }
+
+    pub fn provider(&self, pool: &str) -> Option<Arc<dyn MachineProvider>> {
+        self.inner
+            .providers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(pool)
+            .cloned()
+    }
+
+    /// Agents known now: (name, pool, slots, running leases, last seen, labels, version).
+    pub fn agents(&self) -> Vec<serde_json::Value> {
+        let st = self.inner.lock();
+        let mut v: Vec<_> = st
+            .agents
+            .iter()
+            .map(|(name, a)| {
+                let runs = st.leases.values().filter(|l| &l.machine == name).count();
+                serde_json::json!({
+                    "name": name,
+                    "pool": a.pool,
+                    "slots": a.slots,
+                    "runs": runs,
+                    "last_seen_ms": a.last_seen_ms,
+                    "registered_ms": a.registered_ms,
+                    "labels": a.labels,
+                    "version": a.version,
+                })
+            })
+            .collect();
+        v.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+        v
+    }
+
+    // ---- used by PoolExecutor ----
+
+    fn enqueue(
+        &self,
+        pool: &str,
+        req: RunRequest,
+        log: Arc<LogSink>,
+    ) -> (u64, mpsc::UnboundedReceiver<Event>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let seq = self.inner.seq.fetch_add(1, Ordering::Relaxed);
+        self.inner
+            .lock()
+            .waiting
+            .entry(pool.to_string())
+            .or_default()
+            .push_back(Pending {
+                seq,
+                req,
+                log,
+                events: tx,
+            });
+        self.inner.work.notify_waiters();
+        (seq, rx)
+    }
+
+    fn dequeue(&self, pool: &str, seq: u64) -> bool {
+        let mut st = self.inner.lock();
+        let Some(q) = st.waiting.get_mut(pool) else {
+            return false;
+        };
+        let before = q.len();
+        q.retain(|p| p.seq != seq);
+        before != q.len()
+    }
+
+    fn request_cancel(&self, token: u64) {
+        if let Some(l) = self.inner.lock().leases.get_mut(&token) {
+            l.cancel_requested = true;
+        }
+        self.inner.work.notify_waiters();
+    }
+}
+
+fn poll_hold(spec: &PoolSpec) -> Duration {
+    (spec.lease_timeout / 3).clamp(Duration::from_secs(1), POLL_HOLD)
+}
+
+/// Marks an agent as polling for as long as the poll is open.
+struct OpenPoll {
+    pools: Pools,
+    name: String,
+}
+
+impl OpenPoll {
+    fn new(pools: Pools, name: String) -> Self {
+        if let Some(a) = pools.inner.lock().agents.get_mut(&name) {
+            a.polling += 1;
+        }
+        OpenPoll { pools, name }
+    }
+}
+
+impl Drop for OpenPoll {
+    fn drop(&mut self) {
+        if let Some(a) = self.pools.inner.lock().agents.get_mut(&self.name) {
+            a.polling = a.polling.saturating_sub(1);
+            a.last_seen_ms = now_ms();
+        }
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The executor of one remote pool.
+pub struct PoolExecutor {
+    pools: Pools,
+    pool: String,
+}
+
+impl PoolExecutor {
+    async fn follow(
+        &self,
+        mut rx: mpsc::UnboundedReceiver<Event>,
+        mut token: Option<u64>,
+        waiting_seq: Option<u64>,
+        log: Arc<LogSink>,
+        cancel: CancellationToken,
+        mut on_started: Option<OnStarted>,
+    ) -> Exit {
+        let mut machine = String::new();
+        let mut cancel_sent = false;
+        loop {
+            tokio::select! {
+                ev = rx.recv() => match ev {
+                    Some(Event::Assigned { token: t, machine: m }) => {
+                        token = Some(t);
+                        log.note(&format!("leased to machine {m} (lease {t})")).await;
+                        machine = m;
+                        if cancel.is_cancelled() {
+                            self.pools.request_cancel(t);
+                            cancel_sent = true;
+                        }
+                    }
+                    Some(Event::Started { handle }) => {
+                        if let Some(f) = on_started.take() {
+                            f(pubrun_exec::Started { machine: machine.clone(), handle: format!("lease {} {handle}", token.unwrap_or(0)) });
+                        }
+                    }
+                    Some(Event::Ended(exit)) => return exit,
+                    None => {
+                        return Exit {
+                            error: Some("pool executor stopped".into()),
+                            infra_error: true,
+                            ..Default::default()
+                        }
+                    }
+                },
+                _ = cancel.cancelled(), if !cancel_sent => {
+                    cancel_sent = true;
+                    match token {
+                        Some(t) => self.pools.request_cancel(t),
+                        None => {
+                            if waiting_seq.is_some_and(|s| self.pools.dequeue(&self.pool, s)) {
+                                return Exit {
+                                    cancelled: true,
+                                    error: Some("cancelled while waiting for a machine".into()),
+                                    ..Default::default()
+                                };
+                            }
+                            // Taken by a poll just now: `Assigned` is on its way.
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Executor for PoolExecutor {
+    async fn run(
+        &self,
+        req: RunRequest,
+        log: Arc<LogSink>,
+        cancel: CancellationToken,
+        on_started: OnStarted,
+    ) -> Exit {
+        log.note(&format!("waiting for a machine of pool {}", self.pool))
+            .await;
+        let (seq, rx) = self.pools.enqueue(&self.pool, req, log.clone());
+        self.follow(rx, None, Some(seq), log, cancel, Some(on_started))
+            .await
+    }
+
+    async fn reattach(
+        &self,
+        req: RunRequest,
+        log: Arc<LogSink>,
+        cancel: CancellationToken,
+    ) -> Option<Exit> {
+        let row = self.pools.inner.db.lease_of_run(&req.run_id).ok()??;
+        if row.attempt != req.attempt {
+            return None;
+        }
+        match row.state {
+            LeaseState::Done => return row.exit,
+            LeaseState::Revoked => return None,
+            LeaseState::Assigned | LeaseState::Running => {}
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.pools.inner.lock().leases.insert(
+            row.token,
+            LiveLease {
+                pool: self.pool.clone(),
+                machine: row.machine.clone(),
+                workdir: req.workdir.clone(),
+                outputs: req.outputs.clone(),
+                log: log.clone(),
+                log_received: 0,
+                log_resync: true,
+                events: tx,
+                cancel_requested: false,
+                cancel_sent: false,
+            },
+        );
+        log.note(&format!(
+            "waiting for machine {} to report lease {}",
+            row.machine, row.token
+        ))
+        .await;
+        Some(
+            self.follow(rx, Some(row.token), None, log, cancel, None)
+                .await,
+        )
+    }
+}
+
+impl pubrun_exec::PoolRouter for Pools {
+    fn executor(&self, pool: &str) -> Option<Arc<dyn Executor>> {
+        Pools::executor(self, pool)
+    }
+}
+
+impl Pools {
+    /// Replaces the declared pools (apply). Tokens: from `token_env` when
+    /// set (it must be set in the server's environment), else the one
+    /// stored for the pool, else a fresh random one.
+    pub fn set_pools(&self, specs: Vec<PoolSpec>) -> Result<(), String> {
+        let mut tokens = Vec::new();
+        let mut providers = Vec::new();
+        for s in &specs {
+            let from_env = if s.token_env.is_empty() {
+                None
+            } else {
+                match std::env::var(&s.token_env) {
+                    Ok(v) if !v.is_empty() => Some(v),
+                    _ => {
+                        return Err(format!(
+                            "pool \"{}\": environment variable {} is not set for the server; set it or remove token_env",
+                            s.name, s.token_env
+                        ))
+                    }
+                }
+            };
+            tokens.push(from_env);
+            providers
+                .push(crate::provider::build(s).map_err(|e| format!("pool \"{}\": {e}", s.name))?);
+        }
+        let old: Vec<String> = self.inner.lock().pools.keys().cloned().collect();
+        for name in old {
+            if !specs.iter().any(|s| s.name == name) {
+                self.inner.db.delete_pool(&name)?;
+                self.inner.lock().pools.remove(&name);
+                self.set_provider(&name, None);
+            }
+        }
+        for ((spec, token), provider) in specs.into_iter().zip(tokens).zip(providers) {
+            let token = self
+                .inner
+                .db
+                .put_pool(&spec, token.as_deref(), &random_token())?;
+            self.set_provider(&spec.name, provider);
+            self.inner
+                .lock()
+                .pools
+                .insert(spec.name.clone(), PoolEntry { spec, token });
+        }
+        self.inner.work.notify_waiters();
+        Ok(())
+    }
+}
+
+/// 32 random bytes, hex: from the kernel's generator.
+fn random_token() -> String {
+    let mut buf = [0u8; 32];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        use std::io::Read;
+        let _ = f.read_exact(&mut buf);
+    }
+    buf.iter().map(|b| format!("{b:02x}")).collect()
+}

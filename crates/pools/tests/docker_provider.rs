@@ -1,0 +1,400 @@
+//! The Docker provider against the real engine, with the agent image built by
+//! scripts/agent-image.sh from the `pubrun` binary (`$PUBRUN_BIN`, else
+//! `target/debug/pubrun` next to this test; scripts/test-all.sh builds it
+//! before the tests). Without an engine or binary these tests print SKIPPED,
+//! except under CI=true where they fail.
+//!
+//! The machines point at a server that does not exist: `pubrun agent` keeps
+//! retrying, so its container stays running.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use bollard::query_parameters::InspectContainerOptions;
+use bollard::Docker;
+use pubrun_core::pool::DockerProviderSpec;
+use pubrun_pools::provider::docker::{DockerProvider, MACHINE_LABEL, POOL_LABEL};
+use pubrun_pools::provider::{MachineLaunch, MachineProvider, ProviderError, ProviderStatus};
+
+const WAIT: Duration = Duration::from_secs(60);
+const IMAGE: &str = "pubrun-agent:dev";
+/// Nothing listens there; the agent retries forever.
+const SERVER: &str = "http://192.0.2.1:8085";
+
+fn ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true")
+}
+
+fn pubrun_binary() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("PUBRUN_BIN") {
+        return Some(PathBuf::from(p));
+    }
+    // target/debug/deps/docker_provider-HASH → target/debug/pubrun
+    let exe = std::env::current_exe().ok()?;
+    let bin = exe.parent()?.parent()?.join("pubrun");
+    bin.exists().then_some(bin)
+}
+
+/// Whether the engine answers and the agent image is built; see the module doc.
+fn ready(test: &str) -> bool {
+    static READY: OnceLock<Result<(), (bool, String)>> = OnceLock::new();
+    let ready = READY.get_or_init(|| {
+        let engine = Command::new("docker")
+            .args(["version", "--format", "{{.Server.Version}}"])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !engine {
+            return Err((true, "no Docker engine answers (`docker version` failed)".into()));
+        }
+        let Some(bin) = pubrun_binary() else {
+            return Err((
+                true,
+                "no pubrun binary: run `cargo build -p pubrun` first (scripts/test-all.sh does) or set PUBRUN_BIN".into(),
+            ));
+        };
+        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/agent-image.sh");
+        let out = Command::new("bash")
+            .arg(&script)
+            .arg(&bin)
+            .arg(IMAGE)
+            .output()
+            .map_err(|e| (false, format!("running {}: {e}", script.display())))?;
+        if !out.status.success() {
+            return Err((
+                false,
+                format!(
+                    "{} failed:\n{}{}",
+                    script.display(),
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                ),
+            ));
+        }
+        Ok(())
+    });
+    match ready {
+        Ok(()) => true,
+        Err((true, why)) if !ci() => {
+            eprintln!("SKIPPED {test}: {why}");
+            false
+        }
+        Err((_, why)) => panic!("{test}: {why}"),
+    }
+}
+
+/// A pool name no other test (or earlier run) uses; its containers are
+/// removed when this guard drops, whatever the test did.
+struct Pool(String);
+
+impl Pool {
+    fn new(what: &str) -> Pool {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos();
+        Pool(format!("t-{what}-{}-{nanos}", std::process::id()))
+    }
+
+    fn machine(&self, n: u32) -> String {
+        format!("pubrun-{}-{n}", self.0)
+    }
+
+    fn launch(&self, n: u32) -> MachineLaunch {
+        MachineLaunch {
+            pool: self.0.clone(),
+            name: self.machine(n),
+            server_url: SERVER.into(),
+            token: format!("secret-{}", self.0),
+            slots: 2,
+            labels: BTreeMap::from([("team".to_string(), "data".to_string())]),
+        }
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        let ids = Command::new("docker")
+            .args([
+                "ps",
+                "-aq",
+                "--filter",
+                &format!("label={POOL_LABEL}={}", self.0),
+            ])
+            .output();
+        if let Ok(out) = ids {
+            let ids = String::from_utf8_lossy(&out.stdout);
+            let ids: Vec<&str> = ids.split_whitespace().collect();
+            if !ids.is_empty() {
+                let _ = Command::new("docker")
+                    .args(["rm", "-f"])
+                    .args(&ids)
+                    .output();
+            }
+        }
+    }
+}
+
+fn spec() -> DockerProviderSpec {
+    DockerProviderSpec {
+        image: IMAGE.into(),
+        server_url: SERVER.into(),
+        ..Default::default()
+    }
+}
+
+async fn client() -> Docker {
+    Docker::connect_with_defaults()
+        .unwrap()
+        .negotiate_version()
+        .await
+        .expect("docker engine")
+}
+
+fn logs(container: &str) -> String {
+    let out = Command::new("docker")
+        .args(["logs", container])
+        .output()
+        .unwrap();
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+async fn wait_status(p: &DockerProvider, name: &str, want: ProviderStatus) {
+    let start = Instant::now();
+    loop {
+        let got = p.status(name).await.unwrap();
+        if got == want {
+            return;
+        }
+        if want == ProviderStatus::Running && got == ProviderStatus::Stopped {
+            // The agent exited (it should retry forever): show why.
+            let logs = Command::new("docker")
+                .args(["logs", name])
+                .output()
+                .unwrap();
+            panic!(
+                "{name}: the agent exited:\n{}{}",
+                String::from_utf8_lossy(&logs.stdout),
+                String::from_utf8_lossy(&logs.stderr)
+            );
+        }
+        assert!(
+            start.elapsed() < WAIT,
+            "{name}: still {got:?}, want {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn machine_lifecycle() {
+    if !ready("machine_lifecycle") {
+        return;
+    }
+    let pool = Pool::new("life");
+    let p = DockerProvider::new(&DockerProviderSpec {
+        memory_bytes: Some(256 << 20),
+        cpus: Some(0.5),
+        ..spec()
+    })
+    .unwrap();
+    assert_eq!(p.kind(), "docker");
+    let name = pool.machine(1);
+    let launch = pool.launch(1);
+
+    let id = tokio::time::timeout(WAIT, p.start(&launch))
+        .await
+        .unwrap()
+        .unwrap();
+    wait_status(&p, &name, ProviderStatus::Running).await;
+
+    let docker = client().await;
+    let c = docker
+        .inspect_container(&name, None::<InspectContainerOptions>)
+        .await
+        .unwrap();
+    assert_eq!(c.id.as_deref(), Some(id.as_str()));
+    let config = c.config.unwrap();
+    let labels = config.labels.unwrap();
+    assert_eq!(labels[POOL_LABEL], pool.0);
+    assert_eq!(labels[MACHINE_LABEL], name);
+    assert_eq!(labels["team"], "data");
+    let cmd = config.cmd.unwrap();
+    assert_eq!(
+        cmd,
+        [
+            "/usr/local/bin/pubrun",
+            "agent",
+            "--server",
+            SERVER,
+            "--pool",
+            &pool.0,
+            "--name",
+            &name,
+            "--slots",
+            "2"
+        ]
+    );
+    let token = format!("PUBRUN_TOKEN={}", launch.token);
+    assert!(config.env.unwrap().contains(&token));
+    assert!(
+        !cmd.iter().any(|a| a.contains(&launch.token)),
+        "token in argv"
+    );
+    let hc = c.host_config.unwrap();
+    assert_eq!(hc.memory, Some(256 << 20));
+    assert_eq!(hc.nano_cpus, Some(500_000_000));
+    // The agent keeps retrying an unreachable server: still running now.
+    assert!(
+        c.state.unwrap().running.unwrap(),
+        "the agent exited:\n{}",
+        logs(&name)
+    );
+
+    // Another pool's machine is not in this pool's list.
+    let other = Pool::new("other");
+    p.start(&other.launch(1)).await.unwrap();
+    assert_eq!(
+        p.list(&pool.0).await.unwrap(),
+        vec![(name.clone(), ProviderStatus::Running)]
+    );
+    assert_eq!(p.list(&other.0).await.unwrap().len(), 1);
+
+    // Starting a running machine changes nothing.
+    assert_eq!(p.start(&launch).await.unwrap(), id);
+
+    // Stop: the container stays (stopped) and is still listed.
+    tokio::time::timeout(WAIT, p.stop(&name, false))
+        .await
+        .unwrap()
+        .unwrap();
+    wait_status(&p, &name, ProviderStatus::Stopped).await;
+    assert_eq!(
+        p.list(&pool.0).await.unwrap(),
+        vec![(name.clone(), ProviderStatus::Stopped)]
+    );
+    p.stop(&name, false).await.unwrap();
+
+    // Start again: the same container.
+    assert_eq!(p.start(&launch).await.unwrap(), id);
+    wait_status(&p, &name, ProviderStatus::Running).await;
+
+    // A new token: the stopped container is replaced, not restarted stale.
+    p.stop(&name, false).await.unwrap();
+    let rotated = MachineLaunch {
+        token: "rotated".into(),
+        ..launch.clone()
+    };
+    let new_id = p.start(&rotated).await.unwrap();
+    assert_ne!(new_id, id);
+    wait_status(&p, &name, ProviderStatus::Running).await;
+
+    // Delete: gone; again is fine.
+    tokio::time::timeout(WAIT, p.stop(&name, true))
+        .await
+        .unwrap()
+        .unwrap();
+    wait_status(&p, &name, ProviderStatus::Gone).await;
+    p.stop(&name, true).await.unwrap();
+    p.stop(&name, false).await.unwrap();
+    assert!(p.list(&pool.0).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn machines_join_the_given_network() {
+    if !ready("machines_join_the_given_network") {
+        return;
+    }
+    let pool = Pool::new("net");
+    let net = format!("pubrun-test-{}", pool.0);
+    let made = Command::new("docker")
+        .args(["network", "create", &net])
+        .output()
+        .unwrap();
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let p = DockerProvider::new(&DockerProviderSpec {
+        network: net.clone(),
+        ..spec()
+    })
+    .unwrap();
+    let name = pool.machine(1);
+    p.start(&pool.launch(1)).await.unwrap();
+    wait_status(&p, &name, ProviderStatus::Running).await;
+    let c = client()
+        .await
+        .inspect_container(&name, None::<InspectContainerOptions>)
+        .await
+        .unwrap();
+    let networks: HashMap<_, _> = c.network_settings.unwrap().networks.unwrap();
+    assert!(networks.contains_key(&net), "{networks:?}");
+    p.stop(&name, true).await.unwrap();
+    drop(pool);
+    let _ = Command::new("docker")
+        .args(["network", "rm", &net])
+        .output();
+}
+
+#[tokio::test]
+async fn missing_image_is_refused() {
+    if !ready("missing_image_is_refused") {
+        return;
+    }
+    let pool = Pool::new("noimg");
+    let p = DockerProvider::new(&DockerProviderSpec {
+        image: "pubrun-test/no-such-agent:nope".into(),
+        ..spec()
+    })
+    .unwrap();
+    match p.start(&pool.launch(1)).await {
+        Err(ProviderError::Refused(m)) => assert!(m.contains("not present"), "{m}"),
+        other => panic!("want Refused, got {other:?}"),
+    }
+    assert_eq!(
+        p.status(&pool.machine(1)).await.unwrap(),
+        ProviderStatus::Gone
+    );
+}
+
+/// Needs no engine: nothing answers at these addresses.
+#[tokio::test]
+async fn dead_docker_host_is_unavailable() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    for host in [
+        "unix:///nonexistent/docker.sock".to_string(),
+        format!("tcp://127.0.0.1:{port}"),
+    ] {
+        let p = DockerProvider::new(&DockerProviderSpec {
+            docker_host: host.clone(),
+            ..spec()
+        })
+        .unwrap();
+        assert_eq!(p.endpoint(), host);
+        let launch = Pool::new("dead").launch(1);
+        for r in [
+            p.start(&launch).await.map(drop),
+            p.stop("x", true).await,
+            p.status("x").await.map(drop),
+            p.list("x").await.map(drop),
+        ] {
+            match r {
+                Err(ProviderError::Unavailable(m)) => {
+                    assert!(m.contains(&host), "{m}")
+                }
+                other => panic!("{host}: want Unavailable, got {other:?}"),
+            }
+        }
+    }
+}

@@ -14,6 +14,7 @@ mod jobs;
 mod messages;
 mod names;
 mod output;
+mod pools;
 mod resources;
 mod runs;
 mod schedules;
@@ -60,6 +61,16 @@ pub enum ClientCommand {
     /// Create, list, show and delete snapshots (for `subscriptions seek`).
     #[command(subcommand, visible_alias = "snapshot")]
     Snapshots(snapshots::SnapshotsCommand),
+    /// List machine pools (`pubrun pools`); `pools token NAME` prints a pool's agent token.
+    #[command(visible_alias = "pool")]
+    Pools(pools::PoolsArgs),
+    /// List pool machines; `machines cordon|uncordon|drain NAME`.
+    #[command(visible_alias = "machine")]
+    Machines(pools::MachinesArgs),
+    /// List the agents connected to the server's pools.
+    Agents(pools::AgentsArgs),
+    /// Machine time and cost per pool (per run with --runs) [--since 24h|RFC3339].
+    Cost(pools::CostArgs),
 }
 
 #[derive(clap::Subcommand)]
@@ -415,5 +426,9 @@ pub async fn run(cmd: ClientCommand) -> anyhow::Result<()> {
         ClientCommand::Objects(cmd) => buckets::objects(cmd).await,
         ClientCommand::Webhooks(WebhooksCommand::List { conn }) => buckets::webhooks(conn).await,
         ClientCommand::Snapshots(cmd) => snapshots::snapshots(cmd).await,
+        ClientCommand::Pools(args) => pools::pools(args).await,
+        ClientCommand::Machines(args) => pools::machines(args).await,
+        ClientCommand::Agents(args) => pools::agents(args).await,
+        ClientCommand::Cost(args) => pools::cost(args).await,
     }
 }

@@ -137,6 +137,8 @@ struct RawPool {
     network: Option<Spanned<String>>,
     memory: Option<Spanned<String>>,
     cpus: Option<Spanned<f64>>,
+    docker_socket: Option<Spanned<bool>>,
+    machine_data_dir: Option<Spanned<String>>,
     // gce
     project: Option<Spanned<String>>,
     zone: Option<Spanned<String>>,
@@ -363,7 +365,15 @@ const ON_DEMAND_KEYS: [&str; 10] = [
     "boot_timeout",
     "server_url",
 ];
-const DOCKER_KEYS: [&str; 5] = ["docker_host", "image", "network", "memory", "cpus"];
+const DOCKER_KEYS: [&str; 7] = [
+    "docker_host",
+    "image",
+    "network",
+    "memory",
+    "cpus",
+    "docker_socket",
+    "machine_data_dir",
+];
 const GCE_KEYS: [&str; 7] = [
     "project",
     "zone",
@@ -409,7 +419,7 @@ fn parse_pool(cx: &Ctx<'_>, r: &RawPool) -> Result<PoolSpec, ManifestError> {
     }
 
     // Keys of another provider (or of no provider) point at themselves.
-    let given: [(&str, Option<Range<usize>>); 22] = [
+    let given: [(&str, Option<Range<usize>>); 24] = [
         ("min_machines", r.min_machines.as_ref().map(|v| v.span())),
         ("max_machines", r.max_machines.as_ref().map(|v| v.span())),
         (
@@ -431,6 +441,11 @@ fn parse_pool(cx: &Ctx<'_>, r: &RawPool) -> Result<PoolSpec, ManifestError> {
         ("network", r.network.as_ref().map(|v| v.span())),
         ("memory", r.memory.as_ref().map(|v| v.span())),
         ("cpus", r.cpus.as_ref().map(|v| v.span())),
+        ("docker_socket", r.docker_socket.as_ref().map(|v| v.span())),
+        (
+            "machine_data_dir",
+            r.machine_data_dir.as_ref().map(|v| v.span()),
+        ),
         ("project", r.project.as_ref().map(|v| v.span())),
         ("zone", r.zone.as_ref().map(|v| v.span())),
         ("machine_type", r.machine_type.as_ref().map(|v| v.span())),
@@ -622,6 +637,27 @@ fn parse_pool(cx: &Ctx<'_>, r: &RawPool) -> Result<PoolSpec, ManifestError> {
                     ));
                 }
             }
+            let docker_socket = r.docker_socket.as_ref().is_some_and(|v| *v.get_ref());
+            let machine_data_dir = match &r.machine_data_dir {
+                Some(v) if !docker_socket => {
+                    return Err(cx.err(
+                        v.span(),
+                        "machine_data_dir is only used with docker_socket = true",
+                    ))
+                }
+                Some(v) => {
+                    let d = v.get_ref();
+                    if !d.starts_with('/') || d.contains(':') || d.contains(',') {
+                        return Err(cx.err(
+                            v.span(),
+                            format!("machine_data_dir: \"{d}\" must be an absolute path on the docker host without ':' or ','"),
+                        ));
+                    }
+                    d.trim_end_matches('/').to_string()
+                }
+                None if docker_socket => crate::pool::DEFAULT_MACHINE_DATA_DIR.to_string(),
+                None => String::new(),
+            };
             let image = match &r.image {
                 Some(v) if v.get_ref().trim().is_empty() => {
                     return Err(cx.err(v.span(), "image must not be empty"))
@@ -644,6 +680,8 @@ fn parse_pool(cx: &Ctx<'_>, r: &RawPool) -> Result<PoolSpec, ManifestError> {
                 server_url,
                 memory_bytes,
                 cpus: r.cpus.as_ref().map(|v| *v.get_ref()),
+                docker_socket,
+                machine_data_dir,
             })
         }
         _ => {
@@ -666,7 +704,7 @@ fn parse_pool(cx: &Ctx<'_>, r: &RawPool) -> Result<PoolSpec, ManifestError> {
             let access_token_env = env_name(&r.access_token_env, "access_token_env")?;
             let name_prefix = match &r.name_prefix {
                 Some(v) => v.get_ref().clone(),
-                None => "pubrun".to_string(),
+                None => crate::pool::DEFAULT_NAME_PREFIX.to_string(),
             };
             // Instances are PREFIX-POOL-N; Compute Engine wants
             // [a-z]([-a-z0-9]*[a-z0-9])?, at most 63 characters.
@@ -1486,10 +1524,87 @@ process = { command = "true" }
     }
 
     #[test]
+    fn gce_name_prefix_is_stored_and_checked() {
+        use crate::pool::ProviderSpec;
+        let with = |prefix: &str| {
+            POOLS.replace(
+                "access_token_env = \"GCE_TOKEN\"\n",
+                &format!("access_token_env = \"GCE_TOKEN\"\nname_prefix = {prefix}\n"),
+            )
+        };
+        let m = parse("pubrun.toml", &with("\"acme-ci\"")).unwrap();
+        let ProviderSpec::Gce(g) = &m.pools[1].provider else {
+            panic!("{:?}", m.pools[1])
+        };
+        assert_eq!(g.name_prefix, "acme-ci");
+        // Not a valid start of an instance name: pointed at on its line (26).
+        let e = err(&with("\"Acme\""));
+        assert_eq!((e.line, e.column), (26, 15), "{e}");
+        assert!(e.message.contains("name_prefix \"Acme\""), "{e}");
+        // PREFIX-gpu-NNNNNN must fit in 63 characters.
+        let e = err(&with(&format!("\"{}\"", "p".repeat(53))));
+        assert!(e.message.contains("63 characters"), "{e}");
+        assert!(parse("pubrun.toml", &with(&format!("\"{}\"", "p".repeat(52)))).is_ok());
+        // Only gce pools take it.
+        let e = err(&pools_with(10, "name_prefix = \"x\""));
+        assert!(
+            e.message
+                .contains("`name_prefix` does not apply to provider \"docker\""),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn job_pool_must_be_declared() {
         let e = err(&POOLS.replace("pool = \"big\"", "pool = \"bigg\""));
         assert_eq!((e.line, e.column), (37, 8), "{e}");
         assert!(e.message.contains("\"bigg\" is not declared"), "{e}");
+    }
+
+    #[test]
+    fn docker_socket_pools() {
+        use crate::pool::{ProviderSpec, DEFAULT_MACHINE_DATA_DIR};
+        let docker = |m: &Manifest| match &m.pools[0].provider {
+            ProviderSpec::Docker(d) => d.clone(),
+            other => panic!("{other:?}"),
+        };
+        // Off by default, and then no data dir.
+        let d = docker(&parse("pubrun.toml", POOLS).unwrap());
+        assert!(!d.docker_socket);
+        assert_eq!(d.machine_data_dir, "");
+        // On: the default data dir, or the one given (trailing '/' dropped).
+        let d = docker(&parse("pubrun.toml", &pools_with(13, "docker_socket = true")).unwrap());
+        assert!(d.docker_socket);
+        assert_eq!(d.machine_data_dir, DEFAULT_MACHINE_DATA_DIR);
+        let src = pools_with(
+            13,
+            "docker_socket = true\nmachine_data_dir = \"/srv/pubrun/\"",
+        );
+        assert_eq!(
+            docker(&parse("pubrun.toml", &src).unwrap()).machine_data_dir,
+            "/srv/pubrun"
+        );
+        // A relative or bind-breaking path, or a data dir without the socket.
+        for bad in ["\"srv\"", "\"/a:b\""] {
+            let e = err(&pools_with(
+                13,
+                &format!("docker_socket = true\nmachine_data_dir = {bad}"),
+            ));
+            assert_eq!(e.line, 14, "{e}");
+            assert!(e.message.contains("absolute path"), "{e}");
+        }
+        let e = err(&pools_with(13, "machine_data_dir = \"/srv\""));
+        assert!(e.message.contains("only used with docker_socket"), "{e}");
+        // Docker keys only.
+        let e = err(&POOLS.replace(
+            "access_token_env = \"GCE_TOKEN\"\n",
+            "access_token_env = \"GCE_TOKEN\"\ndocker_socket = true\n",
+        ));
+        assert!(
+            e.message
+                .contains("`docker_socket` does not apply to provider \"gce\""),
+            "{e}"
+        );
     }
 
     /// `src` with `line` (1-based) of POOLS replaced.

@@ -89,9 +89,25 @@ pub struct DockerProviderSpec {
     /// Extra `docker run`-like settings for the machine container.
     pub memory_bytes: Option<u64>,
     pub cpus: Option<f64>,
+    /// Docker jobs on the machines: the engine's socket is mounted into
+    /// each machine container (and `DOCKER_HOST` set), so the agent starts
+    /// job containers as siblings on the same engine. Their work
+    /// directories are bind-mounted by host path, so each machine keeps its
+    /// runs under [`machine_data_dir`](Self::machine_data_dir)`/MACHINE`,
+    /// mounted at the same path inside the container (the agent's
+    /// `--data-dir`).
+    #[serde(default)]
+    pub docker_socket: bool,
+    /// Directory on the Docker host holding the machines' run directories
+    /// when `docker_socket` is on; default [`DEFAULT_MACHINE_DATA_DIR`].
+    #[serde(default)]
+    pub machine_data_dir: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+/// Where `docker_socket` machines keep their runs on the Docker host.
+pub const DEFAULT_MACHINE_DATA_DIR: &str = "/var/tmp/pubrun-machines";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GceProviderSpec {
     pub project: String,
     pub zone: String,
@@ -106,8 +122,32 @@ pub struct GceProviderSpec {
     pub access_token_env: String,
     /// URL the agents use to reach this server.
     pub server_url: String,
-    /// Instance name prefix; machines are `PREFIX-POOL-N`.
+    /// Instance name prefix; machines are `PREFIX-POOL-N`. Default
+    /// [`DEFAULT_NAME_PREFIX`] (also when absent from a stored spec).
+    #[serde(default = "default_name_prefix")]
     pub name_prefix: String,
+}
+
+/// Machine names are `pubrun-POOL-N` unless a gce pool says otherwise.
+pub const DEFAULT_NAME_PREFIX: &str = "pubrun";
+
+fn default_name_prefix() -> String {
+    DEFAULT_NAME_PREFIX.to_string()
+}
+
+impl Default for GceProviderSpec {
+    fn default() -> Self {
+        GceProviderSpec {
+            project: String::new(),
+            zone: String::new(),
+            machine_type: String::new(),
+            source_image: String::new(),
+            api_base: String::new(),
+            access_token_env: String::new(),
+            server_url: String::new(),
+            name_prefix: default_name_prefix(),
+        }
+    }
 }
 
 /// Lifecycle of one machine of a pool:

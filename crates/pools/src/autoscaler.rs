@@ -123,7 +123,7 @@ impl Pools {
             None => {
                 let mut n = all.iter().filter(|m| m.pool == spec.name).count() + 1;
                 loop {
-                    let candidate = format!("pubrun-{}-{n}", spec.name);
+                    let candidate = format!("{}-{}-{n}", name_prefix(spec), spec.name);
                     if !all.iter().any(|m| m.name == candidate) {
                         break candidate;
                     }
@@ -280,10 +280,56 @@ impl Pools {
     }
 }
 
+/// Machines are named `{prefix}-{pool}-{n}`: a gce pool's `name_prefix`,
+/// else `pubrun`.
+fn name_prefix(spec: &PoolSpec) -> &str {
+    match &spec.provider {
+        pubrun_core::pool::ProviderSpec::Gce(g) if !g.name_prefix.is_empty() => &g.name_prefix,
+        _ => pubrun_core::pool::DEFAULT_NAME_PREFIX,
+    }
+}
+
 fn server_url(spec: &PoolSpec) -> String {
     match &spec.provider {
         pubrun_core::pool::ProviderSpec::Docker(d) => d.server_url.clone(),
         pubrun_core::pool::ProviderSpec::Gce(g) => g.server_url.clone(),
         _ => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use pubrun_core::pool::{DockerProviderSpec, GceProviderSpec, ProviderSpec};
+
+    use super::*;
+
+    #[test]
+    fn machine_names_use_the_gce_name_prefix() {
+        let mut spec = PoolSpec {
+            name: "big".into(),
+            provider: ProviderSpec::Gce(GceProviderSpec {
+                name_prefix: "acme".into(),
+                ..Default::default()
+            }),
+            min_machines: 0,
+            max_machines: 1,
+            runs_per_machine: 1,
+            idle_timeout: Duration::from_secs(60),
+            delete_when_idle: false,
+            price_per_hour: None,
+            token_env: String::new(),
+            lease_timeout: Duration::from_secs(30),
+            boot_timeout: Duration::from_secs(60),
+        };
+        assert_eq!(name_prefix(&spec), "acme");
+        spec.provider = ProviderSpec::Gce(GceProviderSpec::default());
+        assert_eq!(name_prefix(&spec), "pubrun");
+        spec.provider = ProviderSpec::Gce(GceProviderSpec {
+            name_prefix: String::new(),
+            ..Default::default()
+        });
+        assert_eq!(name_prefix(&spec), "pubrun");
+        spec.provider = ProviderSpec::Docker(DockerProviderSpec::default());
+        assert_eq!(name_prefix(&spec), "pubrun");
     }
 }

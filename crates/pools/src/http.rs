@@ -4,6 +4,7 @@
 //! | method | path | what |
 //! |---|---|---|
 //! | GET | `/api/v1/pools` | `{"pools": [..]}` with machines up, runs waiting |
+//! | GET | `/api/v1/pools/{name}/token` | `{"token"}`: the pool's agent token |
 //! | GET | `/api/v1/machines` | `{"machines": [MachineRow + runs]}` |
 //! | POST | `/api/v1/machines/{name}/cordon` / `uncordon` / `drain` | cordon: no new runs; drain: cordon, then stop when empty |
 //! | GET | `/api/v1/agents` | `{"agents": [..]}` connected agents |
@@ -237,6 +238,7 @@ async fn outputs(
 pub fn admin_router(pools: Pools) -> Router {
     Router::new()
         .route("/api/v1/pools", get(list_pools))
+        .route("/api/v1/pools/{name}/token", get(pool_token))
         .route("/api/v1/machines", get(list_machines))
         .route("/api/v1/machines/{name}/{action}", post(machine_action))
         .route("/api/v1/agents", get(list_agents))
@@ -269,6 +271,15 @@ async fn list_pools(State(p): State<Pools>) -> Response {
         })
         .collect();
     Json(json!({ "pools": pools })).into_response()
+}
+
+/// The agent token of a pool, for starting `pubrun agent` by hand. Behind
+/// the server's admin token like the rest of this API.
+async fn pool_token(State(p): State<Pools>, Path(name): Path<String>) -> Response {
+    match p.token(&name) {
+        Some(t) => Json(json!({ "pool": name, "token": t })).into_response(),
+        None => admin_err(StatusCode::NOT_FOUND, format!("no pool named {name}")),
+    }
 }
 
 async fn list_machines(State(p): State<Pools>) -> Response {

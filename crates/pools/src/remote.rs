@@ -431,7 +431,29 @@ impl Pools {
         lease: u64,
         f: impl FnOnce(&mut LiveLease) -> T,
     ) -> Result<T, AgentError> {
-        let _pool = self.agent_pool(name, token_str)?;
+        let _pool = match self.agent_pool(name, token_str) {
+            Ok(p) => p,
+            // An agent forgotten for its silence comes back: the leases it
+            // held were taken back, so it gets 409 for them (not 404, which
+            // it would retry until it registers again).
+            Err(AgentError::UnknownAgent(m)) => {
+                return match self.inner.db.lease(lease).map_err(AgentError::Internal)? {
+                    Some(row) if row.machine == name && !row.state.is_active() => {
+                        self.check_token(&row.pool, token_str)?;
+                        Err(AgentError::Fenced(format!(
+                            "lease {lease} is no longer {name}'s ({})",
+                            if row.reason.is_empty() {
+                                "-"
+                            } else {
+                                &row.reason
+                            }
+                        )))
+                    }
+                    _ => Err(AgentError::UnknownAgent(m)),
+                };
+            }
+            Err(e) => return Err(e),
+        };
         {
             let mut st = self.inner.lock();
             if let Some(l) = st.leases.get_mut(&lease) {
@@ -615,7 +637,12 @@ impl Pools {
             self.inner.lock().agents.remove(&name);
             tracing::warn!(agent = name, silent_ms, "agent lost");
             if let Ok(Some(mut m)) = self.inner.db.machine(&name) {
-                if m.state.is_up() && m.state != MachineState::Stopping {
+                // Only a machine this agent serves: one (re)starting since
+                // is waiting for its next agent (boot_timeout covers it).
+                if matches!(
+                    m.state,
+                    MachineState::Ready | MachineState::Busy | MachineState::Idle
+                ) {
                     m.state = MachineState::Failed;
                     m.state_since_ms = now;
                     m.last_error = format!("agent not heard from for {} s", silent_ms / 1000);

@@ -114,14 +114,25 @@ impl Pool {
     }
 }
 
+/// Label of the stand-in job containers a test makes (removed with the pool).
+const TEST_LABEL: &str = "pubrun.test-pool";
+
 impl Drop for Pool {
     fn drop(&mut self) {
+        for label in [POOL_LABEL, TEST_LABEL] {
+            self.remove_labelled(label);
+        }
+    }
+}
+
+impl Pool {
+    fn remove_labelled(&self, label: &str) {
         let ids = Command::new("docker")
             .args([
                 "ps",
                 "-aq",
                 "--filter",
-                &format!("label={POOL_LABEL}={}", self.0),
+                &format!("label={label}={}", self.0),
             ])
             .output();
         if let Ok(out) = ids {
@@ -397,4 +408,84 @@ async fn dead_docker_host_is_unavailable() {
             }
         }
     }
+}
+
+/// `docker_socket = true`: the machine gets the engine's socket and its run
+/// directory at the same path as on the host, and the job containers it
+/// started (siblings on the engine) go when it is stopped.
+#[tokio::test]
+async fn docker_socket_machines_take_their_job_containers_along() {
+    if !ready("docker_socket_machines_take_their_job_containers_along") {
+        return;
+    }
+    let pool = Pool::new("sock");
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("machines");
+    let p = DockerProvider::new(&DockerProviderSpec {
+        docker_socket: true,
+        machine_data_dir: data.display().to_string(),
+        ..spec()
+    })
+    .unwrap();
+    let name = pool.machine(1);
+    let dir = format!("{}/{name}", data.display());
+    p.start(&pool.launch(1)).await.unwrap();
+    wait_status(&p, &name, ProviderStatus::Running).await;
+    let c = client()
+        .await
+        .inspect_container(&name, None::<InspectContainerOptions>)
+        .await
+        .unwrap();
+    let binds = c.host_config.unwrap().binds.unwrap();
+    assert!(binds.contains(&format!("{dir}:{dir}")), "{binds:?}");
+    assert!(
+        binds.contains(&"/var/run/docker.sock:/var/run/docker.sock".to_string()),
+        "{binds:?}"
+    );
+    let config = c.config.unwrap();
+    let cmd = config.cmd.unwrap();
+    assert_eq!(&cmd[cmd.len() - 2..], ["--data-dir", dir.as_str()]);
+    assert!(config
+        .env
+        .unwrap()
+        .contains(&"DOCKER_HOST=unix:///var/run/docker.sock".to_string()));
+    // The engine made the machine's directory on the host.
+    assert!(std::path::Path::new(&dir).is_dir(), "{dir}");
+
+    // Stand-ins for job containers: one working in this machine's directory,
+    // one elsewhere (another machine's, or a local run's).
+    let job = |work: &str| {
+        let out = Command::new("docker")
+            .args(["run", "-d", "--label", "pubrun.run_id=1"])
+            .args(["--label", &format!("{TEST_LABEL}={}", pool.0)])
+            .args(["-v", &format!("{work}:/workspace"), IMAGE, "sleep", "300"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let ours = job(&format!("{dir}/leases/7/work"));
+    let other = job(&format!("{}/elsewhere/work", tmp.path().display()));
+
+    tokio::time::timeout(WAIT, p.stop(&name, true))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(p.status(&name).await.unwrap(), ProviderStatus::Gone);
+    let docker = client().await;
+    let gone = docker
+        .inspect_container(&ours, None::<InspectContainerOptions>)
+        .await;
+    assert!(gone.is_err(), "the machine's job container outlived it");
+    let kept = docker
+        .inspect_container(&other, None::<InspectContainerOptions>)
+        .await
+        .unwrap();
+    assert_eq!(kept.state.unwrap().running, Some(true));
+    // Stopping a machine that is gone already is fine, and still sweeps.
+    p.stop(&name, true).await.unwrap();
 }

@@ -187,6 +187,26 @@ async fn machine_lifecycle() {
         .unwrap();
     assert!(p.list("big").await.unwrap().is_empty());
     assert_eq!(p.status("never-was").await.unwrap(), ProviderStatus::Gone);
+
+    // One instance, started again rather than re-created: the later
+    // inserts were answered 409 and made no operation; the no-op stops and
+    // deletes made none either.
+    assert_eq!(
+        fake.operations(PROJECT, ZONE, "pubrun-big-1"),
+        ["insert", "stop", "start", "delete"]
+    );
+    let inserts = fake.inserts();
+    assert_eq!(
+        inserts
+            .iter()
+            .filter(|b| b["name"] == "pubrun-big-1")
+            .count(),
+        3
+    );
+    assert_eq!(
+        inserts[0]["machineType"],
+        format!("zones/{ZONE}/machineTypes/n2-highmem-8")
+    );
 }
 
 #[tokio::test]

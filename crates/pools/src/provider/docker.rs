@@ -9,6 +9,20 @@
 //! They run with Docker's init (`--init`) as PID 1, so the agent gets
 //! `docker stop`'s SIGTERM and orphaned job processes are reaped.
 //!
+//! `docker_socket = true` lets machines run docker jobs: the engine's unix
+//! socket is bind-mounted into the machine container at the same path
+//! (`DOCKER_HOST` set to it; a `tcp://` engine is only named in
+//! `DOCKER_HOST`), so the agent starts job containers as siblings on the same
+//! engine. A job container's work directory is bind-mounted by path, and the
+//! engine resolves that path on the Docker host, not in the machine
+//! container; so each machine keeps its runs in
+//! `MACHINE_DATA_DIR/MACHINE` on the host, bind-mounted at the same path in
+//! the machine container and passed as the agent's `--data-dir`. Job
+//! containers of a machine are found by that mount and removed when the
+//! machine is stopped, so nothing a machine started outlives it. The socket
+//! gives the machine (and nothing else: job containers do not get it) full
+//! control of the engine, as `docker run -v /var/run/docker.sock` always does.
+//!
 //! Errors: no answer from the engine (socket missing, connection refused,
 //! timeout) is [`ProviderError::Unavailable`]; an answer that says no
 //! (image missing, bad network, bad limits) is [`ProviderError::Refused`].
@@ -41,6 +55,8 @@ pub const POOL_LABEL: &str = "pubrun.pool";
 pub const MACHINE_LABEL: &str = "pubrun.machine";
 /// Where the agent image keeps the binary.
 pub const AGENT_BINARY: &str = "/usr/local/bin/pubrun";
+/// Label the docker executor puts on job containers (see `pubrun_exec::docker`).
+const RUN_LABEL: &str = "pubrun.run_id";
 
 /// `docker stop` grace: the agent hands its runs back on SIGTERM quickly.
 const STOP_GRACE: Duration = Duration::from_secs(10);
@@ -122,6 +138,14 @@ impl DockerProvider {
                 "docker pool: no server_url for the agents to reach the server".into(),
             ));
         }
+        if spec.docker_socket {
+            let d = &spec.machine_data_dir;
+            if !d.starts_with('/') || d.contains(':') || d.contains(',') {
+                return Err(ProviderError::Refused(format!(
+                    "docker pool: machine_data_dir {d:?} must be an absolute path on the docker host without ':' or ','"
+                )));
+            }
+        }
         if let Some(c) = spec.cpus {
             if !(c > 0.0 && c.is_finite()) {
                 return Err(ProviderError::Refused(format!(
@@ -198,8 +222,25 @@ impl DockerProvider {
             .cloned()
     }
 
+    /// With `docker_socket`: the machine's run directory, the same path on
+    /// the Docker host and inside the machine container.
+    pub fn machine_dir(&self, name: &str) -> Option<String> {
+        self.spec.docker_socket.then(|| {
+            format!(
+                "{}/{name}",
+                self.spec.machine_data_dir.trim_end_matches('/')
+            )
+        })
+    }
+
+    /// The engine's unix socket path, when the endpoint is one.
+    fn socket_path(&self) -> Option<&str> {
+        self.endpoint.strip_prefix("unix://")
+    }
+
     fn command(&self, launch: &MachineLaunch) -> Vec<String> {
-        [
+        let slots = launch.slots.to_string();
+        let mut cmd = vec![
             AGENT_BINARY,
             "agent",
             "--server",
@@ -209,11 +250,23 @@ impl DockerProvider {
             "--name",
             &launch.name,
             "--slots",
-            &launch.slots.to_string(),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
+            &slots,
+        ];
+        let dir = self.machine_dir(&launch.name);
+        if let Some(dir) = &dir {
+            cmd.extend(["--data-dir", dir.as_str()]);
+        }
+        cmd.into_iter().map(str::to_string).collect()
+    }
+
+    /// Bind mounts of a `docker_socket` machine: the socket, its run directory.
+    fn binds(&self, name: &str) -> Option<Vec<String>> {
+        let dir = self.machine_dir(name)?;
+        let mut binds = vec![format!("{dir}:{dir}")];
+        if let Some(sock) = self.socket_path() {
+            binds.push(format!("{sock}:{sock}"));
+        }
+        Some(binds)
     }
 
     fn body(&self, launch: &MachineLaunch) -> ContainerCreateBody {
@@ -225,13 +278,17 @@ impl DockerProvider {
             .spec
             .memory_bytes
             .map(|m| m.min(i64::MAX as u64) as i64);
+        let mut env = vec![
+            format!("PUBRUN_TOKEN={}", launch.token),
+            "PATH=/usr/local/bin:/bin:/usr/bin".into(),
+        ];
+        if self.spec.docker_socket {
+            env.push(format!("DOCKER_HOST={}", self.endpoint));
+        }
         ContainerCreateBody {
             image: Some(self.spec.image.clone()),
             cmd: Some(self.command(launch)),
-            env: Some(vec![
-                format!("PUBRUN_TOKEN={}", launch.token),
-                "PATH=/usr/local/bin:/bin:/usr/bin".into(),
-            ]),
+            env: Some(env),
             labels: Some(labels),
             stop_timeout: Some(STOP_GRACE.as_secs() as i64),
             host_config: Some(HostConfig {
@@ -242,6 +299,9 @@ impl DockerProvider {
                 memory_swap: memory,
                 nano_cpus: self.spec.cpus.map(|c| (c * 1e9).round() as i64),
                 network_mode: (!self.spec.network.is_empty()).then(|| self.spec.network.clone()),
+                // The legacy `Binds` form: the engine creates a missing host
+                // directory (a `Mounts` bind would refuse it).
+                binds: self.binds(&launch.name),
                 ..Default::default()
             }),
             ..Default::default()
@@ -301,6 +361,45 @@ impl DockerProvider {
             Err(e) if is_status(&e, 409) => Ok(()),
             Err(e) => Err(self.classify(&format!("removing container {name}"), &e)),
         }
+    }
+
+    /// Removes the job containers a `docker_socket` machine started (found
+    /// by their work directory under the machine's directory): they are
+    /// siblings on the engine, so stopping the machine does not stop them.
+    async fn remove_job_containers(
+        &self,
+        docker: &Docker,
+        name: &str,
+    ) -> Result<(), ProviderError> {
+        let Some(dir) = self.machine_dir(name) else {
+            return Ok(());
+        };
+        let prefix = format!("{dir}/");
+        let filters = HashMap::from([("label".to_string(), vec![RUN_LABEL.to_string()])]);
+        let opts = ListContainersOptionsBuilder::new()
+            .all(true)
+            .filters(&filters)
+            .build();
+        let found = docker
+            .list_containers(Some(opts))
+            .await
+            .map_err(|e| self.classify(&format!("listing job containers of machine {name}"), &e))?;
+        for c in found {
+            let ours = c
+                .mounts
+                .iter()
+                .flatten()
+                .any(|m| m.source.as_deref().is_some_and(|s| s.starts_with(&prefix)));
+            if let (true, Some(id)) = (ours, c.id) {
+                tracing::info!(
+                    machine = name,
+                    container = id,
+                    "removing a job container of a stopped machine"
+                );
+                self.remove(docker, &id).await?;
+            }
+        }
+        Ok(())
     }
 
     /// Creates the machine's container; `None` when one of that name
@@ -382,13 +481,13 @@ impl MachineProvider for DockerProvider {
         match patient.stop_container(name, Some(opts)).await {
             Ok(()) => {}
             Err(e) if is_status(&e, 304) => {} // not running
-            Err(e) if is_status(&e, 404) => return Ok(()),
+            Err(e) if is_status(&e, 404) => return self.remove_job_containers(&docker, name).await,
             Err(e) => return Err(self.classify(&format!("stopping container {name}"), &e)),
         }
         if delete {
             self.remove(&docker, name).await?;
         }
-        Ok(())
+        self.remove_job_containers(&docker, name).await
     }
 
     async fn status(&self, name: &str) -> Result<ProviderStatus, ProviderError> {
@@ -474,6 +573,82 @@ mod tests {
         assert_eq!(hc.memory, Some(1 << 30));
         assert_eq!(hc.nano_cpus, Some(1_500_000_000));
         assert_eq!(hc.network_mode.as_deref(), Some("pubrun-net"));
+    }
+
+    #[test]
+    fn docker_socket_machines_get_the_socket_and_their_dir() {
+        let launch = MachineLaunch {
+            pool: "big".into(),
+            name: "pubrun-big-1".into(),
+            server_url: "http://172.17.0.1:8085".into(),
+            token: "s3cret".into(),
+            slots: 1,
+            labels: Default::default(),
+        };
+        // Off: no mounts, no --data-dir, no DOCKER_HOST.
+        let p = DockerProvider::new(&DockerProviderSpec {
+            docker_host: "unix:///run/x/docker.sock".into(),
+            ..spec()
+        })
+        .unwrap();
+        let body = p.body(&launch);
+        assert!(body.host_config.unwrap().binds.is_none());
+        assert!(!body.cmd.unwrap().contains(&"--data-dir".to_string()));
+        assert!(!body
+            .env
+            .unwrap()
+            .iter()
+            .any(|e| e.starts_with("DOCKER_HOST=")));
+        // On: both at the same path inside as outside.
+        let p = DockerProvider::new(&DockerProviderSpec {
+            docker_host: "unix:///run/x/docker.sock".into(),
+            docker_socket: true,
+            machine_data_dir: "/srv/machines/".into(),
+            ..spec()
+        })
+        .unwrap();
+        let body = p.body(&launch);
+        let dir = "/srv/machines/pubrun-big-1";
+        assert_eq!(p.machine_dir("pubrun-big-1").as_deref(), Some(dir));
+        assert_eq!(
+            body.host_config.unwrap().binds.unwrap(),
+            [
+                format!("{dir}:{dir}"),
+                "/run/x/docker.sock:/run/x/docker.sock".into()
+            ]
+        );
+        let cmd = body.cmd.unwrap();
+        assert_eq!(&cmd[cmd.len() - 2..], ["--data-dir", dir]);
+        assert!(body
+            .env
+            .unwrap()
+            .contains(&"DOCKER_HOST=unix:///run/x/docker.sock".to_string()));
+        // A tcp engine: named, not mounted.
+        let p = DockerProvider::new(&DockerProviderSpec {
+            docker_host: "tcp://10.0.0.5:2375".into(),
+            docker_socket: true,
+            machine_data_dir: "/srv".into(),
+            ..spec()
+        })
+        .unwrap();
+        let body = p.body(&launch);
+        assert_eq!(
+            body.host_config.unwrap().binds.unwrap(),
+            ["/srv/pubrun-big-1:/srv/pubrun-big-1"]
+        );
+        assert!(body
+            .env
+            .unwrap()
+            .contains(&"DOCKER_HOST=tcp://10.0.0.5:2375".to_string()));
+        // A data dir that cannot be bound.
+        for bad in ["", "relative", "/a:b"] {
+            let r = DockerProvider::new(&DockerProviderSpec {
+                docker_socket: true,
+                machine_data_dir: bad.into(),
+                ..spec()
+            });
+            assert!(matches!(r, Err(ProviderError::Refused(_))), "{bad:?}");
+        }
     }
 
     #[test]

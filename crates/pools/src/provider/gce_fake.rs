@@ -92,6 +92,10 @@ struct Inner {
     operations: HashMap<String, Value>,
     next_id: u64,
     fail_next_insert: Option<(String, String)>,
+    /// Every insert body received (parsed JSON), accepted or not.
+    inserts: Vec<Value>,
+    /// Every operation created, in order: (instance key, operationType).
+    op_log: Vec<(Key, String)>,
 }
 
 struct Instance {
@@ -264,6 +268,26 @@ impl FakeGce {
             .id()
     }
 
+    /// The bodies of every `instances.insert` received (valid JSON), in
+    /// order, whether or not the insert was accepted.
+    pub fn inserts(&self) -> Vec<Value> {
+        self.shared.inner.lock().unwrap().inserts.clone()
+    }
+
+    /// The `operationType` of every operation on that instance, oldest
+    /// first: `insert`, `start`, `stop`, `delete` (a refused request, such
+    /// as an insert answered 409, makes none).
+    pub fn operations(&self, project: &str, zone: &str, name: &str) -> Vec<String> {
+        let key: Key = (project.into(), zone.into(), name.into());
+        let inner = self.shared.inner.lock().unwrap();
+        inner
+            .op_log
+            .iter()
+            .filter(|(k, _)| *k == key)
+            .map(|(_, kind)| kind.clone())
+            .collect()
+    }
+
     /// The next insert is accepted but its operation ends with this error
     /// (e.g. `ZONE_RESOURCE_POOL_EXHAUSTED`) and no instance is left, as
     /// when a zone is out of capacity.
@@ -318,6 +342,9 @@ impl Shared {
         done: bool,
     ) -> Value {
         inner.next_id += 1;
+        inner
+            .op_log
+            .push(((p.clone(), z.clone(), name.clone()), kind.to_string()));
         let op_name = format!(
             "operation-{}-{:x}",
             chrono::Utc::now().timestamp_millis(),
@@ -705,6 +732,7 @@ async fn insert(
             ))
         }
     };
+    s.inner.lock().unwrap().inserts.push(body.clone());
     let mut resource = match validate_insert(&s, &p, &z, &body) {
         Ok(r) => r,
         Err(r) => return Err(r),

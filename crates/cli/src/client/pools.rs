@@ -1,0 +1,718 @@
+//! `pubrun pools`, `pubrun machines`, `pubrun agents` and `pubrun cost`:
+//! the machine pools of a server (REST under `/api/v1/pools`,
+//! `/api/v1/machines`, `/api/v1/agents`, `/api/v1/cost`).
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{anyhow, Result};
+use serde_json::{json, Value};
+
+use super::api::{Api, ServerError};
+use super::{names, output, ConnArgs};
+
+// ---- arguments ----
+
+/// `pubrun pools` lists; `pubrun pools token NAME` prints a pool's agent token.
+#[derive(clap::Args)]
+#[command(
+    args_conflicts_with_subcommands = true,
+    subcommand_value_name = "COMMAND"
+)]
+pub struct PoolsArgs {
+    #[command(subcommand)]
+    pub command: Option<PoolsCommand>,
+    #[command(flatten)]
+    pub conn: ConnArgs,
+}
+
+#[derive(clap::Subcommand)]
+pub enum PoolsCommand {
+    /// List pools: provider, machines up / min / max, runs waiting, price (the default).
+    #[command(visible_alias = "ls")]
+    List {
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Print the pool's agent token alone on a line, e.g.
+    /// `PUBRUN_TOKEN=$(pubrun pools token laptops) pubrun agent --pool laptops …`.
+    Token {
+        /// Pool name.
+        name: String,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+}
+
+/// `pubrun machines` lists; `machines cordon|uncordon|drain NAME` act on one.
+#[derive(clap::Args)]
+#[command(
+    args_conflicts_with_subcommands = true,
+    subcommand_value_name = "COMMAND"
+)]
+pub struct MachinesArgs {
+    #[command(subcommand)]
+    pub command: Option<MachinesCommand>,
+    #[command(flatten)]
+    pub conn: ConnArgs,
+}
+
+#[derive(clap::Subcommand)]
+pub enum MachinesCommand {
+    /// List machines: pool, state, runs, cordoned, since when in that state (the default).
+    #[command(visible_alias = "ls")]
+    List {
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Give the machine no new runs (its running runs go on).
+    Cordon {
+        /// Machine name.
+        name: String,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Let a cordoned machine take runs again.
+    Uncordon {
+        /// Machine name.
+        name: String,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Cordon the machine and stop it once its runs have ended (on-demand pools;
+    /// an agent of an `agents` pool just gets no more work).
+    Drain {
+        /// Machine name.
+        name: String,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+}
+
+/// `pubrun agents`: the agents connected now.
+#[derive(clap::Args)]
+#[command(
+    args_conflicts_with_subcommands = true,
+    subcommand_value_name = "COMMAND"
+)]
+pub struct AgentsArgs {
+    #[command(subcommand)]
+    pub command: Option<AgentsCommand>,
+    #[command(flatten)]
+    pub conn: ConnArgs,
+}
+
+#[derive(clap::Subcommand)]
+pub enum AgentsCommand {
+    /// List connected agents: pool, slots, runs, last seen, labels (the default).
+    #[command(visible_alias = "ls")]
+    List {
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+}
+
+#[derive(clap::Args)]
+#[command(
+    after_help = "Machine time is a machine's up time; each instant is shared equally among \
+the runs on the machine then, and instants without a run are the pool's idle time. Cost is machine \
+time × the pool's price_per_hour (\"-\" when the pool has no price)."
+)]
+pub struct CostArgs {
+    /// Only time after this: a duration back from now (30m, 24h, 7d, 1h30m) or an RFC 3339 time
+    /// (2024-05-01T00:00:00Z, 2024-05-01T02:00:00+02:00, 2024-05-01). Default: all recorded time.
+    #[arg(long, value_name = "WHEN", value_parser = parse_since)]
+    pub since: Option<i64>,
+    /// Also list the runs and the machine time each used.
+    #[arg(long)]
+    pub runs: bool,
+    /// Also list each machine's up time, idle time and cost.
+    #[arg(long)]
+    pub machines: bool,
+    #[command(flatten)]
+    pub conn: ConnArgs,
+}
+
+// ---- commands ----
+
+pub async fn pools(args: PoolsArgs) -> Result<()> {
+    match args.command {
+        None => list_pools(&args.conn).await,
+        Some(PoolsCommand::List { conn }) => list_pools(&conn).await,
+        Some(PoolsCommand::Token { name, conn }) => token(&name, &conn).await,
+    }
+}
+
+pub async fn machines(args: MachinesArgs) -> Result<()> {
+    match args.command {
+        None => list_machines(&args.conn).await,
+        Some(MachinesCommand::List { conn }) => list_machines(&conn).await,
+        Some(MachinesCommand::Cordon { name, conn }) => {
+            machine_action(&name, "cordon", &conn).await
+        }
+        Some(MachinesCommand::Uncordon { name, conn }) => {
+            machine_action(&name, "uncordon", &conn).await
+        }
+        Some(MachinesCommand::Drain { name, conn }) => machine_action(&name, "drain", &conn).await,
+    }
+}
+
+pub async fn agents(args: AgentsArgs) -> Result<()> {
+    match args.command {
+        None => list_agents(&args.conn).await,
+        Some(AgentsCommand::List { conn }) => list_agents(&conn).await,
+    }
+}
+
+fn list_of<'a>(resp: &'a Value, key: &str) -> &'a [Value] {
+    resp.get(key)
+        .and_then(Value::as_array)
+        .map_or(&[], Vec::as_slice)
+}
+
+fn text(v: &Value, key: &str) -> String {
+    match v.get(key) {
+        Some(Value::String(s)) if !s.is_empty() => s.clone(),
+        Some(Value::String(_)) | Some(Value::Null) | None => "-".into(),
+        Some(other) => other.to_string(),
+    }
+}
+
+fn num(v: &Value, key: &str) -> Option<f64> {
+    v.get(key).and_then(Value::as_f64)
+}
+
+/// The server's 404 for an unknown pool or machine, said plainly.
+fn not_found(e: anyhow::Error, what: &str, name: &str, list: &str) -> anyhow::Error {
+    match e.downcast_ref::<ServerError>() {
+        Some(se) if se.code == "404" || se.code == "NOT_FOUND" => {
+            anyhow!("no {what} named {name} on the server — `pubrun {list}` lists them")
+        }
+        _ => e,
+    }
+}
+
+async fn list_pools(conn: &ConnArgs) -> Result<()> {
+    let resp = Api::new(conn)?.get("/api/v1/pools").await?;
+    if conn.json {
+        return output::json(&resp);
+    }
+    let pools = list_of(&resp, "pools");
+    if pools.is_empty() {
+        eprintln!("no pools (declare [[pool]] tables in the manifest and `pubrun apply`)");
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = pools.iter().map(pool_row).collect();
+    output::out(&output::table(
+        &["NAME", "PROVIDER", "UP", "MIN", "MAX", "WAITING", "PRICE/H"],
+        &rows,
+    ))
+}
+
+fn pool_row(p: &Value) -> Vec<String> {
+    let kind = p
+        .get("provider")
+        .and_then(|v| v.get("kind"))
+        .and_then(Value::as_str)
+        .unwrap_or("?");
+    // Only on-demand pools are scaled by the server; the others have no min/max.
+    let scaled = matches!(kind, "docker" | "gce");
+    let limit = |key: &str| {
+        if scaled {
+            text(p, key)
+        } else {
+            "-".to_string()
+        }
+    };
+    vec![
+        text(p, "name"),
+        kind.to_string(),
+        text(p, "machines_up"),
+        limit("min_machines"),
+        limit("max_machines"),
+        text(p, "runs_waiting"),
+        price(num(p, "price_per_hour")),
+    ]
+}
+
+fn price(p: Option<f64>) -> String {
+    p.map_or_else(|| "-".into(), |p| format!("{p:.2}"))
+}
+
+fn money(c: Option<f64>) -> String {
+    c.map_or_else(|| "-".into(), |c| format!("{c:.4}"))
+}
+
+async fn token(name: &str, conn: &ConnArgs) -> Result<()> {
+    let resp = Api::new(conn)?
+        .get(&format!("/api/v1/pools/{}/token", names::segment(name)))
+        .await
+        .map_err(|e| not_found(e, "pool", name, "pools"))?;
+    if conn.json {
+        return output::json(&resp);
+    }
+    let token = resp
+        .get("token")
+        .and_then(Value::as_str)
+        .ok_or_else(|| anyhow!("server returned no token for pool {name}: {resp}"))?;
+    output::out(&format!("{token}\n"))
+}
+
+async fn list_machines(conn: &ConnArgs) -> Result<()> {
+    let resp = Api::new(conn)?.get("/api/v1/machines").await?;
+    if conn.json {
+        return output::json(&resp);
+    }
+    let machines = list_of(&resp, "machines");
+    if machines.is_empty() {
+        eprintln!("no machines (agents that join a pool and machines a pool starts show up here)");
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = machines.iter().map(machine_row).collect();
+    output::out(&output::table(&MACHINE_HEADERS, &rows))
+}
+
+const MACHINE_HEADERS: [&str; 8] = [
+    "NAME", "POOL", "STATE", "RUNS", "SLOTS", "CORDONED", "SINCE", "ERROR",
+];
+
+fn machine_row(m: &Value) -> Vec<String> {
+    let cordoned = m.get("cordoned").and_then(Value::as_bool).unwrap_or(false);
+    let since = m
+        .get("state_since_ms")
+        .and_then(Value::as_i64)
+        .map_or_else(|| "-".into(), |t| output::rfc3339_ms(t, false));
+    vec![
+        text(m, "name"),
+        text(m, "pool"),
+        text(m, "state"),
+        text(m, "runs"),
+        text(m, "slots"),
+        if cordoned { "yes" } else { "no" }.to_string(),
+        since,
+        text(m, "last_error"),
+    ]
+}
+
+async fn machine_action(name: &str, action: &str, conn: &ConnArgs) -> Result<()> {
+    let api = Api::new(conn)?;
+    let resp = api
+        .post(
+            &format!("/api/v1/machines/{}/{action}", names::segment(name)),
+            &json!({}),
+        )
+        .await
+        .map_err(|e| not_found(e, "machine", name, "machines"))?;
+    if conn.json {
+        return output::json(&resp);
+    }
+    let what = match action {
+        "cordon" => "cordoned: it takes no new runs; its running runs go on",
+        "uncordon" => "uncordoned: it takes runs again",
+        _ => "draining: no new runs; stopped once its runs have ended",
+    };
+    eprintln!("machine {name} {what}");
+    // The answer has no run count; the list has (best effort).
+    let listed = match api.get("/api/v1/machines").await {
+        Ok(all) => list_of(&all, "machines")
+            .iter()
+            .find(|m| m.get("name").and_then(Value::as_str) == Some(name))
+            .cloned(),
+        Err(_) => None,
+    };
+    let m = listed.unwrap_or_else(|| resp.get("machine").unwrap_or(&resp).clone());
+    output::out(&output::table(&MACHINE_HEADERS, &[machine_row(&m)]))
+}
+
+async fn list_agents(conn: &ConnArgs) -> Result<()> {
+    let resp = Api::new(conn)?.get("/api/v1/agents").await?;
+    if conn.json {
+        return output::json(&resp);
+    }
+    let agents = list_of(&resp, "agents");
+    if agents.is_empty() {
+        eprintln!("no agents connected (start one with `pubrun agent --server URL --pool POOL --token T`)");
+        return Ok(());
+    }
+    let now = now_ms();
+    let rows: Vec<Vec<String>> = agents
+        .iter()
+        .map(|a| {
+            let seen = a.get("last_seen_ms").and_then(Value::as_i64).map_or_else(
+                || "-".into(),
+                |t| format!("{} ago", output::duration_ms(now - t)),
+            );
+            vec![
+                text(a, "name"),
+                text(a, "pool"),
+                text(a, "slots"),
+                text(a, "runs"),
+                seen,
+                text(a, "version"),
+                a.get("labels")
+                    .map_or_else(|| "-".into(), output::map_pairs),
+            ]
+        })
+        .collect();
+    output::out(&output::table(
+        &[
+            "NAME",
+            "POOL",
+            "SLOTS",
+            "RUNS",
+            "LAST SEEN",
+            "VERSION",
+            "LABELS",
+        ],
+        &rows,
+    ))
+}
+
+pub async fn cost(args: CostArgs) -> Result<()> {
+    let conn = &args.conn;
+    let since = args.since.unwrap_or(0);
+    let since_q = since.to_string();
+    let resp = Api::new(conn)?
+        .call(
+            reqwest::Method::GET,
+            "/api/v1/cost",
+            &[("since_ms", since_q.as_str())],
+            None,
+        )
+        .await?;
+    if conn.json {
+        return output::json(&resp);
+    }
+    output::out(&render_cost(&resp, &args))
+}
+
+/// Seconds (fractional) for people.
+fn secs(v: &Value, key: &str) -> String {
+    num(v, key).map_or_else(
+        || "-".into(),
+        |s| output::duration_ms((s * 1000.0).round() as i64),
+    )
+}
+
+fn render_cost(resp: &Value, args: &CostArgs) -> String {
+    let mut s = String::new();
+    let since = resp
+        .get("since_ms")
+        .and_then(Value::as_i64)
+        .unwrap_or(args.since.unwrap_or(0));
+    let until = resp.get("until_ms").and_then(Value::as_i64);
+    let from = if since <= 0 {
+        "the beginning".to_string()
+    } else {
+        output::rfc3339_ms(since, false)
+    };
+    let to = until.map_or_else(|| "now".into(), |t| output::rfc3339_ms(t, false));
+    s.push_str(&format!("cost from {from} to {to}\n\n"));
+    let pools = list_of(resp, "pools");
+    if pools.is_empty() {
+        s.push_str("no machine time in this period\n");
+    } else {
+        let rows: Vec<Vec<String>> = pools
+            .iter()
+            .map(|p| {
+                vec![
+                    text(p, "pool"),
+                    secs(p, "machine_seconds"),
+                    secs(p, "run_seconds"),
+                    secs(p, "idle_seconds"),
+                    price(num(p, "price_per_hour")),
+                    money(num(p, "cost")),
+                ]
+            })
+            .collect();
+        s.push_str(&output::table(
+            &[
+                "POOL",
+                "MACHINE TIME",
+                "RUN TIME",
+                "IDLE",
+                "PRICE/H",
+                "COST",
+            ],
+            &rows,
+        ));
+    }
+    s.push_str(&format!(
+        "\ntotal cost: {}\n",
+        money(num(resp, "total_cost"))
+    ));
+    if args.machines {
+        let machines = list_of(resp, "machines");
+        s.push('\n');
+        if machines.is_empty() {
+            s.push_str("no machines were up in this period\n");
+        } else {
+            let rows: Vec<Vec<String>> = machines
+                .iter()
+                .map(|m| {
+                    vec![
+                        text(m, "machine"),
+                        text(m, "pool"),
+                        secs(m, "seconds"),
+                        secs(m, "idle_seconds"),
+                        money(num(m, "cost")),
+                    ]
+                })
+                .collect();
+            s.push_str(&output::table(
+                &["MACHINE", "POOL", "UP", "IDLE", "COST"],
+                &rows,
+            ));
+        }
+    }
+    if args.runs {
+        let runs = list_of(resp, "runs");
+        s.push('\n');
+        if runs.is_empty() {
+            s.push_str("no runs on pool machines in this period\n");
+        } else {
+            let rows: Vec<Vec<String>> = runs
+                .iter()
+                .map(|r| {
+                    let machines = r
+                        .get("machines")
+                        .and_then(Value::as_array)
+                        .map(|a| a.iter().map(output::display).collect::<Vec<_>>().join(","))
+                        .filter(|m| !m.is_empty())
+                        .unwrap_or_else(|| "-".into());
+                    vec![
+                        text(r, "run_id"),
+                        text(r, "job"),
+                        text(r, "pool"),
+                        machines,
+                        secs(r, "machine_seconds"),
+                        money(num(r, "cost")),
+                    ]
+                })
+                .collect();
+            s.push_str(&output::table(
+                &["RUN", "JOB", "POOL", "MACHINES", "MACHINE TIME", "COST"],
+                &rows,
+            ));
+        }
+    }
+    s
+}
+
+// ---- --since ----
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// `--since`: a duration back from now or an RFC 3339 time → milliseconds
+/// since the epoch.
+pub fn parse_since(s: &str) -> Result<i64, String> {
+    parse_since_at(s, now_ms())
+}
+
+fn parse_since_at(s: &str, now: i64) -> Result<i64, String> {
+    let t = s.trim();
+    let at = if let Some(ms) = parse_duration_ms(t) {
+        now - ms
+    } else if let Some(ms) = parse_rfc3339_ms(t) {
+        ms
+    } else {
+        return Err(format!(
+            "`{s}` is neither a duration back from now (30m, 24h, 7d, 1h30m) nor an RFC 3339 time \
+             (2024-05-01T00:00:00Z, 2024-05-01T02:00:00+02:00, 2024-05-01)"
+        ));
+    };
+    if at > now {
+        return Err(format!(
+            "`{s}` is {} in the future; give a time in the past",
+            output::duration_ms(at - now)
+        ));
+    }
+    Ok(at.max(0))
+}
+
+/// `90s`, `30m`, `24h`, `7d`, `2w`, `1h30m`, `500ms`; at least one unit.
+fn parse_duration_ms(s: &str) -> Option<i64> {
+    if s.is_empty() {
+        return None;
+    }
+    let mut rest = s;
+    let mut total: i64 = 0;
+    while !rest.is_empty() {
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 || digits > 12 {
+            return None;
+        }
+        let n: i64 = rest[..digits].parse().ok()?;
+        rest = &rest[digits..];
+        let unit_len = rest.bytes().take_while(u8::is_ascii_alphabetic).count();
+        let unit_ms: i64 = match &rest[..unit_len] {
+            "ms" => 1,
+            "s" | "sec" | "secs" => 1000,
+            "m" | "min" | "mins" => 60_000,
+            "h" | "hr" | "hrs" | "hour" | "hours" => 3_600_000,
+            "d" | "day" | "days" => 86_400_000,
+            "w" | "week" | "weeks" => 7 * 86_400_000,
+            _ => return None,
+        };
+        rest = &rest[unit_len..];
+        total = total.checked_add(n.checked_mul(unit_ms)?)?;
+    }
+    Some(total)
+}
+
+/// `YYYY-MM-DD`, or `YYYY-MM-DDTHH:MM:SS[.fff]` followed by `Z` or `±HH:MM`
+/// (a space may stand for the `T`).
+fn parse_rfc3339_ms(s: &str) -> Option<i64> {
+    let b = s.as_bytes();
+    let digits = |r: std::ops::Range<usize>| -> Option<i64> {
+        let part = s.get(r)?;
+        if part.is_empty() || !part.bytes().all(|c| c.is_ascii_digit()) {
+            return None;
+        }
+        part.parse().ok()
+    };
+    if b.len() < 10 || b[4] != b'-' || b[7] != b'-' {
+        return None;
+    }
+    let (y, mo, d) = (digits(0..4)?, digits(5..7)?, digits(8..10)?);
+    if !(1..=12).contains(&mo) || d < 1 || d > days_in_month(y, mo) {
+        return None;
+    }
+    let day_ms = days_from_civil(y, mo, d) * 86_400_000;
+    if b.len() == 10 {
+        return Some(day_ms);
+    }
+    if !matches!(b[10], b'T' | b't' | b' ') || b.len() < 19 || b[13] != b':' || b[16] != b':' {
+        return None;
+    }
+    let (h, mi, sec) = (digits(11..13)?, digits(14..16)?, digits(17..19)?);
+    if h > 23 || mi > 59 || sec > 60 {
+        return None;
+    }
+    let mut i = 19;
+    let mut frac_ms = 0;
+    if b.get(i) == Some(&b'.') {
+        let n = b[i + 1..].iter().take_while(|c| c.is_ascii_digit()).count();
+        if n == 0 {
+            return None;
+        }
+        let f = &s[i + 1..i + 1 + n];
+        let padded = format!("{:0<3}", &f[..n.min(3)]);
+        frac_ms = padded.parse::<i64>().ok()?;
+        i += 1 + n;
+    }
+    let offset_ms = match &s[i..] {
+        "Z" | "z" => 0,
+        off if off.len() == 6
+            && matches!(off.as_bytes()[0], b'+' | b'-')
+            && off.as_bytes()[3] == b':' =>
+        {
+            let oh = digits(i + 1..i + 3)?;
+            let om = digits(i + 4..i + 6)?;
+            if oh > 23 || om > 59 {
+                return None;
+            }
+            let sign = if off.starts_with('-') { -1 } else { 1 };
+            sign * (oh * 3_600_000 + om * 60_000)
+        }
+        _ => return None,
+    };
+    Some(day_ms + h * 3_600_000 + mi * 60_000 + sec * 1000 + frac_ms - offset_ms)
+}
+
+fn days_in_month(y: i64, m: i64) -> i64 {
+    match m {
+        1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
+        4 | 6 | 9 | 11 => 30,
+        _ if (y % 4 == 0 && y % 100 != 0) || y % 400 == 0 => 29,
+        _ => 28,
+    }
+}
+
+/// (year, month, day) → days since 1970-01-01 (Howard Hinnant's algorithm).
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: i64 = 1_714_564_803_250; // 2024-05-01T12:00:03.250Z
+
+    #[test]
+    fn since_durations() {
+        assert_eq!(parse_since_at("24h", NOW), Ok(NOW - 86_400_000));
+        assert_eq!(parse_since_at("30m", NOW), Ok(NOW - 1_800_000));
+        assert_eq!(parse_since_at("1h30m", NOW), Ok(NOW - 5_400_000));
+        assert_eq!(parse_since_at("7d", NOW), Ok(NOW - 7 * 86_400_000));
+        assert_eq!(parse_since_at("90s", NOW), Ok(NOW - 90_000));
+        assert_eq!(parse_since_at("0s", NOW), Ok(NOW));
+    }
+
+    #[test]
+    fn since_times() {
+        assert_eq!(parse_since_at("2024-05-01T12:00:03.250Z", NOW), Ok(NOW));
+        assert_eq!(parse_since_at("2024-05-01T12:00:03Z", NOW), Ok(NOW - 250));
+        assert_eq!(
+            parse_since_at("2024-05-01T14:00:03+02:00", NOW),
+            Ok(NOW - 250)
+        );
+        assert_eq!(parse_since_at("2024-05-01T11:00:03.25-01:00", NOW), Ok(NOW));
+        assert_eq!(parse_since_at("2024-05-01", NOW), Ok(NOW - 43_203_250));
+        assert_eq!(parse_rfc3339_ms("1970-01-01T00:00:00Z"), Some(0));
+        assert_eq!(
+            parse_rfc3339_ms("2000-02-29T00:00:00Z"),
+            Some(951_782_400_000)
+        );
+    }
+
+    #[test]
+    fn since_errors() {
+        for bad in [
+            "garbage",
+            "",
+            "24",
+            "h",
+            "24x",
+            "2024-13-01",
+            "2024-02-30",
+            "2024-05-01T25:00:00Z",
+            "2024-05-01T12:00:00",
+            "2024-05-01T12:00:00+2",
+            "-5m",
+            "5m ago",
+        ] {
+            let e = parse_since_at(bad, NOW).unwrap_err();
+            assert!(e.contains("neither a duration"), "{bad}: {e}");
+        }
+        let e = parse_since_at("2030-01-01T00:00:00Z", NOW).unwrap_err();
+        assert!(e.contains("in the future"), "{e}");
+    }
+
+    #[test]
+    fn pool_rows() {
+        let agents = json!({"name": "laptops", "provider": {"kind": "agents"}, "min_machines": 0,
+            "max_machines": 0, "machines_up": 2, "runs_waiting": 1, "price_per_hour": 3.6});
+        assert_eq!(
+            pool_row(&agents),
+            ["laptops", "agents", "2", "-", "-", "1", "3.60"]
+        );
+        let docker = json!({"name": "big", "provider": {"kind": "docker", "image": "x"},
+            "min_machines": 1, "max_machines": 3, "machines_up": 0, "runs_waiting": 0,
+            "price_per_hour": null});
+        assert_eq!(
+            pool_row(&docker),
+            ["big", "docker", "0", "1", "3", "0", "-"]
+        );
+    }
+}

@@ -1,0 +1,376 @@
+//! A pool of agents, end to end with real processes: `pubrun serve` with an
+//! `agents` pool and two `pubrun agent` processes on this machine.
+//!
+//! - a run is leased, executed on an agent, its log shipped and its result
+//!   recorded;
+//! - an agent frozen (SIGSTOP: as good as a cut network) past the lease
+//!   timeout loses the run to the other agent; when it wakes up, its late
+//!   log and result are refused and the run is recorded once;
+//! - the server killed and restarted while an agent runs: the agent
+//!   reconnects and the run completes, still attempt 1.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_pubrun");
+const PATIENCE: Duration = Duration::from_secs(120);
+const TOKEN: &str = "crew-token-for-tests";
+
+fn manifest() -> String {
+    r#"project = "demo"
+
+[[topic]]
+name = "work"
+
+[[pool]]
+name = "crew"
+provider = "agents"
+token_env = "CREW_TOKEN"
+lease_timeout = "5s"
+price_per_hour = 3.6
+
+[[job]]
+name = "nap"
+topic = "work"
+pool = "crew"
+process = { command = "sh", args = ["-c", "echo begin; sleep {{ data.secs }}; echo end"] }
+retries = { max_attempts = 1, initial_backoff = "1s", max_backoff = "2s" }
+"#
+    .to_string()
+}
+
+struct Env {
+    dir: tempfile::TempDir,
+    port: u16,
+    server: Option<common::Server>,
+    agents: Vec<(String, Child)>,
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        for (_, a) in &mut self.agents {
+            // A stopped process must be continued to die of SIGKILL promptly.
+            let _ = Command::new("kill")
+                .args(["-CONT", &a.id().to_string()])
+                .status();
+            let _ = a.kill();
+            let _ = a.wait();
+        }
+    }
+}
+
+impl Env {
+    fn new() -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("pubrun.toml"), manifest()).unwrap();
+        let mut env = Env {
+            dir,
+            port: common::free_port(),
+            server: None,
+            agents: Vec::new(),
+        };
+        env.start_server();
+        env
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn start_server(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.path("serve.log"))
+            .unwrap();
+        let child = Command::new(BIN)
+            .args(["serve", "--listen", &format!("127.0.0.1:{}", self.port)])
+            .arg("--data-dir")
+            .arg(self.path("data"))
+            .arg("--config")
+            .arg(self.path("pubrun.toml"))
+            .env("CREW_TOKEN", TOKEN)
+            .env("PUBRUN_LOG", "info")
+            .env_remove("PUBRUN_TOKEN")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn pubrun serve");
+        let mut server = common::Server(child);
+        let log_path = self.path("serve.log");
+        common::wait_healthy(&mut server.0, self.port, PATIENCE, || {
+            std::fs::read_to_string(&log_path).unwrap_or_default()
+        });
+        self.server = Some(server);
+    }
+
+    fn kill_server(&mut self) {
+        self.server.take();
+    }
+
+    fn start_agent(&mut self, name: &str) {
+        let log = std::fs::File::create(self.path(&format!("agent-{name}.log"))).unwrap();
+        let child = Command::new(BIN)
+            .args([
+                "agent",
+                "--server",
+                &format!("http://127.0.0.1:{}", self.port),
+            ])
+            .args(["--pool", "crew", "--name", name, "--slots", "1"])
+            .arg("--data-dir")
+            .arg(self.path(&format!("agent-{name}")))
+            .env("PUBRUN_TOKEN", TOKEN)
+            .env("PUBRUN_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn pubrun agent");
+        self.agents.push((name.to_string(), child));
+    }
+
+    fn agent_pid(&self, name: &str) -> u32 {
+        self.agents.iter().find(|(n, _)| n == name).unwrap().1.id()
+    }
+
+    fn logs(&self) -> String {
+        let mut out = String::new();
+        for f in ["serve.log", "agent-a.log", "agent-b.log"] {
+            let text = std::fs::read_to_string(self.path(f)).unwrap_or_default();
+            out.push_str(&format!("--- {f} ---\n{text}\n"));
+        }
+        out
+    }
+
+    fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new(BIN)
+            .args(args)
+            .env("PUBRUN_ADDR", format!("http://127.0.0.1:{}", self.port))
+            .env_remove("PUBRUN_TOKEN")
+            .env_remove("PUBRUN_PROJECT")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "`pubrun {}` failed: {}\n{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr),
+            self.logs()
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        let mut a = args.to_vec();
+        a.push("--json");
+        serde_json::from_str(&self.cli(&a)).unwrap()
+    }
+
+    /// GET on the admin API (no server token in these tests).
+    fn get(&self, path: &str) -> Value {
+        let url = format!("http://127.0.0.1:{}{path}", self.port);
+        let body = common_http_get(&url);
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET {path}: {e}: {body}"))
+    }
+
+    /// Polls `probe` until it returns Some, for up to PATIENCE.
+    fn wait<T>(&self, what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some(v) = probe() {
+                return v;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: not within {PATIENCE:?}\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn publish(&self, secs: u32) -> String {
+        self.cli(&[
+            "publish",
+            "work",
+            "--data",
+            &format!(r#"{{"secs": {secs}}}"#),
+        ]);
+        self.wait("a run of nap", || {
+            let runs = self.json(&["runs", "--job", "nap"]);
+            runs["runs"]
+                .as_array()
+                .and_then(|a| a.first())
+                .map(|r| r["id"].to_string())
+        })
+    }
+
+    fn run_log(&self, id: &str) -> String {
+        self.json(&["logs", id])["log"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    fn wait_log(&self, id: &str, needle: &str) -> String {
+        self.wait(&format!("run {id} log containing {needle:?}"), || {
+            let log = self.run_log(id);
+            log.contains(needle).then_some(log)
+        })
+    }
+
+    fn wait_terminal(&self, id: &str) -> Value {
+        self.wait(&format!("run {id} ends"), || {
+            let run = self.json(&["runs", "show", id])["run"].clone();
+            matches!(
+                run["status"].as_str(),
+                Some("succeeded" | "failed" | "timed_out" | "cancelled")
+            )
+            .then_some(run)
+        })
+    }
+
+    fn wait_agents(&self, names: &[&str]) {
+        self.wait(&format!("agents {names:?} connected"), || {
+            let agents = self.get("/api/v1/agents");
+            let have: Vec<&str> = agents["agents"]
+                .as_array()?
+                .iter()
+                .filter_map(|a| a["name"].as_str())
+                .collect();
+            names.iter().all(|n| have.contains(n)).then_some(())
+        });
+    }
+}
+
+/// A tiny blocking HTTP GET (the tests need nothing more).
+fn common_http_get(url: &str) -> String {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let r = reqwest::get(url)
+            .await
+            .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+        r.text().await.unwrap()
+    })
+}
+
+fn signal(pid: u32, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill {sig} {pid}");
+}
+
+fn count(hay: &str, needle: &str) -> usize {
+    hay.matches(needle).count()
+}
+
+fn file_contains(path: &Path, needle: &str) -> bool {
+    std::fs::read_to_string(path).is_ok_and(|t| t.contains(needle))
+}
+
+#[test]
+fn a_run_executes_on_an_agent_and_a_frozen_agent_loses_it_to_another() {
+    let mut env = Env::new();
+    env.start_agent("a");
+    env.wait_agents(&["a"]);
+
+    // A short run: executed on a, log shipped, result recorded.
+    let first = env.publish(0);
+    let run = env.wait_terminal(&first);
+    assert_eq!(run["status"], "succeeded", "{run:#}\n{}", env.logs());
+    let log = env.run_log(&first);
+    assert!(log.contains("leased to machine a"), "{log}");
+    assert!(log.contains("running on agent a"), "{log}");
+    assert_eq!(count(&log, "begin\n"), 1, "{log}");
+    assert_eq!(count(&log, "end\n"), 1, "{log}");
+
+    // A longer run starts on a; b joins; a freezes (its child keeps going).
+    let second = env.publish(8);
+    env.wait(&format!("run {second} begins on a"), || {
+        let log = env.run_log(&second);
+        (log.contains("running on agent a") && log.contains("begin\n")).then_some(())
+    });
+    env.start_agent("b");
+    env.wait_agents(&["a", "b"]);
+    let a = env.agent_pid("a");
+    signal(a, "-STOP");
+
+    // Past the lease timeout the run goes to b, same attempt.
+    let log = env.wait_log(&second, "running on agent b");
+    assert!(log.contains("lost:"), "the lost lease is noted:\n{log}");
+    // a wakes up after its child ended; its late log and result are refused.
+    signal(a, "-CONT");
+    let run = env.wait_terminal(&second);
+    assert_eq!(run["status"], "succeeded", "{run:#}\n{}", env.logs());
+    assert_eq!(
+        run["attempt"], 1,
+        "a lost lease uses up no attempt: {run:#}"
+    );
+    assert_eq!(run["machine"], "b", "{run:#}");
+    let agent_a_log = env.path("agent-a.log");
+    env.wait("agent a told its lease is gone", || {
+        (file_contains(&agent_a_log, "409")
+            || file_contains(&agent_a_log, "fenced")
+            || file_contains(&agent_a_log, "revoked"))
+        .then_some(())
+    });
+    let log = env.run_log(&second);
+    assert_eq!(count(&log, "begin\n"), 2, "one begin per lease:\n{log}");
+    assert_eq!(count(&log, "end\n"), 1, "only b's end is accepted:\n{log}");
+    // The run's final record stays b's.
+    let again = env.json(&["runs", "show", &second])["run"].clone();
+    assert_eq!(again["status"], "succeeded");
+    assert_eq!(again["ended_at_ms"], run["ended_at_ms"], "{again:#}");
+
+    // Both machines' time is in the cost report, the runs with it.
+    let cost = env.get("/api/v1/cost");
+    let crew = cost["pools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["pool"] == "crew")
+        .unwrap_or_else(|| panic!("{cost:#}"));
+    assert!(crew["run_seconds"].as_f64().unwrap() > 0.0, "{cost:#}");
+    let run_ids: Vec<String> = cost["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["run_id"].to_string())
+        .collect();
+    assert!(
+        run_ids
+            .iter()
+            .any(|r| r.trim_matches('"') == second.trim_matches('"')),
+        "{cost:#}"
+    );
+}
+
+#[test]
+fn a_server_restart_does_not_lose_a_run_on_an_agent() {
+    let mut env = Env::new();
+    env.start_agent("a");
+    env.wait_agents(&["a"]);
+    let id = env.publish(6);
+    env.wait_log(&id, "begin\n");
+    env.kill_server();
+    env.start_server();
+    let run = env.wait_terminal(&id);
+    assert_eq!(run["status"], "succeeded", "{run:#}\n{}", env.logs());
+    assert_eq!(run["attempt"], 1, "{run:#}");
+    let log = env.run_log(&id);
+    assert_eq!(count(&log, "begin\n"), 1, "ran once:\n{log}");
+    assert_eq!(count(&log, "end\n"), 1, "{log}");
+    assert!(!log.contains("lost:"), "{log}");
+}

@@ -57,6 +57,7 @@ impl Drop for Env {
             // A stopped process must be continued to die of SIGKILL promptly.
             let _ = Command::new("kill")
                 .args(["-CONT", &a.id().to_string()])
+                .stderr(Stdio::null())
                 .status();
             let _ = a.kill();
             let _ = a.wait();
@@ -355,6 +356,44 @@ fn a_run_executes_on_an_agent_and_a_frozen_agent_loses_it_to_another() {
             .any(|r| r.trim_matches('"') == second.trim_matches('"')),
         "{cost:#}"
     );
+}
+
+#[test]
+fn a_stopping_agent_hands_its_run_back() {
+    let mut env = Env::new();
+    env.start_agent("a");
+    env.wait_agents(&["a"]);
+    let id = env.publish(30);
+    env.wait(&format!("run {id} begins on a"), || {
+        let log = env.run_log(&id);
+        (log.contains("running on agent a") && log.contains("begin\n")).then_some(())
+    });
+    env.start_agent("b");
+    env.wait_agents(&["a", "b"]);
+    // SIGTERM: a stops its run and reports it as handed back, then exits.
+    signal(env.agent_pid("a"), "-TERM");
+    let deadline = Instant::now() + PATIENCE;
+    let exited = loop {
+        let (_, child) = env.agents.iter_mut().find(|(n, _)| n == "a").unwrap();
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "agent a still running after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(exited.success(), "agent a: {exited}\n{}", env.logs());
+    let log = env.wait_log(&id, "running on agent b");
+    assert!(
+        log.contains("agent a stopped during the run"),
+        "handed back, not timed out:\n{log}"
+    );
+    let run = env.json(&["runs", "show", &id])["run"].clone();
+    assert_eq!(run["attempt"], 1, "{run:#}");
+    assert_eq!(run["status"], "running", "{run:#}");
+    assert_eq!(run["machine"], "b", "{run:#}");
 }
 
 #[test]

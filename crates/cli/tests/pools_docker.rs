@@ -238,7 +238,12 @@ price_per_hour = 3.2
     }
 
     fn start_server(&mut self) {
-        let log = std::fs::File::create(self.path("serve.log")).unwrap();
+        // Appended to: a restarted server's log follows the first one's.
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.path("serve.log"))
+            .unwrap();
         let child = Command::new(BIN)
             .args([
                 "serve",
@@ -807,4 +812,90 @@ retries = {{ max_attempts = 1 }}
         &format!("label=pubrun.job={}", env.job("boxed")),
     ]);
     assert!(left.trim().is_empty(), "job containers left: {left}");
+}
+
+#[test]
+fn a_killed_machine_and_a_server_restart_lose_no_run() {
+    let Some(serial) = ready("a_killed_machine_and_a_server_restart_lose_no_run") else {
+        return;
+    };
+    let mut env = Env::new(serial, "kill", "lease_timeout = \"5s\"", NAP_JOB);
+
+    // Two long runs, one per machine.
+    let one = env.publish("work", "nap", r#"{"n": 1, "secs": 15}"#);
+    let two = env.publish("work", "nap", r#"{"n": 2, "secs": 15}"#);
+    let log_one = env.wait_log(one, "run 1 begins", |l| {
+        l.contains("begin 1\n") && !leases(l).is_empty()
+    });
+    let log_two = env.wait_log(two, "run 2 begins", |l| {
+        l.contains("begin 2\n") && !leases(l).is_empty()
+    });
+    let (killed, _) = leases(&log_one)[0].clone();
+    let (survivor, _) = leases(&log_two)[0].clone();
+    assert_ne!(killed, survivor, "one run per machine");
+
+    // The machine of run 1 dies; the server restarts while run 2 runs.
+    let (ok, out) = docker(&["kill", &killed]);
+    assert!(ok, "docker kill {killed}: {out}");
+    env.server.take();
+    env.start_server();
+
+    // Run 1 is taken back from the dead machine and runs again elsewhere.
+    let log = env.wait_log(one, "run 1 leased again", |l| leases(l).len() >= 2);
+    assert_ne!(leases(&log)[1].0, killed, "{log}");
+    for id in [one, two] {
+        let run = env.wait_terminal(id);
+        assert_eq!(run["status"], "succeeded", "{run:#}\n{}", env.logs());
+        assert_eq!(run["attempt"], 1, "{run:#}\n{}", env.run_log(id));
+    }
+    // Run 2 finished where it was, through the restart; each ended once.
+    assert_eq!(env.run(two)["machine"], survivor.as_str());
+    let log_two = env.run_log(two);
+    assert_eq!(leases(&log_two).len(), 1, "{log_two}");
+    assert_eq!(count(&log_two, "end 2\n"), 1, "{log_two}");
+    assert_eq!(count(&env.run_log(one), "end 1\n"), 1);
+    let runs = env.get(&format!("/api/v1/runs?job={}", env.job("nap")));
+    assert_eq!(runs["runs"].as_array().unwrap().len(), 2, "{runs:#}");
+
+    // Back to no machines, and the cost report adds up.
+    env.wait_pool_empty();
+    let cost = env.get("/api/v1/cost");
+    let pool = cost["pools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["pool"] == env.pool.as_str())
+        .unwrap_or_else(|| panic!("{cost:#}"))
+        .clone();
+    let f = |v: &Value| v.as_f64().unwrap();
+    let machine_sum: f64 = cost["machines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["pool"] == env.pool.as_str())
+        .map(|m| f(&m["seconds"]))
+        .sum();
+    let run_sum: f64 = cost["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["pool"] == env.pool.as_str())
+        .map(|r| f(&r["machine_seconds"]))
+        .sum();
+    let close = |a: f64, b: f64| (a - b).abs() < 0.01;
+    assert!(close(f(&pool["machine_seconds"]), machine_sum), "{cost:#}");
+    assert!(close(f(&pool["run_seconds"]), run_sum), "{cost:#}");
+    assert!(
+        close(
+            f(&pool["run_seconds"]) + f(&pool["idle_seconds"]),
+            f(&pool["machine_seconds"])
+        ),
+        "{cost:#}"
+    );
+    // Both runs slept 15 s on some machine; run 1 twice.
+    assert!(run_sum >= 30.0, "{cost:#}");
+    assert!(
+        close(f(&pool["cost"]), f(&pool["machine_seconds"]) * 3.2 / 3600.0),
+        "{cost:#}"
+    );
 }

@@ -977,7 +977,16 @@ impl Dispatcher {
                 .reattach(req.clone(), log.clone(), token.clone())
                 .await
             {
-                Some(exit) if exit.infra_error && !exit.cancelled => {
+                // "lost:" is an answer (a pool took the lease back), not
+                // an engine that cannot be asked.
+                Some(exit)
+                    if exit.infra_error
+                        && !exit.cancelled
+                        && !exit
+                            .error
+                            .as_deref()
+                            .is_some_and(|e| e.starts_with("lost:")) =>
+                {
                     let why = exit.error.unwrap_or_default();
                     log.note(&format!(
                         "cannot look for the attempt yet ({why}); asking again in {delay:?}"
@@ -1011,11 +1020,11 @@ impl Dispatcher {
         let status = exit.status();
         let result = if !cancelled && exit.infra_error {
             // Not the job's fault: wait and try the same attempt again.
-            let delay = if run.status == RunStatus::Starting
-                && exit
-                    .error
-                    .as_deref()
-                    .is_some_and(|e| e.starts_with("lost:"))
+            // A lost machine or lease: another machine can take it now.
+            let delay = if exit
+                .error
+                .as_deref()
+                .is_some_and(|e| e.starts_with("lost:"))
             {
                 Duration::ZERO
             } else {

@@ -52,6 +52,10 @@ struct Agent {
     cfg: AgentConfig,
     http: reqwest::Client,
     held: Mutex<HashMap<u64, Held>>,
+    /// Set when the agent stops: runs it cancels go back to the queue.
+    handing_back: std::sync::atomic::AtomicBool,
+    /// Notified whenever a lease is let go of.
+    released: tokio::sync::Notify,
 }
 
 /// Why a call gave up.
@@ -70,9 +74,20 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
             .connect_timeout(Duration::from_secs(5))
             .build()?,
         held: Mutex::new(HashMap::new()),
+        handing_back: std::sync::atomic::AtomicBool::new(false),
+        released: tokio::sync::Notify::new(),
         cfg,
     });
     std::fs::create_dir_all(agent.cfg.data_dir.join("leases"))?;
+    let result = poll_loop(&agent, &shutdown).await;
+    agent.hand_back().await;
+    result
+}
+
+/// How long a stopping agent waits for its runs to stop and be reported.
+const HAND_BACK_WAIT: Duration = Duration::from_secs(8);
+
+async fn poll_loop(agent: &Arc<Agent>, shutdown: &CancellationToken) -> anyhow::Result<()> {
     let mut backoff = FIRST_BACKOFF;
     'session: loop {
         if shutdown.is_cancelled() {
@@ -146,6 +161,37 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
 }
 
 impl Agent {
+    /// Stopping (SIGTERM, `docker stop`, instance shutdown): stop the runs
+    /// held here and report each as the infrastructure's failure, so the
+    /// server queues it again with the same attempt instead of waiting for
+    /// the lease to time out.
+    async fn hand_back(&self) {
+        self.handing_back
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let deadline = tokio::time::Instant::now() + HAND_BACK_WAIT;
+        loop {
+            let released = self.released.notified();
+            let n = {
+                let held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+                for h in held.values() {
+                    h.cancel.cancel();
+                }
+                held.len()
+            };
+            if n == 0 {
+                return;
+            }
+            tracing::info!(runs = n, "handing runs back to the server");
+            if tokio::time::timeout_at(deadline, released).await.is_err() {
+                tracing::warn!(
+                    runs = n,
+                    "runs not handed back in time; their leases will expire"
+                );
+                return;
+            }
+        }
+    }
+
     fn handle(self: &Arc<Self>, reply: PollReply) {
         let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
         for lease in reply.revoked {
@@ -175,6 +221,7 @@ impl Agent {
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .remove(&lease);
+                this.released.notify_waiters();
             });
         }
     }
@@ -380,7 +427,17 @@ impl Agent {
         };
         log.note(&format!("running on agent {}", self.cfg.name))
             .await;
-        let exit = executor.run(req, log.clone(), cancel, on_started).await;
+        let mut exit = executor.run(req, log.clone(), cancel, on_started).await;
+        if exit.cancelled && self.handing_back.load(std::sync::atomic::Ordering::SeqCst) {
+            exit = Exit {
+                error: Some(format!(
+                    "lost: agent {} stopped during the run; it goes back to the queue",
+                    self.cfg.name
+                )),
+                infra_error: true,
+                ..Default::default()
+            };
+        }
         log.note(&format!("agent {}: attempt ended", self.cfg.name))
             .await;
         log.flush().await;

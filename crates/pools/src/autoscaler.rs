@@ -271,6 +271,13 @@ impl Pools {
                         m.last_error = "gone while the server was down".into();
                         let _ = self.db().upsert_machine(&m);
                         let _ = self.db().span_close(&m.name, now);
+                        // A dead container or instance is still there to
+                        // be removed when the pool deletes idle machines.
+                        if spec.delete_when_idle {
+                            if let Err(e) = provider.stop(&m.name, true).await {
+                                tracing::warn!(machine = m.name, error = %e, "cannot delete a dead machine");
+                            }
+                        }
                     }
                     Ok(_) => {}
                     Err(e) => tracing::warn!(machine = m.name, error = %e, "cannot check machine"),

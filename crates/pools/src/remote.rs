@@ -596,6 +596,25 @@ impl Pools {
                 }
             }
         }
+        // Machines that were up before a restart and whose agent has not
+        // come back since: as lost as an agent that went silent.
+        if let Ok(machines) = self.inner.db.machines() {
+            let st = self.inner.lock();
+            for m in machines {
+                let up = matches!(
+                    m.state,
+                    MachineState::Ready | MachineState::Busy | MachineState::Idle
+                );
+                let timeout = st
+                    .pools
+                    .get(&m.pool)
+                    .map_or(30_000, |p| p.spec.lease_timeout.as_millis() as i64);
+                let silent_ms = now - self.inner.boot_ms.max(m.state_since_ms);
+                if up && !st.agents.contains_key(&m.name) && silent_ms > timeout {
+                    lost_agents.push((m.name, silent_ms));
+                }
+            }
+        }
         for (token, machine, timeout) in expired {
             let reason = format!("machine {machine} not heard from for {} s", timeout / 1000);
             match self
@@ -932,7 +951,17 @@ impl Executor for PoolExecutor {
         }
         match row.state {
             LeaseState::Done => return row.exit,
-            LeaseState::Revoked => return None,
+            // Taken back from a silent machine: the same attempt runs again.
+            LeaseState::Revoked => {
+                return Some(Exit {
+                    error: Some(format!(
+                        "lost: lease {} on machine {} was taken back; retrying on another machine",
+                        row.token, row.machine
+                    )),
+                    infra_error: true,
+                    ..Default::default()
+                })
+            }
             LeaseState::Assigned | LeaseState::Running => {}
         }
         let (tx, rx) = mpsc::unbounded_channel();

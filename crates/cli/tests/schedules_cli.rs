@@ -200,7 +200,16 @@ async fn declared_buckets_notify_their_topic_and_reapply_is_unchanged() {
     );
     let up = http.post(&url).body("x,y\n1,2\n").send().await.unwrap();
     assert_eq!(up.status(), 200);
-    let pulled = ok(&cli(&s, &["pull", "imports-watch", "--ack", "--max", "10"]));
+    // The notification is published just after the upload commits: pull
+    // until it is there.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let pulled = loop {
+        let pulled = ok(&cli(&s, &["pull", "imports-watch", "--ack", "--max", "10"]));
+        if !pulled.trim().is_empty() || Instant::now() > deadline {
+            break pulled;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
     assert!(
         pulled.contains("eventType=OBJECT_FINALIZE") && pulled.contains("objectId=csv/a.csv"),
         "{pulled}"

@@ -233,7 +233,7 @@ impl RetryPolicy {
 }
 
 /// Durations as seconds (with fractions) in JSON, readable and unambiguous.
-mod humantime_serde_secs {
+pub(crate) mod humantime_serde_secs {
     use std::time::Duration;
 
     use serde::{Deserialize, Deserializer, Serializer};

@@ -377,23 +377,8 @@ pub fn autoscale(
     actions
 }
 
-mod secs {
-    use std::time::Duration;
-
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_f64(d.as_secs_f64())
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let secs = f64::deserialize(d)?;
-        if !(0.0..=1e12).contains(&secs) {
-            return Err(serde::de::Error::custom("duration out of range"));
-        }
-        Ok(Duration::from_secs_f64(secs))
-    }
-}
+// Durations as seconds in JSON, as jobs store theirs.
+use crate::job::humantime_serde_secs as secs;
 
 #[cfg(test)]
 pub(crate) mod tests {

@@ -91,7 +91,7 @@ impl Fail {
 }
 
 /// No answer from the engine at all, as opposed to an answer that says no.
-fn is_unreachable(e: &DockerError) -> bool {
+pub fn is_unreachable(e: &DockerError) -> bool {
     matches!(
         e,
         DockerError::SocketNotFoundError(_)
@@ -102,13 +102,13 @@ fn is_unreachable(e: &DockerError) -> bool {
     )
 }
 
-fn is_status(e: &DockerError, code: u16) -> bool {
+pub fn is_status(e: &DockerError, code: u16) -> bool {
     matches!(e, DockerError::DockerResponseServerError { status_code, .. } if *status_code == code)
 }
 
 /// The error and its causes on one line ("client error (Connect): Connection
 /// refused (os error 111)") — hyper's top-level message alone says little.
-fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut out = e.to_string();
     let mut cur = e.source();
     while let Some(s) = cur {
@@ -123,7 +123,7 @@ fn chain(e: &(dyn std::error::Error + 'static)) -> String {
 }
 
 /// The message Docker sent, without bollard's "Docker responded with …".
-fn docker_message(e: &DockerError) -> String {
+pub fn docker_message(e: &DockerError) -> String {
     match e {
         DockerError::DockerResponseServerError { message, .. } => message.clone(),
         DockerError::DockerStreamError { error } => error.clone(),

@@ -68,42 +68,8 @@ pub struct DockerProvider {
     client: OnceCell<Docker>,
 }
 
-fn is_unreachable(e: &DockerError) -> bool {
-    matches!(
-        e,
-        DockerError::SocketNotFoundError(_)
-            | DockerError::HyperLegacyError { .. }
-            | DockerError::HyperResponseError { .. }
-            | DockerError::IOError { .. }
-            | DockerError::RequestTimeoutError
-    )
-}
-
-fn is_status(e: &DockerError, code: u16) -> bool {
-    matches!(e, DockerError::DockerResponseServerError { status_code, .. } if *status_code == code)
-}
-
-/// The error with its causes: hyper's top-level message alone says little.
-fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        let msg = s.to_string();
-        if !out.contains(&msg) {
-            out.push_str(": ");
-            out.push_str(&msg);
-        }
-        cur = s.source();
-    }
-    out
-}
-
-fn docker_message(e: &DockerError) -> String {
-    match e {
-        DockerError::DockerResponseServerError { message, .. } => message.clone(),
-        other => chain(other),
-    }
-}
+// Engine error helpers shared with the docker executor.
+use pubrun_exec::docker::{chain, docker_message, is_status, is_unreachable};
 
 fn from_state(s: Option<ContainerStateStatusEnum>) -> ProviderStatus {
     use ContainerStateStatusEnum as S;

@@ -812,6 +812,8 @@ retries = {{ max_attempts = 1 }}
         &format!("label=pubrun.job={}", env.job("boxed")),
     ]);
     assert!(left.trim().is_empty(), "job containers left: {left}");
+    // Nor the deleted machine's directory.
+    assert!(!std::path::Path::new(&dir).exists(), "{dir} left behind");
 }
 
 #[test]

@@ -453,7 +453,21 @@ impl MachineProvider for DockerProvider {
         if delete {
             self.remove(&docker, name).await?;
         }
-        self.remove_job_containers(&docker, name).await
+        self.remove_job_containers(&docker, name).await?;
+        // A deleted machine's directory goes too, when it is on this host.
+        if let (true, Some(dir)) = (
+            delete && self.endpoint.starts_with("unix://"),
+            self.machine_dir(name),
+        ) {
+            match tokio::fs::remove_dir_all(&dir).await {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(machine = name, dir, error = %e, "cannot remove the machine's directory")
+                }
+            }
+        }
+        Ok(())
     }
 
     async fn status(&self, name: &str) -> Result<ProviderStatus, ProviderError> {

@@ -18,6 +18,7 @@ use pubrun_core::{
 };
 use pubrun_store::{AppendFuture, Catalog, Record, Store, SubscriptionEntry, TopicEntry};
 
+use crate::msg::Msg;
 use crate::subscription::{Handout, Pending, Policy, StreamQuota, SubState};
 
 mod retention;
@@ -202,7 +203,7 @@ impl State {
     /// Adds messages to every subscription of the topic that was created
     /// before them and whose filter they match. Publish and log replay both
     /// come here, so a filter is applied identically to both.
-    fn distribute(&mut self, topic_uid: u64, messages: &[Arc<Message>]) {
+    fn distribute(&mut self, topic_uid: u64, messages: &[Msg]) {
         self.ret.keep(topic_uid, messages);
         let Some(subs) = self.topic_subs.get(&topic_uid) else {
             return;
@@ -218,7 +219,7 @@ impl State {
             let ret = &self.ret;
             for m in messages
                 .iter()
-                .filter(|m| m.seq >= start && ret.admits(*uid, m))
+                .filter(|m| m.seq() >= start && ret.admits(*uid, m))
             {
                 added |= st.add(m.clone(), now);
             }
@@ -261,7 +262,7 @@ fn parse_ack_id(id: &str) -> Result<(u64, u64, u32)> {
 fn delivered(uid: u64, policy: &Policy, h: Handout) -> Delivered {
     Delivered {
         ack_id: ack_id(uid, h.seq, h.attempt),
-        message: h.msg,
+        message: h.msg.to_message(),
         delivery_attempt: if policy.max_attempts.is_some() {
             h.attempt
         } else {
@@ -370,7 +371,9 @@ impl Broker {
                     topic_uid,
                     messages,
                 } => {
-                    let msgs: Vec<Arc<Message>> = messages.into_iter().map(Arc::new).collect();
+                    // Packed (copied): replayed payloads slice a whole log
+                    // segment, which an unacked message must not pin.
+                    let msgs: Vec<Msg> = messages.iter().map(Msg::new).collect();
                     state.distribute(topic_uid, &msgs);
                 }
                 Record::Ack { sub_uid, seqs } => {
@@ -683,7 +686,14 @@ impl Broker {
             }]);
             (topic_uid, msgs, durable)
         };
-        let first = msgs[0].seq;
+        // What the broker keeps in memory: each message packed into one
+        // exactly-sized allocation. The payload is copied so that it does not
+        // pin the request buffer it was decoded from (a zero-copy slice of a
+        // gRPC request keeps its whole decode buffer, >= 8 KiB, alive); the
+        // store's copy of `msgs` is dropped once written.
+        let packed: Vec<Msg> = msgs.iter().map(Msg::new).collect();
+        drop(msgs);
+        let first = packed[0].seq();
         let result = durable.await;
         let mut st = self.lock();
         if let Some(n) = st.inflight.get_mut(&first) {
@@ -693,9 +703,8 @@ impl Broker {
             }
         }
         result?;
-        let ids = msgs.iter().map(Message::id).collect();
-        let arcs: Vec<Arc<Message>> = msgs.into_iter().map(Arc::new).collect();
-        st.distribute(topic_uid, &arcs);
+        let ids = packed.iter().map(|m| m.seq().to_string()).collect();
+        st.distribute(topic_uid, &packed);
         Ok(ids)
     }
 
@@ -1159,7 +1168,7 @@ impl Broker {
                 let messages = chunk
                     .iter()
                     .map(|l| {
-                        let mut attributes = l.msg.attributes.clone();
+                        let mut attributes = l.msg.attributes();
                         attributes.insert(
                             "CloudPubSubDeadLetterSourceDeliveryCount".into(),
                             l.attempts.to_string(),
@@ -1174,12 +1183,12 @@ impl Broker {
                         );
                         attributes.insert(
                             "CloudPubSubDeadLetterSourceTopicPublishTime".into(),
-                            rfc3339(l.msg.publish_time_nanos),
+                            rfc3339(l.msg.publish_time_nanos()),
                         );
                         OutgoingMessage {
-                            data: l.msg.data.clone(),
+                            data: l.msg.data_bytes(),
                             attributes,
-                            ordering_key: l.msg.ordering_key.clone(),
+                            ordering_key: l.msg.ordering_key().to_string(),
                         }
                     })
                     .collect();

@@ -27,7 +27,9 @@
 //! [`Store`]: pubrun_store::Store
 
 mod broker;
+mod msg;
 pub mod push;
+mod seqmap;
 mod subscription;
 
 pub use broker::{

@@ -22,28 +22,58 @@
 //! returns it and every later leased message of its key, so they are
 //! redelivered after it, in order.
 //!
-//! Delivery attempts (`Pending::attempts`) live in memory only, like leases:
+//! Delivery attempts (`Entry::attempts`) live in memory only, like leases:
 //! after a restart every message starts again at attempt 1. Google documents
 //! its own count as best effort as well.
 //!
 //! A stream's `outstanding` counts the leased messages delivered on it.
+//!
+//! Memory: a backlog entry ([`Entry`]) is 24 bytes (the packed message's
+//! pointer, attempts, a one-byte state) in a [`SeqMap`]; the data of a
+//! `Leased` or `Delayed` slot and a pending backoff (`not_before`) live in
+//! side maps keyed by seq, which only hold the few outstanding / backed-off
+//! messages. `ready` is a bitmap [`SeqSet`]. A 1M-message backlog costs ~25
+//! bytes per message here on top of the (shared) message itself.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pubrun_core::config::RetryPolicy;
 use pubrun_core::filter::Filter;
-use pubrun_core::Message;
 
+use crate::msg::Msg;
+use crate::seqmap::{SeqMap, SeqSet};
+
+/// A message taken out of the backlog, with everything needed to put it back
+/// ([`SubState::restore`]).
 pub(crate) struct Pending {
-    pub msg: Arc<Message>,
+    pub msg: Msg,
     /// Deliveries so far (1 after the first delivery).
     pub attempts: u32,
     pub slot: Slot,
     /// Earliest redelivery earned by the last failed delivery (retry policy);
     /// applied when the message next becomes eligible.
     pub not_before: Option<Instant>,
+}
+
+/// A backlog entry. The slot's data (a lease, a backoff end) and
+/// `not_before` are in the side maps of [`SubState`].
+pub(crate) struct Entry {
+    pub msg: Msg,
+    /// Deliveries so far (1 after the first delivery).
+    pub attempts: u32,
+    state: State,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    Ready,
+    Leased,
+    Delayed,
+    Waiting,
+    DeadLetter,
+    DeadLetterForwarding,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -103,8 +133,14 @@ pub(crate) struct SubState {
     pub start_seq: u64,
     pub ack_deadline: Duration,
     pub policy: Policy,
-    pub backlog: BTreeMap<u64, Pending>,
-    pub ready: BTreeSet<u64>,
+    pub backlog: SeqMap<Entry>,
+    /// The lease of each `Leased` entry.
+    leases: HashMap<u64, Lease>,
+    /// The end of the backoff of each `Delayed` entry.
+    delays: HashMap<u64, Instant>,
+    /// `Pending::not_before` of the entries that have one.
+    not_before: HashMap<u64, Instant>,
+    pub ready: SeqSet,
     pub expiries: BTreeSet<(Instant, u64)>,
     pub delayed: BTreeSet<(Instant, u64)>,
     pub dead_letters: BTreeSet<u64>,
@@ -117,14 +153,14 @@ pub(crate) struct SubState {
 /// A message handed to a subscriber.
 pub(crate) struct Handout {
     pub seq: u64,
-    pub msg: Arc<Message>,
+    pub msg: Msg,
     pub attempt: u32,
 }
 
 /// A message to forward to the dead-letter topic.
 pub(crate) struct DeadLetter {
     pub seq: u64,
-    pub msg: Arc<Message>,
+    pub msg: Msg,
     pub attempts: u32,
 }
 
@@ -141,8 +177,11 @@ impl SubState {
             start_seq: 0,
             ack_deadline: Duration::from_secs(ack_deadline_secs as u64),
             policy: Policy::default(),
-            backlog: BTreeMap::new(),
-            ready: BTreeSet::new(),
+            backlog: SeqMap::new(),
+            leases: HashMap::new(),
+            delays: HashMap::new(),
+            not_before: HashMap::new(),
+            ready: SeqSet::new(),
             expiries: BTreeSet::new(),
             delayed: BTreeSet::new(),
             dead_letters: BTreeSet::new(),
@@ -152,41 +191,119 @@ impl SubState {
         }
     }
 
+    /// The slot of a backlog message (`None`: not in the backlog).
+    fn slot_of(&self, seq: u64) -> Option<Slot> {
+        let e = self.backlog.get(&seq)?;
+        Some(match e.state {
+            State::Ready => Slot::Ready,
+            State::Leased => Slot::Leased(self.leases[&seq]),
+            State::Delayed => Slot::Delayed(self.delays[&seq]),
+            State::Waiting => Slot::Waiting,
+            State::DeadLetter => Slot::DeadLetter { forwarding: false },
+            State::DeadLetterForwarding => Slot::DeadLetter { forwarding: true },
+        })
+    }
+
+    /// The slot of a message known to be in the backlog.
+    #[cfg(test)]
+    fn slot(&self, seq: u64) -> Slot {
+        self.slot_of(seq).expect("message is in the backlog")
+    }
+
+    /// Sets the slot of a backlog message (not its index: callers do that).
+    fn set_slot(&mut self, seq: u64, slot: Slot) {
+        let e = self
+            .backlog
+            .get_mut(&seq)
+            .expect("message is in the backlog");
+        match e.state {
+            State::Leased => {
+                self.leases.remove(&seq);
+            }
+            State::Delayed => {
+                self.delays.remove(&seq);
+            }
+            _ => {}
+        }
+        e.state = match slot {
+            Slot::Ready => State::Ready,
+            Slot::Leased(l) => {
+                self.leases.insert(seq, l);
+                State::Leased
+            }
+            Slot::Delayed(t) => {
+                self.delays.insert(seq, t);
+                State::Delayed
+            }
+            Slot::Waiting => State::Waiting,
+            Slot::DeadLetter { forwarding: false } => State::DeadLetter,
+            Slot::DeadLetter { forwarding: true } => State::DeadLetterForwarding,
+        };
+    }
+
+    fn set_not_before(&mut self, seq: u64, t: Option<Instant>) {
+        match t {
+            Some(t) => self.not_before.insert(seq, t),
+            None => self.not_before.remove(&seq),
+        };
+    }
+
+    fn is_waiting(&self, seq: u64) -> bool {
+        self.backlog[&seq].state == State::Waiting
+    }
+
     /// The ordering key that orders this message here, if any.
-    fn key_of(&self, msg: &Message) -> Option<String> {
-        (self.policy.ordered && !msg.ordering_key.is_empty()).then(|| msg.ordering_key.clone())
+    fn key_of(&self, msg: &Msg) -> Option<String> {
+        let key = msg.ordering_key();
+        (self.policy.ordered && !key.is_empty()).then(|| key.to_string())
     }
 
     /// Adds a newly published (or replayed) message. Returns false when the
     /// filter does not match: such a message is never part of the backlog.
-    pub fn add(&mut self, msg: Arc<Message>, now: Instant) -> bool {
-        if !self.policy.filter.matches(&msg.attributes) {
+    pub fn add(&mut self, msg: Msg, now: Instant) -> bool {
+        if !self.policy.filter.matches_with(|k| msg.attribute(k)) {
             return false;
         }
-        let seq = msg.seq;
-        match self.key_of(&msg) {
-            Some(k) => {
-                self.backlog.insert(
-                    seq,
-                    Pending {
-                        msg,
-                        attempts: 0,
-                        slot: Slot::Waiting,
-                        not_before: None,
-                    },
-                );
-                self.enqueue_keyed(&k, seq, now);
+        let seq = msg.seq();
+        let key = self.key_of(&msg);
+        let state = if key.is_some() {
+            State::Waiting
+        } else {
+            State::Ready
+        };
+        if let Some(old) = self.backlog.insert(
+            seq,
+            Entry {
+                msg,
+                attempts: 0,
+                state,
+            },
+        ) {
+            // Not expected (callers add a seq once); keep the side maps clean.
+            match old.state {
+                State::Leased => {
+                    if let Some(l) = self.leases.remove(&seq) {
+                        self.expiries.remove(&(l.deadline, seq));
+                    }
+                }
+                State::Delayed => {
+                    if let Some(t) = self.delays.remove(&seq) {
+                        self.delayed.remove(&(t, seq));
+                    }
+                }
+                State::DeadLetter | State::DeadLetterForwarding => {
+                    self.dead_letters.remove(&seq);
+                }
+                State::Ready => {
+                    self.ready.remove(&seq);
+                }
+                State::Waiting => {}
             }
+            self.not_before.remove(&seq);
+        }
+        match key {
+            Some(k) => self.enqueue_keyed(&k, seq, now),
             None => {
-                self.backlog.insert(
-                    seq,
-                    Pending {
-                        msg,
-                        attempts: 0,
-                        slot: Slot::Ready,
-                        not_before: None,
-                    },
-                );
                 self.ready.insert(seq);
             }
         }
@@ -204,8 +321,8 @@ impl SubState {
         let later: Vec<u64> = set.range(seq + 1..).copied().collect();
         for s in later {
             if matches!(
-                self.backlog[&s].slot,
-                Slot::Ready | Slot::Leased(_) | Slot::Delayed(_)
+                self.backlog[&s].state,
+                State::Ready | State::Leased | State::Delayed
             ) {
                 self.detach(s);
             }
@@ -223,26 +340,22 @@ impl SubState {
             self.keys.remove(key);
             return;
         };
-        if self.backlog[&first].slot == Slot::Waiting {
+        if self.is_waiting(first) {
             self.make_eligible(first, now);
         }
     }
 
     /// Waiting → Ready, or Delayed while its backoff runs.
     fn make_eligible(&mut self, seq: u64, now: Instant) {
-        let p = self
-            .backlog
-            .get_mut(&seq)
-            .expect("eligible message is in the backlog");
-        debug_assert_eq!(p.slot, Slot::Waiting);
-        match p.not_before {
+        debug_assert!(self.is_waiting(seq), "eligible message is waiting");
+        match self.not_before.get(&seq).copied() {
             Some(t) if t > now => {
-                p.slot = Slot::Delayed(t);
+                self.set_slot(seq, Slot::Delayed(t));
                 self.delayed.insert((t, seq));
             }
             _ => {
-                p.not_before = None;
-                p.slot = Slot::Ready;
+                self.not_before.remove(&seq);
+                self.set_slot(seq, Slot::Ready);
                 self.ready.insert(seq);
             }
         }
@@ -251,11 +364,11 @@ impl SubState {
     /// Takes a message out of whatever index its slot puts it in (releasing
     /// its lease and quota) and leaves it `Waiting`. Returns the old slot.
     fn detach(&mut self, seq: u64) -> Slot {
-        let Some(p) = self.backlog.get_mut(&seq) else {
+        let Some(old) = self.slot_of(seq) else {
             return Slot::Waiting;
         };
-        let old = std::mem::replace(&mut p.slot, Slot::Waiting);
-        let size = p.msg.size() as u64;
+        self.set_slot(seq, Slot::Waiting);
+        let size = self.backlog[&seq].msg.size() as u64;
         self.unindex(seq, old, size);
         old
     }
@@ -286,10 +399,19 @@ impl SubState {
     /// Removes an acked message from the backlog, wherever it is. The
     /// returned `Pending` carries the slot it had.
     pub fn remove(&mut self, seq: u64, now: Instant) -> Option<Pending> {
-        let p = self.backlog.remove(&seq)?;
+        let slot = self.slot_of(seq)?;
+        let e = self.backlog.remove(&seq).expect("slot_of found it");
+        self.leases.remove(&seq);
+        self.delays.remove(&seq);
+        let p = Pending {
+            msg: e.msg,
+            attempts: e.attempts,
+            slot,
+            not_before: self.not_before.remove(&seq),
+        };
         self.unindex(seq, p.slot, p.msg.size() as u64);
-        if self.policy.ordered && !p.msg.ordering_key.is_empty() {
-            let k = p.msg.ordering_key.as_str();
+        if self.policy.ordered && !p.msg.ordering_key().is_empty() {
+            let k = p.msg.ordering_key();
             if let Some(set) = self.keys.get_mut(k) {
                 set.remove(&seq);
             }
@@ -314,18 +436,20 @@ impl SubState {
             key.as_ref().is_none_or(|k| {
                 self.keys.get(k).is_none_or(|set| {
                     set.range(..seq)
-                        .all(|s| matches!(self.backlog[s].slot, Slot::Leased(_)))
+                        .all(|s| self.backlog[s].state == State::Leased)
                 })
             })
         });
         let size = p.msg.size() as u64;
         self.backlog.insert(
             seq,
-            Pending {
-                slot: Slot::Waiting,
-                ..p
+            Entry {
+                msg: p.msg,
+                attempts: p.attempts,
+                state: State::Waiting,
             },
         );
+        self.set_not_before(seq, p.not_before);
         match (lease, key) {
             (Some(l), key) => {
                 let l = Lease {
@@ -336,7 +460,7 @@ impl SubState {
                     q.messages += 1;
                     q.bytes += size;
                 }
-                self.backlog.get_mut(&seq).unwrap().slot = Slot::Leased(l);
+                self.set_slot(seq, Slot::Leased(l));
                 self.expiries.insert((l.deadline, seq));
                 if let Some(k) = key {
                     let set = self.keys.entry(k).or_default();
@@ -344,7 +468,7 @@ impl SubState {
                     // A successor made eligible meanwhile waits again.
                     let later: Vec<u64> = set.range(seq + 1..).copied().collect();
                     for s in later {
-                        if matches!(self.backlog[&s].slot, Slot::Ready | Slot::Delayed(_)) {
+                        if matches!(self.backlog[&s].state, State::Ready | State::Delayed) {
                             self.detach(s);
                         }
                     }
@@ -363,9 +487,9 @@ impl SubState {
                 break;
             }
             self.delayed.pop_first();
-            let p = self.backlog.get_mut(&seq).expect("delayed implies backlog");
-            p.slot = Slot::Ready;
-            p.not_before = None;
+            debug_assert!(self.backlog.contains_key(&seq), "delayed implies backlog");
+            self.set_slot(seq, Slot::Ready);
+            self.not_before.remove(&seq);
             self.ready.insert(seq);
             n += 1;
         }
@@ -392,6 +516,7 @@ impl SubState {
             return Leasing::DeadLettered;
         }
         let size = p.msg.size() as u64;
+        let was_ready = p.state == State::Ready;
         if let Some(q) = stream.and_then(|s| self.streams.get_mut(&s)) {
             if !q.room(size) {
                 return Leasing::NoRoom;
@@ -399,17 +524,20 @@ impl SubState {
             q.messages += 1;
             q.bytes += size;
         }
-        if p.slot == Slot::Ready {
+        if was_ready {
             self.ready.remove(&seq);
         }
+        let d = now + deadline;
+        self.set_slot(
+            seq,
+            Slot::Leased(Lease {
+                deadline: d,
+                stream,
+            }),
+        );
+        self.expiries.insert((d, seq));
         let p = self.backlog.get_mut(&seq).unwrap();
         p.attempts += 1;
-        let d = now + deadline;
-        p.slot = Slot::Leased(Lease {
-            deadline: d,
-            stream,
-        });
-        self.expiries.insert((d, seq));
         Leasing::Done(Handout {
             seq,
             msg: p.msg.clone(),
@@ -430,7 +558,7 @@ impl SubState {
         self.release_due(now);
         let mut out = Vec::new();
         while out.len() < max {
-            let Some(&seq) = self.ready.first() else {
+            let Some(seq) = self.ready.first() else {
                 break;
             };
             let h = match self.lease(seq, now, deadline, stream) {
@@ -450,8 +578,7 @@ impl SubState {
                 else {
                     break;
                 };
-                let p = &self.backlog[&next];
-                if p.slot != Slot::Waiting || p.not_before.is_some_and(|t| t > now) {
+                if !self.is_waiting(next) || self.not_before.get(&next).is_some_and(|t| *t > now) {
                     break;
                 }
                 match self.lease(next, now, deadline, stream) {
@@ -470,10 +597,7 @@ impl SubState {
     /// when the attempts are used up. With ordering, the later leased
     /// messages of its key are returned too, to be redelivered after it.
     fn fail(&mut self, seq: u64, now: Instant) {
-        if !matches!(
-            self.backlog.get(&seq).map(|p| p.slot),
-            Some(Slot::Leased(_))
-        ) {
+        if !matches!(self.slot_of(seq), Some(Slot::Leased(_))) {
             return;
         }
         self.detach(seq);
@@ -485,21 +609,18 @@ impl SubState {
                 .map(|s| s.range(seq + 1..).copied().collect())
                 .unwrap_or_default();
             for s in later {
-                if matches!(self.backlog[&s].slot, Slot::Leased(_)) {
+                if self.backlog[&s].state == State::Leased {
                     self.detach(s);
                 }
             }
         }
-        let p = self.backlog.get_mut(&seq).unwrap();
-        if self
-            .policy
-            .max_attempts
-            .is_some_and(|max| p.attempts >= max)
-        {
+        let attempts = self.backlog[&seq].attempts;
+        if self.policy.max_attempts.is_some_and(|max| attempts >= max) {
             self.move_to_dead_letters(seq, now);
             return;
         }
-        p.not_before = self.policy.retry.map(|r| now + r.backoff(p.attempts));
+        let nb = self.policy.retry.map(|r| now + r.backoff(attempts));
+        self.set_not_before(seq, nb);
         match key {
             Some(k) => self.fix_key(&k, now),
             None => self.make_eligible(seq, now),
@@ -508,7 +629,7 @@ impl SubState {
 
     fn move_to_dead_letters(&mut self, seq: u64, now: Instant) {
         self.detach(seq);
-        self.backlog.get_mut(&seq).unwrap().slot = Slot::DeadLetter { forwarding: false };
+        self.set_slot(seq, Slot::DeadLetter { forwarding: false });
         self.dead_letters.insert(seq);
         if let Some(k) = self.key_of(&self.backlog[&seq].msg) {
             if let Some(set) = self.keys.get_mut(&k) {
@@ -527,8 +648,8 @@ impl SubState {
                 .backlog
                 .get_mut(&seq)
                 .expect("dead letter is in the backlog");
-            if p.slot == (Slot::DeadLetter { forwarding: false }) {
-                p.slot = Slot::DeadLetter { forwarding: true };
+            if p.state == State::DeadLetter {
+                p.state = State::DeadLetterForwarding;
                 out.push(DeadLetter {
                     seq,
                     msg: p.msg.clone(),
@@ -542,15 +663,11 @@ impl SubState {
     /// Gives back a dead letter that could not be forwarded (or whose policy
     /// was removed meanwhile): eligible again after `delay`.
     pub fn return_dead_letter(&mut self, seq: u64, now: Instant, delay: Duration) {
-        if !matches!(
-            self.backlog.get(&seq).map(|p| p.slot),
-            Some(Slot::DeadLetter { .. })
-        ) {
+        if !matches!(self.slot_of(seq), Some(Slot::DeadLetter { .. })) {
             return;
         }
         self.detach(seq);
-        let p = self.backlog.get_mut(&seq).unwrap();
-        p.not_before = (!delay.is_zero()).then(|| now + delay);
+        self.set_not_before(seq, (!delay.is_zero()).then(|| now + delay));
         let key = self.key_of(&self.backlog[&seq].msg);
         match key {
             Some(k) => self.enqueue_keyed(&k, seq, now),
@@ -562,25 +679,25 @@ impl SubState {
     /// exactly-once ack or modack must name.
     pub fn holds_lease(&self, seq: u64, attempt: u32, now: Instant) -> bool {
         self.backlog.get(&seq).is_some_and(|p| {
-            p.attempts == attempt && matches!(p.slot, Slot::Leased(l) if l.deadline > now)
+            p.attempts == attempt && p.state == State::Leased && self.leases[&seq].deadline > now
         })
     }
 
     /// Sets a new deadline for a leased message; `None` nacks it. Returns
     /// false when the message is no longer leased (acked or expired).
     pub fn modify(&mut self, seq: u64, new_deadline: Option<Instant>, now: Instant) -> bool {
-        let Some(p) = self.backlog.get_mut(&seq) else {
-            return false;
-        };
-        let Slot::Leased(lease) = p.slot else {
+        let Some(Slot::Leased(lease)) = self.slot_of(seq) else {
             return false;
         };
         match new_deadline {
             Some(d) => {
-                p.slot = Slot::Leased(Lease {
-                    deadline: d,
-                    ..lease
-                });
+                self.leases.insert(
+                    seq,
+                    Lease {
+                        deadline: d,
+                        ..lease
+                    },
+                );
                 self.expiries.remove(&(lease.deadline, seq));
                 self.expiries.insert((d, seq));
             }
@@ -606,25 +723,23 @@ impl SubState {
     /// Leases taken on a closed stream no longer count against any quota.
     pub fn forget_stream(&mut self, id: u64) {
         self.streams.remove(&id);
-        for p in self.backlog.values_mut() {
-            if let Slot::Leased(l) = &mut p.slot {
-                if l.stream == Some(id) {
-                    l.stream = None;
-                }
+        for l in self.leases.values_mut() {
+            if l.stream == Some(id) {
+                l.stream = None;
             }
         }
     }
 
     pub fn oldest_seq(&self) -> Option<u64> {
-        self.backlog.keys().next().copied()
+        self.backlog.first_key()
     }
 
     /// Checks every invariant in the module docs; for tests.
     #[cfg(test)]
     pub fn check_invariants(&self) {
         let mut counts = [0usize; 5];
-        for (&seq, p) in &self.backlog {
-            match p.slot {
+        for (seq, p) in self.backlog.iter() {
+            match self.slot(seq) {
                 Slot::Ready => {
                     counts[0] += 1;
                     assert!(self.ready.contains(&seq));
@@ -653,18 +768,24 @@ impl SubState {
                 let queued = self.keys.get(&k).is_some_and(|s| s.contains(&seq));
                 assert_eq!(
                     queued,
-                    !matches!(p.slot, Slot::DeadLetter { .. }),
+                    !matches!(self.slot(seq), Slot::DeadLetter { .. }),
                     "key queue membership of {seq}"
                 );
             }
         }
         assert_eq!(counts[0], self.ready.len());
         assert_eq!(counts[1], self.expiries.len());
+        assert_eq!(counts[1], self.leases.len(), "one lease per leased entry");
         assert_eq!(counts[2], self.delayed.len());
+        assert_eq!(counts[2], self.delays.len(), "one end per delayed entry");
         assert_eq!(counts[4], self.dead_letters.len());
+        assert!(
+            self.not_before.keys().all(|s| self.backlog.contains_key(s)),
+            "not_before only for backlog entries"
+        );
         for (k, set) in &self.keys {
             assert!(!set.is_empty(), "empty queue for key {k}");
-            let slots: Vec<Slot> = set.iter().map(|s| self.backlog[s].slot).collect();
+            let slots: Vec<Slot> = set.iter().map(|s| self.slot(*s)).collect();
             let leased = slots
                 .iter()
                 .take_while(|s| matches!(s, Slot::Leased(_)))
@@ -698,13 +819,14 @@ impl SubState {
 mod tests {
     use super::*;
     use bytes::Bytes;
+    use pubrun_core::Message;
 
-    fn msg(seq: u64, len: usize) -> Arc<Message> {
+    fn msg(seq: u64, len: usize) -> Msg {
         keyed(seq, len, "")
     }
 
-    fn keyed(seq: u64, len: usize, key: &str) -> Arc<Message> {
-        Arc::new(Message {
+    fn keyed(seq: u64, len: usize, key: &str) -> Msg {
+        Msg::new(&Message {
             seq,
             data: Bytes::from(vec![b'x'; len]),
             attributes: Default::default(),
@@ -718,6 +840,12 @@ mod tests {
     }
 
     const S10: Duration = Duration::from_secs(10);
+
+    /// The per-message cost the module docs (and bench/broker-results.md) state.
+    #[test]
+    fn backlog_entry_is_small() {
+        assert_eq!(std::mem::size_of::<Entry>(), 24);
+    }
 
     #[test]
     fn lease_expire_and_redeliver() {
@@ -971,12 +1099,12 @@ mod tests {
         let t0 = Instant::now();
         let mut s = SubState::new(1, 10);
         s.policy.filter = pubrun_core::filter::parse("attributes:keep").unwrap();
-        let mut m = (*msg(1, 1)).clone();
-        assert!(!s.add(Arc::new(m.clone()), t0));
+        let mut m = msg(1, 1).to_message().as_ref().clone();
+        assert!(!s.add(Msg::new(&m), t0));
         m.seq = 2;
         m.attributes.insert("keep".into(), "".into());
-        assert!(s.add(Arc::new(m), t0));
-        assert_eq!(s.backlog.keys().copied().collect::<Vec<_>>(), [2]);
+        assert!(s.add(Msg::new(&m), t0));
+        assert_eq!(s.backlog.keys().collect::<Vec<_>>(), [2]);
     }
 
     #[test]
@@ -1055,11 +1183,11 @@ mod tests {
                         }
                     }
                     4 => {
-                        if let Some(&q) = s
+                        let pick = s
                             .backlog
                             .keys()
-                            .nth(next(s.backlog.len() as u64 + 1) as usize)
-                        {
+                            .nth(next(s.backlog.len() as u64 + 1) as usize);
+                        if let Some(q) = pick {
                             if let Some(p) = s.remove(q, t) {
                                 if next(4) == 0 {
                                     s.restore(q, p, t);

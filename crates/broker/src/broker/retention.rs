@@ -28,13 +28,13 @@ use pubrun_core::config::{
 };
 use pubrun_core::names::{SnapshotName, DELETED_TOPIC};
 use pubrun_core::{
-    Error, Message, ProjectName, Result, SubscriptionConfig, SubscriptionName, TopicConfig,
-    TopicName,
+    Error, ProjectName, Result, SubscriptionConfig, SubscriptionName, TopicConfig, TopicName,
 };
 use pubrun_store::catalog::to_ranges;
 use pubrun_store::{Catalog, Record, SeekTarget, SnapshotEntry, TopicEntry};
 
 use super::{page, Broker, Page, State, TopicUpdate};
+use crate::msg::{keeps, Msg};
 
 /// Wall-clock time in nanoseconds since the Unix epoch: publish times and
 /// every retention and expiry decision.
@@ -115,7 +115,7 @@ struct Holders {
 pub(super) struct Retention {
     pub clock: Arc<dyn Clock>,
     /// topic uid → messages kept for seeks, by seq.
-    kept: HashMap<u64, BTreeMap<u64, Arc<Message>>>,
+    kept: HashMap<u64, BTreeMap<u64, Msg>>,
     holders: HashMap<u64, Holders>,
     /// sub uid → (next seq at the time, target) of its last seek: a publish
     /// that was in flight during the seek is judged by the target when it
@@ -157,35 +157,35 @@ impl Retention {
         self.seek_marks.retain(|uid, _| live.contains(uid));
     }
 
-    fn wants(&self, topic_uid: u64, m: &Message, now: i64) -> bool {
+    fn wants(&self, topic_uid: u64, m: &Msg, now: i64) -> bool {
         let Some(h) = self.holders.get(&topic_uid) else {
             return false;
         };
         h.window
-            .is_some_and(|w| m.publish_time_nanos > now.saturating_sub(nanos(w)))
+            .is_some_and(|w| m.publish_time_nanos() > now.saturating_sub(nanos(w)))
             || h.snapshots
                 .iter()
-                .any(|s| s.expire_time_nanos > now && s.covers(m.seq))
+                .any(|s| s.expire_time_nanos > now && s.covers(m.seq()))
     }
 
     /// Keeps the messages of a publish (or replayed publish) that a holder wants.
-    pub fn keep(&mut self, topic_uid: u64, messages: &[Arc<Message>]) {
+    pub fn keep(&mut self, topic_uid: u64, messages: &[Msg]) {
         let now = self.clock.now_nanos();
         for m in messages {
             if self.wants(topic_uid, m, now) {
                 self.kept
                     .entry(topic_uid)
                     .or_default()
-                    .insert(m.seq, m.clone());
+                    .insert(m.seq(), m.clone());
             }
         }
     }
 
     /// Whether subscription `uid` takes `m` given its last seek.
-    pub fn admits(&self, uid: u64, m: &Message) -> bool {
+    pub fn admits(&self, uid: u64, m: &Msg) -> bool {
         self.seek_marks
             .get(&uid)
-            .is_none_or(|(bound, target)| m.seq >= *bound || target.keeps(m))
+            .is_none_or(|(bound, target)| m.seq() >= *bound || keeps(target, m))
     }
 
     /// Lowest kept seq (reclaim must not drop its segment).
@@ -217,8 +217,8 @@ pub(super) fn apply_seek(st: &mut State, uid: u64, target: SeekTarget, now: Inst
     let acked: Vec<u64> = sub
         .backlog
         .iter()
-        .filter(|(_, p)| !target.keeps(&p.msg))
-        .map(|(s, _)| *s)
+        .filter(|(_, p)| !keeps(&target, &p.msg))
+        .map(|(s, _)| s)
         .collect();
     for s in acked {
         sub.remove(s, now);
@@ -228,18 +228,18 @@ pub(super) fn apply_seek(st: &mut State, uid: u64, target: SeekTarget, now: Inst
         let topic_window = h.and_then(|h| h.topic_window);
         let sub_cutoff = now_nanos.saturating_sub(nanos(entry.config.retention()));
         for (seq, m) in kept {
-            if sub.backlog.contains_key(seq) || !target.keeps(m) {
+            if sub.backlog.contains_key(seq) || !keeps(&target, m) {
                 continue;
             }
             let eligible = match &target {
                 // The snapshot retained it for exactly this.
                 SeekTarget::Snapshot { .. } => true,
                 SeekTarget::Time { .. } => {
-                    topic_window
-                        .is_some_and(|w| m.publish_time_nanos > now_nanos.saturating_sub(nanos(w)))
-                        || (entry.config.retain_acked_messages
-                            && *seq >= entry.start_seq
-                            && m.publish_time_nanos > sub_cutoff)
+                    topic_window.is_some_and(|w| {
+                        m.publish_time_nanos() > now_nanos.saturating_sub(nanos(w))
+                    }) || (entry.config.retain_acked_messages
+                        && *seq >= entry.start_seq
+                        && m.publish_time_nanos() > sub_cutoff)
                 }
             };
             if eligible {
@@ -277,8 +277,8 @@ pub(super) fn expire(st: &mut State, now: Instant) -> usize {
         let old: Vec<u64> = sub
             .backlog
             .iter()
-            .take_while(|(_, p)| p.msg.publish_time_nanos <= cutoff)
-            .map(|(s, _)| *s)
+            .take_while(|(_, p)| p.msg.publish_time_nanos() <= cutoff)
+            .map(|(s, _)| s)
             .collect();
         for s in &old {
             sub.remove(*s, now);
@@ -296,7 +296,7 @@ pub(super) fn expire(st: &mut State, now: Instant) -> usize {
             .unwrap_or(i64::MAX);
         let gone: Vec<u64> = msgs
             .iter()
-            .take_while(|(_, m)| m.publish_time_nanos <= cutoff)
+            .take_while(|(_, m)| m.publish_time_nanos() <= cutoff)
             .filter(|(seq, _)| {
                 !h.snapshots
                     .iter()
@@ -537,7 +537,7 @@ impl Broker {
             let oldest = sub
                 .backlog
                 .values()
-                .map(|p| p.msg.publish_time_nanos)
+                .map(|p| p.msg.publish_time_nanos())
                 .min()
                 .unwrap_or(now);
             let expire = oldest.saturating_add(nanos(SNAPSHOT_LIFETIME));
@@ -546,7 +546,7 @@ impl Broker {
                     "the backlog of {sub_key} is too old: a snapshot of it would expire in less than 1 hour"
                 )));
             }
-            let msgs: Vec<Arc<Message>> = sub.backlog.values().map(|p| p.msg.clone()).collect();
+            let msgs: Vec<Msg> = sub.backlog.values().map(|p| p.msg.clone()).collect();
             // Publishes in flight are not in the backlog yet: start there.
             let from_seq = st
                 .inflight
@@ -561,13 +561,13 @@ impl Broker {
                 expire_time_nanos: expire,
                 labels,
                 from_seq,
-                seqs: to_ranges(msgs.iter().map(|m| m.seq)),
+                seqs: to_ranges(msgs.iter().map(|m| m.seq())),
             };
             // Pin them now: an ack before the catalog is saved must not
             // drop them (pruning waits for the admin lock we hold).
             let kept = st.ret.kept.entry(topic_uid).or_default();
             for m in msgs {
-                kept.insert(m.seq, m);
+                kept.insert(m.seq(), m);
             }
             let mut c = st.catalog.clone();
             let out = info(&key, &snap);

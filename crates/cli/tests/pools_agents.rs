@@ -6,8 +6,8 @@
 //! - an agent frozen (SIGSTOP: as good as a cut network) past the lease
 //!   timeout loses the run to the other agent; when it wakes up, its late
 //!   log and result are refused and the run is recorded once;
-//! - the server killed and restarted while an agent runs: the agent
-//!   reconnects and the run completes, still attempt 1.
+//! - the server killed while an agent runs, and started again after the run
+//!   ended: the agent reconnects and reports it, still attempt 1.
 
 mod common;
 
@@ -38,7 +38,7 @@ price_per_hour = 3.6
 name = "nap"
 topic = "work"
 pool = "crew"
-process = { command = "sh", args = ["-c", "echo begin; sleep {{ data.secs }}; echo end"] }
+process = { command = "sh", args = ["-c", "echo begin; sleep {{ data.secs }}; echo end; if [ -n '{{ data.mark }}' ]; then touch '{{ data.mark }}'; fi"] }
 retries = { max_attempts = 1, initial_backoff = "1s", max_backoff = "2s" }
 "#
     .to_string()
@@ -197,12 +197,13 @@ impl Env {
     }
 
     fn publish(&self, secs: u32) -> String {
-        self.cli(&[
-            "publish",
-            "work",
-            "--data",
-            &format!(r#"{{"secs": {secs}}}"#),
-        ]);
+        self.publish_marked(secs, "")
+    }
+
+    /// `mark`: a file the job creates when it has ended (on this machine).
+    fn publish_marked(&self, secs: u32, mark: &str) -> String {
+        let data = serde_json::json!({ "secs": secs, "mark": mark }).to_string();
+        self.cli(&["publish", "work", "--data", &data]);
         self.wait("a run of nap", || {
             let runs = self.json(&["runs", "--job", "nap"]);
             runs["runs"]
@@ -401,9 +402,13 @@ fn a_server_restart_does_not_lose_a_run_on_an_agent() {
     let mut env = Env::new();
     env.start_agent("a");
     env.wait_agents(&["a"]);
-    let id = env.publish(6);
+    let mark = env.path("ended");
+    let id = env.publish_marked(3, mark.to_str().unwrap());
     env.wait_log(&id, "begin\n");
     env.kill_server();
+    // The run ends while the server is down; the agent reports it when it
+    // is back.
+    env.wait("the run ends on the agent", || mark.exists().then_some(()));
     env.start_server();
     let run = env.wait_terminal(&id);
     assert_eq!(run["status"], "succeeded", "{run:#}\n{}", env.logs());

@@ -38,7 +38,9 @@ pub struct AgentConfig {
 }
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(250);
-const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// Below the shortest lease timeout (5 s): an agent that was cut off comes
+/// back before a restarted server gives its runs away.
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
 const LOG_SHIP_EVERY: Duration = Duration::from_millis(300);
 
 struct Held {

@@ -864,7 +864,7 @@ async fn errors_use_googles_shape_and_codes() {
     .error(400, "INVALID_ARGUMENT", "expiration_policy.ttl");
     s.put(
         "/v1/projects/p/subscriptions/pushy",
-        json!({"topic": "projects/p/topics/dup", "pushConfig": {"pushEndpoint": "https://example.com/push"}}),
+        json!({"topic": "projects/p/topics/dup", "pushConfig": {"pushEndpoint": "ftp://example.com/push"}}),
     )
     .await
     .error(400, "INVALID_ARGUMENT", "push");

@@ -568,7 +568,7 @@ async fn push_configs_are_checked() {
     for (cfg, mention) in [
         (bad("ftp://x/y", &[]), "push_endpoint"),
         (bad("http://", &[]), "push_endpoint"),
-        (bad("https://example.com/push", &[]), "https"),
+        (bad("https:///push", &[]), "push_endpoint"),
         (
             bad("http://h/p", &[("x-goog-version", "v1beta1")]),
             "v1beta1",

@@ -38,9 +38,9 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     if args.slots == 0 {
         bail!("--slots must be at least 1");
     }
-    if !args.server.starts_with("http://") {
+    if !args.server.starts_with("http://") && !args.server.starts_with("https://") {
         bail!(
-            "--server must be an http:// URL (this build has no TLS client), got {}",
+            "--server must be an http:// or https:// URL, got {}",
             args.server
         );
     }

@@ -131,21 +131,18 @@ impl PushConfig {
             return Ok(None);
         }
         let ep = &self.push_endpoint;
-        if ep.starts_with("https://") {
-            // The bundled HTTP client has no TLS: refuse rather than fail every delivery.
-            return Err(Error::invalid(format!(
-                "push_config.push_endpoint {ep:?}: https endpoints are not supported by this pubrun version; use an http:// endpoint"
-            )));
-        }
-        let rest = ep.strip_prefix("http://").ok_or_else(|| {
-            Error::invalid(format!(
-                "push_config.push_endpoint {ep:?} must be an absolute http:// URL"
-            ))
-        })?;
+        let rest = ep
+            .strip_prefix("https://")
+            .or_else(|| ep.strip_prefix("http://"))
+            .ok_or_else(|| {
+                Error::invalid(format!(
+                    "push_config.push_endpoint {ep:?} must be an absolute https:// or http:// URL"
+                ))
+            })?;
         let host = rest.split(['/', '?', '#']).next().unwrap_or("");
         if host.is_empty() || ep.chars().any(|c| c.is_whitespace() || c.is_control()) {
             return Err(Error::invalid(format!(
-                "push_config.push_endpoint {ep:?} must be an absolute http:// URL with a host"
+                "push_config.push_endpoint {ep:?} must be an absolute https:// or http:// URL with a host"
             )));
         }
         for (k, v) in &self.attributes {

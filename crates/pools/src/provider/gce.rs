@@ -25,9 +25,8 @@
 //! outside), or, when that is empty, a token of the instance's service
 //! account from the metadata server (cached until shortly before it expires).
 //!
-//! This build's HTTP client has no TLS: an `https://` API base is refused at
-//! construction, so the default `https://compute.googleapis.com` base needs a
-//! TLS-enabled reqwest first.
+//! TLS: rustls with the system's root certificates (`SSL_CERT_FILE`
+//! overrides them); an `http://` API base is for fakes and proxies.
 
 use std::time::{Duration, Instant};
 
@@ -187,14 +186,9 @@ impl GceProvider {
         if !base.ends_with('/') {
             base.push('/');
         }
-        if base.starts_with("https://") {
+        if !base.starts_with("https://") && !base.starts_with("http://") {
             return Err(ProviderError::Refused(format!(
-                "gce pool: api_base {base} needs TLS, which this build of pubrun's HTTP client lacks"
-            )));
-        }
-        if !base.starts_with("http://") {
-            return Err(ProviderError::Refused(format!(
-                "gce pool: api_base {base} is not an http URL"
+                "gce pool: api_base {base} is not an https:// or http:// URL"
             )));
         }
         let http = reqwest::Client::builder()
@@ -626,7 +620,7 @@ mod tests {
     }
 
     #[test]
-    fn https_is_refused_without_tls_and_fields_are_required() {
+    fn api_base_and_fields_are_checked() {
         let spec = GceProviderSpec {
             project: "p".into(),
             zone: "us-central1-a".into(),
@@ -635,8 +629,14 @@ mod tests {
             server_url: "http://10.0.0.2:8085".into(),
             ..Default::default()
         };
+        // The default base is Google's own, over TLS.
+        assert_eq!(GceProvider::new(&spec).unwrap().base, DEFAULT_API_BASE);
+        let ftp = GceProviderSpec {
+            api_base: "ftp://x/compute/v1".into(),
+            ..spec.clone()
+        };
         assert!(matches!(
-            GceProvider::new(&spec),
+            GceProvider::new(&ftp),
             Err(ProviderError::Refused(_))
         ));
         let ok = GceProviderSpec {

@@ -537,27 +537,7 @@ impl Broker {
     // ---- topics ----
 
     pub async fn create_topic(&self, config: TopicConfig) -> Result<TopicConfig> {
-        TopicName::parse(&config.name)?;
-        validate_labels(&config.labels)?;
-        self.change_catalog(|c, _| {
-            if c.topics.contains_key(&config.name) {
-                return Err(Error::already_exists(format!(
-                    "topic {} already exists",
-                    config.name
-                )));
-            }
-            let uid = c.allocate_uid();
-            c.topics.insert(
-                config.name.clone(),
-                TopicEntry {
-                    uid,
-                    config: config.clone(),
-                    message_retention_duration: None,
-                },
-            );
-            Ok(config)
-        })
-        .await
+        self.create_topic_with_retention(config, None).await
     }
 
     pub fn get_topic(&self, name: &TopicName) -> Result<TopicConfig> {
@@ -565,21 +545,7 @@ impl Broker {
     }
 
     pub async fn update_topic(&self, name: &TopicName, update: TopicUpdate) -> Result<TopicConfig> {
-        if let Some(l) = &update.labels {
-            validate_labels(l)?;
-        }
-        let key = name.to_string();
-        self.change_catalog(|c, _| {
-            let t = c
-                .topics
-                .get_mut(&key)
-                .ok_or_else(|| Error::not_found(format!("topic {key} not found")))?;
-            if let Some(l) = update.labels {
-                t.config.labels = l;
-            }
-            Ok(t.config.clone())
-        })
-        .await
+        self.update_topic_with(name, update, None).await
     }
 
     pub fn list_topics(

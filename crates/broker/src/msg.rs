@@ -162,12 +162,7 @@ impl Msg {
 
 /// [`SeekTarget::keeps`] for a packed message.
 pub(crate) fn keeps(target: &SeekTarget, m: &Msg) -> bool {
-    match target {
-        SeekTarget::Time { nanos } => m.publish_time_nanos() >= *nanos,
-        SeekTarget::Snapshot { from_seq, seqs } => {
-            m.seq() >= *from_seq || pubrun_store::catalog::ranges_contain(seqs, m.seq())
-        }
-    }
+    target.keeps_at(m.seq(), m.publish_time_nanos())
 }
 
 #[cfg(test)]

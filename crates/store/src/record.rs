@@ -40,10 +40,15 @@ pub enum SeekTarget {
 impl SeekTarget {
     /// Whether a message is unacked after seeking here.
     pub fn keeps(&self, m: &Message) -> bool {
+        self.keeps_at(m.seq, m.publish_time_nanos)
+    }
+
+    /// [`Self::keeps`] for the message with this seq and publish time.
+    pub fn keeps_at(&self, seq: u64, publish_time_nanos: i64) -> bool {
         match self {
-            SeekTarget::Time { nanos } => m.publish_time_nanos >= *nanos,
+            SeekTarget::Time { nanos } => publish_time_nanos >= *nanos,
             SeekTarget::Snapshot { from_seq, seqs } => {
-                m.seq >= *from_seq || crate::catalog::ranges_contain(seqs, m.seq)
+                seq >= *from_seq || crate::catalog::ranges_contain(seqs, seq)
             }
         }
     }

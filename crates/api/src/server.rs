@@ -149,7 +149,9 @@ async fn require_token(State(token): State<Arc<String>>, req: Request, next: Nex
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .is_some_and(|given| constant_time_eq(given.as_bytes(), token.as_bytes()));
+        .is_some_and(|given| {
+            pubrun_core::secret::verify_bearer(token.as_bytes(), given.as_bytes())
+        });
     if ok {
         return next.run(req).await;
     }
@@ -162,10 +164,6 @@ async fn require_token(State(token): State<Arc<String>>, req: Request, next: Nex
         msg,
     ))
     .into_response()
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Serves until `signal` resolves, then stops accepting, ends streams and

@@ -205,7 +205,7 @@ impl Pools {
                 p.spec.provider.kind()
             )));
         }
-        if !constant_time_eq(p.token.as_bytes(), token.as_bytes()) {
+        if !pubrun_core::secret::verify_bearer(p.token.as_bytes(), token.as_bytes()) {
             return Err(AgentError::Unauthorized(format!(
                 "wrong token for pool {pool}"
             )));
@@ -849,13 +849,6 @@ impl Drop for OpenPoll {
             a.last_seen_ms = now_ms();
         }
     }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// The executor of one remote pool.

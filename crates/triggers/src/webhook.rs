@@ -29,8 +29,7 @@ use std::collections::BTreeMap;
 use hmac::{Hmac, Mac};
 use pubrun_core::limits::MAX_MESSAGE_BYTES;
 use pubrun_core::{Error, Result, TopicName};
-use sha2::{Digest, Sha256};
-use subtle::ConstantTimeEq;
+use sha2::Sha256;
 
 use crate::schedule::validate_trigger_name;
 
@@ -340,13 +339,7 @@ pub fn verify_github_signature(secret: &[u8], body: &[u8], header: &[u8]) -> boo
     mac.verify_slice(&tag).is_ok()
 }
 
-/// Compares a presented bearer token with the secret in constant time
-/// (hashing both first, so neither length nor content leaks).
-pub fn verify_bearer(secret: &[u8], presented: &[u8]) -> bool {
-    let a = Sha256::digest(secret);
-    let b = Sha256::digest(presented);
-    a.ct_eq(&b).into()
-}
+pub use pubrun_core::secret::verify_bearer;
 
 fn decode_hex(s: &[u8]) -> Option<Vec<u8>> {
     if s.len() & 1 == 1 {

@@ -27,7 +27,7 @@ use crate::model::{enc, expected_from_resource, now_us, ObjectMeta};
 use crate::multipart::{self, BodyReader};
 use crate::names::validate_object_name;
 use crate::service::{ComposeSource, ListParams, NotificationSpec, Source, Write};
-use crate::Buckets;
+use crate::{Buckets, MAX_OBJECT_SIZE};
 
 /// The router for every Cloud Storage path. It has no fallback, so it can be
 /// merged into the server's router.
@@ -51,31 +51,21 @@ struct Ctx {
 }
 
 impl Ctx {
-    fn new(req: &Request) -> Self {
+    /// `base` is the server's public URL: links never come from the request's
+    /// `Host` or `X-Forwarded-Proto`, which any client (or a DNS-rebinding
+    /// page) controls.
+    fn new(b: &Buckets, req: &Request) -> Self {
         let query = req
             .uri()
             .query()
             .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
             .unwrap_or_default();
-        let headers = req.headers().clone();
-        let host = headers
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .map(str::to_string)
-            .or_else(|| req.uri().authority().map(|a| a.to_string()))
-            .unwrap_or_else(|| "localhost".into());
-        let scheme = headers
-            .get("x-forwarded-proto")
-            .and_then(|h| h.to_str().ok())
-            .filter(|s| *s == "https" || *s == "http")
-            .unwrap_or("http")
-            .to_string();
         Ctx {
             method: req.method().clone(),
             path: req.uri().path().to_string(),
             query,
-            headers,
-            base: format!("{scheme}://{host}"),
+            headers: req.headers().clone(),
+            base: b.base_url(),
         }
     }
 
@@ -234,7 +224,7 @@ fn string_map(
 // ------------------------------------------------------------------ buckets
 
 async fn buckets_root(State(b): State<Buckets>, req: Request) -> Response {
-    let ctx = Ctx::new(&req);
+    let ctx = Ctx::new(&b, &req);
     finish(buckets_root_inner(b, ctx, req.into_body()).await)
 }
 
@@ -294,7 +284,7 @@ async fn buckets_root_inner(b: Buckets, ctx: Ctx, body: Body) -> GcsResult<Respo
 }
 
 async fn json_api(State(b): State<Buckets>, req: Request) -> Response {
-    let ctx = Ctx::new(&req);
+    let ctx = Ctx::new(&b, &req);
     finish(json_api_inner(b, ctx, req.into_body()).await)
 }
 
@@ -523,7 +513,7 @@ async fn compose(
 // ----------------------------------------------------------------- download
 
 async fn download_api(State(b): State<Buckets>, req: Request) -> Response {
-    let ctx = Ctx::new(&req);
+    let ctx = Ctx::new(&b, &req);
     finish(
         async {
             if ctx.method != Method::GET && ctx.method != Method::HEAD {
@@ -675,7 +665,7 @@ fn httpdate(us: i64) -> String {
 // ------------------------------------------------------------------ uploads
 
 async fn upload_api(State(b): State<Buckets>, req: Request) -> Response {
-    let ctx = Ctx::new(&req);
+    let ctx = Ctx::new(&b, &req);
     finish(upload_inner(b, ctx, req.into_body()).await)
 }
 
@@ -813,11 +803,15 @@ async fn start_resumable(b: &Buckets, ctx: &Ctx, bucket: &str, body: Body) -> Gc
     }
     let total = match ctx.header("x-upload-content-length") {
         None => None,
-        Some(v) => Some(v.trim().parse::<u64>().map_err(|_| {
-            GcsError::invalid(format!(
-                "Invalid X-Upload-Content-Length '{v}': expected a byte count"
-            ))
-        })?),
+        Some(v) => {
+            let t = v.trim().parse::<u64>().map_err(|_| {
+                GcsError::invalid(format!(
+                    "Invalid X-Upload-Content-Length '{v}': expected a byte count"
+                ))
+            })?;
+            check_object_size(t)?;
+            Some(t)
+        }
     };
     let id = blob::new_id();
     let row = UploadRow {
@@ -864,6 +858,16 @@ async fn start_resumable(b: &Buckets, ctx: &Ctx, bucket: &str, body: Body) -> Gc
     Ok(resp)
 }
 
+/// 400 for a size above [`MAX_OBJECT_SIZE`]: such an upload could never finish.
+fn check_object_size(size: u64) -> GcsResult<()> {
+    if size > MAX_OBJECT_SIZE {
+        return Err(GcsError::invalid(format!(
+            "Invalid upload size {size}: the maximum object size is {MAX_OBJECT_SIZE} bytes (5 TiB)"
+        )));
+    }
+    Ok(())
+}
+
 /// What a `Content-Range` header on a session PUT says.
 #[derive(Debug, PartialEq, Eq)]
 enum ChunkRange {
@@ -897,6 +901,9 @@ fn parse_content_range(h: Option<&str>) -> GcsResult<ChunkRange> {
         t => Some(t.parse::<u64>().map_err(|_| bad())?),
     };
     if range.trim() == "*" {
+        if let Some(t) = total {
+            check_object_size(t)?;
+        }
         return Ok(ChunkRange::Query { total });
     }
     let (s, e) = range.split_once('-').ok_or_else(bad)?;
@@ -905,6 +912,10 @@ fn parse_content_range(h: Option<&str>) -> GcsResult<ChunkRange> {
     if end < start || total.is_some_and(|t| end >= t) {
         return Err(bad());
     }
+    if let Some(t) = total {
+        check_object_size(t)?;
+    }
+    check_object_size(end.saturating_add(1))?;
     Ok(ChunkRange::Data { start, end, total })
 }
 
@@ -974,16 +985,15 @@ async fn resumable_put(b: &Buckets, ctx: &Ctx, id: &str, body: Body) -> GcsResul
         total = Some(t);
     }
     let received = session.received;
+    if let Some(t) = total.filter(|t| received > *t) {
+        return Err(GcsError::invalid(format!(
+            "Invalid Content-Range total {t}: the session already holds {received} bytes"
+        )));
+    }
     let (start, declared_len) = match range {
         ChunkRange::Query { .. } => {
             if total == Some(received) {
                 return finalize(b, ctx, session, &mut hasher, extra).await;
-            }
-            if total.is_some_and(|t| received > t) {
-                return Err(GcsError::invalid(format!(
-                    "the session already holds {received} bytes, more than {}",
-                    total.unwrap_or_default()
-                )));
             }
             if total != session.total {
                 let idc = id.to_string();
@@ -1057,11 +1067,13 @@ async fn resumable_put(b: &Buckets, ctx: &Ctx, id: &str, body: Body) -> GcsResul
         if data.is_empty() {
             continue;
         }
-        if total.is_some_and(|t| received + written + data.len() as u64 > t) {
-            failure = Some(Fail::Discard(GcsError::invalid(format!(
-                "the upload is longer than its declared size {}",
-                total.unwrap_or_default()
-            ))));
+        if received + written + data.len() as u64 > total.unwrap_or(MAX_OBJECT_SIZE) {
+            failure = Some(Fail::Discard(GcsError::invalid(match total {
+                Some(t) => format!("the upload is longer than its declared size {t}"),
+                None => format!(
+                    "the upload is larger than the maximum object size ({MAX_OBJECT_SIZE} bytes)"
+                ),
+            })));
             break;
         }
         if let Err(e) = buf.write_all(data).await {
@@ -1135,9 +1147,11 @@ async fn finalize(
         *hasher = Some(rehash(&path, session.received).await?);
     }
     let digests = hasher.take().expect("set above").finish();
-    let mut expected = session.spec.expected();
-    expected.md5 = extra.md5.or(expected.md5);
-    expected.crc32c = extra.crc32c.or(expected.crc32c);
+    // Both must hold, as at Google: what the session was opened with
+    // (`md5Hash`/`crc32c` in the object resource) and the final request's
+    // `x-goog-hash`, which the official client computes from the data it sent
+    // and which therefore must not override a wrong declared value.
+    let declared = session.spec.expected();
     let id = session.id.clone();
     let end_session = |b: &Buckets| {
         let b = b.clone();
@@ -1148,7 +1162,10 @@ async fn finalize(
             b.drop_session_file(&id);
         }
     };
-    if let Err(e) = expected.verify(&digests) {
+    if let Err(e) = declared
+        .verify(&digests)
+        .and_then(|()| extra.verify(&digests))
+    {
         end_session(b).await;
         return Err(e);
     }
@@ -1253,5 +1270,17 @@ mod tests {
         assert!(parse_content_range(Some("bytes 9-0/100")).is_err());
         assert!(parse_content_range(Some("bytes 0-100/100")).is_err());
         assert!(parse_content_range(Some("0-1/2")).is_err());
+        // Beyond the object size ceiling: refused, whatever the form.
+        let huge = format!("{}", MAX_OBJECT_SIZE + 1);
+        assert!(parse_content_range(Some(&format!("bytes 0-9/{huge}"))).is_err());
+        assert!(parse_content_range(Some(&format!("bytes */{huge}"))).is_err());
+        assert!(parse_content_range(Some(&format!("bytes 0-{}/*", MAX_OBJECT_SIZE))).is_err());
+        assert!(
+            parse_content_range(Some("bytes 0-18446744073709551614/18446744073709551615")).is_err()
+        );
+        assert!(
+            parse_content_range(Some("bytes 18446744073709551615-18446744073709551615/*")).is_err()
+        );
+        assert!(parse_content_range(Some(&format!("bytes */{MAX_OBJECT_SIZE}"))).is_ok());
     }
 }

@@ -7,6 +7,8 @@
 //!   `/download/storage/v1/...`) so that the official clients work with
 //!   `STORAGE_EMULATOR_HOST=http://HOST:PORT`. It has no fallback, so it can be
 //!   merged into another router.
+//! - [`Buckets::set_base_url`] sets the public URL of `selfLink`, `mediaLink`
+//!   and upload `Location`s (never taken from a request's `Host`).
 //! - The `Buckets` methods (create buckets, put/open/list objects, add
 //!   notifications) are the same operations for Rust callers such as job
 //!   input/output staging and manifest apply.
@@ -26,6 +28,7 @@ pub mod notify;
 mod service;
 
 use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -58,8 +61,7 @@ pub(crate) struct Inner {
     /// running hash of the bytes received so far (rebuilt from the file
     /// after a restart).
     pub(crate) sessions: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<Hasher>>>>>,
-    /// Base URL for links in resources built outside an HTTP request
-    /// (Rust callers); requests use their own `Host`.
+    /// The public base URL of every link (see [`Buckets::set_base_url`]).
     pub(crate) default_base: Mutex<String>,
 }
 
@@ -67,6 +69,23 @@ impl Inner {
     pub(crate) fn lock_db(&self) -> MutexGuard<'_, Connection> {
         self.db.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// The largest object the server accepts: Google's limit, 5 TiB. A resumable
+/// upload declaring a larger total is refused at once rather than left
+/// unfinishable.
+pub const MAX_OBJECT_SIZE: u64 = 5 << 40;
+
+/// `http://ADDR` for a listen address, with an unspecified address
+/// (`0.0.0.0`, `[::]`) replaced by loopback: the base URL when no public URL
+/// is configured. Clients on other hosts need a configured public URL.
+pub fn listen_base_url(addr: SocketAddr) -> String {
+    let ip = match addr.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ip => ip,
+    };
+    format!("http://{}", SocketAddr::new(ip, addr.port()))
 }
 
 /// Uploads sessions are kept this long, as Google keeps them (a week).
@@ -121,15 +140,30 @@ impl Buckets {
         Ok(Buckets { inner })
     }
 
-    /// Sets the base URL (`http://host:port`) used in `selfLink`/`mediaLink`
-    /// of resources created through the Rust API (HTTP requests use their
-    /// own `Host` header).
-    pub fn set_base_url(&self, base: &str) {
+    /// Sets the server's public base URL (`http(s)://host[:port][/prefix]`),
+    /// used for `selfLink`, `mediaLink` and resumable upload `Location`s.
+    /// Links never come from a request's `Host`/`X-Forwarded-Proto`: a client
+    /// could point other clients' uploads elsewhere. Default
+    /// `http://127.0.0.1:8085`; see [`listen_base_url`].
+    pub fn set_base_url(&self, base: &str) -> anyhow::Result<()> {
+        let base = base.trim_end_matches('/');
+        let uri: ::http::Uri = base
+            .parse()
+            .with_context(|| format!("invalid public URL '{base}'"))?;
+        anyhow::ensure!(
+            matches!(uri.scheme_str(), Some("http" | "https")) && uri.authority().is_some(),
+            "invalid public URL '{base}': expected http(s)://HOST[:PORT][/PATH]"
+        );
+        anyhow::ensure!(
+            uri.query().is_none() && !base.contains('#'),
+            "invalid public URL '{base}': no query or fragment allowed"
+        );
         *self
             .inner
             .default_base
             .lock()
-            .unwrap_or_else(|p| p.into_inner()) = base.trim_end_matches('/').to_string();
+            .unwrap_or_else(|p| p.into_inner()) = base.to_string();
+        Ok(())
     }
 
     pub(crate) fn base_url(&self) -> String {
@@ -154,5 +188,42 @@ impl Buckets {
         tokio::task::spawn_blocking(move || f(&mut inner.lock_db()))
             .await
             .map_err(|e| GcsError::internal(format!("index task failed: {e}")))?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_base_url_maps_unspecified_to_loopback() {
+        let url = |s: &str| listen_base_url(s.parse().unwrap());
+        assert_eq!(url("0.0.0.0:8085"), "http://127.0.0.1:8085");
+        assert_eq!(url("[::]:9000"), "http://[::1]:9000");
+        assert_eq!(url("10.1.2.3:80"), "http://10.1.2.3:80");
+        assert_eq!(url("[fe80::1]:80"), "http://[fe80::1]:80");
+    }
+
+    #[tokio::test]
+    async fn set_base_url_accepts_only_http_urls() {
+        let dir = tempfile::tempdir().unwrap();
+        let broker = Broker::open(Arc::new(
+            pubrun_store::EmbeddedStore::open(dir.path().join("store")).unwrap(),
+        ))
+        .unwrap();
+        let b = Buckets::open(dir.path(), broker).unwrap();
+        b.set_base_url("https://storage.example.com/gcs/").unwrap();
+        assert_eq!(b.base_url(), "https://storage.example.com/gcs");
+        for bad in [
+            "storage.example.com",
+            "ftp://h",
+            "http://",
+            "http://h/?a=b",
+            "http://h/#x",
+            "http://h\n",
+        ] {
+            assert!(b.set_base_url(bad).is_err(), "{bad}");
+        }
+        assert_eq!(b.base_url(), "https://storage.example.com/gcs");
     }
 }

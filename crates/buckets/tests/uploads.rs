@@ -514,3 +514,218 @@ async fn resumable_edge_cases() {
     assert_eq!(r.status(), 200);
     s.stop().await;
 }
+
+/// Issue 11 item 6: the official client declares `crc32c`/`md5Hash` in the
+/// object resource that opens the session and sends an `x-goog-hash` it
+/// computed from the data with the last chunk. A wrong declared value must
+/// fail the upload (400, nothing created, nothing published) even though that
+/// header matches the data.
+#[tokio::test]
+async fn resumable_upload_checks_the_declared_checksums_at_finalize() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = open_broker(dir.path());
+    let s = start(dir.path(), broker.clone()).await;
+    s.create_bucket("bkt").await;
+    let sub = topic_with_sub(&broker, "events", "events-sub").await;
+    let r = s
+        .post_json(
+            "/storage/v1/b/bkt/notificationConfigs",
+            &json!({"topic": "projects/p/topics/events", "payload_format": "NONE"}),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+
+    let total = 300_000;
+    let d = data(total, 21);
+    let (md5, crc) = hashes(&d);
+    let (wrong_md5, wrong_crc) = hashes(b"something else");
+    let upload = |name: &'static str, meta: Value| {
+        let (s, d, md5, crc) = (&s, &d, md5.clone(), crc.clone());
+        async move {
+            let r = initiate(s, name, Some(total), meta, "").await;
+            assert_eq!(r.status(), 200);
+            let url = r.headers()["location"].to_str().unwrap().to_string();
+            let half = total / 2;
+            assert_eq!(
+                put_chunk(s, &url, d, 0, half, Some(total)).await.status(),
+                308
+            );
+            s.http
+                .put(&url)
+                .header(
+                    "content-range",
+                    format!("bytes {half}-{}/{total}", total - 1),
+                )
+                .header("x-goog-hash", format!("crc32c={crc},md5={md5}"))
+                .body(d[half..].to_vec())
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+
+    let r = upload("bad-crc", json!({"name": "bad-crc", "crc32c": wrong_crc})).await;
+    let (status, _, msg) = error_of(r).await;
+    assert_eq!(status, 400);
+    assert!(msg.contains("CRC32C"), "{msg}");
+    let r = upload("bad-md5", json!({"name": "bad-md5", "md5Hash": wrong_md5})).await;
+    let (status, _, msg) = error_of(r).await;
+    assert_eq!(status, 400);
+    assert!(msg.contains("MD5"), "{msg}");
+    for n in ["bad-crc", "bad-md5"] {
+        let (st, _) = s.get_json(&format!("/storage/v1/b/bkt/o/{n}")).await;
+        assert_eq!(st, 404, "{n} must not exist");
+    }
+    // A wrong x-goog-hash with right declared values fails too.
+    let r = initiate(
+        &s,
+        "bad-header",
+        Some(3),
+        json!({"crc32c": hashes(b"abc").1}),
+        "",
+    )
+    .await;
+    let url = r.headers()["location"].to_str().unwrap().to_string();
+    let r = s
+        .http
+        .put(&url)
+        .header("content-range", "bytes 0-2/3")
+        .header("x-goog-hash", format!("crc32c={wrong_crc}"))
+        .body("abc")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_of(r).await.0, 400);
+
+    // Right declared values: created, and its notification is the only one.
+    let r = upload(
+        "good",
+        json!({"name": "good", "crc32c": crc, "md5Hash": md5}),
+    )
+    .await;
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    assert_eq!(s.get_bytes("bkt", "good").await, d);
+    let got = pull_n(&broker, &sub, 2, Duration::from_secs(3)).await;
+    let ids: Vec<&str> = got
+        .iter()
+        .map(|m| m.message.attributes["objectId"].as_str())
+        .collect();
+    assert_eq!(ids, ["good"], "a refused upload publishes nothing");
+    s.stop().await;
+}
+
+/// Issue 11 item 13: `selfLink`, `mediaLink` and the session `Location` use
+/// the server's base URL, never the request's `Host`/`X-Forwarded-Proto`.
+#[tokio::test]
+async fn links_ignore_the_request_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start(dir.path(), open_broker(dir.path())).await;
+    s.create_bucket("bkt").await;
+    let evil = |req: reqwest::RequestBuilder| {
+        req.header("host", "evil.example")
+            .header("x-forwarded-proto", "https")
+            .header("x-forwarded-host", "evil.example")
+    };
+    let check = |what: &str, link: &str| {
+        assert!(
+            link.starts_with(&format!("{}/", s.base)) && !link.contains("evil"),
+            "{what}: {link}"
+        );
+    };
+
+    let r = evil(
+        s.http
+            .post(s.url("/upload/storage/v1/b/bkt/o?uploadType=media&name=a")),
+    )
+    .body("data")
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 200);
+    let o: Value = r.json().await.unwrap();
+    check("upload selfLink", o["selfLink"].as_str().unwrap());
+    check("upload mediaLink", o["mediaLink"].as_str().unwrap());
+
+    let r = evil(s.http.get(s.url("/storage/v1/b/bkt/o/a")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let o: Value = r.json().await.unwrap();
+    check("get selfLink", o["selfLink"].as_str().unwrap());
+    check("get mediaLink", o["mediaLink"].as_str().unwrap());
+
+    let r = evil(s.http.get(s.url("/storage/v1/b/bkt")))
+        .send()
+        .await
+        .unwrap();
+    let b: Value = r.json().await.unwrap();
+    check("bucket selfLink", b["selfLink"].as_str().unwrap());
+
+    let r = evil(
+        s.http
+            .post(s.url("/upload/storage/v1/b/bkt/o?uploadType=resumable&name=r"))
+            .json(&json!({})),
+    )
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 200);
+    let url = r.headers()["location"].to_str().unwrap().to_string();
+    check("resumable Location", &url);
+    let r = evil(s.http.put(&url)).body("resumed").send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let o: Value = r.json().await.unwrap();
+    check("resumable mediaLink", o["mediaLink"].as_str().unwrap());
+    s.stop().await;
+}
+
+/// Issue 11 item 13: a total above the object size ceiling, or below the
+/// bytes already received, is refused with 400 (it could never finish), and
+/// the session stays usable.
+#[tokio::test]
+async fn resumable_upload_refuses_impossible_totals() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start(dir.path(), open_broker(dir.path())).await;
+    s.create_bucket("bkt").await;
+    let max = pubrun_buckets::MAX_OBJECT_SIZE;
+
+    for v in [u64::MAX, max + 1] {
+        let r = s
+            .http
+            .post(s.url("/upload/storage/v1/b/bkt/o?uploadType=resumable&name=x"))
+            .header("x-upload-content-length", v.to_string())
+            .json(&json!({}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(error_of(r).await.0, 400, "X-Upload-Content-Length {v}");
+    }
+
+    let r = initiate(&s, "open-ended", None, json!({}), "").await;
+    let url = r.headers()["location"].to_str().unwrap().to_string();
+    let d = data(20, 2);
+    for range in [
+        format!("bytes 0-9/{}", u64::MAX),
+        format!("bytes 0-9/{}", max + 1),
+        format!("bytes {max}-{}/*", max + 9),
+    ] {
+        let r = put_range(&s, &url, &range, d[..10].to_vec()).await;
+        assert_eq!(error_of(r).await.0, 400, "{range}");
+    }
+    let r = put_range(&s, &url, format!("bytes */{}", u64::MAX), "").await;
+    assert_eq!(error_of(r).await.0, 400);
+    assert_eq!(status(&s, &url, None).await, (308, 0), "nothing was stored");
+
+    // 10 bytes received: a total of 5 contradicts them.
+    assert_eq!(put_chunk(&s, &url, &d, 0, 10, None).await.status(), 308);
+    let r = put_range(&s, &url, "bytes 0-4/5", d[..5].to_vec()).await;
+    assert_eq!(error_of(r).await.0, 400);
+    let r = put_range(&s, &url, "bytes */5", "").await;
+    assert_eq!(error_of(r).await.0, 400);
+    assert_eq!(status(&s, &url, None).await, (308, 10));
+    let r = put_chunk(&s, &url, &d, 10, 20, Some(20)).await;
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    assert_eq!(s.get_bytes("bkt", "open-ended").await, d);
+    s.stop().await;
+}

@@ -122,7 +122,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         .context("starting the dispatcher")?;
     triggers.spawn();
     let pools_stop = pubrun_exec::CancellationToken::new();
-    buckets.set_base_url(&format!("http://{addr}"));
+    // Links and upload Locations use this, never the request's Host.
+    buckets.set_base_url(&pubrun_buckets::listen_base_url(addr))?;
     if let Some(m) = &manifest {
         let changes = pubrun_api::apply::apply_manifest(
             &broker,

@@ -31,6 +31,10 @@ pub async fn start(dir: &Path, broker: Arc<Broker>) -> Server {
     let buckets = Buckets::open(dir, broker).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    // As `pubrun serve` does: links use the listen address.
+    buckets
+        .set_base_url(&pubrun_buckets::listen_base_url(addr))
+        .unwrap();
     let app = pubrun_buckets::router(buckets.clone());
     let (tx, rx) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {

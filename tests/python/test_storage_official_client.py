@@ -194,6 +194,28 @@ def test_wrong_checksum_is_rejected(bucket, pubrun_server):
     assert bucket.get_blob("corrupt") is None
 
 
+def test_resumable_upload_with_wrong_declared_crc32c_is_rejected(bucket):
+    # Above 8 MiB the client uploads resumably: it declares the crc32c in the
+    # resource that opens the session, and sends an x-goog-hash it computed
+    # from the data with the last chunk; the declared value must still be
+    # checked (issue 11 item 6). (Below 8 MiB it uploads multipart and puts
+    # its own computed crc32c in the metadata instead.)
+    data = os.urandom(8 * MiB + 1000)
+    wrong = crc32c_b64(b"something else")
+    blob = bucket.blob("declared-crc.bin", chunk_size=4 * MiB)
+    with pytest.raises(gexc.BadRequest):
+        blob.upload_from_string(data, crc32c_checksum_value=wrong)
+    blob = bucket.blob("declared-crc.bin", chunk_size=4 * MiB)
+    blob.crc32c = wrong  # a writable field of the object resource
+    with pytest.raises(gexc.BadRequest):
+        blob.upload_from_string(data)
+    assert bucket.get_blob("declared-crc.bin") is None
+
+    blob = bucket.blob("declared-crc.bin", chunk_size=4 * MiB)
+    blob.upload_from_string(data, crc32c_checksum_value=crc32c_b64(data))
+    assert bucket.get_blob("declared-crc.bin").crc32c == crc32c_b64(data)
+
+
 def test_download_byte_ranges(bucket):
     data = bytes(range(256)) * 400
     blob = bucket.blob("ranged.bin")

@@ -47,6 +47,79 @@ pub struct JobSpec {
     /// Pool the runs execute in; default `local` (inside the server).
     #[serde(default = "default_pool")]
     pub pool: String,
+    /// Variables of the server's environment the job's command gets too
+    /// (values read at run start; a variable the server lacks stays unset).
+    /// Nothing else of the server's environment reaches a job.
+    #[serde(default)]
+    pub pass_env: Vec<String>,
+    /// Environment variables whose values come from the server's
+    /// environment at run start and are masked in logs and results.
+    #[serde(default)]
+    pub secrets: BTreeMap<String, SecretRef>,
+}
+
+/// `{ env = "SERVER_VAR" }`: where a job secret's value comes from. Only the
+/// variable's name is stored; the value never is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecretRef {
+    pub env: String,
+}
+
+/// Prefix of the run variables pubrun sets (`PUBRUN_RUN_ID`, …), reserved.
+pub const RUN_VAR_PREFIX: &str = "PUBRUN_";
+
+/// Whether `s` can name an environment variable: `[A-Za-z_][A-Za-z0-9_]*`.
+pub fn is_env_name(s: &str) -> bool {
+    let mut c = s.chars();
+    c.next()
+        .is_some_and(|f| f.is_ascii_alphabetic() || f == '_')
+        && c.all(|x| x.is_ascii_alphanumeric() || x == '_')
+}
+
+impl JobSpec {
+    /// The job's declared `env` (of either executor).
+    pub fn declared_env(&self) -> &BTreeMap<String, String> {
+        match &self.executor {
+            ExecutorSpec::Process(p) => &p.env,
+            ExecutorSpec::Docker(d) => &d.env,
+        }
+    }
+
+    /// Checks `env`, `pass_env` and `secrets` together: valid names, none
+    /// reserved (`PUBRUN_*`), no name declared twice, so which value a job
+    /// sees never depends on an ordering rule.
+    pub fn check_environment(&self) -> std::result::Result<(), String> {
+        let mut seen: BTreeMap<&str, &str> = BTreeMap::new();
+        let declared = self.declared_env().keys().map(|k| (k.as_str(), "env"));
+        let passed = self.pass_env.iter().map(|k| (k.as_str(), "pass_env"));
+        let secret = self.secrets.keys().map(|k| (k.as_str(), "secrets"));
+        for (name, what) in declared.chain(passed).chain(secret) {
+            if !is_env_name(name) {
+                return Err(format!(
+                    "{what}: \"{}\" is not an environment variable name (letters, digits, '_')",
+                    name.escape_debug()
+                ));
+            }
+            if name.starts_with(RUN_VAR_PREFIX) {
+                return Err(format!(
+                    "{what}: {name}: names starting with {RUN_VAR_PREFIX} are reserved for pubrun's run variables"
+                ));
+            }
+            if let Some(first) = seen.insert(name, what) {
+                return Err(format!("{name} is declared in both {first} and {what}"));
+            }
+        }
+        for (name, r) in &self.secrets {
+            if !is_env_name(&r.env) {
+                return Err(format!(
+                    "secrets.{name}.env: \"{}\" is not an environment variable name",
+                    r.env.escape_debug()
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 fn default_pool() -> String {
@@ -267,6 +340,43 @@ mod tests {
         assert_eq!(p.backoff(4, 1.0), Duration::from_secs(35));
         assert_eq!(p.backoff(2, 0.0), Duration::from_secs(5));
         assert_eq!(p.backoff(40, 1.0), Duration::from_secs(35));
+    }
+
+    #[test]
+    fn environment_names_are_checked() {
+        let mut j = JobSpec {
+            name: "j".into(),
+            topic: "projects/p/topics/t".into(),
+            filter: String::new(),
+            executor: ExecutorSpec::Process(ProcessSpec {
+                command: "env".into(),
+                env: BTreeMap::from([("A".to_string(), "1".to_string())]),
+                ..Default::default()
+            }),
+            timeout: Duration::from_secs(1),
+            grace_period: Duration::from_secs(1),
+            retries: RetryPolicy::default(),
+            concurrency: 1,
+            dedup_key: String::new(),
+            dedup_window: Duration::from_secs(1),
+            result_topic: String::new(),
+            log_limit_bytes: 1,
+            inputs: vec![],
+            outputs: vec![],
+            pool: "local".into(),
+            pass_env: vec!["HTTP_PROXY".into()],
+            secrets: BTreeMap::from([("DB".to_string(), SecretRef { env: "PROD_DB".into() })]),
+        };
+        assert_eq!(j.check_environment(), Ok(()));
+        j.pass_env.push("A".into());
+        assert!(j.check_environment().unwrap_err().contains("both env and pass_env"));
+        j.pass_env = vec!["PUBRUN_TOKEN".into()];
+        assert!(j.check_environment().unwrap_err().contains("reserved"));
+        j.pass_env = vec!["BAD-NAME".into()];
+        assert!(j.check_environment().is_err());
+        j.pass_env.clear();
+        j.secrets.insert("X".into(), SecretRef { env: "no way".into() });
+        assert!(j.check_environment().unwrap_err().contains("secrets.X.env"));
     }
 
     #[test]

@@ -14,7 +14,7 @@ use crate::config::{
 };
 use crate::job::{
     check_relative_path, parse_gs_url, DockerSpec, ExecutorSpec, InputSpec, JobSpec, Mount,
-    OutputSpec, ProcessSpec, PullPolicy, RegistryAuth, RetryPolicy, TRIGGER_INPUT,
+    OutputSpec, ProcessSpec, PullPolicy, RegistryAuth, RetryPolicy, SecretRef, TRIGGER_INPUT,
 };
 use crate::names::{validate_resource_id, ProjectName, SubscriptionName, TopicName};
 use crate::pool::{DockerProviderSpec, GceProviderSpec, PoolSpec, ProviderSpec, LOCAL_POOL};
@@ -240,6 +240,16 @@ struct RawJob {
     #[serde(default)]
     outputs: Vec<Spanned<RawStaging>>,
     pool: Option<Spanned<String>>,
+    #[serde(default)]
+    pass_env: Option<Spanned<Vec<String>>>,
+    #[serde(default)]
+    secrets: Option<Spanned<BTreeMap<String, RawSecret>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSecret {
+    env: String,
 }
 
 #[derive(Deserialize)]
@@ -1140,7 +1150,37 @@ pub fn parse(file: &str, src: &str) -> Result<Manifest, ManifestError> {
             log_limit_bytes,
             inputs,
             outputs,
+            pass_env: j
+                .pass_env
+                .as_ref()
+                .map(|p| p.get_ref().clone())
+                .unwrap_or_default(),
+            secrets: j
+                .secrets
+                .as_ref()
+                .map(|s| {
+                    s.get_ref()
+                        .iter()
+                        .map(|(k, v)| (k.clone(), SecretRef { env: v.env.clone() }))
+                        .collect()
+                })
+                .unwrap_or_default(),
         });
+        let spec = m.jobs.last().expect("just pushed");
+        if let Err(e) = spec.check_environment() {
+            let span = if e.contains("secrets") {
+                j.secrets.as_ref().map(|s| s.span())
+            } else if e.contains("pass_env") {
+                j.pass_env.as_ref().map(|p| p.span())
+            } else {
+                None
+            };
+            let span = span
+                .or(j.process.as_ref().map(|p| p.span()))
+                .or(j.docker.as_ref().map(|d| d.span()))
+                .unwrap_or(j.name.span());
+            return Err(cx.err(span, e));
+        }
     }
     let mut names = BTreeSet::new();
     for b in &raw.bucket {
@@ -1356,6 +1396,29 @@ dedup_key = "{{ publish_time | date }}"
         assert_eq!(e.line, 7, "{e}");
         let e = err("[[webhook]]\nname = \"w\"\ntopic = \"nope\"\n");
         assert!(e.message.contains("not declared"), "{e}");
+    }
+
+    #[test]
+    fn job_pass_env_and_secrets() {
+        let job = |extra: &str| {
+            format!("[[topic]]\nname = \"uploads\"\n[[job]]\nname = \"j1x\"\ntopic = \"uploads\"\nprocess = {{ command = \"env\", env = {{ MODE = \"x\" }} }}\n{extra}\n")
+        };
+        let m = parse(
+            "pubrun.toml",
+            &job("pass_env = [\"HTTP_PROXY\"]\nsecrets = { DB_PASSWORD = { env = \"PROD_DB_PASSWORD\" } }"),
+        )
+        .unwrap();
+        let j = &m.jobs[0];
+        assert_eq!(j.pass_env, vec!["HTTP_PROXY".to_string()]);
+        assert_eq!(j.secrets["DB_PASSWORD"].env, "PROD_DB_PASSWORD");
+        let e = parse("m.toml", &job("secrets = { MODE = { env = \"X\" } }")).unwrap_err();
+        assert!(e.message.contains("both env and secrets"), "{e}");
+        assert_eq!(e.line, 7, "{e}");
+        let e = parse("m.toml", &job("pass_env = [\"PUBRUN_TOKEN\"]")).unwrap_err();
+        assert!(e.message.contains("reserved"), "{e}");
+        assert_eq!(e.line, 7, "{e}");
+        let e = parse("m.toml", &job("secrets = { A = { env = \"X\", value = \"s\" } }")).unwrap_err();
+        assert!(e.message.contains("value"), "{e}");
     }
 
     #[test]

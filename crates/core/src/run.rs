@@ -106,6 +106,10 @@ pub struct Exit {
     /// the job's: the run waits and tries again without using up an attempt.
     #[serde(default)]
     pub infra_error: bool,
+    /// It did not end within the grace period after SIGTERM (`docker stop`)
+    /// on timeout or cancel and was killed with SIGKILL.
+    #[serde(default)]
+    pub killed_after_grace: bool,
 }
 
 impl Exit {

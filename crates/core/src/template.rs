@@ -95,21 +95,33 @@ fn env() -> Environment<'static> {
             _ => minijinja::escape_formatter(out, state, value),
         }
     });
-    // `date`: the calendar day (YYYY-MM-DD) of an RFC 3339 timestamp.
+    // `date`: the calendar day (YYYY-MM-DD) of an RFC 3339 timestamp (in
+    // the timestamp's own offset) or of a plain date. Input comes from
+    // messages: anything else is a template error, never a panic.
     env.add_filter(
         "date",
         |v: String| -> std::result::Result<String, minijinja::Error> {
-            if v.len() >= 10 && v.as_bytes()[4] == b'-' && v.as_bytes()[7] == b'-' {
-                Ok(v[..10].to_string())
-            } else {
-                Err(minijinja::Error::new(
+            calendar_day(&v).ok_or_else(|| {
+                minijinja::Error::new(
                     minijinja::ErrorKind::InvalidOperation,
-                    format!("\"{v}\" is not an RFC 3339 time"),
-                ))
-            }
+                    format!(
+                        "{:?} is not an RFC 3339 time or a YYYY-MM-DD date",
+                        v.chars().take(64).collect::<String>()
+                    ),
+                )
+            })
         },
     );
     env
+}
+
+/// `YYYY-MM-DD` of an RFC 3339 timestamp or a plain date, `None` otherwise.
+fn calendar_day(v: &str) -> Option<String> {
+    let day = match chrono::DateTime::parse_from_rfc3339(v) {
+        Ok(t) => t.date_naive(),
+        Err(_) => chrono::NaiveDate::parse_from_str(v, "%Y-%m-%d").ok()?,
+    };
+    Some(day.format("%Y-%m-%d").to_string())
 }
 
 /// Checks syntax and that every variable is one a template may use.
@@ -183,6 +195,26 @@ mod tests {
         );
         assert_eq!(render("out/{{ run.id }}/", &c).unwrap(), "out/run-1/");
         assert_eq!(render("plain", &c).unwrap(), "plain");
+    }
+
+    #[test]
+    fn date_filter_parses_and_never_panics() {
+        let mut c = ctx();
+        let day = |c: &TemplateContext| render("{{ attributes.day | date }}", c);
+        for (input, want) in [
+            ("2026-11-25", "2026-11-25"),
+            ("2026-11-25T23:30:00+02:00", "2026-11-25"),
+            ("2026-11-25T03:00:00.123456789Z", "2026-11-25"),
+        ] {
+            c.attributes.insert("day".into(), input.into());
+            assert_eq!(day(&c).unwrap(), want, "{input}");
+        }
+        // Byte 10 falls inside `é`: the old filter sliced there and panicked.
+        for bad in ["2026-11-0éxx", "2026-13-01", "2026-11-25Tnope", "", "é", "20261125"] {
+            c.attributes.insert("day".into(), bad.into());
+            let e = day(&c).unwrap_err();
+            assert!(e.message.contains("not an RFC 3339 time"), "{bad}: {}", e.message);
+        }
     }
 
     #[test]

@@ -6,7 +6,9 @@
 //!
 //! What the container gets:
 //! * the image's entrypoint, with `spec.command` as its cmd when non-empty;
-//! * `spec.env`, then `req.env` (later wins), as `KEY=VALUE`;
+//! * `spec.env`, `req.env` (run variables, `pass_env`) and `req.secrets`
+//!   as `KEY=VALUE` ([`crate::job_env`] without a base): nothing of the
+//!   server's own environment reaches the container;
 //! * the run's directory bound at `/workspace`, and `spec.mounts` as binds (a
 //!   relative host path is taken relative to the run's directory);
 //! * `memory_bytes` as the memory limit *and* the memory+swap limit, so the
@@ -20,6 +22,12 @@
 //! Exit codes are Docker's: a container killed by SIGKILL (timeout after the
 //! grace period, OOM) ends with 137; `Exit::signal` stays `None` because
 //! 128+n is only a convention. `oom_killed` comes from `State.OOMKilled`.
+//!
+//! Timeout and cancel: `docker stop -t GRACE` (SIGTERM, or the image's stop
+//! signal, then SIGKILL after GRACE); if the container still runs after
+//! that request (it failed or the engine did not kill), `docker kill`. The
+//! attempt ends only when the container has really exited, and
+//! `Exit::killed_after_grace` says whether SIGKILL was needed.
 //!
 //! Errors: anything Docker answers (image missing, pull refused, bad
 //! command) is the job's error; no answer at all (socket missing, connection
@@ -42,7 +50,7 @@ use bollard::errors::Error as DockerError;
 use bollard::models::{ContainerCreateBody, ContainerStateStatusEnum, HostConfig};
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, CreateImageOptionsBuilder, InspectContainerOptions,
-    ListContainersOptionsBuilder, LogsOptionsBuilder, RemoveContainerOptionsBuilder,
+    KillContainerOptionsBuilder, ListContainersOptionsBuilder, LogsOptionsBuilder, RemoveContainerOptionsBuilder,
     StopContainerOptionsBuilder, WaitContainerOptionsBuilder,
 };
 use bollard::Docker;
@@ -64,6 +72,13 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
 pub struct DockerExecutor {
     endpoint: String,
     client: OnceCell<Docker>,
+}
+
+/// What stopping a container on timeout or cancel took.
+struct Stopped {
+    took: Duration,
+    /// `docker kill` was needed after `docker stop`.
+    killed: bool,
 }
 
 /// Why an attempt could not run, before it has an exit code.
@@ -336,10 +351,7 @@ impl DockerExecutor {
                 if m.read_only { ":ro" } else { "" }
             ));
         }
-        let mut env: BTreeMap<&str, &str> = BTreeMap::new();
-        for (k, v) in spec.env.iter().chain(req.env.iter()) {
-            env.insert(k, v);
-        }
+        let env = crate::job_env(BTreeMap::new(), &spec.env, req);
         let labels = HashMap::from([
             ("pubrun.run_id".to_string(), req.run_id.clone()),
             ("pubrun.job".to_string(), req.job.clone()),
@@ -490,18 +502,19 @@ impl DockerExecutor {
         };
         let mut timed_out = false;
         let mut cancelled = false;
+        let mut stopped = None;
         let waited = tokio::select! {
             w = wait.next() => w,
             _ = limit => {
                 timed_out = true;
                 log.note(&format!("timed out after {}s: docker stop with {}s grace", req.timeout.as_secs_f64(), req.grace_period.as_secs())).await;
-                self.stop(docker, id, req.grace_period).await;
+                stopped = Some(self.stop(docker, id, req.grace_period, log).await);
                 wait.next().await
             }
             _ = cancel.cancelled() => {
                 cancelled = true;
                 log.note(&format!("cancelled: docker stop with {}s grace", req.grace_period.as_secs())).await;
-                self.stop(docker, id, req.grace_period).await;
+                stopped = Some(self.stop(docker, id, req.grace_period, log).await);
                 wait.next().await
             }
         };
@@ -576,13 +589,30 @@ impl DockerExecutor {
             log.note("the container ran out of memory and was killed (OOMKilled)")
                 .await;
         }
+        if let Some(stop) = stopped {
+            // Docker's own SIGKILL at the end of `stop -t` leaves 137 after
+            // the full grace period; a container that obeyed SIGTERM is
+            // gone sooner (or exits with its own code).
+            exit.killed_after_grace = stop.killed
+                || (stop.took >= req.grace_period && exit.exit_code == Some(137));
+            if exit.killed_after_grace {
+                log.note(&format!(
+                    "it did not stop within the {}s grace period and was killed (SIGKILL)",
+                    req.grace_period.as_secs()
+                ))
+                .await;
+            }
+        }
         self.remove(docker, id).await;
         exit
     }
 
     /// `docker stop -t grace`: SIGTERM (or the image's stop signal), then
-    /// SIGKILL after `grace`. The request lasts as long as the stop does.
-    async fn stop(&self, docker: &Docker, id: &str, grace: Duration) {
+    /// SIGKILL after `grace`. The request lasts as long as the stop does. A
+    /// container still running after it (the request failed or timed out)
+    /// is killed with `docker kill`.
+    async fn stop(&self, docker: &Docker, id: &str, grace: Duration, log: &LogSink) -> Stopped {
+        let t0 = std::time::Instant::now();
         let t = grace.as_secs().min(i32::MAX as u64) as i32;
         let patient = docker.clone().with_timeout(grace + REQUEST_TIMEOUT);
         if let Err(e) = patient
@@ -591,7 +621,35 @@ impl DockerExecutor {
         {
             if !is_status(&e, 404) && !is_status(&e, 304) {
                 tracing::warn!(container = id, error = %chain(&e), "docker stop failed");
+                log.note(&format!("docker stop failed: {}", docker_message(&e)))
+                    .await;
             }
+        }
+        let running = match docker
+            .inspect_container(id, None::<InspectContainerOptions>)
+            .await
+        {
+            Ok(c) => c.state.and_then(|s| s.running).unwrap_or(false),
+            Err(e) => !is_status(&e, 404),
+        };
+        let mut killed = false;
+        if running {
+            log.note("still running after docker stop: docker kill (SIGKILL)")
+                .await;
+            match docker
+                .kill_container(id, Some(KillContainerOptionsBuilder::new().signal("KILL").build()))
+                .await
+            {
+                Ok(()) => killed = true,
+                Err(e) if is_status(&e, 404) || is_status(&e, 409) => {}
+                Err(e) => {
+                    tracing::warn!(container = id, error = %chain(&e), "docker kill failed")
+                }
+            }
+        }
+        Stopped {
+            took: t0.elapsed(),
+            killed,
         }
     }
 

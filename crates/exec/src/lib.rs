@@ -33,11 +33,82 @@ pub struct RunRequest {
     pub workdir: PathBuf,
     pub timeout: Duration,
     pub grace_period: Duration,
-    /// Extra environment (PUBRUN_RUN_ID, PUBRUN_JOB, PUBRUN_ATTEMPT, …).
+    /// Extra environment: the run variables (PUBRUN_RUN_ID, PUBRUN_JOB,
+    /// PUBRUN_ATTEMPT, …) and the job's `pass_env` values, read from the
+    /// server's environment by the dispatcher.
     pub env: BTreeMap<String, String>,
+    /// The job's secrets (values from the server's environment). They join
+    /// the environment like `env` and are masked in the run's log.
+    pub secrets: Secrets,
     /// Directories (relative to `workdir`) the job's outputs come from. A
     /// remote executor brings them back into `workdir` before it returns.
     pub outputs: Vec<String>,
+}
+
+/// Values of a job's secrets by variable name. `Debug` shows the names only.
+#[derive(Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
+pub struct Secrets(pub BTreeMap<String, String>);
+
+impl std::fmt::Debug for Secrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_map()
+            .entries(self.0.keys().map(|k| (k, "***")))
+            .finish()
+    }
+}
+
+impl Secrets {
+    /// The values to mask (non-empty ones).
+    pub fn values(&self) -> Vec<String> {
+        self.0.values().filter(|v| !v.is_empty()).cloned().collect()
+    }
+
+    /// `s` with every secret value replaced by [`log::MASK`].
+    pub fn mask(&self, s: &str) -> String {
+        let m = log::Masker::new(self.values());
+        String::from_utf8_lossy(&m.mask_all(s.as_bytes())).into_owned()
+    }
+}
+
+/// `PATH` of a process job when the executing process has none.
+pub const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+
+/// The base environment of a process job, from the executing process (the
+/// server, or the agent on a pool machine): `PATH` (default
+/// [`DEFAULT_PATH`]), `HOME` (the run's directory when unset), `LANG` and
+/// `TZ` when set. Nothing else of that process's environment — tokens,
+/// webhook secrets — reaches a job.
+pub fn base_env(workdir: &std::path::Path) -> BTreeMap<String, String> {
+    let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    let mut env = BTreeMap::new();
+    env.insert("PATH".into(), var("PATH").unwrap_or_else(|| DEFAULT_PATH.into()));
+    env.insert(
+        "HOME".into(),
+        var("HOME").unwrap_or_else(|| workdir.display().to_string()),
+    );
+    for k in ["LANG", "TZ"] {
+        if let Some(v) = var(k) {
+            env.insert(k.into(), v);
+        }
+    }
+    env
+}
+
+/// A job's environment on top of `base`: the declared `env`, then the
+/// request's `env` (run variables, `pass_env`), then the secrets. Names in
+/// the last three are disjoint (checked at apply), so only `base` is ever
+/// overridden.
+pub fn job_env(
+    base: BTreeMap<String, String>,
+    declared: &BTreeMap<String, String>,
+    req: &RunRequest,
+) -> BTreeMap<String, String> {
+    let mut env = base;
+    for (k, v) in declared.iter().chain(&req.env).chain(&req.secrets.0) {
+        env.insert(k.clone(), v.clone());
+    }
+    env
 }
 
 /// Where an attempt is running, reported once it has started.

@@ -1,15 +1,99 @@
-//! Per-run log capture with a size cap.
+//! Per-run log capture with a size cap, and masking of secret values.
 
 use std::path::{Path, PathBuf};
 
 use tokio::io::AsyncWriteExt;
 use tokio::sync::Mutex;
 
+/// What a secret value is replaced with in logs and results.
+pub const MASK: &str = "***";
+
+/// Replaces secret values in a byte stream.
+#[derive(Debug, Clone, Default)]
+pub struct Masker {
+    /// Longest first, so a value that contains another is masked whole.
+    needles: Vec<Vec<u8>>,
+    longest: usize,
+    /// Some value contains a newline: a line end is no safe cut.
+    multiline: bool,
+}
+
+impl Masker {
+    pub fn new(values: impl IntoIterator<Item = String>) -> Self {
+        let mut needles: Vec<Vec<u8>> = values
+            .into_iter()
+            .filter(|v| !v.is_empty())
+            .map(String::into_bytes)
+            .collect();
+        needles.sort_by_key(|n| std::cmp::Reverse(n.len()));
+        needles.dedup();
+        Masker {
+            longest: needles.first().map_or(0, Vec::len),
+            multiline: needles.iter().any(|n| n.contains(&b'\n')),
+            needles,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.needles.is_empty()
+    }
+
+    fn match_at(&self, b: &[u8]) -> Option<usize> {
+        self.needles
+            .iter()
+            .find(|n| b.starts_with(n))
+            .map(Vec::len)
+    }
+
+    /// Masks the bytes of `buf` before `cut` (and a value that starts there
+    /// and runs past it); returns the output and how much of `buf` it used.
+    fn mask_prefix(&self, buf: &[u8], cut: usize) -> (Vec<u8>, usize) {
+        let mut out = Vec::with_capacity(cut);
+        let mut i = 0;
+        while i < cut {
+            match self.match_at(&buf[i..]) {
+                Some(n) => {
+                    out.extend_from_slice(MASK.as_bytes());
+                    i += n;
+                }
+                None => {
+                    out.push(buf[i]);
+                    i += 1;
+                }
+            }
+        }
+        (out, i)
+    }
+
+    /// Masks a complete text.
+    pub fn mask_all(&self, b: &[u8]) -> Vec<u8> {
+        self.mask_prefix(b, b.len()).0
+    }
+
+    /// How much of a pending buffer can be masked and written now: a value
+    /// may still be arriving only in its last `longest - 1` bytes, and never
+    /// across a line end when no value contains one.
+    fn safe_cut(&self, buf: &[u8]) -> usize {
+        let overlap = buf.len().saturating_sub(self.longest.saturating_sub(1));
+        let line = if self.multiline {
+            0
+        } else {
+            buf.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1)
+        };
+        overlap.max(line)
+    }
+}
+
 /// Appends stdout and stderr of a run to one file, up to `limit` bytes;
 /// beyond that bytes are counted, not stored, and a marker line says so.
+/// Secret values given at creation are replaced by [`MASK`] before anything
+/// reaches the file, also when a value arrives split across writes (the
+/// tail that could still be the start of one is held back until more
+/// output, a note or a flush comes).
 pub struct LogSink {
     path: PathBuf,
     limit: u64,
+    masker: Masker,
     state: Mutex<State>,
 }
 
@@ -17,10 +101,21 @@ struct State {
     file: Option<tokio::fs::File>,
     written: u64,
     dropped: u64,
+    /// Output not yet written because a secret could still complete in it.
+    pending: Vec<u8>,
 }
 
 impl LogSink {
     pub async fn create(path: impl AsRef<Path>, limit: u64) -> std::io::Result<Self> {
+        Self::create_masking(path, limit, Vec::new()).await
+    }
+
+    /// Like [`LogSink::create`], masking every value of `secrets`.
+    pub async fn create_masking(
+        path: impl AsRef<Path>,
+        limit: u64,
+        secrets: Vec<String>,
+    ) -> std::io::Result<Self> {
         let path = path.as_ref().to_path_buf();
         let file = tokio::fs::OpenOptions::new()
             .create(true)
@@ -31,10 +126,12 @@ impl LogSink {
         Ok(LogSink {
             path,
             limit,
+            masker: Masker::new(secrets),
             state: Mutex::new(State {
                 file: Some(file),
                 written,
                 dropped: 0,
+                pending: Vec::new(),
             }),
         })
     }
@@ -51,7 +148,31 @@ impl LogSink {
     /// Appends bytes (already interleaved stdout/stderr).
     pub async fn write(&self, bytes: &[u8]) {
         let mut st = self.state.lock().await;
-        let room = self.limit.saturating_sub(st.written) as usize;
+        if self.masker.is_empty() {
+            return Self::append(&mut st, self.limit, bytes).await;
+        }
+        st.pending.extend_from_slice(bytes);
+        let cut = self.masker.safe_cut(&st.pending);
+        self.release(&mut st, cut).await;
+    }
+
+    /// Writes the masked pending bytes up to `cut`.
+    async fn release(&self, st: &mut State, cut: usize) {
+        if cut == 0 {
+            return;
+        }
+        let (out, used) = self.masker.mask_prefix(&st.pending, cut);
+        st.pending.drain(..used);
+        Self::append(st, self.limit, &out).await;
+    }
+
+    async fn release_all(&self, st: &mut State) {
+        let n = st.pending.len();
+        self.release(st, n).await;
+    }
+
+    async fn append(st: &mut State, limit: u64, bytes: &[u8]) {
+        let room = limit.saturating_sub(st.written) as usize;
         let keep = bytes.len().min(room);
         if keep > 0 {
             if let Some(f) = st.file.as_mut() {
@@ -77,13 +198,17 @@ impl LogSink {
     /// A line from pubrun itself (start, retry, exit), marked as such.
     pub async fn note(&self, line: &str) {
         let mut st = self.state.lock().await;
+        self.release_all(&mut st).await;
+        let line = self.masker.mask_all(format!("[pubrun] {line}\n").as_bytes());
         if let Some(f) = st.file.as_mut() {
-            let _ = f.write_all(format!("[pubrun] {line}\n").as_bytes()).await;
+            let _ = f.write_all(&line).await;
         }
     }
 
+    /// Writes what is held back and syncs the file.
     pub async fn flush(&self) {
         let mut st = self.state.lock().await;
+        self.release_all(&mut st).await;
         if let Some(f) = st.file.as_mut() {
             let _ = f.flush().await;
             let _ = f.sync_data().await;
@@ -104,5 +229,34 @@ pub async fn tail(path: &Path, max: usize) -> String {
             String::from_utf8_lossy(&b[start..]).into_owned()
         }
         Err(_) => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn secrets_are_masked_also_when_split_across_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        let sink = LogSink::create_masking(&path, 1 << 20, vec!["hunter2".into(), "s3cr".into()])
+            .await
+            .unwrap();
+        // One byte at a time: every value arrives split.
+        for b in b"pw=hunter2 short=s3cr end\nhun".iter() {
+            sink.write(std::slice::from_ref(b)).await;
+        }
+        sink.write(b"ter2!").await;
+        sink.note("exit, env had hunter2").await;
+        sink.write(b"tail s3").await;
+        sink.write(b"cr").await;
+        sink.flush().await;
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(!text.contains("hunter2") && !text.contains("s3cr"), "{text}");
+        assert_eq!(
+            text,
+            "pw=*** short=*** end\n***![pubrun] exit, env had ***\ntail ***"
+        );
     }
 }

@@ -9,7 +9,10 @@
 //!
 //! * Working directory: `spec.working_dir` when set (a relative path is taken
 //!   relative to the run's directory), else the run's directory.
-//! * Environment: the server's, then `spec.env`, then `req.env` (later wins).
+//! * Environment: cleared, then [`crate::base_env`] (`PATH`, `HOME`, `LANG`,
+//!   `TZ` of this process), then `spec.env`, `req.env` (run variables,
+//!   `pass_env`) and `req.secrets` — see [`crate::job_env`]. The rest of the
+//!   server's (or agent's) environment never reaches the job.
 //! * stdin is `/dev/null`; stdout and stderr go to the [`LogSink`] chunk by
 //!   chunk as they are written, interleaved in arrival order.
 //! * A zero `timeout` means no time limit.
@@ -108,12 +111,13 @@ fn pump<R: AsyncRead + Unpin + Send + 'static>(mut from: R, log: Arc<LogSink>) -
 }
 
 /// SIGTERM to the group, up to `grace` for the main process to end, then
-/// SIGKILL to the group.
+/// SIGKILL to the group (`*killed` is set then).
 async fn terminate(
     child: &mut Child,
     pgid: i32,
     grace: Duration,
     log: &LogSink,
+    killed: &mut bool,
 ) -> std::io::Result<std::process::ExitStatus> {
     signal_group(pgid, libc::SIGTERM);
     match tokio::time::timeout(grace, child.wait()).await {
@@ -125,6 +129,7 @@ async fn terminate(
             ))
             .await;
             signal_group(pgid, libc::SIGKILL);
+            *killed = true;
             child.wait().await
         }
     }
@@ -183,8 +188,8 @@ impl Executor for ProcessExecutor {
         let mut cmd = tokio::process::Command::new(&spec.command);
         cmd.args(&spec.args)
             .current_dir(&cwd)
-            .envs(&spec.env)
-            .envs(&req.env)
+            .env_clear()
+            .envs(crate::job_env(crate::base_env(&req.workdir), &spec.env, &req))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -231,17 +236,18 @@ impl Executor for ProcessExecutor {
         };
         let mut timed_out = false;
         let mut cancelled = false;
+        let mut killed_after_grace = false;
         let status = tokio::select! {
             status = child.wait() => status,
             _ = limit => {
                 timed_out = true;
                 log.note(&format!("timed out after {}: sending SIGTERM to process group {pgid}", secs(req.timeout))).await;
-                terminate(&mut child, pgid, req.grace_period, &log).await
+                terminate(&mut child, pgid, req.grace_period, &log, &mut killed_after_grace).await
             }
             _ = cancel.cancelled() => {
                 cancelled = true;
                 log.note(&format!("cancelled: sending SIGTERM to process group {pgid}")).await;
-                terminate(&mut child, pgid, req.grace_period, &log).await
+                terminate(&mut child, pgid, req.grace_period, &log, &mut killed_after_grace).await
             }
         };
         // The main process is gone: so is the attempt. Leftovers in its group
@@ -264,11 +270,13 @@ impl Executor for ProcessExecutor {
                 signal: st.signal(),
                 timed_out,
                 cancelled,
+                killed_after_grace,
                 ..Default::default()
             },
             Err(e) => Exit {
                 timed_out,
                 cancelled,
+                killed_after_grace,
                 error: Some(format!("lost track of `{}` (pid {pid}): {e}", spec.command)),
                 ..Default::default()
             },

@@ -270,12 +270,17 @@ async fn cancel_kills_a_container_that_ignores_sigterm_after_the_grace_period() 
         return;
     }
     let fx = Fixture::new(1 << 20).await;
-    // PID 1 without a TERM handler ignores SIGTERM: only SIGKILL ends it.
-    let mut r = req(&fx, "cancel", docker(TEST_IMAGE, &["sleep", "60"]));
-    r.grace_period = Duration::from_secs(1);
+    // busybox `sh` as PID 1 (no --init) ignoring SIGTERM: only SIGKILL ends it.
+    let mut r = req(
+        &fx,
+        "cancel",
+        docker(TEST_IMAGE, &["sh", "-c", "trap '' TERM; echo ready; sleep 1000"]),
+    );
+    r.grace_period = Duration::from_secs(2);
     let cancel = CancellationToken::new();
     let (on_started, started) = started_channel();
     let ex = executor();
+    let mut cancelled_at = None;
     let (exit, ()) = tokio::join!(
         within(
             "run",
@@ -283,16 +288,89 @@ async fn cancel_kills_a_container_that_ignores_sigterm_after_the_grace_period() 
         ),
         async {
             started.await.expect("on_started");
+            fx.wait_for_log("ready").await;
+            cancelled_at = Some(Instant::now());
             cancel.cancel();
         }
     );
+    let took = cancelled_at.unwrap().elapsed();
     assert!(exit.cancelled, "{exit:?}");
     assert_eq!(
         exit.exit_code,
         Some(137),
         "SIGKILL after the grace period: {exit:?}"
     );
+    assert!(exit.killed_after_grace, "the record says it was killed: {exit:?}");
     assert_eq!(exit.status(), RunStatus::Cancelled);
+    assert!(
+        took >= Duration::from_secs(2) && took < Duration::from_secs(2 + 30),
+        "ended {took:?} after the cancel; the grace period is 2s"
+    );
+    let log = fx.log_text().await;
+    assert!(log.contains("grace period and was killed"), "{log}");
+    assert_removed(&client().await, &r).await;
+}
+
+#[tokio::test]
+async fn a_container_that_obeys_sigterm_is_not_reported_killed() {
+    if !docker_ready("a_container_that_obeys_sigterm_is_not_reported_killed") {
+        return;
+    }
+    let fx = Fixture::new(1 << 20).await;
+    let mut r = req(
+        &fx,
+        "obeys",
+        docker(TEST_IMAGE, &["sh", "-c", "trap 'exit 3' TERM; echo ready; while true; do sleep 0.1; done"]),
+    );
+    r.grace_period = Duration::from_secs(20);
+    let cancel = CancellationToken::new();
+    let ex = executor();
+    let (exit, ()) = tokio::join!(
+        within("run", ex.run(r.clone(), fx.log.clone(), cancel.clone(), ignore_started())),
+        async {
+            fx.wait_for_log("ready").await;
+            cancel.cancel();
+        }
+    );
+    assert!(exit.cancelled, "{exit:?}");
+    assert_eq!(exit.exit_code, Some(3), "{exit:?}");
+    assert!(!exit.killed_after_grace, "{exit:?}");
+}
+
+#[tokio::test]
+async fn only_declared_environment_and_masked_secrets_reach_the_container() {
+    if !docker_ready("only_declared_environment_and_masked_secrets_reach_the_container") {
+        return;
+    }
+    std::env::set_var("PUBRUN_EXEC_TEST_SERVER_ONLY", "server-only-value");
+    let fx = Fixture::new(1 << 20).await;
+    let mut spec = docker(
+        TEST_IMAGE,
+        &["sh", "-c", r#"env; test "$DB_PASSWORD" = "pa55-w0rd" && echo secret-received"#],
+    );
+    spec.env = BTreeMap::from([("MODE".into(), "declared".into())]);
+    let mut r = req(&fx, "env", spec);
+    r.env.insert("HTTP_PROXY".into(), "http://proxy:3128".into());
+    r.secrets = pubrun_exec::Secrets(BTreeMap::from([("DB_PASSWORD".into(), "pa55-w0rd".into())]));
+    let log = std::sync::Arc::new(
+        pubrun_exec::LogSink::create_masking(fx.dir.path().join("masked.log"), 1 << 20, r.secrets.values())
+            .await
+            .unwrap(),
+    );
+    let exit = within(
+        "run",
+        executor().run(r.clone(), log.clone(), CancellationToken::new(), ignore_started()),
+    )
+    .await;
+    log.flush().await;
+    let text = std::fs::read_to_string(log.path()).unwrap();
+    assert_eq!(exit.exit_code, Some(0), "{exit:?}\n{text}");
+    assert!(text.contains("secret-received\n"), "{text}");
+    assert!(text.contains("DB_PASSWORD=***\n"), "{text}");
+    assert!(!text.contains("pa55-w0rd") && !text.contains("server-only-value"), "{text}");
+    for line in ["MODE=declared\n", "HTTP_PROXY=http://proxy:3128\n"] {
+        assert!(text.contains(line), "missing {line:?}:\n{text}");
+    }
     assert_removed(&client().await, &r).await;
 }
 

@@ -10,7 +10,7 @@ use common::*;
 use pubrun_core::job::{DockerSpec, ExecutorSpec, ProcessSpec};
 use pubrun_core::run::RunStatus;
 use pubrun_exec::process::ProcessExecutor;
-use pubrun_exec::{CancellationToken, Executor};
+use pubrun_exec::{CancellationToken, Executor, LogSink, Secrets};
 
 async fn run(fx: &Fixture, req: pubrun_exec::RunRequest) -> pubrun_exec::Exit {
     within(
@@ -134,6 +134,58 @@ async fn args_env_and_working_directory_reach_the_process() {
         .contains(&format!("{}\n", wd.display())));
 }
 
+/// Names a job may see: the base, what the request declares, and what
+/// `sh` itself sets.
+fn assert_only_declared_names(log: &str, declared: &[&str]) {
+    let allowed: Vec<&str> = ["PATH", "HOME", "LANG", "TZ", "PWD", "SHLVL", "_", "OLDPWD"]
+        .into_iter()
+        .chain(declared.iter().copied())
+        .collect();
+    for line in log.lines().filter(|l| !l.starts_with("[pubrun]")) {
+        if let Some((name, _)) = line.split_once('=') {
+            assert!(allowed.contains(&name), "{name} leaked into the job:\n{log}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_environment_is_clean_and_secrets_are_masked() {
+    // A variable of the executing process (the server, an agent) that no
+    // job may see; before the fix every job inherited it.
+    std::env::set_var("PUBRUN_EXEC_TEST_SERVER_ONLY", "server-only-value");
+    let fx = Fixture::new(1 << 20).await;
+    let mut spec = sh(r#"env; test "$DB_PASSWORD" = "pa55-w0rd" && echo secret-received"#);
+    if let ExecutorSpec::Process(p) = &mut spec {
+        p.env.insert("MODE".into(), "declared".into());
+    }
+    let mut req = fx.request("run-7", spec);
+    req.env.insert("HTTP_PROXY".into(), "http://proxy:3128".into());
+    req.secrets = Secrets(BTreeMap::from([("DB_PASSWORD".into(), "pa55-w0rd".into())]));
+    let log = std::sync::Arc::new(
+        LogSink::create_masking(fx.dir.path().join("masked.log"), 1 << 20, req.secrets.values())
+            .await
+            .unwrap(),
+    );
+    let exit = within(
+        "run",
+        ProcessExecutor::new().run(req, log.clone(), CancellationToken::new(), ignore_started()),
+    )
+    .await;
+    log.flush().await;
+    let text = std::fs::read_to_string(log.path()).unwrap();
+    assert_eq!(exit.exit_code, Some(0), "{exit:?}\n{text}");
+    assert!(text.contains("secret-received\n"), "the job got its secret:\n{text}");
+    assert!(text.contains("DB_PASSWORD=***\n"), "{text}");
+    assert!(!text.contains("pa55-w0rd"), "{text}");
+    assert!(!text.contains("server-only-value"), "{text}");
+    for line in ["MODE=declared\n", "HTTP_PROXY=http://proxy:3128\n", "PUBRUN_RUN_ID=run-7\n"] {
+        assert!(text.contains(line), "missing {line:?}:\n{text}");
+    }
+    assert!(text.lines().any(|l| l.starts_with("PATH=")), "{text}");
+    assert!(text.lines().any(|l| l.starts_with("HOME=")), "{text}");
+    assert_only_declared_names(&text, &["MODE", "HTTP_PROXY", "PUBRUN_RUN_ID", "DB_PASSWORD"]);
+}
+
 #[tokio::test]
 async fn on_started_reports_host_and_pid() {
     let fx = Fixture::new(1 << 20).await;
@@ -200,6 +252,7 @@ async fn sigterm_ignored_means_sigkill_after_the_grace_period() {
     let t0 = Instant::now();
     let exit = run(&fx, req).await;
     assert!(exit.timed_out, "{exit:?}");
+    assert!(exit.killed_after_grace, "{exit:?}");
     assert_eq!(exit.signal, Some(libc::SIGKILL), "{exit:?}");
     assert_eq!(exit.exit_code, None);
     assert!(
@@ -228,6 +281,7 @@ async fn cancel_stops_the_process() {
     );
     assert!(exit.cancelled, "{exit:?}");
     assert!(!exit.timed_out);
+    assert!(!exit.killed_after_grace, "SIGTERM was enough: {exit:?}");
     assert_eq!(exit.signal, Some(libc::SIGTERM), "{exit:?}");
     assert_eq!(exit.status(), RunStatus::Cancelled);
 }

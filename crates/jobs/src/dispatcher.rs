@@ -15,7 +15,8 @@ use pubrun_core::template::{self, TemplateContext};
 use pubrun_core::{
     Error, OutgoingMessage, Result, SubscriptionConfig, SubscriptionName, TopicName,
 };
-use pubrun_exec::{CancellationToken, Executor, LogSink, PoolRouter, RunRequest};
+use futures::FutureExt;
+use pubrun_exec::{CancellationToken, Executor, LogSink, PoolRouter, RunRequest, Secrets};
 use tokio::sync::Notify;
 
 use crate::runstore::{Enqueued, QueuedRun, RunRecord, RunStore, SourceMessage};
@@ -132,6 +133,57 @@ fn render_spec(spec: &ExecutorSpec, ctx: &TemplateContext) -> Result<ExecutorSpe
     })
 }
 
+/// The values a run gets from the server's environment: `pass_env`
+/// variables that are set, and every secret. A secret whose variable is not
+/// set fails the run (`parameters:`, not retried: waiting will not set it)
+/// when `strict`, and is left out otherwise.
+fn server_env(
+    spec: &JobSpec,
+    strict: bool,
+) -> std::result::Result<(BTreeMap<String, String>, Secrets), String> {
+    let passed = spec
+        .pass_env
+        .iter()
+        .filter_map(|k| std::env::var(k).ok().map(|v| (k.clone(), v)))
+        .collect();
+    let mut secrets = BTreeMap::new();
+    for (name, r) in &spec.secrets {
+        match std::env::var(&r.env) {
+            Ok(v) => {
+                secrets.insert(name.clone(), v);
+            }
+            Err(_) if strict => {
+                return Err(format!(
+                    "parameters: secret {name}: the server's environment variable {} is not set",
+                    r.env
+                ))
+            }
+            Err(_) => {}
+        }
+    }
+    Ok((passed, Secrets(secrets)))
+}
+
+/// Marks a failure that came from a bug in pubrun (a panic), not the job.
+const INTERNAL_ERROR: &str = "internal error:";
+
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
+}
+
+fn internal_error(while_: &str, p: &(dyn std::any::Any + Send)) -> Exit {
+    Exit {
+        error: Some(format!(
+            "{INTERNAL_ERROR} pubrun panicked while {while_}: {}",
+            panic_message(p)
+        )),
+        ..Default::default()
+    }
+}
+
 fn context(run: &RunRecord) -> TemplateContext {
     let m = &run.message;
     let mut ctx = TemplateContext::from_message(
@@ -242,6 +294,8 @@ impl Dispatcher {
     pub async fn put_job(self: &Arc<Self>, spec: JobSpec) -> Result<()> {
         // A spec from JSON has not been through the manifest parser.
         pubrun_core::filter::parse(&spec.filter).map_err(Error::from)?;
+        spec.check_environment()
+            .map_err(|e| Error::invalid(format!("job {}: {e}", spec.name)))?;
         let topic = TopicName::parse(&spec.topic)?;
         self.broker.get_topic(&topic)?;
         if !spec.result_topic.is_empty() {
@@ -600,6 +654,7 @@ impl Dispatcher {
         run: &RunRecord,
         spec: &JobSpec,
         rendered: ExecutorSpec,
+        (passed, secrets): (BTreeMap<String, String>, Secrets),
     ) -> std::io::Result<RunRequest> {
         let dir = self.data_dir.join("runs").join(run.id.to_string());
         let workdir = dir.join("work");
@@ -616,7 +671,7 @@ impl Dispatcher {
             ExecutorSpec::Docker(_) => PathBuf::from("/workspace/.pubrun"),
             ExecutorSpec::Process(_) => msg_dir.clone(),
         };
-        let env = [
+        let mut env: BTreeMap<String, String> = [
             ("PUBRUN_RUN_ID".to_string(), run.id.to_string()),
             ("PUBRUN_JOB".to_string(), run.job.clone()),
             ("PUBRUN_ATTEMPT".to_string(), run.attempt.to_string()),
@@ -632,6 +687,7 @@ impl Dispatcher {
         ]
         .into_iter()
         .collect();
+        env.extend(passed);
         Ok(RunRequest {
             run_id: run.id.to_string(),
             job: run.job.clone(),
@@ -641,6 +697,7 @@ impl Dispatcher {
             timeout: spec.timeout,
             grace_period: spec.grace_period,
             env,
+            secrets,
             outputs: spec.outputs.iter().map(|o| o.from.clone()).collect(),
         })
     }
@@ -671,13 +728,64 @@ impl Dispatcher {
         }
     }
 
+    /// One attempt and its record. A panic anywhere in it (templates,
+    /// inputs, the executor, outputs, recording) fails this run with an
+    /// `internal error:` cause and frees its slot; other runs go on.
     async fn execute(self: Arc<Self>, run: RunRecord, spec: JobSpec, token: CancellationToken) {
-        let exit = self.attempt(&run, &spec, token).await;
-        self.settle(run, &spec, exit).await;
+        let exit = match std::panic::AssertUnwindSafe(self.attempt(&run, &spec, token))
+            .catch_unwind()
+            .await
+        {
+            Ok(exit) => exit,
+            Err(p) => {
+                let exit = internal_error("running the attempt", &*p);
+                self.note_in_log(run.id, &spec, &exit).await;
+                exit
+            }
+        };
+        self.settle_guarded(run, &spec, exit).await;
+    }
+
+    /// [`Self::settle`], and if that panics: the run fails as it can, and
+    /// its slot is freed anyway.
+    async fn settle_guarded(&self, run: RunRecord, spec: &JobSpec, exit: Exit) {
+        let id = run.id;
+        let settled = std::panic::AssertUnwindSafe(self.settle(run, spec, exit))
+            .catch_unwind()
+            .await;
+        if let Err(p) = settled {
+            let exit = internal_error("recording the end of the attempt", &*p);
+            tracing::error!(run = id, error = exit.error.as_deref(), "run failed");
+            if let Err(e) = self.store.finish(id, &exit, now_ms(), !spec.result_topic.is_empty()) {
+                tracing::error!(run = id, error = %e, "could not record the end of an attempt");
+            }
+            self.lock().active.remove(&id);
+            self.wake.notify_one();
+            self.results_wake.notify_one();
+        }
+    }
+
+    /// Best effort: says in the run's log how the attempt ended.
+    async fn note_in_log(&self, id: i64, spec: &JobSpec, exit: &Exit) {
+        let secrets = server_env(spec, false).map(|(_, s)| s.values()).unwrap_or_default();
+        if let Ok(log) = LogSink::create_masking(self.log_path(id), spec.log_limit_bytes, secrets).await {
+            log.note(&describe(exit)).await;
+            log.flush().await;
+        }
     }
 
     async fn attempt(&self, run: &RunRecord, spec: &JobSpec, token: CancellationToken) -> Exit {
         let ctx = context(run);
+        let from_server = match server_env(spec, true) {
+            Ok(v) => v,
+            Err(e) => {
+                return Exit {
+                    error: Some(e),
+                    ..Default::default()
+                }
+            }
+        };
+        let secrets = from_server.1.clone();
         let rendered = match render_spec(&spec.executor, &ctx) {
             Ok(r) => r,
             Err(e) => {
@@ -687,7 +795,7 @@ impl Dispatcher {
                 }
             }
         };
-        let req = match self.request(run, spec, rendered) {
+        let req = match self.request(run, spec, rendered, from_server) {
             Ok(r) => r,
             Err(e) => {
                 return Exit {
@@ -697,7 +805,13 @@ impl Dispatcher {
                 }
             }
         };
-        let log = match LogSink::create(self.log_path(run.id), spec.log_limit_bytes).await {
+        let log = match LogSink::create_masking(
+            self.log_path(run.id),
+            spec.log_limit_bytes,
+            secrets.values(),
+        )
+        .await
+        {
             Ok(l) => Arc::new(l),
             Err(e) => {
                 return Exit {
@@ -759,6 +873,8 @@ impl Dispatcher {
                 });
             }
         }
+        // Results and the API show the error: no secret value in it.
+        exit.error = exit.error.map(|e| secrets.mask(&e));
         log.note(&describe(&exit)).await;
         log.flush().await;
         exit
@@ -918,14 +1034,36 @@ impl Dispatcher {
     /// `starting` one never reported running, so as far as pubrun knows
     /// nothing ran and the same attempt is tried again.
     async fn recover_run(self: Arc<Self>, run: RunRecord, spec: JobSpec, token: CancellationToken) {
+        let recovered = std::panic::AssertUnwindSafe(self.recover_attempt(&run, &spec, token))
+            .catch_unwind()
+            .await;
+        let exit = match recovered {
+            Ok(exit) => exit,
+            Err(p) => {
+                let exit = internal_error("recovering the attempt after a restart", &*p);
+                self.note_in_log(run.id, &spec, &exit).await;
+                exit
+            }
+        };
+        self.settle_guarded(run, &spec, exit).await;
+    }
+
+    async fn recover_attempt(&self, run: &RunRecord, spec: &JobSpec, token: CancellationToken) -> Exit {
+        // Secrets whose variable is gone now are only not masked: the
+        // attempt is followed anyway.
+        let from_server = server_env(spec, false).unwrap_or_default();
         let log =
             match tokio::fs::create_dir_all(self.data_dir.join("runs").join(run.id.to_string()))
                 .await
             {
-                Ok(()) => LogSink::create(self.log_path(run.id), spec.log_limit_bytes)
-                    .await
-                    .ok()
-                    .map(Arc::new),
+                Ok(()) => LogSink::create_masking(
+                    self.log_path(run.id),
+                    spec.log_limit_bytes,
+                    from_server.1.values(),
+                )
+                .await
+                .ok()
+                .map(Arc::new),
                 Err(_) => None,
             };
         if let Some(log) = &log {
@@ -935,9 +1073,9 @@ impl Dispatcher {
             ))
             .await;
         }
-        let found = match (render_spec(&spec.executor, &context(&run)), &log) {
-            (Ok(rendered), Some(log)) => match self.request(&run, &spec, rendered) {
-                Ok(req) => self.reattach(req, &spec, log, &token).await,
+        let found = match (render_spec(&spec.executor, &context(run)), &log) {
+            (Ok(rendered), Some(log)) => match self.request(run, spec, rendered, from_server) {
+                Ok(req) => self.reattach(req, spec, log, &token).await,
                 Err(_) => None,
             },
             _ => None,
@@ -957,7 +1095,7 @@ impl Dispatcher {
             log.note(&describe(&exit)).await;
             log.flush().await;
         }
-        self.settle(run, &spec, exit).await;
+        exit
     }
 
     /// Asks the executor for the attempt until it can answer. An engine that
@@ -1039,7 +1177,7 @@ impl Dispatcher {
             && !exit
                 .error
                 .as_deref()
-                .is_some_and(|e| e.starts_with("parameters:"))
+                .is_some_and(|e| e.starts_with("parameters:") || e.starts_with(INTERNAL_ERROR))
         {
             let next = run.attempt + 1;
             let delay = spec.retries.backoff(next, jitter());
@@ -1312,7 +1450,20 @@ fn source_and_key(spec: &JobSpec, d: &Delivered) -> (SourceMessage, String) {
         );
         // A key that cannot be rendered falls back to the message id: the
         // run is still created and its failure will say what is missing.
-        template::render(&spec.dedup_key, &ctx).unwrap_or_else(|_| msg.id.clone())
+        // Even a panic must not leave the message unacked: it would come
+        // back, and fail the same way, forever.
+        let rendered = std::panic::catch_unwind(|| template::render(&spec.dedup_key, &ctx));
+        match rendered {
+            Ok(Ok(k)) => k,
+            Ok(Err(e)) => {
+                tracing::warn!(job = spec.name, message = msg.id, error = %e, "dedup_key cannot be rendered; using the message id");
+                msg.id.clone()
+            }
+            Err(p) => {
+                tracing::error!(job = spec.name, message = msg.id, error = panic_message(&*p), "dedup_key rendering panicked; using the message id");
+                msg.id.clone()
+            }
+        }
     };
     (msg, key)
 }

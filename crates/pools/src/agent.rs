@@ -370,7 +370,7 @@ impl Agent {
             Err(e) => Some(e.to_string()),
         };
         let log_path = dir.join("log");
-        let log = match LogSink::create(&log_path, a.log_limit).await {
+        let log = match LogSink::create_masking(&log_path, a.log_limit, a.secrets.values()).await {
             Ok(l) => Arc::new(l),
             Err(e) => {
                 return self
@@ -511,6 +511,7 @@ impl Agent {
             timeout: Duration::from_secs_f64(a.timeout_secs),
             grace_period: Duration::from_secs_f64(a.grace_secs),
             env,
+            secrets: a.secrets.clone(),
             outputs: a.outputs.clone(),
         }
     }

@@ -83,7 +83,13 @@ pub struct Assignment {
     pub spec: ExecutorSpec,
     pub timeout_secs: f64,
     pub grace_secs: f64,
+    /// Run variables and `pass_env` values (from the server's environment).
     pub env: BTreeMap<String, String>,
+    /// The job's secrets, read from the server's environment: the agent
+    /// adds them to the job's environment and masks them in the log. The
+    /// agent's own environment (its pool token) never reaches a job.
+    #[serde(default)]
+    pub secrets: pubrun_exec::Secrets,
     /// The run directory's path on the server: env values under it are
     /// rewritten to the agent's own copy.
     pub server_workdir: String,

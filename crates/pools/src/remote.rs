@@ -387,6 +387,7 @@ impl Pools {
                     timeout_secs: req.timeout.as_secs_f64(),
                     grace_secs: req.grace_period.as_secs_f64(),
                     env: req.env.clone(),
+                    secrets: req.secrets.clone(),
                     server_workdir: req.workdir.display().to_string(),
                     outputs: req.outputs.clone(),
                     log_limit: pending.log.limit(),

@@ -48,6 +48,7 @@ impl Fixture {
             grace_period: Duration::from_secs(10),
             env: BTreeMap::from([("PUBRUN_RUN_ID".to_string(), run_id.to_string())]),
             outputs: Vec::new(),
+            secrets: Default::default(),
         }
     }
 

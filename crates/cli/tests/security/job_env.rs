@@ -1,0 +1,154 @@
+//! A job's environment: nothing of the server's own (its token, webhook
+//! secrets) reaches a job; `pass_env` variables and declared secrets do, and
+//! secret values are masked in the run's log and record.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::common;
+
+const BIN: &str = env!("CARGO_BIN_EXE_pubrun");
+const PATIENCE: Duration = Duration::from_secs(60);
+
+const TOKEN: &str = "server-token-T-3f9a1c";
+const HOOK_SECRET: &str = "hook-secret-S-77d0e2";
+const DB_PASSWORD: &str = "db-pa55-w0rd-91b4";
+
+const MANIFEST: &str = r#"project = "demo"
+
+[[topic]]
+name = "envs"
+
+[[job]]
+name = "show-env"
+topic = "envs"
+pass_env = ["HTTP_PROXY", "NOT_SET_ON_THE_SERVER"]
+secrets = { DB_PASSWORD = { env = "PROD_DB_PASSWORD" } }
+# The check names the value in two halves, so the job's own spec never holds it.
+process = { command = "sh", args = ["-c", "env; test \"${DB_PASSWORD%-*}\" = db-pa55-w0rd && test \"${DB_PASSWORD##*-}\" = 91b4 && echo secret-received; echo \"again: $DB_PASSWORD\""] }
+"#;
+
+fn cli(port: u16, args: &[&str]) -> String {
+    let out = Command::new(BIN)
+        .args(args)
+        .env("PUBRUN_ADDR", format!("http://127.0.0.1:{port}"))
+        .env("PUBRUN_TOKEN", TOKEN)
+        .env_remove("PUBRUN_PROJECT")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "`pubrun {}` failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn a_process_job_sees_only_its_declared_environment_and_secrets_are_masked() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("m.toml");
+    std::fs::write(&config, MANIFEST).unwrap();
+    let port = common::free_port();
+    let log_path = dir.path().join("serve.log");
+    let child = Command::new(BIN)
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--token", TOKEN, "--data-dir"])
+        .arg(dir.path().join("data"))
+        .arg("--config")
+        .arg(&config)
+        .env("PUBRUN_TOKEN", TOKEN)
+        .env("IMPORT_HOOK_SECRET", HOOK_SECRET)
+        .env("PROD_DB_PASSWORD", DB_PASSWORD)
+        .env("HTTP_PROXY", "http://proxy.test:3128")
+        .env_remove("NOT_SET_ON_THE_SERVER")
+        .env_remove("PUBRUN_LISTEN")
+        .env_remove("PUBRUN_DATA_DIR")
+        .env_remove("PUBRUN_CONFIG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .unwrap();
+    let mut server = common::Server(child);
+    let server_log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    common::wait_healthy(&mut server.0, port, PATIENCE, server_log);
+
+    let id = cli(port, &["jobs", "trigger", "show-env"]).trim().to_string();
+    let deadline = Instant::now() + PATIENCE;
+    let run = loop {
+        let out = cli(port, &["runs", "show", &id, "--json"]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        if matches!(v["run"]["status"].as_str(), Some("succeeded" | "failed" | "timed_out" | "cancelled")) {
+            break out;
+        }
+        assert!(Instant::now() < deadline, "run {id} did not end: {out}\n{}", server_log());
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let log = cli(port, &["logs", &id]);
+    let v: serde_json::Value = serde_json::from_str(&run).unwrap();
+    assert_eq!(v["run"]["status"], "succeeded", "{run}\n{log}");
+
+    // The server's token and webhook secret never reach the job.
+    for leaked in [TOKEN, HOOK_SECRET, "IMPORT_HOOK_SECRET", "PROD_DB_PASSWORD"] {
+        assert!(!log.contains(leaked), "{leaked} leaked into the run log:\n{log}");
+        assert!(!run.contains(leaked), "{leaked} in `runs show`:\n{run}");
+    }
+    // pass_env: a set variable arrives, an unset one stays unset.
+    assert!(log.contains("HTTP_PROXY=http://proxy.test:3128\n"), "{log}");
+    assert!(!log.contains("NOT_SET_ON_THE_SERVER"), "{log}");
+    // The secret reached the job, and is masked wherever it was printed.
+    assert!(log.contains("secret-received\n"), "{log}");
+    assert!(log.contains("DB_PASSWORD=***\n") && log.contains("again: ***\n"), "{log}");
+    assert!(!log.contains(DB_PASSWORD), "{log}");
+    assert!(!run.contains(DB_PASSWORD), "{run}");
+    // `jobs show` names the variable, never the value.
+    let job = cli(port, &["jobs", "show", "show-env", "--json"]);
+    assert!(job.contains("PROD_DB_PASSWORD") && !job.contains(DB_PASSWORD), "{job}");
+}
+
+#[test]
+fn a_secret_missing_on_the_server_fails_the_run_with_a_clear_cause() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("m.toml");
+    std::fs::write(&config, MANIFEST).unwrap();
+    let port = common::free_port();
+    let log_path = dir.path().join("serve.log");
+    let child = Command::new(BIN)
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--token", TOKEN, "--data-dir"])
+        .arg(dir.path().join("data"))
+        .arg("--config")
+        .arg(&config)
+        .env_remove("PROD_DB_PASSWORD")
+        .env_remove("PUBRUN_TOKEN")
+        .env_remove("PUBRUN_LISTEN")
+        .env_remove("PUBRUN_DATA_DIR")
+        .env_remove("PUBRUN_CONFIG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .unwrap();
+    let mut server = common::Server(child);
+    common::wait_healthy(&mut server.0, port, PATIENCE, || {
+        std::fs::read_to_string(&log_path).unwrap_or_default()
+    });
+    let id = cli(port, &["jobs", "trigger", "show-env"]).trim().to_string();
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let out = cli(port, &["runs", "show", &id, "--json"]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        if v["run"]["status"] == "failed" {
+            let err = v["run"]["exit"]["error"].as_str().unwrap_or_default();
+            assert!(
+                err.contains("secret DB_PASSWORD") && err.contains("PROD_DB_PASSWORD is not set"),
+                "{out}"
+            );
+            assert_eq!(v["run"]["attempt"], 1);
+            break;
+        }
+        assert!(Instant::now() < deadline, "run {id} did not fail: {out}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

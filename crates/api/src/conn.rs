@@ -203,7 +203,10 @@ pub(crate) async fn serve(
 
 async fn accept_error(e: std::io::Error) {
     use std::io::ErrorKind::*;
-    if matches!(e.kind(), ConnectionAborted | ConnectionReset | ConnectionRefused) {
+    if matches!(
+        e.kind(),
+        ConnectionAborted | ConnectionReset | ConnectionRefused
+    ) {
         return;
     }
     // EMFILE and the like: the pending connection stays in the backlog;
@@ -214,7 +217,8 @@ async fn accept_error(e: std::io::Error) {
 
 /// A fast answer to a connection beyond the cap.
 async fn reject(mut tcp: TcpStream) {
-    const BODY: &str = "pubrun is serving its maximum number of connections (--max-connections); retry later\n";
+    const BODY: &str =
+        "pubrun is serving its maximum number of connections (--max-connections); retry later\n";
     let resp = format!(
         "HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\
          retry-after: 1\r\nconnection: close\r\n\r\n{BODY}",

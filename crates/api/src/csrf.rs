@@ -173,7 +173,9 @@ fn split_host_port(host: &str) -> (&str, Option<u16>) {
     if host.starts_with('[') {
         return match host.find(']') {
             Some(end) => {
-                let port = host[end + 1..].strip_prefix(':').and_then(|p| p.parse().ok());
+                let port = host[end + 1..]
+                    .strip_prefix(':')
+                    .and_then(|p| p.parse().ok());
                 (&host[..=end], port)
             }
             None => (host, None),
@@ -234,7 +236,13 @@ fn check(policy: &HostPolicy, req: &Request) -> Result<(), String> {
         let mime = h
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
-            .map(|v| v.split(';').next().unwrap_or("").trim().to_ascii_lowercase());
+            .map(|v| {
+                v.split(';')
+                    .next()
+                    .unwrap_or("")
+                    .trim()
+                    .to_ascii_lowercase()
+            });
         let simple = match mime.as_deref() {
             None | Some("") => true,
             Some(m) => matches!(
@@ -289,7 +297,13 @@ mod tests {
         ] {
             assert!(p.allows(ok), "{ok}");
         }
-        for bad in ["evil.example", "evil.example:8085", "localhost.evil.example", "", "127.0.0.1.evil.example"] {
+        for bad in [
+            "evil.example",
+            "evil.example:8085",
+            "localhost.evil.example",
+            "",
+            "127.0.0.1.evil.example",
+        ] {
             assert!(!p.allows(bad), "{bad}");
         }
     }

@@ -36,7 +36,11 @@ pub struct ServeArgs {
     /// A host name clients may use to reach this server (repeatable).
     /// IP addresses and localhost are always allowed; other names are
     /// refused, against DNS rebinding.
-    #[arg(long = "allowed-host", env = "PUBRUN_ALLOWED_HOSTS", value_delimiter = ',')]
+    #[arg(
+        long = "allowed-host",
+        env = "PUBRUN_ALLOWED_HOSTS",
+        value_delimiter = ','
+    )]
     allowed_hosts: Vec<String>,
     /// Connections served at once; beyond it a new connection gets 503.
     /// Default: 3/4 of the open-file limit, at most 10000.

@@ -88,7 +88,7 @@ pub fn nofile_limit() -> std::io::Result<u64> {
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
         return Err(std::io::Error::last_os_error());
     }
-    Ok(lim.rlim_cur as u64)
+    Ok(lim.rlim_cur)
 }
 
 /// Raises the soft `RLIMIT_NOFILE` to the hard limit (the default soft
@@ -114,7 +114,7 @@ pub fn raise_nofile_limit() -> std::io::Result<u64> {
         }
         lim.rlim_cur = lim.rlim_max;
     }
-    Ok(lim.rlim_cur as u64)
+    Ok(lim.rlim_cur)
 }
 
 /// Where shutdown is: connections watch it.

@@ -110,7 +110,7 @@ impl HostPolicy {
         if name == "localhost" || name.trim_matches(['[', ']']).parse::<IpAddr>().is_ok() {
             return true;
         }
-        if self.names.iter().any(|n| *n == name) {
+        if self.names.contains(&name) {
             return true;
         }
         self.pools.as_ref().is_some_and(|p| {

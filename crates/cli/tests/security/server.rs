@@ -181,7 +181,9 @@ async fn cross_site_requests_cannot_apply_or_trigger() {
     let port = s.port;
     let own_origin = format!("http://127.0.0.1:{port}");
 
-    let refused: &[(&str, &str, Vec<(&str, &str)>)] = &[
+    // (path, what the refusal says, headers)
+    type Case<'a> = (&'a str, &'a str, Vec<(&'a str, &'a str)>);
+    let refused: &[Case] = &[
         // The attack as filed: a text/plain POST from another origin.
         (
             "/api/v1/apply",

@@ -21,7 +21,7 @@ fn method(name: &str, route: &str, input: &str, output: &str) -> Method {
         .route_name(route)
         .input_type(ty(input))
         .output_type(ty(output))
-        .codec_path("tonic_prost::ProstCodec")
+        .codec_path("crate::codec::ProstCodec")
         .build()
 }
 
@@ -80,7 +80,7 @@ fn main() {
         .route_name("StreamingPull")
         .input_type(format!("{PB}::StreamingPullRequest"))
         .output_type(format!("{PB}::StreamingPullResponse"))
-        .codec_path("tonic_prost::ProstCodec")
+        .codec_path("crate::codec::ProstCodec")
         .client_streaming()
         .server_streaming()
         .build();

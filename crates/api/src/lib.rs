@@ -6,6 +6,10 @@
 //! in exactly one place each (`status.rs`).
 
 pub mod apply;
+mod body_limit;
+pub mod codec;
+pub mod conn;
+pub mod csrf;
 pub mod grpc;
 pub mod jobs_api;
 pub mod rest;
@@ -22,6 +26,7 @@ pub mod pubsub_server {
 /// Wire types of `google.pubsub.v1`.
 pub use googleapis_tonic_google_pubsub_v1::google::pubsub::v1 as pb;
 
+pub use conn::ConnLimits;
 pub use server::{serve, ServeOptions};
 
 /// `google.protobuf.Empty`, which prost represents as `()`.

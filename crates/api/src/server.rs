@@ -1,10 +1,9 @@
-//! Serving: one listener, gRPC and HTTP/1.1 multiplexed, auth, health,
-//! graceful shutdown.
+//! Serving: one listener, gRPC and HTTP/1.1 multiplexed, cross-site
+//! protection, auth, body limits, health, graceful shutdown (connections
+//! themselves: `conn.rs`).
 
-use std::future::{Future, IntoFuture};
-use std::net::SocketAddr;
+use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
@@ -16,15 +15,16 @@ use pubrun_broker::Broker;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::conn::ConnLimits;
+use crate::csrf::HostPolicy;
 use crate::grpc::PubSub;
 use crate::pubsub_server::{
     publisher_server::PublisherServer, subscriber_server::SubscriberServer,
 };
 
-/// gRPC and REST bodies may carry a 10 MB publish plus framing / base64.
+/// gRPC and REST bodies may carry a 10 MB publish plus framing / base64;
+/// also the limit of every other body read whole (manifests, JSON).
 const MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
-/// How long shutdown waits for open connections before giving up on them.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Clone, Default)]
 pub struct ServeOptions {
@@ -38,10 +38,29 @@ pub struct ServeOptions {
     pub buckets: Option<pubrun_buckets::Buckets>,
     /// Machine pools: the pools/machines/cost REST API and the agent protocol.
     pub pools: Option<pubrun_pools::Pools>,
+    /// The URL clients use to reach this server (`--public-url`), when it
+    /// is not the listen address: its host is allowed and its origin is
+    /// this server's own.
+    pub public_url: Option<String>,
+    /// Host names besides IP literals and `localhost` that requests may
+    /// name in `Host` / `:authority` (`--allowed-host`).
+    pub allowed_hosts: Vec<String>,
+    /// Timeouts and the connection cap.
+    pub limits: ConnLimits,
 }
 
 /// Builds the single router that answers both protocols.
-pub fn router(broker: Arc<Broker>, opts: &ServeOptions, shutdown: watch::Receiver<bool>) -> Router {
+/// Fails when `public_url` or `allowed_hosts` is malformed.
+pub fn router(
+    broker: Arc<Broker>,
+    opts: &ServeOptions,
+    shutdown: watch::Receiver<bool>,
+) -> Result<Router, String> {
+    let hosts = HostPolicy::new(
+        &opts.allowed_hosts,
+        opts.public_url.as_deref(),
+        opts.pools.clone(),
+    )?;
     let broker_for_jobs = broker.clone();
     let pubsub = PubSub::new(broker, shutdown);
     let grpc = tonic::service::Routes::new(
@@ -70,7 +89,11 @@ pub fn router(broker: Arc<Broker>, opts: &ServeOptions, shutdown: watch::Receive
     }
     let app = app
         .fallback(unknown_route)
-        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES));
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn_with_state(
+            MAX_BODY_BYTES,
+            crate::body_limit::limit,
+        ));
     let app = match &opts.token {
         Some(t) => app.layer(axum::middleware::from_fn_with_state(
             Arc::new(t.clone()),
@@ -93,7 +116,12 @@ pub fn router(broker: Arc<Broker>, opts: &ServeOptions, shutdown: watch::Receive
                 .layer(axum::extract::DefaultBodyLimit::disable()),
         );
     }
-    app
+    // Outermost: a request for another host or from another site is
+    // refused before authentication or any body is read.
+    Ok(app.layer(axum::middleware::from_fn_with_state(
+        Arc::new(hosts),
+        crate::csrf::guard,
+    )))
 }
 
 /// Unknown gRPC methods get UNIMPLEMENTED, unknown HTTP paths a JSON 404.
@@ -112,14 +140,14 @@ async fn unknown_route(req: Request) -> Response {
     .into_response()
 }
 
-fn is_grpc(req: &Request) -> bool {
+pub(crate) fn is_grpc(req: &Request) -> bool {
     req.headers()
         .get(header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }
 
 /// A trailers-only gRPC error response.
-fn grpc_error(code: tonic::Code, msg: &str) -> Response {
+pub(crate) fn grpc_error(code: tonic::Code, msg: &str) -> Response {
     let mut resp = StatusCode::OK.into_response();
     let h = resp.headers_mut();
     h.insert(
@@ -148,7 +176,7 @@ async fn require_token(State(token): State<Arc<String>>, req: Request, next: Nex
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(pubrun_core::secret::bearer_token)
         .is_some_and(|given| {
             pubrun_core::secret::verify_bearer(token.as_bytes(), given.as_bytes())
         });
@@ -175,45 +203,16 @@ pub async fn serve(
     signal: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
-    let app = router(broker.clone(), &opts, stop_rx);
+    let app = router(broker.clone(), &opts, stop_rx)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
     let maintenance = broker.spawn_maintenance();
     // Push subscriptions' workers follow the catalog from here on.
     let pusher = pubrun_broker::push::spawn(&broker);
-    let (fired_tx, fired_rx) = tokio::sync::oneshot::channel::<()>();
-    let stop_tx = Arc::new(stop_tx);
-    let stopper = stop_tx.clone();
-    let on_signal = async move {
-        signal.await;
+    crate::conn::serve(listener, app, &opts.limits, signal, || {
         tracing::info!("shutting down: no new connections, ending streams");
-        let _ = stopper.send(true);
-        let _ = fired_tx.send(());
-    };
-    // Without TCP_NODELAY, Nagle holds a gRPC response's small trailer frame
-    // until the client's delayed ACK: ~40 ms per call (see bench/broker-results.md).
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "could not set TCP_NODELAY");
-        }
-    });
-    let server = axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(on_signal)
-    .into_future();
-    tokio::pin!(server);
-    tokio::select! {
-        r = &mut server => r?,
-        _ = async {
-            match fired_rx.await {
-                Ok(()) => tokio::time::sleep(DRAIN_TIMEOUT).await,
-                Err(_) => std::future::pending().await,
-            }
-        } => {
-            tracing::warn!("connections still open after {DRAIN_TIMEOUT:?}; closing them");
-        }
-    }
-    drop(stop_tx);
+        let _ = stop_tx.send(true);
+    })
+    .await;
     maintenance.abort();
     pusher.abort();
     Ok(())

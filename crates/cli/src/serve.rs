@@ -28,6 +28,30 @@ pub struct ServeArgs {
     /// Runs executing at the same time, across all jobs.
     #[arg(long, env = "PUBRUN_SLOTS", default_value_t = default_slots())]
     slots: usize,
+    /// The URL clients reach this server at, when it is not the listen
+    /// address (e.g. behind a proxy): https://pubrun.example.com. Its host
+    /// is allowed in requests and its origin counts as the server's own.
+    #[arg(long, env = "PUBRUN_PUBLIC_URL")]
+    public_url: Option<String>,
+    /// A host name clients may use to reach this server (repeatable).
+    /// IP addresses and localhost are always allowed; other names are
+    /// refused, against DNS rebinding.
+    #[arg(
+        long = "allowed-host",
+        env = "PUBRUN_ALLOWED_HOSTS",
+        value_delimiter = ','
+    )]
+    allowed_hosts: Vec<String>,
+    /// Connections served at once; beyond it a new connection gets 503.
+    /// Default: 3/4 of the open-file limit, at most 10000.
+    #[arg(long, env = "PUBRUN_MAX_CONNECTIONS", value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections: Option<u32>,
+    /// Time a client has to send a request's headers.
+    #[arg(long, env = "PUBRUN_HEADER_READ_TIMEOUT", hide = true, default_value = "30s", value_parser = humantime::parse_duration)]
+    header_read_timeout: std::time::Duration,
+    /// A connection with no request in flight for this long is closed.
+    #[arg(long, env = "PUBRUN_IDLE_TIMEOUT", hide = true, default_value = "60s", value_parser = humantime::parse_duration)]
+    idle_timeout: std::time::Duration,
 }
 
 fn default_slots() -> usize {
@@ -58,6 +82,15 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
              (clients then send Authorization: Bearer <token>), or listen on 127.0.0.1",
             args.listen
         );
+    }
+    let public_url = args.public_url.filter(|u| !u.is_empty());
+    // Bad --public-url / --allowed-host values fail before anything starts.
+    pubrun_api::csrf::HostPolicy::new(&args.allowed_hosts, public_url.as_deref(), None)
+        .map_err(anyhow::Error::msg)?;
+    // Every connection, store file and job pipe is a file handle.
+    match pubrun_api::conn::raise_nofile_limit() {
+        Ok(n) => tracing::debug!(open_files = n, "open-file limit"),
+        Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),
     }
     let store = EmbeddedStore::open(&args.data_dir)
         .with_context(|| format!("opening data directory {}", args.data_dir.display()))?;
@@ -123,7 +156,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     triggers.spawn();
     let pools_stop = pubrun_exec::CancellationToken::new();
     // Links and upload Locations use this, never the request's Host.
-    buckets.set_base_url(&pubrun_buckets::listen_base_url(addr))?;
+    match &public_url {
+        Some(u) => buckets.set_base_url(u).context("--public-url")?,
+        None => buckets.set_base_url(&pubrun_buckets::listen_base_url(addr))?,
+    }
     if let Some(m) = &manifest {
         let changes = pubrun_api::apply::apply_manifest(
             &broker,
@@ -155,6 +191,13 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             triggers: Some(triggers.clone()),
             buckets: Some(buckets.clone()),
             pools: Some(pools.clone()),
+            public_url,
+            allowed_hosts: args.allowed_hosts,
+            limits: pubrun_api::ConnLimits {
+                max_connections: args.max_connections.map(|n| n as usize),
+                header_read_timeout: args.header_read_timeout,
+                idle_timeout: args.idle_timeout,
+            },
         },
         shutdown_signal(),
     )

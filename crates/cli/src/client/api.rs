@@ -27,7 +27,13 @@ impl Api {
         let mut builder = reqwest::Client::builder()
             .connect_timeout(CONNECT_TIMEOUT)
             .timeout(REQUEST_TIMEOUT)
-            .user_agent(concat!("pubrun-cli/", env!("CARGO_PKG_VERSION")));
+            .user_agent(concat!("pubrun-cli/", env!("CARGO_PKG_VERSION")))
+            // pubrun's REST refuses state-changing calls a browser form could
+            // send; this header (which no form can set) marks them as ours.
+            .default_headers(HeaderMap::from_iter([(
+                reqwest::header::HeaderName::from_static(pubrun_api::csrf::CLIENT_HEADER),
+                reqwest::header::HeaderValue::from_static("cli"),
+            )]));
         if is_loopback(&conn.addr) {
             // An HTTP_PROXY meant for the internet must not swallow requests to this machine.
             builder = builder.no_proxy();

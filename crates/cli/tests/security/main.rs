@@ -1,6 +1,7 @@
-//! Security regression tests against the real `pubrun` binary (issue 11).
+//! Security regression tests of the `pubrun` binary (issue 11), one module per area.
 
 #[path = "../common/mod.rs"]
 mod common;
 
 mod job_env;
+mod server;

@@ -106,13 +106,11 @@ pub fn parse_url(url: &str) -> Result<Config, StoreError> {
         .map_err(|e| StoreError::Config(format!("bad PostgreSQL URL: {e}")))?;
     match config.get_ssl_mode() {
         SslMode::Disable | SslMode::Prefer => {}
-        _ => {
-            return Err(StoreError::Config(
-                "sslmode=require is not supported yet (pubrun connects to PostgreSQL without TLS); \
+        _ => return Err(StoreError::Config(
+            "sslmode=require is not supported yet (pubrun connects to PostgreSQL without TLS); \
                  use sslmode=disable on a trusted network"
-                    .into(),
-            ))
-        }
+                .into(),
+        )),
     }
     if config.get_password().is_none() {
         if let Ok(pw) = std::env::var("PGPASSWORD") {
@@ -174,7 +172,10 @@ impl Conn {
             return Ok(self.client.as_mut().unwrap());
         }
         if self.client.take().is_some() {
-            tracing::warn!(role = self.role, "lost the PostgreSQL connection; reconnecting");
+            tracing::warn!(
+                role = self.role,
+                "lost the PostgreSQL connection; reconnecting"
+            );
         }
         let now = Instant::now();
         if now < self.next_try {
@@ -238,7 +239,11 @@ async fn migrate(client: &mut Client) -> Result<(), tokio_postgres::Error> {
             &[&SCHEMA_VERSION],
         )
         .await?;
-        tracing::info!(from = found, to = SCHEMA_VERSION, "migrated the PostgreSQL schema");
+        tracing::info!(
+            from = found,
+            to = SCHEMA_VERSION,
+            "migrated the PostgreSQL schema"
+        );
     }
     tx.commit().await
 }
@@ -589,7 +594,11 @@ impl Writer {
         }
     }
 
-    async fn append(&mut self, last_seqs: &[Option<i64>], frames: &[Vec<u8>]) -> Result<(), StoreError> {
+    async fn append(
+        &mut self,
+        last_seqs: &[Option<i64>],
+        frames: &[Vec<u8>],
+    ) -> Result<(), StoreError> {
         if frames.is_empty() {
             return Ok(());
         }
@@ -686,7 +695,10 @@ async fn renew_loop(
         match r {
             Ok(1) => {
                 if overdue {
-                    tracing::info!(ownership = BROKER_OWNERSHIP, "ownership lease renewed again");
+                    tracing::info!(
+                        ownership = BROKER_OWNERSHIP,
+                        "ownership lease renewed again"
+                    );
                 }
                 overdue = false;
                 last_ok = Instant::now();

@@ -62,7 +62,10 @@ impl TempPostgres {
             .expect("create a temp dir for PostgreSQL");
         let as_postgres = is_root();
         if as_postgres {
-            run(Command::new("chown").arg("postgres:").arg(dir.path()), "chown the temp dir to postgres");
+            run(
+                Command::new("chown").arg("postgres:").arg(dir.path()),
+                "chown the temp dir to postgres",
+            );
         }
         let pg = TempPostgres {
             dir,

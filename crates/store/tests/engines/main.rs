@@ -24,7 +24,9 @@ pub struct Embedded {
 
 impl Embedded {
     fn new() -> Self {
-        Embedded { dir: tempfile::tempdir().unwrap() }
+        Embedded {
+            dir: tempfile::tempdir().unwrap(),
+        }
     }
 }
 
@@ -46,12 +48,19 @@ pub struct Postgres {
 
 impl Postgres {
     fn new() -> Self {
-        Postgres { pg: TempPostgres::start(), opens: AtomicU64::new(0) }
+        Postgres {
+            pg: TempPostgres::start(),
+            opens: AtomicU64::new(0),
+        }
     }
 }
 
 fn pg_options(url: String, node: &str, ttl: Duration) -> PostgresOptions {
-    PostgresOptions { url, node_name: node.to_string(), lease_ttl: ttl }
+    PostgresOptions {
+        url,
+        node_name: node.to_string(),
+        lease_ttl: ttl,
+    }
 }
 
 impl Engine for Postgres {
@@ -60,7 +69,9 @@ impl Engine for Postgres {
         // A dropped store released its lease, so a reopen does not wait.
         let n = self.opens.fetch_add(1, Ordering::Relaxed);
         let opts = pg_options(self.pg.url(), &format!("node-{n}"), Duration::from_secs(10));
-        bounded(PostgresStore::open(opts)).await.expect("open PostgreSQL store")
+        bounded(PostgresStore::open(opts))
+            .await
+            .expect("open PostgreSQL store")
     }
     fn close(store: &PostgresStore) {
         store.close()
@@ -98,7 +109,11 @@ all_engines!(
     reclaim_keeps_a_live_suffix_and_next_seq,
 );
 
-async fn open_pg(pg: &TempPostgres, node: &str, ttl: Duration) -> Result<PostgresStore, StoreError> {
+async fn open_pg(
+    pg: &TempPostgres,
+    node: &str,
+    ttl: Duration,
+) -> Result<PostgresStore, StoreError> {
     bounded(PostgresStore::open(pg_options(pg.url(), node, ttl))).await
 }
 
@@ -118,17 +133,34 @@ async fn postgres_ex_owner_is_fenced_after_a_takeover() {
         let started = Instant::now();
         let b = open_pg(&pg, "b", ttl).await.unwrap();
         assert!(b.token() > a.token(), "a takeover raises the fencing token");
-        assert!(started.elapsed() < ttl * 5, "took {:?} to take over", started.elapsed());
+        assert!(
+            started.elapsed() < ttl * 5,
+            "took {:?} to take over",
+            started.elapsed()
+        );
 
         let late = a.append(vec![publish(1, [2], "late-from-a")]).await;
-        assert!(matches!(late, Err(StoreError::Fenced { .. })), "got {late:?}");
-        assert!(*a.lease_lost().borrow(), "the ex-owner knows it lost the lease");
+        assert!(
+            matches!(late, Err(StoreError::Fenced { .. })),
+            "got {late:?}"
+        );
+        assert!(
+            *a.lease_lost().borrow(),
+            "the ex-owner knows it lost the lease"
+        );
         let cat = a.save_catalog(&suite::sample_catalog(1)).await;
-        assert!(matches!(cat, Err(StoreError::Fenced { .. })), "catalog write: {cat:?}");
+        assert!(
+            matches!(cat, Err(StoreError::Fenced { .. })),
+            "catalog write: {cat:?}"
+        );
 
         let mut recs = Vec::new();
         assert_eq!(b.replay(&mut |r| recs.push(r)).unwrap(), 2);
-        assert_eq!(recs, vec![publish(1, [1], "from-a")], "the fenced write left nothing");
+        assert_eq!(
+            recs,
+            vec![publish(1, [1], "from-a")],
+            "the fenced write left nothing"
+        );
         assert_eq!(b.load_catalog().unwrap(), pubrun_store::Catalog::new());
         b.append(vec![publish(1, [2], "from-b")]).await.unwrap();
         drop(a); // a fenced store does not release b's lease
@@ -136,7 +168,10 @@ async fn postgres_ex_owner_is_fenced_after_a_takeover() {
         let c = open_pg(&pg, "c", ttl).await.unwrap();
         let mut recs = Vec::new();
         c.replay(&mut |r| recs.push(r)).unwrap();
-        assert_eq!(recs, vec![publish(1, [1], "from-a"), publish(1, [2], "from-b")]);
+        assert_eq!(
+            recs,
+            vec![publish(1, [1], "from-a"), publish(1, [2], "from-b")]
+        );
     })
     .await
 }
@@ -150,12 +185,14 @@ async fn postgres_standby_waits_while_the_owner_lives() {
         let ttl = Duration::from_secs(1);
         let a = open_pg(&pg, "a", ttl).await.unwrap();
         let url = pg.url();
-        let standby = tokio::spawn(async move {
-            PostgresStore::open(pg_options(url, "b", ttl)).await
-        });
+        let standby =
+            tokio::spawn(async move { PostgresStore::open(pg_options(url, "b", ttl)).await });
         // Several TTLs: a renewing owner keeps it.
         tokio::time::sleep(ttl * 3).await;
-        assert!(!standby.is_finished(), "the standby took over from a live owner");
+        assert!(
+            !standby.is_finished(),
+            "the standby took over from a live owner"
+        );
         a.close();
         let b = bounded(standby).await.unwrap().unwrap();
         assert!(b.token() > a.token());
@@ -168,9 +205,14 @@ async fn postgres_schema_newer_than_the_binary_is_refused() {
     bounded(async {
         let pg = TempPostgres::start();
         drop(open_pg(&pg, "a", Duration::from_secs(5)).await.unwrap());
-        let (client, conn) = tokio_postgres::connect(&pg.url(), tokio_postgres::NoTls).await.unwrap();
+        let (client, conn) = tokio_postgres::connect(&pg.url(), tokio_postgres::NoTls)
+            .await
+            .unwrap();
         tokio::spawn(conn);
-        client.execute("UPDATE pubrun_schema SET version = 99", &[]).await.unwrap();
+        client
+            .execute("UPDATE pubrun_schema SET version = 99", &[])
+            .await
+            .unwrap();
         match open_pg(&pg, "a", Duration::from_secs(5)).await {
             Err(StoreError::SchemaTooNew { found: 99, known }) => {
                 assert_eq!(known, pubrun_store::postgres::SCHEMA_VERSION)
@@ -189,7 +231,10 @@ fn postgres_url_rules() {
     assert!(parse_url("postgres://u@h:5432/db?sslmode=disable").is_ok());
     assert!(parse_url("postgres://u@h:5432/db?sslmode=prefer").is_ok());
     let e = parse_url("postgres://u@h:5432/db?sslmode=require").unwrap_err();
-    assert!(e.to_string().contains("sslmode=require is not supported"), "{e}");
+    assert!(
+        e.to_string().contains("sslmode=require is not supported"),
+        "{e}"
+    );
     assert!(parse_url("mysql://u@h/db").is_err());
 }
 
@@ -213,7 +258,10 @@ async fn postgres_restart_fails_appends_then_recovers_without_loss() {
         pg.stop();
         let r = publish(1, [seq], "while-down");
         attempted.push(r.clone());
-        let err = store.append(vec![r]).await.expect_err("append with PostgreSQL down");
+        let err = store
+            .append(vec![r])
+            .await
+            .expect_err("append with PostgreSQL down");
         assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
         let status = pubrun_core::Error::from(err);
         assert_eq!(status.code, pubrun_core::Code::Unavailable);
@@ -247,10 +295,16 @@ async fn postgres_restart_fails_appends_then_recovers_without_loss() {
         store.replay(&mut |r| replayed.push(r)).unwrap();
         let mut it = replayed.iter();
         for a in &acked {
-            assert!(it.any(|r| r == a), "acknowledged record lost or out of order: {a:?}");
+            assert!(
+                it.any(|r| r == a),
+                "acknowledged record lost or out of order: {a:?}"
+            );
         }
         for r in &replayed {
-            assert!(acked.contains(r) || attempted.contains(r), "unknown record {r:?}");
+            assert!(
+                acked.contains(r) || attempted.contains(r),
+                "unknown record {r:?}"
+            );
         }
     })
     .await

@@ -113,19 +113,33 @@ fn check_log(replayed: &[Record], next: u64, expected: &[BTreeMap<u64, Vec<Recor
             want.entry(*task).or_default().extend(recs.iter().cloned());
         }
     }
-    assert_eq!(got.len(), want.len(), "records from unexpected or missing tasks");
+    assert_eq!(
+        got.len(),
+        want.len(),
+        "records from unexpected or missing tasks"
+    );
     for (task, w) in &want {
         let g = got.get(task).map(Vec::as_slice).unwrap_or(&[]);
         assert_eq!(g.len(), w.len(), "task {task}: record count");
-        assert!(g == w.as_slice(), "task {task}: records differ or are out of order");
+        assert!(
+            g == w.as_slice(),
+            "task {task}: records differ or are out of order"
+        );
     }
     // Enqueue order is log order: seqs were handed out under the same lock
     // as append was called, so they must be strictly ascending in the log
     // and form the contiguous range 1..next.
     let seqs: Vec<u64> = replayed.iter().flat_map(seqs_of).collect();
-    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "publish seqs are not in log order");
+    assert!(
+        seqs.windows(2).all(|w| w[0] < w[1]),
+        "publish seqs are not in log order"
+    );
     assert_eq!(seqs.first().copied(), Some(1));
-    assert_eq!(*seqs.last().unwrap() + 1, next, "next_seq must be just above every seq");
+    assert_eq!(
+        *seqs.last().unwrap() + 1,
+        next,
+        "next_seq must be just above every seq"
+    );
     assert_eq!(seqs.len() as u64, next - 1, "seqs must be contiguous");
 }
 
@@ -145,7 +159,11 @@ pub async fn concurrent_appends_round_trip_through_reopen<E: Engine>(e: E) {
 
     let round1 = concurrent_appends(store.clone(), 1).await;
     let total_bytes: u64 = round1.values().flatten().map(frame_len).sum();
-    assert_eq!(store.log_bytes(), total_bytes, "log_bytes counts every durable frame");
+    assert_eq!(
+        store.log_bytes(),
+        total_bytes,
+        "log_bytes counts every durable frame"
+    );
     E::close(&store);
     drop(store);
 
@@ -176,13 +194,18 @@ pub async fn close_writes_everything_enqueued_then_refuses_appends<E: Engine>(e:
     let mut expected = Vec::new();
     let mut futs = Vec::new();
     for s in 1..=200u64 {
-        let r = if s % 5 == 0 { ack(9, vec![s - 1, s - 2]) } else { publish(7, [s], "pre-close") };
+        let r = if s % 5 == 0 {
+            ack(9, vec![s - 1, s - 2])
+        } else {
+            publish(7, [s], "pre-close")
+        };
         expected.push(r.clone());
         futs.push(store.append(vec![r]));
     }
     E::close(&store);
     for f in futs {
-        f.await.expect("an append enqueued before close must complete");
+        f.await
+            .expect("an append enqueued before close must complete");
     }
     assert!(matches!(
         store.append(vec![publish(7, [1000], "late")]).await,
@@ -193,7 +216,10 @@ pub async fn close_writes_everything_enqueued_then_refuses_appends<E: Engine>(e:
 
     let (_store, replayed, next) = open_replay(&e).await;
     assert_eq!(replayed, expected);
-    assert_eq!(next, 200, "seq 200 was an ack, so the last published seq is 199");
+    assert_eq!(
+        next, 200,
+        "seq 200 was an ack, so the last published seq is 199"
+    );
 }
 
 pub async fn append_before_replay_is_refused<E: Engine>(e: E) {
@@ -218,7 +244,13 @@ pub async fn large_records_round_trip<E: Engine>(e: E) {
     let big = Record::Publish {
         topic_uid: 3,
         messages: (1..=4u64)
-            .map(|s| message(s, "big", bytes::Bytes::from(rng.bytes(3 * 1024 * 1024 + s as usize))))
+            .map(|s| {
+                message(
+                    s,
+                    "big",
+                    bytes::Bytes::from(rng.bytes(3 * 1024 * 1024 + s as usize)),
+                )
+            })
             .collect(),
     };
     let empty_data = Record::Publish {
@@ -247,7 +279,14 @@ pub fn sample_catalog(n_topics: u64) -> Catalog {
             "labels": {"team": "ünïcode-☃", "n": t.to_string()},
         }))
         .unwrap();
-        c.topics.insert(name.clone(), TopicEntry { uid, config, message_retention_duration: None });
+        c.topics.insert(
+            name.clone(),
+            TopicEntry {
+                uid,
+                config,
+                message_retention_duration: None,
+            },
+        );
         let sub_uid = c.allocate_uid();
         let sub_name = format!("projects/p/subscriptions/s{t}");
         let config = serde_json::from_value(serde_json::json!({
@@ -286,7 +325,11 @@ pub async fn saved_catalog_survives_reopen_and_replacement<E: Engine>(e: E) {
     }
     {
         let store = e.open().await;
-        assert_eq!(store.load_catalog().unwrap(), first, "durable across reopen");
+        assert_eq!(
+            store.load_catalog().unwrap(),
+            first,
+            "durable across reopen"
+        );
         store.save_catalog(&second).await.unwrap();
     }
     let store = e.open().await;
@@ -306,7 +349,10 @@ pub async fn reclaim_keeps_a_live_suffix_and_next_seq<E: Engine>(e: E) {
     let mut log = Vec::new();
     for s in 1..=200u64 {
         let data = bytes::Bytes::from(vec![b'x'; 300]);
-        let p = Record::Publish { topic_uid: 1, messages: vec![message(s, "r", data)] };
+        let p = Record::Publish {
+            topic_uid: 1,
+            messages: vec![message(s, "r", data)],
+        };
         log.push(p.clone());
         append_ok(&store, vec![p]).await;
         if s <= 150 {
@@ -320,16 +366,33 @@ pub async fn reclaim_keeps_a_live_suffix_and_next_seq<E: Engine>(e: E) {
     let freed = store.reclaim(151).unwrap();
     assert!(freed > 0, "most of the log is dead and must be reclaimed");
     assert_eq!(store.log_bytes(), before - freed);
-    assert_eq!(store.reclaim(151).unwrap(), 0, "nothing more to free at the same mark");
+    assert_eq!(
+        store.reclaim(151).unwrap(),
+        0,
+        "nothing more to free at the same mark"
+    );
     drop(store);
 
     let (store, replayed, next) = open_replay(&e).await;
     assert_eq!(next, 201);
     assert!(replayed.len() < log.len());
-    assert_eq!(replayed[..], log[log.len() - replayed.len()..], "a suffix of the log");
-    let first_live = log.iter().position(|r| r.last_seq().is_some_and(|s| s >= 151)).unwrap();
-    assert!(log.len() - replayed.len() <= first_live, "a record needed for seq >= 151 was dropped");
-    assert_eq!(store.log_bytes(), replayed.iter().map(frame_len).sum::<u64>());
+    assert_eq!(
+        replayed[..],
+        log[log.len() - replayed.len()..],
+        "a suffix of the log"
+    );
+    let first_live = log
+        .iter()
+        .position(|r| r.last_seq().is_some_and(|s| s >= 151))
+        .unwrap();
+    assert!(
+        log.len() - replayed.len() <= first_live,
+        "a record needed for seq >= 151 was dropped"
+    );
+    assert_eq!(
+        store.log_bytes(),
+        replayed.iter().map(frame_len).sum::<u64>()
+    );
 
     // Everything dead: next_seq must still not go backwards.
     let a = ack(2, (151..=200).collect());

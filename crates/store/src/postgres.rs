@@ -330,6 +330,9 @@ async fn acquire(conn: &mut Conn, name: &str, node: &str, ttl: Duration) -> i64 
     }
 }
 
+/// `(pos, frame)` of one log row.
+type LogRow = (i64, Vec<u8>);
+
 enum Req {
     Append {
         last_seqs: Vec<Option<i64>>,
@@ -346,7 +349,7 @@ enum Req {
     },
     ReplayPage {
         after: i64,
-        done: std_mpsc::SyncSender<Result<Vec<(i64, Vec<u8>)>, StoreError>>,
+        done: std_mpsc::SyncSender<Result<Vec<LogRow>, StoreError>>,
     },
     Reclaim {
         lowest: i64,
@@ -625,7 +628,7 @@ impl Writer {
         }
     }
 
-    async fn replay_page(&mut self, after: i64) -> Result<Vec<(i64, Vec<u8>)>, StoreError> {
+    async fn replay_page(&mut self, after: i64) -> Result<Vec<LogRow>, StoreError> {
         let client = self.conn.get().await?;
         match client
             .query(
@@ -743,6 +746,7 @@ pub struct PostgresStore {
     replayed: AtomicBool,
     log_bytes: Arc<AtomicU64>,
     lost: watch::Receiver<bool>,
+    #[cfg_attr(not(feature = "testing"), allow(dead_code))]
     renew_paused: Arc<AtomicBool>,
     renewer: Mutex<Option<tokio::task::JoinHandle<()>>>,
     // Last: dropped after `close` ran in `Drop`.
@@ -893,7 +897,6 @@ impl PostgresStore {
 impl Drop for PostgresStore {
     fn drop(&mut self) {
         self.close();
-        let _ = &self.renew_paused;
     }
 }
 

@@ -3,6 +3,7 @@
 
 mod agent;
 mod client;
+mod cluster;
 mod serve;
 
 use clap::{Parser, Subcommand};

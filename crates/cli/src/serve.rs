@@ -9,7 +9,6 @@ use pubrun_api::ServeOptions;
 use pubrun_broker::Broker;
 use pubrun_exec::Executor;
 use pubrun_jobs::{Dispatcher, Executors, RunStore};
-use pubrun_store::EmbeddedStore;
 
 #[derive(clap::Args)]
 pub struct ServeArgs {
@@ -52,6 +51,23 @@ pub struct ServeArgs {
     /// A connection with no request in flight for this long is closed.
     #[arg(long, env = "PUBRUN_IDLE_TIMEOUT", hide = true, default_value = "60s", value_parser = humantime::parse_duration)]
     idle_timeout: std::time::Duration,
+    /// Cluster mode (in progress): keep the Pub/Sub state in PostgreSQL,
+    /// postgres://USER[:PASS]@HOST:PORT/DB[?sslmode=disable|prefer] (password
+    /// also from PGPASSWORD). Runs, triggers, pools and buckets still use --data-dir.
+    #[arg(long, env = "PUBRUN_STORE", hide_env_values = true)]
+    store: Option<String>,
+    /// This server's name in the cluster (default: host name + port).
+    #[arg(long, env = "PUBRUN_NODE_NAME")]
+    node_name: Option<String>,
+    /// Ownership lease TTL in milliseconds with --store: a standby takes over
+    /// at most this long after the owner died (tests shorten it).
+    #[arg(
+        long,
+        env = "PUBRUN_LEASE_TTL_MS",
+        hide = true,
+        default_value_t = 10_000
+    )]
+    lease_ttl_ms: u64,
 }
 
 fn default_slots() -> usize {
@@ -92,10 +108,20 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         Ok(n) => tracing::debug!(open_files = n, "open-file limit"),
         Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),
     }
-    let store = EmbeddedStore::open(&args.data_dir)
-        .with_context(|| format!("opening data directory {}", args.data_dir.display()))?;
-    let store = Arc::new(store);
-    let broker = Broker::open(store.clone()).context("recovering broker state")?;
+    let node_name = args
+        .node_name
+        .clone()
+        .unwrap_or_else(|| crate::cluster::default_node_name(args.listen.port()));
+    let store = Arc::new(
+        crate::cluster::ServerStore::open(
+            &args.data_dir,
+            args.store.as_deref(),
+            node_name,
+            std::time::Duration::from_millis(args.lease_ttl_ms),
+        )
+        .await?,
+    );
+    let broker = Broker::open(store.as_store()).context("recovering broker state")?;
     // Read the manifest before binding so a bad file fails fast, with its line.
     let manifest = match &args.config {
         Some(path) => {
@@ -199,7 +225,21 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
                 idle_timeout: args.idle_timeout,
             },
         },
-        shutdown_signal(),
+        {
+            let store = store.clone();
+            async move {
+                tokio::select! {
+                    _ = shutdown_signal() => {}
+                    _ = store.lease_lost() => {
+                        // Our in-memory Pub/Sub state is stale and every write is
+                        // refused: stop at once, so that a supervisor restarts us
+                        // as a standby (a graceful drain could serve stale pulls).
+                        tracing::error!("another server took over the Pub/Sub state; exiting");
+                        std::process::exit(3);
+                    }
+                }
+            }
+        },
     )
     .await?;
     triggers.stop();

@@ -9,17 +9,22 @@
 //! The broker assigns sequence numbers; the store only promises that records
 //! are durable, in the order `append` was called, when the returned future
 //! resolves. `embedded` is the default single-node engine (segment files with
-//! group commit); a PostgreSQL engine will implement the same trait.
+//! group commit); `postgres` keeps the same data in PostgreSQL for cluster
+//! mode, written only by the holder of the `broker` ownership lease.
 
 pub mod catalog;
 pub mod embedded;
+pub mod postgres;
 pub mod record;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 use std::future::Future;
 use std::pin::Pin;
 
 pub use catalog::{Catalog, SnapshotEntry, SubscriptionEntry, TopicEntry};
 pub use embedded::EmbeddedStore;
+pub use postgres::{PostgresOptions, PostgresStore};
 pub use record::{Record, SeekTarget};
 
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +40,23 @@ pub enum StoreError {
     Corrupt { path: String, detail: String },
     #[error("the store is shut down")]
     Closed,
+    /// PostgreSQL cannot be reached (or the connection broke mid-call); the
+    /// engine reconnects in the background, nothing was acknowledged.
+    #[error("PostgreSQL unavailable: {0}")]
+    Unavailable(String),
+    /// Another server took over the ownership lease: this server's writes
+    /// are refused for good (it must stop serving what it owned).
+    #[error("ownership of {name:?} was taken over by another server (our token {token}, now {current}); write refused")]
+    Fenced {
+        name: String,
+        token: i64,
+        current: i64,
+    },
+    /// The database was migrated by a newer pubrun.
+    #[error("the PostgreSQL schema is version {found}, newer than this pubrun knows ({known}); upgrade pubrun")]
+    SchemaTooNew { found: i32, known: i32 },
+    #[error("invalid store configuration: {0}")]
+    Config(String),
 }
 
 impl StoreError {

@@ -54,53 +54,6 @@ fn catalog_path(dir: &Path) -> std::path::PathBuf {
 }
 
 #[tokio::test]
-async fn a_new_store_has_an_empty_catalog() {
-    bounded(async {
-        let dir = tempfile::tempdir().unwrap();
-        let store = EmbeddedStore::open(dir.path()).unwrap();
-        let c = store.load_catalog().unwrap();
-        assert_eq!(c, Catalog::new());
-        assert_eq!(c.next_uid, 1);
-        assert!(c.topics.is_empty() && c.subscriptions.is_empty());
-    })
-    .await
-}
-
-#[tokio::test]
-async fn saved_catalog_survives_reopen_and_replacement() {
-    bounded(async {
-        let dir = tempfile::tempdir().unwrap();
-        let first = sample_catalog(3);
-        let second = sample_catalog(5);
-        {
-            let store = EmbeddedStore::open(dir.path()).unwrap();
-            store.save_catalog(&first).await.unwrap();
-            assert_eq!(store.load_catalog().unwrap(), first, "visible at once");
-        }
-        {
-            let store = EmbeddedStore::open(dir.path()).unwrap();
-            assert_eq!(
-                store.load_catalog().unwrap(),
-                first,
-                "durable across reopen"
-            );
-            store.save_catalog(&second).await.unwrap();
-        }
-        let store = EmbeddedStore::open(dir.path()).unwrap();
-        assert_eq!(store.load_catalog().unwrap(), second, "replaced whole");
-        assert!(
-            !dir.path().join("catalog.json.tmp").exists(),
-            "the temp file is renamed into place"
-        );
-        // Saving the catalog does not touch the log.
-        let mut n = 0;
-        assert_eq!(store.replay(&mut |_| n += 1).unwrap(), 1);
-        assert_eq!(n, 0);
-    })
-    .await
-}
-
-#[tokio::test]
 async fn leftover_temp_catalog_is_ignored_and_overwritten() {
     bounded(async {
         let dir = tempfile::tempdir().unwrap();

@@ -1,0 +1,83 @@
+//! Which engine keeps the Pub/Sub state: the data directory (default) or,
+//! with `--store postgres://…`, PostgreSQL (cluster mode, in progress: only
+//! the Pub/Sub catalog and log live there so far).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use pubrun_store::{EmbeddedStore, PostgresOptions, PostgresStore, Store};
+
+pub enum ServerStore {
+    Embedded(Arc<EmbeddedStore>),
+    Postgres(Arc<PostgresStore>),
+}
+
+/// `--node-name` default: host name + port.
+pub fn default_node_name(port: u16) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "pubrun".to_string());
+    format!("{host}:{port}")
+}
+
+impl ServerStore {
+    /// Opens the engine. With PostgreSQL this waits, as a hot standby, while
+    /// another live server owns the Pub/Sub state.
+    pub async fn open(
+        data_dir: &Path,
+        url: Option<&str>,
+        node_name: String,
+        lease_ttl: Duration,
+    ) -> anyhow::Result<Self> {
+        match url.filter(|u| !u.is_empty()) {
+            None => Ok(ServerStore::Embedded(Arc::new(
+                EmbeddedStore::open(data_dir)
+                    .with_context(|| format!("opening data directory {}", data_dir.display()))?,
+            ))),
+            Some(url) => {
+                tracing::info!(node = %node_name, "cluster mode: Pub/Sub state in PostgreSQL; waiting for ownership");
+                let store = PostgresStore::open(PostgresOptions {
+                    url: url.to_string(),
+                    node_name,
+                    lease_ttl,
+                })
+                .await
+                // The URL may hold a password: never echo it.
+                .context("opening the PostgreSQL store (--store)")?;
+                Ok(ServerStore::Postgres(Arc::new(store)))
+            }
+        }
+    }
+
+    pub fn as_store(&self) -> Arc<dyn Store> {
+        match self {
+            ServerStore::Embedded(s) => s.clone(),
+            ServerStore::Postgres(s) => s.clone(),
+        }
+    }
+
+    /// Resolves once another server took the Pub/Sub state over (never for
+    /// the embedded engine).
+    pub async fn lease_lost(&self) {
+        match self {
+            ServerStore::Embedded(_) => std::future::pending().await,
+            ServerStore::Postgres(s) => {
+                let mut lost = s.lease_lost();
+                if lost.wait_for(|l| *l).await.is_err() {
+                    std::future::pending::<()>().await
+                }
+            }
+        }
+    }
+
+    pub fn close(&self) {
+        match self {
+            ServerStore::Embedded(s) => s.close(),
+            ServerStore::Postgres(s) => s.close(),
+        }
+    }
+}

@@ -119,7 +119,7 @@ async fn poll_loop(agent: &Arc<Agent>, shutdown: &CancellationToken) -> anyhow::
             // registration reply was lost): free after its lease timeout.
             Err(Failure::Status(StatusCode::CONFLICT, msg)) => {
                 tracing::warn!(reason = msg, retry_in = ?backoff, "name in use; retrying");
-                if sleep_or_stop(backoff, &shutdown).await {
+                if sleep_or_stop(backoff, shutdown).await {
                     return Ok(());
                 }
                 backoff = (backoff * 2).min(MAX_BACKOFF);
@@ -127,7 +127,7 @@ async fn poll_loop(agent: &Arc<Agent>, shutdown: &CancellationToken) -> anyhow::
             }
             Err(e) => {
                 tracing::warn!(error = %e, retry_in = ?backoff, "cannot register; retrying");
-                if sleep_or_stop(backoff, &shutdown).await {
+                if sleep_or_stop(backoff, shutdown).await {
                     return Ok(());
                 }
                 backoff = (backoff * 2).min(MAX_BACKOFF);
@@ -169,7 +169,7 @@ async fn poll_loop(agent: &Arc<Agent>, shutdown: &CancellationToken) -> anyhow::
                             Failure::Status(StatusCode::NOT_FOUND | StatusCode::UNAUTHORIZED, _)
                         );
                         tracing::warn!(error = %e, retry_in = ?backoff, register_again = again, "poll failed");
-                        if sleep_or_stop(backoff, &shutdown).await {
+                        if sleep_or_stop(backoff, shutdown).await {
                             return Ok(());
                         }
                         backoff = (backoff * 2).min(MAX_BACKOFF);

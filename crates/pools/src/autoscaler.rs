@@ -118,9 +118,7 @@ impl Pools {
                 .machines()
                 .unwrap_or_default()
                 .into_iter()
-                .find(|m| {
-                    m.pool == spec.name && m.state == MachineState::Stopped && !m.cordoned
-                })
+                .find(|m| m.pool == spec.name && m.state == MachineState::Stopped && !m.cordoned)
         };
         let name = match &reuse {
             Some(m) => m.name.clone(),

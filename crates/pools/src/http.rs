@@ -124,7 +124,9 @@ async fn read_body(body: Body, limit: u64) -> Result<Bytes, AgentError> {
 }
 
 fn too_large(limit: u64) -> AgentError {
-    AgentError::TooLarge(format!("request body over this route's limit of {limit} bytes"))
+    AgentError::TooLarge(format!(
+        "request body over this route's limit of {limit} bytes"
+    ))
 }
 
 /// In front of every agent route, before any body is read: 404 when no

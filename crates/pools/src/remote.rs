@@ -315,7 +315,11 @@ impl Pools {
         if let Err(e) = recorded {
             // Give the name back: this registration did not happen.
             let mut st = self.inner.lock();
-            if st.agents.get(&r.name).is_some_and(|a| a.session == new_session) {
+            if st
+                .agents
+                .get(&r.name)
+                .is_some_and(|a| a.session == new_session)
+            {
                 st.agents.remove(&r.name);
             }
             return Err(AgentError::Internal(e));
@@ -378,7 +382,10 @@ impl Pools {
             Free,
             /// The live holder itself (it presented its session).
             Itself,
-            Live { silent_ms: i64, timeout_ms: i64 },
+            Live {
+                silent_ms: i64,
+                timeout_ms: i64,
+            },
             /// Silent past its lease timeout: lost.
             Lost,
         }
@@ -1208,7 +1215,9 @@ fn token_from(
     fill: impl FnOnce(&mut [u8]) -> Result<(), getrandom::Error>,
 ) -> Result<String, String> {
     let mut buf = [0u8; 32];
-    fill(&mut buf).map_err(|e| format!("cannot generate a secret token: no randomness from the operating system: {e}"))?;
+    fill(&mut buf).map_err(|e| {
+        format!("cannot generate a secret token: no randomness from the operating system: {e}")
+    })?;
     Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
 }
 

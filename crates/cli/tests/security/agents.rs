@@ -145,7 +145,9 @@ fn flood(port: u16, head: &str, total: u64) -> Flood {
         std::thread::spawn(move || {
             let chunk = vec![b'x'; MIB as usize];
             while sent.load(Ordering::SeqCst) < total {
-                let ok = w.write_all(format!("{:x}\r\n", chunk.len()).as_bytes()).is_ok()
+                let ok = w
+                    .write_all(format!("{:x}\r\n", chunk.len()).as_bytes())
+                    .is_ok()
                     && w.write_all(&chunk).is_ok()
                     && w.write_all(b"\r\n").is_ok();
                 if !ok {
@@ -176,10 +178,7 @@ fn read_status(s: &mut TcpStream) -> u16 {
         match s.read(&mut byte) {
             Ok(1) => buf.push(byte[0]),
             Ok(_) => break,
-            Err(e) => panic!(
-                "no answer ({e}) after {:?}",
-                String::from_utf8_lossy(&buf)
-            ),
+            Err(e) => panic!("no answer ({e}) after {:?}", String::from_utf8_lossy(&buf)),
         }
     }
     let head = String::from_utf8_lossy(&buf);
@@ -221,15 +220,15 @@ fn unauthenticated_agent_calls_are_refused_before_their_body_is_read() {
                 "{path}: answered only after {} MiB of body",
                 f.sent_at_answer / MIB
             );
-            assert!(f.elapsed < Duration::from_secs(20), "{path}: {:?}", f.elapsed);
+            assert!(
+                f.elapsed < Duration::from_secs(20),
+                "{path}: {:?}",
+                f.elapsed
+            );
         }
     }
     let grew = srv.rss_bytes().saturating_sub(before);
-    assert!(
-        grew < 64 * MIB,
-        "server memory grew by {} MiB",
-        grew / MIB
-    );
+    assert!(grew < 64 * MIB, "server memory grew by {} MiB", grew / MIB);
 }
 
 #[test]
@@ -263,7 +262,11 @@ fn agent_bodies_over_their_limit_are_refused_with_413() {
         HUGE,
     );
     assert_eq!(f.status, 413, "{}", srv.log());
-    assert!(f.sent_at_answer < HUGE / 4, "read {} MiB", f.sent_at_answer / MIB);
+    assert!(
+        f.sent_at_answer < HUGE / 4,
+        "read {} MiB",
+        f.sent_at_answer / MIB
+    );
 }
 
 /// A client of the agent protocol driven by hand.
@@ -323,7 +326,11 @@ impl Raw {
             if let Some(l) = reply["assign"][0]["lease"].as_u64() {
                 return l;
             }
-            assert!(Instant::now() < deadline, "no lease for {name}\n{}", srv.log());
+            assert!(
+                Instant::now() < deadline,
+                "no lease for {name}\n{}",
+                srv.log()
+            );
         }
     }
 
@@ -410,7 +417,10 @@ async fn a_live_agents_name_cannot_be_taken_over() {
     assert!(second > lease);
     assert_eq!(raw.log(&srv, "a", &a_session, second, "evil\n").await, 401);
     assert_eq!(raw.result(&srv, "a", &a_session, second, 7).await, 401);
-    assert_eq!(raw.log(&srv, "a", &b_session, second, "from b\n").await, 200);
+    assert_eq!(
+        raw.log(&srv, "a", &b_session, second, "from b\n").await,
+        200
+    );
     assert_eq!(raw.result(&srv, "a", &b_session, second, 0).await, 200);
 
     // Bad names never register.

@@ -108,13 +108,11 @@ pub fn router(
     if let Some(t) = &opts.triggers {
         app = app.merge(pubrun_triggers::router(t.webhooks().clone()));
     }
-    // And agents: they hold a pool's token, not the server's. Work
-    // directories and outputs travel as tar bodies, so no small body limit.
+    // And agents: they hold a pool's token, not the server's. Each agent
+    // route checks the pool token from the headers, then reads its body
+    // itself within its own limit (pools/http.rs); 404 while no pool takes agents.
     if let Some(p) = &opts.pools {
-        app = app.merge(
-            pubrun_pools::http::agent_router(p.clone())
-                .layer(axum::extract::DefaultBodyLimit::disable()),
-        );
+        app = app.merge(pubrun_pools::http::agent_router(p.clone()));
     }
     // Outermost: a request for another host or from another site is
     // refused before authentication or any body is read.

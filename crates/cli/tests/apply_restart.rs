@@ -243,30 +243,33 @@ fn project_toml(project: &str, job: bool, trigger_prefix: &str) -> String {
     let mut s = format!(
         "project = \"{project}\"\n[[topic]]\nname = \"work\"\n\
          [[schedule]]\nname = \"{trigger_prefix}-nightly\"\ncron = \"0 3 * * *\"\ntopic = \"work\"\n\
-         [[webhook]]\nname = \"{trigger_prefix}-hook\"\ntopic = \"work\"\n"
+         [[webhook]]\nname = \"{trigger_prefix}-hook\"\ntopic = \"work\"\n\
+         [[pool]]\nname = \"{trigger_prefix}-pool\"\nprovider = \"agents\"\n"
     );
     if job {
         s.push_str(&format!(
-            "[[job]]\nname = \"{project}-job\"\ntopic = \"work\"\nprocess = {{ command = \"true\" }}\n"
+            "[[job]]\nname = \"{project}-job\"\ntopic = \"work\"\npool = \"{trigger_prefix}-pool\"\nprocess = {{ command = \"true\" }}\n"
         ));
     }
     s
 }
 
-fn listed(node: &Node) -> (String, String, String) {
+fn listed(node: &Node) -> (String, String, String, String) {
     (
         node.ok(&["jobs", "list"]),
         node.ok(&["schedules", "list"]),
         node.ok(&["webhooks", "list"]),
+        node.ok(&["pools", "list"]),
     )
 }
 
 fn assert_both(node: &Node, round: &str) {
-    let (jobs, schedules, hooks) = listed(node);
+    let (jobs, schedules, hooks, pools) = listed(node);
     for (what, list, names) in [
         ("jobs", &jobs, ["alpha-job", "beta-job"]),
         ("schedules", &schedules, ["a-nightly", "b-nightly"]),
         ("webhooks", &hooks, ["a-hook", "b-hook"]),
+        ("pools", &pools, ["a-pool", "b-pool"]),
     ] {
         for n in names {
             assert!(list.contains(n), "{round}: {what} lacks {n}:\n{list}");
@@ -327,10 +330,14 @@ fn projects_own_their_resources_and_serve_config_agrees_with_apply() {
         "{out}"
     );
     assert!(!out.contains("beta"), "{out}");
-    let (jobs, schedules, hooks) = listed(&node);
+    let (jobs, schedules, hooks, pools) = listed(&node);
     assert!(
         !jobs.contains("alpha-job") && jobs.contains("beta-job"),
         "{jobs}"
+    );
+    assert!(
+        pools.contains("a-pool") && pools.contains("b-pool"),
+        "{pools}"
     );
     assert!(schedules.contains("a-nightly") && schedules.contains("b-nightly"));
     assert!(hooks.contains("a-hook") && hooks.contains("b-hook"));

@@ -139,7 +139,7 @@ pub fn router(
 /// One debug line per request: method, path (never the query, headers or
 /// body, where tokens and data travel), status and time taken.
 async fn access_log(req: Request, next: Next) -> Response {
-    if !tracing::enabled!(tracing::Level::DEBUG) {
+    if !tracing::enabled!(target: "pubrun::access", tracing::Level::DEBUG) {
         return next.run(req).await;
     }
     let method = req.method().clone();

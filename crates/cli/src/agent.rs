@@ -31,10 +31,12 @@ pub struct AgentArgs {
     /// named after the agent in the system's temporary directory.
     #[arg(long, env = "PUBRUN_AGENT_DATA_DIR")]
     data_dir: Option<PathBuf>,
+    #[command(flatten)]
+    log: crate::serve::LogArgs,
 }
 
 pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
-    crate::serve::init_tracing();
+    crate::serve::init_tracing(&args.log);
     if args.slots == 0 {
         bail!("--slots must be at least 1");
     }

@@ -297,6 +297,55 @@ fn an_interrupted_large_upload_resumes_where_it_stopped() {
 }
 
 #[test]
+fn a_vanished_upload_session_starts_over() {
+    let s = Server::start();
+    let work = tempfile::tempdir().unwrap();
+    s.ok(&["buckets", "create", "bkt"]);
+    let src = work.path().join("big.bin");
+    write(&src, &noise(BIG, 11));
+    let out = s
+        .cmd(&["objects", "cp", src.to_str().unwrap(), "gs://bkt/big.bin"])
+        .env("PUBRUN_CP_TEST_STOP_AFTER_CHUNKS", "1")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+
+    // Cancel the session behind the CLI's back (as expiry would).
+    let trackers = files(&s.dir.path().join("state/uploads"));
+    assert_eq!(trackers.len(), 1, "one tracker file");
+    let t: serde_json::Value = serde_json::from_slice(&trackers[0].1).unwrap();
+    let session = t["session"].as_str().unwrap();
+    let mut sock = std::net::TcpStream::connect(("127.0.0.1", s.port)).unwrap();
+    use std::io::{Read, Write};
+    write!(
+        sock,
+        "DELETE {session} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut resp = String::new();
+    sock.read_to_string(&mut resp).unwrap();
+    assert!(
+        resp.starts_with("HTTP/1.1 499") || resp.starts_with("HTTP/1.1 2"),
+        "{resp}"
+    );
+
+    let out = s
+        .cmd(&["objects", "cp", src.to_str().unwrap(), "gs://bkt/big.bin"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("is gone; starting over"), "{err}");
+    assert_eq!(
+        s.cmd(&["objects", "cat", "gs://bkt/big.bin"])
+            .output()
+            .unwrap()
+            .stdout,
+        noise(BIG, 11)
+    );
+}
+
+#[test]
 fn a_corrupted_download_is_detected_and_not_written() {
     let s = Server::start();
     let work = tempfile::tempdir().unwrap();

@@ -535,9 +535,10 @@ async fn session_status(api: &Api, session: &str, size: u64) -> Result<Status> {
         .await;
     let resp = match resp {
         Ok(r) => r,
+        // Storage errors carry the HTTP code ("404"), Pub/Sub-style ones the name.
         Err(e)
             if e.downcast_ref::<super::api::ServerError>()
-                .is_some_and(|s| s.code == "NOT_FOUND") =>
+                .is_some_and(|s| s.code == "404" || s.code == "NOT_FOUND") =>
         {
             return Ok(Status::Gone)
         }

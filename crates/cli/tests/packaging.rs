@@ -129,6 +129,27 @@ fn healthcheck_and_token_file() {
     assert!(!both.status.success());
     assert!(String::from_utf8_lossy(&both.stderr).contains("cannot be used with"));
 
+    // The agent takes its pool token the same way.
+    let missing = dir.path().join("no-such-token");
+    let agent = pubrun(&[
+        "agent",
+        "--server",
+        "http://127.0.0.1:1",
+        "--pool",
+        "p",
+        "--token-file",
+        missing.to_str().unwrap(),
+    ]);
+    assert!(
+        String::from_utf8_lossy(&agent.stderr).contains("reading the token file"),
+        "{agent:?}"
+    );
+    let agent = pubrun(&["agent", "--server", "http://127.0.0.1:1", "--pool", "p"]);
+    assert!(
+        String::from_utf8_lossy(&agent.stderr).contains("--token"),
+        "{agent:?}"
+    );
+
     let mut child = Command::new(BIN)
         .args([
             "serve",

@@ -148,9 +148,20 @@ pub async fn run(cmd: ObjectsTransfer) -> Result<()> {
             }
             let meta = api.get(&object_path(&bucket, &object)).await?;
             let mut out = tokio::io::stdout();
-            download(&api, &bucket, &object, &meta, &mut out, false).await?;
-            out.flush().await?;
-            Ok(())
+            let result = match download(&api, &bucket, &object, &meta, &mut out, false).await {
+                Ok(_) => out.flush().await.map_err(Into::into),
+                Err(e) => Err(e),
+            };
+            match result {
+                // `objects cat … | head`: the reader had enough; not an error.
+                Err(e)
+                    if e.downcast_ref::<std::io::Error>()
+                        .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe) =>
+                {
+                    Ok(())
+                }
+                other => other,
+            }
         }
         ObjectsTransfer::Rm {
             url,

@@ -5,16 +5,26 @@ mod agent;
 mod client;
 mod cluster;
 mod serve;
+mod setup;
+mod token_file;
 
 use clap::{Parser, Subcommand};
+
+/// `0.1.0 (abc1234567)`: the commit comes from build.rs.
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (",
+    env!("PUBRUN_GIT_COMMIT"),
+    ")"
+);
 
 #[derive(Parser)]
 #[command(
     name = "pubrun",
-    version,
+    version = VERSION,
     about = "Run containerized batch jobs when something happens."
 )]
-struct Cli {
+pub(crate) struct Cli {
     #[command(subcommand)]
     command: Command,
 }
@@ -25,6 +35,13 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Join a machine pool of a server and run the runs it leases here.
     Agent(agent::AgentArgs),
+    /// Exit 0 when the server answers /healthz, 1 otherwise (for container
+    /// HEALTHCHECKs and scripts; no curl needed).
+    Healthcheck(setup::HealthcheckArgs),
+    /// Print a shell completion script: bash, zsh, fish, powershell or elvish.
+    Completions(setup::CompletionsArgs),
+    /// Print the man page, or write one per command with --dir.
+    Man(setup::ManArgs),
     #[command(flatten)]
     Client(client::ClientCommand),
 }
@@ -35,6 +52,9 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Serve(args) => rt.block_on(serve::run(args)),
         Command::Agent(args) => rt.block_on(agent::run(args)),
+        Command::Healthcheck(args) => rt.block_on(setup::healthcheck(args)),
+        Command::Completions(args) => setup::completions(args),
+        Command::Man(args) => setup::man(args),
         Command::Client(cmd) => rt.block_on(client::run(cmd)),
     };
     match result {

@@ -21,6 +21,10 @@ pub struct ServeArgs {
     /// Bearer token every request must carry. Required to listen beyond loopback.
     #[arg(long, env = "PUBRUN_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// File holding the bearer token (instead of --token, which `ps` shows),
+    /// e.g. $CREDENTIALS_DIRECTORY/pubrun-token under systemd.
+    #[arg(long, env = "PUBRUN_TOKEN_FILE", conflicts_with = "token")]
+    token_file: Option<PathBuf>,
     /// Manifest to apply at start (same as `pubrun apply -f FILE` once serving).
     #[arg(long, env = "PUBRUN_CONFIG")]
     config: Option<PathBuf>,
@@ -102,10 +106,10 @@ pub(crate) fn init_tracing(log: &LogArgs) {
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     init_tracing(&args.log);
 
-    let token = args.token.filter(|t| !t.is_empty());
+    let token = crate::token_file::resolve(args.token, args.token_file.as_deref())?;
     if !args.listen.ip().is_loopback() && token.is_none() {
         bail!(
-            "refusing to listen on {} without authentication: set --token or PUBRUN_TOKEN \
+            "refusing to listen on {} without authentication: set --token, --token-file or PUBRUN_TOKEN \
              (clients then send Authorization: Bearer <token>), or listen on 127.0.0.1",
             args.listen
         );

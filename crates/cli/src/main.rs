@@ -65,3 +65,46 @@ fn main() -> std::process::ExitCode {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// Every subcommand and every argument has its own help text, and no
+    /// command shows a doc comment meant for a shared options struct.
+    #[test]
+    fn every_command_and_argument_is_described() {
+        let cmd = Cli::command();
+        cmd.clone().debug_assert();
+        let mut missing = Vec::new();
+        walk(&cmd, "pubrun", &mut missing);
+        assert!(missing.is_empty(), "undescribed:\n{}", missing.join("\n"));
+    }
+
+    fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+        let about = cmd.get_about().map(|a| a.to_string()).unwrap_or_default();
+        if about.trim().is_empty() {
+            missing.push(format!("{path}: no about"));
+        }
+        // ConnArgs' doc comment leaks as the about of a command without one.
+        if about.starts_with("Where the server is") {
+            missing.push(format!("{path}: leaked doc comment {about:?}"));
+        }
+        for arg in cmd.get_arguments() {
+            let id = arg.get_id().as_str();
+            if matches!(id, "help" | "version") {
+                continue;
+            }
+            if arg.get_help().is_none_or(|h| h.to_string().trim().is_empty()) {
+                missing.push(format!("{path}: argument `{id}` has no help"));
+            }
+        }
+        for sub in cmd.get_subcommands() {
+            if sub.get_name() == "help" {
+                continue;
+            }
+            walk(sub, &format!("{path} {}", sub.get_name()), missing);
+        }
+    }
+}

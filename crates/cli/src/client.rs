@@ -77,18 +77,22 @@ pub enum ClientCommand {
 
 #[derive(clap::Subcommand)]
 pub enum BucketsCommand {
+    /// List the buckets of the project.
     #[command(visible_alias = "ls")]
     List {
         #[command(flatten)]
         conn: ConnArgs,
     },
+    /// Create a bucket (names follow Cloud Storage's rules).
     Create {
+        /// Bucket name.
         name: String,
         #[command(flatten)]
         conn: ConnArgs,
     },
     /// Delete an empty bucket.
     Delete {
+        /// Bucket name.
         name: String,
         #[command(flatten)]
         conn: ConnArgs,
@@ -97,8 +101,10 @@ pub enum BucketsCommand {
 
 #[derive(clap::Subcommand)]
 pub enum ObjectsCommand {
+    /// List a bucket's objects with size, time and checksum.
     #[command(visible_alias = "ls")]
     List {
+        /// Bucket name, or gs://BUCKET/PREFIX.
         bucket: String,
         /// Only objects whose name starts with this.
         #[arg(long, default_value = "")]
@@ -112,6 +118,7 @@ pub enum ObjectsCommand {
 
 #[derive(clap::Subcommand)]
 pub enum WebhooksCommand {
+    /// List the webhooks and the topics they publish to.
     #[command(visible_alias = "ls")]
     List {
         #[command(flatten)]
@@ -129,18 +136,21 @@ pub enum SchedulesCommand {
     },
     /// Stop a schedule from firing until resumed (survives restarts).
     Pause {
+        /// Schedule name.
         name: String,
         #[command(flatten)]
         conn: ConnArgs,
     },
     /// Let a paused schedule fire again (ticks missed while paused are not caught up).
     Resume {
+        /// Schedule name.
         name: String,
         #[command(flatten)]
         conn: ConnArgs,
     },
     /// Publish the schedule's message now, once (also when paused).
     RunNow {
+        /// Schedule name.
         name: String,
         #[command(flatten)]
         conn: ConnArgs,

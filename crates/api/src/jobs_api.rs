@@ -268,6 +268,13 @@ async fn apply(
     let file = q.file.unwrap_or_else(|| "pubrun.toml".to_string());
     let manifest = pubrun_jobs::apply::parse_manifest(&file, text)?;
     let dry_run = q.dry_run.unwrap_or(false);
+    // Counted before applying: a replaced subscription starts empty.
+    let backlog_before: std::collections::HashMap<String, usize> = api
+        .broker
+        .subscription_stats()
+        .into_iter()
+        .map(|s| (s.name, s.backlog))
+        .collect();
     let changes = crate::apply::apply_manifest(
         &api.broker,
         &api.dispatcher,
@@ -278,7 +285,46 @@ async fn apply(
         dry_run,
     )
     .await?;
-    ok(json!({ "changes": changes, "applied": !dry_run }))
+    let warnings = plan_warnings(&api, &manifest, &changes, &backlog_before);
+    ok(json!({ "changes": changes, "applied": !dry_run, "warnings": warnings }))
+}
+
+/// What a careful operator wants to know before saying yes: messages a
+/// replaced or deleted subscription takes with it, and jobs that cannot use
+/// the machines their pool may start.
+fn plan_warnings(
+    api: &Api,
+    m: &pubrun_core::manifest::Manifest,
+    changes: &[pubrun_jobs::apply::Change],
+    backlog_before: &std::collections::HashMap<String, usize>,
+) -> Vec<String> {
+    use pubrun_jobs::apply::Action;
+    let mut out = Vec::new();
+    for c in changes {
+        if c.kind != "subscription" || !matches!(c.action, Action::Replace | Action::Delete) {
+            continue;
+        }
+        if let Some(&n) = backlog_before.get(&c.name).filter(|&&n| n > 0) {
+            let verb = if c.action == Action::Replace { "replacing" } else { "deleting" };
+            out.push(format!("{verb} subscription {} loses its {n} unacked message(s)", c.name));
+        }
+    }
+    let declared = m.pools.iter().map(|p| (p.name.as_str(), p.max_machines));
+    let current = api.pools.as_ref().map(|p| p.specs()).unwrap_or_default();
+    for job in &m.jobs {
+        let max = declared
+            .clone()
+            .find(|(n, _)| *n == job.pool)
+            .map(|(_, max)| max)
+            .or_else(|| current.iter().find(|p| p.name == job.pool).map(|p| p.max_machines));
+        if let Some(max) = max.filter(|&max| max > 1 && job.concurrency == 1) {
+            out.push(format!(
+                "job {} has concurrency = 1: it will never use more than one of pool {}'s {max} machines (set concurrency to run more at once)",
+                job.name, job.pool
+            ));
+        }
+    }
+    out
 }
 
 /// The declared webhooks, with how each authenticates (never the secret).

@@ -165,6 +165,10 @@ pub struct ApplyArgs {
     /// Only print the plan; change nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// Apply a plan that deletes or replaces resources without asking
+    /// (needed when standard input is not a terminal).
+    #[arg(long, short = 'y')]
+    pub yes: bool,
     #[command(flatten)]
     pub conn: ConnArgs,
 }

@@ -305,8 +305,15 @@ fn plan_warnings(
             continue;
         }
         if let Some(&n) = backlog_before.get(&c.name).filter(|&&n| n > 0) {
-            let verb = if c.action == Action::Replace { "replacing" } else { "deleting" };
-            out.push(format!("{verb} subscription {} loses its {n} unacked message(s)", c.name));
+            let verb = if c.action == Action::Replace {
+                "replacing"
+            } else {
+                "deleting"
+            };
+            out.push(format!(
+                "{verb} subscription {} loses its {n} unacked message(s)",
+                c.name
+            ));
         }
     }
     let declared = m.pools.iter().map(|p| (p.name.as_str(), p.max_machines));
@@ -316,7 +323,12 @@ fn plan_warnings(
             .clone()
             .find(|(n, _)| *n == job.pool)
             .map(|(_, max)| max)
-            .or_else(|| current.iter().find(|p| p.name == job.pool).map(|p| p.max_machines));
+            .or_else(|| {
+                current
+                    .iter()
+                    .find(|p| p.name == job.pool)
+                    .map(|p| p.max_machines)
+            });
         if let Some(max) = max.filter(|&max| max > 1 && job.concurrency == 1) {
             out.push(format!(
                 "job {} has concurrency = 1: it will never use more than one of pool {}'s {max} machines (set concurrency to run more at once)",

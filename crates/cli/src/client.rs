@@ -39,6 +39,12 @@ pub enum ClientCommand {
     /// Pull messages from a subscription and print them (acknowledge with --ack).
     Pull(PullArgs),
     /// Declare topics, subscriptions and jobs from a manifest: print the plan, then apply it.
+    ///
+    /// A manifest is TOML with any of these tables: [[topic]], [[subscription]],
+    /// [[job]], [[schedule]], [[webhook]], [[bucket]] (with
+    /// [[bucket.notification]]) and [[pool]], plus `project = "…"`. Resources the
+    /// project's last apply declared and this one does not are deleted; a plan
+    /// that deletes or replaces anything asks first (or needs --yes).
     Apply(ApplyArgs),
     /// List, show and trigger jobs.
     #[command(subcommand, visible_alias = "job")]
@@ -338,8 +344,9 @@ pub enum SubscriptionsCommand {
         /// Topic to subscribe to: id (in --project) or full name projects/P/topics/T.
         #[arg(long)]
         topic: String,
-        /// Seconds a pulled message stays leased before it is redelivered (10..=600).
-        #[arg(long, value_name = "SECS")]
+        /// How long a pulled message stays leased before it is redelivered
+        /// (10s..=600s): seconds, or a duration such as "1m" or "90 seconds".
+        #[arg(long, value_name = "DURATION", value_parser = parse_seconds)]
         ack_deadline: Option<u32>,
         /// Only deliver messages matching this filter, e.g. 'attributes.kind = "csv"'.
         #[arg(long)]
@@ -449,4 +456,16 @@ pub async fn run(cmd: ClientCommand) -> anyhow::Result<()> {
         ClientCommand::Agents(args) => pools::agents(args).await,
         ClientCommand::Cost(args) => pools::cost(args).await,
     }
+}
+
+/// Whole seconds from a bare number or a duration the manifest would accept
+/// (one parser for both: humantime).
+fn parse_seconds(s: &str) -> Result<u32, String> {
+    if let Ok(n) = s.trim().parse::<u32>() {
+        return Ok(n);
+    }
+    let d = humantime::parse_duration(s.trim()).map_err(|e| {
+        format!("`{s}` is not a number of seconds or a duration like 30s, 1m ({e})")
+    })?;
+    u32::try_from(d.as_secs()).map_err(|_| format!("`{s}` is too long"))
 }

@@ -622,9 +622,17 @@ fn apply_prints_the_plan_and_changes_only_without_dry_run() {
     // Back to the first manifest: a deleting plan needs --yes when nobody
     // can be asked (stdin is not a terminal here), and changes nothing.
     let r = server.run(&["apply", "-f", &same]);
-    assert_eq!(r.code, 1, "a deleting apply ran without --yes: {}", r.stdout);
+    assert_eq!(
+        r.code, 1,
+        "a deleting apply ran without --yes: {}",
+        r.stdout
+    );
     assert!(r.stderr.contains("--yes"), "{}", r.stderr);
-    assert!(r.stdout.contains("- delete"), "the plan is shown: {}", r.stdout);
+    assert!(
+        r.stdout.contains("- delete"),
+        "the plan is shown: {}",
+        r.stdout
+    );
     server.ok(&["topics", "get", "extra"]);
     // With --yes the topic it no longer declares is deleted.
     let out = server.ok(&["apply", "-f", &same, "--yes"]);
@@ -767,7 +775,12 @@ topic = "topic-a"
     );
     server.ok(&["apply", "-f", &first]);
     for i in 0..3 {
-        server.ok(&["publish", "projects/warn/topics/topic-a", "--data", &format!("m{i}")]);
+        server.ok(&[
+            "publish",
+            "projects/warn/topics/topic-a",
+            "--data",
+            &format!("m{i}"),
+        ]);
     }
     // The subscription moves to another topic (a replace) and a job sits on
     // a pool of four machines with the default concurrency of one.
@@ -811,5 +824,9 @@ process = { command = "true" }
     assert_eq!(resp["warnings"].as_array().map(Vec::len), Some(2), "{resp}");
     server.ok(&["apply", "-f", &second, "--yes"]);
     let resp = server.json(&["apply", "-f", &second, "--dry-run"]);
-    assert_eq!(resp["warnings"].as_array().map(Vec::len), Some(1), "only the pool warning is left: {resp}");
+    assert_eq!(
+        resp["warnings"].as_array().map(Vec::len),
+        Some(1),
+        "only the pool warning is left: {resp}"
+    );
 }

@@ -94,6 +94,18 @@ pub struct ManifestError {
     pub message: String,
 }
 
+/// The resource tables a manifest may hold (`[[topic]]`, …), for help texts;
+/// a test keeps it equal to what the parser accepts.
+pub const RESOURCE_KINDS: &[&str] = &[
+    "topic",
+    "subscription",
+    "job",
+    "schedule",
+    "webhook",
+    "bucket",
+    "pool",
+];
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawManifest {
@@ -1272,6 +1284,23 @@ pub fn parse(file: &str, src: &str) -> Result<Manifest, ManifestError> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn resource_kinds_are_the_tables_the_parser_takes() {
+        let e = parse("m.toml", "[[no_such_kind]]\nname = \"x\"\n").unwrap_err();
+        let mut named: Vec<&str> = e
+            .message
+            .split('`')
+            .skip(1)
+            .step_by(2)
+            .filter(|k| *k != "project" && *k != "no_such_kind")
+            .collect();
+        named.sort_unstable();
+        let mut kinds = RESOURCE_KINDS.to_vec();
+        kinds.sort_unstable();
+        assert_eq!(named, kinds, "{}", e.message);
+    }
+
     use super::*;
 
     const GOOD: &str = r#"

@@ -97,7 +97,12 @@ fn destructive_changes(plan: &Value) -> usize {
         .and_then(Value::as_array)
         .map_or(0, |cs| {
             cs.iter()
-                .filter(|c| matches!(c.get("action").and_then(Value::as_str), Some("delete" | "replace")))
+                .filter(|c| {
+                    matches!(
+                        c.get("action").and_then(Value::as_str),
+                        Some("delete" | "replace")
+                    )
+                })
                 .count()
         })
 }

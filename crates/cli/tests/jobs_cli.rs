@@ -830,3 +830,54 @@ process = { command = "true" }
         "only the pool warning is left: {resp}"
     );
 }
+
+#[test]
+fn logs_end_with_a_newline_and_say_why_a_run_that_never_started_ended() {
+    let server = Server::start();
+    let m = write(
+        &server.path("papercuts.toml"),
+        r#"
+project = "papercuts"
+[[topic]]
+name = "no-newline"
+[[topic]]
+name = "broken"
+[[job]]
+name = "printer"
+topic = "no-newline"
+process = { command = "sh", args = ["-c", "printf partial"] }
+[[job]]
+name = "bad-template"
+topic = "broken"
+process = { command = "echo", args = ["{{ attributes.nope }}"] }
+"#,
+    );
+    server.ok(&["apply", "-f", &m]);
+    let id = server
+        .ok(&["jobs", "trigger", "printer"])
+        .trim()
+        .to_string();
+    let out = server.ok(&["logs", &id, "--follow"]);
+    assert!(
+        out.ends_with('\n'),
+        "the last line ends with a newline: {out:?}"
+    );
+    // pubrun's own notes start on their own line after unterminated output.
+    assert!(out.contains("\npartial\n[pubrun] attempt ended"), "{out:?}");
+
+    let id = server
+        .ok(&["jobs", "trigger", "bad-template"])
+        .trim()
+        .to_string();
+    let r = server.run(&["logs", &id, "--follow"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(r.stdout, "", "no log was written");
+    assert!(
+        r.stderr.contains("left no log") && r.stderr.contains("nope"),
+        "{}",
+        r.stderr
+    );
+    // Without --follow, once ended, the same reason.
+    let r = server.run(&["logs", &id]);
+    assert!(r.stderr.contains("nope"), "{}", r.stderr);
+}

@@ -267,7 +267,7 @@ mod tests {
         );
         assert_eq!(
             text,
-            "pw=*** short=*** end\n***![pubrun] exit, env had ***\ntail ***"
+            "pw=*** short=*** end\n***!\n[pubrun] exit, env had ***\ntail ***"
         );
     }
 }

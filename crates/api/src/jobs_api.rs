@@ -266,7 +266,12 @@ async fn apply(
     let text = std::str::from_utf8(&body)
         .map_err(|_| HttpError(Error::invalid("the manifest must be UTF-8 text")))?;
     let file = q.file.unwrap_or_else(|| "pubrun.toml".to_string());
-    let manifest = pubrun_jobs::apply::parse_manifest(&file, text)?;
+    let manifest = pubrun_core::manifest::parse_checked(
+        &file,
+        text,
+        pubrun_triggers::schedule::manifest_checks(),
+    )
+    .map_err(|e| HttpError(Error::invalid(e.to_string())))?;
     let dry_run = q.dry_run.unwrap_or(false);
     // Counted before applying: a replaced subscription starts empty.
     let backlog_before: std::collections::HashMap<String, usize> = api

@@ -186,8 +186,8 @@ struct RawNotification {
 #[serde(deny_unknown_fields)]
 struct RawSchedule {
     name: Spanned<String>,
-    cron: String,
-    time_zone: Option<String>,
+    cron: Spanned<String>,
+    time_zone: Option<Spanned<String>>,
     topic: Spanned<String>,
     #[serde(default)]
     data: String,
@@ -823,7 +823,25 @@ pub fn job_subscription(project: &str, job: &str) -> String {
 }
 
 /// Parses and validates a manifest. `file` is only used in messages.
+/// Value checks the core cannot make itself (the scheduler owns its cron
+/// dialect), run while parsing so that their errors point at the value's
+/// `file:line:column` like every other manifest error.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct FieldChecks {
+    pub cron: Option<fn(&str) -> Result<(), String>>,
+    pub time_zone: Option<fn(&str) -> Result<(), String>>,
+}
+
 pub fn parse(file: &str, src: &str) -> Result<Manifest, ManifestError> {
+    parse_checked(file, src, FieldChecks::default())
+}
+
+/// [`parse`] plus `checks` on the values they cover.
+pub fn parse_checked(
+    file: &str,
+    src: &str,
+    checks: FieldChecks,
+) -> Result<Manifest, ManifestError> {
     let cx = Ctx { file, src };
     let raw: RawManifest = toml::from_str(src).map_err(|e| {
         let span = e.span().unwrap_or(0..0);
@@ -1249,10 +1267,20 @@ pub fn parse(file: &str, src: &str) -> Result<Manifest, ManifestError> {
                 format!("schedule \"{}\" is declared twice", sc.name.get_ref()),
             ));
         }
+        let named = |e: String| format!("schedule \"{}\": {e}", sc.name.get_ref());
+        if let Some(check) = checks.cron {
+            check(sc.cron.get_ref()).map_err(|e| cx.err(sc.cron.span(), named(e)))?;
+        }
+        if let (Some(check), Some(tz)) = (checks.time_zone, &sc.time_zone) {
+            check(tz.get_ref()).map_err(|e| cx.err(tz.span(), named(e)))?;
+        }
         m.schedules.push(ScheduleDecl {
             name: sc.name.get_ref().clone(),
-            cron: sc.cron.clone(),
-            time_zone: sc.time_zone.clone().unwrap_or_else(|| "UTC".to_string()),
+            cron: sc.cron.get_ref().clone(),
+            time_zone: sc
+                .time_zone
+                .as_ref()
+                .map_or_else(|| "UTC".to_string(), |t| t.get_ref().clone()),
             topic: topic_ref(&sc.topic)?.to_string(),
             data: sc.data.clone(),
             attributes: sc.attributes.clone(),

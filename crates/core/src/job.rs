@@ -239,6 +239,12 @@ pub struct DockerSpec {
     pub pull: PullPolicy,
     #[serde(default)]
     pub auth: Option<RegistryAuth>,
+    /// Working directory in the container: empty means `/workspace` (where
+    /// inputs are and outputs are collected, as for process jobs); a relative
+    /// path is taken relative to `/workspace`; `"image"` keeps the image's
+    /// own `WORKDIR`.
+    #[serde(default)]
+    pub working_dir: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

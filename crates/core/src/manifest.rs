@@ -300,6 +300,8 @@ struct RawDocker {
     #[serde(default)]
     pull: Option<String>,
     auth: Option<RawAuth>,
+    #[serde(default)]
+    working_dir: String,
 }
 
 #[derive(Deserialize)]
@@ -1037,6 +1039,7 @@ pub fn parse_checked(
                         password_env: a.password_env.clone(),
                         server: a.server.clone(),
                     }),
+                    working_dir: r.working_dir.clone(),
                 })
             }
             (Some(_), Some(d)) => return Err(cx.err(d.span(), "a job has either `process` or `docker`, not both")),

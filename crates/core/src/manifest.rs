@@ -14,7 +14,8 @@ use crate::config::{
 };
 use crate::job::{
     check_relative_path, parse_gs_url, DockerSpec, ExecutorSpec, InputSpec, JobSpec, Mount,
-    OutputSpec, ProcessSpec, PullPolicy, RegistryAuth, RetryPolicy, SecretRef, TRIGGER_INPUT,
+    OutputSpec, ProcessSpec, PullPolicy, RegistryAuth, RetryPolicy, SecretRef, UploadOutputs,
+    TRIGGER_INPUT,
 };
 use crate::names::{validate_resource_id, ProjectName, SubscriptionName, TopicName};
 use crate::pool::{DockerProviderSpec, GceProviderSpec, PoolSpec, ProviderSpec, LOCAL_POOL};
@@ -256,6 +257,10 @@ struct RawJob {
     pass_env: Option<Spanned<Vec<String>>>,
     #[serde(default)]
     secrets: Option<Spanned<BTreeMap<String, RawSecret>>>,
+    upload_outputs: Option<Spanned<String>>,
+    result_attributes: Option<Spanned<BTreeMap<String, String>>>,
+    #[serde(default)]
+    result_trigger_attributes: bool,
 }
 
 #[derive(Deserialize)]
@@ -1159,7 +1164,36 @@ pub fn parse_checked(
                 ))
             }
         };
+        let upload_outputs = match &j.upload_outputs {
+            None => UploadOutputs::Always,
+            Some(u) => match u.get_ref().as_str() {
+                "always" => UploadOutputs::Always,
+                "on_success" => UploadOutputs::OnSuccess,
+                other => {
+                    return Err(cx.err(
+                        u.span(),
+                        format!("upload_outputs is \"{other}\"; one of \"always\", \"on_success\""),
+                    ))
+                }
+            },
+        };
+        let mut result_attributes = BTreeMap::new();
+        if let Some(ra) = &j.result_attributes {
+            for (k, v) in ra.get_ref() {
+                if crate::job::RESULT_ATTRIBUTES.contains(&k.as_str()) {
+                    return Err(cx.err(
+                        ra.span(),
+                        format!("result_attributes: \"{k}\" is set by pubrun on every result; choose another name"),
+                    ));
+                }
+                check_tmpl(ra.span(), v)?;
+                result_attributes.insert(k.clone(), v.clone());
+            }
+        }
         m.jobs.push(JobSpec {
+            upload_outputs,
+            result_attributes,
+            result_trigger_attributes: j.result_trigger_attributes,
             name: name.clone(),
             pool,
             topic: topic.to_string(),

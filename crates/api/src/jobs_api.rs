@@ -28,7 +28,7 @@ use pubrun_core::run::RunStatus;
 use pubrun_core::{Error, SubscriptionName, TopicName};
 use pubrun_jobs::Dispatcher;
 use serde::Deserialize;
-use serde_json::json;
+use serde_json::{json, Value};
 
 use crate::status::HttpError;
 
@@ -170,6 +170,7 @@ async fn list_runs(
     let limit = q.limit.unwrap_or(100).clamp(1, 10_000);
     let store = api.dispatcher.store().clone();
     let runs = blocking(move || store.list(q.job.as_deref(), status, limit)).await?;
+    let runs: Vec<Value> = runs.iter().map(|r| run_view(&api, r)).collect();
     ok(json!({ "runs": runs }))
 }
 
@@ -177,7 +178,23 @@ async fn get_run(State(api): State<Api>, Path(id): Path<String>) -> ApiResult {
     let id = parse_id(&id)?;
     let store = api.dispatcher.store().clone();
     let run = blocking(move || store.get(id)).await?;
-    ok(json!({ "run": run }))
+    ok(json!({ "run": run_view(&api, &run) }))
+}
+
+/// A run as the API shows it: the record, plus `waiting_for_machine` (the
+/// pool) while a starting run waits for a pool machine to take it.
+fn run_view(api: &Api, run: &pubrun_jobs::RunRecord) -> Value {
+    let mut v = serde_json::to_value(run).unwrap_or(Value::Null);
+    if run.status == RunStatus::Starting {
+        if let Some(pool) = api
+            .pools
+            .as_ref()
+            .and_then(|p| p.waiting_pool(&run.id.to_string()))
+        {
+            v["waiting_for_machine"] = Value::String(pool);
+        }
+    }
+    v
 }
 
 async fn cancel_run(State(api): State<Api>, Path(id): Path<String>) -> ApiResult {

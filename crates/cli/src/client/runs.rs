@@ -315,7 +315,10 @@ fn run_row(r: &Value, now: i64) -> Vec<String> {
         r.get("job")
             .map(output::display)
             .unwrap_or_else(|| "?".into()),
-        status_of(r),
+        match r.get("waiting_for_machine").and_then(Value::as_str) {
+            Some(_) => "waiting-for-machine".to_string(),
+            None => status_of(r),
+        },
         attempt(r),
         exit_short(r),
         started.map_or_else(|| "-".into(), |t| output::rfc3339_ms(t, false)),
@@ -447,6 +450,9 @@ pub fn render_run(r: &Value, now: i64) -> String {
         if let Some(nb) = ms(r, "not_before_ms").filter(|&nb| nb > now) {
             status_text += &format!(" (next attempt in {})", output::duration_ms(nb - now));
         }
+    }
+    if let Some(pool) = r.get("waiting_for_machine").and_then(Value::as_str) {
+        status_text = format!("waiting for a machine in pool {pool}");
     }
     if yes(r, "cancel_requested") && !is_terminal(&status) {
         status_text += " (cancel requested)";

@@ -217,7 +217,34 @@ fn own<T: Clone>(
         .collect()
 }
 
+/// Applies a manifest (or plans it, with `dry_run`); each change made is
+/// logged at info.
 pub async fn apply_manifest(
+    broker: &Arc<Broker>,
+    dispatcher: &Arc<Dispatcher>,
+    triggers: Option<&Triggers>,
+    buckets: Option<&pubrun_buckets::Buckets>,
+    pools: Option<&pubrun_pools::Pools>,
+    m: &Manifest,
+    dry_run: bool,
+) -> Result<Vec<Change>> {
+    let result = apply_manifest_inner(broker, dispatcher, triggers, buckets, pools, m, dry_run).await;
+    match &result {
+        Ok(changes) if !dry_run => {
+            for c in changes.iter().filter(|c| c.action != Action::Unchanged) {
+                tracing::info!(kind = c.kind, name = c.name, action = ?c.action, "manifest change applied");
+            }
+        }
+        Ok(_) => {}
+        Err(e) if !dry_run => {
+            tracing::warn!(error = %e, "applying a manifest failed; changes before the failure stay")
+        }
+        Err(_) => {}
+    }
+    result
+}
+
+async fn apply_manifest_inner(
     broker: &Arc<Broker>,
     dispatcher: &Arc<Dispatcher>,
     triggers: Option<&Triggers>,

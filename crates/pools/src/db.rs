@@ -210,8 +210,28 @@ impl PoolsDb {
 
     // ---- machines ----
 
+    /// Writes a machine; a change of state is logged (one line per
+    /// machine transition, whoever makes it).
     pub fn upsert_machine(&self, m: &MachineRow) -> Result<()> {
-        self.conn()
+        let c = self.conn();
+        let before: Option<String> = c
+            .query_row("SELECT state FROM machines WHERE name = ?1", [&m.name], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(err)?;
+        if before.as_deref() != Some(m.state.as_str()) {
+            tracing::info!(
+                machine = m.name,
+                pool = m.pool,
+                provider = m.provider,
+                from = before.as_deref().unwrap_or("none"),
+                state = m.state.as_str(),
+                error = (!m.last_error.is_empty()).then_some(m.last_error.as_str()),
+                "machine state changed"
+            );
+        }
+        c
             .execute(
                 "INSERT INTO machines(name, pool, provider, provider_id, state, state_since_ms,
                      idle_since_ms, created_ms, cordoned, slots, last_error)

@@ -228,7 +228,8 @@ pub async fn apply_manifest(
     m: &Manifest,
     dry_run: bool,
 ) -> Result<Vec<Change>> {
-    let result = apply_manifest_inner(broker, dispatcher, triggers, buckets, pools, m, dry_run).await;
+    let result =
+        apply_manifest_inner(broker, dispatcher, triggers, buckets, pools, m, dry_run).await;
     match &result {
         Ok(changes) if !dry_run => {
             for c in changes.iter().filter(|c| c.action != Action::Unchanged) {
@@ -281,7 +282,7 @@ async fn apply_manifest_inner(
     let (schedules, webhooks) = (named_s(schedules), named_w(webhooks));
 
     // Names another project owns are refused before anything changes.
-    let mut ownership = Ownership::load(dispatcher.store())?;
+    let mut ownership = Ownership::load(&**dispatcher.store()).await?;
     check_job_owners(&ownership, &dispatcher.jobs(), m)?;
     for p in &m.pools {
         match ownership.pool_owner(&p.name) {
@@ -327,7 +328,7 @@ async fn apply_manifest_inner(
                 let mut applied = ownership.project(project);
                 applied.pools = declared.iter().map(|(n, _)| n.clone()).collect();
                 ownership.set_project(project, applied);
-                ownership.save(dispatcher.store())?;
+                ownership.save(&**dispatcher.store()).await?;
             }
         }
         None if !declared.is_empty() => {

@@ -35,4 +35,4 @@ pub mod dispatcher;
 pub mod runstore;
 
 pub use dispatcher::{Dispatcher, Executors};
-pub use runstore::{Enqueued, RunRecord, RunStore, SourceMessage};
+pub use runstore::{Enqueued, RunRecord, RunStore, RunStoreEngine, SharedRunStore, SourceMessage};

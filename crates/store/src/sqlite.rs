@@ -94,6 +94,12 @@ impl SqliteDb {
         &self.path
     }
 
+    /// Runs `f` on the connection on this thread (blocking callers: tests, tools).
+    pub fn call_blocking<T>(&self, f: impl FnOnce(&mut Connection) -> T) -> T {
+        let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut conn)
+    }
+
     /// Runs `f` on the connection, off the async runtime.
     pub async fn call<T, E>(
         &self,

@@ -70,6 +70,10 @@ pub trait RunStore: Send + Sync + 'static {
     /// `limit`), without their message data: the scheduler's hot query.
     async fn startable(&self, job: &str, now_ms: i64, limit: usize) -> Result<Vec<QueuedRun>>;
 
+    /// Queued runs that are due (not waiting for a retry backoff), per job:
+    /// the `pubrun_runs_waiting` gauge.
+    async fn due_queued_by_job(&self, now_ms: i64) -> Result<Vec<(String, u64)>>;
+
     /// When the earliest queued run waiting for its backoff becomes due.
     async fn next_due_ms(&self, now_ms: i64) -> Result<Option<i64>>;
 
@@ -135,6 +139,21 @@ pub trait RunStore: Send + Sync + 'static {
     async fn unpublished_results(&self) -> Result<Vec<RunRecord>>;
 
     async fn mark_result_published(&self, id: i64) -> Result<()>;
+
+    // ---- run logs ----
+
+    /// Whether this engine is shared by several servers (PostgreSQL): then
+    /// the dispatcher copies each attempt's log into it ([`put_log`](Self::put_log)),
+    /// so that any server can show it. The embedded engine answers false and
+    /// logs stay files in the data directory, as before.
+    fn shared(&self) -> bool;
+
+    /// Stores (replacing) the log of a run: the latest attempt's, as the
+    /// local log file holds it.
+    async fn put_log(&self, id: i64, log: &[u8]) -> Result<()>;
+
+    /// The stored log of a run, if any was stored.
+    async fn log(&self, id: i64) -> Result<Option<Vec<u8>>>;
 }
 
 fn to_json<T: serde::Serialize>(v: &T) -> Result<String> {

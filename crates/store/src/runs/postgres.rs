@@ -11,6 +11,12 @@
 //!   `FOR UPDATE SKIP LOCKED` and records the claim owner (this node) and a
 //!   claim token raised on every claim, for the multi-server claiming of a
 //!   later step; today one server dispatches, so behaviour is that of SQLite.
+//! - Fencing: opened with a [`Fence`] (the ownership lease the server holds,
+//!   `broker` in `serve`), every write runs in a transaction that first
+//!   reads that ownership row `FOR SHARE` and compares the token, as the
+//!   Pub/Sub engine does. A takeover updates the row, so it serializes with
+//!   in-flight writes: an ex-owner's write either committed before the
+//!   takeover or is refused and writes nothing. Reads are not fenced.
 //! - All statements are parameterized. Connections reconnect with backoff
 //!   (calls fail UNAVAILABLE meanwhile), like the Pub/Sub engine's.
 
@@ -19,8 +25,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use pubrun_core::job::JobSpec;
 use pubrun_core::run::{Exit, RunStatus};
 use pubrun_core::{Error, Result};
+use std::sync::atomic::AtomicBool;
+
 use tokio::sync::{Mutex, MutexGuard};
-use tokio_postgres::{GenericClient, Row};
+use tokio_postgres::{Client, GenericClient, Row, Transaction};
 
 use super::{
     claim_refused, parse_jobs, to_json, Enqueued, QueuedRun, RawRun, RunRecord, RunStore,
@@ -71,6 +79,10 @@ pub(crate) const MIGRATION: &str = "
     CREATE TABLE pubrun_meta (
         key text PRIMARY KEY,
         value text NOT NULL
+    );
+    CREATE TABLE pubrun_run_logs (
+        run_id bigint PRIMARY KEY,
+        body bytea NOT NULL
     );";
 
 /// Connections per server: enough for the dispatcher, the API and apply to
@@ -133,16 +145,34 @@ fn attempts(n: u32) -> Result<i32> {
     i32::try_from(n).map_err(|_| Error::invalid(format!("attempt {n} is out of range")))
 }
 
+/// The ownership lease whose token guards this store's writes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fence {
+    /// The row of `pubrun_ownership` (e.g. `broker`).
+    pub name: String,
+    /// The token this server acquired it with.
+    pub token: i64,
+}
+
 pub struct PostgresRunStore {
     conns: Vec<Mutex<Conn>>,
     next: AtomicUsize,
     node_name: String,
+    fence: Option<Fence>,
+    /// Set (for good) once a write was refused by the fence.
+    fenced: AtomicBool,
 }
 
 impl PostgresRunStore {
     /// Connects and migrates the shared schema (refusing a newer one).
-    /// `node_name` is recorded as the claim owner of the runs this server starts.
-    pub async fn open(url: &str, node_name: &str) -> std::result::Result<Self, StoreError> {
+    /// `node_name` is recorded as the claim owner of the runs this server
+    /// starts; with a `fence`, every write checks its token (see the module
+    /// docs), without one writes are unguarded (tools, tests).
+    pub async fn open(
+        url: &str,
+        node_name: &str,
+        fence: Option<Fence>,
+    ) -> std::result::Result<Self, StoreError> {
         let config = parse_url(url)?;
         let mut first = Conn::new(config.clone(), "runs");
         ensure_schema(first.get().await?).await?;
@@ -152,7 +182,61 @@ impl PostgresRunStore {
             conns,
             next: AtomicUsize::new(0),
             node_name: node_name.to_string(),
+            fence,
+            fenced: AtomicBool::new(false),
         })
+    }
+
+    /// Whether a write was refused because another server took the lease.
+    pub fn is_fenced(&self) -> bool {
+        self.fenced.load(Ordering::Relaxed)
+    }
+
+    /// Begins a write transaction that holds the fence's ownership row
+    /// (shared) and has checked our token.
+    async fn begin<'a>(&self, c: &'a mut Client) -> Result<Transaction<'a>> {
+        let tx = c.transaction().await.map_err(pg)?;
+        let Some(fence) = &self.fence else {
+            return Ok(tx);
+        };
+        let current: i64 = tx
+            .query_opt(
+                "SELECT token FROM pubrun_ownership WHERE name = $1 FOR SHARE",
+                &[&fence.name],
+            )
+            .await
+            .map_err(pg)?
+            .map(|r| r.get(0))
+            .unwrap_or(0);
+        if current != fence.token {
+            if !self.fenced.swap(true, Ordering::Relaxed) {
+                tracing::error!(
+                    ownership = %fence.name,
+                    our_token = fence.token,
+                    current_token = current,
+                    "run store: another server took over; refusing this server's writes"
+                );
+            }
+            return Err(Error::from(StoreError::Fenced {
+                name: fence.name.clone(),
+                token: fence.token,
+                current,
+            }));
+        }
+        Ok(tx)
+    }
+
+    /// One fenced write statement, committed.
+    async fn write(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<u64> {
+        let mut g = self.conn().await;
+        let tx = self.begin(g.get().await?).await?;
+        let n = tx.execute(sql, params).await.map_err(pg)?;
+        tx.commit().await.map_err(pg)?;
+        Ok(n)
     }
 
     pub fn node_name(&self) -> &str {
@@ -180,7 +264,7 @@ impl PostgresRunStore {
         params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
     ) -> Result<()> {
         let mut g = self.conn().await;
-        let tx = g.get().await?.transaction().await.map_err(pg)?;
+        let tx = self.begin(g.get().await?).await?;
         let row = tx
             .query_opt(
                 "SELECT status FROM pubrun_runs WHERE id = $1 FOR UPDATE",
@@ -208,27 +292,19 @@ impl PostgresRunStore {
 impl RunStore for PostgresRunStore {
     async fn put_job(&self, spec: &JobSpec) -> Result<()> {
         let json = to_json(spec)?;
-        let mut g = self.conn().await;
-        g.get()
-            .await?
-            .execute(
-                "INSERT INTO pubrun_jobs (name, spec) VALUES ($1, $2)
-                 ON CONFLICT (name) DO UPDATE SET spec = excluded.spec",
-                &[&spec.name, &json],
-            )
-            .await
-            .map_err(pg)?;
+        self.write(
+            "INSERT INTO pubrun_jobs (name, spec) VALUES ($1, $2)
+             ON CONFLICT (name) DO UPDATE SET spec = excluded.spec",
+            &[&spec.name, &json],
+        )
+        .await?;
         Ok(())
     }
 
     async fn delete_job(&self, name: &str) -> Result<bool> {
-        let mut g = self.conn().await;
-        let n = g
-            .get()
-            .await?
-            .execute("DELETE FROM pubrun_jobs WHERE name = $1", &[&name])
-            .await
-            .map_err(pg)?;
+        let n = self
+            .write("DELETE FROM pubrun_jobs WHERE name = $1", &[&name])
+            .await?;
         Ok(n > 0)
     }
 
@@ -255,16 +331,12 @@ impl RunStore for PostgresRunStore {
     }
 
     async fn set_meta(&self, key: &str, value: &str) -> Result<()> {
-        let mut g = self.conn().await;
-        g.get()
-            .await?
-            .execute(
-                "INSERT INTO pubrun_meta (key, value) VALUES ($1, $2)
-                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                &[&key, &value],
-            )
-            .await
-            .map_err(pg)?;
+        self.write(
+            "INSERT INTO pubrun_meta (key, value) VALUES ($1, $2)
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            &[&key, &value],
+        )
+        .await?;
         Ok(())
     }
 
@@ -278,7 +350,7 @@ impl RunStore for PostgresRunStore {
         let window = i64::try_from(job.dedup_window.as_millis()).unwrap_or(i64::MAX);
         let expires = now_ms.saturating_add(window);
         let mut g = self.conn().await;
-        let tx = g.get().await?.transaction().await.map_err(pg)?;
+        let tx = self.begin(g.get().await?).await?;
         let mut out = Vec::with_capacity(messages.len());
         for (message, key) in messages {
             let id: i64 = tx
@@ -362,6 +434,24 @@ impl RunStore for PostgresRunStore {
             .collect())
     }
 
+    async fn due_queued_by_job(&self, now_ms: i64) -> Result<Vec<(String, u64)>> {
+        let mut g = self.conn().await;
+        let rows = g
+            .get()
+            .await?
+            .query(
+                "SELECT job, count(*) FROM pubrun_runs
+                 WHERE status = 'queued' AND not_before_ms <= $1 GROUP BY job",
+                &[&now_ms],
+            )
+            .await
+            .map_err(pg)?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get(0), r.get::<_, i64>(1).max(0) as u64))
+            .collect())
+    }
+
     async fn next_due_ms(&self, now_ms: i64) -> Result<Option<i64>> {
         let mut g = self.conn().await;
         let row = g
@@ -400,16 +490,12 @@ impl RunStore for PostgresRunStore {
     }
 
     async fn prune_dedup(&self, now_ms: i64) -> Result<usize> {
-        let mut g = self.conn().await;
-        let n = g
-            .get()
-            .await?
-            .execute(
+        let n = self
+            .write(
                 "DELETE FROM pubrun_dedup WHERE expires_at_ms <= $1",
                 &[&now_ms],
             )
-            .await
-            .map_err(pg)?;
+            .await?;
         Ok(n as usize)
     }
 
@@ -447,22 +533,19 @@ impl RunStore for PostgresRunStore {
     }
 
     async fn mark_starting(&self, id: i64) -> Result<()> {
-        let mut g = self.conn().await;
-        let c = g.get().await?;
-        let n = c
-            .execute(
+        let n = self
+            .write(
                 "UPDATE pubrun_runs SET status = 'starting', claim_owner = $2, claim_token = claim_token + 1
                  WHERE id = (SELECT id FROM pubrun_runs
                              WHERE id = $1 AND status = 'queued' AND NOT cancel_requested
                              FOR UPDATE SKIP LOCKED)",
                 &[&id, &self.node_name],
             )
-            .await
-            .map_err(pg)?;
+            .await?;
         if n == 1 {
             return Ok(());
         }
-        Err(claim_refused(&get_run(&*c, id).await?))
+        Err(claim_refused(&self.get(id).await?))
     }
 
     async fn cancel_if_queued(
@@ -475,18 +558,14 @@ impl RunStore for PostgresRunStore {
         debug_assert_eq!(exit.status(), RunStatus::Cancelled);
         let json = to_json(exit)?;
         let published = !has_result_topic;
-        let mut g = self.conn().await;
-        let n = g
-            .get()
-            .await?
-            .execute(
+        let n = self
+            .write(
                 "UPDATE pubrun_runs SET status = 'cancelled', cancel_requested = true, exit = $2,
                      ended_at_ms = $3, result_published = $4
                  WHERE id = $1 AND status = 'queued'",
                 &[&id, &json, &now_ms, &published],
             )
-            .await
-            .map_err(pg)?;
+            .await?;
         Ok(n == 1)
     }
 
@@ -541,7 +620,7 @@ impl RunStore for PostgresRunStore {
 
     async fn request_cancel(&self, id: i64) -> Result<RunRecord> {
         let mut g = self.conn().await;
-        let tx = g.get().await?.transaction().await.map_err(pg)?;
+        let tx = self.begin(g.get().await?).await?;
         let status: String = tx
             .query_opt(
                 "SELECT status FROM pubrun_runs WHERE id = $1 FOR UPDATE",
@@ -579,15 +658,36 @@ impl RunStore for PostgresRunStore {
     }
 
     async fn mark_result_published(&self, id: i64) -> Result<()> {
+        self.write(
+            "UPDATE pubrun_runs SET result_published = true WHERE id = $1",
+            &[&id],
+        )
+        .await?;
+        Ok(())
+    }
+
+    fn shared(&self) -> bool {
+        true
+    }
+
+    async fn put_log(&self, id: i64, log: &[u8]) -> Result<()> {
+        self.write(
+            "INSERT INTO pubrun_run_logs (run_id, body) VALUES ($1, $2)
+             ON CONFLICT (run_id) DO UPDATE SET body = excluded.body",
+            &[&id, &log],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn log(&self, id: i64) -> Result<Option<Vec<u8>>> {
         let mut g = self.conn().await;
-        g.get()
+        let row = g
+            .get()
             .await?
-            .execute(
-                "UPDATE pubrun_runs SET result_published = true WHERE id = $1",
-                &[&id],
-            )
+            .query_opt("SELECT body FROM pubrun_run_logs WHERE run_id = $1", &[&id])
             .await
             .map_err(pg)?;
-        Ok(())
+        Ok(row.map(|r| r.get(0)))
     }
 }

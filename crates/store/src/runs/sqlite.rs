@@ -59,6 +59,9 @@ CREATE TABLE meta (
     "CREATE INDEX runs_unpublished ON runs(id) WHERE result_published = 0;",
     // 3: the scheduler asks "oldest queued runs of job J" on every wake.
     "CREATE INDEX runs_queued_by_job ON runs(job, id) WHERE status = 'queued';",
+    // 4: run logs (the engine interface has them; `serve` keeps the embedded
+    // engine's logs as files, so this table stays empty there).
+    "CREATE TABLE run_logs (run_id INTEGER PRIMARY KEY, body BLOB NOT NULL);",
 ];
 
 fn db_err(e: rusqlite::Error) -> Error {
@@ -78,13 +81,58 @@ pub struct SqliteRunStore {
     db: SqliteDb,
 }
 
+/// The blocking forms of the calls that tests and tools make outside the
+/// dispatcher (same SQL as the [`RunStore`] methods of the same names).
 impl SqliteRunStore {
-    pub async fn open(path: &Path) -> Result<Self> {
+    /// Opens (creating, migrating) `path`. Blocking; quick.
+    pub fn open(path: &Path) -> Result<Self> {
         Ok(SqliteRunStore {
-            db: SqliteDb::open(path, MIGRATIONS).await?,
+            db: SqliteDb::open_blocking(path, MIGRATIONS)?,
         })
     }
 
+    pub fn get(&self, id: i64) -> Result<RunRecord> {
+        self.db.call_blocking(|c| get_run(c, id))
+    }
+
+    pub fn list(
+        &self,
+        job: Option<&str>,
+        status: Option<RunStatus>,
+        limit: usize,
+    ) -> Result<Vec<RunRecord>> {
+        self.db.call_blocking(|c| list_runs(c, job, status, limit))
+    }
+
+    pub fn enqueue(
+        &self,
+        job: &JobSpec,
+        message: &SourceMessage,
+        dedup_key: &str,
+        now_ms: i64,
+    ) -> Result<Enqueued> {
+        let batch = EnqueueBatch::new(job, &[(message.clone(), dedup_key.to_string())])?;
+        self.db
+            .call_blocking(|c| batch.run(c, now_ms))?
+            .pop()
+            .ok_or_else(|| Error::internal("enqueue returned no result"))
+    }
+
+    pub fn prune_dedup(&self, now_ms: i64) -> Result<usize> {
+        self.db.call_blocking(|c| prune_dedup(c, now_ms))
+    }
+
+    pub fn mark_starting(&self, id: i64) -> Result<()> {
+        self.db.call_blocking(|c| mark_starting(c, id))
+    }
+
+    pub fn mark_running(&self, id: i64, machine: &str, handle: &str, now_ms: i64) -> Result<()> {
+        self.db
+            .call_blocking(|c| mark_running(c, id, machine, handle, now_ms))
+    }
+}
+
+impl SqliteRunStore {
     async fn call<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut Connection) -> Result<T> + Send + 'static,
@@ -161,6 +209,117 @@ fn transition(
     tx.commit().map_err(db_err)
 }
 
+fn list_runs(
+    c: &Connection,
+    job: Option<&str>,
+    status: Option<RunStatus>,
+    limit: usize,
+) -> Result<Vec<RunRecord>> {
+    query_runs(
+        c,
+        "WHERE (?1 IS NULL OR job = ?1) AND (?2 IS NULL OR status = ?2) ORDER BY id DESC LIMIT ?3",
+        params![job, status.map(|s| s.as_str()), limit as i64],
+    )
+}
+
+fn prune_dedup(c: &Connection, now_ms: i64) -> Result<usize> {
+    c.execute(
+        "DELETE FROM dedup WHERE expires_at_ms <= ?1",
+        params![now_ms],
+    )
+    .map_err(db_err)
+}
+
+fn mark_starting(c: &Connection, id: i64) -> Result<()> {
+    let n = c
+        .execute(
+            "UPDATE runs SET status = 'starting' WHERE id = ?1 AND status = 'queued' AND cancel_requested = 0",
+            params![id],
+        )
+        .map_err(db_err)?;
+    if n == 1 {
+        return Ok(());
+    }
+    Err(claim_refused(&get_run(c, id)?))
+}
+
+fn mark_running(
+    c: &mut Connection,
+    id: i64,
+    machine: &str,
+    handle: &str,
+    now_ms: i64,
+) -> Result<()> {
+    transition(c, id, RunStatus::Running, |tx| {
+        tx.execute(
+            "UPDATE runs SET machine = ?2, handle = ?3, started_at_ms = COALESCE(started_at_ms, ?4) WHERE id = ?1",
+            params![id, machine, handle, now_ms],
+        )
+    })
+}
+
+/// An `enqueue_batch` call with its inputs owned (it runs on another thread).
+struct EnqueueBatch {
+    job: String,
+    max_attempts: u32,
+    window_ms: i64,
+    /// (message meta JSON, message id, data, dedup key)
+    items: Vec<(String, String, Vec<u8>, String)>,
+}
+
+impl EnqueueBatch {
+    fn new(job: &JobSpec, messages: &[(SourceMessage, String)]) -> Result<Self> {
+        let mut items = Vec::with_capacity(messages.len());
+        for (m, key) in messages {
+            items.push((to_json(m)?, m.id.clone(), m.data.clone(), key.clone()));
+        }
+        Ok(EnqueueBatch {
+            job: job.name.clone(),
+            max_attempts: job.retries.max_attempts,
+            window_ms: i64::try_from(job.dedup_window.as_millis()).unwrap_or(i64::MAX),
+            items,
+        })
+    }
+
+    fn run(self, c: &mut Connection, now_ms: i64) -> Result<Vec<Enqueued>> {
+        let name = self.job;
+        let tx = c.transaction().map_err(db_err)?;
+        let mut out = Vec::with_capacity(self.items.len());
+        for (meta, message_id, data, dedup_key) in self.items {
+            let existing: Option<(i64, i64)> = tx
+                .query_row(
+                    "SELECT run_id, expires_at_ms FROM dedup WHERE job = ?1 AND key = ?2",
+                    params![name, dedup_key],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()
+                .map_err(db_err)?;
+            if let Some((run_id, expires)) = existing {
+                if expires > now_ms {
+                    out.push(Enqueued::Duplicate(run_id));
+                    continue;
+                }
+            }
+            tx.execute(
+                "INSERT INTO runs(job, status, attempt, max_attempts, message_id, message_meta, message_data, dedup_key, created_at_ms, not_before_ms)
+                 VALUES (?1, 'queued', 1, ?2, ?3, ?4, ?5, ?6, ?7, ?7)",
+                params![name, self.max_attempts, message_id, meta, data, dedup_key, now_ms],
+            )
+            .map_err(db_err)?;
+            let id = tx.last_insert_rowid();
+            tx.execute(
+                "INSERT INTO dedup(job, key, run_id, expires_at_ms) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT(job, key) DO UPDATE SET run_id = excluded.run_id, expires_at_ms = excluded.expires_at_ms",
+                params![name, dedup_key, id, now_ms.saturating_add(self.window_ms)],
+            )
+            .map_err(db_err)?;
+            out.push(Enqueued::New(id));
+        }
+        tx.commit().map_err(db_err)?;
+        Ok(out)
+    }
+}
+
 #[async_trait::async_trait]
 impl RunStore for SqliteRunStore {
     async fn put_job(&self, spec: &JobSpec) -> Result<()> {
@@ -227,50 +386,8 @@ impl RunStore for SqliteRunStore {
         messages: &[(SourceMessage, String)],
         now_ms: i64,
     ) -> Result<Vec<Enqueued>> {
-        let name = job.name.clone();
-        let max_attempts = job.retries.max_attempts;
-        let window = i64::try_from(job.dedup_window.as_millis()).unwrap_or(i64::MAX);
-        let mut items = Vec::with_capacity(messages.len());
-        for (m, key) in messages {
-            items.push((to_json(m)?, m.id.clone(), m.data.clone(), key.clone()));
-        }
-        self.call(move |c| {
-            let tx = c.transaction().map_err(db_err)?;
-            let mut out = Vec::with_capacity(items.len());
-            for (meta, message_id, data, dedup_key) in items {
-                let existing: Option<(i64, i64)> = tx
-                    .query_row(
-                        "SELECT run_id, expires_at_ms FROM dedup WHERE job = ?1 AND key = ?2",
-                        params![name, dedup_key],
-                        |r| Ok((r.get(0)?, r.get(1)?)),
-                    )
-                    .optional()
-                    .map_err(db_err)?;
-                if let Some((run_id, expires)) = existing {
-                    if expires > now_ms {
-                        out.push(Enqueued::Duplicate(run_id));
-                        continue;
-                    }
-                }
-                tx.execute(
-                    "INSERT INTO runs(job, status, attempt, max_attempts, message_id, message_meta, message_data, dedup_key, created_at_ms, not_before_ms)
-                     VALUES (?1, 'queued', 1, ?2, ?3, ?4, ?5, ?6, ?7, ?7)",
-                    params![name, max_attempts, message_id, meta, data, dedup_key, now_ms],
-                )
-                .map_err(db_err)?;
-                let id = tx.last_insert_rowid();
-                tx.execute(
-                    "INSERT INTO dedup(job, key, run_id, expires_at_ms) VALUES (?1, ?2, ?3, ?4)
-                     ON CONFLICT(job, key) DO UPDATE SET run_id = excluded.run_id, expires_at_ms = excluded.expires_at_ms",
-                    params![name, dedup_key, id, now_ms.saturating_add(window)],
-                )
-                .map_err(db_err)?;
-                out.push(Enqueued::New(id));
-            }
-            tx.commit().map_err(db_err)?;
-            Ok(out)
-        })
-        .await
+        let batch = EnqueueBatch::new(job, messages)?;
+        self.call(move |c| batch.run(c, now_ms)).await
     }
 
     async fn startable(&self, job: &str, now_ms: i64, limit: usize) -> Result<Vec<QueuedRun>> {
@@ -290,6 +407,21 @@ impl RunStore for SqliteRunStore {
                         cancel_requested: r.get::<_, i64>(1)? != 0,
                     })
                 })
+                .map_err(db_err)?;
+            rows.collect::<rusqlite::Result<Vec<_>>>().map_err(db_err)
+        })
+        .await
+    }
+
+    async fn due_queued_by_job(&self, now_ms: i64) -> Result<Vec<(String, u64)>> {
+        self.call(move |c| {
+            let mut stmt = c
+                .prepare_cached(
+                    "SELECT job, COUNT(*) FROM runs WHERE status = 'queued' AND not_before_ms <= ?1 GROUP BY job",
+                )
+                .map_err(db_err)?;
+            let rows = stmt
+                .query_map(params![now_ms], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))
                 .map_err(db_err)?;
             rows.collect::<rusqlite::Result<Vec<_>>>().map_err(db_err)
         })
@@ -326,14 +458,7 @@ impl RunStore for SqliteRunStore {
     }
 
     async fn prune_dedup(&self, now_ms: i64) -> Result<usize> {
-        self.call(move |c| {
-            c.execute(
-                "DELETE FROM dedup WHERE expires_at_ms <= ?1",
-                params![now_ms],
-            )
-            .map_err(db_err)
-        })
-        .await
+        self.call(move |c| prune_dedup(c, now_ms)).await
     }
 
     async fn get(&self, id: i64) -> Result<RunRecord> {
@@ -347,14 +472,8 @@ impl RunStore for SqliteRunStore {
         limit: usize,
     ) -> Result<Vec<RunRecord>> {
         let job = job.map(str::to_string);
-        self.call(move |c| {
-            query_runs(
-                c,
-                "WHERE (?1 IS NULL OR job = ?1) AND (?2 IS NULL OR status = ?2) ORDER BY id DESC LIMIT ?3",
-                params![job, status.map(|s| s.as_str()), limit as i64],
-            )
-        })
-        .await
+        self.call(move |c| list_runs(c, job.as_deref(), status, limit))
+            .await
     }
 
     async fn with_status(&self, statuses: &[RunStatus]) -> Result<Vec<RunRecord>> {
@@ -374,19 +493,7 @@ impl RunStore for SqliteRunStore {
     }
 
     async fn mark_starting(&self, id: i64) -> Result<()> {
-        self.call(move |c| {
-            let n = c
-                .execute(
-                    "UPDATE runs SET status = 'starting' WHERE id = ?1 AND status = 'queued' AND cancel_requested = 0",
-                    params![id],
-                )
-                .map_err(db_err)?;
-            if n == 1 {
-                return Ok(());
-            }
-            Err(claim_refused(&get_run(c, id)?))
-        })
-        .await
+        self.call(move |c| mark_starting(c, id)).await
     }
 
     async fn cancel_if_queued(
@@ -413,15 +520,8 @@ impl RunStore for SqliteRunStore {
 
     async fn mark_running(&self, id: i64, machine: &str, handle: &str, now_ms: i64) -> Result<()> {
         let (machine, handle) = (machine.to_string(), handle.to_string());
-        self.call(move |c| {
-            transition(c, id, RunStatus::Running, |tx| {
-                tx.execute(
-                    "UPDATE runs SET machine = ?2, handle = ?3, started_at_ms = COALESCE(started_at_ms, ?4) WHERE id = ?1",
-                    params![id, machine, handle, now_ms],
-                )
-            })
-        })
-        .await
+        self.call(move |c| mark_running(c, id, &machine, &handle, now_ms))
+            .await
     }
 
     async fn requeue(
@@ -499,6 +599,37 @@ impl RunStore for SqliteRunStore {
             )
             .map_err(db_err)?;
             Ok(())
+        })
+        .await
+    }
+
+    fn shared(&self) -> bool {
+        false
+    }
+
+    async fn put_log(&self, id: i64, log: &[u8]) -> Result<()> {
+        let log = log.to_vec();
+        self.call(move |c| {
+            c.execute(
+                "INSERT INTO run_logs(run_id, body) VALUES (?1, ?2)
+                 ON CONFLICT(run_id) DO UPDATE SET body = excluded.body",
+                params![id, log],
+            )
+            .map_err(db_err)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn log(&self, id: i64) -> Result<Option<Vec<u8>>> {
+        self.call(move |c| {
+            c.query_row(
+                "SELECT body FROM run_logs WHERE run_id = ?1",
+                params![id],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(db_err)
         })
         .await
     }

@@ -74,7 +74,7 @@ impl Engine for Postgres {
 
 fn job(name: &str, extra: &str) -> JobSpec {
     let src = format!(
-        "project = \"p\"\n[[topic]]\nname = \"t\"\n[[job]]\nname = \"{name}\"\ntopic = \"t\"\n{extra}\nprocess = {{ command = \"true\" }}\n"
+        "project = \"proj\"\n[[topic]]\nname = \"work\"\n[[job]]\nname = \"{name}\"\ntopic = \"work\"\n{extra}\nprocess = {{ command = \"true\" }}\n"
     );
     pubrun_core::manifest::parse("test.toml", &src)
         .unwrap_or_else(|e| panic!("bad test job: {e}"))
@@ -118,17 +118,17 @@ fn ok_exit() -> Exit {
 async fn jobs_and_meta_round_trip(e: impl Engine) {
     let s = e.open().await;
     assert!(s.jobs().await.unwrap().is_empty());
-    let a = job("a", "concurrency = 2");
-    let b = job("b", "");
+    let a = job("job-a", "concurrency = 2");
+    let b = job("job-b", "");
     s.put_job(&b).await.unwrap();
     s.put_job(&a).await.unwrap();
     assert_eq!(s.jobs().await.unwrap(), vec![a.clone(), b.clone()]);
     // Replacing keeps one row per name.
-    let a2 = job("a", "concurrency = 7");
+    let a2 = job("job-a", "concurrency = 7");
     s.put_job(&a2).await.unwrap();
     assert_eq!(s.jobs().await.unwrap(), vec![a2.clone(), b.clone()]);
-    assert!(s.delete_job("b").await.unwrap());
-    assert!(!s.delete_job("b").await.unwrap());
+    assert!(s.delete_job("job-b").await.unwrap());
+    assert!(!s.delete_job("job-b").await.unwrap());
 
     assert_eq!(s.meta("owner").await.unwrap(), None);
     s.set_meta("owner", "one").await.unwrap();
@@ -142,7 +142,7 @@ async fn jobs_and_meta_round_trip(e: impl Engine) {
 
 async fn dedup_keys_are_unique_inside_their_window(e: impl Engine) {
     let s = e.open().await;
-    let spec = job("dd", "dedup_window = \"10s\"");
+    let spec = job("job-dd", "dedup_window = \"10s\"");
     let t = 1_000_000;
     let id = new_run(&*s, &spec, "7", t).await;
     // Redelivered inside the window: no second run.
@@ -188,7 +188,7 @@ async fn dedup_keys_are_unique_inside_their_window(e: impl Engine) {
         s.enqueue(&spec, &msg("7"), "7", t + 20_001).await.unwrap(),
         Enqueued::New(_)
     ));
-    assert_eq!(s.list(Some("dd"), None, 100).await.unwrap().len(), 5);
+    assert_eq!(s.list(Some("job-dd"), None, 100).await.unwrap().len(), 5);
     // The run keeps its message, data included.
     let run = s.get(id).await.unwrap();
     assert_eq!(run.message, msg("7"));
@@ -202,10 +202,10 @@ async fn dedup_keys_are_unique_inside_their_window(e: impl Engine) {
 
 async fn state_machine_claims_once_and_records_attempts(e: impl Engine) {
     let s = e.open().await;
-    let spec = job("sm", "retries = { max_attempts = 3 }");
+    let spec = job("job-sm", "retries = { max_attempts = 3 }");
     let t = 5_000_000;
     let id = new_run(&*s, &spec, "m1", t).await;
-    let startable = s.startable("sm", t, 10).await.unwrap();
+    let startable = s.startable("job-sm", t, 10).await.unwrap();
     assert_eq!(startable.len(), 1);
     assert_eq!(
         (startable[0].id, startable[0].cancel_requested),
@@ -216,7 +216,7 @@ async fn state_machine_claims_once_and_records_attempts(e: impl Engine) {
     s.mark_starting(id).await.unwrap();
     let e2 = s.mark_starting(id).await.unwrap_err();
     assert_eq!(e2.code, Code::FailedPrecondition, "{e2}");
-    assert!(s.startable("sm", t, 10).await.unwrap().is_empty());
+    assert!(s.startable("job-sm", t, 10).await.unwrap().is_empty());
     s.mark_running(id, "host-1", "pid-1", t + 10).await.unwrap();
     let run = s.get(id).await.unwrap();
     assert_eq!(run.status, RunStatus::Running);
@@ -231,14 +231,14 @@ async fn state_machine_claims_once_and_records_attempts(e: impl Engine) {
     let run = s.get(id).await.unwrap();
     assert_eq!((run.status, run.attempt), (RunStatus::Queued, 2));
     assert_eq!(run.exit, Some(failed(1)));
-    assert!(s.startable("sm", t + 100, 10).await.unwrap().is_empty());
+    assert!(s.startable("job-sm", t + 100, 10).await.unwrap().is_empty());
     assert_eq!(s.next_due_ms(t + 100).await.unwrap(), Some(t + 5_000));
     assert!(s.due_queued_by_job(t + 100).await.unwrap().is_empty());
     assert_eq!(
         s.due_queued_by_job(t + 5_000).await.unwrap(),
-        vec![("sm".to_string(), 1)]
+        vec![("job-sm".to_string(), 1)]
     );
-    assert_eq!(s.startable("sm", t + 5_000, 10).await.unwrap().len(), 1);
+    assert_eq!(s.startable("job-sm", t + 5_000, 10).await.unwrap().len(), 1);
 
     // Attempt 2 succeeds; the first start time is kept.
     s.mark_starting(id).await.unwrap();
@@ -279,7 +279,7 @@ async fn state_machine_claims_once_and_records_attempts(e: impl Engine) {
 
 async fn cancel_wins_over_a_claim(e: impl Engine) {
     let s = e.open().await;
-    let spec = job("cx", "");
+    let spec = job("job-cx", "");
     let t = 9_000_000;
     let id = new_run(&*s, &spec, "c1", t).await;
     let run = s.request_cancel(id).await.unwrap();
@@ -287,7 +287,7 @@ async fn cancel_wins_over_a_claim(e: impl Engine) {
     // Flagged: the scheduler cannot claim it.
     let err = s.mark_starting(id).await.unwrap_err();
     assert_eq!(err.code, Code::FailedPrecondition, "{err}");
-    assert!(s.startable("cx", t, 10).await.unwrap()[0].cancel_requested);
+    assert!(s.startable("job-cx", t, 10).await.unwrap()[0].cancel_requested);
     let exit = Exit {
         cancelled: true,
         ..Default::default()
@@ -309,8 +309,8 @@ async fn cancel_wins_over_a_claim(e: impl Engine) {
 
 async fn list_pages_newest_first_with_filters(e: impl Engine) {
     let s = e.open().await;
-    let a = job("la", "");
-    let b = job("lb", "");
+    let a = job("job-la", "");
+    let b = job("job-lb", "");
     let t = 20_000_000;
     let mut ids = Vec::new();
     for i in 0..30 {
@@ -333,36 +333,39 @@ async fn list_pages_newest_first_with_filters(e: impl Engine) {
     // A page is the newest `limit`.
     let page = s.list(None, None, 7).await.unwrap();
     assert_eq!(page.iter().map(|r| r.id).collect::<Vec<_>>(), newest[..7]);
-    let of_b = s.list(Some("lb"), None, 100).await.unwrap();
+    let of_b = s.list(Some("job-lb"), None, 100).await.unwrap();
     assert_eq!(of_b.len(), 10);
-    assert!(of_b.iter().all(|r| r.job == "lb"));
+    assert!(of_b.iter().all(|r| r.job == "job-lb"));
     assert!(of_b.windows(2).all(|w| w[0].id > w[1].id));
     let failed_runs = s.list(None, Some(RunStatus::Failed), 100).await.unwrap();
     assert_eq!(failed_runs.len(), 6);
     let failed_a = s
-        .list(Some("la"), Some(RunStatus::Failed), 2)
+        .list(Some("job-la"), Some(RunStatus::Failed), 2)
         .await
         .unwrap();
     assert_eq!(failed_a.len(), 2);
     assert!(failed_a
         .iter()
-        .all(|r| r.job == "la" && r.status == RunStatus::Failed));
+        .all(|r| r.job == "job-la" && r.status == RunStatus::Failed));
     assert!(s.list(Some("nope"), None, 100).await.unwrap().is_empty());
     // Recovery reads by status, oldest first.
     let fs = s.with_status(&[RunStatus::Failed]).await.unwrap();
     assert_eq!(fs.iter().map(|r| r.id).collect::<Vec<_>>(), ended);
     // Queued runs of jobs that are gone.
-    let orphans = s.queued_orphans(&["la".to_string()]).await.unwrap();
+    let orphans = s.queued_orphans(&["job-la".to_string()]).await.unwrap();
     assert_eq!(orphans.len(), 8);
-    assert!(orphans.iter().all(|q| q.job == "lb"));
+    assert!(orphans.iter().all(|q| q.job == "job-lb"));
     let mut due = s.due_queued_by_job(t + 1_000).await.unwrap();
     due.sort();
-    assert_eq!(due, vec![("la".to_string(), 16), ("lb".to_string(), 8)]);
+    assert_eq!(
+        due,
+        vec![("job-la".to_string(), 16), ("job-lb".to_string(), 8)]
+    );
 }
 
 async fn run_logs_round_trip(e: impl Engine) {
     let s = e.open().await;
-    let spec = job("lg", "");
+    let spec = job("job-lg", "");
     let id = new_run(&*s, &spec, "l1", 1).await;
     assert_eq!(s.log(id).await.unwrap(), None);
     s.put_log(id, b"attempt 1\n").await.unwrap();
@@ -418,9 +421,10 @@ async fn postgres_dedup_key_is_unique_across_servers() {
         let spec = job("race", "dedup_window = \"1h\"");
         for round in 0..20 {
             let key = format!("k{round}");
+            let m = msg(&key);
             let (ra, rb) = tokio::join!(
-                a.enqueue(&spec, &msg(&key), &key, 1_000),
-                b.enqueue(&spec, &msg(&key), &key, 1_000)
+                a.enqueue(&spec, &m, &key, 1_000),
+                b.enqueue(&spec, &m, &key, 1_000)
             );
             let mut new = 0;
             for r in [ra.unwrap(), rb.unwrap()] {

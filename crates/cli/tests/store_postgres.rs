@@ -3,6 +3,8 @@
 //! (it does not listen, so `/healthz` does not answer) while the first owns
 //! the Pub/Sub state; after `kill -9` of the first it takes over within the
 //! lease TTL and delivers exactly the messages that were not acknowledged.
+//! Step 2: runs, jobs and run logs are in PostgreSQL too, so the new owner
+//! lists the dead server's runs and retries its cut-off attempt.
 
 mod common;
 

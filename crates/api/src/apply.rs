@@ -282,7 +282,7 @@ async fn apply_manifest_inner(
     let (schedules, webhooks) = (named_s(schedules), named_w(webhooks));
 
     // Names another project owns are refused before anything changes.
-    let mut ownership = Ownership::load(dispatcher.store())?;
+    let mut ownership = Ownership::load(&**dispatcher.store()).await?;
     check_job_owners(&ownership, &dispatcher.jobs(), m)?;
     for p in &m.pools {
         match ownership.pool_owner(&p.name) {
@@ -328,7 +328,7 @@ async fn apply_manifest_inner(
                 let mut applied = ownership.project(project);
                 applied.pools = declared.iter().map(|(n, _)| n.clone()).collect();
                 ownership.set_project(project, applied);
-                ownership.save(dispatcher.store())?;
+                ownership.save(&**dispatcher.store()).await?;
             }
         }
         None if !declared.is_empty() => {

@@ -82,16 +82,6 @@ fn ok(v: serde_json::Value) -> ApiResult {
     Ok((StatusCode::OK, Json(v)).into_response())
 }
 
-/// Runs use the database; keep the blocking calls off the async workers.
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> pubrun_core::Result<T> + Send + 'static,
-) -> Result<T, HttpError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| HttpError(Error::internal(e.to_string())))?
-        .map_err(HttpError)
-}
-
 fn parse_id(id: &str) -> Result<i64, HttpError> {
     id.parse().map_err(|_| {
         HttpError(Error::invalid(format!(
@@ -148,8 +138,7 @@ async fn trigger(State(api): State<Api>, Path(name): Path<String>, body: Bytes) 
         (None, None) => Vec::new(),
     };
     let id = api.dispatcher.trigger(&name, data, b.attributes).await?;
-    let store = api.dispatcher.store().clone();
-    let run = blocking(move || store.get(id)).await?;
+    let run = api.dispatcher.store().get(id).await?;
     ok(json!({ "run": run }))
 }
 
@@ -168,16 +157,18 @@ async fn list_runs(
     let q = query(q)?;
     let status = q.status.as_deref().map(RunStatus::parse).transpose()?;
     let limit = q.limit.unwrap_or(100).clamp(1, 10_000);
-    let store = api.dispatcher.store().clone();
-    let runs = blocking(move || store.list(q.job.as_deref(), status, limit)).await?;
+    let runs = api
+        .dispatcher
+        .store()
+        .list(q.job.as_deref(), status, limit)
+        .await?;
     let runs: Vec<Value> = runs.iter().map(|r| run_view(&api, r)).collect();
     ok(json!({ "runs": runs }))
 }
 
 async fn get_run(State(api): State<Api>, Path(id): Path<String>) -> ApiResult {
     let id = parse_id(&id)?;
-    let store = api.dispatcher.store().clone();
-    let run = blocking(move || store.get(id)).await?;
+    let run = api.dispatcher.store().get(id).await?;
     ok(json!({ "run": run_view(&api, &run) }))
 }
 
@@ -199,8 +190,7 @@ fn run_view(api: &Api, run: &pubrun_jobs::RunRecord) -> Value {
 
 async fn cancel_run(State(api): State<Api>, Path(id): Path<String>) -> ApiResult {
     let id = parse_id(&id)?;
-    let d = api.dispatcher.clone();
-    let run = blocking(move || d.cancel(id)).await?;
+    let run = api.dispatcher.cancel_run(id).await?;
     ok(json!({ "run": run }))
 }
 
@@ -231,8 +221,7 @@ async fn run_log(
     use tokio::io::{AsyncReadExt, AsyncSeekExt};
     let q = query(q)?;
     let id = parse_id(&id)?;
-    let store = api.dispatcher.store().clone();
-    let run = blocking(move || store.get(id)).await?;
+    let run = api.dispatcher.store().get(id).await?;
     let path = api.dispatcher.log_path(id);
     let read_err = |e: std::io::Error| HttpError(Error::internal(format!("reading log: {e}")));
     // Seek to the offset: followers poll often and logs can be large.
@@ -250,7 +239,18 @@ async fn run_log(
                 .map_err(read_err)?;
             (size, buf)
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => (0, Vec::new()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            // Executed by another server of a cluster: its stored copy.
+            match api.dispatcher.run_log(id).await? {
+                Some(log) => {
+                    let size = log.len() as u64;
+                    let from = q.offset.unwrap_or(0).min(size) as usize;
+                    let to = (from as u64 + LOG_CHUNK).min(size) as usize;
+                    (size, log[from..to].to_vec())
+                }
+                None => (0, Vec::new()),
+            }
+        }
         Err(e) => return Err(read_err(e)),
     };
     let mut resp = (StatusCode::OK, chunk).into_response();

@@ -30,6 +30,9 @@ const ALL_MACHINE_STATES: [MachineState; 7] = [
 pub struct MetricsAuth {
     pub server_token: Option<String>,
     pub metrics_token: Option<String>,
+    /// Its waiting-runs cache is refreshed before each scrape (the run
+    /// store is async, gauge sources are not).
+    pub dispatcher: Option<Arc<pubrun_jobs::Dispatcher>>,
 }
 
 pub(crate) async fn handler(State(auth): State<Arc<MetricsAuth>>, req: Request) -> Response {
@@ -53,6 +56,9 @@ pub(crate) async fn handler(State(auth): State<Arc<MetricsAuth>>, req: Request) 
             ))
             .into_response();
         }
+    }
+    if let Some(d) = &auth.dispatcher {
+        d.refresh_waiting().await;
     }
     let mut resp = metrics().encode().into_response();
     resp.headers_mut()
@@ -125,11 +131,9 @@ fn pool_families(
     if let Some(d) = dispatcher {
         let pool_of: BTreeMap<String, String> =
             d.jobs().into_iter().map(|j| (j.name, j.pool)).collect();
-        if let Ok(due) = d.store().due_queued_by_job(now) {
-            for (job, n) in due {
-                let pool = pool_of.get(&job).map_or(LOCAL_POOL, String::as_str);
-                *waiting.entry(pool.to_string()).or_default() += n;
-            }
+        for (job, n) in d.waiting_by_job() {
+            let pool = pool_of.get(&job).map_or(LOCAL_POOL, String::as_str);
+            *waiting.entry(pool.to_string()).or_default() += n;
         }
     }
     let mut machines: BTreeMap<(String, &'static str), u64> = BTreeMap::new();

@@ -112,6 +112,7 @@ pub fn router(
         get(crate::metrics::handler).with_state(Arc::new(crate::metrics::MetricsAuth {
             server_token: opts.token.clone(),
             metrics_token: opts.metrics_token.clone(),
+            dispatcher: opts.dispatcher.clone(),
         })),
     );
     // So are webhooks: GitHub cannot send our token; each hook has its own

@@ -1,13 +1,18 @@
-//! Which engine keeps the Pub/Sub state: the data directory (default) or,
-//! with `--store postgres://…`, PostgreSQL (cluster mode, in progress: only
-//! the Pub/Sub catalog and log live there so far).
+//! Which engines keep the server's state: the data directory (default) or,
+//! with `--store postgres://…`, PostgreSQL (cluster mode, in progress: the
+//! Pub/Sub catalog and log, jobs, runs, dedup keys, run logs and apply's
+//! ownership record live there so far; the rest is still in the data
+//! directory, see ARCHITECTURE.md).
 
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use pubrun_store::{EmbeddedStore, PostgresOptions, PostgresStore, Store};
+use pubrun_jobs::SharedRunStore;
+use pubrun_store::postgres::BROKER_OWNERSHIP;
+use pubrun_store::runs::postgres::Fence;
+use pubrun_store::{EmbeddedStore, PostgresOptions, PostgresRunStore, PostgresStore, Store};
 
 pub enum ServerStore {
     Embedded(Arc<EmbeddedStore>),
@@ -50,6 +55,33 @@ impl ServerStore {
                 .context("opening the PostgreSQL store (--store)")?;
                 Ok(ServerStore::Postgres(Arc::new(store)))
             }
+        }
+    }
+
+    /// The run store that goes with this engine: `runs.db` in the data
+    /// directory, or the same PostgreSQL, its writes fenced by the
+    /// ownership lease this server holds (one owner writes runs, as it
+    /// writes the Pub/Sub log).
+    pub async fn open_runs(
+        &self,
+        data_dir: &Path,
+        url: Option<&str>,
+    ) -> anyhow::Result<SharedRunStore> {
+        match (self, url.filter(|u| !u.is_empty())) {
+            (ServerStore::Postgres(s), Some(url)) => {
+                let fence = Fence {
+                    name: BROKER_OWNERSHIP.to_string(),
+                    token: s.token(),
+                };
+                let runs = PostgresRunStore::open(url, s.node_name(), Some(fence))
+                    .await
+                    .context("opening the run store in PostgreSQL (--store)")?;
+                Ok(Arc::new(runs))
+            }
+            _ => Ok(Arc::new(
+                pubrun_jobs::RunStore::open(&data_dir.join("runs.db"))
+                    .context("opening the run store")?,
+            )),
         }
     }
 

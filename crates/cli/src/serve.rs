@@ -8,7 +8,7 @@ use anyhow::{bail, Context};
 use pubrun_api::ServeOptions;
 use pubrun_broker::Broker;
 use pubrun_exec::Executor;
-use pubrun_jobs::{Dispatcher, Executors, RunStore};
+use pubrun_jobs::{Dispatcher, Executors};
 
 #[derive(clap::Args)]
 pub struct ServeArgs {
@@ -153,7 +153,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         pubrun_triggers::Triggers::open(&args.data_dir, broker.clone())
             .context("opening schedules and webhooks")?,
     );
-    let runs = RunStore::open(&args.data_dir.join("runs.db")).context("opening the run store")?;
+    let runs = store
+        .open_runs(&args.data_dir, args.store.as_deref())
+        .await?;
     let docker: Arc<dyn Executor> = match pubrun_exec::docker::DockerExecutor::connect() {
         Ok(d) => Arc::new(d),
         Err(e) => {
@@ -169,7 +171,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     };
     let dispatcher = Dispatcher::new(
         broker.clone(),
-        Arc::new(runs),
+        runs,
         args.data_dir.clone(),
         executors,
         args.slots,

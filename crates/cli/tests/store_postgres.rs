@@ -3,6 +3,8 @@
 //! (it does not listen, so `/healthz` does not answer) while the first owns
 //! the Pub/Sub state; after `kill -9` of the first it takes over within the
 //! lease TTL and delivers exactly the messages that were not acknowledged.
+//! Step 2: runs, jobs and run logs are in PostgreSQL too, so the new owner
+//! lists the dead server's runs and retries its cut-off attempt.
 
 mod common;
 
@@ -167,4 +169,231 @@ async fn standby_takes_over_after_kill_9_and_delivers_exactly_the_unacked() {
     let expected: HashSet<String> = published.difference(&acked).cloned().collect();
     assert_eq!(delivered.len(), 70);
     assert_eq!(delivered, expected, "exactly the unacknowledged messages");
+}
+
+// ---- runs in PostgreSQL (issue 12, step 2) ----
+
+/// Runs `pubrun ARGS --json` against `port`; panics with `log()` on failure.
+fn cli_json(port: u16, args: &[&str], log: impl Fn() -> String) -> serde_json::Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_pubrun"))
+        .args(args)
+        .arg("--json")
+        .env("PUBRUN_ADDR", format!("http://127.0.0.1:{port}"))
+        .env_remove("PUBRUN_TOKEN")
+        .env_remove("PUBRUN_PROJECT")
+        .stdin(Stdio::null())
+        .output()
+        .expect("spawn pubrun");
+    assert!(
+        out.status.success(),
+        "`pubrun {}` failed: {}\n--- server log ---\n{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr),
+        log()
+    );
+    serde_json::from_slice(&out.stdout).expect("JSON output")
+}
+
+/// Polls `pubrun runs show ID` on `port` until `pred` holds (generous
+/// patience: a slow CI box), returns that run.
+fn wait_run(
+    port: u16,
+    id: &str,
+    what: &str,
+    pred: impl Fn(&serde_json::Value) -> bool,
+    log: impl Fn() -> String,
+) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let run = cli_json(port, &["runs", "show", id], &log)["run"].clone();
+        if pred(&run) {
+            return run;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "run {id} never became {what}; last seen {run:#}\n--- server log ---\n{}",
+            log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn is_terminal(run: &serde_json::Value) -> bool {
+    matches!(
+        run["status"].as_str(),
+        Some("succeeded" | "failed" | "timed_out" | "cancelled")
+    )
+}
+
+/// Ends the cut-off attempt's orphaned shell (it outlives a `kill -9` of its
+/// server) however the test ends.
+struct StopFile(std::path::PathBuf);
+
+impl Drop for StopFile {
+    fn drop(&mut self) {
+        let _ = std::fs::write(&self.0, b"stop");
+    }
+}
+
+/// Jobs, runs, dedup keys, run logs and job definitions live in
+/// PostgreSQL: server A (started with the manifest) runs jobs; it is
+/// killed with `kill -9` while one attempt runs; standby B (no manifest,
+/// its own empty data dir) takes the lease, lists A's jobs and runs and
+/// shows a finished run's log; the cut-off run is retried without using up
+/// an attempt (as for a lost agent) and ends exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn runs_survive_kill_9_of_the_server_running_them() {
+    let pg = TempPostgres::start();
+    let dirs = tempfile::tempdir().unwrap();
+    let (data_a, data_b) = (dirs.path().join("a"), dirs.path().join("b"));
+    let (log_a, log_b) = (dirs.path().join("a.log"), dirs.path().join("b.log"));
+    let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
+    let marker = dirs.path().join("first-attempt-started");
+    let stop = StopFile(dirs.path().join("stop"));
+    // The slow job's first attempt marks that it started and runs until
+    // told to stop; any later attempt sees the marker and succeeds at once.
+    // `max_attempts = 1`: had the loss used up an attempt, the run would fail.
+    let config = dirs.path().join("pubrun.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"project = "cluster"
+
+[[topic]]
+name = "work"
+
+[[job]]
+name = "quick"
+topic = "work"
+filter = "attributes.kind = \"quick\""
+process = {{ command = "sh", args = ["-c", "echo hello {{{{ attributes.who }}}}"] }}
+
+[[job]]
+name = "slow"
+topic = "work"
+filter = "attributes.kind = \"slow\""
+retries = {{ max_attempts = 1 }}
+process = {{ command = "sh", args = ["-c", "if [ -e {marker} ]; then echo second; exit 0; fi; touch {marker}; echo first; while [ ! -e {stop} ]; do sleep 0.1; done"] }}
+"#,
+            marker = marker.display(),
+            stop = stop.0.display(),
+        ),
+    )
+    .unwrap();
+
+    let port_a = free_port();
+    let mut a = {
+        let child = Command::new(env!("CARGO_BIN_EXE_pubrun"))
+            .args(["serve", "--listen", &format!("127.0.0.1:{port_a}")])
+            .arg("--data-dir")
+            .arg(&data_a)
+            .arg("--config")
+            .arg(&config)
+            .args(["--store", &pg.url(), "--node-name", "a"])
+            .env("PUBRUN_LEASE_TTL_MS", LEASE_TTL.as_millis().to_string())
+            .env("PUBRUN_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log_a).unwrap())
+            .spawn()
+            .expect("start pubrun");
+        common::Server(child)
+    };
+    wait_healthy(&mut a.0, port_a, Duration::from_secs(60), || read(&log_a));
+    let la = || read(&log_a);
+
+    let mut quick = Vec::new();
+    for who in ["x", "y", "z"] {
+        let r = cli_json(
+            port_a,
+            &["jobs", "trigger", "quick", "--attr", &format!("who={who}")],
+            la,
+        );
+        quick.push(r["run"]["id"].to_string());
+    }
+    for id in &quick {
+        let run = wait_run(port_a, id, "terminal", is_terminal, la);
+        assert_eq!(run["status"], "succeeded", "{run:#}");
+    }
+    let slow = cli_json(port_a, &["jobs", "trigger", "slow"], la)["run"]["id"].to_string();
+    wait_run(port_a, &slow, "running", |r| r["status"] == "running", la);
+    assert!(marker.exists(), "the first attempt started");
+
+    let port_b = free_port();
+    let mut b = start(&pg.url(), "b", &data_b, port_b, &log_b);
+    let lb = || read(&log_b);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !read(&log_b).contains("waiting as a hot standby") {
+        assert!(
+            b.0.try_wait().unwrap().is_none(),
+            "standby exited:\n{}",
+            lb()
+        );
+        assert!(
+            Instant::now() < deadline,
+            "B never became a standby:\n{}",
+            lb()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // A dies with the slow attempt in flight.
+    a.0.kill().expect("SIGKILL A");
+    a.0.wait().unwrap();
+    wait_healthy(&mut b.0, port_b, Duration::from_secs(60), lb);
+
+    // B knows A's jobs (it got no manifest) and A's runs.
+    let jobs = cli_json(port_b, &["jobs", "list"], lb);
+    let names: Vec<&str> = jobs["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|j| j["name"].as_str())
+        .collect();
+    assert_eq!(names, ["quick", "slow"], "{jobs:#}");
+    let runs = cli_json(port_b, &["runs"], lb);
+    let mut ids: Vec<String> = runs["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].to_string())
+        .collect();
+    ids.sort();
+    let mut want = quick.clone();
+    want.push(slow.clone());
+    want.sort();
+    assert_eq!(ids, want, "B lists exactly A's runs: {runs:#}");
+    for id in &quick {
+        let run = cli_json(port_b, &["runs", "show", id], lb)["run"].clone();
+        assert_eq!(run["status"], "succeeded", "{run:#}");
+    }
+    // A finished run's log, written on A's disk, is shown by B.
+    let log = cli_json(port_b, &["logs", &quick[0]], lb);
+    assert!(
+        log.to_string().contains("hello x"),
+        "log of run {} through B: {log:#}",
+        quick[0]
+    );
+
+    // The cut-off run: retried on B as the same attempt, ends once.
+    let run = wait_run(port_b, &slow, "terminal", is_terminal, lb);
+    assert_eq!(run["status"], "succeeded", "{run:#}\n{}", lb());
+    assert_eq!(
+        run["attempt"], 1,
+        "losing a server must not use up an attempt: {run:#}"
+    );
+    let slow_runs = cli_json(port_b, &["runs", "--job", "slow"], lb);
+    assert_eq!(
+        slow_runs["runs"].as_array().unwrap().len(),
+        1,
+        "{slow_runs:#}"
+    );
+    assert!(
+        lb().contains("lost: the server running this attempt stopped"),
+        "B's log says why the attempt was retried:\n{}",
+        lb()
+    );
+    // Still exactly one terminal state a moment later (nothing re-runs it).
+    let again = cli_json(port_b, &["runs", "show", &slow], lb)["run"].clone();
+    assert_eq!(again["status"], "succeeded");
+    assert_eq!(again["ended_at_ms"], run["ended_at_ms"]);
 }

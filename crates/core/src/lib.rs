@@ -17,6 +17,7 @@ pub mod message;
 pub mod names;
 pub mod pool;
 pub mod run;
+pub mod runrecord;
 pub mod secret;
 pub mod template;
 

@@ -25,7 +25,7 @@ use pubrun_core::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::{Dispatcher, RunStore};
+use crate::{Dispatcher, RunStoreEngine};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -86,15 +86,16 @@ fn project_of(name: &str) -> Option<&str> {
 }
 
 impl Ownership {
-    pub fn load(store: &RunStore) -> Result<Self> {
-        if let Some(s) = store.meta(OWNERSHIP_KEY)? {
+    pub async fn load(store: &dyn RunStoreEngine) -> Result<Self> {
+        if let Some(s) = store.meta(OWNERSHIP_KEY).await? {
             return serde_json::from_str(&s)
                 .map_err(|e| Error::internal(format!("runs.db: stored apply record: {e}")));
         }
         // The legacy record's names carry their project.
         let mut out = Ownership::default();
         let legacy: Applied = store
-            .meta(LEGACY_APPLIED_KEY)?
+            .meta(LEGACY_APPLIED_KEY)
+            .await?
             .and_then(|s| serde_json::from_str(&s).ok())
             .unwrap_or_default();
         for t in legacy.topics {
@@ -118,10 +119,10 @@ impl Ownership {
         Ok(out)
     }
 
-    pub fn save(&self, store: &RunStore) -> Result<()> {
+    pub async fn save(&self, store: &dyn RunStoreEngine) -> Result<()> {
         let json = serde_json::to_string(self)
             .map_err(|e| Error::internal(format!("apply record as JSON: {e}")))?;
-        store.set_meta(OWNERSHIP_KEY, &json)
+        store.set_meta(OWNERSHIP_KEY, &json).await
     }
 
     /// What `project`'s last apply declared.
@@ -299,7 +300,7 @@ pub async fn apply(
     dry_run: bool,
 ) -> Result<Vec<Change>> {
     let project = ProjectName::from_id(&desired.project)?;
-    let mut ownership = Ownership::load(dispatcher.store())?;
+    let mut ownership = Ownership::load(&**dispatcher.store()).await?;
     let all_jobs = dispatcher.jobs();
     check_job_owners(&ownership, &all_jobs, desired)?;
     let own_jobs = all_jobs
@@ -401,7 +402,7 @@ pub async fn apply(
         pools: applied.pools,
     };
     ownership.set_project(&desired.project, now_applied);
-    ownership.save(dispatcher.store())?;
+    ownership.save(&**dispatcher.store()).await?;
     Ok(changes)
 }
 

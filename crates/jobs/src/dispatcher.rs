@@ -23,7 +23,7 @@ use pubrun_exec::{CancellationToken, Executor, LogSink, PoolRouter, RunRequest, 
 use pubrun_observability::metrics::labels;
 use tokio::sync::Notify;
 
-use crate::runstore::{Enqueued, QueuedRun, RunRecord, RunStore, SourceMessage};
+use crate::runstore::{Enqueued, QueuedRun, RunRecord, SharedRunStore, SourceMessage};
 
 /// Executors by kind. Docker is optional: without an engine, docker runs
 /// fail with an infrastructure error and wait.
@@ -35,7 +35,7 @@ pub struct Executors {
 
 pub struct Dispatcher {
     broker: Arc<Broker>,
-    store: Arc<RunStore>,
+    store: SharedRunStore,
     data_dir: PathBuf,
     executors: Executors,
     slots: usize,
@@ -50,6 +50,8 @@ pub struct Dispatcher {
     buckets: OnceLock<pubrun_buckets::Buckets>,
     /// Executors of remote pools (set once by the server).
     pools: OnceLock<Arc<dyn PoolRouter>>,
+    /// Due queued runs per job, for the metrics gauge (see `refresh_waiting`).
+    waiting: Mutex<Vec<(String, u64)>>,
 }
 
 #[derive(Default)]
@@ -206,7 +208,7 @@ fn context(run: &RunRecord) -> TemplateContext {
 impl Dispatcher {
     pub fn new(
         broker: Arc<Broker>,
-        store: Arc<RunStore>,
+        store: SharedRunStore,
         data_dir: PathBuf,
         executors: Executors,
         slots: usize,
@@ -223,6 +225,7 @@ impl Dispatcher {
             trigger_seq: AtomicU64::new(0),
             buckets: OnceLock::new(),
             pools: OnceLock::new(),
+            waiting: Mutex::default(),
         })
     }
 
@@ -241,21 +244,40 @@ impl Dispatcher {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn store(&self) -> &Arc<RunStore> {
+    /// Reads the due queued runs per job into the cache that
+    /// [`waiting_by_job`](Self::waiting_by_job) returns (the metrics
+    /// handler calls this before a scrape: gauges are read synchronously).
+    pub async fn refresh_waiting(&self) {
+        match self.store.due_queued_by_job(now_ms()).await {
+            Ok(w) => *self.waiting.lock().unwrap_or_else(|p| p.into_inner()) = w,
+            Err(e) => tracing::warn!(error = %e, "cannot count waiting runs"),
+        }
+    }
+
+    /// Due queued runs per job, as of the last [`refresh_waiting`](Self::refresh_waiting).
+    pub fn waiting_by_job(&self) -> Vec<(String, u64)> {
+        self.waiting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn store(&self) -> &SharedRunStore {
         &self.store
     }
 
     /// Recovers and starts every loop: job intakes, runs that were in flight,
     /// unpublished results, the scheduler.
     pub async fn start(self: &Arc<Self>) -> Result<()> {
-        for spec in self.store.jobs()? {
+        for spec in self.store.jobs().await? {
             self.start_intake(spec)?;
         }
         // Only attempts that were in flight when the previous server stopped
         // are looked for; queued runs simply wait for the scheduler.
         for run in self
             .store
-            .with_status(&[RunStatus::Starting, RunStatus::Running])?
+            .with_status(&[RunStatus::Starting, RunStatus::Running])
+            .await?
         {
             let this = self.clone();
             let spec = self.lock().jobs.get(&run.job).map(|j| j.spec.clone());
@@ -273,15 +295,18 @@ impl Dispatcher {
                         error: Some("job was deleted while the run was in flight".into()),
                         ..Default::default()
                     };
-                    let _ = self.store.finish(
-                        run.id,
-                        &Exit {
-                            cancelled: true,
-                            ..exit
-                        },
-                        now_ms(),
-                        false,
-                    );
+                    let _ = self
+                        .store
+                        .finish(
+                            run.id,
+                            &Exit {
+                                cancelled: true,
+                                ..exit
+                            },
+                            now_ms(),
+                            false,
+                        )
+                        .await;
                 }
             }
         }
@@ -321,11 +346,7 @@ impl Dispatcher {
             }
             Err(e) => return Err(e),
         }
-        let store = self.store.clone();
-        let s2 = spec.clone();
-        tokio::task::spawn_blocking(move || store.put_job(&s2))
-            .await
-            .map_err(|e| Error::internal(e.to_string()))??;
+        self.store.put_job(&spec).await?;
         self.start_intake(spec)?;
         self.wake.notify_one();
         Ok(())
@@ -352,11 +373,11 @@ impl Dispatcher {
         let Some(spec) = spec else {
             return Err(Error::not_found(format!("job {name} not found")));
         };
-        self.store.delete_job(name)?;
+        self.store.delete_job(name).await?;
         // Its waiting runs end now rather than at the next sweep.
         let jobs: Vec<String> = self.lock().jobs.keys().cloned().collect();
-        for q in self.store.queued_orphans(&jobs)? {
-            self.drop_queued(&q);
+        for q in self.store.queued_orphans(&jobs).await? {
+            self.drop_queued(&q).await;
         }
         let topic = TopicName::parse(&spec.topic)?;
         let sub = SubscriptionName::parse(&job_subscription(topic.project().id(), name))?;
@@ -416,26 +437,21 @@ impl Dispatcher {
                 }
             };
             let Ok(spec) = self.job(&job) else { return };
-            let store = self.store.clone();
-            let queued = tokio::task::spawn_blocking(move || {
-                let items: Vec<(SourceMessage, String)> =
-                    batch.iter().map(|d| source_and_key(&spec, d)).collect();
-                match store.enqueue_batch(&spec, &items, now_ms()) {
-                    Ok(ids) => {
-                        for (id, (msg, _)) in ids.iter().zip(&items) {
-                            log_queued(&spec.name, id, &msg.id);
-                        }
-                        batch.into_iter().map(|d| d.ack_id).collect()
+            let items: Vec<(SourceMessage, String)> =
+                batch.iter().map(|d| source_and_key(&spec, d)).collect();
+            let queued: Vec<_> = match self.store.enqueue_batch(&spec, &items, now_ms()).await {
+                Ok(ids) => {
+                    for (id, (msg, _)) in ids.iter().zip(&items) {
+                        log_queued(&spec.name, id, &msg.id);
                     }
-                    Err(e) => {
-                        // Not acked: the messages come back after their lease.
-                        tracing::error!(job = spec.name, error = %e, "could not queue runs");
-                        Vec::new()
-                    }
+                    batch.into_iter().map(|d| d.ack_id).collect()
                 }
-            })
-            .await
-            .unwrap_or_default();
+                Err(e) => {
+                    // Not acked: the messages come back after their lease.
+                    tracing::error!(job = spec.name, error = %e, "could not queue runs");
+                    Vec::new()
+                }
+            };
             if !queued.is_empty() {
                 if let Err(e) = self.broker.acknowledge(&sub, &queued).await {
                     tracing::warn!(job, error = %e, "ack after queueing failed; duplicates will be caught by dedup");
@@ -465,16 +481,8 @@ impl Dispatcher {
             ordering_key: String::new(),
         };
         let key = msg.id.clone();
-        let store = self.store.clone();
-        let r = tokio::task::spawn_blocking(move || {
-            let r = store.enqueue(&spec, &msg, &key, now);
-            if let Ok(id) = &r {
-                log_queued(&spec.name, id, &msg.id);
-            }
-            r
-        })
-        .await
-        .map_err(|e| Error::internal(e.to_string()))??;
+        let r = self.store.enqueue(&spec, &msg, &key, now).await?;
+        log_queued(&spec.name, &r, &msg.id);
         self.wake.notify_one();
         match r {
             Enqueued::New(id) | Enqueued::Duplicate(id) => Ok(id),
@@ -490,8 +498,8 @@ impl Dispatcher {
     /// either the run is still queued (and ends here) or it was claimed — and
     /// then its cancel switch is already in `active`, because the scheduler
     /// registers it before claiming.
-    pub fn cancel(&self, id: i64) -> Result<RunRecord> {
-        let run = self.store.request_cancel(id)?;
+    pub async fn cancel_run(&self, id: i64) -> Result<RunRecord> {
+        let run = self.store.request_cancel(id).await?;
         let has_result = self
             .lock()
             .jobs
@@ -504,14 +512,22 @@ impl Dispatcher {
         };
         if self
             .store
-            .cancel_if_queued(id, &exit, now_ms(), has_result)?
+            .cancel_if_queued(id, &exit, now_ms(), has_result)
+            .await?
         {
             run_ended(&run, &exit, now_ms());
             self.results_wake.notify_one();
         } else if let Some((_, token, _)) = self.lock().active.get(&id) {
             token.cancel();
         }
-        self.store.get(id)
+        self.store.get(id).await
+    }
+
+    /// [`cancel_run`](Self::cancel_run) for synchronous callers. Blocks the
+    /// thread: call it from a multi-threaded runtime or a blocking thread.
+    pub fn cancel(&self, id: i64) -> Result<RunRecord> {
+        let handle = tokio::runtime::Handle::current();
+        tokio::task::block_in_place(|| handle.block_on(self.cancel_run(id)))
     }
 
     // ---- scheduling and execution ----
@@ -522,17 +538,17 @@ impl Dispatcher {
             let now = now_ms();
             if now >= sweep_at {
                 // Rare work: expired dedup keys, runs whose job was deleted.
-                let _ = self.store.prune_dedup(now);
+                let _ = self.store.prune_dedup(now).await;
                 let jobs: Vec<String> = self.lock().jobs.keys().cloned().collect();
-                if let Ok(orphans) = self.store.queued_orphans(&jobs) {
+                if let Ok(orphans) = self.store.queued_orphans(&jobs).await {
                     for q in orphans {
-                        self.drop_queued(&q);
+                        self.drop_queued(&q).await;
                     }
                 }
                 sweep_at = now + 60_000;
             }
-            self.start_due_runs(now);
-            let next_wake = match self.store.next_due_ms(now) {
+            self.start_due_runs(now).await;
+            let next_wake = match self.store.next_due_ms(now).await {
                 Ok(Some(due)) => Duration::from_millis((due - now).clamp(1, 1000) as u64),
                 _ => Duration::from_secs(1),
             };
@@ -543,7 +559,7 @@ impl Dispatcher {
     /// Starts queued runs that are due, oldest first per job, within each
     /// job's concurrency and the global slots. Reads only as many queued
     /// runs as could start, so a deep queue costs nothing per wake.
-    fn start_due_runs(self: &Arc<Self>, now: i64) {
+    async fn start_due_runs(self: &Arc<Self>, now: i64) {
         let mut capacity: Vec<(String, usize)> = {
             let st = self.lock();
             st.jobs
@@ -579,17 +595,17 @@ impl Dispatcher {
             if slots_left == 0 {
                 continue;
             }
-            let queued =
-                match self
-                    .store
-                    .startable(&job, now, free.min(slots_left).saturating_add(8))
-                {
-                    Ok(q) => q,
-                    Err(e) => {
-                        tracing::error!(job, error = %e, "scheduler cannot read queued runs");
-                        continue;
-                    }
-                };
+            let queued = match self
+                .store
+                .startable(&job, now, free.min(slots_left).saturating_add(8))
+                .await
+            {
+                Ok(q) => q,
+                Err(e) => {
+                    tracing::error!(job, error = %e, "scheduler cannot read queued runs");
+                    continue;
+                }
+            };
             let mut started = 0;
             for q in queued {
                 if started >= free {
@@ -597,7 +613,7 @@ impl Dispatcher {
                 }
                 if q.cancel_requested {
                     // Cancel requested between two attempts.
-                    self.drop_queued(&q);
+                    self.drop_queued(&q).await;
                     continue;
                 }
                 let token = CancellationToken::new();
@@ -618,12 +634,12 @@ impl Dispatcher {
                         .insert(q.id, (q.job.clone(), token.clone(), !remote));
                     spec
                 };
-                if let Err(e) = self.store.mark_starting(q.id) {
+                if let Err(e) = self.store.mark_starting(q.id).await {
                     self.lock().active.remove(&q.id);
                     tracing::debug!(run = q.id, error = %e, "run not started");
                     continue;
                 }
-                let run = match self.store.get(q.id) {
+                let run = match self.store.get(q.id).await {
                     Ok(r) => r,
                     Err(e) => {
                         self.lock().active.remove(&q.id);
@@ -644,7 +660,7 @@ impl Dispatcher {
     }
 
     /// Ends a queued run that must not start: cancelled, or its job deleted.
-    fn drop_queued(&self, run: &QueuedRun) {
+    async fn drop_queued(&self, run: &QueuedRun) {
         let job = self
             .lock()
             .jobs
@@ -663,9 +679,10 @@ impl Dispatcher {
         match self
             .store
             .cancel_if_queued(run.id, &exit, now_ms(), has_result)
+            .await
         {
             Ok(true) => {
-                if let Ok(r) = self.store.get(run.id) {
+                if let Ok(r) = self.store.get(run.id).await {
                     run_ended(&r, &exit, now_ms());
                 }
                 self.results_wake.notify_one()
@@ -785,6 +802,7 @@ impl Dispatcher {
             if let Err(e) = self
                 .store
                 .finish(id, &exit, now_ms(), !spec.result_topic.is_empty())
+                .await
             {
                 tracing::error!(run = id, error = %e, "could not record the end of an attempt");
             }
@@ -873,6 +891,11 @@ impl Dispatcher {
         let store = self.store.clone();
         let id = run.id;
         let (job, attempt) = (run.job.clone(), run.attempt);
+        // The callback is synchronous and the store is not: the write runs
+        // as a task that is awaited before the attempt's end is recorded, so
+        // `running` is never written after the terminal state.
+        let marking: Arc<Mutex<Option<tokio::task::JoinHandle<()>>>> = Arc::default();
+        let marking2 = marking.clone();
         let on_started = Box::new(move |s: pubrun_exec::Started| {
             tracing::info!(
                 run_id = id,
@@ -882,9 +905,16 @@ impl Dispatcher {
                 status = "running",
                 "run started"
             );
-            if let Err(e) = store.mark_running(id, &s.machine, &s.handle, now_ms()) {
-                tracing::warn!(run = id, error = %e, "could not record running state");
-            }
+            let store = store.clone();
+            let task = tokio::spawn(async move {
+                if let Err(e) = store
+                    .mark_running(id, &s.machine, &s.handle, now_ms())
+                    .await
+                {
+                    tracing::warn!(run = id, error = %e, "could not record running state");
+                }
+            });
+            *marking2.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
         });
         let workdir = req.workdir.clone();
         if !spec.inputs.is_empty() {
@@ -902,6 +932,10 @@ impl Dispatcher {
             .executor_for(spec)
             .run(req, log.clone(), token, on_started)
             .await;
+        let marked = marking.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(task) = marked {
+            let _ = task.await;
+        }
         // Outputs are uploaded per `upload_outputs` (by default whatever the
         // attempt's status: partial results of a failed attempt are often
         // what one needs), never when the attempt did not start for an
@@ -1137,6 +1171,17 @@ impl Dispatcher {
             _ => None,
         };
         let exit = found.unwrap_or_else(|| match run.status {
+            // Cluster mode: this server took over from one that stopped
+            // (or was cut off) with the attempt in flight. As for a lost
+            // agent, that is not the job's fault: same attempt again.
+            _ if self.store.shared() => Exit {
+                error: Some(format!(
+                    "lost: the server running this attempt stopped ({})",
+                    run.status
+                )),
+                infra_error: true,
+                ..Default::default()
+            },
             RunStatus::Starting => Exit {
                 error: Some("lost: pubrun restarted while this attempt was starting".into()),
                 infra_error: true,
@@ -1204,7 +1249,10 @@ impl Dispatcher {
     async fn settle(&self, run: RunRecord, spec: &JobSpec, exit: Exit) {
         let id = run.id;
         let now = now_ms();
-        let current = self.store.get(id).ok();
+        if self.store.shared() {
+            self.share_log(id).await;
+        }
+        let current = self.store.get(id).await.ok();
         let cancelled = exit.cancelled || current.as_ref().is_some_and(|r| r.cancel_requested);
         let exit = Exit { cancelled, ..exit };
         let status = exit.status();
@@ -1233,6 +1281,7 @@ impl Dispatcher {
             );
             self.store
                 .requeue(id, run.attempt, now + delay.as_millis() as i64, &exit)
+                .await
         } else if matches!(status, RunStatus::Failed | RunStatus::TimedOut)
             && run.attempt < spec.retries.max_attempts
             && !exit
@@ -1256,10 +1305,12 @@ impl Dispatcher {
             );
             self.store
                 .requeue(id, next, now + delay.as_millis() as i64, &exit)
+                .await
         } else {
             let r = self
                 .store
                 .finish(id, &exit, now, !spec.result_topic.is_empty())
+                .await
                 .map(|_| ());
             let ended = current.unwrap_or_else(|| run.clone());
             run_ended(
@@ -1281,6 +1332,35 @@ impl Dispatcher {
         self.results_wake.notify_one();
     }
 
+    /// Copies the run's log file into a shared store, so that every server
+    /// of a cluster can show it (best effort: the file stays the source).
+    async fn share_log(&self, id: i64) {
+        let log = match tokio::fs::read(self.log_path(id)).await {
+            Ok(l) => l,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+            Err(e) => {
+                tracing::warn!(run = id, error = %e, "cannot read the run log to share it");
+                return;
+            }
+        };
+        if let Err(e) = self.store.put_log(id, &log).await {
+            tracing::warn!(run = id, error = %e, "cannot store the run log");
+        }
+    }
+
+    /// The log of a run: this server's file, else the copy in a shared store
+    /// (a run executed by another server of the cluster). None when neither.
+    pub async fn run_log(&self, id: i64) -> Result<Option<Vec<u8>>> {
+        match tokio::fs::read(self.log_path(id)).await {
+            Ok(l) => Ok(Some(l)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && self.store.shared() => {
+                self.store.log(id).await
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::internal(format!("reading the log of run {id}: {e}"))),
+        }
+    }
+
     /// The one task that publishes results, so that two runs ending at the
     /// same time never publish the same result twice. Failed publishes are
     /// retried every few seconds (outbox: at least once).
@@ -1299,14 +1379,12 @@ impl Dispatcher {
     /// Publishes the result message of every finished run not yet published.
     /// Returns whether some are left to retry.
     async fn publish_pending_results(&self) -> bool {
-        let store = self.store.clone();
-        let pending = match tokio::task::spawn_blocking(move || store.unpublished_results()).await {
-            Ok(Ok(p)) => p,
-            Ok(Err(e)) => {
+        let pending = match self.store.unpublished_results().await {
+            Ok(p) => p,
+            Err(e) => {
                 tracing::warn!(error = %e, "cannot read pending results");
                 return true;
             }
-            Err(_) => return true,
         };
         let mut retry = false;
         for run in pending {
@@ -1314,7 +1392,7 @@ impl Dispatcher {
             let (topic, spec) = match spec {
                 Some(s) if !s.result_topic.is_empty() => (s.result_topic.clone(), s),
                 _ => {
-                    let _ = self.store.mark_result_published(run.id);
+                    let _ = self.store.mark_result_published(run.id).await;
                     continue;
                 }
             };
@@ -1325,13 +1403,13 @@ impl Dispatcher {
             };
             match published {
                 Ok(_) => {
-                    let _ = self.store.mark_result_published(run.id);
+                    let _ = self.store.mark_result_published(run.id).await;
                 }
                 Err(e) if e.code == pubrun_core::Code::NotFound => {
                     // Retrying cannot help until someone creates the topic;
                     // dropping it beats warning forever.
                     tracing::warn!(run = run.id, topic, error = %e, "result topic does not exist; result dropped");
-                    let _ = self.store.mark_result_published(run.id);
+                    let _ = self.store.mark_result_published(run.id).await;
                 }
                 Err(e) => {
                     tracing::warn!(run = run.id, topic, error = %e, "result not published yet; will retry");

@@ -28,11 +28,14 @@
 //! followed through [`pubrun_exec::Executor::reattach`] (asked again with
 //! backoff while the engine does not answer) or marked lost and retried per
 //! policy; a `starting` attempt that is not found never reported running, so
-//! it is tried again without using up an attempt.
+//! it is tried again without using up an attempt. In cluster mode (a shared
+//! run store) an attempt the executor cannot find was cut off by the loss of
+//! the server that ran it: it too is tried again as the same attempt, as
+//! for a lost agent.
 
 pub mod apply;
 pub mod dispatcher;
 pub mod runstore;
 
 pub use dispatcher::{Dispatcher, Executors};
-pub use runstore::{Enqueued, RunRecord, RunStore, SourceMessage};
+pub use runstore::{Enqueued, RunRecord, RunStore, RunStoreEngine, SharedRunStore, SourceMessage};

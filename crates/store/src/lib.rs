@@ -16,6 +16,8 @@ pub mod catalog;
 pub mod embedded;
 pub mod postgres;
 pub mod record;
+pub mod runs;
+pub mod sqlite;
 #[cfg(feature = "testing")]
 pub mod testing;
 
@@ -26,6 +28,7 @@ pub use catalog::{Catalog, SnapshotEntry, SubscriptionEntry, TopicEntry};
 pub use embedded::EmbeddedStore;
 pub use postgres::{PostgresOptions, PostgresStore};
 pub use record::{Record, SeekTarget};
+pub use runs::{PostgresRunStore, RunStore, SqliteRunStore};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

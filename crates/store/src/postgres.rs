@@ -66,6 +66,8 @@ const MIGRATIONS: &[&str] = &[
         token bigint NOT NULL,
         expires_at timestamptz NOT NULL
     );",
+    // 2: the run store (`runs::postgres`): jobs, runs, dedup keys, meta.
+    crate::runs::postgres::MIGRATION,
 ];
 
 /// Serializes migrations of concurrently starting servers
@@ -122,7 +124,7 @@ pub fn parse_url(url: &str) -> Result<Config, StoreError> {
     Ok(config)
 }
 
-fn db_err(e: tokio_postgres::Error) -> StoreError {
+pub(crate) fn db_err(e: tokio_postgres::Error) -> StoreError {
     match e.as_db_error() {
         Some(db) => StoreError::Unavailable(format!("{}: {}", db.code().code(), db.message())),
         None => StoreError::Unavailable(e.to_string()),
@@ -148,7 +150,7 @@ fn replicate(e: &StoreError) -> StoreError {
 
 /// One connection that reconnects with backoff: while PostgreSQL is away,
 /// calls fail fast with `Unavailable` instead of hanging.
-struct Conn {
+pub(crate) struct Conn {
     config: Config,
     client: Option<Client>,
     next_try: Instant,
@@ -157,7 +159,7 @@ struct Conn {
 }
 
 impl Conn {
-    fn new(config: Config, role: &'static str) -> Self {
+    pub(crate) fn new(config: Config, role: &'static str) -> Self {
         Conn {
             config,
             client: None,
@@ -167,7 +169,7 @@ impl Conn {
         }
     }
 
-    async fn get(&mut self) -> Result<&mut Client, StoreError> {
+    pub(crate) async fn get(&mut self) -> Result<&mut Client, StoreError> {
         if self.client.as_ref().is_some_and(|c| !c.is_closed()) {
             return Ok(self.client.as_mut().unwrap());
         }
@@ -205,7 +207,7 @@ impl Conn {
 
     /// Maps an error of a call on this connection, dropping the connection
     /// when it is the cause so that the next call reconnects.
-    fn fail(&mut self, e: tokio_postgres::Error) -> StoreError {
+    pub(crate) fn fail(&mut self, e: tokio_postgres::Error) -> StoreError {
         if e.is_closed() || self.client.as_ref().is_some_and(|c| c.is_closed()) {
             self.client = None;
         }
@@ -246,6 +248,27 @@ async fn migrate(client: &mut Client) -> Result<(), tokio_postgres::Error> {
         );
     }
     tx.commit().await
+}
+
+/// Refuses a schema newer than this binary, else migrates it to ours.
+pub(crate) async fn ensure_schema(client: &mut Client) -> Result<(), StoreError> {
+    let found = schema_version(client).await.map_err(db_err)?;
+    if found > SCHEMA_VERSION {
+        return Err(StoreError::SchemaTooNew {
+            found,
+            known: SCHEMA_VERSION,
+        });
+    }
+    migrate(client).await.map_err(db_err)?;
+    // A newer server may have migrated between the two reads.
+    let found = schema_version(client).await.map_err(db_err)?;
+    if found > SCHEMA_VERSION {
+        return Err(StoreError::SchemaTooNew {
+            found,
+            known: SCHEMA_VERSION,
+        });
+    }
+    Ok(())
 }
 
 /// The schema version in the database (0 for none).
@@ -788,23 +811,7 @@ impl PostgresStore {
         let setup_config = config.clone();
         let setup = handle.spawn(async move {
             let mut conn = Conn::new(setup_config, "writer");
-            let client = conn.get().await?;
-            let found = schema_version(client).await.map_err(db_err)?;
-            if found > SCHEMA_VERSION {
-                return Err(StoreError::SchemaTooNew {
-                    found,
-                    known: SCHEMA_VERSION,
-                });
-            }
-            migrate(client).await.map_err(db_err)?;
-            // A newer server may have migrated between the two reads.
-            let found = schema_version(client).await.map_err(db_err)?;
-            if found > SCHEMA_VERSION {
-                return Err(StoreError::SchemaTooNew {
-                    found,
-                    known: SCHEMA_VERSION,
-                });
-            }
+            ensure_schema(conn.get().await?).await?;
             let token = acquire(&mut conn, BROKER_OWNERSHIP, &node, ttl).await;
             tracing::info!(ownership = BROKER_OWNERSHIP, node = %node, token, "acquired ownership");
             Ok::<_, StoreError>((conn, token))

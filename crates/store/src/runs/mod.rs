@@ -1,0 +1,240 @@
+//! The durable record of jobs and runs, behind [`RunStore`], with two
+//! engines: [`SqliteRunStore`] (`runs.db` in the data directory, the
+//! default) and [`PostgresRunStore`] (cluster mode, `serve --store`).
+//!
+//! What commits together, in one transaction, on every engine:
+//! - a new run *and* its dedup entry (so a duplicate message can never
+//!   create a second run, even across a crash between commit and ack; in
+//!   PostgreSQL the `(job, key)` primary key makes a key unique cluster-wide);
+//! - a run's terminal state *and* its pending result message (outbox: the
+//!   `result_published` flag is cleared; the dispatcher publishes and sets it,
+//!   so a crash in between publishes the result again — at least once).
+
+pub mod postgres;
+pub mod sqlite;
+
+use pubrun_core::job::JobSpec;
+use pubrun_core::run::{Exit, RunStatus};
+use pubrun_core::Result;
+
+pub use postgres::PostgresRunStore;
+pub use pubrun_core::runrecord::{Enqueued, QueuedRun, RunRecord, SourceMessage};
+pub use sqlite::SqliteRunStore;
+
+/// Jobs, runs, dedup keys, the result outbox and a small key/value `meta`
+/// table (apply's ownership record). Calls are what the dispatcher and
+/// apply use; errors are `pubrun_core` errors (not found, failed
+/// precondition for a refused transition, unavailable for a database fault,
+/// internal for a corrupt row).
+#[async_trait::async_trait]
+pub trait RunStore: Send + Sync + 'static {
+    // ---- jobs ----
+    async fn put_job(&self, spec: &JobSpec) -> Result<()>;
+    /// Whether the job existed.
+    async fn delete_job(&self, name: &str) -> Result<bool>;
+    /// By name.
+    async fn jobs(&self) -> Result<Vec<JobSpec>>;
+
+    // ---- meta ----
+    async fn meta(&self, key: &str) -> Result<Option<String>>;
+    async fn set_meta(&self, key: &str, value: &str) -> Result<()>;
+
+    // ---- runs ----
+
+    /// Queues runs for several messages in ONE transaction (one fsync): the
+    /// intake's hot path. A message whose dedup key is taken inside its
+    /// window creates nothing; later messages see the keys of earlier ones.
+    async fn enqueue_batch(
+        &self,
+        job: &JobSpec,
+        messages: &[(SourceMessage, String)],
+        now_ms: i64,
+    ) -> Result<Vec<Enqueued>>;
+
+    /// Queues a run unless the dedup key is taken inside its window.
+    async fn enqueue(
+        &self,
+        job: &JobSpec,
+        message: &SourceMessage,
+        dedup_key: &str,
+        now_ms: i64,
+    ) -> Result<Enqueued> {
+        let mut out = self
+            .enqueue_batch(job, &[(message.clone(), dedup_key.to_string())], now_ms)
+            .await?;
+        out.pop()
+            .ok_or_else(|| pubrun_core::Error::internal("enqueue returned no result"))
+    }
+
+    /// The queued runs of a job that may start now (oldest first, at most
+    /// `limit`), without their message data: the scheduler's hot query.
+    async fn startable(&self, job: &str, now_ms: i64, limit: usize) -> Result<Vec<QueuedRun>>;
+
+    /// Queued runs that are due (not waiting for a retry backoff), per job:
+    /// the `pubrun_runs_waiting` gauge.
+    async fn due_queued_by_job(&self, now_ms: i64) -> Result<Vec<(String, u64)>>;
+
+    /// When the earliest queued run waiting for its backoff becomes due.
+    async fn next_due_ms(&self, now_ms: i64) -> Result<Option<i64>>;
+
+    /// Queued runs whose job is not in `jobs` (deleted while they waited).
+    async fn queued_orphans(&self, jobs: &[String]) -> Result<Vec<QueuedRun>>;
+
+    /// Drops dedup entries whose window has passed; returns how many.
+    async fn prune_dedup(&self, now_ms: i64) -> Result<usize>;
+
+    async fn get(&self, id: i64) -> Result<RunRecord>;
+
+    /// Newest first.
+    async fn list(
+        &self,
+        job: Option<&str>,
+        status: Option<RunStatus>,
+        limit: usize,
+    ) -> Result<Vec<RunRecord>>;
+
+    /// Runs in any of `statuses`, oldest first per status (recovery at start).
+    async fn with_status(&self, statuses: &[RunStatus]) -> Result<Vec<RunRecord>>;
+
+    /// Claims a queued run for execution. Atomic: fails (FAILED_PRECONDITION)
+    /// unless the run is queued *and* no cancel was requested, so a run is
+    /// never started twice and a cancelled queued run never starts.
+    async fn mark_starting(&self, id: i64) -> Result<()>;
+
+    /// Ends a run that is still queued as cancelled, in one statement (so it
+    /// cannot race with [`mark_starting`](Self::mark_starting)). Returns
+    /// whether the run was queued.
+    async fn cancel_if_queued(
+        &self,
+        id: i64,
+        exit: &Exit,
+        now_ms: i64,
+        has_result_topic: bool,
+    ) -> Result<bool>;
+
+    async fn mark_running(&self, id: i64, machine: &str, handle: &str, now_ms: i64) -> Result<()>;
+
+    /// Back to the queue for another attempt (or the same one after an infra error).
+    async fn requeue(
+        &self,
+        id: i64,
+        next_attempt: u32,
+        not_before_ms: i64,
+        last_exit: &Exit,
+    ) -> Result<()>;
+
+    /// Terminal state plus the outbox flag, in one commit.
+    async fn finish(
+        &self,
+        id: i64,
+        exit: &Exit,
+        now_ms: i64,
+        has_result_topic: bool,
+    ) -> Result<RunStatus>;
+
+    /// Flags a run for cancellation (refused once it ended); returns it.
+    async fn request_cancel(&self, id: i64) -> Result<RunRecord>;
+
+    /// Ended runs whose result message is not published yet, oldest first.
+    async fn unpublished_results(&self) -> Result<Vec<RunRecord>>;
+
+    async fn mark_result_published(&self, id: i64) -> Result<()>;
+
+    // ---- run logs ----
+
+    /// Whether this engine is shared by several servers (PostgreSQL): then
+    /// the dispatcher copies each attempt's log into it ([`put_log`](Self::put_log)),
+    /// so that any server can show it. The embedded engine answers false and
+    /// logs stay files in the data directory, as before.
+    fn shared(&self) -> bool;
+
+    /// Stores (replacing) the log of a run: the latest attempt's, as the
+    /// local log file holds it.
+    async fn put_log(&self, id: i64, log: &[u8]) -> Result<()>;
+
+    /// The stored log of a run, if any was stored.
+    async fn log(&self, id: i64) -> Result<Option<Vec<u8>>>;
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> Result<String> {
+    serde_json::to_string(v).map_err(|e| pubrun_core::Error::internal(format!("serializing: {e}")))
+}
+
+fn corrupt(id: i64, what: &str, e: impl std::fmt::Display) -> pubrun_core::Error {
+    pubrun_core::Error::internal(format!("run store: corrupt {what} in run {id}: {e}"))
+}
+
+/// A run row as stored (JSON and text columns not yet parsed): both engines
+/// read into this, and a row that does not parse is an error, never a default.
+struct RawRun {
+    id: i64,
+    job: String,
+    status: String,
+    attempt: i64,
+    max_attempts: i64,
+    message_meta: String,
+    message_data: Vec<u8>,
+    dedup_key: String,
+    exit: Option<String>,
+    created_at_ms: i64,
+    started_at_ms: Option<i64>,
+    ended_at_ms: Option<i64>,
+    not_before_ms: i64,
+    machine: String,
+    handle: String,
+    cancel_requested: bool,
+    result_published: bool,
+}
+
+impl RawRun {
+    fn parse(self) -> Result<RunRecord> {
+        let id = self.id;
+        let mut message: SourceMessage =
+            serde_json::from_str(&self.message_meta).map_err(|e| corrupt(id, "message", e))?;
+        message.data = self.message_data;
+        let exit = match self.exit {
+            None => None,
+            Some(e) => Some(serde_json::from_str(&e).map_err(|e| corrupt(id, "exit", e))?),
+        };
+        Ok(RunRecord {
+            id,
+            job: self.job,
+            status: RunStatus::parse(&self.status).map_err(|e| corrupt(id, "status", e))?,
+            attempt: u32::try_from(self.attempt).map_err(|e| corrupt(id, "attempt", e))?,
+            max_attempts: u32::try_from(self.max_attempts)
+                .map_err(|e| corrupt(id, "max_attempts", e))?,
+            message,
+            dedup_key: self.dedup_key,
+            exit,
+            created_at_ms: self.created_at_ms,
+            started_at_ms: self.started_at_ms,
+            ended_at_ms: self.ended_at_ms,
+            not_before_ms: self.not_before_ms,
+            machine: self.machine,
+            handle: self.handle,
+            cancel_requested: self.cancel_requested,
+            result_published: self.result_published,
+        })
+    }
+}
+
+/// Why `mark_starting` claimed nothing, from the run as it is now.
+fn claim_refused(run: &RunRecord) -> pubrun_core::Error {
+    if run.cancel_requested && run.status == RunStatus::Queued {
+        return pubrun_core::Error::precondition(format!("run {} is being cancelled", run.id));
+    }
+    if let Err(e) = run.status.check_transition(RunStatus::Starting) {
+        return e;
+    }
+    pubrun_core::Error::precondition(format!("run {} could not be claimed", run.id))
+}
+
+fn parse_jobs(specs: Vec<String>) -> Result<Vec<JobSpec>> {
+    specs
+        .iter()
+        .map(|s| {
+            serde_json::from_str(s)
+                .map_err(|e| pubrun_core::Error::internal(format!("stored job spec: {e}")))
+        })
+        .collect()
+}

@@ -1,0 +1,636 @@
+//! The embedded run store: `runs.db` in the data directory, on the shared
+//! SQLite opener (`crate::sqlite`).
+
+use std::path::Path;
+
+use pubrun_core::job::JobSpec;
+use pubrun_core::run::{Exit, RunStatus};
+use pubrun_core::{Error, Result};
+use rusqlite::{params, Connection, OptionalExtension, Transaction};
+
+use super::{
+    claim_refused, parse_jobs, to_json, Enqueued, QueuedRun, RawRun, RunRecord, RunStore,
+    SourceMessage,
+};
+use crate::sqlite::{SqliteDb, SqliteError};
+
+/// Numbered migrations (`PRAGMA user_version`); never edit a released one.
+const MIGRATIONS: &[&str] = &[
+    r#"
+CREATE TABLE jobs (
+    name TEXT PRIMARY KEY,
+    spec TEXT NOT NULL
+);
+CREATE TABLE runs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    job TEXT NOT NULL,
+    status TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    max_attempts INTEGER NOT NULL,
+    message_id TEXT NOT NULL,
+    message_meta TEXT NOT NULL,
+    message_data BLOB NOT NULL,
+    dedup_key TEXT NOT NULL,
+    exit TEXT,
+    created_at_ms INTEGER NOT NULL,
+    started_at_ms INTEGER,
+    ended_at_ms INTEGER,
+    not_before_ms INTEGER NOT NULL,
+    machine TEXT NOT NULL DEFAULT '',
+    handle TEXT NOT NULL DEFAULT '',
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    result_published INTEGER NOT NULL DEFAULT 1
+);
+CREATE INDEX runs_by_status ON runs(status, not_before_ms);
+CREATE INDEX runs_by_job ON runs(job, id);
+CREATE TABLE dedup (
+    job TEXT NOT NULL,
+    key TEXT NOT NULL,
+    run_id INTEGER NOT NULL,
+    expires_at_ms INTEGER NOT NULL,
+    PRIMARY KEY (job, key)
+);
+CREATE TABLE meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+"#,
+    // 2: finding unpublished results must not scan every run ever made.
+    "CREATE INDEX runs_unpublished ON runs(id) WHERE result_published = 0;",
+    // 3: the scheduler asks "oldest queued runs of job J" on every wake.
+    "CREATE INDEX runs_queued_by_job ON runs(job, id) WHERE status = 'queued';",
+    // 4: run logs (the engine interface has them; `serve` keeps the embedded
+    // engine's logs as files, so this table stays empty there).
+    "CREATE TABLE run_logs (run_id INTEGER PRIMARY KEY, body BLOB NOT NULL);",
+];
+
+fn db_err(e: rusqlite::Error) -> Error {
+    Error::unavailable(format!("run store: {e}"))
+}
+
+impl From<SqliteError> for Error {
+    fn from(e: SqliteError) -> Self {
+        match e {
+            SqliteError::TooNew { .. } => Error::precondition(e.to_string()),
+            _ => Error::unavailable(format!("run store: {e}")),
+        }
+    }
+}
+
+pub struct SqliteRunStore {
+    db: SqliteDb,
+}
+
+/// The blocking forms of the calls that tests and tools make outside the
+/// dispatcher (same SQL as the [`RunStore`] methods of the same names).
+impl SqliteRunStore {
+    /// Opens (creating, migrating) `path`. Blocking; quick.
+    pub fn open(path: &Path) -> Result<Self> {
+        Ok(SqliteRunStore {
+            db: SqliteDb::open_blocking(path, MIGRATIONS)?,
+        })
+    }
+
+    pub fn get(&self, id: i64) -> Result<RunRecord> {
+        self.db.call_blocking(|c| get_run(c, id))
+    }
+
+    pub fn list(
+        &self,
+        job: Option<&str>,
+        status: Option<RunStatus>,
+        limit: usize,
+    ) -> Result<Vec<RunRecord>> {
+        self.db.call_blocking(|c| list_runs(c, job, status, limit))
+    }
+
+    pub fn enqueue(
+        &self,
+        job: &JobSpec,
+        message: &SourceMessage,
+        dedup_key: &str,
+        now_ms: i64,
+    ) -> Result<Enqueued> {
+        let batch = EnqueueBatch::new(job, &[(message.clone(), dedup_key.to_string())])?;
+        self.db
+            .call_blocking(|c| batch.run(c, now_ms))?
+            .pop()
+            .ok_or_else(|| Error::internal("enqueue returned no result"))
+    }
+
+    pub fn prune_dedup(&self, now_ms: i64) -> Result<usize> {
+        self.db.call_blocking(|c| prune_dedup(c, now_ms))
+    }
+
+    pub fn mark_starting(&self, id: i64) -> Result<()> {
+        self.db.call_blocking(|c| mark_starting(c, id))
+    }
+
+    pub fn mark_running(&self, id: i64, machine: &str, handle: &str, now_ms: i64) -> Result<()> {
+        self.db
+            .call_blocking(|c| mark_running(c, id, machine, handle, now_ms))
+    }
+}
+
+impl SqliteRunStore {
+    async fn call<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        self.db.call(f).await
+    }
+}
+
+const RUN_COLUMNS: &str = "id, job, status, attempt, max_attempts, message_meta, message_data, dedup_key, exit, \
+     created_at_ms, started_at_ms, ended_at_ms, not_before_ms, machine, handle, cancel_requested, result_published";
+
+fn raw_run(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawRun> {
+    Ok(RawRun {
+        id: r.get(0)?,
+        job: r.get(1)?,
+        status: r.get(2)?,
+        attempt: r.get(3)?,
+        max_attempts: r.get(4)?,
+        message_meta: r.get(5)?,
+        message_data: r.get(6)?,
+        dedup_key: r.get(7)?,
+        exit: r.get(8)?,
+        created_at_ms: r.get(9)?,
+        started_at_ms: r.get(10)?,
+        ended_at_ms: r.get(11)?,
+        not_before_ms: r.get(12)?,
+        machine: r.get(13)?,
+        handle: r.get(14)?,
+        cancel_requested: r.get::<_, i64>(15)? != 0,
+        result_published: r.get::<_, i64>(16)? != 0,
+    })
+}
+
+fn query_runs(
+    conn: &Connection,
+    where_: &str,
+    params: impl rusqlite::Params,
+) -> Result<Vec<RunRecord>> {
+    let mut stmt = conn
+        .prepare_cached(&format!("SELECT {RUN_COLUMNS} FROM runs {where_}"))
+        .map_err(db_err)?;
+    let rows = stmt.query_map(params, raw_run).map_err(db_err)?;
+    rows.map(|r| r.map_err(db_err)?.parse()).collect()
+}
+
+fn get_run(conn: &Connection, id: i64) -> Result<RunRecord> {
+    query_runs(conn, "WHERE id = ?1", params![id])?
+        .pop()
+        .ok_or_else(|| Error::not_found(format!("run {id} not found")))
+}
+
+/// Moves a run along the state machine inside one transaction, checking the transition.
+fn transition(
+    conn: &mut Connection,
+    id: i64,
+    to: RunStatus,
+    update: impl FnOnce(&Transaction<'_>) -> rusqlite::Result<usize>,
+) -> Result<()> {
+    let tx = conn.transaction().map_err(db_err)?;
+    let status: String = tx
+        .query_row("SELECT status FROM runs WHERE id = ?1", params![id], |r| {
+            r.get(0)
+        })
+        .optional()
+        .map_err(db_err)?
+        .ok_or_else(|| Error::not_found(format!("run {id} not found")))?;
+    RunStatus::parse(&status)?.check_transition(to)?;
+    tx.execute(
+        "UPDATE runs SET status = ?2 WHERE id = ?1",
+        params![id, to.as_str()],
+    )
+    .map_err(db_err)?;
+    update(&tx).map_err(db_err)?;
+    tx.commit().map_err(db_err)
+}
+
+fn list_runs(
+    c: &Connection,
+    job: Option<&str>,
+    status: Option<RunStatus>,
+    limit: usize,
+) -> Result<Vec<RunRecord>> {
+    query_runs(
+        c,
+        "WHERE (?1 IS NULL OR job = ?1) AND (?2 IS NULL OR status = ?2) ORDER BY id DESC LIMIT ?3",
+        params![job, status.map(|s| s.as_str()), limit as i64],
+    )
+}
+
+fn prune_dedup(c: &Connection, now_ms: i64) -> Result<usize> {
+    c.execute(
+        "DELETE FROM dedup WHERE expires_at_ms <= ?1",
+        params![now_ms],
+    )
+    .map_err(db_err)
+}
+
+fn mark_starting(c: &Connection, id: i64) -> Result<()> {
+    let n = c
+        .execute(
+            "UPDATE runs SET status = 'starting' WHERE id = ?1 AND status = 'queued' AND cancel_requested = 0",
+            params![id],
+        )
+        .map_err(db_err)?;
+    if n == 1 {
+        return Ok(());
+    }
+    Err(claim_refused(&get_run(c, id)?))
+}
+
+fn mark_running(
+    c: &mut Connection,
+    id: i64,
+    machine: &str,
+    handle: &str,
+    now_ms: i64,
+) -> Result<()> {
+    transition(c, id, RunStatus::Running, |tx| {
+        tx.execute(
+            "UPDATE runs SET machine = ?2, handle = ?3, started_at_ms = COALESCE(started_at_ms, ?4) WHERE id = ?1",
+            params![id, machine, handle, now_ms],
+        )
+    })
+}
+
+/// An `enqueue_batch` call with its inputs owned (it runs on another thread).
+struct EnqueueBatch {
+    job: String,
+    max_attempts: u32,
+    window_ms: i64,
+    /// (message meta JSON, message id, data, dedup key)
+    items: Vec<(String, String, Vec<u8>, String)>,
+}
+
+impl EnqueueBatch {
+    fn new(job: &JobSpec, messages: &[(SourceMessage, String)]) -> Result<Self> {
+        let mut items = Vec::with_capacity(messages.len());
+        for (m, key) in messages {
+            items.push((to_json(m)?, m.id.clone(), m.data.clone(), key.clone()));
+        }
+        Ok(EnqueueBatch {
+            job: job.name.clone(),
+            max_attempts: job.retries.max_attempts,
+            window_ms: i64::try_from(job.dedup_window.as_millis()).unwrap_or(i64::MAX),
+            items,
+        })
+    }
+
+    fn run(self, c: &mut Connection, now_ms: i64) -> Result<Vec<Enqueued>> {
+        let name = self.job;
+        let tx = c.transaction().map_err(db_err)?;
+        let mut out = Vec::with_capacity(self.items.len());
+        for (meta, message_id, data, dedup_key) in self.items {
+            let existing: Option<(i64, i64)> = tx
+                .query_row(
+                    "SELECT run_id, expires_at_ms FROM dedup WHERE job = ?1 AND key = ?2",
+                    params![name, dedup_key],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()
+                .map_err(db_err)?;
+            if let Some((run_id, expires)) = existing {
+                if expires > now_ms {
+                    out.push(Enqueued::Duplicate(run_id));
+                    continue;
+                }
+            }
+            tx.execute(
+                "INSERT INTO runs(job, status, attempt, max_attempts, message_id, message_meta, message_data, dedup_key, created_at_ms, not_before_ms)
+                 VALUES (?1, 'queued', 1, ?2, ?3, ?4, ?5, ?6, ?7, ?7)",
+                params![name, self.max_attempts, message_id, meta, data, dedup_key, now_ms],
+            )
+            .map_err(db_err)?;
+            let id = tx.last_insert_rowid();
+            tx.execute(
+                "INSERT INTO dedup(job, key, run_id, expires_at_ms) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT(job, key) DO UPDATE SET run_id = excluded.run_id, expires_at_ms = excluded.expires_at_ms",
+                params![name, dedup_key, id, now_ms.saturating_add(self.window_ms)],
+            )
+            .map_err(db_err)?;
+            out.push(Enqueued::New(id));
+        }
+        tx.commit().map_err(db_err)?;
+        Ok(out)
+    }
+}
+
+#[async_trait::async_trait]
+impl RunStore for SqliteRunStore {
+    async fn put_job(&self, spec: &JobSpec) -> Result<()> {
+        let json = to_json(spec)?;
+        let name = spec.name.clone();
+        self.call(move |c| {
+            c.execute("INSERT INTO jobs(name, spec) VALUES (?1, ?2) ON CONFLICT(name) DO UPDATE SET spec = excluded.spec", params![name, json])
+                .map_err(db_err)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn delete_job(&self, name: &str) -> Result<bool> {
+        let name = name.to_string();
+        self.call(move |c| {
+            Ok(c.execute("DELETE FROM jobs WHERE name = ?1", params![name])
+                .map_err(db_err)?
+                > 0)
+        })
+        .await
+    }
+
+    async fn jobs(&self) -> Result<Vec<JobSpec>> {
+        let specs = self
+            .call(|c| {
+                let mut stmt = c
+                    .prepare("SELECT spec FROM jobs ORDER BY name")
+                    .map_err(db_err)?;
+                let rows = stmt
+                    .query_map([], |r| r.get::<_, String>(0))
+                    .map_err(db_err)?;
+                rows.collect::<rusqlite::Result<Vec<_>>>().map_err(db_err)
+            })
+            .await?;
+        parse_jobs(specs)
+    }
+
+    async fn meta(&self, key: &str) -> Result<Option<String>> {
+        let key = key.to_string();
+        self.call(move |c| {
+            c.query_row("SELECT value FROM meta WHERE key = ?1", params![key], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(db_err)
+        })
+        .await
+    }
+
+    async fn set_meta(&self, key: &str, value: &str) -> Result<()> {
+        let (key, value) = (key.to_string(), value.to_string());
+        self.call(move |c| {
+            c.execute("INSERT INTO meta(key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value", params![key, value])
+                .map_err(db_err)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn enqueue_batch(
+        &self,
+        job: &JobSpec,
+        messages: &[(SourceMessage, String)],
+        now_ms: i64,
+    ) -> Result<Vec<Enqueued>> {
+        let batch = EnqueueBatch::new(job, messages)?;
+        self.call(move |c| batch.run(c, now_ms)).await
+    }
+
+    async fn startable(&self, job: &str, now_ms: i64, limit: usize) -> Result<Vec<QueuedRun>> {
+        let job = job.to_string();
+        self.call(move |c| {
+            let mut stmt = c
+                .prepare_cached(
+                    "SELECT id, cancel_requested FROM runs WHERE status = 'queued' AND job = ?1 AND not_before_ms <= ?2
+                     ORDER BY id LIMIT ?3",
+                )
+                .map_err(db_err)?;
+            let rows = stmt
+                .query_map(params![job, now_ms, limit as i64], |r| {
+                    Ok(QueuedRun {
+                        id: r.get(0)?,
+                        job: job.clone(),
+                        cancel_requested: r.get::<_, i64>(1)? != 0,
+                    })
+                })
+                .map_err(db_err)?;
+            rows.collect::<rusqlite::Result<Vec<_>>>().map_err(db_err)
+        })
+        .await
+    }
+
+    async fn due_queued_by_job(&self, now_ms: i64) -> Result<Vec<(String, u64)>> {
+        self.call(move |c| {
+            let mut stmt = c
+                .prepare_cached(
+                    "SELECT job, COUNT(*) FROM runs WHERE status = 'queued' AND not_before_ms <= ?1 GROUP BY job",
+                )
+                .map_err(db_err)?;
+            let rows = stmt
+                .query_map(params![now_ms], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))
+                .map_err(db_err)?;
+            rows.collect::<rusqlite::Result<Vec<_>>>().map_err(db_err)
+        })
+        .await
+    }
+
+    async fn next_due_ms(&self, now_ms: i64) -> Result<Option<i64>> {
+        self.call(move |c| {
+            c.query_row("SELECT MIN(not_before_ms) FROM runs WHERE status = 'queued' AND not_before_ms > ?1", params![now_ms], |r| r.get(0))
+                .map_err(db_err)
+        })
+        .await
+    }
+
+    async fn queued_orphans(&self, jobs: &[String]) -> Result<Vec<QueuedRun>> {
+        let all = self
+            .call(|c| {
+                let mut stmt = c
+                    .prepare("SELECT id, job, cancel_requested FROM runs WHERE status = 'queued'")
+                    .map_err(db_err)?;
+                let rows = stmt
+                    .query_map([], |r| {
+                        Ok(QueuedRun {
+                            id: r.get(0)?,
+                            job: r.get(1)?,
+                            cancel_requested: r.get::<_, i64>(2)? != 0,
+                        })
+                    })
+                    .map_err(db_err)?;
+                rows.collect::<rusqlite::Result<Vec<_>>>().map_err(db_err)
+            })
+            .await?;
+        Ok(all.into_iter().filter(|q| !jobs.contains(&q.job)).collect())
+    }
+
+    async fn prune_dedup(&self, now_ms: i64) -> Result<usize> {
+        self.call(move |c| prune_dedup(c, now_ms)).await
+    }
+
+    async fn get(&self, id: i64) -> Result<RunRecord> {
+        self.call(move |c| get_run(c, id)).await
+    }
+
+    async fn list(
+        &self,
+        job: Option<&str>,
+        status: Option<RunStatus>,
+        limit: usize,
+    ) -> Result<Vec<RunRecord>> {
+        let job = job.map(str::to_string);
+        self.call(move |c| list_runs(c, job.as_deref(), status, limit))
+            .await
+    }
+
+    async fn with_status(&self, statuses: &[RunStatus]) -> Result<Vec<RunRecord>> {
+        let statuses = statuses.to_vec();
+        self.call(move |c| {
+            let mut out = Vec::new();
+            for s in statuses {
+                out.extend(query_runs(
+                    c,
+                    "WHERE status = ?1 ORDER BY id",
+                    params![s.as_str()],
+                )?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn mark_starting(&self, id: i64) -> Result<()> {
+        self.call(move |c| mark_starting(c, id)).await
+    }
+
+    async fn cancel_if_queued(
+        &self,
+        id: i64,
+        exit: &Exit,
+        now_ms: i64,
+        has_result_topic: bool,
+    ) -> Result<bool> {
+        debug_assert_eq!(exit.status(), RunStatus::Cancelled);
+        let json = to_json(exit)?;
+        self.call(move |c| {
+            let n = c
+                .execute(
+                    "UPDATE runs SET status = 'cancelled', cancel_requested = 1, exit = ?2, ended_at_ms = ?3, result_published = ?4
+                     WHERE id = ?1 AND status = 'queued'",
+                    params![id, json, now_ms, !has_result_topic],
+                )
+                .map_err(db_err)?;
+            Ok(n == 1)
+        })
+        .await
+    }
+
+    async fn mark_running(&self, id: i64, machine: &str, handle: &str, now_ms: i64) -> Result<()> {
+        let (machine, handle) = (machine.to_string(), handle.to_string());
+        self.call(move |c| mark_running(c, id, &machine, &handle, now_ms))
+            .await
+    }
+
+    async fn requeue(
+        &self,
+        id: i64,
+        next_attempt: u32,
+        not_before_ms: i64,
+        last_exit: &Exit,
+    ) -> Result<()> {
+        let exit = to_json(last_exit)?;
+        self.call(move |c| {
+            transition(c, id, RunStatus::Queued, |tx| {
+                tx.execute(
+                    "UPDATE runs SET attempt = ?2, not_before_ms = ?3, exit = ?4 WHERE id = ?1",
+                    params![id, next_attempt, not_before_ms, exit],
+                )
+            })
+        })
+        .await
+    }
+
+    async fn finish(
+        &self,
+        id: i64,
+        exit: &Exit,
+        now_ms: i64,
+        has_result_topic: bool,
+    ) -> Result<RunStatus> {
+        let status = exit.status();
+        let json = to_json(exit)?;
+        self.call(move |c| {
+            transition(c, id, status, |tx| {
+                tx.execute(
+                    "UPDATE runs SET exit = ?2, ended_at_ms = ?3, result_published = ?4 WHERE id = ?1",
+                    params![id, json, now_ms, !has_result_topic],
+                )
+            })
+        })
+        .await?;
+        Ok(status)
+    }
+
+    async fn request_cancel(&self, id: i64) -> Result<RunRecord> {
+        self.call(move |c| {
+            let tx = c.transaction().map_err(db_err)?;
+            let run = get_run(&tx, id)?;
+            if run.status.is_terminal() {
+                return Err(Error::precondition(format!(
+                    "run {id} already ended ({})",
+                    run.status
+                )));
+            }
+            tx.execute(
+                "UPDATE runs SET cancel_requested = 1 WHERE id = ?1",
+                params![id],
+            )
+            .map_err(db_err)?;
+            let run = get_run(&tx, id)?;
+            tx.commit().map_err(db_err)?;
+            Ok(run)
+        })
+        .await
+    }
+
+    async fn unpublished_results(&self) -> Result<Vec<RunRecord>> {
+        self.call(|c| query_runs(c, "WHERE result_published = 0 ORDER BY id", []))
+            .await
+    }
+
+    async fn mark_result_published(&self, id: i64) -> Result<()> {
+        self.call(move |c| {
+            c.execute(
+                "UPDATE runs SET result_published = 1 WHERE id = ?1",
+                params![id],
+            )
+            .map_err(db_err)?;
+            Ok(())
+        })
+        .await
+    }
+
+    fn shared(&self) -> bool {
+        false
+    }
+
+    async fn put_log(&self, id: i64, log: &[u8]) -> Result<()> {
+        let log = log.to_vec();
+        self.call(move |c| {
+            c.execute(
+                "INSERT INTO run_logs(run_id, body) VALUES (?1, ?2)
+                 ON CONFLICT(run_id) DO UPDATE SET body = excluded.body",
+                params![id, log],
+            )
+            .map_err(db_err)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn log(&self, id: i64) -> Result<Option<Vec<u8>>> {
+        self.call(move |c| {
+            c.query_row(
+                "SELECT body FROM run_logs WHERE run_id = ?1",
+                params![id],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(db_err)
+        })
+        .await
+    }
+}

@@ -12,6 +12,10 @@ use toml::Spanned;
 use crate::config::{
     normalize_ack_deadline, validate_labels, Labels, SubscriptionConfig, TopicConfig,
 };
+use crate::connection::{
+    check_endpoint, ConnectionSpec, CredentialsSpec, GOOGLE_COMPUTE_ENDPOINT,
+    GOOGLE_PUBSUB_ENDPOINT, GOOGLE_STORAGE_ENDPOINT,
+};
 use crate::job::{
     check_relative_path, parse_gs_url, DockerSpec, ExecutorSpec, InputSpec, JobSpec, Mount,
     OutputSpec, ProcessSpec, PullPolicy, RegistryAuth, RetryPolicy, SecretRef, TRIGGER_INPUT,
@@ -32,6 +36,8 @@ pub struct Manifest {
     pub buckets: Vec<BucketDecl>,
     /// Declared pools; `local` is implicit and only listed when declared.
     pub pools: Vec<PoolSpec>,
+    /// Declared connections (each job on one carries a copy of it).
+    pub connections: Vec<ConnectionSpec>,
 }
 
 /// A `[[bucket]]` table. The bucket name is checked by the buckets crate
@@ -112,6 +118,23 @@ struct RawManifest {
     bucket: Vec<RawBucket>,
     #[serde(default)]
     pool: Vec<RawPool>,
+    #[serde(default)]
+    connection: Vec<RawConnection>,
+}
+
+/// A `[[connection]]` table; at most one of `credentials_file`,
+/// `token_env`, `metadata_server` (none: Application Default Credentials).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConnection {
+    name: Spanned<String>,
+    project: Spanned<String>,
+    credentials_file: Option<Spanned<String>>,
+    token_env: Option<Spanned<String>>,
+    metadata_server: Option<Spanned<bool>>,
+    pubsub_endpoint: Option<Spanned<String>>,
+    storage_endpoint: Option<Spanned<String>>,
+    compute_endpoint: Option<Spanned<String>>,
 }
 
 /// Every key any provider takes; which ones a provider accepts is checked
@@ -222,7 +245,9 @@ struct RawSubscription {
 #[serde(deny_unknown_fields)]
 struct RawJob {
     name: Spanned<String>,
-    topic: Spanned<String>,
+    topic: Option<Spanned<String>>,
+    connection: Option<Spanned<String>>,
+    subscription: Option<Spanned<String>>,
     #[serde(default)]
     filter: Option<Spanned<String>>,
     process: Option<Spanned<RawProcess>>,
@@ -797,6 +822,52 @@ pub fn parse_bytes(s: &str) -> Option<u64> {
     Some((n * mult as f64) as u64)
 }
 
+fn parse_connection(cx: &Ctx<'_>, c: &RawConnection) -> Result<ConnectionSpec, ManifestError> {
+    validate_resource_id("connection", c.name.get_ref())
+        .map_err(|e| cx.err(c.name.span(), e.message))?;
+    ProjectName::from_id(c.project.get_ref()).map_err(|e| cx.err(c.project.span(), e.message))?;
+    let mut chosen: Vec<Range<usize>> = Vec::new();
+    let mut credentials = CredentialsSpec::Adc;
+    if let Some(f) = &c.credentials_file {
+        if f.get_ref().trim().is_empty() {
+            return Err(cx.err(f.span(), "credentials_file must not be empty"));
+        }
+        credentials = CredentialsSpec::File { path: f.get_ref().clone() };
+        chosen.push(f.span());
+    }
+    if let Some(t) = &c.token_env {
+        if !is_env_name(t.get_ref()) {
+            return Err(cx.err(t.span(), "token_env must name an environment variable"));
+        }
+        credentials = CredentialsSpec::TokenEnv { env: t.get_ref().clone() };
+        chosen.push(t.span());
+    }
+    if let Some(b) = &c.metadata_server {
+        if *b.get_ref() {
+            credentials = CredentialsSpec::Metadata;
+            chosen.push(b.span());
+        }
+    }
+    if chosen.len() > 1 {
+        return Err(cx.err(
+            chosen[1].clone(),
+            "a connection takes one of credentials_file, token_env, metadata_server (none: Application Default Credentials)",
+        ));
+    }
+    let endpoint = |v: &Option<Spanned<String>>, dflt: &str, what: &str| match v {
+        None => Ok(dflt.to_string()),
+        Some(s) => check_endpoint(s.get_ref()).map_err(|e| cx.err(s.span(), format!("{what}: {e}"))),
+    };
+    Ok(ConnectionSpec {
+        name: c.name.get_ref().clone(),
+        project: c.project.get_ref().clone(),
+        credentials,
+        pubsub_endpoint: endpoint(&c.pubsub_endpoint, GOOGLE_PUBSUB_ENDPOINT, "pubsub_endpoint")?,
+        storage_endpoint: endpoint(&c.storage_endpoint, GOOGLE_STORAGE_ENDPOINT, "storage_endpoint")?,
+        compute_endpoint: endpoint(&c.compute_endpoint, GOOGLE_COMPUTE_ENDPOINT, "compute_endpoint")?,
+    })
+}
+
 fn resolve_topic(project: &ProjectName, s: &str) -> crate::Result<TopicName> {
     if s.starts_with("projects/") {
         TopicName::parse(s)
@@ -902,6 +973,16 @@ pub fn parse(file: &str, src: &str) -> Result<Manifest, ManifestError> {
         m.pools.push(parse_pool(&cx, p)?);
     }
 
+    for c in &raw.connection {
+        if m.connections.iter().any(|x| &x.name == c.name.get_ref()) {
+            return Err(cx.err(
+                c.name.span(),
+                format!("connection \"{}\" is declared twice", c.name.get_ref()),
+            ));
+        }
+        m.connections.push(parse_connection(&cx, c)?);
+    }
+
     let mut job_names = BTreeSet::new();
     for j in &raw.job {
         let name = j.name.get_ref();
@@ -909,7 +990,60 @@ pub fn parse(file: &str, src: &str) -> Result<Manifest, ManifestError> {
         if !job_names.insert(name.clone()) {
             return Err(cx.err(j.name.span(), format!("job \"{name}\" is declared twice")));
         }
-        let topic = topic_ref(&j.topic)?;
+        // A job listens to a local topic, or to a subscription of a
+        // connection (full Google names: nothing there is declared here).
+        let connection = match &j.connection {
+            None => None,
+            Some(c) => Some(
+                m.connections
+                    .iter()
+                    .find(|x| &x.name == c.get_ref())
+                    .cloned()
+                    .ok_or_else(|| {
+                        cx.err(
+                            c.span(),
+                            format!(
+                                "connection \"{}\" is not declared; add a [[connection]] with name = \"{}\"",
+                                c.get_ref(),
+                                c.get_ref()
+                            ),
+                        )
+                    })?,
+            ),
+        };
+        let (topic, subscription) = match (&connection, &j.topic, &j.subscription) {
+            (None, Some(t), None) => (topic_ref(t)?.to_string(), String::new()),
+            (None, _, Some(s)) => {
+                return Err(cx.err(
+                    s.span(),
+                    "`subscription` names a subscription of a connection; set `connection` too (local jobs use `topic`)",
+                ))
+            }
+            (None, None, None) => {
+                return Err(cx.err(j.name.span(), format!("job \"{name}\" needs `topic`")))
+            }
+            (Some(_), Some(t), _) => {
+                return Err(cx.err(
+                    t.span(),
+                    "a job on a connection is triggered by its `subscription`, not a `topic`",
+                ))
+            }
+            (Some(c), None, None) => {
+                return Err(cx.err(
+                    j.name.span(),
+                    format!(
+                        "job \"{name}\" on connection \"{}\" needs `subscription = \"projects/{}/subscriptions/…\"`",
+                        c.name, c.project
+                    ),
+                ))
+            }
+            (Some(_), None, Some(s)) => {
+                let sub = SubscriptionName::parse(s.get_ref()).map_err(|e| {
+                    cx.err(s.span(), format!("subscription: {} (write the full name projects/P/subscriptions/S)", e.message))
+                })?;
+                (String::new(), sub.to_string())
+            }
+        };
         if let Some(f) = &j.filter {
             if let Err(e) = crate::filter::parse(f.get_ref()) {
                 // Point at the offending character when the value is written
@@ -1066,9 +1200,14 @@ pub fn parse(file: &str, src: &str) -> Result<Manifest, ManifestError> {
             }
             None => String::new(),
         };
-        let result_topic = match &j.result_topic {
-            Some(t) => topic_ref(t)?.to_string(),
-            None => String::new(),
+        let result_topic = match (&j.result_topic, &connection) {
+            (Some(t), None) => topic_ref(t)?.to_string(),
+            (Some(t), Some(_)) => TopicName::parse(t.get_ref())
+                .map_err(|e| {
+                    cx.err(t.span(), format!("result_topic: {} (a topic of the connection: write the full name projects/P/topics/T)", e.message))
+                })?
+                .to_string(),
+            (None, _) => String::new(),
         };
         let log_limit_bytes = match &j.log_limit {
             Some(s) => parse_bytes(s.get_ref()).ok_or_else(|| {
@@ -1129,7 +1268,9 @@ pub fn parse(file: &str, src: &str) -> Result<Manifest, ManifestError> {
         m.jobs.push(JobSpec {
             name: name.clone(),
             pool,
-            topic: topic.to_string(),
+            topic,
+            connection,
+            subscription,
             filter: j
                 .filter
                 .as_ref()
@@ -1419,6 +1560,50 @@ dedup_key = "{{ publish_time | date }}"
         assert_eq!(e.line, 7, "{e}");
         let e = parse("m.toml", &job("secrets = { A = { env = \"X\", value = \"s\" } }")).unwrap_err();
         assert!(e.message.contains("value"), "{e}");
+    }
+
+    #[test]
+    fn connections_and_jobs_on_them() {
+        let src = r#"
+[[connection]]
+name = "gcp"
+project = "theirs"
+credentials_file = "/etc/pubrun/sa.json"
+pubsub_endpoint = "http://127.0.0.1:9000/"
+[[job]]
+name = "xjob"
+connection = "gcp"
+subscription = "projects/theirs/subscriptions/uploads"
+result_topic = "projects/theirs/topics/results"
+process = { command = "true" }
+inputs = [{ from = "trigger", to = "in/" }]
+outputs = [{ from = "out/", to = "gs://their-bucket/results/{{ run.id }}/" }]
+"#;
+        let m = parse("pubrun.toml", src).unwrap();
+        let c = &m.connections[0];
+        assert_eq!(c.pubsub_endpoint, "http://127.0.0.1:9000");
+        assert_eq!(c.storage_endpoint, GOOGLE_STORAGE_ENDPOINT);
+        assert_eq!(c.credentials, CredentialsSpec::File { path: "/etc/pubrun/sa.json".into() });
+        let j = &m.jobs[0];
+        assert_eq!(j.connection.as_ref(), Some(c));
+        assert_eq!(j.subscription, "projects/theirs/subscriptions/uploads");
+        assert_eq!(j.topic, "");
+        assert_eq!(j.result_topic, "projects/theirs/topics/results");
+
+        let e = err(&src.replace("connection = \"gcp\"", "connection = \"gpc\""));
+        assert!(e.message.contains("connection \"gpc\" is not declared"), "{e}");
+        assert_eq!(e.line, 9);
+        let e = err(&src.replace("subscription = \"projects/theirs/subscriptions/uploads\"", "subscription = \"uploads\""));
+        assert!(e.message.contains("full name"), "{e}");
+        let e = err(&src.replace("name = \"xjob\"", "name = \"xjob\"\ntopic = \"t\""));
+        assert!(e.message.contains("not a `topic`"), "{e}");
+        let e = err(&src.replace("credentials_file", "token_env = \"T\"\ncredentials_file"));
+        assert!(e.message.contains("one of credentials_file"), "{e}");
+        let e = err(&src.replace("credentials_file", "credentials_fiel"));
+        assert!(e.message.contains("unknown field"), "{e}");
+        assert_eq!(e.line, 5);
+        let e = err(&src.replace("http://127.0.0.1:9000/", "127.0.0.1:9000"));
+        assert!(e.message.contains("pubsub_endpoint"), "{e}");
     }
 
     #[test]

@@ -19,6 +19,8 @@ use futures::FutureExt;
 use pubrun_exec::{CancellationToken, Executor, LogSink, PoolRouter, RunRequest, Secrets};
 use tokio::sync::Notify;
 
+mod remote;
+
 use crate::runstore::{Enqueued, QueuedRun, RunRecord, RunStore, SourceMessage};
 
 /// Executors by kind. Docker is optional: without an engine, docker runs
@@ -46,6 +48,8 @@ pub struct Dispatcher {
     buckets: OnceLock<pubrun_buckets::Buckets>,
     /// Executors of remote pools (set once by the server).
     pools: OnceLock<Arc<dyn PoolRouter>>,
+    /// Clients of the connections jobs use, by connection name.
+    connections: Mutex<HashMap<String, Arc<pubrun_connections::Connection>>>,
 }
 
 #[derive(Default)]
@@ -219,6 +223,7 @@ impl Dispatcher {
             trigger_seq: AtomicU64::new(0),
             buckets: OnceLock::new(),
             pools: OnceLock::new(),
+            connections: Mutex::new(HashMap::new()),
         })
     }
 
@@ -296,6 +301,9 @@ impl Dispatcher {
         pubrun_core::filter::parse(&spec.filter).map_err(Error::from)?;
         spec.check_environment()
             .map_err(|e| Error::invalid(format!("job {}: {e}", spec.name)))?;
+        if spec.connection.is_some() {
+            return self.put_remote_job(spec).await;
+        }
         let topic = TopicName::parse(&spec.topic)?;
         self.broker.get_topic(&topic)?;
         if !spec.result_topic.is_empty() {
@@ -354,6 +362,10 @@ impl Dispatcher {
         for q in self.store.queued_orphans(&jobs)? {
             self.drop_queued(&q);
         }
+        if spec.connection.is_some() {
+            // Nothing of ours to delete on the connection's side.
+            return Ok(());
+        }
         let topic = TopicName::parse(&spec.topic)?;
         let sub = SubscriptionName::parse(&job_subscription(topic.project().id(), name))?;
         match self.broker.delete_subscription(&sub).await {
@@ -378,16 +390,23 @@ impl Dispatcher {
     }
 
     fn start_intake(self: &Arc<Self>, spec: JobSpec) -> Result<()> {
-        let topic = TopicName::parse(&spec.topic)?;
-        let sub = SubscriptionName::parse(&job_subscription(topic.project().id(), &spec.name))?;
         let this = self.clone();
         let name = spec.name.clone();
+        let intake: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> =
+            if spec.connection.is_some() {
+                Box::pin(async move { this.remote_intake(name).await })
+            } else {
+                let topic = TopicName::parse(&spec.topic)?;
+                let sub =
+                    SubscriptionName::parse(&job_subscription(topic.project().id(), &spec.name))?;
+                Box::pin(async move { this.intake(name, sub).await })
+            };
         // Spawned under the lock: the new intake must not look its job up
         // before the job is installed (it would find nothing, or the old
         // spec, and stop). Replacing the entry drops the old JobState, which
         // aborts the old intake.
         let mut st = self.lock();
-        let intake = tokio::spawn(async move { this.intake(name, sub).await });
+        let intake = tokio::spawn(intake);
         let old = st.jobs.insert(spec.name.clone(), JobState { spec, intake });
         drop(st);
         drop(old);
@@ -897,6 +916,9 @@ impl Dispatcher {
         workdir: &Path,
         log: &Arc<LogSink>,
     ) -> std::result::Result<(), String> {
+        if let Some(c) = &spec.connection {
+            return self.stage_inputs_remote(c, run, spec, ctx, workdir, log).await;
+        }
         for input in &spec.inputs {
             check_relative_path(&input.to).map_err(|e| format!("parameters: inputs.to: {e}"))?;
             let dest = workdir.join(&input.to);
@@ -975,6 +997,9 @@ impl Dispatcher {
         workdir: &Path,
         log: &Arc<LogSink>,
     ) -> std::result::Result<(), String> {
+        if let Some(c) = &spec.connection {
+            return self.stage_outputs_remote(c, run, spec, ctx, workdir, log).await;
+        }
         for output in &spec.outputs {
             check_relative_path(&output.from).map_err(|e| format!("outputs.from: {e}"))?;
             let url = template::render(&output.to, ctx)
@@ -1226,22 +1251,23 @@ impl Dispatcher {
         };
         let mut retry = false;
         for run in pending {
-            let topic = match self
+            let (topic, connection) = match self
                 .lock()
                 .jobs
                 .get(&run.job)
-                .map(|j| j.spec.result_topic.clone())
+                .map(|j| (j.spec.result_topic.clone(), j.spec.connection.clone()))
             {
-                Some(t) if !t.is_empty() => t,
+                Some((t, c)) if !t.is_empty() => (t, c),
                 _ => {
                     let _ = self.store.mark_result_published(run.id);
                     continue;
                 }
             };
             let msg = self.result_message(&run).await;
-            let published = match TopicName::parse(&topic) {
-                Ok(t) => self.broker.publish(&t, vec![msg]).await,
-                Err(e) => Err(e),
+            let published = match (&connection, TopicName::parse(&topic)) {
+                (Some(c), _) => self.publish_remote(c, &topic, msg).await,
+                (None, Ok(t)) => self.broker.publish(&t, vec![msg]).await.map(|_| ()),
+                (None, Err(e)) => Err(e),
             };
             match published {
                 Ok(_) => {
@@ -1438,7 +1464,13 @@ fn source_and_key(spec: &JobSpec, d: &Delivered) -> (SourceMessage, String) {
         publish_time: rfc3339(m.publish_time_nanos),
         ordering_key: m.ordering_key.clone(),
     };
-    let key = if spec.dedup_key.is_empty() {
+    let key = dedup_key(spec, &msg);
+    (msg, key)
+}
+
+/// A message's dedup key: the job's `dedup_key` rendered, else its id.
+fn dedup_key(spec: &JobSpec, msg: &SourceMessage) -> String {
+    if spec.dedup_key.is_empty() {
         msg.id.clone()
     } else {
         let ctx = TemplateContext::from_message(
@@ -1464,8 +1496,7 @@ fn source_and_key(spec: &JobSpec, d: &Delivered) -> (SourceMessage, String) {
                 msg.id.clone()
             }
         }
-    };
-    (msg, key)
+    }
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@ pub mod conn;
 pub mod csrf;
 pub mod grpc;
 pub mod jobs_api;
+pub mod metrics;
 pub mod rest;
 pub mod server;
 pub mod snapshots;

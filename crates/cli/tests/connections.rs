@@ -126,7 +126,8 @@ fn key_file(dir: &Path, private_pem: &str, token_uri: &str) -> PathBuf {
 
 /// A `pubrun serve` child with its log in `dir/serve.log`.
 struct Serve {
-    child: common::Server,
+    /// Killed (and waited for) on drop.
+    _child: common::Server,
     port: u16,
     dir: PathBuf,
 }
@@ -157,7 +158,7 @@ impl Serve {
         let mut child = common::Server(cmd.spawn().expect("spawn pubrun serve"));
         let logf = dir.join("serve.log");
         common::wait_healthy(&mut child.0, port, PATIENCE, || std::fs::read_to_string(&logf).unwrap_or_default());
-        Serve { child, port, dir: dir.to_path_buf() }
+        Serve { _child: child, port, dir: dir.to_path_buf() }
     }
 
     fn url(&self) -> String {
@@ -189,6 +190,11 @@ notifications = [{ topic = "uploads", event_types = ["OBJECT_FINALIZE"], object_
 }
 
 fn local_manifest(key: &Path, google: u16) -> String {
+    local_manifest_with(key, google, "mkdir -p out && wc -c < in/data.txt | tr -d ' ' > out/count.txt")
+}
+
+/// The local manifest whose job runs `script` (after the input is staged).
+fn local_manifest_with(key: &Path, google: u16, script: &str) -> String {
     format!(
         r#"project = "ours"
 [[connection]]
@@ -203,11 +209,12 @@ name = "count-bytes"
 connection = "gcp"
 subscription = "projects/theirs/subscriptions/uploads-sub"
 result_topic = "projects/theirs/topics/results"
-process = {{ command = "sh", args = ["-c", "mkdir -p out && wc -c < in/data.txt | tr -d ' ' > out/count.txt"] }}
+process = {{ command = "sh", args = ["-c", {script:?}] }}
 inputs = [{{ from = "trigger", to = "in/" }}]
 outputs = [{{ from = "out/", to = "gs://their-bucket/results/{{{{ run.id }}}}/" }}]
 "#,
-        key = key.display()
+        key = key.display(),
+        script = script,
     )
 }
 
@@ -276,6 +283,11 @@ impl Google {
 async fn local_runs(http: &reqwest::Client, local: &Serve) -> Vec<Value> {
     let r: Value = http.get(format!("{}/api/v1/runs", local.url())).send().await.unwrap().json().await.unwrap();
     r["runs"].as_array().cloned().unwrap_or_default()
+}
+
+/// A run's id as the result attributes carry it.
+fn id_of(run: &Value) -> String {
+    run["id"].as_str().map(str::to_string).unwrap_or_else(|| run["id"].to_string())
 }
 
 async fn until<T, F, Fut>(what: &str, log: impl Fn() -> String, mut f: F) -> T
@@ -395,4 +407,84 @@ async fn a_bad_key_file_fails_the_apply_naming_connection_and_file() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{err}");
     assert!(err.contains("connection gcp") && err.contains("sa.json") && err.contains("not an RSA key"), "{err}");
+}
+
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_google_side_restarting_mid_run_loses_nothing_and_duplicates_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (private_pem, public_pem) = rsa_key(tmp.path(), "sa");
+    let tokens = token_endpoint(public_pem).await;
+    let key = key_file(tmp.path(), &private_pem, &tokens.url);
+    // Each run waits for its gate file: the test decides when it ends.
+    let gates = tmp.path().join("gates");
+    std::fs::create_dir_all(&gates).unwrap();
+    let script = format!(
+        "f=$(ls in); while [ ! -e {g}/$f ]; do sleep 0.05; done; mkdir -p out && wc -c < in/$f | tr -d ' ' > out/count.txt",
+        g = gates.display()
+    );
+
+    let gport = free_port();
+    let gdir = tmp.path().join("google");
+    let mut google = Serve::start(&gdir, gport, google_manifest(), Some(T2));
+    let g = Google { http: reqwest::Client::new(), base: google.url() };
+    let local = Serve::start(&tmp.path().join("local"), free_port(), &local_manifest_with(&key, gport, &script), None);
+    let http = reqwest::Client::new();
+    let logs = |google: &Serve| format!("--- local ---\n{}\n--- google ---\n{}", local.log(), google.log());
+
+    // The first upload is queued as a run, which then waits at its gate.
+    g.upload("in/a.txt", b"first\n").await;
+    let first = until("the first run to be running", || logs(&google), || async {
+        let runs = local_runs(&http, &local).await;
+        (runs.len() == 1 && runs[0]["status"] == "running").then(|| id_of(&runs[0]))
+    })
+    .await;
+
+    // "Google" goes away mid-run and comes back on the same port and data.
+    drop(google);
+    google = Serve::start(&gdir, gport, google_manifest(), Some(T2));
+    let g = Google { http: reqwest::Client::new(), base: google.url() };
+
+    // The intake reconnects: a second upload becomes a second run.
+    g.upload("in/b.txt", b"second!\n").await;
+    let second = until("the second run", || logs(&google), || async {
+        let runs = local_runs(&http, &local).await;
+        runs.iter().map(id_of).find(|id| *id != first)
+    })
+    .await;
+    std::fs::write(gates.join("a.txt"), "").unwrap();
+    std::fs::write(gates.join("b.txt"), "").unwrap();
+
+    // Both results reach the restarted "Google" topic, once each.
+    let mut results: Vec<Value> = Vec::new();
+    let deadline = Instant::now() + PATIENCE;
+    while results.len() < 2 {
+        assert!(Instant::now() < deadline, "timed out waiting for two results: {results:?}\n{}", logs(&google));
+        results.extend(g.pull("results-sub", true).await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut ids: Vec<String> = results
+        .iter()
+        .map(|m| {
+            assert_eq!(m["message"]["attributes"]["status"], "succeeded", "{m}");
+            m["message"]["attributes"]["run_id"].as_str().unwrap().to_string()
+        })
+        .collect();
+    ids.sort();
+    let mut want = vec![first.clone(), second.clone()];
+    want.sort();
+    assert_eq!(ids, want, "one result per run\n{}", logs(&google));
+    for (id, n) in [(&first, "6"), (&second, "8")] {
+        let out = g.download(&format!("results/{id}/count.txt")).await;
+        assert_eq!(out.as_deref().map(|b| String::from_utf8_lossy(b).trim().to_string()), Some(n.to_string()));
+    }
+
+    // No duplicate run, nothing left unacked, nothing published twice.
+    let runs = local_runs(&http, &local).await;
+    assert_eq!(runs.len(), 2, "{runs:?}\n{}", logs(&google));
+    assert!(g.pull("uploads-sub", false).await.is_empty(), "a notification was not acked\n{}", logs(&google));
+    assert!(g.pull("results-sub", true).await.is_empty(), "a result was published twice");
+    // (Refresh is covered by the end-to-end test, which outwaits a token.)
+    assert_eq!(tokens.refused.load(Ordering::SeqCst), 0);
+    assert!(!local.log().contains(T2));
 }

@@ -30,17 +30,42 @@ const EMAIL: &str = "runner@theirs.iam.gserviceaccount.com";
 const TOKEN_LIFETIME: u64 = 1;
 
 fn openssl(args: &[&str]) {
-    let out = Command::new("openssl").args(args).output().expect("openssl is installed (.ci/run installs it)");
-    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("openssl")
+        .args(args)
+        .output()
+        .expect("openssl is installed (.ci/run installs it)");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// A fresh RSA key pair: (private PKCS#8 PEM, public SPKI PEM).
 fn rsa_key(dir: &Path, name: &str) -> (String, String) {
     let key = dir.join(format!("{name}.pem"));
     let public = dir.join(format!("{name}.pub.pem"));
-    openssl(&["genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out", key.to_str().unwrap()]);
-    openssl(&["pkey", "-in", key.to_str().unwrap(), "-pubout", "-out", public.to_str().unwrap()]);
-    (std::fs::read_to_string(key).unwrap(), std::fs::read_to_string(public).unwrap())
+    openssl(&[
+        "genpkey",
+        "-algorithm",
+        "RSA",
+        "-pkeyopt",
+        "rsa_keygen_bits:2048",
+        "-out",
+        key.to_str().unwrap(),
+    ]);
+    openssl(&[
+        "pkey",
+        "-in",
+        key.to_str().unwrap(),
+        "-pubout",
+        "-out",
+        public.to_str().unwrap(),
+    ]);
+    (
+        std::fs::read_to_string(key).unwrap(),
+        std::fs::read_to_string(public).unwrap(),
+    )
 }
 
 struct TokenEndpoint {
@@ -71,7 +96,10 @@ struct Claims {
 async fn token(State(st): State<TokenState>, Form(g): Form<Grant>) -> (StatusCode, Json<Value>) {
     let refuse = |why: String| {
         st.refused.fetch_add(1, Ordering::SeqCst);
-        (StatusCode::BAD_REQUEST, Json(json!({ "error": "invalid_grant", "error_description": why })))
+        (
+            StatusCode::BAD_REQUEST,
+            Json(json!({ "error": "invalid_grant", "error_description": why })),
+        )
     };
     if g.grant_type != "urn:ietf:params:oauth:grant-type:jwt-bearer" {
         return refuse(format!("grant_type {}", g.grant_type));
@@ -83,11 +111,18 @@ async fn token(State(st): State<TokenState>, Form(g): Form<Grant>) -> (StatusCod
     v.set_required_spec_claims(&["exp", "iat", "aud", "iss"]);
     v.leeway = 0;
     match jsonwebtoken::decode::<Claims>(&g.assertion, &key, &v) {
-        Ok(t) if t.claims.scope.split(' ').any(|s| s == "https://www.googleapis.com/auth/cloud-platform") => {
+        Ok(t)
+            if t.claims
+                .scope
+                .split(' ')
+                .any(|s| s == "https://www.googleapis.com/auth/cloud-platform") =>
+        {
             st.issued.fetch_add(1, Ordering::SeqCst);
             (
                 StatusCode::OK,
-                Json(json!({ "access_token": T2, "expires_in": TOKEN_LIFETIME, "token_type": "Bearer" })),
+                Json(
+                    json!({ "access_token": T2, "expires_in": TOKEN_LIFETIME, "token_type": "Bearer" }),
+                ),
             )
         }
         Ok(t) => refuse(format!("scope {}", t.claims.scope)),
@@ -107,7 +142,11 @@ async fn token_endpoint(public_pem: String) -> TokenEndpoint {
     let (issued, refused) = (st.issued.clone(), st.refused.clone());
     let app = Router::new().route("/token", post(token)).with_state(st);
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    TokenEndpoint { url, issued, refused }
+    TokenEndpoint {
+        url,
+        issued,
+        refused,
+    }
 }
 
 fn key_file(dir: &Path, private_pem: &str, token_uri: &str) -> PathBuf {
@@ -137,28 +176,43 @@ impl Serve {
         std::fs::create_dir_all(dir).unwrap();
         let cfg = dir.join("pubrun.toml");
         std::fs::write(&cfg, config).unwrap();
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("serve.log")).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("serve.log"))
+            .unwrap();
         let mut cmd = Command::new(BIN);
-        cmd.args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
-            .arg(dir.join("data"))
-            .arg("--config")
-            .arg(&cfg)
-            .env("PUBRUN_LOG", "info")
-            .env_remove("PUBRUN_TOKEN")
-            .env_remove("PUBRUN_LISTEN")
-            .env_remove("PUBRUN_DATA_DIR")
-            .env_remove("PUBRUN_CONFIG")
-            .env_remove("GOOGLE_APPLICATION_CREDENTIALS")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log);
+        cmd.args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--data-dir",
+        ])
+        .arg(dir.join("data"))
+        .arg("--config")
+        .arg(&cfg)
+        .env("PUBRUN_LOG", "info")
+        .env_remove("PUBRUN_TOKEN")
+        .env_remove("PUBRUN_LISTEN")
+        .env_remove("PUBRUN_DATA_DIR")
+        .env_remove("PUBRUN_CONFIG")
+        .env_remove("GOOGLE_APPLICATION_CREDENTIALS")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log);
         if let Some(t) = token {
             cmd.args(["--token", t]);
         }
         let mut child = common::Server(cmd.spawn().expect("spawn pubrun serve"));
         let logf = dir.join("serve.log");
-        common::wait_healthy(&mut child.0, port, PATIENCE, || std::fs::read_to_string(&logf).unwrap_or_default());
-        Serve { _child: child, port, dir: dir.to_path_buf() }
+        common::wait_healthy(&mut child.0, port, PATIENCE, || {
+            std::fs::read_to_string(&logf).unwrap_or_default()
+        });
+        Serve {
+            _child: child,
+            port,
+            dir: dir.to_path_buf(),
+        }
     }
 
     fn url(&self) -> String {
@@ -190,7 +244,11 @@ notifications = [{ topic = "uploads", event_types = ["OBJECT_FINALIZE"], object_
 }
 
 fn local_manifest(key: &Path, google: u16) -> String {
-    local_manifest_with(key, google, "mkdir -p out && wc -c < in/data.txt | tr -d ' ' > out/count.txt")
+    local_manifest_with(
+        key,
+        google,
+        "mkdir -p out && wc -c < in/data.txt | tr -d ' ' > out/count.txt",
+    )
 }
 
 /// The local manifest whose job runs `script` (after the input is staged).
@@ -228,33 +286,49 @@ impl Google {
     async fn upload(&self, name: &str, data: &[u8]) {
         let r = self
             .http
-            .post(format!("{}/upload/storage/v1/b/their-bucket/o?uploadType=media&name={name}", self.base))
+            .post(format!(
+                "{}/upload/storage/v1/b/their-bucket/o?uploadType=media&name={name}",
+                self.base
+            ))
             .bearer_auth(T2)
             .header("content-type", "application/octet-stream")
             .body(data.to_vec())
             .send()
             .await
             .unwrap();
-        assert!(r.status().is_success(), "upload: {} {}", r.status(), r.text().await.unwrap());
+        assert!(
+            r.status().is_success(),
+            "upload: {} {}",
+            r.status(),
+            r.text().await.unwrap()
+        );
     }
 
     async fn download(&self, name: &str) -> Option<Vec<u8>> {
         let enc = name.replace('/', "%2F");
         let r = self
             .http
-            .get(format!("{}/storage/v1/b/their-bucket/o/{enc}?alt=media", self.base))
+            .get(format!(
+                "{}/storage/v1/b/their-bucket/o/{enc}?alt=media",
+                self.base
+            ))
             .bearer_auth(T2)
             .send()
             .await
             .unwrap();
-        r.status().is_success().then_some(r.bytes().await.unwrap().to_vec())
+        r.status()
+            .is_success()
+            .then_some(r.bytes().await.unwrap().to_vec())
     }
 
     /// Pulls (and acks) up to 10 messages of a subscription.
     async fn pull(&self, sub: &str, ack: bool) -> Vec<Value> {
         let r: Value = self
             .http
-            .post(format!("{}/v1/projects/theirs/subscriptions/{sub}:pull", self.base))
+            .post(format!(
+                "{}/v1/projects/theirs/subscriptions/{sub}:pull",
+                self.base
+            ))
             .bearer_auth(T2)
             .json(&json!({ "maxMessages": 10, "returnImmediately": true }))
             .send()
@@ -263,12 +337,18 @@ impl Google {
             .json()
             .await
             .unwrap();
-        let msgs: Vec<Value> = r["receivedMessages"].as_array().cloned().unwrap_or_default();
+        let msgs: Vec<Value> = r["receivedMessages"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
         if ack && !msgs.is_empty() {
             let ids: Vec<Value> = msgs.iter().map(|m| m["ackId"].clone()).collect();
             let r = self
                 .http
-                .post(format!("{}/v1/projects/theirs/subscriptions/{sub}:acknowledge", self.base))
+                .post(format!(
+                    "{}/v1/projects/theirs/subscriptions/{sub}:acknowledge",
+                    self.base
+                ))
                 .bearer_auth(T2)
                 .json(&json!({ "ackIds": ids }))
                 .send()
@@ -281,13 +361,23 @@ impl Google {
 }
 
 async fn local_runs(http: &reqwest::Client, local: &Serve) -> Vec<Value> {
-    let r: Value = http.get(format!("{}/api/v1/runs", local.url())).send().await.unwrap().json().await.unwrap();
+    let r: Value = http
+        .get(format!("{}/api/v1/runs", local.url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     r["runs"].as_array().cloned().unwrap_or_default()
 }
 
 /// A run's id as the result attributes carry it.
 fn id_of(run: &Value) -> String {
-    run["id"].as_str().map(str::to_string).unwrap_or_else(|| run["id"].to_string())
+    run["id"]
+        .as_str()
+        .map(str::to_string)
+        .unwrap_or_else(|| run["id"].to_string())
 }
 
 async fn until<T, F, Fut>(what: &str, log: impl Fn() -> String, mut f: F) -> T
@@ -300,7 +390,11 @@ where
         if let Some(v) = f().await {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}\n{}", log());
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}\n{}",
+            log()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -313,23 +407,49 @@ async fn a_key_file_connection_runs_jobs_on_google_resources_end_to_end() {
     let key = key_file(tmp.path(), &private_pem, &tokens.url);
 
     let gport = free_port();
-    let google = Serve::start(&tmp.path().join("google"), gport, google_manifest(), Some(T2));
-    let g = Google { http: reqwest::Client::new(), base: google.url() };
-    let local = Serve::start(&tmp.path().join("local"), free_port(), &local_manifest(&key, gport), None);
-    let logs = || format!("--- local ---\n{}\n--- google ---\n{}", local.log(), google.log());
+    let google = Serve::start(
+        &tmp.path().join("google"),
+        gport,
+        google_manifest(),
+        Some(T2),
+    );
+    let g = Google {
+        http: reqwest::Client::new(),
+        base: google.url(),
+    };
+    let local = Serve::start(
+        &tmp.path().join("local"),
+        free_port(),
+        &local_manifest(&key, gport),
+        None,
+    );
+    let logs = || {
+        format!(
+            "--- local ---\n{}\n--- google ---\n{}",
+            local.log(),
+            google.log()
+        )
+    };
 
     // The intake has exchanged the key for a token; let that token expire
     // so the calls below need a refreshed one.
-    until("the first token", logs, || async { (tokens.issued.load(Ordering::SeqCst) >= 1).then_some(()) }).await;
+    until("the first token", logs, || async {
+        (tokens.issued.load(Ordering::SeqCst) >= 1).then_some(())
+    })
+    .await;
     tokio::time::sleep(Duration::from_secs(TOKEN_LIFETIME) + Duration::from_millis(200)).await;
 
     g.upload("in/data.txt", b"hello, google\n").await;
 
     // The result arrives on the "Google" topic.
-    let results = until("a result on projects/theirs/topics/results", logs, || async {
-        let m = g.pull("results-sub", true).await;
-        (!m.is_empty()).then_some(m)
-    })
+    let results = until(
+        "a result on projects/theirs/topics/results",
+        logs,
+        || async {
+            let m = g.pull("results-sub", true).await;
+            (!m.is_empty()).then_some(m)
+        },
+    )
     .await;
     assert_eq!(results.len(), 1, "{results:?}");
     let attrs = &results[0]["message"]["attributes"];
@@ -339,14 +459,27 @@ async fn a_key_file_connection_runs_jobs_on_google_resources_end_to_end() {
 
     // The output is in the "Google" bucket.
     let out = g.download(&format!("results/{run_id}/count.txt")).await;
-    assert_eq!(out.as_deref().map(|b| String::from_utf8_lossy(b).trim().to_string()), Some("14".to_string()), "{}", logs());
+    assert_eq!(
+        out.as_deref()
+            .map(|b| String::from_utf8_lossy(b).trim().to_string()),
+        Some("14".to_string()),
+        "{}",
+        logs()
+    );
 
     // One run; the notification was acked once queued: nothing comes back.
     let http = reqwest::Client::new();
     let runs = local_runs(&http, &local).await;
     assert_eq!(runs.len(), 1, "{runs:?}");
-    assert!(g.pull("uploads-sub", false).await.is_empty(), "the notification was not acked\n{}", logs());
-    assert!(tokens.issued.load(Ordering::SeqCst) >= 2, "the short-lived token was never refreshed");
+    assert!(
+        g.pull("uploads-sub", false).await.is_empty(),
+        "the notification was not acked\n{}",
+        logs()
+    );
+    assert!(
+        tokens.issued.load(Ordering::SeqCst) >= 2,
+        "the short-lived token was never refreshed"
+    );
     assert_eq!(tokens.refused.load(Ordering::SeqCst), 0);
     // The token never reaches a log.
     assert!(!local.log().contains(T2));
@@ -362,11 +495,30 @@ async fn wrong_credentials_name_the_connection_and_ack_nothing() {
     let key = key_file(tmp.path(), &other_private, &tokens.url);
 
     let gport = free_port();
-    let google = Serve::start(&tmp.path().join("google"), gport, google_manifest(), Some(T2));
-    let g = Google { http: reqwest::Client::new(), base: google.url() };
+    let google = Serve::start(
+        &tmp.path().join("google"),
+        gport,
+        google_manifest(),
+        Some(T2),
+    );
+    let g = Google {
+        http: reqwest::Client::new(),
+        base: google.url(),
+    };
     g.upload("in/data.txt", b"abc").await;
-    let local = Serve::start(&tmp.path().join("local"), free_port(), &local_manifest(&key, gport), None);
-    let logs = || format!("--- local ---\n{}\n--- google ---\n{}", local.log(), google.log());
+    let local = Serve::start(
+        &tmp.path().join("local"),
+        free_port(),
+        &local_manifest(&key, gport),
+        None,
+    );
+    let logs = || {
+        format!(
+            "--- local ---\n{}\n--- google ---\n{}",
+            local.log(),
+            google.log()
+        )
+    };
 
     let line = until("the intake's error", logs, || async {
         local
@@ -376,7 +528,10 @@ async fn wrong_credentials_name_the_connection_and_ack_nothing() {
             .map(str::to_string)
     })
     .await;
-    assert!(line.contains("projects/theirs/subscriptions/uploads-sub"), "{line}");
+    assert!(
+        line.contains("projects/theirs/subscriptions/uploads-sub"),
+        "{line}"
+    );
     assert!(line.contains("sa.json"), "the key file is named: {line}");
     assert!(tokens.refused.load(Ordering::SeqCst) >= 1);
     assert_eq!(tokens.issued.load(Ordering::SeqCst), 0);
@@ -392,11 +547,20 @@ async fn wrong_credentials_name_the_connection_and_ack_nothing() {
 async fn a_bad_key_file_fails_the_apply_naming_connection_and_file() {
     let tmp = tempfile::tempdir().unwrap();
     let key = tmp.path().join("sa.json");
-    std::fs::write(&key, r#"{"type":"service_account","client_email":"a@b","private_key":"not a key"}"#).unwrap();
+    std::fs::write(
+        &key,
+        r#"{"type":"service_account","client_email":"a@b","private_key":"not a key"}"#,
+    )
+    .unwrap();
     let cfg = tmp.path().join("pubrun.toml");
     std::fs::write(&cfg, local_manifest(&key, 9)).unwrap();
     let out = Command::new(BIN)
-        .args(["serve", "--listen", &format!("127.0.0.1:{}", free_port()), "--data-dir"])
+        .args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{}", free_port()),
+            "--data-dir",
+        ])
         .arg(tmp.path().join("data"))
         .arg("--config")
         .arg(&cfg)
@@ -406,9 +570,11 @@ async fn a_bad_key_file_fails_the_apply_naming_connection_and_file() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{err}");
-    assert!(err.contains("connection gcp") && err.contains("sa.json") && err.contains("not an RSA key"), "{err}");
+    assert!(
+        err.contains("connection gcp") && err.contains("sa.json") && err.contains("not an RSA key"),
+        "{err}"
+    );
 }
-
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_google_side_restarting_mid_run_loses_nothing_and_duplicates_nothing() {
@@ -427,30 +593,55 @@ async fn the_google_side_restarting_mid_run_loses_nothing_and_duplicates_nothing
     let gport = free_port();
     let gdir = tmp.path().join("google");
     let mut google = Serve::start(&gdir, gport, google_manifest(), Some(T2));
-    let g = Google { http: reqwest::Client::new(), base: google.url() };
-    let local = Serve::start(&tmp.path().join("local"), free_port(), &local_manifest_with(&key, gport, &script), None);
+    let g = Google {
+        http: reqwest::Client::new(),
+        base: google.url(),
+    };
+    let local = Serve::start(
+        &tmp.path().join("local"),
+        free_port(),
+        &local_manifest_with(&key, gport, &script),
+        None,
+    );
     let http = reqwest::Client::new();
-    let logs = |google: &Serve| format!("--- local ---\n{}\n--- google ---\n{}", local.log(), google.log());
+    let logs = |google: &Serve| {
+        format!(
+            "--- local ---\n{}\n--- google ---\n{}",
+            local.log(),
+            google.log()
+        )
+    };
 
     // The first upload is queued as a run, which then waits at its gate.
     g.upload("in/a.txt", b"first\n").await;
-    let first = until("the first run to be running", || logs(&google), || async {
-        let runs = local_runs(&http, &local).await;
-        (runs.len() == 1 && runs[0]["status"] == "running").then(|| id_of(&runs[0]))
-    })
+    let first = until(
+        "the first run to be running",
+        || logs(&google),
+        || async {
+            let runs = local_runs(&http, &local).await;
+            (runs.len() == 1 && runs[0]["status"] == "running").then(|| id_of(&runs[0]))
+        },
+    )
     .await;
 
     // "Google" goes away mid-run and comes back on the same port and data.
     drop(google);
     google = Serve::start(&gdir, gport, google_manifest(), Some(T2));
-    let g = Google { http: reqwest::Client::new(), base: google.url() };
+    let g = Google {
+        http: reqwest::Client::new(),
+        base: google.url(),
+    };
 
     // The intake reconnects: a second upload becomes a second run.
     g.upload("in/b.txt", b"second!\n").await;
-    let second = until("the second run", || logs(&google), || async {
-        let runs = local_runs(&http, &local).await;
-        runs.iter().map(id_of).find(|id| *id != first)
-    })
+    let second = until(
+        "the second run",
+        || logs(&google),
+        || async {
+            let runs = local_runs(&http, &local).await;
+            runs.iter().map(id_of).find(|id| *id != first)
+        },
+    )
     .await;
     std::fs::write(gates.join("a.txt"), "").unwrap();
     std::fs::write(gates.join("b.txt"), "").unwrap();
@@ -459,7 +650,11 @@ async fn the_google_side_restarting_mid_run_loses_nothing_and_duplicates_nothing
     let mut results: Vec<Value> = Vec::new();
     let deadline = Instant::now() + PATIENCE;
     while results.len() < 2 {
-        assert!(Instant::now() < deadline, "timed out waiting for two results: {results:?}\n{}", logs(&google));
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for two results: {results:?}\n{}",
+            logs(&google)
+        );
         results.extend(g.pull("results-sub", true).await);
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -467,7 +662,10 @@ async fn the_google_side_restarting_mid_run_loses_nothing_and_duplicates_nothing
         .iter()
         .map(|m| {
             assert_eq!(m["message"]["attributes"]["status"], "succeeded", "{m}");
-            m["message"]["attributes"]["run_id"].as_str().unwrap().to_string()
+            m["message"]["attributes"]["run_id"]
+                .as_str()
+                .unwrap()
+                .to_string()
         })
         .collect();
     ids.sort();
@@ -476,14 +674,25 @@ async fn the_google_side_restarting_mid_run_loses_nothing_and_duplicates_nothing
     assert_eq!(ids, want, "one result per run\n{}", logs(&google));
     for (id, n) in [(&first, "6"), (&second, "8")] {
         let out = g.download(&format!("results/{id}/count.txt")).await;
-        assert_eq!(out.as_deref().map(|b| String::from_utf8_lossy(b).trim().to_string()), Some(n.to_string()));
+        assert_eq!(
+            out.as_deref()
+                .map(|b| String::from_utf8_lossy(b).trim().to_string()),
+            Some(n.to_string())
+        );
     }
 
     // No duplicate run, nothing left unacked, nothing published twice.
     let runs = local_runs(&http, &local).await;
     assert_eq!(runs.len(), 2, "{runs:?}\n{}", logs(&google));
-    assert!(g.pull("uploads-sub", false).await.is_empty(), "a notification was not acked\n{}", logs(&google));
-    assert!(g.pull("results-sub", true).await.is_empty(), "a result was published twice");
+    assert!(
+        g.pull("uploads-sub", false).await.is_empty(),
+        "a notification was not acked\n{}",
+        logs(&google)
+    );
+    assert!(
+        g.pull("results-sub", true).await.is_empty(),
+        "a result was published twice"
+    );
     // (Refresh is covered by the end-to-end test, which outwaits a token.)
     assert_eq!(tokens.refused.load(Ordering::SeqCst), 0);
     assert!(!local.log().contains(T2));

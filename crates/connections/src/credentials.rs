@@ -138,7 +138,9 @@ impl TokenSource {
         let source = match spec {
             CredentialsSpec::File { path } => load_file(connection, Path::new(path))?,
             CredentialsSpec::TokenEnv { env } => Source::Env(env.clone()),
-            CredentialsSpec::Metadata => Source::Metadata { base: metadata_base() },
+            CredentialsSpec::Metadata => Source::Metadata {
+                base: metadata_base(),
+            },
             CredentialsSpec::Adc => adc(connection)?,
         };
         Ok(TokenSource {
@@ -189,7 +191,11 @@ impl TokenSource {
             token: token.clone(),
             refresh_at: Instant::now() + refresh_after(lifetime),
         });
-        tracing::debug!(connection = self.connection, lifetime_s = lifetime.as_secs(), "access token refreshed");
+        tracing::debug!(
+            connection = self.connection,
+            lifetime_s = lifetime.as_secs(),
+            "access token refreshed"
+        );
         Ok(token)
     }
 
@@ -220,13 +226,18 @@ impl TokenSource {
                     header.kid = Some(key_id.clone());
                 }
                 let assertion = jsonwebtoken::encode(&header, &claims, key).map_err(|e| {
-                    self.err(ErrorKind::Credentials, format!("cannot sign the assertion: {e}"))
+                    self.err(
+                        ErrorKind::Credentials,
+                        format!("cannot sign the assertion: {e}"),
+                    )
                 })?;
                 self.http
                     .post(token_uri)
                     .form(&[("grant_type", JWT_BEARER), ("assertion", &assertion)])
             }
-            Source::AuthorizedUser { user, token_uri, .. } => self.http.post(token_uri).form(&[
+            Source::AuthorizedUser {
+                user, token_uri, ..
+            } => self.http.post(token_uri).form(&[
                 ("grant_type", "refresh_token"),
                 ("client_id", &user.client_id),
                 ("client_secret", &user.client_secret),
@@ -244,7 +255,15 @@ impl TokenSource {
             .timeout(Duration::from_secs(30))
             .send()
             .await
-            .map_err(|e| self.err(ErrorKind::Unavailable, format!("token endpoint unreachable: {}", ConnError::from_reqwest(&self.connection, "", &e).message)))?;
+            .map_err(|e| {
+                self.err(
+                    ErrorKind::Unavailable,
+                    format!(
+                        "token endpoint unreachable: {}",
+                        ConnError::from_reqwest(&self.connection, "", &e).message
+                    ),
+                )
+            })?;
         let status = resp.status();
         let body = resp.text().await.unwrap_or_default();
         if !status.is_success() {
@@ -262,7 +281,10 @@ impl TokenSource {
             return Err(self.err(kind, format!("token endpoint answered {status}: {text}")));
         }
         let t: TokenResponse = serde_json::from_str(&body).map_err(|e| {
-            self.err(ErrorKind::Credentials, format!("token endpoint answered something that is not a token response: {e}"))
+            self.err(
+                ErrorKind::Credentials,
+                format!("token endpoint answered something that is not a token response: {e}"),
+            )
         })?;
         Ok((
             AccessToken(t.access_token),
@@ -297,7 +319,9 @@ fn adc(connection: &str) -> Result<Source, ConnError> {
             return load_file(connection, &p);
         }
     }
-    Ok(Source::Metadata { base: metadata_base() })
+    Ok(Source::Metadata {
+        base: metadata_base(),
+    })
 }
 
 fn load_file(connection: &str, path: &Path) -> Result<Source, ConnError> {
@@ -315,8 +339,8 @@ fn load_file(connection: &str, path: &Path) -> Result<Source, ConnError> {
         #[serde(rename = "type")]
         kind: Option<String>,
     }
-    let k: Kind = serde_json::from_str(&text)
-        .map_err(|e| err(format!("not a JSON key file ({e})")))?;
+    let k: Kind =
+        serde_json::from_str(&text).map_err(|e| err(format!("not a JSON key file ({e})")))?;
     match k.kind.as_deref() {
         Some("service_account") => {
             let key: ServiceAccountKey = serde_json::from_str(&text)
@@ -353,7 +377,9 @@ fn load_file(connection: &str, path: &Path) -> Result<Source, ConnError> {
         Some(other) => Err(err(format!(
             "credentials of type \"{other}\" are not supported (service_account, authorized_user)"
         ))),
-        None => Err(err("no \"type\" field; expected a service_account or authorized_user file".into())),
+        None => Err(err(
+            "no \"type\" field; expected a service_account or authorized_user file".into(),
+        )),
     }
 }
 
@@ -363,8 +389,14 @@ mod tests {
 
     #[test]
     fn refresh_is_early() {
-        assert_eq!(refresh_after(Duration::from_secs(3600)), Duration::from_secs(3300));
-        assert_eq!(refresh_after(Duration::from_secs(4)), Duration::from_secs(3));
+        assert_eq!(
+            refresh_after(Duration::from_secs(3600)),
+            Duration::from_secs(3300)
+        );
+        assert_eq!(
+            refresh_after(Duration::from_secs(4)),
+            Duration::from_secs(3)
+        );
     }
 
     #[test]
@@ -377,11 +409,18 @@ mod tests {
     fn bad_key_files_name_the_connection_and_file() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("sa.json");
-        std::fs::write(&p, r#"{"type":"service_account","client_email":"a@b","private_key":"nope"}"#).unwrap();
+        std::fs::write(
+            &p,
+            r#"{"type":"service_account","client_email":"a@b","private_key":"nope"}"#,
+        )
+        .unwrap();
         let e = load_file("gcp", &p).err().unwrap().to_string();
         assert!(e.starts_with("connection gcp: credentials file "), "{e}");
         assert!(e.contains("sa.json") && e.contains("not an RSA key"), "{e}");
-        let e = load_file("gcp", &dir.path().join("missing.json")).err().unwrap().to_string();
+        let e = load_file("gcp", &dir.path().join("missing.json"))
+            .err()
+            .unwrap()
+            .to_string();
         assert!(e.contains("cannot read it"), "{e}");
     }
 }

@@ -20,7 +20,10 @@ pub enum ErrorKind {
 
 impl ErrorKind {
     pub fn is_retryable(self) -> bool {
-        matches!(self, ErrorKind::Unavailable | ErrorKind::Integrity | ErrorKind::Other)
+        matches!(
+            self,
+            ErrorKind::Unavailable | ErrorKind::Integrity | ErrorKind::Other
+        )
     }
 
     fn label(self) -> &'static str {

@@ -35,8 +35,14 @@ impl Connection {
             .connect_timeout(std::time::Duration::from_secs(10))
             .timeout(std::time::Duration::from_secs(300))
             .build()
-            .map_err(|e| ConnError::new(&spec.name, "http client", ErrorKind::Other, e.to_string()))?;
-        let tokens = Arc::new(TokenSource::new(&spec.name, &spec.credentials, http.clone())?);
+            .map_err(|e| {
+                ConnError::new(&spec.name, "http client", ErrorKind::Other, e.to_string())
+            })?;
+        let tokens = Arc::new(TokenSource::new(
+            &spec.name,
+            &spec.credentials,
+            http.clone(),
+        )?);
         let pubsub = RemotePubsub::new(&spec, tokens.clone())?;
         let storage = RemoteStorage::new(&spec, tokens.clone(), http);
         Ok(Connection {

@@ -38,7 +38,11 @@ impl PullStream {
         match self.inner.message().await {
             Ok(Some(r)) => Ok(Some(r.received_messages)),
             Ok(None) => Ok(None),
-            Err(s) => Err(ConnError::from_status(&self.connection, &self.subscription, &s)),
+            Err(s) => Err(ConnError::from_status(
+                &self.connection,
+                &self.subscription,
+                &s,
+            )),
         }
     }
 }
@@ -46,7 +50,12 @@ impl PullStream {
 impl RemotePubsub {
     pub fn new(spec: &ConnectionSpec, tokens: Arc<TokenSource>) -> Result<RemotePubsub, ConnError> {
         let bad = |e: String| {
-            ConnError::new(&spec.name, format!("pubsub_endpoint {}", spec.pubsub_endpoint), ErrorKind::InvalidArgument, e)
+            ConnError::new(
+                &spec.name,
+                format!("pubsub_endpoint {}", spec.pubsub_endpoint),
+                ErrorKind::InvalidArgument,
+                e,
+            )
         };
         let mut ep = Endpoint::from_shared(spec.pubsub_endpoint.clone())
             .map_err(|e| bad(e.to_string()))?
@@ -76,9 +85,15 @@ impl RemotePubsub {
     async fn request<T>(&self, msg: T) -> Result<tonic::Request<T>, ConnError> {
         let token = self.tokens.token().await?;
         let mut req = tonic::Request::new(msg);
-        let mut v: MetadataValue<_> = format!("Bearer {}", token.secret())
-            .parse()
-            .map_err(|_| ConnError::new(&self.connection, "access token", ErrorKind::Credentials, "not a valid header value"))?;
+        let mut v: MetadataValue<_> =
+            format!("Bearer {}", token.secret()).parse().map_err(|_| {
+                ConnError::new(
+                    &self.connection,
+                    "access token",
+                    ErrorKind::Credentials,
+                    "not a valid header value",
+                )
+            })?;
         v.set_sensitive(true);
         req.metadata_mut().insert("authorization", v);
         req.set_timeout(std::time::Duration::from_secs(60));
@@ -97,14 +112,21 @@ impl RemotePubsub {
     }
 
     /// Publishes to a topic (full name); returns the message ids.
-    pub async fn publish(&self, topic: &str, messages: Vec<PubsubMessage>) -> Result<Vec<String>, ConnError> {
+    pub async fn publish(
+        &self,
+        topic: &str,
+        messages: Vec<PubsubMessage>,
+    ) -> Result<Vec<String>, ConnError> {
         let req = self
             .request(pb::PublishRequest {
                 topic: topic.to_string(),
                 messages,
             })
             .await?;
-        match PublisherClient::new(self.channel.clone()).publish(req).await {
+        match PublisherClient::new(self.channel.clone())
+            .publish(req)
+            .await
+        {
             Ok(r) => Ok(r.into_inner().message_ids),
             Err(s) => Err(self.fail(topic, s).await),
         }
@@ -128,7 +150,9 @@ impl RemotePubsub {
         })
         .await
         .expect("receiver is alive");
-        let mut req = self.request(tokio_stream::wrappers::ReceiverStream::new(rx)).await?;
+        let mut req = self
+            .request(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await?;
         // The stream lives long; only the unary calls get a deadline.
         req.metadata_mut().remove("grpc-timeout");
         let mut client = SubscriberClient::new(self.channel.clone());
@@ -143,7 +167,11 @@ impl RemotePubsub {
         }
     }
 
-    pub async fn acknowledge(&self, subscription: &str, ack_ids: Vec<String>) -> Result<(), ConnError> {
+    pub async fn acknowledge(
+        &self,
+        subscription: &str,
+        ack_ids: Vec<String>,
+    ) -> Result<(), ConnError> {
         if ack_ids.is_empty() {
             return Ok(());
         }
@@ -153,7 +181,10 @@ impl RemotePubsub {
                 ack_ids,
             })
             .await?;
-        match SubscriberClient::new(self.channel.clone()).acknowledge(req).await {
+        match SubscriberClient::new(self.channel.clone())
+            .acknowledge(req)
+            .await
+        {
             Ok(_) => Ok(()),
             Err(s) => Err(self.fail(subscription, s).await),
         }
@@ -176,7 +207,10 @@ impl RemotePubsub {
                 ack_deadline_seconds: seconds,
             })
             .await?;
-        match SubscriberClient::new(self.channel.clone()).modify_ack_deadline(req).await {
+        match SubscriberClient::new(self.channel.clone())
+            .modify_ack_deadline(req)
+            .await
+        {
             Ok(_) => Ok(()),
             Err(s) => Err(self.fail(subscription, s).await),
         }

@@ -64,7 +64,11 @@ pub fn crc32c_b64(c: u32) -> String {
 }
 
 impl RemoteStorage {
-    pub fn new(spec: &ConnectionSpec, tokens: Arc<TokenSource>, http: reqwest::Client) -> RemoteStorage {
+    pub fn new(
+        spec: &ConnectionSpec,
+        tokens: Arc<TokenSource>,
+        http: reqwest::Client,
+    ) -> RemoteStorage {
         RemoteStorage {
             connection: spec.name.clone(),
             endpoint: spec.storage_endpoint.clone(),
@@ -92,21 +96,21 @@ impl RemoteStorage {
         rb: reqwest::RequestBuilder,
     ) -> Result<reqwest::Response, ConnError> {
         let token = self.tokens.token().await?;
-        let resp = rb
-            .bearer_auth(token.secret())
-            .send()
-            .await
-            .map_err(|e| {
-                let mut c = ConnError::from_reqwest(&self.connection, resource, &e);
-                if e.is_connect() {
-                    c.message = format!("{} unreachable: {}", self.endpoint, c.message);
-                }
-                c
-            })?;
+        let resp = rb.bearer_auth(token.secret()).send().await.map_err(|e| {
+            let mut c = ConnError::from_reqwest(&self.connection, resource, &e);
+            if e.is_connect() {
+                c.message = format!("{} unreachable: {}", self.endpoint, c.message);
+            }
+            c
+        })?;
         Ok(resp)
     }
 
-    async fn check(&self, resource: &str, resp: reqwest::Response) -> Result<reqwest::Response, ConnError> {
+    async fn check(
+        &self,
+        resource: &str,
+        resp: reqwest::Response,
+    ) -> Result<reqwest::Response, ConnError> {
         let status = resp.status();
         if status.is_success() || status == StatusCode::PERMANENT_REDIRECT {
             return Ok(resp);
@@ -119,7 +123,11 @@ impl RemoteStorage {
             .ok()
             .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
             .unwrap_or_else(|| body.chars().take(300).collect());
-        Err(self.err(resource, ErrorKind::from_http(status.as_u16()), format!("{status}: {msg}")))
+        Err(self.err(
+            resource,
+            ErrorKind::from_http(status.as_u16()),
+            format!("{status}: {msg}"),
+        ))
     }
 
     /// Retries what is worth retrying (network, 429, 5xx) with backoff.
@@ -146,9 +154,17 @@ impl RemoteStorage {
     pub async fn object(&self, bucket: &str, name: &str) -> Result<ObjectInfo, ConnError> {
         let res = format!("gs://{bucket}/{name}");
         self.retrying(|| async {
-            let r = self.send(&res, self.http.get(self.url(&["storage", "v1", "b", bucket, "o", name]))).await?;
+            let r = self
+                .send(
+                    &res,
+                    self.http
+                        .get(self.url(&["storage", "v1", "b", bucket, "o", name])),
+                )
+                .await?;
             let r = self.check(&res, r).await?;
-            r.json::<ObjectInfo>().await.map_err(|e| ConnError::from_reqwest(&self.connection, &res, &e))
+            r.json::<ObjectInfo>()
+                .await
+                .map_err(|e| ConnError::from_reqwest(&self.connection, &res, &e))
         })
         .await
     }
@@ -175,7 +191,9 @@ impl RemoteStorage {
                 .retrying(|| async {
                     let r = self.send(&res, self.http.get(u.clone())).await?;
                     let r = self.check(&res, r).await?;
-                    r.json::<Page>().await.map_err(|e| ConnError::from_reqwest(&self.connection, &res, &e))
+                    r.json::<Page>()
+                        .await
+                        .map_err(|e| ConnError::from_reqwest(&self.connection, &res, &e))
                 })
                 .await?;
             out.extend(page.items);
@@ -201,24 +219,38 @@ impl RemoteStorage {
             }
             let r = self.send(&res, self.http.get(u)).await?;
             let r = self.check(&res, r).await?;
-            let io = |e: std::io::Error| self.err(&res, ErrorKind::Other, format!("{}: {e}", dest.display()));
+            let io = |e: std::io::Error| {
+                self.err(&res, ErrorKind::Other, format!("{}: {e}", dest.display()))
+            };
             let mut file = tokio::fs::File::create(dest).await.map_err(io)?;
             let mut crc = 0u32;
             let mut n = 0u64;
             let mut body = r.bytes_stream();
             while let Some(chunk) = body.next().await {
-                let chunk = chunk.map_err(|e| ConnError::from_reqwest(&self.connection, &res, &e))?;
+                let chunk =
+                    chunk.map_err(|e| ConnError::from_reqwest(&self.connection, &res, &e))?;
                 crc = crc32c::crc32c_append(crc, &chunk);
                 n += chunk.len() as u64;
                 file.write_all(&chunk).await.map_err(io)?;
             }
             file.flush().await.map_err(io)?;
             if n != info.size {
-                return Err(self.err(&res, ErrorKind::Integrity, format!("received {n} bytes, the object has {}", info.size)));
+                return Err(self.err(
+                    &res,
+                    ErrorKind::Integrity,
+                    format!("received {n} bytes, the object has {}", info.size),
+                ));
             }
             if let Some(want) = &info.crc32c {
                 if &crc32c_b64(crc) != want {
-                    return Err(self.err(&res, ErrorKind::Integrity, format!("CRC32C {} of the received data, the object's is {want}", crc32c_b64(crc))));
+                    return Err(self.err(
+                        &res,
+                        ErrorKind::Integrity,
+                        format!(
+                            "CRC32C {} of the received data, the object's is {want}",
+                            crc32c_b64(crc)
+                        ),
+                    ));
                 }
             }
             Ok(n)
@@ -236,7 +268,8 @@ impl RemoteStorage {
         metadata: &BTreeMap<String, String>,
     ) -> Result<ObjectInfo, ConnError> {
         let res = format!("gs://{bucket}/{name}");
-        let io = |e: std::io::Error| self.err(&res, ErrorKind::Other, format!("{}: {e}", src.display()));
+        let io =
+            |e: std::io::Error| self.err(&res, ErrorKind::Other, format!("{}: {e}", src.display()));
         // Checksum first: declared with the session, the server checks it.
         let (size, crc) = {
             let mut f = tokio::fs::File::open(src).await.map_err(io)?;
@@ -255,18 +288,33 @@ impl RemoteStorage {
         let session: Url = self
             .retrying(|| async {
                 let mut u = self.url(&["upload", "storage", "v1", "b", bucket, "o"]);
-                u.query_pairs_mut().append_pair("uploadType", "resumable").append_pair("name", name);
+                u.query_pairs_mut()
+                    .append_pair("uploadType", "resumable")
+                    .append_pair("name", name);
                 let body = serde_json::json!({ "name": name, "metadata": metadata, "crc32c": crc });
                 let r = self
-                    .send(&res, self.http.post(u).header("X-Upload-Content-Length", size).json(&body))
+                    .send(
+                        &res,
+                        self.http
+                            .post(u)
+                            .header("X-Upload-Content-Length", size)
+                            .json(&body),
+                    )
                     .await?;
                 let r = self.check(&res, r).await?;
                 let loc = r
                     .headers()
                     .get("location")
                     .and_then(|v| v.to_str().ok())
-                    .ok_or_else(|| self.err(&res, ErrorKind::Other, "no Location in the resumable session's answer"))?;
-                Url::parse(loc).map_err(|e| self.err(&res, ErrorKind::Other, format!("session URL: {e}")))
+                    .ok_or_else(|| {
+                        self.err(
+                            &res,
+                            ErrorKind::Other,
+                            "no Location in the resumable session's answer",
+                        )
+                    })?;
+                Url::parse(loc)
+                    .map_err(|e| self.err(&res, ErrorKind::Other, format!("session URL: {e}")))
             })
             .await?;
         let mut offset = 0u64;
@@ -275,7 +323,9 @@ impl RemoteStorage {
         loop {
             let len = (size - offset).min(CHUNK);
             let mut buf = vec![0u8; len as usize];
-            file.seek(std::io::SeekFrom::Start(offset)).await.map_err(io)?;
+            file.seek(std::io::SeekFrom::Start(offset))
+                .await
+                .map_err(io)?;
             file.read_exact(&mut buf).await.map_err(io)?;
             let range = if size == 0 {
                 "bytes */0".to_string()
@@ -284,7 +334,13 @@ impl RemoteStorage {
             };
             let sent = async {
                 let r = self
-                    .send(&res, self.http.put(session.clone()).header("Content-Range", range).body(buf))
+                    .send(
+                        &res,
+                        self.http
+                            .put(session.clone())
+                            .header("Content-Range", range)
+                            .body(buf),
+                    )
                     .await?;
                 self.check(&res, r).await
             }
@@ -294,7 +350,10 @@ impl RemoteStorage {
                     offset = committed(&r).unwrap_or(offset + len);
                 }
                 Ok(r) => {
-                    let info: ObjectInfo = r.json().await.map_err(|e| ConnError::from_reqwest(&self.connection, &res, &e))?;
+                    let info: ObjectInfo = r
+                        .json()
+                        .await
+                        .map_err(|e| ConnError::from_reqwest(&self.connection, &res, &e))?;
                     if info.crc32c.as_deref().is_some_and(|c| c != crc) || info.size != size {
                         return Err(self.err(&res, ErrorKind::Integrity, format!(
                             "stored object has size {} CRC32C {:?}; sent {size} bytes with CRC32C {crc}",
@@ -309,15 +368,25 @@ impl RemoteStorage {
                     tokio::time::sleep(Duration::from_millis(200 << failures)).await;
                     let status = async {
                         let r = self
-                            .send(&res, self.http.put(session.clone()).header("Content-Range", format!("bytes */{size}")))
+                            .send(
+                                &res,
+                                self.http
+                                    .put(session.clone())
+                                    .header("Content-Range", format!("bytes */{size}")),
+                            )
                             .await?;
                         self.check(&res, r).await
                     }
                     .await;
                     match status {
-                        Ok(r) if r.status() == StatusCode::PERMANENT_REDIRECT => offset = committed(&r).unwrap_or(0),
+                        Ok(r) if r.status() == StatusCode::PERMANENT_REDIRECT => {
+                            offset = committed(&r).unwrap_or(0)
+                        }
                         Ok(r) => {
-                            return r.json().await.map_err(|e| ConnError::from_reqwest(&self.connection, &res, &e));
+                            return r
+                                .json()
+                                .await
+                                .map_err(|e| ConnError::from_reqwest(&self.connection, &res, &e));
                         }
                         Err(_) => {}
                     }

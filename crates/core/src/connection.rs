@@ -53,9 +53,7 @@ pub fn check_endpoint(s: &str) -> Result<String, String> {
         .ok_or_else(|| format!("\"{s}\" must start with https:// (or http:// for an emulator)"))?;
     let host = rest.trim_end_matches('/');
     if host.is_empty() || host.contains(['/', '?', '#', ' ', '@']) {
-        return Err(format!(
-            "\"{s}\" must be scheme://host[:port] with no path"
-        ));
+        return Err(format!("\"{s}\" must be scheme://host[:port] with no path"));
     }
     Ok(s.trim_end_matches('/').to_string())
 }
@@ -71,7 +69,13 @@ mod tests {
             "http://127.0.0.1:8085"
         );
         assert!(check_endpoint("https://pubsub.googleapis.com").is_ok());
-        for bad in ["pubsub.googleapis.com", "ftp://x", "https://", "https://x/v1", "https://u@x"] {
+        for bad in [
+            "pubsub.googleapis.com",
+            "ftp://x",
+            "https://",
+            "https://x/v1",
+            "https://u@x",
+        ] {
             assert!(check_endpoint(bad).is_err(), "{bad}");
         }
     }

@@ -170,6 +170,29 @@ struct RawPool {
     api_base: Option<Spanned<String>>,
     access_token_env: Option<Spanned<String>>,
     name_prefix: Option<Spanned<String>>,
+    connection: Option<Spanned<String>>,
+    service_account: Option<Spanned<String>>,
+    scopes: Option<Vec<String>>,
+    subnetwork: Option<Spanned<String>>,
+    external_ip: Option<bool>,
+    disk_type: Option<Spanned<String>>,
+    disk_size_gb: Option<u32>,
+    #[serde(default)]
+    accelerators: Vec<RawAccelerator>,
+    spot: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAccelerator {
+    #[serde(rename = "type")]
+    accelerator_type: String,
+    #[serde(default = "one")]
+    count: u32,
+}
+
+fn one() -> u32 {
+    1
 }
 
 #[derive(Deserialize)]
@@ -426,7 +449,11 @@ fn is_env_name(s: &str) -> bool {
         && c.all(|x| x.is_ascii_alphanumeric() || x == '_')
 }
 
-fn parse_pool(cx: &Ctx<'_>, r: &RawPool) -> Result<PoolSpec, ManifestError> {
+fn parse_pool(
+    cx: &Ctx<'_>,
+    r: &RawPool,
+    connections: &[ConnectionSpec],
+) -> Result<PoolSpec, ManifestError> {
     let name = r.name.get_ref();
     validate_resource_id("pool", name).map_err(|e| cx.err(r.name.span(), e.message))?;
     let kind = r.provider.get_ref().as_str();
@@ -720,7 +747,26 @@ fn parse_pool(cx: &Ctx<'_>, r: &RawPool) -> Result<PoolSpec, ManifestError> {
             })
         }
         _ => {
-            let project = required(&r.project, "project", "my-project")?;
+            let connection = match &r.connection {
+                None => None,
+                Some(c) => Some(
+                    connections
+                        .iter()
+                        .find(|x| &x.name == c.get_ref())
+                        .cloned()
+                        .ok_or_else(|| {
+                            cx.err(
+                                c.span(),
+                                format!("connection \"{}\" is not declared; add a [[connection]] with name = \"{}\"", c.get_ref(), c.get_ref()),
+                            )
+                        })?,
+                ),
+            };
+            // A pool on a connection defaults to its project.
+            let project = match (&r.project, &connection) {
+                (None, Some(c)) => c.project.clone(),
+                _ => required(&r.project, "project", "my-project")?,
+            };
             let zone = required(&r.zone, "zone", "europe-west1-b")?;
             let machine_type = required(&r.machine_type, "machine_type", "n2-standard-4")?;
             let source_image = required(
@@ -728,7 +774,10 @@ fn parse_pool(cx: &Ctx<'_>, r: &RawPool) -> Result<PoolSpec, ManifestError> {
                 "source_image",
                 "projects/cos-cloud/global/images/family/cos-stable",
             )?;
-            let mut api_base = "https://compute.googleapis.com/compute/v1/".to_string();
+            let mut api_base = match &connection {
+                Some(c) => format!("{}/compute/v1/", c.compute_endpoint.trim_end_matches('/')),
+                None => "https://compute.googleapis.com/compute/v1/".to_string(),
+            };
             if let Some(v) = &r.api_base {
                 http_url(v, "api_base")?;
                 api_base = v.get_ref().clone();
@@ -776,6 +825,23 @@ fn parse_pool(cx: &Ctx<'_>, r: &RawPool) -> Result<PoolSpec, ManifestError> {
                 access_token_env,
                 server_url,
                 name_prefix,
+                connection,
+                service_account: opt(&r.service_account),
+                scopes: r.scopes.clone().unwrap_or_default(),
+                network: opt(&r.network),
+                subnetwork: opt(&r.subnetwork),
+                external_ip: r.external_ip.unwrap_or(true),
+                disk_type: opt(&r.disk_type),
+                disk_size_gb: r.disk_size_gb.unwrap_or(0),
+                accelerators: r
+                    .accelerators
+                    .iter()
+                    .map(|a| crate::pool::GceAccelerator {
+                        accelerator_type: a.accelerator_type.clone(),
+                        count: a.count.max(1),
+                    })
+                    .collect(),
+                spot: r.spot.unwrap_or(false),
             })
         }
     };
@@ -792,6 +858,12 @@ fn parse_pool(cx: &Ctx<'_>, r: &RawPool) -> Result<PoolSpec, ManifestError> {
         lease_timeout,
         boot_timeout,
     })
+}
+
+fn opt(v: &Option<Spanned<String>>) -> String {
+    v.as_ref()
+        .map(|v| v.get_ref().trim().to_string())
+        .unwrap_or_default()
 }
 
 fn labels_of(cx: &Ctx<'_>, l: &Option<Spanned<Labels>>) -> Result<Labels, ManifestError> {
@@ -832,14 +904,18 @@ fn parse_connection(cx: &Ctx<'_>, c: &RawConnection) -> Result<ConnectionSpec, M
         if f.get_ref().trim().is_empty() {
             return Err(cx.err(f.span(), "credentials_file must not be empty"));
         }
-        credentials = CredentialsSpec::File { path: f.get_ref().clone() };
+        credentials = CredentialsSpec::File {
+            path: f.get_ref().clone(),
+        };
         chosen.push(f.span());
     }
     if let Some(t) = &c.token_env {
         if !is_env_name(t.get_ref()) {
             return Err(cx.err(t.span(), "token_env must name an environment variable"));
         }
-        credentials = CredentialsSpec::TokenEnv { env: t.get_ref().clone() };
+        credentials = CredentialsSpec::TokenEnv {
+            env: t.get_ref().clone(),
+        };
         chosen.push(t.span());
     }
     if let Some(b) = &c.metadata_server {
@@ -856,15 +932,29 @@ fn parse_connection(cx: &Ctx<'_>, c: &RawConnection) -> Result<ConnectionSpec, M
     }
     let endpoint = |v: &Option<Spanned<String>>, dflt: &str, what: &str| match v {
         None => Ok(dflt.to_string()),
-        Some(s) => check_endpoint(s.get_ref()).map_err(|e| cx.err(s.span(), format!("{what}: {e}"))),
+        Some(s) => {
+            check_endpoint(s.get_ref()).map_err(|e| cx.err(s.span(), format!("{what}: {e}")))
+        }
     };
     Ok(ConnectionSpec {
         name: c.name.get_ref().clone(),
         project: c.project.get_ref().clone(),
         credentials,
-        pubsub_endpoint: endpoint(&c.pubsub_endpoint, GOOGLE_PUBSUB_ENDPOINT, "pubsub_endpoint")?,
-        storage_endpoint: endpoint(&c.storage_endpoint, GOOGLE_STORAGE_ENDPOINT, "storage_endpoint")?,
-        compute_endpoint: endpoint(&c.compute_endpoint, GOOGLE_COMPUTE_ENDPOINT, "compute_endpoint")?,
+        pubsub_endpoint: endpoint(
+            &c.pubsub_endpoint,
+            GOOGLE_PUBSUB_ENDPOINT,
+            "pubsub_endpoint",
+        )?,
+        storage_endpoint: endpoint(
+            &c.storage_endpoint,
+            GOOGLE_STORAGE_ENDPOINT,
+            "storage_endpoint",
+        )?,
+        compute_endpoint: endpoint(
+            &c.compute_endpoint,
+            GOOGLE_COMPUTE_ENDPOINT,
+            "compute_endpoint",
+        )?,
     })
 }
 
@@ -962,17 +1052,6 @@ pub fn parse(file: &str, src: &str) -> Result<Manifest, ManifestError> {
         });
     }
 
-    let mut pool_names = BTreeSet::new();
-    for p in &raw.pool {
-        if !pool_names.insert(p.name.get_ref().clone()) {
-            return Err(cx.err(
-                p.name.span(),
-                format!("pool \"{}\" is declared twice", p.name.get_ref()),
-            ));
-        }
-        m.pools.push(parse_pool(&cx, p)?);
-    }
-
     for c in &raw.connection {
         if m.connections.iter().any(|x| &x.name == c.name.get_ref()) {
             return Err(cx.err(
@@ -981,6 +1060,17 @@ pub fn parse(file: &str, src: &str) -> Result<Manifest, ManifestError> {
             ));
         }
         m.connections.push(parse_connection(&cx, c)?);
+    }
+
+    let mut pool_names = BTreeSet::new();
+    for p in &raw.pool {
+        if !pool_names.insert(p.name.get_ref().clone()) {
+            return Err(cx.err(
+                p.name.span(),
+                format!("pool \"{}\" is declared twice", p.name.get_ref()),
+            ));
+        }
+        m.pools.push(parse_pool(&cx, p, &m.connections)?);
     }
 
     let mut job_names = BTreeSet::new();
@@ -1587,7 +1677,12 @@ outputs = [{ from = "out/", to = "gs://their-bucket/results/{{ run.id }}/" }]
         let c = &m.connections[0];
         assert_eq!(c.pubsub_endpoint, "http://127.0.0.1:9000");
         assert_eq!(c.storage_endpoint, GOOGLE_STORAGE_ENDPOINT);
-        assert_eq!(c.credentials, CredentialsSpec::File { path: "/etc/pubrun/sa.json".into() });
+        assert_eq!(
+            c.credentials,
+            CredentialsSpec::File {
+                path: "/etc/pubrun/sa.json".into()
+            }
+        );
         let j = &m.jobs[0];
         assert_eq!(j.connection.as_ref(), Some(c));
         assert_eq!(j.subscription, "projects/theirs/subscriptions/uploads");
@@ -1595,9 +1690,15 @@ outputs = [{ from = "out/", to = "gs://their-bucket/results/{{ run.id }}/" }]
         assert_eq!(j.result_topic, "projects/theirs/topics/results");
 
         let e = err(&src.replace("connection = \"gcp\"", "connection = \"gpc\""));
-        assert!(e.message.contains("connection \"gpc\" is not declared"), "{e}");
+        assert!(
+            e.message.contains("connection \"gpc\" is not declared"),
+            "{e}"
+        );
         assert_eq!(e.line, 9);
-        let e = err(&src.replace("subscription = \"projects/theirs/subscriptions/uploads\"", "subscription = \"uploads\""));
+        let e = err(&src.replace(
+            "subscription = \"projects/theirs/subscriptions/uploads\"",
+            "subscription = \"uploads\"",
+        ));
         assert!(e.message.contains("full name"), "{e}");
         let e = err(&src.replace("name = \"xjob\"", "name = \"xjob\"\ntopic = \"t\""));
         assert!(e.message.contains("not a `topic`"), "{e}");

@@ -17,7 +17,9 @@ use pubrun_core::template::{self, TemplateContext};
 use pubrun_core::{Error, OutgoingMessage, Result, TopicName};
 use pubrun_exec::LogSink;
 
-use super::{check_no_symlink, dedup_key, now_ms, rfc3339, safe_relative, slash, walk_files, Dispatcher};
+use super::{
+    check_no_symlink, dedup_key, now_ms, rfc3339, safe_relative, slash, walk_files, Dispatcher,
+};
 use crate::runstore::{RunRecord, SourceMessage};
 
 /// The lease asked for on the connection's messages, and how often it is
@@ -29,7 +31,10 @@ const MAX_BACKOFF: Duration = Duration::from_secs(60);
 impl Dispatcher {
     /// The clients of a connection, made once per (name, spec): a changed
     /// spec (new endpoint, other key file) gets new clients.
-    pub(super) fn connection(&self, spec: &ConnectionSpec) -> std::result::Result<Arc<Connection>, ConnError> {
+    pub(super) fn connection(
+        &self,
+        spec: &ConnectionSpec,
+    ) -> std::result::Result<Arc<Connection>, ConnError> {
         let mut map = self.connections.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(c) = map.get(&spec.name) {
             if &c.spec == spec {
@@ -82,7 +87,9 @@ impl Dispatcher {
         let mut backoff = Duration::from_millis(250);
         loop {
             let Ok(spec) = self.job(&job) else { return };
-            let Some(cspec) = spec.connection.clone() else { return };
+            let Some(cspec) = spec.connection.clone() else {
+                return;
+            };
             let sub = spec.subscription.clone();
             let failed = match self.connection(&cspec) {
                 Err(e) => Some(e),
@@ -91,10 +98,19 @@ impl Dispatcher {
                     // job runs at once; each batch is queued (and acked)
                     // before the next is read.
                     let max_outstanding = i64::from(spec.concurrency.max(1));
-                    match conn.pubsub.streaming_pull(&sub, max_outstanding, ACK_DEADLINE_S).await {
+                    match conn
+                        .pubsub
+                        .streaming_pull(&sub, max_outstanding, ACK_DEADLINE_S)
+                        .await
+                    {
                         Err(e) => Some(e),
                         Ok(mut stream) => {
-                            tracing::info!(job, connection = cspec.name, subscription = sub, "job intake streaming from the connection");
+                            tracing::info!(
+                                job,
+                                connection = cspec.name,
+                                subscription = sub,
+                                "job intake streaming from the connection"
+                            );
                             loop {
                                 match stream.next().await {
                                     Ok(Some(batch)) => {
@@ -111,12 +127,24 @@ impl Dispatcher {
             };
             match failed {
                 Some(e) if e.kind == ErrorKind::Unavailable => {
-                    tracing::warn!(job, subscription = sub, "job {job}: subscription {sub}: {e}; reconnecting in {backoff:?}")
+                    tracing::warn!(
+                        job,
+                        subscription = sub,
+                        "job {job}: subscription {sub}: {e}; reconnecting in {backoff:?}"
+                    )
                 }
                 Some(e) => {
-                    tracing::error!(job, subscription = sub, "job {job}: subscription {sub}: {e}; trying again in {backoff:?}")
+                    tracing::error!(
+                        job,
+                        subscription = sub,
+                        "job {job}: subscription {sub}: {e}; trying again in {backoff:?}"
+                    )
                 }
-                None => tracing::info!(job, subscription = sub, "the connection ended the stream; reconnecting"),
+                None => tracing::info!(
+                    job,
+                    subscription = sub,
+                    "the connection ended the stream; reconnecting"
+                ),
             }
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(MAX_BACKOFF);
@@ -126,14 +154,21 @@ impl Dispatcher {
     /// Queues a run per message (dedup, filter as for local jobs), extending
     /// the messages' leases while the run store is busy; acks only what is
     /// durably queued. On failure nothing is acked: the messages come back.
-    async fn queue_remote(&self, job: &str, conn: &Connection, sub: &str, batch: Vec<ReceivedMessage>) {
+    async fn queue_remote(
+        &self,
+        job: &str,
+        conn: &Connection,
+        sub: &str,
+        batch: Vec<ReceivedMessage>,
+    ) {
         let Ok(spec) = self.job(job) else {
             // Deleted meanwhile: give the messages back at once.
             let ids = batch.into_iter().map(|m| m.ack_id).collect();
             let _ = conn.pubsub.modify_ack_deadline(sub, ids, 0).await;
             return;
         };
-        let filter = pubrun_core::filter::parse(&spec.filter).unwrap_or_else(|_| pubrun_core::filter::Filter::all());
+        let filter = pubrun_core::filter::parse(&spec.filter)
+            .unwrap_or_else(|_| pubrun_core::filter::Filter::all());
         let mut ack_ids = Vec::with_capacity(batch.len());
         let mut items = Vec::with_capacity(batch.len());
         for r in batch {
@@ -150,7 +185,8 @@ impl Dispatcher {
         }
         let store = self.store.clone();
         let s2 = spec.clone();
-        let queued = tokio::task::spawn_blocking(move || store.enqueue_batch(&s2, &items, now_ms()));
+        let queued =
+            tokio::task::spawn_blocking(move || store.enqueue_batch(&s2, &items, now_ms()));
         tokio::pin!(queued);
         let queued = loop {
             tokio::select! {
@@ -189,8 +225,15 @@ impl Dispatcher {
         }
     }
 
-    pub(super) async fn publish_remote(&self, c: &ConnectionSpec, topic: &str, msg: OutgoingMessage) -> Result<()> {
-        let conn = self.connection(c).map_err(|e| Error::unavailable(e.to_string()))?;
+    pub(super) async fn publish_remote(
+        &self,
+        c: &ConnectionSpec,
+        topic: &str,
+        msg: OutgoingMessage,
+    ) -> Result<()> {
+        let conn = self
+            .connection(c)
+            .map_err(|e| Error::unavailable(e.to_string()))?;
         let m = PubsubMessage {
             data: msg.data,
             attributes: msg.attributes.into_iter().collect(),
@@ -219,7 +262,9 @@ impl Dispatcher {
             async move {
                 check_no_symlink(workdir, &dest).map_err(|e| e.to_string())?;
                 if let Some(parent) = dest.parent() {
-                    tokio::fs::create_dir_all(parent).await.map_err(|e| e.to_string())?;
+                    tokio::fs::create_dir_all(parent)
+                        .await
+                        .map_err(|e| e.to_string())?;
                 }
                 conn.storage
                     .download(&bucket, &object, &dest)
@@ -258,7 +303,11 @@ impl Dispatcher {
                     .map_err(|e| format!("parameters: inputs.from: {}", e.message))?;
                 let (bucket, prefix) =
                     parse_gs_url(&url).map_err(|e| format!("parameters: inputs.from: {e}"))?;
-                let objects = conn.storage.list(&bucket, &prefix).await.map_err(|e| format!("inputs: {e}"))?;
+                let objects = conn
+                    .storage
+                    .list(&bucket, &prefix)
+                    .await
+                    .map_err(|e| format!("inputs: {e}"))?;
                 let (mut files, mut bytes) = (0u64, 0u64);
                 for o in objects {
                     let Some(rel) = safe_relative(&o.name[prefix.len().min(o.name.len())..]) else {
@@ -307,8 +356,11 @@ impl Dispatcher {
             match tokio::fs::symlink_metadata(&src).await {
                 Ok(m) if m.is_dir() => {}
                 _ => {
-                    log.note(&format!("output {}: no such directory; nothing uploaded", output.from))
-                        .await;
+                    log.note(&format!(
+                        "output {}: no such directory; nothing uploaded",
+                        output.from
+                    ))
+                    .await;
                     continue;
                 }
             }
@@ -319,7 +371,12 @@ impl Dispatcher {
             for rel in &files {
                 let info = conn
                     .storage
-                    .upload(&bucket, &format!("{prefix}{rel}"), &src.join(rel), &metadata)
+                    .upload(
+                        &bucket,
+                        &format!("{prefix}{rel}"),
+                        &src.join(rel),
+                        &metadata,
+                    )
                     .await
                     .map_err(|e| e.to_string())?;
                 bytes += info.size;
@@ -340,7 +397,13 @@ impl Dispatcher {
 fn source_message(m: PubsubMessage) -> SourceMessage {
     let publish_time = m
         .publish_time
-        .map(|t| rfc3339(t.seconds.saturating_mul(1_000_000_000).saturating_add(i64::from(t.nanos))))
+        .map(|t| {
+            rfc3339(
+                t.seconds
+                    .saturating_mul(1_000_000_000)
+                    .saturating_add(i64::from(t.nanos)),
+            )
+        })
         .unwrap_or_else(|| rfc3339(now_ms() * 1_000_000));
     let attributes: HashMap<String, String> = m.attributes;
     SourceMessage {

@@ -28,7 +28,10 @@
 //! TLS: rustls with the system's root certificates (`SSL_CERT_FILE`
 //! overrides them); an `http://` API base is for fakes and proxies.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use pubrun_connections::TokenSource;
 
 use pubrun_core::pool::GceProviderSpec;
 use reqwest::Method;
@@ -77,7 +80,96 @@ pub struct GceProvider {
     http: reqwest::Client,
     /// Metadata-server token and when to fetch a new one.
     cached: Mutex<Option<(String, Instant)>>,
+    /// The connection's credentials, when the pool is on one.
+    tokens: Option<Arc<TokenSource>>,
     op_timeout: Duration,
+    /// First delay of the retry backoff (tests shorten it).
+    retry_base: Duration,
+}
+
+/// Attempts of one API call on retryable errors (429, 5xx,
+/// `rateLimitExceeded`), with exponential backoff and full jitter.
+const CALL_ATTEMPTS: u32 = 6;
+const RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// Operation error codes that say "not now" rather than "never":
+/// capacity and quota, which come and go.
+const TEMPORARY_OPERATION_ERRORS: &[&str] = &[
+    "ZONE_RESOURCE_POOL_EXHAUSTED",
+    "ZONE_RESOURCE_POOL_EXHAUSTED_WITH_DETAILS",
+    "RESOURCE_POOL_EXHAUSTED",
+    "QUOTA_EXCEEDED",
+    "RESOURCE_NOT_READY",
+];
+
+/// A uniformly random duration in `[0, max]` (full jitter).
+fn jitter(max: Duration) -> Duration {
+    let mut b = [0u8; 8];
+    let r = if getrandom::fill(&mut b).is_ok() {
+        u64::from_le_bytes(b)
+    } else {
+        u64::from(std::process::id())
+    };
+    let ms = max.as_millis().max(1) as u64;
+    Duration::from_millis(r % (ms + 1))
+}
+
+/// A random UUID (v4), as Compute wants for `requestId`.
+fn request_id() -> String {
+    let mut b = [0u8; 16];
+    let _ = getrandom::fill(&mut b);
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+/// The Compute instance name of a machine: Compute wants
+/// `[a-z]([-a-z0-9]{0,61}[a-z0-9])?`. A valid name is kept; any other is
+/// lowercased, has other characters replaced by `-` and, when that changed
+/// it or it is too long, gets a hash of the original so two machine names
+/// never share an instance.
+pub fn instance_name(machine: &str) -> String {
+    let valid = |n: &str| {
+        n.len() <= 63
+            && n.starts_with(|c: char| c.is_ascii_lowercase())
+            && !n.ends_with('-')
+            && n.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+    };
+    if valid(machine) {
+        return machine.to_string();
+    }
+    let mut n: String = machine
+        .chars()
+        .map(|c| {
+            let c = c.to_ascii_lowercase();
+            if c.is_ascii_lowercase() || c.is_ascii_digit() {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    if !n.starts_with(|c: char| c.is_ascii_lowercase()) {
+        n.insert(0, 'm');
+    }
+    // FNV-1a: stable across releases (std's hasher is not).
+    let mut h: u32 = 0x811c_9dc5;
+    for b in machine.bytes() {
+        h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
+    }
+    let suffix = format!("-{h:08x}");
+    n.truncate(63 - suffix.len());
+    let n = n.trim_end_matches('-');
+    format!("{n}{suffix}")
 }
 
 /// A failed API call, before it becomes a [`ProviderError`].
@@ -101,13 +193,30 @@ impl CallError {
                 message,
             } => {
                 let text = format!("{what}: {code} {reason}: {message}");
-                if code == 429 || code >= 500 {
+                let rate_limited = code == 403 && reason.ends_with("ateLimitExceeded");
+                if code == 429 || code >= 500 || rate_limited {
                     ProviderError::Unavailable(text)
                 } else {
                     ProviderError::Refused(text)
                 }
             }
             CallError::Provider(p) => p,
+        }
+    }
+
+    fn retryable(&self) -> bool {
+        match self {
+            CallError::Status { code, reason, .. } => {
+                *code == 429
+                    || *code >= 500
+                    || (*code == 403
+                        && matches!(
+                            reason.as_str(),
+                            "rateLimitExceeded" | "userRateLimitExceeded"
+                        ))
+            }
+            CallError::Provider(ProviderError::Unavailable(_)) => true,
+            CallError::Provider(_) => false,
         }
     }
 
@@ -196,13 +305,23 @@ impl GceProvider {
             .connect_timeout(Duration::from_secs(10))
             .build()
             .map_err(|e| ProviderError::Refused(format!("gce pool: HTTP client: {e}")))?;
+        // On a connection: its key file is read (and checked) now.
+        let tokens = match &spec.connection {
+            Some(c) => Some(Arc::new(
+                TokenSource::new(&c.name, &c.credentials, http.clone())
+                    .map_err(|e| ProviderError::Refused(format!("gce pool: {e}")))?,
+            )),
+            None => None,
+        };
         Ok(GceProvider {
             spec: spec.clone(),
             base,
             token_url: METADATA_TOKEN_URL.to_string(),
             http,
             cached: Mutex::new(None),
+            tokens,
             op_timeout: DEFAULT_OPERATION_TIMEOUT,
+            retry_base: Duration::from_secs(1),
         })
     }
 
@@ -210,6 +329,12 @@ impl GceProvider {
     /// this at the fake).
     pub fn with_metadata_token_url(mut self, url: &str) -> Self {
         self.token_url = url.to_string();
+        self
+    }
+
+    /// The first retry delay (it doubles, with jitter, up to 30 s).
+    pub fn with_retry_base(mut self, base: Duration) -> Self {
+        self.retry_base = base;
         self
     }
 
@@ -227,10 +352,19 @@ impl GceProvider {
     }
 
     fn instance_url(&self, name: &str) -> String {
-        format!("{}/instances/{name}", self.zone_url())
+        format!("{}/instances/{}", self.zone_url(), instance_name(name))
     }
 
     async fn token(&self) -> Result<String, ProviderError> {
+        if let Some(ts) = &self.tokens {
+            return match ts.token().await {
+                Ok(t) => Ok(t.secret().to_string()),
+                Err(e) if e.kind.is_retryable() => {
+                    Err(ProviderError::Unavailable(format!("gce pool: {e}")))
+                }
+                Err(e) => Err(ProviderError::Refused(format!("gce pool: {e}"))),
+            };
+        }
         let env = &self.spec.access_token_env;
         if !env.is_empty() {
             return match std::env::var(env) {
@@ -279,7 +413,32 @@ impl GceProvider {
         Ok(token.to_string())
     }
 
+    /// One API call, retried with backoff and full jitter while Google
+    /// says "later": 429, 5xx, 403 `rateLimitExceeded`, no answer. Inserts
+    /// carry a `requestId`, so a retried insert is not a second instance.
     async fn call(
+        &self,
+        method: Method,
+        url: &str,
+        query: &[(&str, &str)],
+        body: Option<&Value>,
+    ) -> Result<Value, CallError> {
+        let mut delay = self.retry_base;
+        let mut attempt = 1;
+        loop {
+            match self.call_once(method.clone(), url, query, body).await {
+                Err(e) if attempt < CALL_ATTEMPTS && e.retryable() => {
+                    tracing::debug!(url, attempt, "compute API busy; retrying");
+                    tokio::time::sleep(jitter(delay)).await;
+                    delay = (delay * 2).min(RETRY_MAX);
+                    attempt += 1;
+                }
+                r => return r,
+            }
+        }
+    }
+
+    async fn call_once(
         &self,
         method: Method,
         url: &str,
@@ -344,7 +503,16 @@ impl GceProvider {
     /// become `Refused`.
     async fn wait(&self, mut op: Value, what: &str) -> Result<Value, ProviderError> {
         let deadline = Instant::now() + self.op_timeout;
+        // `wait` may answer at once (under load, or when it is not
+        // implemented by a proxy): never poll in a tight loop.
+        let mut pause = Duration::from_millis(100);
+        let mut first = true;
         loop {
+            if !first && op["status"] != "DONE" {
+                tokio::time::sleep(jitter(pause) + pause / 2).await;
+                pause = (pause * 2).min(Duration::from_secs(10));
+            }
+            first = false;
             if op["status"] == "DONE" {
                 if let Some(errors) = op["error"]["errors"].as_array() {
                     let text: Vec<String> = errors
@@ -358,10 +526,17 @@ impl GceProvider {
                         })
                         .collect();
                     if !text.is_empty() {
-                        return Err(ProviderError::Refused(format!(
-                            "{what}: {}",
-                            text.join("; ")
-                        )));
+                        let text = format!("{what}: {}", text.join("; "));
+                        // Out of capacity or quota: try again later, the
+                        // pool is not refused for it.
+                        let temporary = errors.iter().any(|e| {
+                            TEMPORARY_OPERATION_ERRORS.contains(&e["code"].as_str().unwrap_or(""))
+                        });
+                        return Err(if temporary {
+                            ProviderError::Unavailable(text)
+                        } else {
+                            ProviderError::Refused(text)
+                        });
                     }
                 }
                 return Ok(op);
@@ -414,21 +589,85 @@ impl GceProvider {
         .iter()
         .map(|(k, v)| json!({"key": k, "value": v}))
         .collect();
-        json!({
-            "name": launch.name,
+        let sp = &self.spec;
+        let mut init = json!({"sourceImage": sp.source_image});
+        if !sp.disk_type.is_empty() {
+            init["diskType"] = json!(if sp.disk_type.contains('/') {
+                sp.disk_type.clone()
+            } else {
+                format!("zones/{}/diskTypes/{}", sp.zone, sp.disk_type)
+            });
+        }
+        if sp.disk_size_gb > 0 {
+            // int64 fields are strings in Compute's JSON.
+            init["diskSizeGb"] = json!(sp.disk_size_gb.to_string());
+        }
+        let mut nic = serde_json::Map::new();
+        if !sp.network.is_empty() {
+            nic.insert("network".into(), json!(sp.network));
+        } else if sp.subnetwork.is_empty() {
+            nic.insert("network".into(), json!("global/networks/default"));
+        }
+        if !sp.subnetwork.is_empty() {
+            nic.insert("subnetwork".into(), json!(sp.subnetwork));
+        }
+        if sp.external_ip {
+            nic.insert(
+                "accessConfigs".into(),
+                json!([{"type": "ONE_TO_ONE_NAT", "name": "External NAT"}]),
+            );
+        }
+        let mut body = json!({
+            "name": instance_name(&launch.name),
             "machineType": machine_type,
             "disks": [{
                 "boot": true,
                 "autoDelete": true,
-                "initializeParams": {"sourceImage": self.spec.source_image},
+                "initializeParams": init,
             }],
-            "networkInterfaces": [{
-                "network": "global/networks/default",
-                "accessConfigs": [{"type": "ONE_TO_ONE_NAT", "name": "External NAT"}],
-            }],
+            "networkInterfaces": [nic],
             "labels": labels,
             "metadata": {"items": items},
-        })
+        });
+        if !sp.service_account.is_empty() {
+            let scopes = if sp.scopes.is_empty() {
+                vec![pubrun_connections::credentials::SCOPE.to_string()]
+            } else {
+                sp.scopes.clone()
+            };
+            body["serviceAccounts"] = json!([{"email": sp.service_account, "scopes": scopes}]);
+        }
+        let mut scheduling = serde_json::Map::new();
+        if !sp.accelerators.is_empty() {
+            body["guestAccelerators"] = Value::Array(
+                sp.accelerators
+                    .iter()
+                    .map(|a| {
+                        let t = if a.accelerator_type.contains('/') {
+                            a.accelerator_type.clone()
+                        } else {
+                            format!("zones/{}/acceleratorTypes/{}", sp.zone, a.accelerator_type)
+                        };
+                        json!({"acceleratorType": t, "acceleratorCount": a.count})
+                    })
+                    .collect(),
+            );
+            // GPUs cannot live-migrate: Compute refuses MIGRATE with them.
+            scheduling.insert("onHostMaintenance".into(), json!("TERMINATE"));
+        }
+        if sp.spot {
+            // Reclaimed spot VMs are deleted: the machine is gone, its
+            // lease lost and a new one started, never restarted behind
+            // the autoscaler's back.
+            scheduling.insert("provisioningModel".into(), json!("SPOT"));
+            scheduling.insert("instanceTerminationAction".into(), json!("DELETE"));
+            scheduling.insert("automaticRestart".into(), json!(false));
+            scheduling.insert("onHostMaintenance".into(), json!("TERMINATE"));
+        }
+        if !scheduling.is_empty() {
+            body["scheduling"] = Value::Object(scheduling);
+        }
+        body
     }
 
     /// Starts an existing instance of the pool that is not running.
@@ -500,8 +739,14 @@ impl MachineProvider for GceProvider {
     async fn start(&self, launch: &MachineLaunch) -> Result<String, ProviderError> {
         let what = format!("creating instance {}", launch.name);
         let url = format!("{}/instances", self.zone_url());
+        let rid = request_id();
         match self
-            .call(Method::POST, &url, &[], Some(&self.insert_body(launch)))
+            .call(
+                Method::POST,
+                &url,
+                &[("requestId", rid.as_str())],
+                Some(&self.insert_body(launch)),
+            )
             .await
         {
             Ok(op) => {
@@ -560,7 +805,9 @@ impl MachineProvider for GceProvider {
 
     async fn list(&self, pool: &str) -> Result<Vec<(String, ProviderStatus)>, ProviderError> {
         let url = format!("{}/instances", self.zone_url());
-        let filter = format!("labels.{POOL_LABEL}={}", label_value(pool));
+        // Google's filter grammar: `labels.KEY = "VALUE"`, the value quoted
+        // (a bare value with `-` does not parse).
+        let filter = format!("labels.{POOL_LABEL} = \"{}\"", label_value(pool));
         let mut out = Vec::new();
         let mut page = String::new();
         loop {

@@ -172,14 +172,13 @@ struct RawPool {
     name_prefix: Option<Spanned<String>>,
     connection: Option<Spanned<String>>,
     service_account: Option<Spanned<String>>,
-    scopes: Option<Vec<String>>,
+    scopes: Option<Spanned<Vec<String>>>,
     subnetwork: Option<Spanned<String>>,
-    external_ip: Option<bool>,
+    external_ip: Option<Spanned<bool>>,
     disk_type: Option<Spanned<String>>,
-    disk_size_gb: Option<u32>,
-    #[serde(default)]
-    accelerators: Vec<RawAccelerator>,
-    spot: Option<bool>,
+    disk_size_gb: Option<Spanned<u32>>,
+    accelerators: Option<Spanned<Vec<RawAccelerator>>>,
+    spot: Option<Spanned<bool>>,
 }
 
 #[derive(Deserialize)]
@@ -432,7 +431,17 @@ const DOCKER_KEYS: [&str; 7] = [
     "docker_socket",
     "machine_data_dir",
 ];
-const GCE_KEYS: [&str; 7] = [
+const GCE_KEYS: [&str; 17] = [
+    "connection",
+    "service_account",
+    "scopes",
+    "network",
+    "subnetwork",
+    "external_ip",
+    "disk_type",
+    "disk_size_gb",
+    "accelerators",
+    "spot",
     "project",
     "zone",
     "machine_type",
@@ -481,7 +490,7 @@ fn parse_pool(
     }
 
     // Keys of another provider (or of no provider) point at themselves.
-    let given: [(&str, Option<Range<usize>>); 24] = [
+    let given: [(&str, Option<Range<usize>>); 33] = [
         ("min_machines", r.min_machines.as_ref().map(|v| v.span())),
         ("max_machines", r.max_machines.as_ref().map(|v| v.span())),
         (
@@ -518,6 +527,18 @@ fn parse_pool(
             r.access_token_env.as_ref().map(|v| v.span()),
         ),
         ("name_prefix", r.name_prefix.as_ref().map(|v| v.span())),
+        ("connection", r.connection.as_ref().map(|v| v.span())),
+        (
+            "service_account",
+            r.service_account.as_ref().map(|v| v.span()),
+        ),
+        ("scopes", r.scopes.as_ref().map(|v| v.span())),
+        ("subnetwork", r.subnetwork.as_ref().map(|v| v.span())),
+        ("external_ip", r.external_ip.as_ref().map(|v| v.span())),
+        ("disk_type", r.disk_type.as_ref().map(|v| v.span())),
+        ("disk_size_gb", r.disk_size_gb.as_ref().map(|v| v.span())),
+        ("accelerators", r.accelerators.as_ref().map(|v| v.span())),
+        ("spot", r.spot.as_ref().map(|v| v.span())),
     ];
     for (key, at) in &given {
         if let Some(at) = at {
@@ -827,21 +848,28 @@ fn parse_pool(
                 name_prefix,
                 connection,
                 service_account: opt(&r.service_account),
-                scopes: r.scopes.clone().unwrap_or_default(),
+                scopes: r
+                    .scopes
+                    .as_ref()
+                    .map(|v| v.get_ref().clone())
+                    .unwrap_or_default(),
                 network: opt(&r.network),
                 subnetwork: opt(&r.subnetwork),
-                external_ip: r.external_ip.unwrap_or(true),
+                external_ip: r.external_ip.as_ref().is_none_or(|v| *v.get_ref()),
                 disk_type: opt(&r.disk_type),
-                disk_size_gb: r.disk_size_gb.unwrap_or(0),
+                disk_size_gb: r.disk_size_gb.as_ref().map_or(0, |v| *v.get_ref()),
                 accelerators: r
                     .accelerators
+                    .as_ref()
+                    .map(|v| v.get_ref().as_slice())
+                    .unwrap_or_default()
                     .iter()
                     .map(|a| crate::pool::GceAccelerator {
                         accelerator_type: a.accelerator_type.clone(),
                         count: a.count.max(1),
                     })
                     .collect(),
-                spot: r.spot.unwrap_or(false),
+                spot: r.spot.as_ref().is_some_and(|v| *v.get_ref()),
             })
         }
     };
@@ -1903,6 +1931,58 @@ process = { command = "true" }
         assert!(
             e.message
                 .contains("`name_prefix` does not apply to provider \"docker\""),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn gce_pools_on_a_connection() {
+        use crate::pool::ProviderSpec;
+        let src = r#"
+[[connection]]
+name = "gcp"
+project = "theirs"
+credentials_file = "/etc/pubrun/sa.json"
+compute_endpoint = "http://127.0.0.1:9"
+
+[[pool]]
+name = "gpu"
+provider = "gce"
+connection = "gcp"
+server_url = "http://10.0.0.2:8085"
+zone = "europe-west1-b"
+machine_type = "g2-standard-4"
+source_image = "projects/debian-cloud/global/images/family/debian-12"
+service_account = "runner@theirs.iam.gserviceaccount.com"
+subnetwork = "regions/europe-west1/subnetworks/batch"
+external_ip = false
+disk_type = "pd-ssd"
+disk_size_gb = 200
+accelerators = [{ type = "nvidia-l4", count = 2 }]
+spot = true
+"#;
+        let m = parse("pubrun.toml", src).unwrap();
+        let ProviderSpec::Gce(g) = &m.pools[0].provider else {
+            panic!("{:?}", m.pools[0])
+        };
+        assert_eq!(g.project, "theirs", "the connection's project");
+        assert_eq!(g.api_base, "http://127.0.0.1:9/compute/v1/");
+        assert_eq!(g.connection.as_ref().unwrap().name, "gcp");
+        assert!(!g.external_ip && g.spot);
+        assert_eq!((g.disk_type.as_str(), g.disk_size_gb), ("pd-ssd", 200));
+        assert_eq!(g.accelerators[0].count, 2);
+        let e = err(&src.replace(
+            "connection = \"gcp\"\nserver",
+            "connection = \"gpc\"\nserver",
+        ));
+        assert!(
+            e.message.contains("connection \"gpc\" is not declared"),
+            "{e}"
+        );
+        let e = err(&pools_with(10, "spot = true"));
+        assert!(
+            e.message
+                .contains("`spot` does not apply to provider \"docker\""),
             "{e}"
         );
     }

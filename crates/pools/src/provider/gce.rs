@@ -857,6 +857,46 @@ mod tests {
     }
 
     #[test]
+    fn instance_names_are_valid_for_compute() {
+        let ok = |n: &str| {
+            n.len() <= 63
+                && n.starts_with(|c: char| c.is_ascii_lowercase())
+                && !n.ends_with('-')
+                && n.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        };
+        assert_eq!(instance_name("pubrun-big-1"), "pubrun-big-1");
+        for n in [
+            "Big_Pool-1",
+            "pubrun-Big.Pool~2-3",
+            "9lives-1",
+            &format!("pubrun-{}-1", "x".repeat(80)),
+            "-",
+        ] {
+            let i = instance_name(n);
+            assert!(ok(&i), "{n} -> {i}");
+        }
+        // Distinct machines, distinct instances (the hash keeps them apart).
+        assert_ne!(instance_name("pubrun-A-1"), instance_name("pubrun-a-1"));
+        let long = format!("pubrun-{}", "y".repeat(80));
+        assert_ne!(
+            instance_name(&format!("{long}-1")),
+            instance_name(&format!("{long}-2"))
+        );
+    }
+
+    #[test]
+    fn request_ids_are_uuids_and_jitter_is_bounded() {
+        let (a, b) = (request_id(), request_id());
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 36);
+        assert_eq!(&a[14..15], "4");
+        for _ in 0..100 {
+            assert!(jitter(Duration::from_millis(50)) <= Duration::from_millis(50));
+        }
+    }
+
+    #[test]
     fn statuses() {
         assert_eq!(status_of("PROVISIONING"), ProviderStatus::Pending);
         assert_eq!(status_of("STAGING"), ProviderStatus::Pending);

@@ -387,6 +387,7 @@ impl PoolsDb {
     }
 
     /// Up-spans overlapping `[since, until)`: (machine, pool, start, end or None).
+    #[allow(clippy::type_complexity)] // (machine, pool, from, to): read once, by cost.rs
     pub fn spans(&self, since_ms: i64) -> Result<Vec<(String, String, i64, Option<i64>)>> {
         let c = self.conn();
         let mut st = c

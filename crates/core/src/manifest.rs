@@ -1988,6 +1988,18 @@ spot = true
     }
 
     #[test]
+    fn the_gce_example_manifest_is_valid() {
+        use crate::pool::ProviderSpec;
+        let m = parse("pubrun.toml", include_str!("../../../examples/gce/pubrun.toml")).unwrap();
+        let ProviderSpec::Gce(g) = &m.pools[0].provider else {
+            panic!("{:?}", m.pools[0])
+        };
+        assert!(g.spot && !g.external_ip && g.connection.is_some());
+        assert_eq!(m.jobs[0].pool, "gpu");
+        assert_eq!(m.jobs[0].connection.as_ref().unwrap().name, "gcp");
+    }
+
+    #[test]
     fn job_pool_must_be_declared() {
         let e = err(&POOLS.replace("pool = \"big\"", "pool = \"bigg\""));
         assert_eq!((e.line, e.column), (37, 8), "{e}");

@@ -171,6 +171,7 @@ struct RawPool {
     access_token_env: Option<Spanned<String>>,
     name_prefix: Option<Spanned<String>>,
     connection: Option<Spanned<String>>,
+    zones: Option<Spanned<Vec<String>>>,
     service_account: Option<Spanned<String>>,
     scopes: Option<Spanned<Vec<String>>>,
     subnetwork: Option<Spanned<String>>,
@@ -431,7 +432,8 @@ const DOCKER_KEYS: [&str; 7] = [
     "docker_socket",
     "machine_data_dir",
 ];
-const GCE_KEYS: [&str; 17] = [
+const GCE_KEYS: [&str; 18] = [
+    "zones",
     "connection",
     "service_account",
     "scopes",
@@ -490,7 +492,7 @@ fn parse_pool(
     }
 
     // Keys of another provider (or of no provider) point at themselves.
-    let given: [(&str, Option<Range<usize>>); 33] = [
+    let given: [(&str, Option<Range<usize>>); 34] = [
         ("min_machines", r.min_machines.as_ref().map(|v| v.span())),
         ("max_machines", r.max_machines.as_ref().map(|v| v.span())),
         (
@@ -528,6 +530,7 @@ fn parse_pool(
         ),
         ("name_prefix", r.name_prefix.as_ref().map(|v| v.span())),
         ("connection", r.connection.as_ref().map(|v| v.span())),
+        ("zones", r.zones.as_ref().map(|v| v.span())),
         (
             "service_account",
             r.service_account.as_ref().map(|v| v.span()),
@@ -846,6 +849,11 @@ fn parse_pool(
                 access_token_env,
                 server_url,
                 name_prefix,
+                zones: r
+                    .zones
+                    .as_ref()
+                    .map(|v| v.get_ref().clone())
+                    .unwrap_or_default(),
                 connection,
                 service_account: opt(&r.service_account),
                 scopes: r
@@ -1990,7 +1998,11 @@ spot = true
     #[test]
     fn the_gce_example_manifest_is_valid() {
         use crate::pool::ProviderSpec;
-        let m = parse("pubrun.toml", include_str!("../../../examples/gce/pubrun.toml")).unwrap();
+        let m = parse(
+            "pubrun.toml",
+            include_str!("../../../examples/gce/pubrun.toml"),
+        )
+        .unwrap();
         let ProviderSpec::Gce(g) = &m.pools[0].provider else {
             panic!("{:?}", m.pools[0])
         };

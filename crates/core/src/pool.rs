@@ -128,6 +128,10 @@ pub struct GceProviderSpec {
     /// [`DEFAULT_NAME_PREFIX`] (also when absent from a stored spec).
     #[serde(default = "default_name_prefix")]
     pub name_prefix: String,
+    /// More zones to create instances in when `zone` (tried first) is
+    /// out of capacity (`ZONE_RESOURCE_POOL_EXHAUSTED`).
+    #[serde(default)]
+    pub zones: Vec<String>,
     /// Calls the Compute API with this connection's credentials and
     /// endpoint (instead of `access_token_env` or the metadata server).
     #[serde(default)]
@@ -192,6 +196,7 @@ impl Default for GceProviderSpec {
             access_token_env: String::new(),
             server_url: String::new(),
             name_prefix: default_name_prefix(),
+            zones: Vec::new(),
             connection: None,
             service_account: String::new(),
             scopes: Vec::new(),

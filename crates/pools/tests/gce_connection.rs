@@ -333,3 +333,54 @@ async fn defaults_keep_the_default_network_with_an_external_ip() {
         "{body}"
     );
 }
+
+#[tokio::test]
+async fn a_zone_out_of_capacity_falls_back_to_the_next_zone() {
+    let s = setup().await;
+    let other = "europe-west1-c";
+    let mut spec = s.spec.clone();
+    spec.zones = vec![other.into()];
+    let p = GceProvider::new(&spec).unwrap();
+    s.fake.fail_next_insert(
+        "ZONE_RESOURCE_POOL_EXHAUSTED",
+        "The zone does not have enough resources available to fulfill the request.",
+    );
+    within("start", p.start(&launch("pubrun-gpu-1")))
+        .await
+        .unwrap();
+    assert!(
+        s.fake.instance(PROJECT, other, "pubrun-gpu-1").is_some(),
+        "created in the next zone"
+    );
+    let bodies = s.fake.inserts();
+    assert_eq!(bodies.len(), 2, "one insert per zone");
+    assert_eq!(
+        bodies[1]["machineType"],
+        format!("zones/{other}/machineTypes/g2-standard-4")
+    );
+    until_status(&p, "pubrun-gpu-1", ProviderStatus::Running).await;
+    assert_eq!(
+        p.list("gpu").await.unwrap(),
+        vec![("pubrun-gpu-1".to_string(), ProviderStatus::Running)]
+    );
+
+    // Stopped there, it is started there again by a provider that has
+    // forgotten where it was (a server restart), not made twice.
+    p.stop("pubrun-gpu-1", false).await.unwrap();
+    until_status(&p, "pubrun-gpu-1", ProviderStatus::Stopped).await;
+    let p = GceProvider::new(&spec).unwrap();
+    within("restart", p.start(&launch("pubrun-gpu-1")))
+        .await
+        .unwrap();
+    assert_eq!(s.fake.inserts().len(), 2, "no new insert");
+    assert_eq!(
+        s.fake.operations(PROJECT, other, "pubrun-gpu-1"),
+        vec![
+            "insert".to_string(),
+            "stop".to_string(),
+            "start".to_string()
+        ]
+    );
+    p.stop("pubrun-gpu-1", true).await.unwrap();
+    until_status(&p, "pubrun-gpu-1", ProviderStatus::Gone).await;
+}

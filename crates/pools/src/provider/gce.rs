@@ -80,6 +80,8 @@ pub struct GceProvider {
     http: reqwest::Client,
     /// Metadata-server token and when to fetch a new one.
     cached: Mutex<Option<(String, Instant)>>,
+    /// The zone each machine was last seen in (several zones per pool).
+    zone_of: std::sync::Mutex<std::collections::HashMap<String, String>>,
     /// The connection's credentials, when the pool is on one.
     tokens: Option<Arc<TokenSource>>,
     op_timeout: Duration,
@@ -320,6 +322,7 @@ impl GceProvider {
             http,
             cached: Mutex::new(None),
             tokens,
+            zone_of: Default::default(),
             op_timeout: DEFAULT_OPERATION_TIMEOUT,
             retry_base: Duration::from_secs(1),
         })
@@ -344,15 +347,30 @@ impl GceProvider {
         self
     }
 
-    fn zone_url(&self) -> String {
-        format!(
-            "{}projects/{}/zones/{}",
-            self.base, self.spec.project, self.spec.zone
-        )
+    fn zone_url(&self, zone: &str) -> String {
+        format!("{}projects/{}/zones/{zone}", self.base, self.spec.project)
     }
 
-    fn instance_url(&self, name: &str) -> String {
-        format!("{}/instances/{}", self.zone_url(), instance_name(name))
+    fn instance_url(&self, zone: &str, name: &str) -> String {
+        format!("{}/instances/{}", self.zone_url(zone), instance_name(name))
+    }
+
+    /// The pool's zones, the first one preferred.
+    fn zones(&self) -> Vec<String> {
+        let mut z = vec![self.spec.zone.clone()];
+        for x in &self.spec.zones {
+            if !z.contains(x) {
+                z.push(x.clone());
+            }
+        }
+        z
+    }
+
+    fn remember_zone(&self, name: &str, zone: &str) {
+        self.zone_of
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_string(), zone.to_string());
     }
 
     async fn token(&self) -> Result<String, ProviderError> {
@@ -488,9 +506,9 @@ impl GceProvider {
         })
     }
 
-    async fn get(&self, name: &str) -> Result<Option<Value>, ProviderError> {
+    async fn get_in(&self, zone: &str, name: &str) -> Result<Option<Value>, ProviderError> {
         match self
-            .call(Method::GET, &self.instance_url(name), &[], None)
+            .call(Method::GET, &self.instance_url(zone, name), &[], None)
             .await
         {
             Ok(v) => Ok(Some(v)),
@@ -499,9 +517,32 @@ impl GceProvider {
         }
     }
 
+    /// The instance of a machine and its zone: the zone it was started in
+    /// when known, else each of the pool's zones in turn.
+    async fn get(&self, name: &str) -> Result<Option<(String, Value)>, ProviderError> {
+        let known = self
+            .zone_of
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned();
+        let mut zones = self.zones();
+        if let Some(z) = known {
+            zones.retain(|x| *x != z);
+            zones.insert(0, z);
+        }
+        for z in zones {
+            if let Some(i) = self.get_in(&z, name).await? {
+                self.remember_zone(name, &z);
+                return Ok(Some((z, i)));
+            }
+        }
+        Ok(None)
+    }
+
     /// Follows a zone operation until it is `DONE`; its recorded errors
     /// become `Refused`.
-    async fn wait(&self, mut op: Value, what: &str) -> Result<Value, ProviderError> {
+    async fn wait(&self, mut op: Value, what: &str, zone: &str) -> Result<Value, ProviderError> {
         let deadline = Instant::now() + self.op_timeout;
         // `wait` may answer at once (under load, or when it is not
         // implemented by a proxy): never poll in a tight loop.
@@ -553,7 +594,7 @@ impl GceProvider {
                     "{what}: the answer is not an operation: {op}"
                 )));
             };
-            let url = format!("{}/operations/{name}/wait", self.zone_url());
+            let url = format!("{}/operations/{name}/wait", self.zone_url(zone));
             op = self
                 .call(Method::POST, &url, &[], None)
                 .await
@@ -561,14 +602,11 @@ impl GceProvider {
         }
     }
 
-    fn insert_body(&self, launch: &MachineLaunch) -> Value {
+    fn insert_body(&self, launch: &MachineLaunch, zone: &str) -> Value {
         let machine_type = if self.spec.machine_type.contains('/') {
             self.spec.machine_type.clone()
         } else {
-            format!(
-                "zones/{}/machineTypes/{}",
-                self.spec.zone, self.spec.machine_type
-            )
+            format!("zones/{}/machineTypes/{}", zone, self.spec.machine_type)
         };
         let mut labels = serde_json::Map::new();
         for (k, v) in &launch.labels {
@@ -595,7 +633,7 @@ impl GceProvider {
             init["diskType"] = json!(if sp.disk_type.contains('/') {
                 sp.disk_type.clone()
             } else {
-                format!("zones/{}/diskTypes/{}", sp.zone, sp.disk_type)
+                format!("zones/{zone}/diskTypes/{}", sp.disk_type)
             });
         }
         if sp.disk_size_gb > 0 {
@@ -646,7 +684,7 @@ impl GceProvider {
                         let t = if a.accelerator_type.contains('/') {
                             a.accelerator_type.clone()
                         } else {
-                            format!("zones/{}/acceleratorTypes/{}", sp.zone, a.accelerator_type)
+                            format!("zones/{zone}/acceleratorTypes/{}", a.accelerator_type)
                         };
                         json!({"acceleratorType": t, "acceleratorCount": a.count})
                     })
@@ -674,6 +712,7 @@ impl GceProvider {
     async fn start_existing(
         &self,
         launch: &MachineLaunch,
+        zone: &str,
         mut instance: Value,
     ) -> Result<String, ProviderError> {
         let name = &launch.name;
@@ -699,13 +738,14 @@ impl GceProvider {
                     let op = self
                         .call(
                             Method::POST,
-                            &format!("{}/start", self.instance_url(name)),
+                            &format!("{}/start", self.instance_url(zone, name)),
                             &[],
                             None,
                         )
                         .await
                         .map_err(|e| e.into_provider(&format!("starting instance {name}")))?;
-                    self.wait(op, &format!("starting instance {name}")).await?;
+                    self.wait(op, &format!("starting instance {name}"), zone)
+                        .await?;
                     return Ok(link);
                 }
                 // Still stopping: it can be started once it has stopped.
@@ -718,7 +758,7 @@ impl GceProvider {
                 )));
             }
             tokio::time::sleep(Duration::from_secs(2)).await;
-            instance = match self.get(name).await? {
+            instance = match self.get_in(zone, name).await? {
                 Some(i) => i,
                 None => {
                     return Err(ProviderError::Unavailable(format!(
@@ -728,6 +768,44 @@ impl GceProvider {
             };
         }
     }
+
+    /// Inserts the machine's instance in one zone and follows the operation.
+    async fn insert_in(&self, launch: &MachineLaunch, zone: &str) -> Result<String, ProviderError> {
+        let what = format!("creating instance {} in {zone}", launch.name);
+        let url = format!("{}/instances", self.zone_url(zone));
+        // One id for all retries of this insert: Google runs it once.
+        let rid = request_id();
+        match self
+            .call(
+                Method::POST,
+                &url,
+                &[("requestId", rid.as_str())],
+                Some(&self.insert_body(launch, zone)),
+            )
+            .await
+        {
+            Ok(op) => {
+                self.remember_zone(&launch.name, zone);
+                let op = self.wait(op, &what, zone).await?;
+                Ok(op["targetLink"]
+                    .as_str()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| self.instance_url(zone, &launch.name)))
+            }
+            Err(e) if e.is(409) => match self.get_in(zone, &launch.name).await? {
+                Some(instance) => self.start_existing(launch, zone, instance).await,
+                None => Err(ProviderError::Unavailable(format!(
+                    "{what}: it exists and does not; try again"
+                ))),
+            },
+            Err(e) => Err(e.into_provider(&what)),
+        }
+    }
+}
+
+/// Whether an error says "this zone has no room now" (try another zone).
+fn out_of_capacity(e: &ProviderError) -> bool {
+    matches!(e, ProviderError::Unavailable(m) if m.contains("RESOURCE_POOL_EXHAUSTED"))
 }
 
 #[async_trait::async_trait]
@@ -737,60 +815,49 @@ impl MachineProvider for GceProvider {
     }
 
     async fn start(&self, launch: &MachineLaunch) -> Result<String, ProviderError> {
-        let what = format!("creating instance {}", launch.name);
-        let url = format!("{}/instances", self.zone_url());
-        let rid = request_id();
-        match self
-            .call(
-                Method::POST,
-                &url,
-                &[("requestId", rid.as_str())],
-                Some(&self.insert_body(launch)),
-            )
-            .await
-        {
-            Ok(op) => {
-                let op = self.wait(op, &what).await?;
-                Ok(op["targetLink"]
-                    .as_str()
-                    .map(str::to_string)
-                    .unwrap_or_else(|| self.instance_url(&launch.name)))
+        let zones = self.zones();
+        // With several zones, a stopped machine may be in any of them:
+        // start it where it is rather than make a second one.
+        if zones.len() > 1 {
+            if let Some((zone, instance)) = self.get(&launch.name).await? {
+                return self.start_existing(launch, &zone, instance).await;
             }
-            Err(e) if e.is(409) => match self.get(&launch.name).await? {
-                Some(instance) => self.start_existing(launch, instance).await,
-                None => Err(ProviderError::Unavailable(format!(
-                    "{what}: it exists and does not; try again"
-                ))),
-            },
-            Err(e) => Err(e.into_provider(&what)),
         }
+        let mut last = None;
+        for zone in &zones {
+            match self.insert_in(launch, zone).await {
+                Err(e) if out_of_capacity(&e) => {
+                    tracing::warn!(machine = launch.name, zone, error = %e, "zone out of capacity; trying the next zone");
+                    last = Some(e);
+                }
+                r => return r,
+            }
+        }
+        Err(last.unwrap_or_else(|| ProviderError::Unavailable("no zone".into())))
     }
 
     async fn stop(&self, name: &str, delete: bool) -> Result<(), ProviderError> {
+        let Some((zone, instance)) = self.get(name).await? else {
+            return Ok(());
+        };
         let (method, url, what) = if delete {
             (
                 Method::DELETE,
-                self.instance_url(name),
+                self.instance_url(&zone, name),
                 format!("deleting instance {name}"),
             )
         } else {
-            match self.get(name).await? {
-                None => return Ok(()),
-                Some(i)
-                    if status_of(i["status"].as_str().unwrap_or("")) == ProviderStatus::Stopped =>
-                {
-                    return Ok(())
-                }
-                Some(_) => {}
+            if status_of(instance["status"].as_str().unwrap_or("")) == ProviderStatus::Stopped {
+                return Ok(());
             }
             (
                 Method::POST,
-                format!("{}/stop", self.instance_url(name)),
+                format!("{}/stop", self.instance_url(&zone, name)),
                 format!("stopping instance {name}"),
             )
         };
         match self.call(method, &url, &[], None).await {
-            Ok(op) => self.wait(op, &what).await.map(drop),
+            Ok(op) => self.wait(op, &what, &zone).await.map(drop),
             Err(e) if e.is(404) => Ok(()),
             Err(e) => Err(e.into_provider(&what)),
         }
@@ -799,12 +866,30 @@ impl MachineProvider for GceProvider {
     async fn status(&self, name: &str) -> Result<ProviderStatus, ProviderError> {
         Ok(match self.get(name).await? {
             None => ProviderStatus::Gone,
-            Some(i) => status_of(i["status"].as_str().unwrap_or("")),
+            Some((_, i)) => status_of(i["status"].as_str().unwrap_or("")),
         })
     }
 
     async fn list(&self, pool: &str) -> Result<Vec<(String, ProviderStatus)>, ProviderError> {
-        let url = format!("{}/instances", self.zone_url());
+        let mut out = Vec::new();
+        for zone in self.zones() {
+            for (name, status) in self.list_in(&zone, pool).await? {
+                self.remember_zone(&name, &zone);
+                out.push((name, status));
+            }
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
+    }
+}
+
+impl GceProvider {
+    async fn list_in(
+        &self,
+        zone: &str,
+        pool: &str,
+    ) -> Result<Vec<(String, ProviderStatus)>, ProviderError> {
+        let url = format!("{}/instances", self.zone_url(zone));
         // Google's filter grammar: `labels.KEY = "VALUE"`, the value quoted
         // (a bare value with `-` does not parse).
         let filter = format!("labels.{POOL_LABEL} = \"{}\"", label_value(pool));
@@ -838,7 +923,6 @@ impl MachineProvider for GceProvider {
                 _ => break,
             }
         }
-        out.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(out)
     }
 }
@@ -932,14 +1016,17 @@ mod tests {
         };
         let p = GceProvider::new(&ok).unwrap();
         assert_eq!(p.base, "http://127.0.0.1:1/compute/v1/");
-        let body = p.insert_body(&MachineLaunch {
-            pool: "Big".into(),
-            name: "pubrun-big-1".into(),
-            server_url: "http://10.0.0.2:8085".into(),
-            token: "t".into(),
-            slots: 2,
-            labels: Default::default(),
-        });
+        let body = p.insert_body(
+            &MachineLaunch {
+                pool: "Big".into(),
+                name: "pubrun-big-1".into(),
+                server_url: "http://10.0.0.2:8085".into(),
+                token: "t".into(),
+                slots: 2,
+                labels: Default::default(),
+            },
+            "us-central1-a",
+        );
         assert_eq!(
             body["machineType"],
             "zones/us-central1-a/machineTypes/e2-small"

@@ -180,7 +180,7 @@ impl Pools {
                         m.last_error = e.to_string();
                         let _ = this.db().upsert_machine(&m);
                         // Nothing started, so nothing costs.
-                        if matches!(e, ProviderError::Refused(_)) {
+                        if matches!(e, ProviderError::Refused(_) | ProviderError::NoCapacity(_)) {
                             let _ = this.db().span_close(&launch.name, now);
                         } else {
                             m.last_error.push_str(" [not stopped]");

@@ -298,12 +298,12 @@ async fn invalid_requests_are_refused_with_googles_message() {
         "ZONE_RESOURCE_POOL_EXHAUSTED",
         "The zone does not have enough resources available.",
     );
-    // Out of capacity is temporary: Unavailable (retry later), never Refused.
+    // Out of capacity is temporary (retry later or elsewhere), never Refused.
     match within("exhausted", p.start(&launch("big", "pubrun-big-2"))).await {
-        Err(ProviderError::Unavailable(m)) => {
+        Err(ProviderError::NoCapacity(m)) => {
             assert!(m.contains("ZONE_RESOURCE_POOL_EXHAUSTED"), "{m}")
         }
-        other => panic!("want Unavailable, got {other:?}"),
+        other => panic!("want NoCapacity, got {other:?}"),
     }
     wait_status(&p, "pubrun-big-2", ProviderStatus::Gone).await;
     // The failure was for that insert only.

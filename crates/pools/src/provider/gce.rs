@@ -574,7 +574,7 @@ impl GceProvider {
                             TEMPORARY_OPERATION_ERRORS.contains(&e["code"].as_str().unwrap_or(""))
                         });
                         return Err(if temporary {
-                            ProviderError::Unavailable(text)
+                            ProviderError::NoCapacity(text)
                         } else {
                             ProviderError::Refused(text)
                         });
@@ -805,7 +805,7 @@ impl GceProvider {
 
 /// Whether an error says "this zone has no room now" (try another zone).
 fn out_of_capacity(e: &ProviderError) -> bool {
-    matches!(e, ProviderError::Unavailable(m) if m.contains("RESOURCE_POOL_EXHAUSTED"))
+    matches!(e, ProviderError::NoCapacity(_))
 }
 
 #[async_trait::async_trait]
@@ -833,7 +833,7 @@ impl MachineProvider for GceProvider {
                 r => return r,
             }
         }
-        Err(last.unwrap_or_else(|| ProviderError::Unavailable("no zone".into())))
+        Err(last.unwrap_or_else(|| ProviderError::NoCapacity("no zone".into())))
     }
 
     async fn stop(&self, name: &str, delete: bool) -> Result<(), ProviderError> {

@@ -697,3 +697,69 @@ async fn the_google_side_restarting_mid_run_loses_nothing_and_duplicates_nothing
     assert_eq!(tokens.refused.load(Ordering::SeqCst), 0);
     assert!(!local.log().contains(T2));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_endpoint_is_named_and_the_intake_recovers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (private_pem, public_pem) = rsa_key(tmp.path(), "sa");
+    let tokens = token_endpoint(public_pem).await;
+    let key = key_file(tmp.path(), &private_pem, &tokens.url);
+
+    // The local server starts while "Google" is down.
+    let gport = free_port();
+    let local = Serve::start(
+        &tmp.path().join("local"),
+        free_port(),
+        &local_manifest(&key, gport),
+        None,
+    );
+    let line = until(
+        "the intake's error",
+        || local.log(),
+        || async {
+            local
+                .log()
+                .lines()
+                .find(|l| l.contains("connection gcp:") && l.contains("UNAVAILABLE"))
+                .map(str::to_string)
+        },
+    )
+    .await;
+    assert!(
+        line.contains("projects/theirs/subscriptions/uploads-sub"),
+        "{line}"
+    );
+    assert!(
+        line.contains(&format!("127.0.0.1:{gport}")),
+        "the endpoint is named: {line}"
+    );
+
+    // "Google" comes up: the intake reconnects and the flow works.
+    let google = Serve::start(
+        &tmp.path().join("google"),
+        gport,
+        google_manifest(),
+        Some(T2),
+    );
+    let g = Google {
+        http: reqwest::Client::new(),
+        base: google.url(),
+    };
+    let logs = || {
+        format!(
+            "--- local ---\n{}\n--- google ---\n{}",
+            local.log(),
+            google.log()
+        )
+    };
+    g.upload("in/data.txt", b"late\n").await;
+    let results = until("a result", logs, || async {
+        let m = g.pull("results-sub", true).await;
+        (!m.is_empty()).then_some(m)
+    })
+    .await;
+    assert_eq!(
+        results[0]["message"]["attributes"]["status"], "succeeded",
+        "{results:?}"
+    );
+}

@@ -105,8 +105,14 @@ impl RemotePubsub {
             self.tokens.invalidate().await;
         }
         let mut e = ConnError::from_status(&self.connection, resource, &s);
-        if e.kind == ErrorKind::Unavailable && s.message().contains("transport") {
-            e.message = format!("{} unreachable: {}", self.endpoint, e.message);
+        // "tcp connect error" alone does not say where: name the endpoint.
+        if e.kind == ErrorKind::Unavailable && !e.message.contains(&self.endpoint) {
+            let what = if s.message().contains("connect") || s.message().contains("transport") {
+                "unreachable"
+            } else {
+                "unavailable"
+            };
+            e.message = format!("{} {what}: {}", self.endpoint, e.message);
         }
         e
     }

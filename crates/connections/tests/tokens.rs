@@ -88,7 +88,7 @@ async fn token(
         }
         Some("refresh_token") => {
             f.get("refresh_token").map(String::as_str) == Some("rt-1")
-                && f.get("client_secret").is_some()
+                && f.contains_key("client_secret")
         }
         _ => false,
     };

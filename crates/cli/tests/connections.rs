@@ -763,3 +763,56 @@ async fn an_unreachable_endpoint_is_named_and_the_intake_recovers() {
         "{results:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_inputs_and_outputs_cross_the_connection_intact() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (private_pem, public_pem) = rsa_key(tmp.path(), "sa");
+    let tokens = token_endpoint(public_pem).await;
+    let key = key_file(tmp.path(), &private_pem, &tokens.url);
+    let gport = free_port();
+    let google = Serve::start(
+        &tmp.path().join("google"),
+        gport,
+        google_manifest(),
+        Some(T2),
+    );
+    let g = Google {
+        http: reqwest::Client::new(),
+        base: google.url(),
+    };
+    let script = "mkdir -p out && cp in/big.bin out/copy.bin";
+    let local = Serve::start(
+        &tmp.path().join("local"),
+        free_port(),
+        &local_manifest_with(&key, gport, script),
+        None,
+    );
+    let logs = || {
+        format!(
+            "--- local ---\n{}\n--- google ---\n{}",
+            local.log(),
+            google.log()
+        )
+    };
+
+    // 20 MiB + 1: three resumable chunks of 8 MiB, the last one short.
+    let data: Vec<u8> = (0..(20u32 << 20) + 1)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    g.upload("in/big.bin", &data).await;
+    let results = until("a result", logs, || async {
+        let m = g.pull("results-sub", true).await;
+        (!m.is_empty()).then_some(m)
+    })
+    .await;
+    let attrs = &results[0]["message"]["attributes"];
+    assert_eq!(attrs["status"], "succeeded", "{results:?}\n{}", logs());
+    let run_id = attrs["run_id"].as_str().unwrap();
+    let out = g
+        .download(&format!("results/{run_id}/copy.bin"))
+        .await
+        .expect("the output exists");
+    assert_eq!(out.len(), data.len());
+    assert!(out == data, "the output's bytes differ from the input's");
+}

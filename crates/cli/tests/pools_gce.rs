@@ -363,7 +363,9 @@ async fn gce_pool_starts_runs_stops_and_restarts_an_instance() {
     assert_eq!(item(body, "pubrun-pool").as_deref(), Some("gpu"));
     assert_eq!(item(body, "pubrun-name").as_deref(), Some(name));
     assert_eq!(item(body, "pubrun-slots").as_deref(), Some("1"));
-    assert_eq!(item(body, "pubrun-token").as_deref(), Some(POOL_TOKEN));
+    // Not the pool token: a one-time bootstrap token for this start.
+    let bootstrap = item(body, "pubrun-token").unwrap_or_default();
+    assert!(bootstrap.len() >= 32 && bootstrap != POOL_TOKEN, "{body:#}");
     let script = item(body, "startup-script").unwrap_or_default();
     assert!(
         script.starts_with("#!") && script.contains("agent --server"),
@@ -405,6 +407,18 @@ async fn gce_pool_starts_runs_stops_and_restarts_an_instance() {
     let pid = pid.unwrap_or_else(|| panic!("no agent process for {name}\n{}", env.logs()));
     assert!(process_exists(pid), "agent {pid} is not running");
 
+    // Its agent traded the bootstrap token for the pool token: what the
+    // metadata still holds opens nothing.
+    let refused = env
+        .http
+        .post(env.url("/agent/v1/register"))
+        .bearer_auth(&bootstrap)
+        .json(&json!({"pool": "gpu", "name": name, "slots": 1, "labels": {}, "version": "x"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), reqwest::StatusCode::UNAUTHORIZED);
+
     // Idle for idle_timeout: stopped (not deleted: when_idle = "stop"),
     // and its agent is gone.
     wait_until!(env, format!("{name} TERMINATED at the fake"), {
@@ -436,10 +450,18 @@ async fn gce_pool_starts_runs_stops_and_restarts_an_instance() {
     let log = env.get_text(&format!("/api/v1/runs/{run2}/log")).await;
     assert!(log.contains("crunched 2\n"), "{log}");
     let ops = env.fake.operations(PROJECT, ZONE, name);
+    // A fresh bootstrap token is set before the start.
     assert!(
-        ops.starts_with(&["insert".into(), "stop".into(), "start".into()]),
+        ops.starts_with(&[
+            "insert".into(),
+            "stop".into(),
+            "setMetadata".into(),
+            "start".into()
+        ]),
         "{ops:?}"
     );
+    let again = item(&env.instance(name).unwrap(), "pubrun-token").unwrap_or_default();
+    assert!(again.len() >= 32 && again != bootstrap && again != POOL_TOKEN);
     assert_eq!(ops.iter().filter(|o| *o == "insert").count(), 1, "{ops:?}");
     assert_eq!(env.instance(name).unwrap()["id"], id, "the same instance");
     let new_pid = env.fake.agent_pid(PROJECT, ZONE, name);

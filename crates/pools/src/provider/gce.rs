@@ -7,7 +7,9 @@
 //! An instance carries the labels `pubrun-pool` and `pubrun-machine` (values
 //! reduced to what label values allow) and the metadata items
 //! `pubrun-server`, `pubrun-pool`, `pubrun-name`, `pubrun-slots`,
-//! `pubrun-token` and a `startup-script` that reads them back from the
+//! `pubrun-token` (a one-time bootstrap token, replaced through
+//! `instances.setMetadata` before a stopped instance is started again)
+//! and a `startup-script` that reads them back from the
 //! metadata server and runs `pubrun agent` (the token in its environment,
 //! not argv). The boot image must have `pubrun` on `PATH` or at
 //! `/usr/local/bin/pubrun`. Metadata is set at insert only: an existing
@@ -735,6 +737,11 @@ impl GceProvider {
                     )))
                 }
                 ProviderStatus::Stopped => {
+                    // A new start has a new bootstrap token: the old one
+                    // in the metadata is used up.
+                    if metadata_item(&instance, "pubrun-token") != Some(launch.token.as_str()) {
+                        self.set_token(zone, name, &instance, &launch.token).await?;
+                    }
                     let op = self
                         .call(
                             Method::POST,
@@ -767,6 +774,40 @@ impl GceProvider {
                 }
             };
         }
+    }
+
+    /// Replaces the `pubrun-token` metadata item (`instances.setMetadata`,
+    /// guarded by the metadata's fingerprint).
+    async fn set_token(
+        &self,
+        zone: &str,
+        name: &str,
+        instance: &Value,
+        token: &str,
+    ) -> Result<(), ProviderError> {
+        let mut items: Vec<Value> = instance["metadata"]["items"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|i| i["key"] != "pubrun-token")
+            .collect();
+        items.push(json!({"key": "pubrun-token", "value": token}));
+        let body = json!({
+            "fingerprint": instance["metadata"]["fingerprint"],
+            "items": items,
+        });
+        let what = format!("setting the bootstrap token of instance {name}");
+        let op = self
+            .call(
+                Method::POST,
+                &format!("{}/setMetadata", self.instance_url(zone, name)),
+                &[],
+                Some(&body),
+            )
+            .await
+            .map_err(|e| e.into_provider(&what))?;
+        self.wait(op, &what, zone).await.map(drop)
     }
 
     /// Inserts the machine's instance in one zone and follows the operation.

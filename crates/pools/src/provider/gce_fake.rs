@@ -218,6 +218,10 @@ impl FakeGce {
             )
             .route(&format!("{zone}/instances/{{name}}/start"), post(start))
             .route(&format!("{zone}/instances/{{name}}/stop"), post(stop))
+            .route(
+                &format!("{zone}/instances/{{name}}/setMetadata"),
+                post(set_metadata),
+            )
             .route(&format!("{zone}/operations/{{op}}"), get(get_operation))
             .route(
                 &format!("{zone}/operations/{{op}}/wait"),
@@ -973,6 +977,45 @@ async fn start(
     headers: HeaderMap,
 ) -> Result<Response, GoogleError> {
     transition(s, key, "start", headers).await
+}
+
+/// `instances.setMetadata`: replaces the items when the fingerprint is
+/// the current one (412 `conditionNotMet` otherwise), as Google does.
+async fn set_metadata(
+    State(s): State<Arc<Shared>>,
+    Path((p, z, name)): Named,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, GoogleError> {
+    s.authorized(&headers)?;
+    let body: Value = serde_json::from_slice(&body).map_err(|e| {
+        google_error(
+            StatusCode::BAD_REQUEST,
+            "parseError",
+            format!("Invalid JSON payload received. {e}"),
+        )
+    })?;
+    let key: Key = (p.clone(), z.clone(), name.clone());
+    let mut inner = s.inner.lock().unwrap();
+    let Some(i) = inner.instances.get_mut(&key) else {
+        return Err(not_found(&p, &z, "instances", &name));
+    };
+    if body["fingerprint"] != i.resource["metadata"]["fingerprint"] {
+        return Err(google_error(
+            StatusCode::PRECONDITION_FAILED,
+            "conditionNotMet",
+            "Supplied fingerprint does not match current metadata fingerprint.".into(),
+        ));
+    }
+    let items = body["items"].clone();
+    i.resource["metadata"]["fingerprint"] =
+        json!(fingerprint(&json!([items, i.generation, now()])));
+    i.resource["metadata"]["items"] = items;
+    let id = i.resource["id"].as_str().unwrap_or_default().to_string();
+    let op = s.operation(&mut inner, &key, "setMetadata", &id, true);
+    drop(inner);
+    s.changed.notify_waiters();
+    Ok(Json(op).into_response())
 }
 
 async fn stop(

@@ -111,6 +111,7 @@ pub const RESOURCE_KINDS: &[&str] = &[
     "webhook",
     "bucket",
     "pool",
+    "connection",
 ];
 
 #[derive(Deserialize)]

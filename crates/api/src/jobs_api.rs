@@ -96,6 +96,11 @@ async fn list_jobs(State(api): State<Api>) -> ApiResult {
 
 async fn get_job(State(api): State<Api>, Path(name): Path<String>) -> ApiResult {
     let spec = api.dispatcher.job(&name)?;
+    if spec.connection.is_some() {
+        // Its subscription and backlog live on the connection's side.
+        let sub = spec.subscription.clone();
+        return ok(json!({ "job": spec, "subscription": sub }));
+    }
     let topic = TopicName::parse(&spec.topic)?;
     let sub = job_subscription(topic.project().id(), &name);
     let backlog = SubscriptionName::parse(&sub)

@@ -42,7 +42,9 @@ pub enum ClientCommand {
     ///
     /// A manifest is TOML with any of these tables: [[topic]], [[subscription]],
     /// [[job]], [[schedule]], [[webhook]], [[bucket]] (with
-    /// [[bucket.notification]]) and [[pool]], plus `project = "…"`. Resources the
+    /// [[bucket.notification]]), [[pool]] and [[connection]] (a Google project
+    /// whose subscriptions, topics, buckets and Compute Engine jobs and pools
+    /// use), plus `project = "…"`. Resources the
     /// project's last apply declared and this one does not are deleted; a plan
     /// that deletes or replaces anything asks first (or needs --yes).
     Apply(ApplyArgs),

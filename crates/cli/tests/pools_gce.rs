@@ -70,6 +70,18 @@ impl Env {
     /// process job `crunch` on topic `work` running there. Instances take
     /// `boot_delay` to become RUNNING (at insert and at start).
     async fn start(pool: &str, boot_delay: Duration) -> Env {
+        Env::start_with(
+            pool,
+            boot_delay,
+            "when_idle = \"stop\"\n",
+            "echo crunched {{ attributes.n }}",
+        )
+        .await
+    }
+
+    /// As [`Env::start`], with `pool_extra` instead of `when_idle = "stop"`
+    /// and the job running `script`.
+    async fn start_with(pool: &str, boot_delay: Duration, pool_extra: &str, script: &str) -> Env {
         let dir = tempfile::tempdir().unwrap();
         let agents = dir.path().join("agents");
         std::fs::create_dir_all(&agents).unwrap();
@@ -99,7 +111,13 @@ impl Env {
 
         let port = common::free_port();
         let config = dir.path().join("pubrun.toml");
-        std::fs::write(&config, manifest(pool, port, &fake.api_base())).unwrap();
+        let m = manifest(pool, port, &fake.api_base())
+            .replace("when_idle = \"stop\"\n", pool_extra)
+            .replace(
+                "echo crunched {{ attributes.n }}",
+                &script.replace('"', "\\\""),
+            );
+        std::fs::write(&config, m).unwrap();
         let log = std::fs::File::create(dir.path().join("serve.log")).unwrap();
         let mut child = Command::new(BIN)
             .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
@@ -345,7 +363,9 @@ async fn gce_pool_starts_runs_stops_and_restarts_an_instance() {
     assert_eq!(item(body, "pubrun-pool").as_deref(), Some("gpu"));
     assert_eq!(item(body, "pubrun-name").as_deref(), Some(name));
     assert_eq!(item(body, "pubrun-slots").as_deref(), Some("1"));
-    assert_eq!(item(body, "pubrun-token").as_deref(), Some(POOL_TOKEN));
+    // Not the pool token: a one-time bootstrap token for this start.
+    let bootstrap = item(body, "pubrun-token").unwrap_or_default();
+    assert!(bootstrap.len() >= 32 && bootstrap != POOL_TOKEN, "{body:#}");
     let script = item(body, "startup-script").unwrap_or_default();
     assert!(
         script.starts_with("#!") && script.contains("agent --server"),
@@ -387,6 +407,18 @@ async fn gce_pool_starts_runs_stops_and_restarts_an_instance() {
     let pid = pid.unwrap_or_else(|| panic!("no agent process for {name}\n{}", env.logs()));
     assert!(process_exists(pid), "agent {pid} is not running");
 
+    // Its agent traded the bootstrap token for the pool token: what the
+    // metadata still holds opens nothing.
+    let refused = env
+        .http
+        .post(env.url("/agent/v1/register"))
+        .bearer_auth(&bootstrap)
+        .json(&json!({"pool": "gpu", "name": name, "slots": 1, "labels": {}, "version": "x"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), reqwest::StatusCode::UNAUTHORIZED);
+
     // Idle for idle_timeout: stopped (not deleted: when_idle = "stop"),
     // and its agent is gone.
     wait_until!(env, format!("{name} TERMINATED at the fake"), {
@@ -418,10 +450,18 @@ async fn gce_pool_starts_runs_stops_and_restarts_an_instance() {
     let log = env.get_text(&format!("/api/v1/runs/{run2}/log")).await;
     assert!(log.contains("crunched 2\n"), "{log}");
     let ops = env.fake.operations(PROJECT, ZONE, name);
+    // A fresh bootstrap token is set before the start.
     assert!(
-        ops.starts_with(&["insert".into(), "stop".into(), "start".into()]),
+        ops.starts_with(&[
+            "insert".into(),
+            "stop".into(),
+            "setMetadata".into(),
+            "start".into()
+        ]),
         "{ops:?}"
     );
+    let again = item(&env.instance(name).unwrap(), "pubrun-token").unwrap_or_default();
+    assert!(again.len() >= 32 && again != bootstrap && again != POOL_TOKEN);
     assert_eq!(ops.iter().filter(|o| *o == "insert").count(), 1, "{ops:?}");
     assert_eq!(env.instance(name).unwrap()["id"], id, "the same instance");
     let new_pid = env.fake.agent_pid(PROJECT, ZONE, name);
@@ -520,4 +560,58 @@ async fn a_failed_insert_marks_the_machine_failed_and_a_new_one_takes_the_run() 
     );
     let m = env.machine("prt-flaky-1").await.unwrap();
     assert_eq!(m["state"], "failed", "stays failed: {m:#}");
+}
+
+/// A spot instance reclaimed by Google mid-run (deleted, as
+/// `instanceTerminationAction = DELETE` does): its agent dies with it, the
+/// lease is lost, the run goes to a new machine (same attempt) and ends
+/// there once; the reclaimed machine is never started again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reclaimed_spot_instance_loses_its_lease_and_is_replaced() {
+    let gate_dir = tempfile::tempdir().unwrap();
+    let gate = gate_dir.path().join("open");
+    let script = format!(
+        "while [ ! -e {} ]; do sleep 0.1; done; echo crunched {{{{ attributes.n }}}}",
+        gate.display()
+    );
+    let env = Env::start_with(
+        "spot",
+        Duration::from_millis(300),
+        "when_idle = \"delete\"\nspot = true\n",
+        &script,
+    )
+    .await;
+    let msg = env.publish(5).await;
+    let run_id = env.run_of(&msg).await;
+    wait_until!(env, "the run running on prt-spot-1", {
+        let run = env.get(&format!("/api/v1/runs/{run_id}")).await["run"].clone();
+        (run["status"] == "running" && run["machine"] == "prt-spot-1").then_some(())
+    });
+    let body = env.fake.inserts().remove(0);
+    assert_eq!(body["scheduling"]["provisioningModel"], "SPOT", "{body}");
+    assert_eq!(
+        body["scheduling"]["instanceTerminationAction"], "DELETE",
+        "{body}"
+    );
+
+    env.fake.reclaim(PROJECT, ZONE, "prt-spot-1");
+    // The work may finish on whichever machine gets it next.
+    std::fs::write(&gate, "").unwrap();
+
+    let run = env.wait_terminal(run_id).await;
+    assert_eq!(run["status"], "succeeded", "{run:#}\n{}", env.logs());
+    assert_eq!(run["machine"], "prt-spot-2", "{run:#}");
+    assert_eq!(
+        run["attempt"], 1,
+        "a lost lease is not a failed attempt: {run:#}"
+    );
+    let log = env.get_text(&format!("/api/v1/runs/{run_id}/log")).await;
+    assert_eq!(log.matches("crunched 5\n").count(), 1, "{log}");
+    assert_eq!(env.runs().await.len(), 1, "one run for one message");
+    // Gone, not restarted behind the autoscaler's back.
+    assert!(env.instance("prt-spot-1").is_none());
+    assert_eq!(env.fake.operations(PROJECT, ZONE, "prt-spot-1"), ["insert"]);
+    if let Some(m) = env.machine("prt-spot-1").await {
+        assert!(m["state"] != "ready" && m["state"] != "busy", "{m:#}");
+    }
 }

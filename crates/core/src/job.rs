@@ -56,6 +56,16 @@ pub struct JobSpec {
     /// environment at run start and are masked in logs and results.
     #[serde(default)]
     pub secrets: BTreeMap<String, SecretRef>,
+    /// The connection whose resources this job uses instead of the
+    /// server's own: `subscription`, `result_topic` and `gs://` inputs and
+    /// outputs then name that project's resources. Copied whole into the
+    /// job, so a run after a restart uses the connection it was queued with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connection: Option<crate::connection::ConnectionSpec>,
+    /// Full name of the connection's subscription that triggers the job
+    /// (jobs on a connection only; `topic` is then empty).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub subscription: String,
     /// When outputs are uploaded after an attempt.
     #[serde(default)]
     pub upload_outputs: UploadOutputs,
@@ -415,6 +425,8 @@ mod tests {
                     env: "PROD_DB".into(),
                 },
             )]),
+            connection: None,
+            subscription: String::new(),
         };
         assert_eq!(j.check_environment(), Ok(()));
         j.pass_env.push("A".into());

@@ -7,6 +7,7 @@
 //! without setup.
 
 pub mod config;
+pub mod connection;
 pub mod cost;
 pub mod error;
 pub mod filter;

@@ -12,6 +12,10 @@ use toml::Spanned;
 use crate::config::{
     normalize_ack_deadline, validate_labels, Labels, SubscriptionConfig, TopicConfig,
 };
+use crate::connection::{
+    check_endpoint, ConnectionSpec, CredentialsSpec, GOOGLE_COMPUTE_ENDPOINT,
+    GOOGLE_PUBSUB_ENDPOINT, GOOGLE_STORAGE_ENDPOINT,
+};
 use crate::job::{
     check_relative_path, parse_gs_url, DockerSpec, ExecutorSpec, InputSpec, JobSpec, Mount,
     OutputSpec, ProcessSpec, PullPolicy, RegistryAuth, RetryPolicy, SecretRef, UploadOutputs,
@@ -33,6 +37,8 @@ pub struct Manifest {
     pub buckets: Vec<BucketDecl>,
     /// Declared pools; `local` is implicit and only listed when declared.
     pub pools: Vec<PoolSpec>,
+    /// Declared connections (each job on one carries a copy of it).
+    pub connections: Vec<ConnectionSpec>,
 }
 
 /// A `[[bucket]]` table. The bucket name is checked by the buckets crate
@@ -105,6 +111,7 @@ pub const RESOURCE_KINDS: &[&str] = &[
     "webhook",
     "bucket",
     "pool",
+    "connection",
 ];
 
 #[derive(Deserialize)]
@@ -125,6 +132,23 @@ struct RawManifest {
     bucket: Vec<RawBucket>,
     #[serde(default)]
     pool: Vec<RawPool>,
+    #[serde(default)]
+    connection: Vec<RawConnection>,
+}
+
+/// A `[[connection]]` table; at most one of `credentials_file`,
+/// `token_env`, `metadata_server` (none: Application Default Credentials).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConnection {
+    name: Spanned<String>,
+    project: Spanned<String>,
+    credentials_file: Option<Spanned<String>>,
+    token_env: Option<Spanned<String>>,
+    metadata_server: Option<Spanned<bool>>,
+    pubsub_endpoint: Option<Spanned<String>>,
+    storage_endpoint: Option<Spanned<String>>,
+    compute_endpoint: Option<Spanned<String>>,
 }
 
 /// Every key any provider takes; which ones a provider accepts is checked
@@ -160,6 +184,29 @@ struct RawPool {
     api_base: Option<Spanned<String>>,
     access_token_env: Option<Spanned<String>>,
     name_prefix: Option<Spanned<String>>,
+    connection: Option<Spanned<String>>,
+    zones: Option<Spanned<Vec<String>>>,
+    service_account: Option<Spanned<String>>,
+    scopes: Option<Spanned<Vec<String>>>,
+    subnetwork: Option<Spanned<String>>,
+    external_ip: Option<Spanned<bool>>,
+    disk_type: Option<Spanned<String>>,
+    disk_size_gb: Option<Spanned<u32>>,
+    accelerators: Option<Spanned<Vec<RawAccelerator>>>,
+    spot: Option<Spanned<bool>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAccelerator {
+    #[serde(rename = "type")]
+    accelerator_type: String,
+    #[serde(default = "one")]
+    count: u32,
+}
+
+fn one() -> u32 {
+    1
 }
 
 #[derive(Deserialize)]
@@ -235,7 +282,9 @@ struct RawSubscription {
 #[serde(deny_unknown_fields)]
 struct RawJob {
     name: Spanned<String>,
-    topic: Spanned<String>,
+    topic: Option<Spanned<String>>,
+    connection: Option<Spanned<String>>,
+    subscription: Option<Spanned<String>>,
     #[serde(default)]
     filter: Option<Spanned<String>>,
     process: Option<Spanned<RawProcess>>,
@@ -403,7 +452,18 @@ const DOCKER_KEYS: [&str; 7] = [
     "docker_socket",
     "machine_data_dir",
 ];
-const GCE_KEYS: [&str; 7] = [
+const GCE_KEYS: [&str; 18] = [
+    "zones",
+    "connection",
+    "service_account",
+    "scopes",
+    "network",
+    "subnetwork",
+    "external_ip",
+    "disk_type",
+    "disk_size_gb",
+    "accelerators",
+    "spot",
     "project",
     "zone",
     "machine_type",
@@ -420,7 +480,11 @@ fn is_env_name(s: &str) -> bool {
         && c.all(|x| x.is_ascii_alphanumeric() || x == '_')
 }
 
-fn parse_pool(cx: &Ctx<'_>, r: &RawPool) -> Result<PoolSpec, ManifestError> {
+fn parse_pool(
+    cx: &Ctx<'_>,
+    r: &RawPool,
+    connections: &[ConnectionSpec],
+) -> Result<PoolSpec, ManifestError> {
     let name = r.name.get_ref();
     validate_resource_id("pool", name).map_err(|e| cx.err(r.name.span(), e.message))?;
     let kind = r.provider.get_ref().as_str();
@@ -448,7 +512,7 @@ fn parse_pool(cx: &Ctx<'_>, r: &RawPool) -> Result<PoolSpec, ManifestError> {
     }
 
     // Keys of another provider (or of no provider) point at themselves.
-    let given: [(&str, Option<Range<usize>>); 24] = [
+    let given: [(&str, Option<Range<usize>>); 34] = [
         ("min_machines", r.min_machines.as_ref().map(|v| v.span())),
         ("max_machines", r.max_machines.as_ref().map(|v| v.span())),
         (
@@ -485,6 +549,19 @@ fn parse_pool(cx: &Ctx<'_>, r: &RawPool) -> Result<PoolSpec, ManifestError> {
             r.access_token_env.as_ref().map(|v| v.span()),
         ),
         ("name_prefix", r.name_prefix.as_ref().map(|v| v.span())),
+        ("connection", r.connection.as_ref().map(|v| v.span())),
+        ("zones", r.zones.as_ref().map(|v| v.span())),
+        (
+            "service_account",
+            r.service_account.as_ref().map(|v| v.span()),
+        ),
+        ("scopes", r.scopes.as_ref().map(|v| v.span())),
+        ("subnetwork", r.subnetwork.as_ref().map(|v| v.span())),
+        ("external_ip", r.external_ip.as_ref().map(|v| v.span())),
+        ("disk_type", r.disk_type.as_ref().map(|v| v.span())),
+        ("disk_size_gb", r.disk_size_gb.as_ref().map(|v| v.span())),
+        ("accelerators", r.accelerators.as_ref().map(|v| v.span())),
+        ("spot", r.spot.as_ref().map(|v| v.span())),
     ];
     for (key, at) in &given {
         if let Some(at) = at {
@@ -714,7 +791,26 @@ fn parse_pool(cx: &Ctx<'_>, r: &RawPool) -> Result<PoolSpec, ManifestError> {
             })
         }
         _ => {
-            let project = required(&r.project, "project", "my-project")?;
+            let connection = match &r.connection {
+                None => None,
+                Some(c) => Some(
+                    connections
+                        .iter()
+                        .find(|x| &x.name == c.get_ref())
+                        .cloned()
+                        .ok_or_else(|| {
+                            cx.err(
+                                c.span(),
+                                format!("connection \"{}\" is not declared; add a [[connection]] with name = \"{}\"", c.get_ref(), c.get_ref()),
+                            )
+                        })?,
+                ),
+            };
+            // A pool on a connection defaults to its project.
+            let project = match (&r.project, &connection) {
+                (None, Some(c)) => c.project.clone(),
+                _ => required(&r.project, "project", "my-project")?,
+            };
             let zone = required(&r.zone, "zone", "europe-west1-b")?;
             let machine_type = required(&r.machine_type, "machine_type", "n2-standard-4")?;
             let source_image = required(
@@ -722,7 +818,10 @@ fn parse_pool(cx: &Ctx<'_>, r: &RawPool) -> Result<PoolSpec, ManifestError> {
                 "source_image",
                 "projects/cos-cloud/global/images/family/cos-stable",
             )?;
-            let mut api_base = "https://compute.googleapis.com/compute/v1/".to_string();
+            let mut api_base = match &connection {
+                Some(c) => format!("{}/compute/v1/", c.compute_endpoint.trim_end_matches('/')),
+                None => "https://compute.googleapis.com/compute/v1/".to_string(),
+            };
             if let Some(v) = &r.api_base {
                 http_url(v, "api_base")?;
                 api_base = v.get_ref().clone();
@@ -770,6 +869,35 @@ fn parse_pool(cx: &Ctx<'_>, r: &RawPool) -> Result<PoolSpec, ManifestError> {
                 access_token_env,
                 server_url,
                 name_prefix,
+                zones: r
+                    .zones
+                    .as_ref()
+                    .map(|v| v.get_ref().clone())
+                    .unwrap_or_default(),
+                connection,
+                service_account: opt(&r.service_account),
+                scopes: r
+                    .scopes
+                    .as_ref()
+                    .map(|v| v.get_ref().clone())
+                    .unwrap_or_default(),
+                network: opt(&r.network),
+                subnetwork: opt(&r.subnetwork),
+                external_ip: r.external_ip.as_ref().is_none_or(|v| *v.get_ref()),
+                disk_type: opt(&r.disk_type),
+                disk_size_gb: r.disk_size_gb.as_ref().map_or(0, |v| *v.get_ref()),
+                accelerators: r
+                    .accelerators
+                    .as_ref()
+                    .map(|v| v.get_ref().as_slice())
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|a| crate::pool::GceAccelerator {
+                        accelerator_type: a.accelerator_type.clone(),
+                        count: a.count.max(1),
+                    })
+                    .collect(),
+                spot: r.spot.as_ref().is_some_and(|v| *v.get_ref()),
             })
         }
     };
@@ -786,6 +914,12 @@ fn parse_pool(cx: &Ctx<'_>, r: &RawPool) -> Result<PoolSpec, ManifestError> {
         lease_timeout,
         boot_timeout,
     })
+}
+
+fn opt(v: &Option<Spanned<String>>) -> String {
+    v.as_ref()
+        .map(|v| v.get_ref().trim().to_string())
+        .unwrap_or_default()
 }
 
 fn labels_of(cx: &Ctx<'_>, l: &Option<Spanned<Labels>>) -> Result<Labels, ManifestError> {
@@ -814,6 +948,70 @@ pub fn parse_bytes(s: &str) -> Option<u64> {
         _ => return None,
     };
     Some((n * mult as f64) as u64)
+}
+
+fn parse_connection(cx: &Ctx<'_>, c: &RawConnection) -> Result<ConnectionSpec, ManifestError> {
+    validate_resource_id("connection", c.name.get_ref())
+        .map_err(|e| cx.err(c.name.span(), e.message))?;
+    ProjectName::from_id(c.project.get_ref()).map_err(|e| cx.err(c.project.span(), e.message))?;
+    let mut chosen: Vec<Range<usize>> = Vec::new();
+    let mut credentials = CredentialsSpec::Adc;
+    if let Some(f) = &c.credentials_file {
+        if f.get_ref().trim().is_empty() {
+            return Err(cx.err(f.span(), "credentials_file must not be empty"));
+        }
+        credentials = CredentialsSpec::File {
+            path: f.get_ref().clone(),
+        };
+        chosen.push(f.span());
+    }
+    if let Some(t) = &c.token_env {
+        if !is_env_name(t.get_ref()) {
+            return Err(cx.err(t.span(), "token_env must name an environment variable"));
+        }
+        credentials = CredentialsSpec::TokenEnv {
+            env: t.get_ref().clone(),
+        };
+        chosen.push(t.span());
+    }
+    if let Some(b) = &c.metadata_server {
+        if *b.get_ref() {
+            credentials = CredentialsSpec::Metadata;
+            chosen.push(b.span());
+        }
+    }
+    if chosen.len() > 1 {
+        return Err(cx.err(
+            chosen[1].clone(),
+            "a connection takes one of credentials_file, token_env, metadata_server (none: Application Default Credentials)",
+        ));
+    }
+    let endpoint = |v: &Option<Spanned<String>>, dflt: &str, what: &str| match v {
+        None => Ok(dflt.to_string()),
+        Some(s) => {
+            check_endpoint(s.get_ref()).map_err(|e| cx.err(s.span(), format!("{what}: {e}")))
+        }
+    };
+    Ok(ConnectionSpec {
+        name: c.name.get_ref().clone(),
+        project: c.project.get_ref().clone(),
+        credentials,
+        pubsub_endpoint: endpoint(
+            &c.pubsub_endpoint,
+            GOOGLE_PUBSUB_ENDPOINT,
+            "pubsub_endpoint",
+        )?,
+        storage_endpoint: endpoint(
+            &c.storage_endpoint,
+            GOOGLE_STORAGE_ENDPOINT,
+            "storage_endpoint",
+        )?,
+        compute_endpoint: endpoint(
+            &c.compute_endpoint,
+            GOOGLE_COMPUTE_ENDPOINT,
+            "compute_endpoint",
+        )?,
+    })
 }
 
 fn resolve_topic(project: &ProjectName, s: &str) -> crate::Result<TopicName> {
@@ -928,6 +1126,16 @@ pub fn parse_checked(
         });
     }
 
+    for c in &raw.connection {
+        if m.connections.iter().any(|x| &x.name == c.name.get_ref()) {
+            return Err(cx.err(
+                c.name.span(),
+                format!("connection \"{}\" is declared twice", c.name.get_ref()),
+            ));
+        }
+        m.connections.push(parse_connection(&cx, c)?);
+    }
+
     let mut pool_names = BTreeSet::new();
     for p in &raw.pool {
         if !pool_names.insert(p.name.get_ref().clone()) {
@@ -936,7 +1144,7 @@ pub fn parse_checked(
                 format!("pool \"{}\" is declared twice", p.name.get_ref()),
             ));
         }
-        m.pools.push(parse_pool(&cx, p)?);
+        m.pools.push(parse_pool(&cx, p, &m.connections)?);
     }
 
     let mut job_names = BTreeSet::new();
@@ -946,7 +1154,60 @@ pub fn parse_checked(
         if !job_names.insert(name.clone()) {
             return Err(cx.err(j.name.span(), format!("job \"{name}\" is declared twice")));
         }
-        let topic = topic_ref(&j.topic)?;
+        // A job listens to a local topic, or to a subscription of a
+        // connection (full Google names: nothing there is declared here).
+        let connection = match &j.connection {
+            None => None,
+            Some(c) => Some(
+                m.connections
+                    .iter()
+                    .find(|x| &x.name == c.get_ref())
+                    .cloned()
+                    .ok_or_else(|| {
+                        cx.err(
+                            c.span(),
+                            format!(
+                                "connection \"{}\" is not declared; add a [[connection]] with name = \"{}\"",
+                                c.get_ref(),
+                                c.get_ref()
+                            ),
+                        )
+                    })?,
+            ),
+        };
+        let (topic, subscription) = match (&connection, &j.topic, &j.subscription) {
+            (None, Some(t), None) => (topic_ref(t)?.to_string(), String::new()),
+            (None, _, Some(s)) => {
+                return Err(cx.err(
+                    s.span(),
+                    "`subscription` names a subscription of a connection; set `connection` too (local jobs use `topic`)",
+                ))
+            }
+            (None, None, None) => {
+                return Err(cx.err(j.name.span(), format!("job \"{name}\" needs `topic`")))
+            }
+            (Some(_), Some(t), _) => {
+                return Err(cx.err(
+                    t.span(),
+                    "a job on a connection is triggered by its `subscription`, not a `topic`",
+                ))
+            }
+            (Some(c), None, None) => {
+                return Err(cx.err(
+                    j.name.span(),
+                    format!(
+                        "job \"{name}\" on connection \"{}\" needs `subscription = \"projects/{}/subscriptions/…\"`",
+                        c.name, c.project
+                    ),
+                ))
+            }
+            (Some(_), None, Some(s)) => {
+                let sub = SubscriptionName::parse(s.get_ref()).map_err(|e| {
+                    cx.err(s.span(), format!("subscription: {} (write the full name projects/P/subscriptions/S)", e.message))
+                })?;
+                (String::new(), sub.to_string())
+            }
+        };
         if let Some(f) = &j.filter {
             if let Err(e) = crate::filter::parse(f.get_ref()) {
                 // Point at the offending character when the value is written
@@ -1104,9 +1365,14 @@ pub fn parse_checked(
             }
             None => String::new(),
         };
-        let result_topic = match &j.result_topic {
-            Some(t) => topic_ref(t)?.to_string(),
-            None => String::new(),
+        let result_topic = match (&j.result_topic, &connection) {
+            (Some(t), None) => topic_ref(t)?.to_string(),
+            (Some(t), Some(_)) => TopicName::parse(t.get_ref())
+                .map_err(|e| {
+                    cx.err(t.span(), format!("result_topic: {} (a topic of the connection: write the full name projects/P/topics/T)", e.message))
+                })?
+                .to_string(),
+            (None, _) => String::new(),
         };
         let log_limit_bytes = match &j.log_limit {
             Some(s) => parse_bytes(s.get_ref()).ok_or_else(|| {
@@ -1196,7 +1462,9 @@ pub fn parse_checked(
             result_trigger_attributes: j.result_trigger_attributes,
             name: name.clone(),
             pool,
-            topic: topic.to_string(),
+            topic,
+            connection,
+            subscription,
             filter: j
                 .filter
                 .as_ref()
@@ -1520,6 +1788,61 @@ dedup_key = "{{ publish_time | date }}"
     }
 
     #[test]
+    fn connections_and_jobs_on_them() {
+        let src = r#"
+[[connection]]
+name = "gcp"
+project = "theirs"
+credentials_file = "/etc/pubrun/sa.json"
+pubsub_endpoint = "http://127.0.0.1:9000/"
+[[job]]
+name = "xjob"
+connection = "gcp"
+subscription = "projects/theirs/subscriptions/uploads"
+result_topic = "projects/theirs/topics/results"
+process = { command = "true" }
+inputs = [{ from = "trigger", to = "in/" }]
+outputs = [{ from = "out/", to = "gs://their-bucket/results/{{ run.id }}/" }]
+"#;
+        let m = parse("pubrun.toml", src).unwrap();
+        let c = &m.connections[0];
+        assert_eq!(c.pubsub_endpoint, "http://127.0.0.1:9000");
+        assert_eq!(c.storage_endpoint, GOOGLE_STORAGE_ENDPOINT);
+        assert_eq!(
+            c.credentials,
+            CredentialsSpec::File {
+                path: "/etc/pubrun/sa.json".into()
+            }
+        );
+        let j = &m.jobs[0];
+        assert_eq!(j.connection.as_ref(), Some(c));
+        assert_eq!(j.subscription, "projects/theirs/subscriptions/uploads");
+        assert_eq!(j.topic, "");
+        assert_eq!(j.result_topic, "projects/theirs/topics/results");
+
+        let e = err(&src.replace("connection = \"gcp\"", "connection = \"gpc\""));
+        assert!(
+            e.message.contains("connection \"gpc\" is not declared"),
+            "{e}"
+        );
+        assert_eq!(e.line, 9);
+        let e = err(&src.replace(
+            "subscription = \"projects/theirs/subscriptions/uploads\"",
+            "subscription = \"uploads\"",
+        ));
+        assert!(e.message.contains("full name"), "{e}");
+        let e = err(&src.replace("name = \"xjob\"", "name = \"xjob\"\ntopic = \"t\""));
+        assert!(e.message.contains("not a `topic`"), "{e}");
+        let e = err(&src.replace("credentials_file", "token_env = \"T\"\ncredentials_file"));
+        assert!(e.message.contains("one of credentials_file"), "{e}");
+        let e = err(&src.replace("credentials_file", "credentials_fiel"));
+        assert!(e.message.contains("unknown field"), "{e}");
+        assert_eq!(e.line, 5);
+        let e = err(&src.replace("http://127.0.0.1:9000/", "127.0.0.1:9000"));
+        assert!(e.message.contains("pubsub_endpoint"), "{e}");
+    }
+
+    #[test]
     fn job_inputs_and_outputs() {
         let job = |extra: &str| {
             format!("[[topic]]\nname = \"uploads\"\n[[job]]\nname = \"j1x\"\ntopic = \"uploads\"\nprocess = {{ command = \"true\" }}\n{extra}\n")
@@ -1713,6 +2036,74 @@ process = { command = "true" }
                 .contains("`name_prefix` does not apply to provider \"docker\""),
             "{e}"
         );
+    }
+
+    #[test]
+    fn gce_pools_on_a_connection() {
+        use crate::pool::ProviderSpec;
+        let src = r#"
+[[connection]]
+name = "gcp"
+project = "theirs"
+credentials_file = "/etc/pubrun/sa.json"
+compute_endpoint = "http://127.0.0.1:9"
+
+[[pool]]
+name = "gpu"
+provider = "gce"
+connection = "gcp"
+server_url = "http://10.0.0.2:8085"
+zone = "europe-west1-b"
+machine_type = "g2-standard-4"
+source_image = "projects/debian-cloud/global/images/family/debian-12"
+service_account = "runner@theirs.iam.gserviceaccount.com"
+subnetwork = "regions/europe-west1/subnetworks/batch"
+external_ip = false
+disk_type = "pd-ssd"
+disk_size_gb = 200
+accelerators = [{ type = "nvidia-l4", count = 2 }]
+spot = true
+"#;
+        let m = parse("pubrun.toml", src).unwrap();
+        let ProviderSpec::Gce(g) = &m.pools[0].provider else {
+            panic!("{:?}", m.pools[0])
+        };
+        assert_eq!(g.project, "theirs", "the connection's project");
+        assert_eq!(g.api_base, "http://127.0.0.1:9/compute/v1/");
+        assert_eq!(g.connection.as_ref().unwrap().name, "gcp");
+        assert!(!g.external_ip && g.spot);
+        assert_eq!((g.disk_type.as_str(), g.disk_size_gb), ("pd-ssd", 200));
+        assert_eq!(g.accelerators[0].count, 2);
+        let e = err(&src.replace(
+            "connection = \"gcp\"\nserver",
+            "connection = \"gpc\"\nserver",
+        ));
+        assert!(
+            e.message.contains("connection \"gpc\" is not declared"),
+            "{e}"
+        );
+        let e = err(&pools_with(10, "spot = true"));
+        assert!(
+            e.message
+                .contains("`spot` does not apply to provider \"docker\""),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn the_gce_example_manifest_is_valid() {
+        use crate::pool::ProviderSpec;
+        let m = parse(
+            "pubrun.toml",
+            include_str!("../../../examples/gce/pubrun.toml"),
+        )
+        .unwrap();
+        let ProviderSpec::Gce(g) = &m.pools[0].provider else {
+            panic!("{:?}", m.pools[0])
+        };
+        assert!(g.spot && !g.external_ip && g.connection.is_some());
+        assert_eq!(m.jobs[0].pool, "gpu");
+        assert_eq!(m.jobs[0].connection.as_ref().unwrap().name, "gcp");
     }
 
     #[test]

@@ -49,6 +49,8 @@ pub struct PoolSpec {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
+// Made once per apply and cloned rarely: boxing the gce variant buys nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum ProviderSpec {
     /// Runs inside the server with its executors and `--slots`.
     Local,
@@ -126,6 +128,54 @@ pub struct GceProviderSpec {
     /// [`DEFAULT_NAME_PREFIX`] (also when absent from a stored spec).
     #[serde(default = "default_name_prefix")]
     pub name_prefix: String,
+    /// More zones to create instances in when `zone` (tried first) is
+    /// out of capacity (`ZONE_RESOURCE_POOL_EXHAUSTED`).
+    #[serde(default)]
+    pub zones: Vec<String>,
+    /// Calls the Compute API with this connection's credentials and
+    /// endpoint (instead of `access_token_env` or the metadata server).
+    #[serde(default)]
+    pub connection: Option<crate::connection::ConnectionSpec>,
+    /// The instances' service account (jobs on them reach GCS with it);
+    /// empty: no service account.
+    #[serde(default)]
+    pub service_account: String,
+    /// OAuth scopes of that service account; empty: `cloud-platform`.
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    /// `global/networks/NAME` or a full URL; empty: `default` (unless a
+    /// subnetwork is given, which implies its network).
+    #[serde(default)]
+    pub network: String,
+    /// `regions/R/subnetworks/NAME` or a full URL.
+    #[serde(default)]
+    pub subnetwork: String,
+    /// An ephemeral external IP (`ONE_TO_ONE_NAT`); many organisations forbid it.
+    #[serde(default = "yes")]
+    pub external_ip: bool,
+    /// `pd-balanced`, `pd-ssd`, …; empty: Google's default.
+    #[serde(default)]
+    pub disk_type: String,
+    /// Boot disk size; 0: the image's size.
+    #[serde(default)]
+    pub disk_size_gb: u32,
+    #[serde(default)]
+    pub accelerators: Vec<GceAccelerator>,
+    /// Spot VMs (`provisioningModel = SPOT`, deleted when reclaimed, so a
+    /// reclaimed machine is gone and replaced, never restarted silently).
+    #[serde(default)]
+    pub spot: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GceAccelerator {
+    /// e.g. `nvidia-tesla-t4`.
+    pub accelerator_type: String,
+    pub count: u32,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// Machine names are `pubrun-POOL-N` unless a gce pool says otherwise.
@@ -146,6 +196,17 @@ impl Default for GceProviderSpec {
             access_token_env: String::new(),
             server_url: String::new(),
             name_prefix: default_name_prefix(),
+            zones: Vec::new(),
+            connection: None,
+            service_account: String::new(),
+            scopes: Vec::new(),
+            network: String::new(),
+            subnetwork: String::new(),
+            external_ip: true,
+            disk_type: String::new(),
+            disk_size_gb: 0,
+            accelerators: Vec::new(),
+            spot: false,
         }
     }
 }

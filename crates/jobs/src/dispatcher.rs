@@ -23,6 +23,8 @@ use pubrun_exec::{CancellationToken, Executor, LogSink, PoolRouter, RunRequest, 
 use pubrun_observability::metrics::labels;
 use tokio::sync::Notify;
 
+mod remote;
+
 use crate::runstore::{Enqueued, QueuedRun, RunRecord, SharedRunStore, SourceMessage};
 
 /// Executors by kind. Docker is optional: without an engine, docker runs
@@ -52,6 +54,8 @@ pub struct Dispatcher {
     pools: OnceLock<Arc<dyn PoolRouter>>,
     /// Due queued runs per job, for the metrics gauge (see `refresh_waiting`).
     waiting: Mutex<Vec<(String, u64)>>,
+    /// Clients of the connections jobs use, by connection name.
+    connections: Mutex<HashMap<String, Arc<pubrun_connections::Connection>>>,
 }
 
 #[derive(Default)]
@@ -226,6 +230,7 @@ impl Dispatcher {
             buckets: OnceLock::new(),
             pools: OnceLock::new(),
             waiting: Mutex::default(),
+            connections: Mutex::new(HashMap::new()),
         })
     }
 
@@ -325,6 +330,9 @@ impl Dispatcher {
         pubrun_core::filter::parse(&spec.filter).map_err(Error::from)?;
         spec.check_environment()
             .map_err(|e| Error::invalid(format!("job {}: {e}", spec.name)))?;
+        if spec.connection.is_some() {
+            return self.put_remote_job(spec).await;
+        }
         let topic = TopicName::parse(&spec.topic)?;
         self.broker.get_topic(&topic)?;
         if !spec.result_topic.is_empty() {
@@ -379,6 +387,10 @@ impl Dispatcher {
         for q in self.store.queued_orphans(&jobs).await? {
             self.drop_queued(&q).await;
         }
+        if spec.connection.is_some() {
+            // Nothing of ours to delete on the connection's side.
+            return Ok(());
+        }
         let topic = TopicName::parse(&spec.topic)?;
         let sub = SubscriptionName::parse(&job_subscription(topic.project().id(), name))?;
         match self.broker.delete_subscription(&sub).await {
@@ -403,16 +415,23 @@ impl Dispatcher {
     }
 
     fn start_intake(self: &Arc<Self>, spec: JobSpec) -> Result<()> {
-        let topic = TopicName::parse(&spec.topic)?;
-        let sub = SubscriptionName::parse(&job_subscription(topic.project().id(), &spec.name))?;
         let this = self.clone();
         let name = spec.name.clone();
+        let intake: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> =
+            if spec.connection.is_some() {
+                Box::pin(async move { this.remote_intake(name).await })
+            } else {
+                let topic = TopicName::parse(&spec.topic)?;
+                let sub =
+                    SubscriptionName::parse(&job_subscription(topic.project().id(), &spec.name))?;
+                Box::pin(async move { this.intake(name, sub).await })
+            };
         // Spawned under the lock: the new intake must not look its job up
         // before the job is installed (it would find nothing, or the old
         // spec, and stop). Replacing the entry drops the old JobState, which
         // aborts the old intake.
         let mut st = self.lock();
-        let intake = tokio::spawn(async move { this.intake(name, sub).await });
+        let intake = tokio::spawn(intake);
         let old = st.jobs.insert(spec.name.clone(), JobState { spec, intake });
         drop(st);
         drop(old);
@@ -982,6 +1001,11 @@ impl Dispatcher {
         workdir: &Path,
         log: &Arc<LogSink>,
     ) -> std::result::Result<(), String> {
+        if let Some(c) = &spec.connection {
+            return self
+                .stage_inputs_remote(c, run, spec, ctx, workdir, log)
+                .await;
+        }
         for input in &spec.inputs {
             check_relative_path(&input.to).map_err(|e| format!("parameters: inputs.to: {e}"))?;
             let dest = workdir.join(&input.to);
@@ -1060,6 +1084,11 @@ impl Dispatcher {
         workdir: &Path,
         log: &Arc<LogSink>,
     ) -> std::result::Result<(), String> {
+        if let Some(c) = &spec.connection {
+            return self
+                .stage_outputs_remote(c, run, spec, ctx, workdir, log)
+                .await;
+        }
         for output in &spec.outputs {
             check_relative_path(&output.from).map_err(|e| format!("outputs.from: {e}"))?;
             let url = template::render(&output.to, ctx)
@@ -1397,9 +1426,10 @@ impl Dispatcher {
                 }
             };
             let msg = self.result_message(&run, &spec).await;
-            let published = match TopicName::parse(&topic) {
-                Ok(t) => self.broker.publish(&t, vec![msg]).await,
-                Err(e) => Err(e),
+            let published = match (&spec.connection, TopicName::parse(&topic)) {
+                (Some(c), _) => self.publish_remote(c, &topic, msg).await,
+                (None, Ok(t)) => self.broker.publish(&t, vec![msg]).await.map(|_| ()),
+                (None, Err(e)) => Err(e),
             };
             match published {
                 Ok(_) => {
@@ -1692,7 +1722,13 @@ fn source_and_key(spec: &JobSpec, d: &Delivered) -> (SourceMessage, String) {
         publish_time: rfc3339(m.publish_time_nanos),
         ordering_key: m.ordering_key.clone(),
     };
-    let key = if spec.dedup_key.is_empty() {
+    let key = dedup_key(spec, &msg);
+    (msg, key)
+}
+
+/// A message's dedup key: the job's `dedup_key` rendered, else its id.
+fn dedup_key(spec: &JobSpec, msg: &SourceMessage) -> String {
+    if spec.dedup_key.is_empty() {
         msg.id.clone()
     } else {
         let ctx = TemplateContext::from_message(
@@ -1723,8 +1759,7 @@ fn source_and_key(spec: &JobSpec, d: &Delivered) -> (SourceMessage, String) {
                 msg.id.clone()
             }
         }
-    };
-    (msg, key)
+    }
 }
 
 #[cfg(test)]

@@ -55,6 +55,9 @@ struct Agent {
     http: reqwest::Client,
     /// The session of the current registration (empty before the first).
     session: Mutex<String>,
+    /// The token sent: `cfg.token` until a registration hands over the
+    /// pool token in exchange for a one-time bootstrap token.
+    token: Mutex<String>,
     held: Mutex<HashMap<u64, Held>>,
     /// Set when the agent stops: runs it cancels go back to the queue.
     handing_back: std::sync::atomic::AtomicBool,
@@ -79,6 +82,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
             .build()?,
         held: Mutex::new(HashMap::new()),
         session: Mutex::new(String::new()),
+        token: Mutex::new(cfg.token.clone()),
         handing_back: std::sync::atomic::AtomicBool::new(false),
         released: tokio::sync::Notify::new(),
         cfg,
@@ -141,6 +145,9 @@ async fn poll_loop(agent: &Arc<Agent>, shutdown: &CancellationToken) -> anyhow::
             "registered"
         );
         *agent.session.lock().unwrap_or_else(|p| p.into_inner()) = registered.session;
+        if let Some(t) = registered.token {
+            *agent.token.lock().unwrap_or_else(|p| p.into_inner()) = t;
+        }
         backoff = FIRST_BACKOFF;
         let poll_timeout = Duration::from_secs_f64(registered.poll_secs) + Duration::from_secs(10);
         loop {
@@ -253,6 +260,10 @@ impl Agent {
         }
     }
 
+    fn token(&self) -> String {
+        self.token.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     fn session(&self) -> String {
         self.session
             .lock()
@@ -273,7 +284,7 @@ impl Agent {
         let resp = self
             .http
             .post(self.url(path))
-            .bearer_auth(&self.cfg.token)
+            .bearer_auth(self.token())
             .header(AGENT_HEADER, &self.cfg.name)
             .header(SESSION_HEADER, self.session())
             .timeout(timeout)
@@ -306,7 +317,7 @@ impl Agent {
                 return Err(CallError::Stopped);
             }
             let r = make()
-                .bearer_auth(&self.cfg.token)
+                .bearer_auth(self.token())
                 .header(AGENT_HEADER, &self.cfg.name)
                 .header(SESSION_HEADER, self.session())
                 .send()

@@ -154,6 +154,20 @@ impl Pools {
         }
         let _ = self.db().span_open(&name, &spec.name, now);
         tracing::info!(pool = spec.name, machine = name, "starting machine");
+        // A Compute instance's metadata is readable by anything on it for
+        // its whole life: it gets a one-time bootstrap token, new at every
+        // start, not the pool token.
+        let token = if provider.kind() == "gce" {
+            match self.mint_bootstrap(&name, &spec.name) {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::error!(machine = name, error = %e, "cannot make a bootstrap token");
+                    return;
+                }
+            }
+        } else {
+            token
+        };
         let launch = MachineLaunch {
             pool: spec.name.clone(),
             name: name.clone(),
@@ -180,7 +194,7 @@ impl Pools {
                         m.last_error = e.to_string();
                         let _ = this.db().upsert_machine(&m);
                         // Nothing started, so nothing costs.
-                        if matches!(e, ProviderError::Refused(_)) {
+                        if matches!(e, ProviderError::Refused(_) | ProviderError::NoCapacity(_)) {
                             let _ = this.db().span_close(&launch.name, now);
                         } else {
                             m.last_error.push_str(" [not stopped]");

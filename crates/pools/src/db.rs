@@ -67,6 +67,15 @@ CREATE TABLE IF NOT EXISTS machine_numbers (
     pool TEXT PRIMARY KEY,
     last INTEGER NOT NULL
 );
+-- One-time bootstrap tokens of machines a pool started (gce): the
+-- instance's metadata holds one instead of the pool token; its agent
+-- trades it for the pool token at first contact, and it is dropped once
+-- that agent has called back with the pool token.
+CREATE TABLE IF NOT EXISTS bootstrap_tokens (
+    machine TEXT PRIMARY KEY,
+    pool TEXT NOT NULL,
+    token TEXT NOT NULL
+);
 CREATE INDEX IF NOT EXISTS leases_by_run ON leases(run_id, token);
 CREATE INDEX IF NOT EXISTS leases_active ON leases(state) WHERE state IN ('assigned', 'running');
 "#;
@@ -348,6 +357,36 @@ impl PoolsDb {
 
     /// Forgets a machine the provider has deleted (its cost spans and
     /// leases stay; its name is never given out again).
+    pub fn put_bootstrap(&self, machine: &str, pool: &str, token: &str) -> Result<()> {
+        self.conn()
+            .execute(
+                "INSERT OR REPLACE INTO bootstrap_tokens (machine, pool, token) VALUES (?1, ?2, ?3)",
+                [machine, pool, token],
+            )
+            .map_err(err)?;
+        Ok(())
+    }
+
+    /// (machine, pool, token) of every bootstrap token not yet used up.
+    pub fn bootstraps(&self) -> Result<Vec<(String, String, String)>> {
+        let c = self.conn();
+        let mut st = c
+            .prepare("SELECT machine, pool, token FROM bootstrap_tokens")
+            .map_err(err)?;
+        let rows = st
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .map_err(err)?;
+        rows.collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(err)
+    }
+
+    pub fn delete_bootstrap(&self, machine: &str) -> Result<()> {
+        self.conn()
+            .execute("DELETE FROM bootstrap_tokens WHERE machine = ?1", [machine])
+            .map_err(err)?;
+        Ok(())
+    }
+
     pub fn delete_machine(&self, name: &str) -> Result<()> {
         self.conn()
             .execute("DELETE FROM machines WHERE name = ?1", [name])
@@ -387,6 +426,7 @@ impl PoolsDb {
     }
 
     /// Up-spans overlapping `[since, until)`: (machine, pool, start, end or None).
+    #[allow(clippy::type_complexity)] // (machine, pool, from, to): read once, by cost.rs
     pub fn spans(&self, since_ms: i64) -> Result<Vec<(String, String, i64, Option<i64>)>> {
         let c = self.conn();
         let mut st = c

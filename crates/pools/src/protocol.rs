@@ -53,6 +53,10 @@ pub struct Registered {
     /// This agent's session credential (a secret): sent on every later
     /// call. A new registration under the name ends it.
     pub session: String,
+    /// To an agent that registered with its machine's one-time bootstrap
+    /// token: the pool's agent token, to use from now on (a secret).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -91,6 +91,8 @@ pub(crate) struct State {
     waiting: HashMap<String, VecDeque<Pending>>,
     pub leases: HashMap<u64, LiveLease>,
     pub agents: HashMap<String, AgentEntry>,
+    /// machine -> (pool, one-time bootstrap token), mirrored in pools.db.
+    pub bootstraps: HashMap<String, (String, String)>,
 }
 
 pub(crate) struct Inner {
@@ -151,6 +153,9 @@ impl Pools {
             state
                 .pools
                 .insert(spec.name.clone(), PoolEntry { spec, token });
+        }
+        for (machine, pool, token) in db.bootstraps()? {
+            state.bootstraps.insert(machine, (pool, token));
         }
         Ok(Pools {
             inner: Arc::new(Inner {
@@ -232,6 +237,45 @@ impl Pools {
             .fold(false, |found, p| {
                 pubrun_core::secret::verify_bearer(p.token.as_bytes(), token.as_bytes()) | found
             })
+            | st.bootstraps.values().fold(false, |found, (_, b)| {
+                pubrun_core::secret::verify_bearer(b.as_bytes(), token.as_bytes()) | found
+            })
+    }
+
+    /// A one-time bootstrap token for a machine this server starts: its
+    /// instance metadata carries it instead of the pool token, so what
+    /// anyone reading the metadata later finds is useless once the agent
+    /// has joined.
+    pub fn mint_bootstrap(&self, machine: &str, pool: &str) -> Result<String, String> {
+        let token = random_token()?;
+        self.inner.db.put_bootstrap(machine, pool, &token)?;
+        self.inner
+            .lock()
+            .bootstraps
+            .insert(machine.to_string(), (pool.to_string(), token.clone()));
+        Ok(token)
+    }
+
+    /// Whether `token` is the unused bootstrap token of machine `name` of `pool`.
+    fn bootstrap_matches(&self, name: &str, pool: &str, token: &str) -> bool {
+        self.inner
+            .lock()
+            .bootstraps
+            .get(name)
+            .is_some_and(|(p, b)| {
+                p == pool && pubrun_core::secret::verify_bearer(b.as_bytes(), token.as_bytes())
+            })
+    }
+
+    /// The agent `name` has called with the pool token it was handed: its
+    /// bootstrap token is used up.
+    fn bootstrap_used(&self, name: &str) {
+        let had = self.inner.lock().bootstraps.remove(name).is_some();
+        if had {
+            if let Err(e) = self.inner.db.delete_bootstrap(name) {
+                tracing::warn!(machine = name, error = %e, "cannot drop a used bootstrap token");
+            }
+        }
     }
 
     fn check_token(&self, pool: &str, token: &str) -> Result<PoolSpec, AgentError> {
@@ -277,6 +321,8 @@ impl Pools {
                 c.name
             )));
         }
+        // Its registration's answer (with the pool token) has arrived.
+        self.bootstrap_used(c.name);
         Ok(pool)
     }
 
@@ -300,7 +346,19 @@ impl Pools {
         if r.slots == 0 || r.slots > 1000 {
             return Err(AgentError::Invalid("slots must be 1..1000".into()));
         }
-        let spec = self.check_token(&r.pool, token)?;
+        // The pool token, or (once) the machine's bootstrap token, which
+        // the answer trades for the pool token.
+        let (spec, handed) = match self.check_token(&r.pool, token) {
+            Ok(spec) => (spec, None),
+            Err(AgentError::Unauthorized(m)) => {
+                if !self.bootstrap_matches(&r.name, &r.pool, token) {
+                    return Err(AgentError::Unauthorized(m));
+                }
+                let pool_token = self.token(&r.pool).ok_or(AgentError::Unauthorized(m))?;
+                (self.check_token(&r.pool, &pool_token)?, Some(pool_token))
+            }
+            Err(e) => return Err(e),
+        };
         let now = now_ms();
         let db = &self.inner.db;
         let existing = db.machine(&r.name).map_err(AgentError::Internal)?;
@@ -344,6 +402,7 @@ impl Pools {
             lease_timeout_secs: spec.lease_timeout.as_secs_f64(),
             poll_secs: poll_hold(&spec).as_secs_f64(),
             session: new_session,
+            token: handed,
         })
     }
 

@@ -96,6 +96,13 @@ struct Inner {
     inserts: Vec<Value>,
     /// Every operation created, in order: (instance key, operationType).
     op_log: Vec<(Key, String)>,
+    /// Errors the next Compute calls get instead of an answer: (HTTP status, reason).
+    fail_calls: std::collections::VecDeque<(u16, &'static str)>,
+    /// Compute calls received (after authentication).
+    calls: usize,
+    /// `requestId` of accepted inserts → their operation: a repeated insert
+    /// gets the same operation, as on Google.
+    request_ids: HashMap<String, Value>,
 }
 
 struct Instance {
@@ -211,6 +218,10 @@ impl FakeGce {
             )
             .route(&format!("{zone}/instances/{{name}}/start"), post(start))
             .route(&format!("{zone}/instances/{{name}}/stop"), post(stop))
+            .route(
+                &format!("{zone}/instances/{{name}}/setMetadata"),
+                post(set_metadata),
+            )
             .route(&format!("{zone}/operations/{{op}}"), get(get_operation))
             .route(
                 &format!("{zone}/operations/{{op}}/wait"),
@@ -288,6 +299,32 @@ impl FakeGce {
             .collect()
     }
 
+    /// The next `n` Compute calls are answered with this HTTP status and
+    /// reason (`429 rateLimitExceeded`, `503 backendError`, `403
+    /// rateLimitExceeded`), in Google's error body.
+    pub fn fail_next_calls(&self, n: usize, status: u16, reason: &'static str) {
+        let mut inner = self.shared.inner.lock().unwrap();
+        for _ in 0..n {
+            inner.fail_calls.push_back((status, reason));
+        }
+    }
+
+    /// Compute calls received so far (failed ones included).
+    pub fn calls(&self) -> usize {
+        self.shared.inner.lock().unwrap().calls
+    }
+
+    /// Reclaims a spot instance as Google does with
+    /// `instanceTerminationAction = DELETE`: its agent is killed and the
+    /// instance is gone.
+    pub fn reclaim(&self, project: &str, zone: &str, name: &str) {
+        let key: Key = (project.into(), zone.into(), name.into());
+        let removed = self.shared.inner.lock().unwrap().instances.remove(&key);
+        // Dropping the child kills the agent (kill_on_drop).
+        drop(removed);
+        self.shared.changed.notify_waiters();
+    }
+
     /// The next insert is accepted but its operation ends with this error
     /// (e.g. `ZONE_RESOURCE_POOL_EXHAUSTED`) and no instance is left, as
     /// when a zone is out of capacity.
@@ -314,7 +351,18 @@ impl Shared {
             .get(http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok());
         match got {
-            Some(v) if v == format!("Bearer {}", self.config.token) => Ok(()),
+            Some(v) if v == format!("Bearer {}", self.config.token) => {
+                let mut inner = self.inner.lock().unwrap();
+                inner.calls += 1;
+                match inner.fail_calls.pop_front() {
+                    None => Ok(()),
+                    Some((code, reason)) => Err(google_error(
+                        StatusCode::from_u16(code).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
+                        reason,
+                        format!("Injected failure: {reason}"),
+                    )),
+                }
+            }
             None => Err(google_error(
                 StatusCode::UNAUTHORIZED,
                 "required",
@@ -718,10 +766,18 @@ type Named = Path<(String, String, String)>;
 async fn insert(
     State(s): State<Arc<Shared>>,
     Path((p, z)): Zone,
+    Query(q): Query<HashMap<String, String>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, GoogleError> {
     s.authorized(&headers)?;
+    let request_id = q.get("requestId").filter(|r| !r.is_empty()).cloned();
+    if let Some(op) = request_id
+        .as_ref()
+        .and_then(|r| s.inner.lock().unwrap().request_ids.get(r).cloned())
+    {
+        return Ok(Json(op).into_response());
+    }
     let body: Value = match serde_json::from_slice(&body) {
         Ok(v) => v,
         Err(e) => {
@@ -760,6 +816,9 @@ async fn insert(
             agent: None,
         },
     );
+    if let Some(r) = request_id {
+        inner.request_ids.insert(r, op.clone());
+    }
     let op_name = op["name"].as_str().unwrap().to_string();
     let change = if failure.is_some() {
         Change::Remove
@@ -918,6 +977,45 @@ async fn start(
     headers: HeaderMap,
 ) -> Result<Response, GoogleError> {
     transition(s, key, "start", headers).await
+}
+
+/// `instances.setMetadata`: replaces the items when the fingerprint is
+/// the current one (412 `conditionNotMet` otherwise), as Google does.
+async fn set_metadata(
+    State(s): State<Arc<Shared>>,
+    Path((p, z, name)): Named,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, GoogleError> {
+    s.authorized(&headers)?;
+    let body: Value = serde_json::from_slice(&body).map_err(|e| {
+        google_error(
+            StatusCode::BAD_REQUEST,
+            "parseError",
+            format!("Invalid JSON payload received. {e}"),
+        )
+    })?;
+    let key: Key = (p.clone(), z.clone(), name.clone());
+    let mut inner = s.inner.lock().unwrap();
+    let Some(i) = inner.instances.get_mut(&key) else {
+        return Err(not_found(&p, &z, "instances", &name));
+    };
+    if body["fingerprint"] != i.resource["metadata"]["fingerprint"] {
+        return Err(google_error(
+            StatusCode::PRECONDITION_FAILED,
+            "conditionNotMet",
+            "Supplied fingerprint does not match current metadata fingerprint.".into(),
+        ));
+    }
+    let items = body["items"].clone();
+    i.resource["metadata"]["fingerprint"] =
+        json!(fingerprint(&json!([items, i.generation, now()])));
+    i.resource["metadata"]["items"] = items;
+    let id = i.resource["id"].as_str().unwrap_or_default().to_string();
+    let op = s.operation(&mut inner, &key, "setMetadata", &id, true);
+    drop(inner);
+    s.changed.notify_waiters();
+    Ok(Json(op).into_response())
 }
 
 async fn stop(

@@ -50,6 +50,11 @@ pub enum ProviderError {
     /// same request will not help.
     #[error("provider refused: {0}")]
     Refused(String),
+    /// Out of capacity or quota right now (`ZONE_RESOURCE_POOL_EXHAUSTED`):
+    /// nothing was created, and the same request may work later or
+    /// elsewhere. Not the pool's fault: it is never marked refused for it.
+    #[error("no capacity now: {0}")]
+    NoCapacity(String),
 }
 
 #[async_trait::async_trait]

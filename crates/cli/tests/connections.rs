@@ -1,0 +1,818 @@
+//! Jobs on a Google Cloud connection, end to end. There is no internet
+//! here, so "Google" is a second `pubrun serve --token T2` (the same
+//! Pub/Sub and Cloud Storage APIs: the client code paths are the real ones)
+//! and a token endpoint in this test that checks the service-account JWT
+//! assertion (RS256 signature against the key's public half, `aud`, `iss`,
+//! `scope`, expiry) before it issues T2, with a short lifetime so the
+//! client must refresh.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::{Form, State};
+use axum::http::StatusCode;
+use axum::routing::post;
+use axum::{Json, Router};
+use common::free_port;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+const BIN: &str = env!("CARGO_BIN_EXE_pubrun");
+const PATIENCE: Duration = Duration::from_secs(90);
+const T2: &str = "t2-google-access-token";
+const EMAIL: &str = "runner@theirs.iam.gserviceaccount.com";
+/// Seconds a token lives: short, so the client refreshes during the test.
+const TOKEN_LIFETIME: u64 = 1;
+
+fn openssl(args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .output()
+        .expect("openssl is installed (.ci/run installs it)");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A fresh RSA key pair: (private PKCS#8 PEM, public SPKI PEM).
+fn rsa_key(dir: &Path, name: &str) -> (String, String) {
+    let key = dir.join(format!("{name}.pem"));
+    let public = dir.join(format!("{name}.pub.pem"));
+    openssl(&[
+        "genpkey",
+        "-algorithm",
+        "RSA",
+        "-pkeyopt",
+        "rsa_keygen_bits:2048",
+        "-out",
+        key.to_str().unwrap(),
+    ]);
+    openssl(&[
+        "pkey",
+        "-in",
+        key.to_str().unwrap(),
+        "-pubout",
+        "-out",
+        public.to_str().unwrap(),
+    ]);
+    (
+        std::fs::read_to_string(key).unwrap(),
+        std::fs::read_to_string(public).unwrap(),
+    )
+}
+
+struct TokenEndpoint {
+    url: String,
+    issued: Arc<AtomicUsize>,
+    refused: Arc<AtomicUsize>,
+}
+
+#[derive(Clone)]
+struct TokenState {
+    public_pem: String,
+    aud: String,
+    issued: Arc<AtomicUsize>,
+    refused: Arc<AtomicUsize>,
+}
+
+#[derive(Deserialize)]
+struct Grant {
+    grant_type: String,
+    assertion: String,
+}
+
+#[derive(Deserialize)]
+struct Claims {
+    scope: String,
+}
+
+async fn token(State(st): State<TokenState>, Form(g): Form<Grant>) -> (StatusCode, Json<Value>) {
+    let refuse = |why: String| {
+        st.refused.fetch_add(1, Ordering::SeqCst);
+        (
+            StatusCode::BAD_REQUEST,
+            Json(json!({ "error": "invalid_grant", "error_description": why })),
+        )
+    };
+    if g.grant_type != "urn:ietf:params:oauth:grant-type:jwt-bearer" {
+        return refuse(format!("grant_type {}", g.grant_type));
+    }
+    let key = jsonwebtoken::DecodingKey::from_rsa_pem(st.public_pem.as_bytes()).unwrap();
+    let mut v = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::RS256);
+    v.set_audience(&[&st.aud]);
+    v.set_issuer(&[EMAIL]);
+    v.set_required_spec_claims(&["exp", "iat", "aud", "iss"]);
+    v.leeway = 0;
+    match jsonwebtoken::decode::<Claims>(&g.assertion, &key, &v) {
+        Ok(t)
+            if t.claims
+                .scope
+                .split(' ')
+                .any(|s| s == "https://www.googleapis.com/auth/cloud-platform") =>
+        {
+            st.issued.fetch_add(1, Ordering::SeqCst);
+            (
+                StatusCode::OK,
+                Json(
+                    json!({ "access_token": T2, "expires_in": TOKEN_LIFETIME, "token_type": "Bearer" }),
+                ),
+            )
+        }
+        Ok(t) => refuse(format!("scope {}", t.claims.scope)),
+        Err(e) => refuse(format!("Invalid JWT Signature: {e}")),
+    }
+}
+
+async fn token_endpoint(public_pem: String) -> TokenEndpoint {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/token", listener.local_addr().unwrap());
+    let st = TokenState {
+        public_pem,
+        aud: url.clone(),
+        issued: Arc::new(AtomicUsize::new(0)),
+        refused: Arc::new(AtomicUsize::new(0)),
+    };
+    let (issued, refused) = (st.issued.clone(), st.refused.clone());
+    let app = Router::new().route("/token", post(token)).with_state(st);
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    TokenEndpoint {
+        url,
+        issued,
+        refused,
+    }
+}
+
+fn key_file(dir: &Path, private_pem: &str, token_uri: &str) -> PathBuf {
+    let p = dir.join("sa.json");
+    let key = json!({
+        "type": "service_account",
+        "project_id": "theirs",
+        "private_key_id": "k1",
+        "private_key": private_pem,
+        "client_email": EMAIL,
+        "token_uri": token_uri,
+    });
+    std::fs::write(&p, key.to_string()).unwrap();
+    p
+}
+
+/// A `pubrun serve` child with its log in `dir/serve.log`.
+struct Serve {
+    /// Killed (and waited for) on drop.
+    _child: common::Server,
+    port: u16,
+    dir: PathBuf,
+}
+
+impl Serve {
+    fn start(dir: &Path, port: u16, config: &str, token: Option<&str>) -> Serve {
+        std::fs::create_dir_all(dir).unwrap();
+        let cfg = dir.join("pubrun.toml");
+        std::fs::write(&cfg, config).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("serve.log"))
+            .unwrap();
+        let mut cmd = Command::new(BIN);
+        cmd.args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--data-dir",
+        ])
+        .arg(dir.join("data"))
+        .arg("--config")
+        .arg(&cfg)
+        .env("PUBRUN_LOG", "info")
+        .env_remove("PUBRUN_TOKEN")
+        .env_remove("PUBRUN_LISTEN")
+        .env_remove("PUBRUN_DATA_DIR")
+        .env_remove("PUBRUN_CONFIG")
+        .env_remove("GOOGLE_APPLICATION_CREDENTIALS")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log);
+        if let Some(t) = token {
+            cmd.args(["--token", t]);
+        }
+        let mut child = common::Server(cmd.spawn().expect("spawn pubrun serve"));
+        let logf = dir.join("serve.log");
+        common::wait_healthy(&mut child.0, port, PATIENCE, || {
+            std::fs::read_to_string(&logf).unwrap_or_default()
+        });
+        Serve {
+            _child: child,
+            port,
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("serve.log")).unwrap_or_default()
+    }
+}
+
+fn google_manifest() -> &'static str {
+    r#"project = "theirs"
+[[topic]]
+name = "uploads"
+[[topic]]
+name = "results"
+[[subscription]]
+name = "uploads-sub"
+topic = "uploads"
+ack_deadline_seconds = 10
+[[subscription]]
+name = "results-sub"
+topic = "results"
+[[bucket]]
+name = "their-bucket"
+notifications = [{ topic = "uploads", event_types = ["OBJECT_FINALIZE"], object_name_prefix = "in/" }]
+"#
+}
+
+fn local_manifest(key: &Path, google: u16) -> String {
+    local_manifest_with(
+        key,
+        google,
+        "mkdir -p out && wc -c < in/data.txt | tr -d ' ' > out/count.txt",
+    )
+}
+
+/// The local manifest whose job runs `script` (after the input is staged).
+fn local_manifest_with(key: &Path, google: u16, script: &str) -> String {
+    format!(
+        r#"project = "ours"
+[[connection]]
+name = "gcp"
+project = "theirs"
+credentials_file = "{key}"
+pubsub_endpoint = "http://127.0.0.1:{google}"
+storage_endpoint = "http://127.0.0.1:{google}"
+
+[[job]]
+name = "count-bytes"
+connection = "gcp"
+subscription = "projects/theirs/subscriptions/uploads-sub"
+result_topic = "projects/theirs/topics/results"
+process = {{ command = "sh", args = ["-c", {script:?}] }}
+inputs = [{{ from = "trigger", to = "in/" }}]
+outputs = [{{ from = "out/", to = "gs://their-bucket/results/{{{{ run.id }}}}/" }}]
+"#,
+        key = key.display(),
+        script = script,
+    )
+}
+
+/// The "Google" side as a user would reach it: bearer T2.
+struct Google {
+    http: reqwest::Client,
+    base: String,
+}
+
+impl Google {
+    async fn upload(&self, name: &str, data: &[u8]) {
+        let r = self
+            .http
+            .post(format!(
+                "{}/upload/storage/v1/b/their-bucket/o?uploadType=media&name={name}",
+                self.base
+            ))
+            .bearer_auth(T2)
+            .header("content-type", "application/octet-stream")
+            .body(data.to_vec())
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            r.status().is_success(),
+            "upload: {} {}",
+            r.status(),
+            r.text().await.unwrap()
+        );
+    }
+
+    async fn download(&self, name: &str) -> Option<Vec<u8>> {
+        let enc = name.replace('/', "%2F");
+        let r = self
+            .http
+            .get(format!(
+                "{}/storage/v1/b/their-bucket/o/{enc}?alt=media",
+                self.base
+            ))
+            .bearer_auth(T2)
+            .send()
+            .await
+            .unwrap();
+        r.status()
+            .is_success()
+            .then_some(r.bytes().await.unwrap().to_vec())
+    }
+
+    /// Pulls (and acks) up to 10 messages of a subscription.
+    async fn pull(&self, sub: &str, ack: bool) -> Vec<Value> {
+        let r: Value = self
+            .http
+            .post(format!(
+                "{}/v1/projects/theirs/subscriptions/{sub}:pull",
+                self.base
+            ))
+            .bearer_auth(T2)
+            .json(&json!({ "maxMessages": 10, "returnImmediately": true }))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let msgs: Vec<Value> = r["receivedMessages"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        if ack && !msgs.is_empty() {
+            let ids: Vec<Value> = msgs.iter().map(|m| m["ackId"].clone()).collect();
+            let r = self
+                .http
+                .post(format!(
+                    "{}/v1/projects/theirs/subscriptions/{sub}:acknowledge",
+                    self.base
+                ))
+                .bearer_auth(T2)
+                .json(&json!({ "ackIds": ids }))
+                .send()
+                .await
+                .unwrap();
+            assert!(r.status().is_success());
+        }
+        msgs
+    }
+}
+
+async fn local_runs(http: &reqwest::Client, local: &Serve) -> Vec<Value> {
+    let r: Value = http
+        .get(format!("{}/api/v1/runs", local.url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    r["runs"].as_array().cloned().unwrap_or_default()
+}
+
+/// A run's id as the result attributes carry it.
+fn id_of(run: &Value) -> String {
+    run["id"]
+        .as_str()
+        .map(str::to_string)
+        .unwrap_or_else(|| run["id"].to_string())
+}
+
+async fn until<T, F, Fut>(what: &str, log: impl Fn() -> String, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}\n{}",
+            log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_file_connection_runs_jobs_on_google_resources_end_to_end() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (private_pem, public_pem) = rsa_key(tmp.path(), "sa");
+    let tokens = token_endpoint(public_pem).await;
+    let key = key_file(tmp.path(), &private_pem, &tokens.url);
+
+    let gport = free_port();
+    let google = Serve::start(
+        &tmp.path().join("google"),
+        gport,
+        google_manifest(),
+        Some(T2),
+    );
+    let g = Google {
+        http: reqwest::Client::new(),
+        base: google.url(),
+    };
+    let local = Serve::start(
+        &tmp.path().join("local"),
+        free_port(),
+        &local_manifest(&key, gport),
+        None,
+    );
+    let logs = || {
+        format!(
+            "--- local ---\n{}\n--- google ---\n{}",
+            local.log(),
+            google.log()
+        )
+    };
+
+    // The intake has exchanged the key for a token; let that token expire
+    // so the calls below need a refreshed one.
+    until("the first token", logs, || async {
+        (tokens.issued.load(Ordering::SeqCst) >= 1).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(TOKEN_LIFETIME) + Duration::from_millis(200)).await;
+
+    g.upload("in/data.txt", b"hello, google\n").await;
+
+    // The result arrives on the "Google" topic.
+    let results = until(
+        "a result on projects/theirs/topics/results",
+        logs,
+        || async {
+            let m = g.pull("results-sub", true).await;
+            (!m.is_empty()).then_some(m)
+        },
+    )
+    .await;
+    assert_eq!(results.len(), 1, "{results:?}");
+    let attrs = &results[0]["message"]["attributes"];
+    assert_eq!(attrs["status"], "succeeded", "{results:?}\n{}", logs());
+    assert_eq!(attrs["job"], "count-bytes");
+    let run_id = attrs["run_id"].as_str().unwrap().to_string();
+
+    // The output is in the "Google" bucket.
+    let out = g.download(&format!("results/{run_id}/count.txt")).await;
+    assert_eq!(
+        out.as_deref()
+            .map(|b| String::from_utf8_lossy(b).trim().to_string()),
+        Some("14".to_string()),
+        "{}",
+        logs()
+    );
+
+    // One run; the notification was acked once queued: nothing comes back.
+    let http = reqwest::Client::new();
+    let runs = local_runs(&http, &local).await;
+    assert_eq!(runs.len(), 1, "{runs:?}");
+    assert!(
+        g.pull("uploads-sub", false).await.is_empty(),
+        "the notification was not acked\n{}",
+        logs()
+    );
+    assert!(
+        tokens.issued.load(Ordering::SeqCst) >= 2,
+        "the short-lived token was never refreshed"
+    );
+    assert_eq!(tokens.refused.load(Ordering::SeqCst), 0);
+    // The token never reaches a log.
+    assert!(!local.log().contains(T2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_credentials_name_the_connection_and_ack_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, public_pem) = rsa_key(tmp.path(), "sa");
+    // The key file holds a different key than the one the endpoint trusts.
+    let (other_private, _) = rsa_key(tmp.path(), "other");
+    let tokens = token_endpoint(public_pem).await;
+    let key = key_file(tmp.path(), &other_private, &tokens.url);
+
+    let gport = free_port();
+    let google = Serve::start(
+        &tmp.path().join("google"),
+        gport,
+        google_manifest(),
+        Some(T2),
+    );
+    let g = Google {
+        http: reqwest::Client::new(),
+        base: google.url(),
+    };
+    g.upload("in/data.txt", b"abc").await;
+    let local = Serve::start(
+        &tmp.path().join("local"),
+        free_port(),
+        &local_manifest(&key, gport),
+        None,
+    );
+    let logs = || {
+        format!(
+            "--- local ---\n{}\n--- google ---\n{}",
+            local.log(),
+            google.log()
+        )
+    };
+
+    let line = until("the intake's error", logs, || async {
+        local
+            .log()
+            .lines()
+            .find(|l| l.contains("connection gcp:") && l.contains("invalid_grant"))
+            .map(str::to_string)
+    })
+    .await;
+    assert!(
+        line.contains("projects/theirs/subscriptions/uploads-sub"),
+        "{line}"
+    );
+    assert!(line.contains("sa.json"), "the key file is named: {line}");
+    assert!(tokens.refused.load(Ordering::SeqCst) >= 1);
+    assert_eq!(tokens.issued.load(Ordering::SeqCst), 0);
+
+    // No run, and the notification is still there for a working client.
+    let http = reqwest::Client::new();
+    assert!(local_runs(&http, &local).await.is_empty());
+    let left = g.pull("uploads-sub", false).await;
+    assert_eq!(left.len(), 1, "the message must not be acked: {left:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_key_file_fails_the_apply_naming_connection_and_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let key = tmp.path().join("sa.json");
+    std::fs::write(
+        &key,
+        r#"{"type":"service_account","client_email":"a@b","private_key":"not a key"}"#,
+    )
+    .unwrap();
+    let cfg = tmp.path().join("pubrun.toml");
+    std::fs::write(&cfg, local_manifest(&key, 9)).unwrap();
+    let out = Command::new(BIN)
+        .args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{}", free_port()),
+            "--data-dir",
+        ])
+        .arg(tmp.path().join("data"))
+        .arg("--config")
+        .arg(&cfg)
+        .env_remove("PUBRUN_TOKEN")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("connection gcp") && err.contains("sa.json") && err.contains("not an RSA key"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_google_side_restarting_mid_run_loses_nothing_and_duplicates_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (private_pem, public_pem) = rsa_key(tmp.path(), "sa");
+    let tokens = token_endpoint(public_pem).await;
+    let key = key_file(tmp.path(), &private_pem, &tokens.url);
+    // Each run waits for its gate file: the test decides when it ends.
+    let gates = tmp.path().join("gates");
+    std::fs::create_dir_all(&gates).unwrap();
+    let script = format!(
+        "f=$(ls in); while [ ! -e {g}/$f ]; do sleep 0.05; done; mkdir -p out && wc -c < in/$f | tr -d ' ' > out/count.txt",
+        g = gates.display()
+    );
+
+    let gport = free_port();
+    let gdir = tmp.path().join("google");
+    let mut google = Serve::start(&gdir, gport, google_manifest(), Some(T2));
+    let g = Google {
+        http: reqwest::Client::new(),
+        base: google.url(),
+    };
+    let local = Serve::start(
+        &tmp.path().join("local"),
+        free_port(),
+        &local_manifest_with(&key, gport, &script),
+        None,
+    );
+    let http = reqwest::Client::new();
+    let logs = |google: &Serve| {
+        format!(
+            "--- local ---\n{}\n--- google ---\n{}",
+            local.log(),
+            google.log()
+        )
+    };
+
+    // The first upload is queued as a run, which then waits at its gate.
+    g.upload("in/a.txt", b"first\n").await;
+    let first = until(
+        "the first run to be running",
+        || logs(&google),
+        || async {
+            let runs = local_runs(&http, &local).await;
+            (runs.len() == 1 && runs[0]["status"] == "running").then(|| id_of(&runs[0]))
+        },
+    )
+    .await;
+
+    // "Google" goes away mid-run and comes back on the same port and data.
+    drop(google);
+    google = Serve::start(&gdir, gport, google_manifest(), Some(T2));
+    let g = Google {
+        http: reqwest::Client::new(),
+        base: google.url(),
+    };
+
+    // The intake reconnects: a second upload becomes a second run.
+    g.upload("in/b.txt", b"second!\n").await;
+    let second = until(
+        "the second run",
+        || logs(&google),
+        || async {
+            let runs = local_runs(&http, &local).await;
+            runs.iter().map(id_of).find(|id| *id != first)
+        },
+    )
+    .await;
+    std::fs::write(gates.join("a.txt"), "").unwrap();
+    std::fs::write(gates.join("b.txt"), "").unwrap();
+
+    // Both results reach the restarted "Google" topic, once each.
+    let mut results: Vec<Value> = Vec::new();
+    let deadline = Instant::now() + PATIENCE;
+    while results.len() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for two results: {results:?}\n{}",
+            logs(&google)
+        );
+        results.extend(g.pull("results-sub", true).await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut ids: Vec<String> = results
+        .iter()
+        .map(|m| {
+            assert_eq!(m["message"]["attributes"]["status"], "succeeded", "{m}");
+            m["message"]["attributes"]["run_id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    ids.sort();
+    let mut want = vec![first.clone(), second.clone()];
+    want.sort();
+    assert_eq!(ids, want, "one result per run\n{}", logs(&google));
+    for (id, n) in [(&first, "6"), (&second, "8")] {
+        let out = g.download(&format!("results/{id}/count.txt")).await;
+        assert_eq!(
+            out.as_deref()
+                .map(|b| String::from_utf8_lossy(b).trim().to_string()),
+            Some(n.to_string())
+        );
+    }
+
+    // No duplicate run, nothing left unacked, nothing published twice.
+    let runs = local_runs(&http, &local).await;
+    assert_eq!(runs.len(), 2, "{runs:?}\n{}", logs(&google));
+    assert!(
+        g.pull("uploads-sub", false).await.is_empty(),
+        "a notification was not acked\n{}",
+        logs(&google)
+    );
+    assert!(
+        g.pull("results-sub", true).await.is_empty(),
+        "a result was published twice"
+    );
+    // (Refresh is covered by the end-to-end test, which outwaits a token.)
+    assert_eq!(tokens.refused.load(Ordering::SeqCst), 0);
+    assert!(!local.log().contains(T2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_endpoint_is_named_and_the_intake_recovers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (private_pem, public_pem) = rsa_key(tmp.path(), "sa");
+    let tokens = token_endpoint(public_pem).await;
+    let key = key_file(tmp.path(), &private_pem, &tokens.url);
+
+    // The local server starts while "Google" is down.
+    let gport = free_port();
+    let local = Serve::start(
+        &tmp.path().join("local"),
+        free_port(),
+        &local_manifest(&key, gport),
+        None,
+    );
+    let line = until(
+        "the intake's error",
+        || local.log(),
+        || async {
+            local
+                .log()
+                .lines()
+                .find(|l| l.contains("connection gcp:") && l.contains("UNAVAILABLE"))
+                .map(str::to_string)
+        },
+    )
+    .await;
+    assert!(
+        line.contains("projects/theirs/subscriptions/uploads-sub"),
+        "{line}"
+    );
+    assert!(
+        line.contains(&format!("127.0.0.1:{gport}")),
+        "the endpoint is named: {line}"
+    );
+
+    // "Google" comes up: the intake reconnects and the flow works.
+    let google = Serve::start(
+        &tmp.path().join("google"),
+        gport,
+        google_manifest(),
+        Some(T2),
+    );
+    let g = Google {
+        http: reqwest::Client::new(),
+        base: google.url(),
+    };
+    let logs = || {
+        format!(
+            "--- local ---\n{}\n--- google ---\n{}",
+            local.log(),
+            google.log()
+        )
+    };
+    g.upload("in/data.txt", b"late\n").await;
+    let results = until("a result", logs, || async {
+        let m = g.pull("results-sub", true).await;
+        (!m.is_empty()).then_some(m)
+    })
+    .await;
+    assert_eq!(
+        results[0]["message"]["attributes"]["status"], "succeeded",
+        "{results:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_inputs_and_outputs_cross_the_connection_intact() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (private_pem, public_pem) = rsa_key(tmp.path(), "sa");
+    let tokens = token_endpoint(public_pem).await;
+    let key = key_file(tmp.path(), &private_pem, &tokens.url);
+    let gport = free_port();
+    let google = Serve::start(
+        &tmp.path().join("google"),
+        gport,
+        google_manifest(),
+        Some(T2),
+    );
+    let g = Google {
+        http: reqwest::Client::new(),
+        base: google.url(),
+    };
+    let script = "mkdir -p out && cp in/big.bin out/copy.bin";
+    let local = Serve::start(
+        &tmp.path().join("local"),
+        free_port(),
+        &local_manifest_with(&key, gport, script),
+        None,
+    );
+    let logs = || {
+        format!(
+            "--- local ---\n{}\n--- google ---\n{}",
+            local.log(),
+            google.log()
+        )
+    };
+
+    // 20 MiB + 1: three resumable chunks of 8 MiB, the last one short.
+    let data: Vec<u8> = (0..(20u32 << 20) + 1)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    g.upload("in/big.bin", &data).await;
+    let results = until("a result", logs, || async {
+        let m = g.pull("results-sub", true).await;
+        (!m.is_empty()).then_some(m)
+    })
+    .await;
+    let attrs = &results[0]["message"]["attributes"];
+    assert_eq!(attrs["status"], "succeeded", "{results:?}\n{}", logs());
+    let run_id = attrs["run_id"].as_str().unwrap();
+    let out = g
+        .download(&format!("results/{run_id}/copy.bin"))
+        .await
+        .expect("the output exists");
+    assert_eq!(out.len(), data.len());
+    assert!(out == data, "the output's bytes differ from the input's");
+}

@@ -1,0 +1,413 @@
+//! Jobs on a connection: the remote intake (StreamingPull on the
+//! connection's subscription, a run queued per message through the same
+//! run store path as local intakes, acked only once queued), results
+//! published to the connection's topic, inputs and outputs through its
+//! Cloud Storage.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use pubrun_connections::pubsub::{PubsubMessage, ReceivedMessage};
+use pubrun_connections::{ConnError, Connection, ErrorKind};
+use pubrun_core::connection::ConnectionSpec;
+use pubrun_core::job::{check_relative_path, parse_gs_url, JobSpec, TRIGGER_INPUT};
+use pubrun_core::template::{self, TemplateContext};
+use pubrun_core::{Error, OutgoingMessage, Result, TopicName};
+use pubrun_exec::LogSink;
+
+use super::{
+    check_no_symlink, dedup_key, now_ms, rfc3339, safe_relative, slash, walk_files, Dispatcher,
+};
+use crate::runstore::{RunRecord, SourceMessage};
+
+/// The lease asked for on the connection's messages, and how often it is
+/// extended while a batch waits to be queued.
+const ACK_DEADLINE_S: i32 = 60;
+const EXTEND_EVERY: Duration = Duration::from_secs(20);
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
+
+impl Dispatcher {
+    /// The clients of a connection, made once per (name, spec): a changed
+    /// spec (new endpoint, other key file) gets new clients.
+    pub(super) fn connection(
+        &self,
+        spec: &ConnectionSpec,
+    ) -> std::result::Result<Arc<Connection>, ConnError> {
+        let mut map = self.connections.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = map.get(&spec.name) {
+            if &c.spec == spec {
+                return Ok(c.clone());
+            }
+        }
+        let c = Arc::new(Connection::new(spec.clone())?);
+        map.insert(spec.name.clone(), c.clone());
+        Ok(c)
+    }
+
+    /// `put_job` for a job on a connection: nothing is created on the
+    /// connection's side (its subscription and topics are the user's); the
+    /// credentials are loaded now so a bad key file fails the apply.
+    pub(super) async fn put_remote_job(self: &Arc<Self>, spec: JobSpec) -> Result<()> {
+        let c = spec.connection.as_ref().expect("a job on a connection");
+        self.connection(c)
+            .map_err(|e| Error::invalid(format!("job {}: {e}", spec.name)))?;
+        pubrun_core::SubscriptionName::parse(&spec.subscription)?;
+        if !spec.result_topic.is_empty() {
+            TopicName::parse(&spec.result_topic)?;
+        }
+        // A job that was local before leaves its local subscription behind.
+        if let Ok(old) = self.job(&spec.name) {
+            if old.connection.is_none() {
+                if let Ok(t) = TopicName::parse(&old.topic) {
+                    if let Ok(sub) = pubrun_core::SubscriptionName::parse(
+                        &pubrun_core::manifest::job_subscription(t.project().id(), &old.name),
+                    ) {
+                        let _ = self.broker.delete_subscription(&sub).await;
+                    }
+                }
+            }
+        }
+        self.store.put_job(&spec).await?;
+        self.start_intake(spec)?;
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    /// Streams the connection's subscription for as long as the job exists:
+    /// reconnects with backoff after any error (the server restarting,
+    /// UNAVAILABLE, a refused token), logging what went wrong with the
+    /// connection and the subscription named.
+    pub(super) async fn remote_intake(self: Arc<Self>, job: String) {
+        let mut backoff = Duration::from_millis(250);
+        loop {
+            let Ok(spec) = self.job(&job) else { return };
+            let Some(cspec) = spec.connection.clone() else {
+                return;
+            };
+            let sub = spec.subscription.clone();
+            let failed = match self.connection(&cspec) {
+                Err(e) => Some(e),
+                Ok(conn) => {
+                    // Flow control: no more messages leased to us than the
+                    // job runs at once; each batch is queued (and acked)
+                    // before the next is read.
+                    let max_outstanding = i64::from(spec.concurrency.max(1));
+                    match conn
+                        .pubsub
+                        .streaming_pull(&sub, max_outstanding, ACK_DEADLINE_S)
+                        .await
+                    {
+                        Err(e) => Some(e),
+                        Ok(mut stream) => {
+                            tracing::info!(
+                                job,
+                                connection = cspec.name,
+                                subscription = sub,
+                                "job intake streaming from the connection"
+                            );
+                            loop {
+                                match stream.next().await {
+                                    Ok(Some(batch)) => {
+                                        backoff = Duration::from_millis(250);
+                                        self.queue_remote(&job, &conn, &sub, batch).await;
+                                    }
+                                    Ok(None) => break None,
+                                    Err(e) => break Some(e),
+                                }
+                            }
+                        }
+                    }
+                }
+            };
+            match failed {
+                Some(e) if e.kind == ErrorKind::Unavailable => {
+                    tracing::warn!(
+                        job,
+                        subscription = sub,
+                        "job {job}: subscription {sub}: {e}; reconnecting in {backoff:?}"
+                    )
+                }
+                Some(e) => {
+                    tracing::error!(
+                        job,
+                        subscription = sub,
+                        "job {job}: subscription {sub}: {e}; trying again in {backoff:?}"
+                    )
+                }
+                None => tracing::info!(
+                    job,
+                    subscription = sub,
+                    "the connection ended the stream; reconnecting"
+                ),
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+
+    /// Queues a run per message (dedup, filter as for local jobs), extending
+    /// the messages' leases while the run store is busy; acks only what is
+    /// durably queued. On failure nothing is acked: the messages come back.
+    async fn queue_remote(
+        &self,
+        job: &str,
+        conn: &Connection,
+        sub: &str,
+        batch: Vec<ReceivedMessage>,
+    ) {
+        let Ok(spec) = self.job(job) else {
+            // Deleted meanwhile: give the messages back at once.
+            let ids = batch.into_iter().map(|m| m.ack_id).collect();
+            let _ = conn.pubsub.modify_ack_deadline(sub, ids, 0).await;
+            return;
+        };
+        let filter = pubrun_core::filter::parse(&spec.filter)
+            .unwrap_or_else(|_| pubrun_core::filter::Filter::all());
+        let mut ack_ids = Vec::with_capacity(batch.len());
+        let mut items = Vec::with_capacity(batch.len());
+        for r in batch {
+            ack_ids.push(r.ack_id);
+            let Some(m) = r.message else { continue };
+            let msg = source_message(m);
+            // As a filtered subscription would: a message that does not
+            // match is acked without a run.
+            if !filter.matches(&msg.attributes) {
+                continue;
+            }
+            let key = dedup_key(&spec, &msg);
+            items.push((msg, key));
+        }
+        let store = self.store.clone();
+        let s2 = spec.clone();
+        // A task of its own: queueing goes on while the leases are extended.
+        let queued =
+            tokio::spawn(async move { store.enqueue_batch(&s2, &items, now_ms()).await });
+        tokio::pin!(queued);
+        let queued = loop {
+            tokio::select! {
+                r = &mut queued => break r,
+                _ = tokio::time::sleep(EXTEND_EVERY) => {
+                    if let Err(e) = conn.pubsub.modify_ack_deadline(sub, ack_ids.clone(), ACK_DEADLINE_S).await {
+                        tracing::warn!(job, error = %e, "could not extend the leases of messages being queued");
+                    }
+                }
+            }
+        };
+        match queued {
+            Ok(Ok(_)) => {
+                self.wake.notify_one();
+                let mut delay = Duration::from_millis(200);
+                for attempt in 1..=5 {
+                    match conn.pubsub.acknowledge(sub, ack_ids.clone()).await {
+                        Ok(()) => return,
+                        Err(e) if attempt < 5 && e.kind.is_retryable() => {
+                            tokio::time::sleep(delay).await;
+                            delay *= 2;
+                        }
+                        Err(e) => {
+                            tracing::warn!(job, error = %e, "ack after queueing failed; redeliveries will be caught by dedup");
+                            return;
+                        }
+                    }
+                }
+            }
+            Ok(Err(e)) => {
+                tracing::error!(job, error = %e, "could not queue runs; the messages are not acked and will come back");
+            }
+            Err(e) => {
+                tracing::error!(job, error = %e, "queueing runs panicked; the messages are not acked and will come back");
+            }
+        }
+    }
+
+    pub(super) async fn publish_remote(
+        &self,
+        c: &ConnectionSpec,
+        topic: &str,
+        msg: OutgoingMessage,
+    ) -> Result<()> {
+        let conn = self
+            .connection(c)
+            .map_err(|e| Error::unavailable(e.to_string()))?;
+        let m = PubsubMessage {
+            data: msg.data,
+            attributes: msg.attributes.into_iter().collect(),
+            ordering_key: msg.ordering_key,
+            ..Default::default()
+        };
+        match conn.pubsub.publish(topic, vec![m]).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.kind == ErrorKind::NotFound => Err(Error::not_found(e.to_string())),
+            Err(e) => Err(Error::unavailable(e.to_string())),
+        }
+    }
+
+    pub(super) async fn stage_inputs_remote(
+        &self,
+        c: &ConnectionSpec,
+        run: &RunRecord,
+        spec: &JobSpec,
+        ctx: &TemplateContext,
+        workdir: &Path,
+        log: &Arc<LogSink>,
+    ) -> std::result::Result<(), String> {
+        let conn = self.connection(c).map_err(|e| format!("inputs: {e}"))?;
+        let fetch = |bucket: String, object: String, dest: std::path::PathBuf| {
+            let conn = conn.clone();
+            async move {
+                check_no_symlink(workdir, &dest).map_err(|e| e.to_string())?;
+                if let Some(parent) = dest.parent() {
+                    tokio::fs::create_dir_all(parent)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                }
+                conn.storage
+                    .download(&bucket, &object, &dest)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+        };
+        for input in &spec.inputs {
+            check_relative_path(&input.to).map_err(|e| format!("parameters: inputs.to: {e}"))?;
+            let dest = workdir.join(&input.to);
+            if input.from == TRIGGER_INPUT {
+                let attr = |k: &str| run.message.attributes.get(k).filter(|v| !v.is_empty());
+                let (Some(bucket), Some(object)) = (attr("bucketId"), attr("objectId")) else {
+                    return Err("parameters: input \"trigger\" needs the message attributes bucketId and objectId \
+                                (sent by bucket notifications); this message has none"
+                        .to_string());
+                };
+                let base = object.rsplit('/').next().unwrap_or("");
+                if safe_relative(base).is_none() {
+                    return Err(format!(
+                        "parameters: input \"trigger\": object name \"{}\" has no usable file name",
+                        object.escape_debug()
+                    ));
+                }
+                let n = fetch(bucket.clone(), object.clone(), dest.join(base))
+                    .await
+                    .map_err(|e| format!("inputs: {e}"))?;
+                log.note(&format!(
+                    "input gs://{bucket}/{object} on connection {} ({n} bytes, CRC32C checked) -> {}{base}",
+                    c.name,
+                    slash(&input.to)
+                ))
+                .await;
+            } else {
+                let url = template::render(&input.from, ctx)
+                    .map_err(|e| format!("parameters: inputs.from: {}", e.message))?;
+                let (bucket, prefix) =
+                    parse_gs_url(&url).map_err(|e| format!("parameters: inputs.from: {e}"))?;
+                let objects = conn
+                    .storage
+                    .list(&bucket, &prefix)
+                    .await
+                    .map_err(|e| format!("inputs: {e}"))?;
+                let (mut files, mut bytes) = (0u64, 0u64);
+                for o in objects {
+                    let Some(rel) = safe_relative(&o.name[prefix.len().min(o.name.len())..]) else {
+                        continue;
+                    };
+                    bytes += fetch(bucket.clone(), o.name.clone(), dest.join(&rel))
+                        .await
+                        .map_err(|e| format!("inputs: {e}"))?;
+                    files += 1;
+                }
+                log.note(&format!(
+                    "input {url} on connection {}: {files} objects ({bytes} bytes) -> {}",
+                    c.name,
+                    slash(&input.to)
+                ))
+                .await;
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) async fn stage_outputs_remote(
+        &self,
+        c: &ConnectionSpec,
+        run: &RunRecord,
+        spec: &JobSpec,
+        ctx: &TemplateContext,
+        workdir: &Path,
+        log: &Arc<LogSink>,
+    ) -> std::result::Result<(), String> {
+        let conn = self.connection(c).map_err(|e| e.to_string())?;
+        let metadata: BTreeMap<String, String> = [
+            ("pubrun-run-id".to_string(), run.id.to_string()),
+            ("pubrun-job".to_string(), spec.name.clone()),
+            ("pubrun-attempt".to_string(), run.attempt.to_string()),
+        ]
+        .into_iter()
+        .collect();
+        for output in &spec.outputs {
+            check_relative_path(&output.from).map_err(|e| format!("outputs.from: {e}"))?;
+            let url = template::render(&output.to, ctx)
+                .map_err(|e| format!("outputs.to: {}", e.message))?;
+            let (bucket, prefix) = parse_gs_url(&url).map_err(|e| format!("outputs.to: {e}"))?;
+            let src = workdir.join(&output.from);
+            check_no_symlink(workdir, &src).map_err(|e| format!("{}: {e}", output.from))?;
+            match tokio::fs::symlink_metadata(&src).await {
+                Ok(m) if m.is_dir() => {}
+                _ => {
+                    log.note(&format!(
+                        "output {}: no such directory; nothing uploaded",
+                        output.from
+                    ))
+                    .await;
+                    continue;
+                }
+            }
+            let files = walk_files(src.clone())
+                .await
+                .map_err(|e| format!("{}: {e}", output.from))?;
+            let mut bytes = 0u64;
+            for rel in &files {
+                let info = conn
+                    .storage
+                    .upload(
+                        &bucket,
+                        &format!("{prefix}{rel}"),
+                        &src.join(rel),
+                        &metadata,
+                    )
+                    .await
+                    .map_err(|e| e.to_string())?;
+                bytes += info.size;
+            }
+            log.note(&format!(
+                "output {}: {} files ({bytes} bytes) -> {url} on connection {}",
+                slash(&output.from),
+                files.len(),
+                c.name
+            ))
+            .await;
+        }
+        Ok(())
+    }
+}
+
+/// The run-store view of a message from a connection.
+fn source_message(m: PubsubMessage) -> SourceMessage {
+    let publish_time = m
+        .publish_time
+        .map(|t| {
+            rfc3339(
+                t.seconds
+                    .saturating_mul(1_000_000_000)
+                    .saturating_add(i64::from(t.nanos)),
+            )
+        })
+        .unwrap_or_else(|| rfc3339(now_ms() * 1_000_000));
+    let attributes: HashMap<String, String> = m.attributes;
+    SourceMessage {
+        id: m.message_id,
+        data: m.data.to_vec(),
+        attributes: attributes.into_iter().collect(),
+        publish_time,
+        ordering_key: m.ordering_key,
+    }
+}

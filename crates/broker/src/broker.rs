@@ -21,7 +21,9 @@ use pubrun_store::{AppendFuture, Catalog, Record, Store, SubscriptionEntry, Topi
 use crate::msg::Msg;
 use crate::subscription::{Handout, Pending, Policy, StreamQuota, SubState};
 
+mod overview;
 mod retention;
+pub use overview::{SubscriptionSummary, TopicSummary};
 pub use retention::{Clock, ManualClock, SnapshotInfo, SystemClock};
 
 /// How long a dead letter waits before forwarding is tried again after it

@@ -389,15 +389,32 @@ impl RunStore {
         status: Option<RunStatus>,
         limit: usize,
     ) -> Result<Vec<RunRecord>> {
+        self.list_before(job, status, None, limit)
+    }
+
+    /// Newest first, only runs with an id below `before` (keyset paging for
+    /// the dashboard: a page stays stable while new runs arrive).
+    pub fn list_before(
+        &self,
+        job: Option<&str>,
+        status: Option<RunStatus>,
+        before: Option<i64>,
+        limit: usize,
+    ) -> Result<Vec<RunRecord>> {
         let conn = self.conn();
         let mut stmt = conn
             .prepare(
-                "SELECT * FROM runs WHERE (?1 IS NULL OR job = ?1) AND (?2 IS NULL OR status = ?2) ORDER BY id DESC LIMIT ?3",
+                "SELECT * FROM runs WHERE (?1 IS NULL OR job = ?1) AND (?2 IS NULL OR status = ?2) AND id < ?3 ORDER BY id DESC LIMIT ?4",
             )
             .map_err(db_err)?;
         let rows = stmt
             .query_map(
-                params![job, status.map(|s| s.as_str()), limit as i64],
+                params![
+                    job,
+                    status.map(|s| s.as_str()),
+                    before.unwrap_or(i64::MAX),
+                    limit as i64
+                ],
                 Self::row_to_run,
             )
             .map_err(db_err)?;

@@ -421,6 +421,23 @@ impl RunStore {
         rows.collect::<rusqlite::Result<Vec<_>>>().map_err(db_err)
     }
 
+    /// How many runs are in each status (statuses without runs are absent).
+    pub fn count_by_status(&self) -> Result<Vec<(RunStatus, u64)>> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare("SELECT status, COUNT(*) FROM runs GROUP BY status")
+            .map_err(db_err)?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+            .map_err(db_err)?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (s, n) = row.map_err(db_err)?;
+            out.push((RunStatus::parse(&s)?, n as u64));
+        }
+        Ok(out)
+    }
+
     pub fn with_status(&self, statuses: &[RunStatus]) -> Result<Vec<RunRecord>> {
         let mut out = Vec::new();
         for s in statuses {

@@ -48,6 +48,9 @@ pub(crate) struct ObjectsQuery {
     prefix: String,
     #[serde(default)]
     page_token: Option<String>,
+    /// Every object under the prefix, full names, no folders.
+    #[serde(default)]
+    flat: bool,
 }
 
 pub(crate) async fn objects(
@@ -61,7 +64,7 @@ pub(crate) async fn objects(
             &bucket,
             ListParams {
                 prefix: q.prefix.clone(),
-                delimiter: Some("/".into()),
+                delimiter: (!q.flat).then(|| "/".into()),
                 page_token: q.page_token.clone(),
                 max_results: 200,
                 ..Default::default()
@@ -81,6 +84,9 @@ pub(crate) async fn objects(
         p #path {
             a href=(base) { "gs://" (bucket) "/" }
             @for (part, full) in &crumbs { a href={(base) "?prefix=" (enc(full))} { (part) } }
+            " · "
+            @if q.flat { a href={(base) "?prefix=" (enc(&q.prefix))} { "show folders" } }
+            @else { a #flat href={(base) "?flat=true&prefix=" (enc(&q.prefix))} { "list every object under here" } }
         }
         @if page.items.is_empty() && page.prefixes.is_empty() {
             p.muted { "No objects here." }
@@ -89,11 +95,13 @@ pub(crate) async fn objects(
                 thead { tr { th { "Name" } th.num { "Size" } th { "Type" } th { "Updated (UTC)" } th.num { "Generation" } } }
                 tbody {
                     @for p in &page.prefixes {
-                        tr { td colspan="5" { a href={(base) "?prefix=" (enc(p))} { "📁 " (p.strip_prefix(q.prefix.as_str()).unwrap_or(p)) } } }
+                        tr.folder { td colspan="5" { a href={(base) "?prefix=" (enc(p))} { (p.strip_prefix(q.prefix.as_str()).unwrap_or(p)) } } }
                     }
                     @for o in &page.items {
                         tr {
-                            td { a.object href={(base) "/download?name=" (enc(&o.name))} download { (o.name.strip_prefix(q.prefix.as_str()).unwrap_or(&o.name)) } }
+                            td { a.object href={(base) "/download?name=" (enc(&o.name))} download {
+                                @if q.flat { (o.name) } @else { (o.name.strip_prefix(q.prefix.as_str()).unwrap_or(&o.name)) }
+                            } }
                             td.num { (layout::bytes(o.size)) }
                             td { (o.content_type()) }
                             td { (time_ms(o.updated_us / 1000)) }
@@ -104,7 +112,7 @@ pub(crate) async fn objects(
             }
         }
         @if let Some(t) = &page.next_page_token {
-            div.pager { a href={(base) "?prefix=" (enc(&q.prefix)) "&page_token=" (enc(t))} { "More »" } }
+            div.pager { a href={(base) "?prefix=" (enc(&q.prefix)) "&page_token=" (enc(t)) @if q.flat { "&flat=true" }} { "More »" } }
         }
     };
     Ok(layout::page(&ctx, &format!("Bucket {bucket}"), Nav::Buckets, body))

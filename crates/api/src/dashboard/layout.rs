@@ -40,6 +40,12 @@ td.num,th.num{text-align:right;font-variant-numeric:tabular-nums}
 dl.kv{display:grid;grid-template-columns:max-content 1fr;gap:.25em 1em;margin:0}
 dl.kv dt{color:#57606a}
 dl.kv dd{margin:0;overflow-wrap:anywhere}
+dl.kv dd table{width:auto;border:0;background:transparent}
+dl.kv dd table td{padding:.1em 1em .1em 0;border:0}
+.stats{display:flex;gap:1em;flex-wrap:wrap}
+.stat{background:#fff;border:1px solid #d0d7de;border-radius:6px;padding:.6em 1.2em;min-width:140px}
+.stat b{display:block;font-size:22px;font-weight:600}
+.stat span{color:#57606a;font-size:12px;text-transform:uppercase;letter-spacing:.03em}
 pre{background:#0d1117;color:#e6edf3;padding:.8em 1em;border-radius:6px;overflow:auto;max-height:70vh;font:12.5px/1.4 ui-monospace,SFMono-Regular,Menlo,monospace;white-space:pre-wrap;overflow-wrap:anywhere}
 pre.light{background:#fff;color:#1f2328;border:1px solid #d0d7de}
 form.inline{display:inline}
@@ -57,6 +63,7 @@ textarea{font-family:ui-monospace,monospace;min-width:28em}
 .login{max-width:340px;margin:12vh auto;background:#fff;border:1px solid #d0d7de;border-radius:8px;padding:1.5em}
 .login h1{margin-top:0}
 .login input{width:100%;margin:.4em 0 1em}
+tr.folder a{font-weight:600}
 .actions{display:flex;gap:.5em;margin:.6em 0 1em;flex-wrap:wrap}
 "#;
 
@@ -69,7 +76,7 @@ const SCRIPT: &str = r#"// pubrun dashboard
   var status = document.getElementById('status');
   var es = new EventSource(log.dataset.src);
   es.addEventListener('log', function (e) {
-    var bottom = window.innerHeight + window.scrollY >= document.body.scrollHeight - 30;
+    var bottom = window.scrollY > 0 && window.innerHeight + window.scrollY >= document.body.scrollHeight - 30;
     log.textContent += JSON.parse(e.data);
     if (bottom) window.scrollTo(0, document.body.scrollHeight);
   });
@@ -120,7 +127,6 @@ const NAV: [(Nav, &str, &str); 6] = [
 
 fn head(title: &str) -> Markup {
     html! {
-        (DOCTYPE)
         head {
             meta charset="utf-8";
             meta name="viewport" content="width=device-width, initial-scale=1";
@@ -134,6 +140,8 @@ fn head(title: &str) -> Markup {
 /// A full page with navigation.
 pub(crate) fn page(ctx: &Ctx, title: &str, nav: Nav, body: Markup) -> Response {
     let m = html! {
+        (DOCTYPE)
+        html lang="en" {
         (head(title))
         body {
             header {
@@ -150,6 +158,7 @@ pub(crate) fn page(ctx: &Ctx, title: &str, nav: Nav, body: Markup) -> Response {
             main { (body) }
             script src="/ui/static/app.js" {}
         }
+        }
     };
     m.into_response()
 }
@@ -157,24 +166,30 @@ pub(crate) fn page(ctx: &Ctx, title: &str, nav: Nav, body: Markup) -> Response {
 /// A page without navigation or session (errors).
 pub(crate) fn bare(title: &str, body: Markup) -> Markup {
     html! {
-        (head(title))
-        body {
-            header { a.brand href="/" { "pubrun" } }
-            main { (body) }
+        (DOCTYPE)
+        html lang="en" {
+            (head(title))
+            body {
+                header { a.brand href="/" { "pubrun" } }
+                main { (body) }
+            }
         }
     }
 }
 
 pub(crate) fn login_page(error: Option<&str>) -> Markup {
     html! {
-        (head("Log in"))
-        body {
-            form.login method="post" action="/login" {
-                h1 { "pubrun" }
-                p.muted { "This server requires its token (" code { "--token" } " / " code { "PUBRUN_TOKEN" } ")." }
-                @if let Some(e) = error { p.error #login-error { (e) } }
-                label { "Token" input type="password" name="token" autocomplete="current-password" autofocus; }
-                button.primary type="submit" { "Log in" }
+        (DOCTYPE)
+        html lang="en" {
+            (head("Log in"))
+            body {
+                form.login method="post" action="/login" {
+                    h1 { "pubrun" }
+                    p.muted { "This server requires its token (" code { "--token" } " / " code { "PUBRUN_TOKEN" } ")." }
+                    @if let Some(e) = error { p.error #login-error { (e) } }
+                    label { "Token" input type="password" name="token" autocomplete="current-password" autofocus; }
+                    button.primary type="submit" { "Log in" }
+                }
             }
         }
     }

@@ -24,7 +24,7 @@ struct JobRow {
 pub(crate) async fn page(ctx: Ctx) -> UiResult {
     let now = layout::now_ms();
     let (topics, subs) = ctx.broker().overview();
-    let (jobs, failures) = match ctx.d.inner.dispatcher.clone() {
+    let (jobs, failures, active) = match ctx.d.inner.dispatcher.clone() {
         Some(d) => {
             let specs = d.jobs();
             let store = d.store().clone();
@@ -52,11 +52,23 @@ pub(crate) async fn page(ctx: Ctx) -> UiResult {
                 failures.extend(store.list(None, Some(RunStatus::TimedOut), 10)?);
                 failures.sort_by(|a, b| b.id.cmp(&a.id));
                 failures.truncate(10);
-                Ok((rows, failures))
+                let counts = store.count_by_status()?;
+                let n = |want: &[RunStatus]| {
+                    counts
+                        .iter()
+                        .filter(|(s, _)| want.contains(s))
+                        .map(|(_, n)| n)
+                        .sum::<u64>()
+                };
+                let active = (
+                    n(&[RunStatus::Starting, RunStatus::Running]),
+                    n(&[RunStatus::Queued]),
+                );
+                Ok((rows, failures, active))
             })
             .await?
         }
-        None => (Vec::new(), Vec::new()),
+        None => (Vec::new(), Vec::new(), (0, 0)),
     };
     let pools = ctx.d.inner.pools.clone().map(|p| {
         let machines = p.db().machines().unwrap_or_default();
@@ -78,15 +90,13 @@ pub(crate) async fn page(ctx: Ctx) -> UiResult {
 
     let body = html! {
         h1 { "Overview" }
-        div.grid {
-            div.card {
-                dl.kv {
-                    dt { "Topics" } dd { (topics.len()) }
-                    dt { "Subscriptions" } dd { (subs.len()) }
-                    dt { "Messages waiting" } dd #total-backlog { (subs.iter().map(|s| s.backlog).sum::<usize>()) }
-                    dt { "Jobs" } dd { (jobs.len()) }
-                }
-            }
+        div.stats {
+            div.stat { b { (topics.len()) } span { "Topics" } }
+            div.stat { b { (subs.len()) } span { "Subscriptions" } }
+            div.stat { b #total-backlog { (subs.iter().map(|s| s.backlog).sum::<usize>()) } span { "Messages waiting" } }
+            div.stat { b { (jobs.len()) } span { "Jobs" } }
+            div.stat { b #runs-running { (active.0) } span { "Runs running" } }
+            div.stat { b #runs-queued { (active.1) } span { "Runs queued" } }
         }
         h2 { "Subscriptions" }
         @if subs.is_empty() {
@@ -137,7 +147,7 @@ pub(crate) async fn page(ctx: Ctx) -> UiResult {
                 }
             }
         }
-        @if let Some(pools) = &pools {
+        @if let Some(pools) = pools.as_ref().filter(|p| !p.is_empty()) {
             h2 { "Machines" }
             table #pools {
                 thead { tr { th { "Pool" } th { "Provider" } th.num { "Machines up" } th.num { "Busy" } th.num { "Max" } th.num { "Runs waiting" } } }

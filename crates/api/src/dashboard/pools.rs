@@ -51,6 +51,9 @@ pub(crate) async fn page(ctx: Ctx) -> UiResult {
     };
     let body = html! {
         h1 { "Pools" }
+        @if specs.is_empty() {
+            p.muted { "No pools declared: every run executes on this server. Declare " code { "[[pool]]" } " tables to run elsewhere." }
+        } @else {
         table #pools {
             thead { tr { th { "Pool" } th { "Provider" } th.num { "Up" } th.num { "Min–max" } th.num { "Runs waiting" } th.num { "Price / h" } th.num { "Machine time, 24 h" } th.num { "Cost, 24 h" } } }
             tbody {
@@ -70,6 +73,7 @@ pub(crate) async fn page(ctx: Ctx) -> UiResult {
             }
         }
         p.muted { "Total cost, last 24 h: " (money(&cost["total_cost"])) }
+        }
         h2 { "Machines" }
         @if machines.is_empty() { p.muted { "No machines." } } @else {
             table #machines {

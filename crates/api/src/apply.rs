@@ -3,13 +3,19 @@
 //! crate). Everything that can be checked is checked before anything
 //! changes, so a bad schedule never leaves a half-applied manifest.
 //! `pubrun apply` and `pubrun serve --config` both come here.
+//!
+//! A manifest owns the resources of its `project` only (see
+//! `pubrun_jobs::apply`): pools, jobs, schedules and webhooks another
+//! project declared are neither planned nor deleted, and a name another
+//! project owns is refused. Buckets are global and never deleted by apply.
+//! Applies run one at a time (each reads, then writes, the ownership record).
 
 use std::sync::Arc;
 
 use pubrun_broker::Broker;
 use pubrun_core::manifest::Manifest;
 use pubrun_core::{Error, Result};
-use pubrun_jobs::apply::{Action, Change};
+use pubrun_jobs::apply::{check_job_owners, Action, Change, Ownership};
 use pubrun_jobs::Dispatcher;
 use pubrun_triggers::{MissedPolicy, ScheduleSpec, Triggers, WebhookSpec};
 
@@ -173,7 +179,72 @@ async fn apply_buckets(
     Ok(changes)
 }
 
+/// One apply at a time, server-wide.
+static APPLYING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn owned_elsewhere(kind: &str, name: &str, owner: &str) -> Error {
+    Error::precondition(format!(
+        "{kind} \"{name}\" belongs to project \"{owner}\" (declared by its manifest); {kind} names are server-wide: rename it, or remove it from project \"{owner}\"'s manifest first"
+    ))
+}
+
+/// Refuses names of `desired` that a project other than `project` owns.
+fn check_owners<T>(
+    kind: &str,
+    project: &str,
+    owned: &[(String, T)],
+    name: impl Fn(&T) -> &str,
+    desired: &[(String, T)],
+) -> Result<()> {
+    for (n, _) in desired {
+        if let Some((owner, _)) = owned.iter().find(|(p, s)| name(s) == n && p != project) {
+            return Err(owned_elsewhere(kind, n, owner));
+        }
+    }
+    Ok(())
+}
+
+/// `project`'s specs among `owned`, by name.
+fn own<T: Clone>(
+    project: &str,
+    owned: &[(String, T)],
+    name: impl Fn(&T) -> &str,
+) -> Vec<(String, T)> {
+    owned
+        .iter()
+        .filter(|(p, _)| p == project)
+        .map(|(_, s)| (name(s).to_string(), s.clone()))
+        .collect()
+}
+
+/// Applies a manifest (or plans it, with `dry_run`); each change made is
+/// logged at info.
 pub async fn apply_manifest(
+    broker: &Arc<Broker>,
+    dispatcher: &Arc<Dispatcher>,
+    triggers: Option<&Triggers>,
+    buckets: Option<&pubrun_buckets::Buckets>,
+    pools: Option<&pubrun_pools::Pools>,
+    m: &Manifest,
+    dry_run: bool,
+) -> Result<Vec<Change>> {
+    let result = apply_manifest_inner(broker, dispatcher, triggers, buckets, pools, m, dry_run).await;
+    match &result {
+        Ok(changes) if !dry_run => {
+            for c in changes.iter().filter(|c| c.action != Action::Unchanged) {
+                tracing::info!(kind = c.kind, name = c.name, action = ?c.action, "manifest change applied");
+            }
+        }
+        Ok(_) => {}
+        Err(e) if !dry_run => {
+            tracing::warn!(error = %e, "applying a manifest failed; changes before the failure stay")
+        }
+        Err(_) => {}
+    }
+    result
+}
+
+async fn apply_manifest_inner(
     broker: &Arc<Broker>,
     dispatcher: &Arc<Dispatcher>,
     triggers: Option<&Triggers>,
@@ -195,6 +266,40 @@ pub async fn apply_manifest(
             "this server does not run schedules and webhooks",
         ));
     }
+    let _one_at_a_time = APPLYING.lock().await;
+    let project = m.project.as_str();
+    let named_s = |v: Vec<ScheduleSpec>| {
+        v.into_iter()
+            .map(|s| (s.name.clone(), s))
+            .collect::<Vec<_>>()
+    };
+    let named_w = |v: Vec<WebhookSpec>| {
+        v.into_iter()
+            .map(|w| (w.name.clone(), w))
+            .collect::<Vec<_>>()
+    };
+    let (schedules, webhooks) = (named_s(schedules), named_w(webhooks));
+
+    // Names another project owns are refused before anything changes.
+    let mut ownership = Ownership::load(dispatcher.store())?;
+    check_job_owners(&ownership, &dispatcher.jobs(), m)?;
+    for p in &m.pools {
+        match ownership.pool_owner(&p.name) {
+            Some(owner) if owner != project => return Err(owned_elsewhere("pool", &p.name, owner)),
+            _ => {}
+        }
+    }
+    let owned_triggers = match triggers {
+        Some(t) => {
+            let s = t.scheduler().definitions()?;
+            let w = t.webhook_definitions()?;
+            check_owners("schedule", project, &s, |x| &x.name, &schedules)?;
+            check_owners("webhook", project, &w, |x| &x.name, &webhooks)?;
+            Some((s, w))
+        }
+        None => None,
+    };
+
     // Pools before jobs: a job's first run may already need its pool.
     let declared: Vec<_> = m
         .pools
@@ -205,11 +310,24 @@ pub async fn apply_manifest(
     let mut changes = Vec::new();
     match pools {
         Some(p) => {
-            let current: Vec<_> = p.specs().into_iter().map(|s| (s.name.clone(), s)).collect();
+            // A pool no record names (applied before projects owned pools)
+            // is the applying project's, as every pool was then.
+            let (theirs, mine): (Vec<_>, Vec<_>) = p
+                .specs()
+                .into_iter()
+                .partition(|s| ownership.pool_owner(&s.name).is_some_and(|o| o != project));
+            let current: Vec<_> = mine.into_iter().map(|s| (s.name.clone(), s)).collect();
             changes.extend(plan_named("pool", &current, &declared));
             if !dry_run {
-                p.set_pools(declared.into_iter().map(|(_, s)| s).collect())
-                    .map_err(Error::invalid)?;
+                let all = theirs
+                    .into_iter()
+                    .chain(declared.iter().map(|(_, s)| s.clone()))
+                    .collect();
+                p.set_pools(all).map_err(Error::invalid)?;
+                let mut applied = ownership.project(project);
+                applied.pools = declared.iter().map(|(n, _)| n.clone()).collect();
+                ownership.set_project(project, applied);
+                ownership.save(dispatcher.store())?;
             }
         }
         None if !declared.is_empty() => {
@@ -223,30 +341,20 @@ pub async fn apply_manifest(
     if let Some(b) = buckets {
         changes.extend(apply_buckets(b, m, dry_run).await?);
     }
-    if let Some(t) = triggers {
-        let named_s = |v: Vec<ScheduleSpec>| {
-            v.into_iter()
-                .map(|s| (s.name.clone(), s))
-                .collect::<Vec<_>>()
-        };
-        let named_w = |v: Vec<WebhookSpec>| {
-            v.into_iter()
-                .map(|w| (w.name.clone(), w))
-                .collect::<Vec<_>>()
-        };
+    if let (Some(t), Some((s, w))) = (triggers, owned_triggers) {
         changes.extend(plan_named(
             "schedule",
-            &named_s(t.scheduler().specs()),
-            &named_s(schedules.clone()),
+            &own(project, &s, |x| &x.name),
+            &schedules,
         ));
         changes.extend(plan_named(
             "webhook",
-            &named_w(t.list_webhooks()),
-            &named_w(webhooks.clone()),
+            &own(project, &w, |x| &x.name),
+            &webhooks,
         ));
         if !dry_run {
-            t.set_schedules(schedules)?;
-            t.set_webhooks(webhooks)?;
+            t.set_project_schedules(project, schedules.into_iter().map(|(_, s)| s).collect())?;
+            t.set_project_webhooks(project, webhooks.into_iter().map(|(_, w)| w).collect())?;
         }
     }
     Ok(changes)

@@ -13,6 +13,7 @@ pub mod csrf;
 pub mod dashboard;
 pub mod grpc;
 pub mod jobs_api;
+pub mod metrics;
 pub mod rest;
 pub mod server;
 pub mod snapshots;

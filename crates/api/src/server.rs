@@ -47,6 +47,9 @@ pub struct ServeOptions {
     pub allowed_hosts: Vec<String>,
     /// Timeouts and the connection cap.
     pub limits: ConnLimits,
+    /// A read-only token valid for `GET /metrics` only (`--metrics-token`),
+    /// for a Prometheus scraper that must not hold the server token.
+    pub metrics_token: Option<String>,
 }
 
 /// Builds the single router that answers both protocols.
@@ -112,25 +115,59 @@ pub fn router(
     let mut app = app
         .route("/healthz", get(|| async { "ok\n" }))
         .merge(dashboard.login_routes());
+    // Metrics check their own tokens: the server's or the metrics token.
+    app = app.route(
+        "/metrics",
+        get(crate::metrics::handler).with_state(Arc::new(crate::metrics::MetricsAuth {
+            server_token: opts.token.clone(),
+            metrics_token: opts.metrics_token.clone(),
+        })),
+    );
     // So are webhooks: GitHub cannot send our token; each hook has its own
     // secret (HMAC signature or bearer) and body limit.
     if let Some(t) = &opts.triggers {
         app = app.merge(pubrun_triggers::router(t.webhooks().clone()));
     }
-    // And agents: they hold a pool's token, not the server's. Work
-    // directories and outputs travel as tar bodies, so no small body limit.
+    // And agents: they hold a pool's token, not the server's. Each agent
+    // route checks the pool token from the headers, then reads its body
+    // itself within its own limit (pools/http.rs); 404 while no pool takes agents.
     if let Some(p) = &opts.pools {
-        app = app.merge(
-            pubrun_pools::http::agent_router(p.clone())
-                .layer(axum::extract::DefaultBodyLimit::disable()),
-        );
+        app = app.merge(pubrun_pools::http::agent_router(p.clone()));
     }
     // Outermost: a request for another host or from another site is
     // refused before authentication or any body is read.
-    Ok(app.layer(axum::middleware::from_fn_with_state(
+    let app = app.layer(axum::middleware::from_fn_with_state(
         Arc::new(hosts),
         crate::csrf::guard,
-    )))
+    ));
+    Ok(app.layer(axum::middleware::from_fn(access_log)))
+}
+
+/// One debug line per request: method, path (never the query, headers or
+/// body, where tokens and data travel), status and time taken.
+async fn access_log(req: Request, next: Next) -> Response {
+    if !tracing::enabled!(target: "pubrun::access", tracing::Level::DEBUG) {
+        return next.run(req).await;
+    }
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let started = std::time::Instant::now();
+    let resp = next.run(req).await;
+    let grpc_status = resp
+        .headers()
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    tracing::debug!(
+        target: "pubrun::access",
+        %method,
+        path,
+        status = resp.status().as_u16(),
+        grpc_status,
+        duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+        "request"
+    );
+    resp
 }
 
 /// Unknown gRPC methods get UNIMPLEMENTED, unknown HTTP paths a JSON 404.
@@ -225,6 +262,7 @@ pub async fn serve(
     let (stop_tx, stop_rx) = watch::channel(false);
     let app = router(broker.clone(), &opts, stop_rx)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    crate::metrics::install_sources(&broker, opts.dispatcher.as_ref(), opts.pools.as_ref());
     let maintenance = broker.spawn_maintenance();
     // Push subscriptions' workers follow the catalog from here on.
     let pusher = pubrun_broker::push::spawn(&broker);

@@ -9,6 +9,7 @@ use pubrun_core::config::{
     normalize_ack_deadline, validate_labels, DeadLetterPolicy, Labels, PushConfig, RetryPolicy,
 };
 use pubrun_core::filter::{self, Filter};
+use pubrun_observability::metrics::labels;
 use pubrun_core::limits::{DEFAULT_PAGE_SIZE, MAX_ACK_DEADLINE_SECS, MAX_PAGE_SIZE};
 use pubrun_core::message::validate_publish;
 use pubrun_core::names::DELETED_TOPIC;
@@ -100,6 +101,15 @@ pub struct DeliveryUpdate {
     pub retain_acked_messages: Option<bool>,
     /// `Some(None)` switches to pull delivery.
     pub push_config: Option<Option<PushConfig>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubscriptionStats {
+    /// `projects/P/subscriptions/S`
+    pub name: String,
+    /// Unacked messages (ready + leased).
+    pub backlog: usize,
+    pub oldest_unacked_publish_nanos: Option<i64>,
 }
 
 pub struct Broker {
@@ -673,6 +683,11 @@ impl Broker {
         result?;
         let ids = packed.iter().map(|m| m.seq().to_string()).collect();
         st.distribute(topic_uid, &packed);
+        drop(st);
+        pubrun_observability::metrics()
+            .published
+            .get_or_create(&labels([("topic", topic)]))
+            .inc_by(packed.len() as u64);
         Ok(ids)
     }
 
@@ -828,6 +843,36 @@ impl Broker {
         .await
     }
 
+    /// Every subscription's backlog and the publish time of its oldest
+    /// unacked message (for metrics and the dashboard), by full name.
+    pub fn subscription_stats(&self) -> Vec<SubscriptionStats> {
+        let st = self.lock();
+        st.catalog
+            .subscriptions
+            .iter()
+            .filter_map(|(name, e)| {
+                let sub = st.subs.get(&e.uid)?;
+                // Seqs follow publish order: the first is the oldest.
+                let oldest = sub
+                    .backlog
+                    .first_key()
+                    .and_then(|seq| sub.backlog.get(&seq))
+                    .map(|p| p.msg.publish_time_nanos());
+                Some(SubscriptionStats {
+                    name: name.clone(),
+                    backlog: sub.backlog.len(),
+                    oldest_unacked_publish_nanos: oldest,
+                })
+            })
+            .collect()
+    }
+
+    /// The wall clock's now, in nanoseconds since the epoch (the clock
+    /// publish times come from).
+    pub fn now_nanos(&self) -> i64 {
+        self.clock.now_nanos()
+    }
+
     /// Number of messages the subscription still owes (ready + leased).
     pub fn backlog(&self, name: &SubscriptionName) -> Result<usize> {
         let mut st = self.lock();
@@ -964,7 +1009,8 @@ impl Broker {
             let durable = self.store.append(vec![Record::Ack { sub_uid: uid, seqs }]);
             (uid, removed, durable, result)
         };
-        self.persist_acks(uid, removed, durable).await?;
+        self.persist_acks(&name.to_string(), uid, removed, durable)
+            .await?;
         Ok(result)
     }
 
@@ -972,6 +1018,7 @@ impl Broker {
     /// it fails, puts them back (leases included) and returns UNAVAILABLE.
     async fn persist_acks(
         &self,
+        sub_name: &str,
         uid: u64,
         removed: Vec<(u64, Pending)>,
         durable: AppendFuture,
@@ -987,6 +1034,10 @@ impl Broker {
             }
             return Err(e.into());
         }
+        pubrun_observability::metrics()
+            .acked
+            .get_or_create(&labels([("subscription", sub_name)]))
+            .inc_by(removed.len() as u64);
         Ok(())
     }
 
@@ -1188,8 +1239,15 @@ impl Broker {
 
     /// Acks forwarded dead letters on their source subscription.
     async fn ack_forwarded(&self, uid: u64, seqs: &[u64]) -> Result<()> {
-        let (removed, durable) = {
+        let (sub_name, removed, durable) = {
             let mut st = self.lock();
+            let sub_name = st
+                .catalog
+                .subscriptions
+                .iter()
+                .find(|(_, e)| e.uid == uid)
+                .map(|(k, _)| k.clone())
+                .unwrap_or_default();
             let Some(sub) = st.subs.get_mut(&uid) else {
                 return Ok(());
             };
@@ -1206,9 +1264,9 @@ impl Broker {
                 sub_uid: uid,
                 seqs: removed.iter().map(|(s, _)| *s).collect(),
             }]);
-            (removed, durable)
+            (sub_name, removed, durable)
         };
-        self.persist_acks(uid, removed, durable).await
+        self.persist_acks(&sub_name, uid, removed, durable).await
     }
 
     /// Opens a streaming-pull session with its own flow-control quota.

@@ -34,7 +34,7 @@ mod subscription;
 
 pub use broker::{
     AckResult, Broker, Delivered, DeliveryProperties, DeliveryUpdate, Page, StreamHandle,
-    SubscriptionUpdate, TopicUpdate,
+    SubscriptionStats, SubscriptionUpdate, TopicUpdate,
 };
 // Retention, snapshots and seek: `broker/retention.rs`.
 pub use broker::{Clock, ManualClock, SnapshotInfo, SystemClock};

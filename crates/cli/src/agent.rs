@@ -16,8 +16,17 @@ pub struct AgentArgs {
     #[arg(long, env = "PUBRUN_POOL")]
     pool: String,
     /// The pool's agent token (`pubrun pools` shows where it comes from).
-    #[arg(long, env = "PUBRUN_TOKEN", hide_env_values = true)]
-    token: String,
+    #[arg(
+        long,
+        env = "PUBRUN_TOKEN",
+        hide_env_values = true,
+        required_unless_present = "token_file"
+    )]
+    token: Option<String>,
+    /// File holding the agent token (instead of --token, which `ps` shows),
+    /// e.g. $CREDENTIALS_DIRECTORY/pubrun-agent-token under systemd.
+    #[arg(long, env = "PUBRUN_TOKEN_FILE", conflicts_with = "token")]
+    token_file: Option<PathBuf>,
     /// This machine's name in the pool; default: the host name.
     #[arg(long, env = "PUBRUN_AGENT_NAME")]
     name: Option<String>,
@@ -31,10 +40,15 @@ pub struct AgentArgs {
     /// named after the agent in the system's temporary directory.
     #[arg(long, env = "PUBRUN_AGENT_DATA_DIR")]
     data_dir: Option<PathBuf>,
+    #[command(flatten)]
+    log: crate::serve::LogArgs,
 }
 
 pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
-    crate::serve::init_tracing();
+    crate::serve::init_tracing(&args.log);
+    let Some(token) = crate::token_file::resolve(args.token, args.token_file.as_deref())? else {
+        bail!("the agent token is empty: pass --token or --token-file");
+    };
     if args.slots == 0 {
         bail!("--slots must be at least 1");
     }
@@ -83,7 +97,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             server: args.server.trim_end_matches('/').to_string(),
             pool: args.pool,
             name,
-            token: args.token,
+            token,
             slots: args.slots,
             labels,
             data_dir,

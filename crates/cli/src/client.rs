@@ -13,6 +13,7 @@ mod buckets;
 mod jobs;
 mod messages;
 mod names;
+mod objects;
 mod output;
 mod pools;
 mod resources;
@@ -20,6 +21,7 @@ mod runs;
 mod schedules;
 mod snapshots;
 
+pub(crate) use args::parse_addr;
 pub use args::ConnArgs;
 
 use args::parse_key_value;
@@ -52,7 +54,7 @@ pub enum ClientCommand {
     /// List, create and delete buckets (Cloud Storage JSON API).
     #[command(subcommand, visible_alias = "bucket")]
     Buckets(BucketsCommand),
-    /// List the objects of a bucket.
+    /// List, copy (`cp`, gsutil-style), print (`cat`) and delete (`rm`) objects.
     #[command(subcommand, visible_alias = "object")]
     Objects(ObjectsCommand),
     /// List the webhooks (`POST /hooks/NAME`) the manifest declared.
@@ -104,6 +106,8 @@ pub enum ObjectsCommand {
         #[command(flatten)]
         conn: ConnArgs,
     },
+    #[command(flatten)]
+    Transfer(objects::ObjectsTransfer),
 }
 
 #[derive(clap::Subcommand)]

@@ -21,6 +21,10 @@ pub struct ServeArgs {
     /// Bearer token every request must carry. Required to listen beyond loopback.
     #[arg(long, env = "PUBRUN_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// File holding the bearer token (instead of --token, which `ps` shows),
+    /// e.g. $CREDENTIALS_DIRECTORY/pubrun-token under systemd.
+    #[arg(long, env = "PUBRUN_TOKEN_FILE", conflicts_with = "token")]
+    token_file: Option<PathBuf>,
     /// Manifest to apply at start (same as `pubrun apply -f FILE` once serving).
     #[arg(long, env = "PUBRUN_CONFIG")]
     config: Option<PathBuf>,
@@ -68,6 +72,21 @@ pub struct ServeArgs {
         default_value_t = 10_000
     )]
     lease_ttl_ms: u64,
+    /// A read-only bearer token that opens `GET /metrics` and nothing
+    /// else, for a Prometheus scraper (the server token opens it too).
+    #[arg(long, env = "PUBRUN_METRICS_TOKEN", hide_env_values = true)]
+    metrics_token: Option<String>,
+    #[command(flatten)]
+    log: LogArgs,
+}
+
+/// Log options shared by `serve` and `agent`.
+#[derive(clap::Args)]
+pub struct LogArgs {
+    /// Log lines on stderr: text, or json (one object per line).
+    /// The level comes from PUBRUN_LOG (default info; debug adds request logs).
+    #[arg(long, env = "PUBRUN_LOG_FORMAT", default_value = "text")]
+    log_format: pubrun_observability::LogFormat,
 }
 
 fn default_slots() -> usize {
@@ -77,24 +96,20 @@ fn default_slots() -> usize {
         .max(4)
 }
 
-pub(crate) fn init_tracing() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("PUBRUN_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+pub(crate) fn init_tracing(log: &LogArgs) {
+    pubrun_observability::init_logging(
+        log.log_format,
+        None::<tracing_subscriber::layer::Identity>,
+    );
 }
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
-    init_tracing();
+    init_tracing(&args.log);
 
-    let token = args.token.filter(|t| !t.is_empty());
+    let token = crate::token_file::resolve(args.token, args.token_file.as_deref())?;
     if !args.listen.ip().is_loopback() && token.is_none() {
         bail!(
-            "refusing to listen on {} without authentication: set --token or PUBRUN_TOKEN \
+            "refusing to listen on {} without authentication: set --token, --token-file or PUBRUN_TOKEN \
              (clients then send Authorization: Bearer <token>), or listen on 127.0.0.1",
             args.listen
         );
@@ -224,6 +239,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
                 header_read_timeout: args.header_read_timeout,
                 idle_timeout: args.idle_timeout,
             },
+            metrics_token: args.metrics_token.filter(|t| !t.is_empty()),
         },
         {
             let store = store.clone();

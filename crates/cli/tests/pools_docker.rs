@@ -8,7 +8,8 @@
 //!   three runs start two machines (`max_machines = 2`), succeed with their
 //!   logs at `/api/v1/runs/{id}/log`; idle past `idle_timeout`, the machines
 //!   are deleted (docker has no container of the pool left) and cost is
-//!   reported;
+//!   reported; two more runs start machines under new names (never a
+//!   deleted machine's), each with its own cost row;
 //! - `a_partitioned_machine_loses_its_run_to_another`: the container of a
 //!   machine running a long run is cut from the network
 //!   (`docker network disconnect`) past `lease_timeout`: the lease is taken
@@ -437,6 +438,31 @@ price_per_hour = 3.2
             .collect()
     }
 
+    /// Machines of the pool in the cost report, sorted (one row each).
+    fn cost_machines(&self) -> Vec<String> {
+        let cost = self.get("/api/v1/cost");
+        let mut v: Vec<String> = cost["machines"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|m| m["pool"] == self.pool.as_str())
+            .filter_map(|m| m["machine"].as_str().map(str::to_string))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Names of the agents `pubrun agents` lists for this pool.
+    fn agents(&self) -> Vec<String> {
+        self.get("/api/v1/agents")["agents"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|a| a["pool"] == self.pool.as_str())
+            .filter_map(|a| a["name"].as_str().map(str::to_string))
+            .collect()
+    }
+
     fn machines_up(&self) -> usize {
         let pools = self.get("/api/v1/pools");
         let p = pools["pools"]
@@ -603,6 +629,33 @@ fn machines_come_with_work_and_go_when_idle() {
     assert!(pool["run_seconds"].as_f64().unwrap() > 0.0, "{pool:#}");
     let text = env.cli(&["cost"]);
     assert!(text.contains(&env.pool), "{text}");
+    let first_wave = env.cost_machines();
+    assert!(!first_wave.is_empty(), "{cost:#}");
+    assert!(env.agents().is_empty(), "agents of deleted machines listed");
+
+    // Up again from zero (issue 11 item 4): new machines get new names —
+    // an old one may still be in the middle of being deleted — and cost
+    // rows of their own.
+    let ids: Vec<i64> = (4..=5)
+        .map(|n| env.publish("work", "nap", &format!(r#"{{"n": {n}, "secs": 2}}"#)))
+        .collect();
+    for id in ids {
+        let run = env.wait_terminal(id);
+        assert_eq!(run["status"], "succeeded", "{run:#}\n{}", env.logs());
+        assert_eq!(run["attempt"], 1, "{run:#}");
+        let machine = run["machine"].as_str().unwrap_or_default().to_string();
+        assert!(
+            !first_wave.contains(&machine),
+            "machine name {machine} reused from {first_wave:?}"
+        );
+    }
+    env.wait_pool_empty();
+    let all = env.cost_machines();
+    let mut distinct = all.clone();
+    distinct.dedup();
+    assert_eq!(distinct, all, "one cost row per machine: {all:?}");
+    assert!(all.len() > first_wave.len(), "{first_wave:?} then {all:?}");
+    assert!(env.agents().is_empty(), "agents of deleted machines listed");
 }
 
 #[test]

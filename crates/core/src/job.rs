@@ -365,17 +365,30 @@ mod tests {
             outputs: vec![],
             pool: "local".into(),
             pass_env: vec!["HTTP_PROXY".into()],
-            secrets: BTreeMap::from([("DB".to_string(), SecretRef { env: "PROD_DB".into() })]),
+            secrets: BTreeMap::from([(
+                "DB".to_string(),
+                SecretRef {
+                    env: "PROD_DB".into(),
+                },
+            )]),
         };
         assert_eq!(j.check_environment(), Ok(()));
         j.pass_env.push("A".into());
-        assert!(j.check_environment().unwrap_err().contains("both env and pass_env"));
+        assert!(j
+            .check_environment()
+            .unwrap_err()
+            .contains("both env and pass_env"));
         j.pass_env = vec!["PUBRUN_TOKEN".into()];
         assert!(j.check_environment().unwrap_err().contains("reserved"));
         j.pass_env = vec!["BAD-NAME".into()];
         assert!(j.check_environment().is_err());
         j.pass_env.clear();
-        j.secrets.insert("X".into(), SecretRef { env: "no way".into() });
+        j.secrets.insert(
+            "X".into(),
+            SecretRef {
+                env: "no way".into(),
+            },
+        );
         assert!(j.check_environment().unwrap_err().contains("secrets.X.env"));
     }
 

@@ -1417,7 +1417,11 @@ dedup_key = "{{ publish_time | date }}"
         let e = parse("m.toml", &job("pass_env = [\"PUBRUN_TOKEN\"]")).unwrap_err();
         assert!(e.message.contains("reserved"), "{e}");
         assert_eq!(e.line, 7, "{e}");
-        let e = parse("m.toml", &job("secrets = { A = { env = \"X\", value = \"s\" } }")).unwrap_err();
+        let e = parse(
+            "m.toml",
+            &job("secrets = { A = { env = \"X\", value = \"s\" } }"),
+        )
+        .unwrap_err();
         assert!(e.message.contains("value"), "{e}");
     }
 

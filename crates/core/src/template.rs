@@ -152,7 +152,30 @@ pub fn render(source: &str, ctx: &TemplateContext) -> Result<String> {
     }
     let env = env();
     env.render_str(source, Value::from(minijinja::value::Serde(ctx)))
-        .map_err(|e| Error::invalid(format!("template {source:?}: {}", detail(&e))))
+        .map_err(|e| {
+            Error::invalid(format!(
+                "template {source:?}: {}",
+                render_detail(&e, source)
+            ))
+        })
+}
+
+/// [`detail`], naming the expression that was undefined (`attributes.zone`)
+/// so the user knows which attribute or field the message lacked.
+fn render_detail(e: &minijinja::Error, source: &str) -> String {
+    let culprit = (e.kind() == minijinja::ErrorKind::UndefinedError)
+        .then(|| e.range().and_then(|r| source.get(r)))
+        .flatten()
+        .map(str::trim)
+        // Only a path into the context; a span on a filter or call would mislead.
+        .filter(|s| {
+            let root = s.split(['.', '[']).next().unwrap_or("");
+            ROOTS.contains(&root)
+        });
+    match culprit {
+        Some(expr) => format!("`{expr}` is undefined (the message has no such value)"),
+        None => detail(e),
+    }
 }
 
 fn detail(e: &minijinja::Error) -> String {
@@ -210,10 +233,21 @@ mod tests {
             assert_eq!(day(&c).unwrap(), want, "{input}");
         }
         // Byte 10 falls inside `é`: the old filter sliced there and panicked.
-        for bad in ["2026-11-0éxx", "2026-13-01", "2026-11-25Tnope", "", "é", "20261125"] {
+        for bad in [
+            "2026-11-0éxx",
+            "2026-13-01",
+            "2026-11-25Tnope",
+            "",
+            "é",
+            "20261125",
+        ] {
             c.attributes.insert("day".into(), bad.into());
             let e = day(&c).unwrap_err();
-            assert!(e.message.contains("not an RFC 3339 time"), "{bad}: {}", e.message);
+            assert!(
+                e.message.contains("not an RFC 3339 time"),
+                "{bad}: {}",
+                e.message
+            );
         }
     }
 
@@ -221,6 +255,14 @@ mod tests {
     fn missing_values_are_errors() {
         let err = render("{{ attributes.nope }}", &ctx()).unwrap_err();
         assert!(err.message.contains("undefined"), "{}", err.message);
+        // The error names what was missing, also inside a longer template.
+        assert!(err.message.contains("`attributes.nope`"), "{}", err.message);
+        let err = render("x-{{ data.n }}-{{ attributes.label }}", &ctx()).unwrap_err();
+        assert!(
+            err.message.contains("`attributes.label`"),
+            "{}",
+            err.message
+        );
     }
 
     #[test]

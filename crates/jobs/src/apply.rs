@@ -4,8 +4,17 @@
 //! the last apply declared and what the manifest declares; [`apply`] then
 //! carries it out through the broker and the dispatcher — the same path
 //! `pubrun serve --config` takes at boot.
+//!
+//! # Ownership
+//!
+//! A manifest owns the resources of its `project`, nothing else: [`Ownership`]
+//! records, per project, what that project's last apply declared. Applying a
+//! manifest deletes only what its own project declared before and declares no
+//! more; another project's jobs (and topics, subscriptions, pools) are never
+//! touched. Job and pool names are server-wide, so a name another project
+//! owns is refused (FAILED_PRECONDITION) before anything changes.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use pubrun_broker::{Broker, SubscriptionUpdate, TopicUpdate};
@@ -16,7 +25,7 @@ use pubrun_core::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::Dispatcher;
+use crate::{Dispatcher, RunStore};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -44,17 +53,137 @@ pub struct Current {
     pub jobs: Vec<JobSpec>,
 }
 
-/// Names the previous apply declared: only these are deleted when they
-/// disappear from the manifest, so resources made through the API survive.
-#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+/// Names one project's previous apply declared: only these are deleted when
+/// they disappear from the manifest, so resources made through the API (and
+/// other projects' resources) survive.
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Applied {
+    #[serde(default)]
     pub topics: BTreeSet<String>,
+    #[serde(default)]
     pub subscriptions: BTreeSet<String>,
+    #[serde(default)]
+    pub jobs: BTreeSet<String>,
+    #[serde(default)]
+    pub pools: BTreeSet<String>,
 }
 
-const APPLIED_KEY: &str = "applied_manifest";
+/// What every project's last apply declared, by project id. Kept in the run
+/// store's meta table (`runs.db`), written after each apply.
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Ownership {
+    pub projects: BTreeMap<String, Applied>,
+}
 
-/// The changes that turn `current` into `desired`. Pure.
+const OWNERSHIP_KEY: &str = "applied_by_project";
+/// Before projects owned their resources: one record for whatever manifest
+/// was applied last (topics and subscriptions only).
+const LEGACY_APPLIED_KEY: &str = "applied_manifest";
+
+/// `P` of `projects/P/...`.
+fn project_of(name: &str) -> Option<&str> {
+    name.strip_prefix("projects/")?.split('/').next()
+}
+
+impl Ownership {
+    pub fn load(store: &RunStore) -> Result<Self> {
+        if let Some(s) = store.meta(OWNERSHIP_KEY)? {
+            return serde_json::from_str(&s)
+                .map_err(|e| Error::internal(format!("runs.db: stored apply record: {e}")));
+        }
+        // The legacy record's names carry their project.
+        let mut out = Ownership::default();
+        let legacy: Applied = store
+            .meta(LEGACY_APPLIED_KEY)?
+            .and_then(|s| serde_json::from_str(&s).ok())
+            .unwrap_or_default();
+        for t in legacy.topics {
+            if let Some(p) = project_of(&t) {
+                out.projects
+                    .entry(p.to_string())
+                    .or_default()
+                    .topics
+                    .insert(t);
+            }
+        }
+        for s in legacy.subscriptions {
+            if let Some(p) = project_of(&s) {
+                out.projects
+                    .entry(p.to_string())
+                    .or_default()
+                    .subscriptions
+                    .insert(s);
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn save(&self, store: &RunStore) -> Result<()> {
+        let json = serde_json::to_string(self)
+            .map_err(|e| Error::internal(format!("apply record as JSON: {e}")))?;
+        store.set_meta(OWNERSHIP_KEY, &json)
+    }
+
+    /// What `project`'s last apply declared.
+    pub fn project(&self, project: &str) -> Applied {
+        self.projects.get(project).cloned().unwrap_or_default()
+    }
+
+    /// The project owning job `spec`: the one whose last apply declared it.
+    /// A job no record names (applied by a pubrun before projects owned
+    /// jobs, or a crash between creating it and recording it) belongs to its
+    /// topic's project, where its subscription lives.
+    pub fn job_owner<'a>(&'a self, spec: &'a JobSpec) -> &'a str {
+        self.projects
+            .iter()
+            .find(|(_, a)| a.jobs.contains(&spec.name))
+            .map(|(p, _)| p.as_str())
+            .or_else(|| project_of(&spec.topic))
+            .unwrap_or_default()
+    }
+
+    /// The project owning pool `name`, if a record names it (pools applied
+    /// before projects owned pools have none).
+    pub fn pool_owner(&self, name: &str) -> Option<&str> {
+        self.projects
+            .iter()
+            .find(|(_, a)| a.pools.contains(name))
+            .map(|(p, _)| p.as_str())
+    }
+
+    /// Records `applied` as `project`'s, and takes its job and pool names out
+    /// of every other project's record (they are `project`'s now).
+    pub fn set_project(&mut self, project: &str, applied: Applied) {
+        for (p, a) in self.projects.iter_mut() {
+            if p != project {
+                a.jobs.retain(|j| !applied.jobs.contains(j));
+                a.pools.retain(|j| !applied.pools.contains(j));
+            }
+        }
+        self.projects.insert(project.to_string(), applied);
+    }
+}
+
+/// Refuses a manifest that declares a job another project owns (job names
+/// are server-wide).
+pub fn check_job_owners(ownership: &Ownership, jobs: &[JobSpec], desired: &Manifest) -> Result<()> {
+    for j in &desired.jobs {
+        if let Some(have) = jobs.iter().find(|c| c.name == j.name) {
+            let owner = ownership.job_owner(have);
+            if owner != desired.project {
+                return Err(Error::precondition(format!(
+                    "job \"{}\" belongs to project \"{owner}\" (declared by its manifest); job names are server-wide: rename it, or remove it from project \"{owner}\"'s manifest first",
+                    j.name
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The changes that turn `current` into `desired`. Pure. `current` holds
+/// the desired project's resources only (its topics, subscriptions and the
+/// jobs it owns), `applied` what that project's last apply declared.
 pub fn plan(current: &Current, applied: &Applied, desired: &Manifest) -> Vec<Change> {
     let mut out = Vec::new();
     let want_topics: BTreeSet<&str> = desired.topics.iter().map(|t| t.name.as_str()).collect();
@@ -97,8 +226,9 @@ pub fn plan(current: &Current, applied: &Applied, desired: &Manifest) -> Vec<Cha
             action,
         });
     }
-    // Deletions: jobs exist only through manifests, so every job not declared
-    // goes; topics and subscriptions only if the last apply declared them.
+    // Deletions: jobs exist only through manifests, so every job of the
+    // project not declared goes; topics and subscriptions only if the last
+    // apply declared them.
     for j in &current.jobs {
         if !desired.jobs.iter().any(|d| d.name == j.name) {
             out.push(Change {
@@ -134,13 +264,9 @@ pub fn plan(current: &Current, applied: &Applied, desired: &Manifest) -> Vec<Cha
     out
 }
 
-async fn current(
-    broker: &Broker,
-    dispatcher: &Dispatcher,
-    project: &ProjectName,
-) -> Result<Current> {
+async fn current(broker: &Broker, jobs: Vec<JobSpec>, project: &ProjectName) -> Result<Current> {
     let mut cur = Current {
-        jobs: dispatcher.jobs(),
+        jobs,
         ..Default::default()
     };
     let mut token = String::new();
@@ -173,12 +299,15 @@ pub async fn apply(
     dry_run: bool,
 ) -> Result<Vec<Change>> {
     let project = ProjectName::from_id(&desired.project)?;
-    let cur = current(broker, dispatcher, &project).await?;
-    let applied: Applied = dispatcher
-        .store()
-        .meta(APPLIED_KEY)?
-        .and_then(|s| serde_json::from_str(&s).ok())
-        .unwrap_or_default();
+    let mut ownership = Ownership::load(dispatcher.store())?;
+    let all_jobs = dispatcher.jobs();
+    check_job_owners(&ownership, &all_jobs, desired)?;
+    let own_jobs = all_jobs
+        .into_iter()
+        .filter(|j| ownership.job_owner(j) == desired.project)
+        .collect();
+    let cur = current(broker, own_jobs, &project).await?;
+    let applied = ownership.project(&desired.project);
     let changes = plan(&cur, &applied, desired);
     if dry_run {
         return Ok(changes);
@@ -267,10 +396,12 @@ pub async fn apply(
             .iter()
             .map(|s| s.name.clone())
             .collect(),
+        jobs: desired.jobs.iter().map(|j| j.name.clone()).collect(),
+        // Pools are applied by the caller (pubrun-api), which records them.
+        pools: applied.pools,
     };
-    dispatcher
-        .store()
-        .set_meta(APPLIED_KEY, &serde_json::to_string(&now_applied).unwrap())?;
+    ownership.set_project(&desired.project, now_applied);
+    ownership.save(dispatcher.store())?;
     Ok(changes)
 }
 
@@ -346,6 +477,7 @@ process = { command = "echo" }
         let applied = Applied {
             topics: m.topics.iter().map(|t| t.name.clone()).collect(),
             subscriptions: m.subscriptions.iter().map(|s| s.name.clone()).collect(),
+            ..Default::default()
         };
         let changed = manifest(
             &BASE
@@ -377,5 +509,39 @@ process = { command = "echo" }
         });
         let changes = plan(&cur2, &applied, &changed);
         assert!(!changes.iter().any(|c| c.name.ends_with("by-hand")));
+    }
+
+    #[test]
+    fn job_owner_is_the_recording_project_else_the_topic_project() {
+        let m = manifest(BASE);
+        let job = &m.jobs[0];
+        let mut own = Ownership::default();
+        assert_eq!(own.job_owner(job), "p", "unrecorded: its topic's project");
+        own.set_project(
+            "other",
+            Applied {
+                jobs: [job.name.clone()].into(),
+                pools: ["gpu".to_string()].into(),
+                ..Default::default()
+            },
+        );
+        assert_eq!(own.job_owner(job), "other");
+        assert_eq!(own.pool_owner("gpu"), Some("other"));
+        let mut theirs = manifest(&BASE.replace("project = \"p\"", "project = \"q\""));
+        let e = check_job_owners(&own, &m.jobs, &theirs).unwrap_err();
+        assert_eq!(e.code, Code::FailedPrecondition);
+        assert!(e.message.contains("\"other\""), "{}", e.message);
+        // Taking a name over moves it out of the other record.
+        theirs.project = "other".into();
+        check_job_owners(&own, &m.jobs, &theirs).unwrap();
+        own.set_project(
+            "q",
+            Applied {
+                pools: ["gpu".to_string()].into(),
+                ..Default::default()
+            },
+        );
+        assert_eq!(own.pool_owner("gpu"), Some("q"));
+        assert_eq!(own.job_owner(job), "other");
     }
 }

@@ -11,6 +11,7 @@ use pubrun_core::job::{check_relative_path, parse_gs_url, ExecutorSpec, JobSpec,
 use pubrun_core::manifest::job_subscription;
 use pubrun_core::pool::LOCAL_POOL;
 use pubrun_core::run::{Exit, RunStatus};
+use pubrun_observability::metrics::labels;
 use pubrun_core::template::{self, TemplateContext};
 use pubrun_core::{
     Error, OutgoingMessage, Result, SubscriptionConfig, SubscriptionName, TopicName,
@@ -417,7 +418,12 @@ impl Dispatcher {
                 let items: Vec<(SourceMessage, String)> =
                     batch.iter().map(|d| source_and_key(&spec, d)).collect();
                 match store.enqueue_batch(&spec, &items, now_ms()) {
-                    Ok(_) => batch.into_iter().map(|d| d.ack_id).collect(),
+                    Ok(ids) => {
+                        for (id, (msg, _)) in ids.iter().zip(&items) {
+                            log_queued(&spec.name, id, &msg.id);
+                        }
+                        batch.into_iter().map(|d| d.ack_id).collect()
+                    }
                     Err(e) => {
                         // Not acked: the messages come back after their lease.
                         tracing::error!(job = spec.name, error = %e, "could not queue runs");
@@ -457,9 +463,15 @@ impl Dispatcher {
         };
         let key = msg.id.clone();
         let store = self.store.clone();
-        let r = tokio::task::spawn_blocking(move || store.enqueue(&spec, &msg, &key, now))
-            .await
-            .map_err(|e| Error::internal(e.to_string()))??;
+        let r = tokio::task::spawn_blocking(move || {
+            let r = store.enqueue(&spec, &msg, &key, now);
+            if let Ok(id) = &r {
+                log_queued(&spec.name, id, &msg.id);
+            }
+            r
+        })
+        .await
+        .map_err(|e| Error::internal(e.to_string()))??;
         self.wake.notify_one();
         match r {
             Enqueued::New(id) | Enqueued::Duplicate(id) => Ok(id),
@@ -491,6 +503,7 @@ impl Dispatcher {
             .store
             .cancel_if_queued(id, &exit, now_ms(), has_result)?
         {
+            run_ended(&run, &exit, now_ms());
             self.results_wake.notify_one();
         } else if let Some((_, token, _)) = self.lock().active.get(&id) {
             token.cancel();
@@ -616,6 +629,11 @@ impl Dispatcher {
                     }
                 };
                 started += 1;
+                // Waited since it was due: queued, or its retry's backoff ended.
+                pubrun_observability::metrics()
+                    .queue_wait
+                    .get_or_create(&labels([("job", &run.job)]))
+                    .observe((now_ms() - run.not_before_ms).max(0) as f64 / 1000.0);
                 let this = self.clone();
                 tokio::spawn(async move { this.execute(run, spec, token).await });
             }
@@ -643,7 +661,12 @@ impl Dispatcher {
             .store
             .cancel_if_queued(run.id, &exit, now_ms(), has_result)
         {
-            Ok(true) => self.results_wake.notify_one(),
+            Ok(true) => {
+                if let Ok(r) = self.store.get(run.id) {
+                    run_ended(&r, &exit, now_ms());
+                }
+                self.results_wake.notify_one()
+            }
             Ok(false) => {}
             Err(e) => tracing::warn!(run = run.id, error = %e, "cannot cancel queued run"),
         }
@@ -839,7 +862,9 @@ impl Dispatcher {
         }
         let store = self.store.clone();
         let id = run.id;
+        let (job, attempt) = (run.job.clone(), run.attempt);
         let on_started = Box::new(move |s: pubrun_exec::Started| {
+            tracing::info!(run_id = id, job, attempt, machine = s.machine, status = "running", "run started");
             if let Err(e) = store.mark_running(id, &s.machine, &s.handle, now_ms()) {
                 tracing::warn!(run = id, error = %e, "could not record running state");
             }
@@ -1148,12 +1173,8 @@ impl Dispatcher {
     async fn settle(&self, run: RunRecord, spec: &JobSpec, exit: Exit) {
         let id = run.id;
         let now = now_ms();
-        let cancelled = exit.cancelled
-            || self
-                .store
-                .get(id)
-                .map(|r| r.cancel_requested)
-                .unwrap_or(false);
+        let current = self.store.get(id).ok();
+        let cancelled = exit.cancelled || current.as_ref().is_some_and(|r| r.cancel_requested);
         let exit = Exit { cancelled, ..exit };
         let status = exit.status();
         let result = if !cancelled && exit.infra_error {
@@ -1170,6 +1191,11 @@ impl Dispatcher {
                     .backoff(2, jitter())
                     .min(Duration::from_secs(30))
             };
+            tracing::info!(
+                run_id = id, job = run.job, attempt = run.attempt, status = "queued",
+                error = exit.error.as_deref(), retry_in_ms = delay.as_millis() as u64,
+                "run requeued after an infrastructure error"
+            );
             self.store
                 .requeue(id, run.attempt, now + delay.as_millis() as i64, &exit)
         } else if matches!(status, RunStatus::Failed | RunStatus::TimedOut)
@@ -1181,12 +1207,22 @@ impl Dispatcher {
         {
             let next = run.attempt + 1;
             let delay = spec.retries.backoff(next, jitter());
+            tracing::info!(
+                run_id = id, job = run.job, attempt = run.attempt, status = "queued",
+                attempt_status = status.as_str(), exit_code = exit.exit_code, error = exit.error.as_deref(),
+                next_attempt = next, retry_in_ms = delay.as_millis() as u64,
+                "run attempt failed; retrying"
+            );
             self.store
                 .requeue(id, next, now + delay.as_millis() as i64, &exit)
         } else {
-            self.store
+            let r = self
+                .store
                 .finish(id, &exit, now, !spec.result_topic.is_empty())
-                .map(|_| ())
+                .map(|_| ());
+            let ended = current.unwrap_or_else(|| run.clone());
+            run_ended(&RunRecord { attempt: run.attempt, ..ended }, &exit, now);
+            r
         };
         if let Err(e) = result {
             tracing::error!(run = id, error = %e, "could not record the end of an attempt");
@@ -1297,6 +1333,47 @@ impl Dispatcher {
             attributes,
             ordering_key: String::new(),
         }
+    }
+}
+
+/// One log line per queued run.
+fn log_queued(job: &str, e: &Enqueued, message_id: &str) {
+    match e {
+        Enqueued::New(id) => {
+            tracing::info!(run_id = id, job, message_id, status = "queued", "run queued")
+        }
+        Enqueued::Duplicate(id) => tracing::debug!(
+            run_id = id, job, message_id,
+            "message deduplicated onto an existing run"
+        ),
+    }
+}
+
+/// A run reached its terminal status: one log line, the run counters.
+fn run_ended(run: &RunRecord, exit: &Exit, now: i64) {
+    let status = exit.status();
+    let duration_s = run.started_at_ms.map(|s| (now - s).max(0) as f64 / 1000.0);
+    tracing::info!(
+        run_id = run.id,
+        job = run.job,
+        status = status.as_str(),
+        attempt = run.attempt,
+        exit_code = exit.exit_code,
+        signal = exit.signal,
+        oom_killed = exit.oom_killed,
+        duration_s,
+        machine = run.machine,
+        error = exit.error.as_deref(),
+        "run ended"
+    );
+    let m = pubrun_observability::metrics();
+    m.runs
+        .get_or_create(&labels([("job", &run.job), ("status", status.as_str())]))
+        .inc();
+    if let Some(d) = duration_s {
+        m.run_duration
+            .get_or_create(&labels([("job", &run.job)]))
+            .observe(d);
     }
 }
 

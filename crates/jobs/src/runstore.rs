@@ -308,6 +308,20 @@ impl RunStore {
         rows.collect::<rusqlite::Result<Vec<_>>>().map_err(db_err)
     }
 
+    /// Queued runs that are due (not waiting for a retry backoff), per job.
+    pub fn due_queued_by_job(&self, now_ms: i64) -> Result<Vec<(String, u64)>> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT job, COUNT(*) FROM runs WHERE status = 'queued' AND not_before_ms <= ?1 GROUP BY job",
+            )
+            .map_err(db_err)?;
+        let rows = stmt
+            .query_map(params![now_ms], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))
+            .map_err(db_err)?;
+        rows.collect::<rusqlite::Result<Vec<_>>>().map_err(db_err)
+    }
+
     /// When the earliest queued run waiting for its backoff becomes due.
     pub fn next_due_ms(&self, now_ms: i64) -> Result<Option<i64>> {
         self.conn()

@@ -241,3 +241,95 @@ fn bad_manifests_are_invalid_argument_with_position() {
     assert_eq!(e.code, Code::InvalidArgument);
     assert!(e.message.starts_with("bad.toml:4:"), "{}", e.message);
 }
+
+fn project_manifest(project: &str, jobs: &[&str]) -> pubrun_core::manifest::Manifest {
+    let mut src = format!("project = \"{project}\"\n[[topic]]\nname = \"orders\"\n");
+    for j in jobs {
+        src.push_str(&format!(
+            "[[job]]\nname = \"{j}\"\ntopic = \"orders\"\nprocess = {{ command = \"echo\", args = [\"{j}\"] }}\n"
+        ));
+    }
+    parse_manifest(&format!("{project}.toml"), &src).unwrap()
+}
+
+fn job_names(env: &Env) -> Vec<String> {
+    env.dispatcher.jobs().into_iter().map(|j| j.name).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manifest_owns_only_its_projects_jobs() {
+    let dir = tempfile::tempdir().unwrap();
+    let env = env_in(dir.path(), 4).await;
+    let alpha = project_manifest("alpha", &["alpha-ship"]);
+    let beta = project_manifest("beta", &["beta-ship"]);
+    apply(&env.broker, &env.dispatcher, &alpha, false)
+        .await
+        .unwrap();
+
+    // Beta's plan touches nothing of alpha's.
+    let plan = apply(&env.broker, &env.dispatcher, &beta, true)
+        .await
+        .unwrap();
+    assert!(
+        plan.iter()
+            .all(|c| c.action == Action::Create && c.name.contains("beta")),
+        "{plan:?}"
+    );
+    apply(&env.broker, &env.dispatcher, &beta, false)
+        .await
+        .unwrap();
+    assert_eq!(job_names(&env), ["alpha-ship", "beta-ship"]);
+
+    // Alpha's job still runs.
+    let topic = TopicName::parse("projects/alpha/topics/orders").unwrap();
+    env.broker
+        .publish(
+            &topic,
+            vec![pubrun_core::OutgoingMessage {
+                data: b"go".to_vec().into(),
+                attributes: Default::default(),
+                ordering_key: String::new(),
+            }],
+        )
+        .await
+        .unwrap();
+    let r = env.wait_runs("alpha-ship", 1).await.remove(0);
+    assert_eq!(env.wait_end(r.id).await.status, RunStatus::Succeeded);
+
+    // Job names are server-wide: beta cannot take alpha's, and nothing changes.
+    let steal = project_manifest("beta", &["beta-ship", "alpha-ship"]);
+    for dry_run in [true, false] {
+        let e = apply(&env.broker, &env.dispatcher, &steal, dry_run)
+            .await
+            .unwrap_err();
+        assert_eq!(e.code, Code::FailedPrecondition, "{}", e.message);
+        assert!(e.message.contains("\"alpha\""), "{}", e.message);
+    }
+    assert_eq!(job_names(&env), ["alpha-ship", "beta-ship"]);
+    assert_eq!(
+        env.dispatcher.job("alpha-ship").unwrap().topic,
+        "projects/alpha/topics/orders"
+    );
+
+    // Within its project the planner still deletes what is no longer declared.
+    let alpha_without = project_manifest("alpha", &[]);
+    let changes = apply(&env.broker, &env.dispatcher, &alpha_without, false)
+        .await
+        .unwrap();
+    assert!(
+        changes.contains(&change("job", "alpha-ship", Action::Delete)),
+        "{changes:?}"
+    );
+    assert!(
+        !changes.iter().any(|c| c.name.contains("beta")),
+        "{changes:?}"
+    );
+    assert_eq!(job_names(&env), ["beta-ship"]);
+    let again = apply(&env.broker, &env.dispatcher, &beta, false)
+        .await
+        .unwrap();
+    assert!(
+        again.iter().all(|c| c.action == Action::Unchanged),
+        "{again:?}"
+    );
+}

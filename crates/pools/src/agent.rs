@@ -20,7 +20,7 @@ use pubrun_exec::{CancellationToken, Executor, LogSink, RunRequest};
 use reqwest::StatusCode;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
-use crate::http::AGENT_HEADER;
+use crate::http::{AGENT_HEADER, SESSION_HEADER};
 use crate::protocol::{Assignment, Poll, PollReply, Register, Registered, Report, Started, PREFIX};
 
 pub struct AgentConfig {
@@ -53,6 +53,8 @@ struct Held {
 struct Agent {
     cfg: AgentConfig,
     http: reqwest::Client,
+    /// The session of the current registration (empty before the first).
+    session: Mutex<String>,
     held: Mutex<HashMap<u64, Held>>,
     /// Set when the agent stops: runs it cancels go back to the queue.
     handing_back: std::sync::atomic::AtomicBool,
@@ -64,7 +66,7 @@ struct Agent {
 enum CallError {
     /// 409: the lease is not ours any more.
     Fenced(String),
-    /// 400/401: retrying will not help.
+    /// 400: retrying will not help.
     Fatal(String),
     /// Told to stop (revoked lease, shutdown).
     Stopped,
@@ -76,6 +78,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
             .connect_timeout(Duration::from_secs(5))
             .build()?,
         held: Mutex::new(HashMap::new()),
+        session: Mutex::new(String::new()),
         handing_back: std::sync::atomic::AtomicBool::new(false),
         released: tokio::sync::Notify::new(),
         cfg,
@@ -112,9 +115,19 @@ async fn poll_loop(agent: &Arc<Agent>, shutdown: &CancellationToken) -> anyhow::
             {
                 anyhow::bail!("the server refused this agent ({code}): {msg}");
             }
+            // The name is held by a live agent (maybe this one, whose
+            // registration reply was lost): free after its lease timeout.
+            Err(Failure::Status(StatusCode::CONFLICT, msg)) => {
+                tracing::warn!(reason = msg, retry_in = ?backoff, "name in use; retrying");
+                if sleep_or_stop(backoff, shutdown).await {
+                    return Ok(());
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                continue 'session;
+            }
             Err(e) => {
                 tracing::warn!(error = %e, retry_in = ?backoff, "cannot register; retrying");
-                if sleep_or_stop(backoff, &shutdown).await {
+                if sleep_or_stop(backoff, shutdown).await {
                     return Ok(());
                 }
                 backoff = (backoff * 2).min(MAX_BACKOFF);
@@ -127,6 +140,7 @@ async fn poll_loop(agent: &Arc<Agent>, shutdown: &CancellationToken) -> anyhow::
             name = agent.cfg.name,
             "registered"
         );
+        *agent.session.lock().unwrap_or_else(|p| p.into_inner()) = registered.session;
         backoff = FIRST_BACKOFF;
         let poll_timeout = Duration::from_secs_f64(registered.poll_secs) + Duration::from_secs(10);
         loop {
@@ -145,13 +159,24 @@ async fn poll_loop(agent: &Arc<Agent>, shutdown: &CancellationToken) -> anyhow::
             let reply: PollReply = tokio::select! {
                 r = agent.post_json("/poll", &poll, poll_timeout) => match r {
                     Ok(r) => r,
+                    // Unknown (a restarted server) or our session ended:
+                    // register again. Anything else: poll again with the
+                    // same session (a new registration would have to wait
+                    // for this one's lease timeout).
                     Err(e) => {
-                        tracing::warn!(error = %e, retry_in = ?backoff, "poll failed; registering again");
-                        if sleep_or_stop(backoff, &shutdown).await {
+                        let again = matches!(
+                            e,
+                            Failure::Status(StatusCode::NOT_FOUND | StatusCode::UNAUTHORIZED, _)
+                        );
+                        tracing::warn!(error = %e, retry_in = ?backoff, register_again = again, "poll failed");
+                        if sleep_or_stop(backoff, shutdown).await {
                             return Ok(());
                         }
                         backoff = (backoff * 2).min(MAX_BACKOFF);
-                        continue 'session;
+                        if again {
+                            continue 'session;
+                        }
+                        continue;
                     }
                 },
                 _ = shutdown.cancelled() => return Ok(()),
@@ -228,6 +253,13 @@ impl Agent {
         }
     }
 
+    fn session(&self) -> String {
+        self.session
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     fn url(&self, path: &str) -> String {
         format!("{}{PREFIX}{path}", self.cfg.server.trim_end_matches('/'))
     }
@@ -243,6 +275,7 @@ impl Agent {
             .post(self.url(path))
             .bearer_auth(&self.cfg.token)
             .header(AGENT_HEADER, &self.cfg.name)
+            .header(SESSION_HEADER, self.session())
             .timeout(timeout)
             .json(body)
             .send()
@@ -257,8 +290,10 @@ impl Agent {
             .map_err(|e| Failure::Transport(e.to_string()))
     }
 
-    /// Sends a request until it succeeds; retries transport errors and
-    /// 5xx/404 (server restarting) with backoff.
+    /// Sends a request until it succeeds; retries transport errors,
+    /// 5xx/404 (server restarting) and 401 (session ended: the poll loop
+    /// registers again, and the next try carries the new session) with
+    /// backoff.
     async fn call(
         &self,
         revoked: &CancellationToken,
@@ -273,6 +308,7 @@ impl Agent {
             let r = make()
                 .bearer_auth(&self.cfg.token)
                 .header(AGENT_HEADER, &self.cfg.name)
+                .header(SESSION_HEADER, self.session())
                 .send()
                 .await;
             match r {
@@ -280,10 +316,7 @@ impl Agent {
                 Ok(resp) if resp.status() == StatusCode::CONFLICT => {
                     return Err(CallError::Fenced(error_text(resp).await));
                 }
-                Ok(resp)
-                    if resp.status() == StatusCode::BAD_REQUEST
-                        || resp.status() == StatusCode::UNAUTHORIZED =>
-                {
+                Ok(resp) if resp.status() == StatusCode::BAD_REQUEST => {
                     return Err(CallError::Fatal(error_text(resp).await));
                 }
                 Ok(resp) => {

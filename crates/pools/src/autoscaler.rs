@@ -81,7 +81,7 @@ impl Pools {
             match action {
                 ScaleAction::Start { count } => {
                     for _ in 0..count {
-                        self.start_machine(spec, provider.clone(), &machines, now);
+                        self.start_machine(spec, provider.clone(), now);
                     }
                 }
                 ScaleAction::Stop {
@@ -102,34 +102,33 @@ impl Pools {
         }
     }
 
-    fn start_machine(
-        &self,
-        spec: &PoolSpec,
-        provider: Arc<dyn MachineProvider>,
-        known: &[MachineRow],
-        now: i64,
-    ) {
+    fn start_machine(&self, spec: &PoolSpec, provider: Arc<dyn MachineProvider>, now: i64) {
         let Some(token) = self.token(&spec.name) else {
             return;
         };
-        // Reuse a stopped machine (its disk and image are warm), else a new name.
-        let reuse = known
-            .iter()
-            .find(|m| m.state == MachineState::Stopped && !m.cordoned)
-            .cloned();
-        let all = self.db().machines().unwrap_or_default();
+        // Restart a stopped machine (its disk and image are warm) when the
+        // pool keeps them; a deleted machine is never brought back under its
+        // old name: a new machine gets a name never used before, so it
+        // cannot collide with one still being deleted, and its cost is its own.
+        // Read afresh: a previous start of this pass took a stopped one.
+        let reuse = if spec.delete_when_idle {
+            None
+        } else {
+            self.db()
+                .machines()
+                .unwrap_or_default()
+                .into_iter()
+                .find(|m| m.pool == spec.name && m.state == MachineState::Stopped && !m.cordoned)
+        };
         let name = match &reuse {
             Some(m) => m.name.clone(),
-            None => {
-                let mut n = all.iter().filter(|m| m.pool == spec.name).count() + 1;
-                loop {
-                    let candidate = format!("{}-{}-{n}", name_prefix(spec), spec.name);
-                    if !all.iter().any(|m| m.name == candidate) {
-                        break candidate;
-                    }
-                    n += 1;
+            None => match self.db().new_machine_name(&spec.name, name_prefix(spec)) {
+                Ok(n) => n,
+                Err(e) => {
+                    tracing::error!(pool = spec.name, error = %e, "cannot name a new machine");
+                    return;
                 }
-            }
+            },
         };
         let row = MachineRow {
             name: name.clone(),
@@ -214,6 +213,17 @@ impl Pools {
                 Ok(()) => {
                     let now = now_ms();
                     let mut m = this.db().machine(&m.name).ok().flatten().unwrap_or(m);
+                    let _ = this.db().span_close(&m.name, now);
+                    // Its agent is gone with it: no longer listed.
+                    this.forget_agent(&m.name);
+                    if delete && !failed {
+                        // Gone for good: the row goes (its spans and leases
+                        // stay for cost and history; its name is never reused).
+                        if let Err(e) = this.db().delete_machine(&m.name) {
+                            tracing::warn!(machine = m.name, error = %e, "cannot forget a deleted machine");
+                        }
+                        return;
+                    }
                     m.state = if failed {
                         MachineState::Failed
                     } else {
@@ -226,7 +236,6 @@ impl Pools {
                         m.cordoned = false;
                     }
                     let _ = this.db().upsert_machine(&m);
-                    let _ = this.db().span_close(&m.name, now);
                 }
                 Err(e) => {
                     tracing::warn!(machine = m.name, error = %e, "machine did not stop; will retry");
@@ -274,8 +283,15 @@ impl Pools {
                         // A dead container or instance is still there to
                         // be removed when the pool deletes idle machines.
                         if spec.delete_when_idle {
-                            if let Err(e) = provider.stop(&m.name, true).await {
-                                tracing::warn!(machine = m.name, error = %e, "cannot delete a dead machine");
+                            match provider.stop(&m.name, true).await {
+                                // It was being deleted when the server went down.
+                                Ok(()) if m.state == MachineState::Stopped => {
+                                    let _ = self.db().delete_machine(&m.name);
+                                }
+                                Ok(()) => {}
+                                Err(e) => {
+                                    tracing::warn!(machine = m.name, error = %e, "cannot delete a dead machine")
+                                }
                             }
                         }
                     }
@@ -306,9 +322,122 @@ fn server_url(spec: &PoolSpec) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Mutex;
+
     use pubrun_core::pool::{DockerProviderSpec, GceProviderSpec, ProviderSpec};
 
     use super::*;
+    use crate::protocol::Register;
+
+    /// A provider that starts and deletes at once, and remembers the names.
+    #[derive(Default)]
+    struct Instant {
+        started: Mutex<Vec<String>>,
+    }
+
+    #[async_trait::async_trait]
+    impl MachineProvider for Instant {
+        fn kind(&self) -> &'static str {
+            "docker"
+        }
+        async fn start(&self, l: &MachineLaunch) -> Result<String, ProviderError> {
+            self.started.lock().unwrap().push(l.name.clone());
+            Ok(format!("id-{}", l.name))
+        }
+        async fn stop(&self, _: &str, _: bool) -> Result<(), ProviderError> {
+            Ok(())
+        }
+        async fn status(&self, _: &str) -> Result<ProviderStatus, ProviderError> {
+            Ok(ProviderStatus::Running)
+        }
+        async fn list(&self, _: &str) -> Result<Vec<(String, ProviderStatus)>, ProviderError> {
+            Ok(Vec::new())
+        }
+    }
+
+    /// Waits (bounded) until the pool's machine rows satisfy `ok`: the
+    /// provider calls run in spawned tasks.
+    async fn machines_until(pools: &Pools, ok: impl Fn(&[MachineRow]) -> bool) -> Vec<MachineRow> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let m = pools.db().machines().unwrap();
+            if ok(&m) {
+                return m;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "machines: {m:#?}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Issue 11 item 4: two machines, both deleted, two more: the new ones
+    /// get new names (the old ones may still be in the middle of being
+    /// deleted), each machine keeps its own cost row, and the agents of
+    /// deleted machines are not listed.
+    #[tokio::test]
+    async fn scaling_up_again_from_zero_never_reuses_a_deleted_machines_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let pools = Pools::open(dir.path()).unwrap();
+        let spec = PoolSpec {
+            name: "pool1".into(),
+            provider: ProviderSpec::Docker(DockerProviderSpec {
+                image: "agent:dev".into(),
+                server_url: "http://127.0.0.1:1".into(),
+                ..Default::default()
+            }),
+            min_machines: 0,
+            max_machines: 2,
+            runs_per_machine: 1,
+            idle_timeout: Duration::from_secs(5),
+            delete_when_idle: true,
+            price_per_hour: Some(1.0),
+            token_env: String::new(),
+            lease_timeout: Duration::from_secs(30),
+            boot_timeout: Duration::from_secs(60),
+        };
+        pools.set_pools(vec![spec.clone()]).unwrap();
+        let token = pools.token("pool1").unwrap();
+        let provider = Arc::new(Instant::default());
+        let mut names = Vec::new();
+        for round in 0..2 {
+            for _ in 0..2 {
+                pools.start_machine(&spec, provider.clone(), now_ms());
+            }
+            let up = machines_until(&pools, |m| m.len() == 2).await;
+            for m in &up {
+                pools
+                    .register(
+                        Register {
+                            pool: "pool1".into(),
+                            name: m.name.clone(),
+                            slots: 1,
+                            labels: Default::default(),
+                            version: String::new(),
+                        },
+                        &token,
+                        None,
+                    )
+                    .unwrap_or_else(|e| panic!("round {round}: register {}: {e:?}", m.name));
+            }
+            assert_eq!(pools.agents().len(), 2);
+            for m in up {
+                names.push(m.name.clone());
+                let m = pools.db().machine(&m.name).unwrap().unwrap();
+                pools.stop_machine(m, provider.clone(), true, "idle".into());
+            }
+            // Deleted: no machine left, no agent listed.
+            machines_until(&pools, |m| m.is_empty()).await;
+            assert!(pools.agents().is_empty(), "{:?}", pools.agents());
+        }
+        let mut distinct = names.clone();
+        distinct.sort();
+        distinct.dedup();
+        assert_eq!(distinct.len(), 4, "machine names: {names:?}");
+        assert_eq!(*provider.started.lock().unwrap(), names);
+        // Four machines, four cost rows.
+        let report = pools.cost_report(0, now_ms() + 1000).unwrap();
+        let rows = report["machines"].as_array().unwrap();
+        assert_eq!(rows.len(), 4, "{report:#}");
+    }
 
     #[test]
     fn machine_names_use_the_gce_name_prefix() {

@@ -60,6 +60,13 @@ CREATE TABLE IF NOT EXISTS leases (
     exit TEXT,
     reason TEXT NOT NULL DEFAULT ''
 );
+-- The last machine number handed out per pool: names are never reused,
+-- so a new machine never collides with one still being deleted and its
+-- cost spans never merge with an older machine's.
+CREATE TABLE IF NOT EXISTS machine_numbers (
+    pool TEXT PRIMARY KEY,
+    last INTEGER NOT NULL
+);
 CREATE INDEX IF NOT EXISTS leases_by_run ON leases(run_id, token);
 CREATE INDEX IF NOT EXISTS leases_active ON leases(state) WHERE state IN ('assigned', 'running');
 "#;
@@ -203,8 +210,28 @@ impl PoolsDb {
 
     // ---- machines ----
 
+    /// Writes a machine; a change of state is logged (one line per
+    /// machine transition, whoever makes it).
     pub fn upsert_machine(&self, m: &MachineRow) -> Result<()> {
-        self.conn()
+        let c = self.conn();
+        let before: Option<String> = c
+            .query_row("SELECT state FROM machines WHERE name = ?1", [&m.name], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(err)?;
+        if before.as_deref() != Some(m.state.as_str()) {
+            tracing::info!(
+                machine = m.name,
+                pool = m.pool,
+                provider = m.provider,
+                from = before.as_deref().unwrap_or("none"),
+                state = m.state.as_str(),
+                error = (!m.last_error.is_empty()).then_some(m.last_error.as_str()),
+                "machine state changed"
+            );
+        }
+        c
             .execute(
                 "INSERT INTO machines(name, pool, provider, provider_id, state, state_since_ms,
                      idle_since_ms, created_ms, cordoned, slots, last_error)
@@ -274,6 +301,57 @@ impl PoolsDb {
             )
             .optional()
             .map_err(err)
+    }
+
+    /// A machine name never used before in this database:
+    /// `{prefix}-{pool}-{n}` with `n` one past the pool's last number
+    /// (kept when the pool is removed and declared again), skipping any
+    /// name that a machine row or a cost span still carries.
+    pub fn new_machine_name(&self, pool: &str, prefix: &str) -> Result<String> {
+        let mut c = self.conn();
+        let tx = c.transaction().map_err(err)?;
+        let last: i64 = tx
+            .query_row(
+                "SELECT last FROM machine_numbers WHERE pool = ?1",
+                [pool],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(err)?
+            .unwrap_or(0);
+        let mut n = last + 1;
+        let name = loop {
+            let candidate = format!("{prefix}-{pool}-{n}");
+            let taken: bool = tx
+                .query_row(
+                    "SELECT EXISTS(SELECT 1 FROM machines WHERE name = ?1)
+                         OR EXISTS(SELECT 1 FROM machine_spans WHERE machine = ?1)",
+                    [&candidate],
+                    |r| r.get(0),
+                )
+                .map_err(err)?;
+            if !taken {
+                break candidate;
+            }
+            n += 1;
+        };
+        tx.execute(
+            "INSERT INTO machine_numbers(pool, last) VALUES (?1, ?2)
+             ON CONFLICT(pool) DO UPDATE SET last = ?2",
+            params![pool, n],
+        )
+        .map_err(err)?;
+        tx.commit().map_err(err)?;
+        Ok(name)
+    }
+
+    /// Forgets a machine the provider has deleted (its cost spans and
+    /// leases stay; its name is never given out again).
+    pub fn delete_machine(&self, name: &str) -> Result<()> {
+        self.conn()
+            .execute("DELETE FROM machines WHERE name = ?1", [name])
+            .map_err(err)?;
+        Ok(())
     }
 
     /// Opens an up-span for `machine` unless one is open.
@@ -451,5 +529,67 @@ impl PoolsDb {
             )
             .map_err(err)?;
         Ok(n == 1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(name: &str, pool: &str, state: MachineState) -> MachineRow {
+        MachineRow {
+            name: name.into(),
+            pool: pool.into(),
+            provider: "docker".into(),
+            provider_id: String::new(),
+            state,
+            state_since_ms: 0,
+            idle_since_ms: None,
+            created_ms: 0,
+            cordoned: false,
+            slots: 1,
+            last_error: String::new(),
+        }
+    }
+
+    #[test]
+    fn machine_names_are_never_given_out_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = PoolsDb::open(&dir.path().join("pools.db")).unwrap();
+        let a = db.new_machine_name("p", "pubrun").unwrap();
+        let b = db.new_machine_name("p", "pubrun").unwrap();
+        assert_eq!((a.as_str(), b.as_str()), ("pubrun-p-1", "pubrun-p-2"));
+        for n in [&a, &b] {
+            db.upsert_machine(&row(n, "p", MachineState::Provisioning))
+                .unwrap();
+            db.span_open(n, "p", 10).unwrap();
+            db.span_close(n, 20).unwrap();
+            // Deleted by the provider: the row goes, the name stays used.
+            db.delete_machine(n).unwrap();
+        }
+        assert!(db.machines().unwrap().is_empty());
+        let c = db.new_machine_name("p", "pubrun").unwrap();
+        let d = db.new_machine_name("p", "pubrun").unwrap();
+        assert_eq!((c.as_str(), d.as_str()), ("pubrun-p-3", "pubrun-p-4"));
+        // Each machine has its own cost row.
+        let spans = db.spans(0).unwrap();
+        assert_eq!(spans.len(), 2);
+        assert_ne!(spans[0].0, spans[1].0);
+        // Other pools count on their own; a pool removed and declared again
+        // does not start over.
+        assert_eq!(db.new_machine_name("q", "pubrun").unwrap(), "pubrun-q-1");
+        db.delete_pool("p").unwrap();
+        assert_eq!(db.new_machine_name("p", "pubrun").unwrap(), "pubrun-p-5");
+    }
+
+    #[test]
+    fn names_left_by_an_older_database_are_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = PoolsDb::open(&dir.path().join("pools.db")).unwrap();
+        // Rows and spans written before numbers were kept.
+        db.upsert_machine(&row("pubrun-p-1", "p", MachineState::Stopped))
+            .unwrap();
+        db.span_open("pubrun-p-2", "p", 0).unwrap();
+        assert_eq!(db.new_machine_name("p", "pubrun").unwrap(), "pubrun-p-3");
     }
 }

@@ -13,8 +13,9 @@
 use std::io::Write as _;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{HeaderMap, Method, StatusCode};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
@@ -23,17 +24,36 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::protocol::{ErrorBody, Poll, Register, Report, Started, PREFIX};
-use crate::remote::{now_ms, AgentError, Pools};
+use crate::remote::{now_ms, AgentError, Creds, Pools};
 
-/// The header naming the agent on lease calls.
+/// The header naming the agent on every call after register.
 pub const AGENT_HEADER: &str = "x-pubrun-agent";
+/// The header carrying the session register returned.
+pub const SESSION_HEADER: &str = "x-pubrun-session";
+
+/// Body limits of the agent routes, checked before a byte of the body is
+/// read (a larger `Content-Length` is refused at once with 413, a chunked
+/// body as soon as it passes the limit):
+/// JSON bodies (register, poll, started, result).
+pub const JSON_BODY_LIMIT: u64 = 64 * 1024;
+/// One log chunk (the agent sends at most 1 MiB at a time).
+pub const LOG_BODY_LIMIT: u64 = 4 * 1024 * 1024;
+/// The outputs tar, streamed to a temporary file on the server's disk.
+pub const OUTPUTS_BODY_LIMIT: u64 = 16 * 1024 * 1024 * 1024;
 
 impl IntoResponse for AgentError {
     fn into_response(self) -> Response {
         let (code, msg) = match self {
-            AgentError::Unauthorized(m) => (StatusCode::UNAUTHORIZED, m),
+            AgentError::Unauthorized(m) | AgentError::BadSession(m) => {
+                (StatusCode::UNAUTHORIZED, m)
+            }
             AgentError::UnknownAgent(m) => (StatusCode::NOT_FOUND, m),
-            AgentError::Fenced(m) => (StatusCode::CONFLICT, m),
+            AgentError::NoPools => (
+                StatusCode::NOT_FOUND,
+                "no pool takes agents on this server (declare a [[pool]] with provider agents, docker or gce)".into(),
+            ),
+            AgentError::Fenced(m) | AgentError::NameTaken(m) => (StatusCode::CONFLICT, m),
+            AgentError::TooLarge(m) => (StatusCode::PAYLOAD_TOO_LARGE, m),
             AgentError::NotReady(m) => (StatusCode::SERVICE_UNAVAILABLE, m),
             AgentError::Invalid(m) => (StatusCode::BAD_REQUEST, m),
             AgentError::Internal(m) => (StatusCode::INTERNAL_SERVER_ERROR, m),
@@ -42,29 +62,104 @@ impl IntoResponse for AgentError {
     }
 }
 
-fn bearer(h: &HeaderMap) -> Result<String, AgentError> {
+fn bearer(h: &HeaderMap) -> Result<&str, AgentError> {
     h.get(http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::to_string)
+        .and_then(|v| {
+            let (scheme, token) = v.split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then_some(token)
+        })
         .ok_or_else(|| {
             AgentError::Unauthorized("Authorization: Bearer <pool token> is required".into())
         })
 }
 
-fn agent_name(h: &HeaderMap) -> Result<String, AgentError> {
-    h.get(AGENT_HEADER)
+fn header<'h>(h: &'h HeaderMap, name: &str) -> Result<&'h str, AgentError> {
+    h.get(name)
         .and_then(|v| v.to_str().ok())
-        .map(str::to_string)
-        .ok_or_else(|| AgentError::Invalid(format!("header {AGENT_HEADER} is required")))
+        .ok_or_else(|| AgentError::Unauthorized(format!("header {name} is required")))
+}
+
+/// An agent's credentials on calls after register: name, pool token,
+/// session (none is a session that never matches: a late call about a
+/// lease already taken back still learns it is fenced).
+fn creds(h: &HeaderMap) -> Result<Creds<'_>, AgentError> {
+    Ok(Creds {
+        token: bearer(h)?,
+        name: header(h, AGENT_HEADER)?,
+        session: h
+            .get(SESSION_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or(""),
+    })
 }
 
 fn json_body<T: serde::de::DeserializeOwned>(b: &[u8]) -> Result<T, AgentError> {
     serde_json::from_slice(b).map_err(|e| AgentError::Invalid(format!("request body: {e}")))
 }
 
+/// The limit of the route a request is for.
+fn body_limit(method: &Method, path: &str) -> u64 {
+    if method == Method::PUT && path.ends_with("/outputs") {
+        OUTPUTS_BODY_LIMIT
+    } else if path.ends_with("/log") {
+        LOG_BODY_LIMIT
+    } else {
+        JSON_BODY_LIMIT
+    }
+}
+
+/// Reads a whole (small) body, refusing it once it passes `limit`.
+async fn read_body(body: Body, limit: u64) -> Result<Bytes, AgentError> {
+    let mut stream = body.into_data_stream();
+    let mut buf = bytes::BytesMut::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| AgentError::Invalid(format!("reading the body: {e}")))?;
+        if (buf.len() + chunk.len()) as u64 > limit {
+            return Err(too_large(limit));
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(buf.freeze())
+}
+
+fn too_large(limit: u64) -> AgentError {
+    AgentError::TooLarge(format!(
+        "request body over this route's limit of {limit} bytes"
+    ))
+}
+
+/// In front of every agent route, before any body is read: 404 when no
+/// pool takes agents (pools come and go with apply, so this is checked per
+/// request), 401 without a pool token of this server, 413 when the
+/// declared length is over the route's limit.
+async fn guard(State(p): State<Pools>, req: Request, next: Next) -> Response {
+    if !p.has_remote_pool() {
+        return AgentError::NoPools.into_response();
+    }
+    match bearer(req.headers()) {
+        Ok(t) if p.token_known(t) => {}
+        Ok(_) => {
+            return AgentError::Unauthorized("not a pool token of this server".into())
+                .into_response()
+        }
+        Err(e) => return e.into_response(),
+    }
+    let limit = body_limit(req.method(), req.uri().path());
+    let declared = req
+        .headers()
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return too_large(limit).into_response();
+    }
+    next.run(req).await
+}
+
 /// Agent protocol routes: outside the server token layer (agents hold pool
-/// tokens, not the server's admin token).
+/// tokens, not the server's admin token). Each route reads its body itself,
+/// after the credentials in the headers are checked, within its limit.
 pub fn agent_router(pools: Pools) -> Router {
     Router::new()
         .route(&format!("{PREFIX}/register"), post(register))
@@ -74,33 +169,39 @@ pub fn agent_router(pools: Pools) -> Router {
         .route(&format!("{PREFIX}/leases/{{lease}}/log"), post(log))
         .route(&format!("{PREFIX}/leases/{{lease}}/outputs"), put(outputs))
         .route(&format!("{PREFIX}/leases/{{lease}}/result"), post(result))
+        .route_layer(axum::middleware::from_fn_with_state(pools.clone(), guard))
         .with_state(pools)
 }
 
 async fn register(
     State(p): State<Pools>,
     h: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Result<Response, AgentError> {
     let token = bearer(&h)?;
-    let r: Register = json_body(&body)?;
-    Ok(Json(p.register(r, &token)?).into_response())
+    // An agent registering again while alive proves it is itself.
+    let session = h.get(SESSION_HEADER).and_then(|v| v.to_str().ok());
+    let r: Register = json_body(&read_body(body, JSON_BODY_LIMIT).await?)?;
+    Ok(Json(p.register(r, token, session)?).into_response())
 }
 
-async fn poll(State(p): State<Pools>, h: HeaderMap, body: Bytes) -> Result<Response, AgentError> {
-    let token = bearer(&h)?;
-    let r: Poll = json_body(&body)?;
-    Ok(Json(p.poll(r, &token).await?).into_response())
+async fn poll(State(p): State<Pools>, h: HeaderMap, body: Body) -> Result<Response, AgentError> {
+    let c = creds(&h)?;
+    p.check_agent(&c)?;
+    let r: Poll = json_body(&read_body(body, JSON_BODY_LIMIT).await?)?;
+    Ok(Json(p.poll(&c, r).await?).into_response())
 }
 
 async fn started(
     State(p): State<Pools>,
     Path(lease): Path<u64>,
     h: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Result<Response, AgentError> {
-    let s: Started = json_body(&body)?;
-    p.started(&agent_name(&h)?, &bearer(&h)?, lease, s.handle)?;
+    let c = creds(&h)?;
+    p.live(&c, lease, |_| ())?;
+    let s: Started = json_body(&read_body(body, JSON_BODY_LIMIT).await?)?;
+    p.started(&c, lease, s.handle)?;
     Ok(Json(json!({})).into_response())
 }
 
@@ -114,11 +215,12 @@ async fn log(
     Path(lease): Path<u64>,
     Query(q): Query<LogQuery>,
     h: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Result<Response, AgentError> {
-    let total = p
-        .log(&agent_name(&h)?, &bearer(&h)?, lease, q.offset, &body)
-        .await?;
+    let c = creds(&h)?;
+    p.live(&c, lease, |_| ())?;
+    let bytes = read_body(body, LOG_BODY_LIMIT).await?;
+    let total = p.log(&c, lease, q.offset, &bytes).await?;
     Ok(Json(json!({ "received": total })).into_response())
 }
 
@@ -126,10 +228,12 @@ async fn result(
     State(p): State<Pools>,
     Path(lease): Path<u64>,
     h: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Result<Response, AgentError> {
-    let r: Report = json_body(&body)?;
-    p.report(&agent_name(&h)?, &bearer(&h)?, lease, r.exit)?;
+    let c = creds(&h)?;
+    p.live(&c, lease, |_| ())?;
+    let r: Report = json_body(&read_body(body, JSON_BODY_LIMIT).await?)?;
+    p.report(&c, lease, r.exit)?;
     Ok(Json(json!({})).into_response())
 }
 
@@ -140,7 +244,7 @@ async fn workdir(
     Path(lease): Path<u64>,
     h: HeaderMap,
 ) -> Result<Response, AgentError> {
-    let dir = p.live(&agent_name(&h)?, &bearer(&h)?, lease, |l| l.workdir.clone())?;
+    let dir = p.live(&creds(&h)?, lease, |l| l.workdir.clone())?;
     let file = tokio::task::spawn_blocking(move || -> std::io::Result<std::fs::File> {
         let mut tmp = tempfile_in_dir(&dir)?;
         {
@@ -190,13 +294,18 @@ async fn outputs(
     h: HeaderMap,
     body: Body,
 ) -> Result<Response, AgentError> {
-    let (dir, allowed) = p.live(&agent_name(&h)?, &bearer(&h)?, lease, |l| {
+    let (dir, allowed) = p.live(&creds(&h)?, lease, |l| {
         (l.workdir.clone(), l.outputs.clone())
     })?;
     let mut tmp = tempfile_in_dir(&dir).map_err(|e| AgentError::Internal(e.to_string()))?;
     let mut stream = body.into_data_stream();
+    let mut received: u64 = 0;
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|e| AgentError::Invalid(format!("reading outputs: {e}")))?;
+        received += chunk.len() as u64;
+        if received > OUTPUTS_BODY_LIMIT {
+            return Err(too_large(OUTPUTS_BODY_LIMIT));
+        }
         tmp.write_all(&chunk)
             .map_err(|e| AgentError::Internal(format!("storing outputs: {e}")))?;
     }

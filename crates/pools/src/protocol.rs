@@ -1,9 +1,14 @@
 //! The agent protocol: JSON over HTTP on the server's one port, under
 //! `/agent/v1/`, authenticated with the pool's token (`Authorization: Bearer`).
+//! Register hands the agent a session; every later call carries it
+//! (`X-Pubrun-Session`) with the agent's name (`X-Pubrun-Agent`), so the
+//! pool token alone cannot act as another agent. All credentials travel in
+//! headers and are checked before a body is read; bodies have limits (see
+//! `http.rs`).
 //!
 //! ```text
 //! agent                                   server
-//!  POST register {pool,name,slots}  ─────► agent known, machine ready
+//!  POST register {pool,name,slots}  ─────► agent known, machine ready; {session}
 //!  POST poll {free, running[]}      ─────► heartbeat; long-polls for work
 //!                                   ◄───── {assign[], cancel[], revoked[]}
 //!  GET  leases/L/workdir            ─────► tar of the run directory
@@ -45,6 +50,9 @@ pub struct Registered {
     pub lease_timeout_secs: f64,
     /// How long the server holds a poll open when there is no work.
     pub poll_secs: f64,
+    /// This agent's session credential (a secret): sent on every later
+    /// call. A new registration under the name ends it.
+    pub session: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

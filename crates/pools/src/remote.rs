@@ -21,6 +21,7 @@ use pubrun_exec::{CancellationToken, Executor, LogSink, OnStarted, RunRequest};
 use tokio::sync::{mpsc, Notify};
 
 use crate::db::{LeaseState, MachineRow, PoolsDb};
+use crate::http::{AGENT_HEADER, SESSION_HEADER};
 use crate::protocol::{Assignment, Poll, PollReply, Register, Registered};
 use crate::provider::MachineProvider;
 
@@ -66,6 +67,9 @@ pub(crate) struct LiveLease {
 
 pub(crate) struct AgentEntry {
     pub pool: String,
+    /// The credential register handed out (a secret): every later call of
+    /// this agent carries it, so the pool token alone cannot act as it.
+    pub session: String,
     pub slots: u32,
     pub labels: BTreeMap<String, String>,
     pub last_seen_ms: i64,
@@ -118,10 +122,18 @@ impl Inner {
 pub enum AgentError {
     /// 401: wrong token for this pool.
     Unauthorized(String),
+    /// 401: the session is not (or no longer) this agent's: register again.
+    BadSession(String),
     /// 404: unknown agent (server restarted): register again.
     UnknownAgent(String),
+    /// 404: no remote pool is declared, so there is no agent protocol.
+    NoPools,
     /// 409: the lease is no longer honoured (fenced).
     Fenced(String),
+    /// 409: the name belongs to an agent that is still alive.
+    NameTaken(String),
+    /// 413: the body is over the route's limit.
+    TooLarge(String),
     /// 503: the server is not ready to take this yet; retry.
     NotReady(String),
     /// 400
@@ -190,6 +202,29 @@ impl Pools {
 
     // ---- agent protocol (called by http.rs) ----
 
+    /// Whether any pool takes agents (agents, docker, gce): without one the
+    /// agent protocol answers 404 before reading anything.
+    pub(crate) fn has_remote_pool(&self) -> bool {
+        self.inner
+            .lock()
+            .pools
+            .values()
+            .any(|p| !matches!(p.spec.provider, pubrun_core::pool::ProviderSpec::Local))
+    }
+
+    /// Whether `token` is the token of some pool agents may join: checked
+    /// from the headers before any body is read.
+    pub(crate) fn token_known(&self, token: &str) -> bool {
+        let st = self.inner.lock();
+        // Every pool is compared (no early exit), each in constant time.
+        st.pools
+            .values()
+            .filter(|p| !matches!(p.spec.provider, pubrun_core::pool::ProviderSpec::Local))
+            .fold(false, |found, p| {
+                pubrun_core::secret::verify_bearer(p.token.as_bytes(), token.as_bytes()) | found
+            })
+    }
+
     fn check_token(&self, pool: &str, token: &str) -> Result<PoolSpec, AgentError> {
         let st = self.inner.lock();
         let Some(p) = st.pools.get(pool) else {
@@ -213,25 +248,46 @@ impl Pools {
         Ok(p.spec.clone())
     }
 
-    /// The agent named `name`, if it was registered with this token.
-    fn agent_pool(&self, name: &str, token: &str) -> Result<String, AgentError> {
-        let pool = self
-            .inner
-            .lock()
-            .agents
-            .get(name)
-            .map(|a| a.pool.clone())
-            .ok_or_else(|| AgentError::UnknownAgent(format!("agent {name} is not registered")))?;
-        self.check_token(&pool, token)?;
+    /// The pool of the agent `c.name`, if `c` carries its pool's token and
+    /// its current session.
+    fn agent_pool(&self, c: &Creds<'_>) -> Result<String, AgentError> {
+        let (pool, session_ok) = {
+            let st = self.inner.lock();
+            let a = st.agents.get(c.name).ok_or_else(|| {
+                AgentError::UnknownAgent(format!("agent {} is not registered", c.name))
+            })?;
+            (
+                a.pool.clone(),
+                pubrun_core::secret::verify_bearer(a.session.as_bytes(), c.session.as_bytes()),
+            )
+        };
+        self.check_token(&pool, c.token)?;
+        if !session_ok {
+            return Err(AgentError::BadSession(format!(
+                "no valid session for agent {} (header {SESSION_HEADER}): register again",
+                c.name
+            )));
+        }
         Ok(pool)
     }
 
-    pub fn register(&self, r: Register, token: &str) -> Result<Registered, AgentError> {
-        if r.name.is_empty() || r.name.len() > 63 {
-            return Err(AgentError::Invalid(
-                "agent name must be 1-63 characters".into(),
-            ));
-        }
+    /// Checks an agent's credentials (before its body is read).
+    pub(crate) fn check_agent(&self, c: &Creds<'_>) -> Result<(), AgentError> {
+        self.agent_pool(c).map(|_| ())
+    }
+
+    /// Registers an agent and hands it a fresh session. A name held by an
+    /// agent heard from within the pool's `lease_timeout` is refused
+    /// (`NameTaken`) unless the caller presents that agent's session; once
+    /// that agent has been silent longer, it is treated as lost (its leases
+    /// are taken back) and the name is free.
+    pub fn register(
+        &self,
+        r: Register,
+        token: &str,
+        session: Option<&str>,
+    ) -> Result<Registered, AgentError> {
+        validate_agent_name(&r.name)?;
         if r.slots == 0 || r.slots > 1000 {
             return Err(AgentError::Invalid("slots must be 1..1000".into()));
         }
@@ -253,7 +309,40 @@ impl Pools {
                 r.pool, r.name
             )));
         }
-        let mut m = existing.unwrap_or(MachineRow {
+        let new_session = random_token().map_err(AgentError::Internal)?;
+        self.claim_name(&r, &new_session, session, now)?;
+        let recorded = self.record_registered(&r, &spec, now);
+        if let Err(e) = recorded {
+            // Give the name back: this registration did not happen.
+            let mut st = self.inner.lock();
+            if st
+                .agents
+                .get(&r.name)
+                .is_some_and(|a| a.session == new_session)
+            {
+                st.agents.remove(&r.name);
+            }
+            return Err(AgentError::Internal(e));
+        }
+        tracing::info!(
+            agent = r.name,
+            pool = r.pool,
+            slots = r.slots,
+            "agent registered"
+        );
+        self.refresh_machine(&r.name);
+        Ok(Registered {
+            lease_timeout_secs: spec.lease_timeout.as_secs_f64(),
+            poll_secs: poll_hold(&spec).as_secs_f64(),
+            session: new_session,
+        })
+    }
+
+    /// The machine of a registered agent is up (its row read again: taking
+    /// the name over from a lost agent may have just changed it).
+    fn record_registered(&self, r: &Register, spec: &PoolSpec, now: i64) -> Result<(), String> {
+        let db = &self.inner.db;
+        let mut m = db.machine(&r.name)?.unwrap_or(MachineRow {
             name: r.name.clone(),
             pool: r.pool.clone(),
             provider: spec.provider.kind().to_string(),
@@ -276,36 +365,113 @@ impl Pools {
             m.idle_since_ms = Some(now);
             m.last_error.clear();
         }
-        db.upsert_machine(&m).map_err(AgentError::Internal)?;
+        db.upsert_machine(&m)?;
         db.span_open(&m.name, &m.pool, now)
-            .map_err(AgentError::Internal)?;
-        self.inner.lock().agents.insert(
-            r.name.clone(),
-            AgentEntry {
-                pool: r.pool.clone(),
-                slots: r.slots,
-                labels: r.labels,
-                last_seen_ms: now,
-                polling: 0,
-                registered_ms: now,
-                version: r.version,
-            },
-        );
-        tracing::info!(
-            agent = r.name,
-            pool = r.pool,
-            slots = r.slots,
-            "agent registered"
-        );
-        self.refresh_machine(&r.name);
-        Ok(Registered {
-            lease_timeout_secs: spec.lease_timeout.as_secs_f64(),
-            poll_secs: poll_hold(&spec).as_secs_f64(),
-        })
     }
 
-    pub async fn poll(&self, p: Poll, token: &str) -> Result<PollReply, AgentError> {
-        let pool = self.agent_pool(&p.name, token)?;
+    /// Takes the name `r.name` for a new session, in one step under the
+    /// lock so two registrations cannot both win.
+    fn claim_name(
+        &self,
+        r: &Register,
+        new_session: &str,
+        presented: Option<&str>,
+        now: i64,
+    ) -> Result<(), AgentError> {
+        enum Holder {
+            Free,
+            /// The live holder itself (it presented its session).
+            Itself,
+            Live {
+                silent_ms: i64,
+                timeout_ms: i64,
+            },
+            /// Silent past its lease timeout: lost.
+            Lost,
+        }
+        let holder = |st: &State| match st.agents.get(&r.name) {
+            None => Holder::Free,
+            Some(a) => {
+                let timeout_ms = st
+                    .pools
+                    .get(&a.pool)
+                    .map_or(30_000, |p| p.spec.lease_timeout.as_millis() as i64);
+                let silent_ms = now - a.last_seen_ms;
+                if a.polling == 0 && silent_ms > timeout_ms {
+                    Holder::Lost
+                } else if presented.is_some_and(|s| {
+                    pubrun_core::secret::verify_bearer(a.session.as_bytes(), s.as_bytes())
+                }) {
+                    Holder::Itself
+                } else {
+                    Holder::Live {
+                        silent_ms,
+                        timeout_ms,
+                    }
+                }
+            }
+        };
+        let entry = AgentEntry {
+            pool: r.pool.clone(),
+            session: new_session.to_string(),
+            slots: r.slots,
+            labels: r.labels.clone(),
+            last_seen_ms: now,
+            polling: 0,
+            registered_ms: now,
+            version: r.version.clone(),
+        };
+        let taken = |silent_ms: i64, timeout_ms: i64| {
+            AgentError::NameTaken(format!(
+                "agent name {} belongs to a live agent (heard from {} s ago); it is free once that agent has been silent for {} s",
+                r.name,
+                silent_ms.max(0) / 1000,
+                timeout_ms / 1000
+            ))
+        };
+        {
+            let mut st = self.inner.lock();
+            match holder(&st) {
+                Holder::Free | Holder::Itself => {
+                    st.agents.insert(r.name.clone(), entry);
+                    return Ok(());
+                }
+                Holder::Live {
+                    silent_ms,
+                    timeout_ms,
+                } => return Err(taken(silent_ms, timeout_ms)),
+                Holder::Lost => {}
+            }
+        }
+        // Lost, as the sweep would find it: its leases are taken back (and
+        // its session dropped) before the name changes hands.
+        self.sweep(now);
+        let mut st = self.inner.lock();
+        match holder(&st) {
+            Holder::Live {
+                silent_ms,
+                timeout_ms,
+            } => Err(taken(silent_ms, timeout_ms)),
+            _ => {
+                st.agents.insert(r.name.clone(), entry);
+                Ok(())
+            }
+        }
+    }
+
+    /// Forgets the agent of a machine that was stopped or deleted.
+    pub(crate) fn forget_agent(&self, name: &str) {
+        self.inner.lock().agents.remove(name);
+    }
+
+    pub async fn poll(&self, c: &Creds<'_>, p: Poll) -> Result<PollReply, AgentError> {
+        let pool = self.agent_pool(c)?;
+        if p.name != c.name {
+            return Err(AgentError::Invalid(format!(
+                "poll names agent {} but header {AGENT_HEADER} says {}",
+                p.name, c.name
+            )));
+        }
         let hold = {
             let st = self.inner.lock();
             st.pools
@@ -427,20 +593,22 @@ impl Pools {
     /// database: `Fenced` when it is no longer honoured.
     pub(crate) fn live<T>(
         &self,
-        name: &str,
-        token_str: &str,
+        c: &Creds<'_>,
         lease: u64,
         f: impl FnOnce(&mut LiveLease) -> T,
     ) -> Result<T, AgentError> {
-        let _pool = match self.agent_pool(name, token_str) {
+        let name = c.name;
+        let _pool = match self.agent_pool(c) {
             Ok(p) => p,
-            // An agent forgotten for its silence comes back: the leases it
-            // held were taken back, so it gets 409 for them (not 404, which
-            // it would retry until it registers again).
-            Err(AgentError::UnknownAgent(m)) => {
+            // An agent forgotten for its silence (or whose name another
+            // agent has since taken) comes back: the leases it held were
+            // taken back, so it gets 409 for them (not 404/401, which it
+            // would retry until it registers again). A live lease of the
+            // name stays out of its reach.
+            Err(e @ (AgentError::UnknownAgent(_) | AgentError::BadSession(_))) => {
                 return match self.inner.db.lease(lease).map_err(AgentError::Internal)? {
                     Some(row) if row.machine == name && !row.state.is_active() => {
-                        self.check_token(&row.pool, token_str)?;
+                        self.check_token(&row.pool, c.token)?;
                         Err(AgentError::Fenced(format!(
                             "lease {lease} is no longer {name}'s ({})",
                             if row.reason.is_empty() {
@@ -450,7 +618,7 @@ impl Pools {
                             }
                         )))
                     }
-                    _ => Err(AgentError::UnknownAgent(m)),
+                    _ => Err(e),
                 };
             }
             Err(e) => return Err(e),
@@ -487,19 +655,13 @@ impl Pools {
         }
     }
 
-    pub fn started(
-        &self,
-        name: &str,
-        token: &str,
-        lease: u64,
-        handle: String,
-    ) -> Result<(), AgentError> {
-        self.live(name, token, lease, |_| ())?;
+    pub fn started(&self, c: &Creds<'_>, lease: u64, handle: String) -> Result<(), AgentError> {
+        self.live(c, lease, |_| ())?;
         self.inner
             .db
             .lease_started(lease, now_ms())
             .map_err(AgentError::Internal)?;
-        self.live(name, token, lease, |l| {
+        self.live(c, lease, |l| {
             let _ = l.events.send(Event::Started { handle });
         })
     }
@@ -508,13 +670,12 @@ impl Pools {
     /// already received (a retried call) are skipped.
     pub async fn log(
         &self,
-        name: &str,
-        token: &str,
+        c: &Creds<'_>,
         lease: u64,
         offset: u64,
         bytes: &[u8],
     ) -> Result<u64, AgentError> {
-        let (log, received) = self.live(name, token, lease, |l| {
+        let (log, received) = self.live(c, lease, |l| {
             if l.log_resync {
                 l.log_resync = false;
                 l.log_received = offset;
@@ -532,20 +693,14 @@ impl Pools {
         }
         let total = offset.max(received) + bytes.len().saturating_sub(skip) as u64;
         let total = total.max(received);
-        self.live(name, token, lease, |l| {
+        self.live(c, lease, |l| {
             l.log_received = l.log_received.max(total);
             l.log_received
         })
     }
 
-    pub fn report(
-        &self,
-        name: &str,
-        token: &str,
-        lease: u64,
-        exit: Exit,
-    ) -> Result<(), AgentError> {
-        self.live(name, token, lease, |_| ())?;
+    pub fn report(&self, c: &Creds<'_>, lease: u64, exit: Exit) -> Result<(), AgentError> {
+        self.live(c, lease, |_| ())?;
         let ok = self
             .inner
             .db
@@ -558,7 +713,7 @@ impl Pools {
         if let Some(l) = l {
             let _ = l.events.send(Event::Ended(exit));
         }
-        self.refresh_machine(name);
+        self.refresh_machine(c.name);
         Ok(())
     }
 
@@ -758,11 +913,23 @@ impl Pools {
     }
 
     /// Agents known now: (name, pool, slots, running leases, last seen, labels, version).
+    /// Agents of machines that are stopped, deleted or failed are left out
+    /// (a stopped machine's agent is gone even before the sweep notices).
     pub fn agents(&self) -> Vec<serde_json::Value> {
+        let up: std::collections::HashSet<String> = self
+            .inner
+            .db
+            .machines()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|m| m.state.is_up())
+            .map(|m| m.name)
+            .collect();
         let st = self.inner.lock();
         let mut v: Vec<_> = st
             .agents
             .iter()
+            .filter(|(name, _)| up.contains(*name))
             .map(|(name, a)| {
                 let runs = st.leases.values().filter(|l| &l.machine == name).count();
                 serde_json::json!({
@@ -1026,10 +1193,8 @@ impl Pools {
             }
         }
         for ((spec, token), provider) in specs.into_iter().zip(tokens).zip(providers) {
-            let token = self
-                .inner
-                .db
-                .put_pool(&spec, token.as_deref(), &random_token())?;
+            let fresh = random_token()?;
+            let token = self.inner.db.put_pool(&spec, token.as_deref(), &fresh)?;
             self.set_provider(&spec.name, provider);
             self.inner
                 .lock()
@@ -1041,12 +1206,69 @@ impl Pools {
     }
 }
 
-/// 32 random bytes, hex: from the kernel's generator.
-fn random_token() -> String {
+/// 32 random bytes from the operating system's CSPRNG, hex (pool tokens,
+/// agent sessions). No fallback: without randomness there is no secret.
+pub(crate) fn random_token() -> Result<String, String> {
+    token_from(getrandom::fill)
+}
+
+fn token_from(
+    fill: impl FnOnce(&mut [u8]) -> Result<(), getrandom::Error>,
+) -> Result<String, String> {
     let mut buf = [0u8; 32];
-    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
-        use std::io::Read;
-        let _ = f.read_exact(&mut buf);
+    fill(&mut buf).map_err(|e| {
+        format!("cannot generate a secret token: no randomness from the operating system: {e}")
+    })?;
+    Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// The credentials of an agent's call after register, all from headers.
+pub struct Creds<'a> {
+    pub name: &'a str,
+    pub token: &'a str,
+    pub session: &'a str,
+}
+
+/// Agent names become machine names, log lines and label values: 1-63 of
+/// `A-Z a-z 0-9 . _ -`.
+pub fn validate_agent_name(name: &str) -> Result<(), AgentError> {
+    let ok = (1..=63).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(AgentError::Invalid(format!(
+            "agent name {name:?} is not valid: use 1-63 of A-Z a-z 0-9 . _ -"
+        )))
     }
-    buf.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_random_and_a_failing_generator_is_an_error() {
+        let a = random_token().unwrap();
+        let b = random_token().unwrap();
+        assert_eq!(a.len(), 64);
+        assert!(a.bytes().all(|c| c.is_ascii_hexdigit()));
+        assert_ne!(a, b);
+        assert_ne!(a, "0".repeat(64));
+        // No randomness: an error, never a predictable token.
+        let e = token_from(|_| Err(getrandom::Error::UNSUPPORTED)).unwrap_err();
+        assert!(e.contains("randomness"), "{e}");
+    }
+
+    #[test]
+    fn agent_names_are_checked() {
+        for ok in ["a", "pubrun-big-12", "host.example_1", &"x".repeat(63)] {
+            assert!(validate_agent_name(ok).is_ok(), "{ok:?}");
+        }
+        for bad in ["", "a b", "a\nb", "bell\u{7}", "a/b", "é", &"x".repeat(64)] {
+            assert!(validate_agent_name(bad).is_err(), "{bad:?}");
+        }
+    }
 }

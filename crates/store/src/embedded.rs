@@ -175,7 +175,14 @@ fn writer_loop(
             }
         }
         let path = segment_path(&log_dir, tail.base);
-        let result = write_batch(&mut tail.file, &batch).and_then(|()| tail.file.sync_data());
+        let result = write_batch(&mut tail.file, &batch).and_then(|()| {
+            let started = std::time::Instant::now();
+            let synced = tail.file.sync_data();
+            pubrun_observability::metrics()
+                .store_sync
+                .observe(started.elapsed().as_secs_f64());
+            synced
+        });
         match result {
             Ok(()) => {
                 tail.len += bytes as u64;

@@ -583,7 +583,11 @@ impl Writer {
             match Self::fenced_tx(fenced, *token, lost, client).await? {
                 Ok(tx) => {
                     let v = op.run(&tx).await?;
+                    let started = std::time::Instant::now();
                     tx.commit().await?;
+                    pubrun_observability::metrics()
+                        .store_sync
+                        .observe(started.elapsed().as_secs_f64());
                     Ok(Ok(v))
                 }
                 Err(current) => Ok(Err(current)),

@@ -20,6 +20,12 @@
 //! - `paused`, `config_paused`: the run-time pause state and the declared
 //!   `paused` it was last reconciled with.
 //! - `last_fired_ms`, `last_message_id`, `last_error`: for display.
+//!
+//! And one row per declared schedule or webhook in `definitions` (schema 2):
+//! the spec as JSON and the project whose manifest declared it. Definitions
+//! are the durable truth a restarted server serves; a project's apply
+//! replaces only its own rows. Webhook specs hold only the *names* of the
+//! environment variables with their secrets, never a secret.
 
 use std::path::Path;
 use std::sync::Mutex;
@@ -28,7 +34,7 @@ use chrono::{DateTime, Utc};
 use pubrun_core::{Error, Result};
 use rusqlite::{params, Connection, OptionalExtension};
 
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 const MIGRATION_1: &str = r#"
 CREATE TABLE schedules (
@@ -45,6 +51,51 @@ CREATE TABLE schedules (
     updated_ms INTEGER NOT NULL
 );
 "#;
+
+const MIGRATION_2: &str = r#"
+CREATE TABLE definitions (
+    kind TEXT NOT NULL,
+    name TEXT NOT NULL,
+    project TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    PRIMARY KEY (kind, name)
+);
+"#;
+
+/// What a row of `definitions` declares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DefKind {
+    Schedule,
+    Webhook,
+}
+
+impl DefKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            DefKind::Schedule => "schedule",
+            DefKind::Webhook => "webhook",
+        }
+    }
+}
+
+/// A declared schedule or webhook: its spec as JSON and the project that
+/// declared it (the owner: only that project's apply changes or deletes it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Definition {
+    pub name: String,
+    pub project: String,
+    pub spec: String,
+}
+
+/// Whose definitions a replace covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope<'a> {
+    /// Every definition of the kind, whatever its project.
+    All,
+    /// Only the definitions of this project; a name another project holds is
+    /// an error.
+    Project(&'a str),
+}
 
 /// A claimed tick not yet published.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -140,6 +191,9 @@ impl TriggerDb {
         if version < 1 {
             tx.execute_batch(MIGRATION_1).map_err(db_err)?;
         }
+        if version < 2 {
+            tx.execute_batch(MIGRATION_2).map_err(db_err)?;
+        }
         tx.pragma_update(None, "user_version", SCHEMA_VERSION)
             .map_err(db_err)?;
         tx.commit().map_err(db_err)
@@ -159,33 +213,81 @@ impl TriggerDb {
         let tx = conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
             .map_err(db_err)?;
-        for (name, paused) in declared {
+        upsert_states(&tx, declared, now)?;
+        let keep: std::collections::HashSet<&str> =
+            declared.iter().map(|(n, _)| n.as_str()).collect();
+        delete_states_except(&tx, &keep)?;
+        tx.commit().map_err(db_err)
+    }
+
+    /// The definitions of `kind`, by name.
+    pub fn definitions(&self, kind: DefKind) -> Result<Vec<Definition>> {
+        definitions(&self.conn(), kind)
+    }
+
+    /// Replaces the definitions of `kind` within `scope` by `defs`, in one
+    /// transaction; nothing changes on an error (a name that another project
+    /// holds). For schedules the state rows follow in the same transaction:
+    /// `paused` gives each new definition's declared pause state (see
+    /// [`TriggerDb::reconcile`]), and rows of schedules no longer defined are
+    /// deleted. Returns every definition of `kind` afterwards.
+    pub fn replace_definitions(
+        &self,
+        kind: DefKind,
+        scope: Scope<'_>,
+        defs: &[(Definition, bool)],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<Definition>> {
+        let mut conn = self.conn();
+        let tx = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(db_err)?;
+        let existing = definitions(&tx, kind)?;
+        if let Scope::Project(project) = scope {
+            for (d, _) in defs {
+                if let Some(other) = existing
+                    .iter()
+                    .find(|e| e.name == d.name && e.project != project)
+                {
+                    return Err(Error::precondition(format!(
+                        "{} \"{}\" belongs to project \"{}\" (declared by its manifest); {} names are server-wide: rename it, or remove it from project \"{}\"'s manifest first",
+                        kind.as_str(),
+                        d.name,
+                        other.project,
+                        kind.as_str(),
+                        other.project
+                    )));
+                }
+            }
+        }
+        match scope {
+            Scope::All => tx.execute(
+                "DELETE FROM definitions WHERE kind = ?1",
+                params![kind.as_str()],
+            ),
+            Scope::Project(p) => tx.execute(
+                "DELETE FROM definitions WHERE kind = ?1 AND project = ?2",
+                params![kind.as_str(), p],
+            ),
+        }
+        .map_err(db_err)?;
+        for (d, _) in defs {
             tx.execute(
-                "INSERT INTO schedules (name, cursor_ms, paused, config_paused, updated_ms) VALUES (?1, ?2, ?3, ?3, ?2)
-                 ON CONFLICT(name) DO UPDATE SET
-                    paused = CASE WHEN config_paused != excluded.config_paused THEN excluded.paused ELSE paused END,
-                    cursor_ms = CASE WHEN config_paused != excluded.config_paused AND paused = 1 AND excluded.paused = 0
-                                     THEN MAX(cursor_ms, excluded.cursor_ms) ELSE cursor_ms END,
-                    config_paused = excluded.config_paused,
-                    updated_ms = excluded.updated_ms",
-                params![name, ms(now), *paused as i64],
+                "INSERT INTO definitions (kind, name, project, spec) VALUES (?1, ?2, ?3, ?4)",
+                params![kind.as_str(), d.name, d.project, d.spec],
             )
             .map_err(db_err)?;
         }
-        let keep: std::collections::HashSet<&str> =
-            declared.iter().map(|(n, _)| n.as_str()).collect();
-        let existing: Vec<String> = {
-            let mut st = tx.prepare("SELECT name FROM schedules").map_err(db_err)?;
-            let rows = st
-                .query_map([], |r| r.get::<_, String>(0))
-                .map_err(db_err)?;
-            rows.collect::<rusqlite::Result<_>>().map_err(db_err)?
-        };
-        for name in existing.iter().filter(|n| !keep.contains(n.as_str())) {
-            tx.execute("DELETE FROM schedules WHERE name = ?1", params![name])
-                .map_err(db_err)?;
+        let all = definitions(&tx, kind)?;
+        if kind == DefKind::Schedule {
+            let declared: Vec<(String, bool)> =
+                defs.iter().map(|(d, p)| (d.name.clone(), *p)).collect();
+            upsert_states(&tx, &declared, now)?;
+            let keep = all.iter().map(|d| d.name.as_str()).collect();
+            delete_states_except(&tx, &keep)?;
         }
-        tx.commit().map_err(db_err)
+        tx.commit().map_err(db_err)?;
+        Ok(all)
     }
 
     pub fn get(&self, name: &str) -> Result<Option<ScheduleState>> {
@@ -315,6 +417,54 @@ impl TriggerDb {
             .map_err(db_err)?;
         Ok(n == 1)
     }
+}
+
+fn definitions(conn: &Connection, kind: DefKind) -> Result<Vec<Definition>> {
+    let mut st = conn
+        .prepare("SELECT name, project, spec FROM definitions WHERE kind = ?1 ORDER BY name")
+        .map_err(db_err)?;
+    let rows = st
+        .query_map(params![kind.as_str()], |r| {
+            Ok(Definition {
+                name: r.get(0)?,
+                project: r.get(1)?,
+                spec: r.get(2)?,
+            })
+        })
+        .map_err(db_err)?;
+    rows.collect::<rusqlite::Result<_>>().map_err(db_err)
+}
+
+fn upsert_states(conn: &Connection, declared: &[(String, bool)], now: DateTime<Utc>) -> Result<()> {
+    for (name, paused) in declared {
+        conn.execute(
+            "INSERT INTO schedules (name, cursor_ms, paused, config_paused, updated_ms) VALUES (?1, ?2, ?3, ?3, ?2)
+             ON CONFLICT(name) DO UPDATE SET
+                paused = CASE WHEN config_paused != excluded.config_paused THEN excluded.paused ELSE paused END,
+                cursor_ms = CASE WHEN config_paused != excluded.config_paused AND paused = 1 AND excluded.paused = 0
+                                 THEN MAX(cursor_ms, excluded.cursor_ms) ELSE cursor_ms END,
+                config_paused = excluded.config_paused,
+                updated_ms = excluded.updated_ms",
+            params![name, ms(now), *paused as i64],
+        )
+        .map_err(db_err)?;
+    }
+    Ok(())
+}
+
+fn delete_states_except(conn: &Connection, keep: &std::collections::HashSet<&str>) -> Result<()> {
+    let existing: Vec<String> = {
+        let mut st = conn.prepare("SELECT name FROM schedules").map_err(db_err)?;
+        let rows = st
+            .query_map([], |r| r.get::<_, String>(0))
+            .map_err(db_err)?;
+        rows.collect::<rusqlite::Result<_>>().map_err(db_err)?
+    };
+    for name in existing.iter().filter(|n| !keep.contains(n.as_str())) {
+        conn.execute("DELETE FROM schedules WHERE name = ?1", params![name])
+            .map_err(db_err)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 //!
 //! | method | path | answer |
 //! |---|---|---|
-//! | POST | `/hooks/{name}` | `{"messageId": "…"}`; 404 unknown hook, 401 bad or missing secret (nothing published), 413 body over `max_body_bytes` |
+//! | POST | `/hooks/{name}` | `{"messageId": "…"}`; 404 unknown hook, 401 bad or missing secret (nothing published), 413 body over `max_body_bytes`, 503 the hook's secret variable is not set on this server |
 //! | GET | `/api/v1/schedules` | `{"schedules": [ScheduleStatus]}` |
 //! | GET | `/api/v1/schedules/{name}` | `{"schedule": ScheduleStatus}` |
 //! | POST | `/api/v1/schedules/{name}/pause` | `{"schedule": ScheduleStatus}` |
@@ -51,7 +51,8 @@ impl Webhooks {
         }
     }
 
-    /// Replaces the hooks, reading secrets from the process environment.
+    /// Replaces the hooks being served (in memory only: [`crate::Triggers`]
+    /// stores definitions), reading secrets from the process environment.
     pub fn set_from_env(&self, specs: Vec<WebhookSpec>) -> Result<()> {
         self.set(specs, &|k| std::env::var(k).ok())
     }
@@ -69,8 +70,13 @@ impl Webhooks {
                 )));
             }
         }
-        *self.inner.hooks.write().unwrap_or_else(|p| p.into_inner()) = hooks;
+        self.install(hooks);
         Ok(())
+    }
+
+    /// Replaces the hooks by resolved ones.
+    pub(crate) fn install(&self, hooks: BTreeMap<String, Arc<Hook>>) {
+        *self.inner.hooks.write().unwrap_or_else(|p| p.into_inner()) = hooks;
     }
 
     pub fn get(&self, name: &str) -> Option<Arc<Hook>> {
@@ -155,6 +161,13 @@ async fn receive(
             format!("webhook \"{name}\" not found"),
         );
     };
+    if let Some(why) = hook.unavailable() {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            Code::Unavailable.as_str(),
+            format!("{why}; nothing was published"),
+        );
+    }
     let authorization = headers.get(header::AUTHORIZATION).map(|v| v.as_bytes());
     // A bearer secret can be checked before reading the body.
     if hook.bearer_only() {

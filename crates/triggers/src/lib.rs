@@ -11,12 +11,17 @@
 //!   REST API.
 //! - [`Triggers`] bundles both for the server.
 //!
+//! Definitions are durable: every declared schedule and webhook is stored in
+//! `triggers.db` with the project whose manifest declared it, and
+//! [`Triggers::open`] serves them again after a restart (or `kill -9`). A
+//! project's apply replaces only that project's definitions.
+//!
 //! # Wiring (server)
 //!
 //! ```ignore
-//! let triggers = Arc::new(Triggers::open(&data_dir, broker.clone())?);
-//! triggers.set_schedules(manifest_schedules)?;   // Vec<ScheduleSpec>
-//! triggers.set_webhooks(manifest_webhooks)?;     // Vec<WebhookSpec>, secrets from env
+//! let triggers = Arc::new(Triggers::open(&data_dir, broker.clone())?); // serves what was stored
+//! triggers.set_project_schedules("demo", manifest_schedules)?;   // Vec<ScheduleSpec>
+//! triggers.set_project_webhooks("demo", manifest_webhooks)?;     // Vec<WebhookSpec>, secrets from env
 //! triggers.spawn();                              // the scheduler loop
 //! let app = app.merge(triggers.router());        // /hooks/{name} + /api/v1/schedules…
 //! // on shutdown: triggers.stop();
@@ -73,7 +78,11 @@ pub use schedule::{
     ScheduleStatus, DEFAULT_MISSED_MAX_AGE, ON_TIME_GRACE,
 };
 pub use scheduler::{Scheduler, CLAIM_LEASE};
-pub use webhook::{github_signature, verify_github_signature, WebhookSpec, DEFAULT_MAX_BODY_BYTES};
+pub use webhook::{
+    github_signature, verify_github_signature, Hook, WebhookSpec, DEFAULT_MAX_BODY_BYTES,
+};
+
+use db::{DefKind, Scope};
 
 /// File name of the schedules database inside the data directory.
 pub const DB_FILE: &str = "triggers.db";
@@ -104,21 +113,30 @@ impl Triggers {
             ))
         })?;
         let scheduler = Scheduler::open(&data_dir.join(DB_FILE), broker.clone(), clock)?;
-        Ok(Triggers {
+        let triggers = Triggers {
             scheduler,
             webhooks: Webhooks::new(broker),
-        })
+        };
+        let defs = triggers.scheduler.db().definitions(DefKind::Webhook)?;
+        triggers.install_webhooks(&defs, &|k| std::env::var(k).ok());
+        Ok(triggers)
     }
 
-    /// Replaces the declared schedules (see [`Scheduler::set_schedules`]).
+    /// Replaces every declared schedule (see [`Scheduler::set_schedules`]).
     pub fn set_schedules(&self, specs: Vec<ScheduleSpec>) -> Result<()> {
         self.scheduler.set_schedules(specs)
     }
 
-    /// Replaces the webhooks; secrets are read from the environment now (an
+    /// Replaces the schedules of `project` (see
+    /// [`Scheduler::set_project_schedules`]).
+    pub fn set_project_schedules(&self, project: &str, specs: Vec<ScheduleSpec>) -> Result<()> {
+        self.scheduler.set_project_schedules(project, specs)
+    }
+
+    /// Replaces every webhook; secrets are read from the environment now (an
     /// unset `secret_env`/`bearer_secret_env` variable is an error).
     pub fn set_webhooks(&self, specs: Vec<WebhookSpec>) -> Result<()> {
-        self.webhooks.set_from_env(specs)
+        self.set_webhooks_with_env(specs, &|k| std::env::var(k).ok())
     }
 
     /// As [`Triggers::set_webhooks`], reading secrets through `env`.
@@ -127,7 +145,83 @@ impl Triggers {
         specs: Vec<WebhookSpec>,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<()> {
-        self.webhooks.set(specs, env)
+        self.replace_webhooks(Scope::All, specs, env)
+    }
+
+    /// Replaces the webhooks of `project` only (what its manifest declares):
+    /// other projects' hooks stay; a name another project holds is
+    /// FAILED_PRECONDITION. Secrets are read from the environment now.
+    pub fn set_project_webhooks(&self, project: &str, specs: Vec<WebhookSpec>) -> Result<()> {
+        self.replace_webhooks(Scope::Project(project), specs, &|k| std::env::var(k).ok())
+    }
+
+    fn replace_webhooks(
+        &self,
+        scope: Scope<'_>,
+        specs: Vec<WebhookSpec>,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<()> {
+        // Resolve first: a bad spec or an unset secret changes nothing.
+        let mut defs = Vec::with_capacity(specs.len());
+        let mut names = std::collections::BTreeSet::new();
+        for spec in specs {
+            let hook = Hook::resolve(spec.clone(), env)?;
+            if !names.insert(spec.name.clone()) {
+                return Err(Error::invalid(format!(
+                    "webhook \"{}\" is declared twice",
+                    spec.name
+                )));
+            }
+            let project = match scope {
+                Scope::Project(p) => p.to_string(),
+                Scope::All => hook.topic.project().id().to_string(),
+            };
+            let def = db::Definition {
+                name: spec.name.clone(),
+                project,
+                spec: serde_json::to_string(&spec)
+                    .map_err(|e| Error::internal(format!("webhook spec as JSON: {e}")))?,
+            };
+            defs.push((def, false));
+        }
+        let all = self.scheduler.db().replace_definitions(
+            DefKind::Webhook,
+            scope,
+            &defs,
+            self.scheduler.clock_now(),
+        )?;
+        self.install_webhooks(&all, env);
+        Ok(())
+    }
+
+    /// Serves the hooks of `defs`. A hook whose secret variable is unset
+    /// answers 503 to every request (logged now); one whose spec no longer
+    /// validates is skipped (logged).
+    fn install_webhooks(&self, defs: &[db::Definition], env: &dyn Fn(&str) -> Option<String>) {
+        let mut hooks = std::collections::BTreeMap::new();
+        for (_, spec) in scheduler::parse_definitions::<WebhookSpec>("webhook", defs) {
+            match Hook::resolve_or_unavailable(spec.clone(), env) {
+                Ok(hook) => {
+                    if let Some(why) = hook.unavailable() {
+                        tracing::warn!(webhook = %spec.name, "{why}; the hook answers 503 until the variable is set and pubrun restarted");
+                    }
+                    hooks.insert(spec.name.clone(), Arc::new(hook));
+                }
+                Err(e) => {
+                    tracing::error!(webhook = %spec.name, error = %e, "stored webhook is invalid; it is not served (apply its manifest again)");
+                }
+            }
+        }
+        self.webhooks.install(hooks);
+    }
+
+    /// The stored webhook definitions with the project that declared each.
+    pub fn webhook_definitions(&self) -> Result<Vec<(String, WebhookSpec)>> {
+        Ok(scheduler::parse_definitions(
+            "webhook",
+            &self.scheduler.db().definitions(DefKind::Webhook)?,
+        )
+        .collect())
     }
 
     pub fn list_schedules(&self) -> Result<Vec<ScheduleStatus>> {

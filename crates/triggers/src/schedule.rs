@@ -64,7 +64,7 @@ use chrono::{DateTime, TimeDelta, Utc};
 use chrono_tz::Tz;
 use croner::parser::{CronParser, Seconds, Year};
 use pubrun_core::{Error, OutgoingMessage, Result, TopicName};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// A tick at most this late still fires under [`MissedPolicy::Skip`] (and
 /// under a `RunOnce` whose `max_age` is smaller).
@@ -81,7 +81,8 @@ pub const ATTR_RUN_NOW: &str = "runNow";
 
 /// What happens to ticks that passed while no scheduler was running (server
 /// down, schedule just resumed…). See the module docs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "policy")]
 pub enum MissedPolicy {
     /// Missed ticks are dropped; a tick fires only if at most
     /// [`ON_TIME_GRACE`] late.
@@ -148,8 +149,9 @@ impl MissedPolicy {
     }
 }
 
-/// A declared schedule, as the manifest or the API gives it.
-#[derive(Debug, Clone, PartialEq)]
+/// A declared schedule, as the manifest or the API gives it. Serialized as
+/// JSON into `triggers.db` (its definition).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ScheduleSpec {
     /// `[A-Za-z0-9][A-Za-z0-9._-]*`, at most 128 characters.
     pub name: String,

@@ -52,7 +52,7 @@ use pubrun_core::{Error, Result};
 use tokio::sync::{watch, Notify};
 
 use crate::clock::Clock;
-use crate::db::{ScheduleState, TriggerDb};
+use crate::db::{DefKind, Definition, ScheduleState, Scope, TriggerDb};
 use crate::schedule::{due, format_time, MissedPolicy, Schedule, ScheduleSpec, ScheduleStatus};
 
 /// How long a claim is held before another scheduler (or a retry) may take
@@ -100,12 +100,13 @@ fn lease() -> TimeDelta {
 
 impl Scheduler {
     /// Opens the schedule database at `db_path` (normally
-    /// `<data_dir>/triggers.db`). No schedule runs until
-    /// [`Scheduler::set_schedules`] and [`Scheduler::spawn`].
+    /// `<data_dir>/triggers.db`) with the schedules defined there (the last
+    /// applies): they run from [`Scheduler::spawn`] on.
     pub fn open(db_path: &Path, broker: Arc<Broker>, clock: Arc<dyn Clock>) -> Result<Self> {
         let db = TriggerDb::open(db_path)?;
+        let defs = db.definitions(DefKind::Schedule)?;
         let (evaluated, _) = watch::channel(None);
-        Ok(Scheduler {
+        let scheduler = Scheduler {
             inner: Arc::new(Inner {
                 db,
                 broker,
@@ -117,38 +118,93 @@ impl Scheduler {
                 spawned: AtomicBool::new(false),
                 owner: owner_id(),
             }),
-        })
+        };
+        scheduler.install(&defs);
+        Ok(scheduler)
     }
 
-    /// Replaces the declared schedules (all validated first; nothing changes
-    /// on an error). A new schedule starts now: earlier ticks never fire.
-    /// For an existing schedule the run-time pause state (from
+    /// Replaces every declared schedule, whatever its project (each is
+    /// recorded as its topic's project's). All are validated first; nothing
+    /// changes on an error. A new schedule starts now: earlier ticks never
+    /// fire. For an existing schedule the run-time pause state (from
     /// [`Scheduler::pause`]/[`Scheduler::resume`]) is kept unless the declared
     /// `paused` value changed since it was last set, in which case the
     /// declaration wins. Schedules no longer declared are forgotten.
     pub fn set_schedules(&self, specs: Vec<ScheduleSpec>) -> Result<()> {
-        let mut compiled = BTreeMap::new();
+        self.replace(Scope::All, specs)
+    }
+
+    /// As [`Scheduler::set_schedules`] for the schedules of one project only
+    /// (what its manifest declares): other projects' schedules stay, and a
+    /// name another project holds is FAILED_PRECONDITION.
+    pub fn set_project_schedules(&self, project: &str, specs: Vec<ScheduleSpec>) -> Result<()> {
+        self.replace(Scope::Project(project), specs)
+    }
+
+    fn replace(&self, scope: Scope<'_>, specs: Vec<ScheduleSpec>) -> Result<()> {
+        let mut names = std::collections::BTreeSet::new();
+        let mut defs = Vec::with_capacity(specs.len());
         for spec in specs {
             let s = spec.validate()?;
-            if compiled.insert(s.spec.name.clone(), s).is_some() {
+            if !names.insert(spec.name.clone()) {
                 return Err(Error::invalid(format!(
                     "schedule \"{}\" is declared twice",
                     spec.name
                 )));
             }
+            let project = match scope {
+                Scope::Project(p) => p.to_string(),
+                Scope::All => s.topic.project().id().to_string(),
+            };
+            let def = Definition {
+                name: spec.name.clone(),
+                project,
+                spec: serde_json::to_string(&spec)
+                    .map_err(|e| Error::internal(format!("schedule spec as JSON: {e}")))?,
+            };
+            defs.push((def, spec.paused));
         }
-        let declared: Vec<(String, bool)> = compiled
-            .values()
-            .map(|s| (s.spec.name.clone(), s.spec.paused))
+        let all = self.inner.db.replace_definitions(
+            DefKind::Schedule,
+            scope,
+            &defs,
+            self.inner.clock.now(),
+        )?;
+        self.install(&all);
+        self.inner.wake.notify_one();
+        Ok(())
+    }
+
+    /// Makes the running schedules those of `defs`. A definition that no
+    /// longer compiles (e.g. written by a newer pubrun) is skipped, loudly.
+    fn install(&self, defs: &[Definition]) {
+        let compiled: BTreeMap<String, Schedule> = parse_definitions::<ScheduleSpec>("schedule", defs)
+            .filter_map(|(_, spec)| match spec.validate() {
+                Ok(s) => Some((spec.name.clone(), s)),
+                Err(e) => {
+                    tracing::error!(schedule = %spec.name, error = %e, "stored schedule is invalid; it does not run (apply its manifest again)");
+                    None
+                }
+            })
             .collect();
-        self.inner.db.reconcile(&declared, self.inner.clock.now())?;
         *self
             .inner
             .schedules
             .write()
             .unwrap_or_else(|p| p.into_inner()) = compiled;
-        self.inner.wake.notify_one();
-        Ok(())
+    }
+
+    pub(crate) fn clock_now(&self) -> DateTime<Utc> {
+        self.inner.clock.now()
+    }
+
+    pub(crate) fn db(&self) -> &TriggerDb {
+        &self.inner.db
+    }
+
+    /// The stored definitions with the project that declared each.
+    pub fn definitions(&self) -> Result<Vec<(String, ScheduleSpec)>> {
+        Ok(parse_definitions("schedule", &self.inner.db.definitions(DefKind::Schedule)?).collect())
     }
 
     /// The declared specs.
@@ -410,6 +466,22 @@ impl Inner {
             }
         }
     }
+}
+
+/// Specs of stored definitions, with their projects; one that does not parse
+/// is logged and skipped.
+pub(crate) fn parse_definitions<'a, T: serde::de::DeserializeOwned>(
+    kind: &'static str,
+    defs: &'a [Definition],
+) -> impl Iterator<Item = (String, T)> + 'a {
+    defs.iter()
+        .filter_map(move |d| match serde_json::from_str::<T>(&d.spec) {
+            Ok(spec) => Some((d.project.clone(), spec)),
+            Err(e) => {
+                tracing::error!(kind, name = %d.name, error = %e, "stored definition does not parse; ignored (apply its manifest again)");
+                None
+            }
+        })
 }
 
 fn status(s: &Schedule, st: Option<&ScheduleState>, now: DateTime<Utc>) -> ScheduleStatus {

@@ -42,8 +42,10 @@ pub const ATTR_WEBHOOK: &str = "webhook";
 /// GitHub's signature header.
 pub const SIGNATURE_HEADER: &str = "x-hub-signature-256";
 
-/// A declared webhook: `POST /hooks/NAME` publishes to `topic`.
-#[derive(Debug, Clone, PartialEq)]
+/// A declared webhook: `POST /hooks/NAME` publishes to `topic`. Serialized
+/// as JSON into `triggers.db` (its definition): it holds the names of the
+/// variables with the secrets, never a secret.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct WebhookSpec {
     /// `[A-Za-z0-9][A-Za-z0-9._-]*`, at most 128 characters.
     pub name: String,
@@ -133,6 +135,9 @@ pub struct Hook {
     hmac_secret: Option<Vec<u8>>,
     bearer_secret: Option<Vec<u8>>,
     headers: Vec<String>,
+    /// Set when a secret's variable is missing on this server (a definition
+    /// loaded at start): the hook refuses every request, never opens up.
+    unavailable: Option<String>,
 }
 
 impl std::fmt::Debug for Hook {
@@ -152,6 +157,8 @@ pub enum AuthError {
     BadSignature,
     MissingBearer,
     BadBearer,
+    /// The hook's secret is not configured on this server.
+    SecretUnavailable,
 }
 
 impl AuthError {
@@ -161,6 +168,7 @@ impl AuthError {
             AuthError::BadSignature => "X-Hub-Signature-256 does not match the body",
             AuthError::MissingBearer => "missing Authorization: Bearer header",
             AuthError::BadBearer => "wrong bearer secret",
+            AuthError::SecretUnavailable => "the webhook's secret is not set on the server",
         }
     }
 }
@@ -195,13 +203,44 @@ impl Hook {
             hmac_secret,
             bearer_secret,
             headers,
+            unavailable: None,
         })
+    }
+
+    /// As [`Hook::resolve`], but a missing secret variable gives a hook that
+    /// refuses every request (see [`Hook::unavailable`]) instead of an error:
+    /// for definitions loaded at start, so one unset variable does not keep
+    /// the server from starting. Errors only for an invalid spec.
+    pub fn resolve_or_unavailable(
+        spec: WebhookSpec,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Hook> {
+        match Hook::resolve(spec.clone(), env) {
+            Ok(h) => Ok(h),
+            Err(e) if e.code == pubrun_core::Code::FailedPrecondition => {
+                let topic = spec.validate()?;
+                Ok(Hook {
+                    spec,
+                    topic,
+                    hmac_secret: None,
+                    bearer_secret: None,
+                    headers: Vec::new(),
+                    unavailable: Some(e.message),
+                })
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Why the hook cannot serve (its secret is not set), if so.
+    pub fn unavailable(&self) -> Option<&str> {
+        self.unavailable.as_deref()
     }
 
     /// True when a bearer secret is configured and HMAC is not: the check can
     /// be done before the body is read.
     pub fn bearer_only(&self) -> bool {
-        self.bearer_secret.is_some() && self.hmac_secret.is_none()
+        self.unavailable.is_none() && self.bearer_secret.is_some() && self.hmac_secret.is_none()
     }
 
     /// True when a bearer secret is configured.
@@ -210,7 +249,7 @@ impl Hook {
     }
 
     pub fn is_open(&self) -> bool {
-        self.bearer_secret.is_none() && self.hmac_secret.is_none()
+        self.unavailable.is_none() && self.bearer_secret.is_none() && self.hmac_secret.is_none()
     }
 
     /// Checks the `Authorization` header against the bearer secret, if any.
@@ -237,6 +276,9 @@ impl Hook {
         signature: Option<&[u8]>,
         body: &[u8],
     ) -> Result<(), AuthError> {
+        if self.unavailable.is_some() {
+            return Err(AuthError::SecretUnavailable);
+        }
         if self.is_open() {
             return Ok(());
         }

@@ -24,9 +24,22 @@ pub struct Api {
 
 impl Api {
     pub fn new(conn: &ConnArgs) -> Result<Self> {
-        let mut builder = reqwest::Client::builder()
-            .connect_timeout(CONNECT_TIMEOUT)
-            .timeout(REQUEST_TIMEOUT)
+        Self::with_timeouts(conn, Timeouts::Request)
+    }
+
+    /// For object transfers: a download of gigabytes may take longer than
+    /// any whole-request limit, so only a stalled connection is an error.
+    pub fn for_transfers(conn: &ConnArgs) -> Result<Self> {
+        Self::with_timeouts(conn, Timeouts::Stall)
+    }
+
+    fn with_timeouts(conn: &ConnArgs, timeouts: Timeouts) -> Result<Self> {
+        let mut builder = reqwest::Client::builder().connect_timeout(CONNECT_TIMEOUT);
+        builder = match timeouts {
+            Timeouts::Request => builder.timeout(REQUEST_TIMEOUT),
+            Timeouts::Stall => builder.read_timeout(REQUEST_TIMEOUT),
+        };
+        let mut builder = builder
             .user_agent(concat!("pubrun-cli/", env!("CARGO_PKG_VERSION")))
             // pubrun's REST refuses state-changing calls a browser form could
             // send; this header (which no form can set) marks them as ours.
@@ -46,6 +59,57 @@ impl Api {
             base: conn.addr.clone(),
             token: conn.token.clone().filter(|t| !t.is_empty()),
         })
+    }
+
+    /// The server's base URL (`http://host:port`).
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    /// One request whose answer is read by the caller (streamed downloads,
+    /// resumable upload chunks). Success and 308 (a resumable upload's
+    /// "resume incomplete") come back as the response; any other status as
+    /// the errors [`Api::call`] gives.
+    pub async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        query: &[(&str, &str)],
+        headers: &[(&str, String)],
+        body: Option<reqwest::Body>,
+    ) -> Result<reqwest::Response> {
+        let url = format!("{}{path}", self.base);
+        let mut req = self.http.request(method.clone(), &url);
+        if !query.is_empty() {
+            req = req.query(query);
+        }
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
+        for (k, v) in headers {
+            req = req.header(*k, v);
+        }
+        if let Some(b) = body {
+            req = req.body(b);
+        }
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| self.transport_error(&method, path, &e))?;
+        let status = resp.status();
+        if status.is_success() || status == StatusCode::PERMANENT_REDIRECT {
+            return Ok(resp);
+        }
+        let bytes = resp
+            .bytes()
+            .await
+            .map_err(|e| self.transport_error(&method, path, &e))?;
+        Err(self.status_error(&method, path, status, &bytes))
+    }
+
+    /// Wraps a failure while reading a response body streamed by [`Api::send`].
+    pub fn body_error(&self, method: &Method, path: &str, e: &reqwest::Error) -> anyhow::Error {
+        self.transport_error(method, path, e)
     }
 
     pub async fn get(&self, path: &str) -> Result<Value> {
@@ -256,6 +320,13 @@ impl Api {
             }
         }
     }
+}
+
+enum Timeouts {
+    /// The whole request within [`REQUEST_TIMEOUT`].
+    Request,
+    /// No read may wait longer than [`REQUEST_TIMEOUT`].
+    Stall,
 }
 
 /// A request body that is not JSON (a manifest, say).

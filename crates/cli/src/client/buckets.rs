@@ -134,6 +134,7 @@ pub async fn objects(cmd: ObjectsCommand) -> Result<()> {
                 &rows,
             ))
         }
+        ObjectsCommand::Transfer(cmd) => super::objects::run(cmd).await,
     }
 }
 

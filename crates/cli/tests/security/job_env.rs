@@ -54,7 +54,14 @@ fn a_process_job_sees_only_its_declared_environment_and_secrets_are_masked() {
     let port = common::free_port();
     let log_path = dir.path().join("serve.log");
     let child = Command::new(BIN)
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--token", TOKEN, "--data-dir"])
+        .args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--token",
+            TOKEN,
+            "--data-dir",
+        ])
         .arg(dir.path().join("data"))
         .arg("--config")
         .arg(&config)
@@ -75,15 +82,24 @@ fn a_process_job_sees_only_its_declared_environment_and_secrets_are_masked() {
     let server_log = || std::fs::read_to_string(&log_path).unwrap_or_default();
     common::wait_healthy(&mut server.0, port, PATIENCE, server_log);
 
-    let id = cli(port, &["jobs", "trigger", "show-env"]).trim().to_string();
+    let id = cli(port, &["jobs", "trigger", "show-env"])
+        .trim()
+        .to_string();
     let deadline = Instant::now() + PATIENCE;
     let run = loop {
         let out = cli(port, &["runs", "show", &id, "--json"]);
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-        if matches!(v["run"]["status"].as_str(), Some("succeeded" | "failed" | "timed_out" | "cancelled")) {
+        if matches!(
+            v["run"]["status"].as_str(),
+            Some("succeeded" | "failed" | "timed_out" | "cancelled")
+        ) {
             break out;
         }
-        assert!(Instant::now() < deadline, "run {id} did not end: {out}\n{}", server_log());
+        assert!(
+            Instant::now() < deadline,
+            "run {id} did not end: {out}\n{}",
+            server_log()
+        );
         std::thread::sleep(Duration::from_millis(100));
     };
     let log = cli(port, &["logs", &id]);
@@ -92,7 +108,10 @@ fn a_process_job_sees_only_its_declared_environment_and_secrets_are_masked() {
 
     // The server's token and webhook secret never reach the job.
     for leaked in [TOKEN, HOOK_SECRET, "IMPORT_HOOK_SECRET", "PROD_DB_PASSWORD"] {
-        assert!(!log.contains(leaked), "{leaked} leaked into the run log:\n{log}");
+        assert!(
+            !log.contains(leaked),
+            "{leaked} leaked into the run log:\n{log}"
+        );
         assert!(!run.contains(leaked), "{leaked} in `runs show`:\n{run}");
     }
     // pass_env: a set variable arrives, an unset one stays unset.
@@ -100,12 +119,18 @@ fn a_process_job_sees_only_its_declared_environment_and_secrets_are_masked() {
     assert!(!log.contains("NOT_SET_ON_THE_SERVER"), "{log}");
     // The secret reached the job, and is masked wherever it was printed.
     assert!(log.contains("secret-received\n"), "{log}");
-    assert!(log.contains("DB_PASSWORD=***\n") && log.contains("again: ***\n"), "{log}");
+    assert!(
+        log.contains("DB_PASSWORD=***\n") && log.contains("again: ***\n"),
+        "{log}"
+    );
     assert!(!log.contains(DB_PASSWORD), "{log}");
     assert!(!run.contains(DB_PASSWORD), "{run}");
     // `jobs show` names the variable, never the value.
     let job = cli(port, &["jobs", "show", "show-env", "--json"]);
-    assert!(job.contains("PROD_DB_PASSWORD") && !job.contains(DB_PASSWORD), "{job}");
+    assert!(
+        job.contains("PROD_DB_PASSWORD") && !job.contains(DB_PASSWORD),
+        "{job}"
+    );
 }
 
 #[test]
@@ -116,7 +141,14 @@ fn a_secret_missing_on_the_server_fails_the_run_with_a_clear_cause() {
     let port = common::free_port();
     let log_path = dir.path().join("serve.log");
     let child = Command::new(BIN)
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--token", TOKEN, "--data-dir"])
+        .args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--token",
+            TOKEN,
+            "--data-dir",
+        ])
         .arg(dir.path().join("data"))
         .arg("--config")
         .arg(&config)
@@ -134,7 +166,9 @@ fn a_secret_missing_on_the_server_fails_the_run_with_a_clear_cause() {
     common::wait_healthy(&mut server.0, port, PATIENCE, || {
         std::fs::read_to_string(&log_path).unwrap_or_default()
     });
-    let id = cli(port, &["jobs", "trigger", "show-env"]).trim().to_string();
+    let id = cli(port, &["jobs", "trigger", "show-env"])
+        .trim()
+        .to_string();
     let deadline = Instant::now() + PATIENCE;
     loop {
         let out = cli(port, &["runs", "show", &id, "--json"]);

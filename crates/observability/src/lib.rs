@@ -1,0 +1,9 @@
+//! What pubrun tells its operators: Prometheus metrics (`metrics.rs`) and
+//! log setup, text or JSON (`logging.rs`). Every crate that counts
+//! something depends on this one; the metric names live here only.
+
+pub mod logging;
+pub mod metrics;
+
+pub use logging::{init_logging, LogFormat};
+pub use metrics::{metrics, Metrics};

@@ -1,0 +1,232 @@
+//! Schedule and webhook definitions are durable and owned by a project:
+//! a reopened `Triggers` (a restarted server) serves what was set, and one
+//! project's replace leaves the others' definitions alone.
+
+use std::future::IntoFuture;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use pubrun_broker::Broker;
+use pubrun_core::{Code, Message, SubscriptionConfig, SubscriptionName, TopicConfig};
+use pubrun_store::EmbeddedStore;
+use pubrun_triggers::{ManualClock, ScheduleSpec, Triggers, WebhookSpec};
+
+const TOPIC: &str = "projects/alpha/topics/imports";
+const SUB: &str = "projects/alpha/subscriptions/imports-sub";
+
+fn utc(s: &str) -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+}
+
+struct Env {
+    _dir: tempfile::TempDir,
+    data: PathBuf,
+    broker: Arc<Broker>,
+    clock: ManualClock,
+}
+
+async fn env() -> Env {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::open(Arc::new(
+        EmbeddedStore::open(dir.path().join("broker")).unwrap(),
+    ))
+    .unwrap();
+    broker
+        .create_topic(TopicConfig {
+            name: TOPIC.into(),
+            labels: Default::default(),
+        })
+        .await
+        .unwrap();
+    broker
+        .create_subscription(SubscriptionConfig {
+            name: SUB.into(),
+            topic: TOPIC.into(),
+            ack_deadline_seconds: 60,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    Env {
+        data: dir.path().join("data"),
+        _dir: dir,
+        broker,
+        clock: ManualClock::new(utc("2026-05-01T09:58:30Z")),
+    }
+}
+
+impl Env {
+    fn open(&self) -> Arc<Triggers> {
+        Arc::new(
+            Triggers::open_with_clock(
+                &self.data,
+                self.broker.clone(),
+                Arc::new(self.clock.clone()),
+            )
+            .unwrap(),
+        )
+    }
+
+    async fn drain(&self) -> Vec<Arc<Message>> {
+        let sub = SubscriptionName::parse(SUB).unwrap();
+        let got = self.broker.pull(&sub, 100, None).await.unwrap();
+        if !got.is_empty() {
+            let ids: Vec<String> = got.iter().map(|d| d.ack_id.clone()).collect();
+            self.broker.acknowledge(&sub, &ids).await.unwrap();
+        }
+        got.into_iter().map(|d| d.message).collect()
+    }
+}
+
+/// Serves the triggers' router; returns its base URL.
+async fn serve(t: &Triggers) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(axum::serve(listener, t.router()).into_future());
+    format!("http://{addr}")
+}
+
+fn names<T>(v: &[(String, T)], name: impl Fn(&T) -> &str) -> Vec<(String, String)> {
+    v.iter()
+        .map(|(p, s)| (p.clone(), name(s).to_string()))
+        .collect()
+}
+
+#[tokio::test]
+async fn definitions_survive_a_reopen_and_keep_working() {
+    let e = env().await;
+    let t = e.open();
+    t.set_project_schedules(
+        "alpha",
+        vec![ScheduleSpec::new("every-minute", "* * * * *", TOPIC)],
+    )
+    .unwrap();
+    t.set_project_webhooks("alpha", vec![WebhookSpec::new("start-import", TOPIC)])
+        .unwrap();
+    drop(t);
+
+    // "Restart": nothing is set again; the stored definitions are served.
+    let t = e.open();
+    let listed: Vec<String> = t
+        .list_schedules()
+        .unwrap()
+        .into_iter()
+        .map(|s| s.name)
+        .collect();
+    assert_eq!(listed, ["every-minute"]);
+    assert_eq!(
+        names(&t.webhook_definitions().unwrap(), |w| &w.name),
+        [("alpha".to_string(), "start-import".to_string())]
+    );
+    let h = t.spawn();
+    let tick = utc("2026-05-01T09:59:00Z");
+    e.clock.set(tick);
+    tokio::time::timeout(Duration::from_secs(10), t.scheduler().wait_evaluated(tick))
+        .await
+        .expect("scheduler evaluated");
+    let fired = e.drain().await;
+    assert_eq!(fired.len(), 1, "{fired:?}");
+    assert_eq!(fired[0].attributes["schedule"], "every-minute");
+    assert_eq!(fired[0].attributes["scheduledTime"], "2026-05-01T09:59:00Z");
+
+    let base = serve(&t).await;
+    let r = reqwest::Client::new()
+        .post(format!("{base}/hooks/start-import"))
+        .body("hello")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let got = e.drain().await;
+    assert_eq!(got.len(), 1);
+    assert_eq!(&got[0].data[..], b"hello");
+    t.stop();
+    h.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_project_replaces_only_its_own_definitions() {
+    let e = env().await;
+    let t = e.open();
+    t.set_project_schedules(
+        "alpha",
+        vec![ScheduleSpec::new("a-nightly", "0 3 * * *", TOPIC)],
+    )
+    .unwrap();
+    t.set_project_webhooks("alpha", vec![WebhookSpec::new("a-hook", TOPIC)])
+        .unwrap();
+    t.set_project_schedules(
+        "beta",
+        vec![ScheduleSpec::new("b-nightly", "0 4 * * *", TOPIC)],
+    )
+    .unwrap();
+    t.set_project_webhooks("beta", vec![]).unwrap();
+    let sched = |t: &Triggers| names(&t.scheduler().definitions().unwrap(), |s| &s.name);
+    let pair = |p: &str, n: &str| (p.to_string(), n.to_string());
+    assert_eq!(
+        sched(&t),
+        [pair("alpha", "a-nightly"), pair("beta", "b-nightly")]
+    );
+    assert_eq!(
+        names(&t.webhook_definitions().unwrap(), |w| &w.name),
+        [pair("alpha", "a-hook")]
+    );
+
+    // Names are server-wide: beta cannot take alpha's, and nothing changes.
+    let err = t
+        .set_project_schedules(
+            "beta",
+            vec![ScheduleSpec::new("a-nightly", "0 5 * * *", TOPIC)],
+        )
+        .unwrap_err();
+    assert_eq!(err.code, Code::FailedPrecondition, "{}", err.message);
+    assert!(err.message.contains("alpha"), "{}", err.message);
+    let err = t
+        .set_project_webhooks("beta", vec![WebhookSpec::new("a-hook", TOPIC)])
+        .unwrap_err();
+    assert_eq!(err.code, Code::FailedPrecondition, "{}", err.message);
+    assert_eq!(
+        sched(&t),
+        [pair("alpha", "a-nightly"), pair("beta", "b-nightly")]
+    );
+    assert_eq!(t.list_schedules().unwrap().len(), 2);
+
+    // A project's empty set deletes its own, only.
+    t.set_project_schedules("alpha", vec![]).unwrap();
+    drop(t);
+    let t = e.open();
+    assert_eq!(sched(&t), [pair("beta", "b-nightly")]);
+    assert_eq!(t.list_webhooks().len(), 1);
+}
+
+#[tokio::test]
+async fn a_stored_hook_whose_secret_is_unset_at_start_refuses_everything() {
+    let e = env().await;
+    let t = e.open();
+    let mut spec = WebhookSpec::new("signed", TOPIC);
+    spec.bearer_secret_env = Some("PUBRUN_TEST_SECRET_NOT_SET_IN_THIS_PROCESS".into());
+    t.set_webhooks_with_env(vec![spec], &|_| Some("s3cret".into()))
+        .unwrap();
+    drop(t);
+    // The process environment does not have the variable: the hook is still
+    // known (not 404) but never publishes, with or without credentials.
+    let t = e.open();
+    let base = serve(&t).await;
+    let http = reqwest::Client::new();
+    for auth in [None, Some("Bearer s3cret"), Some("Bearer ")] {
+        let mut req = http.post(format!("{base}/hooks/signed")).body("x");
+        if let Some(a) = auth {
+            req = req.header("authorization", a);
+        }
+        let r = req.send().await.unwrap();
+        assert_eq!(r.status(), 503, "{auth:?}");
+        let body = r.text().await.unwrap();
+        assert!(
+            body.contains("PUBRUN_TEST_SECRET_NOT_SET_IN_THIS_PROCESS") && !body.contains("s3cret"),
+            "{body}"
+        );
+    }
+    assert!(e.drain().await.is_empty());
+}

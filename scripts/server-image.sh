@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# Builds the pubrun server image, `pubrun-server:dev` by default, from a
+# local binary and without any registry: a root filesystem is put together
+# here and `docker build` turns it into an image `FROM scratch`. It is
+# configured like the Dockerfile at the repository's root (non-root user
+# 10001, /data volume, port 8085, HEALTHCHECK with `pubrun healthcheck`,
+# entry point pubrun, command serve) and holds
+#   /usr/local/bin/pubrun        the given binary,
+#   the shared libraries it links (ldd) and the dynamic loader,
+#   /bin/busybox + applet links  Debian's busybox-static, for process jobs
+#                                and `docker exec … sh`,
+#   /etc/ssl/certs/ca-certificates.crt  when this machine has it.
+#
+# Usage: scripts/server-image.sh [PUBRUN_BINARY] [IMAGE]
+#   PUBRUN_BINARY  default $PUBRUN_BIN, else ${CARGO_TARGET_DIR:-target}/release/pubrun,
+#                  else …/debug/pubrun
+#   IMAGE          default $PUBRUN_SERVER_IMAGE, else pubrun-server:dev
+# Run:  docker run -d -p 8085:8085 -v pubrun-data:/data IMAGE serve --token T
+# Prints the image name as its last line. Safe to run concurrently (flock).
+# Needs: docker, ldd, apt-get, dpkg-deb.
+set -euo pipefail
+
+root="$(cd "$(dirname "$0")/.." && pwd)"
+target="${CARGO_TARGET_DIR:-$root/target}"
+case "$target" in /*) ;; *) target="$root/$target" ;; esac
+default_bin="$target/release/pubrun"
+[ -x "$default_bin" ] || default_bin="$target/debug/pubrun"
+BIN="${1:-${PUBRUN_BIN:-$default_bin}}"
+IMAGE="${2:-${PUBRUN_SERVER_IMAGE:-pubrun-server:dev}}"
+[ -x "$BIN" ] || { echo "server-image.sh: no executable pubrun at $BIN (cargo build -p pubrun first)" >&2; exit 1; }
+
+exec 9>"${TMPDIR:-/tmp}/pubrun-server-image.lock"
+flock 9
+
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+rootfs="$work/rootfs"
+mkdir -p "$rootfs"/{bin,etc/ssl/certs,tmp,proc,sys,dev,data,usr/local/bin}
+chmod 1777 "$rootfs/tmp"
+
+# busybox-static, cached like scripts/agent-image.sh does (same cache).
+cache="${PUBRUN_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/pubrun}"
+bb="$cache/busybox-static"
+if [ ! -x "$bb" ]; then
+  mkdir -p "$cache" "$work/deb"
+  (
+    cd "$work/deb"
+    if ! apt-get download -qq busybox-static >/dev/null 2>&1; then
+      apt-get update -qq
+      apt-get download -qq busybox-static
+    fi
+    dpkg-deb -x busybox-static_*.deb pkg
+  )
+  cp "$work/deb/pkg/bin/busybox" "$bb.tmp.$$"
+  mv "$bb.tmp.$$" "$bb"
+fi
+cp "$bb" "$rootfs/bin/busybox"
+for applet in $("$bb" --list); do
+  [ "$applet" = busybox ] || ln -sf busybox "$rootfs/bin/$applet"
+done
+
+cp "$BIN" "$rootfs/usr/local/bin/pubrun"
+chmod 755 "$rootfs/usr/local/bin/pubrun"
+if ldd "$BIN" >"$work/ldd" 2>&1; then
+  libs="$(grep -o '/[^ ]*' "$work/ldd" || true)"
+  for extra in /lib/x86_64-linux-gnu/libnss_dns.so.2 /lib/x86_64-linux-gnu/libnss_files.so.2 \
+               /lib/x86_64-linux-gnu/libresolv.so.2; do
+    [ -e "$extra" ] && libs="$libs $extra"
+  done
+  for lib in $libs; do
+    mkdir -p "$rootfs$(dirname "$lib")"
+    cp -L "$lib" "$rootfs$lib"
+  done
+elif ! grep -qiE 'not a dynamic executable|statically linked' "$work/ldd"; then
+  echo "ldd $BIN failed:" >&2; cat "$work/ldd" >&2; exit 1
+fi
+[ -r /etc/ssl/certs/ca-certificates.crt ] && cp /etc/ssl/certs/ca-certificates.crt "$rootfs/etc/ssl/certs/"
+
+printf 'root:x:0:0:root:/root:/bin/sh\npubrun:x:10001:10001:pubrun:/data:/bin/false\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n' > "$rootfs/etc/passwd"
+printf 'root:x:0:\npubrun:x:10001:\nnogroup:x:65534:\n' > "$rootfs/etc/group"
+printf 'hosts: files dns\n' > "$rootfs/etc/nsswitch.conf"
+
+# The Dockerfile's runtime stage, FROM scratch: no base image to pull.
+cat > "$work/Dockerfile" <<'DOCKERFILE'
+FROM scratch
+ADD rootfs.tar /
+USER 10001:10001
+WORKDIR /data
+VOLUME /data
+ENV PATH=/usr/local/bin:/bin \
+    PUBRUN_DATA_DIR=/data \
+    PUBRUN_LISTEN=0.0.0.0:8085
+EXPOSE 8085
+HEALTHCHECK --interval=10s --timeout=5s --start-period=5s --retries=3 \
+  CMD ["/usr/local/bin/pubrun", "healthcheck"]
+ENTRYPOINT ["/usr/local/bin/pubrun"]
+CMD ["serve"]
+DOCKERFILE
+# ADD extracts the tar with its owners: root everywhere, but /data belongs
+# to the image's user (a new volume mounted there takes its owner from it).
+chmod 750 "$rootfs/data"
+tar --numeric-owner --owner=0 --group=0 -C "$rootfs" -cf "$work/rootfs.tar" --exclude=./data .
+tar --numeric-owner --owner=10001 --group=10001 -C "$rootfs" -rf "$work/rootfs.tar" ./data
+rm -rf "$rootfs"
+DOCKER_BUILDKIT=0 docker build -q -t "$IMAGE" "$work" >/dev/null
+echo "built $IMAGE" >&2
+echo "$IMAGE"

@@ -228,7 +228,8 @@ pub async fn apply_manifest(
     m: &Manifest,
     dry_run: bool,
 ) -> Result<Vec<Change>> {
-    let result = apply_manifest_inner(broker, dispatcher, triggers, buckets, pools, m, dry_run).await;
+    let result =
+        apply_manifest_inner(broker, dispatcher, triggers, buckets, pools, m, dry_run).await;
     match &result {
         Ok(changes) if !dry_run => {
             for c in changes.iter().filter(|c| c.action != Action::Unchanged) {

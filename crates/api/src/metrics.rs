@@ -55,10 +55,8 @@ pub(crate) async fn handler(State(auth): State<Arc<MetricsAuth>>, req: Request) 
         }
     }
     let mut resp = metrics().encode().into_response();
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static(CONTENT_TYPE),
-    );
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(CONTENT_TYPE));
     resp
 }
 

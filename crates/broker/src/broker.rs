@@ -9,7 +9,6 @@ use pubrun_core::config::{
     normalize_ack_deadline, validate_labels, DeadLetterPolicy, Labels, PushConfig, RetryPolicy,
 };
 use pubrun_core::filter::{self, Filter};
-use pubrun_observability::metrics::labels;
 use pubrun_core::limits::{DEFAULT_PAGE_SIZE, MAX_ACK_DEADLINE_SECS, MAX_PAGE_SIZE};
 use pubrun_core::message::validate_publish;
 use pubrun_core::names::DELETED_TOPIC;
@@ -17,6 +16,7 @@ use pubrun_core::{
     Error, Message, OutgoingMessage, ProjectName, Result, SubscriptionConfig, SubscriptionName,
     TopicConfig, TopicName,
 };
+use pubrun_observability::metrics::labels;
 use pubrun_store::{AppendFuture, Catalog, Record, Store, SubscriptionEntry, TopicEntry};
 
 use crate::msg::Msg;

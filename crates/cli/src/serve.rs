@@ -97,10 +97,7 @@ fn default_slots() -> usize {
 }
 
 pub(crate) fn init_tracing(log: &LogArgs) {
-    pubrun_observability::init_logging(
-        log.log_format,
-        None::<tracing_subscriber::layer::Identity>,
-    );
+    pubrun_observability::init_logging(log.log_format, None::<tracing_subscriber::layer::Identity>);
 }
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {

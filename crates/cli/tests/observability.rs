@@ -58,7 +58,12 @@ impl Server {
         let port = free_port();
         let log = std::fs::File::create(dir.path().join("serve.log")).unwrap();
         let child = Command::new(BIN)
-            .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
+            .args([
+                "serve",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--data-dir",
+            ])
             .arg(dir.path().join("data"))
             .arg("--config")
             .arg(&config)
@@ -265,40 +270,70 @@ async fn metrics_match_what_was_done() {
         .send()
         .await
         .unwrap();
-    assert_eq!(jobs.status(), 401, "the metrics token must not open the API");
+    assert_eq!(
+        jobs.status(),
+        401,
+        "the metrics token must not open the API"
+    );
 
     let m = s.metrics().await;
     let topic = |t: &str| format!("projects/demo/topics/{t}");
     assert_eq!(
-        m.value("pubrun_messages_published_total", &[("topic", &topic("events"))]),
+        m.value(
+            "pubrun_messages_published_total",
+            &[("topic", &topic("events"))]
+        ),
         EVENTS as f64
     );
     assert_eq!(
-        m.value("pubrun_messages_published_total", &[("topic", &topic("work"))]),
+        m.value(
+            "pubrun_messages_published_total",
+            &[("topic", &topic("work"))]
+        ),
         3.0
     );
     let runs = |status| m.value("pubrun_runs_total", &[("job", "work"), ("status", status)]);
     assert_eq!(runs("succeeded"), 2.0);
     assert_eq!(runs("failed"), 1.0);
-    assert_eq!(m.histogram_count("pubrun_run_duration_seconds", &[("job", "work")]), 3.0);
-    assert_eq!(m.histogram_count("pubrun_run_queue_wait_seconds", &[("job", "work")]), 3.0);
     assert_eq!(
-        m.value("pubrun_subscription_backlog_messages", &[("subscription", SUB)]),
+        m.histogram_count("pubrun_run_duration_seconds", &[("job", "work")]),
+        3.0
+    );
+    assert_eq!(
+        m.histogram_count("pubrun_run_queue_wait_seconds", &[("job", "work")]),
+        3.0
+    );
+    assert_eq!(
+        m.value(
+            "pubrun_subscription_backlog_messages",
+            &[("subscription", SUB)]
+        ),
         EVENTS as f64
     );
     // The job's own subscription: every message was queued and acked.
     let job_sub = "projects/demo/subscriptions/pubrun-job-work";
     assert_eq!(
-        m.value("pubrun_subscription_backlog_messages", &[("subscription", job_sub)]),
+        m.value(
+            "pubrun_subscription_backlog_messages",
+            &[("subscription", job_sub)]
+        ),
         0.0
     );
     assert_eq!(
         m.value("pubrun_messages_acked_total", &[("subscription", job_sub)]),
         3.0
     );
-    assert!(m.value("pubrun_subscription_oldest_unacked_age_seconds", &[("subscription", SUB)]) > 0.0);
+    assert!(
+        m.value(
+            "pubrun_subscription_oldest_unacked_age_seconds",
+            &[("subscription", SUB)]
+        ) > 0.0
+    );
     assert_eq!(
-        m.value("pubrun_subscription_oldest_unacked_age_seconds", &[("subscription", job_sub)]),
+        m.value(
+            "pubrun_subscription_oldest_unacked_age_seconds",
+            &[("subscription", job_sub)]
+        ),
         0.0
     );
     assert_eq!(m.value("pubrun_runs_waiting", &[("pool", "local")]), 0.0);
@@ -319,11 +354,17 @@ async fn metrics_match_what_was_done() {
         .map(|r| r["ackId"].clone())
         .collect();
     assert!(!ack_ids.is_empty());
-    s.post(&format!("/v1/{SUB}:acknowledge"), json!({ "ackIds": ack_ids }))
-        .await;
+    s.post(
+        &format!("/v1/{SUB}:acknowledge"),
+        json!({ "ackIds": ack_ids }),
+    )
+    .await;
     let m = s.metrics().await;
     assert_eq!(
-        m.value("pubrun_subscription_backlog_messages", &[("subscription", SUB)]),
+        m.value(
+            "pubrun_subscription_backlog_messages",
+            &[("subscription", SUB)]
+        ),
         (EVENTS - ack_ids.len()) as f64
     );
     assert_eq!(
@@ -366,7 +407,9 @@ async fn json_logs_show_run_transitions_and_no_secrets() {
     assert!(started.iter().all(|l| l["machine"].is_string()), "{text}");
     let mut by_status: BTreeMap<String, usize> = BTreeMap::new();
     for l in &ended {
-        *by_status.entry(l["status"].as_str().unwrap().into()).or_default() += 1;
+        *by_status
+            .entry(l["status"].as_str().unwrap().into())
+            .or_default() += 1;
         assert!(l["attempt"] == 1 && l["duration_s"].is_f64(), "{l}");
     }
     assert_eq!(by_status["succeeded"], 2, "{text}");
@@ -376,15 +419,28 @@ async fn json_logs_show_run_transitions_and_no_secrets() {
     assert!(
         lines
             .iter()
-            .any(|l| l["message"] == "manifest change applied" && l["kind"] == "job" && l["name"] == "work"),
+            .any(|l| l["message"] == "manifest change applied"
+                && l["kind"] == "job"
+                && l["name"] == "work"),
         "{text}"
     );
     // Access logs at debug: path and status, never the query or a token.
     assert!(
-        lines.iter().any(|l| l["message"] == "request" && l["path"] == "/metrics" && l["status"] == 401),
+        lines
+            .iter()
+            .any(|l| l["message"] == "request" && l["path"] == "/metrics" && l["status"] == 401),
         "{text}"
     );
-    for secret in [TOKEN, METRICS_TOKEN, SECRET, DATA_CANARY, "not-a-token-3c9e"] {
-        assert!(!text.contains(secret), "{secret} appears in the log:\n{text}");
+    for secret in [
+        TOKEN,
+        METRICS_TOKEN,
+        SECRET,
+        DATA_CANARY,
+        "not-a-token-3c9e",
+    ] {
+        assert!(
+            !text.contains(secret),
+            "{secret} appears in the log:\n{text}"
+        );
     }
 }

@@ -50,8 +50,8 @@ use bollard::errors::Error as DockerError;
 use bollard::models::{ContainerCreateBody, ContainerStateStatusEnum, HostConfig};
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, CreateImageOptionsBuilder, InspectContainerOptions,
-    KillContainerOptionsBuilder, ListContainersOptionsBuilder, LogsOptionsBuilder, RemoveContainerOptionsBuilder,
-    StopContainerOptionsBuilder, WaitContainerOptionsBuilder,
+    KillContainerOptionsBuilder, ListContainersOptionsBuilder, LogsOptionsBuilder,
+    RemoveContainerOptionsBuilder, StopContainerOptionsBuilder, WaitContainerOptionsBuilder,
 };
 use bollard::Docker;
 use futures::StreamExt;
@@ -593,8 +593,8 @@ impl DockerExecutor {
             // Docker's own SIGKILL at the end of `stop -t` leaves 137 after
             // the full grace period; a container that obeyed SIGTERM is
             // gone sooner (or exits with its own code).
-            exit.killed_after_grace = stop.killed
-                || (stop.took >= req.grace_period && exit.exit_code == Some(137));
+            exit.killed_after_grace =
+                stop.killed || (stop.took >= req.grace_period && exit.exit_code == Some(137));
             if exit.killed_after_grace {
                 log.note(&format!(
                     "it did not stop within the {}s grace period and was killed (SIGKILL)",
@@ -637,7 +637,10 @@ impl DockerExecutor {
             log.note("still running after docker stop: docker kill (SIGKILL)")
                 .await;
             match docker
-                .kill_container(id, Some(KillContainerOptionsBuilder::new().signal("KILL").build()))
+                .kill_container(
+                    id,
+                    Some(KillContainerOptionsBuilder::new().signal("KILL").build()),
+                )
                 .await
             {
                 Ok(()) => killed = true,

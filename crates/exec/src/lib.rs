@@ -82,7 +82,10 @@ pub const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
 pub fn base_env(workdir: &std::path::Path) -> BTreeMap<String, String> {
     let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
     let mut env = BTreeMap::new();
-    env.insert("PATH".into(), var("PATH").unwrap_or_else(|| DEFAULT_PATH.into()));
+    env.insert(
+        "PATH".into(),
+        var("PATH").unwrap_or_else(|| DEFAULT_PATH.into()),
+    );
     env.insert(
         "HOME".into(),
         var("HOME").unwrap_or_else(|| workdir.display().to_string()),

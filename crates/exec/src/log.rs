@@ -39,10 +39,7 @@ impl Masker {
     }
 
     fn match_at(&self, b: &[u8]) -> Option<usize> {
-        self.needles
-            .iter()
-            .find(|n| b.starts_with(n))
-            .map(Vec::len)
+        self.needles.iter().find(|n| b.starts_with(n)).map(Vec::len)
     }
 
     /// Masks the bytes of `buf` before `cut` (and a value that starts there
@@ -199,7 +196,9 @@ impl LogSink {
     pub async fn note(&self, line: &str) {
         let mut st = self.state.lock().await;
         self.release_all(&mut st).await;
-        let line = self.masker.mask_all(format!("[pubrun] {line}\n").as_bytes());
+        let line = self
+            .masker
+            .mask_all(format!("[pubrun] {line}\n").as_bytes());
         if let Some(f) = st.file.as_mut() {
             let _ = f.write_all(&line).await;
         }
@@ -253,7 +252,10 @@ mod tests {
         sink.write(b"cr").await;
         sink.flush().await;
         let text = std::fs::read_to_string(&path).unwrap();
-        assert!(!text.contains("hunter2") && !text.contains("s3cr"), "{text}");
+        assert!(
+            !text.contains("hunter2") && !text.contains("s3cr"),
+            "{text}"
+        );
         assert_eq!(
             text,
             "pw=*** short=*** end\n***![pubrun] exit, env had ***\ntail ***"

@@ -189,7 +189,11 @@ impl Executor for ProcessExecutor {
         cmd.args(&spec.args)
             .current_dir(&cwd)
             .env_clear()
-            .envs(crate::job_env(crate::base_env(&req.workdir), &spec.env, &req))
+            .envs(crate::job_env(
+                crate::base_env(&req.workdir),
+                &spec.env,
+                &req,
+            ))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -274,7 +274,10 @@ async fn cancel_kills_a_container_that_ignores_sigterm_after_the_grace_period() 
     let mut r = req(
         &fx,
         "cancel",
-        docker(TEST_IMAGE, &["sh", "-c", "trap '' TERM; echo ready; sleep 1000"]),
+        docker(
+            TEST_IMAGE,
+            &["sh", "-c", "trap '' TERM; echo ready; sleep 1000"],
+        ),
     );
     r.grace_period = Duration::from_secs(2);
     let cancel = CancellationToken::new();
@@ -300,7 +303,10 @@ async fn cancel_kills_a_container_that_ignores_sigterm_after_the_grace_period() 
         Some(137),
         "SIGKILL after the grace period: {exit:?}"
     );
-    assert!(exit.killed_after_grace, "the record says it was killed: {exit:?}");
+    assert!(
+        exit.killed_after_grace,
+        "the record says it was killed: {exit:?}"
+    );
     assert_eq!(exit.status(), RunStatus::Cancelled);
     assert!(
         took >= Duration::from_secs(2) && took < Duration::from_secs(2 + 30),
@@ -320,13 +326,23 @@ async fn a_container_that_obeys_sigterm_is_not_reported_killed() {
     let mut r = req(
         &fx,
         "obeys",
-        docker(TEST_IMAGE, &["sh", "-c", "trap 'exit 3' TERM; echo ready; while true; do sleep 0.1; done"]),
+        docker(
+            TEST_IMAGE,
+            &[
+                "sh",
+                "-c",
+                "trap 'exit 3' TERM; echo ready; while true; do sleep 0.1; done",
+            ],
+        ),
     );
     r.grace_period = Duration::from_secs(20);
     let cancel = CancellationToken::new();
     let ex = executor();
     let (exit, ()) = tokio::join!(
-        within("run", ex.run(r.clone(), fx.log.clone(), cancel.clone(), ignore_started())),
+        within(
+            "run",
+            ex.run(r.clone(), fx.log.clone(), cancel.clone(), ignore_started())
+        ),
         async {
             fx.wait_for_log("ready").await;
             cancel.cancel();
@@ -346,20 +362,34 @@ async fn only_declared_environment_and_masked_secrets_reach_the_container() {
     let fx = Fixture::new(1 << 20).await;
     let mut spec = docker(
         TEST_IMAGE,
-        &["sh", "-c", r#"env; test "$DB_PASSWORD" = "pa55-w0rd" && echo secret-received"#],
+        &[
+            "sh",
+            "-c",
+            r#"env; test "$DB_PASSWORD" = "pa55-w0rd" && echo secret-received"#,
+        ],
     );
     spec.env = BTreeMap::from([("MODE".into(), "declared".into())]);
     let mut r = req(&fx, "env", spec);
-    r.env.insert("HTTP_PROXY".into(), "http://proxy:3128".into());
+    r.env
+        .insert("HTTP_PROXY".into(), "http://proxy:3128".into());
     r.secrets = pubrun_exec::Secrets(BTreeMap::from([("DB_PASSWORD".into(), "pa55-w0rd".into())]));
     let log = std::sync::Arc::new(
-        pubrun_exec::LogSink::create_masking(fx.dir.path().join("masked.log"), 1 << 20, r.secrets.values())
-            .await
-            .unwrap(),
+        pubrun_exec::LogSink::create_masking(
+            fx.dir.path().join("masked.log"),
+            1 << 20,
+            r.secrets.values(),
+        )
+        .await
+        .unwrap(),
     );
     let exit = within(
         "run",
-        executor().run(r.clone(), log.clone(), CancellationToken::new(), ignore_started()),
+        executor().run(
+            r.clone(),
+            log.clone(),
+            CancellationToken::new(),
+            ignore_started(),
+        ),
     )
     .await;
     log.flush().await;
@@ -367,7 +397,10 @@ async fn only_declared_environment_and_masked_secrets_reach_the_container() {
     assert_eq!(exit.exit_code, Some(0), "{exit:?}\n{text}");
     assert!(text.contains("secret-received\n"), "{text}");
     assert!(text.contains("DB_PASSWORD=***\n"), "{text}");
-    assert!(!text.contains("pa55-w0rd") && !text.contains("server-only-value"), "{text}");
+    assert!(
+        !text.contains("pa55-w0rd") && !text.contains("server-only-value"),
+        "{text}"
+    );
     for line in ["MODE=declared\n", "HTTP_PROXY=http://proxy:3128\n"] {
         assert!(text.contains(line), "missing {line:?}:\n{text}");
     }

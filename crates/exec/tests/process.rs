@@ -143,7 +143,10 @@ fn assert_only_declared_names(log: &str, declared: &[&str]) {
         .collect();
     for line in log.lines().filter(|l| !l.starts_with("[pubrun]")) {
         if let Some((name, _)) = line.split_once('=') {
-            assert!(allowed.contains(&name), "{name} leaked into the job:\n{log}");
+            assert!(
+                allowed.contains(&name),
+                "{name} leaked into the job:\n{log}"
+            );
         }
     }
 }
@@ -159,12 +162,17 @@ async fn the_environment_is_clean_and_secrets_are_masked() {
         p.env.insert("MODE".into(), "declared".into());
     }
     let mut req = fx.request("run-7", spec);
-    req.env.insert("HTTP_PROXY".into(), "http://proxy:3128".into());
+    req.env
+        .insert("HTTP_PROXY".into(), "http://proxy:3128".into());
     req.secrets = Secrets(BTreeMap::from([("DB_PASSWORD".into(), "pa55-w0rd".into())]));
     let log = std::sync::Arc::new(
-        LogSink::create_masking(fx.dir.path().join("masked.log"), 1 << 20, req.secrets.values())
-            .await
-            .unwrap(),
+        LogSink::create_masking(
+            fx.dir.path().join("masked.log"),
+            1 << 20,
+            req.secrets.values(),
+        )
+        .await
+        .unwrap(),
     );
     let exit = within(
         "run",
@@ -174,16 +182,26 @@ async fn the_environment_is_clean_and_secrets_are_masked() {
     log.flush().await;
     let text = std::fs::read_to_string(log.path()).unwrap();
     assert_eq!(exit.exit_code, Some(0), "{exit:?}\n{text}");
-    assert!(text.contains("secret-received\n"), "the job got its secret:\n{text}");
+    assert!(
+        text.contains("secret-received\n"),
+        "the job got its secret:\n{text}"
+    );
     assert!(text.contains("DB_PASSWORD=***\n"), "{text}");
     assert!(!text.contains("pa55-w0rd"), "{text}");
     assert!(!text.contains("server-only-value"), "{text}");
-    for line in ["MODE=declared\n", "HTTP_PROXY=http://proxy:3128\n", "PUBRUN_RUN_ID=run-7\n"] {
+    for line in [
+        "MODE=declared\n",
+        "HTTP_PROXY=http://proxy:3128\n",
+        "PUBRUN_RUN_ID=run-7\n",
+    ] {
         assert!(text.contains(line), "missing {line:?}:\n{text}");
     }
     assert!(text.lines().any(|l| l.starts_with("PATH=")), "{text}");
     assert!(text.lines().any(|l| l.starts_with("HOME=")), "{text}");
-    assert_only_declared_names(&text, &["MODE", "HTTP_PROXY", "PUBRUN_RUN_ID", "DB_PASSWORD"]);
+    assert_only_declared_names(
+        &text,
+        &["MODE", "HTTP_PROXY", "PUBRUN_RUN_ID", "DB_PASSWORD"],
+    );
 }
 
 #[tokio::test]

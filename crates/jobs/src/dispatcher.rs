@@ -6,18 +6,18 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use futures::FutureExt;
 use pubrun_broker::{Broker, Delivered};
 use pubrun_core::job::{check_relative_path, parse_gs_url, ExecutorSpec, JobSpec, TRIGGER_INPUT};
 use pubrun_core::manifest::job_subscription;
 use pubrun_core::pool::LOCAL_POOL;
 use pubrun_core::run::{Exit, RunStatus};
-use pubrun_observability::metrics::labels;
 use pubrun_core::template::{self, TemplateContext};
 use pubrun_core::{
     Error, OutgoingMessage, Result, SubscriptionConfig, SubscriptionName, TopicName,
 };
-use futures::FutureExt;
 use pubrun_exec::{CancellationToken, Executor, LogSink, PoolRouter, RunRequest, Secrets};
+use pubrun_observability::metrics::labels;
 use tokio::sync::Notify;
 
 use crate::runstore::{Enqueued, QueuedRun, RunRecord, RunStore, SourceMessage};
@@ -779,7 +779,10 @@ impl Dispatcher {
         if let Err(p) = settled {
             let exit = internal_error("recording the end of the attempt", &*p);
             tracing::error!(run = id, error = exit.error.as_deref(), "run failed");
-            if let Err(e) = self.store.finish(id, &exit, now_ms(), !spec.result_topic.is_empty()) {
+            if let Err(e) = self
+                .store
+                .finish(id, &exit, now_ms(), !spec.result_topic.is_empty())
+            {
                 tracing::error!(run = id, error = %e, "could not record the end of an attempt");
             }
             self.lock().active.remove(&id);
@@ -790,8 +793,12 @@ impl Dispatcher {
 
     /// Best effort: says in the run's log how the attempt ended.
     async fn note_in_log(&self, id: i64, spec: &JobSpec, exit: &Exit) {
-        let secrets = server_env(spec, false).map(|(_, s)| s.values()).unwrap_or_default();
-        if let Ok(log) = LogSink::create_masking(self.log_path(id), spec.log_limit_bytes, secrets).await {
+        let secrets = server_env(spec, false)
+            .map(|(_, s)| s.values())
+            .unwrap_or_default();
+        if let Ok(log) =
+            LogSink::create_masking(self.log_path(id), spec.log_limit_bytes, secrets).await
+        {
             log.note(&describe(exit)).await;
             log.flush().await;
         }
@@ -864,7 +871,14 @@ impl Dispatcher {
         let id = run.id;
         let (job, attempt) = (run.job.clone(), run.attempt);
         let on_started = Box::new(move |s: pubrun_exec::Started| {
-            tracing::info!(run_id = id, job, attempt, machine = s.machine, status = "running", "run started");
+            tracing::info!(
+                run_id = id,
+                job,
+                attempt,
+                machine = s.machine,
+                status = "running",
+                "run started"
+            );
             if let Err(e) = store.mark_running(id, &s.machine, &s.handle, now_ms()) {
                 tracing::warn!(run = id, error = %e, "could not record running state");
             }
@@ -1073,7 +1087,12 @@ impl Dispatcher {
         self.settle_guarded(run, &spec, exit).await;
     }
 
-    async fn recover_attempt(&self, run: &RunRecord, spec: &JobSpec, token: CancellationToken) -> Exit {
+    async fn recover_attempt(
+        &self,
+        run: &RunRecord,
+        spec: &JobSpec,
+        token: CancellationToken,
+    ) -> Exit {
         // Secrets whose variable is gone now are only not masked: the
         // attempt is followed anyway.
         let from_server = server_env(spec, false).unwrap_or_default();
@@ -1192,8 +1211,12 @@ impl Dispatcher {
                     .min(Duration::from_secs(30))
             };
             tracing::info!(
-                run_id = id, job = run.job, attempt = run.attempt, status = "queued",
-                error = exit.error.as_deref(), retry_in_ms = delay.as_millis() as u64,
+                run_id = id,
+                job = run.job,
+                attempt = run.attempt,
+                status = "queued",
+                error = exit.error.as_deref(),
+                retry_in_ms = delay.as_millis() as u64,
                 "run requeued after an infrastructure error"
             );
             self.store
@@ -1208,9 +1231,15 @@ impl Dispatcher {
             let next = run.attempt + 1;
             let delay = spec.retries.backoff(next, jitter());
             tracing::info!(
-                run_id = id, job = run.job, attempt = run.attempt, status = "queued",
-                attempt_status = status.as_str(), exit_code = exit.exit_code, error = exit.error.as_deref(),
-                next_attempt = next, retry_in_ms = delay.as_millis() as u64,
+                run_id = id,
+                job = run.job,
+                attempt = run.attempt,
+                status = "queued",
+                attempt_status = status.as_str(),
+                exit_code = exit.exit_code,
+                error = exit.error.as_deref(),
+                next_attempt = next,
+                retry_in_ms = delay.as_millis() as u64,
                 "run attempt failed; retrying"
             );
             self.store
@@ -1221,7 +1250,14 @@ impl Dispatcher {
                 .finish(id, &exit, now, !spec.result_topic.is_empty())
                 .map(|_| ());
             let ended = current.unwrap_or_else(|| run.clone());
-            run_ended(&RunRecord { attempt: run.attempt, ..ended }, &exit, now);
+            run_ended(
+                &RunRecord {
+                    attempt: run.attempt,
+                    ..ended
+                },
+                &exit,
+                now,
+            );
             r
         };
         if let Err(e) = result {
@@ -1340,10 +1376,18 @@ impl Dispatcher {
 fn log_queued(job: &str, e: &Enqueued, message_id: &str) {
     match e {
         Enqueued::New(id) => {
-            tracing::info!(run_id = id, job, message_id, status = "queued", "run queued")
+            tracing::info!(
+                run_id = id,
+                job,
+                message_id,
+                status = "queued",
+                "run queued"
+            )
         }
         Enqueued::Duplicate(id) => tracing::debug!(
-            run_id = id, job, message_id,
+            run_id = id,
+            job,
+            message_id,
             "message deduplicated onto an existing run"
         ),
     }
@@ -1537,7 +1581,12 @@ fn source_and_key(spec: &JobSpec, d: &Delivered) -> (SourceMessage, String) {
                 msg.id.clone()
             }
             Err(p) => {
-                tracing::error!(job = spec.name, message = msg.id, error = panic_message(&*p), "dedup_key rendering panicked; using the message id");
+                tracing::error!(
+                    job = spec.name,
+                    message = msg.id,
+                    error = panic_message(&*p),
+                    "dedup_key rendering panicked; using the message id"
+                );
                 msg.id.clone()
             }
         }

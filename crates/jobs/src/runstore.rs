@@ -317,7 +317,9 @@ impl RunStore {
             )
             .map_err(db_err)?;
         let rows = stmt
-            .query_map(params![now_ms], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))
+            .query_map(params![now_ms], |r| {
+                Ok((r.get(0)?, r.get::<_, i64>(1)? as u64))
+            })
             .map_err(db_err)?;
         rows.collect::<rusqlite::Result<Vec<_>>>().map_err(db_err)
     }

@@ -147,7 +147,11 @@ async fn a_panic_while_running_fails_the_run_and_frees_its_slot() {
             err.starts_with("internal error:") && err.contains("simulated bug"),
             "{err}"
         );
-        assert!(env.log(r.id).contains("internal error:"), "{}", env.log(r.id));
+        assert!(
+            env.log(r.id).contains("internal error:"),
+            "{}",
+            env.log(r.id)
+        );
     }
     env.publish("f-in", &[], "x").await;
     let good = env.wait_runs("fine", 1).await.remove(0);
@@ -190,6 +194,9 @@ fn a_panic_while_recovering_after_a_restart_fails_that_run() {
         let r = env.wait_end(id).await;
         assert_eq!(r.status, RunStatus::Failed, "{r:#?}");
         let err = r.exit.unwrap().error.unwrap();
-        assert!(err.contains("internal error:") && err.contains("reattaching"), "{err}");
+        assert!(
+            err.contains("internal error:") && err.contains("reattaching"),
+            "{err}"
+        );
     });
 }

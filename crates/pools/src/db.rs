@@ -215,9 +215,11 @@ impl PoolsDb {
     pub fn upsert_machine(&self, m: &MachineRow) -> Result<()> {
         let c = self.conn();
         let before: Option<String> = c
-            .query_row("SELECT state FROM machines WHERE name = ?1", [&m.name], |r| {
-                r.get(0)
-            })
+            .query_row(
+                "SELECT state FROM machines WHERE name = ?1",
+                [&m.name],
+                |r| r.get(0),
+            )
             .optional()
             .map_err(err)?;
         if before.as_deref() != Some(m.state.as_str()) {
@@ -231,29 +233,28 @@ impl PoolsDb {
                 "machine state changed"
             );
         }
-        c
-            .execute(
-                "INSERT INTO machines(name, pool, provider, provider_id, state, state_since_ms,
+        c.execute(
+            "INSERT INTO machines(name, pool, provider, provider_id, state, state_since_ms,
                      idle_since_ms, created_ms, cordoned, slots, last_error)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
                  ON CONFLICT(name) DO UPDATE SET pool = ?2, provider = ?3, provider_id = ?4,
                      state = ?5, state_since_ms = ?6, idle_since_ms = ?7, cordoned = ?9,
                      slots = ?10, last_error = ?11",
-                params![
-                    m.name,
-                    m.pool,
-                    m.provider,
-                    m.provider_id,
-                    m.state.as_str(),
-                    m.state_since_ms,
-                    m.idle_since_ms,
-                    m.created_ms,
-                    m.cordoned,
-                    m.slots,
-                    m.last_error
-                ],
-            )
-            .map_err(err)?;
+            params![
+                m.name,
+                m.pool,
+                m.provider,
+                m.provider_id,
+                m.state.as_str(),
+                m.state_since_ms,
+                m.idle_since_ms,
+                m.created_ms,
+                m.cordoned,
+                m.slots,
+                m.last_error
+            ],
+        )
+        .map_err(err)?;
         Ok(())
     }
 

@@ -129,7 +129,11 @@ fn cookie<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
 }
 
 fn set_cookie(d: &Dashboard, id: &str) -> HeaderValue {
-    let secure = if d.inner.secure_cookie { "; Secure" } else { "" };
+    let secure = if d.inner.secure_cookie {
+        "; Secure"
+    } else {
+        ""
+    };
     HeaderValue::from_str(&format!(
         "{COOKIE}={id}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}{secure}",
         LIFETIME.as_secs()
@@ -160,7 +164,11 @@ pub async fn gate(sessions: &Sessions, req: Request, next: Next) -> Response {
 /// Inside the dashboard router: attaches the session (starting one for a
 /// page view that has none: the request already passed the token layer)
 /// and checks the CSRF field of every state-changing request.
-pub(crate) async fn session_layer(State(d): State<Dashboard>, req: Request, next: Next) -> Response {
+pub(crate) async fn session_layer(
+    State(d): State<Dashboard>,
+    req: Request,
+    next: Next,
+) -> Response {
     let sessions = &d.inner.sessions;
     let existing = sessions.from_headers(req.headers());
     if matches!(*req.method(), Method::GET | Method::HEAD) {
@@ -276,7 +284,10 @@ mod tests {
     #[test]
     fn cookies_are_found_among_others() {
         let mut h = HeaderMap::new();
-        h.append(header::COOKIE, HeaderValue::from_static("a=1; pubrun_session=abc"));
+        h.append(
+            header::COOKIE,
+            HeaderValue::from_static("a=1; pubrun_session=abc"),
+        );
         h.append(header::COOKIE, HeaderValue::from_static("b=2"));
         assert_eq!(cookie(&h, COOKIE), Some("abc"));
         assert_eq!(cookie(&h, "b"), Some("2"));

@@ -115,7 +115,12 @@ pub(crate) async fn objects(
             div.pager { a href={(base) "?prefix=" (enc(&q.prefix)) "&page_token=" (enc(t)) @if q.flat { "&flat=true" }} { "More »" } }
         }
     };
-    Ok(layout::page(&ctx, &format!("Bucket {bucket}"), Nav::Buckets, body))
+    Ok(layout::page(
+        &ctx,
+        &format!("Bucket {bucket}"),
+        Nav::Buckets,
+        body,
+    ))
 }
 
 #[derive(Deserialize)]
@@ -138,7 +143,11 @@ pub(crate) async fn download(
     let disposition = format!(
         "attachment; filename=\"{}\"; filename*=UTF-8''{}",
         leaf.chars()
-            .map(|c| if c.is_ascii_graphic() && c != '"' && c != '\\' { c } else { '_' })
+            .map(|c| if c.is_ascii_graphic() && c != '"' && c != '\\' {
+                c
+            } else {
+                '_'
+            })
             .collect::<String>(),
         enc(leaf)
     );

@@ -215,8 +215,8 @@ impl UiError {
 
 impl From<pubrun_core::Error> for UiError {
     fn from(e: pubrun_core::Error) -> UiError {
-        let status = StatusCode::from_u16(e.code.http_status())
-            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let status =
+            StatusCode::from_u16(e.code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         UiError::new(status, e.message)
     }
 }
@@ -272,7 +272,10 @@ async fn blocking<T: Send + 'static>(
 fn see_other(to: &str) -> Response {
     (
         StatusCode::SEE_OTHER,
-        [(header::LOCATION, HeaderValue::from_str(to).unwrap_or(HeaderValue::from_static("/")))],
+        [(
+            header::LOCATION,
+            HeaderValue::from_str(to).unwrap_or(HeaderValue::from_static("/")),
+        )],
     )
         .into_response()
 }

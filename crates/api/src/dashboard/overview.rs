@@ -83,7 +83,14 @@ pub(crate) async fn page(ctx: Ctx) -> UiResult {
                     .iter()
                     .filter(|m| m.state == pubrun_core::pool::MachineState::Busy)
                     .count();
-                (s.name.clone(), s.provider.kind(), up.len(), busy, p.waiting(&s.name), s.max_machines)
+                (
+                    s.name.clone(),
+                    s.provider.kind(),
+                    up.len(),
+                    busy,
+                    p.waiting(&s.name),
+                    s.max_machines,
+                )
             })
             .collect::<Vec<_>>()
     });

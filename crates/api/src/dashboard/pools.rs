@@ -19,7 +19,9 @@ fn service(ctx: &Ctx) -> Result<&pubrun_pools::Pools, UiError> {
 }
 
 fn money(v: &serde_json::Value) -> String {
-    v.as_f64().map(|c| format!("{c:.2}")).unwrap_or_else(|| "—".into())
+    v.as_f64()
+        .map(|c| format!("{c:.2}"))
+        .unwrap_or_else(|| "—".into())
 }
 
 pub(crate) async fn page(ctx: Ctx) -> UiResult {

@@ -494,6 +494,8 @@ pub(crate) async fn rerun(ctx: Ctx, Path(id): Path<String>) -> UiResult {
     let d = ctx.dispatcher()?.clone();
     let store = d.store().clone();
     let r = blocking(move || store.get(id)).await?;
-    let new = d.trigger(&r.job, r.message.data, r.message.attributes).await?;
+    let new = d
+        .trigger(&r.job, r.message.data, r.message.attributes)
+        .await?;
     Ok(see_other(&format!("/ui/runs/{new}")))
 }

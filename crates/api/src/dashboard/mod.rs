@@ -25,6 +25,7 @@ mod jobs;
 mod layout;
 mod overview;
 mod pools;
+mod rates;
 mod runs;
 
 use std::sync::Arc;
@@ -65,11 +66,13 @@ struct Inner {
     token: Option<String>,
     /// Mark the cookie `Secure` when users reach us over https.
     secure_cookie: bool,
+    /// Publish/ack counter readings for the overview's rates.
+    rates: rates::Rates,
 }
 
 impl Dashboard {
     pub fn new(broker: Arc<Broker>, opts: &ServeOptions) -> Dashboard {
-        Dashboard {
+        let d = Dashboard {
             inner: Arc::new(Inner {
                 broker,
                 dispatcher: opts.dispatcher.clone(),
@@ -82,8 +85,11 @@ impl Dashboard {
                     .public_url
                     .as_deref()
                     .is_some_and(|u| u.starts_with("https://")),
+                rates: rates::Rates::default(),
             }),
-        }
+        };
+        rates::spawn_sampler(Arc::downgrade(&d.inner));
+        d
     }
 
     pub fn sessions(&self) -> Sessions {

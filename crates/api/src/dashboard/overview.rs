@@ -5,6 +5,7 @@ use pubrun_core::run::RunStatus;
 use pubrun_jobs::RunRecord;
 
 use super::layout::{self, ago_ms, duration_ms, enc, status_badge, Nav};
+use super::rates;
 use super::runs::cause;
 use super::{blocking, Ctx, UiResult};
 
@@ -24,6 +25,10 @@ struct JobRow {
 pub(crate) async fn page(ctx: Ctx) -> UiResult {
     let now = layout::now_ms();
     let (topics, subs) = ctx.broker().overview();
+    let rates = ctx.d.inner.rates.current(
+        &topics.iter().map(|t| t.name.clone()).collect::<Vec<_>>(),
+        &subs.iter().map(|s| s.name.clone()).collect::<Vec<_>>(),
+    );
     let (jobs, failures, active) = match ctx.d.inner.dispatcher.clone() {
         Some(d) => {
             let specs = d.jobs();
@@ -105,12 +110,29 @@ pub(crate) async fn page(ctx: Ctx) -> UiResult {
             div.stat { b #runs-running { (active.0) } span { "Runs running" } }
             div.stat { b #runs-queued { (active.1) } span { "Runs queued" } }
         }
+        h2 { "Topics" }
+        @if topics.is_empty() {
+            p.muted { "No topics yet." }
+        } @else {
+            table #topics {
+                thead { tr { th { "Topic" } th.num { "Subscriptions" } th.num { "Publish rate" } } }
+                tbody {
+                    @for t in &topics {
+                        tr {
+                            td { (t.name) }
+                            td.num { (t.subscriptions) }
+                            td.num { (rates::show(rates.published(&t.name))) }
+                        }
+                    }
+                }
+            }
+        }
         h2 { "Subscriptions" }
         @if subs.is_empty() {
             p.muted { "No subscriptions yet." }
         } @else {
             table #subscriptions {
-                thead { tr { th { "Subscription" } th { "Topic" } th.num { "Backlog" } th { "Oldest unacked" } th { "Delivery" } } }
+                thead { tr { th { "Subscription" } th { "Topic" } th.num { "Backlog" } th { "Oldest unacked" } th.num { "Ack rate" } th { "Delivery" } } }
                 tbody {
                     @for s in &subs {
                         tr {
@@ -121,12 +143,14 @@ pub(crate) async fn page(ctx: Ctx) -> UiResult {
                                 Some(n) => { (ago_ms(n / 1_000_000, now)) }
                                 None => { span.muted { "—" } }
                             } }
+                            td.num { (rates::show(rates.acked(&s.name))) }
                             td { @if s.push { "push" } @else { "pull" } }
                         }
                     }
                 }
             }
-            p.muted { "Publish and ack rates are in " code { "/metrics" } " when the server exports them." }
+            p.muted { "Rates are messages per second over the last minute, from the counters "
+                code { "/metrics" } " exports." }
         }
         h2 { "Jobs" }
         @if jobs.is_empty() {

@@ -286,6 +286,13 @@ grace_period = "2s"
 
 [[bucket]]
 name = "files"
+
+[[schedule]]
+name = "hourly"
+cron = "0 * * * *"
+topic = "work"
+data = "tick"
+attributes = { n = "from-schedule" }
 "#;
 
 // ------------------------------------------------------------------ tests
@@ -455,6 +462,177 @@ async fn token_server_logs_in_with_a_session_cookie() {
         .for_element(Locator::Css("input[name=token]"))
         .await
         .expect("the login form after logging out");
+}
+
+/// The job page's "Trigger" form, a run's "Run again" and the schedule
+/// buttons each do what they say, through real form posts with the
+/// session's CSRF field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trigger_rerun_and_schedule_buttons_work() {
+    let Some(driver) = chromedriver() else { return };
+    let s = Serve::start(JOBS, None);
+    let b = browser(&driver).await;
+    // Trigger now, with an attribute the job prints.
+    b.c.goto(&s.url("/ui/jobs/hello")).await.unwrap();
+    b.wait_text("definition", "hello-from-job").await;
+    b.c.find(Locator::Css("#trigger textarea[name=data]"))
+        .await
+        .unwrap()
+        .send_keys("by hand")
+        .await
+        .unwrap();
+    b.c.find(Locator::Css("#trigger textarea[name=attributes]"))
+        .await
+        .unwrap()
+        .send_keys("n=manual")
+        .await
+        .unwrap();
+    b.c.find(Locator::Css("#trigger button"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    b.wait_text("log", "hello-from-job-manual").await;
+    b.wait_text("status", "succeeded").await;
+    let first = b.c.current_url().await.unwrap().to_string();
+    // Run again: a new run with the same message.
+    b.c.find(Locator::Css("form[action$='/rerun'] button"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let deadline = Instant::now() + PATIENCE;
+    while b.c.current_url().await.unwrap().as_str() == first {
+        assert!(
+            Instant::now() < deadline,
+            "Run again did not open a new run"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    b.wait_text("log", "hello-from-job-manual").await;
+    // Schedules: pause, resume, run now.
+    b.c.goto(&s.url("/ui/schedules")).await.unwrap();
+    b.wait_text("schedules", "active").await;
+    b.c.find(Locator::Css(
+        "form[action='/ui/schedules/hourly/pause'] button",
+    ))
+    .await
+    .unwrap()
+    .click()
+    .await
+    .unwrap();
+    b.wait_text("schedules", "paused").await;
+    b.c.find(Locator::Css(
+        "form[action='/ui/schedules/hourly/resume'] button",
+    ))
+    .await
+    .unwrap()
+    .click()
+    .await
+    .unwrap();
+    b.wait_text("schedules", "active").await;
+    b.c.find(Locator::Css(
+        "form[action='/ui/schedules/hourly/run-now'] button",
+    ))
+    .await
+    .unwrap()
+    .click()
+    .await
+    .unwrap();
+    // A third run, the schedule's: newest first, it prints the schedule's attribute.
+    b.reload_until(
+        &s.url("/ui/runs?job=hello"),
+        "#runs tr:nth-child(3) a[href^='/ui/runs/']",
+    )
+    .await;
+    let newest =
+        b.c.find(Locator::Css("#runs tr:nth-child(1) a[href^='/ui/runs/']"))
+            .await
+            .unwrap()
+            .attr("href")
+            .await
+            .unwrap()
+            .unwrap();
+    b.c.goto(&s.url(&newest)).await.unwrap();
+    b.wait_text("log", "hello-from-job-from-schedule").await;
+    b.assert_nothing_injected().await;
+}
+
+/// Dashboard actions need the session's CSRF field and a same-site
+/// origin: a forged form post is refused and changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_posts_are_refused() {
+    let s = Serve::start(JOBS, None);
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    // A page view starts a session and carries its CSRF field.
+    let page = http.get(s.url("/ui/schedules")).send().await.unwrap();
+    let cookie = page.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
+    let html = page.text().await.unwrap();
+    let csrf = html
+        .split("name=\"csrf\" value=\"")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .expect("a CSRF field in the page")
+        .to_string();
+    let post = |form: Vec<(&'static str, String)>, origin: Option<String>| {
+        let mut r = http
+            .post(s.url("/ui/schedules/hourly/pause"))
+            .header("cookie", cookie.clone())
+            .form(&form);
+        if let Some(o) = origin {
+            r = r.header("origin", o);
+        }
+        r.send()
+    };
+    // No CSRF field, a wrong one, another site's origin: refused.
+    assert_eq!(post(vec![], None).await.unwrap().status(), 403);
+    let wrong = vec![("csrf", "0".repeat(64))];
+    assert_eq!(post(wrong, None).await.unwrap().status(), 403);
+    let right = vec![("csrf", csrf.clone())];
+    let r = post(right.clone(), Some("https://evil.example".into()))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    // No session cookie at all: refused.
+    let r = http
+        .post(s.url("/ui/schedules/hourly/pause"))
+        .form(&right)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let v: serde_json::Value = reqwest::get(s.url("/api/v1/schedules/hourly"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        v["schedule"]["paused"],
+        json!(false),
+        "a forged post paused it: {v}"
+    );
+    // The real form post works.
+    let r = post(right, Some(s.url(""))).await.unwrap();
+    assert_eq!(r.status(), 303);
+    let v: serde_json::Value = reqwest::get(s.url("/api/v1/schedules/hourly"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["schedule"]["paused"], json!(true), "{v}");
 }
 
 // ------------------------------------------------------------ screenshots

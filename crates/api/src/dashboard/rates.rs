@@ -54,11 +54,21 @@ fn reading(topics: &[String], subs: &[String]) -> Sample {
         at: Instant::now(),
         published: topics
             .iter()
-            .map(|t| (t.clone(), counter_value(&m.published, &labels([("topic", t)]))))
+            .map(|t| {
+                (
+                    t.clone(),
+                    counter_value(&m.published, &labels([("topic", t)])),
+                )
+            })
             .collect(),
         acked: subs
             .iter()
-            .map(|s| (s.clone(), counter_value(&m.acked, &labels([("subscription", s)]))))
+            .map(|s| {
+                (
+                    s.clone(),
+                    counter_value(&m.acked, &labels([("subscription", s)])),
+                )
+            })
             .collect(),
     }
 }
@@ -73,7 +83,10 @@ impl Rates {
     pub fn sample(&self, topics: &[String], subs: &[String]) {
         let s = reading(topics, subs);
         let mut q = self.lock();
-        while q.front().is_some_and(|f| s.at.duration_since(f.at) > WINDOW) {
+        while q
+            .front()
+            .is_some_and(|f| s.at.duration_since(f.at) > WINDOW)
+        {
             q.pop_front();
         }
         q.push_back(s);
@@ -112,7 +125,10 @@ impl Rates {
             }
         }
         let mut q = self.lock();
-        while q.front().is_some_and(|f| now.at.duration_since(f.at) > WINDOW) {
+        while q
+            .front()
+            .is_some_and(|f| now.at.duration_since(f.at) > WINDOW)
+        {
             q.pop_front();
         }
         q.push_back(now);

@@ -776,6 +776,8 @@ async fn screenshots() {
         ("bucket", "/ui/buckets/output".to_string()),
         ("pools", "/ui/pools".to_string()),
     ];
+    // Taller than the tests' window: a run's log is below its details.
+    b.c.set_window_size(1280, 1200).await.unwrap();
     for (name, path) in shots {
         b.c.goto(&s.url(&path)).await.unwrap();
         if name == "run" {

@@ -240,6 +240,35 @@ impl Browser {
         }
     }
 
+    /// Reloads the overview until topic `topic`'s publish rate is above
+    /// zero (the sampler needs a reading a few seconds old); returns it.
+    async fn publish_rate(&self, url: &str, topic: &str) -> String {
+        let xpath = format!(
+            "//table[@id='topics']//tr[td[1]={}]/td[3]",
+            xpath_literal(topic)
+        );
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            self.c.goto(url).await.unwrap();
+            let rate = self
+                .c
+                .find(Locator::XPath(&xpath))
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            if rate.ends_with("/s") && rate != "0/s" {
+                return rate;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{topic}: publish rate stayed {rate:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
     /// No alert or dialog is open and the page has no script but ours.
     async fn assert_nothing_injected(&self) {
         assert!(
@@ -323,6 +352,10 @@ async fn published_run_appears_and_streams_its_log() {
     b.assert_nothing_injected().await;
     // The run ends; the page follows it to its end state.
     b.wait_text("status", "succeeded").await;
+    // The overview counts the publish in its rate, and the run in the job's row.
+    b.publish_rate(&s.url("/"), "projects/demo/topics/work")
+        .await;
+    b.wait_text("jobs", "100 %").await;
 }
 
 /// A long run cancelled with the run page's Cancel button ends cancelled,
@@ -776,6 +809,8 @@ async fn screenshots() {
         ("bucket", "/ui/buckets/output".to_string()),
         ("pools", "/ui/pools".to_string()),
     ];
+    b.publish_rate(&s.url("/"), "projects/demo/topics/uploads")
+        .await;
     // Taller than the tests' window: a run's log is below its details.
     b.c.set_window_size(1280, 1200).await.unwrap();
     for (name, path) in shots {

@@ -112,7 +112,7 @@ impl Sessions {
     }
 
     /// The live session named by the request's cookie.
-    pub(crate) fn from_headers(&self, h: &HeaderMap) -> Option<Session> {
+    pub(crate) fn of_request(&self, h: &HeaderMap) -> Option<Session> {
         cookie(h, COOKIE).and_then(|id| self.get(id))
     }
 }
@@ -145,7 +145,7 @@ fn set_cookie(d: &Dashboard, id: &str) -> HeaderValue {
 /// (right) bearer token: a valid session cookie lets it through; otherwise
 /// a page view gets the login form and an action is refused.
 pub async fn gate(sessions: &Sessions, req: Request, next: Next) -> Response {
-    if sessions.from_headers(req.headers()).is_some() {
+    if sessions.of_request(req.headers()).is_some() {
         return next.run(req).await;
     }
     let mut resp = if matches!(*req.method(), Method::GET | Method::HEAD) {
@@ -170,7 +170,7 @@ pub(crate) async fn session_layer(
     next: Next,
 ) -> Response {
     let sessions = &d.inner.sessions;
-    let existing = sessions.from_headers(req.headers());
+    let existing = sessions.of_request(req.headers());
     if matches!(*req.method(), Method::GET | Method::HEAD) {
         let (session, fresh) = match existing {
             Some(s) => (s, false),

@@ -55,7 +55,7 @@ pub(crate) async fn page(ctx: Ctx) -> UiResult {
                 }
                 let mut failures = store.list(None, Some(RunStatus::Failed), 10)?;
                 failures.extend(store.list(None, Some(RunStatus::TimedOut), 10)?);
-                failures.sort_by(|a, b| b.id.cmp(&a.id));
+                failures.sort_by_key(|r| std::cmp::Reverse(r.id));
                 failures.truncate(10);
                 let counts = store.count_by_status()?;
                 let n = |want: &[RunStatus]| {

@@ -159,7 +159,7 @@ pub(crate) fn spawn_sampler(d: Weak<super::Inner>) {
 pub(crate) fn show(r: Option<f64>) -> String {
     match r {
         None => "—".to_string(),
-        Some(r) if r == 0.0 => "0/s".to_string(),
+        Some(0.0) => "0/s".to_string(),
         Some(r) if r < 10.0 => format!("{r:.2}/s"),
         Some(r) => format!("{r:.0}/s"),
     }

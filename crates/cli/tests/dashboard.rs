@@ -269,6 +269,28 @@ impl Browser {
         }
     }
 
+    /// Clicks the button `css` (a form post) and waits for the page the
+    /// post leads to, so that a following `goto` cannot cancel the post.
+    async fn submit(&self, css: &str) {
+        self.c
+            .execute("document.body.dataset.before = '1'", vec![])
+            .await
+            .unwrap();
+        self.c
+            .find(Locator::Css(css))
+            .await
+            .unwrap_or_else(|e| panic!("no {css}: {e}"))
+            .click()
+            .await
+            .unwrap();
+        self.c
+            .wait()
+            .at_most(PATIENCE)
+            .for_element(Locator::Css("body:not([data-before])"))
+            .await
+            .unwrap_or_else(|e| panic!("{css}: no page after the post: {e}"));
+    }
+
     /// No alert or dialog is open and the page has no script but ours.
     async fn assert_nothing_injected(&self) {
         assert!(
@@ -566,14 +588,8 @@ async fn trigger_rerun_and_schedule_buttons_work() {
     .await
     .unwrap();
     b.wait_text("schedules", "active").await;
-    b.c.find(Locator::Css(
-        "form[action='/ui/schedules/hourly/run-now'] button",
-    ))
-    .await
-    .unwrap()
-    .click()
-    .await
-    .unwrap();
+    b.submit("form[action='/ui/schedules/hourly/run-now'] button")
+        .await;
     // A third run, the schedule's: newest first, it prints the schedule's attribute.
     b.reload_until(
         &s.url("/ui/runs?job=hello"),
@@ -668,6 +684,119 @@ async fn forged_posts_are_refused() {
     assert_eq!(v["schedule"]["paused"], json!(true), "{v}");
 }
 
+const POOL: &str = r#"
+project = "demo"
+
+[[topic]]
+name = "remote"
+
+[[job]]
+name = "remote"
+topic = "remote"
+pool = "boxes"
+process = { command = "sh", args = ["-c", "echo ran-on-box"] }
+
+[[pool]]
+name = "boxes"
+provider = "agents"
+price_per_hour = 0.5
+"#;
+
+impl Serve {
+    /// Starts `pubrun agent NAME` in pool `pool`, with the pool's token.
+    async fn agent(&self, pool: &str, name: &str) -> Proc {
+        let t: serde_json::Value = reqwest::get(self.url(&format!("/api/v1/pools/{pool}/token")))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        Proc(
+            Command::new(BIN)
+                .args([
+                    "agent",
+                    "--server",
+                    &self.url(""),
+                    "--pool",
+                    pool,
+                    "--name",
+                    name,
+                ])
+                .args(["--token", t["token"].as_str().unwrap()])
+                .arg("--data-dir")
+                .arg(self.dir.path().join(format!("agent-{name}")))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
+    }
+}
+
+/// The pools page's Cordon button stops a machine getting work (a run
+/// waits), Uncordon lets the waiting run start on it, Drain cordons it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cordon_and_drain_from_the_pools_page() {
+    let Some(driver) = chromedriver() else { return };
+    let s = Serve::start(POOL, None);
+    let _agent = s.agent("boxes", "box-1").await;
+    let b = browser(&driver).await;
+    let cordon = "form[action='/ui/machines/box-1/cordon'] button";
+    b.reload_until(&s.url("/ui/pools"), "#machines a, #machines tr")
+        .await;
+    let deadline = Instant::now() + PATIENCE;
+    while b.c.find(Locator::Css(cordon)).await.is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "box-1 never came up: {}",
+            s.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        b.c.goto(&s.url("/ui/pools")).await.unwrap();
+    }
+    b.wait_text("pools", "0.50").await;
+    b.c.find(Locator::Css(cordon))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    b.wait_text("machines", "cordoned").await;
+    // Cordoned: a run for the pool waits.
+    s.publish("remote", "go", json!({})).await;
+    let href = b
+        .reload_until(&s.url("/ui/runs?job=remote"), "#runs a[href^='/ui/runs/']")
+        .await;
+    let id = href.rsplit('/').next().unwrap().to_string();
+    b.c.goto(&s.url(&href)).await.unwrap();
+    b.wait_text("log", "waiting for a machine of pool boxes")
+        .await;
+    assert_eq!(s.run_status(&id).await, "starting", "{}", s.log());
+    // Uncordon: the waiting run runs on box-1.
+    b.c.goto(&s.url("/ui/pools")).await.unwrap();
+    b.submit("form[action='/ui/machines/box-1/uncordon'] button")
+        .await;
+    b.c.goto(&s.url(&href)).await.unwrap();
+    b.wait_text("log", "ran-on-box").await;
+    b.wait_text("status", "succeeded").await;
+    // Drain: no new work for it (an agent just stops getting runs).
+    b.reload_until(
+        &s.url("/ui/pools"),
+        "form[action='/ui/machines/box-1/drain'] button",
+    )
+    .await;
+    b.c.find(Locator::Css(
+        "form[action='/ui/machines/box-1/drain'] button",
+    ))
+    .await
+    .unwrap()
+    .click()
+    .await
+    .unwrap();
+    b.wait_text("machines", "cordoned").await;
+}
+
 // ------------------------------------------------------------ screenshots
 
 const DEMO: &str = r#"
@@ -739,33 +868,7 @@ async fn screenshots() {
     let driver = chromedriver().expect("chromedriver");
     let s = Serve::start(DEMO, None);
     // An agent joins the `laptops` pool, so the pools page has a machine.
-    let t: serde_json::Value = reqwest::get(s.url("/api/v1/pools/laptops/token"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let agent_dir = s.dir.path().join("agent");
-    let _agent = Proc(
-        Command::new(BIN)
-            .args([
-                "agent",
-                "--server",
-                &s.url(""),
-                "--pool",
-                "laptops",
-                "--name",
-                "laptop-anna",
-            ])
-            .args(["--token", t["token"].as_str().unwrap()])
-            .arg("--data-dir")
-            .arg(&agent_dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let _agent = s.agent("laptops", "laptop-anna").await;
     for n in ["cat.png", "dog.png", "fox.png"] {
         s.publish("uploads", "{\"width\": 128}", json!({ "name": n }))
             .await;

@@ -28,7 +28,7 @@ use pubrun_core::run::RunStatus;
 use pubrun_core::{Error, SubscriptionName, TopicName};
 use pubrun_jobs::Dispatcher;
 use serde::Deserialize;
-use serde_json::json;
+use serde_json::{json, Value};
 
 use crate::status::HttpError;
 
@@ -170,6 +170,7 @@ async fn list_runs(
     let limit = q.limit.unwrap_or(100).clamp(1, 10_000);
     let store = api.dispatcher.store().clone();
     let runs = blocking(move || store.list(q.job.as_deref(), status, limit)).await?;
+    let runs: Vec<Value> = runs.iter().map(|r| run_view(&api, r)).collect();
     ok(json!({ "runs": runs }))
 }
 
@@ -177,7 +178,23 @@ async fn get_run(State(api): State<Api>, Path(id): Path<String>) -> ApiResult {
     let id = parse_id(&id)?;
     let store = api.dispatcher.store().clone();
     let run = blocking(move || store.get(id)).await?;
-    ok(json!({ "run": run }))
+    ok(json!({ "run": run_view(&api, &run) }))
+}
+
+/// A run as the API shows it: the record, plus `waiting_for_machine` (the
+/// pool) while a starting run waits for a pool machine to take it.
+fn run_view(api: &Api, run: &pubrun_jobs::RunRecord) -> Value {
+    let mut v = serde_json::to_value(run).unwrap_or(Value::Null);
+    if run.status == RunStatus::Starting {
+        if let Some(pool) = api
+            .pools
+            .as_ref()
+            .and_then(|p| p.waiting_pool(&run.id.to_string()))
+        {
+            v["waiting_for_machine"] = Value::String(pool);
+        }
+    }
+    v
 }
 
 async fn cancel_run(State(api): State<Api>, Path(id): Path<String>) -> ApiResult {
@@ -266,8 +283,20 @@ async fn apply(
     let text = std::str::from_utf8(&body)
         .map_err(|_| HttpError(Error::invalid("the manifest must be UTF-8 text")))?;
     let file = q.file.unwrap_or_else(|| "pubrun.toml".to_string());
-    let manifest = pubrun_jobs::apply::parse_manifest(&file, text)?;
+    let manifest = pubrun_core::manifest::parse_checked(
+        &file,
+        text,
+        pubrun_triggers::schedule::manifest_checks(),
+    )
+    .map_err(|e| HttpError(Error::invalid(e.to_string())))?;
     let dry_run = q.dry_run.unwrap_or(false);
+    // Counted before applying: a replaced subscription starts empty.
+    let backlog_before: std::collections::HashMap<String, usize> = api
+        .broker
+        .subscription_stats()
+        .into_iter()
+        .map(|s| (s.name, s.backlog))
+        .collect();
     let changes = crate::apply::apply_manifest(
         &api.broker,
         &api.dispatcher,
@@ -278,7 +307,58 @@ async fn apply(
         dry_run,
     )
     .await?;
-    ok(json!({ "changes": changes, "applied": !dry_run }))
+    let warnings = plan_warnings(&api, &manifest, &changes, &backlog_before);
+    ok(json!({ "changes": changes, "applied": !dry_run, "warnings": warnings }))
+}
+
+/// What a careful operator wants to know before saying yes: messages a
+/// replaced or deleted subscription takes with it, and jobs that cannot use
+/// the machines their pool may start.
+fn plan_warnings(
+    api: &Api,
+    m: &pubrun_core::manifest::Manifest,
+    changes: &[pubrun_jobs::apply::Change],
+    backlog_before: &std::collections::HashMap<String, usize>,
+) -> Vec<String> {
+    use pubrun_jobs::apply::Action;
+    let mut out = Vec::new();
+    for c in changes {
+        if c.kind != "subscription" || !matches!(c.action, Action::Replace | Action::Delete) {
+            continue;
+        }
+        if let Some(&n) = backlog_before.get(&c.name).filter(|&&n| n > 0) {
+            let verb = if c.action == Action::Replace {
+                "replacing"
+            } else {
+                "deleting"
+            };
+            out.push(format!(
+                "{verb} subscription {} loses its {n} unacked message(s)",
+                c.name
+            ));
+        }
+    }
+    let declared = m.pools.iter().map(|p| (p.name.as_str(), p.max_machines));
+    let current = api.pools.as_ref().map(|p| p.specs()).unwrap_or_default();
+    for job in &m.jobs {
+        let max = declared
+            .clone()
+            .find(|(n, _)| *n == job.pool)
+            .map(|(_, max)| max)
+            .or_else(|| {
+                current
+                    .iter()
+                    .find(|p| p.name == job.pool)
+                    .map(|p| p.max_machines)
+            });
+        if let Some(max) = max.filter(|&max| max > 1 && job.concurrency == 1) {
+            out.push(format!(
+                "job {} has concurrency = 1: it will never use more than one of pool {}'s {max} machines (set concurrency to run more at once)",
+                job.name, job.pool
+            ));
+        }
+    }
+    out
 }
 
 /// The declared webhooks, with how each authenticates (never the secret).

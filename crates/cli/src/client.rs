@@ -39,6 +39,12 @@ pub enum ClientCommand {
     /// Pull messages from a subscription and print them (acknowledge with --ack).
     Pull(PullArgs),
     /// Declare topics, subscriptions and jobs from a manifest: print the plan, then apply it.
+    ///
+    /// A manifest is TOML with any of these tables: [[topic]], [[subscription]],
+    /// [[job]], [[schedule]], [[webhook]], [[bucket]] (with
+    /// [[bucket.notification]]) and [[pool]], plus `project = "…"`. Resources the
+    /// project's last apply declared and this one does not are deleted; a plan
+    /// that deletes or replaces anything asks first (or needs --yes).
     Apply(ApplyArgs),
     /// List, show and trigger jobs.
     #[command(subcommand, visible_alias = "job")]
@@ -77,18 +83,22 @@ pub enum ClientCommand {
 
 #[derive(clap::Subcommand)]
 pub enum BucketsCommand {
+    /// List the buckets of the project.
     #[command(visible_alias = "ls")]
     List {
         #[command(flatten)]
         conn: ConnArgs,
     },
+    /// Create a bucket (names follow Cloud Storage's rules).
     Create {
+        /// Bucket name.
         name: String,
         #[command(flatten)]
         conn: ConnArgs,
     },
     /// Delete an empty bucket.
     Delete {
+        /// Bucket name.
         name: String,
         #[command(flatten)]
         conn: ConnArgs,
@@ -97,8 +107,10 @@ pub enum BucketsCommand {
 
 #[derive(clap::Subcommand)]
 pub enum ObjectsCommand {
+    /// List a bucket's objects with size, time and checksum.
     #[command(visible_alias = "ls")]
     List {
+        /// Bucket name, or gs://BUCKET/PREFIX.
         bucket: String,
         /// Only objects whose name starts with this.
         #[arg(long, default_value = "")]
@@ -112,6 +124,7 @@ pub enum ObjectsCommand {
 
 #[derive(clap::Subcommand)]
 pub enum WebhooksCommand {
+    /// List the webhooks and the topics they publish to.
     #[command(visible_alias = "ls")]
     List {
         #[command(flatten)]
@@ -129,18 +142,21 @@ pub enum SchedulesCommand {
     },
     /// Stop a schedule from firing until resumed (survives restarts).
     Pause {
+        /// Schedule name.
         name: String,
         #[command(flatten)]
         conn: ConnArgs,
     },
     /// Let a paused schedule fire again (ticks missed while paused are not caught up).
     Resume {
+        /// Schedule name.
         name: String,
         #[command(flatten)]
         conn: ConnArgs,
     },
     /// Publish the schedule's message now, once (also when paused).
     RunNow {
+        /// Schedule name.
         name: String,
         #[command(flatten)]
         conn: ConnArgs,
@@ -155,6 +171,10 @@ pub struct ApplyArgs {
     /// Only print the plan; change nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// Apply a plan that deletes or replaces resources without asking
+    /// (needed when standard input is not a terminal).
+    #[arg(long, short = 'y')]
+    pub yes: bool,
     #[command(flatten)]
     pub conn: ConnArgs,
 }
@@ -324,8 +344,9 @@ pub enum SubscriptionsCommand {
         /// Topic to subscribe to: id (in --project) or full name projects/P/topics/T.
         #[arg(long)]
         topic: String,
-        /// Seconds a pulled message stays leased before it is redelivered (10..=600).
-        #[arg(long, value_name = "SECS")]
+        /// How long a pulled message stays leased before it is redelivered
+        /// (10s..=600s): seconds, or a duration such as "1m" or "90 seconds".
+        #[arg(long, value_name = "DURATION", value_parser = parse_seconds)]
         ack_deadline: Option<u32>,
         /// Only deliver messages matching this filter, e.g. 'attributes.kind = "csv"'.
         #[arg(long)]
@@ -435,4 +456,16 @@ pub async fn run(cmd: ClientCommand) -> anyhow::Result<()> {
         ClientCommand::Agents(args) => pools::agents(args).await,
         ClientCommand::Cost(args) => pools::cost(args).await,
     }
+}
+
+/// Whole seconds from a bare number or a duration the manifest would accept
+/// (one parser for both: humantime).
+fn parse_seconds(s: &str) -> Result<u32, String> {
+    if let Ok(n) = s.trim().parse::<u32>() {
+        return Ok(n);
+    }
+    let d = humantime::parse_duration(s.trim()).map_err(|e| {
+        format!("`{s}` is not a number of seconds or a duration like 30s, 1m ({e})")
+    })?;
+    u32::try_from(d.as_secs()).map_err(|_| format!("`{s}` is too long"))
 }

@@ -82,6 +82,19 @@ mod tests {
         assert!(missing.is_empty(), "undescribed:\n{}", missing.join("\n"));
     }
 
+    #[test]
+    fn apply_help_lists_every_kind_of_resource() {
+        let mut cmd = Cli::command();
+        let apply = cmd.find_subcommand_mut("apply").expect("apply command");
+        let help = apply.render_long_help().to_string();
+        for kind in pubrun_core::manifest::RESOURCE_KINDS {
+            assert!(
+                help.contains(&format!("[[{kind}]]")),
+                "apply --help misses [[{kind}]]:\n{help}"
+            );
+        }
+    }
+
     fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
         let about = cmd.get_about().map(|a| a.to_string()).unwrap_or_default();
         if about.trim().is_empty() {

@@ -139,9 +139,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         Some(path) => {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("reading {}", path.display()))?;
-            Some(pubrun_core::manifest::parse(
+            Some(pubrun_core::manifest::parse_checked(
                 &path.display().to_string(),
                 &text,
+                pubrun_triggers::schedule::manifest_checks(),
             )?)
         }
         None => None,

@@ -323,7 +323,7 @@ fn projects_own_their_resources_and_serve_config_agrees_with_apply() {
         "alpha2.toml",
         &project_toml("alpha", false, "a"),
     );
-    let out = node.ok(&["apply", "-f", alpha2.to_str().unwrap()]);
+    let out = node.ok(&["apply", "-f", alpha2.to_str().unwrap(), "--yes"]);
     assert!(
         out.lines()
             .any(|l| l.contains("- delete") && l.contains("alpha-job")),

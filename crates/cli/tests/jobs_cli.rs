@@ -619,8 +619,23 @@ fn apply_prints_the_plan_and_changes_only_without_dry_run() {
     assert_eq!(changes.len(), 7, "{resp}");
     assert!(changes.iter().all(|c| c["action"] == "unchanged"), "{resp}");
 
-    // Back to the first manifest: the topic it no longer declares is deleted.
-    let out = server.ok(&["apply", "-f", &same]);
+    // Back to the first manifest: a deleting plan needs --yes when nobody
+    // can be asked (stdin is not a terminal here), and changes nothing.
+    let r = server.run(&["apply", "-f", &same]);
+    assert_eq!(
+        r.code, 1,
+        "a deleting apply ran without --yes: {}",
+        r.stdout
+    );
+    assert!(r.stderr.contains("--yes"), "{}", r.stderr);
+    assert!(
+        r.stdout.contains("- delete"),
+        "the plan is shown: {}",
+        r.stdout
+    );
+    server.ok(&["topics", "get", "extra"]);
+    // With --yes the topic it no longer declares is deleted.
+    let out = server.ok(&["apply", "-f", &same, "--yes"]);
     let l = plan_line(&out, "projects/demo/topics/extra");
     assert!(l.starts_with("- delete") && l.contains(" topic "), "{out}");
     assert!(plan_line(&out, "hello").starts_with("~ update"), "{out}");
@@ -740,4 +755,129 @@ fn serve_with_an_invalid_config_exits_1_naming_file_and_line() {
     let r = Background::spawn(cmd).finish(PATIENCE);
     assert_eq!(r.code, 1, "{}", r.stderr);
     assert!(r.stderr.contains("missing.toml"), "{}", r.stderr);
+}
+
+#[test]
+fn the_plan_warns_about_lost_messages_and_jobs_that_cannot_use_their_pool() {
+    let server = Server::start();
+    let first = write(
+        &server.path("first.toml"),
+        r#"
+project = "warn"
+[[topic]]
+name = "topic-a"
+[[topic]]
+name = "topic-b"
+[[subscription]]
+name = "watch"
+topic = "topic-a"
+"#,
+    );
+    server.ok(&["apply", "-f", &first]);
+    for i in 0..3 {
+        server.ok(&[
+            "publish",
+            "projects/warn/topics/topic-a",
+            "--data",
+            &format!("m{i}"),
+        ]);
+    }
+    // The subscription moves to another topic (a replace) and a job sits on
+    // a pool of four machines with the default concurrency of one.
+    let second = write(
+        &server.path("second.toml"),
+        r#"
+project = "warn"
+[[topic]]
+name = "topic-a"
+[[topic]]
+name = "topic-b"
+[[subscription]]
+name = "watch"
+topic = "topic-b"
+[[pool]]
+name = "fleet"
+provider = "docker"
+image = "pubrun-never-started"
+server_url = "http://127.0.0.1:9"
+max_machines = 4
+[[job]]
+name = "narrow"
+topic = "topic-b"
+pool = "fleet"
+process = { command = "true" }
+"#,
+    );
+    let out = server.ok(&["apply", "-f", &second, "--dry-run"]);
+    assert!(
+        out.contains("warning: replacing subscription projects/warn/subscriptions/watch loses its 3 unacked message(s)"),
+        "{out}"
+    );
+    assert!(
+        out.contains("warning: job narrow has concurrency = 1: it will never use more than one of pool fleet's 4 machines"),
+        "{out}"
+    );
+    // A replace needs --yes without a terminal; the messages are still there.
+    let r = server.run(&["apply", "-f", &second]);
+    assert_eq!(r.code, 1, "{}", r.stdout);
+    let resp = server.json(&["apply", "-f", &second, "--dry-run"]);
+    assert_eq!(resp["warnings"].as_array().map(Vec::len), Some(2), "{resp}");
+    server.ok(&["apply", "-f", &second, "--yes"]);
+    let resp = server.json(&["apply", "-f", &second, "--dry-run"]);
+    assert_eq!(
+        resp["warnings"].as_array().map(Vec::len),
+        Some(1),
+        "only the pool warning is left: {resp}"
+    );
+}
+
+#[test]
+fn logs_end_with_a_newline_and_say_why_a_run_that_never_started_ended() {
+    let server = Server::start();
+    let m = write(
+        &server.path("papercuts.toml"),
+        r#"
+project = "papercuts"
+[[topic]]
+name = "no-newline"
+[[topic]]
+name = "broken"
+[[job]]
+name = "printer"
+topic = "no-newline"
+process = { command = "sh", args = ["-c", "printf partial"] }
+[[job]]
+name = "bad-template"
+topic = "broken"
+process = { command = "echo", args = ["{{ attributes.nope }}"] }
+"#,
+    );
+    server.ok(&["apply", "-f", &m]);
+    let id = server
+        .ok(&["jobs", "trigger", "printer"])
+        .trim()
+        .to_string();
+    let out = server.ok(&["logs", &id, "--follow"]);
+    assert!(
+        out.ends_with('\n'),
+        "the last line ends with a newline: {out:?}"
+    );
+    // pubrun's own notes start on their own line after unterminated output.
+    assert!(out.contains("\npartial\n[pubrun] attempt ended"), "{out:?}");
+
+    let id = server
+        .ok(&["jobs", "trigger", "bad-template"])
+        .trim()
+        .to_string();
+    let r = server.run(&["logs", &id, "--follow"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(r.stdout, "", "no log was written");
+    assert!(
+        r.stderr.contains("left no log") && r.stderr.contains("nope"),
+        "{}",
+        r.stderr
+    );
+    // Without --follow, once ended, the same reason.
+    let r = server.run(&["logs", &id]);
+    assert!(r.stderr.contains("nope"), "{}", r.stderr);
 }

@@ -401,3 +401,25 @@ fn agent_joins_runs_a_job_and_is_cordoned_and_costed() {
     let err = s.fails(&["cost", "--since", "2999-01-01T00:00:00Z"]);
     assert!(err.contains("in the future"), "{err}");
 }
+
+/// A run that waits for a pool machine says so, not "starting".
+#[test]
+fn a_run_waiting_for_a_pool_machine_is_shown_as_such() {
+    let s = Server::start();
+    s.ok(&["publish", "work", "--data", "x"]);
+    let runs = s.wait_json(&["runs"], "a run waiting for a machine", |v| {
+        v["runs"]
+            .as_array()
+            .is_some_and(|r| r.iter().any(|r| r["waiting_for_machine"] == "laptops"))
+    });
+    let id = runs["runs"][0]["id"].to_string();
+    assert_eq!(runs["runs"][0]["status"], "starting", "{runs:#}");
+    let table = s.ok(&["runs"]);
+    let row: Vec<&str> = line_of(&table, &id).split_whitespace().collect();
+    assert_eq!(row[2], "waiting-for-machine", "{table}");
+    let shown = s.ok(&["runs", "show", &id]);
+    assert!(
+        shown.contains("waiting for a machine in pool laptops"),
+        "{shown}"
+    );
+}

@@ -241,3 +241,44 @@ async fn declared_buckets_notify_their_topic_and_reapply_is_unchanged() {
         "deleting a non-empty bucket must fail"
     );
 }
+
+/// Cron and time-zone mistakes point at `file:line:column` of the value, as
+/// every other manifest error does, and change nothing.
+#[test]
+fn cron_and_time_zone_errors_point_at_the_value() {
+    let s = start();
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        (
+            "cron = \"0 25 * * *\"\ntime_zone = \"UTC\"",
+            5,
+            "hour field",
+        ),
+        (
+            "cron = \"0 3 * * *\"\ntime_zone = \"Mars/Olympus\"",
+            6,
+            "unknown time zone",
+        ),
+    ];
+    for (fields, line, what) in cases {
+        let manifest = dir.path().join("bad.toml");
+        let text = format!(
+            "project = \"tz\"\n[[topic]]\nname = \"ticks\"\n[[schedule]]\n{fields}\nname = \"nightly\"\ntopic = \"ticks\"\n"
+        );
+        std::fs::write(&manifest, text).unwrap();
+        let path = manifest.to_str().unwrap();
+        let o = cli(&s, &["apply", "-f", path]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "applied: {err}");
+        let at = format!("{path}:{line}:");
+        assert!(
+            err.contains(&at) && err.contains(what) && err.contains("schedule \"nightly\""),
+            "wanted {at}… {what}: {err}"
+        );
+    }
+    let listed = ok(&cli(&s, &["schedules", "list"]));
+    assert!(
+        !listed.lines().any(|l| l.starts_with("nightly ")),
+        "{listed}"
+    );
+}

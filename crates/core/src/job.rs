@@ -56,6 +56,41 @@ pub struct JobSpec {
     /// environment at run start and are masked in logs and results.
     #[serde(default)]
     pub secrets: BTreeMap<String, SecretRef>,
+    /// When outputs are uploaded after an attempt.
+    #[serde(default)]
+    pub upload_outputs: UploadOutputs,
+    /// Extra attributes of the result message; values are templates over
+    /// the trigger message (`{{ data.zone }}`), rendered for each result.
+    #[serde(default)]
+    pub result_attributes: BTreeMap<String, String>,
+    /// Copy the trigger message's attributes into the result message
+    /// (pubrun's own and `result_attributes` win on a clash).
+    #[serde(default)]
+    pub result_trigger_attributes: bool,
+}
+
+/// Attributes pubrun sets on every result message; `result_attributes`
+/// cannot take these names.
+pub const RESULT_ATTRIBUTES: [&str; 6] = [
+    "job",
+    "run_id",
+    "status",
+    "exit_code",
+    "attempt",
+    "source_message_id",
+];
+
+/// When a job's outputs are uploaded.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UploadOutputs {
+    /// After every attempt that ran, whatever its status: partial results
+    /// of a failed attempt are often what one needs to debug it.
+    #[default]
+    Always,
+    /// Only after an attempt that succeeded, so a failed run never leaves a
+    /// half-written result where a successful one belongs.
+    OnSuccess,
 }
 
 /// `{ env = "SERVER_VAR" }`: where a job secret's value comes from. Only the
@@ -239,6 +274,12 @@ pub struct DockerSpec {
     pub pull: PullPolicy,
     #[serde(default)]
     pub auth: Option<RegistryAuth>,
+    /// Working directory in the container: empty means `/workspace` (where
+    /// inputs are and outputs are collected, as for process jobs); a relative
+    /// path is taken relative to `/workspace`; `"image"` keeps the image's
+    /// own `WORKDIR`.
+    #[serde(default)]
+    pub working_dir: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -365,6 +406,9 @@ mod tests {
             outputs: vec![],
             pool: "local".into(),
             pass_env: vec!["HTTP_PROXY".into()],
+            upload_outputs: UploadOutputs::Always,
+            result_attributes: BTreeMap::new(),
+            result_trigger_attributes: false,
             secrets: BTreeMap::from([(
                 "DB".to_string(),
                 SecretRef {

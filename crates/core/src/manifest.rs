@@ -14,7 +14,8 @@ use crate::config::{
 };
 use crate::job::{
     check_relative_path, parse_gs_url, DockerSpec, ExecutorSpec, InputSpec, JobSpec, Mount,
-    OutputSpec, ProcessSpec, PullPolicy, RegistryAuth, RetryPolicy, SecretRef, TRIGGER_INPUT,
+    OutputSpec, ProcessSpec, PullPolicy, RegistryAuth, RetryPolicy, SecretRef, UploadOutputs,
+    TRIGGER_INPUT,
 };
 use crate::names::{validate_resource_id, ProjectName, SubscriptionName, TopicName};
 use crate::pool::{DockerProviderSpec, GceProviderSpec, PoolSpec, ProviderSpec, LOCAL_POOL};
@@ -93,6 +94,18 @@ pub struct ManifestError {
     pub column: usize,
     pub message: String,
 }
+
+/// The resource tables a manifest may hold (`[[topic]]`, …), for help texts;
+/// a test keeps it equal to what the parser accepts.
+pub const RESOURCE_KINDS: &[&str] = &[
+    "topic",
+    "subscription",
+    "job",
+    "schedule",
+    "webhook",
+    "bucket",
+    "pool",
+];
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -174,8 +187,8 @@ struct RawNotification {
 #[serde(deny_unknown_fields)]
 struct RawSchedule {
     name: Spanned<String>,
-    cron: String,
-    time_zone: Option<String>,
+    cron: Spanned<String>,
+    time_zone: Option<Spanned<String>>,
     topic: Spanned<String>,
     #[serde(default)]
     data: String,
@@ -244,6 +257,10 @@ struct RawJob {
     pass_env: Option<Spanned<Vec<String>>>,
     #[serde(default)]
     secrets: Option<Spanned<BTreeMap<String, RawSecret>>>,
+    upload_outputs: Option<Spanned<String>>,
+    result_attributes: Option<Spanned<BTreeMap<String, String>>>,
+    #[serde(default)]
+    result_trigger_attributes: bool,
 }
 
 #[derive(Deserialize)]
@@ -288,6 +305,8 @@ struct RawDocker {
     #[serde(default)]
     pull: Option<String>,
     auth: Option<RawAuth>,
+    #[serde(default)]
+    working_dir: String,
 }
 
 #[derive(Deserialize)]
@@ -811,7 +830,25 @@ pub fn job_subscription(project: &str, job: &str) -> String {
 }
 
 /// Parses and validates a manifest. `file` is only used in messages.
+/// Value checks the core cannot make itself (the scheduler owns its cron
+/// dialect), run while parsing so that their errors point at the value's
+/// `file:line:column` like every other manifest error.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct FieldChecks {
+    pub cron: Option<fn(&str) -> Result<(), String>>,
+    pub time_zone: Option<fn(&str) -> Result<(), String>>,
+}
+
 pub fn parse(file: &str, src: &str) -> Result<Manifest, ManifestError> {
+    parse_checked(file, src, FieldChecks::default())
+}
+
+/// [`parse`] plus `checks` on the values they cover.
+pub fn parse_checked(
+    file: &str,
+    src: &str,
+    checks: FieldChecks,
+) -> Result<Manifest, ManifestError> {
     let cx = Ctx { file, src };
     let raw: RawManifest = toml::from_str(src).map_err(|e| {
         let span = e.span().unwrap_or(0..0);
@@ -1007,6 +1044,7 @@ pub fn parse(file: &str, src: &str) -> Result<Manifest, ManifestError> {
                         password_env: a.password_env.clone(),
                         server: a.server.clone(),
                     }),
+                    working_dir: r.working_dir.clone(),
                 })
             }
             (Some(_), Some(d)) => return Err(cx.err(d.span(), "a job has either `process` or `docker`, not both")),
@@ -1126,7 +1164,36 @@ pub fn parse(file: &str, src: &str) -> Result<Manifest, ManifestError> {
                 ))
             }
         };
+        let upload_outputs = match &j.upload_outputs {
+            None => UploadOutputs::Always,
+            Some(u) => match u.get_ref().as_str() {
+                "always" => UploadOutputs::Always,
+                "on_success" => UploadOutputs::OnSuccess,
+                other => {
+                    return Err(cx.err(
+                        u.span(),
+                        format!("upload_outputs is \"{other}\"; one of \"always\", \"on_success\""),
+                    ))
+                }
+            },
+        };
+        let mut result_attributes = BTreeMap::new();
+        if let Some(ra) = &j.result_attributes {
+            for (k, v) in ra.get_ref() {
+                if crate::job::RESULT_ATTRIBUTES.contains(&k.as_str()) {
+                    return Err(cx.err(
+                        ra.span(),
+                        format!("result_attributes: \"{k}\" is set by pubrun on every result; choose another name"),
+                    ));
+                }
+                check_tmpl(ra.span(), v)?;
+                result_attributes.insert(k.clone(), v.clone());
+            }
+        }
         m.jobs.push(JobSpec {
+            upload_outputs,
+            result_attributes,
+            result_trigger_attributes: j.result_trigger_attributes,
             name: name.clone(),
             pool,
             topic: topic.to_string(),
@@ -1237,10 +1304,20 @@ pub fn parse(file: &str, src: &str) -> Result<Manifest, ManifestError> {
                 format!("schedule \"{}\" is declared twice", sc.name.get_ref()),
             ));
         }
+        let named = |e: String| format!("schedule \"{}\": {e}", sc.name.get_ref());
+        if let Some(check) = checks.cron {
+            check(sc.cron.get_ref()).map_err(|e| cx.err(sc.cron.span(), named(e)))?;
+        }
+        if let (Some(check), Some(tz)) = (checks.time_zone, &sc.time_zone) {
+            check(tz.get_ref()).map_err(|e| cx.err(tz.span(), named(e)))?;
+        }
         m.schedules.push(ScheduleDecl {
             name: sc.name.get_ref().clone(),
-            cron: sc.cron.clone(),
-            time_zone: sc.time_zone.clone().unwrap_or_else(|| "UTC".to_string()),
+            cron: sc.cron.get_ref().clone(),
+            time_zone: sc
+                .time_zone
+                .as_ref()
+                .map_or_else(|| "UTC".to_string(), |t| t.get_ref().clone()),
             topic: topic_ref(&sc.topic)?.to_string(),
             data: sc.data.clone(),
             attributes: sc.attributes.clone(),
@@ -1272,6 +1349,23 @@ pub fn parse(file: &str, src: &str) -> Result<Manifest, ManifestError> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn resource_kinds_are_the_tables_the_parser_takes() {
+        let e = parse("m.toml", "[[no_such_kind]]\nname = \"x\"\n").unwrap_err();
+        let mut named: Vec<&str> = e
+            .message
+            .split('`')
+            .skip(1)
+            .step_by(2)
+            .filter(|k| *k != "project" && *k != "no_such_kind")
+            .collect();
+        named.sort_unstable();
+        let mut kinds = RESOURCE_KINDS.to_vec();
+        kinds.sort_unstable();
+        assert_eq!(named, kinds, "{}", e.message);
+    }
+
     use super::*;
 
     const GOOD: &str = r#"

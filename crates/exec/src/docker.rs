@@ -14,10 +14,11 @@
 //! * `memory_bytes` as the memory limit *and* the memory+swap limit, so the
 //!   limit cannot be dodged by swapping; `cpus` as nano-CPUs; `network` as
 //!   the network mode when set; `grace_period` as its stop timeout.
-//! * The working directory is the image's own `WORKDIR`, deliberately not
-//!   `/workspace`: images that run `python app.py` from their `WORKDIR` keep
-//!   working, and a job that wants the run's files uses `/workspace/...` or
-//!   `cd /workspace` itself.
+//! * The working directory is `/workspace`, where inputs are and outputs are
+//!   collected, so relative paths mean the same for process and docker jobs;
+//!   `working_dir` moves it (relative to `/workspace`, or absolute), and
+//!   `working_dir = "image"` keeps the image's own `WORKDIR` for images that
+//!   run `python app.py` from it.
 //!
 //! Exit codes are Docker's: a container killed by SIGKILL (timeout after the
 //! grace period, OOM) ends with 137; `Exit::signal` stays `None` because
@@ -366,8 +367,15 @@ impl DockerExecutor {
             network_mode: (!spec.network.is_empty()).then(|| spec.network.clone()),
             ..Default::default()
         };
+        let working_dir = match spec.working_dir.as_str() {
+            "image" => None,
+            "" => Some("/workspace".to_string()),
+            d if d.starts_with('/') => Some(d.to_string()),
+            d => Some(format!("/workspace/{d}")),
+        };
         Ok(ContainerCreateBody {
             image: Some(spec.image.clone()),
+            working_dir,
             cmd: (!spec.command.is_empty()).then(|| spec.command.clone()),
             env: Some(env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
             labels: Some(labels),

@@ -100,6 +100,8 @@ struct State {
     dropped: u64,
     /// Output not yet written because a secret could still complete in it.
     pending: Vec<u8>,
+    /// The job's last written byte was not a newline: a note starts a line.
+    mid_line: bool,
 }
 
 impl LogSink {
@@ -129,6 +131,7 @@ impl LogSink {
                 written,
                 dropped: 0,
                 pending: Vec::new(),
+                mid_line: false,
             }),
         })
     }
@@ -178,6 +181,7 @@ impl LogSink {
                 }
             }
             st.written += keep as u64;
+            st.mid_line = bytes[keep - 1] != b'\n';
         }
         if keep < bytes.len() {
             let first_drop = st.dropped == 0;
@@ -196,9 +200,14 @@ impl LogSink {
     pub async fn note(&self, line: &str) {
         let mut st = self.state.lock().await;
         self.release_all(&mut st).await;
+        let start = if std::mem::take(&mut st.mid_line) {
+            "\n"
+        } else {
+            ""
+        };
         let line = self
             .masker
-            .mask_all(format!("[pubrun] {line}\n").as_bytes());
+            .mask_all(format!("{start}[pubrun] {line}\n").as_bytes());
         if let Some(f) = st.file.as_mut() {
             let _ = f.write_all(&line).await;
         }
@@ -258,7 +267,7 @@ mod tests {
         );
         assert_eq!(
             text,
-            "pw=*** short=*** end\n***![pubrun] exit, env had ***\ntail ***"
+            "pw=*** short=*** end\n***!\n[pubrun] exit, env had ***\ntail ***"
         );
     }
 }

@@ -157,6 +157,57 @@ async fn exit_code_logs_env_and_workspace() {
     assert_removed(&client().await, &r).await;
 }
 
+/// Relative paths mean the same as for process jobs: the container starts in
+/// `/workspace` (the run's directory) unless the job moves it.
+#[tokio::test]
+async fn the_working_directory_is_the_workspace_unless_the_job_says_otherwise() {
+    if !docker_ready("the_working_directory_is_the_workspace_unless_the_job_says_otherwise") {
+        return;
+    }
+    let fx = Fixture::new(1 << 20).await;
+    let spec = docker(
+        TEST_IMAGE,
+        &[
+            "sh",
+            "-c",
+            "echo \"cwd=$(pwd)\"; mkdir -p out; echo rel > out/result.txt",
+        ],
+    );
+    let exit = run(&fx, req(&fx, "cwd-default", spec)).await;
+    assert_eq!(exit.exit_code, Some(0), "{exit:?}\n{}", fx.log_text().await);
+    assert!(
+        fx.log_text().await.contains("cwd=/workspace\n"),
+        "{}",
+        fx.log_text().await
+    );
+    assert_eq!(
+        std::fs::read_to_string(fx.workdir.join("out/result.txt")).unwrap(),
+        "rel\n",
+        "a relative output path lands in the run's directory"
+    );
+
+    let fx = Fixture::new(1 << 20).await;
+    std::fs::create_dir_all(fx.workdir.join("sub")).unwrap();
+    let mut spec = docker(TEST_IMAGE, &["sh", "-c", "echo \"cwd=$(pwd)\""]);
+    spec.working_dir = "sub".into();
+    run(&fx, req(&fx, "cwd-sub", spec)).await;
+    assert!(
+        fx.log_text().await.contains("cwd=/workspace/sub\n"),
+        "{}",
+        fx.log_text().await
+    );
+
+    let fx = Fixture::new(1 << 20).await;
+    let mut spec = docker(TEST_IMAGE, &["sh", "-c", "echo \"cwd=$(pwd)\""]);
+    spec.working_dir = "image".into();
+    run(&fx, req(&fx, "cwd-image", spec)).await;
+    assert!(
+        fx.log_text().await.contains("cwd=/\n"),
+        "the image's WORKDIR: {}",
+        fx.log_text().await
+    );
+}
+
 #[tokio::test]
 async fn labels_and_name_while_running_and_removed_after() {
     if !docker_ready("labels_and_name_while_running_and_removed_after") {

@@ -8,7 +8,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::FutureExt;
 use pubrun_broker::{Broker, Delivered};
-use pubrun_core::job::{check_relative_path, parse_gs_url, ExecutorSpec, JobSpec, TRIGGER_INPUT};
+use pubrun_core::job::{
+    check_relative_path, parse_gs_url, ExecutorSpec, JobSpec, UploadOutputs, TRIGGER_INPUT,
+};
+use pubrun_core::limits;
 use pubrun_core::manifest::job_subscription;
 use pubrun_core::pool::LOCAL_POOL;
 use pubrun_core::run::{Exit, RunStatus};
@@ -899,10 +902,19 @@ impl Dispatcher {
             .executor_for(spec)
             .run(req, log.clone(), token, on_started)
             .await;
-        // Outputs are uploaded whatever the attempt's status (partial results
-        // of a failed or timed-out attempt are often what one needs), but not
-        // when the attempt never started for an infrastructure reason.
-        if !spec.outputs.is_empty() && !exit.infra_error {
+        // Outputs are uploaded per `upload_outputs` (by default whatever the
+        // attempt's status: partial results of a failed attempt are often
+        // what one needs), never when the attempt did not start for an
+        // infrastructure reason.
+        let upload = match spec.upload_outputs {
+            UploadOutputs::Always => true,
+            UploadOutputs::OnSuccess => exit.status() == RunStatus::Succeeded,
+        };
+        if !spec.outputs.is_empty() && !exit.infra_error && !upload {
+            log.note("outputs not uploaded: the attempt did not succeed (upload_outputs = \"on_success\")")
+                .await;
+        }
+        if !spec.outputs.is_empty() && !exit.infra_error && upload {
             if let Err(e) = self.stage_outputs(run, spec, &ctx, &workdir, &log).await {
                 let e = format!("outputs: {e}");
                 log.note(&e).await;
@@ -1298,19 +1310,15 @@ impl Dispatcher {
         };
         let mut retry = false;
         for run in pending {
-            let topic = match self
-                .lock()
-                .jobs
-                .get(&run.job)
-                .map(|j| j.spec.result_topic.clone())
-            {
-                Some(t) if !t.is_empty() => t,
+            let spec = self.lock().jobs.get(&run.job).map(|j| j.spec.clone());
+            let (topic, spec) = match spec {
+                Some(s) if !s.result_topic.is_empty() => (s.result_topic.clone(), s),
                 _ => {
                     let _ = self.store.mark_result_published(run.id);
                     continue;
                 }
             };
-            let msg = self.result_message(&run).await;
+            let msg = self.result_message(&run, &spec).await;
             let published = match TopicName::parse(&topic) {
                 Ok(t) => self.broker.publish(&t, vec![msg]).await,
                 Err(e) => Err(e),
@@ -1334,10 +1342,38 @@ impl Dispatcher {
         retry
     }
 
-    async fn result_message(&self, run: &RunRecord) -> OutgoingMessage {
+    async fn result_message(&self, run: &RunRecord, spec: &JobSpec) -> OutgoingMessage {
         let exit = run.exit.clone().unwrap_or_default();
         let tail = pubrun_exec::log::tail(&self.log_path(run.id), 4096).await;
-        let mut attributes = BTreeMap::new();
+        // Lowest precedence first: the trigger's attributes, the job's
+        // result_attributes, then pubrun's own.
+        let mut attributes = if spec.result_trigger_attributes {
+            run.message.attributes.clone()
+        } else {
+            BTreeMap::new()
+        };
+        let ctx = context(run);
+        for (k, tmpl) in &spec.result_attributes {
+            match template::render(tmpl, &ctx) {
+                // A value Pub/Sub would refuse must not block the result.
+                Ok(v) if v.len() > limits::MAX_ATTRIBUTE_VALUE_BYTES => {
+                    tracing::warn!(
+                        run = run.id,
+                        attribute = k,
+                        bytes = v.len(),
+                        "result attribute longer than Pub/Sub allows; left out"
+                    )
+                }
+                Ok(v) => {
+                    attributes.insert(k.clone(), v);
+                }
+                // The run's result still goes out; the attribute says why
+                // it is empty in the server log.
+                Err(e) => {
+                    tracing::warn!(run = run.id, attribute = k, error = %e, "result attribute cannot be rendered; left out")
+                }
+            }
+        }
         attributes.insert("job".to_string(), run.job.clone());
         attributes.insert("run_id".to_string(), run.id.to_string());
         attributes.insert("status".to_string(), run.status.as_str().to_string());
@@ -1347,6 +1383,25 @@ impl Dispatcher {
         );
         attributes.insert("attempt".to_string(), run.attempt.to_string());
         attributes.insert("source_message_id".to_string(), run.message.id.clone());
+        // Copied trigger attributes go first when there are too many.
+        while attributes.len() > limits::MAX_ATTRIBUTES {
+            let drop = attributes
+                .keys()
+                .find(|k| {
+                    !pubrun_core::job::RESULT_ATTRIBUTES.contains(&k.as_str())
+                        && !spec.result_attributes.contains_key(*k)
+                })
+                .or_else(|| {
+                    attributes
+                        .keys()
+                        .find(|k| !pubrun_core::job::RESULT_ATTRIBUTES.contains(&k.as_str()))
+                })
+                .cloned();
+            match drop {
+                Some(k) => attributes.remove(&k),
+                None => break,
+            };
+        }
         let summary = serde_json::json!({
             "run_id": run.id,
             "job": run.job,

@@ -871,3 +871,45 @@ async fn a_job_filter_selects_its_messages() {
         Some("csv")
     );
 }
+
+/// Seed 000's stop function needs the zone and label the machine was started
+/// with: a result can carry fields of its trigger.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn results_carry_templated_and_trigger_attributes() {
+    let dir = tempdir();
+    let env = env_in(dir.path(), 8).await;
+    env.topic("res3").await;
+    let results = env.subscription("res3-watch", "res3").await;
+    env.topic("in3").await;
+    let spec = job(
+        r#"name = "starter"
+topic = "in3"
+result_topic = "res3"
+result_attributes = { zone = "{{ data.zone }}", label = "vm-{{ attributes.label }}" }
+result_trigger_attributes = true
+process = { command = "true" }
+"#,
+        &["in3", "res3"],
+    );
+    env.dispatcher.put_job(spec).await.unwrap();
+    // The trigger's own `status` must not override pubrun's.
+    env.publish(
+        "in3",
+        &[("label", "gpu"), ("team", "vision"), ("status", "fake")],
+        r#"{"zone": "europe-west4-a"}"#,
+    )
+    .await;
+    let runs = env.wait_runs("starter", 1).await;
+    env.wait_run(runs[0].id, "result published", |r| r.result_published)
+        .await;
+    let got = env.broker.pull(&results, 10, Some(WAIT)).await.unwrap();
+    assert_eq!(got.len(), 1);
+    let a = &got[0].message.attributes;
+    assert_eq!(a["zone"], "europe-west4-a", "{a:?}");
+    assert_eq!(a["label"], "vm-gpu", "{a:?}");
+    assert_eq!(a["team"], "vision", "trigger attributes copied: {a:?}");
+    assert_eq!(
+        a["status"], "succeeded",
+        "pubrun's own attributes win: {a:?}"
+    );
+}

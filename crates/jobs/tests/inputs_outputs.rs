@@ -192,3 +192,43 @@ outputs = [{ from = "out/", to = "gs://missing-bucket/r/" }]
     );
     assert!(env.log(run.id).contains("outputs:"), "{}", env.log(run.id));
 }
+
+/// `upload_outputs = "on_success"`: a failed attempt's half-written result is
+/// not uploaded where a successful one belongs; the default uploads it.
+#[tokio::test(flavor = "multi_thread")]
+async fn outputs_of_a_failed_attempt_follow_upload_outputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let (env, buckets) = with_buckets(dir.path()).await;
+    for (name, policy) in [
+        ("careful", "upload_outputs = \"on_success\"\n"),
+        ("default", ""),
+    ] {
+        let job = format!(
+            "name = \"{name}\"\ntopic = \"{name}-in\"\n{policy}process = {{ command = \"sh\", args = [\"-c\", \"mkdir -p out; echo half > out/result.txt; exit 3\"] }}\noutputs = [{{ from = \"out/\", to = \"gs://output/{name}/\" }}]\n"
+        );
+        env.job(&job, &format!("{name}-in")).await;
+        env.publish(&format!("{name}-in"), &[], "").await;
+        let run = env.wait_runs(name, 1).await.remove(0);
+        let run = env.wait_end(run.id).await;
+        assert_eq!(run.status, RunStatus::Failed, "{run:#?}");
+        let found = buckets
+            .open_object(
+                "output",
+                &format!("{name}/result.txt"),
+                None,
+                Default::default(),
+            )
+            .await
+            .is_ok();
+        let log = env.log(run.id);
+        if name == "careful" {
+            assert!(
+                !found,
+                "on_success uploaded a failed attempt's output\n{log}"
+            );
+            assert!(log.contains("outputs not uploaded"), "{log}");
+        } else {
+            assert!(found, "the default uploads whatever the status\n{log}");
+        }
+    }
+}

@@ -185,6 +185,15 @@ impl Pools {
         self.inner.lock().pools.get(pool).map(|p| p.token.clone())
     }
 
+    /// The pool whose machine run `run_id` waits for, if it waits.
+    pub fn waiting_pool(&self, run_id: &str) -> Option<String> {
+        let st = self.inner.lock();
+        st.waiting
+            .iter()
+            .find(|(_, q)| q.iter().any(|p| p.req.run_id == run_id))
+            .map(|(pool, _)| pool.clone())
+    }
+
     /// Runs waiting for a machine in `pool`.
     pub fn waiting(&self, pool: &str) -> usize {
         self.inner.lock().waiting.get(pool).map_or(0, |q| q.len())

@@ -377,6 +377,14 @@ fn describe_cron_error(e: &croner::errors::CronError) -> String {
     }
 }
 
+/// The manifest checks this crate owns: cron dialect and time zone names.
+pub fn manifest_checks() -> pubrun_core::manifest::FieldChecks {
+    pubrun_core::manifest::FieldChecks {
+        cron: Some(|s| CronExpr::parse(s).map(drop).map_err(|e| e.message)),
+        time_zone: Some(|s| parse_time_zone(s).map(drop).map_err(|e| e.message)),
+    }
+}
+
 /// Parses an IANA time zone name (`Europe/Berlin`, `America/New_York`,
 /// `UTC`); an unknown name is an error that names it.
 pub fn parse_time_zone(name: &str) -> Result<Tz> {

@@ -94,6 +94,15 @@ pub async fn objects(cmd: ObjectsCommand) -> Result<()> {
             prefix,
             conn,
         } => {
+            // gsutil habit: `objects ls gs://BUCKET/PREFIX`.
+            let (bucket, prefix) = match bucket.strip_prefix("gs://") {
+                Some(rest) => match rest.split_once('/') {
+                    Some((b, p)) if prefix.is_empty() => (b.to_string(), p.to_string()),
+                    Some((b, _)) => (b.to_string(), prefix),
+                    None => (rest.to_string(), prefix),
+                },
+                None => (bucket, prefix),
+            };
             let api = Api::new(&conn)?;
             let path = format!("/storage/v1/b/{}/o", seg(&bucket));
             let mut items = Vec::new();

@@ -1,6 +1,6 @@
 //! `pubrun apply` and `pubrun jobs …` (pubrun's REST API under `/api/v1`).
 
-use std::io::Read;
+use std::io::{IsTerminal, Read};
 
 use anyhow::{anyhow, bail, Context, Result};
 use base64::Engine;
@@ -42,32 +42,88 @@ pub async fn apply(args: ApplyArgs) -> Result<()> {
     }
 
     let api = Api::new(conn)?;
-    let dry_run = if args.dry_run { "true" } else { "false" };
-    let query = [("dry_run", dry_run), ("file", file.as_str())];
-    let body = Body {
-        content_type: "application/toml",
-        bytes,
-    };
-    let resp = match api
-        .call_raw(Method::POST, "/api/v1/apply", &query, Some(body))
-        .await
-    {
-        Ok((_, bytes)) => serde_json::from_slice::<Value>(&bytes)
-            .map_err(|e| anyhow!("server sent an apply response that is not JSON ({e})"))?,
-        Err(e) => return Err(manifest_error(e, &file)),
-    };
+    if !args.dry_run && !args.yes {
+        // Show what would be lost first; the operator (or --yes) decides.
+        let plan = post_manifest(&api, &file, &bytes, true).await?;
+        let destructive = destructive_changes(&plan);
+        if destructive > 0 {
+            let interactive = args.file.as_os_str() != "-" && std::io::stdin().is_terminal();
+            if !interactive {
+                output::out(&render_plan_with_warnings(&plan, false))?;
+                bail!(
+                    "the plan deletes or replaces {destructive} resource(s) (shown above); nothing was changed: pass --yes to apply it"
+                );
+            }
+            output::out(&render_plan_with_warnings(&plan, false))?;
+            eprint!("Delete or replace {destructive} resource(s)? [y/N] ");
+            let mut answer = String::new();
+            std::io::stdin().read_line(&mut answer)?;
+            if !matches!(answer.trim(), "y" | "Y" | "yes" | "YES" | "Yes") {
+                bail!("apply cancelled; nothing was changed");
+            }
+        }
+    }
+    let resp = post_manifest(&api, &file, &bytes, args.dry_run).await?;
     if conn.json {
         return output::json(&resp);
     }
-    let changes: &[Value] = resp
-        .get("changes")
-        .and_then(Value::as_array)
-        .map_or(&[], Vec::as_slice);
     let applied = resp
         .get("applied")
         .and_then(Value::as_bool)
         .unwrap_or(!args.dry_run);
-    output::out(&render_plan(changes, applied))
+    output::out(&render_plan_with_warnings(&resp, applied))
+}
+
+async fn post_manifest(api: &Api, file: &str, bytes: &[u8], dry_run: bool) -> Result<Value> {
+    let dry_run = if dry_run { "true" } else { "false" };
+    let query = [("dry_run", dry_run), ("file", file)];
+    let body = Body {
+        content_type: "application/toml",
+        bytes: bytes.to_vec(),
+    };
+    match api
+        .call_raw(Method::POST, "/api/v1/apply", &query, Some(body))
+        .await
+    {
+        Ok((_, bytes)) => serde_json::from_slice::<Value>(&bytes)
+            .map_err(|e| anyhow!("server sent an apply response that is not JSON ({e})")),
+        Err(e) => Err(manifest_error(e, file)),
+    }
+}
+
+/// How many changes of a plan delete or replace something.
+fn destructive_changes(plan: &Value) -> usize {
+    plan.get("changes")
+        .and_then(Value::as_array)
+        .map_or(0, |cs| {
+            cs.iter()
+                .filter(|c| {
+                    matches!(
+                        c.get("action").and_then(Value::as_str),
+                        Some("delete" | "replace")
+                    )
+                })
+                .count()
+        })
+}
+
+/// The plan, then one `warning:` line per server warning.
+fn render_plan_with_warnings(resp: &Value, applied: bool) -> String {
+    let changes: &[Value] = resp
+        .get("changes")
+        .and_then(Value::as_array)
+        .map_or(&[], Vec::as_slice);
+    let mut s = render_plan(changes, applied);
+    for w in resp
+        .get("warnings")
+        .and_then(Value::as_array)
+        .map_or(&[][..], Vec::as_slice)
+    {
+        if let Some(w) = w.as_str() {
+            s.push_str(&format!("warning: {w}\n"));
+        }
+    }
+    s
 }
 
 /// A manifest error (`FILE:LINE:COLUMN: what`) is the whole message: print it

@@ -533,114 +533,21 @@ fn parse_since_at(s: &str, now: i64) -> Result<i64, String> {
     Ok(at.max(0))
 }
 
-/// `90s`, `30m`, `24h`, `7d`, `2w`, `1h30m`, `500ms`; at least one unit.
+/// A duration as the manifest spells it (`90s`, `30m`, `1h30m`, `7d`,
+/// "30 minutes"): the same parser, humantime.
 fn parse_duration_ms(s: &str) -> Option<i64> {
-    if s.is_empty() {
-        return None;
-    }
-    let mut rest = s;
-    let mut total: i64 = 0;
-    while !rest.is_empty() {
-        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
-        if digits == 0 || digits > 12 {
-            return None;
-        }
-        let n: i64 = rest[..digits].parse().ok()?;
-        rest = &rest[digits..];
-        let unit_len = rest.bytes().take_while(u8::is_ascii_alphabetic).count();
-        let unit_ms: i64 = match &rest[..unit_len] {
-            "ms" => 1,
-            "s" | "sec" | "secs" => 1000,
-            "m" | "min" | "mins" => 60_000,
-            "h" | "hr" | "hrs" | "hour" | "hours" => 3_600_000,
-            "d" | "day" | "days" => 86_400_000,
-            "w" | "week" | "weeks" => 7 * 86_400_000,
-            _ => return None,
-        };
-        rest = &rest[unit_len..];
-        total = total.checked_add(n.checked_mul(unit_ms)?)?;
-    }
-    Some(total)
+    let d = humantime::parse_duration(s).ok()?;
+    i64::try_from(d.as_millis()).ok()
 }
 
-/// `YYYY-MM-DD`, or `YYYY-MM-DDTHH:MM:SS[.fff]` followed by `Z` or `±HH:MM`
-/// (a space may stand for the `T`).
+/// RFC 3339 (`2024-05-01T12:00:00Z`, offsets, a space for the `T`) or a bare
+/// date taken as midnight UTC.
 fn parse_rfc3339_ms(s: &str) -> Option<i64> {
-    let b = s.as_bytes();
-    let digits = |r: std::ops::Range<usize>| -> Option<i64> {
-        let part = s.get(r)?;
-        if part.is_empty() || !part.bytes().all(|c| c.is_ascii_digit()) {
-            return None;
-        }
-        part.parse().ok()
-    };
-    if b.len() < 10 || b[4] != b'-' || b[7] != b'-' {
-        return None;
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
+        return Some(t.timestamp_millis());
     }
-    let (y, mo, d) = (digits(0..4)?, digits(5..7)?, digits(8..10)?);
-    if !(1..=12).contains(&mo) || d < 1 || d > days_in_month(y, mo) {
-        return None;
-    }
-    let day_ms = days_from_civil(y, mo, d) * 86_400_000;
-    if b.len() == 10 {
-        return Some(day_ms);
-    }
-    if !matches!(b[10], b'T' | b't' | b' ') || b.len() < 19 || b[13] != b':' || b[16] != b':' {
-        return None;
-    }
-    let (h, mi, sec) = (digits(11..13)?, digits(14..16)?, digits(17..19)?);
-    if h > 23 || mi > 59 || sec > 60 {
-        return None;
-    }
-    let mut i = 19;
-    let mut frac_ms = 0;
-    if b.get(i) == Some(&b'.') {
-        let n = b[i + 1..].iter().take_while(|c| c.is_ascii_digit()).count();
-        if n == 0 {
-            return None;
-        }
-        let f = &s[i + 1..i + 1 + n];
-        let padded = format!("{:0<3}", &f[..n.min(3)]);
-        frac_ms = padded.parse::<i64>().ok()?;
-        i += 1 + n;
-    }
-    let offset_ms = match &s[i..] {
-        "Z" | "z" => 0,
-        off if off.len() == 6
-            && matches!(off.as_bytes()[0], b'+' | b'-')
-            && off.as_bytes()[3] == b':' =>
-        {
-            let oh = digits(i + 1..i + 3)?;
-            let om = digits(i + 4..i + 6)?;
-            if oh > 23 || om > 59 {
-                return None;
-            }
-            let sign = if off.starts_with('-') { -1 } else { 1 };
-            sign * (oh * 3_600_000 + om * 60_000)
-        }
-        _ => return None,
-    };
-    Some(day_ms + h * 3_600_000 + mi * 60_000 + sec * 1000 + frac_ms - offset_ms)
-}
-
-fn days_in_month(y: i64, m: i64) -> i64 {
-    match m {
-        1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
-        4 | 6 | 9 | 11 => 30,
-        _ if (y % 4 == 0 && y % 100 != 0) || y % 400 == 0 => 29,
-        _ => 28,
-    }
-}
-
-/// (year, month, day) → days since 1970-01-01 (Howard Hinnant's algorithm).
-fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
+    let day = chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d").ok()?;
+    Some(day.and_hms_opt(0, 0, 0)?.and_utc().timestamp_millis())
 }
 
 #[cfg(test)]
@@ -657,6 +564,13 @@ mod tests {
         assert_eq!(parse_since_at("7d", NOW), Ok(NOW - 7 * 86_400_000));
         assert_eq!(parse_since_at("90s", NOW), Ok(NOW - 90_000));
         assert_eq!(parse_since_at("0s", NOW), Ok(NOW));
+        // What the manifest accepts, the flag accepts.
+        assert_eq!(parse_since_at("30 minutes", NOW), Ok(NOW - 1_800_000));
+        assert_eq!(parse_since_at("1d", NOW), Ok(NOW - 86_400_000));
+        assert_eq!(
+            parse_since_at("2 days 3h", NOW),
+            Ok(NOW - 2 * 86_400_000 - 3 * 3_600_000)
+        );
     }
 
     #[test]

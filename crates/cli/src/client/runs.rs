@@ -115,6 +115,7 @@ pub async fn logs(args: LogsArgs) -> Result<()> {
     // chunk waits for the rest.
     let mut pending: Vec<u8> = Vec::new();
     let mut unreachable_since: Option<Instant> = None;
+    let mut ends_in_newline = true;
     loop {
         let off = offset.to_string();
         let result = api
@@ -186,13 +187,31 @@ pub async fn logs(args: LogsArgs) -> Result<()> {
                     return Ok(());
                 }
             }
-        } else if !body.is_empty() && !output::out_bytes(&body)? {
-            // The reader went away (`pubrun logs 7 -f | head`).
-            return Ok(());
+        } else if !body.is_empty() {
+            ends_in_newline = body.last() == Some(&b'\n');
+            if !output::out_bytes(&body)? {
+                // The reader went away (`pubrun logs 7 -f | head`).
+                return Ok(());
+            }
         }
 
         if done {
             if !conn.json {
+                // The prompt (or the next tool) starts on its own line.
+                if args.follow && !ends_in_newline && offset > 0 {
+                    output::out_bytes(b"\n")?;
+                }
+                if offset == 0 && is_terminal(&status) && status != "succeeded" {
+                    // Nothing ran (a template, an input or a machine failed
+                    // first): the reason is the whole story.
+                    let resp = api
+                        .get(&run_path(id))
+                        .await
+                        .context("reading why the run ended")?;
+                    let run = resp.get("run").unwrap_or(&Value::Null);
+                    eprintln!("(run {id} left no log: it {})", ended_words(run));
+                    return Ok(());
+                }
                 if !args.follow && !is_terminal(&status) {
                     eprintln!("(run {id} is {status}; `pubrun logs {id} --follow` prints the rest as it comes)");
                 } else if args.follow {
@@ -296,7 +315,10 @@ fn run_row(r: &Value, now: i64) -> Vec<String> {
         r.get("job")
             .map(output::display)
             .unwrap_or_else(|| "?".into()),
-        status_of(r),
+        match r.get("waiting_for_machine").and_then(Value::as_str) {
+            Some(_) => "waiting-for-machine".to_string(),
+            None => status_of(r),
+        },
         attempt(r),
         exit_short(r),
         started.map_or_else(|| "-".into(), |t| output::rfc3339_ms(t, false)),
@@ -428,6 +450,9 @@ pub fn render_run(r: &Value, now: i64) -> String {
         if let Some(nb) = ms(r, "not_before_ms").filter(|&nb| nb > now) {
             status_text += &format!(" (next attempt in {})", output::duration_ms(nb - now));
         }
+    }
+    if let Some(pool) = r.get("waiting_for_machine").and_then(Value::as_str) {
+        status_text = format!("waiting for a machine in pool {pool}");
     }
     if yes(r, "cancel_requested") && !is_terminal(&status) {
         status_text += " (cancel requested)";

@@ -104,32 +104,18 @@ pub fn block(rows: &[(&str, String)]) -> String {
 /// Milliseconds since the Unix epoch as RFC 3339 in UTC, e.g.
 /// `2024-05-01T12:00:03.250Z` (`millis = false`: `2024-05-01T12:00:03Z`).
 pub fn rfc3339_ms(ms: i64, millis: bool) -> String {
-    let secs = ms.div_euclid(1000);
-    let frac = ms.rem_euclid(1000);
-    let days = secs.div_euclid(86_400);
-    let tod = secs.rem_euclid(86_400);
-    let (y, m, d) = civil_from_days(days);
-    let (hh, mm, ss) = (tod / 3600, tod % 3600 / 60, tod % 60);
-    if millis {
-        format!("{y:04}-{m:02}-{d:02}T{hh:02}:{mm:02}:{ss:02}.{frac:03}Z")
+    let t = chrono::DateTime::from_timestamp_millis(ms).unwrap_or_default();
+    let format = if millis {
+        chrono::SecondsFormat::Millis
     } else {
-        format!("{y:04}-{m:02}-{d:02}T{hh:02}:{mm:02}:{ss:02}Z")
-    }
+        chrono::SecondsFormat::Secs
+    };
+    t.to_rfc3339_opts(format, true)
 }
 
-/// Days since 1970-01-01 → (year, month, day), proleptic Gregorian
-/// (Howard Hinnant's algorithm).
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (if m <= 2 { y + 1 } else { y }, m, d)
+/// Now, in milliseconds since the Unix epoch (what the API's times use).
+pub fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
 }
 
 /// A duration for people: `850ms`, `3.2s`, `42s`, `1m05s`, `2h03m`, `3d04h`.

@@ -2,8 +2,6 @@
 //! the machine pools of a server (REST under `/api/v1/pools`,
 //! `/api/v1/machines`, `/api/v1/agents`, `/api/v1/cost`).
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use anyhow::{anyhow, Result};
 use serde_json::{json, Value};
 
@@ -500,11 +498,7 @@ fn render_cost(resp: &Value, args: &CostArgs) -> String {
 
 // ---- --since ----
 
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
+use super::output::now_ms;
 
 /// `--since`: a duration back from now or an RFC 3339 time → milliseconds
 /// since the epoch.

@@ -1,6 +1,6 @@
 //! `pubrun runs …` and `pubrun logs`.
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use reqwest::Method;
@@ -278,11 +278,7 @@ fn id_value(id: &str) -> Value {
         .map_or_else(|_| json!(id), |n| json!(n))
 }
 
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
+use super::output::now_ms;
 
 fn status_of(run: &Value) -> String {
     run.get("status")

@@ -327,7 +327,7 @@ name = "slow"
 [[job]]
 name = "hello"
 topic = "work"
-process = { command = "sh", args = ["-c", "echo hello-from-job-{{ attributes.n }}; sleep 2"] }
+process = { command = "sh", args = ["-c", "echo hello-from-job-{{ attributes.n }}; echo '<b id=injected>log markup</b>'; sleep 2"] }
 
 [[job]]
 name = "slow"
@@ -369,11 +369,19 @@ async fn published_run_appears_and_streams_its_log() {
         .await
         .unwrap();
     b.wait_text("log", "hello-from-job-1").await;
+    // A log line with markup arrives as text, live ...
+    b.wait_text("log", "<b id=injected>log markup</b>").await;
+    assert!(b.c.find(Locator::Css("#injected")).await.is_err());
     b.wait_text("attributes", hostile).await;
     assert!(b.body_text().await.contains(hostile));
     b.assert_nothing_injected().await;
     // The run ends; the page follows it to its end state.
     b.wait_text("status", "succeeded").await;
+    // ... and in the finished run's page, rendered on the server.
+    b.c.refresh().await.unwrap();
+    b.wait_text("log", "<b id=injected>log markup</b>").await;
+    assert!(b.c.find(Locator::Css("#injected")).await.is_err());
+    b.assert_nothing_injected().await;
     // The overview counts the publish in its rate, and the run in the job's row.
     b.publish_rate(&s.url("/"), "projects/demo/topics/work")
         .await;

@@ -857,14 +857,9 @@ async fn run_stream(
     let (req_tx, mut req_rx) = mpsc::channel::<pb::StreamingPullRequest>(16);
     // Reading is its own task so that a slow ack never stalls delivery.
     let reader = tokio::spawn(async move {
-        loop {
-            match input.message().await {
-                Ok(Some(m)) => {
-                    if req_tx.send(m).await.is_err() {
-                        break;
-                    }
-                }
-                Ok(None) | Err(_) => break,
+        while let Ok(Some(m)) = input.message().await {
+            if req_tx.send(m).await.is_err() {
+                break;
             }
         }
     });

@@ -10,6 +10,7 @@ mod body_limit;
 pub mod codec;
 pub mod conn;
 pub mod csrf;
+pub mod dashboard;
 pub mod grpc;
 pub mod jobs_api;
 pub mod metrics;

@@ -90,6 +90,10 @@ pub fn router(
     if let Some(p) = &opts.pools {
         app = app.merge(pubrun_pools::http::admin_router(p.clone()));
     }
+    // The web dashboard (`/`, `/ui/…`): behind the token layer, which also
+    // takes its session cookie; its login form posts outside it.
+    let dashboard = crate::dashboard::Dashboard::new(broker_for_jobs.clone(), opts);
+    app = app.merge(dashboard.pages());
     let app = app
         .fallback(unknown_route)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
@@ -99,13 +103,18 @@ pub fn router(
         ));
     let app = match &opts.token {
         Some(t) => app.layer(axum::middleware::from_fn_with_state(
-            Arc::new(t.clone()),
+            Arc::new(Auth {
+                token: t.clone(),
+                sessions: dashboard.sessions(),
+            }),
             require_token,
         )),
         None => app,
     };
     // Health is outside the auth layer: load balancers and `pubrun` itself probe it.
-    let mut app = app.route("/healthz", get(|| async { "ok\n" }));
+    let mut app = app
+        .route("/healthz", get(|| async { "ok\n" }))
+        .merge(dashboard.login_routes());
     // Metrics check their own tokens: the server's or the metrics token.
     app = app.route(
         "/metrics",
@@ -209,7 +218,15 @@ pub(crate) fn grpc_error(code: tonic::Code, msg: &str) -> Response {
     resp
 }
 
-async fn require_token(State(token): State<Arc<String>>, req: Request, next: Next) -> Response {
+/// What the token layer checks: the bearer token everywhere, or a
+/// dashboard session cookie on dashboard paths only.
+struct Auth {
+    token: String,
+    sessions: crate::dashboard::Sessions,
+}
+
+async fn require_token(State(auth): State<Arc<Auth>>, req: Request, next: Next) -> Response {
+    let token = &auth.token;
     let ok = req
         .headers()
         .get(header::AUTHORIZATION)
@@ -220,6 +237,9 @@ async fn require_token(State(token): State<Arc<String>>, req: Request, next: Nex
         });
     if ok {
         return next.run(req).await;
+    }
+    if crate::dashboard::is_dashboard_path(req.uri().path()) && !is_grpc(&req) {
+        return crate::dashboard::gate(&auth.sessions, req, next).await;
     }
     let msg = "missing or wrong bearer token: send Authorization: Bearer <token> (the server's --token / PUBRUN_TOKEN)";
     if is_grpc(&req) {

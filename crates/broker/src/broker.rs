@@ -22,7 +22,9 @@ use pubrun_store::{AppendFuture, Catalog, Record, Store, SubscriptionEntry, Topi
 use crate::msg::Msg;
 use crate::subscription::{Handout, Pending, Policy, StreamQuota, SubState};
 
+mod overview;
 mod retention;
+pub use overview::{SubscriptionSummary, TopicSummary};
 pub use retention::{Clock, ManualClock, SnapshotInfo, SystemClock};
 
 /// How long a dead letter waits before forwarding is tried again after it
@@ -446,12 +448,12 @@ impl Broker {
                     });
                 }
                 n += 1;
-                if n % 10 == 0 {
+                if n.is_multiple_of(10) {
                     if let Err(e) = broker.run_retention().await {
                         tracing::warn!(error = %e, "expiring snapshots failed");
                     }
                 }
-                if n % 50 == 0 {
+                if n.is_multiple_of(50) {
                     let b = broker.clone();
                     let _ = tokio::task::spawn_blocking(move || b.reclaim()).await;
                 }

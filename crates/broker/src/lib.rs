@@ -38,3 +38,5 @@ pub use broker::{
 };
 // Retention, snapshots and seek: `broker/retention.rs`.
 pub use broker::{Clock, ManualClock, SnapshotInfo, SystemClock};
+// The dashboard's summary: `broker/overview.rs`.
+pub use broker::{SubscriptionSummary, TopicSummary};

@@ -692,3 +692,64 @@ async fn exactly_once_can_be_switched_by_update() {
     assert!(stream.properties().exactly_once_delivery);
     assert!(!stream.properties().message_ordering);
 }
+
+/// The dashboard's summary: backlog per subscription, the publish time of
+/// its oldest unacked message, and the count going down as acks arrive.
+#[tokio::test]
+async fn overview_counts_backlog_and_oldest_unacked() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = open(dir.path());
+    make_topic(&b, "ov").await;
+    make_topic(&b, "ov-empty").await;
+    b.create_subscription(sub_config("ov-a", "ov"))
+        .await
+        .unwrap();
+    b.create_subscription(sub_config("ov-b", "ov"))
+        .await
+        .unwrap();
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as i64;
+    b.publish(&topic("ov"), vec![msg("1"), msg("2"), msg("3")])
+        .await
+        .unwrap();
+    let got = b.pull_at(&subn("ov-a"), 2, Instant::now()).unwrap();
+    assert_eq!(got.len(), 2);
+    b.acknowledge(&subn("ov-a"), &ids(&got)).await.unwrap();
+
+    let (topics, subs) = b.overview();
+    let t: Vec<_> = topics
+        .iter()
+        .map(|t| (t.name.as_str(), t.subscriptions))
+        .collect();
+    assert_eq!(
+        t,
+        [
+            ("projects/p/topics/t-ov", 2),
+            ("projects/p/topics/t-ov-empty", 0)
+        ]
+    );
+    let s: Vec<_> = subs.iter().map(|s| (s.name.as_str(), s.backlog)).collect();
+    assert_eq!(
+        s,
+        [
+            ("projects/p/subscriptions/s-ov-a", 1),
+            ("projects/p/subscriptions/s-ov-b", 3)
+        ]
+    );
+    for s in &subs {
+        let oldest = s
+            .oldest_unacked_nanos
+            .expect("a backlog has an oldest message");
+        assert!(oldest >= before, "{} {oldest} < {before}", s.name);
+        assert_eq!(s.topic, "projects/p/topics/t-ov");
+        assert!(!s.push);
+    }
+    // Everything acked: no backlog, no oldest message.
+    let rest = b.pull_at(&subn("ov-a"), 10, Instant::now()).unwrap();
+    b.acknowledge(&subn("ov-a"), &ids(&rest)).await.unwrap();
+    let (_, subs) = b.overview();
+    assert_eq!(subs[0].backlog, 0);
+    assert_eq!(subs[0].oldest_unacked_nanos, None);
+}

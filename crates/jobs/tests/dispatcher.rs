@@ -268,6 +268,67 @@ async fn dedup_key_makes_one_run_per_key() {
     }
 }
 
+/// The dashboard's keyset paging: newest first, `before` continues below
+/// the last id shown, filters apply, and runs queued meanwhile do not shift
+/// the pages.
+#[test]
+fn run_store_pages_newest_first() {
+    let dir = tempdir();
+    let store = pubrun_jobs::RunStore::open(&dir.path().join("runs.db")).unwrap();
+    let a = job(
+        "name = \"page-a\"\ntopic = \"t-pa\"\nprocess = { command = \"true\" }\n",
+        &["t-pa"],
+    );
+    let b = job(
+        "name = \"page-b\"\ntopic = \"t-pb\"\nprocess = { command = \"true\" }\n",
+        &["t-pb"],
+    );
+    let mut ids_a = Vec::new();
+    for i in 0..7 {
+        let msg = SourceMessage {
+            id: i.to_string(),
+            data: b"x".to_vec(),
+            ..Default::default()
+        };
+        let spec = if i % 3 == 2 { &b } else { &a };
+        let Enqueued::New(id) = store
+            .enqueue(spec, &msg, &i.to_string(), 1_000 + i)
+            .unwrap()
+        else {
+            panic!("new run")
+        };
+        if spec.name == "page-a" {
+            ids_a.push(id);
+        }
+    }
+    ids_a.reverse();
+    let page1 = store.list_before(Some("page-a"), None, None, 3).unwrap();
+    let got: Vec<i64> = page1.iter().map(|r| r.id).collect();
+    assert_eq!(got, ids_a[..3]);
+    // A new run arrives between the pages: page 2 is unchanged by it.
+    let msg = SourceMessage {
+        id: "late".into(),
+        data: b"x".to_vec(),
+        ..Default::default()
+    };
+    store.enqueue(&a, &msg, "late", 2_000).unwrap();
+    let page2 = store
+        .list_before(Some("page-a"), None, Some(*got.last().unwrap()), 3)
+        .unwrap();
+    let got2: Vec<i64> = page2.iter().map(|r| r.id).collect();
+    assert_eq!(got2, ids_a[3..]);
+    assert!(store
+        .list_before(
+            Some("page-a"),
+            Some(pubrun_core::run::RunStatus::Succeeded),
+            None,
+            10
+        )
+        .unwrap()
+        .is_empty());
+    assert_eq!(store.list_before(None, None, None, 100).unwrap().len(), 8);
+}
+
 #[test]
 fn run_store_dedup_window() {
     let dir = tempdir();

@@ -192,6 +192,12 @@ impl Collector for Sources {
 /// A label set, e.g. `labels([("job", job)])`. Values are escaped here:
 /// prometheus-client writes them as given, and a name with `"` or `\`
 /// would otherwise break the exposition.
+/// A counter series' value, 0 when it was never counted. Reading does not
+/// create the series (it would appear in the exposition).
+pub fn counter_value(family: &Family<Labels, Counter>, labels: &Labels) -> u64 {
+    family.get(labels).map_or(0, |c| c.get())
+}
+
 pub fn labels<const N: usize>(pairs: [(&'static str, &str); N]) -> Labels {
     pairs.into_iter().map(|(k, v)| (k, escape(v))).collect()
 }

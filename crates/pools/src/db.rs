@@ -146,6 +146,9 @@ pub struct PoolsDb {
     conn: Mutex<Connection>,
 }
 
+/// An up-span: (machine, pool, start ms, end ms or None while up).
+pub type UpSpan = (String, String, i64, Option<i64>);
+
 impl PoolsDb {
     pub fn open(path: &Path) -> Result<Self> {
         let conn = Connection::open(path).map_err(err)?;
@@ -426,8 +429,7 @@ impl PoolsDb {
     }
 
     /// Up-spans overlapping `[since, until)`: (machine, pool, start, end or None).
-    #[allow(clippy::type_complexity)] // (machine, pool, from, to): read once, by cost.rs
-    pub fn spans(&self, since_ms: i64) -> Result<Vec<(String, String, i64, Option<i64>)>> {
+    pub fn spans(&self, since_ms: i64) -> Result<Vec<UpSpan>> {
         let c = self.conn();
         let mut st = c
             .prepare(

@@ -91,7 +91,22 @@ pub trait RunStore: Send + Sync + 'static {
         job: Option<&str>,
         status: Option<RunStatus>,
         limit: usize,
+    ) -> Result<Vec<RunRecord>> {
+        self.list_before(job, status, None, limit).await
+    }
+
+    /// Newest first, only runs with an id below `before`: keyset paging, so
+    /// a page stays stable while new runs arrive (the dashboard).
+    async fn list_before(
+        &self,
+        job: Option<&str>,
+        status: Option<RunStatus>,
+        before: Option<i64>,
+        limit: usize,
     ) -> Result<Vec<RunRecord>>;
+
+    /// How many runs are in each status (statuses without runs are absent).
+    async fn count_by_status(&self) -> Result<Vec<(RunStatus, u64)>>;
 
     /// Runs in any of `statuses`, oldest first per status (recovery at start).
     async fn with_status(&self, statuses: &[RunStatus]) -> Result<Vec<RunRecord>>;

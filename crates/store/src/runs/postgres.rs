@@ -504,22 +504,41 @@ impl RunStore for PostgresRunStore {
         get_run(&*g.get().await?, id).await
     }
 
-    async fn list(
+    async fn list_before(
         &self,
         job: Option<&str>,
         status: Option<RunStatus>,
+        before: Option<i64>,
         limit: usize,
     ) -> Result<Vec<RunRecord>> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let status = status.map(|s| s.as_str());
+        let before = before.unwrap_or(i64::MAX);
         let mut g = self.conn().await;
         query_runs(
             &*g.get().await?,
-            "WHERE ($1::text IS NULL OR job = $1) AND ($2::text IS NULL OR status = $2)
-             ORDER BY id DESC LIMIT $3",
-            &[&job, &status, &limit],
+            "WHERE ($1::text IS NULL OR job = $1) AND ($2::text IS NULL OR status = $2) AND id < $3
+             ORDER BY id DESC LIMIT $4",
+            &[&job, &status, &before, &limit],
         )
         .await
+    }
+
+    async fn count_by_status(&self) -> Result<Vec<(RunStatus, u64)>> {
+        let mut g = self.conn().await;
+        let rows = g
+            .get()
+            .await?
+            .query("SELECT status, COUNT(*) FROM pubrun_runs GROUP BY status", &[])
+            .await
+            .map_err(pg)?;
+        let mut out = Vec::new();
+        for r in rows {
+            let s: String = r.get(0);
+            let n: i64 = r.get(1);
+            out.push((RunStatus::parse(&s)?, n as u64));
+        }
+        Ok(out)
     }
 
     async fn with_status(&self, statuses: &[RunStatus]) -> Result<Vec<RunRecord>> {

@@ -101,7 +101,18 @@ impl SqliteRunStore {
         status: Option<RunStatus>,
         limit: usize,
     ) -> Result<Vec<RunRecord>> {
-        self.db.call_blocking(|c| list_runs(c, job, status, limit))
+        self.db.call_blocking(|c| list_runs(c, job, status, None, limit))
+    }
+
+    /// Blocking [`RunStore::list_before`](super::RunStore::list_before).
+    pub fn list_before(
+        &self,
+        job: Option<&str>,
+        status: Option<RunStatus>,
+        before: Option<i64>,
+        limit: usize,
+    ) -> Result<Vec<RunRecord>> {
+        self.db.call_blocking(|c| list_runs(c, job, status, before, limit))
     }
 
     pub fn enqueue(
@@ -213,13 +224,34 @@ fn list_runs(
     c: &Connection,
     job: Option<&str>,
     status: Option<RunStatus>,
+    before: Option<i64>,
     limit: usize,
 ) -> Result<Vec<RunRecord>> {
     query_runs(
         c,
-        "WHERE (?1 IS NULL OR job = ?1) AND (?2 IS NULL OR status = ?2) ORDER BY id DESC LIMIT ?3",
-        params![job, status.map(|s| s.as_str()), limit as i64],
+        "WHERE (?1 IS NULL OR job = ?1) AND (?2 IS NULL OR status = ?2) AND id < ?3 ORDER BY id DESC LIMIT ?4",
+        params![
+            job,
+            status.map(|s| s.as_str()),
+            before.unwrap_or(i64::MAX),
+            limit as i64
+        ],
     )
+}
+
+fn count_by_status(c: &Connection) -> Result<Vec<(RunStatus, u64)>> {
+    let mut stmt = c
+        .prepare("SELECT status, COUNT(*) FROM runs GROUP BY status")
+        .map_err(db_err)?;
+    let rows = stmt
+        .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+        .map_err(db_err)?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (s, n) = row.map_err(db_err)?;
+        out.push((RunStatus::parse(&s)?, n as u64));
+    }
+    Ok(out)
 }
 
 fn prune_dedup(c: &Connection, now_ms: i64) -> Result<usize> {
@@ -465,15 +497,20 @@ impl RunStore for SqliteRunStore {
         self.call(move |c| get_run(c, id)).await
     }
 
-    async fn list(
+    async fn list_before(
         &self,
         job: Option<&str>,
         status: Option<RunStatus>,
+        before: Option<i64>,
         limit: usize,
     ) -> Result<Vec<RunRecord>> {
         let job = job.map(str::to_string);
-        self.call(move |c| list_runs(c, job.as_deref(), status, limit))
+        self.call(move |c| list_runs(c, job.as_deref(), status, before, limit))
             .await
+    }
+
+    async fn count_by_status(&self) -> Result<Vec<(RunStatus, u64)>> {
+        self.call(|c| count_by_status(c)).await
     }
 
     async fn with_status(&self, statuses: &[RunStatus]) -> Result<Vec<RunRecord>> {

@@ -82,11 +82,16 @@ name = "done"
 name = "done-sub"
 topic = "done"
 
+[[bucket]]
+name = "traces-data"
+
 [[job]]
 name = "work"
 topic = "work"
 result_topic = "done"
-process = {{ command = "sh", args = ["-c", "printf '%s' \"$TRACEPARENT\" > '{}'; echo traced"] }}
+process = {{ command = "sh", args = ["-c", "printf '%s' \"$TRACEPARENT\" > '{}'; mkdir -p out; echo traced > out/r.txt"] }}
+inputs = [{{ from = "gs://traces-data/in/", to = "in/" }}]
+outputs = [{{ from = "out/", to = "gs://traces-data/out/" }}]
 retries = {{ max_attempts = 1 }}
 secrets = {{ API_KEY = {{ env = "TRACE_TEST_SECRET" }} }}
 "#,
@@ -275,6 +280,10 @@ async fn trace_continues_from_message_through_run_to_job_and_result() {
     assert_eq!(hex(&deliver.parent_span_id), PARENT_SPAN);
     assert_eq!(run.parent_span_id, deliver.span_id);
     assert_eq!(attempt.parent_span_id, run.span_id);
+    for name in ["stage inputs", "upload outputs"] {
+        let s = await_span(&got, TRACE_ID, name, log).await;
+        assert_eq!(s.parent_span_id, attempt.span_id, "{name}");
+    }
     // Kinds as the messaging conventions have them.
     assert_eq!(publish.kind, 4, "PRODUCER");
     assert_eq!(deliver.kind, 5, "CONSUMER");

@@ -471,10 +471,15 @@ impl Dispatcher {
         };
         let key = msg.id.clone();
         let store = self.store.clone();
+        let received = SystemTime::now();
         let r = tokio::task::spawn_blocking(move || {
             let r = store.enqueue(&spec, &msg, &key, now);
             if let Ok(id) = &r {
                 log_queued(&spec.name, id, &msg.id);
+                // The run span's parent, as for a delivered message.
+                if let Enqueued::New(run) = id {
+                    delivery_span(&spec.name, *run, &msg, received);
+                }
             }
             r
         })

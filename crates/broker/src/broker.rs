@@ -17,6 +17,7 @@ use pubrun_core::{
     TopicConfig, TopicName,
 };
 use pubrun_observability::metrics::labels;
+use pubrun_observability::traces;
 use pubrun_store::{AppendFuture, Catalog, Record, Store, SubscriptionEntry, TopicEntry};
 
 use crate::msg::Msg;
@@ -628,7 +629,36 @@ impl Broker {
         messages: Vec<OutgoingMessage>,
     ) -> Result<Vec<String>> {
         validate_publish(&messages)?;
-        self.append(&topic.to_string(), messages).await
+        let topic = topic.to_string();
+        if !traces::enabled() {
+            return self.append(&topic, messages).await;
+        }
+        // One span per message, each a child of the context it carries.
+        let mut spans: Vec<traces::Span> = messages
+            .iter()
+            .map(|m| {
+                let parent = traces::from_attributes(&m.attributes);
+                traces::start(|| traces::SpanStart {
+                    kind: traces::SpanKind::Producer,
+                    attributes: vec![
+                        traces::KeyValue::new("messaging.system", "gcp_pubsub"),
+                        traces::KeyValue::new("messaging.operation", "publish"),
+                        traces::KeyValue::new("messaging.destination.name", topic.clone()),
+                    ],
+                    ..traces::SpanStart::new("publish", parent.as_ref())
+                })
+            })
+            .collect();
+        let res = self.append(&topic, messages).await;
+        match &res {
+            Ok(ids) => {
+                for (span, id) in spans.iter_mut().zip(ids) {
+                    span.set("messaging.message.id", id.clone());
+                }
+            }
+            Err(e) => spans.iter_mut().for_each(|s| s.error(e.to_string())),
+        }
+        res
     }
 
     /// Publishes without the client-facing limits: dead letters carry four

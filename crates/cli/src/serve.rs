@@ -76,6 +76,14 @@ pub struct ServeArgs {
     /// else, for a Prometheus scraper (the server token opens it too).
     #[arg(long, env = "PUBRUN_METRICS_TOKEN", hide_env_values = true)]
     metrics_token: Option<String>,
+    /// Export OpenTelemetry traces over OTLP/HTTP (protobuf) to this base
+    /// URL (`/v1/traces` is appended), e.g. http://127.0.0.1:4318.
+    /// Tracing is off when unset.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
+    /// The `service.name` of exported spans.
+    #[arg(long, env = "OTEL_SERVICE_NAME", default_value = "pubrun")]
+    otel_service_name: String,
     #[command(flatten)]
     log: LogArgs,
 }
@@ -102,6 +110,18 @@ pub(crate) fn init_tracing(log: &LogArgs) {
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     init_tracing(&args.log);
+    // Flushes the last spans when `serve` returns.
+    let _traces = pubrun_observability::traces::init_traces(
+        args.otlp_endpoint.as_deref(),
+        &args.otel_service_name,
+    )?;
+    // The URL itself is not logged: it may carry credentials.
+    if pubrun_observability::traces::enabled() {
+        tracing::info!(
+            service = args.otel_service_name,
+            "exporting traces over OTLP/HTTP"
+        );
+    }
 
     let token = crate::token_file::resolve(args.token, args.token_file.as_deref())?;
     if !args.listen.ip().is_loopback() && token.is_none() {

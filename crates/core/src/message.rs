@@ -56,7 +56,9 @@ impl OutgoingMessage {
                     k.len()
                 )));
             }
-            if k.starts_with("goog") {
+            // `googclient_` is the client libraries' own (trace context,
+            // ordering key), which Pub/Sub accepts from them.
+            if k.starts_with("goog") && !k.starts_with("googclient_") {
                 return Err(Error::invalid(format!(
                     "attribute key \"{k}\" must not start with \"goog\" (reserved)"
                 )));
@@ -169,6 +171,10 @@ mod tests {
         let mut m = msg(b"x");
         m.attributes.insert("googkey".into(), "v".into());
         assert!(m.validate().is_err());
+        let mut m = msg(b"x");
+        m.attributes
+            .insert("googclient_traceparent".into(), "00-…".into());
+        assert!(m.validate().is_ok());
         assert!(validate_publish(&vec![msg(b"x"); 1001]).is_err());
         assert!(validate_publish(&vec![msg(b"x"); 1000]).is_ok());
         assert!(validate_publish(&[]).is_err());

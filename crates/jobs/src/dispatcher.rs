@@ -21,6 +21,7 @@ use pubrun_core::{
 };
 use pubrun_exec::{CancellationToken, Executor, LogSink, PoolRouter, RunRequest, Secrets};
 use pubrun_observability::metrics::labels;
+use pubrun_observability::traces::{self, KeyValue, SpanKind, SpanStart};
 use tokio::sync::Notify;
 
 mod remote;
@@ -458,10 +459,14 @@ impl Dispatcher {
             let Ok(spec) = self.job(&job) else { return };
             let items: Vec<(SourceMessage, String)> =
                 batch.iter().map(|d| source_and_key(&spec, d)).collect();
+            let received = SystemTime::now();
             let queued: Vec<_> = match self.store.enqueue_batch(&spec, &items, now_ms()).await {
                 Ok(ids) => {
                     for (id, (msg, _)) in ids.iter().zip(&items) {
                         log_queued(&spec.name, id, &msg.id);
+                        if let Enqueued::New(run) = id {
+                            delivery_span(&spec.name, *run, msg, received);
+                        }
                     }
                     batch.into_iter().map(|d| d.ack_id).collect()
                 }
@@ -500,8 +505,13 @@ impl Dispatcher {
             ordering_key: String::new(),
         };
         let key = msg.id.clone();
+        let received = SystemTime::now();
         let r = self.store.enqueue(&spec, &msg, &key, now).await?;
         log_queued(&spec.name, &r, &msg.id);
+        // The run span's parent, as for a delivered message.
+        if let Enqueued::New(run) = &r {
+            delivery_span(&spec.name, *run, &msg, received);
+        }
         self.wake.notify_one();
         match r {
             Enqueued::New(id) | Enqueued::Duplicate(id) => Ok(id),
@@ -845,6 +855,34 @@ impl Dispatcher {
     }
 
     async fn attempt(&self, run: &RunRecord, spec: &JobSpec, token: CancellationToken) -> Exit {
+        let t = traces::enabled().then(|| run_trace(run));
+        let mut span = traces::start(|| SpanStart {
+            attributes: vec![
+                KeyValue::new("pubrun.job", run.job.clone()),
+                KeyValue::new("pubrun.run_id", run.id),
+                KeyValue::new("pubrun.attempt", i64::from(run.attempt)),
+                KeyValue::new("pubrun.pool", spec.pool.clone()),
+            ],
+            ..SpanStart::new("attempt", t.as_ref().map(|t| &t.run))
+        });
+        let exit = self.attempt_inner(run, spec, token, &span).await;
+        span.set("pubrun.status", exit.status().as_str());
+        if let Some(c) = exit.exit_code {
+            span.set("pubrun.exit_code", i64::from(c));
+        }
+        if exit.status() != RunStatus::Succeeded {
+            span.error(exit.status().as_str());
+        }
+        exit
+    }
+
+    async fn attempt_inner(
+        &self,
+        run: &RunRecord,
+        spec: &JobSpec,
+        token: CancellationToken,
+        span: &traces::Span,
+    ) -> Exit {
         let ctx = context(run);
         let from_server = match server_env(spec, true) {
             Ok(v) => v,
@@ -865,7 +903,7 @@ impl Dispatcher {
                 }
             }
         };
-        let req = match self.request(run, spec, rendered, from_server) {
+        let mut req = match self.request(run, spec, rendered, from_server) {
             Ok(r) => r,
             Err(e) => {
                 return Exit {
@@ -935,9 +973,20 @@ impl Dispatcher {
             });
             *marking2.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
         });
+        // The job continues the trace from its attempt (W3C env carrier).
+        if let Some(tp) = span.traceparent() {
+            req.env.insert("TRACEPARENT".into(), tp);
+        }
         let workdir = req.workdir.clone();
         if !spec.inputs.is_empty() {
-            if let Err(error) = self.stage_inputs(run, spec, &ctx, &workdir, &log).await {
+            let parent = span.context();
+            let mut staging = traces::start(|| SpanStart::new("stage inputs", parent.as_ref()));
+            let staged = self.stage_inputs(run, spec, &ctx, &workdir, &log).await;
+            if staged.is_err() {
+                staging.error("input staging failed");
+            }
+            drop(staging);
+            if let Err(error) = staged {
                 let exit = Exit {
                     error: Some(error),
                     ..Default::default()
@@ -968,7 +1017,14 @@ impl Dispatcher {
                 .await;
         }
         if !spec.outputs.is_empty() && !exit.infra_error && upload {
-            if let Err(e) = self.stage_outputs(run, spec, &ctx, &workdir, &log).await {
+            let parent = span.context();
+            let mut uploading = traces::start(|| SpanStart::new("upload outputs", parent.as_ref()));
+            let uploaded = self.stage_outputs(run, spec, &ctx, &workdir, &log).await;
+            if uploaded.is_err() {
+                uploading.error("output upload failed");
+            }
+            drop(uploading);
+            if let Err(e) = uploaded {
                 let e = format!("outputs: {e}");
                 log.note(&e).await;
                 exit.error = Some(match exit.error.take() {
@@ -1491,6 +1547,10 @@ impl Dispatcher {
         );
         attributes.insert("attempt".to_string(), run.attempt.to_string());
         attributes.insert("source_message_id".to_string(), run.message.id.clone());
+        // Downstream subscribers continue the trace from this run.
+        if traces::enabled() {
+            traces::inject(&run_trace(run).run, &mut attributes);
+        }
         // Copied trigger attributes go first when there are too many.
         while attributes.len() > limits::MAX_ATTRIBUTES {
             let drop = attributes
@@ -1556,8 +1616,75 @@ fn log_queued(job: &str, e: &Enqueued, message_id: &str) {
     }
 }
 
+/// The run's derived spans (see `pubrun_observability::traces`).
+fn run_trace(run: &RunRecord) -> traces::RunTrace {
+    traces::RunTrace::of(
+        run.id,
+        &run.message.attributes,
+        &format!("{}/{}", run.message.id, run.message.publish_time),
+    )
+}
+
+/// The delivery span: message handed to the job's intake → run queued.
+fn delivery_span(job: &str, run_id: i64, msg: &SourceMessage, received: SystemTime) {
+    if !traces::enabled() {
+        return;
+    }
+    let t = traces::RunTrace::of(
+        run_id,
+        &msg.attributes,
+        &format!("{}/{}", msg.id, msg.publish_time),
+    );
+    traces::start(|| SpanStart {
+        kind: SpanKind::Consumer,
+        id: Some(t.delivery.span_id()),
+        // A root when the message carried no context: the derived trace.
+        trace_id: Some(t.delivery.trace_id()),
+        start: Some(received),
+        attributes: vec![
+            KeyValue::new("messaging.system", "gcp_pubsub"),
+            KeyValue::new("messaging.operation", "deliver"),
+            KeyValue::new("messaging.message.id", msg.id.clone()),
+            KeyValue::new("pubrun.job", job.to_string()),
+            KeyValue::new("pubrun.run_id", run_id),
+        ],
+        ..SpanStart::new("deliver", t.remote_parent.as_ref())
+    });
+}
+
+/// The run span, queued → ended, recorded once the run has ended (its id
+/// was derived, so attempts were its children all along).
+fn run_span(run: &RunRecord, exit: &Exit, now: i64) {
+    if !traces::enabled() {
+        return;
+    }
+    let t = run_trace(run);
+    let status = exit.status();
+    let mut span = traces::start(|| SpanStart {
+        id: Some(t.run.span_id()),
+        start: Some(traces::at_ms(run.created_at_ms)),
+        attributes: vec![
+            KeyValue::new("pubrun.job", run.job.clone()),
+            KeyValue::new("pubrun.run_id", run.id),
+            KeyValue::new("pubrun.attempts", i64::from(run.attempt)),
+            KeyValue::new("pubrun.status", status.as_str()),
+            KeyValue::new("messaging.message.id", run.message.id.clone()),
+        ],
+        ..SpanStart::new("run", Some(&t.delivery))
+    });
+    if let Some(c) = exit.exit_code {
+        span.set("pubrun.exit_code", i64::from(c));
+    }
+    if status != RunStatus::Succeeded {
+        span.error(status.as_str());
+    }
+    // Not before its last attempt's span, which `now` (ms) may truncate.
+    span.end_at(std::time::SystemTime::now().max(traces::at_ms(now)));
+}
+
 /// A run reached its terminal status: one log line, the run counters.
 fn run_ended(run: &RunRecord, exit: &Exit, now: i64) {
+    run_span(run, exit, now);
     let status = exit.status();
     let duration_s = run.started_at_ms.map(|s| (now - s).max(0) as f64 / 1000.0);
     tracing::info!(

@@ -1033,9 +1033,12 @@ pub fn job_subscription(project: &str, job: &str) -> String {
 /// `file:line:column` like every other manifest error.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct FieldChecks {
-    pub cron: Option<fn(&str) -> Result<(), String>>,
-    pub time_zone: Option<fn(&str) -> Result<(), String>>,
+    pub cron: Option<FieldCheck>,
+    pub time_zone: Option<FieldCheck>,
 }
+
+/// Checks one value; the error says what is wrong with it.
+pub type FieldCheck = fn(&str) -> Result<(), String>;
 
 pub fn parse(file: &str, src: &str) -> Result<Manifest, ManifestError> {
     parse_checked(file, src, FieldChecks::default())

@@ -36,7 +36,9 @@ pub(crate) async fn page(ctx: Ctx) -> UiResult {
             async move {
                 let mut rows = Vec::new();
                 for s in specs {
-                    let recent = store.list(Some(&s.name), None, RATE_WINDOW + LAST_RUNS).await?;
+                    let recent = store
+                        .list(Some(&s.name), None, RATE_WINDOW + LAST_RUNS)
+                        .await?;
                     let finished: Vec<_> = recent
                         .iter()
                         .filter(|r| r.status.is_terminal())

@@ -529,7 +529,10 @@ impl RunStore for PostgresRunStore {
         let rows = g
             .get()
             .await?
-            .query("SELECT status, COUNT(*) FROM pubrun_runs GROUP BY status", &[])
+            .query(
+                "SELECT status, COUNT(*) FROM pubrun_runs GROUP BY status",
+                &[],
+            )
             .await
             .map_err(pg)?;
         let mut out = Vec::new();

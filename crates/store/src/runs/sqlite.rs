@@ -101,7 +101,8 @@ impl SqliteRunStore {
         status: Option<RunStatus>,
         limit: usize,
     ) -> Result<Vec<RunRecord>> {
-        self.db.call_blocking(|c| list_runs(c, job, status, None, limit))
+        self.db
+            .call_blocking(|c| list_runs(c, job, status, None, limit))
     }
 
     /// Blocking [`RunStore::list_before`](super::RunStore::list_before).
@@ -112,7 +113,8 @@ impl SqliteRunStore {
         before: Option<i64>,
         limit: usize,
     ) -> Result<Vec<RunRecord>> {
-        self.db.call_blocking(|c| list_runs(c, job, status, before, limit))
+        self.db
+            .call_blocking(|c| list_runs(c, job, status, before, limit))
     }
 
     pub fn enqueue(

@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# The whole test suite: Rust unit + integration tests, then the official
+# The whole test suite: formatting and clippy, Rust unit + integration tests, then the official
 # Google client tests against the real binary. README and .ci/run call this.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+echo "== cargo fmt --check, clippy"
+cargo fmt --all --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== cargo build"
 cargo build --workspace --locked
 echo "== cargo test"

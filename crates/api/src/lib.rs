@@ -11,6 +11,7 @@ pub mod codec;
 pub mod conn;
 pub mod csrf;
 pub mod dashboard;
+pub mod forward;
 pub mod grpc;
 pub mod jobs_api;
 pub mod metrics;

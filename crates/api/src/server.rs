@@ -50,6 +50,10 @@ pub struct ServeOptions {
     /// A read-only token valid for `GET /metrics` only (`--metrics-token`),
     /// for a Prometheus scraper that must not hold the server token.
     pub metrics_token: Option<String>,
+    /// Cluster mode: this server's node name, sent back on every response as
+    /// `x-pubrun-node` so a client (or an operator behind a load balancer)
+    /// sees which server answered.
+    pub node_name: Option<String>,
 }
 
 /// Builds the single router that answers both protocols.
@@ -141,8 +145,22 @@ pub fn router(
         Arc::new(hosts),
         crate::csrf::guard,
     ));
-    Ok(app.layer(axum::middleware::from_fn(access_log)))
+    let app = app.layer(axum::middleware::from_fn(access_log));
+    Ok(match opts.node_name.as_deref().map(HeaderValue::from_str) {
+        Some(Ok(node)) => app.layer(axum::middleware::from_fn_with_state(node, node_header)),
+        Some(Err(_)) => return Err("--node-name must be printable ASCII".to_string()),
+        None => app,
+    })
 }
+
+async fn node_header(State(node): State<HeaderValue>, req: Request, next: Next) -> Response {
+    let mut resp = next.run(req).await;
+    resp.headers_mut().insert(NODE_HEADER, node);
+    resp
+}
+
+/// The response header naming the server that answered (cluster mode).
+pub const NODE_HEADER: &str = "x-pubrun-node";
 
 /// One debug line per request: method, path (never the query, headers or
 /// body, where tokens and data travel), status and time taken.

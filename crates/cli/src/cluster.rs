@@ -10,9 +10,12 @@ use std::time::Duration;
 
 use anyhow::Context;
 use pubrun_jobs::SharedRunStore;
+use pubrun_store::directory::{Directory, REFRESH};
 use pubrun_store::postgres::BROKER_OWNERSHIP;
 use pubrun_store::runs::postgres::Fence;
-use pubrun_store::{EmbeddedStore, PostgresOptions, PostgresRunStore, PostgresStore, Store};
+use pubrun_store::{
+    EmbeddedStore, PostgresOptions, PostgresRunStore, PostgresStore, Store, StoreError,
+};
 
 pub enum ServerStore {
     Embedded(Arc<EmbeddedStore>),
@@ -45,11 +48,14 @@ impl ServerStore {
             ))),
             Some(url) => {
                 tracing::info!(node = %node_name, "cluster mode: Pub/Sub state in PostgreSQL; waiting for ownership");
-                let store = PostgresStore::open(PostgresOptions {
-                    url: url.to_string(),
-                    node_name,
-                    lease_ttl,
-                })
+                let store = PostgresStore::open_with(
+                    PostgresOptions {
+                        url: url.to_string(),
+                        node_name,
+                        lease_ttl,
+                    },
+                    rejoining(),
+                )
                 .await
                 // The URL may hold a password: never echo it.
                 .context("opening the PostgreSQL store (--store)")?;
@@ -112,4 +118,122 @@ impl ServerStore {
             ServerStore::Postgres(s) => s.close(),
         }
     }
+}
+
+/// `--advertise-addr` default: the listen address, or host name + port when
+/// listening on every interface (0.0.0.0 / ::), which peers cannot dial.
+pub fn default_advertise_addr(listen: std::net::SocketAddr) -> String {
+    if listen.ip().is_unspecified() {
+        default_node_name(listen.port())
+    } else {
+        listen.to_string()
+    }
+}
+
+/// Registers this server in the cluster directory and follows who owns the
+/// state: the receiver holds the owner's address while another live server
+/// owns it, `None` while nobody does or this server does (never forward to
+/// ourselves). Refreshed every [`REFRESH`]; a PostgreSQL outage keeps the
+/// last known owner (it may still be serving).
+pub async fn follow_owner(
+    url: &str,
+    node: &str,
+    advertise: &str,
+) -> anyhow::Result<tokio::sync::watch::Receiver<Option<String>>> {
+    let directory = loop {
+        let r = match Directory::open(url).await {
+            Ok(d) => d.register(node, advertise).await.map(|_| d),
+            Err(e) => Err(e),
+        };
+        match r {
+            Ok(d) => break d,
+            Err(StoreError::Unavailable(e)) if rejoining() => {
+                tracing::warn!(error = %e, "waiting for PostgreSQL to rejoin the cluster");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => {
+                return Err(anyhow::Error::new(e)
+                    .context("registering this server in PostgreSQL (--store)"))
+            }
+        }
+    };
+    tracing::info!(node, address = advertise, "registered in the cluster");
+    let (tx, rx) = tokio::sync::watch::channel(None);
+    let (node, advertise) = (node.to_string(), advertise.to_string());
+    tokio::spawn(async move {
+        loop {
+            if let Err(e) = directory.register(&node, &advertise).await {
+                tracing::debug!(error = %e, "could not refresh the cluster registration");
+            }
+            match directory.owner(BROKER_OWNERSHIP).await {
+                Ok(owner) => {
+                    let target = owner.filter(|o| o.node != node).and_then(|o| o.address);
+                    tx.send_if_modified(|cur| {
+                        if *cur != target {
+                            tracing::info!(owner = ?target, "forwarding calls to the owner");
+                            *cur = target;
+                            true
+                        } else {
+                            false
+                        }
+                    });
+                }
+                Err(e) => tracing::debug!(error = %e, "could not read the owner"),
+            }
+            tokio::time::sleep(REFRESH).await;
+        }
+    });
+    Ok(rx)
+}
+
+/// After losing ownership: kill the attempts this process runs (each
+/// process job leads its own process group; the new owner retries them
+/// without using up an attempt) and re-execute this binary with the same
+/// arguments, so it rejoins as a standby once PostgreSQL is reachable.
+pub fn restart_as_standby() -> ! {
+    let me = std::process::id();
+    for child in child_pids(me) {
+        // SAFETY: killpg has no memory-safety preconditions.
+        unsafe {
+            libc::killpg(child as libc::pid_t, libc::SIGKILL);
+        }
+    }
+    use std::os::unix::process::CommandExt;
+    let err = match std::env::current_exe() {
+        Ok(exe) => std::process::Command::new(exe)
+            .args(std::env::args_os().skip(1))
+            .env(REJOINING_ENV, "1")
+            .exec(),
+        Err(e) => e,
+    };
+    tracing::error!(error = %err, "could not restart; exiting");
+    std::process::exit(3)
+}
+
+/// Set on the re-executed process: wait for PostgreSQL instead of failing
+/// fast when it is unreachable (the reason we stepped down may be an outage).
+const REJOINING_ENV: &str = "PUBRUN_REJOINING";
+
+fn rejoining() -> bool {
+    std::env::var_os(REJOINING_ENV).is_some()
+}
+
+/// Direct children of `parent`, from /proc.
+fn child_pids(parent: u32) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                // The command name may hold spaces and parentheses: fields
+                // after the last ')' are state, then ppid.
+                .and_then(|stat| {
+                    let rest = &stat[stat.rfind(')')? + 1..];
+                    rest.split_whitespace().nth(1)?.parse::<u32>().ok()
+                })
+                == Some(parent)
+        })
+        .collect()
 }

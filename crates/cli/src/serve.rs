@@ -63,6 +63,11 @@ pub struct ServeArgs {
     /// This server's name in the cluster (default: host name + port).
     #[arg(long, env = "PUBRUN_NODE_NAME")]
     node_name: Option<String>,
+    /// With --store: the host:port other servers of the cluster reach this
+    /// one at, to forward calls to it while it owns the state (default: the
+    /// --listen address, or host name + port when listening on 0.0.0.0).
+    #[arg(long, env = "PUBRUN_ADVERTISE_ADDR")]
+    advertise_addr: Option<String>,
     /// Ownership lease TTL in milliseconds with --store: a standby takes over
     /// at most this long after the owner died (tests shorten it).
     #[arg(
@@ -144,15 +149,48 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         .node_name
         .clone()
         .unwrap_or_else(|| crate::cluster::default_node_name(args.listen.port()));
-    let store = Arc::new(
-        crate::cluster::ServerStore::open(
-            &args.data_dir,
-            args.store.as_deref(),
-            node_name,
-            std::time::Duration::from_millis(args.lease_ttl_ms),
-        )
-        .await?,
-    );
+    // Cluster mode binds first: while another server owns the state, this
+    // one forwards every connection to it (any server answers any call).
+    let mut early_listener = None;
+    let store_url = args.store.as_deref().filter(|u| !u.is_empty());
+    let store = match store_url {
+        None => {
+            crate::cluster::ServerStore::open(
+                &args.data_dir,
+                None,
+                node_name.clone(),
+                std::time::Duration::from_millis(args.lease_ttl_ms),
+            )
+            .await?
+        }
+        Some(url) => {
+            let listener = bind(args.listen).await?;
+            let advertise = match &args.advertise_addr {
+                Some(a) => a.clone(),
+                None => crate::cluster::default_advertise_addr(listener.local_addr()?),
+            };
+            let owner = crate::cluster::follow_owner(url, &node_name, &advertise).await?;
+            let (owned_tx, owned_rx) = tokio::sync::oneshot::channel::<()>();
+            let forwarding = tokio::spawn(pubrun_api::forward::forward_until(
+                listener,
+                owner,
+                async move {
+                    let _ = owned_rx.await;
+                },
+            ));
+            let store = crate::cluster::ServerStore::open(
+                &args.data_dir,
+                Some(url),
+                node_name.clone(),
+                std::time::Duration::from_millis(args.lease_ttl_ms),
+            )
+            .await?;
+            let _ = owned_tx.send(());
+            early_listener = Some(forwarding.await.context("forwarding task")?);
+            store
+        }
+    };
+    let store = Arc::new(store);
     let broker = Broker::open(store.as_store()).context("recovering broker state")?;
     // Read the manifest before binding so a bad file fails fast, with its line.
     let manifest = match &args.config {
@@ -201,14 +239,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         .map_err(anyhow::Error::msg)
         .context("opening the pools database")?;
     dispatcher.set_pools(Arc::new(pools.clone()));
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| {
-            format!(
-                "binding {} (is another pubrun or emulator running there?)",
-                args.listen
-            )
-        })?;
+    let listener = match early_listener {
+        Some(l) => l,
+        None => bind(args.listen).await?,
+    };
     let addr = listener.local_addr()?;
     dispatcher
         .start()
@@ -260,6 +294,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
                 idle_timeout: args.idle_timeout,
             },
             metrics_token: args.metrics_token.filter(|t| !t.is_empty()),
+            node_name: store_url.map(|_| node_name.clone()),
         },
         {
             let store = store.clone();
@@ -267,11 +302,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
                 tokio::select! {
                     _ = shutdown_signal() => {}
                     _ = store.lease_lost() => {
-                        // Our in-memory Pub/Sub state is stale and every write is
-                        // refused: stop at once, so that a supervisor restarts us
-                        // as a standby (a graceful drain could serve stale pulls).
-                        tracing::error!("another server took over the Pub/Sub state; exiting");
-                        std::process::exit(3);
+                        // Our in-memory state is stale and every write is
+                        // refused: stop at once (a graceful drain could serve
+                        // stale pulls) and come back as a standby.
+                        tracing::error!("lost ownership of the cluster state (taken over, or cut off from PostgreSQL for a whole lease): stopping local attempts and restarting as a standby");
+                        crate::cluster::restart_as_standby();
                     }
                 }
             }
@@ -286,6 +321,12 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     store.close();
     tracing::info!("stopped");
     Ok(())
+}
+
+async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {addr} (is another pubrun or emulator running there?)"))
 }
 
 pub(crate) async fn shutdown_signal() {

@@ -1,6 +1,6 @@
 //! Cluster mode, first step: two real `pubrun serve --store postgres://…`
 //! processes on one throwaway PostgreSQL. The second waits as a hot standby
-//! (it does not listen, so `/healthz` does not answer) while the first owns
+//! (forwarding every call to the first, never answering itself) while the first owns
 //! the Pub/Sub state; after `kill -9` of the first it takes over within the
 //! lease TTL and delivers exactly the messages that were not acknowledged.
 //! Step 2: runs, jobs and run logs are in PostgreSQL too, so the new owner
@@ -18,7 +18,7 @@ use pb::publisher_client::PublisherClient;
 use pb::subscriber_client::SubscriberClient;
 use pubrun_store::testing::TempPostgres;
 
-use common::{connect, free_port, healthz, wait_healthy, Server};
+use common::{answering_node, connect, free_port, wait_answered_by, wait_healthy, Server};
 
 const TOPIC: &str = "projects/cluster/topics/events";
 const SUB: &str = "projects/cluster/subscriptions/events-sub";
@@ -123,18 +123,23 @@ async fn standby_takes_over_after_kill_9_and_delivers_exactly_the_unacked() {
     let port_b = free_port();
     let mut b = start(&pg.url(), "b", &data_b, port_b, &log_b);
     let until = Instant::now() + LEASE_TTL * 3;
+    let mut forwarded = false;
     while Instant::now() < until {
         assert!(
             b.0.try_wait().unwrap().is_none(),
             "standby exited:\n{}",
             read(&log_b)
         );
+        // It forwards to A (any server answers), but never answers itself.
+        let node = answering_node(port_b);
         assert!(
-            !healthz(port_b),
-            "the standby serves while A owns the Pub/Sub state"
+            node.is_none() || node.as_deref() == Some("a"),
+            "the standby serves while A owns the Pub/Sub state: answered by {node:?}"
         );
+        forwarded |= node.is_some();
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    assert!(forwarded, "the standby never forwarded a call to A");
     assert!(
         read(&log_b).contains("waiting as a hot standby"),
         "standby log:\n{}",
@@ -144,7 +149,7 @@ async fn standby_takes_over_after_kill_9_and_delivers_exactly_the_unacked() {
     a.0.kill().expect("SIGKILL A");
     a.0.wait().unwrap();
     let killed = Instant::now();
-    wait_healthy(&mut b.0, port_b, Duration::from_secs(60), || read(&log_b));
+    wait_answered_by(port_b, "b", Duration::from_secs(60), || read(&log_b));
     let took = killed.elapsed();
     // Lease expiry, one standby poll, replay and start.
     assert!(
@@ -339,7 +344,7 @@ process = {{ command = "sh", args = ["-c", "if [ -e {marker} ]; then echo second
     // A dies with the slow attempt in flight.
     a.0.kill().expect("SIGKILL A");
     a.0.wait().unwrap();
-    wait_healthy(&mut b.0, port_b, Duration::from_secs(60), lb);
+    wait_answered_by(port_b, "b", Duration::from_secs(60), lb);
 
     // B knows A's jobs (it got no manifest) and A's runs.
     let jobs = cli_json(port_b, &["jobs", "list"], lb);

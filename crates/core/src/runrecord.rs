@@ -40,6 +40,10 @@ pub struct RunRecord {
     pub handle: String,
     pub cancel_requested: bool,
     pub result_published: bool,
+    /// Cluster mode: the server (`--node-name`) that claimed the current/last
+    /// attempt; `None` on the embedded store (one server).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 /// A queued run as the scheduler sees it (no message data).

@@ -13,6 +13,7 @@
 //! mode, written only by the holder of the `broker` ownership lease.
 
 pub mod catalog;
+pub mod directory;
 pub mod embedded;
 pub mod postgres;
 pub mod record;

@@ -68,6 +68,8 @@ const MIGRATIONS: &[&str] = &[
     );",
     // 2: the run store (`runs::postgres`): jobs, runs, dedup keys, meta.
     crate::runs::postgres::MIGRATION,
+    // 3: cluster members and the address each serves at (`directory`).
+    crate::directory::MIGRATION,
 ];
 
 /// Serializes migrations of concurrently starting servers
@@ -703,13 +705,15 @@ async fn renew_loop(
     paused: Arc<AtomicBool>,
 ) {
     let period = ttl / 3;
+    // When the last successful renewal was *sent*: the lease runs at least
+    // until then + TTL by PostgreSQL's clock.
     let mut last_ok = Instant::now();
-    let mut overdue = false;
     loop {
         tokio::time::sleep(period).await;
         if paused.load(Ordering::Relaxed) || *lost.borrow() {
             continue;
         }
+        let sent = Instant::now();
         let r = async {
             let client = conn.get().await?;
             client
@@ -723,16 +727,7 @@ async fn renew_loop(
         }
         .await;
         match r {
-            Ok(1) => {
-                if overdue {
-                    tracing::info!(
-                        ownership = BROKER_OWNERSHIP,
-                        "ownership lease renewed again"
-                    );
-                }
-                overdue = false;
-                last_ok = Instant::now();
-            }
+            Ok(1) => last_ok = sent,
             Ok(_) => {
                 tracing::error!(
                     ownership = BROKER_OWNERSHIP,
@@ -743,10 +738,15 @@ async fn renew_loop(
                 return;
             }
             Err(e) => {
-                if last_ok.elapsed() >= ttl && !overdue {
-                    overdue = true;
+                if last_ok.elapsed() >= ttl {
+                    // The lease has expired by now (our last renewal started
+                    // before `last_ok`): a standby may own the state already.
+                    // Step down rather than act on work we may not own; any
+                    // write in the window is refused by fencing anyway.
                     tracing::error!(error = %e, ownership = BROKER_OWNERSHIP,
-                        "cannot renew the ownership lease for a whole TTL: a standby may take over");
+                        "cannot renew the ownership lease for a whole TTL: stepping down (a standby takes over)");
+                    let _ = lost.send(true);
+                    return;
                 } else {
                     tracing::warn!(error = %e, "renewing the ownership lease failed; retrying");
                 }
@@ -785,6 +785,17 @@ impl PostgresStore {
     /// `broker` name (a second server on the same database waits here as a
     /// hot standby until the owner's lease expires), and starts renewing it.
     pub async fn open(opts: PostgresOptions) -> Result<Self, StoreError> {
+        Self::open_with(opts, false).await
+    }
+
+    /// [`open`](Self::open); with `wait_for_database`, keeps retrying while
+    /// PostgreSQL is unreachable (a server that stepped down and rejoins)
+    /// instead of failing fast (a fresh start with a wrong URL should say
+    /// so at once).
+    pub async fn open_with(
+        opts: PostgresOptions,
+        wait_for_database: bool,
+    ) -> Result<Self, StoreError> {
         let config = parse_url(&opts.url)?;
         if opts.node_name.trim().is_empty() {
             return Err(StoreError::Config("the node name must not be empty".into()));
@@ -809,9 +820,23 @@ impl PostgresStore {
         let node = opts.node_name.clone();
         let ttl = opts.lease_ttl;
         let setup_config = config.clone();
+        let wait = wait_for_database;
         let setup = handle.spawn(async move {
             let mut conn = Conn::new(setup_config, "writer");
-            ensure_schema(conn.get().await?).await?;
+            loop {
+                let r = match conn.get().await {
+                    Ok(client) => ensure_schema(client).await,
+                    Err(e) => Err(e),
+                };
+                match r {
+                    Ok(()) => break,
+                    Err(StoreError::Unavailable(e)) if wait => {
+                        tracing::warn!(error = %e, "waiting for PostgreSQL");
+                        tokio::time::sleep(MAX_BACKOFF).await;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
             let token = acquire(&mut conn, BROKER_OWNERSHIP, &node, ttl).await;
             tracing::info!(ownership = BROKER_OWNERSHIP, node = %node, token, "acquired ownership");
             Ok::<_, StoreError>((conn, token))

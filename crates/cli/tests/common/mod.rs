@@ -30,18 +30,49 @@ pub fn free_port() -> u16 {
 
 /// Whether `GET /healthz` on the port answers 200.
 pub fn healthz(port: u16) -> bool {
-    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
-        return false;
-    };
+    healthz_response(port).is_some_and(|r| r.starts_with("HTTP/1.1 200"))
+}
+
+fn healthz_response(port: u16) -> Option<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
     let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-    if s.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .is_err()
-    {
-        return false;
-    }
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .ok()?;
     let mut resp = String::new();
     let _ = s.read_to_string(&mut resp);
-    resp.starts_with("HTTP/1.1 200")
+    Some(resp)
+}
+
+/// Cluster mode: the node that answered a healthy `GET /healthz` on the
+/// port (its `x-pubrun-node` header), whichever server the port belongs to.
+pub fn answering_node(port: u16) -> Option<String> {
+    let resp = healthz_response(port)?;
+    if !resp.starts_with("HTTP/1.1 200") {
+        return None;
+    }
+    resp.lines().take_while(|l| !l.is_empty()).find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.eq_ignore_ascii_case("x-pubrun-node")
+            .then(|| v.trim().to_string())
+    })
+}
+
+/// Waits until `GET /healthz` on `port` is answered by `node` (directly or
+/// forwarded), panicking with `log()` after `patience`.
+pub fn wait_answered_by(port: u16, node: &str, patience: Duration, log: impl Fn() -> String) {
+    let deadline = Instant::now() + patience;
+    loop {
+        let seen = answering_node(port);
+        if seen.as_deref() == Some(node) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "port {port} not answered by node {node} within {patience:?} (last: {seen:?})\n{}",
+            log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// Waits until the server child on `port` is healthy; panics (with `log()`

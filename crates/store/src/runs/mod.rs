@@ -199,6 +199,7 @@ struct RawRun {
     handle: String,
     cancel_requested: bool,
     result_published: bool,
+    node: Option<String>,
 }
 
 impl RawRun {
@@ -229,6 +230,7 @@ impl RawRun {
             handle: self.handle,
             cancel_requested: self.cancel_requested,
             result_published: self.result_published,
+            node: self.node,
         })
     }
 }

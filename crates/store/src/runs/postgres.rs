@@ -90,7 +90,7 @@ pub(crate) const MIGRATION: &str = "
 const POOL: usize = 4;
 
 const RUN_COLUMNS: &str = "id, job, status, attempt, max_attempts, message_meta, message_data, dedup_key, exit, \
-     created_at_ms, started_at_ms, ended_at_ms, not_before_ms, machine, handle, cancel_requested, result_published";
+     created_at_ms, started_at_ms, ended_at_ms, not_before_ms, machine, handle, cancel_requested, result_published, claim_owner";
 
 fn pg(e: tokio_postgres::Error) -> Error {
     Error::from(db_err(e))
@@ -116,6 +116,7 @@ fn raw_run(r: &Row) -> Result<RawRun> {
         handle: r.try_get(14).map_err(g)?,
         cancel_requested: r.try_get(15).map_err(g)?,
         result_published: r.try_get(16).map_err(g)?,
+        node: r.try_get(17).map_err(g)?,
     })
 }
 

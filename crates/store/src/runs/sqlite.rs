@@ -176,6 +176,7 @@ fn raw_run(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawRun> {
         handle: r.get(14)?,
         cancel_requested: r.get::<_, i64>(15)? != 0,
         result_published: r.get::<_, i64>(16)? != 0,
+        node: None,
     })
 }
 

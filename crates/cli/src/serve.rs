@@ -77,6 +77,19 @@ pub struct ServeArgs {
         default_value_t = 10_000
     )]
     lease_ttl_ms: u64,
+    /// Also run an agent of this `agents` pool inside this server (every
+    /// server of a cluster, owner and standbys alike, so jobs of that pool
+    /// spread over all of them). The pool's token comes from
+    /// --agent-token / PUBRUN_AGENT_TOKEN (declare the pool with
+    /// `token_env = "PUBRUN_AGENT_TOKEN"`).
+    #[arg(long, env = "PUBRUN_AGENT_POOL")]
+    agent_pool: Option<String>,
+    /// The pool token of --agent-pool.
+    #[arg(long, env = "PUBRUN_AGENT_TOKEN", hide_env_values = true)]
+    agent_token: Option<String>,
+    /// Runs the built-in agent executes at once (default: --slots).
+    #[arg(long, env = "PUBRUN_AGENT_SLOTS", value_parser = clap::value_parser!(u32).range(1..))]
+    agent_slots: Option<u32>,
     /// A read-only bearer token that opens `GET /metrics` and nothing
     /// else, for a Prometheus scraper (the server token opens it too).
     #[arg(long, env = "PUBRUN_METRICS_TOKEN", hide_env_values = true)]
@@ -128,6 +141,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         );
     }
 
+    let agent = AgentSpec::from_args(&args)?;
     let token = crate::token_file::resolve(args.token, args.token_file.as_deref())?;
     if !args.listen.ip().is_loopback() && token.is_none() {
         bail!(
@@ -165,6 +179,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         }
         Some(url) => {
             let listener = bind(args.listen).await?;
+            builtin_agent(&agent, listener.local_addr()?, &node_name)?;
             let advertise = match &args.advertise_addr {
                 Some(a) => a.clone(),
                 None => crate::cluster::default_advertise_addr(listener.local_addr()?),
@@ -241,7 +256,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     dispatcher.set_pools(Arc::new(pools.clone()));
     let listener = match early_listener {
         Some(l) => l,
-        None => bind(args.listen).await?,
+        None => {
+            let l = bind(args.listen).await?;
+            builtin_agent(&agent, l.local_addr()?, &node_name)?;
+            l
+        }
     };
     let addr = listener.local_addr()?;
     dispatcher
@@ -320,6 +339,78 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     drop(broker);
     store.close();
     tracing::info!("stopped");
+    Ok(())
+}
+
+/// `--agent-pool`: an agent of that pool in this process, talking to this
+/// server's own port (served here, or forwarded to the cluster's owner). It
+/// ends with the process; its leases are then retried like any lost agent's.
+struct AgentSpec {
+    pool: String,
+    token: String,
+    slots: u32,
+    data_dir: PathBuf,
+}
+
+impl AgentSpec {
+    fn from_args(args: &ServeArgs) -> anyhow::Result<Option<AgentSpec>> {
+        let Some(pool) = args.agent_pool.clone().filter(|p| !p.is_empty()) else {
+            return Ok(None);
+        };
+        let Some(token) = args.agent_token.clone().filter(|t| !t.is_empty()) else {
+            bail!("--agent-pool {pool} needs the pool's token: set --agent-token or PUBRUN_AGENT_TOKEN");
+        };
+        Ok(Some(AgentSpec {
+            pool,
+            token,
+            slots: args.agent_slots.unwrap_or(args.slots as u32),
+            data_dir: args.data_dir.join("agent"),
+        }))
+    }
+}
+
+fn builtin_agent(spec: &Option<AgentSpec>, addr: SocketAddr, node: &str) -> anyhow::Result<()> {
+    let Some(AgentSpec {
+        pool,
+        token,
+        slots,
+        data_dir,
+    }) = spec
+    else {
+        return Ok(());
+    };
+    let (pool, token, slots, data_dir) = (pool.clone(), token.clone(), *slots, data_dir.clone());
+    let host = if addr.ip().is_unspecified() {
+        SocketAddr::from(([127, 0, 0, 1], addr.port()))
+    } else {
+        addr
+    };
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("creating {}", data_dir.display()))?;
+    let docker: Arc<dyn Executor> = match pubrun_exec::docker::DockerExecutor::connect() {
+        Ok(d) => Arc::new(d),
+        Err(e) => Arc::new(pubrun_exec::Unavailable(format!(
+            "docker engine unreachable on {node}: {e}"
+        ))),
+    };
+    let cfg = pubrun_pools::agent::AgentConfig {
+        server: format!("http://{host}"),
+        pool: pool.clone(),
+        name: node.to_string(),
+        token,
+        slots,
+        labels: Default::default(),
+        data_dir,
+        process: Arc::new(pubrun_exec::process::ProcessExecutor::new()),
+        docker,
+    };
+    tracing::info!(%pool, slots = cfg.slots, "running a built-in agent");
+    tokio::spawn(async move {
+        let stop = pubrun_exec::CancellationToken::new();
+        if let Err(e) = pubrun_pools::agent::run(cfg, stop).await {
+            tracing::error!(error = %e, "the built-in agent stopped");
+        }
+    });
     Ok(())
 }
 

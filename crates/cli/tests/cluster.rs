@@ -738,3 +738,101 @@ async fn partitioned_owner_steps_down_is_fenced_and_rejoins() {
         }
     }
 }
+
+/// `--agent-pool`: every server (owner and standbys) runs an agent of the
+/// pool, so that pool's runs spread over the whole cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn builtin_agents_spread_runs_over_every_server() {
+    let pg = TempPostgres::start();
+    let dir = tempfile::tempdir().unwrap();
+    let start = |name: &'static str| {
+        let port = free_port();
+        let log = dir.path().join(format!("{name}.log"));
+        let child = Command::new(env!("CARGO_BIN_EXE_pubrun"))
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .arg("--data-dir")
+            .arg(dir.path().join(name))
+            .args(["--store", &pg.url(), "--node-name", name])
+            .args(["--agent-pool", "workers", "--agent-slots", "2"])
+            .env("PUBRUN_AGENT_TOKEN", "cluster-agent-token")
+            .env("PUBRUN_LEASE_TTL_MS", LEASE_TTL.as_millis().to_string())
+            .env("PUBRUN_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start pubrun");
+        Node {
+            name,
+            port,
+            server: Server(child),
+            log,
+        }
+    };
+    let a = start("a");
+    wait_answered_by(a.port, "a", PATIENCE, || a.log());
+    let b = start("b");
+    let c = start("c");
+    for n in [&b, &c] {
+        wait_answered_by(n.port, "a", PATIENCE, || logs(&[&a, &b, &c]));
+    }
+    let all = || logs(&[&a, &b, &c]);
+    let manifest = dir.path().join("m.toml");
+    std::fs::write(
+        &manifest,
+        r#"project = "cluster"
+
+[[pool]]
+name = "workers"
+provider = "agents"
+token_env = "PUBRUN_AGENT_TOKEN"
+
+[[topic]]
+name = "work"
+
+[[job]]
+name = "spread"
+topic = "work"
+pool = "workers"
+process = { command = "sh", args = ["-c", "sleep 0.3; echo done"] }
+"#,
+    )
+    .unwrap();
+    cli_json(
+        b.port,
+        &["apply", "-f", manifest.to_str().unwrap(), "--yes"],
+        all,
+    );
+    let ids: Vec<String> = (0..18)
+        .map(|_| cli_json(c.port, &["jobs", "trigger", "spread"], all)["run"]["id"].to_string())
+        .collect();
+    let mut machines = HashSet::new();
+    for id in &ids {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let run = cli_json(a.port, &["runs", "show", id], all)["run"].clone();
+            if run["status"] == "succeeded" {
+                machines.insert(run["machine"].as_str().unwrap_or_default().to_string());
+                break;
+            }
+            assert!(
+                !matches!(
+                    run["status"].as_str(),
+                    Some("failed" | "timed_out" | "cancelled")
+                ),
+                "{run:#}\n{}",
+                all()
+            );
+            assert!(
+                Instant::now() < deadline,
+                "run {id} stuck: {run:#}\n{}",
+                all()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let want: HashSet<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
+    assert_eq!(
+        machines, want,
+        "runs of the pool ran on every server's built-in agent"
+    );
+}

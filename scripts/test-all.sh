@@ -15,4 +15,6 @@ if [ -f tests/python/run.sh ]; then
   echo "== official Google client tests (python)"
   bash scripts/python-venv.sh
   PUBRUN_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug/pubrun" bash tests/python/run.sh
+  echo "== official Google client tests (python) through a 3-server cluster on PostgreSQL"
+  PUBRUN_TEST_STORE=cluster PUBRUN_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug/pubrun" bash tests/python/run.sh
 fi

@@ -103,7 +103,13 @@ def _stop(proc: subprocess.Popen) -> int | None:
         return None
 
 
-def _start_server(binary: Path, workdir: Path, data_dir: Path | None = None) -> PubrunServer:
+def _start_server(
+    binary: Path,
+    workdir: Path,
+    data_dir: Path | None = None,
+    extra_args: list | None = None,
+    healthy=None,
+) -> PubrunServer:
     last_error = ""
     fixed_data_dir = data_dir
     for attempt in range(3):  # a freshly picked free port can be taken in between
@@ -112,6 +118,7 @@ def _start_server(binary: Path, workdir: Path, data_dir: Path | None = None) -> 
         data_dir.mkdir(parents=True, exist_ok=True)
         log_path = workdir / f"pubrun-{time.strftime('%H%M%S')}-{port}.log"
         argv = [str(binary), "serve", "--listen", f"127.0.0.1:{port}", "--data-dir", str(data_dir)]
+        argv += extra_args or []
         env = dict(os.environ)
         env.setdefault("RUST_BACKTRACE", "1")
         env.setdefault("RUST_LOG", "info")
@@ -126,7 +133,7 @@ def _start_server(binary: Path, workdir: Path, data_dir: Path | None = None) -> 
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 break
-            if _healthy(health):
+            if (healthy or _healthy)(health):
                 return server
             time.sleep(0.1)
         code = proc.poll()
@@ -172,14 +179,89 @@ def stop_pubrun(server: PubrunServer, kill: bool = False) -> int | None:
     return _stop(server.proc)
 
 
+class TempPostgres:
+    """A throwaway PostgreSQL cluster (Debian's server binaries; as the
+    `postgres` user when we are root), like crates/store/src/testing.rs."""
+
+    def __init__(self):
+        versions = sorted(
+            (int(p.name), p / "bin")
+            for p in Path("/usr/lib/postgresql").glob("*")
+            if p.name.isdigit() and (p / "bin" / "initdb").is_file()
+        )
+        if not versions:
+            pytest.fail("PostgreSQL server binaries not found under /usr/lib/postgresql (apt-get install postgresql)", pytrace=False)
+        self.bin = versions[-1][1]
+        # Its own temp dir: the postgres user cannot enter our 0700 workdir.
+        self.dir = Path(tempfile.mkdtemp(prefix="pubrun-pg-"))
+        self.as_postgres = os.geteuid() == 0
+        if self.as_postgres:
+            shutil.chown(self.dir, user="postgres")
+        self.port = _free_port()
+        self._run("initdb", "-D", str(self.dir / "data"), "-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync", "--locale", "C")
+        opts = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"
+        self._run("pg_ctl", "-D", str(self.dir / "data"), "-l", str(self.dir / "postgres.log"), "-w", "-t", "60", "-o", opts, "start")
+
+    def _run(self, tool: str, *args: str) -> None:
+        argv = [str(self.bin / tool), *args]
+        if self.as_postgres:
+            argv = ["runuser", "-u", "postgres", "--", *argv]
+        subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    @property
+    def url(self) -> str:
+        return f"postgres://postgres@127.0.0.1:{self.port}/postgres?sslmode=disable"
+
+    def stop(self) -> None:
+        try:
+            self._run("pg_ctl", "-D", str(self.dir / "data"), "-w", "-m", "immediate", "stop")
+        except subprocess.CalledProcessError:
+            pass
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _answered_by(node: str):
+    """A health check that also wants `x-pubrun-node: NODE` (cluster mode)."""
+
+    def check(url: str) -> bool:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                return resp.status == 200 and resp.headers.get("x-pubrun-node") == node
+        except (urllib.error.URLError, ConnectionError, OSError):
+            return False
+
+    return check
+
+
+def _start_cluster(binary: Path, workdir: Path):
+    """PUBRUN_TEST_STORE=cluster: PostgreSQL and three servers on it. Returns
+    (server the tests talk to, all servers, postgres): the tests talk to a
+    standby, so every call is forwarded to the owner."""
+    pg = TempPostgres()
+    servers = []
+    for name in ("a", "b", "c"):
+        args = ["--store", pg.url, "--node-name", name]
+        # a owns the state; b and c answer once they forward to it.
+        servers.append(_start_server(binary, workdir, workdir / f"data-{name}", args, _answered_by("a")))
+    return servers[1], servers, pg
+
+
 @pytest.fixture(scope="session")
 def pubrun_server(request):
-    """The running pubrun server (one per test session)."""
+    """The running pubrun server (one per test session). With
+    PUBRUN_TEST_STORE=cluster: a standby of a three-server cluster on a
+    throwaway PostgreSQL (calls are forwarded to the owner)."""
     global _SERVER
     binary = pubrun_binary()
     workdir = Path(tempfile.mkdtemp(prefix="pubrun-pytest-"))
-    server = _start_server(binary, workdir)
-    _SERVER = server
+    cluster = None
+    if os.environ.get("PUBRUN_TEST_STORE") == "cluster":
+        server, members, pg = _start_cluster(binary, workdir)
+        cluster = (members, pg)
+        _SERVER = members[0]  # failing tests get the owner's log
+    else:
+        server = _start_server(binary, workdir)
+        _SERVER = server
     old_env = os.environ.get("PUBSUB_EMULATOR_HOST")
     os.environ["PUBSUB_EMULATOR_HOST"] = server.hostport
     try:
@@ -192,6 +274,12 @@ def pubrun_server(request):
             os.environ["PUBSUB_EMULATOR_HOST"] = old_env
         died_early = server.proc.poll() is not None
         code = _stop(server.proc)
+        if cluster is not None:
+            members, pg = cluster
+            for m in reversed(members):  # standbys first, the owner last
+                if m is not server:
+                    _stop(m.proc)
+            pg.stop()
         if died_early or code not in (0, -signal.SIGTERM, 128 + signal.SIGTERM):
             how = "died during the tests" if died_early else "did not stop cleanly on SIGTERM"
             sys.stderr.write(

@@ -55,9 +55,10 @@ pub struct ServeArgs {
     /// A connection with no request in flight for this long is closed.
     #[arg(long, env = "PUBRUN_IDLE_TIMEOUT", hide = true, default_value = "60s", value_parser = humantime::parse_duration)]
     idle_timeout: std::time::Duration,
-    /// Cluster mode (in progress): keep the Pub/Sub state in PostgreSQL,
-    /// postgres://USER[:PASS]@HOST:PORT/DB[?sslmode=disable|prefer] (password
-    /// also from PGPASSWORD). Runs, triggers, pools and buckets still use --data-dir.
+    /// Cluster mode: keep the cluster's state in PostgreSQL (servers on the
+    /// same store form one cluster; see README "Cluster mode"),
+    /// postgres://USER[:PASS]@HOST:PORT/DB[?sslmode=disable|prefer|require|verify-full&sslrootcert=CA.pem]
+    /// (password also from PGPASSWORD; TLS certificates are always verified).
     #[arg(long, env = "PUBRUN_STORE", hide_env_values = true)]
     store: Option<String>,
     /// This server's name in the cluster (default: host name + port).

@@ -96,26 +96,116 @@ pub struct PostgresOptions {
     pub lease_ttl: Duration,
 }
 
-/// Parses a store URL into a connection config: `sslmode` must be `disable`
-/// or `prefer` (TLS to PostgreSQL is not built yet, so `prefer` connects in
-/// clear text and `require` is refused rather than silently downgraded); a
-/// password missing from the URL comes from `PGPASSWORD`.
-pub fn parse_url(url: &str) -> Result<Config, StoreError> {
+/// A parsed store URL: the connection settings and, unless
+/// `sslmode=disable`, the TLS connector (rustls).
+#[derive(Clone)]
+pub struct PgConfig {
+    config: Config,
+    tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
+}
+
+/// Never shows the password.
+impl std::fmt::Debug for PgConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgConfig")
+            .field("hosts", &self.config.get_hosts())
+            .field("ports", &self.config.get_ports())
+            .field("dbname", &self.config.get_dbname())
+            .field("user", &self.config.get_user())
+            .field("tls", &self.tls.is_some())
+            .finish()
+    }
+}
+
+impl std::ops::Deref for PgConfig {
+    type Target = Config;
+    fn deref(&self) -> &Config {
+        &self.config
+    }
+}
+
+impl std::ops::DerefMut for PgConfig {
+    fn deref_mut(&mut self) -> &mut Config {
+        &mut self.config
+    }
+}
+
+impl PgConfig {
+    /// Whether connections use TLS (when the server offers it, for `prefer`).
+    pub fn uses_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    /// Opens one connection (its driver task logs under `role`).
+    pub async fn connect(&self, role: &'static str) -> Result<Client, tokio_postgres::Error> {
+        match &self.tls {
+            None => {
+                let (client, conn) = self.config.connect(NoTls).await?;
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::warn!(role, error = %e, "PostgreSQL connection ended");
+                    }
+                });
+                Ok(client)
+            }
+            Some(tls) => {
+                let (client, conn) = self.config.connect(tls.clone()).await?;
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::warn!(role, error = %e, "PostgreSQL connection ended");
+                    }
+                });
+                Ok(client)
+            }
+        }
+    }
+}
+
+/// Parses a store URL: `postgres://USER[:PASS]@HOST:PORT/DB[?sslmode=…&sslrootcert=FILE]`.
+/// A password missing from the URL comes from `PGPASSWORD`.
+///
+/// TLS (rustls): `sslmode=disable` never uses it; `prefer` (the default) uses
+/// it when the server offers it; `require`, `verify-ca` and `verify-full`
+/// insist on it. Whenever TLS is used the server's certificate is verified,
+/// host name included (libpq's `verify-full`), against `sslrootcert` (a PEM
+/// file) or else the system's trusted roots: pubrun never encrypts to an
+/// unauthenticated peer, since that protects against nothing on a network
+/// where someone can read the traffic.
+pub fn parse_url(url: &str) -> Result<PgConfig, StoreError> {
     if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
         return Err(StoreError::Config(
             "the store URL must start with postgres:// (e.g. postgres://USER@HOST:5432/DB)".into(),
         ));
     }
-    let mut config = Config::from_str(url)
-        .map_err(|e| StoreError::Config(format!("bad PostgreSQL URL: {e}")))?;
-    match config.get_ssl_mode() {
-        SslMode::Disable | SslMode::Prefer => {}
-        _ => return Err(StoreError::Config(
-            "sslmode=require is not supported yet (pubrun connects to PostgreSQL without TLS); \
-                 use sslmode=disable on a trusted network"
-                .into(),
-        )),
+    // tokio-postgres knows neither `sslrootcert` nor the verify-* modes:
+    // take them out of the query before it parses the rest.
+    let (base, query) = url.split_once('?').unwrap_or((url, ""));
+    let mut root_cert = None;
+    let mut mode = "prefer".to_string();
+    let mut kept = Vec::new();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("sslrootcert", v)) => root_cert = Some(v.to_string()),
+            Some(("sslmode", v)) => mode = v.to_string(),
+            _ => kept.push(pair),
+        }
     }
+    let pg_mode = match mode.as_str() {
+        "disable" => "disable",
+        "prefer" | "allow" => "prefer",
+        "require" | "verify-ca" | "verify-full" => "require",
+        other => return Err(StoreError::Config(format!(
+            "sslmode={other} is not known: use disable, prefer, require, verify-ca or verify-full"
+        ))),
+    };
+    kept.push(match pg_mode {
+        "disable" => "sslmode=disable",
+        "prefer" => "sslmode=prefer",
+        _ => "sslmode=require",
+    });
+    let rebuilt = format!("{base}?{}", kept.join("&"));
+    let mut config = Config::from_str(&rebuilt)
+        .map_err(|e| StoreError::Config(format!("bad PostgreSQL URL: {e}")))?;
     if config.get_password().is_none() {
         if let Ok(pw) = std::env::var("PGPASSWORD") {
             config.password(pw);
@@ -123,13 +213,65 @@ pub fn parse_url(url: &str) -> Result<Config, StoreError> {
     }
     config.connect_timeout(CONNECT_TIMEOUT);
     config.application_name("pubrun");
-    Ok(config)
+    let tls = match config.get_ssl_mode() {
+        SslMode::Disable => None,
+        _ => Some(tls_connector(root_cert.as_deref())?),
+    };
+    Ok(PgConfig { config, tls })
+}
+
+fn tls_connector(
+    root_cert: Option<&str>,
+) -> Result<tokio_postgres_rustls::MakeRustlsConnect, StoreError> {
+    use rustls::pki_types::{pem::PemObject, CertificateDer};
+    let mut roots = rustls::RootCertStore::empty();
+    match root_cert {
+        Some(path) => {
+            let certs = CertificateDer::pem_file_iter(path)
+                .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| StoreError::Config(format!("sslrootcert {path}: {e}")))?;
+            if certs.is_empty() {
+                return Err(StoreError::Config(format!(
+                    "sslrootcert {path}: no PEM certificate in it"
+                )));
+            }
+            for c in certs {
+                roots
+                    .add(c)
+                    .map_err(|e| StoreError::Config(format!("sslrootcert {path}: {e}")))?;
+            }
+        }
+        None => {
+            // Unreadable entries of the system store are skipped, like curl.
+            for c in rustls_native_certs::load_native_certs().certs {
+                let _ = roots.add(c);
+            }
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| StoreError::Config(format!("TLS setup: {e}")))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(tokio_postgres_rustls::MakeRustlsConnect::new(tls))
 }
 
 pub(crate) fn db_err(e: tokio_postgres::Error) -> StoreError {
     match e.as_db_error() {
         Some(db) => StoreError::Unavailable(format!("{}: {}", db.code().code(), db.message())),
-        None => StoreError::Unavailable(e.to_string()),
+        None => {
+            // The cause (refused connection, TLS certificate problem) is in
+            // the source chain, not in the top-level message.
+            let mut msg = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(cause) = source {
+                msg.push_str(": ");
+                msg.push_str(&cause.to_string());
+                source = cause.source();
+            }
+            StoreError::Unavailable(msg)
+        }
     }
 }
 
@@ -153,7 +295,7 @@ fn replicate(e: &StoreError) -> StoreError {
 /// One connection that reconnects with backoff: while PostgreSQL is away,
 /// calls fail fast with `Unavailable` instead of hanging.
 pub(crate) struct Conn {
-    config: Config,
+    config: PgConfig,
     client: Option<Client>,
     next_try: Instant,
     backoff: Duration,
@@ -161,7 +303,7 @@ pub(crate) struct Conn {
 }
 
 impl Conn {
-    pub(crate) fn new(config: Config, role: &'static str) -> Self {
+    pub(crate) fn new(config: PgConfig, role: &'static str) -> Self {
         Conn {
             config,
             client: None,
@@ -187,14 +329,8 @@ impl Conn {
                 "reconnecting to PostgreSQL".to_string(),
             ));
         }
-        match self.config.connect(NoTls).await {
-            Ok((client, connection)) => {
-                let role = self.role;
-                tokio::spawn(async move {
-                    if let Err(e) = connection.await {
-                        tracing::warn!(role, error = %e, "PostgreSQL connection ended");
-                    }
-                });
+        match self.config.connect(self.role).await {
+            Ok(client) => {
                 self.backoff = MIN_BACKOFF;
                 Ok(self.client.insert(client))
             }

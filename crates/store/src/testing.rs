@@ -16,6 +16,8 @@ pub struct TempPostgres {
     bin: PathBuf,
     port: u16,
     as_postgres: bool,
+    /// Extra `postgres -c` settings (TLS).
+    extra_opts: String,
 }
 
 const INSTALL_HINT: &str = "PostgreSQL server binaries not found under /usr/lib/postgresql/*/bin \
@@ -72,6 +74,7 @@ impl TempPostgres {
             bin,
             port: free_port(),
             as_postgres,
+            extra_opts: String::new(),
         };
         let data = pg.data_dir();
         run(
@@ -84,6 +87,53 @@ impl TempPostgres {
         );
         pg.pg_ctl_start();
         pg
+    }
+
+    /// Restarts the cluster with TLS on: a throwaway CA (`ca.pem` in the
+    /// cluster's dir, returned) signs a certificate for 127.0.0.1 and
+    /// localhost (made with `openssl`, which `.ci/run` installs).
+    pub fn enable_tls(&mut self) -> PathBuf {
+        let dir = self.dir.path().to_path_buf();
+        std::fs::write(
+            dir.join("leaf.ext"),
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
+        )
+        .expect("write leaf.ext");
+        for args in [
+            "req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=pubrun-test-ca -keyout ca.key -out ca.pem",
+            "req -newkey rsa:2048 -nodes -subj /CN=127.0.0.1 -keyout server.key -out server.csr",
+            "x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 -extfile leaf.ext -out server.crt",
+        ] {
+            run(
+                Command::new("openssl")
+                    .args(args.split(' '))
+                    .current_dir(&dir),
+                "openssl (install the openssl package)",
+            );
+        }
+        run(
+            Command::new("chmod")
+                .arg("0600")
+                .arg(dir.join("server.key")),
+            "chmod server.key",
+        );
+        if self.as_postgres {
+            run(
+                Command::new("chown")
+                    .arg("postgres:")
+                    .arg(dir.join("server.key"))
+                    .arg(dir.join("server.crt")),
+                "chown the server key",
+            );
+        }
+        self.stop();
+        self.extra_opts = format!(
+            " -c ssl=on -c ssl_cert_file={} -c ssl_key_file={}",
+            dir.join("server.crt").display(),
+            dir.join("server.key").display()
+        );
+        self.pg_ctl_start();
+        dir.join("ca.pem")
     }
 
     fn data_dir(&self) -> PathBuf {
@@ -103,9 +153,10 @@ impl TempPostgres {
 
     fn pg_ctl_start(&self) {
         let opts = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200",
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200{}",
             self.port,
-            self.dir.path().display()
+            self.dir.path().display(),
+            self.extra_opts
         );
         run(
             self.pg_command("pg_ctl")

@@ -227,15 +227,81 @@ async fn postgres_schema_newer_than_the_binary_is_refused() {
 #[test]
 fn postgres_url_rules() {
     use pubrun_store::postgres::parse_url;
-    assert!(parse_url("postgres://u@h:5432/db").is_ok());
-    assert!(parse_url("postgres://u@h:5432/db?sslmode=disable").is_ok());
-    assert!(parse_url("postgres://u@h:5432/db?sslmode=prefer").is_ok());
-    let e = parse_url("postgres://u@h:5432/db?sslmode=require").unwrap_err();
     assert!(
-        e.to_string().contains("sslmode=require is not supported"),
+        parse_url("postgres://u@h:5432/db").unwrap().uses_tls(),
+        "prefer by default"
+    );
+    assert!(!parse_url("postgres://u@h:5432/db?sslmode=disable")
+        .unwrap()
+        .uses_tls());
+    for mode in ["prefer", "require", "verify-ca", "verify-full"] {
+        let url = format!("postgres://u@h:5432/db?sslmode={mode}&application_name=x");
+        assert!(parse_url(&url).unwrap().uses_tls(), "{mode}");
+    }
+    let e = parse_url("postgres://u@h:5432/db?sslmode=sometimes").unwrap_err();
+    assert!(
+        e.to_string().contains("sslmode=sometimes is not known"),
         "{e}"
     );
+    let e =
+        parse_url("postgres://u@h/db?sslmode=require&sslrootcert=/nonexistent.pem").unwrap_err();
+    assert!(e.to_string().contains("/nonexistent.pem"), "{e}");
     assert!(parse_url("mysql://u@h/db").is_err());
+}
+
+/// TLS to PostgreSQL: verified against `sslrootcert`; a server whose
+/// certificate the given CA did not sign is refused; `disable` stays clear.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_tls_is_used_and_verified() {
+    bounded(async {
+        let mut pg = TempPostgres::start();
+        let ca = pg.enable_tls();
+        let ssl_in_use = |url: String| async move {
+            let client = pubrun_store::postgres::parse_url(&url)
+                .unwrap()
+                .connect("test")
+                .await?;
+            let row = client
+                .query_one(
+                    "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+                    &[],
+                )
+                .await?;
+            Ok::<bool, tokio_postgres::Error>(row.get(0))
+        };
+        let base = pg.url().replace("?sslmode=disable", "");
+        let verified = format!("{base}?sslmode=verify-full&sslrootcert={}", ca.display());
+        assert!(ssl_in_use(verified.clone()).await.unwrap(), "TLS in use");
+        assert!(
+            !ssl_in_use(pg.url()).await.unwrap(),
+            "sslmode=disable is clear text"
+        );
+        // The system's roots do not know the throwaway CA: refused, not downgraded.
+        let err = ssl_in_use(format!("{base}?sslmode=require"))
+            .await
+            .unwrap_err();
+        let mut err: &dyn std::error::Error = &err;
+        let mut chain = err.to_string();
+        while let Some(cause) = err.source() {
+            chain = format!("{chain}: {cause}");
+            err = cause;
+        }
+        let err = chain;
+        assert!(
+            err.contains("certificate") || err.contains("UnknownIssuer"),
+            "{err}"
+        );
+        // The whole store works over TLS.
+        let store = PostgresStore::open(pg_options(verified, "a", Duration::from_secs(5)))
+            .await
+            .unwrap();
+        store.replay(&mut |_| {}).unwrap();
+        store
+            .append(vec![publish(1, [1], "over tls")])
+            .await
+            .unwrap();
+    })
+    .await
 }
 
 /// PostgreSQL goes away: appends fail (UNAVAILABLE for clients), then work

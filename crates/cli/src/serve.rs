@@ -28,6 +28,14 @@ pub struct ServeArgs {
     /// Manifest to apply at start (same as `pubrun apply -f FILE` once serving).
     #[arg(long, env = "PUBRUN_CONFIG")]
     config: Option<PathBuf>,
+    /// When a write is acknowledged: `always` after fdatasync (survives power
+    /// loss), or `interval`: once written, syncing every --sync-interval
+    /// (survives kill -9; a power loss can lose the last interval).
+    #[arg(long, env = "PUBRUN_SYNC", value_enum, default_value = "always")]
+    sync: SyncArg,
+    /// How often `--sync interval` syncs.
+    #[arg(long, env = "PUBRUN_SYNC_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
+    sync_interval: std::time::Duration,
     /// Runs executing at the same time, across all jobs.
     #[arg(long, env = "PUBRUN_SLOTS", default_value_t = default_slots())]
     slots: usize,
@@ -107,6 +115,12 @@ pub struct ServeArgs {
     log: LogArgs,
 }
 
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum SyncArg {
+    Always,
+    Interval,
+}
+
 /// Log options shared by `serve` and `agent`.
 #[derive(clap::Args)]
 pub struct LogArgs {
@@ -143,6 +157,15 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
 
     let agent = AgentSpec::from_args(&args)?;
+    pubrun_store::set_sync_mode(match args.sync {
+        SyncArg::Always => pubrun_store::SyncMode::Always,
+        SyncArg::Interval => {
+            if args.sync_interval.is_zero() {
+                bail!("--sync-interval must be more than 0");
+            }
+            pubrun_store::SyncMode::Interval(args.sync_interval)
+        }
+    });
     let token = crate::token_file::resolve(args.token, args.token_file.as_deref())?;
     if !args.listen.ip().is_loopback() && token.is_none() {
         bail!(

@@ -3,7 +3,10 @@
 //!
 //! Durability: `append` resolves only after the frames are written and the
 //! segment is `fdatasync`ed; every append that arrives while a sync runs joins
-//! the next one, so many concurrent publishes share one sync. The catalog is
+//! the next one, so many concurrent publishes share one sync. With
+//! [`SyncMode::Interval`](crate::SyncMode) it resolves once the frames are
+//! written (in the page cache: a process crash loses nothing) and the writer
+//! syncs at most one interval later. The catalog is
 //! replaced atomically (write temp, fsync, rename, fsync dir).
 
 use std::collections::BTreeMap;
@@ -120,9 +123,23 @@ impl EmbeddedStore {
         let segments = self.segments.clone();
         let log_bytes = self.log_bytes.clone();
         let segment_bytes = self.segment_bytes;
+        let interval = match crate::sync_mode() {
+            crate::SyncMode::Always => None,
+            crate::SyncMode::Interval(d) => Some(d),
+        };
         let handle = std::thread::Builder::new()
             .name("pubrun-log-writer".into())
-            .spawn(move || writer_loop(rx, tail, log_dir, segments, log_bytes, segment_bytes))
+            .spawn(move || {
+                writer_loop(
+                    rx,
+                    tail,
+                    log_dir,
+                    segments,
+                    log_bytes,
+                    segment_bytes,
+                    interval,
+                )
+            })
             .expect("spawn log writer thread");
         *self.tx.lock().unwrap() = Some(tx);
         *self.writer.lock().unwrap() = Some(handle);
@@ -160,9 +177,29 @@ fn writer_loop(
     segments: Arc<Mutex<BTreeMap<u64, SegmentInfo>>>,
     log_bytes: Arc<AtomicU64>,
     segment_bytes: u64,
+    interval: Option<std::time::Duration>,
 ) {
     let mut batch: Vec<WriteReq> = Vec::new();
-    while let Ok(first) = rx.recv() {
+    // Interval mode: when the oldest write not yet synced was made.
+    let mut dirty_since: Option<std::time::Instant> = None;
+    loop {
+        let first = match (interval, dirty_since) {
+            (Some(every), Some(since)) => {
+                match rx.recv_timeout(every.saturating_sub(since.elapsed())) {
+                    Ok(r) => r,
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        sync_tail(&tail);
+                        dirty_since = None;
+                        continue;
+                    }
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                }
+            }
+            _ => match rx.recv() {
+                Ok(r) => r,
+                Err(_) => break,
+            },
+        };
         batch.push(first);
         let mut bytes = batch[0].frames.len();
         while bytes < MAX_BATCH_BYTES {
@@ -175,13 +212,12 @@ fn writer_loop(
             }
         }
         let path = segment_path(&log_dir, tail.base);
-        let result = write_batch(&mut tail.file, &batch).and_then(|()| {
-            let started = std::time::Instant::now();
-            let synced = tail.file.sync_data();
-            pubrun_observability::metrics()
-                .store_sync
-                .observe(started.elapsed().as_secs_f64());
-            synced
+        let result = write_batch(&mut tail.file, &batch).and_then(|()| match interval {
+            None => timed_sync(&tail.file),
+            Some(_) => {
+                dirty_since.get_or_insert_with(std::time::Instant::now);
+                Ok(())
+            }
         });
         match result {
             Ok(()) => {
@@ -217,7 +253,17 @@ fn writer_loop(
         // name, i.e. be the same file, and `reclaim` would then delete the
         // active segment as a dead closed one. It keeps growing (acks only)
         // until a publish arrives.
+        if let (Some(every), Some(since)) = (interval, dirty_since) {
+            if since.elapsed() >= every {
+                sync_tail(&tail);
+                dirty_since = None;
+            }
+        }
         if tail.len >= segment_bytes && tail.next_seq > tail.base {
+            // A closed segment is never synced again: sync it now.
+            if dirty_since.take().is_some() {
+                sync_tail(&tail);
+            }
             match roll_segment(&log_dir, &tail) {
                 Ok(file) => {
                     segments.lock().unwrap().insert(
@@ -242,7 +288,26 @@ fn writer_loop(
             }
         }
     }
-    let _ = tail.file.sync_data();
+    sync_tail(&tail);
+}
+
+/// One timed `fdatasync` of the active segment.
+fn timed_sync(file: &File) -> std::io::Result<()> {
+    let started = std::time::Instant::now();
+    let synced = file.sync_data();
+    pubrun_observability::metrics()
+        .store_sync
+        .observe(started.elapsed().as_secs_f64());
+    synced
+}
+
+/// Interval mode's background sync. The writes it covers were acknowledged
+/// already, so a failure can only be reported: loudly, since a power loss
+/// could now lose them.
+fn sync_tail(tail: &Tail) {
+    if let Err(e) = timed_sync(&tail.file) {
+        tracing::error!(error = %e, "fdatasync of the message log failed: acknowledged messages may not survive a power loss");
+    }
 }
 
 fn write_batch(file: &mut File, batch: &[WriteReq]) -> std::io::Result<()> {

@@ -24,12 +24,43 @@ pub mod testing;
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::OnceLock;
+use std::time::Duration;
 
 pub use catalog::{Catalog, SnapshotEntry, SubscriptionEntry, TopicEntry};
 pub use embedded::EmbeddedStore;
 pub use postgres::{PostgresOptions, PostgresStore};
 pub use record::{Record, SeekTarget};
 pub use runs::{PostgresRunStore, RunStore, SqliteRunStore};
+
+/// When a write counts as durable (`pubrun serve --sync`), for every engine
+/// of the server: one setting per process, because a server's log, SQLite
+/// databases and PostgreSQL sessions must promise the same thing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SyncMode {
+    /// Acknowledge after `fdatasync` (SQLite `synchronous = FULL`,
+    /// PostgreSQL `synchronous_commit = on`): survives power loss.
+    #[default]
+    Always,
+    /// Acknowledge after the write reached the OS; sync at most this long
+    /// later (SQLite `synchronous = NORMAL`, PostgreSQL `synchronous_commit =
+    /// off`). Survives `kill -9` (the page cache outlives the process); a
+    /// power loss can lose what was acknowledged in the last interval.
+    Interval(Duration),
+}
+
+static SYNC_MODE: OnceLock<SyncMode> = OnceLock::new();
+
+/// Sets the process's [`SyncMode`] once, before any store opens. Later
+/// calls are ignored (returns false).
+pub fn set_sync_mode(mode: SyncMode) -> bool {
+    SYNC_MODE.set(mode).is_ok()
+}
+
+/// The process's [`SyncMode`] (`Always` unless set).
+pub fn sync_mode() -> SyncMode {
+    SYNC_MODE.get().copied().unwrap_or_default()
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

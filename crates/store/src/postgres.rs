@@ -138,6 +138,16 @@ impl PgConfig {
 
     /// Opens one connection (its driver task logs under `role`).
     pub async fn connect(&self, role: &'static str) -> Result<Client, tokio_postgres::Error> {
+        let client = self.connect_plain(role).await?;
+        if let crate::SyncMode::Interval(_) = crate::sync_mode() {
+            // PostgreSQL's own "acknowledge before the WAL flush" (its WAL
+            // writer flushes within a fraction of a second).
+            client.batch_execute("SET synchronous_commit = off").await?;
+        }
+        Ok(client)
+    }
+
+    async fn connect_plain(&self, role: &'static str) -> Result<Client, tokio_postgres::Error> {
         match &self.tls {
             None => {
                 let (client, conn) = self.config.connect(NoTls).await?;
@@ -194,9 +204,11 @@ pub fn parse_url(url: &str) -> Result<PgConfig, StoreError> {
         "disable" => "disable",
         "prefer" | "allow" => "prefer",
         "require" | "verify-ca" | "verify-full" => "require",
-        other => return Err(StoreError::Config(format!(
+        other => {
+            return Err(StoreError::Config(format!(
             "sslmode={other} is not known: use disable, prefer, require, verify-ca or verify-full"
-        ))),
+        )))
+        }
     };
     kept.push(match pg_mode {
         "disable" => "sslmode=disable",

@@ -48,7 +48,13 @@ impl SqliteDb {
         let mut conn = Connection::open(path).map_err(err)?;
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(err)?;
-        conn.pragma_update(None, "synchronous", "FULL")
+        // NORMAL in WAL mode: commits reach the OS, the WAL is synced at
+        // checkpoints (kill -9 safe, not power-loss safe): `--sync interval`.
+        let synchronous = match crate::sync_mode() {
+            crate::SyncMode::Always => "FULL",
+            crate::SyncMode::Interval(_) => "NORMAL",
+        };
+        conn.pragma_update(None, "synchronous", synchronous)
             .map_err(err)?;
         conn.busy_timeout(Duration::from_secs(10)).map_err(err)?;
         let known = migrations.len() as i64;

@@ -1,0 +1,171 @@
+//! `serve --sync`: `always` fsyncs before acknowledging each publish (the
+//! default); `interval` acknowledges once written and syncs later, and still
+//! loses nothing to `kill -9` (the page cache outlives the process).
+
+mod common;
+
+use std::collections::HashSet;
+use std::io::{Read, Write};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use googleapis_tonic_google_pubsub_v1::google::pubsub::v1 as pb;
+use pb::publisher_client::PublisherClient;
+use pb::subscriber_client::SubscriberClient;
+use tonic::transport::Channel;
+
+use common::{connect, free_port, Server};
+
+const TOPIC: &str = "projects/sync/topics/topic-one";
+const SUB: &str = "projects/sync/subscriptions/sub-one";
+const PUBLISHES: usize = 20;
+
+async fn start(data: &Path, sync: &[&str]) -> (Server, u16, Channel) {
+    let port = free_port();
+    let child = Command::new(env!("CARGO_BIN_EXE_pubrun"))
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .arg("--data-dir")
+        .arg(data)
+        .args(sync)
+        .env("PUBRUN_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start pubrun");
+    let server = Server(child);
+    let ch = connect(port).await;
+    (server, port, ch)
+}
+
+/// `pubrun_store_sync_seconds_count` from `/metrics`.
+fn syncs(port: u16) -> f64 {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    body.lines()
+        .find_map(|l| l.strip_prefix("pubrun_store_sync_seconds_count "))
+        .unwrap_or_else(|| panic!("no sync count in /metrics:\n{body}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// Creates the topic and subscription, then publishes one message per
+/// request, each awaited: returns the ids.
+async fn publish_sequentially(ch: &Channel) -> HashSet<String> {
+    let mut p = PublisherClient::new(ch.clone());
+    let mut s = SubscriberClient::new(ch.clone());
+    p.create_topic(pb::Topic {
+        name: TOPIC.into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    s.create_subscription(pb::Subscription {
+        name: SUB.into(),
+        topic: TOPIC.into(),
+        ack_deadline_seconds: 600,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut ids = HashSet::new();
+    for i in 0..PUBLISHES {
+        let r = p
+            .publish(pb::PublishRequest {
+                topic: TOPIC.into(),
+                messages: vec![pb::PubsubMessage {
+                    data: format!("m{i}").into_bytes().into(),
+                    ..Default::default()
+                }],
+            })
+            .await
+            .unwrap();
+        ids.extend(r.into_inner().message_ids);
+    }
+    ids
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn always_syncs_before_each_acknowledged_publish() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_server, port, ch) = start(dir.path(), &[]).await;
+    let before = syncs(port);
+    publish_sequentially(&ch).await;
+    let done = syncs(port) - before;
+    assert!(
+        done >= PUBLISHES as f64,
+        "{PUBLISHES} awaited publishes made only {done} fdatasyncs"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interval_acknowledges_before_syncing_and_survives_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut server, port, ch) =
+        start(dir.path(), &["--sync", "interval", "--sync-interval", "1h"]).await;
+    let before = syncs(port);
+    let ids = publish_sequentially(&ch).await;
+    assert_eq!(ids.len(), PUBLISHES);
+    let done = syncs(port) - before;
+    assert!(
+        done < PUBLISHES as f64 / 2.0,
+        "interval mode synced {done} times for {PUBLISHES} publishes"
+    );
+
+    server.0.kill().unwrap();
+    server.0.wait().unwrap();
+    drop(ch);
+    let (_server, _port, ch) = start(dir.path(), &[]).await;
+    let mut s = SubscriberClient::new(ch);
+    let mut got = HashSet::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while got.len() < ids.len() {
+        assert!(
+            Instant::now() < deadline,
+            "after kill -9 only {} of {} acknowledged publishes came back",
+            got.len(),
+            ids.len()
+        );
+        #[allow(deprecated)]
+        let r = s
+            .pull(pb::PullRequest {
+                subscription: SUB.into(),
+                max_messages: 100,
+                return_immediately: true,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        got.extend(
+            r.received_messages
+                .into_iter()
+                .map(|m| m.message.unwrap().message_id),
+        );
+    }
+    assert_eq!(got, ids);
+}
+
+#[test]
+fn zero_interval_is_refused() {
+    let out = Command::new(env!("CARGO_BIN_EXE_pubrun"))
+        .args([
+            "serve",
+            "--sync",
+            "interval",
+            "--sync-interval",
+            "0s",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--sync-interval must be more than 0"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

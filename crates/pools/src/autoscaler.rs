@@ -1,8 +1,12 @@
 //! The autoscaler: once a second, per on-demand pool, compares runs waiting
 //! with machines up (the pure decision is `pubrun_core::pool::autoscale`)
-//! and asks the pool's provider to start or stop machines. Every machine
-//! state change is written to `pools.db` before and after the provider call,
-//! so a restarted server knows what it started.
+//! and asks the pool's provider to start or stop machines.
+//!
+//! Every machine state change is written to the pool store *before* the
+//! provider is asked (and again after it answered), so a restarted server
+//! knows what it started; and since the write is fenced in cluster mode, a
+//! server that lost ownership (a partitioned ex-owner) has its write refused
+//! and never asks the provider: it cannot start or delete machines.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -30,7 +34,7 @@ impl Pools {
                     _ = shutdown.cancelled() => return,
                 }
                 let now = now_ms();
-                this.sweep(now);
+                this.sweep(now).await;
                 for spec in this.specs() {
                     if let Some(provider) = this.provider(&spec.name) {
                         this.scale(&spec, provider, now).await;
@@ -42,7 +46,7 @@ impl Pools {
 
     /// One autoscaling step for one pool.
     pub async fn scale(&self, spec: &PoolSpec, provider: Arc<dyn MachineProvider>, now: i64) {
-        let machines: Vec<MachineRow> = match self.db().machines() {
+        let machines: Vec<MachineRow> = match self.machines().await {
             Ok(m) => m.into_iter().filter(|m| m.pool == spec.name).collect(),
             Err(e) => {
                 tracing::error!(pool = spec.name, error = %e, "autoscaler cannot read machines");
@@ -62,18 +66,18 @@ impl Pools {
             })
             .collect();
         // Machines stuck in `stopping` (the provider failed) are asked again;
-        // failed machines are stopped so they stop costing.
+        // failed machines that may still exist are stopped so they stop costing.
         for m in &machines {
             let stuck = m.state == MachineState::Stopping && now - m.state_since_ms > STOP_RETRY_MS;
-            let failed_unstopped =
-                m.state == MachineState::Failed && m.last_error.ends_with("[not stopped]");
+            let failed_unstopped = m.state == MachineState::Failed && m.needs_stop;
             if stuck || failed_unstopped {
                 self.stop_machine(
                     m.clone(),
                     provider.clone(),
                     spec.delete_when_idle,
                     "retry".into(),
-                );
+                )
+                .await;
             }
         }
         let waiting = self.waiting(&spec.name) as u32;
@@ -81,7 +85,7 @@ impl Pools {
             match action {
                 ScaleAction::Start { count } => {
                     for _ in 0..count {
-                        self.start_machine(spec, provider.clone(), now);
+                        self.start_machine(spec, provider.clone(), now).await;
                     }
                 }
                 ScaleAction::Stop {
@@ -95,14 +99,22 @@ impl Pools {
                             // Did not join in time: failed, and stopped.
                             m.last_error = reason.clone();
                         }
-                        self.stop_machine(m, provider.clone(), delete, reason);
+                        self.stop_machine(m, provider.clone(), delete, reason).await;
                     }
                 }
             }
         }
     }
 
-    fn start_machine(&self, spec: &PoolSpec, provider: Arc<dyn MachineProvider>, now: i64) {
+    /// Records a new (or restarted) machine, then asks the provider to
+    /// start it; when the record is refused (the store is down, or another
+    /// server took ownership) the provider is not asked.
+    pub(crate) async fn start_machine(
+        &self,
+        spec: &PoolSpec,
+        provider: Arc<dyn MachineProvider>,
+        now: i64,
+    ) {
         let Some(token) = self.token(&spec.name) else {
             return;
         };
@@ -114,18 +126,26 @@ impl Pools {
         let reuse = if spec.delete_when_idle {
             None
         } else {
-            self.db()
-                .machines()
-                .unwrap_or_default()
-                .into_iter()
-                .find(|m| m.pool == spec.name && m.state == MachineState::Stopped && !m.cordoned)
+            match self.machines().await {
+                Ok(m) => m.into_iter().find(|m| {
+                    m.pool == spec.name && m.state == MachineState::Stopped && !m.cordoned
+                }),
+                Err(e) => {
+                    tracing::error!(pool = spec.name, error = %e, "autoscaler cannot read machines");
+                    return;
+                }
+            }
         };
         let name = match &reuse {
             Some(m) => m.name.clone(),
-            None => match self.db().new_machine_name(&spec.name, name_prefix(spec)) {
+            None => match self
+                .store()
+                .new_machine_name(&spec.name, name_prefix(spec))
+                .await
+            {
                 Ok(n) => n,
                 Err(e) => {
-                    tracing::error!(pool = spec.name, error = %e, "cannot name a new machine");
+                    tracing::error!(pool = spec.name, error = %e, "cannot name a new machine; not starting one");
                     return;
                 }
             },
@@ -145,20 +165,27 @@ impl Pools {
             cordoned: false,
             slots: spec.runs_per_machine,
             last_error: String::new(),
+            needs_stop: false,
         };
         // Recorded before the provider is asked, so a crash in between
-        // leaves a machine the next server finds (and times out if it never joins).
-        if let Err(e) = self.db().upsert_machine(&row) {
-            tracing::error!(machine = name, error = %e, "cannot record new machine");
+        // leaves a machine the next server finds (and times out if it never
+        // joins), and a server whose write is refused starts nothing.
+        if let Err(e) = self.put_machine(&row).await {
+            tracing::error!(machine = name, error = %e, "cannot record a new machine; not starting it");
             return;
         }
-        let _ = self.db().span_open(&name, &spec.name, now);
+        if let Err(e) = self.store().span_open(&name, &spec.name, now).await {
+            // Without its cost span the machine is not started; it stays in
+            // `provisioning` and its boot timeout clears it.
+            tracing::error!(machine = name, error = %e, "cannot open the machine's cost span; not starting it");
+            return;
+        }
         tracing::info!(pool = spec.name, machine = name, "starting machine");
         // A Compute instance's metadata is readable by anything on it for
         // its whole life: it gets a one-time bootstrap token, new at every
         // start, not the pool token.
         let token = if provider.kind() == "gce" {
-            match self.mint_bootstrap(&name, &spec.name) {
+            match self.mint_bootstrap(&name, &spec.name).await {
                 Ok(t) => t,
                 Err(e) => {
                     tracing::error!(machine = name, error = %e, "cannot make a bootstrap token");
@@ -178,35 +205,53 @@ impl Pools {
         };
         let this = self.clone();
         tokio::spawn(async move {
-            match provider.start(&launch).await {
-                Ok(id) => {
-                    if let Ok(Some(mut m)) = this.db().machine(&launch.name) {
-                        m.provider_id = id;
-                        let _ = this.db().upsert_machine(&m);
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(machine = launch.name, error = %e, "machine did not start");
-                    if let Ok(Some(mut m)) = this.db().machine(&launch.name) {
-                        let now = now_ms();
-                        m.state = MachineState::Failed;
-                        m.state_since_ms = now;
-                        m.last_error = e.to_string();
-                        let _ = this.db().upsert_machine(&m);
-                        // Nothing started, so nothing costs.
-                        if matches!(e, ProviderError::Refused(_) | ProviderError::NoCapacity(_)) {
-                            let _ = this.db().span_close(&launch.name, now);
-                        } else {
-                            m.last_error.push_str(" [not stopped]");
-                            let _ = this.db().upsert_machine(&m);
-                        }
-                    }
-                }
-            }
+            let result = provider.start(&launch).await;
+            this.started_machine(&launch.name, result).await;
         });
     }
 
-    fn stop_machine(
+    /// Records what the provider answered to a start.
+    async fn started_machine(&self, name: &str, result: Result<String, ProviderError>) {
+        let mut m = match self.machine(name).await {
+            Ok(Some(m)) => m,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::error!(machine = name, error = %e, "cannot read a started machine");
+                return;
+            }
+        };
+        match result {
+            Ok(id) => {
+                m.provider_id = id;
+                if let Err(e) = self.put_machine(&m).await {
+                    tracing::error!(machine = name, error = %e, "cannot record the machine's provider id");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(machine = name, error = %e, "machine did not start");
+                let now = now_ms();
+                m.state = MachineState::Failed;
+                m.state_since_ms = now;
+                m.last_error = e.to_string();
+                // Refused or no capacity: nothing started, so nothing costs.
+                // Any other failure may have left something running.
+                let nothing_started =
+                    matches!(e, ProviderError::Refused(_) | ProviderError::NoCapacity(_));
+                m.needs_stop = !nothing_started;
+                if let Err(e) = self.put_machine(&m).await {
+                    tracing::error!(machine = name, error = %e, "cannot record a failed machine");
+                    return;
+                }
+                if nothing_started {
+                    self.span_close_logged(name, now).await;
+                }
+            }
+        }
+    }
+
+    /// Records the machine as `stopping`, then asks the provider to stop
+    /// (or delete) it; when the record is refused the provider is not asked.
+    pub(crate) async fn stop_machine(
         &self,
         mut m: MachineRow,
         provider: Arc<dyn MachineProvider>,
@@ -215,57 +260,82 @@ impl Pools {
     ) {
         let now = now_ms();
         let failed = m.state == MachineState::Provisioning || m.state == MachineState::Failed;
-        if m.state != MachineState::Stopping {
-            m.state = MachineState::Stopping;
-            m.state_since_ms = now;
-            let _ = self.db().upsert_machine(&m);
+        // Written every time, also when asking again (then `state_since_ms`
+        // is when it was last asked): the fenced write is what allows the
+        // provider call.
+        m.state = MachineState::Stopping;
+        m.state_since_ms = now;
+        if let Err(e) = self.put_machine(&m).await {
+            tracing::error!(machine = m.name, error = %e, "cannot record a stopping machine; not stopping it");
+            return;
         }
         tracing::info!(machine = m.name, reason, delete, "stopping machine");
         let this = self.clone();
         tokio::spawn(async move {
-            match provider.stop(&m.name, delete).await {
-                Ok(()) => {
-                    let now = now_ms();
-                    let mut m = this.db().machine(&m.name).ok().flatten().unwrap_or(m);
-                    let _ = this.db().span_close(&m.name, now);
-                    // Its agent is gone with it: no longer listed.
-                    this.forget_agent(&m.name);
-                    if delete && !failed {
-                        // Gone for good: the row goes (its spans and leases
-                        // stay for cost and history; its name is never reused).
-                        if let Err(e) = this.db().delete_machine(&m.name) {
-                            tracing::warn!(machine = m.name, error = %e, "cannot forget a deleted machine");
-                        }
-                        return;
+            let result = provider.stop(&m.name, delete).await;
+            this.stopped_machine(m, delete, failed, result).await;
+        });
+    }
+
+    /// Records what the provider answered to a stop.
+    async fn stopped_machine(
+        &self,
+        m: MachineRow,
+        delete: bool,
+        failed: bool,
+        result: Result<(), ProviderError>,
+    ) {
+        let fresh = match self.machine(&m.name).await {
+            Ok(fresh) => fresh,
+            Err(e) => {
+                tracing::error!(machine = m.name, error = %e, "cannot read a stopped machine");
+                return;
+            }
+        };
+        let mut m = fresh.unwrap_or(m);
+        match result {
+            Ok(()) => {
+                let now = now_ms();
+                self.span_close_logged(&m.name, now).await;
+                // Its agent is gone with it: no longer listed.
+                self.forget_agent(&m.name);
+                if delete && !failed {
+                    // Gone for good: the row goes (its spans and leases
+                    // stay for cost and history; its name is never reused).
+                    if let Err(e) = self.store().delete_machine(&m.name).await {
+                        tracing::warn!(machine = m.name, error = %e, "cannot forget a deleted machine");
                     }
-                    m.state = if failed {
-                        MachineState::Failed
-                    } else {
-                        MachineState::Stopped
-                    };
-                    m.state_since_ms = now;
-                    m.idle_since_ms = None;
-                    m.last_error = m.last_error.replace(" [not stopped]", "");
-                    if !failed {
-                        m.cordoned = false;
-                    }
-                    let _ = this.db().upsert_machine(&m);
+                    return;
                 }
-                Err(e) => {
-                    tracing::warn!(machine = m.name, error = %e, "machine did not stop; will retry");
-                    if let Ok(Some(mut m)) = this.db().machine(&m.name) {
-                        m.last_error = e.to_string();
-                        let _ = this.db().upsert_machine(&m);
-                    }
+                m.state = if failed {
+                    MachineState::Failed
+                } else {
+                    MachineState::Stopped
+                };
+                m.state_since_ms = now;
+                m.idle_since_ms = None;
+                m.needs_stop = false;
+                if !failed {
+                    m.cordoned = false;
+                }
+                if let Err(e) = self.put_machine(&m).await {
+                    tracing::error!(machine = m.name, error = %e, "cannot record a stopped machine");
                 }
             }
-        });
+            Err(e) => {
+                tracing::warn!(machine = m.name, error = %e, "machine did not stop; will retry");
+                m.last_error = e.to_string();
+                if let Err(e) = self.put_machine(&m).await {
+                    tracing::error!(machine = m.name, error = %e, "cannot record a failed stop");
+                }
+            }
+        }
     }
 
     /// Drain: no new runs; the autoscaler stops the machine once it is empty
     /// (an agent of an `agents` pool just stops getting work).
-    pub fn drain(&self, name: &str) -> Result<MachineRow, String> {
-        self.cordon(name, true)
+    pub async fn drain(&self, name: &str) -> Result<MachineRow, String> {
+        self.cordon(name, true).await
     }
 
     /// At boot: machines the provider no longer has are marked stopped or
@@ -275,8 +345,12 @@ impl Pools {
             let Some(provider) = self.provider(&spec.name) else {
                 continue;
             };
-            let Ok(machines) = self.db().machines() else {
-                return;
+            let machines = match self.machines().await {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot reconcile machines");
+                    return;
+                }
             };
             for mut m in machines
                 .into_iter()
@@ -292,15 +366,21 @@ impl Pools {
                         };
                         m.state_since_ms = now;
                         m.last_error = "gone while the server was down".into();
-                        let _ = self.db().upsert_machine(&m);
-                        let _ = self.db().span_close(&m.name, now);
+                        m.needs_stop = false;
+                        if let Err(e) = self.put_machine(&m).await {
+                            tracing::error!(machine = m.name, error = %e, "cannot record a machine gone while the server was down");
+                            continue;
+                        }
+                        self.span_close_logged(&m.name, now).await;
                         // A dead container or instance is still there to
                         // be removed when the pool deletes idle machines.
                         if spec.delete_when_idle {
                             match provider.stop(&m.name, true).await {
                                 // It was being deleted when the server went down.
                                 Ok(()) if m.state == MachineState::Stopped => {
-                                    let _ = self.db().delete_machine(&m.name);
+                                    if let Err(e) = self.store().delete_machine(&m.name).await {
+                                        tracing::warn!(machine = m.name, error = %e, "cannot forget a deleted machine");
+                                    }
                                 }
                                 Ok(()) => {}
                                 Err(e) => {

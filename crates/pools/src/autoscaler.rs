@@ -427,6 +427,7 @@ mod tests {
     #[derive(Default)]
     struct Instant {
         started: Mutex<Vec<String>>,
+        stopped: Mutex<Vec<String>>,
     }
 
     #[async_trait::async_trait]
@@ -438,7 +439,8 @@ mod tests {
             self.started.lock().unwrap().push(l.name.clone());
             Ok(format!("id-{}", l.name))
         }
-        async fn stop(&self, _: &str, _: bool) -> Result<(), ProviderError> {
+        async fn stop(&self, name: &str, _: bool) -> Result<(), ProviderError> {
+            self.stopped.lock().unwrap().push(name.to_string());
             Ok(())
         }
         async fn status(&self, _: &str) -> Result<ProviderStatus, ProviderError> {
@@ -454,7 +456,7 @@ mod tests {
     async fn machines_until(pools: &Pools, ok: impl Fn(&[MachineRow]) -> bool) -> Vec<MachineRow> {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
-            let m = pools.db().machines().unwrap();
+            let m = pools.machines().await.unwrap();
             if ok(&m) {
                 return m;
             }
@@ -470,7 +472,7 @@ mod tests {
     #[tokio::test]
     async fn scaling_up_again_from_zero_never_reuses_a_deleted_machines_name() {
         let dir = tempfile::tempdir().unwrap();
-        let pools = Pools::open(dir.path()).unwrap();
+        let pools = Pools::open(dir.path()).await.unwrap();
         let spec = PoolSpec {
             name: "pool1".into(),
             provider: ProviderSpec::Docker(DockerProviderSpec {
@@ -488,13 +490,13 @@ mod tests {
             lease_timeout: Duration::from_secs(30),
             boot_timeout: Duration::from_secs(60),
         };
-        pools.set_pools(vec![spec.clone()]).unwrap();
+        pools.set_pools(vec![spec.clone()]).await.unwrap();
         let token = pools.token("pool1").unwrap();
         let provider = Arc::new(Instant::default());
         let mut names = Vec::new();
         for round in 0..2 {
             for _ in 0..2 {
-                pools.start_machine(&spec, provider.clone(), now_ms());
+                pools.start_machine(&spec, provider.clone(), now_ms()).await;
             }
             let up = machines_until(&pools, |m| m.len() == 2).await;
             for m in &up {
@@ -510,17 +512,21 @@ mod tests {
                         &token,
                         None,
                     )
+                    .await
                     .unwrap_or_else(|e| panic!("round {round}: register {}: {e:?}", m.name));
             }
-            assert_eq!(pools.agents().len(), 2);
+            assert_eq!(pools.agents().await.unwrap().len(), 2);
             for m in up {
                 names.push(m.name.clone());
-                let m = pools.db().machine(&m.name).unwrap().unwrap();
-                pools.stop_machine(m, provider.clone(), true, "idle".into());
+                let m = pools.machine(&m.name).await.unwrap().unwrap();
+                pools
+                    .stop_machine(m, provider.clone(), true, "idle".into())
+                    .await;
             }
             // Deleted: no machine left, no agent listed.
             machines_until(&pools, |m| m.is_empty()).await;
-            assert!(pools.agents().is_empty(), "{:?}", pools.agents());
+            let agents = pools.agents().await.unwrap();
+            assert!(agents.is_empty(), "{agents:?}");
         }
         let mut distinct = names.clone();
         distinct.sort();
@@ -528,9 +534,97 @@ mod tests {
         assert_eq!(distinct.len(), 4, "machine names: {names:?}");
         assert_eq!(*provider.started.lock().unwrap(), names);
         // Four machines, four cost rows.
-        let report = pools.cost_report(0, now_ms() + 1000).unwrap();
+        let report = pools.cost_report(0, now_ms() + 1000).await.unwrap();
         let rows = report["machines"].as_array().unwrap();
         assert_eq!(rows.len(), 4, "{report:#}");
+    }
+
+    fn docker_pool(name: &str, min_machines: u32) -> PoolSpec {
+        PoolSpec {
+            name: name.into(),
+            provider: ProviderSpec::Docker(DockerProviderSpec {
+                image: "agent:dev".into(),
+                server_url: "http://127.0.0.1:1".into(),
+                ..Default::default()
+            }),
+            min_machines,
+            max_machines: 4,
+            runs_per_machine: 1,
+            idle_timeout: Duration::from_secs(5),
+            delete_when_idle: true,
+            price_per_hour: None,
+            token_env: String::new(),
+            lease_timeout: Duration::from_secs(30),
+            boot_timeout: Duration::from_secs(60),
+        }
+    }
+
+    /// Issue 12 item 4 (fencing): the autoscaler of a server that lost the
+    /// ownership lease (a partitioned ex-owner) has its machine writes
+    /// refused by PostgreSQL, and so never asks the provider to start or
+    /// stop a machine; the new owner's view of the machines is untouched.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_server_that_lost_ownership_neither_starts_nor_stops_machines() {
+        use pubrun_store::postgres::BROKER_OWNERSHIP;
+        use pubrun_store::runs::postgres::Fence;
+        use pubrun_store::{PostgresOptions, PostgresPoolStore, PostgresStore};
+
+        let pg = pubrun_store::testing::TempPostgres::start();
+        let owner = |node: &str| PostgresOptions {
+            url: pg.url(),
+            node_name: node.into(),
+            lease_ttl: Duration::from_secs(1),
+        };
+        let fence = |token| {
+            Some(Fence {
+                name: BROKER_OWNERSHIP.to_string(),
+                token,
+            })
+        };
+        let lease_a = PostgresStore::open(owner("a")).await.unwrap();
+        let store_a = Arc::new(
+            PostgresPoolStore::open(&pg.url(), fence(lease_a.token()))
+                .await
+                .unwrap(),
+        );
+        let pools = Pools::with_store(store_a.clone()).await.unwrap();
+        let spec = docker_pool("fenced", 1);
+        pools.set_pools(vec![spec.clone()]).await.unwrap();
+        let provider = Arc::new(Instant::default());
+
+        // The owner: min_machines = 1 starts one machine.
+        pools.scale(&spec, provider.clone(), now_ms()).await;
+        let before = machines_until(&pools, |m| {
+            m.len() == 1 && !m[0].provider_id.is_empty()
+        })
+        .await;
+        assert_eq!(provider.started.lock().unwrap().len(), 1);
+
+        // Cut off: "b" takes the ownership lease over.
+        lease_a.stop_renewing();
+        let lease_b = PostgresStore::open(owner("b")).await.unwrap();
+        assert!(lease_b.token() > lease_a.token());
+        let store_b = PostgresPoolStore::open(&pg.url(), fence(lease_b.token()))
+            .await
+            .unwrap();
+
+        // The ex-owner wants a second machine and to stop the first: both
+        // writes are refused, so the provider hears of neither.
+        let more = docker_pool("fenced", 2);
+        pools.scale(&more, provider.clone(), now_ms()).await;
+        pools.start_machine(&more, provider.clone(), now_ms()).await;
+        pools
+            .stop_machine(before[0].clone(), provider.clone(), true, "idle".into())
+            .await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(provider.started.lock().unwrap().len(), 1, "no start after the takeover");
+        assert!(provider.stopped.lock().unwrap().is_empty(), "no stop after the takeover");
+        assert!(store_a.is_fenced());
+        assert!(!store_b.is_fenced());
+        // Nothing of it was written: the new owner sees the one machine as it was.
+        let after = crate::db::PoolStore::machines(&store_b).await.unwrap();
+        assert_eq!(after, before);
+        drop(lease_b);
     }
 
     #[test]

@@ -104,6 +104,16 @@ pub(crate) struct Inner {
     pub providers: Mutex<HashMap<String, Arc<dyn MachineProvider>>>,
     /// Leases found active at boot get this long for their agent to return.
     pub boot_ms: i64,
+    /// What the metrics gauges show, read by [`Pools::refresh_gauges`].
+    pub gauges: Mutex<Gauges>,
+}
+
+/// The machine rows and up-spans as last read for the metrics gauges (the
+/// store is async, gauge sources are not).
+#[derive(Debug, Clone, Default)]
+pub struct Gauges {
+    pub machines: Vec<MachineRow>,
+    pub spans: Vec<crate::db::UpSpan>,
 }
 
 /// Pools service: owned by the server, shared by the HTTP handlers, the
@@ -174,12 +184,36 @@ impl Pools {
                 seq: AtomicU64::new(1),
                 providers: Mutex::new(HashMap::new()),
                 boot_ms: now_ms(),
+                gauges: Mutex::new(Gauges::default()),
             }),
         })
     }
 
     pub fn store(&self) -> &Arc<dyn PoolStore> {
         &self.inner.store
+    }
+
+    /// Reads the machine rows and up-spans the metrics gauges show (before
+    /// a scrape); on a store error the previous reading stays.
+    pub async fn refresh_gauges(&self) {
+        let read = async {
+            let machines = self.inner.store.machines().await?;
+            let spans = self.inner.store.spans(0).await?;
+            Ok::<_, pubrun_core::Error>(Gauges { machines, spans })
+        };
+        match read.await {
+            Ok(g) => *self.inner.gauges.lock().unwrap_or_else(|p| p.into_inner()) = g,
+            Err(e) => tracing::warn!(error = %e, "cannot read machines for the metrics"),
+        }
+    }
+
+    /// The last reading of [`refresh_gauges`](Self::refresh_gauges).
+    pub fn gauges(&self) -> Gauges {
+        self.inner
+            .gauges
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Every machine row (all pools).

@@ -58,7 +58,9 @@ async fn pools_machines_and_cost_survive_kill_9_of_the_owner() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("pubrun.toml");
     std::fs::write(&config, MANIFEST).unwrap();
-    let read = |node: &str| std::fs::read_to_string(dir.path().join(format!("{node}.log"))).unwrap_or_default();
+    let read = |node: &str| {
+        std::fs::read_to_string(dir.path().join(format!("{node}.log"))).unwrap_or_default()
+    };
 
     let port_a = free_port();
     let mut a = start(&pg.url(), "a", dir.path(), port_a, Some(&config));
@@ -97,10 +99,17 @@ async fn pools_machines_and_cost_survive_kill_9_of_the_owner() {
     );
     let machines = get(port_b, "/api/v1/machines").await;
     let m = &machines["machines"][0];
-    assert_eq!((m["name"].as_str(), m["pool"].as_str()), (Some("laptop-1"), Some("laptops")), "{machines:#}");
+    assert_eq!(
+        (m["name"].as_str(), m["pool"].as_str()),
+        (Some("laptop-1"), Some("laptops")),
+        "{machines:#}"
+    );
     let cost = get(port_b, "/api/v1/cost?since_ms=0").await;
     assert_eq!(cost["machines"][0]["machine"], "laptop-1", "{cost:#}");
-    assert!(cost["machines"][0]["seconds"].as_f64().unwrap() > 0.0, "{cost:#}");
+    assert!(
+        cost["machines"][0]["seconds"].as_f64().unwrap() > 0.0,
+        "{cost:#}"
+    );
     // The agent registers again with the new owner (sessions are in memory).
     let r = reqwest::Client::new()
         .post(format!("http://127.0.0.1:{port_b}/agent/v1/register"))

@@ -594,10 +594,7 @@ mod tests {
 
         // The owner: min_machines = 1 starts one machine.
         pools.scale(&spec, provider.clone(), now_ms()).await;
-        let before = machines_until(&pools, |m| {
-            m.len() == 1 && !m[0].provider_id.is_empty()
-        })
-        .await;
+        let before = machines_until(&pools, |m| m.len() == 1 && !m[0].provider_id.is_empty()).await;
         assert_eq!(provider.started.lock().unwrap().len(), 1);
 
         // Cut off: "b" takes the ownership lease over.
@@ -617,8 +614,15 @@ mod tests {
             .stop_machine(before[0].clone(), provider.clone(), true, "idle".into())
             .await;
         tokio::time::sleep(Duration::from_millis(300)).await;
-        assert_eq!(provider.started.lock().unwrap().len(), 1, "no start after the takeover");
-        assert!(provider.stopped.lock().unwrap().is_empty(), "no stop after the takeover");
+        assert_eq!(
+            provider.started.lock().unwrap().len(),
+            1,
+            "no start after the takeover"
+        );
+        assert!(
+            provider.stopped.lock().unwrap().is_empty(),
+            "no stop after the takeover"
+        );
         assert!(store_a.is_fenced());
         assert!(!store_b.is_fenced());
         // Nothing of it was written: the new owner sees the one machine as it was.

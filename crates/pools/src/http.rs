@@ -295,7 +295,9 @@ async fn outputs(
     body: Body,
 ) -> Result<Response, AgentError> {
     let (dir, allowed) = p
-        .live(&creds(&h)?, lease, |l| (l.workdir.clone(), l.outputs.clone()))
+        .live(&creds(&h)?, lease, |l| {
+            (l.workdir.clone(), l.outputs.clone())
+        })
         .await?;
     let mut tmp = tempfile_in_dir(&dir).map_err(|e| AgentError::Internal(e.to_string()))?;
     let mut stream = body.into_data_stream();

@@ -222,7 +222,11 @@ impl Pools {
     }
 
     pub(crate) async fn machine(&self, name: &str) -> Result<Option<MachineRow>, String> {
-        self.inner.store.machine(name).await.map_err(|e| e.to_string())
+        self.inner
+            .store
+            .machine(name)
+            .await
+            .map_err(|e| e.to_string())
     }
 
     /// Writes a machine row. With the PostgreSQL engine the write is fenced:

@@ -27,9 +27,9 @@ use std::pin::Pin;
 
 pub use catalog::{Catalog, SnapshotEntry, SubscriptionEntry, TopicEntry};
 pub use embedded::EmbeddedStore;
+pub use pools::{PoolStore, PostgresPoolStore, SqlitePoolStore};
 pub use postgres::{PostgresOptions, PostgresStore};
 pub use record::{Record, SeekTarget};
-pub use pools::{PoolStore, PostgresPoolStore, SqlitePoolStore};
 pub use runs::{PostgresRunStore, RunStore, SqliteRunStore};
 
 #[derive(Debug, thiserror::Error)]

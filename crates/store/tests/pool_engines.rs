@@ -144,9 +144,18 @@ async fn pools_round_trip_and_keep_their_token(e: impl Engine) {
     let s = e.open().await;
     assert!(s.pools().await.unwrap().is_empty());
     // A new pool takes the fresh token; a later put keeps it.
-    assert_eq!(s.put_pool(&pool("b", 1), None, "tok-b").await.unwrap(), "tok-b");
-    assert_eq!(s.put_pool(&pool("a", 1), None, "tok-a").await.unwrap(), "tok-a");
-    assert_eq!(s.put_pool(&pool("a", 5), None, "other").await.unwrap(), "tok-a");
+    assert_eq!(
+        s.put_pool(&pool("b", 1), None, "tok-b").await.unwrap(),
+        "tok-b"
+    );
+    assert_eq!(
+        s.put_pool(&pool("a", 1), None, "tok-a").await.unwrap(),
+        "tok-a"
+    );
+    assert_eq!(
+        s.put_pool(&pool("a", 5), None, "other").await.unwrap(),
+        "tok-a"
+    );
     // An explicit token (token_env) replaces it.
     assert_eq!(
         s.put_pool(&pool("b", 2), Some("from-env"), "other")
@@ -196,10 +205,13 @@ async fn machines_upsert_list_and_delete(e: impl Engine) {
     m1b.created_ms = 12345; // creation time is kept on update
     s.upsert_machine(&m1b).await.unwrap();
     let got = s.machine("m1").await.unwrap().unwrap();
-    assert_eq!(got, MachineRow {
-        created_ms: 10,
-        ..m1b.clone()
-    });
+    assert_eq!(
+        got,
+        MachineRow {
+            created_ms: 10,
+            ..m1b.clone()
+        }
+    );
     drop(s);
     let s = e.open().await;
     assert_eq!(s.machine("m1").await.unwrap().unwrap(), got);
@@ -229,17 +241,26 @@ async fn machine_names_are_never_given_out_twice(e: impl Engine) {
     // does not start over.
     assert_eq!(s.new_machine_name("q", "acme").await.unwrap(), "acme-q-1");
     s.delete_pool("p").await.unwrap();
-    assert_eq!(s.new_machine_name("p", "pubrun").await.unwrap(), "pubrun-p-5");
+    assert_eq!(
+        s.new_machine_name("p", "pubrun").await.unwrap(),
+        "pubrun-p-5"
+    );
     // Names some row or span carries (written before numbers were kept)
     // are skipped.
     s.upsert_machine(&machine("pubrun-r-1", "r", MachineState::Stopped, 0))
         .await
         .unwrap();
     s.span_open("pubrun-r-2", "r", 0).await.unwrap();
-    assert_eq!(s.new_machine_name("r", "pubrun").await.unwrap(), "pubrun-r-3");
+    assert_eq!(
+        s.new_machine_name("r", "pubrun").await.unwrap(),
+        "pubrun-r-3"
+    );
     drop(s);
     let s = e.open().await;
-    assert_eq!(s.new_machine_name("p", "pubrun").await.unwrap(), "pubrun-p-6");
+    assert_eq!(
+        s.new_machine_name("p", "pubrun").await.unwrap(),
+        "pubrun-p-6"
+    );
 }
 
 async fn bootstrap_tokens_round_trip(e: impl Engine) {
@@ -296,7 +317,10 @@ async fn cost_spans_open_close_and_since(e: impl Engine) {
         s.spans(150).await.unwrap(),
         vec![span("m1", "p", 100, Some(200)), span("m1", "p", 400, None)]
     );
-    assert_eq!(s.spans(200).await.unwrap(), vec![span("m1", "p", 400, None)]);
+    assert_eq!(
+        s.spans(200).await.unwrap(),
+        vec![span("m1", "p", 400, None)]
+    );
 }
 
 async fn lease_lifecycle(e: impl Engine) {
@@ -310,7 +334,10 @@ async fn lease_lifecycle(e: impl Engine) {
         (LeaseState::Assigned, "run-1", "job-a", 1)
     );
     assert_eq!((l1.pool.as_str(), l1.machine.as_str()), ("p", "m1"));
-    assert_eq!((l1.assigned_ms, l1.started_ms, l1.ended_ms), (10, None, None));
+    assert_eq!(
+        (l1.assigned_ms, l1.started_ms, l1.ended_ms),
+        (10, None, None)
+    );
     assert_eq!(s.lease(t2 + 100).await.unwrap(), None);
     // assigned -> running, once.
     assert!(s.lease_started(t1, 20).await.unwrap());
@@ -328,13 +355,19 @@ async fn lease_lifecycle(e: impl Engine) {
     );
     // The result and the expiry sweep race: exactly one wins.
     assert!(s.lease_end(t1, LeaseEnd::Done(&exit(3)), 30).await.unwrap());
-    assert!(!s.lease_end(t1, LeaseEnd::Revoked("late sweep"), 31).await.unwrap());
+    assert!(!s
+        .lease_end(t1, LeaseEnd::Revoked("late sweep"), 31)
+        .await
+        .unwrap());
     let l1 = s.lease(t1).await.unwrap().unwrap();
     assert_eq!(l1.state, LeaseState::Done);
     assert_eq!(l1.exit, Some(exit(3)));
     assert_eq!((l1.started_ms, l1.ended_ms), (Some(20), Some(30)));
     // Revoked before it started: started_ms becomes the end.
-    assert!(s.lease_end(t2, LeaseEnd::Revoked("machine m1 not heard from"), 40).await.unwrap());
+    assert!(s
+        .lease_end(t2, LeaseEnd::Revoked("machine m1 not heard from"), 40)
+        .await
+        .unwrap());
     assert!(!s.lease_end(t2, LeaseEnd::Done(&exit(0)), 41).await.unwrap());
     assert!(!s.lease_started(t2, 42).await.unwrap());
     let l2 = s.lease(t2).await.unwrap().unwrap();
@@ -352,10 +385,14 @@ async fn lease_lifecycle(e: impl Engine) {
     drop(s);
     let s = e.open().await;
     let cur = s.lease_of_run("run-2").await.unwrap().unwrap();
-    assert_eq!((cur.token, cur.attempt, cur.machine.as_str()), (t3, 2, "m2"));
+    assert_eq!(
+        (cur.token, cur.attempt, cur.machine.as_str()),
+        (t3, 2, "m2")
+    );
     assert_eq!(s.lease_of_run("run-9").await.unwrap(), None);
     // Leases since: not ended before `since` (active ones always).
-    let since = |v: Vec<pubrun_store::pools::LeaseRow>| v.into_iter().map(|l| l.token).collect::<Vec<_>>();
+    let since =
+        |v: Vec<pubrun_store::pools::LeaseRow>| v.into_iter().map(|l| l.token).collect::<Vec<_>>();
     assert_eq!(since(s.leases_since(0).await.unwrap()), vec![t1, t2, t3]);
     assert_eq!(since(s.leases_since(35).await.unwrap()), vec![t2, t3]);
     assert_eq!(since(s.leases_since(40).await.unwrap()), vec![t3]);
@@ -447,7 +484,9 @@ async fn postgres_writes_under_a_stale_token_are_refused() {
             a.span_open("m9", "p", 5).await,
             a.new_lease(&lease("run-2", "m1", 5)).await.map(|_| ()),
             a.lease_started(t, 5).await.map(|_| ()),
-            a.lease_end(t, LeaseEnd::Revoked("late"), 5).await.map(|_| ()),
+            a.lease_end(t, LeaseEnd::Revoked("late"), 5)
+                .await
+                .map(|_| ()),
         ];
         for r in refused {
             let err = r.expect_err("a stale token must not write");
@@ -456,7 +495,10 @@ async fn postgres_writes_under_a_stale_token_are_refused() {
         }
         assert!(a.is_fenced());
         // Nothing of it was written; reads still work on the ex-owner.
-        assert_eq!(b.pools().await.unwrap(), vec![(pool("p", 1), "tok".to_string())]);
+        assert_eq!(
+            b.pools().await.unwrap(),
+            vec![(pool("p", 1), "tok".to_string())]
+        );
         assert_eq!(b.machines().await.unwrap(), vec![m.clone()]);
         assert_eq!(a.machine("m1").await.unwrap(), Some(m));
         assert!(b.bootstraps().await.unwrap().is_empty());
@@ -465,8 +507,14 @@ async fn postgres_writes_under_a_stale_token_are_refused() {
         assert_eq!(l.state, LeaseState::Assigned);
         assert_eq!(b.active_leases().await.unwrap().len(), 1);
         // The new owner carries on.
-        assert_eq!(b.new_machine_name("p", "pubrun").await.unwrap(), "pubrun-p-1");
-        assert!(b.lease_end(t, LeaseEnd::Revoked("owner changed"), 6).await.unwrap());
+        assert_eq!(
+            b.new_machine_name("p", "pubrun").await.unwrap(),
+            "pubrun-p-1"
+        );
+        assert!(b
+            .lease_end(t, LeaseEnd::Revoked("owner changed"), 6)
+            .await
+            .unwrap());
         drop(lease_b);
     })
     .await
@@ -511,7 +559,10 @@ async fn sqlite_opens_a_pools_db_of_an_older_pubrun() {
     assert_eq!(s.active_leases().await.unwrap().len(), 1);
     // Tables the old file lacked were created.
     assert!(s.bootstraps().await.unwrap().is_empty());
-    assert_eq!(s.new_machine_name("p", "pubrun").await.unwrap(), "pubrun-p-1");
+    assert_eq!(
+        s.new_machine_name("p", "pubrun").await.unwrap(),
+        "pubrun-p-1"
+    );
 }
 
 /// A row the engine cannot read is an error, never a default.
@@ -527,7 +578,8 @@ async fn sqlite_corrupt_rows_are_errors() {
     drop(s);
     {
         let c = rusqlite::Connection::open(&path).unwrap();
-        c.execute("UPDATE machines SET state = 'melted'", []).unwrap();
+        c.execute("UPDATE machines SET state = 'melted'", [])
+            .unwrap();
         c.execute("UPDATE leases SET state = 'lost'", []).unwrap();
     }
     let s = SqlitePoolStore::open(&path).await.unwrap();

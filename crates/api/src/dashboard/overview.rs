@@ -78,9 +78,12 @@ pub(crate) async fn page(ctx: Ctx) -> UiResult {
         None => (Vec::new(), Vec::new(), (0, 0)),
     };
     let pools = match ctx.d.inner.pools.clone() {
-        Some(p) => Some((p.machines().await.map_err(|e| {
-            super::UiError::new(axum::http::StatusCode::INTERNAL_SERVER_ERROR, e)
-        })?, p)),
+        Some(p) => Some((
+            p.machines().await.map_err(|e| {
+                super::UiError::new(axum::http::StatusCode::INTERNAL_SERVER_ERROR, e)
+            })?,
+            p,
+        )),
         None => None,
     };
     let pools = pools.map(|(machines, p)| {

@@ -234,7 +234,9 @@ impl RawLease {
             .ok_or_else(|| corrupt("state of lease", &key, format!("{:?}", self.state)))?;
         let exit = match self.exit {
             None => None,
-            Some(e) => Some(serde_json::from_str(&e).map_err(|e| corrupt("exit of lease", &key, e))?),
+            Some(e) => {
+                Some(serde_json::from_str(&e).map_err(|e| corrupt("exit of lease", &key, e))?)
+            }
         };
         Ok(LeaseRow {
             token: u64::try_from(self.token).map_err(|e| corrupt("lease", &key, e))?,

@@ -364,9 +364,11 @@ impl PoolStore for PostgresPoolStore {
 
     async fn machine(&self, name: &str) -> Result<Option<MachineRow>> {
         let mut g = self.conn().await;
-        Ok(query_machines(&*g.get().await?, "WHERE name = $1", &[&name])
-            .await?
-            .pop())
+        Ok(
+            query_machines(&*g.get().await?, "WHERE name = $1", &[&name])
+                .await?
+                .pop(),
+        )
     }
 
     async fn new_machine_name(&self, pool: &str, prefix: &str) -> Result<String> {
@@ -527,9 +529,11 @@ impl PoolStore for PostgresPoolStore {
     async fn lease(&self, token: u64) -> Result<Option<LeaseRow>> {
         let token = token_param(token)?;
         let mut g = self.conn().await;
-        Ok(query_leases(&*g.get().await?, "WHERE token = $1", &[&token])
-            .await?
-            .pop())
+        Ok(
+            query_leases(&*g.get().await?, "WHERE token = $1", &[&token])
+                .await?
+                .pop(),
+        )
     }
 
     async fn lease_of_run(&self, run_id: &str) -> Result<Option<LeaseRow>> {

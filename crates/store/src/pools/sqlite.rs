@@ -249,9 +249,11 @@ impl PoolStore for SqlitePoolStore {
         self.call(move |c| {
             let tx = c.transaction().map_err(db_err)?;
             let before: Option<String> = tx
-                .query_row("SELECT state FROM machines WHERE name = ?1", [&m.name], |r| {
-                    r.get(0)
-                })
+                .query_row(
+                    "SELECT state FROM machines WHERE name = ?1",
+                    [&m.name],
+                    |r| r.get(0),
+                )
                 .optional()
                 .map_err(db_err)?;
             tx.execute(
@@ -482,12 +484,7 @@ impl PoolStore for SqlitePoolStore {
     async fn lease_of_run(&self, run_id: &str) -> Result<Option<LeaseRow>> {
         let run_id = run_id.to_string();
         self.call(move |c| {
-            Ok(query_leases(
-                c,
-                "WHERE run_id = ?1 ORDER BY token DESC LIMIT 1",
-                [run_id],
-            )?
-            .pop())
+            Ok(query_leases(c, "WHERE run_id = ?1 ORDER BY token DESC LIMIT 1", [run_id])?.pop())
         })
         .await
     }

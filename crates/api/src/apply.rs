@@ -324,7 +324,7 @@ async fn apply_manifest_inner(
                     .into_iter()
                     .chain(declared.iter().map(|(_, s)| s.clone()))
                     .collect();
-                p.set_pools(all).map_err(Error::invalid)?;
+                p.set_pools(all).await.map_err(Error::invalid)?;
                 let mut applied = ownership.project(project);
                 applied.pools = declared.iter().map(|(n, _)| n.clone()).collect();
                 ownership.set_project(project, applied);

@@ -33,6 +33,8 @@ pub struct MetricsAuth {
     /// Its waiting-runs cache is refreshed before each scrape (the run
     /// store is async, gauge sources are not).
     pub dispatcher: Option<Arc<pubrun_jobs::Dispatcher>>,
+    /// Its machine gauges are refreshed before each scrape, likewise.
+    pub pools: Option<pubrun_pools::Pools>,
 }
 
 pub(crate) async fn handler(State(auth): State<Arc<MetricsAuth>>, req: Request) -> Response {
@@ -59,6 +61,9 @@ pub(crate) async fn handler(State(auth): State<Arc<MetricsAuth>>, req: Request) 
     }
     if let Some(d) = &auth.dispatcher {
         d.refresh_waiting().await;
+    }
+    if let Some(p) = &auth.pools {
+        p.refresh_gauges().await;
     }
     let mut resp = metrics().encode().into_response();
     resp.headers_mut()
@@ -146,15 +151,12 @@ fn pool_families(
             }
             machine_ms.insert(spec.name.clone(), 0);
         }
-        if let Ok(rows) = p.db().machines() {
-            for m in rows {
-                *machines.entry((m.pool, m.state.as_str())).or_default() += 1;
-            }
+        let gauges = p.gauges();
+        for m in gauges.machines {
+            *machines.entry((m.pool, m.state.as_str())).or_default() += 1;
         }
-        if let Ok(spans) = p.db().spans(0) {
-            for (_, pool, start, end) in spans {
-                *machine_ms.entry(pool).or_default() += (end.unwrap_or(now) - start).max(0);
-            }
+        for s in gauges.spans {
+            *machine_ms.entry(s.pool).or_default() += (s.end_ms.unwrap_or(now) - s.start_ms).max(0);
         }
     }
     vec![

@@ -126,6 +126,7 @@ pub fn router(
             server_token: opts.token.clone(),
             metrics_token: opts.metrics_token.clone(),
             dispatcher: opts.dispatcher.clone(),
+            pools: opts.pools.clone(),
         })),
     );
     // So are webhooks: GitHub cannot send our token; each hook has its own

@@ -1,8 +1,9 @@
 //! Which engines keep the server's state: the data directory (default) or,
 //! with `--store postgres://…`, PostgreSQL (cluster mode, in progress: the
-//! Pub/Sub catalog and log, jobs, runs, dedup keys, run logs and apply's
-//! ownership record live there so far; the rest is still in the data
-//! directory, see ARCHITECTURE.md).
+//! Pub/Sub catalog and log, jobs, runs, dedup keys, run logs, apply's
+//! ownership record, pools, machines, bootstrap tokens, leases and cost
+//! spans live there so far; the rest is still in the data directory, see
+//! ARCHITECTURE.md).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -14,7 +15,8 @@ use pubrun_store::directory::{Directory, REFRESH};
 use pubrun_store::postgres::BROKER_OWNERSHIP;
 use pubrun_store::runs::postgres::Fence;
 use pubrun_store::{
-    EmbeddedStore, PostgresOptions, PostgresRunStore, PostgresStore, Store, StoreError,
+    EmbeddedStore, PostgresOptions, PostgresPoolStore, PostgresRunStore, PostgresStore, Store,
+    StoreError,
 };
 
 pub enum ServerStore {
@@ -89,6 +91,34 @@ impl ServerStore {
                     .context("opening the run store")?,
             )),
         }
+    }
+
+    /// The pools service on the pool store that goes with this engine:
+    /// `pools.db` in the data directory, or the same PostgreSQL with every
+    /// write fenced by the ownership lease. The autoscaler and the lease
+    /// sweep run only on the owner (a standby waits in [`open`](Self::open)),
+    /// and an ex-owner's machine writes are refused before any provider call.
+    pub async fn open_pools(
+        &self,
+        data_dir: &Path,
+        url: Option<&str>,
+    ) -> anyhow::Result<pubrun_pools::Pools> {
+        let pools = match (self, url.filter(|u| !u.is_empty())) {
+            (ServerStore::Postgres(s), Some(url)) => {
+                let fence = Fence {
+                    name: BROKER_OWNERSHIP.to_string(),
+                    token: s.token(),
+                };
+                let store = PostgresPoolStore::open(url, Some(fence))
+                    .await
+                    .context("opening the pool store in PostgreSQL (--store)")?;
+                pubrun_pools::Pools::with_store(Arc::new(store)).await
+            }
+            _ => pubrun_pools::Pools::open(data_dir).await,
+        };
+        pools
+            .map_err(anyhow::Error::msg)
+            .context("opening the pools database")
     }
 
     pub fn as_store(&self) -> Arc<dyn Store> {

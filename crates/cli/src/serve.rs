@@ -274,9 +274,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         args.slots,
     );
     dispatcher.set_buckets(buckets.clone());
-    let pools = pubrun_pools::Pools::open(&args.data_dir)
-        .map_err(anyhow::Error::msg)
-        .context("opening the pools database")?;
+    let pools = store
+        .open_pools(&args.data_dir, args.store.as_deref())
+        .await?;
     dispatcher.set_pools(Arc::new(pools.clone()));
     let listener = match early_listener {
         Some(l) => l,

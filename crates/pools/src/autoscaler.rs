@@ -1,8 +1,12 @@
 //! The autoscaler: once a second, per on-demand pool, compares runs waiting
 //! with machines up (the pure decision is `pubrun_core::pool::autoscale`)
-//! and asks the pool's provider to start or stop machines. Every machine
-//! state change is written to `pools.db` before and after the provider call,
-//! so a restarted server knows what it started.
+//! and asks the pool's provider to start or stop machines.
+//!
+//! Every machine state change is written to the pool store *before* the
+//! provider is asked (and again after it answered), so a restarted server
+//! knows what it started; and since the write is fenced in cluster mode, a
+//! server that lost ownership (a partitioned ex-owner) has its write refused
+//! and never asks the provider: it cannot start or delete machines.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -30,7 +34,7 @@ impl Pools {
                     _ = shutdown.cancelled() => return,
                 }
                 let now = now_ms();
-                this.sweep(now);
+                this.sweep(now).await;
                 for spec in this.specs() {
                     if let Some(provider) = this.provider(&spec.name) {
                         this.scale(&spec, provider, now).await;
@@ -42,7 +46,7 @@ impl Pools {
 
     /// One autoscaling step for one pool.
     pub async fn scale(&self, spec: &PoolSpec, provider: Arc<dyn MachineProvider>, now: i64) {
-        let machines: Vec<MachineRow> = match self.db().machines() {
+        let machines: Vec<MachineRow> = match self.machines().await {
             Ok(m) => m.into_iter().filter(|m| m.pool == spec.name).collect(),
             Err(e) => {
                 tracing::error!(pool = spec.name, error = %e, "autoscaler cannot read machines");
@@ -62,18 +66,18 @@ impl Pools {
             })
             .collect();
         // Machines stuck in `stopping` (the provider failed) are asked again;
-        // failed machines are stopped so they stop costing.
+        // failed machines that may still exist are stopped so they stop costing.
         for m in &machines {
             let stuck = m.state == MachineState::Stopping && now - m.state_since_ms > STOP_RETRY_MS;
-            let failed_unstopped =
-                m.state == MachineState::Failed && m.last_error.ends_with("[not stopped]");
+            let failed_unstopped = m.state == MachineState::Failed && m.needs_stop;
             if stuck || failed_unstopped {
                 self.stop_machine(
                     m.clone(),
                     provider.clone(),
                     spec.delete_when_idle,
                     "retry".into(),
-                );
+                )
+                .await;
             }
         }
         let waiting = self.waiting(&spec.name) as u32;
@@ -81,7 +85,7 @@ impl Pools {
             match action {
                 ScaleAction::Start { count } => {
                     for _ in 0..count {
-                        self.start_machine(spec, provider.clone(), now);
+                        self.start_machine(spec, provider.clone(), now).await;
                     }
                 }
                 ScaleAction::Stop {
@@ -95,14 +99,22 @@ impl Pools {
                             // Did not join in time: failed, and stopped.
                             m.last_error = reason.clone();
                         }
-                        self.stop_machine(m, provider.clone(), delete, reason);
+                        self.stop_machine(m, provider.clone(), delete, reason).await;
                     }
                 }
             }
         }
     }
 
-    fn start_machine(&self, spec: &PoolSpec, provider: Arc<dyn MachineProvider>, now: i64) {
+    /// Records a new (or restarted) machine, then asks the provider to
+    /// start it; when the record is refused (the store is down, or another
+    /// server took ownership) the provider is not asked.
+    pub(crate) async fn start_machine(
+        &self,
+        spec: &PoolSpec,
+        provider: Arc<dyn MachineProvider>,
+        now: i64,
+    ) {
         let Some(token) = self.token(&spec.name) else {
             return;
         };
@@ -114,18 +126,26 @@ impl Pools {
         let reuse = if spec.delete_when_idle {
             None
         } else {
-            self.db()
-                .machines()
-                .unwrap_or_default()
-                .into_iter()
-                .find(|m| m.pool == spec.name && m.state == MachineState::Stopped && !m.cordoned)
+            match self.machines().await {
+                Ok(m) => m.into_iter().find(|m| {
+                    m.pool == spec.name && m.state == MachineState::Stopped && !m.cordoned
+                }),
+                Err(e) => {
+                    tracing::error!(pool = spec.name, error = %e, "autoscaler cannot read machines");
+                    return;
+                }
+            }
         };
         let name = match &reuse {
             Some(m) => m.name.clone(),
-            None => match self.db().new_machine_name(&spec.name, name_prefix(spec)) {
+            None => match self
+                .store()
+                .new_machine_name(&spec.name, name_prefix(spec))
+                .await
+            {
                 Ok(n) => n,
                 Err(e) => {
-                    tracing::error!(pool = spec.name, error = %e, "cannot name a new machine");
+                    tracing::error!(pool = spec.name, error = %e, "cannot name a new machine; not starting one");
                     return;
                 }
             },
@@ -145,20 +165,27 @@ impl Pools {
             cordoned: false,
             slots: spec.runs_per_machine,
             last_error: String::new(),
+            needs_stop: false,
         };
         // Recorded before the provider is asked, so a crash in between
-        // leaves a machine the next server finds (and times out if it never joins).
-        if let Err(e) = self.db().upsert_machine(&row) {
-            tracing::error!(machine = name, error = %e, "cannot record new machine");
+        // leaves a machine the next server finds (and times out if it never
+        // joins), and a server whose write is refused starts nothing.
+        if let Err(e) = self.put_machine(&row).await {
+            tracing::error!(machine = name, error = %e, "cannot record a new machine; not starting it");
             return;
         }
-        let _ = self.db().span_open(&name, &spec.name, now);
+        if let Err(e) = self.store().span_open(&name, &spec.name, now).await {
+            // Without its cost span the machine is not started; it stays in
+            // `provisioning` and its boot timeout clears it.
+            tracing::error!(machine = name, error = %e, "cannot open the machine's cost span; not starting it");
+            return;
+        }
         tracing::info!(pool = spec.name, machine = name, "starting machine");
         // A Compute instance's metadata is readable by anything on it for
         // its whole life: it gets a one-time bootstrap token, new at every
         // start, not the pool token.
         let token = if provider.kind() == "gce" {
-            match self.mint_bootstrap(&name, &spec.name) {
+            match self.mint_bootstrap(&name, &spec.name).await {
                 Ok(t) => t,
                 Err(e) => {
                     tracing::error!(machine = name, error = %e, "cannot make a bootstrap token");
@@ -178,35 +205,53 @@ impl Pools {
         };
         let this = self.clone();
         tokio::spawn(async move {
-            match provider.start(&launch).await {
-                Ok(id) => {
-                    if let Ok(Some(mut m)) = this.db().machine(&launch.name) {
-                        m.provider_id = id;
-                        let _ = this.db().upsert_machine(&m);
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(machine = launch.name, error = %e, "machine did not start");
-                    if let Ok(Some(mut m)) = this.db().machine(&launch.name) {
-                        let now = now_ms();
-                        m.state = MachineState::Failed;
-                        m.state_since_ms = now;
-                        m.last_error = e.to_string();
-                        let _ = this.db().upsert_machine(&m);
-                        // Nothing started, so nothing costs.
-                        if matches!(e, ProviderError::Refused(_) | ProviderError::NoCapacity(_)) {
-                            let _ = this.db().span_close(&launch.name, now);
-                        } else {
-                            m.last_error.push_str(" [not stopped]");
-                            let _ = this.db().upsert_machine(&m);
-                        }
-                    }
-                }
-            }
+            let result = provider.start(&launch).await;
+            this.started_machine(&launch.name, result).await;
         });
     }
 
-    fn stop_machine(
+    /// Records what the provider answered to a start.
+    async fn started_machine(&self, name: &str, result: Result<String, ProviderError>) {
+        let mut m = match self.machine(name).await {
+            Ok(Some(m)) => m,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::error!(machine = name, error = %e, "cannot read a started machine");
+                return;
+            }
+        };
+        match result {
+            Ok(id) => {
+                m.provider_id = id;
+                if let Err(e) = self.put_machine(&m).await {
+                    tracing::error!(machine = name, error = %e, "cannot record the machine's provider id");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(machine = name, error = %e, "machine did not start");
+                let now = now_ms();
+                m.state = MachineState::Failed;
+                m.state_since_ms = now;
+                m.last_error = e.to_string();
+                // Refused or no capacity: nothing started, so nothing costs.
+                // Any other failure may have left something running.
+                let nothing_started =
+                    matches!(e, ProviderError::Refused(_) | ProviderError::NoCapacity(_));
+                m.needs_stop = !nothing_started;
+                if let Err(e) = self.put_machine(&m).await {
+                    tracing::error!(machine = name, error = %e, "cannot record a failed machine");
+                    return;
+                }
+                if nothing_started {
+                    self.span_close_logged(name, now).await;
+                }
+            }
+        }
+    }
+
+    /// Records the machine as `stopping`, then asks the provider to stop
+    /// (or delete) it; when the record is refused the provider is not asked.
+    pub(crate) async fn stop_machine(
         &self,
         mut m: MachineRow,
         provider: Arc<dyn MachineProvider>,
@@ -215,57 +260,82 @@ impl Pools {
     ) {
         let now = now_ms();
         let failed = m.state == MachineState::Provisioning || m.state == MachineState::Failed;
-        if m.state != MachineState::Stopping {
-            m.state = MachineState::Stopping;
-            m.state_since_ms = now;
-            let _ = self.db().upsert_machine(&m);
+        // Written every time, also when asking again (then `state_since_ms`
+        // is when it was last asked): the fenced write is what allows the
+        // provider call.
+        m.state = MachineState::Stopping;
+        m.state_since_ms = now;
+        if let Err(e) = self.put_machine(&m).await {
+            tracing::error!(machine = m.name, error = %e, "cannot record a stopping machine; not stopping it");
+            return;
         }
         tracing::info!(machine = m.name, reason, delete, "stopping machine");
         let this = self.clone();
         tokio::spawn(async move {
-            match provider.stop(&m.name, delete).await {
-                Ok(()) => {
-                    let now = now_ms();
-                    let mut m = this.db().machine(&m.name).ok().flatten().unwrap_or(m);
-                    let _ = this.db().span_close(&m.name, now);
-                    // Its agent is gone with it: no longer listed.
-                    this.forget_agent(&m.name);
-                    if delete && !failed {
-                        // Gone for good: the row goes (its spans and leases
-                        // stay for cost and history; its name is never reused).
-                        if let Err(e) = this.db().delete_machine(&m.name) {
-                            tracing::warn!(machine = m.name, error = %e, "cannot forget a deleted machine");
-                        }
-                        return;
+            let result = provider.stop(&m.name, delete).await;
+            this.stopped_machine(m, delete, failed, result).await;
+        });
+    }
+
+    /// Records what the provider answered to a stop.
+    async fn stopped_machine(
+        &self,
+        m: MachineRow,
+        delete: bool,
+        failed: bool,
+        result: Result<(), ProviderError>,
+    ) {
+        let fresh = match self.machine(&m.name).await {
+            Ok(fresh) => fresh,
+            Err(e) => {
+                tracing::error!(machine = m.name, error = %e, "cannot read a stopped machine");
+                return;
+            }
+        };
+        let mut m = fresh.unwrap_or(m);
+        match result {
+            Ok(()) => {
+                let now = now_ms();
+                self.span_close_logged(&m.name, now).await;
+                // Its agent is gone with it: no longer listed.
+                self.forget_agent(&m.name);
+                if delete && !failed {
+                    // Gone for good: the row goes (its spans and leases
+                    // stay for cost and history; its name is never reused).
+                    if let Err(e) = self.store().delete_machine(&m.name).await {
+                        tracing::warn!(machine = m.name, error = %e, "cannot forget a deleted machine");
                     }
-                    m.state = if failed {
-                        MachineState::Failed
-                    } else {
-                        MachineState::Stopped
-                    };
-                    m.state_since_ms = now;
-                    m.idle_since_ms = None;
-                    m.last_error = m.last_error.replace(" [not stopped]", "");
-                    if !failed {
-                        m.cordoned = false;
-                    }
-                    let _ = this.db().upsert_machine(&m);
+                    return;
                 }
-                Err(e) => {
-                    tracing::warn!(machine = m.name, error = %e, "machine did not stop; will retry");
-                    if let Ok(Some(mut m)) = this.db().machine(&m.name) {
-                        m.last_error = e.to_string();
-                        let _ = this.db().upsert_machine(&m);
-                    }
+                m.state = if failed {
+                    MachineState::Failed
+                } else {
+                    MachineState::Stopped
+                };
+                m.state_since_ms = now;
+                m.idle_since_ms = None;
+                m.needs_stop = false;
+                if !failed {
+                    m.cordoned = false;
+                }
+                if let Err(e) = self.put_machine(&m).await {
+                    tracing::error!(machine = m.name, error = %e, "cannot record a stopped machine");
                 }
             }
-        });
+            Err(e) => {
+                tracing::warn!(machine = m.name, error = %e, "machine did not stop; will retry");
+                m.last_error = e.to_string();
+                if let Err(e) = self.put_machine(&m).await {
+                    tracing::error!(machine = m.name, error = %e, "cannot record a failed stop");
+                }
+            }
+        }
     }
 
     /// Drain: no new runs; the autoscaler stops the machine once it is empty
     /// (an agent of an `agents` pool just stops getting work).
-    pub fn drain(&self, name: &str) -> Result<MachineRow, String> {
-        self.cordon(name, true)
+    pub async fn drain(&self, name: &str) -> Result<MachineRow, String> {
+        self.cordon(name, true).await
     }
 
     /// At boot: machines the provider no longer has are marked stopped or
@@ -275,8 +345,12 @@ impl Pools {
             let Some(provider) = self.provider(&spec.name) else {
                 continue;
             };
-            let Ok(machines) = self.db().machines() else {
-                return;
+            let machines = match self.machines().await {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot reconcile machines");
+                    return;
+                }
             };
             for mut m in machines
                 .into_iter()
@@ -292,15 +366,21 @@ impl Pools {
                         };
                         m.state_since_ms = now;
                         m.last_error = "gone while the server was down".into();
-                        let _ = self.db().upsert_machine(&m);
-                        let _ = self.db().span_close(&m.name, now);
+                        m.needs_stop = false;
+                        if let Err(e) = self.put_machine(&m).await {
+                            tracing::error!(machine = m.name, error = %e, "cannot record a machine gone while the server was down");
+                            continue;
+                        }
+                        self.span_close_logged(&m.name, now).await;
                         // A dead container or instance is still there to
                         // be removed when the pool deletes idle machines.
                         if spec.delete_when_idle {
                             match provider.stop(&m.name, true).await {
                                 // It was being deleted when the server went down.
                                 Ok(()) if m.state == MachineState::Stopped => {
-                                    let _ = self.db().delete_machine(&m.name);
+                                    if let Err(e) = self.store().delete_machine(&m.name).await {
+                                        tracing::warn!(machine = m.name, error = %e, "cannot forget a deleted machine");
+                                    }
                                 }
                                 Ok(()) => {}
                                 Err(e) => {
@@ -347,6 +427,7 @@ mod tests {
     #[derive(Default)]
     struct Instant {
         started: Mutex<Vec<String>>,
+        stopped: Mutex<Vec<String>>,
     }
 
     #[async_trait::async_trait]
@@ -358,7 +439,8 @@ mod tests {
             self.started.lock().unwrap().push(l.name.clone());
             Ok(format!("id-{}", l.name))
         }
-        async fn stop(&self, _: &str, _: bool) -> Result<(), ProviderError> {
+        async fn stop(&self, name: &str, _: bool) -> Result<(), ProviderError> {
+            self.stopped.lock().unwrap().push(name.to_string());
             Ok(())
         }
         async fn status(&self, _: &str) -> Result<ProviderStatus, ProviderError> {
@@ -374,7 +456,7 @@ mod tests {
     async fn machines_until(pools: &Pools, ok: impl Fn(&[MachineRow]) -> bool) -> Vec<MachineRow> {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
-            let m = pools.db().machines().unwrap();
+            let m = pools.machines().await.unwrap();
             if ok(&m) {
                 return m;
             }
@@ -390,7 +472,7 @@ mod tests {
     #[tokio::test]
     async fn scaling_up_again_from_zero_never_reuses_a_deleted_machines_name() {
         let dir = tempfile::tempdir().unwrap();
-        let pools = Pools::open(dir.path()).unwrap();
+        let pools = Pools::open(dir.path()).await.unwrap();
         let spec = PoolSpec {
             name: "pool1".into(),
             provider: ProviderSpec::Docker(DockerProviderSpec {
@@ -408,13 +490,13 @@ mod tests {
             lease_timeout: Duration::from_secs(30),
             boot_timeout: Duration::from_secs(60),
         };
-        pools.set_pools(vec![spec.clone()]).unwrap();
+        pools.set_pools(vec![spec.clone()]).await.unwrap();
         let token = pools.token("pool1").unwrap();
         let provider = Arc::new(Instant::default());
         let mut names = Vec::new();
         for round in 0..2 {
             for _ in 0..2 {
-                pools.start_machine(&spec, provider.clone(), now_ms());
+                pools.start_machine(&spec, provider.clone(), now_ms()).await;
             }
             let up = machines_until(&pools, |m| m.len() == 2).await;
             for m in &up {
@@ -430,17 +512,21 @@ mod tests {
                         &token,
                         None,
                     )
+                    .await
                     .unwrap_or_else(|e| panic!("round {round}: register {}: {e:?}", m.name));
             }
-            assert_eq!(pools.agents().len(), 2);
+            assert_eq!(pools.agents().await.unwrap().len(), 2);
             for m in up {
                 names.push(m.name.clone());
-                let m = pools.db().machine(&m.name).unwrap().unwrap();
-                pools.stop_machine(m, provider.clone(), true, "idle".into());
+                let m = pools.machine(&m.name).await.unwrap().unwrap();
+                pools
+                    .stop_machine(m, provider.clone(), true, "idle".into())
+                    .await;
             }
             // Deleted: no machine left, no agent listed.
             machines_until(&pools, |m| m.is_empty()).await;
-            assert!(pools.agents().is_empty(), "{:?}", pools.agents());
+            let agents = pools.agents().await.unwrap();
+            assert!(agents.is_empty(), "{agents:?}");
         }
         let mut distinct = names.clone();
         distinct.sort();
@@ -448,9 +534,101 @@ mod tests {
         assert_eq!(distinct.len(), 4, "machine names: {names:?}");
         assert_eq!(*provider.started.lock().unwrap(), names);
         // Four machines, four cost rows.
-        let report = pools.cost_report(0, now_ms() + 1000).unwrap();
+        let report = pools.cost_report(0, now_ms() + 1000).await.unwrap();
         let rows = report["machines"].as_array().unwrap();
         assert_eq!(rows.len(), 4, "{report:#}");
+    }
+
+    fn docker_pool(name: &str, min_machines: u32) -> PoolSpec {
+        PoolSpec {
+            name: name.into(),
+            provider: ProviderSpec::Docker(DockerProviderSpec {
+                image: "agent:dev".into(),
+                server_url: "http://127.0.0.1:1".into(),
+                ..Default::default()
+            }),
+            min_machines,
+            max_machines: 4,
+            runs_per_machine: 1,
+            idle_timeout: Duration::from_secs(5),
+            delete_when_idle: true,
+            price_per_hour: None,
+            token_env: String::new(),
+            lease_timeout: Duration::from_secs(30),
+            boot_timeout: Duration::from_secs(60),
+        }
+    }
+
+    /// Issue 12 item 4 (fencing): the autoscaler of a server that lost the
+    /// ownership lease (a partitioned ex-owner) has its machine writes
+    /// refused by PostgreSQL, and so never asks the provider to start or
+    /// stop a machine; the new owner's view of the machines is untouched.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_server_that_lost_ownership_neither_starts_nor_stops_machines() {
+        use pubrun_store::postgres::BROKER_OWNERSHIP;
+        use pubrun_store::runs::postgres::Fence;
+        use pubrun_store::{PostgresOptions, PostgresPoolStore, PostgresStore};
+
+        let pg = pubrun_store::testing::TempPostgres::start();
+        let owner = |node: &str| PostgresOptions {
+            url: pg.url(),
+            node_name: node.into(),
+            lease_ttl: Duration::from_secs(1),
+        };
+        let fence = |token| {
+            Some(Fence {
+                name: BROKER_OWNERSHIP.to_string(),
+                token,
+            })
+        };
+        let lease_a = PostgresStore::open(owner("a")).await.unwrap();
+        let store_a = Arc::new(
+            PostgresPoolStore::open(&pg.url(), fence(lease_a.token()))
+                .await
+                .unwrap(),
+        );
+        let pools = Pools::with_store(store_a.clone()).await.unwrap();
+        let spec = docker_pool("fenced", 1);
+        pools.set_pools(vec![spec.clone()]).await.unwrap();
+        let provider = Arc::new(Instant::default());
+
+        // The owner: min_machines = 1 starts one machine.
+        pools.scale(&spec, provider.clone(), now_ms()).await;
+        let before = machines_until(&pools, |m| m.len() == 1 && !m[0].provider_id.is_empty()).await;
+        assert_eq!(provider.started.lock().unwrap().len(), 1);
+
+        // Cut off: "b" takes the ownership lease over.
+        lease_a.stop_renewing();
+        let lease_b = PostgresStore::open(owner("b")).await.unwrap();
+        assert!(lease_b.token() > lease_a.token());
+        let store_b = PostgresPoolStore::open(&pg.url(), fence(lease_b.token()))
+            .await
+            .unwrap();
+
+        // The ex-owner wants a second machine and to stop the first: both
+        // writes are refused, so the provider hears of neither.
+        let more = docker_pool("fenced", 2);
+        pools.scale(&more, provider.clone(), now_ms()).await;
+        pools.start_machine(&more, provider.clone(), now_ms()).await;
+        pools
+            .stop_machine(before[0].clone(), provider.clone(), true, "idle".into())
+            .await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            provider.started.lock().unwrap().len(),
+            1,
+            "no start after the takeover"
+        );
+        assert!(
+            provider.stopped.lock().unwrap().is_empty(),
+            "no stop after the takeover"
+        );
+        assert!(store_a.is_fenced());
+        assert!(!store_b.is_fenced());
+        // Nothing of it was written: the new owner sees the one machine as it was.
+        let after = crate::db::PoolStore::machines(&store_b).await.unwrap();
+        assert_eq!(after, before);
+        drop(lease_b);
     }
 
     #[test]

@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use crate::remote::Pools;
 
 impl Pools {
-    pub fn cost_report(&self, since_ms: i64, now_ms: i64) -> Result<Value, String> {
+    pub async fn cost_report(&self, since_ms: i64, now_ms: i64) -> Result<Value, String> {
         let prices: BTreeMap<String, Option<f64>> = self
             .specs()
             .into_iter()
@@ -29,17 +29,27 @@ impl Pools {
         };
         // machine → (pool, up spans)
         let mut up: BTreeMap<String, (String, Vec<Span>)> = BTreeMap::new();
-        for (machine, pool, start, end) in self.db().spans(since_ms)? {
-            if let Some(s) = clip(start, end) {
-                up.entry(machine)
-                    .or_insert_with(|| (pool, Vec::new()))
+        let spans = self
+            .store()
+            .spans(since_ms)
+            .await
+            .map_err(|e| e.to_string())?;
+        for span in spans {
+            if let Some(s) = clip(span.start_ms, span.end_ms) {
+                up.entry(span.machine)
+                    .or_insert_with(|| (span.pool, Vec::new()))
                     .1
                     .push(s);
             }
         }
         // machine → [(run_id, job, span)]
         let mut runs: BTreeMap<String, Vec<(String, String, Span)>> = BTreeMap::new();
-        for l in self.db().leases_since(since_ms)? {
+        let leases = self
+            .store()
+            .leases_since(since_ms)
+            .await
+            .map_err(|e| e.to_string())?;
+        for l in leases {
             let start = l.started_ms.unwrap_or(l.assigned_ms);
             let end = if l.state.is_active() {
                 None

@@ -182,12 +182,12 @@ async fn register(
     // An agent registering again while alive proves it is itself.
     let session = h.get(SESSION_HEADER).and_then(|v| v.to_str().ok());
     let r: Register = json_body(&read_body(body, JSON_BODY_LIMIT).await?)?;
-    Ok(Json(p.register(r, token, session)?).into_response())
+    Ok(Json(p.register(r, token, session).await?).into_response())
 }
 
 async fn poll(State(p): State<Pools>, h: HeaderMap, body: Body) -> Result<Response, AgentError> {
     let c = creds(&h)?;
-    p.check_agent(&c)?;
+    p.check_agent(&c).await?;
     let r: Poll = json_body(&read_body(body, JSON_BODY_LIMIT).await?)?;
     Ok(Json(p.poll(&c, r).await?).into_response())
 }
@@ -199,9 +199,9 @@ async fn started(
     body: Body,
 ) -> Result<Response, AgentError> {
     let c = creds(&h)?;
-    p.live(&c, lease, |_| ())?;
+    p.live(&c, lease, |_| ()).await?;
     let s: Started = json_body(&read_body(body, JSON_BODY_LIMIT).await?)?;
-    p.started(&c, lease, s.handle)?;
+    p.started(&c, lease, s.handle).await?;
     Ok(Json(json!({})).into_response())
 }
 
@@ -218,7 +218,7 @@ async fn log(
     body: Body,
 ) -> Result<Response, AgentError> {
     let c = creds(&h)?;
-    p.live(&c, lease, |_| ())?;
+    p.live(&c, lease, |_| ()).await?;
     let bytes = read_body(body, LOG_BODY_LIMIT).await?;
     let total = p.log(&c, lease, q.offset, &bytes).await?;
     Ok(Json(json!({ "received": total })).into_response())
@@ -231,9 +231,9 @@ async fn result(
     body: Body,
 ) -> Result<Response, AgentError> {
     let c = creds(&h)?;
-    p.live(&c, lease, |_| ())?;
+    p.live(&c, lease, |_| ()).await?;
     let r: Report = json_body(&read_body(body, JSON_BODY_LIMIT).await?)?;
-    p.report(&c, lease, r.exit)?;
+    p.report(&c, lease, r.exit).await?;
     Ok(Json(json!({})).into_response())
 }
 
@@ -244,7 +244,7 @@ async fn workdir(
     Path(lease): Path<u64>,
     h: HeaderMap,
 ) -> Result<Response, AgentError> {
-    let dir = p.live(&creds(&h)?, lease, |l| l.workdir.clone())?;
+    let dir = p.live(&creds(&h)?, lease, |l| l.workdir.clone()).await?;
     let file = tokio::task::spawn_blocking(move || -> std::io::Result<std::fs::File> {
         let mut tmp = tempfile_in_dir(&dir)?;
         {
@@ -294,9 +294,11 @@ async fn outputs(
     h: HeaderMap,
     body: Body,
 ) -> Result<Response, AgentError> {
-    let (dir, allowed) = p.live(&creds(&h)?, lease, |l| {
-        (l.workdir.clone(), l.outputs.clone())
-    })?;
+    let (dir, allowed) = p
+        .live(&creds(&h)?, lease, |l| {
+            (l.workdir.clone(), l.outputs.clone())
+        })
+        .await?;
     let mut tmp = tempfile_in_dir(&dir).map_err(|e| AgentError::Internal(e.to_string()))?;
     let mut stream = body.into_data_stream();
     let mut received: u64 = 0;
@@ -364,7 +366,10 @@ fn admin_err(code: StatusCode, msg: String) -> Response {
 }
 
 async fn list_pools(State(p): State<Pools>) -> Response {
-    let machines = p.db().machines().unwrap_or_default();
+    let machines = match p.machines().await {
+        Ok(m) => m,
+        Err(e) => return admin_err(StatusCode::INTERNAL_SERVER_ERROR, e),
+    };
     let pools: Vec<_> = p
         .specs()
         .into_iter()
@@ -392,7 +397,7 @@ async fn pool_token(State(p): State<Pools>, Path(name): Path<String>) -> Respons
 }
 
 async fn list_machines(State(p): State<Pools>) -> Response {
-    match p.db().machines() {
+    match p.machines().await {
         Ok(ms) => {
             let runs = p.runs_by_machine();
             let v: Vec<_> = ms
@@ -414,9 +419,9 @@ async fn machine_action(
     Path((name, action)): Path<(String, String)>,
 ) -> Response {
     let r = match action.as_str() {
-        "cordon" => p.cordon(&name, true),
-        "uncordon" => p.cordon(&name, false),
-        "drain" => p.drain(&name),
+        "cordon" => p.cordon(&name, true).await,
+        "uncordon" => p.cordon(&name, false).await,
+        "drain" => p.drain(&name).await,
         other => {
             return admin_err(
                 StatusCode::NOT_FOUND,
@@ -432,7 +437,10 @@ async fn machine_action(
 }
 
 async fn list_agents(State(p): State<Pools>) -> Response {
-    Json(json!({ "agents": p.agents() })).into_response()
+    match p.agents().await {
+        Ok(a) => Json(json!({ "agents": a })).into_response(),
+        Err(e) => admin_err(StatusCode::INTERNAL_SERVER_ERROR, e),
+    }
 }
 
 #[derive(Deserialize)]
@@ -452,7 +460,7 @@ async fn cost(
             "query: since_ms=<milliseconds since the epoch>".into(),
         );
     };
-    match p.cost_report(q.since_ms, now_ms()) {
+    match p.cost_report(q.since_ms, now_ms()).await {
         Ok(r) => Json(r).into_response(),
         Err(e) => admin_err(StatusCode::INTERNAL_SERVER_ERROR, e),
     }

@@ -7,7 +7,8 @@
 //! - `agent`: the worker side (`pubrun agent`);
 //! - `provider`: the [`provider::MachineProvider`] seam and its docker and
 //!   gce implementations; `autoscaler` drives it;
-//! - `db`: `pools.db` (machines, up-time spans, leases = fencing tokens);
+//! - `db`: the records of the pool store (`pubrun_store::pools`: machines,
+//!   up-time spans, leases = fencing tokens; `pools.db` or PostgreSQL);
 //! - `cost`: machine-seconds per machine, pool and run.
 
 pub mod agent;
@@ -19,4 +20,4 @@ pub mod protocol;
 pub mod provider;
 mod remote;
 
-pub use remote::{now_ms, PoolExecutor, Pools};
+pub use remote::{now_ms, Gauges, PoolExecutor, Pools};

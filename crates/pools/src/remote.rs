@@ -3,7 +3,7 @@
 //!
 //! An attempt handed to [`PoolExecutor::run`] waits in its pool's queue
 //! until an agent of that pool polls with a free slot. The poll takes it,
-//! writes a lease (fresh fencing token) to `pools.db` and returns it. From
+//! writes a lease (fresh fencing token) to the pool store and returns it. From
 //! then on the agent drives the lease through HTTP calls (see
 //! `protocol.rs`); `run` follows the lease's events and returns the exit the
 //! agent reported, or an infrastructure error when the lease expired — the
@@ -20,7 +20,7 @@ use pubrun_core::run::Exit;
 use pubrun_exec::{CancellationToken, Executor, LogSink, OnStarted, RunRequest};
 use tokio::sync::{mpsc, Notify};
 
-use crate::db::{LeaseState, MachineRow, PoolsDb};
+use crate::db::{Bootstrap, LeaseEnd, LeaseState, MachineRow, NewLease, PoolStore};
 use crate::http::{AGENT_HEADER, SESSION_HEADER};
 use crate::protocol::{Assignment, Poll, PollReply, Register, Registered};
 use crate::provider::MachineProvider;
@@ -91,12 +91,12 @@ pub(crate) struct State {
     waiting: HashMap<String, VecDeque<Pending>>,
     pub leases: HashMap<u64, LiveLease>,
     pub agents: HashMap<String, AgentEntry>,
-    /// machine -> (pool, one-time bootstrap token), mirrored in pools.db.
+    /// machine -> (pool, one-time bootstrap token), mirrored in the pool store.
     pub bootstraps: HashMap<String, (String, String)>,
 }
 
 pub(crate) struct Inner {
-    pub db: PoolsDb,
+    pub store: Arc<dyn PoolStore>,
     pub state: Mutex<State>,
     /// Wakes held polls (work queued, a cancel to deliver).
     pub work: Notify,
@@ -104,6 +104,16 @@ pub(crate) struct Inner {
     pub providers: Mutex<HashMap<String, Arc<dyn MachineProvider>>>,
     /// Leases found active at boot get this long for their agent to return.
     pub boot_ms: i64,
+    /// What the metrics gauges show, read by [`Pools::refresh_gauges`].
+    pub gauges: Mutex<Gauges>,
+}
+
+/// The machine rows and up-spans as last read for the metrics gauges (the
+/// store is async, gauge sources are not).
+#[derive(Debug, Clone, Default)]
+pub struct Gauges {
+    pub machines: Vec<MachineRow>,
+    pub spans: Vec<crate::db::UpSpan>,
 }
 
 /// Pools service: owned by the server, shared by the HTTP handlers, the
@@ -145,32 +155,97 @@ pub enum AgentError {
 }
 
 impl Pools {
-    pub fn open(data_dir: &std::path::Path) -> Result<Pools, String> {
+    /// The embedded engine: `pools.db` in the data directory.
+    pub async fn open(data_dir: &std::path::Path) -> Result<Pools, String> {
         std::fs::create_dir_all(data_dir).map_err(|e| format!("{}: {e}", data_dir.display()))?;
-        let db = PoolsDb::open(&data_dir.join("pools.db"))?;
+        let store = pubrun_store::SqlitePoolStore::open(&data_dir.join("pools.db"))
+            .await
+            .map_err(|e| e.to_string())?;
+        Pools::with_store(Arc::new(store)).await
+    }
+
+    /// On any engine (PostgreSQL in cluster mode): loads the declared pools
+    /// and the unused bootstrap tokens.
+    pub async fn with_store(store: Arc<dyn PoolStore>) -> Result<Pools, String> {
         let mut state = State::default();
-        for (spec, token) in db.pools()? {
+        for (spec, token) in store.pools().await.map_err(|e| e.to_string())? {
             state
                 .pools
                 .insert(spec.name.clone(), PoolEntry { spec, token });
         }
-        for (machine, pool, token) in db.bootstraps()? {
-            state.bootstraps.insert(machine, (pool, token));
+        for b in store.bootstraps().await.map_err(|e| e.to_string())? {
+            state.bootstraps.insert(b.machine, (b.pool, b.token));
         }
         Ok(Pools {
             inner: Arc::new(Inner {
-                db,
+                store,
                 state: Mutex::new(state),
                 work: Notify::new(),
                 seq: AtomicU64::new(1),
                 providers: Mutex::new(HashMap::new()),
                 boot_ms: now_ms(),
+                gauges: Mutex::new(Gauges::default()),
             }),
         })
     }
 
-    pub fn db(&self) -> &PoolsDb {
-        &self.inner.db
+    pub fn store(&self) -> &Arc<dyn PoolStore> {
+        &self.inner.store
+    }
+
+    /// Reads the machine rows and up-spans the metrics gauges show (before
+    /// a scrape); on a store error the previous reading stays.
+    pub async fn refresh_gauges(&self) {
+        let read = async {
+            let machines = self.inner.store.machines().await?;
+            let spans = self.inner.store.spans(0).await?;
+            Ok::<_, pubrun_core::Error>(Gauges { machines, spans })
+        };
+        match read.await {
+            Ok(g) => *self.inner.gauges.lock().unwrap_or_else(|p| p.into_inner()) = g,
+            Err(e) => tracing::warn!(error = %e, "cannot read machines for the metrics"),
+        }
+    }
+
+    /// The last reading of [`refresh_gauges`](Self::refresh_gauges).
+    pub fn gauges(&self) -> Gauges {
+        self.inner
+            .gauges
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Every machine row (all pools).
+    pub async fn machines(&self) -> Result<Vec<MachineRow>, String> {
+        self.inner.store.machines().await.map_err(|e| e.to_string())
+    }
+
+    pub(crate) async fn machine(&self, name: &str) -> Result<Option<MachineRow>, String> {
+        self.inner
+            .store
+            .machine(name)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// Writes a machine row. With the PostgreSQL engine the write is fenced:
+    /// an error here means this server may no longer act on the machine.
+    pub(crate) async fn put_machine(&self, m: &MachineRow) -> Result<(), String> {
+        self.inner
+            .store
+            .upsert_machine(m)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// Closes a machine's cost span where nothing else depends on it: a
+    /// failure is logged (the span stays open and is closed by the next
+    /// stop or start of the machine).
+    pub(crate) async fn span_close_logged(&self, machine: &str, now: i64) {
+        if let Err(e) = self.inner.store.span_close(machine, now).await {
+            tracing::error!(machine, error = %e, "cannot close the machine's cost span");
+        }
     }
 
     pub fn specs(&self) -> Vec<PoolSpec> {
@@ -246,9 +321,17 @@ impl Pools {
     /// instance metadata carries it instead of the pool token, so what
     /// anyone reading the metadata later finds is useless once the agent
     /// has joined.
-    pub fn mint_bootstrap(&self, machine: &str, pool: &str) -> Result<String, String> {
+    pub async fn mint_bootstrap(&self, machine: &str, pool: &str) -> Result<String, String> {
         let token = random_token()?;
-        self.inner.db.put_bootstrap(machine, pool, &token)?;
+        self.inner
+            .store
+            .put_bootstrap(&Bootstrap {
+                machine: machine.to_string(),
+                pool: pool.to_string(),
+                token: token.clone(),
+            })
+            .await
+            .map_err(|e| e.to_string())?;
         self.inner
             .lock()
             .bootstraps
@@ -269,10 +352,10 @@ impl Pools {
 
     /// The agent `name` has called with the pool token it was handed: its
     /// bootstrap token is used up.
-    fn bootstrap_used(&self, name: &str) {
+    async fn bootstrap_used(&self, name: &str) {
         let had = self.inner.lock().bootstraps.remove(name).is_some();
         if had {
-            if let Err(e) = self.inner.db.delete_bootstrap(name) {
+            if let Err(e) = self.inner.store.delete_bootstrap(name).await {
                 tracing::warn!(machine = name, error = %e, "cannot drop a used bootstrap token");
             }
         }
@@ -303,7 +386,7 @@ impl Pools {
 
     /// The pool of the agent `c.name`, if `c` carries its pool's token and
     /// its current session.
-    fn agent_pool(&self, c: &Creds<'_>) -> Result<String, AgentError> {
+    async fn agent_pool(&self, c: &Creds<'_>) -> Result<String, AgentError> {
         let (pool, session_ok) = {
             let st = self.inner.lock();
             let a = st.agents.get(c.name).ok_or_else(|| {
@@ -322,13 +405,13 @@ impl Pools {
             )));
         }
         // Its registration's answer (with the pool token) has arrived.
-        self.bootstrap_used(c.name);
+        self.bootstrap_used(c.name).await;
         Ok(pool)
     }
 
     /// Checks an agent's credentials (before its body is read).
-    pub(crate) fn check_agent(&self, c: &Creds<'_>) -> Result<(), AgentError> {
-        self.agent_pool(c).map(|_| ())
+    pub(crate) async fn check_agent(&self, c: &Creds<'_>) -> Result<(), AgentError> {
+        self.agent_pool(c).await.map(|_| ())
     }
 
     /// Registers an agent and hands it a fresh session. A name held by an
@@ -336,7 +419,7 @@ impl Pools {
     /// (`NameTaken`) unless the caller presents that agent's session; once
     /// that agent has been silent longer, it is treated as lost (its leases
     /// are taken back) and the name is free.
-    pub fn register(
+    pub async fn register(
         &self,
         r: Register,
         token: &str,
@@ -360,8 +443,7 @@ impl Pools {
             Err(e) => return Err(e),
         };
         let now = now_ms();
-        let db = &self.inner.db;
-        let existing = db.machine(&r.name).map_err(AgentError::Internal)?;
+        let existing = self.machine(&r.name).await.map_err(AgentError::Internal)?;
         if let Some(m) = &existing {
             if m.pool != r.pool {
                 return Err(AgentError::Invalid(format!(
@@ -377,8 +459,8 @@ impl Pools {
             )));
         }
         let new_session = random_token().map_err(AgentError::Internal)?;
-        self.claim_name(&r, &new_session, session, now)?;
-        let recorded = self.record_registered(&r, &spec, now);
+        self.claim_name(&r, &new_session, session, now).await?;
+        let recorded = self.record_registered(&r, &spec, now).await;
         if let Err(e) = recorded {
             // Give the name back: this registration did not happen.
             let mut st = self.inner.lock();
@@ -397,7 +479,7 @@ impl Pools {
             slots = r.slots,
             "agent registered"
         );
-        self.refresh_machine(&r.name);
+        self.refresh_machine(&r.name).await;
         Ok(Registered {
             lease_timeout_secs: spec.lease_timeout.as_secs_f64(),
             poll_secs: poll_hold(&spec).as_secs_f64(),
@@ -408,9 +490,13 @@ impl Pools {
 
     /// The machine of a registered agent is up (its row read again: taking
     /// the name over from a lost agent may have just changed it).
-    fn record_registered(&self, r: &Register, spec: &PoolSpec, now: i64) -> Result<(), String> {
-        let db = &self.inner.db;
-        let mut m = db.machine(&r.name)?.unwrap_or(MachineRow {
+    async fn record_registered(
+        &self,
+        r: &Register,
+        spec: &PoolSpec,
+        now: i64,
+    ) -> Result<(), String> {
+        let mut m = self.machine(&r.name).await?.unwrap_or(MachineRow {
             name: r.name.clone(),
             pool: r.pool.clone(),
             provider: spec.provider.kind().to_string(),
@@ -422,6 +508,7 @@ impl Pools {
             cordoned: false,
             slots: r.slots,
             last_error: String::new(),
+            needs_stop: false,
         });
         m.slots = r.slots;
         if !matches!(
@@ -432,14 +519,19 @@ impl Pools {
             m.state_since_ms = now;
             m.idle_since_ms = Some(now);
             m.last_error.clear();
+            m.needs_stop = false;
         }
-        db.upsert_machine(&m)?;
-        db.span_open(&m.name, &m.pool, now)
+        self.put_machine(&m).await?;
+        self.inner
+            .store
+            .span_open(&m.name, &m.pool, now)
+            .await
+            .map_err(|e| format!("opening the cost span of machine {}: {e}", m.name))
     }
 
     /// Takes the name `r.name` for a new session, in one step under the
     /// lock so two registrations cannot both win.
-    fn claim_name(
+    async fn claim_name(
         &self,
         r: &Register,
         new_session: &str,
@@ -513,7 +605,7 @@ impl Pools {
         }
         // Lost, as the sweep would find it: its leases are taken back (and
         // its session dropped) before the name changes hands.
-        self.sweep(now);
+        self.sweep(now).await;
         let mut st = self.inner.lock();
         match holder(&st) {
             Holder::Live {
@@ -533,7 +625,7 @@ impl Pools {
     }
 
     pub async fn poll(&self, c: &Creds<'_>, p: Poll) -> Result<PollReply, AgentError> {
-        let pool = self.agent_pool(c)?;
+        let pool = self.agent_pool(c).await?;
         if p.name != c.name {
             return Err(AgentError::Invalid(format!(
                 "poll names agent {} but header {AGENT_HEADER} says {}",
@@ -552,7 +644,7 @@ impl Pools {
         loop {
             // Register interest before looking, so a wake in between is kept.
             let notified = self.inner.work.notified();
-            let reply = self.poll_once(&p, &pool)?;
+            let reply = self.poll_once(&p, &pool).await?;
             if !reply.assign.is_empty() || !reply.cancel.is_empty() || !reply.revoked.is_empty() {
                 return Ok(reply);
             }
@@ -562,56 +654,96 @@ impl Pools {
         }
     }
 
-    fn poll_once(&self, p: &Poll, pool: &str) -> Result<PollReply, AgentError> {
+    async fn poll_once(&self, p: &Poll, pool: &str) -> Result<PollReply, AgentError> {
         let now = now_ms();
-        let db = &self.inner.db;
-        let cordoned = db
+        let cordoned = self
             .machine(&p.name)
+            .await
             .map_err(AgentError::Internal)?
             .is_some_and(|m| m.cordoned || !m.state.is_up() || m.state == MachineState::Stopping);
         let mut reply = PollReply {
             cordoned,
             ..Default::default()
         };
-        let mut assigned_events = Vec::new();
-        {
+        let unknown: Vec<u64> = {
             let mut st = self.inner.lock();
             if let Some(a) = st.agents.get_mut(&p.name) {
                 a.last_seen_ms = now;
             }
+            let mut unknown = Vec::new();
             for &token in &p.leases {
                 match st.leases.get(&token) {
                     Some(l) if l.machine == p.name => {}
                     Some(_) => reply.revoked.push(token),
-                    None => {
-                        // Not followed in memory: after a restart it may be
-                        // waiting to be re-attached; only the database knows.
-                        match db.lease(token) {
-                            Ok(Some(row)) if row.state.is_active() && row.machine == p.name => {}
-                            Ok(_) => reply.revoked.push(token),
-                            Err(e) => return Err(AgentError::Internal(e)),
-                        }
-                    }
+                    None => unknown.push(token),
                 }
             }
+            unknown
+        };
+        // Not followed in memory: after a restart one may be waiting to be
+        // re-attached; only the store knows.
+        for token in unknown {
+            match self.inner.store.lease(token).await {
+                Ok(Some(row)) if row.state.is_active() && row.machine == p.name => {}
+                Ok(_) => reply.revoked.push(token),
+                Err(e) => return Err(AgentError::Internal(e.to_string())),
+            }
+        }
+        // Attempts for the free slots, out of the queue; each is handed out
+        // only once its lease is written.
+        let taken: Vec<Pending> = {
+            let mut st = self.inner.lock();
             for (token, l) in st.leases.iter_mut() {
                 if l.machine == p.name && l.cancel_requested && !l.cancel_sent {
                     l.cancel_sent = true;
                     reply.cancel.push(*token);
                 }
             }
-            let mut free = p.free_slots;
-            while free > 0 && !cordoned {
+            let mut taken = Vec::new();
+            while (taken.len() as u32) < p.free_slots && !cordoned {
                 let Some(pending) = st.waiting.get_mut(pool).and_then(|q| q.pop_front()) else {
                     break;
                 };
                 if pending.events.is_closed() {
                     continue; // its run was cancelled or the server is stopping
                 }
+                taken.push(pending);
+            }
+            taken
+        };
+        let mut assigned = Vec::new();
+        let mut unassigned = Vec::new();
+        let mut taken = taken.into_iter();
+        while let Some(pending) = taken.next() {
+            let req = &pending.req;
+            let lease = NewLease {
+                run_id: &req.run_id,
+                job: &req.job,
+                attempt: req.attempt,
+                pool,
+                machine: &p.name,
+                now_ms: now,
+            };
+            match self.inner.store.new_lease(&lease).await {
+                Ok(token) => assigned.push((token, pending)),
+                Err(e) => {
+                    tracing::warn!(pool, machine = p.name, error = %e, "cannot write a lease; the run waits");
+                    unassigned.push(pending);
+                    unassigned.extend(taken.by_ref());
+                }
+            }
+        }
+        {
+            let mut st = self.inner.lock();
+            if !unassigned.is_empty() {
+                // Back to the front of the queue, in their order.
+                let q = st.waiting.entry(pool.to_string()).or_default();
+                for pending in unassigned.into_iter().rev() {
+                    q.push_front(pending);
+                }
+            }
+            for (token, pending) in assigned {
                 let req = &pending.req;
-                let token = db
-                    .new_lease(&req.run_id, &req.job, req.attempt, pool, &p.name, now)
-                    .map_err(AgentError::Internal)?;
                 reply.assign.push(Assignment {
                     lease: token,
                     run_id: req.run_id.clone(),
@@ -626,10 +758,8 @@ impl Pools {
                     outputs: req.outputs.clone(),
                     log_limit: pending.log.limit(),
                 });
-                assigned_events.push((token, pending));
-                free -= 1;
-            }
-            for (token, pending) in assigned_events.drain(..) {
+                // Sent and followed under one lock: a cancel that comes
+                // with `Assigned` finds the lease.
                 let _ = pending.events.send(Event::Assigned {
                     token,
                     machine: p.name.clone(),
@@ -652,21 +782,21 @@ impl Pools {
             }
         }
         if !reply.assign.is_empty() {
-            self.refresh_machine(&p.name);
+            self.refresh_machine(&p.name).await;
         }
         Ok(reply)
     }
 
     /// The live lease `token` held by agent `name`, checked against the
     /// database: `Fenced` when it is no longer honoured.
-    pub(crate) fn live<T>(
+    pub(crate) async fn live<T>(
         &self,
         c: &Creds<'_>,
         lease: u64,
         f: impl FnOnce(&mut LiveLease) -> T,
     ) -> Result<T, AgentError> {
         let name = c.name;
-        let _pool = match self.agent_pool(c) {
+        let _pool = match self.agent_pool(c).await {
             Ok(p) => p,
             // An agent forgotten for its silence (or whose name another
             // agent has since taken) comes back: the leases it held were
@@ -674,7 +804,7 @@ impl Pools {
             // would retry until it registers again). A live lease of the
             // name stays out of its reach.
             Err(e @ (AgentError::UnknownAgent(_) | AgentError::BadSession(_))) => {
-                return match self.inner.db.lease(lease).map_err(AgentError::Internal)? {
+                return match self.stored_lease(lease).await? {
                     Some(row) if row.machine == name && !row.state.is_active() => {
                         self.check_token(&row.pool, c.token)?;
                         Err(AgentError::Fenced(format!(
@@ -703,7 +833,7 @@ impl Pools {
                 return Ok(f(l));
             }
         }
-        match self.inner.db.lease(lease).map_err(AgentError::Internal)? {
+        match self.stored_lease(lease).await? {
             Some(row) if row.state.is_active() && row.machine == name => Err(AgentError::NotReady(
                 format!("lease {lease} is being recovered after a server restart; try again"),
             )),
@@ -723,15 +853,30 @@ impl Pools {
         }
     }
 
-    pub fn started(&self, c: &Creds<'_>, lease: u64, handle: String) -> Result<(), AgentError> {
-        self.live(c, lease, |_| ())?;
+    async fn stored_lease(&self, lease: u64) -> Result<Option<crate::db::LeaseRow>, AgentError> {
         self.inner
-            .db
+            .store
+            .lease(lease)
+            .await
+            .map_err(|e| AgentError::Internal(e.to_string()))
+    }
+
+    pub async fn started(
+        &self,
+        c: &Creds<'_>,
+        lease: u64,
+        handle: String,
+    ) -> Result<(), AgentError> {
+        self.live(c, lease, |_| ()).await?;
+        self.inner
+            .store
             .lease_started(lease, now_ms())
-            .map_err(AgentError::Internal)?;
+            .await
+            .map_err(|e| AgentError::Internal(e.to_string()))?;
         self.live(c, lease, |l| {
             let _ = l.events.send(Event::Started { handle });
         })
+        .await
     }
 
     /// Appends log bytes starting at `offset`; returns the new total. Bytes
@@ -743,13 +888,15 @@ impl Pools {
         offset: u64,
         bytes: &[u8],
     ) -> Result<u64, AgentError> {
-        let (log, received) = self.live(c, lease, |l| {
-            if l.log_resync {
-                l.log_resync = false;
-                l.log_received = offset;
-            }
-            (l.log.clone(), l.log_received)
-        })?;
+        let (log, received) = self
+            .live(c, lease, |l| {
+                if l.log_resync {
+                    l.log_resync = false;
+                    l.log_received = offset;
+                }
+                (l.log.clone(), l.log_received)
+            })
+            .await?;
         if offset > received {
             return Err(AgentError::Invalid(format!(
                 "log offset {offset} is past the {received} bytes received; resend from {received}"
@@ -765,15 +912,17 @@ impl Pools {
             l.log_received = l.log_received.max(total);
             l.log_received
         })
+        .await
     }
 
-    pub fn report(&self, c: &Creds<'_>, lease: u64, exit: Exit) -> Result<(), AgentError> {
-        self.live(c, lease, |_| ())?;
+    pub async fn report(&self, c: &Creds<'_>, lease: u64, exit: Exit) -> Result<(), AgentError> {
+        self.live(c, lease, |_| ()).await?;
         let ok = self
             .inner
-            .db
-            .lease_end(lease, LeaseState::Done, Some(&exit), "", now_ms())
-            .map_err(AgentError::Internal)?;
+            .store
+            .lease_end(lease, LeaseEnd::Done(&exit), now_ms())
+            .await
+            .map_err(|e| AgentError::Internal(e.to_string()))?;
         if !ok {
             return Err(AgentError::Fenced(format!("lease {lease} was revoked")));
         }
@@ -781,13 +930,13 @@ impl Pools {
         if let Some(l) = l {
             let _ = l.events.send(Event::Ended(exit));
         }
-        self.refresh_machine(c.name);
+        self.refresh_machine(c.name).await;
         Ok(())
     }
 
     /// Takes back leases whose agent has not been heard of for the pool's
     /// lease timeout, and forgets silent agents. Called every second.
-    pub fn sweep(&self, now: i64) {
+    pub async fn sweep(&self, now: i64) {
         let mut expired = Vec::new();
         let mut lost_agents = Vec::new();
         {
@@ -822,7 +971,14 @@ impl Pools {
         }
         // Machines that were up before a restart and whose agent has not
         // come back since: as lost as an agent that went silent.
-        if let Ok(machines) = self.inner.db.machines() {
+        let machines = match self.machines().await {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::error!(error = %e, "lease sweep cannot read machines");
+                Vec::new()
+            }
+        };
+        {
             let st = self.inner.lock();
             for m in machines {
                 let up = matches!(
@@ -843,8 +999,9 @@ impl Pools {
             let reason = format!("machine {machine} not heard from for {} s", timeout / 1000);
             match self
                 .inner
-                .db
-                .lease_end(token, LeaseState::Revoked, None, &reason, now)
+                .store
+                .lease_end(token, LeaseEnd::Revoked(&reason), now)
+                .await
             {
                 Ok(true) => {
                     tracing::warn!(
@@ -879,32 +1036,39 @@ impl Pools {
         for (name, silent_ms) in lost_agents {
             self.inner.lock().agents.remove(&name);
             tracing::warn!(agent = name, silent_ms, "agent lost");
-            if let Ok(Some(mut m)) = self.inner.db.machine(&name) {
-                // Only a machine this agent serves: one (re)starting since
-                // is waiting for its next agent (boot_timeout covers it).
-                if matches!(
-                    m.state,
-                    MachineState::Ready | MachineState::Busy | MachineState::Idle
-                ) {
-                    m.state = MachineState::Failed;
-                    m.state_since_ms = now;
-                    m.last_error = format!("agent not heard from for {} s", silent_ms / 1000);
-                    if self.provider(&m.pool).is_some() {
-                        // Still up as far as we know (a partition): the
-                        // autoscaler stops it, and the cost span ends then.
-                        m.last_error.push_str(" [not stopped]");
-                        let _ = self.inner.db.upsert_machine(&m);
-                    } else {
-                        let _ = self.inner.db.upsert_machine(&m);
-                        let _ = self.inner.db.span_close(&name, now);
-                    }
+            let mut m = match self.machine(&name).await {
+                Ok(Some(m)) => m,
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::error!(machine = name, error = %e, "cannot read a lost agent's machine");
+                    continue;
+                }
+            };
+            // Only a machine this agent serves: one (re)starting since
+            // is waiting for its next agent (boot_timeout covers it).
+            if matches!(
+                m.state,
+                MachineState::Ready | MachineState::Busy | MachineState::Idle
+            ) {
+                m.state = MachineState::Failed;
+                m.state_since_ms = now;
+                m.last_error = format!("agent not heard from for {} s", silent_ms / 1000);
+                // Still up as far as we know (a partition): the autoscaler
+                // stops it, and the cost span ends then.
+                m.needs_stop = self.provider(&m.pool).is_some();
+                if let Err(e) = self.put_machine(&m).await {
+                    tracing::error!(machine = name, error = %e, "cannot record a lost machine");
+                    continue;
+                }
+                if !m.needs_stop {
+                    self.span_close_logged(&name, now).await;
                 }
             }
         }
     }
 
     /// Keeps a machine's busy/idle state in line with its live leases.
-    pub(crate) fn refresh_machine(&self, name: &str) {
+    pub(crate) async fn refresh_machine(&self, name: &str) {
         let runs = self
             .inner
             .lock()
@@ -912,8 +1076,13 @@ impl Pools {
             .values()
             .filter(|l| l.machine == name)
             .count();
-        let Ok(Some(mut m)) = self.inner.db.machine(name) else {
-            return;
+        let mut m = match self.machine(name).await {
+            Ok(Some(m)) => m,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(machine = name, error = %e, "cannot read machine state");
+                return;
+            }
         };
         let want = if runs > 0 {
             MachineState::Busy
@@ -929,21 +1098,20 @@ impl Pools {
             m.state = want;
             m.state_since_ms = now;
             m.idle_since_ms = (runs == 0).then_some(now);
-            if let Err(e) = self.inner.db.upsert_machine(&m) {
+            if let Err(e) = self.put_machine(&m).await {
                 tracing::warn!(machine = name, error = %e, "cannot record machine state");
             }
         }
     }
 
     /// Sets cordon (no new runs) on a machine.
-    pub fn cordon(&self, name: &str, on: bool) -> Result<MachineRow, String> {
+    pub async fn cordon(&self, name: &str, on: bool) -> Result<MachineRow, String> {
         let mut m = self
-            .inner
-            .db
-            .machine(name)?
+            .machine(name)
+            .await?
             .ok_or_else(|| format!("no machine {name}"))?;
         m.cordoned = on;
-        self.inner.db.upsert_machine(&m)?;
+        self.put_machine(&m).await?;
         Ok(m)
     }
 
@@ -983,12 +1151,10 @@ impl Pools {
     /// Agents known now: (name, pool, slots, running leases, last seen, labels, version).
     /// Agents of machines that are stopped, deleted or failed are left out
     /// (a stopped machine's agent is gone even before the sweep notices).
-    pub fn agents(&self) -> Vec<serde_json::Value> {
+    pub async fn agents(&self) -> Result<Vec<serde_json::Value>, String> {
         let up: std::collections::HashSet<String> = self
-            .inner
-            .db
             .machines()
-            .unwrap_or_default()
+            .await?
             .into_iter()
             .filter(|m| m.state.is_up())
             .map(|m| m.name)
@@ -1013,7 +1179,7 @@ impl Pools {
             })
             .collect();
         v.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
-        v
+        Ok(v)
     }
 
     // ---- used by PoolExecutor ----
@@ -1174,7 +1340,13 @@ impl Executor for PoolExecutor {
         log: Arc<LogSink>,
         cancel: CancellationToken,
     ) -> Option<Exit> {
-        let row = self.pools.inner.db.lease_of_run(&req.run_id).ok()??;
+        let row = match self.pools.inner.store.lease_of_run(&req.run_id).await {
+            Ok(row) => row?,
+            Err(e) => {
+                tracing::error!(run = req.run_id, error = %e, "cannot read the run's lease");
+                return None;
+            }
+        };
         if row.attempt != req.attempt {
             return None;
         }
@@ -1231,7 +1403,7 @@ impl Pools {
     /// Replaces the declared pools (apply). Tokens: from `token_env` when
     /// set (it must be set in the server's environment), else the one
     /// stored for the pool, else a fresh random one.
-    pub fn set_pools(&self, specs: Vec<PoolSpec>) -> Result<(), String> {
+    pub async fn set_pools(&self, specs: Vec<PoolSpec>) -> Result<(), String> {
         let mut tokens = Vec::new();
         let mut providers = Vec::new();
         for s in &specs {
@@ -1255,14 +1427,23 @@ impl Pools {
         let old: Vec<String> = self.inner.lock().pools.keys().cloned().collect();
         for name in old {
             if !specs.iter().any(|s| s.name == name) {
-                self.inner.db.delete_pool(&name)?;
+                self.inner
+                    .store
+                    .delete_pool(&name)
+                    .await
+                    .map_err(|e| e.to_string())?;
                 self.inner.lock().pools.remove(&name);
                 self.set_provider(&name, None);
             }
         }
         for ((spec, token), provider) in specs.into_iter().zip(tokens).zip(providers) {
             let fresh = random_token()?;
-            let token = self.inner.db.put_pool(&spec, token.as_deref(), &fresh)?;
+            let token = self
+                .inner
+                .store
+                .put_pool(&spec, token.as_deref(), &fresh)
+                .await
+                .map_err(|e| e.to_string())?;
             self.set_provider(&spec.name, provider);
             self.inner
                 .lock()

@@ -15,6 +15,7 @@
 pub mod catalog;
 pub mod directory;
 pub mod embedded;
+pub mod pools;
 pub mod postgres;
 pub mod record;
 pub mod runs;
@@ -29,6 +30,7 @@ use std::time::Duration;
 
 pub use catalog::{Catalog, SnapshotEntry, SubscriptionEntry, TopicEntry};
 pub use embedded::EmbeddedStore;
+pub use pools::{PoolStore, PostgresPoolStore, SqlitePoolStore};
 pub use postgres::{PostgresOptions, PostgresStore};
 pub use record::{Record, SeekTarget};
 pub use runs::{PostgresRunStore, RunStore, SqliteRunStore};

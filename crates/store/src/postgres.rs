@@ -70,6 +70,9 @@ const MIGRATIONS: &[&str] = &[
     crate::runs::postgres::MIGRATION,
     // 3: cluster members and the address each serves at (`directory`).
     crate::directory::MIGRATION,
+    // 4: the pool store (`pools::postgres`): pools, machines, cost spans,
+    // bootstrap tokens, leases.
+    crate::pools::postgres::MIGRATION,
 ];
 
 /// Serializes migrations of concurrently starting servers

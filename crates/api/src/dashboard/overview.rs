@@ -77,8 +77,16 @@ pub(crate) async fn page(ctx: Ctx) -> UiResult {
         }
         None => (Vec::new(), Vec::new(), (0, 0)),
     };
-    let pools = ctx.d.inner.pools.clone().map(|p| {
-        let machines = p.db().machines().unwrap_or_default();
+    let pools = match ctx.d.inner.pools.clone() {
+        Some(p) => Some((
+            p.machines().await.map_err(|e| {
+                super::UiError::new(axum::http::StatusCode::INTERNAL_SERVER_ERROR, e)
+            })?,
+            p,
+        )),
+        None => None,
+    };
+    let pools = pools.map(|(machines, p)| {
         p.specs()
             .into_iter()
             .map(|s| {

@@ -29,13 +29,17 @@ pub(crate) async fn page(ctx: Ctx) -> UiResult {
     let now = now_ms();
     let specs = p.specs();
     let machines = p
-        .db()
         .machines()
+        .await
         .map_err(|e| UiError::new(StatusCode::INTERNAL_SERVER_ERROR, e))?;
     let runs = p.runs_by_machine();
-    let agents = p.agents();
+    let agents = p
+        .agents()
+        .await
+        .map_err(|e| UiError::new(StatusCode::INTERNAL_SERVER_ERROR, e))?;
     let cost = p
         .cost_report(now - COST_WINDOW_MS, now)
+        .await
         .map_err(|e| UiError::new(StatusCode::INTERNAL_SERVER_ERROR, e))?;
     let pool_cost = |name: &str| {
         cost["pools"]
@@ -128,9 +132,9 @@ pub(crate) async fn machine_action(
 ) -> UiResult {
     let p = service(&ctx)?;
     let r = match action.as_str() {
-        "cordon" => p.cordon(&name, true),
-        "uncordon" => p.cordon(&name, false),
-        "drain" => p.drain(&name),
+        "cordon" => p.cordon(&name, true).await,
+        "uncordon" => p.cordon(&name, false).await,
+        "drain" => p.drain(&name).await,
         other => {
             return Err(UiError::new(
                 StatusCode::NOT_FOUND,

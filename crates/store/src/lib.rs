@@ -20,6 +20,7 @@ pub mod runs;
 pub mod sqlite;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub mod triggers;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -29,6 +30,7 @@ pub use embedded::EmbeddedStore;
 pub use postgres::{PostgresOptions, PostgresStore};
 pub use record::{Record, SeekTarget};
 pub use runs::{PostgresRunStore, RunStore, SqliteRunStore};
+pub use triggers::{PostgresTriggerStore, SqliteTriggerStore, TriggerStore};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

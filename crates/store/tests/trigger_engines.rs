@@ -252,7 +252,10 @@ async fn definitions_are_scoped_by_project(e: impl Engine) {
         .replace_definitions(
             DefKind::Schedule,
             Scope::Project("alpha"),
-            &[(def("nightly", "alpha"), false), (def("hourly", "alpha"), true)],
+            &[
+                (def("nightly", "alpha"), false),
+                (def("hourly", "alpha"), true),
+            ],
             t(0),
         )
         .await

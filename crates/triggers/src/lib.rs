@@ -174,11 +174,7 @@ impl Triggers {
     /// Replaces the webhooks of `project` only (what its manifest declares):
     /// other projects' hooks stay; a name another project holds is
     /// FAILED_PRECONDITION. Secrets are read from the environment now.
-    pub async fn set_project_webhooks(
-        &self,
-        project: &str,
-        specs: Vec<WebhookSpec>,
-    ) -> Result<()> {
+    pub async fn set_project_webhooks(&self, project: &str, specs: Vec<WebhookSpec>) -> Result<()> {
         self.replace_webhooks(Scope::Project(project), specs, &|k| std::env::var(k).ok())
             .await
     }

@@ -166,8 +166,7 @@ pub trait TriggerStore: Send + Sync + 'static {
     async fn record_error(&self, name: &str, error: &str, now: DateTime<Utc>) -> Result<()>;
 
     /// Records a run-now publish.
-    async fn record_run_now(&self, name: &str, message_id: &str, now: DateTime<Utc>)
-        -> Result<()>;
+    async fn record_run_now(&self, name: &str, message_id: &str, now: DateTime<Utc>) -> Result<()>;
 
     /// Pauses or resumes. Resuming moves the cursor to `now`: ticks that
     /// passed while paused never fire. Returns false for an unknown name.
@@ -179,7 +178,9 @@ pub(crate) fn ms(t: DateTime<Utc>) -> i64 {
 }
 
 fn corrupt(name: &str, what: &str) -> Error {
-    Error::internal(format!("trigger store: corrupt {what} in schedule {name:?}"))
+    Error::internal(format!(
+        "trigger store: corrupt {what} in schedule {name:?}"
+    ))
 }
 
 fn from_ms(name: &str, what: &str, v: i64) -> Result<DateTime<Utc>> {

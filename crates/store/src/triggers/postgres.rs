@@ -410,12 +410,7 @@ impl TriggerStore for PostgresTriggerStore {
         Ok(())
     }
 
-    async fn record_run_now(
-        &self,
-        name: &str,
-        message_id: &str,
-        now: DateTime<Utc>,
-    ) -> Result<()> {
+    async fn record_run_now(&self, name: &str, message_id: &str, now: DateTime<Utc>) -> Result<()> {
         self.write(
             "UPDATE pubrun_schedules SET last_message_id = $2, updated_ms = $3 WHERE name = $1",
             &[&name, &message_id, &ms(now)],

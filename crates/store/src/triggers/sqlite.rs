@@ -248,7 +248,8 @@ impl TriggerStore for SqliteTriggerStore {
         message_id: &str,
         now: DateTime<Utc>,
     ) -> Result<bool> {
-        let (name, owner, message_id) = (name.to_string(), owner.to_string(), message_id.to_string());
+        let (name, owner, message_id) =
+            (name.to_string(), owner.to_string(), message_id.to_string());
         self.call(move |c| {
             let tx = c.transaction().map_err(db_err)?;
             let n = tx
@@ -283,12 +284,7 @@ impl TriggerStore for SqliteTriggerStore {
         .await
     }
 
-    async fn record_run_now(
-        &self,
-        name: &str,
-        message_id: &str,
-        now: DateTime<Utc>,
-    ) -> Result<()> {
+    async fn record_run_now(&self, name: &str, message_id: &str, now: DateTime<Utc>) -> Result<()> {
         let (name, message_id) = (name.to_string(), message_id.to_string());
         self.call(move |c| {
             c.execute(

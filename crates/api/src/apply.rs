@@ -292,8 +292,8 @@ async fn apply_manifest_inner(
     }
     let owned_triggers = match triggers {
         Some(t) => {
-            let s = t.scheduler().definitions()?;
-            let w = t.webhook_definitions()?;
+            let s = t.scheduler().definitions().await?;
+            let w = t.webhook_definitions().await?;
             check_owners("schedule", project, &s, |x| &x.name, &schedules)?;
             check_owners("webhook", project, &w, |x| &x.name, &webhooks)?;
             Some((s, w))
@@ -354,8 +354,10 @@ async fn apply_manifest_inner(
             &webhooks,
         ));
         if !dry_run {
-            t.set_project_schedules(project, schedules.into_iter().map(|(_, s)| s).collect())?;
-            t.set_project_webhooks(project, webhooks.into_iter().map(|(_, w)| w).collect())?;
+            t.set_project_schedules(project, schedules.into_iter().map(|(_, s)| s).collect())
+                .await?;
+            t.set_project_webhooks(project, webhooks.into_iter().map(|(_, w)| w).collect())
+                .await?;
         }
     }
     Ok(changes)

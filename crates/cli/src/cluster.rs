@@ -1,8 +1,9 @@
 //! Which engines keep the server's state: the data directory (default) or,
 //! with `--store postgres://…`, PostgreSQL (cluster mode, in progress: the
 //! Pub/Sub catalog and log, jobs, runs, dedup keys, run logs, apply's
-//! ownership record, pools, machines, bootstrap tokens, leases and cost
-//! spans live there so far; the rest is still in the data directory, see
+//! ownership record, pools, machines, bootstrap tokens, leases, cost spans,
+//! schedules, schedule ticks and webhook definitions live there so far; the
+//! rest is still in the data directory, see
 //! ARCHITECTURE.md).
 
 use std::path::Path;
@@ -14,6 +15,7 @@ use pubrun_jobs::SharedRunStore;
 use pubrun_store::directory::{Directory, REFRESH};
 use pubrun_store::postgres::BROKER_OWNERSHIP;
 use pubrun_store::runs::postgres::Fence;
+use pubrun_store::triggers::{PostgresTriggerStore, SqliteTriggerStore, TriggerStore};
 use pubrun_store::{
     EmbeddedStore, PostgresOptions, PostgresPoolStore, PostgresRunStore, PostgresStore, Store,
     StoreError,
@@ -119,6 +121,39 @@ impl ServerStore {
         pools
             .map_err(anyhow::Error::msg)
             .context("opening the pools database")
+    }
+
+    /// The trigger store that goes with this engine: `triggers.db` in the
+    /// data directory, or the same PostgreSQL (schedules, ticks and webhook
+    /// definitions), its writes fenced by the ownership lease this server
+    /// holds, like the run store's.
+    pub async fn open_triggers(
+        &self,
+        data_dir: &Path,
+        url: Option<&str>,
+    ) -> anyhow::Result<Arc<dyn TriggerStore>> {
+        match (self, url.filter(|u| !u.is_empty())) {
+            (ServerStore::Postgres(s), Some(url)) => {
+                let fence = Fence {
+                    name: BROKER_OWNERSHIP.to_string(),
+                    token: s.token(),
+                };
+                let triggers = PostgresTriggerStore::open(url, Some(fence))
+                    .await
+                    .context("opening the trigger store in PostgreSQL (--store)")?;
+                Ok(Arc::new(triggers))
+            }
+            _ => {
+                std::fs::create_dir_all(data_dir)
+                    .with_context(|| format!("creating data directory {}", data_dir.display()))?;
+                let path = data_dir.join(pubrun_triggers::DB_FILE);
+                Ok(Arc::new(
+                    SqliteTriggerStore::open_async(&path)
+                        .await
+                        .with_context(|| format!("opening {}", path.display()))?,
+                ))
+            }
+        }
     }
 
     pub fn as_store(&self) -> Arc<dyn Store> {

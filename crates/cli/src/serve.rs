@@ -247,8 +247,15 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let buckets = pubrun_buckets::Buckets::open(&args.data_dir, broker.clone())
         .context("opening bucket storage")?;
     let triggers = Arc::new(
-        pubrun_triggers::Triggers::open(&args.data_dir, broker.clone())
-            .context("opening schedules and webhooks")?,
+        pubrun_triggers::Triggers::with_store(
+            store
+                .open_triggers(&args.data_dir, args.store.as_deref())
+                .await?,
+            broker.clone(),
+            Arc::new(pubrun_triggers::SystemClock),
+        )
+        .await
+        .context("opening schedules and webhooks")?,
     );
     let runs = store
         .open_runs(&args.data_dir, args.store.as_deref())

@@ -22,6 +22,7 @@ pub mod runs;
 pub mod sqlite;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub mod triggers;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -34,6 +35,7 @@ pub use pools::{PoolStore, PostgresPoolStore, SqlitePoolStore};
 pub use postgres::{PostgresOptions, PostgresStore};
 pub use record::{Record, SeekTarget};
 pub use runs::{PostgresRunStore, RunStore, SqliteRunStore};
+pub use triggers::{PostgresTriggerStore, SqliteTriggerStore, TriggerStore};
 
 /// When a write counts as durable (`pubrun serve --sync`), for every engine
 /// of the server: one setting per process, because a server's log, SQLite

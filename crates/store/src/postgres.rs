@@ -73,6 +73,8 @@ const MIGRATIONS: &[&str] = &[
     // 4: the pool store (`pools::postgres`): pools, machines, cost spans,
     // bootstrap tokens, leases.
     crate::pools::postgres::MIGRATION,
+    // 5: the trigger store (`triggers::postgres`): schedules, ticks, definitions.
+    crate::triggers::postgres::MIGRATION,
 ];
 
 /// Serializes migrations of concurrently starting servers

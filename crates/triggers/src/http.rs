@@ -238,28 +238,28 @@ pub fn schedules_router(scheduler: Scheduler) -> Router {
 }
 
 async fn list_schedules(State(s): State<Scheduler>) -> Response {
-    match s.list() {
+    match s.list().await {
         Ok(list) => Json(json!({ "schedules": list })).into_response(),
         Err(e) => from_error(e),
     }
 }
 
 async fn get_schedule(State(s): State<Scheduler>, Path(name): Path<String>) -> Response {
-    match s.get(&name) {
+    match s.get(&name).await {
         Ok(st) => Json(json!({ "schedule": st })).into_response(),
         Err(e) => from_error(e),
     }
 }
 
 async fn pause(State(s): State<Scheduler>, Path(name): Path<String>) -> Response {
-    match s.pause(&name) {
+    match s.pause(&name).await {
         Ok(st) => Json(json!({ "schedule": st })).into_response(),
         Err(e) => from_error(e),
     }
 }
 
 async fn resume(State(s): State<Scheduler>, Path(name): Path<String>) -> Response {
-    match s.resume(&name) {
+    match s.resume(&name).await {
         Ok(st) => Json(json!({ "schedule": st })).into_response(),
         Err(e) => from_error(e),
     }
@@ -268,7 +268,7 @@ async fn resume(State(s): State<Scheduler>, Path(name): Path<String>) -> Respons
 async fn run_now(State(s): State<Scheduler>, Path(name): Path<String>) -> Response {
     match s.run_now(&name).await {
         Ok(id) => {
-            let st = s.get(&name).ok();
+            let st = s.get(&name).await.ok();
             Json(json!({ "messageId": id, "schedule": st })).into_response()
         }
         Err(e) => from_error(e),

@@ -4,24 +4,27 @@
 //!   [`next_fire`] (DST rules documented there), [`due`] (missed-tick
 //!   policy), signature checks, request → attributes.
 //! - [`Scheduler`] is the background loop: it claims each tick by
-//!   compare-and-set in `<data_dir>/triggers.db` *before* publishing (at
-//!   least once; several schedulers on one database fire a tick once), with
-//!   an injectable [`Clock`].
+//!   compare-and-set in the trigger store ([`db::TriggerStore`]:
+//!   `<data_dir>/triggers.db`, or PostgreSQL in cluster mode) *before*
+//!   publishing (at least once; several schedulers on one store fire a tick
+//!   once), with an injectable [`Clock`].
 //! - [`Webhooks`] and [`http`] serve `POST /hooks/{name}` and the schedules
 //!   REST API.
 //! - [`Triggers`] bundles both for the server.
 //!
 //! Definitions are durable: every declared schedule and webhook is stored in
-//! `triggers.db` with the project whose manifest declared it, and
-//! [`Triggers::open`] serves them again after a restart (or `kill -9`). A
+//! the trigger store with the project whose manifest declared it, and
+//! [`Triggers::open`] / [`Triggers::with_store`] serve them again after a
+//! restart (or `kill -9`, or on the server that takes a cluster over). A
 //! project's apply replaces only that project's definitions.
 //!
 //! # Wiring (server)
 //!
 //! ```ignore
-//! let triggers = Arc::new(Triggers::open(&data_dir, broker.clone())?); // serves what was stored
-//! triggers.set_project_schedules("demo", manifest_schedules)?;   // Vec<ScheduleSpec>
-//! triggers.set_project_webhooks("demo", manifest_webhooks)?;     // Vec<WebhookSpec>, secrets from env
+//! let triggers = Arc::new(Triggers::open(&data_dir, broker.clone()).await?); // serves what was stored
+//! // or Triggers::with_store(Arc<dyn TriggerStore>, broker, clock).await? (cluster mode)
+//! triggers.set_project_schedules("demo", manifest_schedules).await?; // Vec<ScheduleSpec>
+//! triggers.set_project_webhooks("demo", manifest_webhooks).await?;   // Vec<WebhookSpec>, secrets from env
 //! triggers.spawn();                              // the scheduler loop
 //! let app = app.merge(triggers.router());        // /hooks/{name} + /api/v1/schedules…
 //! // on shutdown: triggers.stop();
@@ -82,7 +85,7 @@ pub use webhook::{
     github_signature, verify_github_signature, Hook, WebhookSpec, DEFAULT_MAX_BODY_BYTES,
 };
 
-use db::{DefKind, Scope};
+use db::{DefKind, Scope, SqliteTriggerStore, TriggerStore};
 
 /// File name of the schedules database inside the data directory.
 pub const DB_FILE: &str = "triggers.db";
@@ -95,13 +98,13 @@ pub struct Triggers {
 
 impl Triggers {
     /// Opens `<data_dir>/triggers.db` (creating the directory if needed),
-    /// on the system clock.
-    pub fn open(data_dir: &Path, broker: Arc<Broker>) -> Result<Self> {
-        Self::open_with_clock(data_dir, broker, Arc::new(SystemClock))
+    /// on the system clock: the embedded engine.
+    pub async fn open(data_dir: &Path, broker: Arc<Broker>) -> Result<Self> {
+        Self::open_with_clock(data_dir, broker, Arc::new(SystemClock)).await
     }
 
     /// As [`Triggers::open`], with another clock (tests: [`ManualClock`]).
-    pub fn open_with_clock(
+    pub async fn open_with_clock(
         data_dir: &Path,
         broker: Arc<Broker>,
         clock: Arc<dyn Clock>,
@@ -112,54 +115,75 @@ impl Triggers {
                 data_dir.display()
             ))
         })?;
-        let scheduler = Scheduler::open(&data_dir.join(DB_FILE), broker.clone(), clock)?;
+        let store = SqliteTriggerStore::open_async(&data_dir.join(DB_FILE)).await?;
+        Self::with_store(Arc::new(store), broker, clock).await
+    }
+
+    /// Schedules and webhooks on `store` (any engine: the cluster's
+    /// PostgreSQL in `serve --store`), serving the definitions stored there.
+    pub async fn with_store(
+        store: Arc<dyn TriggerStore>,
+        broker: Arc<Broker>,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self> {
+        let scheduler = Scheduler::new(store, broker.clone(), clock).await?;
         let triggers = Triggers {
             scheduler,
             webhooks: Webhooks::new(broker),
         };
-        let defs = triggers.scheduler.db().definitions(DefKind::Webhook)?;
+        let defs = triggers
+            .scheduler
+            .db()
+            .definitions(DefKind::Webhook)
+            .await?;
         triggers.install_webhooks(&defs, &|k| std::env::var(k).ok());
         Ok(triggers)
     }
 
     /// Replaces every declared schedule (see [`Scheduler::set_schedules`]).
-    pub fn set_schedules(&self, specs: Vec<ScheduleSpec>) -> Result<()> {
-        self.scheduler.set_schedules(specs)
+    pub async fn set_schedules(&self, specs: Vec<ScheduleSpec>) -> Result<()> {
+        self.scheduler.set_schedules(specs).await
     }
 
     /// Replaces the schedules of `project` (see
     /// [`Scheduler::set_project_schedules`]).
-    pub fn set_project_schedules(&self, project: &str, specs: Vec<ScheduleSpec>) -> Result<()> {
-        self.scheduler.set_project_schedules(project, specs)
+    pub async fn set_project_schedules(
+        &self,
+        project: &str,
+        specs: Vec<ScheduleSpec>,
+    ) -> Result<()> {
+        self.scheduler.set_project_schedules(project, specs).await
     }
 
     /// Replaces every webhook; secrets are read from the environment now (an
     /// unset `secret_env`/`bearer_secret_env` variable is an error).
-    pub fn set_webhooks(&self, specs: Vec<WebhookSpec>) -> Result<()> {
+    pub async fn set_webhooks(&self, specs: Vec<WebhookSpec>) -> Result<()> {
         self.set_webhooks_with_env(specs, &|k| std::env::var(k).ok())
+            .await
     }
 
     /// As [`Triggers::set_webhooks`], reading secrets through `env`.
-    pub fn set_webhooks_with_env(
+    pub async fn set_webhooks_with_env(
         &self,
         specs: Vec<WebhookSpec>,
-        env: &dyn Fn(&str) -> Option<String>,
+        env: &(dyn Fn(&str) -> Option<String> + Sync),
     ) -> Result<()> {
-        self.replace_webhooks(Scope::All, specs, env)
+        self.replace_webhooks(Scope::All, specs, env).await
     }
 
     /// Replaces the webhooks of `project` only (what its manifest declares):
     /// other projects' hooks stay; a name another project holds is
     /// FAILED_PRECONDITION. Secrets are read from the environment now.
-    pub fn set_project_webhooks(&self, project: &str, specs: Vec<WebhookSpec>) -> Result<()> {
+    pub async fn set_project_webhooks(&self, project: &str, specs: Vec<WebhookSpec>) -> Result<()> {
         self.replace_webhooks(Scope::Project(project), specs, &|k| std::env::var(k).ok())
+            .await
     }
 
-    fn replace_webhooks(
+    async fn replace_webhooks(
         &self,
         scope: Scope<'_>,
         specs: Vec<WebhookSpec>,
-        env: &dyn Fn(&str) -> Option<String>,
+        env: &(dyn Fn(&str) -> Option<String> + Sync),
     ) -> Result<()> {
         // Resolve first: a bad spec or an unset secret changes nothing.
         let mut defs = Vec::with_capacity(specs.len());
@@ -184,12 +208,11 @@ impl Triggers {
             };
             defs.push((def, false));
         }
-        let all = self.scheduler.db().replace_definitions(
-            DefKind::Webhook,
-            scope,
-            &defs,
-            self.scheduler.clock_now(),
-        )?;
+        let all = self
+            .scheduler
+            .db()
+            .replace_definitions(DefKind::Webhook, scope, &defs, self.scheduler.clock_now())
+            .await?;
         self.install_webhooks(&all, env);
         Ok(())
     }
@@ -216,28 +239,28 @@ impl Triggers {
     }
 
     /// The stored webhook definitions with the project that declared each.
-    pub fn webhook_definitions(&self) -> Result<Vec<(String, WebhookSpec)>> {
+    pub async fn webhook_definitions(&self) -> Result<Vec<(String, WebhookSpec)>> {
         Ok(scheduler::parse_definitions(
             "webhook",
-            &self.scheduler.db().definitions(DefKind::Webhook)?,
+            &self.scheduler.db().definitions(DefKind::Webhook).await?,
         )
         .collect())
     }
 
-    pub fn list_schedules(&self) -> Result<Vec<ScheduleStatus>> {
-        self.scheduler.list()
+    pub async fn list_schedules(&self) -> Result<Vec<ScheduleStatus>> {
+        self.scheduler.list().await
     }
 
     pub fn list_webhooks(&self) -> Vec<WebhookSpec> {
         self.webhooks.specs()
     }
 
-    pub fn pause(&self, name: &str) -> Result<ScheduleStatus> {
-        self.scheduler.pause(name)
+    pub async fn pause(&self, name: &str) -> Result<ScheduleStatus> {
+        self.scheduler.pause(name).await
     }
 
-    pub fn resume(&self, name: &str) -> Result<ScheduleStatus> {
-        self.scheduler.resume(name)
+    pub async fn resume(&self, name: &str) -> Result<ScheduleStatus> {
+        self.scheduler.resume(name).await
     }
 
     /// Publishes a schedule's message now; returns the message id.

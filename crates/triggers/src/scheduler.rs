@@ -1,5 +1,6 @@
-//! The scheduler: a background loop that claims due ticks in `triggers.db`
-//! and publishes them to the broker.
+//! The scheduler: a background loop that claims due ticks in the trigger
+//! store (`triggers.db`, or PostgreSQL in cluster mode) and publishes them
+//! to the broker.
 //!
 //! # One pass
 //!
@@ -37,11 +38,11 @@
 //! schedulers sharing the database fire each tick once: all of them compute
 //! the same tick from the same cursor, one `UPDATE … WHERE cursor = read`
 //! wins, the others change no row and move on. Two [`Scheduler`]s on one
-//! `triggers.db` do exactly this today (tested); a future PostgreSQL store
-//! shared by several servers runs the same statements.
+//! `triggers.db` do exactly this (tested), and so do servers sharing a
+//! PostgreSQL trigger store (`pubrun_store::triggers`, tested on both
+//! engines).
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -52,7 +53,7 @@ use pubrun_core::{Error, Result};
 use tokio::sync::{watch, Notify};
 
 use crate::clock::Clock;
-use crate::db::{DefKind, Definition, ScheduleState, Scope, TriggerDb};
+use crate::db::{DefKind, Definition, ScheduleState, Scope, TriggerStore};
 use crate::schedule::{due, format_time, MissedPolicy, Schedule, ScheduleSpec, ScheduleStatus};
 
 /// How long a claim is held before another scheduler (or a retry) may take
@@ -69,7 +70,7 @@ pub struct Scheduler {
 }
 
 struct Inner {
-    db: TriggerDb,
+    db: Arc<dyn TriggerStore>,
     broker: Arc<Broker>,
     clock: Arc<dyn Clock>,
     schedules: RwLock<BTreeMap<String, Schedule>>,
@@ -99,12 +100,15 @@ fn lease() -> TimeDelta {
 }
 
 impl Scheduler {
-    /// Opens the schedule database at `db_path` (normally
-    /// `<data_dir>/triggers.db`) with the schedules defined there (the last
+    /// A scheduler on `db` (normally `<data_dir>/triggers.db`, or the
+    /// cluster's PostgreSQL) with the schedules defined there (the last
     /// applies): they run from [`Scheduler::spawn`] on.
-    pub fn open(db_path: &Path, broker: Arc<Broker>, clock: Arc<dyn Clock>) -> Result<Self> {
-        let db = TriggerDb::open(db_path)?;
-        let defs = db.definitions(DefKind::Schedule)?;
+    pub async fn new(
+        db: Arc<dyn TriggerStore>,
+        broker: Arc<Broker>,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self> {
+        let defs = db.definitions(DefKind::Schedule).await?;
         let (evaluated, _) = watch::channel(None);
         let scheduler = Scheduler {
             inner: Arc::new(Inner {
@@ -130,18 +134,22 @@ impl Scheduler {
     /// [`Scheduler::pause`]/[`Scheduler::resume`]) is kept unless the declared
     /// `paused` value changed since it was last set, in which case the
     /// declaration wins. Schedules no longer declared are forgotten.
-    pub fn set_schedules(&self, specs: Vec<ScheduleSpec>) -> Result<()> {
-        self.replace(Scope::All, specs)
+    pub async fn set_schedules(&self, specs: Vec<ScheduleSpec>) -> Result<()> {
+        self.replace(Scope::All, specs).await
     }
 
     /// As [`Scheduler::set_schedules`] for the schedules of one project only
     /// (what its manifest declares): other projects' schedules stay, and a
     /// name another project holds is FAILED_PRECONDITION.
-    pub fn set_project_schedules(&self, project: &str, specs: Vec<ScheduleSpec>) -> Result<()> {
-        self.replace(Scope::Project(project), specs)
+    pub async fn set_project_schedules(
+        &self,
+        project: &str,
+        specs: Vec<ScheduleSpec>,
+    ) -> Result<()> {
+        self.replace(Scope::Project(project), specs).await
     }
 
-    fn replace(&self, scope: Scope<'_>, specs: Vec<ScheduleSpec>) -> Result<()> {
+    async fn replace(&self, scope: Scope<'_>, specs: Vec<ScheduleSpec>) -> Result<()> {
         let mut names = std::collections::BTreeSet::new();
         let mut defs = Vec::with_capacity(specs.len());
         for spec in specs {
@@ -164,12 +172,11 @@ impl Scheduler {
             };
             defs.push((def, spec.paused));
         }
-        let all = self.inner.db.replace_definitions(
-            DefKind::Schedule,
-            scope,
-            &defs,
-            self.inner.clock.now(),
-        )?;
+        let all = self
+            .inner
+            .db
+            .replace_definitions(DefKind::Schedule, scope, &defs, self.inner.clock.now())
+            .await?;
         self.install(&all);
         self.inner.wake.notify_one();
         Ok(())
@@ -198,13 +205,17 @@ impl Scheduler {
         self.inner.clock.now()
     }
 
-    pub(crate) fn db(&self) -> &TriggerDb {
+    pub(crate) fn db(&self) -> &Arc<dyn TriggerStore> {
         &self.inner.db
     }
 
     /// The stored definitions with the project that declared each.
-    pub fn definitions(&self) -> Result<Vec<(String, ScheduleSpec)>> {
-        Ok(parse_definitions("schedule", &self.inner.db.definitions(DefKind::Schedule)?).collect())
+    pub async fn definitions(&self) -> Result<Vec<(String, ScheduleSpec)>> {
+        Ok(parse_definitions(
+            "schedule",
+            &self.inner.db.definitions(DefKind::Schedule).await?,
+        )
+        .collect())
     }
 
     /// The declared specs.
@@ -229,7 +240,7 @@ impl Scheduler {
     }
 
     /// Every schedule with its state, by name.
-    pub fn list(&self) -> Result<Vec<ScheduleStatus>> {
+    pub async fn list(&self) -> Result<Vec<ScheduleStatus>> {
         let schedules: Vec<Schedule> = self
             .inner
             .schedules
@@ -241,7 +252,8 @@ impl Scheduler {
         let states: BTreeMap<String, ScheduleState> = self
             .inner
             .db
-            .list()?
+            .list()
+            .await?
             .into_iter()
             .map(|s| (s.name.clone(), s))
             .collect();
@@ -252,35 +264,36 @@ impl Scheduler {
             .collect())
     }
 
-    pub fn get(&self, name: &str) -> Result<ScheduleStatus> {
+    pub async fn get(&self, name: &str) -> Result<ScheduleStatus> {
         let s = self.schedule(name)?;
-        let st = self.inner.db.get(name)?;
+        let st = self.inner.db.get(name).await?;
         Ok(status(&s, st.as_ref(), self.inner.clock.now()))
     }
 
     /// Pauses a schedule (durably; survives restarts and re-applies of an
     /// unchanged manifest). Ticks while paused never fire.
-    pub fn pause(&self, name: &str) -> Result<ScheduleStatus> {
-        self.set_paused(name, true)
+    pub async fn pause(&self, name: &str) -> Result<ScheduleStatus> {
+        self.set_paused(name, true).await
     }
 
     /// Resumes a schedule; the next tick after now is the first to fire
     /// (ticks that passed while paused are not caught up).
-    pub fn resume(&self, name: &str) -> Result<ScheduleStatus> {
-        self.set_paused(name, false)
+    pub async fn resume(&self, name: &str) -> Result<ScheduleStatus> {
+        self.set_paused(name, false).await
     }
 
-    fn set_paused(&self, name: &str, paused: bool) -> Result<ScheduleStatus> {
+    async fn set_paused(&self, name: &str, paused: bool) -> Result<ScheduleStatus> {
         self.schedule(name)?;
         if !self
             .inner
             .db
-            .set_paused(name, paused, self.inner.clock.now())?
+            .set_paused(name, paused, self.inner.clock.now())
+            .await?
         {
             return Err(Error::not_found(format!("schedule \"{name}\" not found")));
         }
         self.inner.wake.notify_one();
-        self.get(name)
+        self.get(name).await
     }
 
     /// Publishes the schedule's message now, with `scheduledTime` = now and
@@ -300,7 +313,8 @@ impl Scheduler {
             .ok_or_else(|| Error::internal("publish returned no id"))?;
         self.inner
             .db
-            .record_run_now(name, &id, self.inner.clock.now())?;
+            .record_run_now(name, &id, self.inner.clock.now())
+            .await?;
         tracing::info!(schedule = name, message_id = %id, "schedule run now");
         Ok(id)
     }
@@ -395,7 +409,7 @@ impl Inner {
         now: DateTime<Utc>,
     ) -> Result<Option<DateTime<Utc>>> {
         let name = s.name();
-        let Some(st) = self.db.get(name)? else {
+        let Some(st) = self.db.get(name).await? else {
             return Ok(None);
         };
         let mut wake: Option<DateTime<Utc>> = None;
@@ -406,7 +420,7 @@ impl Inner {
         if let Some(claim) = &st.pending {
             let expires = claim.claimed_at + lease();
             if expires <= now {
-                if self.db.take_over(name, claim, &self.owner, now)? {
+                if self.db.take_over(name, claim, &self.owner, now).await? {
                     tracing::info!(schedule = name, tick = %format_time(claim.tick), previous_owner = %claim.owner, "publishing a claimed tick again");
                     if !self.publish_tick(s, claim.tick, now).await {
                         wake_at(now + lease());
@@ -422,7 +436,11 @@ impl Inner {
             let mut live = s.clone();
             live.spec.paused = false;
             if let Some(&tick) = due(&live, st.cursor, now).first() {
-                if self.db.claim(name, st.cursor, tick, &self.owner, now)? {
+                if self
+                    .db
+                    .claim(name, st.cursor, tick, &self.owner, now)
+                    .await?
+                {
                     if !self.publish_tick(s, tick, now).await {
                         wake_at(now + lease());
                     }
@@ -452,6 +470,7 @@ impl Inner {
                 if let Err(e) = self
                     .db
                     .complete(name, tick, &self.owner, &id, self.clock.now())
+                    .await
                 {
                     // Published but not recorded: the claim expires and the
                     // tick is published again (at least once).
@@ -461,7 +480,9 @@ impl Inner {
             }
             Err(e) => {
                 tracing::warn!(schedule = name, tick = %format_time(tick), error = %e, "schedule publish failed; retrying after the claim lease");
-                let _ = self.db.record_error(name, &e.to_string(), now);
+                if let Err(e) = self.db.record_error(name, &e.to_string(), now).await {
+                    tracing::warn!(schedule = name, error = %e, "could not record the failed publish");
+                }
                 false
             }
         }

@@ -58,13 +58,14 @@ async fn env() -> Env {
 }
 
 impl Env {
-    fn open(&self) -> Arc<Triggers> {
+    async fn open(&self) -> Arc<Triggers> {
         Arc::new(
             Triggers::open_with_clock(
                 &self.data,
                 self.broker.clone(),
                 Arc::new(self.clock.clone()),
             )
+            .await
             .unwrap(),
         )
     }
@@ -97,27 +98,30 @@ fn names<T>(v: &[(String, T)], name: impl Fn(&T) -> &str) -> Vec<(String, String
 #[tokio::test]
 async fn definitions_survive_a_reopen_and_keep_working() {
     let e = env().await;
-    let t = e.open();
+    let t = e.open().await;
     t.set_project_schedules(
         "alpha",
         vec![ScheduleSpec::new("every-minute", "* * * * *", TOPIC)],
     )
+    .await
     .unwrap();
     t.set_project_webhooks("alpha", vec![WebhookSpec::new("start-import", TOPIC)])
+        .await
         .unwrap();
     drop(t);
 
     // "Restart": nothing is set again; the stored definitions are served.
-    let t = e.open();
+    let t = e.open().await;
     let listed: Vec<String> = t
         .list_schedules()
+        .await
         .unwrap()
         .into_iter()
         .map(|s| s.name)
         .collect();
     assert_eq!(listed, ["every-minute"]);
     assert_eq!(
-        names(&t.webhook_definitions().unwrap(), |w| &w.name),
+        names(&t.webhook_definitions().await.unwrap(), |w| &w.name),
         [("alpha".to_string(), "start-import".to_string())]
     );
     let h = t.spawn();
@@ -149,28 +153,30 @@ async fn definitions_survive_a_reopen_and_keep_working() {
 #[tokio::test]
 async fn a_project_replaces_only_its_own_definitions() {
     let e = env().await;
-    let t = e.open();
+    let t = e.open().await;
     t.set_project_schedules(
         "alpha",
         vec![ScheduleSpec::new("a-nightly", "0 3 * * *", TOPIC)],
     )
+    .await
     .unwrap();
     t.set_project_webhooks("alpha", vec![WebhookSpec::new("a-hook", TOPIC)])
+        .await
         .unwrap();
     t.set_project_schedules(
         "beta",
         vec![ScheduleSpec::new("b-nightly", "0 4 * * *", TOPIC)],
     )
+    .await
     .unwrap();
-    t.set_project_webhooks("beta", vec![]).unwrap();
-    let sched = |t: &Triggers| names(&t.scheduler().definitions().unwrap(), |s| &s.name);
+    t.set_project_webhooks("beta", vec![]).await.unwrap();
     let pair = |p: &str, n: &str| (p.to_string(), n.to_string());
     assert_eq!(
-        sched(&t),
+        names(&t.scheduler().definitions().await.unwrap(), |s| &s.name),
         [pair("alpha", "a-nightly"), pair("beta", "b-nightly")]
     );
     assert_eq!(
-        names(&t.webhook_definitions().unwrap(), |w| &w.name),
+        names(&t.webhook_definitions().await.unwrap(), |w| &w.name),
         [pair("alpha", "a-hook")]
     );
 
@@ -180,39 +186,45 @@ async fn a_project_replaces_only_its_own_definitions() {
             "beta",
             vec![ScheduleSpec::new("a-nightly", "0 5 * * *", TOPIC)],
         )
+        .await
         .unwrap_err();
     assert_eq!(err.code, Code::FailedPrecondition, "{}", err.message);
     assert!(err.message.contains("alpha"), "{}", err.message);
     let err = t
         .set_project_webhooks("beta", vec![WebhookSpec::new("a-hook", TOPIC)])
+        .await
         .unwrap_err();
     assert_eq!(err.code, Code::FailedPrecondition, "{}", err.message);
     assert_eq!(
-        sched(&t),
+        names(&t.scheduler().definitions().await.unwrap(), |s| &s.name),
         [pair("alpha", "a-nightly"), pair("beta", "b-nightly")]
     );
-    assert_eq!(t.list_schedules().unwrap().len(), 2);
+    assert_eq!(t.list_schedules().await.unwrap().len(), 2);
 
     // A project's empty set deletes its own, only.
-    t.set_project_schedules("alpha", vec![]).unwrap();
+    t.set_project_schedules("alpha", vec![]).await.unwrap();
     drop(t);
-    let t = e.open();
-    assert_eq!(sched(&t), [pair("beta", "b-nightly")]);
+    let t = e.open().await;
+    assert_eq!(
+        names(&t.scheduler().definitions().await.unwrap(), |s| &s.name),
+        [pair("beta", "b-nightly")]
+    );
     assert_eq!(t.list_webhooks().len(), 1);
 }
 
 #[tokio::test]
 async fn a_stored_hook_whose_secret_is_unset_at_start_refuses_everything() {
     let e = env().await;
-    let t = e.open();
+    let t = e.open().await;
     let mut spec = WebhookSpec::new("signed", TOPIC);
     spec.bearer_secret_env = Some("PUBRUN_TEST_SECRET_NOT_SET_IN_THIS_PROCESS".into());
     t.set_webhooks_with_env(vec![spec], &|_| Some("s3cret".into()))
+        .await
         .unwrap();
     drop(t);
     // The process environment does not have the variable: the hook is still
     // known (not 404) but never publishes, with or without credentials.
-    let t = e.open();
+    let t = e.open().await;
     let base = serve(&t).await;
     let http = reqwest::Client::new();
     for auth in [None, Some("Bearer s3cret"), Some("Bearer ")] {

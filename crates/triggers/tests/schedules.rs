@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 use pubrun_broker::Broker;
 use pubrun_core::{Message, SubscriptionConfig, SubscriptionName, TopicConfig};
 use pubrun_store::EmbeddedStore;
-use pubrun_triggers::db::TriggerDb;
+use pubrun_triggers::db::{SqliteTriggerStore, TriggerStore};
 use pubrun_triggers::{ManualClock, MissedPolicy, ScheduleSpec, Triggers};
 
 const TOPIC: &str = "projects/demo/topics/imports";
@@ -62,8 +62,8 @@ async fn create_topic(broker: &Broker) {
 }
 
 impl Env {
-    fn triggers(&self) -> Arc<Triggers> {
-        open_triggers(&self.data, &self.broker, &self.clock)
+    async fn triggers(&self) -> Arc<Triggers> {
+        open_triggers(&self.data, &self.broker, &self.clock).await
     }
 
     /// Moves the clock and waits until every given scheduler has evaluated
@@ -104,8 +104,12 @@ impl Env {
     }
 }
 
-fn open_triggers(data: &Path, broker: &Arc<Broker>, clock: &ManualClock) -> Arc<Triggers> {
-    Arc::new(Triggers::open_with_clock(data, broker.clone(), Arc::new(clock.clone())).unwrap())
+async fn open_triggers(data: &Path, broker: &Arc<Broker>, clock: &ManualClock) -> Arc<Triggers> {
+    Arc::new(
+        Triggers::open_with_clock(data, broker.clone(), Arc::new(clock.clone()))
+            .await
+            .unwrap(),
+    )
 }
 
 fn spec(name: &str, cron: &str, tz: &str) -> ScheduleSpec {
@@ -119,8 +123,9 @@ fn spec(name: &str, cron: &str, tz: &str) -> ScheduleSpec {
 #[tokio::test]
 async fn fires_exactly_at_ticks() {
     let e = env("2026-05-01T09:58:00Z").await;
-    let t = e.triggers();
+    let t = e.triggers().await;
     t.set_schedules(vec![spec("hourly", "0 * * * *", "UTC")])
+        .await
         .unwrap();
     let _h = t.spawn();
     e.set("2026-05-01T09:58:00Z", &[&t]).await;
@@ -144,7 +149,7 @@ async fn fires_exactly_at_ticks() {
     e.set("2026-05-01T11:00:01Z", &[&t]).await;
     assert_eq!(e.fired().await, ["2026-05-01T11:00:00Z"]);
 
-    let list = t.list_schedules().unwrap();
+    let list = t.list_schedules().await.unwrap();
     assert_eq!(list.len(), 1);
     assert_eq!(
         list[0].last_fire_time.as_deref(),
@@ -164,11 +169,12 @@ async fn dst_spring_forward_berlin() {
     // 2026-03-29: 02:00 CET jumps to 03:00 CEST. "30 2 * * *" fires right
     // after the gap, at 03:00 CEST = 01:00 UTC; on normal days at 02:30.
     let e = env("2026-03-28T12:00:00Z").await;
-    let t = e.triggers();
+    let t = e.triggers().await;
     t.set_schedules(vec![
         spec("nightly", "30 2 * * *", "Europe/Berlin"),
         spec("half-hourly", "*/30 * * * *", "Europe/Berlin"),
     ])
+    .await
     .unwrap();
     let _h = t.spawn();
     e.set("2026-03-28T12:00:00Z", &[&t]).await;
@@ -230,11 +236,12 @@ async fn dst_fall_back_berlin() {
     // 2026-10-25: 03:00 CEST falls back to 02:00 CET; 02:00–02:59 happens
     // twice. "30 2 * * *" fires once (first pass); "*/30" fires in both.
     let e = env("2026-10-24T12:00:00Z").await;
-    let t = e.triggers();
+    let t = e.triggers().await;
     t.set_schedules(vec![
         spec("nightly", "30 2 * * *", "Europe/Berlin"),
         spec("half-hourly", "*/30 * * * *", "Europe/Berlin"),
     ])
+    .await
     .unwrap();
     let _h = t.spawn();
     e.set("2026-10-24T12:00:00Z", &[&t]).await;
@@ -272,8 +279,8 @@ async fn downtime(missed: MissedPolicy, restart_at: &str) -> (Vec<String>, Vec<S
     let e = env("2026-05-01T09:30:00Z").await;
     let mut s = spec("hourly", "0 * * * *", "UTC");
     s.missed = missed;
-    let t = e.triggers();
-    t.set_schedules(vec![s.clone()]).unwrap();
+    let t = e.triggers().await;
+    t.set_schedules(vec![s.clone()]).await.unwrap();
     let h = t.spawn();
     e.set("2026-05-01T09:30:00Z", &[&t]).await;
     e.set("2026-05-01T10:00:00Z", &[&t]).await;
@@ -284,8 +291,8 @@ async fn downtime(missed: MissedPolicy, restart_at: &str) -> (Vec<String>, Vec<S
 
     // Down: the clock moves five hours with no scheduler.
     e.clock.set(utc(restart_at));
-    let t = e.triggers();
-    t.set_schedules(vec![s]).unwrap();
+    let t = e.triggers().await;
+    t.set_schedules(vec![s]).await.unwrap();
     let _h = t.spawn();
     e.set(restart_at, &[&t]).await;
     let at_restart = e.fired().await;
@@ -326,14 +333,15 @@ async fn missed_skip_fires_nothing_after_downtime() {
 #[tokio::test]
 async fn pause_resume_run_now() {
     let e = env("2026-05-01T09:30:00Z").await;
-    let t = e.triggers();
+    let t = e.triggers().await;
     t.set_schedules(vec![spec("hourly", "0 * * * *", "UTC")])
+        .await
         .unwrap();
     let h = t.spawn();
     e.set("2026-05-01T10:00:00Z", &[&t]).await;
     assert_eq!(e.fired().await, ["2026-05-01T10:00:00Z"]);
 
-    let st = t.pause("hourly").unwrap();
+    let st = t.pause("hourly").await.unwrap();
     assert!(st.paused);
     assert_eq!(st.next_fire_time, None);
     e.set("2026-05-01T11:00:00Z", &[&t]).await;
@@ -352,7 +360,9 @@ async fn pause_resume_run_now() {
         "2026-05-01T12:10:00.250Z"
     );
     assert_eq!(
-        t.list_schedules().unwrap()[0].last_message_id.as_deref(),
+        t.list_schedules().await.unwrap()[0]
+            .last_message_id
+            .as_deref(),
         Some(id.as_str())
     );
 
@@ -360,15 +370,16 @@ async fn pause_resume_run_now() {
     t.stop();
     h.await.unwrap();
     drop(t);
-    let t = e.triggers();
+    let t = e.triggers().await;
     t.set_schedules(vec![spec("hourly", "0 * * * *", "UTC")])
+        .await
         .unwrap();
-    assert!(t.list_schedules().unwrap()[0].paused);
+    assert!(t.list_schedules().await.unwrap()[0].paused);
     let _h = t.spawn();
     e.set("2026-05-01T12:30:00Z", &[&t]).await;
 
     // Resume: ticks missed while paused are not caught up.
-    let st = t.resume("hourly").unwrap();
+    let st = t.resume("hourly").await.unwrap();
     assert!(!st.paused);
     assert_eq!(st.next_fire_time.as_deref(), Some("2026-05-01T13:00:00Z"));
     e.set("2026-05-01T12:30:01Z", &[&t]).await;
@@ -377,7 +388,7 @@ async fn pause_resume_run_now() {
     assert_eq!(e.fired().await, ["2026-05-01T13:00:00Z"]);
 
     assert_eq!(
-        t.pause("nope").unwrap_err().code,
+        t.pause("nope").await.unwrap_err().code,
         pubrun_core::Code::NotFound
     );
     assert_eq!(
@@ -390,15 +401,15 @@ async fn pause_resume_run_now() {
 #[tokio::test]
 async fn declared_paused_starts_paused_and_wins_when_changed() {
     let e = env("2026-05-01T09:30:00Z").await;
-    let t = e.triggers();
+    let t = e.triggers().await;
     let mut s = spec("hourly", "0 * * * *", "UTC");
     s.paused = true;
-    t.set_schedules(vec![s.clone()]).unwrap();
+    t.set_schedules(vec![s.clone()]).await.unwrap();
     let _h = t.spawn();
     e.set("2026-05-01T10:00:00Z", &[&t]).await;
     assert!(e.drain().await.is_empty());
     s.paused = false;
-    t.set_schedules(vec![s]).unwrap();
+    t.set_schedules(vec![s]).await.unwrap();
     e.set("2026-05-01T10:00:01Z", &[&t]).await;
     assert!(
         e.drain().await.is_empty(),
@@ -407,21 +418,23 @@ async fn declared_paused_starts_paused_and_wins_when_changed() {
     e.set("2026-05-01T11:00:00Z", &[&t]).await;
     assert_eq!(e.fired().await, ["2026-05-01T11:00:00Z"]);
     // A removed schedule stops.
-    t.set_schedules(vec![]).unwrap();
+    t.set_schedules(vec![]).await.unwrap();
     e.set("2026-05-01T12:00:00Z", &[&t]).await;
     assert!(e.drain().await.is_empty());
-    assert!(t.list_schedules().unwrap().is_empty());
+    assert!(t.list_schedules().await.unwrap().is_empty());
     t.stop();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_schedulers_on_one_database_fire_each_tick_once() {
     let e = env("2026-05-01T09:30:00Z").await;
-    let a = e.triggers();
-    let b = e.triggers();
+    let a = e.triggers().await;
+    let b = e.triggers().await;
     a.set_schedules(vec![spec("every-minute", "* * * * *", "UTC")])
+        .await
         .unwrap();
     b.set_schedules(vec![spec("every-minute", "* * * * *", "UTC")])
+        .await
         .unwrap();
     let _ha = a.spawn();
     let _hb = b.spawn();
@@ -451,12 +464,13 @@ async fn failed_publish_stays_claimed_and_is_retried() {
         broker,
         clock: ManualClock::new(utc("2026-05-01T09:30:00Z")),
     };
-    let t = e.triggers();
+    let t = e.triggers().await;
     t.set_schedules(vec![spec("hourly", "0 * * * *", "UTC")])
+        .await
         .unwrap();
     let _h = t.spawn();
     e.set("2026-05-01T10:00:00Z", &[&t]).await;
-    let st = &t.list_schedules().unwrap()[0];
+    let st = &t.list_schedules().await.unwrap()[0];
     assert_eq!(st.pending_tick.as_deref(), Some("2026-05-01T10:00:00Z"));
     assert!(
         st.last_error.as_deref().unwrap().contains("not found"),
@@ -470,7 +484,7 @@ async fn failed_publish_stays_claimed_and_is_retried() {
     // …after it, the tick is published with its original scheduled time.
     e.set("2026-05-01T10:01:00Z", &[&t]).await;
     assert_eq!(e.fired().await, ["2026-05-01T10:00:00Z"]);
-    let st = &t.list_schedules().unwrap()[0];
+    let st = &t.list_schedules().await.unwrap()[0];
     assert_eq!(st.pending_tick, None);
     assert_eq!(st.last_error, None);
     assert_eq!(st.last_fire_time.as_deref(), Some("2026-05-01T10:00:00Z"));
@@ -480,13 +494,14 @@ async fn failed_publish_stays_claimed_and_is_retried() {
 #[tokio::test]
 async fn crash_between_claim_and_publish_publishes_once_after_the_lease() {
     let e = env("2026-05-01T09:30:00Z").await;
-    let t = e.triggers();
+    let t = e.triggers().await;
     t.set_schedules(vec![spec("hourly", "0 * * * *", "UTC")])
+        .await
         .unwrap();
     drop(t);
     // Another server claimed 10:00 and died before publishing.
-    let db = TriggerDb::open(&e.data.join("triggers.db")).unwrap();
-    let cursor = db.get("hourly").unwrap().unwrap().cursor;
+    let db = SqliteTriggerStore::open(&e.data.join("triggers.db")).unwrap();
+    let cursor = db.get("hourly").await.unwrap().unwrap().cursor;
     assert!(db
         .claim(
             "hourly",
@@ -495,10 +510,12 @@ async fn crash_between_claim_and_publish_publishes_once_after_the_lease() {
             "dead-server",
             utc("2026-05-01T10:00:00Z")
         )
+        .await
         .unwrap());
 
-    let t = e.triggers();
+    let t = e.triggers().await;
     t.set_schedules(vec![spec("hourly", "0 * * * *", "UTC")])
+        .await
         .unwrap();
     let _h = t.spawn();
     e.set("2026-05-01T10:00:20Z", &[&t]).await;
@@ -516,14 +533,16 @@ async fn crash_between_claim_and_publish_publishes_once_after_the_lease() {
 #[tokio::test]
 async fn bad_specs_are_rejected_whole() {
     let e = env("2026-05-01T09:30:00Z").await;
-    let t = e.triggers();
+    let t = e.triggers().await;
     t.set_schedules(vec![spec("ok", "0 * * * *", "UTC")])
+        .await
         .unwrap();
     let err = t
         .set_schedules(vec![
             spec("ok", "0 * * * *", "UTC"),
             spec("bad", "0 3 * *", "UTC"),
         ])
+        .await
         .unwrap_err();
     assert!(
         err.message.contains("schedule \"bad\"") && err.message.contains("cron"),
@@ -532,6 +551,7 @@ async fn bad_specs_are_rejected_whole() {
     );
     let err = t
         .set_schedules(vec![spec("tz", "0 3 * * *", "Europe/Berln")])
+        .await
         .unwrap_err();
     assert!(err.message.contains("Europe/Berln"), "{}", err.message);
     let err = t
@@ -539,10 +559,12 @@ async fn bad_specs_are_rejected_whole() {
             spec("d", "0 3 * * *", "UTC"),
             spec("d", "0 4 * * *", "UTC"),
         ])
+        .await
         .unwrap_err();
     assert!(err.message.contains("declared twice"));
     let names: Vec<_> = t
         .list_schedules()
+        .await
         .unwrap()
         .into_iter()
         .map(|s| s.name)
@@ -553,8 +575,9 @@ async fn bad_specs_are_rejected_whole() {
 #[tokio::test]
 async fn schedules_rest_api() {
     let e = env("2026-05-01T09:30:00Z").await;
-    let t = e.triggers();
+    let t = e.triggers().await;
     t.set_schedules(vec![spec("hourly", "0 * * * *", "Europe/Berlin")])
+        .await
         .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());

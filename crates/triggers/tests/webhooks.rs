@@ -52,8 +52,15 @@ async fn env(hooks: Vec<WebhookSpec>) -> Env {
         })
         .await
         .unwrap();
-    let triggers = Arc::new(Triggers::open(&dir.path().join("data"), broker.clone()).unwrap());
-    triggers.set_webhooks_with_env(hooks, &env_lookup).unwrap();
+    let triggers = Arc::new(
+        Triggers::open(&dir.path().join("data"), broker.clone())
+            .await
+            .unwrap(),
+    );
+    triggers
+        .set_webhooks_with_env(hooks, &env_lookup)
+        .await
+        .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(axum::serve(listener, triggers.router()).into_future());
@@ -383,6 +390,7 @@ async fn missing_topic_is_reported_and_hooks_can_be_replaced() {
     let err = e
         .triggers
         .set_webhooks_with_env(vec![bad], &env_lookup)
+        .await
         .unwrap_err();
     assert!(
         err.message.contains("UNSET_VARIABLE_FOR_TEST"),
@@ -393,6 +401,7 @@ async fn missing_topic_is_reported_and_hooks_can_be_replaced() {
 
     e.triggers
         .set_webhooks_with_env(vec![WebhookSpec::new("new", TOPIC)], &env_lookup)
+        .await
         .unwrap();
     let r = e
         .http

@@ -140,7 +140,7 @@ fn triggers(ctx: &Ctx) -> Result<&std::sync::Arc<pubrun_triggers::Triggers>, UiE
 }
 
 pub(crate) async fn schedules(ctx: Ctx) -> UiResult {
-    let list = triggers(&ctx)?.list_schedules()?;
+    let list = triggers(&ctx)?.list_schedules().await?;
     let body = html! {
         h1 { "Schedules" }
         @if list.is_empty() {
@@ -181,10 +181,10 @@ pub(crate) async fn schedule_action(
     let t = triggers(&ctx)?;
     match action.as_str() {
         "pause" => {
-            t.pause(&name)?;
+            t.pause(&name).await?;
         }
         "resume" => {
-            t.resume(&name)?;
+            t.resume(&name).await?;
         }
         "run-now" => {
             t.run_now(&name).await?;

@@ -12,6 +12,7 @@
 //! group commit); `postgres` keeps the same data in PostgreSQL for cluster
 //! mode, written only by the holder of the `broker` ownership lease.
 
+pub mod buckets;
 pub mod catalog;
 pub mod embedded;
 pub mod postgres;
@@ -24,6 +25,7 @@ pub mod testing;
 use std::future::Future;
 use std::pin::Pin;
 
+pub use buckets::{BucketStore, PostgresBucketStore, SqliteBucketStore};
 pub use catalog::{Catalog, SnapshotEntry, SubscriptionEntry, TopicEntry};
 pub use embedded::EmbeddedStore;
 pub use postgres::{PostgresOptions, PostgresStore};

@@ -68,6 +68,8 @@ const MIGRATIONS: &[&str] = &[
     );",
     // 2: the run store (`runs::postgres`): jobs, runs, dedup keys, meta.
     crate::runs::postgres::MIGRATION,
+    // 3: buckets, objects, notification configs, outbox, uploads, object bytes.
+    crate::buckets::postgres::MIGRATION,
 ];
 
 /// Serializes migrations of concurrently starting servers

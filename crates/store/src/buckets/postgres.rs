@@ -542,7 +542,8 @@ impl BucketStore for PostgresBucketStore {
         let mut g = self.pg.conn().await;
         let tx = self.pg.begin(g.get().await?, true).await?;
         // One writer per object name: preconditions see what commits.
-        let key = format!("{bucket}\u{0}{name}");
+        // Bucket names never contain `/`: the key is unambiguous.
+        let key = format!("{bucket}/{name}");
         tx.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", &[&key])
             .await
             .map_err(pg)?;

@@ -92,6 +92,18 @@ impl From<rusqlite::Error> for GcsError {
     }
 }
 
+impl From<pubrun_store::StoreError> for GcsError {
+    fn from(e: pubrun_store::StoreError) -> Self {
+        tracing::error!(error = %e, "bucket storage error");
+        match e {
+            pubrun_store::StoreError::Corrupt { .. } => {
+                GcsError::internal(format!("bucket storage error: {e}"))
+            }
+            e => GcsError::unavailable(format!("bucket storage unavailable: {e}")),
+        }
+    }
+}
+
 impl From<std::io::Error> for GcsError {
     fn from(e: std::io::Error) -> Self {
         tracing::error!(error = %e, "bucket storage I/O error");

@@ -130,6 +130,21 @@ impl SqliteBucketStore {
             .map_err(|e| StoreError::Unavailable(format!("bucket index task failed: {e}")))?
     }
 
+    /// At start, before serving (blocking): expires upload sessions created
+    /// before `expire_before_us` and removes every file no object or live
+    /// session refers to. Returns (sessions expired, files removed).
+    pub fn startup_blocking(&self, expire_before_us: i64) -> Result<(usize, u64), StoreError> {
+        let files = Files {
+            root: self.root.clone(),
+        };
+        self.db
+            .call_blocking(|c| {
+                let expired = expire_uploads(c, &files, expire_before_us)?;
+                Ok((expired.len(), sweep(c, &files, 0)?))
+            })
+            .map_err(|E(e)| e)
+    }
+
     pub fn root(&self) -> &Path {
         &self.root
     }
@@ -655,7 +670,10 @@ impl BucketStore for SqliteBucketStore {
             return Err(bad_blob_id(&u.id));
         }
         let u = u.clone();
-        self.call(move |c, _| {
+        self.call(move |c, files| {
+            // The session's (empty) file first: a zero-byte upload installs it.
+            std::fs::File::create(files.upload(&u.id))?.sync_all()?;
+            sync_dir(&files.root.join("uploads"))?;
             c.execute(
                 "INSERT INTO uploads(id, bucket, name, spec, total, received, done, created_us) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
                 params![
@@ -717,21 +735,8 @@ impl BucketStore for SqliteBucketStore {
     }
 
     async fn expire_uploads(&self, before_us: i64) -> Result<Vec<String>, StoreError> {
-        self.call(move |c, files| {
-            let tx = c.transaction()?;
-            let ids: Vec<String> = {
-                let mut st = tx.prepare("SELECT id FROM uploads WHERE created_us < ?1")?;
-                let rows = st.query_map([before_us], |r| r.get(0))?;
-                rows.collect::<rusqlite::Result<_>>()?
-            };
-            tx.execute("DELETE FROM uploads WHERE created_us < ?1", [before_us])?;
-            tx.commit()?;
-            for id in ids.iter().filter(|id| is_blob_id(id)) {
-                files.remove(&files.upload(id));
-            }
-            Ok(ids)
-        })
-        .await
+        self.call(move |c, files| expire_uploads(c, files, before_us))
+            .await
     }
 
     async fn blob_writer(
@@ -839,7 +844,11 @@ impl BucketStore for SqliteBucketStore {
     }
 
     async fn sweep(&self, min_age_us: i64) -> Result<u64, StoreError> {
-        self.call(move |c, files| {
+        self.call(move |c, files| sweep(c, files, min_age_us)).await
+    }
+}
+
+fn sweep(c: &mut Connection, files: &Files, min_age_us: i64) -> Result<u64, E> {
             let old_enough = |p: &Path| -> bool {
                 let age = std::fs::metadata(p)
                     .and_then(|m| m.modified())
@@ -884,9 +893,21 @@ impl BucketStore for SqliteBucketStore {
                 }
             }
             Ok(removed)
-        })
-        .await
+        }
+
+fn expire_uploads(c: &mut Connection, files: &Files, before_us: i64) -> Result<Vec<String>, E> {
+    let tx = c.transaction()?;
+    let ids: Vec<String> = {
+        let mut st = tx.prepare("SELECT id FROM uploads WHERE created_us < ?1")?;
+        let rows = st.query_map([before_us], |r| r.get(0))?;
+        rows.collect::<rusqlite::Result<_>>()?
+    };
+    tx.execute("DELETE FROM uploads WHERE created_us < ?1", [before_us])?;
+    tx.commit()?;
+    for id in ids.iter().filter(|id| is_blob_id(id)) {
+        files.remove(&files.upload(id));
     }
+    Ok(ids)
 }
 
 /// A blob file being written: `tmp/<id>` (installed into `blobs/` by

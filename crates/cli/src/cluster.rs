@@ -1,8 +1,8 @@
 //! Which engines keep the server's state: the data directory (default) or,
 //! with `--store postgres://…`, PostgreSQL (cluster mode, in progress: the
-//! Pub/Sub catalog and log, jobs, runs, dedup keys, run logs and apply's
-//! ownership record live there so far; the rest is still in the data
-//! directory, see ARCHITECTURE.md).
+//! Pub/Sub catalog and log, jobs, runs, dedup keys, run logs, apply's
+//! ownership record, and buckets with their objects' bytes live there so
+//! far; the rest is still in the data directory, see ARCHITECTURE.md).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -12,7 +12,9 @@ use anyhow::Context;
 use pubrun_jobs::SharedRunStore;
 use pubrun_store::postgres::BROKER_OWNERSHIP;
 use pubrun_store::runs::postgres::Fence;
-use pubrun_store::{EmbeddedStore, PostgresOptions, PostgresRunStore, PostgresStore, Store};
+use pubrun_store::{
+    EmbeddedStore, PostgresBucketStore, PostgresOptions, PostgresRunStore, PostgresStore, Store,
+};
 
 pub enum ServerStore {
     Embedded(Arc<EmbeddedStore>),
@@ -82,6 +84,33 @@ impl ServerStore {
                 pubrun_jobs::RunStore::open(&data_dir.join("runs.db"))
                     .context("opening the run store")?,
             )),
+        }
+    }
+
+    /// The bucket service on this engine: `<data_dir>/buckets/` (index and
+    /// blob files), or the same PostgreSQL — bucket metadata, notification
+    /// configs and outbox, upload sessions and object bytes — with its
+    /// writes fenced by the ownership lease this server holds.
+    pub async fn open_buckets(
+        &self,
+        data_dir: &Path,
+        url: Option<&str>,
+        broker: Arc<pubrun_broker::Broker>,
+    ) -> anyhow::Result<pubrun_buckets::Buckets> {
+        match (self, url.filter(|u| !u.is_empty())) {
+            (ServerStore::Postgres(s), Some(url)) => {
+                let fence = Fence {
+                    name: BROKER_OWNERSHIP.to_string(),
+                    token: s.token(),
+                };
+                let store = PostgresBucketStore::open(url, Some(fence))
+                    .await
+                    .context("opening the bucket store in PostgreSQL (--store)")?;
+                pubrun_buckets::Buckets::with_store(Arc::new(store), broker)
+                    .await
+                    .context("opening bucket storage")
+            }
+            _ => pubrun_buckets::Buckets::open(data_dir, broker).context("opening bucket storage"),
         }
     }
 

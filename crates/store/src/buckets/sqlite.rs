@@ -962,10 +962,19 @@ impl Drop for FileWriter {
     fn drop(&mut self) {
         // An unfinished new blob goes at once; an upload's bytes stay.
         if self.install {
-            if let Err(e) = std::fs::remove_file(&self.path) {
-                if e.kind() != io::ErrorKind::NotFound {
-                    tracing::warn!(path = %self.path.display(), error = %e, "could not remove a temp blob");
+            let path = std::mem::take(&mut self.path);
+            let remove = move || {
+                if let Err(e) = std::fs::remove_file(&path) {
+                    if e.kind() != io::ErrorKind::NotFound {
+                        tracing::warn!(path = %path.display(), error = %e, "could not remove a temp blob");
+                    }
                 }
+            };
+            // Off the async workers when there are any (else `tmp/` is
+            // emptied at the next start anyway).
+            match tokio::runtime::Handle::try_current() {
+                Ok(h) => drop(h.spawn_blocking(remove)),
+                Err(_) => remove(),
             }
         }
     }

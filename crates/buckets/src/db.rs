@@ -46,7 +46,8 @@ pub(crate) fn bucket_to(b: &BucketRow) -> BucketRecord {
 
 pub(crate) fn object_from(r: ObjectRecord) -> GcsResult<ObjectRow> {
     Ok(ObjectRow {
-        meta: serde_json::from_str::<ObjectMeta>(&r.meta).map_err(|e| corrupt("object metadata", e))?,
+        meta: serde_json::from_str::<ObjectMeta>(&r.meta)
+            .map_err(|e| corrupt("object metadata", e))?,
         bucket: r.bucket,
         name: r.name,
         generation: r.generation,

@@ -1110,9 +1110,11 @@ async fn rehash(b: &Buckets, id: &str, len: u64) -> GcsResult<Hasher> {
     if len == 0 {
         return Ok(Hasher::new());
     }
-    let mut f = b.store().read_blob(id, 0).await?.ok_or_else(|| {
-        GcsError::internal("an upload session's bytes are missing")
-    })?;
+    let mut f = b
+        .store()
+        .read_blob(id, 0)
+        .await?
+        .ok_or_else(|| GcsError::internal("an upload session's bytes are missing"))?;
     let mut h = Hasher::new();
     let mut buf = vec![0u8; 1 << 20];
     let mut left = len;

@@ -108,13 +108,23 @@ impl Buckets {
     /// (blobs of writers that died, or of a server whose writes were fenced
     /// off), then starts publishing pending notifications. Call it once this
     /// server owns the bucket state.
-    pub async fn with_store(store: Arc<dyn BucketStore>, broker: Arc<Broker>) -> anyhow::Result<Self> {
+    pub async fn with_store(
+        store: Arc<dyn BucketStore>,
+        broker: Arc<Broker>,
+    ) -> anyhow::Result<Self> {
         let expired = store
             .expire_uploads(model::now_us() - SESSION_LIFETIME_US)
             .await
             .context("expiring old upload sessions")?;
-        let orphans = store.sweep(0).await.context("removing unreferenced blobs")?;
-        tracing::info!(orphans, expired_sessions = expired.len(), "opened bucket storage");
+        let orphans = store
+            .sweep(0)
+            .await
+            .context("removing unreferenced blobs")?;
+        tracing::info!(
+            orphans,
+            expired_sessions = expired.len(),
+            "opened bucket storage"
+        );
         Self::start(store, broker)
     }
 
@@ -126,8 +136,9 @@ impl Buckets {
             sessions: Mutex::new(HashMap::new()),
             default_base: Mutex::new("http://127.0.0.1:8085".to_string()),
         });
-        let handle = tokio::runtime::Handle::try_current()
-            .context("Buckets must be opened inside a Tokio runtime (it starts the notification publisher)")?;
+        let handle = tokio::runtime::Handle::try_current().context(
+            "Buckets must be opened inside a Tokio runtime (it starts the notification publisher)",
+        )?;
         handle.spawn(notify::run_publisher(Arc::downgrade(&inner)));
         Ok(Buckets { inner })
     }

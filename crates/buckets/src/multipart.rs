@@ -236,7 +236,9 @@ mod tests {
     async fn run(body: Vec<u8>, chunk: usize) -> GcsResult<(Multipart, Vec<u8>)> {
         let dir = tempfile::tempdir().unwrap();
         let store: std::sync::Arc<dyn pubrun_store::buckets::BucketStore> = std::sync::Arc::new(
-            pubrun_store::SqliteBucketStore::open(dir.path()).await.unwrap(),
+            pubrun_store::SqliteBucketStore::open(dir.path())
+                .await
+                .unwrap(),
         );
         let chunks: Vec<Result<Bytes, std::io::Error>> = body
             .chunks(chunk)

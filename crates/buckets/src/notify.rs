@@ -83,7 +83,11 @@ pub fn messages_for(
 
 /// The outbox rows of `events` (committed by the caller in the
 /// transaction that makes the change).
-pub fn outbox_for(configs: &[NotificationConfig], events: &[Event], base: &str) -> Vec<OutboxMessage> {
+pub fn outbox_for(
+    configs: &[NotificationConfig],
+    events: &[Event],
+    base: &str,
+) -> Vec<OutboxMessage> {
     let mut out = Vec::new();
     if configs.is_empty() {
         return out;

@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
 use base64::Engine;
 use pubrun_core::{Code, TopicName};
-use serde_json::{Map, Value};
 use pubrun_store::buckets::{BlobReader, BucketDeleted, Mutated, ObjectPlan, Reject};
+use serde_json::{Map, Value};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 use crate::blob::{BlobWriter, TempBlob};
@@ -362,7 +362,12 @@ impl Buckets {
             })
         };
         let res = store
-            .mutate_object(&bucket, &name, true, Box::new(move |st| decide(st).map_err(reject)))
+            .mutate_object(
+                &bucket,
+                &name,
+                true,
+                Box::new(move |st| decide(st).map_err(reject)),
+            )
             .await?;
         let plan = match res {
             Err(r) => return Err(rejected(r)),
@@ -576,7 +581,7 @@ impl Buckets {
                 if !plan.outbox.is_empty() {
                     notify::wake(&self.inner);
                 }
-                Ok(plan)
+                Ok(*plan)
             }
         }
     }

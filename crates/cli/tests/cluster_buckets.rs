@@ -85,7 +85,9 @@ async fn objects_survive_kill_9_of_the_owner_byte_exact() {
     wait_healthy(&mut a.0, port_a, Duration::from_secs(60), || read(&log_a));
 
     let r = http
-        .post(format!("http://127.0.0.1:{port_a}/storage/v1/b?project=cluster"))
+        .post(format!(
+            "http://127.0.0.1:{port_a}/storage/v1/b?project=cluster"
+        ))
         .json(&serde_json::json!({"name": "bkt", "labels": {"team": "ml"}}))
         .send()
         .await
@@ -129,7 +131,10 @@ async fn objects_survive_kill_9_of_the_owner_byte_exact() {
     wait_healthy(&mut b.0, port_b, Duration::from_secs(60), || read(&log_b));
 
     // Everything is served by B, byte-exact.
-    assert!(download(&http, port_b, "big.bin").await == big, "big.bin differs");
+    assert!(
+        download(&http, port_b, "big.bin").await == big,
+        "big.bin differs"
+    );
     assert_eq!(download(&http, port_b, "dir%2Fsmall.txt").await, small);
     assert_eq!(download(&http, port_b, "over").await, b"second");
     let r: serde_json::Value = http

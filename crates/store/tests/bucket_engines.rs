@@ -90,7 +90,9 @@ fn bucket(name: &str, project: &str) -> BucketRecord {
 
 /// Deterministic bytes of any length (not a repeating short pattern).
 fn bytes_of(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     (0..len)
         .map(|_| {
             x = x
@@ -229,8 +231,14 @@ async fn bucket_crud(e: impl Engine) {
         .is_none());
 
     put(&*s, "beta", "x", b"x").await;
-    assert_eq!(s.delete_bucket("beta").await.unwrap(), BucketDeleted::NotEmpty);
-    assert_eq!(s.delete_bucket("nope").await.unwrap(), BucketDeleted::Missing);
+    assert_eq!(
+        s.delete_bucket("beta").await.unwrap(),
+        BucketDeleted::NotEmpty
+    );
+    assert_eq!(
+        s.delete_bucket("nope").await.unwrap(),
+        BucketDeleted::Missing
+    );
     assert_eq!(
         s.delete_bucket("alpine").await.unwrap(),
         BucketDeleted::Deleted(vec![])
@@ -263,7 +271,10 @@ async fn objects_put_get_list_and_generations(e: impl Engine) {
 
     let all = s.scan_objects("b", b"", None, 100).await.unwrap();
     assert_eq!(names(&all), ["a/1", "a/2", "a/b/3", "ab", "b", "é"]);
-    let under_a = s.scan_objects("b", b"a/", Some(b"a/\xff"), 100).await.unwrap();
+    let under_a = s
+        .scan_objects("b", b"a/", Some(b"a/\xff"), 100)
+        .await
+        .unwrap();
     assert_eq!(names(&under_a), ["a/1", "a/2", "a/b/3"]);
     let page = s.scan_objects("b", b"a/1\0", None, 2).await.unwrap();
     assert_eq!(names(&page), ["a/2", "a/b/3"]);
@@ -343,7 +354,13 @@ async fn large_object_streams_byte_exact(e: impl Engine) {
     assert_eq!(back.len(), data.len());
     assert!(back == data, "bytes differ");
     // From offsets: inside a chunk, on a chunk boundary, at the end.
-    for start in [1usize, (1 << 20) - 1, 1 << 20, 2 * (1 << 20) + 5, data.len()] {
+    for start in [
+        1usize,
+        (1 << 20) - 1,
+        1 << 20,
+        2 * (1 << 20) + 5,
+        data.len(),
+    ] {
         let part = read_all(&*s, &r.blob, start as u64).await.unwrap();
         assert!(part == data[start..], "from {start}");
     }
@@ -379,13 +396,19 @@ async fn delete_removes_bytes(e: impl Engine) {
     }
     assert!(s.get_object("d", "gone").await.unwrap().is_none());
     assert!(s.read_blob(&r.blob, 0).await.unwrap().is_none());
-    assert_eq!(s.delete_bucket("d").await.unwrap(), BucketDeleted::Deleted(vec![]));
+    assert_eq!(
+        s.delete_bucket("d").await.unwrap(),
+        BucketDeleted::Deleted(vec![])
+    );
 
     // A finished blob nobody committed is swept; a committed one is not.
     s.create_bucket(&bucket("d", "p")).await.unwrap();
     let kept = put(&*s, "d", "kept", b"kept").await;
     let orphan = write_blob(&*s, b"orphan").await;
-    assert!(s.sweep(3_600_000_000).await.unwrap() == 0, "young blobs stay");
+    assert!(
+        s.sweep(3_600_000_000).await.unwrap() == 0,
+        "young blobs stay"
+    );
     assert!(s.sweep(0).await.unwrap() >= 1);
     assert!(s.read_blob(&orphan, 0).await.unwrap().is_none());
     assert_eq!(read_all(&*s, &kept.blob, 0).await.unwrap(), b"kept");
@@ -440,11 +463,22 @@ async fn notifications_and_outbox(e: impl Engine) {
     let pending = s.pending_outbox(100).await.unwrap();
     assert_eq!(pending.len(), 5);
     assert!(pending.windows(2).all(|w| w[0].id < w[1].id));
-    assert_eq!(pending[0].message.data, r1.generation.to_string().into_bytes());
+    assert_eq!(
+        pending[0].message.data,
+        r1.generation.to_string().into_bytes()
+    );
     assert_eq!(pending[0].message.attributes["objectId"], "one");
-    assert_eq!(pending[2].message.data, r2.generation.to_string().into_bytes());
-    assert_eq!(pending[4].message.topic, format!("projects/p/topics/t{}", b.id));
-    s.delete_outbox(&[pending[0].id, pending[1].id]).await.unwrap();
+    assert_eq!(
+        pending[2].message.data,
+        r2.generation.to_string().into_bytes()
+    );
+    assert_eq!(
+        pending[4].message.topic,
+        format!("projects/p/topics/t{}", b.id)
+    );
+    s.delete_outbox(&[pending[0].id, pending[1].id])
+        .await
+        .unwrap();
     let rest = s.pending_outbox(2).await.unwrap();
     assert_eq!(rest.len(), 2);
     assert_eq!(rest[0].id, pending[2].id);
@@ -496,7 +530,10 @@ async fn resumable_upload_state_and_bytes(e: impl Engine) {
         .await
         .unwrap();
     let got = s.get_upload(&id).await.unwrap().unwrap();
-    assert_eq!((got.received, got.total), (data.len() as u64, Some(data.len() as u64)));
+    assert_eq!(
+        (got.received, got.total),
+        (data.len() as u64, Some(data.len() as u64))
+    );
     // Upload bytes survive a reopen and a sweep.
     drop(s);
     let s = e.open().await;
@@ -552,7 +589,10 @@ async fn resumable_upload_state_and_bytes(e: impl Engine) {
     })
     .await
     .unwrap();
-    assert_eq!(s.expire_uploads(1_000_000).await.unwrap(), vec![id2.clone()]);
+    assert_eq!(
+        s.expire_uploads(1_000_000).await.unwrap(),
+        vec![id2.clone()]
+    );
     assert!(s.get_upload(&id2).await.unwrap().is_none());
     assert!(s.read_blob(&id2, 0).await.unwrap().is_none());
     assert!(s.get_upload(&id3).await.unwrap().is_some());

@@ -146,8 +146,7 @@ pub type Reject = Box<dyn Any + Send>;
 pub type ObjectMutation = Box<dyn FnOnce(&ObjectState) -> Result<ObjectPlan, Reject> + Send>;
 
 /// The decision callback of [`BucketStore::update_bucket`].
-pub type BucketMutation =
-    Box<dyn FnOnce(BucketRecord) -> Result<BucketRecord, Reject> + Send>;
+pub type BucketMutation = Box<dyn FnOnce(BucketRecord) -> Result<BucketRecord, Reject> + Send>;
 
 /// What [`BucketStore::mutate_object`] did.
 #[derive(Debug, Clone)]
@@ -156,8 +155,8 @@ pub enum Mutated {
     NoBucket,
     /// Committed: the plan as applied, and the replaced/deleted row.
     Done {
-        plan: ObjectPlan,
-        old: Option<ObjectRecord>,
+        plan: Box<ObjectPlan>,
+        old: Option<Box<ObjectRecord>>,
     },
 }
 

@@ -155,7 +155,11 @@ impl Pg {
 
     /// Begins a transaction; with `fenced`, it holds the ownership row
     /// (shared) and has checked our token.
-    async fn begin<'a>(&self, c: &'a mut Client, fenced: bool) -> Result<Transaction<'a>, StoreError> {
+    async fn begin<'a>(
+        &self,
+        c: &'a mut Client,
+        fenced: bool,
+    ) -> Result<Transaction<'a>, StoreError> {
         let tx = c.transaction().await.map_err(pg)?;
         let Some(fence) = self.fence.as_ref().filter(|_| fenced) else {
             return Ok(tx);
@@ -544,9 +548,12 @@ impl BucketStore for PostgresBucketStore {
         // One writer per object name: preconditions see what commits.
         // Bucket names never contain `/`: the key is unambiguous.
         let key = format!("{bucket}/{name}");
-        tx.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", &[&key])
-            .await
-            .map_err(pg)?;
+        tx.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+            &[&key],
+        )
+        .await
+        .map_err(pg)?;
         if get_bucket(&tx, bucket, "FOR SHARE").await?.is_none() {
             return Ok(Ok(Mutated::NoBucket));
         }
@@ -589,7 +596,12 @@ impl BucketStore for PostgresBucketStore {
             )
             .await
             .map_err(pg)?
-            .ok_or_else(|| StoreError::Unavailable(format!("blob {} vanished before its object committed", o.blob)))?;
+            .ok_or_else(|| {
+                StoreError::Unavailable(format!(
+                    "blob {} vanished before its object committed",
+                    o.blob
+                ))
+            })?;
             let md5 = o.md5.map(|m| m.to_vec());
             tx.execute(
                 &format!(
@@ -627,8 +639,8 @@ impl BucketStore for PostgresBucketStore {
             .map_err(pg)?;
         }
         for m in &plan.outbox {
-            let attrs =
-                serde_json::to_string(&m.attributes).map_err(|e| corrupt("outbox attributes", e))?;
+            let attrs = serde_json::to_string(&m.attributes)
+                .map_err(|e| corrupt("outbox attributes", e))?;
             tx.execute(
                 "INSERT INTO pubrun_bucket_outbox (topic, attributes, data, created_us)
                  VALUES ($1, $2, $3, $4)",
@@ -656,8 +668,8 @@ impl BucketStore for PostgresBucketStore {
         }
         tx.commit().await.map_err(pg)?;
         Ok(Ok(Mutated::Done {
-            plan,
-            old: state.old,
+            plan: Box::new(plan),
+            old: state.old.map(Box::new),
         }))
     }
 
@@ -1070,7 +1082,10 @@ async fn next_chunk(pg: &Pg, id: &str, cursor: i64) -> Result<Option<Bytes>, Sto
         .map_err(pg_err)?
         .is_some();
     if later {
-        return Err(corrupt("chunks", format!("blob {id} has a gap at byte {cursor}")));
+        return Err(corrupt(
+            "chunks",
+            format!("blob {id} has a gap at byte {cursor}"),
+        ));
     }
     Ok(None)
 }

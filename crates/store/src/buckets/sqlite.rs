@@ -156,10 +156,7 @@ impl SqliteBucketStore {
         let files = Files {
             root: self.root.clone(),
         };
-        self.db
-            .call(move |c| f(c, &files))
-            .await
-            .map_err(|E(e)| e)
+        self.db.call(move |c| f(c, &files)).await.map_err(|E(e)| e)
     }
 }
 
@@ -207,10 +204,11 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 }
 
 fn counter(c: &Connection, k: &str) -> rusqlite::Result<i64> {
-    Ok(c
-        .query_row("SELECT v FROM counters WHERE k = ?1", [k], |r| r.get(0))
-        .optional()?
-        .unwrap_or(0))
+    Ok(
+        c.query_row("SELECT v FROM counters WHERE k = ?1", [k], |r| r.get(0))
+            .optional()?
+            .unwrap_or(0),
+    )
 }
 
 fn set_counter(c: &Connection, k: &str, v: i64) -> rusqlite::Result<()> {
@@ -345,14 +343,13 @@ fn insert_outbox(c: &Connection, m: &OutboxMessage) -> Result<(), E> {
 }
 
 fn blob_referenced(c: &Connection, blob: &str) -> rusqlite::Result<bool> {
-    Ok(c
-        .query_row(
-            "SELECT 1 FROM objects WHERE blob = ?1 LIMIT 1",
-            [blob],
-            |_| Ok(()),
-        )
-        .optional()?
-        .is_some())
+    Ok(c.query_row(
+        "SELECT 1 FROM objects WHERE blob = ?1 LIMIT 1",
+        [blob],
+        |_| Ok(()),
+    )
+    .optional()?
+    .is_some())
 }
 
 fn upload_row(r: &Row) -> rusqlite::Result<UploadRecord> {
@@ -492,7 +489,11 @@ impl BucketStore for SqliteBucketStore {
         upper: Option<&[u8]>,
         limit: usize,
     ) -> Result<Vec<ObjectRecord>, StoreError> {
-        let (bucket, lower, upper) = (bucket.to_string(), lower.to_vec(), upper.map(<[u8]>::to_vec));
+        let (bucket, lower, upper) = (
+            bucket.to_string(),
+            lower.to_vec(),
+            upper.map(<[u8]>::to_vec),
+        );
         self.call(move |c, _| {
             let mut st = c.prepare_cached(&format!(
                 "SELECT {OBJECT_COLS} FROM objects WHERE bucket = ?1 AND name >= ?2 AND (?3 IS NULL OR name < ?3)
@@ -564,11 +565,16 @@ impl BucketStore for SqliteBucketStore {
             let old = state.old;
             if let Some(o) = &old {
                 let replaced = plan.put.as_ref().is_some_and(|p| p.blob != o.blob);
-                if (replaced || (plan.put.is_none() && plan.delete)) && !blob_referenced(c, &o.blob)? {
+                if (replaced || (plan.put.is_none() && plan.delete))
+                    && !blob_referenced(c, &o.blob)?
+                {
                     files.remove_blob(&o.blob);
                 }
             }
-            Ok(Ok(Mutated::Done { plan, old }))
+            Ok(Ok(Mutated::Done {
+                plan: Box::new(plan),
+                old: old.map(Box::new),
+            }))
         })
         .await
     }
@@ -766,7 +772,9 @@ impl BucketStore for SqliteBucketStore {
             .open(&path)
             .await
             .map_err(|e| StoreError::io(&path, e))?;
-        file.set_len(at).await.map_err(|e| StoreError::io(&path, e))?;
+        file.set_len(at)
+            .await
+            .map_err(|e| StoreError::io(&path, e))?;
         file.seek(io::SeekFrom::Start(at))
             .await
             .map_err(|e| StoreError::io(&path, e))?;
@@ -816,8 +824,9 @@ impl BucketStore for SqliteBucketStore {
             let tmp = files.root.join("tmp").join(&id);
             let copied = match std::fs::hard_link(&from, &tmp) {
                 Ok(()) => Ok(()),
-                Err(_) => std::fs::copy(&from, &tmp)
-                    .and_then(|_| std::fs::File::open(&tmp)?.sync_all()),
+                Err(_) => {
+                    std::fs::copy(&from, &tmp).and_then(|_| std::fs::File::open(&tmp)?.sync_all())
+                }
             };
             match copied {
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -849,51 +858,48 @@ impl BucketStore for SqliteBucketStore {
 }
 
 fn sweep(c: &mut Connection, files: &Files, min_age_us: i64) -> Result<u64, E> {
-            let old_enough = |p: &Path| -> bool {
-                let age = std::fs::metadata(p)
-                    .and_then(|m| m.modified())
-                    .ok()
-                    .and_then(|t| t.elapsed().ok())
-                    .map(|d| d.as_micros() as i64)
-                    .unwrap_or(i64::MAX);
-                age >= min_age_us
-            };
-            let mut removed = 0;
-            let active: HashSet<String> = {
-                let mut st = c.prepare("SELECT id FROM uploads WHERE done IS NULL")?;
-                let rows = st.query_map([], |r| r.get(0))?;
-                rows.collect::<rusqlite::Result<_>>()?
-            };
-            let uploads = files.root.join("uploads");
-            for f in std::fs::read_dir(&uploads)? {
-                let f = f?;
-                if let Some(name) = f.file_name().to_str() {
-                    if is_blob_id(name) && !active.contains(name) && old_enough(&f.path()) {
-                        files.remove(&f.path());
-                        removed += 1;
-                    }
-                }
+    let old_enough = |p: &Path| -> bool {
+        let age = std::fs::metadata(p)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .map(|d| d.as_micros() as i64)
+            .unwrap_or(i64::MAX);
+        age >= min_age_us
+    };
+    let mut removed = 0;
+    let active: HashSet<String> = {
+        let mut st = c.prepare("SELECT id FROM uploads WHERE done IS NULL")?;
+        let rows = st.query_map([], |r| r.get(0))?;
+        rows.collect::<rusqlite::Result<_>>()?
+    };
+    let uploads = files.root.join("uploads");
+    for f in std::fs::read_dir(&uploads)? {
+        let f = f?;
+        if let Some(name) = f.file_name().to_str() {
+            if is_blob_id(name) && !active.contains(name) && old_enough(&f.path()) {
+                files.remove(&f.path());
+                removed += 1;
             }
-            for shard in std::fs::read_dir(files.root.join("blobs"))? {
-                let shard = shard?;
-                if !shard.file_type()?.is_dir() {
-                    continue;
-                }
-                for f in std::fs::read_dir(shard.path())? {
-                    let f = f?;
-                    if let Some(name) = f.file_name().to_str() {
-                        if is_blob_id(name)
-                            && !blob_referenced(c, name)?
-                            && old_enough(&f.path())
-                        {
-                            files.remove(&f.path());
-                            removed += 1;
-                        }
-                    }
-                }
-            }
-            Ok(removed)
         }
+    }
+    for shard in std::fs::read_dir(files.root.join("blobs"))? {
+        let shard = shard?;
+        if !shard.file_type()?.is_dir() {
+            continue;
+        }
+        for f in std::fs::read_dir(shard.path())? {
+            let f = f?;
+            if let Some(name) = f.file_name().to_str() {
+                if is_blob_id(name) && !blob_referenced(c, name)? && old_enough(&f.path()) {
+                    files.remove(&f.path());
+                    removed += 1;
+                }
+            }
+        }
+    }
+    Ok(removed)
+}
 
 fn expire_uploads(c: &mut Connection, files: &Files, before_us: i64) -> Result<Vec<String>, E> {
     let tx = c.transaction()?;

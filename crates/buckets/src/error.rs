@@ -85,13 +85,6 @@ impl std::fmt::Display for GcsError {
 
 impl std::error::Error for GcsError {}
 
-impl From<rusqlite::Error> for GcsError {
-    fn from(e: rusqlite::Error) -> Self {
-        tracing::error!(error = %e, "bucket index error");
-        GcsError::internal(format!("bucket index error: {e}"))
-    }
-}
-
 impl From<pubrun_store::StoreError> for GcsError {
     fn from(e: pubrun_store::StoreError) -> Self {
         tracing::error!(error = %e, "bucket storage error");

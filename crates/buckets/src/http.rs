@@ -1141,6 +1141,13 @@ async fn finalize(
     if hasher.as_ref().map(Hasher::len) != Some(session.received) {
         *hasher = Some(rehash(b, &session.id, session.received).await?);
     }
+    // Bytes past `received` (a discarded request, a crash mid-chunk) were
+    // never acknowledged and must not become part of the object.
+    b.store()
+        .blob_writer(Some((&session.id, session.received)))
+        .await?
+        .finish()
+        .await?;
     let digests = hasher.take().expect("set above").finish();
     // Both must hold, as at Google: what the session was opened with
     // (`md5Hash`/`crc32c` in the object resource) and the final request's

@@ -716,6 +716,8 @@ async fn postgres_writes_under_a_stale_token_are_refused() {
                 .map(|_| ()),
         );
         fenced(a.delete_outbox(&[1]).await);
+        let session = pubrun_store::buckets::new_blob_id();
+        fenced(a.blob_writer(Some((&session, 0))).await.map(|_| ()));
         fenced(
             a.insert_upload(&UploadRecord {
                 id: pubrun_store::buckets::new_blob_id(),

@@ -298,7 +298,8 @@ pub trait BucketStore: Send + Sync + 'static {
 
     // ---- blobs ----
     /// A writer of a new blob (`append_to = None`) or appending to the
-    /// upload blob `id` after its first `at` bytes (later bytes dropped).
+    /// upload blob `id` after its first `at` bytes (later bytes dropped at
+    /// once; in PostgreSQL that cut is a fenced write).
     async fn blob_writer(
         &self,
         append_to: Option<(&str, u64)>,

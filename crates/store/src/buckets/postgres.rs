@@ -896,7 +896,9 @@ impl BucketStore for PostgresBucketStore {
                     return Err(bad_blob_id(id));
                 }
                 let at = i64_of(at, "upload offset")?;
-                let tx = c.transaction().await.map_err(pg)?;
+                // Fenced: a server that lost the lease must not cut a
+                // session the new owner is writing.
+                let tx = self.pg.begin(c, true).await?;
                 tx.execute(
                     "INSERT INTO pubrun_bucket_blobs (id, created_us) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING",
                     &[&id, &now_us()],

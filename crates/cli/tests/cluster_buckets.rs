@@ -4,17 +4,26 @@
 //! several MiB, i.e. several 1 MiB chunks) are uploaded through the owner
 //! and a resumable upload is left half done; after `kill -9` of the owner
 //! the standby takes over, serves every object back byte-exact, and
-//! finishes the resumable upload the dead server started.
+//! finishes the resumable upload the dead server started. The notification
+//! config made through A is in force on B, and every object change is
+//! published (at least once) through the surviving server.
 
 mod common;
 
+use std::collections::BTreeSet;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use googleapis_tonic_google_pubsub_v1::google::pubsub::v1 as pb;
+use pb::publisher_client::PublisherClient;
+use pb::subscriber_client::SubscriberClient;
 use pubrun_store::testing::TempPostgres;
 
-use common::{free_port, wait_healthy, Server};
+use common::{connect, free_port, wait_healthy, Server};
+
+const TOPIC: &str = "projects/cluster/topics/gcs";
+const SUB: &str = "projects/cluster/subscriptions/gcs-sub";
 
 const LEASE_TTL: Duration = Duration::from_secs(2);
 
@@ -89,6 +98,35 @@ async fn objects_survive_kill_9_of_the_owner_byte_exact() {
             "http://127.0.0.1:{port_a}/storage/v1/b?project=cluster"
         ))
         .json(&serde_json::json!({"name": "bkt", "labels": {"team": "ml"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    let ch = connect(port_a).await;
+    PublisherClient::new(ch.clone())
+        .create_topic(pb::Topic {
+            name: TOPIC.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    SubscriberClient::new(ch)
+        .create_subscription(pb::Subscription {
+            name: SUB.into(),
+            topic: TOPIC.into(),
+            ack_deadline_seconds: 600,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let r = http
+        .post(format!(
+            "http://127.0.0.1:{port_a}/storage/v1/b/bkt/notificationConfigs"
+        ))
+        .json(
+            &serde_json::json!({"topic": TOPIC, "payload_format": "JSON_API_V1",
+                                  "event_types": ["OBJECT_FINALIZE"]}),
+        )
         .send()
         .await
         .unwrap();
@@ -191,6 +229,41 @@ async fn objects_survive_kill_9_of_the_owner_byte_exact() {
         download(&http, port_b, "resumed.bin").await == resumable,
         "resumed.bin differs"
     );
+    // The config made through A is in force on B; every change made
+    // through either server is published (at least once) through B.
+    upload(&http, port_b, "after", b"after".to_vec()).await;
+    let mut sub = SubscriberClient::new(connect(port_b).await);
+    let want: BTreeSet<String> = ["big.bin", "dir/small.txt", "over", "resumed.bin", "after"]
+        .map(String::from)
+        .into();
+    let mut seen = BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while seen != want {
+        assert!(
+            Instant::now() < deadline,
+            "notifications seen {seen:?}, want {want:?}\n{}",
+            read(&log_b)
+        );
+        #[allow(deprecated)]
+        let msgs = sub
+            .pull(pb::PullRequest {
+                subscription: SUB.into(),
+                max_messages: 100,
+                return_immediately: true,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .received_messages;
+        if msgs.is_empty() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        for m in msgs {
+            let a = &m.message.unwrap().attributes;
+            assert_eq!(a["eventType"], "OBJECT_FINALIZE");
+            seen.insert(a["objectId"].clone());
+        }
+    }
     // Nothing of it stayed on a server's disk.
     assert!(!data_a.join("buckets").exists(), "A wrote bucket files");
     assert!(!data_b.join("buckets").exists(), "B wrote bucket files");

@@ -1,193 +1,47 @@
-//! Object bytes on disk. File names are random ids chosen here, never
-//! derived from bucket or object names:
-//!
-//! ```text
-//! <data_dir>/buckets/
-//!   index.db            SQLite: buckets, objects (name → blob id), notifications, outbox, uploads
-//!   blobs/ab/ab12…ef    one immutable file per object generation (32 hex chars)
-//!   uploads/<id>        bytes received so far by a resumable upload session
-//!   tmp/                files being written by simple/multipart uploads, copies, composes
-//! ```
-//!
-//! A blob is written to `tmp/` while it is hashed, fsynced, then renamed into
-//! `blobs/` and the directory fsynced — all before the index commit that
-//! makes it visible. Blobs no object refers to (a crash between rename and
-//! commit, or after a commit that replaced an object) are removed at start.
+//! Object bytes, through the storage seam ([`pubrun_store::buckets`]): the
+//! embedded engine keeps one file per blob under `<data_dir>/buckets/`,
+//! PostgreSQL keeps 1 MiB chunks. Here blobs are hashed (MD5, CRC32C) while
+//! they stream in. A blob is visible only once an object row naming it
+//! commits; one whose commit never happens is discarded (or swept).
 
-use std::io;
-use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use tokio::io::AsyncWriteExt;
+use pubrun_store::buckets::{BlobWriter as StoreWriter, BucketStore};
 
+use crate::error::GcsResult;
 use crate::hash::{Digests, Hasher};
 
-pub struct BlobStore {
-    root: PathBuf,
-}
-
-/// 32 lowercase hex characters: the only strings turned into file names.
+/// 32 lowercase hex characters: the only strings used as blob/upload ids.
 pub fn is_id(id: &str) -> bool {
-    id.len() == 32
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    pubrun_store::buckets::is_blob_id(id)
 }
 
 pub fn new_id() -> String {
-    uuid::Uuid::new_v4().simple().to_string()
+    pubrun_store::buckets::new_blob_id()
 }
 
-impl BlobStore {
-    /// Creates the directories and empties `tmp/`.
-    pub fn open(root: &Path) -> io::Result<Self> {
-        for d in ["blobs", "uploads", "tmp"] {
-            std::fs::create_dir_all(root.join(d))?;
-        }
-        for entry in std::fs::read_dir(root.join("tmp"))? {
-            let entry = entry?;
-            let _ = std::fs::remove_file(entry.path());
-        }
-        Ok(BlobStore {
-            root: root.to_path_buf(),
-        })
-    }
-
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-
-    pub fn blob_path(&self, id: &str) -> PathBuf {
-        assert!(is_id(id), "blob id {id:?} is not 32 hex characters");
-        self.root.join("blobs").join(&id[..2]).join(id)
-    }
-
-    pub fn upload_path(&self, upload_id: &str) -> PathBuf {
-        assert!(
-            is_id(upload_id),
-            "upload id {upload_id:?} is not 32 hex characters"
-        );
-        self.root.join("uploads").join(upload_id)
-    }
-
-    /// A new temp file that hashes what is written to it.
-    pub async fn writer(&self) -> io::Result<BlobWriter> {
-        let path = self.root.join("tmp").join(new_id());
-        let file = tokio::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .await?;
-        Ok(BlobWriter {
-            file: Some(tokio::io::BufWriter::with_capacity(1 << 20, file)),
-            path: Some(path),
-            hasher: Hasher::new(),
-        })
-    }
-
-    /// Moves a finished (fsynced) file into `blobs/` under a new id and makes
-    /// the rename durable. Blocking.
-    pub fn install(&self, file: &Path) -> io::Result<String> {
-        let id = new_id();
-        let dest = self.blob_path(&id);
-        let dir = dest.parent().expect("blob path has a parent");
-        if !dir.exists() {
-            std::fs::create_dir_all(dir)?;
-            sync_dir(&self.root.join("blobs"))?;
-        }
-        std::fs::rename(file, &dest)?;
-        sync_dir(dir)?;
-        Ok(id)
-    }
-
-    /// A new blob with the same bytes as `src` (a hard link; a copy where the
-    /// file system has no hard links). Blocking.
-    pub fn duplicate(&self, src: &str) -> io::Result<String> {
-        let id = new_id();
-        let dest = self.blob_path(&id);
-        let dir = dest.parent().expect("blob path has a parent");
-        if !dir.exists() {
-            std::fs::create_dir_all(dir)?;
-            sync_dir(&self.root.join("blobs"))?;
-        }
-        if std::fs::hard_link(self.blob_path(src), &dest).is_err() {
-            let tmp = self.root.join("tmp").join(new_id());
-            std::fs::copy(self.blob_path(src), &tmp)?;
-            std::fs::File::open(&tmp)?.sync_all()?;
-            std::fs::rename(&tmp, &dest)?;
-        }
-        sync_dir(dir)?;
-        Ok(id)
-    }
-
-    /// Removes a blob; a missing file is not an error. Blocking.
-    pub fn remove(&self, id: &str) {
-        if !is_id(id) {
-            return;
-        }
-        if let Err(e) = std::fs::remove_file(self.blob_path(id)) {
-            if e.kind() != io::ErrorKind::NotFound {
-                tracing::warn!(blob = id, error = %e, "could not remove blob file");
-            }
-        }
-    }
-
-    /// Every blob id on disk. Blocking.
-    pub fn list(&self) -> io::Result<Vec<String>> {
-        let mut ids = Vec::new();
-        for shard in std::fs::read_dir(self.root.join("blobs"))? {
-            let shard = shard?;
-            if !shard.file_type()?.is_dir() {
-                continue;
-            }
-            for f in std::fs::read_dir(shard.path())? {
-                let f = f?;
-                if let Some(name) = f.file_name().to_str() {
-                    if is_id(name) {
-                        ids.push(name.to_string());
-                    }
-                }
-            }
-        }
-        Ok(ids)
-    }
-
-    /// Every upload-session file on disk. Blocking.
-    pub fn list_uploads(&self) -> io::Result<Vec<String>> {
-        let mut ids = Vec::new();
-        for f in std::fs::read_dir(self.root.join("uploads"))? {
-            let f = f?;
-            if let Some(name) = f.file_name().to_str() {
-                if is_id(name) {
-                    ids.push(name.to_string());
-                }
-            }
-        }
-        Ok(ids)
-    }
-}
-
-pub fn sync_dir(dir: &Path) -> io::Result<()> {
-    std::fs::File::open(dir)?.sync_all()
-}
-
-/// A temp file being written and hashed. Dropped without [`finish`], the
-/// file is removed.
+/// A new blob being written and hashed. Dropped without [`finish`], its
+/// bytes are removed.
 ///
 /// [`finish`]: BlobWriter::finish
 pub struct BlobWriter {
-    file: Option<tokio::io::BufWriter<tokio::fs::File>>,
-    path: Option<PathBuf>,
+    w: Box<dyn StoreWriter>,
+    store: Arc<dyn BucketStore>,
     hasher: Hasher,
 }
 
 impl BlobWriter {
-    pub async fn write(&mut self, data: &[u8]) -> io::Result<()> {
+    pub(crate) async fn new(store: Arc<dyn BucketStore>) -> GcsResult<Self> {
+        Ok(BlobWriter {
+            w: store.blob_writer(None).await?,
+            store,
+            hasher: Hasher::new(),
+        })
+    }
+
+    pub async fn write(&mut self, data: &[u8]) -> GcsResult<()> {
         self.hasher.update(data);
-        self.file
-            .as_mut()
-            .expect("writer used after finish")
-            .write_all(data)
-            .await
+        Ok(self.w.write(data).await?)
     }
 
     /// Bytes written so far.
@@ -195,54 +49,59 @@ impl BlobWriter {
         self.hasher.len()
     }
 
-    /// Flushes and fsyncs; returns the temp path (now owned by the caller) and digests.
-    pub async fn finish(mut self) -> io::Result<TempBlob> {
-        let mut file = self.file.take().expect("finish once");
-        file.flush().await?;
-        file.get_mut().sync_all().await?;
-        drop(file);
-        let path = self.path.take().expect("finish once");
+    /// Makes the bytes durable; returns the blob (not yet visible) and its digests.
+    pub async fn finish(self) -> GcsResult<TempBlob> {
+        let id = self.w.id().to_string();
+        self.w.finish().await?;
         Ok(TempBlob {
-            path: Some(path),
-            digests: std::mem::take(&mut self.hasher).finish(),
+            id: Some(id),
+            store: self.store,
+            digests: self.hasher.finish(),
         })
     }
 }
 
-impl Drop for BlobWriter {
-    fn drop(&mut self) {
-        if let Some(p) = self.path.take() {
-            let _ = std::fs::remove_file(p);
-        }
-    }
-}
-
-/// A complete, fsynced temp file not yet installed. Removed on drop unless
-/// taken with [`TempBlob::take_path`].
+/// A complete blob no object names yet. Discarded on drop unless taken
+/// with [`TempBlob::take_id`].
 pub struct TempBlob {
-    path: Option<PathBuf>,
+    id: Option<String>,
+    store: Arc<dyn BucketStore>,
     pub digests: Digests,
 }
 
 impl TempBlob {
-    pub fn new(path: PathBuf, digests: Digests) -> Self {
+    /// Takes charge of a finished blob (a copy).
+    pub(crate) fn adopt(store: Arc<dyn BucketStore>, id: String, digests: Digests) -> Self {
         TempBlob {
-            path: Some(path),
+            id: Some(id),
+            store,
             digests,
         }
     }
-    pub fn path(&self) -> &Path {
-        self.path.as_deref().expect("temp blob path taken")
+    pub fn id(&self) -> &str {
+        self.id.as_deref().expect("temp blob id taken")
     }
-    pub fn take_path(mut self) -> PathBuf {
-        self.path.take().expect("temp blob path taken")
+    pub fn take_id(mut self) -> String {
+        self.id.take().expect("temp blob id taken")
     }
 }
 
 impl Drop for TempBlob {
     fn drop(&mut self) {
-        if let Some(p) = self.path.take() {
-            let _ = std::fs::remove_file(p);
+        if let Some(id) = self.id.take() {
+            discard_later(self.store.clone(), id);
         }
+    }
+}
+
+/// Discards a blob in the background (drop paths cannot wait); what fails
+/// here is left for the sweep at the next start.
+pub(crate) fn discard_later(store: Arc<dyn BucketStore>, id: String) {
+    if let Ok(h) = tokio::runtime::Handle::try_current() {
+        h.spawn(async move {
+            if let Err(e) = store.discard_blob(&id).await {
+                tracing::warn!(blob = %id, error = %e, "could not remove an unused blob; the next sweep will");
+            }
+        });
     }
 }

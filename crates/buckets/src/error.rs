@@ -85,10 +85,15 @@ impl std::fmt::Display for GcsError {
 
 impl std::error::Error for GcsError {}
 
-impl From<rusqlite::Error> for GcsError {
-    fn from(e: rusqlite::Error) -> Self {
-        tracing::error!(error = %e, "bucket index error");
-        GcsError::internal(format!("bucket index error: {e}"))
+impl From<pubrun_store::StoreError> for GcsError {
+    fn from(e: pubrun_store::StoreError) -> Self {
+        tracing::error!(error = %e, "bucket storage error");
+        match e {
+            pubrun_store::StoreError::Corrupt { .. } => {
+                GcsError::internal(format!("bucket storage error: {e}"))
+            }
+            e => GcsError::unavailable(format!("bucket storage unavailable: {e}")),
+        }
     }
 }
 

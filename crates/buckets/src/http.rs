@@ -15,10 +15,10 @@ use axum::routing::any;
 use axum::Router;
 use percent_encoding::percent_decode_str;
 use serde_json::{json, Map, Value};
-use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio_util::io::ReaderStream;
 
-use crate::blob;
+use crate::blob::{self, BlobWriter};
 use crate::conditions::Conditions;
 use crate::db::{self, UploadRow, UploadSpec};
 use crate::error::{GcsError, GcsResult};
@@ -577,11 +577,24 @@ fn parse_range(h: Option<&str>, size: u64) -> GcsResult<Option<(u64, u64)>> {
 }
 
 async fn download(b: &Buckets, ctx: &Ctx, bucket: &str, name: &str) -> GcsResult<Response> {
-    let (row, mut file) = b
-        .open_object(bucket, name, ctx.q_i64("generation")?, ctx.conds(false)?)
+    let range_header = ctx.header("range");
+    let head = ctx.method == Method::HEAD;
+    let (row, file) = b
+        .open_object_at(
+            bucket,
+            name,
+            ctx.q_i64("generation")?,
+            ctx.conds(false)?,
+            |row| match parse_range(range_header.as_deref(), row.size) {
+                Ok(Some((s, _))) if !head => Ok(Some(s)),
+                Ok(None) if !head => Ok(Some(0)),
+                // Unsatisfiable (answered below) or HEAD: no bytes needed.
+                _ => Ok(None),
+            },
+        )
         .await?;
     let size = row.size;
-    let range = match parse_range(ctx.header("range").as_deref(), size) {
+    let range = match parse_range(range_header.as_deref(), size) {
         Err(e) => {
             let mut r = e.into_response();
             r.headers_mut().insert(
@@ -592,17 +605,15 @@ async fn download(b: &Buckets, ctx: &Ctx, bucket: &str, name: &str) -> GcsResult
         }
         Ok(r) => r,
     };
-    let (status, start, len) = match range {
-        Some((s, e)) => (StatusCode::PARTIAL_CONTENT, s, e - s + 1),
-        None => (StatusCode::OK, 0, size),
+    let (status, len) = match range {
+        Some((s, e)) => (StatusCode::PARTIAL_CONTENT, e - s + 1),
+        None => (StatusCode::OK, size),
     };
-    if start > 0 {
-        file.seek(std::io::SeekFrom::Start(start)).await?;
-    }
-    let body = if ctx.method == Method::HEAD {
-        Body::empty()
-    } else {
-        Body::from_stream(ReaderStream::with_capacity(file.take(len), 256 * 1024))
+    let body = match file {
+        Some(file) if !head => {
+            Body::from_stream(ReaderStream::with_capacity(file.take(len), 256 * 1024))
+        }
+        _ => Body::empty(),
     };
     let mut resp = Response::new(body);
     *resp.status_mut() = status;
@@ -713,7 +724,7 @@ async fn simple_upload(b: &Buckets, ctx: &Ctx, bucket: &str, body: Body) -> GcsR
         content_encoding: ctx.q("contentEncoding"),
         ..Default::default()
     };
-    let mut w = b.inner.blobs.writer().await?;
+    let mut w = BlobWriter::new(b.inner.store.clone()).await?;
     let mut reader = BodyReader::new(body);
     while let Some(chunk) = reader.next_chunk().await? {
         w.write(&chunk).await?;
@@ -745,7 +756,7 @@ async fn multipart_upload(b: &Buckets, ctx: &Ctx, bucket: &str, body: Body) -> G
         validate_object_name(&name)?;
         b.precheck_write(bucket, &name, conds).await?;
     }
-    let mut w = b.inner.blobs.writer().await?;
+    let mut w = BlobWriter::new(b.inner.store.clone()).await?;
     let mut reader = BodyReader::new(body);
     let parsed = multipart::parse(&mut reader, &boundary, &mut w).await?;
     let name = match ctx.q("name") {
@@ -829,15 +840,7 @@ async fn start_resumable(b: &Buckets, ctx: &Ctx, bucket: &str, body: Body) -> Gc
         done: None,
         created_us: now_us(),
     };
-    let path = b.inner.blobs.upload_path(&id);
-    let root = b.inner.blobs.root().join("uploads");
-    tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-        std::fs::File::create(&path)?.sync_all()?;
-        blob::sync_dir(&root)
-    })
-    .await
-    .map_err(|e| GcsError::internal(e.to_string()))??;
-    b.db(move |c| Ok(db::insert_upload(c, &row)?)).await?;
+    b.store().insert_upload(&db::upload_to(&row)?).await?;
     let location = format!(
         "{}/upload/storage/v1/b/{}/o?uploadType=resumable&name={}&upload_id={id}",
         ctx.base,
@@ -958,10 +961,12 @@ async fn resumable_put(b: &Buckets, ctx: &Ctx, id: &str, body: Body) -> GcsResul
     }
     let lock = b.session_lock(id);
     let mut hasher = lock.lock().await;
-    let idc = id.to_string();
     let session = b
-        .db(move |c| Ok(db::get_upload(c, &idc)?))
+        .store()
+        .get_upload(id)
         .await?
+        .map(db::upload_from)
+        .transpose()?
         .ok_or_else(|| no_session(id))?;
     if let Some(done) = &session.done {
         // Completed before: answer as the completing request did.
@@ -996,9 +1001,7 @@ async fn resumable_put(b: &Buckets, ctx: &Ctx, id: &str, body: Body) -> GcsResul
                 return finalize(b, ctx, session, &mut hasher, extra).await;
             }
             if total != session.total {
-                let idc = id.to_string();
-                b.db(move |c| Ok(db::set_upload_progress(c, &idc, received, total)?))
-                    .await?;
+                b.store().set_upload_progress(id, received, total).await?;
             }
             return Ok(resume_incomplete(received));
         }
@@ -1011,24 +1014,12 @@ async fn resumable_put(b: &Buckets, ctx: &Ctx, id: &str, body: Body) -> GcsResul
              query the upload status (Content-Range: bytes */*) and resume from there"
         )));
     }
-    let path = b.inner.blobs.upload_path(id);
-    let mut file = tokio::fs::OpenOptions::new()
-        .write(true)
-        .open(&path)
-        .await
-        .map_err(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                no_session(id)
-            } else {
-                e.into()
-            }
-        })?;
-    // Bytes beyond `received` were never acknowledged (a crash mid-chunk): cut them.
-    file.set_len(received).await?;
-    file.seek(std::io::SeekFrom::Start(received)).await?;
     if hasher.as_ref().map(Hasher::len) != Some(received) {
-        *hasher = Some(rehash(&path, received).await?);
+        *hasher = Some(rehash(b, id, received).await?);
     }
+    // Bytes beyond `received` were never acknowledged (a crash mid-chunk):
+    // the writer cuts them.
+    let mut w = b.store().blob_writer(Some((id, received))).await?;
     let h = hasher.as_mut().expect("set above");
     let mut skip = received - start;
     let mut body_len = 0u64;
@@ -1042,7 +1033,6 @@ async fn resumable_put(b: &Buckets, ctx: &Ctx, id: &str, body: Body) -> GcsResul
         Discard(GcsError),
     }
     let mut failure = None;
-    let mut buf = tokio::io::BufWriter::with_capacity(1 << 20, &mut file);
     loop {
         let chunk = match reader.next_chunk().await {
             Ok(Some(c)) => c,
@@ -1076,7 +1066,7 @@ async fn resumable_put(b: &Buckets, ctx: &Ctx, id: &str, body: Body) -> GcsResul
             })));
             break;
         }
-        if let Err(e) = buf.write_all(data).await {
+        if let Err(e) = w.write(data).await {
             failure = Some(Fail::Discard(e.into()));
             break;
         }
@@ -1085,24 +1075,23 @@ async fn resumable_put(b: &Buckets, ctx: &Ctx, id: &str, body: Body) -> GcsResul
     }
     let failure = match failure {
         Some(Fail::Discard(e)) => {
-            drop(buf);
-            file.set_len(received).await?;
-            *hasher = None; // rebuilt from the file next time
+            // Nothing of it counts: the next request's writer cuts back to
+            // `received`, and the hash is rebuilt from the stored bytes.
+            drop(w);
+            *hasher = None;
             return Err(e);
         }
         Some(Fail::Keep(e)) => Some(e),
         None => None,
     };
-    buf.flush().await?;
-    drop(buf);
-    file.sync_data().await?;
+    w.finish().await?;
     let new_received = received + written;
     if declared_len.is_none() && failure.is_none() {
         // No Content-Range: this one request carried the whole object.
         total = Some(new_received);
     }
-    let idc = id.to_string();
-    b.db(move |c| Ok(db::set_upload_progress(c, &idc, new_received, total)?))
+    b.store()
+        .set_upload_progress(id, new_received, total)
         .await?;
     if let Some(e) = failure {
         return Err(e);
@@ -1116,9 +1105,16 @@ async fn resumable_put(b: &Buckets, ctx: &Ctx, id: &str, body: Body) -> GcsResul
     Ok(resume_incomplete(new_received))
 }
 
-/// The running hash of the first `len` bytes of a session file.
-async fn rehash(path: &std::path::Path, len: u64) -> GcsResult<Hasher> {
-    let mut f = tokio::fs::File::open(path).await?;
+/// The running hash of the first `len` bytes of a session's stored bytes.
+async fn rehash(b: &Buckets, id: &str, len: u64) -> GcsResult<Hasher> {
+    if len == 0 {
+        return Ok(Hasher::new());
+    }
+    let mut f = b
+        .store()
+        .read_blob(id, 0)
+        .await?
+        .ok_or_else(|| GcsError::internal("an upload session's bytes are missing"))?;
     let mut h = Hasher::new();
     let mut buf = vec![0u8; 1 << 20];
     let mut left = len;
@@ -1126,7 +1122,7 @@ async fn rehash(path: &std::path::Path, len: u64) -> GcsResult<Hasher> {
         let n = f.read(&mut buf[..(left.min(1 << 20) as usize)]).await?;
         if n == 0 {
             return Err(GcsError::internal(
-                "an upload session file is shorter than recorded",
+                "an upload session's stored bytes are shorter than recorded",
             ));
         }
         h.update(&buf[..n]);
@@ -1142,10 +1138,16 @@ async fn finalize(
     hasher: &mut Option<Hasher>,
     extra: Expected,
 ) -> GcsResult<Response> {
-    let path = b.inner.blobs.upload_path(&session.id);
     if hasher.as_ref().map(Hasher::len) != Some(session.received) {
-        *hasher = Some(rehash(&path, session.received).await?);
+        *hasher = Some(rehash(b, &session.id, session.received).await?);
     }
+    // Bytes past `received` (a discarded request, a crash mid-chunk) were
+    // never acknowledged and must not become part of the object.
+    b.store()
+        .blob_writer(Some((&session.id, session.received)))
+        .await?
+        .finish()
+        .await?;
     let digests = hasher.take().expect("set above").finish();
     // Both must hold, as at Google: what the session was opened with
     // (`md5Hash`/`crc32c` in the object resource) and the final request's
@@ -1157,9 +1159,10 @@ async fn finalize(
         let b = b.clone();
         let id = id.clone();
         async move {
-            let idc = id.clone();
-            let _ = b.db(move |c| Ok(db::delete_upload(c, &idc)?)).await;
-            b.drop_session_file(&id);
+            if let Err(e) = b.store().delete_upload(&id).await {
+                tracing::warn!(upload = %id, error = %e, "could not end an upload session; it expires in a week");
+            }
+            b.forget_session(&id);
         }
     };
     if let Err(e) = declared
@@ -1173,7 +1176,7 @@ async fn finalize(
         .commit(Write {
             bucket: session.bucket.clone(),
             name: session.name.clone(),
-            source: Source::File(path, digests),
+            source: Source::Upload(session.id.clone(), digests),
             meta: session.spec.meta.clone(),
             component_count: None,
             conds: session.spec.conditions,
@@ -1203,15 +1206,8 @@ async fn cancel_upload(b: &Buckets, id: &str) -> GcsResult<Response> {
     }
     let lock = b.session_lock(id);
     let _g = lock.lock().await;
-    let idc = id.to_string();
-    let existed = b
-        .db(move |c| {
-            let e = db::get_upload(c, &idc)?.is_some();
-            db::delete_upload(c, &idc)?;
-            Ok(e)
-        })
-        .await?;
-    b.drop_session_file(id);
+    let existed = b.store().delete_upload(id).await?;
+    b.forget_session(id);
     if !existed {
         return Err(no_session(id));
     }

@@ -13,7 +13,9 @@
 //!   notifications) are the same operations for Rust callers such as job
 //!   input/output staging and manifest apply.
 //!
-//! Storage layout and crash behaviour: see [`blob`] and [`notify`].
+//! Storage (index and bytes) is behind [`pubrun_store::buckets::BucketStore`]:
+//! the embedded engine by default, PostgreSQL in cluster mode
+//! ([`Buckets::with_store`]). Crash behaviour: see [`blob`] and [`notify`].
 
 pub mod blob;
 pub mod conditions;
@@ -30,11 +32,11 @@ mod service;
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::Path;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
 use pubrun_broker::Broker;
-use rusqlite::Connection;
+use pubrun_store::buckets::{BucketStore, SqliteBucketStore};
 use tokio::sync::Notify;
 
 pub use conditions::Conditions;
@@ -43,7 +45,6 @@ pub use http::router;
 pub use model::{BucketRow, NotificationConfig, ObjectMeta, ObjectRow};
 pub use service::{ListPage, ListParams, NotificationSpec};
 
-use blob::BlobStore;
 use hash::Hasher;
 
 /// The bucket service. Cheap to clone.
@@ -53,22 +54,16 @@ pub struct Buckets {
 }
 
 pub(crate) struct Inner {
-    pub(crate) blobs: BlobStore,
-    db: Mutex<Connection>,
+    /// Index and bytes: the embedded engine or PostgreSQL.
+    pub(crate) store: Arc<dyn BucketStore>,
     pub(crate) broker: Arc<Broker>,
     pub(crate) wake: Arc<Notify>,
     /// Per resumable session: a lock serialising its requests, and the
-    /// running hash of the bytes received so far (rebuilt from the file
-    /// after a restart).
+    /// running hash of the bytes received so far (rebuilt from the stored
+    /// bytes after a restart or on another server).
     pub(crate) sessions: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<Hasher>>>>>,
     /// The public base URL of every link (see [`Buckets::set_base_url`]).
     pub(crate) default_base: Mutex<String>,
-}
-
-impl Inner {
-    pub(crate) fn lock_db(&self) -> MutexGuard<'_, Connection> {
-        self.db.lock().unwrap_or_else(|p| p.into_inner())
-    }
 }
 
 /// The largest object the server accepts: Google's limit, 5 TiB. A resumable
@@ -92,52 +87,64 @@ pub fn listen_base_url(addr: SocketAddr) -> String {
 const SESSION_LIFETIME_US: i64 = 7 * 24 * 3600 * 1_000_000;
 
 impl Buckets {
-    /// Opens `<data_dir>/buckets/`: migrates the index, removes temp files,
-    /// blobs no object refers to and expired upload sessions, and starts
-    /// publishing pending notifications. Must be called inside a Tokio runtime.
+    /// Opens `<data_dir>/buckets/` (the embedded engine): migrates the
+    /// index, removes temp files, blobs no object refers to and expired
+    /// upload sessions, and starts publishing pending notifications. Must be
+    /// called inside a Tokio runtime.
     pub fn open(data_dir: &Path, broker: Arc<Broker>) -> anyhow::Result<Self> {
         let root = data_dir.join("buckets");
         std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
-        let blobs = BlobStore::open(&root)
-            .with_context(|| format!("opening blob storage in {}", root.display()))?;
-        let conn = db::open(&root.join("index.db"))
-            .context("opening the bucket index (buckets/index.db)")?;
+        let store = SqliteBucketStore::open_blocking(&root)
+            .with_context(|| format!("opening bucket storage in {}", root.display()))?;
+        let (expired, orphans) = store
+            .startup_blocking(model::now_us() - SESSION_LIFETIME_US)
+            .context("cleaning up bucket storage")?;
+        tracing::info!(orphans, expired_sessions = expired, dir = %root.display(), "opened bucket storage");
+        Self::start(Arc::new(store), broker)
+    }
 
-        // Sessions past their lifetime go, with their files.
-        let expired = db::expire_uploads(&conn, model::now_us() - SESSION_LIFETIME_US)?;
-        for id in expired.iter().filter(|id| blob::is_id(id)) {
-            let _ = std::fs::remove_file(blobs.upload_path(id));
-        }
-        let active: std::collections::HashSet<String> =
-            db::active_uploads(&conn)?.into_iter().collect();
-        for id in blobs.list_uploads()? {
-            if !active.contains(&id) {
-                let _ = std::fs::remove_file(blobs.upload_path(&id));
-            }
-        }
-        // Blobs written but never committed, or replaced just before a crash.
-        let mut orphans = 0;
-        for id in blobs.list()? {
-            if !db::blob_referenced(&conn, &id)? {
-                blobs.remove(&id);
-                orphans += 1;
-            }
-        }
-        let pending = db::outbox_len(&conn)?;
-        tracing::info!(orphans, pending_notifications = pending, dir = %root.display(), "opened bucket storage");
+    /// The service on any bucket engine (cluster mode: PostgreSQL). Expires
+    /// old upload sessions and removes bytes no object or session refers to
+    /// (blobs of writers that died, or of a server whose writes were fenced
+    /// off), then starts publishing pending notifications. Call it once this
+    /// server owns the bucket state.
+    pub async fn with_store(
+        store: Arc<dyn BucketStore>,
+        broker: Arc<Broker>,
+    ) -> anyhow::Result<Self> {
+        let expired = store
+            .expire_uploads(model::now_us() - SESSION_LIFETIME_US)
+            .await
+            .context("expiring old upload sessions")?;
+        let orphans = store
+            .sweep(0)
+            .await
+            .context("removing unreferenced blobs")?;
+        tracing::info!(
+            orphans,
+            expired_sessions = expired.len(),
+            "opened bucket storage"
+        );
+        Self::start(store, broker)
+    }
 
+    fn start(store: Arc<dyn BucketStore>, broker: Arc<Broker>) -> anyhow::Result<Self> {
         let inner = Arc::new(Inner {
-            blobs,
-            db: Mutex::new(conn),
+            store,
             broker,
             wake: Arc::new(Notify::new()),
             sessions: Mutex::new(HashMap::new()),
             default_base: Mutex::new("http://127.0.0.1:8085".to_string()),
         });
-        let handle = tokio::runtime::Handle::try_current()
-            .context("Buckets::open must be called inside a Tokio runtime (it starts the notification publisher)")?;
+        let handle = tokio::runtime::Handle::try_current().context(
+            "Buckets must be opened inside a Tokio runtime (it starts the notification publisher)",
+        )?;
         handle.spawn(notify::run_publisher(Arc::downgrade(&inner)));
         Ok(Buckets { inner })
+    }
+
+    pub(crate) fn store(&self) -> &dyn BucketStore {
+        &*self.inner.store
     }
 
     /// Sets the server's public base URL (`http(s)://host[:port][/prefix]`),
@@ -176,18 +183,7 @@ impl Buckets {
 
     /// Notifications committed but not yet published.
     pub async fn pending_notifications(&self) -> GcsResult<i64> {
-        self.db(|c| Ok(db::outbox_len(c)?)).await
-    }
-
-    /// Runs `f` on the index connection on the blocking pool.
-    pub(crate) async fn db<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&mut Connection) -> GcsResult<T> + Send + 'static,
-    ) -> GcsResult<T> {
-        let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || f(&mut inner.lock_db()))
-            .await
-            .map_err(|e| GcsError::internal(format!("index task failed: {e}")))?
+        Ok(self.store().outbox_len().await?)
     }
 }
 

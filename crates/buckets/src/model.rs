@@ -226,7 +226,8 @@ pub struct ObjectRow {
     pub generation: i64,
     pub metageneration: i64,
     pub size: u64,
-    /// File id under `blobs/`.
+    /// The blob holding the bytes (`pubrun_store::buckets`): a file under
+    /// `blobs/` (embedded) or chunk rows (PostgreSQL).
     pub blob: String,
     pub md5: Option<[u8; 16]>,
     pub crc32c: u32,

@@ -235,16 +235,24 @@ mod tests {
 
     async fn run(body: Vec<u8>, chunk: usize) -> GcsResult<(Multipart, Vec<u8>)> {
         let dir = tempfile::tempdir().unwrap();
-        let store = crate::blob::BlobStore::open(dir.path()).unwrap();
+        let store: std::sync::Arc<dyn pubrun_store::buckets::BucketStore> = std::sync::Arc::new(
+            pubrun_store::SqliteBucketStore::open(dir.path())
+                .await
+                .unwrap(),
+        );
         let chunks: Vec<Result<Bytes, std::io::Error>> = body
             .chunks(chunk)
             .map(|c| Ok(Bytes::copy_from_slice(c)))
             .collect();
         let mut r = BodyReader::new(Body::from_stream(futures::stream::iter(chunks)));
-        let mut w = store.writer().await.unwrap();
+        let mut w = BlobWriter::new(store.clone()).await.unwrap();
         let m = parse(&mut r, "BB", &mut w).await?;
         let t = w.finish().await.unwrap();
-        let data = std::fs::read(t.path()).unwrap();
+        let mut data = Vec::new();
+        let mut f = store.read_blob(t.id(), 0).await.unwrap().unwrap();
+        tokio::io::AsyncReadExt::read_to_end(&mut f, &mut data)
+            .await
+            .unwrap();
         Ok((m, data))
     }
 

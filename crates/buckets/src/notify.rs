@@ -1,7 +1,8 @@
 //! Pub/Sub notifications for object changes.
 //!
 //! Events are computed inside the index transaction that changes the object
-//! and stored in the `outbox` table by that same commit, so an event exists
+//! and stored in the outbox by that same commit (on every engine, see
+//! [`pubrun_store::buckets`]), so an event exists
 //! if and only if its change committed. A background task publishes the
 //! outbox in order through the broker and deletes each row once the broker
 //! has made the message durable; rows left by a crash are published again at
@@ -12,9 +13,8 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use pubrun_core::{Code, OutgoingMessage, TopicName};
-use rusqlite::Connection;
+use pubrun_store::buckets::OutboxMessage;
 
-use crate::db;
 use crate::model::{rfc3339_micros, NotificationConfig, ObjectRow};
 use crate::Inner;
 
@@ -81,26 +81,27 @@ pub fn messages_for(
     out
 }
 
-/// Stores the events' messages in the outbox (inside the caller's
-/// transaction). Returns how many were stored.
-pub fn enqueue(
-    c: &Connection,
-    bucket: &str,
+/// The outbox rows of `events` (committed by the caller in the
+/// transaction that makes the change).
+pub fn outbox_for(
+    configs: &[NotificationConfig],
     events: &[Event],
     base: &str,
-) -> rusqlite::Result<usize> {
-    let configs = db::notifications(c, bucket)?;
+) -> Vec<OutboxMessage> {
+    let mut out = Vec::new();
     if configs.is_empty() {
-        return Ok(0);
+        return out;
     }
-    let mut n = 0;
     for ev in events {
-        for (topic, attrs, data) in messages_for(&configs, ev, base) {
-            db::insert_outbox(c, &topic, &attrs, &data)?;
-            n += 1;
+        for (topic, attributes, data) in messages_for(configs, ev, base) {
+            out.push(OutboxMessage {
+                topic,
+                attributes,
+                data,
+            });
         }
     }
-    Ok(n)
+    out
 }
 
 /// Publishes the outbox until the [`Inner`] it serves is dropped.
@@ -109,20 +110,15 @@ pub(crate) async fn run_publisher(inner: Weak<Inner>) {
     loop {
         let Some(me) = inner.upgrade() else { return };
         let wake = me.wake.clone();
-        let rows = {
-            let me = me.clone();
-            tokio::task::spawn_blocking(move || db::pending_outbox(&me.lock_db(), 500)).await
-        };
-        let rows = match rows {
-            Ok(Ok(rows)) => rows,
-            Ok(Err(e)) => {
+        let rows = match me.store.pending_outbox(500).await {
+            Ok(rows) => rows,
+            Err(e) => {
                 tracing::warn!(error = %e, "reading the notification outbox failed; retrying");
                 drop(me);
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(10));
                 continue;
             }
-            Err(_) => return,
         };
         if rows.is_empty() {
             drop(me);
@@ -134,28 +130,28 @@ pub(crate) async fn run_publisher(inner: Weak<Inner>) {
         while i < rows.len() {
             // Consecutive rows for one topic go in one publish call.
             let mut j = i + 1;
-            let mut bytes = rows[i].data.len();
+            let mut bytes = rows[i].message.data.len();
             while j < rows.len()
-                && rows[j].topic == rows[i].topic
+                && rows[j].message.topic == rows[i].message.topic
                 && j - i < 100
-                && bytes + rows[j].data.len() < 8 << 20
+                && bytes + rows[j].message.data.len() < 8 << 20
             {
-                bytes += rows[j].data.len();
+                bytes += rows[j].message.data.len();
                 j += 1;
             }
             let batch = &rows[i..j];
             let ids: Vec<i64> = batch.iter().map(|r| r.id).collect();
-            let drop_batch = match TopicName::parse(&batch[0].topic) {
+            let drop_batch = match TopicName::parse(&batch[0].message.topic) {
                 Err(e) => {
-                    tracing::warn!(topic = %batch[0].topic, error = %e, "dropping notifications for an invalid topic");
+                    tracing::warn!(topic = %batch[0].message.topic, error = %e, "dropping notifications for an invalid topic");
                     true
                 }
                 Ok(topic) => {
                     let msgs = batch
                         .iter()
                         .map(|r| OutgoingMessage {
-                            data: r.data.clone().into(),
-                            attributes: r.attributes.clone(),
+                            data: r.message.data.clone().into(),
+                            attributes: r.message.attributes.clone(),
                             ordering_key: String::new(),
                         })
                         .collect();
@@ -176,11 +172,9 @@ pub(crate) async fn run_publisher(inner: Weak<Inner>) {
                 failed = true;
                 break;
             }
-            let me2 = me.clone();
-            let res =
-                tokio::task::spawn_blocking(move || db::delete_outbox(&me2.lock_db(), &ids)).await;
-            if !matches!(res, Ok(Ok(()))) {
+            if let Err(e) = me.store.delete_outbox(&ids).await {
                 tracing::warn!(
+                    error = %e,
                     "could not mark notifications as published; they may be published again"
                 );
                 failed = true;

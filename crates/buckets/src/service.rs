@@ -1,17 +1,17 @@
 //! The operations behind the HTTP API, usable from Rust as well.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
 use base64::Engine;
 use pubrun_core::{Code, TopicName};
+use pubrun_store::buckets::{BlobReader, BucketDeleted, Mutated, ObjectPlan, Reject};
 use serde_json::{Map, Value};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
-use crate::blob::TempBlob;
+use crate::blob::{BlobWriter, TempBlob};
 use crate::conditions::Conditions;
-use crate::db;
+use crate::db::{bucket_from, bucket_to, notification_from, object_from, object_to};
 use crate::error::{GcsError, GcsResult};
 use crate::hash::{Digests, Expected};
 use crate::model::{now_us, BucketRow, NotificationConfig, ObjectMeta, ObjectRow, EVENT_TYPES};
@@ -21,10 +21,10 @@ use crate::Buckets;
 
 /// Where the bytes of a new object generation come from.
 pub(crate) enum Source {
-    /// A finished temp file (simple/multipart upload, compose, Rust API).
+    /// A finished new blob (simple/multipart upload, compose, Rust API).
     Temp(TempBlob),
-    /// A finished resumable-upload file.
-    File(PathBuf, Digests),
+    /// The bytes of a resumable upload session (the blob named like it).
+    Upload(String, Digests),
     /// The bytes of an existing blob (copy, rewrite).
     Duplicate(String, Digests),
 }
@@ -85,6 +85,33 @@ fn live(o: &Option<ObjectRow>) -> Option<(i64, i64)> {
     o.as_ref().map(|o| (o.generation, o.metageneration))
 }
 
+/// A refusal decided inside a store transaction.
+fn reject(e: GcsError) -> Reject {
+    Box::new(e)
+}
+
+/// The error a transaction callback refused with.
+fn rejected(r: Reject) -> GcsError {
+    match r.downcast::<GcsError>() {
+        Ok(e) => *e,
+        Err(_) => GcsError::internal("a bucket transaction was refused for an unknown reason"),
+    }
+}
+
+/// The live object and the bucket's notification configs, as the
+/// transaction of a change found them.
+fn parse_state(
+    st: &pubrun_store::buckets::ObjectState,
+) -> GcsResult<(Option<ObjectRow>, Vec<NotificationConfig>)> {
+    let old = st.old.clone().map(object_from).transpose()?;
+    let configs = st
+        .notifications
+        .iter()
+        .map(notification_from)
+        .collect::<GcsResult<Vec<_>>>()?;
+    Ok((old, configs))
+}
+
 impl Buckets {
     // ---------------------------------------------------------------- buckets
 
@@ -113,19 +140,13 @@ impl Buckets {
                 .to_ascii_uppercase(),
             labels,
         };
-        self.db(move |c| {
-            let tx = c.transaction()?;
-            if db::get_bucket(&tx, &row.name)?.is_some() {
-                return Err(GcsError::conflict(format!(
-                    "Your previous request to create the named bucket succeeded and you already own it: {}",
-                    row.name
-                )));
-            }
-            db::put_bucket(&tx, &row)?;
-            tx.commit()?;
-            Ok(row)
-        })
-        .await
+        if !self.store().create_bucket(&bucket_to(&row)).await? {
+            return Err(GcsError::conflict(format!(
+                "Your previous request to create the named bucket succeeded and you already own it: {}",
+                row.name
+            )));
+        }
+        Ok(row)
     }
 
     /// Creates the bucket unless it exists (for manifests).
@@ -144,9 +165,11 @@ impl Buckets {
     }
 
     pub async fn get_bucket(&self, name: &str) -> GcsResult<BucketRow> {
-        let name = name.to_string();
-        self.db(move |c| db::get_bucket(c, &name)?.ok_or_else(|| GcsError::no_bucket(&name)))
-            .await
+        self.store()
+            .get_bucket(name)
+            .await?
+            .map(bucket_from)
+            .ok_or_else(|| GcsError::no_bucket(name))
     }
 
     /// One page of buckets; `project = None` lists every project's.
@@ -171,42 +194,36 @@ impl Buckets {
             .map_err(|_| GcsError::invalid("Invalid pageToken"))?,
             None => String::new(),
         };
-        self.db(move |c| {
-            let mut rows = db::list_buckets(c, project.as_deref(), &prefix, &after, max + 1)?;
-            let next = if rows.len() > max {
-                rows.truncate(max);
-                Some(B64URL.encode(rows[max - 1].name.as_bytes()))
-            } else {
-                None
-            };
-            Ok((rows, next))
-        })
-        .await
+        let mut rows: Vec<BucketRow> = self
+            .store()
+            .list_buckets(project.as_deref(), &prefix, &after, max + 1)
+            .await?
+            .into_iter()
+            .map(bucket_from)
+            .collect();
+        let next = if rows.len() > max {
+            rows.truncate(max);
+            Some(B64URL.encode(rows[max - 1].name.as_bytes()))
+        } else {
+            None
+        };
+        Ok((rows, next))
     }
 
     /// Deletes an empty bucket (409 when objects remain).
     pub async fn delete_bucket(&self, name: &str) -> GcsResult<()> {
-        let name = name.to_string();
-        let uploads = self
-            .db(move |c| {
-                let tx = c.transaction()?;
-                if db::get_bucket(&tx, &name)?.is_none() {
-                    return Err(GcsError::no_bucket(&name));
+        match self.store().delete_bucket(name).await? {
+            BucketDeleted::Missing => Err(GcsError::no_bucket(name)),
+            BucketDeleted::NotEmpty => Err(GcsError::conflict(format!(
+                "The bucket you tried to delete is not empty: {name}"
+            ))),
+            BucketDeleted::Deleted(uploads) => {
+                for id in uploads {
+                    self.forget_session(&id);
                 }
-                if !db::bucket_is_empty(&tx, &name)? {
-                    return Err(GcsError::conflict(format!(
-                        "The bucket you tried to delete is not empty: {name}"
-                    )));
-                }
-                let uploads = db::delete_bucket(&tx, &name)?;
-                tx.commit()?;
-                Ok(uploads)
-            })
-            .await?;
-        for id in uploads {
-            self.drop_session_file(&id);
+                Ok(())
+            }
         }
-        Ok(())
     }
 
     /// PATCH of a bucket: only `labels` (merged; `null` values remove) is writable here.
@@ -216,10 +233,7 @@ impl Buckets {
         body: Map<String, Value>,
         replace: bool,
     ) -> GcsResult<BucketRow> {
-        let name = name.to_string();
-        self.db(move |c| {
-            let tx = c.transaction()?;
-            let mut b = db::get_bucket(&tx, &name)?.ok_or_else(|| GcsError::no_bucket(&name))?;
+        let patch = move |mut b: BucketRow| -> GcsResult<BucketRow> {
             match body.get("labels") {
                 None => {
                     if replace {
@@ -255,11 +269,20 @@ impl Buckets {
             }
             b.metageneration += 1;
             b.updated_us = now_us();
-            db::put_bucket(&tx, &b)?;
-            tx.commit()?;
             Ok(b)
-        })
-        .await
+        };
+        match self
+            .store()
+            .update_bucket(
+                name,
+                Box::new(move |r| patch(bucket_from(r)).map(|b| bucket_to(&b)).map_err(reject)),
+            )
+            .await?
+        {
+            None => Err(GcsError::no_bucket(name)),
+            Some(Err(r)) => Err(rejected(r)),
+            Some(Ok(b)) => Ok(bucket_from(b)),
+        }
     }
 
     // ---------------------------------------------------------------- objects
@@ -268,93 +291,99 @@ impl Buckets {
     /// preconditions against the live object, writes the index row and the
     /// notification events in one transaction, then removes the replaced blob.
     pub(crate) async fn commit(&self, w: Write) -> GcsResult<ObjectRow> {
-        let inner = self.inner.clone();
-        let (row, events) =
-            tokio::task::spawn_blocking(move || -> GcsResult<(ObjectRow, usize)> {
-                let (blob_id, digests) = match w.source {
-                    Source::Temp(t) => (inner.blobs.install(t.path())?, t.digests),
-                    Source::File(p, d) => (inner.blobs.install(&p)?, d),
-                    Source::Duplicate(b, d) => match inner.blobs.duplicate(&b) {
-                        Ok(id) => (id, d),
-                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                            return Err(GcsError::new(
-                                404,
-                                SOURCE_CHANGED,
-                                "the source object changed during the copy",
-                            ))
-                        }
-                        Err(e) => return Err(e.into()),
-                    },
-                };
-                let mut conn = inner.lock_db();
-                let result = (|| -> GcsResult<(ObjectRow, Option<ObjectRow>, usize)> {
-                    let tx = conn.transaction()?;
-                    if db::get_bucket(&tx, &w.bucket)?.is_none() {
-                        return Err(GcsError::no_bucket(&w.bucket));
-                    }
-                    let old = db::get_object(&tx, &w.bucket, &w.name)?;
-                    w.conds.check(live(&old), false)?;
-                    let generation = db::next_generation(&tx)?;
-                    let now = now_us();
-                    let row = ObjectRow {
-                        bucket: w.bucket.clone(),
-                        name: w.name.clone(),
-                        generation,
-                        metageneration: 1,
-                        size: digests.size,
-                        blob: blob_id.clone(),
-                        md5: digests.md5,
-                        crc32c: digests.crc32c,
-                        component_count: w.component_count,
-                        meta: w.meta.clone(),
-                        created_us: now,
-                        updated_us: now,
-                    };
-                    db::put_object(&tx, &row)?;
-                    let mut events = vec![Event {
-                        kind: notify::FINALIZE,
-                        object: &row,
-                        overwrote_generation: old.as_ref().map(|o| o.generation),
-                        overwritten_by_generation: None,
-                        time_us: now,
-                    }];
-                    if let Some(o) = &old {
-                        events.push(Event {
-                            kind: notify::DELETE,
-                            object: o,
-                            overwrote_generation: None,
-                            overwritten_by_generation: Some(generation),
-                            time_us: now,
-                        });
-                    }
-                    let n = notify::enqueue(&tx, &w.bucket, &events, &w.base)?;
-                    drop(events);
-                    if let Some(u) = &w.upload_id {
-                        db::finish_upload(&tx, u, &row.to_json(&w.base).to_string())?;
-                    }
-                    tx.commit()?;
-                    Ok((row, old, n))
-                })();
-                drop(conn);
-                match result {
-                    Err(e) => {
-                        inner.blobs.remove(&blob_id);
-                        Err(e)
-                    }
-                    Ok((row, old, n)) => {
-                        if let Some(o) = old {
-                            inner.blobs.remove(&o.blob);
-                        }
-                        Ok((row, n))
-                    }
+        let store = self.inner.store.clone();
+        // `temp` discards the new blob on every early return.
+        let (temp, digests, blob_id) = match w.source {
+            Source::Temp(t) => {
+                let (d, id) = (t.digests, t.id().to_string());
+                (Some(t), d, id)
+            }
+            Source::Upload(id, d) => (None, d, id),
+            Source::Duplicate(src, d) => match store.copy_blob(&src).await? {
+                Some(id) => (Some(TempBlob::adopt(store.clone(), id.clone(), d)), d, id),
+                None => {
+                    return Err(GcsError::new(
+                        404,
+                        SOURCE_CHANGED,
+                        "the source object changed during the copy",
+                    ))
                 }
+            },
+        };
+        let (bucket, name) = (w.bucket.clone(), w.name.clone());
+        let decide = move |st: &pubrun_store::buckets::ObjectState| -> GcsResult<ObjectPlan> {
+            let (old, configs) = parse_state(st)?;
+            w.conds.check(live(&old), false)?;
+            let generation = st
+                .new_generation
+                .ok_or_else(|| GcsError::internal("no generation was allocated"))?;
+            let now = now_us();
+            let row = ObjectRow {
+                bucket: w.bucket.clone(),
+                name: w.name.clone(),
+                generation,
+                metageneration: 1,
+                size: digests.size,
+                blob: blob_id,
+                md5: digests.md5,
+                crc32c: digests.crc32c,
+                component_count: w.component_count,
+                meta: w.meta,
+                created_us: now,
+                updated_us: now,
+            };
+            let mut events = vec![Event {
+                kind: notify::FINALIZE,
+                object: &row,
+                overwrote_generation: old.as_ref().map(|o| o.generation),
+                overwritten_by_generation: None,
+                time_us: now,
+            }];
+            if let Some(o) = &old {
+                events.push(Event {
+                    kind: notify::DELETE,
+                    object: o,
+                    overwrote_generation: None,
+                    overwritten_by_generation: Some(generation),
+                    time_us: now,
+                });
+            }
+            let outbox = notify::outbox_for(&configs, &events, &w.base);
+            drop(events);
+            let finish_upload = w
+                .upload_id
+                .as_ref()
+                .map(|u| (u.clone(), row.to_json(&w.base).to_string()));
+            Ok(ObjectPlan {
+                put: Some(object_to(&row)?),
+                delete: false,
+                outbox,
+                finish_upload,
             })
-            .await
-            .map_err(|e| GcsError::internal(format!("commit task failed: {e}")))??;
-        if events > 0 {
+        };
+        let res = store
+            .mutate_object(
+                &bucket,
+                &name,
+                true,
+                Box::new(move |st| decide(st).map_err(reject)),
+            )
+            .await?;
+        let plan = match res {
+            Err(r) => return Err(rejected(r)),
+            Ok(Mutated::NoBucket) => return Err(GcsError::no_bucket(&bucket)),
+            Ok(Mutated::Done { plan, .. }) => plan,
+        };
+        if let Some(t) = temp {
+            t.take_id(); // now named by the object
+        }
+        if !plan.outbox.is_empty() {
             notify::wake(&self.inner);
         }
-        Ok(row)
+        object_from(
+            plan.put
+                .ok_or_else(|| GcsError::internal("a committed write without its row"))?,
+        )
     }
 
     /// Fails fast (before receiving a body) when the bucket is missing or a
@@ -365,17 +394,14 @@ impl Buckets {
         name: &str,
         conds: Conditions,
     ) -> GcsResult<()> {
-        let (bucket, name) = (bucket.to_string(), name.to_string());
-        self.db(move |c| {
-            if db::get_bucket(c, &bucket)?.is_none() {
-                return Err(GcsError::no_bucket(&bucket));
-            }
-            if !conds.is_empty() {
-                conds.check(live(&db::get_object(c, &bucket, &name)?), false)?;
-            }
-            Ok(())
-        })
-        .await
+        if self.store().get_bucket(bucket).await?.is_none() {
+            return Err(GcsError::no_bucket(bucket));
+        }
+        if !conds.is_empty() {
+            let old = self.store().get_object(bucket, name).await?;
+            conds.check(live(&old.map(object_from).transpose()?), false)?;
+        }
+        Ok(())
     }
 
     /// Writes an object from a reader (Rust API; job outputs).
@@ -389,7 +415,7 @@ impl Buckets {
     ) -> GcsResult<ObjectRow> {
         validate_object_name(name)?;
         self.precheck_write(bucket, name, conds).await?;
-        let mut w = self.inner.blobs.writer().await?;
+        let mut w = BlobWriter::new(self.inner.store.clone()).await?;
         let mut buf = vec![0u8; 256 * 1024];
         loop {
             let n = reader.read(&mut buf).await?;
@@ -421,38 +447,57 @@ impl Buckets {
         generation: Option<i64>,
         conds: Conditions,
     ) -> GcsResult<ObjectRow> {
-        let (bucket, name) = (bucket.to_string(), name.to_string());
-        self.db(move |c| {
-            if db::get_bucket(c, &bucket)?.is_none() {
-                return Err(GcsError::no_bucket(&bucket));
-            }
-            let o = db::get_object(c, &bucket, &name)?
-                .ok_or_else(|| GcsError::no_object(&bucket, &name))?;
-            if generation.is_some_and(|g| g != o.generation) {
-                return Err(GcsError::no_object(&bucket, &name));
-            }
-            conds.check(Some((o.generation, o.metageneration)), true)?;
-            Ok(o)
-        })
-        .await
+        if self.store().get_bucket(bucket).await?.is_none() {
+            return Err(GcsError::no_bucket(bucket));
+        }
+        let o = self
+            .store()
+            .get_object(bucket, name)
+            .await?
+            .map(object_from)
+            .transpose()?
+            .ok_or_else(|| GcsError::no_object(bucket, name))?;
+        if generation.is_some_and(|g| g != o.generation) {
+            return Err(GcsError::no_object(bucket, name));
+        }
+        conds.check(Some((o.generation, o.metageneration)), true)?;
+        Ok(o)
     }
 
-    /// The live object and an open handle on its bytes (which stay readable
-    /// even if the object is replaced meanwhile).
+    /// The live object and a stream of its bytes. With the embedded engine
+    /// the bytes stay readable even if the object is replaced meanwhile; in
+    /// PostgreSQL such a read fails rather than return a mix.
     pub async fn open_object(
         &self,
         bucket: &str,
         name: &str,
         generation: Option<i64>,
         conds: Conditions,
-    ) -> GcsResult<(ObjectRow, tokio::fs::File)> {
+    ) -> GcsResult<(ObjectRow, BlobReader)> {
+        self.open_object_at(bucket, name, generation, conds, |_| Ok(Some(0)))
+            .await
+            .map(|(row, r)| (row, r.expect("always opened")))
+    }
+
+    /// [`open_object`](Self::open_object) from the byte `start(&row)` says;
+    /// `None` from it: only the row (no bytes wanted).
+    pub(crate) async fn open_object_at(
+        &self,
+        bucket: &str,
+        name: &str,
+        generation: Option<i64>,
+        conds: Conditions,
+        start: impl Fn(&ObjectRow) -> GcsResult<Option<u64>>,
+    ) -> GcsResult<(ObjectRow, Option<BlobReader>)> {
         for _ in 0..5 {
             let row = self.get_object(bucket, name, generation, conds).await?;
-            match tokio::fs::File::open(self.inner.blobs.blob_path(&row.blob)).await {
-                Ok(f) => return Ok((row, f)),
+            let Some(from) = start(&row)? else {
+                return Ok((row, None));
+            };
+            match self.store().read_blob(&row.blob, from).await? {
+                Some(r) => return Ok((row, Some(r))),
                 // Replaced between the lookup and the open: look again.
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(e.into()),
+                None => continue,
             }
         }
         Err(GcsError::unavailable(format!(
@@ -472,43 +517,73 @@ impl Buckets {
         replace: bool,
         base: String,
     ) -> GcsResult<ObjectRow> {
-        let (bucket, name) = (bucket.to_string(), name.to_string());
-        let (row, events) = self
-            .db(move |c| {
-                let tx = c.transaction()?;
-                if db::get_bucket(&tx, &bucket)?.is_none() {
-                    return Err(GcsError::no_bucket(&bucket));
-                }
-                let mut o = db::get_object(&tx, &bucket, &name)?
-                    .ok_or_else(|| GcsError::no_object(&bucket, &name))?;
-                if generation.is_some_and(|g| g != o.generation) {
-                    return Err(GcsError::no_object(&bucket, &name));
-                }
-                conds.check(Some((o.generation, o.metageneration)), false)?;
-                if replace {
-                    o.meta = ObjectMeta::from_resource(&body)?;
-                } else {
-                    o.meta.patch(&body)?;
-                }
-                o.metageneration += 1;
-                o.updated_us = now_us().max(o.updated_us);
-                db::put_object(&tx, &o)?;
-                let ev = Event {
-                    kind: notify::METADATA_UPDATE,
-                    object: &o,
-                    overwrote_generation: None,
-                    overwritten_by_generation: None,
-                    time_us: o.updated_us,
-                };
-                let n = notify::enqueue(&tx, &bucket, &[ev], &base)?;
-                tx.commit()?;
-                Ok((o, n))
+        let (b, n) = (bucket.to_string(), name.to_string());
+        let decide = move |st: &pubrun_store::buckets::ObjectState| -> GcsResult<ObjectPlan> {
+            let (old, configs) = parse_state(st)?;
+            let mut o = old.ok_or_else(|| GcsError::no_object(&b, &n))?;
+            if generation.is_some_and(|g| g != o.generation) {
+                return Err(GcsError::no_object(&b, &n));
+            }
+            conds.check(Some((o.generation, o.metageneration)), false)?;
+            if replace {
+                o.meta = ObjectMeta::from_resource(&body)?;
+            } else {
+                o.meta.patch(&body)?;
+            }
+            o.metageneration += 1;
+            o.updated_us = now_us().max(o.updated_us);
+            let ev = Event {
+                kind: notify::METADATA_UPDATE,
+                object: &o,
+                overwrote_generation: None,
+                overwritten_by_generation: None,
+                time_us: o.updated_us,
+            };
+            let outbox = notify::outbox_for(&configs, &[ev], &base);
+            Ok(ObjectPlan {
+                put: Some(object_to(&o)?),
+                delete: false,
+                outbox,
+                finish_upload: None,
             })
+        };
+        let plan = self.mutate(bucket, name, false, decide).await?;
+        object_from(
+            plan.put
+                .ok_or_else(|| GcsError::internal("a committed update without its row"))?,
+        )
+    }
+
+    /// Runs `decide` in a store transaction on one object and commits its
+    /// plan; wakes the notification publisher when it stored events.
+    async fn mutate(
+        &self,
+        bucket: &str,
+        name: &str,
+        new_generation: bool,
+        decide: impl FnOnce(&pubrun_store::buckets::ObjectState) -> GcsResult<ObjectPlan>
+            + Send
+            + 'static,
+    ) -> GcsResult<ObjectPlan> {
+        let res = self
+            .store()
+            .mutate_object(
+                bucket,
+                name,
+                new_generation,
+                Box::new(move |st| decide(st).map_err(reject)),
+            )
             .await?;
-        if events > 0 {
-            notify::wake(&self.inner);
+        match res {
+            Err(r) => Err(rejected(r)),
+            Ok(Mutated::NoBucket) => Err(GcsError::no_bucket(bucket)),
+            Ok(Mutated::Done { plan, .. }) => {
+                if !plan.outbox.is_empty() {
+                    notify::wake(&self.inner);
+                }
+                Ok(*plan)
+            }
         }
-        Ok(row)
     }
 
     pub async fn delete_object(
@@ -519,37 +594,29 @@ impl Buckets {
         conds: Conditions,
         base: String,
     ) -> GcsResult<()> {
-        let (bucket, name) = (bucket.to_string(), name.to_string());
-        let inner = self.inner.clone();
-        let events = self
-            .db(move |c| {
-                let tx = c.transaction()?;
-                if db::get_bucket(&tx, &bucket)?.is_none() {
-                    return Err(GcsError::no_bucket(&bucket));
-                }
-                let o = db::get_object(&tx, &bucket, &name)?
-                    .ok_or_else(|| GcsError::no_object(&bucket, &name))?;
-                if generation.is_some_and(|g| g != o.generation) {
-                    return Err(GcsError::no_object(&bucket, &name));
-                }
-                conds.check(Some((o.generation, o.metageneration)), false)?;
-                db::delete_object(&tx, &bucket, &name)?;
-                let ev = Event {
-                    kind: notify::DELETE,
-                    object: &o,
-                    overwrote_generation: None,
-                    overwritten_by_generation: None,
-                    time_us: now_us(),
-                };
-                let n = notify::enqueue(&tx, &bucket, &[ev], &base)?;
-                tx.commit()?;
-                inner.blobs.remove(&o.blob);
-                Ok(n)
+        let (b, n) = (bucket.to_string(), name.to_string());
+        let decide = move |st: &pubrun_store::buckets::ObjectState| -> GcsResult<ObjectPlan> {
+            let (old, configs) = parse_state(st)?;
+            let o = old.ok_or_else(|| GcsError::no_object(&b, &n))?;
+            if generation.is_some_and(|g| g != o.generation) {
+                return Err(GcsError::no_object(&b, &n));
+            }
+            conds.check(Some((o.generation, o.metageneration)), false)?;
+            let ev = Event {
+                kind: notify::DELETE,
+                object: &o,
+                overwrote_generation: None,
+                overwritten_by_generation: None,
+                time_us: now_us(),
+            };
+            Ok(ObjectPlan {
+                put: None,
+                delete: true,
+                outbox: notify::outbox_for(&configs, &[ev], &base),
+                finish_upload: None,
             })
-            .await?;
-        if events > 0 {
-            notify::wake(&self.inner);
-        }
+        };
+        self.mutate(bucket, name, false, decide).await?;
         Ok(())
     }
 
@@ -594,8 +661,8 @@ impl Buckets {
             .filter(|d| !d.is_empty())
             .map(String::into_bytes);
         let trailing = p.include_trailing_delimiter;
-        self.db(move |c| {
-            if db::get_bucket(c, &bucket)?.is_none() {
+        {
+            if self.store().get_bucket(&bucket).await?.is_none() {
                 return Err(GcsError::no_bucket(&bucket));
             }
             let mut page = ListPage::default();
@@ -603,9 +670,13 @@ impl Buckets {
             let mut more = false;
             'scan: loop {
                 let batch = (max - count + 1).min(1001);
-                let rows = db::scan_objects(c, &bucket, &lower, upper.as_deref(), batch)?;
+                let rows = self
+                    .store()
+                    .scan_objects(&bucket, &lower, upper.as_deref(), batch)
+                    .await?;
                 let n = rows.len();
                 for row in rows {
+                    let row = object_from(row)?;
                     if count >= max {
                         more = true;
                         break 'scan;
@@ -638,8 +709,7 @@ impl Buckets {
                 page.next_page_token = Some(B64URL.encode(&lower));
             }
             Ok(page)
-        })
-        .await
+        }
     }
 
     /// Every object under `prefix` (all pages).
@@ -771,7 +841,7 @@ impl Buckets {
                 "The composite object would have {components} components; the limit is 1024"
             )));
         }
-        let mut w = self.inner.blobs.writer().await?;
+        let mut w = BlobWriter::new(self.inner.store.clone()).await?;
         let mut buf = vec![0u8; 256 * 1024];
         for mut f in opened {
             loop {
@@ -875,33 +945,41 @@ impl Buckets {
             object_name_prefix: spec.object_name_prefix,
             custom_attributes: spec.custom_attributes,
         };
-        self.db(move |c| {
-            let tx = c.transaction()?;
-            if db::get_bucket(&tx, &bucket)?.is_none() {
-                return Err(GcsError::no_bucket(&bucket));
+        let template = cfg.clone();
+        let added = self
+            .store()
+            .add_notification(
+                &bucket,
+                100,
+                Box::new(move |id| {
+                    let mut c = template;
+                    c.id = id;
+                    serde_json::to_string(&c).expect("a notification config serializes")
+                }),
+            )
+            .await?;
+        match added {
+            None => Err(GcsError::no_bucket(&bucket)),
+            Some(Err(_)) => Err(GcsError::invalid(
+                "A bucket can have at most 100 notification configurations",
+            )),
+            Some(Ok(rec)) => {
+                cfg.id = rec.id;
+                Ok(cfg)
             }
-            if db::notifications(&tx, &bucket)?.len() >= 100 {
-                return Err(GcsError::invalid(
-                    "A bucket can have at most 100 notification configurations",
-                ));
-            }
-            cfg.id = db::next_notification_id(&tx)?;
-            db::put_notification(&tx, &cfg)?;
-            tx.commit()?;
-            Ok(cfg)
-        })
-        .await
+        }
     }
 
     pub async fn list_notifications(&self, bucket: &str) -> GcsResult<Vec<NotificationConfig>> {
-        let bucket = bucket.to_string();
-        self.db(move |c| {
-            if db::get_bucket(c, &bucket)?.is_none() {
-                return Err(GcsError::no_bucket(&bucket));
-            }
-            Ok(db::notifications(c, &bucket)?)
-        })
-        .await
+        if self.store().get_bucket(bucket).await?.is_none() {
+            return Err(GcsError::no_bucket(bucket));
+        }
+        self.store()
+            .notifications(bucket)
+            .await?
+            .iter()
+            .map(notification_from)
+            .collect()
     }
 
     pub async fn get_notification(&self, bucket: &str, id: &str) -> GcsResult<NotificationConfig> {
@@ -918,23 +996,17 @@ impl Buckets {
     pub async fn delete_notification(&self, bucket: &str, id: &str) -> GcsResult<()> {
         let msg = format!("No such notification config: {bucket}/{id}");
         let n: i64 = id.parse().map_err(|_| GcsError::not_found(msg.clone()))?;
-        let bucket = bucket.to_string();
-        self.db(move |c| {
-            if db::get_bucket(c, &bucket)?.is_none() {
-                return Err(GcsError::no_bucket(&bucket));
-            }
-            if !db::delete_notification(c, &bucket, n)? {
-                return Err(GcsError::not_found(msg));
-            }
-            Ok(())
-        })
-        .await
+        if self.store().get_bucket(bucket).await?.is_none() {
+            return Err(GcsError::no_bucket(bucket));
+        }
+        if !self.store().delete_notification(bucket, n).await? {
+            return Err(GcsError::not_found(msg));
+        }
+        Ok(())
     }
 
-    pub(crate) fn drop_session_file(&self, id: &str) {
-        if crate::blob::is_id(id) {
-            let _ = std::fs::remove_file(self.inner.blobs.upload_path(id));
-        }
+    /// Forgets a resumable session's in-memory state (its lock and hash).
+    pub(crate) fn forget_session(&self, id: &str) {
         self.inner
             .sessions
             .lock()

@@ -1,10 +1,10 @@
 //! Which engines keep the server's state: the data directory (default) or,
-//! with `--store postgres://…`, PostgreSQL (cluster mode, in progress: the
-//! Pub/Sub catalog and log, jobs, runs, dedup keys, run logs, apply's
-//! ownership record, pools, machines, bootstrap tokens, leases, cost spans,
-//! schedules, schedule ticks and webhook definitions live there so far; the
-//! rest is still in the data directory, see
-//! ARCHITECTURE.md).
+//! with `--store postgres://…`, PostgreSQL (cluster mode: the Pub/Sub
+//! catalog and log, jobs, runs, dedup keys, run logs, apply's ownership
+//! record, pools, machines, bootstrap tokens, leases, cost spans, schedules,
+//! schedule ticks, webhook definitions, and buckets with their objects'
+//! bytes live there; see ARCHITECTURE.md). Also: following the cluster's
+//! owner (forwarding) and stepping down.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -17,8 +17,8 @@ use pubrun_store::postgres::BROKER_OWNERSHIP;
 use pubrun_store::runs::postgres::Fence;
 use pubrun_store::triggers::{PostgresTriggerStore, SqliteTriggerStore, TriggerStore};
 use pubrun_store::{
-    EmbeddedStore, PostgresOptions, PostgresPoolStore, PostgresRunStore, PostgresStore, Store,
-    StoreError,
+    EmbeddedStore, PostgresBucketStore, PostgresOptions, PostgresPoolStore, PostgresRunStore,
+    PostgresStore, Store, StoreError,
 };
 
 pub enum ServerStore {
@@ -153,6 +153,33 @@ impl ServerStore {
                         .with_context(|| format!("opening {}", path.display()))?,
                 ))
             }
+        }
+    }
+
+    /// The bucket service on this engine: `<data_dir>/buckets/` (index and
+    /// blob files), or the same PostgreSQL — bucket metadata, notification
+    /// configs and outbox, upload sessions and object bytes — with its
+    /// writes fenced by the ownership lease this server holds.
+    pub async fn open_buckets(
+        &self,
+        data_dir: &Path,
+        url: Option<&str>,
+        broker: Arc<pubrun_broker::Broker>,
+    ) -> anyhow::Result<pubrun_buckets::Buckets> {
+        match (self, url.filter(|u| !u.is_empty())) {
+            (ServerStore::Postgres(s), Some(url)) => {
+                let fence = Fence {
+                    name: BROKER_OWNERSHIP.to_string(),
+                    token: s.token(),
+                };
+                let store = PostgresBucketStore::open(url, Some(fence))
+                    .await
+                    .context("opening the bucket store in PostgreSQL (--store)")?;
+                pubrun_buckets::Buckets::with_store(Arc::new(store), broker)
+                    .await
+                    .context("opening bucket storage")
+            }
+            _ => pubrun_buckets::Buckets::open(data_dir, broker).context("opening bucket storage"),
         }
     }
 

@@ -244,8 +244,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let buckets = pubrun_buckets::Buckets::open(&args.data_dir, broker.clone())
-        .context("opening bucket storage")?;
+    let buckets = store
+        .open_buckets(&args.data_dir, args.store.as_deref(), broker.clone())
+        .await?;
     let triggers = Arc::new(
         pubrun_triggers::Triggers::with_store(
             store

@@ -12,6 +12,7 @@
 //! group commit); `postgres` keeps the same data in PostgreSQL for cluster
 //! mode, written only by the holder of the `broker` ownership lease.
 
+pub mod buckets;
 pub mod catalog;
 pub mod directory;
 pub mod embedded;
@@ -29,6 +30,7 @@ use std::pin::Pin;
 use std::sync::OnceLock;
 use std::time::Duration;
 
+pub use buckets::{BucketStore, PostgresBucketStore, SqliteBucketStore};
 pub use catalog::{Catalog, SnapshotEntry, SubscriptionEntry, TopicEntry};
 pub use embedded::EmbeddedStore;
 pub use pools::{PoolStore, PostgresPoolStore, SqlitePoolStore};

@@ -75,6 +75,8 @@ const MIGRATIONS: &[&str] = &[
     crate::pools::postgres::MIGRATION,
     // 5: the trigger store (`triggers::postgres`): schedules, ticks, definitions.
     crate::triggers::postgres::MIGRATION,
+    // 6: buckets, objects, notification configs, outbox, uploads, object bytes.
+    crate::buckets::postgres::MIGRATION,
 ];
 
 /// Serializes migrations of concurrently starting servers

@@ -428,7 +428,18 @@ fn builtin_agent(spec: &Option<AgentSpec>, addr: SocketAddr, node: &str) -> anyh
     let cfg = pubrun_pools::agent::AgentConfig {
         server: format!("http://{host}"),
         pool: pool.clone(),
-        name: node.to_string(),
+        // Agent names allow A-Z a-z 0-9 . _ - only (the default node name
+        // is host:port).
+        name: node
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                    c
+                } else {
+                    '-'
+                }
+            })
+            .collect(),
         token,
         slots,
         labels: Default::default(),

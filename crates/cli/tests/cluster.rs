@@ -836,3 +836,84 @@ process = { command = "sh", args = ["-c", "sleep 0.3; echo done"] }
         "runs of the pool ran on every server's built-in agent"
     );
 }
+
+/// An agent whose slots are full holds a long poll; when its run ends the
+/// held poll hands it the next run at once instead of after the whole hold
+/// (10 s here), so one slot runs queued runs back to back. (All five are
+/// queued up front, so no new enqueue wakes the poll.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_agent_gets_the_next_run_as_soon_as_a_slot_frees() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let log = dir.path().join("a.log");
+    let child = Command::new(env!("CARGO_BIN_EXE_pubrun"))
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .arg("--data-dir")
+        .arg(dir.path().join("a"))
+        .args(["--agent-pool", "workers", "--agent-slots", "1"])
+        .env("PUBRUN_AGENT_TOKEN", "agent-token")
+        .env("PUBRUN_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("start pubrun");
+    let mut a = Node {
+        name: "a",
+        port,
+        server: Server(child),
+        log,
+    };
+    let a_log = a.log.clone();
+    wait_healthy(&mut a.server.0, port, PATIENCE, || {
+        std::fs::read_to_string(&a_log).unwrap_or_default()
+    });
+    let manifest = dir.path().join("m.toml");
+    std::fs::write(
+        &manifest,
+        r#"project = "cluster"
+
+[[pool]]
+name = "workers"
+provider = "agents"
+token_env = "PUBRUN_AGENT_TOKEN"
+lease_timeout = "60s"
+
+[[topic]]
+name = "work"
+
+[[job]]
+name = "quick"
+topic = "work"
+pool = "workers"
+process = { command = "true" }
+concurrency = 100
+"#,
+    )
+    .unwrap();
+    let all = || a.log();
+    cli_json(
+        port,
+        &["apply", "-f", manifest.to_str().unwrap(), "--yes"],
+        all,
+    );
+    let ids: Vec<String> = (0..5)
+        .map(|_| cli_json(port, &["jobs", "trigger", "quick"], all)["run"]["id"].to_string())
+        .collect();
+    // Without the early hand-out each run after the first waits for the
+    // 10 s hold: about 40 s for five. 15 s is generous for a slow box.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    for id in &ids {
+        loop {
+            let run = cli_json(port, &["runs", "show", id], all)["run"].clone();
+            if run["status"] == "succeeded" {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "one slot did not run 5 quick runs back to back; stuck at {run:#}\n{}",
+                all()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}

@@ -20,7 +20,7 @@ use pb::publisher_client::PublisherClient;
 use pb::subscriber_client::SubscriberClient;
 use pubrun_store::testing::TempPostgres;
 
-use common::{connect, free_port, wait_healthy, Server};
+use common::{connect, free_port, wait_answered_by, wait_healthy, Server};
 
 const TOPIC: &str = "projects/cluster/topics/gcs";
 const SUB: &str = "projects/cluster/subscriptions/gcs-sub";
@@ -163,10 +163,12 @@ async fn objects_survive_kill_9_of_the_owner_byte_exact() {
 
     let port_b = free_port();
     let mut b = start(&pg.url(), "b", &data_b, port_b, &log_b);
-    tokio::time::sleep(LEASE_TTL).await;
+    // B is a standby: calls through it are answered by A.
+    wait_answered_by(port_b, "a", Duration::from_secs(60), || read(&log_b));
     a.0.kill().expect("SIGKILL A");
     a.0.wait().unwrap();
-    wait_healthy(&mut b.0, port_b, Duration::from_secs(60), || read(&log_b));
+    wait_answered_by(port_b, "b", Duration::from_secs(60), || read(&log_b));
+    assert!(b.0.try_wait().unwrap().is_none(), "{}", read(&log_b));
 
     // Everything is served by B, byte-exact.
     assert!(

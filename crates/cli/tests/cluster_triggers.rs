@@ -21,7 +21,7 @@ use googleapis_tonic_google_pubsub_v1::google::pubsub::v1 as pb;
 use pb::subscriber_client::SubscriberClient;
 use pubrun_store::testing::TempPostgres;
 
-use common::{connect, free_port, wait_healthy, Server};
+use common::{connect, free_port, wait_answered_by, wait_healthy, Server};
 
 const LEASE_TTL: Duration = Duration::from_secs(2);
 const SUB: &str = "projects/cluster/subscriptions/ticks-sub";
@@ -174,7 +174,7 @@ async fn schedules_and_webhooks_fail_over_and_no_tick_fires_twice() {
 
     a.0.kill().expect("SIGKILL A");
     a.0.wait().unwrap();
-    wait_healthy(&mut b.0, port_b, Duration::from_secs(60), lb);
+    wait_answered_by(port_b, "b", Duration::from_secs(60), lb);
 
     // B serves A's schedule (it got no manifest) with A's last tick, and
     // A's webhook.

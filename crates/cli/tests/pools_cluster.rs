@@ -14,7 +14,7 @@ use std::time::Duration;
 use pubrun_store::testing::TempPostgres;
 use serde_json::{json, Value};
 
-use common::{free_port, healthz, wait_healthy, Server};
+use common::{free_port, wait_answered_by, wait_healthy, Server};
 
 const MANIFEST: &str = r#"project = "demo"
 
@@ -83,11 +83,12 @@ async fn pools_machines_and_cost_survive_kill_9_of_the_owner() {
 
     let port_b = free_port();
     let mut b = start(&pg.url(), "b", dir.path(), port_b, None);
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    assert!(!healthz(port_b), "the standby serves while A owns");
+    // B is a standby: calls through it are answered by A.
+    wait_answered_by(port_b, "a", Duration::from_secs(60), || read("b"));
     a.0.kill().expect("SIGKILL A");
     let _ = a.0.wait();
-    wait_healthy(&mut b.0, port_b, Duration::from_secs(60), || read("b"));
+    wait_answered_by(port_b, "b", Duration::from_secs(60), || read("b"));
+    assert!(b.0.try_wait().unwrap().is_none(), "{}", read("b"));
 
     // B has the pool with the same token (a joined agent keeps working),
     // the machine and its cost, all from PostgreSQL.

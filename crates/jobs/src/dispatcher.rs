@@ -1417,6 +1417,18 @@ impl Dispatcher {
         self.results_wake.notify_one();
     }
 
+    /// Clears a run's outbox flag; false (logged) when that write failed:
+    /// the result is then published again on the next pass (at least once).
+    async fn mark_result_published(&self, id: i64) -> bool {
+        match self.store.mark_result_published(id).await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(run = id, error = %e, "could not record the result as published; it will be published again");
+                false
+            }
+        }
+    }
+
     /// Copies the run's log file into a shared store, so that every server
     /// of a cluster can show it (best effort: the file stays the source).
     async fn share_log(&self, id: i64) {
@@ -1477,7 +1489,7 @@ impl Dispatcher {
             let (topic, spec) = match spec {
                 Some(s) if !s.result_topic.is_empty() => (s.result_topic.clone(), s),
                 _ => {
-                    let _ = self.store.mark_result_published(run.id).await;
+                    retry |= !self.mark_result_published(run.id).await;
                     continue;
                 }
             };
@@ -1489,13 +1501,13 @@ impl Dispatcher {
             };
             match published {
                 Ok(_) => {
-                    let _ = self.store.mark_result_published(run.id).await;
+                    retry |= !self.mark_result_published(run.id).await;
                 }
                 Err(e) if e.code == pubrun_core::Code::NotFound => {
                     // Retrying cannot help until someone creates the topic;
                     // dropping it beats warning forever.
                     tracing::warn!(run = run.id, topic, error = %e, "result topic does not exist; result dropped");
-                    let _ = self.store.mark_result_published(run.id).await;
+                    retry |= !self.mark_result_published(run.id).await;
                 }
                 Err(e) => {
                     tracing::warn!(run = run.id, topic, error = %e, "result not published yet; will retry");

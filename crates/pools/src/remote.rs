@@ -699,8 +699,15 @@ impl Pools {
                     reply.cancel.push(*token);
                 }
             }
+            // The poll's own count dates from when it was sent; a long poll
+            // may have been held since. Runs that ended meanwhile (reported,
+            // so no longer leased here) free their slots now, or an agent
+            // with full slots would wait out the whole hold per run.
+            let slots = st.agents.get(&p.name).map_or(0, |a| a.slots);
+            let live = st.leases.values().filter(|l| l.machine == p.name).count() as u32;
+            let free = p.free_slots.max(slots.saturating_sub(live));
             let mut taken = Vec::new();
-            while (taken.len() as u32) < p.free_slots && !cordoned {
+            while (taken.len() as u32) < free && !cordoned {
                 let Some(pending) = st.waiting.get_mut(pool).and_then(|q| q.pop_front()) else {
                     break;
                 };
@@ -930,6 +937,8 @@ impl Pools {
         if let Some(l) = l {
             let _ = l.events.send(Event::Ended(exit));
         }
+        // A slot is free: the agent's held poll may take the next run.
+        self.inner.work.notify_waiters();
         self.refresh_machine(c.name).await;
         Ok(())
     }

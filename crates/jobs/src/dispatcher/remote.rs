@@ -64,7 +64,13 @@ impl Dispatcher {
                     if let Ok(sub) = pubrun_core::SubscriptionName::parse(
                         &pubrun_core::manifest::job_subscription(t.project().id(), &old.name),
                     ) {
-                        let _ = self.broker.delete_subscription(&sub).await;
+                        match self.broker.delete_subscription(&sub).await {
+                            Ok(_) => {}
+                            Err(e) if e.code == pubrun_core::Code::NotFound => {}
+                            Err(e) => {
+                                tracing::warn!(subscription = %sub, error = %e, "could not delete the job's old local subscription")
+                            }
+                        }
                     }
                 }
             }

@@ -7,6 +7,7 @@
 
 pub mod apply;
 mod body_limit;
+pub mod cluster;
 pub mod codec;
 pub mod conn;
 pub mod csrf;

@@ -54,6 +54,8 @@ pub struct ServeOptions {
     /// `x-pubrun-node` so a client (or an operator behind a load balancer)
     /// sees which server answered.
     pub node_name: Option<String>,
+    /// Cluster mode: the directory behind `GET /api/v1/cluster`.
+    pub cluster: Option<crate::cluster::ClusterView>,
 }
 
 /// Builds the single router that answers both protocols.
@@ -96,6 +98,10 @@ pub fn router(
     }
     // The web dashboard (`/`, `/ui/…`): behind the token layer, which also
     // takes its session cookie; its login form posts outside it.
+    app = app.route(
+        "/api/v1/cluster",
+        get(crate::cluster::handler).with_state(opts.cluster.clone()),
+    );
     let dashboard = crate::dashboard::Dashboard::new(broker_for_jobs.clone(), opts);
     app = app.merge(dashboard.pages());
     let app = app

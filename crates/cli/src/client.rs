@@ -10,6 +10,7 @@
 mod api;
 mod args;
 mod buckets;
+mod cluster;
 mod jobs;
 mod messages;
 mod names;
@@ -81,6 +82,8 @@ pub enum ClientCommand {
     Agents(pools::AgentsArgs),
     /// Machine time and cost per pool (per run with --runs) [--since 24h|RFC3339].
     Cost(pools::CostArgs),
+    /// The servers of a cluster (`serve --store`), their addresses and which one owns the state.
+    Cluster(cluster::ClusterArgs),
 }
 
 #[derive(clap::Subcommand)]
@@ -457,6 +460,7 @@ pub async fn run(cmd: ClientCommand) -> anyhow::Result<()> {
         ClientCommand::Machines(args) => pools::machines(args).await,
         ClientCommand::Agents(args) => pools::agents(args).await,
         ClientCommand::Cost(args) => pools::cost(args).await,
+        ClientCommand::Cluster(args) => cluster::cluster(args).await,
     }
 }
 

@@ -231,7 +231,7 @@ pub async fn follow_owner(
     url: &str,
     node: &str,
     advertise: &str,
-) -> anyhow::Result<tokio::sync::watch::Receiver<Option<String>>> {
+) -> anyhow::Result<(tokio::sync::watch::Receiver<Option<String>>, Arc<Directory>)> {
     let directory = loop {
         let r = match Directory::open(url).await {
             Ok(d) => d.register(node, advertise).await.map(|_| d),
@@ -250,9 +250,12 @@ pub async fn follow_owner(
         }
     };
     tracing::info!(node, address = advertise, "registered in the cluster");
+    let directory = Arc::new(directory);
     let (tx, rx) = tokio::sync::watch::channel(None);
     let (node, advertise) = (node.to_string(), advertise.to_string());
+    let dir = directory.clone();
     tokio::spawn(async move {
+        let directory = dir;
         loop {
             if let Err(e) = directory.register(&node, &advertise).await {
                 tracing::debug!(error = %e, "could not refresh the cluster registration");
@@ -275,7 +278,7 @@ pub async fn follow_owner(
             tokio::time::sleep(REFRESH).await;
         }
     });
-    Ok(rx)
+    Ok((rx, directory))
 }
 
 /// After losing ownership: kill the attempts this process runs (each

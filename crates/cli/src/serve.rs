@@ -190,6 +190,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     // Cluster mode binds first: while another server owns the state, this
     // one forwards every connection to it (any server answers any call).
     let mut early_listener = None;
+    let mut cluster_view = None;
     let store_url = args.store.as_deref().filter(|u| !u.is_empty());
     let store = match store_url {
         None => {
@@ -208,7 +209,12 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
                 Some(a) => a.clone(),
                 None => crate::cluster::default_advertise_addr(listener.local_addr()?),
             };
-            let owner = crate::cluster::follow_owner(url, &node_name, &advertise).await?;
+            let (owner, directory) =
+                crate::cluster::follow_owner(url, &node_name, &advertise).await?;
+            cluster_view = Some(pubrun_api::cluster::ClusterView {
+                node: node_name.clone(),
+                directory,
+            });
             let (owned_tx, owned_rx) = tokio::sync::oneshot::channel::<()>();
             let forwarding = tokio::spawn(pubrun_api::forward::forward_until(
                 listener,
@@ -327,7 +333,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     // Find machines a previous server started, then scale from there.
     pools.reconcile().await;
     pools.spawn(pools_stop.clone());
-    tracing::info!(%addr, data_dir = %args.data_dir.display(), auth = token.is_some(), "pubrun serving gRPC and HTTP");
+    tracing::info!(%addr, node = %node_name, data_dir = %args.data_dir.display(), auth = token.is_some(), "pubrun serving gRPC and HTTP");
     pubrun_api::serve(
         listener,
         broker.clone(),
@@ -346,6 +352,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             },
             metrics_token: args.metrics_token.filter(|t| !t.is_empty()),
             node_name: store_url.map(|_| node_name.clone()),
+            cluster: cluster_view,
         },
         {
             let store = store.clone();

@@ -265,6 +265,23 @@ process = { command = "sh", args = ["-c", "echo hello from the cluster"] }
     );
     let listed = cli_json(c.port, &["runs", "--job", "hello"], all);
     assert_eq!(listed["runs"].as_array().unwrap().len(), 1, "{listed:#}");
+
+    // `pubrun cluster` through a standby: three members, A the owner.
+    let cluster = cli_json(b.port, &["cluster"], all);
+    assert_eq!(cluster["mode"], "cluster", "{cluster:#}");
+    assert_eq!(cluster["owner"]["node"], "a", "{cluster:#}");
+    let mut members: Vec<(String, bool)> = cluster["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| (n["name"].as_str().unwrap().to_string(), n["owner"] == true))
+        .collect();
+    members.sort();
+    assert_eq!(
+        members,
+        [("a".into(), true), ("b".into(), false), ("c".into(), false)],
+        "{cluster:#}"
+    );
 }
 
 /// What the load generators saw.

@@ -934,3 +934,113 @@ concurrency = 100
         }
     }
 }
+
+/// PostgreSQL restarts for longer than the lease: calls fail meanwhile (no
+/// publish is acknowledged), every server survives (the owner steps down
+/// and rejoins), and afterwards one of them serves everything that was
+/// acknowledged before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_postgres_restart_loses_nothing_and_every_server_survives() {
+    let pg = TempPostgres::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (mut a, mut b, mut c) = start_three(&pg, &pg.url(), dir.path());
+    let (mut publisher, mut subscriber) = clients(b.port).await;
+    publisher
+        .create_topic(pb::Topic {
+            name: topic("restart"),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    subscriber
+        .create_subscription(pb::Subscription {
+            name: subscription("restart-sub"),
+            topic: topic("restart"),
+            ack_deadline_seconds: 600,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let publish = |mut p: PublisherClient<tonic::transport::Channel>, tag: &'static str| async move {
+        p.publish(pb::PublishRequest {
+            topic: topic("restart"),
+            messages: (0..5)
+                .map(|i| pb::PubsubMessage {
+                    data: format!("{tag}{i}").into_bytes().into(),
+                    ..Default::default()
+                })
+                .collect(),
+        })
+        .await
+        .map(|r| r.into_inner().message_ids)
+    };
+    let mut published: HashSet<String> = publish(publisher.clone(), "before")
+        .await
+        .unwrap()
+        .into_iter()
+        .collect();
+
+    pg.stop();
+    // While it is down nothing can be acknowledged.
+    if let Ok(ids) = publish(publisher.clone(), "during").await {
+        panic!("a publish was acknowledged while PostgreSQL was down: {ids:?}");
+    }
+    // Longer than the lease: the owner steps down.
+    let deadline = Instant::now() + PATIENCE;
+    while !a.log().contains("restarting as a standby") {
+        assert!(
+            Instant::now() < deadline,
+            "A never stepped down\n{}",
+            a.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    pg.start_again();
+
+    // Some server owns the state again; every port answers.
+    let deadline = Instant::now() + PATIENCE;
+    let owner = loop {
+        if let Some(n) = answering_node(c.port) {
+            break n;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "nobody serves after the restart\n{}",
+            logs(&[&a, &b, &c])
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    for n in [&a, &b] {
+        wait_answered_by(n.port, &owner, PATIENCE, || logs(&[&a, &b, &c]));
+    }
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        publisher = clients(b.port).await.0;
+        match publish(publisher.clone(), "after").await {
+            Ok(ids) => {
+                published.extend(ids);
+                break;
+            }
+            Err(e) => {
+                assert!(Instant::now() < deadline, "publish after the restart: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    subscriber = clients(a.port).await.1;
+    let mut received = HashSet::new();
+    let deadline = Instant::now() + PATIENCE;
+    while !published.is_subset(&received) {
+        assert!(
+            Instant::now() < deadline,
+            "missing after the restart\n{}",
+            logs(&[&a, &b, &c])
+        );
+        match pull_once(&mut subscriber, &subscription("restart-sub")).await {
+            Ok(msgs) => received.extend(msgs.into_iter().map(|m| m.message.unwrap().message_id)),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    let alive = [a.alive(), b.alive(), c.alive()];
+    assert_eq!(alive, [true; 3], "{}", logs(&[&a, &b, &c]));
+}

@@ -1883,7 +1883,9 @@ fn dedup_key(spec: &JobSpec, msg: &SourceMessage) -> String {
         // back, and fail the same way, forever.
         let rendered = std::panic::catch_unwind(|| template::render(&spec.dedup_key, &ctx));
         match rendered {
-            Ok(Ok(k)) => k,
+            // PostgreSQL text cannot hold NUL (an object name can): every
+            // engine stores the same key, with NUL as U+FFFD.
+            Ok(Ok(k)) => k.replace('\0', "\u{FFFD}"),
             Ok(Err(e)) => {
                 tracing::warn!(job = spec.name, message = msg.id, error = %e, "dedup_key cannot be rendered; using the message id");
                 msg.id.clone()

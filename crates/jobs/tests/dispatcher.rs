@@ -268,6 +268,24 @@ async fn dedup_key_makes_one_run_per_key() {
     }
 }
 
+/// PostgreSQL text cannot hold NUL, an object name can: a key rendered
+/// from one is stored (by every engine) with NUL as U+FFFD.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dedup_key_never_holds_nul() {
+    let dir = tempdir();
+    let env = env_in(dir.path(), 8).await;
+    env.job(
+        "name = \"obj\"\ntopic = \"objs\"\ndedup_key = \"{{ attributes.objectId }}\"\nprocess = { command = \"true\" }\n",
+        "objs",
+    )
+    .await;
+    env.publish("objs", &[("objectId", "nul\0byte")], "a").await;
+    env.wait_acked("obj").await;
+    let runs = env.runs("obj");
+    assert_eq!(runs.len(), 1, "{runs:#?}");
+    assert_eq!(runs[0].dedup_key, "nul\u{FFFD}byte");
+}
+
 /// The dashboard's keyset paging: newest first, `before` continues below
 /// the last id shown, filters apply, and runs queued meanwhile do not shift
 /// the pages.

@@ -256,7 +256,8 @@ async fn objects_put_get_list_and_generations(e: impl Engine) {
     let s = e.open().await;
     s.create_bucket(&bucket("b", "p")).await.unwrap();
     let mut last = 0;
-    for name in ["a/1", "a/2", "a/b/3", "ab", "b", "é"] {
+    // NUL is a legal object name byte; PostgreSQL `text` cannot hold it.
+    for name in ["a/1", "a/2", "a/b/3", "ab", "b", "nul\0byte", "é"] {
         let r = put(&*s, "b", name, name.as_bytes()).await;
         assert!(r.generation > last, "generations increase");
         last = r.generation;
@@ -270,7 +271,10 @@ async fn objects_put_get_list_and_generations(e: impl Engine) {
     assert!(s.get_object("other", "a/2").await.unwrap().is_none());
 
     let all = s.scan_objects("b", b"", None, 100).await.unwrap();
-    assert_eq!(names(&all), ["a/1", "a/2", "a/b/3", "ab", "b", "é"]);
+    assert_eq!(
+        names(&all),
+        ["a/1", "a/2", "a/b/3", "ab", "b", "nul\0byte", "é"]
+    );
     let under_a = s
         .scan_objects("b", b"a/", Some(b"a/\xff"), 100)
         .await
@@ -280,7 +284,9 @@ async fn objects_put_get_list_and_generations(e: impl Engine) {
     assert_eq!(names(&page), ["a/2", "a/b/3"]);
     // Byte order: "é" (0xC3…) after "b".
     let tail = s.scan_objects("b", b"b\0", None, 10).await.unwrap();
-    assert_eq!(names(&tail), ["é"]);
+    assert_eq!(names(&tail), ["nul\0byte", "é"]);
+    let got = s.get_object("b", "nul\0byte").await.unwrap().unwrap();
+    assert_eq!(read_all(&*s, &got.blob, 0).await.unwrap(), b"nul\0byte");
 
     // Overwrite: a new generation, new bytes; the old blob is released.
     let old = s.get_object("b", "ab").await.unwrap().unwrap();

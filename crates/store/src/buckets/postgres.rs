@@ -546,11 +546,12 @@ impl BucketStore for PostgresBucketStore {
         let mut g = self.pg.conn().await;
         let tx = self.pg.begin(g.get().await?, true).await?;
         // One writer per object name: preconditions see what commits.
-        // Bucket names never contain `/`: the key is unambiguous.
+        // Bucket names never contain `/`: the key is unambiguous. It goes in
+        // as bytes: an object name may hold NUL, which a `text` value cannot.
         let key = format!("{bucket}/{name}");
         tx.execute(
-            "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
-            &[&key],
+            "SELECT pg_advisory_xact_lock(hashtextextended(encode($1, 'hex'), 0))",
+            &[&key.as_bytes()],
         )
         .await
         .map_err(pg)?;

@@ -278,6 +278,13 @@ fn tls_connector(
 
 pub(crate) fn db_err(e: tokio_postgres::Error) -> StoreError {
     match e.as_db_error() {
+        // Class 22 (data exception): the value itself is refused, so a retry
+        // fails the same way; reporting it as unavailability would make
+        // clients retry forever.
+        Some(db) if db.code().code().starts_with("22") => StoreError::Corrupt {
+            path: "a value sent to PostgreSQL".into(),
+            detail: format!("{}: {}", db.code().code(), db.message()),
+        },
         Some(db) => StoreError::Unavailable(format!("{}: {}", db.code().code(), db.message())),
         None => {
             // The cause (refused connection, TLS certificate problem) is in

@@ -748,3 +748,22 @@ async fn postgres_writes_under_a_stale_token_are_refused() {
     })
     .await;
 }
+
+/// A value PostgreSQL refuses (here NUL in a `text` column) is reported as
+/// such, not as unavailability: a client retrying would fail forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_refused_value_is_not_unavailability() {
+    bounded(async {
+        let engine = Postgres::new();
+        let s = engine.open().await;
+        let err = s
+            .create_bucket(&bucket("nul\0name", "p"))
+            .await
+            .expect_err("PostgreSQL text cannot hold NUL");
+        assert!(
+            matches!(err, pubrun_store::StoreError::Corrupt { .. }),
+            "{err:?}"
+        );
+    })
+    .await
+}

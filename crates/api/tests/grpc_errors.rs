@@ -1,13 +1,9 @@
 //! gRPC requests that are not valid protobuf are the caller's error.
 
-use std::sync::Arc;
+mod common;
 
 use bytes::{Buf, BufMut};
-use pubrun_broker::Broker;
-use pubrun_store::EmbeddedStore;
-use tokio::net::TcpListener;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
-use tonic::transport::Channel;
 use tonic::Status;
 
 /// Sends the given bytes as the request message, unparsed.
@@ -51,25 +47,8 @@ impl Codec for RawCodec {
 /// Issue 11, item 13: this answered INTERNAL (tonic-prost's mapping).
 #[tokio::test]
 async fn invalid_protobuf_is_invalid_argument() {
-    let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::open(Arc::new(EmbeddedStore::open(dir.path()).unwrap())).unwrap();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(pubrun_api::serve(
-        listener,
-        broker,
-        pubrun_api::ServeOptions::default(),
-        async move {
-            let _ = rx.await;
-        },
-    ));
-    let channel = Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut grpc = tonic::client::Grpc::new(channel);
+    let server = common::start().await;
+    let mut grpc = tonic::client::Grpc::new(server.channel.clone());
     for (path, bytes) in [
         // Field 1 (topic), length 5, but only one byte follows.
         (
@@ -94,5 +73,4 @@ async fn invalid_protobuf_is_invalid_argument() {
         assert_eq!(err.code(), tonic::Code::InvalidArgument, "{path}: {err:?}");
         assert!(err.message().contains("protobuf"), "{path}: {err:?}");
     }
-    let _ = tx.send(());
 }

@@ -2,60 +2,18 @@
 //! ModifyPushConfig (REST `:modifyPushConfig` and gRPC) between push and
 //! pull, and Pull refused on a push subscription as Google refuses it.
 
-use std::sync::Arc;
+mod common;
+
 use std::time::Duration;
 
 use axum::body::Bytes;
+use common::{start, Server};
 use pubrun_api::pb;
-use pubrun_api::pb::publisher_client::PublisherClient;
-use pubrun_api::pb::subscriber_client::SubscriberClient;
-use pubrun_api::ServeOptions;
-use pubrun_broker::Broker;
-use pubrun_store::EmbeddedStore;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, oneshot};
-use tonic::transport::Channel;
+use tokio::sync::mpsc;
 
 const TIMEOUT: Duration = Duration::from_secs(30);
-
-struct Server {
-    base: String,
-    http: reqwest::Client,
-    publisher: PublisherClient<Channel>,
-    subscriber: SubscriberClient<Channel>,
-    _stop: oneshot::Sender<()>,
-    _dir: tempfile::TempDir,
-}
-
-async fn start() -> Server {
-    let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::open(Arc::new(EmbeddedStore::open(dir.path()).unwrap())).unwrap();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (tx, rx) = oneshot::channel::<()>();
-    tokio::spawn(pubrun_api::serve(
-        listener,
-        broker,
-        ServeOptions::default(),
-        async move {
-            let _ = rx.await;
-        },
-    ));
-    let channel = Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    Server {
-        base: format!("http://{addr}"),
-        http: reqwest::Client::new(),
-        publisher: PublisherClient::new(channel.clone()),
-        subscriber: SubscriberClient::new(channel),
-        _stop: tx,
-        _dir: dir,
-    }
-}
 
 impl Server {
     async fn rest(&self, method: reqwest::Method, path: &str, body: Value) -> (u16, Value) {

@@ -1,33 +1,16 @@
 //! The Pub/Sub REST v1 mapping, driven over real HTTP against an in-process server.
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine as _;
-use pubrun_api::ServeOptions;
-use pubrun_broker::Broker;
-use pubrun_store::EmbeddedStore;
+use common::{start, Server};
 use reqwest::Method;
 use serde_json::{json, Value};
-use tokio::net::TcpListener;
-use tokio::sync::oneshot;
-
-struct Server {
-    base: String,
-    http: reqwest::Client,
-    stop: Option<oneshot::Sender<()>>,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-    }
-}
 
 struct Reply {
     status: u16,
@@ -64,29 +47,6 @@ impl Reply {
             msg.contains(message_contains),
             "message {msg:?} should mention {message_contains:?}"
         );
-    }
-}
-
-async fn start() -> Server {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
-    let broker = Broker::open(store).unwrap();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (tx, rx) = oneshot::channel::<()>();
-    tokio::spawn(pubrun_api::serve(
-        listener,
-        broker,
-        ServeOptions::default(),
-        async move {
-            let _ = rx.await;
-        },
-    ));
-    Server {
-        base: format!("http://{addr}"),
-        http: reqwest::Client::new(),
-        stop: Some(tx),
-        _dir: dir,
     }
 }
 

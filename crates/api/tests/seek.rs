@@ -1,64 +1,11 @@
 //! Retention, snapshots and Seek over gRPC and REST against an in-process server.
 
-use std::sync::Arc;
+mod common;
 
+use common::{start, Server};
 use pubrun_api::pb;
-use pubrun_api::pb::publisher_client::PublisherClient;
-use pubrun_api::pb::subscriber_client::SubscriberClient;
-use pubrun_api::ServeOptions;
-use pubrun_broker::Broker;
-use pubrun_store::EmbeddedStore;
 use serde_json::{json, Value};
-use tokio::net::TcpListener;
-use tokio::sync::oneshot;
-use tonic::transport::Channel;
 use tonic::Code;
-
-struct Server {
-    base: String,
-    http: reqwest::Client,
-    publisher: PublisherClient<Channel>,
-    subscriber: SubscriberClient<Channel>,
-    stop: Option<oneshot::Sender<()>>,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-    }
-}
-
-async fn start() -> Server {
-    let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::open(Arc::new(EmbeddedStore::open(dir.path()).unwrap())).unwrap();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (tx, rx) = oneshot::channel::<()>();
-    tokio::spawn(pubrun_api::serve(
-        listener,
-        broker,
-        ServeOptions::default(),
-        async move {
-            let _ = rx.await;
-        },
-    ));
-    let channel = Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    Server {
-        base: format!("http://{addr}"),
-        http: reqwest::Client::new(),
-        publisher: PublisherClient::new(channel.clone()),
-        subscriber: SubscriberClient::new(channel),
-        stop: Some(tx),
-        _dir: dir,
-    }
-}
 
 const P: &str = "projects/seek";
 

@@ -5,67 +5,39 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use common::{free_port, wait_healthy, Server};
+use common::{Serve, ServeBuilder, BIN};
 use pubrun_triggers::Clock;
 
-const BIN: &str = env!("CARGO_BIN_EXE_pubrun");
 const HOOK_TOKEN: &str = "hook-bearer-secret";
 
-struct Node {
-    server: Server,
-    port: u16,
-}
-
-fn start(data: &Path, config: Option<&Path>) -> Node {
-    let port = free_port();
-    let mut cmd = Command::new(BIN);
-    cmd.args([
-        "serve",
-        "--listen",
-        &format!("127.0.0.1:{port}"),
-        "--data-dir",
-    ])
-    .arg(data)
-    .env("PUBRUN_LOG", "warn")
-    .env("APPLY_TEST_HOOK_TOKEN", HOOK_TOKEN)
-    .env_remove("PUBRUN_TOKEN")
-    .env_remove("PUBRUN_CONFIG")
-    .stdout(Stdio::null());
+fn start(data: &Path, config: Option<&Path>) -> Serve {
+    let mut b = ServeBuilder::new()
+        .data_dir(data)
+        .env("APPLY_TEST_HOOK_TOKEN", HOOK_TOKEN);
     if let Some(c) = config {
-        cmd.arg("--config").arg(c);
+        b = b.arg("--config").arg(c);
     }
-    let mut child = cmd.spawn().expect("start pubrun");
-    wait_healthy(&mut child, port, Duration::from_secs(60), String::new);
-    Node {
-        server: Server(child),
-        port,
-    }
+    b.start()
 }
 
-impl Node {
+impl Serve {
     /// Ends the server with SIGTERM (graceful) or SIGKILL.
     fn stop(mut self, kill9: bool) {
         if kill9 {
-            self.server.0.kill().unwrap();
+            self.kill();
         } else {
-            let pid = self.server.0.id().to_string();
-            assert!(Command::new("kill")
-                .args(["-TERM", &pid])
-                .status()
-                .unwrap()
-                .success());
+            let status = self.terminate();
+            assert!(status.success(), "graceful exit, got {status}");
         }
-        let status = self.server.0.wait().unwrap();
-        assert!(kill9 || status.success(), "graceful exit, got {status}");
     }
 
     fn cli(&self, args: &[&str]) -> Output {
         Command::new(BIN)
             .args(args)
-            .args(["--addr", &format!("127.0.0.1:{}", self.port)])
+            .args(["--addr", &format!("127.0.0.1:{}", self.port())])
             .env_remove("PUBRUN_TOKEN")
             .env_remove("PUBRUN_PROJECT")
             .output()
@@ -81,10 +53,6 @@ impl Node {
             String::from_utf8_lossy(&o.stderr)
         );
         String::from_utf8_lossy(&o.stdout).into_owned()
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.port)
     }
 
     /// Pulls (waiting on the server) until a message matches `want`, acking
@@ -168,7 +136,7 @@ bearer_secret_env = "APPLY_TEST_HOOK_TOKEN"
 
 const SUB: &str = "projects/demo/subscriptions/imports-watch";
 
-async fn assert_served(node: &Node, round: &str) {
+async fn assert_served(node: &Serve, round: &str) {
     let list = node.ok(&["schedules", "list"]);
     assert!(
         list.contains("every-minute") && list.contains("active"),
@@ -254,7 +222,7 @@ fn project_toml(project: &str, job: bool, trigger_prefix: &str) -> String {
     s
 }
 
-fn listed(node: &Node) -> (String, String, String, String) {
+fn listed(node: &Serve) -> (String, String, String, String) {
     (
         node.ok(&["jobs", "list"]),
         node.ok(&["schedules", "list"]),
@@ -263,7 +231,7 @@ fn listed(node: &Node) -> (String, String, String, String) {
     )
 }
 
-fn assert_both(node: &Node, round: &str) {
+fn assert_both(node: &Serve, round: &str) {
     let (jobs, schedules, hooks, pools) = listed(node);
     for (what, list, names) in [
         ("jobs", &jobs, ["alpha-job", "beta-job"]),

@@ -5,63 +5,12 @@ mod common;
 
 use std::io::Write;
 use std::process::{Command, Output, Stdio};
-use std::time::Duration;
 
-use common::free_port;
+use common::{free_port, Serve, ServeBuilder, BIN};
 use serde_json::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_pubrun");
-
-/// A `pubrun serve` child, killed when dropped (also when a test panics).
-struct Server {
-    child: common::Server,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl Server {
-    fn start(token: Option<&str>) -> Server {
-        let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
-        let mut cmd = Command::new(BIN);
-        cmd.args([
-            "serve",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--data-dir",
-        ])
-        .arg(dir.path().join("data"))
-        .env("PUBRUN_LOG", "warn")
-        .env_remove("PUBRUN_TOKEN")
-        .env_remove("PUBRUN_LISTEN")
-        .env_remove("PUBRUN_DATA_DIR")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null());
-        if let Some(t) = token {
-            cmd.args(["--token", t]);
-        }
-        let mut server = Server {
-            child: common::Server(cmd.spawn().expect("spawn pubrun serve")),
-            port,
-            _dir: dir,
-        };
-        server.wait_healthy();
-        server
-    }
-
-    fn addr(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-
-    fn wait_healthy(&mut self) {
-        common::wait_healthy(
-            &mut self.child.0,
-            self.port,
-            Duration::from_secs(60),
-            String::new,
-        );
-    }
-
+/// Client commands against the harness's server, as this file asserts on them.
+impl Serve {
     /// Runs a client command against this server (address via PUBRUN_ADDR).
     fn run(&self, args: &[&str]) -> Run {
         run(
@@ -137,7 +86,7 @@ fn run(cmd: &mut Command, stdin: Option<&[u8]>) -> Run {
 
 #[test]
 fn create_publish_pull_ack_list_and_delete() {
-    let server = Server::start(None);
+    let server = ServeBuilder::new().start();
 
     let out = server.ok(&["topics", "create", "orders", "--label", "team=data"]);
     assert!(
@@ -292,7 +241,7 @@ fn create_publish_pull_ack_list_and_delete() {
 
 #[test]
 fn publish_reads_stdin_and_pull_json_round_trips() {
-    let server = Server::start(None);
+    let server = ServeBuilder::new().start();
     server.ok(&["topics", "create", "inbox"]);
     server.ok(&[
         "subscriptions",
@@ -344,7 +293,7 @@ fn publish_reads_stdin_and_pull_json_round_trips() {
 
 #[test]
 fn projects_scope_short_names() {
-    let server = Server::start(None);
+    let server = ServeBuilder::new().start();
     server.ok(&["topics", "create", "shared", "--project", "other"]);
     server.ok(&["topics", "create", "projects/third/topics/full"]);
     let r = server.run(&["topics", "list"]);
@@ -376,7 +325,7 @@ fn projects_scope_short_names() {
 
 #[test]
 fn missing_resources_are_not_found_with_exit_code_1() {
-    let server = Server::start(None);
+    let server = ServeBuilder::new().start();
     for args in [
         &["topics", "get", "nope"][..],
         &["topics", "delete", "nope"],
@@ -482,7 +431,7 @@ fn bad_attr_is_a_usage_error_naming_the_value() {
 
 #[test]
 fn token_is_required_when_the_server_has_one() {
-    let server = Server::start(Some("s3cret"));
+    let server = ServeBuilder::new().token("s3cret").start();
 
     let r = server.run(&["topics", "list"]);
     assert_eq!(r.code, 1, "{}", r.stderr);

@@ -8,8 +8,7 @@
 mod common;
 
 use std::collections::{HashMap, HashSet};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -20,7 +19,7 @@ use pb::subscriber_client::SubscriberClient;
 use pubrun_store::testing::TempPostgres;
 use tokio::net::{TcpListener, TcpStream};
 
-use common::{answering_node, connect, free_port, wait_answered_by, wait_healthy, Server};
+use common::{answering_node, connect, wait_answered_by, Serve, ServeBuilder};
 
 const LEASE_TTL: Duration = Duration::from_secs(2);
 const PATIENCE: Duration = Duration::from_secs(90);
@@ -28,39 +27,36 @@ const PATIENCE: Duration = Duration::from_secs(90);
 struct Node {
     name: &'static str,
     port: u16,
-    server: Server,
-    log: PathBuf,
+    server: Serve,
 }
 
 impl Node {
     fn start(name: &'static str, store_url: &str, dir: &Path) -> Node {
-        let port = free_port();
-        let log = dir.join(format!("{name}.log"));
-        let child = Command::new(env!("CARGO_BIN_EXE_pubrun"))
-            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-            .arg("--data-dir")
-            .arg(dir.join(name))
-            .args(["--store", store_url, "--node-name", name])
-            .env("PUBRUN_LEASE_TTL_MS", LEASE_TTL.as_millis().to_string())
-            .env("PUBRUN_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("start pubrun");
+        Node::spawn(name, dir, ServeBuilder::cluster(store_url, name, LEASE_TTL))
+    }
+
+    /// Spawns `server` with this node's data in `dir/NAME`, its log in
+    /// `dir/NAME.log`.
+    fn spawn(name: &'static str, dir: &Path, server: ServeBuilder) -> Node {
+        let server = server
+            .dir(dir)
+            .data_dir(dir.join(name))
+            .log_name(&format!("{name}.log"))
+            .patience(PATIENCE)
+            .spawn();
         Node {
             name,
-            port,
-            server: Server(child),
-            log,
+            port: server.port(),
+            server,
         }
     }
 
     fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        self.server.log()
     }
 
     fn alive(&mut self) -> bool {
-        self.server.0.try_wait().unwrap().is_none()
+        self.server.child().try_wait().unwrap().is_none()
     }
 }
 
@@ -73,23 +69,7 @@ fn logs(nodes: &[&Node]) -> String {
 
 /// Runs `pubrun ARGS --json` against `port`; panics with `log()` on failure.
 fn cli_json(port: u16, args: &[&str], log: impl Fn() -> String) -> serde_json::Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_pubrun"))
-        .args(args)
-        .arg("--json")
-        .env("PUBRUN_ADDR", format!("http://127.0.0.1:{port}"))
-        .env_remove("PUBRUN_TOKEN")
-        .env("PUBRUN_PROJECT", "cluster")
-        .stdin(Stdio::null())
-        .output()
-        .expect("spawn pubrun");
-    assert!(
-        out.status.success(),
-        "`pubrun {}` failed: {}\n{}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr),
-        log()
-    );
-    serde_json::from_slice(&out.stdout).expect("JSON output")
+    common::cli_json(port, Some("cluster"), args, log)
 }
 
 fn topic(id: &str) -> String {
@@ -130,10 +110,7 @@ async fn pull_once(
 /// forward to it. `a_store` is the URL `a` uses (a proxy, to cut it off).
 fn start_three(pg: &TempPostgres, a_store: &str, dir: &Path) -> (Node, Node, Node) {
     let mut a = Node::start("a", a_store, dir);
-    let a_log = a.log.clone();
-    wait_healthy(&mut a.server.0, a.port, PATIENCE, || {
-        std::fs::read_to_string(&a_log).unwrap_or_default()
-    });
+    a.server.wait_healthy();
     wait_answered_by(a.port, "a", PATIENCE, || a.log());
     let b = Node::start("b", &pg.url(), dir);
     let c = Node::start("c", &pg.url(), dir);
@@ -448,8 +425,8 @@ process = { command = "true" }
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    a.server.0.kill().expect("SIGKILL a");
-    a.server.0.wait().unwrap();
+    a.server.child().kill().expect("SIGKILL a");
+    a.server.child().wait().unwrap();
     let killed = Instant::now();
 
     // A new owner (b or c) serves; the other forwards to it.
@@ -637,7 +614,7 @@ async fn partitioned_owner_steps_down_is_fenced_and_rejoins() {
         .replacen(&format!(":{pg_port}/"), &format!(":{}/", link.port), 1);
     let (mut a, b, c) = start_three(&pg, &a_url, dir.path());
     let all = |a: &Node| logs(&[a, &b, &c]);
-    let a_pid = a.server.0.id();
+    let a_pid = a.server.pid();
 
     let (mut pub_b, _) = clients(b.port).await;
     let (_, mut sub_c) = clients(c.port).await;
@@ -736,7 +713,7 @@ async fn partitioned_owner_steps_down_is_fenced_and_rejoins() {
     link.restore();
     wait_answered_by(a.port, &owner, PATIENCE, || all(&a));
     assert!(a.alive(), "A exited instead of rejoining\n{}", a.log());
-    assert_eq!(a.server.0.id(), a_pid);
+    assert_eq!(a.server.pid(), a_pid);
 
     // Everything acknowledged as published is delivered, pulled through A.
     let (_, mut sub_a) = clients(a.port).await;
@@ -763,27 +740,13 @@ async fn builtin_agents_spread_runs_over_every_server() {
     let pg = TempPostgres::start();
     let dir = tempfile::tempdir().unwrap();
     let start = |name: &'static str| {
-        let port = free_port();
-        let log = dir.path().join(format!("{name}.log"));
-        let child = Command::new(env!("CARGO_BIN_EXE_pubrun"))
-            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-            .arg("--data-dir")
-            .arg(dir.path().join(name))
-            .args(["--store", &pg.url(), "--node-name", name])
-            .args(["--agent-pool", "workers", "--agent-slots", "2"])
-            .env("PUBRUN_AGENT_TOKEN", "cluster-agent-token")
-            .env("PUBRUN_LEASE_TTL_MS", LEASE_TTL.as_millis().to_string())
-            .env("PUBRUN_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("start pubrun");
-        Node {
+        Node::spawn(
             name,
-            port,
-            server: Server(child),
-            log,
-        }
+            dir.path(),
+            ServeBuilder::cluster(&pg.url(), name, LEASE_TTL)
+                .args(["--agent-pool", "workers", "--agent-slots", "2"])
+                .env("PUBRUN_AGENT_TOKEN", "cluster-agent-token"),
+        )
     };
     let a = start("a");
     wait_answered_by(a.port, "a", PATIENCE, || a.log());
@@ -861,29 +824,16 @@ process = { command = "sh", args = ["-c", "sleep 0.3; echo done"] }
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_agent_gets_the_next_run_as_soon_as_a_slot_frees() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let log = dir.path().join("a.log");
-    let child = Command::new(env!("CARGO_BIN_EXE_pubrun"))
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-        .arg("--data-dir")
-        .arg(dir.path().join("a"))
-        .args(["--agent-pool", "workers", "--agent-slots", "1"])
-        .env("PUBRUN_AGENT_TOKEN", "agent-token")
-        .env("PUBRUN_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .expect("start pubrun");
-    let mut a = Node {
-        name: "a",
-        port,
-        server: Server(child),
-        log,
-    };
-    let a_log = a.log.clone();
-    wait_healthy(&mut a.server.0, port, PATIENCE, || {
-        std::fs::read_to_string(&a_log).unwrap_or_default()
-    });
+    let mut a = Node::spawn(
+        "a",
+        dir.path(),
+        ServeBuilder::new()
+            .args(["--agent-pool", "workers", "--agent-slots", "1"])
+            .env("PUBRUN_AGENT_TOKEN", "agent-token")
+            .log_level("info"),
+    );
+    let port = a.port;
+    a.server.wait_healthy();
     let manifest = dir.path().join("m.toml");
     std::fs::write(
         &manifest,

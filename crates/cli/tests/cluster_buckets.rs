@@ -12,7 +12,6 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use googleapis_tonic_google_pubsub_v1::google::pubsub::v1 as pb;
@@ -20,26 +19,19 @@ use pb::publisher_client::PublisherClient;
 use pb::subscriber_client::SubscriberClient;
 use pubrun_store::testing::TempPostgres;
 
-use common::{connect, free_port, wait_answered_by, wait_healthy, Server};
+use common::{connect, free_port, wait_answered_by, Serve, ServeBuilder};
 
 const TOPIC: &str = "projects/cluster/topics/gcs";
 const SUB: &str = "projects/cluster/subscriptions/gcs-sub";
 
 const LEASE_TTL: Duration = Duration::from_secs(2);
 
-fn start(url: &str, node: &str, data: &Path, port: u16, log: &Path) -> Server {
-    let child = Command::new(env!("CARGO_BIN_EXE_pubrun"))
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-        .arg("--data-dir")
-        .arg(data)
-        .args(["--store", url, "--node-name", node])
-        .env("PUBRUN_LEASE_TTL_MS", LEASE_TTL.as_millis().to_string())
-        .env("PUBRUN_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log).unwrap())
+fn start(url: &str, node: &str, data: &Path, port: u16, log: &Path) -> Serve {
+    ServeBuilder::cluster(url, node, LEASE_TTL)
+        .data_dir(data)
+        .port(port)
+        .log_file(log)
         .spawn()
-        .expect("start pubrun");
-    Server(child)
 }
 
 /// Deterministic, non-repeating bytes.
@@ -91,7 +83,7 @@ async fn objects_survive_kill_9_of_the_owner_byte_exact() {
 
     let port_a = free_port();
     let mut a = start(&pg.url(), "a", &data_a, port_a, &log_a);
-    wait_healthy(&mut a.0, port_a, Duration::from_secs(60), || read(&log_a));
+    a.wait_healthy();
 
     let r = http
         .post(format!(
@@ -165,10 +157,10 @@ async fn objects_survive_kill_9_of_the_owner_byte_exact() {
     let mut b = start(&pg.url(), "b", &data_b, port_b, &log_b);
     // B is a standby: calls through it are answered by A.
     wait_answered_by(port_b, "a", Duration::from_secs(60), || read(&log_b));
-    a.0.kill().expect("SIGKILL A");
-    a.0.wait().unwrap();
+    a.child().kill().expect("SIGKILL A");
+    a.child().wait().unwrap();
     wait_answered_by(port_b, "b", Duration::from_secs(60), || read(&log_b));
-    assert!(b.0.try_wait().unwrap().is_none(), "{}", read(&log_b));
+    assert!(b.child().try_wait().unwrap().is_none(), "{}", read(&log_b));
 
     // Everything is served by B, byte-exact.
     assert!(

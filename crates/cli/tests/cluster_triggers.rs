@@ -14,14 +14,13 @@ use std::collections::HashSet;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use googleapis_tonic_google_pubsub_v1::google::pubsub::v1 as pb;
 use pb::subscriber_client::SubscriberClient;
 use pubrun_store::testing::TempPostgres;
 
-use common::{connect, free_port, wait_answered_by, wait_healthy, Server};
+use common::{connect, free_port, wait_answered_by, Serve, ServeBuilder};
 
 const LEASE_TTL: Duration = Duration::from_secs(2);
 const SUB: &str = "projects/cluster/subscriptions/ticks-sub";
@@ -54,42 +53,20 @@ fn start(
     port: u16,
     log: &Path,
     config: Option<&Path>,
-) -> Server {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pubrun"));
-    cmd.args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-        .arg("--data-dir")
-        .arg(data)
-        .args(["--store", url, "--node-name", node])
-        .env("PUBRUN_LEASE_TTL_MS", LEASE_TTL.as_millis().to_string())
-        .env("PUBRUN_LOG", "info")
-        .env_remove("PUBRUN_TOKEN")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log).unwrap());
+) -> Serve {
+    let mut b = ServeBuilder::cluster(url, node, LEASE_TTL)
+        .data_dir(data)
+        .port(port)
+        .log_file(log);
     if let Some(c) = config {
-        cmd.arg("--config").arg(c);
+        b = b.arg("--config").arg(c);
     }
-    Server(cmd.spawn().expect("start pubrun"))
+    b.spawn()
 }
 
 /// Runs `pubrun ARGS --json` against `port`; panics with `log()` on failure.
 fn cli_json(port: u16, args: &[&str], log: impl Fn() -> String) -> serde_json::Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_pubrun"))
-        .args(args)
-        .arg("--json")
-        .env("PUBRUN_ADDR", format!("http://127.0.0.1:{port}"))
-        .env_remove("PUBRUN_TOKEN")
-        .env_remove("PUBRUN_PROJECT")
-        .stdin(Stdio::null())
-        .output()
-        .expect("spawn pubrun");
-    assert!(
-        out.status.success(),
-        "`pubrun {}` failed: {}\n--- server log ---\n{}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr),
-        log()
-    );
-    serde_json::from_slice(&out.stdout).expect("JSON output")
+    common::cli_json(port, None, args, log)
 }
 
 /// The schedule as `pubrun schedules list` shows it on `port`.
@@ -148,7 +125,7 @@ async fn schedules_and_webhooks_fail_over_and_no_tick_fires_twice() {
 
     let port_a = free_port();
     let mut a = start(&pg.url(), "a", &data_a, port_a, &log_a, Some(&config));
-    wait_healthy(&mut a.0, port_a, Duration::from_secs(60), || read(&log_a));
+    a.wait_healthy();
     let la = || read(&log_a);
 
     // A fires a tick (at the next full minute).
@@ -160,7 +137,7 @@ async fn schedules_and_webhooks_fail_over_and_no_tick_fires_twice() {
     let deadline = Instant::now() + Duration::from_secs(60);
     while !lb().contains("waiting as a hot standby") {
         assert!(
-            b.0.try_wait().unwrap().is_none(),
+            b.child().try_wait().unwrap().is_none(),
             "standby exited:\n{}",
             lb()
         );
@@ -172,8 +149,8 @@ async fn schedules_and_webhooks_fail_over_and_no_tick_fires_twice() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
-    a.0.kill().expect("SIGKILL A");
-    a.0.wait().unwrap();
+    a.child().kill().expect("SIGKILL A");
+    a.child().wait().unwrap();
     wait_answered_by(port_b, "b", Duration::from_secs(60), lb);
 
     // B serves A's schedule (it got no manifest) with A's last tick, and

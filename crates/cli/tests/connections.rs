@@ -18,7 +18,8 @@ use axum::extract::{Form, State};
 use axum::http::StatusCode;
 use axum::routing::post;
 use axum::{Json, Router};
-use common::free_port;
+use common::{free_port, Serve, ServeBuilder};
+use pubrun_testkit::rsa_key;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -28,45 +29,6 @@ const T2: &str = "t2-google-access-token";
 const EMAIL: &str = "runner@theirs.iam.gserviceaccount.com";
 /// Seconds a token lives: short, so the client refreshes during the test.
 const TOKEN_LIFETIME: u64 = 1;
-
-fn openssl(args: &[&str]) {
-    let out = Command::new("openssl")
-        .args(args)
-        .output()
-        .expect("openssl is installed (.ci/run installs it)");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A fresh RSA key pair: (private PKCS#8 PEM, public SPKI PEM).
-fn rsa_key(dir: &Path, name: &str) -> (String, String) {
-    let key = dir.join(format!("{name}.pem"));
-    let public = dir.join(format!("{name}.pub.pem"));
-    openssl(&[
-        "genpkey",
-        "-algorithm",
-        "RSA",
-        "-pkeyopt",
-        "rsa_keygen_bits:2048",
-        "-out",
-        key.to_str().unwrap(),
-    ]);
-    openssl(&[
-        "pkey",
-        "-in",
-        key.to_str().unwrap(),
-        "-pubout",
-        "-out",
-        public.to_str().unwrap(),
-    ]);
-    (
-        std::fs::read_to_string(key).unwrap(),
-        std::fs::read_to_string(public).unwrap(),
-    )
-}
 
 struct TokenEndpoint {
     url: String,
@@ -163,65 +125,22 @@ fn key_file(dir: &Path, private_pem: &str, token_uri: &str) -> PathBuf {
     p
 }
 
-/// A `pubrun serve` child with its log in `dir/serve.log`.
-struct Serve {
-    /// Killed (and waited for) on drop.
-    _child: common::Server,
-    port: u16,
-    dir: PathBuf,
-}
-
-impl Serve {
-    fn start(dir: &Path, port: u16, config: &str, token: Option<&str>) -> Serve {
-        std::fs::create_dir_all(dir).unwrap();
-        let cfg = dir.join("pubrun.toml");
-        std::fs::write(&cfg, config).unwrap();
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(dir.join("serve.log"))
-            .unwrap();
-        let mut cmd = Command::new(BIN);
-        cmd.args([
-            "serve",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--data-dir",
-        ])
-        .arg(dir.join("data"))
-        .arg("--config")
-        .arg(&cfg)
-        .env("PUBRUN_LOG", "info")
-        .env_remove("PUBRUN_TOKEN")
-        .env_remove("PUBRUN_LISTEN")
-        .env_remove("PUBRUN_DATA_DIR")
-        .env_remove("PUBRUN_CONFIG")
-        .env_remove("GOOGLE_APPLICATION_CREDENTIALS")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log);
-        if let Some(t) = token {
-            cmd.args(["--token", t]);
-        }
-        let mut child = common::Server(cmd.spawn().expect("spawn pubrun serve"));
-        let logf = dir.join("serve.log");
-        common::wait_healthy(&mut child.0, port, PATIENCE, || {
-            std::fs::read_to_string(&logf).unwrap_or_default()
-        });
-        Serve {
-            _child: child,
-            port,
-            dir: dir.to_path_buf(),
-        }
+/// A `pubrun serve` with its data, config and log (appended across
+/// restarts) in `dir`.
+fn start_serve(dir: &Path, port: u16, config: &str, token: Option<&str>) -> Serve {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut b = ServeBuilder::new()
+        .dir(dir)
+        .port(port)
+        .config(config)
+        .log_level("info")
+        .patience(PATIENCE)
+        .append_log()
+        .env_remove("GOOGLE_APPLICATION_CREDENTIALS");
+    if let Some(t) = token {
+        b = b.token(t);
     }
-
-    fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("serve.log")).unwrap_or_default()
-    }
+    b.start()
 }
 
 fn google_manifest() -> &'static str {
@@ -362,7 +281,7 @@ impl Google {
 
 async fn local_runs(http: &reqwest::Client, local: &Serve) -> Vec<Value> {
     let r: Value = http
-        .get(format!("{}/api/v1/runs", local.url()))
+        .get(format!("{}/api/v1/runs", local.addr()))
         .send()
         .await
         .unwrap()
@@ -407,7 +326,7 @@ async fn a_key_file_connection_runs_jobs_on_google_resources_end_to_end() {
     let key = key_file(tmp.path(), &private_pem, &tokens.url);
 
     let gport = free_port();
-    let google = Serve::start(
+    let google = start_serve(
         &tmp.path().join("google"),
         gport,
         google_manifest(),
@@ -415,9 +334,9 @@ async fn a_key_file_connection_runs_jobs_on_google_resources_end_to_end() {
     );
     let g = Google {
         http: reqwest::Client::new(),
-        base: google.url(),
+        base: google.addr(),
     };
-    let local = Serve::start(
+    let local = start_serve(
         &tmp.path().join("local"),
         free_port(),
         &local_manifest(&key, gport),
@@ -495,7 +414,7 @@ async fn wrong_credentials_name_the_connection_and_ack_nothing() {
     let key = key_file(tmp.path(), &other_private, &tokens.url);
 
     let gport = free_port();
-    let google = Serve::start(
+    let google = start_serve(
         &tmp.path().join("google"),
         gport,
         google_manifest(),
@@ -503,10 +422,10 @@ async fn wrong_credentials_name_the_connection_and_ack_nothing() {
     );
     let g = Google {
         http: reqwest::Client::new(),
-        base: google.url(),
+        base: google.addr(),
     };
     g.upload("in/data.txt", b"abc").await;
-    let local = Serve::start(
+    let local = start_serve(
         &tmp.path().join("local"),
         free_port(),
         &local_manifest(&key, gport),
@@ -592,12 +511,12 @@ async fn the_google_side_restarting_mid_run_loses_nothing_and_duplicates_nothing
 
     let gport = free_port();
     let gdir = tmp.path().join("google");
-    let mut google = Serve::start(&gdir, gport, google_manifest(), Some(T2));
+    let mut google = start_serve(&gdir, gport, google_manifest(), Some(T2));
     let g = Google {
         http: reqwest::Client::new(),
-        base: google.url(),
+        base: google.addr(),
     };
-    let local = Serve::start(
+    let local = start_serve(
         &tmp.path().join("local"),
         free_port(),
         &local_manifest_with(&key, gport, &script),
@@ -626,10 +545,10 @@ async fn the_google_side_restarting_mid_run_loses_nothing_and_duplicates_nothing
 
     // "Google" goes away mid-run and comes back on the same port and data.
     drop(google);
-    google = Serve::start(&gdir, gport, google_manifest(), Some(T2));
+    google = start_serve(&gdir, gport, google_manifest(), Some(T2));
     let g = Google {
         http: reqwest::Client::new(),
-        base: google.url(),
+        base: google.addr(),
     };
 
     // The intake reconnects: a second upload becomes a second run.
@@ -707,7 +626,7 @@ async fn an_unreachable_endpoint_is_named_and_the_intake_recovers() {
 
     // The local server starts while "Google" is down.
     let gport = free_port();
-    let local = Serve::start(
+    let local = start_serve(
         &tmp.path().join("local"),
         free_port(),
         &local_manifest(&key, gport),
@@ -735,7 +654,7 @@ async fn an_unreachable_endpoint_is_named_and_the_intake_recovers() {
     );
 
     // "Google" comes up: the intake reconnects and the flow works.
-    let google = Serve::start(
+    let google = start_serve(
         &tmp.path().join("google"),
         gport,
         google_manifest(),
@@ -743,7 +662,7 @@ async fn an_unreachable_endpoint_is_named_and_the_intake_recovers() {
     );
     let g = Google {
         http: reqwest::Client::new(),
-        base: google.url(),
+        base: google.addr(),
     };
     let logs = || {
         format!(
@@ -771,7 +690,7 @@ async fn large_inputs_and_outputs_cross_the_connection_intact() {
     let tokens = token_endpoint(public_pem).await;
     let key = key_file(tmp.path(), &private_pem, &tokens.url);
     let gport = free_port();
-    let google = Serve::start(
+    let google = start_serve(
         &tmp.path().join("google"),
         gport,
         google_manifest(),
@@ -779,10 +698,10 @@ async fn large_inputs_and_outputs_cross_the_connection_intact() {
     );
     let g = Google {
         http: reqwest::Client::new(),
-        base: google.url(),
+        base: google.addr(),
     };
     let script = "mkdir -p out && cp in/big.bin out/copy.bin";
-    let local = Serve::start(
+    let local = start_serve(
         &tmp.path().join("local"),
         free_port(),
         &local_manifest_with(&key, gport, script),

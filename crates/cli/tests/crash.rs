@@ -5,7 +5,6 @@ mod common;
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -14,24 +13,14 @@ use pb::publisher_client::PublisherClient;
 use pb::subscriber_client::SubscriberClient;
 use tonic::transport::Channel;
 
-use common::{connect, free_port, Server};
+use common::{connect, Serve, ServeBuilder};
 
-async fn start(data: &Path) -> (Server, Channel) {
-    let port = free_port();
-    let child = Command::new(env!("CARGO_BIN_EXE_pubrun"))
-        .args([
-            "serve",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--data-dir",
-        ])
-        .arg(data)
-        .env("PUBRUN_LOG", "warn")
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("start pubrun");
-    let server = Server(child);
-    (server, connect(port).await)
+/// Spawns a server on `data` and connects (not waiting for health: the
+/// gRPC connect retries).
+async fn start(data: &Path) -> (Serve, Channel) {
+    let server = ServeBuilder::new().data_dir(data).spawn();
+    let ch = connect(server.port()).await;
+    (server, ch)
 }
 
 const TOPIC: &str = "projects/crash/topics/load";
@@ -154,8 +143,8 @@ async fn sigkill_under_load_loses_no_acknowledged_publish() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    server.0.kill().expect("SIGKILL pubrun");
-    server.0.wait().unwrap();
+    server.child().kill().expect("SIGKILL pubrun");
+    server.kill();
     for t in tasks {
         t.await.unwrap();
     }

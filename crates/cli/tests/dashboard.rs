@@ -10,15 +10,14 @@ mod common;
 
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::json;
 
-use common::free_port;
+use common::{free_port, Serve, ServeBuilder, BIN};
 
-const BIN: &str = env!("CARGO_BIN_EXE_pubrun");
 /// Generous: two cores shared with a compiler, a browser and the jobs.
 const PATIENCE: Duration = Duration::from_secs(60);
 /// The script elements a page is allowed to have: the dashboard's own.
@@ -26,70 +25,22 @@ const OWN_SCRIPTS: &str = "return Array.from(document.scripts).filter(s => s.get
 
 // ---------------------------------------------------------------- fixtures
 
-/// A child process killed when dropped (also when a test panics).
-struct Proc(Child);
+// A child process (chromedriver, an agent) killed when dropped.
+use common::Server as Proc;
 
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+fn start(manifest: &str, token: Option<&str>) -> Serve {
+    let mut b = ServeBuilder::new()
+        .config(manifest)
+        .log_level("info")
+        .patience(PATIENCE);
+    if let Some(t) = token {
+        b = b.token(t);
     }
+    b.start()
 }
 
-struct Serve {
-    _child: common::Server,
-    port: u16,
-    dir: tempfile::TempDir,
-}
-
+/// Requests the dashboard tests make of the harness's server.
 impl Serve {
-    fn start(manifest: &str, token: Option<&str>) -> Serve {
-        let dir = tempfile::tempdir().unwrap();
-        let config = dir.path().join("pubrun.toml");
-        std::fs::write(&config, manifest).unwrap();
-        let port = free_port();
-        let log = std::fs::File::create(dir.path().join("serve.log")).unwrap();
-        let mut cmd = Command::new(BIN);
-        cmd.args([
-            "serve",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--data-dir",
-        ])
-        .arg(dir.path().join("data"))
-        .arg("--config")
-        .arg(&config)
-        .env("PUBRUN_LOG", "info")
-        .env_remove("PUBRUN_TOKEN")
-        .env_remove("PUBRUN_LISTEN")
-        .env_remove("PUBRUN_DATA_DIR")
-        .env_remove("PUBRUN_CONFIG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log);
-        if let Some(t) = token {
-            cmd.args(["--token", t]);
-        }
-        let mut child = common::Server(cmd.spawn().expect("spawn pubrun serve"));
-        let log_path = dir.path().join("serve.log");
-        common::wait_healthy(&mut child.0, port, PATIENCE, || {
-            std::fs::read_to_string(&log_path).unwrap_or_default()
-        });
-        Serve {
-            _child: child,
-            port,
-            dir,
-        }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.port)
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("serve.log")).unwrap_or_default()
-    }
-
     /// Publishes one message through the Pub/Sub REST API.
     async fn publish(&self, topic: &str, data: &str, attributes: serde_json::Value) {
         use base64::Engine as _;
@@ -141,24 +92,17 @@ impl Serve {
 /// `chromedriver`, or `None` (skip, with a note) where it or Chromium is not
 /// installed; under `CI=true` a missing browser fails the test instead.
 fn chromedriver() -> Option<PathBuf> {
-    let on_path = |name: &str| {
-        std::env::var_os("PATH").and_then(|paths| {
-            std::env::split_paths(&paths)
-                .map(|d| d.join(name))
-                .find(|p| p.is_file())
-        })
-    };
-    let driver = on_path("chromedriver");
-    let browser = on_path("chromium").or_else(|| on_path("google-chrome"));
-    if driver.is_none() || browser.is_none() {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "chromedriver or chromium is missing: .ci/run installs Debian's chromium and chromium-driver"
-        );
-        eprintln!("skipped: no chromedriver/chromium (apt-get install chromium chromium-driver)");
+    const HINT: &str = ".ci/run installs Debian's chromium and chromium-driver";
+    let driver = pubrun_testkit::require("dashboard", "chromedriver", HINT)?;
+    let on_path = pubrun_testkit::on_path;
+    if on_path("chromium")
+        .or_else(|| on_path("google-chrome"))
+        .is_none()
+    {
+        pubrun_testkit::skip("dashboard", &format!("chromium is not installed ({HINT})"));
         return None;
     }
-    driver
+    Some(driver)
 }
 
 /// A headless Chromium session, with its driver stopped when dropped.
@@ -354,7 +298,7 @@ attributes = { n = "from-schedule" }
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn published_run_appears_and_streams_its_log() {
     let Some(driver) = chromedriver() else { return };
-    let s = Serve::start(JOBS, None);
+    let s = start(JOBS, None);
     let b = browser(&driver).await;
     let hostile = "<script>alert(2)</script>";
     s.publish("work", "payload", json!({ "n": "1", "note": hostile }))
@@ -393,7 +337,7 @@ async fn published_run_appears_and_streams_its_log() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_from_the_ui_cancels_the_run() {
     let Some(driver) = chromedriver() else { return };
-    let s = Serve::start(JOBS, None);
+    let s = start(JOBS, None);
     let b = browser(&driver).await;
     s.publish("slow", "go", json!({})).await;
     let href = b
@@ -420,7 +364,7 @@ async fn cancel_from_the_ui_cancels_the_run() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_object_name_renders_as_text() {
     let Some(driver) = chromedriver() else { return };
-    let s = Serve::start(JOBS, None);
+    let s = start(JOBS, None);
     let b = browser(&driver).await;
     let name = "<script>alert(1)</script>.txt";
     s.upload("files", name, "hello").await;
@@ -467,7 +411,7 @@ async fn hostile_object_name_renders_as_text() {
 async fn token_server_logs_in_with_a_session_cookie() {
     let Some(driver) = chromedriver() else { return };
     let token = "dashboard-test-token-7f3a";
-    let s = Serve::start(JOBS, Some(token));
+    let s = start(JOBS, Some(token));
     let b = browser(&driver).await;
     b.c.goto(&s.url("/")).await.unwrap();
     let field = b.c.find(Locator::Css("input[name=token]")).await.unwrap();
@@ -533,7 +477,7 @@ async fn token_server_logs_in_with_a_session_cookie() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trigger_rerun_and_schedule_buttons_work() {
     let Some(driver) = chromedriver() else { return };
-    let s = Serve::start(JOBS, None);
+    let s = start(JOBS, None);
     let b = browser(&driver).await;
     // Trigger now, with an attribute the job prints.
     b.c.goto(&s.url("/ui/jobs/hello")).await.unwrap();
@@ -621,7 +565,7 @@ async fn trigger_rerun_and_schedule_buttons_work() {
 /// origin: a forged form post is refused and changes nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_posts_are_refused() {
-    let s = Serve::start(JOBS, None);
+    let s = start(JOBS, None);
     let http = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .build()
@@ -732,7 +676,7 @@ impl Serve {
                 ])
                 .args(["--token", t["token"].as_str().unwrap()])
                 .arg("--data-dir")
-                .arg(self.dir.path().join(format!("agent-{name}")))
+                .arg(self.path(&format!("agent-{name}")))
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
@@ -747,7 +691,7 @@ impl Serve {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cordon_and_drain_from_the_pools_page() {
     let Some(driver) = chromedriver() else { return };
-    let s = Serve::start(POOL, None);
+    let s = start(POOL, None);
     let _agent = s.agent("boxes", "box-1").await;
     let b = browser(&driver).await;
     let cordon = "form[action='/ui/machines/box-1/cordon'] button";
@@ -874,7 +818,7 @@ async fn screenshots() {
     let dir = PathBuf::from(dir);
     std::fs::create_dir_all(&dir).unwrap();
     let driver = chromedriver().expect("chromedriver");
-    let s = Serve::start(DEMO, None);
+    let s = start(DEMO, None);
     // An agent joins the `laptops` pool, so the pools page has a machine.
     let _agent = s.agent("laptops", "laptop-anna").await;
     for n in ["cat.png", "dog.png", "fox.png"] {

@@ -5,14 +5,12 @@
 mod common;
 
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::free_port;
+use common::{free_port, Serve, ServeBuilder, BIN};
 use serde_json::Value;
-
-const BIN: &str = env!("CARGO_BIN_EXE_pubrun");
 
 /// Long enough for a slow CI machine; the happy path takes well under a second.
 const PATIENCE: Duration = Duration::from_secs(60);
@@ -56,70 +54,17 @@ process = {{ command = "sh", args = ["-c", "echo one; sleep 2; echo two"] }}
     )
 }
 
-/// A `pubrun serve` child, killed when dropped (also when a test panics).
-struct Server {
-    child: common::Server,
-    port: u16,
-    dir: tempfile::TempDir,
+/// Serves with `pubrun.toml` = [`manifest`] applied at start.
+fn start() -> Serve {
+    ServeBuilder::new()
+        .config(manifest("30s"))
+        .log_level("info")
+        .patience(PATIENCE)
+        .start()
 }
 
-impl Server {
-    /// Serves with `pubrun.toml` = [`manifest`] applied at start.
-    fn start() -> Server {
-        let dir = tempfile::tempdir().unwrap();
-        let config = dir.path().join("pubrun.toml");
-        std::fs::write(&config, manifest("30s")).unwrap();
-        let port = free_port();
-        let log = std::fs::File::create(dir.path().join("serve.log")).unwrap();
-        let child = Command::new(BIN)
-            .args([
-                "serve",
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--data-dir",
-            ])
-            .arg(dir.path().join("data"))
-            .arg("--config")
-            .arg(&config)
-            .env("PUBRUN_LOG", "info")
-            .env_remove("PUBRUN_TOKEN")
-            .env_remove("PUBRUN_LISTEN")
-            .env_remove("PUBRUN_DATA_DIR")
-            .env_remove("PUBRUN_CONFIG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn pubrun serve");
-        let mut server = Server {
-            child: common::Server(child),
-            port,
-            dir,
-        };
-        server.wait_healthy();
-        server
-    }
-
-    fn addr(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    /// What the server logged so far (for failure messages).
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.path("serve.log")).unwrap_or_default()
-    }
-
-    fn wait_healthy(&mut self) {
-        let log = self.path("serve.log");
-        common::wait_healthy(&mut self.child.0, self.port, PATIENCE, || {
-            std::fs::read_to_string(&log).unwrap_or_default()
-        });
-    }
-
+/// Client commands and waits against the harness's server.
+impl Serve {
     fn command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(BIN);
         cmd.args(args)
@@ -314,7 +259,7 @@ fn row<'a>(table: &'a str, first: &str) -> &'a str {
 
 #[test]
 fn a_published_message_runs_the_job_and_its_log_and_exit_are_shown() {
-    let server = Server::start();
+    let server = start();
 
     // Jobs from --config are listed and shown.
     let out = server.ok(&["jobs", "list"]);
@@ -462,7 +407,7 @@ fn a_published_message_runs_the_job_and_its_log_and_exit_are_shown() {
 
 #[test]
 fn cancel_stops_a_long_run_and_logs_follow_returns_when_a_run_ends() {
-    let server = Server::start();
+    let server = start();
 
     // Follow a run from its start to its natural end.
     server.ok(&["publish", "tick", "--data", "go"]);
@@ -554,7 +499,7 @@ fn cancel_stops_a_long_run_and_logs_follow_returns_when_a_run_ends() {
 
 #[test]
 fn apply_prints_the_plan_and_changes_only_without_dry_run() {
-    let server = Server::start();
+    let server = start();
     let same = write(&server.path("same.toml"), &manifest("30s"));
 
     // The manifest served at start: nothing to do.
@@ -675,7 +620,7 @@ fn apply_prints_the_plan_and_changes_only_without_dry_run() {
 
 #[test]
 fn unknown_runs_and_jobs_are_errors_with_exit_code_1() {
-    let server = Server::start();
+    let server = start();
     for (args, code) in [
         (&["runs", "show", "999"][..], "NOT_FOUND"),
         (&["runs", "cancel", "999"], "NOT_FOUND"),
@@ -759,7 +704,7 @@ fn serve_with_an_invalid_config_exits_1_naming_file_and_line() {
 
 #[test]
 fn the_plan_warns_about_lost_messages_and_jobs_that_cannot_use_their_pool() {
-    let server = Server::start();
+    let server = start();
     let first = write(
         &server.path("first.toml"),
         r#"
@@ -833,7 +778,7 @@ process = { command = "true" }
 
 #[test]
 fn logs_end_with_a_newline_and_say_why_a_run_that_never_started_ended() {
-    let server = Server::start();
+    let server = start();
     let m = write(
         &server.path("papercuts.toml"),
         r#"

@@ -5,50 +5,19 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::time::Duration;
 
-const BIN: &str = env!("CARGO_BIN_EXE_pubrun");
+use common::{Serve, ServeBuilder, BIN};
+
 /// Above the 8 MiB resumable threshold and spanning three 8 MiB chunks.
 const BIG: usize = 20 * 1024 * 1024 + 12345;
 
-struct Server {
-    _child: common::Server,
-    port: u16,
-    dir: tempfile::TempDir,
-}
-
-impl Server {
-    fn start() -> Server {
-        let dir = tempfile::tempdir().unwrap();
-        let port = common::free_port();
-        let mut child = Command::new(BIN)
-            .args([
-                "serve",
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--data-dir",
-            ])
-            .arg(dir.path().join("data"))
-            .env("PUBRUN_LOG", "warn")
-            .env_remove("PUBRUN_TOKEN")
-            .env_remove("PUBRUN_TOKEN_FILE")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("spawn pubrun serve");
-        common::wait_healthy(&mut child, port, Duration::from_secs(60), String::new);
-        Server {
-            _child: common::Server(child),
-            port,
-            dir,
-        }
-    }
-
+/// Client commands against the harness's server, with their own state dir.
+impl Serve {
     fn cmd(&self, args: &[&str]) -> Command {
         let mut c = Command::new(BIN);
         c.args(args)
-            .env("PUBRUN_ADDR", format!("http://127.0.0.1:{}", self.port))
-            .env("PUBRUN_STATE_DIR", self.dir.path().join("state"))
+            .env("PUBRUN_ADDR", self.addr())
+            .env("PUBRUN_STATE_DIR", self.path("state"))
             .env_remove("PUBRUN_TOKEN")
             .env_remove("PUBRUN_CP_TEST_STOP_AFTER_CHUNKS")
             .stdin(Stdio::null());
@@ -122,7 +91,7 @@ fn files(root: &Path) -> Vec<(PathBuf, Vec<u8>)> {
 
 #[test]
 fn directory_round_trip_cat_and_rm() {
-    let s = Server::start();
+    let s = ServeBuilder::new().start();
     let work = tempfile::tempdir().unwrap();
     s.ok(&["buckets", "create", "bkt"]);
 
@@ -251,7 +220,7 @@ fn crc_b64(data: &[u8]) -> String {
 
 #[test]
 fn an_interrupted_large_upload_resumes_where_it_stopped() {
-    let s = Server::start();
+    let s = ServeBuilder::new().start();
     let work = tempfile::tempdir().unwrap();
     s.ok(&["buckets", "create", "bkt"]);
     let src = work.path().join("big.bin");
@@ -298,7 +267,7 @@ fn an_interrupted_large_upload_resumes_where_it_stopped() {
 
 #[test]
 fn a_vanished_upload_session_starts_over() {
-    let s = Server::start();
+    let s = ServeBuilder::new().start();
     let work = tempfile::tempdir().unwrap();
     s.ok(&["buckets", "create", "bkt"]);
     let src = work.path().join("big.bin");
@@ -311,11 +280,11 @@ fn a_vanished_upload_session_starts_over() {
     assert_eq!(out.status.code(), Some(3));
 
     // Cancel the session behind the CLI's back (as expiry would).
-    let trackers = files(&s.dir.path().join("state/uploads"));
+    let trackers = files(&s.dir().join("state/uploads"));
     assert_eq!(trackers.len(), 1, "one tracker file");
     let t: serde_json::Value = serde_json::from_slice(&trackers[0].1).unwrap();
     let session = t["session"].as_str().unwrap();
-    let mut sock = std::net::TcpStream::connect(("127.0.0.1", s.port)).unwrap();
+    let mut sock = std::net::TcpStream::connect(("127.0.0.1", s.port())).unwrap();
     use std::io::{Read, Write};
     write!(
         sock,
@@ -347,7 +316,7 @@ fn a_vanished_upload_session_starts_over() {
 
 #[test]
 fn a_corrupted_download_is_detected_and_not_written() {
-    let s = Server::start();
+    let s = ServeBuilder::new().start();
     let work = tempfile::tempdir().unwrap();
     s.ok(&["buckets", "create", "bkt"]);
     let content = noise(4096, 3);
@@ -356,10 +325,10 @@ fn a_corrupted_download_is_detected_and_not_written() {
     s.ok(&["objects", "cp", src.to_str().unwrap(), "gs://bkt/f.bin"]);
 
     // Flip a byte of the stored blob behind the server's back (disk rot).
-    let blob = files(&s.dir.path().join("data"))
+    let blob = files(&s.dir().join("data"))
         .into_iter()
         .find(|(_, data)| *data == content)
-        .map(|(p, _)| s.dir.path().join("data").join(p))
+        .map(|(p, _)| s.dir().join("data").join(p))
         .expect("the object's blob in the data dir");
     let mut perms = std::fs::metadata(&blob).unwrap().permissions();
     #[allow(clippy::permissions_set_readonly_false)]
@@ -386,7 +355,7 @@ fn a_corrupted_download_is_detected_and_not_written() {
 
 #[test]
 fn a_missing_bucket_is_a_clear_error() {
-    let s = Server::start();
+    let s = ServeBuilder::new().start();
     let work = tempfile::tempdir().unwrap();
     let src = work.path().join("f.txt");
     write(&src, b"x");

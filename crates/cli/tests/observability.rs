@@ -5,16 +5,13 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use common::free_port;
+use common::{Serve, ServeBuilder};
 use prometheus_parse::{Scrape, Value};
 use serde_json::{json, Value as Json};
 
-const BIN: &str = env!("CARGO_BIN_EXE_pubrun");
 const PATIENCE: Duration = Duration::from_secs(60);
 const TOKEN: &str = "server-token-7f3a9c2e51";
 const METRICS_TOKEN: &str = "scrape-token-0b8d4e6a19";
@@ -43,68 +40,35 @@ retries = { max_attempts = 1 }
 secrets = { API_KEY = { env = "OBS_TEST_SECRET" } }
 "#;
 
+/// The harness's server and one HTTP client for all requests.
 struct Server {
-    _child: common::Server,
-    port: u16,
-    dir: tempfile::TempDir,
+    serve: Serve,
     http: reqwest::Client,
+}
+
+impl std::ops::Deref for Server {
+    type Target = Serve;
+    fn deref(&self) -> &Serve {
+        &self.serve
+    }
 }
 
 impl Server {
     fn start() -> Server {
-        let dir = tempfile::tempdir().unwrap();
-        let config = dir.path().join("pubrun.toml");
-        std::fs::write(&config, MANIFEST).unwrap();
-        let port = free_port();
-        let log = std::fs::File::create(dir.path().join("serve.log")).unwrap();
-        let child = Command::new(BIN)
-            .args([
-                "serve",
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--data-dir",
-            ])
-            .arg(dir.path().join("data"))
-            .arg("--config")
-            .arg(&config)
+        let serve = ServeBuilder::new()
+            .config(MANIFEST)
             .args(["--log-format", "json"])
             .env("PUBRUN_TOKEN", TOKEN)
             .env("PUBRUN_METRICS_TOKEN", METRICS_TOKEN)
             .env("OBS_TEST_SECRET", SECRET)
             // Debug too: access logs must not leak either.
-            .env("PUBRUN_LOG", "debug")
-            .env_remove("PUBRUN_LOG_FORMAT")
-            .env_remove("PUBRUN_LISTEN")
-            .env_remove("PUBRUN_DATA_DIR")
-            .env_remove("PUBRUN_CONFIG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn pubrun serve");
-        let mut child = common::Server(child);
-        let log_path = dir.path().join("serve.log");
-        common::wait_healthy(&mut child.0, port, PATIENCE, || {
-            std::fs::read_to_string(&log_path).unwrap_or_default()
-        });
+            .log_level("debug")
+            .patience(PATIENCE)
+            .start();
         Server {
-            _child: child,
-            port,
-            dir,
+            serve,
             http: reqwest::Client::new(),
         }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.port)
-    }
-
-    fn log_path(&self) -> PathBuf {
-        self.dir.path().join("serve.log")
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.log_path()).unwrap_or_default()
     }
 
     async fn post(&self, path: &str, body: Json) -> Json {

@@ -5,7 +5,6 @@
 mod common;
 
 use std::process::{Command, Output, Stdio};
-use std::time::Duration;
 
 const BIN: &str = env!("CARGO_BIN_EXE_pubrun");
 const ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
@@ -150,27 +149,15 @@ fn healthcheck_and_token_file() {
         "{agent:?}"
     );
 
-    let mut child = Command::new(BIN)
-        .args([
-            "serve",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--data-dir",
-        ])
-        .arg(dir.path().join("data"))
+    let _server = common::ServeBuilder::new()
+        .dir(dir.path())
+        .port(port)
         .arg("--token-file")
         .arg(&token)
         // The manifest install.sh puts in /etc/pubrun applies cleanly.
         .arg("--config")
         .arg(format!("{ROOT}/examples/systemd/pubrun.toml"))
-        .env("PUBRUN_LOG", "warn")
-        .env_remove("PUBRUN_TOKEN")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    common::wait_healthy(&mut child, port, Duration::from_secs(60), String::new);
-    let _server = common::Server(child);
+        .start();
 
     assert_eq!(stdout_ok(&["healthcheck", "--addr", &addr]).trim(), "ok");
     let no = pubrun(&["topics", "list", "--addr", &addr]);

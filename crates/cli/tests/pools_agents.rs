@@ -17,7 +17,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_pubrun");
+use common::{Serve, ServeBuilder, BIN};
+
 const PATIENCE: Duration = Duration::from_secs(120);
 const TOKEN: &str = "crew-token-for-tests";
 
@@ -45,9 +46,7 @@ retries = { max_attempts = 1, initial_backoff = "1s", max_backoff = "2s" }
 }
 
 struct Env {
-    dir: tempfile::TempDir,
-    port: u16,
-    server: Option<common::Server>,
+    server: Serve,
     agents: Vec<(String, Child)>,
 }
 
@@ -67,52 +66,30 @@ impl Drop for Env {
 
 impl Env {
     fn new() -> Env {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("pubrun.toml"), manifest()).unwrap();
-        let mut env = Env {
-            dir,
-            port: common::free_port(),
-            server: None,
+        let server = ServeBuilder::new()
+            .config(manifest())
+            .env("CREW_TOKEN", TOKEN)
+            .log_level("info")
+            .patience(PATIENCE)
+            .start();
+        Env {
+            server,
             agents: Vec::new(),
-        };
-        env.start_server();
-        env
+        }
     }
 
     fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
+        self.server.path(name)
     }
 
+    /// Starts the server again on the same port and data.
     fn start_server(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.path("serve.log"))
-            .unwrap();
-        let child = Command::new(BIN)
-            .args(["serve", "--listen", &format!("127.0.0.1:{}", self.port)])
-            .arg("--data-dir")
-            .arg(self.path("data"))
-            .arg("--config")
-            .arg(self.path("pubrun.toml"))
-            .env("CREW_TOKEN", TOKEN)
-            .env("PUBRUN_LOG", "info")
-            .env_remove("PUBRUN_TOKEN")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn pubrun serve");
-        let mut server = common::Server(child);
-        let log_path = self.path("serve.log");
-        common::wait_healthy(&mut server.0, self.port, PATIENCE, || {
-            std::fs::read_to_string(&log_path).unwrap_or_default()
-        });
-        self.server = Some(server);
+        self.server.respawn();
+        self.server.wait_healthy();
     }
 
     fn kill_server(&mut self) {
-        self.server.take();
+        self.server.kill();
     }
 
     fn start_agent(&mut self, name: &str) {
@@ -121,7 +98,7 @@ impl Env {
             .args([
                 "agent",
                 "--server",
-                &format!("http://127.0.0.1:{}", self.port),
+                &format!("http://127.0.0.1:{}", self.server.port()),
             ])
             .args(["--pool", "crew", "--name", name, "--slots", "1"])
             .arg("--data-dir")
@@ -152,7 +129,10 @@ impl Env {
     fn cli(&self, args: &[&str]) -> String {
         let out = Command::new(BIN)
             .args(args)
-            .env("PUBRUN_ADDR", format!("http://127.0.0.1:{}", self.port))
+            .env(
+                "PUBRUN_ADDR",
+                format!("http://127.0.0.1:{}", self.server.port()),
+            )
             .env_remove("PUBRUN_TOKEN")
             .env_remove("PUBRUN_PROJECT")
             .output()
@@ -175,25 +155,14 @@ impl Env {
 
     /// GET on the admin API (no server token in these tests).
     fn get(&self, path: &str) -> Value {
-        let url = format!("http://127.0.0.1:{}{path}", self.port);
+        let url = self.server.url(path);
         let body = common_http_get(&url);
         serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET {path}: {e}: {body}"))
     }
 
     /// Polls `probe` until it returns Some, for up to PATIENCE.
-    fn wait<T>(&self, what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            if let Some(v) = probe() {
-                return v;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{what}: not within {PATIENCE:?}\n{}",
-                self.logs()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+    fn wait<T>(&self, what: &str, probe: impl FnMut() -> Option<T>) -> T {
+        pubrun_testkit::wait_until(what, PATIENCE, probe, || self.logs())
     }
 
     fn publish(&self, secs: u32) -> String {

@@ -5,14 +5,11 @@
 
 mod common;
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::free_port;
+use common::{Serve, ServeBuilder, Server, BIN};
 use serde_json::Value;
-
-const BIN: &str = env!("CARGO_BIN_EXE_pubrun");
 
 /// Long enough for a slow, busy CI machine; the happy path takes seconds.
 const PATIENCE: Duration = Duration::from_secs(90);
@@ -36,69 +33,16 @@ pool = "laptops"
 process = { command = "sh", args = ["-c", "echo hi from $PUBRUN_JOB; sleep 1"] }
 "#;
 
-/// A child process killed (and reaped) when dropped, also when a test panics.
-struct Guard(Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+fn start() -> Serve {
+    ServeBuilder::new()
+        .config(MANIFEST)
+        .log_level("info")
+        .patience(PATIENCE)
+        .start()
 }
 
-struct Server {
-    child: common::Server,
-    port: u16,
-    dir: tempfile::TempDir,
-}
-
-impl Server {
-    fn start() -> Server {
-        let dir = tempfile::tempdir().unwrap();
-        let config = dir.path().join("pubrun.toml");
-        std::fs::write(&config, MANIFEST).unwrap();
-        let port = free_port();
-        let log = std::fs::File::create(dir.path().join("serve.log")).unwrap();
-        let child = Command::new(BIN)
-            .args([
-                "serve",
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--data-dir",
-            ])
-            .arg(dir.path().join("data"))
-            .arg("--config")
-            .arg(&config)
-            .env("PUBRUN_LOG", "info")
-            .env_remove("PUBRUN_TOKEN")
-            .env_remove("PUBRUN_LISTEN")
-            .env_remove("PUBRUN_DATA_DIR")
-            .env_remove("PUBRUN_CONFIG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn pubrun serve");
-        let mut server = Server {
-            child: common::Server(child),
-            port,
-            dir,
-        };
-        let log = server.path("serve.log");
-        common::wait_healthy(&mut server.child.0, port, PATIENCE, || {
-            std::fs::read_to_string(&log).unwrap_or_default()
-        });
-        server
-    }
-
-    fn addr(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
+/// Client commands and waits against the harness's server.
+impl Serve {
     /// What the server and the agent logged so far (for failure messages).
     fn logs(&self) -> String {
         format!(
@@ -213,7 +157,7 @@ fn line_of<'a>(table: &'a str, first: &str) -> &'a str {
 
 #[test]
 fn agent_joins_runs_a_job_and_is_cordoned_and_costed() {
-    let s = Server::start();
+    let s = start();
 
     // The pool as declared, before anything joined.
     let pools = s.json(&["pools"]);
@@ -252,7 +196,7 @@ fn agent_joins_runs_a_job_and_is_cordoned_and_costed() {
 
     // A real agent joins with that token.
     let agent_log = std::fs::File::create(s.path("agent.log")).unwrap();
-    let _agent = Guard(
+    let _agent = Server(
         Command::new(BIN)
             .args([
                 "agent",
@@ -405,7 +349,7 @@ fn agent_joins_runs_a_job_and_is_cordoned_and_costed() {
 /// A run that waits for a pool machine says so, not "starting".
 #[test]
 fn a_run_waiting_for_a_pool_machine_is_shown_as_such() {
-    let s = Server::start();
+    let s = start();
     s.ok(&["publish", "work", "--data", "x"]);
     let runs = s.wait_json(&["runs"], "a run waiting for a machine", |v| {
         v["runs"]

@@ -8,13 +8,12 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use pubrun_store::testing::TempPostgres;
 use serde_json::{json, Value};
 
-use common::{free_port, wait_answered_by, wait_healthy, Server};
+use common::{free_port, wait_answered_by, Serve, ServeBuilder};
 
 const MANIFEST: &str = r#"project = "demo"
 
@@ -25,23 +24,16 @@ lease_timeout = "60s"
 price_per_hour = 3.6
 "#;
 
-fn start(url: &str, node: &str, dir: &Path, port: u16, config: Option<&Path>) -> Server {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pubrun"));
-    cmd.args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-        .arg("--data-dir")
-        .arg(dir.join(format!("data-{node}")))
-        .args(["--store", url, "--node-name", node])
-        .env("PUBRUN_LEASE_TTL_MS", "2000")
-        .env("PUBRUN_LOG", "info")
-        .env_remove("PUBRUN_TOKEN")
-        .env_remove("PUBRUN_CONFIG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.join(format!("{node}.log"))).unwrap());
+fn start(url: &str, node: &str, dir: &Path, port: u16, config: Option<&Path>) -> Serve {
+    let mut b = ServeBuilder::cluster(url, node, Duration::from_millis(2000))
+        .dir(dir)
+        .log_name(&format!("{node}.log"))
+        .data_dir(dir.join(format!("data-{node}")))
+        .port(port);
     if let Some(c) = config {
-        cmd.arg("--config").arg(c);
+        b = b.arg("--config").arg(c);
     }
-    Server(cmd.spawn().expect("start pubrun"))
+    b.spawn()
 }
 
 async fn get(port: u16, path: &str) -> Value {
@@ -64,7 +56,7 @@ async fn pools_machines_and_cost_survive_kill_9_of_the_owner() {
 
     let port_a = free_port();
     let mut a = start(&pg.url(), "a", dir.path(), port_a, Some(&config));
-    wait_healthy(&mut a.0, port_a, Duration::from_secs(60), || read("a"));
+    a.wait_healthy();
     let token = get(port_a, "/api/v1/pools/laptops/token").await["token"]
         .as_str()
         .unwrap()
@@ -85,10 +77,10 @@ async fn pools_machines_and_cost_survive_kill_9_of_the_owner() {
     let mut b = start(&pg.url(), "b", dir.path(), port_b, None);
     // B is a standby: calls through it are answered by A.
     wait_answered_by(port_b, "a", Duration::from_secs(60), || read("b"));
-    a.0.kill().expect("SIGKILL A");
-    let _ = a.0.wait();
+    a.child().kill().expect("SIGKILL A");
+    let _ = a.child().wait();
     wait_answered_by(port_b, "b", Duration::from_secs(60), || read("b"));
-    assert!(b.0.try_wait().unwrap().is_none(), "{}", read("b"));
+    assert!(b.child().try_wait().unwrap().is_none(), "{}", read("b"));
 
     // B has the pool with the same token (a joined agent keeps working),
     // the machine and its cost, all from PostgreSQL.

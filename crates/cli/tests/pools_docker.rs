@@ -47,14 +47,6 @@ const SERVER_TOKEN: &str = "server-token-pools-docker";
 const POOL_TOKEN: &str = "pool-token-pools-docker";
 const POOL_LABEL: &str = "pubrun.pool";
 
-fn ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true")
-}
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
 fn sh(cmd: &str, args: &[&str]) -> (bool, String) {
     match Command::new(cmd).args(args).stdin(Stdio::null()).output() {
         Ok(o) => (
@@ -77,35 +69,19 @@ fn docker(args: &[&str]) -> (bool, String) {
 /// busybox job image exists; otherwise SKIPPED (a failure under CI=true).
 /// Also serializes the tests (see the module doc).
 fn ready(test: &str) -> Option<MutexGuard<'static, ()>> {
-    static READY: OnceLock<Result<(), (bool, String)>> = OnceLock::new();
+    if !pubrun_testkit::require_docker(test) {
+        return None;
+    }
+    static READY: OnceLock<Result<(), String>> = OnceLock::new();
     static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
     let ready = READY.get_or_init(|| {
-        let (ok, out) = docker(&["version", "--format", "{{.Server.Version}}"]);
-        if !ok {
-            return Err((
-                true,
-                format!("no Docker engine answers (`docker version`): {out}"),
-            ));
-        }
-        let agent = repo().join("scripts/agent-image.sh");
-        let (ok, out) = sh("bash", &[agent.to_str().unwrap(), BIN, AGENT_IMAGE]);
-        if !ok {
-            return Err((false, format!("{} failed:\n{out}", agent.display())));
-        }
-        let jobs = repo().join("scripts/docker-test-image.sh");
-        let (ok, out) = sh("bash", &[jobs.to_str().unwrap()]);
-        if !ok {
-            return Err((false, format!("{} failed:\n{out}", jobs.display())));
-        }
+        pubrun_testkit::run_script("agent-image.sh", &[BIN, AGENT_IMAGE])?;
+        pubrun_testkit::run_script("docker-test-image.sh", &[])?;
         Ok(())
     });
     match ready {
         Ok(()) => Some(ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner())),
-        Err((true, why)) if !ci() => {
-            eprintln!("SKIPPED {test}: {why}");
-            None
-        }
-        Err((_, why)) => panic!("{test}: {why}"),
+        Err(why) => panic!("{test}: {why}"),
     }
 }
 

@@ -11,14 +11,14 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use pubrun_pools::provider::gce_fake::{FakeGce, FakeGceConfig};
 use serde_json::{json, Value};
 
-const BIN: &str = env!("CARGO_BIN_EXE_pubrun");
+use common::{Serve, ServeBuilder, BIN};
+
 /// Generous: the happy path takes seconds, but the machine is shared.
 const PATIENCE: Duration = Duration::from_secs(90);
 const PROJECT: &str = "demo-gce";
@@ -57,9 +57,8 @@ macro_rules! wait_until {
 struct Env {
     // Dropped in this order: the server first, then the fake (which kills
     // the agents it started), then the directory.
-    _server: common::Server,
+    server: Serve,
     fake: FakeGce,
-    port: u16,
     dir: tempfile::TempDir,
     http: reqwest::Client,
 }
@@ -110,41 +109,24 @@ impl Env {
         .unwrap();
 
         let port = common::free_port();
-        let config = dir.path().join("pubrun.toml");
         let m = manifest(pool, port, &fake.api_base())
             .replace("when_idle = \"stop\"\n", pool_extra)
             .replace(
                 "echo crunched {{ attributes.n }}",
                 &script.replace('"', "\\\""),
             );
-        std::fs::write(&config, m).unwrap();
-        let log = std::fs::File::create(dir.path().join("serve.log")).unwrap();
-        let mut child = Command::new(BIN)
-            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-            .arg("--data-dir")
-            .arg(dir.path().join("data"))
-            .arg("--config")
-            .arg(&config)
-            .env("PUBRUN_LOG", "info")
+        let server = ServeBuilder::new()
+            .dir(dir.path())
+            .port(port)
+            .config(m)
+            .log_level("info")
             .env(GCE_TOKEN_ENV, GCE_TOKEN)
             .env(POOL_TOKEN_ENV, POOL_TOKEN)
-            .env_remove("PUBRUN_TOKEN")
-            .env_remove("PUBRUN_LISTEN")
-            .env_remove("PUBRUN_DATA_DIR")
-            .env_remove("PUBRUN_CONFIG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn pubrun serve");
-        let serve_log = dir.path().join("serve.log");
-        common::wait_healthy(&mut child, port, PATIENCE, || {
-            std::fs::read_to_string(&serve_log).unwrap_or_default()
-        });
+            .patience(PATIENCE)
+            .start();
         Env {
-            _server: common::Server(child),
+            server,
             fake,
-            port,
             dir,
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(30))
@@ -154,15 +136,12 @@ impl Env {
     }
 
     fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.port)
+        self.server.url(path)
     }
 
     /// The server's log and every agent's, for failure messages.
     fn logs(&self) -> String {
-        let mut out = format!(
-            "--- server log ---\n{}",
-            std::fs::read_to_string(self.dir.path().join("serve.log")).unwrap_or_default()
-        );
+        let mut out = format!("--- server log ---\n{}", self.server.log());
         let mut files: Vec<PathBuf> = std::fs::read_dir(self.dir.path().join("agents"))
             .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
             .unwrap_or_default();
@@ -358,7 +337,7 @@ async fn gce_pool_starts_runs_stops_and_restarts_an_instance() {
     );
     assert_eq!(body["labels"]["pubrun-pool"], "gpu", "{body:#}");
     assert_eq!(body["labels"]["pubrun-machine"], name, "{body:#}");
-    let server_url = format!("http://127.0.0.1:{}", env.port);
+    let server_url = env.server.addr();
     assert_eq!(item(body, "pubrun-server"), Some(server_url), "{body:#}");
     assert_eq!(item(body, "pubrun-pool").as_deref(), Some("gpu"));
     assert_eq!(item(body, "pubrun-name").as_deref(), Some(name));

@@ -1,24 +1,12 @@
 //! Schedules and webhooks declared in a manifest, driven through the CLI and
 //! plain HTTP against the real binary.
 
-use std::net::TcpListener;
-use std::process::{Child, Command, Output, Stdio};
+mod common;
+
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_pubrun");
-
-struct Server {
-    child: Child,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use common::{Serve, ServeBuilder, BIN};
 
 const MANIFEST: &str = r#"
 project = "demo"
@@ -43,55 +31,21 @@ name = "input"
 notifications = [{ topic = "imports", event_types = ["OBJECT_FINALIZE"], object_name_prefix = "csv/" }]
 "#;
 
-fn start() -> Server {
+fn start() -> Serve {
     start_with(MANIFEST)
 }
 
-fn start_with(manifest_text: &str) -> Server {
-    let dir = tempfile::tempdir().unwrap();
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let manifest = dir.path().join("pubrun.toml");
-    std::fs::write(&manifest, manifest_text).unwrap();
-    let child = Command::new(BIN)
-        .args([
-            "serve",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--data-dir",
-        ])
-        .arg(dir.path().join("data"))
-        .arg("--config")
-        .arg(&manifest)
-        .env("PUBRUN_LOG", "warn")
+fn start_with(manifest_text: &str) -> Serve {
+    ServeBuilder::new()
+        .config(manifest_text)
         .env("TEST_HOOK_SECRET", "s3cret-hook")
-        .env_remove("PUBRUN_TOKEN")
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let server = Server {
-        child,
-        port,
-        _dir: dir,
-    };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "pubrun did not listen within 60 s"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    server
+        .start()
 }
 
-fn cli(server: &Server, args: &[&str]) -> Output {
+fn cli(server: &Serve, args: &[&str]) -> Output {
     Command::new(BIN)
         .args(args)
-        .args(["--addr", &format!("127.0.0.1:{}", server.port)])
+        .args(["--addr", &format!("127.0.0.1:{}", server.port())])
         .env_remove("PUBRUN_TOKEN")
         .env_remove("PUBRUN_PROJECT")
         .output()
@@ -141,7 +95,7 @@ fn schedules_list_pause_resume_run_now() {
 async fn webhook_checks_the_signature_and_publishes_the_body() {
     let s = start();
     let http = reqwest::Client::builder().no_proxy().build().unwrap();
-    let url = format!("http://127.0.0.1:{}/hooks/start-import", s.port);
+    let url = format!("http://127.0.0.1:{}/hooks/start-import", s.port());
     let body = r#"{"ref": "main"}"#;
     let bad = http
         .post(&url)
@@ -196,7 +150,7 @@ async fn declared_buckets_notify_their_topic_and_reapply_is_unchanged() {
     let http = reqwest::Client::builder().no_proxy().build().unwrap();
     let url = format!(
         "http://127.0.0.1:{}/upload/storage/v1/b/input/o?uploadType=media&name=csv/a.csv",
-        s.port
+        s.port()
     );
     let up = http.post(&url).body("x,y\n1,2\n").send().await.unwrap();
     assert_eq!(up.status(), 200);

@@ -3,32 +3,9 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::{Command, Output, Stdio};
-use std::time::Duration;
+use std::process::{Command, Output};
 
-const BIN: &str = env!("CARGO_BIN_EXE_pubrun");
-
-fn serve(data: &Path, port: u16) -> common::Server {
-    let mut child = Command::new(BIN)
-        .args([
-            "serve",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--data-dir",
-        ])
-        .arg(data)
-        .env("PUBRUN_LOG", "warn")
-        .env_remove("PUBRUN_TOKEN")
-        .env_remove("PUBRUN_LISTEN")
-        .env_remove("PUBRUN_DATA_DIR")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("spawn pubrun serve");
-    common::wait_healthy(&mut child, port, Duration::from_secs(60), String::new);
-    common::Server(child)
-}
+use common::{ServeBuilder, BIN};
 
 fn run(port: u16, args: &[&str]) -> Output {
     Command::new(BIN)
@@ -98,10 +75,8 @@ fn base64_decode(s: &str) -> Vec<u8> {
 
 #[test]
 fn snapshots_and_seek_through_the_cli_survive_a_restart() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let port = common::free_port();
-    let server = serve(&data, port);
+    let mut server = ServeBuilder::new().start();
+    let port = server.port();
 
     ok(port, &["topics", "create", "events"]);
     ok(
@@ -155,8 +130,7 @@ fn snapshots_and_seek_through_the_cli_survive_a_restart() {
     assert!(v["expireTime"].as_str().is_some_and(|t| t.ends_with('Z')));
 
     // Restart on the same data directory: the snapshot and its messages stay.
-    drop(server);
-    let server = serve(&data, port);
+    server.restart();
     assert!(
         pull(port, "events-sub").is_empty(),
         "acks survive the restart"

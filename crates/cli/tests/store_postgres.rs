@@ -10,7 +10,6 @@ mod common;
 
 use std::collections::HashSet;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use googleapis_tonic_google_pubsub_v1::google::pubsub::v1 as pb;
@@ -18,25 +17,18 @@ use pb::publisher_client::PublisherClient;
 use pb::subscriber_client::SubscriberClient;
 use pubrun_store::testing::TempPostgres;
 
-use common::{answering_node, connect, free_port, wait_answered_by, wait_healthy, Server};
+use common::{answering_node, connect, free_port, wait_answered_by, Serve, ServeBuilder};
 
 const TOPIC: &str = "projects/cluster/topics/events";
 const SUB: &str = "projects/cluster/subscriptions/events-sub";
 const LEASE_TTL: Duration = Duration::from_secs(2);
 
-fn start(url: &str, node: &str, data: &Path, port: u16, log: &Path) -> Server {
-    let child = Command::new(env!("CARGO_BIN_EXE_pubrun"))
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-        .arg("--data-dir")
-        .arg(data)
-        .args(["--store", url, "--node-name", node])
-        .env("PUBRUN_LEASE_TTL_MS", LEASE_TTL.as_millis().to_string())
-        .env("PUBRUN_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log).unwrap())
+fn start(url: &str, node: &str, data: &Path, port: u16, log: &Path) -> Serve {
+    ServeBuilder::cluster(url, node, LEASE_TTL)
+        .data_dir(data)
+        .port(port)
+        .log_file(log)
         .spawn()
-        .expect("start pubrun");
-    Server(child)
 }
 
 #[allow(deprecated)]
@@ -65,7 +57,7 @@ async fn standby_takes_over_after_kill_9_and_delivers_exactly_the_unacked() {
 
     let port_a = free_port();
     let mut a = start(&pg.url(), "a", &data_a, port_a, &log_a);
-    wait_healthy(&mut a.0, port_a, Duration::from_secs(60), || read(&log_a));
+    a.wait_healthy();
     let ch = connect(port_a).await;
     let mut publisher = PublisherClient::new(ch.clone());
     let mut sub = SubscriberClient::new(ch);
@@ -126,7 +118,7 @@ async fn standby_takes_over_after_kill_9_and_delivers_exactly_the_unacked() {
     let mut forwarded = false;
     while Instant::now() < until {
         assert!(
-            b.0.try_wait().unwrap().is_none(),
+            b.child().try_wait().unwrap().is_none(),
             "standby exited:\n{}",
             read(&log_b)
         );
@@ -146,8 +138,8 @@ async fn standby_takes_over_after_kill_9_and_delivers_exactly_the_unacked() {
         read(&log_b)
     );
 
-    a.0.kill().expect("SIGKILL A");
-    a.0.wait().unwrap();
+    a.child().kill().expect("SIGKILL A");
+    a.child().wait().unwrap();
     let killed = Instant::now();
     wait_answered_by(port_b, "b", Duration::from_secs(60), || read(&log_b));
     let took = killed.elapsed();
@@ -180,23 +172,7 @@ async fn standby_takes_over_after_kill_9_and_delivers_exactly_the_unacked() {
 
 /// Runs `pubrun ARGS --json` against `port`; panics with `log()` on failure.
 fn cli_json(port: u16, args: &[&str], log: impl Fn() -> String) -> serde_json::Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_pubrun"))
-        .args(args)
-        .arg("--json")
-        .env("PUBRUN_ADDR", format!("http://127.0.0.1:{port}"))
-        .env_remove("PUBRUN_TOKEN")
-        .env_remove("PUBRUN_PROJECT")
-        .stdin(Stdio::null())
-        .output()
-        .expect("spawn pubrun");
-    assert!(
-        out.status.success(),
-        "`pubrun {}` failed: {}\n--- server log ---\n{}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr),
-        log()
-    );
-    serde_json::from_slice(&out.stdout).expect("JSON output")
+    common::cli_json(port, None, args, log)
 }
 
 /// Polls `pubrun runs show ID` on `port` until `pred` holds (generous
@@ -287,23 +263,14 @@ process = {{ command = "sh", args = ["-c", "if [ -e {marker} ]; then echo second
     .unwrap();
 
     let port_a = free_port();
-    let mut a = {
-        let child = Command::new(env!("CARGO_BIN_EXE_pubrun"))
-            .args(["serve", "--listen", &format!("127.0.0.1:{port_a}")])
-            .arg("--data-dir")
-            .arg(&data_a)
-            .arg("--config")
-            .arg(&config)
-            .args(["--store", &pg.url(), "--node-name", "a"])
-            .env("PUBRUN_LEASE_TTL_MS", LEASE_TTL.as_millis().to_string())
-            .env("PUBRUN_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log_a).unwrap())
-            .spawn()
-            .expect("start pubrun");
-        common::Server(child)
-    };
-    wait_healthy(&mut a.0, port_a, Duration::from_secs(60), || read(&log_a));
+    let mut a = ServeBuilder::cluster(&pg.url(), "a", LEASE_TTL)
+        .data_dir(&data_a)
+        .arg("--config")
+        .arg(&config)
+        .port(port_a)
+        .log_file(&log_a)
+        .spawn();
+    a.wait_healthy();
     let la = || read(&log_a);
 
     let mut quick = Vec::new();
@@ -329,7 +296,7 @@ process = {{ command = "sh", args = ["-c", "if [ -e {marker} ]; then echo second
     let deadline = Instant::now() + Duration::from_secs(60);
     while !read(&log_b).contains("waiting as a hot standby") {
         assert!(
-            b.0.try_wait().unwrap().is_none(),
+            b.child().try_wait().unwrap().is_none(),
             "standby exited:\n{}",
             lb()
         );
@@ -342,8 +309,8 @@ process = {{ command = "sh", args = ["-c", "if [ -e {marker} ]; then echo second
     }
 
     // A dies with the slow attempt in flight.
-    a.0.kill().expect("SIGKILL A");
-    a.0.wait().unwrap();
+    a.child().kill().expect("SIGKILL A");
+    a.child().wait().unwrap();
     wait_answered_by(port_b, "b", Duration::from_secs(60), lb);
 
     // B knows A's jobs (it got no manifest) and A's runs.

@@ -7,7 +7,7 @@ mod common;
 use std::collections::HashSet;
 use std::io::{Read, Write};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use googleapis_tonic_google_pubsub_v1::google::pubsub::v1 as pb;
@@ -15,24 +15,15 @@ use pb::publisher_client::PublisherClient;
 use pb::subscriber_client::SubscriberClient;
 use tonic::transport::Channel;
 
-use common::{connect, free_port, Server};
+use common::{connect, Serve, ServeBuilder};
 
 const TOPIC: &str = "projects/sync/topics/topic-one";
 const SUB: &str = "projects/sync/subscriptions/sub-one";
 const PUBLISHES: usize = 20;
 
-async fn start(data: &Path, sync: &[&str]) -> (Server, u16, Channel) {
-    let port = free_port();
-    let child = Command::new(env!("CARGO_BIN_EXE_pubrun"))
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-        .arg("--data-dir")
-        .arg(data)
-        .args(sync)
-        .env("PUBRUN_LOG", "warn")
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("start pubrun");
-    let server = Server(child);
+async fn start(data: &Path, sync: &[&str]) -> (Serve, u16, Channel) {
+    let server = ServeBuilder::new().data_dir(data).args(sync).spawn();
+    let port = server.port();
     let ch = connect(port).await;
     (server, port, ch)
 }
@@ -115,8 +106,8 @@ async fn interval_acknowledges_before_syncing_and_survives_kill_9() {
         "interval mode synced {done} times for {PUBLISHES} publishes"
     );
 
-    server.0.kill().unwrap();
-    server.0.wait().unwrap();
+    server.child().kill().unwrap();
+    server.kill();
     drop(ch);
     let (_server, _port, ch) = start(dir.path(), &[]).await;
     let mut s = SubscriberClient::new(ch);

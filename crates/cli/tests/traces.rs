@@ -7,20 +7,18 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::routing::post;
-use common::free_port;
+use common::{Serve, ServeBuilder};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use prost::Message as _;
 use serde_json::{json, Value as Json};
 
-const BIN: &str = env!("CARGO_BIN_EXE_pubrun");
 const PATIENCE: Duration = Duration::from_secs(60);
 const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const PARENT_SPAN: &str = "00f067aa0ba902b7";
@@ -99,11 +97,19 @@ secrets = {{ API_KEY = {{ env = "TRACE_TEST_SECRET" }} }}
     )
 }
 
+/// The harness's server (its dir is this test's: the manifest names files
+/// in it) and one HTTP client for all requests.
 struct Server {
-    _child: common::Server,
-    port: u16,
-    dir: tempfile::TempDir,
+    serve: Serve,
     http: reqwest::Client,
+    _dir: tempfile::TempDir,
+}
+
+impl std::ops::Deref for Server {
+    type Target = Serve;
+    fn deref(&self) -> &Serve {
+        &self.serve
+    }
 }
 
 impl Server {
@@ -112,61 +118,31 @@ impl Server {
     /// one were built: none must be.
     fn start(flag: bool, otlp: u16) -> Server {
         let dir = tempfile::tempdir().unwrap();
-        let config = dir.path().join("pubrun.toml");
-        std::fs::write(&config, manifest(dir.path())).unwrap();
-        let port = free_port();
-        let log = std::fs::File::create(dir.path().join("serve.log")).unwrap();
-        let mut cmd = Command::new(BIN);
-        cmd.args([
-            "serve",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--data-dir",
-        ])
-        .arg(dir.path().join("data"))
-        .arg("--config")
-        .arg(&config)
-        .env("TRACE_TEST_SECRET", SECRET)
-        // Export every 100 ms: the test polls the receiver.
-        .env("OTEL_BSP_SCHEDULE_DELAY", "100")
-        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
-        .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-        .env_remove("OTEL_SERVICE_NAME")
-        .env_remove("PUBRUN_TOKEN")
-        .env_remove("PUBRUN_LISTEN")
-        .env_remove("PUBRUN_DATA_DIR")
-        .env_remove("PUBRUN_CONFIG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log);
+        let mut b = ServeBuilder::new()
+            .dir(dir.path())
+            .config(manifest(dir.path()))
+            .env("TRACE_TEST_SECRET", SECRET)
+            // Info, the default: the log must not say it exports traces.
+            .log_level("info")
+            // Export every 100 ms: the test polls the receiver.
+            .env("OTEL_BSP_SCHEDULE_DELAY", "100")
+            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+            .env_remove("OTEL_SERVICE_NAME")
+            .patience(PATIENCE);
         if flag {
-            cmd.args(["--otlp-endpoint", &format!("http://127.0.0.1:{otlp}")]);
+            b = b.args(["--otlp-endpoint", &format!("http://127.0.0.1:{otlp}")]);
         } else {
-            cmd.env(
+            b = b.env(
                 "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
                 format!("http://127.0.0.1:{otlp}/v1/traces"),
             );
         }
-        let child = cmd.spawn().expect("spawn pubrun serve");
-        let mut child = common::Server(child);
-        let log_path = dir.path().join("serve.log");
-        common::wait_healthy(&mut child.0, port, PATIENCE, || {
-            std::fs::read_to_string(&log_path).unwrap_or_default()
-        });
         Server {
-            _child: child,
-            port,
-            dir,
+            serve: b.start(),
             http: reqwest::Client::builder().no_proxy().build().unwrap(),
+            _dir: dir,
         }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.port)
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("serve.log")).unwrap_or_default()
     }
 
     async fn post(&self, path: &str, body: Json) -> Json {
@@ -214,7 +190,7 @@ impl Server {
     }
 
     fn traceparent_seen_by_job(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("traceparent.txt"))
+        std::fs::read_to_string(self.path("traceparent.txt"))
             .expect("the job wrote its TRACEPARENT")
     }
 }

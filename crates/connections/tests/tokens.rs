@@ -4,8 +4,6 @@
 //! `authorized_user` file uses the refresh-token grant.
 
 use std::collections::HashMap;
-use std::path::Path;
-use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,44 +16,6 @@ use pubrun_core::connection::CredentialsSpec;
 use serde_json::{json, Value};
 
 const EMAIL: &str = "t@theirs.iam.gserviceaccount.com";
-
-fn rsa_key(dir: &Path) -> (String, String) {
-    let key = dir.join("k.pem");
-    let public = dir.join("k.pub.pem");
-    for args in [
-        vec![
-            "genpkey",
-            "-algorithm",
-            "RSA",
-            "-pkeyopt",
-            "rsa_keygen_bits:2048",
-            "-out",
-            key.to_str().unwrap(),
-        ],
-        vec![
-            "pkey",
-            "-in",
-            key.to_str().unwrap(),
-            "-pubout",
-            "-out",
-            public.to_str().unwrap(),
-        ],
-    ] {
-        let out = Command::new("openssl")
-            .args(&args)
-            .output()
-            .expect("openssl is installed");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    (
-        std::fs::read_to_string(key).unwrap(),
-        std::fs::read_to_string(public).unwrap(),
-    )
-}
 
 #[derive(Clone)]
 struct St {
@@ -125,7 +85,7 @@ async fn endpoint(public_pem: String) -> (String, Arc<AtomicUsize>) {
 #[tokio::test]
 async fn short_lived_tokens_are_cached_then_refreshed() {
     let dir = tempfile::tempdir().unwrap();
-    let (private_pem, public_pem) = rsa_key(dir.path());
+    let (private_pem, public_pem) = pubrun_testkit::rsa_key(dir.path(), "k");
     let (url, issued) = endpoint(public_pem).await;
     let key = dir.path().join("sa.json");
     std::fs::write(&key, json!({"type": "service_account", "client_email": EMAIL, "private_key": private_pem, "token_uri": url}).to_string()).unwrap();
@@ -162,7 +122,7 @@ async fn short_lived_tokens_are_cached_then_refreshed() {
 #[tokio::test]
 async fn authorized_user_files_use_the_refresh_token_grant() {
     let dir = tempfile::tempdir().unwrap();
-    let (_, public_pem) = rsa_key(dir.path());
+    let (_, public_pem) = pubrun_testkit::rsa_key(dir.path(), "k");
     let (url, _) = endpoint(public_pem).await;
     let file = dir.path().join("adc.json");
     let user = json!({"type": "authorized_user", "client_id": "c", "client_secret": "s", "refresh_token": "rt-1", "token_uri": url});
@@ -202,7 +162,7 @@ async fn authorized_user_files_use_the_refresh_token_grant() {
 #[tokio::test]
 async fn an_unreachable_token_endpoint_is_retryable_and_named() {
     let dir = tempfile::tempdir().unwrap();
-    let (private_pem, _) = rsa_key(dir.path());
+    let (private_pem, _) = pubrun_testkit::rsa_key(dir.path(), "k");
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()

@@ -6,8 +6,6 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -320,32 +318,15 @@ fn reattach_waits_for_an_engine_that_does_not_answer() {
     );
 }
 
-/// Whether a Docker engine answers; panics under CI when none does.
+/// Whether a Docker engine answers (see `pubrun_testkit::require_docker`);
+/// then builds the busybox test image, failing the test if that fails.
 fn docker_available(test: &str) -> bool {
-    let answers = Command::new("docker")
-        .args(["version", "--format", "{{.Server.Version}}"])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if !answers {
-        if std::env::var("CI").is_ok_and(|v| v == "true") {
-            panic!("{test}: CI=true but no Docker engine answers (`docker version` failed); start dockerd or set DOCKER_HOST");
-        }
-        eprintln!("SKIPPED {test}: no Docker engine answers");
+    if !pubrun_testkit::require_docker(test) {
         return false;
     }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/docker-test-image.sh");
-    let out = Command::new("bash")
-        .arg(&script)
-        .output()
-        .unwrap_or_else(|e| panic!("{test}: running {}: {e}", script.display()));
-    assert!(
-        out.status.success(),
-        "{test}: {} failed:\n{}{}",
-        script.display(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    if let Err(e) = pubrun_testkit::run_script("docker-test-image.sh", &[]) {
+        panic!("{test}: {e}");
+    }
     true
 }
 

@@ -24,10 +24,6 @@ const IMAGE: &str = "pubrun-agent:dev";
 /// Nothing listens there; the agent retries forever.
 const SERVER: &str = "http://192.0.2.1:8085";
 
-fn ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true")
-}
-
 fn pubrun_binary() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("PUBRUN_BIN") {
         return Some(PathBuf::from(p));
@@ -40,47 +36,24 @@ fn pubrun_binary() -> Option<PathBuf> {
 
 /// Whether the engine answers and the agent image is built; see the module doc.
 fn ready(test: &str) -> bool {
+    if !pubrun_testkit::require_docker(test) {
+        return false;
+    }
     static READY: OnceLock<Result<(), (bool, String)>> = OnceLock::new();
     let ready = READY.get_or_init(|| {
-        let engine = Command::new("docker")
-            .args(["version", "--format", "{{.Server.Version}}"])
-            .output()
-            .is_ok_and(|o| o.status.success());
-        if !engine {
-            return Err((true, "no Docker engine answers (`docker version` failed)".into()));
-        }
         let Some(bin) = pubrun_binary() else {
             return Err((
                 true,
                 "no pubrun binary: run `cargo build -p pubrun` first (scripts/test-all.sh does) or set PUBRUN_BIN".into(),
             ));
         };
-        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/agent-image.sh");
-        let out = Command::new("bash")
-            .arg(&script)
-            .arg(&bin)
-            .arg(IMAGE)
-            .output()
-            .map_err(|e| (false, format!("running {}: {e}", script.display())))?;
-        if !out.status.success() {
-            return Err((
-                false,
-                format!(
-                    "{} failed:\n{}{}",
-                    script.display(),
-                    String::from_utf8_lossy(&out.stdout),
-                    String::from_utf8_lossy(&out.stderr)
-                ),
-            ));
-        }
-        Ok(())
+        pubrun_testkit::run_script("agent-image.sh", &[bin.to_str().unwrap(), IMAGE])
+            .map(|_| ())
+            .map_err(|e| (false, e))
     });
     match ready {
         Ok(()) => true,
-        Err((true, why)) if !ci() => {
-            eprintln!("SKIPPED {test}: {why}");
-            false
-        }
+        Err((true, why)) => pubrun_testkit::skip(test, why),
         Err((_, why)) => panic!("{test}: {why}"),
     }
 }
@@ -379,10 +352,7 @@ async fn missing_image_is_refused() {
 /// Needs no engine: nothing answers at these addresses.
 #[tokio::test]
 async fn dead_docker_host_is_unavailable() {
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    let port = pubrun_testkit::free_port();
     for host in [
         "unix:///nonexistent/docker.sock".to_string(),
         format!("tcp://127.0.0.1:{port}"),

@@ -321,10 +321,7 @@ async fn invalid_requests_are_refused_with_googles_message() {
 #[tokio::test]
 async fn unreachable_api_is_unavailable() {
     // A port that was just free: nothing listens there.
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    let port = pubrun_testkit::free_port();
     std::env::set_var("PUBRUN_TEST_GCE_TOKEN_DOWN", "t");
     let p = GceProvider::new(&GceProviderSpec {
         project: PROJECT.into(),

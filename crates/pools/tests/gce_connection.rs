@@ -5,8 +5,6 @@
 //! spot), spot reclaim seen as gone.
 
 use std::collections::BTreeMap;
-use std::path::Path;
-use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,44 +24,6 @@ const PROJECT: &str = "theirs";
 const ZONE: &str = "europe-west1-b";
 const EMAIL: &str = "pools@theirs.iam.gserviceaccount.com";
 const WAIT: Duration = Duration::from_secs(30);
-
-fn rsa_key(dir: &Path) -> (String, String) {
-    let key = dir.join("k.pem");
-    let public = dir.join("k.pub.pem");
-    for args in [
-        vec![
-            "genpkey",
-            "-algorithm",
-            "RSA",
-            "-pkeyopt",
-            "rsa_keygen_bits:2048",
-            "-out",
-            key.to_str().unwrap(),
-        ],
-        vec![
-            "pkey",
-            "-in",
-            key.to_str().unwrap(),
-            "-pubout",
-            "-out",
-            public.to_str().unwrap(),
-        ],
-    ] {
-        let out = Command::new("openssl")
-            .args(&args)
-            .output()
-            .expect("openssl is installed");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    (
-        std::fs::read_to_string(key).unwrap(),
-        std::fs::read_to_string(public).unwrap(),
-    )
-}
 
 #[derive(Clone)]
 struct TokenState {
@@ -114,7 +74,7 @@ struct Setup {
 async fn setup() -> Setup {
     let fake = FakeGce::start(FakeGceConfig::default()).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let (private_pem, public_pem) = rsa_key(dir.path());
+    let (private_pem, public_pem) = pubrun_testkit::rsa_key(dir.path(), "k");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}/token", listener.local_addr().unwrap());
     let issued = Arc::new(AtomicUsize::new(0));
@@ -200,7 +160,7 @@ async fn a_pool_on_a_connection_uses_its_key_file() {
 
     // A key the token endpoint does not trust: refused, naming the connection.
     let dir = tempfile::tempdir().unwrap();
-    let (other, _) = rsa_key(dir.path());
+    let (other, _) = pubrun_testkit::rsa_key(dir.path(), "k");
     let bad = dir.path().join("bad.json");
     let uri = match &s.spec.connection.as_ref().unwrap().credentials {
         CredentialsSpec::File { path } => {

@@ -8,15 +8,18 @@
 //! PostgreSQL tests FAIL when Debian's `postgresql` package is missing:
 //! they never skip.
 
+#[macro_use]
+mod engine_kit;
+
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use engine_kit::{Postgres, Sqlite};
 use pubrun_store::buckets::{
     BucketDeleted, BucketRecord, BucketStore, Mutated, ObjectPlan, ObjectRecord, OutboxMessage,
     Reject, UploadRecord,
 };
-use pubrun_store::runs::postgres::Fence;
 use pubrun_store::testing::TempPostgres;
 use pubrun_store::{PostgresBucketStore, SqliteBucketStore, StoreError};
 use tokio::io::AsyncReadExt;
@@ -31,18 +34,6 @@ trait Engine: Send + Sync + 'static {
     async fn open(&self) -> Arc<dyn BucketStore>;
 }
 
-struct Sqlite {
-    dir: tempfile::TempDir,
-}
-
-impl Sqlite {
-    fn new() -> Self {
-        Sqlite {
-            dir: tempfile::tempdir().unwrap(),
-        }
-    }
-}
-
 impl Engine for Sqlite {
     async fn open(&self) -> Arc<dyn BucketStore> {
         Arc::new(
@@ -50,18 +41,6 @@ impl Engine for Sqlite {
                 .await
                 .expect("open buckets/"),
         )
-    }
-}
-
-struct Postgres {
-    pg: TempPostgres,
-}
-
-impl Postgres {
-    fn new() -> Self {
-        Postgres {
-            pg: TempPostgres::start(),
-        }
     }
 }
 
@@ -625,27 +604,6 @@ async fn resumable_upload_state_and_bytes(e: impl Engine) {
     assert!(s.get_upload(&id3).await.unwrap().is_none());
 }
 
-macro_rules! run_suite {
-    ($engine:ident, $make:expr, [$($test:ident),* $(,)?]) => {
-        mod $engine {
-            use super::*;
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $test() {
-                    bounded(super::$test($make)).await
-                }
-            )*
-        }
-    };
-}
-
-macro_rules! all_engines {
-    ($($test:ident),* $(,)?) => {
-        run_suite!(sqlite, Sqlite::new(), [$($test),*]);
-        run_suite!(postgres, Postgres::new(), [$($test),*]);
-    };
-}
-
 all_engines!(
     bucket_crud,
     objects_put_get_list_and_generations,
@@ -662,18 +620,8 @@ all_engines!(
 async fn postgres_writes_under_a_stale_token_are_refused() {
     bounded(async {
         let pg = TempPostgres::start();
-        let lease = pubrun_store::PostgresStore::open(pubrun_store::PostgresOptions {
-            url: pg.url(),
-            node_name: "a".into(),
-            lease_ttl: Duration::from_secs(1),
-        })
-        .await
-        .unwrap();
-        let fence = |token| Fence {
-            name: pubrun_store::postgres::BROKER_OWNERSHIP.to_string(),
-            token,
-        };
-        let a = PostgresBucketStore::open(&pg.url(), Some(fence(lease.token())))
+        let lease = engine_kit::lease(&pg, "a").await;
+        let a = PostgresBucketStore::open(&pg.url(), Some(engine_kit::fence(lease.token())))
             .await
             .unwrap();
         a.create_bucket(&bucket("f", "p")).await.unwrap();
@@ -681,15 +629,9 @@ async fn postgres_writes_under_a_stale_token_are_refused() {
         assert!(!a.is_fenced());
 
         lease.stop_renewing();
-        let b_lease = pubrun_store::PostgresStore::open(pubrun_store::PostgresOptions {
-            url: pg.url(),
-            node_name: "b".into(),
-            lease_ttl: Duration::from_secs(1),
-        })
-        .await
-        .unwrap();
+        let b_lease = engine_kit::lease(&pg, "b").await;
         assert!(b_lease.token() > lease.token());
-        let b = PostgresBucketStore::open(&pg.url(), Some(fence(b_lease.token())))
+        let b = PostgresBucketStore::open(&pg.url(), Some(engine_kit::fence(b_lease.token())))
             .await
             .unwrap();
 

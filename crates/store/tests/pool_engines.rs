@@ -8,17 +8,20 @@
 //! PostgreSQL tests FAIL when Debian's `postgresql` package is missing:
 //! they never skip.
 
+#[macro_use]
+mod engine_kit;
+
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use engine_kit::{Postgres, Sqlite};
 use pubrun_core::pool::{MachineState, PoolSpec, ProviderSpec};
 use pubrun_core::run::Exit;
 use pubrun_core::Code;
 use pubrun_store::pools::{
     Bootstrap, LeaseEnd, LeaseState, MachineRow, NewLease, PoolStore, UpSpan,
 };
-use pubrun_store::runs::postgres::Fence;
 use pubrun_store::testing::TempPostgres;
 use pubrun_store::{PostgresPoolStore, SqlitePoolStore};
 
@@ -34,18 +37,6 @@ trait Engine: Send + Sync + 'static {
     async fn open(&self) -> Arc<dyn PoolStore>;
 }
 
-struct Sqlite {
-    dir: tempfile::TempDir,
-}
-
-impl Sqlite {
-    fn new() -> Self {
-        Sqlite {
-            dir: tempfile::tempdir().unwrap(),
-        }
-    }
-}
-
 impl Engine for Sqlite {
     async fn open(&self) -> Arc<dyn PoolStore> {
         Arc::new(
@@ -53,18 +44,6 @@ impl Engine for Sqlite {
                 .await
                 .expect("open pools.db"),
         )
-    }
-}
-
-struct Postgres {
-    pg: TempPostgres,
-}
-
-impl Postgres {
-    fn new() -> Self {
-        Postgres {
-            pg: TempPostgres::start(),
-        }
     }
 }
 
@@ -398,27 +377,6 @@ async fn lease_lifecycle(e: impl Engine) {
     assert_eq!(since(s.leases_since(40).await.unwrap()), vec![t3]);
 }
 
-macro_rules! pool_suite {
-    ($engine:ident, $make:expr, [$($test:ident),* $(,)?]) => {
-        mod $engine {
-            use super::*;
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $test() {
-                    bounded(super::$test($make)).await
-                }
-            )*
-        }
-    };
-}
-
-macro_rules! all_engines {
-    ($($test:ident),* $(,)?) => {
-        pool_suite!(sqlite, Sqlite::new(), [$($test),*]);
-        pool_suite!(postgres, Postgres::new(), [$($test),*]);
-    };
-}
-
 all_engines!(
     pools_round_trip_and_keep_their_token,
     machines_upsert_list_and_delete,
@@ -436,18 +394,8 @@ all_engines!(
 async fn postgres_writes_under_a_stale_token_are_refused() {
     bounded(async {
         let pg = TempPostgres::start();
-        let owner = |node: &str| pubrun_store::PostgresOptions {
-            url: pg.url(),
-            node_name: node.into(),
-            lease_ttl: Duration::from_secs(1),
-        };
-        let fence = |token| {
-            Some(Fence {
-                name: pubrun_store::postgres::BROKER_OWNERSHIP.to_string(),
-                token,
-            })
-        };
-        let lease_a = pubrun_store::PostgresStore::open(owner("a")).await.unwrap();
+        let fence = |token| Some(engine_kit::fence(token));
+        let lease_a = engine_kit::lease(&pg, "a").await;
         let a = PostgresPoolStore::open(&pg.url(), fence(lease_a.token()))
             .await
             .unwrap();
@@ -460,7 +408,7 @@ async fn postgres_writes_under_a_stale_token_are_refused() {
 
         // "a" stops renewing (cut off); "b" takes over with a higher token.
         lease_a.stop_renewing();
-        let lease_b = pubrun_store::PostgresStore::open(owner("b")).await.unwrap();
+        let lease_b = engine_kit::lease(&pg, "b").await;
         assert!(lease_b.token() > lease_a.token());
         let b = PostgresPoolStore::open(&pg.url(), fence(lease_b.token()))
             .await

@@ -1,6 +1,6 @@
 //! One run-store test suite for every engine (`RunStore` trait): each
 //! `async fn` below takes an engine factory and is instantiated by
-//! `run_suite!` for SQLite (a temp dir) and PostgreSQL (a throwaway
+//! `all_engines!` (`engine_kit`) for SQLite (a temp dir) and PostgreSQL (a throwaway
 //! `TempPostgres` cluster), as the Pub/Sub engines share `engines/suite.rs`.
 //! PostgreSQL-only: fencing (a write under a stale ownership token is
 //! refused and writes nothing).
@@ -8,14 +8,17 @@
 //! PostgreSQL tests FAIL when Debian's `postgresql` package is missing:
 //! they never skip.
 
+#[macro_use]
+mod engine_kit;
+
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use engine_kit::{Postgres, Sqlite};
 use pubrun_core::job::JobSpec;
 use pubrun_core::run::{Exit, RunStatus};
 use pubrun_core::Code;
-use pubrun_store::runs::postgres::Fence;
 use pubrun_store::runs::{Enqueued, RunStore, SourceMessage};
 use pubrun_store::testing::TempPostgres;
 use pubrun_store::{PostgresRunStore, SqliteRunStore};
@@ -32,33 +35,9 @@ trait Engine: Send + Sync + 'static {
     async fn open(&self) -> Arc<dyn RunStore>;
 }
 
-struct Sqlite {
-    dir: tempfile::TempDir,
-}
-
-impl Sqlite {
-    fn new() -> Self {
-        Sqlite {
-            dir: tempfile::tempdir().unwrap(),
-        }
-    }
-}
-
 impl Engine for Sqlite {
     async fn open(&self) -> Arc<dyn RunStore> {
         Arc::new(SqliteRunStore::open(&self.dir.path().join("runs.db")).expect("open runs.db"))
-    }
-}
-
-struct Postgres {
-    pg: TempPostgres,
-}
-
-impl Postgres {
-    fn new() -> Self {
-        Postgres {
-            pg: TempPostgres::start(),
-        }
     }
 }
 
@@ -380,27 +359,6 @@ async fn run_logs_round_trip(e: impl Engine) {
     );
 }
 
-macro_rules! run_suite {
-    ($engine:ident, $make:expr, [$($test:ident),* $(,)?]) => {
-        mod $engine {
-            use super::*;
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $test() {
-                    bounded(super::$test($make)).await
-                }
-            )*
-        }
-    };
-}
-
-macro_rules! all_engines {
-    ($($test:ident),* $(,)?) => {
-        run_suite!(sqlite, Sqlite::new(), [$($test),*]);
-        run_suite!(postgres, Postgres::new(), [$($test),*]);
-    };
-}
-
 all_engines!(
     jobs_and_meta_round_trip,
     dedup_keys_are_unique_inside_their_window,
@@ -448,18 +406,8 @@ async fn postgres_writes_under_a_stale_token_are_refused() {
     bounded(async {
         let pg = TempPostgres::start();
         // The lease as `PostgresStore` takes it: acquired by "a" (token 1).
-        let lease = pubrun_store::PostgresStore::open(pubrun_store::PostgresOptions {
-            url: pg.url(),
-            node_name: "a".into(),
-            lease_ttl: Duration::from_secs(1),
-        })
-        .await
-        .unwrap();
-        let fence = |token| Fence {
-            name: pubrun_store::postgres::BROKER_OWNERSHIP.to_string(),
-            token,
-        };
-        let a = PostgresRunStore::open(&pg.url(), "a", Some(fence(lease.token())))
+        let lease = engine_kit::lease(&pg, "a").await;
+        let a = PostgresRunStore::open(&pg.url(), "a", Some(engine_kit::fence(lease.token())))
             .await
             .unwrap();
         let spec = job("fenced", "");
@@ -469,15 +417,9 @@ async fn postgres_writes_under_a_stale_token_are_refused() {
 
         // "a" stops renewing (cut off); "b" takes over with a higher token.
         lease.stop_renewing();
-        let b_lease = pubrun_store::PostgresStore::open(pubrun_store::PostgresOptions {
-            url: pg.url(),
-            node_name: "b".into(),
-            lease_ttl: Duration::from_secs(1),
-        })
-        .await
-        .unwrap();
+        let b_lease = engine_kit::lease(&pg, "b").await;
         assert!(b_lease.token() > lease.token());
-        let b = PostgresRunStore::open(&pg.url(), "b", Some(fence(b_lease.token())))
+        let b = PostgresRunStore::open(&pg.url(), "b", Some(engine_kit::fence(b_lease.token())))
             .await
             .unwrap();
 

@@ -1,6 +1,6 @@
 //! One trigger-store test suite for every engine (`TriggerStore` trait):
 //! each `async fn` below takes an engine factory and is instantiated by
-//! `run_suite!` for SQLite (`triggers.db` in a temp dir) and PostgreSQL (a
+//! `all_engines!` (`engine_kit`) for SQLite (`triggers.db` in a temp dir) and PostgreSQL (a
 //! throwaway `TempPostgres` cluster). Every `open` is a separate handle on
 //! the same durable state, as two schedulers (or two servers) would have.
 //! PostgreSQL-only: fencing (a write under a stale ownership token is
@@ -9,13 +9,16 @@
 //! PostgreSQL tests FAIL when Debian's `postgresql` package is missing:
 //! they never skip.
 
+#[macro_use]
+mod engine_kit;
+
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use engine_kit::{Postgres, Sqlite};
 use pubrun_core::Code;
-use pubrun_store::runs::postgres::Fence;
 use pubrun_store::testing::TempPostgres;
 use pubrun_store::triggers::{Claim, DefKind, Definition, Scope, TriggerStore};
 use pubrun_store::{PostgresTriggerStore, SqliteTriggerStore};
@@ -32,36 +35,12 @@ trait Engine: Send + Sync + 'static {
     async fn open(&self) -> Arc<dyn TriggerStore>;
 }
 
-struct Sqlite {
-    dir: tempfile::TempDir,
-}
-
-impl Sqlite {
-    fn new() -> Self {
-        Sqlite {
-            dir: tempfile::tempdir().unwrap(),
-        }
-    }
-}
-
 impl Engine for Sqlite {
     async fn open(&self) -> Arc<dyn TriggerStore> {
         Arc::new(
             SqliteTriggerStore::open(&self.dir.path().join("triggers.db"))
                 .expect("open triggers.db"),
         )
-    }
-}
-
-struct Postgres {
-    pg: TempPostgres,
-}
-
-impl Postgres {
-    fn new() -> Self {
-        Postgres {
-            pg: TempPostgres::start(),
-        }
     }
 }
 
@@ -388,27 +367,6 @@ async fn state_survives_reopen(e: impl Engine) {
     assert_eq!(st.pending.unwrap().tick, t(60));
 }
 
-macro_rules! run_suite {
-    ($engine:ident, $make:expr, [$($test:ident),* $(,)?]) => {
-        mod $engine {
-            use super::*;
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $test() {
-                    bounded(super::$test($make)).await
-                }
-            )*
-        }
-    };
-}
-
-macro_rules! all_engines {
-    ($($test:ident),* $(,)?) => {
-        run_suite!(sqlite, Sqlite::new(), [$($test),*]);
-        run_suite!(postgres, Postgres::new(), [$($test),*]);
-    };
-}
-
 all_engines!(
     claim_is_compare_and_set,
     racing_schedulers_claim_each_tick_once,
@@ -474,18 +432,8 @@ async fn sqlite_corrupt_claim_is_an_error() {
 async fn postgres_writes_under_a_stale_token_are_refused() {
     bounded(async {
         let pg = TempPostgres::start();
-        let lease = pubrun_store::PostgresStore::open(pubrun_store::PostgresOptions {
-            url: pg.url(),
-            node_name: "a".into(),
-            lease_ttl: Duration::from_secs(1),
-        })
-        .await
-        .unwrap();
-        let fence = |token| Fence {
-            name: pubrun_store::postgres::BROKER_OWNERSHIP.to_string(),
-            token,
-        };
-        let a = PostgresTriggerStore::open(&pg.url(), Some(fence(lease.token())))
+        let lease = engine_kit::lease(&pg, "a").await;
+        let a = PostgresTriggerStore::open(&pg.url(), Some(engine_kit::fence(lease.token())))
             .await
             .unwrap();
         a.replace_definitions(
@@ -501,15 +449,9 @@ async fn postgres_writes_under_a_stale_token_are_refused() {
 
         // "a" is cut off; "b" takes over with a higher token.
         lease.stop_renewing();
-        let b_lease = pubrun_store::PostgresStore::open(pubrun_store::PostgresOptions {
-            url: pg.url(),
-            node_name: "b".into(),
-            lease_ttl: Duration::from_secs(1),
-        })
-        .await
-        .unwrap();
+        let b_lease = engine_kit::lease(&pg, "b").await;
         assert!(b_lease.token() > lease.token());
-        let b = PostgresTriggerStore::open(&pg.url(), Some(fence(b_lease.token())))
+        let b = PostgresTriggerStore::open(&pg.url(), Some(engine_kit::fence(b_lease.token())))
             .await
             .unwrap();
 

@@ -2,23 +2,19 @@
 //! a reopened `Triggers` (a restarted server) serves what was set, and one
 //! project's replace leaves the others' definitions alone.
 
-use std::future::IntoFuture;
+mod common;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
+use common::utc;
 use pubrun_broker::Broker;
-use pubrun_core::{Code, Message, SubscriptionConfig, SubscriptionName, TopicConfig};
-use pubrun_store::EmbeddedStore;
+use pubrun_core::{Code, Message};
 use pubrun_triggers::{ManualClock, ScheduleSpec, Triggers, WebhookSpec};
 
 const TOPIC: &str = "projects/alpha/topics/imports";
 const SUB: &str = "projects/alpha/subscriptions/imports-sub";
-
-fn utc(s: &str) -> DateTime<Utc> {
-    DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
-}
 
 struct Env {
     _dir: tempfile::TempDir,
@@ -29,26 +25,7 @@ struct Env {
 
 async fn env() -> Env {
     let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::open(Arc::new(
-        EmbeddedStore::open(dir.path().join("broker")).unwrap(),
-    ))
-    .unwrap();
-    broker
-        .create_topic(TopicConfig {
-            name: TOPIC.into(),
-            labels: Default::default(),
-        })
-        .await
-        .unwrap();
-    broker
-        .create_subscription(SubscriptionConfig {
-            name: SUB.into(),
-            topic: TOPIC.into(),
-            ack_deadline_seconds: 60,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let broker = common::broker(dir.path(), TOPIC, SUB).await;
     Env {
         data: dir.path().join("data"),
         _dir: dir,
@@ -71,22 +48,13 @@ impl Env {
     }
 
     async fn drain(&self) -> Vec<Arc<Message>> {
-        let sub = SubscriptionName::parse(SUB).unwrap();
-        let got = self.broker.pull(&sub, 100, None).await.unwrap();
-        if !got.is_empty() {
-            let ids: Vec<String> = got.iter().map(|d| d.ack_id.clone()).collect();
-            self.broker.acknowledge(&sub, &ids).await.unwrap();
-        }
-        got.into_iter().map(|d| d.message).collect()
+        common::pull_acked(&self.broker, SUB).await
     }
 }
 
 /// Serves the triggers' router; returns its base URL.
 async fn serve(t: &Triggers) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(axum::serve(listener, t.router()).into_future());
-    format!("http://{addr}")
+    format!("http://{}", common::serve(t.router()).await)
 }
 
 fn names<T>(v: &[(String, T)], name: impl Fn(&T) -> &str) -> Vec<(String, String)> {

@@ -1,24 +1,21 @@
 //! The scheduler over a real broker and a manual clock: no test waits for
 //! wall-clock minutes.
 
-use std::future::IntoFuture;
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
+use common::utc;
 use pubrun_broker::Broker;
-use pubrun_core::{Message, SubscriptionConfig, SubscriptionName, TopicConfig};
+use pubrun_core::{Message, SubscriptionName};
 use pubrun_store::EmbeddedStore;
 use pubrun_triggers::db::{SqliteTriggerStore, TriggerStore};
 use pubrun_triggers::{ManualClock, MissedPolicy, ScheduleSpec, Triggers};
 
 const TOPIC: &str = "projects/demo/topics/imports";
 const SUB: &str = "projects/demo/subscriptions/imports-sub";
-
-fn utc(s: &str) -> DateTime<Utc> {
-    DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
-}
 
 struct Env {
     _dir: tempfile::TempDir,
@@ -29,36 +26,13 @@ struct Env {
 
 async fn env(start: &str) -> Env {
     let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::open(Arc::new(
-        EmbeddedStore::open(dir.path().join("broker")).unwrap(),
-    ))
-    .unwrap();
-    create_topic(&broker).await;
+    let broker = common::broker(dir.path(), TOPIC, SUB).await;
     Env {
         data: dir.path().join("data"),
         _dir: dir,
         broker,
         clock: ManualClock::new(utc(start)),
     }
-}
-
-async fn create_topic(broker: &Broker) {
-    broker
-        .create_topic(TopicConfig {
-            name: TOPIC.into(),
-            labels: Default::default(),
-        })
-        .await
-        .unwrap();
-    broker
-        .create_subscription(SubscriptionConfig {
-            name: SUB.into(),
-            topic: TOPIC.into(),
-            ack_deadline_seconds: 60,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
 }
 
 impl Env {
@@ -477,7 +451,7 @@ async fn failed_publish_stays_claimed_and_is_retried() {
         "{st:?}"
     );
 
-    create_topic(&e.broker).await;
+    common::create_topic(&e.broker, TOPIC, SUB).await;
     // Within the claim lease nothing is retried…
     e.set("2026-05-01T10:00:30Z", &[&t]).await;
     assert!(e.drain().await.is_empty());
@@ -579,9 +553,7 @@ async fn schedules_rest_api() {
     t.set_schedules(vec![spec("hourly", "0 * * * *", "Europe/Berlin")])
         .await
         .unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(axum::serve(listener, t.router()).into_future());
+    let base = format!("http://{}", common::serve(t.router()).await);
     let http = reqwest::Client::new();
 
     let v: serde_json::Value = http

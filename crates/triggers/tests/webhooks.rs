@@ -1,11 +1,11 @@
 //! Webhooks over real HTTP into a real broker.
 
-use std::future::IntoFuture;
+mod common;
+
 use std::sync::Arc;
 
 use pubrun_broker::Broker;
-use pubrun_core::{Message, SubscriptionConfig, SubscriptionName, TopicConfig};
-use pubrun_store::EmbeddedStore;
+use pubrun_core::Message;
 use pubrun_triggers::{github_signature, Triggers, WebhookSpec};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -32,26 +32,7 @@ fn env_lookup(k: &str) -> Option<String> {
 
 async fn env(hooks: Vec<WebhookSpec>) -> Env {
     let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::open(Arc::new(
-        EmbeddedStore::open(dir.path().join("broker")).unwrap(),
-    ))
-    .unwrap();
-    broker
-        .create_topic(TopicConfig {
-            name: TOPIC.into(),
-            labels: Default::default(),
-        })
-        .await
-        .unwrap();
-    broker
-        .create_subscription(SubscriptionConfig {
-            name: SUB.into(),
-            topic: TOPIC.into(),
-            ack_deadline_seconds: 60,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let broker = common::broker(dir.path(), TOPIC, SUB).await;
     let triggers = Arc::new(
         Triggers::open(&dir.path().join("data"), broker.clone())
             .await
@@ -61,9 +42,7 @@ async fn env(hooks: Vec<WebhookSpec>) -> Env {
         .set_webhooks_with_env(hooks, &env_lookup)
         .await
         .unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(axum::serve(listener, triggers.router()).into_future());
+    let addr = common::serve(triggers.router()).await;
     Env {
         _dir: dir,
         broker,
@@ -76,13 +55,7 @@ async fn env(hooks: Vec<WebhookSpec>) -> Env {
 
 impl Env {
     async fn drain(&self) -> Vec<Arc<Message>> {
-        let sub = SubscriptionName::parse(SUB).unwrap();
-        let got = self.broker.pull(&sub, 100, None).await.unwrap();
-        if !got.is_empty() {
-            let ids: Vec<String> = got.iter().map(|d| d.ack_id.clone()).collect();
-            self.broker.acknowledge(&sub, &ids).await.unwrap();
-        }
-        got.into_iter().map(|d| d.message).collect()
+        common::pull_acked(&self.broker, SUB).await
     }
 }
 

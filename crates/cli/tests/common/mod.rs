@@ -1,14 +1,23 @@
-//! Helpers shared by the `pubrun` binary's integration tests: a child
-//! process guard, a free port, and waiting for a server to come up.
+//! Helpers shared by the `pubrun` binary's integration tests: the one
+//! `pubrun serve` harness ([`ServeBuilder`] → [`Serve`]), client commands
+//! ([`Cli`]), a child process guard and waiting for a server to come up.
 
 #![allow(dead_code)]
 
+use std::ffi::OsString;
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::process::Child;
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tonic::transport::Channel;
+
+pub use pubrun_testkit::free_port;
+
+/// The binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_pubrun");
 
 /// A `pubrun serve` child, killed when dropped (also when a test panics).
 pub struct Server(pub Child);
@@ -18,14 +27,6 @@ impl Drop for Server {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// Whether `GET /healthz` on the port answers 200.
@@ -108,4 +109,464 @@ pub async fn connect(port: u16) -> Channel {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     panic!("pubrun did not listen on {url} within 60 s");
+}
+
+/// What `pubrun serve` reads from the environment: cleared for every server
+/// so that a developer's shell never changes a test.
+const SERVE_ENV: &[&str] = &[
+    "PUBRUN_TOKEN",
+    "PUBRUN_TOKEN_FILE",
+    "PUBRUN_LISTEN",
+    "PUBRUN_DATA_DIR",
+    "PUBRUN_CONFIG",
+    "PUBRUN_LOG_FORMAT",
+    "PUBRUN_METRICS_TOKEN",
+    "PUBRUN_STORE",
+    "PUBRUN_NODE_NAME",
+    "PUBRUN_ADVERTISE_ADDR",
+    "PUBRUN_PUBLIC_URL",
+    "PUBRUN_ALLOWED_HOSTS",
+];
+
+/// How `pubrun serve` is started: a fresh temp dir holding `data/`,
+/// `serve.log` (its stderr) and `pubrun.toml` (with [`ServeBuilder::config`]),
+/// a free port on 127.0.0.1, `PUBRUN_LOG=warn`, no token. Cloned by
+/// [`Serve::restart`] to start the same server again.
+#[derive(Clone)]
+pub struct ServeBuilder {
+    dir: Option<PathBuf>,
+    data_dir: Option<PathBuf>,
+    port: Option<u16>,
+    config: Option<String>,
+    token: Option<String>,
+    log_level: String,
+    log_name: String,
+    args: Vec<OsString>,
+    envs: Vec<(OsString, Option<OsString>)>,
+    patience: Duration,
+    append_log: bool,
+    shell: Option<String>,
+}
+
+impl Default for ServeBuilder {
+    fn default() -> Self {
+        ServeBuilder {
+            dir: None,
+            data_dir: None,
+            port: None,
+            config: None,
+            token: None,
+            log_level: "warn".into(),
+            log_name: "serve.log".into(),
+            args: Vec::new(),
+            envs: Vec::new(),
+            patience: Duration::from_secs(60),
+            append_log: false,
+            shell: None,
+        }
+    }
+}
+
+impl ServeBuilder {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Keeps the log, config and (by default) `data/` in `dir`, which the
+    /// caller owns, instead of a fresh temp dir.
+    pub fn dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.dir = Some(dir.into());
+        self
+    }
+
+    /// `--data-dir` (default `<dir>/data`).
+    pub fn data_dir(mut self, data: impl Into<PathBuf>) -> Self {
+        self.data_dir = Some(data.into());
+        self
+    }
+
+    pub fn port(mut self, port: u16) -> Self {
+        self.port = Some(port);
+        self
+    }
+
+    /// Writes `manifest` to `<dir>/pubrun.toml` and passes `--config`.
+    pub fn config(mut self, manifest: impl Into<String>) -> Self {
+        self.config = Some(manifest.into());
+        self
+    }
+
+    /// `--token TOKEN`; clients made by [`Serve::client`] send it too.
+    pub fn token(mut self, token: impl Into<String>) -> Self {
+        self.token = Some(token.into());
+        self
+    }
+
+    /// `PUBRUN_LOG` (default `warn`).
+    pub fn log_level(mut self, level: &str) -> Self {
+        self.log_level = level.into();
+        self
+    }
+
+    /// The file in `dir` that takes the server's stderr (default `serve.log`).
+    pub fn log_name(mut self, name: &str) -> Self {
+        self.log_name = name.into();
+        self
+    }
+
+    /// The log at `path` (its dir becomes [`ServeBuilder::dir`]).
+    pub fn log_file(self, path: &Path) -> Self {
+        let name = path.file_name().unwrap().to_str().unwrap().to_string();
+        let mut b = self.dir(path.parent().unwrap());
+        b.log_name = name;
+        b
+    }
+
+    /// Appends to an existing log at start instead of truncating it (a
+    /// restart through [`Serve::restart`] always appends).
+    pub fn append_log(mut self) -> Self {
+        self.append_log = true;
+        self
+    }
+
+    /// A cluster-mode node: `--store URL --node-name NODE`, the owner lease's
+    /// TTL through `PUBRUN_LEASE_TTL_MS`, `PUBRUN_LOG=info`.
+    pub fn cluster(store_url: &str, node: &str, lease_ttl: Duration) -> Self {
+        ServeBuilder::new()
+            .args(["--store", store_url, "--node-name", node])
+            .env("PUBRUN_LEASE_TTL_MS", lease_ttl.as_millis().to_string())
+            .log_level("info")
+    }
+
+    /// Starts the server through `sh -c SCRIPT sh pubrun serve …` (a script
+    /// ending in `exec "$@"`), e.g. to lower a limit first.
+    pub fn via_shell(mut self, script: &str) -> Self {
+        self.shell = Some(script.into());
+        self
+    }
+
+    /// How long the server may take to become healthy (default 60 s).
+    pub fn patience(mut self, patience: Duration) -> Self {
+        self.patience = patience;
+        self
+    }
+
+    pub fn arg(mut self, arg: impl Into<OsString>) -> Self {
+        self.args.push(arg.into());
+        self
+    }
+
+    pub fn args<I, S>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<OsString>,
+    {
+        self.args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    pub fn env(mut self, key: impl Into<OsString>, value: impl Into<OsString>) -> Self {
+        self.envs.push((key.into(), Some(value.into())));
+        self
+    }
+
+    pub fn env_remove(mut self, key: impl Into<OsString>) -> Self {
+        self.envs.push((key.into(), None));
+        self
+    }
+
+    /// Starts the server and waits until `GET /healthz` answers.
+    pub fn start(self) -> Serve {
+        let mut server = self.spawn();
+        server.wait_healthy();
+        server
+    }
+
+    /// Starts the server without waiting for it.
+    pub fn spawn(mut self) -> Serve {
+        let tmp = match &self.dir {
+            Some(_) => None,
+            None => {
+                let t = tempfile::tempdir().unwrap();
+                self.dir = Some(t.path().to_path_buf());
+                Some(Arc::new(t))
+            }
+        };
+        self.port.get_or_insert_with(free_port);
+        if !self.append_log {
+            let dir = self.dir.as_deref().unwrap();
+            std::fs::File::create(dir.join(&self.log_name)).unwrap();
+        }
+        let mut server = Serve {
+            child: None,
+            spec: self,
+            _tmp: tmp,
+        };
+        server.respawn();
+        server
+    }
+
+    /// The `pubrun serve` command this builder runs (dir and port resolved).
+    fn command(&self) -> Command {
+        let dir = self.dir.as_deref().expect("dir resolved by spawn");
+        let data = self.data_dir.clone().unwrap_or_else(|| dir.join("data"));
+        let mut cmd = match &self.shell {
+            Some(script) => {
+                let mut c = Command::new("sh");
+                c.args(["-c", script, "sh", BIN]);
+                c
+            }
+            None => Command::new(BIN),
+        };
+        cmd.args(["serve", "--listen"])
+            .arg(format!("127.0.0.1:{}", self.port.expect("port resolved")))
+            .arg("--data-dir")
+            .arg(data);
+        if let Some(manifest) = &self.config {
+            let path = dir.join("pubrun.toml");
+            std::fs::write(&path, manifest).unwrap();
+            cmd.arg("--config").arg(path);
+        }
+        if let Some(t) = &self.token {
+            cmd.args(["--token", t]);
+        }
+        cmd.args(&self.args);
+        for key in SERVE_ENV {
+            cmd.env_remove(key);
+        }
+        cmd.env("PUBRUN_LOG", &self.log_level);
+        for (k, v) in &self.envs {
+            match v {
+                Some(v) => cmd.env(k, v),
+                None => cmd.env_remove(k),
+            };
+        }
+        // Appended, so a restarted server's log follows the first one's.
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join(&self.log_name))
+            .unwrap();
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
+        cmd
+    }
+}
+
+/// A running `pubrun serve` (killed when dropped, also when a test panics)
+/// with its port, dir, token and log.
+pub struct Serve {
+    child: Option<Child>,
+    spec: ServeBuilder,
+    _tmp: Option<Arc<tempfile::TempDir>>,
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+impl Serve {
+    pub fn port(&self) -> u16 {
+        self.spec.port.unwrap()
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn addr(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port())
+    }
+
+    /// `addr()` + `path`.
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.addr())
+    }
+
+    pub fn token(&self) -> Option<&str> {
+        self.spec.token.as_deref()
+    }
+
+    /// The dir holding the log, the config and (by default) the data.
+    pub fn dir(&self) -> &Path {
+        self.spec.dir.as_deref().unwrap()
+    }
+
+    /// `dir()/name`.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir().join(name)
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.spec
+            .data_dir
+            .clone()
+            .unwrap_or_else(|| self.path("data"))
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.path(&self.spec.log_name)
+    }
+
+    /// What the server logged so far (for assertions and failure messages).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    pub fn child(&mut self) -> &mut Child {
+        self.child.as_mut().expect("server is running")
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("server is running").id()
+    }
+
+    /// Waits until `GET /healthz` answers; panics with the log if the server
+    /// exits first or takes longer than its patience.
+    pub fn wait_healthy(&mut self) {
+        let (port, patience, log) = (self.port(), self.spec.patience, self.log_path());
+        wait_healthy(self.child(), port, patience, || {
+            std::fs::read_to_string(&log).unwrap_or_default()
+        });
+    }
+
+    /// SIGKILL, then reaps the process (no-op when not running).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM (a graceful stop) and waits for the exit.
+    pub fn terminate(&mut self) -> ExitStatus {
+        let mut c = self.child.take().expect("server is running");
+        let pid = c.id().to_string();
+        assert!(Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success());
+        c.wait().unwrap()
+    }
+
+    /// Starts the same server again (same dir, port, flags) without waiting.
+    pub fn respawn(&mut self) {
+        assert!(self.child.is_none(), "stop the server before respawning");
+        self.child = Some(self.spec.command().spawn().expect("spawn pubrun serve"));
+    }
+
+    /// Kills the server if it runs and starts it again, healthy.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.respawn();
+        self.wait_healthy();
+    }
+
+    /// A client command (`pubrun ARGS`) aimed at this server.
+    pub fn client(&self, args: &[&str]) -> Cli {
+        let mut cli = Cli::new(args).env("PUBRUN_ADDR", self.addr());
+        if let Some(t) = self.token() {
+            cli = cli.env("PUBRUN_TOKEN", t);
+        }
+        cli
+    }
+}
+
+/// A `pubrun` client command, its environment cleared of the developer's
+/// `PUBRUN_TOKEN`/`PUBRUN_PROJECT`/`PUBRUN_ADDR`.
+pub struct Cli(Command);
+
+impl Cli {
+    pub fn new(args: &[&str]) -> Cli {
+        let mut cmd = Command::new(BIN);
+        cmd.args(args)
+            .env_remove("PUBRUN_TOKEN")
+            .env_remove("PUBRUN_PROJECT")
+            .env_remove("PUBRUN_ADDR")
+            .stdin(Stdio::null());
+        Cli(cmd)
+    }
+
+    pub fn env(mut self, key: &str, value: impl AsRef<std::ffi::OsStr>) -> Cli {
+        self.0.env(key, value);
+        self
+    }
+
+    pub fn env_remove(mut self, key: &str) -> Cli {
+        self.0.env_remove(key);
+        self
+    }
+
+    pub fn command(&mut self) -> &mut Command {
+        &mut self.0
+    }
+
+    pub fn output(mut self) -> Output {
+        self.0.output().expect("run pubrun")
+    }
+
+    /// Runs with `input` on stdin.
+    pub fn output_with_stdin(mut self, input: &[u8]) -> Output {
+        let mut child = self
+            .0
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn pubrun");
+        child.stdin.take().unwrap().write_all(input).unwrap();
+        child.wait_with_output().unwrap()
+    }
+
+    /// Runs, asserts success; its stdout.
+    pub fn ok(self) -> String {
+        let what = format!("{:?}", self.0.get_args().collect::<Vec<_>>());
+        stdout_ok(&what, self.output())
+    }
+
+    /// Runs, asserts failure; its stderr.
+    pub fn fails(self) -> String {
+        let what = format!("{:?}", self.0.get_args().collect::<Vec<_>>());
+        let out = self.output();
+        assert!(!out.status.success(), "pubrun {what} should fail");
+        String::from_utf8(out.stderr).unwrap()
+    }
+}
+
+/// `out`'s stdout after asserting it succeeded (`what` names the command).
+pub fn stdout_ok(what: &str, out: Output) -> String {
+    assert!(
+        out.status.success(),
+        "pubrun {what} failed ({}): {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// `pubrun ARGS --json` against the server on `port`, in `project` (or none:
+/// `PUBRUN_PROJECT` cleared); panics with `log()` (the servers' logs) when
+/// the command fails.
+pub fn cli_json(
+    port: u16,
+    project: Option<&str>,
+    args: &[&str],
+    log: impl Fn() -> String,
+) -> serde_json::Value {
+    let mut cli = Cli::new(args)
+        .env("PUBRUN_ADDR", format!("http://127.0.0.1:{port}"))
+        .env_remove("PUBRUN_PROJECT");
+    cli.command().arg("--json");
+    if let Some(p) = project {
+        cli = cli.env("PUBRUN_PROJECT", p);
+    }
+    let out = cli.output();
+    assert!(
+        out.status.success(),
+        "`pubrun {}` failed: {}\n--- server log ---\n{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr),
+        log()
+    );
+    serde_json::from_slice(&out.stdout).expect("JSON output")
 }

@@ -14,14 +14,14 @@
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::common;
+use crate::common::{Serve, ServeBuilder};
 
 const BIN: &str = env!("CARGO_BIN_EXE_pubrun");
 const SERVER_TOKEN: &str = "server-token-security-agents";
@@ -48,48 +48,26 @@ process = { command = "sh", args = ["-c", "echo hi"] }
 retries = { max_attempts = 1, initial_backoff = "1s", max_backoff = "1s" }
 "#;
 
-struct Srv {
-    dir: tempfile::TempDir,
-    port: u16,
-    server: common::Server,
+type Srv = Serve;
+
+/// `pubrun serve --token` on loopback, with `manifest` as its config.
+fn start_srv(manifest: Option<&str>) -> Srv {
+    let mut b = ServeBuilder::new()
+        .token(SERVER_TOKEN)
+        .env("SEC_POOL_TOKEN", POOL_TOKEN)
+        .log_level("info")
+        .patience(PATIENCE);
+    if let Some(m) = manifest {
+        b = b.config(m);
+    }
+    b.start()
 }
 
-impl Srv {
-    /// `pubrun serve --token` on loopback, with `manifest` as its config.
-    fn start(manifest: Option<&str>) -> Srv {
-        let dir = tempfile::tempdir().unwrap();
-        let port = common::free_port();
-        let log_path = dir.path().join("serve.log");
-        let mut cmd = Command::new(BIN);
-        cmd.args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-            .args(["--token", SERVER_TOKEN])
-            .arg("--data-dir")
-            .arg(dir.path().join("data"))
-            .env("SEC_POOL_TOKEN", POOL_TOKEN)
-            .env("PUBRUN_LOG", "info")
-            .env_remove("PUBRUN_TOKEN")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log_path).unwrap());
-        if let Some(m) = manifest {
-            let path = dir.path().join("pubrun.toml");
-            std::fs::write(&path, m).unwrap();
-            cmd.arg("--config").arg(path);
-        }
-        let mut server = common::Server(cmd.spawn().expect("spawn pubrun serve"));
-        common::wait_healthy(&mut server.0, port, PATIENCE, || {
-            std::fs::read_to_string(&log_path).unwrap_or_default()
-        });
-        Srv { dir, port, server }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("serve.log")).unwrap_or_default()
-    }
-
+/// What the agent tests ask of the server (names unique in the `security` crate).
+impl Serve {
     /// The server's resident memory, from /proc.
     fn rss_bytes(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.server.0.id()))
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
             .expect("/proc/PID/status");
         let kb: u64 = status
             .lines()
@@ -100,14 +78,10 @@ impl Srv {
         kb * 1024
     }
 
-    fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.port)
-    }
-
     fn publish(&self, data: &str) {
         let out = Command::new(BIN)
             .args(["publish", "work", "--data", data])
-            .env("PUBRUN_ADDR", format!("http://127.0.0.1:{}", self.port))
+            .env("PUBRUN_ADDR", self.addr())
             .env("PUBRUN_TOKEN", SERVER_TOKEN)
             .env("PUBRUN_PROJECT", "demo")
             .output()
@@ -204,7 +178,7 @@ const HUGE: u64 = 200 * MIB;
 
 #[test]
 fn unauthenticated_agent_calls_are_refused_before_their_body_is_read() {
-    let srv = Srv::start(Some(MANIFEST));
+    let srv = start_srv(Some(MANIFEST));
     let before = srv.rss_bytes();
     for path in [
         "/agent/v1/register",
@@ -213,7 +187,7 @@ fn unauthenticated_agent_calls_are_refused_before_their_body_is_read() {
         "/agent/v1/leases/1/result",
     ] {
         for auth in ["", "\r\nAuthorization: Bearer not-the-pool-token"] {
-            let f = flood(srv.port, &format!("POST {path} HTTP/1.1{auth}"), HUGE);
+            let f = flood(srv.port(), &format!("POST {path} HTTP/1.1{auth}"), HUGE);
             assert_eq!(f.status, 401, "{path} {auth:?}\n{}", srv.log());
             assert!(
                 f.sent_at_answer < HUGE / 4,
@@ -233,9 +207,9 @@ fn unauthenticated_agent_calls_are_refused_before_their_body_is_read() {
 
 #[test]
 fn agent_routes_answer_404_without_a_pool_that_takes_agents() {
-    let srv = Srv::start(None);
+    let srv = start_srv(None);
     for path in ["/agent/v1/register", "/agent/v1/poll"] {
-        let f = flood(srv.port, &format!("POST {path} HTTP/1.1"), HUGE);
+        let f = flood(srv.port(), &format!("POST {path} HTTP/1.1"), HUGE);
         assert_eq!(f.status, 404, "{path}\n{}", srv.log());
         assert!(f.sent_at_answer < HUGE / 4, "{path}: read the body");
     }
@@ -243,7 +217,7 @@ fn agent_routes_answer_404_without_a_pool_that_takes_agents() {
 
 #[test]
 fn agent_bodies_over_their_limit_are_refused_with_413() {
-    let srv = Srv::start(Some(MANIFEST));
+    let srv = start_srv(Some(MANIFEST));
     let auth = format!("Authorization: Bearer {POOL_TOKEN}");
     // Declared too long: refused before any byte of body is sent.
     for (path, length) in [
@@ -252,12 +226,16 @@ fn agent_bodies_over_their_limit_are_refused_with_413() {
         ("/agent/v1/leases/1/log?offset=0", 100 * MIB),
         ("/agent/v1/leases/1/result", MIB),
     ] {
-        let status = declared(srv.port, &format!("POST {path} HTTP/1.1\r\n{auth}"), length);
+        let status = declared(
+            srv.port(),
+            &format!("POST {path} HTTP/1.1\r\n{auth}"),
+            length,
+        );
         assert_eq!(status, 413, "{path}\n{}", srv.log());
     }
     // Chunked: refused as the body passes the limit, not read to its end.
     let f = flood(
-        srv.port,
+        srv.port(),
         &format!("POST /agent/v1/register HTTP/1.1\r\n{auth}"),
         HUGE,
     );
@@ -362,7 +340,7 @@ impl Raw {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_live_agents_name_cannot_be_taken_over() {
-    let srv = Srv::start(Some(MANIFEST));
+    let srv = start_srv(Some(MANIFEST));
     let raw = Raw {
         http: reqwest::Client::new(),
     };

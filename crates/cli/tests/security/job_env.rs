@@ -5,7 +5,7 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::common;
+use super::common::ServeBuilder;
 
 const BIN: &str = env!("CARGO_BIN_EXE_pubrun");
 const PATIENCE: Duration = Duration::from_secs(60);
@@ -48,39 +48,19 @@ fn cli(port: u16, args: &[&str]) -> String {
 
 #[test]
 fn a_process_job_sees_only_its_declared_environment_and_secrets_are_masked() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("m.toml");
-    std::fs::write(&config, MANIFEST).unwrap();
-    let port = common::free_port();
-    let log_path = dir.path().join("serve.log");
-    let child = Command::new(BIN)
-        .args([
-            "serve",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--token",
-            TOKEN,
-            "--data-dir",
-        ])
-        .arg(dir.path().join("data"))
-        .arg("--config")
-        .arg(&config)
+    let server = ServeBuilder::new()
+        .config(MANIFEST)
+        .token(TOKEN)
         .env("PUBRUN_TOKEN", TOKEN)
         .env("IMPORT_HOOK_SECRET", HOOK_SECRET)
         .env("PROD_DB_PASSWORD", DB_PASSWORD)
         .env("HTTP_PROXY", "http://proxy.test:3128")
         .env_remove("NOT_SET_ON_THE_SERVER")
-        .env_remove("PUBRUN_LISTEN")
-        .env_remove("PUBRUN_DATA_DIR")
-        .env_remove("PUBRUN_CONFIG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log_path).unwrap())
-        .spawn()
-        .unwrap();
-    let mut server = common::Server(child);
-    let server_log = || std::fs::read_to_string(&log_path).unwrap_or_default();
-    common::wait_healthy(&mut server.0, port, PATIENCE, server_log);
+        .log_level("info")
+        .patience(PATIENCE)
+        .start();
+    let port = server.port();
+    let server_log = || server.log();
 
     let id = cli(port, &["jobs", "trigger", "show-env"])
         .trim()
@@ -135,37 +115,14 @@ fn a_process_job_sees_only_its_declared_environment_and_secrets_are_masked() {
 
 #[test]
 fn a_secret_missing_on_the_server_fails_the_run_with_a_clear_cause() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("m.toml");
-    std::fs::write(&config, MANIFEST).unwrap();
-    let port = common::free_port();
-    let log_path = dir.path().join("serve.log");
-    let child = Command::new(BIN)
-        .args([
-            "serve",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--token",
-            TOKEN,
-            "--data-dir",
-        ])
-        .arg(dir.path().join("data"))
-        .arg("--config")
-        .arg(&config)
+    let server = ServeBuilder::new()
+        .config(MANIFEST)
+        .token(TOKEN)
         .env_remove("PROD_DB_PASSWORD")
-        .env_remove("PUBRUN_TOKEN")
-        .env_remove("PUBRUN_LISTEN")
-        .env_remove("PUBRUN_DATA_DIR")
-        .env_remove("PUBRUN_CONFIG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log_path).unwrap())
-        .spawn()
-        .unwrap();
-    let mut server = common::Server(child);
-    common::wait_healthy(&mut server.0, port, PATIENCE, || {
-        std::fs::read_to_string(&log_path).unwrap_or_default()
-    });
+        .log_level("info")
+        .patience(PATIENCE)
+        .start();
+    let port = server.port();
     let id = cli(port, &["jobs", "trigger", "show-env"])
         .trim()
         .to_string();

@@ -5,86 +5,42 @@
 use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use googleapis_tonic_google_pubsub_v1::google::pubsub::v1 as pb;
 use pb::publisher_client::PublisherClient;
 use pb::subscriber_client::SubscriberClient;
 
-use crate::common::{self, free_port};
+use crate::common::{self, Serve, ServeBuilder};
 
 const BIN: &str = env!("CARGO_BIN_EXE_pubrun");
 const PATIENCE: Duration = Duration::from_secs(60);
 
-struct Serve {
-    child: common::Server,
-    port: u16,
-    dir: tempfile::TempDir,
+/// `pubrun serve` on loopback with `manifest` as `--config` and `extra` flags.
+fn start(manifest: &str, extra: &[&str]) -> Serve {
+    start_via(manifest, extra, None)
 }
 
-impl Serve {
-    /// `pubrun serve` on loopback with `manifest` as `--config` and `extra` flags.
-    fn start(manifest: &str, extra: &[&str]) -> Serve {
-        Serve::start_via(manifest, extra, None)
-    }
-
-    /// The same, started through `sh -c SCRIPT` (which ends in `exec "$@"`).
-    fn start_via(manifest: &str, extra: &[&str], shell: Option<&str>) -> Serve {
-        let dir = tempfile::tempdir().unwrap();
-        let config = dir.path().join("pubrun.toml");
-        std::fs::write(&config, manifest).unwrap();
-        let port = free_port();
-        let log = std::fs::File::create(dir.path().join("serve.log")).unwrap();
-        let mut cmd = match shell {
-            Some(script) => {
-                let mut c = Command::new("sh");
-                c.args(["-c", script, "sh", BIN]);
-                c
-            }
-            None => Command::new(BIN),
-        };
-        cmd.args([
-            "serve",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--data-dir",
-        ])
-        .arg(dir.path().join("data"))
-        .arg("--config")
-        .arg(&config)
+/// The same, started through `sh -c SCRIPT` (which ends in `exec "$@"`).
+fn start_via(manifest: &str, extra: &[&str], shell: Option<&str>) -> Serve {
+    let mut b = ServeBuilder::new()
+        .config(manifest)
         .args(extra)
-        .env("PUBRUN_LOG", "info")
-        .env_remove("PUBRUN_TOKEN")
-        .env_remove("PUBRUN_LISTEN")
-        .env_remove("PUBRUN_DATA_DIR")
-        .env_remove("PUBRUN_CONFIG")
-        .env_remove("PUBRUN_ALLOWED_HOSTS")
-        .env_remove("PUBRUN_PUBLIC_URL")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log);
-        let child = cmd.spawn().expect("spawn pubrun serve");
-        let mut s = Serve {
-            child: common::Server(child),
-            port,
-            dir,
-        };
-        let log_path = s.dir.path().join("serve.log");
-        common::wait_healthy(&mut s.child.0, port, PATIENCE, || {
-            std::fs::read_to_string(&log_path).unwrap_or_default()
-        });
-        s
+        .log_level("info")
+        .patience(PATIENCE);
+    if let Some(script) = shell {
+        b = b.via_shell(script);
     }
+    b.start()
+}
 
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("serve.log")).unwrap_or_default()
-    }
-
+/// Requests of the server tests (names unique in the `security` crate).
+impl Serve {
     fn cli(&self, args: &[&str]) -> std::process::Output {
         Command::new(BIN)
             .args(args)
-            .env("PUBRUN_ADDR", format!("http://127.0.0.1:{}", self.port))
+            .env("PUBRUN_ADDR", self.addr())
             .env("PUBRUN_PROJECT", "demo")
             .env_remove("PUBRUN_TOKEN")
             .output()
@@ -92,7 +48,7 @@ impl Serve {
     }
 
     fn connect(&self) -> TcpStream {
-        let s = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        let s = TcpStream::connect(("127.0.0.1", self.port())).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
         s
     }
@@ -108,7 +64,7 @@ impl Serve {
     ) -> (u16, String) {
         let mut head = format!("{method} {path} HTTP/1.1\r\n");
         if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
-            head.push_str(&format!("Host: 127.0.0.1:{}\r\n", self.port));
+            head.push_str(&format!("Host: 127.0.0.1:{}\r\n", self.port()));
         }
         for (k, v) in headers {
             head.push_str(&format!("{k}: {v}\r\n"));
@@ -175,10 +131,10 @@ process = {{ command = "/bin/sh", args = ["-c", "id > {}"] }}
 /// (code execution) on the default loopback server with simple requests.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cross_site_requests_cannot_apply_or_trigger() {
-    let s = Serve::start(KEEP, &[]);
-    let target = s.dir.path().join("pwned");
+    let s = start(KEEP, &[]);
+    let target = s.path("pwned");
     let evil = hostile_manifest(&target);
-    let port = s.port;
+    let port = s.port();
     let own_origin = format!("http://127.0.0.1:{port}");
 
     // (path, what the refusal says, headers)
@@ -319,7 +275,7 @@ async fn cross_site_requests_cannot_apply_or_trigger() {
     assert_eq!(topic.get_ref().name, "projects/demo/topics/keep");
 
     // The CLI's apply and trigger still work (and so the job runs).
-    let manifest = s.dir.path().join("mine.toml");
+    let manifest = s.path("mine.toml");
     std::fs::write(&manifest, format!("{evil}\n[[topic]]\nname = \"keep\"\n")).unwrap();
     ok(&s.cli(&["apply", "-f", manifest.to_str().unwrap()]));
     ok(&s.cli(&["jobs", "trigger", "pwn"]));
@@ -337,7 +293,7 @@ async fn cross_site_requests_cannot_apply_or_trigger() {
 /// `--allowed-host` and `--public-url` add names; their requests pass.
 #[test]
 fn allowed_hosts_and_public_url_are_served() {
-    let s = Serve::start(
+    let s = start(
         KEEP,
         &[
             "--allowed-host",
@@ -383,7 +339,7 @@ fn allowed_hosts_and_public_url_are_served() {
 /// Issue 11, item 13: RFC 6750's scheme name is case-insensitive.
 #[test]
 fn bearer_scheme_is_case_insensitive() {
-    let s = Serve::start(KEEP, &["--token", "s3cret"]);
+    let s = start(KEEP, &["--token", "s3cret"]);
     for auth in ["Bearer s3cret", "bearer s3cret", "BEARER s3cret"] {
         let (status, text) = s.request(
             "GET",
@@ -408,7 +364,7 @@ fn bearer_scheme_is_case_insensitive() {
 /// is read; Cloud Storage uploads stream past that limit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_bodies_are_refused_before_reading_them() {
-    let s = Serve::start(&format!("{KEEP}[[bucket]]\nname = \"input\"\n"), &[]);
+    let s = start(&format!("{KEEP}[[bucket]]\nname = \"input\"\n"), &[]);
     for path in [
         "/api/v1/apply",
         "/v1/projects/demo/topics/keep:publish",
@@ -435,7 +391,7 @@ async fn oversized_bodies_are_refused_before_reading_them() {
         .unwrap()
         .post(format!(
             "http://127.0.0.1:{}/upload/storage/v1/b/input/o?uploadType=media&name=big",
-            s.port
+            s.port()
         ))
         .header("content-type", "application/octet-stream")
         .body(body)
@@ -452,7 +408,7 @@ async fn oversized_bodies_are_refused_before_reading_them() {
 /// nothing, is closed after the header-read timeout.
 #[test]
 fn slow_and_silent_connections_are_closed() {
-    let s = Serve::start(
+    let s = start(
         KEEP,
         &["--header-read-timeout", "1s", "--idle-timeout", "1s"],
     );
@@ -481,7 +437,7 @@ fn slow_and_silent_connections_are_closed() {
 /// 503; once idle connections are closed, new ones are served again.
 #[test]
 fn connections_beyond_the_cap_get_503() {
-    let s = Serve::start(
+    let s = start(
         KEEP,
         &[
             "--max-connections",
@@ -532,7 +488,7 @@ fn connections_beyond_the_cap_get_503() {
     }
     // ...and a fresh connection is served again.
     let deadline = Instant::now() + PATIENCE;
-    while !common::healthz(s.port) {
+    while !common::healthz(s.port()) {
         assert!(Instant::now() < deadline, "not served again\n{}", s.log());
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -542,11 +498,11 @@ fn connections_beyond_the_cap_get_503() {
 /// StreamingPull outlives the idle timeout and still receives.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streaming_pull_outlives_the_idle_timeout() {
-    let s = Serve::start(
+    let s = start(
         &format!("{KEEP}[[subscription]]\nname = \"keep-sub\"\ntopic = \"keep\"\n"),
         &["--header-read-timeout", "1s", "--idle-timeout", "1s"],
     );
-    let ch = common::connect(s.port).await;
+    let ch = common::connect(s.port()).await;
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     tx.send(pb::StreamingPullRequest {
         subscription: "projects/demo/subscriptions/keep-sub".into(),
@@ -587,8 +543,8 @@ async fn streaming_pull_outlives_the_idle_timeout() {
 /// Issue 11, item 11: the soft open-file limit is raised to the hard one.
 #[test]
 fn open_file_limit_is_raised() {
-    let s = Serve::start_via(KEEP, &[], Some("ulimit -Sn 256 && exec \"$@\""));
-    let limits = std::fs::read_to_string(format!("/proc/{}/limits", s.child.0.id())).unwrap();
+    let s = start_via(KEEP, &[], Some("ulimit -Sn 256 && exec \"$@\""));
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", s.pid())).unwrap();
     let line = limits
         .lines()
         .find(|l| l.starts_with("Max open files"))

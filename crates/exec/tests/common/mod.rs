@@ -6,13 +6,13 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use pubrun_core::job::{DockerSpec, ExecutorSpec, ProcessSpec};
 use pubrun_exec::{LogSink, OnStarted, RunRequest, Started};
+use pubrun_testkit::run_script;
 use tokio::sync::oneshot;
 
 /// How long any awaited event may take before a test fails.
@@ -118,59 +118,17 @@ pub async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
         .unwrap_or_else(|_| panic!("{what}: took longer than {WAIT:?}"))
 }
 
-pub fn scripts_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts")
-}
-
 pub const TEST_IMAGE: &str = "pubrun-test/busybox:latest";
 
-fn run_script(name: &str) -> Result<String, String> {
-    let script = scripts_dir().join(name);
-    let out = Command::new("bash")
-        .arg(&script)
-        .output()
-        .map_err(|e| format!("running {}: {e}", script.display()))?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-    } else {
-        Err(format!(
-            "{} failed ({}):\n{}{}",
-            script.display(),
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ))
-    }
-}
-
-fn engine_answers() -> bool {
-    Command::new("docker")
-        .args(["version", "--format", "{{.Server.Version}}"])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false)
-}
-
-/// Whether the Docker tests can run: an engine answers and the test image is
-/// built. Without an engine a test is SKIPPED, except under `CI=true`, where
-/// it fails loudly.
+/// Whether the Docker tests can run: an engine answers (else SKIPPED, a
+/// failure under `CI=true`) and the test image is built (else a failure).
 pub fn docker_ready(test: &str) -> bool {
-    static READY: OnceLock<Result<(), String>> = OnceLock::new();
-    let ready = READY.get_or_init(|| {
-        if !engine_answers() {
-            return Err("no Docker engine answers (`docker version` failed)".into());
-        }
-        run_script("docker-test-image.sh").map(|_| ())
-    });
-    match ready {
+    if !pubrun_testkit::require_docker(test) {
+        return false;
+    }
+    static IMAGE: OnceLock<Result<(), String>> = OnceLock::new();
+    match IMAGE.get_or_init(|| run_script("docker-test-image.sh", &[]).map(|_| ())) {
         Ok(()) => true,
-        Err(e) if e.starts_with("no Docker engine") => {
-            if std::env::var("CI").is_ok_and(|v| v == "true") {
-                panic!("{test}: CI=true but {e}; start dockerd or set DOCKER_HOST");
-            }
-            eprintln!("SKIPPED {test}: {e}");
-            false
-        }
         Err(e) => panic!("{test}: {e}"),
     }
 }
@@ -182,7 +140,7 @@ pub fn registry_port(test: &str) -> Option<u16> {
     }
     static PORT: OnceLock<Result<u16, String>> = OnceLock::new();
     let port = PORT.get_or_init(|| {
-        let out = run_script("docker-registry.sh")?;
+        let out = run_script("docker-registry.sh", &[])?;
         let last = out.lines().last().unwrap_or_default();
         last.parse::<u16>()
             .map_err(|e| format!("docker-registry.sh printed {out:?}, not a port: {e}"))

@@ -239,10 +239,7 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
 {
-    match wait_for_or(what, check).await {
-        Some(v) => v,
-        None => panic!("timed out after {WAIT:?} waiting for {what}"),
-    }
+    pubrun_testkit::eventually(what, WAIT, check).await
 }
 
 pub async fn wait_for_or<T, F, Fut>(_what: &str, mut check: F) -> Option<T>

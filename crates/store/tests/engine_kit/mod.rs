@@ -1,0 +1,74 @@
+//! What the per-trait engine suites (`run_engines`, `trigger_engines`,
+//! `pool_engines`, `bucket_engines`) share: each engine's durable state (a
+//! temp dir for SQLite, a throwaway PostgreSQL cluster) and `all_engines!`,
+//! which instantiates every generic test for both. Each suite implements its
+//! own `Engine` trait (opening its store) for [`Sqlite`] and [`Postgres`].
+
+use pubrun_store::testing::TempPostgres;
+
+/// The embedded engine's files live in `dir`.
+pub struct Sqlite {
+    pub dir: tempfile::TempDir,
+}
+
+impl Sqlite {
+    pub fn new() -> Self {
+        Sqlite {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+}
+
+/// A throwaway cluster: these tests fail (never skip) without PostgreSQL.
+pub struct Postgres {
+    pub pg: TempPostgres,
+}
+
+impl Postgres {
+    pub fn new() -> Self {
+        Postgres {
+            pg: TempPostgres::start(),
+        }
+    }
+}
+
+/// Instantiates each generic `async fn test(e: impl Engine)` of the suite
+/// for both engines, as `sqlite::test` and `postgres::test`, each under the
+/// suite's own `bounded` (so a stuck engine fails instead of hanging).
+macro_rules! all_engines {
+    ($($test:ident),* $(,)?) => {
+        all_engines!(@suite sqlite, Sqlite::new(), [$($test),*]);
+        all_engines!(@suite postgres, Postgres::new(), [$($test),*]);
+    };
+    (@suite $engine:ident, $make:expr, [$($test:ident),*]) => {
+        mod $engine {
+            use super::*;
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    bounded(super::$test($make)).await
+                }
+            )*
+        }
+    };
+}
+
+/// The broker ownership lease taken as server `node` (TTL 1 s), as a server
+/// holds it while it writes: the fencing tests take it from `a` to `b`.
+pub async fn lease(pg: &TempPostgres, node: &str) -> pubrun_store::PostgresStore {
+    pubrun_store::PostgresStore::open(pubrun_store::PostgresOptions {
+        url: pg.url(),
+        node_name: node.into(),
+        lease_ttl: std::time::Duration::from_secs(1),
+    })
+    .await
+    .unwrap()
+}
+
+/// The fence of writes made under the broker lease's `token`.
+pub fn fence(token: i64) -> pubrun_store::runs::postgres::Fence {
+    pubrun_store::runs::postgres::Fence {
+        name: pubrun_store::postgres::BROKER_OWNERSHIP.to_string(),
+        token,
+    }
+}

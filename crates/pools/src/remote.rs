@@ -515,8 +515,8 @@ impl Pools {
             m.state,
             MachineState::Ready | MachineState::Busy | MachineState::Idle
         ) {
-            m.state = MachineState::Ready;
-            m.state_since_ms = now;
+            m.set_state(MachineState::Ready, now)
+                .map_err(|e| format!("machine {}: {e}", m.name))?;
             m.idle_since_ms = Some(now);
             m.last_error.clear();
             m.needs_stop = false;
@@ -1054,8 +1054,10 @@ impl Pools {
                 m.state,
                 MachineState::Ready | MachineState::Busy | MachineState::Idle
             ) {
-                m.state = MachineState::Failed;
-                m.state_since_ms = now;
+                if let Err(e) = m.set_state(MachineState::Failed, now) {
+                    tracing::error!(machine = name, error = %e, "cannot record a lost machine");
+                    continue;
+                }
                 m.last_error = format!("agent not heard from for {} s", silent_ms / 1000);
                 // Still up as far as we know (a partition): the autoscaler
                 // stops it, and the cost span ends then.
@@ -1099,8 +1101,10 @@ impl Pools {
         ) && m.state != want
         {
             let now = now_ms();
-            m.state = want;
-            m.state_since_ms = now;
+            if let Err(e) = m.set_state(want, now) {
+                tracing::warn!(machine = name, error = %e, "cannot record machine state");
+                return;
+            }
             m.idle_since_ms = (runs == 0).then_some(now);
             if let Err(e) = self.put_machine(&m).await {
                 tracing::warn!(machine = name, error = %e, "cannot record machine state");

@@ -328,7 +328,7 @@ fn plan_warnings(
     use pubrun_jobs::apply::Action;
     let mut out = Vec::new();
     for c in changes {
-        if c.kind != "subscription" || !matches!(c.action, Action::Replace | Action::Delete) {
+        if c.kind != "subscription" || !c.action.is_destructive() {
             continue;
         }
         if let Some(&n) = backlog_before.get(&c.name).filter(|&&n| n > 0) {

@@ -27,4 +27,6 @@ pub use cost::{cost, share_machine_time, Span};
 pub use error::{Code, Error, Result};
 pub use message::{Message, OutgoingMessage};
 pub use names::{ProjectName, SubscriptionName, TopicName};
-pub use pool::{autoscale, MachineState, MachineView, PoolSpec, ProviderSpec, ScaleAction};
+pub use pool::{
+    autoscale, IllegalTransition, MachineState, MachineView, PoolSpec, ProviderSpec, ScaleAction,
+};

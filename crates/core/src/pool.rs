@@ -214,7 +214,9 @@ impl Default for GceProviderSpec {
 /// Lifecycle of one machine of a pool:
 /// `provisioning → ready → busy ⇄ idle → stopping → stopped`, and `failed`
 /// from anywhere but `stopped`. `stopped` machines may be started again
-/// (`stopped → provisioning`).
+/// (`stopped → provisioning`). An agent registering from a machine makes it
+/// `ready` whatever was recorded. Every change goes through
+/// [`MachineState::check_transition`] (`MachineRow::set_state` in the store).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum MachineState {
@@ -263,10 +265,13 @@ impl MachineState {
         use MachineState::*;
         match (self, to) {
             (a, b) if a == b => false,
+            // Its agent registered: the machine is up, whatever we thought
+            // (a partition healed, a stop that did not happen).
+            (_, Ready) => true,
             (Stopped, Provisioning) => true,
             (Stopped, _) => false,
             (_, Failed) => true,
-            (Provisioning, Ready | Stopping) => true,
+            (Provisioning, Stopping) => true,
             (Ready | Idle, Busy) | (Ready | Busy, Idle) => true,
             (Ready | Busy | Idle, Stopping) => true,
             (Stopping, Stopped) => true,
@@ -274,6 +279,30 @@ impl MachineState {
             _ => false,
         }
     }
+
+    /// `self → to` if allowed. Staying in a state is allowed too: it
+    /// records it again (a stop asked for once more).
+    pub fn check_transition(self, to: MachineState) -> Result<(), IllegalTransition> {
+        if self == to || self.can_become(to) {
+            Ok(())
+        } else {
+            Err(IllegalTransition { from: self, to })
+        }
+    }
+}
+
+impl std::fmt::Display for MachineState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A machine state change the state machine does not allow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("a {from} machine cannot become {to}")]
+pub struct IllegalTransition {
+    pub from: MachineState,
+    pub to: MachineState,
 }
 
 /// What the autoscaler sees of one machine of a pool.
@@ -444,6 +473,54 @@ use crate::job::humantime_serde_secs as secs;
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    /// The whole table: every pair not listed here is refused.
+    #[test]
+    fn machine_transition_table() {
+        use MachineState::*;
+        let all = [Provisioning, Ready, Busy, Idle, Stopping, Stopped, Failed];
+        let allowed = [
+            (Provisioning, Ready),
+            (Provisioning, Stopping),
+            (Provisioning, Failed),
+            (Ready, Busy),
+            (Ready, Idle),
+            (Ready, Stopping),
+            (Ready, Failed),
+            (Busy, Ready),
+            (Busy, Idle),
+            (Busy, Stopping),
+            (Busy, Failed),
+            (Idle, Ready),
+            (Idle, Busy),
+            (Idle, Stopping),
+            (Idle, Failed),
+            (Stopping, Ready),
+            (Stopping, Stopped),
+            (Stopping, Failed),
+            (Stopped, Provisioning),
+            (Stopped, Ready),
+            (Failed, Ready),
+            (Failed, Stopping),
+            (Failed, Stopped),
+        ];
+        for from in all {
+            for to in all {
+                let want = allowed.contains(&(from, to));
+                assert_eq!(from.can_become(to), want, "{from} -> {to}");
+                let checked = from.check_transition(to);
+                if from == to || want {
+                    assert_eq!(checked, Ok(()), "{from} -> {to}");
+                } else {
+                    assert_eq!(checked, Err(IllegalTransition { from, to }));
+                }
+            }
+        }
+        assert_eq!(
+            Stopped.check_transition(Busy).unwrap_err().to_string(),
+            "a stopped machine cannot become busy"
+        );
+    }
 
     #[test]
     fn machine_state_machine() {

@@ -91,38 +91,176 @@ impl std::fmt::Display for RunStatus {
     }
 }
 
+/// Why an attempt ended. The dispatcher's retry decision matches on this,
+/// never on the text of [`Exit::error`], which is for people.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EndCause {
+    /// It ran (or tried to) and ended as the job made it end: an exit code,
+    /// a signal, out of memory, or a start the job's spec made fail (no such
+    /// image or command). Retried per the job's retry policy.
+    #[default]
+    Exited,
+    /// Stopped at the job's timeout. Retried per the retry policy.
+    TimedOut,
+    /// Stopped, or never started, because it was cancelled (or its job was
+    /// deleted). Final.
+    Cancelled,
+    /// An input could not be downloaded or an output uploaded. Retried per
+    /// the retry policy.
+    InputOutput,
+    /// The message cannot make a valid attempt (a template, an input name, a
+    /// missing secret): the same message fails the same way again. Final.
+    Parameters,
+    /// A bug in pubrun (a panic). Final.
+    Internal,
+    /// The infrastructure failed, not the job (Docker daemon unreachable,
+    /// run directory not writable): the same attempt again after a backoff.
+    Infrastructure,
+    /// The machine, agent, lease or server running it went away: the same
+    /// attempt again at once, elsewhere.
+    Lost,
+    /// pubrun restarted while it ran and could not find it again. It may
+    /// have done part of its work, so it uses an attempt.
+    Interrupted,
+}
+
+impl EndCause {
+    /// Not the job's fault: the run is queued again for the same attempt.
+    pub fn keeps_attempt(self) -> bool {
+        matches!(self, EndCause::Infrastructure | EndCause::Lost)
+    }
+
+    /// Retrying would fail the same way: the run ends whatever attempts remain.
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            EndCause::Cancelled | EndCause::Parameters | EndCause::Internal
+        )
+    }
+
+    /// The cause of an exit stored (or sent by an agent) before causes were
+    /// recorded, from its flags and the prefixes its message had then. Read
+    /// in the order the dispatcher used to test them.
+    fn from_legacy(w: &ExitWire) -> EndCause {
+        let error = w.error.as_deref().unwrap_or("");
+        let lost = error.starts_with("lost:");
+        if w.cancelled {
+            EndCause::Cancelled
+        } else if w.infra_error && lost {
+            EndCause::Lost
+        } else if w.infra_error {
+            EndCause::Infrastructure
+        } else if lost {
+            EndCause::Interrupted
+        } else if error.starts_with("parameters:") {
+            EndCause::Parameters
+        } else if error.starts_with("internal error:") {
+            EndCause::Internal
+        } else if w.timed_out {
+            EndCause::TimedOut
+        } else if error.starts_with("inputs:") || error.starts_with("outputs:") {
+            EndCause::InputOutput
+        } else {
+            EndCause::Exited
+        }
+    }
+}
+
 /// How an attempt's process ended, as the executor observed it.
+///
+/// On the wire (run store JSON, agent protocol, REST) it keeps the flags it
+/// had before [`EndCause`] existed (`timed_out`, `cancelled`, `infra_error`,
+/// derived from `cause`), so old readers understand it; JSON without `cause`
+/// is read through [`EndCause::from_legacy`].
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(from = "ExitWire", into = "ExitWire")]
 pub struct Exit {
     pub exit_code: Option<i32>,
     /// Signal that ended the process (Unix), if any.
     pub signal: Option<i32>,
     pub oom_killed: bool,
-    pub timed_out: bool,
-    pub cancelled: bool,
-    /// Why it could not start or was lost (missing image, daemon down, …).
+    pub cause: EndCause,
+    /// What went wrong, for people (missing image, daemon down, …).
     pub error: Option<String>,
-    /// The failure was the infrastructure's (Docker daemon unreachable), not
-    /// the job's: the run waits and tries again without using up an attempt.
-    #[serde(default)]
-    pub infra_error: bool,
     /// It did not end within the grace period after SIGTERM (`docker stop`)
     /// on timeout or cancel and was killed with SIGKILL.
-    #[serde(default)]
     pub killed_after_grace: bool,
 }
 
+/// [`Exit`] as JSON: the field order and flags of before, then `cause`.
+#[derive(Serialize, Deserialize)]
+struct ExitWire {
+    exit_code: Option<i32>,
+    signal: Option<i32>,
+    oom_killed: bool,
+    timed_out: bool,
+    cancelled: bool,
+    error: Option<String>,
+    #[serde(default)]
+    infra_error: bool,
+    #[serde(default)]
+    killed_after_grace: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    cause: Option<EndCause>,
+}
+
+impl From<ExitWire> for Exit {
+    fn from(w: ExitWire) -> Exit {
+        Exit {
+            cause: w.cause.unwrap_or_else(|| EndCause::from_legacy(&w)),
+            exit_code: w.exit_code,
+            signal: w.signal,
+            oom_killed: w.oom_killed,
+            error: w.error,
+            killed_after_grace: w.killed_after_grace,
+        }
+    }
+}
+
+impl From<Exit> for ExitWire {
+    fn from(e: Exit) -> ExitWire {
+        ExitWire {
+            exit_code: e.exit_code,
+            signal: e.signal,
+            oom_killed: e.oom_killed,
+            timed_out: e.timed_out(),
+            cancelled: e.cancelled(),
+            error: e.error,
+            infra_error: e.cause.keeps_attempt(),
+            killed_after_grace: e.killed_after_grace,
+            cause: Some(e.cause),
+        }
+    }
+}
+
 impl Exit {
+    /// An attempt that ended for `cause` with `error` saying why.
+    pub fn failed(cause: EndCause, error: impl Into<String>) -> Exit {
+        Exit {
+            cause,
+            error: Some(error.into()),
+            ..Default::default()
+        }
+    }
+
+    pub fn timed_out(&self) -> bool {
+        self.cause == EndCause::TimedOut
+    }
+
+    pub fn cancelled(&self) -> bool {
+        self.cause == EndCause::Cancelled
+    }
+
     /// The terminal status this exit maps to.
     pub fn status(&self) -> RunStatus {
-        if self.cancelled {
-            RunStatus::Cancelled
-        } else if self.timed_out {
-            RunStatus::TimedOut
-        } else if self.exit_code == Some(0) && self.error.is_none() && !self.oom_killed {
-            RunStatus::Succeeded
-        } else {
-            RunStatus::Failed
+        match self.cause {
+            EndCause::Cancelled => RunStatus::Cancelled,
+            EndCause::TimedOut => RunStatus::TimedOut,
+            _ if self.exit_code == Some(0) && self.error.is_none() && !self.oom_killed => {
+                RunStatus::Succeeded
+            }
+            _ => RunStatus::Failed,
         }
     }
 }
@@ -179,7 +317,7 @@ mod tests {
         );
         assert_eq!(
             Exit {
-                timed_out: true,
+                cause: EndCause::TimedOut,
                 signal: Some(9),
                 ..Default::default()
             }
@@ -194,5 +332,114 @@ mod tests {
             .status(),
             RunStatus::Failed
         );
+    }
+
+    #[test]
+    fn exit_json_keeps_the_old_flags_and_adds_the_cause() {
+        let lost = Exit::failed(EndCause::Lost, "lost: lease 3 was taken back");
+        let v: serde_json::Value = serde_json::to_value(&lost).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({
+                "exit_code": null, "signal": null, "oom_killed": false,
+                "timed_out": false, "cancelled": false,
+                "error": "lost: lease 3 was taken back",
+                "infra_error": true, "killed_after_grace": false, "cause": "lost"
+            })
+        );
+        assert_eq!(serde_json::from_value::<Exit>(v).unwrap(), lost);
+        // The cause wins over the flags when both are there.
+        let v = serde_json::json!({
+            "exit_code": null, "signal": null, "oom_killed": false, "timed_out": true,
+            "cancelled": false, "error": null, "cause": "internal"
+        });
+        assert_eq!(
+            serde_json::from_value::<Exit>(v).unwrap().cause,
+            EndCause::Internal
+        );
+    }
+
+    /// Run store rows and old agents' reports have no `cause`: it is
+    /// derived from the flags and message prefixes they were written with.
+    #[test]
+    fn old_exit_json_reads_with_its_cause() {
+        let read = |timed_out: bool, cancelled: bool, infra: bool, error: Option<&str>| {
+            let mut v = serde_json::json!({
+                "exit_code": 1, "signal": null, "oom_killed": false,
+                "timed_out": timed_out, "cancelled": cancelled, "error": error,
+                "infra_error": infra
+            });
+            if !infra {
+                // Older still: before `infra_error` and `killed_after_grace`.
+                v.as_object_mut().unwrap().remove("infra_error");
+            }
+            let e: Exit = serde_json::from_value(v).unwrap();
+            assert_eq!(e.exit_code, Some(1));
+            assert_eq!(e.error.as_deref(), error);
+            e.cause
+        };
+        use EndCause::*;
+        assert_eq!(read(false, false, false, None), Exited);
+        assert_eq!(read(true, false, false, None), TimedOut);
+        assert_eq!(
+            read(false, true, false, Some("cancelled before it started")),
+            Cancelled
+        );
+        assert_eq!(read(false, true, true, Some("lost: x")), Cancelled);
+        assert_eq!(
+            read(false, false, true, Some("lost: agent a stopped")),
+            Lost
+        );
+        assert_eq!(
+            read(true, false, true, Some("docker engine unreachable")),
+            Infrastructure
+        );
+        assert_eq!(
+            read(
+                false,
+                false,
+                false,
+                Some("lost: pubrun restarted while this attempt ran")
+            ),
+            Interrupted
+        );
+        assert_eq!(
+            read(false, false, false, Some("parameters: inputs.to: ..")),
+            Parameters
+        );
+        assert_eq!(
+            read(
+                false,
+                false,
+                false,
+                Some("internal error: pubrun panicked while x")
+            ),
+            Internal
+        );
+        assert_eq!(
+            read(false, false, false, Some("inputs: gs://b/o: gone")),
+            InputOutput
+        );
+        assert_eq!(read(false, false, false, Some("no such image")), Exited);
+    }
+
+    #[test]
+    fn causes_decide_retries() {
+        use EndCause::*;
+        let all = [
+            Exited,
+            TimedOut,
+            Cancelled,
+            InputOutput,
+            Parameters,
+            Internal,
+            Infrastructure,
+            Lost,
+            Interrupted,
+        ];
+        let keeps: Vec<_> = all.into_iter().filter(|c| c.keeps_attempt()).collect();
+        assert_eq!(keeps, [Infrastructure, Lost]);
+        let fin: Vec<_> = all.into_iter().filter(|c| c.is_final()).collect();
+        assert_eq!(fin, [Cancelled, Parameters, Internal]);
     }
 }

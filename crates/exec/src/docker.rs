@@ -32,7 +32,7 @@
 //!
 //! Errors: anything Docker answers (image missing, pull refused, bad
 //! command) is the job's error; no answer at all (socket missing, connection
-//! refused, request timed out) is `infra_error` with "docker engine
+//! refused, request timed out) is `EndCause::Infrastructure` with "docker engine
 //! unreachable at …", so the run waits and tries the same attempt again.
 //!
 //! The connection is made lazily: [`DockerExecutor::connect`] only checks
@@ -59,7 +59,7 @@ use futures::StreamExt;
 use pubrun_core::job::{DockerSpec, ExecutorSpec, PullPolicy};
 use tokio::sync::OnceCell;
 
-use crate::{CancellationToken, Executor, Exit, LogSink, OnStarted, RunRequest, Started};
+use crate::{CancellationToken, EndCause, Executor, Exit, LogSink, OnStarted, RunRequest, Started};
 
 /// Where Docker listens when `DOCKER_HOST` is not set.
 pub const DEFAULT_DOCKER_HOST: &str = "unix:///var/run/docker.sock";
@@ -97,11 +97,7 @@ impl Fail {
                 error: Some(m),
                 ..Default::default()
             },
-            Fail::Infra(m) => Exit {
-                error: Some(m),
-                infra_error: true,
-                ..Default::default()
-            },
+            Fail::Infra(m) => Exit::failed(EndCause::Infrastructure, m),
         }
     }
 }
@@ -508,27 +504,25 @@ impl DockerExecutor {
                 tokio::time::sleep(req.timeout).await
             }
         };
-        let mut timed_out = false;
-        let mut cancelled = false;
+        let mut cause = EndCause::Exited;
         let mut stopped = None;
         let waited = tokio::select! {
             w = wait.next() => w,
             _ = limit => {
-                timed_out = true;
+                cause = EndCause::TimedOut;
                 log.note(&format!("timed out after {}s: docker stop with {}s grace", req.timeout.as_secs_f64(), req.grace_period.as_secs())).await;
                 stopped = Some(self.stop(docker, id, req.grace_period, log).await);
                 wait.next().await
             }
             _ = cancel.cancelled() => {
-                cancelled = true;
+                cause = EndCause::Cancelled;
                 log.note(&format!("cancelled: docker stop with {}s grace", req.grace_period.as_secs())).await;
                 stopped = Some(self.stop(docker, id, req.grace_period, log).await);
                 wait.next().await
             }
         };
         let mut exit = Exit {
-            timed_out,
-            cancelled,
+            cause,
             ..Default::default()
         };
         let mut wait_code = None;
@@ -542,7 +536,7 @@ impl DockerExecutor {
                     self.endpoint,
                     chain(&e)
                 ));
-                exit.infra_error = true;
+                exit.cause = EndCause::Infrastructure;
                 return exit;
             }
             Some(Err(e)) => {
@@ -588,7 +582,7 @@ impl DockerExecutor {
                         self.endpoint,
                         chain(&e)
                     ));
-                    exit.infra_error = true;
+                    exit.cause = EndCause::Infrastructure;
                 }
             }
             Err(_) => exit.exit_code = wait_code.map(|c| c as i32),
@@ -675,11 +669,10 @@ impl DockerExecutor {
         let docker = self.client().await?;
         self.ensure_image(&docker, spec, log).await?;
         if cancel.is_cancelled() {
-            return Ok(Exit {
-                cancelled: true,
-                error: Some("cancelled before it started".into()),
-                ..Default::default()
-            });
+            return Ok(Exit::failed(
+                EndCause::Cancelled,
+                "cancelled before it started",
+            ));
         }
         let (id, already_running) = self.create(&docker, req, spec, log).await?;
         if !already_running {
@@ -724,11 +717,7 @@ impl Executor for DockerExecutor {
             }
         };
         if cancel.is_cancelled() {
-            return Exit {
-                cancelled: true,
-                error: Some("cancelled before it started".into()),
-                ..Default::default()
-            };
+            return Exit::failed(EndCause::Cancelled, "cancelled before it started");
         }
         match self
             .start_and_follow(&req, &spec, &log, &cancel, on_started)

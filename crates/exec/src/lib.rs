@@ -17,7 +17,7 @@ use std::time::Duration;
 
 pub use log::LogSink;
 use pubrun_core::job::ExecutorSpec;
-pub use pubrun_core::run::Exit;
+pub use pubrun_core::run::{EndCause, Exit};
 pub use tokio_util::sync::CancellationToken;
 
 /// One attempt, with every template already rendered.
@@ -171,11 +171,7 @@ impl Executor for Unavailable {
         _on_started: OnStarted,
     ) -> Exit {
         log.note(&self.0).await;
-        Exit {
-            error: Some(self.0.clone()),
-            infra_error: true,
-            ..Default::default()
-        }
+        Exit::failed(EndCause::Infrastructure, self.0.clone())
     }
 
     async fn reattach(

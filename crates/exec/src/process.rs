@@ -32,7 +32,7 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::process::Child;
 use tokio::task::JoinHandle;
 
-use crate::{CancellationToken, Executor, Exit, LogSink, OnStarted, RunRequest, Started};
+use crate::{CancellationToken, EndCause, Executor, Exit, LogSink, OnStarted, RunRequest, Started};
 
 /// How long the output readers may take to reach end-of-file after the
 /// process group is gone. Only a process that left the group (setsid) and
@@ -178,11 +178,7 @@ impl Executor for ProcessExecutor {
             ));
         }
         if cancel.is_cancelled() {
-            return Exit {
-                cancelled: true,
-                error: Some("cancelled before it started".into()),
-                ..Default::default()
-            };
+            return Exit::failed(EndCause::Cancelled, "cancelled before it started");
         }
 
         let mut cmd = tokio::process::Command::new(&spec.command);
@@ -238,18 +234,17 @@ impl Executor for ProcessExecutor {
                 tokio::time::sleep(req.timeout).await
             }
         };
-        let mut timed_out = false;
-        let mut cancelled = false;
+        let mut cause = EndCause::Exited;
         let mut killed_after_grace = false;
         let status = tokio::select! {
             status = child.wait() => status,
             _ = limit => {
-                timed_out = true;
+                cause = EndCause::TimedOut;
                 log.note(&format!("timed out after {}: sending SIGTERM to process group {pgid}", secs(req.timeout))).await;
                 terminate(&mut child, pgid, req.grace_period, &log, &mut killed_after_grace).await
             }
             _ = cancel.cancelled() => {
-                cancelled = true;
+                cause = EndCause::Cancelled;
                 log.note(&format!("cancelled: sending SIGTERM to process group {pgid}")).await;
                 terminate(&mut child, pgid, req.grace_period, &log, &mut killed_after_grace).await
             }
@@ -272,14 +267,12 @@ impl Executor for ProcessExecutor {
             Ok(st) => Exit {
                 exit_code: st.code(),
                 signal: st.signal(),
-                timed_out,
-                cancelled,
+                cause,
                 killed_after_grace,
                 ..Default::default()
             },
             Err(e) => Exit {
-                timed_out,
-                cancelled,
+                cause,
                 killed_after_grace,
                 error: Some(format!("lost track of `{}` (pid {pid}): {e}", spec.command)),
                 ..Default::default()

@@ -137,7 +137,10 @@ async fn exit_code_logs_env_and_workspace() {
     let exit = run(&fx, r.clone()).await;
     assert_eq!(exit.exit_code, Some(7), "{exit:?}\n{}", fx.log_text().await);
     assert!(
-        exit.error.is_none() && !exit.oom_killed && !exit.timed_out && !exit.infra_error,
+        exit.error.is_none()
+            && !exit.oom_killed
+            && !exit.timed_out()
+            && !exit.cause.keeps_attempt(),
         "{exit:?}"
     );
     assert_eq!(exit.status(), RunStatus::Failed);
@@ -297,7 +300,7 @@ async fn timeout_stops_the_container_and_its_term_handler_runs() {
     r.grace_period = Duration::from_secs(30);
     let t0 = Instant::now();
     let exit = run(&fx, r.clone()).await;
-    assert!(exit.timed_out, "{exit:?}");
+    assert!(exit.timed_out(), "{exit:?}");
     assert_eq!(
         exit.exit_code,
         Some(0),
@@ -348,7 +351,7 @@ async fn cancel_kills_a_container_that_ignores_sigterm_after_the_grace_period() 
         }
     );
     let took = cancelled_at.unwrap().elapsed();
-    assert!(exit.cancelled, "{exit:?}");
+    assert!(exit.cancelled(), "{exit:?}");
     assert_eq!(
         exit.exit_code,
         Some(137),
@@ -399,7 +402,7 @@ async fn a_container_that_obeys_sigterm_is_not_reported_killed() {
             cancel.cancel();
         }
     );
-    assert!(exit.cancelled, "{exit:?}");
+    assert!(exit.cancelled(), "{exit:?}");
     assert_eq!(exit.exit_code, Some(3), "{exit:?}");
     assert!(!exit.killed_after_grace, "{exit:?}");
 }
@@ -497,7 +500,7 @@ async fn missing_image_is_a_job_error() {
         "{err}"
     );
     assert!(err.contains("pull = \"never\""), "{err}");
-    assert!(!exit.infra_error);
+    assert!(!exit.cause.keeps_attempt());
     assert_eq!(exit.status(), RunStatus::Failed);
 
     // Nothing listens on 127.0.0.1:9: the pull fails, the engine answered.
@@ -510,7 +513,7 @@ async fn missing_image_is_a_job_error() {
         err.starts_with("image 127.0.0.1:9/pubrun/not-there:latest: pull failed: "),
         "{err}"
     );
-    assert!(!exit.infra_error, "{exit:?}");
+    assert!(!exit.cause.keeps_attempt(), "{exit:?}");
 }
 
 #[tokio::test]
@@ -527,7 +530,7 @@ async fn a_bad_command_is_a_job_error() {
         err.starts_with("cannot start the container from image pubrun-test/busybox:latest"),
         "{exit:?}"
     );
-    assert!(!exit.infra_error);
+    assert!(!exit.cause.keeps_attempt());
     assert_removed(&client().await, &r).await;
 }
 
@@ -604,7 +607,7 @@ async fn private_registry_refuses_a_wrong_or_missing_password() {
         err.contains("unauthorized") || err.contains("authentication required"),
         "{err}"
     );
-    assert!(!exit.infra_error, "{exit:?}");
+    assert!(!exit.cause.keeps_attempt(), "{exit:?}");
 
     let exit = run(
         &fx,
@@ -621,7 +624,7 @@ async fn private_registry_refuses_a_wrong_or_missing_password() {
         err.contains("environment variable PUBRUN_EXEC_TEST_UNSET_PASSWORD, which is not set"),
         "{err}"
     );
-    assert!(!exit.infra_error);
+    assert!(!exit.cause.keeps_attempt());
 
     let mut anonymous = registry_spec(port, bad);
     anonymous.auth = None;
@@ -728,7 +731,7 @@ async fn reattach_collects_a_container_that_ended_meanwhile() {
     .await
     .expect("the exited container is found");
     assert_eq!(exit.exit_code, Some(4), "{exit:?}");
-    assert!(!exit.timed_out && !exit.cancelled && exit.error.is_none());
+    assert!(!exit.timed_out() && !exit.cancelled() && exit.error.is_none());
     assert!(
         fresh.log_text().await.contains("ended-alone\n"),
         "{}",

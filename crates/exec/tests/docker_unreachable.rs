@@ -32,7 +32,11 @@ async fn dead_docker_host_is_an_infra_error() {
         ),
     )
     .await;
-    assert!(exit.infra_error, "{exit:?}");
+    assert_eq!(
+        exit.cause,
+        pubrun_exec::EndCause::Infrastructure,
+        "{exit:?}"
+    );
     let err = exit.error.clone().unwrap_or_default();
     eprintln!("error: {err}");
     assert!(
@@ -47,7 +51,11 @@ async fn dead_docker_host_is_an_infra_error() {
     )
     .await;
     let exit = found.expect("unknown is not 'nothing survived'");
-    assert!(exit.infra_error, "{exit:?}");
+    assert_eq!(
+        exit.cause,
+        pubrun_exec::EndCause::Infrastructure,
+        "{exit:?}"
+    );
 
     // A TCP endpoint where nothing listens: refused, also infrastructure.
     let ex = DockerExecutor::with_host("tcp://127.0.0.1:9").unwrap();
@@ -63,7 +71,11 @@ async fn dead_docker_host_is_an_infra_error() {
         ),
     )
     .await;
-    assert!(exit.infra_error, "{exit:?}");
+    assert_eq!(
+        exit.cause,
+        pubrun_exec::EndCause::Infrastructure,
+        "{exit:?}"
+    );
     let err = exit.error.unwrap_or_default();
     eprintln!("error: {err}");
     assert!(

@@ -35,7 +35,7 @@ async fn exit_codes_are_reported() {
 
     let three = run(&fx, fx.request("r2", sh("exit 3"))).await;
     assert_eq!(three.exit_code, Some(3), "{three:?}");
-    assert!(three.error.is_none() && !three.timed_out && !three.cancelled);
+    assert!(three.error.is_none() && !three.timed_out() && !three.cancelled());
     assert_eq!(three.status(), RunStatus::Failed);
 }
 
@@ -241,7 +241,7 @@ async fn timeout_sends_sigterm_to_the_group_and_a_handler_can_finish() {
     req.grace_period = Duration::from_secs(30);
     let t0 = Instant::now();
     let exit = run(&fx, req).await;
-    assert!(exit.timed_out, "{exit:?}");
+    assert!(exit.timed_out(), "{exit:?}");
     assert_eq!(
         exit.exit_code,
         Some(0),
@@ -269,7 +269,7 @@ async fn sigterm_ignored_means_sigkill_after_the_grace_period() {
     req.grace_period = Duration::from_secs(1);
     let t0 = Instant::now();
     let exit = run(&fx, req).await;
-    assert!(exit.timed_out, "{exit:?}");
+    assert!(exit.timed_out(), "{exit:?}");
     assert!(exit.killed_after_grace, "{exit:?}");
     assert_eq!(exit.signal, Some(libc::SIGKILL), "{exit:?}");
     assert_eq!(exit.exit_code, None);
@@ -297,8 +297,8 @@ async fn cancel_stops_the_process() {
             cancel.cancel();
         }
     );
-    assert!(exit.cancelled, "{exit:?}");
-    assert!(!exit.timed_out);
+    assert!(exit.cancelled(), "{exit:?}");
+    assert!(!exit.timed_out());
     assert!(!exit.killed_after_grace, "SIGTERM was enough: {exit:?}");
     assert_eq!(exit.signal, Some(libc::SIGTERM), "{exit:?}");
     assert_eq!(exit.status(), RunStatus::Cancelled);
@@ -318,7 +318,7 @@ async fn already_cancelled_never_starts() {
             on_started,
         )
         .await;
-    assert!(exit.cancelled);
+    assert!(exit.cancelled());
     assert!(started.await.is_err(), "on_started must not be called");
     assert!(!fx.workdir.join("ran").exists());
 }
@@ -333,7 +333,7 @@ async fn a_missing_or_unexecutable_command_is_a_clear_error() {
         "{err}"
     );
     assert_eq!(exit.exit_code, None);
-    assert!(!exit.infra_error);
+    assert!(!exit.cause.keeps_attempt());
     assert_eq!(exit.status(), RunStatus::Failed);
 
     let script = fx.workdir.join("not-executable.sh");

@@ -27,7 +27,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::{Dispatcher, RunStoreEngine};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+/// What applying a manifest does to one resource. Crosses the wire as its
+/// lower-case name (`"create"`, …); the CLI reads it back with [`Action::parse`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Action {
     Create,
@@ -36,6 +38,65 @@ pub enum Action {
     Replace,
     Delete,
     Unchanged,
+}
+
+impl Action {
+    /// Every action, in the order a plan's summary lists them.
+    pub const ALL: [Action; 5] = [
+        Action::Create,
+        Action::Update,
+        Action::Replace,
+        Action::Delete,
+        Action::Unchanged,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Create => "create",
+            Action::Update => "update",
+            Action::Replace => "replace",
+            Action::Delete => "delete",
+            Action::Unchanged => "unchanged",
+        }
+    }
+
+    /// `None` for a name this build does not know (a newer server's).
+    pub fn parse(s: &str) -> Option<Action> {
+        Action::ALL.into_iter().find(|a| a.as_str() == s)
+    }
+
+    /// The plan line's marker: `+ create`, `-/+ replace`, …
+    pub fn sign(self) -> &'static str {
+        match self {
+            Action::Create => "+",
+            Action::Update => "~",
+            Action::Replace => "-/+",
+            Action::Delete => "-",
+            Action::Unchanged => "=",
+        }
+    }
+
+    /// The summary's past tense once applied (`created`, …).
+    pub fn done(self) -> &'static str {
+        match self {
+            Action::Create => "created",
+            Action::Update => "updated",
+            Action::Replace => "replaced",
+            Action::Delete => "deleted",
+            Action::Unchanged => "unchanged",
+        }
+    }
+
+    /// Whether the change removes something that exists.
+    pub fn is_destructive(self) -> bool {
+        matches!(self, Action::Delete | Action::Replace)
+    }
+}
+
+impl std::fmt::Display for Action {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -428,6 +489,27 @@ pub fn parse_manifest(file: &str, text: &str) -> Result<Manifest> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn action_crosses_the_wire_as_its_name() {
+        for a in Action::ALL {
+            let json = serde_json::to_string(&a).unwrap();
+            assert_eq!(json, format!("\"{}\"", a.as_str()));
+            assert_eq!(serde_json::from_str::<Action>(&json).unwrap(), a);
+            assert_eq!(Action::parse(a.as_str()), Some(a));
+            assert_eq!(a.to_string(), a.as_str());
+        }
+        assert_eq!(Action::parse("rename"), None);
+        let c = Change {
+            kind: "topic",
+            name: "projects/p/topics/t".into(),
+            action: Action::Replace,
+        };
+        assert_eq!(
+            serde_json::to_string(&c).unwrap(),
+            r#"{"kind":"topic","name":"projects/p/topics/t","action":"replace"}"#
+        );
+    }
 
     fn manifest(src: &str) -> Manifest {
         pubrun_core::manifest::parse("t.toml", src).unwrap()

@@ -14,7 +14,7 @@ use pubrun_core::job::{
 use pubrun_core::limits;
 use pubrun_core::manifest::job_subscription;
 use pubrun_core::pool::LOCAL_POOL;
-use pubrun_core::run::{Exit, RunStatus};
+use pubrun_core::run::{EndCause, Exit, RunStatus};
 use pubrun_core::template::{self, TemplateContext};
 use pubrun_core::{
     Error, OutgoingMessage, Result, SubscriptionConfig, SubscriptionName, TopicName,
@@ -146,12 +146,12 @@ fn render_spec(spec: &ExecutorSpec, ctx: &TemplateContext) -> Result<ExecutorSpe
 
 /// The values a run gets from the server's environment: `pass_env`
 /// variables that are set, and every secret. A secret whose variable is not
-/// set fails the run (`parameters:`, not retried: waiting will not set it)
-/// when `strict`, and is left out otherwise.
+/// set fails the run (`EndCause::Parameters`, not retried: waiting will not
+/// set it) when `strict`, and is left out otherwise.
 fn server_env(
     spec: &JobSpec,
     strict: bool,
-) -> std::result::Result<(BTreeMap<String, String>, Secrets), String> {
+) -> std::result::Result<(BTreeMap<String, String>, Secrets), Exit> {
     let passed = spec
         .pass_env
         .iter()
@@ -164,19 +164,16 @@ fn server_env(
                 secrets.insert(name.clone(), v);
             }
             Err(_) if strict => {
-                return Err(format!(
-                    "parameters: secret {name}: the server's environment variable {} is not set",
+                return Err(parameters(format_args!(
+                    "secret {name}: the server's environment variable {} is not set",
                     r.env
-                ))
+                )))
             }
             Err(_) => {}
         }
     }
     Ok((passed, Secrets(secrets)))
 }
-
-/// Marks a failure that came from a bug in pubrun (a panic), not the job.
-const INTERNAL_ERROR: &str = "internal error:";
 
 fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
     p.downcast_ref::<&str>()
@@ -185,14 +182,26 @@ fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "a panic without a message".into())
 }
 
+/// A failure that came from a bug in pubrun (a panic), not the job.
 fn internal_error(while_: &str, p: &(dyn std::any::Any + Send)) -> Exit {
-    Exit {
-        error: Some(format!(
-            "{INTERNAL_ERROR} pubrun panicked while {while_}: {}",
+    Exit::failed(
+        EndCause::Internal,
+        format!(
+            "internal error: pubrun panicked while {while_}: {}",
             panic_message(p)
-        )),
-        ..Default::default()
-    }
+        ),
+    )
+}
+
+/// The message cannot make a valid attempt: not retried. The text keeps
+/// the `parameters:` word for people; the decision is the cause.
+fn parameters(msg: impl std::fmt::Display) -> Exit {
+    Exit::failed(EndCause::Parameters, format!("parameters: {msg}"))
+}
+
+/// An input download (or output upload) failed: retried per the policy.
+fn io_failure(msg: impl std::fmt::Display) -> Exit {
+    Exit::failed(EndCause::InputOutput, msg.to_string())
 }
 
 fn context(run: &RunRecord) -> TemplateContext {
@@ -297,22 +306,13 @@ impl Dispatcher {
                     tokio::spawn(async move { this.recover_run(run, spec, token).await });
                 }
                 None => {
-                    let exit = Exit {
-                        error: Some("job was deleted while the run was in flight".into()),
-                        ..Default::default()
-                    };
-                    let _ = self
-                        .store
-                        .finish(
-                            run.id,
-                            &Exit {
-                                cancelled: true,
-                                ..exit
-                            },
-                            now_ms(),
-                            false,
-                        )
-                        .await;
+                    let exit = Exit::failed(
+                        EndCause::Cancelled,
+                        "job was deleted while the run was in flight",
+                    );
+                    if let Err(e) = self.store.finish(run.id, &exit, now_ms(), false).await {
+                        tracing::error!(run = run.id, error = %e, "could not end a run whose job was deleted");
+                    }
                 }
             }
         }
@@ -534,11 +534,7 @@ impl Dispatcher {
             .jobs
             .get(&run.job)
             .is_some_and(|j| !j.spec.result_topic.is_empty());
-        let exit = Exit {
-            cancelled: true,
-            error: Some("cancelled before it started".into()),
-            ..Default::default()
-        };
+        let exit = Exit::failed(EndCause::Cancelled, "cancelled before it started");
         if self
             .store
             .cancel_if_queued(id, &exit, now_ms(), has_result)
@@ -700,11 +696,7 @@ impl Dispatcher {
             None => format!("job {} was deleted before this run started", run.job),
         };
         let has_result = job.is_some_and(|t| !t.is_empty());
-        let exit = Exit {
-            cancelled: true,
-            error: Some(error),
-            ..Default::default()
-        };
+        let exit = Exit::failed(EndCause::Cancelled, error);
         match self
             .store
             .cancel_if_queued(run.id, &exit, now_ms(), has_result)
@@ -886,31 +878,20 @@ impl Dispatcher {
         let ctx = context(run);
         let from_server = match server_env(spec, true) {
             Ok(v) => v,
-            Err(e) => {
-                return Exit {
-                    error: Some(e),
-                    ..Default::default()
-                }
-            }
+            Err(e) => return e,
         };
         let secrets = from_server.1.clone();
         let rendered = match render_spec(&spec.executor, &ctx) {
             Ok(r) => r,
-            Err(e) => {
-                return Exit {
-                    error: Some(format!("parameters: {}", e.message)),
-                    ..Default::default()
-                }
-            }
+            Err(e) => return parameters(e.message),
         };
         let mut req = match self.request(run, spec, rendered, from_server) {
             Ok(r) => r,
             Err(e) => {
-                return Exit {
-                    error: Some(format!("cannot prepare run directory: {e}")),
-                    infra_error: true,
-                    ..Default::default()
-                }
+                return Exit::failed(
+                    EndCause::Infrastructure,
+                    format!("cannot prepare run directory: {e}"),
+                )
             }
         };
         let log = match LogSink::create_masking(
@@ -922,11 +903,10 @@ impl Dispatcher {
         {
             Ok(l) => Arc::new(l),
             Err(e) => {
-                return Exit {
-                    error: Some(format!("cannot open run log: {e}")),
-                    infra_error: true,
-                    ..Default::default()
-                }
+                return Exit::failed(
+                    EndCause::Infrastructure,
+                    format!("cannot open run log: {e}"),
+                )
             }
         };
         log.note(&format!(
@@ -936,11 +916,7 @@ impl Dispatcher {
         .await;
         if token.is_cancelled() {
             // Cancelled between being claimed and here: never start it.
-            let exit = Exit {
-                cancelled: true,
-                error: Some("cancelled before it started".into()),
-                ..Default::default()
-            };
+            let exit = Exit::failed(EndCause::Cancelled, "cancelled before it started");
             log.note(&describe(&exit)).await;
             log.flush().await;
             return exit;
@@ -986,11 +962,7 @@ impl Dispatcher {
                 staging.error("input staging failed");
             }
             drop(staging);
-            if let Err(error) = staged {
-                let exit = Exit {
-                    error: Some(error),
-                    ..Default::default()
-                };
+            if let Err(exit) = staged {
                 log.note(&describe(&exit)).await;
                 log.flush().await;
                 return exit;
@@ -1012,11 +984,11 @@ impl Dispatcher {
             UploadOutputs::Always => true,
             UploadOutputs::OnSuccess => exit.status() == RunStatus::Succeeded,
         };
-        if !spec.outputs.is_empty() && !exit.infra_error && !upload {
+        if !spec.outputs.is_empty() && !exit.cause.keeps_attempt() && !upload {
             log.note("outputs not uploaded: the attempt did not succeed (upload_outputs = \"on_success\")")
                 .await;
         }
-        if !spec.outputs.is_empty() && !exit.infra_error && upload {
+        if !spec.outputs.is_empty() && !exit.cause.keeps_attempt() && upload {
             let parent = span.context();
             let mut uploading = traces::start(|| SpanStart::new("upload outputs", parent.as_ref()));
             let uploaded = self.stage_outputs(run, spec, &ctx, &workdir, &log).await;
@@ -1031,6 +1003,10 @@ impl Dispatcher {
                     Some(prev) => format!("{prev}; {e}"),
                     None => e,
                 });
+                // A timeout or cancel stays what ended the attempt.
+                if exit.cause == EndCause::Exited {
+                    exit.cause = EndCause::InputOutput;
+                }
             }
         }
         // Results and the API show the error: no secret value in it.
@@ -1056,33 +1032,36 @@ impl Dispatcher {
         ctx: &TemplateContext,
         workdir: &Path,
         log: &Arc<LogSink>,
-    ) -> std::result::Result<(), String> {
+    ) -> std::result::Result<(), Exit> {
         if let Some(c) = &spec.connection {
             return self
                 .stage_inputs_remote(c, run, spec, ctx, workdir, log)
                 .await;
         }
         for input in &spec.inputs {
-            check_relative_path(&input.to).map_err(|e| format!("parameters: inputs.to: {e}"))?;
+            check_relative_path(&input.to).map_err(|e| parameters(format!("inputs.to: {e}")))?;
             let dest = workdir.join(&input.to);
             if input.from == TRIGGER_INPUT {
                 let attr = |k: &str| run.message.attributes.get(k).filter(|v| !v.is_empty());
                 let (Some(bucket), Some(object)) = (attr("bucketId"), attr("objectId")) else {
-                    return Err("parameters: input \"trigger\" needs the message attributes bucketId and objectId \
-                                (sent by bucket notifications); this message has none"
-                        .to_string());
+                    return Err(parameters(
+                        "input \"trigger\" needs the message attributes bucketId and objectId \
+                                (sent by bucket notifications); this message has none",
+                    ));
                 };
                 let base = object.rsplit('/').next().unwrap_or("");
                 if safe_relative(base).is_none() {
-                    return Err(format!(
-                        "parameters: input \"trigger\": object name \"{}\" has no usable file name",
+                    return Err(parameters(format_args!(
+                        "input \"trigger\": object name \"{}\" has no usable file name",
                         object.escape_debug()
-                    ));
+                    )));
                 }
-                let buckets = self.bucket_storage().map_err(|e| format!("inputs: {e}"))?;
+                let buckets = self
+                    .bucket_storage()
+                    .map_err(|e| io_failure(format!("inputs: {e}")))?;
                 let n = download(buckets, bucket, object, workdir, &dest.join(base))
                     .await
-                    .map_err(|e| format!("inputs: gs://{bucket}/{object}: {e}"))?;
+                    .map_err(|e| io_failure(format!("inputs: gs://{bucket}/{object}: {e}")))?;
                 log.note(&format!(
                     "input gs://{bucket}/{object} ({n} bytes) -> {}{base}",
                     slash(&input.to)
@@ -1090,17 +1069,19 @@ impl Dispatcher {
                 .await;
             } else {
                 let url = template::render(&input.from, ctx)
-                    .map_err(|e| format!("parameters: inputs.from: {}", e.message))?;
+                    .map_err(|e| parameters(format!("inputs.from: {}", e.message)))?;
                 let (bucket, prefix) =
-                    parse_gs_url(&url).map_err(|e| format!("parameters: inputs.from: {e}"))?;
-                let buckets = self.bucket_storage().map_err(|e| format!("inputs: {e}"))?;
+                    parse_gs_url(&url).map_err(|e| parameters(format!("inputs.from: {e}")))?;
+                let buckets = self
+                    .bucket_storage()
+                    .map_err(|e| io_failure(format!("inputs: {e}")))?;
                 let objects = buckets
                     .list_all_objects(&bucket, &prefix)
                     .await
-                    .map_err(|e| format!("inputs: {url}: {e}"))?;
+                    .map_err(|e| io_failure(format!("inputs: {url}: {e}")))?;
                 tokio::fs::create_dir_all(&dest)
                     .await
-                    .map_err(|e| format!("inputs: {}: {e}", input.to))?;
+                    .map_err(|e| io_failure(format!("inputs: {}: {e}", input.to)))?;
                 let (mut files, mut bytes) = (0u64, 0u64);
                 for o in objects {
                     let rel = &o.name[prefix.len()..];
@@ -1117,7 +1098,9 @@ impl Dispatcher {
                     };
                     bytes += download(buckets, &bucket, &o.name, workdir, &dest.join(&rel))
                         .await
-                        .map_err(|e| format!("inputs: gs://{bucket}/{}: {e}", o.name))?;
+                        .map_err(|e| {
+                            io_failure(format!("inputs: gs://{bucket}/{}: {e}", o.name))
+                        })?;
                     files += 1;
                 }
                 log.note(&format!(
@@ -1259,23 +1242,21 @@ impl Dispatcher {
             // Cluster mode: this server took over from one that stopped
             // (or was cut off) with the attempt in flight. As for a lost
             // agent, that is not the job's fault: same attempt again.
-            _ if self.store.shared() => Exit {
-                error: Some(format!(
+            _ if self.store.shared() => Exit::failed(
+                EndCause::Lost,
+                format!(
                     "lost: the server running this attempt stopped ({})",
                     run.status
-                )),
-                infra_error: true,
-                ..Default::default()
-            },
-            RunStatus::Starting => Exit {
-                error: Some("lost: pubrun restarted while this attempt was starting".into()),
-                infra_error: true,
-                ..Default::default()
-            },
-            _ => Exit {
-                error: Some("lost: pubrun restarted while this attempt ran".into()),
-                ..Default::default()
-            },
+                ),
+            ),
+            RunStatus::Starting => Exit::failed(
+                EndCause::Lost,
+                "lost: pubrun restarted while this attempt was starting",
+            ),
+            _ => Exit::failed(
+                EndCause::Interrupted,
+                "lost: pubrun restarted while this attempt ran",
+            ),
         });
         if let Some(log) = &log {
             log.note(&describe(&exit)).await;
@@ -1301,16 +1282,9 @@ impl Dispatcher {
                 .reattach(req.clone(), log.clone(), token.clone())
                 .await
             {
-                // "lost:" is an answer (a pool took the lease back), not
+                // `Lost` is an answer (a pool took the lease back), not
                 // an engine that cannot be asked.
-                Some(exit)
-                    if exit.infra_error
-                        && !exit.cancelled
-                        && !exit
-                            .error
-                            .as_deref()
-                            .is_some_and(|e| e.starts_with("lost:")) =>
-                {
+                Some(exit) if exit.cause == EndCause::Infrastructure => {
                     let why = exit.error.unwrap_or_default();
                     log.note(&format!(
                         "cannot look for the attempt yet ({why}); asking again in {delay:?}"
@@ -1320,7 +1294,7 @@ impl Dispatcher {
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
                         _ = token.cancelled() => {
-                            return Some(Exit { cancelled: true, error: Some(format!("cancelled while the engine did not answer ({why})")), ..Default::default() });
+                            return Some(Exit::failed(EndCause::Cancelled, format!("cancelled while the engine did not answer ({why})")));
                         }
                     }
                     delay = (delay * 2).min(Duration::from_secs(30));
@@ -1338,22 +1312,21 @@ impl Dispatcher {
             self.share_log(id).await;
         }
         let current = self.store.get(id).await.ok();
-        let cancelled = exit.cancelled || current.as_ref().is_some_and(|r| r.cancel_requested);
-        let exit = Exit { cancelled, ..exit };
+        let mut exit = exit;
+        // A cancel asked for while it ran is why it ended, whatever else did.
+        if current.as_ref().is_some_and(|r| r.cancel_requested) {
+            exit.cause = EndCause::Cancelled;
+        }
         let status = exit.status();
-        let result = if !cancelled && exit.infra_error {
+        let result = if exit.cause.keeps_attempt() {
             // Not the job's fault: wait and try the same attempt again.
             // A lost machine or lease: another machine can take it now.
-            let delay = if exit
-                .error
-                .as_deref()
-                .is_some_and(|e| e.starts_with("lost:"))
-            {
-                Duration::ZERO
-            } else {
-                spec.retries
+            let delay = match exit.cause {
+                EndCause::Lost => Duration::ZERO,
+                _ => spec
+                    .retries
                     .backoff(2, jitter())
-                    .min(Duration::from_secs(30))
+                    .min(Duration::from_secs(30)),
             };
             tracing::info!(
                 run_id = id,
@@ -1369,10 +1342,7 @@ impl Dispatcher {
                 .await
         } else if matches!(status, RunStatus::Failed | RunStatus::TimedOut)
             && run.attempt < spec.retries.max_attempts
-            && !exit
-                .error
-                .as_deref()
-                .is_some_and(|e| e.starts_with("parameters:") || e.starts_with(INTERNAL_ERROR))
+            && !exit.cause.is_final()
         {
             let next = run.attempt + 1;
             let delay = spec.retries.backoff(next, jitter());

@@ -185,7 +185,7 @@ async fn timeout_stops_the_process_promptly() {
         "{run:#?}\n{}",
         env.log(run.id)
     );
-    assert!(run.exit.as_ref().unwrap().timed_out);
+    assert!(run.exit.as_ref().unwrap().timed_out());
     assert!(
         took < Duration::from_secs(20),
         "a 1 s timeout took {took:?}"
@@ -427,7 +427,7 @@ async fn cancel_running_queued_and_finished_runs() {
         "cancel took {:?}",
         t0.elapsed()
     );
-    assert!(first_run.exit.as_ref().unwrap().cancelled);
+    assert!(first_run.exit.as_ref().unwrap().cancelled());
 
     // The slot is free now; the cancelled second run must still not start.
     env.publish("naps", &[], "third").await;

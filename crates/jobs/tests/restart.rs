@@ -260,11 +260,10 @@ impl Executor for FlakyEngine {
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         Box::pin(async move {
             Some(if n < 2 {
-                pubrun_exec::Exit {
-                    error: Some("docker engine unreachable".into()),
-                    infra_error: true,
-                    ..Default::default()
-                }
+                pubrun_exec::Exit::failed(
+                    pubrun_exec::EndCause::Infrastructure,
+                    "docker engine unreachable",
+                )
             } else {
                 pubrun_exec::Exit {
                     exit_code: Some(0),

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use pubrun_core::job::ExecutorSpec;
-use pubrun_core::run::Exit;
+use pubrun_core::run::{EndCause, Exit};
 use pubrun_exec::{CancellationToken, Executor, LogSink, RunRequest};
 use reqwest::StatusCode;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
@@ -421,11 +421,10 @@ impl Agent {
                     .report(
                         lease,
                         revoked,
-                        Exit {
-                            error: Some(format!("agent {} cannot write a log: {e}", self.cfg.name)),
-                            infra_error: true,
-                            ..Default::default()
-                        },
+                        Exit::failed(
+                            EndCause::Infrastructure,
+                            format!("agent {} cannot write a log: {e}", self.cfg.name),
+                        ),
                     )
                     .await
             }
@@ -435,11 +434,7 @@ impl Agent {
                 .report(
                     lease,
                     revoked,
-                    Exit {
-                        error: Some(error),
-                        infra_error: true,
-                        ..Default::default()
-                    },
+                    Exit::failed(EndCause::Infrastructure, error),
                 )
                 .await;
         }
@@ -474,15 +469,14 @@ impl Agent {
         log.note(&format!("running on agent {}", self.cfg.name))
             .await;
         let mut exit = executor.run(req, log.clone(), cancel, on_started).await;
-        if exit.cancelled && self.handing_back.load(std::sync::atomic::Ordering::SeqCst) {
-            exit = Exit {
-                error: Some(format!(
+        if exit.cancelled() && self.handing_back.load(std::sync::atomic::Ordering::SeqCst) {
+            exit = Exit::failed(
+                EndCause::Lost,
+                format!(
                     "lost: agent {} stopped during the run; it goes back to the queue",
                     self.cfg.name
-                )),
-                infra_error: true,
-                ..Default::default()
-            };
+                ),
+            );
         }
         log.note(&format!("agent {}: attempt ended", self.cfg.name))
             .await;
@@ -494,7 +488,7 @@ impl Agent {
             Err(e) => return Err(CallError::Fatal(e.to_string())),
         }
         // 3. Outputs back to the server, then the result.
-        if !a.outputs.is_empty() && !exit.infra_error {
+        if !a.outputs.is_empty() && !exit.cause.keeps_attempt() {
             let work = work.to_path_buf();
             let outputs = a.outputs.clone();
             let packed = tokio::task::spawn_blocking(move || pack_outputs(&work, &outputs)).await;

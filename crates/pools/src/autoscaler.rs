@@ -230,8 +230,10 @@ impl Pools {
             Err(e) => {
                 tracing::warn!(machine = name, error = %e, "machine did not start");
                 let now = now_ms();
-                m.state = MachineState::Failed;
-                m.state_since_ms = now;
+                if let Err(t) = m.set_state(MachineState::Failed, now) {
+                    tracing::error!(machine = name, error = %t, "cannot record a failed start");
+                    return;
+                }
                 m.last_error = e.to_string();
                 // Refused or no capacity: nothing started, so nothing costs.
                 // Any other failure may have left something running.
@@ -263,8 +265,10 @@ impl Pools {
         // Written every time, also when asking again (then `state_since_ms`
         // is when it was last asked): the fenced write is what allows the
         // provider call.
-        m.state = MachineState::Stopping;
-        m.state_since_ms = now;
+        if let Err(e) = m.set_state(MachineState::Stopping, now) {
+            tracing::error!(machine = m.name, error = %e, "not stopping machine");
+            return;
+        }
         if let Err(e) = self.put_machine(&m).await {
             tracing::error!(machine = m.name, error = %e, "cannot record a stopping machine; not stopping it");
             return;
@@ -307,12 +311,15 @@ impl Pools {
                     }
                     return;
                 }
-                m.state = if failed {
+                let next = if failed {
                     MachineState::Failed
                 } else {
                     MachineState::Stopped
                 };
-                m.state_since_ms = now;
+                if let Err(e) = m.set_state(next, now) {
+                    tracing::error!(machine = m.name, error = %e, "cannot record a stopped machine");
+                    return;
+                }
                 m.idle_since_ms = None;
                 m.needs_stop = false;
                 if !failed {
@@ -359,12 +366,15 @@ impl Pools {
                 match provider.status(&m.name).await {
                     Ok(ProviderStatus::Gone | ProviderStatus::Stopped) => {
                         let now = now_ms();
-                        m.state = if m.state == MachineState::Stopping {
+                        let next = if m.state == MachineState::Stopping {
                             MachineState::Stopped
                         } else {
                             MachineState::Failed
                         };
-                        m.state_since_ms = now;
+                        if let Err(e) = m.set_state(next, now) {
+                            tracing::error!(machine = m.name, error = %e, "cannot record a machine gone while the server was down");
+                            continue;
+                        }
                         m.last_error = "gone while the server was down".into();
                         m.needs_stop = false;
                         if let Err(e) = self.put_machine(&m).await {

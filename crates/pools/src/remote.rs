@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use pubrun_core::pool::{MachineState, PoolSpec};
-use pubrun_core::run::Exit;
+use pubrun_core::run::{EndCause, Exit};
 use pubrun_exec::{CancellationToken, Executor, LogSink, OnStarted, RunRequest};
 use tokio::sync::{mpsc, Notify};
 
@@ -515,8 +515,8 @@ impl Pools {
             m.state,
             MachineState::Ready | MachineState::Busy | MachineState::Idle
         ) {
-            m.state = MachineState::Ready;
-            m.state_since_ms = now;
+            m.set_state(MachineState::Ready, now)
+                .map_err(|e| format!("machine {}: {e}", m.name))?;
             m.idle_since_ms = Some(now);
             m.last_error.clear();
             m.needs_stop = false;
@@ -1021,17 +1021,12 @@ impl Pools {
                     let l = self.inner.lock().leases.remove(&token);
                     if let Some(l) = l {
                         let exit = if l.cancel_requested {
-                            Exit {
-                                cancelled: true,
-                                error: Some(format!("cancelled; {reason}")),
-                                ..Default::default()
-                            }
+                            Exit::failed(EndCause::Cancelled, format!("cancelled; {reason}"))
                         } else {
-                            Exit {
-                                error: Some(format!("lost: {reason}; retrying on another machine")),
-                                infra_error: true,
-                                ..Default::default()
-                            }
+                            Exit::failed(
+                                EndCause::Lost,
+                                format!("lost: {reason}; retrying on another machine"),
+                            )
                         };
                         let _ = l.events.send(Event::Ended(exit));
                     }
@@ -1059,8 +1054,10 @@ impl Pools {
                 m.state,
                 MachineState::Ready | MachineState::Busy | MachineState::Idle
             ) {
-                m.state = MachineState::Failed;
-                m.state_since_ms = now;
+                if let Err(e) = m.set_state(MachineState::Failed, now) {
+                    tracing::error!(machine = name, error = %e, "cannot record a lost machine");
+                    continue;
+                }
                 m.last_error = format!("agent not heard from for {} s", silent_ms / 1000);
                 // Still up as far as we know (a partition): the autoscaler
                 // stops it, and the cost span ends then.
@@ -1104,8 +1101,10 @@ impl Pools {
         ) && m.state != want
         {
             let now = now_ms();
-            m.state = want;
-            m.state_since_ms = now;
+            if let Err(e) = m.set_state(want, now) {
+                tracing::warn!(machine = name, error = %e, "cannot record machine state");
+                return;
+            }
             m.idle_since_ms = (runs == 0).then_some(now);
             if let Err(e) = self.put_machine(&m).await {
                 tracing::warn!(machine = name, error = %e, "cannot record machine state");
@@ -1299,11 +1298,7 @@ impl PoolExecutor {
                     }
                     Some(Event::Ended(exit)) => return exit,
                     None => {
-                        return Exit {
-                            error: Some("pool executor stopped".into()),
-                            infra_error: true,
-                            ..Default::default()
-                        }
+                        return Exit::failed(EndCause::Infrastructure, "pool executor stopped")
                     }
                 },
                 _ = cancel.cancelled(), if !cancel_sent => {
@@ -1312,11 +1307,10 @@ impl PoolExecutor {
                         Some(t) => self.pools.request_cancel(t),
                         None => {
                             if waiting_seq.is_some_and(|s| self.pools.dequeue(&self.pool, s)) {
-                                return Exit {
-                                    cancelled: true,
-                                    error: Some("cancelled while waiting for a machine".into()),
-                                    ..Default::default()
-                                };
+                                return Exit::failed(
+                                    EndCause::Cancelled,
+                                    "cancelled while waiting for a machine",
+                                );
                             }
                             // Taken by a poll just now: `Assigned` is on its way.
                         }
@@ -1363,14 +1357,13 @@ impl Executor for PoolExecutor {
             LeaseState::Done => return row.exit,
             // Taken back from a silent machine: the same attempt runs again.
             LeaseState::Revoked => {
-                return Some(Exit {
-                    error: Some(format!(
+                return Some(Exit::failed(
+                    EndCause::Lost,
+                    format!(
                         "lost: lease {} on machine {} was taken back; retrying on another machine",
                         row.token, row.machine
-                    )),
-                    infra_error: true,
-                    ..Default::default()
-                })
+                    ),
+                ))
             }
             LeaseState::Assigned | LeaseState::Running => {}
         }

@@ -268,7 +268,7 @@ async fn cancel_wins_over_a_claim(e: impl Engine) {
     assert_eq!(err.code, Code::FailedPrecondition, "{err}");
     assert!(s.startable("job-cx", t, 10).await.unwrap()[0].cancel_requested);
     let exit = Exit {
-        cancelled: true,
+        cause: pubrun_core::run::EndCause::Cancelled,
         ..Default::default()
     };
     assert!(s.cancel_if_queued(id, &exit, t + 1, false).await.unwrap());

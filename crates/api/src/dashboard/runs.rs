@@ -32,10 +32,10 @@ const DATA_SHOWN: usize = 64 * 1024;
 /// What ended an attempt, in words.
 pub(crate) fn cause(x: &Exit) -> String {
     let mut parts = Vec::new();
-    if x.cancelled {
+    if x.cancelled() {
         parts.push("cancelled".to_string());
     }
-    if x.timed_out {
+    if x.timed_out() {
         parts.push("timed out".to_string());
     }
     if x.oom_killed {
@@ -50,7 +50,7 @@ pub(crate) fn cause(x: &Exit) -> String {
     if x.killed_after_grace {
         parts.push("killed after the grace period".to_string());
     }
-    if x.infra_error {
+    if x.cause.keeps_attempt() {
         parts.push("infrastructure error".to_string());
     }
     if let Some(e) = &x.error {

@@ -7,6 +7,8 @@ use base64::Engine;
 use reqwest::Method;
 use serde_json::{json, Map, Value};
 
+use pubrun_jobs::apply::Action;
+
 use super::api::{Api, Body, ServerError};
 use super::messages::read_data;
 use super::resources::string_map;
@@ -97,12 +99,7 @@ fn destructive_changes(plan: &Value) -> usize {
         .and_then(Value::as_array)
         .map_or(0, |cs| {
             cs.iter()
-                .filter(|c| {
-                    matches!(
-                        c.get("action").and_then(Value::as_str),
-                        Some("delete" | "replace")
-                    )
-                })
+                .filter(|c| action_of(c).is_some_and(Action::is_destructive))
                 .count()
         })
 }
@@ -139,42 +136,44 @@ fn manifest_error(e: anyhow::Error, file: &str) -> anyhow::Error {
     }
 }
 
+/// A change's action; `None` when missing or unknown to this build.
+fn action_of(change: &Value) -> Option<Action> {
+    change
+        .get("action")
+        .and_then(Value::as_str)
+        .and_then(Action::parse)
+}
+
 /// `+ create  topic  projects/demo/topics/uploads` lines and a last line
 /// saying whether anything was changed.
 pub fn render_plan(changes: &[Value], applied: bool) -> String {
     let mut rows = Vec::new();
+    // Keyed by the name as sent, so an action of a newer server still counts.
     let mut counts: Vec<(&str, usize)> = Vec::new();
     for c in changes {
-        let action = c.get("action").and_then(Value::as_str).unwrap_or("?");
-        let sign = match action {
-            "create" => "+",
-            "update" => "~",
-            "replace" => "-/+",
-            "delete" => "-",
-            "unchanged" => "=",
-            _ => "?",
-        };
+        let name = c.get("action").and_then(Value::as_str).unwrap_or("?");
+        let sign = action_of(c).map_or("?", Action::sign);
         rows.push(vec![
-            format!("{sign} {action}"),
+            format!("{sign} {name}"),
             c.get("kind").map(output::display).unwrap_or_default(),
             c.get("name").map(output::display).unwrap_or_default(),
         ]);
-        match counts.iter_mut().find(|(a, _)| *a == action) {
+        match counts.iter_mut().find(|(a, _)| *a == name) {
             Some((_, n)) => *n += 1,
-            None => counts.push((action, 1)),
+            None => counts.push((name, 1)),
         }
     }
-    let order = ["create", "update", "replace", "delete", "unchanged"];
-    counts.sort_by_key(|(a, _)| order.iter().position(|o| o == a).unwrap_or(order.len()));
+    counts.sort_by_key(|(a, _)| {
+        Action::parse(a)
+            .and_then(|a| Action::ALL.iter().position(|o| *o == a))
+            .unwrap_or(Action::ALL.len())
+    });
     let summary: Vec<String> = counts
         .iter()
-        .map(|(action, n)| match (*action, applied) {
-            ("unchanged", _) => format!("{n} unchanged"),
-            ("create", true) => format!("{n} created"),
-            ("update", true) => format!("{n} updated"),
-            ("replace", true) => format!("{n} replaced"),
-            ("delete", true) => format!("{n} deleted"),
-            (a, _) => format!("{n} to {a}"),
+        .map(|(name, n)| match (Action::parse(name), applied) {
+            (Some(Action::Unchanged), _) => format!("{n} unchanged"),
+            (Some(a), true) => format!("{n} {}", a.done()),
+            (_, _) => format!("{n} to {name}"),
         })
         .collect();
     let mut s = output::columns(&rows);

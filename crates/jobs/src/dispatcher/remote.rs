@@ -13,12 +13,14 @@ use pubrun_connections::pubsub::{PubsubMessage, ReceivedMessage};
 use pubrun_connections::{ConnError, Connection, ErrorKind};
 use pubrun_core::connection::ConnectionSpec;
 use pubrun_core::job::{check_relative_path, parse_gs_url, JobSpec, TRIGGER_INPUT};
+use pubrun_core::run::Exit;
 use pubrun_core::template::{self, TemplateContext};
 use pubrun_core::{Error, OutgoingMessage, Result, TopicName};
 use pubrun_exec::LogSink;
 
 use super::{
-    check_no_symlink, dedup_key, now_ms, rfc3339, safe_relative, slash, walk_files, Dispatcher,
+    check_no_symlink, dedup_key, io_failure, now_ms, parameters, rfc3339, safe_relative, slash,
+    walk_files, Dispatcher,
 };
 use crate::runstore::{RunRecord, SourceMessage};
 
@@ -257,8 +259,10 @@ impl Dispatcher {
         ctx: &TemplateContext,
         workdir: &Path,
         log: &Arc<LogSink>,
-    ) -> std::result::Result<(), String> {
-        let conn = self.connection(c).map_err(|e| format!("inputs: {e}"))?;
+    ) -> std::result::Result<(), Exit> {
+        let conn = self
+            .connection(c)
+            .map_err(|e| io_failure(format!("inputs: {e}")))?;
         let fetch = |bucket: String, object: String, dest: std::path::PathBuf| {
             let conn = conn.clone();
             async move {
@@ -275,25 +279,26 @@ impl Dispatcher {
             }
         };
         for input in &spec.inputs {
-            check_relative_path(&input.to).map_err(|e| format!("parameters: inputs.to: {e}"))?;
+            check_relative_path(&input.to).map_err(|e| parameters(format!("inputs.to: {e}")))?;
             let dest = workdir.join(&input.to);
             if input.from == TRIGGER_INPUT {
                 let attr = |k: &str| run.message.attributes.get(k).filter(|v| !v.is_empty());
                 let (Some(bucket), Some(object)) = (attr("bucketId"), attr("objectId")) else {
-                    return Err("parameters: input \"trigger\" needs the message attributes bucketId and objectId \
-                                (sent by bucket notifications); this message has none"
-                        .to_string());
+                    return Err(parameters(
+                        "input \"trigger\" needs the message attributes bucketId and objectId \
+                                (sent by bucket notifications); this message has none",
+                    ));
                 };
                 let base = object.rsplit('/').next().unwrap_or("");
                 if safe_relative(base).is_none() {
-                    return Err(format!(
-                        "parameters: input \"trigger\": object name \"{}\" has no usable file name",
+                    return Err(parameters(format_args!(
+                        "input \"trigger\": object name \"{}\" has no usable file name",
                         object.escape_debug()
-                    ));
+                    )));
                 }
                 let n = fetch(bucket.clone(), object.clone(), dest.join(base))
                     .await
-                    .map_err(|e| format!("inputs: {e}"))?;
+                    .map_err(|e| io_failure(format!("inputs: {e}")))?;
                 log.note(&format!(
                     "input gs://{bucket}/{object} on connection {} ({n} bytes, CRC32C checked) -> {}{base}",
                     c.name,
@@ -302,14 +307,14 @@ impl Dispatcher {
                 .await;
             } else {
                 let url = template::render(&input.from, ctx)
-                    .map_err(|e| format!("parameters: inputs.from: {}", e.message))?;
+                    .map_err(|e| parameters(format!("inputs.from: {}", e.message)))?;
                 let (bucket, prefix) =
-                    parse_gs_url(&url).map_err(|e| format!("parameters: inputs.from: {e}"))?;
+                    parse_gs_url(&url).map_err(|e| parameters(format!("inputs.from: {e}")))?;
                 let objects = conn
                     .storage
                     .list(&bucket, &prefix)
                     .await
-                    .map_err(|e| format!("inputs: {e}"))?;
+                    .map_err(|e| io_failure(format!("inputs: {e}")))?;
                 let (mut files, mut bytes) = (0u64, 0u64);
                 for o in objects {
                     let Some(rel) = safe_relative(&o.name[prefix.len().min(o.name.len())..]) else {
@@ -317,7 +322,7 @@ impl Dispatcher {
                     };
                     bytes += fetch(bucket.clone(), o.name.clone(), dest.join(&rel))
                         .await
-                        .map_err(|e| format!("inputs: {e}"))?;
+                        .map_err(|e| io_failure(format!("inputs: {e}")))?;
                     files += 1;
                 }
                 log.note(&format!(

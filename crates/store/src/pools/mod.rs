@@ -12,7 +12,7 @@
 pub mod postgres;
 pub mod sqlite;
 
-use pubrun_core::pool::{MachineState, PoolSpec};
+use pubrun_core::pool::{IllegalTransition, MachineState, PoolSpec};
 use pubrun_core::run::Exit;
 use pubrun_core::{Error, Result};
 use serde::Serialize;
@@ -38,6 +38,17 @@ pub struct MachineRow {
     /// agent went silent, or a start failed half-way): the autoscaler
     /// stops it, and its cost span ends then.
     pub needs_stop: bool,
+}
+
+impl MachineRow {
+    /// The one way a machine changes state: checked against the state
+    /// machine, and `state_since_ms` follows. Refused changes leave it as is.
+    pub fn set_state(&mut self, next: MachineState, now_ms: i64) -> Result<(), IllegalTransition> {
+        self.state.check_transition(next)?;
+        self.state = next;
+        self.state_since_ms = now_ms;
+        Ok(())
+    }
 }
 
 /// Where a lease is in its life. Only `Assigned` and `Running` are active.

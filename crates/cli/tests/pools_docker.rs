@@ -342,19 +342,8 @@ price_per_hour = 3.2
     }
 
     /// Polls `probe` until it returns Some, for up to PATIENCE.
-    fn wait<T>(&self, what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            if let Some(v) = probe() {
-                return v;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{what}: not within {PATIENCE:?}\n{}",
-                self.logs()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
+    fn wait<T>(&self, what: &str, probe: impl FnMut() -> Option<T>) -> T {
+        pubrun_testkit::wait_until(what, PATIENCE, probe, || self.logs())
     }
 
     /// Publishes to `topic`; returns the id of the run made for it.

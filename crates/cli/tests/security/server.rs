@@ -96,17 +96,6 @@ fn read_response(s: &mut TcpStream) -> (u16, String) {
     (status, text)
 }
 
-fn ok(out: &std::process::Output) -> String {
-    assert!(
-        out.status.success(),
-        "command failed: {}\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 const KEEP: &str = "project = \"demo\"\n[[topic]]\nname = \"keep\"\n";
 
 /// What a hostile page posts: a job that runs a shell command, in a
@@ -277,8 +266,8 @@ async fn cross_site_requests_cannot_apply_or_trigger() {
     // The CLI's apply and trigger still work (and so the job runs).
     let manifest = s.path("mine.toml");
     std::fs::write(&manifest, format!("{evil}\n[[topic]]\nname = \"keep\"\n")).unwrap();
-    ok(&s.cli(&["apply", "-f", manifest.to_str().unwrap()]));
-    ok(&s.cli(&["jobs", "trigger", "pwn"]));
+    common::stdout_ok("apply", s.cli(&["apply", "-f", manifest.to_str().unwrap()]));
+    common::stdout_ok("jobs trigger", s.cli(&["jobs", "trigger", "pwn"]));
     let deadline = Instant::now() + PATIENCE;
     while !target.exists() {
         assert!(

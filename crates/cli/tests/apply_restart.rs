@@ -44,17 +44,6 @@ impl Serve {
             .unwrap()
     }
 
-    fn ok(&self, args: &[&str]) -> String {
-        let o = self.cli(args);
-        assert!(
-            o.status.success(),
-            "pubrun {args:?}\nstdout: {}\nstderr: {}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        );
-        String::from_utf8_lossy(&o.stdout).into_owned()
-    }
-
     /// Pulls (waiting on the server) until a message matches `want`, acking
     /// everything pulled; returns its attributes and data.
     async fn await_message(

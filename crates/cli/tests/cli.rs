@@ -3,85 +3,14 @@
 
 mod common;
 
-use std::io::Write;
-use std::process::{Command, Output, Stdio};
+use std::process::Command;
 
-use common::{free_port, Serve, ServeBuilder, BIN};
+use common::{free_port, Cli, Ran, ServeBuilder, BIN};
 use serde_json::Value;
 
-/// Client commands against the harness's server, as this file asserts on them.
-impl Serve {
-    /// Runs a client command against this server (address via PUBRUN_ADDR).
-    fn run(&self, args: &[&str]) -> Run {
-        run(
-            Command::new(BIN).args(args).env("PUBRUN_ADDR", self.addr()),
-            None,
-        )
-    }
-
-    fn run_stdin(&self, args: &[&str], stdin: &[u8]) -> Run {
-        run(
-            Command::new(BIN).args(args).env("PUBRUN_ADDR", self.addr()),
-            Some(stdin),
-        )
-    }
-
-    /// Runs and asserts success; returns stdout.
-    fn ok(&self, args: &[&str]) -> String {
-        let r = self.run(args);
-        assert!(
-            r.code == 0,
-            "`pubrun {}` failed ({}):\n{}",
-            args.join(" "),
-            r.code,
-            r.stderr
-        );
-        r.stdout
-    }
-
-    fn json(&self, args: &[&str]) -> Value {
-        let mut a = args.to_vec();
-        a.push("--json");
-        let out = self.ok(&a);
-        serde_json::from_str(&out).unwrap_or_else(|e| {
-            panic!(
-                "`pubrun {}` printed invalid JSON ({e}):\n{out}",
-                a.join(" ")
-            )
-        })
-    }
-}
-
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-fn run(cmd: &mut Command, stdin: Option<&[u8]>) -> Run {
-    cmd.env_remove("PUBRUN_TOKEN")
-        .env_remove("PUBRUN_PROJECT")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    cmd.stdin(if stdin.is_some() {
-        Stdio::piped()
-    } else {
-        Stdio::null()
-    });
-    let mut child = cmd.spawn().expect("spawn pubrun");
-    if let Some(input) = stdin {
-        child.stdin.take().unwrap().write_all(input).unwrap();
-    }
-    let Output {
-        status,
-        stdout,
-        stderr,
-    } = child.wait_with_output().unwrap();
-    Run {
-        code: status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&stderr).into_owned(),
-    }
+/// `pubrun ARGS` as a user without a server or token runs it.
+fn run(args: &[&str]) -> Ran {
+    Cli::new(args).ran(None)
 }
 
 #[test]
@@ -362,20 +291,14 @@ fn missing_resources_are_not_found_with_exit_code_1() {
 fn invalid_names_fail_before_any_request() {
     // No server: the name is rejected locally with Google's rule.
     let addr = format!("127.0.0.1:{}", free_port());
-    let r = run(
-        Command::new(BIN).args(["topics", "create", "9lives", "--addr", &addr]),
-        None,
-    );
+    let r = run(&["topics", "create", "9lives", "--addr", &addr]);
     assert_eq!(r.code, 1);
     assert!(
         r.stderr.contains("must start with a letter"),
         "{}",
         r.stderr
     );
-    let r = run(
-        Command::new(BIN).args(["topics", "get", "a/b", "--addr", &addr]),
-        None,
-    );
+    let r = run(&["topics", "get", "a/b", "--addr", &addr]);
     assert_eq!(r.code, 1);
     assert!(
         r.stderr.contains("projects/PROJECT/topics/ID"),
@@ -387,10 +310,7 @@ fn invalid_names_fail_before_any_request() {
 #[test]
 fn unreachable_server_says_how_to_fix_it() {
     let port = free_port(); // bound and released: nothing listens there
-    let r = run(
-        Command::new(BIN).args(["topics", "list", "--addr", &format!("127.0.0.1:{port}")]),
-        None,
-    );
+    let r = run(&["topics", "list", "--addr", &format!("127.0.0.1:{port}")]);
     assert_eq!(r.code, 1, "{}", r.stderr);
     let err = r.stderr;
     assert!(
@@ -406,34 +326,27 @@ fn unreachable_server_says_how_to_fix_it() {
 
 #[test]
 fn bad_attr_is_a_usage_error_naming_the_value() {
-    let r = run(
-        Command::new(BIN).args(["publish", "t1x", "--data", "x", "--attr", "color-red"]),
-        None,
-    );
+    let r = run(&["publish", "t1x", "--data", "x", "--attr", "color-red"]);
     assert_eq!(r.code, 2, "clap usage error: {}", r.stderr);
     assert!(
         r.stderr.contains("color-red") && r.stderr.contains("KEY=VALUE"),
         "{}",
         r.stderr
     );
-    let r = run(
-        Command::new(BIN).args(["topics", "create", "t1x", "--label", "=v"]),
-        None,
-    );
+    let r = run(&["topics", "create", "t1x", "--label", "=v"]);
     assert_eq!(r.code, 2, "{}", r.stderr);
     assert!(r.stderr.contains("=v"), "{}", r.stderr);
-    let r = run(
-        Command::new(BIN).args(["publish", "t1x", "--data", "x", "--data-file", "f"]),
-        None,
-    );
+    let r = run(&["publish", "t1x", "--data", "x", "--data-file", "f"]);
     assert_eq!(r.code, 2, "--data and --data-file conflict: {}", r.stderr);
 }
 
 #[test]
 fn token_is_required_when_the_server_has_one() {
     let server = ServeBuilder::new().token("s3cret").start();
+    // The harness's own client would send the server's token: this one does not.
+    let anon = |args: &[&str]| Cli::new(args).env("PUBRUN_ADDR", server.addr());
 
-    let r = server.run(&["topics", "list"]);
+    let r = anon(&["topics", "list"]).ran(None);
     assert_eq!(r.code, 1, "{}", r.stderr);
     assert!(
         r.stderr.contains("UNAUTHENTICATED") && r.stderr.contains("requires a token"),
@@ -446,13 +359,13 @@ fn token_is_required_when_the_server_has_one() {
         r.stderr
     );
 
-    let r = server.run(&["topics", "list", "--token", "wrong"]);
+    let r = anon(&["topics", "list", "--token", "wrong"]).ran(None);
     assert_eq!(r.code, 1, "{}", r.stderr);
     assert!(r.stderr.contains("rejected the token"), "{}", r.stderr);
 
-    let out = server.ok(&["topics", "create", "secure", "--token", "s3cret"]);
+    let out = anon(&["topics", "create", "secure", "--token", "s3cret"]).ok();
     assert!(out.contains("created topic"), "{out}");
-    let out = server.ok(&["topics", "list", "--token", "s3cret"]);
+    let out = anon(&["topics", "list", "--token", "s3cret"]).ok();
     assert!(out.lines().any(|l| l.starts_with("secure")), "{out}");
 
     // The token can also come from the environment.

@@ -195,6 +195,17 @@ outputs = [{{ from = "out/", to = "gs://their-bucket/results/{{{{ run.id }}}}/" 
     )
 }
 
+/// A second pubrun server standing in for Google, with its data in `dir`
+/// and on `port`, and a client for it.
+fn start_google(dir: &Path, port: u16) -> (Serve, Google) {
+    let google = start_serve(dir, port, google_manifest(), Some(T2));
+    let g = Google {
+        http: reqwest::Client::new(),
+        base: google.addr(),
+    };
+    (google, g)
+}
+
 /// The "Google" side as a user would reach it: bearer T2.
 struct Google {
     http: reqwest::Client,
@@ -326,16 +337,7 @@ async fn a_key_file_connection_runs_jobs_on_google_resources_end_to_end() {
     let key = key_file(tmp.path(), &private_pem, &tokens.url);
 
     let gport = free_port();
-    let google = start_serve(
-        &tmp.path().join("google"),
-        gport,
-        google_manifest(),
-        Some(T2),
-    );
-    let g = Google {
-        http: reqwest::Client::new(),
-        base: google.addr(),
-    };
+    let (google, g) = start_google(&tmp.path().join("google"), gport);
     let local = start_serve(
         &tmp.path().join("local"),
         free_port(),
@@ -414,16 +416,7 @@ async fn wrong_credentials_name_the_connection_and_ack_nothing() {
     let key = key_file(tmp.path(), &other_private, &tokens.url);
 
     let gport = free_port();
-    let google = start_serve(
-        &tmp.path().join("google"),
-        gport,
-        google_manifest(),
-        Some(T2),
-    );
-    let g = Google {
-        http: reqwest::Client::new(),
-        base: google.addr(),
-    };
+    let (google, g) = start_google(&tmp.path().join("google"), gport);
     g.upload("in/data.txt", b"abc").await;
     let local = start_serve(
         &tmp.path().join("local"),
@@ -511,11 +504,7 @@ async fn the_google_side_restarting_mid_run_loses_nothing_and_duplicates_nothing
 
     let gport = free_port();
     let gdir = tmp.path().join("google");
-    let mut google = start_serve(&gdir, gport, google_manifest(), Some(T2));
-    let g = Google {
-        http: reqwest::Client::new(),
-        base: google.addr(),
-    };
+    let (google, g) = start_google(&gdir, gport);
     let local = start_serve(
         &tmp.path().join("local"),
         free_port(),
@@ -545,11 +534,7 @@ async fn the_google_side_restarting_mid_run_loses_nothing_and_duplicates_nothing
 
     // "Google" goes away mid-run and comes back on the same port and data.
     drop(google);
-    google = start_serve(&gdir, gport, google_manifest(), Some(T2));
-    let g = Google {
-        http: reqwest::Client::new(),
-        base: google.addr(),
-    };
+    let (google, g) = start_google(&gdir, gport);
 
     // The intake reconnects: a second upload becomes a second run.
     g.upload("in/b.txt", b"second!\n").await;
@@ -654,16 +639,7 @@ async fn an_unreachable_endpoint_is_named_and_the_intake_recovers() {
     );
 
     // "Google" comes up: the intake reconnects and the flow works.
-    let google = start_serve(
-        &tmp.path().join("google"),
-        gport,
-        google_manifest(),
-        Some(T2),
-    );
-    let g = Google {
-        http: reqwest::Client::new(),
-        base: google.addr(),
-    };
+    let (google, g) = start_google(&tmp.path().join("google"), gport);
     let logs = || {
         format!(
             "--- local ---\n{}\n--- google ---\n{}",
@@ -690,16 +666,7 @@ async fn large_inputs_and_outputs_cross_the_connection_intact() {
     let tokens = token_endpoint(public_pem).await;
     let key = key_file(tmp.path(), &private_pem, &tokens.url);
     let gport = free_port();
-    let google = start_serve(
-        &tmp.path().join("google"),
-        gport,
-        google_manifest(),
-        Some(T2),
-    );
-    let g = Google {
-        http: reqwest::Client::new(),
-        base: google.addr(),
-    };
+    let (google, g) = start_google(&tmp.path().join("google"), gport);
     let script = "mkdir -p out && cp in/big.bin out/copy.bin";
     let local = start_serve(
         &tmp.path().join("local"),

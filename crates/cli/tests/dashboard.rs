@@ -213,6 +213,28 @@ impl Browser {
         }
     }
 
+    /// Clicks the element `css`.
+    async fn click(&self, css: &str) {
+        self.c
+            .find(Locator::Css(css))
+            .await
+            .unwrap_or_else(|e| panic!("no {css}: {e}"))
+            .click()
+            .await
+            .unwrap_or_else(|e| panic!("clicking {css}: {e}"));
+    }
+
+    /// Waits (up to PATIENCE) for an element matching `css`; `what` says
+    /// what it stands for when it never comes.
+    async fn wait_for(&self, css: &str, what: &str) {
+        self.c
+            .wait()
+            .at_most(PATIENCE)
+            .for_element(Locator::Css(css))
+            .await
+            .unwrap_or_else(|e| panic!("{what} ({css}) never appeared: {e}"));
+    }
+
     /// Clicks the button `css` (a form post) and waits for the page the
     /// post leads to, so that a following `goto` cannot cancel the post.
     async fn submit(&self, css: &str) {
@@ -220,19 +242,9 @@ impl Browser {
             .execute("document.body.dataset.before = '1'", vec![])
             .await
             .unwrap();
-        self.c
-            .find(Locator::Css(css))
-            .await
-            .unwrap_or_else(|e| panic!("no {css}: {e}"))
-            .click()
-            .await
-            .unwrap();
-        self.c
-            .wait()
-            .at_most(PATIENCE)
-            .for_element(Locator::Css("body:not([data-before])"))
-            .await
-            .unwrap_or_else(|e| panic!("{css}: no page after the post: {e}"));
+        self.click(css).await;
+        let after = format!("{css}: the page after the post");
+        self.wait_for("body:not([data-before])", &after).await;
     }
 
     /// No alert or dialog is open and the page has no script but ours.
@@ -306,12 +318,7 @@ async fn published_run_appears_and_streams_its_log() {
     let href = b
         .reload_until(&s.url("/ui/runs?job=hello"), "#runs a[href^='/ui/runs/']")
         .await;
-    b.c.find(Locator::Css(&format!("#runs a[href='{href}']")))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    b.click(&format!("#runs a[href='{href}']")).await;
     b.wait_text("log", "hello-from-job-1").await;
     // A log line with markup arrives as text, live ...
     b.wait_text("log", "<b id=injected>log markup</b>").await;
@@ -348,12 +355,7 @@ async fn cancel_from_the_ui_cancels_the_run() {
     // Streamed while running: the run cannot end by itself for 10 minutes.
     b.wait_text("log", "slow-started").await;
     b.wait_text("status", "running").await;
-    b.c.find(Locator::Css("form[action$='/cancel'] button"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    b.click("form[action$='/cancel'] button").await;
     b.wait_text("status", "cancelled").await;
     assert_eq!(s.run_status(&id).await, "cancelled", "{}", s.log());
     b.assert_nothing_injected().await;
@@ -416,12 +418,7 @@ async fn token_server_logs_in_with_a_session_cookie() {
     b.c.goto(&s.url("/")).await.unwrap();
     let field = b.c.find(Locator::Css("input[name=token]")).await.unwrap();
     field.send_keys("not-the-token").await.unwrap();
-    b.c.find(Locator::Css("form.login button"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    b.click("form.login button").await;
     b.wait_text("login-error", "Wrong token").await;
     assert!(
         b.c.get_named_cookie("pubrun_session").await.is_err(),
@@ -429,17 +426,9 @@ async fn token_server_logs_in_with_a_session_cookie() {
     );
     let field = b.c.find(Locator::Css("input[name=token]")).await.unwrap();
     field.send_keys(token).await.unwrap();
-    b.c.find(Locator::Css("form.login button"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
-    b.c.wait()
-        .at_most(PATIENCE)
-        .for_element(Locator::Css("header nav a.on[href='/']"))
-        .await
-        .expect("the overview after logging in");
+    b.click("form.login button").await;
+    b.wait_for("header nav a.on[href='/']", "the overview after logging in")
+        .await;
     let cookie = b.c.get_named_cookie("pubrun_session").await.unwrap();
     assert_eq!(cookie.http_only(), Some(true));
     assert!(cookie.same_site().is_some_and(|s| s.is_strict()));
@@ -458,17 +447,9 @@ async fn token_server_logs_in_with_a_session_cookie() {
     );
     // Logging out ends the session.
     b.c.goto(&s.url("/")).await.unwrap();
-    b.c.find(Locator::Css("form[action='/ui/logout'] button"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
-    b.c.wait()
-        .at_most(PATIENCE)
-        .for_element(Locator::Css("input[name=token]"))
-        .await
-        .expect("the login form after logging out");
+    b.click("form[action='/ui/logout'] button").await;
+    b.wait_for("input[name=token]", "the login form after logging out")
+        .await;
 }
 
 /// The job page's "Trigger" form, a run's "Run again" and the schedule
@@ -494,22 +475,12 @@ async fn trigger_rerun_and_schedule_buttons_work() {
         .send_keys("n=manual")
         .await
         .unwrap();
-    b.c.find(Locator::Css("#trigger button"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    b.click("#trigger button").await;
     b.wait_text("log", "hello-from-job-manual").await;
     b.wait_text("status", "succeeded").await;
     let first = b.c.current_url().await.unwrap().to_string();
     // Run again: a new run with the same message.
-    b.c.find(Locator::Css("form[action$='/rerun'] button"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    b.click("form[action$='/rerun'] button").await;
     let deadline = Instant::now() + PATIENCE;
     while b.c.current_url().await.unwrap().as_str() == first {
         assert!(
@@ -708,12 +679,7 @@ async fn cordon_and_drain_from_the_pools_page() {
         b.c.goto(&s.url("/ui/pools")).await.unwrap();
     }
     b.wait_text("pools", "0.50").await;
-    b.c.find(Locator::Css(cordon))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    b.click(cordon).await;
     b.wait_text("machines", "cordoned").await;
     // Cordoned: a run for the pool waits.
     s.publish("remote", "go", json!({})).await;

@@ -6,10 +6,10 @@ mod common;
 
 use std::io::Read;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{free_port, Serve, ServeBuilder, BIN};
+use common::{free_port, Cli, Ran, Serve, ServeBuilder};
 use serde_json::Value;
 
 /// Long enough for a slow CI machine; the happy path takes well under a second.
@@ -65,45 +65,6 @@ fn start() -> Serve {
 
 /// Client commands and waits against the harness's server.
 impl Serve {
-    fn command(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(BIN);
-        cmd.args(args)
-            .env("PUBRUN_ADDR", self.addr())
-            .env_remove("PUBRUN_TOKEN")
-            .env_remove("PUBRUN_PROJECT");
-        cmd
-    }
-
-    fn run(&self, args: &[&str]) -> Run {
-        run(&mut self.command(args))
-    }
-
-    /// Runs and asserts success; returns stdout.
-    fn ok(&self, args: &[&str]) -> String {
-        let r = self.run(args);
-        assert!(
-            r.code == 0,
-            "`pubrun {}` failed ({}):\n{}\n--- server log ---\n{}",
-            args.join(" "),
-            r.code,
-            r.stderr,
-            self.log()
-        );
-        r.stdout
-    }
-
-    fn json(&self, args: &[&str]) -> Value {
-        let mut a = args.to_vec();
-        a.push("--json");
-        let out = self.ok(&a);
-        serde_json::from_str(&out).unwrap_or_else(|e| {
-            panic!(
-                "`pubrun {}` printed invalid JSON ({e}):\n{out}",
-                a.join(" ")
-            )
-        })
-    }
-
     /// The run as `pubrun runs show ID --json` has it.
     fn run_record(&self, id: &str) -> Value {
         self.json(&["runs", "show", id])["run"].clone()
@@ -153,26 +114,6 @@ impl Serve {
     }
 }
 
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-fn run(cmd: &mut Command) -> Run {
-    let out = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .output()
-        .expect("spawn pubrun");
-    Run {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
-
 /// A command running in the background (`pubrun logs -f`), with its output
 /// collected by threads so it never blocks on a full pipe.
 struct Background {
@@ -182,8 +123,9 @@ struct Background {
 }
 
 impl Background {
-    fn spawn(mut cmd: Command) -> Background {
-        let mut child = cmd
+    fn spawn(mut cli: Cli) -> Background {
+        let mut child = cli
+            .command()
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -213,7 +155,7 @@ impl Background {
     }
 
     /// Waits up to `limit` for the command to end.
-    fn finish(mut self, limit: Duration) -> Run {
+    fn finish(mut self, limit: Duration) -> Ran {
         let deadline = Instant::now() + limit;
         let status = loop {
             if let Some(s) = self.child.try_wait().unwrap() {
@@ -229,7 +171,7 @@ impl Background {
             }
             std::thread::sleep(Duration::from_millis(50));
         };
-        Run {
+        Ran {
             code: status.code().unwrap_or(-1),
             stdout: self.stdout.take().unwrap().join().unwrap(),
             stderr: self.stderr.take().unwrap().join().unwrap(),
@@ -412,7 +354,7 @@ fn cancel_stops_a_long_run_and_logs_follow_returns_when_a_run_ends() {
     // Follow a run from its start to its natural end.
     server.ok(&["publish", "tick", "--data", "go"]);
     let tick = server.wait_first_run_of("ticker");
-    let follower = Background::spawn(server.command(&["logs", &tick, "--follow"]));
+    let follower = Background::spawn(server.client(&["logs", &tick, "--follow"]));
     let r = follower.finish(PATIENCE);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(
@@ -435,7 +377,7 @@ fn cancel_stops_a_long_run_and_logs_follow_returns_when_a_run_ends() {
     server.ok(&["publish", "slow", "--data", "x"]);
     let long = server.wait_first_run_of("sleeper");
     server.wait_run(&long, "running", |r| r["status"] == "running");
-    let mut follower = Background::spawn(server.command(&["logs", "-f", &long]));
+    let mut follower = Background::spawn(server.client(&["logs", "-f", &long]));
     std::thread::sleep(Duration::from_millis(700));
     assert!(
         follower.running(),
@@ -666,38 +608,30 @@ fn unknown_runs_and_jobs_are_errors_with_exit_code_1() {
 fn serve_with_an_invalid_config_exits_1_naming_file_and_line() {
     let dir = tempfile::tempdir().unwrap();
     let bad = write(&dir.path().join("bad.toml"), BAD_MANIFEST);
-    let mut cmd = Command::new(BIN);
-    cmd.args([
-        "serve",
-        "--listen",
-        &format!("127.0.0.1:{}", free_port()),
-        "--data-dir",
-    ])
-    .arg(dir.path().join("data"))
-    .args(["--config", &bad])
-    .env("PUBRUN_LOG", "warn")
-    .env_remove("PUBRUN_TOKEN")
-    .env_remove("PUBRUN_CONFIG");
-    let r = Background::spawn(cmd).finish(PATIENCE);
+    // `pubrun serve` on a free port, in its own data directory, with `config`.
+    let serve = |data: &str, config: &str| {
+        let listen = format!("127.0.0.1:{}", free_port());
+        let data = dir.path().join(data).display().to_string();
+        Cli::new(&[
+            "serve",
+            "--listen",
+            &listen,
+            "--data-dir",
+            &data,
+            "--config",
+            config,
+        ])
+        .env("PUBRUN_LOG", "warn")
+        .env_remove("PUBRUN_CONFIG")
+    };
+    let r = Background::spawn(serve("data", &bad)).finish(PATIENCE);
     assert_eq!(r.code, 1, "{}", r.stderr);
     assert!(r.stderr.contains("bad.toml:4:"), "{}", r.stderr);
     assert!(r.stderr.contains("bogus"), "{}", r.stderr);
 
     // A config file that does not exist is named too.
     let missing = dir.path().join("missing.toml").display().to_string();
-    let mut cmd = Command::new(BIN);
-    cmd.args([
-        "serve",
-        "--listen",
-        &format!("127.0.0.1:{}", free_port()),
-        "--data-dir",
-    ])
-    .arg(dir.path().join("data2"))
-    .args(["--config", &missing])
-    .env("PUBRUN_LOG", "warn")
-    .env_remove("PUBRUN_TOKEN")
-    .env_remove("PUBRUN_CONFIG");
-    let r = Background::spawn(cmd).finish(PATIENCE);
+    let r = Background::spawn(serve("data2", &missing)).finish(PATIENCE);
     assert_eq!(r.code, 1, "{}", r.stderr);
     assert!(r.stderr.contains("missing.toml"), "{}", r.stderr);
 }

@@ -43,77 +43,6 @@ fn start() -> Serve {
 
 /// Client commands and waits against the harness's server.
 impl Serve {
-    /// What the server and the agent logged so far (for failure messages).
-    fn logs(&self) -> String {
-        format!(
-            "--- server log ---\n{}\n--- agent log ---\n{}",
-            std::fs::read_to_string(self.path("serve.log")).unwrap_or_default(),
-            std::fs::read_to_string(self.path("agent.log")).unwrap_or_default()
-        )
-    }
-
-    fn run(&self, args: &[&str]) -> Out {
-        let out = Command::new(BIN)
-            .args(args)
-            .env("PUBRUN_ADDR", self.addr())
-            .env_remove("PUBRUN_TOKEN")
-            .env_remove("PUBRUN_PROJECT")
-            .stdin(Stdio::null())
-            .output()
-            .expect("spawn pubrun");
-        Out {
-            code: out.status.code().unwrap_or(-1),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        }
-    }
-
-    /// Runs and asserts success; returns stdout.
-    fn ok(&self, args: &[&str]) -> String {
-        let r = self.run(args);
-        assert!(
-            r.code == 0,
-            "`pubrun {}` failed ({}):\nstdout: {}\nstderr: {}\n{}",
-            args.join(" "),
-            r.code,
-            r.stdout,
-            r.stderr,
-            self.logs()
-        );
-        r.stdout
-    }
-
-    /// Runs and asserts failure; returns stderr.
-    fn fails(&self, args: &[&str]) -> String {
-        let r = self.run(args);
-        assert!(
-            r.code != 0,
-            "`pubrun {}` should have failed but exited 0:\nstdout: {}\nstderr: {}",
-            args.join(" "),
-            r.stdout,
-            r.stderr
-        );
-        assert!(
-            r.stdout.is_empty(),
-            "a failing `pubrun {}` printed to stdout: {}",
-            args.join(" "),
-            r.stdout
-        );
-        r.stderr
-    }
-
-    fn json(&self, args: &[&str]) -> Value {
-        let mut a = args.to_vec();
-        a.push("--json");
-        let out = self.ok(&a);
-        serde_json::from_str(&out).unwrap_or_else(|e| {
-            panic!(
-                "`pubrun {}` printed invalid JSON ({e}):\n{out}",
-                a.join(" ")
-            )
-        })
-    }
-
     /// Polls `pubrun ARGS --json` until `pred` holds; returns that answer.
     fn wait_json(&self, args: &[&str], what: &str, pred: impl Fn(&Value) -> bool) -> Value {
         let deadline = Instant::now() + PATIENCE;
@@ -131,12 +60,6 @@ impl Serve {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
-}
-
-struct Out {
-    code: i32,
-    stdout: String,
-    stderr: String,
 }
 
 /// The entry of `list[key]` whose `field` is `name`.

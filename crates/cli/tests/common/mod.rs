@@ -461,14 +461,92 @@ impl Serve {
         self.wait_healthy();
     }
 
-    /// A client command (`pubrun ARGS`) aimed at this server.
+    /// A client command (`pubrun ARGS`) aimed at this server, with its own
+    /// client state directory (resumable uploads) inside the test's.
     pub fn client(&self, args: &[&str]) -> Cli {
-        let mut cli = Cli::new(args).env("PUBRUN_ADDR", self.addr());
+        let mut cli = Cli::new(args)
+            .env("PUBRUN_ADDR", self.addr())
+            .env("PUBRUN_STATE_DIR", self.path("state"));
         if let Some(t) = self.token() {
             cli = cli.env("PUBRUN_TOKEN", t);
         }
         cli
     }
+
+    /// What the server, and an agent logging to `agent.log` beside it, wrote
+    /// so far (for failure messages).
+    pub fn logs(&self) -> String {
+        let mut all = format!("--- server log ---\n{}", self.log());
+        if let Ok(agent) = std::fs::read_to_string(self.path("agent.log")) {
+            all.push_str(&format!("\n--- agent log ---\n{agent}"));
+        }
+        all
+    }
+
+    /// Runs `pubrun ARGS` against this server; never asserts.
+    pub fn run(&self, args: &[&str]) -> Ran {
+        self.client(args).ran(None)
+    }
+
+    /// Runs `pubrun ARGS` with `stdin` as its input; never asserts.
+    pub fn run_stdin(&self, args: &[&str], stdin: &[u8]) -> Ran {
+        self.client(args).ran(Some(stdin))
+    }
+
+    /// Runs and asserts success; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let r = self.run(args);
+        assert!(
+            r.code == 0,
+            "`pubrun {}` failed ({}):\nstdout: {}\nstderr: {}\n{}",
+            args.join(" "),
+            r.code,
+            r.stdout,
+            r.stderr,
+            self.logs()
+        );
+        r.stdout
+    }
+
+    /// Runs and asserts a failure that printed nothing to stdout; returns
+    /// stderr (where the error must be).
+    pub fn fails(&self, args: &[&str]) -> String {
+        let r = self.run(args);
+        assert!(
+            r.code != 0,
+            "`pubrun {}` should have failed but exited 0:\nstdout: {}\nstderr: {}",
+            args.join(" "),
+            r.stdout,
+            r.stderr
+        );
+        assert!(
+            r.stdout.is_empty(),
+            "a failing `pubrun {}` printed to stdout: {}",
+            args.join(" "),
+            r.stdout
+        );
+        r.stderr
+    }
+
+    /// `pubrun ARGS --json`, asserted to succeed, parsed.
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut a = args.to_vec();
+        a.push("--json");
+        let out = self.ok(&a);
+        serde_json::from_str(&out).unwrap_or_else(|e| {
+            panic!(
+                "`pubrun {}` printed invalid JSON ({e}):\n{out}",
+                a.join(" ")
+            )
+        })
+    }
+}
+
+/// A finished client command: its exit code (-1 for a signal) and output.
+pub struct Ran {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
 }
 
 /// A `pubrun` client command, its environment cleared of the developer's
@@ -482,6 +560,7 @@ impl Cli {
             .env_remove("PUBRUN_TOKEN")
             .env_remove("PUBRUN_PROJECT")
             .env_remove("PUBRUN_ADDR")
+            .env_remove("PUBRUN_CP_TEST_STOP_AFTER_CHUNKS")
             .stdin(Stdio::null());
         Cli(cmd)
     }
@@ -502,6 +581,19 @@ impl Cli {
 
     pub fn output(mut self) -> Output {
         self.0.output().expect("run pubrun")
+    }
+
+    /// Runs (reading `stdin` when given) and keeps what it printed.
+    pub fn ran(self, stdin: Option<&[u8]>) -> Ran {
+        let out = match stdin {
+            Some(input) => self.output_with_stdin(input),
+            None => self.output(),
+        };
+        Ran {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
     }
 
     /// Runs with `input` on stdin.

@@ -20,6 +20,7 @@
 set -euo pipefail
 
 root="$(cd "$(dirname "$0")/.." && pwd)"
+. "$root/scripts/rootfs.sh"
 target="${CARGO_TARGET_DIR:-$root/target}"
 case "$target" in /*) ;; *) target="$root/$target" ;; esac
 BIN="${1:-${PUBRUN_BIN:-$target/debug/pubrun}}"
@@ -30,7 +31,7 @@ IMAGE="${2:-${PUBRUN_AGENT_IMAGE:-pubrun-agent:dev}}"
 # Repository part of IMAGE (a registry port's colon is not a tag).
 last="${IMAGE##*/}"
 if [[ "$last" == *:* ]]; then repo="${IMAGE%:*}"; else repo="$IMAGE"; fi
-hash="$( (sha256sum < "$BIN"; sha256sum < "$0") | sha256sum | cut -c1-20)"
+hash="$( (sha256sum < "$BIN"; sha256sum < "$0"; sha256sum < "$root/scripts/rootfs.sh") | sha256sum | cut -c1-20)"
 HASHED="$repo:bin-$hash"
 
 reuse() {
@@ -52,52 +53,12 @@ rootfs="$work/rootfs"
 mkdir -p "$rootfs"/{bin,etc,tmp,proc,sys,dev,root,workspace,usr/local/bin}
 chmod 1777 "$rootfs/tmp"
 
-# busybox-static: cached outside the image so a new binary does not mean a
-# new download. Same source as scripts/docker-test-image.sh.
-cache="${PUBRUN_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/pubrun}"
-bb="$cache/busybox-static"
-if [ ! -x "$bb" ]; then
-  mkdir -p "$cache" "$work/deb"
-  (
-    cd "$work/deb"
-    # `apt-get download` needs package lists; fetch them only when it fails.
-    if ! apt-get download -qq busybox-static >/dev/null 2>&1; then
-      apt-get update -qq
-      apt-get download -qq busybox-static
-    fi
-    dpkg-deb -x busybox-static_*.deb pkg
-  )
-  [ -x "$work/deb/pkg/bin/busybox" ] || { echo "busybox-static did not contain /bin/busybox" >&2; exit 1; }
-  cp "$work/deb/pkg/bin/busybox" "$bb.tmp.$$"
-  mv "$bb.tmp.$$" "$bb"
-fi
-cp "$bb" "$rootfs/bin/busybox"
-for applet in $("$bb" --list); do
-  [ "$applet" = busybox ] || ln -sf busybox "$rootfs/bin/$applet"
-done
+rootfs_busybox "$rootfs" "$work"
 for needed in sh echo sleep cat env ls true false kill; do
   [ -L "$rootfs/bin/$needed" ] || { echo "busybox lacks the applet $needed" >&2; exit 1; }
 done
+rootfs_pubrun "$rootfs" "$BIN" "$work"
 
-cp "$BIN" "$rootfs/usr/local/bin/pubrun"
-chmod 755 "$rootfs/usr/local/bin/pubrun"
-
-# Every library ldd resolves, at the same path (the loader included: its
-# path is baked into the binary). `cp -L` copies the files symlinks name.
-if ldd "$BIN" >"$work/ldd" 2>&1; then
-  libs="$(grep -o '/[^ ]*' "$work/ldd" || true)"
-  # glibc loads these at run time for name lookups; ldd does not list them.
-  for extra in /lib/x86_64-linux-gnu/libnss_dns.so.2 /lib/x86_64-linux-gnu/libnss_files.so.2 \
-               /lib/x86_64-linux-gnu/libresolv.so.2; do
-    [ -e "$extra" ] && libs="$libs $extra"
-  done
-  for lib in $libs; do
-    mkdir -p "$rootfs$(dirname "$lib")"
-    cp -L "$lib" "$rootfs$lib"
-  done
-elif ! grep -qiE 'not a dynamic executable|statically linked' "$work/ldd"; then
-  echo "ldd $BIN failed:" >&2; cat "$work/ldd" >&2; exit 1
-fi
 
 printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n' > "$rootfs/etc/passwd"
 printf 'root:x:0:\nnogroup:x:65534:\n' > "$rootfs/etc/group"

@@ -21,6 +21,7 @@
 set -euo pipefail
 
 root="$(cd "$(dirname "$0")/.." && pwd)"
+. "$root/scripts/rootfs.sh"
 target="${CARGO_TARGET_DIR:-$root/target}"
 case "$target" in /*) ;; *) target="$root/$target" ;; esac
 default_bin="$target/release/pubrun"
@@ -38,42 +39,8 @@ rootfs="$work/rootfs"
 mkdir -p "$rootfs"/{bin,etc/ssl/certs,tmp,proc,sys,dev,data,usr/local/bin}
 chmod 1777 "$rootfs/tmp"
 
-# busybox-static, cached like scripts/agent-image.sh does (same cache).
-cache="${PUBRUN_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/pubrun}"
-bb="$cache/busybox-static"
-if [ ! -x "$bb" ]; then
-  mkdir -p "$cache" "$work/deb"
-  (
-    cd "$work/deb"
-    if ! apt-get download -qq busybox-static >/dev/null 2>&1; then
-      apt-get update -qq
-      apt-get download -qq busybox-static
-    fi
-    dpkg-deb -x busybox-static_*.deb pkg
-  )
-  cp "$work/deb/pkg/bin/busybox" "$bb.tmp.$$"
-  mv "$bb.tmp.$$" "$bb"
-fi
-cp "$bb" "$rootfs/bin/busybox"
-for applet in $("$bb" --list); do
-  [ "$applet" = busybox ] || ln -sf busybox "$rootfs/bin/$applet"
-done
-
-cp "$BIN" "$rootfs/usr/local/bin/pubrun"
-chmod 755 "$rootfs/usr/local/bin/pubrun"
-if ldd "$BIN" >"$work/ldd" 2>&1; then
-  libs="$(grep -o '/[^ ]*' "$work/ldd" || true)"
-  for extra in /lib/x86_64-linux-gnu/libnss_dns.so.2 /lib/x86_64-linux-gnu/libnss_files.so.2 \
-               /lib/x86_64-linux-gnu/libresolv.so.2; do
-    [ -e "$extra" ] && libs="$libs $extra"
-  done
-  for lib in $libs; do
-    mkdir -p "$rootfs$(dirname "$lib")"
-    cp -L "$lib" "$rootfs$lib"
-  done
-elif ! grep -qiE 'not a dynamic executable|statically linked' "$work/ldd"; then
-  echo "ldd $BIN failed:" >&2; cat "$work/ldd" >&2; exit 1
-fi
+rootfs_busybox "$rootfs" "$work"
+rootfs_pubrun "$rootfs" "$BIN" "$work"
 [ -r /etc/ssl/certs/ca-certificates.crt ] && cp /etc/ssl/certs/ca-certificates.crt "$rootfs/etc/ssl/certs/"
 
 printf 'root:x:0:0:root:/root:/bin/sh\npubrun:x:10001:10001:pubrun:/data:/bin/false\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n' > "$rootfs/etc/passwd"

@@ -16,6 +16,7 @@ pub mod buckets;
 pub mod catalog;
 pub mod directory;
 pub mod embedded;
+mod fenced;
 pub mod pools;
 pub mod postgres;
 pub mod record;

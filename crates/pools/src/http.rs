@@ -94,6 +94,20 @@ fn creds(h: &HeaderMap) -> Result<Creds<'_>, AgentError> {
     })
 }
 
+/// A call about `lease`: its credentials, checked against the live lease
+/// before the body (up to `limit`) is read, so a fenced agent's body is not.
+async fn lease_call<'h>(
+    p: &Pools,
+    h: &'h HeaderMap,
+    lease: u64,
+    body: Body,
+    limit: u64,
+) -> Result<(Creds<'h>, Bytes), AgentError> {
+    let c = creds(h)?;
+    p.live(&c, lease, |_| ()).await?;
+    Ok((c, read_body(body, limit).await?))
+}
+
 fn json_body<T: serde::de::DeserializeOwned>(b: &[u8]) -> Result<T, AgentError> {
     serde_json::from_slice(b).map_err(|e| AgentError::Invalid(format!("request body: {e}")))
 }
@@ -198,9 +212,8 @@ async fn started(
     h: HeaderMap,
     body: Body,
 ) -> Result<Response, AgentError> {
-    let c = creds(&h)?;
-    p.live(&c, lease, |_| ()).await?;
-    let s: Started = json_body(&read_body(body, JSON_BODY_LIMIT).await?)?;
+    let (c, b) = lease_call(&p, &h, lease, body, JSON_BODY_LIMIT).await?;
+    let s: Started = json_body(&b)?;
     p.started(&c, lease, s.handle).await?;
     Ok(Json(json!({})).into_response())
 }
@@ -217,9 +230,7 @@ async fn log(
     h: HeaderMap,
     body: Body,
 ) -> Result<Response, AgentError> {
-    let c = creds(&h)?;
-    p.live(&c, lease, |_| ()).await?;
-    let bytes = read_body(body, LOG_BODY_LIMIT).await?;
+    let (c, bytes) = lease_call(&p, &h, lease, body, LOG_BODY_LIMIT).await?;
     let total = p.log(&c, lease, q.offset, &bytes).await?;
     Ok(Json(json!({ "received": total })).into_response())
 }
@@ -230,9 +241,8 @@ async fn result(
     h: HeaderMap,
     body: Body,
 ) -> Result<Response, AgentError> {
-    let c = creds(&h)?;
-    p.live(&c, lease, |_| ()).await?;
-    let r: Report = json_body(&read_body(body, JSON_BODY_LIMIT).await?)?;
+    let (c, b) = lease_call(&p, &h, lease, body, JSON_BODY_LIMIT).await?;
+    let r: Report = json_body(&b)?;
     p.report(&c, lease, r.exit).await?;
     Ok(Json(json!({})).into_response())
 }

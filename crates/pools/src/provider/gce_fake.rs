@@ -210,14 +210,24 @@ impl FakeGce {
             changed: Notify::new(),
         });
         let zone = "/compute/v1/projects/{project}/zones/{zone}";
+        // `instances.start`, `.stop` and `.delete` differ only in the change
+        // they ask for.
+        let to = |kind: &'static str| {
+            move |State(s): State<Arc<Shared>>, Path(key): Named, headers: HeaderMap| {
+                transition(s, key, kind, headers)
+            }
+        };
         let app = Router::new()
             .route(&format!("{zone}/instances"), post(insert).get(list))
             .route(
                 &format!("{zone}/instances/{{name}}"),
-                get(get_instance).delete(delete),
+                get(get_instance).delete(to("delete")),
             )
-            .route(&format!("{zone}/instances/{{name}}/start"), post(start))
-            .route(&format!("{zone}/instances/{{name}}/stop"), post(stop))
+            .route(
+                &format!("{zone}/instances/{{name}}/start"),
+                post(to("start")),
+            )
+            .route(&format!("{zone}/instances/{{name}}/stop"), post(to("stop")))
             .route(
                 &format!("{zone}/instances/{{name}}/setMetadata"),
                 post(set_metadata),
@@ -971,14 +981,6 @@ async fn transition(
     Ok(Json(op).into_response())
 }
 
-async fn start(
-    State(s): State<Arc<Shared>>,
-    Path(key): Named,
-    headers: HeaderMap,
-) -> Result<Response, GoogleError> {
-    transition(s, key, "start", headers).await
-}
-
 /// `instances.setMetadata`: replaces the items when the fingerprint is
 /// the current one (412 `conditionNotMet` otherwise), as Google does.
 async fn set_metadata(
@@ -1018,22 +1020,6 @@ async fn set_metadata(
     Ok(Json(op).into_response())
 }
 
-async fn stop(
-    State(s): State<Arc<Shared>>,
-    Path(key): Named,
-    headers: HeaderMap,
-) -> Result<Response, GoogleError> {
-    transition(s, key, "stop", headers).await
-}
-
-async fn delete(
-    State(s): State<Arc<Shared>>,
-    Path(key): Named,
-    headers: HeaderMap,
-) -> Result<Response, GoogleError> {
-    transition(s, key, "delete", headers).await
-}
-
 fn find_operation(s: &Shared, p: &str, z: &str, op: &str) -> Result<Value, GoogleError> {
     let inner = s.inner.lock().unwrap();
     inner
@@ -1050,10 +1036,7 @@ async fn get_operation(
     headers: HeaderMap,
 ) -> Result<Response, GoogleError> {
     s.authorized(&headers)?;
-    match find_operation(&s, &p, &z, &op) {
-        Ok(o) => Ok(Json(o).into_response()),
-        Err(r) => Err(r),
-    }
+    find_operation(&s, &p, &z, &op).map(|o| Json(o).into_response())
 }
 
 /// Like Google's: returns when the operation is `DONE` or after a while
@@ -1069,10 +1052,7 @@ async fn wait_operation(
         let notified = s.changed.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        let o = match find_operation(&s, &p, &z, &op) {
-            Ok(o) => o,
-            Err(r) => return Err(r),
-        };
+        let o = find_operation(&s, &p, &z, &op)?;
         if o["status"] == "DONE" {
             return Ok(Json(o).into_response());
         }

@@ -6,6 +6,7 @@
 //! file, socket or clock access happens in this crate, so it is unit-testable
 //! without setup.
 
+pub mod clock;
 pub mod config;
 pub mod connection;
 pub mod cost;

@@ -24,7 +24,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::protocol::{ErrorBody, Poll, Register, Report, Started, PREFIX};
-use crate::remote::{now_ms, AgentError, Creds, Pools};
+use crate::remote::{AgentError, Creds, Pools};
 
 /// The header naming the agent on every call after register.
 pub const AGENT_HEADER: &str = "x-pubrun-agent";
@@ -285,7 +285,10 @@ async fn workdir(
 fn tempfile_in_dir(dir: &std::path::Path) -> std::io::Result<std::fs::File> {
     let parent = dir.parent().unwrap_or(dir);
     std::fs::create_dir_all(parent)?;
-    let path = parent.join(format!(".workdir-{}-{}.tar", std::process::id(), now_ms()));
+    // Unique within this process; the file is unlinked once open.
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = parent.join(format!(".workdir-{}-{n}.tar", std::process::id()));
     let f = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -470,7 +473,7 @@ async fn cost(
             "query: since_ms=<milliseconds since the epoch>".into(),
         );
     };
-    match p.cost_report(q.since_ms, now_ms()).await {
+    match p.cost_report(q.since_ms, p.now_ms()).await {
         Ok(r) => Json(r).into_response(),
         Err(e) => admin_err(StatusCode::INTERNAL_SERVER_ERROR, e),
     }

@@ -130,7 +130,7 @@ impl Pools {
             }
             Err(e) => return Err(e),
         };
-        let now = now_ms();
+        let now = self.now_ms();
         let existing = self.machine(&r.name).await.map_err(AgentError::Internal)?;
         if let Some(m) = &existing {
             if m.pool != r.pool {
@@ -357,7 +357,7 @@ mod tests {
     use super::*;
 
     #[test]
-    pub(super) fn tokens_are_random_and_a_failing_generator_is_an_error() {
+    fn tokens_are_random_and_a_failing_generator_is_an_error() {
         let a = random_token().unwrap();
         let b = random_token().unwrap();
         assert_eq!(a.len(), 64);
@@ -370,7 +370,7 @@ mod tests {
     }
 
     #[test]
-    pub(super) fn agent_names_are_checked() {
+    fn agent_names_are_checked() {
         for ok in ["a", "pubrun-big-12", "host.example_1", &"x".repeat(63)] {
             assert!(validate_agent_name(ok).is_ok(), "{ok:?}");
         }

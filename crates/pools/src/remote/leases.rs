@@ -35,7 +35,7 @@ impl Pools {
     }
 
     pub(super) async fn poll_once(&self, p: &Poll, pool: &str) -> Result<PollReply, AgentError> {
-        let now = now_ms();
+        let now = self.now_ms();
         let cordoned = self
             .machine(&p.name)
             .await
@@ -260,7 +260,7 @@ impl Pools {
         self.live(c, lease, |_| ()).await?;
         self.inner
             .store
-            .lease_started(lease, now_ms())
+            .lease_started(lease, self.now_ms())
             .await
             .map_err(|e| AgentError::Internal(e.to_string()))?;
         self.live(c, lease, |l| {
@@ -310,7 +310,7 @@ impl Pools {
         let ok = self
             .inner
             .store
-            .lease_end(lease, LeaseEnd::Done(&exit), now_ms())
+            .lease_end(lease, LeaseEnd::Done(&exit), self.now_ms())
             .await
             .map_err(|e| AgentError::Internal(e.to_string()))?;
         if !ok {
@@ -348,9 +348,10 @@ impl OpenPoll {
 
 impl Drop for OpenPoll {
     fn drop(&mut self) {
+        let now = self.pools.now_ms();
         if let Some(a) = self.pools.inner.lock().agents.get_mut(&self.name) {
             a.polling = a.polling.saturating_sub(1);
-            a.last_seen_ms = now_ms();
+            a.last_seen_ms = now;
         }
     }
 }

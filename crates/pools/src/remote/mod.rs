@@ -13,8 +13,9 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
+use pubrun_core::clock::{self, Clock, SystemClock};
 use pubrun_core::pool::{MachineState, PoolSpec};
 use pubrun_core::run::{EndCause, Exit};
 use pubrun_exec::{CancellationToken, Executor, LogSink, OnStarted, RunRequest};
@@ -34,11 +35,11 @@ pub(crate) use agents::random_token;
 pub use agents::Creds;
 pub use executor::PoolExecutor;
 
+/// Wall-clock milliseconds for callers without a [`Pools`] at hand (the
+/// metrics); everything in this crate reads [`Pools::now_ms`], so tests can
+/// hand it a manual clock.
 pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+    SystemClock.now_ms()
 }
 
 /// How long a poll is held open when there is nothing to do.
@@ -111,6 +112,9 @@ pub(crate) struct Inner {
     pub work: Notify,
     pub seq: AtomicU64,
     pub providers: Mutex<HashMap<String, Arc<dyn MachineProvider>>>,
+    /// Every time this crate reads (leases, machine states, agents' last
+    /// calls, cost windows).
+    pub clock: Arc<dyn Clock>,
     /// Leases found active at boot get this long for their agent to return.
     pub boot_ms: i64,
     /// What the metrics gauges show, read by [`Pools::refresh_gauges`].
@@ -173,9 +177,17 @@ impl Pools {
         Pools::with_store(Arc::new(store)).await
     }
 
-    /// On any engine (PostgreSQL in cluster mode): loads the declared pools
-    /// and the unused bootstrap tokens.
+    /// On any engine (PostgreSQL in cluster mode), on the system clock.
     pub async fn with_store(store: Arc<dyn PoolStore>) -> Result<Pools, String> {
+        Pools::with_clock(store, clock::system()).await
+    }
+
+    /// On any engine and `clock`: loads the declared pools and the unused
+    /// bootstrap tokens.
+    pub async fn with_clock(
+        store: Arc<dyn PoolStore>,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Pools, String> {
         let mut state = State::default();
         for (spec, token) in store.pools().await.map_err(|e| e.to_string())? {
             state
@@ -192,10 +204,16 @@ impl Pools {
                 work: Notify::new(),
                 seq: AtomicU64::new(1),
                 providers: Mutex::new(HashMap::new()),
-                boot_ms: now_ms(),
+                boot_ms: clock.now_ms(),
+                clock,
                 gauges: Mutex::new(Gauges::default()),
             }),
         })
+    }
+
+    /// Now, in milliseconds since the Unix epoch, on this service's clock.
+    pub fn now_ms(&self) -> i64 {
+        self.inner.clock.now_ms()
     }
 
     pub fn store(&self) -> &Arc<dyn PoolStore> {

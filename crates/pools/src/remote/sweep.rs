@@ -161,7 +161,7 @@ impl Pools {
             MachineState::Ready | MachineState::Busy | MachineState::Idle
         ) && m.state != want
         {
-            let now = now_ms();
+            let now = self.now_ms();
             if let Err(e) = m.set_state(want, now) {
                 tracing::warn!(machine = name, error = %e, "cannot record machine state");
                 return;
@@ -182,5 +182,63 @@ impl Pools {
         m.cordoned = on;
         self.put_machine(&m).await?;
         Ok(m)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use pubrun_core::clock::ManualClock;
+    use pubrun_core::pool::ProviderSpec;
+
+    use super::*;
+    use crate::protocol::Register;
+
+    /// An agent is forgotten once it has been silent longer than its pool's
+    /// lease timeout, by the pools' clock, and not a moment before.
+    #[tokio::test]
+    async fn a_silent_agent_is_forgotten_after_the_lease_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = pubrun_store::SqlitePoolStore::open(&dir.path().join("pools.db"))
+            .await
+            .unwrap();
+        let clock = ManualClock::at_ms(1_000_000);
+        let pools = Pools::with_clock(Arc::new(store), Arc::new(clock.clone()))
+            .await
+            .unwrap();
+        pools
+            .set_pools(vec![PoolSpec {
+                name: "laptops".into(),
+                provider: ProviderSpec::Agents,
+                min_machines: 0,
+                max_machines: 0,
+                runs_per_machine: 1,
+                idle_timeout: Duration::from_secs(300),
+                delete_when_idle: false,
+                price_per_hour: None,
+                token_env: String::new(),
+                lease_timeout: Duration::from_secs(30),
+                boot_timeout: Duration::from_secs(300),
+            }])
+            .await
+            .unwrap();
+        let token = pools.token("laptops").unwrap();
+        let register = Register {
+            pool: "laptops".into(),
+            name: "laptop-1".into(),
+            slots: 1,
+            labels: Default::default(),
+            version: String::new(),
+        };
+        pools.register(register, &token, None).await.unwrap();
+
+        clock.advance(Duration::from_secs(30));
+        pools.sweep(pools.now_ms()).await;
+        assert_eq!(pools.agents().await.unwrap().len(), 1, "at the timeout");
+
+        clock.advance(Duration::from_millis(1));
+        pools.sweep(pools.now_ms()).await;
+        assert!(pools.agents().await.unwrap().is_empty(), "past it");
     }
 }

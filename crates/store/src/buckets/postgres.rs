@@ -35,9 +35,9 @@ use tokio::sync::mpsc;
 use tokio_postgres::{GenericClient, Row};
 
 use super::{
-    bad_blob_id, is_blob_id, new_blob_id, now_us, BlobReader, BlobWriter, BucketDeleted,
-    BucketMutation, BucketRecord, BucketStore, Mutated, NotificationRecord, ObjectMutation,
-    ObjectRecord, ObjectState, OutboxMessage, OutboxRow, Reject, UploadRecord,
+    bad_blob_id, checked_plan, is_blob_id, new_blob_id, now_us, BlobReader, BlobWriter,
+    BucketDeleted, BucketMutation, BucketRecord, BucketStore, Mutated, NotificationRecord,
+    ObjectMutation, ObjectRecord, ObjectState, OutboxMessage, OutboxRow, Reject, UploadRecord,
 };
 use crate::fenced::FencedPg;
 use crate::postgres::db_err;
@@ -134,6 +134,26 @@ fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
 const RELEASE_BLOB: &str = "DELETE FROM pubrun_bucket_blobs WHERE id = $1
      AND NOT EXISTS (SELECT 1 FROM pubrun_bucket_objects WHERE blob = $1)
      AND NOT EXISTS (SELECT 1 FROM pubrun_bucket_uploads WHERE id = $1 AND done IS NULL)";
+
+/// Deletes the upload sessions `sql` (a `DELETE … RETURNING id` over `param`)
+/// picks and releases their blobs; their ids.
+async fn drop_uploads(
+    tx: &tokio_postgres::Transaction<'_>,
+    sql: &str,
+    param: &(dyn tokio_postgres::types::ToSql + Sync),
+) -> Result<Vec<String>, StoreError> {
+    let ids: Vec<String> = tx
+        .query(sql, &[param])
+        .await
+        .map_err(pg)?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    for id in &ids {
+        tx.execute(RELEASE_BLOB, &[id]).await.map_err(pg)?;
+    }
+    Ok(ids)
+}
 
 /// Buckets, objects and their bytes in PostgreSQL.
 #[derive(Clone)]
@@ -395,19 +415,12 @@ impl BucketStore for PostgresBucketStore {
         if nonempty {
             return Ok(BucketDeleted::NotEmpty);
         }
-        let uploads: Vec<String> = tx
-            .query(
-                "DELETE FROM pubrun_bucket_uploads WHERE bucket = $1 RETURNING id",
-                &[&name],
-            )
-            .await
-            .map_err(pg)?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
-        for id in &uploads {
-            tx.execute(RELEASE_BLOB, &[id]).await.map_err(pg)?;
-        }
+        let uploads = drop_uploads(
+            &tx,
+            "DELETE FROM pubrun_bucket_uploads WHERE bucket = $1 RETURNING id",
+            &name,
+        )
+        .await?;
         tx.execute(
             "DELETE FROM pubrun_bucket_notifications WHERE bucket = $1",
             &[&name],
@@ -499,16 +512,11 @@ impl BucketStore for PostgresBucketStore {
             notifications: notifications(&tx, bucket).await?,
             new_generation,
         };
-        let plan = match decide(&state) {
+        let plan = match checked_plan(decide, &state, bucket, name)? {
             Ok(p) => p,
             Err(r) => return Ok(Err(r)),
         };
         if let Some(o) = &plan.put {
-            if o.bucket != bucket || o.name != name || !is_blob_id(&o.blob) {
-                return Err(StoreError::Config(
-                    "a planned object row must keep its bucket, name and a blob id".into(),
-                ));
-            }
             // The bytes must exist (and stay: the share lock blocks a sweep).
             tx.query_opt(
                 "SELECT 1 FROM pubrun_bucket_blobs WHERE id = $1 FOR SHARE",
@@ -779,19 +787,12 @@ impl BucketStore for PostgresBucketStore {
     async fn expire_uploads(&self, before_us: i64) -> Result<Vec<String>, StoreError> {
         let mut g = self.pg.conn().await;
         let tx = self.pg.begin(g.get().await?).await?;
-        let ids: Vec<String> = tx
-            .query(
-                "DELETE FROM pubrun_bucket_uploads WHERE created_us < $1 RETURNING id",
-                &[&before_us],
-            )
-            .await
-            .map_err(pg)?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
-        for id in &ids {
-            tx.execute(RELEASE_BLOB, &[id]).await.map_err(pg)?;
-        }
+        let ids = drop_uploads(
+            &tx,
+            "DELETE FROM pubrun_bucket_uploads WHERE created_us < $1 RETURNING id",
+            &before_us,
+        )
+        .await?;
         tx.commit().await.map_err(pg)?;
         Ok(ids)
     }

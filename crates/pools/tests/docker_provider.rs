@@ -160,15 +160,7 @@ async fn wait_status(p: &DockerProvider, name: &str, want: ProviderStatus) {
         }
         if want == ProviderStatus::Running && got == ProviderStatus::Stopped {
             // The agent exited (it should retry forever): show why.
-            let logs = Command::new("docker")
-                .args(["logs", name])
-                .output()
-                .unwrap();
-            panic!(
-                "{name}: the agent exited:\n{}{}",
-                String::from_utf8_lossy(&logs.stdout),
-                String::from_utf8_lossy(&logs.stderr)
-            );
+            panic!("{name}: the agent exited:\n{}", logs(name));
         }
         assert!(
             start.elapsed() < WAIT,

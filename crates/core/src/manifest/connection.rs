@@ -103,3 +103,25 @@ fn parse_connection(cx: &Ctx<'_>, c: &RawConnection) -> Result<ConnectionSpec, M
         )?,
     })
 }
+
+/// The declared connection a job or pool names, if it names one.
+pub(super) fn connection_ref(
+    cx: &Ctx<'_>,
+    connections: &[ConnectionSpec],
+    named: &Option<Spanned<String>>,
+) -> Result<Option<ConnectionSpec>, ManifestError> {
+    let Some(c) = named else {
+        return Ok(None);
+    };
+    let found = connections.iter().find(|x| &x.name == c.get_ref());
+    found.cloned().map(Some).ok_or_else(|| {
+        cx.err(
+            c.span(),
+            format!(
+                "connection \"{}\" is not declared; add a [[connection]] with name = \"{}\"",
+                c.get_ref(),
+                c.get_ref()
+            ),
+        )
+    })
+}

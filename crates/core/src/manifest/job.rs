@@ -7,6 +7,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
+use super::connection::connection_ref;
 use super::topic::Topics;
 use super::{parse_bytes, Ctx, ManifestError, Unique};
 use crate::connection::ConnectionSpec;
@@ -153,25 +154,7 @@ fn parse_job(
     let name = j.name.get_ref();
     // A job listens to a local topic, or to a subscription of a
     // connection (full Google names: nothing there is declared here).
-    let connection = match &j.connection {
-            None => None,
-            Some(c) => Some(
-                connections
-                    .iter()
-                    .find(|x| &x.name == c.get_ref())
-                    .cloned()
-                    .ok_or_else(|| {
-                        cx.err(
-                            c.span(),
-                            format!(
-                                "connection \"{}\" is not declared; add a [[connection]] with name = \"{}\"",
-                                c.get_ref(),
-                                c.get_ref()
-                            ),
-                        )
-                    })?,
-            ),
-        };
+    let connection = connection_ref(cx, connections, &j.connection)?;
     let (topic, subscription) = match (&connection, &j.topic, &j.subscription) {
             (None, Some(t), None) => (topics.resolve(cx, t)?.to_string(), String::new()),
             (None, _, Some(s)) => {

@@ -6,6 +6,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
+use super::connection::connection_ref;
 use super::{is_env_name, parse_bytes, Ctx, ManifestError, Unique};
 use crate::connection::ConnectionSpec;
 use crate::names::validate_resource_id;
@@ -437,21 +438,7 @@ fn parse_pool(
             })
         }
         _ => {
-            let connection = match &r.connection {
-                None => None,
-                Some(c) => Some(
-                    connections
-                        .iter()
-                        .find(|x| &x.name == c.get_ref())
-                        .cloned()
-                        .ok_or_else(|| {
-                            cx.err(
-                                c.span(),
-                                format!("connection \"{}\" is not declared; add a [[connection]] with name = \"{}\"", c.get_ref(), c.get_ref()),
-                            )
-                        })?,
-                ),
-            };
+            let connection = connection_ref(cx, connections, &r.connection)?;
             // A pool on a connection defaults to its project.
             let project = match (&r.project, &connection) {
                 (None, Some(c)) => c.project.clone(),

@@ -160,7 +160,6 @@ fn file_size_budget() {
         ("crates/core/src/filter.rs", 1000),
         ("crates/jobs/src/dispatcher.rs", 1950),
         ("crates/pools/src/provider/gce.rs", 1000),
-        ("crates/pools/src/provider/gce_fake.rs", 1150),
         ("crates/store/src/buckets/postgres.rs", 1250),
         ("crates/store/src/buckets/sqlite.rs", 1000),
         ("crates/store/src/postgres.rs", 1250),

@@ -16,7 +16,7 @@ use pubrun_core::pool::{autoscale, MachineState, MachineView, PoolSpec, ScaleAct
 
 use crate::db::MachineRow;
 use crate::provider::{MachineLaunch, MachineProvider, ProviderError, ProviderStatus};
-use crate::remote::{now_ms, Pools};
+use crate::remote::Pools;
 
 /// A machine in `stopping` this long is asked to stop again.
 const STOP_RETRY_MS: i64 = 30_000;
@@ -33,7 +33,7 @@ impl Pools {
                     _ = tick.tick() => {}
                     _ = shutdown.cancelled() => return,
                 }
-                let now = now_ms();
+                let now = this.now_ms();
                 this.sweep(now).await;
                 for spec in this.specs() {
                     if let Some(provider) = this.provider(&spec.name) {
@@ -229,7 +229,7 @@ impl Pools {
             }
             Err(e) => {
                 tracing::warn!(machine = name, error = %e, "machine did not start");
-                let now = now_ms();
+                let now = self.now_ms();
                 if let Err(t) = m.set_state(MachineState::Failed, now) {
                     tracing::error!(machine = name, error = %t, "cannot record a failed start");
                     return;
@@ -260,7 +260,7 @@ impl Pools {
         delete: bool,
         reason: String,
     ) {
-        let now = now_ms();
+        let now = self.now_ms();
         let failed = m.state == MachineState::Provisioning || m.state == MachineState::Failed;
         // Written every time, also when asking again (then `state_since_ms`
         // is when it was last asked): the fenced write is what allows the
@@ -299,7 +299,7 @@ impl Pools {
         let mut m = fresh.unwrap_or(m);
         match result {
             Ok(()) => {
-                let now = now_ms();
+                let now = self.now_ms();
                 self.span_close_logged(&m.name, now).await;
                 // Its agent is gone with it: no longer listed.
                 self.forget_agent(&m.name);
@@ -365,7 +365,7 @@ impl Pools {
             {
                 match provider.status(&m.name).await {
                     Ok(ProviderStatus::Gone | ProviderStatus::Stopped) => {
-                        let now = now_ms();
+                        let now = self.now_ms();
                         let next = if m.state == MachineState::Stopping {
                             MachineState::Stopped
                         } else {
@@ -506,7 +506,9 @@ mod tests {
         let mut names = Vec::new();
         for round in 0..2 {
             for _ in 0..2 {
-                pools.start_machine(&spec, provider.clone(), now_ms()).await;
+                pools
+                    .start_machine(&spec, provider.clone(), pools.now_ms())
+                    .await;
             }
             let up = machines_until(&pools, |m| m.len() == 2).await;
             for m in &up {
@@ -544,7 +546,7 @@ mod tests {
         assert_eq!(distinct.len(), 4, "machine names: {names:?}");
         assert_eq!(*provider.started.lock().unwrap(), names);
         // Four machines, four cost rows.
-        let report = pools.cost_report(0, now_ms() + 1000).await.unwrap();
+        let report = pools.cost_report(0, pools.now_ms() + 1000).await.unwrap();
         let rows = report["machines"].as_array().unwrap();
         assert_eq!(rows.len(), 4, "{report:#}");
     }
@@ -603,7 +605,7 @@ mod tests {
         let provider = Arc::new(Instant::default());
 
         // The owner: min_machines = 1 starts one machine.
-        pools.scale(&spec, provider.clone(), now_ms()).await;
+        pools.scale(&spec, provider.clone(), pools.now_ms()).await;
         let before = machines_until(&pools, |m| m.len() == 1 && !m[0].provider_id.is_empty()).await;
         assert_eq!(provider.started.lock().unwrap().len(), 1);
 
@@ -618,8 +620,10 @@ mod tests {
         // The ex-owner wants a second machine and to stop the first: both
         // writes are refused, so the provider hears of neither.
         let more = docker_pool("fenced", 2);
-        pools.scale(&more, provider.clone(), now_ms()).await;
-        pools.start_machine(&more, provider.clone(), now_ms()).await;
+        pools.scale(&more, provider.clone(), pools.now_ms()).await;
+        pools
+            .start_machine(&more, provider.clone(), pools.now_ms())
+            .await;
         pools
             .stop_machine(before[0].clone(), provider.clone(), true, "idle".into())
             .await;

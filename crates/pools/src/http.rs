@@ -24,7 +24,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::protocol::{ErrorBody, Poll, Register, Report, Started, PREFIX};
-use crate::remote::{now_ms, AgentError, Creds, Pools};
+use crate::remote::{AgentError, Creds, Pools};
 
 /// The header naming the agent on every call after register.
 pub const AGENT_HEADER: &str = "x-pubrun-agent";
@@ -92,6 +92,20 @@ fn creds(h: &HeaderMap) -> Result<Creds<'_>, AgentError> {
             .and_then(|v| v.to_str().ok())
             .unwrap_or(""),
     })
+}
+
+/// A call about `lease`: its credentials, checked against the live lease
+/// before the body (up to `limit`) is read, so a fenced agent's body is not.
+async fn lease_call<'h>(
+    p: &Pools,
+    h: &'h HeaderMap,
+    lease: u64,
+    body: Body,
+    limit: u64,
+) -> Result<(Creds<'h>, Bytes), AgentError> {
+    let c = creds(h)?;
+    p.live(&c, lease, |_| ()).await?;
+    Ok((c, read_body(body, limit).await?))
 }
 
 fn json_body<T: serde::de::DeserializeOwned>(b: &[u8]) -> Result<T, AgentError> {
@@ -198,9 +212,8 @@ async fn started(
     h: HeaderMap,
     body: Body,
 ) -> Result<Response, AgentError> {
-    let c = creds(&h)?;
-    p.live(&c, lease, |_| ()).await?;
-    let s: Started = json_body(&read_body(body, JSON_BODY_LIMIT).await?)?;
+    let (c, b) = lease_call(&p, &h, lease, body, JSON_BODY_LIMIT).await?;
+    let s: Started = json_body(&b)?;
     p.started(&c, lease, s.handle).await?;
     Ok(Json(json!({})).into_response())
 }
@@ -217,9 +230,7 @@ async fn log(
     h: HeaderMap,
     body: Body,
 ) -> Result<Response, AgentError> {
-    let c = creds(&h)?;
-    p.live(&c, lease, |_| ()).await?;
-    let bytes = read_body(body, LOG_BODY_LIMIT).await?;
+    let (c, bytes) = lease_call(&p, &h, lease, body, LOG_BODY_LIMIT).await?;
     let total = p.log(&c, lease, q.offset, &bytes).await?;
     Ok(Json(json!({ "received": total })).into_response())
 }
@@ -230,9 +241,8 @@ async fn result(
     h: HeaderMap,
     body: Body,
 ) -> Result<Response, AgentError> {
-    let c = creds(&h)?;
-    p.live(&c, lease, |_| ()).await?;
-    let r: Report = json_body(&read_body(body, JSON_BODY_LIMIT).await?)?;
+    let (c, b) = lease_call(&p, &h, lease, body, JSON_BODY_LIMIT).await?;
+    let r: Report = json_body(&b)?;
     p.report(&c, lease, r.exit).await?;
     Ok(Json(json!({})).into_response())
 }
@@ -275,7 +285,10 @@ async fn workdir(
 fn tempfile_in_dir(dir: &std::path::Path) -> std::io::Result<std::fs::File> {
     let parent = dir.parent().unwrap_or(dir);
     std::fs::create_dir_all(parent)?;
-    let path = parent.join(format!(".workdir-{}-{}.tar", std::process::id(), now_ms()));
+    // Unique within this process; the file is unlinked once open.
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = parent.join(format!(".workdir-{}-{n}.tar", std::process::id()));
     let f = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -460,7 +473,7 @@ async fn cost(
             "query: since_ms=<milliseconds since the epoch>".into(),
         );
     };
-    match p.cost_report(q.since_ms, now_ms()).await {
+    match p.cost_report(q.since_ms, p.now_ms()).await {
         Ok(r) => Json(r).into_response(),
         Err(e) => admin_err(StatusCode::INTERNAL_SERVER_ERROR, e),
     }

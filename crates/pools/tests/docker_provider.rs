@@ -19,6 +19,8 @@ use pubrun_core::pool::DockerProviderSpec;
 use pubrun_pools::provider::docker::{DockerProvider, MACHINE_LABEL, POOL_LABEL};
 use pubrun_pools::provider::{MachineLaunch, MachineProvider, ProviderError, ProviderStatus};
 
+mod provider_suite;
+
 const WAIT: Duration = Duration::from_secs(60);
 const IMAGE: &str = "pubrun-agent:dev";
 /// Nothing listens there; the agent retries forever.
@@ -158,15 +160,7 @@ async fn wait_status(p: &DockerProvider, name: &str, want: ProviderStatus) {
         }
         if want == ProviderStatus::Running && got == ProviderStatus::Stopped {
             // The agent exited (it should retry forever): show why.
-            let logs = Command::new("docker")
-                .args(["logs", name])
-                .output()
-                .unwrap();
-            panic!(
-                "{name}: the agent exited:\n{}{}",
-                String::from_utf8_lossy(&logs.stdout),
-                String::from_utf8_lossy(&logs.stderr)
-            );
+            panic!("{name}: the agent exited:\n{}", logs(name));
         }
         assert!(
             start.elapsed() < WAIT,
@@ -241,35 +235,9 @@ async fn machine_lifecycle() {
         logs(&name)
     );
 
-    // Another pool's machine is not in this pool's list.
-    let other = Pool::new("other");
-    p.start(&other.launch(1)).await.unwrap();
-    assert_eq!(
-        p.list(&pool.0).await.unwrap(),
-        vec![(name.clone(), ProviderStatus::Running)]
-    );
-    assert_eq!(p.list(&other.0).await.unwrap().len(), 1);
-
-    // Starting a running machine changes nothing.
-    assert_eq!(p.start(&launch).await.unwrap(), id);
-
-    // Stop: the container stays (stopped) and is still listed.
-    tokio::time::timeout(WAIT, p.stop(&name, false))
-        .await
-        .unwrap()
-        .unwrap();
-    wait_status(&p, &name, ProviderStatus::Stopped).await;
-    assert_eq!(
-        p.list(&pool.0).await.unwrap(),
-        vec![(name.clone(), ProviderStatus::Stopped)]
-    );
-    p.stop(&name, false).await.unwrap();
-
-    // Start again: the same container.
-    assert_eq!(p.start(&launch).await.unwrap(), id);
-    wait_status(&p, &name, ProviderStatus::Running).await;
-
-    // A new token: the stopped container is replaced, not restarted stale.
+    // Lists, stop, start again and delete: `keeps_the_provider_contract`.
+    // Docker's own rule: a new token replaces the stopped container rather
+    // than restarting it stale.
     p.stop(&name, false).await.unwrap();
     let rotated = MachineLaunch {
         token: "rotated".into(),
@@ -278,16 +246,30 @@ async fn machine_lifecycle() {
     let new_id = p.start(&rotated).await.unwrap();
     assert_ne!(new_id, id);
     wait_status(&p, &name, ProviderStatus::Running).await;
+}
 
-    // Delete: gone; again is fine.
-    tokio::time::timeout(WAIT, p.stop(&name, true))
-        .await
-        .unwrap()
-        .unwrap();
-    wait_status(&p, &name, ProviderStatus::Gone).await;
-    p.stop(&name, true).await.unwrap();
-    p.stop(&name, false).await.unwrap();
-    assert!(p.list(&pool.0).await.unwrap().is_empty());
+#[tokio::test]
+async fn keeps_the_provider_contract() {
+    if !ready("keeps_the_provider_contract") {
+        return;
+    }
+    let (a, b) = (Pool::new("contract-a"), Pool::new("contract-b"));
+    let p = DockerProvider::new(&spec()).unwrap();
+    let nth = |pool: &str, n: u32| MachineLaunch {
+        pool: pool.into(),
+        name: format!("pubrun-{pool}-{n}"),
+        server_url: SERVER.into(),
+        token: format!("secret-{pool}"),
+        slots: 1,
+        labels: BTreeMap::new(),
+    };
+    provider_suite::machine_contract(&provider_suite::Subject {
+        provider: &p,
+        pools: [&a.0, &b.0],
+        launch: &nth,
+        patience: WAIT,
+    })
+    .await;
 }
 
 #[tokio::test]

@@ -11,6 +11,8 @@ use pubrun_pools::provider::gce::GceProvider;
 use pubrun_pools::provider::gce_fake::{FakeGce, FakeGceConfig};
 use pubrun_pools::provider::{MachineLaunch, MachineProvider, ProviderError, ProviderStatus};
 
+mod provider_suite;
+
 const PROJECT: &str = "demo";
 const ZONE: &str = "europe-west1-b";
 const WAIT: Duration = Duration::from_secs(30);
@@ -76,6 +78,20 @@ fn item(instance: &serde_json::Value, key: &str) -> Option<String> {
         .iter()
         .find(|i| i["key"] == key)
         .and_then(|i| i["value"].as_str().map(str::to_string))
+}
+
+#[tokio::test]
+async fn keeps_the_provider_contract() {
+    let fake = fake().await;
+    let p = provider(&fake, "PUBRUN_TEST_GCE_TOKEN_CONTRACT", "fake-gce-token");
+    let nth = |pool: &str, n: u32| launch(pool, &format!("pubrun-{pool}-{n}"));
+    provider_suite::machine_contract(&provider_suite::Subject {
+        provider: &p,
+        pools: ["big", "small"],
+        launch: &nth,
+        patience: WAIT,
+    })
+    .await;
 }
 
 #[tokio::test]

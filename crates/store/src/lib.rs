@@ -16,6 +16,7 @@ pub mod buckets;
 pub mod catalog;
 pub mod directory;
 pub mod embedded;
+mod fenced;
 pub mod pools;
 pub mod postgres;
 pub mod record;
@@ -118,6 +119,20 @@ impl From<StoreError> for pubrun_core::Error {
 }
 
 pub type AppendFuture = Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send>>;
+
+/// The future of an append an engine handed (`sent`) to its writer task:
+/// the writer's answer, or `Closed` when the writer is gone.
+pub(crate) fn append_answer(
+    sent: bool,
+    rx: tokio::sync::oneshot::Receiver<Result<(), StoreError>>,
+) -> AppendFuture {
+    Box::pin(async move {
+        if !sent {
+            return Err(StoreError::Closed);
+        }
+        rx.await.map_err(|_| StoreError::Closed)?
+    })
+}
 
 #[async_trait::async_trait]
 pub trait Store: Send + Sync + 'static {

@@ -1179,12 +1179,7 @@ impl Store for PostgresStore {
                     .is_ok(),
                 None => false,
             };
-        Box::pin(async move {
-            if !sent {
-                return Err(StoreError::Closed);
-            }
-            rx.await.map_err(|_| StoreError::Closed)?
-        })
+        crate::append_answer(sent, rx)
     }
 
     fn reclaim(&self, lowest_live_seq: u64) -> Result<u64, StoreError> {

@@ -422,6 +422,20 @@ fn snippet(body: &[u8]) -> String {
     }
 }
 
+/// Percent-encodes one path segment (object names may hold '/', spaces,
+/// unicode): everything but RFC 3986's unreserved characters.
+pub fn segment(x: &str) -> String {
+    x.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

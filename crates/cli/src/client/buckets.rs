@@ -5,7 +5,7 @@ use anyhow::Result;
 use reqwest::Method;
 use serde_json::{json, Value};
 
-use super::api::Api;
+use super::api::{segment, Api};
 use super::{output, BucketsCommand, ConnArgs, ObjectsCommand};
 
 fn s(v: &Value, key: &str) -> String {
@@ -14,19 +14,6 @@ fn s(v: &Value, key: &str) -> String {
         Some(Value::Null) | None => "-".into(),
         Some(other) => other.to_string(),
     }
-}
-
-/// Path segment encoding (object names may hold '/', spaces, unicode).
-fn seg(x: &str) -> String {
-    x.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
 }
 
 pub async fn buckets(cmd: BucketsCommand) -> Result<()> {
@@ -74,7 +61,7 @@ pub async fn buckets(cmd: BucketsCommand) -> Result<()> {
             let api = Api::new(&conn)?;
             api.call(
                 Method::DELETE,
-                &format!("/storage/v1/b/{}", seg(&name)),
+                &format!("/storage/v1/b/{}", segment(&name)),
                 &[],
                 None,
             )
@@ -104,26 +91,7 @@ pub async fn objects(cmd: ObjectsCommand) -> Result<()> {
                 None => (bucket, prefix),
             };
             let api = Api::new(&conn)?;
-            let path = format!("/storage/v1/b/{}/o", seg(&bucket));
-            let mut items = Vec::new();
-            let mut token = String::new();
-            loop {
-                let mut q = vec![("prefix", prefix.as_str())];
-                if !token.is_empty() {
-                    q.push(("pageToken", token.as_str()));
-                }
-                let resp = api.call(Method::GET, &path, &q, None).await?;
-                items.extend(
-                    resp.get("items")
-                        .and_then(Value::as_array)
-                        .cloned()
-                        .unwrap_or_default(),
-                );
-                match resp.get("nextPageToken").and_then(Value::as_str) {
-                    Some(t) if !t.is_empty() && t != token => token = t.to_string(),
-                    _ => break,
-                }
-            }
+            let items = super::objects::list(&api, &bucket, &prefix).await?;
             if conn.json {
                 return output::json(&json!({ "items": items }));
             }

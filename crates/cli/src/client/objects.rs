@@ -19,7 +19,7 @@ use reqwest::Method;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 
-use super::api::Api;
+use super::api::{segment, Api};
 use super::ConnArgs;
 
 /// Files above this size are uploaded with a resumable session.
@@ -104,21 +104,8 @@ fn gcs_url(bucket: &str, object: &str) -> String {
     format!("gs://{bucket}/{object}")
 }
 
-/// Path segment encoding (object names may hold '/', spaces, unicode).
-fn seg(x: &str) -> String {
-    x.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
-}
-
 fn object_path(bucket: &str, object: &str) -> String {
-    format!("/storage/v1/b/{}/o/{}", seg(bucket), seg(object))
+    format!("/storage/v1/b/{}/o/{}", segment(bucket), segment(object))
 }
 
 pub async fn run(cmd: ObjectsTransfer) -> Result<()> {
@@ -186,7 +173,7 @@ async fn cp(api: &Api, src: Location, dst: Location, recursive: bool) -> Result<
                 .await
                 .with_context(|| format!("cannot read {}", src.display()))?;
             // The bucket first: a typo should not cost a walk of the tree.
-            api.get(&format!("/storage/v1/b/{}", seg(&bucket)))
+            api.get(&format!("/storage/v1/b/{}", segment(&bucket)))
                 .await
                 .with_context(|| format!("cannot copy to gs://{bucket}"))?;
             if meta.is_dir() {
@@ -393,7 +380,7 @@ async fn upload(api: &Api, src: &Path, bucket: &str, name: &str) -> Result<()> {
         if bytes.len() as u64 != size {
             bail!("{} changed while it was being copied", src.display());
         }
-        let path = format!("/upload/storage/v1/b/{}/o", seg(bucket));
+        let path = format!("/upload/storage/v1/b/{}/o", segment(bucket));
         let resp = api
             .send(
                 Method::POST,
@@ -595,7 +582,7 @@ async fn resumable_upload(
     let session = match session {
         Some(s) => s,
         None => {
-            let path = format!("/upload/storage/v1/b/{}/o", seg(bucket));
+            let path = format!("/upload/storage/v1/b/{}/o", segment(bucket));
             let meta = json!({
                 "name": name,
                 "contentType": "application/octet-stream",
@@ -844,8 +831,9 @@ async fn download_to_file(
     }
 }
 
-async fn list(api: &Api, bucket: &str, prefix: &str) -> Result<Vec<Value>> {
-    let path = format!("/storage/v1/b/{}/o", seg(bucket));
+/// Every object of `bucket` under `prefix`, page after page.
+pub(super) async fn list(api: &Api, bucket: &str, prefix: &str) -> Result<Vec<Value>> {
+    let path = format!("/storage/v1/b/{}/o", segment(bucket));
     let mut items = Vec::new();
     let mut token = String::new();
     loop {

@@ -63,27 +63,22 @@ pub enum MachinesCommand {
         conn: ConnArgs,
     },
     /// Give the machine no new runs (its running runs go on).
-    Cordon {
-        /// Machine name.
-        name: String,
-        #[command(flatten)]
-        conn: ConnArgs,
-    },
+    Cordon(MachineArgs),
     /// Let a cordoned machine take runs again.
-    Uncordon {
-        /// Machine name.
-        name: String,
-        #[command(flatten)]
-        conn: ConnArgs,
-    },
+    Uncordon(MachineArgs),
     /// Cordon the machine and stop it once its runs have ended (on-demand pools;
     /// an agent of an `agents` pool just gets no more work).
-    Drain {
-        /// Machine name.
-        name: String,
-        #[command(flatten)]
-        conn: ConnArgs,
-    },
+    Drain(MachineArgs),
+}
+
+// The one machine `cordon`, `uncordon` and `drain` act on (no doc comment:
+// each subcommand's own text is its help).
+#[derive(clap::Args)]
+pub struct MachineArgs {
+    /// Machine name.
+    pub name: String,
+    #[command(flatten)]
+    pub conn: ConnArgs,
 }
 
 /// `pubrun agents`: the agents connected now.
@@ -144,13 +139,9 @@ pub async fn machines(args: MachinesArgs) -> Result<()> {
     match args.command {
         None => list_machines(&args.conn).await,
         Some(MachinesCommand::List { conn }) => list_machines(&conn).await,
-        Some(MachinesCommand::Cordon { name, conn }) => {
-            machine_action(&name, "cordon", &conn).await
-        }
-        Some(MachinesCommand::Uncordon { name, conn }) => {
-            machine_action(&name, "uncordon", &conn).await
-        }
-        Some(MachinesCommand::Drain { name, conn }) => machine_action(&name, "drain", &conn).await,
+        Some(MachinesCommand::Cordon(m)) => machine_action(&m.name, "cordon", &m.conn).await,
+        Some(MachinesCommand::Uncordon(m)) => machine_action(&m.name, "uncordon", &m.conn).await,
+        Some(MachinesCommand::Drain(m)) => machine_action(&m.name, "drain", &m.conn).await,
     }
 }
 

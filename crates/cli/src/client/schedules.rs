@@ -3,7 +3,7 @@
 use anyhow::Result;
 use serde_json::{json, Value};
 
-use super::api::Api;
+use super::api::{segment, Api};
 use super::{output, SchedulesCommand};
 
 fn text(v: &Value, key: &str) -> String {
@@ -72,7 +72,7 @@ pub async fn schedules(cmd: SchedulesCommand) -> Result<()> {
 
 async fn change(name: &str, verb: &str, conn: &super::ConnArgs) -> Result<()> {
     let api = Api::new(conn)?;
-    let path = format!("/api/v1/schedules/{}/{verb}", urlencode(name));
+    let path = format!("/api/v1/schedules/{}/{verb}", segment(name));
     let resp = api.post(&path, &json!({})).await?;
     if conn.json {
         return output::json(&resp);
@@ -90,16 +90,4 @@ async fn change(name: &str, verb: &str, conn: &super::ConnArgs) -> Result<()> {
             output::out(&output::table(&HEADERS, &[row(s)]))
         }
     }
-}
-
-fn urlencode(s: &str) -> String {
-    s.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
 }

@@ -34,7 +34,7 @@ use std::time::Duration;
 
 use bollard::errors::Error as DockerError;
 use bollard::models::{
-    ContainerCreateBody, ContainerInspectResponse, ContainerStateStatusEnum,
+    ContainerCreateBody, ContainerInspectResponse, ContainerStateStatusEnum, ContainerSummary,
     ContainerSummaryStateEnum, HostConfig,
 };
 use bollard::query_parameters::{
@@ -162,6 +162,25 @@ impl DockerProvider {
         } else {
             ProviderError::Refused(format!("{what}: {}", docker_message(e)))
         }
+    }
+
+    /// Every container, running or not, carrying `label` (`KEY` or
+    /// `KEY=VALUE`); `what` names them in the error.
+    async fn labelled(
+        &self,
+        docker: &Docker,
+        label: String,
+        what: &str,
+    ) -> Result<Vec<ContainerSummary>, ProviderError> {
+        let filters = HashMap::from([("label".to_string(), vec![label])]);
+        let opts = ListContainersOptionsBuilder::new()
+            .all(true)
+            .filters(&filters)
+            .build();
+        docker
+            .list_containers(Some(opts))
+            .await
+            .map_err(|e| self.classify(&format!("listing {what}"), &e))
     }
 
     /// A client that has negotiated the API version (bollard speaks a newer
@@ -341,15 +360,13 @@ impl DockerProvider {
             return Ok(());
         };
         let prefix = format!("{dir}/");
-        let filters = HashMap::from([("label".to_string(), vec![RUN_LABEL.to_string()])]);
-        let opts = ListContainersOptionsBuilder::new()
-            .all(true)
-            .filters(&filters)
-            .build();
-        let found = docker
-            .list_containers(Some(opts))
-            .await
-            .map_err(|e| self.classify(&format!("listing job containers of machine {name}"), &e))?;
+        let found = self
+            .labelled(
+                docker,
+                RUN_LABEL.to_string(),
+                &format!("job containers of machine {name}"),
+            )
+            .await?;
         for c in found {
             let ours = c
                 .mounts
@@ -480,15 +497,13 @@ impl MachineProvider for DockerProvider {
 
     async fn list(&self, pool: &str) -> Result<Vec<(String, ProviderStatus)>, ProviderError> {
         let docker = self.client().await?;
-        let filters = HashMap::from([("label".to_string(), vec![format!("{POOL_LABEL}={pool}")])]);
-        let opts = ListContainersOptionsBuilder::new()
-            .all(true)
-            .filters(&filters)
-            .build();
-        let found = docker
-            .list_containers(Some(opts))
-            .await
-            .map_err(|e| self.classify(&format!("listing containers of pool {pool}"), &e))?;
+        let found = self
+            .labelled(
+                &docker,
+                format!("{POOL_LABEL}={pool}"),
+                &format!("containers of pool {pool}"),
+            )
+            .await?;
         let mut out: Vec<(String, ProviderStatus)> = found
             .into_iter()
             .filter_map(|c| {

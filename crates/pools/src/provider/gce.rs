@@ -1,7 +1,7 @@
 //! Machines as Compute Engine instances, through the Compute Engine REST API
 //! v1 (`instances.insert/get/list/start/stop/delete`, `zoneOperations.wait`).
 //!
-//! **Tested only against [`super::gce_fake`], never against real GCP.** The
+//! **Tested only against `gce_fake` (feature `gce-fake`), never against real GCP.** The
 //! request and response shapes follow Google's published reference.
 //!
 //! An instance carries the labels `pubrun-pool` and `pubrun-machine` (values

@@ -7,6 +7,7 @@
 
 pub mod docker;
 pub mod gce;
+#[cfg(feature = "gce-fake")]
 pub mod gce_fake;
 
 use std::collections::BTreeMap;

@@ -196,6 +196,28 @@ pub fn is_blob_id(id: &str) -> bool {
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
+/// Runs the caller's decision on `state`; a row it plans must still be the
+/// object asked for and name a blob id (both engines write it as given).
+pub(crate) fn checked_plan(
+    decide: ObjectMutation,
+    state: &ObjectState,
+    bucket: &str,
+    name: &str,
+) -> Result<Result<ObjectPlan, Reject>, StoreError> {
+    let plan = match decide(state) {
+        Ok(p) => p,
+        Err(r) => return Ok(Err(r)),
+    };
+    if let Some(o) = &plan.put {
+        if o.bucket != bucket || o.name != name || !is_blob_id(&o.blob) {
+            return Err(StoreError::Config(
+                "a planned object row must keep its bucket, name and a blob id".into(),
+            ));
+        }
+    }
+    Ok(Ok(plan))
+}
+
 /// A fresh random blob (or upload) id.
 pub fn new_blob_id() -> String {
     uuid::Uuid::new_v4().simple().to_string()

@@ -26,21 +26,21 @@
 
 use std::collections::BTreeMap;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use tokio::io::{AsyncRead, ReadBuf};
-use tokio::sync::{mpsc, Mutex, MutexGuard};
-use tokio_postgres::{Client, GenericClient, Row, Transaction};
+use tokio::sync::mpsc;
+use tokio_postgres::{GenericClient, Row};
 
 use super::{
-    bad_blob_id, is_blob_id, new_blob_id, now_us, BlobReader, BlobWriter, BucketDeleted,
-    BucketMutation, BucketRecord, BucketStore, Mutated, NotificationRecord, ObjectMutation,
-    ObjectRecord, ObjectState, OutboxMessage, OutboxRow, Reject, UploadRecord,
+    bad_blob_id, checked_plan, is_blob_id, new_blob_id, now_us, BlobReader, BlobWriter,
+    BucketDeleted, BucketMutation, BucketRecord, BucketStore, Mutated, NotificationRecord,
+    ObjectMutation, ObjectRecord, ObjectState, OutboxMessage, OutboxRow, Reject, UploadRecord,
 };
-use crate::postgres::{db_err, ensure_schema, parse_url, Conn};
+use crate::fenced::FencedPg;
+use crate::postgres::db_err;
 use crate::runs::postgres::Fence;
 use crate::StoreError;
 
@@ -135,104 +135,43 @@ const RELEASE_BLOB: &str = "DELETE FROM pubrun_bucket_blobs WHERE id = $1
      AND NOT EXISTS (SELECT 1 FROM pubrun_bucket_objects WHERE blob = $1)
      AND NOT EXISTS (SELECT 1 FROM pubrun_bucket_uploads WHERE id = $1 AND done IS NULL)";
 
-struct Pg {
-    conns: Vec<Mutex<Conn>>,
-    next: AtomicUsize,
-    fence: Option<Fence>,
-    fenced: AtomicBool,
-}
-
-impl Pg {
-    async fn conn(&self) -> MutexGuard<'_, Conn> {
-        for c in &self.conns {
-            if let Ok(g) = c.try_lock() {
-                return g;
-            }
-        }
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.conns.len();
-        self.conns[i].lock().await
+/// Deletes the upload sessions `sql` (a `DELETE … RETURNING id` over `param`)
+/// picks and releases their blobs; their ids.
+async fn drop_uploads(
+    tx: &tokio_postgres::Transaction<'_>,
+    sql: &str,
+    param: &(dyn tokio_postgres::types::ToSql + Sync),
+) -> Result<Vec<String>, StoreError> {
+    let ids: Vec<String> = tx
+        .query(sql, &[param])
+        .await
+        .map_err(pg)?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    for id in &ids {
+        tx.execute(RELEASE_BLOB, &[id]).await.map_err(pg)?;
     }
-
-    /// Begins a transaction; with `fenced`, it holds the ownership row
-    /// (shared) and has checked our token.
-    async fn begin<'a>(
-        &self,
-        c: &'a mut Client,
-        fenced: bool,
-    ) -> Result<Transaction<'a>, StoreError> {
-        let tx = c.transaction().await.map_err(pg)?;
-        let Some(fence) = self.fence.as_ref().filter(|_| fenced) else {
-            return Ok(tx);
-        };
-        let current: i64 = tx
-            .query_opt(
-                "SELECT token FROM pubrun_ownership WHERE name = $1 FOR SHARE",
-                &[&fence.name],
-            )
-            .await
-            .map_err(pg)?
-            .map(|r| r.get(0))
-            .unwrap_or(0);
-        if current != fence.token {
-            if !self.fenced.swap(true, Ordering::Relaxed) {
-                tracing::error!(
-                    ownership = %fence.name,
-                    our_token = fence.token,
-                    current_token = current,
-                    "bucket store: another server took over; refusing this server's writes"
-                );
-            }
-            return Err(StoreError::Fenced {
-                name: fence.name.clone(),
-                token: fence.token,
-                current,
-            });
-        }
-        Ok(tx)
-    }
+    Ok(ids)
 }
 
 /// Buckets, objects and their bytes in PostgreSQL.
 #[derive(Clone)]
 pub struct PostgresBucketStore {
-    pg: Arc<Pg>,
+    pg: Arc<FencedPg>,
 }
 
 impl PostgresBucketStore {
     /// Connects and migrates the shared schema (refusing a newer one). With a
     /// `fence`, every index write checks its token (see the module docs).
     pub async fn open(url: &str, fence: Option<Fence>) -> Result<Self, StoreError> {
-        let config = parse_url(url)?;
-        let mut first = Conn::new(config.clone(), "buckets");
-        ensure_schema(first.get().await?).await?;
-        let mut conns = vec![Mutex::new(first)];
-        conns.extend((1..POOL).map(|_| Mutex::new(Conn::new(config.clone(), "buckets"))));
-        Ok(PostgresBucketStore {
-            pg: Arc::new(Pg {
-                conns,
-                next: AtomicUsize::new(0),
-                fence,
-                fenced: AtomicBool::new(false),
-            }),
-        })
+        let pg = FencedPg::open(url, fence, "buckets", POOL, "bucket store").await?;
+        Ok(PostgresBucketStore { pg: Arc::new(pg) })
     }
 
     /// Whether a write was refused because another server took the lease.
     pub fn is_fenced(&self) -> bool {
-        self.pg.fenced.load(Ordering::Relaxed)
-    }
-
-    /// One fenced statement, committed; rows affected.
-    async fn write(
-        &self,
-        sql: &str,
-        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
-    ) -> Result<u64, StoreError> {
-        let mut g = self.pg.conn().await;
-        let tx = self.pg.begin(g.get().await?, true).await?;
-        let n = tx.execute(sql, params).await.map_err(pg)?;
-        tx.commit().await.map_err(pg)?;
-        Ok(n)
+        self.pg.is_fenced()
     }
 }
 
@@ -386,7 +325,7 @@ impl BucketStore for PostgresBucketStore {
     async fn create_bucket(&self, b: &BucketRecord) -> Result<bool, StoreError> {
         let labels = serde_json::to_string(&b.labels).map_err(|e| corrupt("bucket labels", e))?;
         let n = self
-            .write(
+            .pg.write(
                 &format!(
                     "INSERT INTO pubrun_buckets ({BUCKET_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
                      ON CONFLICT (name) DO NOTHING"
@@ -417,7 +356,7 @@ impl BucketStore for PostgresBucketStore {
         f: BucketMutation,
     ) -> Result<Option<Result<BucketRecord, Reject>>, StoreError> {
         let mut g = self.pg.conn().await;
-        let tx = self.pg.begin(g.get().await?, true).await?;
+        let tx = self.pg.begin(g.get().await?).await?;
         let Some(b) = get_bucket(&tx, name, "FOR UPDATE").await? else {
             return Ok(None);
         };
@@ -461,7 +400,7 @@ impl BucketStore for PostgresBucketStore {
 
     async fn delete_bucket(&self, name: &str) -> Result<BucketDeleted, StoreError> {
         let mut g = self.pg.conn().await;
-        let tx = self.pg.begin(g.get().await?, true).await?;
+        let tx = self.pg.begin(g.get().await?).await?;
         if get_bucket(&tx, name, "FOR UPDATE").await?.is_none() {
             return Ok(BucketDeleted::Missing);
         }
@@ -476,19 +415,12 @@ impl BucketStore for PostgresBucketStore {
         if nonempty {
             return Ok(BucketDeleted::NotEmpty);
         }
-        let uploads: Vec<String> = tx
-            .query(
-                "DELETE FROM pubrun_bucket_uploads WHERE bucket = $1 RETURNING id",
-                &[&name],
-            )
-            .await
-            .map_err(pg)?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
-        for id in &uploads {
-            tx.execute(RELEASE_BLOB, &[id]).await.map_err(pg)?;
-        }
+        let uploads = drop_uploads(
+            &tx,
+            "DELETE FROM pubrun_bucket_uploads WHERE bucket = $1 RETURNING id",
+            &name,
+        )
+        .await?;
         tx.execute(
             "DELETE FROM pubrun_bucket_notifications WHERE bucket = $1",
             &[&name],
@@ -544,7 +476,7 @@ impl BucketStore for PostgresBucketStore {
         decide: ObjectMutation,
     ) -> Result<Result<Mutated, Reject>, StoreError> {
         let mut g = self.pg.conn().await;
-        let tx = self.pg.begin(g.get().await?, true).await?;
+        let tx = self.pg.begin(g.get().await?).await?;
         // One writer per object name: preconditions see what commits.
         // Bucket names never contain `/`: the key is unambiguous. It goes in
         // as bytes: an object name may hold NUL, which a `text` value cannot.
@@ -580,16 +512,11 @@ impl BucketStore for PostgresBucketStore {
             notifications: notifications(&tx, bucket).await?,
             new_generation,
         };
-        let plan = match decide(&state) {
+        let plan = match checked_plan(decide, &state, bucket, name)? {
             Ok(p) => p,
             Err(r) => return Ok(Err(r)),
         };
         if let Some(o) = &plan.put {
-            if o.bucket != bucket || o.name != name || !is_blob_id(&o.blob) {
-                return Err(StoreError::Config(
-                    "a planned object row must keep its bucket, name and a blob id".into(),
-                ));
-            }
             // The bytes must exist (and stay: the share lock blocks a sweep).
             tx.query_opt(
                 "SELECT 1 FROM pubrun_bucket_blobs WHERE id = $1 FOR SHARE",
@@ -686,7 +613,7 @@ impl BucketStore for PostgresBucketStore {
         make: Box<dyn FnOnce(i64) -> String + Send>,
     ) -> Result<Option<Result<NotificationRecord, usize>>, StoreError> {
         let mut g = self.pg.conn().await;
-        let tx = self.pg.begin(g.get().await?, true).await?;
+        let tx = self.pg.begin(g.get().await?).await?;
         // The bucket row lock serializes adds to one bucket (the count).
         if get_bucket(&tx, bucket, "FOR UPDATE").await?.is_none() {
             return Ok(None);
@@ -722,6 +649,7 @@ impl BucketStore for PostgresBucketStore {
 
     async fn delete_notification(&self, bucket: &str, id: i64) -> Result<bool, StoreError> {
         let n = self
+            .pg
             .write(
                 "DELETE FROM pubrun_bucket_notifications WHERE bucket = $1 AND id = $2",
                 &[&bucket, &id],
@@ -760,11 +688,12 @@ impl BucketStore for PostgresBucketStore {
     }
 
     async fn delete_outbox(&self, ids: &[i64]) -> Result<(), StoreError> {
-        self.write(
-            "DELETE FROM pubrun_bucket_outbox WHERE id = ANY($1)",
-            &[&ids],
-        )
-        .await?;
+        self.pg
+            .write(
+                "DELETE FROM pubrun_bucket_outbox WHERE id = ANY($1)",
+                &[&ids],
+            )
+            .await?;
         Ok(())
     }
 
@@ -785,7 +714,7 @@ impl BucketStore for PostgresBucketStore {
         let total = u.total.map(|t| i64_of(t, "upload total")).transpose()?;
         let received = i64_of(u.received, "upload received")?;
         let mut g = self.pg.conn().await;
-        let tx = self.pg.begin(g.get().await?, true).await?;
+        let tx = self.pg.begin(g.get().await?).await?;
         tx.execute(
             "INSERT INTO pubrun_bucket_uploads (id, bucket, name, spec, total, received, done, created_us)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
@@ -835,7 +764,7 @@ impl BucketStore for PostgresBucketStore {
     ) -> Result<(), StoreError> {
         let total = total.map(|t| i64_of(t, "upload total")).transpose()?;
         let received = i64_of(received, "upload received")?;
-        self.write(
+        self.pg.write(
             "UPDATE pubrun_bucket_uploads SET received = $2, total = COALESCE($3, total) WHERE id = $1",
             &[&id, &received, &total],
         )
@@ -845,7 +774,7 @@ impl BucketStore for PostgresBucketStore {
 
     async fn delete_upload(&self, id: &str) -> Result<bool, StoreError> {
         let mut g = self.pg.conn().await;
-        let tx = self.pg.begin(g.get().await?, true).await?;
+        let tx = self.pg.begin(g.get().await?).await?;
         let n = tx
             .execute("DELETE FROM pubrun_bucket_uploads WHERE id = $1", &[&id])
             .await
@@ -857,20 +786,13 @@ impl BucketStore for PostgresBucketStore {
 
     async fn expire_uploads(&self, before_us: i64) -> Result<Vec<String>, StoreError> {
         let mut g = self.pg.conn().await;
-        let tx = self.pg.begin(g.get().await?, true).await?;
-        let ids: Vec<String> = tx
-            .query(
-                "DELETE FROM pubrun_bucket_uploads WHERE created_us < $1 RETURNING id",
-                &[&before_us],
-            )
-            .await
-            .map_err(pg)?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
-        for id in &ids {
-            tx.execute(RELEASE_BLOB, &[id]).await.map_err(pg)?;
-        }
+        let tx = self.pg.begin(g.get().await?).await?;
+        let ids = drop_uploads(
+            &tx,
+            "DELETE FROM pubrun_bucket_uploads WHERE created_us < $1 RETURNING id",
+            &before_us,
+        )
+        .await?;
         tx.commit().await.map_err(pg)?;
         Ok(ids)
     }
@@ -899,7 +821,7 @@ impl BucketStore for PostgresBucketStore {
                 let at = i64_of(at, "upload offset")?;
                 // Fenced: a server that lost the lease must not cut a
                 // session the new owner is writing.
-                let tx = self.pg.begin(c, true).await?;
+                let tx = self.pg.begin(c).await?;
                 tx.execute(
                     "INSERT INTO pubrun_bucket_blobs (id, created_us) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING",
                     &[&id, &now_us()],
@@ -1045,7 +967,7 @@ impl BucketStore for PostgresBucketStore {
 /// The chunk holding byte `cursor` of a blob, from `cursor` on; `None` at
 /// the end. A blob deleted mid-read (its object replaced) is an error, not
 /// a short read.
-async fn next_chunk(pg: &Pg, id: &str, cursor: i64) -> Result<Option<Bytes>, StoreError> {
+async fn next_chunk(pg: &FencedPg, id: &str, cursor: i64) -> Result<Option<Bytes>, StoreError> {
     let mut g = pg.conn().await;
     let c = g.get().await?;
     let row = c
@@ -1099,7 +1021,7 @@ fn pg_err(e: tokio_postgres::Error) -> StoreError {
 
 /// Streams a blob into chunk rows, one short transaction per full chunk.
 struct ChunkWriter {
-    pg: Arc<Pg>,
+    pg: Arc<FencedPg>,
     id: String,
     /// Offset of the first byte of `buf`.
     pos: i64,

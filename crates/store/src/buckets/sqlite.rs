@@ -25,9 +25,9 @@ use rusqlite::{params, Connection, OptionalExtension, Row};
 use tokio::io::{AsyncSeekExt, AsyncWriteExt};
 
 use super::{
-    bad_blob_id, is_blob_id, new_blob_id, now_us, BlobReader, BlobWriter, BucketDeleted,
-    BucketMutation, BucketRecord, BucketStore, Mutated, NotificationRecord, ObjectMutation,
-    ObjectRecord, ObjectState, OutboxMessage, OutboxRow, Reject, UploadRecord,
+    bad_blob_id, checked_plan, is_blob_id, new_blob_id, now_us, BlobReader, BlobWriter,
+    BucketDeleted, BucketMutation, BucketRecord, BucketStore, Mutated, NotificationRecord,
+    ObjectMutation, ObjectRecord, ObjectState, OutboxMessage, OutboxRow, Reject, UploadRecord,
 };
 use crate::sqlite::{SqliteDb, SqliteError};
 use crate::StoreError;
@@ -531,16 +531,11 @@ impl BucketStore for SqliteBucketStore {
                 notifications: notifications(&tx, &bucket)?,
                 new_generation,
             };
-            let plan = match decide(&state) {
+            let plan = match checked_plan(decide, &state, &bucket, &name).map_err(E)? {
                 Ok(p) => p,
                 Err(r) => return Ok(Err(r)),
             };
             if let Some(row) = &plan.put {
-                if row.bucket != bucket || row.name != name || !is_blob_id(&row.blob) {
-                    return Err(E(StoreError::Config(
-                        "a planned object row must keep its bucket, name and a blob id".into(),
-                    )));
-                }
                 if !files.blob(&row.blob).exists() {
                     // A resumable upload's bytes become the object's blob.
                     files.install(&files.upload(&row.blob), &row.blob)?;

@@ -13,19 +13,17 @@
 //! so a partitioned ex-owner never starts or deletes machines. Reads are
 //! not fenced. All statements are parameterized.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-
 use pubrun_core::pool::PoolSpec;
 use pubrun_core::{Error, Result};
-use tokio::sync::{Mutex, MutexGuard};
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{Client, GenericClient, Row, Transaction};
+use tokio_postgres::{GenericClient, Row};
 
 use super::{
     lease_end_parts, log_transition, parse_machine_state, parse_spec, to_json, token_param,
     Bootstrap, LeaseEnd, LeaseRow, MachineRow, NewLease, PoolStore, RawLease, UpSpan,
 };
-use crate::postgres::{db_err, ensure_schema, parse_url, Conn};
+use crate::fenced::FencedPg;
+use crate::postgres::db_err;
 use crate::runs::postgres::Fence;
 use crate::StoreError;
 
@@ -173,11 +171,7 @@ async fn query_leases<C: GenericClient + Sync>(
 }
 
 pub struct PostgresPoolStore {
-    conns: Vec<Mutex<Conn>>,
-    next: AtomicUsize,
-    fence: Option<Fence>,
-    /// Set (for good) once a write was refused by the fence.
-    fenced: AtomicBool,
+    pg: FencedPg,
 }
 
 impl PostgresPoolStore {
@@ -185,77 +179,13 @@ impl PostgresPoolStore {
     /// a `fence`, every write checks its token (see the module docs);
     /// without one writes are unguarded (tools, tests).
     pub async fn open(url: &str, fence: Option<Fence>) -> std::result::Result<Self, StoreError> {
-        let config = parse_url(url)?;
-        let mut first = Conn::new(config.clone(), "pools");
-        ensure_schema(first.get().await?).await?;
-        let mut conns = vec![Mutex::new(first)];
-        conns.extend((1..POOL).map(|_| Mutex::new(Conn::new(config.clone(), "pools"))));
-        Ok(PostgresPoolStore {
-            conns,
-            next: AtomicUsize::new(0),
-            fence,
-            fenced: AtomicBool::new(false),
-        })
+        let pg = FencedPg::open(url, fence, "pools", POOL, "pool store").await?;
+        Ok(PostgresPoolStore { pg })
     }
 
     /// Whether a write was refused because another server took the lease.
     pub fn is_fenced(&self) -> bool {
-        self.fenced.load(Ordering::Relaxed)
-    }
-
-    /// A free connection if there is one, else the next in turn.
-    async fn conn(&self) -> MutexGuard<'_, Conn> {
-        for c in &self.conns {
-            if let Ok(g) = c.try_lock() {
-                return g;
-            }
-        }
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.conns.len();
-        self.conns[i].lock().await
-    }
-
-    /// Begins a write transaction that holds the fence's ownership row
-    /// (shared) and has checked our token.
-    async fn begin<'a>(&self, c: &'a mut Client) -> Result<Transaction<'a>> {
-        let tx = c.transaction().await.map_err(pg)?;
-        let Some(fence) = &self.fence else {
-            return Ok(tx);
-        };
-        let current: i64 = tx
-            .query_opt(
-                "SELECT token FROM pubrun_ownership WHERE name = $1 FOR SHARE",
-                &[&fence.name],
-            )
-            .await
-            .map_err(pg)?
-            .map(|r| r.get(0))
-            .unwrap_or(0);
-        if current != fence.token {
-            if !self.fenced.swap(true, Ordering::Relaxed) {
-                tracing::error!(
-                    ownership = %fence.name,
-                    our_token = fence.token,
-                    current_token = current,
-                    "pool store: another server took over; refusing this server's writes \
-                     (no machine is started or stopped by this server any more)"
-                );
-            }
-            return Err(Error::from(StoreError::Fenced {
-                name: fence.name.clone(),
-                token: fence.token,
-                current,
-            }));
-        }
-        Ok(tx)
-    }
-
-    /// One fenced write statement, committed; returns rows affected.
-    async fn write(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64> {
-        let mut g = self.conn().await;
-        let tx = self.begin(g.get().await?).await?;
-        let n = tx.execute(sql, params).await.map_err(pg)?;
-        tx.commit().await.map_err(pg)?;
-        Ok(n)
+        self.pg.is_fenced()
     }
 }
 
@@ -263,8 +193,8 @@ impl PostgresPoolStore {
 impl PoolStore for PostgresPoolStore {
     async fn put_pool(&self, spec: &PoolSpec, token: Option<&str>, fresh: &str) -> Result<String> {
         let json = to_json(spec)?;
-        let mut g = self.conn().await;
-        let tx = self.begin(g.get().await?).await?;
+        let mut g = self.pg.conn().await;
+        let tx = self.pg.begin(g.get().await?).await?;
         let existing: Option<String> = tx
             .query_opt(
                 "SELECT token FROM pubrun_pools WHERE name = $1 FOR UPDATE",
@@ -289,13 +219,14 @@ impl PoolStore for PostgresPoolStore {
     }
 
     async fn delete_pool(&self, name: &str) -> Result<()> {
-        self.write("DELETE FROM pubrun_pools WHERE name = $1", &[&name])
+        self.pg
+            .write("DELETE FROM pubrun_pools WHERE name = $1", &[&name])
             .await?;
         Ok(())
     }
 
     async fn pools(&self) -> Result<Vec<(PoolSpec, String)>> {
-        let mut g = self.conn().await;
+        let mut g = self.pg.conn().await;
         let rows = g
             .get()
             .await?
@@ -316,8 +247,8 @@ impl PoolStore for PostgresPoolStore {
 
     async fn upsert_machine(&self, m: &MachineRow) -> Result<()> {
         let slots = i64::from(m.slots);
-        let mut g = self.conn().await;
-        let tx = self.begin(g.get().await?).await?;
+        let mut g = self.pg.conn().await;
+        let tx = self.pg.begin(g.get().await?).await?;
         let before: Option<String> = tx
             .query_opt(
                 "SELECT state FROM pubrun_machines WHERE name = $1 FOR UPDATE",
@@ -358,12 +289,12 @@ impl PoolStore for PostgresPoolStore {
     }
 
     async fn machines(&self) -> Result<Vec<MachineRow>> {
-        let mut g = self.conn().await;
+        let mut g = self.pg.conn().await;
         query_machines(&*g.get().await?, "ORDER BY pool, created_ms, name", &[]).await
     }
 
     async fn machine(&self, name: &str) -> Result<Option<MachineRow>> {
-        let mut g = self.conn().await;
+        let mut g = self.pg.conn().await;
         Ok(
             query_machines(&*g.get().await?, "WHERE name = $1", &[&name])
                 .await?
@@ -372,8 +303,8 @@ impl PoolStore for PostgresPoolStore {
     }
 
     async fn new_machine_name(&self, pool: &str, prefix: &str) -> Result<String> {
-        let mut g = self.conn().await;
-        let tx = self.begin(g.get().await?).await?;
+        let mut g = self.pg.conn().await;
+        let tx = self.pg.begin(g.get().await?).await?;
         // The pool's counter row, locked: two namers of one pool take turns.
         tx.execute(
             "INSERT INTO pubrun_machine_numbers (pool, last) VALUES ($1, 0)
@@ -418,23 +349,25 @@ impl PoolStore for PostgresPoolStore {
     }
 
     async fn delete_machine(&self, name: &str) -> Result<()> {
-        self.write("DELETE FROM pubrun_machines WHERE name = $1", &[&name])
+        self.pg
+            .write("DELETE FROM pubrun_machines WHERE name = $1", &[&name])
             .await?;
         Ok(())
     }
 
     async fn put_bootstrap(&self, b: &Bootstrap) -> Result<()> {
-        self.write(
-            "INSERT INTO pubrun_bootstrap_tokens (machine, pool, token) VALUES ($1, $2, $3)
+        self.pg
+            .write(
+                "INSERT INTO pubrun_bootstrap_tokens (machine, pool, token) VALUES ($1, $2, $3)
              ON CONFLICT (machine) DO UPDATE SET pool = excluded.pool, token = excluded.token",
-            &[&b.machine, &b.pool, &b.token],
-        )
-        .await?;
+                &[&b.machine, &b.pool, &b.token],
+            )
+            .await?;
         Ok(())
     }
 
     async fn bootstraps(&self) -> Result<Vec<Bootstrap>> {
-        let mut g = self.conn().await;
+        let mut g = self.pg.conn().await;
         let rows = g
             .get()
             .await?
@@ -456,37 +389,40 @@ impl PoolStore for PostgresPoolStore {
     }
 
     async fn delete_bootstrap(&self, machine: &str) -> Result<()> {
-        self.write(
-            "DELETE FROM pubrun_bootstrap_tokens WHERE machine = $1",
-            &[&machine],
-        )
-        .await?;
+        self.pg
+            .write(
+                "DELETE FROM pubrun_bootstrap_tokens WHERE machine = $1",
+                &[&machine],
+            )
+            .await?;
         Ok(())
     }
 
     async fn span_open(&self, machine: &str, pool: &str, now_ms: i64) -> Result<()> {
         // At most one open span per machine (a partial unique index).
-        self.write(
-            "INSERT INTO pubrun_machine_spans (machine, pool, start_ms) VALUES ($1, $2, $3)
+        self.pg
+            .write(
+                "INSERT INTO pubrun_machine_spans (machine, pool, start_ms) VALUES ($1, $2, $3)
              ON CONFLICT (machine) WHERE end_ms IS NULL DO NOTHING",
-            &[&machine, &pool, &now_ms],
-        )
-        .await?;
+                &[&machine, &pool, &now_ms],
+            )
+            .await?;
         Ok(())
     }
 
     async fn span_close(&self, machine: &str, now_ms: i64) -> Result<()> {
-        self.write(
-            "UPDATE pubrun_machine_spans SET end_ms = GREATEST(start_ms, $2)
+        self.pg
+            .write(
+                "UPDATE pubrun_machine_spans SET end_ms = GREATEST(start_ms, $2)
              WHERE machine = $1 AND end_ms IS NULL",
-            &[&machine, &now_ms],
-        )
-        .await?;
+                &[&machine, &now_ms],
+            )
+            .await?;
         Ok(())
     }
 
     async fn spans(&self, since_ms: i64) -> Result<Vec<UpSpan>> {
-        let mut g = self.conn().await;
+        let mut g = self.pg.conn().await;
         let rows = g
             .get()
             .await?
@@ -511,8 +447,8 @@ impl PoolStore for PostgresPoolStore {
 
     async fn new_lease(&self, l: &NewLease<'_>) -> Result<u64> {
         let attempt = i64::from(l.attempt);
-        let mut g = self.conn().await;
-        let tx = self.begin(g.get().await?).await?;
+        let mut g = self.pg.conn().await;
+        let tx = self.pg.begin(g.get().await?).await?;
         let token: i64 = tx
             .query_one(
                 "INSERT INTO pubrun_leases (run_id, job, attempt, pool, machine, state, assigned_ms)
@@ -528,7 +464,7 @@ impl PoolStore for PostgresPoolStore {
 
     async fn lease(&self, token: u64) -> Result<Option<LeaseRow>> {
         let token = token_param(token)?;
-        let mut g = self.conn().await;
+        let mut g = self.pg.conn().await;
         Ok(
             query_leases(&*g.get().await?, "WHERE token = $1", &[&token])
                 .await?
@@ -537,7 +473,7 @@ impl PoolStore for PostgresPoolStore {
     }
 
     async fn lease_of_run(&self, run_id: &str) -> Result<Option<LeaseRow>> {
-        let mut g = self.conn().await;
+        let mut g = self.pg.conn().await;
         Ok(query_leases(
             &*g.get().await?,
             "WHERE run_id = $1 ORDER BY token DESC LIMIT 1",
@@ -548,7 +484,7 @@ impl PoolStore for PostgresPoolStore {
     }
 
     async fn active_leases(&self) -> Result<Vec<LeaseRow>> {
-        let mut g = self.conn().await;
+        let mut g = self.pg.conn().await;
         query_leases(
             &*g.get().await?,
             "WHERE state IN ('assigned', 'running') ORDER BY token",
@@ -558,7 +494,7 @@ impl PoolStore for PostgresPoolStore {
     }
 
     async fn leases_since(&self, since_ms: i64) -> Result<Vec<LeaseRow>> {
-        let mut g = self.conn().await;
+        let mut g = self.pg.conn().await;
         query_leases(
             &*g.get().await?,
             "WHERE ended_ms IS NULL OR ended_ms > $1 ORDER BY token",
@@ -570,6 +506,7 @@ impl PoolStore for PostgresPoolStore {
     async fn lease_started(&self, token: u64, now_ms: i64) -> Result<bool> {
         let token = token_param(token)?;
         let n = self
+            .pg
             .write(
                 "UPDATE pubrun_leases SET state = 'running', started_ms = $2
                  WHERE token = $1 AND state = 'assigned'",
@@ -583,6 +520,7 @@ impl PoolStore for PostgresPoolStore {
         let token = token_param(token)?;
         let (state, exit, reason) = lease_end_parts(&end)?;
         let n = self
+            .pg
             .write(
                 "UPDATE pubrun_leases SET state = $2, exit = $3, reason = $4, ended_ms = $5,
                      started_ms = COALESCE(started_ms, $5)

@@ -19,17 +19,15 @@
 //! - All statements are parameterized. Connections reconnect with backoff
 //!   (calls fail UNAVAILABLE meanwhile).
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-
 use chrono::{DateTime, Utc};
 use pubrun_core::{Error, Result};
-use tokio::sync::{Mutex, MutexGuard};
-use tokio_postgres::{Client, GenericClient, Row, Transaction};
+use tokio_postgres::{GenericClient, Row, Transaction};
 
 use super::{
     check_scope, ms, Claim, DefKind, Definition, RawState, ScheduleState, Scope, TriggerStore,
 };
-use crate::postgres::{db_err, ensure_schema, parse_url, Conn};
+use crate::fenced::FencedPg;
+use crate::postgres::db_err;
 use crate::runs::postgres::Fence;
 use crate::StoreError;
 
@@ -61,8 +59,6 @@ pub(crate) const MIGRATION: &str = "
 const POOL: usize = 2;
 
 const COLUMNS: &str = "name, cursor_ms, paused, config_paused, pending_tick_ms, claimed_by, claimed_at_ms, last_fired_ms, last_message_id, last_error";
-
-type Params<'a> = &'a [&'a (dyn tokio_postgres::types::ToSql + Sync)];
 
 fn pg(e: tokio_postgres::Error) -> Error {
     Error::from(db_err(e))
@@ -146,96 +142,29 @@ async fn delete_states_except(tx: &Transaction<'_>, keep: &[String]) -> Result<(
 }
 
 pub struct PostgresTriggerStore {
-    conns: Vec<Mutex<Conn>>,
-    next: AtomicUsize,
-    fence: Option<Fence>,
-    /// Set (for good) once a write was refused by the fence.
-    fenced: AtomicBool,
+    pg: FencedPg,
 }
 
 impl PostgresTriggerStore {
     /// Connects and migrates the shared schema (refusing a newer one). With
-    /// a `fence`, every write checks its token (see the module docs); without
-    /// one writes are unguarded (tools, tests).
+    /// a `fence`, every write checks its token (see the module docs);
+    /// without one writes are unguarded (tools, tests).
     pub async fn open(url: &str, fence: Option<Fence>) -> std::result::Result<Self, StoreError> {
-        let config = parse_url(url)?;
-        let mut first = Conn::new(config.clone(), "triggers");
-        ensure_schema(first.get().await?).await?;
-        let mut conns = vec![Mutex::new(first)];
-        conns.extend((1..POOL).map(|_| Mutex::new(Conn::new(config.clone(), "triggers"))));
-        Ok(PostgresTriggerStore {
-            conns,
-            next: AtomicUsize::new(0),
-            fence,
-            fenced: AtomicBool::new(false),
-        })
+        let pg = FencedPg::open(url, fence, "triggers", POOL, "trigger store").await?;
+        Ok(PostgresTriggerStore { pg })
     }
 
     /// Whether a write was refused because another server took the lease.
     pub fn is_fenced(&self) -> bool {
-        self.fenced.load(Ordering::Relaxed)
-    }
-
-    /// A free connection if there is one, else the next in turn.
-    async fn conn(&self) -> MutexGuard<'_, Conn> {
-        for c in &self.conns {
-            if let Ok(g) = c.try_lock() {
-                return g;
-            }
-        }
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.conns.len();
-        self.conns[i].lock().await
-    }
-
-    /// Begins a write transaction that holds the fence's ownership row
-    /// (shared) and has checked our token.
-    async fn begin<'a>(&self, c: &'a mut Client) -> Result<Transaction<'a>> {
-        let tx = c.transaction().await.map_err(pg)?;
-        let Some(fence) = &self.fence else {
-            return Ok(tx);
-        };
-        let current: i64 = tx
-            .query_opt(
-                "SELECT token FROM pubrun_ownership WHERE name = $1 FOR SHARE",
-                &[&fence.name],
-            )
-            .await
-            .map_err(pg)?
-            .map(|r| r.get(0))
-            .unwrap_or(0);
-        if current != fence.token {
-            if !self.fenced.swap(true, Ordering::Relaxed) {
-                tracing::error!(
-                    ownership = %fence.name,
-                    our_token = fence.token,
-                    current_token = current,
-                    "trigger store: another server took over; refusing this server's writes"
-                );
-            }
-            return Err(Error::from(StoreError::Fenced {
-                name: fence.name.clone(),
-                token: fence.token,
-                current,
-            }));
-        }
-        Ok(tx)
-    }
-
-    /// One fenced write statement, committed; rows changed.
-    async fn write(&self, sql: &str, params: Params<'_>) -> Result<u64> {
-        let mut g = self.conn().await;
-        let tx = self.begin(g.get().await?).await?;
-        let n = tx.execute(sql, params).await.map_err(pg)?;
-        tx.commit().await.map_err(pg)?;
-        Ok(n)
+        self.pg.is_fenced()
     }
 }
 
 #[async_trait::async_trait]
 impl TriggerStore for PostgresTriggerStore {
     async fn reconcile(&self, declared: &[(String, bool)], now: DateTime<Utc>) -> Result<()> {
-        let mut g = self.conn().await;
-        let tx = self.begin(g.get().await?).await?;
+        let mut g = self.pg.conn().await;
+        let tx = self.pg.begin(g.get().await?).await?;
         upsert_states(&tx, declared, now).await?;
         let keep: Vec<String> = declared.iter().map(|(n, _)| n.clone()).collect();
         delete_states_except(&tx, &keep).await?;
@@ -243,7 +172,7 @@ impl TriggerStore for PostgresTriggerStore {
     }
 
     async fn definitions(&self, kind: DefKind) -> Result<Vec<Definition>> {
-        let mut g = self.conn().await;
+        let mut g = self.pg.conn().await;
         definitions(g.get().await?, kind).await
     }
 
@@ -254,8 +183,8 @@ impl TriggerStore for PostgresTriggerStore {
         defs: &[(Definition, bool)],
         now: DateTime<Utc>,
     ) -> Result<Vec<Definition>> {
-        let mut g = self.conn().await;
-        let tx = self.begin(g.get().await?).await?;
+        let mut g = self.pg.conn().await;
+        let tx = self.pg.begin(g.get().await?).await?;
         tx.batch_execute("LOCK TABLE pubrun_trigger_definitions IN EXCLUSIVE MODE")
             .await
             .map_err(pg)?;
@@ -299,7 +228,7 @@ impl TriggerStore for PostgresTriggerStore {
     }
 
     async fn get(&self, name: &str) -> Result<Option<ScheduleState>> {
-        let mut g = self.conn().await;
+        let mut g = self.pg.conn().await;
         let row = g
             .get()
             .await?
@@ -313,7 +242,7 @@ impl TriggerStore for PostgresTriggerStore {
     }
 
     async fn list(&self) -> Result<Vec<ScheduleState>> {
-        let mut g = self.conn().await;
+        let mut g = self.pg.conn().await;
         let rows = g
             .get()
             .await?
@@ -335,6 +264,7 @@ impl TriggerStore for PostgresTriggerStore {
         now: DateTime<Utc>,
     ) -> Result<bool> {
         let n = self
+            .pg
             .write(
                 "UPDATE pubrun_schedules SET cursor_ms = $3, pending_tick_ms = $3, claimed_by = $4,
                         claimed_at_ms = $5, updated_ms = $5
@@ -353,7 +283,7 @@ impl TriggerStore for PostgresTriggerStore {
         now: DateTime<Utc>,
     ) -> Result<bool> {
         let n = self
-            .write(
+            .pg.write(
                 "UPDATE pubrun_schedules SET claimed_by = $5, claimed_at_ms = $6, updated_ms = $6
                  WHERE name = $1 AND pending_tick_ms = $2 AND claimed_by = $3 AND claimed_at_ms = $4",
                 &[
@@ -377,8 +307,8 @@ impl TriggerStore for PostgresTriggerStore {
         message_id: &str,
         now: DateTime<Utc>,
     ) -> Result<bool> {
-        let mut g = self.conn().await;
-        let tx = self.begin(g.get().await?).await?;
+        let mut g = self.pg.conn().await;
+        let tx = self.pg.begin(g.get().await?).await?;
         let n = tx
             .execute(
                 "UPDATE pubrun_schedules SET pending_tick_ms = NULL, claimed_by = NULL, claimed_at_ms = NULL,
@@ -402,20 +332,22 @@ impl TriggerStore for PostgresTriggerStore {
     }
 
     async fn record_error(&self, name: &str, error: &str, now: DateTime<Utc>) -> Result<()> {
-        self.write(
-            "UPDATE pubrun_schedules SET last_error = $2, updated_ms = $3 WHERE name = $1",
-            &[&name, &error, &ms(now)],
-        )
-        .await?;
+        self.pg
+            .write(
+                "UPDATE pubrun_schedules SET last_error = $2, updated_ms = $3 WHERE name = $1",
+                &[&name, &error, &ms(now)],
+            )
+            .await?;
         Ok(())
     }
 
     async fn record_run_now(&self, name: &str, message_id: &str, now: DateTime<Utc>) -> Result<()> {
-        self.write(
-            "UPDATE pubrun_schedules SET last_message_id = $2, updated_ms = $3 WHERE name = $1",
-            &[&name, &message_id, &ms(now)],
-        )
-        .await?;
+        self.pg
+            .write(
+                "UPDATE pubrun_schedules SET last_message_id = $2, updated_ms = $3 WHERE name = $1",
+                &[&name, &message_id, &ms(now)],
+            )
+            .await?;
         Ok(())
     }
 
@@ -427,7 +359,7 @@ impl TriggerStore for PostgresTriggerStore {
                     paused = false, updated_ms = $2
              WHERE name = $1"
         };
-        let n = self.write(sql, &[&name, &ms(now)]).await?;
+        let n = self.pg.write(sql, &[&name, &ms(now)]).await?;
         Ok(n == 1)
     }
 }

@@ -1,7 +1,7 @@
 //! Jobs: what to run for every message of a topic, and how.
 //!
 //! A [`JobSpec`] is the validated form of a `[[job]]` table in `pubrun.toml`
-//! (see `manifest.rs`); it is what the dispatcher executes and what the REST
+//! (see `manifest/`); it is what the dispatcher executes and what the REST
 //! API shows. String fields marked "template" are rendered per message.
 
 use std::collections::BTreeMap;

@@ -15,11 +15,12 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use googleapis_tonic_google_pubsub_v1::google::pubsub::v1 as pb;
-use pb::publisher_client::PublisherClient;
 use pb::subscriber_client::SubscriberClient;
 use pubrun_store::testing::TempPostgres;
 
-use common::{connect, free_port, wait_answered_by, Serve, ServeBuilder};
+use common::{
+    cluster_node, connect, create_topic_and_subscription, free_port, wait_answered_by, Serve,
+};
 
 const TOPIC: &str = "projects/cluster/topics/gcs";
 const SUB: &str = "projects/cluster/subscriptions/gcs-sub";
@@ -27,11 +28,7 @@ const SUB: &str = "projects/cluster/subscriptions/gcs-sub";
 const LEASE_TTL: Duration = Duration::from_secs(2);
 
 fn start(url: &str, node: &str, data: &Path, port: u16, log: &Path) -> Serve {
-    ServeBuilder::cluster(url, node, LEASE_TTL)
-        .data_dir(data)
-        .port(port)
-        .log_file(log)
-        .spawn()
+    cluster_node(url, node, LEASE_TTL, data, port, log).spawn()
 }
 
 /// Deterministic, non-repeating bytes.
@@ -94,23 +91,7 @@ async fn objects_survive_kill_9_of_the_owner_byte_exact() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
-    let ch = connect(port_a).await;
-    PublisherClient::new(ch.clone())
-        .create_topic(pb::Topic {
-            name: TOPIC.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    SubscriberClient::new(ch)
-        .create_subscription(pb::Subscription {
-            name: SUB.into(),
-            topic: TOPIC.into(),
-            ack_deadline_seconds: 600,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    create_topic_and_subscription(&connect(port_a).await, TOPIC, SUB).await;
     let r = http
         .post(format!(
             "http://127.0.0.1:{port_a}/storage/v1/b/bkt/notificationConfigs"

@@ -13,7 +13,7 @@ use pb::publisher_client::PublisherClient;
 use pb::subscriber_client::SubscriberClient;
 use tonic::transport::Channel;
 
-use common::{connect, Serve, ServeBuilder};
+use common::{connect, create_topic_and_subscription, Serve, ServeBuilder};
 
 /// Spawns a server on `data` and connects (not waiting for health: the
 /// gRPC connect retries).
@@ -30,24 +30,7 @@ const SUB: &str = "projects/crash/subscriptions/load-sub";
 async fn sigkill_under_load_loses_no_acknowledged_publish() {
     let dir = tempfile::tempdir().unwrap();
     let (mut server, ch) = start(dir.path()).await;
-    let mut admin_p = PublisherClient::new(ch.clone());
-    let mut admin_s = SubscriberClient::new(ch.clone());
-    admin_p
-        .create_topic(pb::Topic {
-            name: TOPIC.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    admin_s
-        .create_subscription(pb::Subscription {
-            name: SUB.into(),
-            topic: TOPIC.into(),
-            ack_deadline_seconds: 600,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    create_topic_and_subscription(&ch, TOPIC, SUB).await;
 
     // id → payload of every publish the server acknowledged.
     let published: Arc<Mutex<HashMap<String, Vec<u8>>>> = Arc::default();

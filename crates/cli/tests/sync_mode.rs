@@ -15,7 +15,7 @@ use pb::publisher_client::PublisherClient;
 use pb::subscriber_client::SubscriberClient;
 use tonic::transport::Channel;
 
-use common::{connect, Serve, ServeBuilder};
+use common::{connect, create_topic_and_subscription, Serve, ServeBuilder};
 
 const TOPIC: &str = "projects/sync/topics/topic-one";
 const SUB: &str = "projects/sync/subscriptions/sub-one";
@@ -46,22 +46,8 @@ fn syncs(port: u16) -> f64 {
 /// Creates the topic and subscription, then publishes one message per
 /// request, each awaited: returns the ids.
 async fn publish_sequentially(ch: &Channel) -> HashSet<String> {
+    create_topic_and_subscription(ch, TOPIC, SUB).await;
     let mut p = PublisherClient::new(ch.clone());
-    let mut s = SubscriberClient::new(ch.clone());
-    p.create_topic(pb::Topic {
-        name: TOPIC.into(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    s.create_subscription(pb::Subscription {
-        name: SUB.into(),
-        topic: TOPIC.into(),
-        ack_deadline_seconds: 600,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
     let mut ids = HashSet::new();
     for i in 0..PUBLISHES {
         let r = p

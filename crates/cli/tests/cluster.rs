@@ -19,7 +19,7 @@ use pb::subscriber_client::SubscriberClient;
 use pubrun_store::testing::TempPostgres;
 use tokio::net::{TcpListener, TcpStream};
 
-use common::{answering_node, connect, wait_answered_by, Serve, ServeBuilder};
+use common::{answering_node, connect, pull_now, wait_answered_by, Serve, ServeBuilder};
 
 const LEASE_TTL: Duration = Duration::from_secs(2);
 const PATIENCE: Duration = Duration::from_secs(90);
@@ -86,20 +86,11 @@ async fn clients(
     (PublisherClient::new(ch.clone()), SubscriberClient::new(ch))
 }
 
-#[allow(deprecated)]
 async fn pull_once(
     sub: &mut SubscriberClient<tonic::transport::Channel>,
     name: &str,
 ) -> Result<Vec<pb::ReceivedMessage>, tonic::Status> {
-    Ok(sub
-        .pull(pb::PullRequest {
-            subscription: name.into(),
-            max_messages: 100,
-            return_immediately: true,
-        })
-        .await?
-        .into_inner()
-        .received_messages)
+    pull_now(sub, name, 100).await
 }
 
 /// Starts three servers; `a` first, so it owns the state; `b` and `c`

@@ -18,7 +18,7 @@ use pb::subscriber_client::SubscriberClient;
 use pubrun_store::testing::TempPostgres;
 
 use common::{
-    answering_node, cluster_node, connect, create_topic_and_subscription, free_port,
+    answering_node, cluster_node, connect, create_topic_and_subscription, free_port, pull_now,
     wait_answered_by, wait_standby, Serve,
 };
 
@@ -30,20 +30,11 @@ fn start(url: &str, node: &str, data: &Path, port: u16, log: &Path) -> Serve {
     cluster_node(url, node, LEASE_TTL, data, port, log).spawn()
 }
 
-#[allow(deprecated)]
 async fn pull(
     sub: &mut SubscriberClient<tonic::transport::Channel>,
     max: i32,
 ) -> Vec<pb::ReceivedMessage> {
-    sub.pull(pb::PullRequest {
-        subscription: SUB.into(),
-        max_messages: max,
-        return_immediately: true,
-    })
-    .await
-    .expect("pull")
-    .into_inner()
-    .received_messages
+    pull_now(sub, SUB, max).await.expect("pull")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

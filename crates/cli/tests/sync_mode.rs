@@ -15,7 +15,7 @@ use pb::publisher_client::PublisherClient;
 use pb::subscriber_client::SubscriberClient;
 use tonic::transport::Channel;
 
-use common::{connect, create_topic_and_subscription, Serve, ServeBuilder};
+use common::{connect, create_topic_and_subscription, pull_now, Serve, ServeBuilder};
 
 const TOPIC: &str = "projects/sync/topics/topic-one";
 const SUB: &str = "projects/sync/subscriptions/sub-one";
@@ -106,18 +106,10 @@ async fn interval_acknowledges_before_syncing_and_survives_kill_9() {
             got.len(),
             ids.len()
         );
-        #[allow(deprecated)]
-        let r = s
-            .pull(pb::PullRequest {
-                subscription: SUB.into(),
-                max_messages: 100,
-                return_immediately: true,
-            })
-            .await
-            .unwrap()
-            .into_inner();
         got.extend(
-            r.received_messages
+            pull_now(&mut s, SUB, 100)
+                .await
+                .unwrap()
                 .into_iter()
                 .map(|m| m.message.unwrap().message_id),
         );

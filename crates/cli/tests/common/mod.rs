@@ -720,3 +720,20 @@ pub async fn create_topic_and_subscription(ch: &Channel, topic: &str, subscripti
         .await
         .unwrap();
 }
+
+/// One `Pull` of up to `max` messages that returns at once, empty or not.
+#[allow(deprecated)] // `return_immediately` is deprecated but is what these tests poll with
+pub async fn pull_now(
+    sub: &mut pb::subscriber_client::SubscriberClient<Channel>,
+    subscription: &str,
+    max: i32,
+) -> Result<Vec<pb::ReceivedMessage>, tonic::Status> {
+    let r = sub
+        .pull(pb::PullRequest {
+            subscription: subscription.into(),
+            max_messages: max,
+            return_immediately: true,
+        })
+        .await?;
+    Ok(r.into_inner().received_messages)
+}

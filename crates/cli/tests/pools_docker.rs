@@ -403,6 +403,19 @@ price_per_hour = 3.2
             .collect()
     }
 
+    /// The cost report, and its row for this pool.
+    fn cost(&self) -> (Value, Value) {
+        let cost = self.get("/api/v1/cost");
+        let pool = cost["pools"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["pool"] == self.pool.as_str())
+            .unwrap_or_else(|| panic!("{cost:#}"))
+            .clone();
+        (cost, pool)
+    }
+
     /// Machines of the pool in the cost report, sorted (one row each).
     fn cost_machines(&self) -> Vec<String> {
         let cost = self.get("/api/v1/cost");
@@ -583,14 +596,7 @@ fn machines_come_with_work_and_go_when_idle() {
     eprintln!("pool empty again after {:?}", started.elapsed());
 
     // The machines' time is in the cost report, the runs' share with it.
-    let cost = env.get("/api/v1/cost");
-    let pool = cost["pools"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["pool"] == env.pool.as_str())
-        .unwrap_or_else(|| panic!("{cost:#}"))
-        .clone();
+    let (cost, pool) = env.cost();
     assert!(pool["run_seconds"].as_f64().unwrap() > 0.0, "{pool:#}");
     let text = env.cli(&["cost"]);
     assert!(text.contains(&env.pool), "{text}");
@@ -879,14 +885,7 @@ fn a_killed_machine_and_a_server_restart_lose_no_run() {
 
     // Back to no machines, and the cost report adds up.
     env.wait_pool_empty();
-    let cost = env.get("/api/v1/cost");
-    let pool = cost["pools"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["pool"] == env.pool.as_str())
-        .unwrap_or_else(|| panic!("{cost:#}"))
-        .clone();
+    let (cost, pool) = env.cost();
     let f = |v: &Value| v.as_f64().unwrap();
     let machine_sum: f64 = cost["machines"]
         .as_array()

@@ -111,3 +111,14 @@ pub fn fence(token: i64) -> pubrun_store::runs::postgres::Fence {
         token,
     }
 }
+
+/// Asserts that each of `refused`, a write made under a stale ownership
+/// token, failed as fenced: `Unavailable`, saying the lease was taken over.
+#[allow(dead_code)] // the bucket suite's store reports fencing as a `StoreError`
+pub fn assert_fenced(refused: impl IntoIterator<Item = pubrun_core::Result<()>>) {
+    for r in refused {
+        let err = r.expect_err("a stale token must not write");
+        assert_eq!(err.code, pubrun_core::Code::Unavailable, "{err}");
+        assert!(err.message.contains("taken over"), "{err}");
+    }
+}

@@ -324,21 +324,11 @@ price_per_hour = 3.2
     }
 
     fn cli(&self, args: &[&str]) -> String {
-        let out = Command::new(BIN)
-            .args(args)
+        common::Cli::new(args)
             .env("PUBRUN_ADDR", self.addr())
             .env("PUBRUN_TOKEN", SERVER_TOKEN)
             .env("PUBRUN_PROJECT", "demo")
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "`pubrun {}` failed: {}\n{}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr),
-            self.logs()
-        );
-        String::from_utf8(out.stdout).unwrap()
+            .ok_or_log(|| self.logs())
     }
 
     /// Polls `probe` until it returns Some, for up to PATIENCE.

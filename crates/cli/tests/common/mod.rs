@@ -616,6 +616,19 @@ impl Cli {
         stdout_ok(&what, self.output())
     }
 
+    /// [`Cli::ok`] whose failure message ends with `log()` (the server's log).
+    pub fn ok_or_log(self, log: impl Fn() -> String) -> String {
+        let what = format!("{:?}", self.0.get_args().collect::<Vec<_>>());
+        let out = self.output();
+        assert!(
+            out.status.success(),
+            "`pubrun {what}` failed: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            log()
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
     /// Runs, asserts failure; its stderr.
     pub fn fails(self) -> String {
         let what = format!("{:?}", self.0.get_args().collect::<Vec<_>>());

@@ -122,16 +122,14 @@ fn snapshots_and_seek_through_the_cli_survive_a_restart() {
         pull(port, "events-sub").is_empty(),
         "acks survive the restart"
     );
-    ok(
-        port,
-        &[
-            "subscriptions",
-            "seek",
-            "events-sub",
-            "--snapshot",
-            "before-third",
-        ],
-    );
+    let seek_back = [
+        "subscriptions",
+        "seek",
+        "events-sub",
+        "--snapshot",
+        "before-third",
+    ];
+    ok(port, &seek_back);
     assert_eq!(pull(port, "events-sub"), ["second", "third"]);
 
     // Seek to a time in the future acks everything; a bad time is refused.
@@ -161,16 +159,7 @@ fn snapshots_and_seek_through_the_cli_survive_a_restart() {
     ok(port, &["snapshots", "delete", "before-third"]);
     let err = fails(port, &["snapshots", "get", "before-third"]);
     assert!(err.contains("not found"), "{err}");
-    let err = fails(
-        port,
-        &[
-            "subscriptions",
-            "seek",
-            "events-sub",
-            "--snapshot",
-            "before-third",
-        ],
-    );
+    let err = fails(port, &seek_back);
     assert!(err.contains("not found"), "{err}");
     drop(server);
 }

@@ -69,55 +69,41 @@ async fn multipart_uploads_and_integrity_checks() {
         (Some("m/two"), Some("text/csv"))
     );
 
-    // Wrong checksums → 400, nothing stored.
-    let r = post(
-        json!({"name": "bad-md5", "md5Hash": hashes(b"other").0}),
-        d.clone(),
-        "",
-    )
-    .await;
-    let (status, _, msg) = error_of(r).await;
-    assert_eq!(status, 400);
-    assert!(msg.contains("MD5"), "{msg}");
-    let r = post(
-        json!({"name": "bad-crc", "crc32c": hashes(b"other").1}),
-        d.clone(),
-        "",
-    )
-    .await;
-    let (status, _, msg) = error_of(r).await;
-    assert_eq!(status, 400);
-    assert!(msg.contains("CRC32C"), "{msg}");
-    let r = post(
-        json!({"name": "bad-format", "md5Hash": "not base64!"}),
-        d.clone(),
-        "",
-    )
-    .await;
-    assert_eq!(error_of(r).await.0, 400);
+    // Wrong checksums → 400 (naming the checksum), nothing stored.
+    for (meta, names) in [
+        (
+            json!({"name": "bad-md5", "md5Hash": hashes(b"other").0}),
+            "MD5",
+        ),
+        (
+            json!({"name": "bad-crc", "crc32c": hashes(b"other").1}),
+            "CRC32C",
+        ),
+        (json!({"name": "bad-format", "md5Hash": "not base64!"}), ""),
+    ] {
+        let (status, _, msg) = error_of(post(meta, d.clone(), "").await).await;
+        assert_eq!(status, 400);
+        assert!(msg.contains(names), "{msg}");
+    }
     for n in ["bad-md5", "bad-crc", "bad-format"] {
         let (st, _) = s.get_json(&format!("/storage/v1/b/bkt/o/{n}")).await;
         assert_eq!(st, 404, "{n} must not exist");
     }
-    // x-goog-hash on a simple upload.
-    let r = s
-        .http
-        .post(s.url("/upload/storage/v1/b/bkt/o?uploadType=media&name=h"))
-        .header("x-goog-hash", format!("crc32c={}", hashes(b"other").1))
-        .body(d.clone())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(error_of(r).await.0, 400);
-    let r = s
-        .http
-        .post(s.url("/upload/storage/v1/b/bkt/o?uploadType=media&name=h"))
-        .header("x-goog-hash", format!("crc32c={crc},md5={md5}"))
-        .body(d.clone())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    // x-goog-hash on a simple upload: a wrong one is refused, right ones pass.
+    for (hash, status) in [
+        (format!("crc32c={}", hashes(b"other").1), 400),
+        (format!("crc32c={crc},md5={md5}"), 200),
+    ] {
+        let r = s
+            .http
+            .post(s.url("/upload/storage/v1/b/bkt/o?uploadType=media&name=h"))
+            .header("x-goog-hash", hash)
+            .body(d.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), status);
+    }
 
     // Malformed multipart bodies.
     let r = s
@@ -621,10 +607,17 @@ async fn links_ignore_the_request_host() {
     let dir = tempfile::tempdir().unwrap();
     let s = start(dir.path(), open_broker(dir.path())).await;
     s.create_bucket("bkt").await;
-    let evil = |req: reqwest::RequestBuilder| {
-        req.header("host", "evil.example")
+    // Sends as through a hostile proxy; the answer must be a 200.
+    let evil = |req: reqwest::RequestBuilder| async {
+        let r = req
+            .header("host", "evil.example")
             .header("x-forwarded-proto", "https")
             .header("x-forwarded-host", "evil.example")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        r
     };
     let check = |what: &str, link: &str| {
         assert!(
@@ -632,51 +625,39 @@ async fn links_ignore_the_request_host() {
             "{what}: {link}"
         );
     };
+    let links = |what: &str, o: &Value, fields: &[&str]| {
+        for f in fields {
+            check(&format!("{what} {f}"), o[f].as_str().unwrap());
+        }
+    };
 
-    let r = evil(
-        s.http
-            .post(s.url("/upload/storage/v1/b/bkt/o?uploadType=media&name=a")),
-    )
-    .body("data")
-    .send()
-    .await
-    .unwrap();
-    assert_eq!(r.status(), 200);
-    let o: Value = r.json().await.unwrap();
-    check("upload selfLink", o["selfLink"].as_str().unwrap());
-    check("upload mediaLink", o["mediaLink"].as_str().unwrap());
-
-    let r = evil(s.http.get(s.url("/storage/v1/b/bkt/o/a")))
-        .send()
+    let media = s.url("/upload/storage/v1/b/bkt/o?uploadType=media&name=a");
+    let o: Value = evil(s.http.post(media).body("data"))
+        .await
+        .json()
         .await
         .unwrap();
-    assert_eq!(r.status(), 200);
-    let o: Value = r.json().await.unwrap();
-    check("get selfLink", o["selfLink"].as_str().unwrap());
-    check("get mediaLink", o["mediaLink"].as_str().unwrap());
-
-    let r = evil(s.http.get(s.url("/storage/v1/b/bkt")))
-        .send()
+    links("upload", &o, &["selfLink", "mediaLink"]);
+    let get = s.http.get(s.url("/storage/v1/b/bkt/o/a"));
+    let o: Value = evil(get).await.json().await.unwrap();
+    links("get", &o, &["selfLink", "mediaLink"]);
+    let b: Value = evil(s.http.get(s.url("/storage/v1/b/bkt")))
+        .await
+        .json()
         .await
         .unwrap();
-    let b: Value = r.json().await.unwrap();
-    check("bucket selfLink", b["selfLink"].as_str().unwrap());
+    links("bucket", &b, &["selfLink"]);
 
-    let r = evil(
-        s.http
-            .post(s.url("/upload/storage/v1/b/bkt/o?uploadType=resumable&name=r"))
-            .json(&json!({})),
-    )
-    .send()
-    .await
-    .unwrap();
-    assert_eq!(r.status(), 200);
+    let resumable = s.url("/upload/storage/v1/b/bkt/o?uploadType=resumable&name=r");
+    let r = evil(s.http.post(resumable).json(&json!({}))).await;
     let url = r.headers()["location"].to_str().unwrap().to_string();
     check("resumable Location", &url);
-    let r = evil(s.http.put(&url)).body("resumed").send().await.unwrap();
-    assert_eq!(r.status(), 200);
-    let o: Value = r.json().await.unwrap();
-    check("resumable mediaLink", o["mediaLink"].as_str().unwrap());
+    let o: Value = evil(s.http.put(&url).body("resumed"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    links("resumable", &o, &["mediaLink"]);
     s.stop().await;
 }
 

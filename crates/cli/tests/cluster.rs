@@ -19,7 +19,7 @@ use pb::subscriber_client::SubscriberClient;
 use pubrun_store::testing::TempPostgres;
 use tokio::net::{TcpListener, TcpStream};
 
-use common::{answering_node, connect, wait_answered_by, Serve, ServeBuilder};
+use common::{answering_node, connect, pull_now, wait_answered_by, Serve, ServeBuilder};
 
 const LEASE_TTL: Duration = Duration::from_secs(2);
 const PATIENCE: Duration = Duration::from_secs(90);
@@ -31,10 +31,6 @@ struct Node {
 }
 
 impl Node {
-    fn start(name: &'static str, store_url: &str, dir: &Path) -> Node {
-        Node::spawn(name, dir, ServeBuilder::cluster(store_url, name, LEASE_TTL))
-    }
-
     /// Spawns `server` with this node's data in `dir/NAME`, its log in
     /// `dir/NAME.log`.
     fn spawn(name: &'static str, dir: &Path, server: ServeBuilder) -> Node {
@@ -90,34 +86,194 @@ async fn clients(
     (PublisherClient::new(ch.clone()), SubscriberClient::new(ch))
 }
 
-#[allow(deprecated)]
 async fn pull_once(
     sub: &mut SubscriberClient<tonic::transport::Channel>,
     name: &str,
 ) -> Result<Vec<pb::ReceivedMessage>, tonic::Status> {
-    Ok(sub
-        .pull(pb::PullRequest {
-            subscription: name.into(),
-            max_messages: 100,
-            return_immediately: true,
-        })
-        .await?
-        .into_inner()
-        .received_messages)
+    pull_now(sub, name, 100).await
 }
 
 /// Starts three servers; `a` first, so it owns the state; `b` and `c`
 /// forward to it. `a_store` is the URL `a` uses (a proxy, to cut it off).
 fn start_three(pg: &TempPostgres, a_store: &str, dir: &Path) -> (Node, Node, Node) {
-    let mut a = Node::start("a", a_store, dir);
+    let url = pg.url();
+    start_three_with(dir, |name| {
+        let store = if name == "a" { a_store } else { &url };
+        ServeBuilder::cluster(store, name, LEASE_TTL)
+    })
+}
+
+/// [`start_three`] with each node's server as `server(NAME)` builds it.
+fn start_three_with(
+    dir: &Path,
+    server: impl Fn(&'static str) -> ServeBuilder,
+) -> (Node, Node, Node) {
+    let mut a = Node::spawn("a", dir, server("a"));
     a.server.wait_healthy();
     wait_answered_by(a.port, "a", PATIENCE, || a.log());
-    let b = Node::start("b", &pg.url(), dir);
-    let c = Node::start("c", &pg.url(), dir);
+    let b = Node::spawn("b", dir, server("b"));
+    let c = Node::spawn("c", dir, server("c"));
     for n in [&b, &c] {
         wait_answered_by(n.port, "a", PATIENCE, || logs(&[&a, &b, &c]));
     }
     (a, b, c)
+}
+
+/// Creates topic `topic_id` through `p` and subscription `sub_id` on it
+/// through `s`.
+async fn create_topic_and_sub(
+    p: &mut PublisherClient<tonic::transport::Channel>,
+    s: &mut SubscriberClient<tonic::transport::Channel>,
+    topic_id: &str,
+    sub_id: &str,
+) {
+    p.create_topic(pb::Topic {
+        name: topic(topic_id),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    s.create_subscription(pb::Subscription {
+        name: subscription(sub_id),
+        topic: topic(topic_id),
+        ack_deadline_seconds: 600,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+}
+
+/// Publishes `n` messages (`TAG0`, `TAG1`, …) to `topic_id`; their ids.
+async fn publish_batch(
+    mut p: PublisherClient<tonic::transport::Channel>,
+    topic_id: &str,
+    tag: &str,
+    n: usize,
+) -> Result<Vec<String>, tonic::Status> {
+    p.publish(pb::PublishRequest {
+        topic: topic(topic_id),
+        messages: (0..n)
+            .map(|i| pb::PubsubMessage {
+                data: format!("{tag}{i}").into_bytes().into(),
+                ..Default::default()
+            })
+            .collect(),
+    })
+    .await
+    .map(|r| r.into_inner().message_ids)
+}
+
+/// Publishes five messages through `port`, retrying on a fresh connection
+/// while the cluster recovers; their ids.
+async fn publish_until_accepted(
+    port: u16,
+    topic_id: &str,
+    tag: &str,
+    all: impl Fn() -> String,
+) -> Vec<String> {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let (p, _) = clients(port).await;
+        match publish_batch(p, topic_id, tag, 5).await {
+            Ok(ids) => return ids,
+            Err(e) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "publish through {port}: {e}\n{}",
+                    all()
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// Pulls `sub_id` through `port` until every id in `want` was delivered.
+async fn pull_until_delivered(
+    port: u16,
+    sub_id: &str,
+    want: &HashSet<String>,
+    all: impl Fn() -> String,
+) {
+    let (_, mut s) = clients(port).await;
+    let mut received = HashSet::new();
+    let deadline = Instant::now() + PATIENCE;
+    while !want.is_subset(&received) {
+        assert!(
+            Instant::now() < deadline,
+            "missing {:?}\n{}",
+            want.difference(&received).collect::<Vec<_>>(),
+            all()
+        );
+        match pull_once(&mut s, &subscription(sub_id)).await {
+            Ok(msgs) => received.extend(msgs.into_iter().map(|m| m.message.unwrap().message_id)),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+/// Waits until `port` is answered by a node that `accept`s; its name.
+async fn wait_owner(port: u16, accept: impl Fn(&str) -> bool, all: impl Fn() -> String) -> String {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        match answering_node(port) {
+            Some(n) if accept(&n) => return n,
+            _ => {}
+        }
+        assert!(Instant::now() < deadline, "no owner serves\n{}", all());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until `node` logs that it stepped down.
+async fn wait_stepped_down(node: &Node) {
+    let deadline = Instant::now() + PATIENCE;
+    while !node.log().contains("restarting as a standby") {
+        assert!(
+            Instant::now() < deadline,
+            "{} never stepped down\n{}",
+            node.name,
+            node.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Writes `manifest` to `dir/m.toml` and applies it through `port`.
+fn apply(port: u16, dir: &Path, manifest: &str, all: impl Fn() -> String) {
+    let path = dir.join("m.toml");
+    std::fs::write(&path, manifest).unwrap();
+    cli_json(port, &["apply", "-f", path.to_str().unwrap(), "--yes"], all);
+}
+
+/// Polls run `id` through `port` until it succeeded (panicking if it ends
+/// otherwise or `deadline` passes); the run.
+async fn wait_succeeded(
+    port: u16,
+    id: &str,
+    deadline: Instant,
+    all: impl Fn() -> String,
+) -> serde_json::Value {
+    loop {
+        let run = cli_json(port, &["runs", "show", id], &all)["run"].clone();
+        if run["status"] == "succeeded" {
+            return run;
+        }
+        assert!(
+            !matches!(
+                run["status"].as_str(),
+                Some("failed" | "timed_out" | "cancelled")
+            ),
+            "{run:#}\n{}",
+            all()
+        );
+        assert!(
+            Instant::now() < deadline,
+            "run {id} stuck: {run:#}\n{}",
+            all()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -132,36 +288,10 @@ async fn any_server_answers_any_call() {
     let (mut pub_b, mut sub_b) = clients(b.port).await;
     let (_, mut sub_c) = clients(c.port).await;
     let (_, mut sub_a) = clients(a.port).await;
-    pub_b
-        .create_topic(pb::Topic {
-            name: topic("events"),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    sub_c
-        .create_subscription(pb::Subscription {
-            name: subscription("events-sub"),
-            topic: topic("events"),
-            ack_deadline_seconds: 600,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    let published: HashSet<String> = pub_b
-        .publish(pb::PublishRequest {
-            topic: topic("events"),
-            messages: (0..20)
-                .map(|i| pb::PubsubMessage {
-                    data: format!("m{i}").into_bytes().into(),
-                    ..Default::default()
-                })
-                .collect(),
-        })
+    create_topic_and_sub(&mut pub_b, &mut sub_c, "events", "events-sub").await;
+    let published: HashSet<String> = publish_batch(pub_b, "events", "m", 20)
         .await
         .unwrap()
-        .into_inner()
-        .message_ids
         .into_iter()
         .collect();
     let mut received = HashSet::new();
@@ -196,9 +326,9 @@ async fn any_server_answers_any_call() {
 
     // Jobs: a manifest applied through C is in force; a run triggered
     // through B is listed through A, executed by the owner.
-    let manifest = dir.path().join("m.toml");
-    std::fs::write(
-        &manifest,
+    apply(
+        c.port,
+        dir.path(),
         r#"project = "cluster"
 
 [[topic]]
@@ -209,28 +339,11 @@ name = "hello"
 topic = "work"
 process = { command = "sh", args = ["-c", "echo hello from the cluster"] }
 "#,
-    )
-    .unwrap();
-    cli_json(
-        c.port,
-        &["apply", "-f", manifest.to_str().unwrap(), "--yes"],
         all,
     );
     let run = cli_json(b.port, &["jobs", "trigger", "hello"], all)["run"].clone();
     let id = run["id"].to_string();
-    let deadline = Instant::now() + PATIENCE;
-    let run = loop {
-        let run = cli_json(a.port, &["runs", "show", &id], all)["run"].clone();
-        if run["status"] == "succeeded" {
-            break run;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "run never succeeded: {run:#}\n{}",
-            all()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let run = wait_succeeded(a.port, &id, Instant::now() + PATIENCE, all).await;
     assert_eq!(
         run["node"], "a",
         "the run names the server that ran it: {run:#}"
@@ -282,9 +395,9 @@ async fn kill_9_of_the_owner_under_load_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let (mut a, mut b, mut c) = start_three(&pg, &pg.url(), dir.path());
 
-    let manifest = dir.path().join("m.toml");
-    std::fs::write(
-        &manifest,
+    apply(
+        b.port,
+        dir.path(),
         r#"project = "cluster"
 
 [[topic]]
@@ -303,11 +416,6 @@ name = "count"
 topic = "work"
 process = { command = "true" }
 "#,
-    )
-    .unwrap();
-    cli_json(
-        b.port,
-        &["apply", "-f", manifest.to_str().unwrap(), "--yes"],
         || logs(&[&a, &b, &c]),
     );
 
@@ -430,19 +538,7 @@ process = { command = "true" }
     let killed = Instant::now();
 
     // A new owner (b or c) serves; the other forwards to it.
-    let deadline = Instant::now() + PATIENCE;
-    let owner = loop {
-        match answering_node(b.port) {
-            Some(n) if n == "b" || n == "c" => break n,
-            _ => {}
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no takeover\n{}",
-            logs(&[&b, &c])
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let owner = wait_owner(b.port, |n| n != "a", || logs(&[&b, &c])).await;
     wait_answered_by(c.port, &owner, PATIENCE, || logs(&[&b, &c]));
     // Keep the load on for a while after the takeover.
     let deadline = Instant::now() + PATIENCE;
@@ -618,37 +714,8 @@ async fn partitioned_owner_steps_down_is_fenced_and_rejoins() {
 
     let (mut pub_b, _) = clients(b.port).await;
     let (_, mut sub_c) = clients(c.port).await;
-    pub_b
-        .create_topic(pb::Topic {
-            name: topic("tee"),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    sub_c
-        .create_subscription(pb::Subscription {
-            name: subscription("ess"),
-            topic: topic("tee"),
-            ack_deadline_seconds: 600,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    let publish = |mut p: PublisherClient<tonic::transport::Channel>, tag: &'static str| async move {
-        let r = p
-            .publish(pb::PublishRequest {
-                topic: topic("tee"),
-                messages: (0..5)
-                    .map(|i| pb::PubsubMessage {
-                        data: format!("{tag}{i}").into_bytes().into(),
-                        ..Default::default()
-                    })
-                    .collect(),
-            })
-            .await;
-        r.map(|r| r.into_inner().message_ids)
-    };
-    let mut published: HashSet<String> = publish(pub_b.clone(), "before")
+    create_topic_and_sub(&mut pub_b, &mut sub_c, "tee", "ess").await;
+    let mut published: HashSet<String> = publish_batch(pub_b, "tee", "before", 5)
         .await
         .unwrap()
         .into_iter()
@@ -659,54 +726,20 @@ async fn partitioned_owner_steps_down_is_fenced_and_rejoins() {
     let cut_at = Instant::now();
     // While cut off, nothing A is asked to write can be acknowledged by it.
     let (pub_a, _) = clients(a.port).await;
-    if let Ok(ids) = publish(pub_a, "during").await {
+    if let Ok(ids) = publish_batch(pub_a, "tee", "during", 5).await {
         panic!("a publish through the cut-off owner returned ids {ids:?}");
     }
     // B or C takes over within the lease (+ polling).
-    let deadline = Instant::now() + PATIENCE;
-    let owner = loop {
-        match answering_node(b.port) {
-            Some(n) if n == "b" || n == "c" => break n,
-            _ => {}
-        }
-        assert!(Instant::now() < deadline, "no takeover\n{}", all(&a));
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let owner = wait_owner(b.port, |n| n != "a", || all(&a)).await;
     assert!(
         cut_at.elapsed() < Duration::from_secs(15),
         "takeover took {:?}",
         cut_at.elapsed()
     );
     // A says it stepped down, in its log.
-    let deadline = Instant::now() + PATIENCE;
-    while !a.log().contains("restarting as a standby") {
-        assert!(
-            Instant::now() < deadline,
-            "A never stepped down\n{}",
-            a.log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_stepped_down(&a).await;
     // The new owner accepts publishes.
-    let (mut pub_owner, _) = clients(b.port).await;
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        match publish(pub_owner.clone(), "after").await {
-            Ok(ids) => {
-                published.extend(ids);
-                break;
-            }
-            Err(e) => {
-                assert!(
-                    Instant::now() < deadline,
-                    "publish after takeover: {e}\n{}",
-                    all(&a)
-                );
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                pub_owner = clients(b.port).await.0;
-            }
-        }
-    }
+    published.extend(publish_until_accepted(b.port, "tee", "after", || all(&a)).await);
 
     // The network returns: A (the same process, re-executed) rejoins as a
     // standby and forwards to the new owner.
@@ -716,21 +749,7 @@ async fn partitioned_owner_steps_down_is_fenced_and_rejoins() {
     assert_eq!(a.server.pid(), a_pid);
 
     // Everything acknowledged as published is delivered, pulled through A.
-    let (_, mut sub_a) = clients(a.port).await;
-    let mut received = HashSet::new();
-    let deadline = Instant::now() + PATIENCE;
-    while !published.is_subset(&received) {
-        assert!(
-            Instant::now() < deadline,
-            "missing {:?}\n{}",
-            published.difference(&received).collect::<Vec<_>>(),
-            all(&a)
-        );
-        match pull_once(&mut sub_a, &subscription("ess")).await {
-            Ok(msgs) => received.extend(msgs.into_iter().map(|m| m.message.unwrap().message_id)),
-            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-        }
-    }
+    pull_until_delivered(a.port, "ess", &published, || all(&a)).await;
 }
 
 /// `--agent-pool`: every server (owner and standbys) runs an agent of the
@@ -739,26 +758,15 @@ async fn partitioned_owner_steps_down_is_fenced_and_rejoins() {
 async fn builtin_agents_spread_runs_over_every_server() {
     let pg = TempPostgres::start();
     let dir = tempfile::tempdir().unwrap();
-    let start = |name: &'static str| {
-        Node::spawn(
-            name,
-            dir.path(),
-            ServeBuilder::cluster(&pg.url(), name, LEASE_TTL)
-                .args(["--agent-pool", "workers", "--agent-slots", "2"])
-                .env("PUBRUN_AGENT_TOKEN", "cluster-agent-token"),
-        )
-    };
-    let a = start("a");
-    wait_answered_by(a.port, "a", PATIENCE, || a.log());
-    let b = start("b");
-    let c = start("c");
-    for n in [&b, &c] {
-        wait_answered_by(n.port, "a", PATIENCE, || logs(&[&a, &b, &c]));
-    }
+    let (a, b, c) = start_three_with(dir.path(), |name| {
+        ServeBuilder::cluster(&pg.url(), name, LEASE_TTL)
+            .args(["--agent-pool", "workers", "--agent-slots", "2"])
+            .env("PUBRUN_AGENT_TOKEN", "cluster-agent-token")
+    });
     let all = || logs(&[&a, &b, &c]);
-    let manifest = dir.path().join("m.toml");
-    std::fs::write(
-        &manifest,
+    apply(
+        b.port,
+        dir.path(),
         r#"project = "cluster"
 
 [[pool]]
@@ -775,11 +783,6 @@ topic = "work"
 pool = "workers"
 process = { command = "sh", args = ["-c", "sleep 0.3; echo done"] }
 "#,
-    )
-    .unwrap();
-    cli_json(
-        b.port,
-        &["apply", "-f", manifest.to_str().unwrap(), "--yes"],
         all,
     );
     let ids: Vec<String> = (0..18)
@@ -787,28 +790,8 @@ process = { command = "sh", args = ["-c", "sleep 0.3; echo done"] }
         .collect();
     let mut machines = HashSet::new();
     for id in &ids {
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            let run = cli_json(a.port, &["runs", "show", id], all)["run"].clone();
-            if run["status"] == "succeeded" {
-                machines.insert(run["machine"].as_str().unwrap_or_default().to_string());
-                break;
-            }
-            assert!(
-                !matches!(
-                    run["status"].as_str(),
-                    Some("failed" | "timed_out" | "cancelled")
-                ),
-                "{run:#}\n{}",
-                all()
-            );
-            assert!(
-                Instant::now() < deadline,
-                "run {id} stuck: {run:#}\n{}",
-                all()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let run = wait_succeeded(a.port, id, Instant::now() + PATIENCE, all).await;
+        machines.insert(run["machine"].as_str().unwrap_or_default().to_string());
     }
     let want: HashSet<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
     assert_eq!(
@@ -834,9 +817,10 @@ async fn a_full_agent_gets_the_next_run_as_soon_as_a_slot_frees() {
     );
     let port = a.port;
     a.server.wait_healthy();
-    let manifest = dir.path().join("m.toml");
-    std::fs::write(
-        &manifest,
+    let all = || a.log();
+    apply(
+        port,
+        dir.path(),
         r#"project = "cluster"
 
 [[pool]]
@@ -855,12 +839,6 @@ pool = "workers"
 process = { command = "true" }
 concurrency = 100
 "#,
-    )
-    .unwrap();
-    let all = || a.log();
-    cli_json(
-        port,
-        &["apply", "-f", manifest.to_str().unwrap(), "--yes"],
         all,
     );
     let ids: Vec<String> = (0..5)
@@ -870,18 +848,7 @@ concurrency = 100
     // 10 s hold: about 40 s for five. 15 s is generous for a slow box.
     let deadline = Instant::now() + Duration::from_secs(15);
     for id in &ids {
-        loop {
-            let run = cli_json(port, &["runs", "show", id], all)["run"].clone();
-            if run["status"] == "succeeded" {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "one slot did not run 5 quick runs back to back; stuck at {run:#}\n{}",
-                all()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        wait_succeeded(port, id, deadline, all).await;
     }
 }
 
@@ -895,36 +862,8 @@ async fn a_postgres_restart_loses_nothing_and_every_server_survives() {
     let dir = tempfile::tempdir().unwrap();
     let (mut a, mut b, mut c) = start_three(&pg, &pg.url(), dir.path());
     let (mut publisher, mut subscriber) = clients(b.port).await;
-    publisher
-        .create_topic(pb::Topic {
-            name: topic("restart"),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    subscriber
-        .create_subscription(pb::Subscription {
-            name: subscription("restart-sub"),
-            topic: topic("restart"),
-            ack_deadline_seconds: 600,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    let publish = |mut p: PublisherClient<tonic::transport::Channel>, tag: &'static str| async move {
-        p.publish(pb::PublishRequest {
-            topic: topic("restart"),
-            messages: (0..5)
-                .map(|i| pb::PubsubMessage {
-                    data: format!("{tag}{i}").into_bytes().into(),
-                    ..Default::default()
-                })
-                .collect(),
-        })
-        .await
-        .map(|r| r.into_inner().message_ids)
-    };
-    let mut published: HashSet<String> = publish(publisher.clone(), "before")
+    create_topic_and_sub(&mut publisher, &mut subscriber, "restart", "restart-sub").await;
+    let mut published: HashSet<String> = publish_batch(publisher.clone(), "restart", "before", 5)
         .await
         .unwrap()
         .into_iter()
@@ -932,65 +871,21 @@ async fn a_postgres_restart_loses_nothing_and_every_server_survives() {
 
     pg.stop();
     // While it is down nothing can be acknowledged.
-    if let Ok(ids) = publish(publisher.clone(), "during").await {
+    if let Ok(ids) = publish_batch(publisher, "restart", "during", 5).await {
         panic!("a publish was acknowledged while PostgreSQL was down: {ids:?}");
     }
     // Longer than the lease: the owner steps down.
-    let deadline = Instant::now() + PATIENCE;
-    while !a.log().contains("restarting as a standby") {
-        assert!(
-            Instant::now() < deadline,
-            "A never stepped down\n{}",
-            a.log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_stepped_down(&a).await;
     pg.start_again();
 
     // Some server owns the state again; every port answers.
-    let deadline = Instant::now() + PATIENCE;
-    let owner = loop {
-        if let Some(n) = answering_node(c.port) {
-            break n;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "nobody serves after the restart\n{}",
-            logs(&[&a, &b, &c])
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let all = || logs(&[&a, &b, &c]);
+    let owner = wait_owner(c.port, |_| true, all).await;
     for n in [&a, &b] {
-        wait_answered_by(n.port, &owner, PATIENCE, || logs(&[&a, &b, &c]));
+        wait_answered_by(n.port, &owner, PATIENCE, all);
     }
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        publisher = clients(b.port).await.0;
-        match publish(publisher.clone(), "after").await {
-            Ok(ids) => {
-                published.extend(ids);
-                break;
-            }
-            Err(e) => {
-                assert!(Instant::now() < deadline, "publish after the restart: {e}");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        }
-    }
-    subscriber = clients(a.port).await.1;
-    let mut received = HashSet::new();
-    let deadline = Instant::now() + PATIENCE;
-    while !published.is_subset(&received) {
-        assert!(
-            Instant::now() < deadline,
-            "missing after the restart\n{}",
-            logs(&[&a, &b, &c])
-        );
-        match pull_once(&mut subscriber, &subscription("restart-sub")).await {
-            Ok(msgs) => received.extend(msgs.into_iter().map(|m| m.message.unwrap().message_id)),
-            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-        }
-    }
+    published.extend(publish_until_accepted(b.port, "restart", "after", all).await);
+    pull_until_delivered(a.port, "restart-sub", &published, all).await;
     let alive = [a.alive(), b.alive(), c.alive()];
     assert_eq!(alive, [true; 3], "{}", logs(&[&a, &b, &c]));
 }

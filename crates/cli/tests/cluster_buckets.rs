@@ -15,11 +15,13 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use googleapis_tonic_google_pubsub_v1::google::pubsub::v1 as pb;
-use pb::publisher_client::PublisherClient;
 use pb::subscriber_client::SubscriberClient;
 use pubrun_store::testing::TempPostgres;
 
-use common::{connect, free_port, wait_answered_by, Serve, ServeBuilder};
+use common::{
+    cluster_node, connect, create_topic_and_subscription, free_port, pull_now, wait_answered_by,
+    Serve,
+};
 
 const TOPIC: &str = "projects/cluster/topics/gcs";
 const SUB: &str = "projects/cluster/subscriptions/gcs-sub";
@@ -27,11 +29,7 @@ const SUB: &str = "projects/cluster/subscriptions/gcs-sub";
 const LEASE_TTL: Duration = Duration::from_secs(2);
 
 fn start(url: &str, node: &str, data: &Path, port: u16, log: &Path) -> Serve {
-    ServeBuilder::cluster(url, node, LEASE_TTL)
-        .data_dir(data)
-        .port(port)
-        .log_file(log)
-        .spawn()
+    cluster_node(url, node, LEASE_TTL, data, port, log).spawn()
 }
 
 /// Deterministic, non-repeating bytes.
@@ -60,16 +58,24 @@ async fn upload(http: &reqwest::Client, port: u16, name: &str, data: Vec<u8>) {
     assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
 }
 
-async fn download(http: &reqwest::Client, port: u16, name: &str) -> Vec<u8> {
+/// The body of a `GET` of `path` on `port`, which must answer 200.
+async fn get_ok(http: &reqwest::Client, port: u16, path: &str) -> Vec<u8> {
     let r = http
-        .get(format!(
-            "http://127.0.0.1:{port}/download/storage/v1/b/bkt/o/{name}?alt=media"
-        ))
+        .get(format!("http://127.0.0.1:{port}{path}"))
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 200, "{name}");
+    assert_eq!(r.status(), 200, "{path}");
     r.bytes().await.unwrap().to_vec()
+}
+
+async fn download(http: &reqwest::Client, port: u16, name: &str) -> Vec<u8> {
+    let path = format!("/download/storage/v1/b/bkt/o/{name}?alt=media");
+    get_ok(http, port, &path).await
+}
+
+async fn get_json(http: &reqwest::Client, port: u16, path: &str) -> serde_json::Value {
+    serde_json::from_slice(&get_ok(http, port, path).await).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -94,23 +100,7 @@ async fn objects_survive_kill_9_of_the_owner_byte_exact() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
-    let ch = connect(port_a).await;
-    PublisherClient::new(ch.clone())
-        .create_topic(pb::Topic {
-            name: TOPIC.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    SubscriberClient::new(ch)
-        .create_subscription(pb::Subscription {
-            name: SUB.into(),
-            topic: TOPIC.into(),
-            ack_deadline_seconds: 600,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    create_topic_and_subscription(&connect(port_a).await, TOPIC, SUB).await;
     let r = http
         .post(format!(
             "http://127.0.0.1:{port_a}/storage/v1/b/bkt/notificationConfigs"
@@ -169,23 +159,9 @@ async fn objects_survive_kill_9_of_the_owner_byte_exact() {
     );
     assert_eq!(download(&http, port_b, "dir%2Fsmall.txt").await, small);
     assert_eq!(download(&http, port_b, "over").await, b"second");
-    let r: serde_json::Value = http
-        .get(format!("http://127.0.0.1:{port_b}/storage/v1/b/bkt"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let r = get_json(&http, port_b, "/storage/v1/b/bkt").await;
     assert_eq!(r["labels"]["team"], "ml");
-    let list: serde_json::Value = http
-        .get(format!("http://127.0.0.1:{port_b}/storage/v1/b/bkt/o"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list = get_json(&http, port_b, "/storage/v1/b/bkt/o").await;
     let names: Vec<&str> = list["items"]
         .as_array()
         .unwrap()
@@ -238,17 +214,7 @@ async fn objects_survive_kill_9_of_the_owner_byte_exact() {
             "notifications seen {seen:?}, want {want:?}\n{}",
             read(&log_b)
         );
-        #[allow(deprecated)]
-        let msgs = sub
-            .pull(pb::PullRequest {
-                subscription: SUB.into(),
-                max_messages: 100,
-                return_immediately: true,
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .received_messages;
+        let msgs = pull_now(&mut sub, SUB, 100).await.unwrap();
         if msgs.is_empty() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }

@@ -20,7 +20,7 @@ use googleapis_tonic_google_pubsub_v1::google::pubsub::v1 as pb;
 use pb::subscriber_client::SubscriberClient;
 use pubrun_store::testing::TempPostgres;
 
-use common::{connect, free_port, wait_answered_by, Serve, ServeBuilder};
+use common::{cluster_node, connect, free_port, wait_answered_by, wait_standby, Serve};
 
 const LEASE_TTL: Duration = Duration::from_secs(2);
 const SUB: &str = "projects/cluster/subscriptions/ticks-sub";
@@ -54,10 +54,7 @@ fn start(
     log: &Path,
     config: Option<&Path>,
 ) -> Serve {
-    let mut b = ServeBuilder::cluster(url, node, LEASE_TTL)
-        .data_dir(data)
-        .port(port)
-        .log_file(log);
+    let mut b = cluster_node(url, node, LEASE_TTL, data, port, log);
     if let Some(c) = config {
         b = b.arg("--config").arg(c);
     }
@@ -134,20 +131,7 @@ async fn schedules_and_webhooks_fail_over_and_no_tick_fires_twice() {
     let port_b = free_port();
     let mut b = start(&pg.url(), "b", &data_b, port_b, &log_b, None);
     let lb = || read(&log_b);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !lb().contains("waiting as a hot standby") {
-        assert!(
-            b.child().try_wait().unwrap().is_none(),
-            "standby exited:\n{}",
-            lb()
-        );
-        assert!(
-            Instant::now() < deadline,
-            "B never became a standby:\n{}",
-            lb()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_standby(&mut b, lb).await;
 
     a.child().kill().expect("SIGKILL A");
     a.child().wait().unwrap();

@@ -13,7 +13,7 @@ use pb::publisher_client::PublisherClient;
 use pb::subscriber_client::SubscriberClient;
 use tonic::transport::Channel;
 
-use common::{connect, Serve, ServeBuilder};
+use common::{connect, create_topic_and_subscription, pull_now, Serve, ServeBuilder};
 
 /// Spawns a server on `data` and connects (not waiting for health: the
 /// gRPC connect retries).
@@ -30,24 +30,7 @@ const SUB: &str = "projects/crash/subscriptions/load-sub";
 async fn sigkill_under_load_loses_no_acknowledged_publish() {
     let dir = tempfile::tempdir().unwrap();
     let (mut server, ch) = start(dir.path()).await;
-    let mut admin_p = PublisherClient::new(ch.clone());
-    let mut admin_s = SubscriberClient::new(ch.clone());
-    admin_p
-        .create_topic(pb::Topic {
-            name: TOPIC.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    admin_s
-        .create_subscription(pb::Subscription {
-            name: SUB.into(),
-            topic: TOPIC.into(),
-            ack_deadline_seconds: 600,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    create_topic_and_subscription(&ch, TOPIC, SUB).await;
 
     // id → payload of every publish the server acknowledged.
     let published: Arc<Mutex<HashMap<String, Vec<u8>>>> = Arc::default();
@@ -93,14 +76,9 @@ async fn sigkill_under_load_loses_no_acknowledged_publish() {
         let in_flight = ack_in_flight.clone();
         tasks.push(tokio::spawn(async move {
             loop {
-                #[allow(deprecated)]
-                let req = pb::PullRequest {
-                    subscription: SUB.into(),
-                    max_messages: 50,
-                    return_immediately: true,
+                let Ok(msgs) = pull_now(&mut sub, SUB, 50).await else {
+                    break;
                 };
-                let Ok(r) = sub.pull(req).await else { break };
-                let msgs = r.into_inner().received_messages;
                 if msgs.is_empty() {
                     continue;
                 }
@@ -157,18 +135,9 @@ async fn sigkill_under_load_loses_no_acknowledged_publish() {
     let mut sub = SubscriberClient::new(ch);
     let mut delivered: HashMap<String, Vec<u8>> = HashMap::new();
     loop {
-        #[allow(deprecated)]
-        let req = pb::PullRequest {
-            subscription: SUB.into(),
-            max_messages: 1000,
-            return_immediately: true,
-        };
-        let msgs = sub
-            .pull(req)
+        let msgs = pull_now(&mut sub, SUB, 1000)
             .await
-            .expect("pull after restart")
-            .into_inner()
-            .received_messages;
+            .expect("pull after restart");
         if msgs.is_empty() {
             break;
         }

@@ -175,14 +175,17 @@ fn systemd_units_verify_after_install() {
     let r = root.path();
     // Installed into a temporary root with absolute paths, so ExecStart
     // names a binary that exists (verify checks it).
-    let out = Command::new("bash")
-        .arg(format!("{ROOT}/examples/systemd/install.sh"))
-        .arg(BIN)
-        .env("PREFIX", r.join("usr"))
-        .env("SYSCONFDIR", r.join("etc"))
-        .env("UNITDIR", r.join("units"))
-        .output()
-        .unwrap();
+    let install = || {
+        Command::new("bash")
+            .arg(format!("{ROOT}/examples/systemd/install.sh"))
+            .arg(BIN)
+            .env("PREFIX", r.join("usr"))
+            .env("SYSCONFDIR", r.join("etc"))
+            .env("UNITDIR", r.join("units"))
+            .output()
+            .unwrap()
+    };
+    let out = install();
     assert!(
         out.status.success(),
         "install.sh: {}",
@@ -245,14 +248,7 @@ fn systemd_units_verify_after_install() {
 
     // Installing again keeps the operator's config and token.
     std::fs::write(r.join("etc/pubrun/pubrun.toml"), "# mine\n").unwrap();
-    let again = Command::new("bash")
-        .arg(format!("{ROOT}/examples/systemd/install.sh"))
-        .arg(BIN)
-        .env("PREFIX", r.join("usr"))
-        .env("SYSCONFDIR", r.join("etc"))
-        .env("UNITDIR", r.join("units"))
-        .output()
-        .unwrap();
+    let again = install();
     assert!(again.status.success());
     assert_eq!(
         std::fs::read_to_string(r.join("etc/pubrun/pubrun.toml")).unwrap(),

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use common::{Serve, ServeBuilder, BIN};
+use common::{Cli, Serve, ServeBuilder, BIN};
 
 const PATIENCE: Duration = Duration::from_secs(120);
 const TOKEN: &str = "crew-token-for-tests";
@@ -127,24 +127,9 @@ impl Env {
     }
 
     fn cli(&self, args: &[&str]) -> String {
-        let out = Command::new(BIN)
-            .args(args)
-            .env(
-                "PUBRUN_ADDR",
-                format!("http://127.0.0.1:{}", self.server.port()),
-            )
-            .env_remove("PUBRUN_TOKEN")
-            .env_remove("PUBRUN_PROJECT")
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "`pubrun {}` failed: {}\n{}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr),
-            self.logs()
-        );
-        String::from_utf8(out.stdout).unwrap()
+        Cli::new(args)
+            .env("PUBRUN_ADDR", self.server.addr())
+            .ok_or_log(|| self.logs())
     }
 
     fn json(&self, args: &[&str]) -> Value {

@@ -324,21 +324,11 @@ price_per_hour = 3.2
     }
 
     fn cli(&self, args: &[&str]) -> String {
-        let out = Command::new(BIN)
-            .args(args)
+        common::Cli::new(args)
             .env("PUBRUN_ADDR", self.addr())
             .env("PUBRUN_TOKEN", SERVER_TOKEN)
             .env("PUBRUN_PROJECT", "demo")
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "`pubrun {}` failed: {}\n{}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr),
-            self.logs()
-        );
-        String::from_utf8(out.stdout).unwrap()
+            .ok_or_log(|| self.logs())
     }
 
     /// Polls `probe` until it returns Some, for up to PATIENCE.
@@ -401,6 +391,19 @@ price_per_hour = 3.2
             .filter(|m| m["pool"] == self.pool.as_str())
             .cloned()
             .collect()
+    }
+
+    /// The cost report, and its row for this pool.
+    fn cost(&self) -> (Value, Value) {
+        let cost = self.get("/api/v1/cost");
+        let pool = cost["pools"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["pool"] == self.pool.as_str())
+            .unwrap_or_else(|| panic!("{cost:#}"))
+            .clone();
+        (cost, pool)
     }
 
     /// Machines of the pool in the cost report, sorted (one row each).
@@ -583,14 +586,7 @@ fn machines_come_with_work_and_go_when_idle() {
     eprintln!("pool empty again after {:?}", started.elapsed());
 
     // The machines' time is in the cost report, the runs' share with it.
-    let cost = env.get("/api/v1/cost");
-    let pool = cost["pools"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["pool"] == env.pool.as_str())
-        .unwrap_or_else(|| panic!("{cost:#}"))
-        .clone();
+    let (cost, pool) = env.cost();
     assert!(pool["run_seconds"].as_f64().unwrap() > 0.0, "{pool:#}");
     let text = env.cli(&["cost"]);
     assert!(text.contains(&env.pool), "{text}");
@@ -879,14 +875,7 @@ fn a_killed_machine_and_a_server_restart_lose_no_run() {
 
     // Back to no machines, and the cost report adds up.
     env.wait_pool_empty();
-    let cost = env.get("/api/v1/cost");
-    let pool = cost["pools"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["pool"] == env.pool.as_str())
-        .unwrap_or_else(|| panic!("{cost:#}"))
-        .clone();
+    let (cost, pool) = env.cost();
     let f = |v: &Value| v.as_f64().unwrap();
     let machine_sum: f64 = cost["machines"]
         .as_array()

@@ -88,32 +88,19 @@ fn snapshots_and_seek_through_the_cli_survive_a_restart() {
     ok(port, &["publish", "events", "--data", "second"]);
 
     // The snapshot holds "second" (unacked now) and everything after it.
-    let out = ok(
-        port,
-        &[
-            "snapshots",
-            "create",
-            "before-third",
-            "--subscription",
-            "events-sub",
-            "--label",
-            "why=test",
-        ],
-    );
+    let create = [
+        "snapshots",
+        "create",
+        "before-third",
+        "--subscription",
+        "events-sub",
+    ];
+    let out = ok(port, &[&create[..], &["--label", "why=test"]].concat());
     assert!(
         out.contains("created snapshot projects/snapcli/snapshots/before-third"),
         "{out}"
     );
-    let err = fails(
-        port,
-        &[
-            "snapshots",
-            "create",
-            "before-third",
-            "--subscription",
-            "events-sub",
-        ],
-    );
+    let err = fails(port, &create);
     assert!(err.contains("already exists"), "{err}");
     ok(port, &["publish", "events", "--data", "third"]);
     assert_eq!(pull(port, "events-sub"), ["second", "third"]);
@@ -135,16 +122,14 @@ fn snapshots_and_seek_through_the_cli_survive_a_restart() {
         pull(port, "events-sub").is_empty(),
         "acks survive the restart"
     );
-    ok(
-        port,
-        &[
-            "subscriptions",
-            "seek",
-            "events-sub",
-            "--snapshot",
-            "before-third",
-        ],
-    );
+    let seek_back = [
+        "subscriptions",
+        "seek",
+        "events-sub",
+        "--snapshot",
+        "before-third",
+    ];
+    ok(port, &seek_back);
     assert_eq!(pull(port, "events-sub"), ["second", "third"]);
 
     // Seek to a time in the future acks everything; a bad time is refused.
@@ -174,16 +159,7 @@ fn snapshots_and_seek_through_the_cli_survive_a_restart() {
     ok(port, &["snapshots", "delete", "before-third"]);
     let err = fails(port, &["snapshots", "get", "before-third"]);
     assert!(err.contains("not found"), "{err}");
-    let err = fails(
-        port,
-        &[
-            "subscriptions",
-            "seek",
-            "events-sub",
-            "--snapshot",
-            "before-third",
-        ],
-    );
+    let err = fails(port, &seek_back);
     assert!(err.contains("not found"), "{err}");
     drop(server);
 }

@@ -17,34 +17,24 @@ use pb::publisher_client::PublisherClient;
 use pb::subscriber_client::SubscriberClient;
 use pubrun_store::testing::TempPostgres;
 
-use common::{answering_node, connect, free_port, wait_answered_by, Serve, ServeBuilder};
+use common::{
+    answering_node, cluster_node, connect, create_topic_and_subscription, free_port, pull_now,
+    wait_answered_by, wait_standby, Serve,
+};
 
 const TOPIC: &str = "projects/cluster/topics/events";
 const SUB: &str = "projects/cluster/subscriptions/events-sub";
 const LEASE_TTL: Duration = Duration::from_secs(2);
 
 fn start(url: &str, node: &str, data: &Path, port: u16, log: &Path) -> Serve {
-    ServeBuilder::cluster(url, node, LEASE_TTL)
-        .data_dir(data)
-        .port(port)
-        .log_file(log)
-        .spawn()
+    cluster_node(url, node, LEASE_TTL, data, port, log).spawn()
 }
 
-#[allow(deprecated)]
 async fn pull(
     sub: &mut SubscriberClient<tonic::transport::Channel>,
     max: i32,
 ) -> Vec<pb::ReceivedMessage> {
-    sub.pull(pb::PullRequest {
-        subscription: SUB.into(),
-        max_messages: max,
-        return_immediately: true,
-    })
-    .await
-    .expect("pull")
-    .into_inner()
-    .received_messages
+    pull_now(sub, SUB, max).await.expect("pull")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -59,23 +49,9 @@ async fn standby_takes_over_after_kill_9_and_delivers_exactly_the_unacked() {
     let mut a = start(&pg.url(), "a", &data_a, port_a, &log_a);
     a.wait_healthy();
     let ch = connect(port_a).await;
+    create_topic_and_subscription(&ch, TOPIC, SUB).await;
     let mut publisher = PublisherClient::new(ch.clone());
     let mut sub = SubscriberClient::new(ch);
-    publisher
-        .create_topic(pb::Topic {
-            name: TOPIC.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    sub.create_subscription(pb::Subscription {
-        name: SUB.into(),
-        topic: TOPIC.into(),
-        ack_deadline_seconds: 600,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
 
     let mut published = HashSet::new();
     for batch in 0..10 {
@@ -263,12 +239,9 @@ process = {{ command = "sh", args = ["-c", "if [ -e {marker} ]; then echo second
     .unwrap();
 
     let port_a = free_port();
-    let mut a = ServeBuilder::cluster(&pg.url(), "a", LEASE_TTL)
-        .data_dir(&data_a)
+    let mut a = cluster_node(&pg.url(), "a", LEASE_TTL, &data_a, port_a, &log_a)
         .arg("--config")
         .arg(&config)
-        .port(port_a)
-        .log_file(&log_a)
         .spawn();
     a.wait_healthy();
     let la = || read(&log_a);
@@ -293,20 +266,7 @@ process = {{ command = "sh", args = ["-c", "if [ -e {marker} ]; then echo second
     let port_b = free_port();
     let mut b = start(&pg.url(), "b", &data_b, port_b, &log_b);
     let lb = || read(&log_b);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !read(&log_b).contains("waiting as a hot standby") {
-        assert!(
-            b.child().try_wait().unwrap().is_none(),
-            "standby exited:\n{}",
-            lb()
-        );
-        assert!(
-            Instant::now() < deadline,
-            "B never became a standby:\n{}",
-            lb()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_standby(&mut b, lb).await;
 
     // A dies with the slow attempt in flight.
     a.child().kill().expect("SIGKILL A");

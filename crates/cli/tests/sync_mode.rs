@@ -15,7 +15,7 @@ use pb::publisher_client::PublisherClient;
 use pb::subscriber_client::SubscriberClient;
 use tonic::transport::Channel;
 
-use common::{connect, Serve, ServeBuilder};
+use common::{connect, create_topic_and_subscription, pull_now, Serve, ServeBuilder};
 
 const TOPIC: &str = "projects/sync/topics/topic-one";
 const SUB: &str = "projects/sync/subscriptions/sub-one";
@@ -46,22 +46,8 @@ fn syncs(port: u16) -> f64 {
 /// Creates the topic and subscription, then publishes one message per
 /// request, each awaited: returns the ids.
 async fn publish_sequentially(ch: &Channel) -> HashSet<String> {
+    create_topic_and_subscription(ch, TOPIC, SUB).await;
     let mut p = PublisherClient::new(ch.clone());
-    let mut s = SubscriberClient::new(ch.clone());
-    p.create_topic(pb::Topic {
-        name: TOPIC.into(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    s.create_subscription(pb::Subscription {
-        name: SUB.into(),
-        topic: TOPIC.into(),
-        ack_deadline_seconds: 600,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
     let mut ids = HashSet::new();
     for i in 0..PUBLISHES {
         let r = p
@@ -120,18 +106,10 @@ async fn interval_acknowledges_before_syncing_and_survives_kill_9() {
             got.len(),
             ids.len()
         );
-        #[allow(deprecated)]
-        let r = s
-            .pull(pb::PullRequest {
-                subscription: SUB.into(),
-                max_messages: 100,
-                return_immediately: true,
-            })
-            .await
-            .unwrap()
-            .into_inner();
         got.extend(
-            r.received_messages
+            pull_now(&mut s, SUB, 100)
+                .await
+                .unwrap()
                 .into_iter()
                 .map(|m| m.message.unwrap().message_id),
         );

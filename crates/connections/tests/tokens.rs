@@ -4,6 +4,7 @@
 //! `authorized_user` file uses the refresh-token grant.
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -82,21 +83,28 @@ async fn endpoint(public_pem: String) -> (String, Arc<AtomicUsize>) {
     (url, issued)
 }
 
+/// A token source for connection `gcp` reading `credentials`, written to
+/// `dir/file`.
+fn source(dir: &Path, file: &str, credentials: &Value) -> TokenSource {
+    let path = dir.join(file);
+    std::fs::write(&path, credentials.to_string()).unwrap();
+    TokenSource::new(
+        "gcp",
+        &CredentialsSpec::File {
+            path: path.display().to_string(),
+        },
+        reqwest::Client::new(),
+    )
+    .unwrap()
+}
+
 #[tokio::test]
 async fn short_lived_tokens_are_cached_then_refreshed() {
     let dir = tempfile::tempdir().unwrap();
     let (private_pem, public_pem) = pubrun_testkit::rsa_key(dir.path(), "k");
     let (url, issued) = endpoint(public_pem).await;
-    let key = dir.path().join("sa.json");
-    std::fs::write(&key, json!({"type": "service_account", "client_email": EMAIL, "private_key": private_pem, "token_uri": url}).to_string()).unwrap();
-    let ts = TokenSource::new(
-        "gcp",
-        &CredentialsSpec::File {
-            path: key.display().to_string(),
-        },
-        reqwest::Client::new(),
-    )
-    .unwrap();
+    let key = json!({"type": "service_account", "client_email": EMAIL, "private_key": private_pem, "token_uri": url});
+    let ts = source(dir.path(), "sa.json", &key);
     assert!(!format!("{ts:?}").contains("PRIVATE KEY"));
 
     assert_eq!(ts.token().await.unwrap().secret(), "tok-1");
@@ -124,30 +132,13 @@ async fn authorized_user_files_use_the_refresh_token_grant() {
     let dir = tempfile::tempdir().unwrap();
     let (_, public_pem) = pubrun_testkit::rsa_key(dir.path(), "k");
     let (url, _) = endpoint(public_pem).await;
-    let file = dir.path().join("adc.json");
-    let user = json!({"type": "authorized_user", "client_id": "c", "client_secret": "s", "refresh_token": "rt-1", "token_uri": url});
-    std::fs::write(&file, user.to_string()).unwrap();
-    let ts = TokenSource::new(
-        "gcp",
-        &CredentialsSpec::File {
-            path: file.display().to_string(),
-        },
-        reqwest::Client::new(),
-    )
-    .unwrap();
+    let mut user = json!({"type": "authorized_user", "client_id": "c", "client_secret": "s", "refresh_token": "rt-1", "token_uri": url});
+    let ts = source(dir.path(), "adc.json", &user);
     assert_eq!(ts.token().await.unwrap().secret(), "tok-1");
 
     // A revoked refresh token: a credentials error naming connection and file.
-    let bad = dir.path().join("bad.json");
-    std::fs::write(&bad, user.to_string().replace("rt-1", "rt-revoked")).unwrap();
-    let ts = TokenSource::new(
-        "gcp",
-        &CredentialsSpec::File {
-            path: bad.display().to_string(),
-        },
-        reqwest::Client::new(),
-    )
-    .unwrap();
+    user["refresh_token"] = json!("rt-revoked");
+    let ts = source(dir.path(), "bad.json", &user);
     let e = ts.token().await.unwrap_err();
     assert_eq!(e.kind, ErrorKind::Credentials);
     let text = e.to_string();
@@ -168,17 +159,9 @@ async fn an_unreachable_token_endpoint_is_retryable_and_named() {
         .local_addr()
         .unwrap()
         .port();
-    let key = dir.path().join("sa.json");
     let uri = format!("http://127.0.0.1:{port}/token");
-    std::fs::write(&key, json!({"type": "service_account", "client_email": EMAIL, "private_key": private_pem, "token_uri": uri}).to_string()).unwrap();
-    let ts = TokenSource::new(
-        "gcp",
-        &CredentialsSpec::File {
-            path: key.display().to_string(),
-        },
-        reqwest::Client::new(),
-    )
-    .unwrap();
+    let key = json!({"type": "service_account", "client_email": EMAIL, "private_key": private_pem, "token_uri": uri});
+    let ts = source(dir.path(), "sa.json", &key);
     let e = ts.token().await.unwrap_err();
     assert!(e.kind.is_retryable(), "{e}");
     assert!(

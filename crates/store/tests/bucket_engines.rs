@@ -11,10 +11,6 @@
 #[macro_use]
 mod engine_kit;
 
-use std::future::Future;
-use std::sync::Arc;
-use std::time::Duration;
-
 use engine_kit::{Postgres, Sqlite};
 use pubrun_store::buckets::{
     BucketDeleted, BucketRecord, BucketStore, Mutated, ObjectPlan, ObjectRecord, OutboxMessage,
@@ -24,34 +20,15 @@ use pubrun_store::testing::TempPostgres;
 use pubrun_store::{PostgresBucketStore, SqliteBucketStore, StoreError};
 use tokio::io::AsyncReadExt;
 
-async fn bounded<F: Future>(f: F) -> F::Output {
-    tokio::time::timeout(Duration::from_secs(180), f)
+store_engines! {
+    store: BucketStore,
+    bound_secs: 180,
+    sqlite: |dir| SqliteBucketStore::open(&dir.join("buckets"))
         .await
-        .expect("bucket-store test timed out")
-}
-
-trait Engine: Send + Sync + 'static {
-    async fn open(&self) -> Arc<dyn BucketStore>;
-}
-
-impl Engine for Sqlite {
-    async fn open(&self) -> Arc<dyn BucketStore> {
-        Arc::new(
-            SqliteBucketStore::open(&self.dir.path().join("buckets"))
-                .await
-                .expect("open buckets/"),
-        )
-    }
-}
-
-impl Engine for Postgres {
-    async fn open(&self) -> Arc<dyn BucketStore> {
-        Arc::new(
-            PostgresBucketStore::open(&self.pg.url(), None)
-                .await
-                .expect("open PostgreSQL bucket store"),
-        )
-    }
+        .expect("open buckets/"),
+    postgres: |url| PostgresBucketStore::open(&url, None)
+        .await
+        .expect("open PostgreSQL bucket store"),
 }
 
 fn bucket(name: &str, project: &str) -> BucketRecord {

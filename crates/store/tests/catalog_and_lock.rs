@@ -6,48 +6,7 @@ mod common;
 use std::path::Path;
 
 use common::*;
-use pubrun_store::{Catalog, EmbeddedStore, Store, StoreError, SubscriptionEntry, TopicEntry};
-
-/// A catalog with a few resources. Configs are built from JSON so these
-/// tests keep compiling when optional config fields are added.
-fn sample_catalog(n_topics: u64) -> Catalog {
-    let mut c = Catalog::new();
-    for t in 0..n_topics {
-        let uid = c.allocate_uid();
-        let name = format!("projects/p/topics/t{t}");
-        let config = serde_json::from_value(serde_json::json!({
-            "name": name,
-            "labels": {"team": "ünïcode-☃", "n": t.to_string()},
-        }))
-        .unwrap();
-        c.topics.insert(
-            name.clone(),
-            TopicEntry {
-                uid,
-                config,
-                message_retention_duration: None,
-            },
-        );
-        let sub_uid = c.allocate_uid();
-        let sub_name = format!("projects/p/subscriptions/s{t}");
-        let config = serde_json::from_value(serde_json::json!({
-            "name": sub_name,
-            "topic": name,
-            "ack_deadline_seconds": 10 + t,
-        }))
-        .unwrap();
-        c.subscriptions.insert(
-            sub_name,
-            SubscriptionEntry {
-                uid: sub_uid,
-                topic_uid: if t % 2 == 0 { Some(uid) } else { None },
-                start_seq: 7 * t,
-                config,
-            },
-        );
-    }
-    c
-}
+use pubrun_store::{Catalog, EmbeddedStore, Store, StoreError};
 
 fn catalog_path(dir: &Path) -> std::path::PathBuf {
     dir.join("catalog.json")

@@ -11,8 +11,6 @@
 #[macro_use]
 mod engine_kit;
 
-use std::future::Future;
-use std::sync::Arc;
 use std::time::Duration;
 
 use engine_kit::{Postgres, Sqlite};
@@ -25,36 +23,15 @@ use pubrun_store::pools::{
 use pubrun_store::testing::TempPostgres;
 use pubrun_store::{PostgresPoolStore, SqlitePoolStore};
 
-/// Fails the test instead of hanging when an engine stops answering.
-async fn bounded<F: Future>(f: F) -> F::Output {
-    tokio::time::timeout(Duration::from_secs(120), f)
+store_engines! {
+    store: PoolStore,
+    bound_secs: 120,
+    sqlite: |dir| SqlitePoolStore::open(&dir.join("pools.db"))
         .await
-        .expect("pool-store test timed out")
-}
-
-/// Opens (and reopens) one engine's durable state.
-trait Engine: Send + Sync + 'static {
-    async fn open(&self) -> Arc<dyn PoolStore>;
-}
-
-impl Engine for Sqlite {
-    async fn open(&self) -> Arc<dyn PoolStore> {
-        Arc::new(
-            SqlitePoolStore::open(&self.dir.path().join("pools.db"))
-                .await
-                .expect("open pools.db"),
-        )
-    }
-}
-
-impl Engine for Postgres {
-    async fn open(&self) -> Arc<dyn PoolStore> {
-        Arc::new(
-            PostgresPoolStore::open(&self.pg.url(), None)
-                .await
-                .expect("open PostgreSQL pool store"),
-        )
-    }
+        .expect("open pools.db"),
+    postgres: |url| PostgresPoolStore::open(&url, None)
+        .await
+        .expect("open PostgreSQL pool store"),
 }
 
 fn pool(name: &str, max: u32) -> PoolSpec {
@@ -436,11 +413,7 @@ async fn postgres_writes_under_a_stale_token_are_refused() {
                 .await
                 .map(|_| ()),
         ];
-        for r in refused {
-            let err = r.expect_err("a stale token must not write");
-            assert_eq!(err.code, Code::Unavailable, "{err}");
-            assert!(err.message.contains("taken over"), "{err}");
-        }
+        engine_kit::assert_fenced(refused);
         assert!(a.is_fenced());
         // Nothing of it was written; reads still work on the ex-owner.
         assert_eq!(

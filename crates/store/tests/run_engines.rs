@@ -11,9 +11,7 @@
 #[macro_use]
 mod engine_kit;
 
-use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
 
 use engine_kit::{Postgres, Sqlite};
 use pubrun_core::job::JobSpec;
@@ -23,32 +21,13 @@ use pubrun_store::runs::{Enqueued, RunStore, SourceMessage};
 use pubrun_store::testing::TempPostgres;
 use pubrun_store::{PostgresRunStore, SqliteRunStore};
 
-/// Fails the test instead of hanging when an engine stops answering.
-async fn bounded<F: Future>(f: F) -> F::Output {
-    tokio::time::timeout(Duration::from_secs(120), f)
+store_engines! {
+    store: RunStore,
+    bound_secs: 120,
+    sqlite: |dir| SqliteRunStore::open(&dir.join("runs.db")).expect("open runs.db"),
+    postgres: |url| PostgresRunStore::open(&url, "node-a", None)
         .await
-        .expect("run-store test timed out")
-}
-
-/// Opens (and reopens) one engine's durable state.
-trait Engine: Send + Sync + 'static {
-    async fn open(&self) -> Arc<dyn RunStore>;
-}
-
-impl Engine for Sqlite {
-    async fn open(&self) -> Arc<dyn RunStore> {
-        Arc::new(SqliteRunStore::open(&self.dir.path().join("runs.db")).expect("open runs.db"))
-    }
-}
-
-impl Engine for Postgres {
-    async fn open(&self) -> Arc<dyn RunStore> {
-        Arc::new(
-            PostgresRunStore::open(&self.pg.url(), "node-a", None)
-                .await
-                .expect("open PostgreSQL run store"),
-        )
-    }
+        .expect("open PostgreSQL run store"),
 }
 
 fn job(name: &str, extra: &str) -> JobSpec {
@@ -431,11 +410,7 @@ async fn postgres_writes_under_a_stale_token_are_refused() {
             a.set_meta("k", "v").await,
             a.put_log(id, b"late").await,
         ];
-        for r in refused {
-            let err = r.expect_err("a stale token must not write");
-            assert_eq!(err.code, Code::Unavailable, "{err}");
-            assert!(err.message.contains("taken over"), "{err}");
-        }
+        engine_kit::assert_fenced(refused);
         assert!(a.is_fenced());
         // Nothing of it was written; the new owner carries on.
         assert_eq!(b.list(None, None, 100).await.unwrap().len(), 1);

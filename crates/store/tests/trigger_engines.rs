@@ -12,10 +12,6 @@
 #[macro_use]
 mod engine_kit;
 
-use std::future::Future;
-use std::sync::Arc;
-use std::time::Duration;
-
 use chrono::{DateTime, Utc};
 use engine_kit::{Postgres, Sqlite};
 use pubrun_core::Code;
@@ -23,35 +19,13 @@ use pubrun_store::testing::TempPostgres;
 use pubrun_store::triggers::{Claim, DefKind, Definition, Scope, TriggerStore};
 use pubrun_store::{PostgresTriggerStore, SqliteTriggerStore};
 
-/// Fails the test instead of hanging when an engine stops answering.
-async fn bounded<F: Future>(f: F) -> F::Output {
-    tokio::time::timeout(Duration::from_secs(120), f)
+store_engines! {
+    store: TriggerStore,
+    bound_secs: 120,
+    sqlite: |dir| SqliteTriggerStore::open(&dir.join("triggers.db")).expect("open triggers.db"),
+    postgres: |url| PostgresTriggerStore::open(&url, None)
         .await
-        .expect("trigger-store test timed out")
-}
-
-/// Opens (another handle on) one engine's durable state.
-trait Engine: Send + Sync + 'static {
-    async fn open(&self) -> Arc<dyn TriggerStore>;
-}
-
-impl Engine for Sqlite {
-    async fn open(&self) -> Arc<dyn TriggerStore> {
-        Arc::new(
-            SqliteTriggerStore::open(&self.dir.path().join("triggers.db"))
-                .expect("open triggers.db"),
-        )
-    }
-}
-
-impl Engine for Postgres {
-    async fn open(&self) -> Arc<dyn TriggerStore> {
-        Arc::new(
-            PostgresTriggerStore::open(&self.pg.url(), None)
-                .await
-                .expect("open PostgreSQL trigger store"),
-        )
-    }
+        .expect("open PostgreSQL trigger store"),
 }
 
 fn t(s: i64) -> DateTime<Utc> {
@@ -468,11 +442,7 @@ async fn postgres_writes_under_a_stale_token_are_refused() {
                 .await
                 .map(|_| ()),
         ];
-        for r in refused {
-            let err = r.expect_err("a stale token must not write");
-            assert_eq!(err.code, Code::Unavailable, "{err}");
-            assert!(err.message.contains("taken over"), "{err}");
-        }
+        engine_kit::assert_fenced(refused);
         assert!(a.is_fenced());
         // Nothing of it was written; reads still work.
         let st = a.get("s").await.unwrap().unwrap();

@@ -12,6 +12,7 @@ use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use googleapis_tonic_google_pubsub_v1::google::pubsub::v1 as pb;
 use tonic::transport::Channel;
 
 pub use pubrun_testkit::free_port;
@@ -615,6 +616,19 @@ impl Cli {
         stdout_ok(&what, self.output())
     }
 
+    /// [`Cli::ok`] whose failure message ends with `log()` (the server's log).
+    pub fn ok_or_log(self, log: impl Fn() -> String) -> String {
+        let what = format!("{:?}", self.0.get_args().collect::<Vec<_>>());
+        let out = self.output();
+        assert!(
+            out.status.success(),
+            "`pubrun {what}` failed: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            log()
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
     /// Runs, asserts failure; its stderr.
     pub fn fails(self) -> String {
         let what = format!("{:?}", self.0.get_args().collect::<Vec<_>>());
@@ -661,4 +675,78 @@ pub fn cli_json(
         log()
     );
     serde_json::from_slice(&out.stdout).expect("JSON output")
+}
+
+/// Cluster mode: server `node` on the store at `url`, with its data in
+/// `data`, its log in `log` and a port fixed up front (so that a test can
+/// name a node's port before the node is up, or restart it on the same one).
+pub fn cluster_node(
+    url: &str,
+    node: &str,
+    lease_ttl: Duration,
+    data: &Path,
+    port: u16,
+    log: &Path,
+) -> ServeBuilder {
+    ServeBuilder::cluster(url, node, lease_ttl)
+        .data_dir(data)
+        .port(port)
+        .log_file(log)
+}
+
+/// Cluster mode: waits (60 s at most) until `server` logs, in `log()`, that
+/// it waits as a hot standby; panics if it exits first.
+pub async fn wait_standby(server: &mut Serve, log: impl Fn() -> String) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !log().contains("waiting as a hot standby") {
+        assert!(
+            server.child().try_wait().unwrap().is_none(),
+            "standby exited:\n{}",
+            log()
+        );
+        assert!(
+            Instant::now() < deadline,
+            "never became a standby:\n{}",
+            log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Creates `topic` and a subscription `subscription` on it (600 s ack
+/// deadline, so nothing is redelivered during a test) through `ch`.
+pub async fn create_topic_and_subscription(ch: &Channel, topic: &str, subscription: &str) {
+    pb::publisher_client::PublisherClient::new(ch.clone())
+        .create_topic(pb::Topic {
+            name: topic.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    pb::subscriber_client::SubscriberClient::new(ch.clone())
+        .create_subscription(pb::Subscription {
+            name: subscription.into(),
+            topic: topic.into(),
+            ack_deadline_seconds: 600,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+}
+
+/// One `Pull` of up to `max` messages that returns at once, empty or not.
+#[allow(deprecated)] // `return_immediately` is deprecated but is what these tests poll with
+pub async fn pull_now(
+    sub: &mut pb::subscriber_client::SubscriberClient<Channel>,
+    subscription: &str,
+    max: i32,
+) -> Result<Vec<pb::ReceivedMessage>, tonic::Status> {
+    let r = sub
+        .pull(pb::PullRequest {
+            subscription: subscription.into(),
+            max_messages: max,
+            return_immediately: true,
+        })
+        .await?;
+    Ok(r.into_inner().received_messages)
 }

@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use pubrun_core::Message;
-use pubrun_store::{EmbeddedStore, Record, Store, StoreError};
+use pubrun_store::{
+    Catalog, EmbeddedStore, Record, Store, StoreError, SubscriptionEntry, TopicEntry,
+};
 
 /// Generous per-test bound: a hung append future fails the test instead of the run.
 pub const TEST_TIMEOUT: Duration = Duration::from_secs(120);
@@ -187,4 +189,45 @@ pub fn expected_next_seq(records: &[Record], floor: u64) -> u64 {
 
 pub async fn append_ok(store: &EmbeddedStore, records: Vec<Record>) {
     bounded(store.append(records)).await.expect("append");
+}
+
+/// A catalog with a few resources. Configs are built from JSON so these
+/// tests keep compiling when optional config fields are added.
+pub fn sample_catalog(n_topics: u64) -> Catalog {
+    let mut c = Catalog::new();
+    for t in 0..n_topics {
+        let uid = c.allocate_uid();
+        let name = format!("projects/p/topics/t{t}");
+        let config = serde_json::from_value(serde_json::json!({
+            "name": name,
+            "labels": {"team": "ünïcode-☃", "n": t.to_string()},
+        }))
+        .unwrap();
+        c.topics.insert(
+            name.clone(),
+            TopicEntry {
+                uid,
+                config,
+                message_retention_duration: None,
+            },
+        );
+        let sub_uid = c.allocate_uid();
+        let sub_name = format!("projects/p/subscriptions/s{t}");
+        let config = serde_json::from_value(serde_json::json!({
+            "name": sub_name,
+            "topic": name,
+            "ack_deadline_seconds": 10 + t,
+        }))
+        .unwrap();
+        c.subscriptions.insert(
+            sub_name,
+            SubscriptionEntry {
+                uid: sub_uid,
+                topic_uid: if t % 2 == 0 { Some(uid) } else { None },
+                start_seq: 7 * t,
+                config,
+            },
+        );
+    }
+    c
 }

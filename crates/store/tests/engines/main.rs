@@ -148,7 +148,7 @@ async fn postgres_ex_owner_is_fenced_after_a_takeover() {
             *a.lease_lost().borrow(),
             "the ex-owner knows it lost the lease"
         );
-        let cat = a.save_catalog(&suite::sample_catalog(1)).await;
+        let cat = a.save_catalog(&sample_catalog(1)).await;
         assert!(
             matches!(cat, Err(StoreError::Fenced { .. })),
             "catalog write: {cat:?}"

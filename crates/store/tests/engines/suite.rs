@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use crate::common::*;
-use pubrun_store::{Catalog, Record, Store, StoreError, SubscriptionEntry, TopicEntry};
+use pubrun_store::{Catalog, Record, Store, StoreError};
 
 pub trait Engine: Send + Sync + 'static {
     type S: Store;
@@ -265,47 +265,6 @@ pub async fn large_records_round_trip<E: Engine>(e: E) {
     assert_eq!(replayed, recs);
     assert_eq!(next, 6);
     assert_eq!(store.log_bytes(), recs.iter().map(frame_len).sum::<u64>());
-}
-
-/// A catalog with a few resources. Configs are built from JSON so these
-/// tests keep compiling when optional config fields are added.
-pub fn sample_catalog(n_topics: u64) -> Catalog {
-    let mut c = Catalog::new();
-    for t in 0..n_topics {
-        let uid = c.allocate_uid();
-        let name = format!("projects/p/topics/t{t}");
-        let config = serde_json::from_value(serde_json::json!({
-            "name": name,
-            "labels": {"team": "ünïcode-☃", "n": t.to_string()},
-        }))
-        .unwrap();
-        c.topics.insert(
-            name.clone(),
-            TopicEntry {
-                uid,
-                config,
-                message_retention_duration: None,
-            },
-        );
-        let sub_uid = c.allocate_uid();
-        let sub_name = format!("projects/p/subscriptions/s{t}");
-        let config = serde_json::from_value(serde_json::json!({
-            "name": sub_name,
-            "topic": name,
-            "ack_deadline_seconds": 10 + t,
-        }))
-        .unwrap();
-        c.subscriptions.insert(
-            sub_name,
-            SubscriptionEntry {
-                uid: sub_uid,
-                topic_uid: if t % 2 == 0 { Some(uid) } else { None },
-                start_seq: 7 * t,
-                config,
-            },
-        );
-    }
-    c
 }
 
 pub async fn a_new_store_has_an_empty_catalog<E: Engine>(e: E) {

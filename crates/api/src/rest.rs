@@ -101,22 +101,13 @@ fn empty() -> Value {
     Value::Object(Map::new())
 }
 
-/// Google's error body for statuses that [`pubrun_core::Code`] has no name for.
-fn google_error(status: StatusCode, name: &str, message: String) -> Response {
-    let body = serde_json::json!({
-        "error": { "code": status.as_u16(), "message": message, "status": name }
-    });
-    (status, axum::Json(body)).into_response()
-}
-
 fn method_not_allowed(method: &Method, uri: &Uri, allowed: &'static str) -> Fail {
-    let mut r = google_error(
+    let mut r = crate::status::with_status(
         StatusCode::METHOD_NOT_ALLOWED,
-        "UNIMPLEMENTED",
-        format!(
+        &Error::unimplemented(format!(
             "HTTP method {method} is not allowed on {}; allowed: {allowed}",
             uri.path()
-        ),
+        )),
     );
     r.headers_mut()
         .insert(header::ALLOW, HeaderValue::from_static(allowed));
@@ -124,11 +115,7 @@ fn method_not_allowed(method: &Method, uri: &Uri, allowed: &'static str) -> Fail
 }
 
 fn unimplemented(what: &str) -> Fail {
-    Fail(Box::new(google_error(
-        StatusCode::NOT_IMPLEMENTED,
-        "UNIMPLEMENTED",
-        format!("{what} is not supported by this pubrun version"),
-    )))
+    Error::unimplemented(format!("{what} is not supported by this pubrun version")).into()
 }
 
 fn unknown_verb(uri: &Uri, collection: &str, verb: &str, supported: &str) -> Fail {
@@ -1121,19 +1108,13 @@ fn ack_outcome(r: pubrun_broker::AckResult) -> Outcome {
         .into_iter()
         .map(|id| (id, Value::String(crate::grpc::INVALID_ACK_ID.into())))
         .collect();
-    let body = serde_json::json!({
-        "error": {
-            "code": 400,
-            "message": crate::grpc::ACK_ID_FAILURE_MESSAGE,
-            "status": "INVALID_ARGUMENT",
-            "details": [{
-                "@type": "type.googleapis.com/google.rpc.ErrorInfo",
-                "reason": crate::grpc::ACK_ID_FAILURE_REASON,
-                "domain": crate::grpc::PUBSUB_DOMAIN,
-                "metadata": metadata,
-            }],
-        }
-    });
+    let mut body = Error::invalid(crate::grpc::ACK_ID_FAILURE_MESSAGE).json_body();
+    body["error"]["details"] = serde_json::json!([{
+        "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+        "reason": crate::grpc::ACK_ID_FAILURE_REASON,
+        "domain": crate::grpc::PUBSUB_DOMAIN,
+        "metadata": metadata,
+    }]);
     Err(Fail(Box::new(
         (StatusCode::BAD_REQUEST, axum::Json(body)).into_response(),
     )))

@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use pubrun_core::config::{
     normalize_ack_deadline, validate_labels, DeadLetterPolicy, Labels, PushConfig, RetryPolicy,
@@ -26,7 +26,8 @@ use crate::subscription::{Handout, Pending, Policy, StreamQuota, SubState};
 mod overview;
 mod retention;
 pub use overview::{SubscriptionSummary, TopicSummary};
-pub use retention::{Clock, ManualClock, SnapshotInfo, SystemClock};
+use pubrun_core::clock::{Clock, SystemClock};
+pub use retention::SnapshotInfo;
 
 /// How long a dead letter waits before forwarding is tried again after it
 /// failed (the dead-letter topic was deleted, the disk is full, ...).
@@ -241,13 +242,6 @@ impl State {
             }
         }
     }
-}
-
-fn now_nanos() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as i64)
-        .unwrap_or(0)
 }
 
 /// An ack id names the subscription, the message and the delivery attempt,

@@ -155,20 +155,26 @@ type Body = std::result::Result<Bytes, BytesRejection>;
 type OneParam = std::result::Result<Path<String>, PathRejection>;
 type TwoParams = std::result::Result<Path<(String, String)>, PathRejection>;
 
-/// The checks every GET-only list endpoint makes, in order: the path
-/// parameters, the method, then `pageSize`/`pageToken`.
-fn list_params<T>(
+/// A GET-only list endpoint. Its checks, in order: the path parameters, the
+/// method, then `pageSize`/`pageToken`; `list` fetches the page (items and
+/// next token) answered as `{key: [...], "nextPageToken": "..."}`.
+fn list_page<T>(
     method: &Method,
     uri: &Uri,
     path: std::result::Result<Path<T>, PathRejection>,
     q: Option<String>,
-) -> std::result::Result<(T, i32, String), Fail> {
-    let params = path_params(path)?;
-    if method != Method::GET {
-        return Err(method_not_allowed(method, uri, "GET"));
-    }
-    let (page_size, page_token) = page_params(q)?;
-    Ok((params, page_size, page_token))
+    key: &str,
+    list: impl FnOnce(T, i32, String) -> pubrun_core::Result<(Vec<Value>, String)>,
+) -> Response {
+    let page = (|| {
+        let params = path_params(path)?;
+        if method != Method::GET {
+            return Err(method_not_allowed(method, uri, "GET"));
+        }
+        let (page_size, page_token) = page_params(q)?;
+        Ok(list(params, page_size, page_token)?)
+    })();
+    finish(page.map(|(items, next)| list_json(key, items, &next)))
 }
 
 fn topic_name(project: &str, id: &str) -> String {

@@ -9,21 +9,21 @@ pub(super) async fn subscriptions_collection(
     path: OneParam,
     RawQuery(q): RawQuery,
 ) -> Response {
-    finish(
-        async {
-            let (project, page_size, page_token) = list_params(&method, &uri, path, q)?;
+    list_page(
+        &method,
+        &uri,
+        path,
+        q,
+        "subscriptions",
+        |project, page_size, page_token| {
             let r = ps.list_subscriptions(pb::ListSubscriptionsRequest {
                 project: format!("projects/{project}"),
                 page_size,
                 page_token,
             })?;
-            Ok(list_json(
-                "subscriptions",
-                r.subscriptions.iter().map(subscription_json).collect(),
-                &r.next_page_token,
-            ))
-        }
-        .await,
+            let subs = r.subscriptions.iter().map(subscription_json).collect();
+            Ok((subs, r.next_page_token))
+        },
     )
 }
 

@@ -9,21 +9,20 @@ pub(super) async fn topics_collection(
     path: OneParam,
     RawQuery(q): RawQuery,
 ) -> Response {
-    finish(
-        async {
-            let (project, page_size, page_token) = list_params(&method, &uri, path, q)?;
+    list_page(
+        &method,
+        &uri,
+        path,
+        q,
+        "topics",
+        |project, page_size, page_token| {
             let r = ps.list_topics(pb::ListTopicsRequest {
                 project: format!("projects/{project}"),
                 page_size,
                 page_token,
             })?;
-            Ok(list_json(
-                "topics",
-                r.topics.iter().map(topic_json).collect(),
-                &r.next_page_token,
-            ))
-        }
-        .await,
+            Ok((r.topics.iter().map(topic_json).collect(), r.next_page_token))
+        },
     )
 }
 
@@ -108,21 +107,21 @@ pub(super) async fn topic_subscriptions(
     path: TwoParams,
     RawQuery(q): RawQuery,
 ) -> Response {
-    finish(
-        async {
-            let ((project, topic), page_size, page_token) = list_params(&method, &uri, path, q)?;
+    list_page(
+        &method,
+        &uri,
+        path,
+        q,
+        "subscriptions",
+        |(project, topic), page_size, page_token| {
             let r = ps.list_topic_subscriptions(pb::ListTopicSubscriptionsRequest {
                 topic: topic_name(&project, &topic),
                 page_size,
                 page_token,
             })?;
-            Ok(list_json(
-                "subscriptions",
-                r.subscriptions.into_iter().map(Value::String).collect(),
-                &r.next_page_token,
-            ))
-        }
-        .await,
+            let names = r.subscriptions.into_iter().map(Value::String).collect();
+            Ok((names, r.next_page_token))
+        },
     )
 }
 
@@ -133,11 +132,20 @@ pub(super) async fn topic_snapshots(
     path: TwoParams,
     RawQuery(q): RawQuery,
 ) -> Response {
-    finish(
-        async {
-            let ((project, topic), page_size, page_token) = list_params(&method, &uri, path, q)?;
-            snapshots::topic_snapshots(&ps, topic_name(&project, &topic), page_size, page_token)
-        }
-        .await,
+    list_page(
+        &method,
+        &uri,
+        path,
+        q,
+        "snapshots",
+        |(project, topic), page_size, page_token| {
+            let r = ps.list_topic_snapshots(pb::ListTopicSnapshotsRequest {
+                topic: topic_name(&project, &topic),
+                page_size,
+                page_token,
+            })?;
+            let names = r.snapshots.into_iter().map(Value::String).collect();
+            Ok((names, r.next_page_token))
+        },
     )
 }

@@ -321,6 +321,23 @@ fn dead_letter_topic_exists(c: &Catalog, p: &Option<DeadLetterPolicy>) -> Result
     }
 }
 
+/// One page of the entries of `map` whose names start with `prefix` (one
+/// project's resources), skipping those `item` drops.
+fn page_under<V, T: Clone>(
+    map: &BTreeMap<String, V>,
+    prefix: &str,
+    page_size: i32,
+    token: &str,
+    mut item: impl FnMut(&str, &V) -> Option<T>,
+) -> Result<Page<T>> {
+    // Names under one prefix are contiguous in the sorted map.
+    let under = map
+        .range(prefix.to_string()..)
+        .take_while(|(k, _)| k.starts_with(prefix))
+        .filter_map(|(k, v)| Some((k.clone(), item(k, v)?)));
+    page(under, page_size, token)
+}
+
 fn page<T: Clone>(
     all: impl Iterator<Item = (String, T)>,
     page_size: i32,
@@ -563,15 +580,9 @@ impl Broker {
     ) -> Result<Page<TopicConfig>> {
         let st = self.lock();
         let prefix = format!("{project}/topics/");
-        page(
-            st.catalog
-                .topics
-                .iter()
-                .filter(|(k, _)| k.starts_with(&prefix))
-                .map(|(k, t)| (k.clone(), t.config.clone())),
-            page_size,
-            token,
-        )
+        page_under(&st.catalog.topics, &prefix, page_size, token, |_, t| {
+            Some(t.config.clone())
+        })
     }
 
     pub async fn delete_topic(&self, name: &TopicName) -> Result<()> {
@@ -845,14 +856,12 @@ impl Broker {
     ) -> Result<Page<SubscriptionConfig>> {
         let st = self.lock();
         let prefix = format!("{project}/subscriptions/");
-        page(
-            st.catalog
-                .subscriptions
-                .iter()
-                .filter(|(k, _)| k.starts_with(&prefix))
-                .map(|(k, s)| (k.clone(), s.config.clone())),
+        page_under(
+            &st.catalog.subscriptions,
+            &prefix,
             page_size,
             token,
+            |_, s| Some(s.config.clone()),
         )
     }
 

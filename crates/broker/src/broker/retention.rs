@@ -33,7 +33,7 @@ use pubrun_core::{
 use pubrun_store::catalog::to_ranges;
 use pubrun_store::{Catalog, Record, SeekTarget, SnapshotEntry, TopicEntry};
 
-use super::{page, Broker, Page, State, TopicUpdate};
+use super::{page, page_under, Broker, Page, State, TopicUpdate};
 use crate::msg::{keeps, Msg};
 
 /// Google: a snapshot lives 7 days minus the age of the oldest unacked
@@ -566,15 +566,9 @@ impl Broker {
         let st = self.lock();
         let now = st.ret.clock.now_nanos();
         let prefix = format!("{project}/snapshots/");
-        page(
-            st.catalog
-                .snapshots
-                .iter()
-                .filter(|(k, s)| k.starts_with(&prefix) && s.expire_time_nanos > now)
-                .map(|(k, s)| (k.clone(), info(k, s))),
-            page_size,
-            token,
-        )
+        page_under(&st.catalog.snapshots, &prefix, page_size, token, |k, s| {
+            (s.expire_time_nanos > now).then(|| info(k, s))
+        })
     }
 
     /// Names of the topic's snapshots.

@@ -263,10 +263,11 @@ fn check(policy: &HostPolicy, req: &Request) -> Result<(), String> {
 }
 
 fn refuse(req: &Request, msg: &str) -> Response {
+    let e = Error::new(Code::PermissionDenied, msg);
     if crate::server::is_grpc(req) {
-        return crate::server::grpc_error(tonic::Code::PermissionDenied, msg);
+        return crate::status::grpc_response(&e);
     }
-    crate::status::HttpError(Error::new(Code::PermissionDenied, msg)).into_response()
+    crate::status::HttpError(e).into_response()
 }
 
 #[cfg(test)]

@@ -262,7 +262,7 @@ pub fn ack_id_failure_status(invalid: &[String]) -> Status {
             .collect(),
     };
     let status = RpcStatus {
-        code: tonic::Code::InvalidArgument as i32,
+        code: pubrun_core::Code::InvalidArgument.grpc_code(),
         message: ACK_ID_FAILURE_MESSAGE.to_string(),
         details: vec![prost_types::Any {
             type_url: "type.googleapis.com/google.rpc.ErrorInfo".to_string(),

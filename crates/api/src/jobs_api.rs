@@ -66,8 +66,7 @@ pub fn router(
                 req.method(),
                 req.uri().path()
             );
-            let body = json!({"error": {"code": 405, "message": msg, "status": "UNIMPLEMENTED"}});
-            (StatusCode::METHOD_NOT_ALLOWED, Json(body))
+            crate::status::with_status(StatusCode::METHOD_NOT_ALLOWED, &Error::unimplemented(msg))
         })
         .with_state(Api {
             broker,

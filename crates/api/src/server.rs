@@ -6,7 +6,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use axum::extract::{Request, State};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderValue};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -199,10 +199,10 @@ async fn access_log(req: Request, next: Next) -> Response {
 /// Unknown gRPC methods get UNIMPLEMENTED, unknown HTTP paths a JSON 404.
 async fn unknown_route(req: Request) -> Response {
     if is_grpc(&req) {
-        return grpc_error(
-            tonic::Code::Unimplemented,
-            &format!("method {} is not implemented by pubrun", req.uri().path()),
-        );
+        return crate::status::grpc_response(&pubrun_core::Error::unimplemented(format!(
+            "method {} is not implemented by pubrun",
+            req.uri().path()
+        )));
     }
     crate::status::HttpError(pubrun_core::Error::not_found(format!(
         "no such endpoint: {} {}",
@@ -216,31 +216,6 @@ pub(crate) fn is_grpc(req: &Request) -> bool {
     req.headers()
         .get(header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
-}
-
-/// A trailers-only gRPC error response.
-pub(crate) fn grpc_error(code: tonic::Code, msg: &str) -> Response {
-    let mut resp = StatusCode::OK.into_response();
-    let h = resp.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/grpc"),
-    );
-    h.insert("grpc-status", HeaderValue::from(code as i32));
-    let encoded: String = msg
-        .bytes()
-        .map(|b| {
-            if b.is_ascii_graphic() && b != b'%' {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect();
-    if let Ok(v) = HeaderValue::from_str(&encoded) {
-        h.insert("grpc-message", v);
-    }
-    resp
 }
 
 /// What the token layer checks: the bearer token everywhere, or a
@@ -267,14 +242,11 @@ async fn require_token(State(auth): State<Arc<Auth>>, req: Request, next: Next) 
         return crate::dashboard::gate(&auth.sessions, req, next).await;
     }
     let msg = "missing or wrong bearer token: send Authorization: Bearer <token> (the server's --token / PUBRUN_TOKEN)";
+    let e = pubrun_core::Error::new(pubrun_core::Code::Unauthenticated, msg);
     if is_grpc(&req) {
-        return grpc_error(tonic::Code::Unauthenticated, msg);
+        return crate::status::grpc_response(&e);
     }
-    crate::status::HttpError(pubrun_core::Error::new(
-        pubrun_core::Code::Unauthenticated,
-        msg,
-    ))
-    .into_response()
+    crate::status::HttpError(e).into_response()
 }
 
 /// Serves until `signal` resolves, then stops accepting, ends streams and

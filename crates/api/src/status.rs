@@ -1,22 +1,13 @@
-//! The one mapping from [`Error`] to gRPC status and to Google's JSON error body.
+//! Thin axum and tonic adapters over the one mapping in
+//! [`pubrun_core::error`]: an [`Error`] as a tonic status, as a trailers-only
+//! gRPC response, and as Google's JSON error body.
 
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use pubrun_core::{Code, Error};
+use pubrun_core::Error;
 
 pub fn to_status(e: Error) -> tonic::Status {
-    let code = match e.code {
-        Code::InvalidArgument => tonic::Code::InvalidArgument,
-        Code::NotFound => tonic::Code::NotFound,
-        Code::AlreadyExists => tonic::Code::AlreadyExists,
-        Code::FailedPrecondition => tonic::Code::FailedPrecondition,
-        Code::PermissionDenied => tonic::Code::PermissionDenied,
-        Code::Unauthenticated => tonic::Code::Unauthenticated,
-        Code::ResourceExhausted => tonic::Code::ResourceExhausted,
-        Code::Unavailable => tonic::Code::Unavailable,
-        Code::DeadlineExceeded => tonic::Code::DeadlineExceeded,
-        Code::Internal => tonic::Code::Internal,
-    };
-    tonic::Status::new(code, e.message)
+    tonic::Status::new(tonic::Code::from_i32(e.code.grpc_code()), e.message)
 }
 
 /// Error as an HTTP response in Google's shape:
@@ -31,12 +22,75 @@ impl From<Error> for HttpError {
 
 impl IntoResponse for HttpError {
     fn into_response(self) -> Response {
-        let status = self.0.code.http_status();
-        let body = serde_json::json!({
-            "error": { "code": status, "message": self.0.message, "status": self.0.code.as_str() }
-        });
-        let code =
-            http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
-        (code, axum::Json(body)).into_response()
+        let status =
+            StatusCode::from_u16(self.0.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        with_status(status, &self.0)
+    }
+}
+
+/// `e`'s JSON body under an HTTP status other than its code's own
+/// (405 and 413 have no Google code of their own).
+pub fn with_status(status: StatusCode, e: &Error) -> Response {
+    let body = pubrun_core::error::json_body(status.as_u16(), Some(e.code), &e.message);
+    (status, axum::Json(body)).into_response()
+}
+
+/// A trailers-only gRPC error response, for requests refused before they
+/// reach tonic (unknown method, missing token, CSRF).
+pub fn grpc_response(e: &Error) -> Response {
+    let mut resp = StatusCode::OK.into_response();
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    h.insert("grpc-status", HeaderValue::from(e.code.grpc_code()));
+    // grpc-message is percent-encoded (gRPC over HTTP/2, "Responses").
+    let encoded: String = e
+        .message
+        .bytes()
+        .map(|b| {
+            if b.is_ascii_graphic() && b != b'%' {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect();
+    if let Ok(v) = HeaderValue::from_str(&encoded) {
+        h.insert("grpc-message", v);
+    }
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pubrun_core::Code;
+
+    #[test]
+    fn grpc_status_and_trailers_carry_the_core_code() {
+        let e = Error::new(Code::Unauthenticated, "no token: 100%");
+        let s = to_status(e.clone());
+        assert_eq!(s.code(), tonic::Code::Unauthenticated);
+        assert_eq!(s.message(), "no token: 100%");
+
+        let r = grpc_response(&e);
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(r.headers()["grpc-status"], "16");
+        assert_eq!(r.headers()["grpc-message"], "no%20token:%20100%25");
+    }
+
+    #[test]
+    fn an_http_error_uses_the_codes_status_unless_told_otherwise() {
+        let e = Error::unimplemented("nope");
+        assert_eq!(
+            HttpError(e.clone()).into_response().status(),
+            StatusCode::NOT_IMPLEMENTED
+        );
+        assert_eq!(
+            with_status(StatusCode::METHOD_NOT_ALLOWED, &e).status(),
+            StatusCode::METHOD_NOT_ALLOWED
+        );
     }
 }

@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use pubrun_core::config::{
     normalize_ack_deadline, validate_labels, DeadLetterPolicy, Labels, PushConfig, RetryPolicy,
@@ -26,7 +26,8 @@ use crate::subscription::{Handout, Pending, Policy, StreamQuota, SubState};
 mod overview;
 mod retention;
 pub use overview::{SubscriptionSummary, TopicSummary};
-pub use retention::{Clock, ManualClock, SnapshotInfo, SystemClock};
+use pubrun_core::clock::{Clock, SystemClock};
+pub use retention::SnapshotInfo;
 
 /// How long a dead letter waits before forwarding is tried again after it
 /// failed (the dead-letter topic was deleted, the disk is full, ...).
@@ -243,13 +244,6 @@ impl State {
     }
 }
 
-fn now_nanos() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as i64)
-        .unwrap_or(0)
-}
-
 /// An ack id names the subscription, the message and the delivery attempt,
 /// so that exactly-once delivery can tell a superseded delivery's ack id.
 fn ack_id(sub_uid: u64, seq: u64, attempt: u32) -> String {
@@ -325,6 +319,23 @@ fn dead_letter_topic_exists(c: &Catalog, p: &Option<DeadLetterPolicy>) -> Result
         ))),
         _ => Ok(()),
     }
+}
+
+/// One page of the entries of `map` whose names start with `prefix` (one
+/// project's resources), skipping those `item` drops.
+fn page_under<V, T: Clone>(
+    map: &BTreeMap<String, V>,
+    prefix: &str,
+    page_size: i32,
+    token: &str,
+    mut item: impl FnMut(&str, &V) -> Option<T>,
+) -> Result<Page<T>> {
+    // Names under one prefix are contiguous in the sorted map.
+    let under = map
+        .range(prefix.to_string()..)
+        .take_while(|(k, _)| k.starts_with(prefix))
+        .filter_map(|(k, v)| Some((k.clone(), item(k, v)?)));
+    page(under, page_size, token)
 }
 
 fn page<T: Clone>(
@@ -569,15 +580,9 @@ impl Broker {
     ) -> Result<Page<TopicConfig>> {
         let st = self.lock();
         let prefix = format!("{project}/topics/");
-        page(
-            st.catalog
-                .topics
-                .iter()
-                .filter(|(k, _)| k.starts_with(&prefix))
-                .map(|(k, t)| (k.clone(), t.config.clone())),
-            page_size,
-            token,
-        )
+        page_under(&st.catalog.topics, &prefix, page_size, token, |_, t| {
+            Some(t.config.clone())
+        })
     }
 
     pub async fn delete_topic(&self, name: &TopicName) -> Result<()> {
@@ -851,14 +856,12 @@ impl Broker {
     ) -> Result<Page<SubscriptionConfig>> {
         let st = self.lock();
         let prefix = format!("{project}/subscriptions/");
-        page(
-            st.catalog
-                .subscriptions
-                .iter()
-                .filter(|(k, _)| k.starts_with(&prefix))
-                .map(|(k, s)| (k.clone(), s.config.clone())),
+        page_under(
+            &st.catalog.subscriptions,
+            &prefix,
             page_size,
             token,
+            |_, s| Some(s.config.clone()),
         )
     }
 

@@ -37,6 +37,6 @@ pub use broker::{
     SubscriptionStats, SubscriptionUpdate, TopicUpdate,
 };
 // Retention, snapshots and seek: `broker/retention.rs`.
-pub use broker::{Clock, ManualClock, SnapshotInfo, SystemClock};
+pub use broker::SnapshotInfo;
 // The dashboard's summary: `broker/overview.rs`.
 pub use broker::{SubscriptionSummary, TopicSummary};

@@ -6,7 +6,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pubrun_broker::{Broker, DeliveryUpdate, ManualClock, SubscriptionUpdate};
+use pubrun_broker::{Broker, DeliveryUpdate, SubscriptionUpdate};
+use pubrun_core::clock::ManualClock;
 use pubrun_core::names::SnapshotName;
 use pubrun_core::{
     Code, OutgoingMessage, SubscriptionConfig, SubscriptionName, TopicConfig, TopicName,
@@ -18,10 +19,10 @@ const T0: i64 = 1_704_067_200_000_000_000;
 const MIN: Duration = Duration::from_secs(60);
 const DAY: Duration = Duration::from_secs(24 * 3600);
 
-fn open(dir: &std::path::Path, clock: &Arc<ManualClock>) -> Arc<Broker> {
+fn open(dir: &std::path::Path, clock: &ManualClock) -> Arc<Broker> {
     // Small segments so that a few KiB of messages span several of them.
     let store = EmbeddedStore::open_with_segment_bytes(dir, 4 * 1024).unwrap();
-    Broker::open_with_clock(Arc::new(store), clock.clone()).unwrap()
+    Broker::open_with_clock(Arc::new(store), Arc::new(clock.clone())).unwrap()
 }
 
 fn topic(id: &str) -> TopicName {
@@ -95,7 +96,7 @@ fn kib(prefix: &str, n: usize) -> Vec<String> {
 #[tokio::test]
 async fn expired_messages_leave_the_backlog_and_their_segments_are_deleted() {
     let dir = tempfile::tempdir().unwrap();
-    let clock = ManualClock::new(T0);
+    let clock = ManualClock::at_nanos(T0);
     let b = open(dir.path(), &clock);
     make_topic(&b, "t", None).await;
     let mut cfg = sub_config("s", "t");
@@ -129,7 +130,7 @@ async fn expired_messages_leave_the_backlog_and_their_segments_are_deleted() {
 #[tokio::test]
 async fn retain_acked_messages_keeps_acked_messages_for_seek_until_they_expire() {
     let dir = tempfile::tempdir().unwrap();
-    let clock = ManualClock::new(T0);
+    let clock = ManualClock::at_nanos(T0);
     let b = open(dir.path(), &clock);
     make_topic(&b, "t", None).await;
     let mut cfg = sub_config("keep", "t");
@@ -172,7 +173,7 @@ async fn retain_acked_messages_keeps_acked_messages_for_seek_until_they_expire()
 #[tokio::test]
 async fn seek_to_time_acks_earlier_and_unacks_later_messages() {
     let dir = tempfile::tempdir().unwrap();
-    let clock = ManualClock::new(T0);
+    let clock = ManualClock::at_nanos(T0);
     let b = open(dir.path(), &clock);
     make_topic(&b, "t", None).await;
     b.create_subscription(sub_config("s", "t")).await.unwrap();
@@ -210,7 +211,7 @@ async fn seek_to_time_acks_earlier_and_unacks_later_messages() {
 #[tokio::test]
 async fn snapshots_capture_the_backlog_and_survive_a_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let clock = ManualClock::new(T0);
+    let clock = ManualClock::at_nanos(T0);
     let b = open(dir.path(), &clock);
     make_topic(&b, "t", None).await;
     make_topic(&b, "other", None).await;
@@ -302,7 +303,7 @@ async fn snapshots_capture_the_backlog_and_survive_a_restart() {
 #[tokio::test]
 async fn snapshots_of_an_old_backlog_are_refused_and_snapshots_expire() {
     let dir = tempfile::tempdir().unwrap();
-    let clock = ManualClock::new(T0);
+    let clock = ManualClock::at_nanos(T0);
     let b = open(dir.path(), &clock);
     make_topic(&b, "t", None).await;
     b.create_subscription(sub_config("s", "t")).await.unwrap();
@@ -337,7 +338,7 @@ async fn snapshots_of_an_old_backlog_are_refused_and_snapshots_expire() {
 #[tokio::test]
 async fn topic_retention_lets_a_new_subscription_seek_back_before_it_existed() {
     let dir = tempfile::tempdir().unwrap();
-    let clock = ManualClock::new(T0);
+    let clock = ManualClock::at_nanos(T0);
     let b = open(dir.path(), &clock);
     make_topic(&b, "t", Some(DAY)).await;
     assert_eq!(b.topic_retention(&topic("t").to_string()), Some(DAY));
@@ -358,7 +359,7 @@ async fn topic_retention_lets_a_new_subscription_seek_back_before_it_existed() {
 #[tokio::test]
 async fn retention_bounds_are_checked() {
     let dir = tempfile::tempdir().unwrap();
-    let clock = ManualClock::new(T0);
+    let clock = ManualClock::at_nanos(T0);
     let b = open(dir.path(), &clock);
     let e = b
         .create_topic_with_retention(

@@ -66,14 +66,14 @@ impl GcsError {
         Self::not_found(format!("No such object: {bucket}/{name}"))
     }
 
+    /// Google's body without a status name, plus the `errors` array that
+    /// the Cloud Storage clients read `reason` from.
     pub fn body(&self) -> serde_json::Value {
-        serde_json::json!({
-            "error": {
-                "code": self.status,
-                "message": self.message,
-                "errors": [{"message": self.message, "domain": "global", "reason": self.reason}],
-            }
-        })
+        let mut body = pubrun_core::error::json_body(self.status, None, &self.message);
+        body["error"]["errors"] = serde_json::json!([
+            {"message": self.message, "domain": "global", "reason": self.reason}
+        ]);
+        body
     }
 }
 
@@ -116,5 +116,18 @@ impl IntoResponse for GcsError {
             HeaderValue::from_static("application/json; charset=UTF-8"),
         );
         resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_body_keeps_the_cloud_storage_shape() {
+        assert_eq!(
+            GcsError::no_bucket("b").body().to_string(),
+            r#"{"error":{"code":404,"errors":[{"domain":"global","message":"The specified bucket does not exist: b","reason":"notFound"}],"message":"The specified bucket does not exist: b"}}"#
+        );
     }
 }

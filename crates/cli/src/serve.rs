@@ -259,7 +259,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
                 .open_triggers(&args.data_dir, args.store.as_deref())
                 .await?,
             broker.clone(),
-            Arc::new(pubrun_triggers::SystemClock),
+            pubrun_core::clock::system(),
         )
         .await
         .context("opening schedules and webhooks")?,

@@ -9,7 +9,7 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use common::{Serve, ServeBuilder, BIN};
-use pubrun_triggers::Clock;
+use pubrun_core::clock::Clock;
 
 const HOOK_TOKEN: &str = "hook-bearer-secret";
 
@@ -178,7 +178,7 @@ async fn applied_schedules_and_webhooks_survive_restart_and_kill_9() {
     );
 
     // kill -9, then the schedule still fires: a tick after the kill arrives.
-    let killed_at = pubrun_triggers::format_time(pubrun_triggers::SystemClock.now());
+    let killed_at = pubrun_triggers::format_time(pubrun_core::clock::SystemClock.now());
     node.stop(true);
     let node = start(&data, None);
     assert_served(&node, "after-kill").await;

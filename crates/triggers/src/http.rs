@@ -101,22 +101,21 @@ impl Webhooks {
 }
 
 /// An error response in Google's JSON shape.
-fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
-    let body =
-        json!({ "error": { "code": status.as_u16(), "message": message.into(), "status": code } });
+/// `status` may differ from `code`'s own (401 and 413 carry their own).
+fn error(status: StatusCode, code: Code, message: impl Into<String>) -> Response {
+    let body = pubrun_core::error::json_body(status.as_u16(), Some(code), &message.into());
     (status, Json(body)).into_response()
 }
 
 fn from_error(e: Error) -> Response {
-    let status =
-        StatusCode::from_u16(e.code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    error(status, e.code.as_str(), e.message)
+    let status = StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    (status, Json(e.json_body())).into_response()
 }
 
 fn unauthenticated(hook: &Hook, message: &str) -> Response {
     let mut r = error(
         StatusCode::UNAUTHORIZED,
-        Code::Unauthenticated.as_str(),
+        Code::Unauthenticated,
         format!("webhook \"{}\": {message}", hook.spec.name),
     );
     if !hook.accepts_bearer() {
@@ -132,7 +131,7 @@ fn unauthenticated(hook: &Hook, message: &str) -> Response {
 fn too_large(hook: &Hook) -> Response {
     error(
         StatusCode::PAYLOAD_TOO_LARGE,
-        Code::InvalidArgument.as_str(),
+        Code::InvalidArgument,
         format!(
             "webhook \"{}\": request body is larger than max_body_bytes = {}",
             hook.spec.name, hook.spec.max_body_bytes
@@ -157,14 +156,14 @@ async fn receive(
     let Some(hook) = hooks.get(&name) else {
         return error(
             StatusCode::NOT_FOUND,
-            Code::NotFound.as_str(),
+            Code::NotFound,
             format!("webhook \"{name}\" not found"),
         );
     };
     if let Some(why) = hook.unavailable() {
         return error(
             StatusCode::SERVICE_UNAVAILABLE,
-            Code::Unavailable.as_str(),
+            Code::Unavailable,
             format!("{why}; nothing was published"),
         );
     }
@@ -196,7 +195,7 @@ async fn receive(
             Err(e) => {
                 return error(
                     StatusCode::BAD_REQUEST,
-                    Code::InvalidArgument.as_str(),
+                    Code::InvalidArgument,
                     format!("could not read the request body: {e}"),
                 )
             }

@@ -72,9 +72,9 @@ use std::path::Path;
 use std::sync::Arc;
 
 use pubrun_broker::Broker;
+use pubrun_core::clock::{Clock, SystemClock};
 use pubrun_core::{Error, Result};
 
-pub use clock::{Clock, ManualClock, SystemClock};
 pub use http::{router, schedules_router, Webhooks};
 pub use schedule::{
     due, format_time, next_fire, parse_time_zone, CronExpr, MissedPolicy, Schedule, ScheduleSpec,
@@ -103,7 +103,7 @@ impl Triggers {
         Self::open_with_clock(data_dir, broker, Arc::new(SystemClock)).await
     }
 
-    /// As [`Triggers::open`], with another clock (tests: [`ManualClock`]).
+    /// As [`Triggers::open`], with another clock (tests: [`pubrun_core::clock::ManualClock`]).
     pub async fn open_with_clock(
         data_dir: &Path,
         broker: Arc<Broker>,

@@ -52,9 +52,9 @@ use pubrun_broker::Broker;
 use pubrun_core::{Error, Result};
 use tokio::sync::{watch, Notify};
 
-use crate::clock::Clock;
 use crate::db::{DefKind, Definition, ScheduleState, Scope, TriggerStore};
 use crate::schedule::{due, format_time, MissedPolicy, Schedule, ScheduleSpec, ScheduleStatus};
+use pubrun_core::clock::Clock;
 
 /// How long a claim is held before another scheduler (or a retry) may take
 /// it over and publish the tick again.
@@ -326,7 +326,7 @@ impl Scheduler {
             return tokio::spawn(async {});
         }
         inner.stopped.store(false, Ordering::SeqCst);
-        inner.clock.subscribe(inner.wake.clone());
+        crate::clock::wake_on_set(&*inner.clock, inner.wake.clone());
         tokio::spawn(async move { inner.run().await })
     }
 
@@ -365,7 +365,7 @@ impl Inner {
                 break;
             }
             let sleep = match next {
-                Some(t) => self.clock.sleep_until(t),
+                Some(t) => crate::clock::sleep_until(&*self.clock, t),
                 None => Box::pin(std::future::pending()),
             };
             tokio::select! {

@@ -10,8 +10,9 @@ use std::time::Duration;
 
 use common::utc;
 use pubrun_broker::Broker;
+use pubrun_core::clock::ManualClock;
 use pubrun_core::{Code, Message};
-use pubrun_triggers::{ManualClock, ScheduleSpec, Triggers, WebhookSpec};
+use pubrun_triggers::{ScheduleSpec, Triggers, WebhookSpec};
 
 const TOPIC: &str = "projects/alpha/topics/imports";
 const SUB: &str = "projects/alpha/subscriptions/imports-sub";

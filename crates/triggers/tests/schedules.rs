@@ -9,10 +9,11 @@ use std::time::Duration;
 
 use common::utc;
 use pubrun_broker::Broker;
+use pubrun_core::clock::ManualClock;
 use pubrun_core::{Message, SubscriptionName};
 use pubrun_store::EmbeddedStore;
 use pubrun_triggers::db::{SqliteTriggerStore, TriggerStore};
-use pubrun_triggers::{ManualClock, MissedPolicy, ScheduleSpec, Triggers};
+use pubrun_triggers::{MissedPolicy, ScheduleSpec, Triggers};
 
 const TOPIC: &str = "projects/demo/topics/imports";
 const SUB: &str = "projects/demo/subscriptions/imports-sub";

@@ -16,9 +16,9 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use super::{
-    empty, field_mask, finish, format_timestamp, from_object, list_json, list_params,
-    method_not_allowed, nullable, parse_body, parse_query, path_params, put_map, put_str,
-    timestamp, Body, Fail, OneParam, Outcome, TwoParams,
+    empty, field_mask, finish, format_timestamp, from_object, list_page, method_not_allowed,
+    nullable, parse_body, parse_query, path_params, put_map, put_str, timestamp, Body, Fail,
+    OneParam, Outcome, TwoParams,
 };
 use crate::grpc::PubSub;
 use crate::pb;
@@ -84,21 +84,21 @@ pub(super) async fn snapshots_collection(
     path: OneParam,
     RawQuery(q): RawQuery,
 ) -> Response {
-    finish(
-        async {
-            let (project, page_size, page_token) = list_params(&method, &uri, path, q)?;
+    list_page(
+        &method,
+        &uri,
+        path,
+        q,
+        "snapshots",
+        |project, page_size, page_token| {
             let r = ps.list_snapshots(pb::ListSnapshotsRequest {
                 project: format!("projects/{project}"),
                 page_size,
                 page_token,
             })?;
-            Ok(list_json(
-                "snapshots",
-                r.snapshots.iter().map(snapshot_json).collect(),
-                &r.next_page_token,
-            ))
-        }
-        .await,
+            let snaps = r.snapshots.iter().map(snapshot_json).collect();
+            Ok((snaps, r.next_page_token))
+        },
     )
 }
 
@@ -182,23 +182,4 @@ pub(super) async fn seek(ps: &PubSub, subscription: String, body: Body) -> Outco
     .await
     .map_err(Fail::from)?;
     Ok(empty())
-}
-
-/// `GET /v1/projects/P/topics/T/snapshots`: snapshot names.
-pub(super) fn topic_snapshots(
-    ps: &PubSub,
-    topic: String,
-    page_size: i32,
-    page_token: String,
-) -> Outcome {
-    let r = ps.list_topic_snapshots(pb::ListTopicSnapshotsRequest {
-        topic,
-        page_size,
-        page_token,
-    })?;
-    Ok(list_json(
-        "snapshots",
-        r.snapshots.into_iter().map(Value::String).collect(),
-        &r.next_page_token,
-    ))
 }

@@ -19,10 +19,10 @@
 //! Wall time comes from a [`Clock`] so tests can move it days ahead.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::AtomicI64;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use pubrun_core::clock::Clock;
 use pubrun_core::config::{
     check_retention, validate_labels, Labels, MAX_SUBSCRIPTION_RETENTION, MAX_TOPIC_RETENTION,
 };
@@ -33,44 +33,8 @@ use pubrun_core::{
 use pubrun_store::catalog::to_ranges;
 use pubrun_store::{Catalog, Record, SeekTarget, SnapshotEntry, TopicEntry};
 
-use super::{page, Broker, Page, State, TopicUpdate};
+use super::{page, page_under, Broker, Page, State, TopicUpdate};
 use crate::msg::{keeps, Msg};
-
-/// Wall-clock time in nanoseconds since the Unix epoch: publish times and
-/// every retention and expiry decision.
-pub trait Clock: Send + Sync + 'static {
-    fn now_nanos(&self) -> i64;
-}
-
-/// The system clock.
-pub struct SystemClock;
-
-impl Clock for SystemClock {
-    fn now_nanos(&self) -> i64 {
-        super::now_nanos()
-    }
-}
-
-/// A clock that moves only when told to (tests).
-#[derive(Default)]
-pub struct ManualClock(AtomicI64);
-
-impl ManualClock {
-    pub fn new(nanos: i64) -> Arc<Self> {
-        Arc::new(ManualClock(AtomicI64::new(nanos)))
-    }
-
-    pub fn advance(&self, d: Duration) {
-        self.0
-            .fetch_add(d.as_nanos() as i64, std::sync::atomic::Ordering::SeqCst);
-    }
-}
-
-impl Clock for ManualClock {
-    fn now_nanos(&self) -> i64 {
-        self.0.load(std::sync::atomic::Ordering::SeqCst)
-    }
-}
 
 /// Google: a snapshot lives 7 days minus the age of the oldest unacked
 /// message, and one that would live less than an hour is refused.
@@ -602,15 +566,9 @@ impl Broker {
         let st = self.lock();
         let now = st.ret.clock.now_nanos();
         let prefix = format!("{project}/snapshots/");
-        page(
-            st.catalog
-                .snapshots
-                .iter()
-                .filter(|(k, s)| k.starts_with(&prefix) && s.expire_time_nanos > now)
-                .map(|(k, s)| (k.clone(), info(k, s))),
-            page_size,
-            token,
-        )
+        page_under(&st.catalog.snapshots, &prefix, page_size, token, |k, s| {
+            (s.expire_time_nanos > now).then(|| info(k, s))
+        })
     }
 
     /// Names of the topic's snapshots.

@@ -729,16 +729,42 @@ async fn simple_upload(b: &Buckets, ctx: &Ctx, bucket: &str, body: Body) -> GcsR
     while let Some(chunk) = reader.next_chunk().await? {
         w.write(&chunk).await?;
     }
+    let object = NewObject {
+        bucket,
+        name,
+        meta,
+        conds,
+    };
+    commit_upload(b, ctx, w, expected, object).await
+}
+
+/// The object a one-request upload creates.
+struct NewObject<'a> {
+    bucket: &'a str,
+    name: String,
+    meta: ObjectMeta,
+    conds: Conditions,
+}
+
+/// Ends a one-request upload: the blob just written must match the hashes
+/// the client sent, then it becomes the object.
+async fn commit_upload(
+    b: &Buckets,
+    ctx: &Ctx,
+    w: BlobWriter,
+    expected: Expected,
+    object: NewObject<'_>,
+) -> GcsResult<Response> {
     let temp = w.finish().await?;
     expected.verify(&temp.digests)?;
     let row = b
         .commit(Write {
-            bucket: bucket.into(),
-            name,
+            bucket: object.bucket.into(),
+            name: object.name,
             source: Source::Temp(temp),
-            meta,
+            meta: object.meta,
             component_count: None,
-            conds,
+            conds: object.conds,
             base: ctx.base.clone(),
             upload_id: None,
         })
@@ -775,21 +801,13 @@ async fn multipart_upload(b: &Buckets, ctx: &Ctx, bucket: &str, body: Body) -> G
     if meta.content_encoding.is_none() {
         meta.content_encoding = ctx.q("contentEncoding");
     }
-    let temp = w.finish().await?;
-    expected.verify(&temp.digests)?;
-    let row = b
-        .commit(Write {
-            bucket: bucket.into(),
-            name,
-            source: Source::Temp(temp),
-            meta,
-            component_count: None,
-            conds,
-            base: ctx.base.clone(),
-            upload_id: None,
-        })
-        .await?;
-    ok(row.to_json(&ctx.base))
+    let object = NewObject {
+        bucket,
+        name,
+        meta,
+        conds,
+    };
+    commit_upload(b, ctx, w, expected, object).await
 }
 
 async fn start_resumable(b: &Buckets, ctx: &Ctx, bucket: &str, body: Body) -> GcsResult<Response> {

@@ -373,7 +373,7 @@ pub fn admin_router(pools: Pools) -> Router {
 fn admin_err(code: StatusCode, msg: String) -> Response {
     (
         code,
-        Json(json!({ "error": { "code": code.as_u16(), "message": msg } })),
+        Json(pubrun_core::error::json_body(code.as_u16(), None, &msg)),
     )
         .into_response()
 }

@@ -129,7 +129,14 @@ fn write_groups(
         let mut conn = conn.lock().unwrap_or_else(|p| p.into_inner());
         let failed = commit_group(&mut conn, &mut group).err().map(|detail| {
             // Whatever the group did is undone; each call reports the failure.
-            let _ = conn.execute_batch("ROLLBACK");
+            // (SQLite may have rolled back already; a failed rollback is reported too.)
+            let detail = match conn.is_autocommit() {
+                true => detail,
+                false => match conn.execute_batch("ROLLBACK") {
+                    Ok(()) => detail,
+                    Err(e) => format!("{detail}; rollback failed: {e}"),
+                },
+            };
             SqliteError::Commit {
                 path: path.clone(),
                 detail,

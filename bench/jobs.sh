@@ -17,7 +17,7 @@
 #
 # Knobs (environment): LATENCY_N=200 TPUT_N=2000 DOCKER_N=10 CONC=nproc*2
 #   IMAGE=pubrun-test/busybox:latest NO_BUILD=1 (use the existing binary)
-#   PROFILE=release|debug
+#   PROFILE=release|debug SYNC=always|interval (the server's --sync mode)
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -102,9 +102,9 @@ retries = { max_attempts = 1 }
 TOML
 
 port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
-echo "[bench] pubrun serve on 127.0.0.1:$port, slots $conc, data in $tmp/data" >&2
+echo "[bench] pubrun serve on 127.0.0.1:$port, slots $conc, --sync ${SYNC:-always}, data in $tmp/data" >&2
 PUBRUN_LOG="${PUBRUN_LOG:-warn}" "$pubrun" serve --listen "127.0.0.1:$port" --data-dir "$tmp/data" \
-  --config "$tmp/bench.toml" --slots "$conc" 2>"$tmp/server.log" &
+  --config "$tmp/bench.toml" --slots "$conc" --sync "${SYNC:-always}" 2>"$tmp/server.log" &
 server_pid=$!
 for _ in $(seq 1 200); do
   curl -fsS "http://127.0.0.1:$port/healthz" >/dev/null 2>&1 && break
@@ -116,7 +116,7 @@ curl -fsS "http://127.0.0.1:$port/healthz" >/dev/null || { echo "pubrun serve di
 set +e
 timeout 1800 python3 "$repo/bench/jobs.py" --addr "127.0.0.1:$port" --project bench --conc "$conc" \
   --latency-n "${LATENCY_N:-200}" --tput-n "${TPUT_N:-2000}" --docker-n "${DOCKER_N:-10}" \
-  --image "$image" --no-docker "$no_docker" --profile "$profile" --fsync-dir "$tmp"
+  --image "$image" --no-docker "$no_docker" --profile "$profile (--sync ${SYNC:-always})" --fsync-dir "$tmp"
 rc=$?
 set -e
 if [ "$rc" != 0 ]; then

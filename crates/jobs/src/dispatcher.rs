@@ -477,10 +477,12 @@ impl Dispatcher {
                 }
             };
             if !queued.is_empty() {
+                // The runs are durable: the scheduler need not wait for the
+                // ack's own commit (a redelivery is caught by dedup).
+                self.wake.notify_one();
                 if let Err(e) = self.broker.acknowledge(&sub, &queued).await {
                     tracing::warn!(job, error = %e, "ack after queueing failed; duplicates will be caught by dedup");
                 }
-                self.wake.notify_one();
             }
         }
     }
@@ -631,9 +633,9 @@ impl Dispatcher {
                     continue;
                 }
             };
-            let mut started = 0;
+            let mut claimed = 0;
             for q in queued {
-                if started >= free {
+                if claimed >= free {
                     break;
                 }
                 if q.cancel_requested {
@@ -659,29 +661,39 @@ impl Dispatcher {
                         .insert(q.id, (q.job.clone(), token.clone(), !remote));
                     spec
                 };
-                if let Err(e) = self.store.mark_starting(q.id).await {
-                    self.lock().active.remove(&q.id);
-                    tracing::debug!(run = q.id, error = %e, "run not started");
-                    continue;
-                }
-                let run = match self.store.get(q.id).await {
-                    Ok(r) => r,
-                    Err(e) => {
-                        self.lock().active.remove(&q.id);
-                        tracing::error!(run = q.id, error = %e, "claimed run cannot be read");
-                        continue;
-                    }
-                };
-                started += 1;
-                // Waited since it was due: queued, or its retry's backoff ended.
-                pubrun_observability::metrics()
-                    .queue_wait
-                    .get_or_create(&labels([("job", &run.job)]))
-                    .observe((now_ms() - run.not_before_ms).max(0) as f64 / 1000.0);
+                claimed += 1;
+                // Claimed on its own task: the claims of one wake share a
+                // group commit instead of waiting for each other's fsync.
                 let this = self.clone();
-                tokio::spawn(async move { this.execute(run, spec, token).await });
+                tokio::spawn(async move { this.claim_and_execute(q.id, spec, token).await });
             }
         }
+    }
+
+    /// Claims a run registered in `active` (durably: `starting`) and runs
+    /// it; a run that cannot be claimed leaves `active` and frees its slot.
+    async fn claim_and_execute(self: Arc<Self>, id: i64, spec: JobSpec, token: CancellationToken) {
+        if let Err(e) = self.store.mark_starting(id).await {
+            // No wake: the scheduler's next pass fills the slot (waking it
+            // here would spin while the store refuses).
+            self.lock().active.remove(&id);
+            tracing::debug!(run = id, error = %e, "run not started");
+            return;
+        }
+        let run = match self.store.get(id).await {
+            Ok(r) => r,
+            Err(e) => {
+                self.lock().active.remove(&id);
+                tracing::error!(run = id, error = %e, "claimed run cannot be read");
+                return;
+            }
+        };
+        // Waited since it was due: queued, or its retry's backoff ended.
+        pubrun_observability::metrics()
+            .queue_wait
+            .get_or_create(&labels([("job", &run.job)]))
+            .observe((now_ms() - run.not_before_ms).max(0) as f64 / 1000.0);
+        self.execute(run, spec, token).await;
     }
 
     /// Ends a queued run that must not start: cancelled, or its job deleted.

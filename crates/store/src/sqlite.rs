@@ -4,9 +4,18 @@
 //! numbered migrations applied in one transaction together with
 //! `user_version`, a database written by a newer pubrun refused, and every
 //! call run off the async runtime (`spawn_blocking`).
+//!
+//! Group commit ([`SqliteDb::write`]): writes queue up for one writer thread,
+//! which runs everything waiting in ONE transaction (each call in its own
+//! savepoint, so a failed call undoes only itself) and one commit, the
+//! single fsync. Every caller gets its answer only after that commit
+//! returned, so what a caller acts on is as durable as with a commit of its
+//! own. Reads from async callers ([`SqliteDb::read`]) use a second,
+//! read-only connection: in WAL mode they never wait behind a commit's fsync.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use rusqlite::Connection;
@@ -27,13 +36,130 @@ pub enum SqliteError {
     },
     #[error("the database task failed: {0}")]
     Task(String),
+    /// The group commit a write was part of failed: nothing of it is kept.
+    #[error("{path}: commit failed: {detail}")]
+    Commit { path: String, detail: String },
 }
 
-/// An open SQLite database: one connection, used by one blocking call at a time.
+/// Most calls one group commit takes (bounds how long one holds the lock).
+const MAX_GROUP: usize = 512;
+
+/// An open SQLite database: one connection, used by one blocking call at a
+/// time; plus, once used, the group-commit writer and a read connection.
 #[derive(Clone)]
 pub struct SqliteDb {
     conn: Arc<Mutex<Connection>>,
     path: Arc<PathBuf>,
+    writer: Arc<OnceLock<mpsc::Sender<Box<dyn Pending>>>>,
+    /// Opened on first use; a failed open is retried by the next read.
+    reader: Arc<Mutex<Option<Connection>>>,
+}
+
+/// One queued write: applied inside the group's transaction, answered after
+/// its commit.
+trait Pending: Send {
+    /// Runs the call; whether it succeeded (a failure is rolled back to its savepoint).
+    fn apply(&mut self, conn: &mut Connection) -> bool;
+    /// Sends the answer: the call's own, or `failed` if the commit was not made.
+    fn answer(self: Box<Self>, failed: Option<&SqliteError>);
+}
+
+struct Call<F, T, E> {
+    f: Option<F>,
+    result: Option<Result<T, E>>,
+    reply: tokio::sync::oneshot::Sender<Result<T, E>>,
+}
+
+impl<F, T, E> Pending for Call<F, T, E>
+where
+    F: FnOnce(&mut Connection) -> Result<T, E> + Send,
+    T: Send,
+    E: Send + From<SqliteError>,
+{
+    fn apply(&mut self, conn: &mut Connection) -> bool {
+        let Some(f) = self.f.take() else { return false };
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(conn))) {
+            Ok(r) => {
+                let ok = r.is_ok();
+                self.result = Some(r);
+                ok
+            }
+            Err(_) => false,
+        }
+    }
+
+    fn answer(self: Box<Self>, failed: Option<&SqliteError>) {
+        let r = match (failed, self.result) {
+            // Nothing of the group was kept, whatever the call answered.
+            (Some(e), _) => Err(E::from(copy_err(e))),
+            (_, Some(r)) => r,
+            (_, None) => Err(E::from(SqliteError::Task(
+                "the call panicked or was not run".into(),
+            ))),
+        };
+        // The caller may have gone away (its future dropped): nothing to tell.
+        let _ = self.reply.send(r);
+    }
+}
+
+fn copy_err(e: &SqliteError) -> SqliteError {
+    match e {
+        SqliteError::Commit { path, detail } => SqliteError::Commit {
+            path: path.clone(),
+            detail: detail.clone(),
+        },
+        other => SqliteError::Task(other.to_string()),
+    }
+}
+
+/// The writer thread: one transaction and one commit per group of waiting calls.
+fn write_groups(
+    conn: Arc<Mutex<Connection>>,
+    path: String,
+    queue: mpsc::Receiver<Box<dyn Pending>>,
+) {
+    while let Ok(first) = queue.recv() {
+        let mut group = vec![first];
+        while group.len() < MAX_GROUP {
+            match queue.try_recv() {
+                Ok(p) => group.push(p),
+                Err(_) => break,
+            }
+        }
+        let mut conn = conn.lock().unwrap_or_else(|p| p.into_inner());
+        let failed = commit_group(&mut conn, &mut group).err().map(|detail| {
+            // Whatever the group did is undone; each call reports the failure.
+            // (SQLite may have rolled back already; a failed rollback is reported too.)
+            let detail = match conn.is_autocommit() {
+                true => detail,
+                false => match conn.execute_batch("ROLLBACK") {
+                    Ok(()) => detail,
+                    Err(e) => format!("{detail}; rollback failed: {e}"),
+                },
+            };
+            SqliteError::Commit {
+                path: path.clone(),
+                detail,
+            }
+        });
+        drop(conn);
+        for p in group {
+            p.answer(failed.as_ref());
+        }
+    }
+}
+
+fn commit_group(conn: &mut Connection, group: &mut [Box<dyn Pending>]) -> Result<(), String> {
+    let sql = |conn: &Connection, q: &str| conn.execute_batch(q).map_err(|e| e.to_string());
+    sql(conn, "BEGIN IMMEDIATE")?;
+    for p in group.iter_mut() {
+        sql(conn, "SAVEPOINT pubrun_call")?;
+        if !p.apply(conn) {
+            sql(conn, "ROLLBACK TO pubrun_call")?;
+        }
+        sql(conn, "RELEASE pubrun_call")?;
+    }
+    sql(conn, "COMMIT")
 }
 
 impl SqliteDb {
@@ -82,6 +208,8 @@ impl SqliteDb {
         Ok(SqliteDb {
             conn: Arc::new(Mutex::new(conn)),
             path: Arc::new(path.to_path_buf()),
+            writer: Arc::default(),
+            reader: Arc::default(),
         })
     }
 
@@ -124,5 +252,192 @@ impl SqliteDb {
         })
         .await
         .map_err(|e| E::from(SqliteError::Task(e.to_string())))?
+    }
+
+    /// Runs the write `f` in the next group commit (see the module docs) and
+    /// answers once that commit returned. `f` must not begin or commit a
+    /// transaction itself (a savepoint is fine).
+    pub async fn write<T, E>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, E> + Send + 'static,
+    ) -> Result<T, E>
+    where
+        T: Send + 'static,
+        E: Send + 'static + From<SqliteError>,
+    {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let call: Box<dyn Pending> = Box::new(Call {
+            f: Some(f),
+            result: None,
+            reply,
+        });
+        let queue = self.writer.get_or_init(|| {
+            let (tx, rx) = mpsc::channel();
+            let (conn, path) = (self.conn.clone(), self.path.display().to_string());
+            std::thread::Builder::new()
+                .name("sqlite-writer".into())
+                .spawn(move || write_groups(conn, path, rx))
+                .expect("spawning the SQLite writer thread");
+            tx
+        });
+        queue
+            .send(call)
+            .map_err(|_| E::from(SqliteError::Task("the writer thread stopped".into())))?;
+        answer
+            .await
+            .map_err(|_| E::from(SqliteError::Task("the writer thread stopped".into())))?
+    }
+
+    /// Runs the read-only `f` on the read connection, off the async runtime.
+    pub async fn read<T, E>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, E> + Send + 'static,
+    ) -> Result<T, E>
+    where
+        T: Send + 'static,
+        E: Send + 'static + From<SqliteError>,
+    {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut reader = this.reader.lock().unwrap_or_else(|p| p.into_inner());
+            let conn = match reader.as_mut() {
+                Some(c) => c,
+                None => reader.insert(this.open_reader().map_err(|source| {
+                    E::from(SqliteError::Db {
+                        path: this.path.display().to_string(),
+                        source,
+                    })
+                })?),
+            };
+            f(conn)
+        })
+        .await
+        .map_err(|e| E::from(SqliteError::Task(e.to_string())))?
+    }
+
+    /// A second connection that can only read (a write through it fails).
+    fn open_reader(&self) -> rusqlite::Result<Connection> {
+        let conn = Connection::open(self.path.as_path())?;
+        conn.busy_timeout(Duration::from_secs(10))?;
+        conn.pragma_update(None, "query_only", true)?;
+        Ok(conn)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SCHEMA: &[&str] = &["CREATE TABLE t (k TEXT PRIMARY KEY, n INTEGER NOT NULL);"];
+
+    fn call(
+        f: impl FnOnce(&mut Connection) -> Result<(), SqliteError> + Send + 'static,
+    ) -> (
+        Box<dyn Pending>,
+        tokio::sync::oneshot::Receiver<Result<(), SqliteError>>,
+    ) {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let call = Call {
+            f: Some(f),
+            result: None,
+            reply,
+        };
+        (Box::new(call), answer)
+    }
+
+    fn insert(k: &'static str) -> impl FnOnce(&mut Connection) -> Result<(), SqliteError> {
+        move |c| {
+            c.execute("INSERT INTO t(k, n) VALUES (?1, 1)", [k])
+                .map(|_| ())
+                .map_err(|e| SqliteError::Task(e.to_string()))
+        }
+    }
+
+    fn keys(db: &SqliteDb) -> Vec<String> {
+        db.call_blocking(|c| {
+            let mut s = c.prepare("SELECT k FROM t ORDER BY k").unwrap();
+            let rows = s.query_map([], |r| r.get(0)).unwrap();
+            rows.collect::<rusqlite::Result<Vec<String>>>().unwrap()
+        })
+    }
+
+    /// One group, one commit: a call that fails halfway undoes only its own
+    /// changes, and each caller gets its own answer.
+    #[test]
+    fn a_failed_call_leaves_the_rest_of_its_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = SqliteDb::open_blocking(&dir.path().join("g.db"), SCHEMA).unwrap();
+        let (a, a_answer) = call(insert("a"));
+        let (b, b_answer) = call(|c| {
+            insert("b")(c)?;
+            insert("a")(c) // taken by the first call: fails after writing b
+        });
+        let (d, d_answer) = call(insert("d"));
+        let mut group = vec![a, b, d];
+        db.call_blocking(|c| commit_group(c, &mut group)).unwrap();
+        for p in group {
+            p.answer(None);
+        }
+        assert!(a_answer.blocking_recv().unwrap().is_ok());
+        assert!(b_answer.blocking_recv().unwrap().is_err());
+        assert!(d_answer.blocking_recv().unwrap().is_ok());
+        assert_eq!(keys(&db), ["a", "d"]);
+    }
+
+    /// A group whose commit failed answers every call with the failure,
+    /// also the calls that succeeded inside it.
+    #[test]
+    fn a_failed_commit_fails_every_call() {
+        let (a, a_answer) = call(|_| Ok(()));
+        let failed = SqliteError::Commit {
+            path: "x".into(),
+            detail: "disk I/O error".into(),
+        };
+        a.answer(Some(&failed));
+        let err = a_answer.blocking_recv().unwrap().unwrap_err();
+        assert!(err.to_string().contains("commit failed"), "{err}");
+    }
+
+    /// Through the writer thread: many concurrent writes all land, and the
+    /// read connection sees each one once its write returned.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_writes_are_all_committed_and_readable() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = SqliteDb::open(&dir.path().join("w.db"), SCHEMA)
+            .await
+            .unwrap();
+        let writes = (0..200).map(|i| {
+            let db = db.clone();
+            tokio::spawn(async move {
+                let k = format!("k{i:03}");
+                let k2 = k.clone();
+                db.write(move |c| {
+                    c.execute("INSERT INTO t(k, n) VALUES (?1, 1)", [&k2])
+                        .map(|_| ())
+                        .map_err(|e| SqliteError::Task(e.to_string()))
+                })
+                .await
+                .unwrap();
+                let seen: i64 = db
+                    .read(move |c| {
+                        c.query_row("SELECT COUNT(*) FROM t WHERE k = ?1", [&k], |r| r.get(0))
+                            .map_err(|e| SqliteError::Task(e.to_string()))
+                    })
+                    .await
+                    .unwrap();
+                assert_eq!(seen, 1);
+            })
+        });
+        for w in writes.collect::<Vec<_>>() {
+            w.await.unwrap();
+        }
+        assert_eq!(keys(&db).len(), 200);
+        let refused = db
+            .read(|c| {
+                c.execute("INSERT INTO t(k, n) VALUES ('r', 1)", [])
+                    .map_err(|e| SqliteError::Task(e.to_string()))
+            })
+            .await;
+        assert!(refused.is_err(), "the read connection must not write");
     }
 }

@@ -6,7 +6,7 @@ use std::path::Path;
 use pubrun_core::job::JobSpec;
 use pubrun_core::run::{Exit, RunStatus};
 use pubrun_core::{Error, Result};
-use rusqlite::{params, Connection, OptionalExtension, Transaction};
+use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{
     claim_refused, parse_jobs, to_json, Enqueued, QueuedRun, RawRun, RunRecord, RunStore,
@@ -146,11 +146,20 @@ impl SqliteRunStore {
 }
 
 impl SqliteRunStore {
-    async fn call<T: Send + 'static>(
+    /// A query, on the read connection (never waits for a commit's fsync).
+    async fn read<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut Connection) -> Result<T> + Send + 'static,
     ) -> Result<T> {
-        self.db.call(f).await
+        self.db.read(f).await
+    }
+
+    /// A change, in the next group commit: answered once it is durable.
+    async fn write<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        self.db.write(f).await
     }
 }
 
@@ -203,9 +212,11 @@ fn transition(
     conn: &mut Connection,
     id: i64,
     to: RunStatus,
-    update: impl FnOnce(&Transaction<'_>) -> rusqlite::Result<usize>,
+    update: impl FnOnce(&Connection) -> rusqlite::Result<usize>,
 ) -> Result<()> {
-    let tx = conn.transaction().map_err(db_err)?;
+    // A savepoint: its own transaction for blocking callers, nested in the
+    // group's for the writer thread.
+    let tx = conn.savepoint().map_err(db_err)?;
     let status: String = tx
         .query_row("SELECT status FROM runs WHERE id = ?1", params![id], |r| {
             r.get(0)
@@ -318,7 +329,7 @@ impl EnqueueBatch {
 
     fn run(self, c: &mut Connection, now_ms: i64) -> Result<Vec<Enqueued>> {
         let name = self.job;
-        let tx = c.transaction().map_err(db_err)?;
+        let tx = c.savepoint().map_err(db_err)?;
         let mut out = Vec::with_capacity(self.items.len());
         for (meta, message_id, data, dedup_key) in self.items {
             let existing: Option<(i64, i64)> = tx
@@ -360,7 +371,7 @@ impl RunStore for SqliteRunStore {
     async fn put_job(&self, spec: &JobSpec) -> Result<()> {
         let json = to_json(spec)?;
         let name = spec.name.clone();
-        self.call(move |c| {
+        self.write(move |c| {
             c.execute("INSERT INTO jobs(name, spec) VALUES (?1, ?2) ON CONFLICT(name) DO UPDATE SET spec = excluded.spec", params![name, json])
                 .map_err(db_err)?;
             Ok(())
@@ -370,7 +381,7 @@ impl RunStore for SqliteRunStore {
 
     async fn delete_job(&self, name: &str) -> Result<bool> {
         let name = name.to_string();
-        self.call(move |c| {
+        self.write(move |c| {
             Ok(c.execute("DELETE FROM jobs WHERE name = ?1", params![name])
                 .map_err(db_err)?
                 > 0)
@@ -380,7 +391,7 @@ impl RunStore for SqliteRunStore {
 
     async fn jobs(&self) -> Result<Vec<JobSpec>> {
         let specs = self
-            .call(|c| {
+            .read(|c| {
                 let mut stmt = c
                     .prepare("SELECT spec FROM jobs ORDER BY name")
                     .map_err(db_err)?;
@@ -395,7 +406,7 @@ impl RunStore for SqliteRunStore {
 
     async fn meta(&self, key: &str) -> Result<Option<String>> {
         let key = key.to_string();
-        self.call(move |c| {
+        self.read(move |c| {
             c.query_row("SELECT value FROM meta WHERE key = ?1", params![key], |r| {
                 r.get(0)
             })
@@ -407,7 +418,7 @@ impl RunStore for SqliteRunStore {
 
     async fn set_meta(&self, key: &str, value: &str) -> Result<()> {
         let (key, value) = (key.to_string(), value.to_string());
-        self.call(move |c| {
+        self.write(move |c| {
             c.execute("INSERT INTO meta(key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value", params![key, value])
                 .map_err(db_err)?;
             Ok(())
@@ -422,12 +433,12 @@ impl RunStore for SqliteRunStore {
         now_ms: i64,
     ) -> Result<Vec<Enqueued>> {
         let batch = EnqueueBatch::new(job, messages)?;
-        self.call(move |c| batch.run(c, now_ms)).await
+        self.write(move |c| batch.run(c, now_ms)).await
     }
 
     async fn startable(&self, job: &str, now_ms: i64, limit: usize) -> Result<Vec<QueuedRun>> {
         let job = job.to_string();
-        self.call(move |c| {
+        self.read(move |c| {
             let mut stmt = c
                 .prepare_cached(
                     "SELECT id, cancel_requested FROM runs WHERE status = 'queued' AND job = ?1 AND not_before_ms <= ?2
@@ -449,7 +460,7 @@ impl RunStore for SqliteRunStore {
     }
 
     async fn due_queued_by_job(&self, now_ms: i64) -> Result<Vec<(String, u64)>> {
-        self.call(move |c| {
+        self.read(move |c| {
             let mut stmt = c
                 .prepare_cached(
                     "SELECT job, COUNT(*) FROM runs WHERE status = 'queued' AND not_before_ms <= ?1 GROUP BY job",
@@ -464,7 +475,7 @@ impl RunStore for SqliteRunStore {
     }
 
     async fn next_due_ms(&self, now_ms: i64) -> Result<Option<i64>> {
-        self.call(move |c| {
+        self.read(move |c| {
             c.query_row("SELECT MIN(not_before_ms) FROM runs WHERE status = 'queued' AND not_before_ms > ?1", params![now_ms], |r| r.get(0))
                 .map_err(db_err)
         })
@@ -473,7 +484,7 @@ impl RunStore for SqliteRunStore {
 
     async fn queued_orphans(&self, jobs: &[String]) -> Result<Vec<QueuedRun>> {
         let all = self
-            .call(|c| {
+            .read(|c| {
                 let mut stmt = c
                     .prepare("SELECT id, job, cancel_requested FROM runs WHERE status = 'queued'")
                     .map_err(db_err)?;
@@ -493,11 +504,11 @@ impl RunStore for SqliteRunStore {
     }
 
     async fn prune_dedup(&self, now_ms: i64) -> Result<usize> {
-        self.call(move |c| prune_dedup(c, now_ms)).await
+        self.write(move |c| prune_dedup(c, now_ms)).await
     }
 
     async fn get(&self, id: i64) -> Result<RunRecord> {
-        self.call(move |c| get_run(c, id)).await
+        self.read(move |c| get_run(c, id)).await
     }
 
     async fn list_before(
@@ -508,17 +519,17 @@ impl RunStore for SqliteRunStore {
         limit: usize,
     ) -> Result<Vec<RunRecord>> {
         let job = job.map(str::to_string);
-        self.call(move |c| list_runs(c, job.as_deref(), status, before, limit))
+        self.read(move |c| list_runs(c, job.as_deref(), status, before, limit))
             .await
     }
 
     async fn count_by_status(&self) -> Result<Vec<(RunStatus, u64)>> {
-        self.call(|c| count_by_status(c)).await
+        self.read(|c| count_by_status(c)).await
     }
 
     async fn with_status(&self, statuses: &[RunStatus]) -> Result<Vec<RunRecord>> {
         let statuses = statuses.to_vec();
-        self.call(move |c| {
+        self.read(move |c| {
             let mut out = Vec::new();
             for s in statuses {
                 out.extend(query_runs(
@@ -533,7 +544,7 @@ impl RunStore for SqliteRunStore {
     }
 
     async fn mark_starting(&self, id: i64) -> Result<()> {
-        self.call(move |c| mark_starting(c, id)).await
+        self.write(move |c| mark_starting(c, id)).await
     }
 
     async fn cancel_if_queued(
@@ -545,7 +556,7 @@ impl RunStore for SqliteRunStore {
     ) -> Result<bool> {
         debug_assert_eq!(exit.status(), RunStatus::Cancelled);
         let json = to_json(exit)?;
-        self.call(move |c| {
+        self.write(move |c| {
             let n = c
                 .execute(
                     "UPDATE runs SET status = 'cancelled', cancel_requested = 1, exit = ?2, ended_at_ms = ?3, result_published = ?4
@@ -560,7 +571,7 @@ impl RunStore for SqliteRunStore {
 
     async fn mark_running(&self, id: i64, machine: &str, handle: &str, now_ms: i64) -> Result<()> {
         let (machine, handle) = (machine.to_string(), handle.to_string());
-        self.call(move |c| mark_running(c, id, &machine, &handle, now_ms))
+        self.write(move |c| mark_running(c, id, &machine, &handle, now_ms))
             .await
     }
 
@@ -572,7 +583,7 @@ impl RunStore for SqliteRunStore {
         last_exit: &Exit,
     ) -> Result<()> {
         let exit = to_json(last_exit)?;
-        self.call(move |c| {
+        self.write(move |c| {
             transition(c, id, RunStatus::Queued, |tx| {
                 tx.execute(
                     "UPDATE runs SET attempt = ?2, not_before_ms = ?3, exit = ?4 WHERE id = ?1",
@@ -592,7 +603,7 @@ impl RunStore for SqliteRunStore {
     ) -> Result<RunStatus> {
         let status = exit.status();
         let json = to_json(exit)?;
-        self.call(move |c| {
+        self.write(move |c| {
             transition(c, id, status, |tx| {
                 tx.execute(
                     "UPDATE runs SET exit = ?2, ended_at_ms = ?3, result_published = ?4 WHERE id = ?1",
@@ -605,8 +616,8 @@ impl RunStore for SqliteRunStore {
     }
 
     async fn request_cancel(&self, id: i64) -> Result<RunRecord> {
-        self.call(move |c| {
-            let tx = c.transaction().map_err(db_err)?;
+        self.write(move |c| {
+            let tx = c.savepoint().map_err(db_err)?;
             let run = get_run(&tx, id)?;
             if run.status.is_terminal() {
                 return Err(Error::precondition(format!(
@@ -627,12 +638,12 @@ impl RunStore for SqliteRunStore {
     }
 
     async fn unpublished_results(&self) -> Result<Vec<RunRecord>> {
-        self.call(|c| query_runs(c, "WHERE result_published = 0 ORDER BY id", []))
+        self.read(|c| query_runs(c, "WHERE result_published = 0 ORDER BY id", []))
             .await
     }
 
     async fn mark_result_published(&self, id: i64) -> Result<()> {
-        self.call(move |c| {
+        self.write(move |c| {
             c.execute(
                 "UPDATE runs SET result_published = 1 WHERE id = ?1",
                 params![id],
@@ -649,7 +660,7 @@ impl RunStore for SqliteRunStore {
 
     async fn put_log(&self, id: i64, log: &[u8]) -> Result<()> {
         let log = log.to_vec();
-        self.call(move |c| {
+        self.write(move |c| {
             c.execute(
                 "INSERT INTO run_logs(run_id, body) VALUES (?1, ?2)
                  ON CONFLICT(run_id) DO UPDATE SET body = excluded.body",
@@ -662,7 +673,7 @@ impl RunStore for SqliteRunStore {
     }
 
     async fn log(&self, id: i64) -> Result<Option<Vec<u8>>> {
-        self.call(move |c| {
+        self.read(move |c| {
             c.query_row(
                 "SELECT body FROM run_logs WHERE run_id = ?1",
                 params![id],

@@ -301,7 +301,7 @@ async fn apply(
         .into_iter()
         .map(|s| (s.name, s.backlog))
         .collect();
-    let changes = crate::apply::apply_manifest(
+    let changes = pubrun_jobs::apply::apply_manifest(
         &api.broker,
         &api.dispatcher,
         api.triggers.as_deref(),

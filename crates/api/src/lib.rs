@@ -5,7 +5,6 @@
 //! and map [`pubrun_core::Error`] to gRPC status or Google's JSON error body
 //! in exactly one place each (`status.rs`).
 
-pub mod apply;
 mod body_limit;
 pub mod cluster;
 pub mod codec;

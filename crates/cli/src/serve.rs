@@ -313,7 +313,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         None => buckets.set_base_url(&pubrun_buckets::listen_base_url(addr))?,
     }
     if let Some(m) = &manifest {
-        let changes = pubrun_api::apply::apply_manifest(
+        let changes = pubrun_jobs::apply::apply_manifest(
             &broker,
             &dispatcher,
             Some(&triggers),

@@ -3,7 +3,10 @@
 //! The plan is computed by a pure function ([`plan`]) from what exists, what
 //! the last apply declared and what the manifest declares; [`apply`] then
 //! carries it out through the broker and the dispatcher — the same path
-//! `pubrun serve --config` takes at boot.
+//! `pubrun serve --config` takes at boot. [`apply_manifest`] applies a whole
+//! manifest (this plus buckets, pools, schedules and webhooks), one apply at
+//! a time; the API and `serve --config` call it, so the transport crate
+//! holds no apply logic.
 //!
 //! # Ownership
 //!
@@ -13,6 +16,10 @@
 //! more; another project's jobs (and topics, subscriptions, pools) are never
 //! touched. Job and pool names are server-wide, so a name another project
 //! owns is refused (FAILED_PRECONDITION) before anything changes.
+
+mod manifest;
+
+pub use manifest::apply_manifest;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;

@@ -1,22 +1,22 @@
 //! Applying a whole manifest: topics, subscriptions and jobs (through
-//! `pubrun_jobs::apply`), then schedules and webhooks (through the triggers
+//! [`super::apply`]), then schedules and webhooks (through the triggers
 //! crate). Everything that can be checked is checked before anything
 //! changes, so a bad schedule never leaves a half-applied manifest.
 //! `pubrun apply` and `pubrun serve --config` both come here.
 //!
 //! A manifest owns the resources of its `project` only (see
-//! `pubrun_jobs::apply`): pools, jobs, schedules and webhooks another
+//! [`super`]): pools, jobs, schedules and webhooks another
 //! project declared are neither planned nor deleted, and a name another
 //! project owns is refused. Buckets are global and never deleted by apply.
 //! Applies run one at a time (each reads, then writes, the ownership record).
 
 use std::sync::Arc;
 
+use super::{check_job_owners, Action, Change, Ownership};
+use crate::Dispatcher;
 use pubrun_broker::Broker;
 use pubrun_core::manifest::Manifest;
 use pubrun_core::{Error, Result};
-use pubrun_jobs::apply::{check_job_owners, Action, Change, Ownership};
-use pubrun_jobs::Dispatcher;
 use pubrun_triggers::{MissedPolicy, ScheduleSpec, Triggers, WebhookSpec};
 
 fn schedule_specs(m: &Manifest) -> Result<Vec<ScheduleSpec>> {
@@ -338,7 +338,7 @@ async fn apply_manifest_inner(
         }
         None => {}
     }
-    changes.extend(pubrun_jobs::apply::apply(broker, dispatcher, m, dry_run).await?);
+    changes.extend(super::apply(broker, dispatcher, m, dry_run).await?);
     if let Some(b) = buckets {
         changes.extend(apply_buckets(b, m, dry_run).await?);
     }

@@ -157,7 +157,6 @@ fn file_size_budget() {
         ("crates/buckets/src/service.rs", 1050),
         ("crates/cli/src/client/objects.rs", 950),
         ("crates/core/src/filter.rs", 1000),
-        ("crates/jobs/src/dispatcher.rs", 1950),
         ("crates/pools/src/provider/gce.rs", 1000),
         ("crates/store/src/buckets/postgres.rs", 1150),
         ("crates/store/src/buckets/sqlite.rs", 1000),

@@ -1,0 +1,201 @@
+//! Intake: each job's subscription pull loop, turning deliveries into
+//! queued runs (dedup by message or template key), manual triggers, and
+//! cancelling queued or running runs.
+
+use super::*;
+
+impl Dispatcher {
+    pub(super) fn start_intake(self: &Arc<Self>, spec: JobSpec) -> Result<()> {
+        let this = self.clone();
+        let name = spec.name.clone();
+        let intake: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> =
+            if spec.connection.is_some() {
+                Box::pin(async move { this.remote_intake(name).await })
+            } else {
+                let topic = TopicName::parse(&spec.topic)?;
+                let sub =
+                    SubscriptionName::parse(&job_subscription(topic.project().id(), &spec.name))?;
+                Box::pin(async move { this.intake(name, sub).await })
+            };
+        // Spawned under the lock: the new intake must not look its job up
+        // before the job is installed (it would find nothing, or the old
+        // spec, and stop). Replacing the entry drops the old JobState, which
+        // aborts the old intake.
+        let mut st = self.lock();
+        let intake = tokio::spawn(intake);
+        let old = st.jobs.insert(spec.name.clone(), JobState { spec, intake });
+        drop(st);
+        drop(old);
+        Ok(())
+    }
+
+    /// Streams the job's subscription; queues a run per message, then acks.
+    pub(super) async fn intake(self: Arc<Self>, job: String, sub: SubscriptionName) {
+        let stream = match self.broker.open_stream(&sub, 60, 1000, 0) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(job, error = %e, "job intake cannot open its subscription");
+                return;
+            }
+        };
+        loop {
+            let batch = match stream.next(500).await {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::warn!(job, error = %e, "job intake stopped");
+                    return;
+                }
+            };
+            let Ok(spec) = self.job(&job) else { return };
+            let items: Vec<(SourceMessage, String)> =
+                batch.iter().map(|d| source_and_key(&spec, d)).collect();
+            let received = SystemTime::now();
+            let queued: Vec<_> = match self.store.enqueue_batch(&spec, &items, now_ms()).await {
+                Ok(ids) => {
+                    for (id, (msg, _)) in ids.iter().zip(&items) {
+                        log_queued(&spec.name, id, &msg.id);
+                        if let Enqueued::New(run) = id {
+                            delivery_span(&spec.name, *run, msg, received);
+                        }
+                    }
+                    batch.into_iter().map(|d| d.ack_id).collect()
+                }
+                Err(e) => {
+                    // Not acked: the messages come back after their lease.
+                    tracing::error!(job = spec.name, error = %e, "could not queue runs");
+                    Vec::new()
+                }
+            };
+            if !queued.is_empty() {
+                // The runs are durable: the scheduler need not wait for the
+                // ack's own commit (a redelivery is caught by dedup).
+                self.wake.notify_one();
+                if let Err(e) = self.broker.acknowledge(&sub, &queued).await {
+                    tracing::warn!(job, error = %e, "ack after queueing failed; duplicates will be caught by dedup");
+                }
+            }
+        }
+    }
+
+    /// Queues a run for a message given by hand (`pubrun jobs trigger`).
+    pub async fn trigger(
+        &self,
+        job: &str,
+        data: Vec<u8>,
+        attributes: BTreeMap<String, String>,
+    ) -> Result<i64> {
+        let spec = self.job(job)?;
+        let now = now_ms();
+        let msg = SourceMessage {
+            id: format!(
+                "manual-{now}-{}",
+                self.trigger_seq.fetch_add(1, Ordering::Relaxed)
+            ),
+            data,
+            attributes,
+            publish_time: rfc3339(now * 1_000_000),
+            ordering_key: String::new(),
+        };
+        let key = msg.id.clone();
+        let received = SystemTime::now();
+        let r = self.store.enqueue(&spec, &msg, &key, now).await?;
+        log_queued(&spec.name, &r, &msg.id);
+        // The run span's parent, as for a delivered message.
+        if let Enqueued::New(run) = &r {
+            delivery_span(&spec.name, *run, &msg, received);
+        }
+        self.wake.notify_one();
+        match r {
+            Enqueued::New(id) | Enqueued::Duplicate(id) => Ok(id),
+        }
+    }
+
+    /// Cancels a run: a queued one (also one waiting for a retry) at once,
+    /// a starting or running one via its executor. FAILED_PRECONDITION when
+    /// the run has already ended.
+    ///
+    /// Races with the scheduler are settled in the run store: the cancel flag
+    /// is set first, and [`RunStore::mark_starting`] refuses a flagged run, so
+    /// either the run is still queued (and ends here) or it was claimed — and
+    /// then its cancel switch is already in `active`, because the scheduler
+    /// registers it before claiming.
+    pub async fn cancel_run(&self, id: i64) -> Result<RunRecord> {
+        let run = self.store.request_cancel(id).await?;
+        let has_result = self
+            .lock()
+            .jobs
+            .get(&run.job)
+            .is_some_and(|j| !j.spec.result_topic.is_empty());
+        let exit = Exit::failed(EndCause::Cancelled, "cancelled before it started");
+        if self
+            .store
+            .cancel_if_queued(id, &exit, now_ms(), has_result)
+            .await?
+        {
+            run_ended(&run, &exit, now_ms());
+            self.results_wake.notify_one();
+        } else if let Some((_, token, _)) = self.lock().active.get(&id) {
+            token.cancel();
+        }
+        self.store.get(id).await
+    }
+
+    /// [`cancel_run`](Self::cancel_run) for synchronous callers. Blocks the
+    /// thread: call it from a multi-threaded runtime or a blocking thread.
+    pub fn cancel(&self, id: i64) -> Result<RunRecord> {
+        let handle = tokio::runtime::Handle::current();
+        tokio::task::block_in_place(|| handle.block_on(self.cancel_run(id)))
+    }
+}
+
+/// The run-store view of a delivered message and its dedup key.
+pub(super) fn source_and_key(spec: &JobSpec, d: &Delivered) -> (SourceMessage, String) {
+    let m = &d.message;
+    let msg = SourceMessage {
+        id: m.id(),
+        data: m.data.to_vec(),
+        attributes: m.attributes.clone(),
+        publish_time: rfc3339(m.publish_time_nanos),
+        ordering_key: m.ordering_key.clone(),
+    };
+    let key = dedup_key(spec, &msg);
+    (msg, key)
+}
+
+/// A message's dedup key: the job's `dedup_key` rendered, else its id.
+pub(super) fn dedup_key(spec: &JobSpec, msg: &SourceMessage) -> String {
+    if spec.dedup_key.is_empty() {
+        msg.id.clone()
+    } else {
+        let ctx = TemplateContext::from_message(
+            &msg.data,
+            msg.attributes.clone(),
+            msg.id.clone(),
+            msg.publish_time.clone(),
+            msg.ordering_key.clone(),
+        );
+        // A key that cannot be rendered falls back to the message id: the
+        // run is still created and its failure will say what is missing.
+        // Even a panic must not leave the message unacked: it would come
+        // back, and fail the same way, forever.
+        let rendered = std::panic::catch_unwind(|| template::render(&spec.dedup_key, &ctx));
+        match rendered {
+            // PostgreSQL text cannot hold NUL (an object name can): every
+            // engine stores the same key, with NUL as U+FFFD.
+            Ok(Ok(k)) => k.replace('\0', "\u{FFFD}"),
+            Ok(Err(e)) => {
+                tracing::warn!(job = spec.name, message = msg.id, error = %e, "dedup_key cannot be rendered; using the message id");
+                msg.id.clone()
+            }
+            Err(p) => {
+                tracing::error!(
+                    job = spec.name,
+                    message = msg.id,
+                    error = panic_message(&*p),
+                    "dedup_key rendering panicked; using the message id"
+                );
+                msg.id.clone()
+            }
+        }
+    }
+}

@@ -221,6 +221,8 @@ def main():
     fe_seq = forkexec(a.forkexec_n // 2, 1)
     fe_par = forkexec(a.forkexec_n, a.conc)
     dk = None
+    if a.docker_n <= 0:
+        a.no_docker = "DOCKER_N=0"
     if a.no_docker:
         log(f"(c) skipped: {a.no_docker}")
     else:

@@ -14,6 +14,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::FutureExt;
 use pubrun_broker::{Broker, Delivered};
+use pubrun_core::clock::{Clock, SystemClock};
 use pubrun_core::job::{
     check_relative_path, parse_gs_url, ExecutorSpec, JobSpec, UploadOutputs, TRIGGER_INPUT,
 };
@@ -72,6 +73,9 @@ pub struct Dispatcher {
     waiting: Mutex<Vec<(String, u64)>>,
     /// Clients of the connections jobs use, by connection name.
     connections: Mutex<HashMap<String, Arc<pubrun_connections::Connection>>>,
+    /// Every time the dispatcher records or decides on (set once by tests
+    /// that move a manual clock; the system clock otherwise).
+    clock: OnceLock<Arc<dyn Clock>>,
 }
 
 #[derive(Default)]
@@ -98,10 +102,7 @@ impl Drop for JobState {
 const REATTACH_FIRST_DELAY: Duration = Duration::from_millis(250);
 
 pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+    SystemClock.now_ms()
 }
 
 fn rfc3339(nanos: i64) -> String {
@@ -256,7 +257,24 @@ impl Dispatcher {
             pools: OnceLock::new(),
             waiting: Mutex::default(),
             connections: Mutex::new(HashMap::new()),
+            clock: OnceLock::new(),
         })
+    }
+
+    /// Makes `clock` the dispatcher's time; call before [`Dispatcher::start`].
+    /// A second call is ignored (the first clock stays).
+    pub fn set_clock(&self, clock: Arc<dyn Clock>) {
+        let _ = self.clock.set(clock);
+    }
+
+    /// The dispatcher's clock (the system clock unless one was set).
+    pub fn clock(&self) -> Arc<dyn Clock> {
+        self.clock.get_or_init(pubrun_core::clock::system).clone()
+    }
+
+    /// Now on the dispatcher's clock, in milliseconds since the Unix epoch.
+    pub fn now_ms(&self) -> i64 {
+        self.clock().now_ms()
     }
 
     /// Gives the dispatcher the bucket storage that job `inputs` are read
@@ -278,7 +296,7 @@ impl Dispatcher {
     /// [`waiting_by_job`](Self::waiting_by_job) returns (the metrics
     /// handler calls this before a scrape: gauges are read synchronously).
     pub async fn refresh_waiting(&self) {
-        match self.store.due_queued_by_job(now_ms()).await {
+        match self.store.due_queued_by_job(self.now_ms()).await {
             Ok(w) => *self.waiting.lock().unwrap_or_else(|p| p.into_inner()) = w,
             Err(e) => tracing::warn!(error = %e, "cannot count waiting runs"),
         }
@@ -325,7 +343,7 @@ impl Dispatcher {
                         EndCause::Cancelled,
                         "job was deleted while the run was in flight",
                     );
-                    if let Err(e) = self.store.finish(run.id, &exit, now_ms(), false).await {
+                    if let Err(e) = self.store.finish(run.id, &exit, self.now_ms(), false).await {
                         tracing::error!(run = run.id, error = %e, "could not end a run whose job was deleted");
                     }
                 }

@@ -931,3 +931,27 @@ process = { command = "true" }
         "pubrun's own attributes win: {a:?}"
     );
 }
+
+/// Every time the dispatcher records comes from its clock: a manual clock
+/// set far in the past shows in the run's timestamps exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_times_come_from_the_dispatchers_clock() {
+    let dir = tempdir();
+    let env = open_env_unstarted(dir.path(), 2, process_executors()).await;
+    let at = 1_600_000_000_000; // 2020-09-13: no system clock reads this
+    let clock = pubrun_core::clock::ManualClock::at_ms(at);
+    env.dispatcher.set_clock(std::sync::Arc::new(clock));
+    env.dispatcher.start().await.unwrap();
+    env.job(
+        "name = \"timed\"\ntopic = \"clocked\"\nprocess = { command = \"true\" }\n",
+        "clocked",
+    )
+    .await;
+    env.publish("clocked", &[], "").await;
+    let run = env.wait_runs("timed", 1).await.remove(0);
+    let run = env.wait_end(run.id).await;
+    assert_eq!(run.status, RunStatus::Succeeded, "{run:?}");
+    assert_eq!(run.created_at_ms, at);
+    assert_eq!(run.started_at_ms, Some(at));
+    assert_eq!(run.ended_at_ms, Some(at));
+}

@@ -40,7 +40,7 @@ impl Dispatcher {
             tracing::error!(run = id, error = exit.error.as_deref(), "run failed");
             if let Err(e) = self
                 .store
-                .finish(id, &exit, now_ms(), !spec.result_topic.is_empty())
+                .finish(id, &exit, self.now_ms(), !spec.result_topic.is_empty())
                 .await
             {
                 tracing::error!(run = id, error = %e, "could not record the end of an attempt");
@@ -152,6 +152,7 @@ impl Dispatcher {
         // `running` is never written after the terminal state.
         let marking: Arc<Mutex<Option<tokio::task::JoinHandle<()>>>> = Arc::default();
         let marking2 = marking.clone();
+        let clock = self.clock();
         let on_started = Box::new(move |s: pubrun_exec::Started| {
             tracing::info!(
                 run_id = id,
@@ -164,7 +165,7 @@ impl Dispatcher {
             let store = store.clone();
             let task = tokio::spawn(async move {
                 if let Err(e) = store
-                    .mark_running(id, &s.machine, &s.handle, now_ms())
+                    .mark_running(id, &s.machine, &s.handle, clock.now_ms())
                     .await
                 {
                     tracing::warn!(run = id, error = %e, "could not record running state");

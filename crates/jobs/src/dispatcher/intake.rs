@@ -50,7 +50,8 @@ impl Dispatcher {
             let items: Vec<(SourceMessage, String)> =
                 batch.iter().map(|d| source_and_key(&spec, d)).collect();
             let received = SystemTime::now();
-            let queued: Vec<_> = match self.store.enqueue_batch(&spec, &items, now_ms()).await {
+            let queued: Vec<_> = match self.store.enqueue_batch(&spec, &items, self.now_ms()).await
+            {
                 Ok(ids) => {
                     for (id, (msg, _)) in ids.iter().zip(&items) {
                         log_queued(&spec.name, id, &msg.id);
@@ -85,7 +86,7 @@ impl Dispatcher {
         attributes: BTreeMap<String, String>,
     ) -> Result<i64> {
         let spec = self.job(job)?;
-        let now = now_ms();
+        let now = self.now_ms();
         let msg = SourceMessage {
             id: format!(
                 "manual-{now}-{}",
@@ -129,10 +130,10 @@ impl Dispatcher {
         let exit = Exit::failed(EndCause::Cancelled, "cancelled before it started");
         if self
             .store
-            .cancel_if_queued(id, &exit, now_ms(), has_result)
+            .cancel_if_queued(id, &exit, self.now_ms(), has_result)
             .await?
         {
-            run_ended(&run, &exit, now_ms());
+            run_ended(&run, &exit, self.now_ms());
             self.results_wake.notify_one();
         } else if let Some((_, token, _)) = self.lock().active.get(&id) {
             token.cancel();

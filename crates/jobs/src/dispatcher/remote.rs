@@ -190,7 +190,8 @@ impl Dispatcher {
         let store = self.store.clone();
         let s2 = spec.clone();
         // A task of its own: queueing goes on while the leases are extended.
-        let queued = tokio::spawn(async move { store.enqueue_batch(&s2, &items, now_ms()).await });
+        let now = self.now_ms();
+        let queued = tokio::spawn(async move { store.enqueue_batch(&s2, &items, now).await });
         tokio::pin!(queued);
         let queued = loop {
             tokio::select! {

@@ -8,7 +8,7 @@ impl Dispatcher {
     /// Records how an attempt ended: retry, or terminal state + result.
     pub(super) async fn settle(&self, run: RunRecord, spec: &JobSpec, exit: Exit) {
         let id = run.id;
-        let now = now_ms();
+        let now = self.now_ms();
         if self.store.shared() {
             self.share_log(id).await;
         }

@@ -8,7 +8,7 @@ impl Dispatcher {
     pub(super) async fn scheduler(self: Arc<Self>) {
         let mut sweep_at = 0i64;
         loop {
-            let now = now_ms();
+            let now = self.now_ms();
             if now >= sweep_at {
                 // Rare work: expired dedup keys, runs whose job was deleted.
                 let _ = self.store.prune_dedup(now).await;
@@ -143,7 +143,7 @@ impl Dispatcher {
         pubrun_observability::metrics()
             .queue_wait
             .get_or_create(&labels([("job", &run.job)]))
-            .observe((now_ms() - run.not_before_ms).max(0) as f64 / 1000.0);
+            .observe((self.now_ms() - run.not_before_ms).max(0) as f64 / 1000.0);
         self.execute(run, spec, token).await;
     }
 
@@ -162,12 +162,12 @@ impl Dispatcher {
         let exit = Exit::failed(EndCause::Cancelled, error);
         match self
             .store
-            .cancel_if_queued(run.id, &exit, now_ms(), has_result)
+            .cancel_if_queued(run.id, &exit, self.now_ms(), has_result)
             .await
         {
             Ok(true) => {
                 if let Ok(r) = self.store.get(run.id).await {
-                    run_ended(&r, &exit, now_ms());
+                    run_ended(&r, &exit, self.now_ms());
                 }
                 self.results_wake.notify_one()
             }

@@ -35,6 +35,7 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
+. "$ROOT/scripts/lib.sh"
 PUBRUN_PORT="${BENCH_PUBRUN_PORT:-18085}"
 NATS_PORT="${BENCH_NATS_PORT:-14222}"
 COUNT="${BENCH_COUNT:-100000}"
@@ -76,15 +77,8 @@ done
 WORK="$(mktemp -d "${BENCH_TMPDIR:-${TMPDIR:-/tmp}}/broker-bench.XXXXXX")"
 PUBRUN_PID=""
 NATS_PID=""
-stop() { # stop PID: SIGTERM, wait, then SIGKILL if it lingers
-    local pid="$1"
-    [ -n "$pid" ] || return 0
-    kill -TERM "$pid" 2>/dev/null || return 0
-    for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.1; done
-    kill -KILL "$pid" 2>/dev/null || true
-}
 cleanup() {
-    stop "$PUBRUN_PID"; stop "$NATS_PID"
+    stop_pid "$PUBRUN_PID"; stop_pid "$NATS_PID"
     if [ -n "${BENCH_KEEP:-}" ]; then log "kept $WORK"; else rm -rf "$WORK"; fi
 }
 trap cleanup EXIT
@@ -171,12 +165,12 @@ for mode in always interval; do
         start_pubrun "$WORK/pubrun-$mode-$round" "$mode"
         drive pubrun "http://127.0.0.1:$PUBRUN_PORT" "$PUBRUN_PID" "$round" "$WORK/results-$mode.jsonl"
         [ "$round" = d ] && log "pubrun data dir: $(du -sh "$WORK/pubrun-$mode-$round" | cut -f1)"
-        stop "$PUBRUN_PID"; PUBRUN_PID=""
+        stop_pid "$PUBRUN_PID"; PUBRUN_PID=""
         log "sync $mode, phases $round: NATS JetStream (${nats_line:-default sync})"
         start_nats "$WORK/nats-$mode-$round" "$nats_line"
         drive nats "127.0.0.1:$NATS_PORT" "$NATS_PID" "$round" "$WORK/results-$mode.jsonl"
         [ "$round" = d ] && log "nats store dir: $(du -sh "$WORK/nats-$mode-$round" | cut -f1)"
-        stop "$NATS_PID"; NATS_PID=""
+        stop_pid "$NATS_PID"; NATS_PID=""
     done
 done
 

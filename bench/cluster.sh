@@ -26,6 +26,7 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
+. "$ROOT/scripts/lib.sh"
 COUNT="${BENCH_COUNT:-50000}"
 JOBS_N="${JOBS_N:-2000}"
 SLOW_N="${SLOW_N:-90}"
@@ -50,7 +51,6 @@ pids=()
 as_pg=()
 if [ "$(id -u)" = 0 ]; then chown postgres: "$pgdir"; as_pg=(runuser -u postgres --); fi
 pg() { "${as_pg[@]}" "$PGBIN/$1" "${@:2}"; }
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 stop_servers() {
   for p in "${pids[@]:-}"; do [ -n "$p" ] && kill -TERM "$p" 2>/dev/null || true; done
   for p in "${pids[@]:-}"; do [ -n "$p" ] && wait "$p" 2>/dev/null || true; done
@@ -107,11 +107,7 @@ start_server() {
     --listen "127.0.0.1:$port" --data-dir "$tmp/$cfg-$name" --node-name "$name" \
     --agent-pool workers --agent-slots "$AGENT_SLOTS" "$@" 2>"$tmp/$cfg-$name.log" &
   pids+=($!)
-  for _ in $(seq 1 300); do
-    curl -fsS "http://127.0.0.1:$port/healthz" >/dev/null 2>&1 && return 0
-    sleep 0.1
-  done
-  echo "server $name did not answer; log:" >&2; tail -n 30 "$tmp/$cfg-$name.log" >&2; exit 1
+  wait_healthy "http://127.0.0.1:$port" "${pids[-1]}" "$tmp/$cfg-$name.log" 300 || exit 1
 }
 
 measure() { # cfg addr(host:port) owner-pid

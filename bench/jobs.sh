@@ -22,6 +22,7 @@ set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
+. "$repo/scripts/lib.sh"
 profile="${PROFILE:-release}"
 nproc="$(nproc)"
 conc="${CONC:-$((nproc * 2))}"
@@ -42,12 +43,7 @@ pubrun="${CARGO_TARGET_DIR:-$repo/target}/$profile/pubrun"
 tmp="$(mktemp -d "${TMPDIR:-/tmp}/pubrun-bench.XXXXXX")"
 server_pid=""
 cleanup() {
-  if [ -n "$server_pid" ] && kill -0 "$server_pid" 2>/dev/null; then
-    kill -TERM "$server_pid" 2>/dev/null || true
-    for _ in $(seq 1 100); do kill -0 "$server_pid" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$server_pid" 2>/dev/null || true
-    wait "$server_pid" 2>/dev/null || true
-  fi
+  stop_pid "$server_pid"
   if [ "${KEEP:-0}" = 1 ]; then echo "[bench] kept $tmp" >&2; else rm -rf "$tmp"; fi
 }
 trap cleanup EXIT
@@ -101,17 +97,12 @@ concurrency = 1
 retries = { max_attempts = 1 }
 TOML
 
-port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+port="$(free_port)"
 echo "[bench] pubrun serve on 127.0.0.1:$port, slots $conc, --sync ${SYNC:-always}, data in $tmp/data" >&2
 PUBRUN_LOG="${PUBRUN_LOG:-warn}" "$pubrun" serve --listen "127.0.0.1:$port" --data-dir "$tmp/data" \
   --config "$tmp/bench.toml" --slots "$conc" --sync "${SYNC:-always}" 2>"$tmp/server.log" &
 server_pid=$!
-for _ in $(seq 1 200); do
-  curl -fsS "http://127.0.0.1:$port/healthz" >/dev/null 2>&1 && break
-  kill -0 "$server_pid" 2>/dev/null || { echo "pubrun serve exited:" >&2; cat "$tmp/server.log" >&2; exit 1; }
-  sleep 0.1
-done
-curl -fsS "http://127.0.0.1:$port/healthz" >/dev/null || { echo "pubrun serve did not answer" >&2; exit 1; }
+wait_healthy "http://127.0.0.1:$port" "$server_pid" "$tmp/server.log" 200
 
 set +e
 timeout 1800 python3 "$repo/bench/jobs.py" --addr "127.0.0.1:$port" --project bench --conc "$conc" \

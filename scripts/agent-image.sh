@@ -21,8 +21,7 @@ set -euo pipefail
 
 root="$(cd "$(dirname "$0")/.." && pwd)"
 . "$root/scripts/rootfs.sh"
-target="${CARGO_TARGET_DIR:-$root/target}"
-case "$target" in /*) ;; *) target="$root/$target" ;; esac
+target="$(cargo_target "$root")"
 BIN="${1:-${PUBRUN_BIN:-$target/debug/pubrun}}"
 IMAGE="${2:-${PUBRUN_AGENT_IMAGE:-pubrun-agent:dev}}"
 
@@ -58,11 +57,7 @@ for needed in sh echo sleep cat env ls true false kill; do
   [ -L "$rootfs/bin/$needed" ] || { echo "busybox lacks the applet $needed" >&2; exit 1; }
 done
 rootfs_pubrun "$rootfs" "$BIN" "$work"
-
-
-printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n' > "$rootfs/etc/passwd"
-printf 'root:x:0:\nnogroup:x:65534:\n' > "$rootfs/etc/group"
-printf 'hosts: files dns\n' > "$rootfs/etc/nsswitch.conf"
+rootfs_etc "$rootfs"
 
 tar --numeric-owner --owner=0 --group=0 -C "$rootfs" -cf "$work/rootfs.tar" .
 docker import \

@@ -55,3 +55,29 @@ rootfs_pubrun() {
     echo "ldd $bin failed:" >&2; cat "$work/ldd" >&2; return 1
   fi
 }
+
+# cargo_target ROOT: the cargo target directory ($CARGO_TARGET_DIR, else
+# ROOT/target) as an absolute path.
+cargo_target() {
+  local target="${CARGO_TARGET_DIR:-$1/target}"
+  case "$target" in /*) ;; *) target="$1/$target" ;; esac
+  echo "$target"
+}
+
+# rootfs_etc ROOTFS [USER UID HOME]: /etc/passwd and /etc/group with root,
+# nobody and, when given, one more login-less user (its group has its uid);
+# nsswitch.conf resolving names from files, then DNS.
+rootfs_etc() {
+  local rootfs="$1" user="${2:-}" uid="${3:-}" home="${4:-}"
+  {
+    echo 'root:x:0:0:root:/root:/bin/sh'
+    [ -z "$user" ] || echo "$user:x:$uid:$uid:$user:$home:/bin/false"
+    echo 'nobody:x:65534:65534:nobody:/nonexistent:/bin/false'
+  } > "$rootfs/etc/passwd"
+  {
+    echo 'root:x:0:'
+    [ -z "$user" ] || echo "$user:x:$uid:"
+    echo 'nogroup:x:65534:'
+  } > "$rootfs/etc/group"
+  printf 'hosts: files dns\n' > "$rootfs/etc/nsswitch.conf"
+}

@@ -22,8 +22,7 @@ set -euo pipefail
 
 root="$(cd "$(dirname "$0")/.." && pwd)"
 . "$root/scripts/rootfs.sh"
-target="${CARGO_TARGET_DIR:-$root/target}"
-case "$target" in /*) ;; *) target="$root/$target" ;; esac
+target="$(cargo_target "$root")"
 default_bin="$target/release/pubrun"
 [ -x "$default_bin" ] || default_bin="$target/debug/pubrun"
 BIN="${1:-${PUBRUN_BIN:-$default_bin}}"
@@ -43,26 +42,16 @@ rootfs_busybox "$rootfs" "$work"
 rootfs_pubrun "$rootfs" "$BIN" "$work"
 [ -r /etc/ssl/certs/ca-certificates.crt ] && cp /etc/ssl/certs/ca-certificates.crt "$rootfs/etc/ssl/certs/"
 
-printf 'root:x:0:0:root:/root:/bin/sh\npubrun:x:10001:10001:pubrun:/data:/bin/false\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n' > "$rootfs/etc/passwd"
-printf 'root:x:0:\npubrun:x:10001:\nnogroup:x:65534:\n' > "$rootfs/etc/group"
-printf 'hosts: files dns\n' > "$rootfs/etc/nsswitch.conf"
+rootfs_etc "$rootfs" pubrun 10001 /data
 
-# The Dockerfile's runtime stage, FROM scratch: no base image to pull.
-cat > "$work/Dockerfile" <<'DOCKERFILE'
-FROM scratch
-ADD rootfs.tar /
-USER 10001:10001
-WORKDIR /data
-VOLUME /data
-ENV PATH=/usr/local/bin:/bin \
-    PUBRUN_DATA_DIR=/data \
-    PUBRUN_LISTEN=0.0.0.0:8085
-EXPOSE 8085
-HEALTHCHECK --interval=10s --timeout=5s --start-period=5s --retries=3 \
-  CMD ["/usr/local/bin/pubrun", "healthcheck"]
-ENTRYPOINT ["/usr/local/bin/pubrun"]
-CMD ["serve"]
-DOCKERFILE
+# The Dockerfile's runtime stage, FROM scratch (no base image to pull): its
+# configuration is taken from the root Dockerfile, from `USER` on, so the
+# two images cannot drift apart. scratch has no PATH of its own.
+{
+  printf 'FROM scratch\nADD rootfs.tar /\nENV PATH=/usr/local/bin:/bin\n'
+  sed -n '/^USER /,$p' "$root/Dockerfile"
+} > "$work/Dockerfile"
+grep -q '^CMD \["serve"\]' "$work/Dockerfile" || { echo "server-image.sh: no runtime stage in $root/Dockerfile" >&2; exit 1; }
 # ADD extracts the tar with its owners: root everywhere, but /data belongs
 # to the image's user (a new volume mounted there takes its owner from it).
 chmod 750 "$rootfs/data"

@@ -26,18 +26,14 @@ set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(cd "$here/../.." && pwd)"
+. "$repo/scripts/lib.sh"
 
 need() { command -v "$1" >/dev/null 2>&1 || { echo "run.sh: needs $1" >&2; exit 1; }; }
 need docker
 need curl
 docker version --format '{{.Server.Version}}' >/dev/null || { echo "run.sh: the Docker engine does not answer" >&2; exit 1; }
 
-pubrun="${PUBRUN_BIN:-${CARGO_TARGET_DIR:-$repo/target}/debug/pubrun}"
-if [ ! -x "$pubrun" ]; then
-  need cargo
-  echo "== building pubrun (cargo build -p pubrun)"
-  (cd "$repo" && cargo build -p pubrun)
-fi
+pubrun="$(pubrun_bin "$repo")"
 
 echo "== images"
 bash "$repo/scripts/agent-image.sh" "$pubrun" pubrun-agent:dev | tail -n1
@@ -55,10 +51,7 @@ data="$(mktemp -d "${TMPDIR:-/tmp}/pubrun-seed001.XXXXXX")"
 net="pubrun-seed001-$$"
 server_pid=""
 cleanup() {
-  if [ -n "$server_pid" ] && kill -0 "$server_pid" 2>/dev/null; then
-    kill -TERM "$server_pid" 2>/dev/null || true
-    wait "$server_pid" 2>/dev/null || true
-  fi
+  stop_pid "$server_pid"
   # Machines the server did not get to delete (interrupted run).
   left="$(docker ps -aq --filter "label=pubrun.pool=big" --filter "network=$net" 2>/dev/null || true)"
   [ -z "$left" ] || docker rm -f $left >/dev/null 2>&1 || true
@@ -100,12 +93,7 @@ echo "== pubrun serve --listen $gw:$port --token … --config pubrun.toml (netwo
 "$pubrun" serve --listen "$gw:$port" --token "$token" --data-dir "$data/pubrun-data" \
   --config "$data/pubrun.toml" 2>"$data/server.log" &
 server_pid=$!
-for _ in $(seq 1 150); do
-  curl -fsS "$PUBRUN_ADDR/healthz" >/dev/null 2>&1 && break
-  kill -0 "$server_pid" 2>/dev/null || { echo "pubrun serve exited:" >&2; cat "$data/server.log" >&2; exit 1; }
-  sleep 0.2
-done
-curl -fsS "$PUBRUN_ADDR/healthz" >/dev/null || { echo "pubrun serve did not answer" >&2; cat "$data/server.log" >&2; exit 1; }
+wait_healthy "$PUBRUN_ADDR" "$server_pid" "$data/server.log" 300
 
 echo "== pubrun machines   (no work: no machine)"
 "$pubrun" machines
@@ -149,13 +137,7 @@ echo "== pubrun logs $run_id"
 "$pubrun" logs "$run_id"
 
 echo "== pubrun pull results-watch --ack   (the run's end, as a message)"
-out=""
-for _ in $(seq 1 100); do
-  out="$("$pubrun" pull results-watch --max 10 --ack 2>/dev/null || true)"
-  [ -n "$out" ] && break
-  sleep 0.2
-done
-echo "${out:-(no result message)}"
+show_results "$pubrun" 100
 
 echo "== waiting for the idle machine to be deleted (idle_timeout = 10s)"
 gone=""
@@ -172,8 +154,4 @@ done
 echo "== pubrun cost --machines --runs"
 "$pubrun" cost --machines --runs
 
-exit_code="$("$pubrun" runs show "$run_id" --json | num exit_code || true)"
-case "$status" in
-  succeeded) exit 0 ;;
-  *) exit "${exit_code:-1}" ;;
-esac
+exit_like_run "$status" "$("$pubrun" runs show "$run_id" --json | num exit_code || true)"

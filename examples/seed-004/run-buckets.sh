@@ -13,36 +13,29 @@ set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(cd "$here/../.." && pwd)"
+. "$repo/scripts/lib.sh"
 csv="$(cd "$(dirname "${1:-$here/sample.csv}")" && pwd)/$(basename "${1:-$here/sample.csv}")"
 [ -f "$csv" ] || { echo "run-buckets.sh: no such file: $csv" >&2; exit 1; }
 
-pubrun="${PUBRUN_BIN:-${CARGO_TARGET_DIR:-$repo/target}/debug/pubrun}"
-[ -x "$pubrun" ] || (cd "$repo" && cargo build -p pubrun)
+pubrun="$(pubrun_bin "$repo")"
 venv_python="$(bash "$repo/scripts/python-venv.sh" | tail -n 1)/bin/python"
 
 data="$(mktemp -d "${TMPDIR:-/tmp}/pubrun-seed004.XXXXXX")"
 server_pid=""
 cleanup() {
-  if [ -n "$server_pid" ] && kill -0 "$server_pid" 2>/dev/null; then
-    kill -TERM "$server_pid" 2>/dev/null || true
-    wait "$server_pid" 2>/dev/null || true
-  fi
+  stop_pid "$server_pid"
   rm -rf "$data"
 }
 trap cleanup EXIT
 
-port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+port="$(free_port)"
 export PUBRUN_ADDR="http://127.0.0.1:$port" PUBRUN_PROJECT=demo STORAGE_EMULATOR_HOST="http://127.0.0.1:$port"
 
 echo "== pubrun serve --config $here/pubrun-buckets.toml"
 PATH="$here:$PATH" "$pubrun" serve --listen "127.0.0.1:$port" --data-dir "$data/pubrun-data" \
   --config "$here/pubrun-buckets.toml" 2>"$data/server.log" &
 server_pid=$!
-for _ in $(seq 1 150); do
-  curl -fsS "$PUBRUN_ADDR/healthz" >/dev/null 2>&1 && break
-  kill -0 "$server_pid" 2>/dev/null || { cat "$data/server.log" >&2; exit 1; }
-  sleep 0.1
-done
+wait_healthy "$PUBRUN_ADDR" "$server_pid" "$data/server.log"
 
 name="csv/$(basename "$csv")"
 echo "== upload $name to gs://input with google-cloud-storage"
@@ -73,9 +66,5 @@ echo "== gs://output/results/$run_id/model.json"
 curl -fsS "$PUBRUN_ADDR/storage/v1/b/output/o/results%2F$run_id%2Fmodel.json?alt=media" || echo "(no model: the run failed)"
 
 echo "== pubrun pull results-watch --ack"
-for _ in $(seq 1 50); do
-  out="$("$pubrun" pull results-watch --max 10 --ack 2>/dev/null)"
-  if [ -n "$out" ]; then echo "$out"; break; fi
-  sleep 0.2
-done
+show_results "$pubrun"
 [ "$status" = succeeded ]

@@ -14,22 +14,16 @@ set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(cd "$here/../.." && pwd)"
+. "$repo/scripts/lib.sh"
 csv="$(cd "$(dirname "${1:-$here/sample.csv}")" && pwd)/$(basename "${1:-$here/sample.csv}")"
 [ -f "$csv" ] || { echo "run.sh: no such file: $csv" >&2; exit 1; }
 
-pubrun="${PUBRUN_BIN:-${CARGO_TARGET_DIR:-$repo/target}/debug/pubrun}"
-if [ ! -x "$pubrun" ]; then
-  echo "== building pubrun (cargo build -p pubrun)"
-  (cd "$repo" && cargo build -p pubrun)
-fi
+pubrun="$(pubrun_bin "$repo")"
 
 data="$(mktemp -d "${TMPDIR:-/tmp}/pubrun-seed004.XXXXXX")"
 server_pid=""
 cleanup() {
-  if [ -n "$server_pid" ] && kill -0 "$server_pid" 2>/dev/null; then
-    kill -TERM "$server_pid" 2>/dev/null || true
-    wait "$server_pid" 2>/dev/null || true
-  fi
+  stop_pid "$server_pid"
   if [ "${KEEP:-0}" = 1 ]; then
     echo "== data directory kept: $data"
   else
@@ -39,7 +33,7 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+port="$(free_port)"
 export PUBRUN_ADDR="http://127.0.0.1:$port" PUBRUN_PROJECT=demo
 
 echo "== pubrun serve --listen 127.0.0.1:$port --config $here/pubrun.toml"
@@ -47,12 +41,7 @@ echo "== pubrun serve --listen 127.0.0.1:$port --config $here/pubrun.toml"
 PATH="$here:$PATH" "$pubrun" serve --listen "127.0.0.1:$port" --data-dir "$data/pubrun-data" \
   --config "$here/pubrun.toml" 2>"$data/server.log" &
 server_pid=$!
-for _ in $(seq 1 150); do
-  curl -fsS "$PUBRUN_ADDR/healthz" >/dev/null 2>&1 && break
-  kill -0 "$server_pid" 2>/dev/null || { echo "pubrun serve exited:" >&2; cat "$data/server.log" >&2; exit 1; }
-  sleep 0.1
-done
-curl -fsS "$PUBRUN_ADDR/healthz" >/dev/null || { echo "pubrun serve did not answer" >&2; cat "$data/server.log" >&2; exit 1; }
+wait_healthy "$PUBRUN_ADDR" "$server_pid" "$data/server.log"
 
 name="$(basename "$csv")"
 echo "== pubrun publish uploads --data-file $name --attr name=$name"
@@ -96,13 +85,6 @@ if [ -f "$model" ]; then
 fi
 
 echo "== pubrun pull results-watch --ack"
-for _ in $(seq 1 50); do
-  out="$("$pubrun" pull results-watch --max 10 --ack 2>/dev/null)"
-  if [ -n "$out" ]; then echo "$out"; break; fi
-  sleep 0.2
-done
+show_results "$pubrun"
 
-case "$status" in
-  succeeded) exit 0 ;;
-  *) exit "${exit_code:-1}" ;;
-esac
+exit_like_run "$status" "$exit_code"

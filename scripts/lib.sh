@@ -1,0 +1,72 @@
+# Shell helpers the examples and benchmarks share. Source it:
+#   . "$repo/scripts/lib.sh"
+# Nothing here runs on sourcing; every function says what it needs.
+
+# free_port: prints a port on 127.0.0.1 that was free a moment ago.
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# pubrun_bin REPO [PROFILE]: prints the pubrun binary to use: $PUBRUN_BIN,
+# else the cargo target directory's PROFILE (debug) build, which is built
+# first when it is missing.
+pubrun_bin() {
+  local repo="$1" profile="${2:-debug}" bin
+  bin="${PUBRUN_BIN:-${CARGO_TARGET_DIR:-$repo/target}/$profile/pubrun}"
+  if [ ! -x "$bin" ]; then
+    command -v cargo >/dev/null 2>&1 || { echo "needs cargo to build $bin" >&2; return 1; }
+    echo "== building pubrun (cargo build -p pubrun, $profile)" >&2
+    if [ "$profile" = release ]; then
+      (cd "$repo" && cargo build --release -p pubrun >&2)
+    else
+      (cd "$repo" && cargo build -p pubrun >&2)
+    fi
+  fi
+  echo "$bin"
+}
+
+# wait_healthy URL PID LOG [TRIES]: polls URL/healthz every 0.1 s until it
+# answers (TRIES times, 150 by default); fails, printing LOG, when the
+# process PID exits first or the server never answers.
+wait_healthy() {
+  local url="$1" pid="$2" log="$3" tries="${4:-150}"
+  for _ in $(seq 1 "$tries"); do
+    curl -fsS "$url/healthz" >/dev/null 2>&1 && return 0
+    kill -0 "$pid" 2>/dev/null || { echo "pubrun serve exited:" >&2; cat "$log" >&2; return 1; }
+    sleep 0.1
+  done
+  curl -fsS "$url/healthz" >/dev/null 2>&1 && return 0
+  echo "pubrun serve did not answer at $url:" >&2; tail -n 30 "$log" >&2; return 1
+}
+
+# stop_pid PID: SIGTERM, up to 10 s to exit, then SIGKILL; reaps it when it
+# is a child of this shell. An empty or gone PID is fine.
+stop_pid() {
+  local pid="$1"
+  [ -n "$pid" ] || return 0
+  kill -TERM "$pid" 2>/dev/null || return 0
+  for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  kill -KILL "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+}
+
+# show_results PUBRUN [TRIES]: prints the first messages that arrive on the
+# `results-watch` subscription (acking them), polling every 0.2 s.
+show_results() {
+  local pubrun="$1" tries="${2:-50}" out=""
+  for _ in $(seq 1 "$tries"); do
+    out="$("$pubrun" pull results-watch --max 10 --ack 2>/dev/null || true)"
+    [ -n "$out" ] && break
+    sleep 0.2
+  done
+  echo "${out:-(no result message)}"
+}
+
+# exit_like_run STATUS EXIT_CODE: exits 0 for a succeeded run, else with the
+# run's exit code (1 when it has none).
+exit_like_run() {
+  case "$1" in
+    succeeded) exit 0 ;;
+    *) exit "${2:-1}" ;;
+  esac
+}

@@ -99,10 +99,9 @@ TOML
 
 port="$(free_port)"
 echo "[bench] pubrun serve on 127.0.0.1:$port, slots $conc, --sync ${SYNC:-always}, data in $tmp/data" >&2
-PUBRUN_LOG="${PUBRUN_LOG:-warn}" "$pubrun" serve --listen "127.0.0.1:$port" --data-dir "$tmp/data" \
-  --config "$tmp/bench.toml" --slots "$conc" --sync "${SYNC:-always}" 2>"$tmp/server.log" &
-server_pid=$!
-wait_healthy "http://127.0.0.1:$port" "$server_pid" "$tmp/server.log" 200
+start_server "http://127.0.0.1:$port" "$tmp/server.log" 200 env PUBRUN_LOG="${PUBRUN_LOG:-warn}" \
+  "$pubrun" serve --listen "127.0.0.1:$port" --data-dir "$tmp/data" \
+  --config "$tmp/bench.toml" --slots "$conc" --sync "${SYNC:-always}"
 
 set +e
 timeout 1800 python3 "$repo/bench/jobs.py" --addr "127.0.0.1:$port" --project bench --conc "$conc" \

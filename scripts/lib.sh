@@ -39,6 +39,26 @@ wait_healthy() {
   echo "pubrun serve did not answer at $url:" >&2; tail -n 30 "$log" >&2; return 1
 }
 
+# start_server URL LOG TRIES COMMAND...: runs COMMAND (a `pubrun serve …`,
+# prefixed with `env VAR=value` for extra environment) in the background with
+# its stderr in LOG, sets server_pid, and waits until URL is healthy (TRIES
+# polls, as wait_healthy).
+start_server() {
+  local url="$1" log="$2" tries="$3"
+  shift 3
+  "$@" 2>"$log" &
+  server_pid=$!
+  wait_healthy "$url" "$server_pid" "$log" "$tries"
+}
+
+# abs_file PATH: PATH as an absolute path; fails when it is not a file.
+abs_file() {
+  local path
+  path="$(cd "$(dirname "$1")" && pwd)/$(basename "$1")" || return 1
+  [ -f "$path" ] || { echo "no such file: $1" >&2; return 1; }
+  echo "$path"
+}
+
 # stop_pid PID: SIGTERM, up to 10 s to exit, then SIGKILL; reaps it when it
 # is a child of this shell. An empty or gone PID is fine.
 stop_pid() {

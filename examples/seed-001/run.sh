@@ -90,10 +90,8 @@ if [ "${FAIL:-0}" = 1 ]; then
 fi
 
 echo "== pubrun serve --listen $gw:$port --token … --config pubrun.toml (network $net)"
-"$pubrun" serve --listen "$gw:$port" --token "$token" --data-dir "$data/pubrun-data" \
-  --config "$data/pubrun.toml" 2>"$data/server.log" &
-server_pid=$!
-wait_healthy "$PUBRUN_ADDR" "$server_pid" "$data/server.log" 300
+start_server "$PUBRUN_ADDR" "$data/server.log" 300 "$pubrun" serve --listen "$gw:$port" \
+  --token "$token" --data-dir "$data/pubrun-data" --config "$data/pubrun.toml"
 
 echo "== pubrun machines   (no work: no machine)"
 "$pubrun" machines

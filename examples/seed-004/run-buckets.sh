@@ -14,8 +14,7 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(cd "$here/../.." && pwd)"
 . "$repo/scripts/lib.sh"
-csv="$(cd "$(dirname "${1:-$here/sample.csv}")" && pwd)/$(basename "${1:-$here/sample.csv}")"
-[ -f "$csv" ] || { echo "run-buckets.sh: no such file: $csv" >&2; exit 1; }
+csv="$(abs_file "${1:-$here/sample.csv}")"
 
 pubrun="$(pubrun_bin "$repo")"
 venv_python="$(bash "$repo/scripts/python-venv.sh" | tail -n 1)/bin/python"
@@ -32,10 +31,8 @@ port="$(free_port)"
 export PUBRUN_ADDR="http://127.0.0.1:$port" PUBRUN_PROJECT=demo STORAGE_EMULATOR_HOST="http://127.0.0.1:$port"
 
 echo "== pubrun serve --config $here/pubrun-buckets.toml"
-PATH="$here:$PATH" "$pubrun" serve --listen "127.0.0.1:$port" --data-dir "$data/pubrun-data" \
-  --config "$here/pubrun-buckets.toml" 2>"$data/server.log" &
-server_pid=$!
-wait_healthy "$PUBRUN_ADDR" "$server_pid" "$data/server.log"
+start_server "$PUBRUN_ADDR" "$data/server.log" 150 env PATH="$here:$PATH" "$pubrun" serve \
+  --listen "127.0.0.1:$port" --data-dir "$data/pubrun-data" --config "$here/pubrun-buckets.toml"
 
 name="csv/$(basename "$csv")"
 echo "== upload $name to gs://input with google-cloud-storage"

@@ -15,8 +15,7 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(cd "$here/../.." && pwd)"
 . "$repo/scripts/lib.sh"
-csv="$(cd "$(dirname "${1:-$here/sample.csv}")" && pwd)/$(basename "${1:-$here/sample.csv}")"
-[ -f "$csv" ] || { echo "run.sh: no such file: $csv" >&2; exit 1; }
+csv="$(abs_file "${1:-$here/sample.csv}")"
 
 pubrun="$(pubrun_bin "$repo")"
 
@@ -38,10 +37,8 @@ export PUBRUN_ADDR="http://127.0.0.1:$port" PUBRUN_PROJECT=demo
 
 echo "== pubrun serve --listen 127.0.0.1:$port --config $here/pubrun.toml"
 # This directory goes on the server's PATH so the job's `command = "fit.py"` resolves.
-PATH="$here:$PATH" "$pubrun" serve --listen "127.0.0.1:$port" --data-dir "$data/pubrun-data" \
-  --config "$here/pubrun.toml" 2>"$data/server.log" &
-server_pid=$!
-wait_healthy "$PUBRUN_ADDR" "$server_pid" "$data/server.log"
+start_server "$PUBRUN_ADDR" "$data/server.log" 150 env PATH="$here:$PATH" "$pubrun" serve \
+  --listen "127.0.0.1:$port" --data-dir "$data/pubrun-data" --config "$here/pubrun.toml"
 
 name="$(basename "$csv")"
 echo "== pubrun publish uploads --data-file $name --attr name=$name"

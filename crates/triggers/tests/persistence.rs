@@ -6,7 +6,6 @@ mod common;
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use common::utc;
 use pubrun_broker::Broker;
@@ -37,15 +36,7 @@ async fn env() -> Env {
 
 impl Env {
     async fn open(&self) -> Arc<Triggers> {
-        Arc::new(
-            Triggers::open_with_clock(
-                &self.data,
-                self.broker.clone(),
-                Arc::new(self.clock.clone()),
-            )
-            .await
-            .unwrap(),
-        )
+        common::open_triggers(&self.data, &self.broker, &self.clock).await
     }
 
     async fn drain(&self) -> Vec<Arc<Message>> {
@@ -81,14 +72,7 @@ async fn definitions_survive_a_reopen_and_keep_working() {
 
     // "Restart": nothing is set again; the stored definitions are served.
     let t = e.open().await;
-    let listed: Vec<String> = t
-        .list_schedules()
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|s| s.name)
-        .collect();
-    assert_eq!(listed, ["every-minute"]);
+    assert_eq!(common::schedule_names(&t).await, ["every-minute"]);
     assert_eq!(
         names(&t.webhook_definitions().await.unwrap(), |w| &w.name),
         [("alpha".to_string(), "start-import".to_string())]
@@ -96,9 +80,7 @@ async fn definitions_survive_a_reopen_and_keep_working() {
     let h = t.spawn();
     let tick = utc("2026-05-01T09:59:00Z");
     e.clock.set(tick);
-    tokio::time::timeout(Duration::from_secs(10), t.scheduler().wait_evaluated(tick))
-        .await
-        .expect("scheduler evaluated");
+    common::evaluated(&t, tick).await;
     let fired = e.drain().await;
     assert_eq!(fired.len(), 1, "{fired:?}");
     assert_eq!(fired[0].attributes["schedule"], "every-minute");

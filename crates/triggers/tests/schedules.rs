@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,17 +28,30 @@ struct Env {
 async fn env(start: &str) -> Env {
     let dir = tempfile::tempdir().unwrap();
     let broker = common::broker(dir.path(), TOPIC, SUB).await;
-    Env {
-        data: dir.path().join("data"),
-        _dir: dir,
-        broker,
-        clock: ManualClock::new(utc(start)),
-    }
+    Env::new(dir, broker, start)
 }
 
 impl Env {
+    fn new(dir: tempfile::TempDir, broker: Arc<Broker>, start: &str) -> Env {
+        Env {
+            data: dir.path().join("data"),
+            _dir: dir,
+            broker,
+            clock: ManualClock::new(utc(start)),
+        }
+    }
+
     async fn triggers(&self) -> Arc<Triggers> {
-        open_triggers(&self.data, &self.broker, &self.clock).await
+        common::open_triggers(&self.data, &self.broker, &self.clock).await
+    }
+
+    /// Triggers with the one schedule most tests use: "hourly", at minute 0, UTC.
+    async fn hourly(&self) -> Arc<Triggers> {
+        let t = self.triggers().await;
+        t.set_schedules(vec![spec("hourly", "0 * * * *", "UTC")])
+            .await
+            .unwrap();
+        t
     }
 
     /// Moves the clock and waits until every given scheduler has evaluated
@@ -47,9 +60,7 @@ impl Env {
         let t = utc(t);
         self.clock.set(t);
         for tr in triggers {
-            tokio::time::timeout(Duration::from_secs(10), tr.scheduler().wait_evaluated(t))
-                .await
-                .expect("scheduler evaluated");
+            common::evaluated(tr, t).await;
         }
     }
 
@@ -77,14 +88,45 @@ impl Env {
             .map(|m| m.attributes["scheduledTime"].clone())
             .collect()
     }
+
+    /// "schedule scheduledTime" of every message published so far.
+    async fn fired_labels(&self) -> Vec<String> {
+        self.drain()
+            .await
+            .iter()
+            .map(|m| {
+                format!(
+                    "{} {}",
+                    m.attributes["schedule"], m.attributes["scheduledTime"]
+                )
+            })
+            .collect()
+    }
+
+    /// Walks the clock from `from` to `to` (inclusive) in `step_min`-minute
+    /// steps, collecting what fired at each step.
+    async fn walk(&self, t: &Arc<Triggers>, from: &str, to: &str, step_min: i64) -> Vec<String> {
+        let mut fired = Vec::new();
+        let mut now = utc(from);
+        while now <= utc(to) {
+            self.set(&now.to_rfc3339(), &[t]).await;
+            fired.extend(self.fired_labels().await);
+            now += chrono::TimeDelta::minutes(step_min);
+        }
+        fired
+    }
 }
 
-async fn open_triggers(data: &Path, broker: &Arc<Broker>, clock: &ManualClock) -> Arc<Triggers> {
-    Arc::new(
-        Triggers::open_with_clock(data, broker.clone(), Arc::new(clock.clone()))
-            .await
-            .unwrap(),
-    )
+/// A nightly 02:30 and a half-hourly schedule in Berlin, for the DST tests.
+async fn berlin_night(e: &Env) -> Arc<Triggers> {
+    let t = e.triggers().await;
+    t.set_schedules(vec![
+        spec("nightly", "30 2 * * *", "Europe/Berlin"),
+        spec("half-hourly", "*/30 * * * *", "Europe/Berlin"),
+    ])
+    .await
+    .unwrap();
+    t
 }
 
 fn spec(name: &str, cron: &str, tz: &str) -> ScheduleSpec {
@@ -98,10 +140,7 @@ fn spec(name: &str, cron: &str, tz: &str) -> ScheduleSpec {
 #[tokio::test]
 async fn fires_exactly_at_ticks() {
     let e = env("2026-05-01T09:58:00Z").await;
-    let t = e.triggers().await;
-    t.set_schedules(vec![spec("hourly", "0 * * * *", "UTC")])
-        .await
-        .unwrap();
+    let t = e.hourly().await;
     let _h = t.spawn();
     e.set("2026-05-01T09:58:00Z", &[&t]).await;
     e.set("2026-05-01T09:59:59Z", &[&t]).await;
@@ -144,29 +183,14 @@ async fn dst_spring_forward_berlin() {
     // 2026-03-29: 02:00 CET jumps to 03:00 CEST. "30 2 * * *" fires right
     // after the gap, at 03:00 CEST = 01:00 UTC; on normal days at 02:30.
     let e = env("2026-03-28T12:00:00Z").await;
-    let t = e.triggers().await;
-    t.set_schedules(vec![
-        spec("nightly", "30 2 * * *", "Europe/Berlin"),
-        spec("half-hourly", "*/30 * * * *", "Europe/Berlin"),
-    ])
-    .await
-    .unwrap();
+    let t = berlin_night(&e).await;
     let _h = t.spawn();
     e.set("2026-03-28T12:00:00Z", &[&t]).await;
     e.drain().await;
     // Walk through the night in 10-minute steps, collecting (schedule, time).
-    let mut fired = Vec::new();
-    let mut now = utc("2026-03-29T00:00:00Z");
-    while now <= utc("2026-03-29T02:00:00Z") {
-        e.set(&now.to_rfc3339(), &[&t]).await;
-        for m in e.drain().await {
-            fired.push(format!(
-                "{} {}",
-                m.attributes["schedule"], m.attributes["scheduledTime"]
-            ));
-        }
-        now += chrono::TimeDelta::minutes(10);
-    }
+    let fired = e
+        .walk(&t, "2026-03-29T00:00:00Z", "2026-03-29T02:00:00Z", 10)
+        .await;
     assert_eq!(
         fired,
         [
@@ -185,19 +209,8 @@ async fn dst_spring_forward_berlin() {
     e.set("2026-03-30T00:29:59Z", &[&t]).await;
     e.drain().await;
     e.set("2026-03-30T00:30:00Z", &[&t]).await;
-    let next: Vec<_> = e
-        .drain()
-        .await
-        .iter()
-        .map(|m| {
-            format!(
-                "{} {}",
-                m.attributes["schedule"], m.attributes["scheduledTime"]
-            )
-        })
-        .collect();
     assert_eq!(
-        next,
+        e.fired_labels().await,
         [
             "half-hourly 2026-03-30T00:30:00Z",
             "nightly 2026-03-30T00:30:00Z"
@@ -211,29 +224,14 @@ async fn dst_fall_back_berlin() {
     // 2026-10-25: 03:00 CEST falls back to 02:00 CET; 02:00–02:59 happens
     // twice. "30 2 * * *" fires once (first pass); "*/30" fires in both.
     let e = env("2026-10-24T12:00:00Z").await;
-    let t = e.triggers().await;
-    t.set_schedules(vec![
-        spec("nightly", "30 2 * * *", "Europe/Berlin"),
-        spec("half-hourly", "*/30 * * * *", "Europe/Berlin"),
-    ])
-    .await
-    .unwrap();
+    let t = berlin_night(&e).await;
     let _h = t.spawn();
     e.set("2026-10-24T12:00:00Z", &[&t]).await;
     e.set("2026-10-24T23:50:00Z", &[&t]).await;
     e.drain().await;
-    let mut fired = Vec::new();
-    let mut now = utc("2026-10-25T00:00:00Z");
-    while now <= utc("2026-10-25T02:00:00Z") {
-        e.set(&now.to_rfc3339(), &[&t]).await;
-        for m in e.drain().await {
-            fired.push(format!(
-                "{} {}",
-                m.attributes["schedule"], m.attributes["scheduledTime"]
-            ));
-        }
-        now += chrono::TimeDelta::minutes(15);
-    }
+    let fired = e
+        .walk(&t, "2026-10-25T00:00:00Z", "2026-10-25T02:00:00Z", 15)
+        .await;
     assert_eq!(
         fired,
         [
@@ -308,10 +306,7 @@ async fn missed_skip_fires_nothing_after_downtime() {
 #[tokio::test]
 async fn pause_resume_run_now() {
     let e = env("2026-05-01T09:30:00Z").await;
-    let t = e.triggers().await;
-    t.set_schedules(vec![spec("hourly", "0 * * * *", "UTC")])
-        .await
-        .unwrap();
+    let t = e.hourly().await;
     let h = t.spawn();
     e.set("2026-05-01T10:00:00Z", &[&t]).await;
     assert_eq!(e.fired().await, ["2026-05-01T10:00:00Z"]);
@@ -345,10 +340,7 @@ async fn pause_resume_run_now() {
     t.stop();
     h.await.unwrap();
     drop(t);
-    let t = e.triggers().await;
-    t.set_schedules(vec![spec("hourly", "0 * * * *", "UTC")])
-        .await
-        .unwrap();
+    let t = e.hourly().await;
     assert!(t.list_schedules().await.unwrap()[0].paused);
     let _h = t.spawn();
     e.set("2026-05-01T12:30:00Z", &[&t]).await;
@@ -403,14 +395,12 @@ async fn declared_paused_starts_paused_and_wins_when_changed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_schedulers_on_one_database_fire_each_tick_once() {
     let e = env("2026-05-01T09:30:00Z").await;
-    let a = e.triggers().await;
-    let b = e.triggers().await;
-    a.set_schedules(vec![spec("every-minute", "* * * * *", "UTC")])
-        .await
-        .unwrap();
-    b.set_schedules(vec![spec("every-minute", "* * * * *", "UTC")])
-        .await
-        .unwrap();
+    let (a, b) = (e.triggers().await, e.triggers().await);
+    for t in [&a, &b] {
+        t.set_schedules(vec![spec("every-minute", "* * * * *", "UTC")])
+            .await
+            .unwrap();
+    }
     let _ha = a.spawn();
     let _hb = b.spawn();
     let mut now = utc("2026-05-01T09:30:00Z");
@@ -433,16 +423,8 @@ async fn failed_publish_stays_claimed_and_is_retried() {
         EmbeddedStore::open(dir.path().join("broker")).unwrap(),
     ))
     .unwrap();
-    let e = Env {
-        data: dir.path().join("data"),
-        _dir: dir,
-        broker,
-        clock: ManualClock::new(utc("2026-05-01T09:30:00Z")),
-    };
-    let t = e.triggers().await;
-    t.set_schedules(vec![spec("hourly", "0 * * * *", "UTC")])
-        .await
-        .unwrap();
+    let e = Env::new(dir, broker, "2026-05-01T09:30:00Z");
+    let t = e.hourly().await;
     let _h = t.spawn();
     e.set("2026-05-01T10:00:00Z", &[&t]).await;
     let st = &t.list_schedules().await.unwrap()[0];
@@ -469,11 +451,7 @@ async fn failed_publish_stays_claimed_and_is_retried() {
 #[tokio::test]
 async fn crash_between_claim_and_publish_publishes_once_after_the_lease() {
     let e = env("2026-05-01T09:30:00Z").await;
-    let t = e.triggers().await;
-    t.set_schedules(vec![spec("hourly", "0 * * * *", "UTC")])
-        .await
-        .unwrap();
-    drop(t);
+    drop(e.hourly().await);
     // Another server claimed 10:00 and died before publishing.
     let db = SqliteTriggerStore::open(&e.data.join("triggers.db")).unwrap();
     let cursor = db.get("hourly").await.unwrap().unwrap().cursor;
@@ -488,10 +466,7 @@ async fn crash_between_claim_and_publish_publishes_once_after_the_lease() {
         .await
         .unwrap());
 
-    let t = e.triggers().await;
-    t.set_schedules(vec![spec("hourly", "0 * * * *", "UTC")])
-        .await
-        .unwrap();
+    let t = e.hourly().await;
     let _h = t.spawn();
     e.set("2026-05-01T10:00:20Z", &[&t]).await;
     assert!(
@@ -537,14 +512,7 @@ async fn bad_specs_are_rejected_whole() {
         .await
         .unwrap_err();
     assert!(err.message.contains("declared twice"));
-    let names: Vec<_> = t
-        .list_schedules()
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|s| s.name)
-        .collect();
-    assert_eq!(names, ["ok"]);
+    assert_eq!(common::schedule_names(&t).await, ["ok"]);
 }
 
 #[tokio::test]
@@ -556,15 +524,19 @@ async fn schedules_rest_api() {
         .unwrap();
     let base = format!("http://{}", common::serve(t.router()).await);
     let http = reqwest::Client::new();
+    // One request to `{base}/api/v1/schedules{path}`: its status and JSON body.
+    let call = |method: reqwest::Method, path: &str| {
+        let req = http.request(method, format!("{base}/api/v1/schedules{path}"));
+        async move {
+            let r = req.send().await.unwrap();
+            let status = r.status();
+            let v: serde_json::Value = r.json().await.unwrap();
+            (status, v)
+        }
+    };
+    let (get, post) = (reqwest::Method::GET, reqwest::Method::POST);
 
-    let v: serde_json::Value = http
-        .get(format!("{base}/api/v1/schedules"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, v) = call(get.clone(), "").await;
     let s = &v["schedules"][0];
     assert_eq!(s["name"], "hourly");
     assert_eq!(s["cron"], "0 * * * *");
@@ -575,50 +547,26 @@ async fn schedules_rest_api() {
     assert_eq!(s["missedMaxAge"], "1day");
     assert_eq!(s["nextFireTime"], "2026-05-01T10:00:00Z");
 
-    let r = http
-        .post(format!("{base}/api/v1/schedules/hourly/pause"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    let v: serde_json::Value = r.json().await.unwrap();
+    let (status, v) = call(post.clone(), "/hourly/pause").await;
+    assert_eq!(status, 200);
     assert_eq!(v["schedule"]["paused"], true);
     assert!(v["schedule"].get("nextFireTime").is_none());
 
-    let r = http
-        .post(format!("{base}/api/v1/schedules/hourly/run-now"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    let v: serde_json::Value = r.json().await.unwrap();
+    let (status, v) = call(post.clone(), "/hourly/run-now").await;
+    assert_eq!(status, 200);
     let id = v["messageId"].as_str().unwrap().to_string();
     let msgs = e.drain().await;
     assert_eq!(msgs.len(), 1);
     assert_eq!(msgs[0].id(), id);
 
-    let r = http
-        .post(format!("{base}/api/v1/schedules/hourly/resume"))
-        .send()
-        .await
-        .unwrap();
-    let v: serde_json::Value = r.json().await.unwrap();
+    let (_, v) = call(post.clone(), "/hourly/resume").await;
     assert_eq!(v["schedule"]["paused"], false);
 
-    let r = http
-        .get(format!("{base}/api/v1/schedules/hourly"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    let (status, _) = call(get, "/hourly").await;
+    assert_eq!(status, 200);
 
-    let r = http
-        .post(format!("{base}/api/v1/schedules/nope/pause"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 404);
-    let v: serde_json::Value = r.json().await.unwrap();
+    let (status, v) = call(post, "/nope/pause").await;
+    assert_eq!(status, 404);
     assert_eq!(v["error"]["code"], 404);
     assert_eq!(v["error"]["status"], "NOT_FOUND");
     assert!(v["error"]["message"].as_str().unwrap().contains("nope"));

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use pubrun_broker::Broker;
 use pubrun_core::Message;
 use pubrun_triggers::{github_signature, Triggers, WebhookSpec};
+use reqwest::{RequestBuilder, Response};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const TOPIC: &str = "projects/demo/topics/imports";
@@ -57,6 +58,37 @@ impl Env {
     async fn drain(&self) -> Vec<Arc<Message>> {
         common::pull_acked(&self.broker, SUB).await
     }
+
+    /// A POST to `/hooks/{path}` (`path` may carry a query string).
+    fn post(&self, path: &str) -> RequestBuilder {
+        self.http.post(format!("{}/hooks/{path}", self.base))
+    }
+
+    /// POSTs `body` to `/hooks/{path}`, signed the GitHub way with `secret`
+    /// (which may be other than the body's own: `signed_body`).
+    async fn signed(
+        &self,
+        path: &str,
+        secret: &[u8],
+        signed_body: &[u8],
+        body: impl Into<reqwest::Body>,
+    ) -> Response {
+        self.post(path)
+            .header("X-Hub-Signature-256", github_signature(secret, signed_body))
+            .body(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// POSTs `body` to `/hooks/{path}` with `bearer` (if any) as the token.
+    async fn post_body(&self, path: &str, bearer: Option<&str>, body: &'static str) -> Response {
+        let mut req = self.post(path).body(body);
+        if let Some(token) = bearer {
+            req = req.bearer_auth(token);
+        }
+        req.send().await.unwrap()
+    }
 }
 
 fn github_hook() -> WebhookSpec {
@@ -67,7 +99,7 @@ fn github_hook() -> WebhookSpec {
     h
 }
 
-async fn assert_google_error(r: reqwest::Response, code: u16, status: &str) -> String {
+async fn assert_google_error(r: Response, code: u16, status: &str) -> String {
     assert_eq!(r.status().as_u16(), code);
     let v: serde_json::Value = r.json().await.unwrap();
     assert_eq!(v["error"]["code"], code, "{v}");
@@ -80,8 +112,7 @@ async fn valid_github_signature_publishes_body_and_headers() {
     let e = env(vec![github_hook()]).await;
     let body = r#"{"ref":"refs/heads/main","after":"abc"}"#;
     let r = e
-        .http
-        .post(format!("{}/hooks/start-import", e.base))
+        .post("start-import")
         .header(
             "X-Hub-Signature-256",
             github_signature(SECRET.as_bytes(), body.as_bytes()),
@@ -117,43 +148,24 @@ async fn valid_github_signature_publishes_body_and_headers() {
 async fn wrong_or_missing_signature_is_401_and_publishes_nothing() {
     let e = env(vec![github_hook()]).await;
     let body = r#"{"ref":"refs/heads/main"}"#;
-    let url = format!("{}/hooks/start-import", e.base);
+    let hook = "start-import";
 
     let r = e
-        .http
-        .post(&url)
-        .header(
-            "X-Hub-Signature-256",
-            github_signature(b"another secret", body.as_bytes()),
-        )
-        .body(body)
-        .send()
-        .await
-        .unwrap();
+        .signed(hook, b"another secret", body.as_bytes(), body)
+        .await;
     let msg = assert_google_error(r, 401, "UNAUTHENTICATED").await;
     assert!(msg.contains("does not match"), "{msg}");
 
     // Signed body, but a different body sent.
-    let r = e
-        .http
-        .post(&url)
-        .header(
-            "X-Hub-Signature-256",
-            github_signature(SECRET.as_bytes(), b"{}"),
-        )
-        .body(body)
-        .send()
-        .await
-        .unwrap();
+    let r = e.signed(hook, SECRET.as_bytes(), b"{}", body).await;
     assert_google_error(r, 401, "UNAUTHENTICATED").await;
 
-    let r = e.http.post(&url).body(body).send().await.unwrap();
+    let r = e.post_body(hook, None, body).await;
     let msg = assert_google_error(r, 401, "UNAUTHENTICATED").await;
     assert!(msg.contains("missing X-Hub-Signature-256"), "{msg}");
 
     let r = e
-        .http
-        .post(&url)
+        .post(hook)
         .header("X-Hub-Signature-256", "sha256=nothex")
         .body(body)
         .send()
@@ -169,32 +181,16 @@ async fn oversized_body_is_413() {
     let e = env(vec![github_hook()]).await;
     let body = vec![b'x'; 1025];
     let r = e
-        .http
-        .post(format!("{}/hooks/start-import", e.base))
-        .header(
-            "X-Hub-Signature-256",
-            github_signature(SECRET.as_bytes(), &body),
-        )
-        .body(body)
-        .send()
-        .await
-        .unwrap();
+        .signed("start-import", SECRET.as_bytes(), &body, body.clone())
+        .await;
     let msg = assert_google_error(r, 413, "INVALID_ARGUMENT").await;
     assert!(msg.contains("max_body_bytes = 1024"), "{msg}");
 
     // Exactly at the limit is fine.
     let body = vec![b'x'; 1024];
     let r = e
-        .http
-        .post(format!("{}/hooks/start-import", e.base))
-        .header(
-            "X-Hub-Signature-256",
-            github_signature(SECRET.as_bytes(), &body),
-        )
-        .body(body)
-        .send()
-        .await
-        .unwrap();
+        .signed("start-import", SECRET.as_bytes(), &body, body.clone())
+        .await;
     assert_eq!(r.status(), 200);
     assert_eq!(e.drain().await.len(), 1);
 }
@@ -224,29 +220,14 @@ async fn bearer_secret_alternative() {
     let mut h = WebhookSpec::new("bearer", TOPIC);
     h.bearer_secret_env = Some("IMPORT_BEARER".into());
     let e = env(vec![h]).await;
-    let url = format!("{}/hooks/bearer", e.base);
 
-    let r = e
-        .http
-        .post(&url)
-        .bearer_auth("bearer-token-1")
-        .body("hello")
-        .send()
-        .await
-        .unwrap();
+    let r = e.post_body("bearer", Some("bearer-token-1"), "hello").await;
     assert_eq!(r.status(), 200);
-    let r = e
-        .http
-        .post(&url)
-        .bearer_auth("bearer-token-2")
-        .body("hello")
-        .send()
-        .await
-        .unwrap();
+    let r = e.post_body("bearer", Some("bearer-token-2"), "hello").await;
     assert_eq!(r.headers()["www-authenticate"], "Bearer realm=\"pubrun\"");
     let msg = assert_google_error(r, 401, "UNAUTHENTICATED").await;
     assert!(msg.contains("wrong bearer secret"), "{msg}");
-    let r = e.http.post(&url).body("hello").send().await.unwrap();
+    let r = e.post_body("bearer", None, "hello").await;
     assert_google_error(r, 401, "UNAUTHENTICATED").await;
 
     let msgs = e.drain().await;
@@ -259,36 +240,12 @@ async fn either_secret_when_both_are_configured() {
     let mut h = github_hook();
     h.bearer_secret_env = Some("IMPORT_BEARER".into());
     let e = env(vec![h]).await;
-    let url = format!("{}/hooks/start-import", e.base);
-    let r = e
-        .http
-        .post(&url)
-        .bearer_auth("bearer-token-1")
-        .body("a")
-        .send()
-        .await
-        .unwrap();
+    let hook = "start-import";
+    let r = e.post_body(hook, Some("bearer-token-1"), "a").await;
     assert_eq!(r.status(), 200);
-    let r = e
-        .http
-        .post(&url)
-        .header(
-            "X-Hub-Signature-256",
-            github_signature(SECRET.as_bytes(), b"b"),
-        )
-        .body("b")
-        .send()
-        .await
-        .unwrap();
+    let r = e.signed(hook, SECRET.as_bytes(), b"b", "b").await;
     assert_eq!(r.status(), 200);
-    let r = e
-        .http
-        .post(&url)
-        .bearer_auth("nope")
-        .body("c")
-        .send()
-        .await
-        .unwrap();
+    let r = e.post_body(hook, Some("nope"), "c").await;
     assert_eq!(r.status(), 401);
     assert_eq!(e.drain().await.len(), 2);
 }
@@ -299,11 +256,7 @@ async fn query_parameters_as_attributes_and_open_hook() {
     h.query_as_attributes = true;
     let e = env(vec![h]).await;
     let r = e
-        .http
-        .post(format!(
-            "{}/hooks/open?env=prod&file=a%20b.csv&tag=x&tag=y",
-            e.base
-        ))
+        .post("open?env=prod&file=a%20b.csv&tag=x&tag=y")
         .send()
         .await
         .unwrap();
@@ -321,13 +274,7 @@ async fn query_parameters_as_attributes_and_open_hook() {
 #[tokio::test]
 async fn unknown_hook_is_404_and_other_methods_405() {
     let e = env(vec![github_hook()]).await;
-    let r = e
-        .http
-        .post(format!("{}/hooks/nope", e.base))
-        .body("x")
-        .send()
-        .await
-        .unwrap();
+    let r = e.post_body("nope", None, "x").await;
     let msg = assert_google_error(r, 404, "NOT_FOUND").await;
     assert!(msg.contains("\"nope\""), "{msg}");
     let r = e
@@ -347,13 +294,7 @@ async fn missing_topic_is_reported_and_hooks_can_be_replaced() {
         "projects/demo/topics/missing",
     )])
     .await;
-    let r = e
-        .http
-        .post(format!("{}/hooks/lost", e.base))
-        .body("x")
-        .send()
-        .await
-        .unwrap();
+    let r = e.post_body("lost", None, "x").await;
     let msg = assert_google_error(r, 404, "NOT_FOUND").await;
     assert!(msg.contains("topic"), "{msg}");
 
@@ -376,20 +317,8 @@ async fn missing_topic_is_reported_and_hooks_can_be_replaced() {
         .set_webhooks_with_env(vec![WebhookSpec::new("new", TOPIC)], &env_lookup)
         .await
         .unwrap();
-    let r = e
-        .http
-        .post(format!("{}/hooks/lost", e.base))
-        .body("x")
-        .send()
-        .await
-        .unwrap();
+    let r = e.post_body("lost", None, "x").await;
     assert_eq!(r.status(), 404);
-    let r = e
-        .http
-        .post(format!("{}/hooks/new", e.base))
-        .body("x")
-        .send()
-        .await
-        .unwrap();
+    let r = e.post_body("new", None, "x").await;
     assert_eq!(r.status(), 200);
 }

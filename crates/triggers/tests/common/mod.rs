@@ -8,11 +8,14 @@ use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use pubrun_broker::Broker;
+use pubrun_core::clock::ManualClock;
 use pubrun_core::{Message, SubscriptionConfig, SubscriptionName, TopicConfig};
 use pubrun_store::EmbeddedStore;
+use pubrun_triggers::Triggers;
 
 pub fn utc(s: &str) -> DateTime<Utc> {
     DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
@@ -63,4 +66,34 @@ pub async fn pull_acked(broker: &Broker, sub: &str) -> Vec<Arc<Message>> {
         broker.acknowledge(&sub, &ids).await.unwrap();
     }
     got.into_iter().map(|d| d.message).collect()
+}
+
+/// `Triggers` on `data`, publishing to `broker`, on the manual `clock`.
+pub async fn open_triggers(
+    data: &Path,
+    broker: &Arc<Broker>,
+    clock: &ManualClock,
+) -> Arc<Triggers> {
+    Arc::new(
+        Triggers::open_with_clock(data, broker.clone(), Arc::new(clock.clone()))
+            .await
+            .unwrap(),
+    )
+}
+
+/// Waits until `t`'s scheduler has evaluated (and published) at `at`.
+pub async fn evaluated(t: &Triggers, at: DateTime<Utc>) {
+    tokio::time::timeout(Duration::from_secs(10), t.scheduler().wait_evaluated(at))
+        .await
+        .expect("scheduler evaluated");
+}
+
+/// The names of the schedules `t` lists, in its order.
+pub async fn schedule_names(t: &Triggers) -> Vec<String> {
+    t.list_schedules()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| s.name)
+        .collect()
 }

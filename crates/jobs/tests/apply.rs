@@ -3,6 +3,7 @@
 mod common;
 
 use common::*;
+use pubrun_core::manifest::Manifest;
 use pubrun_core::run::RunStatus;
 use pubrun_core::{Code, TopicName};
 use pubrun_jobs::apply::{apply, parse_manifest, Action, Change};
@@ -38,6 +39,30 @@ fn sorted(mut v: Vec<Change>) -> Vec<Change> {
     v
 }
 
+fn assert_unchanged(changes: &[Change]) {
+    assert!(
+        changes.iter().all(|c| c.action == Action::Unchanged),
+        "{changes:?}"
+    );
+}
+
+impl Env {
+    /// Applies `m` (only plans it when `dry_run`); panics when refused.
+    async fn apply(&self, m: &Manifest, dry_run: bool) -> Vec<Change> {
+        apply(&self.broker, &self.dispatcher, m, dry_run)
+            .await
+            .unwrap()
+    }
+
+    /// Whether the project's topic `id` exists: `Err(code)` when not.
+    fn topic_state(&self, id: &str) -> Result<(), Code> {
+        self.broker
+            .get_topic(&TopicName::parse(&topic_name(id)).unwrap())
+            .map(|_| ())
+            .map_err(|e| e.code)
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn apply_creates_then_changes_nothing_then_updates_and_deletes() {
     let dir = tempfile::tempdir().unwrap();
@@ -45,23 +70,13 @@ async fn apply_creates_then_changes_nothing_then_updates_and_deletes() {
     let v1 = parse_manifest("v1.toml", V1).unwrap();
 
     // Dry run of the first apply: the plan, and nothing done.
-    let plan = apply(&env.broker, &env.dispatcher, &v1, true)
-        .await
-        .unwrap();
+    let plan = env.apply(&v1, true).await;
     assert!(plan.iter().all(|c| c.action == Action::Create), "{plan:?}");
     assert_eq!(plan.len(), 4, "{plan:?}");
-    assert_eq!(
-        env.broker
-            .get_topic(&TopicName::parse(&topic_name("orders")).unwrap())
-            .unwrap_err()
-            .code,
-        Code::NotFound
-    );
+    assert_eq!(env.topic_state("orders"), Err(Code::NotFound));
     assert!(env.dispatcher.jobs().is_empty());
 
-    let changes = apply(&env.broker, &env.dispatcher, &v1, false)
-        .await
-        .unwrap();
+    let changes = env.apply(&v1, false).await;
     assert_eq!(
         sorted(changes),
         sorted(vec![
@@ -75,10 +90,7 @@ async fn apply_creates_then_changes_nothing_then_updates_and_deletes() {
             change("job", "ship", Action::Create),
         ])
     );
-    assert!(env
-        .broker
-        .get_topic(&TopicName::parse(&topic_name("audit")).unwrap())
-        .is_ok());
+    assert_eq!(env.topic_state("audit"), Ok(()));
     assert_eq!(
         env.broker.get_subscription(&job_sub("ship")).unwrap().topic,
         topic_name("orders")
@@ -87,8 +99,8 @@ async fn apply_creates_then_changes_nothing_then_updates_and_deletes() {
 
     // The job works.
     env.publish("orders", &[("order", "A1")], "").await;
-    let r1 = env.wait_runs("ship", 1).await.remove(0);
-    assert_eq!(env.wait_end(r1.id).await.status, RunStatus::Succeeded);
+    let r1 = env.first_run_end("ship").await;
+    assert_eq!(r1.status, RunStatus::Succeeded);
     assert!(
         env.log(r1.id).contains("shipping v1 A1"),
         "{}",
@@ -96,13 +108,8 @@ async fn apply_creates_then_changes_nothing_then_updates_and_deletes() {
     );
 
     // Same manifest again: nothing to do.
-    let again = apply(&env.broker, &env.dispatcher, &v1, false)
-        .await
-        .unwrap();
-    assert!(
-        again.iter().all(|c| c.action == Action::Unchanged),
-        "{again:?}"
-    );
+    let again = env.apply(&v1, false).await;
+    assert_unchanged(&again);
     assert_eq!(again.len(), 4);
 
     // v2: the job changes, the audit topic and its subscription are removed.
@@ -116,9 +123,7 @@ async fn apply_creates_then_changes_nothing_then_updates_and_deletes() {
     let v2 = parse_manifest("v2.toml", &v2_text).unwrap();
 
     // Dry run: the plan, and nothing changes.
-    let plan = apply(&env.broker, &env.dispatcher, &v2, true)
-        .await
-        .unwrap();
+    let plan = env.apply(&v2, true).await;
     let want = sorted(vec![
         change("topic", &topic_name("orders"), Action::Unchanged),
         change("topic", &topic_name("audit"), Action::Delete),
@@ -130,23 +135,12 @@ async fn apply_creates_then_changes_nothing_then_updates_and_deletes() {
         change("job", "ship", Action::Update),
     ]);
     assert_eq!(sorted(plan), want);
-    assert!(env
-        .broker
-        .get_topic(&TopicName::parse(&topic_name("audit")).unwrap())
-        .is_ok());
+    assert_eq!(env.topic_state("audit"), Ok(()));
     assert_eq!(env.dispatcher.job("ship").unwrap(), v1.jobs[0]);
 
-    let changes = apply(&env.broker, &env.dispatcher, &v2, false)
-        .await
-        .unwrap();
+    let changes = env.apply(&v2, false).await;
     assert_eq!(sorted(changes), want);
-    assert_eq!(
-        env.broker
-            .get_topic(&TopicName::parse(&topic_name("audit")).unwrap())
-            .unwrap_err()
-            .code,
-        Code::NotFound
-    );
+    assert_eq!(env.topic_state("audit"), Err(Code::NotFound));
     assert_eq!(
         env.broker
             .get_subscription(
@@ -169,19 +163,12 @@ async fn apply_creates_then_changes_nothing_then_updates_and_deletes() {
         env.log(r2.id)
     );
 
-    let again = apply(&env.broker, &env.dispatcher, &v2, false)
-        .await
-        .unwrap();
-    assert!(
-        again.iter().all(|c| c.action == Action::Unchanged),
-        "{again:?}"
-    );
+    let again = env.apply(&v2, false).await;
+    assert_unchanged(&again);
 
     // Removing the job from the manifest deletes it and its subscription.
     let v3 = parse_manifest("v3.toml", "project = \"p\"\n[[topic]]\nname = \"orders\"\n").unwrap();
-    let changes = apply(&env.broker, &env.dispatcher, &v3, false)
-        .await
-        .unwrap();
+    let changes = env.apply(&v3, false).await;
     assert!(
         changes.contains(&change("job", "ship", Action::Delete)),
         "{changes:?}"
@@ -200,19 +187,10 @@ async fn apply_creates_then_changes_nothing_then_updates_and_deletes() {
 fn reapplying_after_a_restart_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let v1 = parse_manifest("v1.toml", V1).unwrap();
-    let runtime = || {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap()
-    };
     let rt = runtime();
     rt.block_on(async {
         let env = env_in(dir.path(), 4).await;
-        apply(&env.broker, &env.dispatcher, &v1, false)
-            .await
-            .unwrap();
+        env.apply(&v1, false).await;
     });
     rt.shutdown_timeout(std::time::Duration::from_secs(10));
     let rt = runtime();
@@ -220,17 +198,11 @@ fn reapplying_after_a_restart_changes_nothing() {
         let env = env_in(dir.path(), 4).await;
         // Job specs come back from the run store (a JSON round trip).
         assert_eq!(env.dispatcher.jobs(), v1.jobs);
-        let again = apply(&env.broker, &env.dispatcher, &v1, false)
-            .await
-            .unwrap();
-        assert!(
-            again.iter().all(|c| c.action == Action::Unchanged),
-            "{again:?}"
-        );
+        let again = env.apply(&v1, false).await;
+        assert_unchanged(&again);
         // The recovered job still takes messages.
         env.publish("orders", &[("order", "C3")], "").await;
-        let r = env.wait_runs("ship", 1).await.remove(0);
-        assert_eq!(env.wait_end(r.id).await.status, RunStatus::Succeeded);
+        assert_eq!(env.first_run_end("ship").await.status, RunStatus::Succeeded);
     });
 }
 
@@ -262,22 +234,16 @@ async fn a_manifest_owns_only_its_projects_jobs() {
     let env = env_in(dir.path(), 4).await;
     let alpha = project_manifest("alpha", &["alpha-ship"]);
     let beta = project_manifest("beta", &["beta-ship"]);
-    apply(&env.broker, &env.dispatcher, &alpha, false)
-        .await
-        .unwrap();
+    env.apply(&alpha, false).await;
 
     // Beta's plan touches nothing of alpha's.
-    let plan = apply(&env.broker, &env.dispatcher, &beta, true)
-        .await
-        .unwrap();
+    let plan = env.apply(&beta, true).await;
     assert!(
         plan.iter()
             .all(|c| c.action == Action::Create && c.name.contains("beta")),
         "{plan:?}"
     );
-    apply(&env.broker, &env.dispatcher, &beta, false)
-        .await
-        .unwrap();
+    env.apply(&beta, false).await;
     assert_eq!(job_names(&env), ["alpha-ship", "beta-ship"]);
 
     // Alpha's job still runs.
@@ -293,8 +259,10 @@ async fn a_manifest_owns_only_its_projects_jobs() {
         )
         .await
         .unwrap();
-    let r = env.wait_runs("alpha-ship", 1).await.remove(0);
-    assert_eq!(env.wait_end(r.id).await.status, RunStatus::Succeeded);
+    assert_eq!(
+        env.first_run_end("alpha-ship").await.status,
+        RunStatus::Succeeded
+    );
 
     // Job names are server-wide: beta cannot take alpha's, and nothing changes.
     let steal = project_manifest("beta", &["beta-ship", "alpha-ship"]);
@@ -313,9 +281,7 @@ async fn a_manifest_owns_only_its_projects_jobs() {
 
     // Within its project the planner still deletes what is no longer declared.
     let alpha_without = project_manifest("alpha", &[]);
-    let changes = apply(&env.broker, &env.dispatcher, &alpha_without, false)
-        .await
-        .unwrap();
+    let changes = env.apply(&alpha_without, false).await;
     assert!(
         changes.contains(&change("job", "alpha-ship", Action::Delete)),
         "{changes:?}"
@@ -325,11 +291,6 @@ async fn a_manifest_owns_only_its_projects_jobs() {
         "{changes:?}"
     );
     assert_eq!(job_names(&env), ["beta-ship"]);
-    let again = apply(&env.broker, &env.dispatcher, &beta, false)
-        .await
-        .unwrap();
-    assert!(
-        again.iter().all(|c| c.action == Action::Unchanged),
-        "{again:?}"
-    );
+    let again = env.apply(&beta, false).await;
+    assert_unchanged(&again);
 }

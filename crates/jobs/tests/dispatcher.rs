@@ -65,8 +65,7 @@ process = { command = "sh", args = ["-c", 'echo "X is $X"; echo "$X" > out.txt; 
     let msg_id = env
         .publish("work-in", &[("k", "hello")], r#"{"n": 42}"#)
         .await;
-    let run = env.wait_runs("echo-job", 1).await.remove(0);
-    let run = env.wait_end(run.id).await;
+    let run = env.first_run_end("echo-job").await;
     let log = env.log(run.id);
     assert_eq!(run.status, RunStatus::Succeeded, "{run:#?}\n{log}");
     let exit = run.exit.clone().unwrap();
@@ -132,14 +131,12 @@ async fn exit_codes_and_retries() {
     }
     env.publish("codes", &[], "x").await;
 
-    let once = env.wait_runs("exit-three", 1).await.remove(0);
-    let once = env.wait_end(once.id).await;
+    let once = env.first_run_end("exit-three").await;
     assert_eq!(once.status, RunStatus::Failed);
     assert_eq!(once.exit.as_ref().unwrap().exit_code, Some(3));
     assert_eq!(once.attempt, 1);
 
-    let thrice = env.wait_runs("always-fails", 1).await.remove(0);
-    let thrice = env.wait_end(thrice.id).await;
+    let thrice = env.first_run_end("always-fails").await;
     let log = env.log(thrice.id);
     assert_eq!(thrice.status, RunStatus::Failed, "{log}");
     assert_eq!(thrice.attempt, 3, "{log}");
@@ -150,8 +147,7 @@ async fn exit_codes_and_retries() {
     assert!(!log.contains("attempt 4"), "{log}");
     assert_eq!(env.runs("always-fails").len(), 1, "retries keep the run id");
 
-    let second = env.wait_runs("second-time", 1).await.remove(0);
-    let second = env.wait_end(second.id).await;
+    let second = env.first_run_end("second-time").await;
     let log = env.log(second.id);
     assert_eq!(second.status, RunStatus::Succeeded, "{log}");
     assert_eq!(second.attempt, 2, "{log}");
@@ -176,8 +172,7 @@ async fn timeout_stops_the_process_promptly() {
     .await;
     let t0 = Instant::now();
     env.publish("slow", &[], "").await;
-    let run = env.wait_runs("sleepy", 1).await.remove(0);
-    let run = env.wait_end(run.id).await;
+    let run = env.first_run_end("sleepy").await;
     let took = t0.elapsed();
     assert_eq!(
         run.status,
@@ -613,8 +608,7 @@ async fn bad_template_at_run_time_fails_without_retry() {
     )
     .await;
     env.publish("tmpl", &[("other", "x")], "").await;
-    let run = env.wait_runs("needs-attr", 1).await.remove(0);
-    let run = env.wait_end(run.id).await;
+    let run = env.first_run_end("needs-attr").await;
     assert_eq!(run.status, RunStatus::Failed);
     assert_eq!(run.attempt, 1, "a parameter error is not retried");
     let err = run.exit.as_ref().unwrap().error.clone().unwrap();
@@ -831,8 +825,7 @@ process = { command = "sh", args = ["-c", 'wc -c < "$PUBRUN_DATA_FILE"; cat "$PU
     // 300 KB: far above what one argv/env string may carry.
     let data = "x".repeat(300_000);
     env.publish("big-in", &[("name", "big.csv")], &data).await;
-    let run = env.wait_runs("big-data", 1).await.remove(0);
-    let run = env.wait_end(run.id).await;
+    let run = env.first_run_end("big-data").await;
     assert_eq!(run.status, RunStatus::Succeeded, "{run:?}");
     let log = env.log(run.id);
     assert!(log.contains("300000"), "{log}");
@@ -853,8 +846,7 @@ async fn a_deep_queue_of_one_job_does_not_starve_another() {
     publish_many(&env, "slow-in", 200).await;
     env.wait_runs("slow-job", 200).await;
     env.publish("quick-in", &[], "go").await;
-    let quick = env.wait_runs("quick-job", 1).await.remove(0);
-    let quick = env.wait_end(quick.id).await;
+    let quick = env.first_run_end("quick-job").await;
     assert_eq!(quick.status, RunStatus::Succeeded);
     let slow_done = env
         .runs("slow-job")
@@ -948,8 +940,7 @@ async fn run_times_come_from_the_dispatchers_clock() {
     )
     .await;
     env.publish("clocked", &[], "").await;
-    let run = env.wait_runs("timed", 1).await.remove(0);
-    let run = env.wait_end(run.id).await;
+    let run = env.first_run_end("timed").await;
     assert_eq!(run.status, RunStatus::Succeeded, "{run:?}");
     assert_eq!(run.created_at_ms, at);
     assert_eq!(run.started_at_ms, Some(at));

@@ -69,8 +69,7 @@ async fn trigger_and_prefix_inputs_then_outputs_uploaded() {
     put(&buckets, "shared", "notes.txt", "SHARED-CONTENT\n").await;
     put(&buckets, "input", "csv/data.csv", "a,b\n1,2\n").await;
 
-    let run = env.wait_runs("stage", 1).await.remove(0);
-    let run = env.wait_end(run.id).await;
+    let run = env.first_run_end("stage").await;
     let log = env.log(run.id);
     assert_eq!(run.status, RunStatus::Succeeded, "{run:#?}\n{log}");
     assert!(log.contains("SHARED-CONTENT"), "{log}");
@@ -103,15 +102,10 @@ async fn trigger_input_without_attributes_fails_without_retry() {
     env.job(JOB, "uploads").await;
     env.publish("uploads", &[("eventType", "OBJECT_FINALIZE")], "{}")
         .await;
-    let run = env.wait_runs("stage", 1).await.remove(0);
-    let run = env.wait_end(run.id).await;
+    let run = env.first_run_end("stage").await;
     assert_eq!(run.status, RunStatus::Failed);
     assert_eq!(run.attempt, 1, "not retried: {run:#?}");
-    let error = run
-        .exit
-        .as_ref()
-        .and_then(|e| e.error.clone())
-        .unwrap_or_default();
+    let error = run_error(&run);
     assert!(
         error.starts_with("parameters:") && error.contains("bucketId"),
         "{error}"
@@ -136,8 +130,7 @@ inputs = [{ from = "gs://shared/", to = "shared/" }]
     put(&buckets, "shared", "/evil3", "x").await;
     put(&buckets, "shared", "ok/file.txt", "fine").await;
     env.publish("uploads", &[], "go").await;
-    let run = env.wait_runs("evil", 1).await.remove(0);
-    let run = env.wait_end(run.id).await;
+    let run = env.first_run_end("evil").await;
     let log = env.log(run.id);
     assert_eq!(run.status, RunStatus::Succeeded, "{log}");
     assert!(log.contains("shared/ok/file.txt"), "{log}");
@@ -178,14 +171,9 @@ outputs = [{ from = "out/", to = "gs://missing-bucket/r/" }]
     )
     .await;
     env.publish("uploads", &[], "go").await;
-    let run = env.wait_runs("nobucket", 1).await.remove(0);
-    let run = env.wait_end(run.id).await;
+    let run = env.first_run_end("nobucket").await;
     assert_eq!(run.status, RunStatus::Failed);
-    let error = run
-        .exit
-        .as_ref()
-        .and_then(|e| e.error.clone())
-        .unwrap_or_default();
+    let error = run_error(&run);
     assert!(
         error.starts_with("outputs:") && error.contains("missing-bucket"),
         "{error}"
@@ -208,8 +196,7 @@ async fn outputs_of_a_failed_attempt_follow_upload_outputs() {
         );
         env.job(&job, &format!("{name}-in")).await;
         env.publish(&format!("{name}-in"), &[], "").await;
-        let run = env.wait_runs(name, 1).await.remove(0);
-        let run = env.wait_end(run.id).await;
+        let run = env.first_run_end(name).await;
         assert_eq!(run.status, RunStatus::Failed, "{run:#?}");
         let found = buckets
             .open_object(

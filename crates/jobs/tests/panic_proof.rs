@@ -154,17 +154,8 @@ async fn a_panic_while_running_fails_the_run_and_frees_its_slot() {
         );
     }
     env.publish("f-in", &[], "x").await;
-    let good = env.wait_runs("fine", 1).await.remove(0);
-    let good = env.wait_end(good.id).await;
+    let good = env.first_run_end("fine").await;
     assert_eq!(good.status, RunStatus::Succeeded, "{good:#?}");
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
 }
 
 #[test]

@@ -14,14 +14,6 @@ use pubrun_core::run::RunStatus;
 use pubrun_exec::Executor;
 use pubrun_jobs::Executors;
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 /// Kills the first server: every task is dropped where it stands.
 fn crash(rt: tokio::runtime::Runtime) {
     rt.shutdown_timeout(Duration::from_secs(10));

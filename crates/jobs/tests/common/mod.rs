@@ -218,6 +218,12 @@ impl Env {
             .await
     }
 
+    /// Waits for the job's first run and then for its end.
+    pub async fn first_run_end(&self, job: &str) -> RunRecord {
+        let run = self.wait_runs(job, 1).await.remove(0);
+        self.wait_end(run.id).await
+    }
+
     /// Waits until every message of the job's subscription is acked.
     pub async fn wait_acked(&self, job: &str) {
         let sub = job_sub(job);
@@ -262,4 +268,22 @@ where
 /// A single-quoted shell word.
 pub fn sq(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// The error a run ended with ("" when none).
+pub fn run_error(run: &RunRecord) -> String {
+    run.exit
+        .as_ref()
+        .and_then(|e| e.error.clone())
+        .unwrap_or_default()
+}
+
+/// A two-worker multi-thread runtime: one per "server" in restart tests,
+/// shut down to simulate a crash.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
 }

@@ -7,27 +7,13 @@ mod common;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use common::{start, Server};
+use common::start;
 use pubrun_api::pb;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
 const TIMEOUT: Duration = Duration::from_secs(30);
-
-impl Server {
-    async fn rest(&self, method: reqwest::Method, path: &str, body: Value) -> (u16, Value) {
-        let resp = self
-            .http
-            .request(method, format!("{}{path}", self.base))
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        let status = resp.status().as_u16();
-        (status, resp.json().await.unwrap())
-    }
-}
 
 /// An endpoint that acks everything and hands each JSON body to the test.
 async fn receiver() -> (String, mpsc::UnboundedReceiver<Value>) {
@@ -152,23 +138,19 @@ async fn modify_push_config_over_grpc() {
     let (endpoint, mut rx) = receiver().await;
     let topic = "projects/p/topics/topic-g".to_string();
     let sub = "projects/p/subscriptions/sub-g".to_string();
-    s.publisher
-        .create_topic(pb::Topic {
-            name: topic.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    s.grpc_topic(pb::Topic {
+        name: topic.clone(),
+        ..Default::default()
+    })
+    .await;
     let created = s
-        .subscriber
-        .create_subscription(pb::Subscription {
+        .grpc_sub(pb::Subscription {
             name: sub.clone(),
             topic: topic.clone(),
             ..Default::default()
         })
         .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
     assert_eq!(created.push_config.unwrap().push_endpoint, "");
 
     s.subscriber
@@ -181,26 +163,10 @@ async fn modify_push_config_over_grpc() {
         })
         .await
         .unwrap();
-    let got = s
-        .subscriber
-        .get_subscription(pb::GetSubscriptionRequest {
-            subscription: sub.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let got = s.grpc_get_sub(&sub).await;
     assert_eq!(got.push_config.unwrap().push_endpoint, endpoint);
 
-    s.publisher
-        .publish(pb::PublishRequest {
-            topic: topic.clone(),
-            messages: vec![pb::PubsubMessage {
-                data: "pushed".into(),
-                ..Default::default()
-            }],
-        })
-        .await
-        .unwrap();
+    s.grpc_publish(&topic, &["pushed"]).await;
     let body = next(&mut rx).await;
     assert_eq!(body["message"]["data"], base64_of("pushed"));
 
@@ -230,16 +196,7 @@ async fn modify_push_config_over_grpc() {
         })
         .await
         .unwrap();
-    s.publisher
-        .publish(pb::PublishRequest {
-            topic,
-            messages: vec![pb::PubsubMessage {
-                data: "pulled".into(),
-                ..Default::default()
-            }],
-        })
-        .await
-        .unwrap();
+    s.grpc_publish(&topic, &["pulled"]).await;
     let pulled = s
         .subscriber
         .pull(pb::PullRequest {

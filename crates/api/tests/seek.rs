@@ -4,7 +4,7 @@ mod common;
 
 use common::{start, Server};
 use pubrun_api::pb;
-use serde_json::{json, Value};
+use serde_json::json;
 use tonic::Code;
 
 const P: &str = "projects/seek";
@@ -17,22 +17,6 @@ fn dur(secs: i64) -> prost_types::Duration {
 }
 
 impl Server {
-    async fn publish(&mut self, topic: &str, datas: &[&str]) {
-        self.publisher
-            .publish(pb::PublishRequest {
-                topic: topic.to_string(),
-                messages: datas
-                    .iter()
-                    .map(|d| pb::PubsubMessage {
-                        data: d.to_string().into_bytes().into(),
-                        ..Default::default()
-                    })
-                    .collect(),
-            })
-            .await
-            .unwrap();
-    }
-
     /// Pulls what is ready, acks it, returns the sorted data.
     #[allow(deprecated)]
     async fn drain(&mut self, sub: &str) -> Vec<String> {
@@ -63,19 +47,6 @@ impl Server {
         out.sort();
         out
     }
-
-    async fn rest(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
-        let mut req = self.http.request(method, format!("{}{path}", self.base));
-        if let Some(b) = body {
-            req = req
-                .header("content-type", "application/json")
-                .body(serde_json::to_vec(&b).unwrap());
-        }
-        let resp = req.send().await.unwrap();
-        let status = resp.status().as_u16();
-        let text = resp.text().await.unwrap();
-        (status, serde_json::from_str(&text).unwrap())
-    }
 }
 
 #[tokio::test]
@@ -84,15 +55,12 @@ async fn grpc_retention_settings_seek_and_snapshots() {
     let topic = format!("{P}/topics/orders");
     let sub = format!("{P}/subscriptions/orders-sub");
     let created = s
-        .publisher
-        .create_topic(pb::Topic {
+        .grpc_topic(pb::Topic {
             name: topic.clone(),
             message_retention_duration: Some(dur(3600)),
             ..Default::default()
         })
-        .await
-        .unwrap()
-        .into_inner();
+        .await;
     assert_eq!(created.message_retention_duration, Some(dur(3600)));
     let err = s
         .publisher
@@ -120,18 +88,11 @@ async fn grpc_retention_settings_seek_and_snapshots() {
     assert!(created.retain_acked_messages);
     assert_eq!(created.message_retention_duration, Some(dur(1200)));
     assert_eq!(created.topic_message_retention_duration, Some(dur(3600)));
-    let got = s
-        .subscriber
-        .get_subscription(pb::GetSubscriptionRequest {
-            subscription: sub.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let got = s.grpc_get_sub(&sub).await;
     assert!(got.retain_acked_messages);
     assert_eq!(got.message_retention_duration, Some(dur(1200)));
 
-    s.publish(&topic, &["a", "b"]).await;
+    s.grpc_publish(&topic, &["a", "b"]).await;
     assert_eq!(s.drain(&sub).await, ["a", "b"]);
     assert!(s.drain(&sub).await.is_empty());
 
@@ -200,7 +161,7 @@ async fn grpc_retention_settings_seek_and_snapshots() {
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("tags"));
 
-    s.publish(&topic, &["c"]).await;
+    s.grpc_publish(&topic, &["c"]).await;
     assert_eq!(s.drain(&sub).await, ["c"]);
     s.subscriber
         .seek(pb::SeekRequest {
@@ -319,7 +280,7 @@ async fn rest_snapshots_and_seek() {
     assert_eq!(body["retainAckedMessages"], json!(true));
     assert_eq!(body["messageRetentionDuration"], json!("3600s"));
 
-    s.publish(&topic, &["x", "y"]).await;
+    s.grpc_publish(&topic, &["x", "y"]).await;
     assert_eq!(s.drain(&sub).await, ["x", "y"]);
     let (st, body) = s
         .rest(
@@ -333,7 +294,7 @@ async fn rest_snapshots_and_seek() {
 
     // PUT /v1/projects/P/snapshots/S creates from a subscription.
     let snap = format!("{P}/snapshots/rest-snap");
-    s.publish(&topic, &["z"]).await;
+    s.grpc_publish(&topic, &["z"]).await;
     let (st, body) = s
         .rest(
             Method::PUT,

@@ -7,7 +7,7 @@ mod common;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use common::{start, Server};
+use common::{next_response, start, Server};
 use pubrun_api::pb;
 use serde_json::{json, Value};
 
@@ -22,35 +22,12 @@ fn sub(id: &str) -> String {
 }
 
 impl Server {
-    async fn rest(&self, method: reqwest::Method, path: &str, body: Value) -> (u16, Value) {
-        let resp = self
-            .http
-            .request(method, format!("{}{path}", self.base))
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        let status = resp.status().as_u16();
-        (status, resp.json().await.unwrap())
-    }
-
     async fn create_topic(&self, id: &str) {
-        self.publisher
-            .clone()
-            .create_topic(pb::Topic {
-                name: topic(id),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-    }
-
-    async fn create_sub(&self, s: pb::Subscription) -> Result<pb::Subscription, tonic::Status> {
-        self.subscriber
-            .clone()
-            .create_subscription(s)
-            .await
-            .map(|r| r.into_inner())
+        self.grpc_topic(pb::Topic {
+            name: topic(id),
+            ..Default::default()
+        })
+        .await;
     }
 
     async fn publish(&self, t: &str, messages: Vec<pb::PubsubMessage>) -> Vec<String> {
@@ -192,7 +169,7 @@ async fn grpc_subscription_settings_round_trip_with_googles_defaults() {
     s.create_topic("work").await;
     s.create_topic("dead").await;
     let created = s
-        .create_sub(pb::Subscription {
+        .grpc_sub(pb::Subscription {
             retry_policy: Some(pb::RetryPolicy {
                 minimum_backoff: Some(prost_types::Duration {
                     seconds: 1,
@@ -211,14 +188,8 @@ async fn grpc_subscription_settings_round_trip_with_googles_defaults() {
         })
         .await
         .unwrap();
-    let got = s
-        .subscriber
-        .clone()
-        .get_subscription(pb::GetSubscriptionRequest {
-            subscription: sub("all-settings"),
-        })
-        .await;
-    for x in [created, got.unwrap().into_inner()] {
+    let got = s.grpc_get_sub(&sub("all-settings")).await;
+    for x in [created, got] {
         let r = x.retry_policy.unwrap();
         assert_eq!(
             r.minimum_backoff,
@@ -277,7 +248,7 @@ async fn grpc_subscription_settings_round_trip_with_googles_defaults() {
             "minimum_backoff",
         ),
     ] {
-        let e = s.create_sub(x).await.unwrap_err();
+        let e = s.grpc_sub(x).await.unwrap_err();
         assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
         assert!(
             e.message().contains(says),
@@ -286,7 +257,7 @@ async fn grpc_subscription_settings_round_trip_with_googles_defaults() {
         );
     }
     let e = s
-        .create_sub(bad(|x| {
+        .grpc_sub(bad(|x| {
             x.dead_letter_policy = Some(pb::DeadLetterPolicy {
                 dead_letter_topic: topic("nope"),
                 max_delivery_attempts: 5,
@@ -342,8 +313,8 @@ async fn grpc_dead_letters_arrive_with_attributes_and_delivery_attempt_counts() 
     let s = start().await;
     s.create_topic("work").await;
     s.create_topic("dead").await;
-    s.create_sub(plain_sub("dead-sub", "dead")).await.unwrap();
-    s.create_sub(pb::Subscription {
+    s.grpc_sub(plain_sub("dead-sub", "dead")).await.unwrap();
+    s.grpc_sub(pb::Subscription {
         dead_letter_policy: Some(pb::DeadLetterPolicy {
             dead_letter_topic: topic("dead"),
             max_delivery_attempts: 5,
@@ -398,7 +369,7 @@ async fn grpc_dead_letters_arrive_with_attributes_and_delivery_attempt_counts() 
 async fn grpc_exactly_once_ack_errors_carry_error_info_and_streams_confirm() {
     let s = start().await;
     s.create_topic("work").await;
-    s.create_sub(pb::Subscription {
+    s.grpc_sub(pb::Subscription {
         enable_exactly_once_delivery: true,
         ..plain_sub("eod", "work")
     })
@@ -423,26 +394,8 @@ async fn grpc_exactly_once_ack_errors_carry_error_info_and_streams_confirm() {
     assert!(error_info(&e).metadata.contains_key(&b));
 
     // StreamingPull: properties say exactly-once; acks are confirmed on the stream.
-    let (tx, rx) = tokio::sync::mpsc::channel(8);
-    tx.send(pb::StreamingPullRequest {
-        subscription: sub("eod"),
-        stream_ack_deadline_seconds: 60,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let mut stream = s
-        .subscriber
-        .clone()
-        .streaming_pull(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
-    let first = tokio::time::timeout(Duration::from_secs(10), stream.message())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let (tx, mut stream) = s.streaming_pull(&sub("eod")).await;
+    let first = next_response(&mut stream).await;
     let props = first.subscription_properties.unwrap();
     assert!(props.exactly_once_delivery_enabled && !props.message_ordering_enabled);
     let redelivered = first.received_messages[0].ack_id.clone();
@@ -454,11 +407,7 @@ async fn grpc_exactly_once_ack_errors_carry_error_info_and_streams_confirm() {
     })
     .await
     .unwrap();
-    let conf = tokio::time::timeout(Duration::from_secs(10), stream.message())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let conf = next_response(&mut stream).await;
     let ack = conf.acknowledge_confirmation.unwrap();
     assert_eq!(
         (ack.ack_ids, ack.invalid_ack_ids),
@@ -473,7 +422,7 @@ async fn grpc_exactly_once_ack_errors_carry_error_info_and_streams_confirm() {
 async fn grpc_ordered_stream_reports_ordering_and_delivers_each_key_in_order() {
     let s = start().await;
     s.create_topic("work").await;
-    s.create_sub(pb::Subscription {
+    s.grpc_sub(pb::Subscription {
         enable_message_ordering: true,
         ..plain_sub("ordered", "work")
     })
@@ -488,29 +437,11 @@ async fn grpc_ordered_stream_reports_ordering_and_delivers_each_key_in_order() {
         s.publish("work", vec![keyed(&format!("x{i}"), "x")]).await;
         s.publish("work", vec![keyed(&format!("y{i}"), "y")]).await;
     }
-    let (tx, rx) = tokio::sync::mpsc::channel(8);
-    tx.send(pb::StreamingPullRequest {
-        subscription: sub("ordered"),
-        stream_ack_deadline_seconds: 60,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let mut stream = s
-        .subscriber
-        .clone()
-        .streaming_pull(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    let (tx, mut stream) = s.streaming_pull(&sub("ordered")).await;
     let mut seen: Vec<String> = Vec::new();
     let mut nacked = false;
     while seen.len() < 10 {
-        let r = tokio::time::timeout(Duration::from_secs(10), stream.message())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
+        let r = next_response(&mut stream).await;
         assert!(r.subscription_properties.unwrap().message_ordering_enabled);
         let mut acks = Vec::new();
         let mut skip_x = false;

@@ -34,6 +34,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import close_quietly
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_BIN = REPO_ROOT / "target" / "debug" / "pubrun"
 STARTUP_TIMEOUT_S = 60.0
@@ -311,14 +313,7 @@ def publisher(pubrun_server):
 
     client = pubsub_v1.PublisherClient()
     yield client
-    try:
-        client.stop()
-    except Exception:
-        pass
-    try:
-        client.transport.close()
-    except Exception:
-        pass
+    close_quietly(client.stop, lambda: client.transport.close())
 
 
 @pytest.fixture
@@ -327,10 +322,7 @@ def subscriber(pubrun_server):
 
     client = pubsub_v1.SubscriberClient()
     yield client
-    try:
-        client.close()
-    except Exception:
-        pass
+    close_quietly(client.close)
 
 
 @pytest.fixture

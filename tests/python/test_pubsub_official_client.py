@@ -19,22 +19,11 @@ from google.cloud import pubsub_v1
 from google.cloud.pubsub_v1.publisher import exceptions as pub_exceptions
 from google.cloud.pubsub_v1.types import FlowControl
 
-RPC_TIMEOUT = 30  # seconds, per admin call; the client would otherwise retry for 60-600 s
+from helpers import RPC_TIMEOUT, background_pull, make_sub, make_topic
+
 
 
 # --- helpers ------------------------------------------------------------------
-
-
-def make_topic(publisher, project, topic_id="topic", **kwargs):
-    path = publisher.topic_path(project, topic_id)
-    publisher.create_topic(request={"name": path, **kwargs}, timeout=RPC_TIMEOUT)
-    return path
-
-
-def make_sub(subscriber, project, topic_path, sub_id="sub", **kwargs):
-    path = subscriber.subscription_path(project, sub_id)
-    subscriber.create_subscription(request={"name": path, "topic": topic_path, **kwargs}, timeout=RPC_TIMEOUT)
-    return path
 
 
 def publish_all(publisher, topic_path, payloads, timeout=60, **attrs):
@@ -510,27 +499,16 @@ def test_pull_waits_for_new_messages(publisher, subscriber, project):
     """A Pull without return_immediately waits for a message published meanwhile."""
     topic = make_topic(publisher, project)
     sub = make_sub(subscriber, project, topic)
-    result = {}
-
-    def puller():
-        start = time.monotonic()
-        try:
-            resp = subscriber.pull(request={"subscription": sub, "max_messages": 5}, timeout=30)
-            result["msgs"] = list(resp.received_messages)
-        except Exception as e:  # reported below
-            result["error"] = e
-        result["elapsed"] = time.monotonic() - start
-
-    t = threading.Thread(target=puller)
-    t.start()
+    t, result = background_pull(subscriber, sub, 5)
     time.sleep(1.5)
     mid = publisher.publish(topic, b"late").result(timeout=30)
     t.join(timeout=40)
     assert not t.is_alive()
-    assert "error" not in result, result
-    if not result["msgs"]:  # a server may end a long poll early with nothing; then the next pull has it
-        result["msgs"] = pull_until(subscriber, sub, 1)
-    assert [rm.message.message_id for rm in result["msgs"]] == [mid]
+    assert not isinstance(result["value"], Exception), result
+    msgs = list(result["value"].received_messages)
+    if not msgs:  # a server may end a long poll early with nothing; then the next pull has it
+        msgs = pull_until(subscriber, sub, 1)
+    assert [rm.message.message_id for rm in msgs] == [mid]
 
 
 def test_pull_return_immediately_on_empty_subscription(publisher, subscriber, project):
@@ -877,18 +855,7 @@ def test_streaming_pull_on_missing_subscription_is_not_found(subscriber, project
 def test_waiting_pull_ends_when_subscription_is_deleted(publisher, subscriber, project):
     topic = make_topic(publisher, project)
     sub = make_sub(subscriber, project, topic)
-    result = {}
-
-    def puller():
-        start = time.monotonic()
-        try:
-            result["value"] = subscriber.pull(request={"subscription": sub, "max_messages": 1}, timeout=30)
-        except Exception as e:
-            result["value"] = e
-        result["elapsed"] = time.monotonic() - start
-
-    t = threading.Thread(target=puller)
-    t.start()
+    t, result = background_pull(subscriber, sub, 1)
     time.sleep(1.0)
     subscriber.delete_subscription(request={"subscription": sub}, timeout=RPC_TIMEOUT)
     t.join(timeout=40)

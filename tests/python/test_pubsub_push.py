@@ -16,7 +16,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from google.api_core import exceptions as gexc
 
-RPC_TIMEOUT = 30
+from helpers import RPC_TIMEOUT
+
 WAIT_S = 30
 
 

@@ -13,19 +13,7 @@ import pytest
 from google.api_core import exceptions as gexc
 from google.protobuf import timestamp_pb2
 
-RPC_TIMEOUT = 30
-
-
-def make_topic(publisher, project, topic_id="topic", **kwargs):
-    path = publisher.topic_path(project, topic_id)
-    publisher.create_topic(request={"name": path, **kwargs}, timeout=RPC_TIMEOUT)
-    return path
-
-
-def make_sub(subscriber, project, topic, sub_id="sub", **kwargs):
-    path = subscriber.subscription_path(project, sub_id)
-    subscriber.create_subscription(request={"name": path, "topic": topic, **kwargs}, timeout=RPC_TIMEOUT)
-    return path
+from helpers import RPC_TIMEOUT, make_sub, make_topic
 
 
 def publish(publisher, topic, *datas):

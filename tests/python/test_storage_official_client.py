@@ -26,7 +26,8 @@ from google.api_core import exceptions as gexc
 from google.cloud import storage
 from google.cloud.storage.notification import JSON_API_V1_PAYLOAD_FORMAT, OBJECT_FINALIZE_EVENT_TYPE
 
-RPC_TIMEOUT = 30
+from helpers import RPC_TIMEOUT, close_quietly
+
 MiB = 1024 * 1024
 
 
@@ -39,10 +40,7 @@ def gcs(pubrun_server, project, monkeypatch):
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", pubrun_server.base_url)
     client = storage.Client(project=project)
     yield client
-    try:
-        client.close()
-    except Exception:
-        pass
+    close_quietly(client.close)
 
 
 @pytest.fixture

@@ -56,15 +56,11 @@ impl Serve {
         let deadline = Instant::now() + patience;
         loop {
             assert!(Instant::now() < deadline, "no matching message on {sub}");
-            let r: serde_json::Value = http
-                .post(self.url(&format!("/v1/{sub}:pull")))
-                .json(&serde_json::json!({ "maxMessages": 100, "returnImmediately": false }))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let r: serde_json::Value = common::json_reply(
+                http.post(self.url(&format!("/v1/{sub}:pull")))
+                    .json(&serde_json::json!({ "maxMessages": 100, "returnImmediately": false })),
+            )
+            .await;
             let got = r["receivedMessages"]
                 .as_array()
                 .cloned()

@@ -369,15 +369,11 @@ fn token_is_required_when_the_server_has_one() {
     assert!(out.lines().any(|l| l.starts_with("secure")), "{out}");
 
     // The token can also come from the environment.
-    let out = Command::new(BIN)
-        .args(["topics", "get", "secure"])
-        .env("PUBRUN_ADDR", server.addr())
-        .env("PUBRUN_TOKEN", "s3cret")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    pubrun_testkit::run_ok(
+        "pubrun topics get",
+        Command::new(BIN)
+            .args(["topics", "get", "secure"])
+            .env("PUBRUN_ADDR", server.addr())
+            .env("PUBRUN_TOKEN", "s3cret"),
     );
 }

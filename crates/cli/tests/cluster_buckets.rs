@@ -19,8 +19,8 @@ use pb::subscriber_client::SubscriberClient;
 use pubrun_store::testing::TempPostgres;
 
 use common::{
-    cluster_node, connect, create_topic_and_subscription, free_port, pull_now, wait_answered_by,
-    Serve,
+    cluster_node, connect, create_topic_and_subscription, free_port, noise, pull_now,
+    wait_answered_by, Serve,
 };
 
 const TOPIC: &str = "projects/cluster/topics/gcs";
@@ -30,19 +30,6 @@ const LEASE_TTL: Duration = Duration::from_secs(2);
 
 fn start(url: &str, node: &str, data: &Path, port: u16, log: &Path) -> Serve {
     cluster_node(url, node, LEASE_TTL, data, port, log).spawn()
-}
-
-/// Deterministic, non-repeating bytes.
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed ^ 0x9e37_79b9_7f4a_7c15;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 async fn upload(http: &reqwest::Client, port: u16, name: &str, data: Vec<u8>) {

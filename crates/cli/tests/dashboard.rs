@@ -29,14 +29,12 @@ const OWN_SCRIPTS: &str = "return Array.from(document.scripts).filter(s => s.get
 use common::Server as Proc;
 
 fn start(manifest: &str, token: Option<&str>) -> Serve {
-    let mut b = ServeBuilder::new()
+    ServeBuilder::new()
         .config(manifest)
+        .maybe_token(token)
         .log_level("info")
-        .patience(PATIENCE);
-    if let Some(t) = token {
-        b = b.token(t);
-    }
-    b.start()
+        .patience(PATIENCE)
+        .start()
 }
 
 /// Requests the dashboard tests make of the harness's server.
@@ -79,12 +77,7 @@ impl Serve {
     }
 
     async fn run_status(&self, id: &str) -> String {
-        let v: serde_json::Value = reqwest::get(self.url(&format!("/api/v1/runs/{id}")))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let v: serde_json::Value = get_json(self.url(&format!("/api/v1/runs/{id}"))).await;
         v["run"]["status"].as_str().unwrap_or_default().to_string()
     }
 }
@@ -213,6 +206,18 @@ impl Browser {
         }
     }
 
+    /// The `href` of the (first) element `css`, which must have one.
+    async fn href(&self, css: &str) -> String {
+        self.c
+            .find(Locator::Css(css))
+            .await
+            .unwrap_or_else(|e| panic!("no {css}: {e}"))
+            .attr("href")
+            .await
+            .unwrap()
+            .unwrap_or_else(|| panic!("{css} has no href"))
+    }
+
     /// Clicks the element `css`.
     async fn click(&self, css: &str) {
         self.c
@@ -260,6 +265,11 @@ impl Browser {
             "the page has a script element it should not"
         );
     }
+}
+
+/// GETs `url` and parses its JSON body.
+async fn get_json(url: impl reqwest::IntoUrl) -> serde_json::Value {
+    reqwest::get(url).await.unwrap().json().await.unwrap()
 }
 
 /// An XPath string literal for any text.
@@ -380,14 +390,7 @@ async fn hostile_object_name_renders_as_text() {
     b.wait_text("objects", "<script>alert(1)</").await;
     b.assert_nothing_injected().await;
     // The link downloads the bytes as an attachment, never as a page.
-    let href =
-        b.c.find(Locator::Css("#objects a.object, #objects tr.folder a"))
-            .await
-            .unwrap()
-            .attr("href")
-            .await
-            .unwrap()
-            .unwrap();
+    let href = b.href("#objects a.object, #objects tr.folder a").await;
     assert!(href.starts_with("/ui/buckets/files"), "{href}");
     let r = reqwest::get(s.url(&format!(
         "/ui/buckets/files/download?name={}",
@@ -493,23 +496,11 @@ async fn trigger_rerun_and_schedule_buttons_work() {
     // Schedules: pause, resume, run now.
     b.c.goto(&s.url("/ui/schedules")).await.unwrap();
     b.wait_text("schedules", "active").await;
-    b.c.find(Locator::Css(
-        "form[action='/ui/schedules/hourly/pause'] button",
-    ))
-    .await
-    .unwrap()
-    .click()
-    .await
-    .unwrap();
+    b.click("form[action='/ui/schedules/hourly/pause'] button")
+        .await;
     b.wait_text("schedules", "paused").await;
-    b.c.find(Locator::Css(
-        "form[action='/ui/schedules/hourly/resume'] button",
-    ))
-    .await
-    .unwrap()
-    .click()
-    .await
-    .unwrap();
+    b.click("form[action='/ui/schedules/hourly/resume'] button")
+        .await;
     b.wait_text("schedules", "active").await;
     b.submit("form[action='/ui/schedules/hourly/run-now'] button")
         .await;
@@ -519,14 +510,7 @@ async fn trigger_rerun_and_schedule_buttons_work() {
         "#runs tr:nth-child(3) a[href^='/ui/runs/']",
     )
     .await;
-    let newest =
-        b.c.find(Locator::Css("#runs tr:nth-child(1) a[href^='/ui/runs/']"))
-            .await
-            .unwrap()
-            .attr("href")
-            .await
-            .unwrap()
-            .unwrap();
+    let newest = b.href("#runs tr:nth-child(1) a[href^='/ui/runs/']").await;
     b.c.goto(&s.url(&newest)).await.unwrap();
     b.wait_text("log", "hello-from-job-from-schedule").await;
     b.assert_nothing_injected().await;
@@ -584,12 +568,7 @@ async fn forged_posts_are_refused() {
         .await
         .unwrap();
     assert_eq!(r.status(), 403);
-    let v: serde_json::Value = reqwest::get(s.url("/api/v1/schedules/hourly"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v: serde_json::Value = get_json(s.url("/api/v1/schedules/hourly")).await;
     assert_eq!(
         v["schedule"]["paused"],
         json!(false),
@@ -598,12 +577,7 @@ async fn forged_posts_are_refused() {
     // The real form post works.
     let r = post(right, Some(s.url(""))).await.unwrap();
     assert_eq!(r.status(), 303);
-    let v: serde_json::Value = reqwest::get(s.url("/api/v1/schedules/hourly"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v: serde_json::Value = get_json(s.url("/api/v1/schedules/hourly")).await;
     assert_eq!(v["schedule"]["paused"], json!(true), "{v}");
 }
 
@@ -628,12 +602,7 @@ price_per_hour = 0.5
 impl Serve {
     /// Starts `pubrun agent NAME` in pool `pool`, with the pool's token.
     async fn agent(&self, pool: &str, name: &str) -> Proc {
-        let t: serde_json::Value = reqwest::get(self.url(&format!("/api/v1/pools/{pool}/token")))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let t: serde_json::Value = get_json(self.url(&format!("/api/v1/pools/{pool}/token"))).await;
         Proc(
             Command::new(BIN)
                 .args([
@@ -704,14 +673,8 @@ async fn cordon_and_drain_from_the_pools_page() {
         "form[action='/ui/machines/box-1/drain'] button",
     )
     .await;
-    b.c.find(Locator::Css(
-        "form[action='/ui/machines/box-1/drain'] button",
-    ))
-    .await
-    .unwrap()
-    .click()
-    .await
-    .unwrap();
+    b.click("form[action='/ui/machines/box-1/drain'] button")
+        .await;
     b.wait_text("machines", "cordoned").await;
 }
 

@@ -6,7 +6,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use common::{Serve, ServeBuilder, BIN};
+use common::{noise, Serve, ServeBuilder, BIN};
 
 /// Above the 8 MiB resumable threshold and spanning three 8 MiB chunks.
 const BIG: usize = 20 * 1024 * 1024 + 12345;
@@ -23,20 +23,16 @@ impl Serve {
             .stdin(Stdio::null());
         c
     }
-}
 
-/// Deterministic bytes that never repeat a chunk (an off-by-a-chunk resume
-/// would show).
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    /// `pubrun objects cp SRC gs://bkt/big.bin`, made to stop after
+    /// `stop_after_chunks` chunks when given.
+    fn cp_big(&self, src: &Path, stop_after_chunks: Option<&str>) -> std::process::Output {
+        let mut c = self.cmd(&["objects", "cp", src.to_str().unwrap(), "gs://bkt/big.bin"]);
+        if let Some(n) = stop_after_chunks {
+            c.env("PUBRUN_CP_TEST_STOP_AFTER_CHUNKS", n);
+        }
+        c.output().unwrap()
+    }
 }
 
 fn write(path: &Path, data: &[u8]) {
@@ -201,11 +197,7 @@ fn an_interrupted_large_upload_resumes_where_it_stopped() {
     let src = work.path().join("big.bin");
     write(&src, &noise(BIG, 9));
 
-    let out = s
-        .cmd(&["objects", "cp", src.to_str().unwrap(), "gs://bkt/big.bin"])
-        .env("PUBRUN_CP_TEST_STOP_AFTER_CHUNKS", "1")
-        .output()
-        .unwrap();
+    let out = s.cp_big(&src, Some("1"));
     assert_eq!(
         out.status.code(),
         Some(3),
@@ -217,10 +209,7 @@ fn an_interrupted_large_upload_resumes_where_it_stopped() {
         "nothing committed yet"
     );
 
-    let out = s
-        .cmd(&["objects", "cp", src.to_str().unwrap(), "gs://bkt/big.bin"])
-        .output()
-        .unwrap();
+    let out = s.cp_big(&src, None);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert!(
@@ -232,10 +221,7 @@ fn an_interrupted_large_upload_resumes_where_it_stopped() {
     s.ok(&["objects", "cp", "gs://bkt/big.bin", back.to_str().unwrap()]);
     assert_eq!(std::fs::read(&back).unwrap(), noise(BIG, 9));
     // The tracker is gone once the upload finished: the next cp starts afresh.
-    let out = s
-        .cmd(&["objects", "cp", src.to_str().unwrap(), "gs://bkt/big.bin"])
-        .output()
-        .unwrap();
+    let out = s.cp_big(&src, None);
     assert!(out.status.success());
     assert!(!String::from_utf8_lossy(&out.stderr).contains("resuming"));
 }
@@ -247,11 +233,7 @@ fn a_vanished_upload_session_starts_over() {
     s.ok(&["buckets", "create", "bkt"]);
     let src = work.path().join("big.bin");
     write(&src, &noise(BIG, 11));
-    let out = s
-        .cmd(&["objects", "cp", src.to_str().unwrap(), "gs://bkt/big.bin"])
-        .env("PUBRUN_CP_TEST_STOP_AFTER_CHUNKS", "1")
-        .output()
-        .unwrap();
+    let out = s.cp_big(&src, Some("1"));
     assert_eq!(out.status.code(), Some(3));
 
     // Cancel the session behind the CLI's back (as expiry would).
@@ -273,10 +255,7 @@ fn a_vanished_upload_session_starts_over() {
         "{resp}"
     );
 
-    let out = s
-        .cmd(&["objects", "cp", src.to_str().unwrap(), "gs://bkt/big.bin"])
-        .output()
-        .unwrap();
+    let out = s.cp_big(&src, None);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert!(err.contains("is gone; starting over"), "{err}");

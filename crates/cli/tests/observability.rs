@@ -98,16 +98,12 @@ impl Server {
     async fn wait_runs_ended(&self, job: &str, n: usize) -> Vec<Json> {
         let deadline = Instant::now() + PATIENCE;
         loop {
-            let v: Json = self
-                .http
-                .get(self.url(&format!("/api/v1/runs?job={job}")))
-                .bearer_auth(TOKEN)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let v: Json = common::json_reply(
+                self.http
+                    .get(self.url(&format!("/api/v1/runs?job={job}")))
+                    .bearer_auth(TOKEN),
+            )
+            .await;
             let runs = v["runs"].as_array().cloned().unwrap_or_default();
             let ended = runs
                 .iter()

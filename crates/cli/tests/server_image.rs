@@ -5,12 +5,13 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use googleapis_tonic_google_pubsub_v1::google::pubsub::v1 as pb;
 use pb::publisher_client::PublisherClient;
 use pb::subscriber_client::SubscriberClient;
+use pubrun_testkit::run_ok;
 
 const BIN: &str = env!("CARGO_BIN_EXE_pubrun");
 const TOKEN: &str = "image-test-token";
@@ -25,13 +26,12 @@ impl Drop for Container {
 }
 
 fn docker(args: &[&str]) -> String {
-    let out = Command::new("docker").args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "docker {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
+    run_ok(
+        &format!("docker {args:?}"),
+        Command::new("docker").args(args),
+    )
+    .trim()
+    .to_string()
 }
 
 fn authed<T>(msg: T) -> tonic::Request<T> {
@@ -48,16 +48,11 @@ async fn server_image_serves_the_official_client() {
     }
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
     let image = format!("pubrun-server:test-{}", std::process::id());
-    let out = Command::new("bash")
-        .arg(format!("{root}/scripts/server-image.sh"))
-        .args([BIN, &image])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "server-image.sh failed: {}",
-        String::from_utf8_lossy(&out.stderr)
+    run_ok(
+        "server-image.sh",
+        Command::new("bash")
+            .arg(format!("{root}/scripts/server-image.sh"))
+            .args([BIN, &image]),
     );
     // Removed at the end; the container first (Drop order: reverse).
     struct Image(String);
@@ -188,18 +183,14 @@ async fn server_image_serves_the_official_client() {
     );
 
     // The CLI against the container: the data lands in the /data volume.
-    let out = Command::new(BIN)
-        .args(["topics", "list"])
-        .env("PUBRUN_ADDR", format!("127.0.0.1:{port}"))
-        .env("PUBRUN_TOKEN", TOKEN)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = run_ok(
+        "pubrun topics list",
+        Command::new(BIN)
+            .args(["topics", "list"])
+            .env("PUBRUN_ADDR", format!("127.0.0.1:{port}"))
+            .env("PUBRUN_TOKEN", TOKEN),
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("image-topic"));
+    assert!(out.contains("image-topic"));
     let ls = docker(&["exec", &id, "ls", "/data"]);
     assert!(!ls.is_empty(), "state is kept in /data");
 }

@@ -75,6 +75,23 @@ pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
+/// Runs `cmd` with stdin closed and returns its stdout; panics naming
+/// `what`, with the exit status and both outputs, when it fails.
+pub fn run_ok(what: &str, cmd: &mut Command) -> String {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert!(
+        out.status.success(),
+        "{what} failed ({}): {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// Runs `bash scripts/<name> <args>`; its trimmed stdout, or an error
 /// carrying both outputs.
 pub fn run_script(name: &str, args: &[&str]) -> Result<String, String> {

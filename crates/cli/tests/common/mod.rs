@@ -203,6 +203,18 @@ impl ServeBuilder {
         self
     }
 
+    /// [`ServeBuilder::token`] when there is one, else no token.
+    pub fn maybe_token(mut self, token: Option<&str>) -> Self {
+        self.token = token.map(Into::into);
+        self
+    }
+
+    /// [`ServeBuilder::config`] when there is a manifest, else none.
+    pub fn maybe_config(mut self, manifest: Option<&str>) -> Self {
+        self.config = manifest.map(Into::into);
+        self
+    }
+
     /// `PUBRUN_LOG` (default `warn`).
     pub fn log_level(mut self, level: &str) -> Self {
         self.log_level = level.into();
@@ -749,4 +761,23 @@ pub async fn pull_now(
         })
         .await?;
     Ok(r.into_inner().received_messages)
+}
+
+/// Deterministic bytes (xorshift) that never repeat a chunk, so an upload
+/// or resume off by a chunk shows.
+pub fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = (seed ^ 0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Sends `req` and parses the reply as JSON (panics when either fails).
+pub async fn json_reply(req: reqwest::RequestBuilder) -> serde_json::Value {
+    req.send().await.unwrap().json().await.unwrap()
 }

@@ -52,15 +52,13 @@ type Srv = Serve;
 
 /// `pubrun serve --token` on loopback, with `manifest` as its config.
 fn start_srv(manifest: Option<&str>) -> Srv {
-    let mut b = ServeBuilder::new()
+    ServeBuilder::new()
         .token(SERVER_TOKEN)
+        .maybe_config(manifest)
         .env("SEC_POOL_TOKEN", POOL_TOKEN)
         .log_level("info")
-        .patience(PATIENCE);
-    if let Some(m) = manifest {
-        b = b.config(m);
-    }
-    b.start()
+        .patience(PATIENCE)
+        .start()
 }
 
 /// What the agent tests ask of the server (names unique in the `security` crate).
@@ -79,17 +77,13 @@ impl Serve {
     }
 
     fn publish(&self, data: &str) {
-        let out = Command::new(BIN)
-            .args(["publish", "work", "--data", data])
-            .env("PUBRUN_ADDR", self.addr())
-            .env("PUBRUN_TOKEN", SERVER_TOKEN)
-            .env("PUBRUN_PROJECT", "demo")
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "publish: {}",
-            String::from_utf8_lossy(&out.stderr)
+        pubrun_testkit::run_ok(
+            "publish",
+            Command::new(BIN)
+                .args(["publish", "work", "--data", data])
+                .env("PUBRUN_ADDR", self.addr())
+                .env("PUBRUN_TOKEN", SERVER_TOKEN)
+                .env("PUBRUN_PROJECT", "demo"),
         );
     }
 }

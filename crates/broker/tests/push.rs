@@ -172,6 +172,14 @@ fn msg(data: &str) -> OutgoingMessage {
     }
 }
 
+/// A message with attribute `color`.
+fn colored(data: &str, color: &str) -> OutgoingMessage {
+    OutgoingMessage {
+        attributes: BTreeMap::from([("color".to_string(), color.to_string())]),
+        ..msg(data)
+    }
+}
+
 /// Waits (polling) until `cond` holds.
 async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
     let start = Instant::now();
@@ -201,17 +209,11 @@ async fn wrapped_envelope_and_success_codes_ack() {
         .await
         .unwrap();
     }
-    let ids = b
-        .publish(
-            &topic("t"),
-            vec![OutgoingMessage {
-                data: "hello push".into(),
-                attributes: BTreeMap::from([("color".to_string(), "red".to_string())]),
-                ordering_key: "k1".into(),
-            }],
-        )
-        .await
-        .unwrap();
+    let keyed = OutgoingMessage {
+        ordering_key: "k1".into(),
+        ..colored("hello push", "red")
+    };
+    let ids = b.publish(&topic("t"), vec![keyed]).await.unwrap();
     let mut seen = Vec::new();
     for _ in 0..4 {
         let req = r.next().await;
@@ -529,14 +531,7 @@ async fn unwrapped_payload_with_metadata_headers() {
     .await
     .unwrap();
     let ids = b
-        .publish(
-            &topic("t"),
-            vec![OutgoingMessage {
-                data: "raw bytes".into(),
-                attributes: BTreeMap::from([("color".to_string(), "blue".to_string())]),
-                ..Default::default()
-            }],
-        )
+        .publish(&topic("t"), vec![colored("raw bytes", "blue")])
         .await
         .unwrap();
     let req = r.next().await;

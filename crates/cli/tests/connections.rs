@@ -125,22 +125,48 @@ fn key_file(dir: &Path, private_pem: &str, token_uri: &str) -> PathBuf {
     p
 }
 
+/// A service-account key pair, a token endpoint trusting its public half
+/// and the key file (in `dir`) naming that endpoint.
+async fn trusted_key(dir: &Path) -> (TokenEndpoint, PathBuf) {
+    let (private_pem, public_pem) = rsa_key(dir, "sa");
+    let tokens = token_endpoint(public_pem).await;
+    let key = key_file(dir, &private_pem, &tokens.url);
+    (tokens, key)
+}
+
+/// The local `pubrun serve` (in `tmp/local`, on a free port) with `manifest`.
+fn start_local(tmp: &Path, manifest: &str) -> Serve {
+    start_serve(&tmp.join("local"), free_port(), manifest, None)
+}
+
+/// Both servers' logs, for failure messages.
+fn both_logs(local: &Serve, google: &Serve) -> String {
+    format!(
+        "--- local ---\n{}\n--- google ---\n{}",
+        local.log(),
+        google.log()
+    )
+}
+
+/// A downloaded object as trimmed text.
+fn trimmed(out: Option<Vec<u8>>) -> Option<String> {
+    out.map(|b| String::from_utf8_lossy(&b).trim().to_string())
+}
+
 /// A `pubrun serve` with its data, config and log (appended across
 /// restarts) in `dir`.
 fn start_serve(dir: &Path, port: u16, config: &str, token: Option<&str>) -> Serve {
     std::fs::create_dir_all(dir).unwrap();
-    let mut b = ServeBuilder::new()
+    ServeBuilder::new()
         .dir(dir)
         .port(port)
         .config(config)
+        .maybe_token(token)
         .log_level("info")
         .patience(PATIENCE)
         .append_log()
-        .env_remove("GOOGLE_APPLICATION_CREDENTIALS");
-    if let Some(t) = token {
-        b = b.token(t);
-    }
-    b.start()
+        .env_remove("GOOGLE_APPLICATION_CREDENTIALS")
+        .start()
 }
 
 fn google_manifest() -> &'static str {
@@ -253,20 +279,16 @@ impl Google {
 
     /// Pulls (and acks) up to 10 messages of a subscription.
     async fn pull(&self, sub: &str, ack: bool) -> Vec<Value> {
-        let r: Value = self
-            .http
-            .post(format!(
-                "{}/v1/projects/theirs/subscriptions/{sub}:pull",
-                self.base
-            ))
-            .bearer_auth(T2)
-            .json(&json!({ "maxMessages": 10, "returnImmediately": true }))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let r: Value = common::json_reply(
+            self.http
+                .post(format!(
+                    "{}/v1/projects/theirs/subscriptions/{sub}:pull",
+                    self.base
+                ))
+                .bearer_auth(T2)
+                .json(&json!({ "maxMessages": 10, "returnImmediately": true })),
+        )
+        .await;
         let msgs: Vec<Value> = r["receivedMessages"]
             .as_array()
             .cloned()
@@ -288,17 +310,23 @@ impl Google {
         }
         msgs
     }
+
+    /// Waits for the first result message(s) on `results-sub` (acked).
+    async fn first_results(&self, logs: impl Fn() -> String) -> Vec<Value> {
+        until(
+            "a result on projects/theirs/topics/results",
+            logs,
+            || async {
+                let m = self.pull("results-sub", true).await;
+                (!m.is_empty()).then_some(m)
+            },
+        )
+        .await
+    }
 }
 
 async fn local_runs(http: &reqwest::Client, local: &Serve) -> Vec<Value> {
-    let r: Value = http
-        .get(format!("{}/api/v1/runs", local.addr()))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let r: Value = common::json_reply(http.get(format!("{}/api/v1/runs", local.addr()))).await;
     r["runs"].as_array().cloned().unwrap_or_default()
 }
 
@@ -332,25 +360,12 @@ where
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_file_connection_runs_jobs_on_google_resources_end_to_end() {
     let tmp = tempfile::tempdir().unwrap();
-    let (private_pem, public_pem) = rsa_key(tmp.path(), "sa");
-    let tokens = token_endpoint(public_pem).await;
-    let key = key_file(tmp.path(), &private_pem, &tokens.url);
+    let (tokens, key) = trusted_key(tmp.path()).await;
 
     let gport = free_port();
     let (google, g) = start_google(&tmp.path().join("google"), gport);
-    let local = start_serve(
-        &tmp.path().join("local"),
-        free_port(),
-        &local_manifest(&key, gport),
-        None,
-    );
-    let logs = || {
-        format!(
-            "--- local ---\n{}\n--- google ---\n{}",
-            local.log(),
-            google.log()
-        )
-    };
+    let local = start_local(tmp.path(), &local_manifest(&key, gport));
+    let logs = || both_logs(&local, &google);
 
     // The intake has exchanged the key for a token; let that token expire
     // so the calls below need a refreshed one.
@@ -363,15 +378,7 @@ async fn a_key_file_connection_runs_jobs_on_google_resources_end_to_end() {
     g.upload("in/data.txt", b"hello, google\n").await;
 
     // The result arrives on the "Google" topic.
-    let results = until(
-        "a result on projects/theirs/topics/results",
-        logs,
-        || async {
-            let m = g.pull("results-sub", true).await;
-            (!m.is_empty()).then_some(m)
-        },
-    )
-    .await;
+    let results = g.first_results(logs).await;
     assert_eq!(results.len(), 1, "{results:?}");
     let attrs = &results[0]["message"]["attributes"];
     assert_eq!(attrs["status"], "succeeded", "{results:?}\n{}", logs());
@@ -380,13 +387,7 @@ async fn a_key_file_connection_runs_jobs_on_google_resources_end_to_end() {
 
     // The output is in the "Google" bucket.
     let out = g.download(&format!("results/{run_id}/count.txt")).await;
-    assert_eq!(
-        out.as_deref()
-            .map(|b| String::from_utf8_lossy(b).trim().to_string()),
-        Some("14".to_string()),
-        "{}",
-        logs()
-    );
+    assert_eq!(trimmed(out), Some("14".to_string()), "{}", logs());
 
     // One run; the notification was acked once queued: nothing comes back.
     let http = reqwest::Client::new();
@@ -418,19 +419,8 @@ async fn wrong_credentials_name_the_connection_and_ack_nothing() {
     let gport = free_port();
     let (google, g) = start_google(&tmp.path().join("google"), gport);
     g.upload("in/data.txt", b"abc").await;
-    let local = start_serve(
-        &tmp.path().join("local"),
-        free_port(),
-        &local_manifest(&key, gport),
-        None,
-    );
-    let logs = || {
-        format!(
-            "--- local ---\n{}\n--- google ---\n{}",
-            local.log(),
-            google.log()
-        )
-    };
+    let local = start_local(tmp.path(), &local_manifest(&key, gport));
+    let logs = || both_logs(&local, &google);
 
     let line = until("the intake's error", logs, || async {
         local
@@ -491,9 +481,7 @@ async fn a_bad_key_file_fails_the_apply_naming_connection_and_file() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_google_side_restarting_mid_run_loses_nothing_and_duplicates_nothing() {
     let tmp = tempfile::tempdir().unwrap();
-    let (private_pem, public_pem) = rsa_key(tmp.path(), "sa");
-    let tokens = token_endpoint(public_pem).await;
-    let key = key_file(tmp.path(), &private_pem, &tokens.url);
+    let (tokens, key) = trusted_key(tmp.path()).await;
     // Each run waits for its gate file: the test decides when it ends.
     let gates = tmp.path().join("gates");
     std::fs::create_dir_all(&gates).unwrap();
@@ -505,20 +493,9 @@ async fn the_google_side_restarting_mid_run_loses_nothing_and_duplicates_nothing
     let gport = free_port();
     let gdir = tmp.path().join("google");
     let (google, g) = start_google(&gdir, gport);
-    let local = start_serve(
-        &tmp.path().join("local"),
-        free_port(),
-        &local_manifest_with(&key, gport, &script),
-        None,
-    );
+    let local = start_local(tmp.path(), &local_manifest_with(&key, gport, &script));
     let http = reqwest::Client::new();
-    let logs = |google: &Serve| {
-        format!(
-            "--- local ---\n{}\n--- google ---\n{}",
-            local.log(),
-            google.log()
-        )
-    };
+    let logs = |google: &Serve| both_logs(&local, google);
 
     // The first upload is queued as a run, which then waits at its gate.
     g.upload("in/a.txt", b"first\n").await;
@@ -578,11 +555,7 @@ async fn the_google_side_restarting_mid_run_loses_nothing_and_duplicates_nothing
     assert_eq!(ids, want, "one result per run\n{}", logs(&google));
     for (id, n) in [(&first, "6"), (&second, "8")] {
         let out = g.download(&format!("results/{id}/count.txt")).await;
-        assert_eq!(
-            out.as_deref()
-                .map(|b| String::from_utf8_lossy(b).trim().to_string()),
-            Some(n.to_string())
-        );
+        assert_eq!(trimmed(out), Some(n.to_string()));
     }
 
     // No duplicate run, nothing left unacked, nothing published twice.
@@ -605,18 +578,11 @@ async fn the_google_side_restarting_mid_run_loses_nothing_and_duplicates_nothing
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_endpoint_is_named_and_the_intake_recovers() {
     let tmp = tempfile::tempdir().unwrap();
-    let (private_pem, public_pem) = rsa_key(tmp.path(), "sa");
-    let tokens = token_endpoint(public_pem).await;
-    let key = key_file(tmp.path(), &private_pem, &tokens.url);
+    let (_tokens, key) = trusted_key(tmp.path()).await;
 
     // The local server starts while "Google" is down.
     let gport = free_port();
-    let local = start_serve(
-        &tmp.path().join("local"),
-        free_port(),
-        &local_manifest(&key, gport),
-        None,
-    );
+    let local = start_local(tmp.path(), &local_manifest(&key, gport));
     let line = until(
         "the intake's error",
         || local.log(),
@@ -640,19 +606,9 @@ async fn an_unreachable_endpoint_is_named_and_the_intake_recovers() {
 
     // "Google" comes up: the intake reconnects and the flow works.
     let (google, g) = start_google(&tmp.path().join("google"), gport);
-    let logs = || {
-        format!(
-            "--- local ---\n{}\n--- google ---\n{}",
-            local.log(),
-            google.log()
-        )
-    };
+    let logs = || both_logs(&local, &google);
     g.upload("in/data.txt", b"late\n").await;
-    let results = until("a result", logs, || async {
-        let m = g.pull("results-sub", true).await;
-        (!m.is_empty()).then_some(m)
-    })
-    .await;
+    let results = g.first_results(logs).await;
     assert_eq!(
         results[0]["message"]["attributes"]["status"], "succeeded",
         "{results:?}"
@@ -662,36 +618,19 @@ async fn an_unreachable_endpoint_is_named_and_the_intake_recovers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_inputs_and_outputs_cross_the_connection_intact() {
     let tmp = tempfile::tempdir().unwrap();
-    let (private_pem, public_pem) = rsa_key(tmp.path(), "sa");
-    let tokens = token_endpoint(public_pem).await;
-    let key = key_file(tmp.path(), &private_pem, &tokens.url);
+    let (_tokens, key) = trusted_key(tmp.path()).await;
     let gport = free_port();
     let (google, g) = start_google(&tmp.path().join("google"), gport);
     let script = "mkdir -p out && cp in/big.bin out/copy.bin";
-    let local = start_serve(
-        &tmp.path().join("local"),
-        free_port(),
-        &local_manifest_with(&key, gport, script),
-        None,
-    );
-    let logs = || {
-        format!(
-            "--- local ---\n{}\n--- google ---\n{}",
-            local.log(),
-            google.log()
-        )
-    };
+    let local = start_local(tmp.path(), &local_manifest_with(&key, gport, script));
+    let logs = || both_logs(&local, &google);
 
     // 20 MiB + 1: three resumable chunks of 8 MiB, the last one short.
     let data: Vec<u8> = (0..(20u32 << 20) + 1)
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
         .collect();
     g.upload("in/big.bin", &data).await;
-    let results = until("a result", logs, || async {
-        let m = g.pull("results-sub", true).await;
-        (!m.is_empty()).then_some(m)
-    })
-    .await;
+    let results = g.first_results(logs).await;
     let attrs = &results[0]["message"]["attributes"];
     assert_eq!(attrs["status"], "succeeded", "{results:?}\n{}", logs());
     let run_id = attrs["run_id"].as_str().unwrap();

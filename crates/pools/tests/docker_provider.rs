@@ -279,14 +279,9 @@ async fn machines_join_the_given_network() {
     }
     let pool = Pool::new("net");
     let net = format!("pubrun-test-{}", pool.0);
-    let made = Command::new("docker")
-        .args(["network", "create", &net])
-        .output()
-        .unwrap();
-    assert!(
-        made.status.success(),
-        "{}",
-        String::from_utf8_lossy(&made.stderr)
+    pubrun_testkit::run_ok(
+        "docker network create",
+        Command::new("docker").args(["network", "create", &net]),
     );
     let p = DockerProvider::new(&DockerProviderSpec {
         network: net.clone(),
@@ -407,18 +402,15 @@ async fn docker_socket_machines_take_their_job_containers_along() {
     // Stand-ins for job containers: one working in this machine's directory,
     // one elsewhere (another machine's, or a local run's).
     let job = |work: &str| {
-        let out = Command::new("docker")
-            .args(["run", "-d", "--label", "pubrun.run_id=1"])
-            .args(["--label", &format!("{TEST_LABEL}={}", pool.0)])
-            .args(["-v", &format!("{work}:/workspace"), IMAGE, "sleep", "300"])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
+        pubrun_testkit::run_ok(
+            "docker run",
+            Command::new("docker")
+                .args(["run", "-d", "--label", "pubrun.run_id=1"])
+                .args(["--label", &format!("{TEST_LABEL}={}", pool.0)])
+                .args(["-v", &format!("{work}:/workspace"), IMAGE, "sleep", "300"]),
+        )
+        .trim()
+        .to_string()
     };
     let ours = job(&format!("{dir}/leases/7/work"));
     let other = job(&format!("{}/elsewhere/work", tmp.path().display()));

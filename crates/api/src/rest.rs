@@ -28,7 +28,8 @@ use std::collections::HashMap;
 
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection};
-use axum::extract::{OriginalUri, Path, RawQuery, State};
+use axum::extract::{FromRequestParts, OriginalUri, Path, RawQuery, State};
+use axum::http::request::Parts;
 use axum::http::{header, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::any;
@@ -152,29 +153,57 @@ async fn unknown_path(OriginalUri(uri): OriginalUri) -> Response {
 // ---------------------------------------------------------------------------
 
 type Body = std::result::Result<Bytes, BytesRejection>;
-type OneParam = std::result::Result<Path<String>, PathRejection>;
-type TwoParams = std::result::Result<Path<(String, String)>, PathRejection>;
 
-/// A GET-only list endpoint. Its checks, in order: the path parameters, the
-/// method, then `pageSize`/`pageToken`; `list` fetches the page (items and
-/// next token) answered as `{key: [...], "nextPageToken": "..."}`.
-fn list_page<T>(
-    method: &Method,
-    uri: &Uri,
+/// What every handler reads before its body: the method, the path as the
+/// client sent it (for error messages), the path parameters (checked by the
+/// handler, so a bad one is answered in Google's shape) and the raw query.
+struct Call<T> {
+    method: Method,
+    uri: Uri,
     path: std::result::Result<Path<T>, PathRejection>,
-    q: Option<String>,
-    key: &str,
-    list: impl FnOnce(T, i32, String) -> pubrun_core::Result<(Vec<Value>, String)>,
-) -> Response {
-    let page = (|| {
-        let params = path_params(path)?;
-        if method != Method::GET {
-            return Err(method_not_allowed(method, uri, "GET"));
-        }
-        let (page_size, page_token) = page_params(q)?;
-        Ok(list(params, page_size, page_token)?)
-    })();
-    finish(page.map(|(items, next)| list_json(key, items, &next)))
+    query: Option<String>,
+}
+
+impl<T, S> FromRequestParts<S> for Call<T>
+where
+    T: DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let path = Path::<T>::from_request_parts(parts, state).await;
+        let OriginalUri(uri) = OriginalUri::from_request_parts(parts, state).await?;
+        let RawQuery(query) = RawQuery::from_request_parts(parts, state).await?;
+        Ok(Call {
+            method: parts.method.clone(),
+            uri,
+            path,
+            query,
+        })
+    }
+}
+
+impl<T> Call<T> {
+    /// Answers a GET-only list endpoint. Its checks, in order: the path
+    /// parameters, the method, then `pageSize`/`pageToken`; `list` fetches
+    /// the page (items and next token) answered as
+    /// `{key: [...], "nextPageToken": "..."}`.
+    fn page(
+        self,
+        key: &str,
+        list: impl FnOnce(T, i32, String) -> pubrun_core::Result<(Vec<Value>, String)>,
+    ) -> Response {
+        let page = (|| {
+            let params = path_params(self.path)?;
+            if self.method != Method::GET {
+                return Err(method_not_allowed(&self.method, &self.uri, "GET"));
+            }
+            let (page_size, page_token) = page_params(self.query)?;
+            Ok(list(params, page_size, page_token)?)
+        })();
+        finish(page.map(|(items, next)| list_json(key, items, &next)))
+    }
 }
 
 fn topic_name(project: &str, id: &str) -> String {

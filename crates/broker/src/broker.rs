@@ -266,6 +266,14 @@ fn parse_ack_id(id: &str) -> Result<(u64, u64, u32)> {
     })
 }
 
+/// (sub uid, seq) of every ack id. Outside exactly-once one malformed id
+/// refuses the whole request, before any is applied.
+fn parse_all_ack_ids(ids: &[String]) -> Result<Vec<(u64, u64)>> {
+    ids.iter()
+        .map(|id| parse_ack_id(id).map(|(sub, seq, _)| (sub, seq)))
+        .collect()
+}
+
 fn delivered(uid: u64, policy: &Policy, h: Handout) -> Delivered {
     Delivered {
         ack_id: ack_id(uid, h.seq, h.attempt),
@@ -277,16 +285,6 @@ fn delivered(uid: u64, policy: &Policy, h: Handout) -> Delivered {
         },
         attempt: h.attempt,
     }
-}
-
-/// RFC 3339, as the `CloudPubSubDeadLetterSourceTopicPublishTime` attribute.
-fn rfc3339(nanos: i64) -> String {
-    chrono::DateTime::from_timestamp(
-        nanos.div_euclid(1_000_000_000),
-        nanos.rem_euclid(1_000_000_000) as u32,
-    )
-    .unwrap_or_default()
-    .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
 }
 
 /// Re-checks a retry policy's bounds (the API layer applies the defaults).
@@ -1021,11 +1019,7 @@ impl Broker {
                     }
                 }
             } else {
-                let parsed: Vec<(u64, u64, u32)> = ack_ids
-                    .iter()
-                    .map(|a| parse_ack_id(a))
-                    .collect::<Result<_>>()?;
-                for (s, seq, _) in parsed {
+                for (s, seq) in parse_all_ack_ids(ack_ids)? {
                     if s == uid {
                         if let Some(p) = sub.remove(seq, now) {
                             removed.push((seq, p));
@@ -1133,11 +1127,7 @@ impl Broker {
                 }
             }
         } else {
-            let parsed: Vec<(u64, u64, u32)> = ack_ids
-                .iter()
-                .map(|a| parse_ack_id(a))
-                .collect::<Result<_>>()?;
-            for (s, seq, _) in parsed {
+            for (s, seq) in parse_all_ack_ids(ack_ids)? {
                 if s == uid && sub.modify(seq, deadline, now) && deadline.is_none() {
                     nacked = true;
                 }
@@ -1235,7 +1225,7 @@ impl Broker {
                         );
                         attributes.insert(
                             "CloudPubSubDeadLetterSourceTopicPublishTime".into(),
-                            rfc3339(l.msg.publish_time_nanos()),
+                            crate::push::rfc3339(l.msg.publish_time_nanos()),
                         );
                         OutgoingMessage {
                             data: l.msg.data_bytes(),

@@ -369,8 +369,9 @@ pub fn envelope(subscription: &str, d: &Delivered) -> serde_json::Value {
     body.into()
 }
 
-/// RFC 3339 in UTC with `Z`, as Google writes publish times.
-fn rfc3339(nanos: i64) -> String {
+/// RFC 3339 in UTC with `Z`, as Google writes publish times (push headers
+/// and wrappers, the dead-letter source attribute).
+pub(crate) fn rfc3339(nanos: i64) -> String {
     chrono::DateTime::from_timestamp(
         nanos.div_euclid(1_000_000_000),
         nanos.rem_euclid(1_000_000_000) as u32,

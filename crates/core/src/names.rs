@@ -101,37 +101,25 @@ macro_rules! resource_name {
         impl $ty {
             /// Parses the full name `projects/P/<collection>/ID`.
             pub fn parse(full: &str) -> Result<Self> {
-                let rest = full
-                    .strip_prefix("projects/")
-                    .and_then(|r| r.split_once('/'));
-                let (project, tail) = rest.ok_or_else(|| {
+                let bad = || {
                     Error::invalid(format!(
                         concat!(
                             "invalid ",
                             $kind,
                             " name \"{}\": expected projects/PROJECT_ID/",
                             $collection,
-                            "/",
-                            "ID"
+                            "/ID"
                         ),
                         truncate(full)
                     ))
-                })?;
+                };
+                let (project, tail) = full
+                    .strip_prefix("projects/")
+                    .and_then(|r| r.split_once('/'))
+                    .ok_or_else(bad)?;
                 let id = tail
                     .strip_prefix(concat!($collection, "/"))
-                    .ok_or_else(|| {
-                        Error::invalid(format!(
-                            concat!(
-                                "invalid ",
-                                $kind,
-                                " name \"{}\": expected projects/PROJECT_ID/",
-                                $collection,
-                                "/",
-                                "ID"
-                            ),
-                            truncate(full)
-                        ))
-                    })?;
+                    .ok_or_else(bad)?;
                 Self::new(ProjectName::from_id(project)?, id)
             }
 

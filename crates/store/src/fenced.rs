@@ -8,11 +8,19 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use tokio::sync::{Mutex, MutexGuard};
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{Client, Transaction};
+use tokio_postgres::{Client, Row, Transaction};
 
 use crate::postgres::{db_err, ensure_schema, parse_url, Conn};
-use crate::runs::postgres::Fence;
 use crate::StoreError;
+
+/// The ownership lease a cluster-mode store's writes are fenced by.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fence {
+    /// The row of `pubrun_ownership` (e.g. `broker`).
+    pub name: String,
+    /// The token this server acquired it with.
+    pub token: i64,
+}
 
 pub(crate) struct FencedPg {
     conns: Vec<Mutex<Conn>>,
@@ -98,6 +106,36 @@ impl FencedPg {
             });
         }
         Ok(tx)
+    }
+
+    /// An unfenced read: the rows `sql` answers.
+    pub(crate) async fn query(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, StoreError> {
+        let mut g = self.conn().await;
+        g.get().await?.query(sql, params).await.map_err(db_err)
+    }
+
+    /// An unfenced read of at most one row.
+    pub(crate) async fn query_opt(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<Row>, StoreError> {
+        let mut g = self.conn().await;
+        g.get().await?.query_opt(sql, params).await.map_err(db_err)
+    }
+
+    /// An unfenced read of exactly one row.
+    pub(crate) async fn query_one(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Row, StoreError> {
+        let mut g = self.conn().await;
+        g.get().await?.query_one(sql, params).await.map_err(db_err)
     }
 
     /// One fenced write statement, committed; rows affected.

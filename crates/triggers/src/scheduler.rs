@@ -44,7 +44,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, RwLock, RwLockReadGuard};
 use std::time::Duration;
 
 use chrono::{DateTime, TimeDelta, Utc};
@@ -221,9 +221,7 @@ impl Scheduler {
     /// The declared specs.
     pub fn specs(&self) -> Vec<ScheduleSpec> {
         self.inner
-            .schedules
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
+            .read_schedules()
             .values()
             .map(|s| s.spec.clone())
             .collect()
@@ -231,9 +229,7 @@ impl Scheduler {
 
     fn schedule(&self, name: &str) -> Result<Schedule> {
         self.inner
-            .schedules
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
+            .read_schedules()
             .get(name)
             .cloned()
             .ok_or_else(|| Error::not_found(format!("schedule \"{name}\" not found")))
@@ -241,14 +237,7 @@ impl Scheduler {
 
     /// Every schedule with its state, by name.
     pub async fn list(&self) -> Result<Vec<ScheduleStatus>> {
-        let schedules: Vec<Schedule> = self
-            .inner
-            .schedules
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect();
+        let schedules = self.inner.snapshot();
         let states: BTreeMap<String, ScheduleState> = self
             .inner
             .db
@@ -355,6 +344,16 @@ impl Scheduler {
 }
 
 impl Inner {
+    /// The compiled schedules (a writer that panicked left a whole map).
+    fn read_schedules(&self) -> RwLockReadGuard<'_, BTreeMap<String, Schedule>> {
+        self.schedules.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A copy of every schedule, so no lock is held across an await.
+    fn snapshot(&self) -> Vec<Schedule> {
+        self.read_schedules().values().cloned().collect()
+    }
+
     async fn run(self: Arc<Self>) {
         tracing::debug!(owner = %self.owner, "scheduler started");
         while !self.stopped.load(Ordering::SeqCst) {
@@ -379,13 +378,7 @@ impl Inner {
 
     /// One pass; returns when the next one is needed.
     async fn evaluate(&self, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
-        let schedules: Vec<Schedule> = self
-            .schedules
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect();
+        let schedules = self.snapshot();
         let mut next: Option<DateTime<Utc>> = None;
         for s in &schedules {
             let wake = match self.evaluate_one(s, now).await {

@@ -398,37 +398,12 @@ fn decode_hex(s: &[u8]) -> Option<Vec<u8>> {
         .collect()
 }
 
-/// `application/x-www-form-urlencoded` pairs, percent- and `+`-decoded.
+/// `application/x-www-form-urlencoded` pairs, percent- and `+`-decoded;
+/// a malformed escape stays as written and bad UTF-8 is replaced.
 pub fn parse_query(q: &str) -> Vec<(String, String)> {
-    q.split('&')
-        .filter(|p| !p.is_empty())
-        .map(|p| {
-            let (k, v) = p.split_once('=').unwrap_or((p, ""));
-            (percent_decode(k), percent_decode(v))
-        })
+    form_urlencoded::parse(q.as_bytes())
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
         .collect()
-}
-
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < b.len() => match decode_hex(&b[i + 1..i + 3]) {
-                Some(v) => {
-                    out.push(v[0]);
-                    i += 3;
-                    continue;
-                }
-                None => out.push(b'%'),
-            },
-            c => out.push(c),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[cfg(test)]
@@ -626,8 +601,12 @@ mod tests {
 
     #[test]
     fn percent_decoding() {
-        assert_eq!(percent_decode("a%20b%zz%"), "a b%zz%");
-        assert_eq!(percent_decode("%41%4"), "A%4");
-        assert_eq!(percent_decode("caf%C3%A9"), "café");
+        let q = parse_query("a%20b%zz%=%41%4&&k=caf%C3%A9+x&flag");
+        let want = [("a b%zz%", "A%4"), ("k", "café x"), ("flag", "")];
+        let want: Vec<(String, String)> = want
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        assert_eq!(q, want);
     }
 }

@@ -13,11 +13,7 @@ use super::layout::{self, enc, time_ms, Nav};
 use super::{Ctx, UiError, UiResult};
 
 fn service(ctx: &Ctx) -> Result<&Buckets, UiError> {
-    ctx.d
-        .inner
-        .buckets
-        .as_ref()
-        .ok_or_else(|| UiError::new(StatusCode::NOT_FOUND, "buckets are not enabled"))
+    super::enabled(&ctx.d.inner.buckets, "buckets")
 }
 
 pub(crate) async fn list(ctx: Ctx) -> UiResult {

@@ -58,7 +58,7 @@ pub(crate) async fn show(ctx: Ctx, Path(name): Path<String>) -> UiResult {
     let runs = store.list(Some(&job), None, 20).await?;
     // The spec names secrets by environment variable only, never values.
     let definition = serde_json::to_string_pretty(&spec).unwrap_or_default();
-    let now = layout::now_ms();
+    let now = ctx.now_ms();
     let body = html! {
         h1 { "Job " (spec.name) }
         div.grid {
@@ -132,11 +132,7 @@ pub(crate) async fn trigger(
 }
 
 fn triggers(ctx: &Ctx) -> Result<&std::sync::Arc<pubrun_triggers::Triggers>, UiError> {
-    ctx.d
-        .inner
-        .triggers
-        .as_ref()
-        .ok_or_else(|| UiError::new(StatusCode::NOT_FOUND, "schedules are not enabled"))
+    super::enabled(&ctx.d.inner.triggers, "schedules")
 }
 
 pub(crate) async fn schedules(ctx: Ctx) -> UiResult {

@@ -271,10 +271,6 @@ pub(crate) fn bytes(n: u64) -> String {
     }
 }
 
-pub(crate) fn now_ms() -> i64 {
-    Utc::now().timestamp_millis()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -165,6 +165,13 @@ fn add_security_headers(resp: &mut Response) {
         .or_insert(HeaderValue::from_static("no-store"));
 }
 
+/// A service the server can run without: its pages answer 404 while it is off.
+fn enabled<'a, T>(service: &'a Option<T>, what: &str) -> Result<&'a T, UiError> {
+    service
+        .as_ref()
+        .ok_or_else(|| UiError::new(StatusCode::NOT_FOUND, format!("{what} are not enabled")))
+}
+
 /// What every page handler gets: the services and the caller's session
 /// (for the CSRF field of its forms).
 pub(crate) struct Ctx {
@@ -177,11 +184,12 @@ impl Ctx {
         &self.d.inner.broker
     }
     fn dispatcher(&self) -> Result<&Arc<pubrun_jobs::Dispatcher>, UiError> {
-        self.d
-            .inner
-            .dispatcher
-            .as_ref()
-            .ok_or_else(|| UiError::new(StatusCode::NOT_FOUND, "jobs are not enabled"))
+        enabled(&self.d.inner.dispatcher, "jobs")
+    }
+    /// Now by the broker's clock, the one every stored timestamp was taken
+    /// with (a manual clock in tests), so "ago" columns agree with it.
+    fn now_ms(&self) -> i64 {
+        self.broker().clock().now_ms()
     }
     fn logged_in(&self) -> bool {
         self.d.inner.token.is_some()

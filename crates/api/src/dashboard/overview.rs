@@ -23,7 +23,7 @@ struct JobRow {
 }
 
 pub(crate) async fn page(ctx: Ctx) -> UiResult {
-    let now = layout::now_ms();
+    let now = ctx.now_ms();
     let (topics, subs) = ctx.broker().overview();
     let rates = ctx.d.inner.rates.current(
         &topics.iter().map(|t| t.name.clone()).collect::<Vec<_>>(),

@@ -4,18 +4,14 @@ use axum::extract::Path;
 use axum::http::StatusCode;
 use maud::html;
 
-use super::layout::{self, ago_ms, badge, duration_ms, enc, now_ms, Nav};
+use super::layout::{self, ago_ms, badge, duration_ms, enc, Nav};
 use super::{see_other, Ctx, UiError, UiResult};
 
 /// The cost window shown.
 const COST_WINDOW_MS: i64 = 24 * 3600 * 1000;
 
 fn service(ctx: &Ctx) -> Result<&pubrun_pools::Pools, UiError> {
-    ctx.d
-        .inner
-        .pools
-        .as_ref()
-        .ok_or_else(|| UiError::new(StatusCode::NOT_FOUND, "pools are not enabled"))
+    super::enabled(&ctx.d.inner.pools, "pools")
 }
 
 fn money(v: &serde_json::Value) -> String {
@@ -26,7 +22,7 @@ fn money(v: &serde_json::Value) -> String {
 
 pub(crate) async fn page(ctx: Ctx) -> UiResult {
     let p = service(&ctx)?.clone();
-    let now = now_ms();
+    let now = ctx.now_ms();
     let specs = p.specs();
     let machines = p
         .machines()

@@ -94,7 +94,7 @@ pub(crate) async fn list(ctx: Ctx, q: Result<Query<RunsQuery>, QueryRejection>) 
         .await?;
     let more = runs.len() > PAGE;
     runs.truncate(PAGE);
-    let now = layout::now_ms();
+    let now = ctx.now_ms();
     let filter_qs = |before: Option<i64>| {
         let mut s = form_urlencoded::Serializer::new(String::new());
         if !q.job.is_empty() {
@@ -258,7 +258,7 @@ pub(crate) async fn show(ctx: Ctx, Path(id): Path<String>) -> UiResult {
     let store = d.store().clone();
     let r = store.get(id).await?;
     let spec = d.job(&r.job).ok();
-    let now = layout::now_ms();
+    let now = ctx.now_ms();
     let live = !r.status.is_terminal();
     let log = if live {
         String::new()
@@ -449,11 +449,7 @@ pub(crate) async fn log_events(
     headers: HeaderMap,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, UiError> {
     let id = parse_id(&id)?;
-    let d = dash
-        .inner
-        .dispatcher
-        .clone()
-        .ok_or_else(|| UiError::new(StatusCode::NOT_FOUND, "jobs are not enabled"))?;
+    let d = super::enabled(&dash.inner.dispatcher, "jobs")?.clone();
     let store = d.store().clone();
     store.get(id).await?;
     let offset = headers

@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 
-use axum::extract::{OriginalUri, RawQuery, State};
+use axum::extract::State;
 use axum::http::Method;
 use axum::response::Response;
 use pubrun_core::Error;
@@ -16,9 +16,8 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use super::{
-    empty, field_mask, finish, format_timestamp, from_object, list_page, method_not_allowed,
-    nullable, parse_body, parse_query, path_params, put_map, put_str, timestamp, Body, Fail,
-    OneParam, Outcome, TwoParams,
+    empty, field_mask, finish, format_timestamp, from_object, method_not_allowed, nullable,
+    parse_body, parse_query, path_params, put_map, put_str, timestamp, Body, Call, Fail, Outcome,
 };
 use crate::grpc::PubSub;
 use crate::pb;
@@ -77,37 +76,26 @@ fn snapshot_name(project: &str, id: &str) -> String {
     format!("projects/{project}/snapshots/{id}")
 }
 
-pub(super) async fn snapshots_collection(
-    State(ps): State<PubSub>,
-    method: Method,
-    OriginalUri(uri): OriginalUri,
-    path: OneParam,
-    RawQuery(q): RawQuery,
-) -> Response {
-    list_page(
-        &method,
-        &uri,
-        path,
-        q,
-        "snapshots",
-        |project, page_size, page_token| {
-            let r = ps.list_snapshots(pb::ListSnapshotsRequest {
-                project: format!("projects/{project}"),
-                page_size,
-                page_token,
-            })?;
-            let snaps = r.snapshots.iter().map(snapshot_json).collect();
-            Ok((snaps, r.next_page_token))
-        },
-    )
+pub(super) async fn snapshots_collection(State(ps): State<PubSub>, call: Call<String>) -> Response {
+    call.page("snapshots", |project, page_size, page_token| {
+        let r = ps.list_snapshots(pb::ListSnapshotsRequest {
+            project: format!("projects/{project}"),
+            page_size,
+            page_token,
+        })?;
+        let snaps = r.snapshots.iter().map(snapshot_json).collect();
+        Ok((snaps, r.next_page_token))
+    })
 }
 
 pub(super) async fn snapshot_resource(
     State(ps): State<PubSub>,
-    method: Method,
-    OriginalUri(uri): OriginalUri,
-    path: TwoParams,
-    RawQuery(q): RawQuery,
+    Call {
+        method,
+        uri,
+        path,
+        query: q,
+    }: Call<(String, String)>,
     body: Body,
 ) -> Response {
     finish(

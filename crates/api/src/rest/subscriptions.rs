@@ -4,27 +4,17 @@ use super::*;
 
 pub(super) async fn subscriptions_collection(
     State(ps): State<PubSub>,
-    method: Method,
-    OriginalUri(uri): OriginalUri,
-    path: OneParam,
-    RawQuery(q): RawQuery,
+    call: Call<String>,
 ) -> Response {
-    list_page(
-        &method,
-        &uri,
-        path,
-        q,
-        "subscriptions",
-        |project, page_size, page_token| {
-            let r = ps.list_subscriptions(pb::ListSubscriptionsRequest {
-                project: format!("projects/{project}"),
-                page_size,
-                page_token,
-            })?;
-            let subs = r.subscriptions.iter().map(subscription_json).collect();
-            Ok((subs, r.next_page_token))
-        },
-    )
+    call.page("subscriptions", |project, page_size, page_token| {
+        let r = ps.list_subscriptions(pb::ListSubscriptionsRequest {
+            project: format!("projects/{project}"),
+            page_size,
+            page_token,
+        })?;
+        let subs = r.subscriptions.iter().map(subscription_json).collect();
+        Ok((subs, r.next_page_token))
+    })
 }
 
 pub(super) const SUBSCRIPTION_VERBS: &str =
@@ -33,10 +23,12 @@ pub(super) const SUBSCRIPTION_VERBS: &str =
 #[allow(deprecated)] // PullRequest.return_immediately
 pub(super) async fn subscription_resource(
     State(ps): State<PubSub>,
-    method: Method,
-    OriginalUri(uri): OriginalUri,
-    path: TwoParams,
-    RawQuery(q): RawQuery,
+    Call {
+        method,
+        uri,
+        path,
+        query: q,
+    }: Call<(String, String)>,
     body: Body,
 ) -> Response {
     finish(

@@ -2,36 +2,25 @@
 
 use super::*;
 
-pub(super) async fn topics_collection(
-    State(ps): State<PubSub>,
-    method: Method,
-    OriginalUri(uri): OriginalUri,
-    path: OneParam,
-    RawQuery(q): RawQuery,
-) -> Response {
-    list_page(
-        &method,
-        &uri,
-        path,
-        q,
-        "topics",
-        |project, page_size, page_token| {
-            let r = ps.list_topics(pb::ListTopicsRequest {
-                project: format!("projects/{project}"),
-                page_size,
-                page_token,
-            })?;
-            Ok((r.topics.iter().map(topic_json).collect(), r.next_page_token))
-        },
-    )
+pub(super) async fn topics_collection(State(ps): State<PubSub>, call: Call<String>) -> Response {
+    call.page("topics", |project, page_size, page_token| {
+        let r = ps.list_topics(pb::ListTopicsRequest {
+            project: format!("projects/{project}"),
+            page_size,
+            page_token,
+        })?;
+        Ok((r.topics.iter().map(topic_json).collect(), r.next_page_token))
+    })
 }
 
 pub(super) async fn topic_resource(
     State(ps): State<PubSub>,
-    method: Method,
-    OriginalUri(uri): OriginalUri,
-    path: TwoParams,
-    RawQuery(q): RawQuery,
+    Call {
+        method,
+        uri,
+        path,
+        query: q,
+    }: Call<(String, String)>,
     body: Body,
 ) -> Response {
     finish(
@@ -102,16 +91,9 @@ pub(super) async fn topic_resource(
 
 pub(super) async fn topic_subscriptions(
     State(ps): State<PubSub>,
-    method: Method,
-    OriginalUri(uri): OriginalUri,
-    path: TwoParams,
-    RawQuery(q): RawQuery,
+    call: Call<(String, String)>,
 ) -> Response {
-    list_page(
-        &method,
-        &uri,
-        path,
-        q,
+    call.page(
         "subscriptions",
         |(project, topic), page_size, page_token| {
             let r = ps.list_topic_subscriptions(pb::ListTopicSubscriptionsRequest {
@@ -127,25 +109,15 @@ pub(super) async fn topic_subscriptions(
 
 pub(super) async fn topic_snapshots(
     State(ps): State<PubSub>,
-    method: Method,
-    OriginalUri(uri): OriginalUri,
-    path: TwoParams,
-    RawQuery(q): RawQuery,
+    call: Call<(String, String)>,
 ) -> Response {
-    list_page(
-        &method,
-        &uri,
-        path,
-        q,
-        "snapshots",
-        |(project, topic), page_size, page_token| {
-            let r = ps.list_topic_snapshots(pb::ListTopicSnapshotsRequest {
-                topic: topic_name(&project, &topic),
-                page_size,
-                page_token,
-            })?;
-            let names = r.snapshots.into_iter().map(Value::String).collect();
-            Ok((names, r.next_page_token))
-        },
-    )
+    call.page("snapshots", |(project, topic), page_size, page_token| {
+        let r = ps.list_topic_snapshots(pb::ListTopicSnapshotsRequest {
+            topic: topic_name(&project, &topic),
+            page_size,
+            page_token,
+        })?;
+        let names = r.snapshots.into_iter().map(Value::String).collect();
+        Ok((names, r.next_page_token))
+    })
 }

@@ -137,17 +137,7 @@ fn render(received: &Value) -> String {
     let data = msg.get("data").and_then(Value::as_str).unwrap_or("");
     let (label, shown) = show_data(data);
     rows.push((label, shown));
-    let width = rows.iter().map(|(k, _)| k.len() + 1).max().unwrap_or(0);
-    let mut s = String::new();
-    for (k, v) in rows {
-        let key = format!("{k}:");
-        // Continuation lines of multi-line data stay in the value column.
-        let v = v
-            .trim_end_matches('\n')
-            .replace('\n', &format!("\n{:width$} ", ""));
-        s.push_str(&format!("{key:<width$} {v}\n"));
-    }
-    s
+    output::block(&rows)
 }
 
 /// Data as text when it is UTF-8, otherwise as base64.

@@ -379,11 +379,9 @@ impl BucketStore for PostgresBucketStore {
         limit: usize,
     ) -> Result<Vec<BucketRecord>, StoreError> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let mut g = self.pg.conn().await;
         // `COLLATE "C"`: byte order, as SQLite compares text.
-        let rows = g
-            .get()
-            .await?
+        let rows = self
+            .pg
             .query(
                 &format!(
                     "SELECT {BUCKET_COLS} FROM pubrun_buckets
@@ -393,8 +391,7 @@ impl BucketStore for PostgresBucketStore {
                 ),
                 &[&after, &project, &prefix, &limit],
             )
-            .await
-            .map_err(pg)?;
+            .await?;
         rows.iter().map(bucket_row).collect()
     }
 
@@ -451,10 +448,8 @@ impl BucketStore for PostgresBucketStore {
         limit: usize,
     ) -> Result<Vec<ObjectRecord>, StoreError> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let mut g = self.pg.conn().await;
-        let rows = g
-            .get()
-            .await?
+        let rows = self
+            .pg
             .query(
                 &format!(
                     "SELECT {OBJECT_COLS} FROM pubrun_bucket_objects
@@ -463,8 +458,7 @@ impl BucketStore for PostgresBucketStore {
                 ),
                 &[&bucket, &lower, &upper, &limit],
             )
-            .await
-            .map_err(pg)?;
+            .await?;
         rows.iter().map(object_row).collect()
     }
 
@@ -660,16 +654,13 @@ impl BucketStore for PostgresBucketStore {
 
     async fn pending_outbox(&self, limit: usize) -> Result<Vec<OutboxRow>, StoreError> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let mut g = self.pg.conn().await;
-        let rows = g
-            .get()
-            .await?
+        let rows = self
+            .pg
             .query(
                 "SELECT id, topic, attributes, data FROM pubrun_bucket_outbox ORDER BY id LIMIT $1",
                 &[&limit],
             )
-            .await
-            .map_err(pg)?;
+            .await?;
         rows.iter()
             .map(|r| {
                 let c = |e| corrupt("outbox row", e);

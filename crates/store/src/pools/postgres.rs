@@ -226,16 +226,13 @@ impl PoolStore for PostgresPoolStore {
     }
 
     async fn pools(&self) -> Result<Vec<(PoolSpec, String)>> {
-        let mut g = self.pg.conn().await;
-        let rows = g
-            .get()
-            .await?
+        let rows = self
+            .pg
             .query(
                 "SELECT name, spec, token FROM pubrun_pools ORDER BY name",
                 &[],
             )
-            .await
-            .map_err(pg)?;
+            .await?;
         rows.iter()
             .map(|r| {
                 let name: String = r.try_get(0).map_err(bad_row)?;
@@ -367,16 +364,13 @@ impl PoolStore for PostgresPoolStore {
     }
 
     async fn bootstraps(&self) -> Result<Vec<Bootstrap>> {
-        let mut g = self.pg.conn().await;
-        let rows = g
-            .get()
-            .await?
+        let rows = self
+            .pg
             .query(
                 "SELECT machine, pool, token FROM pubrun_bootstrap_tokens ORDER BY machine",
                 &[],
             )
-            .await
-            .map_err(pg)?;
+            .await?;
         rows.iter()
             .map(|r| {
                 Ok(Bootstrap {
@@ -422,17 +416,14 @@ impl PoolStore for PostgresPoolStore {
     }
 
     async fn spans(&self, since_ms: i64) -> Result<Vec<UpSpan>> {
-        let mut g = self.pg.conn().await;
-        let rows = g
-            .get()
-            .await?
+        let rows = self
+            .pg
             .query(
                 "SELECT machine, pool, start_ms, end_ms FROM pubrun_machine_spans
                  WHERE end_ms IS NULL OR end_ms > $1 ORDER BY machine, start_ms",
                 &[&since_ms],
             )
-            .await
-            .map_err(pg)?;
+            .await?;
         rows.iter()
             .map(|r| {
                 Ok(UpSpan {

@@ -20,21 +20,19 @@
 //! - All statements are parameterized. Connections reconnect with backoff
 //!   (calls fail UNAVAILABLE meanwhile), like the Pub/Sub engine's.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-
 use pubrun_core::job::JobSpec;
 use pubrun_core::run::{Exit, RunStatus};
 use pubrun_core::{Error, Result};
-use std::sync::atomic::AtomicBool;
 
-use tokio::sync::{Mutex, MutexGuard};
+use tokio::sync::MutexGuard;
 use tokio_postgres::{Client, GenericClient, Row, Transaction};
 
 use super::{
     claim_refused, parse_jobs, to_json, Enqueued, QueuedRun, RawRun, RunRecord, RunStore,
     SourceMessage,
 };
-use crate::postgres::{db_err, ensure_schema, parse_url, Conn};
+use crate::fenced::FencedPg;
+use crate::postgres::{db_err, Conn};
 use crate::StoreError;
 
 /// Migration 2 of `crate::postgres::MIGRATIONS`; never edit once released.
@@ -147,21 +145,13 @@ fn attempts(n: u32) -> Result<i32> {
 }
 
 /// The ownership lease whose token guards this store's writes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Fence {
-    /// The row of `pubrun_ownership` (e.g. `broker`).
-    pub name: String,
-    /// The token this server acquired it with.
-    pub token: i64,
-}
+pub use crate::fenced::Fence;
 
 pub struct PostgresRunStore {
-    conns: Vec<Mutex<Conn>>,
-    next: AtomicUsize,
+    /// The connections and the write fence, shared with the other
+    /// cluster-mode stores.
+    db: FencedPg,
     node_name: String,
-    fence: Option<Fence>,
-    /// Set (for good) once a write was refused by the fence.
-    fenced: AtomicBool,
 }
 
 impl PostgresRunStore {
@@ -174,57 +164,21 @@ impl PostgresRunStore {
         node_name: &str,
         fence: Option<Fence>,
     ) -> std::result::Result<Self, StoreError> {
-        let config = parse_url(url)?;
-        let mut first = Conn::new(config.clone(), "runs");
-        ensure_schema(first.get().await?).await?;
-        let mut conns = vec![Mutex::new(first)];
-        conns.extend((1..POOL).map(|_| Mutex::new(Conn::new(config.clone(), "runs"))));
         Ok(PostgresRunStore {
-            conns,
-            next: AtomicUsize::new(0),
+            db: FencedPg::open(url, fence, "runs", POOL, "run store").await?,
             node_name: node_name.to_string(),
-            fence,
-            fenced: AtomicBool::new(false),
         })
     }
 
     /// Whether a write was refused because another server took the lease.
     pub fn is_fenced(&self) -> bool {
-        self.fenced.load(Ordering::Relaxed)
+        self.db.is_fenced()
     }
 
     /// Begins a write transaction that holds the fence's ownership row
     /// (shared) and has checked our token.
     async fn begin<'a>(&self, c: &'a mut Client) -> Result<Transaction<'a>> {
-        let tx = c.transaction().await.map_err(pg)?;
-        let Some(fence) = &self.fence else {
-            return Ok(tx);
-        };
-        let current: i64 = tx
-            .query_opt(
-                "SELECT token FROM pubrun_ownership WHERE name = $1 FOR SHARE",
-                &[&fence.name],
-            )
-            .await
-            .map_err(pg)?
-            .map(|r| r.get(0))
-            .unwrap_or(0);
-        if current != fence.token {
-            if !self.fenced.swap(true, Ordering::Relaxed) {
-                tracing::error!(
-                    ownership = %fence.name,
-                    our_token = fence.token,
-                    current_token = current,
-                    "run store: another server took over; refusing this server's writes"
-                );
-            }
-            return Err(Error::from(StoreError::Fenced {
-                name: fence.name.clone(),
-                token: fence.token,
-                current,
-            }));
-        }
-        Ok(tx)
+        Ok(self.db.begin(c).await?)
     }
 
     /// One fenced write statement, committed.
@@ -233,26 +187,15 @@ impl PostgresRunStore {
         sql: &str,
         params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
     ) -> Result<u64> {
-        let mut g = self.conn().await;
-        let tx = self.begin(g.get().await?).await?;
-        let n = tx.execute(sql, params).await.map_err(pg)?;
-        tx.commit().await.map_err(pg)?;
-        Ok(n)
+        Ok(self.db.write(sql, params).await?)
     }
 
     pub fn node_name(&self) -> &str {
         &self.node_name
     }
 
-    /// A free connection if there is one, else the next in turn.
     async fn conn(&self) -> MutexGuard<'_, Conn> {
-        for c in &self.conns {
-            if let Ok(g) = c.try_lock() {
-                return g;
-            }
-        }
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.conns.len();
-        self.conns[i].lock().await
+        self.db.conn().await
     }
 
     /// Moves a run along the state machine in one transaction (the row
@@ -310,24 +253,18 @@ impl RunStore for PostgresRunStore {
     }
 
     async fn jobs(&self) -> Result<Vec<JobSpec>> {
-        let mut g = self.conn().await;
-        let rows = g
-            .get()
-            .await?
+        let rows = self
+            .db
             .query("SELECT spec FROM pubrun_jobs ORDER BY name", &[])
-            .await
-            .map_err(pg)?;
+            .await?;
         parse_jobs(rows.iter().map(|r| r.get(0)).collect())
     }
 
     async fn meta(&self, key: &str) -> Result<Option<String>> {
-        let mut g = self.conn().await;
-        let row = g
-            .get()
-            .await?
+        let row = self
+            .db
             .query_opt("SELECT value FROM pubrun_meta WHERE key = $1", &[&key])
-            .await
-            .map_err(pg)?;
+            .await?;
         Ok(row.map(|r| r.get(0)))
     }
 
@@ -413,18 +350,15 @@ impl RunStore for PostgresRunStore {
 
     async fn startable(&self, job: &str, now_ms: i64, limit: usize) -> Result<Vec<QueuedRun>> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let mut g = self.conn().await;
-        let rows = g
-            .get()
-            .await?
+        let rows = self
+            .db
             .query(
                 "SELECT id, cancel_requested FROM pubrun_runs
                  WHERE status = 'queued' AND job = $1 AND not_before_ms <= $2
                  ORDER BY id LIMIT $3",
                 &[&job, &now_ms, &limit],
             )
-            .await
-            .map_err(pg)?;
+            .await?;
         Ok(rows
             .iter()
             .map(|r| QueuedRun {
@@ -436,17 +370,14 @@ impl RunStore for PostgresRunStore {
     }
 
     async fn due_queued_by_job(&self, now_ms: i64) -> Result<Vec<(String, u64)>> {
-        let mut g = self.conn().await;
-        let rows = g
-            .get()
-            .await?
+        let rows = self
+            .db
             .query(
                 "SELECT job, count(*) FROM pubrun_runs
                  WHERE status = 'queued' AND not_before_ms <= $1 GROUP BY job",
                 &[&now_ms],
             )
-            .await
-            .map_err(pg)?;
+            .await?;
         Ok(rows
             .iter()
             .map(|r| (r.get(0), r.get::<_, i64>(1).max(0) as u64))
@@ -454,32 +385,23 @@ impl RunStore for PostgresRunStore {
     }
 
     async fn next_due_ms(&self, now_ms: i64) -> Result<Option<i64>> {
-        let mut g = self.conn().await;
-        let row = g
-            .get()
-            .await?
-            .query_one(
+        let row = self.db.query_one(
                 "SELECT min(not_before_ms) FROM pubrun_runs WHERE status = 'queued' AND not_before_ms > $1",
                 &[&now_ms],
-            )
-            .await
-            .map_err(pg)?;
+            ).await?;
         Ok(row.get(0))
     }
 
     async fn queued_orphans(&self, jobs: &[String]) -> Result<Vec<QueuedRun>> {
         let jobs = jobs.to_vec();
-        let mut g = self.conn().await;
-        let rows = g
-            .get()
-            .await?
+        let rows = self
+            .db
             .query(
                 "SELECT id, job, cancel_requested FROM pubrun_runs
                  WHERE status = 'queued' AND NOT (job = ANY($1)) ORDER BY id",
                 &[&jobs],
             )
-            .await
-            .map_err(pg)?;
+            .await?;
         Ok(rows
             .iter()
             .map(|r| QueuedRun {
@@ -526,16 +448,13 @@ impl RunStore for PostgresRunStore {
     }
 
     async fn count_by_status(&self) -> Result<Vec<(RunStatus, u64)>> {
-        let mut g = self.conn().await;
-        let rows = g
-            .get()
-            .await?
+        let rows = self
+            .db
             .query(
                 "SELECT status, COUNT(*) FROM pubrun_runs GROUP BY status",
                 &[],
             )
-            .await
-            .map_err(pg)?;
+            .await?;
         let mut out = Vec::new();
         for r in rows {
             let s: String = r.get(0);
@@ -704,13 +623,10 @@ impl RunStore for PostgresRunStore {
     }
 
     async fn log(&self, id: i64) -> Result<Option<Vec<u8>>> {
-        let mut g = self.conn().await;
-        let row = g
-            .get()
-            .await?
+        let row = self
+            .db
             .query_opt("SELECT body FROM pubrun_run_logs WHERE run_id = $1", &[&id])
-            .await
-            .map_err(pg)?;
+            .await?;
         Ok(row.map(|r| r.get(0)))
     }
 }

@@ -228,30 +228,24 @@ impl TriggerStore for PostgresTriggerStore {
     }
 
     async fn get(&self, name: &str) -> Result<Option<ScheduleState>> {
-        let mut g = self.pg.conn().await;
-        let row = g
-            .get()
-            .await?
+        let row = self
+            .pg
             .query_opt(
                 &format!("SELECT {COLUMNS} FROM pubrun_schedules WHERE name = $1"),
                 &[&name],
             )
-            .await
-            .map_err(pg)?;
+            .await?;
         row.map(|r| raw_state(&r)?.parse()).transpose()
     }
 
     async fn list(&self) -> Result<Vec<ScheduleState>> {
-        let mut g = self.pg.conn().await;
-        let rows = g
-            .get()
-            .await?
+        let rows = self
+            .pg
             .query(
                 &format!("SELECT {COLUMNS} FROM pubrun_schedules ORDER BY name"),
                 &[],
             )
-            .await
-            .map_err(pg)?;
+            .await?;
         rows.iter().map(|r| raw_state(r)?.parse()).collect()
     }
 

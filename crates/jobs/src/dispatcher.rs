@@ -36,10 +36,12 @@ mod intake;
 mod remote;
 mod results;
 mod scheduler;
+mod slots;
 mod staging;
 
 use self::intake::*;
 use self::results::*;
+use self::scheduler::prepare_run_dir;
 use self::staging::*;
 
 use crate::runstore::{Enqueued, QueuedRun, RunRecord, SharedRunStore, SourceMessage};
@@ -81,9 +83,8 @@ pub struct Dispatcher {
 #[derive(Default)]
 struct State {
     jobs: HashMap<String, JobState>,
-    /// Runs in flight, with their cancel switches and whether they use a
-    /// local slot (runs of a remote pool do not).
-    active: HashMap<i64, (String, CancellationToken, bool)>,
+    /// Runs in flight and slots held for claims (see `slots`).
+    inflight: slots::Slots,
 }
 
 struct JobState {
@@ -331,11 +332,8 @@ impl Dispatcher {
             let spec = self.lock().jobs.get(&run.job).map(|j| j.spec.clone());
             match spec {
                 Some(spec) => {
-                    let token = CancellationToken::new();
                     let local = spec.pool == LOCAL_POOL;
-                    self.lock()
-                        .active
-                        .insert(run.id, (run.job.clone(), token.clone(), local));
+                    let token = self.lock().inflight.insert(run.id, &run.job, local);
                     tokio::spawn(async move { this.recover_run(run, spec, token).await });
                 }
                 None => {

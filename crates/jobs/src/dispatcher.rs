@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -67,6 +67,9 @@ pub struct Dispatcher {
     results_wake: Notify,
     /// Makes ids of manually triggered messages unique.
     trigger_seq: AtomicU64,
+    /// Set by `start` once runs found in flight are registered: only then
+    /// may an intake start runs itself (before it, runs only queue).
+    running: AtomicBool,
     /// Bucket storage for job inputs and outputs (set once by the server).
     buckets: OnceLock<pubrun_buckets::Buckets>,
     /// Executors of remote pools (set once by the server).
@@ -254,6 +257,7 @@ impl Dispatcher {
             wake: Notify::new(),
             results_wake: Notify::new(),
             trigger_seq: AtomicU64::new(0),
+            running: AtomicBool::new(false),
             buckets: OnceLock::new(),
             pools: OnceLock::new(),
             waiting: Mutex::default(),
@@ -347,6 +351,7 @@ impl Dispatcher {
                 }
             }
         }
+        self.running.store(true, Ordering::Release);
         let this = self.clone();
         tokio::spawn(async move { this.result_publisher().await });
         let this = self.clone();

@@ -78,7 +78,7 @@ impl Dispatcher {
         // Runs of a remote pool wait for a machine: the scheduler hands
         // them over. Local runs may take the slots that are free now.
         let local = spec.pool == LOCAL_POOL;
-        let start = if local {
+        let start = if local && self.running.load(Ordering::Acquire) {
             let mut st = self.lock();
             let free = (spec.concurrency as usize)
                 .saturating_sub(st.inflight.busy(&spec.name))

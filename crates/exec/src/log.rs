@@ -136,6 +136,39 @@ impl LogSink {
         })
     }
 
+    /// [`LogSink::create_masking`] for a blocking thread, with a first
+    /// note already written: one trip off the async runtime for what every
+    /// attempt does first.
+    pub fn open_blocking(
+        path: impl AsRef<Path>,
+        limit: u64,
+        secrets: Vec<String>,
+        first_note: &str,
+    ) -> std::io::Result<Self> {
+        use std::io::Write;
+        let path = path.as_ref().to_path_buf();
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)?;
+        // Notes do not count against the limit, as with `note`.
+        let written = file.metadata()?.len();
+        let masker = Masker::new(secrets);
+        file.write_all(&masker.mask_all(format!("[pubrun] {first_note}\n").as_bytes()))?;
+        Ok(LogSink {
+            path,
+            limit,
+            masker,
+            state: Mutex::new(State {
+                file: Some(tokio::fs::File::from_std(file)),
+                written,
+                dropped: 0,
+                pending: Vec::new(),
+                mid_line: false,
+            }),
+        })
+    }
+
     /// Bytes kept at most.
     pub fn limit(&self) -> u64 {
         self.limit

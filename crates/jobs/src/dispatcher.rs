@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -36,10 +36,12 @@ mod intake;
 mod remote;
 mod results;
 mod scheduler;
+mod slots;
 mod staging;
 
 use self::intake::*;
 use self::results::*;
+use self::scheduler::prepare_run_dir;
 use self::staging::*;
 
 use crate::runstore::{Enqueued, QueuedRun, RunRecord, SharedRunStore, SourceMessage};
@@ -65,6 +67,9 @@ pub struct Dispatcher {
     results_wake: Notify,
     /// Makes ids of manually triggered messages unique.
     trigger_seq: AtomicU64,
+    /// Set by `start` once runs found in flight are registered: only then
+    /// may an intake start runs itself (before it, runs only queue).
+    running: AtomicBool,
     /// Bucket storage for job inputs and outputs (set once by the server).
     buckets: OnceLock<pubrun_buckets::Buckets>,
     /// Executors of remote pools (set once by the server).
@@ -81,9 +86,8 @@ pub struct Dispatcher {
 #[derive(Default)]
 struct State {
     jobs: HashMap<String, JobState>,
-    /// Runs in flight, with their cancel switches and whether they use a
-    /// local slot (runs of a remote pool do not).
-    active: HashMap<i64, (String, CancellationToken, bool)>,
+    /// Runs in flight and slots held for claims (see `slots`).
+    inflight: slots::Slots,
 }
 
 struct JobState {
@@ -253,6 +257,7 @@ impl Dispatcher {
             wake: Notify::new(),
             results_wake: Notify::new(),
             trigger_seq: AtomicU64::new(0),
+            running: AtomicBool::new(false),
             buckets: OnceLock::new(),
             pools: OnceLock::new(),
             waiting: Mutex::default(),
@@ -331,11 +336,8 @@ impl Dispatcher {
             let spec = self.lock().jobs.get(&run.job).map(|j| j.spec.clone());
             match spec {
                 Some(spec) => {
-                    let token = CancellationToken::new();
                     let local = spec.pool == LOCAL_POOL;
-                    self.lock()
-                        .active
-                        .insert(run.id, (run.job.clone(), token.clone(), local));
+                    let token = self.lock().inflight.insert(run.id, &run.job, local);
                     tokio::spawn(async move { this.recover_run(run, spec, token).await });
                 }
                 None => {
@@ -349,6 +351,7 @@ impl Dispatcher {
                 }
             }
         }
+        self.running.store(true, Ordering::Release);
         let this = self.clone();
         tokio::spawn(async move { this.result_publisher().await });
         let this = self.clone();

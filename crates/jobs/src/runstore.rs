@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-pub use pubrun_store::runs::{Enqueued, QueuedRun, RunRecord, SourceMessage};
+pub use pubrun_store::runs::{Claimed, Enqueued, QueuedRun, RunRecord, SourceMessage};
 
 /// The run-store interface (the trait every engine implements).
 pub use pubrun_store::runs::RunStore as RunStoreEngine;

@@ -45,7 +45,7 @@ impl Dispatcher {
             {
                 tracing::error!(run = id, error = %e, "could not record the end of an attempt");
             }
-            self.lock().active.remove(&id);
+            self.lock().inflight.remove(id);
             self.wake.notify_one();
             self.results_wake.notify_one();
         }
@@ -108,35 +108,28 @@ impl Dispatcher {
             Ok(r) => r,
             Err(e) => return parameters(e.message),
         };
-        let mut req = match self.request(run, spec, rendered, from_server) {
-            Ok(r) => r,
-            Err(e) => {
-                return Exit::failed(
-                    EndCause::Infrastructure,
-                    format!("cannot prepare run directory: {e}"),
-                )
-            }
-        };
-        let log = match LogSink::create_masking(
-            self.log_path(run.id),
-            spec.log_limit_bytes,
-            secrets.values(),
-        )
-        .await
-        {
-            Ok(l) => Arc::new(l),
-            Err(e) => {
-                return Exit::failed(
-                    EndCause::Infrastructure,
-                    format!("cannot open run log: {e}"),
-                )
-            }
-        };
-        log.note(&format!(
+        let mut req = self.request(run, spec, rendered, from_server);
+        // Directories, message files and log in one trip to a blocking
+        // thread: they are most of what an attempt costs before its spawn.
+        let (_, msg_dir) = self.run_dirs(run.id);
+        let (message, log_path) = (run.message.clone(), self.log_path(run.id));
+        let (limit, masked) = (spec.log_limit_bytes, secrets.values());
+        let note = format!(
             "attempt {} of {} starting",
             run.attempt, spec.retries.max_attempts
-        ))
-        .await;
+        );
+        let prepared = tokio::task::spawn_blocking(move || {
+            prepare_run_dir(&msg_dir, &message)
+                .map_err(|e| format!("cannot prepare run directory: {e}"))?;
+            LogSink::open_blocking(log_path, limit, masked, &note)
+                .map_err(|e| format!("cannot open run log: {e}"))
+        })
+        .await
+        .unwrap_or_else(|e| Err(format!("cannot prepare run directory: {e}")));
+        let log = match prepared {
+            Ok(l) => Arc::new(l),
+            Err(e) => return Exit::failed(EndCause::Infrastructure, e),
+        };
         if token.is_cancelled() {
             // Cancelled between being claimed and here: never start it.
             let exit = Exit::failed(EndCause::Cancelled, "cancelled before it started");
@@ -295,10 +288,15 @@ impl Dispatcher {
             .await;
         }
         let found = match (render_spec(&spec.executor, &context(run)), &log) {
-            (Ok(rendered), Some(log)) => match self.request(run, spec, rendered, from_server) {
-                Ok(req) => self.reattach(req, spec, log, &token).await,
-                Err(_) => None,
-            },
+            (Ok(rendered), Some(log)) => {
+                match prepare_run_dir(&self.run_dirs(run.id).1, &run.message) {
+                    Ok(()) => {
+                        let req = self.request(run, spec, rendered, from_server);
+                        self.reattach(req, spec, log, &token).await
+                    }
+                    Err(_) => None,
+                }
+            }
             _ => None,
         };
         let exit = found.unwrap_or_else(|| match run.status {

@@ -49,33 +49,85 @@ impl Dispatcher {
             let Ok(spec) = self.job(&job) else { return };
             let items: Vec<(SourceMessage, String)> =
                 batch.iter().map(|d| source_and_key(&spec, d)).collect();
-            let received = SystemTime::now();
-            let queued: Vec<_> = match self.store.enqueue_batch(&spec, &items, self.now_ms()).await
-            {
-                Ok(ids) => {
-                    for (id, (msg, _)) in ids.iter().zip(&items) {
-                        log_queued(&spec.name, id, &msg.id);
-                        if let Enqueued::New(run) = id {
-                            delivery_span(&spec.name, *run, msg, received);
-                        }
-                    }
-                    batch.into_iter().map(|d| d.ack_id).collect()
-                }
-                Err(e) => {
-                    // Not acked: the messages come back after their lease.
-                    tracing::error!(job = spec.name, error = %e, "could not queue runs");
-                    Vec::new()
-                }
+            // On a task of its own: replacing the job aborts this intake,
+            // and runs committed as `starting` must still be started (and
+            // their reserved slots settled) when that happens mid-commit.
+            let this = self.clone();
+            let queued = tokio::spawn(async move { this.queue_and_start(spec, items).await });
+            let queued: Vec<_> = match queued.await {
+                Ok(true) => batch.into_iter().map(|d| d.ack_id).collect(),
+                // Not acked: the messages come back after their lease.
+                _ => Vec::new(),
             };
             if !queued.is_empty() {
-                // The runs are durable: the scheduler need not wait for the
-                // ack's own commit (a redelivery is caught by dedup).
-                self.wake.notify_one();
                 if let Err(e) = self.broker.acknowledge(&sub, &queued).await {
                     tracing::warn!(job, error = %e, "ack after queueing failed; duplicates will be caught by dedup");
                 }
             }
         }
+    }
+
+    /// Queues a run per message, starting at once (in the same commit) as
+    /// many as there are free slots; wakes the scheduler for the rest.
+    /// Whether the runs are durable (then the messages may be acked).
+    async fn queue_and_start(
+        self: Arc<Self>,
+        spec: JobSpec,
+        items: Vec<(SourceMessage, String)>,
+    ) -> bool {
+        // Runs of a remote pool wait for a machine: the scheduler hands
+        // them over. Local runs may take the slots that are free now.
+        let local = spec.pool == LOCAL_POOL;
+        let start = if local && self.running.load(Ordering::Acquire) {
+            let mut st = self.lock();
+            let free = (spec.concurrency as usize)
+                .saturating_sub(st.inflight.busy(&spec.name))
+                .min(self.slots.saturating_sub(st.inflight.local_busy()))
+                .min(items.len());
+            st.inflight.reserve(&spec.name, true, free);
+            free
+        } else {
+            0
+        };
+        let mut held = Reserved {
+            dispatcher: &self,
+            job: &spec.name,
+            local,
+            n: start,
+        };
+        let received = SystemTime::now();
+        let (ids, started) = match self
+            .store
+            .enqueue_starting(&spec, &items, self.now_ms(), start)
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(job = spec.name, error = %e, "could not queue runs");
+                return false;
+            }
+        };
+        let mut new = 0;
+        for (id, (msg, _)) in ids.iter().zip(&items) {
+            log_queued(&spec.name, id, &msg.id);
+            if let Enqueued::New(run) = id {
+                new += 1;
+                delivery_span(&spec.name, *run, msg, received);
+            }
+        }
+        let left_queued = new > started.len();
+        for run in started {
+            let token = held.admit(run.id);
+            self.launch(run, spec.clone(), token);
+        }
+        let unused = held.n > 0;
+        drop(held);
+        if left_queued || unused {
+            // The runs are durable: the scheduler need not wait for the
+            // ack's own commit (a redelivery is caught by dedup).
+            self.wake.notify_one();
+        }
+        true
     }
 
     /// Queues a run for a message given by hand (`pubrun jobs trigger`).
@@ -115,11 +167,11 @@ impl Dispatcher {
     /// a starting or running one via its executor. FAILED_PRECONDITION when
     /// the run has already ended.
     ///
-    /// Races with the scheduler are settled in the run store: the cancel flag
-    /// is set first, and [`RunStore::mark_starting`] refuses a flagged run, so
-    /// either the run is still queued (and ends here) or it was claimed — and
-    /// then its cancel switch is already in `active`, because the scheduler
-    /// registers it before claiming.
+    /// Races with claims are settled in the run store: the cancel flag is
+    /// set first, and no claim takes a flagged queued run, so either the run
+    /// is still queued (and ends here) or it was claimed. A claimed run whose
+    /// cancel switch is not registered yet (its claim just committed) is
+    /// marked, and gets its switch already cancelled (see `slots`).
     pub async fn cancel_run(&self, id: i64) -> Result<RunRecord> {
         let run = self.store.request_cancel(id).await?;
         let has_result = self
@@ -135,10 +187,16 @@ impl Dispatcher {
         {
             run_ended(&run, &exit, self.now_ms());
             self.results_wake.notify_one();
-        } else if let Some((_, token, _)) = self.lock().active.get(&id) {
-            token.cancel();
+        } else {
+            self.lock().inflight.cancel(id);
         }
-        self.store.get(id).await
+        let now = self.store.get(id).await?;
+        if !matches!(now.status, RunStatus::Starting | RunStatus::Running) {
+            // Ended, or queued again with its flag set (never claimed):
+            // nothing will be admitted to take the mark.
+            self.lock().inflight.forget_mark(id);
+        }
+        Ok(now)
     }
 
     /// [`cancel_run`](Self::cancel_run) for synchronous callers. Blocks the
@@ -146,6 +204,36 @@ impl Dispatcher {
     pub fn cancel(&self, id: i64) -> Result<RunRecord> {
         let handle = tokio::runtime::Handle::current();
         tokio::task::block_in_place(|| handle.block_on(self.cancel_run(id)))
+    }
+}
+
+/// Slots reserved for a claim; those no run took are given back on drop
+/// (also when the claim failed or panicked).
+pub(super) struct Reserved<'a> {
+    pub dispatcher: &'a Dispatcher,
+    pub job: &'a str,
+    pub local: bool,
+    pub n: usize,
+}
+
+impl Reserved<'_> {
+    /// A claimed run takes one reserved slot and gets its cancel switch.
+    pub fn admit(&mut self, id: i64) -> CancellationToken {
+        self.n = self.n.saturating_sub(1);
+        self.dispatcher
+            .lock()
+            .inflight
+            .admit(id, self.job, self.local)
+    }
+}
+
+impl Drop for Reserved<'_> {
+    fn drop(&mut self) {
+        let n = std::mem::take(&mut self.n);
+        self.dispatcher
+            .lock()
+            .inflight
+            .unreserve(self.job, self.local, n);
     }
 }
 

@@ -19,6 +19,9 @@ impl Dispatcher {
             exit.cause = EndCause::Cancelled;
         }
         let status = exit.status();
+        // Only a terminal state of a job with a result topic leaves a result
+        // to publish: the publisher need not look after any other end.
+        let mut result_pending = false;
         let result = if exit.cause.keeps_attempt() {
             // Not the job's fault: wait and try the same attempt again.
             // A lost machine or lease: another machine can take it now.
@@ -63,9 +66,10 @@ impl Dispatcher {
                 .requeue(id, next, now + delay.as_millis() as i64, &exit)
                 .await
         } else {
+            result_pending = !spec.result_topic.is_empty();
             let r = self
                 .store
-                .finish(id, &exit, now, !spec.result_topic.is_empty())
+                .finish(id, &exit, now, result_pending)
                 .await
                 .map(|_| ());
             let ended = current.unwrap_or_else(|| run.clone());
@@ -83,9 +87,11 @@ impl Dispatcher {
             tracing::error!(run = id, error = %e, "could not record the end of an attempt");
         }
         // The slot is freed only once the run's new state is recorded.
-        self.lock().active.remove(&id);
+        self.lock().inflight.remove(id);
         self.wake.notify_one();
-        self.results_wake.notify_one();
+        if result_pending {
+            self.results_wake.notify_one();
+        }
     }
 
     /// Clears a run's outbox flag; false (logged) when that write failed:

@@ -30,121 +30,77 @@ impl Dispatcher {
     }
 
     /// Starts queued runs that are due, oldest first per job, within each
-    /// job's concurrency and the global slots. Reads only as many queued
-    /// runs as could start, so a deep queue costs nothing per wake.
+    /// job's concurrency and the global slots: per job, one commit claims
+    /// as many runs as may start and reads them back. A deep queue costs
+    /// nothing per wake.
     pub(super) async fn start_due_runs(self: &Arc<Self>, now: i64) {
-        let mut capacity: Vec<(String, usize)> = {
-            let st = self.lock();
-            st.jobs
-                .values()
-                .map(|j| {
-                    let running = st
-                        .active
-                        .values()
-                        .filter(|(job, _, _)| job == &j.spec.name)
-                        .count();
-                    (
-                        j.spec.name.clone(),
-                        (j.spec.concurrency as usize).saturating_sub(running),
-                    )
-                })
-                .filter(|(_, free)| *free > 0)
-                .collect()
-        };
+        let mut jobs: Vec<(String, bool)> = self
+            .lock()
+            .jobs
+            .values()
+            .map(|j| (j.spec.name.clone(), j.spec.pool != LOCAL_POOL))
+            .collect();
         // Oldest waiting job first would need a join; name order is stable and fair enough.
-        capacity.sort();
-        for (job, free) in capacity {
-            let remote = self
-                .lock()
-                .jobs
-                .get(&job)
-                .is_some_and(|j| j.spec.pool != LOCAL_POOL);
-            // Runs of a remote pool wait for a machine, not for a local slot.
-            let slots_left = if remote {
-                usize::MAX
-            } else {
-                self.slots.saturating_sub(self.local_active())
+        jobs.sort();
+        for (job, remote) in jobs {
+            let (spec, free, in_flight) = {
+                let mut st = self.lock();
+                let Some(j) = st.jobs.get(&job) else { continue };
+                let spec = j.spec.clone();
+                let mut free = (spec.concurrency as usize).saturating_sub(st.inflight.busy(&job));
+                // Runs of a remote pool wait for a machine, not for a local slot.
+                if !remote {
+                    free = free.min(self.slots.saturating_sub(st.inflight.local_busy()));
+                }
+                st.inflight.reserve(&job, !remote, free);
+                (spec, free, st.inflight.ids_of(&job))
             };
-            if slots_left == 0 {
+            if free == 0 {
                 continue;
             }
-            let queued = match self
-                .store
-                .startable(&job, now, free.min(slots_left).saturating_add(8))
-                .await
-            {
-                Ok(q) => q,
+            let mut held = Reserved {
+                dispatcher: self,
+                job: &job,
+                local: !remote,
+                n: free,
+            };
+            // A run requeued by an attempt still being recorded is not
+            // claimed again until that attempt left `inflight`.
+            let claimed = match self.store.claim_due(&job, now, free, &in_flight).await {
+                Ok(c) => c,
                 Err(e) => {
-                    tracing::error!(job, error = %e, "scheduler cannot read queued runs");
+                    // No wake: the next pass tries again (waking here would
+                    // spin while the store refuses).
+                    tracing::error!(job, error = %e, "scheduler cannot claim queued runs");
                     continue;
                 }
             };
-            let mut claimed = 0;
-            for q in queued {
-                if claimed >= free {
-                    break;
-                }
-                if q.cancel_requested {
-                    // Cancel requested between two attempts.
-                    self.drop_queued(&q).await;
-                    continue;
-                }
-                let token = CancellationToken::new();
-                let spec = {
-                    let mut st = self.lock();
-                    if st.active.contains_key(&q.id) {
-                        // Its previous attempt is still being recorded.
-                        continue;
-                    }
-                    if !remote && st.active.values().filter(|a| a.2).count() >= self.slots {
-                        break;
-                    }
-                    let Some(j) = st.jobs.get(&q.job) else { break };
-                    let spec = j.spec.clone();
-                    // Registered before it is claimed, so that a cancel
-                    // that finds the run claimed also finds its switch.
-                    st.active
-                        .insert(q.id, (q.job.clone(), token.clone(), !remote));
-                    spec
-                };
-                claimed += 1;
-                // Claimed on its own task: the claims of one wake share a
-                // group commit instead of waiting for each other's fsync.
-                let this = self.clone();
-                tokio::spawn(async move { this.claim_and_execute(q.id, spec, token).await });
+            for run in claimed.started {
+                let token = held.admit(run.id);
+                self.launch(run, spec.clone(), token);
+            }
+            drop(held);
+            for q in claimed.cancelled {
+                // Cancel requested between two attempts.
+                self.drop_queued(&q).await;
             }
         }
     }
 
-    /// Claims a run registered in `active` (durably: `starting`) and runs
-    /// it; a run that cannot be claimed leaves `active` and frees its slot.
-    pub(super) async fn claim_and_execute(
-        self: Arc<Self>,
-        id: i64,
+    /// Runs a claimed, admitted run's attempt on a task of its own.
+    pub(super) fn launch(
+        self: &Arc<Self>,
+        run: RunRecord,
         spec: JobSpec,
         token: CancellationToken,
     ) {
-        if let Err(e) = self.store.mark_starting(id).await {
-            // No wake: the scheduler's next pass fills the slot (waking it
-            // here would spin while the store refuses).
-            self.lock().active.remove(&id);
-            tracing::debug!(run = id, error = %e, "run not started");
-            return;
-        }
-        let run = match self.store.get(id).await {
-            Ok(r) => r,
-            Err(e) => {
-                self.lock().active.remove(&id);
-                tracing::error!(run = id, error = %e, "claimed run cannot be read");
-                return;
-            }
-        };
         // Waited since it was due: queued, or its retry's backoff ended.
         pubrun_observability::metrics()
             .queue_wait
             .get_or_create(&labels([("job", &run.job)]))
             .observe((self.now_ms() - run.not_before_ms).max(0) as f64 / 1000.0);
-        self.execute(run, spec, token).await;
+        let this = self.clone();
+        tokio::spawn(async move { this.execute(run, spec, token).await });
     }
 
     /// Ends a queued run that must not start: cancelled, or its job deleted.
@@ -176,24 +132,23 @@ impl Dispatcher {
         }
     }
 
+    /// The run's working directory and, in it, the message files' directory.
+    pub(super) fn run_dirs(&self, id: i64) -> (PathBuf, PathBuf) {
+        let workdir = self.data_dir.join("runs").join(id.to_string()).join("work");
+        let msg_dir = workdir.join(".pubrun");
+        (workdir, msg_dir)
+    }
+
+    /// The executor's request for an attempt (no I/O: the run's directory
+    /// is made by [`prepare_run_dir`]).
     pub(super) fn request(
         &self,
         run: &RunRecord,
         spec: &JobSpec,
         rendered: ExecutorSpec,
         (passed, secrets): (BTreeMap<String, String>, Secrets),
-    ) -> std::io::Result<RunRequest> {
-        let dir = self.data_dir.join("runs").join(run.id.to_string());
-        let workdir = dir.join("work");
-        // The message itself, as files: data of any size (argv and env are
-        // limited to ~128 KiB per string) and attributes as JSON.
-        let msg_dir = workdir.join(".pubrun");
-        std::fs::create_dir_all(&msg_dir)?;
-        std::fs::write(msg_dir.join("data"), &run.message.data)?;
-        std::fs::write(
-            msg_dir.join("attributes.json"),
-            serde_json::to_vec(&run.message.attributes).unwrap_or_default(),
-        )?;
+    ) -> RunRequest {
+        let (workdir, msg_dir) = self.run_dirs(run.id);
         let seen_as = match &rendered {
             ExecutorSpec::Docker(_) => PathBuf::from("/workspace/.pubrun"),
             ExecutorSpec::Process(_) => msg_dir.clone(),
@@ -215,7 +170,7 @@ impl Dispatcher {
         .into_iter()
         .collect();
         env.extend(passed);
-        Ok(RunRequest {
+        RunRequest {
             run_id: run.id.to_string(),
             job: run.job.clone(),
             attempt: run.attempt,
@@ -226,15 +181,11 @@ impl Dispatcher {
             env,
             secrets,
             outputs: spec.outputs.iter().map(|o| o.from.clone()).collect(),
-        })
+        }
     }
 
     pub fn log_path(&self, id: i64) -> PathBuf {
         self.data_dir.join("runs").join(id.to_string()).join("log")
-    }
-
-    pub(super) fn local_active(&self) -> usize {
-        self.lock().active.values().filter(|a| a.2).count()
     }
 
     /// The executor of the job's pool: the server's own for `local`, the
@@ -254,4 +205,30 @@ impl Dispatcher {
             ExecutorSpec::Docker(_) => self.executors.docker.clone(),
         }
     }
+}
+
+/// Makes the run's working directory with the message in it as files: data
+/// of any size (argv and env are limited to ~128 KiB per string) and
+/// attributes as JSON. Blocking: a few inodes per run.
+pub(super) fn prepare_run_dir(msg_dir: &Path, message: &SourceMessage) -> std::io::Result<()> {
+    // The parents first, one mkdir each (create_dir_all would try the
+    // deepest first and fail its way up); a retry finds them made.
+    let mut dirs: Vec<&Path> = msg_dir.ancestors().take(3).collect();
+    dirs.reverse();
+    for (i, d) in dirs.iter().enumerate() {
+        match std::fs::create_dir(d) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            // The data directory's `runs/` itself may be missing.
+            Err(e) if i == 0 && e.kind() == std::io::ErrorKind::NotFound => {
+                std::fs::create_dir_all(d)?
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    std::fs::write(msg_dir.join("data"), &message.data)?;
+    std::fs::write(
+        msg_dir.join("attributes.json"),
+        serde_json::to_vec(&message.attributes).unwrap_or_default(),
+    )
 }

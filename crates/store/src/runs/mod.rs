@@ -21,6 +21,15 @@ pub use postgres::PostgresRunStore;
 pub use pubrun_core::runrecord::{Enqueued, QueuedRun, RunRecord, SourceMessage};
 pub use sqlite::SqliteRunStore;
 
+/// What [`RunStore::claim_due`] found.
+#[derive(Debug, Default)]
+pub struct Claimed {
+    /// Claimed: now `starting`, oldest first.
+    pub started: Vec<RunRecord>,
+    /// Due, but a cancel was requested: to be ended, not started.
+    pub cancelled: Vec<QueuedRun>,
+}
+
 /// Jobs, runs, dedup keys, the result outbox and a small key/value `meta`
 /// table (apply's ownership record). Calls are what the dispatcher and
 /// apply use; errors are `pubrun_core` errors (not found, failed
@@ -66,9 +75,59 @@ pub trait RunStore: Send + Sync + 'static {
             .ok_or_else(|| pubrun_core::Error::internal("enqueue returned no result"))
     }
 
+    /// [`enqueue_batch`](Self::enqueue_batch), and in the same commit the
+    /// first `start` new runs go straight to `starting` (claimed, as by
+    /// [`mark_starting`](Self::mark_starting)) — but only when no older run
+    /// of the job is queued and due (those start first). Returns the
+    /// outcome per message and the runs started, whole. The default starts
+    /// none: the scheduler claims them as usual.
+    async fn enqueue_starting(
+        &self,
+        job: &JobSpec,
+        messages: &[(SourceMessage, String)],
+        now_ms: i64,
+        start: usize,
+    ) -> Result<(Vec<Enqueued>, Vec<RunRecord>)> {
+        let _ = start;
+        Ok((self.enqueue_batch(job, messages, now_ms).await?, Vec::new()))
+    }
+
     /// The queued runs of a job that may start now (oldest first, at most
     /// `limit`), without their message data: the scheduler's hot query.
     async fn startable(&self, job: &str, now_ms: i64, limit: usize) -> Result<Vec<QueuedRun>>;
+
+    /// Claims (as [`mark_starting`](Self::mark_starting)) up to `limit` due
+    /// queued runs of `job`, oldest first, and returns them whole; due
+    /// queued runs with a cancel requested are returned apart, unclaimed
+    /// (to be ended, never started). Runs in `skip` are left alone (their
+    /// previous attempt is still being recorded). The default makes one
+    /// call per run.
+    async fn claim_due(
+        &self,
+        job: &str,
+        now_ms: i64,
+        limit: usize,
+        skip: &[i64],
+    ) -> Result<Claimed> {
+        let mut out = Claimed::default();
+        let look = limit.saturating_add(8).saturating_add(skip.len());
+        for q in self.startable(job, now_ms, look).await? {
+            if skip.contains(&q.id) {
+                continue;
+            }
+            if q.cancel_requested {
+                out.cancelled.push(q);
+            } else if out.started.len() < limit {
+                match self.mark_starting(q.id).await {
+                    Ok(()) => out.started.push(self.get(q.id).await?),
+                    // Taken meanwhile (another server, a cancel): skip it.
+                    Err(e) if e.code == pubrun_core::Code::FailedPrecondition => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok(out)
+    }
 
     /// Queued runs that are due (not waiting for a retry backoff), per job:
     /// the `pubrun_runs_waiting` gauge.

@@ -9,7 +9,7 @@ use pubrun_core::{Error, Result};
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{
-    claim_refused, parse_jobs, to_json, Enqueued, QueuedRun, RawRun, RunRecord, RunStore,
+    claim_refused, parse_jobs, to_json, Claimed, Enqueued, QueuedRun, RawRun, RunRecord, RunStore,
     SourceMessage,
 };
 use crate::sqlite::{SqliteDb, SqliteError};
@@ -126,7 +126,8 @@ impl SqliteRunStore {
     ) -> Result<Enqueued> {
         let batch = EnqueueBatch::new(job, &[(message.clone(), dedup_key.to_string())])?;
         self.db
-            .call_blocking(|c| batch.run(c, now_ms))?
+            .call_blocking(|c| batch.run(c, now_ms, 0))?
+            .0
             .pop()
             .ok_or_else(|| Error::internal("enqueue returned no result"))
     }
@@ -289,6 +290,55 @@ fn mark_starting(c: &Connection, id: i64) -> Result<()> {
     Err(claim_refused(&get_run(c, id)?))
 }
 
+/// [`RunStore::claim_due`] in one transaction: claimed runs are read back
+/// whole before the commit, so the caller needs no second query.
+fn claim_due(
+    c: &mut Connection,
+    job: &str,
+    now_ms: i64,
+    limit: usize,
+    skip: &[i64],
+) -> Result<Claimed> {
+    let tx = c.savepoint().map_err(db_err)?;
+    let due = {
+        let mut stmt = tx
+            .prepare_cached(
+                "SELECT id, cancel_requested FROM runs WHERE status = 'queued' AND job = ?1 AND not_before_ms <= ?2
+                 ORDER BY id LIMIT ?3",
+            )
+            .map_err(db_err)?;
+        let rows = stmt
+            .query_map(
+                params![
+                    job,
+                    now_ms,
+                    limit.saturating_add(8).saturating_add(skip.len()) as i64
+                ],
+                |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)? != 0)),
+            )
+            .map_err(db_err)?;
+        rows.collect::<rusqlite::Result<Vec<_>>>().map_err(db_err)?
+    };
+    let mut out = Claimed::default();
+    for (id, cancel_requested) in due {
+        if skip.contains(&id) {
+            continue;
+        }
+        if cancel_requested {
+            out.cancelled.push(QueuedRun {
+                id,
+                job: job.to_string(),
+                cancel_requested,
+            });
+        } else if out.started.len() < limit {
+            mark_starting(&tx, id)?;
+            out.started.push(get_run(&tx, id)?);
+        }
+    }
+    tx.commit().map_err(db_err)?;
+    Ok(out)
+}
+
 fn mark_running(
     c: &mut Connection,
     id: i64,
@@ -327,9 +377,30 @@ impl EnqueueBatch {
         })
     }
 
-    fn run(self, c: &mut Connection, now_ms: i64) -> Result<Vec<Enqueued>> {
+    /// Queues the batch; the first `start` new runs are inserted as
+    /// `starting` instead, unless an older due run of the job is queued.
+    fn run(
+        self,
+        c: &mut Connection,
+        now_ms: i64,
+        start: usize,
+    ) -> Result<(Vec<Enqueued>, Vec<RunRecord>)> {
         let name = self.job;
         let tx = c.savepoint().map_err(db_err)?;
+        let mut start = start;
+        if start > 0 {
+            let waiting: bool = tx
+                .query_row(
+                    "SELECT EXISTS(SELECT 1 FROM runs WHERE status = 'queued' AND job = ?1 AND not_before_ms <= ?2)",
+                    params![name, now_ms],
+                    |r| r.get(0),
+                )
+                .map_err(db_err)?;
+            if waiting {
+                start = 0;
+            }
+        }
+        let mut started = Vec::with_capacity(start);
         let mut out = Vec::with_capacity(self.items.len());
         for (meta, message_id, data, dedup_key) in self.items {
             let existing: Option<(i64, i64)> = tx
@@ -346,10 +417,15 @@ impl EnqueueBatch {
                     continue;
                 }
             }
+            let status = if started.len() < start {
+                RunStatus::Starting
+            } else {
+                RunStatus::Queued
+            };
             tx.execute(
                 "INSERT INTO runs(job, status, attempt, max_attempts, message_id, message_meta, message_data, dedup_key, created_at_ms, not_before_ms)
-                 VALUES (?1, 'queued', 1, ?2, ?3, ?4, ?5, ?6, ?7, ?7)",
-                params![name, self.max_attempts, message_id, meta, data, dedup_key, now_ms],
+                 VALUES (?1, ?8, 1, ?2, ?3, ?4, ?5, ?6, ?7, ?7)",
+                params![name, self.max_attempts, message_id, meta, data, dedup_key, now_ms, status.as_str()],
             )
             .map_err(db_err)?;
             let id = tx.last_insert_rowid();
@@ -360,9 +436,12 @@ impl EnqueueBatch {
             )
             .map_err(db_err)?;
             out.push(Enqueued::New(id));
+            if status == RunStatus::Starting {
+                started.push(get_run(&tx, id)?);
+            }
         }
         tx.commit().map_err(db_err)?;
-        Ok(out)
+        Ok((out, started))
     }
 }
 
@@ -433,7 +512,18 @@ impl RunStore for SqliteRunStore {
         now_ms: i64,
     ) -> Result<Vec<Enqueued>> {
         let batch = EnqueueBatch::new(job, messages)?;
-        self.write(move |c| batch.run(c, now_ms)).await
+        Ok(self.write(move |c| batch.run(c, now_ms, 0)).await?.0)
+    }
+
+    async fn enqueue_starting(
+        &self,
+        job: &JobSpec,
+        messages: &[(SourceMessage, String)],
+        now_ms: i64,
+        start: usize,
+    ) -> Result<(Vec<Enqueued>, Vec<RunRecord>)> {
+        let batch = EnqueueBatch::new(job, messages)?;
+        self.write(move |c| batch.run(c, now_ms, start)).await
     }
 
     async fn startable(&self, job: &str, now_ms: i64, limit: usize) -> Result<Vec<QueuedRun>> {
@@ -457,6 +547,18 @@ impl RunStore for SqliteRunStore {
             rows.collect::<rusqlite::Result<Vec<_>>>().map_err(db_err)
         })
         .await
+    }
+
+    async fn claim_due(
+        &self,
+        job: &str,
+        now_ms: i64,
+        limit: usize,
+        skip: &[i64],
+    ) -> Result<Claimed> {
+        let (job, skip) = (job.to_string(), skip.to_vec());
+        self.write(move |c| claim_due(c, &job, now_ms, limit, &skip))
+            .await
     }
 
     async fn due_queued_by_job(&self, now_ms: i64) -> Result<Vec<(String, u64)>> {

@@ -157,14 +157,21 @@ impl Env {
     /// `mark`: a file the job creates when it has ended (on this machine).
     fn publish_marked(&self, secs: u32, mark: &str) -> String {
         let data = serde_json::json!({ "secs": secs, "mark": mark }).to_string();
+        // The run appears a moment after the publish returns: wait for an id
+        // not seen before, or an earlier run would stand in for this one.
+        let before = self.run_ids();
         self.cli(&["publish", "work", "--data", &data]);
-        self.wait("a run of nap", || {
-            let runs = self.json(&["runs", "--job", "nap"]);
-            runs["runs"]
-                .as_array()
-                .and_then(|a| a.first())
-                .map(|r| r["id"].to_string())
+        self.wait("a new run of nap", || {
+            self.run_ids().into_iter().find(|id| !before.contains(id))
         })
+    }
+
+    fn run_ids(&self) -> Vec<String> {
+        let runs = self.json(&["runs", "--job", "nap"]);
+        runs["runs"]
+            .as_array()
+            .map(|a| a.iter().map(|r| r["id"].to_string()).collect())
+            .unwrap_or_default()
     }
 
     fn run_log(&self, id: &str) -> String {

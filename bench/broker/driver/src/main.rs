@@ -118,6 +118,14 @@ impl CpuMeter {
     }
 }
 
+/// Note suffix for phase c: the publish rate reached (sent and acked), so a
+/// run where the server could not keep up with `rate` says so.
+pub fn pace_note(total: usize, secs: f64, rate: usize) -> String {
+    let got = total as f64 / secs.max(1e-9);
+    let behind = if got < 0.95 * rate as f64 { ", below the asked rate" } else { "" };
+    format!(" = {got:.0} of {rate} msg/s acked{behind}")
+}
+
 /// p-th percentile (0..=100) of sorted values.
 pub fn percentile(sorted: &[u64], p: f64) -> u64 {
     if sorted.is_empty() {
@@ -230,6 +238,8 @@ fn table(jsonl: &str) -> Result<String> {
     let (rate, secs) = (param("rate", 2000.0), param("secs", 10.0));
     // (label, pubrun metric, nats metric, unit, higher is better, issue-4 target)
     // (label, pubrun metric, nats metric, unit, higher is better, issue-4 target)
+    // One row per line, so the table reads as one.
+    #[rustfmt::skip]
     let rows: Vec<(String, &str, &str, &str, bool, &str)> = vec![
         (format!("(a) publish {count}×100 B: pubrun 100 msgs/request, 4 requests in flight · NATS async, 256 PubAcks pending"), "publish_batched", "publish", "msg/s", true, "≥ 1.0×"),
         (format!("(a) publish {count}×100 B: pubrun 1 msg/request, 256 requests in flight · NATS as above"), "publish_single", "publish", "msg/s", true, "≥ 1.0×"),

@@ -8,7 +8,9 @@ use anyhow::{bail, Context, Result};
 use async_nats::jetstream::{self, consumer, stream};
 use futures::stream::{FuturesUnordered, StreamExt};
 
-use crate::{age_nanos, payload, percentile, rss_kib, CpuMeter, Opts, Sink};
+use tokio::sync::mpsc;
+
+use crate::{age_nanos, pace_note, payload, percentile, rss_kib, CpuMeter, Opts, Sink};
 
 type Consumer = consumer::Consumer<consumer::pull::Config>;
 
@@ -46,18 +48,18 @@ async fn publish(js: &jetstream::Context, subject: &str, o: &Opts, count: usize)
     let mut pending = FuturesUnordered::new();
     let (mut sent, mut acked) = (0usize, 0usize);
     let start = Instant::now();
+    let deadline = start + o.phase_timeout;
     while acked < count {
         while pending.len() < o.window && sent < count {
             let ack = js.publish(subject.to_string(), payload(o.size)).await.context("publish")?;
             pending.push(ack.into_future());
             sent += 1;
         }
-        let r = tokio::time::timeout(o.phase_timeout, pending.next()).await.context("publish timed out")?;
+        let r = tokio::time::timeout_at(deadline.into(), pending.next())
+            .await
+            .with_context(|| format!("publish phase exceeded {:?} with {acked} of {count} acked", o.phase_timeout))?;
         r.expect("pending is not empty").context("PubAck")?;
         acked += 1;
-        if start.elapsed() > o.phase_timeout {
-            bail!("publish phase exceeded {:?}", o.phase_timeout);
-        }
     }
     Ok(count as f64 / start.elapsed().as_secs_f64())
 }
@@ -99,41 +101,85 @@ async fn consume(c: &mut Consumer, o: &Opts, expect: usize, mut latencies: Optio
     Ok(expect as f64 / start.elapsed().as_secs_f64())
 }
 
+/// Publishes at `rate` msg/s for `secs` while a pull consumer records the
+/// age of each message. If the server acks slower than `rate`, the publisher
+/// falls behind (async-nats makes `publish` wait once 5000 PubAcks are
+/// outstanding) and the note says which rate it reached.
 async fn latency(js: &jetstream::Context, o: &Opts, s: &mut Sink) -> Result<()> {
     let (subject, mut c) = setup(js, "latency", o).await?;
     let total = o.rate * o.secs as usize;
+    let deadline = tokio::time::Instant::now() + o.phase_timeout;
     let o2 = o.clone();
     let subscriber = tokio::spawn(async move {
         let mut lat = Vec::with_capacity(total);
         consume(&mut c, &o2, total, Some(&mut lat)).await?;
         anyhow::Ok(lat)
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let mut pending = FuturesUnordered::new();
-    let start = tokio::time::Instant::now();
-    let mut tick = tokio::time::interval(Duration::from_millis(1));
-    let mut sent = 0usize;
-    while sent < total {
-        tokio::select! {
-            _ = tick.tick() => {
-                let due = ((start.elapsed().as_secs_f64() * o.rate as f64) as usize).min(total);
-                while sent < due {
-                    let ack = js.publish(subject.clone(), payload(o.size)).await.context("publish")?;
-                    pending.push(ack.into_future());
-                    sent += 1;
-                }
+    // PubAcks are awaited in their own task. Each unacked publish holds one
+    // of the context's ack permits until its PubAck future completes, so
+    // awaiting them in the publishing task deadlocks as soon as `publish`
+    // waits for a permit: nothing polls the futures that would free one.
+    let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<jetstream::context::PublishAckFuture>();
+    let acker = tokio::spawn(async move {
+        let mut pending = FuturesUnordered::new();
+        let mut open = true;
+        loop {
+            tokio::select! {
+                f = ack_rx.recv(), if open => match f {
+                    Some(f) => pending.push(f.into_future()),
+                    None => open = false,
+                },
+                Some(r) = pending.next(), if !pending.is_empty() => { r.context("PubAck")?; }
+                else => break,
             }
-            Some(r) = pending.next(), if !pending.is_empty() => { r.context("PubAck")?; }
         }
+        anyhow::Ok(())
+    });
+    // With 5000 publishes queued at a server that syncs each one, a PubAck
+    // can take longer than async-nats' default 5 s; the phase deadline is
+    // the bound here. The clone shares the ack permits, API calls keep theirs.
+    let mut js = js.clone();
+    js.set_timeout(o.phase_timeout);
+    let published = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let start = tokio::time::Instant::now();
+        let mut tick = tokio::time::interval(Duration::from_millis(1));
+        let mut sent = 0usize;
+        while sent < total {
+            tick.tick().await;
+            let due = ((start.elapsed().as_secs_f64() * o.rate as f64) as usize).min(total);
+            while sent < due {
+                let ack = tokio::time::timeout_at(deadline, js.publish(subject.clone(), payload(o.size)))
+                    .await
+                    .with_context(|| format!("latency phase exceeded {:?}: publish blocked after {sent} of {total} sent", o.phase_timeout))?
+                    .context("publish")?;
+                if ack_tx.send(ack).is_err() {
+                    break; // the acker failed; its error is reported below
+                }
+                sent += 1;
+            }
+            if ack_tx.is_closed() {
+                break;
+            }
+        }
+        drop(ack_tx);
+        tokio::time::timeout_at(deadline, acker).await.with_context(|| format!("latency phase exceeded {:?} waiting for PubAcks", o.phase_timeout))???;
+        anyhow::Ok(start.elapsed().as_secs_f64())
     }
-    while let Some(r) = pending.next().await {
-        r.context("PubAck")?;
-    }
-    let send_secs = start.elapsed().as_secs_f64();
-    let mut lat = subscriber.await??;
+    .await;
+    let send_secs = match published {
+        Ok(t) => t,
+        Err(e) => {
+            subscriber.abort();
+            return Err(e);
+        }
+    };
+    // The consumer gives up at its own deadline (≈ ours); the grace only
+    // lets its error, which says how many messages arrived, come through.
+    let mut lat = tokio::time::timeout_at(deadline + Duration::from_secs(15), subscriber).await.context("latency consumer did not finish")???;
     lat.sort_unstable();
     let ms = |ns: u64| ns as f64 / 1e6;
-    let note = format!("{total} msgs, async JetStream publish, sent in {send_secs:.2} s");
+    let note = format!("{total} msgs, async JetStream publish, sent in {send_secs:.2} s{}", pace_note(total, send_secs, o.rate));
     s.put("latency_p50", ms(percentile(&lat, 50.0)), "ms", &note)?;
     s.put("latency_p99", ms(percentile(&lat, 99.0)), "ms", &note)?;
     s.put("latency_p999", ms(percentile(&lat, 99.9)), "ms", &note)?;

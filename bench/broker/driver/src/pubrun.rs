@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::{age_nanos, payload, percentile, rss_kib, CpuMeter, Opts, Sink};
+use crate::{age_nanos, pace_note, payload, percentile, rss_kib, CpuMeter, Opts, Sink};
 
 const PROJECT: &str = "projects/bench";
 
@@ -27,17 +27,9 @@ async fn setup(ch: &Channel, name: &str) -> Result<Pair> {
     // Unique per driver run, so runs against one server do not collide.
     let name = format!("{name}-{}", std::process::id());
     let p = Pair { topic: format!("{PROJECT}/topics/{name}"), sub: format!("{PROJECT}/subscriptions/{name}") };
-    PublisherClient::new(ch.clone())
-        .create_topic(pb::Topic { name: p.topic.clone(), ..Default::default() })
-        .await
-        .context("CreateTopic")?;
+    PublisherClient::new(ch.clone()).create_topic(pb::Topic { name: p.topic.clone(), ..Default::default() }).await.context("CreateTopic")?;
     SubscriberClient::new(ch.clone())
-        .create_subscription(pb::Subscription {
-            name: p.sub.clone(),
-            topic: p.topic.clone(),
-            ack_deadline_seconds: 60,
-            ..Default::default()
-        })
+        .create_subscription(pb::Subscription { name: p.sub.clone(), topic: p.topic.clone(), ack_deadline_seconds: 60, ..Default::default() })
         .await
         .context("CreateSubscription")?;
     Ok(p)
@@ -50,6 +42,7 @@ async fn publish(ch: &Channel, topic: &str, o: &Opts, count: usize, batch: usize
     let mut pending = FuturesUnordered::new();
     let (mut sent, mut acked) = (0usize, 0usize);
     let start = Instant::now();
+    let deadline = start + o.phase_timeout;
     while acked < count {
         while pending.len() < inflight && sent < count {
             let n = batch.min(count - sent);
@@ -61,11 +54,10 @@ async fn publish(ch: &Channel, topic: &str, o: &Opts, count: usize, batch: usize
             pending.push(async move { c.publish(req).await });
             sent += n;
         }
-        let r = tokio::time::timeout(o.phase_timeout, pending.next()).await.context("publish timed out")?;
+        let r = tokio::time::timeout_at(deadline.into(), pending.next())
+            .await
+            .with_context(|| format!("publish phase exceeded {:?} with {acked} of {count} acked", o.phase_timeout))?;
         acked += r.expect("pending is not empty")?.into_inner().message_ids.len();
-        if start.elapsed() > o.phase_timeout {
-            bail!("publish phase exceeded {:?}", o.phase_timeout);
-        }
     }
     Ok(count as f64 / start.elapsed().as_secs_f64())
 }
@@ -131,6 +123,7 @@ async fn consume_pull(ch: &Channel, sub: &str, o: &Opts, expect: usize, workers:
     let done = Arc::new(AtomicUsize::new(0));
     let stop = Arc::new(tokio::sync::Notify::new());
     let start = Instant::now();
+    let deadline = start + o.phase_timeout;
     let mut tasks = Vec::new();
     for _ in 0..workers {
         let (mut c, sub, done, stop) = (SubscriberClient::new(ch.clone()), sub.to_string(), done.clone(), stop.clone());
@@ -157,7 +150,10 @@ async fn consume_pull(ch: &Channel, sub: &str, o: &Opts, expect: usize, workers:
         }));
     }
     for t in tasks {
-        tokio::time::timeout(o.phase_timeout, t).await.context("pull consumer timed out")???;
+        // One deadline for all workers, not one timeout each.
+        tokio::time::timeout_at(deadline.into(), t)
+            .await
+            .with_context(|| format!("pull consumer timed out after {} of {expect}", done.load(Ordering::Relaxed)))???;
     }
     Ok(done.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64())
 }
@@ -166,6 +162,7 @@ async fn consume_pull(ch: &Channel, sub: &str, o: &Opts, expect: usize, workers:
 /// StreamingPull subscriber measures publish→receive time.
 async fn latency(ch: &Channel, p: &Pair, o: &Opts, s: &mut Sink) -> Result<()> {
     let total = o.rate * o.secs as usize;
+    let deadline = tokio::time::Instant::now() + o.phase_timeout;
     let (ch2, sub, o2) = (ch.clone(), p.sub.clone(), o.clone());
     let subscriber = tokio::spawn(async move {
         let mut lat = Vec::with_capacity(total);
@@ -178,31 +175,51 @@ async fn latency(ch: &Channel, p: &Pair, o: &Opts, s: &mut Sink) -> Result<()> {
     let start = tokio::time::Instant::now();
     let mut tick = tokio::time::interval(Duration::from_millis(1));
     let mut sent = 0usize;
-    while sent < total {
-        tokio::select! {
-            _ = tick.tick() => {
-                let due = ((start.elapsed().as_secs_f64() * o.rate as f64) as usize).min(total);
-                while sent < due {
-                    let mut c = client.clone();
-                    let req = pb::PublishRequest {
-                        topic: p.topic.clone(),
-                        messages: vec![pb::PubsubMessage { data: payload(o.size), ..Default::default() }],
-                    };
-                    pending.push(async move { c.publish(req).await });
-                    sent += 1;
-                }
+    let published = async {
+        while sent < total {
+            if tokio::time::Instant::now() > deadline {
+                bail!("latency phase exceeded {:?} after {sent} of {total} sent", o.phase_timeout);
             }
-            Some(r) = pending.next(), if !pending.is_empty() => { r?; }
+            tokio::select! {
+                _ = tick.tick() => {
+                    let due = ((start.elapsed().as_secs_f64() * o.rate as f64) as usize).min(total);
+                    while sent < due {
+                        let mut c = client.clone();
+                        let req = pb::PublishRequest {
+                            topic: p.topic.clone(),
+                            messages: vec![pb::PubsubMessage { data: payload(o.size), ..Default::default() }],
+                        };
+                        pending.push(async move { c.publish(req).await });
+                        sent += 1;
+                    }
+                }
+                Some(r) = pending.next(), if !pending.is_empty() => { r?; }
+            }
         }
+        // Requests are never awaited one by one here, so the loop keeps the
+        // rate; a slow server shows as outstanding calls, bounded by the deadline.
+        while let Some(r) = tokio::time::timeout_at(deadline, pending.next())
+            .await
+            .with_context(|| format!("latency phase exceeded {:?} with {} publishes unanswered", o.phase_timeout, pending.len()))?
+        {
+            r?;
+        }
+        anyhow::Ok(start.elapsed().as_secs_f64())
     }
-    while let Some(r) = pending.next().await {
-        r?;
-    }
-    let send_secs = start.elapsed().as_secs_f64();
-    let mut lat = subscriber.await??;
+    .await;
+    let send_secs = match published {
+        Ok(t) => t,
+        Err(e) => {
+            subscriber.abort();
+            return Err(e);
+        }
+    };
+    // The subscriber stops at its own deadline (≈ ours); the grace only lets
+    // its error, which says how many messages arrived, come through.
+    let mut lat = tokio::time::timeout_at(deadline + Duration::from_secs(15), subscriber).await.context("latency subscriber did not finish")???;
     lat.sort_unstable();
     let ms = |ns: u64| ns as f64 / 1e6;
-    let note = format!("{total} msgs, single-message Publish calls, sent in {send_secs:.2} s");
+    let note = format!("{total} msgs, single-message Publish calls, sent in {send_secs:.2} s{}", pace_note(total, send_secs, o.rate));
     s.put("latency_p50", ms(percentile(&lat, 50.0)), "ms", &note)?;
     s.put("latency_p99", ms(percentile(&lat, 99.0)), "ms", &note)?;
     s.put("latency_p999", ms(percentile(&lat, 99.9)), "ms", &note)?;
@@ -223,7 +240,12 @@ pub async fn run(addr: &str, pid: u32, phases: &str, o: &Opts, s: &mut Sink) -> 
             let cpu = CpuMeter::start(pid);
             let r = consume_stream(&ch, &p.sub, o, o.count, None).await?;
             cpu.put(s, "consume_stream", o.count)?;
-            s.put("consume_stream", r, "msg/s", &format!("StreamingPull, max_outstanding_messages {}, acks {}", o.consume_window, if o.stream_acks { "on the stream" } else { "unary" }))?;
+            s.put(
+                "consume_stream",
+                r,
+                "msg/s",
+                &format!("StreamingPull, max_outstanding_messages {}, acks {}", o.consume_window, if o.stream_acks { "on the stream" } else { "unary" }),
+            )?;
         }
         let p = setup(&ch, "single").await?;
         let cpu = CpuMeter::start(pid);

@@ -126,6 +126,17 @@ pub fn pace_note(total: usize, secs: f64, rate: usize) -> String {
     format!(" = {got:.0} of {rate} msg/s acked{behind}")
 }
 
+/// Records a latency phase's p50/p99/p99.9/max (nanoseconds in, ms out),
+/// the same four rows for every target.
+pub fn put_latencies(s: &mut Sink, mut lat: Vec<u64>, note: &str) -> Result<()> {
+    lat.sort_unstable();
+    let ms = |ns: u64| ns as f64 / 1e6;
+    s.put("latency_p50", ms(percentile(&lat, 50.0)), "ms", note)?;
+    s.put("latency_p99", ms(percentile(&lat, 99.0)), "ms", note)?;
+    s.put("latency_p999", ms(percentile(&lat, 99.9)), "ms", note)?;
+    s.put("latency_max", ms(*lat.last().unwrap_or(&0)), "ms", note)
+}
+
 /// p-th percentile (0..=100) of sorted values.
 pub fn percentile(sorted: &[u64], p: f64) -> u64 {
     if sorted.is_empty() {

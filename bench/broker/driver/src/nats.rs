@@ -10,7 +10,7 @@ use futures::stream::{FuturesUnordered, StreamExt};
 
 use tokio::sync::mpsc;
 
-use crate::{age_nanos, pace_note, payload, percentile, rss_kib, CpuMeter, Opts, Sink};
+use crate::{age_nanos, pace_note, payload, put_latencies, rss_kib, CpuMeter, Opts, Sink};
 
 type Consumer = consumer::Consumer<consumer::pull::Config>;
 
@@ -176,15 +176,9 @@ async fn latency(js: &jetstream::Context, o: &Opts, s: &mut Sink) -> Result<()> 
     };
     // The consumer gives up at its own deadline (≈ ours); the grace only
     // lets its error, which says how many messages arrived, come through.
-    let mut lat = tokio::time::timeout_at(deadline + Duration::from_secs(15), subscriber).await.context("latency consumer did not finish")???;
-    lat.sort_unstable();
-    let ms = |ns: u64| ns as f64 / 1e6;
+    let lat = tokio::time::timeout_at(deadline + Duration::from_secs(15), subscriber).await.context("latency consumer did not finish")???;
     let note = format!("{total} msgs, async JetStream publish, sent in {send_secs:.2} s{}", pace_note(total, send_secs, o.rate));
-    s.put("latency_p50", ms(percentile(&lat, 50.0)), "ms", &note)?;
-    s.put("latency_p99", ms(percentile(&lat, 99.0)), "ms", &note)?;
-    s.put("latency_p999", ms(percentile(&lat, 99.9)), "ms", &note)?;
-    s.put("latency_max", ms(*lat.last().unwrap_or(&0)), "ms", &note)?;
-    Ok(())
+    put_latencies(s, lat, &note)
 }
 
 pub async fn run(addr: &str, pid: u32, phases: &str, o: &Opts, s: &mut Sink) -> Result<()> {

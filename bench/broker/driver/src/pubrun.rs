@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::{age_nanos, pace_note, payload, percentile, rss_kib, CpuMeter, Opts, Sink};
+use crate::{age_nanos, pace_note, payload, put_latencies, rss_kib, CpuMeter, Opts, Sink};
 
 const PROJECT: &str = "projects/bench";
 
@@ -216,15 +216,9 @@ async fn latency(ch: &Channel, p: &Pair, o: &Opts, s: &mut Sink) -> Result<()> {
     };
     // The subscriber stops at its own deadline (≈ ours); the grace only lets
     // its error, which says how many messages arrived, come through.
-    let mut lat = tokio::time::timeout_at(deadline + Duration::from_secs(15), subscriber).await.context("latency subscriber did not finish")???;
-    lat.sort_unstable();
-    let ms = |ns: u64| ns as f64 / 1e6;
+    let lat = tokio::time::timeout_at(deadline + Duration::from_secs(15), subscriber).await.context("latency subscriber did not finish")???;
     let note = format!("{total} msgs, single-message Publish calls, sent in {send_secs:.2} s{}", pace_note(total, send_secs, o.rate));
-    s.put("latency_p50", ms(percentile(&lat, 50.0)), "ms", &note)?;
-    s.put("latency_p99", ms(percentile(&lat, 99.0)), "ms", &note)?;
-    s.put("latency_p999", ms(percentile(&lat, 99.9)), "ms", &note)?;
-    s.put("latency_max", ms(*lat.last().unwrap_or(&0)), "ms", &note)?;
-    Ok(())
+    put_latencies(s, lat, &note)
 }
 
 pub async fn run(addr: &str, pid: u32, phases: &str, o: &Opts, s: &mut Sink) -> Result<()> {

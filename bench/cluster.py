@@ -11,39 +11,20 @@ taken from the run records (so polling does not skew it).
 """
 import argparse
 import base64
-import http.client
 import json
 import os
 import platform
 import sys
 import time
 
+from benchhttp import Http
+
 TERMINAL = {"succeeded", "failed", "timed_out", "cancelled"}
 
 
-class Api:
+class Api(Http):
     def __init__(self, addr):
-        host, port = addr.rsplit(":", 1)
-        self.host, self.port = host, int(port)
-        self.conn = None
-
-    def req(self, method, path, body=None):
-        for attempt in range(5):
-            try:
-                if self.conn is None:
-                    self.conn = http.client.HTTPConnection(self.host, self.port, timeout=60)
-                hdrs = {"content-type": "application/json"} if body is not None else {}
-                self.conn.request(method, path, body=None if body is None else json.dumps(body), headers=hdrs)
-                resp = self.conn.getresponse()
-                data = resp.read()
-                if resp.status != 200:
-                    raise RuntimeError(f"{method} {path}: HTTP {resp.status}: {data[:300]!r}")
-                return json.loads(data)
-            except (http.client.HTTPException, ConnectionError, OSError):
-                self.conn = None
-                if attempt == 4:
-                    raise
-                time.sleep(0.5)
+        super().__init__(addr, attempts=5, timeout=60, pause=0.5, snippet=300)
 
 
 def run_batch(api, topic, job, n, timeout_s=900):

@@ -71,34 +71,7 @@ pg pg_ctl -D "$pgdir/data" -l "$pgdir/pg.log" -w \
 psql_() { "$PGBIN/psql" -h 127.0.0.1 -p "$PGPORT" -U postgres -qAt "$@"; }
 url_for() { echo "postgres://postgres@127.0.0.1:$PGPORT/$1?sslmode=disable"; }
 
-cat > "$tmp/bench.toml" <<TOML
-project = "bench"
-
-[[pool]]
-name = "workers"
-provider = "agents"
-token_env = "PUBRUN_AGENT_TOKEN"
-
-[[topic]]
-name = "bench-jobs"
-[[topic]]
-name = "bench-slow"
-
-[[job]]
-name = "tput"
-topic = "bench-jobs"
-process = { command = "true" }
-concurrency = $(( $(nproc) * 2 ))
-retries = { max_attempts = 1 }
-
-[[job]]
-name = "slow"
-topic = "bench-slow"
-pool = "workers"
-process = { command = "sleep", args = ["0.2"] }
-concurrency = 1000
-retries = { max_attempts = 1 }
-TOML
+fill_template "$ROOT/bench/cluster.toml" conc="$(( $(nproc) * 2 ))" >"$tmp/bench.toml"
 
 # start_server NAME PORT [--store URL]: waits until /healthz answers.
 start_server() {

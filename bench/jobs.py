@@ -10,7 +10,6 @@ that cannot run (e.g. no Docker engine) prints "n/a" with the reason.
 """
 import argparse
 import base64
-import http.client
 import json
 import math
 import os
@@ -20,44 +19,27 @@ import subprocess
 import sys
 import time
 
+from benchhttp import Http
+
 TERMINAL = {"succeeded", "failed", "timed_out", "cancelled"}
 
 
-class Api:
+class Api(Http):
     def __init__(self, addr, project):
-        host, port = addr.rsplit(":", 1)
-        self.host, self.port, self.project = host, int(port), project
-        self.conn = None
-
-    def _req(self, method, path, body=None, raw=False):
-        for attempt in range(3):
-            try:
-                if self.conn is None:
-                    self.conn = http.client.HTTPConnection(self.host, self.port, timeout=30)
-                hdrs = {"content-type": "application/json"} if body is not None else {}
-                self.conn.request(method, path, body=None if body is None else json.dumps(body), headers=hdrs)
-                resp = self.conn.getresponse()
-                data = resp.read()
-                if resp.status != 200:
-                    raise RuntimeError(f"{method} {path}: HTTP {resp.status}: {data[:500]!r}")
-                return data if raw else json.loads(data)
-            except (http.client.HTTPException, ConnectionError, OSError):
-                self.conn = None
-                if attempt == 2:
-                    raise
-        raise AssertionError
+        super().__init__(addr, attempts=3, timeout=30, snippet=500)
+        self.project = project
 
     def publish(self, topic, messages):
         """messages: list of (bytes, attributes). Returns message ids."""
         body = {"messages": [{"data": base64.b64encode(d).decode(), "attributes": a} for d, a in messages]}
-        return self._req("POST", f"/v1/projects/{self.project}/topics/{topic}:publish", body)["messageIds"]
+        return self.req("POST", f"/v1/projects/{self.project}/topics/{topic}:publish", body)["messageIds"]
 
     def runs(self, job, status=None, limit=10000):
         q = f"/api/v1/runs?job={job}&limit={limit}" + (f"&status={status}" if status else "")
-        return self._req("GET", q)["runs"]
+        return self.req("GET", q)["runs"]
 
     def log(self, run_id):
-        return self._req("GET", f"/api/v1/runs/{run_id}/log", raw=True).decode("utf-8", "replace")
+        return self.req("GET", f"/api/v1/runs/{run_id}/log", raw=True).decode("utf-8", "replace")
 
 
 def pct(values, p):

@@ -62,40 +62,7 @@ elif ! docker image inspect "$image" >/dev/null 2>&1; then
   fi
 fi
 
-cat > "$tmp/bench.toml" <<TOML
-project = "bench"
-
-[[topic]]
-name = "bench-latency"
-[[topic]]
-name = "bench-tput"
-[[topic]]
-name = "bench-docker"
-
-# (a) prints its own start time; stdout goes to the run's log.
-[[job]]
-name = "latency"
-topic = "bench-latency"
-process = { command = "date", args = ["+%s%N"] }
-concurrency = $conc
-retries = { max_attempts = 1 }
-
-# (b) the cheapest possible job.
-[[job]]
-name = "tput"
-topic = "bench-tput"
-process = { command = "true" }
-concurrency = $conc
-retries = { max_attempts = 1 }
-
-# (c) the same image and command as the docker run baseline.
-[[job]]
-name = "ctr"
-topic = "bench-docker"
-docker = { image = "$image", command = ["sh", "-c", "echo hi"], pull = "never" }
-concurrency = 1
-retries = { max_attempts = 1 }
-TOML
+fill_template "$repo/bench/jobs.toml" conc="$conc" image="$image" >"$tmp/bench.toml"
 
 port="$(free_port)"
 echo "[bench] pubrun serve on 127.0.0.1:$port, slots $conc, --sync ${SYNC:-always}, data in $tmp/data" >&2

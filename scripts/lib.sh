@@ -51,6 +51,35 @@ start_server() {
   wait_healthy "$url" "$server_pid" "$log" "$tries"
 }
 
+# temp_data_dir PREFIX: makes a fresh directory (sets data, and server_pid to
+# none yet) and traps EXIT to stop the server start_server started and remove
+# the directory (KEEP=1 keeps it); INT and TERM exit 130 through that trap.
+temp_data_dir() {
+  data="$(mktemp -d "${TMPDIR:-/tmp}/$1.XXXXXX")"
+  server_pid=""
+  trap stop_server_and_data EXIT
+  trap 'exit 130' INT TERM
+}
+
+stop_server_and_data() {
+  stop_pid "$server_pid"
+  if [ "${KEEP:-0}" = 1 ]; then
+    echo "== data directory kept: $data"
+  else
+    rm -rf "$data"
+  fi
+}
+
+# fill_template FILE KEY=VALUE...: prints FILE with each @KEY@ replaced by
+# VALUE (the benchmarks' manifests are files with such placeholders).
+fill_template() {
+  local text kv
+  text="$(cat "$1")" || return 1
+  shift
+  for kv in "$@"; do text="${text//@${kv%%=*}@/${kv#*=}}"; done
+  printf '%s\n' "$text"
+}
+
 # abs_file PATH: PATH as an absolute path; fails when it is not a file.
 abs_file() {
   local path

@@ -8,24 +8,12 @@
 # with the official google-cloud-storage client (venv made by
 # scripts/python-venv.sh), waits for the fit-model run, prints its log, the
 # model from gs://output/results/<run id>/model.json and the result message,
-# then stops the server. Exits with the run's exit code.
+# then stops the server (KEEP=1 keeps the data directory). Exits with the
+# run's exit code.
 set -euo pipefail
 
-here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-repo="$(cd "$here/../.." && pwd)"
-. "$repo/scripts/lib.sh"
-csv="$(abs_file "${1:-$here/sample.csv}")"
-
-pubrun="$(pubrun_bin "$repo")"
+. "$(dirname "${BASH_SOURCE[0]}")/setup.sh" "$@"
 venv_python="$(bash "$repo/scripts/python-venv.sh" | tail -n 1)/bin/python"
-
-data="$(mktemp -d "${TMPDIR:-/tmp}/pubrun-seed004.XXXXXX")"
-server_pid=""
-cleanup() {
-  stop_pid "$server_pid"
-  rm -rf "$data"
-}
-trap cleanup EXIT
 
 port="$(free_port)"
 export PUBRUN_ADDR="http://127.0.0.1:$port" PUBRUN_PROJECT=demo STORAGE_EMULATOR_HOST="http://127.0.0.1:$port"

@@ -12,25 +12,7 @@
 # Exits with the run's exit code (2 for malformed CSV).
 set -euo pipefail
 
-here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-repo="$(cd "$here/../.." && pwd)"
-. "$repo/scripts/lib.sh"
-csv="$(abs_file "${1:-$here/sample.csv}")"
-
-pubrun="$(pubrun_bin "$repo")"
-
-data="$(mktemp -d "${TMPDIR:-/tmp}/pubrun-seed004.XXXXXX")"
-server_pid=""
-cleanup() {
-  stop_pid "$server_pid"
-  if [ "${KEEP:-0}" = 1 ]; then
-    echo "== data directory kept: $data"
-  else
-    rm -rf "$data"
-  fi
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+. "$(dirname "${BASH_SOURCE[0]}")/setup.sh" "$@"
 
 port="$(free_port)"
 export PUBRUN_ADDR="http://127.0.0.1:$port" PUBRUN_PROJECT=demo

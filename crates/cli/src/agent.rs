@@ -5,7 +5,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
-use pubrun_exec::Executor;
 
 #[derive(clap::Args)]
 pub struct AgentArgs {
@@ -76,15 +75,10 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|| std::env::temp_dir().join(format!("pubrun-agent-{name}")));
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("creating {}", data_dir.display()))?;
-    let docker: Arc<dyn Executor> = match pubrun_exec::docker::DockerExecutor::connect() {
-        Ok(d) => Arc::new(d),
-        Err(e) => {
-            tracing::warn!(error = %e, "no Docker engine here: docker jobs leased to this agent fail");
-            Arc::new(pubrun_exec::Unavailable(format!(
-                "docker engine unreachable on agent {name}: {e}"
-            )))
-        }
-    };
+    let docker = crate::serve::docker_or_unavailable(
+        Some("no Docker engine here: docker jobs leased to this agent fail"),
+        &format!("docker engine unreachable on agent {name}"),
+    );
     let shutdown = pubrun_exec::CancellationToken::new();
     let stop = shutdown.clone();
     tokio::spawn(async move {

@@ -68,6 +68,22 @@ impl ServerStore {
         }
     }
 
+    /// In cluster mode (PostgreSQL, and a non-empty `url` for the other
+    /// stores): the store, the URL and the fence of the ownership lease this
+    /// server holds, which every write of the other stores carries.
+    fn fenced<'a>(&'a self, url: Option<&'a str>) -> Option<(&'a PostgresStore, &'a str, Fence)> {
+        match (self, url.filter(|u| !u.is_empty())) {
+            (ServerStore::Postgres(s), Some(url)) => {
+                let fence = Fence {
+                    name: BROKER_OWNERSHIP.to_string(),
+                    token: s.token(),
+                };
+                Some((s, url, fence))
+            }
+            _ => None,
+        }
+    }
+
     /// The run store that goes with this engine: `runs.db` in the data
     /// directory, or the same PostgreSQL, its writes fenced by the
     /// ownership lease this server holds (one owner writes runs, as it
@@ -77,18 +93,14 @@ impl ServerStore {
         data_dir: &Path,
         url: Option<&str>,
     ) -> anyhow::Result<SharedRunStore> {
-        match (self, url.filter(|u| !u.is_empty())) {
-            (ServerStore::Postgres(s), Some(url)) => {
-                let fence = Fence {
-                    name: BROKER_OWNERSHIP.to_string(),
-                    token: s.token(),
-                };
+        match self.fenced(url) {
+            Some((s, url, fence)) => {
                 let runs = PostgresRunStore::open(url, s.node_name(), Some(fence))
                     .await
                     .context("opening the run store in PostgreSQL (--store)")?;
                 Ok(Arc::new(runs))
             }
-            _ => Ok(Arc::new(
+            None => Ok(Arc::new(
                 pubrun_jobs::RunStore::open(&data_dir.join("runs.db"))
                     .context("opening the run store")?,
             )),
@@ -105,18 +117,14 @@ impl ServerStore {
         data_dir: &Path,
         url: Option<&str>,
     ) -> anyhow::Result<pubrun_pools::Pools> {
-        let pools = match (self, url.filter(|u| !u.is_empty())) {
-            (ServerStore::Postgres(s), Some(url)) => {
-                let fence = Fence {
-                    name: BROKER_OWNERSHIP.to_string(),
-                    token: s.token(),
-                };
+        let pools = match self.fenced(url) {
+            Some((_, url, fence)) => {
                 let store = PostgresPoolStore::open(url, Some(fence))
                     .await
                     .context("opening the pool store in PostgreSQL (--store)")?;
                 pubrun_pools::Pools::with_store(Arc::new(store)).await
             }
-            _ => pubrun_pools::Pools::open(data_dir).await,
+            None => pubrun_pools::Pools::open(data_dir).await,
         };
         pools
             .map_err(anyhow::Error::msg)
@@ -132,18 +140,14 @@ impl ServerStore {
         data_dir: &Path,
         url: Option<&str>,
     ) -> anyhow::Result<Arc<dyn TriggerStore>> {
-        match (self, url.filter(|u| !u.is_empty())) {
-            (ServerStore::Postgres(s), Some(url)) => {
-                let fence = Fence {
-                    name: BROKER_OWNERSHIP.to_string(),
-                    token: s.token(),
-                };
+        match self.fenced(url) {
+            Some((_, url, fence)) => {
                 let triggers = PostgresTriggerStore::open(url, Some(fence))
                     .await
                     .context("opening the trigger store in PostgreSQL (--store)")?;
                 Ok(Arc::new(triggers))
             }
-            _ => {
+            None => {
                 std::fs::create_dir_all(data_dir)
                     .with_context(|| format!("creating data directory {}", data_dir.display()))?;
                 let path = data_dir.join(pubrun_triggers::DB_FILE);
@@ -166,12 +170,8 @@ impl ServerStore {
         url: Option<&str>,
         broker: Arc<pubrun_broker::Broker>,
     ) -> anyhow::Result<pubrun_buckets::Buckets> {
-        match (self, url.filter(|u| !u.is_empty())) {
-            (ServerStore::Postgres(s), Some(url)) => {
-                let fence = Fence {
-                    name: BROKER_OWNERSHIP.to_string(),
-                    token: s.token(),
-                };
+        match self.fenced(url) {
+            Some((_, url, fence)) => {
                 let store = PostgresBucketStore::open(url, Some(fence))
                     .await
                     .context("opening the bucket store in PostgreSQL (--store)")?;
@@ -179,7 +179,9 @@ impl ServerStore {
                     .await
                     .context("opening bucket storage")
             }
-            _ => pubrun_buckets::Buckets::open(data_dir, broker).context("opening bucket storage"),
+            None => {
+                pubrun_buckets::Buckets::open(data_dir, broker).context("opening bucket storage")
+            }
         }
     }
 

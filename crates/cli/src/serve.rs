@@ -267,15 +267,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let runs = store
         .open_runs(&args.data_dir, args.store.as_deref())
         .await?;
-    let docker: Arc<dyn Executor> = match pubrun_exec::docker::DockerExecutor::connect() {
-        Ok(d) => Arc::new(d),
-        Err(e) => {
-            tracing::warn!(error = %e, "no Docker engine: docker jobs will wait until one answers (restart pubrun then)");
-            Arc::new(pubrun_exec::Unavailable(format!(
-                "docker engine unreachable: {e}"
-            )))
-        }
-    };
+    let docker = docker_or_unavailable(
+        Some("no Docker engine: docker jobs will wait until one answers (restart pubrun then)"),
+        "docker engine unreachable",
+    );
     let executors = Executors {
         process: Arc::new(pubrun_exec::process::ProcessExecutor::new()),
         docker,
@@ -426,12 +421,7 @@ fn builtin_agent(spec: &Option<AgentSpec>, addr: SocketAddr, node: &str) -> anyh
     };
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("creating {}", data_dir.display()))?;
-    let docker: Arc<dyn Executor> = match pubrun_exec::docker::DockerExecutor::connect() {
-        Ok(d) => Arc::new(d),
-        Err(e) => Arc::new(pubrun_exec::Unavailable(format!(
-            "docker engine unreachable on {node}: {e}"
-        ))),
-    };
+    let docker = docker_or_unavailable(None, &format!("docker engine unreachable on {node}"));
     let cfg = pubrun_pools::agent::AgentConfig {
         server: format!("http://{host}"),
         pool: pool.clone(),
@@ -476,5 +466,19 @@ pub(crate) async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
+    }
+}
+
+/// The Docker executor; without an engine, one that fails each docker run
+/// with `unreachable` and the engine's error (logging `warning` first).
+pub(crate) fn docker_or_unavailable(warning: Option<&str>, unreachable: &str) -> Arc<dyn Executor> {
+    match pubrun_exec::docker::DockerExecutor::connect() {
+        Ok(d) => Arc::new(d),
+        Err(e) => {
+            if let Some(warning) = warning {
+                tracing::warn!(error = %e, "{warning}");
+            }
+            Arc::new(pubrun_exec::Unavailable(format!("{unreachable}: {e}")))
+        }
     }
 }

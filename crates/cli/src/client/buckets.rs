@@ -28,19 +28,14 @@ pub async fn buckets(cmd: BucketsCommand) -> Result<()> {
                     None,
                 )
                 .await?;
-            if conn.json {
-                return output::json(&resp);
-            }
-            let items = resp
-                .get("items")
-                .and_then(Value::as_array)
-                .cloned()
-                .unwrap_or_default();
-            let rows: Vec<Vec<String>> = items
-                .iter()
-                .map(|b| vec![s(b, "name"), s(b, "location"), s(b, "timeCreated")])
-                .collect();
-            output::out(&output::table(&["NAME", "LOCATION", "CREATED"], &rows))
+            output::list(
+                conn.json,
+                &resp,
+                output::items(&resp, "items"),
+                None,
+                &["NAME", "LOCATION", "CREATED"],
+                |b| vec![s(b, "name"), s(b, "location"), s(b, "timeCreated")],
+            )
         }
         BucketsCommand::Create { name, conn } => {
             let api = Api::new(&conn)?;
@@ -92,50 +87,41 @@ pub async fn objects(cmd: ObjectsCommand) -> Result<()> {
             };
             let api = Api::new(&conn)?;
             let items = super::objects::list(&api, &bucket, &prefix).await?;
-            if conn.json {
-                return output::json(&json!({ "items": items }));
-            }
-            let rows: Vec<Vec<String>> = items
-                .iter()
-                .map(|o| {
+            output::list(
+                conn.json,
+                &json!({ "items": items }),
+                &items,
+                None,
+                &["NAME", "SIZE", "GENERATION", "UPDATED"],
+                |o| {
                     vec![
                         s(o, "name"),
                         s(o, "size"),
                         s(o, "generation"),
                         s(o, "updated"),
                     ]
-                })
-                .collect();
-            output::out(&output::table(
-                &["NAME", "SIZE", "GENERATION", "UPDATED"],
-                &rows,
-            ))
+                },
+            )
         }
         ObjectsCommand::Transfer(cmd) => super::objects::run(cmd).await,
     }
 }
 
 pub async fn webhooks(conn: ConnArgs) -> Result<()> {
-    let api = Api::new(&conn)?;
-    let resp = api.get("/api/v1/webhooks").await?;
-    if conn.json {
-        return output::json(&resp);
-    }
-    let list = resp
-        .get("webhooks")
-        .and_then(Value::as_array)
-        .cloned()
-        .unwrap_or_default();
-    let rows: Vec<Vec<String>> = list
-        .iter()
-        .map(|w| {
+    output::get_list(
+        &conn,
+        "/api/v1/webhooks",
+        "webhooks",
+        None,
+        &["NAME", "PATH", "AUTH", "TOPIC"],
+        |w| {
             vec![
                 s(w, "name"),
                 format!("/hooks/{}", s(w, "name")),
                 s(w, "auth"),
                 s(w, "topic"),
             ]
-        })
-        .collect();
-    output::out(&output::table(&["NAME", "PATH", "AUTH", "TOPIC"], &rows))
+        },
+    )
+    .await
 }

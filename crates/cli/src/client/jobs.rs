@@ -106,16 +106,9 @@ fn destructive_changes(plan: &Value) -> usize {
 
 /// The plan, then one `warning:` line per server warning.
 fn render_plan_with_warnings(resp: &Value, applied: bool) -> String {
-    let changes: &[Value] = resp
-        .get("changes")
-        .and_then(Value::as_array)
-        .map_or(&[], Vec::as_slice);
+    let changes = output::items(resp, "changes");
     let mut s = render_plan(changes, applied);
-    for w in resp
-        .get("warnings")
-        .and_then(Value::as_array)
-        .map_or(&[][..], Vec::as_slice)
-    {
+    for w in output::items(resp, "warnings") {
         if let Some(w) = w.as_str() {
             s.push_str(&format!("warning: {w}\n"));
         }
@@ -196,24 +189,13 @@ pub fn render_plan(changes: &[Value], applied: bool) -> String {
 pub async fn jobs(cmd: JobsCommand) -> Result<()> {
     match cmd {
         JobsCommand::List { conn } => {
-            let api = Api::new(&conn)?;
-            let resp = api.get("/api/v1/jobs").await?;
-            if conn.json {
-                return output::json(&resp);
-            }
-            let jobs: &[Value] = resp
-                .get("jobs")
-                .and_then(Value::as_array)
-                .map_or(&[], Vec::as_slice);
-            if jobs.is_empty() {
-                eprintln!(
-                    "no jobs: declare them in a manifest and run `pubrun apply -f pubrun.toml`"
-                );
-                return Ok(());
-            }
-            let rows: Vec<Vec<String>> = jobs
-                .iter()
-                .map(|j| {
+            output::get_list(
+                &conn,
+                "/api/v1/jobs",
+                "jobs",
+                Some("no jobs: declare them in a manifest and run `pubrun apply -f pubrun.toml`"),
+                &["JOB", "TOPIC", "RUNS", "CONCURRENCY", "TIMEOUT", "ATTEMPTS"],
+                |j| {
                     vec![
                         str_of(j, "name"),
                         names::short(&str_of(j, "topic"), &conn.project, "topics").to_string(),
@@ -227,12 +209,9 @@ pub async fn jobs(cmd: JobsCommand) -> Result<()> {
                             .map(output::display)
                             .unwrap_or("-".into()),
                     ]
-                })
-                .collect();
-            output::out(&output::table(
-                &["JOB", "TOPIC", "RUNS", "CONCURRENCY", "TIMEOUT", "ATTEMPTS"],
-                &rows,
-            ))
+                },
+            )
+            .await
         }
         JobsCommand::Show { name, conn } => {
             let api = Api::new(&conn)?;

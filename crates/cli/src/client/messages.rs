@@ -73,10 +73,7 @@ pub async fn pull(args: PullArgs) -> Result<()> {
             &json!({ "maxMessages": args.max, "returnImmediately": true }),
         )
         .await?;
-    let received: &[Value] = resp
-        .get("receivedMessages")
-        .and_then(Value::as_array)
-        .map_or(&[], Vec::as_slice);
+    let received = output::items(&resp, "receivedMessages");
     let ack_ids: Vec<&str> = received
         .iter()
         .filter_map(|r| r.get("ackId").and_then(Value::as_str))

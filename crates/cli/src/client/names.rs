@@ -6,29 +6,46 @@ use pubrun_core::{ProjectName, SubscriptionName, TopicName};
 
 /// `orders` (in `project`) or `projects/P/topics/orders`.
 pub fn topic(project: &str, arg: &str) -> Result<TopicName> {
-    let parsed = if arg.starts_with("projects/") {
-        TopicName::parse(arg)
-    } else if arg.contains('/') {
-        return Err(anyhow!(
-            "invalid topic \"{arg}\": expected a topic id like `orders` or a full name projects/PROJECT/topics/ID"
-        ));
-    } else {
-        ProjectName::from_id(project).and_then(|p| TopicName::new(p, arg))
-    };
-    parsed.map_err(|e| anyhow!("{}", e.message))
+    resource(
+        project,
+        arg,
+        "topic",
+        "orders",
+        TopicName::parse,
+        TopicName::new,
+    )
 }
 
 /// `workers` (in `project`) or `projects/P/subscriptions/workers`.
 pub fn subscription(project: &str, arg: &str) -> Result<SubscriptionName> {
+    resource(
+        project,
+        arg,
+        "subscription",
+        "workers",
+        SubscriptionName::parse,
+        SubscriptionName::new,
+    )
+}
+
+/// What the user typed for a `kind` (`topic`, …: its collection is `kinds`):
+/// a full name is parsed as one, an id is taken in `project`.
+pub fn resource<N>(
+    project: &str,
+    arg: &str,
+    kind: &str,
+    example: &str,
+    parse: fn(&str) -> pubrun_core::Result<N>,
+    new: fn(ProjectName, &str) -> pubrun_core::Result<N>,
+) -> Result<N> {
     let parsed = if arg.starts_with("projects/") {
-        SubscriptionName::parse(arg)
+        parse(arg)
     } else if arg.contains('/') {
         return Err(anyhow!(
-            "invalid subscription \"{arg}\": expected a subscription id like `workers` or a full name \
-             projects/PROJECT/subscriptions/ID"
+            "invalid {kind} \"{arg}\": expected a {kind} id like `{example}` or a full name projects/PROJECT/{kind}s/ID"
         ));
     } else {
-        ProjectName::from_id(project).and_then(|p| SubscriptionName::new(p, arg))
+        ProjectName::from_id(project).and_then(|p| new(p, arg))
     };
     parsed.map_err(|e| anyhow!("{}", e.message))
 }

@@ -6,6 +6,9 @@ use std::io::Write;
 use anyhow::Result;
 use serde_json::Value;
 
+use super::api::Api;
+use super::args::ConnArgs;
+
 /// Writes `text` to stdout as is.
 pub fn out(text: &str) -> Result<()> {
     let mut stdout = std::io::stdout().lock();
@@ -23,6 +26,49 @@ pub fn json(v: &Value) -> Result<()> {
     let mut s = serde_json::to_string_pretty(v)?;
     s.push('\n');
     out(&s)
+}
+
+/// The array at `key` of a server reply (none when it is missing).
+pub fn items<'a>(resp: &'a Value, key: &str) -> &'a [Value] {
+    resp.get(key)
+        .and_then(Value::as_array)
+        .map_or(&[], Vec::as_slice)
+}
+
+/// What every list command prints: with `--json` (`as_json`) the reply
+/// `whole`; else, when there are no `items` and an `empty` note is given,
+/// that note on stderr; else a table of `headers` with `row` per item.
+pub fn list(
+    as_json: bool,
+    whole: &Value,
+    items: &[Value],
+    empty: Option<&str>,
+    headers: &[&str],
+    row: impl FnMut(&Value) -> Vec<String>,
+) -> Result<()> {
+    if as_json {
+        return json(whole);
+    }
+    if let (true, Some(note)) = (items.is_empty(), empty) {
+        eprintln!("{note}");
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = items.iter().map(row).collect();
+    out(&table(headers, &rows))
+}
+
+/// [`list`] of the array `key` in the reply to `GET path` (a list of
+/// pubrun's own API, whose whole reply is what `--json` prints).
+pub async fn get_list(
+    conn: &ConnArgs,
+    path: &str,
+    key: &str,
+    empty: Option<&str>,
+    headers: &[&str],
+    row: impl FnMut(&Value) -> Vec<String>,
+) -> Result<()> {
+    let resp = Api::new(conn)?.get(path).await?;
+    list(conn.json, &resp, items(&resp, key), empty, headers, row)
 }
 
 /// Writes raw bytes to stdout and flushes. Returns `false` when stdout is a

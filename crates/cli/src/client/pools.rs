@@ -152,12 +152,6 @@ pub async fn agents(args: AgentsArgs) -> Result<()> {
     }
 }
 
-fn list_of<'a>(resp: &'a Value, key: &str) -> &'a [Value] {
-    resp.get(key)
-        .and_then(Value::as_array)
-        .map_or(&[], Vec::as_slice)
-}
-
 fn text(v: &Value, key: &str) -> String {
     match v.get(key) {
         Some(Value::String(s)) if !s.is_empty() => s.clone(),
@@ -181,20 +175,15 @@ fn not_found(e: anyhow::Error, what: &str, name: &str, list: &str) -> anyhow::Er
 }
 
 async fn list_pools(conn: &ConnArgs) -> Result<()> {
-    let resp = Api::new(conn)?.get("/api/v1/pools").await?;
-    if conn.json {
-        return output::json(&resp);
-    }
-    let pools = list_of(&resp, "pools");
-    if pools.is_empty() {
-        eprintln!("no pools (declare [[pool]] tables in the manifest and `pubrun apply`)");
-        return Ok(());
-    }
-    let rows: Vec<Vec<String>> = pools.iter().map(pool_row).collect();
-    output::out(&output::table(
+    output::get_list(
+        conn,
+        "/api/v1/pools",
+        "pools",
+        Some("no pools (declare [[pool]] tables in the manifest and `pubrun apply`)"),
         &["NAME", "PROVIDER", "UP", "MIN", "MAX", "WAITING", "PRICE/H"],
-        &rows,
-    ))
+        pool_row,
+    )
+    .await
 }
 
 fn pool_row(p: &Value) -> Vec<String> {
@@ -247,17 +236,15 @@ async fn token(name: &str, conn: &ConnArgs) -> Result<()> {
 }
 
 async fn list_machines(conn: &ConnArgs) -> Result<()> {
-    let resp = Api::new(conn)?.get("/api/v1/machines").await?;
-    if conn.json {
-        return output::json(&resp);
-    }
-    let machines = list_of(&resp, "machines");
-    if machines.is_empty() {
-        eprintln!("no machines (agents that join a pool and machines a pool starts show up here)");
-        return Ok(());
-    }
-    let rows: Vec<Vec<String>> = machines.iter().map(machine_row).collect();
-    output::out(&output::table(&MACHINE_HEADERS, &rows))
+    output::get_list(
+        conn,
+        "/api/v1/machines",
+        "machines",
+        Some("no machines (agents that join a pool and machines a pool starts show up here)"),
+        &MACHINE_HEADERS,
+        machine_row,
+    )
+    .await
 }
 
 const MACHINE_HEADERS: [&str; 8] = [
@@ -302,7 +289,7 @@ async fn machine_action(name: &str, action: &str, conn: &ConnArgs) -> Result<()>
     eprintln!("machine {name} {what}");
     // The answer has no run count; the list has (best effort).
     let listed = match api.get("/api/v1/machines").await {
-        Ok(all) => list_of(&all, "machines")
+        Ok(all) => output::items(&all, "machines")
             .iter()
             .find(|m| m.get("name").and_then(Value::as_str) == Some(name))
             .cloned(),
@@ -313,19 +300,22 @@ async fn machine_action(name: &str, action: &str, conn: &ConnArgs) -> Result<()>
 }
 
 async fn list_agents(conn: &ConnArgs) -> Result<()> {
-    let resp = Api::new(conn)?.get("/api/v1/agents").await?;
-    if conn.json {
-        return output::json(&resp);
-    }
-    let agents = list_of(&resp, "agents");
-    if agents.is_empty() {
-        eprintln!("no agents connected (start one with `pubrun agent --server URL --pool POOL --token T`)");
-        return Ok(());
-    }
     let now = now_ms();
-    let rows: Vec<Vec<String>> = agents
-        .iter()
-        .map(|a| {
+    output::get_list(
+        conn,
+        "/api/v1/agents",
+        "agents",
+        Some("no agents connected (start one with `pubrun agent --server URL --pool POOL --token T`)"),
+        &[
+            "NAME",
+            "POOL",
+            "SLOTS",
+            "RUNS",
+            "LAST SEEN",
+            "VERSION",
+            "LABELS",
+        ],
+        |a| {
             let seen = a.get("last_seen_ms").and_then(Value::as_i64).map_or_else(
                 || "-".into(),
                 |t| format!("{} ago", output::duration_ms(now - t)),
@@ -340,20 +330,8 @@ async fn list_agents(conn: &ConnArgs) -> Result<()> {
                 a.get("labels")
                     .map_or_else(|| "-".into(), output::map_pairs),
             ]
-        })
-        .collect();
-    output::out(&output::table(
-        &[
-            "NAME",
-            "POOL",
-            "SLOTS",
-            "RUNS",
-            "LAST SEEN",
-            "VERSION",
-            "LABELS",
-        ],
-        &rows,
-    ))
+        },
+    ).await
 }
 
 pub async fn cost(args: CostArgs) -> Result<()> {
@@ -396,7 +374,7 @@ fn render_cost(resp: &Value, args: &CostArgs) -> String {
     };
     let to = until.map_or_else(|| "now".into(), |t| output::rfc3339_ms(t, false));
     s.push_str(&format!("cost from {from} to {to}\n\n"));
-    let pools = list_of(resp, "pools");
+    let pools = output::items(resp, "pools");
     if pools.is_empty() {
         s.push_str("no machine time in this period\n");
     } else {
@@ -430,7 +408,7 @@ fn render_cost(resp: &Value, args: &CostArgs) -> String {
         money(num(resp, "total_cost"))
     ));
     if args.machines {
-        let machines = list_of(resp, "machines");
+        let machines = output::items(resp, "machines");
         s.push('\n');
         if machines.is_empty() {
             s.push_str("no machines were up in this period\n");
@@ -454,7 +432,7 @@ fn render_cost(resp: &Value, args: &CostArgs) -> String {
         }
     }
     if args.runs {
-        let runs = list_of(resp, "runs");
+        let runs = output::items(resp, "runs");
         s.push('\n');
         if runs.is_empty() {
             s.push_str("no runs on pool machines in this period\n");

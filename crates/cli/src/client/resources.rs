@@ -22,28 +22,14 @@ pub async fn topics(cmd: TopicsCommand) -> Result<()> {
             done(&conn, &resp, &format!("created topic {topic}"))
         }
         TopicsCommand::List { conn } => {
-            let api = Api::new(&conn)?;
-            let topics = api
-                .list_all(&names::project_path(&conn.project, "topics"), "topics")
-                .await?;
-            if conn.json {
-                return output::json(&json!({ "topics": topics }));
-            }
-            if topics.is_empty() {
-                eprintln!("no topics in projects/{}", conn.project);
-                return Ok(());
-            }
-            let rows: Vec<Vec<String>> = topics
-                .iter()
-                .map(|t| {
-                    let name = str_field(t, "name");
-                    vec![
-                        names::short(name, &conn.project, "topics").to_string(),
-                        output::map_pairs(t.get("labels").unwrap_or(&Value::Null)),
-                    ]
-                })
-                .collect();
-            output::out(&output::table(&["TOPIC", "LABELS"], &rows))
+            list_in_project(&conn, "topics", &["TOPIC", "LABELS"], |t| {
+                let name = str_field(t, "name");
+                vec![
+                    names::short(name, &conn.project, "topics").to_string(),
+                    output::map_pairs(t.get("labels").unwrap_or(&Value::Null)),
+                ]
+            })
+            .await
         }
         TopicsCommand::Get { name, conn } => {
             let api = Api::new(&conn)?;
@@ -58,6 +44,29 @@ pub async fn topics(cmd: TopicsCommand) -> Result<()> {
             done(&conn, &resp, &format!("deleted topic {topic}"))
         }
     }
+}
+
+/// Every one of the project's `collection` (Google's paged list) as a table,
+/// or as `{"<collection>": [...]}` with `--json`.
+pub async fn list_in_project(
+    conn: &ConnArgs,
+    collection: &str,
+    headers: &[&str],
+    row: impl FnMut(&Value) -> Vec<String>,
+) -> Result<()> {
+    let api = Api::new(conn)?;
+    let path = names::project_path(&conn.project, collection);
+    let items = api.list_all(&path, collection).await?;
+    let mut whole = Map::new();
+    whole.insert(collection.to_string(), Value::Array(items.clone()));
+    output::list(
+        conn.json,
+        &Value::Object(whole),
+        &items,
+        Some(&format!("no {collection} in projects/{}", conn.project)),
+        headers,
+        row,
+    )
 }
 
 pub async fn subscriptions(cmd: SubscriptionsCommand) -> Result<()> {
@@ -110,36 +119,24 @@ pub async fn subscriptions(cmd: SubscriptionsCommand) -> Result<()> {
             let path = format!("{}/subscriptions", names::topic_path(&topic));
             // Google answers this one with names only.
             let subs = api.list_all(&path, "subscriptions").await?;
-            if conn.json {
-                return output::json(&json!({ "subscriptions": subs }));
-            }
-            if subs.is_empty() {
-                eprintln!("no subscriptions on {topic}");
-                return Ok(());
-            }
-            let rows: Vec<Vec<String>> = subs
-                .iter()
-                .map(|s| {
+            output::list(
+                conn.json,
+                &json!({ "subscriptions": subs }),
+                &subs,
+                Some(&format!("no subscriptions on {topic}")),
+                &["SUBSCRIPTION"],
+                |s| {
                     let name = s.as_str().unwrap_or_else(|| str_field(s, "name"));
                     vec![names::short(name, &conn.project, "subscriptions").to_string()]
-                })
-                .collect();
-            output::out(&output::table(&["SUBSCRIPTION"], &rows))
+                },
+            )
         }
         SubscriptionsCommand::List { topic: None, conn } => {
-            let api = Api::new(&conn)?;
-            let path = names::project_path(&conn.project, "subscriptions");
-            let subs = api.list_all(&path, "subscriptions").await?;
-            if conn.json {
-                return output::json(&json!({ "subscriptions": subs }));
-            }
-            if subs.is_empty() {
-                eprintln!("no subscriptions in projects/{}", conn.project);
-                return Ok(());
-            }
-            let rows: Vec<Vec<String>> = subs
-                .iter()
-                .map(|s| {
+            list_in_project(
+                &conn,
+                "subscriptions",
+                &["SUBSCRIPTION", "TOPIC", "ACK DEADLINE", "LABELS"],
+                |s| {
                     let ack = match s.get("ackDeadlineSeconds") {
                         Some(Value::Number(n)) => format!("{n}s"),
                         Some(Value::String(n)) if !n.is_empty() => format!("{n}s"),
@@ -152,12 +149,9 @@ pub async fn subscriptions(cmd: SubscriptionsCommand) -> Result<()> {
                         ack,
                         output::map_pairs(s.get("labels").unwrap_or(&Value::Null)),
                     ]
-                })
-                .collect();
-            output::out(&output::table(
-                &["SUBSCRIPTION", "TOPIC", "ACK DEADLINE", "LABELS"],
-                &rows,
-            ))
+                },
+            )
+            .await
         }
         SubscriptionsCommand::Get { name, conn } => {
             let api = Api::new(&conn)?;

@@ -47,32 +47,24 @@ async fn list(args: RunsListArgs) -> Result<()> {
         query.push(("limit", l));
     }
     let resp = api.call(Method::GET, "/api/v1/runs", &query, None).await?;
-    if conn.json {
-        return output::json(&resp);
+    let mut empty = String::from("no runs");
+    if let Some(j) = &args.job {
+        empty += &format!(" of job {j}");
     }
-    let runs: &[Value] = resp
-        .get("runs")
-        .and_then(Value::as_array)
-        .map_or(&[], Vec::as_slice);
-    if runs.is_empty() {
-        let mut what = String::from("no runs");
-        if let Some(j) = &args.job {
-            what += &format!(" of job {j}");
-        }
-        if let Some(s) = &args.status {
-            what += &format!(" with status {s}");
-        }
-        eprintln!("{what}");
-        return Ok(());
+    if let Some(s) = &args.status {
+        empty += &format!(" with status {s}");
     }
     let now = now_ms();
-    let rows: Vec<Vec<String>> = runs.iter().map(|r| run_row(r, now)).collect();
-    output::out(&output::table(
+    output::list(
+        conn.json,
+        &resp,
+        output::items(&resp, "runs"),
+        Some(&empty),
         &[
             "ID", "JOB", "STATUS", "ATTEMPT", "EXIT", "STARTED", "DURATION", "MACHINE",
         ],
-        &rows,
-    ))
+        |r| run_row(r, now),
+    )
 }
 
 async fn cancel(id: &str, wait: bool, conn: &ConnArgs) -> Result<()> {
@@ -204,23 +196,15 @@ pub async fn logs(args: LogsArgs) -> Result<()> {
                 if offset == 0 && is_terminal(&status) && status != "succeeded" {
                     // Nothing ran (a template, an input or a machine failed
                     // first): the reason is the whole story.
-                    let resp = api
-                        .get(&run_path(id))
-                        .await
-                        .context("reading why the run ended")?;
-                    let run = resp.get("run").unwrap_or(&Value::Null);
-                    eprintln!("(run {id} left no log: it {})", ended_words(run));
+                    let how = ended(&api, id, "reading why the run ended").await?;
+                    eprintln!("(run {id} left no log: it {how})");
                     return Ok(());
                 }
                 if !args.follow && !is_terminal(&status) {
                     eprintln!("(run {id} is {status}; `pubrun logs {id} --follow` prints the rest as it comes)");
                 } else if args.follow {
-                    let resp = api
-                        .get(&run_path(id))
-                        .await
-                        .context("reading the run's final state")?;
-                    let run = resp.get("run").unwrap_or(&Value::Null);
-                    eprintln!("run {id} {}", ended_words(run));
+                    let how = ended(&api, id, "reading the run's final state").await?;
+                    eprintln!("run {id} {how}");
                 }
             }
             return Ok(());
@@ -372,6 +356,13 @@ fn signal_name(sig: i64) -> String {
         _ => return format!("signal {sig}"),
     };
     name.to_string()
+}
+
+/// How run `id` ended, in words, as the server has it now (`what` says
+/// what the read was for when it fails).
+async fn ended(api: &Api, id: &str, what: &'static str) -> Result<String> {
+    let resp = api.get(&run_path(id)).await.context(what)?;
+    Ok(ended_words(resp.get("run").unwrap_or(&Value::Null)))
 }
 
 /// "succeeded (exit code 0)", "failed: exit code 3", "was cancelled", … for

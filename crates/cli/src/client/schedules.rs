@@ -45,24 +45,17 @@ const HEADERS: [&str; 7] = [
 pub async fn schedules(cmd: SchedulesCommand) -> Result<()> {
     match cmd {
         SchedulesCommand::List { conn } => {
-            let api = Api::new(&conn)?;
-            let resp = api.get("/api/v1/schedules").await?;
-            if conn.json {
-                return output::json(&resp);
-            }
-            let list = resp
-                .get("schedules")
-                .and_then(Value::as_array)
-                .cloned()
-                .unwrap_or_default();
-            if list.is_empty() {
-                eprintln!(
-                    "no schedules (declare [[schedule]] tables in the manifest and `pubrun apply`)"
-                );
-                return Ok(());
-            }
-            let rows: Vec<Vec<String>> = list.iter().map(row).collect();
-            output::out(&output::table(&HEADERS, &rows))
+            output::get_list(
+                &conn,
+                "/api/v1/schedules",
+                "schedules",
+                Some(
+                    "no schedules (declare [[schedule]] tables in the manifest and `pubrun apply`)",
+                ),
+                &HEADERS,
+                row,
+            )
+            .await
         }
         SchedulesCommand::Pause { name, conn } => change(&name, "pause", &conn).await,
         SchedulesCommand::Resume { name, conn } => change(&name, "resume", &conn).await,

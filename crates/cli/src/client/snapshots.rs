@@ -1,14 +1,13 @@
 //! `pubrun snapshots …` and `pubrun subscriptions seek …` over Google's
 //! REST v1 (`/v1/projects/P/snapshots/S`, `/v1/…/subscriptions/S:seek`).
 
-use anyhow::{anyhow, Result};
+use anyhow::Result;
 use pubrun_core::names::SnapshotName;
-use pubrun_core::ProjectName;
 use serde_json::{json, Map, Value};
 
 use super::api::Api;
 use super::args::{parse_key_value, ConnArgs};
-use super::resources::string_map;
+use super::resources::{list_in_project, string_map};
 use super::{names, output};
 
 #[derive(clap::Subcommand)]
@@ -69,16 +68,14 @@ pub struct SeekArgs {
 
 /// `nightly` (in `project`) or `projects/P/snapshots/nightly`.
 fn snapshot(project: &str, arg: &str) -> Result<SnapshotName> {
-    let parsed = if arg.starts_with("projects/") {
-        SnapshotName::parse(arg)
-    } else if arg.contains('/') {
-        return Err(anyhow!(
-            "invalid snapshot \"{arg}\": expected a snapshot id like `nightly` or a full name projects/PROJECT/snapshots/ID"
-        ));
-    } else {
-        ProjectName::from_id(project).and_then(|p| SnapshotName::new(p, arg))
-    };
-    parsed.map_err(|e| anyhow!("{}", e.message))
+    names::resource(
+        project,
+        arg,
+        "snapshot",
+        "nightly",
+        SnapshotName::parse,
+        SnapshotName::new,
+    )
 }
 
 fn snapshot_path(s: &SnapshotName) -> String {
@@ -131,31 +128,20 @@ pub async fn snapshots(cmd: SnapshotsCommand) -> Result<()> {
             )
         }
         SnapshotsCommand::List { conn } => {
-            let api = Api::new(&conn)?;
-            let path = names::project_path(&conn.project, "snapshots");
-            let snaps = api.list_all(&path, "snapshots").await?;
-            if conn.json {
-                return output::json(&json!({ "snapshots": snaps }));
-            }
-            if snaps.is_empty() {
-                eprintln!("no snapshots in projects/{}", conn.project);
-                return Ok(());
-            }
-            let rows: Vec<Vec<String>> = snaps
-                .iter()
-                .map(|s| {
+            list_in_project(
+                &conn,
+                "snapshots",
+                &["SNAPSHOT", "TOPIC", "EXPIRES", "LABELS"],
+                |s| {
                     vec![
                         names::short(&text(s, "name"), &conn.project, "snapshots").to_string(),
                         names::short(&text(s, "topic"), &conn.project, "topics").to_string(),
                         text(s, "expireTime"),
                         output::map_pairs(s.get("labels").unwrap_or(&Value::Null)),
                     ]
-                })
-                .collect();
-            output::out(&output::table(
-                &["SNAPSHOT", "TOPIC", "EXPIRES", "LABELS"],
-                &rows,
-            ))
+                },
+            )
+            .await
         }
         SnapshotsCommand::Get { name, conn } => {
             let api = Api::new(&conn)?;

@@ -101,23 +101,7 @@ fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     p
 }
 
-const DEMO: &str = r#"
-project = "demo"
-[[topic]]
-name = "imports"
-[[subscription]]
-name = "imports-watch"
-topic = "imports"
-[[schedule]]
-name = "every-minute"
-cron = "* * * * *"
-topic = "imports"
-data = "tick"
-[[webhook]]
-name = "start-import"
-topic = "imports"
-bearer_secret_env = "APPLY_TEST_HOOK_TOKEN"
-"#;
+const DEMO: &str = include_str!("manifests/apply-restart-demo.toml");
 
 const SUB: &str = "projects/demo/subscriptions/imports-watch";
 

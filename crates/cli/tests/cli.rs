@@ -135,9 +135,7 @@ fn create_publish_pull_ack_list_and_delete() {
     assert!(pulled.is_object(), "{pulled}");
 
     let topics = server.json(&["topics", "list"]);
-    let names: Vec<&str> = topics["topics"]
-        .as_array()
-        .unwrap()
+    let names: Vec<&str> = common::array(&topics, "topics")
         .iter()
         .filter_map(|t| t["name"].as_str())
         .collect();

@@ -19,7 +19,9 @@ use pb::subscriber_client::SubscriberClient;
 use pubrun_store::testing::TempPostgres;
 use tokio::net::{TcpListener, TcpStream};
 
-use common::{answering_node, connect, pull_now, wait_answered_by, Serve, ServeBuilder};
+use common::{
+    answering_node, connect, poll_async, pull_now, wait_answered_by, Serve, ServeBuilder,
+};
 
 const LEASE_TTL: Duration = Duration::from_secs(2);
 const PATIENCE: Duration = Duration::from_secs(90);
@@ -254,26 +256,21 @@ async fn wait_succeeded(
     deadline: Instant,
     all: impl Fn() -> String,
 ) -> serde_json::Value {
-    loop {
-        let run = cli_json(port, &["runs", "show", id], &all)["run"].clone();
-        if run["status"] == "succeeded" {
-            return run;
-        }
-        assert!(
-            !matches!(
-                run["status"].as_str(),
-                Some("failed" | "timed_out" | "cancelled")
-            ),
-            "{run:#}\n{}",
-            all()
-        );
-        assert!(
-            Instant::now() < deadline,
-            "run {id} stuck: {run:#}\n{}",
-            all()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let all = &all;
+    poll_async(
+        deadline.saturating_duration_since(Instant::now()),
+        Duration::from_millis(100),
+        || {
+            let run = cli_json(port, &["runs", "show", id], all)["run"].clone();
+            let status = run["status"].as_str();
+            let failed = matches!(status, Some("failed" | "timed_out" | "cancelled"));
+            assert!(!failed, "{run:#}\n{}", all());
+            let done = status == Some("succeeded");
+            std::future::ready(common::ready_if(done, run))
+        },
+        |run| format!("run {id} stuck: {run:#}\n{}", all()),
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -329,16 +326,7 @@ async fn any_server_answers_any_call() {
     apply(
         c.port,
         dir.path(),
-        r#"project = "cluster"
-
-[[topic]]
-name = "work"
-
-[[job]]
-name = "hello"
-topic = "work"
-process = { command = "sh", args = ["-c", "echo hello from the cluster"] }
-"#,
+        include_str!("manifests/cluster-hello.toml"),
         all,
     );
     let run = cli_json(b.port, &["jobs", "trigger", "hello"], all)["run"].clone();
@@ -360,9 +348,7 @@ process = { command = "sh", args = ["-c", "echo hello from the cluster"] }
     let cluster = cli_json(b.port, &["cluster"], all);
     assert_eq!(cluster["mode"], "cluster", "{cluster:#}");
     assert_eq!(cluster["owner"]["node"], "a", "{cluster:#}");
-    let mut members: Vec<(String, bool)> = cluster["nodes"]
-        .as_array()
-        .unwrap()
+    let mut members: Vec<(String, bool)> = common::array(&cluster, "nodes")
         .iter()
         .map(|n| (n["name"].as_str().unwrap().to_string(), n["owner"] == true))
         .collect();
@@ -398,24 +384,7 @@ async fn kill_9_of_the_owner_under_load_loses_nothing() {
     apply(
         b.port,
         dir.path(),
-        r#"project = "cluster"
-
-[[topic]]
-name = "events"
-
-[[subscription]]
-name = "events-sub"
-topic = "events"
-ack_deadline_seconds = 600
-
-[[topic]]
-name = "work"
-
-[[job]]
-name = "count"
-topic = "work"
-process = { command = "true" }
-"#,
+        include_str!("manifests/cluster-count.toml"),
         || logs(&[&a, &b, &c]),
     );
 
@@ -767,22 +736,7 @@ async fn builtin_agents_spread_runs_over_every_server() {
     apply(
         b.port,
         dir.path(),
-        r#"project = "cluster"
-
-[[pool]]
-name = "workers"
-provider = "agents"
-token_env = "PUBRUN_AGENT_TOKEN"
-
-[[topic]]
-name = "work"
-
-[[job]]
-name = "spread"
-topic = "work"
-pool = "workers"
-process = { command = "sh", args = ["-c", "sleep 0.3; echo done"] }
-"#,
+        include_str!("manifests/cluster-spread.toml"),
         all,
     );
     let ids: Vec<String> = (0..18)
@@ -821,24 +775,7 @@ async fn a_full_agent_gets_the_next_run_as_soon_as_a_slot_frees() {
     apply(
         port,
         dir.path(),
-        r#"project = "cluster"
-
-[[pool]]
-name = "workers"
-provider = "agents"
-token_env = "PUBRUN_AGENT_TOKEN"
-lease_timeout = "60s"
-
-[[topic]]
-name = "work"
-
-[[job]]
-name = "quick"
-topic = "work"
-pool = "workers"
-process = { command = "true" }
-concurrency = 100
-"#,
+        include_str!("manifests/cluster-quick.toml"),
         all,
     );
     let ids: Vec<String> = (0..5)

@@ -16,11 +16,10 @@ use std::time::{Duration, Instant};
 
 use googleapis_tonic_google_pubsub_v1::google::pubsub::v1 as pb;
 use pb::subscriber_client::SubscriberClient;
-use pubrun_store::testing::TempPostgres;
 
 use common::{
-    cluster_node, connect, create_topic_and_subscription, free_port, noise, pull_now,
-    wait_answered_by, Serve,
+    cluster_node, connect, create_topic_and_subscription, free_port, noise, pull_now, read_log,
+    two_nodes, wait_answered_by, Serve,
 };
 
 const TOPIC: &str = "projects/cluster/topics/gcs";
@@ -67,11 +66,8 @@ async fn get_json(http: &reqwest::Client, port: u16, path: &str) -> serde_json::
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn objects_survive_kill_9_of_the_owner_byte_exact() {
-    let pg = TempPostgres::start();
-    let dirs = tempfile::tempdir().unwrap();
-    let (data_a, data_b) = (dirs.path().join("a"), dirs.path().join("b"));
-    let (log_a, log_b) = (dirs.path().join("a.log"), dirs.path().join("b.log"));
-    let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
+    let (pg, _dirs, (data_a, data_b), (log_a, log_b)) = two_nodes();
+    let read = read_log;
     let http = reqwest::Client::new();
 
     let port_a = free_port();
@@ -149,9 +145,7 @@ async fn objects_survive_kill_9_of_the_owner_byte_exact() {
     let r = get_json(&http, port_b, "/storage/v1/b/bkt").await;
     assert_eq!(r["labels"]["team"], "ml");
     let list = get_json(&http, port_b, "/storage/v1/b/bkt/o").await;
-    let names: Vec<&str> = list["items"]
-        .as_array()
-        .unwrap()
+    let names: Vec<&str> = common::array(&list, "items")
         .iter()
         .map(|o| o["name"].as_str().unwrap())
         .collect();

@@ -18,33 +18,15 @@ use std::time::{Duration, Instant};
 
 use googleapis_tonic_google_pubsub_v1::google::pubsub::v1 as pb;
 use pb::subscriber_client::SubscriberClient;
-use pubrun_store::testing::TempPostgres;
 
-use common::{cluster_node, connect, free_port, wait_answered_by, wait_standby, Serve};
+use common::{
+    cluster_node, connect, free_port, read_log, two_nodes, wait_answered_by, wait_standby, Serve,
+};
 
 const LEASE_TTL: Duration = Duration::from_secs(2);
 const SUB: &str = "projects/cluster/subscriptions/ticks-sub";
 
-const MANIFEST: &str = r#"project = "cluster"
-
-[[topic]]
-name = "ticks"
-
-[[subscription]]
-name = "ticks-sub"
-topic = "ticks"
-ack_deadline_seconds = 600
-
-[[schedule]]
-name = "every-minute"
-cron = "* * * * *"
-topic = "ticks"
-data = "tick"
-
-[[webhook]]
-name = "deploy"
-topic = "ticks"
-"#;
+const MANIFEST: &str = include_str!("manifests/cluster-triggers.toml");
 
 fn start(
     url: &str,
@@ -112,11 +94,8 @@ fn post_hook(port: u16, name: &str, body: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn schedules_and_webhooks_fail_over_and_no_tick_fires_twice() {
-    let pg = TempPostgres::start();
-    let dirs = tempfile::tempdir().unwrap();
-    let (data_a, data_b) = (dirs.path().join("a"), dirs.path().join("b"));
-    let (log_a, log_b) = (dirs.path().join("a.log"), dirs.path().join("b.log"));
-    let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
+    let (pg, dirs, (data_a, data_b), (log_a, log_b)) = two_nodes();
+    let read = read_log;
     let config = dirs.path().join("pubrun.toml");
     std::fs::write(&config, MANIFEST).unwrap();
 

@@ -18,7 +18,7 @@ use axum::extract::{Form, State};
 use axum::http::StatusCode;
 use axum::routing::post;
 use axum::{Json, Router};
-use common::{free_port, Serve, ServeBuilder};
+use common::{fill, free_port, Serve, ServeBuilder};
 use pubrun_testkit::rsa_key;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -170,22 +170,7 @@ fn start_serve(dir: &Path, port: u16, config: &str, token: Option<&str>) -> Serv
 }
 
 fn google_manifest() -> &'static str {
-    r#"project = "theirs"
-[[topic]]
-name = "uploads"
-[[topic]]
-name = "results"
-[[subscription]]
-name = "uploads-sub"
-topic = "uploads"
-ack_deadline_seconds = 10
-[[subscription]]
-name = "results-sub"
-topic = "results"
-[[bucket]]
-name = "their-bucket"
-notifications = [{ topic = "uploads", event_types = ["OBJECT_FINALIZE"], object_name_prefix = "in/" }]
-"#
+    include_str!("manifests/connections-google.toml")
 }
 
 fn local_manifest(key: &Path, google: u16) -> String {
@@ -198,26 +183,13 @@ fn local_manifest(key: &Path, google: u16) -> String {
 
 /// The local manifest whose job runs `script` (after the input is staged).
 fn local_manifest_with(key: &Path, google: u16, script: &str) -> String {
-    format!(
-        r#"project = "ours"
-[[connection]]
-name = "gcp"
-project = "theirs"
-credentials_file = "{key}"
-pubsub_endpoint = "http://127.0.0.1:{google}"
-storage_endpoint = "http://127.0.0.1:{google}"
-
-[[job]]
-name = "count-bytes"
-connection = "gcp"
-subscription = "projects/theirs/subscriptions/uploads-sub"
-result_topic = "projects/theirs/topics/results"
-process = {{ command = "sh", args = ["-c", {script:?}] }}
-inputs = [{{ from = "trigger", to = "in/" }}]
-outputs = [{{ from = "out/", to = "gs://their-bucket/results/{{{{ run.id }}}}/" }}]
-"#,
-        key = key.display(),
-        script = script,
+    fill(
+        include_str!("manifests/connections-ours.toml"),
+        &[
+            ("key", &key.display()),
+            ("google", &google),
+            ("script", &format!("{script:?}")),
+        ],
     )
 }
 
@@ -240,7 +212,7 @@ struct Google {
 
 impl Google {
     async fn upload(&self, name: &str, data: &[u8]) {
-        let r = self
+        let req = self
             .http
             .post(format!(
                 "{}/upload/storage/v1/b/their-bucket/o?uploadType=media&name={name}",
@@ -248,16 +220,8 @@ impl Google {
             ))
             .bearer_auth(T2)
             .header("content-type", "application/octet-stream")
-            .body(data.to_vec())
-            .send()
-            .await
-            .unwrap();
-        assert!(
-            r.status().is_success(),
-            "upload: {} {}",
-            r.status(),
-            r.text().await.unwrap()
-        );
+            .body(data.to_vec());
+        common::ok_json(req, "upload").await;
     }
 
     async fn download(&self, name: &str) -> Option<Vec<u8>> {
@@ -343,18 +307,16 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
 {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}\n{}",
-            log()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    common::poll_async(
+        PATIENCE,
+        Duration::from_millis(100),
+        || {
+            let next = f();
+            async move { next.await.ok_or(()) }
+        },
+        |()| format!("timed out waiting for {what}\n{}", log()),
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -46,34 +46,20 @@ impl Serve {
             "data": base64::engine::general_purpose::STANDARD.encode(data),
             "attributes": attributes,
         }]});
-        let r = reqwest::Client::new()
+        let req = reqwest::Client::new()
             .post(self.url(&format!("/v1/projects/demo/topics/{topic}:publish")))
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        assert!(
-            r.status().is_success(),
-            "publish: {}",
-            r.text().await.unwrap()
-        );
+            .json(&body);
+        common::ok_json(req, "publish").await;
     }
 
     /// Uploads an object through the Cloud Storage JSON API.
     async fn upload(&self, bucket: &str, name: &str, body: &'static str) {
-        let r = reqwest::Client::new()
+        let req = reqwest::Client::new()
             .post(self.url(&format!("/upload/storage/v1/b/{bucket}/o")))
             .query(&[("uploadType", "media"), ("name", name)])
             .header("content-type", "text/plain")
-            .body(body)
-            .send()
-            .await
-            .unwrap();
-        assert!(
-            r.status().is_success(),
-            "upload: {}",
-            r.text().await.unwrap()
-        );
+            .body(body);
+        common::ok_json(req, "upload").await;
     }
 
     async fn run_status(&self, id: &str) -> String {
@@ -282,35 +268,7 @@ fn xpath_literal(s: &str) -> String {
     }
 }
 
-const JOBS: &str = r#"
-project = "demo"
-
-[[topic]]
-name = "work"
-[[topic]]
-name = "slow"
-
-[[job]]
-name = "hello"
-topic = "work"
-process = { command = "sh", args = ["-c", "echo hello-from-job-{{ attributes.n }}; echo '<b id=injected>log markup</b>'; sleep 2"] }
-
-[[job]]
-name = "slow"
-topic = "slow"
-process = { command = "sh", args = ["-c", "echo slow-started; exec sleep 600"] }
-grace_period = "2s"
-
-[[bucket]]
-name = "files"
-
-[[schedule]]
-name = "hourly"
-cron = "0 * * * *"
-topic = "work"
-data = "tick"
-attributes = { n = "from-schedule" }
-"#;
+const JOBS: &str = include_str!("manifests/dashboard-jobs.toml");
 
 // ------------------------------------------------------------------ tests
 
@@ -581,23 +539,7 @@ async fn forged_posts_are_refused() {
     assert_eq!(v["schedule"]["paused"], json!(true), "{v}");
 }
 
-const POOL: &str = r#"
-project = "demo"
-
-[[topic]]
-name = "remote"
-
-[[job]]
-name = "remote"
-topic = "remote"
-pool = "boxes"
-process = { command = "sh", args = ["-c", "echo ran-on-box"] }
-
-[[pool]]
-name = "boxes"
-provider = "agents"
-price_per_hour = 0.5
-"#;
+const POOL: &str = include_str!("manifests/dashboard-pool.toml");
 
 impl Serve {
     /// Starts `pubrun agent NAME` in pool `pool`, with the pool's token.
@@ -680,62 +622,7 @@ async fn cordon_and_drain_from_the_pools_page() {
 
 // ------------------------------------------------------------ screenshots
 
-const DEMO: &str = r#"
-project = "demo"
-
-[[topic]]
-name = "uploads"
-[[topic]]
-name = "results"
-[[topic]]
-name = "imports"
-[[topic]]
-name = "reports"
-
-[[subscription]]
-name = "audit"
-topic = "uploads"
-
-[[job]]
-name = "thumbnail"
-topic = "uploads"
-process = { command = "sh", args = ["-c", "echo resizing {{ attributes.name }} to 128px; echo wrote out/{{ attributes.name }}"] }
-result_topic = "results"
-outputs = [{ from = "out/", to = "gs://output/thumbs/{{ run.id }}/" }]
-
-[[job]]
-name = "import"
-topic = "imports"
-process = { command = "sh", args = ["-c", "echo reading rows; echo 'row 17: bad date' >&2; exit 3"] }
-retries = { max_attempts = 1 }
-
-[[job]]
-name = "report"
-topic = "reports"
-pool = "laptops"
-process = { command = "sh", args = ["-c", "for i in 1 2 3 4 5 6 7 8; do echo \"step $i of 40: aggregating\"; sleep 0.2; done; exec sleep 600"] }
-
-[[bucket]]
-name = "output"
-
-[[schedule]]
-name = "nightly-import"
-cron = "0 3 * * *"
-time_zone = "Europe/Berlin"
-topic = "imports"
-data = '{"full": true}'
-
-[[schedule]]
-name = "weekly-report"
-cron = "0 6 * * 1"
-topic = "reports"
-paused = true
-
-[[pool]]
-name = "laptops"
-provider = "agents"
-price_per_hour = 0.12
-"#;
+const DEMO: &str = include_str!("manifests/dashboard-demo.toml");
 
 /// Renews `docs/screenshots/*.png` when `PUBRUN_SCREENSHOTS` names the
 /// directory; otherwise does nothing.

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{free_port, Cli, Ran, Serve, ServeBuilder};
+use common::{fill, free_port, table_row, Cli, Ran, Serve, ServeBuilder};
 use serde_json::Value;
 
 /// Long enough for a slow CI machine; the happy path takes well under a second.
@@ -22,35 +22,9 @@ const BAD_MANIFEST: &str = "project = \"demo\"\n[[topic]]\nname = \"uploads\"\nb
 /// code given in the data, one that runs for a minute (to cancel), and one
 /// that prints, waits two seconds and prints again (to follow).
 fn manifest(hello_timeout: &str) -> String {
-    format!(
-        r#"project = "demo"
-
-[[topic]]
-name = "uploads"
-
-[[topic]]
-name = "slow"
-
-[[topic]]
-name = "tick"
-
-[[job]]
-name = "hello"
-topic = "uploads"
-process = {{ command = "sh", args = ["-c", "echo hello {{{{ attributes.who }}}}; exit {{{{ data.code }}}}"] }}
-timeout = "{hello_timeout}"
-
-[[job]]
-name = "sleeper"
-topic = "slow"
-process = {{ command = "sh", args = ["-c", "echo started; sleep 60"] }}
-grace_period = "1s"
-
-[[job]]
-name = "ticker"
-topic = "tick"
-process = {{ command = "sh", args = ["-c", "echo one; sleep 2; echo two"] }}
-"#
+    fill(
+        include_str!("manifests/jobs-cli.toml"),
+        &[("hello_timeout", &hello_timeout)],
     )
 }
 
@@ -72,19 +46,17 @@ impl Serve {
 
     /// Polls `pubrun runs show ID` until `pred` holds; returns that run.
     fn wait_run(&self, id: &str, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            let run = self.run_record(id);
-            if pred(&run) {
-                return run;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "run {id} never became {what} within {PATIENCE:?}; last seen: {run:#}\n--- server log ---\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        common::poll(
+            PATIENCE,
+            Duration::from_millis(100),
+            || {
+                let run = self.run_record(id);
+                common::ready_if(pred(&run), run)
+            },
+            |run| {
+                format!("run {id} never became {what} within {PATIENCE:?}; last seen: {run:#}\n--- server log ---\n{}", self.log())
+            },
+        )
     }
 
     fn wait_terminal(&self, id: &str) -> Value {
@@ -191,14 +163,6 @@ fn write(path: &Path, text: &str) -> String {
     path.display().to_string()
 }
 
-/// The data row of a table whose first column is `first`.
-fn row<'a>(table: &'a str, first: &str) -> &'a str {
-    table
-        .lines()
-        .find(|l| l.split_whitespace().next() == Some(first))
-        .unwrap_or_else(|| panic!("no row starting with {first:?} in:\n{table}"))
-}
-
 #[test]
 fn a_published_message_runs_the_job_and_its_log_and_exit_are_shown() {
     let server = start();
@@ -206,12 +170,12 @@ fn a_published_message_runs_the_job_and_its_log_and_exit_are_shown() {
     // Jobs from --config are listed and shown.
     let out = server.ok(&["jobs", "list"]);
     assert!(out.starts_with("JOB "), "{out}");
-    let hello = row(&out, "hello");
+    let hello = table_row(&out, "hello");
     assert!(
         hello.contains("uploads") && hello.contains("process: sh -c"),
         "{out}"
     );
-    row(&out, "sleeper");
+    table_row(&out, "sleeper");
     let jobs = server.json(&["jobs", "list"]);
     assert_eq!(jobs["jobs"].as_array().map(Vec::len), Some(3), "{jobs}");
     let out = server.ok(&["jobs", "show", "hello"]);
@@ -247,7 +211,7 @@ fn a_published_message_runs_the_job_and_its_log_and_exit_are_shown() {
         out.starts_with("ID ") && out.contains("STATUS") && out.contains("DURATION"),
         "{out}"
     );
-    let line = row(&out, &id);
+    let line = table_row(&out, &id);
     assert!(
         line.contains("hello") && line.contains("succeeded") && line.contains("1/1"),
         "{out}"
@@ -316,9 +280,7 @@ fn a_published_message_runs_the_job_and_its_log_and_exit_are_shown() {
     );
     assert!(server.ok(&["logs", &trig]).contains("hello trigger\n"));
     let failed = server.json(&["runs", "--status", "failed"]);
-    let ids: Vec<String> = failed["runs"]
-        .as_array()
-        .unwrap()
+    let ids: Vec<String> = common::array(&failed, "runs")
         .iter()
         .map(|r| r["id"].to_string())
         .collect();
@@ -641,16 +603,7 @@ fn the_plan_warns_about_lost_messages_and_jobs_that_cannot_use_their_pool() {
     let server = start();
     let first = write(
         &server.path("first.toml"),
-        r#"
-project = "warn"
-[[topic]]
-name = "topic-a"
-[[topic]]
-name = "topic-b"
-[[subscription]]
-name = "watch"
-topic = "topic-a"
-"#,
+        include_str!("manifests/jobs-cli-first.toml"),
     );
     server.ok(&["apply", "-f", &first]);
     for i in 0..3 {
@@ -665,27 +618,7 @@ topic = "topic-a"
     // a pool of four machines with the default concurrency of one.
     let second = write(
         &server.path("second.toml"),
-        r#"
-project = "warn"
-[[topic]]
-name = "topic-a"
-[[topic]]
-name = "topic-b"
-[[subscription]]
-name = "watch"
-topic = "topic-b"
-[[pool]]
-name = "fleet"
-provider = "docker"
-image = "pubrun-never-started"
-server_url = "http://127.0.0.1:9"
-max_machines = 4
-[[job]]
-name = "narrow"
-topic = "topic-b"
-pool = "fleet"
-process = { command = "true" }
-"#,
+        include_str!("manifests/jobs-cli-second.toml"),
     );
     let out = server.ok(&["apply", "-f", &second, "--dry-run"]);
     assert!(
@@ -715,21 +648,7 @@ fn logs_end_with_a_newline_and_say_why_a_run_that_never_started_ended() {
     let server = start();
     let m = write(
         &server.path("papercuts.toml"),
-        r#"
-project = "papercuts"
-[[topic]]
-name = "no-newline"
-[[topic]]
-name = "broken"
-[[job]]
-name = "printer"
-topic = "no-newline"
-process = { command = "sh", args = ["-c", "printf partial"] }
-[[job]]
-name = "bad-template"
-topic = "broken"
-process = { command = "echo", args = ["{{ attributes.nope }}"] }
-"#,
+        include_str!("manifests/jobs-cli-papercuts.toml"),
     );
     server.ok(&["apply", "-f", &m]);
     let id = server

@@ -189,13 +189,20 @@ fn crc_b64(data: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode((!crc).to_be_bytes())
 }
 
-#[test]
-fn an_interrupted_large_upload_resumes_where_it_stopped() {
+/// A server with bucket `bkt`, and a temp dir holding `big.bin`: BIG bytes of
+/// noise from `seed`, to upload.
+fn big_upload(seed: u64) -> (Serve, tempfile::TempDir, PathBuf) {
     let s = ServeBuilder::new().start();
     let work = tempfile::tempdir().unwrap();
     s.ok(&["buckets", "create", "bkt"]);
     let src = work.path().join("big.bin");
-    write(&src, &noise(BIG, 9));
+    write(&src, &noise(BIG, seed));
+    (s, work, src)
+}
+
+#[test]
+fn an_interrupted_large_upload_resumes_where_it_stopped() {
+    let (s, work, src) = big_upload(9);
 
     let out = s.cp_big(&src, Some("1"));
     assert_eq!(
@@ -228,11 +235,7 @@ fn an_interrupted_large_upload_resumes_where_it_stopped() {
 
 #[test]
 fn a_vanished_upload_session_starts_over() {
-    let s = ServeBuilder::new().start();
-    let work = tempfile::tempdir().unwrap();
-    s.ok(&["buckets", "create", "bkt"]);
-    let src = work.path().join("big.bin");
-    write(&src, &noise(BIG, 11));
+    let (s, _work, src) = big_upload(11);
     let out = s.cp_big(&src, Some("1"));
     assert_eq!(out.status.code(), Some(3));
 

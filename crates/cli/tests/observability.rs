@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use common::{Serve, ServeBuilder};
+use common::ServeBuilder;
 use prometheus_parse::{Scrape, Value};
 use serde_json::{json, Value as Json};
 
@@ -20,38 +20,10 @@ const DATA_CANARY: &str = "message-data-canary-94d1";
 
 /// `watch` is a subscription nobody pulls (its backlog is what was
 /// published); `work` runs a job that exits with the code in the data.
-const MANIFEST: &str = r#"project = "demo"
-
-[[topic]]
-name = "events"
-
-[[subscription]]
-name = "watch"
-topic = "events"
-
-[[topic]]
-name = "work"
-
-[[job]]
-name = "work"
-topic = "work"
-process = { command = "sh", args = ["-c", "echo working; exit {{ data.code }}"] }
-retries = { max_attempts = 1 }
-secrets = { API_KEY = { env = "OBS_TEST_SECRET" } }
-"#;
+const MANIFEST: &str = include_str!("manifests/observability.toml");
 
 /// The harness's server and one HTTP client for all requests.
-struct Server {
-    serve: Serve,
-    http: reqwest::Client,
-}
-
-impl std::ops::Deref for Server {
-    type Target = Serve;
-    fn deref(&self) -> &Serve {
-        &self.serve
-    }
-}
+type Server = common::HttpServe;
 
 impl Server {
     fn start() -> Server {
@@ -68,22 +40,17 @@ impl Server {
         Server {
             serve,
             http: reqwest::Client::new(),
+            dir: None,
         }
     }
 
     async fn post(&self, path: &str, body: Json) -> Json {
-        let resp = self
+        let req = self
             .http
             .post(self.url(path))
             .bearer_auth(TOKEN)
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        let status = resp.status();
-        let text = resp.text().await.unwrap();
-        assert!(status.is_success(), "POST {path}: {status} {text}");
-        serde_json::from_str(&text).unwrap_or(Json::Null)
+            .json(&body);
+        common::ok_json(req, &format!("POST {path}")).await
     }
 
     async fn publish(&self, topic: &str, messages: Vec<Json>) {
@@ -307,9 +274,7 @@ async fn metrics_match_what_was_done() {
             json!({ "maxMessages": 3, "returnImmediately": false }),
         )
         .await;
-    let ack_ids: Vec<Json> = pulled["receivedMessages"]
-        .as_array()
-        .unwrap()
+    let ack_ids: Vec<Json> = common::array(&pulled, "receivedMessages")
         .iter()
         .map(|r| r["ackId"].clone())
         .collect();

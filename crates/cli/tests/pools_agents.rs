@@ -23,26 +23,7 @@ const PATIENCE: Duration = Duration::from_secs(120);
 const TOKEN: &str = "crew-token-for-tests";
 
 fn manifest() -> String {
-    r#"project = "demo"
-
-[[topic]]
-name = "work"
-
-[[pool]]
-name = "crew"
-provider = "agents"
-token_env = "CREW_TOKEN"
-lease_timeout = "5s"
-price_per_hour = 3.6
-
-[[job]]
-name = "nap"
-topic = "work"
-pool = "crew"
-process = { command = "sh", args = ["-c", "echo begin; sleep {{ data.secs }}; echo end; if [ -n '{{ data.mark }}' ]; then touch '{{ data.mark }}'; fi"] }
-retries = { max_attempts = 1, initial_backoff = "1s", max_backoff = "2s" }
-"#
-    .to_string()
+    include_str!("manifests/pools-agents.toml").to_string()
 }
 
 struct Env {
@@ -299,16 +280,12 @@ fn a_run_executes_on_an_agent_and_a_frozen_agent_loses_it_to_another() {
 
     // Both machines' time is in the cost report, the runs with it.
     let cost = env.get("/api/v1/cost");
-    let crew = cost["pools"]
-        .as_array()
-        .unwrap()
+    let crew = common::array(&cost, "pools")
         .iter()
         .find(|p| p["pool"] == "crew")
         .unwrap_or_else(|| panic!("{cost:#}"));
     assert!(crew["run_seconds"].as_f64().unwrap() > 0.0, "{cost:#}");
-    let run_ids: Vec<String> = cost["runs"]
-        .as_array()
-        .unwrap()
+    let run_ids: Vec<String> = common::array(&cost, "runs")
         .iter()
         .map(|r| r["run_id"].to_string())
         .collect();

@@ -6,32 +6,16 @@
 mod common;
 
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{Serve, ServeBuilder, Server, BIN};
+use common::{table_row, Serve, ServeBuilder, Server, BIN};
 use serde_json::Value;
 
 /// Long enough for a slow, busy CI machine; the happy path takes seconds.
 const PATIENCE: Duration = Duration::from_secs(90);
 
 /// The job sleeps a little so its run has measurable machine time.
-const MANIFEST: &str = r#"project = "demo"
-
-[[topic]]
-name = "work"
-
-[[pool]]
-name = "laptops"
-provider = "agents"
-lease_timeout = "5s"
-price_per_hour = 3.6
-
-[[job]]
-name = "hello"
-topic = "work"
-pool = "laptops"
-process = { command = "sh", args = ["-c", "echo hi from $PUBRUN_JOB; sleep 1"] }
-"#;
+const MANIFEST: &str = include_str!("manifests/pools-cli.toml");
 
 fn start() -> Serve {
     ServeBuilder::new()
@@ -45,20 +29,21 @@ fn start() -> Serve {
 impl Serve {
     /// Polls `pubrun ARGS --json` until `pred` holds; returns that answer.
     fn wait_json(&self, args: &[&str], what: &str, pred: impl Fn(&Value) -> bool) -> Value {
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            let v = self.json(args);
-            if pred(&v) {
-                return v;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{what} did not happen within {PATIENCE:?}; last `pubrun {}`: {v:#}\n{}",
-                args.join(" "),
-                self.logs()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        common::poll(
+            PATIENCE,
+            Duration::from_millis(100),
+            || {
+                let v = self.json(args);
+                common::ready_if(pred(&v), v)
+            },
+            |v| {
+                let args = args.join(" ");
+                format!(
+                    "{what} did not happen within {PATIENCE:?}; last `pubrun {args}`: {v:#}\n{}",
+                    self.logs()
+                )
+            },
+        )
     }
 }
 
@@ -68,14 +53,6 @@ fn find<'a>(v: &'a Value, key: &str, field: &str, name: &str) -> Option<&'a Valu
         .as_array()?
         .iter()
         .find(|e| e[field].as_str() == Some(name))
-}
-
-/// The line of a human table that starts with `first` (its first column).
-fn line_of<'a>(table: &'a str, first: &str) -> &'a str {
-    table
-        .lines()
-        .find(|l| l.split_whitespace().next() == Some(first))
-        .unwrap_or_else(|| panic!("no row {first} in:\n{table}"))
 }
 
 #[test]
@@ -91,7 +68,7 @@ fn agent_joins_runs_a_job_and_is_cordoned_and_costed() {
     assert_eq!(laptops["price_per_hour"], 3.6, "{laptops:#}");
     let table = s.ok(&["pools"]);
     assert!(table.starts_with("NAME "), "{table}");
-    let row: Vec<&str> = line_of(&table, "laptops").split_whitespace().collect();
+    let row: Vec<&str> = table_row(&table, "laptops").split_whitespace().collect();
     assert_eq!(
         row,
         ["laptops", "agents", "0", "-", "-", "0", "3.60"],
@@ -154,7 +131,7 @@ fn agent_joins_runs_a_job_and_is_cordoned_and_costed() {
     assert_eq!(a["pool"], "laptops", "{a:#}");
     assert_eq!(a["slots"], 1, "{a:#}");
     let table = s.ok(&["agents"]);
-    let row = line_of(&table, "laptop-1");
+    let row = table_row(&table, "laptop-1");
     assert!(
         row.contains("laptops") && row.contains("site=test"),
         "{table}"
@@ -186,7 +163,7 @@ fn agent_joins_runs_a_job_and_is_cordoned_and_costed() {
         "{m:#}"
     );
     let table = s.ok(&["machines"]);
-    let row: Vec<&str> = line_of(&table, "laptop-1").split_whitespace().collect();
+    let row: Vec<&str> = table_row(&table, "laptop-1").split_whitespace().collect();
     assert_eq!(row[1], "laptops", "{table}");
     assert_eq!(row[5], "no", "cordoned column: {table}");
     let pools = s.json(&["pools"]);
@@ -196,32 +173,26 @@ fn agent_joins_runs_a_job_and_is_cordoned_and_costed() {
         "{pools:#}"
     );
 
-    // Cordon and uncordon flip `cordoned`; the command shows the new state.
+    // Cordon and uncordon flip `cordoned`; the command shows the new state,
+    // and so does the machine list.
+    let listed_cordoned = |want: bool| {
+        let m = s.json(&["machines"]);
+        assert_eq!(
+            find(&m, "machines", "name", "laptop-1").unwrap()["cordoned"],
+            want,
+            "{m:#}"
+        );
+    };
     let out = s.ok(&["machines", "cordon", "laptop-1"]);
-    let row: Vec<&str> = line_of(&out, "laptop-1").split_whitespace().collect();
+    let row: Vec<&str> = table_row(&out, "laptop-1").split_whitespace().collect();
     assert_eq!(row[5], "yes", "{out}");
-    let m = s.json(&["machines"]);
-    assert_eq!(
-        find(&m, "machines", "name", "laptop-1").unwrap()["cordoned"],
-        true,
-        "{m:#}"
-    );
+    listed_cordoned(true);
     let resp = s.json(&["machines", "uncordon", "laptop-1"]);
     assert_eq!(resp["machine"]["cordoned"], false, "{resp:#}");
-    let m = s.json(&["machines"]);
-    assert_eq!(
-        find(&m, "machines", "name", "laptop-1").unwrap()["cordoned"],
-        false,
-        "{m:#}"
-    );
+    listed_cordoned(false);
     let resp = s.json(&["machines", "drain", "laptop-1"]);
     assert_eq!(resp["machine"]["cordoned"], true, "{resp:#}");
-    let m = s.json(&["machines"]);
-    assert_eq!(
-        find(&m, "machines", "name", "laptop-1").unwrap()["cordoned"],
-        true,
-        "{m:#}"
-    );
+    listed_cordoned(true);
 
     // An unknown machine is an error that says so.
     for action in ["cordon", "uncordon", "drain"] {
@@ -246,10 +217,10 @@ fn agent_joins_runs_a_job_and_is_cordoned_and_costed() {
     assert_eq!(r["machines"][0], "laptop-1", "{r:#}");
 
     let table = s.ok(&["cost", "--runs", "--machines"]);
-    assert!(line_of(&table, "laptops").contains("3.60"), "{table}");
+    assert!(table_row(&table, "laptops").contains("3.60"), "{table}");
     assert!(table.contains("total cost: "), "{table}");
-    assert!(line_of(&table, id).contains("hello"), "{table}");
-    assert!(line_of(&table, "laptop-1").contains("laptops"), "{table}");
+    assert!(table_row(&table, id).contains("hello"), "{table}");
+    assert!(table_row(&table, "laptop-1").contains("laptops"), "{table}");
 
     // --since: a recent window still has the run; the future is refused.
     let recent = s.json(&["cost", "--since", "1h"]);
@@ -282,7 +253,7 @@ fn a_run_waiting_for_a_pool_machine_is_shown_as_such() {
     let id = runs["runs"][0]["id"].to_string();
     assert_eq!(runs["runs"][0]["status"], "starting", "{runs:#}");
     let table = s.ok(&["runs"]);
-    let row: Vec<&str> = line_of(&table, &id).split_whitespace().collect();
+    let row: Vec<&str> = table_row(&table, &id).split_whitespace().collect();
     assert_eq!(row[2], "waiting-for-machine", "{table}");
     let shown = s.ok(&["runs", "show", &id]);
     assert!(

@@ -15,14 +15,7 @@ use serde_json::{json, Value};
 
 use common::{free_port, wait_answered_by, Serve, ServeBuilder};
 
-const MANIFEST: &str = r#"project = "demo"
-
-[[pool]]
-name = "laptops"
-provider = "agents"
-lease_timeout = "60s"
-price_per_hour = 3.6
-"#;
+const MANIFEST: &str = include_str!("manifests/pools-cluster.toml");
 
 fn start(url: &str, node: &str, dir: &Path, port: u16, config: Option<&Path>) -> Serve {
     let mut b = ServeBuilder::cluster(url, node, Duration::from_millis(2000))
@@ -44,6 +37,19 @@ async fn get(port: u16, path: &str) -> Value {
     r.json().await.unwrap()
 }
 
+/// Agent `laptop-1` of pool `laptops` registers with the server on `port`
+/// (`what` names the step in the panic).
+async fn register(port: u16, token: &str, what: &str) {
+    let r = reqwest::Client::new()
+        .post(format!("http://127.0.0.1:{port}/agent/v1/register"))
+        .bearer_auth(token)
+        .json(&json!({"pool": "laptops", "name": "laptop-1", "slots": 2}))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{what}: {}", r.status());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pools_machines_and_cost_survive_kill_9_of_the_owner() {
     let pg = TempPostgres::start();
@@ -62,14 +68,7 @@ async fn pools_machines_and_cost_survive_kill_9_of_the_owner() {
         .unwrap()
         .to_string();
     // An agent joins: its machine row and cost span are written.
-    let r = reqwest::Client::new()
-        .post(format!("http://127.0.0.1:{port_a}/agent/v1/register"))
-        .bearer_auth(&token)
-        .json(&json!({"pool": "laptops", "name": "laptop-1", "slots": 2}))
-        .send()
-        .await
-        .unwrap();
-    assert!(r.status().is_success(), "register: {}", r.status());
+    register(port_a, &token, "register").await;
     let machines = get(port_a, "/api/v1/machines").await;
     assert_eq!(machines["machines"][0]["name"], "laptop-1", "{machines:#}");
 
@@ -104,14 +103,7 @@ async fn pools_machines_and_cost_survive_kill_9_of_the_owner() {
         "{cost:#}"
     );
     // The agent registers again with the new owner (sessions are in memory).
-    let r = reqwest::Client::new()
-        .post(format!("http://127.0.0.1:{port_b}/agent/v1/register"))
-        .bearer_auth(&token)
-        .json(&json!({"pool": "laptops", "name": "laptop-1", "slots": 2}))
-        .send()
-        .await
-        .unwrap();
-    assert!(r.status().is_success(), "register with B: {}", r.status());
+    register(port_b, &token, "register with B").await;
     for node in ["a", "b"] {
         let db = dir.path().join(format!("data-{node}")).join("pools.db");
         assert!(!db.exists(), "{} written in cluster mode", db.display());

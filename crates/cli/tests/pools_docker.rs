@@ -173,29 +173,17 @@ impl Env {
             .local_addr()
             .unwrap()
             .port();
-        let manifest = format!(
-            r#"project = "demo"
-
-[[topic]]
-name = "work"
-
-[[pool]]
-name = "{pool}"
-provider = "docker"
-image = "{AGENT_IMAGE}"
-network = "{net}"
-server_url = "http://{gw}:{port}"
-token_env = "PD_POOL_TOKEN"
-max_machines = 2
-runs_per_machine = 1
-idle_timeout = "5s"
-boot_timeout = "60s"
-price_per_hour = 3.2
-{pool_keys}
-{rest}"#,
-            gw = env.gateway,
-            port = env.port,
-            rest = rest.replace("POOL", &pool),
+        let manifest = common::fill(
+            include_str!("manifests/pools-docker.toml"),
+            &[
+                ("pool", &pool),
+                ("AGENT_IMAGE", &AGENT_IMAGE),
+                ("net", &net),
+                ("gw", &env.gateway),
+                ("port", &env.port),
+                ("pool_keys", &pool_keys),
+                ("rest", &rest.replace("POOL", &pool)),
+            ],
         );
         std::fs::write(env.path("pubrun.toml"), manifest).unwrap();
         env.start_server();
@@ -396,9 +384,7 @@ price_per_hour = 3.2
     /// The cost report, and its row for this pool.
     fn cost(&self) -> (Value, Value) {
         let cost = self.get("/api/v1/cost");
-        let pool = cost["pools"]
-            .as_array()
-            .unwrap()
+        let pool = common::array(&cost, "pools")
             .iter()
             .find(|p| p["pool"] == self.pool.as_str())
             .unwrap_or_else(|| panic!("{cost:#}"))
@@ -409,9 +395,7 @@ price_per_hour = 3.2
     /// Machines of the pool in the cost report, sorted (one row each).
     fn cost_machines(&self) -> Vec<String> {
         let cost = self.get("/api/v1/cost");
-        let mut v: Vec<String> = cost["machines"]
-            .as_array()
-            .unwrap()
+        let mut v: Vec<String> = common::array(&cost, "machines")
             .iter()
             .filter(|m| m["pool"] == self.pool.as_str())
             .filter_map(|m| m["machine"].as_str().map(str::to_string))
@@ -433,9 +417,7 @@ price_per_hour = 3.2
 
     fn machines_up(&self) -> usize {
         let pools = self.get("/api/v1/pools");
-        let p = pools["pools"]
-            .as_array()
-            .unwrap()
+        let p = common::array(&pools, "pools")
             .iter()
             .find(|p| p["name"] == self.pool.as_str())
             .unwrap_or_else(|| panic!("pool {} not listed: {pools:#}", self.pool))
@@ -877,20 +859,16 @@ fn a_killed_machine_and_a_server_restart_lose_no_run() {
     env.wait_pool_empty();
     let (cost, pool) = env.cost();
     let f = |v: &Value| v.as_f64().unwrap();
-    let machine_sum: f64 = cost["machines"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|m| m["pool"] == env.pool.as_str())
-        .map(|m| f(&m["seconds"]))
-        .sum();
-    let run_sum: f64 = cost["runs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|r| r["pool"] == env.pool.as_str())
-        .map(|r| f(&r["machine_seconds"]))
-        .sum();
+    // The sum of `field` over this pool's rows of the report's `list`.
+    let pool_sum = |list: &str, field: &str| -> f64 {
+        common::array(&cost, list)
+            .iter()
+            .filter(|row| row["pool"] == env.pool.as_str())
+            .map(|row| f(&row[field]))
+            .sum()
+    };
+    let machine_sum = pool_sum("machines", "seconds");
+    let run_sum = pool_sum("runs", "machine_seconds");
     let close = |a: f64, b: f64| (a - b).abs() < 0.01;
     assert!(close(f(&pool["machine_seconds"]), machine_sum), "{cost:#}");
     assert!(close(f(&pool["run_seconds"]), run_sum), "{cost:#}");

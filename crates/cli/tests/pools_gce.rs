@@ -17,7 +17,7 @@ use base64::Engine as _;
 use pubrun_pools::provider::gce_fake::{FakeGce, FakeGceConfig};
 use serde_json::{json, Value};
 
-use common::{Serve, ServeBuilder, BIN};
+use common::{fill, Serve, ServeBuilder, BIN};
 
 /// Generous: the happy path takes seconds, but the machine is shared.
 const PATIENCE: Duration = Duration::from_secs(90);
@@ -253,37 +253,18 @@ impl Env {
 }
 
 fn manifest(pool: &str, port: u16, api_base: &str) -> String {
-    format!(
-        r#"project = "demo"
-
-[[topic]]
-name = "work"
-
-[[pool]]
-name = "{pool}"
-provider = "gce"
-project = "{PROJECT}"
-zone = "{ZONE}"
-machine_type = "n2-highmem-8"
-source_image = "projects/debian-cloud/global/images/family/debian-12"
-api_base = "{api_base}"
-access_token_env = "{GCE_TOKEN_ENV}"
-name_prefix = "prt"
-server_url = "http://127.0.0.1:{port}"
-token_env = "{POOL_TOKEN_ENV}"
-max_machines = 1
-idle_timeout = "4s"
-when_idle = "stop"
-lease_timeout = "5s"
-price_per_hour = {PRICE}
-
-[[job]]
-name = "crunch"
-topic = "work"
-pool = "{pool}"
-process = {{ command = "sh", args = ["-c", "echo crunched {{{{ attributes.n }}}}"] }}
-timeout = "1m"
-"#
+    fill(
+        include_str!("manifests/pools-gce.toml"),
+        &[
+            ("pool", &pool),
+            ("PROJECT", &PROJECT),
+            ("ZONE", &ZONE),
+            ("api_base", &api_base),
+            ("GCE_TOKEN_ENV", &GCE_TOKEN_ENV),
+            ("port", &port),
+            ("POOL_TOKEN_ENV", &POOL_TOKEN_ENV),
+            ("PRICE", &PRICE),
+        ],
     )
 }
 

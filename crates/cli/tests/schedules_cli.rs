@@ -8,28 +8,7 @@ use std::time::{Duration, Instant};
 
 use common::{Serve, ServeBuilder, BIN};
 
-const MANIFEST: &str = r#"
-project = "demo"
-[[topic]]
-name = "imports"
-[[subscription]]
-name = "imports-watch"
-topic = "imports"
-[[schedule]]
-name = "nightly-import"
-cron = "0 3 * * *"
-time_zone = "Europe/Berlin"
-topic = "imports"
-data = '{"full": true}'
-[[webhook]]
-name = "start-import"
-topic = "imports"
-secret_env = "TEST_HOOK_SECRET"
-headers_as_attributes = ["X-GitHub-Event"]
-[[bucket]]
-name = "input"
-notifications = [{ topic = "imports", event_types = ["OBJECT_FINALIZE"], object_name_prefix = "csv/" }]
-"#;
+const MANIFEST: &str = include_str!("manifests/schedules-cli.toml");
 
 fn start() -> Serve {
     start_with(MANIFEST)

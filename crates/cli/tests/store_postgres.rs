@@ -15,11 +15,10 @@ use std::time::{Duration, Instant};
 use googleapis_tonic_google_pubsub_v1::google::pubsub::v1 as pb;
 use pb::publisher_client::PublisherClient;
 use pb::subscriber_client::SubscriberClient;
-use pubrun_store::testing::TempPostgres;
 
 use common::{
-    answering_node, cluster_node, connect, create_topic_and_subscription, free_port, pull_now,
-    wait_answered_by, wait_standby, Serve,
+    answering_node, cluster_node, connect, create_topic_and_subscription, fill, free_port, poll,
+    pull_now, read_log, two_nodes, wait_answered_by, wait_standby, Serve,
 };
 
 const TOPIC: &str = "projects/cluster/topics/events";
@@ -39,11 +38,8 @@ async fn pull(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn standby_takes_over_after_kill_9_and_delivers_exactly_the_unacked() {
-    let pg = TempPostgres::start();
-    let dirs = tempfile::tempdir().unwrap();
-    let (data_a, data_b) = (dirs.path().join("a"), dirs.path().join("b"));
-    let (log_a, log_b) = (dirs.path().join("a.log"), dirs.path().join("b.log"));
-    let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
+    let (pg, _dirs, (data_a, data_b), (log_a, log_b)) = two_nodes();
+    let read = read_log;
 
     let port_a = free_port();
     let mut a = start(&pg.url(), "a", &data_a, port_a, &log_a);
@@ -160,19 +156,20 @@ fn wait_run(
     pred: impl Fn(&serde_json::Value) -> bool,
     log: impl Fn() -> String,
 ) -> serde_json::Value {
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        let run = cli_json(port, &["runs", "show", id], &log)["run"].clone();
-        if pred(&run) {
-            return run;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "run {id} never became {what}; last seen {run:#}\n--- server log ---\n{}",
-            log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    poll(
+        Duration::from_secs(90),
+        Duration::from_millis(100),
+        || {
+            let run = cli_json(port, &["runs", "show", id], &log)["run"].clone();
+            common::ready_if(pred(&run), run)
+        },
+        |run| {
+            format!(
+                "run {id} never became {what}; last seen {run:#}\n--- server log ---\n{}",
+                log()
+            )
+        },
+    )
 }
 
 fn is_terminal(run: &serde_json::Value) -> bool {
@@ -200,11 +197,8 @@ impl Drop for StopFile {
 /// an attempt (as for a lost agent) and ends exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn runs_survive_kill_9_of_the_server_running_them() {
-    let pg = TempPostgres::start();
-    let dirs = tempfile::tempdir().unwrap();
-    let (data_a, data_b) = (dirs.path().join("a"), dirs.path().join("b"));
-    let (log_a, log_b) = (dirs.path().join("a.log"), dirs.path().join("b.log"));
-    let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
+    let (pg, dirs, (data_a, data_b), (log_a, log_b)) = two_nodes();
+    let read = read_log;
     let marker = dirs.path().join("first-attempt-started");
     let stop = StopFile(dirs.path().join("stop"));
     // The slow job's first attempt marks that it started and runs until
@@ -213,27 +207,9 @@ async fn runs_survive_kill_9_of_the_server_running_them() {
     let config = dirs.path().join("pubrun.toml");
     std::fs::write(
         &config,
-        format!(
-            r#"project = "cluster"
-
-[[topic]]
-name = "work"
-
-[[job]]
-name = "quick"
-topic = "work"
-filter = "attributes.kind = \"quick\""
-process = {{ command = "sh", args = ["-c", "echo hello {{{{ attributes.who }}}}"] }}
-
-[[job]]
-name = "slow"
-topic = "work"
-filter = "attributes.kind = \"slow\""
-retries = {{ max_attempts = 1 }}
-process = {{ command = "sh", args = ["-c", "if [ -e {marker} ]; then echo second; exit 0; fi; touch {marker}; echo first; while [ ! -e {stop} ]; do sleep 0.1; done"] }}
-"#,
-            marker = marker.display(),
-            stop = stop.0.display(),
+        fill(
+            include_str!("manifests/store-postgres-resume.toml"),
+            &[("marker", &marker.display()), ("stop", &stop.0.display())],
         ),
     )
     .unwrap();
@@ -275,17 +251,13 @@ process = {{ command = "sh", args = ["-c", "if [ -e {marker} ]; then echo second
 
     // B knows A's jobs (it got no manifest) and A's runs.
     let jobs = cli_json(port_b, &["jobs", "list"], lb);
-    let names: Vec<&str> = jobs["jobs"]
-        .as_array()
-        .unwrap()
+    let names: Vec<&str> = common::array(&jobs, "jobs")
         .iter()
         .filter_map(|j| j["name"].as_str())
         .collect();
     assert_eq!(names, ["quick", "slow"], "{jobs:#}");
     let runs = cli_json(port_b, &["runs"], lb);
-    let mut ids: Vec<String> = runs["runs"]
-        .as_array()
-        .unwrap()
+    let mut ids: Vec<String> = common::array(&runs, "runs")
         .iter()
         .map(|r| r["id"].to_string())
         .collect();

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::routing::post;
-use common::{Serve, ServeBuilder};
+use common::{fill, ServeBuilder};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use prost::Message as _;
@@ -67,50 +67,15 @@ async fn receiver() -> (u16, Arc<Mutex<Received>>) {
 
 fn manifest(dir: &Path) -> String {
     let out = dir.join("traceparent.txt");
-    format!(
-        r#"project = "demo"
-
-[[topic]]
-name = "work"
-
-[[topic]]
-name = "done"
-
-[[subscription]]
-name = "done-sub"
-topic = "done"
-
-[[bucket]]
-name = "traces-data"
-
-[[job]]
-name = "work"
-topic = "work"
-result_topic = "done"
-process = {{ command = "sh", args = ["-c", "printf '%s' \"$TRACEPARENT\" > '{}'; mkdir -p out; echo traced > out/r.txt"] }}
-inputs = [{{ from = "gs://traces-data/in/", to = "in/" }}]
-outputs = [{{ from = "out/", to = "gs://traces-data/out/" }}]
-retries = {{ max_attempts = 1 }}
-secrets = {{ API_KEY = {{ env = "TRACE_TEST_SECRET" }} }}
-"#,
-        out.display()
+    fill(
+        include_str!("manifests/traces.toml"),
+        &[("out", &out.display())],
     )
 }
 
 /// The harness's server (its dir is this test's: the manifest names files
 /// in it) and one HTTP client for all requests.
-struct Server {
-    serve: Serve,
-    http: reqwest::Client,
-    _dir: tempfile::TempDir,
-}
-
-impl std::ops::Deref for Server {
-    type Target = Serve;
-    fn deref(&self) -> &Serve {
-        &self.serve
-    }
-}
+type Server = common::HttpServe;
 
 impl Server {
     /// With `--otlp-endpoint` to the receiver on `otlp` when `flag`, else
@@ -141,22 +106,13 @@ impl Server {
         Server {
             serve: b.start(),
             http: reqwest::Client::builder().no_proxy().build().unwrap(),
-            _dir: dir,
+            dir: Some(dir),
         }
     }
 
     async fn post(&self, path: &str, body: Json) -> Json {
-        let resp = self
-            .http
-            .post(self.url(path))
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        let status = resp.status();
-        let text = resp.text().await.unwrap();
-        assert!(status.is_success(), "POST {path}: {status} {text}");
-        serde_json::from_str(&text).unwrap_or(Json::Null)
+        let req = self.http.post(self.url(path)).json(&body);
+        common::ok_json(req, &format!("POST {path}")).await
     }
 
     async fn publish(&self, attributes: Json) {
@@ -206,32 +162,26 @@ async fn await_span(
     name: &str,
     log: impl Fn() -> String,
 ) -> Span {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let found = got
-            .lock()
-            .unwrap()
-            .spans
-            .iter()
-            .find(|(_, s)| s.name == name && hex(&s.trace_id) == trace)
-            .map(|(_, s)| s.clone());
-        if let Some(s) = found {
-            return s;
-        }
-        let names: Vec<String> = got
-            .lock()
-            .unwrap()
-            .spans
-            .iter()
-            .map(|(_, s)| format!("{} {}", s.name, hex(&s.trace_id)))
-            .collect();
-        assert!(
-            Instant::now() < deadline,
-            "no {name} span in trace {trace}; got {names:?}\n{}",
-            log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    common::poll_async(
+        PATIENCE,
+        Duration::from_millis(50),
+        || {
+            let got = got.lock().unwrap();
+            let found = got
+                .spans
+                .iter()
+                .find(|(_, s)| s.name == name && hex(&s.trace_id) == trace)
+                .map(|(_, s)| s.clone());
+            std::future::ready(found.ok_or_else(|| {
+                got.spans
+                    .iter()
+                    .map(|(_, s)| format!("{} {}", s.name, hex(&s.trace_id)))
+                    .collect::<Vec<String>>()
+            }))
+        },
+        |names| format!("no {name} span in trace {trace}; got {names:?}\n{}", log()),
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

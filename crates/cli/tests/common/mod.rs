@@ -20,6 +20,16 @@ pub use pubrun_testkit::free_port;
 /// The binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_pubrun");
 
+/// A manifest template (a file in `tests/manifests`, read with `include_str!`)
+/// with each `@key@` replaced by its value: the manifests are data files
+/// rather than `format!` strings with every brace doubled.
+pub fn fill(template: &str, vars: &[(&str, &dyn std::fmt::Display)]) -> String {
+    vars.iter()
+        .fold(template.to_string(), |text, (key, value)| {
+            text.replace(&format!("@{key}@"), &value.to_string())
+        })
+}
+
 /// A `pubrun serve` child, killed when dropped (also when a test panics).
 pub struct Server(pub Child);
 
@@ -706,23 +716,95 @@ pub fn cluster_node(
         .log_file(log)
 }
 
+/// Cluster mode: two nodes' places on one throwaway PostgreSQL: a temp dir
+/// holding their data dirs (`a`, `b`) and their logs (`a.log`, `b.log`).
+pub fn two_nodes() -> (
+    pubrun_store::testing::TempPostgres,
+    tempfile::TempDir,
+    (PathBuf, PathBuf),
+    (PathBuf, PathBuf),
+) {
+    let pg = pubrun_store::testing::TempPostgres::start();
+    let dirs = tempfile::tempdir().unwrap();
+    let at = |name: &str| dirs.path().join(name);
+    let (data, logs) = ((at("a"), at("b")), (at("a.log"), at("b.log")));
+    (pg, dirs, data, logs)
+}
+
+/// A log file as it is now (empty while it does not exist yet).
+pub fn read_log(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+/// Calls `probe` every `every` until it returns `Ok` (that value); once
+/// `patience` has passed, panics with `fail` of what it saw last (the
+/// message is made only then: it may read a log).
+pub fn poll<T, S>(
+    patience: Duration,
+    every: Duration,
+    mut probe: impl FnMut() -> Result<T, S>,
+    fail: impl FnOnce(S) -> String,
+) -> T {
+    let deadline = Instant::now() + patience;
+    loop {
+        let seen = match probe() {
+            Ok(v) => return v,
+            Err(seen) => seen,
+        };
+        assert!(Instant::now() < deadline, "{}", fail(seen));
+        std::thread::sleep(every);
+    }
+}
+
+/// A [`poll`] probe's answer: `Ok(seen)` when `done`, else `Err(seen)`.
+pub fn ready_if<T>(done: bool, seen: T) -> Result<T, T> {
+    if done {
+        Ok(seen)
+    } else {
+        Err(seen)
+    }
+}
+
+/// [`poll`] for async tests: `probe` is awaited, the pause does not block
+/// the runtime (servers may run in it).
+pub async fn poll_async<T, S, Fut>(
+    patience: Duration,
+    every: Duration,
+    mut probe: impl FnMut() -> Fut,
+    fail: impl FnOnce(S) -> String,
+) -> T
+where
+    Fut: std::future::Future<Output = Result<T, S>>,
+{
+    let deadline = Instant::now() + patience;
+    loop {
+        let seen = match probe().await {
+            Ok(v) => return v,
+            Err(seen) => seen,
+        };
+        assert!(Instant::now() < deadline, "{}", fail(seen));
+        tokio::time::sleep(every).await;
+    }
+}
+
 /// Cluster mode: waits (60 s at most) until `server` logs, in `log()`, that
 /// it waits as a hot standby; panics if it exits first.
 pub async fn wait_standby(server: &mut Serve, log: impl Fn() -> String) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !log().contains("waiting as a hot standby") {
-        assert!(
-            server.child().try_wait().unwrap().is_none(),
-            "standby exited:\n{}",
-            log()
-        );
-        assert!(
-            Instant::now() < deadline,
-            "never became a standby:\n{}",
-            log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let log = &log;
+    poll_async(
+        Duration::from_secs(60),
+        Duration::from_millis(50),
+        || {
+            let ready = log().contains("waiting as a hot standby");
+            if !ready {
+                let running = server.child().try_wait().unwrap().is_none();
+                assert!(running, "standby exited:\n{}", log());
+            }
+            std::future::ready(ready_if(ready, ()))
+        },
+        |()| format!("never became a standby:\n{}", log()),
+    )
+    .await
 }
 
 /// Creates `topic` and a subscription `subscription` on it (600 s ack
@@ -775,6 +857,48 @@ pub fn noise(len: usize, seed: u64) -> Vec<u8> {
             x as u8
         })
         .collect()
+}
+
+/// The array at `key` of a JSON reply (panics, showing the reply, when
+/// there is none).
+pub fn array<'a>(v: &'a serde_json::Value, key: &str) -> &'a [serde_json::Value] {
+    v[key]
+        .as_array()
+        .unwrap_or_else(|| panic!("no array {key:?} in {v:#}"))
+}
+
+/// A server and one HTTP client for all of a test's requests (a test adds
+/// its own requests in an `impl`); derefs to the [`Serve`].
+pub struct HttpServe {
+    pub serve: Serve,
+    pub http: reqwest::Client,
+    /// The temp dir the test made for the server, when it made one.
+    pub dir: Option<tempfile::TempDir>,
+}
+
+impl std::ops::Deref for HttpServe {
+    type Target = Serve;
+    fn deref(&self) -> &Serve {
+        &self.serve
+    }
+}
+
+/// The line of a CLI table whose first column is `first`.
+pub fn table_row<'a>(table: &'a str, first: &str) -> &'a str {
+    table
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(first))
+        .unwrap_or_else(|| panic!("no row starting with {first:?} in:\n{table}"))
+}
+
+/// Sends `req` (`what` names it in the panic), asserts a 2xx and returns the
+/// body as JSON (`null` when it is not JSON, e.g. empty).
+pub async fn ok_json(req: reqwest::RequestBuilder, what: &str) -> serde_json::Value {
+    let resp = req.send().await.unwrap();
+    let status = resp.status();
+    let text = resp.text().await.unwrap();
+    assert!(status.is_success(), "{what}: {status} {text}");
+    serde_json::from_str(&text).unwrap_or(serde_json::Value::Null)
 }
 
 /// Sends `req` and parses the reply as JSON (panics when either fails).

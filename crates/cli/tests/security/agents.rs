@@ -29,24 +29,7 @@ const POOL_TOKEN: &str = "pool-token-security-agents";
 const PATIENCE: Duration = Duration::from_secs(60);
 const MIB: u64 = 1024 * 1024;
 
-const MANIFEST: &str = r#"project = "demo"
-
-[[topic]]
-name = "work"
-
-[[pool]]
-name = "crew"
-provider = "agents"
-token_env = "SEC_POOL_TOKEN"
-lease_timeout = "5s"
-
-[[job]]
-name = "nap"
-topic = "work"
-pool = "crew"
-process = { command = "sh", args = ["-c", "echo hi"] }
-retries = { max_attempts = 1, initial_backoff = "1s", max_backoff = "1s" }
-"#;
+const MANIFEST: &str = include_str!("../manifests/security-agents.toml");
 
 type Srv = Serve;
 

@@ -14,19 +14,7 @@ const TOKEN: &str = "server-token-T-3f9a1c";
 const HOOK_SECRET: &str = "hook-secret-S-77d0e2";
 const DB_PASSWORD: &str = "db-pa55-w0rd-91b4";
 
-const MANIFEST: &str = r#"project = "demo"
-
-[[topic]]
-name = "envs"
-
-[[job]]
-name = "show-env"
-topic = "envs"
-pass_env = ["HTTP_PROXY", "NOT_SET_ON_THE_SERVER"]
-secrets = { DB_PASSWORD = { env = "PROD_DB_PASSWORD" } }
-# The check names the value in two halves, so the job's own spec never holds it.
-process = { command = "sh", args = ["-c", "env; test \"${DB_PASSWORD%-*}\" = db-pa55-w0rd && test \"${DB_PASSWORD##*-}\" = 91b4 && echo secret-received; echo \"again: $DB_PASSWORD\""] }
-"#;
+const MANIFEST: &str = include_str!("../manifests/security-job-env.toml");
 
 fn cli(port: u16, args: &[&str]) -> String {
     let out = Command::new(BIN)
@@ -65,23 +53,20 @@ fn a_process_job_sees_only_its_declared_environment_and_secrets_are_masked() {
     let id = cli(port, &["jobs", "trigger", "show-env"])
         .trim()
         .to_string();
-    let deadline = Instant::now() + PATIENCE;
-    let run = loop {
-        let out = cli(port, &["runs", "show", &id, "--json"]);
-        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-        if matches!(
-            v["run"]["status"].as_str(),
-            Some("succeeded" | "failed" | "timed_out" | "cancelled")
-        ) {
-            break out;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "run {id} did not end: {out}\n{}",
-            server_log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let run = super::common::poll(
+        PATIENCE,
+        Duration::from_millis(100),
+        || {
+            let out = cli(port, &["runs", "show", &id, "--json"]);
+            let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+            let ended = matches!(
+                v["run"]["status"].as_str(),
+                Some("succeeded" | "failed" | "timed_out" | "cancelled")
+            );
+            super::common::ready_if(ended, out)
+        },
+        |out| format!("run {id} did not end: {out}\n{}", server_log()),
+    );
     let log = cli(port, &["logs", &id]);
     let v: serde_json::Value = serde_json::from_str(&run).unwrap();
     assert_eq!(v["run"]["status"], "succeeded", "{run}\n{log}");

@@ -12,7 +12,7 @@ use googleapis_tonic_google_pubsub_v1::google::pubsub::v1 as pb;
 use pb::publisher_client::PublisherClient;
 use pb::subscriber_client::SubscriberClient;
 
-use crate::common::{self, Serve, ServeBuilder};
+use crate::common::{self, fill, Serve, ServeBuilder};
 
 const BIN: &str = env!("CARGO_BIN_EXE_pubrun");
 const PATIENCE: Duration = Duration::from_secs(60);
@@ -101,18 +101,9 @@ const KEEP: &str = "project = \"demo\"\n[[topic]]\nname = \"keep\"\n";
 /// What a hostile page posts: a job that runs a shell command, in a
 /// manifest without the existing topic (so applying it deletes that).
 fn hostile_manifest(target: &Path) -> String {
-    format!(
-        r#"project = "demo"
-
-[[topic]]
-name = "tasks"
-
-[[job]]
-name = "pwn"
-topic = "tasks"
-process = {{ command = "/bin/sh", args = ["-c", "id > {}"] }}
-"#,
-        target.display()
+    fill(
+        include_str!("../manifests/security-hostile.toml"),
+        &[("target", &target.display())],
     )
 }
 

@@ -25,7 +25,7 @@ mod snapshots;
 pub(crate) use args::parse_addr;
 pub use args::ConnArgs;
 
-use args::parse_key_value;
+use args::{parse_key_value, NameArgs, SUBSCRIPTION_NAME, TOPIC_NAME};
 
 #[derive(clap::Subcommand)]
 pub enum ClientCommand {
@@ -90,10 +90,7 @@ pub enum ClientCommand {
 pub enum BucketsCommand {
     /// List the buckets of the project.
     #[command(visible_alias = "ls")]
-    List {
-        #[command(flatten)]
-        conn: ConnArgs,
-    },
+    List(ConnArgs),
     /// Create a bucket (names follow Cloud Storage's rules).
     Create {
         /// Bucket name.
@@ -131,20 +128,14 @@ pub enum ObjectsCommand {
 pub enum WebhooksCommand {
     /// List the webhooks and the topics they publish to.
     #[command(visible_alias = "ls")]
-    List {
-        #[command(flatten)]
-        conn: ConnArgs,
-    },
+    List(ConnArgs),
 }
 
 #[derive(clap::Subcommand)]
 pub enum SchedulesCommand {
     /// List schedules with their next and last fire times.
     #[command(visible_alias = "ls")]
-    List {
-        #[command(flatten)]
-        conn: ConnArgs,
-    },
+    List(ConnArgs),
     /// Stop a schedule from firing until resumed (survives restarts).
     Pause {
         /// Schedule name.
@@ -188,10 +179,7 @@ pub struct ApplyArgs {
 pub enum JobsCommand {
     /// List all jobs.
     #[command(visible_alias = "ls")]
-    List {
-        #[command(flatten)]
-        conn: ConnArgs,
-    },
+    List(ConnArgs),
     /// Show one job: trigger, what it runs, limits, its subscription and backlog.
     #[command(visible_aliases = ["get", "describe"])]
     Show {
@@ -318,26 +306,15 @@ pub enum TopicsCommand {
     },
     /// List all topics of the project.
     #[command(visible_alias = "ls")]
-    List {
-        #[command(flatten)]
-        conn: ConnArgs,
-    },
+    List(ConnArgs),
     /// Show one topic.
     #[command(visible_alias = "describe")]
-    Get {
-        /// Topic id (in --project) or full name projects/P/topics/T.
-        name: String,
-        #[command(flatten)]
-        conn: ConnArgs,
-    },
+    #[command(mut_arg("name", |a| a.help(TOPIC_NAME)))]
+    Get(NameArgs),
     /// Delete a topic (its subscriptions remain, detached).
     #[command(visible_alias = "rm")]
-    Delete {
-        /// Topic id (in --project) or full name projects/P/topics/T.
-        name: String,
-        #[command(flatten)]
-        conn: ConnArgs,
-    },
+    #[command(mut_arg("name", |a| a.help(TOPIC_NAME)))]
+    Delete(NameArgs),
 }
 
 #[derive(clap::Subcommand)]
@@ -389,20 +366,12 @@ pub enum SubscriptionsCommand {
     },
     /// Show one subscription.
     #[command(visible_alias = "describe")]
-    Get {
-        /// Subscription id (in --project) or full name projects/P/subscriptions/S.
-        name: String,
-        #[command(flatten)]
-        conn: ConnArgs,
-    },
+    #[command(mut_arg("name", |a| a.help(SUBSCRIPTION_NAME)))]
+    Get(NameArgs),
     /// Delete a subscription and its unacknowledged messages.
     #[command(visible_alias = "rm")]
-    Delete {
-        /// Subscription id (in --project) or full name projects/P/subscriptions/S.
-        name: String,
-        #[command(flatten)]
-        conn: ConnArgs,
-    },
+    #[command(mut_arg("name", |a| a.help(SUBSCRIPTION_NAME)))]
+    Delete(NameArgs),
     /// Seek to a time or a snapshot: set which messages are acknowledged.
     Seek(snapshots::SeekArgs),
 }
@@ -454,7 +423,7 @@ pub async fn run(cmd: ClientCommand) -> anyhow::Result<()> {
         ClientCommand::Schedules(cmd) => schedules::schedules(cmd).await,
         ClientCommand::Buckets(cmd) => buckets::buckets(cmd).await,
         ClientCommand::Objects(cmd) => buckets::objects(cmd).await,
-        ClientCommand::Webhooks(WebhooksCommand::List { conn }) => buckets::webhooks(conn).await,
+        ClientCommand::Webhooks(WebhooksCommand::List(conn)) => buckets::webhooks(conn).await,
         ClientCommand::Snapshots(cmd) => snapshots::snapshots(cmd).await,
         ClientCommand::Pools(args) => pools::pools(args).await,
         ClientCommand::Machines(args) => pools::machines(args).await,

@@ -18,6 +18,35 @@ pub struct ConnArgs {
     pub json: bool,
 }
 
+// A command that lists when it is given no subcommand (`pubrun pools` is
+// `pubrun pools list`). No doc comment: each command has its own.
+#[derive(clap::Args)]
+#[command(
+    args_conflicts_with_subcommands = true,
+    subcommand_value_name = "COMMAND"
+)]
+pub struct ListByDefault<C: clap::Subcommand> {
+    #[command(subcommand)]
+    pub command: Option<C>,
+    #[command(flatten)]
+    pub conn: ConnArgs,
+}
+
+// The one resource a `get` or `delete` acts on. No doc comments here: each
+// subcommand sets the help of `name` (`mut_arg`) and has its own about.
+#[derive(clap::Args)]
+pub struct NameArgs {
+    pub name: String,
+    #[command(flatten)]
+    pub conn: ConnArgs,
+}
+
+/// The help of a topic, subscription or snapshot named on the command line.
+pub const TOPIC_NAME: &str = "Topic id (in --project) or full name projects/P/topics/T";
+pub const SUBSCRIPTION_NAME: &str =
+    "Subscription id (in --project) or full name projects/P/subscriptions/S";
+pub const SNAPSHOT_NAME: &str = "Snapshot id (in --project) or full name projects/P/snapshots/S";
+
 /// Accepts `http://host:port[/prefix]` or `host:port`; returns the base URL
 /// without a trailing slash.
 pub fn parse_addr(s: &str) -> Result<String, String> {

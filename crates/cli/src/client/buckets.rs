@@ -18,7 +18,7 @@ fn s(v: &Value, key: &str) -> String {
 
 pub async fn buckets(cmd: BucketsCommand) -> Result<()> {
     match cmd {
-        BucketsCommand::List { conn } => {
+        BucketsCommand::List(conn) => {
             let api = Api::new(&conn)?;
             let resp = api
                 .call(

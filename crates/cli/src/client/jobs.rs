@@ -188,7 +188,7 @@ pub fn render_plan(changes: &[Value], applied: bool) -> String {
 
 pub async fn jobs(cmd: JobsCommand) -> Result<()> {
     match cmd {
-        JobsCommand::List { conn } => {
+        JobsCommand::List(conn) => {
             output::get_list(
                 &conn,
                 "/api/v1/jobs",

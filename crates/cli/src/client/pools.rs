@@ -6,31 +6,19 @@ use anyhow::{anyhow, Result};
 use serde_json::{json, Value};
 
 use super::api::{Api, ServerError};
+use super::args::ListByDefault;
 use super::{names, output, ConnArgs};
 
 // ---- arguments ----
 
 /// `pubrun pools` lists; `pubrun pools token NAME` prints a pool's agent token.
-#[derive(clap::Args)]
-#[command(
-    args_conflicts_with_subcommands = true,
-    subcommand_value_name = "COMMAND"
-)]
-pub struct PoolsArgs {
-    #[command(subcommand)]
-    pub command: Option<PoolsCommand>,
-    #[command(flatten)]
-    pub conn: ConnArgs,
-}
+pub type PoolsArgs = ListByDefault<PoolsCommand>;
 
 #[derive(clap::Subcommand)]
 pub enum PoolsCommand {
     /// List pools: provider, machines up / min / max, runs waiting, price (the default).
     #[command(visible_alias = "ls")]
-    List {
-        #[command(flatten)]
-        conn: ConnArgs,
-    },
+    List(ConnArgs),
     /// Print the pool's agent token alone on a line, e.g.
     /// `PUBRUN_TOKEN=$(pubrun pools token laptops) pubrun agent --pool laptops …`.
     Token {
@@ -42,26 +30,13 @@ pub enum PoolsCommand {
 }
 
 /// `pubrun machines` lists; `machines cordon|uncordon|drain NAME` act on one.
-#[derive(clap::Args)]
-#[command(
-    args_conflicts_with_subcommands = true,
-    subcommand_value_name = "COMMAND"
-)]
-pub struct MachinesArgs {
-    #[command(subcommand)]
-    pub command: Option<MachinesCommand>,
-    #[command(flatten)]
-    pub conn: ConnArgs,
-}
+pub type MachinesArgs = ListByDefault<MachinesCommand>;
 
 #[derive(clap::Subcommand)]
 pub enum MachinesCommand {
     /// List machines: pool, state, runs, cordoned, since when in that state (the default).
     #[command(visible_alias = "ls")]
-    List {
-        #[command(flatten)]
-        conn: ConnArgs,
-    },
+    List(ConnArgs),
     /// Give the machine no new runs (its running runs go on).
     Cordon(MachineArgs),
     /// Let a cordoned machine take runs again.
@@ -82,26 +57,13 @@ pub struct MachineArgs {
 }
 
 /// `pubrun agents`: the agents connected now.
-#[derive(clap::Args)]
-#[command(
-    args_conflicts_with_subcommands = true,
-    subcommand_value_name = "COMMAND"
-)]
-pub struct AgentsArgs {
-    #[command(subcommand)]
-    pub command: Option<AgentsCommand>,
-    #[command(flatten)]
-    pub conn: ConnArgs,
-}
+pub type AgentsArgs = ListByDefault<AgentsCommand>;
 
 #[derive(clap::Subcommand)]
 pub enum AgentsCommand {
     /// List connected agents: pool, slots, runs, last seen, labels (the default).
     #[command(visible_alias = "ls")]
-    List {
-        #[command(flatten)]
-        conn: ConnArgs,
-    },
+    List(ConnArgs),
 }
 
 #[derive(clap::Args)]
@@ -130,7 +92,7 @@ pub struct CostArgs {
 pub async fn pools(args: PoolsArgs) -> Result<()> {
     match args.command {
         None => list_pools(&args.conn).await,
-        Some(PoolsCommand::List { conn }) => list_pools(&conn).await,
+        Some(PoolsCommand::List(conn)) => list_pools(&conn).await,
         Some(PoolsCommand::Token { name, conn }) => token(&name, &conn).await,
     }
 }
@@ -138,7 +100,7 @@ pub async fn pools(args: PoolsArgs) -> Result<()> {
 pub async fn machines(args: MachinesArgs) -> Result<()> {
     match args.command {
         None => list_machines(&args.conn).await,
-        Some(MachinesCommand::List { conn }) => list_machines(&conn).await,
+        Some(MachinesCommand::List(conn)) => list_machines(&conn).await,
         Some(MachinesCommand::Cordon(m)) => machine_action(&m.name, "cordon", &m.conn).await,
         Some(MachinesCommand::Uncordon(m)) => machine_action(&m.name, "uncordon", &m.conn).await,
         Some(MachinesCommand::Drain(m)) => machine_action(&m.name, "drain", &m.conn).await,
@@ -148,7 +110,7 @@ pub async fn machines(args: MachinesArgs) -> Result<()> {
 pub async fn agents(args: AgentsArgs) -> Result<()> {
     match args.command {
         None => list_agents(&args.conn).await,
-        Some(AgentsCommand::List { conn }) => list_agents(&conn).await,
+        Some(AgentsCommand::List(conn)) => list_agents(&conn).await,
     }
 }
 

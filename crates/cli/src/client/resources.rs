@@ -4,7 +4,7 @@ use anyhow::{bail, Result};
 use serde_json::{json, Map, Value};
 
 use super::api::Api;
-use super::args::ConnArgs;
+use super::args::{ConnArgs, NameArgs};
 use super::{names, output, SubscriptionsCommand, TopicsCommand};
 
 pub async fn topics(cmd: TopicsCommand) -> Result<()> {
@@ -21,7 +21,7 @@ pub async fn topics(cmd: TopicsCommand) -> Result<()> {
                 .await?;
             done(&conn, &resp, &format!("created topic {topic}"))
         }
-        TopicsCommand::List { conn } => {
+        TopicsCommand::List(conn) => {
             list_in_project(&conn, "topics", &["TOPIC", "LABELS"], |t| {
                 let name = str_field(t, "name");
                 vec![
@@ -31,13 +31,13 @@ pub async fn topics(cmd: TopicsCommand) -> Result<()> {
             })
             .await
         }
-        TopicsCommand::Get { name, conn } => {
+        TopicsCommand::Get(NameArgs { name, conn }) => {
             let api = Api::new(&conn)?;
             let topic = names::topic(&conn.project, &name)?;
             let resp = api.get(&names::topic_path(&topic)).await?;
             show(&conn, &resp)
         }
-        TopicsCommand::Delete { name, conn } => {
+        TopicsCommand::Delete(NameArgs { name, conn }) => {
             let api = Api::new(&conn)?;
             let topic = names::topic(&conn.project, &name)?;
             let resp = api.delete(&names::topic_path(&topic)).await?;
@@ -153,7 +153,7 @@ pub async fn subscriptions(cmd: SubscriptionsCommand) -> Result<()> {
             )
             .await
         }
-        SubscriptionsCommand::Get { name, conn } => {
+        SubscriptionsCommand::Get(NameArgs { name, conn }) => {
             let api = Api::new(&conn)?;
             let sub = names::subscription(&conn.project, &name)?;
             let resp = api.get(&names::subscription_path(&sub)).await?;
@@ -179,7 +179,7 @@ pub async fn subscriptions(cmd: SubscriptionsCommand) -> Result<()> {
             done(&conn, &resp, &message)
         }
         SubscriptionsCommand::Seek(args) => super::snapshots::seek(args).await,
-        SubscriptionsCommand::Delete { name, conn } => {
+        SubscriptionsCommand::Delete(NameArgs { name, conn }) => {
             let api = Api::new(&conn)?;
             let sub = names::subscription(&conn.project, &name)?;
             let resp = api.delete(&names::subscription_path(&sub)).await?;

@@ -44,7 +44,7 @@ const HEADERS: [&str; 7] = [
 
 pub async fn schedules(cmd: SchedulesCommand) -> Result<()> {
     match cmd {
-        SchedulesCommand::List { conn } => {
+        SchedulesCommand::List(conn) => {
             output::get_list(
                 &conn,
                 "/api/v1/schedules",

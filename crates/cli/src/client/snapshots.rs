@@ -6,7 +6,7 @@ use pubrun_core::names::SnapshotName;
 use serde_json::{json, Map, Value};
 
 use super::api::Api;
-use super::args::{parse_key_value, ConnArgs};
+use super::args::{parse_key_value, ConnArgs, NameArgs, SNAPSHOT_NAME};
 use super::resources::{list_in_project, string_map};
 use super::{names, output};
 
@@ -28,26 +28,15 @@ pub enum SnapshotsCommand {
     },
     /// List the project's snapshots.
     #[command(visible_alias = "ls")]
-    List {
-        #[command(flatten)]
-        conn: ConnArgs,
-    },
+    List(ConnArgs),
     /// Show one snapshot.
     #[command(visible_alias = "describe")]
-    Get {
-        /// Snapshot id (in --project) or full name projects/P/snapshots/S.
-        name: String,
-        #[command(flatten)]
-        conn: ConnArgs,
-    },
+    #[command(mut_arg("name", |a| a.help(SNAPSHOT_NAME)))]
+    Get(NameArgs),
     /// Delete a snapshot.
     #[command(visible_alias = "rm")]
-    Delete {
-        /// Snapshot id (in --project) or full name projects/P/snapshots/S.
-        name: String,
-        #[command(flatten)]
-        conn: ConnArgs,
-    },
+    #[command(mut_arg("name", |a| a.help(SNAPSHOT_NAME)))]
+    Delete(NameArgs),
 }
 
 #[derive(clap::Args)]
@@ -127,7 +116,7 @@ pub async fn snapshots(cmd: SnapshotsCommand) -> Result<()> {
                 ),
             )
         }
-        SnapshotsCommand::List { conn } => {
+        SnapshotsCommand::List(conn) => {
             list_in_project(
                 &conn,
                 "snapshots",
@@ -143,7 +132,7 @@ pub async fn snapshots(cmd: SnapshotsCommand) -> Result<()> {
             )
             .await
         }
-        SnapshotsCommand::Get { name, conn } => {
+        SnapshotsCommand::Get(NameArgs { name, conn }) => {
             let api = Api::new(&conn)?;
             let snap = snapshot(&conn.project, &name)?;
             let resp = api.get(&snapshot_path(&snap)).await?;
@@ -153,7 +142,7 @@ pub async fn snapshots(cmd: SnapshotsCommand) -> Result<()> {
                 output::out(&output::fields(&resp))
             }
         }
-        SnapshotsCommand::Delete { name, conn } => {
+        SnapshotsCommand::Delete(NameArgs { name, conn }) => {
             let api = Api::new(&conn)?;
             let snap = snapshot(&conn.project, &name)?;
             let resp = api.delete(&snapshot_path(&snap)).await?;

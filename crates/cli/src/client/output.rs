@@ -53,8 +53,31 @@ pub fn list(
         eprintln!("{note}");
         return Ok(());
     }
+    out(&table_of(headers, items, row))
+}
+
+/// A table of `headers` with `row` per item.
+pub fn table_of(
+    headers: &[&str],
+    items: &[Value],
+    row: impl FnMut(&Value) -> Vec<String>,
+) -> String {
     let rows: Vec<Vec<String>> = items.iter().map(row).collect();
-    out(&table(headers, &rows))
+    table(headers, &rows)
+}
+
+/// [`table_of`] the `items`, or the line `empty` when there are none.
+pub fn table_or(
+    items: &[Value],
+    empty: &str,
+    headers: &[&str],
+    row: impl FnMut(&Value) -> Vec<String>,
+) -> String {
+    if items.is_empty() {
+        format!("{empty}\n")
+    } else {
+        table_of(headers, items, row)
+    }
 }
 
 /// [`list`] of the array `key` in the reply to `GET path` (a list of

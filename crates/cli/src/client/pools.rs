@@ -337,34 +337,28 @@ fn render_cost(resp: &Value, args: &CostArgs) -> String {
     let to = until.map_or_else(|| "now".into(), |t| output::rfc3339_ms(t, false));
     s.push_str(&format!("cost from {from} to {to}\n\n"));
     let pools = output::items(resp, "pools");
-    if pools.is_empty() {
-        s.push_str("no machine time in this period\n");
-    } else {
-        let rows: Vec<Vec<String>> = pools
-            .iter()
-            .map(|p| {
-                vec![
-                    text(p, "pool"),
-                    secs(p, "machine_seconds"),
-                    secs(p, "run_seconds"),
-                    secs(p, "idle_seconds"),
-                    price(num(p, "price_per_hour")),
-                    money(num(p, "cost")),
-                ]
-            })
-            .collect();
-        s.push_str(&output::table(
-            &[
-                "POOL",
-                "MACHINE TIME",
-                "RUN TIME",
-                "IDLE",
-                "PRICE/H",
-                "COST",
-            ],
-            &rows,
-        ));
-    }
+    s.push_str(&output::table_or(
+        pools,
+        "no machine time in this period",
+        &[
+            "POOL",
+            "MACHINE TIME",
+            "RUN TIME",
+            "IDLE",
+            "PRICE/H",
+            "COST",
+        ],
+        |p| {
+            vec![
+                text(p, "pool"),
+                secs(p, "machine_seconds"),
+                secs(p, "run_seconds"),
+                secs(p, "idle_seconds"),
+                price(num(p, "price_per_hour")),
+                money(num(p, "cost")),
+            ]
+        },
+    ));
     s.push_str(&format!(
         "\ntotal cost: {}\n",
         money(num(resp, "total_cost"))
@@ -372,57 +366,45 @@ fn render_cost(resp: &Value, args: &CostArgs) -> String {
     if args.machines {
         let machines = output::items(resp, "machines");
         s.push('\n');
-        if machines.is_empty() {
-            s.push_str("no machines were up in this period\n");
-        } else {
-            let rows: Vec<Vec<String>> = machines
-                .iter()
-                .map(|m| {
-                    vec![
-                        text(m, "machine"),
-                        text(m, "pool"),
-                        secs(m, "seconds"),
-                        secs(m, "idle_seconds"),
-                        money(num(m, "cost")),
-                    ]
-                })
-                .collect();
-            s.push_str(&output::table(
-                &["MACHINE", "POOL", "UP", "IDLE", "COST"],
-                &rows,
-            ));
-        }
+        s.push_str(&output::table_or(
+            machines,
+            "no machines were up in this period",
+            &["MACHINE", "POOL", "UP", "IDLE", "COST"],
+            |m| {
+                vec![
+                    text(m, "machine"),
+                    text(m, "pool"),
+                    secs(m, "seconds"),
+                    secs(m, "idle_seconds"),
+                    money(num(m, "cost")),
+                ]
+            },
+        ));
     }
     if args.runs {
         let runs = output::items(resp, "runs");
         s.push('\n');
-        if runs.is_empty() {
-            s.push_str("no runs on pool machines in this period\n");
-        } else {
-            let rows: Vec<Vec<String>> = runs
-                .iter()
-                .map(|r| {
-                    let machines = r
-                        .get("machines")
-                        .and_then(Value::as_array)
-                        .map(|a| a.iter().map(output::display).collect::<Vec<_>>().join(","))
-                        .filter(|m| !m.is_empty())
-                        .unwrap_or_else(|| "-".into());
-                    vec![
-                        text(r, "run_id"),
-                        text(r, "job"),
-                        text(r, "pool"),
-                        machines,
-                        secs(r, "machine_seconds"),
-                        money(num(r, "cost")),
-                    ]
-                })
-                .collect();
-            s.push_str(&output::table(
-                &["RUN", "JOB", "POOL", "MACHINES", "MACHINE TIME", "COST"],
-                &rows,
-            ));
-        }
+        s.push_str(&output::table_or(
+            runs,
+            "no runs on pool machines in this period",
+            &["RUN", "JOB", "POOL", "MACHINES", "MACHINE TIME", "COST"],
+            |r| {
+                let machines = r
+                    .get("machines")
+                    .and_then(Value::as_array)
+                    .map(|a| a.iter().map(output::display).collect::<Vec<_>>().join(","))
+                    .filter(|m| !m.is_empty())
+                    .unwrap_or_else(|| "-".into());
+                vec![
+                    text(r, "run_id"),
+                    text(r, "job"),
+                    text(r, "pool"),
+                    machines,
+                    secs(r, "machine_seconds"),
+                    money(num(r, "cost")),
+                ]
+            },
+        ));
     }
     s
 }

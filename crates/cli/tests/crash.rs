@@ -26,6 +26,16 @@ async fn start(data: &Path) -> (Serve, Channel) {
 const TOPIC: &str = "projects/crash/topics/load";
 const SUB: &str = "projects/crash/subscriptions/load-sub";
 
+/// Panics when there are `ids`, saying how many `what` and the first five.
+fn assert_none(ids: &[&String], what: &str) {
+    assert!(
+        ids.is_empty(),
+        "{} {what}, e.g. {:?}",
+        ids.len(),
+        &ids[..ids.len().min(5)]
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigkill_under_load_loses_no_acknowledged_publish() {
     let dir = tempfile::tempdir().unwrap();
@@ -158,22 +168,12 @@ async fn sigkill_under_load_loses_no_acknowledged_publish() {
             !acked.contains(*id) && !ack_in_flight.contains(*id) && !delivered.contains_key(*id)
         })
         .collect();
-    assert!(
-        lost.is_empty(),
-        "{} acknowledged publishes lost after kill -9, e.g. {:?}",
-        lost.len(),
-        &lost[..lost.len().min(5)]
-    );
+    assert_none(&lost, "acknowledged publishes lost after kill -9");
     let resurrected: Vec<&String> = acked
         .iter()
         .filter(|id| delivered.contains_key(*id))
         .collect();
-    assert!(
-        resurrected.is_empty(),
-        "{} acked messages came back, e.g. {:?}",
-        resurrected.len(),
-        &resurrected[..resurrected.len().min(5)]
-    );
+    assert_none(&resurrected, "acked messages came back");
     for (id, data) in &delivered {
         if let Some(want) = published.get(id) {
             assert_eq!(

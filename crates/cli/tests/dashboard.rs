@@ -270,6 +270,15 @@ fn xpath_literal(s: &str) -> String {
 
 const JOBS: &str = include_str!("manifests/dashboard-jobs.toml");
 
+/// A server on `manifest` and a browser for it; none when the browser is
+/// not installed (the test is skipped).
+async fn session(manifest: &str) -> Option<(Serve, Browser)> {
+    let driver = chromedriver()?;
+    let s = start(manifest, None);
+    let b = browser(&driver).await;
+    Some((s, b))
+}
+
 // ------------------------------------------------------------------ tests
 
 /// Publish → the run appears on the runs page, its page streams the line
@@ -277,9 +286,9 @@ const JOBS: &str = include_str!("manifests/dashboard-jobs.toml");
 /// text.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn published_run_appears_and_streams_its_log() {
-    let Some(driver) = chromedriver() else { return };
-    let s = start(JOBS, None);
-    let b = browser(&driver).await;
+    let Some((s, b)) = session(JOBS).await else {
+        return;
+    };
     let hostile = "<script>alert(2)</script>";
     s.publish("work", "payload", json!({ "n": "1", "note": hostile }))
         .await;
@@ -311,9 +320,9 @@ async fn published_run_appears_and_streams_its_log() {
 /// and its live log showed the job's first line while it ran.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_from_the_ui_cancels_the_run() {
-    let Some(driver) = chromedriver() else { return };
-    let s = start(JOBS, None);
-    let b = browser(&driver).await;
+    let Some((s, b)) = session(JOBS).await else {
+        return;
+    };
     s.publish("slow", "go", json!({})).await;
     let href = b
         .reload_until(&s.url("/ui/runs?job=slow"), "#runs a[href^='/ui/runs/']")
@@ -333,9 +342,9 @@ async fn cancel_from_the_ui_cancels_the_run() {
 /// attachment, and runs no script.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_object_name_renders_as_text() {
-    let Some(driver) = chromedriver() else { return };
-    let s = start(JOBS, None);
-    let b = browser(&driver).await;
+    let Some((s, b)) = session(JOBS).await else {
+        return;
+    };
     let name = "<script>alert(1)</script>.txt";
     s.upload("files", name, "hello").await;
     b.c.goto(&s.url("/ui/buckets/files?flat=true"))
@@ -418,9 +427,9 @@ async fn token_server_logs_in_with_a_session_cookie() {
 /// session's CSRF field.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trigger_rerun_and_schedule_buttons_work() {
-    let Some(driver) = chromedriver() else { return };
-    let s = start(JOBS, None);
-    let b = browser(&driver).await;
+    let Some((s, b)) = session(JOBS).await else {
+        return;
+    };
     // Trigger now, with an attribute the job prints.
     b.c.goto(&s.url("/ui/jobs/hello")).await.unwrap();
     b.wait_text("definition", "hello-from-job").await;

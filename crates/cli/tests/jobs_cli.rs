@@ -44,6 +44,12 @@ impl Serve {
         self.json(&["runs", "show", id])["run"].clone()
     }
 
+    /// Writes `text` to `name` in the server's dir and applies it.
+    fn write_and_apply(&self, name: &str, text: &str) {
+        let path = write(&self.path(name), text);
+        self.ok(&["apply", "-f", &path]);
+    }
+
     /// Polls `pubrun runs show ID` until `pred` holds; returns that run.
     fn wait_run(&self, id: &str, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
         common::poll(
@@ -601,11 +607,7 @@ fn serve_with_an_invalid_config_exits_1_naming_file_and_line() {
 #[test]
 fn the_plan_warns_about_lost_messages_and_jobs_that_cannot_use_their_pool() {
     let server = start();
-    let first = write(
-        &server.path("first.toml"),
-        include_str!("manifests/jobs-cli-first.toml"),
-    );
-    server.ok(&["apply", "-f", &first]);
+    server.write_and_apply("first.toml", include_str!("manifests/jobs-cli-first.toml"));
     for i in 0..3 {
         server.ok(&[
             "publish",
@@ -646,11 +648,10 @@ fn the_plan_warns_about_lost_messages_and_jobs_that_cannot_use_their_pool() {
 #[test]
 fn logs_end_with_a_newline_and_say_why_a_run_that_never_started_ended() {
     let server = start();
-    let m = write(
-        &server.path("papercuts.toml"),
+    server.write_and_apply(
+        "papercuts.toml",
         include_str!("manifests/jobs-cli-papercuts.toml"),
     );
-    server.ok(&["apply", "-f", &m]);
     let id = server
         .ok(&["jobs", "trigger", "printer"])
         .trim()

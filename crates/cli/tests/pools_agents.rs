@@ -46,6 +46,14 @@ impl Drop for Env {
 }
 
 impl Env {
+    /// [`Env::new`] with agent `name` started and joined.
+    fn with_agent(name: &str) -> Env {
+        let mut env = Env::new();
+        env.start_agent(name);
+        env.wait_agents(&[name]);
+        env
+    }
+
     fn new() -> Env {
         let server = ServeBuilder::new()
             .config(manifest())
@@ -226,9 +234,7 @@ fn file_contains(path: &Path, needle: &str) -> bool {
 
 #[test]
 fn a_run_executes_on_an_agent_and_a_frozen_agent_loses_it_to_another() {
-    let mut env = Env::new();
-    env.start_agent("a");
-    env.wait_agents(&["a"]);
+    let mut env = Env::with_agent("a");
 
     // A short run: executed on a, log shipped, result recorded.
     let first = env.publish(0);
@@ -299,9 +305,7 @@ fn a_run_executes_on_an_agent_and_a_frozen_agent_loses_it_to_another() {
 
 #[test]
 fn a_stopping_agent_hands_its_run_back() {
-    let mut env = Env::new();
-    env.start_agent("a");
-    env.wait_agents(&["a"]);
+    let mut env = Env::with_agent("a");
     let id = env.publish(30);
     env.wait(&format!("run {id} begins on a"), || {
         let log = env.run_log(&id);
@@ -337,9 +341,7 @@ fn a_stopping_agent_hands_its_run_back() {
 
 #[test]
 fn a_server_restart_does_not_lose_a_run_on_an_agent() {
-    let mut env = Env::new();
-    env.start_agent("a");
-    env.wait_agents(&["a"]);
+    let mut env = Env::with_agent("a");
     let mark = env.path("ended");
     let id = env.publish_marked(3, mark.to_str().unwrap());
     env.wait_log(&id, "begin\n");

@@ -253,14 +253,7 @@ impl Env {
             "--- serve.log ---\n{}\n",
             std::fs::read_to_string(self.path("serve.log")).unwrap_or_default()
         );
-        let (_, names) = docker(&[
-            "ps",
-            "-a",
-            "--filter",
-            &format!("label={POOL_LABEL}={}", self.pool),
-            "--format",
-            "{{.Names}}",
-        ]);
+        let (_, names) = self.docker_ps("{{.Names}}");
         for name in names.split_whitespace() {
             let (_, log) = docker(&["logs", name]);
             out.push_str(&format!("--- docker logs {name} ---\n{log}\n"));
@@ -425,16 +418,15 @@ impl Env {
         p["machines_up"].as_u64().unwrap() as usize
     }
 
+    /// `docker ps -a` of the pool's containers, one line each in `format`.
+    fn docker_ps(&self, format: &str) -> (bool, String) {
+        let label = format!("label={POOL_LABEL}={}", self.pool);
+        docker(&["ps", "-a", "--filter", &label, "--format", format])
+    }
+
     /// The pool's containers per docker: (name, state).
     fn containers(&self) -> Vec<(String, String)> {
-        let (ok, out) = docker(&[
-            "ps",
-            "-a",
-            "--filter",
-            &format!("label={POOL_LABEL}={}", self.pool),
-            "--format",
-            "{{.Names}} {{.State}}",
-        ]);
+        let (ok, out) = self.docker_ps("{{.Names}} {{.State}}");
         assert!(ok, "docker ps: {out}");
         out.lines()
             .filter_map(|l| l.split_once(' '))

@@ -21,6 +21,11 @@ fn pubrun(args: &[&str], data: &std::path::Path) -> Command {
     c
 }
 
+/// `pubrun serve` on 127.0.0.1:`port` with its data in `data`.
+fn serve_on(port: u16, data: &std::path::Path) -> Command {
+    pubrun(&["serve", "--listen", &format!("127.0.0.1:{port}")], data)
+}
+
 #[test]
 fn non_loopback_listen_requires_a_token() {
     let dir = tempfile::tempdir().unwrap();
@@ -39,22 +44,10 @@ fn non_loopback_listen_requires_a_token() {
 fn second_server_on_same_data_dir_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let mut first = Server(
-        pubrun(
-            &["serve", "--listen", &format!("127.0.0.1:{port}")],
-            dir.path(),
-        )
-        .spawn()
-        .unwrap(),
-    );
+    let mut first = Server(serve_on(port, dir.path()).spawn().unwrap());
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(connect(port));
-    let out = pubrun(
-        &["serve", "--listen", &format!("127.0.0.1:{}", free_port())],
-        dir.path(),
-    )
-    .output()
-    .unwrap();
+    let out = serve_on(free_port(), dir.path()).output().unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("in use by another pubrun process"), "{err}");
@@ -69,18 +62,10 @@ async fn grpc_requires_the_bearer_token_when_configured() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let _server = Server(
-        pubrun(
-            &[
-                "serve",
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--token",
-                "s3cret",
-            ],
-            dir.path(),
-        )
-        .spawn()
-        .unwrap(),
+        serve_on(port, dir.path())
+            .args(["--token", "s3cret"])
+            .spawn()
+            .unwrap(),
     );
     let ch = connect(port).await;
     let topic = pb::Topic {
@@ -136,13 +121,10 @@ async fn sigterm_ends_open_streams_and_exits_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let mut server = Server(
-        pubrun(
-            &["serve", "--listen", &format!("127.0.0.1:{port}")],
-            dir.path(),
-        )
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap(),
+        serve_on(port, dir.path())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
     );
     let ch = connect(port).await;
     PublisherClient::new(ch.clone())

@@ -738,7 +738,9 @@ pub fn read_log(path: &Path) -> String {
 
 /// Calls `probe` every `every` until it returns `Ok` (that value); once
 /// `patience` has passed, panics with `fail` of what it saw last (the
-/// message is made only then: it may read a log).
+/// message is made only then: it may read a log). `pubrun_testkit`'s
+/// `wait_until` without that last-seen state: these tests' waits report the
+/// run or reply they last saw.
 pub fn poll<T, S>(
     patience: Duration,
     every: Duration,

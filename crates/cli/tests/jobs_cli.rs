@@ -52,17 +52,8 @@ impl Serve {
 
     /// Polls `pubrun runs show ID` until `pred` holds; returns that run.
     fn wait_run(&self, id: &str, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
-        common::poll(
-            PATIENCE,
-            Duration::from_millis(100),
-            || {
-                let run = self.run_record(id);
-                common::ready_if(pred(&run), run)
-            },
-            |run| {
-                format!("run {id} never became {what} within {PATIENCE:?}; last seen: {run:#}\n--- server log ---\n{}", self.log())
-            },
-        )
+        let what = format!("run {id} becoming {what}");
+        self.wait_json(&["runs", "show", id], &what, |v| pred(&v["run"]))["run"].clone()
     }
 
     fn wait_terminal(&self, id: &str) -> Value {

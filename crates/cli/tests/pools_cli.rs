@@ -25,28 +25,6 @@ fn start() -> Serve {
         .start()
 }
 
-/// Client commands and waits against the harness's server.
-impl Serve {
-    /// Polls `pubrun ARGS --json` until `pred` holds; returns that answer.
-    fn wait_json(&self, args: &[&str], what: &str, pred: impl Fn(&Value) -> bool) -> Value {
-        common::poll(
-            PATIENCE,
-            Duration::from_millis(100),
-            || {
-                let v = self.json(args);
-                common::ready_if(pred(&v), v)
-            },
-            |v| {
-                let args = args.join(" ");
-                format!(
-                    "{what} did not happen within {PATIENCE:?}; last `pubrun {args}`: {v:#}\n{}",
-                    self.logs()
-                )
-            },
-        )
-    }
-}
-
 /// The entry of `list[key]` whose `field` is `name`.
 fn find<'a>(v: &'a Value, key: &str, field: &str, name: &str) -> Option<&'a Value> {
     v[key]

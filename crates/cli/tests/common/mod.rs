@@ -563,6 +563,32 @@ impl Serve {
             )
         })
     }
+
+    /// Polls `pubrun ARGS --json` every 100 ms until `pred` holds (within
+    /// the builder's patience); returns that answer.
+    pub fn wait_json(
+        &self,
+        args: &[&str],
+        what: &str,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let patience = self.spec.patience;
+        poll(
+            patience,
+            Duration::from_millis(100),
+            || {
+                let v = self.json(args);
+                ready_if(pred(&v), v)
+            },
+            |v| {
+                let args = args.join(" ");
+                format!(
+                    "{what} did not happen within {patience:?}; last `pubrun {args}`: {v:#}\n{}",
+                    self.logs()
+                )
+            },
+        )
+    }
 }
 
 /// A finished client command: its exit code (-1 for a signal) and output.

@@ -79,7 +79,21 @@ impl From<SqliteError> for Error {
 
 pub struct SqliteRunStore {
     db: SqliteDb,
+    #[cfg(feature = "testing")]
+    on_claim: Option<ClaimHook>,
 }
+
+/// What a test runs when a claim (the intake's `enqueue_starting` or the
+/// scheduler's `claim_due`) has committed runs as `starting`, before the
+/// claim answers: it gets their ids, and the claim waits for its future. It
+/// holds the window between the commit and the dispatcher's registering of
+/// the runs open for as long as the test needs (feature `testing`).
+#[cfg(feature = "testing")]
+pub type ClaimHook = Box<
+    dyn Fn(Vec<i64>) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
+        + Send
+        + Sync,
+>;
 
 /// The blocking forms of the calls that tests and tools make outside the
 /// dispatcher (same SQL as the [`RunStore`] methods of the same names).
@@ -88,21 +102,20 @@ impl SqliteRunStore {
     pub fn open(path: &Path) -> Result<Self> {
         Ok(SqliteRunStore {
             db: SqliteDb::open_blocking(path, MIGRATIONS)?,
+            #[cfg(feature = "testing")]
+            on_claim: None,
         })
+    }
+
+    /// The same store, with `hook` run on every claim (see [`ClaimHook`]).
+    #[cfg(feature = "testing")]
+    pub fn with_claim_hook(mut self, hook: ClaimHook) -> Self {
+        self.on_claim = Some(hook);
+        self
     }
 
     pub fn get(&self, id: i64) -> Result<RunRecord> {
         self.db.call_blocking(|c| get_run(c, id))
-    }
-
-    pub fn list(
-        &self,
-        job: Option<&str>,
-        status: Option<RunStatus>,
-        limit: usize,
-    ) -> Result<Vec<RunRecord>> {
-        self.db
-            .call_blocking(|c| list_runs(c, job, status, None, limit))
     }
 
     /// Blocking [`RunStore::list_before`](super::RunStore::list_before).
@@ -161,6 +174,15 @@ impl SqliteRunStore {
         f: impl FnOnce(&mut Connection) -> Result<T> + Send + 'static,
     ) -> Result<T> {
         self.db.write(f).await
+    }
+
+    /// Runs the test's [`ClaimHook`], if any, on the runs a claim started.
+    async fn claimed(&self, started: &[RunRecord]) {
+        #[cfg(feature = "testing")]
+        if let (Some(hook), false) = (&self.on_claim, started.is_empty()) {
+            hook(started.iter().map(|r| r.id).collect()).await;
+        }
+        let _ = started;
     }
 }
 
@@ -290,6 +312,26 @@ fn mark_starting(c: &Connection, id: i64) -> Result<()> {
     Err(claim_refused(&get_run(c, id)?))
 }
 
+/// [`RunStore::startable`]: the due queued runs of `job`, oldest first.
+fn startable(c: &Connection, job: &str, now_ms: i64, limit: usize) -> Result<Vec<QueuedRun>> {
+    let mut stmt = c
+        .prepare_cached(
+            "SELECT id, cancel_requested FROM runs WHERE status = 'queued' AND job = ?1 AND not_before_ms <= ?2
+             ORDER BY id LIMIT ?3",
+        )
+        .map_err(db_err)?;
+    let rows = stmt
+        .query_map(params![job, now_ms, limit as i64], |r| {
+            Ok(QueuedRun {
+                id: r.get(0)?,
+                job: job.to_string(),
+                cancel_requested: r.get::<_, i64>(1)? != 0,
+            })
+        })
+        .map_err(db_err)?;
+    rows.collect::<rusqlite::Result<Vec<_>>>().map_err(db_err)
+}
+
 /// [`RunStore::claim_due`] in one transaction: claimed runs are read back
 /// whole before the commit, so the caller needs no second query.
 fn claim_due(
@@ -300,39 +342,22 @@ fn claim_due(
     skip: &[i64],
 ) -> Result<Claimed> {
     let tx = c.savepoint().map_err(db_err)?;
-    let due = {
-        let mut stmt = tx
-            .prepare_cached(
-                "SELECT id, cancel_requested FROM runs WHERE status = 'queued' AND job = ?1 AND not_before_ms <= ?2
-                 ORDER BY id LIMIT ?3",
-            )
-            .map_err(db_err)?;
-        let rows = stmt
-            .query_map(
-                params![
-                    job,
-                    now_ms,
-                    limit.saturating_add(8).saturating_add(skip.len()) as i64
-                ],
-                |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)? != 0)),
-            )
-            .map_err(db_err)?;
-        rows.collect::<rusqlite::Result<Vec<_>>>().map_err(db_err)?
-    };
+    let due = startable(
+        &tx,
+        job,
+        now_ms,
+        limit.saturating_add(8).saturating_add(skip.len()),
+    )?;
     let mut out = Claimed::default();
-    for (id, cancel_requested) in due {
-        if skip.contains(&id) {
+    for q in due {
+        if skip.contains(&q.id) {
             continue;
         }
-        if cancel_requested {
-            out.cancelled.push(QueuedRun {
-                id,
-                job: job.to_string(),
-                cancel_requested,
-            });
+        if q.cancel_requested {
+            out.cancelled.push(q);
         } else if out.started.len() < limit {
-            mark_starting(&tx, id)?;
-            out.started.push(get_run(&tx, id)?);
+            mark_starting(&tx, q.id)?;
+            out.started.push(get_run(&tx, q.id)?);
         }
     }
     tx.commit().map_err(db_err)?;
@@ -523,30 +548,14 @@ impl RunStore for SqliteRunStore {
         start: usize,
     ) -> Result<(Vec<Enqueued>, Vec<RunRecord>)> {
         let batch = EnqueueBatch::new(job, messages)?;
-        self.write(move |c| batch.run(c, now_ms, start)).await
+        let out = self.write(move |c| batch.run(c, now_ms, start)).await?;
+        self.claimed(&out.1).await;
+        Ok(out)
     }
 
     async fn startable(&self, job: &str, now_ms: i64, limit: usize) -> Result<Vec<QueuedRun>> {
         let job = job.to_string();
-        self.read(move |c| {
-            let mut stmt = c
-                .prepare_cached(
-                    "SELECT id, cancel_requested FROM runs WHERE status = 'queued' AND job = ?1 AND not_before_ms <= ?2
-                     ORDER BY id LIMIT ?3",
-                )
-                .map_err(db_err)?;
-            let rows = stmt
-                .query_map(params![job, now_ms, limit as i64], |r| {
-                    Ok(QueuedRun {
-                        id: r.get(0)?,
-                        job: job.clone(),
-                        cancel_requested: r.get::<_, i64>(1)? != 0,
-                    })
-                })
-                .map_err(db_err)?;
-            rows.collect::<rusqlite::Result<Vec<_>>>().map_err(db_err)
-        })
-        .await
+        self.read(move |c| startable(c, &job, now_ms, limit)).await
     }
 
     async fn claim_due(
@@ -557,8 +566,11 @@ impl RunStore for SqliteRunStore {
         skip: &[i64],
     ) -> Result<Claimed> {
         let (job, skip) = (job.to_string(), skip.to_vec());
-        self.write(move |c| claim_due(c, &job, now_ms, limit, &skip))
-            .await
+        let out = self
+            .write(move |c| claim_due(c, &job, now_ms, limit, &skip))
+            .await?;
+        self.claimed(&out.started).await;
+        Ok(out)
     }
 
     async fn due_queued_by_job(&self, now_ms: i64) -> Result<Vec<(String, u64)>> {

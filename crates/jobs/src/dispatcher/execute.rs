@@ -171,10 +171,17 @@ impl Dispatcher {
             req.env.insert("TRACEPARENT".into(), tp);
         }
         let workdir = req.workdir.clone();
+        let stage = Stage {
+            run,
+            spec,
+            ctx: &ctx,
+            workdir: &workdir,
+            log: &log,
+        };
         if !spec.inputs.is_empty() {
             let parent = span.context();
             let mut staging = traces::start(|| SpanStart::new("stage inputs", parent.as_ref()));
-            let staged = self.stage_inputs(run, spec, &ctx, &workdir, &log).await;
+            let staged = self.stage_inputs(&stage).await;
             if staged.is_err() {
                 staging.error("input staging failed");
             }
@@ -208,7 +215,7 @@ impl Dispatcher {
         if !spec.outputs.is_empty() && !exit.cause.keeps_attempt() && upload {
             let parent = span.context();
             let mut uploading = traces::start(|| SpanStart::new("upload outputs", parent.as_ref()));
-            let uploaded = self.stage_outputs(run, spec, &ctx, &workdir, &log).await;
+            let uploaded = self.stage_outputs(&stage).await;
             if uploaded.is_err() {
                 uploading.error("output upload failed");
             }

@@ -14,18 +14,30 @@ impl Dispatcher {
         spec: JobSpec,
         token: CancellationToken,
     ) {
-        let exit = match std::panic::AssertUnwindSafe(self.attempt(&run, &spec, token))
-            .catch_unwind()
-            .await
-        {
+        let attempt = self.attempt(&run, &spec, token);
+        let exit = self
+            .unless_panicked("running the attempt", run.id, &spec, attempt)
+            .await;
+        self.settle_guarded(run, &spec, exit).await;
+    }
+
+    /// The exit of `attempt`; a panic in it ends the attempt with an
+    /// internal error (`while_` says in what), noted in the run's log.
+    async fn unless_panicked(
+        &self,
+        while_: &str,
+        id: i64,
+        spec: &JobSpec,
+        attempt: impl std::future::Future<Output = Exit>,
+    ) -> Exit {
+        match std::panic::AssertUnwindSafe(attempt).catch_unwind().await {
             Ok(exit) => exit,
             Err(p) => {
-                let exit = internal_error("running the attempt", &*p);
-                self.note_in_log(run.id, &spec, &exit).await;
+                let exit = internal_error(while_, &*p);
+                self.note_in_log(id, spec, &exit).await;
                 exit
             }
-        };
-        self.settle_guarded(run, &spec, exit).await;
+        }
     }
 
     /// [`Self::settle`], and if that panics: the run fails as it can, and
@@ -250,17 +262,15 @@ impl Dispatcher {
         spec: JobSpec,
         token: CancellationToken,
     ) {
-        let recovered = std::panic::AssertUnwindSafe(self.recover_attempt(&run, &spec, token))
-            .catch_unwind()
+        let attempt = self.recover_attempt(&run, &spec, token);
+        let exit = self
+            .unless_panicked(
+                "recovering the attempt after a restart",
+                run.id,
+                &spec,
+                attempt,
+            )
             .await;
-        let exit = match recovered {
-            Ok(exit) => exit,
-            Err(p) => {
-                let exit = internal_error("recovering the attempt after a restart", &*p);
-                self.note_in_log(run.id, &spec, &exit).await;
-                exit
-            }
-        };
         self.settle_guarded(run, &spec, exit).await;
     }
 

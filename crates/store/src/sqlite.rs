@@ -41,6 +41,19 @@ pub enum SqliteError {
     Commit { path: String, detail: String },
 }
 
+/// Every row `sql` yields, each made by `row`: the one prepare, query and
+/// collect of the engines.
+pub(crate) fn query_all<T>(
+    c: &Connection,
+    sql: &str,
+    params: impl rusqlite::Params,
+    row: impl FnMut(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+) -> rusqlite::Result<Vec<T>> {
+    let mut st = c.prepare_cached(sql)?;
+    let rows = st.query_map(params, row)?;
+    rows.collect()
+}
+
 /// The error of a database call: anything a SQLite fault converts into.
 pub trait DbError: From<SqliteError> + Send + 'static {}
 impl<E: From<SqliteError> + Send + 'static> DbError for E {}

@@ -13,7 +13,7 @@ use super::{
     lease_end_parts, log_transition, parse_machine_state, parse_spec, to_json, token_param,
     Bootstrap, LeaseEnd, LeaseRow, MachineRow, NewLease, PoolStore, RawLease, UpSpan,
 };
-use crate::sqlite::SqliteDb;
+use crate::sqlite::{query_all, SqliteDb};
 
 /// Numbered migrations (`PRAGMA user_version`); never edit a released one.
 const MIGRATIONS: &[&str] = &[
@@ -128,16 +128,14 @@ fn query_machines(
     where_: &str,
     params: impl rusqlite::Params,
 ) -> Result<Vec<MachineRow>> {
-    let mut st = c
-        .prepare_cached(&format!("SELECT {MACHINE_COLS} FROM machines {where_}"))
-        .map_err(db_err)?;
-    let rows = st.query_map(params, machine_row).map_err(db_err)?;
-    rows.map(|r| {
-        let (mut m, state) = r.map_err(db_err)?;
-        m.state = parse_machine_state(&m.name, &state)?;
-        Ok(m)
-    })
-    .collect()
+    let sql = format!("SELECT {MACHINE_COLS} FROM machines {where_}");
+    let rows = query_all(c, &sql, params, machine_row).map_err(db_err)?;
+    rows.into_iter()
+        .map(|(mut m, state)| {
+            m.state = parse_machine_state(&m.name, &state)?;
+            Ok(m)
+        })
+        .collect()
 }
 
 fn raw_lease(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawLease> {
@@ -162,11 +160,9 @@ fn query_leases(
     where_: &str,
     params: impl rusqlite::Params,
 ) -> Result<Vec<LeaseRow>> {
-    let mut st = c
-        .prepare_cached(&format!("SELECT {LEASE_COLS} FROM leases {where_}"))
-        .map_err(db_err)?;
-    let rows = st.query_map(params, raw_lease).map_err(db_err)?;
-    rows.map(|r| r.map_err(db_err)?.parse()).collect()
+    let sql = format!("SELECT {LEASE_COLS} FROM leases {where_}");
+    let rows = query_all(c, &sql, params, raw_lease).map_err(db_err)?;
+    rows.into_iter().map(RawLease::parse).collect()
 }
 
 #[async_trait::async_trait]
@@ -212,23 +208,18 @@ impl PoolStore for SqlitePoolStore {
     async fn pools(&self) -> Result<Vec<(PoolSpec, String)>> {
         self.db
             .run(|c| {
-                let mut st = c
-                    .prepare_cached("SELECT name, spec, token FROM pools ORDER BY name")
-                    .map_err(db_err)?;
-                let rows = st
-                    .query_map([], |r| {
-                        Ok((
-                            r.get::<_, String>(0)?,
-                            r.get::<_, String>(1)?,
-                            r.get::<_, String>(2)?,
-                        ))
-                    })
-                    .map_err(db_err)?;
-                rows.map(|r| {
-                    let (name, spec, token) = r.map_err(db_err)?;
-                    Ok((parse_spec(&name, &spec)?, token))
+                let sql = "SELECT name, spec, token FROM pools ORDER BY name";
+                let rows = query_all(c, sql, [], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, String>(2)?,
+                    ))
                 })
-                .collect()
+                .map_err(db_err)?;
+                rows.into_iter()
+                    .map(|(name, spec, token)| Ok((parse_spec(&name, &spec)?, token)))
+                    .collect()
             })
             .await
     }
@@ -359,21 +350,15 @@ impl PoolStore for SqlitePoolStore {
     async fn bootstraps(&self) -> Result<Vec<Bootstrap>> {
         self.db
             .run(|c| {
-                let mut st = c
-                    .prepare_cached(
-                        "SELECT machine, pool, token FROM bootstrap_tokens ORDER BY machine",
-                    )
-                    .map_err(db_err)?;
-                let rows = st
-                    .query_map([], |r| {
-                        Ok(Bootstrap {
-                            machine: r.get(0)?,
-                            pool: r.get(1)?,
-                            token: r.get(2)?,
-                        })
+                let sql = "SELECT machine, pool, token FROM bootstrap_tokens ORDER BY machine";
+                query_all(c, sql, [], |r| {
+                    Ok(Bootstrap {
+                        machine: r.get(0)?,
+                        pool: r.get(1)?,
+                        token: r.get(2)?,
                     })
-                    .map_err(db_err)?;
-                rows.map(|r| r.map_err(db_err)).collect()
+                })
+                .map_err(db_err)
             })
             .await
     }
@@ -433,23 +418,17 @@ impl PoolStore for SqlitePoolStore {
     async fn spans(&self, since_ms: i64) -> Result<Vec<UpSpan>> {
         self.db
             .run(move |c| {
-                let mut st = c
-                    .prepare_cached(
-                        "SELECT machine, pool, start_ms, end_ms FROM machine_spans
-                     WHERE end_ms IS NULL OR end_ms > ?1 ORDER BY machine, start_ms",
-                    )
-                    .map_err(db_err)?;
-                let rows = st
-                    .query_map([since_ms], |r| {
-                        Ok(UpSpan {
-                            machine: r.get(0)?,
-                            pool: r.get(1)?,
-                            start_ms: r.get(2)?,
-                            end_ms: r.get(3)?,
-                        })
+                let sql = "SELECT machine, pool, start_ms, end_ms FROM machine_spans
+                     WHERE end_ms IS NULL OR end_ms > ?1 ORDER BY machine, start_ms";
+                query_all(c, sql, [since_ms], |r| {
+                    Ok(UpSpan {
+                        machine: r.get(0)?,
+                        pool: r.get(1)?,
+                        start_ms: r.get(2)?,
+                        end_ms: r.get(3)?,
                     })
-                    .map_err(db_err)?;
-                rows.map(|r| r.map_err(db_err)).collect()
+                })
+                .map_err(db_err)
             })
             .await
     }

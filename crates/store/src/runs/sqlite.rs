@@ -12,7 +12,7 @@ use super::{
     claim_refused, parse_jobs, to_json, Claimed, Enqueued, QueuedRun, RawRun, RunRecord, RunStore,
     SourceMessage,
 };
-use crate::sqlite::{SqliteDb, SqliteError};
+use crate::sqlite::{query_all, SqliteDb, SqliteError};
 
 /// Numbered migrations (`PRAGMA user_version`); never edit a released one.
 const MIGRATIONS: &[&str] = &[
@@ -217,11 +217,9 @@ fn query_runs(
     where_: &str,
     params: impl rusqlite::Params,
 ) -> Result<Vec<RunRecord>> {
-    let mut stmt = conn
-        .prepare_cached(&format!("SELECT {RUN_COLUMNS} FROM runs {where_}"))
-        .map_err(db_err)?;
-    let rows = stmt.query_map(params, raw_run).map_err(db_err)?;
-    rows.map(|r| r.map_err(db_err)?.parse()).collect()
+    let sql = format!("SELECT {RUN_COLUMNS} FROM runs {where_}");
+    let rows = query_all(conn, &sql, params, raw_run).map_err(db_err)?;
+    rows.into_iter().map(RawRun::parse).collect()
 }
 
 fn get_run(conn: &Connection, id: i64) -> Result<RunRecord> {
@@ -277,18 +275,14 @@ fn list_runs(
 }
 
 fn count_by_status(c: &Connection) -> Result<Vec<(RunStatus, u64)>> {
-    let mut stmt = c
-        .prepare("SELECT status, COUNT(*) FROM runs GROUP BY status")
-        .map_err(db_err)?;
-    let rows = stmt
-        .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
-        .map_err(db_err)?;
-    let mut out = Vec::new();
-    for row in rows {
-        let (s, n) = row.map_err(db_err)?;
-        out.push((RunStatus::parse(&s)?, n as u64));
-    }
-    Ok(out)
+    let sql = "SELECT status, COUNT(*) FROM runs GROUP BY status";
+    let rows = query_all(c, sql, [], |r| {
+        Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
+    })
+    .map_err(db_err)?;
+    rows.into_iter()
+        .map(|(s, n)| Ok((RunStatus::parse(&s)?, n as u64)))
+        .collect()
 }
 
 fn prune_dedup(c: &Connection, now_ms: i64) -> Result<usize> {
@@ -314,22 +308,16 @@ fn mark_starting(c: &Connection, id: i64) -> Result<()> {
 
 /// [`RunStore::startable`]: the due queued runs of `job`, oldest first.
 fn startable(c: &Connection, job: &str, now_ms: i64, limit: usize) -> Result<Vec<QueuedRun>> {
-    let mut stmt = c
-        .prepare_cached(
-            "SELECT id, cancel_requested FROM runs WHERE status = 'queued' AND job = ?1 AND not_before_ms <= ?2
-             ORDER BY id LIMIT ?3",
-        )
-        .map_err(db_err)?;
-    let rows = stmt
-        .query_map(params![job, now_ms, limit as i64], |r| {
-            Ok(QueuedRun {
-                id: r.get(0)?,
-                job: job.to_string(),
-                cancel_requested: r.get::<_, i64>(1)? != 0,
-            })
+    let sql = "SELECT id, cancel_requested FROM runs WHERE status = 'queued' AND job = ?1 AND not_before_ms <= ?2
+             ORDER BY id LIMIT ?3";
+    query_all(c, sql, params![job, now_ms, limit as i64], |r| {
+        Ok(QueuedRun {
+            id: r.get(0)?,
+            job: job.to_string(),
+            cancel_requested: r.get::<_, i64>(1)? != 0,
         })
-        .map_err(db_err)?;
-    rows.collect::<rusqlite::Result<Vec<_>>>().map_err(db_err)
+    })
+    .map_err(db_err)
 }
 
 /// [`RunStore::claim_due`] in one transaction: claimed runs are read back
@@ -496,13 +484,8 @@ impl RunStore for SqliteRunStore {
     async fn jobs(&self) -> Result<Vec<JobSpec>> {
         let specs = self
             .read(|c| {
-                let mut stmt = c
-                    .prepare("SELECT spec FROM jobs ORDER BY name")
-                    .map_err(db_err)?;
-                let rows = stmt
-                    .query_map([], |r| r.get::<_, String>(0))
-                    .map_err(db_err)?;
-                rows.collect::<rusqlite::Result<Vec<_>>>().map_err(db_err)
+                let sql = "SELECT spec FROM jobs ORDER BY name";
+                query_all(c, sql, [], |r| r.get::<_, String>(0)).map_err(db_err)
             })
             .await?;
         parse_jobs(specs)
@@ -575,15 +558,11 @@ impl RunStore for SqliteRunStore {
 
     async fn due_queued_by_job(&self, now_ms: i64) -> Result<Vec<(String, u64)>> {
         self.read(move |c| {
-            let mut stmt = c
-                .prepare_cached(
-                    "SELECT job, COUNT(*) FROM runs WHERE status = 'queued' AND not_before_ms <= ?1 GROUP BY job",
-                )
-                .map_err(db_err)?;
-            let rows = stmt
-                .query_map(params![now_ms], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))
-                .map_err(db_err)?;
-            rows.collect::<rusqlite::Result<Vec<_>>>().map_err(db_err)
+            let sql = "SELECT job, COUNT(*) FROM runs WHERE status = 'queued' AND not_before_ms <= ?1 GROUP BY job";
+            query_all(c, sql, params![now_ms], |r| {
+                Ok((r.get(0)?, r.get::<_, i64>(1)? as u64))
+            })
+            .map_err(db_err)
         })
         .await
     }
@@ -599,19 +578,15 @@ impl RunStore for SqliteRunStore {
     async fn queued_orphans(&self, jobs: &[String]) -> Result<Vec<QueuedRun>> {
         let all = self
             .read(|c| {
-                let mut stmt = c
-                    .prepare("SELECT id, job, cancel_requested FROM runs WHERE status = 'queued'")
-                    .map_err(db_err)?;
-                let rows = stmt
-                    .query_map([], |r| {
-                        Ok(QueuedRun {
-                            id: r.get(0)?,
-                            job: r.get(1)?,
-                            cancel_requested: r.get::<_, i64>(2)? != 0,
-                        })
+                let sql = "SELECT id, job, cancel_requested FROM runs WHERE status = 'queued'";
+                query_all(c, sql, [], |r| {
+                    Ok(QueuedRun {
+                        id: r.get(0)?,
+                        job: r.get(1)?,
+                        cancel_requested: r.get::<_, i64>(2)? != 0,
                     })
-                    .map_err(db_err)?;
-                rows.collect::<rusqlite::Result<Vec<_>>>().map_err(db_err)
+                })
+                .map_err(db_err)
             })
             .await?;
         Ok(all.into_iter().filter(|q| !jobs.contains(&q.job)).collect())

@@ -13,7 +13,7 @@ use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use super::{
     check_scope, ms, Claim, DefKind, Definition, RawState, ScheduleState, Scope, TriggerStore,
 };
-use crate::sqlite::SqliteDb;
+use crate::sqlite::{query_all, SqliteDb};
 
 /// Numbered migrations (`PRAGMA user_version`); never edit a released one.
 const MIGRATIONS: &[&str] = &[
@@ -179,14 +179,8 @@ impl TriggerStore for SqliteTriggerStore {
     async fn list(&self) -> Result<Vec<ScheduleState>> {
         self.db
             .run(|c| {
-                let mut st = c
-                    .prepare(&format!("SELECT {COLUMNS} FROM schedules ORDER BY name"))
-                    .map_err(db_err)?;
-                let rows = st
-                    .query_map([], raw_state)
-                    .map_err(db_err)?
-                    .collect::<rusqlite::Result<Vec<_>>>()
-                    .map_err(db_err)?;
+                let sql = format!("SELECT {COLUMNS} FROM schedules ORDER BY name");
+                let rows = query_all(c, &sql, [], raw_state).map_err(db_err)?;
                 rows.into_iter().map(RawState::parse).collect()
             })
             .await
@@ -310,19 +304,15 @@ impl TriggerStore for SqliteTriggerStore {
 }
 
 fn definitions(conn: &Connection, kind: DefKind) -> Result<Vec<Definition>> {
-    let mut st = conn
-        .prepare("SELECT name, project, spec FROM definitions WHERE kind = ?1 ORDER BY name")
-        .map_err(db_err)?;
-    let rows = st
-        .query_map(params![kind.as_str()], |r| {
-            Ok(Definition {
-                name: r.get(0)?,
-                project: r.get(1)?,
-                spec: r.get(2)?,
-            })
+    let sql = "SELECT name, project, spec FROM definitions WHERE kind = ?1 ORDER BY name";
+    query_all(conn, sql, params![kind.as_str()], |r| {
+        Ok(Definition {
+            name: r.get(0)?,
+            project: r.get(1)?,
+            spec: r.get(2)?,
         })
-        .map_err(db_err)?;
-    rows.collect::<rusqlite::Result<_>>().map_err(db_err)
+    })
+    .map_err(db_err)
 }
 
 fn upsert_states(conn: &Connection, declared: &[(String, bool)], now: DateTime<Utc>) -> Result<()> {
@@ -344,11 +334,8 @@ fn upsert_states(conn: &Connection, declared: &[(String, bool)], now: DateTime<U
 
 fn delete_states_except(conn: &Connection, keep: &HashSet<&str>) -> Result<()> {
     let existing: Vec<String> = {
-        let mut st = conn.prepare("SELECT name FROM schedules").map_err(db_err)?;
-        let rows = st
-            .query_map([], |r| r.get::<_, String>(0))
-            .map_err(db_err)?;
-        rows.collect::<rusqlite::Result<_>>().map_err(db_err)?
+        let sql = "SELECT name FROM schedules";
+        query_all(conn, sql, [], |r| r.get::<_, String>(0)).map_err(db_err)?
     };
     for name in existing.iter().filter(|n| !keep.contains(n.as_str())) {
         conn.execute("DELETE FROM schedules WHERE name = ?1", params![name])

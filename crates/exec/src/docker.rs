@@ -59,7 +59,10 @@ use futures::StreamExt;
 use pubrun_core::job::{DockerSpec, ExecutorSpec, PullPolicy};
 use tokio::sync::OnceCell;
 
-use crate::{CancellationToken, EndCause, Executor, Exit, LogSink, OnStarted, RunRequest, Started};
+use crate::{
+    stop_cause, CancellationToken, EndCause, Executor, Exit, LogSink, OnStarted, RunRequest,
+    Started,
+};
 
 /// Where Docker listens when `DOCKER_HOST` is not set.
 pub const DEFAULT_DOCKER_HOST: &str = "unix:///var/run/docker.sock";
@@ -497,26 +500,13 @@ impl DockerExecutor {
                     .build(),
             ),
         );
-        let limit = async {
-            if req.timeout.is_zero() {
-                std::future::pending::<()>().await
-            } else {
-                tokio::time::sleep(req.timeout).await
-            }
-        };
         let mut cause = EndCause::Exited;
         let mut stopped = None;
         let waited = tokio::select! {
             w = wait.next() => w,
-            _ = limit => {
-                cause = EndCause::TimedOut;
-                log.note(&format!("timed out after {}s: docker stop with {}s grace", req.timeout.as_secs_f64(), req.grace_period.as_secs())).await;
-                stopped = Some(self.stop(docker, id, req.grace_period, log).await);
-                wait.next().await
-            }
-            _ = cancel.cancelled() => {
-                cause = EndCause::Cancelled;
-                log.note(&format!("cancelled: docker stop with {}s grace", req.grace_period.as_secs())).await;
+            (why, what) = stop_cause(req.timeout, cancel) => {
+                cause = why;
+                log.note(&format!("{what}: docker stop with {}s grace", req.grace_period.as_secs())).await;
                 stopped = Some(self.stop(docker, id, req.grace_period, log).await);
                 wait.next().await
             }

@@ -141,12 +141,35 @@ pub trait Executor: Send + Sync + 'static {
     /// After a server restart: if the attempt is still known to the engine
     /// (a container with label `pubrun.run_id`), follow it to its end and
     /// return how it ended. `None` when nothing survived (a lost process).
+    ///
+    /// The default: nothing survives a restart (a child process dies with
+    /// the server that started it).
     async fn reattach(
         &self,
         req: RunRequest,
         log: Arc<LogSink>,
         cancel: CancellationToken,
-    ) -> Option<Exit>;
+    ) -> Option<Exit> {
+        let _ = (req, log, cancel);
+        None
+    }
+}
+
+/// Waits until a running attempt must be stopped: its time limit passed (a
+/// zero timeout never does) or it was cancelled. Returns the attempt's
+/// cause (`TimedOut`, `Cancelled`) and the words its log note starts with.
+pub async fn stop_cause(timeout: Duration, cancel: &CancellationToken) -> (EndCause, String) {
+    let limit = async {
+        if timeout.is_zero() {
+            std::future::pending::<()>().await
+        } else {
+            tokio::time::sleep(timeout).await
+        }
+    };
+    tokio::select! {
+        _ = limit => (EndCause::TimedOut, format!("timed out after {}s", timeout.as_secs_f64())),
+        _ = cancel.cancelled() => (EndCause::Cancelled, "cancelled".to_string()),
+    }
 }
 
 /// Executors of the pools other than `local`, by pool name. The dispatcher
@@ -172,14 +195,5 @@ impl Executor for Unavailable {
     ) -> Exit {
         log.note(&self.0).await;
         Exit::failed(EndCause::Infrastructure, self.0.clone())
-    }
-
-    async fn reattach(
-        &self,
-        _req: RunRequest,
-        _log: Arc<LogSink>,
-        _cancel: CancellationToken,
-    ) -> Option<Exit> {
-        None
     }
 }

@@ -32,7 +32,10 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::process::Child;
 use tokio::task::JoinHandle;
 
-use crate::{CancellationToken, EndCause, Executor, Exit, LogSink, OnStarted, RunRequest, Started};
+use crate::{
+    stop_cause, CancellationToken, EndCause, Executor, Exit, LogSink, OnStarted, RunRequest,
+    Started,
+};
 
 /// How long the output readers may take to reach end-of-file after the
 /// process group is gone. Only a process that left the group (setsid) and
@@ -251,25 +254,13 @@ impl Executor for ProcessExecutor {
             handle: pid.to_string(),
         });
 
-        let limit = async {
-            if req.timeout.is_zero() {
-                std::future::pending::<()>().await
-            } else {
-                tokio::time::sleep(req.timeout).await
-            }
-        };
         let mut cause = EndCause::Exited;
         let mut killed_after_grace = false;
         let status = tokio::select! {
             status = child.wait() => status,
-            _ = limit => {
-                cause = EndCause::TimedOut;
-                log.note(&format!("timed out after {}: sending SIGTERM to process group {pgid}", secs(req.timeout))).await;
-                terminate(&mut child, pgid, req.grace_period, &log, &mut killed_after_grace).await
-            }
-            _ = cancel.cancelled() => {
-                cause = EndCause::Cancelled;
-                log.note(&format!("cancelled: sending SIGTERM to process group {pgid}")).await;
+            (why, what) = stop_cause(req.timeout, &cancel) => {
+                cause = why;
+                log.note(&format!("{what}: sending SIGTERM to process group {pgid}")).await;
                 terminate(&mut child, pgid, req.grace_period, &log, &mut killed_after_grace).await
             }
         };
@@ -302,16 +293,6 @@ impl Executor for ProcessExecutor {
                 ..Default::default()
             },
         }
-    }
-
-    async fn reattach(
-        &self,
-        _req: RunRequest,
-        _log: Arc<LogSink>,
-        _cancel: CancellationToken,
-    ) -> Option<Exit> {
-        // A child process does not survive the server that started it.
-        None
     }
 }
 

@@ -21,14 +21,6 @@ use pubrun_core::run::RunStatus;
 use pubrun_exec::docker::{container_name, DockerExecutor};
 use pubrun_exec::{CancellationToken, Executor, Exit, RunRequest};
 
-async fn client() -> Docker {
-    Docker::connect_with_defaults()
-        .unwrap()
-        .negotiate_version()
-        .await
-        .expect("docker engine")
-}
-
 fn executor() -> DockerExecutor {
     DockerExecutor::connect().expect("DOCKER_HOST is usable")
 }
@@ -157,7 +149,7 @@ async fn exit_code_logs_env_and_workspace() {
         std::fs::read_to_string(fx.workdir.join("output.txt")).unwrap(),
         "made\n"
     );
-    assert_removed(&client().await, &r).await;
+    assert_removed(&pubrun_testkit::docker_client().await, &r).await;
 }
 
 /// Relative paths mean the same as for process jobs: the container starts in
@@ -226,7 +218,7 @@ async fn labels_and_name_while_running_and_removed_after() {
         }),
         ..r
     };
-    let docker = client().await;
+    let docker = pubrun_testkit::docker_client().await;
     let (on_started, started) = started_channel();
     let (exit, ()) = tokio::join!(
         within(
@@ -315,7 +307,7 @@ async fn timeout_stops_the_container_and_its_term_handler_runs() {
     );
     let log = fx.log_text().await;
     assert!(log.contains("ready\n") && log.contains("bye\n"), "{log}");
-    assert_removed(&client().await, &r).await;
+    assert_removed(&pubrun_testkit::docker_client().await, &r).await;
 }
 
 #[tokio::test]
@@ -368,7 +360,7 @@ async fn cancel_kills_a_container_that_ignores_sigterm_after_the_grace_period() 
     );
     let log = fx.log_text().await;
     assert!(log.contains("grace period and was killed"), "{log}");
-    assert_removed(&client().await, &r).await;
+    assert_removed(&pubrun_testkit::docker_client().await, &r).await;
 }
 
 #[tokio::test]
@@ -458,7 +450,7 @@ async fn only_declared_environment_and_masked_secrets_reach_the_container() {
     for line in ["MODE=declared\n", "HTTP_PROXY=http://proxy:3128\n"] {
         assert!(text.contains(line), "missing {line:?}:\n{text}");
     }
-    assert_removed(&client().await, &r).await;
+    assert_removed(&pubrun_testkit::docker_client().await, &r).await;
 }
 
 #[tokio::test]
@@ -479,7 +471,7 @@ async fn out_of_memory_is_reported() {
     assert!(exit.oom_killed, "{exit:?}\n{}", fx.log_text().await);
     assert_eq!(exit.exit_code, Some(137), "{exit:?}");
     assert_eq!(exit.status(), RunStatus::Failed);
-    assert_removed(&client().await, &r).await;
+    assert_removed(&pubrun_testkit::docker_client().await, &r).await;
 }
 
 #[tokio::test]
@@ -531,7 +523,7 @@ async fn a_bad_command_is_a_job_error() {
         "{exit:?}"
     );
     assert!(!exit.cause.keeps_attempt());
-    assert_removed(&client().await, &r).await;
+    assert_removed(&pubrun_testkit::docker_client().await, &r).await;
 }
 
 /// Registry passwords for the tests, set once, before any pull reads them.
@@ -577,7 +569,7 @@ async fn private_registry_pull_with_the_right_password() {
     assert_eq!(exit.exit_code, Some(0), "{exit:?}\n{}", fx.log_text().await);
     assert!(fx.log_text().await.contains("from-the-registry\n"));
     // Leave no copy behind: the next run must authenticate again.
-    let _ = client()
+    let _ = pubrun_testkit::docker_client()
         .await
         .remove_image(
             &image,
@@ -665,7 +657,7 @@ async fn reattach_follows_a_running_container_to_its_end() {
         ..docker(TEST_IMAGE, &[])
     });
     let started = start_and_crash(&fx, r.clone()).await;
-    let docker = client().await;
+    let docker = pubrun_testkit::docker_client().await;
     let state = docker
         .inspect_container(&started.handle, None::<InspectContainerOptions>)
         .await
@@ -711,7 +703,7 @@ async fn reattach_collects_a_container_that_ended_meanwhile() {
         ..docker(TEST_IMAGE, &[])
     });
     let started = start_and_crash(&fx, r.clone()).await;
-    let docker = client().await;
+    let docker = pubrun_testkit::docker_client().await;
     let mut wait = docker.wait_container(
         &started.handle,
         Some(
@@ -758,7 +750,7 @@ async fn a_stale_container_of_the_same_attempt_is_replaced() {
         docker(TEST_IMAGE, &["sh", "-c", "echo second-try"]),
     );
     // A container left by an earlier try of this attempt (created, never started).
-    let docker = client().await;
+    let docker = pubrun_testkit::docker_client().await;
     let body = bollard::models::ContainerCreateBody {
         image: Some(TEST_IMAGE.into()),
         cmd: Some(vec!["true".into()]),

@@ -386,7 +386,13 @@ fn run_store_dedup_window() {
         store.enqueue(&spec, &msg, "7", t + 20_001).unwrap(),
         Enqueued::New(_)
     ));
-    assert_eq!(store.list(Some("dedup-job"), None, 100).unwrap().len(), 3);
+    assert_eq!(
+        store
+            .list_before(Some("dedup-job"), None, None, 100)
+            .unwrap()
+            .len(),
+        3
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

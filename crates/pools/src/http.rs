@@ -13,7 +13,8 @@
 use std::io::Write as _;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{FromRequestParts, Path, Query, Request, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -24,7 +25,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::protocol::{ErrorBody, Poll, Register, Report, Started, PREFIX};
-use crate::remote::{AgentError, Creds, Pools};
+use crate::remote::{AgentError, Creds, LiveLease, Pools};
 
 /// The header naming the agent on every call after register.
 pub const AGENT_HEADER: &str = "x-pubrun-agent";
@@ -94,18 +95,42 @@ fn creds(h: &HeaderMap) -> Result<Creds<'_>, AgentError> {
     })
 }
 
-/// A call about `lease`: its credentials, checked against the live lease
-/// before the body (up to `limit`) is read, so a fenced agent's body is not.
-async fn lease_call<'h>(
-    p: &Pools,
-    h: &'h HeaderMap,
+/// What a route about one lease starts from: the pools, the lease the path
+/// names and the request's headers (the agent's credentials).
+struct LeaseCall {
+    p: Pools,
     lease: u64,
-    body: Body,
-    limit: u64,
-) -> Result<(Creds<'h>, Bytes), AgentError> {
-    let c = creds(h)?;
-    p.live(&c, lease, |_| ()).await?;
-    Ok((c, read_body(body, limit).await?))
+    h: HeaderMap,
+}
+
+impl FromRequestParts<Pools> for LeaseCall {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, p: &Pools) -> Result<Self, Response> {
+        let Path(lease) = Path::<u64>::from_request_parts(parts, p)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        Ok(LeaseCall {
+            p: p.clone(),
+            lease,
+            h: parts.headers.clone(),
+        })
+    }
+}
+
+impl LeaseCall {
+    /// The credentials, checked against the live lease before the body (up
+    /// to `limit`) is read, so a fenced agent's body is not.
+    async fn read(&self, body: Body, limit: u64) -> Result<(Creds<'_>, Bytes), AgentError> {
+        let c = creds(&self.h)?;
+        self.p.live(&c, self.lease, |_| ()).await?;
+        Ok((c, read_body(body, limit).await?))
+    }
+
+    /// A field of the live lease, for the credentials of the headers.
+    async fn live<T>(&self, f: impl FnOnce(&mut LiveLease) -> T) -> Result<T, AgentError> {
+        self.p.live(&creds(&self.h)?, self.lease, f).await
+    }
 }
 
 fn json_body<T: serde::de::DeserializeOwned>(b: &[u8]) -> Result<T, AgentError> {
@@ -206,15 +231,10 @@ async fn poll(State(p): State<Pools>, h: HeaderMap, body: Body) -> Result<Respon
     Ok(Json(p.poll(&c, r).await?).into_response())
 }
 
-async fn started(
-    State(p): State<Pools>,
-    Path(lease): Path<u64>,
-    h: HeaderMap,
-    body: Body,
-) -> Result<Response, AgentError> {
-    let (c, b) = lease_call(&p, &h, lease, body, JSON_BODY_LIMIT).await?;
+async fn started(l: LeaseCall, body: Body) -> Result<Response, AgentError> {
+    let (c, b) = l.read(body, JSON_BODY_LIMIT).await?;
     let s: Started = json_body(&b)?;
-    p.started(&c, lease, s.handle).await?;
+    l.p.started(&c, l.lease, s.handle).await?;
     Ok(Json(json!({})).into_response())
 }
 
@@ -223,38 +243,23 @@ struct LogQuery {
     offset: u64,
 }
 
-async fn log(
-    State(p): State<Pools>,
-    Path(lease): Path<u64>,
-    Query(q): Query<LogQuery>,
-    h: HeaderMap,
-    body: Body,
-) -> Result<Response, AgentError> {
-    let (c, bytes) = lease_call(&p, &h, lease, body, LOG_BODY_LIMIT).await?;
-    let total = p.log(&c, lease, q.offset, &bytes).await?;
+async fn log(l: LeaseCall, Query(q): Query<LogQuery>, body: Body) -> Result<Response, AgentError> {
+    let (c, bytes) = l.read(body, LOG_BODY_LIMIT).await?;
+    let total = l.p.log(&c, l.lease, q.offset, &bytes).await?;
     Ok(Json(json!({ "received": total })).into_response())
 }
 
-async fn result(
-    State(p): State<Pools>,
-    Path(lease): Path<u64>,
-    h: HeaderMap,
-    body: Body,
-) -> Result<Response, AgentError> {
-    let (c, b) = lease_call(&p, &h, lease, body, JSON_BODY_LIMIT).await?;
+async fn result(l: LeaseCall, body: Body) -> Result<Response, AgentError> {
+    let (c, b) = l.read(body, JSON_BODY_LIMIT).await?;
     let r: Report = json_body(&b)?;
-    p.report(&c, lease, r.exit).await?;
+    l.p.report(&c, l.lease, r.exit).await?;
     Ok(Json(json!({})).into_response())
 }
 
 /// The run directory as a tar stream (built in a temporary file first, so a
 /// large input is never held in memory).
-async fn workdir(
-    State(p): State<Pools>,
-    Path(lease): Path<u64>,
-    h: HeaderMap,
-) -> Result<Response, AgentError> {
-    let dir = p.live(&creds(&h)?, lease, |l| l.workdir.clone()).await?;
+async fn workdir(l: LeaseCall) -> Result<Response, AgentError> {
+    let dir = l.live(|l| l.workdir.clone()).await?;
     let file = tokio::task::spawn_blocking(move || -> std::io::Result<std::fs::File> {
         let mut tmp = tempfile_in_dir(&dir)?;
         {
@@ -301,17 +306,8 @@ fn tempfile_in_dir(dir: &std::path::Path) -> std::io::Result<std::fs::File> {
 /// Output directories sent back as a tar; unpacked into the run directory.
 /// Only regular files and directories are taken (no links, no devices),
 /// and only under the job's declared output directories.
-async fn outputs(
-    State(p): State<Pools>,
-    Path(lease): Path<u64>,
-    h: HeaderMap,
-    body: Body,
-) -> Result<Response, AgentError> {
-    let (dir, allowed) = p
-        .live(&creds(&h)?, lease, |l| {
-            (l.workdir.clone(), l.outputs.clone())
-        })
-        .await?;
+async fn outputs(l: LeaseCall, body: Body) -> Result<Response, AgentError> {
+    let (dir, allowed) = l.live(|l| (l.workdir.clone(), l.outputs.clone())).await?;
     let mut tmp = tempfile_in_dir(&dir).map_err(|e| AgentError::Internal(e.to_string()))?;
     let mut stream = body.into_data_stream();
     let mut received: u64 = 0;

@@ -14,7 +14,6 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use bollard::query_parameters::InspectContainerOptions;
-use bollard::Docker;
 use pubrun_core::pool::DockerProviderSpec;
 use pubrun_pools::provider::docker::{DockerProvider, MACHINE_LABEL, POOL_LABEL};
 use pubrun_pools::provider::{MachineLaunch, MachineProvider, ProviderError, ProviderStatus};
@@ -131,14 +130,6 @@ fn spec() -> DockerProviderSpec {
     }
 }
 
-async fn client() -> Docker {
-    Docker::connect_with_defaults()
-        .unwrap()
-        .negotiate_version()
-        .await
-        .expect("docker engine")
-}
-
 fn logs(container: &str) -> String {
     let out = Command::new("docker")
         .args(["logs", container])
@@ -192,7 +183,7 @@ async fn machine_lifecycle() {
         .unwrap();
     wait_status(&p, &name, ProviderStatus::Running).await;
 
-    let docker = client().await;
+    let docker = pubrun_testkit::docker_client().await;
     let c = docker
         .inspect_container(&name, None::<InspectContainerOptions>)
         .await
@@ -291,7 +282,7 @@ async fn machines_join_the_given_network() {
     let name = pool.machine(1);
     p.start(&pool.launch(1)).await.unwrap();
     wait_status(&p, &name, ProviderStatus::Running).await;
-    let c = client()
+    let c = pubrun_testkit::docker_client()
         .await
         .inspect_container(&name, None::<InspectContainerOptions>)
         .await
@@ -378,7 +369,7 @@ async fn docker_socket_machines_take_their_job_containers_along() {
     let dir = format!("{}/{name}", data.display());
     p.start(&pool.launch(1)).await.unwrap();
     wait_status(&p, &name, ProviderStatus::Running).await;
-    let c = client()
+    let c = pubrun_testkit::docker_client()
         .await
         .inspect_container(&name, None::<InspectContainerOptions>)
         .await
@@ -420,7 +411,7 @@ async fn docker_socket_machines_take_their_job_containers_along() {
         .unwrap()
         .unwrap();
     assert_eq!(p.status(&name).await.unwrap(), ProviderStatus::Gone);
-    let docker = client().await;
+    let docker = pubrun_testkit::docker_client().await;
     let gone = docker
         .inspect_container(&ours, None::<InspectContainerOptions>)
         .await;

@@ -41,6 +41,23 @@ pub enum SqliteError {
     Commit { path: String, detail: String },
 }
 
+/// Every row `sql` yields, each made by `row`: the one prepare, query and
+/// collect of the engines.
+pub(crate) fn query_all<T>(
+    c: &Connection,
+    sql: &str,
+    params: impl rusqlite::Params,
+    row: impl FnMut(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+) -> rusqlite::Result<Vec<T>> {
+    let mut st = c.prepare_cached(sql)?;
+    let rows = st.query_map(params, row)?;
+    rows.collect()
+}
+
+/// The error of a database call: anything a SQLite fault converts into.
+pub trait DbError: From<SqliteError> + Send + 'static {}
+impl<E: From<SqliteError> + Send + 'static> DbError for E {}
+
 /// Most calls one group commit takes (bounds how long one holds the lock).
 const MAX_GROUP: usize = 512;
 
@@ -235,14 +252,10 @@ impl SqliteDb {
     }
 
     /// Runs `f` on the connection, off the async runtime.
-    pub async fn call<T, E>(
+    pub async fn call<T: Send + 'static, E: DbError>(
         &self,
         f: impl FnOnce(&mut Connection) -> Result<T, E> + Send + 'static,
-    ) -> Result<T, E>
-    where
-        T: Send + 'static,
-        E: Send + 'static + From<SqliteError>,
-    {
+    ) -> Result<T, E> {
         let conn = self.conn.clone();
         tokio::task::spawn_blocking(move || {
             // A panic inside `f` poisons the lock; SQLite rolled back the
@@ -254,17 +267,21 @@ impl SqliteDb {
         .map_err(|e| E::from(SqliteError::Task(e.to_string())))?
     }
 
+    /// [`call`](Self::call) for the engines whose errors are pubrun's own.
+    pub async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> pubrun_core::Result<T> + Send + 'static,
+    ) -> pubrun_core::Result<T> {
+        self.call(f).await
+    }
+
     /// Runs the write `f` in the next group commit (see the module docs) and
     /// answers once that commit returned. `f` must not begin or commit a
     /// transaction itself (a savepoint is fine).
-    pub async fn write<T, E>(
+    pub async fn write<T: Send + 'static, E: DbError>(
         &self,
         f: impl FnOnce(&mut Connection) -> Result<T, E> + Send + 'static,
-    ) -> Result<T, E>
-    where
-        T: Send + 'static,
-        E: Send + 'static + From<SqliteError>,
-    {
+    ) -> Result<T, E> {
         let (reply, answer) = tokio::sync::oneshot::channel();
         let call: Box<dyn Pending> = Box::new(Call {
             f: Some(f),
@@ -289,14 +306,10 @@ impl SqliteDb {
     }
 
     /// Runs the read-only `f` on the read connection, off the async runtime.
-    pub async fn read<T, E>(
+    pub async fn read<T: Send + 'static, E: DbError>(
         &self,
         f: impl FnOnce(&mut Connection) -> Result<T, E> + Send + 'static,
-    ) -> Result<T, E>
-    where
-        T: Send + 'static,
-        E: Send + 'static + From<SqliteError>,
-    {
+    ) -> Result<T, E> {
         let this = self.clone();
         tokio::task::spawn_blocking(move || {
             let mut reader = this.reader.lock().unwrap_or_else(|p| p.into_inner());

@@ -44,6 +44,17 @@ pub fn require_docker(test: &str) -> bool {
         )
 }
 
+/// A client of the local Docker engine with the API version negotiated
+/// (bollard speaks a newer API than e.g. Debian's Docker 20.10); panics
+/// when none answers (check [`require_docker`] first).
+pub async fn docker_client() -> bollard::Docker {
+    bollard::Docker::connect_with_defaults()
+        .unwrap()
+        .negotiate_version()
+        .await
+        .expect("docker engine")
+}
+
 /// The program `cmd` on `PATH`, or `None`.
 pub fn on_path(cmd: &str) -> Option<PathBuf> {
     let paths = std::env::var_os("PATH")?;
@@ -138,7 +149,19 @@ pub fn wait_until<T>(
 }
 
 /// [`wait_until`] for async checks, polled every 50 ms on the tokio timer.
-pub async fn eventually<T, F, Fut>(what: &str, patience: Duration, mut cond: F) -> T
+pub async fn eventually<T, F, Fut>(what: &str, patience: Duration, cond: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    poll(patience, cond)
+        .await
+        .unwrap_or_else(|| panic!("timed out after {patience:?} waiting for {what}"))
+}
+
+/// Polls the async `cond` every 50 ms on the tokio timer until it returns
+/// `Some`; `None` once `patience` has passed.
+pub async fn poll<T, F, Fut>(patience: Duration, mut cond: F) -> Option<T>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
@@ -146,12 +169,11 @@ where
     let deadline = Instant::now() + patience;
     loop {
         if let Some(v) = cond().await {
-            return v;
+            return Some(v);
         }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {patience:?} waiting for {what}"
-        );
+        if Instant::now() >= deadline {
+            return None;
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

@@ -4,41 +4,20 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
-use common::utc;
-use pubrun_broker::Broker;
-use pubrun_core::clock::ManualClock;
+use common::{utc, Env};
 use pubrun_core::{Code, Message};
 use pubrun_triggers::{ScheduleSpec, Triggers, WebhookSpec};
 
 const TOPIC: &str = "projects/alpha/topics/imports";
 const SUB: &str = "projects/alpha/subscriptions/imports-sub";
 
-struct Env {
-    _dir: tempfile::TempDir,
-    data: PathBuf,
-    broker: Arc<Broker>,
-    clock: ManualClock,
-}
-
 async fn env() -> Env {
-    let dir = tempfile::tempdir().unwrap();
-    let broker = common::broker(dir.path(), TOPIC, SUB).await;
-    Env {
-        data: dir.path().join("data"),
-        _dir: dir,
-        broker,
-        clock: ManualClock::new(utc("2026-05-01T09:58:30Z")),
-    }
+    Env::new(TOPIC, SUB, "2026-05-01T09:58:30Z").await
 }
 
 impl Env {
-    async fn open(&self) -> Arc<Triggers> {
-        common::open_triggers(&self.data, &self.broker, &self.clock).await
-    }
-
     async fn drain(&self) -> Vec<Arc<Message>> {
         common::pull_acked(&self.broker, SUB).await
     }
@@ -58,7 +37,7 @@ fn names<T>(v: &[(String, T)], name: impl Fn(&T) -> &str) -> Vec<(String, String
 #[tokio::test]
 async fn definitions_survive_a_reopen_and_keep_working() {
     let e = env().await;
-    let t = e.open().await;
+    let t = e.triggers().await;
     t.set_project_schedules(
         "alpha",
         vec![ScheduleSpec::new("every-minute", "* * * * *", TOPIC)],
@@ -71,7 +50,7 @@ async fn definitions_survive_a_reopen_and_keep_working() {
     drop(t);
 
     // "Restart": nothing is set again; the stored definitions are served.
-    let t = e.open().await;
+    let t = e.triggers().await;
     assert_eq!(common::schedule_names(&t).await, ["every-minute"]);
     assert_eq!(
         names(&t.webhook_definitions().await.unwrap(), |w| &w.name),
@@ -104,7 +83,7 @@ async fn definitions_survive_a_reopen_and_keep_working() {
 #[tokio::test]
 async fn a_project_replaces_only_its_own_definitions() {
     let e = env().await;
-    let t = e.open().await;
+    let t = e.triggers().await;
     t.set_project_schedules(
         "alpha",
         vec![ScheduleSpec::new("a-nightly", "0 3 * * *", TOPIC)],
@@ -155,7 +134,7 @@ async fn a_project_replaces_only_its_own_definitions() {
     // A project's empty set deletes its own, only.
     t.set_project_schedules("alpha", vec![]).await.unwrap();
     drop(t);
-    let t = e.open().await;
+    let t = e.triggers().await;
     assert_eq!(
         names(&t.scheduler().definitions().await.unwrap(), |s| &s.name),
         [pair("beta", "b-nightly")]
@@ -166,7 +145,7 @@ async fn a_project_replaces_only_its_own_definitions() {
 #[tokio::test]
 async fn a_stored_hook_whose_secret_is_unset_at_start_refuses_everything() {
     let e = env().await;
-    let t = e.open().await;
+    let t = e.triggers().await;
     let mut spec = WebhookSpec::new("signed", TOPIC);
     spec.bearer_secret_env = Some("PUBRUN_TEST_SECRET_NOT_SET_IN_THIS_PROCESS".into());
     t.set_webhooks_with_env(vec![spec], &|_| Some("s3cret".into()))
@@ -175,7 +154,7 @@ async fn a_stored_hook_whose_secret_is_unset_at_start_refuses_everything() {
     drop(t);
     // The process environment does not have the variable: the hook is still
     // known (not 404) but never publishes, with or without credentials.
-    let t = e.open().await;
+    let t = e.triggers().await;
     let base = serve(&t).await;
     let http = reqwest::Client::new();
     for auth in [None, Some("Bearer s3cret"), Some("Bearer ")] {

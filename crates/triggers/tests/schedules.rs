@@ -3,13 +3,11 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::utc;
+use common::{utc, Env};
 use pubrun_broker::Broker;
-use pubrun_core::clock::ManualClock;
 use pubrun_core::{Message, SubscriptionName};
 use pubrun_store::EmbeddedStore;
 use pubrun_triggers::db::{SqliteTriggerStore, TriggerStore};
@@ -18,33 +16,11 @@ use pubrun_triggers::{MissedPolicy, ScheduleSpec, Triggers};
 const TOPIC: &str = "projects/demo/topics/imports";
 const SUB: &str = "projects/demo/subscriptions/imports-sub";
 
-struct Env {
-    _dir: tempfile::TempDir,
-    data: PathBuf,
-    broker: Arc<Broker>,
-    clock: ManualClock,
-}
-
 async fn env(start: &str) -> Env {
-    let dir = tempfile::tempdir().unwrap();
-    let broker = common::broker(dir.path(), TOPIC, SUB).await;
-    Env::new(dir, broker, start)
+    Env::new(TOPIC, SUB, start).await
 }
 
 impl Env {
-    fn new(dir: tempfile::TempDir, broker: Arc<Broker>, start: &str) -> Env {
-        Env {
-            data: dir.path().join("data"),
-            _dir: dir,
-            broker,
-            clock: ManualClock::new(utc(start)),
-        }
-    }
-
-    async fn triggers(&self) -> Arc<Triggers> {
-        common::open_triggers(&self.data, &self.broker, &self.clock).await
-    }
-
     /// Triggers with the one schedule most tests use: "hourly", at minute 0, UTC.
     async fn hourly(&self) -> Arc<Triggers> {
         let t = self.triggers().await;
@@ -423,7 +399,7 @@ async fn failed_publish_stays_claimed_and_is_retried() {
         EmbeddedStore::open(dir.path().join("broker")).unwrap(),
     ))
     .unwrap();
-    let e = Env::new(dir, broker, "2026-05-01T09:30:00Z");
+    let e = Env::with(dir, broker, "2026-05-01T09:30:00Z");
     let t = e.hourly().await;
     let _h = t.spawn();
     e.set("2026-05-01T10:00:00Z", &[&t]).await;

@@ -228,8 +228,118 @@ pub async fn apply_manifest(
     m: &Manifest,
     dry_run: bool,
 ) -> Result<Vec<Change>> {
-    let result =
-        apply_manifest_inner(broker, dispatcher, triggers, buckets, pools, m, dry_run).await;
+    let result = async {
+        let schedules = schedule_specs(m)?;
+        let webhooks = webhook_specs(m)?;
+        for decl in &m.buckets {
+            pubrun_buckets::names::validate_bucket_name(&decl.name).map_err(gcs)?;
+        }
+        if buckets.is_none() && !m.buckets.is_empty() {
+            return Err(Error::precondition("this server does not serve buckets"));
+        }
+        if triggers.is_none() && (!schedules.is_empty() || !webhooks.is_empty()) {
+            return Err(Error::precondition(
+                "this server does not run schedules and webhooks",
+            ));
+        }
+        let _one_at_a_time = APPLYING.lock().await;
+        let project = m.project.as_str();
+        let named_s = |v: Vec<ScheduleSpec>| {
+            v.into_iter()
+                .map(|s| (s.name.clone(), s))
+                .collect::<Vec<_>>()
+        };
+        let named_w = |v: Vec<WebhookSpec>| {
+            v.into_iter()
+                .map(|w| (w.name.clone(), w))
+                .collect::<Vec<_>>()
+        };
+        let (schedules, webhooks) = (named_s(schedules), named_w(webhooks));
+
+        // Names another project owns are refused before anything changes.
+        let mut ownership = Ownership::load(&**dispatcher.store()).await?;
+        check_job_owners(&ownership, &dispatcher.jobs(), m)?;
+        for p in &m.pools {
+            match ownership.pool_owner(&p.name) {
+                Some(owner) if owner != project => {
+                    return Err(owned_elsewhere("pool", &p.name, owner))
+                }
+                _ => {}
+            }
+        }
+        let owned_triggers = match triggers {
+            Some(t) => {
+                let s = t.scheduler().definitions().await?;
+                let w = t.webhook_definitions().await?;
+                check_owners("schedule", project, &s, |x| &x.name, &schedules)?;
+                check_owners("webhook", project, &w, |x| &x.name, &webhooks)?;
+                Some((s, w))
+            }
+            None => None,
+        };
+
+        // Pools before jobs: a job's first run may already need its pool.
+        let declared: Vec<_> = m
+            .pools
+            .iter()
+            .filter(|p| p.name != pubrun_core::pool::LOCAL_POOL)
+            .map(|p| (p.name.clone(), p.clone()))
+            .collect();
+        let mut changes = Vec::new();
+        match pools {
+            Some(p) => {
+                // A pool no record names (applied before projects owned pools)
+                // is the applying project's, as every pool was then.
+                let (theirs, mine): (Vec<_>, Vec<_>) = p
+                    .specs()
+                    .into_iter()
+                    .partition(|s| ownership.pool_owner(&s.name).is_some_and(|o| o != project));
+                let current: Vec<_> = mine.into_iter().map(|s| (s.name.clone(), s)).collect();
+                changes.extend(plan_named("pool", &current, &declared));
+                if !dry_run {
+                    let all = theirs
+                        .into_iter()
+                        .chain(declared.iter().map(|(_, s)| s.clone()))
+                        .collect();
+                    p.set_pools(all).await.map_err(Error::invalid)?;
+                    let mut applied = ownership.project(project);
+                    applied.pools = declared.iter().map(|(n, _)| n.clone()).collect();
+                    ownership.set_project(project, applied);
+                    ownership.save(&**dispatcher.store()).await?;
+                }
+            }
+            None if !declared.is_empty() => {
+                return Err(Error::precondition(
+                    "this server does not run machine pools",
+                ));
+            }
+            None => {}
+        }
+        changes.extend(super::apply(broker, dispatcher, m, dry_run).await?);
+        if let Some(b) = buckets {
+            changes.extend(apply_buckets(b, m, dry_run).await?);
+        }
+        if let (Some(t), Some((s, w))) = (triggers, owned_triggers) {
+            changes.extend(plan_named(
+                "schedule",
+                &own(project, &s, |x| &x.name),
+                &schedules,
+            ));
+            changes.extend(plan_named(
+                "webhook",
+                &own(project, &w, |x| &x.name),
+                &webhooks,
+            ));
+            if !dry_run {
+                t.set_project_schedules(project, schedules.into_iter().map(|(_, s)| s).collect())
+                    .await?;
+                t.set_project_webhooks(project, webhooks.into_iter().map(|(_, w)| w).collect())
+                    .await?;
+            }
+        }
+        Ok::<_, Error>(changes)
+    }
+    .await;
     match &result {
         Ok(changes) if !dry_run => {
             for c in changes.iter().filter(|c| c.action != Action::Unchanged) {
@@ -243,122 +353,4 @@ pub async fn apply_manifest(
         Err(_) => {}
     }
     result
-}
-
-async fn apply_manifest_inner(
-    broker: &Arc<Broker>,
-    dispatcher: &Arc<Dispatcher>,
-    triggers: Option<&Triggers>,
-    buckets: Option<&pubrun_buckets::Buckets>,
-    pools: Option<&pubrun_pools::Pools>,
-    m: &Manifest,
-    dry_run: bool,
-) -> Result<Vec<Change>> {
-    let schedules = schedule_specs(m)?;
-    let webhooks = webhook_specs(m)?;
-    for decl in &m.buckets {
-        pubrun_buckets::names::validate_bucket_name(&decl.name).map_err(gcs)?;
-    }
-    if buckets.is_none() && !m.buckets.is_empty() {
-        return Err(Error::precondition("this server does not serve buckets"));
-    }
-    if triggers.is_none() && (!schedules.is_empty() || !webhooks.is_empty()) {
-        return Err(Error::precondition(
-            "this server does not run schedules and webhooks",
-        ));
-    }
-    let _one_at_a_time = APPLYING.lock().await;
-    let project = m.project.as_str();
-    let named_s = |v: Vec<ScheduleSpec>| {
-        v.into_iter()
-            .map(|s| (s.name.clone(), s))
-            .collect::<Vec<_>>()
-    };
-    let named_w = |v: Vec<WebhookSpec>| {
-        v.into_iter()
-            .map(|w| (w.name.clone(), w))
-            .collect::<Vec<_>>()
-    };
-    let (schedules, webhooks) = (named_s(schedules), named_w(webhooks));
-
-    // Names another project owns are refused before anything changes.
-    let mut ownership = Ownership::load(&**dispatcher.store()).await?;
-    check_job_owners(&ownership, &dispatcher.jobs(), m)?;
-    for p in &m.pools {
-        match ownership.pool_owner(&p.name) {
-            Some(owner) if owner != project => return Err(owned_elsewhere("pool", &p.name, owner)),
-            _ => {}
-        }
-    }
-    let owned_triggers = match triggers {
-        Some(t) => {
-            let s = t.scheduler().definitions().await?;
-            let w = t.webhook_definitions().await?;
-            check_owners("schedule", project, &s, |x| &x.name, &schedules)?;
-            check_owners("webhook", project, &w, |x| &x.name, &webhooks)?;
-            Some((s, w))
-        }
-        None => None,
-    };
-
-    // Pools before jobs: a job's first run may already need its pool.
-    let declared: Vec<_> = m
-        .pools
-        .iter()
-        .filter(|p| p.name != pubrun_core::pool::LOCAL_POOL)
-        .map(|p| (p.name.clone(), p.clone()))
-        .collect();
-    let mut changes = Vec::new();
-    match pools {
-        Some(p) => {
-            // A pool no record names (applied before projects owned pools)
-            // is the applying project's, as every pool was then.
-            let (theirs, mine): (Vec<_>, Vec<_>) = p
-                .specs()
-                .into_iter()
-                .partition(|s| ownership.pool_owner(&s.name).is_some_and(|o| o != project));
-            let current: Vec<_> = mine.into_iter().map(|s| (s.name.clone(), s)).collect();
-            changes.extend(plan_named("pool", &current, &declared));
-            if !dry_run {
-                let all = theirs
-                    .into_iter()
-                    .chain(declared.iter().map(|(_, s)| s.clone()))
-                    .collect();
-                p.set_pools(all).await.map_err(Error::invalid)?;
-                let mut applied = ownership.project(project);
-                applied.pools = declared.iter().map(|(n, _)| n.clone()).collect();
-                ownership.set_project(project, applied);
-                ownership.save(&**dispatcher.store()).await?;
-            }
-        }
-        None if !declared.is_empty() => {
-            return Err(Error::precondition(
-                "this server does not run machine pools",
-            ));
-        }
-        None => {}
-    }
-    changes.extend(super::apply(broker, dispatcher, m, dry_run).await?);
-    if let Some(b) = buckets {
-        changes.extend(apply_buckets(b, m, dry_run).await?);
-    }
-    if let (Some(t), Some((s, w))) = (triggers, owned_triggers) {
-        changes.extend(plan_named(
-            "schedule",
-            &own(project, &s, |x| &x.name),
-            &schedules,
-        ));
-        changes.extend(plan_named(
-            "webhook",
-            &own(project, &w, |x| &x.name),
-            &webhooks,
-        ));
-        if !dry_run {
-            t.set_project_schedules(project, schedules.into_iter().map(|(_, s)| s).collect())
-                .await?;
-            t.set_project_webhooks(project, webhooks.into_iter().map(|(_, w)| w).collect())
-                .await?;
-        }
-    }
-    Ok(changes)
 }

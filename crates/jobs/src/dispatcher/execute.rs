@@ -14,18 +14,30 @@ impl Dispatcher {
         spec: JobSpec,
         token: CancellationToken,
     ) {
-        let exit = match std::panic::AssertUnwindSafe(self.attempt(&run, &spec, token))
-            .catch_unwind()
-            .await
-        {
+        let attempt = self.attempt(&run, &spec, token);
+        let exit = self
+            .unless_panicked("running the attempt", run.id, &spec, attempt)
+            .await;
+        self.settle_guarded(run, &spec, exit).await;
+    }
+
+    /// The exit of `attempt`; a panic in it ends the attempt with an
+    /// internal error (`while_` says in what), noted in the run's log.
+    async fn unless_panicked(
+        &self,
+        while_: &str,
+        id: i64,
+        spec: &JobSpec,
+        attempt: impl std::future::Future<Output = Exit>,
+    ) -> Exit {
+        match std::panic::AssertUnwindSafe(attempt).catch_unwind().await {
             Ok(exit) => exit,
             Err(p) => {
-                let exit = internal_error("running the attempt", &*p);
-                self.note_in_log(run.id, &spec, &exit).await;
+                let exit = internal_error(while_, &*p);
+                self.note_in_log(id, spec, &exit).await;
                 exit
             }
-        };
-        self.settle_guarded(run, &spec, exit).await;
+        }
     }
 
     /// [`Self::settle`], and if that panics: the run fails as it can, and
@@ -171,10 +183,17 @@ impl Dispatcher {
             req.env.insert("TRACEPARENT".into(), tp);
         }
         let workdir = req.workdir.clone();
+        let stage = Stage {
+            run,
+            spec,
+            ctx: &ctx,
+            workdir: &workdir,
+            log: &log,
+        };
         if !spec.inputs.is_empty() {
             let parent = span.context();
             let mut staging = traces::start(|| SpanStart::new("stage inputs", parent.as_ref()));
-            let staged = self.stage_inputs(run, spec, &ctx, &workdir, &log).await;
+            let staged = self.stage_inputs(&stage).await;
             if staged.is_err() {
                 staging.error("input staging failed");
             }
@@ -208,7 +227,7 @@ impl Dispatcher {
         if !spec.outputs.is_empty() && !exit.cause.keeps_attempt() && upload {
             let parent = span.context();
             let mut uploading = traces::start(|| SpanStart::new("upload outputs", parent.as_ref()));
-            let uploaded = self.stage_outputs(run, spec, &ctx, &workdir, &log).await;
+            let uploaded = self.stage_outputs(&stage).await;
             if uploaded.is_err() {
                 uploading.error("output upload failed");
             }
@@ -243,17 +262,15 @@ impl Dispatcher {
         spec: JobSpec,
         token: CancellationToken,
     ) {
-        let recovered = std::panic::AssertUnwindSafe(self.recover_attempt(&run, &spec, token))
-            .catch_unwind()
+        let attempt = self.recover_attempt(&run, &spec, token);
+        let exit = self
+            .unless_panicked(
+                "recovering the attempt after a restart",
+                run.id,
+                &spec,
+                attempt,
+            )
             .await;
-        let exit = match recovered {
-            Ok(exit) => exit,
-            Err(p) => {
-                let exit = internal_error("recovering the attempt after a restart", &*p);
-                self.note_in_log(run.id, &spec, &exit).await;
-                exit
-            }
-        };
         self.settle_guarded(run, &spec, exit).await;
     }
 

@@ -1,28 +1,22 @@
 //! Jobs on a connection: the remote intake (StreamingPull on the
 //! connection's subscription, a run queued per message through the same
 //! run store path as local intakes, acked only once queued), results
-//! published to the connection's topic, inputs and outputs through its
-//! Cloud Storage.
+//! published to the connection's topic. Its inputs and outputs go through
+//! the connection's Cloud Storage in `staging.rs`, by the same steps as a
+//! local job's.
 
-use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use pubrun_connections::pubsub::{PubsubMessage, ReceivedMessage};
 use pubrun_connections::{ConnError, Connection, ErrorKind};
 use pubrun_core::connection::ConnectionSpec;
-use pubrun_core::job::{check_relative_path, parse_gs_url, JobSpec, TRIGGER_INPUT};
-use pubrun_core::run::Exit;
-use pubrun_core::template::{self, TemplateContext};
+use pubrun_core::job::JobSpec;
 use pubrun_core::{Error, OutgoingMessage, Result, TopicName};
-use pubrun_exec::LogSink;
 
-use super::{
-    check_no_symlink, dedup_key, io_failure, now_ms, parameters, rfc3339, safe_relative, slash,
-    walk_files, Dispatcher,
-};
-use crate::runstore::{RunRecord, SourceMessage};
+use super::{dedup_key, now_ms, rfc3339, Dispatcher};
+use crate::runstore::SourceMessage;
 
 /// The lease asked for on the connection's messages, and how often it is
 /// extended while a batch waits to be queued.
@@ -250,154 +244,6 @@ impl Dispatcher {
             Err(e) if e.kind == ErrorKind::NotFound => Err(Error::not_found(e.to_string())),
             Err(e) => Err(Error::unavailable(e.to_string())),
         }
-    }
-
-    pub(super) async fn stage_inputs_remote(
-        &self,
-        c: &ConnectionSpec,
-        run: &RunRecord,
-        spec: &JobSpec,
-        ctx: &TemplateContext,
-        workdir: &Path,
-        log: &Arc<LogSink>,
-    ) -> std::result::Result<(), Exit> {
-        let conn = self
-            .connection(c)
-            .map_err(|e| io_failure(format!("inputs: {e}")))?;
-        let fetch = |bucket: String, object: String, dest: std::path::PathBuf| {
-            let conn = conn.clone();
-            async move {
-                check_no_symlink(workdir, &dest).map_err(|e| e.to_string())?;
-                if let Some(parent) = dest.parent() {
-                    tokio::fs::create_dir_all(parent)
-                        .await
-                        .map_err(|e| e.to_string())?;
-                }
-                conn.storage
-                    .download(&bucket, &object, &dest)
-                    .await
-                    .map_err(|e| e.to_string())
-            }
-        };
-        for input in &spec.inputs {
-            check_relative_path(&input.to).map_err(|e| parameters(format!("inputs.to: {e}")))?;
-            let dest = workdir.join(&input.to);
-            if input.from == TRIGGER_INPUT {
-                let attr = |k: &str| run.message.attributes.get(k).filter(|v| !v.is_empty());
-                let (Some(bucket), Some(object)) = (attr("bucketId"), attr("objectId")) else {
-                    return Err(parameters(
-                        "input \"trigger\" needs the message attributes bucketId and objectId \
-                                (sent by bucket notifications); this message has none",
-                    ));
-                };
-                let base = object.rsplit('/').next().unwrap_or("");
-                if safe_relative(base).is_none() {
-                    return Err(parameters(format_args!(
-                        "input \"trigger\": object name \"{}\" has no usable file name",
-                        object.escape_debug()
-                    )));
-                }
-                let n = fetch(bucket.clone(), object.clone(), dest.join(base))
-                    .await
-                    .map_err(|e| io_failure(format!("inputs: {e}")))?;
-                log.note(&format!(
-                    "input gs://{bucket}/{object} on connection {} ({n} bytes, CRC32C checked) -> {}{base}",
-                    c.name,
-                    slash(&input.to)
-                ))
-                .await;
-            } else {
-                let url = template::render(&input.from, ctx)
-                    .map_err(|e| parameters(format!("inputs.from: {}", e.message)))?;
-                let (bucket, prefix) =
-                    parse_gs_url(&url).map_err(|e| parameters(format!("inputs.from: {e}")))?;
-                let objects = conn
-                    .storage
-                    .list(&bucket, &prefix)
-                    .await
-                    .map_err(|e| io_failure(format!("inputs: {e}")))?;
-                let (mut files, mut bytes) = (0u64, 0u64);
-                for o in objects {
-                    let Some(rel) = safe_relative(&o.name[prefix.len().min(o.name.len())..]) else {
-                        continue;
-                    };
-                    bytes += fetch(bucket.clone(), o.name.clone(), dest.join(&rel))
-                        .await
-                        .map_err(|e| io_failure(format!("inputs: {e}")))?;
-                    files += 1;
-                }
-                log.note(&format!(
-                    "input {url} on connection {}: {files} objects ({bytes} bytes) -> {}",
-                    c.name,
-                    slash(&input.to)
-                ))
-                .await;
-            }
-        }
-        Ok(())
-    }
-
-    pub(super) async fn stage_outputs_remote(
-        &self,
-        c: &ConnectionSpec,
-        run: &RunRecord,
-        spec: &JobSpec,
-        ctx: &TemplateContext,
-        workdir: &Path,
-        log: &Arc<LogSink>,
-    ) -> std::result::Result<(), String> {
-        let conn = self.connection(c).map_err(|e| e.to_string())?;
-        let metadata: BTreeMap<String, String> = [
-            ("pubrun-run-id".to_string(), run.id.to_string()),
-            ("pubrun-job".to_string(), spec.name.clone()),
-            ("pubrun-attempt".to_string(), run.attempt.to_string()),
-        ]
-        .into_iter()
-        .collect();
-        for output in &spec.outputs {
-            check_relative_path(&output.from).map_err(|e| format!("outputs.from: {e}"))?;
-            let url = template::render(&output.to, ctx)
-                .map_err(|e| format!("outputs.to: {}", e.message))?;
-            let (bucket, prefix) = parse_gs_url(&url).map_err(|e| format!("outputs.to: {e}"))?;
-            let src = workdir.join(&output.from);
-            check_no_symlink(workdir, &src).map_err(|e| format!("{}: {e}", output.from))?;
-            match tokio::fs::symlink_metadata(&src).await {
-                Ok(m) if m.is_dir() => {}
-                _ => {
-                    log.note(&format!(
-                        "output {}: no such directory; nothing uploaded",
-                        output.from
-                    ))
-                    .await;
-                    continue;
-                }
-            }
-            let files = walk_files(src.clone())
-                .await
-                .map_err(|e| format!("{}: {e}", output.from))?;
-            let mut bytes = 0u64;
-            for rel in &files {
-                let info = conn
-                    .storage
-                    .upload(
-                        &bucket,
-                        &format!("{prefix}{rel}"),
-                        &src.join(rel),
-                        &metadata,
-                    )
-                    .await
-                    .map_err(|e| e.to_string())?;
-                bytes += info.size;
-            }
-            log.note(&format!(
-                "output {}: {} files ({bytes} bytes) -> {url} on connection {}",
-                slash(&output.from),
-                files.len(),
-                c.name
-            ))
-            .await;
-        }
-        Ok(())
     }
 }
 

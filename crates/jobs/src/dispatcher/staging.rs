@@ -11,27 +11,27 @@ impl Dispatcher {
             .ok_or_else(|| "bucket storage is not available in this server".to_string())
     }
 
+    /// Where the job's inputs come from and its outputs go: the Cloud
+    /// Storage of its connection, or this server's buckets.
+    fn objects<'a>(&'a self, spec: &'a JobSpec) -> std::result::Result<Objects<'a>, String> {
+        match &spec.connection {
+            Some(c) => self
+                .connection(c)
+                .map(|conn| Objects::Connection(conn, &c.name))
+                .map_err(|e| e.to_string()),
+            None => self.bucket_storage().map(Objects::Local),
+        }
+    }
+
     /// Downloads the job's inputs into the working directory. Errors are
     /// the attempt's error (`parameters: …` when the message cannot name
     /// the input: not retried).
-    pub(super) async fn stage_inputs(
-        &self,
-        run: &RunRecord,
-        spec: &JobSpec,
-        ctx: &TemplateContext,
-        workdir: &Path,
-        log: &Arc<LogSink>,
-    ) -> std::result::Result<(), Exit> {
-        if let Some(c) = &spec.connection {
-            return self
-                .stage_inputs_remote(c, run, spec, ctx, workdir, log)
-                .await;
-        }
-        for input in &spec.inputs {
+    pub(super) async fn stage_inputs(&self, s: &Stage<'_>) -> std::result::Result<(), Exit> {
+        for input in &s.spec.inputs {
             check_relative_path(&input.to).map_err(|e| parameters(format!("inputs.to: {e}")))?;
-            let dest = workdir.join(&input.to);
+            let dest = s.workdir.join(&input.to);
             if input.from == TRIGGER_INPUT {
-                let attr = |k: &str| run.message.attributes.get(k).filter(|v| !v.is_empty());
+                let attr = |k: &str| s.run.message.attributes.get(k).filter(|v| !v.is_empty());
                 let (Some(bucket), Some(object)) = (attr("bucketId"), attr("objectId")) else {
                     return Err(parameters(
                         "input \"trigger\" needs the message attributes bucketId and objectId \
@@ -45,58 +45,63 @@ impl Dispatcher {
                         object.escape_debug()
                     )));
                 }
-                let buckets = self
-                    .bucket_storage()
+                let objects = self
+                    .objects(s.spec)
                     .map_err(|e| io_failure(format!("inputs: {e}")))?;
-                let n = download(buckets, bucket, object, workdir, &dest.join(base))
+                let n = objects
+                    .download(bucket, object, s.workdir, &dest.join(base))
                     .await
-                    .map_err(|e| io_failure(format!("inputs: gs://{bucket}/{object}: {e}")))?;
-                log.note(&format!(
-                    "input gs://{bucket}/{object} ({n} bytes) -> {}{base}",
-                    slash(&input.to)
-                ))
-                .await;
+                    .map_err(|e| io_failure(format!("inputs: {e}")))?;
+                s.log
+                    .note(&format!(
+                        "input gs://{bucket}/{object}{} ({n} bytes{}) -> {}{base}",
+                        objects.place(),
+                        objects.checked(),
+                        slash(&input.to)
+                    ))
+                    .await;
             } else {
-                let url = template::render(&input.from, ctx)
+                let url = template::render(&input.from, s.ctx)
                     .map_err(|e| parameters(format!("inputs.from: {}", e.message)))?;
                 let (bucket, prefix) =
                     parse_gs_url(&url).map_err(|e| parameters(format!("inputs.from: {e}")))?;
-                let buckets = self
-                    .bucket_storage()
+                let objects = self
+                    .objects(s.spec)
                     .map_err(|e| io_failure(format!("inputs: {e}")))?;
-                let objects = buckets
-                    .list_all_objects(&bucket, &prefix)
+                let names = objects
+                    .list(&bucket, &prefix, &url)
                     .await
-                    .map_err(|e| io_failure(format!("inputs: {url}: {e}")))?;
+                    .map_err(|e| io_failure(format!("inputs: {e}")))?;
                 tokio::fs::create_dir_all(&dest)
                     .await
                     .map_err(|e| io_failure(format!("inputs: {}: {e}", input.to)))?;
                 let (mut files, mut bytes) = (0u64, 0u64);
-                for o in objects {
-                    let rel = &o.name[prefix.len()..];
-                    let Some(rel) = safe_relative(rel) else {
-                        if !o.name.ends_with('/') {
-                            log.note(&format!(
-                                "input {url}: skipped object \"{}\": its name would leave {}",
-                                o.name.escape_debug(),
-                                input.to
-                            ))
-                            .await;
+                for name in names {
+                    let Some(rel) = safe_relative(&name[prefix.len().min(name.len())..]) else {
+                        if !name.ends_with('/') {
+                            s.log
+                                .note(&format!(
+                                    "input {url}: skipped object \"{}\": its name would leave {}",
+                                    name.escape_debug(),
+                                    input.to
+                                ))
+                                .await;
                         }
                         continue;
                     };
-                    bytes += download(buckets, &bucket, &o.name, workdir, &dest.join(&rel))
+                    bytes += objects
+                        .download(&bucket, &name, s.workdir, &dest.join(&rel))
                         .await
-                        .map_err(|e| {
-                            io_failure(format!("inputs: gs://{bucket}/{}: {e}", o.name))
-                        })?;
+                        .map_err(|e| io_failure(format!("inputs: {e}")))?;
                     files += 1;
                 }
-                log.note(&format!(
-                    "input {url}: {files} objects ({bytes} bytes) -> {}",
-                    slash(&input.to)
-                ))
-                .await;
+                s.log
+                    .note(&format!(
+                        "input {url}{}: {files} objects ({bytes} bytes) -> {}",
+                        objects.place(),
+                        slash(&input.to)
+                    ))
+                    .await;
             }
         }
         Ok(())
@@ -104,71 +109,183 @@ impl Dispatcher {
 
     /// Uploads every regular file under each output directory. The first
     /// failing upload ends the staging with its error.
-    pub(super) async fn stage_outputs(
-        &self,
-        run: &RunRecord,
-        spec: &JobSpec,
-        ctx: &TemplateContext,
-        workdir: &Path,
-        log: &Arc<LogSink>,
-    ) -> std::result::Result<(), String> {
-        if let Some(c) = &spec.connection {
-            return self
-                .stage_outputs_remote(c, run, spec, ctx, workdir, log)
-                .await;
-        }
-        for output in &spec.outputs {
+    pub(super) async fn stage_outputs(&self, s: &Stage<'_>) -> std::result::Result<(), String> {
+        let metadata: BTreeMap<String, String> = [
+            ("pubrun-run-id".to_string(), s.run.id.to_string()),
+            ("pubrun-job".to_string(), s.spec.name.clone()),
+            ("pubrun-attempt".to_string(), s.run.attempt.to_string()),
+        ]
+        .into_iter()
+        .collect();
+        for output in &s.spec.outputs {
             check_relative_path(&output.from).map_err(|e| format!("outputs.from: {e}"))?;
-            let url = template::render(&output.to, ctx)
+            let url = template::render(&output.to, s.ctx)
                 .map_err(|e| format!("outputs.to: {}", e.message))?;
             let (bucket, prefix) = parse_gs_url(&url).map_err(|e| format!("outputs.to: {e}"))?;
-            let src = workdir.join(&output.from);
-            check_no_symlink(workdir, &src).map_err(|e| format!("{}: {e}", output.from))?;
+            let src = s.workdir.join(&output.from);
+            check_no_symlink(s.workdir, &src).map_err(|e| format!("{}: {e}", output.from))?;
             match tokio::fs::symlink_metadata(&src).await {
                 Ok(m) if m.is_dir() => {}
                 _ => {
-                    log.note(&format!(
-                        "output {}: no such directory; nothing uploaded",
-                        output.from
-                    ))
-                    .await;
+                    s.log
+                        .note(&format!(
+                            "output {}: no such directory; nothing uploaded",
+                            output.from
+                        ))
+                        .await;
                     continue;
                 }
             }
-            let buckets = self.bucket_storage()?;
+            let objects = self.objects(s.spec)?;
             let files = walk_files(src.clone())
                 .await
                 .map_err(|e| format!("{}: {e}", output.from))?;
-            let meta = pubrun_buckets::ObjectMeta {
-                metadata: [
-                    ("pubrun-run-id".to_string(), run.id.to_string()),
-                    ("pubrun-job".to_string(), spec.name.clone()),
-                    ("pubrun-attempt".to_string(), run.attempt.to_string()),
-                ]
-                .into_iter()
-                .collect(),
-                ..Default::default()
-            };
             let mut bytes = 0u64;
             for rel in &files {
-                let name = format!("{prefix}{rel}");
-                let file = tokio::fs::File::open(src.join(rel))
-                    .await
-                    .map_err(|e| format!("{}{rel}: {e}", slash(&output.from)))?;
-                let row = buckets
-                    .put_object(&bucket, &name, file, meta.clone(), Default::default())
-                    .await
-                    .map_err(|e| format!("gs://{bucket}/{name}: {e}"))?;
-                bytes += row.size;
+                let shown = format!("{}{rel}", slash(&output.from));
+                bytes += objects
+                    .upload(
+                        &bucket,
+                        &format!("{prefix}{rel}"),
+                        &src.join(rel),
+                        &shown,
+                        &metadata,
+                    )
+                    .await?;
             }
-            log.note(&format!(
-                "output {}: {} files ({bytes} bytes) -> {url}",
-                slash(&output.from),
-                files.len()
-            ))
-            .await;
+            s.log
+                .note(&format!(
+                    "output {}: {} files ({bytes} bytes) -> {url}{}",
+                    slash(&output.from),
+                    files.len(),
+                    objects.place()
+                ))
+                .await;
         }
         Ok(())
+    }
+}
+
+/// What staging works on: one attempt's run, its job, the template context
+/// of its message, its working directory and its log.
+#[derive(Clone, Copy)]
+pub(super) struct Stage<'a> {
+    pub run: &'a RunRecord,
+    pub spec: &'a JobSpec,
+    pub ctx: &'a TemplateContext,
+    pub workdir: &'a Path,
+    pub log: &'a Arc<LogSink>,
+}
+
+/// The object storage a job stages through; errors name the object.
+enum Objects<'a> {
+    /// This server's buckets.
+    Local(&'a pubrun_buckets::Buckets),
+    /// The Cloud Storage of a connection (its clients, its name).
+    Connection(Arc<pubrun_connections::Connection>, &'a str),
+}
+
+impl Objects<'_> {
+    /// How the log names the storage after an object or URL.
+    fn place(&self) -> String {
+        match self {
+            Objects::Local(_) => String::new(),
+            Objects::Connection(_, name) => format!(" on connection {name}"),
+        }
+    }
+
+    /// What a download checked beyond the size (the log says so).
+    fn checked(&self) -> &'static str {
+        match self {
+            Objects::Local(_) => "",
+            Objects::Connection(..) => ", CRC32C checked",
+        }
+    }
+
+    /// The names of the objects under `prefix` (`url` names it in errors).
+    async fn list(
+        &self,
+        bucket: &str,
+        prefix: &str,
+        url: &str,
+    ) -> std::result::Result<Vec<String>, String> {
+        match self {
+            Objects::Local(buckets) => match buckets.list_all_objects(bucket, prefix).await {
+                Ok(rows) => Ok(rows.into_iter().map(|o| o.name).collect()),
+                Err(e) => Err(format!("{url}: {e}")),
+            },
+            Objects::Connection(conn, _) => match conn.storage.list(bucket, prefix).await {
+                Ok(infos) => Ok(infos.into_iter().map(|o| o.name).collect()),
+                Err(e) => Err(e.to_string()),
+            },
+        }
+    }
+
+    /// Writes one object to `dest` (below `root`, no symbolic link on the
+    /// way); returns its size.
+    async fn download(
+        &self,
+        bucket: &str,
+        object: &str,
+        root: &Path,
+        dest: &Path,
+    ) -> std::result::Result<u64, String> {
+        let fetched = async {
+            check_no_symlink(root, dest).map_err(|e| e.to_string())?;
+            if let Some(parent) = dest.parent() {
+                tokio::fs::create_dir_all(parent)
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+            match self {
+                Objects::Local(buckets) => copy_object(buckets, bucket, object, dest).await,
+                Objects::Connection(conn, _) => conn
+                    .storage
+                    .download(bucket, object, dest)
+                    .await
+                    .map_err(|e| e.to_string()),
+            }
+        };
+        match self {
+            Objects::Local(_) => fetched
+                .await
+                .map_err(|e| format!("gs://{bucket}/{object}: {e}")),
+            Objects::Connection(..) => fetched.await,
+        }
+    }
+
+    /// Uploads the file at `path` (`shown` in errors) as `name` with the
+    /// run's `metadata`; returns its size.
+    async fn upload(
+        &self,
+        bucket: &str,
+        name: &str,
+        path: &Path,
+        shown: &str,
+        metadata: &BTreeMap<String, String>,
+    ) -> std::result::Result<u64, String> {
+        match self {
+            Objects::Local(buckets) => {
+                let file = tokio::fs::File::open(path)
+                    .await
+                    .map_err(|e| format!("{shown}: {e}"))?;
+                let meta = pubrun_buckets::ObjectMeta {
+                    metadata: metadata.clone(),
+                    ..Default::default()
+                };
+                let row = buckets
+                    .put_object(bucket, name, file, meta, Default::default())
+                    .await
+                    .map_err(|e| format!("gs://{bucket}/{name}: {e}"))?;
+                Ok(row.size)
+            }
+            Objects::Connection(conn, _) => conn
+                .storage
+                .upload(bucket, name, path, metadata)
+                .await
+                .map(|info| info.size)
+                .map_err(|e| e.to_string()),
+        }
     }
 }
 
@@ -227,24 +344,18 @@ pub(super) fn check_no_symlink(root: &Path, path: &Path) -> std::io::Result<()> 
     Ok(())
 }
 
-/// Streams one object into `dest` (below `root`); returns its size.
-pub(super) async fn download(
+/// Streams one object of this server's buckets into the file `dest`;
+/// returns its size.
+async fn copy_object(
     buckets: &pubrun_buckets::Buckets,
     bucket: &str,
     object: &str,
-    root: &Path,
     dest: &Path,
 ) -> std::result::Result<u64, String> {
-    check_no_symlink(root, dest).map_err(|e| e.to_string())?;
     let (_, mut src) = buckets
         .open_object(bucket, object, None, Default::default())
         .await
         .map_err(|e| e.to_string())?;
-    if let Some(parent) = dest.parent() {
-        tokio::fs::create_dir_all(parent)
-            .await
-            .map_err(|e| e.to_string())?;
-    }
     let mut out = tokio::fs::File::create(dest)
         .await
         .map_err(|e| format!("{}: {e}", dest.display()))?;

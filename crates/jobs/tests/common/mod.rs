@@ -167,7 +167,10 @@ impl Env {
 
     /// Runs of a job, oldest first.
     pub fn runs(&self, job: &str) -> Vec<RunRecord> {
-        let mut v = self.store.list(Some(job), None, 10_000).unwrap();
+        let mut v = self
+            .store
+            .list_before(Some(job), None, None, 10_000)
+            .unwrap();
         v.reverse();
         v
     }
@@ -248,21 +251,13 @@ where
     pubrun_testkit::eventually(what, WAIT, check).await
 }
 
-pub async fn wait_for_or<T, F, Fut>(_what: &str, mut check: F) -> Option<T>
+/// [`wait_for`], but `None` after [`WAIT`] instead of a panic.
+pub async fn wait_for_or<T, F, Fut>(_what: &str, check: F) -> Option<T>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
 {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if let Some(v) = check().await {
-            return Some(v);
-        }
-        if Instant::now() >= deadline {
-            return None;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    pubrun_testkit::poll(WAIT, check).await
 }
 
 /// A single-quoted shell word.

@@ -446,7 +446,21 @@ impl GceProvider {
         let mut delay = self.retry_base;
         let mut attempt = 1;
         loop {
-            match self.call_once(method.clone(), url, query, body).await {
+            let sent = async {
+                let token = self.token().await.map_err(CallError::Provider)?;
+                let req = self
+                    .http
+                    .request(method.clone(), url)
+                    .bearer_auth(token)
+                    .query(query);
+                let req = match body {
+                    Some(b) => req.json(b),
+                    // Google wants a length on bodiless POSTs (411 otherwise).
+                    None => req.header(http::header::CONTENT_LENGTH, "0"),
+                };
+                send(req, url).await
+            };
+            match sent.await {
                 Err(e) if attempt < CALL_ATTEMPTS && e.retryable() => {
                     tracing::debug!(url, attempt, "compute API busy; retrying");
                     tokio::time::sleep(jitter(delay)).await;
@@ -456,56 +470,6 @@ impl GceProvider {
                 r => return r,
             }
         }
-    }
-
-    async fn call_once(
-        &self,
-        method: Method,
-        url: &str,
-        query: &[(&str, &str)],
-        body: Option<&Value>,
-    ) -> Result<Value, CallError> {
-        let token = self.token().await.map_err(CallError::Provider)?;
-        let mut req = self
-            .http
-            .request(method, url)
-            .bearer_auth(token)
-            .query(query);
-        req = match body {
-            Some(b) => req.json(b),
-            // Google wants a length on bodiless POSTs (411 otherwise).
-            None => req.header(http::header::CONTENT_LENGTH, "0"),
-        };
-        let resp = req.send().await.map_err(|e| {
-            CallError::Provider(if e.is_builder() {
-                ProviderError::Refused(format!("gce: bad request to {url}: {e}"))
-            } else {
-                ProviderError::Unavailable(format!("gce: no answer from {url}: {e}"))
-            })
-        })?;
-        let status = resp.status();
-        let text = resp.text().await.map_err(|e| {
-            CallError::Provider(ProviderError::Unavailable(format!(
-                "gce: reading the answer of {url}: {e}"
-            )))
-        })?;
-        let json: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
-        if status.is_success() {
-            return Ok(json);
-        }
-        let err = &json["error"];
-        Err(CallError::Status {
-            code: status.as_u16(),
-            reason: err["errors"][0]["reason"]
-                .as_str()
-                .or(err["status"].as_str())
-                .unwrap_or("")
-                .to_string(),
-            message: err["message"]
-                .as_str()
-                .map(str::to_string)
-                .unwrap_or_else(|| text.chars().take(300).collect()),
-        })
     }
 
     async fn get_in(&self, zone: &str, name: &str) -> Result<Option<Value>, ProviderError> {
@@ -966,6 +930,41 @@ impl GceProvider {
         }
         Ok(out)
     }
+}
+
+/// Sends one compute API request (`url` names it in errors): its JSON
+/// answer, or the error Google gave (status, reason, message).
+async fn send(req: reqwest::RequestBuilder, url: &str) -> Result<Value, CallError> {
+    let resp = req.send().await.map_err(|e| {
+        CallError::Provider(if e.is_builder() {
+            ProviderError::Refused(format!("gce: bad request to {url}: {e}"))
+        } else {
+            ProviderError::Unavailable(format!("gce: no answer from {url}: {e}"))
+        })
+    })?;
+    let status = resp.status();
+    let text = resp.text().await.map_err(|e| {
+        CallError::Provider(ProviderError::Unavailable(format!(
+            "gce: reading the answer of {url}: {e}"
+        )))
+    })?;
+    let json: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+    if status.is_success() {
+        return Ok(json);
+    }
+    let err = &json["error"];
+    Err(CallError::Status {
+        code: status.as_u16(),
+        reason: err["errors"][0]["reason"]
+            .as_str()
+            .or(err["status"].as_str())
+            .unwrap_or("")
+            .to_string(),
+        message: err["message"]
+            .as_str()
+            .map(str::to_string)
+            .unwrap_or_else(|| text.chars().take(300).collect()),
+    })
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@ use super::{
     lease_end_parts, log_transition, parse_machine_state, parse_spec, to_json, token_param,
     Bootstrap, LeaseEnd, LeaseRow, MachineRow, NewLease, PoolStore, RawLease, UpSpan,
 };
-use crate::sqlite::SqliteDb;
+use crate::sqlite::{query_all, SqliteDb};
 
 /// Numbered migrations (`PRAGMA user_version`); never edit a released one.
 const MIGRATIONS: &[&str] = &[
@@ -93,25 +93,11 @@ pub struct SqlitePoolStore {
 }
 
 impl SqlitePoolStore {
-    /// Opens (creating, migrating) `path`. Blocking; quick.
-    pub fn open_blocking(path: &Path) -> Result<Self> {
-        Ok(SqlitePoolStore {
-            db: SqliteDb::open_blocking(path, MIGRATIONS)?,
-        })
-    }
-
     /// Opens (creating, migrating) `path` off the async runtime.
     pub async fn open(path: &Path) -> Result<Self> {
-        Ok(SqlitePoolStore {
-            db: SqliteDb::open(path, MIGRATIONS).await?,
-        })
-    }
-
-    async fn call<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&mut Connection) -> Result<T> + Send + 'static,
-    ) -> Result<T> {
-        self.db.call(f).await
+        Ok(SqliteDb::open(path, MIGRATIONS)
+            .await
+            .map(|db| Self { db })?)
     }
 }
 
@@ -142,16 +128,14 @@ fn query_machines(
     where_: &str,
     params: impl rusqlite::Params,
 ) -> Result<Vec<MachineRow>> {
-    let mut st = c
-        .prepare_cached(&format!("SELECT {MACHINE_COLS} FROM machines {where_}"))
-        .map_err(db_err)?;
-    let rows = st.query_map(params, machine_row).map_err(db_err)?;
-    rows.map(|r| {
-        let (mut m, state) = r.map_err(db_err)?;
-        m.state = parse_machine_state(&m.name, &state)?;
-        Ok(m)
-    })
-    .collect()
+    let sql = format!("SELECT {MACHINE_COLS} FROM machines {where_}");
+    let rows = query_all(c, &sql, params, machine_row).map_err(db_err)?;
+    rows.into_iter()
+        .map(|(mut m, state)| {
+            m.state = parse_machine_state(&m.name, &state)?;
+            Ok(m)
+        })
+        .collect()
 }
 
 fn raw_lease(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawLease> {
@@ -176,11 +160,9 @@ fn query_leases(
     where_: &str,
     params: impl rusqlite::Params,
 ) -> Result<Vec<LeaseRow>> {
-    let mut st = c
-        .prepare_cached(&format!("SELECT {LEASE_COLS} FROM leases {where_}"))
-        .map_err(db_err)?;
-    let rows = st.query_map(params, raw_lease).map_err(db_err)?;
-    rows.map(|r| r.map_err(db_err)?.parse()).collect()
+    let sql = format!("SELECT {LEASE_COLS} FROM leases {where_}");
+    let rows = query_all(c, &sql, params, raw_lease).map_err(db_err)?;
+    rows.into_iter().map(RawLease::parse).collect()
 }
 
 #[async_trait::async_trait]
@@ -190,44 +172,44 @@ impl PoolStore for SqlitePoolStore {
         let name = spec.name.clone();
         let token = token.map(str::to_string);
         let fresh = fresh.to_string();
-        self.call(move |c| {
-            let tx = c.transaction().map_err(db_err)?;
-            let existing: Option<String> = tx
-                .query_row("SELECT token FROM pools WHERE name = ?1", [&name], |r| {
-                    r.get(0)
-                })
-                .optional()
-                .map_err(db_err)?;
-            let token = token.or(existing).unwrap_or(fresh);
-            tx.execute(
-                "INSERT INTO pools(name, spec, token) VALUES (?1, ?2, ?3)
+        self.db
+            .run(move |c| {
+                let tx = c.transaction().map_err(db_err)?;
+                let existing: Option<String> = tx
+                    .query_row("SELECT token FROM pools WHERE name = ?1", [&name], |r| {
+                        r.get(0)
+                    })
+                    .optional()
+                    .map_err(db_err)?;
+                let token = token.or(existing).unwrap_or(fresh);
+                tx.execute(
+                    "INSERT INTO pools(name, spec, token) VALUES (?1, ?2, ?3)
                  ON CONFLICT(name) DO UPDATE SET spec = ?2, token = ?3",
-                params![name, json, token],
-            )
-            .map_err(db_err)?;
-            tx.commit().map_err(db_err)?;
-            Ok(token)
-        })
-        .await
+                    params![name, json, token],
+                )
+                .map_err(db_err)?;
+                tx.commit().map_err(db_err)?;
+                Ok(token)
+            })
+            .await
     }
 
     async fn delete_pool(&self, name: &str) -> Result<()> {
         let name = name.to_string();
-        self.call(move |c| {
-            c.execute("DELETE FROM pools WHERE name = ?1", [name])
-                .map_err(db_err)?;
-            Ok(())
-        })
-        .await
+        self.db
+            .run(move |c| {
+                c.execute("DELETE FROM pools WHERE name = ?1", [name])
+                    .map_err(db_err)?;
+                Ok(())
+            })
+            .await
     }
 
     async fn pools(&self) -> Result<Vec<(PoolSpec, String)>> {
-        self.call(|c| {
-            let mut st = c
-                .prepare_cached("SELECT name, spec, token FROM pools ORDER BY name")
-                .map_err(db_err)?;
-            let rows = st
-                .query_map([], |r| {
+        self.db
+            .run(|c| {
+                let sql = "SELECT name, spec, token FROM pools ORDER BY name";
+                let rows = query_all(c, sql, [], |r| {
                     Ok((
                         r.get::<_, String>(0)?,
                         r.get::<_, String>(1)?,
@@ -235,123 +217,126 @@ impl PoolStore for SqlitePoolStore {
                     ))
                 })
                 .map_err(db_err)?;
-            rows.map(|r| {
-                let (name, spec, token) = r.map_err(db_err)?;
-                Ok((parse_spec(&name, &spec)?, token))
+                rows.into_iter()
+                    .map(|(name, spec, token)| Ok((parse_spec(&name, &spec)?, token)))
+                    .collect()
             })
-            .collect()
-        })
-        .await
+            .await
     }
 
     async fn upsert_machine(&self, m: &MachineRow) -> Result<()> {
         let m = m.clone();
-        self.call(move |c| {
-            let tx = c.transaction().map_err(db_err)?;
-            let before: Option<String> = tx
-                .query_row(
-                    "SELECT state FROM machines WHERE name = ?1",
-                    [&m.name],
-                    |r| r.get(0),
-                )
-                .optional()
-                .map_err(db_err)?;
-            tx.execute(
-                "INSERT INTO machines(name, pool, provider, provider_id, state, state_since_ms,
+        self.db
+            .run(move |c| {
+                let tx = c.transaction().map_err(db_err)?;
+                let before: Option<String> = tx
+                    .query_row(
+                        "SELECT state FROM machines WHERE name = ?1",
+                        [&m.name],
+                        |r| r.get(0),
+                    )
+                    .optional()
+                    .map_err(db_err)?;
+                tx.execute(
+                    "INSERT INTO machines(name, pool, provider, provider_id, state, state_since_ms,
                          idle_since_ms, created_ms, cordoned, slots, last_error, needs_stop)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
                      ON CONFLICT(name) DO UPDATE SET pool = ?2, provider = ?3, provider_id = ?4,
                          state = ?5, state_since_ms = ?6, idle_since_ms = ?7, cordoned = ?9,
                          slots = ?10, last_error = ?11, needs_stop = ?12",
-                params![
-                    m.name,
-                    m.pool,
-                    m.provider,
-                    m.provider_id,
-                    m.state.as_str(),
-                    m.state_since_ms,
-                    m.idle_since_ms,
-                    m.created_ms,
-                    m.cordoned,
-                    m.slots,
-                    m.last_error,
-                    m.needs_stop,
-                ],
-            )
-            .map_err(db_err)?;
-            tx.commit().map_err(db_err)?;
-            log_transition(before.as_deref(), &m);
-            Ok(())
-        })
-        .await
+                    params![
+                        m.name,
+                        m.pool,
+                        m.provider,
+                        m.provider_id,
+                        m.state.as_str(),
+                        m.state_since_ms,
+                        m.idle_since_ms,
+                        m.created_ms,
+                        m.cordoned,
+                        m.slots,
+                        m.last_error,
+                        m.needs_stop,
+                    ],
+                )
+                .map_err(db_err)?;
+                tx.commit().map_err(db_err)?;
+                log_transition(before.as_deref(), &m);
+                Ok(())
+            })
+            .await
     }
 
     async fn machines(&self) -> Result<Vec<MachineRow>> {
-        self.call(|c| query_machines(c, "ORDER BY pool, created_ms, name", []))
+        self.db
+            .run(|c| query_machines(c, "ORDER BY pool, created_ms, name", []))
             .await
     }
 
     async fn machine(&self, name: &str) -> Result<Option<MachineRow>> {
         let name = name.to_string();
-        self.call(move |c| Ok(query_machines(c, "WHERE name = ?1", [name])?.pop()))
+        self.db
+            .run(move |c| Ok(query_machines(c, "WHERE name = ?1", [name])?.pop()))
             .await
     }
 
     async fn new_machine_name(&self, pool: &str, prefix: &str) -> Result<String> {
         let pool = pool.to_string();
         let prefix = prefix.to_string();
-        self.call(move |c| {
-            let tx = c.transaction().map_err(db_err)?;
-            let last: i64 = tx
-                .query_row(
-                    "SELECT last FROM machine_numbers WHERE pool = ?1",
-                    [&pool],
-                    |r| r.get(0),
-                )
-                .optional()
-                .map_err(db_err)?
-                .unwrap_or(0);
-            let mut n = last + 1;
-            let name = loop {
-                let candidate = format!("{prefix}-{pool}-{n}");
-                let taken: bool = tx
+        self.db
+            .run(move |c| {
+                let tx = c.transaction().map_err(db_err)?;
+                let last: i64 = tx
                     .query_row(
-                        "SELECT EXISTS(SELECT 1 FROM machines WHERE name = ?1)
-                             OR EXISTS(SELECT 1 FROM machine_spans WHERE machine = ?1)",
-                        [&candidate],
+                        "SELECT last FROM machine_numbers WHERE pool = ?1",
+                        [&pool],
                         |r| r.get(0),
                     )
-                    .map_err(db_err)?;
-                if !taken {
-                    break candidate;
-                }
-                n += 1;
-            };
-            tx.execute(
-                "INSERT INTO machine_numbers(pool, last) VALUES (?1, ?2)
+                    .optional()
+                    .map_err(db_err)?
+                    .unwrap_or(0);
+                let mut n = last + 1;
+                let name = loop {
+                    let candidate = format!("{prefix}-{pool}-{n}");
+                    let taken: bool = tx
+                        .query_row(
+                            "SELECT EXISTS(SELECT 1 FROM machines WHERE name = ?1)
+                             OR EXISTS(SELECT 1 FROM machine_spans WHERE machine = ?1)",
+                            [&candidate],
+                            |r| r.get(0),
+                        )
+                        .map_err(db_err)?;
+                    if !taken {
+                        break candidate;
+                    }
+                    n += 1;
+                };
+                tx.execute(
+                    "INSERT INTO machine_numbers(pool, last) VALUES (?1, ?2)
                  ON CONFLICT(pool) DO UPDATE SET last = ?2",
-                params![pool, n],
-            )
-            .map_err(db_err)?;
-            tx.commit().map_err(db_err)?;
-            Ok(name)
-        })
-        .await
+                    params![pool, n],
+                )
+                .map_err(db_err)?;
+                tx.commit().map_err(db_err)?;
+                Ok(name)
+            })
+            .await
     }
 
     async fn delete_machine(&self, name: &str) -> Result<()> {
         let name = name.to_string();
-        self.call(move |c| {
-            c.execute("DELETE FROM machines WHERE name = ?1", [name])
-                .map_err(db_err)?;
-            Ok(())
-        })
-        .await
+        self.db
+            .run(move |c| {
+                c.execute("DELETE FROM machines WHERE name = ?1", [name])
+                    .map_err(db_err)?;
+                Ok(())
+            })
+            .await
     }
 
     async fn put_bootstrap(&self, b: &Bootstrap) -> Result<()> {
         let b = b.clone();
-        self.call(move |c| {
+        self.db.run(move |c| {
             c.execute(
                 "INSERT OR REPLACE INTO bootstrap_tokens (machine, pool, token) VALUES (?1, ?2, ?3)",
                 params![b.machine, b.pool, b.token],
@@ -363,85 +348,79 @@ impl PoolStore for SqlitePoolStore {
     }
 
     async fn bootstraps(&self) -> Result<Vec<Bootstrap>> {
-        self.call(|c| {
-            let mut st = c
-                .prepare_cached(
-                    "SELECT machine, pool, token FROM bootstrap_tokens ORDER BY machine",
-                )
-                .map_err(db_err)?;
-            let rows = st
-                .query_map([], |r| {
+        self.db
+            .run(|c| {
+                let sql = "SELECT machine, pool, token FROM bootstrap_tokens ORDER BY machine";
+                query_all(c, sql, [], |r| {
                     Ok(Bootstrap {
                         machine: r.get(0)?,
                         pool: r.get(1)?,
                         token: r.get(2)?,
                     })
                 })
-                .map_err(db_err)?;
-            rows.map(|r| r.map_err(db_err)).collect()
-        })
-        .await
+                .map_err(db_err)
+            })
+            .await
     }
 
     async fn delete_bootstrap(&self, machine: &str) -> Result<()> {
         let machine = machine.to_string();
-        self.call(move |c| {
-            c.execute("DELETE FROM bootstrap_tokens WHERE machine = ?1", [machine])
-                .map_err(db_err)?;
-            Ok(())
-        })
-        .await
+        self.db
+            .run(move |c| {
+                c.execute("DELETE FROM bootstrap_tokens WHERE machine = ?1", [machine])
+                    .map_err(db_err)?;
+                Ok(())
+            })
+            .await
     }
 
     async fn span_open(&self, machine: &str, pool: &str, now_ms: i64) -> Result<()> {
         let machine = machine.to_string();
         let pool = pool.to_string();
-        self.call(move |c| {
-            let tx = c.transaction().map_err(db_err)?;
-            let open: Option<i64> = tx
-                .query_row(
-                    "SELECT id FROM machine_spans WHERE machine = ?1 AND end_ms IS NULL",
-                    [&machine],
-                    |r| r.get(0),
-                )
-                .optional()
-                .map_err(db_err)?;
-            if open.is_none() {
-                tx.execute(
-                    "INSERT INTO machine_spans(machine, pool, start_ms) VALUES (?1, ?2, ?3)",
-                    params![machine, pool, now_ms],
-                )
-                .map_err(db_err)?;
-            }
-            tx.commit().map_err(db_err)
-        })
-        .await
+        self.db
+            .run(move |c| {
+                let tx = c.transaction().map_err(db_err)?;
+                let open: Option<i64> = tx
+                    .query_row(
+                        "SELECT id FROM machine_spans WHERE machine = ?1 AND end_ms IS NULL",
+                        [&machine],
+                        |r| r.get(0),
+                    )
+                    .optional()
+                    .map_err(db_err)?;
+                if open.is_none() {
+                    tx.execute(
+                        "INSERT INTO machine_spans(machine, pool, start_ms) VALUES (?1, ?2, ?3)",
+                        params![machine, pool, now_ms],
+                    )
+                    .map_err(db_err)?;
+                }
+                tx.commit().map_err(db_err)
+            })
+            .await
     }
 
     async fn span_close(&self, machine: &str, now_ms: i64) -> Result<()> {
         let machine = machine.to_string();
-        self.call(move |c| {
-            c.execute(
-                "UPDATE machine_spans SET end_ms = MAX(start_ms, ?2)
+        self.db
+            .run(move |c| {
+                c.execute(
+                    "UPDATE machine_spans SET end_ms = MAX(start_ms, ?2)
                  WHERE machine = ?1 AND end_ms IS NULL",
-                params![machine, now_ms],
-            )
-            .map_err(db_err)?;
-            Ok(())
-        })
-        .await
+                    params![machine, now_ms],
+                )
+                .map_err(db_err)?;
+                Ok(())
+            })
+            .await
     }
 
     async fn spans(&self, since_ms: i64) -> Result<Vec<UpSpan>> {
-        self.call(move |c| {
-            let mut st = c
-                .prepare_cached(
-                    "SELECT machine, pool, start_ms, end_ms FROM machine_spans
-                     WHERE end_ms IS NULL OR end_ms > ?1 ORDER BY machine, start_ms",
-                )
-                .map_err(db_err)?;
-            let rows = st
-                .query_map([since_ms], |r| {
+        self.db
+            .run(move |c| {
+                let sql = "SELECT machine, pool, start_ms, end_ms FROM machine_spans
+                     WHERE end_ms IS NULL OR end_ms > ?1 ORDER BY machine, start_ms";
+                query_all(c, sql, [since_ms], |r| {
                     Ok(UpSpan {
                         machine: r.get(0)?,
                         pool: r.get(1)?,
@@ -449,10 +428,9 @@ impl PoolStore for SqlitePoolStore {
                         end_ms: r.get(3)?,
                     })
                 })
-                .map_err(db_err)?;
-            rows.map(|r| r.map_err(db_err)).collect()
-        })
-        .await
+                .map_err(db_err)
+            })
+            .await
     }
 
     async fn new_lease(&self, l: &NewLease<'_>) -> Result<u64> {
@@ -463,83 +441,93 @@ impl PoolStore for SqlitePoolStore {
             l.machine.to_string(),
         );
         let (attempt, now_ms) = (l.attempt, l.now_ms);
-        self.call(move |c| {
-            c.execute(
-                "INSERT INTO leases(run_id, job, attempt, pool, machine, state, assigned_ms)
+        self.db
+            .run(move |c| {
+                c.execute(
+                    "INSERT INTO leases(run_id, job, attempt, pool, machine, state, assigned_ms)
                  VALUES (?1, ?2, ?3, ?4, ?5, 'assigned', ?6)",
-                params![run_id, job, attempt, pool, machine, now_ms],
-            )
-            .map_err(db_err)?;
-            Ok(c.last_insert_rowid() as u64)
-        })
-        .await
+                    params![run_id, job, attempt, pool, machine, now_ms],
+                )
+                .map_err(db_err)?;
+                Ok(c.last_insert_rowid() as u64)
+            })
+            .await
     }
 
     async fn lease(&self, token: u64) -> Result<Option<LeaseRow>> {
         let token = token_param(token)?;
-        self.call(move |c| Ok(query_leases(c, "WHERE token = ?1", [token])?.pop()))
+        self.db
+            .run(move |c| Ok(query_leases(c, "WHERE token = ?1", [token])?.pop()))
             .await
     }
 
     async fn lease_of_run(&self, run_id: &str) -> Result<Option<LeaseRow>> {
         let run_id = run_id.to_string();
-        self.call(move |c| {
-            Ok(query_leases(c, "WHERE run_id = ?1 ORDER BY token DESC LIMIT 1", [run_id])?.pop())
-        })
-        .await
+        self.db
+            .run(move |c| {
+                Ok(
+                    query_leases(c, "WHERE run_id = ?1 ORDER BY token DESC LIMIT 1", [run_id])?
+                        .pop(),
+                )
+            })
+            .await
     }
 
     async fn active_leases(&self) -> Result<Vec<LeaseRow>> {
-        self.call(|c| {
-            query_leases(
-                c,
-                "WHERE state IN ('assigned', 'running') ORDER BY token",
-                [],
-            )
-        })
-        .await
+        self.db
+            .run(|c| {
+                query_leases(
+                    c,
+                    "WHERE state IN ('assigned', 'running') ORDER BY token",
+                    [],
+                )
+            })
+            .await
     }
 
     async fn leases_since(&self, since_ms: i64) -> Result<Vec<LeaseRow>> {
-        self.call(move |c| {
-            query_leases(
-                c,
-                "WHERE ended_ms IS NULL OR ended_ms > ?1 ORDER BY token",
-                [since_ms],
-            )
-        })
-        .await
+        self.db
+            .run(move |c| {
+                query_leases(
+                    c,
+                    "WHERE ended_ms IS NULL OR ended_ms > ?1 ORDER BY token",
+                    [since_ms],
+                )
+            })
+            .await
     }
 
     async fn lease_started(&self, token: u64, now_ms: i64) -> Result<bool> {
         let token = token_param(token)?;
-        self.call(move |c| {
-            let n = c
-                .execute(
-                    "UPDATE leases SET state = 'running', started_ms = ?2
+        self.db
+            .run(move |c| {
+                let n = c
+                    .execute(
+                        "UPDATE leases SET state = 'running', started_ms = ?2
                      WHERE token = ?1 AND state = 'assigned'",
-                    params![token, now_ms],
-                )
-                .map_err(db_err)?;
-            Ok(n == 1)
-        })
-        .await
+                        params![token, now_ms],
+                    )
+                    .map_err(db_err)?;
+                Ok(n == 1)
+            })
+            .await
     }
 
     async fn lease_end(&self, token: u64, end: LeaseEnd<'_>, now_ms: i64) -> Result<bool> {
         let token = token_param(token)?;
         let (state, exit, reason) = lease_end_parts(&end)?;
-        self.call(move |c| {
-            let n = c
-                .execute(
-                    "UPDATE leases SET state = ?2, exit = ?3, reason = ?4, ended_ms = ?5,
+        self.db
+            .run(move |c| {
+                let n = c
+                    .execute(
+                        "UPDATE leases SET state = ?2, exit = ?3, reason = ?4, ended_ms = ?5,
                          started_ms = COALESCE(started_ms, ?5)
                      WHERE token = ?1 AND state IN ('assigned', 'running')",
-                    params![token, state.as_str(), exit, reason, now_ms],
-                )
-                .map_err(db_err)?;
-            Ok(n == 1)
-        })
-        .await
+                        params![token, state.as_str(), exit, reason, now_ms],
+                    )
+                    .map_err(db_err)?;
+                Ok(n == 1)
+            })
+            .await
     }
 }

@@ -19,6 +19,8 @@ use pubrun_core::Result;
 
 pub use postgres::PostgresRunStore;
 pub use pubrun_core::runrecord::{Enqueued, QueuedRun, RunRecord, SourceMessage};
+#[cfg(feature = "testing")]
+pub use sqlite::ClaimHook;
 pub use sqlite::SqliteRunStore;
 
 /// What [`RunStore::claim_due`] found.

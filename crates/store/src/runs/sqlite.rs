@@ -12,7 +12,7 @@ use super::{
     claim_refused, parse_jobs, to_json, Claimed, Enqueued, QueuedRun, RawRun, RunRecord, RunStore,
     SourceMessage,
 };
-use crate::sqlite::{SqliteDb, SqliteError};
+use crate::sqlite::{query_all, SqliteDb, SqliteError};
 
 /// Numbered migrations (`PRAGMA user_version`); never edit a released one.
 const MIGRATIONS: &[&str] = &[
@@ -79,7 +79,21 @@ impl From<SqliteError> for Error {
 
 pub struct SqliteRunStore {
     db: SqliteDb,
+    #[cfg(feature = "testing")]
+    on_claim: Option<ClaimHook>,
 }
+
+/// What a test runs when a claim (the intake's `enqueue_starting` or the
+/// scheduler's `claim_due`) has committed runs as `starting`, before the
+/// claim answers: it gets their ids, and the claim waits for its future. It
+/// holds the window between the commit and the dispatcher's registering of
+/// the runs open for as long as the test needs (feature `testing`).
+#[cfg(feature = "testing")]
+pub type ClaimHook = Box<
+    dyn Fn(Vec<i64>) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
+        + Send
+        + Sync,
+>;
 
 /// The blocking forms of the calls that tests and tools make outside the
 /// dispatcher (same SQL as the [`RunStore`] methods of the same names).
@@ -88,21 +102,20 @@ impl SqliteRunStore {
     pub fn open(path: &Path) -> Result<Self> {
         Ok(SqliteRunStore {
             db: SqliteDb::open_blocking(path, MIGRATIONS)?,
+            #[cfg(feature = "testing")]
+            on_claim: None,
         })
+    }
+
+    /// The same store, with `hook` run on every claim (see [`ClaimHook`]).
+    #[cfg(feature = "testing")]
+    pub fn with_claim_hook(mut self, hook: ClaimHook) -> Self {
+        self.on_claim = Some(hook);
+        self
     }
 
     pub fn get(&self, id: i64) -> Result<RunRecord> {
         self.db.call_blocking(|c| get_run(c, id))
-    }
-
-    pub fn list(
-        &self,
-        job: Option<&str>,
-        status: Option<RunStatus>,
-        limit: usize,
-    ) -> Result<Vec<RunRecord>> {
-        self.db
-            .call_blocking(|c| list_runs(c, job, status, None, limit))
     }
 
     /// Blocking [`RunStore::list_before`](super::RunStore::list_before).
@@ -162,6 +175,15 @@ impl SqliteRunStore {
     ) -> Result<T> {
         self.db.write(f).await
     }
+
+    /// Runs the test's [`ClaimHook`], if any, on the runs a claim started.
+    async fn claimed(&self, started: &[RunRecord]) {
+        #[cfg(feature = "testing")]
+        if let (Some(hook), false) = (&self.on_claim, started.is_empty()) {
+            hook(started.iter().map(|r| r.id).collect()).await;
+        }
+        let _ = started;
+    }
 }
 
 const RUN_COLUMNS: &str = "id, job, status, attempt, max_attempts, message_meta, message_data, dedup_key, exit, \
@@ -195,11 +217,9 @@ fn query_runs(
     where_: &str,
     params: impl rusqlite::Params,
 ) -> Result<Vec<RunRecord>> {
-    let mut stmt = conn
-        .prepare_cached(&format!("SELECT {RUN_COLUMNS} FROM runs {where_}"))
-        .map_err(db_err)?;
-    let rows = stmt.query_map(params, raw_run).map_err(db_err)?;
-    rows.map(|r| r.map_err(db_err)?.parse()).collect()
+    let sql = format!("SELECT {RUN_COLUMNS} FROM runs {where_}");
+    let rows = query_all(conn, &sql, params, raw_run).map_err(db_err)?;
+    rows.into_iter().map(RawRun::parse).collect()
 }
 
 fn get_run(conn: &Connection, id: i64) -> Result<RunRecord> {
@@ -255,18 +275,14 @@ fn list_runs(
 }
 
 fn count_by_status(c: &Connection) -> Result<Vec<(RunStatus, u64)>> {
-    let mut stmt = c
-        .prepare("SELECT status, COUNT(*) FROM runs GROUP BY status")
-        .map_err(db_err)?;
-    let rows = stmt
-        .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
-        .map_err(db_err)?;
-    let mut out = Vec::new();
-    for row in rows {
-        let (s, n) = row.map_err(db_err)?;
-        out.push((RunStatus::parse(&s)?, n as u64));
-    }
-    Ok(out)
+    let sql = "SELECT status, COUNT(*) FROM runs GROUP BY status";
+    let rows = query_all(c, sql, [], |r| {
+        Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
+    })
+    .map_err(db_err)?;
+    rows.into_iter()
+        .map(|(s, n)| Ok((RunStatus::parse(&s)?, n as u64)))
+        .collect()
 }
 
 fn prune_dedup(c: &Connection, now_ms: i64) -> Result<usize> {
@@ -290,6 +306,20 @@ fn mark_starting(c: &Connection, id: i64) -> Result<()> {
     Err(claim_refused(&get_run(c, id)?))
 }
 
+/// [`RunStore::startable`]: the due queued runs of `job`, oldest first.
+fn startable(c: &Connection, job: &str, now_ms: i64, limit: usize) -> Result<Vec<QueuedRun>> {
+    let sql = "SELECT id, cancel_requested FROM runs WHERE status = 'queued' AND job = ?1 AND not_before_ms <= ?2
+             ORDER BY id LIMIT ?3";
+    query_all(c, sql, params![job, now_ms, limit as i64], |r| {
+        Ok(QueuedRun {
+            id: r.get(0)?,
+            job: job.to_string(),
+            cancel_requested: r.get::<_, i64>(1)? != 0,
+        })
+    })
+    .map_err(db_err)
+}
+
 /// [`RunStore::claim_due`] in one transaction: claimed runs are read back
 /// whole before the commit, so the caller needs no second query.
 fn claim_due(
@@ -300,39 +330,22 @@ fn claim_due(
     skip: &[i64],
 ) -> Result<Claimed> {
     let tx = c.savepoint().map_err(db_err)?;
-    let due = {
-        let mut stmt = tx
-            .prepare_cached(
-                "SELECT id, cancel_requested FROM runs WHERE status = 'queued' AND job = ?1 AND not_before_ms <= ?2
-                 ORDER BY id LIMIT ?3",
-            )
-            .map_err(db_err)?;
-        let rows = stmt
-            .query_map(
-                params![
-                    job,
-                    now_ms,
-                    limit.saturating_add(8).saturating_add(skip.len()) as i64
-                ],
-                |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)? != 0)),
-            )
-            .map_err(db_err)?;
-        rows.collect::<rusqlite::Result<Vec<_>>>().map_err(db_err)?
-    };
+    let due = startable(
+        &tx,
+        job,
+        now_ms,
+        limit.saturating_add(8).saturating_add(skip.len()),
+    )?;
     let mut out = Claimed::default();
-    for (id, cancel_requested) in due {
-        if skip.contains(&id) {
+    for q in due {
+        if skip.contains(&q.id) {
             continue;
         }
-        if cancel_requested {
-            out.cancelled.push(QueuedRun {
-                id,
-                job: job.to_string(),
-                cancel_requested,
-            });
+        if q.cancel_requested {
+            out.cancelled.push(q);
         } else if out.started.len() < limit {
-            mark_starting(&tx, id)?;
-            out.started.push(get_run(&tx, id)?);
+            mark_starting(&tx, q.id)?;
+            out.started.push(get_run(&tx, q.id)?);
         }
     }
     tx.commit().map_err(db_err)?;
@@ -471,13 +484,8 @@ impl RunStore for SqliteRunStore {
     async fn jobs(&self) -> Result<Vec<JobSpec>> {
         let specs = self
             .read(|c| {
-                let mut stmt = c
-                    .prepare("SELECT spec FROM jobs ORDER BY name")
-                    .map_err(db_err)?;
-                let rows = stmt
-                    .query_map([], |r| r.get::<_, String>(0))
-                    .map_err(db_err)?;
-                rows.collect::<rusqlite::Result<Vec<_>>>().map_err(db_err)
+                let sql = "SELECT spec FROM jobs ORDER BY name";
+                query_all(c, sql, [], |r| r.get::<_, String>(0)).map_err(db_err)
             })
             .await?;
         parse_jobs(specs)
@@ -523,30 +531,14 @@ impl RunStore for SqliteRunStore {
         start: usize,
     ) -> Result<(Vec<Enqueued>, Vec<RunRecord>)> {
         let batch = EnqueueBatch::new(job, messages)?;
-        self.write(move |c| batch.run(c, now_ms, start)).await
+        let out = self.write(move |c| batch.run(c, now_ms, start)).await?;
+        self.claimed(&out.1).await;
+        Ok(out)
     }
 
     async fn startable(&self, job: &str, now_ms: i64, limit: usize) -> Result<Vec<QueuedRun>> {
         let job = job.to_string();
-        self.read(move |c| {
-            let mut stmt = c
-                .prepare_cached(
-                    "SELECT id, cancel_requested FROM runs WHERE status = 'queued' AND job = ?1 AND not_before_ms <= ?2
-                     ORDER BY id LIMIT ?3",
-                )
-                .map_err(db_err)?;
-            let rows = stmt
-                .query_map(params![job, now_ms, limit as i64], |r| {
-                    Ok(QueuedRun {
-                        id: r.get(0)?,
-                        job: job.clone(),
-                        cancel_requested: r.get::<_, i64>(1)? != 0,
-                    })
-                })
-                .map_err(db_err)?;
-            rows.collect::<rusqlite::Result<Vec<_>>>().map_err(db_err)
-        })
-        .await
+        self.read(move |c| startable(c, &job, now_ms, limit)).await
     }
 
     async fn claim_due(
@@ -557,21 +549,20 @@ impl RunStore for SqliteRunStore {
         skip: &[i64],
     ) -> Result<Claimed> {
         let (job, skip) = (job.to_string(), skip.to_vec());
-        self.write(move |c| claim_due(c, &job, now_ms, limit, &skip))
-            .await
+        let out = self
+            .write(move |c| claim_due(c, &job, now_ms, limit, &skip))
+            .await?;
+        self.claimed(&out.started).await;
+        Ok(out)
     }
 
     async fn due_queued_by_job(&self, now_ms: i64) -> Result<Vec<(String, u64)>> {
         self.read(move |c| {
-            let mut stmt = c
-                .prepare_cached(
-                    "SELECT job, COUNT(*) FROM runs WHERE status = 'queued' AND not_before_ms <= ?1 GROUP BY job",
-                )
-                .map_err(db_err)?;
-            let rows = stmt
-                .query_map(params![now_ms], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))
-                .map_err(db_err)?;
-            rows.collect::<rusqlite::Result<Vec<_>>>().map_err(db_err)
+            let sql = "SELECT job, COUNT(*) FROM runs WHERE status = 'queued' AND not_before_ms <= ?1 GROUP BY job";
+            query_all(c, sql, params![now_ms], |r| {
+                Ok((r.get(0)?, r.get::<_, i64>(1)? as u64))
+            })
+            .map_err(db_err)
         })
         .await
     }
@@ -587,19 +578,15 @@ impl RunStore for SqliteRunStore {
     async fn queued_orphans(&self, jobs: &[String]) -> Result<Vec<QueuedRun>> {
         let all = self
             .read(|c| {
-                let mut stmt = c
-                    .prepare("SELECT id, job, cancel_requested FROM runs WHERE status = 'queued'")
-                    .map_err(db_err)?;
-                let rows = stmt
-                    .query_map([], |r| {
-                        Ok(QueuedRun {
-                            id: r.get(0)?,
-                            job: r.get(1)?,
-                            cancel_requested: r.get::<_, i64>(2)? != 0,
-                        })
+                let sql = "SELECT id, job, cancel_requested FROM runs WHERE status = 'queued'";
+                query_all(c, sql, [], |r| {
+                    Ok(QueuedRun {
+                        id: r.get(0)?,
+                        job: r.get(1)?,
+                        cancel_requested: r.get::<_, i64>(2)? != 0,
                     })
-                    .map_err(db_err)?;
-                rows.collect::<rusqlite::Result<Vec<_>>>().map_err(db_err)
+                })
+                .map_err(db_err)
             })
             .await?;
         Ok(all.into_iter().filter(|q| !jobs.contains(&q.job)).collect())

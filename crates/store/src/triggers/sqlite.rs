@@ -13,7 +13,7 @@ use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use super::{
     check_scope, ms, Claim, DefKind, Definition, RawState, ScheduleState, Scope, TriggerStore,
 };
-use crate::sqlite::SqliteDb;
+use crate::sqlite::{query_all, SqliteDb};
 
 /// Numbered migrations (`PRAGMA user_version`); never edit a released one.
 const MIGRATIONS: &[&str] = &[
@@ -72,23 +72,14 @@ impl SqliteTriggerStore {
     /// Opens (creating, migrating) `path`, normally `<data_dir>/triggers.db`.
     /// Blocking; quick.
     pub fn open(path: &Path) -> Result<Self> {
-        Ok(SqliteTriggerStore {
-            db: SqliteDb::open_blocking(path, MIGRATIONS)?,
-        })
+        Ok(SqliteDb::open_blocking(path, MIGRATIONS).map(|db| Self { db })?)
     }
 
     /// [`open`](Self::open) off the async runtime.
     pub async fn open_async(path: &Path) -> Result<Self> {
-        Ok(SqliteTriggerStore {
-            db: SqliteDb::open(path, MIGRATIONS).await?,
-        })
-    }
-
-    async fn call<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&mut Connection) -> Result<T> + Send + 'static,
-    ) -> Result<T> {
-        self.db.call(f).await
+        Ok(SqliteDb::open(path, MIGRATIONS)
+            .await
+            .map(|db| Self { db })?)
     }
 }
 
@@ -96,20 +87,21 @@ impl SqliteTriggerStore {
 impl TriggerStore for SqliteTriggerStore {
     async fn reconcile(&self, declared: &[(String, bool)], now: DateTime<Utc>) -> Result<()> {
         let declared = declared.to_vec();
-        self.call(move |c| {
-            let tx = c
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .map_err(db_err)?;
-            upsert_states(&tx, &declared, now)?;
-            let keep: HashSet<&str> = declared.iter().map(|(n, _)| n.as_str()).collect();
-            delete_states_except(&tx, &keep)?;
-            tx.commit().map_err(db_err)
-        })
-        .await
+        self.db
+            .run(move |c| {
+                let tx = c
+                    .transaction_with_behavior(TransactionBehavior::Immediate)
+                    .map_err(db_err)?;
+                upsert_states(&tx, &declared, now)?;
+                let keep: HashSet<&str> = declared.iter().map(|(n, _)| n.as_str()).collect();
+                delete_states_except(&tx, &keep)?;
+                tx.commit().map_err(db_err)
+            })
+            .await
     }
 
     async fn definitions(&self, kind: DefKind) -> Result<Vec<Definition>> {
-        self.call(move |c| definitions(c, kind)).await
+        self.db.run(move |c| definitions(c, kind)).await
     }
 
     async fn replace_definitions(
@@ -124,77 +116,74 @@ impl TriggerStore for SqliteTriggerStore {
             Scope::Project(p) => Some(p.to_string()),
         };
         let defs = defs.to_vec();
-        self.call(move |c| {
-            let scope = match &project {
-                None => Scope::All,
-                Some(p) => Scope::Project(p),
-            };
-            let tx = c
-                .transaction_with_behavior(TransactionBehavior::Immediate)
+        self.db
+            .run(move |c| {
+                let scope = match &project {
+                    None => Scope::All,
+                    Some(p) => Scope::Project(p),
+                };
+                let tx = c
+                    .transaction_with_behavior(TransactionBehavior::Immediate)
+                    .map_err(db_err)?;
+                let existing = definitions(&tx, kind)?;
+                check_scope(kind, scope, &existing, &defs)?;
+                match scope {
+                    Scope::All => tx.execute(
+                        "DELETE FROM definitions WHERE kind = ?1",
+                        params![kind.as_str()],
+                    ),
+                    Scope::Project(p) => tx.execute(
+                        "DELETE FROM definitions WHERE kind = ?1 AND project = ?2",
+                        params![kind.as_str(), p],
+                    ),
+                }
                 .map_err(db_err)?;
-            let existing = definitions(&tx, kind)?;
-            check_scope(kind, scope, &existing, &defs)?;
-            match scope {
-                Scope::All => tx.execute(
-                    "DELETE FROM definitions WHERE kind = ?1",
-                    params![kind.as_str()],
-                ),
-                Scope::Project(p) => tx.execute(
-                    "DELETE FROM definitions WHERE kind = ?1 AND project = ?2",
-                    params![kind.as_str(), p],
-                ),
-            }
-            .map_err(db_err)?;
-            for (d, _) in &defs {
-                tx.execute(
+                for (d, _) in &defs {
+                    tx.execute(
                     "INSERT INTO definitions (kind, name, project, spec) VALUES (?1, ?2, ?3, ?4)",
                     params![kind.as_str(), d.name, d.project, d.spec],
                 )
                 .map_err(db_err)?;
-            }
-            let all = definitions(&tx, kind)?;
-            if kind == DefKind::Schedule {
-                let declared: Vec<(String, bool)> =
-                    defs.iter().map(|(d, p)| (d.name.clone(), *p)).collect();
-                upsert_states(&tx, &declared, now)?;
-                let keep = all.iter().map(|d| d.name.as_str()).collect();
-                delete_states_except(&tx, &keep)?;
-            }
-            tx.commit().map_err(db_err)?;
-            Ok(all)
-        })
-        .await
+                }
+                let all = definitions(&tx, kind)?;
+                if kind == DefKind::Schedule {
+                    let declared: Vec<(String, bool)> =
+                        defs.iter().map(|(d, p)| (d.name.clone(), *p)).collect();
+                    upsert_states(&tx, &declared, now)?;
+                    let keep = all.iter().map(|d| d.name.as_str()).collect();
+                    delete_states_except(&tx, &keep)?;
+                }
+                tx.commit().map_err(db_err)?;
+                Ok(all)
+            })
+            .await
     }
 
     async fn get(&self, name: &str) -> Result<Option<ScheduleState>> {
         let name = name.to_string();
-        self.call(move |c| {
-            c.query_row(
-                &format!("SELECT {COLUMNS} FROM schedules WHERE name = ?1"),
-                params![name],
-                raw_state,
-            )
-            .optional()
-            .map_err(db_err)?
-            .map(RawState::parse)
-            .transpose()
-        })
-        .await
+        self.db
+            .run(move |c| {
+                c.query_row(
+                    &format!("SELECT {COLUMNS} FROM schedules WHERE name = ?1"),
+                    params![name],
+                    raw_state,
+                )
+                .optional()
+                .map_err(db_err)?
+                .map(RawState::parse)
+                .transpose()
+            })
+            .await
     }
 
     async fn list(&self) -> Result<Vec<ScheduleState>> {
-        self.call(|c| {
-            let mut st = c
-                .prepare(&format!("SELECT {COLUMNS} FROM schedules ORDER BY name"))
-                .map_err(db_err)?;
-            let rows = st
-                .query_map([], raw_state)
-                .map_err(db_err)?
-                .collect::<rusqlite::Result<Vec<_>>>()
-                .map_err(db_err)?;
-            rows.into_iter().map(RawState::parse).collect()
-        })
-        .await
+        self.db
+            .run(|c| {
+                let sql = format!("SELECT {COLUMNS} FROM schedules ORDER BY name");
+                let rows = query_all(c, &sql, [], raw_state).map_err(db_err)?;
+                rows.into_iter().map(RawState::parse).collect()
+            })
+            .await
     }
 
     async fn claim(
@@ -206,7 +195,7 @@ impl TriggerStore for SqliteTriggerStore {
         now: DateTime<Utc>,
     ) -> Result<bool> {
         let (name, owner) = (name.to_string(), owner.to_string());
-        self.call(move |c| {
+        self.db.run(move |c| {
             let n = c
                 .execute(
                     "UPDATE schedules SET cursor_ms = ?3, pending_tick_ms = ?3, claimed_by = ?4, claimed_at_ms = ?5, updated_ms = ?5
@@ -227,7 +216,7 @@ impl TriggerStore for SqliteTriggerStore {
         now: DateTime<Utc>,
     ) -> Result<bool> {
         let (name, claim, owner) = (name.to_string(), claim.clone(), owner.to_string());
-        self.call(move |c| {
+        self.db.run(move |c| {
             let n = c
                 .execute(
                     "UPDATE schedules SET claimed_by = ?5, claimed_at_ms = ?6, updated_ms = ?6
@@ -250,7 +239,7 @@ impl TriggerStore for SqliteTriggerStore {
     ) -> Result<bool> {
         let (name, owner, message_id) =
             (name.to_string(), owner.to_string(), message_id.to_string());
-        self.call(move |c| {
+        self.db.run(move |c| {
             let tx = c.transaction().map_err(db_err)?;
             let n = tx
                 .execute(
@@ -273,33 +262,35 @@ impl TriggerStore for SqliteTriggerStore {
 
     async fn record_error(&self, name: &str, error: &str, now: DateTime<Utc>) -> Result<()> {
         let (name, error) = (name.to_string(), error.to_string());
-        self.call(move |c| {
-            c.execute(
-                "UPDATE schedules SET last_error = ?2, updated_ms = ?3 WHERE name = ?1",
-                params![name, error, ms(now)],
-            )
-            .map_err(db_err)?;
-            Ok(())
-        })
-        .await
+        self.db
+            .run(move |c| {
+                c.execute(
+                    "UPDATE schedules SET last_error = ?2, updated_ms = ?3 WHERE name = ?1",
+                    params![name, error, ms(now)],
+                )
+                .map_err(db_err)?;
+                Ok(())
+            })
+            .await
     }
 
     async fn record_run_now(&self, name: &str, message_id: &str, now: DateTime<Utc>) -> Result<()> {
         let (name, message_id) = (name.to_string(), message_id.to_string());
-        self.call(move |c| {
-            c.execute(
-                "UPDATE schedules SET last_message_id = ?2, updated_ms = ?3 WHERE name = ?1",
-                params![name, message_id, ms(now)],
-            )
-            .map_err(db_err)?;
-            Ok(())
-        })
-        .await
+        self.db
+            .run(move |c| {
+                c.execute(
+                    "UPDATE schedules SET last_message_id = ?2, updated_ms = ?3 WHERE name = ?1",
+                    params![name, message_id, ms(now)],
+                )
+                .map_err(db_err)?;
+                Ok(())
+            })
+            .await
     }
 
     async fn set_paused(&self, name: &str, paused: bool, now: DateTime<Utc>) -> Result<bool> {
         let name = name.to_string();
-        self.call(move |c| {
+        self.db.run(move |c| {
             let sql = if paused {
                 "UPDATE schedules SET paused = 1, updated_ms = ?2 WHERE name = ?1"
             } else {
@@ -313,19 +304,15 @@ impl TriggerStore for SqliteTriggerStore {
 }
 
 fn definitions(conn: &Connection, kind: DefKind) -> Result<Vec<Definition>> {
-    let mut st = conn
-        .prepare("SELECT name, project, spec FROM definitions WHERE kind = ?1 ORDER BY name")
-        .map_err(db_err)?;
-    let rows = st
-        .query_map(params![kind.as_str()], |r| {
-            Ok(Definition {
-                name: r.get(0)?,
-                project: r.get(1)?,
-                spec: r.get(2)?,
-            })
+    let sql = "SELECT name, project, spec FROM definitions WHERE kind = ?1 ORDER BY name";
+    query_all(conn, sql, params![kind.as_str()], |r| {
+        Ok(Definition {
+            name: r.get(0)?,
+            project: r.get(1)?,
+            spec: r.get(2)?,
         })
-        .map_err(db_err)?;
-    rows.collect::<rusqlite::Result<_>>().map_err(db_err)
+    })
+    .map_err(db_err)
 }
 
 fn upsert_states(conn: &Connection, declared: &[(String, bool)], now: DateTime<Utc>) -> Result<()> {
@@ -347,11 +334,8 @@ fn upsert_states(conn: &Connection, declared: &[(String, bool)], now: DateTime<U
 
 fn delete_states_except(conn: &Connection, keep: &HashSet<&str>) -> Result<()> {
     let existing: Vec<String> = {
-        let mut st = conn.prepare("SELECT name FROM schedules").map_err(db_err)?;
-        let rows = st
-            .query_map([], |r| r.get::<_, String>(0))
-            .map_err(db_err)?;
-        rows.collect::<rusqlite::Result<_>>().map_err(db_err)?
+        let sql = "SELECT name FROM schedules";
+        query_all(conn, sql, [], |r| r.get::<_, String>(0)).map_err(db_err)?
     };
     for name in existing.iter().filter(|n| !keep.contains(n.as_str())) {
         conn.execute("DELETE FROM schedules WHERE name = ?1", params![name])

@@ -6,7 +6,7 @@
 
 use std::future::IntoFuture;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -68,17 +68,46 @@ pub async fn pull_acked(broker: &Broker, sub: &str) -> Vec<Arc<Message>> {
     got.into_iter().map(|d| d.message).collect()
 }
 
-/// `Triggers` on `data`, publishing to `broker`, on the manual `clock`.
-pub async fn open_triggers(
-    data: &Path,
-    broker: &Arc<Broker>,
-    clock: &ManualClock,
-) -> Arc<Triggers> {
-    Arc::new(
-        Triggers::open_with_clock(data, broker.clone(), Arc::new(clock.clone()))
+/// A test's data directory, its broker and a manual clock.
+pub struct Env {
+    pub _dir: tempfile::TempDir,
+    pub data: PathBuf,
+    pub broker: Arc<Broker>,
+    pub clock: ManualClock,
+}
+
+impl Env {
+    /// A broker on an embedded store in `dir` with `topic` and its
+    /// subscription `sub`; the clock at `start` (RFC 3339).
+    pub async fn new(topic: &str, sub: &str, start: &str) -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        let broker = broker(dir.path(), topic, sub).await;
+        Env::with(dir, broker, start)
+    }
+
+    /// The same over a broker the test made itself in `dir`.
+    pub fn with(dir: tempfile::TempDir, broker: Arc<Broker>, start: &str) -> Env {
+        Env {
+            data: dir.path().join("data"),
+            _dir: dir,
+            broker,
+            clock: ManualClock::new(utc(start)),
+        }
+    }
+
+    /// `Triggers` on the data directory, publishing to the broker, on the
+    /// manual clock (a second call: a restarted server).
+    pub async fn triggers(&self) -> Arc<Triggers> {
+        Arc::new(
+            Triggers::open_with_clock(
+                &self.data,
+                self.broker.clone(),
+                Arc::new(self.clock.clone()),
+            )
             .await
             .unwrap(),
-    )
+        )
+    }
 }
 
 /// Waits until `t`'s scheduler has evaluated (and published) at `at`.

@@ -60,8 +60,8 @@ use pubrun_core::job::{DockerSpec, ExecutorSpec, PullPolicy};
 use tokio::sync::OnceCell;
 
 use crate::{
-    stop_cause, CancellationToken, EndCause, Executor, Exit, LogSink, OnStarted, RunRequest,
-    Started,
+    stop_cause, Attempt, CancellationToken, EndCause, Executor, Exit, LogSink, OnStarted,
+    RunRequest, Started,
 };
 
 /// Where Docker listens when `DOCKER_HOST` is not set.
@@ -687,13 +687,13 @@ impl DockerExecutor {
 
 #[async_trait::async_trait]
 impl Executor for DockerExecutor {
-    async fn run(
-        &self,
-        req: RunRequest,
-        log: Arc<LogSink>,
-        cancel: CancellationToken,
-        on_started: OnStarted,
-    ) -> Exit {
+    async fn run(&self, attempt: Attempt) -> Exit {
+        let Attempt {
+            req,
+            log,
+            cancel,
+            on_started,
+        } = attempt;
         let spec = match &req.spec {
             ExecutorSpec::Docker(d) => d.clone(),
             ExecutorSpec::Process(p) => {

@@ -126,17 +126,41 @@ pub struct Started {
 /// Called once when the process or container is running.
 pub type OnStarted = Box<dyn FnOnce(Started) + Send>;
 
+/// One attempt handed to an executor: what to run, where its output goes,
+/// what stops it, and whom to tell once it is running.
+pub struct Attempt {
+    pub req: RunRequest,
+    pub log: Arc<LogSink>,
+    /// Cancelling it stops the attempt like a timeout does (graceful, then
+    /// forced) and yields `cancelled = true`.
+    pub cancel: CancellationToken,
+    pub on_started: OnStarted,
+}
+
+impl Attempt {
+    /// An attempt nobody cancels and nobody waits to see start.
+    pub fn new(req: RunRequest, log: Arc<LogSink>) -> Self {
+        Attempt {
+            req,
+            log,
+            cancel: CancellationToken::new(),
+            on_started: Box::new(|_| {}),
+        }
+    }
+
+    pub fn cancel(self, cancel: CancellationToken) -> Self {
+        Attempt { cancel, ..self }
+    }
+
+    pub fn on_started(self, on_started: OnStarted) -> Self {
+        Attempt { on_started, ..self }
+    }
+}
+
 #[async_trait::async_trait]
 pub trait Executor: Send + Sync + 'static {
-    /// Runs the attempt to its end. Cancelling `cancel` stops it like a
-    /// timeout does (graceful, then forced) and yields `cancelled = true`.
-    async fn run(
-        &self,
-        req: RunRequest,
-        log: Arc<LogSink>,
-        cancel: CancellationToken,
-        on_started: OnStarted,
-    ) -> Exit;
+    /// Runs the attempt to its end.
+    async fn run(&self, attempt: Attempt) -> Exit;
 
     /// After a server restart: if the attempt is still known to the engine
     /// (a container with label `pubrun.run_id`), follow it to its end and
@@ -186,14 +210,8 @@ pub struct Unavailable(pub String);
 
 #[async_trait::async_trait]
 impl Executor for Unavailable {
-    async fn run(
-        &self,
-        _req: RunRequest,
-        log: Arc<LogSink>,
-        _cancel: CancellationToken,
-        _on_started: OnStarted,
-    ) -> Exit {
-        log.note(&self.0).await;
+    async fn run(&self, attempt: Attempt) -> Exit {
+        attempt.log.note(&self.0).await;
         Exit::failed(EndCause::Infrastructure, self.0.clone())
     }
 }

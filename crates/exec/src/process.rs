@@ -32,10 +32,7 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::process::Child;
 use tokio::task::JoinHandle;
 
-use crate::{
-    stop_cause, CancellationToken, EndCause, Executor, Exit, LogSink, OnStarted, RunRequest,
-    Started,
-};
+use crate::{stop_cause, Attempt, EndCause, Executor, Exit, LogSink, Started};
 
 /// How long the output readers may take to reach end-of-file after the
 /// process group is gone. Only a process that left the group (setsid) and
@@ -179,13 +176,13 @@ fn resolve_program(command: &str, path: Option<&str>, cwd: &Path) -> PathBuf {
 
 #[async_trait::async_trait]
 impl Executor for ProcessExecutor {
-    async fn run(
-        &self,
-        req: RunRequest,
-        log: Arc<LogSink>,
-        cancel: CancellationToken,
-        on_started: OnStarted,
-    ) -> Exit {
+    async fn run(&self, attempt: Attempt) -> Exit {
+        let Attempt {
+            req,
+            log,
+            cancel,
+            on_started,
+        } = attempt;
         let spec = match &req.spec {
             ExecutorSpec::Process(p) => p,
             ExecutorSpec::Docker(d) => {

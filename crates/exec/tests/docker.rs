@@ -19,7 +19,7 @@ use futures::StreamExt;
 use pubrun_core::job::{DockerSpec, ExecutorSpec, PullPolicy, RegistryAuth};
 use pubrun_core::run::RunStatus;
 use pubrun_exec::docker::{container_name, DockerExecutor};
-use pubrun_exec::{CancellationToken, Executor, Exit, RunRequest};
+use pubrun_exec::{Attempt, CancellationToken, Executor, Exit, RunRequest};
 
 fn executor() -> DockerExecutor {
     DockerExecutor::connect().expect("DOCKER_HOST is usable")
@@ -44,12 +44,7 @@ fn req(fx: &Fixture, name: &str, spec: DockerSpec) -> RunRequest {
 async fn run(fx: &Fixture, req: RunRequest) -> Exit {
     within(
         "docker run",
-        executor().run(
-            req,
-            fx.log.clone(),
-            CancellationToken::new(),
-            ignore_started(),
-        ),
+        executor().run(Attempt::new(req, fx.log.clone())),
     )
     .await
 }
@@ -223,12 +218,7 @@ async fn labels_and_name_while_running_and_removed_after() {
     let (exit, ()) = tokio::join!(
         within(
             "run",
-            ex.run(
-                r.clone(),
-                fx.log.clone(),
-                CancellationToken::new(),
-                on_started
-            )
+            ex.run(Attempt::new(r.clone(), fx.log.clone()).on_started(on_started))
         ),
         async {
             let started = started.await.expect("on_started");
@@ -333,7 +323,11 @@ async fn cancel_kills_a_container_that_ignores_sigterm_after_the_grace_period() 
     let (exit, ()) = tokio::join!(
         within(
             "run",
-            ex.run(r.clone(), fx.log.clone(), cancel.clone(), on_started)
+            ex.run(
+                Attempt::new(r.clone(), fx.log.clone())
+                    .cancel(cancel.clone())
+                    .on_started(on_started)
+            )
         ),
         async {
             started.await.expect("on_started");
@@ -387,7 +381,7 @@ async fn a_container_that_obeys_sigterm_is_not_reported_killed() {
     let (exit, ()) = tokio::join!(
         within(
             "run",
-            ex.run(r.clone(), fx.log.clone(), cancel.clone(), ignore_started())
+            ex.run(Attempt::new(r.clone(), fx.log.clone()).cancel(cancel.clone()))
         ),
         async {
             fx.wait_for_log("ready").await;
@@ -428,16 +422,7 @@ async fn only_declared_environment_and_masked_secrets_reach_the_container() {
         .await
         .unwrap(),
     );
-    let exit = within(
-        "run",
-        executor().run(
-            r.clone(),
-            log.clone(),
-            CancellationToken::new(),
-            ignore_started(),
-        ),
-    )
-    .await;
+    let exit = within("run", executor().run(Attempt::new(r.clone(), log.clone()))).await;
     log.flush().await;
     let text = std::fs::read_to_string(log.path()).unwrap();
     assert_eq!(exit.exit_code, Some(0), "{exit:?}\n{text}");
@@ -636,7 +621,7 @@ async fn start_and_crash(fx: &Fixture, r: RunRequest) -> pubrun_exec::Started {
     let log = fx.log.clone();
     let task = tokio::spawn(async move {
         executor()
-            .run(r, log, CancellationToken::new(), on_started)
+            .run(Attempt::new(r, log).on_started(on_started))
             .await
     });
     let started = within("start", started).await.expect("on_started");

@@ -9,7 +9,7 @@ use std::time::Duration;
 use common::*;
 use pubrun_core::job::ExecutorSpec;
 use pubrun_exec::docker::DockerExecutor;
-use pubrun_exec::{CancellationToken, Executor};
+use pubrun_exec::{Attempt, CancellationToken, Executor};
 
 #[tokio::test]
 async fn dead_docker_host_is_an_infra_error() {
@@ -24,12 +24,7 @@ async fn dead_docker_host_is_an_infra_error() {
     let (on_started, started) = started_channel();
     let exit = within(
         "run",
-        ex.run(
-            req.clone(),
-            fx.log.clone(),
-            CancellationToken::new(),
-            on_started,
-        ),
+        ex.run(Attempt::new(req.clone(), fx.log.clone()).on_started(on_started)),
     )
     .await;
     assert_eq!(
@@ -61,16 +56,7 @@ async fn dead_docker_host_is_an_infra_error() {
     let ex = DockerExecutor::with_host("tcp://127.0.0.1:9").unwrap();
     let mut req = req;
     req.timeout = Duration::from_secs(5);
-    let exit = within(
-        "run",
-        ex.run(
-            req,
-            fx.log.clone(),
-            CancellationToken::new(),
-            ignore_started(),
-        ),
-    )
-    .await;
+    let exit = within("run", ex.run(Attempt::new(req, fx.log.clone()))).await;
     assert_eq!(
         exit.cause,
         pubrun_exec::EndCause::Infrastructure,

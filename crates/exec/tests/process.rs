@@ -10,17 +10,12 @@ use common::*;
 use pubrun_core::job::{DockerSpec, ExecutorSpec, ProcessSpec};
 use pubrun_core::run::RunStatus;
 use pubrun_exec::process::ProcessExecutor;
-use pubrun_exec::{CancellationToken, Executor, LogSink, Secrets};
+use pubrun_exec::{Attempt, CancellationToken, Executor, LogSink, Secrets};
 
 async fn run(fx: &Fixture, req: pubrun_exec::RunRequest) -> pubrun_exec::Exit {
     within(
         "run",
-        ProcessExecutor::new().run(
-            req,
-            fx.log.clone(),
-            CancellationToken::new(),
-            ignore_started(),
-        ),
+        ProcessExecutor::new().run(Attempt::new(req, fx.log.clone())),
     )
     .await
 }
@@ -71,15 +66,7 @@ async fn output_is_streamed_while_the_process_runs() {
     let ex = ProcessExecutor::new();
     let req = fx.request("r", sh(script));
     let (exit, ()) = tokio::join!(
-        within(
-            "run",
-            ex.run(
-                req,
-                fx.log.clone(),
-                CancellationToken::new(),
-                ignore_started()
-            )
-        ),
+        within("run", ex.run(Attempt::new(req, fx.log.clone()))),
         async {
             fx.wait_for_log("early-line").await;
             assert!(!fx.log_text().await.contains("late-line"));
@@ -176,7 +163,7 @@ async fn the_environment_is_clean_and_secrets_are_masked() {
     );
     let exit = within(
         "run",
-        ProcessExecutor::new().run(req, log.clone(), CancellationToken::new(), ignore_started()),
+        ProcessExecutor::new().run(Attempt::new(req, log.clone())),
     )
     .await;
     log.flush().await;
@@ -211,10 +198,7 @@ async fn on_started_reports_host_and_pid() {
     let exit = within(
         "run",
         ProcessExecutor::new().run(
-            fx.request("r", sh("echo pid=$$")),
-            fx.log.clone(),
-            CancellationToken::new(),
-            on_started,
+            Attempt::new(fx.request("r", sh("echo pid=$$")), fx.log.clone()).on_started(on_started),
         ),
     )
     .await;
@@ -290,7 +274,11 @@ async fn cancel_stops_the_process() {
     let (exit, ()) = tokio::join!(
         within(
             "run",
-            ex.run(req, fx.log.clone(), cancel.clone(), on_started)
+            ex.run(
+                Attempt::new(req, fx.log.clone())
+                    .cancel(cancel.clone())
+                    .on_started(on_started)
+            )
         ),
         async {
             started.await.expect("started");
@@ -312,10 +300,9 @@ async fn already_cancelled_never_starts() {
     let (on_started, started) = started_channel();
     let exit = ProcessExecutor::new()
         .run(
-            fx.request("r", sh("touch ran")),
-            fx.log.clone(),
-            cancel,
-            on_started,
+            Attempt::new(fx.request("r", sh("touch ran")), fx.log.clone())
+                .cancel(cancel)
+                .on_started(on_started),
         )
         .await;
     assert!(exit.cancelled());

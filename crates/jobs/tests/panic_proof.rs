@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use common::*;
 use pubrun_core::run::RunStatus;
-use pubrun_exec::{CancellationToken, Executor, Exit, LogSink, OnStarted, RunRequest};
+use pubrun_exec::{CancellationToken, Executor, Exit, LogSink, RunRequest};
 
 fn tempdir() -> tempfile::TempDir {
     tempfile::tempdir().unwrap()
@@ -76,23 +76,17 @@ type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + 
 
 // `Executor` is an `async_trait`; this is what the macro would write.
 impl Executor for PanicsFor {
-    fn run<'a, 'b>(
-        &'a self,
-        req: RunRequest,
-        log: Arc<LogSink>,
-        cancel: CancellationToken,
-        on_started: OnStarted,
-    ) -> BoxFuture<'b, Exit>
+    fn run<'a, 'b>(&'a self, attempt: pubrun_exec::Attempt) -> BoxFuture<'b, Exit>
     where
         'a: 'b,
         Self: 'b,
     {
         Box::pin(async move {
-            if req.job == self.0 {
-                panic!("simulated bug in run {}", req.run_id);
+            if attempt.req.job == self.0 {
+                panic!("simulated bug in run {}", attempt.req.run_id);
             }
             pubrun_exec::process::ProcessExecutor::new()
-                .run(req, log, cancel, on_started)
+                .run(attempt)
                 .await
         })
     }

@@ -217,13 +217,7 @@ struct FlakyEngine {
 type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
 
 impl Executor for FlakyEngine {
-    fn run<'a, 'b>(
-        &'a self,
-        _req: pubrun_exec::RunRequest,
-        _log: Arc<pubrun_exec::LogSink>,
-        _cancel: pubrun_exec::CancellationToken,
-        _on_started: pubrun_exec::OnStarted,
-    ) -> BoxFuture<'b, pubrun_exec::Exit>
+    fn run<'a, 'b>(&'a self, _attempt: pubrun_exec::Attempt) -> BoxFuture<'b, pubrun_exec::Exit>
     where
         'a: 'b,
         Self: 'b,

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use pubrun_core::job::ExecutorSpec;
 use pubrun_core::run::{EndCause, Exit};
-use pubrun_exec::{CancellationToken, Executor, LogSink, RunRequest};
+use pubrun_exec::{Attempt, CancellationToken, Executor, LogSink, RunRequest};
 use reqwest::StatusCode;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
@@ -468,7 +468,14 @@ impl Agent {
         };
         log.note(&format!("running on agent {}", self.cfg.name))
             .await;
-        let mut exit = executor.run(req, log.clone(), cancel, on_started).await;
+        let mut exit = executor
+            .run(Attempt {
+                req,
+                log: log.clone(),
+                cancel,
+                on_started,
+            })
+            .await;
         if exit.cancelled() && self.handing_back.load(std::sync::atomic::Ordering::SeqCst) {
             exit = Exit::failed(
                 EndCause::Lost,

@@ -108,10 +108,6 @@ pub fn started_channel() -> (OnStarted, oneshot::Receiver<Started>) {
     (Box::new(move |s| drop(tx.send(s))), rx)
 }
 
-pub fn ignore_started() -> OnStarted {
-    Box::new(|_| {})
-}
-
 pub async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
     tokio::time::timeout(WAIT, f)
         .await

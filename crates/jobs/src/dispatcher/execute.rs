@@ -206,7 +206,12 @@ impl Dispatcher {
         }
         let mut exit = self
             .executor_for(spec)
-            .run(req, log.clone(), token, on_started)
+            .run(pubrun_exec::Attempt {
+                req,
+                log: log.clone(),
+                cancel: token,
+                on_started,
+            })
             .await;
         let marked = marking.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(task) = marked {

@@ -64,13 +64,13 @@ impl PoolExecutor {
 
 #[async_trait::async_trait]
 impl Executor for PoolExecutor {
-    async fn run(
-        &self,
-        req: RunRequest,
-        log: Arc<LogSink>,
-        cancel: CancellationToken,
-        on_started: OnStarted,
-    ) -> Exit {
+    async fn run(&self, attempt: Attempt) -> Exit {
+        let Attempt {
+            req,
+            log,
+            cancel,
+            on_started,
+        } = attempt;
         log.note(&format!("waiting for a machine of pool {}", self.pool))
             .await;
         let (seq, rx) = self.pools.enqueue(&self.pool, req, log.clone());

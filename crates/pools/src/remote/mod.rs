@@ -18,7 +18,7 @@ use std::time::Duration;
 use pubrun_core::clock::{self, Clock, SystemClock};
 use pubrun_core::pool::{MachineState, PoolSpec};
 use pubrun_core::run::{EndCause, Exit};
-use pubrun_exec::{CancellationToken, Executor, LogSink, OnStarted, RunRequest};
+use pubrun_exec::{Attempt, CancellationToken, Executor, LogSink, OnStarted, RunRequest};
 use tokio::sync::{mpsc, Notify};
 
 use crate::db::{Bootstrap, LeaseEnd, LeaseState, MachineRow, NewLease, PoolStore};

@@ -687,14 +687,8 @@ impl DockerExecutor {
 
 #[async_trait::async_trait]
 impl Executor for DockerExecutor {
-    async fn run(&self, attempt: Attempt) -> Exit {
-        let Attempt {
-            req,
-            log,
-            cancel,
-            on_started,
-        } = attempt;
-        let spec = match &req.spec {
+    async fn run(&self, a: Attempt) -> Exit {
+        let spec = match &a.req.spec {
             ExecutorSpec::Docker(d) => d.clone(),
             ExecutorSpec::Process(p) => {
                 return Exit {
@@ -706,11 +700,11 @@ impl Executor for DockerExecutor {
                 };
             }
         };
-        if cancel.is_cancelled() {
+        if a.cancel.is_cancelled() {
             return Exit::failed(EndCause::Cancelled, "cancelled before it started");
         }
         match self
-            .start_and_follow(&req, &spec, &log, &cancel, on_started)
+            .start_and_follow(&a.req, &spec, &a.log, &a.cancel, a.on_started)
             .await
         {
             Ok(exit) => exit,

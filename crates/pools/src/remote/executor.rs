@@ -64,17 +64,11 @@ impl PoolExecutor {
 
 #[async_trait::async_trait]
 impl Executor for PoolExecutor {
-    async fn run(&self, attempt: Attempt) -> Exit {
-        let Attempt {
-            req,
-            log,
-            cancel,
-            on_started,
-        } = attempt;
-        log.note(&format!("waiting for a machine of pool {}", self.pool))
-            .await;
-        let (seq, rx) = self.pools.enqueue(&self.pool, req, log.clone());
-        self.follow(rx, None, Some(seq), log, cancel, Some(on_started))
+    async fn run(&self, a: Attempt) -> Exit {
+        let waiting = format!("waiting for a machine of pool {}", self.pool);
+        a.log.note(&waiting).await;
+        let (seq, rx) = self.pools.enqueue(&self.pool, a.req, a.log.clone());
+        self.follow(rx, None, Some(seq), a.log, a.cancel, Some(a.on_started))
             .await
     }
 

@@ -126,6 +126,58 @@ pub fn run_script(name: &str, args: &[&str]) -> Result<String, String> {
     }
 }
 
+/// Calls `probe` every `every` until it returns `Ok` (that value); once
+/// `patience` has passed, panics with `fail` of what it saw last (the
+/// message is made only then: it may read a log), so a wait can report the
+/// run or reply it last saw.
+pub fn poll_until<T, S>(
+    patience: Duration,
+    every: Duration,
+    mut probe: impl FnMut() -> Result<T, S>,
+    fail: impl FnOnce(S) -> String,
+) -> T {
+    let deadline = Instant::now() + patience;
+    loop {
+        let seen = match probe() {
+            Ok(v) => return v,
+            Err(seen) => seen,
+        };
+        assert!(Instant::now() < deadline, "{}", fail(seen));
+        std::thread::sleep(every);
+    }
+}
+
+/// [`poll_until`] for async tests: `probe` is awaited, the pause does not
+/// block the runtime (servers may run in it).
+pub async fn poll_until_async<T, S, Fut>(
+    patience: Duration,
+    every: Duration,
+    mut probe: impl FnMut() -> Fut,
+    fail: impl FnOnce(S) -> String,
+) -> T
+where
+    Fut: Future<Output = Result<T, S>>,
+{
+    let deadline = Instant::now() + patience;
+    loop {
+        let seen = match probe().await {
+            Ok(v) => return v,
+            Err(seen) => seen,
+        };
+        assert!(Instant::now() < deadline, "{}", fail(seen));
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// A [`poll_until`] probe's answer: `Ok(seen)` when `done`, else `Err(seen)`.
+pub fn ready_if<T>(done: bool, seen: T) -> Result<T, T> {
+    if done {
+        Ok(seen)
+    } else {
+        Err(seen)
+    }
+}
+
 /// Polls `cond` every 100 ms until it returns `Some`; panics naming `what`
 /// (and `log()`, e.g. a server's log) after `patience`.
 pub fn wait_until<T>(
@@ -134,29 +186,28 @@ pub fn wait_until<T>(
     mut cond: impl FnMut() -> Option<T>,
     log: impl Fn() -> String,
 ) -> T {
-    let deadline = Instant::now() + patience;
-    loop {
-        if let Some(v) = cond() {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {patience:?} waiting for {what}\n{}",
-            log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    poll_until(
+        patience,
+        Duration::from_millis(100),
+        || cond().ok_or(()),
+        |()| format!("timed out after {patience:?} waiting for {what}\n{}", log()),
+    )
 }
 
 /// [`wait_until`] for async checks, polled every 50 ms on the tokio timer.
-pub async fn eventually<T, F, Fut>(what: &str, patience: Duration, cond: F) -> T
+pub async fn eventually<T, F, Fut>(what: &str, patience: Duration, mut cond: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
 {
-    poll(patience, cond)
-        .await
-        .unwrap_or_else(|| panic!("timed out after {patience:?} waiting for {what}"))
+    let probe = || {
+        let fut = cond();
+        async move { fut.await.ok_or(()) }
+    };
+    poll_until_async(patience, Duration::from_millis(50), probe, |()| {
+        format!("timed out after {patience:?} waiting for {what}")
+    })
+    .await
 }
 
 /// Polls the async `cond` every 50 ms on the tokio timer until it returns

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use googleapis_tonic_google_pubsub_v1::google::pubsub::v1 as pb;
 use tonic::transport::Channel;
 
-pub use pubrun_testkit::free_port;
+pub use pubrun_testkit::{free_port, poll_until as poll, poll_until_async as poll_async, ready_if};
 
 /// The binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_pubrun");
@@ -760,59 +760,6 @@ pub fn two_nodes() -> (
 /// A log file as it is now (empty while it does not exist yet).
 pub fn read_log(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
-}
-
-/// Calls `probe` every `every` until it returns `Ok` (that value); once
-/// `patience` has passed, panics with `fail` of what it saw last (the
-/// message is made only then: it may read a log). `pubrun_testkit`'s
-/// `wait_until` without that last-seen state: these tests' waits report the
-/// run or reply they last saw.
-pub fn poll<T, S>(
-    patience: Duration,
-    every: Duration,
-    mut probe: impl FnMut() -> Result<T, S>,
-    fail: impl FnOnce(S) -> String,
-) -> T {
-    let deadline = Instant::now() + patience;
-    loop {
-        let seen = match probe() {
-            Ok(v) => return v,
-            Err(seen) => seen,
-        };
-        assert!(Instant::now() < deadline, "{}", fail(seen));
-        std::thread::sleep(every);
-    }
-}
-
-/// A [`poll`] probe's answer: `Ok(seen)` when `done`, else `Err(seen)`.
-pub fn ready_if<T>(done: bool, seen: T) -> Result<T, T> {
-    if done {
-        Ok(seen)
-    } else {
-        Err(seen)
-    }
-}
-
-/// [`poll`] for async tests: `probe` is awaited, the pause does not block
-/// the runtime (servers may run in it).
-pub async fn poll_async<T, S, Fut>(
-    patience: Duration,
-    every: Duration,
-    mut probe: impl FnMut() -> Fut,
-    fail: impl FnOnce(S) -> String,
-) -> T
-where
-    Fut: std::future::Future<Output = Result<T, S>>,
-{
-    let deadline = Instant::now() + patience;
-    loop {
-        let seen = match probe().await {
-            Ok(v) => return v,
-            Err(seen) => seen,
-        };
-        assert!(Instant::now() < deadline, "{}", fail(seen));
-        tokio::time::sleep(every).await;
-    }
 }
 
 /// Cluster mode: waits (60 s at most) until `server` logs, in `log()`, that

@@ -555,13 +555,9 @@ spot = true
     #[test]
     fn bad_pools_point_at_the_key_or_value() {
         // Line 10 is `max_machines = 2` of the docker pool.
+        #[rustfmt::skip]
         let cases: &[(usize, &str, (usize, usize), &str)] = &[
-            (
-                10,
-                "project = \"p\"",
-                (10, 1),
-                "`project` does not apply to provider \"docker\"",
-            ),
+            (10, "project = \"p\"", (10, 1), "`project` does not apply to provider \"docker\""),
             (10, "max_machines = 0", (10, 16), "at least 1"),
             (9, "min_machines = 3", (10, 16), "above max_machines (2)"),
             (10, "colour = 1", (10, 1), "colour"),
@@ -570,20 +566,10 @@ spot = true
             (12, "idle_timeout = \"soon\"", (12, 16), "idle_timeout"),
             (10, "lease_timeout = \"1s\"", (10, 17), "between 5s and 1h"),
             (13, "price_per_hour = -1.0", (13, 18), "≥ 0"),
-            (
-                10,
-                "token_env = \"my token\"",
-                (10, 13),
-                "environment variable",
-            ),
+            (10, "token_env = \"my token\"", (10, 13), "environment variable"),
             (14, "memory = \"lots\"", (14, 10), "not a size"),
             (15, "cpus = 0", (15, 8), "above 0"),
-            (
-                7,
-                "docker_host = \"/var/run/docker.sock\"",
-                (7, 15),
-                "scheme",
-            ),
+            (7, "docker_host = \"/var/run/docker.sock\"", (7, 15), "scheme"),
             (8, "# no server_url", (6, 12), "needs server_url"),
             (8, "server_url = \"host:8085\"", (8, 14), "http://"),
             (6, "provider = \"kubernetes\"", (6, 12), "one of"),
@@ -591,21 +577,11 @@ spot = true
             (5, "name = \"local\"", (6, 12), "can only be \"local\""),
             (5, "name = \"b~g\"", (5, 8), "container names"),
             (21, "# no zone", (19, 12), "needs zone"),
-            (
-                21,
-                "image = \"x\"",
-                (21, 1),
-                "`image` does not apply to provider \"gce\"",
-            ),
+            (21, "image = \"x\"", (21, 1), "`image` does not apply to provider \"gce\""),
             (18, "name = \"GPU\"", (18, 8), "instance names"),
             (28, "name = \"l\"", (28, 8), "between 3 and 255"),
             (30, "runs_per_machine = 4", (30, 1), "--slots"),
-            (
-                30,
-                "idle_timeout = \"1m\"",
-                (30, 1),
-                "does not apply to provider \"agents\"",
-            ),
+            (30, "idle_timeout = \"1m\"", (30, 1), "does not apply to provider \"agents\""),
         ];
         for (line, text, at, msg) in cases {
             let e = err(&pools_with(*line, text));

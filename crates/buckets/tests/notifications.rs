@@ -32,9 +32,7 @@ fn payload(d: &Delivered) -> Value {
 
 #[tokio::test]
 async fn notifications_carry_googles_attributes_and_payload() {
-    let dir = tempfile::tempdir().unwrap();
-    let broker = open_broker(dir.path());
-    let s = start(dir.path(), broker.clone()).await;
+    let (_dir, broker, s) = start_temp().await;
     let uploads = topic_with_sub(&broker, "uploads", "uploads-sub").await;
     let all = topic_with_sub(&broker, "all", "all-sub").await;
     s.create_bucket("inbox").await;
@@ -227,9 +225,7 @@ async fn notifications_carry_googles_attributes_and_payload() {
 
 #[tokio::test]
 async fn notification_config_validation() {
-    let dir = tempfile::tempdir().unwrap();
-    let broker = open_broker(dir.path());
-    let s = start(dir.path(), broker.clone()).await;
+    let (_dir, broker, s) = start_temp().await;
     topic_with_sub(&broker, "topic1", "topic1-sub").await;
     s.create_bucket("bkt").await;
     let post = |body: Value| {
@@ -275,18 +271,24 @@ async fn notification_config_validation() {
         )
         .await;
     assert_eq!(error_of(r).await.0, 404);
-    let r = s.get("/storage/v1/b/bkt/notificationConfigs/999").await;
-    assert_eq!(error_of(r).await.0, 404);
-    let r = s.get("/storage/v1/b/bkt/notificationConfigs/abc").await;
-    assert_eq!(error_of(r).await.0, 404);
+    assert_eq!(
+        s.get_error("/storage/v1/b/bkt/notificationConfigs/999")
+            .await
+            .0,
+        404
+    );
+    assert_eq!(
+        s.get_error("/storage/v1/b/bkt/notificationConfigs/abc")
+            .await
+            .0,
+        404
+    );
     s.stop().await;
 }
 
 #[tokio::test]
 async fn outbox_is_published_after_a_restart_and_orphans_are_removed() {
-    let dir = tempfile::tempdir().unwrap();
-    let broker = open_broker(dir.path());
-    let s = start(dir.path(), broker.clone()).await;
+    let (dir, broker, s) = start_temp().await;
     let sub = topic_with_sub(&broker, "events", "events-sub").await;
     s.create_bucket("bkt").await;
     s.buckets()

@@ -22,8 +22,7 @@ fn multipart_body(meta: &Value, content_type: &str, data: &[u8]) -> (String, Vec
 
 #[tokio::test]
 async fn multipart_uploads_and_integrity_checks() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = start(dir.path(), open_broker(dir.path())).await;
+    let (_dir, _, s) = start_temp().await;
     s.create_bucket("bkt").await;
     // Data that contains boundary-like bytes.
     let mut d = data(2_000_000, 3);
@@ -232,8 +231,7 @@ async fn status(s: &Server, url: &str, total: Option<usize>) -> (u16, usize) {
 
 #[tokio::test]
 async fn resumable_upload_of_30_mib_with_an_interrupted_chunk() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = start(dir.path(), open_broker(dir.path())).await;
+    let (dir, _, s) = start_temp().await;
     s.create_bucket("bkt").await;
     let total = 30 * 1024 * 1024 + 12345;
     let d = data(total, 11);
@@ -345,9 +343,7 @@ async fn resumable_upload_of_30_mib_with_an_interrupted_chunk() {
 
 #[tokio::test]
 async fn resumable_upload_survives_a_restart() {
-    let dir = tempfile::tempdir().unwrap();
-    let broker = open_broker(dir.path());
-    let s = start(dir.path(), broker.clone()).await;
+    let (dir, broker, s) = start_temp().await;
     s.create_bucket("bkt").await;
     let total = 3 * 1024 * 1024 + 7;
     let d = data(total, 5);
@@ -375,8 +371,7 @@ async fn resumable_upload_survives_a_restart() {
 
 #[tokio::test]
 async fn resumable_edge_cases() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = start(dir.path(), open_broker(dir.path())).await;
+    let (_dir, _, s) = start_temp().await;
     s.create_bucket("bkt").await;
 
     // Unknown total until the last chunk; finish with `bytes */TOTAL`.
@@ -508,9 +503,7 @@ async fn resumable_edge_cases() {
 /// header matches the data.
 #[tokio::test]
 async fn resumable_upload_checks_the_declared_checksums_at_finalize() {
-    let dir = tempfile::tempdir().unwrap();
-    let broker = open_broker(dir.path());
-    let s = start(dir.path(), broker.clone()).await;
+    let (_dir, broker, s) = start_temp().await;
     s.create_bucket("bkt").await;
     let sub = topic_with_sub(&broker, "events", "events-sub").await;
     let r = s
@@ -604,8 +597,7 @@ async fn resumable_upload_checks_the_declared_checksums_at_finalize() {
 /// the server's base URL, never the request's `Host`/`X-Forwarded-Proto`.
 #[tokio::test]
 async fn links_ignore_the_request_host() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = start(dir.path(), open_broker(dir.path())).await;
+    let (_dir, _, s) = start_temp().await;
     s.create_bucket("bkt").await;
     // Sends as through a hostile proxy; the answer must be a 200.
     let evil = |req: reqwest::RequestBuilder| async {
@@ -666,8 +658,7 @@ async fn links_ignore_the_request_host() {
 /// the session stays usable.
 #[tokio::test]
 async fn resumable_upload_refuses_impossible_totals() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = start(dir.path(), open_broker(dir.path())).await;
+    let (_dir, _, s) = start_temp().await;
     s.create_bucket("bkt").await;
     let max = pubrun_buckets::MAX_OBJECT_SIZE;
 

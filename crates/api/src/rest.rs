@@ -62,7 +62,7 @@ use types::*;
 pub fn router(pubsub: PubSub) -> Router {
     let projects = Router::new()
         .route("/{project}/topics", any(topics_collection))
-        .route("/{project}/topics/{topic}", any(topic_resource))
+        .route("/{project}/topics/{topic}", resource(topic_resource))
         .route(
             "/{project}/topics/{topic}/subscriptions",
             any(topic_subscriptions),
@@ -71,12 +71,12 @@ pub fn router(pubsub: PubSub) -> Router {
         .route("/{project}/snapshots", any(snapshots::snapshots_collection))
         .route(
             "/{project}/snapshots/{snapshot}",
-            any(snapshots::snapshot_resource),
+            resource(snapshots::snapshot_resource),
         )
         .route("/{project}/subscriptions", any(subscriptions_collection))
         .route(
             "/{project}/subscriptions/{subscription}",
-            any(subscription_resource),
+            resource(subscription_resource),
         )
         // Anything else under /v1/projects gets Google's error shape instead
         // of the gRPC router's fallback. Nesting keeps this fallback local.
@@ -184,6 +184,54 @@ where
     }
 }
 
+/// A call on one resource, `/v1/projects/{project}/COLLECTION/{segment}`.
+struct Resource {
+    method: Method,
+    uri: Uri,
+    project: String,
+    /// The resource id, with `:verb` after it for a custom method.
+    segment: String,
+    query: Option<String>,
+}
+
+/// The methods of a resource besides its custom ones.
+const STANDARD_METHODS: &str = "GET, PUT, PATCH, DELETE";
+
+impl Resource {
+    /// 405 for a method this resource (or custom method) does not take.
+    fn not_allowed(&self, allowed: &'static str) -> Fail {
+        method_not_allowed(&self.method, &self.uri, allowed)
+    }
+}
+
+/// The route of one resource's handler: checks the path parameters first,
+/// then answers what `handle` returns (failures in Google's error shape).
+fn resource<F, Fut>(handle: F) -> axum::routing::MethodRouter<PubSub>
+where
+    F: Fn(PubSub, Resource, Body) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Outcome> + Send + 'static,
+{
+    any(
+        move |State(ps): State<PubSub>, call: Call<(String, String)>, body: Body| {
+            let handle = handle.clone();
+            async move {
+                let (project, segment) = match path_params(call.path) {
+                    Ok(p) => p,
+                    Err(Fail(r)) => return *r,
+                };
+                let on = Resource {
+                    method: call.method,
+                    uri: call.uri,
+                    project,
+                    segment,
+                    query: call.query,
+                };
+                finish(handle(ps, on, body).await)
+            }
+        },
+    )
+}
+
 impl<T> Call<T> {
     /// Answers a GET-only list endpoint. Its checks, in order: the path
     /// parameters, the method, then `pageSize`/`pageToken`; `list` fetches
@@ -217,6 +265,29 @@ fn subscription_name(project: &str, id: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fields_are_read_in_either_spelling_once() {
+        let read = |v: Value| from_object::<AcknowledgeJson>("", v);
+        let both = ["ackIds", "ack_ids"].map(|k| read(serde_json::json!({ k: ["a"] })));
+        for a in both {
+            assert_eq!(a.unwrap().ack_ids, ["a"]);
+        }
+        let twice = read(serde_json::json!({"ackIds": ["a"], "ack_ids": ["b"]}));
+        let twice = twice.err().expect("a field given twice is an error");
+        assert!(
+            twice.message.contains("duplicate field `ackIds`"),
+            "{twice:?}"
+        );
+        // Unknown names are quoted as sent, also when they look like snake_case.
+        for k in ["ack_Ids", "ack_idz", "ackIdz"] {
+            let e = read(serde_json::json!({ k: [] })).err().expect(k);
+            assert!(
+                e.message.contains(&format!("Unknown name \"{k}\"")),
+                "{e:?}"
+            );
+        }
+    }
 
     #[test]
     fn durations_round_trip_in_proto3_json_form() {

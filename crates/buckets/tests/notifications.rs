@@ -122,9 +122,7 @@ async fn notifications_carry_googles_attributes_and_payload() {
     let m = pull_n(&broker, &all, 1, Duration::from_secs(5)).await;
     assert_eq!(attrs(&m[0])["objectId"], "txt/b.txt");
     settle(s.buckets()).await;
-    assert!(pull_n(&broker, &uploads, 1, Duration::from_millis(300))
-        .await
-        .is_empty());
+    assert!(nothing_arrives(&broker, &uploads).await);
 
     // Overwrite: FINALIZE (overwroteGeneration) and DELETE of the old one (overwrittenByGeneration).
     let o2 = s.put("inbox", "csv/a.csv", "x,y\n3,4\n").await;
@@ -189,12 +187,8 @@ async fn notifications_carry_googles_attributes_and_payload() {
         .await;
     assert_eq!(r.status(), 412);
     settle(s.buckets()).await;
-    assert!(pull_n(&broker, &uploads, 1, Duration::from_millis(300))
-        .await
-        .is_empty());
-    assert!(pull_n(&broker, &all, 1, Duration::from_millis(300))
-        .await
-        .is_empty());
+    assert!(nothing_arrives(&broker, &uploads).await);
+    assert!(nothing_arrives(&broker, &all).await);
 
     // Deleting a config stops its messages.
     let r = s
@@ -209,13 +203,13 @@ async fn notifications_carry_googles_attributes_and_payload() {
         1
     );
     settle(s.buckets()).await;
-    assert!(pull_n(&broker, &all, 1, Duration::from_millis(300))
-        .await
-        .is_empty());
-    let r = s
-        .get(&format!("/storage/v1/b/inbox/notificationConfigs/{id2}"))
-        .await;
-    assert_eq!(error_of(r).await.0, 404);
+    assert!(nothing_arrives(&broker, &all).await);
+    assert_eq!(
+        s.get_error(&format!("/storage/v1/b/inbox/notificationConfigs/{id2}"))
+            .await
+            .0,
+        404
+    );
     let r = s
         .delete(&format!("/storage/v1/b/inbox/notificationConfigs/{id2}"))
         .await;

@@ -97,8 +97,7 @@ async fn bucket_lifecycle() {
 
 #[tokio::test]
 async fn upload_download_ranges_and_headers() {
-    let (_dir, _, s) = start_temp().await;
-    s.create_bucket("bkt").await;
+    let (_dir, _, s) = start_with_bucket("bkt").await;
     let d = data(100_000, 1);
     let (md5, crc) = hashes(&d);
     let o = s.put("bkt", "dir/file.bin", d.clone()).await;
@@ -170,10 +169,12 @@ async fn upload_download_ranges_and_headers() {
         ))
         .await;
     assert_eq!(r.status(), 200);
-    let r = s
-        .get("/storage/v1/b/bkt/o/dir%2Ffile.bin?alt=media&generation=1")
-        .await;
-    assert_eq!(error_of(r).await.0, 404);
+    assert_eq!(
+        s.get_error("/storage/v1/b/bkt/o/dir%2Ffile.bin?alt=media&generation=1")
+            .await
+            .0,
+        404
+    );
 
     // An unencoded slash in the path also names the object.
     let (st, m) = s.get_json("/storage/v1/b/bkt/o/dir/file.bin").await;
@@ -211,8 +212,7 @@ async fn upload_download_ranges_and_headers() {
 
 #[tokio::test]
 async fn metadata_patch_update_and_generations() {
-    let (_dir, _, s) = start_temp().await;
-    s.create_bucket("bkt").await;
+    let (_dir, _, s) = start_with_bucket("bkt").await;
     let o1 = s.put("bkt", "obj", "one").await;
     let g1: i64 = o1["generation"].as_str().unwrap().parse().unwrap();
     let o2 = s.put("bkt", "obj", "two").await;
@@ -457,8 +457,7 @@ async fn hostile_names_stay_inside_the_data_dir() {
 
 #[tokio::test]
 async fn listing_with_prefix_delimiter_and_pages() {
-    let (_dir, _, s) = start_temp().await;
-    s.create_bucket("bkt").await;
+    let (_dir, _, s) = start_with_bucket("bkt").await;
     let names = [
         "a/1", "a/2", "a/b/3", "a/b/4", "b/5", "c", "d/", "d/6", "e", "f/g/h",
     ];

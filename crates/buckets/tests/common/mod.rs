@@ -66,6 +66,13 @@ pub async fn start_temp() -> (tempfile::TempDir, Arc<Broker>, Server) {
     (dir, broker, s)
 }
 
+/// [`start_temp`] with one bucket created.
+pub async fn start_with_bucket(bucket: &str) -> (tempfile::TempDir, Arc<Broker>, Server) {
+    let (dir, broker, s) = start_temp().await;
+    s.create_bucket(bucket).await;
+    (dir, broker, s)
+}
+
 impl Server {
     /// Stops serving and drops every handle on the bucket service, so the
     /// same data directory can be opened again.
@@ -244,6 +251,13 @@ pub async fn topic_with_sub(broker: &Broker, topic: &str, sub: &str) -> Subscrip
 }
 
 /// Pulls and acks until `n` messages arrived or `wait` passed.
+/// Whether no message comes to `sub` within 300 ms (acking any that does).
+pub async fn nothing_arrives(broker: &Broker, sub: &SubscriptionName) -> bool {
+    pull_n(broker, sub, 1, Duration::from_millis(300))
+        .await
+        .is_empty()
+}
+
 pub async fn pull_n(
     broker: &Broker,
     sub: &SubscriptionName,

@@ -111,6 +111,12 @@ fn empty() -> Value {
     Value::Object(Map::new())
 }
 
+/// The answer to a Delete call: `{}` once done.
+fn deleted(done: pubrun_core::Result<()>) -> Outcome {
+    done?;
+    Ok(empty())
+}
+
 fn method_not_allowed(method: &Method, uri: &Uri, allowed: &'static str) -> Fail {
     let mut r = crate::status::with_status(
         StatusCode::METHOD_NOT_ALLOWED,

@@ -16,8 +16,8 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use super::{
-    empty, format_timestamp, nullable, parse_body, parse_query, parse_update, put_map, put_str,
-    timestamp, Body, Call, Fail, Outcome, Resource, STANDARD_METHODS,
+    deleted, empty, format_timestamp, nullable, parse_body, parse_query, parse_update, put_map,
+    put_str, timestamp, Body, Call, Fail, Outcome, Resource, STANDARD_METHODS,
 };
 use crate::grpc::PubSub;
 use crate::pb;
@@ -114,11 +114,10 @@ pub(super) async fn snapshot_resource(ps: PubSub, mut on: Resource, body: Body) 
             };
             Ok(snapshot_json(&ps.update_snapshot(r).await?))
         }
-        Method::DELETE => {
+        Method::DELETE => deleted(
             ps.delete_snapshot(pb::DeleteSnapshotRequest { snapshot: name })
-                .await?;
-            Ok(empty())
-        }
+                .await,
+        ),
         _ => Err(on.not_allowed(STANDARD_METHODS)),
     }
 }

@@ -38,17 +38,15 @@ pub(super) async fn subscription_resource(ps: PubSub, mut on: Resource, body: Bo
             )),
             Method::PATCH => {
                 let (sub, update_mask) = parse_update::<SubscriptionJson>(body, "subscription")?;
-                let subscription = Some(sub.into_pb("subscription.", name)?);
                 let r = pb::UpdateSubscriptionRequest {
-                    subscription,
+                    subscription: Some(sub.into_pb("subscription.", name)?),
                     update_mask,
                 };
                 Ok(subscription_json(&ps.update_subscription(r).await?))
             }
             Method::DELETE => {
-                ps.delete_subscription(pb::DeleteSubscriptionRequest { subscription: name })
-                    .await?;
-                Ok(empty())
+                let r = pb::DeleteSubscriptionRequest { subscription: name };
+                deleted(ps.delete_subscription(r).await)
             }
             _ => Err(on.not_allowed(STANDARD_METHODS)),
         };

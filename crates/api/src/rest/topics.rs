@@ -33,11 +33,10 @@ pub(super) async fn topic_resource(ps: PubSub, mut on: Resource, body: Body) -> 
                     let r = pb::UpdateTopicRequest { topic, update_mask };
                     Ok(topic_json(&ps.update_topic(r).await?))
                 }
-                Method::DELETE => {
+                Method::DELETE => deleted(
                     ps.delete_topic(pb::DeleteTopicRequest { topic: name })
-                        .await?;
-                    Ok(empty())
-                }
+                        .await,
+                ),
                 _ => Err(on.not_allowed(STANDARD_METHODS)),
             }
         }

@@ -61,19 +61,31 @@ use types::*;
 /// Routes for `/v1/projects/{project}/topics/...` and `/subscriptions/...`.
 pub fn router(pubsub: PubSub) -> Router {
     let projects = Router::new()
-        .route("/{project}/topics", any(topics_collection))
+        .route(
+            "/{project}/topics",
+            listing("topics", in_project, PubSub::list_topics),
+        )
         .route("/{project}/topics/{topic}", resource(topic_resource))
         .route(
             "/{project}/topics/{topic}/subscriptions",
-            any(topic_subscriptions),
+            listing("subscriptions", of_topic, PubSub::list_topic_subscriptions),
         )
-        .route("/{project}/topics/{topic}/snapshots", any(topic_snapshots))
-        .route("/{project}/snapshots", any(snapshots::snapshots_collection))
+        .route(
+            "/{project}/topics/{topic}/snapshots",
+            listing("snapshots", of_topic, PubSub::list_topic_snapshots),
+        )
+        .route(
+            "/{project}/snapshots",
+            listing("snapshots", in_project, PubSub::list_snapshots),
+        )
         .route(
             "/{project}/snapshots/{snapshot}",
             resource(snapshots::snapshot_resource),
         )
-        .route("/{project}/subscriptions", any(subscriptions_collection))
+        .route(
+            "/{project}/subscriptions",
+            listing("subscriptions", in_project, PubSub::list_subscriptions),
+        )
         .route(
             "/{project}/subscriptions/{subscription}",
             resource(subscription_resource),
@@ -236,6 +248,71 @@ where
             }
         },
     )
+}
+
+/// The route of a GET-only list: `parent` makes the full name of what the
+/// path names, `list` answers the page (see [`Call::page`]).
+fn listing<P, Req, Resp>(
+    key: &'static str,
+    parent: fn(P) -> String,
+    list: fn(&PubSub, Req) -> pubrun_core::Result<Resp>,
+) -> axum::routing::MethodRouter<PubSub>
+where
+    P: DeserializeOwned + Send + 'static,
+    Req: ListRequest + 'static,
+    Resp: ListResponse + 'static,
+{
+    any(move |State(ps): State<PubSub>, call: Call<P>| async move {
+        call.page(key, |p, page_size, page_token| {
+            let r = list(&ps, Req::new(parent(p), page_size, page_token))?;
+            Ok(r.page())
+        })
+    })
+}
+
+fn in_project(project: String) -> String {
+    format!("projects/{project}")
+}
+
+fn of_topic((project, topic): (String, String)) -> String {
+    topic_name(&project, &topic)
+}
+
+/// A List request, from its parent's full name and the page asked for.
+trait ListRequest {
+    fn new(parent: String, page_size: i32, page_token: String) -> Self;
+}
+
+/// A List answer as a page: its items in proto3 JSON and the next page's token.
+trait ListResponse {
+    fn page(self) -> (Vec<Value>, String);
+}
+
+macro_rules! lists {
+    ($($req:ident($parent:ident) -> $resp:ident.$items:ident as $json:expr;)*) => {$(
+        impl ListRequest for pb::$req {
+            fn new(parent: String, page_size: i32, page_token: String) -> Self {
+                pb::$req { $parent: parent, page_size, page_token }
+            }
+        }
+
+        impl ListResponse for pb::$resp {
+            fn page(self) -> (Vec<Value>, String) {
+                (self.$items.into_iter().map($json).collect(), self.next_page_token)
+            }
+        }
+    )*};
+}
+
+lists! {
+    ListTopicsRequest(project) -> ListTopicsResponse.topics as |t| topic_json(&t);
+    ListSubscriptionsRequest(project) -> ListSubscriptionsResponse.subscriptions
+        as |s| subscription_json(&s);
+    ListSnapshotsRequest(project) -> ListSnapshotsResponse.snapshots
+        as |s| snapshots::snapshot_json(&s);
+    ListTopicSubscriptionsRequest(topic) -> ListTopicSubscriptionsResponse.subscriptions
+        as Value::String;
+    ListTopicSnapshotsRequest(topic) -> ListTopicSnapshotsResponse.snapshots as Value::String;
 }
 
 impl<T> Call<T> {

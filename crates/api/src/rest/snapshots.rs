@@ -8,16 +8,14 @@
 
 use std::collections::HashMap;
 
-use axum::extract::State;
 use axum::http::Method;
-use axum::response::Response;
 use pubrun_core::Error;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use super::{
     deleted, empty, format_timestamp, nullable, parse_body, parse_query, parse_update, put_map,
-    put_str, timestamp, Body, Call, Fail, Outcome, Resource, STANDARD_METHODS,
+    put_str, timestamp, Body, Fail, Outcome, Resource, STANDARD_METHODS,
 };
 use crate::grpc::PubSub;
 use crate::pb;
@@ -65,18 +63,6 @@ pub(super) fn snapshot_json(s: &pb::Snapshot) -> Value {
 
 fn snapshot_name(project: &str, id: &str) -> String {
     format!("projects/{project}/snapshots/{id}")
-}
-
-pub(super) async fn snapshots_collection(State(ps): State<PubSub>, call: Call<String>) -> Response {
-    call.page("snapshots", |project, page_size, page_token| {
-        let r = ps.list_snapshots(pb::ListSnapshotsRequest {
-            project: format!("projects/{project}"),
-            page_size,
-            page_token,
-        })?;
-        let snaps = r.snapshots.iter().map(snapshot_json).collect();
-        Ok((snaps, r.next_page_token))
-    })
 }
 
 pub(super) async fn snapshot_resource(ps: PubSub, mut on: Resource, body: Body) -> Outcome {

@@ -2,21 +2,6 @@
 
 use super::*;
 
-pub(super) async fn subscriptions_collection(
-    State(ps): State<PubSub>,
-    call: Call<String>,
-) -> Response {
-    call.page("subscriptions", |project, page_size, page_token| {
-        let r = ps.list_subscriptions(pb::ListSubscriptionsRequest {
-            project: format!("projects/{project}"),
-            page_size,
-            page_token,
-        })?;
-        let subs = r.subscriptions.iter().map(subscription_json).collect();
-        Ok((subs, r.next_page_token))
-    })
-}
-
 pub(super) const SUBSCRIPTION_VERBS: &str =
     "pull, acknowledge, modifyAckDeadline, modifyPushConfig, seek, detach";
 

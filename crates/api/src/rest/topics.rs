@@ -2,17 +2,6 @@
 
 use super::*;
 
-pub(super) async fn topics_collection(State(ps): State<PubSub>, call: Call<String>) -> Response {
-    call.page("topics", |project, page_size, page_token| {
-        let r = ps.list_topics(pb::ListTopicsRequest {
-            project: format!("projects/{project}"),
-            page_size,
-            page_token,
-        })?;
-        Ok((r.topics.iter().map(topic_json).collect(), r.next_page_token))
-    })
-}
-
 pub(super) async fn topic_resource(ps: PubSub, mut on: Resource, body: Body) -> Outcome {
     let (id, verb) = split_verb(&on.segment);
     let name = topic_name(&on.project, id);
@@ -80,37 +69,4 @@ pub(super) async fn topic_resource(ps: PubSub, mut on: Resource, body: Body) -> 
         }
         Some(other) => Err(unknown_verb(&on.uri, "topics", other, "publish")),
     }
-}
-
-pub(super) async fn topic_subscriptions(
-    State(ps): State<PubSub>,
-    call: Call<(String, String)>,
-) -> Response {
-    call.page(
-        "subscriptions",
-        |(project, topic), page_size, page_token| {
-            let r = ps.list_topic_subscriptions(pb::ListTopicSubscriptionsRequest {
-                topic: topic_name(&project, &topic),
-                page_size,
-                page_token,
-            })?;
-            let names = r.subscriptions.into_iter().map(Value::String).collect();
-            Ok((names, r.next_page_token))
-        },
-    )
-}
-
-pub(super) async fn topic_snapshots(
-    State(ps): State<PubSub>,
-    call: Call<(String, String)>,
-) -> Response {
-    call.page("snapshots", |(project, topic), page_size, page_token| {
-        let r = ps.list_topic_snapshots(pb::ListTopicSnapshotsRequest {
-            topic: topic_name(&project, &topic),
-            page_size,
-            page_token,
-        })?;
-        let names = r.snapshots.into_iter().map(Value::String).collect();
-        Ok((names, r.next_page_token))
-    })
 }

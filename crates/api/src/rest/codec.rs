@@ -445,14 +445,16 @@ pub(super) fn nested<T: DeserializeOwned + Default>(
     }
 }
 
-pub(super) fn enum_i32(
+/// An enum field: its value name (`from_name` is the enum's
+/// `from_str_name`) or its number.
+pub(super) fn enum_i32<E: Into<i32>>(
     field: &str,
     v: &Option<Value>,
-    from_name: impl Fn(&str) -> Option<i32>,
+    from_name: impl Fn(&str) -> Option<E>,
 ) -> pubrun_core::Result<i32> {
     match v {
         None | Some(Value::Null) => Ok(0),
-        Some(Value::String(s)) => from_name(s).ok_or_else(|| {
+        Some(Value::String(s)) => from_name(s).map(Into::into).ok_or_else(|| {
             Error::invalid(format!(
                 "Invalid value at '{field}', \"{s}\": not a valid enum value name"
             ))

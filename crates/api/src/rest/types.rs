@@ -46,7 +46,7 @@ impl TopicJson {
                     encoding: enum_i32(
                         &format!("{field}schema_settings.encoding"),
                         &s.encoding,
-                        |n| pb::Encoding::from_str_name(n).map(|e| e as i32),
+                        pb::Encoding::from_str_name,
                     )?,
                     first_revision_id: s.first_revision_id.unwrap_or_default(),
                     last_revision_id: s.last_revision_id.unwrap_or_default(),
@@ -57,9 +57,11 @@ impl TopicJson {
                 &format!("{field}message_retention_duration"),
                 &self.message_retention_duration,
             )?,
-            state: enum_i32(&format!("{field}state"), &self.state, |s| {
-                pb::topic::State::from_str_name(s).map(|s| s as i32)
-            })?,
+            state: enum_i32(
+                &format!("{field}state"),
+                &self.state,
+                pb::topic::State::from_str_name,
+            )?,
             ingestion_data_source_settings: present(&self.ingestion_data_source_settings),
             message_transforms: present_each(&self.message_transforms),
             tags: self.tags,
@@ -233,9 +235,11 @@ impl SubscriptionJson {
                 &format!("{field}topic_message_retention_duration"),
                 &self.topic_message_retention_duration,
             )?,
-            state: enum_i32(&format!("{field}state"), &self.state, |s| {
-                pb::subscription::State::from_str_name(s).map(|s| s as i32)
-            })?,
+            state: enum_i32(
+                &format!("{field}state"),
+                &self.state,
+                pb::subscription::State::from_str_name,
+            )?,
             analytics_hub_subscription_info: present(&self.analytics_hub_subscription_info),
             message_transforms: present_each(&self.message_transforms),
             tags: self.tags,

@@ -31,7 +31,7 @@ pub struct NotificationDecl {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawBucket {
-    pub(super) name: Spanned<String>,
+    name: Spanned<String>,
     #[serde(default)]
     notifications: Vec<Spanned<RawNotification>>,
 }
@@ -95,3 +95,5 @@ impl RawBucket {
         })
     }
 }
+
+named!(RawBucket => "bucket");

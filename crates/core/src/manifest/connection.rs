@@ -17,7 +17,7 @@ use crate::names::{validate_resource_id, ProjectName};
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawConnection {
-    pub(super) name: Spanned<String>,
+    name: Spanned<String>,
     project: Spanned<String>,
     credentials_file: Option<Spanned<String>>,
     token_env: Option<Spanned<String>>,
@@ -115,3 +115,5 @@ pub(super) fn connection_ref(
         )
     })
 }
+
+named!(RawConnection => "connection");

@@ -15,6 +15,24 @@ use crate::job::JobSpec;
 use crate::names::ProjectName;
 use crate::pool::PoolSpec;
 
+/// A kind of table whose tables are told apart by their `name` as written.
+trait Named {
+    const KIND: &'static str;
+    fn name(&self) -> &Spanned<String>;
+}
+
+/// `named!(RawX => "x")` in a table's module: its tables are `[[x]]`.
+macro_rules! named {
+    ($raw:ty => $kind:literal) => {
+        impl super::Named for $raw {
+            const KIND: &'static str = $kind;
+            fn name(&self) -> &toml::Spanned<String> {
+                &self.name
+            }
+        }
+    };
+}
+
 mod bucket;
 mod connection;
 mod job;
@@ -159,31 +177,6 @@ impl Unique {
         ))
     }
 }
-
-/// A kind of table whose tables are told apart by their `name` as written.
-trait Named {
-    const KIND: &'static str;
-    fn name(&self) -> &Spanned<String>;
-}
-
-macro_rules! named {
-    ($($raw:ty => $kind:literal),* $(,)?) => {$(
-        impl Named for $raw {
-            const KIND: &'static str = $kind;
-            fn name(&self) -> &Spanned<String> {
-                &self.name
-            }
-        }
-    )*};
-}
-
-named!(
-    connection::RawConnection => "connection",
-    pool::RawPool => "pool",
-    bucket::RawBucket => "bucket",
-    schedule::RawSchedule => "schedule",
-    webhook::RawWebhook => "webhook",
-);
 
 /// Parses the tables of one kind in order with `parse`; a name declared
 /// twice is an error at its second table (checked before that table's own

@@ -17,7 +17,7 @@ use crate::pool::{DockerProviderSpec, GceProviderSpec, PoolSpec, ProviderSpec, L
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawPool {
-    pub(super) name: Spanned<String>,
+    name: Spanned<String>,
     provider: Spanned<String>,
     min_machines: Option<Spanned<u32>>,
     max_machines: Option<Spanned<u32>>,
@@ -505,3 +505,5 @@ fn opt(v: &Option<Spanned<String>>) -> String {
         .map(|v| v.get_ref().trim().to_string())
         .unwrap_or_default()
 }
+
+named!(RawPool => "pool");

@@ -28,7 +28,7 @@ pub struct ScheduleDecl {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawSchedule {
-    pub(super) name: Spanned<String>,
+    name: Spanned<String>,
     cron: Spanned<String>,
     time_zone: Option<Spanned<String>>,
     topic: Spanned<String>,
@@ -72,3 +72,5 @@ impl RawSchedule {
         })
     }
 }
+
+named!(RawSchedule => "schedule");

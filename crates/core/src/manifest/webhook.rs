@@ -22,7 +22,7 @@ pub struct WebhookDecl {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawWebhook {
-    pub(super) name: Spanned<String>,
+    name: Spanned<String>,
     topic: Spanned<String>,
     secret_env: Option<String>,
     bearer_secret_env: Option<String>,
@@ -50,3 +50,5 @@ impl RawWebhook {
         })
     }
 }
+
+named!(RawWebhook => "webhook");

@@ -61,22 +61,34 @@ use types::*;
 /// Routes for `/v1/projects/{project}/topics/...` and `/subscriptions/...`.
 pub fn router(pubsub: PubSub) -> Router {
     let projects = Router::new()
-        .route("/{project}/topics", any(topics_collection))
-        .route("/{project}/topics/{topic}", any(topic_resource))
+        .route(
+            "/{project}/topics",
+            listing("topics", in_project, PubSub::list_topics),
+        )
+        .route("/{project}/topics/{topic}", resource(topic_resource))
         .route(
             "/{project}/topics/{topic}/subscriptions",
-            any(topic_subscriptions),
+            listing("subscriptions", of_topic, PubSub::list_topic_subscriptions),
         )
-        .route("/{project}/topics/{topic}/snapshots", any(topic_snapshots))
-        .route("/{project}/snapshots", any(snapshots::snapshots_collection))
+        .route(
+            "/{project}/topics/{topic}/snapshots",
+            listing("snapshots", of_topic, PubSub::list_topic_snapshots),
+        )
+        .route(
+            "/{project}/snapshots",
+            listing("snapshots", in_project, PubSub::list_snapshots),
+        )
         .route(
             "/{project}/snapshots/{snapshot}",
-            any(snapshots::snapshot_resource),
+            resource(snapshots::snapshot_resource),
         )
-        .route("/{project}/subscriptions", any(subscriptions_collection))
+        .route(
+            "/{project}/subscriptions",
+            listing("subscriptions", in_project, PubSub::list_subscriptions),
+        )
         .route(
             "/{project}/subscriptions/{subscription}",
-            any(subscription_resource),
+            resource(subscription_resource),
         )
         // Anything else under /v1/projects gets Google's error shape instead
         // of the gRPC router's fallback. Nesting keeps this fallback local.
@@ -109,6 +121,12 @@ fn finish(o: Outcome) -> Response {
 
 fn empty() -> Value {
     Value::Object(Map::new())
+}
+
+/// The answer to a Delete call: `{}` once done.
+fn deleted(done: pubrun_core::Result<()>) -> Outcome {
+    done?;
+    Ok(empty())
 }
 
 fn method_not_allowed(method: &Method, uri: &Uri, allowed: &'static str) -> Fail {
@@ -184,6 +202,119 @@ where
     }
 }
 
+/// A call on one resource, `/v1/projects/{project}/COLLECTION/{segment}`.
+struct Resource {
+    method: Method,
+    uri: Uri,
+    project: String,
+    /// The resource id, with `:verb` after it for a custom method.
+    segment: String,
+    query: Option<String>,
+}
+
+/// The methods of a resource besides its custom ones.
+const STANDARD_METHODS: &str = "GET, PUT, PATCH, DELETE";
+
+impl Resource {
+    /// 405 for a method this resource (or custom method) does not take.
+    fn not_allowed(&self, allowed: &'static str) -> Fail {
+        method_not_allowed(&self.method, &self.uri, allowed)
+    }
+}
+
+/// The route of one resource's handler: checks the path parameters first,
+/// then answers what `handle` returns (failures in Google's error shape).
+fn resource<F, Fut>(handle: F) -> axum::routing::MethodRouter<PubSub>
+where
+    F: Fn(PubSub, Resource, Body) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Outcome> + Send + 'static,
+{
+    any(
+        move |State(ps): State<PubSub>, call: Call<(String, String)>, body: Body| {
+            let handle = handle.clone();
+            async move {
+                let (project, segment) = match path_params(call.path) {
+                    Ok(p) => p,
+                    Err(Fail(r)) => return *r,
+                };
+                let on = Resource {
+                    method: call.method,
+                    uri: call.uri,
+                    project,
+                    segment,
+                    query: call.query,
+                };
+                finish(handle(ps, on, body).await)
+            }
+        },
+    )
+}
+
+/// The route of a GET-only list: `parent` makes the full name of what the
+/// path names, `list` answers the page (see [`Call::page`]).
+fn listing<P, Req, Resp>(
+    key: &'static str,
+    parent: fn(P) -> String,
+    list: fn(&PubSub, Req) -> pubrun_core::Result<Resp>,
+) -> axum::routing::MethodRouter<PubSub>
+where
+    P: DeserializeOwned + Send + 'static,
+    Req: ListRequest + 'static,
+    Resp: ListResponse + 'static,
+{
+    any(move |State(ps): State<PubSub>, call: Call<P>| async move {
+        call.page(key, |p, page_size, page_token| {
+            let r = list(&ps, Req::new(parent(p), page_size, page_token))?;
+            Ok(r.page())
+        })
+    })
+}
+
+fn in_project(project: String) -> String {
+    format!("projects/{project}")
+}
+
+fn of_topic((project, topic): (String, String)) -> String {
+    topic_name(&project, &topic)
+}
+
+/// A List request, from its parent's full name and the page asked for.
+trait ListRequest {
+    fn new(parent: String, page_size: i32, page_token: String) -> Self;
+}
+
+/// A List answer as a page: its items in proto3 JSON and the next page's token.
+trait ListResponse {
+    fn page(self) -> (Vec<Value>, String);
+}
+
+macro_rules! lists {
+    ($($req:ident($parent:ident) -> $resp:ident.$items:ident as $json:expr;)*) => {$(
+        impl ListRequest for pb::$req {
+            fn new(parent: String, page_size: i32, page_token: String) -> Self {
+                pb::$req { $parent: parent, page_size, page_token }
+            }
+        }
+
+        impl ListResponse for pb::$resp {
+            fn page(self) -> (Vec<Value>, String) {
+                (self.$items.into_iter().map($json).collect(), self.next_page_token)
+            }
+        }
+    )*};
+}
+
+lists! {
+    ListTopicsRequest(project) -> ListTopicsResponse.topics as |t| topic_json(&t);
+    ListSubscriptionsRequest(project) -> ListSubscriptionsResponse.subscriptions
+        as |s| subscription_json(&s);
+    ListSnapshotsRequest(project) -> ListSnapshotsResponse.snapshots
+        as |s| snapshots::snapshot_json(&s);
+    ListTopicSubscriptionsRequest(topic) -> ListTopicSubscriptionsResponse.subscriptions
+        as Value::String;
+    ListTopicSnapshotsRequest(topic) -> ListTopicSnapshotsResponse.snapshots as Value::String;
+}
+
 impl<T> Call<T> {
     /// Answers a GET-only list endpoint. Its checks, in order: the path
     /// parameters, the method, then `pageSize`/`pageToken`; `list` fetches
@@ -217,6 +348,29 @@ fn subscription_name(project: &str, id: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fields_are_read_in_either_spelling_once() {
+        let read = |v: Value| from_object::<AcknowledgeJson>("", v);
+        let both = ["ackIds", "ack_ids"].map(|k| read(serde_json::json!({ k: ["a"] })));
+        for a in both {
+            assert_eq!(a.unwrap().ack_ids, ["a"]);
+        }
+        let twice = read(serde_json::json!({"ackIds": ["a"], "ack_ids": ["b"]}));
+        let twice = twice.err().expect("a field given twice is an error");
+        assert!(
+            twice.message.contains("duplicate field `ackIds`"),
+            "{twice:?}"
+        );
+        // Unknown names are quoted as sent, also when they look like snake_case.
+        for k in ["ack_Ids", "ack_idz", "ackIdz"] {
+            let e = read(serde_json::json!({ k: [] })).err().expect(k);
+            assert!(
+                e.message.contains(&format!("Unknown name \"{k}\"")),
+                "{e:?}"
+            );
+        }
+    }
 
     #[test]
     fn durations_round_trip_in_proto3_json_form() {

@@ -79,11 +79,10 @@ impl PubSub {
     }
 
     pub fn list_snapshots(&self, r: pb::ListSnapshotsRequest) -> Result<pb::ListSnapshotsResponse> {
-        let page = self.broker.list_snapshots(
-            &ProjectName::parse(&r.project)?,
-            r.page_size,
-            &r.page_token,
-        )?;
+        let project = ProjectName::parse(&r.project)?;
+        let page = self
+            .broker
+            .list_snapshots(&project, r.page_size, &r.page_token)?;
         Ok(pb::ListSnapshotsResponse {
             snapshots: page.items.into_iter().map(snapshot_to_pb).collect(),
             next_page_token: page.next_page_token,
@@ -94,11 +93,10 @@ impl PubSub {
         &self,
         r: pb::ListTopicSnapshotsRequest,
     ) -> Result<pb::ListTopicSnapshotsResponse> {
-        let page = self.broker.list_topic_snapshots(
-            &TopicName::parse(&r.topic)?,
-            r.page_size,
-            &r.page_token,
-        )?;
+        let topic = TopicName::parse(&r.topic)?;
+        let page = self
+            .broker
+            .list_topic_snapshots(&topic, r.page_size, &r.page_token)?;
         Ok(pb::ListTopicSnapshotsResponse {
             snapshots: page.items,
             next_page_token: page.next_page_token,

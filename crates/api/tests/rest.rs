@@ -82,6 +82,19 @@ impl Server {
             .await
     }
 
+    /// Each call must fail in Google's error shape: (method, path, body,
+    /// code, status, a piece of the message).
+    async fn assert_errors<const N: usize>(
+        &self,
+        cases: [(Method, &str, Value, u16, &str, &str); N],
+    ) {
+        for (method, path, body, code, status, needle) in cases {
+            self.call(method, path, body)
+                .await
+                .error(code, status, needle);
+        }
+    }
+
     async fn get(&self, path: &str) -> Reply {
         self.raw(Method::GET, path, None).await
     }
@@ -663,56 +676,22 @@ async fn errors_use_googles_shape_and_codes() {
     .await
     .error(409, "ALREADY_EXISTS", "dup-sub");
 
-    // Bad names.
-    s.put("/v1/projects/p/topics/ab", json!({})).await.error(
-        400,
-        "INVALID_ARGUMENT",
-        "between 3 and 255",
-    );
-    s.put("/v1/projects/p/topics/9lives", json!({}))
-        .await
-        .error(400, "INVALID_ARGUMENT", "must start with a letter");
-    s.put("/v1/projects/p/topics/googly", json!({}))
-        .await
-        .error(400, "INVALID_ARGUMENT", "goog");
-    s.put("/v1/projects/p/topics/a%2Fbcd", json!({}))
-        .await
-        .error(400, "INVALID_ARGUMENT", "'/'");
-    s.put(
-        "/v1/projects/p/subscriptions/s1",
-        json!({"topic": "projects/p/topics/dup"}),
-    )
-    .await
-    .error(400, "INVALID_ARGUMENT", "s1");
-    s.put(
-        "/v1/projects/p/subscriptions/okname",
-        json!({"topic": "topics/dup"}),
-    )
-    .await
-    .error(400, "INVALID_ARGUMENT", "topics/dup");
-
-    // Unknown fields, at the top level and nested.
-    s.put("/v1/projects/p/topics/fresh", json!({"labelz": {"a": "b"}}))
-        .await
-        .error(400, "INVALID_ARGUMENT", "labelz");
-    s.put(
-        "/v1/projects/p/subscriptions/fresh",
-        json!({"topic": "projects/p/topics/dup", "ackDeadline": 10}),
-    )
-    .await
-    .error(400, "INVALID_ARGUMENT", "ackDeadline");
-    s.post(
-        "/v1/projects/p/topics/dup:publish",
-        json!({"messages": [{"data": "eA==", "attrs": {}}]}),
-    )
-    .await
-    .error(400, "INVALID_ARGUMENT", "attrs");
-    s.post(
-        "/v1/projects/p/subscriptions/dup-sub:pull",
-        json!({"max": 1}),
-    )
-    .await
-    .error(400, "INVALID_ARGUMENT", "max");
+    #[rustfmt::skip]
+    let cases = [
+        // Bad names.
+        (Method::PUT, "/v1/projects/p/topics/ab", json!({}), 400, "INVALID_ARGUMENT", "between 3 and 255"),
+        (Method::PUT, "/v1/projects/p/topics/9lives", json!({}), 400, "INVALID_ARGUMENT", "must start with a letter"),
+        (Method::PUT, "/v1/projects/p/topics/googly", json!({}), 400, "INVALID_ARGUMENT", "goog"),
+        (Method::PUT, "/v1/projects/p/topics/a%2Fbcd", json!({}), 400, "INVALID_ARGUMENT", "'/'"),
+        (Method::PUT, "/v1/projects/p/subscriptions/s1", json!({"topic": "projects/p/topics/dup"}), 400, "INVALID_ARGUMENT", "s1"),
+        (Method::PUT, "/v1/projects/p/subscriptions/okname", json!({"topic": "topics/dup"}), 400, "INVALID_ARGUMENT", "topics/dup"),
+        // Unknown fields, at the top level and nested.
+        (Method::PUT, "/v1/projects/p/topics/fresh", json!({"labelz": {"a": "b"}}), 400, "INVALID_ARGUMENT", "labelz"),
+        (Method::PUT, "/v1/projects/p/subscriptions/fresh", json!({"topic": "projects/p/topics/dup", "ackDeadline": 10}), 400, "INVALID_ARGUMENT", "ackDeadline"),
+        (Method::POST, "/v1/projects/p/topics/dup:publish", json!({"messages": [{"data": "eA==", "attrs": {}}]}), 400, "INVALID_ARGUMENT", "attrs"),
+        (Method::POST, "/v1/projects/p/subscriptions/dup-sub:pull", json!({"max": 1}), 400, "INVALID_ARGUMENT", "max"),
+    ];
+    s.assert_errors(cases).await;
     assert_eq!(
         s.get("/v1/projects/p/topics/fresh").await.status,
         404,
@@ -764,70 +743,24 @@ async fn errors_use_googles_shape_and_codes() {
         .await;
     assert_eq!(r.ok()["name"], "projects/p/topics/bodiless");
 
-    // Bad base64 names the message.
-    s.post(
-        "/v1/projects/p/topics/dup:publish",
-        json!({"messages": [{"data": "eA=="}, {"data": "%%%not-base64"}]}),
-    )
-    .await
-    .error(400, "INVALID_ARGUMENT", "messages[1].data");
-
-    // Publish validation comes from the broker, through the same path as gRPC.
-    s.post("/v1/projects/p/topics/dup:publish", json!({"messages": []}))
-        .await
-        .error(400, "INVALID_ARGUMENT", "at least one message");
-    s.post(
-        "/v1/projects/p/topics/dup:publish",
-        json!({"messages": [{}]}),
-    )
-    .await
-    .error(400, "INVALID_ARGUMENT", "message 0");
-
-    // Durations parse; unsupported settings are refused by the shared logic.
-    s.put(
-        "/v1/projects/p/topics/retained",
-        json!({"messageRetentionDuration": "60s"}),
-    )
-    .await
-    .error(400, "INVALID_ARGUMENT", "message_retention_duration");
-    s.put(
-        "/v1/projects/p/topics/retained",
-        json!({"messageRetentionDuration": "ten minutes"}),
-    )
-    .await
-    .error(400, "INVALID_ARGUMENT", "Duration");
-    s.put(
-        "/v1/projects/p/subscriptions/dead-letters",
-        json!({"topic": "projects/p/topics/dup", "deadLetterPolicy": {"deadLetterTopic": "x"}}),
-    )
-    .await
-    .error(400, "INVALID_ARGUMENT", "dead_letter_policy");
-
-    // Nested messages are checked too, and their contents reach the shared logic.
-    s.put(
-        "/v1/projects/p/subscriptions/dead-letters",
-        json!({"topic": "projects/p/topics/dup", "deadLetterPolicy": {"deadLetterTopik": "x"}}),
-    )
-    .await
-    .error(400, "INVALID_ARGUMENT", "deadLetterTopik");
-    s.put(
-        "/v1/projects/p/subscriptions/expiring",
-        json!({"topic": "projects/p/topics/dup", "expirationPolicy": {"ttl": "86400s"}}),
-    )
-    .await
-    .error(400, "INVALID_ARGUMENT", "expiration_policy");
-    s.put(
-        "/v1/projects/p/subscriptions/expiring",
-        json!({"topic": "projects/p/topics/dup", "expirationPolicy": {"ttl": "1 day"}}),
-    )
-    .await
-    .error(400, "INVALID_ARGUMENT", "expiration_policy.ttl");
-    s.put(
-        "/v1/projects/p/subscriptions/pushy",
-        json!({"topic": "projects/p/topics/dup", "pushConfig": {"pushEndpoint": "ftp://example.com/push"}}),
-    )
-    .await
-    .error(400, "INVALID_ARGUMENT", "push");
+    #[rustfmt::skip]
+    let cases = [
+        // Bad base64 names the message.
+        (Method::POST, "/v1/projects/p/topics/dup:publish", json!({"messages": [{"data": "eA=="}, {"data": "%%%not-base64"}]}), 400, "INVALID_ARGUMENT", "messages[1].data"),
+        // Publish validation comes from the broker, through the same path as gRPC.
+        (Method::POST, "/v1/projects/p/topics/dup:publish", json!({"messages": []}), 400, "INVALID_ARGUMENT", "at least one message"),
+        (Method::POST, "/v1/projects/p/topics/dup:publish", json!({"messages": [{}]}), 400, "INVALID_ARGUMENT", "message 0"),
+        // Durations parse; unsupported settings are refused by the shared logic.
+        (Method::PUT, "/v1/projects/p/topics/retained", json!({"messageRetentionDuration": "60s"}), 400, "INVALID_ARGUMENT", "message_retention_duration"),
+        (Method::PUT, "/v1/projects/p/topics/retained", json!({"messageRetentionDuration": "ten minutes"}), 400, "INVALID_ARGUMENT", "Duration"),
+        (Method::PUT, "/v1/projects/p/subscriptions/dead-letters", json!({"topic": "projects/p/topics/dup", "deadLetterPolicy": {"deadLetterTopic": "x"}}), 400, "INVALID_ARGUMENT", "dead_letter_policy"),
+        // Nested messages are checked too, and their contents reach the shared logic.
+        (Method::PUT, "/v1/projects/p/subscriptions/dead-letters", json!({"topic": "projects/p/topics/dup", "deadLetterPolicy": {"deadLetterTopik": "x"}}), 400, "INVALID_ARGUMENT", "deadLetterTopik"),
+        (Method::PUT, "/v1/projects/p/subscriptions/expiring", json!({"topic": "projects/p/topics/dup", "expirationPolicy": {"ttl": "86400s"}}), 400, "INVALID_ARGUMENT", "expiration_policy"),
+        (Method::PUT, "/v1/projects/p/subscriptions/expiring", json!({"topic": "projects/p/topics/dup", "expirationPolicy": {"ttl": "1 day"}}), 400, "INVALID_ARGUMENT", "expiration_policy.ttl"),
+        (Method::PUT, "/v1/projects/p/subscriptions/pushy", json!({"topic": "projects/p/topics/dup", "pushConfig": {"pushEndpoint": "ftp://example.com/push"}}), 400, "INVALID_ARGUMENT", "push"),
+    ];
+    s.assert_errors(cases).await;
     // What Google returns for a pull subscription can be sent back as is.
     let echoed = json!({
         "topic": "projects/p/topics/dup", "pushConfig": {}, "ackDeadlineSeconds": 10,

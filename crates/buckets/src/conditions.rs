@@ -107,49 +107,19 @@ mod tests {
     fn match_and_not_match() {
         let live = Some((7, 2));
         c(Some(7), None, Some(2), None).check(live, false).unwrap();
-        assert_eq!(
-            c(Some(8), None, None, None)
-                .check(live, false)
-                .unwrap_err()
-                .status,
-            412
-        );
-        assert_eq!(
-            c(None, None, Some(3), None)
-                .check(live, false)
-                .unwrap_err()
-                .status,
-            412
-        );
-        assert_eq!(
-            c(None, Some(7), None, None)
-                .check(live, false)
-                .unwrap_err()
-                .status,
-            412
-        );
-        assert_eq!(
-            c(None, Some(7), None, None)
-                .check(live, true)
-                .unwrap_err()
-                .status,
-            304
-        );
-        assert_eq!(
-            c(None, None, None, Some(2))
-                .check(live, true)
-                .unwrap_err()
-                .status,
-            304
-        );
         c(None, Some(6), None, Some(1)).check(live, false).unwrap();
-        assert_eq!(
-            c(Some(7), None, None, None)
-                .check(None, false)
-                .unwrap_err()
-                .status,
-            412
-        );
+        // (conditions, the object's (generation, metageneration), a read?, status)
+        let failing = [
+            (c(Some(8), None, None, None), live, false, 412),
+            (c(None, None, Some(3), None), live, false, 412),
+            (c(None, Some(7), None, None), live, false, 412),
+            (c(None, Some(7), None, None), live, true, 304),
+            (c(None, None, None, Some(2)), live, true, 304),
+            (c(Some(7), None, None, None), None, false, 412),
+        ];
+        for (conds, object, read, status) in failing {
+            assert_eq!(conds.check(object, read).unwrap_err().status, status);
+        }
     }
 
     #[test]

@@ -20,6 +20,15 @@ pub struct GcsError {
 
 pub type GcsResult<T> = Result<T, GcsError>;
 
+/// `name(message)` constructors of [`GcsError`]: its HTTP status and reason.
+macro_rules! status_constructors {
+    ($($name:ident => $status:literal $reason:literal),* $(,)?) => {$(
+        pub fn $name(message: impl Into<String>) -> Self {
+            Self::new($status, $reason, message)
+        }
+    )*};
+}
+
 impl GcsError {
     pub fn new(status: u16, reason: &'static str, message: impl Into<String>) -> Self {
         GcsError {
@@ -28,35 +37,19 @@ impl GcsError {
             message: message.into(),
         }
     }
-    pub fn invalid(message: impl Into<String>) -> Self {
-        Self::new(400, "invalid", message)
-    }
-    pub fn required(message: impl Into<String>) -> Self {
-        Self::new(400, "required", message)
-    }
-    pub fn bad_request(message: impl Into<String>) -> Self {
-        Self::new(400, "badRequest", message)
-    }
-    pub fn not_found(message: impl Into<String>) -> Self {
-        Self::new(404, "notFound", message)
-    }
-    pub fn conflict(message: impl Into<String>) -> Self {
-        Self::new(409, "conflict", message)
-    }
-    pub fn precondition(message: impl Into<String>) -> Self {
-        Self::new(412, "conditionNotMet", message)
-    }
+    status_constructors!(
+        invalid => 400 "invalid",
+        required => 400 "required",
+        bad_request => 400 "badRequest",
+        not_found => 404 "notFound",
+        conflict => 409 "conflict",
+        precondition => 412 "conditionNotMet",
+        range_not_satisfiable => 416 "requestedRangeNotSatisfiable",
+        internal => 500 "backendError",
+        unavailable => 503 "backendError",
+    );
     pub fn not_modified() -> Self {
         Self::new(304, "notModified", "")
-    }
-    pub fn range_not_satisfiable(message: impl Into<String>) -> Self {
-        Self::new(416, "requestedRangeNotSatisfiable", message)
-    }
-    pub fn internal(message: impl Into<String>) -> Self {
-        Self::new(500, "backendError", message)
-    }
-    pub fn unavailable(message: impl Into<String>) -> Self {
-        Self::new(503, "backendError", message)
     }
 
     pub fn no_bucket(bucket: &str) -> Self {

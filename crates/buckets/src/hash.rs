@@ -89,25 +89,16 @@ impl Expected {
 
     /// Checks the format of the asserted values before any data is stored.
     pub fn validate_format(&self) -> GcsResult<()> {
-        if let Some(m) = &self.md5 {
-            match B64.decode(m) {
-                Ok(b) if b.len() == 16 => {}
-                _ => {
-                    return Err(GcsError::invalid(format!(
-                        "Invalid MD5 hash '{m}': expected base64 of 16 bytes"
-                    )))
-                }
-            }
+        let base64_of = |v: &str, len: usize| B64.decode(v).is_ok_and(|b| b.len() == len);
+        if let Some(m) = self.md5.as_deref().filter(|m| !base64_of(m, 16)) {
+            return Err(GcsError::invalid(format!(
+                "Invalid MD5 hash '{m}': expected base64 of 16 bytes"
+            )));
         }
-        if let Some(c) = &self.crc32c {
-            match B64.decode(c) {
-                Ok(b) if b.len() == 4 => {}
-                _ => {
-                    return Err(GcsError::invalid(format!(
-                        "Invalid CRC32C checksum '{c}': expected base64 of 4 big-endian bytes"
-                    )))
-                }
-            }
+        if let Some(c) = self.crc32c.as_deref().filter(|c| !base64_of(c, 4)) {
+            return Err(GcsError::invalid(format!(
+                "Invalid CRC32C checksum '{c}': expected base64 of 4 big-endian bytes"
+            )));
         }
         Ok(())
     }

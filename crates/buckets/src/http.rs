@@ -729,12 +729,7 @@ async fn simple_upload(b: &Buckets, ctx: &Ctx, bucket: &str, body: Body) -> GcsR
     while let Some(chunk) = reader.next_chunk().await? {
         w.write(&chunk).await?;
     }
-    let object = NewObject {
-        bucket,
-        name,
-        meta,
-        conds,
-    };
+    let object = NewObject::new(bucket, name, meta, conds);
     commit_upload(b, ctx, w, expected, object).await
 }
 
@@ -744,6 +739,17 @@ struct NewObject<'a> {
     name: String,
     meta: ObjectMeta,
     conds: Conditions,
+}
+
+impl<'a> NewObject<'a> {
+    fn new(bucket: &'a str, name: String, meta: ObjectMeta, conds: Conditions) -> Self {
+        NewObject {
+            bucket,
+            name,
+            meta,
+            conds,
+        }
+    }
 }
 
 /// Ends a one-request upload: the blob just written must match the hashes
@@ -801,12 +807,7 @@ async fn multipart_upload(b: &Buckets, ctx: &Ctx, bucket: &str, body: Body) -> G
     if meta.content_encoding.is_none() {
         meta.content_encoding = ctx.q("contentEncoding");
     }
-    let object = NewObject {
-        bucket,
-        name,
-        meta,
-        conds,
-    };
+    let object = NewObject::new(bucket, name, meta, conds);
     commit_upload(b, ctx, w, expected, object).await
 }
 

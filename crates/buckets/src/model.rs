@@ -168,27 +168,14 @@ impl ObjectMeta {
                 if !merge {
                     self.metadata.clear();
                 }
-                for (k, v) in map {
-                    match v {
-                        Value::Null => {
-                            self.metadata.remove(k);
-                        }
-                        Value::String(s) => {
-                            self.metadata.insert(k.clone(), s.clone());
-                        }
-                        Value::Number(n) => {
-                            self.metadata.insert(k.clone(), n.to_string());
-                        }
-                        Value::Bool(b) => {
-                            self.metadata.insert(k.clone(), b.to_string());
-                        }
-                        other => {
-                            return Err(GcsError::invalid(format!(
-                                "Invalid value for metadata key '{k}': {other}: expected a string"
-                            )))
-                        }
-                    }
-                }
+                patch_string_map(&mut self.metadata, map, |k, v| match v {
+                    Value::String(s) => Ok(s.clone()),
+                    Value::Number(n) => Ok(n.to_string()),
+                    Value::Bool(b) => Ok(b.to_string()),
+                    other => Err(GcsError::invalid(format!(
+                        "Invalid value for metadata key '{k}': {other}: expected a string"
+                    ))),
+                })?;
             }
             Some(other) => {
                 return Err(GcsError::invalid(format!(
@@ -198,6 +185,23 @@ impl ObjectMeta {
         }
         Ok(())
     }
+}
+
+/// Applies a JSON object to a string map, key by key: `null` removes the
+/// key, any other value is stored as `value` makes it a string (or refuses it).
+pub(crate) fn patch_string_map(
+    map: &mut BTreeMap<String, String>,
+    patch: &Map<String, Value>,
+    value: impl Fn(&str, &Value) -> GcsResult<String>,
+) -> GcsResult<()> {
+    for (k, v) in patch {
+        if v.is_null() {
+            map.remove(k);
+        } else {
+            map.insert(k.clone(), value(k, v)?);
+        }
+    }
+    Ok(())
 }
 
 /// Checksums asserted inside an object resource (`md5Hash`, `crc32c`).

@@ -14,7 +14,9 @@ use crate::conditions::Conditions;
 use crate::db::{bucket_from, bucket_to, notification_from, object_from, object_to};
 use crate::error::{GcsError, GcsResult};
 use crate::hash::{Digests, Expected};
-use crate::model::{now_us, BucketRow, NotificationConfig, ObjectMeta, ObjectRow, EVENT_TYPES};
+use crate::model::{
+    now_us, patch_string_map, BucketRow, NotificationConfig, ObjectMeta, ObjectRow, EVENT_TYPES,
+};
 use crate::names::{shorten, validate_bucket_name, validate_object_name};
 use crate::notify::{self, Event};
 use crate::Buckets;
@@ -245,21 +247,12 @@ impl Buckets {
                     if replace {
                         b.labels.clear();
                     }
-                    for (k, v) in m {
-                        match v {
-                            Value::Null => {
-                                b.labels.remove(k);
-                            }
-                            Value::String(s) => {
-                                b.labels.insert(k.clone(), s.clone());
-                            }
-                            other => {
-                                return Err(GcsError::invalid(format!(
-                                    "Invalid label value for '{k}': {other}"
-                                )))
-                            }
-                        }
-                    }
+                    patch_string_map(&mut b.labels, m, |k, v| match v {
+                        Value::String(s) => Ok(s.clone()),
+                        other => Err(GcsError::invalid(format!(
+                            "Invalid label value for '{k}': {other}"
+                        ))),
+                    })?;
                 }
                 Some(other) => {
                     return Err(GcsError::invalid(format!(

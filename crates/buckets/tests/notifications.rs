@@ -32,9 +32,7 @@ fn payload(d: &Delivered) -> Value {
 
 #[tokio::test]
 async fn notifications_carry_googles_attributes_and_payload() {
-    let dir = tempfile::tempdir().unwrap();
-    let broker = open_broker(dir.path());
-    let s = start(dir.path(), broker.clone()).await;
+    let (_dir, broker, s) = start_temp().await;
     let uploads = topic_with_sub(&broker, "uploads", "uploads-sub").await;
     let all = topic_with_sub(&broker, "all", "all-sub").await;
     s.create_bucket("inbox").await;
@@ -124,9 +122,7 @@ async fn notifications_carry_googles_attributes_and_payload() {
     let m = pull_n(&broker, &all, 1, Duration::from_secs(5)).await;
     assert_eq!(attrs(&m[0])["objectId"], "txt/b.txt");
     settle(s.buckets()).await;
-    assert!(pull_n(&broker, &uploads, 1, Duration::from_millis(300))
-        .await
-        .is_empty());
+    assert!(nothing_arrives(&broker, &uploads).await);
 
     // Overwrite: FINALIZE (overwroteGeneration) and DELETE of the old one (overwrittenByGeneration).
     let o2 = s.put("inbox", "csv/a.csv", "x,y\n3,4\n").await;
@@ -191,12 +187,8 @@ async fn notifications_carry_googles_attributes_and_payload() {
         .await;
     assert_eq!(r.status(), 412);
     settle(s.buckets()).await;
-    assert!(pull_n(&broker, &uploads, 1, Duration::from_millis(300))
-        .await
-        .is_empty());
-    assert!(pull_n(&broker, &all, 1, Duration::from_millis(300))
-        .await
-        .is_empty());
+    assert!(nothing_arrives(&broker, &uploads).await);
+    assert!(nothing_arrives(&broker, &all).await);
 
     // Deleting a config stops its messages.
     let r = s
@@ -211,13 +203,13 @@ async fn notifications_carry_googles_attributes_and_payload() {
         1
     );
     settle(s.buckets()).await;
-    assert!(pull_n(&broker, &all, 1, Duration::from_millis(300))
-        .await
-        .is_empty());
-    let r = s
-        .get(&format!("/storage/v1/b/inbox/notificationConfigs/{id2}"))
-        .await;
-    assert_eq!(error_of(r).await.0, 404);
+    assert!(nothing_arrives(&broker, &all).await);
+    assert_eq!(
+        s.get_error(&format!("/storage/v1/b/inbox/notificationConfigs/{id2}"))
+            .await
+            .0,
+        404
+    );
     let r = s
         .delete(&format!("/storage/v1/b/inbox/notificationConfigs/{id2}"))
         .await;
@@ -227,9 +219,7 @@ async fn notifications_carry_googles_attributes_and_payload() {
 
 #[tokio::test]
 async fn notification_config_validation() {
-    let dir = tempfile::tempdir().unwrap();
-    let broker = open_broker(dir.path());
-    let s = start(dir.path(), broker.clone()).await;
+    let (_dir, broker, s) = start_temp().await;
     topic_with_sub(&broker, "topic1", "topic1-sub").await;
     s.create_bucket("bkt").await;
     let post = |body: Value| {
@@ -275,18 +265,24 @@ async fn notification_config_validation() {
         )
         .await;
     assert_eq!(error_of(r).await.0, 404);
-    let r = s.get("/storage/v1/b/bkt/notificationConfigs/999").await;
-    assert_eq!(error_of(r).await.0, 404);
-    let r = s.get("/storage/v1/b/bkt/notificationConfigs/abc").await;
-    assert_eq!(error_of(r).await.0, 404);
+    assert_eq!(
+        s.get_error("/storage/v1/b/bkt/notificationConfigs/999")
+            .await
+            .0,
+        404
+    );
+    assert_eq!(
+        s.get_error("/storage/v1/b/bkt/notificationConfigs/abc")
+            .await
+            .0,
+        404
+    );
     s.stop().await;
 }
 
 #[tokio::test]
 async fn outbox_is_published_after_a_restart_and_orphans_are_removed() {
-    let dir = tempfile::tempdir().unwrap();
-    let broker = open_broker(dir.path());
-    let s = start(dir.path(), broker.clone()).await;
+    let (dir, broker, s) = start_temp().await;
     let sub = topic_with_sub(&broker, "events", "events-sub").await;
     s.create_bucket("bkt").await;
     s.buckets()

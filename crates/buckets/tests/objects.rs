@@ -9,8 +9,7 @@ use serde_json::{json, Value};
 
 #[tokio::test]
 async fn bucket_lifecycle() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = start(dir.path(), open_broker(dir.path())).await;
+    let (_dir, _, s) = start_temp().await;
 
     let r = s
         .post_json(
@@ -66,8 +65,11 @@ async fn bucket_lifecycle() {
         .await;
     assert_ne!(v2["items"][0]["name"], v["items"][0]["name"]);
     assert!(v2.get("nextPageToken").is_none());
-    let r = s.get("/storage/v1/b").await;
-    assert_eq!(error_of(r).await.0, 400, "project is required");
+    assert_eq!(
+        s.get_error("/storage/v1/b").await.0,
+        400,
+        "project is required"
+    );
 
     // Labels patch bumps metageneration.
     let r = s
@@ -88,17 +90,14 @@ async fn bucket_lifecycle() {
     assert_eq!(r.status(), 204);
     let r = s.delete("/storage/v1/b/my-bucket").await;
     assert_eq!(r.status(), 204);
-    let r = s.get("/storage/v1/b/my-bucket").await;
-    let (status, reason, _) = error_of(r).await;
+    let (status, reason, _) = s.get_error("/storage/v1/b/my-bucket").await;
     assert_eq!((status, reason.as_str()), (404, "notFound"));
     s.stop().await;
 }
 
 #[tokio::test]
 async fn upload_download_ranges_and_headers() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = start(dir.path(), open_broker(dir.path())).await;
-    s.create_bucket("bkt").await;
+    let (_dir, _, s) = start_with_bucket("bkt").await;
     let d = data(100_000, 1);
     let (md5, crc) = hashes(&d);
     let o = s.put("bkt", "dir/file.bin", d.clone()).await;
@@ -170,10 +169,12 @@ async fn upload_download_ranges_and_headers() {
         ))
         .await;
     assert_eq!(r.status(), 200);
-    let r = s
-        .get("/storage/v1/b/bkt/o/dir%2Ffile.bin?alt=media&generation=1")
-        .await;
-    assert_eq!(error_of(r).await.0, 404);
+    assert_eq!(
+        s.get_error("/storage/v1/b/bkt/o/dir%2Ffile.bin?alt=media&generation=1")
+            .await
+            .0,
+        404
+    );
 
     // An unencoded slash in the path also names the object.
     let (st, m) = s.get_json("/storage/v1/b/bkt/o/dir/file.bin").await;
@@ -187,12 +188,13 @@ async fn upload_download_ranges_and_headers() {
     assert!(s.get_bytes("bkt", "empty").await.is_empty());
 
     // Missing things.
-    let r = s.get("/storage/v1/b/bkt/o/nope").await;
-    let (status, reason, msg) = error_of(r).await;
+    let (status, reason, msg) = s.get_error("/storage/v1/b/bkt/o/nope").await;
     assert_eq!((status, reason.as_str()), (404, "notFound"));
     assert!(msg.contains("bkt/nope"), "{msg}");
-    let r = s.get("/storage/v1/b/nobucket/o/x?alt=media").await;
-    assert_eq!(error_of(r).await.0, 404);
+    assert_eq!(
+        s.get_error("/storage/v1/b/nobucket/o/x?alt=media").await.0,
+        404
+    );
     let r = s.put_raw("nobucket", "x", "d", "").await;
     assert_eq!(error_of(r).await.0, 404);
     let r = s
@@ -204,16 +206,13 @@ async fn upload_download_ranges_and_headers() {
         .unwrap();
     let (status, reason, _) = error_of(r).await;
     assert_eq!((status, reason.as_str()), (400, "required"));
-    let r = s.get("/storage/v1/b/bkt/iam").await;
-    assert_eq!(error_of(r).await.0, 404);
+    assert_eq!(s.get_error("/storage/v1/b/bkt/iam").await.0, 404);
     s.stop().await;
 }
 
 #[tokio::test]
 async fn metadata_patch_update_and_generations() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = start(dir.path(), open_broker(dir.path())).await;
-    s.create_bucket("bkt").await;
+    let (_dir, _, s) = start_with_bucket("bkt").await;
     let o1 = s.put("bkt", "obj", "one").await;
     let g1: i64 = o1["generation"].as_str().unwrap().parse().unwrap();
     let o2 = s.put("bkt", "obj", "two").await;
@@ -458,9 +457,7 @@ async fn hostile_names_stay_inside_the_data_dir() {
 
 #[tokio::test]
 async fn listing_with_prefix_delimiter_and_pages() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = start(dir.path(), open_broker(dir.path())).await;
-    s.create_bucket("bkt").await;
+    let (_dir, _, s) = start_with_bucket("bkt").await;
     let names = [
         "a/1", "a/2", "a/b/3", "a/b/4", "b/5", "c", "d/", "d/6", "e", "f/g/h",
     ];
@@ -514,17 +511,17 @@ async fn listing_with_prefix_delimiter_and_pages() {
             assert_eq!(prefixes, all_prefixes, "q={q} size={size}");
         }
     }
-    let r = s.get("/storage/v1/b/bkt/o?pageToken=***").await;
-    assert_eq!(error_of(r).await.0, 400);
-    let r = s.get("/storage/v1/b/nobucket/o").await;
-    assert_eq!(error_of(r).await.0, 404);
+    assert_eq!(
+        s.get_error("/storage/v1/b/bkt/o?pageToken=***").await.0,
+        400
+    );
+    assert_eq!(s.get_error("/storage/v1/b/nobucket/o").await.0, 404);
     s.stop().await;
 }
 
 #[tokio::test]
 async fn copy_rewrite_and_compose() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = start(dir.path(), open_broker(dir.path())).await;
+    let (_dir, _, s) = start_temp().await;
     s.create_bucket("src").await;
     s.create_bucket("dst").await;
     let d = data(300_000, 7);
@@ -672,8 +669,7 @@ async fn copy_rewrite_and_compose() {
 
 #[tokio::test]
 async fn rust_api_round_trip() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = start(dir.path(), open_broker(dir.path())).await;
+    let (_dir, _, s) = start_temp().await;
     let b = s.buckets().clone();
     b.ensure_bucket("rust-side", "demo").await.unwrap();
     b.ensure_bucket("rust-side", "demo").await.unwrap();

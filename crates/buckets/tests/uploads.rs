@@ -22,9 +22,7 @@ fn multipart_body(meta: &Value, content_type: &str, data: &[u8]) -> (String, Vec
 
 #[tokio::test]
 async fn multipart_uploads_and_integrity_checks() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = start(dir.path(), open_broker(dir.path())).await;
-    s.create_bucket("bkt").await;
+    let (_dir, _, s) = start_with_bucket("bkt").await;
     // Data that contains boundary-like bytes.
     let mut d = data(2_000_000, 3);
     d.extend_from_slice(b"\r\n--===============7330845974216740156=");
@@ -105,25 +103,24 @@ async fn multipart_uploads_and_integrity_checks() {
         assert_eq!(r.status(), status);
     }
 
-    // Malformed multipart bodies.
-    let r = s
-        .http
-        .post(s.url("/upload/storage/v1/b/bkt/o?uploadType=multipart"))
-        .header("content-type", "multipart/related; boundary=xx")
-        .body("--xx\r\ncontent-type: application/json\r\n\r\n{\"name\":\"t\"}\r\n--xx\r\n\r\ntruncated")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(error_of(r).await.0, 400);
-    let r = s
-        .http
-        .post(s.url("/upload/storage/v1/b/bkt/o?uploadType=multipart"))
-        .header("content-type", "application/json")
-        .body("{}")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(error_of(r).await.0, 400);
+    // Malformed multipart bodies: (content type, body).
+    for (content_type, body) in [
+        (
+            "multipart/related; boundary=xx",
+            "--xx\r\ncontent-type: application/json\r\n\r\n{\"name\":\"t\"}\r\n--xx\r\n\r\ntruncated",
+        ),
+        ("application/json", "{}"),
+    ] {
+        let r = s
+            .http
+            .post(s.url("/upload/storage/v1/b/bkt/o?uploadType=multipart"))
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(error_of(r).await.0, 400);
+    }
     let r = post(json!({"name": "a\nb"}), b"x".to_vec(), "").await;
     assert_eq!(error_of(r).await.0, 400);
     let r = post(
@@ -232,9 +229,7 @@ async fn status(s: &Server, url: &str, total: Option<usize>) -> (u16, usize) {
 
 #[tokio::test]
 async fn resumable_upload_of_30_mib_with_an_interrupted_chunk() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = start(dir.path(), open_broker(dir.path())).await;
-    s.create_bucket("bkt").await;
+    let (dir, _, s) = start_with_bucket("bkt").await;
     let total = 30 * 1024 * 1024 + 12345;
     let d = data(total, 11);
     let (md5, crc) = hashes(&d);
@@ -345,10 +340,7 @@ async fn resumable_upload_of_30_mib_with_an_interrupted_chunk() {
 
 #[tokio::test]
 async fn resumable_upload_survives_a_restart() {
-    let dir = tempfile::tempdir().unwrap();
-    let broker = open_broker(dir.path());
-    let s = start(dir.path(), broker.clone()).await;
-    s.create_bucket("bkt").await;
+    let (dir, broker, s) = start_with_bucket("bkt").await;
     let total = 3 * 1024 * 1024 + 7;
     let d = data(total, 5);
     let url = session(&s, "survivor", total).await;
@@ -375,9 +367,7 @@ async fn resumable_upload_survives_a_restart() {
 
 #[tokio::test]
 async fn resumable_edge_cases() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = start(dir.path(), open_broker(dir.path())).await;
-    s.create_bucket("bkt").await;
+    let (_dir, _, s) = start_with_bucket("bkt").await;
 
     // Unknown total until the last chunk; finish with `bytes */TOTAL`.
     let r = initiate(
@@ -508,10 +498,7 @@ async fn resumable_edge_cases() {
 /// header matches the data.
 #[tokio::test]
 async fn resumable_upload_checks_the_declared_checksums_at_finalize() {
-    let dir = tempfile::tempdir().unwrap();
-    let broker = open_broker(dir.path());
-    let s = start(dir.path(), broker.clone()).await;
-    s.create_bucket("bkt").await;
+    let (_dir, broker, s) = start_with_bucket("bkt").await;
     let sub = topic_with_sub(&broker, "events", "events-sub").await;
     let r = s
         .post_json(
@@ -604,9 +591,7 @@ async fn resumable_upload_checks_the_declared_checksums_at_finalize() {
 /// the server's base URL, never the request's `Host`/`X-Forwarded-Proto`.
 #[tokio::test]
 async fn links_ignore_the_request_host() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = start(dir.path(), open_broker(dir.path())).await;
-    s.create_bucket("bkt").await;
+    let (_dir, _, s) = start_with_bucket("bkt").await;
     // Sends as through a hostile proxy; the answer must be a 200.
     let evil = |req: reqwest::RequestBuilder| async {
         let r = req
@@ -666,9 +651,7 @@ async fn links_ignore_the_request_host() {
 /// the session stays usable.
 #[tokio::test]
 async fn resumable_upload_refuses_impossible_totals() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = start(dir.path(), open_broker(dir.path())).await;
-    s.create_bucket("bkt").await;
+    let (_dir, _, s) = start_with_bucket("bkt").await;
     let max = pubrun_buckets::MAX_OBJECT_SIZE;
 
     for v in [u64::MAX, max + 1] {

@@ -100,6 +100,24 @@ impl RemotePubsub {
         Ok(req)
     }
 
+    /// One unary call: `msg` with a fresh token, sent by `rpc` on this
+    /// connection's channel; a failure names `resource`.
+    async fn unary<T, R, Fut>(
+        &self,
+        resource: &str,
+        msg: T,
+        rpc: impl FnOnce(Channel, tonic::Request<T>) -> Fut,
+    ) -> Result<R, ConnError>
+    where
+        Fut: std::future::Future<Output = Result<tonic::Response<R>, tonic::Status>>,
+    {
+        let req = self.request(msg).await?;
+        match rpc(self.channel.clone(), req).await {
+            Ok(r) => Ok(r.into_inner()),
+            Err(s) => Err(self.fail(resource, s).await),
+        }
+    }
+
     async fn fail(&self, resource: &str, s: tonic::Status) -> ConnError {
         if s.code() == tonic::Code::Unauthenticated {
             self.tokens.invalidate().await;
@@ -123,19 +141,16 @@ impl RemotePubsub {
         topic: &str,
         messages: Vec<PubsubMessage>,
     ) -> Result<Vec<String>, ConnError> {
-        let req = self
-            .request(pb::PublishRequest {
-                topic: topic.to_string(),
-                messages,
+        let msg = pb::PublishRequest {
+            topic: topic.to_string(),
+            messages,
+        };
+        let r = self
+            .unary(topic, msg, |ch, req| async move {
+                PublisherClient::new(ch).publish(req).await
             })
             .await?;
-        match PublisherClient::new(self.channel.clone())
-            .publish(req)
-            .await
-        {
-            Ok(r) => Ok(r.into_inner().message_ids),
-            Err(s) => Err(self.fail(topic, s).await),
-        }
+        Ok(r.message_ids)
     }
 
     /// Opens a StreamingPull with flow control: the server sends no more
@@ -181,19 +196,14 @@ impl RemotePubsub {
         if ack_ids.is_empty() {
             return Ok(());
         }
-        let req = self
-            .request(pb::AcknowledgeRequest {
-                subscription: subscription.to_string(),
-                ack_ids,
-            })
-            .await?;
-        match SubscriberClient::new(self.channel.clone())
-            .acknowledge(req)
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(s) => Err(self.fail(subscription, s).await),
-        }
+        let msg = pb::AcknowledgeRequest {
+            subscription: subscription.to_string(),
+            ack_ids,
+        };
+        self.unary(subscription, msg, |ch, req| async move {
+            SubscriberClient::new(ch).acknowledge(req).await
+        })
+        .await
     }
 
     /// Extends (or with 0 gives back) the leases of these messages.
@@ -203,22 +213,17 @@ impl RemotePubsub {
         ack_ids: Vec<String>,
         seconds: i32,
     ) -> Result<(), ConnError> {
-        if ack_ids.is_empty() {
+        let msg = pb::ModifyAckDeadlineRequest {
+            subscription: subscription.to_string(),
+            ack_ids,
+            ack_deadline_seconds: seconds,
+        };
+        if msg.ack_ids.is_empty() {
             return Ok(());
         }
-        let req = self
-            .request(pb::ModifyAckDeadlineRequest {
-                subscription: subscription.to_string(),
-                ack_ids,
-                ack_deadline_seconds: seconds,
-            })
-            .await?;
-        match SubscriberClient::new(self.channel.clone())
-            .modify_ack_deadline(req)
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(s) => Err(self.fail(subscription, s).await),
-        }
+        self.unary(subscription, msg, |ch, req| async move {
+            SubscriberClient::new(ch).modify_ack_deadline(req).await
+        })
+        .await
     }
 }

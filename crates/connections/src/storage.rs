@@ -90,6 +90,8 @@ impl RemoteStorage {
         ConnError::new(&self.connection, resource, kind, m)
     }
 
+    /// Sends with a fresh token; an answer other than success (or 308, the
+    /// resumable upload's "go on") is an error.
     async fn send(
         &self,
         resource: &str,
@@ -103,7 +105,7 @@ impl RemoteStorage {
             }
             c
         })?;
-        Ok(resp)
+        self.check(resource, resp).await
     }
 
     async fn check(
@@ -161,7 +163,6 @@ impl RemoteStorage {
                         .get(self.url(&["storage", "v1", "b", bucket, "o", name])),
                 )
                 .await?;
-            let r = self.check(&res, r).await?;
             r.json::<ObjectInfo>()
                 .await
                 .map_err(|e| ConnError::from_reqwest(&self.connection, &res, &e))
@@ -190,7 +191,6 @@ impl RemoteStorage {
             let page: Page = self
                 .retrying(|| async {
                     let r = self.send(&res, self.http.get(u.clone())).await?;
-                    let r = self.check(&res, r).await?;
                     r.json::<Page>()
                         .await
                         .map_err(|e| ConnError::from_reqwest(&self.connection, &res, &e))
@@ -218,7 +218,6 @@ impl RemoteStorage {
                 u.query_pairs_mut().append_pair("generation", g);
             }
             let r = self.send(&res, self.http.get(u)).await?;
-            let r = self.check(&res, r).await?;
             let io = |e: std::io::Error| {
                 self.err(&res, ErrorKind::Other, format!("{}: {e}", dest.display()))
             };
@@ -301,7 +300,6 @@ impl RemoteStorage {
                             .json(&body),
                     )
                     .await?;
-                let r = self.check(&res, r).await?;
                 let loc = r
                     .headers()
                     .get("location")
@@ -332,19 +330,12 @@ impl RemoteStorage {
             } else {
                 format!("bytes {offset}-{}/{size}", offset + len - 1)
             };
-            let sent = async {
-                let r = self
-                    .send(
-                        &res,
-                        self.http
-                            .put(session.clone())
-                            .header("Content-Range", range)
-                            .body(buf),
-                    )
-                    .await?;
-                self.check(&res, r).await
-            }
-            .await;
+            let chunk = self
+                .http
+                .put(session.clone())
+                .header("Content-Range", range)
+                .body(buf);
+            let sent = self.send(&res, chunk).await;
             match sent {
                 Ok(r) if r.status() == StatusCode::PERMANENT_REDIRECT => {
                     offset = committed(&r).unwrap_or(offset + len);
@@ -366,18 +357,11 @@ impl RemoteStorage {
                     failures += 1;
                     tracing::warn!(error = %e, "upload chunk failed; asking the session where to resume");
                     tokio::time::sleep(Duration::from_millis(200 << failures)).await;
-                    let status = async {
-                        let r = self
-                            .send(
-                                &res,
-                                self.http
-                                    .put(session.clone())
-                                    .header("Content-Range", format!("bytes */{size}")),
-                            )
-                            .await?;
-                        self.check(&res, r).await
-                    }
-                    .await;
+                    let ask = self
+                        .http
+                        .put(session.clone())
+                        .header("Content-Range", format!("bytes */{size}"));
+                    let status = self.send(&res, ask).await;
                     match status {
                         Ok(r) if r.status() == StatusCode::PERMANENT_REDIRECT => {
                             offset = committed(&r).unwrap_or(0)

@@ -102,6 +102,15 @@ impl fmt::Display for Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// `name(message)` constructors of [`Error`], one per code.
+macro_rules! code_constructors {
+    ($($name:ident => $code:ident),* $(,)?) => {$(
+        pub fn $name(message: impl Into<String>) -> Self {
+            Self::new(Code::$code, message)
+        }
+    )*};
+}
+
 impl Error {
     pub fn new(code: Code, message: impl Into<String>) -> Self {
         Error {
@@ -109,27 +118,15 @@ impl Error {
             message: message.into(),
         }
     }
-    pub fn invalid(message: impl Into<String>) -> Self {
-        Self::new(Code::InvalidArgument, message)
-    }
-    pub fn not_found(message: impl Into<String>) -> Self {
-        Self::new(Code::NotFound, message)
-    }
-    pub fn already_exists(message: impl Into<String>) -> Self {
-        Self::new(Code::AlreadyExists, message)
-    }
-    pub fn precondition(message: impl Into<String>) -> Self {
-        Self::new(Code::FailedPrecondition, message)
-    }
-    pub fn unavailable(message: impl Into<String>) -> Self {
-        Self::new(Code::Unavailable, message)
-    }
-    pub fn internal(message: impl Into<String>) -> Self {
-        Self::new(Code::Internal, message)
-    }
-    pub fn unimplemented(message: impl Into<String>) -> Self {
-        Self::new(Code::Unimplemented, message)
-    }
+    code_constructors!(
+        invalid => InvalidArgument,
+        not_found => NotFound,
+        already_exists => AlreadyExists,
+        precondition => FailedPrecondition,
+        unavailable => Unavailable,
+        internal => Internal,
+        unimplemented => Unimplemented,
+    );
 
     pub fn http_status(&self) -> u16 {
         self.code.http_status()

@@ -1305,213 +1305,105 @@ mod tests {
 
     // -- errors, each with its position --
 
+    /// Filters that do not parse: (filter, the error's position, a piece of its message).
+    #[rustfmt::skip]
+    const BAD_FILTERS: &[(&str, usize, &str)] = &[
+        // unterminated strings: position of the opening quote
+        ("attributes.k = \"abc", 15, "unterminated string literal"),
+        ("attributes.k = 'abc\\'", 15, "unterminated string literal"),
+        ("attributes:\"k", 11, "unterminated string literal"),
+        // bad escapes: position of the backslash
+        ("attributes.k = \"a\\qb\"", 17, "invalid escape sequence `\\q`"),
+        ("attributes.k = \"\\u12\"", 16, "exactly 4 hex digits"),
+        ("attributes.k = \"\\xZZ\"", 16, "exactly 2 hex digits"),
+        ("attributes.k = \"\\uD800\"", 16, "not a Unicode scalar value"),
+        ("attributes.k = \"\\U00110000\"", 16, "not a Unicode scalar value"),
+        ("attributes.k = \"\\400\"", 16, "invalid escape sequence"),
+        ("attributes.k = \"\\08\"", 16, "3 octal digits"),
+        // unknown functions and fields
+        ("hasSuffix(attributes.k, \"x\")", 0, "unknown function `hasSuffix`"),
+        ("hasprefix(attributes.k, \"x\")", 0, "case-sensitive"),
+        ("attributes:a AND matches(attributes.k, \"x\")", 17, "unknown function `matches`"),
+        ("data.k = \"v\"", 0, "unknown field `data`"),
+        ("Attributes.k = \"v\"", 0, "unknown field `Attributes`"),
+        ("attribute:k", 0, "unknown field `attribute`"),
+        ("hasPrefix(data.k, \"x\")", 10, "unknown field `data`"),
+        ("name = \"v\"", 0, "only `attributes` can be filtered on"),
+        // missing operands
+        ("attributes:a AND", 16, "missing operand after AND"),
+        ("attributes:a AND ", 17, "missing operand after AND"),
+        ("attributes:a OR )", 16, "missing operand after OR"),
+        ("AND attributes:a", 0, "missing operand before AND"),
+        ("NOT", 3, "missing operand after NOT"),
+        ("NOT ", 4, "missing operand after NOT"),
+        ("-", 1, "missing operand after `-`"),
+        ("()", 1, "empty parentheses"),
+        ("(", 1, "missing operand after `(`"),
+        ("attributes:a AND ()", 18, "empty parentheses"),
+        ("attributes.k =", 14, "missing value after `=`"),
+        ("attributes.k != ", 16, "missing value after `!=`"),
+        ("attributes:", 11, "missing attribute key"),
+        ("attributes.", 11, "missing attribute key"),
+        ("attributes", 10, "expected `.KEY` or `:KEY`"),
+        ("attributes = \"v\"", 11, "expected `.KEY` or `:KEY`"),
+        ("attributes.k", 12, "expected `=` or `!=` after attributes.k"),
+        ("attributes.k AND attributes:b", 13, "to test that the key exists write attributes:k"),
+        // trailing input
+        ("attributes:a attributes:b", 13, "join conditions with AND or OR"),
+        ("attributes:a)", 12, "unbalanced `)`"),
+        ("(attributes:a", 13, "missing `)` to close the `(` at position 0"),
+        ("attributes:a = \"v\"", 13, "to compare its value write attributes.KEY"),
+        ("attributes.k = \"v\" \"w\"", 19, "unexpected `\"`"),
+        ("attributes:a -attributes:b", 13, "unexpected `-`"),
+        // mixed AND/OR: position of the operator that switches
+        ("attributes:a AND attributes:b OR attributes:c", 30, "AND and OR cannot be mixed"),
+        ("attributes:a OR attributes:b AND attributes:c", 29, "AND and OR cannot be mixed"),
+        ("(attributes:a OR attributes:b OR attributes:c AND attributes:d)", 46, "cannot be mixed"),
+        // operator spelling
+        ("attributes:a and attributes:b", 13, "write `AND` instead of `and`"),
+        ("attributes:a Or attributes:b", 13, "write `OR` instead of `Or`"),
+        ("not attributes:a", 0, "write `NOT` instead of `not`"),
+        ("attributes:a AND(attributes:b)", 16, "AND must be followed by white space"),
+        ("(attributes:a)AND attributes:b", 14, "AND must be preceded by white space"),
+        ("NOT(attributes:a)", 3, "NOT must be followed by white space"),
+        ("- attributes:a", 1, "no space"),
+        ("NOT NOT attributes:a", 4, "negated only once"),
+        ("NOT -attributes:a", 4, "negated only once"),
+        ("--attributes:a", 1, "negated only once"),
+        // keys and values
+        ("attributes.iana.org/language_tag = \"en\"", 15, "must be quoted"),
+        ("attributes:a/b", 12, "must be quoted"),
+        ("attributes.\"\" = \"v\"", 11, "must not be empty"),
+        ("attributes. k = \"v\"", 11, "no white space is allowed after the `.`"),
+        ("attributes .k = \"v\"", 11, "no white space is allowed before the `.`"),
+        ("attributes.k = v", 15, "must be a string literal in quotes"),
+        ("attributes.k = 1", 15, "must be a string literal in quotes"),
+        ("attributes.k < \"v\"", 13, "unsupported operator `<`"),
+        ("attributes.k >= \"v\"", 13, "unsupported operator `>=`"),
+        ("attributes.k:\"v\"", 12, "to test that a key exists write attributes:KEY"),
+        ("attributes.k == \"v\"", 14, "must be a string literal"),
+        // hasPrefix shape
+        ("hasPrefix (attributes.k, \"p\")", 9, "between hasPrefix and `(`"),
+        ("hasPrefix", 9, "expected `(` after hasPrefix"),
+        ("hasPrefix()", 10, "hasPrefix takes 2 arguments"),
+        ("hasPrefix(attributes.k)", 22, "hasPrefix takes 2 arguments"),
+        ("hasPrefix(attributes.k, )", 24, "hasPrefix takes 2 arguments"),
+        ("hasPrefix(attributes.k, \"p\", \"q\")", 27, "hasPrefix takes 2 arguments"),
+        ("hasPrefix(attributes.k, \"p\"", 27, "missing `)` to close hasPrefix("),
+        ("hasPrefix(attributes:k, \"p\")", 20, "must be attributes.KEY"),
+        ("hasPrefix(\"p\", attributes.k)", 10, "must be attributes.KEY"),
+        ("hasPrefix(attributes.k, attributes.j)", 24, "must be a string literal"),
+        ("hasPrefix(attributes.k \"p\")", 23, "expected `,`"),
+        // stray characters
+        ("attributes:a AND !attributes:b", 17, "unexpected `!`"),
+        ("é", 0, "unexpected `é`"),
+    ];
+
     #[test]
     fn filter_errors_have_positions() {
-        // unterminated strings: position of the opening quote
-        bad("attributes.k = \"abc", 15, "unterminated string literal");
-        bad("attributes.k = 'abc\\'", 15, "unterminated string literal");
-        bad("attributes:\"k", 11, "unterminated string literal");
-        // bad escapes: position of the backslash
-        bad(
-            "attributes.k = \"a\\qb\"",
-            17,
-            "invalid escape sequence `\\q`",
-        );
-        bad("attributes.k = \"\\u12\"", 16, "exactly 4 hex digits");
-        bad("attributes.k = \"\\xZZ\"", 16, "exactly 2 hex digits");
-        bad(
-            "attributes.k = \"\\uD800\"",
-            16,
-            "not a Unicode scalar value",
-        );
-        bad(
-            "attributes.k = \"\\U00110000\"",
-            16,
-            "not a Unicode scalar value",
-        );
-        bad("attributes.k = \"\\400\"", 16, "invalid escape sequence");
-        bad("attributes.k = \"\\08\"", 16, "3 octal digits");
-        // unknown functions and fields
-        bad(
-            "hasSuffix(attributes.k, \"x\")",
-            0,
-            "unknown function `hasSuffix`",
-        );
-        bad("hasprefix(attributes.k, \"x\")", 0, "case-sensitive");
-        bad(
-            "attributes:a AND matches(attributes.k, \"x\")",
-            17,
-            "unknown function `matches`",
-        );
-        bad("data.k = \"v\"", 0, "unknown field `data`");
-        bad("Attributes.k = \"v\"", 0, "unknown field `Attributes`");
-        bad("attribute:k", 0, "unknown field `attribute`");
-        bad("hasPrefix(data.k, \"x\")", 10, "unknown field `data`");
-        bad("name = \"v\"", 0, "only `attributes` can be filtered on");
-        // missing operands
-        bad("attributes:a AND", 16, "missing operand after AND");
-        bad("attributes:a AND ", 17, "missing operand after AND");
-        bad("attributes:a OR )", 16, "missing operand after OR");
-        bad("AND attributes:a", 0, "missing operand before AND");
-        bad("NOT", 3, "missing operand after NOT");
-        bad("NOT ", 4, "missing operand after NOT");
-        bad("-", 1, "missing operand after `-`");
-        bad("()", 1, "empty parentheses");
-        bad("(", 1, "missing operand after `(`");
-        bad("attributes:a AND ()", 18, "empty parentheses");
-        bad("attributes.k =", 14, "missing value after `=`");
-        bad("attributes.k != ", 16, "missing value after `!=`");
-        bad("attributes:", 11, "missing attribute key");
-        bad("attributes.", 11, "missing attribute key");
-        bad("attributes", 10, "expected `.KEY` or `:KEY`");
-        bad("attributes = \"v\"", 11, "expected `.KEY` or `:KEY`");
-        bad(
-            "attributes.k",
-            12,
-            "expected `=` or `!=` after attributes.k",
-        );
-        bad(
-            "attributes.k AND attributes:b",
-            13,
-            "to test that the key exists write attributes:k",
-        );
-        // trailing input
-        bad(
-            "attributes:a attributes:b",
-            13,
-            "join conditions with AND or OR",
-        );
-        bad("attributes:a)", 12, "unbalanced `)`");
-        bad(
-            "(attributes:a",
-            13,
-            "missing `)` to close the `(` at position 0",
-        );
-        bad(
-            "attributes:a = \"v\"",
-            13,
-            "to compare its value write attributes.KEY",
-        );
-        bad("attributes.k = \"v\" \"w\"", 19, "unexpected `\"`");
-        bad("attributes:a -attributes:b", 13, "unexpected `-`");
-        // mixed AND/OR: position of the operator that switches
-        bad(
-            "attributes:a AND attributes:b OR attributes:c",
-            30,
-            "AND and OR cannot be mixed",
-        );
-        bad(
-            "attributes:a OR attributes:b AND attributes:c",
-            29,
-            "AND and OR cannot be mixed",
-        );
-        bad(
-            "(attributes:a OR attributes:b OR attributes:c AND attributes:d)",
-            46,
-            "cannot be mixed",
-        );
-        // operator spelling
-        bad(
-            "attributes:a and attributes:b",
-            13,
-            "write `AND` instead of `and`",
-        );
-        bad(
-            "attributes:a Or attributes:b",
-            13,
-            "write `OR` instead of `Or`",
-        );
-        bad("not attributes:a", 0, "write `NOT` instead of `not`");
-        bad(
-            "attributes:a AND(attributes:b)",
-            16,
-            "AND must be followed by white space",
-        );
-        bad(
-            "(attributes:a)AND attributes:b",
-            14,
-            "AND must be preceded by white space",
-        );
-        bad(
-            "NOT(attributes:a)",
-            3,
-            "NOT must be followed by white space",
-        );
-        bad("- attributes:a", 1, "no space");
-        bad("NOT NOT attributes:a", 4, "negated only once");
-        bad("NOT -attributes:a", 4, "negated only once");
-        bad("--attributes:a", 1, "negated only once");
-        // keys and values
-        bad(
-            "attributes.iana.org/language_tag = \"en\"",
-            15,
-            "must be quoted",
-        );
-        bad("attributes:a/b", 12, "must be quoted");
-        bad("attributes.\"\" = \"v\"", 11, "must not be empty");
-        bad(
-            "attributes. k = \"v\"",
-            11,
-            "no white space is allowed after the `.`",
-        );
-        bad(
-            "attributes .k = \"v\"",
-            11,
-            "no white space is allowed before the `.`",
-        );
-        bad("attributes.k = v", 15, "must be a string literal in quotes");
-        bad("attributes.k = 1", 15, "must be a string literal in quotes");
-        bad("attributes.k < \"v\"", 13, "unsupported operator `<`");
-        bad("attributes.k >= \"v\"", 13, "unsupported operator `>=`");
-        bad(
-            "attributes.k:\"v\"",
-            12,
-            "to test that a key exists write attributes:KEY",
-        );
-        bad("attributes.k == \"v\"", 14, "must be a string literal");
-        // hasPrefix shape
-        bad(
-            "hasPrefix (attributes.k, \"p\")",
-            9,
-            "between hasPrefix and `(`",
-        );
-        bad("hasPrefix", 9, "expected `(` after hasPrefix");
-        bad("hasPrefix()", 10, "hasPrefix takes 2 arguments");
-        bad("hasPrefix(attributes.k)", 22, "hasPrefix takes 2 arguments");
-        bad(
-            "hasPrefix(attributes.k, )",
-            24,
-            "hasPrefix takes 2 arguments",
-        );
-        bad(
-            "hasPrefix(attributes.k, \"p\", \"q\")",
-            27,
-            "hasPrefix takes 2 arguments",
-        );
-        bad(
-            "hasPrefix(attributes.k, \"p\"",
-            27,
-            "missing `)` to close hasPrefix(",
-        );
-        bad(
-            "hasPrefix(attributes:k, \"p\")",
-            20,
-            "must be attributes.KEY",
-        );
-        bad(
-            "hasPrefix(\"p\", attributes.k)",
-            10,
-            "must be attributes.KEY",
-        );
-        bad(
-            "hasPrefix(attributes.k, attributes.j)",
-            24,
-            "must be a string literal",
-        );
-        bad("hasPrefix(attributes.k \"p\")", 23, "expected `,`");
-        // stray characters
-        bad("attributes:a AND !attributes:b", 17, "unexpected `!`");
-        bad("é", 0, "unexpected `é`");
+        for &(src, position, needle) in BAD_FILTERS {
+            bad(src, position, needle);
+        }
     }
 
     #[test]

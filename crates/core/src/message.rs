@@ -18,13 +18,7 @@ pub struct OutgoingMessage {
 impl OutgoingMessage {
     /// Bytes this message counts against the request and message limits.
     pub fn size(&self) -> usize {
-        self.data.len()
-            + self.ordering_key.len()
-            + self
-                .attributes
-                .iter()
-                .map(|(k, v)| k.len() + v.len())
-                .sum::<usize>()
+        counted_size(&self.data, &self.ordering_key, &self.attributes)
     }
 
     /// Checks the per-message limits Google enforces on Publish.
@@ -34,50 +28,49 @@ impl OutgoingMessage {
                 "a message must have non-empty data or at least one attribute",
             ));
         }
-        if self.size() > MAX_MESSAGE_BYTES {
-            return Err(Error::invalid(format!(
-                "message is {} bytes; the limit is {MAX_MESSAGE_BYTES} bytes (10 MB)",
-                self.size()
-            )));
-        }
-        if self.attributes.len() > MAX_ATTRIBUTES {
-            return Err(Error::invalid(format!(
-                "message has {} attributes; the limit is {MAX_ATTRIBUTES}",
-                self.attributes.len()
-            )));
-        }
+        at_most(self.size(), MAX_MESSAGE_BYTES, |n| {
+            format!("message is {n} bytes; the limit is {MAX_MESSAGE_BYTES} bytes (10 MB)")
+        })?;
+        at_most(self.attributes.len(), MAX_ATTRIBUTES, |n| {
+            format!("message has {n} attributes; the limit is {MAX_ATTRIBUTES}")
+        })?;
         for (k, v) in &self.attributes {
-            if k.is_empty() {
-                return Err(Error::invalid("attribute keys must not be empty"));
-            }
-            if k.len() > MAX_ATTRIBUTE_KEY_BYTES {
-                return Err(Error::invalid(format!(
-                    "attribute key is {} bytes; the limit is {MAX_ATTRIBUTE_KEY_BYTES}",
-                    k.len()
-                )));
-            }
-            // `googclient_` is the client libraries' own (trace context,
-            // ordering key), which Pub/Sub accepts from them.
-            if k.starts_with("goog") && !k.starts_with("googclient_") {
-                return Err(Error::invalid(format!(
-                    "attribute key \"{k}\" must not start with \"goog\" (reserved)"
-                )));
-            }
-            if v.len() > MAX_ATTRIBUTE_VALUE_BYTES {
-                return Err(Error::invalid(format!(
-                    "value of attribute \"{k}\" is {} bytes; the limit is {MAX_ATTRIBUTE_VALUE_BYTES}",
-                    v.len()
-                )));
-            }
+            validate_attribute(k, v)?;
         }
-        if self.ordering_key.len() > MAX_ORDERING_KEY_BYTES {
-            return Err(Error::invalid(format!(
-                "ordering key is {} bytes; the limit is {MAX_ORDERING_KEY_BYTES}",
-                self.ordering_key.len()
-            )));
-        }
+        at_most(self.ordering_key.len(), MAX_ORDERING_KEY_BYTES, |n| {
+            format!("ordering key is {n} bytes; the limit is {MAX_ORDERING_KEY_BYTES}")
+        })?;
         Ok(())
     }
+}
+
+/// Checks one attribute of a published message.
+fn validate_attribute(k: &str, v: &str) -> Result<()> {
+    if k.is_empty() {
+        return Err(Error::invalid("attribute keys must not be empty"));
+    }
+    at_most(k.len(), MAX_ATTRIBUTE_KEY_BYTES, |n| {
+        format!("attribute key is {n} bytes; the limit is {MAX_ATTRIBUTE_KEY_BYTES}")
+    })?;
+    // `googclient_` is the client libraries' own (trace context,
+    // ordering key), which Pub/Sub accepts from them.
+    if k.starts_with("goog") && !k.starts_with("googclient_") {
+        return Err(Error::invalid(format!(
+            "attribute key \"{k}\" must not start with \"goog\" (reserved)"
+        )));
+    }
+    at_most(v.len(), MAX_ATTRIBUTE_VALUE_BYTES, |n| {
+        format!("value of attribute \"{k}\" is {n} bytes; the limit is {MAX_ATTRIBUTE_VALUE_BYTES}")
+    })?;
+    Ok(())
+}
+
+/// `Ok` when `n` is within `max`; otherwise INVALID_ARGUMENT with `message(n)`.
+fn at_most(n: usize, max: usize, message: impl FnOnce(usize) -> String) -> Result<()> {
+    if n > max {
+        return Err(Error::invalid(message(n)));
+    }
+    Ok(())
 }
 
 /// Validates a whole Publish request: message count, total size, each message.
@@ -87,23 +80,27 @@ pub fn validate_publish(messages: &[OutgoingMessage]) -> Result<()> {
             "publish request must contain at least one message",
         ));
     }
-    if messages.len() > MAX_MESSAGES_PER_PUBLISH {
-        return Err(Error::invalid(format!(
-            "publish request has {} messages; the limit is {MAX_MESSAGES_PER_PUBLISH}",
-            messages.len()
-        )));
-    }
+    at_most(messages.len(), MAX_MESSAGES_PER_PUBLISH, |n| {
+        format!("publish request has {n} messages; the limit is {MAX_MESSAGES_PER_PUBLISH}")
+    })?;
     let total: usize = messages.iter().map(OutgoingMessage::size).sum();
-    if total > MAX_PUBLISH_REQUEST_BYTES {
-        return Err(Error::invalid(format!(
-            "publish request is {total} bytes; the limit is {MAX_PUBLISH_REQUEST_BYTES} bytes (10 MB)"
-        )));
-    }
+    at_most(total, MAX_PUBLISH_REQUEST_BYTES, |n| {
+        format!(
+            "publish request is {n} bytes; the limit is {MAX_PUBLISH_REQUEST_BYTES} bytes (10 MB)"
+        )
+    })?;
     for (i, m) in messages.iter().enumerate() {
         m.validate()
             .map_err(|e| Error::invalid(format!("message {i}: {}", e.message)))?;
     }
     Ok(())
+}
+
+/// What a message counts against Google's size limits: data, ordering key,
+/// and every attribute's key and value.
+fn counted_size(data: &[u8], ordering_key: &str, attributes: &BTreeMap<String, String>) -> usize {
+    let attributes: usize = attributes.iter().map(|(k, v)| k.len() + v.len()).sum();
+    data.len() + ordering_key.len() + attributes
 }
 
 /// A stored message. `seq` is its position in the broker's log and, printed
@@ -124,13 +121,7 @@ impl Message {
     }
 
     pub fn size(&self) -> usize {
-        self.data.len()
-            + self.ordering_key.len()
-            + self
-                .attributes
-                .iter()
-                .map(|(k, v)| k.len() + v.len())
-                .sum::<usize>()
+        counted_size(&self.data, &self.ordering_key, &self.attributes)
     }
 }
 

@@ -556,6 +556,11 @@ pub(crate) mod tests {
         }
     }
 
+    /// What `autoscale` answers to start `count` machines.
+    fn start(count: u32) -> Vec<ScaleAction> {
+        vec![ScaleAction::Start { count }]
+    }
+
     fn machine(name: &str, state: MachineState, runs: u32, since: i64) -> MachineView {
         MachineView {
             name: name.into(),
@@ -592,46 +597,28 @@ pub(crate) mod tests {
     #[test]
     fn burst_from_zero_is_capped_by_max() {
         let spec = docker_pool(0, 3, 1);
-        assert_eq!(
-            autoscale(&spec, &[], 2, 0),
-            vec![ScaleAction::Start { count: 2 }]
-        );
-        assert_eq!(
-            autoscale(&spec, &[], 50, 0),
-            vec![ScaleAction::Start { count: 3 }]
-        );
+        assert_eq!(autoscale(&spec, &[], 2, 0), start(2));
+        assert_eq!(autoscale(&spec, &[], 50, 0), start(3));
         assert!(autoscale(&spec, &[], 0, 0).is_empty());
         // Provisioning machines already offer their slots.
         let m = [machine("a", MachineState::Provisioning, 0, 0)];
-        assert_eq!(
-            autoscale(&spec, &m, 3, 1000),
-            vec![ScaleAction::Start { count: 2 }]
-        );
+        assert_eq!(autoscale(&spec, &m, 3, 1000), start(2));
     }
 
     #[test]
     fn several_runs_per_machine() {
         let spec = docker_pool(0, 10, 4);
-        assert_eq!(
-            autoscale(&spec, &[], 9, 0),
-            vec![ScaleAction::Start { count: 3 }]
-        );
+        assert_eq!(autoscale(&spec, &[], 9, 0), start(3));
         // 3 free on `a`, 6 waiting: one more machine covers the other 3.
         let m = [machine("a", MachineState::Busy, 1, 0)];
-        assert_eq!(
-            autoscale(&spec, &m, 6, 0),
-            vec![ScaleAction::Start { count: 1 }]
-        );
+        assert_eq!(autoscale(&spec, &m, 6, 0), start(1));
         assert!(autoscale(&spec, &m, 3, 0).is_empty());
     }
 
     #[test]
     fn min_machines_are_kept() {
         let spec = docker_pool(2, 5, 1);
-        assert_eq!(
-            autoscale(&spec, &[], 0, 0),
-            vec![ScaleAction::Start { count: 2 }]
-        );
+        assert_eq!(autoscale(&spec, &[], 0, 0), start(2));
         let mut a = machine("a", MachineState::Idle, 0, 0);
         a.idle_since_ms = Some(0);
         let b = machine("b", MachineState::Ready, 0, 0);
@@ -686,10 +673,7 @@ pub(crate) mod tests {
         // A run is waiting: `a` is the slot it needs.
         assert!(autoscale(&spec, &[a.clone()], 1, 60 * MIN).is_empty());
         // Two waiting, one slot: start one, stop none.
-        assert_eq!(
-            autoscale(&spec, &[a.clone()], 2, 60 * MIN),
-            vec![ScaleAction::Start { count: 1 }]
-        );
+        assert_eq!(autoscale(&spec, &[a.clone()], 2, 60 * MIN), start(1));
         // Two idle, one waiting: one of them may go.
         let mut b = a.clone();
         b.name = "b".into();
@@ -703,14 +687,8 @@ pub(crate) mod tests {
         a.cordoned = true;
         // Still running: not stopped, offers no capacity, and min wants a
         // replacement.
-        assert_eq!(
-            autoscale(&spec, &[a.clone()], 0, MIN),
-            vec![ScaleAction::Start { count: 1 }]
-        );
-        assert_eq!(
-            autoscale(&spec, &[a.clone()], 3, MIN),
-            vec![ScaleAction::Start { count: 2 }]
-        );
+        assert_eq!(autoscale(&spec, &[a.clone()], 0, MIN), start(1));
+        assert_eq!(autoscale(&spec, &[a.clone()], 3, MIN), start(2));
         a.runs = 0;
         a.state = MachineState::Idle;
         let b = machine("b", MachineState::Busy, 1, 0);
@@ -755,10 +733,7 @@ pub(crate) mod tests {
             machine("e", MachineState::Failed, 0, 0),
         ];
         assert!(autoscale(&spec, &m, 10, 0).is_empty());
-        assert_eq!(
-            autoscale(&spec, &m[1..], 10, 0),
-            vec![ScaleAction::Start { count: 1 }]
-        );
+        assert_eq!(autoscale(&spec, &m[1..], 10, 0), start(1));
     }
 
     #[test]

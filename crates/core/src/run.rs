@@ -426,20 +426,21 @@ mod tests {
     #[test]
     fn causes_decide_retries() {
         use EndCause::*;
-        let all = [
-            Exited,
-            TimedOut,
-            Cancelled,
-            InputOutput,
-            Parameters,
-            Internal,
-            Infrastructure,
-            Lost,
-            Interrupted,
+        // (cause, keeps the attempt, final)
+        let table = [
+            (Exited, false, false),
+            (TimedOut, false, false),
+            (Cancelled, false, true),
+            (InputOutput, false, false),
+            (Parameters, false, true),
+            (Internal, false, true),
+            (Infrastructure, true, false),
+            (Lost, true, false),
+            (Interrupted, false, false),
         ];
-        let keeps: Vec<_> = all.into_iter().filter(|c| c.keeps_attempt()).collect();
-        assert_eq!(keeps, [Infrastructure, Lost]);
-        let fin: Vec<_> = all.into_iter().filter(|c| c.is_final()).collect();
-        assert_eq!(fin, [Cancelled, Parameters, Internal]);
+        for (cause, keeps, fin) in table {
+            assert_eq!(cause.keeps_attempt(), keeps, "{cause:?}");
+            assert_eq!(cause.is_final(), fin, "{cause:?}");
+        }
     }
 }

@@ -22,9 +22,7 @@ pub(crate) async fn list(ctx: Ctx) -> UiResult {
         .await?;
     let body = html! {
         h1 { "Buckets" }
-        @if buckets.is_empty() {
-            p.muted { "No buckets. Create them with a Cloud Storage client or " code { "[[bucket]]" } " in " code { "pubrun.toml" } "." }
-        } @else {
+        (layout::listing(buckets.is_empty(), html! { "No buckets. Create them with a Cloud Storage client or " code { "[[bucket]]" } " in " code { "pubrun.toml" } "." }, html! {
             table #buckets {
                 thead { tr { th { "Bucket" } th { "Project" } th { "Created (UTC)" } } }
                 tbody { @for b in &buckets { tr {
@@ -33,19 +31,17 @@ pub(crate) async fn list(ctx: Ctx) -> UiResult {
                     td { (time_ms(b.created_us / 1000)) }
                 } } }
             }
-        }
+        }))
     };
     Ok(layout::page(&ctx, "Buckets", Nav::Buckets, body))
 }
 
 #[derive(Deserialize, Default)]
+#[serde(default)]
 pub(crate) struct ObjectsQuery {
-    #[serde(default)]
     prefix: String,
-    #[serde(default)]
     page_token: Option<String>,
     /// Every object under the prefix, full names, no folders.
-    #[serde(default)]
     flat: bool,
 }
 
@@ -84,9 +80,7 @@ pub(crate) async fn objects(
             @if q.flat { a href={(base) "?prefix=" (enc(&q.prefix))} { "show folders" } }
             @else { a #flat href={(base) "?flat=true&prefix=" (enc(&q.prefix))} { "list every object under here" } }
         }
-        @if page.items.is_empty() && page.prefixes.is_empty() {
-            p.muted { "No objects here." }
-        } @else {
+        (layout::listing(page.items.is_empty() && page.prefixes.is_empty(), html! { "No objects here." }, html! {
             table #objects {
                 thead { tr { th { "Name" } th.num { "Size" } th { "Type" } th { "Updated (UTC)" } th.num { "Generation" } } }
                 tbody {
@@ -106,7 +100,7 @@ pub(crate) async fn objects(
                     }
                 }
             }
-        }
+        }))
         @if let Some(t) = &page.next_page_token {
             div.pager { a href={(base) "?prefix=" (enc(&q.prefix)) "&page_token=" (enc(t)) @if q.flat { "&flat=true" }} { "More »" } }
         }

@@ -19,9 +19,7 @@ pub(crate) async fn list(ctx: Ctx) -> UiResult {
     let jobs = d.jobs();
     let body = html! {
         h1 { "Jobs" }
-        @if jobs.is_empty() {
-            p.muted { "No jobs. Declare them in " code { "pubrun.toml" } " and run " code { "pubrun apply" } "." }
-        } @else {
+        (layout::listing(jobs.is_empty(), html! { "No jobs. Declare them in " code { "pubrun.toml" } " and run " code { "pubrun apply" } "." }, html! {
             table #jobs {
                 thead { tr { th { "Job" } th { "Topic" } th { "Executor" } th { "Pool" } th.num { "Concurrency" } th { "Timeout" } } }
                 tbody {
@@ -40,7 +38,7 @@ pub(crate) async fn list(ctx: Ctx) -> UiResult {
                     }
                 }
             }
-        }
+        }))
     };
     Ok(layout::page(&ctx, "Jobs", Nav::Jobs, body))
 }
@@ -81,7 +79,7 @@ pub(crate) async fn show(ctx: Ctx, Path(name): Path<String>) -> UiResult {
             }
         }
         h2 { "Recent runs" }
-        @if runs.is_empty() { p.muted { "None yet." } } @else {
+        (layout::listing(runs.is_empty(), html! { "None yet." }, html! {
             table #job-runs {
                 thead { tr { th { "Run" } th { "Status" } th.num { "Attempt" } th { "Created" } } }
                 tbody { @for r in &runs { tr {
@@ -91,7 +89,7 @@ pub(crate) async fn show(ctx: Ctx, Path(name): Path<String>) -> UiResult {
                     td { (ago_ms(r.created_at_ms, now)) }
                 } } }
             }
-        }
+        }))
         h2 { "Definition as applied" }
         pre.light #definition { (definition) }
     };
@@ -139,9 +137,7 @@ pub(crate) async fn schedules(ctx: Ctx) -> UiResult {
     let list = triggers(&ctx)?.list_schedules().await?;
     let body = html! {
         h1 { "Schedules" }
-        @if list.is_empty() {
-            p.muted { "No schedules. Declare " code { "[[schedule]]" } " tables in " code { "pubrun.toml" } "." }
-        } @else {
+        (layout::listing(list.is_empty(), html! { "No schedules. Declare " code { "[[schedule]]" } " tables in " code { "pubrun.toml" } "." }, html! {
             table #schedules {
                 thead { tr { th { "Schedule" } th { "Cron" } th { "Topic" } th { "State" } th { "Next fire" } th { "Last fire" } th { "" } } }
                 tbody {
@@ -165,7 +161,7 @@ pub(crate) async fn schedules(ctx: Ctx) -> UiResult {
                     }
                 }
             }
-        }
+        }))
     };
     Ok(layout::page(&ctx, "Schedules", Nav::Schedules, body))
 }

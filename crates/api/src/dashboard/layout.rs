@@ -216,6 +216,14 @@ const PART: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'~');
 
 /// Percent-encodes one path segment or query value.
+/// A section listing things: `listed` (a table), or when there is nothing to
+/// list, `none` as a muted note saying so.
+pub(crate) fn listing(nothing: bool, none: Markup, listed: Markup) -> Markup {
+    html! {
+        @if nothing { p.muted { (none) } } @else { (listed) }
+    }
+}
+
 pub(crate) fn enc(s: &str) -> String {
     utf8_percent_encode(s, PART).to_string()
 }

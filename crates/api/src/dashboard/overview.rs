@@ -121,9 +121,7 @@ pub(crate) async fn page(ctx: Ctx) -> UiResult {
             div.stat { b #runs-queued { (active.1) } span { "Runs queued" } }
         }
         h2 { "Topics" }
-        @if topics.is_empty() {
-            p.muted { "No topics yet." }
-        } @else {
+        (layout::listing(topics.is_empty(), html! { "No topics yet." }, html! {
             table #topics {
                 thead { tr { th { "Topic" } th.num { "Subscriptions" } th.num { "Publish rate" } } }
                 tbody {
@@ -136,11 +134,9 @@ pub(crate) async fn page(ctx: Ctx) -> UiResult {
                     }
                 }
             }
-        }
+        }))
         h2 { "Subscriptions" }
-        @if subs.is_empty() {
-            p.muted { "No subscriptions yet." }
-        } @else {
+        (layout::listing(subs.is_empty(), html! { "No subscriptions yet." }, html! {
             table #subscriptions {
                 thead { tr { th { "Subscription" } th { "Topic" } th.num { "Backlog" } th { "Oldest unacked" } th.num { "Ack rate" } th { "Delivery" } } }
                 tbody {
@@ -161,11 +157,9 @@ pub(crate) async fn page(ctx: Ctx) -> UiResult {
             }
             p.muted { "Rates are messages per second over the last minute, from the counters "
                 code { "/metrics" } " exports." }
-        }
+        }))
         h2 { "Jobs" }
-        @if jobs.is_empty() {
-            p.muted { "No jobs. Declare them in " code { "pubrun.toml" } " and run " code { "pubrun apply" } "." }
-        } @else {
+        (layout::listing(jobs.is_empty(), html! { "No jobs. Declare them in " code { "pubrun.toml" } " and run " code { "pubrun apply" } "." }, html! {
             table #jobs {
                 thead { tr { th { "Job" } th { "Pool" } th { "Last runs (newest first)" } th.num { "Success rate" } } }
                 tbody {
@@ -187,7 +181,7 @@ pub(crate) async fn page(ctx: Ctx) -> UiResult {
                     }
                 }
             }
-        }
+        }))
         @if let Some(pools) = pools.as_ref().filter(|p| !p.is_empty()) {
             h2 { "Machines" }
             table #pools {
@@ -207,9 +201,7 @@ pub(crate) async fn page(ctx: Ctx) -> UiResult {
             }
         }
         h2 { "Recent failures" }
-        @if failures.is_empty() {
-            p.muted { "None." }
-        } @else {
+        (layout::listing(failures.is_empty(), html! { "None." }, html! {
             table #failures {
                 thead { tr { th { "Run" } th { "Job" } th { "Status" } th { "Ended" } th { "Duration" } th { "Cause" } } }
                 tbody {
@@ -225,7 +217,7 @@ pub(crate) async fn page(ctx: Ctx) -> UiResult {
                     }
                 }
             }
-        }
+        }))
     };
     Ok(layout::page(&ctx, "Overview", Nav::Overview, body))
 }

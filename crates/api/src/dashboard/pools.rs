@@ -53,31 +53,29 @@ pub(crate) async fn page(ctx: Ctx) -> UiResult {
     };
     let body = html! {
         h1 { "Pools" }
-        @if specs.is_empty() {
-            p.muted { "No pools declared: every run executes on this server. Declare " code { "[[pool]]" } " tables to run elsewhere." }
-        } @else {
-        table #pools {
-            thead { tr { th { "Pool" } th { "Provider" } th.num { "Up" } th.num { "Min–max" } th.num { "Runs waiting" } th.num { "Price / h" } th.num { "Machine time, 24 h" } th.num { "Cost, 24 h" } } }
-            tbody {
-                @for s in &specs {
-                    @let c = pool_cost(&s.name);
-                    tr {
-                        td { (s.name) }
-                        td { (s.provider.kind()) }
-                        td.num { (machines.iter().filter(|m| m.pool == s.name && m.state.is_up()).count()) }
-                        td.num { (s.min_machines) "–" @if s.max_machines == 0 { "∞" } @else { (s.max_machines) } }
-                        td.num { (p.waiting(&s.name)) }
-                        td.num { @match s.price_per_hour { Some(v) => (format!("{v:.2}")), None => "—" } }
-                        td.num { @match c["machine_seconds"].as_f64() { Some(v) => (duration_ms((v * 1000.0) as i64)), None => "—" } }
-                        td.num { (money(&c["cost"])) }
+        (layout::listing(specs.is_empty(), html! { "No pools declared: every run executes on this server. Declare " code { "[[pool]]" } " tables to run elsewhere." }, html! {
+            table #pools {
+                thead { tr { th { "Pool" } th { "Provider" } th.num { "Up" } th.num { "Min–max" } th.num { "Runs waiting" } th.num { "Price / h" } th.num { "Machine time, 24 h" } th.num { "Cost, 24 h" } } }
+                tbody {
+                    @for s in &specs {
+                        @let c = pool_cost(&s.name);
+                        tr {
+                            td { (s.name) }
+                            td { (s.provider.kind()) }
+                            td.num { (machines.iter().filter(|m| m.pool == s.name && m.state.is_up()).count()) }
+                            td.num { (s.min_machines) "–" @if s.max_machines == 0 { "∞" } @else { (s.max_machines) } }
+                            td.num { (p.waiting(&s.name)) }
+                            td.num { @match s.price_per_hour { Some(v) => (format!("{v:.2}")), None => "—" } }
+                            td.num { @match c["machine_seconds"].as_f64() { Some(v) => (duration_ms((v * 1000.0) as i64)), None => "—" } }
+                            td.num { (money(&c["cost"])) }
+                        }
                     }
                 }
             }
-        }
-        p.muted { "Total cost, last 24 h: " (money(&cost["total_cost"])) }
-        }
+            p.muted { "Total cost, last 24 h: " (money(&cost["total_cost"])) }
+        }))
         h2 { "Machines" }
-        @if machines.is_empty() { p.muted { "No machines." } } @else {
+        (layout::listing(machines.is_empty(), html! { "No machines." }, html! {
             table #machines {
                 thead { tr { th { "Machine" } th { "Pool" } th { "State" } th { "Since" } th.num { "Runs" } th.num { "Cost, 24 h" } th { "Last error" } th { "" } } }
                 tbody {
@@ -104,9 +102,9 @@ pub(crate) async fn page(ctx: Ctx) -> UiResult {
                     }
                 }
             }
-        }
+        }))
         h2 { "Connected agents" }
-        @if agents.is_empty() { p.muted { "None." } } @else {
+        (layout::listing(agents.is_empty(), html! { "None." }, html! {
             table #agents {
                 thead { tr { th { "Agent" } th { "Pool" } th.num { "Runs / slots" } th { "Last seen" } th { "Version" } } }
                 tbody { @for a in &agents { tr {
@@ -117,7 +115,7 @@ pub(crate) async fn page(ctx: Ctx) -> UiResult {
                     td { (a["version"].as_str().unwrap_or("")) }
                 } } }
             }
-        }
+        }))
     };
     Ok(layout::page(&ctx, "Pools", Nav::Pools, body))
 }

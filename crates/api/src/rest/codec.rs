@@ -50,6 +50,24 @@ pub(super) fn parse_body<T: DeserializeOwned + Default>(
     Ok(from_object("", v)?)
 }
 
+/// Parses an Update call's body, `{KEY: {...}, "updateMask": "a,b"}`: the
+/// resource (a message, errors naming KEY) and the field mask. Other keys
+/// are unknown fields.
+pub(super) fn parse_update<T: DeserializeOwned + Default>(
+    body: std::result::Result<Bytes, BytesRejection>,
+    key: &str,
+) -> std::result::Result<(T, Option<prost_types::FieldMask>), Fail> {
+    #[derive(Deserialize, Default)]
+    #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+    struct Rest {
+        update_mask: Option<String>,
+    }
+    let mut fields: Map<String, Value> = parse_body(body)?;
+    let resource = fields.remove(key).unwrap_or_default();
+    let rest: Rest = from_object("", Value::Object(fields))?;
+    Ok((from_object(key, resource)?, field_mask(rest.update_mask)))
+}
+
 /// Deserializes a message-typed value. Only objects (or null) are accepted:
 /// serde would otherwise also read a struct from a JSON array.
 pub(super) fn from_object<T: DeserializeOwned + Default>(
@@ -63,11 +81,17 @@ pub(super) fn from_object<T: DeserializeOwned + Default>(
     };
     match v {
         Value::Null => Ok(T::default()),
-        Value::Object(_) => serde_json::from_value(v).map_err(|e| {
+        Value::Object(fields) => {
+            let CamelCased { fields, spelled } = camel_case_keys(fields).map_err(|e| {
+                Error::invalid(format!("Invalid JSON payload received. {e}{at_msg}"))
+            })?;
+            serde_json::from_value(Value::Object(fields)).map_err(|e| {
             let e = e.to_string();
             match e.strip_prefix("unknown field `").and_then(|r| r.split_once('`')) {
-                // Google's wording for a field the message does not have.
+                // Google's wording for a field the message does not have,
+                // named as the request spelled it.
                 Some((name, _)) => {
+                    let name = spelled.get(name).map_or(name, String::as_str);
                     let at = if at.is_empty() { String::new() } else { format!(" at '{at}'") };
                     Error::invalid(format!(
                         "Invalid JSON payload received. Unknown name \"{name}\"{at}: Cannot find field."
@@ -75,12 +99,49 @@ pub(super) fn from_object<T: DeserializeOwned + Default>(
                 }
                 None => Error::invalid(format!("Invalid JSON payload received. {e}{at_msg}")),
             }
-        }),
+        })
+        }
         other => Err(Error::invalid(format!(
             "Invalid JSON payload received. Expected an object{at_msg}, got {}",
             json_kind(&other)
         ))),
     }
+}
+
+/// An object with every key in its camelCase spelling.
+struct CamelCased {
+    fields: Map<String, Value>,
+    /// camelCase key → the snake_case spelling the request used, for errors.
+    spelled: HashMap<String, String>,
+}
+
+/// proto3 JSON parsers accept a field's original snake_case name as well as
+/// its lowerCamelCase JSON name. The request types name only the latter, so
+/// this renames every key that is exactly the snake_case spelling of a
+/// camelCase name (`ack_ids`, not `ack_Ids`) before serde reads the object.
+/// A field given in both spellings is a duplicate, as under one name twice.
+fn camel_case_keys(fields: Map<String, Value>) -> std::result::Result<CamelCased, String> {
+    let mut out = CamelCased {
+        fields: Map::with_capacity(fields.len()),
+        spelled: HashMap::new(),
+    };
+    let mut renamed = Vec::new();
+    for (key, value) in fields {
+        let camel = snake_to_camel(&key);
+        if camel != key && camel_to_snake(&camel) == key {
+            renamed.push((camel, key, value));
+        } else {
+            out.fields.insert(key, value);
+        }
+    }
+    for (camel, key, value) in renamed {
+        if out.fields.contains_key(&camel) {
+            return Err(format!("duplicate field `{camel}`"));
+        }
+        out.fields.insert(camel.clone(), value);
+        out.spelled.insert(camel, key);
+    }
+    Ok(out)
 }
 
 pub(super) fn json_kind(v: &Value) -> &'static str {
@@ -368,6 +429,11 @@ pub(super) fn present<T: Default>(v: &Option<Value>) -> Option<T> {
     v.as_ref().filter(|v| !v.is_null()).map(|_| T::default())
 }
 
+/// A repeated field of unsupported messages: each element kept as a default.
+pub(super) fn present_each<T: Default>(v: &[Value]) -> Vec<T> {
+    v.iter().map(|_| T::default()).collect()
+}
+
 /// A nested message field, parsed with its own unknown-field checks.
 pub(super) fn nested<T: DeserializeOwned + Default>(
     at: &str,
@@ -379,14 +445,16 @@ pub(super) fn nested<T: DeserializeOwned + Default>(
     }
 }
 
-pub(super) fn enum_i32(
+/// An enum field: its value name (`from_name` is the enum's
+/// `from_str_name`) or its number.
+pub(super) fn enum_i32<E: Into<i32>>(
     field: &str,
     v: &Option<Value>,
-    from_name: impl Fn(&str) -> Option<i32>,
+    from_name: impl Fn(&str) -> Option<E>,
 ) -> pubrun_core::Result<i32> {
     match v {
         None | Some(Value::Null) => Ok(0),
-        Some(Value::String(s)) => from_name(s).ok_or_else(|| {
+        Some(Value::String(s)) => from_name(s).map(Into::into).ok_or_else(|| {
             Error::invalid(format!(
                 "Invalid value at '{field}', \"{s}\": not a valid enum value name"
             ))

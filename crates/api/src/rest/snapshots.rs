@@ -8,16 +8,14 @@
 
 use std::collections::HashMap;
 
-use axum::extract::State;
 use axum::http::Method;
-use axum::response::Response;
 use pubrun_core::Error;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use super::{
-    empty, field_mask, finish, format_timestamp, from_object, method_not_allowed, nullable,
-    parse_body, parse_query, path_params, put_map, put_str, timestamp, Body, Call, Fail, Outcome,
+    deleted, empty, format_timestamp, nullable, parse_body, parse_query, parse_update, put_map,
+    put_str, timestamp, Body, Fail, Outcome, Resource, STANDARD_METHODS,
 };
 use crate::grpc::PubSub;
 use crate::pb;
@@ -37,18 +35,9 @@ struct CreateSnapshotJson {
 struct SnapshotJson {
     name: Option<String>,
     topic: Option<String>,
-    #[serde(alias = "expire_time")]
     expire_time: Option<Value>,
     #[serde(deserialize_with = "nullable")]
     labels: HashMap<String, String>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
-struct UpdateSnapshotJson {
-    snapshot: Option<Value>,
-    #[serde(alias = "update_mask")]
-    update_mask: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -76,78 +65,47 @@ fn snapshot_name(project: &str, id: &str) -> String {
     format!("projects/{project}/snapshots/{id}")
 }
 
-pub(super) async fn snapshots_collection(State(ps): State<PubSub>, call: Call<String>) -> Response {
-    call.page("snapshots", |project, page_size, page_token| {
-        let r = ps.list_snapshots(pb::ListSnapshotsRequest {
-            project: format!("projects/{project}"),
-            page_size,
-            page_token,
-        })?;
-        let snaps = r.snapshots.iter().map(snapshot_json).collect();
-        Ok((snaps, r.next_page_token))
-    })
-}
-
-pub(super) async fn snapshot_resource(
-    State(ps): State<PubSub>,
-    Call {
-        method,
-        uri,
-        path,
-        query: q,
-    }: Call<(String, String)>,
-    body: Body,
-) -> Response {
-    finish(
-        async {
-            let (project, id) = path_params(path)?;
-            if id.contains(':') {
-                return Err(
-                    Error::not_found(format!("{} has no custom methods", uri.path())).into(),
-                );
-            }
-            let name = snapshot_name(&project, &id);
-            parse_query(q, &[])?;
-            match method {
-                Method::PUT => {
-                    let c: CreateSnapshotJson = parse_body(body)?;
-                    let r = pb::CreateSnapshotRequest {
-                        name,
-                        subscription: c.subscription.unwrap_or_default(),
-                        labels: c.labels.into_iter().collect(),
-                        tags: c.tags.into_iter().collect(),
-                    };
-                    Ok(snapshot_json(&ps.create_snapshot(r).await?))
-                }
-                Method::GET => Ok(snapshot_json(
-                    &ps.get_snapshot(pb::GetSnapshotRequest { snapshot: name })?,
-                )),
-                Method::PATCH => {
-                    let u: UpdateSnapshotJson = parse_body(body)?;
-                    let s: SnapshotJson = from_object("snapshot", u.snapshot.unwrap_or_default())?;
-                    let snapshot = pb::Snapshot {
-                        name,
-                        topic: s.topic.unwrap_or_default(),
-                        expire_time: timestamp("snapshot.expire_time", &s.expire_time)?,
-                        labels: s.labels.into_iter().collect(),
-                    };
-                    let _ = s.name; // the path names the snapshot
-                    let r = pb::UpdateSnapshotRequest {
-                        snapshot: Some(snapshot),
-                        update_mask: field_mask(u.update_mask),
-                    };
-                    Ok(snapshot_json(&ps.update_snapshot(r).await?))
-                }
-                Method::DELETE => {
-                    ps.delete_snapshot(pb::DeleteSnapshotRequest { snapshot: name })
-                        .await?;
-                    Ok(empty())
-                }
-                _ => Err(method_not_allowed(&method, &uri, "GET, PUT, PATCH, DELETE")),
-            }
+pub(super) async fn snapshot_resource(ps: PubSub, mut on: Resource, body: Body) -> Outcome {
+    if on.segment.contains(':') {
+        return Err(Error::not_found(format!("{} has no custom methods", on.uri.path())).into());
+    }
+    let name = snapshot_name(&on.project, &on.segment);
+    parse_query(on.query.take(), &[])?;
+    match on.method {
+        Method::PUT => {
+            let c: CreateSnapshotJson = parse_body(body)?;
+            let r = pb::CreateSnapshotRequest {
+                name,
+                subscription: c.subscription.unwrap_or_default(),
+                labels: c.labels.into_iter().collect(),
+                tags: c.tags.into_iter().collect(),
+            };
+            Ok(snapshot_json(&ps.create_snapshot(r).await?))
         }
-        .await,
-    )
+        Method::GET => Ok(snapshot_json(
+            &ps.get_snapshot(pb::GetSnapshotRequest { snapshot: name })?,
+        )),
+        Method::PATCH => {
+            let (s, update_mask) = parse_update::<SnapshotJson>(body, "snapshot")?;
+            let snapshot = Some(pb::Snapshot {
+                name,
+                topic: s.topic.unwrap_or_default(),
+                expire_time: timestamp("snapshot.expire_time", &s.expire_time)?,
+                labels: s.labels.into_iter().collect(),
+            });
+            let _ = s.name; // the path names the snapshot
+            let r = pb::UpdateSnapshotRequest {
+                snapshot,
+                update_mask,
+            };
+            Ok(snapshot_json(&ps.update_snapshot(r).await?))
+        }
+        Method::DELETE => deleted(
+            ps.delete_snapshot(pb::DeleteSnapshotRequest { snapshot: name })
+                .await,
+        ),
+        _ => Err(on.not_allowed(STANDARD_METHODS)),
+    }
 }
 
 /// `POST /v1/projects/P/subscriptions/S:seek` with `{"time": ...}` or `{"snapshot": ...}`.

@@ -9,20 +9,14 @@ pub(super) struct TopicJson {
     pub(super) name: Option<String>,
     #[serde(deserialize_with = "nullable")]
     pub(super) labels: HashMap<String, String>,
-    #[serde(alias = "message_storage_policy")]
     pub(super) message_storage_policy: Option<Value>,
-    #[serde(alias = "kms_key_name")]
     pub(super) kms_key_name: Option<String>,
-    #[serde(alias = "schema_settings")]
     pub(super) schema_settings: Option<Value>,
-    #[serde(alias = "satisfies_pzs")]
     pub(super) satisfies_pzs: Option<bool>,
-    #[serde(alias = "message_retention_duration")]
     pub(super) message_retention_duration: Option<Value>,
     pub(super) state: Option<Value>,
-    #[serde(alias = "ingestion_data_source_settings")]
     pub(super) ingestion_data_source_settings: Option<Value>,
-    #[serde(alias = "message_transforms", deserialize_with = "nullable")]
+    #[serde(deserialize_with = "nullable")]
     pub(super) message_transforms: Vec<Value>,
     #[serde(deserialize_with = "nullable")]
     pub(super) tags: HashMap<String, String>,
@@ -52,7 +46,7 @@ impl TopicJson {
                     encoding: enum_i32(
                         &format!("{field}schema_settings.encoding"),
                         &s.encoding,
-                        |n| pb::Encoding::from_str_name(n).map(|e| e as i32),
+                        pb::Encoding::from_str_name,
                     )?,
                     first_revision_id: s.first_revision_id.unwrap_or_default(),
                     last_revision_id: s.last_revision_id.unwrap_or_default(),
@@ -63,15 +57,13 @@ impl TopicJson {
                 &format!("{field}message_retention_duration"),
                 &self.message_retention_duration,
             )?,
-            state: enum_i32(&format!("{field}state"), &self.state, |s| {
-                pb::topic::State::from_str_name(s).map(|s| s as i32)
-            })?,
+            state: enum_i32(
+                &format!("{field}state"),
+                &self.state,
+                pb::topic::State::from_str_name,
+            )?,
             ingestion_data_source_settings: present(&self.ingestion_data_source_settings),
-            message_transforms: self
-                .message_transforms
-                .iter()
-                .map(|_| Default::default())
-                .collect(),
+            message_transforms: present_each(&self.message_transforms),
             tags: self.tags,
         })
     }
@@ -80,22 +72,17 @@ impl TopicJson {
 #[derive(Deserialize, Default)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub(super) struct PushConfigJson {
-    #[serde(alias = "push_endpoint")]
     pub(super) push_endpoint: Option<String>,
     #[serde(deserialize_with = "nullable")]
     pub(super) attributes: HashMap<String, String>,
-    #[serde(alias = "oidc_token")]
     pub(super) oidc_token: Option<Value>,
-    #[serde(alias = "pubsub_wrapper")]
     pub(super) pubsub_wrapper: Option<Value>,
-    #[serde(alias = "no_wrapper")]
     pub(super) no_wrapper: Option<Value>,
 }
 
 #[derive(Deserialize, Default)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub(super) struct OidcTokenJson {
-    #[serde(alias = "service_account_email")]
     pub(super) service_account_email: Option<String>,
     pub(super) audience: Option<String>,
 }
@@ -107,16 +94,14 @@ pub(super) struct PubsubWrapperJson {}
 #[derive(Deserialize, Default)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub(super) struct NoWrapperJson {
-    #[serde(alias = "write_metadata")]
     pub(super) write_metadata: Option<bool>,
 }
 
 #[derive(Deserialize, Default)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub(super) struct MessageStoragePolicyJson {
-    #[serde(alias = "allowed_persistence_regions", deserialize_with = "nullable")]
+    #[serde(deserialize_with = "nullable")]
     pub(super) allowed_persistence_regions: Vec<String>,
-    #[serde(alias = "enforce_in_transit")]
     pub(super) enforce_in_transit: Option<bool>,
 }
 
@@ -125,9 +110,7 @@ pub(super) struct MessageStoragePolicyJson {
 pub(super) struct SchemaSettingsJson {
     pub(super) schema: Option<String>,
     pub(super) encoding: Option<Value>,
-    #[serde(alias = "first_revision_id")]
     pub(super) first_revision_id: Option<String>,
-    #[serde(alias = "last_revision_id")]
     pub(super) last_revision_id: Option<String>,
 }
 
@@ -140,18 +123,14 @@ pub(super) struct ExpirationPolicyJson {
 #[derive(Deserialize, Default)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub(super) struct DeadLetterPolicyJson {
-    #[serde(alias = "dead_letter_topic")]
     pub(super) dead_letter_topic: Option<String>,
-    #[serde(alias = "max_delivery_attempts")]
     pub(super) max_delivery_attempts: Option<Value>,
 }
 
 #[derive(Deserialize, Default)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub(super) struct RetryPolicyJson {
-    #[serde(alias = "minimum_backoff")]
     pub(super) minimum_backoff: Option<Value>,
-    #[serde(alias = "maximum_backoff")]
     pub(super) maximum_backoff: Option<Value>,
 }
 
@@ -160,40 +139,26 @@ pub(super) struct RetryPolicyJson {
 pub(super) struct SubscriptionJson {
     pub(super) name: Option<String>,
     pub(super) topic: Option<String>,
-    #[serde(alias = "push_config")]
     pub(super) push_config: Option<Value>,
-    #[serde(alias = "bigquery_config")]
     pub(super) bigquery_config: Option<Value>,
-    #[serde(alias = "cloud_storage_config")]
     pub(super) cloud_storage_config: Option<Value>,
-    #[serde(alias = "bigtable_config")]
     pub(super) bigtable_config: Option<Value>,
-    #[serde(alias = "ack_deadline_seconds")]
     pub(super) ack_deadline_seconds: Option<Value>,
-    #[serde(alias = "retain_acked_messages")]
     pub(super) retain_acked_messages: Option<bool>,
-    #[serde(alias = "message_retention_duration")]
     pub(super) message_retention_duration: Option<Value>,
     #[serde(deserialize_with = "nullable")]
     pub(super) labels: HashMap<String, String>,
-    #[serde(alias = "enable_message_ordering")]
     pub(super) enable_message_ordering: Option<bool>,
-    #[serde(alias = "expiration_policy")]
     pub(super) expiration_policy: Option<Value>,
     pub(super) filter: Option<String>,
-    #[serde(alias = "dead_letter_policy")]
     pub(super) dead_letter_policy: Option<Value>,
-    #[serde(alias = "retry_policy")]
     pub(super) retry_policy: Option<Value>,
     pub(super) detached: Option<bool>,
-    #[serde(alias = "enable_exactly_once_delivery")]
     pub(super) enable_exactly_once_delivery: Option<bool>,
-    #[serde(alias = "topic_message_retention_duration")]
     pub(super) topic_message_retention_duration: Option<Value>,
     pub(super) state: Option<Value>,
-    #[serde(alias = "analytics_hub_subscription_info")]
     pub(super) analytics_hub_subscription_info: Option<Value>,
-    #[serde(alias = "message_transforms", deserialize_with = "nullable")]
+    #[serde(deserialize_with = "nullable")]
     pub(super) message_transforms: Vec<Value>,
     #[serde(deserialize_with = "nullable")]
     pub(super) tags: HashMap<String, String>,
@@ -270,34 +235,16 @@ impl SubscriptionJson {
                 &format!("{field}topic_message_retention_duration"),
                 &self.topic_message_retention_duration,
             )?,
-            state: enum_i32(&format!("{field}state"), &self.state, |s| {
-                pb::subscription::State::from_str_name(s).map(|s| s as i32)
-            })?,
+            state: enum_i32(
+                &format!("{field}state"),
+                &self.state,
+                pb::subscription::State::from_str_name,
+            )?,
             analytics_hub_subscription_info: present(&self.analytics_hub_subscription_info),
-            message_transforms: self
-                .message_transforms
-                .iter()
-                .map(|_| Default::default())
-                .collect(),
+            message_transforms: present_each(&self.message_transforms),
             tags: self.tags,
         })
     }
-}
-
-#[derive(Deserialize, Default)]
-#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
-pub(super) struct UpdateTopicJson {
-    pub(super) topic: Option<Value>,
-    #[serde(alias = "update_mask")]
-    pub(super) update_mask: Option<String>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
-pub(super) struct UpdateSubscriptionJson {
-    pub(super) subscription: Option<Value>,
-    #[serde(alias = "update_mask")]
-    pub(super) update_mask: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -306,11 +253,8 @@ pub(super) struct MessageJson {
     pub(super) data: Option<String>,
     #[serde(deserialize_with = "nullable")]
     pub(super) attributes: HashMap<String, String>,
-    #[serde(alias = "message_id")]
     pub(super) message_id: Option<String>,
-    #[serde(alias = "publish_time")]
     pub(super) publish_time: Option<Value>,
-    #[serde(alias = "ordering_key")]
     pub(super) ordering_key: Option<String>,
 }
 
@@ -329,9 +273,7 @@ pub(super) struct PublishJson {
 pub(super) struct PullJson {
     #[allow(dead_code)]
     pub(super) subscription: Option<String>,
-    #[serde(alias = "return_immediately")]
     pub(super) return_immediately: Option<bool>,
-    #[serde(alias = "max_messages")]
     pub(super) max_messages: Option<Value>,
 }
 
@@ -381,7 +323,6 @@ pub(super) fn push_config_json(
 #[derive(Deserialize, Default)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub(super) struct ModifyPushConfigJson {
-    #[serde(alias = "push_config")]
     pub(super) push_config: Option<Value>,
 }
 
@@ -390,7 +331,7 @@ pub(super) struct ModifyPushConfigJson {
 pub(super) struct AcknowledgeJson {
     #[allow(dead_code)]
     pub(super) subscription: Option<String>,
-    #[serde(alias = "ack_ids", deserialize_with = "nullable")]
+    #[serde(deserialize_with = "nullable")]
     pub(super) ack_ids: Vec<String>,
 }
 
@@ -399,9 +340,8 @@ pub(super) struct AcknowledgeJson {
 pub(super) struct ModifyAckDeadlineJson {
     #[allow(dead_code)]
     pub(super) subscription: Option<String>,
-    #[serde(alias = "ack_ids", deserialize_with = "nullable")]
+    #[serde(deserialize_with = "nullable")]
     pub(super) ack_ids: Vec<String>,
-    #[serde(alias = "ack_deadline_seconds")]
     pub(super) ack_deadline_seconds: Option<Value>,
 }
 

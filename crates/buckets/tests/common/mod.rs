@@ -57,6 +57,22 @@ pub async fn start(dir: &Path, broker: Arc<Broker>) -> Server {
     }
 }
 
+/// A server over a fresh broker, both in a new temporary directory (which
+/// lives as long as the returned `TempDir`).
+pub async fn start_temp() -> (tempfile::TempDir, Arc<Broker>, Server) {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = open_broker(dir.path());
+    let s = start(dir.path(), broker.clone()).await;
+    (dir, broker, s)
+}
+
+/// [`start_temp`] with one bucket created.
+pub async fn start_with_bucket(bucket: &str) -> (tempfile::TempDir, Arc<Broker>, Server) {
+    let (dir, broker, s) = start_temp().await;
+    s.create_bucket(bucket).await;
+    (dir, broker, s)
+}
+
 impl Server {
     /// Stops serving and drops every handle on the bucket service, so the
     /// same data directory can be opened again.
@@ -80,35 +96,35 @@ impl Server {
         self.http.get(self.url(path)).send().await.unwrap()
     }
 
+    /// GETs `path`, which must fail: its (status, reason, message).
+    pub async fn get_error(&self, path: &str) -> (u16, String, String) {
+        error_of(self.get(path).await).await
+    }
+
     pub async fn delete(&self, path: &str) -> reqwest::Response {
         self.http.delete(self.url(path)).send().await.unwrap()
     }
 
+    async fn send_json(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: &impl serde::Serialize,
+    ) -> reqwest::Response {
+        let request = self.http.request(method, self.url(path)).json(body);
+        request.send().await.unwrap()
+    }
+
     pub async fn post_json(&self, path: &str, body: &impl serde::Serialize) -> reqwest::Response {
-        self.http
-            .post(self.url(path))
-            .json(body)
-            .send()
-            .await
-            .unwrap()
+        self.send_json(reqwest::Method::POST, path, body).await
     }
 
     pub async fn patch_json(&self, path: &str, body: &impl serde::Serialize) -> reqwest::Response {
-        self.http
-            .patch(self.url(path))
-            .json(body)
-            .send()
-            .await
-            .unwrap()
+        self.send_json(reqwest::Method::PATCH, path, body).await
     }
 
     pub async fn put_json(&self, path: &str, body: &impl serde::Serialize) -> reqwest::Response {
-        self.http
-            .put(self.url(path))
-            .json(body)
-            .send()
-            .await
-            .unwrap()
+        self.send_json(reqwest::Method::PUT, path, body).await
     }
 
     pub fn buckets(&self) -> &Buckets {
@@ -235,6 +251,13 @@ pub async fn topic_with_sub(broker: &Broker, topic: &str, sub: &str) -> Subscrip
 }
 
 /// Pulls and acks until `n` messages arrived or `wait` passed.
+/// Whether no message comes to `sub` within 300 ms (acking any that does).
+pub async fn nothing_arrives(broker: &Broker, sub: &SubscriptionName) -> bool {
+    pull_n(broker, sub, 1, Duration::from_millis(300))
+        .await
+        .is_empty()
+}
+
 pub async fn pull_n(
     broker: &Broker,
     sub: &SubscriptionName,

@@ -6,7 +6,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::topic::Topics;
-use super::{Ctx, ManifestError, Unique};
+use super::{Ctx, ManifestError};
 
 /// A `[[bucket]]` table. The bucket name is checked by the buckets crate
 /// when applied; notification topics must be declared here.
@@ -49,17 +49,14 @@ struct RawNotification {
     payload_format: Option<String>,
 }
 
-pub(super) fn parse_buckets(
-    cx: &Ctx<'_>,
-    topics: &Topics<'_>,
-    raw: &[RawBucket],
-) -> Result<Vec<BucketDecl>, ManifestError> {
-    let mut seen = Unique::new("bucket");
-    let mut out = Vec::new();
-    for b in raw {
-        seen.insert(cx, &b.name, b.name.get_ref().clone())?;
+impl RawBucket {
+    pub(super) fn decl(
+        &self,
+        cx: &Ctx<'_>,
+        topics: &Topics<'_>,
+    ) -> Result<BucketDecl, ManifestError> {
         let mut notifications = Vec::new();
-        for n in &b.notifications {
+        for n in &self.notifications {
             let r = n.get_ref();
             let topic = topics.resolve(cx, &Spanned::new(n.span(), r.topic.clone()))?;
             const EVENTS: [&str; 4] = [
@@ -92,10 +89,11 @@ pub(super) fn parse_buckets(
                 payload_format,
             });
         }
-        out.push(BucketDecl {
-            name: b.name.get_ref().clone(),
+        Ok(BucketDecl {
+            name: self.name.get_ref().clone(),
             notifications,
-        });
+        })
     }
-    Ok(out)
 }
+
+named!(RawBucket => "bucket");

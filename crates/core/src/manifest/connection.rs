@@ -5,7 +5,7 @@ use std::ops::Range;
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::{is_env_name, Ctx, ManifestError, Unique};
+use super::{is_env_name, Ctx, ManifestError};
 use crate::connection::{
     check_endpoint, ConnectionSpec, CredentialsSpec, GOOGLE_COMPUTE_ENDPOINT,
     GOOGLE_PUBSUB_ENDPOINT, GOOGLE_STORAGE_ENDPOINT,
@@ -27,20 +27,10 @@ pub(super) struct RawConnection {
     compute_endpoint: Option<Spanned<String>>,
 }
 
-pub(super) fn parse_connections(
+pub(super) fn parse_connection(
     cx: &Ctx<'_>,
-    raw: &[RawConnection],
-) -> Result<Vec<ConnectionSpec>, ManifestError> {
-    let mut seen = Unique::new("connection");
-    let mut out = Vec::new();
-    for c in raw {
-        seen.insert(cx, &c.name, c.name.get_ref().clone())?;
-        out.push(parse_connection(cx, c)?);
-    }
-    Ok(out)
-}
-
-fn parse_connection(cx: &Ctx<'_>, c: &RawConnection) -> Result<ConnectionSpec, ManifestError> {
+    c: &RawConnection,
+) -> Result<ConnectionSpec, ManifestError> {
     validate_resource_id("connection", c.name.get_ref())
         .map_err(|e| cx.err(c.name.span(), e.message))?;
     ProjectName::from_id(c.project.get_ref()).map_err(|e| cx.err(c.project.span(), e.message))?;
@@ -125,3 +115,5 @@ pub(super) fn connection_ref(
         )
     })
 }
+
+named!(RawConnection => "connection");

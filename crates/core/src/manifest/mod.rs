@@ -15,6 +15,24 @@ use crate::job::JobSpec;
 use crate::names::ProjectName;
 use crate::pool::PoolSpec;
 
+/// A kind of table whose tables are told apart by their `name` as written.
+trait Named {
+    const KIND: &'static str;
+    fn name(&self) -> &Spanned<String>;
+}
+
+/// `named!(RawX => "x")` in a table's module: its tables are `[[x]]`.
+macro_rules! named {
+    ($raw:ty => $kind:literal) => {
+        impl super::Named for $raw {
+            const KIND: &'static str = $kind;
+            fn name(&self) -> &toml::Spanned<String> {
+                &self.name
+            }
+        }
+    };
+}
+
 mod bucket;
 mod connection;
 mod job;
@@ -67,25 +85,18 @@ pub const RESOURCE_KINDS: &[&str] = &[
     "connection",
 ];
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+/// Every table is optional.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
 struct RawManifest {
     project: Option<Spanned<String>>,
-    #[serde(default)]
     topic: Vec<topic::RawTopic>,
-    #[serde(default)]
     subscription: Vec<topic::RawSubscription>,
-    #[serde(default)]
     job: Vec<job::RawJob>,
-    #[serde(default)]
     schedule: Vec<schedule::RawSchedule>,
-    #[serde(default)]
     webhook: Vec<webhook::RawWebhook>,
-    #[serde(default)]
     bucket: Vec<bucket::RawBucket>,
-    #[serde(default)]
     pool: Vec<pool::RawPool>,
-    #[serde(default)]
     connection: Vec<connection::RawConnection>,
 }
 
@@ -167,6 +178,23 @@ impl Unique {
     }
 }
 
+/// Parses the tables of one kind in order with `parse`; a name declared
+/// twice is an error at its second table (checked before that table's own
+/// checks).
+fn each_named<R: Named, T>(
+    cx: &Ctx<'_>,
+    raw: &[R],
+    mut parse: impl FnMut(&R) -> Result<T, ManifestError>,
+) -> Result<Vec<T>, ManifestError> {
+    let mut seen = Unique::new(R::KIND);
+    raw.iter()
+        .map(|r| {
+            seen.insert(cx, r.name(), r.name().get_ref().clone())?;
+            parse(r)
+        })
+        .collect()
+}
+
 fn is_env_name(s: &str) -> bool {
     let mut c = s.chars();
     c.next()
@@ -234,14 +262,16 @@ pub fn parse_checked(
         .map_err(|e| cx.err(raw.project.as_ref().map_or(0..0, |p| p.span()), e.message))?;
     let (topics, declared) = topic::parse_topics(&cx, &project, &raw.topic)?;
     let subscriptions = topic::parse_subscriptions(&cx, &declared, &raw.subscription)?;
-    let connections = connection::parse_connections(&cx, &raw.connection)?;
-    let pools = pool::parse_pools(&cx, &raw.pool, &connections)?;
+    let connections = each_named(&cx, &raw.connection, |c| {
+        connection::parse_connection(&cx, c)
+    })?;
+    let pools = each_named(&cx, &raw.pool, |p| pool::parse_pool(&cx, p, &connections))?;
     Ok(Manifest {
         project: project_str,
         jobs: job::parse_jobs(&cx, &declared, &connections, &pools, &raw.job)?,
-        buckets: bucket::parse_buckets(&cx, &declared, &raw.bucket)?,
-        schedules: schedule::parse_schedules(&cx, &declared, checks, &raw.schedule)?,
-        webhooks: webhook::parse_webhooks(&cx, &declared, &raw.webhook)?,
+        buckets: each_named(&cx, &raw.bucket, |b| b.decl(&cx, &declared))?,
+        schedules: each_named(&cx, &raw.schedule, |s| s.decl(&cx, &declared, checks))?,
+        webhooks: each_named(&cx, &raw.webhook, |w| w.decl(&cx, &declared))?,
         topics,
         subscriptions,
         pools,

@@ -7,7 +7,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::connection::connection_ref;
-use super::{is_env_name, parse_bytes, Ctx, ManifestError, Unique};
+use super::{is_env_name, parse_bytes, Ctx, ManifestError};
 use crate::connection::ConnectionSpec;
 use crate::names::validate_resource_id;
 use crate::pool::{DockerProviderSpec, GceProviderSpec, PoolSpec, ProviderSpec, LOCAL_POOL};
@@ -70,20 +70,6 @@ fn one() -> u32 {
     1
 }
 
-pub(super) fn parse_pools(
-    cx: &Ctx<'_>,
-    raw: &[RawPool],
-    connections: &[ConnectionSpec],
-) -> Result<Vec<PoolSpec>, ManifestError> {
-    let mut seen = Unique::new("pool");
-    let mut out = Vec::new();
-    for p in raw {
-        seen.insert(cx, &p.name, p.name.get_ref().clone())?;
-        out.push(parse_pool(cx, p, connections)?);
-    }
-    Ok(out)
-}
-
 /// The keys each provider accepts besides `name` and `provider`.
 const ON_DEMAND_KEYS: [&str; 10] = [
     "min_machines",
@@ -127,7 +113,15 @@ const GCE_KEYS: [&str; 18] = [
     "name_prefix",
 ];
 
-fn parse_pool(
+/// `[(key, its span if given), ...]` for optional keys of a raw table, each
+/// key named once.
+macro_rules! key_spans {
+    ($raw:expr; $($key:ident),* $(,)?) => {
+        [$((stringify!($key), $raw.$key.as_ref().map(|v| v.span()))),*]
+    };
+}
+
+pub(super) fn parse_pool(
     cx: &Ctx<'_>,
     r: &RawPool,
     connections: &[ConnectionSpec],
@@ -159,57 +153,14 @@ fn parse_pool(
     }
 
     // Keys of another provider (or of no provider) point at themselves.
-    let given: [(&str, Option<Range<usize>>); 34] = [
-        ("min_machines", r.min_machines.as_ref().map(|v| v.span())),
-        ("max_machines", r.max_machines.as_ref().map(|v| v.span())),
-        (
-            "runs_per_machine",
-            r.runs_per_machine.as_ref().map(|v| v.span()),
-        ),
-        ("idle_timeout", r.idle_timeout.as_ref().map(|v| v.span())),
-        ("when_idle", r.when_idle.as_ref().map(|v| v.span())),
-        (
-            "price_per_hour",
-            r.price_per_hour.as_ref().map(|v| v.span()),
-        ),
-        ("token_env", r.token_env.as_ref().map(|v| v.span())),
-        ("lease_timeout", r.lease_timeout.as_ref().map(|v| v.span())),
-        ("boot_timeout", r.boot_timeout.as_ref().map(|v| v.span())),
-        ("server_url", r.server_url.as_ref().map(|v| v.span())),
-        ("docker_host", r.docker_host.as_ref().map(|v| v.span())),
-        ("image", r.image.as_ref().map(|v| v.span())),
-        ("network", r.network.as_ref().map(|v| v.span())),
-        ("memory", r.memory.as_ref().map(|v| v.span())),
-        ("cpus", r.cpus.as_ref().map(|v| v.span())),
-        ("docker_socket", r.docker_socket.as_ref().map(|v| v.span())),
-        (
-            "machine_data_dir",
-            r.machine_data_dir.as_ref().map(|v| v.span()),
-        ),
-        ("project", r.project.as_ref().map(|v| v.span())),
-        ("zone", r.zone.as_ref().map(|v| v.span())),
-        ("machine_type", r.machine_type.as_ref().map(|v| v.span())),
-        ("source_image", r.source_image.as_ref().map(|v| v.span())),
-        ("api_base", r.api_base.as_ref().map(|v| v.span())),
-        (
-            "access_token_env",
-            r.access_token_env.as_ref().map(|v| v.span()),
-        ),
-        ("name_prefix", r.name_prefix.as_ref().map(|v| v.span())),
-        ("connection", r.connection.as_ref().map(|v| v.span())),
-        ("zones", r.zones.as_ref().map(|v| v.span())),
-        (
-            "service_account",
-            r.service_account.as_ref().map(|v| v.span()),
-        ),
-        ("scopes", r.scopes.as_ref().map(|v| v.span())),
-        ("subnetwork", r.subnetwork.as_ref().map(|v| v.span())),
-        ("external_ip", r.external_ip.as_ref().map(|v| v.span())),
-        ("disk_type", r.disk_type.as_ref().map(|v| v.span())),
-        ("disk_size_gb", r.disk_size_gb.as_ref().map(|v| v.span())),
-        ("accelerators", r.accelerators.as_ref().map(|v| v.span())),
-        ("spot", r.spot.as_ref().map(|v| v.span())),
-    ];
+    let given: [(&str, Option<Range<usize>>); 34] = key_spans!(
+        r;
+        min_machines, max_machines, runs_per_machine, idle_timeout, when_idle, price_per_hour,
+        token_env, lease_timeout, boot_timeout, server_url, docker_host, image, network, memory,
+        cpus, docker_socket, machine_data_dir, project, zone, machine_type, source_image,
+        api_base, access_token_env, name_prefix, connection, zones, service_account, scopes,
+        subnetwork, external_ip, disk_type, disk_size_gb, accelerators, spot
+    );
     for (key, at) in &given {
         if let Some(at) = at {
             if !allowed.contains(key) {
@@ -554,3 +505,5 @@ fn opt(v: &Option<Spanned<String>>) -> String {
         .map(|v| v.get_ref().trim().to_string())
         .unwrap_or_default()
 }
+
+named!(RawPool => "pool");

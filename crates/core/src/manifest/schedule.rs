@@ -6,7 +6,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::topic::Topics;
-use super::{Ctx, FieldChecks, ManifestError, Unique};
+use super::{Ctx, FieldChecks, ManifestError};
 
 /// A `[[schedule]]` table: checked for shape here (unknown keys, declared
 /// topic); cron expression, time zone and policy are validated by the
@@ -42,37 +42,35 @@ pub(super) struct RawSchedule {
     paused: bool,
 }
 
-pub(super) fn parse_schedules(
-    cx: &Ctx<'_>,
-    topics: &Topics<'_>,
-    checks: FieldChecks,
-    raw: &[RawSchedule],
-) -> Result<Vec<ScheduleDecl>, ManifestError> {
-    let mut seen = Unique::new("schedule");
-    let mut out = Vec::new();
-    for sc in raw {
-        seen.insert(cx, &sc.name, sc.name.get_ref().clone())?;
-        let named = |e: String| format!("schedule \"{}\": {e}", sc.name.get_ref());
+impl RawSchedule {
+    pub(super) fn decl(
+        &self,
+        cx: &Ctx<'_>,
+        topics: &Topics<'_>,
+        checks: FieldChecks,
+    ) -> Result<ScheduleDecl, ManifestError> {
+        let named = |e: String| format!("schedule \"{}\": {e}", self.name.get_ref());
         if let Some(check) = checks.cron {
-            check(sc.cron.get_ref()).map_err(|e| cx.err(sc.cron.span(), named(e)))?;
+            check(self.cron.get_ref()).map_err(|e| cx.err(self.cron.span(), named(e)))?;
         }
-        if let (Some(check), Some(tz)) = (checks.time_zone, &sc.time_zone) {
+        if let (Some(check), Some(tz)) = (checks.time_zone, &self.time_zone) {
             check(tz.get_ref()).map_err(|e| cx.err(tz.span(), named(e)))?;
         }
-        out.push(ScheduleDecl {
-            name: sc.name.get_ref().clone(),
-            cron: sc.cron.get_ref().clone(),
-            time_zone: sc
+        Ok(ScheduleDecl {
+            name: self.name.get_ref().clone(),
+            cron: self.cron.get_ref().clone(),
+            time_zone: self
                 .time_zone
                 .as_ref()
                 .map_or_else(|| "UTC".to_string(), |t| t.get_ref().clone()),
-            topic: topics.resolve(cx, &sc.topic)?.to_string(),
-            data: sc.data.clone(),
-            attributes: sc.attributes.clone(),
-            missed: sc.missed.clone(),
-            missed_max_age: sc.missed_max_age.clone(),
-            paused: sc.paused,
-        });
+            topic: topics.resolve(cx, &self.topic)?.to_string(),
+            data: self.data.clone(),
+            attributes: self.attributes.clone(),
+            missed: self.missed.clone(),
+            missed_max_age: self.missed_max_age.clone(),
+            paused: self.paused,
+        })
     }
-    Ok(out)
 }
+
+named!(RawSchedule => "schedule");

@@ -43,7 +43,7 @@ dedup_key = "{{ publish_time | date }}"
 
     #[test]
     fn parses_the_design_example() {
-        let m = parse("pubrun.toml", GOOD).unwrap();
+        let m = ok(GOOD);
         assert_eq!(m.topics.len(), 2);
         let j = &m.jobs[0];
         assert_eq!(j.topic, "projects/demo/topics/uploads");
@@ -58,6 +58,16 @@ dedup_key = "{{ publish_time | date }}"
 
     fn err(src: &str) -> ManifestError {
         parse("pubrun.toml", src).unwrap_err()
+    }
+
+    fn ok(src: &str) -> Manifest {
+        parse("pubrun.toml", src).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// A topic and one process job on it; `extra` adds keys to the job,
+    /// from line 7.
+    fn one_job(process: &str, extra: &str) -> String {
+        format!("[[topic]]\nname = \"uploads\"\n[[job]]\nname = \"j1x\"\ntopic = \"uploads\"\nprocess = {process}\n{extra}\n")
     }
 
     #[test]
@@ -92,11 +102,7 @@ dedup_key = "{{ publish_time | date }}"
         let job = |filter: &str| {
             format!("[[topic]]\nname = \"uploads\"\n[[job]]\nname = \"j1x\"\ntopic = \"uploads\"\nprocess = {{ command = \"true\" }}\nfilter = {filter}\n")
         };
-        let m = parse(
-            "pubrun.toml",
-            &job(r#"'attributes.eventType = "OBJECT_FINALIZE"'"#),
-        )
-        .unwrap();
+        let m = ok(&job(r#"'attributes.eventType = "OBJECT_FINALIZE"'"#));
         assert_eq!(
             m.jobs[0].filter,
             r#"attributes.eventType = "OBJECT_FINALIZE""#
@@ -115,11 +121,7 @@ dedup_key = "{{ publish_time | date }}"
 
     #[test]
     fn buckets_with_notifications() {
-        let m = parse(
-            "t.toml",
-            "[[topic]]\nname = \"uploads\"\n[[bucket]]\nname = \"input\"\nnotifications = [{ topic = \"uploads\", event_types = [\"OBJECT_FINALIZE\"], object_name_prefix = \"csv/\" }]\n",
-        )
-        .unwrap();
+        let m = ok("[[topic]]\nname = \"uploads\"\n[[bucket]]\nname = \"input\"\nnotifications = [{ topic = \"uploads\", event_types = [\"OBJECT_FINALIZE\"], object_name_prefix = \"csv/\" }]\n");
         assert_eq!(
             m.buckets[0].notifications[0].topic,
             "projects/demo/topics/uploads"
@@ -132,11 +134,7 @@ dedup_key = "{{ publish_time | date }}"
 
     #[test]
     fn schedules_and_webhooks() {
-        let m = parse(
-            "t.toml",
-            "[[topic]]\nname = \"imports\"\n[[schedule]]\nname = \"nightly\"\ncron = \"0 3 * * *\"\ntime_zone = \"Europe/Berlin\"\ntopic = \"imports\"\ndata = '{\"full\": true}'\n[[webhook]]\nname = \"start-import\"\ntopic = \"imports\"\nsecret_env = \"HOOK_SECRET\"\n",
-        )
-        .unwrap();
+        let m = ok("[[topic]]\nname = \"imports\"\n[[schedule]]\nname = \"nightly\"\ncron = \"0 3 * * *\"\ntime_zone = \"Europe/Berlin\"\ntopic = \"imports\"\ndata = '{\"full\": true}'\n[[webhook]]\nname = \"start-import\"\ntopic = \"imports\"\nsecret_env = \"HOOK_SECRET\"\n");
         assert_eq!(m.schedules[0].topic, "projects/demo/topics/imports");
         assert_eq!(m.schedules[0].time_zone, "Europe/Berlin");
         assert_eq!(m.webhooks[0].secret_env.as_deref(), Some("HOOK_SECRET"));
@@ -148,14 +146,10 @@ dedup_key = "{{ publish_time | date }}"
 
     #[test]
     fn job_pass_env_and_secrets() {
-        let job = |extra: &str| {
-            format!("[[topic]]\nname = \"uploads\"\n[[job]]\nname = \"j1x\"\ntopic = \"uploads\"\nprocess = {{ command = \"env\", env = {{ MODE = \"x\" }} }}\n{extra}\n")
-        };
-        let m = parse(
-            "pubrun.toml",
-            &job("pass_env = [\"HTTP_PROXY\"]\nsecrets = { DB_PASSWORD = { env = \"PROD_DB_PASSWORD\" } }"),
-        )
-        .unwrap();
+        let job = |extra: &str| one_job("{ command = \"env\", env = { MODE = \"x\" } }", extra);
+        let m = ok(&job(
+            "pass_env = [\"HTTP_PROXY\"]\nsecrets = { DB_PASSWORD = { env = \"PROD_DB_PASSWORD\" } }",
+        ));
         let j = &m.jobs[0];
         assert_eq!(j.pass_env, vec!["HTTP_PROXY".to_string()]);
         assert_eq!(j.secrets["DB_PASSWORD"].env, "PROD_DB_PASSWORD");
@@ -190,7 +184,7 @@ process = { command = "true" }
 inputs = [{ from = "trigger", to = "in/" }]
 outputs = [{ from = "out/", to = "gs://their-bucket/results/{{ run.id }}/" }]
 "#;
-        let m = parse("pubrun.toml", src).unwrap();
+        let m = ok(src);
         let c = &m.connections[0];
         assert_eq!(c.pubsub_endpoint, "http://127.0.0.1:9000");
         assert_eq!(c.storage_endpoint, GOOGLE_STORAGE_ENDPOINT);
@@ -230,14 +224,8 @@ outputs = [{ from = "out/", to = "gs://their-bucket/results/{{ run.id }}/" }]
 
     #[test]
     fn job_inputs_and_outputs() {
-        let job = |extra: &str| {
-            format!("[[topic]]\nname = \"uploads\"\n[[job]]\nname = \"j1x\"\ntopic = \"uploads\"\nprocess = {{ command = \"true\" }}\n{extra}\n")
-        };
-        let m = parse(
-            "pubrun.toml",
-            &job("inputs = [{ from = \"trigger\", to = \"in/\" }, { from = \"gs://shared-bucket/some/prefix/\", to = \"shared/\" }]\noutputs = [{ from = \"out/\", to = \"gs://output/results/{{ run.id }}/\" }]"),
-        )
-        .unwrap();
+        let job = |extra: &str| one_job("{ command = \"true\" }", extra);
+        let m = ok(&job("inputs = [{ from = \"trigger\", to = \"in/\" }, { from = \"gs://shared-bucket/some/prefix/\", to = \"shared/\" }]\noutputs = [{ from = \"out/\", to = \"gs://output/results/{{ run.id }}/\" }]"));
         let j = &m.jobs[0];
         assert_eq!(j.inputs.len(), 2);
         assert_eq!(
@@ -256,9 +244,7 @@ outputs = [{ from = "out/", to = "gs://their-bucket/results/{{ run.id }}/" }]
             }
         );
         // Without them: empty.
-        assert!(parse("pubrun.toml", &job("")).unwrap().jobs[0]
-            .inputs
-            .is_empty());
+        assert!(ok(&job("")).jobs[0].inputs.is_empty());
 
         let e = err(&job("inputs = [{ from = \"trigger\", to = \"../in\" }]"));
         assert_eq!((e.line, e.column), (7, 36), "{e}");
@@ -338,7 +324,7 @@ process = { command = "true" }
     #[test]
     fn pools_parse_with_defaults() {
         use crate::pool::{ProviderSpec, LOCAL_POOL};
-        let m = parse("pubrun.toml", POOLS).unwrap();
+        let m = ok(POOLS);
         assert_eq!(m.pools.len(), 3);
         let big = &m.pools[0];
         assert_eq!(
@@ -379,17 +365,9 @@ process = { command = "true" }
         assert_eq!(m.jobs[0].pool, "big");
         assert_eq!(m.jobs[1].pool, LOCAL_POOL);
         // "local" needs no declaration; declaring it with provider "local" is fine.
-        let m = parse(
-            "t.toml",
-            &POOLS.replace("pool = \"big\"", "pool = \"local\""),
-        )
-        .unwrap();
+        let m = ok(&POOLS.replace("pool = \"big\"", "pool = \"local\""));
         assert_eq!(m.jobs[0].pool, "local");
-        let m = parse(
-            "t.toml",
-            "[[pool]]\nname = \"local\"\nprovider = \"local\"\nprice_per_hour = 0.5\n",
-        )
-        .unwrap();
+        let m = ok("[[pool]]\nname = \"local\"\nprovider = \"local\"\nprice_per_hour = 0.5\n");
         assert_eq!(m.pools[0].provider, ProviderSpec::Local);
     }
 
@@ -402,7 +380,7 @@ process = { command = "true" }
                 &format!("access_token_env = \"GCE_TOKEN\"\nname_prefix = {prefix}\n"),
             )
         };
-        let m = parse("pubrun.toml", &with("\"acme-ci\"")).unwrap();
+        let m = ok(&with("\"acme-ci\""));
         let ProviderSpec::Gce(g) = &m.pools[1].provider else {
             panic!("{:?}", m.pools[1])
         };
@@ -450,7 +428,7 @@ disk_size_gb = 200
 accelerators = [{ type = "nvidia-l4", count = 2 }]
 spot = true
 "#;
-        let m = parse("pubrun.toml", src).unwrap();
+        let m = ok(src);
         let ProviderSpec::Gce(g) = &m.pools[0].provider else {
             panic!("{:?}", m.pools[0])
         };
@@ -479,11 +457,7 @@ spot = true
     #[test]
     fn the_gce_example_manifest_is_valid() {
         use crate::pool::ProviderSpec;
-        let m = parse(
-            "pubrun.toml",
-            include_str!("../../../../examples/gce/pubrun.toml"),
-        )
-        .unwrap();
+        let m = ok(include_str!("../../../../examples/gce/pubrun.toml"));
         let ProviderSpec::Gce(g) = &m.pools[0].provider else {
             panic!("{:?}", m.pools[0])
         };
@@ -507,21 +481,18 @@ spot = true
             other => panic!("{other:?}"),
         };
         // Off by default, and then no data dir.
-        let d = docker(&parse("pubrun.toml", POOLS).unwrap());
+        let d = docker(&ok(POOLS));
         assert!(!d.docker_socket);
         assert_eq!(d.machine_data_dir, "");
         // On: the default data dir, or the one given (trailing '/' dropped).
-        let d = docker(&parse("pubrun.toml", &pools_with(13, "docker_socket = true")).unwrap());
+        let d = docker(&ok(&pools_with(13, "docker_socket = true")));
         assert!(d.docker_socket);
         assert_eq!(d.machine_data_dir, DEFAULT_MACHINE_DATA_DIR);
         let src = pools_with(
             13,
             "docker_socket = true\nmachine_data_dir = \"/srv/pubrun/\"",
         );
-        assert_eq!(
-            docker(&parse("pubrun.toml", &src).unwrap()).machine_data_dir,
-            "/srv/pubrun"
-        );
+        assert_eq!(docker(&ok(&src)).machine_data_dir, "/srv/pubrun");
         // A relative or bind-breaking path, or a data dir without the socket.
         for bad in ["\"srv\"", "\"/a:b\""] {
             let e = err(&pools_with(
@@ -555,13 +526,9 @@ spot = true
     #[test]
     fn bad_pools_point_at_the_key_or_value() {
         // Line 10 is `max_machines = 2` of the docker pool.
+        #[rustfmt::skip]
         let cases: &[(usize, &str, (usize, usize), &str)] = &[
-            (
-                10,
-                "project = \"p\"",
-                (10, 1),
-                "`project` does not apply to provider \"docker\"",
-            ),
+            (10, "project = \"p\"", (10, 1), "`project` does not apply to provider \"docker\""),
             (10, "max_machines = 0", (10, 16), "at least 1"),
             (9, "min_machines = 3", (10, 16), "above max_machines (2)"),
             (10, "colour = 1", (10, 1), "colour"),
@@ -570,20 +537,10 @@ spot = true
             (12, "idle_timeout = \"soon\"", (12, 16), "idle_timeout"),
             (10, "lease_timeout = \"1s\"", (10, 17), "between 5s and 1h"),
             (13, "price_per_hour = -1.0", (13, 18), "≥ 0"),
-            (
-                10,
-                "token_env = \"my token\"",
-                (10, 13),
-                "environment variable",
-            ),
+            (10, "token_env = \"my token\"", (10, 13), "environment variable"),
             (14, "memory = \"lots\"", (14, 10), "not a size"),
             (15, "cpus = 0", (15, 8), "above 0"),
-            (
-                7,
-                "docker_host = \"/var/run/docker.sock\"",
-                (7, 15),
-                "scheme",
-            ),
+            (7, "docker_host = \"/var/run/docker.sock\"", (7, 15), "scheme"),
             (8, "# no server_url", (6, 12), "needs server_url"),
             (8, "server_url = \"host:8085\"", (8, 14), "http://"),
             (6, "provider = \"kubernetes\"", (6, 12), "one of"),
@@ -591,21 +548,11 @@ spot = true
             (5, "name = \"local\"", (6, 12), "can only be \"local\""),
             (5, "name = \"b~g\"", (5, 8), "container names"),
             (21, "# no zone", (19, 12), "needs zone"),
-            (
-                21,
-                "image = \"x\"",
-                (21, 1),
-                "`image` does not apply to provider \"gce\"",
-            ),
+            (21, "image = \"x\"", (21, 1), "`image` does not apply to provider \"gce\""),
             (18, "name = \"GPU\"", (18, 8), "instance names"),
             (28, "name = \"l\"", (28, 8), "between 3 and 255"),
             (30, "runs_per_machine = 4", (30, 1), "--slots"),
-            (
-                30,
-                "idle_timeout = \"1m\"",
-                (30, 1),
-                "does not apply to provider \"agents\"",
-            ),
+            (30, "idle_timeout = \"1m\"", (30, 1), "does not apply to provider \"agents\""),
         ];
         for (line, text, at, msg) in cases {
             let e = err(&pools_with(*line, text));

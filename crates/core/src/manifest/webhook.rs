@@ -4,7 +4,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::topic::Topics;
-use super::{Ctx, ManifestError, Unique};
+use super::{Ctx, ManifestError};
 
 /// A `[[webhook]]` table: `POST /hooks/NAME` publishes to `topic`.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -33,24 +33,22 @@ pub(super) struct RawWebhook {
     max_body_bytes: Option<u64>,
 }
 
-pub(super) fn parse_webhooks(
-    cx: &Ctx<'_>,
-    topics: &Topics<'_>,
-    raw: &[RawWebhook],
-) -> Result<Vec<WebhookDecl>, ManifestError> {
-    let mut seen = Unique::new("webhook");
-    let mut out = Vec::new();
-    for w in raw {
-        seen.insert(cx, &w.name, w.name.get_ref().clone())?;
-        out.push(WebhookDecl {
-            name: w.name.get_ref().clone(),
-            topic: topics.resolve(cx, &w.topic)?.to_string(),
-            secret_env: w.secret_env.clone(),
-            bearer_secret_env: w.bearer_secret_env.clone(),
-            headers_as_attributes: w.headers_as_attributes.clone(),
-            query_as_attributes: w.query_as_attributes,
-            max_body_bytes: w.max_body_bytes,
-        });
+impl RawWebhook {
+    pub(super) fn decl(
+        &self,
+        cx: &Ctx<'_>,
+        topics: &Topics<'_>,
+    ) -> Result<WebhookDecl, ManifestError> {
+        Ok(WebhookDecl {
+            name: self.name.get_ref().clone(),
+            topic: topics.resolve(cx, &self.topic)?.to_string(),
+            secret_env: self.secret_env.clone(),
+            bearer_secret_env: self.bearer_secret_env.clone(),
+            headers_as_attributes: self.headers_as_attributes.clone(),
+            query_as_attributes: self.query_as_attributes,
+            max_body_bytes: self.max_body_bytes,
+        })
     }
-    Ok(out)
 }
+
+named!(RawWebhook => "webhook");

@@ -65,6 +65,31 @@ async fn publish_sequentially(ch: &Channel) -> HashSet<String> {
     ids
 }
 
+/// Pulls until `n` distinct messages arrived (60 s at most); returns one
+/// delivery of each.
+async fn pull_distinct(
+    s: &mut SubscriberClient<Channel>,
+    n: usize,
+    what: &str,
+) -> Vec<pb::ReceivedMessage> {
+    let mut seen = HashSet::new();
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while got.len() < n {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: only {} of {n} published messages arrived",
+            got.len()
+        );
+        for m in pull_now(s, SUB, 100).await.unwrap() {
+            if seen.insert(m.message.as_ref().unwrap().message_id.clone()) {
+                got.push(m);
+            }
+        }
+    }
+    got
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn always_syncs_before_each_acknowledged_publish() {
     let dir = tempfile::tempdir().unwrap();
@@ -97,24 +122,59 @@ async fn interval_acknowledges_before_syncing_and_survives_kill_9() {
     drop(ch);
     let (_server, _port, ch) = start(dir.path(), &[]).await;
     let mut s = SubscriberClient::new(ch);
-    let mut got = HashSet::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while got.len() < ids.len() {
+    let got: HashSet<String> = pull_distinct(&mut s, ids.len(), "after kill -9")
+        .await
+        .into_iter()
+        .map(|m| m.message.unwrap().message_id)
+        .collect();
+    assert_eq!(got, ids);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interval_acks_survive_kill_9_and_the_log_is_synced_in_the_background() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut server, port, ch) = start(
+        dir.path(),
+        &["--sync", "interval", "--sync-interval", "200ms"],
+    )
+    .await;
+    let before = syncs(port);
+    let ids = publish_sequentially(&ch).await;
+    let mut s = SubscriberClient::new(ch.clone());
+    let got = pull_distinct(&mut s, ids.len(), "before kill -9").await;
+    // Acknowledge half of them (each acknowledgement returned = written).
+    let (acked, kept) = got.split_at(ids.len() / 2);
+    s.acknowledge(pb::AcknowledgeRequest {
+        subscription: SUB.into(),
+        ack_ids: acked.iter().map(|m| m.ack_id.clone()).collect(),
+    })
+    .await
+    .unwrap();
+    // The background sync runs one interval after the first unsynced write.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while syncs(port) <= before {
         assert!(
             Instant::now() < deadline,
-            "after kill -9 only {} of {} acknowledged publishes came back",
-            got.len(),
-            ids.len()
+            "no background fdatasync within 30 s of a 200 ms interval"
         );
-        got.extend(
-            pull_now(&mut s, SUB, 100)
-                .await
-                .unwrap()
-                .into_iter()
-                .map(|m| m.message.unwrap().message_id),
-        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(got, ids);
+
+    server.child().kill().unwrap();
+    server.kill();
+    drop((s, ch));
+    let (_server, _port, ch) = start(dir.path(), &[]).await;
+    let mut s = SubscriberClient::new(ch);
+    let want: HashSet<String> = kept
+        .iter()
+        .map(|m| m.message.as_ref().unwrap().message_id.clone())
+        .collect();
+    let back: HashSet<String> = pull_distinct(&mut s, want.len(), "after kill -9")
+        .await
+        .into_iter()
+        .map(|m| m.message.unwrap().message_id)
+        .collect();
+    assert_eq!(back, want, "acknowledged messages came back after kill -9");
 }
 
 #[test]

@@ -226,26 +226,27 @@ pub const ACK_ID_FAILURE_REASON: &str = "EXACTLY_ONCE_ACKID_FAILURE";
 pub const INVALID_ACK_ID: &str = "PERMANENT_FAILURE_INVALID_ACK_ID";
 pub const PUBSUB_DOMAIN: &str = "pubsub.googleapis.com";
 
-/// `google.rpc.Status`, for the `grpc-status-details-bin` trailer.
+/// `google.rpc.Status`, for the `grpc-status-details-bin` trailer (public so
+/// that tests read the details the official clients read).
 #[derive(Clone, PartialEq, prost::Message)]
-struct RpcStatus {
+pub struct RpcStatus {
     #[prost(int32, tag = "1")]
-    code: i32,
+    pub code: i32,
     #[prost(string, tag = "2")]
-    message: String,
+    pub message: String,
     #[prost(message, repeated, tag = "3")]
-    details: Vec<prost_types::Any>,
+    pub details: Vec<prost_types::Any>,
 }
 
 /// `google.rpc.ErrorInfo`.
 #[derive(Clone, PartialEq, prost::Message)]
-struct ErrorInfo {
+pub struct ErrorInfo {
     #[prost(string, tag = "1")]
-    reason: String,
+    pub reason: String,
     #[prost(string, tag = "2")]
-    domain: String,
+    pub domain: String,
     #[prost(map = "string, string", tag = "3")]
-    metadata: std::collections::HashMap<String, String>,
+    pub metadata: std::collections::HashMap<String, String>,
 }
 
 /// INVALID_ARGUMENT with an `ErrorInfo` detail whose metadata maps each

@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use common::{next_response, start, Server};
+use pubrun_api::grpc::{ErrorInfo, RpcStatus};
 use pubrun_api::pb;
 use serde_json::{json, Value};
 
@@ -124,28 +125,6 @@ fn plain_sub(id: &str, t: &str) -> pb::Subscription {
         topic: topic(t),
         ..Default::default()
     }
-}
-
-/// `google.rpc.Status` and `google.rpc.ErrorInfo`, to read the details the
-/// official clients read.
-#[derive(Clone, PartialEq, prost::Message)]
-struct RpcStatus {
-    #[prost(int32, tag = "1")]
-    code: i32,
-    #[prost(string, tag = "2")]
-    message: String,
-    #[prost(message, repeated, tag = "3")]
-    details: Vec<prost_types::Any>,
-}
-
-#[derive(Clone, PartialEq, prost::Message)]
-struct ErrorInfo {
-    #[prost(string, tag = "1")]
-    reason: String,
-    #[prost(string, tag = "2")]
-    domain: String,
-    #[prost(map = "string, string", tag = "3")]
-    metadata: HashMap<String, String>,
 }
 
 fn error_info(s: &tonic::Status) -> ErrorInfo {

@@ -129,14 +129,22 @@ async fn browser(driver: &Path) -> Browser {
 
 impl Browser {
     /// Waits (up to PATIENCE) for an element whose text contains `text`.
+    /// A lookup that fails counts as "not yet": a submitted form navigates,
+    /// and a lookup during that answers "aborted by navigation".
     async fn wait_text(&self, css_id: &str, text: &str) {
         let xpath = format!("//*[@id='{css_id}'][contains(., {})]", xpath_literal(text));
-        self.c
-            .wait()
-            .at_most(PATIENCE)
-            .for_element(Locator::XPath(&xpath))
-            .await
-            .unwrap_or_else(|e| panic!("#{css_id} never contained {text:?}: {e}"));
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let err = match self.c.find(Locator::XPath(&xpath)).await {
+                Ok(_) => return,
+                Err(e) => e,
+            };
+            assert!(
+                Instant::now() < deadline,
+                "#{css_id} never contained {text:?}: {err}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     async fn body_text(&self) -> String {

@@ -78,12 +78,7 @@ impl EmbeddedStore {
         let dir = dir.as_ref().to_path_buf();
         fs::create_dir_all(dir.join("log")).map_err(|e| StoreError::io(&dir, e))?;
         let lock_path = dir.join("LOCK");
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(|e| StoreError::io(&lock_path, e))?;
+        let lock = open_keeping(&lock_path)?;
         lock.try_lock()
             .map_err(|_| StoreError::Locked(dir.display().to_string()))?;
         Ok(EmbeddedStore {
@@ -317,6 +312,16 @@ fn write_batch(file: &mut File, batch: &[WriteReq]) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Opens `path` for writing, creating it but keeping what it holds.
+fn open_keeping(path: &Path) -> Result<File, StoreError> {
+    OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(|e| StoreError::io(path, e))
+}
+
 fn roll_segment(log_dir: &Path, tail: &Tail) -> Result<File, StoreError> {
     let path = segment_path(log_dir, tail.next_seq);
     let file = OpenOptions::new()
@@ -391,12 +396,7 @@ impl Store for EmbeddedStore {
             }
             total += pos as u64;
             if is_last {
-                let file = OpenOptions::new()
-                    .create(true)
-                    .write(true)
-                    .truncate(false)
-                    .open(&path)
-                    .map_err(|e| StoreError::io(&path, e))?;
+                let file = open_keeping(&path)?;
                 file.set_len(pos as u64)
                     .map_err(|e| StoreError::io(&path, e))?;
                 let mut file = file;

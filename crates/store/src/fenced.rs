@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use tokio::sync::{Mutex, MutexGuard};
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{Client, Row, Transaction};
+use tokio_postgres::{Client, GenericClient, Row, Transaction};
 
 use crate::postgres::{db_err, ensure_schema, parse_url, Conn};
 use crate::StoreError;
@@ -118,6 +118,17 @@ impl FencedPg {
         g.get().await?.query(sql, params).await.map_err(db_err)
     }
 
+    /// An unfenced read: each row `sql` answers, made by `row`.
+    pub(crate) async fn query_map<T, E: From<StoreError>>(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+        row: impl FnMut(&Row) -> Result<T, E>,
+    ) -> Result<Vec<T>, E> {
+        let mut g = self.conn().await;
+        query_map(&*g.get().await?, sql, params, row).await
+    }
+
     /// An unfenced read of at most one row.
     pub(crate) async fn query_opt(
         &self,
@@ -150,4 +161,16 @@ impl FencedPg {
         tx.commit().await.map_err(db_err)?;
         Ok(n)
     }
+}
+
+/// Each row `sql` answers on `c` (a connection or a transaction), made by
+/// `row`: the one query-and-collect of the cluster-mode stores.
+pub(crate) async fn query_map<C: GenericClient + Sync, T, E: From<StoreError>>(
+    c: &C,
+    sql: &str,
+    params: &[&(dyn ToSql + Sync)],
+    row: impl FnMut(&Row) -> Result<T, E>,
+) -> Result<Vec<T>, E> {
+    let rows = c.query(sql, params).await.map_err(db_err)?;
+    rows.iter().map(row).collect()
 }

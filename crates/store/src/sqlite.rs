@@ -275,6 +275,17 @@ impl SqliteDb {
         self.call(f).await
     }
 
+    /// One statement, by [`run`](Self::run): the rows it changed. `err`
+    /// names the store in a fault (each store words its own).
+    pub async fn execute<P: rusqlite::Params + Send + 'static>(
+        &self,
+        sql: &'static str,
+        params: P,
+        err: fn(rusqlite::Error) -> pubrun_core::Error,
+    ) -> pubrun_core::Result<usize> {
+        self.run(move |c| c.execute(sql, params).map_err(err)).await
+    }
+
     /// Runs the write `f` in the next group commit (see the module docs) and
     /// answers once that commit returned. `f` must not begin or commit a
     /// transaction itself (a savepoint is fine).

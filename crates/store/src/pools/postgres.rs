@@ -22,7 +22,7 @@ use super::{
     lease_end_parts, log_transition, parse_machine_state, parse_spec, to_json, token_param,
     Bootstrap, LeaseEnd, LeaseRow, MachineRow, NewLease, PoolStore, RawLease, UpSpan,
 };
-use crate::fenced::FencedPg;
+use crate::fenced::{query_map, FencedPg};
 use crate::postgres::db_err;
 use crate::runs::postgres::Fence;
 use crate::StoreError;
@@ -145,14 +145,8 @@ async fn query_machines<C: GenericClient + Sync>(
     where_: &str,
     params: &[&(dyn ToSql + Sync)],
 ) -> Result<Vec<MachineRow>> {
-    let rows = c
-        .query(
-            &format!("SELECT {MACHINE_COLS} FROM pubrun_machines {where_}"),
-            params,
-        )
-        .await
-        .map_err(pg)?;
-    rows.iter().map(machine_row).collect()
+    let sql = format!("SELECT {MACHINE_COLS} FROM pubrun_machines {where_}");
+    query_map(c, &sql, params, machine_row).await
 }
 
 async fn query_leases<C: GenericClient + Sync>(
@@ -160,14 +154,8 @@ async fn query_leases<C: GenericClient + Sync>(
     where_: &str,
     params: &[&(dyn ToSql + Sync)],
 ) -> Result<Vec<LeaseRow>> {
-    let rows = c
-        .query(
-            &format!("SELECT {LEASE_COLS} FROM pubrun_leases {where_}"),
-            params,
-        )
-        .await
-        .map_err(pg)?;
-    rows.iter().map(lease_row).collect()
+    let sql = format!("SELECT {LEASE_COLS} FROM pubrun_leases {where_}");
+    query_map(c, &sql, params, lease_row).await
 }
 
 pub struct PostgresPoolStore {
@@ -226,20 +214,17 @@ impl PoolStore for PostgresPoolStore {
     }
 
     async fn pools(&self) -> Result<Vec<(PoolSpec, String)>> {
-        let rows = self
-            .pg
-            .query(
+        self.pg
+            .query_map(
                 "SELECT name, spec, token FROM pubrun_pools ORDER BY name",
                 &[],
+                |r| {
+                    let name: String = r.try_get(0).map_err(bad_row)?;
+                    let spec: String = r.try_get(1).map_err(bad_row)?;
+                    Ok((parse_spec(&name, &spec)?, r.try_get(2).map_err(bad_row)?))
+                },
             )
-            .await?;
-        rows.iter()
-            .map(|r| {
-                let name: String = r.try_get(0).map_err(bad_row)?;
-                let spec: String = r.try_get(1).map_err(bad_row)?;
-                Ok((parse_spec(&name, &spec)?, r.try_get(2).map_err(bad_row)?))
-            })
-            .collect()
+            .await
     }
 
     async fn upsert_machine(&self, m: &MachineRow) -> Result<()> {
@@ -364,22 +349,19 @@ impl PoolStore for PostgresPoolStore {
     }
 
     async fn bootstraps(&self) -> Result<Vec<Bootstrap>> {
-        let rows = self
-            .pg
-            .query(
+        self.pg
+            .query_map(
                 "SELECT machine, pool, token FROM pubrun_bootstrap_tokens ORDER BY machine",
                 &[],
+                |r| {
+                    Ok(Bootstrap {
+                        machine: r.try_get(0).map_err(bad_row)?,
+                        pool: r.try_get(1).map_err(bad_row)?,
+                        token: r.try_get(2).map_err(bad_row)?,
+                    })
+                },
             )
-            .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(Bootstrap {
-                    machine: r.try_get(0).map_err(bad_row)?,
-                    pool: r.try_get(1).map_err(bad_row)?,
-                    token: r.try_get(2).map_err(bad_row)?,
-                })
-            })
-            .collect()
+            .await
     }
 
     async fn delete_bootstrap(&self, machine: &str) -> Result<()> {
@@ -416,24 +398,21 @@ impl PoolStore for PostgresPoolStore {
     }
 
     async fn spans(&self, since_ms: i64) -> Result<Vec<UpSpan>> {
-        let rows = self
-            .pg
-            .query(
+        self.pg
+            .query_map(
                 "SELECT machine, pool, start_ms, end_ms FROM pubrun_machine_spans
                  WHERE end_ms IS NULL OR end_ms > $1 ORDER BY machine, start_ms",
                 &[&since_ms],
+                |r| {
+                    Ok(UpSpan {
+                        machine: r.try_get(0).map_err(bad_row)?,
+                        pool: r.try_get(1).map_err(bad_row)?,
+                        start_ms: r.try_get(2).map_err(bad_row)?,
+                        end_ms: r.try_get(3).map_err(bad_row)?,
+                    })
+                },
             )
-            .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(UpSpan {
-                    machine: r.try_get(0).map_err(bad_row)?,
-                    pool: r.try_get(1).map_err(bad_row)?,
-                    start_ms: r.try_get(2).map_err(bad_row)?,
-                    end_ms: r.try_get(3).map_err(bad_row)?,
-                })
-            })
-            .collect()
+            .await
     }
 
     async fn new_lease(&self, l: &NewLease<'_>) -> Result<u64> {

@@ -195,14 +195,9 @@ impl PoolStore for SqlitePoolStore {
     }
 
     async fn delete_pool(&self, name: &str) -> Result<()> {
-        let name = name.to_string();
-        self.db
-            .run(move |c| {
-                c.execute("DELETE FROM pools WHERE name = ?1", [name])
-                    .map_err(db_err)?;
-                Ok(())
-            })
-            .await
+        let sql = "DELETE FROM pools WHERE name = ?1";
+        self.db.execute(sql, (name.to_string(),), db_err).await?;
+        Ok(())
     }
 
     async fn pools(&self) -> Result<Vec<(PoolSpec, String)>> {
@@ -324,27 +319,19 @@ impl PoolStore for SqlitePoolStore {
     }
 
     async fn delete_machine(&self, name: &str) -> Result<()> {
-        let name = name.to_string();
-        self.db
-            .run(move |c| {
-                c.execute("DELETE FROM machines WHERE name = ?1", [name])
-                    .map_err(db_err)?;
-                Ok(())
-            })
-            .await
+        let sql = "DELETE FROM machines WHERE name = ?1";
+        self.db.execute(sql, (name.to_string(),), db_err).await?;
+        Ok(())
     }
 
     async fn put_bootstrap(&self, b: &Bootstrap) -> Result<()> {
+        let sql =
+            "INSERT OR REPLACE INTO bootstrap_tokens (machine, pool, token) VALUES (?1, ?2, ?3)";
         let b = b.clone();
-        self.db.run(move |c| {
-            c.execute(
-                "INSERT OR REPLACE INTO bootstrap_tokens (machine, pool, token) VALUES (?1, ?2, ?3)",
-                params![b.machine, b.pool, b.token],
-            )
-            .map_err(db_err)?;
-            Ok(())
-        })
-        .await
+        self.db
+            .execute(sql, (b.machine, b.pool, b.token), db_err)
+            .await?;
+        Ok(())
     }
 
     async fn bootstraps(&self) -> Result<Vec<Bootstrap>> {
@@ -364,14 +351,9 @@ impl PoolStore for SqlitePoolStore {
     }
 
     async fn delete_bootstrap(&self, machine: &str) -> Result<()> {
-        let machine = machine.to_string();
-        self.db
-            .run(move |c| {
-                c.execute("DELETE FROM bootstrap_tokens WHERE machine = ?1", [machine])
-                    .map_err(db_err)?;
-                Ok(())
-            })
-            .await
+        let sql = "DELETE FROM bootstrap_tokens WHERE machine = ?1";
+        self.db.execute(sql, (machine.to_string(),), db_err).await?;
+        Ok(())
     }
 
     async fn span_open(&self, machine: &str, pool: &str, now_ms: i64) -> Result<()> {
@@ -401,18 +383,12 @@ impl PoolStore for SqlitePoolStore {
     }
 
     async fn span_close(&self, machine: &str, now_ms: i64) -> Result<()> {
-        let machine = machine.to_string();
+        let sql = "UPDATE machine_spans SET end_ms = MAX(start_ms, ?2)
+                 WHERE machine = ?1 AND end_ms IS NULL";
         self.db
-            .run(move |c| {
-                c.execute(
-                    "UPDATE machine_spans SET end_ms = MAX(start_ms, ?2)
-                 WHERE machine = ?1 AND end_ms IS NULL",
-                    params![machine, now_ms],
-                )
-                .map_err(db_err)?;
-                Ok(())
-            })
-            .await
+            .execute(sql, (machine.to_string(), now_ms), db_err)
+            .await?;
+        Ok(())
     }
 
     async fn spans(&self, since_ms: i64) -> Result<Vec<UpSpan>> {
@@ -498,36 +474,18 @@ impl PoolStore for SqlitePoolStore {
     }
 
     async fn lease_started(&self, token: u64, now_ms: i64) -> Result<bool> {
-        let token = token_param(token)?;
-        self.db
-            .run(move |c| {
-                let n = c
-                    .execute(
-                        "UPDATE leases SET state = 'running', started_ms = ?2
-                     WHERE token = ?1 AND state = 'assigned'",
-                        params![token, now_ms],
-                    )
-                    .map_err(db_err)?;
-                Ok(n == 1)
-            })
-            .await
+        let sql = "UPDATE leases SET state = 'running', started_ms = ?2
+                     WHERE token = ?1 AND state = 'assigned'";
+        let n = self.db.execute(sql, (token_param(token)?, now_ms), db_err);
+        Ok(n.await? == 1)
     }
 
     async fn lease_end(&self, token: u64, end: LeaseEnd<'_>, now_ms: i64) -> Result<bool> {
-        let token = token_param(token)?;
-        let (state, exit, reason) = lease_end_parts(&end)?;
-        self.db
-            .run(move |c| {
-                let n = c
-                    .execute(
-                        "UPDATE leases SET state = ?2, exit = ?3, reason = ?4, ended_ms = ?5,
+        let sql = "UPDATE leases SET state = ?2, exit = ?3, reason = ?4, ended_ms = ?5,
                          started_ms = COALESCE(started_ms, ?5)
-                     WHERE token = ?1 AND state IN ('assigned', 'running')",
-                        params![token, state.as_str(), exit, reason, now_ms],
-                    )
-                    .map_err(db_err)?;
-                Ok(n == 1)
-            })
-            .await
+                     WHERE token = ?1 AND state IN ('assigned', 'running')";
+        let (state, exit, reason) = lease_end_parts(&end)?;
+        let params = (token_param(token)?, state.as_str(), exit, reason, now_ms);
+        Ok(self.db.execute(sql, params, db_err).await? == 1)
     }
 }

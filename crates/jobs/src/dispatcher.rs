@@ -44,7 +44,9 @@ use self::results::*;
 use self::scheduler::prepare_run_dir;
 use self::staging::*;
 
-use crate::runstore::{Enqueued, QueuedRun, RunRecord, SharedRunStore, SourceMessage};
+use crate::runstore::{
+    Batch, Enqueued, QueuedRun, Requeue, RunEnd, RunRecord, SharedRunStore, SourceMessage,
+};
 
 /// Executors by kind. Docker is optional: without an engine, docker runs
 /// fail with an infrastructure error and wait.
@@ -345,7 +347,12 @@ impl Dispatcher {
                         EndCause::Cancelled,
                         "job was deleted while the run was in flight",
                     );
-                    if let Err(e) = self.store.finish(run.id, &exit, self.now_ms(), false).await {
+                    let end = RunEnd {
+                        exit: &exit,
+                        now_ms: self.now_ms(),
+                        has_result_topic: false,
+                    };
+                    if let Err(e) = self.store.finish(run.id, end).await {
                         tracing::error!(run = run.id, error = %e, "could not end a run whose job was deleted");
                     }
                 }

@@ -5,7 +5,9 @@
 
 use std::sync::Arc;
 
-pub use pubrun_store::runs::{Claimed, Enqueued, QueuedRun, RunRecord, SourceMessage};
+pub use pubrun_store::runs::{
+    Batch, Claimed, Enqueued, QueuedRun, Requeue, RunEnd, RunPage, RunRecord, SourceMessage,
+};
 
 /// The run-store interface (the trait every engine implements).
 pub use pubrun_store::runs::RunStore as RunStoreEngine;

@@ -11,6 +11,7 @@ use pubrun_core::run::RunStatus;
 use pubrun_core::{Code, OutgoingMessage, TopicName};
 use pubrun_jobs::dispatcher::now_ms;
 use pubrun_jobs::{Enqueued, SourceMessage};
+use pubrun_store::runs::RunPage;
 
 fn tempdir() -> tempfile::TempDir {
     tempfile::tempdir().unwrap()
@@ -315,7 +316,13 @@ fn run_store_pages_newest_first() {
         }
     }
     ids_a.reverse();
-    let page1 = store.list_before(Some("page-a"), None, None, 3).unwrap();
+    let page_a = |before, limit| RunPage {
+        job: Some("page-a".to_string()),
+        before,
+        limit,
+        ..RunPage::default()
+    };
+    let page1 = store.list_before(&page_a(None, 3)).unwrap();
     let got: Vec<i64> = page1.iter().map(|r| r.id).collect();
     assert_eq!(got, ids_a[..3]);
     // A new run arrives between the pages: page 2 is unchanged by it.
@@ -326,20 +333,22 @@ fn run_store_pages_newest_first() {
     };
     store.enqueue(&a, &msg, "late", 2_000).unwrap();
     let page2 = store
-        .list_before(Some("page-a"), None, Some(*got.last().unwrap()), 3)
+        .list_before(&page_a(Some(*got.last().unwrap()), 3))
         .unwrap();
     let got2: Vec<i64> = page2.iter().map(|r| r.id).collect();
     assert_eq!(got2, ids_a[3..]);
     assert!(store
-        .list_before(
-            Some("page-a"),
-            Some(pubrun_core::run::RunStatus::Succeeded),
-            None,
-            10
-        )
+        .list_before(&RunPage {
+            status: Some(RunStatus::Succeeded),
+            ..page_a(None, 10)
+        })
         .unwrap()
         .is_empty());
-    assert_eq!(store.list_before(None, None, None, 100).unwrap().len(), 8);
+    let everything = RunPage {
+        limit: 100,
+        ..RunPage::default()
+    };
+    assert_eq!(store.list_before(&everything).unwrap().len(), 8);
 }
 
 #[test]
@@ -388,7 +397,11 @@ fn run_store_dedup_window() {
     ));
     assert_eq!(
         store
-            .list_before(Some("dedup-job"), None, None, 100)
+            .list_before(&RunPage {
+                job: Some("dedup-job".to_string()),
+                limit: 100,
+                ..RunPage::default()
+            })
             .unwrap()
             .len(),
         3

@@ -17,7 +17,7 @@ use engine_kit::{Postgres, Sqlite};
 use pubrun_core::job::JobSpec;
 use pubrun_core::run::{Exit, RunStatus};
 use pubrun_core::Code;
-use pubrun_store::runs::{Enqueued, RunStore, SourceMessage};
+use pubrun_store::runs::{Batch, Enqueued, Requeue, RunEnd, RunStore, SourceMessage};
 use pubrun_store::testing::TempPostgres;
 use pubrun_store::{PostgresRunStore, SqliteRunStore};
 
@@ -68,6 +68,23 @@ fn ok_exit() -> Exit {
     Exit {
         exit_code: Some(0),
         ..Default::default()
+    }
+}
+
+/// An end of a run at `now_ms`, with no result topic unless `result`.
+fn end(exit: &Exit, now_ms: i64, result: bool) -> RunEnd<'_> {
+    RunEnd {
+        exit,
+        now_ms,
+        has_result_topic: result,
+    }
+}
+
+fn again(next_attempt: u32, not_before_ms: i64, last_exit: &Exit) -> Requeue<'_> {
+    Requeue {
+        next_attempt,
+        not_before_ms,
+        last_exit,
     }
 }
 
@@ -129,7 +146,14 @@ async fn dedup_keys_are_unique_inside_their_window(e: impl Engine) {
         (msg("b2"), "k".to_string()),
         (msg("b3"), "other".to_string()),
     ];
-    let out = s.enqueue_batch(&spec, &batch, t + 10_002).await.unwrap();
+    let out = s
+        .enqueue_batch(Batch {
+            job: &spec,
+            messages: &batch,
+            now_ms: t + 10_002,
+        })
+        .await
+        .unwrap();
     let Enqueued::New(first) = out[0] else {
         panic!("{out:?}")
     };
@@ -185,7 +209,9 @@ async fn state_machine_claims_once_and_records_attempts(e: impl Engine) {
     assert_eq!(run.started_at_ms, Some(t + 10));
 
     // Attempt 1 failed: back to the queue for attempt 2, after a backoff.
-    s.requeue(id, 2, t + 5_000, &failed(1)).await.unwrap();
+    s.requeue(id, again(2, t + 5_000, &failed(1)))
+        .await
+        .unwrap();
     let run = s.get(id).await.unwrap();
     assert_eq!((run.status, run.attempt), (RunStatus::Queued, 2));
     assert_eq!(run.exit, Some(failed(1)));
@@ -203,7 +229,10 @@ async fn state_machine_claims_once_and_records_attempts(e: impl Engine) {
     s.mark_running(id, "host-2", "pid-2", t + 6_000)
         .await
         .unwrap();
-    let status = s.finish(id, &ok_exit(), t + 7_000, true).await.unwrap();
+    let status = s
+        .finish(id, end(&ok_exit(), t + 7_000, true))
+        .await
+        .unwrap();
     assert_eq!(status, RunStatus::Succeeded);
     let run = s.get(id).await.unwrap();
     assert_eq!(run.status, RunStatus::Succeeded);
@@ -215,8 +244,10 @@ async fn state_machine_claims_once_and_records_attempts(e: impl Engine) {
 
     // A terminal run moves no more.
     for err in [
-        s.finish(id, &failed(2), t + 8_000, true).await.unwrap_err(),
-        s.requeue(id, 3, t, &failed(2)).await.unwrap_err(),
+        s.finish(id, end(&failed(2), t + 8_000, true))
+            .await
+            .unwrap_err(),
+        s.requeue(id, again(3, t, &failed(2))).await.unwrap_err(),
         s.mark_starting(id).await.unwrap_err(),
         s.request_cancel(id).await.unwrap_err(),
     ] {
@@ -250,8 +281,14 @@ async fn cancel_wins_over_a_claim(e: impl Engine) {
         cause: pubrun_core::run::EndCause::Cancelled,
         ..Default::default()
     };
-    assert!(s.cancel_if_queued(id, &exit, t + 1, false).await.unwrap());
-    assert!(!s.cancel_if_queued(id, &exit, t + 2, false).await.unwrap());
+    assert!(s
+        .cancel_if_queued(id, end(&exit, t + 1, false))
+        .await
+        .unwrap());
+    assert!(!s
+        .cancel_if_queued(id, end(&exit, t + 2, false))
+        .await
+        .unwrap());
     let run = s.get(id).await.unwrap();
     assert_eq!(
         (run.status, run.ended_at_ms),
@@ -261,7 +298,7 @@ async fn cancel_wins_over_a_claim(e: impl Engine) {
     // A claimed run is not ended by cancel_if_queued (its executor is).
     let id2 = new_run(&*s, &spec, "c2", t).await;
     s.mark_starting(id2).await.unwrap();
-    assert!(!s.cancel_if_queued(id2, &exit, t, false).await.unwrap());
+    assert!(!s.cancel_if_queued(id2, end(&exit, t, false)).await.unwrap());
     assert_eq!(s.get(id2).await.unwrap().status, RunStatus::Starting);
 }
 
@@ -282,7 +319,9 @@ async fn list_pages_newest_first_with_filters(e: impl Engine) {
     let ended: Vec<i64> = ids.iter().take(6).map(|(_, id)| *id).collect();
     for id in &ended {
         s.mark_starting(*id).await.unwrap();
-        s.finish(*id, &failed(3), t + 100, false).await.unwrap();
+        s.finish(*id, end(&failed(3), t + 100, false))
+            .await
+            .unwrap();
     }
     let all = s.list(None, None, 10_000).await.unwrap();
     assert_eq!(all.len(), 30);
@@ -405,7 +444,7 @@ async fn postgres_writes_under_a_stale_token_are_refused() {
         let refused = [
             a.enqueue(&spec, &msg("late"), "late", 2).await.map(|_| ()),
             a.mark_running(id, "h", "x", 3).await,
-            a.finish(id, &ok_exit(), 4, false).await.map(|_| ()),
+            a.finish(id, end(&ok_exit(), 4, false)).await.map(|_| ()),
             a.put_job(&spec).await,
             a.set_meta("k", "v").await,
             a.put_log(id, b"late").await,
@@ -420,7 +459,7 @@ async fn postgres_writes_under_a_stale_token_are_refused() {
         let run = a.get(id).await.unwrap();
         assert_eq!(run.status, RunStatus::Starting, "reads still work");
         b.mark_running(id, "h", "y", 5).await.unwrap();
-        b.finish(id, &ok_exit(), 6, false).await.unwrap();
+        b.finish(id, end(&ok_exit(), 6, false)).await.unwrap();
         assert_eq!(b.get(id).await.unwrap().status, RunStatus::Succeeded);
         drop(b_lease);
     })

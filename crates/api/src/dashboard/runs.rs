@@ -13,6 +13,7 @@ use maud::{html, Markup};
 use pubrun_core::job::{parse_gs_url, JobSpec, TRIGGER_INPUT};
 use pubrun_core::run::{Exit, RunStatus};
 use pubrun_jobs::{Dispatcher, RunRecord};
+use pubrun_store::runs::RunPage;
 use serde::Deserialize;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
@@ -87,10 +88,13 @@ pub(crate) async fn list(ctx: Ctx, q: Result<Query<RunsQuery>, QueryRejection>) 
     let d = ctx.dispatcher()?.clone();
     let jobs: Vec<String> = d.jobs().into_iter().map(|j| j.name).collect();
     let store = d.store().clone();
-    let job = (!q.job.is_empty()).then(|| q.job.clone());
-    let before = q.before;
     let mut runs = store
-        .list_before(job.as_deref(), status, before, PAGE + 1)
+        .list_before(RunPage {
+            job: (!q.job.is_empty()).then(|| q.job.clone()),
+            status,
+            before: q.before,
+            limit: PAGE + 1,
+        })
         .await?;
     let more = runs.len() > PAGE;
     runs.truncate(PAGE);

@@ -52,7 +52,14 @@ impl Dispatcher {
             tracing::error!(run = id, error = exit.error.as_deref(), "run failed");
             if let Err(e) = self
                 .store
-                .finish(id, &exit, self.now_ms(), !spec.result_topic.is_empty())
+                .finish(
+                    id,
+                    RunEnd {
+                        exit: &exit,
+                        now_ms: self.now_ms(),
+                        has_result_topic: !spec.result_topic.is_empty(),
+                    },
+                )
                 .await
             {
                 tracing::error!(run = id, error = %e, "could not record the end of an attempt");

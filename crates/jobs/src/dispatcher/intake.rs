@@ -98,7 +98,14 @@ impl Dispatcher {
         let received = SystemTime::now();
         let (ids, started) = match self
             .store
-            .enqueue_starting(&spec, &items, self.now_ms(), start)
+            .enqueue_starting(
+                Batch {
+                    job: &spec,
+                    messages: &items,
+                    now_ms: self.now_ms(),
+                },
+                start,
+            )
             .await
         {
             Ok(r) => r,
@@ -182,7 +189,14 @@ impl Dispatcher {
         let exit = Exit::failed(EndCause::Cancelled, "cancelled before it started");
         if self
             .store
-            .cancel_if_queued(id, &exit, self.now_ms(), has_result)
+            .cancel_if_queued(
+                id,
+                RunEnd {
+                    exit: &exit,
+                    now_ms: self.now_ms(),
+                    has_result_topic: has_result,
+                },
+            )
             .await?
         {
             run_ended(&run, &exit, self.now_ms());

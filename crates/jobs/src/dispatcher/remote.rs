@@ -16,7 +16,7 @@ use pubrun_core::job::JobSpec;
 use pubrun_core::{Error, OutgoingMessage, Result, TopicName};
 
 use super::{dedup_key, now_ms, rfc3339, Dispatcher};
-use crate::runstore::SourceMessage;
+use crate::runstore::{Batch, SourceMessage};
 
 /// The lease asked for on the connection's messages, and how often it is
 /// extended while a batch waits to be queued.
@@ -185,7 +185,14 @@ impl Dispatcher {
         let s2 = spec.clone();
         // A task of its own: queueing goes on while the leases are extended.
         let now = self.now_ms();
-        let queued = tokio::spawn(async move { store.enqueue_batch(&s2, &items, now).await });
+        let queued = tokio::spawn(async move {
+            let batch = Batch {
+                job: &s2,
+                messages: &items,
+                now_ms: now,
+            };
+            store.enqueue_batch(batch).await
+        });
         tokio::pin!(queued);
         let queued = loop {
             tokio::select! {

@@ -42,7 +42,14 @@ impl Dispatcher {
                 "run requeued after an infrastructure error"
             );
             self.store
-                .requeue(id, run.attempt, now + delay.as_millis() as i64, &exit)
+                .requeue(
+                    id,
+                    Requeue {
+                        next_attempt: run.attempt,
+                        not_before_ms: now + delay.as_millis() as i64,
+                        last_exit: &exit,
+                    },
+                )
                 .await
         } else if matches!(status, RunStatus::Failed | RunStatus::TimedOut)
             && run.attempt < spec.retries.max_attempts
@@ -63,13 +70,27 @@ impl Dispatcher {
                 "run attempt failed; retrying"
             );
             self.store
-                .requeue(id, next, now + delay.as_millis() as i64, &exit)
+                .requeue(
+                    id,
+                    Requeue {
+                        next_attempt: next,
+                        not_before_ms: now + delay.as_millis() as i64,
+                        last_exit: &exit,
+                    },
+                )
                 .await
         } else {
             result_pending = !spec.result_topic.is_empty();
             let r = self
                 .store
-                .finish(id, &exit, now, result_pending)
+                .finish(
+                    id,
+                    RunEnd {
+                        exit: &exit,
+                        now_ms: now,
+                        has_result_topic: result_pending,
+                    },
+                )
                 .await
                 .map(|_| ());
             let ended = current.unwrap_or_else(|| run.clone());

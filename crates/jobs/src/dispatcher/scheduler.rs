@@ -118,7 +118,14 @@ impl Dispatcher {
         let exit = Exit::failed(EndCause::Cancelled, error);
         match self
             .store
-            .cancel_if_queued(run.id, &exit, self.now_ms(), has_result)
+            .cancel_if_queued(
+                run.id,
+                RunEnd {
+                    exit: &exit,
+                    now_ms: self.now_ms(),
+                    has_result_topic: has_result,
+                },
+            )
             .await
         {
             Ok(true) => {

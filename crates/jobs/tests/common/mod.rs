@@ -17,6 +17,7 @@ use pubrun_core::run::RunStatus;
 use pubrun_core::{OutgoingMessage, SubscriptionConfig, SubscriptionName, TopicConfig, TopicName};
 use pubrun_exec::Executor;
 use pubrun_jobs::{Dispatcher, Executors, RunRecord, RunStore};
+use pubrun_store::runs::RunPage;
 use pubrun_store::EmbeddedStore;
 
 /// How long any awaited event may take before the test fails.
@@ -169,7 +170,11 @@ impl Env {
     pub fn runs(&self, job: &str) -> Vec<RunRecord> {
         let mut v = self
             .store
-            .list_before(Some(job), None, None, 10_000)
+            .list_before(&RunPage {
+                job: Some(job.to_string()),
+                limit: 10_000,
+                ..RunPage::default()
+            })
             .unwrap();
         v.reverse();
         v

@@ -23,6 +23,49 @@ pub use pubrun_core::runrecord::{Enqueued, QueuedRun, RunRecord, SourceMessage};
 pub use sqlite::ClaimHook;
 pub use sqlite::SqliteRunStore;
 
+/// Messages to queue runs for, in one transaction: each with its dedup key.
+#[derive(Debug, Clone, Copy)]
+pub struct Batch<'a> {
+    pub job: &'a JobSpec,
+    pub messages: &'a [(SourceMessage, String)],
+    pub now_ms: i64,
+}
+
+/// A page of runs, newest first: only those of `job` and in `status` when
+/// given, and with an id below `before` (keyset paging, so a page stays
+/// stable while new runs arrive).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RunPage {
+    pub job: Option<String>,
+    pub status: Option<RunStatus>,
+    pub before: Option<i64>,
+    pub limit: usize,
+}
+
+/// How a run ends: its exit, when, and whether a result message is owed
+/// (then the outbox flag is cleared in the same commit).
+#[derive(Debug, Clone, Copy)]
+pub struct RunEnd<'a> {
+    pub exit: &'a Exit,
+    pub now_ms: i64,
+    pub has_result_topic: bool,
+}
+
+impl RunEnd<'_> {
+    /// The stored exit (JSON) and the `result_published` flag.
+    fn columns(&self) -> Result<(String, bool)> {
+        Ok((to_json(self.exit)?, !self.has_result_topic))
+    }
+}
+
+/// Another attempt of a run (or the same one after an infra error).
+#[derive(Debug, Clone, Copy)]
+pub struct Requeue<'a> {
+    pub next_attempt: u32,
+    pub not_before_ms: i64,
+    pub last_exit: &'a Exit,
+}
+
 /// What [`RunStore::claim_due`] found.
 #[derive(Debug, Default)]
 pub struct Claimed {
@@ -55,12 +98,7 @@ pub trait RunStore: Send + Sync + 'static {
     /// Queues runs for several messages in ONE transaction (one fsync): the
     /// intake's hot path. A message whose dedup key is taken inside its
     /// window creates nothing; later messages see the keys of earlier ones.
-    async fn enqueue_batch(
-        &self,
-        job: &JobSpec,
-        messages: &[(SourceMessage, String)],
-        now_ms: i64,
-    ) -> Result<Vec<Enqueued>>;
+    async fn enqueue_batch(&self, batch: Batch<'_>) -> Result<Vec<Enqueued>>;
 
     /// Queues a run unless the dedup key is taken inside its window.
     async fn enqueue(
@@ -70,9 +108,13 @@ pub trait RunStore: Send + Sync + 'static {
         dedup_key: &str,
         now_ms: i64,
     ) -> Result<Enqueued> {
-        let mut out = self
-            .enqueue_batch(job, &[(message.clone(), dedup_key.to_string())], now_ms)
-            .await?;
+        let messages = [(message.clone(), dedup_key.to_string())];
+        let batch = Batch {
+            job,
+            messages: &messages,
+            now_ms,
+        };
+        let mut out = self.enqueue_batch(batch).await?;
         out.pop()
             .ok_or_else(|| pubrun_core::Error::internal("enqueue returned no result"))
     }
@@ -85,13 +127,11 @@ pub trait RunStore: Send + Sync + 'static {
     /// none: the scheduler claims them as usual.
     async fn enqueue_starting(
         &self,
-        job: &JobSpec,
-        messages: &[(SourceMessage, String)],
-        now_ms: i64,
+        batch: Batch<'_>,
         start: usize,
     ) -> Result<(Vec<Enqueued>, Vec<RunRecord>)> {
         let _ = start;
-        Ok((self.enqueue_batch(job, messages, now_ms).await?, Vec::new()))
+        Ok((self.enqueue_batch(batch).await?, Vec::new()))
     }
 
     /// The queued runs of a job that may start now (oldest first, at most
@@ -153,18 +193,17 @@ pub trait RunStore: Send + Sync + 'static {
         status: Option<RunStatus>,
         limit: usize,
     ) -> Result<Vec<RunRecord>> {
-        self.list_before(job, status, None, limit).await
+        self.list_before(RunPage {
+            job: job.map(str::to_string),
+            status,
+            before: None,
+            limit,
+        })
+        .await
     }
 
-    /// Newest first, only runs with an id below `before`: keyset paging, so
-    /// a page stays stable while new runs arrive (the dashboard).
-    async fn list_before(
-        &self,
-        job: Option<&str>,
-        status: Option<RunStatus>,
-        before: Option<i64>,
-        limit: usize,
-    ) -> Result<Vec<RunRecord>>;
+    /// One [`RunPage`] (the dashboard pages with `before`).
+    async fn list_before(&self, page: RunPage) -> Result<Vec<RunRecord>>;
 
     /// How many runs are in each status (statuses without runs are absent).
     async fn count_by_status(&self) -> Result<Vec<(RunStatus, u64)>>;
@@ -180,33 +219,15 @@ pub trait RunStore: Send + Sync + 'static {
     /// Ends a run that is still queued as cancelled, in one statement (so it
     /// cannot race with [`mark_starting`](Self::mark_starting)). Returns
     /// whether the run was queued.
-    async fn cancel_if_queued(
-        &self,
-        id: i64,
-        exit: &Exit,
-        now_ms: i64,
-        has_result_topic: bool,
-    ) -> Result<bool>;
+    async fn cancel_if_queued(&self, id: i64, end: RunEnd<'_>) -> Result<bool>;
 
     async fn mark_running(&self, id: i64, machine: &str, handle: &str, now_ms: i64) -> Result<()>;
 
     /// Back to the queue for another attempt (or the same one after an infra error).
-    async fn requeue(
-        &self,
-        id: i64,
-        next_attempt: u32,
-        not_before_ms: i64,
-        last_exit: &Exit,
-    ) -> Result<()>;
+    async fn requeue(&self, id: i64, again: Requeue<'_>) -> Result<()>;
 
     /// Terminal state plus the outbox flag, in one commit.
-    async fn finish(
-        &self,
-        id: i64,
-        exit: &Exit,
-        now_ms: i64,
-        has_result_topic: bool,
-    ) -> Result<RunStatus>;
+    async fn finish(&self, id: i64, end: RunEnd<'_>) -> Result<RunStatus>;
 
     /// Flags a run for cancellation (refused once it ended); returns it.
     async fn request_cancel(&self, id: i64) -> Result<RunRecord>;

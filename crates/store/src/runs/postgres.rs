@@ -21,17 +21,17 @@
 //!   (calls fail UNAVAILABLE meanwhile), like the Pub/Sub engine's.
 
 use pubrun_core::job::JobSpec;
-use pubrun_core::run::{Exit, RunStatus};
+use pubrun_core::run::RunStatus;
 use pubrun_core::{Error, Result};
 
 use tokio::sync::MutexGuard;
 use tokio_postgres::{Client, GenericClient, Row, Transaction};
 
 use super::{
-    claim_refused, parse_jobs, to_json, Enqueued, QueuedRun, RawRun, RunRecord, RunStore,
-    SourceMessage,
+    claim_refused, parse_jobs, to_json, Batch, Enqueued, QueuedRun, RawRun, Requeue, RunEnd,
+    RunPage, RunRecord, RunStore,
 };
-use crate::fenced::FencedPg;
+use crate::fenced::{query_map, FencedPg};
 use crate::postgres::{db_err, Conn};
 use crate::StoreError;
 
@@ -123,14 +123,8 @@ async fn query_runs<C: GenericClient + Sync>(
     where_: &str,
     params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
 ) -> Result<Vec<RunRecord>> {
-    let rows = c
-        .query(
-            &format!("SELECT {RUN_COLUMNS} FROM pubrun_runs {where_}"),
-            params,
-        )
-        .await
-        .map_err(pg)?;
-    rows.iter().map(|r| raw_run(r)?.parse()).collect()
+    let sql = format!("SELECT {RUN_COLUMNS} FROM pubrun_runs {where_}");
+    query_map(c, &sql, params, |r| raw_run(r)?.parse()).await
 }
 
 async fn get_run<C: GenericClient + Sync>(c: &C, id: i64) -> Result<RunRecord> {
@@ -278,12 +272,12 @@ impl RunStore for PostgresRunStore {
         Ok(())
     }
 
-    async fn enqueue_batch(
-        &self,
-        job: &JobSpec,
-        messages: &[(SourceMessage, String)],
-        now_ms: i64,
-    ) -> Result<Vec<Enqueued>> {
+    async fn enqueue_batch(&self, batch: Batch<'_>) -> Result<Vec<Enqueued>> {
+        let Batch {
+            job,
+            messages,
+            now_ms,
+        } = batch;
         let max_attempts = attempts(job.retries.max_attempts)?;
         let window = i64::try_from(job.dedup_window.as_millis()).unwrap_or(i64::MAX);
         let expires = now_ms.saturating_add(window);
@@ -427,16 +421,11 @@ impl RunStore for PostgresRunStore {
         get_run(&*g.get().await?, id).await
     }
 
-    async fn list_before(
-        &self,
-        job: Option<&str>,
-        status: Option<RunStatus>,
-        before: Option<i64>,
-        limit: usize,
-    ) -> Result<Vec<RunRecord>> {
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let status = status.map(|s| s.as_str());
-        let before = before.unwrap_or(i64::MAX);
+    async fn list_before(&self, page: RunPage) -> Result<Vec<RunRecord>> {
+        let job = page.job.as_deref();
+        let limit = i64::try_from(page.limit).unwrap_or(i64::MAX);
+        let status = page.status.map(|s| s.as_str());
+        let before = page.before.unwrap_or(i64::MAX);
         let mut g = self.conn().await;
         query_runs(
             &*g.get().await?,
@@ -490,22 +479,15 @@ impl RunStore for PostgresRunStore {
         Err(claim_refused(&self.get(id).await?))
     }
 
-    async fn cancel_if_queued(
-        &self,
-        id: i64,
-        exit: &Exit,
-        now_ms: i64,
-        has_result_topic: bool,
-    ) -> Result<bool> {
-        debug_assert_eq!(exit.status(), RunStatus::Cancelled);
-        let json = to_json(exit)?;
-        let published = !has_result_topic;
+    async fn cancel_if_queued(&self, id: i64, end: RunEnd<'_>) -> Result<bool> {
+        debug_assert_eq!(end.exit.status(), RunStatus::Cancelled);
+        let (json, published) = end.columns()?;
         let n = self
             .write(
                 "UPDATE pubrun_runs SET status = 'cancelled', cancel_requested = true, exit = $2,
                      ended_at_ms = $3, result_published = $4
                  WHERE id = $1 AND status = 'queued'",
-                &[&id, &json, &now_ms, &published],
+                &[&id, &json, &end.now_ms, &published],
             )
             .await?;
         Ok(n == 1)
@@ -522,39 +504,26 @@ impl RunStore for PostgresRunStore {
         .await
     }
 
-    async fn requeue(
-        &self,
-        id: i64,
-        next_attempt: u32,
-        not_before_ms: i64,
-        last_exit: &Exit,
-    ) -> Result<()> {
-        let exit = to_json(last_exit)?;
-        let attempt = attempts(next_attempt)?;
+    async fn requeue(&self, id: i64, again: Requeue<'_>) -> Result<()> {
+        let exit = to_json(again.last_exit)?;
+        let attempt = attempts(again.next_attempt)?;
         self.transition(
             id,
             RunStatus::Queued,
             "UPDATE pubrun_runs SET attempt = $2, not_before_ms = $3, exit = $4 WHERE id = $1",
-            &[&attempt, &not_before_ms, &exit],
+            &[&attempt, &again.not_before_ms, &exit],
         )
         .await
     }
 
-    async fn finish(
-        &self,
-        id: i64,
-        exit: &Exit,
-        now_ms: i64,
-        has_result_topic: bool,
-    ) -> Result<RunStatus> {
-        let status = exit.status();
-        let json = to_json(exit)?;
-        let published = !has_result_topic;
+    async fn finish(&self, id: i64, end: RunEnd<'_>) -> Result<RunStatus> {
+        let status = end.exit.status();
+        let (json, published) = end.columns()?;
         self.transition(
             id,
             status,
             "UPDATE pubrun_runs SET exit = $2, ended_at_ms = $3, result_published = $4 WHERE id = $1",
-            &[&json, &now_ms, &published],
+            &[&json, &end.now_ms, &published],
         )
         .await?;
         Ok(status)

@@ -4,13 +4,13 @@
 use std::path::Path;
 
 use pubrun_core::job::JobSpec;
-use pubrun_core::run::{Exit, RunStatus};
+use pubrun_core::run::RunStatus;
 use pubrun_core::{Error, Result};
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{
-    claim_refused, parse_jobs, to_json, Claimed, Enqueued, QueuedRun, RawRun, RunRecord, RunStore,
-    SourceMessage,
+    claim_refused, parse_jobs, to_json, Batch, Claimed, Enqueued, QueuedRun, RawRun, Requeue,
+    RunEnd, RunPage, RunRecord, RunStore, SourceMessage,
 };
 use crate::sqlite::{query_all, SqliteDb, SqliteError};
 
@@ -119,15 +119,8 @@ impl SqliteRunStore {
     }
 
     /// Blocking [`RunStore::list_before`](super::RunStore::list_before).
-    pub fn list_before(
-        &self,
-        job: Option<&str>,
-        status: Option<RunStatus>,
-        before: Option<i64>,
-        limit: usize,
-    ) -> Result<Vec<RunRecord>> {
-        self.db
-            .call_blocking(|c| list_runs(c, job, status, before, limit))
+    pub fn list_before(&self, page: &RunPage) -> Result<Vec<RunRecord>> {
+        self.db.call_blocking(|c| list_runs(c, page))
     }
 
     pub fn enqueue(
@@ -137,9 +130,14 @@ impl SqliteRunStore {
         dedup_key: &str,
         now_ms: i64,
     ) -> Result<Enqueued> {
-        let batch = EnqueueBatch::new(job, &[(message.clone(), dedup_key.to_string())])?;
+        let messages = [(message.clone(), dedup_key.to_string())];
+        let batch = EnqueueBatch::new(Batch {
+            job,
+            messages: &messages,
+            now_ms,
+        })?;
         self.db
-            .call_blocking(|c| batch.run(c, now_ms, 0))?
+            .call_blocking(|c| batch.run(c, 0))?
             .0
             .pop()
             .ok_or_else(|| Error::internal("enqueue returned no result"))
@@ -255,21 +253,15 @@ fn transition(
     tx.commit().map_err(db_err)
 }
 
-fn list_runs(
-    c: &Connection,
-    job: Option<&str>,
-    status: Option<RunStatus>,
-    before: Option<i64>,
-    limit: usize,
-) -> Result<Vec<RunRecord>> {
+fn list_runs(c: &Connection, page: &RunPage) -> Result<Vec<RunRecord>> {
     query_runs(
         c,
         "WHERE (?1 IS NULL OR job = ?1) AND (?2 IS NULL OR status = ?2) AND id < ?3 ORDER BY id DESC LIMIT ?4",
         params![
-            job,
-            status.map(|s| s.as_str()),
-            before.unwrap_or(i64::MAX),
-            limit as i64
+            page.job,
+            page.status.map(|s| s.as_str()),
+            page.before.unwrap_or(i64::MAX),
+            page.limit as i64
         ],
     )
 }
@@ -367,9 +359,10 @@ fn mark_running(
     })
 }
 
-/// An `enqueue_batch` call with its inputs owned (it runs on another thread).
+/// A [`Batch`] with its inputs owned (it runs on another thread).
 struct EnqueueBatch {
     job: String,
+    now_ms: i64,
     max_attempts: u32,
     window_ms: i64,
     /// (message meta JSON, message id, data, dedup key)
@@ -377,13 +370,15 @@ struct EnqueueBatch {
 }
 
 impl EnqueueBatch {
-    fn new(job: &JobSpec, messages: &[(SourceMessage, String)]) -> Result<Self> {
-        let mut items = Vec::with_capacity(messages.len());
-        for (m, key) in messages {
+    fn new(batch: Batch<'_>) -> Result<Self> {
+        let job = batch.job;
+        let mut items = Vec::with_capacity(batch.messages.len());
+        for (m, key) in batch.messages {
             items.push((to_json(m)?, m.id.clone(), m.data.clone(), key.clone()));
         }
         Ok(EnqueueBatch {
             job: job.name.clone(),
+            now_ms: batch.now_ms,
             max_attempts: job.retries.max_attempts,
             window_ms: i64::try_from(job.dedup_window.as_millis()).unwrap_or(i64::MAX),
             items,
@@ -392,13 +387,8 @@ impl EnqueueBatch {
 
     /// Queues the batch; the first `start` new runs are inserted as
     /// `starting` instead, unless an older due run of the job is queued.
-    fn run(
-        self,
-        c: &mut Connection,
-        now_ms: i64,
-        start: usize,
-    ) -> Result<(Vec<Enqueued>, Vec<RunRecord>)> {
-        let name = self.job;
+    fn run(self, c: &mut Connection, start: usize) -> Result<(Vec<Enqueued>, Vec<RunRecord>)> {
+        let (name, now_ms) = (self.job, self.now_ms);
         let tx = c.savepoint().map_err(db_err)?;
         let mut start = start;
         if start > 0 {
@@ -513,25 +503,18 @@ impl RunStore for SqliteRunStore {
         .await
     }
 
-    async fn enqueue_batch(
-        &self,
-        job: &JobSpec,
-        messages: &[(SourceMessage, String)],
-        now_ms: i64,
-    ) -> Result<Vec<Enqueued>> {
-        let batch = EnqueueBatch::new(job, messages)?;
-        Ok(self.write(move |c| batch.run(c, now_ms, 0)).await?.0)
+    async fn enqueue_batch(&self, batch: Batch<'_>) -> Result<Vec<Enqueued>> {
+        let batch = EnqueueBatch::new(batch)?;
+        Ok(self.write(move |c| batch.run(c, 0)).await?.0)
     }
 
     async fn enqueue_starting(
         &self,
-        job: &JobSpec,
-        messages: &[(SourceMessage, String)],
-        now_ms: i64,
+        batch: Batch<'_>,
         start: usize,
     ) -> Result<(Vec<Enqueued>, Vec<RunRecord>)> {
-        let batch = EnqueueBatch::new(job, messages)?;
-        let out = self.write(move |c| batch.run(c, now_ms, start)).await?;
+        let batch = EnqueueBatch::new(batch)?;
+        let out = self.write(move |c| batch.run(c, start)).await?;
         self.claimed(&out.1).await;
         Ok(out)
     }
@@ -600,16 +583,8 @@ impl RunStore for SqliteRunStore {
         self.read(move |c| get_run(c, id)).await
     }
 
-    async fn list_before(
-        &self,
-        job: Option<&str>,
-        status: Option<RunStatus>,
-        before: Option<i64>,
-        limit: usize,
-    ) -> Result<Vec<RunRecord>> {
-        let job = job.map(str::to_string);
-        self.read(move |c| list_runs(c, job.as_deref(), status, before, limit))
-            .await
+    async fn list_before(&self, page: RunPage) -> Result<Vec<RunRecord>> {
+        self.read(move |c| list_runs(c, &page)).await
     }
 
     async fn count_by_status(&self) -> Result<Vec<(RunStatus, u64)>> {
@@ -636,21 +611,15 @@ impl RunStore for SqliteRunStore {
         self.write(move |c| mark_starting(c, id)).await
     }
 
-    async fn cancel_if_queued(
-        &self,
-        id: i64,
-        exit: &Exit,
-        now_ms: i64,
-        has_result_topic: bool,
-    ) -> Result<bool> {
-        debug_assert_eq!(exit.status(), RunStatus::Cancelled);
-        let json = to_json(exit)?;
+    async fn cancel_if_queued(&self, id: i64, end: RunEnd<'_>) -> Result<bool> {
+        debug_assert_eq!(end.exit.status(), RunStatus::Cancelled);
+        let ((json, published), now_ms) = (end.columns()?, end.now_ms);
         self.write(move |c| {
             let n = c
                 .execute(
                     "UPDATE runs SET status = 'cancelled', cancel_requested = 1, exit = ?2, ended_at_ms = ?3, result_published = ?4
                      WHERE id = ?1 AND status = 'queued'",
-                    params![id, json, now_ms, !has_result_topic],
+                    params![id, json, now_ms, published],
                 )
                 .map_err(db_err)?;
             Ok(n == 1)
@@ -664,39 +633,28 @@ impl RunStore for SqliteRunStore {
             .await
     }
 
-    async fn requeue(
-        &self,
-        id: i64,
-        next_attempt: u32,
-        not_before_ms: i64,
-        last_exit: &Exit,
-    ) -> Result<()> {
-        let exit = to_json(last_exit)?;
+    async fn requeue(&self, id: i64, again: Requeue<'_>) -> Result<()> {
+        let exit = to_json(again.last_exit)?;
+        let (attempt, not_before_ms) = (again.next_attempt, again.not_before_ms);
         self.write(move |c| {
             transition(c, id, RunStatus::Queued, |tx| {
                 tx.execute(
                     "UPDATE runs SET attempt = ?2, not_before_ms = ?3, exit = ?4 WHERE id = ?1",
-                    params![id, next_attempt, not_before_ms, exit],
+                    params![id, attempt, not_before_ms, exit],
                 )
             })
         })
         .await
     }
 
-    async fn finish(
-        &self,
-        id: i64,
-        exit: &Exit,
-        now_ms: i64,
-        has_result_topic: bool,
-    ) -> Result<RunStatus> {
-        let status = exit.status();
-        let json = to_json(exit)?;
+    async fn finish(&self, id: i64, end: RunEnd<'_>) -> Result<RunStatus> {
+        let status = end.exit.status();
+        let ((json, published), now_ms) = (end.columns()?, end.now_ms);
         self.write(move |c| {
             transition(c, id, status, |tx| {
                 tx.execute(
                     "UPDATE runs SET exit = ?2, ended_at_ms = ?3, result_published = ?4 WHERE id = ?1",
-                    params![id, json, now_ms, !has_result_topic],
+                    params![id, json, now_ms, published],
                 )
             })
         })

@@ -448,10 +448,9 @@ async fn postgres_writes_under_a_stale_token_are_refused() {
 async fn sqlite_opens_a_pools_db_of_an_older_pubrun() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("pools.db");
-    {
-        let c = rusqlite::Connection::open(&path).unwrap();
-        c.execute_batch(
-            "CREATE TABLE pools (name TEXT PRIMARY KEY, spec TEXT NOT NULL, token TEXT NOT NULL);
+    engine_kit::run_sql(
+        &path,
+        "CREATE TABLE pools (name TEXT PRIMARY KEY, spec TEXT NOT NULL, token TEXT NOT NULL);
              CREATE TABLE machines (name TEXT PRIMARY KEY, pool TEXT NOT NULL, provider TEXT NOT NULL,
                  provider_id TEXT NOT NULL DEFAULT '', state TEXT NOT NULL, state_since_ms INTEGER NOT NULL,
                  idle_since_ms INTEGER, created_ms INTEGER NOT NULL, cordoned INTEGER NOT NULL DEFAULT 0,
@@ -467,9 +466,7 @@ async fn sqlite_opens_a_pools_db_of_an_older_pubrun() {
                         ('m2', 'p', 'docker', 'idle', 5, 1, 2, '');
              INSERT INTO leases (run_id, job, attempt, pool, machine, state, assigned_ms)
                  VALUES ('run-1', 'j', 1, 'p', 'm2', 'assigned', 3);",
-        )
-        .unwrap();
-    }
+    );
     let s = SqlitePoolStore::open(&path).await.unwrap();
     let m1 = s.machine("m1").await.unwrap().unwrap();
     assert_eq!(m1.last_error, "agent not heard from for 30 s");
@@ -497,12 +494,10 @@ async fn sqlite_corrupt_rows_are_errors() {
         .unwrap();
     let t = s.new_lease(&lease("run-1", "m1", 2)).await.unwrap();
     drop(s);
-    {
-        let c = rusqlite::Connection::open(&path).unwrap();
-        c.execute("UPDATE machines SET state = 'melted'", [])
-            .unwrap();
-        c.execute("UPDATE leases SET state = 'lost'", []).unwrap();
-    }
+    engine_kit::run_sql(
+        &path,
+        "UPDATE machines SET state = 'melted'; UPDATE leases SET state = 'lost';",
+    );
     let s = SqlitePoolStore::open(&path).await.unwrap();
     let e = s.machines().await.unwrap_err();
     assert_eq!(e.code, Code::Internal, "{e}");

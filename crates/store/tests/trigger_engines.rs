@@ -16,7 +16,9 @@ use chrono::{DateTime, Utc};
 use engine_kit::{Postgres, Sqlite};
 use pubrun_core::Code;
 use pubrun_store::testing::TempPostgres;
-use pubrun_store::triggers::{Claim, DefKind, Definition, Scope, TriggerStore};
+use pubrun_store::triggers::{
+    Claim, DefKind, Definition, Replacement, Scope, TickClaim, TriggerStore,
+};
 use pubrun_store::{PostgresTriggerStore, SqliteTriggerStore};
 
 store_engines! {
@@ -32,12 +34,40 @@ fn t(s: i64) -> DateTime<Utc> {
     DateTime::from_timestamp(1_780_000_000 + s, 0).unwrap()
 }
 
+/// `owner`'s claim of `tick` on schedule `name` at `now`.
+fn by<'a>(name: &'a str, tick: DateTime<Utc>, owner: &'a str, now: DateTime<Utc>) -> TickClaim<'a> {
+    TickClaim {
+        name,
+        tick,
+        owner,
+        now,
+    }
+}
+
 fn def(name: &str, project: &str) -> Definition {
     Definition {
         name: name.into(),
         project: project.into(),
         spec: format!("{{\"name\":\"{name}\"}}"),
     }
+}
+
+/// `project`'s apply declaring one definition of `kind`, `name`, unpaused.
+async fn declare(
+    s: &dyn TriggerStore,
+    kind: DefKind,
+    project: &str,
+    name: &str,
+    now: DateTime<Utc>,
+) -> pubrun_core::Result<Vec<Definition>> {
+    let defs = [(def(name, project), false)];
+    s.replace_definitions(Replacement {
+        kind,
+        scope: Scope::Project(project),
+        defs: &defs,
+        now,
+    })
+    .await
 }
 
 fn names(defs: &[Definition]) -> Vec<(String, String)> {
@@ -52,8 +82,14 @@ async fn claim_is_compare_and_set(e: impl Engine) {
     a.reconcile(&[("s".into(), false)], t(0)).await.unwrap();
     let st = b.get("s").await.unwrap().unwrap();
     assert_eq!(st.cursor, t(0));
-    assert!(a.claim("s", st.cursor, t(60), "a", t(60)).await.unwrap());
-    assert!(!b.claim("s", st.cursor, t(60), "b", t(60)).await.unwrap());
+    assert!(a
+        .claim(by("s", t(60), "a", t(60)), st.cursor)
+        .await
+        .unwrap());
+    assert!(!b
+        .claim(by("s", t(60), "b", t(60)), st.cursor)
+        .await
+        .unwrap());
     let st = b.get("s").await.unwrap().unwrap();
     assert_eq!(
         st.pending,
@@ -65,8 +101,8 @@ async fn claim_is_compare_and_set(e: impl Engine) {
     );
     assert_eq!(st.cursor, t(60));
     // Only the owner clears the claim; the tick shows as fired either way.
-    assert!(!b.complete("s", t(60), "b", "7", t(61)).await.unwrap());
-    assert!(a.complete("s", t(60), "a", "7", t(61)).await.unwrap());
+    assert!(!b.complete(by("s", t(60), "b", t(61)), "7").await.unwrap());
+    assert!(a.complete(by("s", t(60), "a", t(61)), "7").await.unwrap());
     let st = a.get("s").await.unwrap().unwrap();
     assert_eq!(st.pending, None);
     assert_eq!(st.last_fired, Some(t(60)));
@@ -85,8 +121,8 @@ async fn racing_schedulers_claim_each_tick_once(e: impl Engine) {
         let (sa, sb) = (sa.unwrap().unwrap(), sb.unwrap().unwrap());
         let tick = t(round * 60);
         let (ca, cb) = tokio::join!(
-            a.claim("race", sa.cursor, tick, "a", tick),
-            b.claim("race", sb.cursor, tick, "b", tick)
+            a.claim(by("race", tick, "a", tick), sa.cursor),
+            b.claim(by("race", tick, "b", tick), sb.cursor)
         );
         let won = [ca.unwrap(), cb.unwrap()];
         assert_eq!(
@@ -100,7 +136,7 @@ async fn racing_schedulers_claim_each_tick_once(e: impl Engine) {
         assert_eq!(st.cursor, tick);
         let store = if won[0] { &a } else { &b };
         assert!(store
-            .complete("race", tick, owner, &round.to_string(), tick)
+            .complete(by("race", tick, owner, tick), &round.to_string())
             .await
             .unwrap());
     }
@@ -114,11 +150,11 @@ async fn stale_claim_is_taken_over_once(e: impl Engine) {
     let a = e.open().await;
     let b = e.open().await;
     a.reconcile(&[("s".into(), false)], t(0)).await.unwrap();
-    assert!(a.claim("s", t(0), t(60), "a", t(60)).await.unwrap());
+    assert!(a.claim(by("s", t(60), "a", t(60)), t(0)).await.unwrap());
     let claim = b.get("s").await.unwrap().unwrap().pending.unwrap();
     let (x, y) = tokio::join!(
-        b.take_over("s", &claim, "b", t(200)),
-        a.take_over("s", &claim, "c", t(200))
+        b.take_over(by("s", claim.tick, "b", t(200)), &claim),
+        a.take_over(by("s", claim.tick, "c", t(200)), &claim)
     );
     assert_eq!(
         [x.unwrap(), y.unwrap()].iter().filter(|w| **w).count(),
@@ -130,10 +166,10 @@ async fn stale_claim_is_taken_over_once(e: impl Engine) {
     assert_eq!(now.tick, t(60));
     assert_eq!(now.claimed_at, t(200));
     // The old owner can no longer clear it; the new one can.
-    assert!(!a.complete("s", t(60), "a", "1", t(201)).await.unwrap());
+    assert!(!a.complete(by("s", t(60), "a", t(201)), "1").await.unwrap());
     assert!(a.get("s").await.unwrap().unwrap().pending.is_some());
     assert!(b
-        .complete("s", t(60), &now.owner, "2", t(202))
+        .complete(by("s", t(60), &now.owner, t(202)), "2")
         .await
         .unwrap());
     let st = a.get("s").await.unwrap().unwrap();
@@ -144,7 +180,7 @@ async fn stale_claim_is_taken_over_once(e: impl Engine) {
 async fn errors_and_run_now_are_recorded(e: impl Engine) {
     let s = e.open().await;
     s.reconcile(&[("s".into(), false)], t(0)).await.unwrap();
-    assert!(s.claim("s", t(0), t(60), "a", t(60)).await.unwrap());
+    assert!(s.claim(by("s", t(60), "a", t(60)), t(0)).await.unwrap());
     s.record_error("s", "topic not found", t(61)).await.unwrap();
     let st = s.get("s").await.unwrap().unwrap();
     assert_eq!(st.last_error.as_deref(), Some("topic not found"));
@@ -153,7 +189,7 @@ async fn errors_and_run_now_are_recorded(e: impl Engine) {
     let st = s.get("s").await.unwrap().unwrap();
     assert_eq!(st.last_message_id.as_deref(), Some("42"));
     assert_eq!(st.cursor, t(60), "run now does not move the cursor");
-    assert!(s.complete("s", t(60), "a", "43", t(80)).await.unwrap());
+    assert!(s.complete(by("s", t(60), "a", t(80)), "43").await.unwrap());
     assert_eq!(s.get("s").await.unwrap().unwrap().last_error, None);
     // Unknown names change nothing and are no error.
     s.record_error("nope", "x", t(1)).await.unwrap();
@@ -168,7 +204,7 @@ async fn pause_resume_and_reconcile(e: impl Engine) {
     assert_eq!(db.list().await.unwrap().len(), 2);
     assert!(db.set_paused("s", true, t(10)).await.unwrap());
     assert!(
-        !db.claim("s", t(0), t(60), "a", t(60)).await.unwrap(),
+        !db.claim(by("s", t(60), "a", t(60)), t(0)).await.unwrap(),
         "no claim while paused"
     );
     // Re-applying the same declaration keeps the run-time pause.
@@ -202,15 +238,15 @@ async fn definitions_are_scoped_by_project(e: impl Engine) {
     let a = e.open().await;
     let b = e.open().await;
     let all = a
-        .replace_definitions(
-            DefKind::Schedule,
-            Scope::Project("alpha"),
-            &[
+        .replace_definitions(Replacement {
+            kind: DefKind::Schedule,
+            scope: Scope::Project("alpha"),
+            defs: &[
                 (def("nightly", "alpha"), false),
                 (def("hourly", "alpha"), true),
             ],
-            t(0),
-        )
+            now: t(0),
+        })
         .await
         .unwrap();
     assert_eq!(
@@ -226,30 +262,14 @@ async fn definitions_are_scoped_by_project(e: impl Engine) {
     assert_eq!(st.cursor, t(0));
     assert!(!b.get("nightly").await.unwrap().unwrap().paused);
     // Webhooks are a separate kind with the same names allowed.
-    b.replace_definitions(
-        DefKind::Webhook,
-        Scope::Project("beta"),
-        &[(def("nightly", "beta"), false)],
-        t(1),
-    )
-    .await
-    .unwrap();
-    b.replace_definitions(
-        DefKind::Schedule,
-        Scope::Project("beta"),
-        &[(def("weekly", "beta"), false)],
-        t(2),
-    )
-    .await
-    .unwrap();
+    declare(&*b, DefKind::Webhook, "beta", "nightly", t(1))
+        .await
+        .unwrap();
+    declare(&*b, DefKind::Schedule, "beta", "weekly", t(2))
+        .await
+        .unwrap();
     // Another project's name is refused, and nothing changes.
-    let err = b
-        .replace_definitions(
-            DefKind::Schedule,
-            Scope::Project("beta"),
-            &[(def("nightly", "beta"), false)],
-            t(3),
-        )
+    let err = declare(&*b, DefKind::Schedule, "beta", "nightly", t(3))
         .await
         .expect_err("name held by alpha");
     assert_eq!(err.code, Code::FailedPrecondition, "{err}");
@@ -263,13 +283,7 @@ async fn definitions_are_scoped_by_project(e: impl Engine) {
         ]
     );
     // A project's apply replaces only its own definitions (and states).
-    let all = a
-        .replace_definitions(
-            DefKind::Schedule,
-            Scope::Project("alpha"),
-            &[(def("nightly", "alpha"), false)],
-            t(4),
-        )
+    let all = declare(&*a, DefKind::Schedule, "alpha", "nightly", t(4))
         .await
         .unwrap();
     assert_eq!(
@@ -296,12 +310,12 @@ async fn definitions_are_scoped_by_project(e: impl Engine) {
     );
     // Scope::All replaces every project's.
     let all = a
-        .replace_definitions(
-            DefKind::Schedule,
-            Scope::All,
-            &[(def("only", "gamma"), false)],
-            t(5),
-        )
+        .replace_definitions(Replacement {
+            kind: DefKind::Schedule,
+            scope: Scope::All,
+            defs: &[(def("only", "gamma"), false)],
+            now: t(5),
+        })
         .await
         .unwrap();
     assert_eq!(names(&all), [("only".into(), "gamma".into())]);
@@ -321,16 +335,11 @@ async fn definitions_are_scoped_by_project(e: impl Engine) {
 async fn state_survives_reopen(e: impl Engine) {
     {
         let s = e.open().await;
-        s.replace_definitions(
-            DefKind::Webhook,
-            Scope::Project("p"),
-            &[(def("hook", "p"), false)],
-            t(0),
-        )
-        .await
-        .unwrap();
+        declare(&*s, DefKind::Webhook, "p", "hook", t(0))
+            .await
+            .unwrap();
         s.reconcile(&[("s".into(), false)], t(0)).await.unwrap();
-        assert!(s.claim("s", t(0), t(60), "a", t(60)).await.unwrap());
+        assert!(s.claim(by("s", t(60), "a", t(60)), t(0)).await.unwrap());
     }
     let s = e.open().await;
     assert_eq!(
@@ -357,10 +366,9 @@ all_engines!(
 async fn sqlite_opens_an_existing_triggers_db() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("triggers.db");
-    {
-        let c = rusqlite::Connection::open(&path).unwrap();
-        c.execute_batch(
-            "CREATE TABLE schedules (name TEXT PRIMARY KEY, cursor_ms INTEGER NOT NULL,
+    engine_kit::run_sql(
+        &path,
+        "CREATE TABLE schedules (name TEXT PRIMARY KEY, cursor_ms INTEGER NOT NULL,
                 paused INTEGER NOT NULL DEFAULT 0, config_paused INTEGER NOT NULL DEFAULT 0,
                 pending_tick_ms INTEGER, claimed_by TEXT, claimed_at_ms INTEGER,
                 last_fired_ms INTEGER, last_message_id TEXT, last_error TEXT,
@@ -370,9 +378,7 @@ async fn sqlite_opens_an_existing_triggers_db() {
              INSERT INTO schedules (name, cursor_ms, paused, updated_ms) VALUES ('old', 1780000000000, 1, 0);
              INSERT INTO definitions VALUES ('schedule', 'old', 'demo', '{}');
              PRAGMA user_version = 2;",
-        )
-        .unwrap();
-    }
+    );
     let s = SqliteTriggerStore::open(&path).unwrap();
     let st = s.get("old").await.unwrap().unwrap();
     assert_eq!(st.cursor, t(0));
@@ -390,10 +396,7 @@ async fn sqlite_corrupt_claim_is_an_error() {
     let path = dir.path().join("triggers.db");
     let s = SqliteTriggerStore::open(&path).unwrap();
     s.reconcile(&[("s".into(), false)], t(0)).await.unwrap();
-    rusqlite::Connection::open(&path)
-        .unwrap()
-        .execute("UPDATE schedules SET pending_tick_ms = 5", [])
-        .unwrap();
+    engine_kit::run_sql(&path, "UPDATE schedules SET pending_tick_ms = 5");
     let err = s.get("s").await.expect_err("claim without owner");
     assert_eq!(err.code, Code::Internal, "{err}");
 }
@@ -410,15 +413,10 @@ async fn postgres_writes_under_a_stale_token_are_refused() {
         let a = PostgresTriggerStore::open(&pg.url(), Some(engine_kit::fence(lease.token())))
             .await
             .unwrap();
-        a.replace_definitions(
-            DefKind::Schedule,
-            Scope::Project("p"),
-            &[(def("s", "p"), false)],
-            t(0),
-        )
-        .await
-        .unwrap();
-        assert!(a.claim("s", t(0), t(60), "a", t(60)).await.unwrap());
+        declare(&a, DefKind::Schedule, "p", "s", t(0))
+            .await
+            .unwrap();
+        assert!(a.claim(by("s", t(60), "a", t(60)), t(0)).await.unwrap());
         assert!(!a.is_fenced());
 
         // "a" is cut off; "b" takes over with a higher token.
@@ -431,16 +429,27 @@ async fn postgres_writes_under_a_stale_token_are_refused() {
 
         let claim = a.get("s").await.unwrap().unwrap().pending.unwrap();
         let refused = [
-            a.claim("s", t(60), t(120), "a", t(120)).await.map(|_| ()),
-            a.take_over("s", &claim, "a", t(200)).await.map(|_| ()),
-            a.complete("s", t(60), "a", "late", t(61)).await.map(|_| ()),
+            a.claim(by("s", t(120), "a", t(120)), t(60))
+                .await
+                .map(|_| ()),
+            a.take_over(by("s", claim.tick, "a", t(200)), &claim)
+                .await
+                .map(|_| ()),
+            a.complete(by("s", t(60), "a", t(61)), "late")
+                .await
+                .map(|_| ()),
             a.record_error("s", "late", t(61)).await,
             a.record_run_now("s", "late", t(61)).await,
             a.set_paused("s", true, t(61)).await.map(|_| ()),
             a.reconcile(&[], t(61)).await,
-            a.replace_definitions(DefKind::Webhook, Scope::All, &[], t(61))
-                .await
-                .map(|_| ()),
+            a.replace_definitions(Replacement {
+                kind: DefKind::Webhook,
+                scope: Scope::All,
+                defs: &[],
+                now: t(61),
+            })
+            .await
+            .map(|_| ()),
         ];
         engine_kit::assert_fenced(refused);
         assert!(a.is_fenced());
@@ -452,9 +461,12 @@ async fn postgres_writes_under_a_stale_token_are_refused() {
         assert_eq!(st.last_message_id, None);
         assert_eq!(st.last_error, None);
         // The new owner takes the stale claim over and completes it.
-        assert!(b.take_over("s", &claim, "b", t(200)).await.unwrap());
-        assert!(b.complete("s", t(60), "b", "1", t(201)).await.unwrap());
-        assert!(b.claim("s", t(60), t(120), "b", t(220)).await.unwrap());
+        assert!(b
+            .take_over(by("s", claim.tick, "b", t(200)), &claim)
+            .await
+            .unwrap());
+        assert!(b.complete(by("s", t(60), "b", t(201)), "1").await.unwrap());
+        assert!(b.claim(by("s", t(120), "b", t(220)), t(60)).await.unwrap());
         assert_eq!(b.definitions(DefKind::Schedule).await.unwrap().len(), 1);
         drop(b_lease);
     })

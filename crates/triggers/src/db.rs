@@ -5,6 +5,6 @@
 //! default), `PostgresTriggerStore` the cluster's PostgreSQL.
 
 pub use pubrun_store::triggers::{
-    Claim, DefKind, Definition, PostgresTriggerStore, ScheduleState, Scope, SqliteTriggerStore,
-    TriggerStore,
+    Claim, DefKind, Definition, PostgresTriggerStore, Replacement, ScheduleState, Scope,
+    SqliteTriggerStore, TickClaim, TriggerStore,
 };

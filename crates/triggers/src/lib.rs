@@ -85,7 +85,7 @@ pub use webhook::{
     github_signature, verify_github_signature, Hook, WebhookSpec, DEFAULT_MAX_BODY_BYTES,
 };
 
-use db::{DefKind, Scope, SqliteTriggerStore, TriggerStore};
+use db::{DefKind, Replacement, Scope, SqliteTriggerStore, TriggerStore};
 
 /// File name of the schedules database inside the data directory.
 pub const DB_FILE: &str = "triggers.db";
@@ -211,7 +211,12 @@ impl Triggers {
         let all = self
             .scheduler
             .db()
-            .replace_definitions(DefKind::Webhook, scope, &defs, self.scheduler.clock_now())
+            .replace_definitions(Replacement {
+                kind: DefKind::Webhook,
+                scope,
+                defs: &defs,
+                now: self.scheduler.clock_now(),
+            })
             .await?;
         self.install_webhooks(&all, env);
         Ok(())

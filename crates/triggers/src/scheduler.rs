@@ -52,7 +52,7 @@ use pubrun_broker::Broker;
 use pubrun_core::{Error, Result};
 use tokio::sync::{watch, Notify};
 
-use crate::db::{DefKind, Definition, ScheduleState, Scope, TriggerStore};
+use crate::db::{DefKind, Definition, Replacement, ScheduleState, Scope, TickClaim, TriggerStore};
 use crate::schedule::{due, format_time, MissedPolicy, Schedule, ScheduleSpec, ScheduleStatus};
 use pubrun_core::clock::Clock;
 
@@ -175,7 +175,12 @@ impl Scheduler {
         let all = self
             .inner
             .db
-            .replace_definitions(DefKind::Schedule, scope, &defs, self.inner.clock.now())
+            .replace_definitions(Replacement {
+                kind: DefKind::Schedule,
+                scope,
+                defs: &defs,
+                now: self.inner.clock.now(),
+            })
             .await?;
         self.install(&all);
         self.inner.wake.notify_one();
@@ -413,7 +418,13 @@ impl Inner {
         if let Some(claim) = &st.pending {
             let expires = claim.claimed_at + lease();
             if expires <= now {
-                if self.db.take_over(name, claim, &self.owner, now).await? {
+                let again = TickClaim {
+                    name,
+                    tick: claim.tick,
+                    owner: &self.owner,
+                    now,
+                };
+                if self.db.take_over(again, claim).await? {
                     tracing::info!(schedule = name, tick = %format_time(claim.tick), previous_owner = %claim.owner, "publishing a claimed tick again");
                     if !self.publish_tick(s, claim.tick, now).await {
                         wake_at(now + lease());
@@ -429,11 +440,13 @@ impl Inner {
             let mut live = s.clone();
             live.spec.paused = false;
             if let Some(&tick) = due(&live, st.cursor, now).first() {
-                if self
-                    .db
-                    .claim(name, st.cursor, tick, &self.owner, now)
-                    .await?
-                {
+                let c = TickClaim {
+                    name,
+                    tick,
+                    owner: &self.owner,
+                    now,
+                };
+                if self.db.claim(c, st.cursor).await? {
                     if !self.publish_tick(s, tick, now).await {
                         wake_at(now + lease());
                     }
@@ -462,7 +475,15 @@ impl Inner {
                 tracing::info!(schedule = name, tick = %format_time(tick), message_id = %id, "schedule fired");
                 if let Err(e) = self
                     .db
-                    .complete(name, tick, &self.owner, &id, self.clock.now())
+                    .complete(
+                        TickClaim {
+                            name,
+                            tick,
+                            owner: &self.owner,
+                            now: self.clock.now(),
+                        },
+                        &id,
+                    )
                     .await
                 {
                     // Published but not recorded: the claim expires and the

@@ -10,7 +10,7 @@ use common::{utc, Env};
 use pubrun_broker::Broker;
 use pubrun_core::{Message, SubscriptionName};
 use pubrun_store::EmbeddedStore;
-use pubrun_triggers::db::{SqliteTriggerStore, TriggerStore};
+use pubrun_triggers::db::{SqliteTriggerStore, TickClaim, TriggerStore};
 use pubrun_triggers::{MissedPolicy, ScheduleSpec, Triggers};
 
 const TOPIC: &str = "projects/demo/topics/imports";
@@ -431,16 +431,13 @@ async fn crash_between_claim_and_publish_publishes_once_after_the_lease() {
     // Another server claimed 10:00 and died before publishing.
     let db = SqliteTriggerStore::open(&e.data.join("triggers.db")).unwrap();
     let cursor = db.get("hourly").await.unwrap().unwrap().cursor;
-    assert!(db
-        .claim(
-            "hourly",
-            cursor,
-            utc("2026-05-01T10:00:00Z"),
-            "dead-server",
-            utc("2026-05-01T10:00:00Z")
-        )
-        .await
-        .unwrap());
+    let dead = TickClaim {
+        name: "hourly",
+        tick: utc("2026-05-01T10:00:00Z"),
+        owner: "dead-server",
+        now: utc("2026-05-01T10:00:00Z"),
+    };
+    assert!(db.claim(dead, cursor).await.unwrap());
 
     let t = e.hourly().await;
     let _h = t.spawn();

@@ -72,12 +72,42 @@ pub enum Scope<'a> {
     Project(&'a str),
 }
 
+/// A replace of the definitions of `kind` within `scope` by `defs`, each
+/// with its declared pause state (see [`TriggerStore::replace_definitions`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Replacement<'a> {
+    pub kind: DefKind,
+    pub scope: Scope<'a>,
+    pub defs: &'a [(Definition, bool)],
+    pub now: DateTime<Utc>,
+}
+
+impl Replacement<'_> {
+    /// The declared schedules `(name, paused)` the state rows follow.
+    pub(crate) fn declared(&self) -> Vec<(String, bool)> {
+        self.defs
+            .iter()
+            .map(|(d, p)| (d.name.clone(), *p))
+            .collect()
+    }
+}
+
 /// A claimed tick not yet published.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Claim {
     pub tick: DateTime<Utc>,
     pub owner: String,
     pub claimed_at: DateTime<Utc>,
+}
+
+/// A tick of a schedule that `owner` claims (or holds, or completes) at
+/// `now`: what every call on a claim names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TickClaim<'a> {
+    pub name: &'a str,
+    pub tick: DateTime<Utc>,
+    pub owner: &'a str,
+    pub now: DateTime<Utc>,
 }
 
 /// One schedule's durable state.
@@ -110,57 +140,31 @@ pub trait TriggerStore: Send + Sync + 'static {
     /// The definitions of `kind`, by name.
     async fn definitions(&self, kind: DefKind) -> Result<Vec<Definition>>;
 
-    /// Replaces the definitions of `kind` within `scope` by `defs`, in one
-    /// transaction; nothing changes on an error (a name that another project
-    /// holds). For schedules the state rows follow in the same transaction:
-    /// the `bool` gives each definition's declared pause state (see
-    /// [`reconcile`](Self::reconcile)), and rows of schedules no longer
-    /// defined are deleted. Returns every definition of `kind` afterwards.
-    async fn replace_definitions(
-        &self,
-        kind: DefKind,
-        scope: Scope<'_>,
-        defs: &[(Definition, bool)],
-        now: DateTime<Utc>,
-    ) -> Result<Vec<Definition>>;
+    /// Replaces the definitions of `r.kind` within `r.scope` by `r.defs`, in
+    /// one transaction; nothing changes on an error (a name that another
+    /// project holds). For schedules the state rows follow in the same
+    /// transaction: the `bool` gives each definition's declared pause state
+    /// (see [`reconcile`](Self::reconcile)), and rows of schedules no longer
+    /// defined are deleted. Returns every definition of the kind afterwards.
+    async fn replace_definitions(&self, r: Replacement<'_>) -> Result<Vec<Definition>>;
 
     async fn get(&self, name: &str) -> Result<Option<ScheduleState>>;
 
     /// By name.
     async fn list(&self) -> Result<Vec<ScheduleState>>;
 
-    /// Claims `tick` if the cursor is still `expected_cursor` and the
+    /// Claims the tick if the cursor is still `expected_cursor` and the
     /// schedule is not paused. True if this caller won. A claim supersedes
     /// an older pending claim (the older tick then counts as missed).
-    async fn claim(
-        &self,
-        name: &str,
-        expected_cursor: DateTime<Utc>,
-        tick: DateTime<Utc>,
-        owner: &str,
-        now: DateTime<Utc>,
-    ) -> Result<bool>;
+    async fn claim(&self, c: TickClaim<'_>, expected_cursor: DateTime<Utc>) -> Result<bool>;
 
-    /// Takes over the pending claim `claim` (expired lease, or this owner
-    /// retrying). True if this caller won.
-    async fn take_over(
-        &self,
-        name: &str,
-        claim: &Claim,
-        owner: &str,
-        now: DateTime<Utc>,
-    ) -> Result<bool>;
+    /// Takes over `from`, the pending claim of the tick as read (expired
+    /// lease, or this owner retrying). True if this caller won.
+    async fn take_over(&self, c: TickClaim<'_>, from: &Claim) -> Result<bool>;
 
-    /// Records a published tick and clears its claim (if still `owner`'s);
+    /// Records a published tick and clears its claim (if still the owner's);
     /// true if the claim was cleared. The tick is shown as fired either way.
-    async fn complete(
-        &self,
-        name: &str,
-        tick: DateTime<Utc>,
-        owner: &str,
-        message_id: &str,
-        now: DateTime<Utc>,
-    ) -> Result<bool>;
+    async fn complete(&self, c: TickClaim<'_>, message_id: &str) -> Result<bool>;
 
     /// Records a failed publish; the claim stays pending.
     async fn record_error(&self, name: &str, error: &str, now: DateTime<Utc>) -> Result<()>;

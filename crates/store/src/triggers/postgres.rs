@@ -24,7 +24,8 @@ use pubrun_core::{Error, Result};
 use tokio_postgres::{GenericClient, Row, Transaction};
 
 use super::{
-    check_scope, ms, Claim, DefKind, Definition, RawState, ScheduleState, Scope, TriggerStore,
+    check_scope, ms, Claim, DefKind, Definition, RawState, Replacement, ScheduleState, Scope,
+    TickClaim, TriggerStore,
 };
 use crate::fenced::FencedPg;
 use crate::postgres::db_err;
@@ -158,6 +159,13 @@ impl PostgresTriggerStore {
     pub fn is_fenced(&self) -> bool {
         self.pg.is_fenced()
     }
+
+    /// Records a value shown beside schedule `name` (`sql`: $1 name, $2 the
+    /// value, $3 now).
+    async fn note(&self, sql: &str, name: &str, value: &str, now: DateTime<Utc>) -> Result<()> {
+        self.pg.write(sql, &[&name, &value, &ms(now)]).await?;
+        Ok(())
+    }
 }
 
 #[async_trait::async_trait]
@@ -176,13 +184,8 @@ impl TriggerStore for PostgresTriggerStore {
         definitions(g.get().await?, kind).await
     }
 
-    async fn replace_definitions(
-        &self,
-        kind: DefKind,
-        scope: Scope<'_>,
-        defs: &[(Definition, bool)],
-        now: DateTime<Utc>,
-    ) -> Result<Vec<Definition>> {
+    async fn replace_definitions(&self, r: Replacement<'_>) -> Result<Vec<Definition>> {
+        let (kind, scope, defs) = (r.kind, r.scope, r.defs);
         let mut g = self.pg.conn().await;
         let tx = self.pg.begin(g.get().await?).await?;
         tx.batch_execute("LOCK TABLE pubrun_trigger_definitions IN EXCLUSIVE MODE")
@@ -217,9 +220,7 @@ impl TriggerStore for PostgresTriggerStore {
         }
         let all = definitions(&tx, kind).await?;
         if kind == DefKind::Schedule {
-            let declared: Vec<(String, bool)> =
-                defs.iter().map(|(d, p)| (d.name.clone(), *p)).collect();
-            upsert_states(&tx, &declared, now).await?;
+            upsert_states(&tx, &r.declared(), r.now).await?;
             let keep: Vec<String> = all.iter().map(|d| d.name.clone()).collect();
             delete_states_except(&tx, &keep).await?;
         }
@@ -239,68 +240,59 @@ impl TriggerStore for PostgresTriggerStore {
     }
 
     async fn list(&self) -> Result<Vec<ScheduleState>> {
-        let rows = self
-            .pg
-            .query(
+        self.pg
+            .query_map(
                 &format!("SELECT {COLUMNS} FROM pubrun_schedules ORDER BY name"),
                 &[],
+                |r| raw_state(r)?.parse(),
             )
-            .await?;
-        rows.iter().map(|r| raw_state(r)?.parse()).collect()
+            .await
     }
 
-    async fn claim(
-        &self,
-        name: &str,
-        expected_cursor: DateTime<Utc>,
-        tick: DateTime<Utc>,
-        owner: &str,
-        now: DateTime<Utc>,
-    ) -> Result<bool> {
+    async fn claim(&self, c: TickClaim<'_>, expected_cursor: DateTime<Utc>) -> Result<bool> {
         let n = self
             .pg
             .write(
                 "UPDATE pubrun_schedules SET cursor_ms = $3, pending_tick_ms = $3, claimed_by = $4,
                         claimed_at_ms = $5, updated_ms = $5
                  WHERE name = $1 AND cursor_ms = $2 AND NOT paused",
-                &[&name, &ms(expected_cursor), &ms(tick), &owner, &ms(now)],
-            )
-            .await?;
-        Ok(n == 1)
-    }
-
-    async fn take_over(
-        &self,
-        name: &str,
-        claim: &Claim,
-        owner: &str,
-        now: DateTime<Utc>,
-    ) -> Result<bool> {
-        let n = self
-            .pg.write(
-                "UPDATE pubrun_schedules SET claimed_by = $5, claimed_at_ms = $6, updated_ms = $6
-                 WHERE name = $1 AND pending_tick_ms = $2 AND claimed_by = $3 AND claimed_at_ms = $4",
                 &[
-                    &name,
-                    &ms(claim.tick),
-                    &claim.owner,
-                    &ms(claim.claimed_at),
-                    &owner,
-                    &ms(now),
+                    &c.name,
+                    &ms(expected_cursor),
+                    &ms(c.tick),
+                    &c.owner,
+                    &ms(c.now),
                 ],
             )
             .await?;
         Ok(n == 1)
     }
 
-    async fn complete(
-        &self,
-        name: &str,
-        tick: DateTime<Utc>,
-        owner: &str,
-        message_id: &str,
-        now: DateTime<Utc>,
-    ) -> Result<bool> {
+    async fn take_over(&self, c: TickClaim<'_>, from: &Claim) -> Result<bool> {
+        let n = self
+            .pg.write(
+                "UPDATE pubrun_schedules SET claimed_by = $5, claimed_at_ms = $6, updated_ms = $6
+                 WHERE name = $1 AND pending_tick_ms = $2 AND claimed_by = $3 AND claimed_at_ms = $4",
+                &[
+                    &c.name,
+                    &ms(c.tick),
+                    &from.owner,
+                    &ms(from.claimed_at),
+                    &c.owner,
+                    &ms(c.now),
+                ],
+            )
+            .await?;
+        Ok(n == 1)
+    }
+
+    async fn complete(&self, c: TickClaim<'_>, message_id: &str) -> Result<bool> {
+        let TickClaim {
+            name,
+            tick,
+            owner,
+            now,
+        } = c;
         let mut g = self.pg.conn().await;
         let tx = self.pg.begin(g.get().await?).await?;
         let n = tx
@@ -326,23 +318,14 @@ impl TriggerStore for PostgresTriggerStore {
     }
 
     async fn record_error(&self, name: &str, error: &str, now: DateTime<Utc>) -> Result<()> {
-        self.pg
-            .write(
-                "UPDATE pubrun_schedules SET last_error = $2, updated_ms = $3 WHERE name = $1",
-                &[&name, &error, &ms(now)],
-            )
-            .await?;
-        Ok(())
+        let sql = "UPDATE pubrun_schedules SET last_error = $2, updated_ms = $3 WHERE name = $1";
+        self.note(sql, name, error, now).await
     }
 
     async fn record_run_now(&self, name: &str, message_id: &str, now: DateTime<Utc>) -> Result<()> {
-        self.pg
-            .write(
-                "UPDATE pubrun_schedules SET last_message_id = $2, updated_ms = $3 WHERE name = $1",
-                &[&name, &message_id, &ms(now)],
-            )
-            .await?;
-        Ok(())
+        let sql =
+            "UPDATE pubrun_schedules SET last_message_id = $2, updated_ms = $3 WHERE name = $1";
+        self.note(sql, name, message_id, now).await
     }
 
     async fn set_paused(&self, name: &str, paused: bool, now: DateTime<Utc>) -> Result<bool> {

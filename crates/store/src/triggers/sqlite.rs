@@ -11,7 +11,8 @@ use pubrun_core::{Error, Result};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 use super::{
-    check_scope, ms, Claim, DefKind, Definition, RawState, ScheduleState, Scope, TriggerStore,
+    check_scope, ms, Claim, DefKind, Definition, RawState, Replacement, ScheduleState, Scope,
+    TickClaim, TriggerStore,
 };
 use crate::sqlite::{query_all, SqliteDb};
 
@@ -75,6 +76,20 @@ impl SqliteTriggerStore {
         Ok(SqliteDb::open_blocking(path, MIGRATIONS).map(|db| Self { db })?)
     }
 
+    /// Records a value shown beside schedule `name` (`sql`: ?1 name, ?2
+    /// the value, ?3 now).
+    async fn note(
+        &self,
+        sql: &'static str,
+        name: &str,
+        value: &str,
+        now: DateTime<Utc>,
+    ) -> Result<()> {
+        let params = (name.to_string(), value.to_string(), ms(now));
+        self.db.execute(sql, params, db_err).await?;
+        Ok(())
+    }
+
     /// [`open`](Self::open) off the async runtime.
     pub async fn open_async(path: &Path) -> Result<Self> {
         Ok(SqliteDb::open(path, MIGRATIONS)
@@ -104,18 +119,12 @@ impl TriggerStore for SqliteTriggerStore {
         self.db.run(move |c| definitions(c, kind)).await
     }
 
-    async fn replace_definitions(
-        &self,
-        kind: DefKind,
-        scope: Scope<'_>,
-        defs: &[(Definition, bool)],
-        now: DateTime<Utc>,
-    ) -> Result<Vec<Definition>> {
-        let project = match scope {
+    async fn replace_definitions(&self, r: Replacement<'_>) -> Result<Vec<Definition>> {
+        let project = match r.scope {
             Scope::All => None,
             Scope::Project(p) => Some(p.to_string()),
         };
-        let defs = defs.to_vec();
+        let (kind, now, defs, declared) = (r.kind, r.now, r.defs.to_vec(), r.declared());
         self.db
             .run(move |c| {
                 let scope = match &project {
@@ -147,8 +156,6 @@ impl TriggerStore for SqliteTriggerStore {
                 }
                 let all = definitions(&tx, kind)?;
                 if kind == DefKind::Schedule {
-                    let declared: Vec<(String, bool)> =
-                        defs.iter().map(|(d, p)| (d.name.clone(), *p)).collect();
                     upsert_states(&tx, &declared, now)?;
                     let keep = all.iter().map(|d| d.name.as_str()).collect();
                     delete_states_except(&tx, &keep)?;
@@ -186,59 +193,40 @@ impl TriggerStore for SqliteTriggerStore {
             .await
     }
 
-    async fn claim(
-        &self,
-        name: &str,
-        expected_cursor: DateTime<Utc>,
-        tick: DateTime<Utc>,
-        owner: &str,
-        now: DateTime<Utc>,
-    ) -> Result<bool> {
-        let (name, owner) = (name.to_string(), owner.to_string());
-        self.db.run(move |c| {
-            let n = c
-                .execute(
-                    "UPDATE schedules SET cursor_ms = ?3, pending_tick_ms = ?3, claimed_by = ?4, claimed_at_ms = ?5, updated_ms = ?5
-                     WHERE name = ?1 AND cursor_ms = ?2 AND paused = 0",
-                    params![name, ms(expected_cursor), ms(tick), owner, ms(now)],
-                )
-                .map_err(db_err)?;
-            Ok(n == 1)
-        })
-        .await
+    async fn claim(&self, c: TickClaim<'_>, expected_cursor: DateTime<Utc>) -> Result<bool> {
+        let n = self.db.execute(
+            "UPDATE schedules SET cursor_ms = ?3, pending_tick_ms = ?3, claimed_by = ?4, claimed_at_ms = ?5, updated_ms = ?5
+             WHERE name = ?1 AND cursor_ms = ?2 AND paused = 0",
+            (c.name.to_string(), ms(expected_cursor), ms(c.tick), c.owner.to_string(), ms(c.now)),
+            db_err,
+        );
+        Ok(n.await? == 1)
     }
 
-    async fn take_over(
-        &self,
-        name: &str,
-        claim: &Claim,
-        owner: &str,
-        now: DateTime<Utc>,
-    ) -> Result<bool> {
-        let (name, claim, owner) = (name.to_string(), claim.clone(), owner.to_string());
-        self.db.run(move |c| {
-            let n = c
-                .execute(
-                    "UPDATE schedules SET claimed_by = ?5, claimed_at_ms = ?6, updated_ms = ?6
-                     WHERE name = ?1 AND pending_tick_ms = ?2 AND claimed_by = ?3 AND claimed_at_ms = ?4",
-                    params![name, ms(claim.tick), claim.owner, ms(claim.claimed_at), owner, ms(now)],
-                )
-                .map_err(db_err)?;
-            Ok(n == 1)
-        })
-        .await
+    async fn take_over(&self, c: TickClaim<'_>, from: &Claim) -> Result<bool> {
+        let n = self.db.execute(
+            "UPDATE schedules SET claimed_by = ?5, claimed_at_ms = ?6, updated_ms = ?6
+             WHERE name = ?1 AND pending_tick_ms = ?2 AND claimed_by = ?3 AND claimed_at_ms = ?4",
+            (
+                c.name.to_string(),
+                ms(c.tick),
+                from.owner.clone(),
+                ms(from.claimed_at),
+                c.owner.to_string(),
+                ms(c.now),
+            ),
+            db_err,
+        );
+        Ok(n.await? == 1)
     }
 
-    async fn complete(
-        &self,
-        name: &str,
-        tick: DateTime<Utc>,
-        owner: &str,
-        message_id: &str,
-        now: DateTime<Utc>,
-    ) -> Result<bool> {
-        let (name, owner, message_id) =
-            (name.to_string(), owner.to_string(), message_id.to_string());
+    async fn complete(&self, c: TickClaim<'_>, message_id: &str) -> Result<bool> {
+        let (name, owner, message_id) = (
+            c.name.to_string(),
+            c.owner.to_string(),
+            message_id.to_string(),
+        );
+        let (tick, now) = (c.tick, c.now);
         self.db.run(move |c| {
             let tx = c.transaction().map_err(db_err)?;
             let n = tx
@@ -261,45 +249,23 @@ impl TriggerStore for SqliteTriggerStore {
     }
 
     async fn record_error(&self, name: &str, error: &str, now: DateTime<Utc>) -> Result<()> {
-        let (name, error) = (name.to_string(), error.to_string());
-        self.db
-            .run(move |c| {
-                c.execute(
-                    "UPDATE schedules SET last_error = ?2, updated_ms = ?3 WHERE name = ?1",
-                    params![name, error, ms(now)],
-                )
-                .map_err(db_err)?;
-                Ok(())
-            })
-            .await
+        let sql = "UPDATE schedules SET last_error = ?2, updated_ms = ?3 WHERE name = ?1";
+        self.note(sql, name, error, now).await
     }
 
     async fn record_run_now(&self, name: &str, message_id: &str, now: DateTime<Utc>) -> Result<()> {
-        let (name, message_id) = (name.to_string(), message_id.to_string());
-        self.db
-            .run(move |c| {
-                c.execute(
-                    "UPDATE schedules SET last_message_id = ?2, updated_ms = ?3 WHERE name = ?1",
-                    params![name, message_id, ms(now)],
-                )
-                .map_err(db_err)?;
-                Ok(())
-            })
-            .await
+        let sql = "UPDATE schedules SET last_message_id = ?2, updated_ms = ?3 WHERE name = ?1";
+        self.note(sql, name, message_id, now).await
     }
 
     async fn set_paused(&self, name: &str, paused: bool, now: DateTime<Utc>) -> Result<bool> {
-        let name = name.to_string();
-        self.db.run(move |c| {
-            let sql = if paused {
-                "UPDATE schedules SET paused = 1, updated_ms = ?2 WHERE name = ?1"
-            } else {
-                "UPDATE schedules SET cursor_ms = CASE WHEN paused = 1 THEN MAX(cursor_ms, ?2) ELSE cursor_ms END, paused = 0, updated_ms = ?2 WHERE name = ?1"
-            };
-            let n = c.execute(sql, params![name, ms(now)]).map_err(db_err)?;
-            Ok(n == 1)
-        })
-        .await
+        let sql = if paused {
+            "UPDATE schedules SET paused = 1, updated_ms = ?2 WHERE name = ?1"
+        } else {
+            "UPDATE schedules SET cursor_ms = CASE WHEN paused = 1 THEN MAX(cursor_ms, ?2) ELSE cursor_ms END, paused = 0, updated_ms = ?2 WHERE name = ?1"
+        };
+        let n = self.db.execute(sql, (name.to_string(), ms(now)), db_err);
+        Ok(n.await? == 1)
     }
 }
 

@@ -122,3 +122,11 @@ pub fn assert_fenced(refused: impl IntoIterator<Item = pubrun_core::Result<()>>)
         assert!(err.message.contains("taken over"), "{err}");
     }
 }
+
+/// Runs `sql` on the SQLite file at `path` behind the store's back (a file
+/// an older pubrun wrote, a row corrupted on disk).
+#[allow(dead_code)] // the run and bucket suites never edit their files by hand
+pub fn run_sql(path: &std::path::Path, sql: &str) {
+    let c = rusqlite::Connection::open(path).unwrap();
+    c.execute_batch(sql).unwrap();
+}

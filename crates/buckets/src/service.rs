@@ -5,7 +5,9 @@ use std::collections::BTreeMap;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
 use base64::Engine;
 use pubrun_core::{Code, TopicName};
-use pubrun_store::buckets::{BlobReader, BucketDeleted, Mutated, ObjectPlan, Reject};
+use pubrun_store::buckets::{
+    BlobReader, BucketDeleted, BucketPage, Mutated, ObjectChange, ObjectPlan, ObjectRange, Reject,
+};
 use serde_json::{Map, Value};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
@@ -198,7 +200,12 @@ impl Buckets {
         };
         let mut rows: Vec<BucketRow> = self
             .store()
-            .list_buckets(project.as_deref(), &prefix, &after, max + 1)
+            .list_buckets(BucketPage {
+                project,
+                prefix,
+                after,
+                limit: max + 1,
+            })
             .await?
             .into_iter()
             .map(bucket_from)
@@ -355,12 +362,12 @@ impl Buckets {
             })
         };
         let res = store
-            .mutate_object(
-                &bucket,
-                &name,
-                true,
-                Box::new(move |st| decide(st).map_err(reject)),
-            )
+            .mutate_object(ObjectChange {
+                bucket: &bucket,
+                name: &name,
+                new_generation: true,
+                decide: Box::new(move |st| decide(st).map_err(reject)),
+            })
             .await?;
         let plan = match res {
             Err(r) => return Err(rejected(r)),
@@ -560,12 +567,12 @@ impl Buckets {
     ) -> GcsResult<ObjectPlan> {
         let res = self
             .store()
-            .mutate_object(
+            .mutate_object(ObjectChange {
                 bucket,
                 name,
                 new_generation,
-                Box::new(move |st| decide(st).map_err(reject)),
-            )
+                decide: Box::new(move |st| decide(st).map_err(reject)),
+            })
             .await?;
         match res {
             Err(r) => Err(rejected(r)),
@@ -665,7 +672,12 @@ impl Buckets {
                 let batch = (max - count + 1).min(1001);
                 let rows = self
                     .store()
-                    .scan_objects(&bucket, &lower, upper.as_deref(), batch)
+                    .scan_objects(ObjectRange {
+                        bucket: bucket.clone(),
+                        lower: lower.clone(),
+                        upper: upper.clone(),
+                        limit: batch,
+                    })
                     .await?;
                 let n = rows.len();
                 for row in rows {

@@ -13,8 +13,8 @@ mod engine_kit;
 
 use engine_kit::{Postgres, Sqlite};
 use pubrun_store::buckets::{
-    BucketDeleted, BucketRecord, BucketStore, Mutated, ObjectPlan, ObjectRecord, OutboxMessage,
-    Reject, UploadRecord,
+    BucketDeleted, BucketPage, BucketRecord, BucketStore, Mutated, ObjectChange, ObjectPlan,
+    ObjectRange, ObjectRecord, OutboxMessage, Reject, UploadRecord,
 };
 use pubrun_store::testing::TempPostgres;
 use pubrun_store::{PostgresBucketStore, SqliteBucketStore, StoreError};
@@ -101,11 +101,11 @@ async fn put(s: &dyn BucketStore, bucket: &str, name: &str, data: &[u8]) -> Obje
     let (b, n, size) = (bucket.to_string(), name.to_string(), data.len() as u64);
     let blob2 = blob.clone();
     let res = s
-        .mutate_object(
+        .mutate_object(ObjectChange {
             bucket,
             name,
-            true,
-            Box::new(move |st| {
+            new_generation: true,
+            decide: Box::new(move |st| {
                 let g = st.new_generation.expect("a generation was asked for");
                 let outbox = st
                     .notifications
@@ -122,13 +122,31 @@ async fn put(s: &dyn BucketStore, bucket: &str, name: &str, data: &[u8]) -> Obje
                     ..Default::default()
                 })
             }),
-        )
+        })
         .await
         .unwrap();
     match res {
         Ok(Mutated::Done { plan, .. }) => plan.put.unwrap(),
         Ok(Mutated::NoBucket) => panic!("no bucket {bucket}"),
         Err(_) => panic!("refused"),
+    }
+}
+
+fn page(project: Option<&str>, prefix: &str, after: &str, limit: usize) -> BucketPage {
+    BucketPage {
+        project: project.map(str::to_string),
+        prefix: prefix.into(),
+        after: after.into(),
+        limit,
+    }
+}
+
+fn range(bucket: &str, lower: &[u8], upper: Option<&[u8]>, limit: usize) -> ObjectRange {
+    ObjectRange {
+        bucket: bucket.into(),
+        lower: lower.into(),
+        upper: upper.map(<[u8]>::to_vec),
+        limit,
     }
 }
 
@@ -148,17 +166,23 @@ async fn bucket_crud(e: impl Engine) {
     assert_eq!(a, bucket("alpha", "p1"));
     assert!(s.get_bucket("nope").await.unwrap().is_none());
 
-    let all = s.list_buckets(None, "", "", 10).await.unwrap();
+    let all = s.list_buckets(page(None, "", "", 10)).await.unwrap();
     assert_eq!(
         all.iter().map(|b| b.name.as_str()).collect::<Vec<_>>(),
         ["alpha", "alpine", "beta"]
     );
-    let p1 = s.list_buckets(Some("p1"), "", "", 10).await.unwrap();
+    let p1 = s.list_buckets(page(Some("p1"), "", "", 10)).await.unwrap();
     assert_eq!(p1.len(), 2);
-    let al = s.list_buckets(None, "alp", "alpha", 10).await.unwrap();
+    let al = s
+        .list_buckets(page(None, "alp", "alpha", 10))
+        .await
+        .unwrap();
     assert_eq!(al.len(), 1);
     assert_eq!(al[0].name, "alpine");
-    assert_eq!(s.list_buckets(None, "", "", 1).await.unwrap().len(), 1);
+    assert_eq!(
+        s.list_buckets(page(None, "", "", 1)).await.unwrap().len(),
+        1
+    );
 
     let updated = s
         .update_bucket(
@@ -226,20 +250,20 @@ async fn objects_put_get_list_and_generations(e: impl Engine) {
     assert!(s.get_object("b", "zzz").await.unwrap().is_none());
     assert!(s.get_object("other", "a/2").await.unwrap().is_none());
 
-    let all = s.scan_objects("b", b"", None, 100).await.unwrap();
+    let all = s.scan_objects(range("b", b"", None, 100)).await.unwrap();
     assert_eq!(
         names(&all),
         ["a/1", "a/2", "a/b/3", "ab", "b", "nul\0byte", "é"]
     );
     let under_a = s
-        .scan_objects("b", b"a/", Some(b"a/\xff"), 100)
+        .scan_objects(range("b", b"a/", Some(b"a/\xff"), 100))
         .await
         .unwrap();
     assert_eq!(names(&under_a), ["a/1", "a/2", "a/b/3"]);
-    let page = s.scan_objects("b", b"a/1\0", None, 2).await.unwrap();
+    let page = s.scan_objects(range("b", b"a/1\0", None, 2)).await.unwrap();
     assert_eq!(names(&page), ["a/2", "a/b/3"]);
     // Byte order: "é" (0xC3…) after "b".
-    let tail = s.scan_objects("b", b"b\0", None, 10).await.unwrap();
+    let tail = s.scan_objects(range("b", b"b\0", None, 10)).await.unwrap();
     assert_eq!(names(&tail), ["nul\0byte", "é"]);
     let got = s.get_object("b", "nul\0byte").await.unwrap().unwrap();
     assert_eq!(read_all(&*s, &got.blob, 0).await.unwrap(), b"nul\0byte");
@@ -253,11 +277,11 @@ async fn objects_put_get_list_and_generations(e: impl Engine) {
 
     // A metadata update keeps the blob and the generation.
     let res = s
-        .mutate_object(
-            "b",
-            "ab",
-            false,
-            Box::new(|st| {
+        .mutate_object(ObjectChange {
+            bucket: "b",
+            name: "ab",
+            new_generation: false,
+            decide: Box::new(|st| {
                 assert!(st.new_generation.is_none());
                 let mut o = st.old.clone().unwrap();
                 o.metageneration += 1;
@@ -267,7 +291,7 @@ async fn objects_put_get_list_and_generations(e: impl Engine) {
                     ..Default::default()
                 })
             }),
-        )
+        })
         .await
         .unwrap();
     assert!(matches!(res, Ok(Mutated::Done { .. })));
@@ -279,18 +303,23 @@ async fn objects_put_get_list_and_generations(e: impl Engine) {
 
     // Missing bucket; refusal writes nothing.
     let res = s
-        .mutate_object("nope", "x", true, Box::new(|_| Ok(ObjectPlan::default())))
+        .mutate_object(ObjectChange {
+            bucket: "nope",
+            name: "x",
+            new_generation: true,
+            decide: Box::new(|_| Ok(ObjectPlan::default())),
+        })
         .await
         .unwrap();
     assert!(matches!(res, Ok(Mutated::NoBucket)));
     let blob = write_blob(&*s, b"refused").await;
     let res = s
-        .mutate_object(
-            "b",
-            "ab",
-            true,
-            Box::new(|_| Err(Box::new(412u16) as Reject)),
-        )
+        .mutate_object(ObjectChange {
+            bucket: "b",
+            name: "ab",
+            new_generation: true,
+            decide: Box::new(|_| Err(Box::new(412u16) as Reject)),
+        })
         .await
         .unwrap();
     assert_eq!(*res.unwrap_err().downcast::<u16>().unwrap(), 412);
@@ -338,18 +367,18 @@ async fn delete_removes_bytes(e: impl Engine) {
     s.create_bucket(&bucket("d", "p")).await.unwrap();
     let r = put(&*s, "d", "gone", &bytes_of(2 * (1 << 20) + 9, 1)).await;
     let res = s
-        .mutate_object(
-            "d",
-            "gone",
-            false,
-            Box::new(|st| {
+        .mutate_object(ObjectChange {
+            bucket: "d",
+            name: "gone",
+            new_generation: false,
+            decide: Box::new(|st| {
                 assert!(st.old.is_some());
                 Ok(ObjectPlan {
                     delete: true,
                     ..Default::default()
                 })
             }),
-        )
+        })
         .await
         .unwrap();
     match res {
@@ -505,11 +534,11 @@ async fn resumable_upload_state_and_bytes(e: impl Engine) {
     // Completing: the object takes the upload's bytes, the session is done.
     let (idc, size) = (id.clone(), data.len() as u64);
     let res = s
-        .mutate_object(
-            "u",
-            "up/loaded",
-            true,
-            Box::new(move |st| {
+        .mutate_object(ObjectChange {
+            bucket: "u",
+            name: "up/loaded",
+            new_generation: true,
+            decide: Box::new(move |st| {
                 let g = st.new_generation.unwrap();
                 Ok(ObjectPlan {
                     put: Some(row("u", "up/loaded", g, &idc, size)),
@@ -517,7 +546,7 @@ async fn resumable_upload_state_and_bytes(e: impl Engine) {
                     ..Default::default()
                 })
             }),
-        )
+        })
         .await
         .unwrap();
     assert!(matches!(res, Ok(Mutated::Done { .. })));
@@ -560,17 +589,17 @@ async fn resumable_upload_state_and_bytes(e: impl Engine) {
     assert!(s.get_upload(&id3).await.unwrap().is_some());
     // Deleting the bucket drops its sessions.
     let res = s
-        .mutate_object(
-            "u",
-            "up/loaded",
-            false,
-            Box::new(|_| {
+        .mutate_object(ObjectChange {
+            bucket: "u",
+            name: "up/loaded",
+            new_generation: false,
+            decide: Box::new(|_| {
                 Ok(ObjectPlan {
                     delete: true,
                     ..Default::default()
                 })
             }),
-        )
+        })
         .await
         .unwrap();
     assert!(res.is_ok());
@@ -615,17 +644,17 @@ async fn postgres_writes_under_a_stale_token_are_refused() {
         // The late writer can stream bytes (invisible) but not commit them.
         let blob = write_blob(&a, b"late").await;
         let late = a
-            .mutate_object(
-                "f",
-                "late",
-                true,
-                Box::new(move |st| {
+            .mutate_object(ObjectChange {
+                bucket: "f",
+                name: "late",
+                new_generation: true,
+                decide: Box::new(move |st| {
                     Ok(ObjectPlan {
                         put: Some(row("f", "late", st.new_generation.unwrap(), &blob, 4)),
                         ..Default::default()
                     })
                 }),
-            )
+            })
             .await;
         let fenced = |r: Result<(), StoreError>| {
             let e = r.expect_err("a stale token must not write");

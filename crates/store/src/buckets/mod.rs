@@ -75,6 +75,26 @@ pub struct ObjectRecord {
     pub updated_us: i64,
 }
 
+/// A page of buckets: names above `after` that start with `prefix`, in name
+/// order; `project = None`: every project's.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BucketPage {
+    pub project: Option<String>,
+    pub prefix: String,
+    pub after: String,
+    pub limit: usize,
+}
+
+/// The objects of `bucket` with `lower <= name < upper` (byte order of the
+/// UTF-8 names; no `upper`: to the end), at most `limit`, in name order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ObjectRange {
+    pub bucket: String,
+    pub lower: Vec<u8>,
+    pub upper: Option<Vec<u8>>,
+    pub limit: usize,
+}
+
 /// A notification config; `config` is the caller's JSON.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NotificationRecord {
@@ -144,6 +164,15 @@ pub type Reject = Box<dyn Any + Send>;
 /// The decision callback of [`BucketStore::mutate_object`]: runs once, inside
 /// the write transaction, after the reads and before any write.
 pub type ObjectMutation = Box<dyn FnOnce(&ObjectState) -> Result<ObjectPlan, Reject> + Send>;
+
+/// A change of object `name` in `bucket`, planned by `decide` (see
+/// [`BucketStore::mutate_object`]); `new_generation` asks for a generation.
+pub struct ObjectChange<'a> {
+    pub bucket: &'a str,
+    pub name: &'a str,
+    pub new_generation: bool,
+    pub decide: ObjectMutation,
+}
 
 /// The decision callback of [`BucketStore::update_bucket`].
 pub type BucketMutation = Box<dyn FnOnce(BucketRecord) -> Result<BucketRecord, Reject> + Send>;
@@ -244,15 +273,7 @@ pub trait BucketStore: Send + Sync + 'static {
         name: &str,
         f: BucketMutation,
     ) -> Result<Option<Result<BucketRecord, Reject>>, StoreError>;
-    /// Buckets with `name > after` and the prefix, in name order; `project =
-    /// None`: every project's.
-    async fn list_buckets(
-        &self,
-        project: Option<&str>,
-        prefix: &str,
-        after: &str,
-        limit: usize,
-    ) -> Result<Vec<BucketRecord>, StoreError>;
+    async fn list_buckets(&self, page: BucketPage) -> Result<Vec<BucketRecord>, StoreError>;
     /// Deletes an empty bucket with its notification configs and uploads.
     async fn delete_bucket(&self, name: &str) -> Result<BucketDeleted, StoreError>;
 
@@ -262,14 +283,7 @@ pub trait BucketStore: Send + Sync + 'static {
         bucket: &str,
         name: &str,
     ) -> Result<Option<ObjectRecord>, StoreError>;
-    /// Objects with `lower <= name < upper` (byte order of the UTF-8 names).
-    async fn scan_objects(
-        &self,
-        bucket: &str,
-        lower: &[u8],
-        upper: Option<&[u8]>,
-        limit: usize,
-    ) -> Result<Vec<ObjectRecord>, StoreError>;
+    async fn scan_objects(&self, range: ObjectRange) -> Result<Vec<ObjectRecord>, StoreError>;
     /// Reads the live object and the bucket's notification configs, lets
     /// `decide` plan the change, and commits the plan in the same
     /// transaction (see the module docs). A planned row's blob must have
@@ -277,10 +291,7 @@ pub trait BucketStore: Send + Sync + 'static {
     /// `decide` refuses, nothing is written and the refusal is returned.
     async fn mutate_object(
         &self,
-        bucket: &str,
-        name: &str,
-        new_generation: bool,
-        decide: ObjectMutation,
+        change: ObjectChange<'_>,
     ) -> Result<Result<Mutated, Reject>, StoreError>;
 
     // ---- notification configs ----

@@ -36,8 +36,9 @@ use tokio_postgres::{GenericClient, Row};
 
 use super::{
     bad_blob_id, checked_plan, is_blob_id, new_blob_id, now_us, BlobReader, BlobWriter,
-    BucketDeleted, BucketMutation, BucketRecord, BucketStore, Mutated, NotificationRecord,
-    ObjectMutation, ObjectRecord, ObjectState, OutboxMessage, OutboxRow, Reject, UploadRecord,
+    BucketDeleted, BucketMutation, BucketPage, BucketRecord, BucketStore, Mutated,
+    NotificationRecord, ObjectChange, ObjectRange, ObjectRecord, ObjectState, OutboxMessage,
+    OutboxRow, Reject, UploadRecord,
 };
 use crate::fenced::FencedPg;
 use crate::postgres::db_err;
@@ -208,15 +209,24 @@ async fn get_bucket<C: GenericClient + Sync>(
     .transpose()
 }
 
-async fn put_bucket<C: GenericClient + Sync>(c: &C, b: &BucketRecord) -> Result<(), StoreError> {
+/// What an existing bucket row gets from [`insert_bucket`]: replaced whole.
+const REPLACE_BUCKET: &str = "DO UPDATE SET project = excluded.project,
+    created_us = excluded.created_us, updated_us = excluded.updated_us,
+    metageneration = excluded.metageneration, location = excluded.location,
+    storage_class = excluded.storage_class, labels = excluded.labels";
+
+/// Writes the row of `b`; `on_conflict` is what an existing row of that
+/// name gets (`DO NOTHING`, [`REPLACE_BUCKET`]). Rows written.
+async fn insert_bucket<C: GenericClient + Sync>(
+    c: &C,
+    b: &BucketRecord,
+    on_conflict: &str,
+) -> Result<u64, StoreError> {
     let labels = serde_json::to_string(&b.labels).map_err(|e| corrupt("bucket labels", e))?;
     c.execute(
         &format!(
             "INSERT INTO pubrun_buckets ({BUCKET_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
-             ON CONFLICT (name) DO UPDATE SET project = excluded.project,
-               created_us = excluded.created_us, updated_us = excluded.updated_us,
-               metageneration = excluded.metageneration, location = excluded.location,
-               storage_class = excluded.storage_class, labels = excluded.labels"
+             ON CONFLICT (name) {on_conflict}"
         ),
         &[
             &b.name,
@@ -230,8 +240,7 @@ async fn put_bucket<C: GenericClient + Sync>(c: &C, b: &BucketRecord) -> Result<
         ],
     )
     .await
-    .map_err(pg)?;
-    Ok(())
+    .map_err(pg)
 }
 
 const OBJECT_COLS: &str = "bucket, name, generation, metageneration, size, blob, md5, crc32c, component_count, meta, created_us, updated_us";
@@ -323,25 +332,10 @@ fn i64_of(n: u64, what: &str) -> Result<i64, StoreError> {
 #[async_trait::async_trait]
 impl BucketStore for PostgresBucketStore {
     async fn create_bucket(&self, b: &BucketRecord) -> Result<bool, StoreError> {
-        let labels = serde_json::to_string(&b.labels).map_err(|e| corrupt("bucket labels", e))?;
-        let n = self
-            .pg.write(
-                &format!(
-                    "INSERT INTO pubrun_buckets ({BUCKET_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
-                     ON CONFLICT (name) DO NOTHING"
-                ),
-                &[
-                    &b.name,
-                    &b.project,
-                    &b.created_us,
-                    &b.updated_us,
-                    &b.metageneration,
-                    &b.location,
-                    &b.storage_class,
-                    &labels,
-                ],
-            )
-            .await?;
+        let mut g = self.pg.conn().await;
+        let tx = self.pg.begin(g.get().await?).await?;
+        let n = insert_bucket(&tx, b, "DO NOTHING").await?;
+        tx.commit().await.map_err(pg)?;
         Ok(n == 1)
     }
 
@@ -364,35 +358,29 @@ impl BucketStore for PostgresBucketStore {
             Err(r) => Ok(Some(Err(r))),
             Ok(mut b) => {
                 b.name = name.to_string();
-                put_bucket(&tx, &b).await?;
+                insert_bucket(&tx, &b, REPLACE_BUCKET).await?;
                 tx.commit().await.map_err(pg)?;
                 Ok(Some(Ok(b)))
             }
         }
     }
 
-    async fn list_buckets(
-        &self,
-        project: Option<&str>,
-        prefix: &str,
-        after: &str,
-        limit: usize,
-    ) -> Result<Vec<BucketRecord>, StoreError> {
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    async fn list_buckets(&self, page: BucketPage) -> Result<Vec<BucketRecord>, StoreError> {
+        let limit = i64::try_from(page.limit).unwrap_or(i64::MAX);
         // `COLLATE "C"`: byte order, as SQLite compares text.
-        let rows = self
-            .pg
-            .query(
-                &format!(
-                    "SELECT {BUCKET_COLS} FROM pubrun_buckets
-                     WHERE name COLLATE \"C\" > $1 AND ($2::text IS NULL OR project = $2)
-                       AND left(name, length($3)) = $3
-                     ORDER BY name COLLATE \"C\" LIMIT $4"
-                ),
-                &[&after, &project, &prefix, &limit],
+        let sql = format!(
+            "SELECT {BUCKET_COLS} FROM pubrun_buckets
+             WHERE name COLLATE \"C\" > $1 AND ($2::text IS NULL OR project = $2)
+               AND left(name, length($3)) = $3
+             ORDER BY name COLLATE \"C\" LIMIT $4"
+        );
+        self.pg
+            .query_map(
+                &sql,
+                &[&page.after, &page.project, &page.prefix, &limit],
+                bucket_row,
             )
-            .await?;
-        rows.iter().map(bucket_row).collect()
+            .await
     }
 
     async fn delete_bucket(&self, name: &str) -> Result<BucketDeleted, StoreError> {
@@ -440,35 +428,28 @@ impl BucketStore for PostgresBucketStore {
         get_object(&*g.get().await?, bucket, name).await
     }
 
-    async fn scan_objects(
-        &self,
-        bucket: &str,
-        lower: &[u8],
-        upper: Option<&[u8]>,
-        limit: usize,
-    ) -> Result<Vec<ObjectRecord>, StoreError> {
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let rows = self
-            .pg
-            .query(
-                &format!(
-                    "SELECT {OBJECT_COLS} FROM pubrun_bucket_objects
-                     WHERE bucket = $1 AND name >= $2 AND ($3::bytea IS NULL OR name < $3)
-                     ORDER BY name LIMIT $4"
-                ),
-                &[&bucket, &lower, &upper, &limit],
+    async fn scan_objects(&self, range: ObjectRange) -> Result<Vec<ObjectRecord>, StoreError> {
+        let limit = i64::try_from(range.limit).unwrap_or(i64::MAX);
+        let sql = format!(
+            "SELECT {OBJECT_COLS} FROM pubrun_bucket_objects
+             WHERE bucket = $1 AND name >= $2 AND ($3::bytea IS NULL OR name < $3)
+             ORDER BY name LIMIT $4"
+        );
+        self.pg
+            .query_map(
+                &sql,
+                &[&range.bucket, &range.lower, &range.upper, &limit],
+                object_row,
             )
-            .await?;
-        rows.iter().map(object_row).collect()
+            .await
     }
 
     async fn mutate_object(
         &self,
-        bucket: &str,
-        name: &str,
-        new_generation: bool,
-        decide: ObjectMutation,
+        change: ObjectChange<'_>,
     ) -> Result<Result<Mutated, Reject>, StoreError> {
+        let (bucket, name) = (change.bucket, change.name);
+        let (new_generation, decide) = (change.new_generation, change.decide);
         let mut g = self.pg.conn().await;
         let tx = self.pg.begin(g.get().await?).await?;
         // One writer per object name: preconditions see what commits.
@@ -654,28 +635,25 @@ impl BucketStore for PostgresBucketStore {
 
     async fn pending_outbox(&self, limit: usize) -> Result<Vec<OutboxRow>, StoreError> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let rows = self
-            .pg
-            .query(
+        self.pg
+            .query_map(
                 "SELECT id, topic, attributes, data FROM pubrun_bucket_outbox ORDER BY id LIMIT $1",
                 &[&limit],
+                |r| {
+                    let c = |e| corrupt("outbox row", e);
+                    let attrs: String = r.try_get(2).map_err(c)?;
+                    Ok(OutboxRow {
+                        id: r.try_get(0).map_err(c)?,
+                        message: OutboxMessage {
+                            topic: r.try_get(1).map_err(c)?,
+                            attributes: serde_json::from_str::<BTreeMap<String, String>>(&attrs)
+                                .map_err(|e| corrupt("outbox attributes", e))?,
+                            data: r.try_get(3).map_err(c)?,
+                        },
+                    })
+                },
             )
-            .await?;
-        rows.iter()
-            .map(|r| {
-                let c = |e| corrupt("outbox row", e);
-                let attrs: String = r.try_get(2).map_err(c)?;
-                Ok(OutboxRow {
-                    id: r.try_get(0).map_err(c)?,
-                    message: OutboxMessage {
-                        topic: r.try_get(1).map_err(c)?,
-                        attributes: serde_json::from_str::<BTreeMap<String, String>>(&attrs)
-                            .map_err(|e| corrupt("outbox attributes", e))?,
-                        data: r.try_get(3).map_err(c)?,
-                    },
-                })
-            })
-            .collect()
+            .await
     }
 
     async fn delete_outbox(&self, ids: &[i64]) -> Result<(), StoreError> {

@@ -26,10 +26,11 @@ use tokio::io::{AsyncSeekExt, AsyncWriteExt};
 
 use super::{
     bad_blob_id, checked_plan, is_blob_id, new_blob_id, now_us, BlobReader, BlobWriter,
-    BucketDeleted, BucketMutation, BucketRecord, BucketStore, Mutated, NotificationRecord,
-    ObjectMutation, ObjectRecord, ObjectState, OutboxMessage, OutboxRow, Reject, UploadRecord,
+    BucketDeleted, BucketMutation, BucketPage, BucketRecord, BucketStore, Mutated,
+    NotificationRecord, ObjectChange, ObjectRange, ObjectRecord, ObjectState, OutboxMessage,
+    OutboxRow, Reject, UploadRecord,
 };
-use crate::sqlite::{SqliteDb, SqliteError};
+use crate::sqlite::{query_all, SqliteDb, SqliteError};
 use crate::StoreError;
 
 /// `index.db` migrations (`PRAGMA user_version`); v1 is the schema the
@@ -414,25 +415,14 @@ impl BucketStore for SqliteBucketStore {
         .await
     }
 
-    async fn list_buckets(
-        &self,
-        project: Option<&str>,
-        prefix: &str,
-        after: &str,
-        limit: usize,
-    ) -> Result<Vec<BucketRecord>, StoreError> {
-        let (project, prefix, after) = (
-            project.map(str::to_string),
-            prefix.to_string(),
-            after.to_string(),
-        );
+    async fn list_buckets(&self, page: BucketPage) -> Result<Vec<BucketRecord>, StoreError> {
         self.call(move |c, _| {
-            let mut st = c.prepare(&format!(
+            let sql = format!(
                 "SELECT {BUCKET_COLS} FROM buckets WHERE name > ?1 AND (?2 IS NULL OR project = ?2)
                  AND substr(name, 1, length(?3)) = ?3 ORDER BY name LIMIT ?4"
-            ))?;
-            let rows = st.query_map(params![after, project, prefix, limit as i64], bucket_row)?;
-            Ok(rows.collect::<rusqlite::Result<_>>()?)
+            );
+            let p = params![page.after, page.project, page.prefix, page.limit as i64];
+            Ok(query_all(c, &sql, p, bucket_row)?)
         })
         .await
     }
@@ -482,37 +472,24 @@ impl BucketStore for SqliteBucketStore {
             .await
     }
 
-    async fn scan_objects(
-        &self,
-        bucket: &str,
-        lower: &[u8],
-        upper: Option<&[u8]>,
-        limit: usize,
-    ) -> Result<Vec<ObjectRecord>, StoreError> {
-        let (bucket, lower, upper) = (
-            bucket.to_string(),
-            lower.to_vec(),
-            upper.map(<[u8]>::to_vec),
-        );
+    async fn scan_objects(&self, range: ObjectRange) -> Result<Vec<ObjectRecord>, StoreError> {
         self.call(move |c, _| {
-            let mut st = c.prepare_cached(&format!(
+            let sql = format!(
                 "SELECT {OBJECT_COLS} FROM objects WHERE bucket = ?1 AND name >= ?2 AND (?3 IS NULL OR name < ?3)
                  ORDER BY name LIMIT ?4"
-            ))?;
-            let rows = st.query_map(params![bucket, lower, upper, limit as i64], object_row)?;
-            Ok(rows.collect::<rusqlite::Result<_>>()?)
+            );
+            let p = params![range.bucket, range.lower, range.upper, range.limit as i64];
+            Ok(query_all(c, &sql, p, object_row)?)
         })
         .await
     }
 
     async fn mutate_object(
         &self,
-        bucket: &str,
-        name: &str,
-        new_generation: bool,
-        decide: ObjectMutation,
+        change: ObjectChange<'_>,
     ) -> Result<Result<Mutated, Reject>, StoreError> {
-        let (bucket, name) = (bucket.to_string(), name.to_string());
+        let (bucket, name) = (change.bucket.to_string(), change.name.to_string());
+        let (new_generation, decide) = (change.new_generation, change.decide);
         self.call(move |c, files| {
             let tx = c.transaction()?;
             if get_bucket(&tx, &bucket)?.is_none() {

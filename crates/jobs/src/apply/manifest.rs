@@ -12,7 +12,7 @@
 
 use std::sync::Arc;
 
-use super::{check_job_owners, Action, Change, Ownership};
+use super::{changed, check_job_owners, deletions, upserts, Action, Change, Ownership};
 use crate::Dispatcher;
 use pubrun_broker::Broker;
 use pubrun_core::manifest::Manifest;
@@ -47,34 +47,22 @@ fn webhook_specs(m: &Manifest) -> Result<Vec<WebhookSpec>> {
     Ok(m.webhooks.clone())
 }
 
-/// Plans the named things in `desired` against `current`.
+/// Plans the named things in `desired` against `current`: those replaced
+/// whole, so any difference is an update, and any not declared goes.
 fn plan_named<T: PartialEq>(
     kind: &'static str,
     current: &[(String, T)],
     desired: &[(String, T)],
 ) -> Vec<Change> {
-    let mut out = Vec::new();
-    for (name, want) in desired {
-        let action = match current.iter().find(|(n, _)| n == name) {
-            None => Action::Create,
-            Some((_, have)) if have != want => Action::Update,
-            Some(_) => Action::Unchanged,
-        };
-        out.push(Change {
-            kind,
-            name: name.clone(),
-            action,
-        });
-    }
-    for (name, _) in current {
-        if !desired.iter().any(|(n, _)| n == name) {
-            out.push(Change {
-                kind,
-                name: name.clone(),
-                action: Action::Delete,
-            });
-        }
-    }
+    let name: fn(&(String, T)) -> &str = |(n, _)| n;
+    let mut out = upserts(kind, current, desired, name, |(_, have), (_, want)| {
+        changed(have, want)
+    });
+    out.extend(deletions(
+        kind,
+        current.iter().map(name),
+        &desired.iter().map(name).collect(),
+    ));
     out
 }
 

@@ -166,24 +166,16 @@ impl Ownership {
             .await?
             .and_then(|s| serde_json::from_str(&s).ok())
             .unwrap_or_default();
-        for t in legacy.topics {
-            if let Some(p) = project_of(&t) {
-                out.projects
-                    .entry(p.to_string())
-                    .or_default()
-                    .topics
-                    .insert(t);
+        let mut file = |names: BTreeSet<String>,
+                        kind: fn(&mut Applied) -> &mut BTreeSet<String>| {
+            for name in names {
+                if let Some(p) = project_of(&name) {
+                    kind(out.projects.entry(p.to_string()).or_default()).insert(name);
+                }
             }
-        }
-        for s in legacy.subscriptions {
-            if let Some(p) = project_of(&s) {
-                out.projects
-                    .entry(p.to_string())
-                    .or_default()
-                    .subscriptions
-                    .insert(s);
-            }
-        }
+        };
+        file(legacy.topics, |a| &mut a.topics);
+        file(legacy.subscriptions, |a| &mut a.subscriptions);
         Ok(out)
     }
 
@@ -549,6 +541,21 @@ mod tests {
         pubrun_core::manifest::parse("t.toml", src).unwrap()
     }
 
+    /// The server and the apply record right after `m` was applied.
+    fn applied(m: &Manifest) -> (Current, Applied) {
+        let cur = Current {
+            topics: m.topics.clone(),
+            subscriptions: m.subscriptions.clone(),
+            jobs: m.jobs.clone(),
+        };
+        let applied = Applied {
+            topics: m.topics.iter().map(|t| t.name.clone()).collect(),
+            subscriptions: m.subscriptions.iter().map(|s| s.name.clone()).collect(),
+            ..Default::default()
+        };
+        (cur, applied)
+    }
+
     const BASE: &str = r#"
 project = "p"
 [[topic]]
@@ -571,11 +578,7 @@ process = { command = "echo" }
             "{changes:?}"
         );
         assert_eq!(changes.len(), 3);
-        let cur = Current {
-            topics: m.topics.clone(),
-            subscriptions: m.subscriptions.clone(),
-            jobs: m.jobs.clone(),
-        };
+        let (cur, _) = applied(&m);
         let again = plan(&cur, &Applied::default(), &m);
         assert!(
             again.iter().all(|c| c.action == Action::Unchanged),
@@ -586,16 +589,7 @@ process = { command = "echo" }
     #[test]
     fn changes_and_deletions() {
         let m = manifest(BASE);
-        let cur = Current {
-            topics: m.topics.clone(),
-            subscriptions: m.subscriptions.clone(),
-            jobs: m.jobs.clone(),
-        };
-        let applied = Applied {
-            topics: m.topics.iter().map(|t| t.name.clone()).collect(),
-            subscriptions: m.subscriptions.iter().map(|s| s.name.clone()).collect(),
-            ..Default::default()
-        };
+        let (cur, applied) = applied(&m);
         let changed = manifest(
             &BASE
                 .replace("command = \"echo\"", "command = \"true\"")
@@ -626,6 +620,55 @@ process = { command = "echo" }
         });
         let changes = plan(&cur2, &applied, &changed);
         assert!(!changes.iter().any(|c| c.name.ends_with("by-hand")));
+    }
+
+    #[test]
+    fn plan_order_is_upserts_by_kind_then_deletions_jobs_first() {
+        let m = manifest(BASE);
+        let kinds = |changes: &[Change]| {
+            changes
+                .iter()
+                .map(|c| (c.kind, c.action))
+                .collect::<Vec<_>>()
+        };
+        let created = plan(&Current::default(), &Applied::default(), &m);
+        assert_eq!(
+            kinds(&created),
+            [
+                ("topic", Action::Create),
+                ("subscription", Action::Create),
+                ("job", Action::Create)
+            ]
+        );
+        let (cur, applied) = applied(&m);
+        let gone = plan(&cur, &applied, &manifest("project = \"p\"\n"));
+        assert_eq!(
+            kinds(&gone),
+            [
+                ("job", Action::Delete),
+                ("subscription", Action::Delete),
+                ("topic", Action::Delete)
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_legacy_apply_record_is_split_by_project() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = pubrun_store::runs::SqliteRunStore::open(&dir.path().join("runs.db")).unwrap();
+        let legacy = r#"{"topics":["projects/a/topics/t","projects/b/topics/u","odd"],"subscriptions":["projects/b/subscriptions/s"]}"#;
+        store.set_meta(LEGACY_APPLIED_KEY, legacy).await.unwrap();
+        let own = Ownership::load(&store).await.unwrap();
+        assert_eq!(own.projects.len(), 2, "{own:?}");
+        let a = own.project("a");
+        assert_eq!(a.topics, ["projects/a/topics/t".to_string()].into());
+        assert!(a.subscriptions.is_empty());
+        let b = own.project("b");
+        assert_eq!(b.topics, ["projects/b/topics/u".to_string()].into());
+        assert_eq!(
+            b.subscriptions,
+            ["projects/b/subscriptions/s".to_string()].into()
+        );
     }
 
     #[test]

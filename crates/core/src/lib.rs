@@ -22,6 +22,7 @@ pub mod run;
 pub mod runrecord;
 pub mod secret;
 pub mod template;
+pub mod trigger;
 
 pub use config::{SubscriptionConfig, TopicConfig};
 pub use cost::{cost, share_machine_time, Span};

@@ -24,7 +24,7 @@ pub use manifest::apply_manifest;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use pubrun_broker::{Broker, SubscriptionUpdate, TopicUpdate};
+use pubrun_broker::{Broker, Page, SubscriptionUpdate, TopicUpdate};
 use pubrun_core::job::JobSpec;
 use pubrun_core::manifest::Manifest;
 use pubrun_core::{
@@ -166,24 +166,16 @@ impl Ownership {
             .await?
             .and_then(|s| serde_json::from_str(&s).ok())
             .unwrap_or_default();
-        for t in legacy.topics {
-            if let Some(p) = project_of(&t) {
-                out.projects
-                    .entry(p.to_string())
-                    .or_default()
-                    .topics
-                    .insert(t);
+        let mut file = |names: BTreeSet<String>,
+                        kind: fn(&mut Applied) -> &mut BTreeSet<String>| {
+            for name in names {
+                if let Some(p) = project_of(&name) {
+                    kind(out.projects.entry(p.to_string()).or_default()).insert(name);
+                }
             }
-        }
-        for s in legacy.subscriptions {
-            if let Some(p) = project_of(&s) {
-                out.projects
-                    .entry(p.to_string())
-                    .or_default()
-                    .subscriptions
-                    .insert(s);
-            }
-        }
+        };
+        file(legacy.topics, |a| &mut a.topics);
+        file(legacy.subscriptions, |a| &mut a.subscriptions);
         Ok(out)
     }
 
@@ -254,109 +246,137 @@ pub fn check_job_owners(ownership: &Ownership, jobs: &[JobSpec], desired: &Manif
 /// the desired project's resources only (its topics, subscriptions and the
 /// jobs it owns), `applied` what that project's last apply declared.
 pub fn plan(current: &Current, applied: &Applied, desired: &Manifest) -> Vec<Change> {
-    let mut out = Vec::new();
-    let want_topics: BTreeSet<&str> = desired.topics.iter().map(|t| t.name.as_str()).collect();
-    for t in &desired.topics {
-        let action = match current.topics.iter().find(|c| c.name == t.name) {
-            None => Action::Create,
-            Some(c) if c.labels != t.labels => Action::Update,
-            Some(_) => Action::Unchanged,
-        };
-        out.push(Change {
-            kind: "topic",
-            name: t.name.clone(),
-            action,
-        });
-    }
-    for s in &desired.subscriptions {
-        let action = match current.subscriptions.iter().find(|c| c.name == s.name) {
-            None => Action::Create,
-            Some(c) if c.topic != s.topic => Action::Replace,
-            Some(c) if c.ack_deadline_seconds != s.ack_deadline_seconds || c.labels != s.labels => {
+    let topic: fn(&TopicConfig) -> &str = |t| &t.name;
+    let subscription: fn(&SubscriptionConfig) -> &str = |s| &s.name;
+    let job: fn(&JobSpec) -> &str = |j| &j.name;
+    let mut out = upserts("topic", &current.topics, &desired.topics, topic, |c, t| {
+        if c.labels != t.labels {
+            Action::Update
+        } else {
+            Action::Unchanged
+        }
+    });
+    out.extend(upserts(
+        "subscription",
+        &current.subscriptions,
+        &desired.subscriptions,
+        subscription,
+        |c, s| {
+            if c.topic != s.topic {
+                Action::Replace
+            } else if c.ack_deadline_seconds != s.ack_deadline_seconds || c.labels != s.labels {
                 Action::Update
+            } else {
+                Action::Unchanged
             }
-            Some(_) => Action::Unchanged,
-        };
-        out.push(Change {
-            kind: "subscription",
-            name: s.name.clone(),
-            action,
-        });
-    }
-    for j in &desired.jobs {
-        let action = match current.jobs.iter().find(|c| c.name == j.name) {
-            None => Action::Create,
-            Some(c) if c != j => Action::Update,
-            Some(_) => Action::Unchanged,
-        };
-        out.push(Change {
-            kind: "job",
-            name: j.name.clone(),
-            action,
-        });
-    }
+        },
+    ));
+    out.extend(upserts("job", &current.jobs, &desired.jobs, job, changed));
     // Deletions: jobs exist only through manifests, so every job of the
     // project not declared goes; topics and subscriptions only if the last
-    // apply declared them.
-    for j in &current.jobs {
-        if !desired.jobs.iter().any(|d| d.name == j.name) {
-            out.push(Change {
-                kind: "job",
-                name: j.name.clone(),
-                action: Action::Delete,
-            });
-        }
-    }
-    let want_subs: BTreeSet<&str> = desired
-        .subscriptions
-        .iter()
-        .map(|s| s.name.as_str())
-        .collect();
-    for s in &applied.subscriptions {
-        if !want_subs.contains(s.as_str()) && current.subscriptions.iter().any(|c| &c.name == s) {
-            out.push(Change {
-                kind: "subscription",
-                name: s.clone(),
-                action: Action::Delete,
-            });
-        }
-    }
-    for t in &applied.topics {
-        if !want_topics.contains(t.as_str()) && current.topics.iter().any(|c| &c.name == t) {
-            out.push(Change {
-                kind: "topic",
-                name: t.clone(),
-                action: Action::Delete,
-            });
-        }
-    }
+    // apply declared them (and they still exist).
+    out.extend(deletions(
+        "job",
+        current.jobs.iter().map(job),
+        &desired.jobs.iter().map(job).collect(),
+    ));
+    out.extend(deletions(
+        "subscription",
+        still_there(&applied.subscriptions, &current.subscriptions, subscription),
+        &desired.subscriptions.iter().map(subscription).collect(),
+    ));
+    out.extend(deletions(
+        "topic",
+        still_there(&applied.topics, &current.topics, topic),
+        &desired.topics.iter().map(topic).collect(),
+    ));
     out
 }
 
+/// The names of `applied` that `current` still holds, in order.
+fn still_there<'a, T>(
+    applied: &'a BTreeSet<String>,
+    current: &[T],
+    name: fn(&T) -> &str,
+) -> Vec<&'a str> {
+    applied
+        .iter()
+        .map(String::as_str)
+        .filter(|n| current.iter().any(|c| name(c) == *n))
+        .collect()
+}
+
+/// The comparison of things replaced whole: any difference is an update.
+pub(crate) fn changed<T: PartialEq>(have: &T, want: &T) -> Action {
+    if have != want {
+        Action::Update
+    } else {
+        Action::Unchanged
+    }
+}
+
+/// One change per item of `desired`, in order: `Create` when `current` has
+/// none of its name, else what `compare(current, desired)` says.
+pub(crate) fn upserts<T>(
+    kind: &'static str,
+    current: &[T],
+    desired: &[T],
+    name: impl Fn(&T) -> &str,
+    compare: impl Fn(&T, &T) -> Action,
+) -> Vec<Change> {
+    desired
+        .iter()
+        .map(|want| {
+            let action = match current.iter().find(|have| name(have) == name(want)) {
+                None => Action::Create,
+                Some(have) => compare(have, want),
+            };
+            Change {
+                kind,
+                name: name(want).to_string(),
+                action,
+            }
+        })
+        .collect()
+}
+
+/// A `Delete` for each of `names` that `declared` no longer holds, in order.
+pub(crate) fn deletions<'a>(
+    kind: &'static str,
+    names: impl IntoIterator<Item = &'a str>,
+    declared: &BTreeSet<&str>,
+) -> Vec<Change> {
+    names
+        .into_iter()
+        .filter(|n| !declared.contains(n))
+        .map(|n| Change {
+            kind,
+            name: n.to_string(),
+            action: Action::Delete,
+        })
+        .collect()
+}
+
 async fn current(broker: &Broker, jobs: Vec<JobSpec>, project: &ProjectName) -> Result<Current> {
-    let mut cur = Current {
+    Ok(Current {
+        topics: every_page(|token| broker.list_topics(project, 1000, token))?,
+        subscriptions: every_page(|token| broker.list_subscriptions(project, 1000, token))?,
         jobs,
-        ..Default::default()
-    };
+    })
+}
+
+/// The items of every page of a List call, `list` given each page token.
+fn every_page<T>(mut list: impl FnMut(&str) -> Result<Page<T>>) -> Result<Vec<T>> {
+    let mut items = Vec::new();
     let mut token = String::new();
     loop {
-        let p = broker.list_topics(project, 1000, &token)?;
-        cur.topics.extend(p.items);
+        let p = list(&token)?;
+        items.extend(p.items);
         if p.next_page_token.is_empty() {
-            break;
+            return Ok(items);
         }
         token = p.next_page_token;
     }
-    let mut token = String::new();
-    loop {
-        let p = broker.list_subscriptions(project, 1000, &token)?;
-        cur.subscriptions.extend(p.items);
-        if p.next_page_token.is_empty() {
-            break;
-        }
-        token = p.next_page_token;
-    }
-    Ok(cur)
 }
 
 /// Plans and, unless `dry_run`, applies a manifest. Order: topics, then
@@ -381,16 +401,8 @@ pub async fn apply(
     if dry_run {
         return Ok(changes);
     }
-    for c in changes
-        .iter()
-        .filter(|c| c.kind == "topic" && c.action != Action::Delete)
-    {
-        let t = desired
-            .topics
-            .iter()
-            .find(|t| t.name == c.name)
-            .expect("planned from desired");
-        match c.action {
+    for (action, t) in declared(&changes, "topic", &desired.topics, |t| &t.name) {
+        match action {
             Action::Create => ignore_exists(broker.create_topic(t.clone()).await.map(|_| ()))?,
             Action::Update => {
                 broker
@@ -405,17 +417,11 @@ pub async fn apply(
             _ => {}
         }
     }
-    for c in changes
-        .iter()
-        .filter(|c| c.kind == "subscription" && c.action != Action::Delete)
-    {
-        let s = desired
-            .subscriptions
-            .iter()
-            .find(|s| s.name == c.name)
-            .expect("planned from desired");
+    for (action, s) in declared(&changes, "subscription", &desired.subscriptions, |s| {
+        &s.name
+    }) {
         let name = SubscriptionName::parse(&s.name)?;
-        match c.action {
+        match action {
             Action::Create => {
                 ignore_exists(broker.create_subscription(s.clone()).await.map(|_| ()))?
             }
@@ -433,22 +439,15 @@ pub async fn apply(
             _ => {}
         }
     }
-    for c in changes.iter().filter(|c| c.kind == "job") {
-        match c.action {
-            Action::Create | Action::Update | Action::Replace => {
-                let j = desired
-                    .jobs
-                    .iter()
-                    .find(|j| j.name == c.name)
-                    .expect("planned from desired");
-                dispatcher.put_job(j.clone()).await?;
-            }
-            Action::Delete => dispatcher.delete_job(&c.name).await?,
-            Action::Unchanged => {}
+    for (action, j) in declared(&changes, "job", &desired.jobs, |j| &j.name) {
+        if action != Action::Unchanged {
+            dispatcher.put_job(j.clone()).await?;
         }
     }
+    // Deletions last, in plan order: jobs, then subscriptions, then topics.
     for c in changes.iter().filter(|c| c.action == Action::Delete) {
         match c.kind {
+            "job" => dispatcher.delete_job(&c.name).await?,
             "subscription" => ignore_missing(
                 broker
                     .delete_subscription(&SubscriptionName::parse(&c.name)?)
@@ -472,6 +471,26 @@ pub async fn apply(
     ownership.set_project(&desired.project, now_applied);
     ownership.save(&**dispatcher.store()).await?;
     Ok(changes)
+}
+
+/// The planned changes of `kind` other than deletions, each with the item
+/// of `desired` it was planned from.
+fn declared<'a, T>(
+    changes: &'a [Change],
+    kind: &'static str,
+    desired: &'a [T],
+    name: impl Fn(&T) -> &String + 'a,
+) -> impl Iterator<Item = (Action, &'a T)> + 'a {
+    changes
+        .iter()
+        .filter(move |c| c.kind == kind && c.action != Action::Delete)
+        .map(move |c| {
+            let item = desired
+                .iter()
+                .find(|d| *name(d) == c.name)
+                .expect("planned from desired");
+            (c.action, item)
+        })
 }
 
 fn ignore_exists(r: Result<()>) -> Result<()> {
@@ -522,6 +541,21 @@ mod tests {
         pubrun_core::manifest::parse("t.toml", src).unwrap()
     }
 
+    /// The server and the apply record right after `m` was applied.
+    fn applied(m: &Manifest) -> (Current, Applied) {
+        let cur = Current {
+            topics: m.topics.clone(),
+            subscriptions: m.subscriptions.clone(),
+            jobs: m.jobs.clone(),
+        };
+        let applied = Applied {
+            topics: m.topics.iter().map(|t| t.name.clone()).collect(),
+            subscriptions: m.subscriptions.iter().map(|s| s.name.clone()).collect(),
+            ..Default::default()
+        };
+        (cur, applied)
+    }
+
     const BASE: &str = r#"
 project = "p"
 [[topic]]
@@ -544,11 +578,7 @@ process = { command = "echo" }
             "{changes:?}"
         );
         assert_eq!(changes.len(), 3);
-        let cur = Current {
-            topics: m.topics.clone(),
-            subscriptions: m.subscriptions.clone(),
-            jobs: m.jobs.clone(),
-        };
+        let (cur, _) = applied(&m);
         let again = plan(&cur, &Applied::default(), &m);
         assert!(
             again.iter().all(|c| c.action == Action::Unchanged),
@@ -559,16 +589,7 @@ process = { command = "echo" }
     #[test]
     fn changes_and_deletions() {
         let m = manifest(BASE);
-        let cur = Current {
-            topics: m.topics.clone(),
-            subscriptions: m.subscriptions.clone(),
-            jobs: m.jobs.clone(),
-        };
-        let applied = Applied {
-            topics: m.topics.iter().map(|t| t.name.clone()).collect(),
-            subscriptions: m.subscriptions.iter().map(|s| s.name.clone()).collect(),
-            ..Default::default()
-        };
+        let (cur, applied) = applied(&m);
         let changed = manifest(
             &BASE
                 .replace("command = \"echo\"", "command = \"true\"")
@@ -599,6 +620,55 @@ process = { command = "echo" }
         });
         let changes = plan(&cur2, &applied, &changed);
         assert!(!changes.iter().any(|c| c.name.ends_with("by-hand")));
+    }
+
+    #[test]
+    fn plan_order_is_upserts_by_kind_then_deletions_jobs_first() {
+        let m = manifest(BASE);
+        let kinds = |changes: &[Change]| {
+            changes
+                .iter()
+                .map(|c| (c.kind, c.action))
+                .collect::<Vec<_>>()
+        };
+        let created = plan(&Current::default(), &Applied::default(), &m);
+        assert_eq!(
+            kinds(&created),
+            [
+                ("topic", Action::Create),
+                ("subscription", Action::Create),
+                ("job", Action::Create)
+            ]
+        );
+        let (cur, applied) = applied(&m);
+        let gone = plan(&cur, &applied, &manifest("project = \"p\"\n"));
+        assert_eq!(
+            kinds(&gone),
+            [
+                ("job", Action::Delete),
+                ("subscription", Action::Delete),
+                ("topic", Action::Delete)
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_legacy_apply_record_is_split_by_project() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = pubrun_store::runs::SqliteRunStore::open(&dir.path().join("runs.db")).unwrap();
+        let legacy = r#"{"topics":["projects/a/topics/t","projects/b/topics/u","odd"],"subscriptions":["projects/b/subscriptions/s"]}"#;
+        store.set_meta(LEGACY_APPLIED_KEY, legacy).await.unwrap();
+        let own = Ownership::load(&store).await.unwrap();
+        assert_eq!(own.projects.len(), 2, "{own:?}");
+        let a = own.project("a");
+        assert_eq!(a.topics, ["projects/a/topics/t".to_string()].into());
+        assert!(a.subscriptions.is_empty());
+        let b = own.project("b");
+        assert_eq!(b.topics, ["projects/b/topics/u".to_string()].into());
+        assert_eq!(
+            b.subscriptions,
+            ["projects/b/subscriptions/s".to_string()].into()
+        );
     }
 
     #[test]

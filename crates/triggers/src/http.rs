@@ -236,32 +236,28 @@ pub fn schedules_router(scheduler: Scheduler) -> Router {
         .with_state(scheduler)
 }
 
-async fn list_schedules(State(s): State<Scheduler>) -> Response {
-    match s.list().await {
-        Ok(list) => Json(json!({ "schedules": list })).into_response(),
+/// `{key: value}` as 200, or the error in Google's shape.
+fn reply(key: &str, r: Result<impl serde::Serialize>) -> Response {
+    match r {
+        Ok(v) => Json(json!({ key: v })).into_response(),
         Err(e) => from_error(e),
     }
+}
+
+async fn list_schedules(State(s): State<Scheduler>) -> Response {
+    reply("schedules", s.list().await)
 }
 
 async fn get_schedule(State(s): State<Scheduler>, Path(name): Path<String>) -> Response {
-    match s.get(&name).await {
-        Ok(st) => Json(json!({ "schedule": st })).into_response(),
-        Err(e) => from_error(e),
-    }
+    reply("schedule", s.get(&name).await)
 }
 
 async fn pause(State(s): State<Scheduler>, Path(name): Path<String>) -> Response {
-    match s.pause(&name).await {
-        Ok(st) => Json(json!({ "schedule": st })).into_response(),
-        Err(e) => from_error(e),
-    }
+    reply("schedule", s.pause(&name).await)
 }
 
 async fn resume(State(s): State<Scheduler>, Path(name): Path<String>) -> Response {
-    match s.resume(&name).await {
-        Ok(st) => Json(json!({ "schedule": st })).into_response(),
-        Err(e) => from_error(e),
-    }
+    reply("schedule", s.resume(&name).await)
 }
 
 async fn run_now(State(s): State<Scheduler>, Path(name): Path<String>) -> Response {

@@ -59,7 +59,8 @@
 //! ```
 //!
 //! `missed`/`missed_max_age` map through [`MissedPolicy::from_config`]; the
-//! topic id becomes `projects/PROJECT/topics/ID` in the specs.
+//! topic id becomes `projects/PROJECT/topics/ID` in the specs, which the
+//! manifest parser produces directly (`pubrun_core::trigger`).
 
 pub mod clock;
 pub mod db;
@@ -86,6 +87,15 @@ pub use webhook::{
 };
 
 use db::{DefKind, Replacement, Scope, SqliteTriggerStore, TriggerStore};
+
+/// Validation of the specs `pubrun-core` declares ([`ScheduleSpec`],
+/// [`WebhookSpec`]): it needs this crate's cron dialect, time zones and
+/// HTTP rules, which the I/O-free core does not carry.
+pub trait Validate {
+    /// What a valid spec compiles to.
+    type Valid;
+    fn validate(&self) -> Result<Self::Valid>;
+}
 
 /// File name of the schedules database inside the data directory.
 pub const DB_FILE: &str = "triggers.db";
@@ -186,28 +196,12 @@ impl Triggers {
         env: &(dyn Fn(&str) -> Option<String> + Sync),
     ) -> Result<()> {
         // Resolve first: a bad spec or an unset secret changes nothing.
-        let mut defs = Vec::with_capacity(specs.len());
-        let mut names = std::collections::BTreeSet::new();
+        let mut defs = scheduler::NewDefinitions::new("webhook", scope);
         for spec in specs {
             let hook = Hook::resolve(spec.clone(), env)?;
-            if !names.insert(spec.name.clone()) {
-                return Err(Error::invalid(format!(
-                    "webhook \"{}\" is declared twice",
-                    spec.name
-                )));
-            }
-            let project = match scope {
-                Scope::Project(p) => p.to_string(),
-                Scope::All => hook.topic.project().id().to_string(),
-            };
-            let def = db::Definition {
-                name: spec.name.clone(),
-                project,
-                spec: serde_json::to_string(&spec)
-                    .map_err(|e| Error::internal(format!("webhook spec as JSON: {e}")))?,
-            };
-            defs.push((def, false));
+            defs.push(&spec.name, &hook.topic, &spec, false)?;
         }
+        let defs = defs.defs;
         let all = self
             .scheduler
             .db()

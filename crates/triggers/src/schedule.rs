@@ -55,23 +55,18 @@
 //! A schedule that has never run starts at the moment it is created: ticks
 //! before that never fire.
 
-use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
-use std::time::Duration;
 
 use chrono::{DateTime, TimeDelta, Utc};
 use chrono_tz::Tz;
 use croner::parser::{CronParser, Seconds, Year};
 use pubrun_core::{Error, OutgoingMessage, Result, TopicName};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
-/// A tick at most this late still fires under [`MissedPolicy::Skip`] (and
-/// under a `RunOnce` whose `max_age` is smaller).
-pub const ON_TIME_GRACE: Duration = Duration::from_secs(60);
+pub use pubrun_core::trigger::{MissedPolicy, ScheduleSpec, DEFAULT_MISSED_MAX_AGE, ON_TIME_GRACE};
 
-/// Default `max_age` of [`MissedPolicy::RunOnce`].
-pub const DEFAULT_MISSED_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
+use crate::Validate;
 
 /// Attribute names a schedule sets itself; a spec may not use them.
 pub const ATTR_SCHEDULE: &str = "schedule";
@@ -79,117 +74,12 @@ pub const ATTR_SCHEDULED_TIME: &str = "scheduledTime";
 /// Set to `"true"` on messages published by run-now.
 pub const ATTR_RUN_NOW: &str = "runNow";
 
-/// What happens to ticks that passed while no scheduler was running (server
-/// down, schedule just resumed…). See the module docs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", tag = "policy")]
-pub enum MissedPolicy {
-    /// Missed ticks are dropped; a tick fires only if at most
-    /// [`ON_TIME_GRACE`] late.
-    Skip,
-    /// All missed ticks together fire once (as the latest of them), if that
-    /// tick is at most `max_age` old.
-    RunOnce { max_age: Duration },
-}
-
-impl Default for MissedPolicy {
-    fn default() -> Self {
-        MissedPolicy::RunOnce {
-            max_age: DEFAULT_MISSED_MAX_AGE,
-        }
-    }
-}
-
-impl MissedPolicy {
-    /// From the manifest keys `missed = "run_once" | "skip"` (default
-    /// `run_once`) and `missed_max_age = "24h"` (humantime; only with
-    /// `run_once`).
-    pub fn from_config(missed: Option<&str>, max_age: Option<&str>) -> Result<Self> {
-        let max_age = max_age
-            .map(|s| {
-                humantime::parse_duration(s).map_err(|e| {
-                    Error::invalid(format!(
-                        "missed_max_age: \"{s}\" is not a duration like \"24h\" or \"90m\" ({e})"
-                    ))
-                })
-            })
-            .transpose()?;
-        match missed.unwrap_or("run_once") {
-            "run_once" => Ok(MissedPolicy::RunOnce {
-                max_age: max_age.unwrap_or(DEFAULT_MISSED_MAX_AGE),
-            }),
-            "skip" => {
-                if max_age.is_some() {
-                    return Err(Error::invalid(
-                        "missed_max_age only applies to missed = \"run_once\"",
-                    ));
-                }
-                Ok(MissedPolicy::Skip)
-            }
-            other => Err(Error::invalid(format!(
-                "missed: \"{other}\" is not a policy; use \"run_once\" or \"skip\""
-            ))),
-        }
-    }
-
-    /// How late a tick may be and still fire.
-    pub fn window(&self) -> Duration {
-        match *self {
-            MissedPolicy::Skip => ON_TIME_GRACE,
-            MissedPolicy::RunOnce { max_age } => max_age.max(ON_TIME_GRACE),
-        }
-    }
-
-    /// `"run_once"` or `"skip"`.
-    pub fn name(&self) -> &'static str {
-        match self {
-            MissedPolicy::Skip => "skip",
-            MissedPolicy::RunOnce { .. } => "run_once",
-        }
-    }
-}
-
-/// A declared schedule, as the manifest or the API gives it. Serialized as
-/// JSON into `triggers.db` (its definition).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ScheduleSpec {
-    /// `[A-Za-z0-9][A-Za-z0-9._-]*`, at most 128 characters.
-    pub name: String,
-    /// Five-field cron expression (see the module docs).
-    pub cron: String,
-    /// IANA time zone name; `UTC` by default.
-    pub time_zone: String,
-    /// Full topic name, `projects/P/topics/T`.
-    pub topic: String,
-    /// Published as the message data (UTF-8 text, typically JSON).
-    pub data: String,
-    /// Published as attributes, plus `schedule` and `scheduledTime`.
-    pub attributes: BTreeMap<String, String>,
-    pub missed: MissedPolicy,
-    /// Declared paused. Pause/resume at run time override this until the
-    /// declared value itself changes (see [`crate::Scheduler::set_schedules`]).
-    pub paused: bool,
-}
-
-impl ScheduleSpec {
-    /// A spec with the defaults: UTC, empty data, no attributes, `RunOnce`
-    /// within 24 h, not paused.
-    pub fn new(name: impl Into<String>, cron: impl Into<String>, topic: impl Into<String>) -> Self {
-        ScheduleSpec {
-            name: name.into(),
-            cron: cron.into(),
-            time_zone: "UTC".into(),
-            topic: topic.into(),
-            data: String::new(),
-            attributes: BTreeMap::new(),
-            missed: MissedPolicy::default(),
-            paused: false,
-        }
-    }
+impl Validate for ScheduleSpec {
+    type Valid = Schedule;
 
     /// Checks every field and compiles the expression. Errors name the
     /// schedule and the field.
-    pub fn validate(&self) -> Result<Schedule> {
+    fn validate(&self) -> Result<Schedule> {
         let ctx =
             |e: Error| Error::new(e.code, format!("schedule \"{}\": {}", self.name, e.message));
         validate_trigger_name("schedule", &self.name)?;
@@ -542,6 +432,7 @@ pub struct ScheduleStatus {
 mod tests {
     use super::*;
     use chrono::TimeZone;
+    use std::time::Duration;
 
     fn utc(s: &str) -> DateTime<Utc> {
         DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
@@ -716,41 +607,27 @@ mod tests {
 
     #[test]
     fn bad_cron_says_what_is_wrong() {
-        let err = |s: &str| CronExpr::parse(s).unwrap_err().message;
-        assert!(err("").contains("empty"), "{}", err(""));
-        assert!(err("0 3 * *").contains("4 fields"), "{}", err("0 3 * *"));
-        assert!(err("0 0 3 * * *").contains("seconds and years are not supported"));
-        let e = err("61 3 * * *");
-        assert!(
-            e.contains(
-                "\"61 3 * * *\": minute field \"61\": number out of bounds (minute takes 0-59)"
+        // Each bad expression, and what its error must say.
+        for (bad, says) in [
+            ("", "empty"),
+            ("0 3 * *", "4 fields"),
+            ("0 0 3 * * *", "seconds and years are not supported"),
+            (
+                "61 3 * * *",
+                "\"61 3 * * *\": minute field \"61\": number out of bounds (minute takes 0-59)",
             ),
-            "{e}"
-        );
-        assert!(err("0 25 * * *").contains("hour field \"25\""));
-        assert!(err("0 3 32 * *").contains("day-of-month field \"32\""));
-        assert!(err("0 3 * 13 *").contains("month field \"13\""));
-        assert!(
-            err("0 3 * * FOO").contains("day-of-week field \"FOO\""),
-            "{}",
-            err("0 3 * * FOO")
-        );
-        assert!(
-            err("*/0 * * * *").contains("step cannot be zero"),
-            "{}",
-            err("*/0 * * * *")
-        );
-        assert!(err("0 3 * *").contains("MINUTE HOUR DAY-OF-MONTH MONTH DAY-OF-WEEK"));
-        assert!(
-            err("@reboot").contains("unknown nickname"),
-            "{}",
-            err("@reboot")
-        );
-        assert!(
-            err("0 0 30 2 *").contains("never matches"),
-            "{}",
-            err("0 0 30 2 *")
-        );
+            ("0 25 * * *", "hour field \"25\""),
+            ("0 3 32 * *", "day-of-month field \"32\""),
+            ("0 3 * 13 *", "month field \"13\""),
+            ("0 3 * * FOO", "day-of-week field \"FOO\""),
+            ("*/0 * * * *", "step cannot be zero"),
+            ("0 3 * *", "MINUTE HOUR DAY-OF-MONTH MONTH DAY-OF-WEEK"),
+            ("@reboot", "unknown nickname"),
+            ("0 0 30 2 *", "never matches"),
+        ] {
+            let e = CronExpr::parse(bad).unwrap_err().message;
+            assert!(e.contains(says), "{bad:?}: {e}");
+        }
         assert!(CronExpr::parse("@daily").is_ok());
         assert!(CronExpr::parse("0 9 * * MON-FRI").is_ok());
         assert!(CronExpr::parse("  */5 * * * *  ").is_ok());
@@ -807,35 +684,6 @@ mod tests {
             m.starts_with("schedule \"nightly-import\": invalid cron expression"),
             "{m}"
         );
-    }
-
-    #[test]
-    fn missed_policy_config() {
-        assert_eq!(
-            MissedPolicy::from_config(None, None).unwrap(),
-            MissedPolicy::RunOnce {
-                max_age: DEFAULT_MISSED_MAX_AGE
-            }
-        );
-        assert_eq!(
-            MissedPolicy::from_config(Some("skip"), None).unwrap(),
-            MissedPolicy::Skip
-        );
-        assert_eq!(
-            MissedPolicy::from_config(Some("run_once"), Some("2h")).unwrap(),
-            MissedPolicy::RunOnce {
-                max_age: Duration::from_secs(7200)
-            }
-        );
-        assert!(MissedPolicy::from_config(Some("all"), None)
-            .unwrap_err()
-            .message
-            .contains("\"all\""));
-        assert!(MissedPolicy::from_config(Some("skip"), Some("1h")).is_err());
-        assert!(MissedPolicy::from_config(None, Some("soon"))
-            .unwrap_err()
-            .message
-            .contains("soon"));
     }
 
     #[test]

@@ -49,11 +49,12 @@ use std::time::Duration;
 
 use chrono::{DateTime, TimeDelta, Utc};
 use pubrun_broker::Broker;
-use pubrun_core::{Error, Result};
+use pubrun_core::{Error, Result, TopicName};
 use tokio::sync::{watch, Notify};
 
 use crate::db::{DefKind, Definition, Replacement, ScheduleState, Scope, TickClaim, TriggerStore};
 use crate::schedule::{due, format_time, MissedPolicy, Schedule, ScheduleSpec, ScheduleStatus};
+use crate::Validate;
 use pubrun_core::clock::Clock;
 
 /// How long a claim is held before another scheduler (or a retry) may take
@@ -150,28 +151,12 @@ impl Scheduler {
     }
 
     async fn replace(&self, scope: Scope<'_>, specs: Vec<ScheduleSpec>) -> Result<()> {
-        let mut names = std::collections::BTreeSet::new();
-        let mut defs = Vec::with_capacity(specs.len());
+        let mut defs = NewDefinitions::new("schedule", scope);
         for spec in specs {
             let s = spec.validate()?;
-            if !names.insert(spec.name.clone()) {
-                return Err(Error::invalid(format!(
-                    "schedule \"{}\" is declared twice",
-                    spec.name
-                )));
-            }
-            let project = match scope {
-                Scope::Project(p) => p.to_string(),
-                Scope::All => s.topic.project().id().to_string(),
-            };
-            let def = Definition {
-                name: spec.name.clone(),
-                project,
-                spec: serde_json::to_string(&spec)
-                    .map_err(|e| Error::internal(format!("schedule spec as JSON: {e}")))?,
-            };
-            defs.push((def, spec.paused));
+            defs.push(&spec.name, &s.topic, &spec, spec.paused)?;
         }
+        let defs = defs.defs;
         let all = self
             .inner
             .db
@@ -500,6 +485,55 @@ impl Inner {
                 false
             }
         }
+    }
+}
+
+/// The definitions one replace stores, gathered from checked specs: names
+/// unique, each under the scope's project (in a replace of all, its topic's).
+pub(crate) struct NewDefinitions<'a> {
+    kind: &'static str,
+    scope: Scope<'a>,
+    names: std::collections::BTreeSet<String>,
+    /// Each with whether it is declared paused.
+    pub defs: Vec<(Definition, bool)>,
+}
+
+impl<'a> NewDefinitions<'a> {
+    pub fn new(kind: &'static str, scope: Scope<'a>) -> Self {
+        NewDefinitions {
+            kind,
+            scope,
+            names: Default::default(),
+            defs: Vec::new(),
+        }
+    }
+
+    pub fn push(
+        &mut self,
+        name: &str,
+        topic: &TopicName,
+        spec: &impl serde::Serialize,
+        paused: bool,
+    ) -> Result<()> {
+        let kind = self.kind;
+        if !self.names.insert(name.to_string()) {
+            return Err(Error::invalid(format!(
+                "{kind} \"{name}\" is declared twice"
+            )));
+        }
+        let project = match self.scope {
+            Scope::Project(p) => p.to_string(),
+            Scope::All => topic.project().id().to_string(),
+        };
+        let spec = serde_json::to_string(spec)
+            .map_err(|e| Error::internal(format!("{kind} spec as JSON: {e}")))?;
+        let def = Definition {
+            name: name.to_string(),
+            project,
+            spec,
+        };
+        self.defs.push((def, paused));
+        Ok(())
     }
 }
 

@@ -31,10 +31,10 @@ use pubrun_core::limits::MAX_MESSAGE_BYTES;
 use pubrun_core::{Error, Result, TopicName};
 use sha2::Sha256;
 
-use crate::schedule::validate_trigger_name;
+pub use pubrun_core::trigger::{WebhookSpec, DEFAULT_MAX_BODY_BYTES};
 
-/// Default body limit: 1 MiB.
-pub const DEFAULT_MAX_BODY_BYTES: u64 = 1024 * 1024;
+use crate::schedule::validate_trigger_name;
+use crate::Validate;
 
 /// The attribute naming the hook.
 pub const ATTR_WEBHOOK: &str = "webhook";
@@ -42,44 +42,11 @@ pub const ATTR_WEBHOOK: &str = "webhook";
 /// GitHub's signature header.
 pub const SIGNATURE_HEADER: &str = "x-hub-signature-256";
 
-/// A declared webhook: `POST /hooks/NAME` publishes to `topic`. Serialized
-/// as JSON into `triggers.db` (its definition): it holds the names of the
-/// variables with the secrets, never a secret.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct WebhookSpec {
-    /// `[A-Za-z0-9][A-Za-z0-9._-]*`, at most 128 characters.
-    pub name: String,
-    /// Full topic name, `projects/P/topics/T`.
-    pub topic: String,
-    /// Environment variable holding the HMAC-SHA256 secret (GitHub's
-    /// `X-Hub-Signature-256: sha256=HEX`).
-    pub secret_env: Option<String>,
-    /// Environment variable holding a bearer secret (`Authorization: Bearer …`).
-    pub bearer_secret_env: Option<String>,
-    /// Request headers copied into attributes (names lowercased).
-    pub headers_as_attributes: Vec<String>,
-    /// Copy query parameters into attributes.
-    pub query_as_attributes: bool,
-    /// Larger bodies get 413. Default 1 MiB, at most 10 MiB (the Pub/Sub
-    /// message limit).
-    pub max_body_bytes: u64,
-}
-
-impl WebhookSpec {
-    pub fn new(name: impl Into<String>, topic: impl Into<String>) -> Self {
-        WebhookSpec {
-            name: name.into(),
-            topic: topic.into(),
-            secret_env: None,
-            bearer_secret_env: None,
-            headers_as_attributes: Vec::new(),
-            query_as_attributes: false,
-            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
-        }
-    }
+impl Validate for WebhookSpec {
+    type Valid = TopicName;
 
     /// Checks every field; errors name the webhook and the field.
-    pub fn validate(&self) -> Result<TopicName> {
+    fn validate(&self) -> Result<TopicName> {
         let ctx = |m: String| Error::invalid(format!("webhook \"{}\": {m}", self.name));
         validate_trigger_name("webhook", &self.name)?;
         let topic =

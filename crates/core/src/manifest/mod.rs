@@ -14,6 +14,7 @@ use crate::connection::ConnectionSpec;
 use crate::job::JobSpec;
 use crate::names::ProjectName;
 use crate::pool::PoolSpec;
+use crate::trigger::{ScheduleSpec, WebhookSpec};
 
 /// A kind of table whose tables are told apart by their `name` as written.
 trait Named {
@@ -44,8 +45,6 @@ mod topic;
 mod webhook;
 
 pub use bucket::{BucketDecl, NotificationDecl};
-pub use schedule::ScheduleDecl;
-pub use webhook::WebhookDecl;
 
 /// Everything a manifest declares, validated and with full resource names.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -54,8 +53,8 @@ pub struct Manifest {
     pub topics: Vec<TopicConfig>,
     pub subscriptions: Vec<SubscriptionConfig>,
     pub jobs: Vec<JobSpec>,
-    pub schedules: Vec<ScheduleDecl>,
-    pub webhooks: Vec<WebhookDecl>,
+    pub schedules: Vec<ScheduleSpec>,
+    pub webhooks: Vec<WebhookSpec>,
     pub buckets: Vec<BucketDecl>,
     /// Declared pools; `local` is implicit and only listed when declared.
     pub pools: Vec<PoolSpec>,

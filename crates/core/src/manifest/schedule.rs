@@ -7,23 +7,7 @@ use toml::Spanned;
 
 use super::topic::Topics;
 use super::{Ctx, FieldChecks, ManifestError};
-
-/// A `[[schedule]]` table: checked for shape here (unknown keys, declared
-/// topic); cron expression, time zone and policy are validated by the
-/// triggers crate when applied, with messages naming the schedule.
-#[derive(Debug, Clone, PartialEq, Default)]
-pub struct ScheduleDecl {
-    pub name: String,
-    pub cron: String,
-    pub time_zone: String,
-    /// Full topic name.
-    pub topic: String,
-    pub data: String,
-    pub attributes: BTreeMap<String, String>,
-    pub missed: Option<String>,
-    pub missed_max_age: Option<String>,
-    pub paused: bool,
-}
+use crate::trigger::{MissedPolicy, ScheduleSpec};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -36,19 +20,23 @@ pub(super) struct RawSchedule {
     data: String,
     #[serde(default)]
     attributes: BTreeMap<String, String>,
-    missed: Option<String>,
-    missed_max_age: Option<String>,
+    missed: Option<Spanned<String>>,
+    missed_max_age: Option<Spanned<String>>,
     #[serde(default)]
     paused: bool,
 }
 
+/// A `[[schedule]]` table becomes the spec the scheduler runs: checked here
+/// for shape (unknown keys, declared topic, missed-tick policy) and, through
+/// `checks`, cron expression and time zone; the triggers crate validates the
+/// rest when applied, with messages naming the schedule.
 impl RawSchedule {
     pub(super) fn decl(
         &self,
         cx: &Ctx<'_>,
         topics: &Topics<'_>,
         checks: FieldChecks,
-    ) -> Result<ScheduleDecl, ManifestError> {
+    ) -> Result<ScheduleSpec, ManifestError> {
         let named = |e: String| format!("schedule \"{}\": {e}", self.name.get_ref());
         if let Some(check) = checks.cron {
             check(self.cron.get_ref()).map_err(|e| cx.err(self.cron.span(), named(e)))?;
@@ -56,7 +44,21 @@ impl RawSchedule {
         if let (Some(check), Some(tz)) = (checks.time_zone, &self.time_zone) {
             check(tz.get_ref()).map_err(|e| cx.err(tz.span(), named(e)))?;
         }
-        Ok(ScheduleDecl {
+        let max_age = self
+            .missed_max_age
+            .as_ref()
+            .map(|s| {
+                MissedPolicy::parse_max_age(s.get_ref())
+                    .map_err(|e| cx.err(s.span(), named(e.message)))
+            })
+            .transpose()?;
+        let missed = self.missed.as_ref();
+        let missed = MissedPolicy::from_config(missed.map(|m| m.get_ref().as_str()), max_age)
+            .map_err(|e| {
+                let at = missed.map_or_else(|| self.name.span(), |m| m.span());
+                cx.err(at, named(e.message))
+            })?;
+        Ok(ScheduleSpec {
             name: self.name.get_ref().clone(),
             cron: self.cron.get_ref().clone(),
             time_zone: self
@@ -66,8 +68,7 @@ impl RawSchedule {
             topic: topics.resolve(cx, &self.topic)?.to_string(),
             data: self.data.clone(),
             attributes: self.attributes.clone(),
-            missed: self.missed.clone(),
-            missed_max_age: self.missed_max_age.clone(),
+            missed,
             paused: self.paused,
         })
     }

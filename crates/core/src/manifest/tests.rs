@@ -145,6 +145,43 @@ dedup_key = "{{ publish_time | date }}"
     }
 
     #[test]
+    fn schedule_missed_policy_is_checked_where_written() {
+        use crate::trigger::{MissedPolicy, DEFAULT_MAX_BODY_BYTES};
+        use std::time::Duration;
+        let table = "[[topic]]\nname = \"ticks\"\n[[schedule]]\nname = \"n\"\ncron = \"0 3 * * *\"\ntopic = \"ticks\"\n";
+        let m = ok(&format!(
+            "{table}missed_max_age = \"2h\"\n[[webhook]]\nname = \"w\"\ntopic = \"ticks\"\n"
+        ));
+        assert_eq!(
+            m.schedules[0].missed,
+            MissedPolicy::RunOnce {
+                max_age: Duration::from_secs(7200)
+            }
+        );
+        assert_eq!(m.webhooks[0].max_body_bytes, DEFAULT_MAX_BODY_BYTES);
+        let e = err(&format!("{table}missed = \"all\"\n"));
+        assert_eq!((e.line, e.column), (7, 10), "{e}");
+        assert!(
+            e.message
+                .starts_with("schedule \"n\": missed: \"all\" is not a policy"),
+            "{e}"
+        );
+        let e = err(&format!(
+            "{table}missed = \"skip\"\nmissed_max_age = \"soon\"\n"
+        ));
+        assert_eq!(e.line, 8, "{e}");
+        assert!(e.message.contains("missed_max_age: \"soon\""), "{e}");
+        let e = err(&format!(
+            "{table}missed = \"skip\"\nmissed_max_age = \"1h\"\n"
+        ));
+        assert_eq!(e.line, 7, "{e}");
+        assert!(
+            e.message.contains("only applies to missed = \"run_once\""),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn job_pass_env_and_secrets() {
         let job = |extra: &str| one_job("{ command = \"env\", env = { MODE = \"x\" } }", extra);
         let m = ok(&job(

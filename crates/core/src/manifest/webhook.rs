@@ -5,19 +5,7 @@ use toml::Spanned;
 
 use super::topic::Topics;
 use super::{Ctx, ManifestError};
-
-/// A `[[webhook]]` table: `POST /hooks/NAME` publishes to `topic`.
-#[derive(Debug, Clone, PartialEq, Default)]
-pub struct WebhookDecl {
-    pub name: String,
-    /// Full topic name.
-    pub topic: String,
-    pub secret_env: Option<String>,
-    pub bearer_secret_env: Option<String>,
-    pub headers_as_attributes: Vec<String>,
-    pub query_as_attributes: bool,
-    pub max_body_bytes: Option<u64>,
-}
+use crate::trigger::{WebhookSpec, DEFAULT_MAX_BODY_BYTES};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -33,20 +21,22 @@ pub(super) struct RawWebhook {
     max_body_bytes: Option<u64>,
 }
 
+/// A `[[webhook]]` table becomes the spec the server serves at
+/// `POST /hooks/NAME`; the triggers crate validates it when applied.
 impl RawWebhook {
     pub(super) fn decl(
         &self,
         cx: &Ctx<'_>,
         topics: &Topics<'_>,
-    ) -> Result<WebhookDecl, ManifestError> {
-        Ok(WebhookDecl {
+    ) -> Result<WebhookSpec, ManifestError> {
+        Ok(WebhookSpec {
             name: self.name.get_ref().clone(),
             topic: topics.resolve(cx, &self.topic)?.to_string(),
             secret_env: self.secret_env.clone(),
             bearer_secret_env: self.bearer_secret_env.clone(),
             headers_as_attributes: self.headers_as_attributes.clone(),
             query_as_attributes: self.query_as_attributes,
-            max_body_bytes: self.max_body_bytes,
+            max_body_bytes: self.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES),
         })
     }
 }

@@ -12,92 +12,57 @@
 
 use std::sync::Arc;
 
-use super::{check_job_owners, Action, Change, Ownership};
+use super::{changed, check_job_owners, deletions, upserts, Action, Change, Ownership};
 use crate::Dispatcher;
 use pubrun_broker::Broker;
 use pubrun_core::manifest::Manifest;
 use pubrun_core::{Error, Result};
-use pubrun_triggers::{MissedPolicy, ScheduleSpec, Triggers, WebhookSpec};
+use pubrun_triggers::{ScheduleSpec, Triggers, Validate, WebhookSpec};
 
+/// The manifest's schedules, each validated by the scheduler's rules.
 fn schedule_specs(m: &Manifest) -> Result<Vec<ScheduleSpec>> {
-    m.schedules
-        .iter()
-        .map(|d| {
-            let missed =
-                MissedPolicy::from_config(d.missed.as_deref(), d.missed_max_age.as_deref())
-                    .map_err(|e| {
-                        Error::invalid(format!("schedule \"{}\": {}", d.name, e.message))
-                    })?;
-            let spec = ScheduleSpec {
-                name: d.name.clone(),
-                cron: d.cron.clone(),
-                time_zone: d.time_zone.clone(),
-                topic: d.topic.clone(),
-                data: d.data.clone(),
-                attributes: d.attributes.clone(),
-                missed,
-                paused: d.paused,
-            };
-            spec.validate()?;
-            Ok(spec)
-        })
-        .collect()
+    for spec in &m.schedules {
+        spec.validate()?;
+    }
+    Ok(m.schedules.clone())
 }
 
+/// The manifest's webhooks, validated and with their secrets set on this
+/// server.
 fn webhook_specs(m: &Manifest) -> Result<Vec<WebhookSpec>> {
-    m.webhooks
-        .iter()
-        .map(|d| {
-            let mut spec = WebhookSpec::new(d.name.clone(), d.topic.clone());
-            spec.secret_env = d.secret_env.clone();
-            spec.bearer_secret_env = d.bearer_secret_env.clone();
-            spec.headers_as_attributes = d.headers_as_attributes.clone();
-            spec.query_as_attributes = d.query_as_attributes;
-            if let Some(n) = d.max_body_bytes {
-                spec.max_body_bytes = n;
+    for spec in &m.webhooks {
+        spec.validate()?;
+        for var in [&spec.secret_env, &spec.bearer_secret_env]
+            .into_iter()
+            .flatten()
+        {
+            if std::env::var(var).map_or(true, |v| v.is_empty()) {
+                return Err(Error::precondition(format!(
+                    "webhook \"{}\": environment variable {var} is not set for the server; set it or remove the secret",
+                    spec.name
+                )));
             }
-            spec.validate()?;
-            for var in [&spec.secret_env, &spec.bearer_secret_env].into_iter().flatten() {
-                if std::env::var(var).map_or(true, |v| v.is_empty()) {
-                    return Err(Error::precondition(format!(
-                        "webhook \"{}\": environment variable {var} is not set for the server; set it or remove the secret",
-                        spec.name
-                    )));
-                }
-            }
-            Ok(spec)
-        })
-        .collect()
+        }
+    }
+    Ok(m.webhooks.clone())
 }
 
-/// Plans the named things in `desired` against `current`.
+/// Plans the named things in `desired` against `current`: those replaced
+/// whole, so any difference is an update, and any not declared goes.
 fn plan_named<T: PartialEq>(
     kind: &'static str,
     current: &[(String, T)],
     desired: &[(String, T)],
 ) -> Vec<Change> {
-    let mut out = Vec::new();
-    for (name, want) in desired {
-        let action = match current.iter().find(|(n, _)| n == name) {
-            None => Action::Create,
-            Some((_, have)) if have != want => Action::Update,
-            Some(_) => Action::Unchanged,
-        };
-        out.push(Change {
-            kind,
-            name: name.clone(),
-            action,
-        });
-    }
-    for (name, _) in current {
-        if !desired.iter().any(|(n, _)| n == name) {
-            out.push(Change {
-                kind,
-                name: name.clone(),
-                action: Action::Delete,
-            });
-        }
-    }
+    let name: fn(&(String, T)) -> &str = |(n, _)| n;
+    let mut out = upserts(kind, current, desired, name, |(_, have), (_, want)| {
+        changed(have, want)
+    });
+    out.extend(deletions(
+        kind,
+        current.iter().map(name),
+        &desired.iter().map(name).collect(),
+    ));
     out
 }
 

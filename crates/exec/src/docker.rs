@@ -719,12 +719,10 @@ impl Executor for DockerExecutor {
     /// appear again). Created but never started: removed, `None` (nothing
     /// ran). Either way the container is removed at the end. An engine that
     /// does not answer gives `Some` infra error, so the attempt is retried.
-    async fn reattach(
-        &self,
-        req: RunRequest,
-        log: Arc<LogSink>,
-        cancel: CancellationToken,
-    ) -> Option<Exit> {
+    async fn reattach(&self, a: Attempt) -> Option<Exit> {
+        let Attempt {
+            req, log, cancel, ..
+        } = a;
         if !matches!(req.spec, ExecutorSpec::Docker(_)) {
             return None;
         }

@@ -42,7 +42,7 @@ async fn dead_docker_host_is_an_infra_error() {
 
     let found = within(
         "reattach",
-        ex.reattach(req.clone(), fx.log.clone(), CancellationToken::new()),
+        ex.reattach(Attempt::new(req.clone(), fx.log.clone())),
     )
     .await;
     let exit = found.expect("unknown is not 'nothing survived'");

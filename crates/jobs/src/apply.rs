@@ -24,7 +24,7 @@ pub use manifest::apply_manifest;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use pubrun_broker::{Broker, SubscriptionUpdate, TopicUpdate};
+use pubrun_broker::{Broker, ListRequest, SubscriptionUpdate, TopicUpdate};
 use pubrun_core::job::JobSpec;
 use pubrun_core::manifest::Manifest;
 use pubrun_core::{
@@ -340,7 +340,7 @@ async fn current(broker: &Broker, jobs: Vec<JobSpec>, project: &ProjectName) -> 
     };
     let mut token = String::new();
     loop {
-        let p = broker.list_topics(project, 1000, &token)?;
+        let p = broker.list_topics(ListRequest::new(project, 1000, &token))?;
         cur.topics.extend(p.items);
         if p.next_page_token.is_empty() {
             break;
@@ -349,7 +349,7 @@ async fn current(broker: &Broker, jobs: Vec<JobSpec>, project: &ProjectName) -> 
     }
     let mut token = String::new();
     loop {
-        let p = broker.list_subscriptions(project, 1000, &token)?;
+        let p = broker.list_subscriptions(ListRequest::new(project, 1000, &token))?;
         cur.subscriptions.extend(p.items);
         if p.next_page_token.is_empty() {
             break;

@@ -9,7 +9,7 @@ use std::time::Duration;
 use common::*;
 use pubrun_core::job::ExecutorSpec;
 use pubrun_exec::docker::DockerExecutor;
-use pubrun_exec::{Attempt, CancellationToken, Executor};
+use pubrun_exec::{Attempt, Executor};
 
 #[tokio::test]
 async fn dead_docker_host_is_an_infra_error() {

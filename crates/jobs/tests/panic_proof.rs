@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use common::*;
 use pubrun_core::run::RunStatus;
-use pubrun_exec::{CancellationToken, Executor, Exit, LogSink, RunRequest};
+use pubrun_exec::{Executor, Exit};
 
 fn tempdir() -> tempfile::TempDir {
     tempfile::tempdir().unwrap()

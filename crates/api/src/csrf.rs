@@ -256,7 +256,13 @@ fn check(policy: &HostPolicy, req: &Request) -> Result<(), String> {
 /// lower-cased); `None` when there is none or it is not text.
 pub(crate) fn media_type(h: &HeaderMap) -> Option<String> {
     let v = h.get(header::CONTENT_TYPE)?.to_str().ok()?;
-    Some(v.split(';').next().unwrap_or("").trim().to_ascii_lowercase())
+    Some(
+        v.split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase(),
+    )
 }
 
 fn refuse(req: &Request, msg: &str) -> Response {

@@ -235,7 +235,10 @@ async fn trigger(args: TriggerArgs) -> Result<()> {
             Err(e) => body.insert("data_base64".into(), json!(B64.encode(e.as_bytes()))),
         };
     }
-    body.insert("attributes".into(), string_map("attribute", &args.message.attrs)?);
+    body.insert(
+        "attributes".into(),
+        string_map("attribute", &args.message.attrs)?,
+    );
     let api = Api::new(conn)?;
     let resp = api
         .post(

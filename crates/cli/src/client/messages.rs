@@ -21,7 +21,10 @@ pub async fn publish(args: PublishArgs) -> Result<()> {
     }
     let mut message = Map::new();
     message.insert("data".into(), json!(B64.encode(&data)));
-    message.insert("attributes".into(), string_map("attribute", &args.message.attrs)?);
+    message.insert(
+        "attributes".into(),
+        string_map("attribute", &args.message.attrs)?,
+    );
     if let Some(k) = &args.ordering_key {
         message.insert("orderingKey".into(), json!(k));
     }

@@ -78,25 +78,26 @@ impl From<EngineError> for ProviderError {
 // Engine error helpers shared with the docker executor.
 use pubrun_exec::docker::{docker_message, is_status, Engine, EngineError};
 
-fn from_state(s: Option<ContainerStateStatusEnum>) -> ProviderStatus {
-    use ContainerStateStatusEnum as S;
-    match s {
-        Some(S::RUNNING) | Some(S::PAUSED) => ProviderStatus::Running,
-        Some(S::REMOVING) | Some(S::STOPPING) => ProviderStatus::Stopping,
-        Some(S::EXITED) | Some(S::DEAD) => ProviderStatus::Stopped,
-        Some(S::CREATED) | Some(S::RESTARTING) | Some(S::EMPTY) | None => ProviderStatus::Pending,
-    }
+// The engine reports a container's state as one of two enums with the same
+// variants (inspect, list); one mapping serves both.
+macro_rules! status_from {
+    ($name:ident, $enum:ident) => {
+        fn $name(s: Option<$enum>) -> ProviderStatus {
+            use $enum as S;
+            match s {
+                Some(S::RUNNING) | Some(S::PAUSED) => ProviderStatus::Running,
+                Some(S::REMOVING) | Some(S::STOPPING) => ProviderStatus::Stopping,
+                Some(S::EXITED) | Some(S::DEAD) => ProviderStatus::Stopped,
+                Some(S::CREATED) | Some(S::RESTARTING) | Some(S::EMPTY) | None => {
+                    ProviderStatus::Pending
+                }
+            }
+        }
+    };
 }
 
-fn from_summary_state(s: Option<ContainerSummaryStateEnum>) -> ProviderStatus {
-    use ContainerSummaryStateEnum as S;
-    match s {
-        Some(S::RUNNING) | Some(S::PAUSED) => ProviderStatus::Running,
-        Some(S::REMOVING) | Some(S::STOPPING) => ProviderStatus::Stopping,
-        Some(S::EXITED) | Some(S::DEAD) => ProviderStatus::Stopped,
-        Some(S::CREATED) | Some(S::RESTARTING) | Some(S::EMPTY) | None => ProviderStatus::Pending,
-    }
-}
+status_from!(from_state, ContainerStateStatusEnum);
+status_from!(from_summary_state, ContainerSummaryStateEnum);
 
 impl DockerProvider {
     /// Checks the spec and the engine address; does not contact the engine.

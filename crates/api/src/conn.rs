@@ -78,8 +78,8 @@ impl ConnLimits {
     }
 }
 
-/// The soft `RLIMIT_NOFILE`.
-pub fn nofile_limit() -> std::io::Result<u64> {
+/// The soft and hard `RLIMIT_NOFILE`.
+fn nofile_rlimit() -> std::io::Result<libc::rlimit> {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -88,21 +88,19 @@ pub fn nofile_limit() -> std::io::Result<u64> {
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
         return Err(std::io::Error::last_os_error());
     }
-    Ok(lim.rlim_cur)
+    Ok(lim)
+}
+
+/// The soft `RLIMIT_NOFILE`.
+pub fn nofile_limit() -> std::io::Result<u64> {
+    Ok(nofile_rlimit()?.rlim_cur)
 }
 
 /// Raises the soft `RLIMIT_NOFILE` to the hard limit (the default soft
 /// limit, often 1024, runs out long before memory does) and returns the
 /// soft limit now in force.
 pub fn raise_nofile_limit() -> std::io::Result<u64> {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit only writes the struct we hand it.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    let mut lim = nofile_rlimit()?;
     if lim.rlim_cur < lim.rlim_max {
         let want = libc::rlimit {
             rlim_cur: lim.rlim_max,

@@ -20,7 +20,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use axum::extract::{Request, State};
-use axum::http::{header, Method, Uri};
+use axum::http::{header, HeaderMap, Method, Uri};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use pubrun_core::pool::ProviderSpec;
@@ -233,17 +233,7 @@ fn check(policy: &HostPolicy, req: &Request) -> Result<(), String> {
         }
     }
     if req.uri().path().starts_with("/api/v1/") && !h.contains_key(CLIENT_HEADER) {
-        let mime = h
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .map(|v| {
-                v.split(';')
-                    .next()
-                    .unwrap_or("")
-                    .trim()
-                    .to_ascii_lowercase()
-            });
-        let simple = match mime.as_deref() {
+        let simple = match media_type(h).as_deref() {
             None | Some("") => true,
             Some(m) => matches!(
                 m,
@@ -260,6 +250,19 @@ fn check(policy: &HostPolicy, req: &Request) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// The media type of the request body (`Content-Type` without parameters,
+/// lower-cased); `None` when there is none or it is not text.
+pub(crate) fn media_type(h: &HeaderMap) -> Option<String> {
+    let v = h.get(header::CONTENT_TYPE)?.to_str().ok()?;
+    Some(
+        v.split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase(),
+    )
 }
 
 fn refuse(req: &Request, msg: &str) -> Response {

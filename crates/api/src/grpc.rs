@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use futures::Stream;
 use pubrun_broker::{
-    AckResult, Broker, Delivered, DeliveryUpdate, SubscriptionUpdate, TopicUpdate,
+    AckResult, Broker, Delivered, DeliveryUpdate, ListRequest, SubscriptionUpdate, TopicUpdate,
 };
 use pubrun_core::config::{DeadLetterPolicy, NoWrapper, PushConfig, RetryPolicy};
 use pubrun_core::{
@@ -383,11 +383,10 @@ impl PubSub {
     }
 
     pub fn list_topics(&self, r: pb::ListTopicsRequest) -> Result<pb::ListTopicsResponse> {
-        let page = self.broker.list_topics(
-            &ProjectName::parse(&r.project)?,
-            r.page_size,
-            &r.page_token,
-        )?;
+        let project = ProjectName::parse(&r.project)?;
+        let page =
+            self.broker
+                .list_topics(ListRequest::new(&project, r.page_size, &r.page_token))?;
         Ok(pb::ListTopicsResponse {
             topics: page.items.iter().map(|t| self.topic_pb(t)).collect(),
             next_page_token: page.next_page_token,
@@ -398,11 +397,12 @@ impl PubSub {
         &self,
         r: pb::ListTopicSubscriptionsRequest,
     ) -> Result<pb::ListTopicSubscriptionsResponse> {
-        let page = self.broker.list_topic_subscriptions(
-            &TopicName::parse(&r.topic)?,
+        let topic = TopicName::parse(&r.topic)?;
+        let page = self.broker.list_topic_subscriptions(ListRequest::new(
+            &topic,
             r.page_size,
             &r.page_token,
-        )?;
+        ))?;
         Ok(pb::ListTopicSubscriptionsResponse {
             subscriptions: page.items,
             next_page_token: page.next_page_token,
@@ -484,11 +484,12 @@ impl PubSub {
         &self,
         r: pb::ListSubscriptionsRequest,
     ) -> Result<pb::ListSubscriptionsResponse> {
-        let page = self.broker.list_subscriptions(
-            &ProjectName::parse(&r.project)?,
+        let project = ProjectName::parse(&r.project)?;
+        let page = self.broker.list_subscriptions(ListRequest::new(
+            &project,
             r.page_size,
             &r.page_token,
-        )?;
+        ))?;
         Ok(pb::ListSubscriptionsResponse {
             subscriptions: page.items.iter().map(|s| self.sub_pb(s)).collect(),
             next_page_token: page.next_page_token,

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use pubrun_broker::SnapshotInfo;
+use pubrun_broker::{ListRequest, SnapshotInfo};
 use pubrun_core::names::SnapshotName;
 use pubrun_core::{config::Labels, TopicName};
 use pubrun_core::{Error, ProjectName, Result, SubscriptionConfig, SubscriptionName, TopicConfig};
@@ -80,9 +80,9 @@ impl PubSub {
 
     pub fn list_snapshots(&self, r: pb::ListSnapshotsRequest) -> Result<pb::ListSnapshotsResponse> {
         let project = ProjectName::parse(&r.project)?;
-        let page = self
-            .broker
-            .list_snapshots(&project, r.page_size, &r.page_token)?;
+        let page =
+            self.broker
+                .list_snapshots(ListRequest::new(&project, r.page_size, &r.page_token))?;
         Ok(pb::ListSnapshotsResponse {
             snapshots: page.items.into_iter().map(snapshot_to_pb).collect(),
             next_page_token: page.next_page_token,
@@ -94,9 +94,11 @@ impl PubSub {
         r: pb::ListTopicSnapshotsRequest,
     ) -> Result<pb::ListTopicSnapshotsResponse> {
         let topic = TopicName::parse(&r.topic)?;
-        let page = self
-            .broker
-            .list_topic_snapshots(&topic, r.page_size, &r.page_token)?;
+        let page = self.broker.list_topic_snapshots(ListRequest::new(
+            &topic,
+            r.page_size,
+            &r.page_token,
+        ))?;
         Ok(pb::ListTopicSnapshotsResponse {
             snapshots: page.items,
             next_page_token: page.next_page_token,

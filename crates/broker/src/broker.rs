@@ -68,6 +68,27 @@ pub struct DeliveryProperties {
     pub message_ordering: bool,
 }
 
+/// What a List call asks for, as Google's `List*Request`s put it: the
+/// resources of `parent` (a project, or a topic's attached ones), at most
+/// `page_size` of them (0: the default), after `page_token` (empty: from the
+/// start).
+#[derive(Debug)]
+pub struct ListRequest<'a, P> {
+    pub parent: &'a P,
+    pub page_size: i32,
+    pub page_token: &'a str,
+}
+
+impl<'a, P> ListRequest<'a, P> {
+    pub fn new(parent: &'a P, page_size: i32, page_token: &'a str) -> Self {
+        ListRequest {
+            parent,
+            page_size,
+            page_token,
+        }
+    }
+}
+
 /// One page of a List call.
 #[derive(Debug, Clone)]
 pub struct Page<T> {
@@ -319,28 +340,43 @@ fn dead_letter_topic_exists(c: &Catalog, p: &Option<DeadLetterPolicy>) -> Result
     }
 }
 
-/// One page of the entries of `map` whose names start with `prefix` (one
-/// project's resources), skipping those `item` drops.
+/// One page of the entries of `map` (a catalog collection such as
+/// `topics`) that belong to the request's project, skipping those `item`
+/// drops.
 fn page_under<V, T: Clone>(
     map: &BTreeMap<String, V>,
-    prefix: &str,
-    page_size: i32,
-    token: &str,
+    collection: &str,
+    req: ListRequest<ProjectName>,
     mut item: impl FnMut(&str, &V) -> Option<T>,
 ) -> Result<Page<T>> {
+    let prefix = format!("{}/{collection}/", req.parent);
     // Names under one prefix are contiguous in the sorted map.
     let under = map
-        .range(prefix.to_string()..)
-        .take_while(|(k, _)| k.starts_with(prefix))
+        .range(prefix.clone()..)
+        .take_while(|(k, _)| k.starts_with(&prefix))
         .filter_map(|(k, v)| Some((k.clone(), item(k, v)?)));
-    page(under, page_size, token)
+    page(under, req)
 }
 
-fn page<T: Clone>(
+/// One page of the names in `map` whose entry `keep` accepts (the
+/// resources attached to one topic).
+fn page_of_names<V, P>(
+    map: &BTreeMap<String, V>,
+    req: ListRequest<P>,
+    keep: impl Fn(&V) -> bool,
+) -> Result<Page<String>> {
+    let names = map
+        .iter()
+        .filter(|(_, v)| keep(v))
+        .map(|(k, _)| (k.clone(), k.clone()));
+    page(names, req)
+}
+
+fn page<T: Clone, P>(
     all: impl Iterator<Item = (String, T)>,
-    page_size: i32,
-    token: &str,
+    req: ListRequest<P>,
 ) -> Result<Page<T>> {
+    let (page_size, token) = (req.page_size, req.page_token);
     if page_size < 0 {
         return Err(Error::invalid("page_size must not be negative"));
     }
@@ -570,15 +606,9 @@ impl Broker {
         self.update_topic_with(name, update, None).await
     }
 
-    pub fn list_topics(
-        &self,
-        project: &ProjectName,
-        page_size: i32,
-        token: &str,
-    ) -> Result<Page<TopicConfig>> {
+    pub fn list_topics(&self, req: ListRequest<ProjectName>) -> Result<Page<TopicConfig>> {
         let st = self.lock();
-        let prefix = format!("{project}/topics/");
-        page_under(&st.catalog.topics, &prefix, page_size, token, |_, t| {
+        page_under(&st.catalog.topics, "topics", req, |_, t| {
             Some(t.config.clone())
         })
     }
@@ -606,23 +636,10 @@ impl Broker {
         .await
     }
 
-    pub fn list_topic_subscriptions(
-        &self,
-        topic: &TopicName,
-        page_size: i32,
-        token: &str,
-    ) -> Result<Page<String>> {
+    pub fn list_topic_subscriptions(&self, req: ListRequest<TopicName>) -> Result<Page<String>> {
         let st = self.lock();
-        let uid = st.topic(topic)?.uid;
-        page(
-            st.catalog
-                .subscriptions
-                .iter()
-                .filter(|(_, s)| s.topic_uid == Some(uid))
-                .map(|(k, _)| (k.clone(), k.clone())),
-            page_size,
-            token,
-        )
+        let uid = st.topic(req.parent)?.uid;
+        page_of_names(&st.catalog.subscriptions, req, |s| s.topic_uid == Some(uid))
     }
 
     /// Durably appends the messages and returns their ids.
@@ -848,19 +865,12 @@ impl Broker {
 
     pub fn list_subscriptions(
         &self,
-        project: &ProjectName,
-        page_size: i32,
-        token: &str,
+        req: ListRequest<ProjectName>,
     ) -> Result<Page<SubscriptionConfig>> {
         let st = self.lock();
-        let prefix = format!("{project}/subscriptions/");
-        page_under(
-            &st.catalog.subscriptions,
-            &prefix,
-            page_size,
-            token,
-            |_, s| Some(s.config.clone()),
-        )
+        page_under(&st.catalog.subscriptions, "subscriptions", req, |_, s| {
+            Some(s.config.clone())
+        })
     }
 
     pub async fn delete_subscription(&self, name: &SubscriptionName) -> Result<()> {

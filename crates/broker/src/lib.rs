@@ -33,8 +33,8 @@ mod seqmap;
 mod subscription;
 
 pub use broker::{
-    AckResult, Broker, Delivered, DeliveryProperties, DeliveryUpdate, Page, StreamHandle,
-    SubscriptionStats, SubscriptionUpdate, TopicUpdate,
+    AckResult, Broker, Delivered, DeliveryProperties, DeliveryUpdate, ListRequest, Page,
+    StreamHandle, SubscriptionStats, SubscriptionUpdate, TopicUpdate,
 };
 // Retention, snapshots and seek: `broker/retention.rs`.
 pub use broker::SnapshotInfo;

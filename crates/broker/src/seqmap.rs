@@ -21,15 +21,50 @@ fn rank(bits: u64, bit: u32) -> usize {
     (bits & ((1u64 << bit) - 1)).count_ones() as usize
 }
 
-/// An ordered set of seqs: one `u64` bitmap per 64-seq block.
-#[derive(Default, Debug)]
-pub(crate) struct SeqSet {
-    blocks: BTreeMap<u64, u64>,
+/// Seqs grouped by 64-seq block, `B` per block: a bare presence bitmap
+/// ([`SeqSet`]) or a bitmap with the present seqs' values ([`SeqMap`]).
+/// What only needs the bitmaps is written once, here.
+#[derive(Debug)]
+pub(crate) struct Blocks<B> {
+    blocks: BTreeMap<u64, B>,
     len: usize,
 }
 
-#[allow(dead_code)] // the full set API; tests use all of it
-impl SeqSet {
+/// An ordered set of seqs: one `u64` bitmap per 64-seq block.
+pub(crate) type SeqSet = Blocks<u64>;
+
+/// An ordered map from seq to `V`: per 64-seq block, a presence bitmap and
+/// the values of the present seqs in order.
+pub(crate) type SeqMap<V> = Blocks<Block<V>>;
+
+/// A block's presence bitmap: bit `i` set when seq `block * 64 + i` is in.
+pub(crate) trait Presence {
+    fn bits(&self) -> u64;
+}
+
+impl Presence for u64 {
+    fn bits(&self) -> u64 {
+        *self
+    }
+}
+
+impl<V> Presence for Block<V> {
+    fn bits(&self) -> u64 {
+        self.bits
+    }
+}
+
+impl<B> Default for Blocks<B> {
+    fn default() -> Self {
+        Blocks {
+            blocks: BTreeMap::new(),
+            len: 0,
+        }
+    }
+}
+
+#[allow(dead_code)] // the full API; tests use all of it
+impl<B: Presence> Blocks<B> {
     pub fn new() -> Self {
         Self::default()
     }
@@ -42,6 +77,29 @@ impl SeqSet {
         self.len == 0
     }
 
+    pub fn contains_key(&self, seq: &u64) -> bool {
+        let (b, bit) = split(*seq);
+        self.blocks
+            .get(&b)
+            .is_some_and(|block| block.bits() & (1 << bit) != 0)
+    }
+
+    /// The lowest seq present.
+    pub fn first_key(&self) -> Option<u64> {
+        let (&b, block) = self.blocks.first_key_value()?;
+        Some((b << SHIFT) | block.bits().trailing_zeros() as u64)
+    }
+
+    /// The seqs present, in order.
+    pub fn keys(&self) -> impl Iterator<Item = u64> + '_ {
+        self.blocks
+            .iter()
+            .flat_map(|(&b, block)| BitIter(block.bits()).map(move |bit| (b << SHIFT) | bit as u64))
+    }
+}
+
+#[allow(dead_code)] // the full set API; tests use all of it
+impl SeqSet {
     /// Returns true when `seq` was not in the set.
     pub fn insert(&mut self, seq: u64) -> bool {
         let (b, bit) = split(seq);
@@ -66,24 +124,6 @@ impl SeqSet {
         self.len -= had as usize;
         had
     }
-
-    pub fn contains(&self, seq: &u64) -> bool {
-        let (b, bit) = split(*seq);
-        self.blocks
-            .get(&b)
-            .is_some_and(|bits| bits & (1 << bit) != 0)
-    }
-
-    pub fn first(&self) -> Option<u64> {
-        let (&b, &bits) = self.blocks.first_key_value()?;
-        Some((b << SHIFT) | bits.trailing_zeros() as u64)
-    }
-
-    pub fn iter(&self) -> impl Iterator<Item = u64> + '_ {
-        self.blocks
-            .iter()
-            .flat_map(|(&b, &bits)| BitIter(bits).map(move |bit| (b << SHIFT) | bit as u64))
-    }
 }
 
 struct BitIter(u64);
@@ -100,46 +140,14 @@ impl Iterator for BitIter {
     }
 }
 
-struct Block<V> {
+pub(crate) struct Block<V> {
     bits: u64,
     /// One value per set bit, in bit order.
     items: Vec<V>,
 }
 
-/// An ordered map from seq to `V`: per 64-seq block, a presence bitmap and
-/// the values of the present seqs in order.
-pub(crate) struct SeqMap<V> {
-    blocks: BTreeMap<u64, Block<V>>,
-    len: usize,
-}
-
-impl<V> Default for SeqMap<V> {
-    fn default() -> Self {
-        SeqMap {
-            blocks: BTreeMap::new(),
-            len: 0,
-        }
-    }
-}
-
 #[allow(dead_code)] // the full map API; tests use all of it
 impl<V> SeqMap<V> {
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    pub fn contains_key(&self, seq: &u64) -> bool {
-        self.get(seq).is_some()
-    }
-
     pub fn get(&self, seq: &u64) -> Option<&V> {
         let (b, bit) = split(*seq);
         let block = self.blocks.get(&b)?;
@@ -189,11 +197,6 @@ impl<V> SeqMap<V> {
         Some(v)
     }
 
-    pub fn first_key(&self) -> Option<u64> {
-        let (&b, block) = self.blocks.first_key_value()?;
-        Some((b << SHIFT) | block.bits.trailing_zeros() as u64)
-    }
-
     /// `(seq, value)` in seq order.
     pub fn iter(&self) -> impl Iterator<Item = (u64, &V)> + '_ {
         self.blocks.iter().flat_map(|(&b, block)| {
@@ -201,10 +204,6 @@ impl<V> SeqMap<V> {
                 .zip(block.items.iter())
                 .map(move |(bit, v)| ((b << SHIFT) | bit as u64, v))
         })
-    }
-
-    pub fn keys(&self) -> impl Iterator<Item = u64> + '_ {
-        self.iter().map(|(s, _)| s)
     }
 
     pub fn values(&self) -> impl Iterator<Item = &V> + '_ {
@@ -223,6 +222,18 @@ impl<V> std::ops::Index<&u64> for SeqMap<V> {
     }
 }
 
+/// A seeded xorshift generator for randomised tests: `next(n)` is in `0..n`.
+#[cfg(test)]
+pub(crate) fn test_rng(seed: u64) -> impl FnMut(u64) -> u64 {
+    let mut rng = seed;
+    move |n| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng % n
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -230,13 +241,7 @@ mod tests {
 
     #[test]
     fn behaves_like_btree() {
-        let mut rng = 0x9E3779B97F4A7C15u64;
-        let mut next = move |n: u64| {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            rng % n
-        };
+        let mut next = test_rng(0x9E3779B97F4A7C15);
         let mut m = SeqMap::new();
         let mut bm = BTreeMap::new();
         let mut s = SeqSet::new();
@@ -260,15 +265,15 @@ mod tests {
             assert_eq!(m.len(), bm.len());
             assert_eq!(s.len(), bs.len());
             assert_eq!(m.first_key(), bm.keys().next().copied());
-            assert_eq!(s.first(), bs.first().copied());
+            assert_eq!(s.first_key(), bs.first().copied());
             assert_eq!(m.get(&k), bm.get(&k));
-            assert_eq!(s.contains(&k), bs.contains(&k));
+            assert_eq!(s.contains_key(&k), bs.contains(&k));
             if i % 1000 == 0 {
                 assert!(m
                     .iter()
                     .map(|(k, v)| (k, *v))
                     .eq(bm.iter().map(|(k, v)| (*k, *v))));
-                assert!(s.iter().eq(bs.iter().copied()));
+                assert!(s.keys().eq(bs.iter().copied()));
                 assert!(m.values().eq(bm.values()));
             }
         }

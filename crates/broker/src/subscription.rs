@@ -558,7 +558,7 @@ impl SubState {
         self.release_due(now);
         let mut out = Vec::new();
         while out.len() < max {
-            let Some(seq) = self.ready.first() else {
+            let Some(seq) = self.ready.first_key() else {
                 break;
             };
             let h = match self.lease(seq, now, deadline, stream) {
@@ -742,7 +742,7 @@ impl SubState {
             match self.slot(seq) {
                 Slot::Ready => {
                     counts[0] += 1;
-                    assert!(self.ready.contains(&seq));
+                    assert!(self.ready.contains_key(&seq));
                 }
                 Slot::Leased(l) => {
                     counts[1] += 1;
@@ -1133,13 +1133,7 @@ mod tests {
     /// Random operations keep every invariant.
     #[test]
     fn random_operations_keep_invariants() {
-        let mut rng = 0x2545F4914F6CDD1Du64;
-        let mut next = move |n: u64| {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            rng % n
-        };
+        let mut next = crate::seqmap::test_rng(0x2545F4914F6CDD1D);
         for round in 0..20 {
             let t0 = Instant::now();
             let mut s = SubState::new(1, 10);

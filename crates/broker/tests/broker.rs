@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pubrun_broker::{Broker, SubscriptionUpdate};
+use pubrun_broker::{Broker, ListRequest, SubscriptionUpdate};
 use pubrun_core::{
     Code, OutgoingMessage, SubscriptionConfig, SubscriptionName, TopicConfig, TopicName,
 };
@@ -326,7 +326,9 @@ async fn list_pages_through_everything_once() {
     let mut seen = Vec::new();
     let mut token = String::new();
     loop {
-        let page = b.list_topics(&project, 3, &token).unwrap();
+        let page = b
+            .list_topics(ListRequest::new(&project, 3, &token))
+            .unwrap();
         assert!(page.items.len() <= 3);
         seen.extend(page.items.into_iter().map(|t| t.name));
         if page.next_page_token.is_empty() {
@@ -338,5 +340,9 @@ async fn list_pages_through_everything_once() {
     seen.dedup();
     assert_eq!(seen.len(), 7);
     let other = pubrun_core::ProjectName::from_id("other").unwrap();
-    assert!(b.list_topics(&other, 0, "").unwrap().items.is_empty());
+    assert!(b
+        .list_topics(ListRequest::new(&other, 0, ""))
+        .unwrap()
+        .items
+        .is_empty());
 }

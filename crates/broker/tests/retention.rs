@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pubrun_broker::{Broker, DeliveryUpdate, SubscriptionUpdate};
+use pubrun_broker::{Broker, DeliveryUpdate, ListRequest, SubscriptionUpdate};
 use pubrun_core::clock::ManualClock;
 use pubrun_core::names::SnapshotName;
 use pubrun_core::{
@@ -272,15 +272,17 @@ async fn snapshots_capture_the_backlog_and_survive_a_restart() {
     let b = open(dir.path(), &clock);
     assert_eq!(b.get_snapshot(&snap("before")).unwrap(), info);
     let page = b
-        .list_snapshots(
+        .list_snapshots(ListRequest::new(
             &pubrun_core::ProjectName::parse("projects/p").unwrap(),
             0,
             "",
-        )
+        ))
         .unwrap();
     assert_eq!(page.items, vec![info.clone()]);
     assert_eq!(
-        b.list_topic_snapshots(&topic("t"), 0, "").unwrap().items,
+        b.list_topic_snapshots(ListRequest::new(&topic("t"), 0, ""))
+            .unwrap()
+            .items,
         vec![snap("before").to_string()]
     );
     assert!(drain(&b, "s").await.is_empty(), "acks survive the restart");

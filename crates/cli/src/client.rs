@@ -25,7 +25,7 @@ mod snapshots;
 pub(crate) use args::parse_addr;
 pub use args::ConnArgs;
 
-use args::{parse_key_value, NameArgs, SUBSCRIPTION_NAME, TOPIC_NAME};
+use args::{parse_key_value, MessageArgs, NameArgs, SUBSCRIPTION_NAME, TOPIC_NAME};
 
 #[derive(clap::Subcommand)]
 pub enum ClientCommand {
@@ -199,12 +199,8 @@ pub struct TriggerArgs {
     /// Message data as text (templates see it as `data`).
     #[arg(long, conflicts_with = "data_file")]
     pub data: Option<String>,
-    /// Read the message data from a file ("-" reads standard input).
-    #[arg(long, value_name = "FILE")]
-    pub data_file: Option<std::path::PathBuf>,
-    /// Message attribute (repeatable).
-    #[arg(long = "attr", value_name = "KEY=VALUE", value_parser = parse_key_value)]
-    pub attrs: Vec<(String, String)>,
+    #[command(flatten)]
+    pub message: MessageArgs,
     #[command(flatten)]
     pub conn: ConnArgs,
 }
@@ -383,12 +379,8 @@ pub struct PublishArgs {
     /// Message data as text.
     #[arg(long, conflicts_with = "data_file")]
     pub data: Option<String>,
-    /// Read the message data from a file ("-" reads standard input).
-    #[arg(long, value_name = "FILE")]
-    pub data_file: Option<std::path::PathBuf>,
-    /// Message attribute (repeatable).
-    #[arg(long = "attr", value_name = "KEY=VALUE", value_parser = parse_key_value)]
-    pub attrs: Vec<(String, String)>,
+    #[command(flatten)]
+    pub message: MessageArgs,
     /// Ordering key: messages with the same key are delivered in order to ordered subscriptions.
     #[arg(long, value_name = "KEY")]
     pub ordering_key: Option<String>,

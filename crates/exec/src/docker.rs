@@ -74,8 +74,97 @@ const LOG_DRAIN_LIMIT: Duration = Duration::from_secs(10);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
 
 pub struct DockerExecutor {
+    engine: Engine,
+}
+
+/// A Docker engine by address, its client made on first use: what the
+/// docker executor and the docker machine provider (crate `pools`) share.
+pub struct Engine {
     endpoint: String,
+    timeout: Duration,
     client: OnceCell<Docker>,
+}
+
+/// Why a request to the engine failed.
+#[derive(Debug)]
+pub enum EngineError {
+    /// No answer (or none that told its API version): try again later.
+    Unreachable(String),
+    /// The engine answered no.
+    Refused(String),
+}
+
+impl Engine {
+    /// Requests time out after `timeout`. Fails only for an address bollard
+    /// cannot use (unknown scheme); an engine that is not running is found
+    /// out per request.
+    pub fn new(host: &str, timeout: Duration) -> Result<Self, String> {
+        match Docker::connect_with_host(host) {
+            Ok(_) | Err(DockerError::SocketNotFoundError(_)) => Ok(Engine {
+                endpoint: host.to_string(),
+                timeout,
+                client: OnceCell::new(),
+            }),
+            Err(e) => Err(format!("cannot use docker host {host}: {}", chain(&e))),
+        }
+    }
+
+    /// The engine's address.
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    fn unreachable(&self, e: &DockerError) -> EngineError {
+        EngineError::Unreachable(format!(
+            "docker engine unreachable at {}: {}",
+            self.endpoint(),
+            chain(e)
+        ))
+    }
+
+    /// `Unreachable` when the engine did not answer, else `Refused` with
+    /// `what` first.
+    pub fn classify(&self, what: &str, e: &DockerError) -> EngineError {
+        if is_unreachable(e) {
+            self.unreachable(e)
+        } else {
+            EngineError::Refused(format!("{what}: {}", docker_message(e)))
+        }
+    }
+
+    /// A client that has talked to the engine once (API version negotiated:
+    /// bollard speaks a newer API than e.g. Debian's Docker 20.10). Until
+    /// then every error is `Unreachable`, so the caller retries.
+    pub async fn client(&self) -> Result<Docker, EngineError> {
+        self.client
+            .get_or_try_init(|| async {
+                let docker = Docker::connect_with_host(&self.endpoint)
+                    .map_err(|e| self.unreachable(&e))?
+                    .with_timeout(self.timeout);
+                docker
+                    .negotiate_version()
+                    .await
+                    .map_err(|e| match self.classify("", &e) {
+                        EngineError::Refused(_) => EngineError::Unreachable(format!(
+                            "docker engine at {} did not tell its API version: {}",
+                            self.endpoint(),
+                            docker_message(&e)
+                        )),
+                        unreachable => unreachable,
+                    })
+            })
+            .await
+            .cloned()
+    }
+}
+
+impl From<EngineError> for Fail {
+    fn from(e: EngineError) -> Self {
+        match e {
+            EngineError::Unreachable(m) => Fail::Infra(m),
+            EngineError::Refused(m) => Fail::Job(m),
+        }
+    }
 }
 
 /// What stopping a container on timeout or cancel took.
@@ -212,59 +301,22 @@ impl DockerExecutor {
 
     /// Uses the engine at `host` (`unix://…`, `tcp://…`, `http://…`).
     pub fn with_host(host: &str) -> Result<Self, String> {
-        match Docker::connect_with_host(host) {
-            Ok(_) | Err(DockerError::SocketNotFoundError(_)) => Ok(DockerExecutor {
-                endpoint: host.to_string(),
-                client: OnceCell::new(),
-            }),
-            Err(e) => Err(format!("cannot use docker host {host}: {}", chain(&e))),
-        }
+        let engine = Engine::new(host, REQUEST_TIMEOUT)?;
+        Ok(DockerExecutor { engine })
     }
 
     /// The engine's address, as reported in [`Started::machine`].
     pub fn endpoint(&self) -> &str {
-        &self.endpoint
-    }
-
-    fn unreachable(&self, e: &DockerError) -> Fail {
-        Fail::Infra(format!(
-            "docker engine unreachable at {}: {}",
-            self.endpoint,
-            chain(e)
-        ))
+        self.engine.endpoint()
     }
 
     /// `Infra` when the engine did not answer, else `Job` with `what` first.
     fn classify(&self, what: &str, e: &DockerError) -> Fail {
-        if is_unreachable(e) {
-            self.unreachable(e)
-        } else {
-            Fail::Job(format!("{what}: {}", docker_message(e)))
-        }
+        self.engine.classify(what, e).into()
     }
 
-    /// A client that has talked to the engine once (API version negotiated:
-    /// bollard speaks a newer API than e.g. Debian's Docker 20.10).
     async fn client(&self) -> Result<Docker, Fail> {
-        self.client
-            .get_or_try_init(|| async {
-                let docker = Docker::connect_with_host(&self.endpoint)
-                    .map_err(|e| self.unreachable(&e))?
-                    .with_timeout(REQUEST_TIMEOUT);
-                docker
-                    .negotiate_version()
-                    .await
-                    .map_err(|e| match self.classify("", &e) {
-                        Fail::Job(_) => Fail::Infra(format!(
-                            "docker engine at {} did not tell its API version: {}",
-                            self.endpoint,
-                            docker_message(&e)
-                        )),
-                        infra => infra,
-                    })
-            })
-            .await
-            .cloned()
+        Ok(self.engine.client().await?)
     }
 
     async fn ensure_image(
@@ -284,7 +336,7 @@ impl DockerExecutor {
                     if spec.pull == PullPolicy::Never {
                         return Err(Fail::Job(format!(
                             "image {image}: not present on the docker host {} and pull = \"never\"",
-                            self.endpoint
+                            self.endpoint()
                         )));
                     }
                 }
@@ -523,7 +575,7 @@ impl DockerExecutor {
                 pump.abort();
                 exit.error = Some(format!(
                     "docker engine unreachable at {} while the container ran: {}",
-                    self.endpoint,
+                    self.endpoint(),
                     chain(&e)
                 ));
                 exit.cause = EndCause::Infrastructure;
@@ -569,7 +621,7 @@ impl DockerExecutor {
                 if exit.exit_code.is_none() {
                     exit.error = Some(format!(
                         "docker engine unreachable at {}: {}",
-                        self.endpoint,
+                        self.endpoint(),
                         chain(&e)
                     ));
                     exit.cause = EndCause::Infrastructure;
@@ -678,7 +730,7 @@ impl DockerExecutor {
             }
         }
         on_started(Started {
-            machine: self.endpoint.clone(),
+            machine: self.endpoint().to_string(),
             handle: id.clone(),
         });
         Ok(self.follow(&docker, &id, req, log, cancel, None).await)
@@ -719,12 +771,10 @@ impl Executor for DockerExecutor {
     /// appear again). Created but never started: removed, `None` (nothing
     /// ran). Either way the container is removed at the end. An engine that
     /// does not answer gives `Some` infra error, so the attempt is retried.
-    async fn reattach(
-        &self,
-        req: RunRequest,
-        log: Arc<LogSink>,
-        cancel: CancellationToken,
-    ) -> Option<Exit> {
+    async fn reattach(&self, a: Attempt) -> Option<Exit> {
+        let Attempt {
+            req, log, cancel, ..
+        } = a;
         if !matches!(req.spec, ExecutorSpec::Docker(_)) {
             return None;
         }

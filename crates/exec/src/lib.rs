@@ -166,15 +166,14 @@ pub trait Executor: Send + Sync + 'static {
     /// (a container with label `pubrun.run_id`), follow it to its end and
     /// return how it ended. `None` when nothing survived (a lost process).
     ///
+    /// The attempt is the one that was running: its request, a log that
+    /// continues the attempt's log, and what stops it. It has started long
+    /// ago, so its `on_started` is not called.
+    ///
     /// The default: nothing survives a restart (a child process dies with
     /// the server that started it).
-    async fn reattach(
-        &self,
-        req: RunRequest,
-        log: Arc<LogSink>,
-        cancel: CancellationToken,
-    ) -> Option<Exit> {
-        let _ = (req, log, cancel);
+    async fn reattach(&self, attempt: Attempt) -> Option<Exit> {
+        let _ = attempt;
         None
     }
 }

@@ -659,7 +659,7 @@ async fn reattach_follows_a_running_container_to_its_end() {
     let (found, ()) = tokio::join!(
         within(
             "reattach",
-            ex.reattach(r.clone(), fx.log.clone(), CancellationToken::new())
+            ex.reattach(Attempt::new(r.clone(), fx.log.clone()))
         ),
         async {
             fx.wait_for_log("reattached to running container").await;
@@ -703,7 +703,7 @@ async fn reattach_collects_a_container_that_ended_meanwhile() {
     let fresh = Fixture::new(1 << 20).await; // the restarted server's log
     let exit = within(
         "reattach",
-        executor().reattach(r.clone(), fresh.log.clone(), CancellationToken::new()),
+        executor().reattach(Attempt::new(r.clone(), fresh.log.clone())),
     )
     .await
     .expect("the exited container is found");
@@ -718,7 +718,7 @@ async fn reattach_collects_a_container_that_ended_meanwhile() {
 
     // Nothing left: nothing to reattach to.
     let none = executor()
-        .reattach(r.clone(), fresh.log.clone(), CancellationToken::new())
+        .reattach(Attempt::new(r.clone(), fresh.log.clone()))
         .await;
     assert!(none.is_none(), "{none:?}");
 }

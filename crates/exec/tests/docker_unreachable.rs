@@ -9,7 +9,7 @@ use std::time::Duration;
 use common::*;
 use pubrun_core::job::ExecutorSpec;
 use pubrun_exec::docker::DockerExecutor;
-use pubrun_exec::{Attempt, CancellationToken, Executor};
+use pubrun_exec::{Attempt, Executor};
 
 #[tokio::test]
 async fn dead_docker_host_is_an_infra_error() {
@@ -42,7 +42,7 @@ async fn dead_docker_host_is_an_infra_error() {
 
     let found = within(
         "reattach",
-        ex.reattach(req.clone(), fx.log.clone(), CancellationToken::new()),
+        ex.reattach(Attempt::new(req.clone(), fx.log.clone())),
     )
     .await;
     let exit = found.expect("unknown is not 'nothing survived'");

@@ -402,11 +402,7 @@ async fn docker_spec_is_refused_and_nothing_is_reattached() {
     .await;
     assert!(exit.error.unwrap().contains("cannot run a docker job"));
     let found = ProcessExecutor::new()
-        .reattach(
-            fx.request("r", sh("true")),
-            fx.log.clone(),
-            CancellationToken::new(),
-        )
+        .reattach(Attempt::new(fx.request("r", sh("true")), fx.log.clone()))
         .await;
     assert!(found.is_none());
 }

@@ -24,7 +24,7 @@ pub use manifest::apply_manifest;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use pubrun_broker::{Broker, Page, SubscriptionUpdate, TopicUpdate};
+use pubrun_broker::{Broker, ListRequest, Page, SubscriptionUpdate, TopicUpdate};
 use pubrun_core::job::JobSpec;
 use pubrun_core::manifest::Manifest;
 use pubrun_core::{
@@ -359,8 +359,10 @@ pub(crate) fn deletions<'a>(
 
 async fn current(broker: &Broker, jobs: Vec<JobSpec>, project: &ProjectName) -> Result<Current> {
     Ok(Current {
-        topics: every_page(|token| broker.list_topics(project, 1000, token))?,
-        subscriptions: every_page(|token| broker.list_subscriptions(project, 1000, token))?,
+        topics: every_page(|token| broker.list_topics(ListRequest::new(project, 1000, token)))?,
+        subscriptions: every_page(|token| {
+            broker.list_subscriptions(ListRequest::new(project, 1000, token))
+        })?,
         jobs,
     })
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use common::*;
 use pubrun_core::run::RunStatus;
-use pubrun_exec::{CancellationToken, Executor, Exit, LogSink, RunRequest};
+use pubrun_exec::{Executor, Exit};
 
 fn tempdir() -> tempfile::TempDir {
     tempfile::tempdir().unwrap()
@@ -91,17 +91,12 @@ impl Executor for PanicsFor {
         })
     }
 
-    fn reattach<'a, 'b>(
-        &'a self,
-        req: RunRequest,
-        _log: Arc<LogSink>,
-        _cancel: CancellationToken,
-    ) -> BoxFuture<'b, Option<Exit>>
+    fn reattach<'a, 'b>(&'a self, attempt: pubrun_exec::Attempt) -> BoxFuture<'b, Option<Exit>>
     where
         'a: 'b,
         Self: 'b,
     {
-        Box::pin(async move { panic!("simulated bug reattaching run {}", req.run_id) })
+        Box::pin(async move { panic!("simulated bug reattaching run {}", attempt.req.run_id) })
     }
 }
 

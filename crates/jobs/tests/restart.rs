@@ -233,9 +233,7 @@ impl Executor for FlakyEngine {
 
     fn reattach<'a, 'b>(
         &'a self,
-        _req: pubrun_exec::RunRequest,
-        _log: Arc<pubrun_exec::LogSink>,
-        _cancel: pubrun_exec::CancellationToken,
+        _attempt: pubrun_exec::Attempt,
     ) -> BoxFuture<'b, Option<pubrun_exec::Exit>>
     where
         'a: 'b,

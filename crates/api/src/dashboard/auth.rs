@@ -193,17 +193,8 @@ pub(crate) async fn session_layer(
         )
         .into_response();
     };
-    let is_form = req
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| {
-            v.split(';')
-                .next()
-                .unwrap_or("")
-                .trim()
-                .eq_ignore_ascii_case("application/x-www-form-urlencoded")
-        });
+    let is_form = crate::csrf::media_type(req.headers())
+        .is_some_and(|m| m == "application/x-www-form-urlencoded");
     if !is_form {
         return UiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,

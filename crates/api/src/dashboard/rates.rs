@@ -81,7 +81,11 @@ impl Rates {
     /// Records the counters of these topics and subscriptions now, and
     /// forgets readings older than the window.
     pub fn sample(&self, topics: &[String], subs: &[String]) {
-        let s = reading(topics, subs);
+        self.record(reading(topics, subs));
+    }
+
+    /// Keeps `s`, forgetting readings older than the window before it.
+    fn record(&self, s: Sample) {
         let mut q = self.lock();
         while q
             .front()
@@ -124,14 +128,7 @@ impl Rates {
                     .collect();
             }
         }
-        let mut q = self.lock();
-        while q
-            .front()
-            .is_some_and(|f| now.at.duration_since(f.at) > WINDOW)
-        {
-            q.pop_front();
-        }
-        q.push_back(now);
+        self.record(now);
         out
     }
 }

@@ -33,7 +33,7 @@ use pubrun_core::{
 use pubrun_store::catalog::to_ranges;
 use pubrun_store::{Catalog, Record, SeekTarget, SnapshotEntry, TopicEntry};
 
-use super::{page, page_under, Broker, Page, State, TopicUpdate};
+use super::{page_of_names, page_under, Broker, ListRequest, Page, State, TopicUpdate};
 use crate::msg::{keeps, Msg};
 
 /// Google: a snapshot lives 7 days minus the age of the oldest unacked
@@ -557,39 +557,22 @@ impl Broker {
             .ok_or_else(|| Error::not_found(format!("snapshot {key} not found")))
     }
 
-    pub fn list_snapshots(
-        &self,
-        project: &ProjectName,
-        page_size: i32,
-        token: &str,
-    ) -> Result<Page<SnapshotInfo>> {
+    pub fn list_snapshots(&self, req: ListRequest<ProjectName>) -> Result<Page<SnapshotInfo>> {
         let st = self.lock();
         let now = st.ret.clock.now_nanos();
-        let prefix = format!("{project}/snapshots/");
-        page_under(&st.catalog.snapshots, &prefix, page_size, token, |k, s| {
+        page_under(&st.catalog.snapshots, "snapshots", req, |k, s| {
             (s.expire_time_nanos > now).then(|| info(k, s))
         })
     }
 
     /// Names of the topic's snapshots.
-    pub fn list_topic_snapshots(
-        &self,
-        topic: &TopicName,
-        page_size: i32,
-        token: &str,
-    ) -> Result<Page<String>> {
+    pub fn list_topic_snapshots(&self, req: ListRequest<TopicName>) -> Result<Page<String>> {
         let st = self.lock();
         let now = st.ret.clock.now_nanos();
-        let uid = st.topic(topic)?.uid;
-        page(
-            st.catalog
-                .snapshots
-                .iter()
-                .filter(|(_, s)| s.topic_uid == Some(uid) && s.expire_time_nanos > now)
-                .map(|(k, _)| (k.clone(), k.clone())),
-            page_size,
-            token,
-        )
+        let uid = st.topic(req.parent)?.uid;
+        page_of_names(&st.catalog.snapshots, req, |s| {
+            s.topic_uid == Some(uid) && s.expire_time_nanos > now
+        })
     }
 
     pub async fn update_snapshot_labels(

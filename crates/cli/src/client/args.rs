@@ -41,6 +41,19 @@ pub struct NameArgs {
     pub conn: ConnArgs,
 }
 
+// The rest of a message given on the command line (`publish`, `jobs
+// trigger`) after its --data, which each command declares itself: the help
+// differs, and `mut_arg` would move the flag in the completion scripts.
+#[derive(clap::Args)]
+pub struct MessageArgs {
+    /// Read the message data from a file ("-" reads standard input).
+    #[arg(long, value_name = "FILE")]
+    pub data_file: Option<std::path::PathBuf>,
+    /// Message attribute (repeatable).
+    #[arg(long = "attr", value_name = "KEY=VALUE", value_parser = parse_key_value)]
+    pub attrs: Vec<(String, String)>,
+}
+
 /// The help of a topic, subscription or snapshot named on the command line.
 pub const TOPIC_NAME: &str = "Topic id (in --project) or full name projects/P/topics/T";
 pub const SUBSCRIPTION_NAME: &str =

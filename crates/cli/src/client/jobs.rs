@@ -227,7 +227,7 @@ pub async fn jobs(cmd: JobsCommand) -> Result<()> {
 
 async fn trigger(args: TriggerArgs) -> Result<()> {
     let conn = &args.conn;
-    let data = read_data(args.data.as_deref(), args.data_file.as_deref())?;
+    let data = read_data(args.data.as_deref(), &args.message)?;
     let mut body = Map::new();
     if !data.is_empty() {
         match String::from_utf8(data) {
@@ -235,7 +235,10 @@ async fn trigger(args: TriggerArgs) -> Result<()> {
             Err(e) => body.insert("data_base64".into(), json!(B64.encode(e.as_bytes()))),
         };
     }
-    body.insert("attributes".into(), string_map("attribute", &args.attrs)?);
+    body.insert(
+        "attributes".into(),
+        string_map("attribute", &args.message.attrs)?,
+    );
     let api = Api::new(conn)?;
     let resp = api
         .post(

@@ -8,20 +8,23 @@ use serde_json::{json, Map, Value};
 
 use super::api::Api;
 use super::resources::string_map;
-use super::{names, output, PublishArgs, PullArgs};
+use super::{names, output, MessageArgs, PublishArgs, PullArgs};
 
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
 
 pub async fn publish(args: PublishArgs) -> Result<()> {
     let conn = &args.conn;
     let topic = names::topic(&conn.project, &args.topic)?;
-    let data = read_data(args.data.as_deref(), args.data_file.as_deref())?;
-    if data.is_empty() && args.attrs.is_empty() {
+    let data = read_data(args.data.as_deref(), &args.message)?;
+    if data.is_empty() && args.message.attrs.is_empty() {
         bail!("nothing to publish: give --data TEXT, --data-file FILE (- for stdin) or at least one --attr KEY=VALUE");
     }
     let mut message = Map::new();
     message.insert("data".into(), json!(B64.encode(&data)));
-    message.insert("attributes".into(), string_map("attribute", &args.attrs)?);
+    message.insert(
+        "attributes".into(),
+        string_map("attribute", &args.message.attrs)?,
+    );
     if let Some(k) = &args.ordering_key {
         message.insert("orderingKey".into(), json!(k));
     }
@@ -46,8 +49,8 @@ pub async fn publish(args: PublishArgs) -> Result<()> {
 
 /// Message data from `--data TEXT` or `--data-file FILE` ("-" = stdin);
 /// empty when neither is given.
-pub fn read_data(text: Option<&str>, file: Option<&std::path::Path>) -> Result<Vec<u8>> {
-    Ok(match (text, file) {
+pub fn read_data(text: Option<&str>, m: &MessageArgs) -> Result<Vec<u8>> {
+    Ok(match (text, m.data_file.as_deref()) {
         (Some(text), _) => text.as_bytes().to_vec(),
         (None, Some(path)) if path.as_os_str() == "-" => {
             let mut buf = Vec::new();

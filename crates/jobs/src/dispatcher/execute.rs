@@ -369,7 +369,7 @@ impl Dispatcher {
         let mut delay = REATTACH_FIRST_DELAY;
         loop {
             match executor
-                .reattach(req.clone(), log.clone(), token.clone())
+                .reattach(pubrun_exec::Attempt::new(req.clone(), log.clone()).cancel(token.clone()))
                 .await
             {
                 // `Lost` is an answer (a pool took the lease back), not

@@ -43,7 +43,6 @@ use bollard::query_parameters::{
 };
 use bollard::Docker;
 use pubrun_core::pool::DockerProviderSpec;
-use tokio::sync::OnceCell;
 
 use super::{MachineLaunch, MachineProvider, ProviderError, ProviderStatus};
 
@@ -64,32 +63,41 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub struct DockerProvider {
     spec: DockerProviderSpec,
-    endpoint: String,
-    client: OnceCell<Docker>,
+    engine: Engine,
+}
+
+impl From<EngineError> for ProviderError {
+    fn from(e: EngineError) -> Self {
+        match e {
+            EngineError::Unreachable(m) => ProviderError::Unavailable(m),
+            EngineError::Refused(m) => ProviderError::Refused(m),
+        }
+    }
 }
 
 // Engine error helpers shared with the docker executor.
-use pubrun_exec::docker::{chain, docker_message, is_status, is_unreachable};
+use pubrun_exec::docker::{docker_message, is_status, Engine, EngineError};
 
-fn from_state(s: Option<ContainerStateStatusEnum>) -> ProviderStatus {
-    use ContainerStateStatusEnum as S;
-    match s {
-        Some(S::RUNNING) | Some(S::PAUSED) => ProviderStatus::Running,
-        Some(S::REMOVING) | Some(S::STOPPING) => ProviderStatus::Stopping,
-        Some(S::EXITED) | Some(S::DEAD) => ProviderStatus::Stopped,
-        Some(S::CREATED) | Some(S::RESTARTING) | Some(S::EMPTY) | None => ProviderStatus::Pending,
-    }
+// The engine reports a container's state as one of two enums with the same
+// variants (inspect, list); one mapping serves both.
+macro_rules! status_from {
+    ($name:ident, $enum:ident) => {
+        fn $name(s: Option<$enum>) -> ProviderStatus {
+            use $enum as S;
+            match s {
+                Some(S::RUNNING) | Some(S::PAUSED) => ProviderStatus::Running,
+                Some(S::REMOVING) | Some(S::STOPPING) => ProviderStatus::Stopping,
+                Some(S::EXITED) | Some(S::DEAD) => ProviderStatus::Stopped,
+                Some(S::CREATED) | Some(S::RESTARTING) | Some(S::EMPTY) | None => {
+                    ProviderStatus::Pending
+                }
+            }
+        }
+    };
 }
 
-fn from_summary_state(s: Option<ContainerSummaryStateEnum>) -> ProviderStatus {
-    use ContainerSummaryStateEnum as S;
-    match s {
-        Some(S::RUNNING) | Some(S::PAUSED) => ProviderStatus::Running,
-        Some(S::REMOVING) | Some(S::STOPPING) => ProviderStatus::Stopping,
-        Some(S::EXITED) | Some(S::DEAD) => ProviderStatus::Stopped,
-        Some(S::CREATED) | Some(S::RESTARTING) | Some(S::EMPTY) | None => ProviderStatus::Pending,
-    }
-}
+status_from!(from_state, ContainerStateStatusEnum);
+status_from!(from_summary_state, ContainerSummaryStateEnum);
 
 impl DockerProvider {
     /// Checks the spec and the engine address; does not contact the engine.
@@ -127,41 +135,20 @@ impl DockerProvider {
                 .filter(|h| !h.is_empty())
                 .unwrap_or_else(|| DEFAULT_DOCKER_HOST.to_string())
         };
-        match Docker::connect_with_host(&endpoint) {
-            Ok(_) | Err(DockerError::SocketNotFoundError(_)) => {}
-            Err(e) => {
-                return Err(ProviderError::Refused(format!(
-                    "cannot use docker host {endpoint}: {}",
-                    chain(&e)
-                )))
-            }
-        }
+        let engine = Engine::new(&endpoint, REQUEST_TIMEOUT).map_err(ProviderError::Refused)?;
         Ok(DockerProvider {
             spec: spec.clone(),
-            endpoint,
-            client: OnceCell::new(),
+            engine,
         })
     }
 
     /// The engine address in use.
     pub fn endpoint(&self) -> &str {
-        &self.endpoint
-    }
-
-    fn unavailable(&self, e: &DockerError) -> ProviderError {
-        ProviderError::Unavailable(format!(
-            "docker engine unreachable at {}: {}",
-            self.endpoint,
-            chain(e)
-        ))
+        self.engine.endpoint()
     }
 
     fn classify(&self, what: &str, e: &DockerError) -> ProviderError {
-        if is_unreachable(e) {
-            self.unavailable(e)
-        } else {
-            ProviderError::Refused(format!("{what}: {}", docker_message(e)))
-        }
+        self.engine.classify(what, e).into()
     }
 
     /// Every container, running or not, carrying `label` (`KEY` or
@@ -183,28 +170,8 @@ impl DockerProvider {
             .map_err(|e| self.classify(&format!("listing {what}"), &e))
     }
 
-    /// A client that has negotiated the API version (bollard speaks a newer
-    /// API than e.g. Debian's Docker 20.10); retried until the engine answers.
     async fn client(&self) -> Result<Docker, ProviderError> {
-        self.client
-            .get_or_try_init(|| async {
-                let docker = Docker::connect_with_host(&self.endpoint)
-                    .map_err(|e| self.unavailable(&e))?
-                    .with_timeout(REQUEST_TIMEOUT);
-                docker.negotiate_version().await.map_err(|e| {
-                    if is_unreachable(&e) {
-                        self.unavailable(&e)
-                    } else {
-                        ProviderError::Unavailable(format!(
-                            "docker engine at {} did not tell its API version: {}",
-                            self.endpoint,
-                            docker_message(&e)
-                        ))
-                    }
-                })
-            })
-            .await
-            .cloned()
+        Ok(self.engine.client().await?)
     }
 
     /// With `docker_socket`: the machine's run directory, the same path on
@@ -220,7 +187,7 @@ impl DockerProvider {
 
     /// The engine's unix socket path, when the endpoint is one.
     fn socket_path(&self) -> Option<&str> {
-        self.endpoint.strip_prefix("unix://")
+        self.endpoint().strip_prefix("unix://")
     }
 
     fn command(&self, launch: &MachineLaunch) -> Vec<String> {
@@ -268,7 +235,7 @@ impl DockerProvider {
             "PATH=/usr/local/bin:/bin:/usr/bin".into(),
         ];
         if self.spec.docker_socket {
-            env.push(format!("DOCKER_HOST={}", self.endpoint));
+            env.push(format!("DOCKER_HOST={}", self.endpoint()));
         }
         ContainerCreateBody {
             image: Some(self.spec.image.clone()),
@@ -401,7 +368,7 @@ impl DockerProvider {
             Err(e) if is_status(&e, 404) => Err(ProviderError::Refused(format!(
                 "image {} is not present on the docker host {} (build it with scripts/agent-image.sh): {}",
                 self.spec.image,
-                self.endpoint,
+                self.endpoint(),
                 docker_message(&e)
             ))),
             Err(e) => Err(self.classify(
@@ -473,7 +440,7 @@ impl MachineProvider for DockerProvider {
         self.remove_job_containers(&docker, name).await?;
         // A deleted machine's directory goes too, when it is on this host.
         if let (true, Some(dir)) = (
-            delete && self.endpoint.starts_with("unix://"),
+            delete && self.endpoint().starts_with("unix://"),
             self.machine_dir(name),
         ) {
             match tokio::fs::remove_dir_all(&dir).await {

@@ -72,12 +72,10 @@ impl Executor for PoolExecutor {
             .await
     }
 
-    async fn reattach(
-        &self,
-        req: RunRequest,
-        log: Arc<LogSink>,
-        cancel: CancellationToken,
-    ) -> Option<Exit> {
+    async fn reattach(&self, a: Attempt) -> Option<Exit> {
+        let Attempt {
+            req, log, cancel, ..
+        } = a;
         let row = match self.pools.inner.store.lease_of_run(&req.run_id).await {
             Ok(row) => row?,
             Err(e) => {

@@ -4,6 +4,8 @@
 //! is missing, a test prints `SKIPPED <test>: <why>` and passes, except under
 //! `CI=true`, where it fails, so CI never skips silently.
 
+pub mod token_endpoint;
+
 use std::future::Future;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -208,6 +210,13 @@ where
         format!("timed out after {patience:?} waiting for {what}")
     })
     .await
+}
+
+/// Awaits `f`; panics naming `what` once `patience` has passed.
+pub async fn within<T>(what: &str, patience: Duration, f: impl Future<Output = T>) -> T {
+    tokio::time::timeout(patience, f)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: took longer than {patience:?}"))
 }
 
 /// Polls the async `cond` every 50 ms on the tokio timer until it returns

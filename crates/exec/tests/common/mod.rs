@@ -109,9 +109,7 @@ pub fn started_channel() -> (OnStarted, oneshot::Receiver<Started>) {
 }
 
 pub async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
-    tokio::time::timeout(WAIT, f)
-        .await
-        .unwrap_or_else(|_| panic!("{what}: took longer than {WAIT:?}"))
+    pubrun_testkit::within(what, WAIT, f).await
 }
 
 pub const TEST_IMAGE: &str = "pubrun-test/busybox:latest";

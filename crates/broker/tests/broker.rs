@@ -1,59 +1,24 @@
 //! Broker semantics over the real embedded store, with the clock injected
 //! where leases are concerned (no waiting for deadlines).
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pubrun_broker::{Broker, SubscriptionUpdate};
-use pubrun_core::{
-    Code, OutgoingMessage, SubscriptionConfig, SubscriptionName, TopicConfig, TopicName,
-};
-use pubrun_store::EmbeddedStore;
+use pubrun_core::{Code, OutgoingMessage, SubscriptionConfig};
 
-fn open(dir: &std::path::Path) -> Arc<Broker> {
-    Broker::open(Arc::new(EmbeddedStore::open(dir).unwrap())).unwrap()
-}
-
-fn topic(id: &str) -> TopicName {
-    TopicName::parse(&format!("projects/p/topics/{id}")).unwrap()
-}
-
-fn subn(id: &str) -> SubscriptionName {
-    SubscriptionName::parse(&format!("projects/p/subscriptions/{id}")).unwrap()
-}
+mod common;
+use common::*;
 
 async fn setup(b: &Broker, t: &str, subs: &[&str]) {
-    b.create_topic(TopicConfig {
-        name: topic(t).to_string(),
-        labels: Default::default(),
-    })
-    .await
-    .unwrap();
+    make_topic(b, t).await;
     for s in subs {
-        b.create_subscription(SubscriptionConfig {
-            name: subn(s).to_string(),
-            topic: topic(t).to_string(),
-            labels: Default::default(),
-            ack_deadline_seconds: 10,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+        b.create_subscription(sub_config(s, t)).await.unwrap();
     }
 }
 
 fn msgs(prefix: &str, n: usize) -> Vec<OutgoingMessage> {
     (0..n)
-        .map(|i| OutgoingMessage {
-            data: format!("{prefix}{i}").into(),
-            ..Default::default()
-        })
-        .collect()
-}
-
-fn datas(d: &[pubrun_broker::Delivered]) -> Vec<String> {
-    d.iter()
-        .map(|m| String::from_utf8(m.message.data.to_vec()).unwrap())
+        .map(|i| msg(&format!("{prefix}{i}")))
         .collect()
 }
 
@@ -77,11 +42,8 @@ async fn every_subscription_gets_every_message_published_after_it() {
 
 async fn setup_sub_only(b: &Broker, s: &str, t: &str) {
     b.create_subscription(SubscriptionConfig {
-        name: subn(s).to_string(),
-        topic: topic(t).to_string(),
-        labels: Default::default(),
         ack_deadline_seconds: 0,
-        ..Default::default()
+        ..sub_config(s, t)
     })
     .await
     .unwrap();
@@ -242,12 +204,7 @@ async fn errors_carry_google_codes() {
     let dir = tempfile::tempdir().unwrap();
     let b = open(dir.path());
     setup(&b, "t-err", &["s-err"]).await;
-    let dup = b
-        .create_topic(TopicConfig {
-            name: topic("t-err").to_string(),
-            labels: Default::default(),
-        })
-        .await;
+    let dup = b.create_topic(topic_config("t-err")).await;
     assert_eq!(dup.unwrap_err().code, Code::AlreadyExists);
     assert_eq!(
         b.publish(&topic("missing"), msgs("x", 1))
@@ -266,22 +223,13 @@ async fn errors_carry_google_codes() {
     );
     let bad_deadline = b
         .create_subscription(SubscriptionConfig {
-            name: subn("s-err2").to_string(),
-            topic: topic("t-err").to_string(),
-            labels: Default::default(),
             ack_deadline_seconds: 601,
-            ..Default::default()
+            ..sub_config("s-err2", "t-err")
         })
         .await;
     assert_eq!(bad_deadline.unwrap_err().code, Code::InvalidArgument);
     let no_topic = b
-        .create_subscription(SubscriptionConfig {
-            name: subn("s-err3").to_string(),
-            topic: topic("nope").to_string(),
-            labels: Default::default(),
-            ack_deadline_seconds: 10,
-            ..Default::default()
-        })
+        .create_subscription(sub_config("s-err3", "nope"))
         .await;
     assert_eq!(no_topic.unwrap_err().code, Code::NotFound);
     assert_eq!(

@@ -9,10 +9,11 @@ use std::time::{Duration, Instant};
 use pubrun_broker::{Broker, DeliveryUpdate, SubscriptionUpdate};
 use pubrun_core::clock::ManualClock;
 use pubrun_core::names::SnapshotName;
-use pubrun_core::{
-    Code, OutgoingMessage, SubscriptionConfig, SubscriptionName, TopicConfig, TopicName,
-};
+use pubrun_core::Code;
 use pubrun_store::EmbeddedStore;
+
+mod common;
+use common::{msg, sub_config, subn, topic, topic_config};
 
 /// 2024-01-01T00:00:00Z.
 const T0: i64 = 1_704_067_200_000_000_000;
@@ -25,50 +26,19 @@ fn open(dir: &std::path::Path, clock: &ManualClock) -> Arc<Broker> {
     Broker::open_with_clock(Arc::new(store), Arc::new(clock.clone())).unwrap()
 }
 
-fn topic(id: &str) -> TopicName {
-    TopicName::parse(&format!("projects/p/topics/topic-{id}")).unwrap()
-}
-
-fn subn(id: &str) -> SubscriptionName {
-    SubscriptionName::parse(&format!("projects/p/subscriptions/sub-{id}")).unwrap()
-}
-
 fn snap(id: &str) -> SnapshotName {
     SnapshotName::parse(&format!("projects/p/snapshots/snap-{id}")).unwrap()
 }
 
-fn sub_config(id: &str, t: &str) -> SubscriptionConfig {
-    SubscriptionConfig {
-        name: subn(id).to_string(),
-        topic: topic(t).to_string(),
-        ack_deadline_seconds: 10,
-        ..Default::default()
-    }
-}
-
 async fn make_topic(b: &Broker, t: &str, retention: Option<Duration>) {
-    b.create_topic_with_retention(
-        TopicConfig {
-            name: topic(t).to_string(),
-            labels: Default::default(),
-        },
-        retention,
-    )
-    .await
-    .unwrap();
+    b.create_topic_with_retention(topic_config(t), retention)
+        .await
+        .unwrap();
 }
 
 async fn publish(b: &Broker, t: &str, datas: &[&str]) {
     for d in datas {
-        b.publish(
-            &topic(t),
-            vec![OutgoingMessage {
-                data: d.to_string().into(),
-                ..Default::default()
-            }],
-        )
-        .await
-        .unwrap();
+        b.publish(&topic(t), vec![msg(d)]).await.unwrap();
     }
 }
 
@@ -363,10 +333,7 @@ async fn retention_bounds_are_checked() {
     let b = open(dir.path(), &clock);
     let e = b
         .create_topic_with_retention(
-            TopicConfig {
-                name: topic("t").to_string(),
-                labels: Default::default(),
-            },
+            topic_config("t"),
             Some(5 * MIN),
         )
         .await

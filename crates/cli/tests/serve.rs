@@ -7,9 +7,8 @@ use std::time::Duration;
 
 use googleapis_tonic_google_pubsub_v1::google::pubsub::v1 as pb;
 use pb::publisher_client::PublisherClient;
-use pb::subscriber_client::SubscriberClient;
 
-use common::{connect, free_port, Server};
+use common::{connect, create_topic_and_subscription, free_port, open_streaming_pull, Server};
 
 fn pubrun(args: &[&str], data: &std::path::Path) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_pubrun"));
@@ -127,34 +126,9 @@ async fn sigterm_ends_open_streams_and_exits_cleanly() {
             .unwrap(),
     );
     let ch = connect(port).await;
-    PublisherClient::new(ch.clone())
-        .create_topic(pb::Topic {
-            name: "projects/p/topics/term".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    SubscriberClient::new(ch.clone())
-        .create_subscription(pb::Subscription {
-            name: "projects/p/subscriptions/term-sub".into(),
-            topic: "projects/p/topics/term".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    let (tx, rx) = tokio::sync::mpsc::channel(1);
-    tx.send(pb::StreamingPullRequest {
-        subscription: "projects/p/subscriptions/term-sub".into(),
-        stream_ack_deadline_seconds: 10,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let mut stream = SubscriberClient::new(ch)
-        .streaming_pull(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    let sub = "projects/p/subscriptions/term-sub";
+    create_topic_and_subscription(&ch, "projects/p/topics/term", sub).await;
+    let (tx, mut stream) = open_streaming_pull(&ch, sub, 10).await;
 
     let pid = server.0.id().to_string();
     assert!(Command::new("kill")

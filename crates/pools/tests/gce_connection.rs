@@ -13,7 +13,7 @@ use pubrun_pools::provider::gce::GceProvider;
 use pubrun_pools::provider::gce_fake::{FakeGce, FakeGceConfig};
 use pubrun_pools::provider::{MachineLaunch, MachineProvider, ProviderError, ProviderStatus};
 use pubrun_testkit::token_endpoint::{service_account_key, Grants, TokenEndpoint};
-use serde_json::{json, Value};
+use serde_json::json;
 
 mod provider_suite;
 

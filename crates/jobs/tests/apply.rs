@@ -8,23 +8,8 @@ use pubrun_core::run::RunStatus;
 use pubrun_core::{Code, TopicName};
 use pubrun_jobs::apply::{apply, parse_manifest, Action, Change};
 
-const V1: &str = r#"
-project = "p"
-
-[[topic]]
-name = "orders"
-[[topic]]
-name = "audit"
-
-[[subscription]]
-name = "audit-watch"
-topic = "audit"
-
-[[job]]
-name = "ship"
-topic = "orders"
-process = { command = "echo", args = ["shipping v1 {{ attributes.order }}"] }
-"#;
+/// The first version of the manifest the apply tests change step by step.
+const V1: &str = include_str!("manifests/apply_v1.toml");
 
 fn change(kind: &'static str, name: &str, action: Action) -> Change {
     Change {

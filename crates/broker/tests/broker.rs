@@ -17,15 +17,12 @@ async fn setup(b: &Broker, t: &str, subs: &[&str]) {
 }
 
 fn msgs(prefix: &str, n: usize) -> Vec<OutgoingMessage> {
-    (0..n)
-        .map(|i| msg(&format!("{prefix}{i}")))
-        .collect()
+    (0..n).map(|i| msg(&format!("{prefix}{i}"))).collect()
 }
 
 #[tokio::test]
 async fn every_subscription_gets_every_message_published_after_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let b = open(dir.path());
+    let (_dir, b) = fresh();
     setup(&b, "events", &["early"]).await;
     b.publish(&topic("events"), msgs("a", 3)).await.unwrap();
     setup_sub_only(&b, "late", "events").await;
@@ -51,8 +48,7 @@ async fn setup_sub_only(b: &Broker, s: &str, t: &str) {
 
 #[tokio::test]
 async fn expired_lease_is_redelivered_and_acked_message_is_not() {
-    let dir = tempfile::tempdir().unwrap();
-    let b = open(dir.path());
+    let (_dir, b) = fresh();
     setup(&b, "t-lease", &["s-lease"]).await;
     b.publish(&topic("t-lease"), msgs("m", 2)).await.unwrap();
     let got = b.pull(&subn("s-lease"), 10, None).await.unwrap();
@@ -81,8 +77,7 @@ async fn expired_lease_is_redelivered_and_acked_message_is_not() {
 
 #[tokio::test]
 async fn extended_lease_is_not_redelivered_and_nack_is_immediate() {
-    let dir = tempfile::tempdir().unwrap();
-    let b = open(dir.path());
+    let (_dir, b) = fresh();
     setup(&b, "t-mod", &["s-mod"]).await;
     b.publish(&topic("t-mod"), msgs("m", 1)).await.unwrap();
     let got = b.pull(&subn("s-mod"), 10, None).await.unwrap();
@@ -106,8 +101,7 @@ async fn extended_lease_is_not_redelivered_and_nack_is_immediate() {
 
 #[tokio::test]
 async fn waiting_pull_wakes_on_publish() {
-    let dir = tempfile::tempdir().unwrap();
-    let b = open(dir.path());
+    let (_dir, b) = fresh();
     setup(&b, "t-wait", &["s-wait"]).await;
     let b2 = b.clone();
     let waiter = tokio::spawn(async move {
@@ -167,8 +161,7 @@ async fn state_survives_restart_and_acks_stay_acked() {
 
 #[tokio::test]
 async fn stream_respects_flow_control_and_ends_when_subscription_is_deleted() {
-    let dir = tempfile::tempdir().unwrap();
-    let b = open(dir.path());
+    let (_dir, b) = fresh();
     setup(&b, "t-stream", &["s-stream"]).await;
     b.publish(&topic("t-stream"), msgs("s", 5)).await.unwrap();
     let stream = b.open_stream(&subn("s-stream"), 10, 2, 0).unwrap();
@@ -201,8 +194,7 @@ async fn stream_respects_flow_control_and_ends_when_subscription_is_deleted() {
 
 #[tokio::test]
 async fn errors_carry_google_codes() {
-    let dir = tempfile::tempdir().unwrap();
-    let b = open(dir.path());
+    let (_dir, b) = fresh();
     setup(&b, "t-err", &["s-err"]).await;
     let dup = b.create_topic(topic_config("t-err")).await;
     assert_eq!(dup.unwrap_err().code, Code::AlreadyExists);
@@ -228,9 +220,7 @@ async fn errors_carry_google_codes() {
         })
         .await;
     assert_eq!(bad_deadline.unwrap_err().code, Code::InvalidArgument);
-    let no_topic = b
-        .create_subscription(sub_config("s-err3", "nope"))
-        .await;
+    let no_topic = b.create_subscription(sub_config("s-err3", "nope")).await;
     assert_eq!(no_topic.unwrap_err().code, Code::NotFound);
     assert_eq!(
         b.publish(&topic("t-err"), vec![OutgoingMessage::default()])
@@ -243,8 +233,7 @@ async fn errors_carry_google_codes() {
 
 #[tokio::test]
 async fn deleting_a_topic_keeps_its_subscriptions_and_backlog() {
-    let dir = tempfile::tempdir().unwrap();
-    let b = open(dir.path());
+    let (_dir, b) = fresh();
     setup(&b, "t-del", &["s-del"]).await;
     b.publish(&topic("t-del"), msgs("d", 2)).await.unwrap();
     b.delete_topic(&topic("t-del")).await.unwrap();
@@ -265,8 +254,7 @@ async fn deleting_a_topic_keeps_its_subscriptions_and_backlog() {
 
 #[tokio::test]
 async fn list_pages_through_everything_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let b = open(dir.path());
+    let (_dir, b) = fresh();
     for i in 0..7 {
         setup(&b, &format!("page-{i}"), &[]).await;
     }

@@ -116,8 +116,7 @@ struct Env {
 }
 
 async fn env() -> Env {
-    let dir = tempfile::tempdir().unwrap();
-    let broker = open(dir.path());
+    let (dir, broker) = fresh();
     broker.spawn_maintenance();
     let push = pubrun_broker::push::spawn(&broker);
     Env {

@@ -31,8 +31,7 @@ const SEC: Duration = Duration::from_secs(1);
 
 #[tokio::test]
 async fn retry_policy_backs_off_exponentially_on_nack_and_expiry() {
-    let dir = tempfile::tempdir().unwrap();
-    let b = open(dir.path());
+    let (_dir, b) = fresh();
     make_topic(&b, "t").await;
     let created = b
         .create_subscription(SubscriptionConfig {
@@ -244,8 +243,7 @@ async fn dead_letter_policy_forwards_after_max_attempts_with_googles_attributes(
 
 #[tokio::test]
 async fn dead_letter_policy_is_validated_and_forwarding_retries_when_the_topic_is_gone() {
-    let dir = tempfile::tempdir().unwrap();
-    let b = open(dir.path());
+    let (_dir, b) = fresh();
     make_topic(&b, "work").await;
     let with = |topic_name: String, attempts: i32| SubscriptionConfig {
         dead_letter_policy: Some(DeadLetterPolicy {
@@ -408,8 +406,7 @@ async fn ordering_keys_deliver_in_publish_order_across_publish_calls_and_restart
 
 #[tokio::test]
 async fn ordering_is_fixed_at_creation() {
-    let dir = tempfile::tempdir().unwrap();
-    let b = open(dir.path());
+    let (_dir, b) = fresh();
     make_topic(&b, "t").await;
     let s = b
         .create_subscription(SubscriptionConfig {
@@ -485,8 +482,7 @@ async fn filtered_out_messages_are_never_delivered_nor_backlog_even_after_replay
 
 #[tokio::test]
 async fn bad_filters_are_invalid_argument_with_a_position() {
-    let dir = tempfile::tempdir().unwrap();
-    let b = open(dir.path());
+    let (_dir, b) = fresh();
     make_topic(&b, "t").await;
     for (f, pos) in [
         ("attributes.k = ", 15),
@@ -519,8 +515,7 @@ async fn bad_filters_are_invalid_argument_with_a_position() {
 
 #[tokio::test]
 async fn exactly_once_rejects_expired_and_superseded_ack_ids() {
-    let dir = tempfile::tempdir().unwrap();
-    let b = open(dir.path());
+    let (_dir, b) = fresh();
     make_topic(&b, "t").await;
     b.create_subscription(SubscriptionConfig {
         enable_exactly_once_delivery: true,
@@ -616,8 +611,7 @@ async fn exactly_once_rejects_expired_and_superseded_ack_ids() {
 
 #[tokio::test]
 async fn exactly_once_can_be_switched_by_update() {
-    let dir = tempfile::tempdir().unwrap();
-    let b = open(dir.path());
+    let (_dir, b) = fresh();
     make_topic(&b, "t").await;
     b.create_subscription(sub_config("s", "t")).await.unwrap();
     let stream = b.open_stream(&subn("s"), 10, 0, 0).unwrap();
@@ -642,8 +636,7 @@ async fn exactly_once_can_be_switched_by_update() {
 /// its oldest unacked message, and the count going down as acks arrive.
 #[tokio::test]
 async fn overview_counts_backlog_and_oldest_unacked() {
-    let dir = tempfile::tempdir().unwrap();
-    let b = open(dir.path());
+    let (_dir, b) = fresh();
     make_topic(&b, "ov").await;
     make_topic(&b, "ov-empty").await;
     b.create_subscription(sub_config("ov-a", "ov"))

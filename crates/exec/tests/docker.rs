@@ -266,7 +266,11 @@ async fn timeout_stops_the_container_and_its_term_handler_runs() {
         return;
     }
     let fx = Fixture::new(1 << 20).await;
-    let r = req(&fx, "timeout", docker(TEST_IMAGE, &["sh", "-c", TERM_HANDLER]));
+    let r = req(
+        &fx,
+        "timeout",
+        docker(TEST_IMAGE, &["sh", "-c", TERM_HANDLER]),
+    );
     let limit = Duration::from_secs(25);
     timeout_runs_the_term_handler(&fx, &executor(), r.clone(), limit).await;
     assert_removed(&pubrun_testkit::docker_client().await, &r).await;

@@ -110,7 +110,11 @@ async fn a_pool_on_a_connection_uses_its_key_file() {
     let dir = tempfile::tempdir().unwrap();
     let (other, _) = pubrun_testkit::rsa_key(dir.path(), "k");
     let bad = dir.path().join("bad.json");
-    std::fs::write(&bad, service_account_key(EMAIL, &other, &s.tokens.url).to_string()).unwrap();
+    std::fs::write(
+        &bad,
+        service_account_key(EMAIL, &other, &s.tokens.url).to_string(),
+    )
+    .unwrap();
     let mut spec = s.spec.clone();
     spec.connection.as_mut().unwrap().credentials = CredentialsSpec::File {
         path: bad.display().to_string(),

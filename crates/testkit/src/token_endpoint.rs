@@ -68,7 +68,11 @@ impl TokenEndpoint {
         let (issued, refused) = (st.issued.clone(), st.refused.clone());
         let app = Router::new().route("/token", post(token)).with_state(st);
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        TokenEndpoint { url, issued, refused }
+        TokenEndpoint {
+            url,
+            issued,
+            refused,
+        }
     }
 
     /// Tokens granted so far.
@@ -88,16 +92,31 @@ pub fn service_account_key(email: &str, private_pem: &str, token_uri: &str) -> V
     json!({"type": "service_account", "client_email": email, "private_key": private_pem, "token_uri": token_uri})
 }
 
-async fn token(State(st): State<St>, Form(f): Form<HashMap<String, String>>) -> (StatusCode, Json<Value>) {
+async fn token(
+    State(st): State<St>,
+    Form(f): Form<HashMap<String, String>>,
+) -> (StatusCode, Json<Value>) {
     match check(&st, &f) {
         Ok(()) => {
             let n = st.issued.fetch_add(1, Ordering::SeqCst) + 1;
-            let token = st.grants.token.clone().unwrap_or_else(|| format!("tok-{n}"));
-            (StatusCode::OK, Json(json!({"access_token": token, "expires_in": st.grants.expires_in, "token_type": "Bearer"})))
+            let token = st
+                .grants
+                .token
+                .clone()
+                .unwrap_or_else(|| format!("tok-{n}"));
+            (
+                StatusCode::OK,
+                Json(
+                    json!({"access_token": token, "expires_in": st.grants.expires_in, "token_type": "Bearer"}),
+                ),
+            )
         }
         Err(why) => {
             st.refused.fetch_add(1, Ordering::SeqCst);
-            (StatusCode::BAD_REQUEST, Json(json!({"error": "invalid_grant", "error_description": why})))
+            (
+                StatusCode::BAD_REQUEST,
+                Json(json!({"error": "invalid_grant", "error_description": why})),
+            )
         }
     }
 }
@@ -107,7 +126,8 @@ fn check(st: &St, f: &HashMap<String, String>) -> Result<(), String> {
     let field = |k: &str| f.get(k).map(String::as_str);
     match field("grant_type") {
         Some("urn:ietf:params:oauth:grant-type:jwt-bearer") => {
-            let key = jsonwebtoken::DecodingKey::from_rsa_pem(st.grants.public_pem.as_bytes()).unwrap();
+            let key =
+                jsonwebtoken::DecodingKey::from_rsa_pem(st.grants.public_pem.as_bytes()).unwrap();
             let mut v = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::RS256);
             v.set_audience(&[&st.aud]);
             v.set_issuer(&[&st.grants.issuer]);
@@ -121,7 +141,8 @@ fn check(st: &St, f: &HashMap<String, String>) -> Result<(), String> {
             Ok(())
         }
         Some("refresh_token") => {
-            let known = st.grants.refresh_token.is_some() && field("refresh_token") == st.grants.refresh_token.as_deref();
+            let known = st.grants.refresh_token.is_some()
+                && field("refresh_token") == st.grants.refresh_token.as_deref();
             if known && f.contains_key("client_secret") {
                 Ok(())
             } else {

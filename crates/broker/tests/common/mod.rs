@@ -14,6 +14,13 @@ pub fn open(dir: &Path) -> Arc<Broker> {
     Broker::open(Arc::new(EmbeddedStore::open(dir).unwrap())).unwrap()
 }
 
+/// A broker in a fresh directory (kept while the returned guard lives).
+pub fn fresh() -> (tempfile::TempDir, Arc<Broker>) {
+    let dir = tempfile::tempdir().unwrap();
+    let b = open(dir.path());
+    (dir, b)
+}
+
 pub fn topic(id: &str) -> TopicName {
     TopicName::parse(&format!("projects/p/topics/topic-{id}")).unwrap()
 }

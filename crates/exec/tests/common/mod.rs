@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 
 use pubrun_core::job::{DockerSpec, ExecutorSpec, ProcessSpec};
 use pubrun_core::run::RunStatus;
-use pubrun_exec::{Attempt, CancellationToken, Executor, Exit, LogSink, OnStarted, RunRequest, Started};
+use pubrun_exec::{
+    Attempt, CancellationToken, Executor, Exit, LogSink, OnStarted, RunRequest, Started,
+};
 use pubrun_testkit::run_script;
 use tokio::sync::oneshot;
 

@@ -35,7 +35,12 @@ impl Subject<'_> {
 }
 
 /// Polls `p` until machine `name` has `want`; panics after `patience`.
-pub async fn reaches(p: &dyn MachineProvider, name: &str, want: ProviderStatus, patience: Duration) {
+pub async fn reaches(
+    p: &dyn MachineProvider,
+    name: &str,
+    want: ProviderStatus,
+    patience: Duration,
+) {
     reaches_unless(p, name, want, patience, |_| None).await
 }
 

@@ -87,6 +87,15 @@ async fn within<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
     pubrun_testkit::within(what, WAIT, f).await
 }
 
+/// A provider on `spec` that has started machine `pubrun-gpu-1`.
+async fn started(spec: &GceProviderSpec) -> GceProvider {
+    let p = GceProvider::new(spec).unwrap();
+    within("start", p.start(&launch("pubrun-gpu-1")))
+        .await
+        .unwrap();
+    p
+}
+
 async fn until_status(p: &GceProvider, name: &str, want: ProviderStatus) {
     provider_suite::reaches(p, name, want, WAIT).await
 }
@@ -94,10 +103,7 @@ async fn until_status(p: &GceProvider, name: &str, want: ProviderStatus) {
 #[tokio::test]
 async fn a_pool_on_a_connection_uses_its_key_file() {
     let s = setup().await;
-    let p = GceProvider::new(&s.spec).unwrap();
-    within("start", p.start(&launch("pubrun-gpu-1")))
-        .await
-        .unwrap();
+    let p = started(&s.spec).await;
     until_status(&p, "pubrun-gpu-1", ProviderStatus::Running).await;
     assert_eq!(
         p.list("gpu").await.unwrap(),
@@ -182,10 +188,7 @@ async fn instances_have_what_a_real_project_needs() {
         count: 1,
     }];
     spec.spot = true;
-    let p = GceProvider::new(&spec).unwrap();
-    within("start", p.start(&launch("pubrun-gpu-1")))
-        .await
-        .unwrap();
+    let p = started(&spec).await;
     let body = s.fake.inserts().pop().unwrap();
     assert_eq!(
         body["serviceAccounts"],
@@ -224,10 +227,7 @@ async fn instances_have_what_a_real_project_needs() {
 #[tokio::test]
 async fn defaults_keep_the_default_network_with_an_external_ip() {
     let s = setup().await;
-    let p = GceProvider::new(&s.spec).unwrap();
-    within("start", p.start(&launch("pubrun-gpu-1")))
-        .await
-        .unwrap();
+    let _p = started(&s.spec).await;
     let body = s.fake.inserts().pop().unwrap();
     let nic = &body["networkInterfaces"][0];
     assert_eq!(nic["network"], "global/networks/default");

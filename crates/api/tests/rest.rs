@@ -492,20 +492,16 @@ async fn lists_page_through_everything_once() {
         s.get("/v1/projects/paging/topics/t-c/snapshots").await.ok(),
         &json!({})
     );
-    s.get("/v1/projects/paging/topics/missing/subscriptions")
-        .await
-        .error(404, "NOT_FOUND", "missing");
-    s.get("/v1/projects/paging/topics?pageSize=abc")
-        .await
-        .error(400, "INVALID_ARGUMENT", "page_size");
-    s.get("/v1/projects/paging/topics?pageSize=-1").await.error(
-        400,
-        "INVALID_ARGUMENT",
-        "page_size",
-    );
-    s.get("/v1/projects/paging/topics?color=red")
-        .await
-        .error(400, "INVALID_ARGUMENT", "color");
+    for (path, code, status, names) in [
+        ("topics/missing/subscriptions", 404, "NOT_FOUND", "missing"),
+        ("topics?pageSize=abc", 400, "INVALID_ARGUMENT", "page_size"),
+        ("topics?pageSize=-1", 400, "INVALID_ARGUMENT", "page_size"),
+        ("topics?color=red", 400, "INVALID_ARGUMENT", "color"),
+    ] {
+        s.get(&format!("/v1/projects/paging/{path}"))
+            .await
+            .error(code, status, names);
+    }
     // System parameters are accepted and ignored.
     assert_eq!(
         s.get("/v1/projects/paging/topics?alt=json&prettyPrint=false")

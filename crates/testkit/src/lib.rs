@@ -95,9 +95,15 @@ pub fn run_ok(what: &str, cmd: &mut Command) -> String {
         .stdin(Stdio::null())
         .output()
         .unwrap_or_else(|e| panic!("{what}: {e}"));
+    output_ok(what, &out)
+}
+
+/// The stdout of a finished command; panics naming `what`, with the exit
+/// status and both outputs, when it failed.
+pub fn output_ok(what: &str, out: &std::process::Output) -> String {
     assert!(
         out.status.success(),
-        "{what} failed ({}): {}{}",
+        "{what} failed ({}):\n{}\n{}",
         out.status,
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)

@@ -688,14 +688,7 @@ impl Cli {
 
 /// `out`'s stdout after asserting it succeeded (`what` names the command).
 pub fn stdout_ok(what: &str, out: Output) -> String {
-    assert!(
-        out.status.success(),
-        "pubrun {what} failed ({}): {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr),
-        String::from_utf8_lossy(&out.stdout)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    pubrun_testkit::output_ok(&format!("pubrun {what}"), &out)
 }
 
 /// `pubrun ARGS --json` against the server on `port`, in `project` (or none:

@@ -42,8 +42,6 @@ COUNT="${BENCH_COUNT:-100000}"
 BACKLOG="${BENCH_BACKLOG:-1000000}"
 RATE="${BENCH_RATE:-2000}"
 SECS="${BENCH_SECS:-10}"
-DRIVER_DIR="$ROOT/bench/broker/driver"
-DRIVER="$DRIVER_DIR/target/release/broker-bench"
 
 log() { printf '== %s\n' "$*" >&2; }
 
@@ -57,15 +55,8 @@ if [ -z "${NATS_BIN:-}" ]; then
     fi
     NATS_BIN="$NATS_VENV/bin/nats-server"
 fi
-if [ -n "${PUBRUN_BIN:-}" ]; then
-    log "using the pubrun binary $PUBRUN_BIN (PUBRUN_BIN set; not building)"
-else
-    log "building pubrun (release)"
-    cargo build --release -q -p pubrun
-    PUBRUN_BIN="$ROOT/target/release/pubrun"
-fi
-log "building the load driver"
-CARGO_TARGET_DIR="$DRIVER_DIR/target" cargo build --release -q --manifest-path "$DRIVER_DIR/Cargo.toml"
+PUBRUN_BIN="$(bench_pubrun "$ROOT" release)"
+DRIVER="$(bench_driver "$ROOT")"
 
 for port in "$PUBRUN_PORT" "$NATS_PORT"; do
     if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then

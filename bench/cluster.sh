@@ -31,16 +31,9 @@ COUNT="${BENCH_COUNT:-50000}"
 JOBS_N="${JOBS_N:-2000}"
 SLOW_N="${SLOW_N:-90}"
 AGENT_SLOTS="${AGENT_SLOTS:-2}"
-DRIVER_DIR="$ROOT/bench/broker/driver"
-DRIVER="$DRIVER_DIR/target/release/broker-bench"
 
-if [ -z "${PUBRUN_BIN:-}" ]; then
-  echo "[bench] cargo build --release -p pubrun" >&2
-  cargo build --release -p pubrun >&2
-  PUBRUN_BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release/pubrun"
-fi
-echo "[bench] building the load driver (bench/broker/driver)" >&2
-(cd "$DRIVER_DIR" && cargo build --release --locked >&2)
+PUBRUN_BIN="$(bench_pubrun "$ROOT" release)"
+DRIVER="$(bench_driver "$ROOT")"
 
 PGBIN="$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)"
 [ -x "$PGBIN/initdb" ] || { echo "PostgreSQL server binaries not found: apt-get install postgresql" >&2; exit 1; }

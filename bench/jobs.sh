@@ -17,6 +17,7 @@
 #
 # Knobs (environment): LATENCY_N=200 TPUT_N=2000 DOCKER_N=10 CONC=nproc*2
 #   IMAGE=pubrun-test/busybox:latest NO_BUILD=1 (use the existing binary)
+#   PUBRUN_BIN=path (measure that binary, no build)
 #   PROFILE=release|debug SYNC=always|interval (the server's --sync mode)
 set -euo pipefail
 
@@ -28,17 +29,7 @@ nproc="$(nproc)"
 conc="${CONC:-$((nproc * 2))}"
 image="${IMAGE:-pubrun-test/busybox:latest}"
 
-if [ "${NO_BUILD:-0}" != 1 ]; then
-  if [ "$profile" = release ]; then
-    echo "[bench] cargo build --release -p pubrun" >&2
-    cargo build --release -p pubrun >&2
-  else
-    echo "[bench] cargo build -p pubrun" >&2
-    cargo build -p pubrun >&2
-  fi
-fi
-pubrun="${CARGO_TARGET_DIR:-$repo/target}/$profile/pubrun"
-[ -x "$pubrun" ] || { echo "no binary at $pubrun" >&2; exit 1; }
+pubrun="$(bench_pubrun "$repo" "$profile")"
 
 tmp="$(mktemp -d "${TMPDIR:-/tmp}/pubrun-bench.XXXXXX")"
 server_pid=""

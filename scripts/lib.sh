@@ -15,14 +15,46 @@ pubrun_bin() {
   bin="${PUBRUN_BIN:-${CARGO_TARGET_DIR:-$repo/target}/$profile/pubrun}"
   if [ ! -x "$bin" ]; then
     command -v cargo >/dev/null 2>&1 || { echo "needs cargo to build $bin" >&2; return 1; }
-    echo "== building pubrun (cargo build -p pubrun, $profile)" >&2
-    if [ "$profile" = release ]; then
-      (cd "$repo" && cargo build --release -p pubrun >&2)
-    else
-      (cd "$repo" && cargo build -p pubrun >&2)
-    fi
+    cargo_build_pubrun "$repo" "$profile"
   fi
   echo "$bin"
+}
+
+# bench_pubrun REPO PROFILE: prints the pubrun binary a benchmark measures:
+# $PUBRUN_BIN as given, else the cargo target directory's PROFILE build, which
+# is rebuilt first so that it matches the tree (NO_BUILD=1 skips that).
+bench_pubrun() {
+  local repo="$1" profile="$2" bin
+  if [ -n "${PUBRUN_BIN:-}" ]; then
+    echo "[bench] using the pubrun binary $PUBRUN_BIN (PUBRUN_BIN set; not building)" >&2
+    echo "$PUBRUN_BIN"
+    return 0
+  fi
+  bin="${CARGO_TARGET_DIR:-$repo/target}/$profile/pubrun"
+  [ "${NO_BUILD:-0}" = 1 ] || cargo_build_pubrun "$repo" "$profile" || return 1
+  [ -x "$bin" ] || { echo "no binary at $bin" >&2; return 1; }
+  echo "$bin"
+}
+
+# cargo_build_pubrun REPO PROFILE: builds the pubrun binary (release or
+# debug), cargo's output on stderr.
+cargo_build_pubrun() {
+  echo "== building pubrun (cargo build -p pubrun, $2)" >&2
+  if [ "$2" = release ]; then
+    (cd "$1" && cargo build --release -p pubrun >&2)
+  else
+    (cd "$1" && cargo build -p pubrun >&2)
+  fi
+}
+
+# bench_driver REPO: builds the broker load driver (bench/broker/driver, a
+# workspace of its own with its own target dir, so it never touches the main
+# build) and prints its binary.
+bench_driver() {
+  local dir="$1/bench/broker/driver"
+  echo "[bench] building the load driver (bench/broker/driver)" >&2
+  CARGO_TARGET_DIR="$dir/target" cargo build --release -q --locked --manifest-path "$dir/Cargo.toml" >&2 || return 1
+  echo "$dir/target/release/broker-bench"
 }
 
 # wait_healthy URL PID LOG [TRIES]: polls URL/healthz every 0.1 s until it

@@ -492,20 +492,16 @@ async fn lists_page_through_everything_once() {
         s.get("/v1/projects/paging/topics/t-c/snapshots").await.ok(),
         &json!({})
     );
-    s.get("/v1/projects/paging/topics/missing/subscriptions")
-        .await
-        .error(404, "NOT_FOUND", "missing");
-    s.get("/v1/projects/paging/topics?pageSize=abc")
-        .await
-        .error(400, "INVALID_ARGUMENT", "page_size");
-    s.get("/v1/projects/paging/topics?pageSize=-1").await.error(
-        400,
-        "INVALID_ARGUMENT",
-        "page_size",
-    );
-    s.get("/v1/projects/paging/topics?color=red")
-        .await
-        .error(400, "INVALID_ARGUMENT", "color");
+    for (path, code, status, names) in [
+        ("topics/missing/subscriptions", 404, "NOT_FOUND", "missing"),
+        ("topics?pageSize=abc", 400, "INVALID_ARGUMENT", "page_size"),
+        ("topics?pageSize=-1", 400, "INVALID_ARGUMENT", "page_size"),
+        ("topics?color=red", 400, "INVALID_ARGUMENT", "color"),
+    ] {
+        s.get(&format!("/v1/projects/paging/{path}"))
+            .await
+            .error(code, status, names);
+    }
     // System parameters are accepted and ignored.
     assert_eq!(
         s.get("/v1/projects/paging/topics?alt=json&prettyPrint=false")
@@ -614,16 +610,7 @@ async fn delete_topic_and_subscription() {
     let s = start().await;
     s.topic("p", "doomed").await;
     s.subscription("p", "orphan", "doomed").await;
-    assert_eq!(
-        s.delete("/v1/projects/p/topics/doomed").await.ok(),
-        &json!({})
-    );
-    s.get("/v1/projects/p/topics/doomed")
-        .await
-        .error(404, "NOT_FOUND", "projects/p/topics/doomed");
-    s.delete("/v1/projects/p/topics/doomed")
-        .await
-        .error(404, "NOT_FOUND", "doomed");
+    delete_for_good(&s, "projects/p/topics/doomed").await;
     s.post(
         "/v1/projects/p/topics/doomed:publish",
         json!({"messages": [{"data": "eA=="}]}),
@@ -635,16 +622,17 @@ async fn delete_topic_and_subscription() {
         s.get("/v1/projects/p/subscriptions/orphan").await.ok()["topic"],
         "_deleted-topic_"
     );
-    assert_eq!(
-        s.delete("/v1/projects/p/subscriptions/orphan").await.ok(),
-        &json!({})
-    );
-    s.get("/v1/projects/p/subscriptions/orphan")
-        .await
-        .error(404, "NOT_FOUND", "orphan");
-    s.delete("/v1/projects/p/subscriptions/orphan")
-        .await
-        .error(404, "NOT_FOUND", "orphan");
+    delete_for_good(&s, "projects/p/subscriptions/orphan").await;
+}
+
+/// Deletes the resource `name` (`projects/…/topics/…` or
+/// `…/subscriptions/…`), which is then gone: a GET and a second DELETE
+/// answer NOT_FOUND naming it.
+async fn delete_for_good(s: &Server, name: &str) {
+    let path = format!("/v1/{name}");
+    assert_eq!(s.delete(&path).await.ok(), &json!({}));
+    s.get(&path).await.error(404, "NOT_FOUND", name);
+    s.delete(&path).await.error(404, "NOT_FOUND", name);
 }
 
 #[tokio::test]

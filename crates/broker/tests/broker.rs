@@ -1,66 +1,28 @@
 //! Broker semantics over the real embedded store, with the clock injected
 //! where leases are concerned (no waiting for deadlines).
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pubrun_broker::{Broker, ListRequest, SubscriptionUpdate};
-use pubrun_core::{
-    Code, OutgoingMessage, SubscriptionConfig, SubscriptionName, TopicConfig, TopicName,
-};
-use pubrun_store::EmbeddedStore;
+use pubrun_core::{Code, OutgoingMessage, SubscriptionConfig};
 
-fn open(dir: &std::path::Path) -> Arc<Broker> {
-    Broker::open(Arc::new(EmbeddedStore::open(dir).unwrap())).unwrap()
-}
-
-fn topic(id: &str) -> TopicName {
-    TopicName::parse(&format!("projects/p/topics/{id}")).unwrap()
-}
-
-fn subn(id: &str) -> SubscriptionName {
-    SubscriptionName::parse(&format!("projects/p/subscriptions/{id}")).unwrap()
-}
+mod common;
+use common::*;
 
 async fn setup(b: &Broker, t: &str, subs: &[&str]) {
-    b.create_topic(TopicConfig {
-        name: topic(t).to_string(),
-        labels: Default::default(),
-    })
-    .await
-    .unwrap();
+    make_topic(b, t).await;
     for s in subs {
-        b.create_subscription(SubscriptionConfig {
-            name: subn(s).to_string(),
-            topic: topic(t).to_string(),
-            labels: Default::default(),
-            ack_deadline_seconds: 10,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+        b.create_subscription(sub_config(s, t)).await.unwrap();
     }
 }
 
 fn msgs(prefix: &str, n: usize) -> Vec<OutgoingMessage> {
-    (0..n)
-        .map(|i| OutgoingMessage {
-            data: format!("{prefix}{i}").into(),
-            ..Default::default()
-        })
-        .collect()
-}
-
-fn datas(d: &[pubrun_broker::Delivered]) -> Vec<String> {
-    d.iter()
-        .map(|m| String::from_utf8(m.message.data.to_vec()).unwrap())
-        .collect()
+    (0..n).map(|i| msg(&format!("{prefix}{i}"))).collect()
 }
 
 #[tokio::test]
 async fn every_subscription_gets_every_message_published_after_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let b = open(dir.path());
+    let (_dir, b) = fresh();
     setup(&b, "events", &["early"]).await;
     b.publish(&topic("events"), msgs("a", 3)).await.unwrap();
     setup_sub_only(&b, "late", "events").await;
@@ -77,11 +39,8 @@ async fn every_subscription_gets_every_message_published_after_it() {
 
 async fn setup_sub_only(b: &Broker, s: &str, t: &str) {
     b.create_subscription(SubscriptionConfig {
-        name: subn(s).to_string(),
-        topic: topic(t).to_string(),
-        labels: Default::default(),
         ack_deadline_seconds: 0,
-        ..Default::default()
+        ..sub_config(s, t)
     })
     .await
     .unwrap();
@@ -89,8 +48,7 @@ async fn setup_sub_only(b: &Broker, s: &str, t: &str) {
 
 #[tokio::test]
 async fn expired_lease_is_redelivered_and_acked_message_is_not() {
-    let dir = tempfile::tempdir().unwrap();
-    let b = open(dir.path());
+    let (_dir, b) = fresh();
     setup(&b, "t-lease", &["s-lease"]).await;
     b.publish(&topic("t-lease"), msgs("m", 2)).await.unwrap();
     let got = b.pull(&subn("s-lease"), 10, None).await.unwrap();
@@ -119,8 +77,7 @@ async fn expired_lease_is_redelivered_and_acked_message_is_not() {
 
 #[tokio::test]
 async fn extended_lease_is_not_redelivered_and_nack_is_immediate() {
-    let dir = tempfile::tempdir().unwrap();
-    let b = open(dir.path());
+    let (_dir, b) = fresh();
     setup(&b, "t-mod", &["s-mod"]).await;
     b.publish(&topic("t-mod"), msgs("m", 1)).await.unwrap();
     let got = b.pull(&subn("s-mod"), 10, None).await.unwrap();
@@ -144,8 +101,7 @@ async fn extended_lease_is_not_redelivered_and_nack_is_immediate() {
 
 #[tokio::test]
 async fn waiting_pull_wakes_on_publish() {
-    let dir = tempfile::tempdir().unwrap();
-    let b = open(dir.path());
+    let (_dir, b) = fresh();
     setup(&b, "t-wait", &["s-wait"]).await;
     let b2 = b.clone();
     let waiter = tokio::spawn(async move {
@@ -205,8 +161,7 @@ async fn state_survives_restart_and_acks_stay_acked() {
 
 #[tokio::test]
 async fn stream_respects_flow_control_and_ends_when_subscription_is_deleted() {
-    let dir = tempfile::tempdir().unwrap();
-    let b = open(dir.path());
+    let (_dir, b) = fresh();
     setup(&b, "t-stream", &["s-stream"]).await;
     b.publish(&topic("t-stream"), msgs("s", 5)).await.unwrap();
     let stream = b.open_stream(&subn("s-stream"), 10, 2, 0).unwrap();
@@ -239,15 +194,9 @@ async fn stream_respects_flow_control_and_ends_when_subscription_is_deleted() {
 
 #[tokio::test]
 async fn errors_carry_google_codes() {
-    let dir = tempfile::tempdir().unwrap();
-    let b = open(dir.path());
+    let (_dir, b) = fresh();
     setup(&b, "t-err", &["s-err"]).await;
-    let dup = b
-        .create_topic(TopicConfig {
-            name: topic("t-err").to_string(),
-            labels: Default::default(),
-        })
-        .await;
+    let dup = b.create_topic(topic_config("t-err")).await;
     assert_eq!(dup.unwrap_err().code, Code::AlreadyExists);
     assert_eq!(
         b.publish(&topic("missing"), msgs("x", 1))
@@ -266,23 +215,12 @@ async fn errors_carry_google_codes() {
     );
     let bad_deadline = b
         .create_subscription(SubscriptionConfig {
-            name: subn("s-err2").to_string(),
-            topic: topic("t-err").to_string(),
-            labels: Default::default(),
             ack_deadline_seconds: 601,
-            ..Default::default()
+            ..sub_config("s-err2", "t-err")
         })
         .await;
     assert_eq!(bad_deadline.unwrap_err().code, Code::InvalidArgument);
-    let no_topic = b
-        .create_subscription(SubscriptionConfig {
-            name: subn("s-err3").to_string(),
-            topic: topic("nope").to_string(),
-            labels: Default::default(),
-            ack_deadline_seconds: 10,
-            ..Default::default()
-        })
-        .await;
+    let no_topic = b.create_subscription(sub_config("s-err3", "nope")).await;
     assert_eq!(no_topic.unwrap_err().code, Code::NotFound);
     assert_eq!(
         b.publish(&topic("t-err"), vec![OutgoingMessage::default()])
@@ -295,8 +233,7 @@ async fn errors_carry_google_codes() {
 
 #[tokio::test]
 async fn deleting_a_topic_keeps_its_subscriptions_and_backlog() {
-    let dir = tempfile::tempdir().unwrap();
-    let b = open(dir.path());
+    let (_dir, b) = fresh();
     setup(&b, "t-del", &["s-del"]).await;
     b.publish(&topic("t-del"), msgs("d", 2)).await.unwrap();
     b.delete_topic(&topic("t-del")).await.unwrap();
@@ -317,8 +254,7 @@ async fn deleting_a_topic_keeps_its_subscriptions_and_backlog() {
 
 #[tokio::test]
 async fn list_pages_through_everything_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let b = open(dir.path());
+    let (_dir, b) = fresh();
     for i in 0..7 {
         setup(&b, &format!("page-{i}"), &[]).await;
     }

@@ -4,13 +4,13 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Arc;
 
-use pubrun_broker::Broker;
 use pubrun_core::{
     Code, OutgoingMessage, SubscriptionConfig, SubscriptionName, TopicConfig, TopicName,
 };
-use pubrun_store::EmbeddedStore;
+
+mod common;
+use common::open;
 
 struct Tmpfs(PathBuf);
 
@@ -32,10 +32,6 @@ impl Drop for Tmpfs {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg(&self.0).status();
     }
-}
-
-fn open(dir: &Path) -> Arc<Broker> {
-    Broker::open(Arc::new(EmbeddedStore::open(dir).unwrap())).unwrap()
 }
 
 #[tokio::test]

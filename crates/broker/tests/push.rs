@@ -11,12 +11,12 @@ use axum::http::{HeaderMap, StatusCode, Uri};
 use base64::Engine as _;
 use pubrun_broker::{Broker, DeliveryUpdate, SubscriptionUpdate};
 use pubrun_core::config::{DeadLetterPolicy, NoWrapper, PushConfig, RetryPolicy};
-use pubrun_core::{
-    Code, OutgoingMessage, SubscriptionConfig, SubscriptionName, TopicConfig, TopicName,
-};
-use pubrun_store::EmbeddedStore;
+use pubrun_core::{Code, OutgoingMessage, SubscriptionConfig};
 use serde_json::Value;
 use tokio::sync::mpsc;
+
+mod common;
+use common::*;
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -115,13 +115,8 @@ struct Env {
     _dir: tempfile::TempDir,
 }
 
-fn open(dir: &std::path::Path) -> Arc<Broker> {
-    Broker::open(Arc::new(EmbeddedStore::open(dir).unwrap())).unwrap()
-}
-
 async fn env() -> Env {
-    let dir = tempfile::tempdir().unwrap();
-    let broker = open(dir.path());
+    let (dir, broker) = fresh();
     broker.spawn_maintenance();
     let push = pubrun_broker::push::spawn(&broker);
     Env {
@@ -131,14 +126,6 @@ async fn env() -> Env {
     }
 }
 
-fn topic(id: &str) -> TopicName {
-    TopicName::parse(&format!("projects/p/topics/topic-{id}")).unwrap()
-}
-
-fn subn(id: &str) -> SubscriptionName {
-    SubscriptionName::parse(&format!("projects/p/subscriptions/sub-{id}")).unwrap()
-}
-
 fn push(endpoint: String) -> Option<PushConfig> {
     Some(PushConfig {
         push_endpoint: endpoint,
@@ -146,29 +133,11 @@ fn push(endpoint: String) -> Option<PushConfig> {
     })
 }
 
-async fn make_topic(b: &Broker, id: &str) {
-    b.create_topic(TopicConfig {
-        name: topic(id).to_string(),
-        labels: Default::default(),
-    })
-    .await
-    .unwrap();
-}
-
-fn sub_config(id: &str, t: &str, push_config: Option<PushConfig>) -> SubscriptionConfig {
+/// A subscription with ack deadline 10 s, pushing when `push_config` is set.
+fn push_sub(id: &str, t: &str, push_config: Option<PushConfig>) -> SubscriptionConfig {
     SubscriptionConfig {
-        name: subn(id).to_string(),
-        topic: topic(t).to_string(),
-        ack_deadline_seconds: 10,
         push_config,
-        ..Default::default()
-    }
-}
-
-fn msg(data: &str) -> OutgoingMessage {
-    OutgoingMessage {
-        data: data.to_string().into(),
-        ..Default::default()
+        ..sub_config(id, t)
     }
 }
 
@@ -201,7 +170,7 @@ async fn wrapped_envelope_and_success_codes_ack() {
     .await;
     make_topic(b, "t").await;
     for code in [200, 201, 202, 204] {
-        b.create_subscription(sub_config(
+        b.create_subscription(push_sub(
             &format!("s{code}"),
             "t",
             push(r.endpoint(&format!("/code/{code}"))),
@@ -267,10 +236,10 @@ async fn failure_is_redelivered_after_push_backoff_or_retry_policy() {
     })
     .await;
     make_topic(b, "t").await;
-    b.create_subscription(sub_config("default", "t", push(r.endpoint("/default"))))
+    b.create_subscription(push_sub("default", "t", push(r.endpoint("/default"))))
         .await
         .unwrap();
-    let mut with_policy = sub_config("policy", "t", push(r.endpoint("/policy")));
+    let mut with_policy = push_sub("policy", "t", push(r.endpoint("/policy")));
     with_policy.retry_policy =
         Some(RetryPolicy::new(Some(Duration::from_secs(1)), Some(Duration::from_secs(2))).unwrap());
     b.create_subscription(with_policy).await.unwrap();
@@ -314,7 +283,7 @@ async fn slow_endpoint_past_the_ack_deadline_is_redelivered() {
     })
     .await;
     make_topic(b, "t").await;
-    b.create_subscription(sub_config("s", "t", push(r.endpoint("/slow"))))
+    b.create_subscription(push_sub("s", "t", push(r.endpoint("/slow"))))
         .await
         .unwrap();
     b.publish(&topic("t"), vec![msg("slow")]).await.unwrap();
@@ -337,10 +306,10 @@ async fn failing_endpoint_dead_letters_after_max_attempts() {
     let mut r = receiver(|_: &Req| (503, Duration::ZERO)).await;
     make_topic(b, "t").await;
     make_topic(b, "dead").await;
-    b.create_subscription(sub_config("dead-sub", "dead", None))
+    b.create_subscription(push_sub("dead-sub", "dead", None))
         .await
         .unwrap();
-    let mut c = sub_config("s", "t", push(r.endpoint("/fail")));
+    let mut c = push_sub("s", "t", push(r.endpoint("/fail")));
     c.dead_letter_policy = DeadLetterPolicy::new(&topic("dead").to_string(), 5).unwrap();
     b.create_subscription(c).await.unwrap();
     let ids = b.publish(&topic("t"), vec![msg("doomed")]).await.unwrap();
@@ -417,7 +386,7 @@ async fn ordering_key_waits_for_the_previous_message() {
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
 
     make_topic(b, "t").await;
-    let mut c = sub_config("s", "t", push(format!("http://{addr}/ordered")));
+    let mut c = push_sub("s", "t", push(format!("http://{addr}/ordered")));
     c.enable_message_ordering = true;
     b.create_subscription(c).await.unwrap();
     let n = 12;
@@ -454,7 +423,7 @@ async fn switching_to_pull_stops_pushing_and_back_resumes() {
     let b = &e.broker;
     let mut r = receiver(ok).await;
     make_topic(b, "t").await;
-    b.create_subscription(sub_config("s", "t", push(r.endpoint("/p"))))
+    b.create_subscription(push_sub("s", "t", push(r.endpoint("/p"))))
         .await
         .unwrap();
     b.publish(&topic("t"), vec![msg("one")]).await.unwrap();
@@ -498,7 +467,7 @@ async fn push_subscriptions_resume_after_restart() {
     {
         let b = open(dir.path());
         make_topic(&b, "t").await;
-        b.create_subscription(sub_config("s", "t", push(r.endpoint("/boot"))))
+        b.create_subscription(push_sub("s", "t", push(r.endpoint("/boot"))))
             .await
             .unwrap();
         // No push manager yet: the message waits in the backlog.
@@ -517,7 +486,7 @@ async fn unwrapped_payload_with_metadata_headers() {
     let b = &e.broker;
     let mut r = receiver(ok).await;
     make_topic(b, "t").await;
-    b.create_subscription(sub_config(
+    b.create_subscription(push_sub(
         "s",
         "t",
         Some(PushConfig {
@@ -571,14 +540,14 @@ async fn push_configs_are_checked() {
         (bad("http://h/p", &[("other", "1")]), "other"),
     ] {
         let err = b
-            .create_subscription(sub_config("s", "t", Some(cfg)))
+            .create_subscription(push_sub("s", "t", Some(cfg)))
             .await
             .unwrap_err();
         assert_eq!(err.code, Code::InvalidArgument);
         assert!(err.message.contains(mention), "{}", err.message);
     }
     let c = b
-        .create_subscription(sub_config(
+        .create_subscription(push_sub(
             "s",
             "t",
             Some(bad("http://127.0.0.1:9/p", &[("x-goog-version", "v1")])),
@@ -588,7 +557,7 @@ async fn push_configs_are_checked() {
     assert_eq!(c.push_config.unwrap().attributes["x-goog-version"], "v1");
     // An empty endpoint is a pull subscription.
     let c = b
-        .create_subscription(sub_config("pull", "t", Some(PushConfig::default())))
+        .create_subscription(push_sub("pull", "t", Some(PushConfig::default())))
         .await
         .unwrap();
     assert_eq!(c.push_config, None);

@@ -9,10 +9,11 @@ use std::time::{Duration, Instant};
 use pubrun_broker::{Broker, DeliveryUpdate, ListRequest, SubscriptionUpdate};
 use pubrun_core::clock::ManualClock;
 use pubrun_core::names::SnapshotName;
-use pubrun_core::{
-    Code, OutgoingMessage, SubscriptionConfig, SubscriptionName, TopicConfig, TopicName,
-};
+use pubrun_core::Code;
 use pubrun_store::EmbeddedStore;
+
+mod common;
+use common::{msg, sub_config, subn, topic, topic_config};
 
 /// 2024-01-01T00:00:00Z.
 const T0: i64 = 1_704_067_200_000_000_000;
@@ -25,50 +26,27 @@ fn open(dir: &std::path::Path, clock: &ManualClock) -> Arc<Broker> {
     Broker::open_with_clock(Arc::new(store), Arc::new(clock.clone())).unwrap()
 }
 
-fn topic(id: &str) -> TopicName {
-    TopicName::parse(&format!("projects/p/topics/topic-{id}")).unwrap()
-}
-
-fn subn(id: &str) -> SubscriptionName {
-    SubscriptionName::parse(&format!("projects/p/subscriptions/sub-{id}")).unwrap()
+/// A broker in a fresh directory whose clock stands at [`T0`] until moved.
+fn at_t0() -> (tempfile::TempDir, ManualClock, Arc<Broker>) {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::at_nanos(T0);
+    let b = open(dir.path(), &clock);
+    (dir, clock, b)
 }
 
 fn snap(id: &str) -> SnapshotName {
     SnapshotName::parse(&format!("projects/p/snapshots/snap-{id}")).unwrap()
 }
 
-fn sub_config(id: &str, t: &str) -> SubscriptionConfig {
-    SubscriptionConfig {
-        name: subn(id).to_string(),
-        topic: topic(t).to_string(),
-        ack_deadline_seconds: 10,
-        ..Default::default()
-    }
-}
-
 async fn make_topic(b: &Broker, t: &str, retention: Option<Duration>) {
-    b.create_topic_with_retention(
-        TopicConfig {
-            name: topic(t).to_string(),
-            labels: Default::default(),
-        },
-        retention,
-    )
-    .await
-    .unwrap();
+    b.create_topic_with_retention(topic_config(t), retention)
+        .await
+        .unwrap();
 }
 
 async fn publish(b: &Broker, t: &str, datas: &[&str]) {
     for d in datas {
-        b.publish(
-            &topic(t),
-            vec![OutgoingMessage {
-                data: d.to_string().into(),
-                ..Default::default()
-            }],
-        )
-        .await
-        .unwrap();
+        b.publish(&topic(t), vec![msg(d)]).await.unwrap();
     }
 }
 
@@ -95,9 +73,7 @@ fn kib(prefix: &str, n: usize) -> Vec<String> {
 
 #[tokio::test]
 async fn expired_messages_leave_the_backlog_and_their_segments_are_deleted() {
-    let dir = tempfile::tempdir().unwrap();
-    let clock = ManualClock::at_nanos(T0);
-    let b = open(dir.path(), &clock);
+    let (_dir, clock, b) = at_t0();
     make_topic(&b, "t", None).await;
     let mut cfg = sub_config("s", "t");
     cfg.message_retention_duration = Some(10 * MIN);
@@ -129,9 +105,7 @@ async fn expired_messages_leave_the_backlog_and_their_segments_are_deleted() {
 
 #[tokio::test]
 async fn retain_acked_messages_keeps_acked_messages_for_seek_until_they_expire() {
-    let dir = tempfile::tempdir().unwrap();
-    let clock = ManualClock::at_nanos(T0);
-    let b = open(dir.path(), &clock);
+    let (_dir, clock, b) = at_t0();
     make_topic(&b, "t", None).await;
     let mut cfg = sub_config("keep", "t");
     cfg.message_retention_duration = Some(10 * MIN);
@@ -172,9 +146,7 @@ async fn retain_acked_messages_keeps_acked_messages_for_seek_until_they_expire()
 
 #[tokio::test]
 async fn seek_to_time_acks_earlier_and_unacks_later_messages() {
-    let dir = tempfile::tempdir().unwrap();
-    let clock = ManualClock::at_nanos(T0);
-    let b = open(dir.path(), &clock);
+    let (dir, clock, b) = at_t0();
     make_topic(&b, "t", None).await;
     b.create_subscription(sub_config("s", "t")).await.unwrap();
     let mut cfg = sub_config("r", "t");
@@ -210,9 +182,7 @@ async fn seek_to_time_acks_earlier_and_unacks_later_messages() {
 
 #[tokio::test]
 async fn snapshots_capture_the_backlog_and_survive_a_restart() {
-    let dir = tempfile::tempdir().unwrap();
-    let clock = ManualClock::at_nanos(T0);
-    let b = open(dir.path(), &clock);
+    let (dir, clock, b) = at_t0();
     make_topic(&b, "t", None).await;
     make_topic(&b, "other", None).await;
     b.create_subscription(sub_config("s", "t")).await.unwrap();
@@ -304,9 +274,7 @@ async fn snapshots_capture_the_backlog_and_survive_a_restart() {
 
 #[tokio::test]
 async fn snapshots_of_an_old_backlog_are_refused_and_snapshots_expire() {
-    let dir = tempfile::tempdir().unwrap();
-    let clock = ManualClock::at_nanos(T0);
-    let b = open(dir.path(), &clock);
+    let (dir, clock, b) = at_t0();
     make_topic(&b, "t", None).await;
     b.create_subscription(sub_config("s", "t")).await.unwrap();
     // An empty backlog: the snapshot lives the full 7 days.
@@ -339,9 +307,7 @@ async fn snapshots_of_an_old_backlog_are_refused_and_snapshots_expire() {
 
 #[tokio::test]
 async fn topic_retention_lets_a_new_subscription_seek_back_before_it_existed() {
-    let dir = tempfile::tempdir().unwrap();
-    let clock = ManualClock::at_nanos(T0);
-    let b = open(dir.path(), &clock);
+    let (_dir, clock, b) = at_t0();
     make_topic(&b, "t", Some(DAY)).await;
     assert_eq!(b.topic_retention(&topic("t").to_string()), Some(DAY));
     publish(&b, "t", &["early"]).await;
@@ -360,17 +326,9 @@ async fn topic_retention_lets_a_new_subscription_seek_back_before_it_existed() {
 
 #[tokio::test]
 async fn retention_bounds_are_checked() {
-    let dir = tempfile::tempdir().unwrap();
-    let clock = ManualClock::at_nanos(T0);
-    let b = open(dir.path(), &clock);
+    let (_dir, _clock, b) = at_t0();
     let e = b
-        .create_topic_with_retention(
-            TopicConfig {
-                name: topic("t").to_string(),
-                labels: Default::default(),
-            },
-            Some(5 * MIN),
-        )
+        .create_topic_with_retention(topic_config("t"), Some(5 * MIN))
         .await
         .unwrap_err();
     assert_eq!(e.code, Code::InvalidArgument);

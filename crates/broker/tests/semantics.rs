@@ -2,63 +2,14 @@
 //! delivery over the real embedded store. Time is injected (`pull_at`,
 //! `modify_ack_deadline_at`, `expire_leases`) so no test sleeps.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pubrun_broker::{Broker, Delivered, DeliveryUpdate, SubscriptionUpdate};
+use pubrun_broker::{Delivered, DeliveryUpdate, SubscriptionUpdate};
 use pubrun_core::config::{DeadLetterPolicy, RetryPolicy};
-use pubrun_core::{
-    Code, OutgoingMessage, SubscriptionConfig, SubscriptionName, TopicConfig, TopicName,
-};
-use pubrun_store::EmbeddedStore;
+use pubrun_core::{Code, OutgoingMessage, SubscriptionConfig};
 
-fn open(dir: &std::path::Path) -> Arc<Broker> {
-    Broker::open(Arc::new(EmbeddedStore::open(dir).unwrap())).unwrap()
-}
-
-fn topic(id: &str) -> TopicName {
-    TopicName::parse(&format!("projects/p/topics/t-{id}")).unwrap()
-}
-
-fn subn(id: &str) -> SubscriptionName {
-    SubscriptionName::parse(&format!("projects/p/subscriptions/s-{id}")).unwrap()
-}
-
-async fn make_topic(b: &Broker, t: &str) {
-    b.create_topic(TopicConfig {
-        name: topic(t).to_string(),
-        labels: Default::default(),
-    })
-    .await
-    .unwrap();
-}
-
-fn sub_config(s: &str, t: &str) -> SubscriptionConfig {
-    SubscriptionConfig {
-        name: subn(s).to_string(),
-        topic: topic(t).to_string(),
-        ack_deadline_seconds: 10,
-        ..Default::default()
-    }
-}
-
-fn msg(data: &str) -> OutgoingMessage {
-    OutgoingMessage {
-        data: data.to_string().into(),
-        ..Default::default()
-    }
-}
-
-fn with_attrs(data: &str, attrs: &[(&str, &str)]) -> OutgoingMessage {
-    OutgoingMessage {
-        data: data.to_string().into(),
-        attributes: attrs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
-        ..Default::default()
-    }
-}
+mod common;
+use common::*;
 
 fn keyed(data: &str, key: &str) -> OutgoingMessage {
     OutgoingMessage {
@@ -66,12 +17,6 @@ fn keyed(data: &str, key: &str) -> OutgoingMessage {
         ordering_key: key.to_string(),
         ..Default::default()
     }
-}
-
-fn datas(d: &[Delivered]) -> Vec<String> {
-    d.iter()
-        .map(|m| String::from_utf8(m.message.data.to_vec()).unwrap())
-        .collect()
 }
 
 fn ids(d: &[Delivered]) -> Vec<String> {
@@ -86,8 +31,7 @@ const SEC: Duration = Duration::from_secs(1);
 
 #[tokio::test]
 async fn retry_policy_backs_off_exponentially_on_nack_and_expiry() {
-    let dir = tempfile::tempdir().unwrap();
-    let b = open(dir.path());
+    let (_dir, b) = fresh();
     make_topic(&b, "t").await;
     let created = b
         .create_subscription(SubscriptionConfig {
@@ -279,7 +223,7 @@ async fn dead_letter_policy_forwards_after_max_attempts_with_googles_attributes(
         let a = &dead[0].message.attributes;
         assert_eq!(a["k"], "v", "the original attributes stay");
         assert_eq!(a["CloudPubSubDeadLetterSourceDeliveryCount"], "5");
-        assert_eq!(a["CloudPubSubDeadLetterSourceSubscription"], "s-worker");
+        assert_eq!(a["CloudPubSubDeadLetterSourceSubscription"], "sub-worker");
         assert_eq!(a["CloudPubSubDeadLetterSourceSubscriptionProject"], "p");
         let when = &a["CloudPubSubDeadLetterSourceTopicPublishTime"];
         assert!(
@@ -299,8 +243,7 @@ async fn dead_letter_policy_forwards_after_max_attempts_with_googles_attributes(
 
 #[tokio::test]
 async fn dead_letter_policy_is_validated_and_forwarding_retries_when_the_topic_is_gone() {
-    let dir = tempfile::tempdir().unwrap();
-    let b = open(dir.path());
+    let (_dir, b) = fresh();
     make_topic(&b, "work").await;
     let with = |topic_name: String, attempts: i32| SubscriptionConfig {
         dead_letter_policy: Some(DeadLetterPolicy {
@@ -463,8 +406,7 @@ async fn ordering_keys_deliver_in_publish_order_across_publish_calls_and_restart
 
 #[tokio::test]
 async fn ordering_is_fixed_at_creation() {
-    let dir = tempfile::tempdir().unwrap();
-    let b = open(dir.path());
+    let (_dir, b) = fresh();
     make_topic(&b, "t").await;
     let s = b
         .create_subscription(SubscriptionConfig {
@@ -540,8 +482,7 @@ async fn filtered_out_messages_are_never_delivered_nor_backlog_even_after_replay
 
 #[tokio::test]
 async fn bad_filters_are_invalid_argument_with_a_position() {
-    let dir = tempfile::tempdir().unwrap();
-    let b = open(dir.path());
+    let (_dir, b) = fresh();
     make_topic(&b, "t").await;
     for (f, pos) in [
         ("attributes.k = ", 15),
@@ -574,8 +515,7 @@ async fn bad_filters_are_invalid_argument_with_a_position() {
 
 #[tokio::test]
 async fn exactly_once_rejects_expired_and_superseded_ack_ids() {
-    let dir = tempfile::tempdir().unwrap();
-    let b = open(dir.path());
+    let (_dir, b) = fresh();
     make_topic(&b, "t").await;
     b.create_subscription(SubscriptionConfig {
         enable_exactly_once_delivery: true,
@@ -671,8 +611,7 @@ async fn exactly_once_rejects_expired_and_superseded_ack_ids() {
 
 #[tokio::test]
 async fn exactly_once_can_be_switched_by_update() {
-    let dir = tempfile::tempdir().unwrap();
-    let b = open(dir.path());
+    let (_dir, b) = fresh();
     make_topic(&b, "t").await;
     b.create_subscription(sub_config("s", "t")).await.unwrap();
     let stream = b.open_stream(&subn("s"), 10, 0, 0).unwrap();
@@ -697,8 +636,7 @@ async fn exactly_once_can_be_switched_by_update() {
 /// its oldest unacked message, and the count going down as acks arrive.
 #[tokio::test]
 async fn overview_counts_backlog_and_oldest_unacked() {
-    let dir = tempfile::tempdir().unwrap();
-    let b = open(dir.path());
+    let (_dir, b) = fresh();
     make_topic(&b, "ov").await;
     make_topic(&b, "ov-empty").await;
     b.create_subscription(sub_config("ov-a", "ov"))
@@ -726,16 +664,16 @@ async fn overview_counts_backlog_and_oldest_unacked() {
     assert_eq!(
         t,
         [
-            ("projects/p/topics/t-ov", 2),
-            ("projects/p/topics/t-ov-empty", 0)
+            ("projects/p/topics/topic-ov", 2),
+            ("projects/p/topics/topic-ov-empty", 0)
         ]
     );
     let s: Vec<_> = subs.iter().map(|s| (s.name.as_str(), s.backlog)).collect();
     assert_eq!(
         s,
         [
-            ("projects/p/subscriptions/s-ov-a", 1),
-            ("projects/p/subscriptions/s-ov-b", 3)
+            ("projects/p/subscriptions/sub-ov-a", 1),
+            ("projects/p/subscriptions/sub-ov-b", 3)
         ]
     );
     for s in &subs {
@@ -743,7 +681,7 @@ async fn overview_counts_backlog_and_oldest_unacked() {
             .oldest_unacked_nanos
             .expect("a backlog has an oldest message");
         assert!(oldest >= before, "{} {oldest} < {before}", s.name);
-        assert_eq!(s.topic, "projects/p/topics/t-ov");
+        assert_eq!(s.topic, "projects/p/topics/topic-ov");
         assert!(!s.push);
     }
     // Everything acked: no backlog, no oldest message.

@@ -10,17 +10,11 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::extract::{Form, State};
-use axum::http::StatusCode;
-use axum::routing::post;
-use axum::{Json, Router};
 use common::{fill, free_port, Serve, ServeBuilder};
 use pubrun_testkit::rsa_key;
-use serde::Deserialize;
+use pubrun_testkit::token_endpoint::{Grants, TokenEndpoint};
 use serde_json::{json, Value};
 
 const BIN: &str = env!("CARGO_BIN_EXE_pubrun");
@@ -30,85 +24,22 @@ const EMAIL: &str = "runner@theirs.iam.gserviceaccount.com";
 /// Seconds a token lives: short, so the client refreshes during the test.
 const TOKEN_LIFETIME: u64 = 1;
 
-struct TokenEndpoint {
-    url: String,
-    issued: Arc<AtomicUsize>,
-    refused: Arc<AtomicUsize>,
-}
-
-#[derive(Clone)]
-struct TokenState {
-    public_pem: String,
-    aud: String,
-    issued: Arc<AtomicUsize>,
-    refused: Arc<AtomicUsize>,
-}
-
-#[derive(Deserialize)]
-struct Grant {
-    grant_type: String,
-    assertion: String,
-}
-
-#[derive(Deserialize)]
-struct Claims {
-    scope: String,
-}
-
-async fn token(State(st): State<TokenState>, Form(g): Form<Grant>) -> (StatusCode, Json<Value>) {
-    let refuse = |why: String| {
-        st.refused.fetch_add(1, Ordering::SeqCst);
-        (
-            StatusCode::BAD_REQUEST,
-            Json(json!({ "error": "invalid_grant", "error_description": why })),
-        )
-    };
-    if g.grant_type != "urn:ietf:params:oauth:grant-type:jwt-bearer" {
-        return refuse(format!("grant_type {}", g.grant_type));
-    }
-    let key = jsonwebtoken::DecodingKey::from_rsa_pem(st.public_pem.as_bytes()).unwrap();
-    let mut v = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::RS256);
-    v.set_audience(&[&st.aud]);
-    v.set_issuer(&[EMAIL]);
-    v.set_required_spec_claims(&["exp", "iat", "aud", "iss"]);
-    v.leeway = 0;
-    match jsonwebtoken::decode::<Claims>(&g.assertion, &key, &v) {
-        Ok(t)
-            if t.claims
-                .scope
-                .split(' ')
-                .any(|s| s == "https://www.googleapis.com/auth/cloud-platform") =>
-        {
-            st.issued.fetch_add(1, Ordering::SeqCst);
-            (
-                StatusCode::OK,
-                Json(
-                    json!({ "access_token": T2, "expires_in": TOKEN_LIFETIME, "token_type": "Bearer" }),
-                ),
-            )
-        }
-        Ok(t) => refuse(format!("scope {}", t.claims.scope)),
-        Err(e) => refuse(format!("Invalid JWT Signature: {e}")),
-    }
-}
-
 async fn token_endpoint(public_pem: String) -> TokenEndpoint {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/token", listener.local_addr().unwrap());
-    let st = TokenState {
+    TokenEndpoint::start(Grants {
         public_pem,
-        aud: url.clone(),
-        issued: Arc::new(AtomicUsize::new(0)),
-        refused: Arc::new(AtomicUsize::new(0)),
-    };
-    let (issued, refused) = (st.issued.clone(), st.refused.clone());
-    let app = Router::new().route("/token", post(token)).with_state(st);
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    TokenEndpoint {
-        url,
-        issued,
-        refused,
-    }
+        issuer: EMAIL.into(),
+        refresh_token: None,
+        token: Some(T2.into()),
+        expires_in: TOKEN_LIFETIME,
+    })
+    .await
+}
+
+/// Every grant the client asked for was honoured, and the token it got
+/// never reached the local server's log.
+fn honoured_and_unlogged(tokens: &TokenEndpoint, local: &Serve) {
+    assert_eq!(tokens.refused(), 0);
+    assert!(!local.log().contains(T2), "the token reached the log");
 }
 
 fn key_file(dir: &Path, private_pem: &str, token_uri: &str) -> PathBuf {
@@ -332,7 +263,7 @@ async fn a_key_file_connection_runs_jobs_on_google_resources_end_to_end() {
     // The intake has exchanged the key for a token; let that token expire
     // so the calls below need a refreshed one.
     until("the first token", logs, || async {
-        (tokens.issued.load(Ordering::SeqCst) >= 1).then_some(())
+        (tokens.issued() >= 1).then_some(())
     })
     .await;
     tokio::time::sleep(Duration::from_secs(TOKEN_LIFETIME) + Duration::from_millis(200)).await;
@@ -361,12 +292,10 @@ async fn a_key_file_connection_runs_jobs_on_google_resources_end_to_end() {
         logs()
     );
     assert!(
-        tokens.issued.load(Ordering::SeqCst) >= 2,
+        tokens.issued() >= 2,
         "the short-lived token was never refreshed"
     );
-    assert_eq!(tokens.refused.load(Ordering::SeqCst), 0);
-    // The token never reaches a log.
-    assert!(!local.log().contains(T2));
+    honoured_and_unlogged(&tokens, &local);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -397,8 +326,8 @@ async fn wrong_credentials_name_the_connection_and_ack_nothing() {
         "{line}"
     );
     assert!(line.contains("sa.json"), "the key file is named: {line}");
-    assert!(tokens.refused.load(Ordering::SeqCst) >= 1);
-    assert_eq!(tokens.issued.load(Ordering::SeqCst), 0);
+    assert!(tokens.refused() >= 1);
+    assert_eq!(tokens.issued(), 0);
 
     // No run, and the notification is still there for a working client.
     let http = reqwest::Client::new();
@@ -533,8 +462,7 @@ async fn the_google_side_restarting_mid_run_loses_nothing_and_duplicates_nothing
         "a result was published twice"
     );
     // (Refresh is covered by the end-to-end test, which outwaits a token.)
-    assert_eq!(tokens.refused.load(Ordering::SeqCst), 0);
-    assert!(!local.log().contains(T2));
+    honoured_and_unlogged(&tokens, &local);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,9 +7,10 @@ use std::time::Duration;
 
 use googleapis_tonic_google_pubsub_v1::google::pubsub::v1 as pb;
 use pb::publisher_client::PublisherClient;
-use pb::subscriber_client::SubscriberClient;
 
-use common::{connect, free_port, Server};
+use common::{
+    bearer, connect, create_topic_and_subscription, free_port, open_streaming_pull, Server,
+};
 
 fn pubrun(args: &[&str], data: &std::path::Path) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_pubrun"));
@@ -79,20 +80,14 @@ async fn grpc_requires_the_bearer_token_when_configured() {
     assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err}");
     assert!(err.message().contains("bearer token"), "{}", err.message());
 
-    let mut wrong = tonic::Request::new(topic.clone());
-    wrong
-        .metadata_mut()
-        .insert("authorization", "Bearer nope".parse().unwrap());
+    let wrong = bearer(Some("nope"), topic.clone());
     let err = PublisherClient::new(ch.clone())
         .create_topic(wrong)
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unauthenticated);
 
-    let mut right = tonic::Request::new(topic);
-    right
-        .metadata_mut()
-        .insert("authorization", "Bearer s3cret".parse().unwrap());
+    let right = bearer(Some("s3cret"), topic);
     let created = PublisherClient::new(ch)
         .create_topic(right)
         .await
@@ -102,18 +97,14 @@ async fn grpc_requires_the_bearer_token_when_configured() {
 
     // Health stays open for probes.
     let http = reqwest::Client::builder().no_proxy().build().unwrap();
-    let health = http
-        .get(format!("http://127.0.0.1:{port}/healthz"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(health.status(), 200);
-    let denied = http
-        .get(format!("http://127.0.0.1:{port}/v1/projects/p/topics"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(denied.status(), 401);
+    for (path, want) in [("/healthz", 200), ("/v1/projects/p/topics", 401)] {
+        let got = http
+            .get(format!("http://127.0.0.1:{port}{path}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(got.status(), want, "{path}");
+    }
 }
 
 #[tokio::test]
@@ -127,34 +118,9 @@ async fn sigterm_ends_open_streams_and_exits_cleanly() {
             .unwrap(),
     );
     let ch = connect(port).await;
-    PublisherClient::new(ch.clone())
-        .create_topic(pb::Topic {
-            name: "projects/p/topics/term".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    SubscriberClient::new(ch.clone())
-        .create_subscription(pb::Subscription {
-            name: "projects/p/subscriptions/term-sub".into(),
-            topic: "projects/p/topics/term".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    let (tx, rx) = tokio::sync::mpsc::channel(1);
-    tx.send(pb::StreamingPullRequest {
-        subscription: "projects/p/subscriptions/term-sub".into(),
-        stream_ack_deadline_seconds: 10,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let mut stream = SubscriberClient::new(ch)
-        .streaming_pull(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    let sub = "projects/p/subscriptions/term-sub";
+    create_topic_and_subscription(&ch, "projects/p/topics/term", sub).await;
+    let (tx, mut stream) = open_streaming_pull(&ch, sub, 10).await;
 
     let pid = server.0.id().to_string();
     assert!(Command::new("kill")

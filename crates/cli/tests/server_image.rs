@@ -35,10 +35,7 @@ fn docker(args: &[&str]) -> String {
 }
 
 fn authed<T>(msg: T) -> tonic::Request<T> {
-    let mut r = tonic::Request::new(msg);
-    r.metadata_mut()
-        .insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
-    r
+    common::bearer(Some(TOKEN), msg)
 }
 
 #[tokio::test]
@@ -141,22 +138,7 @@ async fn server_image_serves_the_official_client() {
         tonic::Code::Unauthenticated,
         "the token is enforced"
     );
-    PublisherClient::new(ch.clone())
-        .create_topic(authed(pb::Topic {
-            name: topic.into(),
-            ..Default::default()
-        }))
-        .await
-        .unwrap();
-    SubscriberClient::new(ch.clone())
-        .create_subscription(authed(pb::Subscription {
-            name: sub.into(),
-            topic: topic.into(),
-            ack_deadline_seconds: 30,
-            ..Default::default()
-        }))
-        .await
-        .unwrap();
+    common::create_topic_and_subscription_as(&ch, Some(TOKEN), topic, sub).await;
     PublisherClient::new(ch.clone())
         .publish(authed(pb::PublishRequest {
             topic: topic.into(),

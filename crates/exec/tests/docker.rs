@@ -7,7 +7,7 @@ mod common;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bollard::query_parameters::{
     InspectContainerOptions, ListContainersOptionsBuilder, RemoveImageOptionsBuilder,
@@ -19,7 +19,7 @@ use futures::StreamExt;
 use pubrun_core::job::{DockerSpec, ExecutorSpec, PullPolicy, RegistryAuth};
 use pubrun_core::run::RunStatus;
 use pubrun_exec::docker::{container_name, DockerExecutor};
-use pubrun_exec::{Attempt, CancellationToken, Executor, Exit, RunRequest};
+use pubrun_exec::{Attempt, Executor, Exit, RunRequest};
 
 fn executor() -> DockerExecutor {
     DockerExecutor::connect().expect("DOCKER_HOST is usable")
@@ -266,37 +266,13 @@ async fn timeout_stops_the_container_and_its_term_handler_runs() {
         return;
     }
     let fx = Fixture::new(1 << 20).await;
-    let mut r = req(
+    let r = req(
         &fx,
         "timeout",
-        docker(
-            TEST_IMAGE,
-            &[
-                "sh",
-                "-c",
-                r#"trap "echo bye; exit 0" TERM; echo ready; sleep 60 & wait"#,
-            ],
-        ),
+        docker(TEST_IMAGE, &["sh", "-c", TERM_HANDLER]),
     );
-    r.timeout = Duration::from_secs(2);
-    r.grace_period = Duration::from_secs(30);
-    let t0 = Instant::now();
-    let exit = run(&fx, r.clone()).await;
-    assert!(exit.timed_out(), "{exit:?}");
-    assert_eq!(
-        exit.exit_code,
-        Some(0),
-        "the TERM handler's exit code: {exit:?}\n{}",
-        fx.log_text().await
-    );
-    assert_eq!(exit.status(), RunStatus::TimedOut);
-    assert!(
-        t0.elapsed() < Duration::from_secs(25),
-        "ended by the handler, not the grace period: {:?}",
-        t0.elapsed()
-    );
-    let log = fx.log_text().await;
-    assert!(log.contains("ready\n") && log.contains("bye\n"), "{log}");
+    let limit = Duration::from_secs(25);
+    timeout_runs_the_term_handler(&fx, &executor(), r.clone(), limit).await;
     assert_removed(&pubrun_testkit::docker_client().await, &r).await;
 }
 
@@ -316,27 +292,8 @@ async fn cancel_kills_a_container_that_ignores_sigterm_after_the_grace_period() 
         ),
     );
     r.grace_period = Duration::from_secs(2);
-    let cancel = CancellationToken::new();
-    let (on_started, started) = started_channel();
-    let ex = executor();
-    let mut cancelled_at = None;
-    let (exit, ()) = tokio::join!(
-        within(
-            "run",
-            ex.run(
-                Attempt::new(r.clone(), fx.log.clone())
-                    .cancel(cancel.clone())
-                    .on_started(on_started)
-            )
-        ),
-        async {
-            started.await.expect("on_started");
-            fx.wait_for_log("ready").await;
-            cancelled_at = Some(Instant::now());
-            cancel.cancel();
-        }
-    );
-    let took = cancelled_at.unwrap().elapsed();
+    let (exit, cancelled_at) = run_cancelled(&fx, &executor(), r.clone(), Some("ready")).await;
+    let took = cancelled_at.elapsed();
     assert!(exit.cancelled(), "{exit:?}");
     assert_eq!(
         exit.exit_code,
@@ -376,18 +333,7 @@ async fn a_container_that_obeys_sigterm_is_not_reported_killed() {
         ),
     );
     r.grace_period = Duration::from_secs(20);
-    let cancel = CancellationToken::new();
-    let ex = executor();
-    let (exit, ()) = tokio::join!(
-        within(
-            "run",
-            ex.run(Attempt::new(r.clone(), fx.log.clone()).cancel(cancel.clone()))
-        ),
-        async {
-            fx.wait_for_log("ready").await;
-            cancel.cancel();
-        }
-    );
+    let (exit, _) = run_cancelled(&fx, &executor(), r, Some("ready")).await;
     assert!(exit.cancelled(), "{exit:?}");
     assert_eq!(exit.exit_code, Some(3), "{exit:?}");
     assert!(!exit.killed_after_grace, "{exit:?}");

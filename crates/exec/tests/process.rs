@@ -217,28 +217,9 @@ async fn on_started_reports_host_and_pid() {
 #[tokio::test]
 async fn timeout_sends_sigterm_to_the_group_and_a_handler_can_finish() {
     let fx = Fixture::new(1 << 20).await;
-    let mut req = fx.request(
-        "r",
-        sh(r#"trap "echo bye; exit 0" TERM; echo ready; sleep 60 & wait"#),
-    );
-    req.timeout = Duration::from_secs(2);
-    req.grace_period = Duration::from_secs(30);
-    let t0 = Instant::now();
-    let exit = run(&fx, req).await;
-    assert!(exit.timed_out(), "{exit:?}");
-    assert_eq!(
-        exit.exit_code,
-        Some(0),
-        "the TERM handler's exit code: {exit:?}"
-    );
-    assert_eq!(exit.status(), RunStatus::TimedOut);
-    assert!(
-        t0.elapsed() < Duration::from_secs(20),
-        "the handler ended it well before the grace period: {:?}",
-        t0.elapsed()
-    );
-    let log = fx.log_text().await;
-    assert!(log.contains("ready\n") && log.contains("bye\n"), "{log}");
+    let req = fx.request("r", sh(TERM_HANDLER));
+    let limit = Duration::from_secs(20);
+    let log = timeout_runs_the_term_handler(&fx, &ProcessExecutor::new(), req, limit).await;
     assert!(
         log.contains("timed out"),
         "a note says why it ended:\n{log}"
@@ -267,24 +248,8 @@ async fn sigterm_ignored_means_sigkill_after_the_grace_period() {
 #[tokio::test]
 async fn cancel_stops_the_process() {
     let fx = Fixture::new(1 << 20).await;
-    let cancel = CancellationToken::new();
-    let (on_started, started) = started_channel();
-    let ex = ProcessExecutor::new();
     let req = fx.request("r", process("sleep", &["60"]));
-    let (exit, ()) = tokio::join!(
-        within(
-            "run",
-            ex.run(
-                Attempt::new(req, fx.log.clone())
-                    .cancel(cancel.clone())
-                    .on_started(on_started)
-            )
-        ),
-        async {
-            started.await.expect("started");
-            cancel.cancel();
-        }
-    );
+    let (exit, _) = run_cancelled(&fx, &ProcessExecutor::new(), req, None).await;
     assert!(exit.cancelled(), "{exit:?}");
     assert!(!exit.timed_out());
     assert!(!exit.killed_after_grace, "SIGTERM was enough: {exit:?}");

@@ -8,23 +8,8 @@ use pubrun_core::run::RunStatus;
 use pubrun_core::{Code, TopicName};
 use pubrun_jobs::apply::{apply, parse_manifest, Action, Change};
 
-const V1: &str = r#"
-project = "p"
-
-[[topic]]
-name = "orders"
-[[topic]]
-name = "audit"
-
-[[subscription]]
-name = "audit-watch"
-topic = "audit"
-
-[[job]]
-name = "ship"
-topic = "orders"
-process = { command = "echo", args = ["shipping v1 {{ attributes.order }}"] }
-"#;
+/// The first version of the manifest the apply tests change step by step.
+const V1: &str = include_str!("manifests/apply_v1.toml");
 
 fn change(kind: &'static str, name: &str, action: Action) -> Change {
     Change {
@@ -63,6 +48,16 @@ impl Env {
     }
 }
 
+/// Publishes `order` to `orders`: the job's `n`th run (one-based) succeeds
+/// and logs `expect`.
+async fn ships(env: &Env, n: usize, order: &str, expect: &str) {
+    env.publish("orders", &[("order", order)], "").await;
+    let run = env.wait_runs("ship", n).await.remove(n - 1);
+    assert_eq!(env.wait_end(run.id).await.status, RunStatus::Succeeded);
+    let log = env.log(run.id);
+    assert!(log.contains(expect), "{log}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn apply_creates_then_changes_nothing_then_updates_and_deletes() {
     let dir = tempfile::tempdir().unwrap();
@@ -98,14 +93,7 @@ async fn apply_creates_then_changes_nothing_then_updates_and_deletes() {
     assert_eq!(env.dispatcher.jobs().len(), 1);
 
     // The job works.
-    env.publish("orders", &[("order", "A1")], "").await;
-    let r1 = env.first_run_end("ship").await;
-    assert_eq!(r1.status, RunStatus::Succeeded);
-    assert!(
-        env.log(r1.id).contains("shipping v1 A1"),
-        "{}",
-        env.log(r1.id)
-    );
+    ships(&env, 1, "A1", "shipping v1 A1").await;
 
     // Same manifest again: nothing to do.
     let again = env.apply(&v1, false).await;
@@ -154,14 +142,7 @@ async fn apply_creates_then_changes_nothing_then_updates_and_deletes() {
     assert_eq!(env.dispatcher.job("ship").unwrap(), v2.jobs[0]);
 
     // The updated job takes new messages with its new command.
-    env.publish("orders", &[("order", "B2")], "").await;
-    let r2 = env.wait_runs("ship", 2).await.remove(1);
-    assert_eq!(env.wait_end(r2.id).await.status, RunStatus::Succeeded);
-    assert!(
-        env.log(r2.id).contains("shipping v2 B2"),
-        "{}",
-        env.log(r2.id)
-    );
+    ships(&env, 2, "B2", "shipping v2 B2").await;
 
     let again = env.apply(&v2, false).await;
     assert_unchanged(&again);

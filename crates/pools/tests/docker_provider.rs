@@ -11,8 +11,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use bollard::models::ContainerInspectResponse;
 use bollard::query_parameters::InspectContainerOptions;
 use pubrun_core::pool::DockerProviderSpec;
 use pubrun_pools::provider::docker::{DockerProvider, MACHINE_LABEL, POOL_LABEL};
@@ -143,36 +144,45 @@ fn logs(container: &str) -> String {
 }
 
 async fn wait_status(p: &DockerProvider, name: &str, want: ProviderStatus) {
-    let start = Instant::now();
-    loop {
-        let got = p.status(name).await.unwrap();
-        if got == want {
-            return;
-        }
-        if want == ProviderStatus::Running && got == ProviderStatus::Stopped {
-            // The agent exited (it should retry forever): show why.
-            panic!("{name}: the agent exited:\n{}", logs(name));
-        }
-        assert!(
-            start.elapsed() < WAIT,
-            "{name}: still {got:?}, want {want:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    // The agent retries forever: a machine that stopped by itself while we
+    // wait for it to run is a failure, and its log says why.
+    provider_suite::reaches_unless(p, name, want, WAIT, |got| {
+        (want == ProviderStatus::Running && got == ProviderStatus::Stopped)
+            .then(|| format!("the agent exited:\n{}", logs(name)))
+    })
+    .await
+}
+
+/// The engine and agent-image check, then a fresh pool and a provider on
+/// `spec`; `None` when the test is skipped.
+fn setup(test: &str, pool: &str, spec: DockerProviderSpec) -> Option<(Pool, DockerProvider)> {
+    ready(test).then(|| (Pool::new(pool), DockerProvider::new(&spec).unwrap()))
+}
+
+/// Starts machine 1 of `pool`, waits until it runs and returns its name and
+/// the engine's view of its container.
+async fn start_and_inspect(p: &DockerProvider, pool: &Pool) -> (String, ContainerInspectResponse) {
+    let name = pool.machine(1);
+    p.start(&pool.launch(1)).await.unwrap();
+    wait_status(p, &name, ProviderStatus::Running).await;
+    let c = pubrun_testkit::docker_client()
+        .await
+        .inspect_container(&name, None::<InspectContainerOptions>)
+        .await
+        .unwrap();
+    (name, c)
 }
 
 #[tokio::test]
 async fn machine_lifecycle() {
-    if !ready("machine_lifecycle") {
-        return;
-    }
-    let pool = Pool::new("life");
-    let p = DockerProvider::new(&DockerProviderSpec {
+    let spec = DockerProviderSpec {
         memory_bytes: Some(256 << 20),
         cpus: Some(0.5),
         ..spec()
-    })
-    .unwrap();
+    };
+    let Some((pool, p)) = setup("machine_lifecycle", "life", spec) else {
+        return;
+    };
     assert_eq!(p.kind(), "docker");
     let name = pool.machine(1);
     let launch = pool.launch(1);
@@ -279,14 +289,7 @@ async fn machines_join_the_given_network() {
         ..spec()
     })
     .unwrap();
-    let name = pool.machine(1);
-    p.start(&pool.launch(1)).await.unwrap();
-    wait_status(&p, &name, ProviderStatus::Running).await;
-    let c = pubrun_testkit::docker_client()
-        .await
-        .inspect_container(&name, None::<InspectContainerOptions>)
-        .await
-        .unwrap();
+    let (name, c) = start_and_inspect(&p, &pool).await;
     let networks: HashMap<_, _> = c.network_settings.unwrap().networks.unwrap();
     assert!(networks.contains_key(&net), "{networks:?}");
     p.stop(&name, true).await.unwrap();
@@ -298,15 +301,13 @@ async fn machines_join_the_given_network() {
 
 #[tokio::test]
 async fn missing_image_is_refused() {
-    if !ready("missing_image_is_refused") {
-        return;
-    }
-    let pool = Pool::new("noimg");
-    let p = DockerProvider::new(&DockerProviderSpec {
+    let spec = DockerProviderSpec {
         image: "pubrun-test/no-such-agent:nope".into(),
         ..spec()
-    })
-    .unwrap();
+    };
+    let Some((pool, p)) = setup("missing_image_is_refused", "noimg", spec) else {
+        return;
+    };
     match p.start(&pool.launch(1)).await {
         Err(ProviderError::Refused(m)) => assert!(m.contains("not present"), "{m}"),
         other => panic!("want Refused, got {other:?}"),
@@ -353,27 +354,19 @@ async fn dead_docker_host_is_unavailable() {
 /// started (siblings on the engine) go when it is stopped.
 #[tokio::test]
 async fn docker_socket_machines_take_their_job_containers_along() {
-    if !ready("docker_socket_machines_take_their_job_containers_along") {
-        return;
-    }
-    let pool = Pool::new("sock");
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("machines");
-    let p = DockerProvider::new(&DockerProviderSpec {
+    let spec = DockerProviderSpec {
         docker_socket: true,
         machine_data_dir: data.display().to_string(),
         ..spec()
-    })
-    .unwrap();
-    let name = pool.machine(1);
+    };
+    let test = "docker_socket_machines_take_their_job_containers_along";
+    let Some((pool, p)) = setup(test, "sock", spec) else {
+        return;
+    };
+    let (name, c) = start_and_inspect(&p, &pool).await;
     let dir = format!("{}/{name}", data.display());
-    p.start(&pool.launch(1)).await.unwrap();
-    wait_status(&p, &name, ProviderStatus::Running).await;
-    let c = pubrun_testkit::docker_client()
-        .await
-        .inspect_container(&name, None::<InspectContainerOptions>)
-        .await
-        .unwrap();
     let binds = c.host_config.unwrap().binds.unwrap();
     assert!(binds.contains(&format!("{dir}:{dir}")), "{binds:?}");
     assert!(

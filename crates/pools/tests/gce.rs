@@ -51,25 +51,11 @@ fn launch(pool: &str, name: &str) -> MachineLaunch {
 }
 
 async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
-    tokio::time::timeout(WAIT, f)
-        .await
-        .unwrap_or_else(|_| panic!("{what}: took longer than {WAIT:?}"))
+    pubrun_testkit::within(what, WAIT, f).await
 }
 
-/// Polls the provider until the machine has `want`.
 async fn wait_status(p: &GceProvider, name: &str, want: ProviderStatus) {
-    let start = Instant::now();
-    loop {
-        let got = p.status(name).await.unwrap();
-        if got == want {
-            return;
-        }
-        assert!(
-            start.elapsed() < WAIT,
-            "{name}: still {got:?}, want {want:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    provider_suite::reaches(p, name, want, WAIT).await
 }
 
 fn item(instance: &serde_json::Value, key: &str) -> Option<String> {

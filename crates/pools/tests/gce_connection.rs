@@ -5,69 +5,27 @@
 //! spot), spot reclaim seen as gone.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Form, State};
-use axum::http::StatusCode;
-use axum::routing::post;
-use axum::{Json, Router};
 use pubrun_core::connection::{ConnectionSpec, CredentialsSpec};
 use pubrun_core::pool::{GceAccelerator, GceProviderSpec};
 use pubrun_pools::provider::gce::GceProvider;
 use pubrun_pools::provider::gce_fake::{FakeGce, FakeGceConfig};
 use pubrun_pools::provider::{MachineLaunch, MachineProvider, ProviderError, ProviderStatus};
-use serde_json::{json, Value};
+use pubrun_testkit::token_endpoint::{service_account_key, Grants, TokenEndpoint};
+use serde_json::json;
+
+mod provider_suite;
 
 const PROJECT: &str = "theirs";
 const ZONE: &str = "europe-west1-b";
 const EMAIL: &str = "pools@theirs.iam.gserviceaccount.com";
 const WAIT: Duration = Duration::from_secs(30);
 
-#[derive(Clone)]
-struct TokenState {
-    public_pem: String,
-    aud: String,
-    token: String,
-    issued: Arc<AtomicUsize>,
-}
-
-#[derive(serde::Deserialize)]
-struct Grant {
-    assertion: String,
-}
-
-#[derive(serde::Deserialize)]
-struct Claims {
-    scope: String,
-}
-
-/// Issues the fake's token for an assertion signed by the test key.
-async fn token(State(st): State<TokenState>, Form(g): Form<Grant>) -> (StatusCode, Json<Value>) {
-    let key = jsonwebtoken::DecodingKey::from_rsa_pem(st.public_pem.as_bytes()).unwrap();
-    let mut v = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::RS256);
-    v.set_audience(&[&st.aud]);
-    v.set_issuer(&[EMAIL]);
-    match jsonwebtoken::decode::<Claims>(&g.assertion, &key, &v) {
-        Ok(t) if t.claims.scope.contains("cloud-platform") => {
-            st.issued.fetch_add(1, Ordering::SeqCst);
-            (
-                StatusCode::OK,
-                Json(json!({"access_token": st.token, "expires_in": 3600})),
-            )
-        }
-        _ => (
-            StatusCode::BAD_REQUEST,
-            Json(json!({"error": "invalid_grant"})),
-        ),
-    }
-}
-
 struct Setup {
     fake: FakeGce,
     spec: GceProviderSpec,
-    issued: Arc<AtomicUsize>,
+    tokens: TokenEndpoint,
     _dir: tempfile::TempDir,
 }
 
@@ -75,19 +33,16 @@ async fn setup() -> Setup {
     let fake = FakeGce::start(FakeGceConfig::default()).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let (private_pem, public_pem) = pubrun_testkit::rsa_key(dir.path(), "k");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/token", listener.local_addr().unwrap());
-    let issued = Arc::new(AtomicUsize::new(0));
-    let st = TokenState {
+    let tokens = TokenEndpoint::start(Grants {
         public_pem,
-        aud: url.clone(),
-        token: FakeGceConfig::default().token,
-        issued: issued.clone(),
-    };
-    let app = Router::new().route("/token", post(token)).with_state(st);
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        issuer: EMAIL.into(),
+        refresh_token: None,
+        token: Some(FakeGceConfig::default().token),
+        expires_in: 3600,
+    })
+    .await;
     let key = dir.path().join("sa.json");
-    let body = json!({"type": "service_account", "client_email": EMAIL, "private_key": private_pem, "token_uri": url});
+    let body = service_account_key(EMAIL, &private_pem, &tokens.url);
     std::fs::write(&key, body.to_string()).unwrap();
     let base = fake.api_base();
     let spec = GceProviderSpec {
@@ -112,7 +67,7 @@ async fn setup() -> Setup {
     Setup {
         fake,
         spec,
-        issued,
+        tokens,
         _dir: dir,
     }
 }
@@ -129,48 +84,43 @@ fn launch(name: &str) -> MachineLaunch {
 }
 
 async fn within<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
-    tokio::time::timeout(WAIT, f)
+    pubrun_testkit::within(what, WAIT, f).await
+}
+
+/// A provider on `spec` that has started machine `pubrun-gpu-1`.
+async fn started(spec: &GceProviderSpec) -> GceProvider {
+    let p = GceProvider::new(spec).unwrap();
+    within("start", p.start(&launch("pubrun-gpu-1")))
         .await
-        .unwrap_or_else(|_| panic!("{what}: took longer than {WAIT:?}"))
+        .unwrap();
+    p
 }
 
 async fn until_status(p: &GceProvider, name: &str, want: ProviderStatus) {
-    within("status", async {
-        while p.status(name).await.unwrap() != want {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await
+    provider_suite::reaches(p, name, want, WAIT).await
 }
 
 #[tokio::test]
 async fn a_pool_on_a_connection_uses_its_key_file() {
     let s = setup().await;
-    let p = GceProvider::new(&s.spec).unwrap();
-    within("start", p.start(&launch("pubrun-gpu-1")))
-        .await
-        .unwrap();
+    let p = started(&s.spec).await;
     until_status(&p, "pubrun-gpu-1", ProviderStatus::Running).await;
     assert_eq!(
         p.list("gpu").await.unwrap(),
         vec![("pubrun-gpu-1".to_string(), ProviderStatus::Running)]
     );
     // One exchange, cached for the token's life.
-    assert_eq!(s.issued.load(Ordering::SeqCst), 1);
+    assert_eq!(s.tokens.issued(), 1);
 
     // A key the token endpoint does not trust: refused, naming the connection.
     let dir = tempfile::tempdir().unwrap();
     let (other, _) = pubrun_testkit::rsa_key(dir.path(), "k");
     let bad = dir.path().join("bad.json");
-    let uri = match &s.spec.connection.as_ref().unwrap().credentials {
-        CredentialsSpec::File { path } => {
-            serde_json::from_str::<Value>(&std::fs::read_to_string(path).unwrap()).unwrap()
-                ["token_uri"]
-                .clone()
-        }
-        _ => unreachable!(),
-    };
-    std::fs::write(&bad, json!({"type": "service_account", "client_email": EMAIL, "private_key": other, "token_uri": uri}).to_string()).unwrap();
+    std::fs::write(
+        &bad,
+        service_account_key(EMAIL, &other, &s.tokens.url).to_string(),
+    )
+    .unwrap();
     let mut spec = s.spec.clone();
     spec.connection.as_mut().unwrap().credentials = CredentialsSpec::File {
         path: bad.display().to_string(),
@@ -238,10 +188,7 @@ async fn instances_have_what_a_real_project_needs() {
         count: 1,
     }];
     spec.spot = true;
-    let p = GceProvider::new(&spec).unwrap();
-    within("start", p.start(&launch("pubrun-gpu-1")))
-        .await
-        .unwrap();
+    let p = started(&spec).await;
     let body = s.fake.inserts().pop().unwrap();
     assert_eq!(
         body["serviceAccounts"],
@@ -280,10 +227,7 @@ async fn instances_have_what_a_real_project_needs() {
 #[tokio::test]
 async fn defaults_keep_the_default_network_with_an_external_ip() {
     let s = setup().await;
-    let p = GceProvider::new(&s.spec).unwrap();
-    within("start", p.start(&launch("pubrun-gpu-1")))
-        .await
-        .unwrap();
+    let _p = started(&s.spec).await;
     let body = s.fake.inserts().pop().unwrap();
     let nic = &body["networkInterfaces"][0];
     assert_eq!(nic["network"], "global/networks/default");

@@ -4,6 +4,8 @@
 //! is missing, a test prints `SKIPPED <test>: <why>` and passes, except under
 //! `CI=true`, where it fails, so CI never skips silently.
 
+pub mod token_endpoint;
+
 use std::future::Future;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -93,9 +95,15 @@ pub fn run_ok(what: &str, cmd: &mut Command) -> String {
         .stdin(Stdio::null())
         .output()
         .unwrap_or_else(|e| panic!("{what}: {e}"));
+    output_ok(what, &out)
+}
+
+/// The stdout of a finished command; panics naming `what`, with the exit
+/// status and both outputs, when it failed.
+pub fn output_ok(what: &str, out: &std::process::Output) -> String {
     assert!(
         out.status.success(),
-        "{what} failed ({}): {}{}",
+        "{what} failed ({}):\n{}\n{}",
         out.status,
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
@@ -208,6 +216,13 @@ where
         format!("timed out after {patience:?} waiting for {what}")
     })
     .await
+}
+
+/// Awaits `f`; panics naming `what` once `patience` has passed.
+pub async fn within<T>(what: &str, patience: Duration, f: impl Future<Output = T>) -> T {
+    tokio::time::timeout(patience, f)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: took longer than {patience:?}"))
 }
 
 /// Polls the async `cond` every 50 ms on the tokio timer until it returns

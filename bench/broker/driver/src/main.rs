@@ -16,6 +16,7 @@ mod nats;
 mod pubrun;
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::io::Write;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -135,6 +136,58 @@ pub fn put_latencies(s: &mut Sink, mut lat: Vec<u64>, note: &str) -> Result<()> 
     s.put("latency_p99", ms(percentile(&lat, 99.0)), "ms", note)?;
     s.put("latency_p999", ms(percentile(&lat, 99.9)), "ms", note)?;
     s.put("latency_max", ms(*lat.last().unwrap_or(&0)), "ms", note)
+}
+
+/// Runs one throughput workload under a [`CpuMeter`] and records its rate as
+/// `name` (msg/s) next to its CPU cost per message.
+pub async fn measured(s: &mut Sink, pid: u32, name: &str, msgs: usize, note: &str, work: impl Future<Output = Result<f64>>) -> Result<()> {
+    let cpu = CpuMeter::start(pid);
+    let rate = work.await?;
+    cpu.put(s, name, msgs)?;
+    s.put(name, rate, "msg/s", note)
+}
+
+/// Ends phase c for either target. `published` is the publisher's outcome
+/// (seconds it took to send and get acked); on failure the subscriber is
+/// stopped and the error returned. Otherwise the subscriber's latencies are
+/// recorded: it gives up at its own deadline (≈ `deadline`), and the grace
+/// past it only lets its error, which says how many messages arrived, come
+/// through. `who` names the subscriber in that error, `how` the publishing
+/// mode in the note.
+pub async fn finish_latency(
+    s: &mut Sink,
+    o: &Opts,
+    published: Result<f64>,
+    subscriber: tokio::task::JoinHandle<Result<Vec<u64>>>,
+    deadline: tokio::time::Instant,
+    who: &str,
+    how: &str,
+) -> Result<()> {
+    let send_secs = match published {
+        Ok(t) => t,
+        Err(e) => {
+            subscriber.abort();
+            return Err(e);
+        }
+    };
+    let lat = tokio::time::timeout_at(deadline + Duration::from_secs(15), subscriber).await.with_context(|| format!("latency {who} did not finish"))???;
+    let total = o.rate * o.secs as usize;
+    let note = format!("{total} msgs, {how}, sent in {send_secs:.2} s{}", pace_note(total, send_secs, o.rate));
+    put_latencies(s, lat, &note)
+}
+
+/// Phase d for either target: RSS before and after publishing `o.backlog`
+/// messages that nobody consumes (`publish` does that and returns msg/s).
+/// The pause lets the server get past one reclaim/maintenance cycle.
+pub async fn backlog_rss(s: &mut Sink, pid: u32, publish: impl Future<Output = Result<f64>>, publish_note: &str, backlog_note: &str) -> Result<()> {
+    let (idle, _) = rss_kib(pid)?;
+    s.put("rss_idle", idle as f64 / 1024.0, "MiB", "before the backlog publish")?;
+    let r = publish.await?;
+    s.put("backlog_publish", r, "msg/s", publish_note)?;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let (rss, hwm) = rss_kib(pid)?;
+    s.put("rss_backlog", rss as f64 / 1024.0, "MiB", backlog_note)?;
+    s.put("hwm_backlog", hwm as f64 / 1024.0, "MiB", "VmHWM")
 }
 
 /// p-th percentile (0..=100) of sorted values.

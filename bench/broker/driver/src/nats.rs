@@ -10,7 +10,7 @@ use futures::stream::{FuturesUnordered, StreamExt};
 
 use tokio::sync::mpsc;
 
-use crate::{age_nanos, pace_note, payload, put_latencies, rss_kib, CpuMeter, Opts, Sink};
+use crate::{age_nanos, backlog_rss, finish_latency, measured, payload, CpuMeter, Opts, Sink};
 
 type Consumer = consumer::Consumer<consumer::pull::Config>;
 
@@ -167,18 +167,7 @@ async fn latency(js: &jetstream::Context, o: &Opts, s: &mut Sink) -> Result<()> 
         anyhow::Ok(start.elapsed().as_secs_f64())
     }
     .await;
-    let send_secs = match published {
-        Ok(t) => t,
-        Err(e) => {
-            subscriber.abort();
-            return Err(e);
-        }
-    };
-    // The consumer gives up at its own deadline (≈ ours); the grace only
-    // lets its error, which says how many messages arrived, come through.
-    let lat = tokio::time::timeout_at(deadline + Duration::from_secs(15), subscriber).await.context("latency consumer did not finish")???;
-    let note = format!("{total} msgs, async JetStream publish, sent in {send_secs:.2} s{}", pace_note(total, send_secs, o.rate));
-    put_latencies(s, lat, &note)
+    finish_latency(s, o, published, subscriber, deadline, "consumer", "async JetStream publish").await
 }
 
 pub async fn run(addr: &str, pid: u32, phases: &str, o: &Opts, s: &mut Sink) -> Result<()> {
@@ -186,15 +175,11 @@ pub async fn run(addr: &str, pid: u32, phases: &str, o: &Opts, s: &mut Sink) -> 
     let js = jetstream::new(client);
     if phases.contains('a') || phases.contains('b') {
         let (subject, mut c) = setup(&js, "a", o).await?;
-        let cpu = CpuMeter::start(pid);
-        let r = publish(&js, &subject, o, o.count).await?;
-        cpu.put(s, "publish", o.count)?;
-        s.put("publish", r, "msg/s", &format!("async publish, {} PubAcks outstanding", o.window))?;
+        let note = format!("async publish, {} PubAcks outstanding", o.window);
+        measured(s, pid, "publish", o.count, &note, publish(&js, &subject, o, o.count)).await?;
         if phases.contains('b') {
-            let cpu = CpuMeter::start(pid);
-            let r = consume(&mut c, o, o.count, None).await?;
-            cpu.put(s, "consume", o.count)?;
-            s.put("consume", r, "msg/s", &format!("pull consumer, explicit ack, max_ack_pending {}", o.consume_window))?;
+            let note = format!("pull consumer, explicit ack, max_ack_pending {}", o.consume_window);
+            measured(s, pid, "consume", o.count, &note, consume(&mut c, o, o.count, None)).await?;
         }
     }
     if phases.contains('c') {
@@ -204,14 +189,9 @@ pub async fn run(addr: &str, pid: u32, phases: &str, o: &Opts, s: &mut Sink) -> 
     }
     if phases.contains('d') {
         let (subject, _c) = setup(&js, "backlog", o).await?;
-        let (idle, _) = rss_kib(pid)?;
-        s.put("rss_idle", idle as f64 / 1024.0, "MiB", "before the backlog publish")?;
-        let r = publish(&js, &subject, o, o.backlog).await?;
-        s.put("backlog_publish", r, "msg/s", &format!("{} msgs, {} PubAcks outstanding", o.backlog, o.window))?;
-        tokio::time::sleep(Duration::from_secs(6)).await;
-        let (rss, hwm) = rss_kib(pid)?;
-        s.put("rss_backlog", rss as f64 / 1024.0, "MiB", &format!("{} msgs in the stream, durable consumer idle", o.backlog))?;
-        s.put("hwm_backlog", hwm as f64 / 1024.0, "MiB", "VmHWM")?;
+        let publish_note = format!("{} msgs, {} PubAcks outstanding", o.backlog, o.window);
+        let backlog_note = format!("{} msgs in the stream, durable consumer idle", o.backlog);
+        backlog_rss(s, pid, publish(&js, &subject, o, o.backlog), &publish_note, &backlog_note).await?;
     }
     Ok(())
 }

@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::{age_nanos, pace_note, payload, put_latencies, rss_kib, CpuMeter, Opts, Sink};
+use crate::{age_nanos, backlog_rss, finish_latency, measured, payload, CpuMeter, Opts, Sink};
 
 const PROJECT: &str = "projects/bench";
 
@@ -207,18 +207,7 @@ async fn latency(ch: &Channel, p: &Pair, o: &Opts, s: &mut Sink) -> Result<()> {
         anyhow::Ok(start.elapsed().as_secs_f64())
     }
     .await;
-    let send_secs = match published {
-        Ok(t) => t,
-        Err(e) => {
-            subscriber.abort();
-            return Err(e);
-        }
-    };
-    // The subscriber stops at its own deadline (≈ ours); the grace only lets
-    // its error, which says how many messages arrived, come through.
-    let lat = tokio::time::timeout_at(deadline + Duration::from_secs(15), subscriber).await.context("latency subscriber did not finish")???;
-    let note = format!("{total} msgs, single-message Publish calls, sent in {send_secs:.2} s{}", pace_note(total, send_secs, o.rate));
-    put_latencies(s, lat, &note)
+    finish_latency(s, o, published, subscriber, deadline, "subscriber", "single-message Publish calls").await
 }
 
 pub async fn run(addr: &str, pid: u32, phases: &str, o: &Opts, s: &mut Sink) -> Result<()> {
@@ -226,31 +215,19 @@ pub async fn run(addr: &str, pid: u32, phases: &str, o: &Opts, s: &mut Sink) -> 
     if phases.contains('a') || phases.contains('b') {
         // a, then b on the messages a left in the subscription.
         let p = setup(&ch, "batched").await?;
-        let cpu = CpuMeter::start(pid);
-        let r = publish(&ch, &p.topic, o, o.count, o.batch, o.batch_inflight).await?;
-        cpu.put(s, "publish_batched", o.count)?;
-        s.put("publish_batched", r, "msg/s", &format!("{} msgs/request, {} requests in flight", o.batch, o.batch_inflight))?;
+        let note = format!("{} msgs/request, {} requests in flight", o.batch, o.batch_inflight);
+        measured(s, pid, "publish_batched", o.count, &note, publish(&ch, &p.topic, o, o.count, o.batch, o.batch_inflight)).await?;
         if phases.contains('b') {
-            let cpu = CpuMeter::start(pid);
-            let r = consume_stream(&ch, &p.sub, o, o.count, None).await?;
-            cpu.put(s, "consume_stream", o.count)?;
-            s.put(
-                "consume_stream",
-                r,
-                "msg/s",
-                &format!("StreamingPull, max_outstanding_messages {}, acks {}", o.consume_window, if o.stream_acks { "on the stream" } else { "unary" }),
-            )?;
+            let acks = if o.stream_acks { "on the stream" } else { "unary" };
+            let note = format!("StreamingPull, max_outstanding_messages {}, acks {acks}", o.consume_window);
+            measured(s, pid, "consume_stream", o.count, &note, consume_stream(&ch, &p.sub, o, o.count, None)).await?;
         }
         let p = setup(&ch, "single").await?;
-        let cpu = CpuMeter::start(pid);
-        let r = publish(&ch, &p.topic, o, o.count, 1, o.window).await?;
-        cpu.put(s, "publish_single", o.count)?;
-        s.put("publish_single", r, "msg/s", &format!("1 msg/request, {} requests in flight", o.window))?;
+        let note = format!("1 msg/request, {} requests in flight", o.window);
+        measured(s, pid, "publish_single", o.count, &note, publish(&ch, &p.topic, o, o.count, 1, o.window)).await?;
         if phases.contains('b') {
-            let cpu = CpuMeter::start(pid);
-            let r = consume_pull(&ch, &p.sub, o, o.count, 4).await?;
-            cpu.put(s, "consume_pull", o.count)?;
-            s.put("consume_pull", r, "msg/s", &format!("4 × (Pull max {} + Acknowledge)", o.consume_window))?;
+            let note = format!("4 × (Pull max {} + Acknowledge)", o.consume_window);
+            measured(s, pid, "consume_pull", o.count, &note, consume_pull(&ch, &p.sub, o, o.count, 4)).await?;
         }
     }
     if phases.contains('c') {
@@ -261,14 +238,9 @@ pub async fn run(addr: &str, pid: u32, phases: &str, o: &Opts, s: &mut Sink) -> 
     }
     if phases.contains('d') {
         let p = setup(&ch, "backlog").await?;
-        let (idle, _) = rss_kib(pid)?;
-        s.put("rss_idle", idle as f64 / 1024.0, "MiB", "before the backlog publish")?;
-        let r = publish(&ch, &p.topic, o, o.backlog, o.batch, o.batch_inflight).await?;
-        s.put("backlog_publish", r, "msg/s", &format!("{} msgs, {} msgs/request, {} in flight", o.backlog, o.batch, o.batch_inflight))?;
-        tokio::time::sleep(Duration::from_secs(6)).await; // past one reclaim/maintenance cycle
-        let (rss, hwm) = rss_kib(pid)?;
-        s.put("rss_backlog", rss as f64 / 1024.0, "MiB", &format!("{} msgs unconsumed in 1 subscription", o.backlog))?;
-        s.put("hwm_backlog", hwm as f64 / 1024.0, "MiB", "VmHWM")?;
+        let publish_note = format!("{} msgs, {} msgs/request, {} in flight", o.backlog, o.batch, o.batch_inflight);
+        let backlog_note = format!("{} msgs unconsumed in 1 subscription", o.backlog);
+        backlog_rss(s, pid, publish(&ch, &p.topic, o, o.backlog, o.batch, o.batch_inflight), &publish_note, &backlog_note).await?;
     }
     Ok(())
 }

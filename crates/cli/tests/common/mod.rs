@@ -688,14 +688,7 @@ impl Cli {
 
 /// `out`'s stdout after asserting it succeeded (`what` names the command).
 pub fn stdout_ok(what: &str, out: Output) -> String {
-    assert!(
-        out.status.success(),
-        "pubrun {what} failed ({}): {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr),
-        String::from_utf8_lossy(&out.stdout)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    pubrun_testkit::output_ok(&format!("pubrun {what}"), &out)
 }
 
 /// `pubrun ARGS --json` against the server on `port`, in `project` (or none:
@@ -785,22 +778,75 @@ pub async fn wait_standby(server: &mut Serve, log: impl Fn() -> String) {
 /// Creates `topic` and a subscription `subscription` on it (600 s ack
 /// deadline, so nothing is redelivered during a test) through `ch`.
 pub async fn create_topic_and_subscription(ch: &Channel, topic: &str, subscription: &str) {
+    create_topic_and_subscription_as(ch, None, topic, subscription).await
+}
+
+/// [`create_topic_and_subscription`] sending `token` as a bearer token.
+pub async fn create_topic_and_subscription_as(
+    ch: &Channel,
+    token: Option<&str>,
+    topic: &str,
+    subscription: &str,
+) {
     pb::publisher_client::PublisherClient::new(ch.clone())
-        .create_topic(pb::Topic {
-            name: topic.into(),
-            ..Default::default()
-        })
+        .create_topic(bearer(
+            token,
+            pb::Topic {
+                name: topic.into(),
+                ..Default::default()
+            },
+        ))
         .await
         .unwrap();
     pb::subscriber_client::SubscriberClient::new(ch.clone())
-        .create_subscription(pb::Subscription {
-            name: subscription.into(),
-            topic: topic.into(),
-            ack_deadline_seconds: 600,
-            ..Default::default()
-        })
+        .create_subscription(bearer(
+            token,
+            pb::Subscription {
+                name: subscription.into(),
+                topic: topic.into(),
+                ack_deadline_seconds: 600,
+                ..Default::default()
+            },
+        ))
         .await
         .unwrap();
+}
+
+/// A gRPC request carrying `token` (when given) as a bearer token.
+pub fn bearer<T>(token: Option<&str>, msg: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    if let Some(token) = token {
+        r.metadata_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    }
+    r
+}
+
+/// Opens a StreamingPull on `subscription` with the given stream ack
+/// deadline. The stream stays open while the returned sender lives; dropping
+/// it half-closes the stream.
+pub async fn open_streaming_pull(
+    ch: &Channel,
+    subscription: &str,
+    ack_deadline_seconds: i32,
+) -> (
+    tokio::sync::mpsc::Sender<pb::StreamingPullRequest>,
+    tonic::Streaming<pb::StreamingPullResponse>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(pb::StreamingPullRequest {
+        subscription: subscription.into(),
+        stream_ack_deadline_seconds: ack_deadline_seconds,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let stream = pb::subscriber_client::SubscriberClient::new(ch.clone())
+        .streaming_pull(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    (tx, stream)
 }
 
 /// One `Pull` of up to `max` messages that returns at once, empty or not.

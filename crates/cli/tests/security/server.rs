@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 
 use googleapis_tonic_google_pubsub_v1::google::pubsub::v1 as pb;
 use pb::publisher_client::PublisherClient;
-use pb::subscriber_client::SubscriberClient;
 
 use crate::common::{self, fill, Serve, ServeBuilder};
 
@@ -483,19 +482,8 @@ async fn streaming_pull_outlives_the_idle_timeout() {
         &["--header-read-timeout", "1s", "--idle-timeout", "1s"],
     );
     let ch = common::connect(s.port()).await;
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(pb::StreamingPullRequest {
-        subscription: "projects/demo/subscriptions/keep-sub".into(),
-        stream_ack_deadline_seconds: 60,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let mut stream = SubscriberClient::new(ch.clone())
-        .streaming_pull(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    let (tx, mut stream) =
+        common::open_streaming_pull(&ch, "projects/demo/subscriptions/keep-sub", 60).await;
     // Longer than the idle timeout, on purpose.
     tokio::time::sleep(Duration::from_secs(3)).await;
     PublisherClient::new(ch)

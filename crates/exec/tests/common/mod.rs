@@ -11,7 +11,10 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use pubrun_core::job::{DockerSpec, ExecutorSpec, ProcessSpec};
-use pubrun_exec::{LogSink, OnStarted, RunRequest, Started};
+use pubrun_core::run::RunStatus;
+use pubrun_exec::{
+    Attempt, CancellationToken, Executor, Exit, LogSink, OnStarted, RunRequest, Started,
+};
 use pubrun_testkit::run_script;
 use tokio::sync::oneshot;
 
@@ -108,10 +111,68 @@ pub fn started_channel() -> (OnStarted, oneshot::Receiver<Started>) {
     (Box::new(move |s| drop(tx.send(s))), rx)
 }
 
+/// Runs `req` on `ex` and cancels it once it has started and, with
+/// `after_log`, once its log shows that text; returns how it ended and when
+/// the cancel went out.
+pub async fn run_cancelled(
+    fx: &Fixture,
+    ex: &impl Executor,
+    req: RunRequest,
+    after_log: Option<&str>,
+) -> (Exit, Instant) {
+    let cancel = CancellationToken::new();
+    let (on_started, started) = started_channel();
+    let attempt = Attempt::new(req, fx.log.clone())
+        .cancel(cancel.clone())
+        .on_started(on_started);
+    let (exit, cancelled_at) = tokio::join!(within("run", ex.run(attempt)), async {
+        started.await.expect("on_started");
+        if let Some(text) = after_log {
+            fx.wait_for_log(text).await;
+        }
+        cancel.cancel();
+        Instant::now()
+    });
+    (exit, cancelled_at)
+}
+
+/// A job that says `ready`, then waits; on SIGTERM it says `bye` and exits 0.
+pub const TERM_HANDLER: &str = r#"trap "echo bye; exit 0" TERM; echo ready; sleep 60 & wait"#;
+
+/// Runs `req` (a [`TERM_HANDLER`] job) with a 2 s timeout and a 30 s grace
+/// period on `ex`, and checks what every executor promises: the
+/// timeout's SIGTERM reached the handler, which ended the run (exit 0) in
+/// less than `limit`, well within the grace period. Returns the log.
+pub async fn timeout_runs_the_term_handler(
+    fx: &Fixture,
+    ex: &impl Executor,
+    mut req: RunRequest,
+    limit: Duration,
+) -> String {
+    req.timeout = Duration::from_secs(2);
+    req.grace_period = Duration::from_secs(30);
+    let t0 = Instant::now();
+    let exit = within("run", ex.run(Attempt::new(req, fx.log.clone()))).await;
+    assert!(exit.timed_out(), "{exit:?}");
+    assert_eq!(
+        exit.exit_code,
+        Some(0),
+        "the TERM handler's exit code: {exit:?}\n{}",
+        fx.log_text().await
+    );
+    assert_eq!(exit.status(), RunStatus::TimedOut);
+    assert!(
+        t0.elapsed() < limit,
+        "ended by the handler, not the grace period: {:?}",
+        t0.elapsed()
+    );
+    let log = fx.log_text().await;
+    assert!(log.contains("ready\n") && log.contains("bye\n"), "{log}");
+    log
+}
+
 pub async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
-    tokio::time::timeout(WAIT, f)
-        .await
-        .unwrap_or_else(|_| panic!("{what}: took longer than {WAIT:?}"))
+    pubrun_testkit::within(what, WAIT, f).await
 }
 
 pub const TEST_IMAGE: &str = "pubrun-test/busybox:latest";

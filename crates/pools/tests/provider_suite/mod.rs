@@ -2,6 +2,8 @@
 //! (docker against the real engine, gce against the Compute Engine fake):
 //! start → list/status → stop → start again → delete, with the idempotent
 //! calls repeated and unknown machines reported as gone, not as errors.
+//! Also the waits every provider test needs (a test binary uses a part).
+#![allow(dead_code)]
 
 use std::time::Duration;
 
@@ -20,11 +22,7 @@ pub struct Subject<'a> {
 
 impl Subject<'_> {
     async fn reaches(&self, name: &str, want: ProviderStatus) {
-        pubrun_testkit::eventually(&format!("{name} to be {want:?}"), self.patience, || async {
-            let got = self.provider.status(name).await.unwrap();
-            (got == want).then_some(())
-        })
-        .await;
+        reaches(self.provider, name, want, self.patience).await
     }
 
     async fn listed(&self, pool: &str) -> Vec<(String, ProviderStatus)> {
@@ -32,10 +30,44 @@ impl Subject<'_> {
     }
 
     async fn within<T>(&self, what: &str, f: impl std::future::Future<Output = T>) -> T {
-        tokio::time::timeout(self.patience, f)
-            .await
-            .unwrap_or_else(|_| panic!("{what}: took longer than {:?}", self.patience))
+        pubrun_testkit::within(what, self.patience, f).await
     }
+}
+
+/// Polls `p` until machine `name` has `want`; panics after `patience`.
+pub async fn reaches(
+    p: &dyn MachineProvider,
+    name: &str,
+    want: ProviderStatus,
+    patience: Duration,
+) {
+    reaches_unless(p, name, want, patience, |_| None).await
+}
+
+/// [`reaches`], but a status for which `hopeless` says why (e.g. the
+/// machine's log when it stopped on its own) fails the wait at once.
+pub async fn reaches_unless(
+    p: &dyn MachineProvider,
+    name: &str,
+    want: ProviderStatus,
+    patience: Duration,
+    hopeless: impl Fn(ProviderStatus) -> Option<String>,
+) {
+    let hopeless = &hopeless;
+    let probe = || async move {
+        let got = p.status(name).await.unwrap();
+        if got == want {
+            return Ok(());
+        }
+        if let Some(why) = hopeless(got) {
+            panic!("{name}: {why}");
+        }
+        Err(got)
+    };
+    pubrun_testkit::poll_until_async(patience, Duration::from_millis(50), probe, |got| {
+        format!("{name}: still {got:?} after {patience:?}, want {want:?}")
+    })
+    .await
 }
 
 /// Runs the whole contract; leaves no machine behind when it passes.

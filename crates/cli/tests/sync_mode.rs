@@ -28,19 +28,35 @@ async fn start(data: &Path, sync: &[&str]) -> (Serve, u16, Channel) {
     (server, port, ch)
 }
 
-/// `pubrun_store_sync_seconds_count` from `/metrics`.
-fn syncs(port: u16) -> f64 {
+/// The value of `series` (a counter's or histogram's sample without
+/// labels) from `/metrics`.
+fn metric(port: u16, series: &str) -> f64 {
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
         .unwrap();
     let mut body = String::new();
     s.read_to_string(&mut body).unwrap();
+    let prefix = format!("{series} ");
     body.lines()
-        .find_map(|l| l.strip_prefix("pubrun_store_sync_seconds_count "))
-        .unwrap_or_else(|| panic!("no sync count in /metrics:\n{body}"))
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .unwrap_or_else(|| panic!("no {series} in /metrics:\n{body}"))
         .trim()
         .parse()
         .unwrap()
+}
+
+/// Syncs of the Pub/Sub log so far.
+fn syncs(port: u16) -> f64 {
+    metric(port, "pubrun_store_sync_seconds_count")
+}
+
+/// Waits (30 s at most) until `metric` passes `above`.
+fn wait_metric_above(port: u16, series: &str, above: f64, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while metric(port, series) <= above {
+        assert!(Instant::now() < deadline, "{what}: not within 30 s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// Creates the topic and subscription, then publishes one message per
@@ -151,14 +167,17 @@ async fn interval_acks_survive_kill_9_and_the_log_is_synced_in_the_background() 
     .await
     .unwrap();
     // The background sync runs one interval after the first unsynced write.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while syncs(port) <= before {
-        assert!(
-            Instant::now() < deadline,
-            "no background fdatasync within 30 s of a 200 ms interval"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let series = "pubrun_store_sync_seconds_count";
+    tokio::task::spawn_blocking(move || {
+        wait_metric_above(
+            port,
+            series,
+            before,
+            "background fdatasync (200 ms interval)",
+        )
+    })
+    .await
+    .unwrap();
 
     server.child().kill().unwrap();
     server.kill();
@@ -175,6 +194,49 @@ async fn interval_acks_survive_kill_9_and_the_log_is_synced_in_the_background() 
         .map(|m| m.message.unwrap().message_id)
         .collect();
     assert_eq!(back, want, "acknowledged messages came back after kill -9");
+}
+
+/// `interval`: a run's log is written out when its attempt ends and synced
+/// by one background sync of its filesystem, not per run; `kill -9` right
+/// after keeps it. `always` syncs each log itself and never runs that sync.
+#[test]
+fn interval_syncs_run_logs_in_the_background() {
+    const SYNCED: &str = "pubrun_run_log_syncs_total";
+    let manifest = include_str!("manifests/sync-run-log.toml");
+    let always = ServeBuilder::new().config(manifest).start();
+    let id = always.ok(&["jobs", "trigger", "say"]).trim().to_string();
+    always.wait_json(&["runs", "show", &id], "the run succeeding", |v| {
+        v["run"]["status"] == "succeeded"
+    });
+    assert_eq!(
+        metric(always.port(), SYNCED),
+        0.0,
+        "always mode syncs each log"
+    );
+    drop(always);
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = ServeBuilder::new()
+        .data_dir(dir.path())
+        .config(manifest)
+        .args(["--sync", "interval", "--sync-interval", "200ms"])
+        .start();
+    let id = server.ok(&["jobs", "trigger", "say"]).trim().to_string();
+    server.wait_json(&["runs", "show", &id], "the run succeeding", |v| {
+        v["run"]["status"] == "succeeded"
+    });
+    wait_metric_above(server.port(), SYNCED, 0.0, "background sync of run logs");
+    server.child().kill().unwrap();
+    server.kill();
+    let server = ServeBuilder::new().data_dir(dir.path()).start();
+    let log = server.json(&["logs", &id]);
+    assert!(
+        log["log"]
+            .as_str()
+            .unwrap()
+            .contains("said before the crash"),
+        "{log}"
+    );
 }
 
 #[test]

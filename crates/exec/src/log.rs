@@ -248,11 +248,23 @@ impl LogSink {
 
     /// Writes what is held back and syncs the file.
     pub async fn flush(&self) {
+        self.finish(true).await
+    }
+
+    /// Writes what is held back to the OS without syncing: for a server
+    /// whose logs are synced in the background ([`sync_filesystem`]).
+    pub async fn flush_unsynced(&self) {
+        self.finish(false).await
+    }
+
+    async fn finish(&self, sync: bool) {
         let mut st = self.state.lock().await;
         self.release_all(&mut st).await;
         if let Some(f) = st.file.as_mut() {
             let _ = f.flush().await;
-            let _ = f.sync_data().await;
+            if sync {
+                let _ = f.sync_data().await;
+            }
         }
     }
 
@@ -263,6 +275,20 @@ impl LogSink {
 }
 
 /// The last `max` bytes of a log file, as lossy UTF-8 (for result summaries).
+/// Commits every written file of the filesystem holding `dir` to disk
+/// (`syncfs(2)`): one call covers every log finished since the last one,
+/// where syncing each costs a journal commit per run. Blocking.
+pub fn sync_filesystem(dir: &Path) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let d = std::fs::File::open(dir)?;
+    // SAFETY: syncfs only reads the descriptor, which `d` keeps open.
+    if unsafe { libc::syncfs(d.as_raw_fd()) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 pub async fn tail(path: &Path, max: usize) -> String {
     match tokio::fs::read(path).await {
         Ok(b) => {

@@ -83,6 +83,30 @@ pub struct Dispatcher {
     /// Every time the dispatcher records or decides on (set once by tests
     /// that move a manual clock; the system clock otherwise).
     clock: OnceLock<Arc<dyn Clock>>,
+    /// When run logs reach the disk (follows the server's `--sync`).
+    log_sync: LogSync,
+}
+
+/// When a run's log reaches the disk.
+enum LogSync {
+    /// Synced at the end of each attempt (`--sync always`).
+    EachAttempt,
+    /// Written out at the end of each attempt; their filesystem is synced
+    /// at most `every` later (`--sync interval`): one sync for many runs
+    /// instead of a journal commit per run. `dirty` wakes the syncer.
+    Interval { every: Duration, dirty: Notify },
+}
+
+impl LogSync {
+    fn of_server() -> LogSync {
+        match pubrun_store::sync_mode() {
+            pubrun_store::SyncMode::Always => LogSync::EachAttempt,
+            pubrun_store::SyncMode::Interval(every) => LogSync::Interval {
+                every,
+                dirty: Notify::new(),
+            },
+        }
+    }
 }
 
 #[derive(Default)]
@@ -265,6 +289,7 @@ impl Dispatcher {
             waiting: Mutex::default(),
             connections: Mutex::new(HashMap::new()),
             clock: OnceLock::new(),
+            log_sync: LogSync::of_server(),
         })
     }
 
@@ -363,7 +388,47 @@ impl Dispatcher {
         tokio::spawn(async move { this.result_publisher().await });
         let this = self.clone();
         tokio::spawn(async move { this.scheduler().await });
+        if matches!(self.log_sync, LogSync::Interval { .. }) {
+            let this = self.clone();
+            tokio::spawn(async move { this.log_syncer().await });
+        }
         Ok(())
+    }
+
+    /// Ends an attempt's writing to its log: synced now, or written out for
+    /// the background syncer.
+    async fn close_log(&self, log: &LogSink) {
+        match &self.log_sync {
+            LogSync::EachAttempt => log.flush().await,
+            LogSync::Interval { dirty, .. } => {
+                log.flush_unsynced().await;
+                dirty.notify_one();
+            }
+        }
+    }
+
+    /// `--sync interval`: syncs the run logs' filesystem at most one
+    /// interval after an attempt wrote its log out.
+    async fn log_syncer(self: Arc<Self>) {
+        let LogSync::Interval { every, dirty } = &self.log_sync else {
+            return;
+        };
+        let runs = self.data_dir.join("runs");
+        loop {
+            // A log closed while a sync runs leaves a permit: synced next.
+            dirty.notified().await;
+            tokio::time::sleep(*every).await;
+            let dir = runs.clone();
+            let synced =
+                tokio::task::spawn_blocking(move || pubrun_exec::log::sync_filesystem(&dir)).await;
+            match synced {
+                Ok(Ok(())) => {
+                    pubrun_observability::metrics::metrics().run_log_syncs.inc();
+                }
+                Ok(Err(e)) => tracing::warn!(error = %e, "cannot sync the run logs"),
+                Err(e) => tracing::warn!(error = %e, "cannot sync the run logs"),
+            };
+        }
     }
 
     // ---- jobs ----

@@ -46,6 +46,9 @@ pub struct Metrics {
     /// `pubrun_store_sync_seconds`: one fdatasync of the embedded log, or
     /// one commit of the PostgreSQL engine.
     pub store_sync: Histogram,
+    /// `pubrun_run_log_syncs_total`: background syncs of the run logs'
+    /// filesystem (`--sync interval`; `always` syncs each log instead).
+    pub run_log_syncs: Counter,
 }
 
 fn duration_histogram() -> Histogram {
@@ -70,6 +73,7 @@ impl Metrics {
         let queue_wait = HistogramFamily::new_with_constructor(duration_histogram as fn() -> _);
         // 100 µs … ~3.3 s
         let store_sync = Histogram::new(exponential_buckets(0.0001, 2.0, 16));
+        let run_log_syncs = Counter::default();
         // Counter names get `_total` from the encoder.
         registry.register(
             "pubrun_messages_published",
@@ -101,6 +105,11 @@ impl Metrics {
             "Time of one durable write of the Pub/Sub store (fdatasync, or PostgreSQL commit).",
             store_sync.clone(),
         );
+        registry.register(
+            "pubrun_run_log_syncs",
+            "Background syncs of the run logs' filesystem (--sync interval).",
+            run_log_syncs.clone(),
+        );
         let sources = Arc::new(Sources::default());
         registry.register_collector(Box::new(sources.clone()));
         Metrics {
@@ -112,6 +121,7 @@ impl Metrics {
             run_duration,
             queue_wait,
             store_sync,
+            run_log_syncs,
         }
     }
 

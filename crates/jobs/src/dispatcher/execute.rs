@@ -79,7 +79,7 @@ impl Dispatcher {
             LogSink::create_masking(self.log_path(id), spec.log_limit_bytes, secrets).await
         {
             log.note(&describe(exit)).await;
-            log.flush().await;
+            self.close_log(&log).await;
         }
     }
 
@@ -153,7 +153,7 @@ impl Dispatcher {
             // Cancelled between being claimed and here: never start it.
             let exit = Exit::failed(EndCause::Cancelled, "cancelled before it started");
             log.note(&describe(&exit)).await;
-            log.flush().await;
+            self.close_log(&log).await;
             return exit;
         }
         let store = self.store.clone();
@@ -207,7 +207,7 @@ impl Dispatcher {
             drop(staging);
             if let Err(exit) = staged {
                 log.note(&describe(&exit)).await;
-                log.flush().await;
+                self.close_log(&log).await;
                 return exit;
             }
         }
@@ -260,7 +260,7 @@ impl Dispatcher {
         // Results and the API show the error: no secret value in it.
         exit.error = exit.error.map(|e| secrets.mask(&e));
         log.note(&describe(&exit)).await;
-        log.flush().await;
+        self.close_log(&log).await;
         exit
     }
 
@@ -350,7 +350,7 @@ impl Dispatcher {
         });
         if let Some(log) = &log {
             log.note(&describe(&exit)).await;
-            log.flush().await;
+            self.close_log(&log).await;
         }
         exit
     }

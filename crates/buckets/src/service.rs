@@ -17,7 +17,8 @@ use crate::db::{bucket_from, bucket_to, notification_from, object_from, object_t
 use crate::error::{GcsError, GcsResult};
 use crate::hash::{Digests, Expected};
 use crate::model::{
-    now_us, patch_string_map, BucketRow, NotificationConfig, ObjectMeta, ObjectRow, EVENT_TYPES,
+    now_us, patch_string_map, BucketRow, NotificationConfig, ObjectMeta, ObjectResource, ObjectRow,
+    EVENT_TYPES,
 };
 use crate::names::{shorten, validate_bucket_name, validate_object_name};
 use crate::notify::{self, Event};

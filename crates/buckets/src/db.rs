@@ -6,42 +6,16 @@
 
 use serde::{Deserialize, Serialize};
 
-use pubrun_store::buckets::{BucketRecord, NotificationRecord, ObjectRecord, UploadRecord};
+use pubrun_store::buckets::{NotificationRecord, ObjectRecord, UploadRecord};
 
 use crate::conditions::Conditions;
 use crate::error::{GcsError, GcsResult};
 use crate::hash::Expected;
-use crate::model::{BucketRow, NotificationConfig, ObjectMeta, ObjectRow};
+use crate::model::{NotificationConfig, ObjectMeta, ObjectRow};
 
 fn corrupt(what: &str, e: impl std::fmt::Display) -> GcsError {
     tracing::error!(error = %e, "corrupt {what} in the bucket index");
     GcsError::internal(format!("corrupt {what} in the bucket index: {e}"))
-}
-
-pub(crate) fn bucket_from(r: BucketRecord) -> BucketRow {
-    BucketRow {
-        name: r.name,
-        project: r.project,
-        created_us: r.created_us,
-        updated_us: r.updated_us,
-        metageneration: r.metageneration,
-        location: r.location,
-        storage_class: r.storage_class,
-        labels: r.labels,
-    }
-}
-
-pub(crate) fn bucket_to(b: &BucketRow) -> BucketRecord {
-    BucketRecord {
-        name: b.name.clone(),
-        project: b.project.clone(),
-        created_us: b.created_us,
-        updated_us: b.updated_us,
-        metageneration: b.metageneration,
-        location: b.location.clone(),
-        storage_class: b.storage_class.clone(),
-        labels: b.labels.clone(),
-    }
 }
 
 pub(crate) fn object_from(r: ObjectRecord) -> GcsResult<ObjectRow> {

@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
+use pubrun_store::buckets::{BucketRecord, ObjectRecord};
 use serde::{Deserialize, Serialize};
-use pubrun_store::buckets::ObjectRecord;
 use serde_json::{json, Map, Value};
 
 use crate::error::{GcsError, GcsResult};
@@ -44,20 +44,17 @@ pub fn now_us() -> i64 {
 
 // ---- buckets ----
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct BucketRow {
-    pub name: String,
-    pub project: String,
-    pub created_us: i64,
-    pub updated_us: i64,
-    pub metageneration: i64,
-    pub location: String,
-    pub storage_class: String,
-    pub labels: BTreeMap<String, String>,
+/// A bucket: the store's record as it is (no field needs parsing).
+pub type BucketRow = BucketRecord;
+
+/// How a [`BucketRow`] appears in the JSON API (a trait because the record
+/// type is the storage crate's).
+pub trait BucketResource {
+    fn to_json(&self, base: &str) -> Value;
 }
 
-impl BucketRow {
-    pub fn to_json(&self, base: &str) -> Value {
+impl BucketResource for BucketRow {
+    fn to_json(&self, base: &str) -> Value {
         json!({
             "kind": "storage#bucket",
             "id": self.name,

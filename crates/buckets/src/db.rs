@@ -6,77 +6,28 @@
 
 use serde::{Deserialize, Serialize};
 
-use pubrun_store::buckets::{BucketRecord, NotificationRecord, ObjectRecord, UploadRecord};
+use pubrun_store::buckets::{NotificationRecord, ObjectRecord, UploadRecord};
 
 use crate::conditions::Conditions;
 use crate::error::{GcsError, GcsResult};
 use crate::hash::Expected;
-use crate::model::{BucketRow, NotificationConfig, ObjectMeta, ObjectRow};
+use crate::model::{NotificationConfig, ObjectMeta, ObjectRow};
 
 fn corrupt(what: &str, e: impl std::fmt::Display) -> GcsError {
     tracing::error!(error = %e, "corrupt {what} in the bucket index");
     GcsError::internal(format!("corrupt {what} in the bucket index: {e}"))
 }
 
-pub(crate) fn bucket_from(r: BucketRecord) -> BucketRow {
-    BucketRow {
-        name: r.name,
-        project: r.project,
-        created_us: r.created_us,
-        updated_us: r.updated_us,
-        metageneration: r.metageneration,
-        location: r.location,
-        storage_class: r.storage_class,
-        labels: r.labels,
-    }
-}
-
-pub(crate) fn bucket_to(b: &BucketRow) -> BucketRecord {
-    BucketRecord {
-        name: b.name.clone(),
-        project: b.project.clone(),
-        created_us: b.created_us,
-        updated_us: b.updated_us,
-        metageneration: b.metageneration,
-        location: b.location.clone(),
-        storage_class: b.storage_class.clone(),
-        labels: b.labels.clone(),
-    }
-}
-
 pub(crate) fn object_from(r: ObjectRecord) -> GcsResult<ObjectRow> {
-    Ok(ObjectRow {
-        meta: serde_json::from_str::<ObjectMeta>(&r.meta)
-            .map_err(|e| corrupt("object metadata", e))?,
-        bucket: r.bucket,
-        name: r.name,
-        generation: r.generation,
-        metageneration: r.metageneration,
-        size: r.size,
-        blob: r.blob,
-        md5: r.md5,
-        crc32c: r.crc32c,
-        component_count: r.component_count,
-        created_us: r.created_us,
-        updated_us: r.updated_us,
+    r.try_map_meta(|m| {
+        serde_json::from_str::<ObjectMeta>(&m).map_err(|e| corrupt("object metadata", e))
     })
 }
 
 pub(crate) fn object_to(o: &ObjectRow) -> GcsResult<ObjectRecord> {
-    Ok(ObjectRecord {
-        bucket: o.bucket.clone(),
-        name: o.name.clone(),
-        generation: o.generation,
-        metageneration: o.metageneration,
-        size: o.size,
-        blob: o.blob.clone(),
-        md5: o.md5,
-        crc32c: o.crc32c,
-        component_count: o.component_count,
-        meta: serde_json::to_string(&o.meta)
-            .map_err(|e| GcsError::internal(format!("metadata does not serialize: {e}")))?,
-        created_us: o.created_us,
-        updated_us: o.updated_us,
+    o.clone().try_map_meta(|m| {
+        serde_json::to_string(&m)
+            .map_err(|e| GcsError::internal(format!("metadata does not serialize: {e}")))
     })
 }
 

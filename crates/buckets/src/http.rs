@@ -23,7 +23,9 @@ use crate::conditions::Conditions;
 use crate::db::{self, UploadRow, UploadSpec};
 use crate::error::{GcsError, GcsResult};
 use crate::hash::{Expected, Hasher};
-use crate::model::{enc, expected_from_resource, now_us, ObjectMeta};
+use crate::model::{
+    enc, expected_from_resource, now_us, BucketResource, ObjectMeta, ObjectResource,
+};
 use crate::multipart::{self, BodyReader};
 use crate::names::validate_object_name;
 use crate::service::{ComposeSource, ListParams, NotificationSpec, Source, Write};

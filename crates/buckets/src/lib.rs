@@ -42,7 +42,9 @@ use tokio::sync::Notify;
 pub use conditions::Conditions;
 pub use error::{GcsError, GcsResult};
 pub use http::router;
-pub use model::{BucketRow, NotificationConfig, ObjectMeta, ObjectRow};
+pub use model::{
+    BucketResource, BucketRow, NotificationConfig, ObjectMeta, ObjectResource, ObjectRow,
+};
 pub use service::{ListPage, ListParams, NotificationSpec};
 
 use hash::Hasher;

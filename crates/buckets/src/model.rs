@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
+use pubrun_store::buckets::{BucketRecord, ObjectRecord};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
@@ -43,20 +44,17 @@ pub fn now_us() -> i64 {
 
 // ---- buckets ----
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct BucketRow {
-    pub name: String,
-    pub project: String,
-    pub created_us: i64,
-    pub updated_us: i64,
-    pub metageneration: i64,
-    pub location: String,
-    pub storage_class: String,
-    pub labels: BTreeMap<String, String>,
+/// A bucket: the store's record as it is (no field needs parsing).
+pub type BucketRow = BucketRecord;
+
+/// How a [`BucketRow`] appears in the JSON API (a trait because the record
+/// type is the storage crate's).
+pub trait BucketResource {
+    fn to_json(&self, base: &str) -> Value;
 }
 
-impl BucketRow {
-    pub fn to_json(&self, base: &str) -> Value {
+impl BucketResource for BucketRow {
+    fn to_json(&self, base: &str) -> Value {
         json!({
             "kind": "storage#bucket",
             "id": self.name,
@@ -223,41 +221,34 @@ pub fn expected_from_resource(body: &Map<String, Value>) -> GcsResult<Expected> 
     Ok(e)
 }
 
-#[derive(Debug, Clone, PartialEq)]
-pub struct ObjectRow {
-    pub bucket: String,
-    pub name: String,
-    pub generation: i64,
-    pub metageneration: i64,
-    pub size: u64,
-    /// The blob holding the bytes (`pubrun_store::buckets`): a file under
-    /// `blobs/` (embedded) or chunk rows (PostgreSQL).
-    pub blob: String,
-    pub md5: Option<[u8; 16]>,
-    pub crc32c: u32,
-    /// Set for composite objects.
-    pub component_count: Option<i64>,
-    pub meta: ObjectMeta,
-    pub created_us: i64,
-    pub updated_us: i64,
+/// An object: the stored record with its metadata parsed.
+pub type ObjectRow = ObjectRecord<ObjectMeta>;
+
+/// How an [`ObjectRow`] appears in the JSON API and in download headers (a
+/// trait because the record type is the storage crate's).
+pub trait ObjectResource {
+    fn content_type(&self) -> &str;
+    fn etag(&self) -> String;
+    /// `x-goog-hash` header value.
+    fn goog_hash(&self) -> String;
+    fn to_json(&self, base: &str) -> Value;
 }
 
-impl ObjectRow {
-    pub fn content_type(&self) -> &str {
+impl ObjectResource for ObjectRow {
+    fn content_type(&self) -> &str {
         self.meta
             .content_type
             .as_deref()
             .unwrap_or("application/octet-stream")
     }
 
-    pub fn etag(&self) -> String {
+    fn etag(&self) -> String {
         let mut b = self.generation.to_be_bytes().to_vec();
         b.extend_from_slice(&self.metageneration.to_be_bytes());
         B64.encode(b)
     }
 
-    /// `x-goog-hash` header value.
-    pub fn goog_hash(&self) -> String {
+    fn goog_hash(&self) -> String {
         let mut s = format!("crc32c={}", crc32c_b64(self.crc32c));
         if let Some(m) = &self.md5 {
             s.push_str(&format!(",md5={}", md5_b64(m)));
@@ -265,7 +256,7 @@ impl ObjectRow {
         s
     }
 
-    pub fn to_json(&self, base: &str) -> Value {
+    fn to_json(&self, base: &str) -> Value {
         let mut v = json!({
             "kind": "storage#object",
             "id": format!("{}/{}/{}", self.bucket, self.name, self.generation),

@@ -15,7 +15,7 @@ use std::time::Duration;
 use pubrun_core::{Code, OutgoingMessage, TopicName};
 use pubrun_store::buckets::OutboxMessage;
 
-use crate::model::{rfc3339_micros, NotificationConfig, ObjectRow};
+use crate::model::{rfc3339_micros, NotificationConfig, ObjectResource, ObjectRow};
 use crate::Inner;
 
 pub const FINALIZE: &str = "OBJECT_FINALIZE";

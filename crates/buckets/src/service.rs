@@ -13,11 +13,12 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 
 use crate::blob::{BlobWriter, TempBlob};
 use crate::conditions::Conditions;
-use crate::db::{bucket_from, bucket_to, notification_from, object_from, object_to};
+use crate::db::{notification_from, object_from, object_to};
 use crate::error::{GcsError, GcsResult};
 use crate::hash::{Digests, Expected};
 use crate::model::{
-    now_us, patch_string_map, BucketRow, NotificationConfig, ObjectMeta, ObjectRow, EVENT_TYPES,
+    now_us, patch_string_map, BucketRow, NotificationConfig, ObjectMeta, ObjectResource, ObjectRow,
+    EVENT_TYPES,
 };
 use crate::names::{shorten, validate_bucket_name, validate_object_name};
 use crate::notify::{self, Event};
@@ -144,7 +145,7 @@ impl Buckets {
                 .to_ascii_uppercase(),
             labels,
         };
-        if !self.store().create_bucket(&bucket_to(&row)).await? {
+        if !self.store().create_bucket(&row).await? {
             return Err(GcsError::conflict(format!(
                 "Your previous request to create the named bucket succeeded and you already own it: {}",
                 row.name
@@ -172,7 +173,6 @@ impl Buckets {
         self.store()
             .get_bucket(name)
             .await?
-            .map(bucket_from)
             .ok_or_else(|| GcsError::no_bucket(name))
     }
 
@@ -206,10 +206,7 @@ impl Buckets {
                 after,
                 limit: max + 1,
             })
-            .await?
-            .into_iter()
-            .map(bucket_from)
-            .collect();
+            .await?;
         let next = if rows.len() > max {
             rows.truncate(max);
             Some(B64URL.encode(rows[max - 1].name.as_bytes()))
@@ -273,15 +270,12 @@ impl Buckets {
         };
         match self
             .store()
-            .update_bucket(
-                name,
-                Box::new(move |r| patch(bucket_from(r)).map(|b| bucket_to(&b)).map_err(reject)),
-            )
+            .update_bucket(name, Box::new(move |r| patch(r).map_err(reject)))
             .await?
         {
             None => Err(GcsError::no_bucket(name)),
             Some(Err(r)) => Err(rejected(r)),
-            Some(Ok(b)) => Ok(bucket_from(b)),
+            Some(Ok(b)) => Ok(b),
         }
     }
 

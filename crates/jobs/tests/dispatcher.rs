@@ -10,7 +10,7 @@ use common::*;
 use pubrun_core::run::RunStatus;
 use pubrun_core::{Code, OutgoingMessage, TopicName};
 use pubrun_jobs::dispatcher::now_ms;
-use pubrun_jobs::{Enqueued, SourceMessage};
+use pubrun_jobs::{Enqueued, RunStoreEngine as _, SourceMessage};
 use pubrun_store::runs::RunPage;
 
 fn tempdir() -> tempfile::TempDir {
@@ -285,8 +285,8 @@ async fn a_dedup_key_never_holds_nul() {
 /// The dashboard's keyset paging: newest first, `before` continues below
 /// the last id shown, filters apply, and runs queued meanwhile do not shift
 /// the pages.
-#[test]
-fn run_store_pages_newest_first() {
+#[tokio::test]
+async fn run_store_pages_newest_first() {
     let dir = tempdir();
     let store = pubrun_jobs::RunStore::open(&dir.path().join("runs.db")).unwrap();
     let a = job(
@@ -307,6 +307,7 @@ fn run_store_pages_newest_first() {
         let spec = if i % 3 == 2 { &b } else { &a };
         let Enqueued::New(id) = store
             .enqueue(spec, &msg, &i.to_string(), 1_000 + i)
+            .await
             .unwrap()
         else {
             panic!("new run")
@@ -331,7 +332,7 @@ fn run_store_pages_newest_first() {
         data: b"x".to_vec(),
         ..Default::default()
     };
-    store.enqueue(&a, &msg, "late", 2_000).unwrap();
+    store.enqueue(&a, &msg, "late", 2_000).await.unwrap();
     let page2 = store
         .list_before(&page_a(Some(*got.last().unwrap()), 3))
         .unwrap();
@@ -351,8 +352,8 @@ fn run_store_pages_newest_first() {
     assert_eq!(store.list_before(&everything).unwrap().len(), 8);
 }
 
-#[test]
-fn run_store_dedup_window() {
+#[tokio::test]
+async fn run_store_dedup_window() {
     let dir = tempdir();
     let store = pubrun_jobs::RunStore::open(&dir.path().join("runs.db")).unwrap();
     let spec = job("name = \"dedup-job\"\ntopic = \"t-dd\"\ndedup_window = \"10s\"\nprocess = { command = \"true\" }\n", &["t-dd"]);
@@ -363,36 +364,36 @@ fn run_store_dedup_window() {
     };
     let t = 1_000_000;
     // The same message delivered twice (ack lost, redelivered): one run.
-    let Enqueued::New(id) = store.enqueue(&spec, &msg, "7", t).unwrap() else {
+    let Enqueued::New(id) = store.enqueue(&spec, &msg, "7", t).await.unwrap() else {
         panic!("first is new")
     };
     assert_eq!(
-        store.enqueue(&spec, &msg, "7", t + 5).unwrap(),
+        store.enqueue(&spec, &msg, "7", t + 5).await.unwrap(),
         Enqueued::Duplicate(id)
     );
     assert_eq!(
-        store.enqueue(&spec, &msg, "7", t + 9_999).unwrap(),
+        store.enqueue(&spec, &msg, "7", t + 9_999).await.unwrap(),
         Enqueued::Duplicate(id)
     );
     // Another job may use the same key.
     let mut other = spec.clone();
     other.name = "dedup-other".into();
     assert!(matches!(
-        store.enqueue(&other, &msg, "7", t).unwrap(),
+        store.enqueue(&other, &msg, "7", t).await.unwrap(),
         Enqueued::New(_)
     ));
     // After the window the key is free again, with or without pruning.
-    let Enqueued::New(id2) = store.enqueue(&spec, &msg, "7", t + 10_000).unwrap() else {
+    let Enqueued::New(id2) = store.enqueue(&spec, &msg, "7", t + 10_000).await.unwrap() else {
         panic!("window passed")
     };
     assert_ne!(id, id2);
     assert_eq!(
-        store.enqueue(&spec, &msg, "7", t + 10_001).unwrap(),
+        store.enqueue(&spec, &msg, "7", t + 10_001).await.unwrap(),
         Enqueued::Duplicate(id2)
     );
     assert_eq!(store.prune_dedup(t + 20_000).unwrap(), 2);
     assert!(matches!(
-        store.enqueue(&spec, &msg, "7", t + 20_001).unwrap(),
+        store.enqueue(&spec, &msg, "7", t + 20_001).await.unwrap(),
         Enqueued::New(_)
     ));
     assert_eq!(

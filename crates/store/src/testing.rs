@@ -241,11 +241,5 @@ fn run(cmd: &mut Command, what: &str) {
     let out = cmd
         .output()
         .unwrap_or_else(|e| panic!("{what}: cannot run {cmd:?}: {e} ({INSTALL_HINT})"));
-    assert!(
-        out.status.success(),
-        "{what} failed ({}):\n{}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    pubrun_testkit::output_ok(what, &out);
 }

@@ -6,7 +6,7 @@ use axum::extract::{Path, Query};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::IntoResponse;
 use maud::html;
-use pubrun_buckets::{Buckets, Conditions, ListParams};
+use pubrun_buckets::{Buckets, Conditions, ListParams, ObjectResource};
 use serde::Deserialize;
 
 use super::layout::{self, enc, time_ms, Nav};

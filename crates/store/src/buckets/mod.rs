@@ -57,9 +57,11 @@ pub struct BucketRecord {
     pub labels: BTreeMap<String, String>,
 }
 
-/// The live generation of an object as stored. `meta` is the caller's JSON.
+/// The live generation of an object as stored. `meta` is the caller's
+/// metadata: JSON text here (`M = String`); the buckets crate holds the same
+/// record with it parsed, so the fields are declared only here.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ObjectRecord {
+pub struct ObjectRecord<M = String> {
     pub bucket: String,
     pub name: String,
     pub generation: i64,
@@ -69,10 +71,35 @@ pub struct ObjectRecord {
     pub blob: String,
     pub md5: Option<[u8; 16]>,
     pub crc32c: u32,
+    /// Set for composite objects.
     pub component_count: Option<i64>,
-    pub meta: String,
+    pub meta: M,
     pub created_us: i64,
     pub updated_us: i64,
+}
+
+impl<M> ObjectRecord<M> {
+    /// The same record with its metadata converted by `f` (parsed from or
+    /// serialized to the stored JSON).
+    pub fn try_map_meta<N, E>(
+        self,
+        f: impl FnOnce(M) -> Result<N, E>,
+    ) -> Result<ObjectRecord<N>, E> {
+        Ok(ObjectRecord {
+            meta: f(self.meta)?,
+            bucket: self.bucket,
+            name: self.name,
+            generation: self.generation,
+            metageneration: self.metageneration,
+            size: self.size,
+            blob: self.blob,
+            md5: self.md5,
+            crc32c: self.crc32c,
+            component_count: self.component_count,
+            created_us: self.created_us,
+            updated_us: self.updated_us,
+        })
+    }
 }
 
 /// A page of buckets: names above `after` that start with `prefix`, in name

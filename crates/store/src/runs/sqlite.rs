@@ -10,7 +10,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{
     claim_refused, parse_jobs, to_json, Batch, Claimed, Enqueued, QueuedRun, RawRun, Requeue,
-    RunEnd, RunPage, RunRecord, RunStore, SourceMessage,
+    RunEnd, RunPage, RunRecord, RunStore,
 };
 use crate::sqlite::{query_all, SqliteDb, SqliteError};
 
@@ -121,26 +121,6 @@ impl SqliteRunStore {
     /// Blocking [`RunStore::list_before`](super::RunStore::list_before).
     pub fn list_before(&self, page: &RunPage) -> Result<Vec<RunRecord>> {
         self.db.call_blocking(|c| list_runs(c, page))
-    }
-
-    pub fn enqueue(
-        &self,
-        job: &JobSpec,
-        message: &SourceMessage,
-        dedup_key: &str,
-        now_ms: i64,
-    ) -> Result<Enqueued> {
-        let messages = [(message.clone(), dedup_key.to_string())];
-        let batch = EnqueueBatch::new(Batch {
-            job,
-            messages: &messages,
-            now_ms,
-        })?;
-        self.db
-            .call_blocking(|c| batch.run(c, 0))?
-            .0
-            .pop()
-            .ok_or_else(|| Error::internal("enqueue returned no result"))
     }
 
     pub fn prune_dedup(&self, now_ms: i64) -> Result<usize> {

@@ -350,7 +350,7 @@ impl Dispatcher {
         });
         if let Some(log) = &log {
             log.note(&describe(&exit)).await;
-            self.close_log(&log).await;
+            self.close_log(log).await;
         }
         exit
     }

@@ -274,7 +274,6 @@ impl LogSink {
     }
 }
 
-/// The last `max` bytes of a log file, as lossy UTF-8 (for result summaries).
 /// Commits every written file of the filesystem holding `dir` to disk
 /// (`syncfs(2)`): one call covers every log finished since the last one,
 /// where syncing each costs a journal commit per run. Blocking.
@@ -289,6 +288,7 @@ pub fn sync_filesystem(dir: &Path) -> std::io::Result<()> {
     }
 }
 
+/// The last `max` bytes of a log file, as lossy UTF-8 (for result summaries).
 pub async fn tail(path: &Path, max: usize) -> String {
     match tokio::fs::read(path).await {
         Ok(b) => {

@@ -19,6 +19,8 @@
 #   IMAGE=pubrun-test/busybox:latest NO_BUILD=1 (use the existing binary)
 #   PUBRUN_BIN=path (measure that binary, no build)
 #   PROFILE=release|debug SYNC=always|interval (the server's --sync mode)
+#   WORK_DIR=memory (run working directories in a --work-dir on /dev/shm,
+#   logs and state in the data directory) | a directory path
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -33,8 +35,10 @@ pubrun="$(bench_pubrun "$repo" "$profile")"
 
 tmp="$(mktemp -d "${TMPDIR:-/tmp}/pubrun-bench.XXXXXX")"
 server_pid=""
+extra_cleanup=""
 cleanup() {
   stop_pid "$server_pid"
+  if [ -n "$extra_cleanup" ]; then rm -rf "$extra_cleanup"; fi
   if [ "${KEEP:-0}" = 1 ]; then echo "[bench] kept $tmp" >&2; else rm -rf "$tmp"; fi
 }
 trap cleanup EXIT
@@ -55,16 +59,29 @@ fi
 
 fill_template "$repo/bench/jobs.toml" conc="$conc" image="$image" >"$tmp/bench.toml"
 
+work_args=()
+work_note=""
+case "${WORK_DIR:-}" in
+  "") ;;
+  memory)
+    work="$(mktemp -d /dev/shm/pubrun-bench-work.XXXXXX)"
+    extra_cleanup="$work"
+    work_args=(--work-dir "$work")
+    work_note=", --work-dir $work"
+    ;;
+  *) work_args=(--work-dir "$WORK_DIR"); work_note=", --work-dir $WORK_DIR" ;;
+esac
+
 port="$(free_port)"
-echo "[bench] pubrun serve on 127.0.0.1:$port, slots $conc, --sync ${SYNC:-always}, data in $tmp/data" >&2
+echo "[bench] pubrun serve on 127.0.0.1:$port, slots $conc, --sync ${SYNC:-always}, data in $tmp/data$work_note" >&2
 start_server "http://127.0.0.1:$port" "$tmp/server.log" 200 env PUBRUN_LOG="${PUBRUN_LOG:-warn}" \
   "$pubrun" serve --listen "127.0.0.1:$port" --data-dir "$tmp/data" \
-  --config "$tmp/bench.toml" --slots "$conc" --sync "${SYNC:-always}"
+  --config "$tmp/bench.toml" --slots "$conc" --sync "${SYNC:-always}" "${work_args[@]}"
 
 set +e
 timeout 1800 python3 "$repo/bench/jobs.py" --addr "127.0.0.1:$port" --project bench --conc "$conc" \
   --latency-n "${LATENCY_N:-200}" --tput-n "${TPUT_N:-2000}" --docker-n "${DOCKER_N:-10}" \
-  --image "$image" --no-docker "$no_docker" --profile "$profile (--sync ${SYNC:-always})" --fsync-dir "$tmp"
+  --image "$image" --no-docker "$no_docker" --profile "$profile (--sync ${SYNC:-always}$work_note)" --fsync-dir "$tmp"
 rc=$?
 set -e
 if [ "$rc" != 0 ]; then

@@ -32,7 +32,8 @@ pub(crate) struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the server: Pub/Sub gRPC + REST on one port, data in --data-dir.
-    Serve(serve::ServeArgs),
+    // Boxed: the server's many flags would make every command this large.
+    Serve(Box<serve::ServeArgs>),
     /// Join a machine pool of a server and run the runs it leases here.
     Agent(agent::AgentArgs),
     /// Exit 0 when the server answers /healthz, 1 otherwise (for container
@@ -50,7 +51,7 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let rt = tokio::runtime::Runtime::new().expect("start tokio runtime");
     let result = match cli.command {
-        Command::Serve(args) => rt.block_on(serve::run(args)),
+        Command::Serve(args) => rt.block_on(serve::run(*args)),
         Command::Agent(args) => rt.block_on(agent::run(args)),
         Command::Healthcheck(args) => rt.block_on(setup::healthcheck(args)),
         Command::Completions(args) => setup::completions(args),

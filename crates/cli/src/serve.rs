@@ -1,7 +1,7 @@
 //! `pubrun serve`.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
@@ -36,6 +36,12 @@ pub struct ServeArgs {
     /// How often `--sync interval` syncs.
     #[arg(long, env = "PUBRUN_SYNC_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
     sync_interval: std::time::Duration,
+    /// Where run working directories go (default: DATA_DIR/runs/ID/work).
+    /// A memory filesystem (e.g. /dev/shm/pubrun) keeps each run's files
+    /// off the disk; logs stay in --data-dir. A run's directory here is
+    /// removed when the run ends. One server per directory.
+    #[arg(long, env = "PUBRUN_WORK_DIR")]
+    work_dir: Option<PathBuf>,
     /// Runs executing at the same time, across all jobs.
     #[arg(long, env = "PUBRUN_SLOTS", default_value_t = default_slots())]
     slots: usize,
@@ -141,6 +147,29 @@ pub(crate) fn init_tracing(log: &LogArgs) {
     pubrun_observability::init_logging(log.log_format, None::<tracing_subscriber::layer::Identity>);
 }
 
+/// Makes `--work-dir` (absolute: containers mount run directories from it)
+/// and locks it for this server; the lock lives as long as the file.
+fn open_work_dir(dir: &Path) -> anyhow::Result<(PathBuf, std::fs::File)> {
+    std::fs::create_dir_all(dir).with_context(|| format!("--work-dir {}", dir.display()))?;
+    let dir = dir
+        .canonicalize()
+        .with_context(|| format!("--work-dir {}", dir.display()))?;
+    let lock_path = dir.join("LOCK");
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .with_context(|| format!("--work-dir: {}", lock_path.display()))?;
+    if lock.try_lock().is_err() {
+        bail!(
+            "--work-dir {} is in use by another pubrun server; each server needs its own",
+            dir.display()
+        );
+    }
+    Ok((dir, lock))
+}
+
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     init_tracing(&args.log);
     // Flushes the last spans when `serve` returns.
@@ -183,6 +212,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         Ok(n) => tracing::debug!(open_files = n, "open-file limit"),
         Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),
     }
+    // Held until the server exits: run ids are only unique per server.
+    let work_dir = args.work_dir.as_deref().map(open_work_dir).transpose()?;
     let node_name = args
         .node_name
         .clone()
@@ -283,6 +314,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         args.slots,
     );
     dispatcher.set_buckets(buckets.clone());
+    if let Some((dir, _)) = &work_dir {
+        dispatcher.set_work_dir(dir.clone());
+    }
     let pools = store
         .open_pools(&args.data_dir, args.store.as_deref())
         .await?;

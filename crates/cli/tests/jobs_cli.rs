@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{fill, free_port, table_row, Cli, Ran, Serve, ServeBuilder};
+use common::{fill, free_port, poll, ready_if, table_row, Cli, Ran, Serve, ServeBuilder};
 use serde_json::Value;
 
 /// Long enough for a slow CI machine; the happy path takes well under a second.
@@ -670,4 +670,85 @@ fn logs_end_with_a_newline_and_say_why_a_run_that_never_started_ended() {
     // Without --follow, once ended, the same reason.
     let r = server.run(&["logs", &id]);
     assert!(r.stderr.contains("nope"), "{}", r.stderr);
+}
+
+/// `serve --work-dir`: run working directories (and the message files in
+/// them) live there, logs stay in the data directory; a run's directory is
+/// removed once the run ends, also by the next server when one was left
+/// behind; a second server cannot share the directory.
+#[test]
+fn work_dir_holds_run_directories_until_their_run_ends() {
+    let tmp = tempfile::tempdir().unwrap();
+    let work = tmp.path().join("work");
+    let work_arg = work.display().to_string();
+    let mut server = ServeBuilder::new()
+        .config(include_str!("manifests/work-dir.toml"))
+        .args(["--work-dir", &work_arg])
+        .patience(PATIENCE)
+        .start();
+    let work = work.canonicalize().unwrap();
+
+    server.ok(&["publish", "work", "--data", "payload-7", "--attr", "k=v"]);
+    let id = server.wait_first_run_of("where");
+    let run = server.wait_terminal(&id);
+    assert_eq!(run["status"], "succeeded", "{run:#}\n{}", server.log());
+    let log = server.json(&["logs", &id])["log"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let run_dir = work.join(&id);
+    assert!(
+        log.contains(&format!("cwd={}\n", run_dir.display())),
+        "the run did not work in {}:\n{log}",
+        run_dir.display()
+    );
+    assert!(log.contains("data=payload-7\n"), "{log}");
+    assert!(log.contains(r#""k":"v""#), "{log}");
+
+    // The log is in the data directory; no working directory is there.
+    let runs = server.data_dir().join("runs").join(&id);
+    assert!(runs.join("log").is_file(), "no log in {}", runs.display());
+    assert!(
+        !runs.join("work").exists(),
+        "a working directory in {}",
+        runs.display()
+    );
+    poll(
+        PATIENCE,
+        Duration::from_millis(50),
+        || ready_if(!run_dir.exists(), ()),
+        |()| format!("{} was not removed after its run ended", run_dir.display()),
+    );
+
+    // Each server needs its own work directory.
+    let other = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pubrun"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--work-dir", &work_arg])
+        .arg("--data-dir")
+        .arg(other.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a second server shared {work_arg}");
+    assert!(
+        stderr.contains("is in use by another pubrun server"),
+        "{stderr}"
+    );
+
+    // A directory left behind by a crash is removed by the next server.
+    std::fs::create_dir_all(run_dir.join("left")).unwrap();
+    server.kill();
+    server.respawn();
+    server.wait_healthy();
+    poll(
+        PATIENCE,
+        Duration::from_millis(50),
+        || ready_if(!run_dir.exists(), ()),
+        |()| {
+            format!(
+                "{} (an ended run's) was not swept at start",
+                run_dir.display()
+            )
+        },
+    );
 }

@@ -56,6 +56,12 @@ pub fn system() -> Arc<dyn Clock> {
     Arc::new(SystemClock)
 }
 
+/// RFC 3339 in UTC with nanoseconds (`1970-01-01T00:00:00.000000000Z`), the
+/// form of Pub/Sub publish times; `nanos` counts from the Unix epoch.
+pub fn rfc3339_nanos(nanos: i64) -> String {
+    DateTime::from_timestamp_nanos(nanos).to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
+}
+
 /// A clock that moves only when told to. Clones share one time.
 #[derive(Clone)]
 pub struct ManualClock {
@@ -136,6 +142,20 @@ impl Clock for ManualClock {
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[test]
+    fn rfc3339_nanos_formats_known_instants() {
+        assert_eq!(rfc3339_nanos(0), "1970-01-01T00:00:00.000000000Z");
+        assert_eq!(
+            rfc3339_nanos(1_764_040_000_123_000_000),
+            "2025-11-25T03:06:40.123000000Z"
+        );
+        assert_eq!(
+            rfc3339_nanos(951_782_400_000_000_000),
+            "2000-02-29T00:00:00.000000000Z"
+        );
+        assert_eq!(rfc3339_nanos(-1), "1969-12-31T23:59:59.999999999Z");
+    }
 
     #[test]
     fn a_manual_clock_moves_only_when_told_and_wakes_its_watchers() {

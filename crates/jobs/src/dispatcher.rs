@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::FutureExt;
 use pubrun_broker::{Broker, Delivered};
-use pubrun_core::clock::{Clock, SystemClock};
+use pubrun_core::clock::{rfc3339_nanos, Clock, SystemClock};
 use pubrun_core::job::{
     check_relative_path, parse_gs_url, ExecutorSpec, JobSpec, UploadOutputs, TRIGGER_INPUT,
 };
@@ -41,7 +41,7 @@ mod staging;
 
 use self::intake::*;
 use self::results::*;
-use self::scheduler::prepare_run_dir;
+use self::scheduler::{make_dir, prepare_run_dir};
 use self::staging::*;
 
 use crate::runstore::{
@@ -85,6 +85,9 @@ pub struct Dispatcher {
     clock: OnceLock<Arc<dyn Clock>>,
     /// When run logs reach the disk (follows the server's `--sync`).
     log_sync: LogSync,
+    /// Where run working directories go when not in the data directory
+    /// (`serve --work-dir`, set once); they are removed when their run ends.
+    work_root: OnceLock<PathBuf>,
 }
 
 /// When a run's log reaches the disk.
@@ -133,29 +136,6 @@ const REATTACH_FIRST_DELAY: Duration = Duration::from_millis(250);
 
 pub fn now_ms() -> i64 {
     SystemClock.now_ms()
-}
-
-fn rfc3339(nanos: i64) -> String {
-    let secs = nanos.div_euclid(1_000_000_000);
-    let sub = nanos.rem_euclid(1_000_000_000) as u32;
-    chrono_like(secs, sub)
-}
-
-/// RFC 3339 in UTC without pulling a date crate into this crate: civil-from-days.
-fn chrono_like(secs: i64, nanos: u32) -> String {
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    let (h, m, s) = (rem / 3600, rem % 3600 / 60, rem % 60);
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let mo = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + if mo <= 2 { 1 } else { 0 };
-    format!("{y:04}-{mo:02}-{d:02}T{h:02}:{m:02}:{s:02}.{:09}Z", nanos)
 }
 
 fn jitter() -> f64 {
@@ -290,6 +270,7 @@ impl Dispatcher {
             connections: Mutex::new(HashMap::new()),
             clock: OnceLock::new(),
             log_sync: LogSync::of_server(),
+            work_root: OnceLock::new(),
         })
     }
 
@@ -314,6 +295,14 @@ impl Dispatcher {
     /// declares inputs or outputs fails. Only the first call has an effect.
     pub fn set_pools(&self, p: Arc<dyn PoolRouter>) {
         let _ = self.pools.set(p);
+    }
+
+    /// Puts run working directories in `dir/ID` instead of the data
+    /// directory's `runs/ID/work` (logs stay there), and removes each when
+    /// its run ends. Call before [`Dispatcher::start`]; only the first call
+    /// has an effect. The directory is this server's alone.
+    pub fn set_work_dir(&self, dir: PathBuf) {
+        let _ = self.work_root.set(dir);
     }
 
     pub fn set_buckets(&self, b: pubrun_buckets::Buckets) {
@@ -384,6 +373,10 @@ impl Dispatcher {
             }
         }
         self.running.store(true, Ordering::Release);
+        if self.work_root.get().is_some() {
+            let this = self.clone();
+            tokio::spawn(async move { this.sweep_work_dirs().await });
+        }
         let this = self.clone();
         tokio::spawn(async move { this.result_publisher().await });
         let this = self.clone();
@@ -403,6 +396,51 @@ impl Dispatcher {
             LogSync::Interval { dirty, .. } => {
                 log.flush_unsynced().await;
                 dirty.notify_one();
+            }
+        }
+    }
+
+    /// Removes the working directory of a run that ended, when it lives
+    /// in a `--work-dir` (scratch, often memory): off the caller's path.
+    fn discard_work_dir(&self, id: i64) {
+        if self.work_root.get().is_none() {
+            return;
+        }
+        let dir = self.run_dirs(id).0;
+        tokio::task::spawn_blocking(move || match std::fs::remove_dir_all(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(run = id, dir = %dir.display(), error = %e, "cannot remove the run's working directory")
+            }
+        });
+    }
+
+    /// At start: removes `--work-dir` directories of runs that ended while
+    /// no server was there to remove them (a crash between the run's end
+    /// and the removal).
+    async fn sweep_work_dirs(self: Arc<Self>) {
+        let Some(root) = self.work_root.get().cloned() else {
+            return;
+        };
+        let ids = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<i64>> {
+            let mut ids = Vec::new();
+            for entry in std::fs::read_dir(&root)? {
+                if let Some(id) = entry?.file_name().to_str().and_then(|n| n.parse().ok()) {
+                    ids.push(id);
+                }
+            }
+            Ok(ids)
+        })
+        .await;
+        let ids = match ids {
+            Ok(Ok(ids)) => ids,
+            Ok(Err(e)) => return tracing::warn!(error = %e, "cannot list the work directory"),
+            Err(e) => return tracing::warn!(error = %e, "cannot list the work directory"),
+        };
+        for id in ids {
+            if matches!(self.store.get(id).await, Ok(run) if run.status.is_terminal()) {
+                self.discard_work_dir(id);
             }
         }
     }
@@ -544,18 +582,5 @@ mod tests {
         ] {
             assert_eq!(safe_relative(bad), None, "{bad:?}");
         }
-    }
-
-    #[test]
-    fn rfc3339_formats_known_instants() {
-        assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000000000Z");
-        assert_eq!(
-            rfc3339(1_764_040_000_123_000_000),
-            "2025-11-25T03:06:40.123000000Z"
-        );
-        assert_eq!(
-            rfc3339(951_782_400_000_000_000),
-            "2000-02-29T00:00:00.000000000Z"
-        );
     }
 }

@@ -137,8 +137,15 @@ impl Dispatcher {
             "attempt {} of {} starting",
             run.attempt, spec.retries.max_attempts
         );
+        // With a --work-dir the log's directory is not the working
+        // directory's parent: it is made on its own.
+        let log_dir = self
+            .work_root
+            .get()
+            .and_then(|_| log_path.parent().map(Path::to_path_buf));
         let prepared = tokio::task::spawn_blocking(move || {
             prepare_run_dir(&msg_dir, &message)
+                .and_then(|()| log_dir.map_or(Ok(()), |d| make_dir(&d)))
                 .map_err(|e| format!("cannot prepare run directory: {e}"))?;
             LogSink::open_blocking(log_path, limit, masked, &note)
                 .map_err(|e| format!("cannot open run log: {e}"))

@@ -153,7 +153,7 @@ impl Dispatcher {
             ),
             data,
             attributes,
-            publish_time: rfc3339(now * 1_000_000),
+            publish_time: rfc3339_nanos(now * 1_000_000),
             ordering_key: String::new(),
         };
         let key = msg.id.clone();
@@ -200,6 +200,7 @@ impl Dispatcher {
             .await?
         {
             run_ended(&run, &exit, self.now_ms());
+            self.discard_work_dir(id);
             self.results_wake.notify_one();
         } else {
             self.lock().inflight.cancel(id);
@@ -258,7 +259,7 @@ pub(super) fn source_and_key(spec: &JobSpec, d: &Delivered) -> (SourceMessage, S
         id: m.id(),
         data: m.data.to_vec(),
         attributes: m.attributes.clone(),
-        publish_time: rfc3339(m.publish_time_nanos),
+        publish_time: rfc3339_nanos(m.publish_time_nanos),
         ordering_key: m.ordering_key.clone(),
     };
     let key = dedup_key(spec, &msg);

@@ -15,7 +15,7 @@ use pubrun_core::connection::ConnectionSpec;
 use pubrun_core::job::JobSpec;
 use pubrun_core::{Error, OutgoingMessage, Result, TopicName};
 
-use super::{dedup_key, now_ms, rfc3339, Dispatcher};
+use super::{dedup_key, now_ms, rfc3339_nanos, Dispatcher};
 use crate::runstore::{Batch, SourceMessage};
 
 /// The lease asked for on the connection's messages, and how often it is
@@ -259,13 +259,13 @@ fn source_message(m: PubsubMessage) -> SourceMessage {
     let publish_time = m
         .publish_time
         .map(|t| {
-            rfc3339(
+            rfc3339_nanos(
                 t.seconds
                     .saturating_mul(1_000_000_000)
                     .saturating_add(i64::from(t.nanos)),
             )
         })
-        .unwrap_or_else(|| rfc3339(now_ms() * 1_000_000));
+        .unwrap_or_else(|| rfc3339_nanos(now_ms() * 1_000_000));
     let attributes: HashMap<String, String> = m.attributes;
     SourceMessage {
         id: m.message_id,

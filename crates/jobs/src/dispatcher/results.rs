@@ -93,6 +93,9 @@ impl Dispatcher {
                 )
                 .await
                 .map(|_| ());
+            if r.is_ok() {
+                self.discard_work_dir(id);
+            }
             let ended = current.unwrap_or_else(|| run.clone());
             run_ended(
                 &RunRecord {
@@ -290,9 +293,9 @@ impl Dispatcher {
             "oom_killed": exit.oom_killed,
             "error": exit.error,
             "source_message_id": run.message.id,
-            "created_at": rfc3339(run.created_at_ms * 1_000_000),
-            "started_at": run.started_at_ms.map(|t| rfc3339(t * 1_000_000)),
-            "ended_at": run.ended_at_ms.map(|t| rfc3339(t * 1_000_000)),
+            "created_at": rfc3339_nanos(run.created_at_ms * 1_000_000),
+            "started_at": run.started_at_ms.map(|t| rfc3339_nanos(t * 1_000_000)),
+            "ended_at": run.ended_at_ms.map(|t| rfc3339_nanos(t * 1_000_000)),
             "duration_ms": run.started_at_ms.zip(run.ended_at_ms).map(|(s, e)| e - s),
             "machine": run.machine,
             "log_tail": tail,

@@ -132,6 +132,8 @@ impl Dispatcher {
                 if let Ok(r) = self.store.get(run.id).await {
                     run_ended(&r, &exit, self.now_ms());
                 }
+                // A run waiting for a retry has a directory from before.
+                self.discard_work_dir(run.id);
                 self.results_wake.notify_one()
             }
             Ok(false) => {}
@@ -141,7 +143,10 @@ impl Dispatcher {
 
     /// The run's working directory and, in it, the message files' directory.
     pub(super) fn run_dirs(&self, id: i64) -> (PathBuf, PathBuf) {
-        let workdir = self.data_dir.join("runs").join(id.to_string()).join("work");
+        let workdir = match self.work_root.get() {
+            Some(root) => root.join(id.to_string()),
+            None => self.data_dir.join("runs").join(id.to_string()).join("work"),
+        };
         let msg_dir = workdir.join(".pubrun");
         (workdir, msg_dir)
     }
@@ -222,20 +227,23 @@ pub(super) fn prepare_run_dir(msg_dir: &Path, message: &SourceMessage) -> std::i
     // deepest first and fail its way up); a retry finds them made.
     let mut dirs: Vec<&Path> = msg_dir.ancestors().take(3).collect();
     dirs.reverse();
-    for (i, d) in dirs.iter().enumerate() {
-        match std::fs::create_dir(d) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-            // The data directory's `runs/` itself may be missing.
-            Err(e) if i == 0 && e.kind() == std::io::ErrorKind::NotFound => {
-                std::fs::create_dir_all(d)?
-            }
-            Err(e) => return Err(e),
-        }
+    for d in dirs {
+        make_dir(d)?;
     }
     std::fs::write(msg_dir.join("data"), &message.data)?;
     std::fs::write(
         msg_dir.join("attributes.json"),
         serde_json::to_vec(&message.attributes).unwrap_or_default(),
     )
+}
+
+/// Makes one directory, content when it exists; makes its parents too only
+/// when they are missing (the data directory's `runs/` may be).
+pub(super) fn make_dir(d: &Path) -> std::io::Result<()> {
+    match std::fs::create_dir(d) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::create_dir_all(d),
+        Err(e) => Err(e),
+    }
 }

@@ -33,8 +33,22 @@ impl Embedded {
 impl Engine for Embedded {
     type S = EmbeddedStore;
     async fn open(&self) -> EmbeddedStore {
-        // Small segments, so that reclaim has closed segments to drop.
-        EmbeddedStore::open_with_segment_bytes(self.dir.path(), 16 * 1024).expect("open store")
+        // The LOCK is an flock on an open file description. Other tests in
+        // this binary start processes (initdb, postgres): a child between
+        // fork and exec holds a copy of every descriptor, so the lock of a
+        // store dropped just then outlives the drop until that exec. Only
+        // `Locked` is waited out, and only for a bounded time.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            // Small segments, so that reclaim has closed segments to drop.
+            match EmbeddedStore::open_with_segment_bytes(self.dir.path(), 16 * 1024) {
+                Ok(store) => return store,
+                Err(StoreError::Locked(_)) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await
+                }
+                Err(e) => panic!("open store: {e:?}"),
+            }
+        }
     }
     fn close(store: &EmbeddedStore) {
         store.close()

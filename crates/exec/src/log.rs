@@ -95,13 +95,26 @@ pub struct LogSink {
 }
 
 struct State {
-    file: Option<tokio::fs::File>,
+    file: LogFile,
     written: u64,
     dropped: u64,
     /// Output not yet written because a secret could still complete in it.
     pending: Vec<u8>,
     /// The job's last written byte was not a newline: a note starts a line.
     mid_line: bool,
+}
+
+/// Where the log's bytes go.
+enum LogFile {
+    /// Not created yet ([`LogSink::deferred`]): the first write, note, flush
+    /// or [`LogSink::open`] creates it, its directory and its first note.
+    Deferred {
+        first_note: Vec<u8>,
+    },
+    Open(tokio::fs::File),
+    /// Creating or writing failed (a full disk): the run goes on, its
+    /// output is dropped.
+    Failed,
 }
 
 impl LogSink {
@@ -122,51 +135,74 @@ impl LogSink {
             .open(&path)
             .await?;
         let written = file.metadata().await?.len();
-        Ok(LogSink {
-            path,
-            limit,
-            masker: Masker::new(secrets),
-            state: Mutex::new(State {
-                file: Some(file),
-                written,
-                dropped: 0,
-                pending: Vec::new(),
-                mid_line: false,
-            }),
-        })
+        let sink = Self::deferred(path, limit, secrets, None);
+        let mut st = sink.state.try_lock().expect("a new sink is not shared");
+        st.file = LogFile::Open(file);
+        st.written = written;
+        drop(st);
+        Ok(sink)
     }
 
-    /// [`LogSink::create_masking`] for a blocking thread, with a first
-    /// note already written: one trip off the async runtime for what every
-    /// attempt does first.
-    pub fn open_blocking(
+    /// A log whose file (appended to if it exists) and missing parent
+    /// directory are made only when first needed, with `first_note` as its
+    /// first line: creating them is disk work an attempt need not wait for
+    /// before its process starts. No I/O here.
+    pub fn deferred(
         path: impl AsRef<Path>,
         limit: u64,
         secrets: Vec<String>,
-        first_note: &str,
-    ) -> std::io::Result<Self> {
-        use std::io::Write;
-        let path = path.as_ref().to_path_buf();
-        let mut file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)?;
-        // Notes do not count against the limit, as with `note`.
-        let written = file.metadata()?.len();
+        first_note: Option<&str>,
+    ) -> Self {
         let masker = Masker::new(secrets);
-        file.write_all(&masker.mask_all(format!("[pubrun] {first_note}\n").as_bytes()))?;
-        Ok(LogSink {
-            path,
+        let first_note = first_note
+            .map(|n| masker.mask_all(format!("[pubrun] {n}\n").as_bytes()))
+            .unwrap_or_default();
+        LogSink {
+            path: path.as_ref().to_path_buf(),
             limit,
             masker,
             state: Mutex::new(State {
-                file: Some(tokio::fs::File::from_std(file)),
-                written,
+                file: LogFile::Deferred { first_note },
+                written: 0,
                 dropped: 0,
                 pending: Vec::new(),
                 mid_line: false,
             }),
-        })
+        }
+    }
+
+    /// Creates a deferred log's file now (nothing if it exists); `false`
+    /// when it cannot be (its output will be dropped).
+    pub async fn open(&self) -> bool {
+        let mut st = self.state.lock().await;
+        Self::file(&self.path, &mut st).await.is_some()
+    }
+
+    /// The open file, creating a deferred one first.
+    async fn file<'s>(path: &Path, st: &'s mut State) -> Option<&'s mut tokio::fs::File> {
+        if let LogFile::Deferred { first_note } = &mut st.file {
+            let (path, note) = (path.to_path_buf(), std::mem::take(first_note));
+            let opened = tokio::task::spawn_blocking(move || open_appending(&path, &note)).await;
+            st.file = match opened {
+                Ok(Ok((file, len))) => {
+                    // Notes do not count against the limit, as with `note`.
+                    st.written = len;
+                    LogFile::Open(tokio::fs::File::from_std(file))
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "cannot create a run log; its output is dropped");
+                    LogFile::Failed
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot create a run log; its output is dropped");
+                    LogFile::Failed
+                }
+            };
+        }
+        match &mut st.file {
+            LogFile::Open(f) => Some(f),
+            LogFile::Deferred { .. } | LogFile::Failed => None,
+        }
     }
 
     /// Bytes kept at most.
@@ -182,7 +218,7 @@ impl LogSink {
     pub async fn write(&self, bytes: &[u8]) {
         let mut st = self.state.lock().await;
         if self.masker.is_empty() {
-            return Self::append(&mut st, self.limit, bytes).await;
+            return self.append(&mut st, bytes).await;
         }
         st.pending.extend_from_slice(bytes);
         let cut = self.masker.safe_cut(&st.pending);
@@ -196,7 +232,7 @@ impl LogSink {
         }
         let (out, used) = self.masker.mask_prefix(&st.pending, cut);
         st.pending.drain(..used);
-        Self::append(st, self.limit, &out).await;
+        self.append(st, &out).await;
     }
 
     async fn release_all(&self, st: &mut State) {
@@ -204,13 +240,15 @@ impl LogSink {
         self.release(st, n).await;
     }
 
-    async fn append(st: &mut State, limit: u64, bytes: &[u8]) {
-        let room = limit.saturating_sub(st.written) as usize;
+    async fn append(&self, st: &mut State, bytes: &[u8]) {
+        // Opened first: an existing file's length counts against the limit.
+        Self::file(&self.path, st).await;
+        let room = self.limit.saturating_sub(st.written) as usize;
         let keep = bytes.len().min(room);
         if keep > 0 {
-            if let Some(f) = st.file.as_mut() {
+            if let Some(f) = Self::file(&self.path, st).await {
                 if f.write_all(&bytes[..keep]).await.is_err() {
-                    st.file = None; // a full disk must not fail the run
+                    st.file = LogFile::Failed; // a full disk must not fail the run
                 }
             }
             st.written += keep as u64;
@@ -220,7 +258,7 @@ impl LogSink {
             let first_drop = st.dropped == 0;
             st.dropped += (bytes.len() - keep) as u64;
             if first_drop {
-                if let Some(f) = st.file.as_mut() {
+                if let Some(f) = Self::file(&self.path, st).await {
                     let _ = f
                         .write_all(b"\n[pubrun: log limit reached; further output is dropped]\n")
                         .await;
@@ -241,7 +279,7 @@ impl LogSink {
         let line = self
             .masker
             .mask_all(format!("{start}[pubrun] {line}\n").as_bytes());
-        if let Some(f) = st.file.as_mut() {
+        if let Some(f) = Self::file(&self.path, &mut st).await {
             let _ = f.write_all(&line).await;
         }
     }
@@ -260,10 +298,12 @@ impl LogSink {
     async fn finish(&self, sync: bool) {
         let mut st = self.state.lock().await;
         self.release_all(&mut st).await;
-        if let Some(f) = st.file.as_mut() {
+        if let Some(f) = Self::file(&self.path, &mut st).await {
             let _ = f.flush().await;
             if sync {
-                let _ = f.sync_data().await;
+                if let Err(e) = f.sync_data().await {
+                    tracing::warn!(log = %self.path.display(), error = %e, "cannot sync a run log");
+                }
             }
         }
     }
@@ -272,6 +312,30 @@ impl LogSink {
     pub async fn dropped(&self) -> u64 {
         self.state.lock().await.dropped
     }
+}
+
+/// Opens `path` for appending (making a missing parent directory) and
+/// writes `first`; returns the file and its length before `first`.
+fn open_appending(path: &Path, first: &[u8]) -> std::io::Result<(std::fs::File, u64)> {
+    use std::io::Write;
+    let open = || {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+    };
+    let mut file = match open() {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            open()?
+        }
+        r => r?,
+    };
+    let len = file.metadata()?.len();
+    file.write_all(first)?;
+    Ok((file, len))
 }
 
 /// Commits every written file of the filesystem holding `dir` to disk
@@ -302,6 +366,34 @@ pub async fn tail(path: &Path, max: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_deferred_log_is_made_when_first_needed_with_its_note_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("runs").join("7").join("log");
+        let sink = LogSink::deferred(&path, 1 << 20, vec!["pw1".into()], Some("start pw1"));
+        assert!(!path.exists(), "made before it was needed");
+        sink.write(b"out\n").await;
+        sink.flush().await;
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            "[pubrun] start ***\nout\n"
+        );
+
+        // `open` makes it without output; an existing log is appended to,
+        // its bytes counting against the limit.
+        let quiet = dir.path().join("quiet");
+        assert!(
+            LogSink::deferred(&quiet, 10, vec![], Some("n"))
+                .open()
+                .await
+        );
+        assert_eq!(std::fs::read_to_string(&quiet).unwrap(), "[pubrun] n\n");
+        let again = LogSink::deferred(&path, 30, vec![], None);
+        again.write(b"0123456789").await;
+        again.flush().await;
+        assert_eq!(again.dropped().await, 3, "23 bytes were there, 30 fit");
+    }
 
     #[tokio::test]
     async fn secrets_are_masked_also_when_split_across_writes() {

@@ -41,7 +41,7 @@ mod staging;
 
 use self::intake::*;
 use self::results::*;
-use self::scheduler::{make_dir, prepare_run_dir};
+use self::scheduler::prepare_run_dir;
 use self::staging::*;
 
 use crate::runstore::{

@@ -75,12 +75,9 @@ impl Dispatcher {
         let secrets = server_env(spec, false)
             .map(|(_, s)| s.values())
             .unwrap_or_default();
-        if let Ok(log) =
-            LogSink::create_masking(self.log_path(id), spec.log_limit_bytes, secrets).await
-        {
-            log.note(&describe(exit)).await;
-            self.close_log(&log).await;
-        }
+        let log = LogSink::deferred(self.log_path(id), spec.log_limit_bytes, secrets, None);
+        log.note(&describe(exit)).await;
+        self.close_log(&log).await;
     }
 
     pub(super) async fn attempt(
@@ -128,8 +125,8 @@ impl Dispatcher {
             Err(e) => return parameters(e.message),
         };
         let mut req = self.request(run, spec, rendered, from_server);
-        // Directories, message files and log in one trip to a blocking
-        // thread: they are most of what an attempt costs before its spawn.
+        // Directories and message files in one trip to a blocking thread:
+        // they are most of what an attempt costs before its spawn.
         let (_, msg_dir) = self.run_dirs(run.id);
         let (message, log_path) = (run.message.clone(), self.log_path(run.id));
         let (limit, masked) = (spec.log_limit_bytes, secrets.values());
@@ -137,25 +134,20 @@ impl Dispatcher {
             "attempt {} of {} starting",
             run.attempt, spec.retries.max_attempts
         );
-        // With a --work-dir the log's directory is not the working
-        // directory's parent: it is made on its own.
-        let log_dir = self
-            .work_root
-            .get()
-            .and_then(|_| log_path.parent().map(Path::to_path_buf));
-        let prepared = tokio::task::spawn_blocking(move || {
-            prepare_run_dir(&msg_dir, &message)
-                .and_then(|()| log_dir.map_or(Ok(()), |d| make_dir(&d)))
-                .map_err(|e| format!("cannot prepare run directory: {e}"))?;
-            LogSink::open_blocking(log_path, limit, masked, &note)
-                .map_err(|e| format!("cannot open run log: {e}"))
-        })
-        .await
-        .unwrap_or_else(|e| Err(format!("cannot prepare run directory: {e}")));
-        let log = match prepared {
-            Ok(l) => Arc::new(l),
-            Err(e) => return Exit::failed(EndCause::Infrastructure, e),
-        };
+        let prepared = tokio::task::spawn_blocking(move || prepare_run_dir(&msg_dir, &message))
+            .await
+            .map_err(std::io::Error::other)
+            .and_then(|r| r);
+        if let Err(e) = prepared {
+            return Exit::failed(
+                EndCause::Infrastructure,
+                format!("cannot prepare run directory: {e}"),
+            );
+        }
+        // The log file (and, with a --work-dir, its directory) is made
+        // while the process starts, not before: disk work the start need
+        // not wait for. Should it fail, the run goes on without its output.
+        let log = Arc::new(LogSink::deferred(log_path, limit, masked, Some(&note)));
         if token.is_cancelled() {
             // Cancelled between being claimed and here: never start it.
             let exit = Exit::failed(EndCause::Cancelled, "cancelled before it started");
@@ -218,6 +210,11 @@ impl Dispatcher {
                 return exit;
             }
         }
+        // A job that prints nothing still has its log (and first note).
+        tokio::spawn({
+            let log = log.clone();
+            async move { log.open().await }
+        });
         let mut exit = self
             .executor_for(spec)
             .run(pubrun_exec::Attempt {
@@ -302,20 +299,13 @@ impl Dispatcher {
         // Secrets whose variable is gone now are only not masked: the
         // attempt is followed anyway.
         let from_server = server_env(spec, false).unwrap_or_default();
-        let log =
-            match tokio::fs::create_dir_all(self.data_dir.join("runs").join(run.id.to_string()))
-                .await
-            {
-                Ok(()) => LogSink::create_masking(
-                    self.log_path(run.id),
-                    spec.log_limit_bytes,
-                    from_server.1.values(),
-                )
-                .await
-                .ok()
-                .map(Arc::new),
-                Err(_) => None,
-            };
+        let log = Arc::new(LogSink::deferred(
+            self.log_path(run.id),
+            spec.log_limit_bytes,
+            from_server.1.values(),
+            None,
+        ));
+        let log = log.open().await.then_some(log);
         if let Some(log) = &log {
             log.note(&format!(
                 "server restarted; looking for attempt {} ({})",

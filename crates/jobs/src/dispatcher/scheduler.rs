@@ -239,7 +239,7 @@ pub(super) fn prepare_run_dir(msg_dir: &Path, message: &SourceMessage) -> std::i
 
 /// Makes one directory, content when it exists; makes its parents too only
 /// when they are missing (the data directory's `runs/` may be).
-pub(super) fn make_dir(d: &Path) -> std::io::Result<()> {
+fn make_dir(d: &Path) -> std::io::Result<()> {
     match std::fs::create_dir(d) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),

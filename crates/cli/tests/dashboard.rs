@@ -84,10 +84,38 @@ fn chromedriver() -> Option<PathBuf> {
     Some(driver)
 }
 
-/// A headless Chromium session, with its driver stopped when dropped.
+/// A headless Chromium session, ended (and its driver stopped) when
+/// dropped, also when a test fails: killing only the driver would leave
+/// Chromium's processes behind.
 struct Browser {
     c: Client,
+    session: Option<String>,
+    port: u16,
     _driver: Proc,
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        if let Some(id) = &self.session {
+            end_session(self.port, id);
+        }
+    }
+}
+
+/// WebDriver's Delete Session, which makes the driver quit the browser.
+/// Synchronous (a `Drop` cannot await); best effort.
+fn end_session(port: u16, id: &str) {
+    use std::io::{Read, Write};
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+        return;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(20)));
+    let req = format!(
+        "DELETE /session/{id} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    if s.write_all(req.as_bytes()).is_ok() {
+        let _ = s.read_to_end(&mut Vec::new());
+    }
 }
 
 async fn browser(driver: &Path) -> Browser {
@@ -124,7 +152,13 @@ async fn browser(driver: &Path) -> Browser {
         .connect(&format!("http://127.0.0.1:{port}"))
         .await
         .expect("a WebDriver session with headless chromium");
-    Browser { c, _driver: proc }
+    let session = c.session_id().await.ok().flatten();
+    Browser {
+        c,
+        session,
+        port,
+        _driver: proc,
+    }
 }
 
 impl Browser {

@@ -154,20 +154,14 @@ fn open_work_dir(dir: &Path) -> anyhow::Result<(PathBuf, std::fs::File)> {
     let dir = dir
         .canonicalize()
         .with_context(|| format!("--work-dir {}", dir.display()))?;
-    let lock_path = dir.join("LOCK");
-    let lock = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)
-        .with_context(|| format!("--work-dir: {}", lock_path.display()))?;
-    if lock.try_lock().is_err() {
-        bail!(
+    match pubrun_store::embedded::lock_directory(&dir) {
+        Ok(lock) => Ok((dir, lock)),
+        Err(pubrun_store::StoreError::Locked(_)) => bail!(
             "--work-dir {} is in use by another pubrun server; each server needs its own",
             dir.display()
-        );
+        ),
+        Err(e) => Err(anyhow::Error::new(e).context("--work-dir")),
     }
-    Ok((dir, lock))
 }
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {

@@ -77,10 +77,7 @@ impl EmbeddedStore {
     ) -> Result<Self, StoreError> {
         let dir = dir.as_ref().to_path_buf();
         fs::create_dir_all(dir.join("log")).map_err(|e| StoreError::io(&dir, e))?;
-        let lock_path = dir.join("LOCK");
-        let lock = open_keeping(&lock_path)?;
-        lock.try_lock()
-            .map_err(|_| StoreError::Locked(dir.display().to_string()))?;
+        let lock = lock_directory(&dir)?;
         Ok(EmbeddedStore {
             dir,
             segment_bytes: segment_bytes.max(1),
@@ -310,6 +307,16 @@ fn write_batch(file: &mut File, batch: &[WriteReq]) -> std::io::Result<()> {
         file.write_all(&req.frames)?;
     }
     Ok(())
+}
+
+/// Takes `dir`'s `LOCK` file (an `flock`, released when the returned file
+/// is closed): `Locked` while another holder has it. One directory, one
+/// owner — the data directory's store, a server's `--work-dir`.
+pub fn lock_directory(dir: &Path) -> Result<File, StoreError> {
+    let lock = open_keeping(&dir.join("LOCK"))?;
+    lock.try_lock()
+        .map_err(|_| StoreError::Locked(dir.display().to_string()))?;
+    Ok(lock)
 }
 
 /// Opens `path` for writing, creating it but keeping what it holds.

@@ -214,3 +214,13 @@ impl Executor for Unavailable {
         Exit::failed(EndCause::Infrastructure, self.0.clone())
     }
 }
+
+/// Runs blocking file-system work on tokio's blocking pool. A panic in it
+/// becomes an I/O error, so callers handle one error, not two.
+pub async fn blocking_io<T: Send + 'static>(
+    f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> std::io::Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(std::io::Error::other)?
+}

@@ -182,16 +182,11 @@ impl LogSink {
     async fn file<'s>(path: &Path, st: &'s mut State) -> Option<&'s mut tokio::fs::File> {
         if let LogFile::Deferred { first_note } = &mut st.file {
             let (path, note) = (path.to_path_buf(), std::mem::take(first_note));
-            let opened = tokio::task::spawn_blocking(move || open_appending(&path, &note)).await;
-            st.file = match opened {
-                Ok(Ok((file, len))) => {
+            st.file = match crate::blocking_io(move || open_appending(&path, &note)).await {
+                Ok((file, len)) => {
                     // Notes do not count against the limit, as with `note`.
                     st.written = len;
                     LogFile::Open(tokio::fs::File::from_std(file))
-                }
-                Ok(Err(e)) => {
-                    tracing::warn!(error = %e, "cannot create a run log; its output is dropped");
-                    LogFile::Failed
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot create a run log; its output is dropped");

@@ -423,8 +423,8 @@ impl Dispatcher {
         let Some(root) = self.work_root.get().cloned() else {
             return;
         };
-        let ids = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<i64>> {
-            let mut ids = Vec::new();
+        let ids = pubrun_exec::blocking_io(move || {
+            let mut ids: Vec<i64> = Vec::new();
             for entry in std::fs::read_dir(&root)? {
                 if let Some(id) = entry?.file_name().to_str().and_then(|n| n.parse().ok()) {
                     ids.push(id);
@@ -434,8 +434,7 @@ impl Dispatcher {
         })
         .await;
         let ids = match ids {
-            Ok(Ok(ids)) => ids,
-            Ok(Err(e)) => return tracing::warn!(error = %e, "cannot list the work directory"),
+            Ok(ids) => ids,
             Err(e) => return tracing::warn!(error = %e, "cannot list the work directory"),
         };
         for id in ids {
@@ -457,13 +456,10 @@ impl Dispatcher {
             dirty.notified().await;
             tokio::time::sleep(*every).await;
             let dir = runs.clone();
-            let synced =
-                tokio::task::spawn_blocking(move || pubrun_exec::log::sync_filesystem(&dir)).await;
-            match synced {
-                Ok(Ok(())) => {
+            match pubrun_exec::blocking_io(move || pubrun_exec::log::sync_filesystem(&dir)).await {
+                Ok(()) => {
                     pubrun_observability::metrics::metrics().run_log_syncs.inc();
                 }
-                Ok(Err(e)) => tracing::warn!(error = %e, "cannot sync the run logs"),
                 Err(e) => tracing::warn!(error = %e, "cannot sync the run logs"),
             };
         }

@@ -134,11 +134,8 @@ impl Dispatcher {
             "attempt {} of {} starting",
             run.attempt, spec.retries.max_attempts
         );
-        let prepared = tokio::task::spawn_blocking(move || prepare_run_dir(&msg_dir, &message))
-            .await
-            .map_err(std::io::Error::other)
-            .and_then(|r| r);
-        if let Err(e) = prepared {
+        let prepared = pubrun_exec::blocking_io(move || prepare_run_dir(&msg_dir, &message));
+        if let Err(e) = prepared.await {
             return Exit::failed(
                 EndCause::Infrastructure,
                 format!("cannot prepare run directory: {e}"),

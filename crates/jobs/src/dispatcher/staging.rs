@@ -371,7 +371,7 @@ async fn copy_object(
 /// Relative paths (with `/`) of the regular files below `dir`, sorted;
 /// symbolic links are not followed.
 pub(super) async fn walk_files(dir: PathBuf) -> std::io::Result<Vec<String>> {
-    tokio::task::spawn_blocking(move || {
+    pubrun_exec::blocking_io(move || {
         let mut out = Vec::new();
         let mut stack = vec![(dir, String::new())];
         while let Some((d, rel)) = stack.pop() {
@@ -391,5 +391,4 @@ pub(super) async fn walk_files(dir: PathBuf) -> std::io::Result<Vec<String>> {
         Ok(out)
     })
     .await
-    .map_err(|e| std::io::Error::other(e.to_string()))?
 }

@@ -135,12 +135,13 @@ impl LogSink {
             .open(&path)
             .await?;
         let written = file.metadata().await?.len();
-        let sink = Self::deferred(path, limit, secrets, None);
-        let mut st = sink.state.try_lock().expect("a new sink is not shared");
-        st.file = LogFile::Open(file);
-        st.written = written;
-        drop(st);
-        Ok(sink)
+        Ok(Self::new(
+            path,
+            limit,
+            Masker::new(secrets),
+            LogFile::Open(file),
+            written,
+        ))
     }
 
     /// A log whose file (appended to if it exists) and missing parent
@@ -157,13 +158,18 @@ impl LogSink {
         let first_note = first_note
             .map(|n| masker.mask_all(format!("[pubrun] {n}\n").as_bytes()))
             .unwrap_or_default();
+        let path = path.as_ref().to_path_buf();
+        Self::new(path, limit, masker, LogFile::Deferred { first_note }, 0)
+    }
+
+    fn new(path: PathBuf, limit: u64, masker: Masker, file: LogFile, written: u64) -> Self {
         LogSink {
-            path: path.as_ref().to_path_buf(),
+            path,
             limit,
             masker,
             state: Mutex::new(State {
-                file: LogFile::Deferred { first_note },
-                written: 0,
+                file,
+                written,
                 dropped: 0,
                 pending: Vec::new(),
                 mid_line: false,
